@@ -1,0 +1,1 @@
+"""Fixed support library for the autoresearch harness: not edited during a research run."""
