@@ -1,0 +1,58 @@
+"""Causal attention with a sliding window: FlashAttention-3 on Hopper GPUs, SDPA everywhere else.
+
+Inputs are laid out (B, T, H, D) like FlashAttention. A window of `left` means query i sees keys
+i-left .. i (FlashAttention's window_size=(left, 0)); left >= T-1 is plain causal attention.
+Keys/values may have fewer heads than queries (grouped-query attention).
+"""
+import torch
+import torch.nn.functional as F
+
+FA3_REPO = "varunneal/flash-attention-3"  # Hopper (sm90) build, fetched through `kernels`
+
+_window_masks = {}  # (T, left, device) -> bool mask, built once per shape
+
+
+def _load_fa3():
+    """FlashAttention-3 where it can load (CUDA, compute capability 9.0), else None. Any failure
+    (no network, no matching build, import error) is reported in one line and falls back to SDPA."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        return None
+    try:
+        from kernels import get_kernel
+        return get_kernel(FA3_REPO).flash_attn_interface
+    except Exception as e:  # optional accelerator: never fatal
+        print(f"FlashAttention-3 unavailable ({type(e).__name__}: {str(e)[:120]}); using SDPA", flush=True)
+        return None
+
+
+# Loaded at import, not inside forward, so torch.compile never traces the download.
+FA3 = _load_fa3()
+
+
+def _window_mask(T: int, left: int, device) -> torch.Tensor:
+    key = (T, left, str(device))
+    if key not in _window_masks:
+        i = torch.arange(T, device=device)
+        dist = i[:, None] - i[None, :]  # query index minus key index
+        _window_masks[key] = (dist >= 0) & (dist <= left)
+    return _window_masks[key]
+
+
+def sdpa_attention(q, k, v, left: int) -> torch.Tensor:
+    """Reference-exact path through torch's scaled_dot_product_attention; (B, T, H, D) in and out."""
+    T = q.size(1)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # SDPA wants (B, H, T, D)
+    gqa = k.size(1) != q.size(1)
+    if left >= T - 1:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=_window_mask(T, left, q.device), enable_gqa=gqa)
+    return y.transpose(1, 2)
+
+
+def attention(q, k, v, left: int) -> torch.Tensor:
+    """Causal sliding-window attention over (B, T, H, D) tensors, on the fastest path available."""
+    if FA3 is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        out = FA3.flash_attn_func(q, k, v, causal=True, window_size=(left, 0))
+        return out[0] if isinstance(out, tuple) else out  # some builds also return the log-sum-exp
+    return sdpa_attention(q, k, v, left)
