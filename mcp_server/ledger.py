@@ -1,0 +1,116 @@
+"""results.tsv, the experiment ledger in upstream's format.
+
+Rows are validated, then appended with one write() on an O_APPEND descriptor followed by
+fsync, so a crash of the server or of the training never leaves a half-written row.
+"""
+import math
+import os
+import re
+from pathlib import Path
+
+from mcp_server.models import Refusal, Row
+
+LEDGER_NAME = "results.tsv"
+HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
+STATUSES = ("keep", "discard", "crash")
+COMMIT_RE = re.compile(r"^[0-9a-f]{7}$")
+MAX_DESCRIPTION = 300
+
+
+def validate_description(text: str, what: str = "description") -> str:
+    text = text.strip()
+    if not text:
+        raise Refusal(f"The {what} is empty: say in a few words what this run changes.")
+    if "\t" in text or "\n" in text or "\r" in text:
+        raise Refusal(f"The {what} contains a tab or a line break, which would break results.tsv; "
+                      "use one line without tabs.")
+    if len(text) > MAX_DESCRIPTION:
+        raise Refusal(f"The {what} is {len(text)} characters; keep it under {MAX_DESCRIPTION}.")
+    return text
+
+
+def make_row(commit: str, val_bpb: float, memory_gb: float, status: str, description: str) -> Row:
+    """A validated row; crash rows carry 0.000000 and 0.0 as upstream writes them."""
+    if status not in STATUSES:
+        raise Refusal(f"Unknown status {status!r}: use one of keep, discard, crash.")
+    if not COMMIT_RE.match(commit):
+        raise Refusal(f"Commit {commit!r} is not a 7-character lowercase hex hash.")
+    description = validate_description(description)
+    if status == "crash":
+        return Row(commit=commit, val_bpb=0.0, memory_gb=0.0, status=status, description=description)
+    for name, value in (("val_bpb", val_bpb), ("memory_gb", memory_gb)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise Refusal(f"{name} must be a finite number >= 0, got {value!r}; "
+                          "log a run that produced no number with status crash.")
+    if status != "crash" and val_bpb == 0:
+        raise Refusal("val_bpb 0 is only valid for a crash row; pass the measured value.")
+    return Row(commit=commit, val_bpb=float(val_bpb), memory_gb=round(float(memory_gb), 1),
+               status=status, description=description)
+
+
+def format_row(row: Row) -> str:
+    return f"{row.commit}\t{row.val_bpb:.6f}\t{row.memory_gb:.1f}\t{row.status}\t{row.description}\n"
+
+
+def ensure_ledger(path: Path) -> None:
+    if not path.exists() or path.stat().st_size == 0:
+        _append_bytes(path, HEADER.encode())
+
+
+def read_rows(path: Path) -> tuple[list[Row], int]:
+    """All well-formed rows, and how many lines were malformed (reported, never fatal)."""
+    if not path.exists():
+        return [], 0
+    rows, bad = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines()[1:]:
+        if not line.strip():
+            continue
+        row = _parse_line(line)
+        if row is None:
+            bad += 1
+        else:
+            rows.append(row)
+    return rows, bad
+
+
+def _parse_line(line: str) -> Row | None:
+    fields = line.split("\t")
+    if len(fields) != 5 or fields[3] not in STATUSES or not COMMIT_RE.match(fields[0]):
+        return None
+    try:
+        return Row(commit=fields[0], val_bpb=float(fields[1]), memory_gb=float(fields[2]),
+                   status=fields[3], description=fields[4])
+    except ValueError:
+        return None
+
+
+def append_row(path: Path, row: Row) -> int:
+    """Appends a row unless its commit is already logged; returns the row count after."""
+    rows, _ = read_rows(path)
+    if any(r.commit == row.commit for r in rows):
+        raise Refusal(f"Commit {row.commit} is already in {LEDGER_NAME}; each run is logged once.")
+    ensure_ledger(path)
+    _append_bytes(path, format_row(row).encode())
+    return len(rows) + 1
+
+
+def _append_bytes(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        if os.fstat(fd).st_size and not _ends_with_newline(path):
+            data = b"\n" + data  # a foreign editor left no final newline: never glue two rows
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, 2)
+        return f.read(1) == b"\n"
+
+
+def best_kept(rows: list[Row]) -> Row | None:
+    kept = [r for r in rows if r.status == "keep"]
+    return min(kept, key=lambda r: r.val_bpb) if kept else None

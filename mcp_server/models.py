@@ -1,0 +1,132 @@
+"""Structured results of the tools (pydantic), and the one exception every refusal uses.
+
+Fields that do not apply are None and are left out of the text answer, which keeps the
+answers short: an agent reads them on every step of a night-long loop.
+"""
+from typing import Literal
+
+from pydantic import BaseModel
+
+RunStatus = Literal["ok", "crash", "timeout", "running"]
+RowStatus = Literal["keep", "discard", "crash"]
+
+
+class Refusal(Exception):
+    """A rule or a bad input: the message says what to do next, and nothing was changed."""
+
+
+class Row(BaseModel):
+    commit: str
+    val_bpb: float
+    memory_gb: float
+    status: RowStatus
+    description: str
+
+
+class Progress(BaseModel):
+    step: int
+    percent: float
+    loss: float
+    remaining_s: int | None = None
+
+
+class Summary(BaseModel):
+    val_bpb: float | None = None
+    training_seconds: float | None = None
+    total_seconds: float | None = None
+    peak_vram_mb: float | None = None
+    mfu_percent: float | None = None
+    total_tokens_M: float | None = None
+    num_steps: int | None = None
+    num_params_M: float | None = None
+    depth: int | None = None
+
+
+class RunResult(BaseModel):
+    run: int
+    commit: str
+    description: str
+    status: RunStatus
+    val_bpb: float | None = None
+    memory_gb: float | None = None
+    training_seconds: float | None = None
+    total_seconds: float | None = None
+    num_steps: int | None = None
+    exit_code: int | None = None
+    timeout_seconds: float | None = None
+    best_val_bpb: float | None = None
+    best_commit: str | None = None
+    delta: float | None = None
+    noise: str | None = None
+    log: str
+    tail: str | None = None
+    next: str
+
+
+class Metrics(BaseModel):
+    source: str
+    status: Literal["ok", "crash", "timeout", "running", "missing", "empty"]
+    summary: Summary | None = None
+    progress: Progress | None = None
+    tail: str | None = None
+    note: str | None = None
+
+
+class SetupResult(BaseModel):
+    branch: str
+    base_commit: str
+    ledger: str
+    fingerprint: str
+    archived_ledger: str | None = None
+    next: str
+
+
+class DecisionResult(BaseModel):
+    row: Row
+    branch: str
+    kept_commit: str
+    best_val_bpb: float | None = None
+    note: str | None = None
+
+
+class LoggedRow(BaseModel):
+    row: Row
+    rows_in_ledger: int
+
+
+class NoiseEstimate(BaseModel):
+    values: list[float]
+    std: float
+    spread: float
+    threshold: float
+
+
+class StatusResult(BaseModel):
+    workspace: str
+    branch: str | None = None
+    set_up: bool
+    best_val_bpb: float | None = None
+    best_commit: str | None = None
+    kept_commit: str | None = None
+    counts: dict[str, int]
+    recent: list[Row]
+    running: str | None = None
+    progress: Progress | None = None
+    pending: str | None = None
+    interrupted: str | None = None
+    noise: NoiseEstimate | None = None
+    malformed_ledger_lines: int = 0
+    next: str
+
+
+class NoiseResult(BaseModel):
+    noise: NoiseEstimate
+    runs: list[str]
+    failed: list[str]
+
+
+class PlotResult(BaseModel):
+    path: str
+    runs_plotted: int
+    kept: int
+    crashes_excluded: int

@@ -1,0 +1,32 @@
+"""Run-to-run noise of val_bpb, and whether a change beats it.
+
+Identical code gives slightly different val_bpb (data order, kernels, timing-dependent
+step counts). measure_noise repeats the last kept commit; the estimate is the sample
+standard deviation of those values. A gain counts as real when it exceeds two standard
+deviations (and the observed spread): below that, a keep is a coin flip.
+"""
+import statistics
+
+from mcp_server.models import NoiseEstimate
+
+SIGMAS = 2.0
+
+
+def estimate(values: list[float]) -> NoiseEstimate:
+    std = statistics.stdev(values)
+    spread = max(values) - min(values)
+    return NoiseEstimate(values=[round(v, 6) for v in values], std=round(std, 6),
+                         spread=round(spread, 6), threshold=round(max(SIGMAS * std, spread), 6))
+
+
+def verdict(delta: float | None, noise: dict | None) -> str:
+    """One short sentence on the delta against the best kept result."""
+    if delta is None:
+        return "no kept result yet: this is the baseline to keep"
+    direction = "better" if delta < 0 else "worse" if delta > 0 else "equal"
+    if not noise:
+        return f"{direction} by {abs(delta):.6f}; noise not measured: run measure_noise"
+    threshold = noise["threshold"]
+    beyond = abs(delta) > threshold
+    return (f"{direction} by {abs(delta):.6f}, {'beyond' if beyond else 'within'} noise "
+            f"(threshold {threshold:.6f})")

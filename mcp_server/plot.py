@@ -1,0 +1,56 @@
+"""progress.png: every run's val_bpb, the running best of kept runs, labels on kept runs.
+
+matplotlib is imported here, lazily, so the server starts fast and never pays for it
+unless a chart is asked for.
+"""
+from pathlib import Path
+
+from mcp_server.models import Row
+
+PLOT_NAME = "progress.png"
+LABEL_CHARS = 40
+
+
+def plot_rows(rows: list[Row], path: Path) -> tuple[int, int, int]:
+    """Writes the chart; returns (runs plotted, kept runs, crashes left out)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [(i, r) for i, r in enumerate(rows, 1) if r.status != "crash"]
+    kept = [(i, r) for i, r in runs if r.status == "keep"]
+    fig, ax = plt.subplots(figsize=(11, 5.5), dpi=110)
+    discarded = [(i, r) for i, r in runs if r.status == "discard"]
+    ax.scatter([i for i, _ in discarded], [r.val_bpb for _, r in discarded], s=14, color="#bbbbbb",
+               label="discarded", zorder=2)
+    ax.scatter([i for i, _ in kept], [r.val_bpb for _, r in kept], s=28, color="#2a9d47",
+               label="kept", zorder=3)
+    if kept:
+        xs, best = _running_best(kept, len(rows))
+        ax.step(xs, best, where="post", color="#2a9d47", linewidth=1.5, label="best kept", zorder=1)
+    for i, r in kept:
+        label = r.description if len(r.description) <= LABEL_CHARS else r.description[:LABEL_CHARS] + "..."
+        ax.annotate(label, (i, r.val_bpb), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                    rotation=20, color="#1d6e32")
+    crashes = len(rows) - len(runs)
+    ax.set_title(f"research-loop: {len(rows)} runs, {len(kept)} kept"
+                 + (f", {crashes} crashes not shown" if crashes else ""))
+    ax.set_xlabel("run (ledger order)")
+    ax.set_ylabel("val_bpb (lower is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return len(runs), len(kept), crashes
+
+
+def _running_best(kept, last_index):
+    xs, best, current = [], [], float("inf")
+    for i, r in kept:
+        current = min(current, r.val_bpb)
+        xs.append(i)
+        best.append(current)
+    xs.append(last_index)
+    best.append(current)
+    return xs, best

@@ -1,0 +1,167 @@
+"""Git for the research loop, through GitPython: branch, commit, reset, fingerprint, rules.
+
+Every git argument built from user text is validated first (a tag or a commit never
+starts with '-') and git is called without a shell.
+"""
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import git
+
+from mcp_server.models import Refusal
+
+EDITABLE = "train.py"
+REQUIRED_FILES = ("train.py", "prepare.py")
+BRANCH_PREFIX = "autoresearch/"
+PROTECTED_BRANCHES = ("main", "master")
+EXCLUDED_PATHS = ("results.tsv", "run.log", "runs/", ".research-loop/", "progress.png")
+TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+COMMIT_ARG_RE = re.compile(r"^[0-9a-fA-F]{7,40}$")
+# Used only when the repository has no identity configured, so a fresh clone still works.
+FALLBACK_IDENTITY = {
+    "GIT_AUTHOR_NAME": "research-loop", "GIT_AUTHOR_EMAIL": "research-loop@localhost",
+    "GIT_COMMITTER_NAME": "research-loop", "GIT_COMMITTER_EMAIL": "research-loop@localhost",
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("AUTORESEARCH_CACHE") or Path.home() / ".cache" / "autoresearch")
+
+
+def prepared_info() -> dict | None:
+    """What prepare.py recorded, or {} for an upstream cache (tokenizer files only), or None."""
+    cache = cache_dir()
+    try:
+        return json.loads((cache / "prepared.json").read_text())
+    except FileNotFoundError:
+        pass
+    except ValueError:
+        return {}
+    tokenizer = cache / "tokenizer"
+    return {} if tokenizer.is_dir() and any(tokenizer.iterdir()) else None
+
+
+def time_budget() -> float:
+    """Training budget in seconds: the env override, else what prepare recorded, else upstream's."""
+    override = os.environ.get("AUTORESEARCH_TIME_BUDGET")
+    if override:
+        return float(override)
+    info = prepared_info() or {}
+    for key in ("time_budget", "TIME_BUDGET"):
+        if isinstance(info.get(key), (int, float)):
+            return float(info[key])
+    constants = info.get("constants")
+    if isinstance(constants, dict) and isinstance(constants.get("TIME_BUDGET"), (int, float)):
+        return float(constants["TIME_BUDGET"])
+    return 300.0
+
+
+def validate_tag(tag: str) -> str:
+    if not TAG_RE.match(tag or "") or ".." in tag or tag.endswith((".lock", ".")):
+        raise Refusal(f"Tag {tag!r} is not a safe branch name: use letters, digits, '.', '_' or '-', "
+                      "starting with a letter or digit (e.g. 'nov25').")
+    return tag
+
+
+def validate_commit_arg(commit: str) -> str:
+    if not COMMIT_ARG_RE.match(commit or ""):
+        raise Refusal(f"Commit {commit!r} is not a hex hash of 7 to 40 characters.")
+    return commit.lower()
+
+
+class Workspace:
+    def __init__(self, root: Path):
+        self.root = Path(root).resolve()
+        try:
+            self.repo = git.Repo(self.root)
+        except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+            raise Refusal(f"{self.root} is not a git repository: clone autoresearch (or this project) "
+                          "there, or start the server with --workspace pointing at one.") from None
+        if Path(self.repo.working_tree_dir).resolve() != self.root:
+            raise Refusal(f"{self.root} is inside the repository {self.repo.working_tree_dir}; "
+                          "point --workspace at the repository root.")
+        self._env = None if self._has_identity() else FALLBACK_IDENTITY
+
+    def _has_identity(self) -> bool:
+        reader = self.repo.config_reader()
+        return bool(reader.get_value("user", "name", "")) and bool(reader.get_value("user", "email", ""))
+
+    # --- facts -------------------------------------------------------------------
+    def branch(self) -> str | None:
+        try:
+            return self.repo.active_branch.name
+        except TypeError:  # detached HEAD
+            return None
+
+    def head(self) -> str:
+        return self.repo.head.commit.hexsha
+
+    def branch_exists(self, name: str) -> bool:
+        return name in self.repo.heads
+
+    def missing_files(self) -> list[str]:
+        return [name for name in REQUIRED_FILES if not (self.root / name).is_file()]
+
+    def tracked(self, path: str) -> bool:
+        return bool(self.repo.git.ls_files("--", path))
+
+    def dirty_tracked_files(self) -> list[str]:
+        """Tracked files with uncommitted changes (staged or not)."""
+        out = self.repo.git.status("--porcelain", "--untracked-files=no", "-z")
+        return sorted({entry[3:] for entry in out.split("\0") if len(entry) > 3})
+
+    def changed_since(self, commit: str) -> list[str]:
+        """Tracked files whose working copy differs from `commit` (committed or not)."""
+        out = self.repo.git.diff("--name-only", "-z", "--no-renames", commit, "--")
+        staged_new = self.repo.git.diff("--name-only", "-z", "--cached", "--no-renames", commit, "--")
+        return sorted({p for p in (out + "\0" + staged_new).split("\0") if p})
+
+    def fingerprint(self, commit: str = "HEAD") -> str:
+        """Hash of every tracked file but train.py (path + blob id): the harness."""
+        listing = self.repo.git.ls_tree("-r", "-z", commit)
+        digest = hashlib.sha256()
+        for entry in sorted(e for e in listing.split("\0") if e):
+            meta, path = entry.split("\t", 1)
+            if path != EDITABLE:
+                digest.update(f"{meta}\t{path}\0".encode())
+        return digest.hexdigest()[:16]
+
+    def resolve_commit(self, commit: str) -> str | None:
+        commit = validate_commit_arg(commit)
+        try:
+            return self.repo.git.rev_parse("--verify", "--quiet", f"{commit}^{{commit}}")
+        except git.GitCommandError:
+            return None
+
+    def file_at(self, commit: str, path: str) -> bytes:
+        return self.repo.git.show(f"{commit}:{path}", stdout_as_string=False)
+
+    # --- changes -----------------------------------------------------------------
+    def create_branch(self, name: str) -> None:
+        self.repo.git.checkout("-b", name)
+
+    def commit_train(self, message: str) -> str:
+        """Commits train.py; an unchanged train.py still gets its own (empty) commit."""
+        self.repo.git.add("--", EDITABLE)
+        self.repo.git.commit("--allow-empty", "--no-verify", "-q", "-m", message, env=self._env)
+        return self.head()
+
+    def reset_to(self, commit: str) -> None:
+        """Hard reset: tracked files only; untracked and ignored files are left alone."""
+        self.repo.git.reset("--hard", "-q", commit)
+
+    def add_excludes(self) -> None:
+        exclude = Path(self.repo.git_dir) / "info" / "exclude"
+        exclude.parent.mkdir(exist_ok=True)
+        content = exclude.read_text() if exclude.exists() else ""
+        missing = [p for p in EXCLUDED_PATHS if p not in content.splitlines()]
+        if not missing:
+            return
+        text = "\n".join(missing) + "\n"
+        if content and not content.endswith("\n"):
+            text = "\n" + text
+        with open(exclude, "a") as f:
+            f.write(text)

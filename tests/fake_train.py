@@ -1,0 +1,75 @@
+"""A stand-in for train.py that prints upstream-format output in a fraction of a second.
+
+Each knob is read from an environment variable FAKE_<NAME>, else from a line
+`<NAME> = value` in train.py in the current directory (so editing train.py changes the
+result, as it does for real), else a default:
+  VAL_BPB (1.0)  MEMORY_MB (2048.0)  STEPS (5)  SLEEP (0: seconds spread over the steps)
+  CRASH (0: raise an exception)  NAN (0: NaN loss -> FAIL, exit 1)  NO_SUMMARY (0: exit 0 silently)
+  SPAWN (0: start a grandchild that sleeps, writing its pid to spawned.pid)
+  IGNORE_TERM (0: ignore SIGTERM, so only SIGKILL stops it)
+"""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+DEFAULTS = {"VAL_BPB": 1.0, "MEMORY_MB": 2048.0, "STEPS": 5, "SLEEP": 0.0, "CRASH": 0, "NAN": 0,
+            "NO_SUMMARY": 0, "SPAWN": 0, "IGNORE_TERM": 0}
+
+
+def knobs() -> dict:
+    try:
+        source = open("train.py").read()
+    except FileNotFoundError:
+        source = ""
+    values = {}
+    for name, default in DEFAULTS.items():
+        match = re.search(rf"^{name}\s*=\s*([-\d.e]+)", source, re.M)
+        raw = os.environ.get(f"FAKE_{name}") or (match.group(1) if match else None)
+        values[name] = type(default)(float(raw)) if raw is not None else default
+    return values
+
+
+def main() -> int:
+    k = knobs()
+    t0 = time.time()
+    if k["IGNORE_TERM"]:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if k["SPAWN"]:
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        with open("spawned.pid", "w") as f:
+            f.write(str(child.pid))
+    print("Vocab size: 8,192\nTime budget: fake")
+    for step in range(k["STEPS"]):
+        loss = float("nan") if k["NAN"] and step == k["STEPS"] - 1 else 9.0 - step * 0.5
+        if loss != loss:
+            print("\nFAIL")
+            return 1
+        pct = 100.0 * (step + 1) / k["STEPS"]
+        print(f"\rstep {step:05d} ({pct:.1f}%) | loss: {loss:.6f} | lrm: 1.00 | dt: 10ms | "
+              f"tok/sec: 5,000 | mfu: 0.0% | epoch: 1 | remaining: {k['STEPS'] - step - 1}s    ",
+              end="", flush=True)
+        time.sleep(k["SLEEP"] / k["STEPS"])
+        if k["CRASH"] and step == k["STEPS"] // 2:
+            raise RuntimeError("CUDA out of memory (fake crash)")
+    print()
+    if k["NO_SUMMARY"]:
+        return 0
+    elapsed = time.time() - t0
+    print("---")
+    print(f"val_bpb:          {k['VAL_BPB']:.6f}")
+    print(f"training_seconds: {elapsed:.1f}")
+    print(f"total_seconds:    {elapsed + 0.1:.1f}")
+    print(f"peak_vram_mb:     {k['MEMORY_MB']:.1f}")
+    print("mfu_percent:      0.00")
+    print("total_tokens_M:   0.1")
+    print(f"num_steps:        {k['STEPS']}")
+    print("num_params_M:     11.5")
+    print("depth:            4")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
