@@ -1,0 +1,273 @@
+"""Claude Code hooks of the research-loop plugin. Standard library only, so it runs before
+(and without) the project's environment, and fast: a few file reads and one or two git calls.
+
+  pre-edit       PreToolUse on Edit|Write|MultiEdit|NotebookEdit: on an autoresearch/* branch,
+                 refuse an edit to any harness file (exit 2, the reason on stderr for Claude).
+  session-start  SessionStart: the loop's state as context, plus a visible warning when the
+                 workspace cannot run (no uv, no prepared data).
+  pre-compact    PreCompact: the same state, which Claude Code adds to the compaction
+                 instructions so the summary carries it.
+
+Each reads the hook's JSON from stdin (Claude Code's protocol). Any failure of the hook
+itself lets the action through: the MCP server enforces the rules again on every run.
+"""
+from __future__ import annotations  # the system python3 may be older than 3.10
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+EDITABLE = "train.py"
+HARNESS_MARKERS = ("train.py", "prepare.py")  # both at the repo root: an autoresearch layout
+RESEARCH_BRANCH_PREFIX = "autoresearch/"
+LEDGER = "results.tsv"
+RUN_LOG = "run.log"
+FREE_FILES = (LEDGER, RUN_LOG)  # experiment records, not harness (ignored by git)
+SERVER_RECORDS = (".research-loop/", "runs/")  # written by the MCP server only
+STATE_FILE = ".research-loop/state.json"
+RECENT_ROWS = 5
+LOG_TAIL_BYTES = 4096
+GIT_TIMEOUT_S = 5
+SKILL = "/research-loop:autoresearch"
+
+
+# --- workspace facts ---------------------------------------------------------------------
+
+def git(root: Path, *args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                              timeout=GIT_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def repo_root(start: Path) -> Path | None:
+    top = git(start, "rev-parse", "--show-toplevel")
+    return Path(top).resolve() if top else None
+
+
+def is_autoresearch_layout(root: Path) -> bool:
+    return all((root / name).is_file() for name in HARNESS_MARKERS)
+
+
+def current_branch(root: Path) -> str | None:
+    return git(root, "symbolic-ref", "--short", "-q", "HEAD")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("AUTORESEARCH_CACHE") or Path.home() / ".cache" / "autoresearch")
+
+
+def data_prepared() -> bool:
+    """prepare.py records prepared.json; an upstream cache has only the tokenizer folder."""
+    cache = cache_dir()
+    tokenizer = cache / "tokenizer"
+    return (cache / "prepared.json").is_file() or (tokenizer.is_dir() and any(tokenizer.iterdir()))
+
+
+# --- pre-edit ------------------------------------------------------------------------------
+
+def edited_path(event: dict) -> Path | None:
+    tool_input = event.get("tool_input") or {}
+    raw = tool_input.get("file_path") or tool_input.get("notebook_path")
+    if not raw:
+        return None
+    path = Path(raw)
+    if not path.is_absolute():
+        path = Path(event.get("cwd") or os.getcwd()) / path
+    return Path(os.path.realpath(path))  # a symlink to prepare.py is prepare.py
+
+
+def nearest_existing_dir(path: Path) -> Path:
+    """The file's folder, or its closest existing ancestor when Write creates new folders."""
+    folder = path.parent
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def harness_refusal(root: Path, branch: str, rel: str) -> str | None:
+    """Why this repo-relative path may not be edited on a research branch, or None."""
+    if rel == EDITABLE or rel in FREE_FILES:
+        return None
+    if rel.startswith(SERVER_RECORDS):
+        return (f"research-loop: {rel} is a record kept by the autoresearch MCP server; editing it by hand "
+                "would falsify the run history. Use the tools (status, read_metrics, keep, discard, log_result).")
+    if not rel.startswith(".git/") and git(root, "check-ignore", "-q", "--", rel) is not None:
+        return None  # ignored by git: caches, environments, notes that no run depends on
+    return (f"research-loop: {rel} is part of the evaluation harness, and {branch} is a research branch, so it "
+            f"stays fixed: every val_bpb on this branch must be measured by the same code. Only {EDITABLE} may "
+            f"change. Put the idea into {EDITABLE} instead. To change the harness on purpose, leave the research "
+            "branch first (e.g. `git switch main`), edit and commit there, then start a new run tag.")
+
+
+def pre_edit(event: dict) -> int:
+    path = edited_path(event)
+    if path is None:
+        return 0
+    workspace = repo_root(nearest_existing_dir(path))
+    if workspace is None or not is_autoresearch_layout(workspace):
+        return 0  # not inside an autoresearch repository: nothing of ours to protect
+    branch = current_branch(workspace) or ""
+    if not branch.startswith(RESEARCH_BRANCH_PREFIX):
+        return 0
+    try:
+        rel = path.relative_to(workspace).as_posix()
+    except ValueError:
+        return 0  # outside the repository: not harness
+    reason = harness_refusal(workspace, branch, rel)
+    if reason is None:
+        return 0
+    print(reason, file=sys.stderr)
+    return 2  # Claude Code blocks the tool call and shows stderr to Claude
+
+
+# --- state report ----------------------------------------------------------------------------
+
+def ledger_rows(root: Path) -> list[list[str]]:
+    try:
+        lines = (root / LEDGER).read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    return [line.split("\t") for line in lines[1:] if line.count("\t") == 4]
+
+
+def best_kept(rows: list[list[str]]) -> list[str] | None:
+    kept = []
+    for row in rows:
+        try:
+            value = float(row[1])
+        except ValueError:
+            continue
+        if row[3] == "keep" and value > 0:
+            kept.append((value, row))
+    return min(kept)[1] if kept else None
+
+
+def server_state(root: Path) -> dict:
+    try:
+        state = json.loads((root / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def last_progress_line(root: Path) -> str | None:
+    """The newest 'step ...' line of run.log (progress lines are separated by carriage returns)."""
+    try:
+        with open(root / RUN_LOG, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - LOG_TAIL_BYTES))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    steps = [part.strip() for part in tail.replace("\n", "\r").split("\r") if part.strip().startswith("step ")]
+    return steps[-1] if steps else None
+
+
+def run_lines(root: Path, state: dict) -> list[str]:
+    lines = []
+    running = state.get("running")
+    if isinstance(running, dict):
+        progress = last_progress_line(root) or "no progress line yet"
+        lines.append(f"run in progress: run {running.get('run')} ({str(running.get('commit', ''))[:7]}) "
+                     f"\"{running.get('description', '')}\": {progress}. Follow it with read_metrics(); "
+                     "do not start another run.")
+    pending = state.get("pending")
+    if isinstance(pending, dict):
+        value = pending.get("val_bpb")
+        shown = f" val_bpb {value:.6f}" if isinstance(value, (int, float)) else ""
+        lines.append(f"pending result: run {pending.get('run')} ({str(pending.get('commit', ''))[:7]}) "
+                     f"{pending.get('status')}{shown} \"{pending.get('description', '')}\": "
+                     "decide it with keep() or discard() before anything else.")
+    if state.get("interrupted"):
+        lines.append("a run was interrupted (the server stopped mid-run): call discard() to log it.")
+    return lines
+
+
+def ledger_lines(rows: list[list[str]]) -> list[str]:
+    if not rows:
+        return [f"{LEDGER}: no runs logged yet; the first run is the unchanged baseline."]
+    counts = {s: sum(r[3] == s for r in rows) for s in ("keep", "discard", "crash")}
+    lines = [f"{LEDGER}: {len(rows)} runs (" + ", ".join(f"{n} {s}" for s, n in counts.items()) + ")"]
+    best = best_kept(rows)
+    if best:
+        lines.append(f"best val_bpb: {best[1]} at commit {best[0]} \"{best[4]}\"")
+    lines.append("last rows (commit, val_bpb, memory_gb, status, description):")
+    lines += ["  " + "  ".join(row) for row in rows[-RECENT_ROWS:]]
+    return lines
+
+
+def state_report(root: Path) -> str:
+    branch = current_branch(root) or "(detached HEAD)"
+    lines = [f"research-loop state of {root}:"]
+    if not branch.startswith(RESEARCH_BRANCH_PREFIX):
+        lines.append(f"branch: {branch}, not a research branch. Start one with {SKILL} <tag> "
+                     "(the setup tool creates autoresearch/<tag>).")
+        return "\n".join(lines)
+    lines.append(f"branch: {branch} (research branch: only {EDITABLE} may change)")
+    lines += ledger_lines(ledger_rows(root))
+    state = server_state(root)
+    lines += run_lines(root, state)
+    if isinstance(state.get("noise"), dict):
+        lines.append(f"measured noise: {json.dumps(state['noise'], sort_keys=True)}")
+    lines.append(f"Carry on with the loop ({SKILL} holds the protocol); never stop to ask.")
+    return "\n".join(lines)
+
+
+def setup_problems(root: Path) -> list[str]:
+    """What stops the loop from running here, each with the command that fixes it."""
+    problems = []
+    if shutil.which("uv") is None:
+        problems.append("`uv` is not on PATH, so the autoresearch MCP server and training cannot start. "
+                        "Install it (curl -LsSf https://astral.sh/uv/install.sh | sh), then restart Claude Code.")
+    if not data_prepared():
+        problems.append(f"no prepared data in {cache_dir()}: run `uv run prepare.py` in {root} once "
+                        "(add `--dataset offline` on a machine without network).")
+    return problems
+
+
+def session_start(event: dict) -> int:
+    root = repo_root(Path(event.get("cwd") or os.getcwd()))
+    if root is None or not is_autoresearch_layout(root):
+        return 0  # not an autoresearch workspace: stay out of unrelated sessions
+    problems = setup_problems(root)
+    context = state_report(root)
+    if problems:
+        context += "\nsetup problems:\n" + "\n".join(f"- {p}" for p in problems)
+    output = {"hookSpecificOutput": {"hookEventName": "SessionStart", "additionalContext": context}}
+    if problems:
+        output["systemMessage"] = "research-loop: " + " ".join(problems)
+    print(json.dumps(output))
+    return 0
+
+
+def pre_compact(event: dict) -> int:
+    root = repo_root(Path(event.get("cwd") or os.getcwd()))
+    if root is None or not is_autoresearch_layout(root):
+        return 0
+    # Plain stdout of a PreCompact hook joins the compaction instructions.
+    print("Keep this research-loop state in the summary, verbatim where possible:\n" + state_report(root))
+    return 0
+
+
+HANDLERS = {"pre-edit": pre_edit, "session-start": session_start, "pre-compact": pre_compact}
+
+
+def main() -> int:
+    if len(sys.argv) != 2 or sys.argv[1] not in HANDLERS:
+        print(f"usage: research_loop_hook.py {{{'|'.join(HANDLERS)}}} < hook-event.json", file=sys.stderr)
+        return 1
+    try:
+        event = json.load(sys.stdin)
+    except ValueError:
+        event = {}
+    return HANDLERS[sys.argv[1]](event if isinstance(event, dict) else {})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
