@@ -1,8 +1,9 @@
 """Search strategies: which constants to change next, given the best configuration so far.
 
-Both are stateless between calls: what has been tried comes from the ledger (the train.py of
-every logged commit), so a resumed search continues where it stopped and never repeats a
-configuration. A proposal is a dict {constant: new value} applied to the last kept train.py.
+Both are stateless between calls: they read the history (the configuration of every ledger
+row, oldest first, taken from the train.py of its commit; the kept baseline among them), so a
+resumed search continues where it stopped and never repeats a configuration. A proposal is a
+dict {constant: new value} applied to the last kept train.py; None means nothing is left to try.
 """
 import random
 
@@ -28,9 +29,10 @@ class RandomSearch:
     def __init__(self, space, seed: int, harness: dict):
         self.space, self.seed, self.harness = space, seed, harness
 
-    def propose(self, current: dict, tried: set, experiment_number: int) -> dict | None:
-        rng = random.Random(f"{self.seed}:{experiment_number}")
+    def propose(self, current: dict, history: list[dict]) -> dict | None:
+        rng = random.Random(f"{self.seed}:{len(history)}")
         names = [dim.name for dim in self.space]
+        tried = {config_key(config, names) for config in history}
         for _ in range(MAX_DRAWS):
             count = 2 if len(self.space) > 1 and rng.random() < TWO_CHANGE_PROBABILITY else 1
             change = {}
@@ -45,16 +47,20 @@ class RandomSearch:
 
 
 class GreedyCoordinateSearch:
-    """One constant at a time, in the space's order, nearest values first; after a keep the next
-    proposals start from the new best, so an improving direction is followed further."""
+    """Coordinate descent: one constant at a time, in the space's order, over a grid fixed around
+    the baseline's values, always from the best configuration so far. When every single-constant
+    move from the best has been tried, the search is over."""
 
     def __init__(self, space, harness: dict):
         self.space, self.harness = space, harness
 
-    def propose(self, current: dict, tried: set, experiment_number: int) -> dict | None:
+    def propose(self, current: dict, history: list[dict]) -> dict | None:
         names = [dim.name for dim in self.space]
+        tried = {config_key(config, names) for config in history}
+        baseline = history[0] if history else current
         for dim in self.space:
-            for value in dim.candidates(current[dim.name]):
+            grid = dim.candidates(baseline[dim.name]) + [baseline[dim.name]]
+            for value in (v for v in grid if v != current[dim.name]):
                 config = current | {dim.name: value}
                 if config_key(config, names) not in tried and batch_fits(config, self.harness):
                     return {dim.name: value}

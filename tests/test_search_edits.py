@@ -11,7 +11,7 @@ from autosearch.constants import (
     ConstantError, changed_statements, evaluate_constants, find_constants, format_value, rewrite_constants,
 )
 from autosearch.space import DEFAULT_SPACE, Dimension, SpaceError, load_space, validate_space
-from autosearch.strategies import GreedyCoordinateSearch, RandomSearch, config_key
+from autosearch.strategies import GreedyCoordinateSearch, RandomSearch
 
 # A constants block in train.py's style: literals, arithmetic, a profile lookup, comments.
 TRAIN_LIKE = '''"""A model."""
@@ -147,28 +147,42 @@ def test_space_file_parsing(tmp_path):
 def test_strategies_are_seeded_skip_tried_and_respect_the_batch():
     current = current_values()
     space = tuple(dim for dim in DEFAULT_SPACE if dim.name in current)
-    names = [dim.name for dim in space]
-    first = RandomSearch(space, 7, HARNESS).propose(current, set(), 3)
-    assert first == RandomSearch(space, 7, HARNESS).propose(current, set(), 3)
-    tried = {config_key(current | first, names)}
-    assert RandomSearch(space, 7, HARNESS).propose(current, tried, 3) != first
-
-    greedy = GreedyCoordinateSearch(space, HARNESS)
-    assert greedy.propose(current, set(), 1) == {"MATRIX_LR": 0.056}
-    tried = {config_key(current | {"MATRIX_LR": v}, names) for v in (0.056, 0.028, 0.08, 0.02)}
-    assert greedy.propose(current, tried, 5) == {"EMBEDDING_LR": 0.84}
+    first = RandomSearch(space, 7, HARNESS).propose(current, [current] * 3)
+    assert first == RandomSearch(space, 7, HARNESS).propose(current, [current] * 3)
+    assert RandomSearch(space, 7, HARNESS).propose(current, [current] * 2 + [current | first]) != first
     # A total batch that is not a whole number of device batches (16 x 256 tokens) is never proposed.
     small = current | {"TOTAL_BATCH_SIZE": 4096}
     for n in range(50):
-        change = RandomSearch(space, n, HARNESS).propose(small, set(), n)
+        change = RandomSearch(space, n, HARNESS).propose(small, [small])
         assert change.get("TOTAL_BATCH_SIZE") != 2048
+
+
+def test_greedy_is_coordinate_descent_on_a_grid_around_the_baseline():
+    baseline = current_values()
+    space = tuple(dim for dim in DEFAULT_SPACE if dim.name in baseline)
+    greedy = GreedyCoordinateSearch(space, HARNESS)
+    assert greedy.propose(baseline, [baseline]) == {"MATRIX_LR": 0.056}
+    # 0.056 was kept: the rest of the MATRIX_LR grid is tried from it, then the next constant.
+    best = baseline | {"MATRIX_LR": 0.056}
+    history = [baseline, best]
+    proposals = []
+    for _ in range(5):
+        change = greedy.propose(best, history)
+        proposals.append(change)
+        history.append(best | change)
+    # (MATRIX_LR back at 0.04 with the rest unchanged is the baseline itself: already tried.)
+    assert proposals == [{"MATRIX_LR": 0.028}, {"MATRIX_LR": 0.08}, {"MATRIX_LR": 0.02},
+                         {"EMBEDDING_LR": 0.84}, {"EMBEDDING_LR": 0.42}]
+    # Every single-constant move from the best tried: the search is over.
+    one_dim = (Dimension("DEPTH", "shift", (1,)),)
+    assert GreedyCoordinateSearch(one_dim, HARNESS).propose(baseline, [baseline, baseline | {"DEPTH": 5}]) is None
 
 
 def test_every_proposal_is_a_clean_edit():
     current = current_values()
     space = tuple(dim for dim in DEFAULT_SPACE if dim.name in current)
     for n in range(30):
-        change = RandomSearch(space, n, HARNESS).propose(current, set(), n)
+        change = RandomSearch(space, n, HARNESS).propose(current, [current] * n)
         new = rewrite_constants(TRAIN_LIKE, change)
         assert changed_statements(TRAIN_LIKE, new) == set(change)
         ast.parse(new)

@@ -1,0 +1,245 @@
+"""The search agent: drives the research loop through the MCP server over stdio, as any agent would.
+
+One experiment = edit train.py's constants (the strategy's proposal on top of the last kept
+train.py), `run_experiment`, then `keep` if val_bpb beats the best kept result, else `discard`.
+Everything the search needs to resume (what was tried, what is best) is read back from the
+workspace: the ledger and the train.py of each logged commit.
+"""
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mcp import ClientSession, StdioServerParameters
+from mcp.client.stdio import stdio_client
+
+from autosearch.constants import evaluate_constants, find_constants, harness_exports, rewrite_constants
+from autosearch.report import read_ledger
+from autosearch.space import applicable, validate_space
+from autosearch.strategies import describe, make_strategy
+
+BASELINE_DESCRIPTION = "baseline"
+EXTRA_NAMES = ("DEVICE_BATCH_SIZE",)  # read alongside the space: the batch constraint needs it
+
+
+class SearchError(RuntimeError):
+    """A fault the user must fix; the message says how."""
+
+
+@dataclass
+class SearchPlan:
+    workspace: Path
+    tag: str
+    strategy: str
+    experiments: int | None
+    hours: float | None
+    seed: int
+    space: tuple
+    env: dict
+    harness: dict
+    timings: list = field(default_factory=list)
+    chart: str | None = None
+
+
+def git(workspace: Path, *args: str) -> str:
+    proc = subprocess.run(["git", *args], cwd=workspace, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SearchError(f"git {' '.join(args)} failed in {workspace}: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def train_source(workspace: Path, commit: str = "HEAD") -> str:
+    return git(workspace, "show", f"{commit}:train.py")
+
+
+class Search:
+    """The search over one workspace: the server session, the strategy and the stop rules."""
+
+    def __init__(self, plan: SearchPlan, session: ClientSession, say):
+        self.plan, self.session, self.say = plan, session, say
+        self.harness = plan.harness
+        names = [dim.name for dim in plan.space]
+        self.names = names + [n for n in EXTRA_NAMES if n not in names]
+        self.strategy = make_strategy(plan.strategy, plan.space, plan.seed, self.harness)
+        self.started = time.monotonic()
+
+    async def call(self, tool: str, progress=None, **arguments) -> dict:
+        """One tool call; a tool error becomes a SearchError carrying the server's message."""
+        result = await self.session.call_tool(tool, arguments, progress_callback=progress)
+        text = "\n".join(c.text for c in result.content if getattr(c, "type", "") == "text")
+        if result.is_error:
+            raise SearchError(f"{tool} refused: {text}")
+        return result.structured_content or {}
+
+    def current_config(self, commit: str = "HEAD") -> dict:
+        source = train_source(self.plan.workspace, commit)
+        present = [n for n in self.names if n in find_constants(source)]
+        return evaluate_constants(source, present, self.harness)
+
+    def history(self, rows: list[dict]) -> list[dict]:
+        """The configuration of every ledger row, oldest first, read from the train.py of its commit."""
+        configs = []
+        for row in rows:
+            try:
+                configs.append(self.current_config(row["commit"]))
+            except SearchError:
+                continue  # a commit gone from the repository can't be repeated by accident either
+        return configs
+
+    async def resume(self, status: dict) -> None:
+        """Settle what a previous, interrupted call left: an interrupted run or an undecided result."""
+        if status.get("interrupted"):
+            self.say(f"resuming: {status['interrupted']}")
+            await self.call("discard")
+        elif status.get("pending"):
+            self.say(f"resuming: deciding the result left pending, {status['pending']}")
+            metrics = await self.call("read_metrics")
+            summary = metrics.get("summary") or {}
+            await self.decide({"status": metrics.get("status"), "val_bpb": summary.get("val_bpb")})
+
+    async def run_one(self, description: str) -> dict:
+        """run_experiment with live progress, timed from the client's side."""
+        start = time.monotonic()
+        result = await self.call("run_experiment", progress=self.progress, description=description)
+        self.say_progress_done()
+        result["client_seconds"] = time.monotonic() - start
+        self.plan.timings.append(timing_split(description, result))
+        return result
+
+    async def decide(self, result: dict) -> str:
+        """keep if it beats the best kept val_bpb; discard otherwise (crashes included)."""
+        best = best_kept_bpb(read_ledger(self.plan.workspace))
+        improved = result.get("status") == "ok" and result.get("val_bpb") is not None and (
+            best is None or result["val_bpb"] < best)
+        if improved:
+            await self.call("keep")
+            return "keep"
+        reason = "crashed" if result.get("status") != "ok" else f"not better than {best:.6f}"
+        await self.call("discard", reason=reason)
+        return "discard"
+
+    async def baseline(self) -> None:
+        self.say("running the baseline (train.py unchanged)")
+        result = await self.run_one(BASELINE_DESCRIPTION)
+        if result.get("status") != "ok":
+            await self.call("discard", reason="baseline crashed")
+            raise SearchError("the baseline run failed; read its log under the workspace's runs/ folder:\n"
+                              + str(result.get("tail", "")))
+        await self.call("keep")
+        self.say(f"baseline val_bpb {result['val_bpb']:.6f} ({result['client_seconds']:.0f}s)")
+
+    def budget_left(self, rows: list[dict]) -> bool:
+        done = experiments_done(rows)
+        if self.plan.experiments is not None and done >= self.plan.experiments:
+            return False
+        if self.plan.hours is not None:
+            elapsed = time.monotonic() - self.started
+            typical = (sum(t["wall_s"] for t in self.plan.timings) / len(self.plan.timings)
+                       if self.plan.timings else 0.0)
+            return elapsed + typical <= self.plan.hours * 3600
+        return True
+
+    async def loop(self) -> None:
+        rows = read_ledger(self.plan.workspace)
+        while self.budget_left(rows):
+            current = self.current_config()
+            change = self.strategy.propose(current, self.history(rows))
+            if change is None:
+                self.say("the search space around the best configuration is exhausted; stopping")
+                return
+            source = train_source(self.plan.workspace)
+            (self.plan.workspace / "train.py").write_text(rewrite_constants(source, change))
+            number = len(rows)
+            total = f"/{self.plan.experiments}" if self.plan.experiments is not None else ""
+            self.say(f"experiment {number}{total}: {describe(change)}")
+            result = await self.run_one(describe(change))
+            decision = await self.decide(result)
+            shown = f"val_bpb {result['val_bpb']:.6f}" if result.get("status") == "ok" else result.get("status")
+            self.say(f"experiment {number}: {shown} -> {decision} ({result['client_seconds']:.0f}s)")
+            rows = read_ledger(self.plan.workspace)
+
+    async def progress(self, progress: float, total: float | None, message: str | None) -> None:
+        line = message or f"{progress:.0f}/{total or '?'}"
+        if sys.stdout.isatty():
+            print(f"\r    {line[:100]:<100}", end="", flush=True)
+        else:
+            print(f"    {line}", flush=True)
+
+    def say_progress_done(self) -> None:
+        if sys.stdout.isatty():
+            print()
+
+
+def experiments_done(rows: list[dict]) -> int:
+    """Rows after the kept baseline (failed baselines before it don't count)."""
+    first_keep = next((i for i, row in enumerate(rows) if row["status"] == "keep"), None)
+    return 0 if first_keep is None else len(rows) - first_keep - 1
+
+
+def best_kept_bpb(rows: list[dict]) -> float | None:
+    kept = [row["val_bpb"] for row in rows if row["status"] == "keep"]
+    return min(kept) if kept else None
+
+
+def timing_split(description: str, result: dict) -> dict:
+    """Wall time per experiment: training, evaluation, start-up and what the tools added."""
+    training, total = result.get("training_seconds"), result.get("total_seconds")
+    child = result.get("wall_seconds", total)
+    evaluation, startup = result.get("eval_seconds"), result.get("startup_seconds")
+    if evaluation is None and training is not None and total is not None:
+        startup = None  # without the harness's split, start-up and evaluation are reported together
+        evaluation = total - training
+    return dict(experiment=description[:40], wall_s=result["client_seconds"], training_s=training,
+                eval_s=evaluation, startup_s=startup,
+                overhead_s=None if child is None else result["client_seconds"] - child)
+
+
+def server_parameters(plan: SearchPlan, repo: Path) -> StdioServerParameters:
+    """The MCP server for the workspace, training with this very interpreter (the workspace, a fresh
+    clone, has no virtual environment of its own for `uv run` to reuse)."""
+    return StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "mcp_server", "--workspace", str(plan.workspace),
+              "--train-command", f"{sys.executable} train.py"],
+        env=plan.env, cwd=str(repo),
+    )
+
+
+async def run_search(plan: SearchPlan, repo: Path, say) -> None:
+    """Set up (or resume) the workspace's research branch, run the baseline, then the search."""
+    async with stdio_client(server_parameters(plan, repo)) as (read, write):
+        async with ClientSession(read, write) as session:
+            await session.initialize()
+            search = Search(plan, session, say)
+            status = await search.call("status")
+            if not status.get("set_up"):
+                say(f"setting up branch autoresearch/{plan.tag}")
+                await search.call("setup", tag=plan.tag)
+            else:
+                await search.resume(status)
+            if best_kept_bpb(read_ledger(plan.workspace)) is None:
+                await search.baseline()
+            await search.loop()
+            chart = await search.call("plot_progress")
+            plan.chart = chart.get("path")
+
+
+def resolve_space(workspace: Path, space: tuple, harness: dict, strict: bool) -> tuple:
+    """The space checked against the workspace's train.py before anything runs. A user's space
+    (strict) must name only existing constants; the default space drops what a fork lacks."""
+    source = train_source(workspace)
+    names = set(find_constants(source))
+    if not strict:
+        space = applicable(space, names)
+    present = [dim.name for dim in space if dim.name in names]
+    validate_space(space, {n: None for n in names} | evaluate_constants(source, present, harness))
+    return space
+
+
+def child_env(budget_seconds: float | None) -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if budget_seconds is not None:
+        env["AUTORESEARCH_TIME_BUDGET"] = str(budget_seconds)
+    return env

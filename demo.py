@@ -1,0 +1,158 @@
+"""The research loop end to end, no LLM needed: a search agent drives the MCP server over stdio.
+
+    uv run demo.py                      # CPU: baseline + 5 experiments, under 10 minutes on 2 cores
+    uv run demo.py --strategy greedy --hours 8 --workspace ~/runs/night1   # an overnight baseline search
+
+It prepares data and tokenizer if needed, clones this repository's HEAD into a scratch workspace
+(your checkout and branch are never touched), sets up a research branch, runs the baseline and
+then experiments chosen by the strategy, keeping or discarding each, and ends with the ledger,
+the best result's diff against the baseline and the progress chart. Ctrl-C stops the run in
+progress; the same command with --workspace resumes.
+"""
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from autosearch.constants import ConstantError, harness_exports
+from autosearch.driver import SearchError, SearchPlan, child_env, experiments_done, resolve_space, run_search
+from autosearch.report import best_kept, diff_against_baseline, ledger_table, read_ledger, timing_table
+from autosearch.space import DEFAULT_SPACE, SpaceError, load_space
+from autosearch.strategies import STRATEGIES
+
+REPO = Path(__file__).resolve().parent
+DEFAULT_EXPERIMENTS = 5  # baseline + 5 runs of the CPU profile's 60 s budget fit in 10 minutes
+SETTINGS_FILE = "autosearch.json"  # inside the workspace's .git: never tracked, never reset
+RESUMED_SETTINGS = ("strategy", "seed", "budget_seconds", "experiments", "hours", "tag")
+STARTED = time.monotonic()
+
+
+def say(message: str) -> None:
+    minutes, seconds = divmod(int(time.monotonic() - STARTED), 60)
+    print(f"[{minutes:02d}:{seconds:02d}] {message}", flush=True)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--strategy", choices=STRATEGIES, help="search strategy (default: random)")
+    p.add_argument("--experiments", type=int, help=f"experiments after the baseline (default {DEFAULT_EXPERIMENTS}, "
+                                                    "unlimited with --hours); counts the whole ledger when resuming")
+    p.add_argument("--hours", type=float, help="stop starting experiments after this many hours")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--workspace", type=Path, help="scratch workspace; an existing one is resumed")
+    p.add_argument("--tag", help="research branch autoresearch/<tag> (default: demo)")
+    p.add_argument("--budget-seconds", type=float, help="training seconds per run (sets AUTORESEARCH_TIME_BUDGET)")
+    p.add_argument("--space", type=Path, help='JSON search space, e.g. {"MATRIX_LR": [0.02, 0.08]}')
+    p.add_argument("--profile", default="auto", help="hardware profile for prepare.py (default auto)")
+    p.add_argument("--dataset", default="auto", help="data set for prepare.py (default auto)")
+    args = p.parse_args(argv)
+    if args.experiments is not None and args.experiments < 0:
+        p.error("--experiments must be 0 or more")
+    for name in ("hours", "budget_seconds"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    return args
+
+
+def settings(args, workspace: Path) -> dict:
+    """Options for this call: a resumed workspace keeps the ones it was started with, unless given again;
+    a different training budget would make its results incomparable, so it is refused."""
+    path = workspace / ".git" / SETTINGS_FILE
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    given = {name: getattr(args, name) for name in RESUMED_SETTINGS if getattr(args, name) is not None}
+    if "budget_seconds" in given and saved and given["budget_seconds"] != saved.get("budget_seconds"):
+        raise SearchError(f"{workspace} was searched with --budget-seconds {saved.get('budget_seconds')}; "
+                          "resume with the same budget, or use a new --workspace")
+    chosen = dict(strategy="random", seed=0, budget_seconds=None, tag="demo", experiments=None, hours=None)
+    chosen |= saved | given
+    if chosen["experiments"] is None and chosen["hours"] is None:
+        chosen["experiments"] = DEFAULT_EXPERIMENTS
+    path.write_text(json.dumps(chosen))
+    return chosen
+
+
+def prepare(profile: str, dataset: str, env: dict) -> None:
+    """Data and tokenizer, if not prepared yet (prepare.py says so and returns at once if they are)."""
+    say(f"preparing data and tokenizer (profile {profile}, dataset {dataset})")
+    proc = subprocess.run([sys.executable, "prepare.py", "--profile", profile, "--dataset", dataset],
+                          cwd=REPO, env=env)
+    if proc.returncode != 0:
+        raise SearchError("prepare.py failed (its message is above); fix that, then run the demo again")
+
+
+def make_workspace(workspace: Path | None) -> Path:
+    """A clone of this repository's HEAD, or the existing workspace to resume."""
+    if workspace is not None and (workspace / ".git").is_dir():
+        say(f"resuming workspace {workspace}")
+        return workspace.resolve()
+    if workspace is not None and workspace.exists() and any(workspace.iterdir()):
+        raise SearchError(f"{workspace} exists and is not a git workspace: choose an empty or new folder")
+    target = workspace or Path(tempfile.mkdtemp(prefix="research-loop-demo-"))
+    if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                      capture_output=True, text=True).stdout.strip():
+        say("note: uncommitted changes in this checkout are not part of the demo (it clones HEAD)")
+    say(f"cloning {REPO} HEAD into {target}")
+    proc = subprocess.run(["git", "clone", "--quiet", str(REPO), str(target)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SearchError(f"git clone into {target} failed: {proc.stderr.strip()}")
+    return target.resolve()
+
+
+def final_report(plan: SearchPlan) -> None:
+    rows = read_ledger(plan.workspace)
+    print("\nLedger (results.tsv; * = best kept):")
+    print(ledger_table(rows))
+    best = best_kept(rows)
+    if best is not None:
+        baseline = next(row for row in rows if row["status"] == "keep")
+        kept = sum(row["status"] == "keep" for row in rows) - 1
+        print(f"\nBaseline val_bpb {baseline['val_bpb']:.6f}; best {best['val_bpb']:.6f} at {best['commit']} "
+              f"({best['description']}); {kept} of {experiments_done(rows)} experiments kept.")
+        print(f"\ngit diff {baseline['commit']} {best['commit']} -- train.py\n"
+              + diff_against_baseline(plan.workspace, baseline["commit"], best["commit"]))
+    if plan.timings:
+        print("\nWall time per experiment in this call (seconds):")
+        print(timing_table(plan.timings))
+    if plan.chart:
+        print(f"\nProgress chart: {plan.chart}")
+    print(f"Workspace: {plan.workspace} (resume or extend: uv run demo.py --workspace {plan.workspace})")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    workspace = None
+    try:
+        space = load_space(args.space) if args.space else DEFAULT_SPACE
+        resuming = args.workspace is not None and (args.workspace / ".git").is_dir()
+        prepare(args.profile, args.dataset, child_env(args.budget_seconds))
+        # Checked before anything is cloned or run: against the workspace's train.py, or this HEAD's.
+        source_repo = args.workspace if resuming else REPO
+        harness = harness_exports(source_repo, child_env(args.budget_seconds))
+        space = resolve_space(source_repo, space, harness, strict=args.space is not None)
+        workspace = make_workspace(args.workspace)
+        chosen = settings(args, workspace)
+        env = child_env(chosen["budget_seconds"])
+        plan = SearchPlan(workspace=workspace, tag=chosen["tag"], strategy=chosen["strategy"],
+                          experiments=chosen["experiments"], hours=chosen["hours"], seed=chosen["seed"],
+                          space=space, env=env, harness=harness)
+        say(f"{plan.strategy} search over {', '.join(dim.name for dim in space)}")
+        asyncio.run(run_search(plan, REPO, say))
+    except KeyboardInterrupt:
+        where = f" --workspace {workspace}" if workspace else ""
+        print(f"\ninterrupted: the training run was stopped and the ledger is intact; "
+              f"resume with: uv run demo.py{where}", file=sys.stderr)
+        return 130
+    except (SearchError, SpaceError, ConstantError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    final_report(plan)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
