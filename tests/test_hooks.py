@@ -1,0 +1,169 @@
+"""The plugin's hooks, run as Claude Code runs them: the command from hooks/hooks.json with
+${CLAUDE_PLUGIN_ROOT} expanded, the event's JSON on stdin, in a real git repository."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from plugin_support import REPO, git, make_research_repo
+
+ROWS = ["abc1234\t1.010000\t2.0\tkeep\tbaseline",
+        "bcd2345\t0.000000\t0.0\tcrash\tdepth 16 OOM",
+        "cde3456\t0.990000\t2.1\tkeep\tmatrix lr x2",
+        "def4567\t0.995000\t2.1\tdiscard\twarmdown 0.3"]
+
+
+def hook_command(event: str, matcher: str | None = None) -> str:
+    config = json.loads((REPO / "hooks" / "hooks.json").read_text())["hooks"][event]
+    group = next(g for g in config if g.get("matcher") == matcher)
+    return group["hooks"][0]["command"].replace("${CLAUDE_PLUGIN_ROOT}", str(REPO))
+
+
+def run_hook(event: str, payload: dict, cwd: Path, matcher: str | None = None, **env) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, CLAUDE_PLUGIN_ROOT=str(REPO), CLAUDE_PROJECT_DIR=str(cwd), **env)
+    payload = {"session_id": "test", "transcript_path": "/dev/null", "cwd": str(cwd),
+               "hook_event_name": event, **payload}
+    return subprocess.run(["sh", "-c", hook_command(event, matcher)], input=json.dumps(payload), cwd=cwd,
+                          env=full_env, capture_output=True, text=True, timeout=30)
+
+
+def edit(repo: Path, tool: str, path: str) -> subprocess.CompletedProcess:
+    key = "notebook_path" if tool == "NotebookEdit" else "file_path"
+    return run_hook("PreToolUse", {"tool_name": tool, "tool_input": {key: path}}, repo,
+                    matcher="Edit|Write|MultiEdit|NotebookEdit")
+
+
+@pytest.fixture
+def repo(tmp_path) -> Path:
+    return make_research_repo(tmp_path / "ws", rows=ROWS)
+
+
+@pytest.fixture
+def prepared_cache(tmp_path) -> Path:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "prepared.json").write_text('{"profile": "cpu"}')
+    return cache
+
+
+def session_start(repo: Path, cache: Path, **env) -> dict:
+    done = run_hook("SessionStart", {"source": "startup"}, repo, AUTORESEARCH_CACHE=str(cache), **env)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.mark.parametrize("tool,path", [("Edit", "prepare.py"), ("Write", "nanochat/common.py"),
+                                       ("MultiEdit", "nanochat/new_module.py"), ("NotebookEdit", "analysis.ipynb"),
+                                       ("Write", "pyproject.toml")])
+def test_harness_edit_is_blocked_on_a_research_branch(repo, tool, path):
+    done = edit(repo, tool, str(repo / path))
+    assert done.returncode == 2, done.stderr  # exit 2: Claude Code refuses the call, stderr goes to Claude
+    assert path in done.stderr and "autoresearch/t1" in done.stderr and "Only train.py may change" in done.stderr
+
+
+@pytest.mark.parametrize("path", ["train.py", "results.tsv", "run.log"])
+def test_train_py_and_records_are_editable(repo, path):
+    done = edit(repo, "Edit", str(repo / path))
+    assert (done.returncode, done.stderr) == (0, "")
+
+
+def test_relative_path_is_resolved_against_the_session_folder(repo):
+    assert edit(repo, "Edit", "prepare.py").returncode == 2
+    assert edit(repo, "Edit", "train.py").returncode == 0
+
+
+def test_symlink_to_harness_is_blocked(repo):
+    (repo / "alias.py").symlink_to(repo / "prepare.py")
+    done = edit(repo, "Edit", str(repo / "alias.py"))
+    assert done.returncode == 2 and "prepare.py" in done.stderr
+
+
+def test_server_records_are_refused(repo):
+    done = edit(repo, "Write", str(repo / ".research-loop" / "state.json"))
+    assert done.returncode == 2 and "falsify" in done.stderr
+
+
+def test_files_outside_the_repository_are_not_harness(repo, tmp_path):
+    assert edit(repo, "Write", str(tmp_path / "notes" / "ideas.md")).returncode == 0
+
+
+def test_git_ignored_files_are_not_harness(repo):
+    (repo / ".gitignore").write_text((repo / ".gitignore").read_text() + "scratch/\n")
+    assert edit(repo, "Write", str(repo / "scratch" / "plot.py")).returncode == 0
+
+
+def test_harness_is_editable_off_the_research_branch(repo):
+    git(repo, "switch", "-q", "main")
+    assert edit(repo, "Edit", str(repo / "prepare.py")).returncode == 0
+
+
+def test_other_repositories_are_left_alone(tmp_path):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    git(plain, "init", "-q", "-b", "autoresearch/x")
+    (plain / "prepare.py").write_text("")  # no train.py: not an autoresearch layout
+    assert edit(plain, "Edit", str(plain / "prepare.py")).returncode == 0
+
+
+def test_session_start_reports_branch_best_and_last_rows(repo, prepared_cache):
+    output = session_start(repo, prepared_cache)
+    context = output["hookSpecificOutput"]["additionalContext"]
+    assert output["hookSpecificOutput"]["hookEventName"] == "SessionStart"
+    assert "branch: autoresearch/t1" in context
+    assert "4 runs (2 keep, 1 discard, 1 crash)" in context
+    assert 'best val_bpb: 0.990000 at commit cde3456 "matrix lr x2"' in context
+    assert context.index("bcd2345") < context.index("def4567")  # newest last
+    assert "systemMessage" not in output  # nothing for the user to fix
+
+
+def test_session_start_reports_a_run_in_progress_and_a_pending_result(repo, prepared_cache):
+    (repo / ".research-loop").mkdir()
+    (repo / ".research-loop" / "state.json").write_text(json.dumps({
+        "running": {"run": 6, "commit": "f00dfeed123", "description": "window L"},
+        "pending": {"run": 5, "commit": "e0e0e0e", "status": "ok", "val_bpb": 0.98, "description": "depth 6"}}))
+    (repo / "run.log").write_text("step 00001 (1.0%) | loss: 9.0\rstep 00002 (2.0%) | loss: 8.5 | remaining: 57s\r")
+    context = session_start(repo, prepared_cache)["hookSpecificOutput"]["additionalContext"]
+    assert 'run in progress: run 6 (f00dfee) "window L": step 00002 (2.0%)' in context
+    assert 'pending result: run 5 (e0e0e0e) ok val_bpb 0.980000 "depth 6"' in context
+    assert "keep() or discard()" in context
+
+
+def test_session_start_on_main_says_how_to_begin(repo, prepared_cache):
+    git(repo, "switch", "-q", "main")
+    context = session_start(repo, prepared_cache)["hookSpecificOutput"]["additionalContext"]
+    assert "not a research branch" in context and "/research-loop:autoresearch <tag>" in context
+
+
+def test_session_start_shows_the_user_what_to_run(repo, tmp_path):
+    output = session_start(repo, tmp_path / "empty-cache")
+    assert "uv run prepare.py" in output["systemMessage"]
+    assert "uv run prepare.py" in output["hookSpecificOutput"]["additionalContext"]
+
+
+def test_session_start_without_uv_says_how_to_install_it(repo, prepared_cache, tmp_path):
+    bin_dir = tmp_path / "bin"  # a PATH with git and sh but no uv
+    bin_dir.mkdir()
+    for name, target in (("git", shutil.which("git")), ("sh", shutil.which("sh")), ("python3", sys.executable)):
+        (bin_dir / name).symlink_to(os.path.realpath(target))
+    output = session_start(repo, prepared_cache, PATH=str(bin_dir))
+    assert "`uv` is not on PATH" in output["systemMessage"] and "astral.sh/uv" in output["systemMessage"]
+
+
+def test_session_start_is_silent_outside_autoresearch(tmp_path, prepared_cache):
+    other = tmp_path / "other"
+    other.mkdir()
+    git(other, "init", "-q")
+    done = run_hook("SessionStart", {"source": "startup"}, other, AUTORESEARCH_CACHE=str(prepared_cache))
+    assert (done.returncode, done.stdout) == (0, "")
+
+
+def test_pre_compact_hands_the_state_to_the_summary(repo, prepared_cache):
+    done = run_hook("PreCompact", {"trigger": "auto", "custom_instructions": ""}, repo,
+                    AUTORESEARCH_CACHE=str(prepared_cache))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Keep this research-loop state in the summary")
+    assert "best val_bpb: 0.990000 at commit cde3456" in done.stdout
