@@ -177,7 +177,7 @@ class ResearchLoop:
                           "call keep() or discard() first.")
         note = self.interrupted_note(state)
         if note:
-            raise Refusal(note[0].upper() + note[1:] + " before the next run.")
+            raise Refusal(f"Unresolved {note} before the next run.")
         kept = state["kept_commit"]
         offenders = [p for p in self.ws.changed_since(kept) if p != EDITABLE]
         if offenders:

@@ -1,0 +1,121 @@
+"""Helpers for the MCP server tests: a real git workspace in a temp folder, and clients.
+
+The workspace has the autoresearch layout with stand-ins: prepare.py (a comment), a
+nanochat/ file (more harness), and train.py holding knobs that tests/fake_train.py reads,
+which is the training command. The cache holds a prepared.json so setup's check passes.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from mcp import Client, StdioServerParameters
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+FAKE_TRAIN = HERE / "fake_train.py"
+TRAIN_COMMAND = [sys.executable, "fake_train.py"]
+
+
+def git(ws: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ws, check=True, capture_output=True, text=True).stdout
+
+
+def make_workspace(tmp_path: Path, train_source: str = "VAL_BPB = 1.0\n") -> Path:
+    ws = tmp_path / "ws"
+    (ws / "nanochat").mkdir(parents=True)
+    (ws / "prepare.py").write_text("# harness stand-in\nMAX_SEQ_LEN = 256\n")
+    (ws / "nanochat" / "common.py").write_text("# harness stand-in\n")
+    (ws / "train.py").write_text(train_source)
+    shutil.copy(FAKE_TRAIN, ws / "fake_train.py")
+    git(ws, "init", "-q", "-b", "main")
+    git(ws, "config", "user.email", "test@example.com")
+    git(ws, "config", "user.name", "test")
+    git(ws, "add", ".")
+    git(ws, "commit", "-q", "-m", "initial")
+    return ws
+
+
+def make_cache(tmp_path: Path, budget: float = 1.0) -> Path:
+    cache = tmp_path / "cache"
+    cache.mkdir(exist_ok=True)
+    (cache / "prepared.json").write_text(json.dumps({"profile": "cpu", "time_budget": budget}))
+    return cache
+
+
+def text(result) -> str:
+    return result.content[0].text
+
+
+def answer(result) -> dict:
+    assert not result.is_error, text(result)
+    return result.structured_content
+
+
+def error(result) -> str:
+    assert result.is_error, text(result)
+    return text(result)
+
+
+def ledger_lines(ws: Path) -> list[str]:
+    return (ws / "results.tsv").read_text().splitlines()
+
+
+def set_knobs(ws: Path, **knobs) -> None:
+    (ws / "train.py").write_text("".join(f"{k.upper()} = {v}\n" for k, v in knobs.items()))
+
+
+def stdio_params(ws: Path, cache: Path, *extra: str, train_command=None) -> StdioServerParameters:
+    env = dict(os.environ, AUTORESEARCH_CACHE=str(cache), PYTHONUNBUFFERED="1")
+    env.pop("AUTORESEARCH_TIME_BUDGET", None)
+    command = " ".join(train_command or TRAIN_COMMAND)
+    return StdioServerParameters(command=sys.executable,
+                                 args=["-m", "mcp_server", "--workspace", str(ws), "--train-command", command, *extra],
+                                 env=env, cwd=str(REPO))
+
+
+@asynccontextmanager
+async def stdio_client_for(ws: Path, cache: Path, *extra: str):
+    async with Client(stdio_params(ws, cache, *extra), mode="legacy") as client:
+        yield client
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purposes
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def processes_running(pattern: str) -> list[int]:
+    """Pids whose command line contains `pattern` (a unique temp path), excluding this process."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if pattern in cmdline and pid_alive(int(entry.name)):
+            pids.append(int(entry.name))
+    return pids

@@ -1,0 +1,509 @@
+"""Every tool, rule and fault, in-process with the SDK's Client, on real git repos in tmp_path.
+
+The training command is tests/fake_train.py, steered by knobs in train.py (see its docstring).
+"""
+import json
+import os
+import signal
+import sys
+import time
+
+import anyio
+import pytest
+from mcp import Client
+
+from mcp_server.loop import ResearchLoop
+from mcp_server.server import build_server
+from server_support import (
+    TRAIN_COMMAND, answer, error, git, ledger_lines, make_cache, make_workspace, pid_alive, set_knobs,
+    text, wait_until,
+)
+
+TOOLS = {"setup", "run_experiment", "read_metrics", "keep", "discard", "log_result", "status",
+         "plot_progress", "measure_noise"}
+MAX_ANSWER_BYTES = 1500
+
+
+class Lab:
+    """A workspace, a ResearchLoop on it, and a way to call its tools through a real client."""
+
+    def __init__(self, ws):
+        self.ws = ws
+        self.loop = ResearchLoop(ws, TRAIN_COMMAND)
+
+    def call(self, name, progress=None, **args):
+        async def go():
+            async with Client(build_server(self.loop)) as client:
+                return await client.call_tool(name, args, progress_callback=progress)
+        return anyio.run(go)
+
+    def ok(self, name, **args):
+        return answer(self.call(name, **args))
+
+    def refused(self, name, **args):
+        return error(self.call(name, **args))
+
+    def restart(self):
+        self.loop = ResearchLoop(self.ws, TRAIN_COMMAND)
+
+    def head(self):
+        return git(self.ws, "rev-parse", "HEAD").strip()
+
+    def baseline(self):
+        self.ok("setup", tag="t")
+        self.ok("run_experiment", description="baseline")
+        return self.ok("keep")
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(make_cache(tmp_path)))
+    monkeypatch.delenv("AUTORESEARCH_TIME_BUDGET", raising=False)
+    for knob in ("VAL_BPB", "SLEEP", "CRASH", "NAN", "SPAWN", "STEPS", "NO_SUMMARY", "IGNORE_TERM"):
+        monkeypatch.delenv(f"FAKE_{knob}", raising=False)
+    return tmp_path
+
+
+@pytest.fixture
+def lab(env):
+    lab = Lab(make_workspace(env))
+    yield lab
+    lab.loop.shutdown()
+
+
+# --- listing ---------------------------------------------------------------------------
+def test_all_tools_listed_with_annotations_and_output_schemas(lab):
+    async def go():
+        async with Client(build_server(lab.loop)) as client:
+            return (await client.list_tools()).tools
+    tools = {t.name: t for t in anyio.run(go)}
+    assert set(tools) == TOOLS
+    for tool in tools.values():
+        assert tool.description and tool.output_schema, tool.name
+        assert tool.annotations.read_only_hint is not None and tool.annotations.destructive_hint is not None
+    assert tools["status"].annotations.read_only_hint and tools["read_metrics"].annotations.read_only_hint
+    assert tools["discard"].annotations.destructive_hint
+    assert not tools["keep"].annotations.read_only_hint
+
+
+# --- setup -----------------------------------------------------------------------------
+def test_setup_creates_branch_ledger_excludes_and_state(lab):
+    base = lab.head()
+    result = lab.ok("setup", tag="nov25")
+    assert result["branch"] == "autoresearch/nov25" and result["base_commit"] == base[:7]
+    assert git(lab.ws, "branch", "--show-current").strip() == "autoresearch/nov25"
+    assert ledger_lines(lab.ws) == ["commit\tval_bpb\tmemory_gb\tstatus\tdescription"]
+    exclude = (lab.ws / ".git" / "info" / "exclude").read_text().splitlines()
+    for entry in ("results.tsv", "run.log", "runs/", ".research-loop/"):
+        assert entry in exclude
+    assert git(lab.ws, "status", "--porcelain") == ""  # ledger and state are ignored
+    state = json.loads((lab.ws / ".research-loop" / "state.json").read_text())
+    assert state["kept_commit"] == base and state["fingerprint"] == result["fingerprint"]
+
+
+def test_setup_works_on_an_upstream_layout_without_nanochat(env):
+    ws = make_workspace(env)
+    git(ws, "rm", "-q", "-r", "nanochat")
+    git(ws, "commit", "-q", "-m", "upstream layout")
+    lab = Lab(ws)
+    assert lab.ok("setup", tag="up")["fingerprint"]
+    assert lab.ok("run_experiment", description="baseline")["status"] == "ok"
+
+
+@pytest.mark.parametrize("tag", ["-rf", "a b", "../x", "", "x..y", "a/b", "t.lock", "x;rm"])
+def test_setup_refuses_unsafe_tags(lab, tag):
+    message = lab.refused("setup", tag=tag)
+    assert "not a safe branch name" in message
+    assert git(lab.ws, "branch", "--show-current").strip() == "main"
+
+
+def test_setup_refuses_existing_branch_dirty_tree_and_tracked_ledger(lab):
+    git(lab.ws, "branch", "autoresearch/taken")
+    assert "already exists" in lab.refused("setup", tag="taken")
+
+    (lab.ws / "prepare.py").write_text("# edited\n")
+    message = lab.refused("setup", tag="fresh")
+    assert "prepare.py" in message and "Commit or revert" in message
+    git(lab.ws, "checkout", "--", "prepare.py")
+
+    (lab.ws / "results.tsv").write_text("commit\tval_bpb\tmemory_gb\tstatus\tdescription\n")
+    git(lab.ws, "add", "results.tsv")
+    git(lab.ws, "commit", "-q", "-m", "tracked ledger")
+    assert "git rm --cached results.tsv" in lab.refused("setup", tag="fresh")
+    assert git(lab.ws, "branch", "--list", "autoresearch/fresh") == ""
+    assert not (lab.ws / ".research-loop" / "state.json").exists()
+
+
+def test_setup_refusals_name_the_fix(env, monkeypatch):
+    not_git = env / "plain"
+    not_git.mkdir()
+    assert "not a git repository" in Lab(not_git).refused("setup", tag="x")
+
+    ws = make_workspace(env)
+    git(ws, "rm", "-q", "train.py")
+    git(ws, "commit", "-q", "-m", "no train")
+    assert "train.py not found" in Lab(ws).refused("setup", tag="x")
+
+    git(ws, "revert", "--no-edit", "HEAD")
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(env / "empty-cache"))
+    message = Lab(ws).refused("setup", tag="x")
+    assert "uv run prepare.py" in message
+    assert git(ws, "branch", "--show-current").strip() == "main"
+
+
+def test_setup_archives_an_earlier_ledger_instead_of_overwriting(lab):
+    lab.baseline()
+    old = (lab.ws / "results.tsv").read_text()
+    git(lab.ws, "checkout", "-q", "main")
+    result = lab.ok("setup", tag="second")
+    assert (lab.ws / result["archived_ledger"]).read_text() == old
+    assert len(ledger_lines(lab.ws)) == 1
+
+
+# --- run rules -------------------------------------------------------------------------
+def test_run_refused_before_setup_and_on_main(lab):
+    assert "call setup(tag) first" in lab.refused("run_experiment", description="x")
+    lab.ok("setup", tag="t")
+    git(lab.ws, "checkout", "-q", "main")
+    head = lab.head()
+    assert "never run on main" in lab.refused("run_experiment", description="x")
+    git(lab.ws, "checkout", "-q", "-b", "scratch")
+    assert "not the research branch" in lab.refused("run_experiment", description="x")
+    assert lab.head() == head
+
+
+def test_only_train_py_may_change(lab):
+    lab.baseline()
+    head = lab.head()
+    (lab.ws / "prepare.py").write_text("EVAL_TOKENS = 1  # cheating\n")
+    (lab.ws / "nanochat" / "common.py").write_text("# edited\n")
+    message = lab.refused("run_experiment", description="cheat")
+    assert message.endswith(": nanochat/common.py, prepare.py. Revert them (git checkout "
+                            f"{head[:7]} -- <file>).")
+    assert lab.head() == head and len(ledger_lines(lab.ws)) == 2
+
+    # committing the harness change does not get it past the rule either
+    git(lab.ws, "commit", "-q", "-am", "sneak")
+    assert "prepare.py" in lab.refused("run_experiment", description="cheat")
+
+
+def test_harness_fingerprint_is_checked(lab):
+    lab.baseline()
+    # a harness change that is also the kept commit's (e.g. a kept commit edited by hand)
+    state_path = lab.ws / ".research-loop" / "state.json"
+    state = json.loads(state_path.read_text())
+    (lab.ws / "prepare.py").write_text("# changed harness\n")
+    git(lab.ws, "commit", "-q", "-am", "harness change")
+    state["kept_commit"] = lab.head()
+    state_path.write_text(json.dumps(state))
+    assert "harness" in lab.refused("run_experiment", description="x")
+
+
+def test_untracked_files_do_not_block_a_run(lab):
+    lab.baseline()
+    (lab.ws / "notes.md").write_text("ideas\n")
+    set_knobs(lab.ws, val_bpb=0.9)
+    assert lab.ok("run_experiment", description="lower")["status"] == "ok"
+
+
+@pytest.mark.parametrize("description", ["a\tb", "two\nlines", "   "])
+def test_bad_descriptions_refused_before_any_commit(lab, description):
+    lab.baseline()
+    head = lab.head()
+    assert "description" in lab.refused("run_experiment", description=description)
+    assert lab.head() == head
+
+
+def test_pending_result_blocks_the_next_run(lab):
+    lab.ok("setup", tag="t")
+    lab.ok("run_experiment", description="baseline")
+    assert "keep() or discard() first" in lab.refused("run_experiment", description="next")
+
+
+def test_second_run_while_one_runs_is_refused_and_live_metrics_show_progress(lab):
+    lab.baseline()
+    set_knobs(lab.ws, val_bpb=0.95, sleep=3, steps=30)
+    started = lab.ok("run_experiment", description="slow", wait=False)
+    assert started["status"] == "running"
+    assert "Busy" in lab.refused("run_experiment", description="another")
+    assert "Busy" in lab.refused("setup", tag="other")
+    assert wait_until(lambda: (lab.ok("read_metrics").get("progress") or {}).get("step", -1) >= 1, 5)
+    live = lab.ok("read_metrics")
+    assert live["status"] == "running" and "slow" in live["note"]
+    assert lab.ok("status")["running"]
+    assert wait_until(lambda: lab.ok("read_metrics")["status"] != "running", 10)
+    assert lab.ok("read_metrics")["summary"]["val_bpb"] == 0.95
+    assert lab.ok("keep")["row"]["val_bpb"] == 0.95
+
+
+def test_lock_of_another_live_process_is_respected_and_a_dead_ones_recovered(lab):
+    lab.baseline()
+    lock = lab.ws / ".research-loop" / "run.lock"
+    import subprocess
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(json.dumps({"pid": holder.pid, "start": None}))
+        assert f"pid {holder.pid}" in lab.refused("run_experiment", description="x")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert lab.ok("run_experiment", description="after holder died")["status"] == "ok"
+    assert not lock.exists()
+
+
+# --- results -----------------------------------------------------------------------------
+def test_full_cycle_keep_then_discard(lab):
+    kept = lab.baseline()
+    baseline_commit = kept["row"]["commit"]
+    assert lab.head()[:7] == baseline_commit
+
+    set_knobs(lab.ws, val_bpb=0.9)
+    (lab.ws / "scratch.txt").write_text("untracked, must survive\n")
+    (lab.ws / "runs" / "mine.txt").write_text("ignored, must survive\n")
+    better = lab.call("run_experiment", description="lower val_bpb")
+    assert len(text(better).encode()) < MAX_ANSWER_BYTES
+    better = answer(better)
+    assert better["status"] == "ok" and better["delta"] == pytest.approx(-0.1)
+    assert "noise not measured: run measure_noise" in better["noise"]
+    assert lab.ok("keep", note="clear win")["row"]["description"] == "lower val_bpb (clear win)"
+    improved_commit = better["commit"]
+    assert lab.head()[:7] == improved_commit
+
+    set_knobs(lab.ws, val_bpb=0.95)
+    worse = lab.ok("run_experiment", description="worse idea")
+    assert worse["delta"] == pytest.approx(0.05) and worse["best_commit"] == improved_commit
+    lab.ok("discard", reason="worse")
+    assert lab.head()[:7] == improved_commit
+    assert "VAL_BPB = 0.9" in (lab.ws / "train.py").read_text()
+    assert (lab.ws / "scratch.txt").exists() and (lab.ws / "runs" / "mine.txt").exists()
+    assert ledger_lines(lab.ws)[1:] == [
+        f"{baseline_commit}\t1.000000\t2.0\tkeep\tbaseline",
+        f"{improved_commit}\t0.900000\t2.0\tkeep\tlower val_bpb (clear win)",
+        f"{worse['commit']}\t0.950000\t2.0\tdiscard\tworse idea (worse)",
+    ]
+    assert git(lab.ws, "ls-files", "results.tsv", "runs", "run.log") == ""
+    assert sorted(p.name for p in (lab.ws / "runs").glob("*.log")) == [
+        f"0001-{baseline_commit}.log", f"0002-{improved_commit}.log", f"0003-{worse['commit']}.log"]
+
+
+def test_unchanged_train_py_still_gets_its_own_commit(lab):
+    lab.baseline()
+    first = lab.head()
+    lab.ok("run_experiment", description="same code again")
+    assert lab.head() != first
+    assert git(lab.ws, "diff", "--stat", first, "HEAD") == ""
+
+
+def test_crash_returns_tail_refuses_keep_and_discard_logs_crash(lab):
+    lab.baseline()
+    kept = lab.head()
+    set_knobs(lab.ws, crash=1, steps=4)
+    result = lab.ok("run_experiment", description="broken")
+    assert result["status"] == "crash" and result["exit_code"] != 0
+    assert "CUDA out of memory (fake crash)" in result["tail"] and "Traceback" in result["tail"]
+    assert "run.log" not in result["tail"]
+    assert "cannot be kept" in lab.refused("keep")
+    row = lab.ok("discard")["row"]
+    assert row == {"commit": result["commit"], "val_bpb": 0.0, "memory_gb": 0.0, "status": "crash",
+                   "description": "broken"}
+    assert ledger_lines(lab.ws)[-1] == f"{result['commit']}\t0.000000\t0.0\tcrash\tbroken"
+    assert lab.head() == kept
+
+
+def test_nan_fail_and_missing_summary_are_crashes(lab):
+    lab.baseline()
+    set_knobs(lab.ws, nan=1)
+    result = lab.ok("run_experiment", description="lr x100")
+    assert result["status"] == "crash" and result["tail"].splitlines()[-1] == "FAIL"
+    lab.ok("discard")
+    set_knobs(lab.ws, no_summary=1)
+    result = lab.ok("run_experiment", description="exits 0 without a summary")
+    assert result["status"] == "crash" and result["exit_code"] == 0
+    lab.ok("discard")
+
+
+def test_timeout_kills_the_whole_group(lab):
+    lab.baseline()
+    set_knobs(lab.ws, sleep=120, steps=60, spawn=1, ignore_term=1)
+    started = time.monotonic()
+    result = lab.ok("run_experiment", description="too slow", timeout_seconds=1.5)
+    assert result["status"] == "timeout" and "timeout" in result["tail"]
+    assert time.monotonic() - started < 15  # SIGTERM grace, then SIGKILL
+    grandchild = int((lab.ws / "spawned.pid").read_text())
+    assert wait_until(lambda: not pid_alive(grandchild), 5)
+    assert lab.ok("discard")["row"]["status"] == "crash"
+
+
+def test_default_timeout_is_twice_the_budget_with_a_floor(lab, monkeypatch):
+    lab.baseline()
+    monkeypatch.setenv("AUTORESEARCH_TIME_BUDGET", "300")
+    assert lab.ok("run_experiment", description="a", wait=False)["timeout_seconds"] == 600
+    assert wait_until(lambda: lab.ok("status")["running"] is None, 10)
+    lab.ok("discard")
+    monkeypatch.setenv("AUTORESEARCH_TIME_BUDGET", "10")
+    assert lab.ok("run_experiment", description="b", wait=False)["timeout_seconds"] == 130
+    assert wait_until(lambda: lab.ok("status")["running"] is None, 10)
+
+
+def test_progress_notifications_are_sent(lab):
+    lab.baseline()
+    set_knobs(lab.ws, steps=8, sleep=4)
+    seen = []
+
+    async def on_progress(progress, total, message):
+        seen.append((progress, total, message))
+    answer(lab.call("run_experiment", progress=on_progress, description="watched"))
+    assert len(seen) >= 2
+    assert all(total == 100.0 for _, total, _ in seen)
+    assert [p for p, _, _ in seen] == sorted(p for p, _, _ in seen)
+    assert seen[0][2].startswith("step ") and "loss" in seen[0][2]
+
+
+def test_discard_refuses_other_edits_and_saves_a_newer_train_py(lab):
+    lab.baseline()
+    set_knobs(lab.ws, val_bpb=1.1)
+    lab.ok("run_experiment", description="worse")
+    (lab.ws / "prepare.py").write_text("# edited after the run\n")
+    assert "prepare.py" in lab.refused("discard")
+    assert len(ledger_lines(lab.ws)) == 2
+    git(lab.ws, "checkout", "--", "prepare.py")
+    set_knobs(lab.ws, val_bpb=0.7)  # the next idea, written before discarding
+    result = lab.ok("discard")
+    assert (lab.ws / result["note"].rsplit(" ", 1)[-1]).read_text() == "VAL_BPB = 0.7\n"
+
+
+def test_keep_and_discard_need_a_pending_result(lab):
+    lab.ok("setup", tag="t")
+    assert "no pending result" in lab.refused("keep")
+    assert "no pending result" in lab.refused("discard")
+
+
+# --- log_result ------------------------------------------------------------------------
+def test_log_result_validates_every_field(lab):
+    lab.ok("setup", tag="t")
+    commit = lab.head()
+    assert "does not exist" in lab.refused("log_result", commit="deadbeef", val_bpb=1.0, memory_gb=1.0,
+                                           status="keep", description="x")
+    assert "hex hash" in lab.refused("log_result", commit="-p", val_bpb=1.0, memory_gb=1.0,
+                                     status="keep", description="x")
+    assert "hex hash" in lab.refused("log_result", commit="HEAD", val_bpb=1.0, memory_gb=1.0,
+                                     status="keep", description="x")
+    assert "Unknown status" in lab.refused("log_result", commit=commit, val_bpb=1.0, memory_gb=1.0,
+                                           status="kept", description="x")
+    assert "tab" in lab.refused("log_result", commit=commit, val_bpb=1.0, memory_gb=1.0,
+                                status="keep", description="a\tb")
+    assert lab.call("log_result", commit=commit, val_bpb="abc", memory_gb=1.0, status="keep",
+                    description="x").is_error
+    assert len(ledger_lines(lab.ws)) == 1
+    logged = lab.ok("log_result", commit=commit.upper(), val_bpb=0.99, memory_gb=12.34, status="crash",
+                    description="external run")
+    assert logged["rows_in_ledger"] == 1
+    assert ledger_lines(lab.ws)[-1] == f"{commit[:7]}\t0.000000\t0.0\tcrash\texternal run"
+    assert "already in" in lab.refused("log_result", commit=commit[:9], val_bpb=1.0, memory_gb=1.0,
+                                       status="discard", description="again")
+
+
+def test_log_result_refuses_the_pending_run(lab):
+    lab.ok("setup", tag="t")
+    pending = lab.ok("run_experiment", description="baseline")
+    assert "use keep() or discard()" in lab.refused("log_result", commit=pending["commit"], val_bpb=1.0,
+                                                    memory_gb=2.0, status="keep", description="x")
+
+
+# --- reading ---------------------------------------------------------------------------
+def test_read_metrics_on_missing_empty_crashed_and_past_runs(lab):
+    assert lab.ok("read_metrics")["status"] == "missing"
+    (lab.ws / "run.log").write_text("")
+    assert lab.ok("read_metrics")["status"] == "empty"
+    (lab.ws / "run.log").write_text("Traceback (most recent call last):\nRuntimeError: boom\n")
+    crashed = lab.ok("read_metrics")
+    assert crashed["status"] == "crash" and "RuntimeError: boom" in crashed["tail"]
+    first = lab.baseline()["row"]["commit"]
+    set_knobs(lab.ws, crash=1)
+    lab.ok("run_experiment", description="broken")
+    assert lab.ok("read_metrics", run="1")["summary"]["val_bpb"] == 1.0
+    assert lab.ok("read_metrics", run=first)["status"] == "ok"
+    assert lab.ok("read_metrics", run="2")["status"] == "crash"
+    assert "No log for run" in lab.refused("read_metrics", run="99")
+    assert "not a run number" in lab.refused("read_metrics", run="../state")
+
+
+def test_status_reports_counts_best_pending_and_next_step(lab):
+    assert lab.ok("status")["next"] == "setup(tag)"
+    lab.baseline()
+    set_knobs(lab.ws, val_bpb=0.8)
+    lab.ok("run_experiment", description="better")
+    status = lab.call("status")
+    assert len(text(status).encode()) < MAX_ANSWER_BYTES
+    status = answer(status)
+    assert status["counts"] == {"keep": 1, "discard": 0, "crash": 0}
+    assert status["best_val_bpb"] == 1.0 and "0.800000" in status["pending"]
+    assert status["next"] == "keep() or discard()"
+
+
+def test_measure_noise_logs_repeats_and_is_used_in_later_results(lab):
+    lab.baseline()
+    kept = lab.head()
+    result = lab.ok("measure_noise", repeats=2)
+    assert result["noise"]["values"] == [1.0, 1.0, 1.0] and result["failed"] == []
+    assert lab.head() == kept
+    rows = ledger_lines(lab.ws)[2:]
+    assert [r.split("\t")[3:] for r in rows] == [["discard", f"noise repeat 1/2 of {kept[:7]}"],
+                                                 ["discard", f"noise repeat 2/2 of {kept[:7]}"]]
+    set_knobs(lab.ws, val_bpb=0.99)
+    assert "beyond noise" in lab.ok("run_experiment", description="tiny gain")["noise"]
+    assert lab.ok("status")["noise"]["std"] == 0.0
+
+
+def test_measure_noise_refuses_edited_train_py_and_bad_repeats(lab):
+    lab.baseline()
+    assert "between 1 and" in lab.refused("measure_noise", repeats=0)
+    set_knobs(lab.ws, val_bpb=0.5)
+    assert "train.py differs" in lab.refused("measure_noise")
+
+
+def test_plot_progress_writes_png_and_returns_image(lab):
+    assert "no rows" in lab.refused("plot_progress")
+    lab.baseline()
+    for value, decision in ((0.9, "keep"), (0.95, "discard")):
+        set_knobs(lab.ws, val_bpb=value)
+        lab.ok("run_experiment", description=f"try {value}")
+        lab.ok(decision)
+    set_knobs(lab.ws, crash=1)
+    lab.ok("run_experiment", description="crash")
+    lab.ok("discard")
+    result = lab.call("plot_progress")
+    data = answer(result)
+    assert data == {"path": str(lab.ws / "progress.png"), "runs_plotted": 3, "kept": 2, "crashes_excluded": 1}
+    assert result.content[1].type == "image" and result.content[1].mime_type == "image/png"
+    assert (lab.ws / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- interruption ----------------------------------------------------------------------
+def test_interrupted_run_is_reported_and_discard_resolves_it(lab):
+    lab.baseline()
+    kept = lab.head()
+    set_knobs(lab.ws, sleep=60, steps=60)
+    lab.ok("run_experiment", description="long idea", wait=False)
+    state = json.loads((lab.ws / ".research-loop" / "state.json").read_text())
+    commit = state["running"]["commit"]
+    # the server dies: its pid in the state and the lock no longer exist
+    lab.loop.shutdown()
+    os.killpg(state["running"]["pgid"], signal.SIGKILL)
+    dead = {"pid": 2 ** 22 + 1, "start": None}
+    state["running"].update(server_pid=dead["pid"], server_start=None)
+    (lab.ws / ".research-loop" / "state.json").write_text(json.dumps(state))
+    (lab.ws / ".research-loop" / "run.lock").write_text(json.dumps(dead))
+
+    lab.restart()
+    status = lab.ok("status")
+    assert f"interrupted run {commit[:7]}" in status["interrupted"] and status["running"] is None
+    assert f"interrupted run {commit[:7]}" in lab.refused("run_experiment", description="next")
+    assert f"interrupted run {commit[:7]}" in lab.refused("keep")
+    row = lab.ok("discard")["row"]
+    assert row["status"] == "crash" and row["description"] == "long idea (interrupted)"
+    assert lab.head() == kept
+    assert not (lab.ws / ".research-loop" / "run.lock").exists()
+    assert lab.ok("status")["interrupted"] is None
+    set_knobs(lab.ws, val_bpb=0.9)
+    assert lab.ok("run_experiment", description="resumed")["status"] == "ok"
