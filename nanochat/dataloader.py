@@ -1,0 +1,88 @@
+"""The BOS-aligned best-fit dataloader: rows of whole documents, no padding.
+
+Every document is tokenized with BOS in front. Each row of T+1 tokens is filled greedily with
+the largest buffered document that still fits; when none fits, the shortest one is cropped to
+fill the row (its rest is dropped). So every row starts with BOS and every token is real text.
+Inputs are the row without its last token, targets the row without its first.
+"""
+import bisect
+import itertools
+
+import numpy as np
+import torch
+
+from nanochat.datasets import iter_text_batches, split_paths
+from nanochat.platform import DEVICE
+
+TOKENIZE_BATCH = 128  # documents per encode_ordinary_batch call (threads share the work)
+DOC_BUFFER = 1000  # documents to choose from when packing a row
+
+
+def _token_batches(tokenizer, paths):
+    """Forever: (list of int64 arrays, one per document with BOS first, epoch); epoch = pass number."""
+    bos = tokenizer.get_bos_token_id()
+    for epoch in itertools.count(1):
+        for texts in iter_text_batches(paths, TOKENIZE_BATCH):
+            encoded = tokenizer.encode(texts, prepend=bos)
+            lengths = [len(ids) for ids in encoded]
+            flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int64, count=sum(lengths))
+            yield np.split(flat, np.cumsum(lengths[:-1])), epoch
+
+
+class _DocumentPool:
+    """Buffered documents sorted by length, for 'largest that fits' in O(log n)."""
+
+    def __init__(self):
+        self.entries = []  # (length, arrival, tokens); arrival breaks ties and is never equal
+        self.arrivals = itertools.count()
+
+    def __len__(self):
+        return len(self.entries)
+
+    def add(self, docs):
+        for doc in docs:
+            bisect.insort(self.entries, (len(doc), next(self.arrivals), doc))
+
+    def take(self, space: int) -> np.ndarray:
+        """The largest document of at most `space` tokens, else the shortest one cropped to `space`."""
+        fits = bisect.bisect_left(self.entries, (space + 1,)) - 1
+        if fits >= 0:
+            return self.entries.pop(fits)[2]
+        return self.entries.pop(0)[2][:space]
+
+
+def _pack_rows(pool, refill, B: int, row_len: int) -> np.ndarray:
+    rows = np.empty((B, row_len), dtype=np.int64)
+    for row in rows:
+        filled = 0
+        while filled < row_len:
+            while len(pool) < DOC_BUFFER:
+                refill()
+            doc = pool.take(row_len - filled)
+            row[filled:filled + len(doc)] = doc
+            filled += len(doc)
+    return rows
+
+
+def make_dataloader(tokenizer, B: int, T: int, split: str, device=None, directory=None):
+    """Infinite generator of (x, y, epoch): LongTensors (B, T) on device (default: the platform's)."""
+    device = torch.device(device) if device is not None else DEVICE
+    batches = _token_batches(tokenizer, split_paths(split, directory))
+    pool = _DocumentPool()
+    epoch = 1
+
+    def refill():
+        nonlocal epoch
+        docs, epoch = next(batches)
+        pool.add(docs)
+
+    pin = device.type == "cuda"
+    while True:
+        rows = _pack_rows(pool, refill, B, T + 1)
+        # inputs and targets side by side in one buffer: one host->device copy per batch
+        staging = torch.empty((2, B, T), dtype=torch.long, pin_memory=pin)
+        pair = staging.numpy()
+        pair[0] = rows[:, :-1]
+        pair[1] = rows[:, 1:]
+        on_device = staging if device.type == "cpu" else staging.to(device, non_blocking=pin)
+        yield on_device[0], on_device[1], epoch

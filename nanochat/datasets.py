@@ -1,0 +1,257 @@
+"""Text data sets as parquet shards with a `text` column; the last shard (sorted) is validation.
+
+Four sources: the upstream climbmix shards (downloaded), one TinyStories file (downloaded and
+converted), a user's folder of .txt/.jsonl/.parquet files, and an offline corpus made of the
+Python standard library's own source files, which every Python installation carries.
+
+Local corpora are cut into documents of about a row's length: the dataloader crops a document
+that fits nowhere and drops the rest, so book-sized documents would mostly be thrown away.
+"""
+import json
+import os
+import random
+import sysconfig
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from nanochat.cache import PREPARE_COMMAND, cache_dir, data_dir
+from nanochat.download import download_file
+
+SHARD_PATTERN = "shard_{:05d}.parquet"
+ROW_GROUP_ROWS = 1024
+SHARD_CHARS = 1_000_000  # text per locally written train shard
+
+CLIMBMIX_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
+CLIMBMIX_LAST_SHARD = 6542  # upstream pins this one as validation
+TINYSTORIES_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main"
+TINYSTORIES_FILE = "TinyStoriesV2-GPT4-valid.txt"  # ~22 MB: small enough for a laptop
+TINYSTORIES_SEPARATOR = "<|endoftext|>"
+
+OFFLINE_TOTAL_CHARS = 6_000_000  # enough for a 60 s CPU run without many repeats; tokenizer trains in seconds
+OFFLINE_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__",
+                     "encodings", "pydoc_data", "lib2to3", "ensurepip", "turtledemo"}  # tests, tables, vendored
+OFFLINE_SEED = 0
+CHARS_PER_TOKEN_ESTIMATE = 4  # generous, so the validation shard holds at least the eval tokens
+FOLDER_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+class ShardError(RuntimeError):
+    """A data shard is unreadable (corrupt, truncated) or missing its `text` column."""
+
+
+def _shard_error(path: Path, problem: str) -> ShardError:
+    return ShardError(f"Data shard {path} is {problem}. Delete it and run `{PREPARE_COMMAND}` "
+                      f"to rebuild or download it again.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading shards
+
+def list_shards(directory=None) -> list:
+    directory = Path(directory) if directory else data_dir()
+    return sorted(directory.glob("shard_*.parquet")) if directory.is_dir() else []
+
+
+def split_paths(split: str, directory=None) -> list:
+    """Train = every shard but the last; val = the last one."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    shards = list_shards(directory)
+    if len(shards) < 2:
+        where = Path(directory) if directory else data_dir()
+        raise FileNotFoundError(f"No prepared data in {where} (need at least one train and one validation "
+                                f"shard). Run `{PREPARE_COMMAND}` first.")
+    return shards[:-1] if split == "train" else shards[-1:]
+
+
+def check_shard(path: Path) -> int:
+    """Read the footer and schema (cheap); returns the row count or raises ShardError."""
+    try:
+        meta = pq.ParquetFile(path)
+    except Exception as e:
+        raise _shard_error(path, f"corrupt or truncated ({e})") from e
+    if "text" not in meta.schema_arrow.names:
+        raise _shard_error(path, "missing its `text` column")
+    return meta.metadata.num_rows
+
+
+def iter_text_batches(paths, batch_size: int):
+    """Yield lists of up to batch_size document strings, shard by shard, row group by row group."""
+    for path in paths:
+        check_shard(path)
+        parquet = pq.ParquetFile(path)
+        for group in range(parquet.num_row_groups):
+            try:
+                texts = parquet.read_row_group(group, columns=["text"]).column("text").to_pylist()
+            except Exception as e:
+                raise _shard_error(path, f"corrupt in row group {group} ({e})") from e
+            for start in range(0, len(texts), batch_size):
+                yield texts[start:start + batch_size]
+
+
+def iter_training_text(max_chars: int, doc_chars: int):
+    """Train-split documents for the tokenizer: each cut to doc_chars, max_chars in total."""
+    seen = 0
+    for texts in iter_text_batches(split_paths("train"), 1024):
+        for text in texts:
+            text = text[:doc_chars]
+            yield text
+            seen += len(text)
+            if seen >= max_chars:
+                return
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing shards
+
+def _write_shard(texts: list, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(pa.table({"text": pa.array(texts, type=pa.string())}), tmp, row_group_size=ROW_GROUP_ROWS)
+    os.replace(tmp, path)
+
+
+def write_corpus(documents, val_chars: int, directory: Path, report=print) -> int:
+    """Stream documents into shards: the first val_chars of text become the last (validation) shard.
+
+    Returns the number of shards written. Validation comes first in the stream so nothing but it
+    is ever held in memory; it is written last so that it sorts last.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    val, val_size = [], 0
+    batch, batch_size, index = [], 0, 0
+    for doc in documents:
+        if val_size < val_chars:
+            val.append(doc)
+            val_size += len(doc)
+            continue
+        batch.append(doc)
+        batch_size += len(doc)
+        if batch_size >= SHARD_CHARS:
+            _write_shard(batch, directory / SHARD_PATTERN.format(index))
+            report(f"wrote shard {index} ({batch_size / 1e6:.1f}M chars)")
+            batch, batch_size, index = [], 0, index + 1
+    if batch:
+        _write_shard(batch, directory / SHARD_PATTERN.format(index))
+        report(f"wrote shard {index} ({batch_size / 1e6:.1f}M chars)")
+        index += 1
+    if index == 0 or not val:
+        raise ValueError(f"Not enough text for a train and a validation shard (validation wants "
+                         f"{val_chars:,} chars). Give the data set more text.")
+    _write_shard(val, directory / SHARD_PATTERN.format(index))
+    report(f"wrote validation shard {index} ({val_size / 1e6:.1f}M chars)")
+    return index + 1
+
+
+def cut_documents(text: str, max_chars: int):
+    """Split text into pieces of at most max_chars, at blank lines where possible, else at lines."""
+    piece = ""
+    for paragraph in text.split("\n\n"):
+        paragraph += "\n\n"
+        while len(paragraph) > max_chars:  # a paragraph too long on its own: cut at a newline
+            cut = paragraph.rfind("\n", 0, max_chars) + 1 or max_chars
+            if piece:
+                yield piece
+                piece = ""
+            yield paragraph[:cut]
+            paragraph = paragraph[cut:]
+        if len(piece) + len(paragraph) > max_chars:
+            yield piece
+            piece = ""
+        piece += paragraph
+    if piece.strip():
+        yield piece
+
+
+def val_chars_for(eval_tokens: int) -> int:
+    return eval_tokens * CHARS_PER_TOKEN_ESTIMATE
+
+
+# ---------------------------------------------------------------------------------------------
+# The four sources
+
+def offline_source_files() -> list:
+    """The fixed selection: stdlib .py files, sorted, shuffled with a fixed seed, capped in size."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [p for p in sorted(root.rglob("*.py"))
+             if not (set(p.relative_to(root).parts[:-1]) & OFFLINE_SKIP_DIRS) and not p.name.startswith("test_")]
+    random.Random(OFFLINE_SEED).shuffle(files)  # spread the cap over the whole library, not a-to-c
+    chosen, total = [], 0
+    for path in files:
+        if total >= OFFLINE_TOTAL_CHARS:
+            break
+        chosen.append(path)
+        total += path.stat().st_size
+    return chosen
+
+
+def offline_documents(max_doc_chars: int):
+    for path in offline_source_files():
+        yield from cut_documents(path.read_text(encoding="utf-8", errors="replace"), max_doc_chars)
+
+
+def _folder_files(folder: Path) -> list:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in FOLDER_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"No .txt, .jsonl or .parquet files under {folder}. Put text there, "
+                                f"or choose another --dataset (offline works without any).")
+    return files
+
+
+def _jsonl_texts(path: Path):
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["text"]
+                assert isinstance(text, str)
+            except Exception as e:
+                raise ValueError(f"{path} line {number}: expected a JSON object with a string \"text\" "
+                                 f"field ({type(e).__name__}). Fix or remove that line.") from e
+            yield text
+
+
+def _parquet_texts(path: Path):
+    check_shard(path)
+    for texts in iter_text_batches([path], ROW_GROUP_ROWS):
+        yield from texts
+
+
+def folder_documents(folder: Path, max_doc_chars: int):
+    """Every .txt file is one text, every jsonl line and parquet row another; in sorted path order."""
+    for path in _folder_files(folder):
+        if path.suffix == ".txt":
+            texts = [path.read_text(encoding="utf-8", errors="replace")]
+        elif path.suffix == ".jsonl":
+            texts = _jsonl_texts(path)
+        else:
+            texts = _parquet_texts(path)
+        for text in texts:
+            yield from cut_documents(text, max_doc_chars)
+
+
+def _validate_parquet(path: Path) -> None:
+    check_shard(path)
+
+
+def download_climbmix(num_train_shards: int, base_url: str, progress=None, report=print) -> None:
+    """Upstream's shards, straight into the data folder (their names already sort val last)."""
+    if not 1 <= num_train_shards <= CLIMBMIX_LAST_SHARD:
+        raise ValueError(f"--num-shards must be between 1 and {CLIMBMIX_LAST_SHARD}, got {num_train_shards}")
+    indices = list(range(num_train_shards)) + [CLIMBMIX_LAST_SHARD]
+    for n, index in enumerate(indices, 1):
+        name = SHARD_PATTERN.format(index)
+        report(f"shard {n}/{len(indices)}: {name}")
+        download_file(f"{base_url.rstrip('/')}/{name}", data_dir() / name, validate=_validate_parquet,
+                      progress=progress)
+
+
+def tinystories_documents(base_url: str, progress=None):
+    path = download_file(f"{base_url.rstrip('/')}/{TINYSTORIES_FILE}",
+                         cache_dir() / "downloads" / TINYSTORIES_FILE, progress=progress)
+    text = path.read_text(encoding="utf-8", errors="replace")
+    for story in text.split(TINYSTORIES_SEPARATOR):
+        if story.strip():
+            yield story.strip()

@@ -1,0 +1,42 @@
+"""The metric: validation bits per byte, comparable across vocabularies and model changes.
+
+bpb = (sum of per-token cross-entropy in nats) / (ln 2 * sum of the targets' UTF-8 byte lengths).
+Targets that are special tokens (byte length 0) count in neither sum. Every configuration sees
+the same validation rows at the same sequence length, so results compare fairly.
+"""
+import math
+
+import torch
+
+from nanochat.dataloader import make_dataloader
+from nanochat.platform import DEVICE
+
+
+def _model_device(model) -> torch.device | None:
+    param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    return param.device if param is not None else None
+
+
+@torch.inference_mode()
+def evaluate_bpb(model, tokenizer, batch_size: int, seq_len: int, eval_tokens: int, device=None) -> float:
+    """Bits per byte over eval_tokens validation tokens, in eval_tokens // (batch_size * seq_len) steps.
+
+    model(x, y, reduction='none') must return the per-token loss in nats. Autocast, if any, is
+    the caller's (train.py wraps this call in its own context, as upstream does).
+    """
+    steps = eval_tokens // (batch_size * seq_len)
+    if steps < 1:
+        raise ValueError(f"eval_tokens={eval_tokens} is fewer than one batch of {batch_size} x {seq_len}; "
+                         f"lower the batch size or raise AUTORESEARCH_EVAL_TOKENS")
+    device = device or _model_device(model) or DEVICE
+    loader = make_dataloader(tokenizer, batch_size, seq_len, "val", device=device)
+    token_bytes = tokenizer.token_bytes.to(device)
+    total_nats = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
+    total_bytes = torch.zeros((), dtype=torch.int64, device=token_bytes.device)
+    for _ in range(steps):
+        x, y, _ = next(loader)
+        loss = model(x, y, reduction="none").reshape(-1)
+        nbytes = token_bytes[y.reshape(-1)]
+        total_nats += torch.where(nbytes > 0, loss.double(), 0.0).sum()
+        total_bytes += nbytes.sum()
+    return total_nats.item() / (math.log(2) * total_bytes.item())

@@ -1,0 +1,278 @@
+"""The fixed harness entry point: constants, data preparation and tokenizer training.
+
+Run once per machine (or per cache folder):
+    uv run prepare.py [--profile auto|h100|gpu|mps|cpu] [--dataset auto|climbmix|tinystories|offline|<folder>]
+Then train.py imports the contract:
+    from prepare import MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, make_dataloader, evaluate_bpb
+
+The profile and data set chosen here are recorded in <cache>/prepared.json, so every later run
+uses the same constants. Research runs must never edit this file or nanochat/.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from nanochat import evaluation
+from nanochat.cache import PREPARE_COMMAND, cache_dir, data_dir, prepared_record_path, tokenizer_dir
+from nanochat.dataloader import make_dataloader  # noqa: F401  (part of the import contract)
+from nanochat.profiles import PROFILES
+from nanochat.tokenizer import Tokenizer
+
+DATASETS = ("auto", "climbmix", "tinystories", "offline")
+H100_MIN_BYTES = 70 * 10**9  # CUDA devices with at least this much memory get the upstream profile
+CLIMBMIX_TRAIN_SHARDS = 10  # upstream's default download
+TOKENIZER_MAX_CHARS = 1_000_000_000  # text the tokenizer trains on, at most (as upstream)
+TOKENIZER_DOC_CHARS = 10_000  # per document, so one huge document can't dominate the merges
+NETWORK_PROBE_TIMEOUT_S = 3
+CHARS_PER_ROW_TOKEN = 3  # local corpora are cut to about a row: max_seq_len tokens of ~3 chars
+
+
+# ---------------------------------------------------------------------------------------------
+# The recorded choice and the constants train.py imports
+
+def read_record():
+    path = prepared_record_path()
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise RuntimeError(f"{path} is corrupt ({e}). Re-prepare with `{PREPARE_COMMAND} --force`.") from e
+
+
+def _env_positive_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        number = int(float(value))
+        assert number > 0
+    except (ValueError, AssertionError):
+        raise RuntimeError(f"{name}={value!r} must be a positive number (or unset).") from None
+    return number
+
+
+def load_constants() -> dict:
+    """The constants of the recorded profile, with the test/debug overrides from the environment."""
+    record = read_record()
+    if record is None:
+        raise RuntimeError(f"Nothing is prepared in {cache_dir()}. Run `{PREPARE_COMMAND}` first "
+                           f"(it prepares data and trains the tokenizer; see --help).")
+    name = record["profile"]
+    wanted = os.environ.get("AUTORESEARCH_PROFILE")
+    if wanted and wanted != name:
+        raise RuntimeError(f"AUTORESEARCH_PROFILE={wanted} but {cache_dir()} was prepared for profile '{name}'. "
+                           f"Unset it, or prepare that profile: `{PREPARE_COMMAND} --profile {wanted} --force` "
+                           f"(or point AUTORESEARCH_CACHE at another folder).")
+    profile = PROFILES[name]
+    if (record["vocab_size"], record["max_seq_len"]) != (profile["vocab_size"], profile["max_seq_len"]):
+        raise RuntimeError(f"Profile '{name}' changed since {cache_dir()} was prepared (vocab or context length). "
+                           f"Re-prepare with `{PREPARE_COMMAND} --profile {name} --force`.")
+    return dict(
+        PROFILE=name,
+        DATASET=record["dataset"],
+        MAX_SEQ_LEN=profile["max_seq_len"],
+        VOCAB_SIZE=profile["vocab_size"],
+        TIME_BUDGET=_env_positive_int("AUTORESEARCH_TIME_BUDGET", profile["time_budget"]),
+        EVAL_TOKENS=_env_positive_int("AUTORESEARCH_EVAL_TOKENS", profile["eval_tokens"]),
+        TRAIN_DEFAULTS=dict(profile["train_defaults"]),
+    )
+
+
+if __name__ != "__main__":  # imported (by train.py): resolve the contract's constants now
+    globals().update(load_constants())
+
+
+def evaluate_bpb(model, tokenizer, batch_size):
+    """Validation bits per byte over EVAL_TOKENS tokens at MAX_SEQ_LEN (the one number to lower)."""
+    return evaluation.evaluate_bpb(model, tokenizer, batch_size, MAX_SEQ_LEN, EVAL_TOKENS)  # noqa: F821
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing a profile and a data set
+
+def detect_profile() -> str:
+    import torch
+    if torch.cuda.is_available():
+        return "h100" if torch.cuda.get_device_properties(0).total_memory >= H100_MIN_BYTES else "gpu"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _network_answers(url: str) -> bool:
+    import requests
+    try:
+        return requests.head(url, timeout=NETWORK_PROBE_TIMEOUT_S, allow_redirects=False).status_code < 500
+    except requests.RequestException:
+        return False
+
+
+def _data_url(default: str) -> str:
+    return os.environ.get("AUTORESEARCH_DATA_URL") or default
+
+
+def choose_dataset(requested: str, profile: str, record) -> str:
+    from nanochat.datasets import CLIMBMIX_URL, SHARD_PATTERN
+    if requested != "auto":
+        if requested in DATASETS:
+            return requested
+        folder = Path(requested).expanduser()
+        if not folder.is_dir():
+            raise ValueError(f"--dataset {requested!r} is neither one of {', '.join(DATASETS)} nor a folder. "
+                             f"Give a folder of .txt/.jsonl/.parquet files, or a data set name.")
+        return str(folder.resolve())
+    if record:
+        return record["dataset"]
+    if profile in ("h100", "gpu") and _network_answers(f"{_data_url(CLIMBMIX_URL)}/{SHARD_PATTERN.format(0)}"):
+        return "climbmix"
+    return "offline"
+
+
+# ---------------------------------------------------------------------------------------------
+# Preparing
+
+def _show_download(done: int, total) -> None:
+    of = f" of {total / 1e6:.1f} MB" if total else " MB"
+    print(f"\r  downloaded {done / 1e6:.1f}{of}   ", end="", flush=True)
+    if total and done >= total:
+        print()
+
+
+def write_data(dataset: str, profile: dict, num_shards: int) -> None:
+    from nanochat import datasets
+    if dataset == "climbmix":
+        datasets.download_climbmix(num_shards, _data_url(datasets.CLIMBMIX_URL), progress=_show_download)
+        return
+    for stale in datasets.list_shards():  # a local corpus is rewritten whole: its shard count varies
+        stale.unlink()
+    doc_chars = CHARS_PER_ROW_TOKEN * profile["max_seq_len"]
+    if dataset == "offline":
+        docs = datasets.offline_documents(doc_chars)
+    elif dataset == "tinystories":
+        docs = datasets.tinystories_documents(_data_url(datasets.TINYSTORIES_URL), progress=_show_download)
+    else:
+        docs = datasets.folder_documents(Path(dataset), doc_chars)
+    datasets.write_corpus(docs, datasets.val_chars_for(profile["eval_tokens"]), data_dir(),
+                          report=lambda line: print(f"  {line}", flush=True))
+
+
+def train_tokenizer(vocab_size: int) -> None:
+    from nanochat import datasets, tokenizer
+    started = time.time()
+    print(f"Training a {vocab_size:,}-token BPE tokenizer on the train shards...", flush=True)
+    ranks = tokenizer.train_bpe(datasets.iter_training_text(TOKENIZER_MAX_CHARS, TOKENIZER_DOC_CHARS), vocab_size)
+    tokenizer.save_tokenizer(ranks, tokenizer_dir())
+    trained = Tokenizer.from_directory()
+    sample = "Hello world! 12345 <|reserved_1|> \u00e9t\u00e9 def f(x):\n    return x ** 2\n"
+    assert trained.decode(trained.encode(sample)) == sample, "tokenizer failed a round trip"
+    print(f"  tokenizer ready in {time.time() - started:.1f}s -> {tokenizer_dir()}", flush=True)
+
+
+def check_prepared(record) -> str | None:
+    """What is missing or broken in a prepared cache, or None when all is in place (cheap checks)."""
+    from nanochat import datasets
+    try:
+        for path in datasets.split_paths("train") + datasets.split_paths("val"):
+            datasets.check_shard(path)
+        if Tokenizer.from_directory().get_vocab_size() != record["vocab_size"]:
+            return "the tokenizer has the wrong vocabulary size"
+    except Exception as e:
+        return str(e)
+    return None
+
+
+def _write_record(record: dict) -> None:
+    path = prepared_record_path()
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _clear_cache() -> None:
+    """For --force: drop the record, tokenizer and shards (downloads of raw files stay for reuse)."""
+    from nanochat import datasets
+    prepared_record_path().unlink(missing_ok=True)
+    shutil.rmtree(tokenizer_dir(), ignore_errors=True)
+    for shard in datasets.list_shards():
+        shard.unlink()
+
+
+def prepare(profile_name: str, dataset_request: str, num_shards: int, force: bool) -> int:
+    from nanochat import datasets
+    record = None if force else read_record()
+    if profile_name == "auto":
+        profile_name = record["profile"] if record else detect_profile()
+    profile = PROFILES[profile_name]
+    dataset = choose_dataset(dataset_request, profile_name, record)
+    wanted = dict(profile=profile_name, dataset=dataset, vocab_size=profile["vocab_size"],
+                  max_seq_len=profile["max_seq_len"])
+    print(f"Cache: {cache_dir()}\nProfile: {profile_name}  Data set: {dataset}", flush=True)
+    if record:
+        differs = {k: (record.get(k), v) for k, v in wanted.items() if record.get(k) != v}
+        if differs:
+            print(f"error: {cache_dir()} is already prepared differently: "
+                  + ", ".join(f"{k} is {old!r}, asked {new!r}" for k, (old, new) in differs.items())
+                  + f".\nTo replace it run `{PREPARE_COMMAND} --profile {profile_name} --dataset {dataset_request} "
+                  f"--force`, or set AUTORESEARCH_CACHE to another folder to keep both.", file=sys.stderr)
+            return 2
+        problem = check_prepared(record)
+        if problem is None and not (dataset == "climbmix" and num_shards > len(datasets.split_paths("train"))):
+            print("Already prepared with these choices: nothing to do.")
+            return 0
+        if problem:
+            print(f"Prepared before, but {problem}\nRepairing...", flush=True)
+    elif force:
+        _clear_cache()
+    elif datasets.list_shards():
+        print(f"error: {data_dir()} already holds data shards that no prepare run recorded (an upstream "
+              f"autoresearch cache?). Pass --force to replace them, or set AUTORESEARCH_CACHE to another "
+              f"folder.", file=sys.stderr)
+        return 2
+    started = time.time()
+    print(f"Writing data shards to {data_dir()}...", flush=True)
+    write_data(dataset, profile, num_shards)
+    if record is None or not tokenizer_ok():
+        train_tokenizer(profile["vocab_size"])
+    _write_record(dict(wanted, num_train_shards=len(datasets.split_paths("train")),
+                       python=sys.version.split()[0], prepared_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
+    print(f"Done in {time.time() - started:.1f}s. Next: `uv run train.py`.")
+    return 0
+
+
+def tokenizer_ok() -> bool:
+    try:
+        Tokenizer.from_directory()
+        return True
+    except Exception:
+        return False
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Prepare data and train the tokenizer for autoresearch.")
+    parser.add_argument("--profile", default=os.environ.get("AUTORESEARCH_PROFILE", "auto"),
+                        choices=["auto", *PROFILES], help="hardware profile (default: auto-detect)")
+    parser.add_argument("--dataset", default="auto",
+                        help="auto | climbmix | tinystories | offline | a folder of .txt/.jsonl/.parquet "
+                             "(default auto: climbmix on a CUDA GPU with network, else offline)")
+    parser.add_argument("--num-shards", type=int, default=CLIMBMIX_TRAIN_SHARDS,
+                        help="climbmix training shards to download (the validation shard comes too)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace whatever is prepared in the cache with these choices")
+    args = parser.parse_args(argv)
+    try:
+        return prepare(args.profile, args.dataset, args.num_shards, args.force)
+    except KeyboardInterrupt:
+        print("\nInterrupted: run the same command again to continue.", file=sys.stderr)
+        return 130
+    except (RuntimeError, ValueError, FileNotFoundError) as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
