@@ -119,3 +119,18 @@ def processes_running(pattern: str) -> list[int]:
         if pattern in cmdline and pid_alive(int(entry.name)):
             pids.append(int(entry.name))
     return pids
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes in a process group."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry.name))
+    return members
