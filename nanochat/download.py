@@ -14,7 +14,7 @@ CONNECT_TIMEOUT_S = 10
 READ_TIMEOUT_S = 60
 RETRIES = 5
 BACKOFF_S = 1.0  # doubled after each failed attempt
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 1 << 16  # a dropped connection loses the chunk being read: keep it small
 RETRY_STATUS = {408, 429}  # client-side statuses worth retrying; any 5xx is retried too
 
 

@@ -39,7 +39,11 @@ def train_bpe(texts, vocab_size: int) -> dict:
         raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)}, got {vocab_size}")
     trainer = rustbpe.Tokenizer()
     trainer.train_from_iterator(texts, vocab_size=num_merged, pattern=SPLIT_PATTERN)
-    return {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
+    ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
+    if len(ranks) < num_merged:  # the text ran out of pairs to merge
+        raise ValueError(f"The training text is too small for a {vocab_size}-token vocabulary: it yields only "
+                         f"{len(ranks) + len(SPECIAL_TOKENS)} tokens. Use a larger data set.")
+    return ranks
 
 
 def make_encoding(ranks: dict) -> tiktoken.Encoding:
@@ -75,7 +79,8 @@ def _load_state(path: Path) -> dict:
         with open(path, "rb") as f:
             state = pickle.load(f)
         ranks = state["mergeable_ranks"]
-        assert state["special_tokens"] == SPECIAL_TOKENS and isinstance(ranks, dict) and len(ranks) >= 256
+        assert state["pattern"] == SPLIT_PATTERN and state["special_tokens"] == SPECIAL_TOKENS
+        assert isinstance(ranks, dict) and len(ranks) >= 256
     except Exception as e:
         raise TokenizerFileError(f"Tokenizer file {path} is corrupt or truncated ({type(e).__name__}). "
                                  + _rebuild_hint()) from e
