@@ -199,7 +199,7 @@ class ResearchLoop:
             raise Refusal(f"Busy: process {holder['pid']} holds the run lock. Follow it with read_metrics().")
         try:
             commit = self.ws.commit_train(description)
-            budget = time_budget()
+            budget = time_budget(self.root)
             timeout = timeout_seconds or max(TIMEOUT_FACTOR * budget, budget + MIN_TIMEOUT_MARGIN_S)
             seq = state.get("seq", 0) + 1
             with self.state.mutex:

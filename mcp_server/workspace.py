@@ -3,6 +3,7 @@
 Every git argument built from user text is validated first (a tag or a commit never
 starts with '-') and git is called without a shell.
 """
+import ast
 import hashlib
 import json
 import os
@@ -20,6 +21,8 @@ PROTECTED_BRANCHES = ("main", "master")
 EXCLUDED_PATHS = ("results.tsv", "run.log", "runs/", ".research-loop/", "progress.png")
 TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 COMMIT_ARG_RE = re.compile(r"^[0-9a-fA-F]{7,40}$")
+PROFILES_FILE = "nanochat/profiles.py"
+UPSTREAM_TIME_BUDGET = 300.0
 # Used only when the repository has no identity configured, so a fresh clone still works.
 FALLBACK_IDENTITY = {
     "GIT_AUTHOR_NAME": "research-loop", "GIT_AUTHOR_EMAIL": "research-loop@localhost",
@@ -44,19 +47,36 @@ def prepared_info() -> dict | None:
     return {} if tokenizer.is_dir() and any(tokenizer.iterdir()) else None
 
 
-def time_budget() -> float:
+def time_budget(root: Path) -> float:
     """Training budget in seconds: the env override, else what prepare recorded, else upstream's."""
     override = os.environ.get("AUTORESEARCH_TIME_BUDGET")
     if override:
         return float(override)
     info = prepared_info() or {}
-    for key in ("time_budget", "TIME_BUDGET"):
-        if isinstance(info.get(key), (int, float)):
-            return float(info[key])
-    constants = info.get("constants")
-    if isinstance(constants, dict) and isinstance(constants.get("TIME_BUDGET"), (int, float)):
-        return float(constants["TIME_BUDGET"])
-    return 300.0
+    if isinstance(info.get("time_budget"), (int, float)):
+        return float(info["time_budget"])
+    from_profile = profile_budget(root / PROFILES_FILE, info.get("profile"))
+    return from_profile or UPSTREAM_TIME_BUDGET
+
+
+def profile_budget(profiles: Path, profile: str | None) -> float | None:
+    """time_budget of a profile in this project's nanochat/profiles.py, read with ast (never run:
+    the server imports nothing from the workspace)."""
+    if not profile or not profiles.is_file():
+        return None
+    try:
+        tree = ast.parse(profiles.read_text())
+    except SyntaxError:
+        return None
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Dict):
+            continue
+        for key, value in zip(node.keys, node.values):
+            if isinstance(key, ast.Constant) and key.value == profile and isinstance(value, ast.Call):
+                for keyword in value.keywords:
+                    if keyword.arg == "time_budget" and isinstance(keyword.value, ast.Constant):
+                        return float(keyword.value.value)
+    return None
 
 
 def validate_tag(tag: str) -> str:

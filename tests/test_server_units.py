@@ -168,3 +168,19 @@ def test_state_writes_are_atomic_replacements(tmp_path):
     state.update(seq=4)
     assert state.load() == {"branch": "autoresearch/x", "seq": 4}
     assert not list(state.dir.glob("*.tmp"))
+
+
+def test_time_budget_comes_from_env_record_profile_or_upstream(tmp_path, monkeypatch, repo_root):
+    from mcp_server.workspace import time_budget
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))
+    monkeypatch.delenv("AUTORESEARCH_TIME_BUDGET", raising=False)
+    assert time_budget(repo_root) == 300.0  # nothing prepared: upstream's budget
+    (cache / "prepared.json").write_text(json.dumps({"profile": "cpu"}))
+    assert time_budget(repo_root) == 60.0  # read from this project's nanochat/profiles.py
+    assert time_budget(tmp_path) == 300.0  # an upstream checkout has no profiles file
+    (cache / "prepared.json").write_text(json.dumps({"profile": "cpu", "time_budget": 42}))
+    assert time_budget(tmp_path) == 42.0
+    monkeypatch.setenv("AUTORESEARCH_TIME_BUDGET", "4")
+    assert time_budget(repo_root) == 4.0
