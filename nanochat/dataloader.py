@@ -65,15 +65,21 @@ def _pack_rows(pool, refill, B: int, row_len: int) -> np.ndarray:
 
 
 def make_dataloader(tokenizer, B: int, T: int, split: str, device=None, directory=None):
-    """Infinite generator of (x, y, epoch): LongTensors (B, T) on device (default: the platform's)."""
+    """Infinite generator of (x, y, epoch): LongTensors (B, T) on device (default: the platform's).
+
+    Bad arguments and missing data fail here, at the call, not at the first batch.
+    """
     device = torch.device(device) if device is not None else DEVICE
-    batches = _token_batches(tokenizer, split_paths(split, directory))
+    return _batches(_token_batches(tokenizer, split_paths(split, directory)), B, T, device)
+
+
+def _batches(token_batches, B: int, T: int, device: torch.device):
     pool = _DocumentPool()
     epoch = 1
 
     def refill():
         nonlocal epoch
-        docs, epoch = next(batches)
+        docs, epoch = next(token_batches)
         pool.add(docs)
 
     pin = device.type == "cuda"

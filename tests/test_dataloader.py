@@ -1,0 +1,118 @@
+"""The best-fit dataloader: BOS-aligned rows of whole documents, no padding, shifted targets."""
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nanochat.dataloader import _DocumentPool, make_dataloader
+from nanochat.datasets import ShardError, split_paths, write_corpus
+from nanochat.tokenizer import Tokenizer
+
+B, T = 4, 64
+
+
+@pytest.fixture(scope="module")
+def tokenizer(prepared_env):
+    return Tokenizer.from_directory(Path(prepared_env["AUTORESEARCH_CACHE"]) / "tokenizer")
+
+
+def make_documents(count: int, seed: int = 0, word_counts=(1, 5, 20, 60, 200)) -> list:
+    """Numbered documents, by default from a few tokens to several rows long."""
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "print(x)", "return", "42", "the", "of", "data"]
+    return [f"doc {i}: " + " ".join(rng.choices(words, k=rng.choice(word_counts)))
+            for i in range(count)]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A data folder: 2 train shards (~1 MB of text each) and a validation shard."""
+    directory = tmp_path_factory.mktemp("data")
+    documents = make_documents(6000)
+    write_corpus(iter(documents), val_chars=20_000, directory=directory, report=lambda line: None)
+    return directory, documents
+
+
+def segments(row: list, bos: int) -> list:
+    starts = [i for i, token in enumerate(row) if token == bos] + [len(row)]
+    return [row[a:b] for a, b in zip(starts, starts[1:])]
+
+
+def test_rows_start_with_bos_and_targets_are_shifted(tokenizer, corpus):
+    loader = make_dataloader(tokenizer, B, T, "train", device="cpu", directory=corpus[0])
+    for _ in range(5):
+        x, y, epoch = next(loader)
+        assert x.shape == y.shape == (B, T) and x.dtype == y.dtype == torch.long
+        assert x.is_contiguous() and y.is_contiguous()
+        assert (x[:, 0] == tokenizer.get_bos_token_id()).all()
+        assert torch.equal(x[:, 1:], y[:, :-1])
+        assert epoch == 1
+
+
+def test_rows_are_whole_documents_then_one_crop(tokenizer, corpus):
+    """No padding: every token belongs to a document; only a row's last document may be cropped."""
+    directory, documents = corpus
+    bos = tokenizer.get_bos_token_id()
+    encoded = {tuple(ids) for ids in tokenizer.encode(documents, prepend=bos)}
+    prefixes = {ids[:n] for ids in encoded for n in range(1, min(len(ids), T + 1) + 1)}
+    loader = make_dataloader(tokenizer, B, T, "train", device="cpu", directory=directory)
+    used, crops = [], 0
+    for _ in range(10):
+        x, y, _ = next(loader)
+        for row in torch.cat([x, y[:, -1:]], dim=1).tolist():  # the full row of T+1 tokens
+            pieces = segments(row, bos)
+            assert row[0] == bos and sum(map(len, pieces)) == T + 1
+            for piece in pieces[:-1]:
+                assert tuple(piece) in encoded, "a document inside a row must be whole"
+            assert tuple(pieces[-1]) in prefixes
+            crops += tuple(pieces[-1]) not in encoded
+            used += map(tuple, pieces)
+    whole = [piece for piece in used if piece in encoded]
+    assert len(whole) == len(set(whole)), "no document is used twice within an epoch"
+    assert crops > 0  # the corpus has documents longer than a row: cropping was exercised
+
+
+def test_best_fit_takes_the_largest_that_fits_else_crops_the_shortest():
+    pool = _DocumentPool()
+    pool.add([np.arange(n) for n in (5, 3, 8, 2, 5)])
+    assert len(pool.take(6)) == 5
+    assert len(pool.take(4)) == 3
+    assert len(pool.take(5)) == 5
+    assert pool.take(1).tolist() == [0]  # nothing fits in 1: the shortest (2) is cropped
+    assert len(pool.take(100)) == 8 and len(pool) == 0
+
+
+def test_epoch_counts_passes_over_the_train_shards(tokenizer, tmp_path):
+    documents = make_documents(1500, seed=1, word_counts=(1, 2, 3))  # > the 1000-document buffer
+    write_corpus(iter(documents), val_chars=1000, directory=tmp_path, report=lambda line: None)
+    loader = make_dataloader(tokenizer, B, T, "train", device="cpu", directory=tmp_path)
+    epochs = [next(loader)[2] for _ in range(300)]
+    assert epochs[0] == 1 and epochs == sorted(epochs) and epochs[-1] >= 3
+
+
+def test_validation_batches_are_identical_every_time(tokenizer, corpus):
+    first = next(make_dataloader(tokenizer, B, T, "val", device="cpu", directory=corpus[0]))
+    again = next(make_dataloader(tokenizer, B, T, "val", device="cpu", directory=corpus[0]))
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+def test_corrupt_shard_stops_with_its_name(tokenizer, tmp_path):
+    write_corpus(iter(make_documents(6000, seed=2)), val_chars=20_000, directory=tmp_path, report=lambda line: None)
+    broken = split_paths("train", tmp_path)[1]
+    broken.write_bytes(broken.read_bytes()[:1000])
+    loader = make_dataloader(tokenizer, B, T, "train", device="cpu", directory=tmp_path)
+    with pytest.raises(ShardError, match=f"{broken}.*corrupt or truncated"):
+        for _ in range(10_000):
+            next(loader)
+
+
+def test_no_data_names_the_prepare_command(tokenizer, tmp_path):
+    with pytest.raises(FileNotFoundError, match="uv run prepare.py"):
+        make_dataloader(tokenizer, B, T, "train", device="cpu", directory=tmp_path)
+
+
+def test_unknown_split_is_refused(tokenizer, corpus):
+    with pytest.raises(ValueError, match="'train' or 'val'"):
+        make_dataloader(tokenizer, B, T, "test", device="cpu", directory=corpus[0])

@@ -1,0 +1,111 @@
+"""evaluate_bpb against a hand computation on models with fixed logits."""
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanochat.dataloader import make_dataloader
+from nanochat.evaluation import evaluate_bpb
+from nanochat.tokenizer import Tokenizer
+
+BATCH, SEQ_LEN, STEPS = 4, 64, 3
+
+
+class Bigram(torch.nn.Module):
+    """Fixed random logits per previous token: a model whose loss is known exactly."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.randn(vocab_size, vocab_size, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x, y, reduction="mean"):
+        logits = self.logits[x].float()
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), reduction=reduction).view_as(y)
+
+
+class NoisyOnSpecialTargets(Bigram):
+    """Same as Bigram, but a huge loss wherever the target is a special token."""
+
+    def forward(self, x, y, reduction="mean"):
+        loss = super().forward(x, y, reduction)
+        return torch.where(y >= self.logits.size(0) - 4, 1e6, loss)
+
+
+@pytest.fixture
+def tokenizer(prepared_env, monkeypatch):
+    monkeypatch.setenv("AUTORESEARCH_CACHE", prepared_env["AUTORESEARCH_CACHE"])
+    return Tokenizer.from_directory(Path(prepared_env["AUTORESEARCH_CACHE"]) / "tokenizer")
+
+
+def hand_computed_bpb(model, tokenizer) -> float:
+    """Cross-entropy from an explicit float64 log-softmax; bytes from decoding each target token."""
+    special = {tokenizer.enc.encode_single_token(f"<|reserved_{i}|>") for i in range(4)}
+    loader = make_dataloader(tokenizer, BATCH, SEQ_LEN, "val", device="cpu")
+    nats = nbytes = 0.0
+    for _ in range(STEPS):
+        x, y, _ = next(loader)
+        log_probs = model.logits.detach().double()[x].log_softmax(-1).flatten(0, 1)
+        for position, target in enumerate(y.reshape(-1).tolist()):
+            if target in special:
+                continue
+            nats -= log_probs[position, target].item()
+            nbytes += len(tokenizer.enc.decode_single_token_bytes(target))
+    return nats / (math.log(2) * nbytes)
+
+
+def test_matches_the_hand_computation(tokenizer):
+    model = Bigram(tokenizer.get_vocab_size())
+    got = evaluate_bpb(model, tokenizer, BATCH, SEQ_LEN, STEPS * BATCH * SEQ_LEN)
+    assert got == pytest.approx(hand_computed_bpb(model, tokenizer), rel=1e-6)
+
+
+def test_special_token_targets_count_in_neither_sum(tokenizer):
+    x, y, _ = next(make_dataloader(tokenizer, BATCH, SEQ_LEN, "val", device="cpu"))
+    assert (y == tokenizer.get_bos_token_id()).any()  # documents start inside rows: BOS is a target
+    plain, noisy = Bigram(tokenizer.get_vocab_size()), NoisyOnSpecialTargets(tokenizer.get_vocab_size())
+    tokens = STEPS * BATCH * SEQ_LEN
+    assert evaluate_bpb(noisy, tokenizer, BATCH, SEQ_LEN, tokens) == pytest.approx(
+        evaluate_bpb(plain, tokenizer, BATCH, SEQ_LEN, tokens), rel=1e-9)
+
+
+def test_uniform_model_scores_log2_vocab_bits_per_token(tokenizer):
+    model = Bigram(tokenizer.get_vocab_size())
+    with torch.no_grad():
+        model.logits.zero_()
+    got = evaluate_bpb(model, tokenizer, BATCH, SEQ_LEN, STEPS * BATCH * SEQ_LEN)
+    loader = make_dataloader(tokenizer, BATCH, SEQ_LEN, "val", device="cpu")
+    targets = torch.cat([next(loader)[1].reshape(-1) for _ in range(STEPS)])
+    counted = tokenizer.token_bytes[targets]
+    expected = math.log2(tokenizer.get_vocab_size()) * int((counted > 0).sum()) / int(counted.sum())
+    assert got == pytest.approx(expected, rel=1e-6)  # the model computes in float32
+
+
+def test_extra_tokens_short_of_a_batch_are_not_evaluated(tokenizer):
+    model = Bigram(tokenizer.get_vocab_size())
+    tokens = STEPS * BATCH * SEQ_LEN
+    assert evaluate_bpb(model, tokenizer, BATCH, SEQ_LEN, tokens + BATCH * SEQ_LEN - 1) == \
+        evaluate_bpb(model, tokenizer, BATCH, SEQ_LEN, tokens)
+
+
+def test_fewer_tokens_than_one_batch_is_a_clear_error(tokenizer):
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        evaluate_bpb(Bigram(tokenizer.get_vocab_size()), tokenizer, BATCH, SEQ_LEN, BATCH * SEQ_LEN - 1)
+
+
+def test_prepare_wrapper_uses_the_profile_constants(prepared_env, repo_root):
+    """prepare.evaluate_bpb runs at MAX_SEQ_LEN over EVAL_TOKENS (here the test override)."""
+    script = ("import prepare, torch\n"
+              "from nanochat.evaluation import evaluate_bpb\n"
+              "tok = prepare.Tokenizer.from_directory()\n"
+              "table = torch.randn(tok.get_vocab_size(), tok.get_vocab_size())\n"
+              "model = lambda x, y, reduction: torch.nn.functional.cross_entropy(\n"
+              "    table[x].flatten(0, 1), y.flatten(), reduction=reduction)\n"
+              "print(prepare.evaluate_bpb(model, tok, 2) == evaluate_bpb(model, tok, 2, prepare.MAX_SEQ_LEN, 16384))\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=repo_root, env=prepared_env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"
