@@ -1,0 +1,178 @@
+"""prepare.py end to end (offline and a user's folder, in temp caches) and its data sets."""
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from nanochat.datasets import (OFFLINE_SKIP_DIRS, OFFLINE_TOTAL_CHARS, check_shard, cut_documents, folder_documents,
+                               list_shards, offline_source_files)
+
+
+def run(args, env, repo_root, **extra_env):
+    return subprocess.run([sys.executable, *args], cwd=repo_root, env={**env, **extra_env},
+                          capture_output=True, text=True)
+
+
+def random_text(rng, words, count) -> str:
+    return " ".join(rng.choices(words, k=count)) + "\n"
+
+
+@pytest.fixture
+def empty_env(prepared_env, tmp_path):
+    return {**prepared_env, "AUTORESEARCH_CACHE": str(tmp_path / "cache")}
+
+
+# ---------------------------------------------------------------------------------------------
+# The prepared offline cache (shared by the whole session: these tests only read it)
+
+def test_offline_cache_is_recorded_and_complete(prepared_env):
+    cache = Path(prepared_env["AUTORESEARCH_CACHE"])
+    record = json.loads((cache / "prepared.json").read_text())
+    assert (record["profile"], record["dataset"], record["vocab_size"], record["max_seq_len"]) == \
+        ("cpu", "offline", 4096, 256)
+    shards = list_shards(cache / "data")
+    assert len(shards) == record["num_train_shards"] + 1 >= 2
+    assert all(check_shard(shard) > 0 for shard in shards)
+    assert {p.name for p in (cache / "tokenizer").iterdir()} == {"tokenizer.pkl", "token_bytes.pt"}
+
+
+def test_second_run_does_nothing_and_says_so(prepared_env, repo_root):
+    record = Path(prepared_env["AUTORESEARCH_CACHE"]) / "prepared.json"
+    before = record.read_text()
+    done = run(["prepare.py", "--profile", "cpu", "--dataset", "offline"], prepared_env, repo_root)
+    assert done.returncode == 0, done.stderr
+    assert "nothing to do" in done.stdout
+    assert record.read_text() == before
+
+
+def test_other_profile_is_refused_with_the_way_out(prepared_env, repo_root):
+    record = Path(prepared_env["AUTORESEARCH_CACHE"]) / "prepared.json"
+    before = record.read_text()
+    done = run(["prepare.py", "--profile", "gpu"], prepared_env, repo_root)
+    assert done.returncode == 2
+    assert "profile is 'cpu', asked 'gpu'" in done.stderr
+    assert "--force" in done.stderr and "AUTORESEARCH_CACHE" in done.stderr
+    assert record.read_text() == before
+
+
+def test_import_gives_the_contract_with_overrides(prepared_env, repo_root):
+    script = ("import prepare\n"
+              "print(prepare.PROFILE, prepare.MAX_SEQ_LEN, prepare.TIME_BUDGET, prepare.EVAL_TOKENS, "
+              "prepare.VOCAB_SIZE, prepare.TRAIN_DEFAULTS['depth'])\n"
+              "from prepare import MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, make_dataloader, evaluate_bpb\n"
+              "x, y, epoch = next(make_dataloader(Tokenizer.from_directory(), 2, MAX_SEQ_LEN, 'train'))\n"
+              "print(tuple(x.shape), epoch)\n")
+    done = run(["-c", script], prepared_env, repo_root)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["cpu 256 4 16384 4096 4", "(2, 256) 1"]
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("AUTORESEARCH_PROFILE", "h100", "prepared for profile 'cpu'"),
+    ("AUTORESEARCH_TIME_BUDGET", "soon", "must be a positive number"),
+])
+def test_import_refuses_bad_environment(prepared_env, repo_root, name, value, message):
+    done = run(["-c", "import prepare"], prepared_env, repo_root, **{name: value})
+    assert done.returncode != 0 and message in done.stderr
+
+
+def test_import_with_nothing_prepared_names_the_command(empty_env, repo_root):
+    done = run(["-c", "import prepare"], empty_env, repo_root)
+    assert done.returncode != 0
+    assert "Nothing is prepared in" in done.stderr and "uv run prepare.py" in done.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Fresh caches
+
+@pytest.fixture
+def text_folder(tmp_path):
+    """A user's folder: .txt, .jsonl and .parquet files, some nested, plus a file to ignore."""
+    rng = random.Random(0)
+    words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(4000)]
+    folder = tmp_path / "texts"
+    (folder / "nested").mkdir(parents=True)
+    (folder / "a.txt").write_text("".join(random_text(rng, words, 60) for _ in range(1500)))
+    (folder / "nested" / "b.jsonl").write_text(
+        "".join(json.dumps({"text": random_text(rng, words, 100), "id": i}) + "\n" for i in range(1500)))
+    pq.write_table(pa.table({"text": [random_text(rng, words, 80) for _ in range(1500)]}), folder / "c.parquet")
+    (folder / "notes.md").write_text("ignored")
+    return folder
+
+
+def test_user_folder_end_to_end_then_repair_then_force(empty_env, repo_root, text_folder):
+    cache = Path(empty_env["AUTORESEARCH_CACHE"])
+    done = run(["prepare.py", "--profile", "cpu", "--dataset", str(text_folder)], empty_env, repo_root)
+    assert done.returncode == 0, done.stderr
+    assert "wrote validation shard" in done.stdout and "tokenizer ready" in done.stdout
+    record = json.loads((cache / "prepared.json").read_text())
+    assert record["dataset"] == str(text_folder.resolve())
+    shards = list_shards(cache / "data")
+    first = shards[0].read_bytes()
+
+    shards[0].write_bytes(first[:100])  # damage a shard: the same command repairs it
+    done = run(["prepare.py", "--profile", "cpu", "--dataset", str(text_folder)], empty_env, repo_root)
+    assert done.returncode == 0, done.stderr
+    assert "Repairing" in done.stdout and str(shards[0]) in done.stdout
+    assert shards[0].read_bytes() == first  # rebuilt identically: the folder order is deterministic
+
+    done = run(["prepare.py", "--dataset", "offline"], empty_env, repo_root)
+    assert done.returncode == 2 and "dataset is" in done.stderr and "--force" in done.stderr
+    done = run(["prepare.py", "--dataset", "offline", "--force"], empty_env, repo_root)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((cache / "prepared.json").read_text())["dataset"] == "offline"
+
+
+def test_unrecorded_shards_are_not_overwritten(empty_env, repo_root):
+    data = Path(empty_env["AUTORESEARCH_CACHE"]) / "data"
+    data.mkdir(parents=True)
+    pq.write_table(pa.table({"text": ["an upstream shard"]}), data / "shard_00000.parquet")
+    done = run(["prepare.py", "--dataset", "offline"], empty_env, repo_root)
+    assert done.returncode == 2
+    assert "Profile: cpu" in done.stdout  # auto-detected on this machine
+    assert "no prepare run recorded" in done.stderr and "--force" in done.stderr
+    assert (data / "shard_00000.parquet").exists()
+
+
+def test_missing_folder_is_a_clear_error(empty_env, repo_root, tmp_path):
+    done = run(["prepare.py", "--dataset", str(tmp_path / "nowhere")], empty_env, repo_root)
+    assert done.returncode == 1 and "neither one of auto, climbmix, tinystories, offline nor a folder" in done.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Data set pieces, in process
+
+def test_offline_selection_is_fixed_and_leaves_out_tests():
+    files = offline_source_files()
+    assert files == offline_source_files()
+    assert all(not (set(p.parts) & OFFLINE_SKIP_DIRS) and not p.name.startswith("test_") for p in files)
+    assert sum(p.stat().st_size for p in files) >= OFFLINE_TOTAL_CHARS
+
+
+def test_cut_documents_keeps_every_character_in_bounded_pieces():
+    text = "".join(f"def f{i}():\n" + "    x = 1\n" * (i % 50) + "\n\n" for i in range(300)) + "y" * 2500
+    pieces = list(cut_documents(text, 768))
+    assert "".join(pieces) == text + "\n\n"
+    assert all(0 < len(piece) <= 768 for piece in pieces)
+
+
+def test_folder_documents_in_sorted_path_order(tmp_path):
+    (tmp_path / "b.txt").write_text("from b")
+    (tmp_path / "a.jsonl").write_text('{"text": "from a, line 1"}\n\n{"text": "from a, line 2"}\n')
+    assert [doc.strip() for doc in folder_documents(tmp_path, 1000)] == ["from a, line 1", "from a, line 2", "from b"]
+
+
+def test_bad_jsonl_line_names_file_and_line(tmp_path):
+    (tmp_path / "data.jsonl").write_text('{"text": "fine"}\n{"body": "no text field"}\n')
+    with pytest.raises(ValueError, match=r"data.jsonl line 2: expected a JSON object with a string \"text\""):
+        list(folder_documents(tmp_path, 1000))
+
+
+def test_empty_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No .txt, .jsonl or .parquet files"):
+        list(folder_documents(tmp_path, 1000))
