@@ -21,6 +21,7 @@ from autosearch.space import applicable, validate_space
 from autosearch.strategies import describe, make_strategy
 
 BASELINE_DESCRIPTION = "baseline"
+INTERRUPTED_MARK = "(interrupted)"  # the server's description suffix for a run cut short by Ctrl-C
 EXTRA_NAMES = ("DEVICE_BATCH_SIZE",)  # read alongside the space: the batch constraint needs it
 
 
@@ -79,9 +80,12 @@ class Search:
         return evaluate_constants(source, present, self.harness)
 
     def history(self, rows: list[dict]) -> list[dict]:
-        """The configuration of every ledger row, oldest first, read from the train.py of its commit."""
+        """The configuration of every ledger row, oldest first, read from the train.py of its commit.
+        An interrupted run says nothing about its configuration, so it is left out and tried again."""
         configs = []
         for row in rows:
+            if was_interrupted(row):
+                continue
             try:
                 configs.append(self.current_config(row["commit"]))
             except SearchError:
@@ -105,7 +109,8 @@ class Search:
         result = await self.call("run_experiment", progress=self.progress, description=description)
         self.say_progress_done()
         result["client_seconds"] = time.monotonic() - start
-        self.plan.timings.append(timing_split(description, result))
+        log = self.plan.workspace / result.get("log", "run.log")
+        self.plan.timings.append(timing_split(description, result, summary_fields(log)))
         return result
 
     async def decide(self, result: dict) -> str:
@@ -172,10 +177,16 @@ class Search:
             print()
 
 
+def was_interrupted(row: dict) -> bool:
+    return row["status"] == "crash" and INTERRUPTED_MARK in row["description"]
+
+
 def experiments_done(rows: list[dict]) -> int:
-    """Rows after the kept baseline (failed baselines before it don't count)."""
+    """Rows after the kept baseline, not counting failed baselines before it or interrupted runs."""
     first_keep = next((i for i, row in enumerate(rows) if row["status"] == "keep"), None)
-    return 0 if first_keep is None else len(rows) - first_keep - 1
+    if first_keep is None:
+        return 0
+    return sum(not was_interrupted(row) for row in rows[first_keep + 1:])
 
 
 def best_kept_bpb(rows: list[dict]) -> float | None:
@@ -183,17 +194,30 @@ def best_kept_bpb(rows: list[dict]) -> float | None:
     return min(kept) if kept else None
 
 
-def timing_split(description: str, result: dict) -> dict:
-    """Wall time per experiment: training, evaluation, start-up and what the tools added."""
-    training, total = result.get("training_seconds"), result.get("total_seconds")
-    child = result.get("wall_seconds", total)
-    evaluation, startup = result.get("eval_seconds"), result.get("startup_seconds")
-    if evaluation is None and training is not None and total is not None:
-        startup = None  # without the harness's split, start-up and evaluation are reported together
-        evaluation = total - training
-    return dict(experiment=description[:40], wall_s=result["client_seconds"], training_s=training,
-                eval_s=evaluation, startup_s=startup,
-                overhead_s=None if child is None else result["client_seconds"] - child)
+def summary_fields(log: Path) -> dict:
+    """The numeric `name: value` lines of a run log's summary block (what follows the `---`)."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return {}
+    fields = {}
+    for line in text.rpartition("\n---\n")[2].splitlines():
+        name, _, value = line.partition(":")
+        try:
+            fields[name.strip()] = float(value)
+        except ValueError:
+            continue
+    return fields
+
+
+def timing_split(description: str, result: dict, summary: dict) -> dict:
+    """Wall time of one experiment: training, evaluation, start-up (the rest of train.py's own
+    total) and tool overhead (what the client waited beyond train.py's total)."""
+    wall = result["client_seconds"]
+    training, total, evaluation = (summary.get(k) for k in ("training_seconds", "total_seconds", "eval_seconds"))
+    startup = None if None in (training, total, evaluation) else total - training - evaluation
+    return dict(experiment=description[:40], wall_s=wall, training_s=training, eval_s=evaluation,
+                startup_s=startup, overhead_s=None if total is None else wall - total)
 
 
 def server_parameters(plan: SearchPlan, repo: Path) -> StdioServerParameters:

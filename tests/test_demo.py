@@ -1,0 +1,152 @@
+"""The demo end to end on the CPU, driving the real MCP server and the real train.py with a
+budget of seconds per run; then Ctrl-C in the middle of a run and a resume."""
+import csv
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+COMMIT = re.compile(r"^[0-9a-f]{7}$")
+DEMO_ARGS = ["--profile", "cpu", "--dataset", "offline"]
+QUICK_BUDGET = "3"  # seconds of training per run
+# Long enough that a Ctrl-C sent on the first progress line lands while the run is still training.
+INTERRUPTIBLE_BUDGET = "5"
+
+
+def demo_command(workspace: Path, budget: str, *extra: str) -> list[str]:
+    return [sys.executable, "demo.py", *DEMO_ARGS, "--budget-seconds", budget, "--workspace", str(workspace), *extra]
+
+
+def ledger_rows(workspace: Path) -> list[dict]:
+    lines = (workspace / "results.tsv").read_text().splitlines()
+    assert lines[0] == "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
+    for line in lines[1:]:
+        assert line.count("\t") == 4, f"malformed ledger line: {line!r}"
+    return list(csv.DictReader(lines, delimiter="\t", quoting=csv.QUOTE_NONE))
+
+
+def check_rows(rows: list[dict]) -> None:
+    """Every field well formed, and every kept row beats the best kept before it."""
+    best = None
+    for row in rows:
+        assert COMMIT.match(row["commit"]), row
+        assert row["status"] in ("keep", "discard", "crash"), row
+        assert re.fullmatch(r"\d+\.\d{6}", row["val_bpb"]) and re.fullmatch(r"\d+\.\d", row["memory_gb"]), row
+        assert row["description"].strip(), row
+        if row["status"] == "crash":
+            assert row["val_bpb"] == "0.000000" and row["memory_gb"] == "0.0"
+            continue
+        assert 0 < float(row["val_bpb"]) < 20
+        if row["status"] == "keep":
+            assert best is None or float(row["val_bpb"]) < best, rows
+            best = float(row["val_bpb"])
+
+
+def git(workspace: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=workspace, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def processes_in(folder: Path) -> list[int]:
+    """Live processes whose working directory is the folder (the training runs there)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if Path(os.readlink(entry / "cwd")) == folder:
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def wait_until_no_processes_in(folder: Path, seconds: float = 15) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while (left := processes_in(folder)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def test_demo_end_to_end(repo_root, prepared_env, tmp_path):
+    workspace = tmp_path / "ws"
+    branch_before = git(repo_root, "rev-parse", "--abbrev-ref", "HEAD")
+    proc = subprocess.run(demo_command(workspace, QUICK_BUDGET, "--experiments", "2", "--seed", "3"), cwd=repo_root,
+                          env=prepared_env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+
+    rows = ledger_rows(workspace)
+    assert len(rows) == 3, rows  # the baseline and two experiments
+    assert rows[0]["description"] == "baseline" and rows[0]["status"] == "keep"
+    check_rows(rows)
+
+    # The research branch's head is the best kept commit, and train.py there is what was kept.
+    kept = [row for row in rows if row["status"] == "keep"]
+    best = min(kept, key=lambda row: float(row["val_bpb"]))
+    assert git(workspace, "rev-parse", "--abbrev-ref", "HEAD") == "autoresearch/demo"
+    assert git(workspace, "rev-parse", "--short=7", "HEAD") == best["commit"]
+    assert git(workspace, "status", "--porcelain", "--untracked-files=no") == ""
+
+    # Progress all along, then the ledger, the best result's diff and the chart.
+    assert re.search(r"^\s+step \d+ \(", out, re.M), out
+    assert "Ledger (results.tsv" in out and f"git diff {rows[0]['commit']} {best['commit']}" in out
+    assert "Wall time per experiment" in out
+    chart = Path(re.search(r"Progress chart: (\S+)", out).group(1))
+    assert chart.read_bytes()[:8] == PNG_MAGIC
+    import matplotlib.image
+    assert matplotlib.image.imread(chart).ndim == 3
+
+    # The user's checkout is untouched: same branch, no research branch created there.
+    assert git(repo_root, "rev-parse", "--abbrev-ref", "HEAD") == branch_before
+    assert "autoresearch/" not in git(repo_root, "branch", "--list", "autoresearch/*")
+    assert wait_until_no_processes_in(workspace) == []
+
+
+def test_interrupt_and_resume(repo_root, prepared_env, tmp_path):
+    workspace = tmp_path / "ws"
+    demo = subprocess.Popen(demo_command(workspace, INTERRUPTIBLE_BUDGET, "--experiments", "1", "--strategy", "greedy"),
+                            cwd=repo_root, env=prepared_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    seen = []
+    try:
+        # Wait for the first experiment after the baseline to be training, then Ctrl-C.
+        in_experiment = False
+        for line in demo.stdout:
+            seen.append(line)
+            in_experiment = in_experiment or "experiment 1/1:" in line
+            if in_experiment and re.match(r"\s+step \d+", line):
+                break
+        else:
+            pytest.fail("the demo ended before its first experiment trained:\n" + "".join(seen))
+        assert processes_in(workspace), "no training process is running in the workspace"
+        demo.send_signal(signal.SIGINT)
+        rest, _ = demo.communicate(timeout=60)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    assert demo.returncode == 130, "".join(seen) + rest
+    assert "resume with: uv run demo.py --workspace" in rest
+    assert wait_until_no_processes_in(workspace) == [], "a training process survived Ctrl-C"
+    rows = ledger_rows(workspace)
+    assert [row["description"] for row in rows] == ["baseline"]
+    check_rows(rows)
+
+    resumed = subprocess.run(demo_command(workspace, INTERRUPTIBLE_BUDGET), cwd=repo_root, env=prepared_env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "interrupted run" in resumed.stdout
+    rows = ledger_rows(workspace)
+    check_rows(rows)
+    # The interrupted run is logged as a crash; it does not count, so the one experiment asked
+    # for follows it: the interrupted configuration again.
+    assert len(rows) == 3, rows
+    assert rows[1]["status"] == "crash" and rows[1]["description"].endswith("(interrupted)")
+    assert rows[2]["description"].startswith(rows[1]["description"].removesuffix(" (interrupted)"))
+    best = min((r for r in rows if r["status"] == "keep"), key=lambda r: float(r["val_bpb"]))
+    assert git(workspace, "rev-parse", "--short=7", "HEAD") == best["commit"]
+    assert wait_until_no_processes_in(workspace) == []
