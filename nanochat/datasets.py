@@ -7,6 +7,7 @@ Python standard library's own source files, which every Python installation carr
 Local corpora are cut into documents of about a row's length: the dataloader crops a document
 that fits nowhere and drops the rest, so book-sized documents would mostly be thrown away.
 """
+import itertools
 import json
 import os
 import random
@@ -34,6 +35,7 @@ OFFLINE_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packag
                      "encodings", "pydoc_data", "lib2to3", "ensurepip", "turtledemo"}  # tests, tables, vendored
 OFFLINE_SEED = 0
 CHARS_PER_TOKEN_ESTIMATE = 4  # generous, so the validation shard holds at least the eval tokens
+MAX_VAL_FRACTION = 0.1  # of a corpus too small to hold a whole evaluation's worth of validation text
 FOLDER_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
@@ -116,11 +118,12 @@ def write_corpus(documents, val_chars: int, directory: Path, report=print) -> in
     """Stream documents into shards: the first val_chars of text become the last (validation) shard.
 
     Returns the number of shards written. Validation comes first in the stream so nothing but it
-    is ever held in memory; it is written last so that it sorts last.
+    is ever held in memory; it is written last so that it sorts last. A corpus too small for
+    val_chars gives validation at most MAX_VAL_FRACTION of its text (evaluation then cycles).
     """
     directory.mkdir(parents=True, exist_ok=True)
-    val, val_size = [], 0
-    batch, batch_size, index = [], 0, 0
+    val, val_size, train_size, index = [], 0, 0, 0
+    batch, batch_size = [], 0
     for doc in documents:
         if val_size < val_chars:
             val.append(doc)
@@ -128,19 +131,33 @@ def write_corpus(documents, val_chars: int, directory: Path, report=print) -> in
             continue
         batch.append(doc)
         batch_size += len(doc)
+        train_size += len(doc)
         if batch_size >= SHARD_CHARS:
-            _write_shard(batch, directory / SHARD_PATTERN.format(index))
-            report(f"wrote shard {index} ({batch_size / 1e6:.1f}M chars)")
-            batch, batch_size, index = [], 0, index + 1
-    if batch:
-        _write_shard(batch, directory / SHARD_PATTERN.format(index))
-        report(f"wrote shard {index} ({batch_size / 1e6:.1f}M chars)")
-        index += 1
+            index = _write_train_shard(batch, directory, index, report)
+            batch, batch_size = [], 0
+    keep, kept_size = 0, 0
+    while keep < len(val) and kept_size < MAX_VAL_FRACTION * (val_size + train_size):
+        kept_size += len(val[keep])
+        keep += 1
+    batch, val = batch + val[keep:], val[:keep]
+    while batch:
+        cut = next((i + 1 for i, size in enumerate(itertools.accumulate(map(len, batch))) if size >= SHARD_CHARS),
+                   len(batch))
+        index = _write_train_shard(batch[:cut], directory, index, report)
+        batch = batch[cut:]
     if index == 0 or not val:
-        raise ValueError(f"Not enough text for a train and a validation shard (validation wants "
-                         f"{val_chars:,} chars). Give the data set more text.")
+        raise ValueError("Not enough text for a train and a validation shard. Give the data set more text.")
     _write_shard(val, directory / SHARD_PATTERN.format(index))
-    report(f"wrote validation shard {index} ({val_size / 1e6:.1f}M chars)")
+    report(f"wrote validation shard {index} ({kept_size / 1e6:.2f}M chars)")
+    if kept_size < val_chars:
+        report(f"note: evaluation wants about {val_chars / 1e6:.1f}M chars of validation text; "
+               f"it will cycle over these {kept_size / 1e6:.2f}M")
+    return index + 1
+
+
+def _write_train_shard(texts: list, directory: Path, index: int, report) -> int:
+    _write_shard(texts, directory / SHARD_PATTERN.format(index))
+    report(f"wrote shard {index} ({sum(map(len, texts)) / 1e6:.1f}M chars)")
     return index + 1
 
 

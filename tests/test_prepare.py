@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from nanochat.datasets import (OFFLINE_SKIP_DIRS, OFFLINE_TOTAL_CHARS, check_shard, cut_documents, folder_documents,
-                               list_shards, offline_source_files)
+                               list_shards, offline_source_files, write_corpus)
 
 
 def run(args, env, repo_root, **extra_env):
@@ -176,3 +176,13 @@ def test_bad_jsonl_line_names_file_and_line(tmp_path):
 def test_empty_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="No .txt, .jsonl or .parquet files"):
         list(folder_documents(tmp_path, 1000))
+
+
+def test_small_corpus_keeps_most_text_for_training(tmp_path):
+    notes = []
+    documents = [f"document {i} " * 10 for i in range(1000)]
+    shards = write_corpus(iter(documents), val_chars=10**9, directory=tmp_path, report=notes.append)
+    texts = [pq.read_table(path)["text"].to_pylist() for path in list_shards(tmp_path)]
+    assert shards == len(texts) >= 2 and sorted(sum(texts, [])) == sorted(documents)  # nothing lost
+    assert 0 < sum(map(len, texts[-1])) <= 0.1 * sum(map(len, documents)) + len(documents[0])
+    assert "cycle over" in notes[-1]
