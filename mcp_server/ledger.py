@@ -57,10 +57,20 @@ def ensure_ledger(path: Path) -> None:
         _append_bytes(path, HEADER.encode())
 
 
+# path -> (size, mtime_ns, rows, malformed): tools read the ledger on every call, and a
+# night's ledger has thousands of rows; it is re-parsed only when someone else changed it.
+_parsed: dict[Path, tuple[int, int, list[Row], int]] = {}
+
+
 def read_rows(path: Path) -> tuple[list[Row], int]:
     """All well-formed rows, and how many lines were malformed (reported, never fatal)."""
-    if not path.exists():
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
         return [], 0
+    cached = _parsed.get(path)
+    if cached and cached[:2] == (stat.st_size, stat.st_mtime_ns):
+        return list(cached[2]), cached[3]
     rows, bad = [], 0
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines()[1:]:
         if not line.strip():
@@ -70,7 +80,8 @@ def read_rows(path: Path) -> tuple[list[Row], int]:
             bad += 1
         else:
             rows.append(row)
-    return rows, bad
+    _parsed[path] = (stat.st_size, stat.st_mtime_ns, rows, bad)
+    return list(rows), bad
 
 
 def _parse_line(line: str) -> Row | None:
@@ -84,14 +95,19 @@ def _parse_line(line: str) -> Row | None:
         return None
 
 
-def append_row(path: Path, row: Row) -> int:
-    """Appends a row unless its commit is already logged; returns the row count after."""
+def append_row(path: Path, row: Row) -> list[Row]:
+    """Appends a row unless its commit is already logged; returns all rows after."""
     rows, _ = read_rows(path)
     if any(r.commit == row.commit for r in rows):
         raise Refusal(f"Commit {row.commit} is already in {LEDGER_NAME}; each run is logged once.")
     ensure_ledger(path)
+    before = path.stat()
     _append_bytes(path, format_row(row).encode())
-    return len(rows) + 1
+    cached = _parsed.get(path)
+    if cached and cached[:2] == (before.st_size, before.st_mtime_ns):
+        after = path.stat()
+        _parsed[path] = (after.st_size, after.st_mtime_ns, cached[2] + [row], cached[3])
+    return rows + [row]
 
 
 def _append_bytes(path: Path, data: bytes) -> None:

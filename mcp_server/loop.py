@@ -41,7 +41,11 @@ class ResearchLoop:
         self.active: Run | None = None
         self.closing = False  # set on server exit: an unfinished run is left to recovery
         self._ws: Workspace | None = None
-        self.recover()
+        try:
+            self.recover()
+        except Refusal:
+            pass  # a corrupt state file: the server still starts, and every tool says what to do
+
 
     # --- helpers -------------------------------------------------------------------
     @property
@@ -231,7 +235,8 @@ class ResearchLoop:
             log_copy = self._archive_log(self.root / RUN_LOG, seq, commit)
             result = self._result(text, run, seq, commit, description, log_copy)
             with self.state.mutex:
-                self.state.update(running=None, pending=result.model_dump(), last_result=result.model_dump())
+                self.state.update(running=None, pending=result.model_dump() | {"full_commit": commit},
+                                  last_result=result.model_dump())
             (self.root / log_copy).with_suffix(".json").write_text(result.model_dump_json(exclude_none=True))
             run.result = result
         finally:
@@ -285,11 +290,11 @@ class ResearchLoop:
         description = self._with_note(pending["description"], note)
         row = ledger.make_row(pending["commit"], pending["val_bpb"], pending["memory_gb"] or 0.0,
                               "keep", description)
-        ledger.append_row(self.ledger_path, row)
-        full = self.ws.resolve_commit(pending["commit"]) or pending["commit"]
+        rows = ledger.append_row(self.ledger_path, row)
+        full = pending.get("full_commit") or self.ws.resolve_commit(pending["commit"]) or pending["commit"]
         with self.state.mutex:
             self.state.update(pending=None, kept_commit=full)
-        best = ledger.best_kept(self.rows())
+        best = ledger.best_kept(rows)
         return DecisionResult(row=row, branch=state["branch"], kept_commit=full[:7],
                               best_val_bpb=best.val_bpb if best else None)
 
@@ -306,25 +311,24 @@ class ResearchLoop:
         else:
             raise Refusal("Nothing to discard: no pending result. Call run_experiment(description) first.")
         kept = state["kept_commit"]
-        others = [p for p in self.ws.changed_since("HEAD") if p != EDITABLE]
+        changed = self.ws.dirty_tracked_files()
+        others = [p for p in changed if p != EDITABLE]
         if others:
             raise Refusal(f"Tracked files other than train.py were changed after the run: "
                           f"{', '.join(others)}. Revert them (git checkout HEAD -- <file>) and discard again.")
         row = ledger.make_row(commit, val_bpb, memory, status, description)
-        ledger.append_row(self.ledger_path, row)  # the row first: a reset never loses a result
-        saved = self._save_unsaved_train(commit)
+        rows = ledger.append_row(self.ledger_path, row)  # the row first: a reset never loses a result
+        saved = self._save_unsaved_train(commit) if EDITABLE in changed else None
         self.ws.reset_to(kept)
         with self.state.mutex:
             self.state.update(pending=None, interrupted=None)
-        best = ledger.best_kept(self.rows())
+        best = ledger.best_kept(rows)
         note = f"your uncommitted train.py was saved to {saved}" if saved else None
         return DecisionResult(row=row, branch=state["branch"], kept_commit=kept[:7],
                               best_val_bpb=best.val_bpb if best else None, note=note)
 
     def _save_unsaved_train(self, commit: str) -> str | None:
         """train.py edited after the run would be lost by the reset: keep a copy."""
-        if EDITABLE not in self.ws.changed_since("HEAD"):
-            return None
         target = self.state.dir / f"train-unsaved-after-{commit[:7]}.py"
         self.state.dir.mkdir(exist_ok=True)
         shutil.copyfile(self.root / EDITABLE, target)
@@ -346,8 +350,8 @@ class ResearchLoop:
         if pending and pending["commit"] == commit[:7]:
             raise Refusal(f"Commit {commit[:7]} is the pending run of this server: use keep() or discard().")
         row = ledger.make_row(commit[:7], val_bpb, memory_gb, status, description)
-        count = ledger.append_row(self.ledger_path, row)
-        return LoggedRow(row=row, rows_in_ledger=count)
+        rows = ledger.append_row(self.ledger_path, row)
+        return LoggedRow(row=row, rows_in_ledger=len(rows))
 
     # --- reading ---------------------------------------------------------------------
     def read_metrics(self, run: str | None = None) -> Metrics:

@@ -70,6 +70,14 @@ def refusals_as_tool_errors(fn):
 def build_server(loop: ResearchLoop) -> MCPServer:
     srv = MCPServer(SERVER_NAME, instructions=INSTRUCTIONS, log_level="WARNING")
 
+    def register(annotations: ToolAnnotations):
+        """Adds a tool; its docstring, on one line, is the description the agent reads."""
+        def decorate(fn):
+            srv.add_tool(refusals_as_tool_errors(fn), description=" ".join(fn.__doc__.split()),
+                         annotations=annotations)
+            return fn
+        return decorate
+
     def locked(fn, *args, **kwargs):
         # tool calls may arrive concurrently: one bookkeeping operation at a time
         with loop.state.mutex:
@@ -88,16 +96,14 @@ def build_server(loop: ResearchLoop) -> MCPServer:
                                           f"step {progress.step} ({progress.percent:.1f}%) loss "
                                           f"{progress.loss:.4f} remaining {progress.remaining_s}s")
 
-    @srv.tool(annotations=WRITES)
-    @refusals_as_tool_errors
+    @register(WRITES)
     async def setup(tag: str) -> SetupResult:
         """Start a research run: create branch autoresearch/<tag> from HEAD (refuses an existing one or
         uncommitted changes), create results.tsv, check that data and tokenizer are prepared, and
         fingerprint the harness (every tracked file but train.py)."""
         return compact(locked(loop.setup, tag))
 
-    @srv.tool(annotations=WRITES)
-    @refusals_as_tool_errors
+    @register(WRITES)
     async def run_experiment(description: str, ctx: Context, wait: bool = True,
                              timeout_seconds: float | None = None) -> RunResult:
         """Commit train.py with the description and train it (hard timeout, default 2 x budget).
@@ -110,45 +116,39 @@ def build_server(loop: ResearchLoop) -> MCPServer:
         await follow(run, ctx)
         return compact(run.result)
 
-    @srv.tool(annotations=READ_ONLY)
-    @refusals_as_tool_errors
+    @register(READ_ONLY)
     async def read_metrics(run: str | None = None) -> Metrics:
         """The summary of run.log (or of a past run: its number or commit), or the live progress
         of a run still going. A missing, empty or crashed log gives a status and the log tail."""
         return compact(loop.read_metrics(run))
 
-    @srv.tool(annotations=WRITES)
-    @refusals_as_tool_errors
+    @register(WRITES)
     async def keep(note: str | None = None) -> DecisionResult:
         """Accept the pending result (status ok only): the ledger row is written with status keep and
         the branch advances (this commit is the new base)."""
         return compact(locked(loop.keep, note))
 
-    @srv.tool(annotations=RESETS)
-    @refusals_as_tool_errors
+    @register(RESETS)
     async def discard(reason: str | None = None) -> DecisionResult:
         """Reject the pending result: the ledger row is written first (discard, or crash for a crash
         or timeout), then tracked files are reset to the last kept commit. Untracked files are not
         touched. Also resolves an interrupted run as a crash row."""
         return compact(locked(loop.discard, reason))
 
-    @srv.tool(annotations=WRITES)
-    @refusals_as_tool_errors
+    @register(WRITES)
     async def log_result(commit: str, val_bpb: float, memory_gb: float, status: str,
                          description: str) -> LoggedRow:
         """Append one validated row to results.tsv for a run managed outside this server.
         status is keep, discard or crash (crash rows are written as 0.000000 and 0.0)."""
         return compact(locked(loop.log_result, commit, val_bpb, memory_gb, status, description))
 
-    @srv.tool(annotations=READ_ONLY)
-    @refusals_as_tool_errors
+    @register(READ_ONLY)
     async def status() -> StatusResult:
         """Branch, best val_bpb and its commit, counts per status, recent rows, a run in progress,
         a pending or interrupted result, the noise estimate, and the next step."""
         return compact(loop.status())
 
-    @srv.tool(annotations=WRITES)
-    @refusals_as_tool_errors
+    @register(WRITES)
     async def plot_progress() -> PlotResult:
         """Write progress.png in the workspace: every run's val_bpb, the running best of kept runs as
         a step line, kept runs labelled with their descriptions. Returned as an image too."""
@@ -163,8 +163,7 @@ def build_server(loop: ResearchLoop) -> MCPServer:
                                        ImageContent(type="image", data=image, mime_type="image/png")],
                               structured_content=result.model_dump(mode="json"))
 
-    @srv.tool(annotations=WRITES)
-    @refusals_as_tool_errors
+    @register(WRITES)
     async def measure_noise(ctx: Context, repeats: int = 2) -> NoiseResult:
         """Rerun the last kept commit unchanged `repeats` times to measure run-to-run noise. Each
         repeat is logged as a discard row 'noise repeat k/N of <commit>' (a crash row if it fails)

@@ -10,6 +10,8 @@ import os
 import threading
 from pathlib import Path
 
+from mcp_server.models import Refusal
+
 STATE_DIR = ".research-loop"
 STATE_FILE = "state.json"
 LOCK_FILE = "run.lock"
@@ -50,6 +52,9 @@ class State:
             return json.loads(self.path.read_text())
         except FileNotFoundError:
             return {}
+        except ValueError:
+            raise Refusal(f"{self.path} is not valid JSON (edited by hand?): move it away and call "
+                          "setup(tag) for a new research branch; results.tsv is untouched.") from None
 
     def save(self, data: dict) -> None:
         self.dir.mkdir(exist_ok=True)

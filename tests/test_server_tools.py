@@ -507,3 +507,44 @@ def test_interrupted_run_is_reported_and_discard_resolves_it(lab):
     assert lab.ok("status")["interrupted"] is None
     set_knobs(lab.ws, val_bpb=0.9)
     assert lab.ok("run_experiment", description="resumed")["status"] == "ok"
+
+
+# --- robustness --------------------------------------------------------------------------
+def test_pending_result_survives_a_server_restart(lab):
+    lab.baseline()
+    set_knobs(lab.ws, val_bpb=0.9)
+    pending = lab.ok("run_experiment", description="before restart")
+    lab.restart()
+    assert lab.ok("status")["pending"].startswith(f"run 2 ({pending['commit']}) ok")
+    assert lab.ok("keep")["row"]["commit"] == pending["commit"]
+
+
+def test_corrupt_state_and_unexpected_errors_do_not_kill_the_server(lab):
+    lab.baseline()
+    state = lab.ws / ".research-loop" / "state.json"
+    good = state.read_text()
+    state.write_text("{not json")
+    lab.restart()  # starts anyway
+
+    async def go():
+        async with Client(build_server(lab.loop)) as client:
+            corrupt = await client.call_tool("status", {})
+            state.write_text(good)
+            (lab.ws / "results.tsv").rename(lab.ws / "results.bak")
+            (lab.ws / "results.tsv").mkdir()
+            unexpected = await client.call_tool("status", {})
+            (lab.ws / "results.tsv").rmdir()
+            (lab.ws / "results.bak").rename(lab.ws / "results.tsv")
+            return corrupt, unexpected, await client.call_tool("status", {})
+    corrupt, unexpected, recovered = anyio.run(go)
+    assert "not valid JSON" in error(corrupt) and "setup(tag)" in error(corrupt)
+    assert "Internal error (IsADirectoryError" in error(unexpected) and "still running" in error(unexpected)
+    assert answer(recovered)["counts"]["keep"] == 1
+
+
+def test_tool_descriptions_are_single_lines(lab):
+    async def go():
+        async with Client(build_server(lab.loop)) as client:
+            return (await client.list_tools()).tools
+    for tool in anyio.run(go):
+        assert "\n" not in tool.description and "  " not in tool.description
