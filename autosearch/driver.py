@@ -136,15 +136,10 @@ class Search:
         self.say(f"baseline val_bpb {result['val_bpb']:.6f} ({result['client_seconds']:.0f}s)")
 
     def budget_left(self, rows: list[dict]) -> bool:
-        done = experiments_done(rows)
-        if self.plan.experiments is not None and done >= self.plan.experiments:
-            return False
-        if self.plan.hours is not None:
-            elapsed = time.monotonic() - self.started
-            typical = (sum(t["wall_s"] for t in self.plan.timings) / len(self.plan.timings)
-                       if self.plan.timings else 0.0)
-            return elapsed + typical <= self.plan.hours * 3600
-        return True
+        walls = [t["wall_s"] for t in self.plan.timings]
+        typical = sum(walls) / len(walls) if walls else 0.0
+        return budget_left(experiments_done(rows), self.plan.experiments, self.plan.hours,
+                           time.monotonic() - self.started, typical)
 
     async def loop(self) -> None:
         rows = read_ledger(self.plan.workspace)
@@ -175,6 +170,14 @@ class Search:
     def say_progress_done(self) -> None:
         if sys.stdout.isatty():
             print()
+
+
+def budget_left(done: int, experiments: int | None, hours: float | None, elapsed: float, typical: float) -> bool:
+    """Another experiment fits: under the experiment count, and expected to end within the hours
+    (judged by the typical wall time of this call's runs so far)."""
+    if experiments is not None and done >= experiments:
+        return False
+    return hours is None or elapsed + typical <= hours * 3600
 
 
 def was_interrupted(row: dict) -> bool:

@@ -52,10 +52,16 @@ def diff_against_baseline(workspace: Path, baseline: str, best: str) -> str:
 def timing_table(timings: list[dict]) -> str:
     """Per-experiment wall time split into training, evaluation, start-up and tool overhead."""
     columns = ("experiment", "wall_s", "training_s", "eval_s", "startup_s", "overhead_s")
+    mean = {"experiment": "mean"} | {c: average([t.get(c) for t in timings]) for c in columns[1:]}
     lines = [columns] + [tuple(format_seconds(t.get(c)) if c != "experiment" else t[c] for c in columns)
-                         for t in timings]
+                         for t in timings + ([mean] if len(timings) > 1 else [])]
     widths = [max(len(line[col]) for line in lines) for col in range(len(columns))]
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines)
+
+
+def average(values: list) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
 
 
 def format_seconds(value) -> str:

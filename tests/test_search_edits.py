@@ -8,9 +8,11 @@ import sys
 import pytest
 
 from autosearch.constants import (
-    ConstantError, changed_statements, evaluate_constants, find_constants, format_value, rewrite_constants,
+    ConstantError, changed_statements, evaluate_constants, find_constants, format_value, harness_exports,
+    rewrite_constants,
 )
-from autosearch.space import DEFAULT_SPACE, Dimension, SpaceError, load_space, validate_space
+from autosearch.driver import budget_left, experiments_done
+from autosearch.space import DEFAULT_SPACE, Dimension, SpaceError, applicable, load_space, validate_space
 from autosearch.strategies import GreedyCoordinateSearch, RandomSearch
 
 # A constants block in train.py's style: literals, arithmetic, a profile lookup, comments.
@@ -199,3 +201,39 @@ def test_demo_rejects_a_bad_space_before_anything_runs(repo_root, prepared_env, 
     assert "NOT_A_CONSTANT: train.py has no such constant" in proc.stderr
     assert "MATRIX_LR is float" in proc.stderr
     assert not workspace.exists()  # nothing cloned, nothing run
+
+
+def test_the_real_train_py_takes_every_proposal_cleanly(repo_root, prepared_env):
+    """Proposals of both strategies, applied to this repository's train.py: it compiles and only
+    the named constants differ; values resolve through prepare.py's TRAIN_DEFAULTS."""
+    source = (repo_root / "train.py").read_text()
+    harness = harness_exports(repo_root, prepared_env)
+    names = set(find_constants(source))
+    space = applicable(DEFAULT_SPACE, names)
+    assert {dim.name for dim in space} == {dim.name for dim in DEFAULT_SPACE}  # train.py has them all
+    current = evaluate_constants(source, [dim.name for dim in space] + ["DEVICE_BATCH_SIZE"], harness)
+    assert current["DEPTH"] == harness["TRAIN_DEFAULTS"]["depth"]
+    validate_space(space, {n: None for n in names} | current)
+    changes = [RandomSearch(space, seed, harness).propose(current, [current]) for seed in range(10)]
+    changes.append(GreedyCoordinateSearch(space, harness).propose(current, [current]))
+    for change in changes:
+        new = rewrite_constants(source, change)
+        compile(new, "train.py", "exec")
+        assert changed_statements(source, new) == set(change)
+        assert evaluate_constants(new, list(change), harness) == change
+
+
+def test_budget_in_experiments_or_hours():
+    assert budget_left(done=2, experiments=3, hours=None, elapsed=1e6, typical=60)
+    assert not budget_left(done=3, experiments=3, hours=None, elapsed=0, typical=60)
+    assert not budget_left(done=50, experiments=None, hours=1, elapsed=3550, typical=60)
+    assert budget_left(done=50, experiments=None, hours=1, elapsed=3000, typical=90)
+    assert not budget_left(done=1, experiments=5, hours=1, elapsed=3590, typical=60)
+
+
+def test_interrupted_runs_do_not_count_as_experiments():
+    rows = [dict(status="crash", description="baseline (interrupted)"), dict(status="keep", description="baseline"),
+            dict(status="crash", description="DEPTH=5 (interrupted)"), dict(status="discard", description="DEPTH=5"),
+            dict(status="crash", description="DEPTH=3")]
+    assert experiments_done(rows) == 2
+    assert experiments_done(rows[:1]) == 0
