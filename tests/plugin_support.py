@@ -1,8 +1,11 @@
 """Helpers for the plugin tests: the pinned Claude Code CLI, an isolated environment to run it
-in, and a throwaway autoresearch-layout git repository."""
+in, a scripted stand-in for the model, and a throwaway autoresearch-layout git repository."""
+import json
 import os
 import shutil
 import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,7 +34,9 @@ def claude_env(config_dir: Path) -> dict:
     and not the test runner's virtual environment (the plugin's server must find its own)."""
     env = {k: v for k, v in os.environ.items() if k not in SECRET_VARS and k != "VIRTUAL_ENV"}
     env.update(CLAUDE_CONFIG_DIR=str(config_dir), CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1",
-               DISABLE_AUTOUPDATER="1", MCP_TIMEOUT="120000")  # first start may sync the plugin's venv
+               DISABLE_AUTOUPDATER="1",
+               # the first start may sync the plugin's venv; -p waits (blocking) for servers to connect
+               MCP_TIMEOUT="120000", MCP_CONNECT_TIMEOUT_MS="120000", MCP_CONNECTION_NONBLOCKING="false")
     return env
 
 
@@ -55,3 +60,74 @@ def make_research_repo(path: Path, branch: str | None = "autoresearch/t1", rows:
     if rows:
         (path / "results.tsv").write_text(LEDGER_HEADER + "".join(row + "\n" for row in rows))
     return path
+
+
+class ScriptedModel:
+    """A local stand-in for the Anthropic Messages API, so a real Claude Code session can run
+    offline: each turn answers with the next scripted tool call (by how many tool results the
+    conversation holds), then with plain text. Every request body is kept for inspection."""
+
+    def __init__(self, tool_calls: list[tuple[str, dict]] = ()):
+        self.tool_calls = list(tool_calls)
+        self.requests: list[dict] = []
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+
+    def __enter__(self) -> "ScriptedModel":
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def env(self, base: dict) -> dict:
+        return dict(base, ANTHROPIC_BASE_URL=f"http://127.0.0.1:{self.server.server_port}",
+                    ANTHROPIC_API_KEY="sk-test-not-a-key")
+
+    def reply_blocks(self, body: dict) -> tuple[dict, str, dict]:
+        turn = sum(part.get("type") == "tool_result" for m in body.get("messages", []) if m["role"] == "user"
+                   and isinstance(m["content"], list) for part in m["content"])
+        if turn < len(self.tool_calls) and body.get("tools"):
+            name, tool_input = self.tool_calls[turn]
+            return ({"type": "tool_use", "id": f"toolu_{turn:04d}", "name": name, "input": {}}, "tool_use",
+                    {"type": "input_json_delta", "partial_json": json.dumps(tool_input)})
+        return {"type": "text", "text": ""}, "end_turn", {"type": "text_delta", "text": "Done."}
+
+    def stream(self, body: dict) -> bytes:
+        block, stop_reason, delta = self.reply_blocks(body)
+        message = {"id": "msg_test", "type": "message", "role": "assistant", "model": body.get("model"),
+                   "content": [], "stop_reason": None, "stop_sequence": None,
+                   "usage": {"input_tokens": 1, "output_tokens": 1}}
+        events = [("message_start", {"message": message}),
+                  ("content_block_start", {"index": 0, "content_block": block}),
+                  ("content_block_delta", {"index": 0, "delta": delta}),
+                  ("content_block_stop", {"index": 0}),
+                  ("message_delta", {"delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                                     "usage": {"output_tokens": 1}}),
+                  ("message_stop", {})]
+        return "".join(f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n"
+                       for name, data in events).encode()
+
+    def _handler(self):
+        model = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                self.send_error(404)
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
+                if not self.path.startswith("/v1/messages?") and self.path != "/v1/messages":
+                    self.send_error(404)  # token counting and the like: the CLI copes without them
+                    return
+                model.requests.append(body)
+                payload = model.stream(body)
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.send_header("content-length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+        return Handler

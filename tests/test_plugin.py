@@ -7,14 +7,20 @@ tools, and whose hook events carry the SessionStart hook's output.
 """
 import asyncio
 import json
+import os
 import re
+import shlex
+import signal
+import socket
 import subprocess
+import time
+import tomllib
 from pathlib import Path
 
 import pytest
 from mcp import Client, StdioServerParameters
 
-from plugin_support import (CLAUDE_CODE_VERSION, REPO, SERVER_NAME, TOOL_PREFIX, claude_env, git,
+from plugin_support import (CLAUDE_CODE_VERSION, REPO, SERVER_NAME, TOOL_PREFIX, ScriptedModel, claude_env,
                             install_claude_cli, make_research_repo)
 
 SKILL_ID = "research-loop:autoresearch"
@@ -166,3 +172,111 @@ def test_skill_frontmatter(plugin_clone):
     body = (plugin_clone / "skills" / "autoresearch" / "SKILL.md").read_text()
     assert "$ARGUMENTS" in body
 
+
+
+def tool_results(request: dict) -> dict[str, str]:
+    """tool_use_id -> the text Claude Code sent back to the model for that call."""
+    results = {}
+    for message in request["messages"]:
+        for part in message["content"] if isinstance(message["content"], list) else []:
+            if part.get("type") == "tool_result":
+                content = part["content"]
+                results[part["tool_use_id"]] = content if isinstance(content, str) else json.dumps(content)
+    return results
+
+
+def test_claude_code_blocks_a_harness_edit_and_allows_train_py(claude, plugin_clone, env, workspace):
+    """A real session (the model scripted): the PreToolUse hook stops the prepare.py edit and the
+    refusal reaches the model; the train.py edit goes through."""
+    calls = [("Read", {"file_path": str(workspace / "prepare.py")}),
+             ("Edit", {"file_path": str(workspace / "prepare.py"), "old_string": "stand-in", "new_string": "HACK"}),
+             ("Read", {"file_path": str(workspace / "train.py")}),
+             ("Edit", {"file_path": str(workspace / "train.py"), "old_string": "DEPTH = 4", "new_string": "DEPTH = 6"})]
+    with ScriptedModel(calls) as model:
+        done = run_cli(claude, "--plugin-dir", str(plugin_clone), "-p", "try two edits", "--permission-mode",
+                       "acceptEdits", cwd=workspace, env=model.env(env))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (workspace / "prepare.py").read_text() == "# harness stand-in\n"
+    assert (workspace / "train.py").read_text() == "DEPTH = 6\n"
+    answers = tool_results(model.requests[-1])
+    assert "prepare.py is part of the evaluation harness" in answers["toolu_0001"]
+    assert "updated successfully" in answers["toolu_0003"]
+
+
+def test_compaction_keeps_the_loop_state(claude, plugin_clone, env, workspace):
+    """/compact in a resumed session: the PreCompact hook's state joins the compaction request."""
+    with ScriptedModel() as model:
+        first = run_cli(claude, "--plugin-dir", str(plugin_clone), "-p", "hello", "--output-format", "json",
+                        cwd=workspace, env=model.env(env))
+        session = json.loads(first.stdout)["session_id"]
+        model.requests.clear()
+        done = run_cli(claude, "--plugin-dir", str(plugin_clone), "-p", "/compact", "--resume", session,
+                       cwd=workspace, env=model.env(env))
+    assert done.returncode == 0, done.stdout + done.stderr
+    compaction = [json.dumps(r) for r in model.requests if "Keep this research-loop state" in json.dumps(r)]
+    assert compaction, "no request to the model carried the PreCompact hook's state"
+    assert "best val_bpb: 1.010000 at commit abc1234" in compaction[0]
+
+
+def docs_blocks(language: str) -> list[str]:
+    text = (REPO / "docs" / "using-the-tools.md").read_text()
+    return re.findall(rf"```{language}\n(.*?)```", text, re.S)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, server: subprocess.Popen, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        assert server.poll() is None, f"the HTTP server exited: {server.stderr.read().decode()}"
+        assert time.monotonic() < deadline, f"the HTTP server did not listen on port {port} within {timeout_s} s"
+        time.sleep(0.2)
+
+
+def connected_tools(claude: str, config: str, cwd: Path, env: dict) -> tuple[str, set[str]]:
+    """Status of server `autoresearch` and its tools in a session given an --mcp-config."""
+    path = cwd.parent / "mcp-config.json"
+    path.write_text(config)
+    done = run_cli(claude, "--mcp-config", str(path), "-p", "status", "--output-format", "stream-json", "--verbose",
+                   cwd=cwd, env=env)
+    init = next(json.loads(l) for l in done.stdout.splitlines() if '"subtype":"init"' in l)
+    status = next(s["status"] for s in init["mcp_servers"] if s["name"] == SERVER_NAME)
+    return status, {t.removeprefix(f"mcp__{SERVER_NAME}__") for t in init["tools"] if t.startswith("mcp__")}
+
+
+def test_documented_stdio_config_connects(claude, plugin_clone, env, workspace):
+    stdio = docs_blocks("json")[0].replace("/path/to/research-loop", str(plugin_clone))
+    status, tools = connected_tools(claude, stdio.replace("/path/to/workspace", str(workspace)), workspace, env)
+    assert (status, tools) == ("connected", CONTRACT_TOOLS)
+
+
+def test_documented_http_server_and_config_connect_only_with_the_token(claude, plugin_clone, env, workspace):
+    port = str(free_port())
+    start = next(line for block in docs_blocks("bash") for line in block.splitlines() if "--http" in line)
+    command = shlex.split(start.replace("/path/to/research-loop", str(plugin_clone))
+                          .replace("/path/to/workspace", str(workspace)).replace("8765", port))
+    config = docs_blocks("json")[1].replace("8765", port)
+    server_env = dict(env, RESEARCH_LOOP_TOKEN="s3cret")
+    server = subprocess.Popen(command, env=server_env, cwd=workspace, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_port(int(port), server)
+        assert connected_tools(claude, config, workspace, server_env) == ("connected", CONTRACT_TOOLS)
+        wrong = dict(env, RESEARCH_LOOP_TOKEN="wrong")
+        assert connected_tools(claude, config, workspace, wrong)[0] == "failed"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_documented_codex_configs_parse():
+    stdio, http = (tomllib.loads(block)["mcp_servers"]["autoresearch"] for block in docs_blocks("toml"))
+    assert stdio["command"] == "uv" and "research-loop-mcp" in stdio["args"]
+    assert http["url"].startswith("http://127.0.0.1:") and http["bearer_token_env_var"] == "RESEARCH_LOOP_TOKEN"
