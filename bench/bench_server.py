@@ -3,7 +3,7 @@
     uv run python bench/bench_server.py             # latency, overhead, answer size, soak of 100
     uv run python bench/bench_server.py --soak 1000 # the full soak
 
-Targets: keep/discard/log_result/status/read_metrics p95 < 100 ms with a 1,000-row ledger;
+Targets: start-up (spawn to tools/list answered) < 2 s; keep/discard/log_result/status/read_metrics p95 < 100 ms with a 1,000-row ledger;
 run_experiment adds < 1 s to the training process's wall time; a successful run_experiment
 answer < 1,500 bytes; a soak of fast experiments (keep and discard mixed, a few crashes and
 timeouts) loses no ledger row, leaves no process behind, and keeps the server's memory and
@@ -35,6 +35,8 @@ OVERHEAD_TARGET_S = 1.0
 ANSWER_TARGET_BYTES = 1500
 CRASH_EVERY, TIMEOUT_EVERY = 37, 97  # a few of each in the soak
 SOAK_TIMEOUT_S = 1.0
+STARTUP_SAMPLES = 5
+STARTUP_TARGET_S = 2.0
 
 
 def git(ws: Path, *args: str) -> str:
@@ -167,6 +169,17 @@ async def latency_and_overhead(ws: Path, cache: Path, report: dict) -> None:
         report["overhead_s"] = round(statistics.median(served) - statistics.median(direct), 3)
 
 
+async def startup(ws: Path, cache: Path, report: dict) -> None:
+    """Spawn to first answered tools/list, over stdio."""
+    samples = []
+    for _ in range(STARTUP_SAMPLES):
+        started = time.perf_counter()
+        async with Client(server_params(ws, cache)) as client:
+            await client.list_tools()
+            samples.append(time.perf_counter() - started)
+    report["startup_s_median"] = round(statistics.median(samples), 3)
+
+
 async def soak(ws: Path, cache: Path, runs: int, report: dict) -> None:
     samples, expected_rows = [], 0
     async with Client(server_params(ws, cache)) as client:
@@ -205,6 +218,8 @@ async def soak(ws: Path, cache: Path, runs: int, report: dict) -> None:
 
 def check(report: dict) -> list[str]:
     failures = [f"{name} p95 {ms} ms" for name, ms in report["p95_ms"].items() if ms >= P95_TARGET_MS]
+    if report["startup_s_median"] >= STARTUP_TARGET_S:
+        failures.append(f"start-up {report['startup_s_median']} s")
     if report["overhead_s"] >= OVERHEAD_TARGET_S:
         failures.append(f"overhead {report['overhead_s']} s")
     if report["answer_bytes_max"] >= ANSWER_TARGET_BYTES:
@@ -226,6 +241,7 @@ def main() -> int:
     report = {}
     with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp:
         ws, cache = make_workspace(Path(tmp) / "latency")
+        anyio.run(startup, ws, cache, report)
         anyio.run(latency_and_overhead, ws, cache, report)
         ws, cache = make_workspace(Path(tmp) / "soak")
         anyio.run(soak, ws, cache, args.soak, report)
