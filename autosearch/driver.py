@@ -15,9 +15,9 @@ from pathlib import Path
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 
-from autosearch.constants import evaluate_constants, find_constants, harness_exports, rewrite_constants
+from autosearch.constants import ConstantError, evaluate_constants, find_constants, rewrite_constants
 from autosearch.report import read_ledger
-from autosearch.space import applicable, validate_space
+from autosearch.space import SpaceError, applicable, validate_space
 from autosearch.strategies import describe, make_strategy
 
 BASELINE_DESCRIPTION = "baseline"
@@ -27,6 +27,9 @@ EXTRA_NAMES = ("DEVICE_BATCH_SIZE",)  # read alongside the space: the batch cons
 
 class SearchError(RuntimeError):
     """A fault the user must fix; the message says how."""
+
+
+USER_FACING_ERRORS = (SearchError, ConstantError, SpaceError)
 
 
 @dataclass
@@ -130,8 +133,10 @@ class Search:
         result = await self.run_one(BASELINE_DESCRIPTION)
         if result.get("status") != "ok":
             await self.call("discard", reason="baseline crashed")
-            raise SearchError("the baseline run failed; read its log under the workspace's runs/ folder:\n"
-                              + str(result.get("tail", "")))
+            tail = "\n".join(str(result.get("tail", "")).splitlines()[-10:])
+            raise SearchError(f"the baseline run ended with {result.get('status')}, so there is nothing to "
+                              f"improve on. Its log: {self.plan.workspace / result.get('log', 'run.log')}; "
+                              f"it ends with:\n{tail}\nFix the cause, then run the same command again.")
         await self.call("keep")
         self.say(f"baseline val_bpb {result['val_bpb']:.6f} ({result['client_seconds']:.0f}s)")
 
@@ -151,13 +156,15 @@ class Search:
                 return
             source = train_source(self.plan.workspace)
             (self.plan.workspace / "train.py").write_text(rewrite_constants(source, change))
-            number = len(rows)
+            number = experiments_done(rows) + 1
             total = f"/{self.plan.experiments}" if self.plan.experiments is not None else ""
             self.say(f"experiment {number}{total}: {describe(change)}")
             result = await self.run_one(describe(change))
             decision = await self.decide(result)
             shown = f"val_bpb {result['val_bpb']:.6f}" if result.get("status") == "ok" else result.get("status")
             self.say(f"experiment {number}: {shown} -> {decision} ({result['client_seconds']:.0f}s)")
+            if result.get("status") != "ok":
+                self.say("  end of its log:\n" + "\n".join(str(result.get("tail", "")).splitlines()[-3:]))
             rows = read_ledger(self.plan.workspace)
 
     async def progress(self, progress: float, total: float | None, message: str | None) -> None:
@@ -236,6 +243,20 @@ def server_parameters(plan: SearchPlan, repo: Path) -> StdioServerParameters:
 
 async def run_search(plan: SearchPlan, repo: Path, say) -> None:
     """Set up (or resume) the workspace's research branch, run the baseline, then the search."""
+    try:
+        await search_session(plan, repo, say)
+    except BaseExceptionGroup as group:
+        # The SDK's task groups wrap what the search raised: hand the user the error itself.
+        ours = group.subgroup(lambda e: isinstance(e, USER_FACING_ERRORS))
+        if ours is None:
+            raise
+        error = ours
+        while isinstance(error, BaseExceptionGroup):
+            error = error.exceptions[0]
+        raise error from None
+
+
+async def search_session(plan: SearchPlan, repo: Path, say) -> None:
     async with stdio_client(server_parameters(plan, repo)) as (read, write):
         async with ClientSession(read, write) as session:
             await session.initialize()
