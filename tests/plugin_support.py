@@ -29,11 +29,14 @@ def install_claude_cli() -> Path:
     return CLAUDE_BIN
 
 
-def claude_env(config_dir: Path) -> dict:
-    """Environment for the CLI: its own config folder (no user plugins or settings), no secrets,
-    and not the test runner's virtual environment (the plugin's server must find its own)."""
+def claude_env(home: Path) -> dict:
+    """Environment for the CLI: its own config and temp folders under `home` (no user plugins or
+    settings, nothing left behind), no secrets, and not the test runner's virtual environment
+    (the plugin's server must find its own)."""
     env = {k: v for k, v in os.environ.items() if k not in SECRET_VARS and k != "VIRTUAL_ENV"}
-    env.update(CLAUDE_CONFIG_DIR=str(config_dir), CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1",
+    (home / "tmp").mkdir(parents=True, exist_ok=True)
+    env.update(CLAUDE_CONFIG_DIR=str(home / "config"), CLAUDE_CODE_TMPDIR=str(home / "tmp"),
+               CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1",
                DISABLE_AUTOUPDATER="1",
                # the first start may sync the plugin's venv; -p waits (blocking) for servers to connect
                MCP_TIMEOUT="120000", MCP_CONNECT_TIMEOUT_MS="120000", MCP_CONNECTION_NONBLOCKING="false")

@@ -44,7 +44,7 @@ def plugin_clone(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def env(tmp_path_factory) -> dict:
-    return claude_env(tmp_path_factory.mktemp("claude-config"))
+    return claude_env(tmp_path_factory.mktemp("claude-home"))
 
 
 @pytest.fixture
