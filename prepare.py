@@ -11,7 +11,6 @@ uses the same constants. Research runs must never edit this file or nanochat/.
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ CLIMBMIX_TRAIN_SHARDS = 10  # upstream's default download
 TOKENIZER_MAX_CHARS = 1_000_000_000  # text the tokenizer trains on, at most (as upstream)
 TOKENIZER_DOC_CHARS = 10_000  # per document, so one huge document can't dominate the merges
 NETWORK_PROBE_TIMEOUT_S = 3
+PROGRESS_EVERY_S = 0.5  # redraw the download line at most this often
 CHARS_PER_ROW_TOKEN = 3  # local corpora are cut to about a row: max_seq_len tokens of ~3 chars
 
 
@@ -62,7 +62,10 @@ def load_constants() -> dict:
     if record is None:
         raise RuntimeError(f"Nothing is prepared in {cache_dir()}. Run `{PREPARE_COMMAND}` first "
                            f"(it prepares data and trains the tokenizer; see --help).")
-    name = record["profile"]
+    name = record.get("profile")
+    if name not in PROFILES or not {"dataset", "vocab_size", "max_seq_len"} <= record.keys():
+        raise RuntimeError(f"{prepared_record_path()} is not a record this version wrote. "
+                           f"Re-prepare with `{PREPARE_COMMAND} --force`.")
     wanted = os.environ.get("AUTORESEARCH_PROFILE")
     if wanted and wanted != name:
         raise RuntimeError(f"AUTORESEARCH_PROFILE={wanted} but {cache_dir()} was prepared for profile '{name}'. "
@@ -84,12 +87,16 @@ def load_constants() -> dict:
 
 
 if __name__ != "__main__":  # imported (by train.py): resolve the contract's constants now
-    globals().update(load_constants())
+    _constants = load_constants()
+    PROFILE, DATASET = _constants["PROFILE"], _constants["DATASET"]
+    MAX_SEQ_LEN, VOCAB_SIZE = _constants["MAX_SEQ_LEN"], _constants["VOCAB_SIZE"]
+    TIME_BUDGET, EVAL_TOKENS = _constants["TIME_BUDGET"], _constants["EVAL_TOKENS"]
+    TRAIN_DEFAULTS = _constants["TRAIN_DEFAULTS"]
 
 
 def evaluate_bpb(model, tokenizer, batch_size):
     """Validation bits per byte over EVAL_TOKENS tokens at MAX_SEQ_LEN (the one number to lower)."""
-    return evaluation.evaluate_bpb(model, tokenizer, batch_size, MAX_SEQ_LEN, EVAL_TOKENS)  # noqa: F821
+    return evaluation.evaluate_bpb(model, tokenizer, batch_size, MAX_SEQ_LEN, EVAL_TOKENS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,11 +143,16 @@ def choose_dataset(requested: str, profile: str, record) -> str:
 # ---------------------------------------------------------------------------------------------
 # Preparing
 
+_last_progress = [0.0]  # when the download line was last redrawn
+
+
 def _show_download(done: int, total) -> None:
+    finished = bool(total) and done >= total
+    if not finished and time.time() - _last_progress[0] < PROGRESS_EVERY_S:
+        return
+    _last_progress[0] = time.time()
     of = f" of {total / 1e6:.1f} MB" if total else " MB"
-    print(f"\r  downloaded {done / 1e6:.1f}{of}   ", end="", flush=True)
-    if total and done >= total:
-        print()
+    print(f"\r  downloaded {done / 1e6:.1f}{of}   ", end="\n" if finished else "", flush=True)
 
 
 def write_data(dataset: str, profile: dict, num_shards: int) -> None:
@@ -157,7 +169,7 @@ def write_data(dataset: str, profile: dict, num_shards: int) -> None:
         docs = datasets.tinystories_documents(_data_url(datasets.TINYSTORIES_URL), progress=_show_download)
     else:
         docs = datasets.folder_documents(Path(dataset), doc_chars)
-    datasets.write_corpus(docs, datasets.val_chars_for(profile["eval_tokens"]), data_dir(),
+    datasets.write_corpus(docs, datasets.val_chars_for(profile["eval_tokens"]), data_dir(), source=dataset,
                           report=lambda line: print(f"  {line}", flush=True))
 
 
@@ -173,15 +185,22 @@ def train_tokenizer(vocab_size: int) -> None:
     print(f"  tokenizer ready in {time.time() - started:.1f}s -> {tokenizer_dir()}", flush=True)
 
 
-def check_prepared(record) -> str | None:
-    """What is missing or broken in a prepared cache, or None when all is in place (cheap checks)."""
+def tokenizer_problem(vocab_size: int):
+    """What is wrong with the saved tokenizer, or None."""
+    try:
+        found = Tokenizer.from_directory().get_vocab_size()
+    except RuntimeError as e:
+        return str(e)
+    return None if found == vocab_size else f"the tokenizer has {found} tokens, not {vocab_size}"
+
+
+def data_problem():
+    """What is missing or broken in the data shards, or None (footer checks only: cheap)."""
     from nanochat import datasets
     try:
         for path in datasets.split_paths("train") + datasets.split_paths("val"):
             datasets.check_shard(path)
-        if Tokenizer.from_directory().get_vocab_size() != record["vocab_size"]:
-            return "the tokenizer has the wrong vocabulary size"
-    except Exception as e:
+    except (RuntimeError, FileNotFoundError) as e:
         return str(e)
     return None
 
@@ -193,13 +212,15 @@ def _write_record(record: dict) -> None:
     os.replace(tmp, path)
 
 
-def _clear_cache() -> None:
-    """For --force: drop the record, tokenizer and shards (downloads of raw files stay for reuse)."""
+def _foreign_shards(dataset: str) -> list:
+    """Shards in the data folder that did not come from this data set."""
     from nanochat import datasets
-    prepared_record_path().unlink(missing_ok=True)
-    shutil.rmtree(tokenizer_dir(), ignore_errors=True)
-    for shard in datasets.list_shards():
-        shard.unlink()
+    return [path for path in datasets.list_shards() if datasets.shard_source(path) != dataset]
+
+
+def _refuse(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 def prepare(profile_name: str, dataset_request: str, num_shards: int, force: bool) -> int:
@@ -215,41 +236,35 @@ def prepare(profile_name: str, dataset_request: str, num_shards: int, force: boo
     if record:
         differs = {k: (record.get(k), v) for k, v in wanted.items() if record.get(k) != v}
         if differs:
-            print(f"error: {cache_dir()} is already prepared differently: "
-                  + ", ".join(f"{k} is {old!r}, asked {new!r}" for k, (old, new) in differs.items())
-                  + f".\nTo replace it run `{PREPARE_COMMAND} --profile {profile_name} --dataset {dataset_request} "
-                  f"--force`, or set AUTORESEARCH_CACHE to another folder to keep both.", file=sys.stderr)
-            return 2
-        problem = check_prepared(record)
-        if problem is None and not (dataset == "climbmix" and num_shards > len(datasets.split_paths("train"))):
+            return _refuse(f"{cache_dir()} is already prepared differently: "
+                           + ", ".join(f"{k} is {old!r}, asked {new!r}" for k, (old, new) in differs.items())
+                           + f".\nTo replace it run `{PREPARE_COMMAND} --profile {profile_name} --dataset "
+                           f"{dataset_request} --force`, or set AUTORESEARCH_CACHE to another folder to keep both.")
+        problem = data_problem() or tokenizer_problem(profile["vocab_size"])
+        more_shards = dataset == "climbmix" and num_shards > len(datasets.split_paths("train"))
+        if problem is None and not more_shards:
             print("Already prepared with these choices: nothing to do.")
             return 0
         if problem:
-            print(f"Prepared before, but {problem}\nRepairing...", flush=True)
-    elif force:
-        _clear_cache()
-    elif datasets.list_shards():
-        print(f"error: {data_dir()} already holds data shards that no prepare run recorded (an upstream "
-              f"autoresearch cache?). Pass --force to replace them, or set AUTORESEARCH_CACHE to another "
-              f"folder.", file=sys.stderr)
-        return 2
+            print(f"Prepared before, but: {problem}\nRepairing...", flush=True)
+    else:
+        foreign = _foreign_shards(dataset)
+        if foreign and not force:
+            return _refuse(f"{data_dir()} holds {len(foreign)} data shards that are not from '{dataset}' and that "
+                           f"no prepare run recorded (e.g. {foreign[0].name}). Pass --force to replace them, or "
+                           f"set AUTORESEARCH_CACHE to another folder.")
+        prepared_record_path().unlink(missing_ok=True)
+        for path in foreign:
+            path.unlink()
     started = time.time()
     print(f"Writing data shards to {data_dir()}...", flush=True)
     write_data(dataset, profile, num_shards)
-    if record is None or not tokenizer_ok():
+    if record is None or tokenizer_problem(profile["vocab_size"]):
         train_tokenizer(profile["vocab_size"])
     _write_record(dict(wanted, num_train_shards=len(datasets.split_paths("train")),
                        python=sys.version.split()[0], prepared_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
     print(f"Done in {time.time() - started:.1f}s. Next: `uv run train.py`.")
     return 0
-
-
-def tokenizer_ok() -> bool:
-    try:
-        Tokenizer.from_directory()
-        return True
-    except Exception:
-        return False
 
 
 def main(argv=None) -> int:

@@ -21,6 +21,7 @@ from nanochat.cache import PREPARE_COMMAND, cache_dir, data_dir
 from nanochat.download import download_file
 
 SHARD_PATTERN = "shard_{:05d}.parquet"
+SOURCE_KEY = b"autoresearch_source"  # parquet metadata naming the data set a shard was written from
 ROW_GROUP_ROWS = 1024
 SHARD_CHARS = 1_000_000  # text per locally written train shard
 
@@ -68,22 +69,26 @@ def split_paths(split: str, directory=None) -> list:
     return shards[:-1] if split == "train" else shards[-1:]
 
 
-def check_shard(path: Path) -> int:
-    """Read the footer and schema (cheap); returns the row count or raises ShardError."""
+def _open_shard(path: Path) -> pq.ParquetFile:
+    """Open a shard, reading its footer and schema (cheap), or raise ShardError naming it."""
     try:
-        meta = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(path)
     except Exception as e:
         raise _shard_error(path, f"corrupt or truncated ({e})") from e
-    if "text" not in meta.schema_arrow.names:
+    if "text" not in parquet.schema_arrow.names:
         raise _shard_error(path, "missing its `text` column")
-    return meta.metadata.num_rows
+    return parquet
+
+
+def check_shard(path: Path) -> int:
+    """The shard's row count, or ShardError when it is unreadable."""
+    return _open_shard(path).metadata.num_rows
 
 
 def iter_text_batches(paths, batch_size: int):
     """Yield lists of up to batch_size document strings, shard by shard, row group by row group."""
     for path in paths:
-        check_shard(path)
-        parquet = pq.ParquetFile(path)
+        parquet = _open_shard(path)
         for group in range(parquet.num_row_groups):
             try:
                 texts = parquet.read_row_group(group, columns=["text"]).column("text").to_pylist()
@@ -108,18 +113,30 @@ def iter_training_text(max_chars: int, doc_chars: int):
 # ---------------------------------------------------------------------------------------------
 # Writing shards
 
-def _write_shard(texts: list, path: Path) -> None:
+def _write_shard(texts: list, path: Path, source: str) -> None:
+    table = pa.table({"text": pa.array(texts, type=pa.string())}).replace_schema_metadata({SOURCE_KEY: source})
     tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(pa.table({"text": pa.array(texts, type=pa.string())}), tmp, row_group_size=ROW_GROUP_ROWS)
+    pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS)
     os.replace(tmp, path)
 
 
-def write_corpus(documents, val_chars: int, directory: Path, report=print) -> int:
+def shard_source(path: Path):
+    """The data set a shard came from: what we wrote in its metadata, 'climbmix' for upstream's
+    shards (they carry none), None when unreadable."""
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except Exception:
+        return None
+    return metadata.get(SOURCE_KEY, b"climbmix").decode()
+
+
+def write_corpus(documents, val_chars: int, directory: Path, source: str = "local", report=print) -> int:
     """Stream documents into shards: the first val_chars of text become the last (validation) shard.
 
     Returns the number of shards written. Validation comes first in the stream so nothing but it
     is ever held in memory; it is written last so that it sorts last. A corpus too small for
     val_chars gives validation at most MAX_VAL_FRACTION of its text (evaluation then cycles).
+    source (the data set's name) is stored in each shard, so shards of different origins never mix.
     """
     directory.mkdir(parents=True, exist_ok=True)
     val, val_size, train_size, index = [], 0, 0, 0
@@ -133,7 +150,7 @@ def write_corpus(documents, val_chars: int, directory: Path, report=print) -> in
         batch_size += len(doc)
         train_size += len(doc)
         if batch_size >= SHARD_CHARS:
-            index = _write_train_shard(batch, directory, index, report)
+            index = _write_train_shard(batch, directory, index, source, report)
             batch, batch_size = [], 0
     keep, kept_size = 0, 0
     while keep < len(val) and kept_size < MAX_VAL_FRACTION * (val_size + train_size):
@@ -143,11 +160,11 @@ def write_corpus(documents, val_chars: int, directory: Path, report=print) -> in
     while batch:
         cut = next((i + 1 for i, size in enumerate(itertools.accumulate(map(len, batch))) if size >= SHARD_CHARS),
                    len(batch))
-        index = _write_train_shard(batch[:cut], directory, index, report)
+        index = _write_train_shard(batch[:cut], directory, index, source, report)
         batch = batch[cut:]
     if index == 0 or not val:
         raise ValueError("Not enough text for a train and a validation shard. Give the data set more text.")
-    _write_shard(val, directory / SHARD_PATTERN.format(index))
+    _write_shard(val, directory / SHARD_PATTERN.format(index), source)
     report(f"wrote validation shard {index} ({kept_size / 1e6:.2f}M chars)")
     if kept_size < val_chars:
         report(f"note: evaluation wants about {val_chars / 1e6:.1f}M chars of validation text; "
@@ -155,8 +172,8 @@ def write_corpus(documents, val_chars: int, directory: Path, report=print) -> in
     return index + 1
 
 
-def _write_train_shard(texts: list, directory: Path, index: int, report) -> int:
-    _write_shard(texts, directory / SHARD_PATTERN.format(index))
+def _write_train_shard(texts: list, directory: Path, index: int, source: str, report) -> int:
+    _write_shard(texts, directory / SHARD_PATTERN.format(index), source)
     report(f"wrote shard {index} ({sum(map(len, texts)) / 1e6:.1f}M chars)")
     return index + 1
 
@@ -231,7 +248,6 @@ def _jsonl_texts(path: Path):
 
 
 def _parquet_texts(path: Path):
-    check_shard(path)
     for texts in iter_text_batches([path], ROW_GROUP_ROWS):
         yield from texts
 
@@ -249,20 +265,24 @@ def folder_documents(folder: Path, max_doc_chars: int):
             yield from cut_documents(text, max_doc_chars)
 
 
-def _validate_parquet(path: Path) -> None:
-    check_shard(path)
-
-
 def download_climbmix(num_train_shards: int, base_url: str, progress=None, report=print) -> None:
     """Upstream's shards, straight into the data folder (their names already sort val last)."""
     if not 1 <= num_train_shards <= CLIMBMIX_LAST_SHARD:
         raise ValueError(f"--num-shards must be between 1 and {CLIMBMIX_LAST_SHARD}, got {num_train_shards}")
     indices = list(range(num_train_shards)) + [CLIMBMIX_LAST_SHARD]
     for n, index in enumerate(indices, 1):
-        name = SHARD_PATTERN.format(index)
-        report(f"shard {n}/{len(indices)}: {name}")
-        download_file(f"{base_url.rstrip('/')}/{name}", data_dir() / name, validate=_validate_parquet,
-                      progress=progress)
+        path = data_dir() / SHARD_PATTERN.format(index)
+        if path.exists():
+            try:
+                check_shard(path)
+                report(f"shard {n}/{len(indices)}: {path.name} already here")
+                continue
+            except ShardError:
+                report(f"shard {n}/{len(indices)}: {path.name} is unreadable, downloading it again")
+                path.unlink()
+        else:
+            report(f"shard {n}/{len(indices)}: {path.name}")
+        download_file(f"{base_url.rstrip('/')}/{path.name}", path, validate=check_shard, progress=progress)
 
 
 def tinystories_documents(base_url: str, progress=None):

@@ -1,4 +1,5 @@
 """The best-fit dataloader: BOS-aligned rows of whole documents, no padding, shifted targets."""
+import itertools
 import random
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def corpus(tmp_path_factory):
 
 def segments(row: list, bos: int) -> list:
     starts = [i for i, token in enumerate(row) if token == bos] + [len(row)]
-    return [row[a:b] for a, b in zip(starts, starts[1:])]
+    return [row[a:b] for a, b in itertools.pairwise(starts)]
 
 
 def test_rows_start_with_bos_and_targets_are_shifted(tokenizer, corpus):

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from nanochat import download
-from nanochat.datasets import CLIMBMIX_LAST_SHARD, SHARD_PATTERN, ShardError, check_shard
+from nanochat.datasets import (CLIMBMIX_LAST_SHARD, SHARD_PATTERN, TINYSTORIES_FILE, ShardError, check_shard,
+                               tinystories_documents)
 from nanochat.download import DownloadError, download_file
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB, every offset distinguishable
@@ -93,7 +94,7 @@ def test_dropped_connection_resumes_with_range(serve, tmp_path):
     seen = []
     dest = download_file(f"{server.url}/f.bin", tmp_path / "f.bin", progress=lambda done, total: seen.append(done))
     assert dest.read_bytes() == PAYLOAD
-    (first, no_range), (second, resume) = server.requests
+    (_, no_range), (_, resume) = server.requests
     assert no_range is None and resume.startswith("bytes=")
     assert 0 < int(resume.removeprefix("bytes=").rstrip("-")) <= len(PAYLOAD) // 2  # kept what arrived
     assert seen[-1] == len(PAYLOAD) and not (tmp_path / "f.bin.part").exists()
@@ -159,19 +160,32 @@ def test_truncated_shard_is_a_clear_error(tmp_path):
 
 
 def test_prepare_downloads_climbmix_from_the_configured_url(serve, tmp_path, repo_root):
-    """prepare.py end to end on 'climbmix' from a loopback mirror, one drop included."""
+    """prepare.py end to end on 'climbmix' from a loopback mirror, one drop included, reusing a
+    shard already in an upstream-style cache."""
     rng = random.Random(0)
     words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(5000)]
     files = {SHARD_PATTERN.format(i): parquet_bytes([" ".join(rng.choices(words, k=80)) for _ in range(1000)],
                                                     tmp_path, f"{i}.parquet")
              for i in (0, CLIMBMIX_LAST_SHARD)}
     server = serve(files, drops=1)
+    data = tmp_path / "cache" / "data"
+    data.mkdir(parents=True)
+    (data / SHARD_PATTERN.format(0)).write_bytes(files[SHARD_PATTERN.format(0)])
     env = {"AUTORESEARCH_CACHE": str(tmp_path / "cache"), "AUTORESEARCH_DATA_URL": server.url,
            "PATH": "/usr/bin:/bin"}
     done = subprocess.run([sys.executable, "prepare.py", "--profile", "cpu", "--dataset", "climbmix",
                            "--num-shards", "1"], cwd=repo_root, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "downloaded" in done.stdout and "tokenizer ready" in done.stdout
-    data = tmp_path / "cache" / "data"
+    assert "downloaded" in done.stdout and "already here" in done.stdout and "tokenizer ready" in done.stdout
+    assert {name for name, _ in server.requests} == {SHARD_PATTERN.format(CLIMBMIX_LAST_SHARD)}
     assert sorted(p.name for p in data.iterdir()) == sorted(files)
     assert all((data / name).read_bytes() == body for name, body in files.items())
+
+
+def test_tinystories_file_becomes_documents(serve, tmp_path, monkeypatch):
+    stories = [f"Once upon a time, story {i} happened." for i in range(50)]
+    body = "\n<|endoftext|>\n".join(stories).encode()
+    server = serve({TINYSTORIES_FILE: body}, drops=1)
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(tmp_path))
+    assert list(tinystories_documents(server.url)) == stories
+    assert (tmp_path / "downloads" / TINYSTORIES_FILE).read_bytes() == body

@@ -64,7 +64,7 @@ def test_matches_the_hand_computation(tokenizer):
 
 
 def test_special_token_targets_count_in_neither_sum(tokenizer):
-    x, y, _ = next(make_dataloader(tokenizer, BATCH, SEQ_LEN, "val", device="cpu"))
+    _, y, _ = next(make_dataloader(tokenizer, BATCH, SEQ_LEN, "val", device="cpu"))
     assert (y == tokenizer.get_bos_token_id()).any()  # documents start inside rows: BOS is a target
     plain, noisy = Bigram(tokenizer.get_vocab_size()), NoisyOnSpecialTargets(tokenizer.get_vocab_size())
     tokens = STEPS * BATCH * SEQ_LEN

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from nanochat.datasets import (OFFLINE_SKIP_DIRS, OFFLINE_TOTAL_CHARS, check_shard, cut_documents, folder_documents,
-                               list_shards, offline_source_files, write_corpus)
+                               list_shards, offline_source_files, shard_source, write_corpus)
 
 
 def run(args, env, repo_root, **extra_env):
@@ -183,6 +183,16 @@ def test_small_corpus_keeps_most_text_for_training(tmp_path):
     documents = [f"document {i} " * 10 for i in range(1000)]
     shards = write_corpus(iter(documents), val_chars=10**9, directory=tmp_path, report=notes.append)
     texts = [pq.read_table(path)["text"].to_pylist() for path in list_shards(tmp_path)]
-    assert shards == len(texts) >= 2 and sorted(sum(texts, [])) == sorted(documents)  # nothing lost
+    assert shards == len(texts) >= 2 and sorted(text for shard in texts for text in shard) == sorted(documents)  # nothing lost
     assert 0 < sum(map(len, texts[-1])) <= 0.1 * sum(map(len, documents)) + len(documents[0])
     assert "cycle over" in notes[-1]
+
+
+def test_shards_remember_their_data_set(tmp_path):
+    write_corpus(iter(["some text " * 50] * 40), val_chars=500, directory=tmp_path / "ours", source="offline",
+                 report=lambda line: None)
+    assert {shard_source(path) for path in list_shards(tmp_path / "ours")} == {"offline"}
+    pq.write_table(pa.table({"text": ["upstream"]}), tmp_path / "upstream.parquet")
+    assert shard_source(tmp_path / "upstream.parquet") == "climbmix"  # upstream shards carry no mark
+    (tmp_path / "broken.parquet").write_bytes(b"nonsense")
+    assert shard_source(tmp_path / "broken.parquet") is None
