@@ -21,7 +21,7 @@ import pytest
 from mcp import Client, StdioServerParameters
 
 from plugin_support import (CLAUDE_CODE_VERSION, REPO, SERVER_NAME, TOOL_PREFIX, ScriptedModel, claude_env,
-                            install_claude_cli, make_research_repo)
+                            git, install_claude_cli, make_research_repo)
 
 SKILL_ID = "research-loop:autoresearch"
 CONTRACT_TOOLS = {"setup", "run_experiment", "read_metrics", "keep", "discard", "log_result", "status",
@@ -280,3 +280,30 @@ def test_documented_codex_configs_parse():
     stdio, http = (tomllib.loads(block)["mcp_servers"]["autoresearch"] for block in docs_blocks("toml"))
     assert stdio["command"] == "uv" and "research-loop-mcp" in stdio["args"]
     assert http["url"].startswith("http://127.0.0.1:") and http["bearer_token_env_var"] == "RESEARCH_LOOP_TOKEN"
+
+
+def test_slash_command_runs_the_skill_with_its_tools(claude, plugin_clone, env, tmp_path):
+    """`/research-loop:autoresearch t2` in a real session (model scripted): the skill's text arrives
+    with the tag, and its allowed-tools let the MCP calls through unprompted; setup makes the branch."""
+    repo = make_research_repo(tmp_path / "fresh", branch=None)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "prepared.json").write_text('{"profile": "cpu", "time_budget": 1}')
+    calls = [(TOOL_PREFIX + "status", {}), (TOOL_PREFIX + "setup", {"tag": "t2"})]
+
+    def session(prompt: str) -> tuple[ScriptedModel, subprocess.CompletedProcess]:
+        with ScriptedModel(calls) as model:
+            done = run_cli(claude, "--plugin-dir", str(plugin_clone), "-p", prompt, cwd=repo,
+                           env=model.env(dict(env, AUTORESEARCH_CACHE=str(cache))))
+        assert done.returncode == 0, done.stdout + done.stderr
+        return model, done
+
+    model, _ = session("please set up t2")  # no skill: the MCP tools still need a person's approval
+    assert "haven't granted it yet" in tool_results(model.requests[-1])["toolu_0001"]
+    assert git(repo, "branch", "--list", "autoresearch/*") == ""
+
+    model, _ = session(f"/{SKILL_ID} t2")
+    assert "Run tag requested: `t2`" in json.dumps(model.requests[0])
+    answers = tool_results(model.requests[-1])
+    assert '"next":"setup(tag)"' in answers["toolu_0000"]
+    assert git(repo, "symbolic-ref", "--short", "HEAD") == "autoresearch/t2", answers["toolu_0001"]
