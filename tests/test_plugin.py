@@ -1,9 +1,11 @@
 """The Claude Code plugin, checked with the pinned Claude Code CLI against a fresh clone of the
 committed repository (so an uncommitted or ignored file cannot make it pass).
 
-Everything here runs offline with no login: `claude plugin validate`, `claude mcp list`, and a
-`claude -p` session whose stream-json `init` message lists the loaded skills, MCP servers and
-tools, and whose hook events carry the SessionStart hook's output.
+Everything runs offline with no login: `claude plugin validate`, `claude mcp list`, and real
+`claude -p` sessions. Without credentials a session still starts for real (plugin loaded, MCP
+servers connected, SessionStart hooks run) and its stream-json `init` message lists the skills,
+servers and tools. Where a test needs the model to act, a local scripted stand-in for the
+Messages API (ScriptedModel) issues the tool calls, and Claude Code does everything else.
 """
 import asyncio
 import json
@@ -99,18 +101,22 @@ def test_cli_is_the_pinned_version(claude, env, tmp_path):
     assert done.stdout.startswith(CLAUDE_CODE_VERSION), done.stdout + done.stderr
 
 
-def test_plugin_validates_strict(claude, plugin_clone, env):
-    done = run_cli(claude, "plugin", "validate", str(plugin_clone / ".claude-plugin" / "plugin.json"), "--strict",
-                   cwd=plugin_clone, env=env)
+@pytest.mark.parametrize("target", [".", ".claude-plugin/plugin.json", ".claude-plugin/marketplace.json"])
+def test_validates_strict(claude, plugin_clone, env, target):
+    done = run_cli(claude, "plugin", "validate", target, "--strict", cwd=plugin_clone, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert f"skills: {SKILL_ID}" in done.stdout  # how the validator names the skill
+    assert "Validation passed" in done.stdout
+
+
+def test_validator_sees_the_skill_server_and_hooks(claude, plugin_clone, env):
+    done = run_cli(claude, "plugin", "validate", ".claude-plugin/plugin.json", cwd=plugin_clone, env=env)
+    assert f"skills: {SKILL_ID}" in done.stdout  # how Claude Code names the skill
     assert f"mcpServers: {SERVER_NAME} stdio uv" in done.stdout
+    for event in ("PreToolUse Edit|Write|MultiEdit|NotebookEdit", "SessionStart", "PreCompact"):
+        assert f"hooks: {event} command" in done.stdout
 
 
-def test_marketplace_validates_strict(claude, plugin_clone, env):
-    done = run_cli(claude, "plugin", "validate", str(plugin_clone / ".claude-plugin" / "marketplace.json"),
-                   "--strict", cwd=plugin_clone, env=env)
-    assert done.returncode == 0, done.stdout + done.stderr
+def test_marketplace_lists_the_plugin_at_the_root(plugin_clone):
     listing = json.loads((plugin_clone / ".claude-plugin" / "marketplace.json").read_text())
     assert [(p["name"], p["source"]) for p in listing["plugins"]] == [("research-loop", "./")]
 
