@@ -290,7 +290,7 @@ class ResearchLoop:
         description = self._with_note(pending["description"], note)
         row = ledger.make_row(pending["commit"], pending["val_bpb"], pending["memory_gb"] or 0.0,
                               "keep", description)
-        rows = ledger.append_row(self.ledger_path, row)
+        rows = self._append_once(row)
         full = pending.get("full_commit") or self.ws.resolve_commit(pending["commit"]) or pending["commit"]
         with self.state.mutex:
             self.state.update(pending=None, kept_commit=full)
@@ -317,7 +317,7 @@ class ResearchLoop:
             raise Refusal(f"Tracked files other than train.py were changed after the run: "
                           f"{', '.join(others)}. Revert them (git checkout HEAD -- <file>) and discard again.")
         row = ledger.make_row(commit, val_bpb, memory, status, description)
-        rows = ledger.append_row(self.ledger_path, row)  # the row first: a reset never loses a result
+        rows = self._append_once(row)  # the row first: a reset never loses a result
         saved = self._save_unsaved_train(commit) if EDITABLE in changed else None
         self.ws.reset_to(kept)
         with self.state.mutex:
@@ -326,6 +326,13 @@ class ResearchLoop:
         note = f"your uncommitted train.py was saved to {saved}" if saved else None
         return DecisionResult(row=row, branch=state["branch"], kept_commit=kept[:7],
                               best_val_bpb=best.val_bpb if best else None, note=note)
+
+    def _append_once(self, row: Row) -> list[Row]:
+        """keep/discard retried after a failure past the append (e.g. git) do not log twice."""
+        rows = self.rows()
+        if any(r.commit == row.commit and r.status == row.status for r in rows):
+            return rows
+        return ledger.append_row(self.ledger_path, row)
 
     def _save_unsaved_train(self, commit: str) -> str | None:
         """train.py edited after the run would be lost by the reset: keep a copy."""

@@ -51,7 +51,8 @@ def refusals_as_tool_errors(fn):
             return ToolError(str(exc))
         if isinstance(exc, git.GitCommandError):
             detail = (exc.stderr or str(exc)).strip().replace("stderr: ", "")
-            return ToolError(f"git failed: {detail}. Nothing else was changed; fix the repository and retry.")
+            return ToolError(f"git failed: {detail}. Fix the repository, then retry; status() shows "
+                             "where things stand.")
         log.exception("unexpected error in %s", fn.__name__)
         return ToolError(f"Internal error ({type(exc).__name__}: {exc}). The server is still running; "
                          "status() shows the workspace state.")

@@ -548,3 +548,18 @@ def test_tool_descriptions_are_single_lines(lab):
             return (await client.list_tools()).tools
     for tool in anyio.run(go):
         assert "\n" not in tool.description and "  " not in tool.description
+
+
+def test_discard_retried_after_a_git_failure_logs_once(lab):
+    lab.baseline()
+    kept = lab.head()
+    set_knobs(lab.ws, val_bpb=1.2)
+    lab.ok("run_experiment", description="worse")
+    lock = lab.ws / ".git" / "index.lock"
+    lock.write_text("")  # another git process: the reset fails after the row is written
+    message = lab.refused("discard")
+    assert "git failed" in message and "index.lock" in message
+    assert len(ledger_lines(lab.ws)) == 3
+    lock.unlink()
+    lab.ok("discard")
+    assert len(ledger_lines(lab.ws)) == 3 and lab.head() == kept
