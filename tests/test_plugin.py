@@ -295,7 +295,9 @@ def test_slash_command_runs_the_skill_with_its_tools(claude, plugin_clone, env, 
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / "prepared.json").write_text('{"profile": "cpu", "time_budget": 1}')
-    calls = [(TOOL_PREFIX + "status", {}), (TOOL_PREFIX + "setup", {"tag": "t2"})]
+    calls = [(TOOL_PREFIX + "status", {}), (TOOL_PREFIX + "setup", {"tag": "t2"}),
+             ("Read", {"file_path": str(repo / "train.py")}),
+             ("Edit", {"file_path": str(repo / "train.py"), "old_string": "DEPTH = 4", "new_string": "DEPTH = 5"})]
 
     def session(prompt: str) -> tuple[ScriptedModel, subprocess.CompletedProcess]:
         with ScriptedModel(calls) as model:
@@ -304,12 +306,15 @@ def test_slash_command_runs_the_skill_with_its_tools(claude, plugin_clone, env, 
         assert done.returncode == 0, done.stdout + done.stderr
         return model, done
 
-    model, _ = session("please set up t2")  # no skill: the MCP tools still need a person's approval
-    assert "haven't granted it yet" in tool_results(model.requests[-1])["toolu_0001"]
+    model, _ = session("please set up t2")  # no skill: these tools still need a person's approval
+    answers = tool_results(model.requests[-1])
+    assert "haven't granted it yet" in answers["toolu_0001"] and "haven't granted it yet" in answers["toolu_0003"]
     assert git(repo, "branch", "--list", "autoresearch/*") == ""
+    assert (repo / "train.py").read_text() == "DEPTH = 4\n"
 
     model, _ = session(f"/{SKILL_ID} t2")
     assert "Run tag requested: `t2`" in json.dumps(model.requests[0])
     answers = tool_results(model.requests[-1])
     assert '"next":"setup(tag)"' in answers["toolu_0000"]
     assert git(repo, "symbolic-ref", "--short", "HEAD") == "autoresearch/t2", answers["toolu_0001"]
+    assert (repo / "train.py").read_text() == "DEPTH = 5\n", answers["toolu_0003"]
