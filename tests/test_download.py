@@ -189,3 +189,21 @@ def test_tinystories_file_becomes_documents(serve, tmp_path, monkeypatch):
     monkeypatch.setenv("AUTORESEARCH_CACHE", str(tmp_path))
     assert list(tinystories_documents(server.url)) == stories
     assert (tmp_path / "downloads" / TINYSTORIES_FILE).read_bytes() == body
+
+
+@pytest.fixture
+def prepare_module(prepared_env, monkeypatch):
+    monkeypatch.setenv("AUTORESEARCH_CACHE", prepared_env["AUTORESEARCH_CACHE"])
+    import prepare
+    return prepare
+
+
+def test_auto_dataset_is_climbmix_on_a_gpu_only_when_the_network_answers(serve, prepare_module, monkeypatch):
+    server = serve({})  # any HTTP answer counts, even 404: the network is there
+    monkeypatch.setenv("AUTORESEARCH_DATA_URL", server.url)
+    assert prepare_module.choose_dataset("auto", "h100", None) == "climbmix"
+    assert prepare_module.choose_dataset("auto", "cpu", None) == "offline"
+    assert prepare_module.choose_dataset("auto", "h100", {"dataset": "tinystories"}) == "tinystories"
+    monkeypatch.setenv("AUTORESEARCH_DATA_URL", "http://127.0.0.1:9")  # nothing listens there
+    assert prepare_module.choose_dataset("auto", "gpu", None) == "offline"
+
