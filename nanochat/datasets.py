@@ -226,7 +226,8 @@ def offline_documents(max_doc_chars: int):
 
 
 def _folder_files(folder: Path) -> list:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in FOLDER_SUFFIXES)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in FOLDER_SUFFIXES
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))  # .git, .cache
     if not files:
         raise FileNotFoundError(f"No .txt, .jsonl or .parquet files under {folder}. Put text there, "
                                 f"or choose another --dataset (offline works without any).")

@@ -163,6 +163,8 @@ def test_cut_documents_keeps_every_character_in_bounded_pieces():
 
 def test_folder_documents_in_sorted_path_order(tmp_path):
     (tmp_path / "b.txt").write_text("from b")
+    (tmp_path / ".hidden").mkdir()
+    (tmp_path / ".hidden" / "skipped.txt").write_text("not data")
     (tmp_path / "a.jsonl").write_text('{"text": "from a, line 1"}\n\n{"text": "from a, line 2"}\n')
     assert [doc.strip() for doc in folder_documents(tmp_path, 1000)] == ["from a, line 1", "from a, line 2", "from b"]
 
