@@ -45,8 +45,8 @@ class ShardError(RuntimeError):
 
 
 def _shard_error(path: Path, problem: str) -> ShardError:
-    return ShardError(f"Data shard {path} is {problem}. Delete it and run `{PREPARE_COMMAND}` "
-                      f"to rebuild or download it again.")
+    return ShardError(f"Data shard {path} is {problem}. Run `{PREPARE_COMMAND}` again with the same "
+                      f"choices: it rebuilds or re-downloads broken shards.")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -173,13 +173,20 @@ def test_prepare_downloads_climbmix_from_the_configured_url(serve, tmp_path, rep
     (data / SHARD_PATTERN.format(0)).write_bytes(files[SHARD_PATTERN.format(0)])
     env = {"AUTORESEARCH_CACHE": str(tmp_path / "cache"), "AUTORESEARCH_DATA_URL": server.url,
            "PATH": "/usr/bin:/bin"}
-    done = subprocess.run([sys.executable, "prepare.py", "--profile", "cpu", "--dataset", "climbmix",
-                           "--num-shards", "1"], cwd=repo_root, env=env, capture_output=True, text=True)
+    command = [sys.executable, "prepare.py", "--profile", "cpu", "--dataset", "climbmix", "--num-shards", "1"]
+    done = subprocess.run(command, cwd=repo_root, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "downloaded" in done.stdout and "already here" in done.stdout and "tokenizer ready" in done.stdout
     assert {name for name, _ in server.requests} == {SHARD_PATTERN.format(CLIMBMIX_LAST_SHARD)}
     assert sorted(p.name for p in data.iterdir()) == sorted(files)
     assert all((data / name).read_bytes() == body for name, body in files.items())
+
+    val = data / SHARD_PATTERN.format(CLIMBMIX_LAST_SHARD)  # a shard broken later is fetched again
+    val.write_bytes(val.read_bytes()[:500])
+    done = subprocess.run(command, cwd=repo_root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "Repairing" in done.stdout and "is unreadable, downloading it again" in done.stdout
+    assert val.read_bytes() == files[val.name]
 
 
 def test_tinystories_file_becomes_documents(serve, tmp_path, monkeypatch):
