@@ -219,29 +219,39 @@ def state_report(root: Path) -> str:
     return "\n".join(lines)
 
 
-def setup_problems(root: Path) -> list[str]:
-    """What stops the loop from running here, each with the command that fixes it."""
-    problems = []
-    if shutil.which("uv") is None:
-        problems.append("`uv` is not on PATH, so the autoresearch MCP server and training cannot start. "
-                        "Install it (curl -LsSf https://astral.sh/uv/install.sh | sh), then restart Claude Code.")
-    if not data_prepared():
-        problems.append(f"no prepared data in {cache_dir()}: run `uv run prepare.py` in {root} once "
-                        "(add `--dataset offline` on a machine without network).")
-    return problems
+def uv_problem() -> str | None:
+    if shutil.which("uv"):
+        return None
+    return ("`uv` is not on PATH, so the autoresearch MCP server and training cannot start. "
+            "Install it (curl -LsSf https://astral.sh/uv/install.sh | sh), then restart Claude Code.")
+
+
+def data_problem(root: Path) -> str | None:
+    if data_prepared():
+        return None
+    return (f"no prepared data in {cache_dir()}: run `uv run prepare.py` in {root} once "
+            "(add `--dataset offline` on a machine without network).")
+
+
+def not_a_workspace_note(folder: Path) -> str:
+    return (f"research-loop: {folder} is not an autoresearch workspace (a git repository with prepare.py and "
+            "train.py at its root), so the autoresearch tools will refuse to run here. To run the research loop, "
+            "start Claude Code in a clone of research-loop or of autoresearch, after `uv sync` and "
+            "`uv run prepare.py` there.")
 
 
 def session_start(event: dict) -> int:
-    root = repo_root(Path(event.get("cwd") or os.getcwd()))
-    if root is None or not is_autoresearch_layout(root):
-        return 0  # not an autoresearch workspace: stay out of unrelated sessions
-    problems = setup_problems(root)
-    context = state_report(root)
+    folder = Path(event.get("cwd") or os.getcwd())
+    root = repo_root(folder)
+    in_workspace = root is not None and is_autoresearch_layout(root)
+    # Elsewhere Claude gets one line (no warning: the plugin may be enabled everywhere), unless uv is missing.
+    problems = [p for p in (uv_problem(), data_problem(root) if in_workspace else None) if p]
+    context = state_report(root) if in_workspace else not_a_workspace_note(folder)
     if problems:
         context += "\nsetup problems:\n" + "\n".join(f"- {p}" for p in problems)
     output = {"hookSpecificOutput": {"hookEventName": "SessionStart", "additionalContext": context}}
     if problems:
-        output["systemMessage"] = "research-loop: " + " ".join(problems)
+        output["systemMessage"] = "research-loop: " + " ".join(problems)  # shown to the user
     print(json.dumps(output))
     return 0
 

@@ -144,21 +144,32 @@ def test_session_start_shows_the_user_what_to_run(repo, tmp_path):
     assert "uv run prepare.py" in output["hookSpecificOutput"]["additionalContext"]
 
 
-def test_session_start_without_uv_says_how_to_install_it(repo, prepared_cache, tmp_path):
-    bin_dir = tmp_path / "bin"  # a PATH with git and sh but no uv
+def bare_path(tmp_path: Path) -> Path:
+    """A PATH folder with git, sh and python3 but no uv."""
+    bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, target in (("git", shutil.which("git")), ("sh", shutil.which("sh")), ("python3", sys.executable)):
         (bin_dir / name).symlink_to(os.path.realpath(target))
-    output = session_start(repo, prepared_cache, PATH=str(bin_dir))
+    return bin_dir
+
+
+def test_session_start_without_uv_says_how_to_install_it(repo, prepared_cache, tmp_path):
+    output = session_start(repo, prepared_cache, PATH=str(bare_path(tmp_path)))
     assert "`uv` is not on PATH" in output["systemMessage"] and "astral.sh/uv" in output["systemMessage"]
 
 
-def test_session_start_is_silent_outside_autoresearch(tmp_path, prepared_cache):
+def test_session_start_outside_autoresearch_is_one_line_for_claude(tmp_path, prepared_cache):
     other = tmp_path / "other"
     other.mkdir()
     git(other, "init", "-q")
-    done = run_hook("SessionStart", {"source": "startup"}, other, AUTORESEARCH_CACHE=str(prepared_cache))
-    assert (done.returncode, done.stdout) == (0, "")
+    output = session_start(other, prepared_cache)
+    assert "is not an autoresearch workspace" in output["hookSpecificOutput"]["additionalContext"]
+    assert "systemMessage" not in output
+
+
+def test_session_start_outside_autoresearch_still_warns_about_uv(tmp_path, prepared_cache):
+    output = session_start(tmp_path, prepared_cache, PATH=str(bare_path(tmp_path)))
+    assert "`uv` is not on PATH" in output["systemMessage"]
 
 
 def test_pre_compact_hands_the_state_to_the_summary(repo, prepared_cache):
