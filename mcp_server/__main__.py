@@ -17,14 +17,14 @@ LOOPBACK = "127.0.0.1"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="research-loop-mcp", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="research-loop-mcp", description="The research-loop MCP server (stdio unless --http).")
     parser.add_argument("--workspace", default=os.environ.get("RESEARCH_LOOP_WORKSPACE") or os.getcwd(),
                         help="git repository holding prepare.py and train.py (default: env "
                              "RESEARCH_LOOP_WORKSPACE, else the current directory)")
     parser.add_argument("--train-command", default=os.environ.get("RESEARCH_LOOP_TRAIN_COMMAND"),
                         help="training command, run in the workspace (default: uv run train.py)")
     parser.add_argument("--http", action="store_true", help="serve streamable HTTP on 127.0.0.1")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"HTTP port (default {DEFAULT_PORT})")
     parser.add_argument("--token", default=os.environ.get("RESEARCH_LOOP_TOKEN"),
                         help="bearer token required on every HTTP request (env RESEARCH_LOOP_TOKEN)")
     return parser.parse_args(argv)

@@ -366,7 +366,7 @@ class ResearchLoop:
             state = self.state.load()
             if state.get("running"):
                 return self._live_metrics(state["running"])
-            return self._metrics_of(self.root / RUN_LOG, RUN_LOG, state.get("last_result"))
+            return self._metrics_of(self.root / RUN_LOG, RUN_LOG, self._result_of_run_log(state))
         path = self._find_run_log(run)
         meta_path = path.with_suffix(".json")
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
@@ -388,15 +388,24 @@ class ResearchLoop:
         if not text.strip():
             return Metrics(source=source, status="empty", note="the log is empty: the run printed nothing")
         summary = logparse.parse_summary(text)
-        matches_meta = meta is not None and meta.get("log", "").endswith(path.name) or source == RUN_LOG
-        status = meta["status"] if meta and matches_meta else (
-            "ok" if summary and not logparse.failed(text) else "crash")
+        status = meta["status"] if meta else ("ok" if summary and not logparse.failed(text) else "crash")
         metrics = Metrics(source=source, status=status, summary=summary,
                           progress=logparse.last_progress(text[-logparse.TAIL_BYTES_FOR_PROGRESS:]),
                           note=self.interrupted_note())
         if status != "ok":
             metrics.tail = logparse.tail(text)
         return metrics
+
+    def _result_of_run_log(self, state: dict) -> dict | None:
+        """The recorded result of the run that wrote run.log, if run.log is still its log."""
+        last = state.get("last_result")
+        if not last:
+            return None
+        try:
+            same = (self.root / last["log"]).stat().st_size == (self.root / RUN_LOG).stat().st_size
+        except OSError:
+            return None
+        return last if same else None
 
     def _find_run_log(self, run: str) -> Path:
         run = run.strip()

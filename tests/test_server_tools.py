@@ -331,6 +331,7 @@ def test_timeout_kills_the_whole_group(lab):
     assert time.monotonic() - started < 15  # SIGTERM grace, then SIGKILL
     grandchild = int((lab.ws / "spawned.pid").read_text())
     assert wait_until(lambda: not pid_alive(grandchild), 5)
+    assert lab.ok("read_metrics")["status"] == "timeout"
     assert lab.ok("discard")["row"]["status"] == "crash"
 
 
@@ -485,6 +486,7 @@ def test_interrupted_run_is_reported_and_discard_resolves_it(lab):
     kept = lab.head()
     set_knobs(lab.ws, sleep=60, steps=60)
     lab.ok("run_experiment", description="long idea", wait=False)
+    assert wait_until(lambda: lab.ok("read_metrics").get("progress"), 10)
     state = json.loads((lab.ws / ".research-loop" / "state.json").read_text())
     commit = state["running"]["commit"]
     # the server dies: its pid in the state and the lock no longer exist
@@ -500,6 +502,8 @@ def test_interrupted_run_is_reported_and_discard_resolves_it(lab):
     assert f"interrupted run {commit[:7]}" in status["interrupted"] and status["running"] is None
     assert f"interrupted run {commit[:7]}" in lab.refused("run_experiment", description="next")
     assert f"interrupted run {commit[:7]}" in lab.refused("keep")
+    metrics = lab.ok("read_metrics")
+    assert metrics["status"] == "crash" and f"interrupted run {commit[:7]}" in metrics["note"]
     row = lab.ok("discard")["row"]
     assert row["status"] == "crash" and row["description"] == "long idea (interrupted)"
     assert lab.head() == kept
