@@ -124,6 +124,9 @@ class ResearchLoop:
         tag = validate_tag(tag)
         ws = self.ws
         branch = BRANCH_PREFIX + tag
+        if not ws.repo.head.is_valid():
+            raise Refusal(f"{self.root} has no commit yet: commit prepare.py and train.py (the baseline) "
+                          "first, then call setup again.")
         missing = ws.missing_files()
         if missing:
             raise Refusal(f"{', '.join(missing)} not found in {self.root}: the workspace must be an "
@@ -234,12 +237,17 @@ class ResearchLoop:
             text = logparse.read_text(self.root / RUN_LOG)
             log_copy = self._archive_log(self.root / RUN_LOG, seq, commit)
             result = self._result(text, run, seq, commit, description, log_copy)
+            (self.root / log_copy).with_suffix(".json").write_text(result.model_dump_json(exclude_none=True))
+        except Exception as exc:  # disk full, log deleted...: still a result the agent can discard
+            result = RunResult(run=seq, commit=commit[:7], description=description, status="crash",
+                               exit_code=run.exit_code, log=RUN_LOG, tail=f"the server could not record "
+                               f"this run: {type(exc).__name__}: {exc}", next="discard(), then fix the cause")
+        try:
             with self.state.mutex:
                 self.state.update(running=None, pending=result.model_dump() | {"full_commit": commit},
                                   last_result=result.model_dump())
-            (self.root / log_copy).with_suffix(".json").write_text(result.model_dump_json(exclude_none=True))
-            run.result = result
         finally:
+            run.result = result
             self.state.release_run_lock()
 
     def _archive_log(self, log: Path, seq: int, commit: str) -> str:

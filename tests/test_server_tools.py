@@ -139,6 +139,11 @@ def test_setup_refusals_name_the_fix(env, monkeypatch):
     not_git.mkdir()
     assert "not a git repository" in Lab(not_git).refused("setup", tag="x")
 
+    empty = env / "empty"
+    empty.mkdir()
+    git(empty, "init", "-q")
+    assert "no commit yet" in Lab(empty).refused("setup", tag="x")
+
     ws = make_workspace(env)
     git(ws, "rm", "-q", "train.py")
     git(ws, "commit", "-q", "-m", "no train")
@@ -567,3 +572,14 @@ def test_discard_retried_after_a_git_failure_logs_once(lab):
     lock.unlink()
     lab.ok("discard")
     assert len(ledger_lines(lab.ws)) == 3 and lab.head() == kept
+
+
+def test_a_run_the_server_cannot_record_is_still_a_discardable_crash(lab):
+    lab.baseline()
+    (lab.ws / "runs").rename(lab.ws / "runs.bak")
+    (lab.ws / "runs").write_text("a file where the run copies go")
+    result = lab.ok("run_experiment", description="unrecordable")
+    assert result["status"] == "crash" and "could not record" in result["tail"]
+    (lab.ws / "runs").unlink()
+    assert lab.ok("discard")["row"]["status"] == "crash"
+    assert lab.ok("run_experiment", description="recorded again")["status"] == "ok"
