@@ -134,6 +134,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses (hex, as /proc/net/tcp writes them) listening on a port."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, hex_port = local.split(":")
+                if state == "0A" and int(hex_port, 16) == port:
+                    found.add(address)
+    return found
+
+
 def test_http_transport_binds_loopback_and_checks_the_token(ws_cache):
     ws, cache = ws_cache
     port, token = free_port(), "s3cret-token"
@@ -146,6 +159,7 @@ def test_http_transport_binds_loopback_and_checks_the_token(ws_cache):
             with socket.socket() as s:
                 return s.connect_ex(("127.0.0.1", port)) == 0
         assert wait_until(listening, 15)
+        assert listening_addresses(port) == {"0100007F"}  # 127.0.0.1 only
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(urllib.request.Request(url, data=b"{}", method="POST"), timeout=5)
         assert refused.value.code == 401
