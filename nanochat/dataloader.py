@@ -56,8 +56,7 @@ def _pack_rows(pool, refill, B: int, row_len: int) -> np.ndarray:
     for row in rows:
         filled = 0
         while filled < row_len:
-            while len(pool) < DOC_BUFFER:
-                refill()
+            refill()
             doc = pool.take(row_len - filled)
             row[filled:filled + len(doc)] = doc
             filled += len(doc)
@@ -75,12 +74,16 @@ def make_dataloader(tokenizer, B: int, T: int, split: str, device=None, director
 
 def _batches(token_batches, B: int, T: int, device: torch.device):
     pool = _DocumentPool()
-    epoch = 1
+    upcoming, epoch = next(token_batches), 1  # the next tokenized batch, and the pass being packed
 
     def refill():
-        nonlocal epoch
-        docs, epoch = next(token_batches)
-        pool.add(docs)
+        """Top the pool up to DOC_BUFFER documents, but start the next pass only once this one's
+        documents are used up: a small data set would otherwise buffer a document twice."""
+        nonlocal upcoming, epoch
+        while len(pool) < DOC_BUFFER and (upcoming[1] == epoch or len(pool) == 0):
+            pool.add(upcoming[0])
+            epoch = upcoming[1]
+            upcoming = next(token_batches)
 
     pin = device.type == "cuda"
     while True:

@@ -86,11 +86,21 @@ def test_best_fit_takes_the_largest_that_fits_else_crops_the_shortest():
 
 
 def test_epoch_counts_passes_over_the_train_shards(tokenizer, tmp_path):
-    documents = make_documents(1500, seed=1, word_counts=(1, 2, 3))  # > the 1000-document buffer
+    """Even a data set smaller than the document buffer is used once per pass, never twice at once."""
+    documents = make_documents(300, seed=1, word_counts=(1, 2, 3))
     write_corpus(iter(documents), val_chars=1000, directory=tmp_path, report=lambda line: None)
+    bos = tokenizer.get_bos_token_id()
+    encoded = {tuple(ids) for ids in tokenizer.encode(documents, prepend=bos)}
     loader = make_dataloader(tokenizer, B, T, "train", device="cpu", directory=tmp_path)
-    epochs = [next(loader)[2] for _ in range(300)]
-    assert epochs[0] == 1 and epochs == sorted(epochs) and epochs[-1] >= 3
+    seen_by_epoch = {}
+    for _ in range(100):
+        x, y, epoch = next(loader)
+        for row in torch.cat([x, y[:, -1:]], dim=1).tolist():
+            seen_by_epoch.setdefault(epoch, []).extend(p for p in map(tuple, segments(row, bos)) if p in encoded)
+    epochs = sorted(seen_by_epoch)
+    assert epochs[0] == 1 and len(epochs) >= 3
+    first_pass = seen_by_epoch[1]
+    assert len(first_pass) == len(set(first_pass)) > 0.5 * len(encoded)  # the rest: validation, crops
 
 
 def test_validation_batches_are_identical_every_time(tokenizer, corpus):
