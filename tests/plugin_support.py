@@ -43,6 +43,14 @@ def claude_env(home: Path) -> dict:
     return env
 
 
+def uv_link_mode(target: Path) -> dict:
+    """uv hard-links packages from its cache; across file systems (a tmpfs /tmp) it would copy
+    the whole environment, torch included, so link there with symlinks instead."""
+    cache = Path(subprocess.run(["uv", "cache", "dir"], capture_output=True, text=True, check=True).stdout.strip())
+    cache.mkdir(parents=True, exist_ok=True)
+    return {} if os.stat(cache).st_dev == os.stat(target).st_dev else {"UV_LINK_MODE": "symlink"}
+
+
 def git(cwd: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
 

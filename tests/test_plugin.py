@@ -23,7 +23,7 @@ import pytest
 from mcp import Client, StdioServerParameters
 
 from plugin_support import (CLAUDE_CODE_VERSION, REPO, SERVER_NAME, TOOL_PREFIX, ScriptedModel, claude_env,
-                            git, install_claude_cli, make_research_repo)
+                            git, install_claude_cli, make_research_repo, uv_link_mode)
 
 SKILL_ID = "research-loop:autoresearch"
 CONTRACT_TOOLS = {"setup", "run_experiment", "read_metrics", "keep", "discard", "log_result", "status",
@@ -45,8 +45,8 @@ def plugin_clone(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def env(tmp_path_factory) -> dict:
-    return claude_env(tmp_path_factory.mktemp("claude-home"))
+def env(tmp_path_factory, plugin_clone) -> dict:
+    return claude_env(tmp_path_factory.mktemp("claude-home")) | uv_link_mode(plugin_clone)
 
 
 @pytest.fixture
