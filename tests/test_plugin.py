@@ -88,10 +88,12 @@ def plugin_server(plugin: Path, cwd: Path, env: dict) -> StdioServerParameters:
     return StdioServerParameters(command=declared["command"], args=args, env=env, cwd=str(cwd))
 
 
-def session_messages(claude: str, plugin: Path, cwd: Path, env: dict) -> list[dict]:
-    """A one-prompt print-mode session. With no credentials the model is never called, but the
-    session starts for real: plugin loaded, MCP servers connected, SessionStart hooks run."""
-    done = run_cli(claude, "--plugin-dir", str(plugin), "-p", "status", "--output-format", "stream-json",
+def session_messages(claude: str, plugin: Path | None, cwd: Path, env: dict) -> list[dict]:
+    """A one-prompt print-mode session (the plugin from a folder, or installed when None). With no
+    credentials the model is never called, but the session starts for real: plugin loaded, MCP
+    servers connected, SessionStart hooks run."""
+    plugin_args = ("--plugin-dir", str(plugin)) if plugin else ()
+    done = run_cli(claude, *plugin_args, "-p", "status", "--output-format", "stream-json",
                    "--verbose", "--include-hook-events", cwd=cwd, env=env)
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
@@ -318,3 +320,18 @@ def test_slash_command_runs_the_skill_with_its_tools(claude, plugin_clone, env, 
     assert '"next":"setup(tag)"' in answers["toolu_0000"]
     assert git(repo, "symbolic-ref", "--short", "HEAD") == "autoresearch/t2", answers["toolu_0001"]
     assert (repo / "train.py").read_text() == "DEPTH = 5\n", answers["toolu_0003"]
+
+
+def test_marketplace_add_and_install_then_the_server_connects(claude, plugin_clone, env, workspace, tmp_path):
+    """The /plugin route: add this repository as a marketplace, install research-loop from it,
+    and a session without --plugin-dir has the skill and the connected server."""
+    own = dict(env, CLAUDE_CONFIG_DIR=str(tmp_path / "installed-config"))  # not the shared config
+    for args in (("plugin", "marketplace", "add", str(plugin_clone)),
+                 ("plugin", "install", "research-loop@research-loop")):
+        done = run_cli(claude, *args, cwd=workspace, env=own)
+        assert done.returncode == 0, done.stdout + done.stderr
+    done = run_cli(claude, "mcp", "list", cwd=workspace, env=own)
+    assert f"plugin:research-loop:{SERVER_NAME}:" in done.stdout and "Connected" in done.stdout, done.stdout
+    init = next(m for m in session_messages(claude, None, workspace, own) if m.get("subtype") == "init")
+    assert SKILL_ID in init["skills"]
+    assert {t[len(TOOL_PREFIX):] for t in init["tools"] if t.startswith(TOOL_PREFIX)} == CONTRACT_TOOLS
