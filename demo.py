@@ -85,14 +85,25 @@ def prepare(profile: str, dataset: str, env: dict) -> None:
         raise SearchError("prepare.py failed (its message is above); fix that, then run the demo again")
 
 
+def is_demo_workspace(workspace: Path | None) -> bool:
+    return workspace is not None and (workspace / ".git" / SETTINGS_FILE).is_file()
+
+
+def refuse_foreign_folder(workspace: Path | None) -> None:
+    """Any folder with content that demo.py did not make (your own checkout above all) is refused."""
+    if workspace is not None and not is_demo_workspace(workspace) and workspace.exists() and (
+            not workspace.is_dir() or any(workspace.iterdir())):
+        raise SearchError(f"{workspace} is not empty and is not a workspace made by demo.py: give a new or "
+                          "empty folder (the demo clones this repository into it)")
+
+
 def make_workspace(workspace: Path | None) -> Path:
-    """A clone of this repository's HEAD, or the existing workspace to resume."""
-    if workspace is not None and (workspace / ".git").is_dir():
+    """A clone of this repository's HEAD, or the existing demo workspace to resume."""
+    if is_demo_workspace(workspace):
         say(f"resuming workspace {workspace}")
         return workspace.resolve()
-    if workspace is not None and workspace.exists() and any(workspace.iterdir()):
-        raise SearchError(f"{workspace} exists and is not a git workspace: choose an empty or new folder")
     target = workspace or Path(tempfile.mkdtemp(prefix="research-loop-demo-"))
+    target.mkdir(parents=True, exist_ok=True)
     if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                       capture_output=True, text=True).stdout.strip():
         say("note: uncommitted changes in this checkout are not part of the demo (it clones HEAD)")
@@ -128,7 +139,8 @@ def main(argv=None) -> int:
     workspace = None
     try:
         space = load_space(args.space) if args.space else DEFAULT_SPACE
-        resuming = args.workspace is not None and (args.workspace / ".git").is_dir()
+        refuse_foreign_folder(args.workspace)
+        resuming = is_demo_workspace(args.workspace)
         prepare(args.profile, args.dataset, child_env(args.budget_seconds))
         # Checked before anything is cloned or run: against the workspace's train.py, or this HEAD's.
         source_repo = args.workspace if resuming else REPO

@@ -73,9 +73,11 @@ def wait_until_no_processes_in(folder: Path, seconds: float = 15) -> list[int]:
 
 
 def test_demo_end_to_end(repo_root, prepared_env, tmp_path):
+    # Seed 11 draws two learning-rate moves: cheap runs, so the test stays short.
+    # (The Ctrl-C test below covers the greedy strategy.)
     workspace = tmp_path / "ws"
     branch_before = git(repo_root, "rev-parse", "--abbrev-ref", "HEAD")
-    proc = subprocess.run(demo_command(workspace, QUICK_BUDGET, "--experiments", "2", "--seed", "3"), cwd=repo_root,
+    proc = subprocess.run(demo_command(workspace, QUICK_BUDGET, "--experiments", "2", "--seed", "11"), cwd=repo_root,
                           env=prepared_env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout

@@ -237,3 +237,18 @@ def test_interrupted_runs_do_not_count_as_experiments():
             dict(status="crash", description="DEPTH=3")]
     assert experiments_done(rows) == 2
     assert experiments_done(rows[:1]) == 0
+
+
+def test_demo_never_works_in_a_folder_it_did_not_make(repo_root, tmp_path):
+    """Your own checkout (any non-empty folder demo.py did not create) is refused, untouched."""
+    checkout = tmp_path / "mine"
+    checkout.mkdir()
+    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=checkout, check=True)
+    (checkout / "train.py").write_text("DEPTH = 4\n")
+    proc = subprocess.run([sys.executable, "demo.py", "--workspace", str(checkout)], cwd=repo_root,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "is not a workspace made by demo.py" in proc.stderr
+    assert sorted(p.name for p in checkout.iterdir()) == [".git", "train.py"]
+    branches = subprocess.run(["git", "branch", "--list"], cwd=checkout, capture_output=True, text=True).stdout
+    assert "autoresearch" not in branches
