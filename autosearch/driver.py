@@ -68,6 +68,7 @@ class Search:
         self.names = names + [n for n in EXTRA_NAMES if n not in names]
         self.strategy = make_strategy(plan.strategy, plan.space, plan.seed, self.harness)
         self.started = time.monotonic()
+        self.progress_line_open = False
 
     async def call(self, tool: str, progress=None, **arguments) -> dict:
         """One tool call; a tool error becomes a SearchError carrying the server's message."""
@@ -168,15 +169,18 @@ class Search:
             rows = read_ledger(self.plan.workspace)
 
     async def progress(self, progress: float, total: float | None, message: str | None) -> None:
+        """A line per training step; on a terminal the step line is rewritten in place."""
         line = message or f"{progress:.0f}/{total or '?'}"
         if sys.stdout.isatty():
             print(f"\r    {line[:100]:<100}", end="", flush=True)
+            self.progress_line_open = True
         else:
             print(f"    {line}", flush=True)
 
     def say_progress_done(self) -> None:
-        if sys.stdout.isatty():
+        if self.progress_line_open:
             print()
+            self.progress_line_open = False
 
 
 def budget_left(done: int, experiments: int | None, hours: float | None, elapsed: float, typical: float) -> bool:
