@@ -27,6 +27,9 @@ CLIMBMIX_TRAIN_SHARDS = 10  # upstream's default download
 TOKENIZER_MAX_CHARS = 1_000_000_000  # text the tokenizer trains on, at most (as upstream)
 TOKENIZER_DOC_CHARS = 10_000  # per document, so one huge document can't dominate the merges
 NETWORK_PROBE_TIMEOUT_S = 3
+# What prepared.json fixes for every later run (the MCP server reads time_budget from it too);
+# the profile's train_defaults are only train.py's starting point, so they come from the code.
+RECORDED_CONSTANTS = ("vocab_size", "max_seq_len", "time_budget", "eval_tokens")
 PROGRESS_EVERY_S = 0.5  # redraw the download line at most this often
 CHARS_PER_ROW_TOKEN = 3  # local corpora are cut to about a row: max_seq_len tokens of ~3 chars
 
@@ -63,7 +66,7 @@ def load_constants() -> dict:
         raise RuntimeError(f"Nothing is prepared in {cache_dir()}. Run `{PREPARE_COMMAND}` first "
                            f"(it prepares data and trains the tokenizer; see --help).")
     name = record.get("profile")
-    if name not in PROFILES or not {"dataset", "vocab_size", "max_seq_len"} <= record.keys():
+    if name not in PROFILES or not {"dataset", *RECORDED_CONSTANTS} <= record.keys():
         raise RuntimeError(f"{prepared_record_path()} is not a record this version wrote. "
                            f"Re-prepare with `{PREPARE_COMMAND} --force`.")
     wanted = os.environ.get("AUTORESEARCH_PROFILE")
@@ -80,8 +83,8 @@ def load_constants() -> dict:
         DATASET=record["dataset"],
         MAX_SEQ_LEN=profile["max_seq_len"],
         VOCAB_SIZE=profile["vocab_size"],
-        TIME_BUDGET=_env_positive_int("AUTORESEARCH_TIME_BUDGET", profile["time_budget"]),
-        EVAL_TOKENS=_env_positive_int("AUTORESEARCH_EVAL_TOKENS", profile["eval_tokens"]),
+        TIME_BUDGET=_env_positive_int("AUTORESEARCH_TIME_BUDGET", record["time_budget"]),
+        EVAL_TOKENS=_env_positive_int("AUTORESEARCH_EVAL_TOKENS", record["eval_tokens"]),
         TRAIN_DEFAULTS=dict(profile["train_defaults"]),
     )
 
@@ -230,8 +233,8 @@ def prepare(profile_name: str, dataset_request: str, num_shards: int, force: boo
         profile_name = record["profile"] if record else detect_profile()
     profile = PROFILES[profile_name]
     dataset = choose_dataset(dataset_request, profile_name, record)
-    wanted = dict(profile=profile_name, dataset=dataset, vocab_size=profile["vocab_size"],
-                  max_seq_len=profile["max_seq_len"])
+    wanted = {"profile": profile_name, "dataset": dataset,
+              **{key: profile[key] for key in RECORDED_CONSTANTS}}
     print(f"Cache: {cache_dir()}\nProfile: {profile_name}  Data set: {dataset}", flush=True)
     if record:
         differs = {k: (record.get(k), v) for k, v in wanted.items() if record.get(k) != v}

@@ -9,8 +9,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nanochat.datasets import (OFFLINE_SKIP_DIRS, OFFLINE_TOTAL_CHARS, check_shard, cut_documents, folder_documents,
-                               list_shards, offline_source_files, shard_source, write_corpus)
+from nanochat.datasets import (
+    OFFLINE_SKIP_DIRS,
+    OFFLINE_TOTAL_CHARS,
+    check_shard,
+    cut_documents,
+    folder_documents,
+    list_shards,
+    offline_source_files,
+    shard_source,
+    write_corpus,
+)
+from nanochat.profiles import PROFILES
 
 
 def run(args, env, repo_root, **extra_env):
@@ -33,8 +43,8 @@ def empty_env(prepared_env, tmp_path):
 def test_offline_cache_is_recorded_and_complete(prepared_env):
     cache = Path(prepared_env["AUTORESEARCH_CACHE"])
     record = json.loads((cache / "prepared.json").read_text())
-    assert (record["profile"], record["dataset"], record["vocab_size"], record["max_seq_len"]) == \
-        ("cpu", "offline", 4096, 256)
+    assert (record["profile"], record["dataset"]) == ("cpu", "offline")
+    assert all(record[key] == PROFILES["cpu"][key] for key in ("vocab_size", "max_seq_len", "time_budget", "eval_tokens"))
     shards = list_shards(cache / "data")
     assert len(shards) == record["num_train_shards"] + 1 >= 2
     assert all(check_shard(shard) > 0 for shard in shards)
@@ -69,7 +79,10 @@ def test_import_gives_the_contract_with_overrides(prepared_env, repo_root):
               "print(tuple(x.shape), epoch)\n")
     done = run(["-c", script], prepared_env, repo_root)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split("\n")[:2] == ["cpu 256 4 16384 4096 4", "(2, 256) 1"]
+    cpu = PROFILES["cpu"]
+    assert done.stdout.split("\n")[:2] == [
+        f"cpu {cpu['max_seq_len']} 4 16384 {cpu['vocab_size']} {cpu['train_defaults']['depth']}",
+        f"(2, {cpu['max_seq_len']}) 1"]
 
 
 @pytest.mark.parametrize("name, value, message", [
