@@ -1,0 +1,96 @@
+"""train.py end to end on the CPU: a real (few-second) training run, its progress lines and summary
+block, and the fast fail on a NaN loss."""
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
+                "total_tokens_M", "num_steps", "num_params_M", "depth"]
+# upstream's progress line, field for field
+PROGRESS_RE = re.compile(r"^step (\d{5}) \((\d+\.\d)%\) \| loss: (\d+\.\d{6}) \| lrm: \d+\.\d\d \| dt: \d+ms \| "
+                         r"tok/sec: [\d,]+ \| mfu: \d+\.\d% \| epoch: \d+ \| remaining: \d+s\s*$")
+UNIFORM_BOUND_SCRIPT = """
+import json, math
+from prepare import EVAL_TOKENS, MAX_SEQ_LEN, TRAIN_DEFAULTS, VOCAB_SIZE, Tokenizer, make_dataloader
+tok = Tokenizer.from_directory()
+B = TRAIN_DEFAULTS["device_batch_size"]
+loader = make_dataloader(tok, B, MAX_SEQ_LEN, "val", device="cpu")
+tokens = nbytes = 0
+for _ in range(EVAL_TOKENS // (B * MAX_SEQ_LEN)):  # the same targets evaluate_bpb scores
+    _, y, _ = next(loader)
+    b = tok.token_bytes[y.reshape(-1)]
+    tokens += int((b > 0).sum()); nbytes += int(b.sum())
+# a uniform guess over the vocabulary costs log2(V) bits per token
+print(json.dumps(dict(uniform_bpb=math.log2(VOCAB_SIZE) * tokens / nbytes, depth=TRAIN_DEFAULTS["depth"],
+                      total_batch_size=TRAIN_DEFAULTS["total_batch_size"])))
+"""
+
+
+def run_train(script, env, cwd, timeout=300):
+    result = subprocess.run([sys.executable, str(script)], cwd=cwd, env=env, capture_output=True, timeout=timeout)
+    # decoded by hand: text mode would turn the progress lines' '\r' into newlines
+    result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
+    return result
+
+
+def parse_summary(stdout):
+    block = stdout.split("\n---\n", 1)[1]
+    return dict((key.strip(), value.strip()) for key, _, value in
+                (line.partition(":") for line in block.splitlines() if ":" in line))
+
+
+@pytest.fixture(scope="module")
+def trained(prepared_env, repo_root):
+    result = run_train(repo_root / "train.py", prepared_env, repo_root)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def test_summary_block_is_complete_and_sane(trained, prepared_env, repo_root):
+    summary = parse_summary(trained.stdout)
+    assert list(summary)[:len(SUMMARY_KEYS)] == SUMMARY_KEYS
+    for key in SUMMARY_KEYS:  # upstream's alignment: values start in column 19
+        assert re.search(rf"^{key}:\s+\S", trained.stdout, re.M)
+        assert len(re.search(rf"^{key}:\s+", trained.stdout, re.M).group(0)) == 18
+    facts = json.loads(subprocess.run([sys.executable, "-c", UNIFORM_BOUND_SCRIPT], cwd=repo_root,
+                                      env=prepared_env, capture_output=True, text=True, check=True).stdout)
+    val_bpb = float(summary["val_bpb"])
+    assert math.isfinite(val_bpb) and 0 < val_bpb < facts["uniform_bpb"], (val_bpb, facts)
+    budget = float(prepared_env["AUTORESEARCH_TIME_BUDGET"])
+    assert budget <= float(summary["training_seconds"]) < budget + 30
+    assert float(summary["total_seconds"]) > float(summary["training_seconds"])
+    assert float(summary["peak_vram_mb"]) > 0
+    assert 0 < float(summary["mfu_percent"]) <= 100
+    steps = int(summary["num_steps"])
+    assert steps >= 2
+    assert float(summary["total_tokens_M"]) == pytest.approx(steps * facts["total_batch_size"] / 1e6, abs=0.051)
+    assert float(summary["num_params_M"]) > 1
+    assert int(summary["depth"]) == facts["depth"]
+    assert summary["budget_note"] == f"time budget shortened to {int(budget)}s by AUTORESEARCH_TIME_BUDGET"
+
+
+def test_progress_lines_are_upstream_format(trained):
+    progress = trained.stdout.split("\n---\n", 1)[0].split("\r")[1:]  # '\r' starts every progress line
+    assert len(progress) >= 2
+    for line in progress:
+        assert PROGRESS_RE.match(line.rstrip("\n")), repr(line)
+    steps = [int(PROGRESS_RE.match(line.rstrip("\n")).group(1)) for line in progress]
+    assert steps == list(range(len(steps)))
+
+
+def test_nan_loss_fails_fast(prepared_env, repo_root, tmp_path):
+    """A copy of train.py whose soft-cap constant is NaN: the very first loss is NaN."""
+    source = (repo_root / "train.py").read_text()
+    assert "\nSOFTCAP = 15.0" in source
+    broken = tmp_path / "train.py"
+    broken.write_text(source.replace("\nSOFTCAP = 15.0", '\nSOFTCAP = float("nan")'))
+    env = dict(prepared_env, PYTHONPATH=str(repo_root))  # the copy still imports prepare and nanochat
+    result = run_train(broken, env, tmp_path)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.stdout.rstrip().splitlines()[-1] == "FAIL"
+    assert "\n---\n" not in result.stdout  # no summary block for a failed run
