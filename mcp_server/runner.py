@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 from mcp_server.state import process_start_time
@@ -38,7 +37,6 @@ class Run:
         self._on_finish = on_finish
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self._log = open(log_path, "wb")
-        self.started = time.monotonic()
         self.proc = subprocess.Popen(
             [sys.executable, str(WATCHDOG), *command], cwd=cwd, env=env,
             stdin=subprocess.PIPE, stdout=self._log, stderr=subprocess.STDOUT,
@@ -46,7 +44,6 @@ class Run:
         )
         self.pgid = self.proc.pid
         self.leader_start = process_start_time(self.pgid)
-        self.ended: float | None = None
         threading.Thread(target=self._wait, daemon=True, name=f"run-{self.pgid}").start()
 
     def _wait(self) -> None:
@@ -56,7 +53,6 @@ class Run:
             self.timed_out = True
             self.terminate()
             self.exit_code = self.proc.wait()
-        self.ended = time.monotonic()
         kill_group(self.pgid)  # anything the training left behind in its group
         self.proc.stdin.close()
         self._log.close()
@@ -74,7 +70,3 @@ class Run:
         except subprocess.TimeoutExpired:
             pass
         kill_group(self.pgid)
-
-    @property
-    def elapsed(self) -> float:
-        return (self.ended or time.monotonic()) - self.started

@@ -156,9 +156,6 @@ class Workspace:
         except git.GitCommandError:
             return None
 
-    def file_at(self, commit: str, path: str) -> bytes:
-        return self.repo.git.show(f"{commit}:{path}", stdout_as_string=False)
-
     # --- changes -----------------------------------------------------------------
     def create_branch(self, name: str) -> None:
         self.repo.git.checkout("-b", name)
