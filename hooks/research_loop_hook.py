@@ -169,14 +169,30 @@ def last_progress_line(root: Path) -> str | None:
     return steps[-1] if steps else None
 
 
+def process_alive(pid) -> bool:
+    if not isinstance(pid, int):
+        return True  # unknown: trust the record
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 def run_lines(root: Path, state: dict) -> list[str]:
     lines = []
     running = state.get("running")
     if isinstance(running, dict):
-        progress = last_progress_line(root) or "no progress line yet"
-        lines.append(f"run in progress: run {running.get('run')} ({str(running.get('commit', ''))[:7]}) "
-                     f"\"{running.get('description', '')}\": {progress}. Follow it with read_metrics(); "
-                     "do not start another run.")
+        name = f"run {running.get('run')} ({str(running.get('commit', ''))[:7]}) \"{running.get('description', '')}\""
+        if process_alive(running.get("server_pid")):
+            progress = last_progress_line(root) or "no progress line yet"
+            lines.append(f"run in progress: {name}: {progress}. Follow it with read_metrics(); "
+                         "do not start another run.")
+        else:
+            lines.append(f"{name} was in progress when its server stopped: status() reports it as interrupted, "
+                         "and discard() logs it as a crash.")
     pending = state.get("pending")
     if isinstance(pending, dict):
         value = pending.get("val_bpb")
@@ -202,6 +218,16 @@ def ledger_lines(rows: list[list[str]]) -> list[str]:
     return lines
 
 
+def noise_lines(noise) -> list[str]:
+    if not isinstance(noise, dict):
+        return ["noise: not measured yet (measure_noise() after the baseline)."]
+    try:
+        return [f"noise: std {noise['std']:.6f} over {len(noise['values'])} runs of the same code; "
+                f"a gain under {noise['threshold']:.6f} is within the noise."]
+    except (KeyError, TypeError, ValueError):
+        return [f"noise: {json.dumps(noise, sort_keys=True)}"]
+
+
 def state_report(root: Path) -> str:
     branch = current_branch(root) or "(detached HEAD)"
     lines = [f"research-loop state of {root}:"]
@@ -213,8 +239,7 @@ def state_report(root: Path) -> str:
     lines += ledger_lines(ledger_rows(root))
     state = server_state(root)
     lines += run_lines(root, state)
-    if isinstance(state.get("noise"), dict):
-        lines.append(f"measured noise: {json.dumps(state['noise'], sort_keys=True)}")
+    lines += noise_lines(state.get("noise"))
     lines.append(f"Carry on with the loop ({SKILL} holds the protocol); never stop to ask.")
     return "\n".join(lines)
 

@@ -123,13 +123,32 @@ def test_session_start_reports_branch_best_and_last_rows(repo, prepared_cache):
 def test_session_start_reports_a_run_in_progress_and_a_pending_result(repo, prepared_cache):
     (repo / ".research-loop").mkdir()
     (repo / ".research-loop" / "state.json").write_text(json.dumps({
-        "running": {"run": 6, "commit": "f00dfeed123", "description": "window L"},
+        "running": {"run": 6, "commit": "f00dfeed123", "description": "window L", "server_pid": os.getpid()},
         "pending": {"run": 5, "commit": "e0e0e0e", "status": "ok", "val_bpb": 0.98, "description": "depth 6"}}))
     (repo / "run.log").write_text("step 00001 (1.0%) | loss: 9.0\rstep 00002 (2.0%) | loss: 8.5 | remaining: 57s\r")
     context = session_start(repo, prepared_cache)["hookSpecificOutput"]["additionalContext"]
     assert 'run in progress: run 6 (f00dfee) "window L": step 00002 (2.0%)' in context
     assert 'pending result: run 5 (e0e0e0e) ok val_bpb 0.980000 "depth 6"' in context
     assert "keep() or discard()" in context
+
+
+def test_session_start_tells_a_run_whose_server_died_from_a_live_one(repo, prepared_cache):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (repo / ".research-loop").mkdir()
+    (repo / ".research-loop" / "state.json").write_text(json.dumps({
+        "running": {"run": 6, "commit": "f00dfee", "description": "window L", "server_pid": dead.pid}}))
+    context = session_start(repo, prepared_cache)["hookSpecificOutput"]["additionalContext"]
+    assert "run in progress" not in context
+    assert 'run 6 (f00dfee) "window L" was in progress when its server stopped' in context
+
+
+def test_session_start_reports_the_measured_noise(repo, prepared_cache):
+    (repo / ".research-loop").mkdir()
+    (repo / ".research-loop" / "state.json").write_text(json.dumps({
+        "noise": {"values": [1.0, 1.002], "std": 0.0014, "spread": 0.002, "threshold": 0.0028}}))
+    context = session_start(repo, prepared_cache)["hookSpecificOutput"]["additionalContext"]
+    assert "noise: std 0.001400 over 2 runs of the same code; a gain under 0.002800 is within the noise" in context
 
 
 def test_session_start_on_main_says_how_to_begin(repo, prepared_cache):
