@@ -15,11 +15,14 @@ import sys
 import time
 from pathlib import Path
 
-from nanochat import evaluation
+import requests
+import torch
+
+from nanochat import datasets, evaluation
 from nanochat.cache import PREPARE_COMMAND, cache_dir, data_dir, prepared_record_path, tokenizer_dir
 from nanochat.dataloader import make_dataloader  # noqa: F401  (part of the import contract)
 from nanochat.profiles import PROFILES
-from nanochat.tokenizer import Tokenizer
+from nanochat.tokenizer import Tokenizer, save_tokenizer, train_bpe
 
 DATASETS = ("auto", "climbmix", "tinystories", "offline")
 H100_MIN_BYTES = 70 * 10**9  # CUDA devices with at least this much memory get the upstream profile
@@ -106,7 +109,6 @@ def evaluate_bpb(model, tokenizer, batch_size):
 # Choosing a profile and a data set
 
 def detect_profile() -> str:
-    import torch
     if torch.cuda.is_available():
         return "h100" if torch.cuda.get_device_properties(0).total_memory >= H100_MIN_BYTES else "gpu"
     if torch.backends.mps.is_available():
@@ -115,7 +117,6 @@ def detect_profile() -> str:
 
 
 def _network_answers(url: str) -> bool:
-    import requests
     try:
         return requests.head(url, timeout=NETWORK_PROBE_TIMEOUT_S, allow_redirects=False).status_code < 500
     except requests.RequestException:
@@ -127,7 +128,6 @@ def _data_url(default: str) -> str:
 
 
 def choose_dataset(requested: str, profile: str, record) -> str:
-    from nanochat.datasets import CLIMBMIX_URL, SHARD_PATTERN
     if requested != "auto":
         if requested in DATASETS:
             return requested
@@ -138,7 +138,7 @@ def choose_dataset(requested: str, profile: str, record) -> str:
         return str(folder.resolve())
     if record:
         return record["dataset"]
-    if profile in ("h100", "gpu") and _network_answers(f"{_data_url(CLIMBMIX_URL)}/{SHARD_PATTERN.format(0)}"):
+    if profile in ("h100", "gpu") and _network_answers(f"{_data_url(datasets.CLIMBMIX_URL)}/{datasets.SHARD_PATTERN.format(0)}"):
         return "climbmix"
     return "offline"
 
@@ -159,7 +159,6 @@ def _show_download(done: int, total) -> None:
 
 
 def write_data(dataset: str, profile: dict, num_shards: int) -> None:
-    from nanochat import datasets
     if dataset == "climbmix":
         datasets.download_climbmix(num_shards, _data_url(datasets.CLIMBMIX_URL), progress=_show_download)
         return
@@ -177,11 +176,10 @@ def write_data(dataset: str, profile: dict, num_shards: int) -> None:
 
 
 def train_tokenizer(vocab_size: int) -> None:
-    from nanochat import datasets, tokenizer
     started = time.time()
     print(f"Training a {vocab_size:,}-token BPE tokenizer on the train shards...", flush=True)
-    ranks = tokenizer.train_bpe(datasets.iter_training_text(TOKENIZER_MAX_CHARS, TOKENIZER_DOC_CHARS), vocab_size)
-    tokenizer.save_tokenizer(ranks, tokenizer_dir())
+    ranks = train_bpe(datasets.iter_training_text(TOKENIZER_MAX_CHARS, TOKENIZER_DOC_CHARS), vocab_size)
+    save_tokenizer(ranks, tokenizer_dir())
     trained = Tokenizer.from_directory()
     sample = "Hello world! 12345 <|reserved_1|> \u00e9t\u00e9 def f(x):\n    return x ** 2\n"
     assert trained.decode(trained.encode(sample)) == sample, "tokenizer failed a round trip"
@@ -199,7 +197,6 @@ def tokenizer_problem(vocab_size: int):
 
 def data_problem():
     """What is missing or broken in the data shards, or None (footer checks only: cheap)."""
-    from nanochat import datasets
     try:
         for path in datasets.split_paths("train") + datasets.split_paths("val"):
             datasets.check_shard(path)
@@ -217,7 +214,6 @@ def _write_record(record: dict) -> None:
 
 def _foreign_shards(dataset: str) -> list:
     """Shards in the data folder that did not come from this data set."""
-    from nanochat import datasets
     return [path for path in datasets.list_shards() if datasets.shard_source(path) != dataset]
 
 
@@ -227,7 +223,6 @@ def _refuse(message: str) -> int:
 
 
 def prepare(profile_name: str, dataset_request: str, num_shards: int, force: bool) -> int:
-    from nanochat import datasets
     record = None if force else read_record()
     if profile_name == "auto":
         profile_name = record["profile"] if record else detect_profile()
