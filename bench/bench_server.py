@@ -202,7 +202,7 @@ async def soak(ws: Path, cache: Path, runs: int, report: dict) -> None:
             decision = "keep" if status == "ok" and random.random() < 0.3 else "discard"
             await timed(client, decision, {})
             expected_rows += 1
-            if i == min(100, runs) or i == runs:
+            if i == min(100, max(1, runs // 10)) or i == runs:  # after warm-up, and at the end
                 samples.append((i, *rss_kb_and_fds(pid)))
         report["soak_runs"] = runs
         report["soak_seconds"] = round(time.perf_counter() - started, 1)
