@@ -134,25 +134,44 @@ def _device_name() -> str:
     return host.processor() or host.machine()
 
 
+def _peak_cache_path() -> Path:
+    return _cache_dir() / "cpu_peak_flops.json"
+
+
+def _peak_cache_key(dtype) -> str:
+    return f"{_device_name()} | {DEVICE.type} | threads={torch.get_num_threads()} | {str(dtype).removeprefix('torch.')}"
+
+
+def _read_peak_cache() -> dict:
+    try:
+        return json.loads(_peak_cache_path().read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: measure again
+        return {}
+
+
+def save_peak_flops(flops: float, dtype=COMPUTE_DTYPE):
+    """Record a measured peak for this machine (benchmarks store the one they measured)."""
+    table = _read_peak_cache()
+    table[_peak_cache_key(dtype)] = flops
+    path = _peak_cache_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(table, indent=1) + "\n")
+    tmp.replace(path)  # atomic: concurrent runs never read half a file
+
+
 def peak_flops(dtype=COMPUTE_DTYPE) -> float:
     """Peak FLOP/s for MFU: the datasheet figure for known GPUs, else a matmul peak measured once
     per (device, threads, dtype) and cached in $AUTORESEARCH_CACHE/cpu_peak_flops.json, so only the
     first run pays the few seconds of measuring."""
-    name = _device_name()
     if DEVICE.type == "cuda":
+        name = _device_name()
         for key, flops in GPU_PEAK_FLOPS:
             if key in name:
                 return flops
-    key = f"{name} | {DEVICE.type} | threads={torch.get_num_threads()} | {str(dtype).removeprefix('torch.')}"
-    path = _cache_dir() / "cpu_peak_flops.json"
-    try:
-        table = json.loads(path.read_text())
-    except (OSError, ValueError):
-        table = {}
-    if key not in table:
-        table[key] = measure_matmul_flops(dtype)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(table, indent=1) + "\n")
-        tmp.replace(path)  # atomic: concurrent runs never read half a file
-    return table[key]
+    cached = _read_peak_cache().get(_peak_cache_key(dtype))
+    if cached:
+        return cached
+    flops = measure_matmul_flops(dtype)
+    save_peak_flops(flops, dtype)
+    return flops
