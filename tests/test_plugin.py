@@ -322,16 +322,32 @@ def test_slash_command_runs_the_skill_with_its_tools(claude, plugin_clone, env, 
     assert (repo / "train.py").read_text() == "DEPTH = 5\n", answers["toolu_0003"]
 
 
-def test_marketplace_add_and_install_then_the_server_connects(claude, plugin_clone, env, workspace, tmp_path):
-    """The /plugin route: add this repository as a marketplace, install research-loop from it,
-    and a session without --plugin-dir has the skill and the connected server."""
-    own = dict(env, CLAUDE_CONFIG_DIR=str(tmp_path / "installed-config"))  # not the shared config
-    for args in (("plugin", "marketplace", "add", str(plugin_clone)),
-                 ("plugin", "install", "research-loop@research-loop")):
-        done = run_cli(claude, *args, cwd=workspace, env=own)
+def test_installed_from_the_workspace_itself_the_loop_runs_unattended(claude, env, tmp_path):
+    """The recommended route: in a clone, add it as a marketplace and install research-loop from
+    it. A session without --plugin-dir then has the skill and the connected server, and under
+    the skill (model scripted) setup runs and train.py is edited without anyone approving."""
+    clone = tmp_path / "research-loop"
+    subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "prepared.json").write_text('{"profile": "cpu", "time_budget": 1}')
+    own = dict(env, CLAUDE_CONFIG_DIR=str(tmp_path / "installed-config"), AUTORESEARCH_CACHE=str(cache))
+    for args in (("plugin", "marketplace", "add", str(clone)), ("plugin", "install", "research-loop@research-loop")):
+        done = run_cli(claude, *args, cwd=clone, env=own)
         assert done.returncode == 0, done.stdout + done.stderr
-    done = run_cli(claude, "mcp", "list", cwd=workspace, env=own)
+    done = run_cli(claude, "mcp", "list", cwd=clone, env=own)
     assert f"plugin:research-loop:{SERVER_NAME}:" in done.stdout and "Connected" in done.stdout, done.stdout
-    init = next(m for m in session_messages(claude, None, workspace, own) if m.get("subtype") == "init")
+    init = next(m for m in session_messages(claude, None, clone, own) if m.get("subtype") == "init")
     assert SKILL_ID in init["skills"]
     assert {t[len(TOOL_PREFIX):] for t in init["tools"] if t.startswith(TOOL_PREFIX)} == CONTRACT_TOOLS
+
+    source = (clone / "train.py").read_text()
+    line = next(l for l in source.splitlines() if l.strip() and source.count(l) == 1)  # Edit needs a unique match
+    calls = [(TOOL_PREFIX + "setup", {"tag": "t3"}), ("Read", {"file_path": str(clone / "train.py")}),
+             ("Edit", {"file_path": str(clone / "train.py"), "old_string": line,
+                       "new_string": line + "  # edited unattended"})]
+    with ScriptedModel(calls) as model:
+        done = run_cli(claude, "-p", f"/{SKILL_ID} t3", cwd=clone, env=model.env(own))
+    answers = tool_results(model.requests[-1])
+    assert git(clone, "symbolic-ref", "--short", "HEAD") == "autoresearch/t3", answers["toolu_0000"]
+    assert (clone / "train.py").read_text() == source.replace(line, line + "  # edited unattended"), answers["toolu_0002"]
