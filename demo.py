@@ -18,10 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from autosearch.constants import ConstantError, harness_exports
-from autosearch.driver import SearchError, SearchPlan, child_env, experiments_done, resolve_space, run_search
+from autosearch.constants import harness_exports
+from autosearch.driver import (
+    USER_FACING_ERRORS, SearchError, SearchPlan, child_env, experiments_done, resolve_space, run_search,
+)
 from autosearch.report import best_kept, diff_against_baseline, ledger_table, read_ledger, timing_table
-from autosearch.space import DEFAULT_SPACE, SpaceError, load_space
+from autosearch.space import DEFAULT_SPACE, load_space
 from autosearch.strategies import STRATEGIES
 
 REPO = Path(__file__).resolve().parent
@@ -156,10 +158,10 @@ def main(argv=None) -> int:
         asyncio.run(run_search(plan, REPO, say))
     except KeyboardInterrupt:
         where = f" --workspace {workspace}" if workspace else ""
-        print(f"\ninterrupted: the training run was stopped and the ledger is intact; "
+        print(f"\ninterrupted: any training run was stopped and the ledger is intact; "
               f"resume with: uv run demo.py{where}", file=sys.stderr)
         return 130
-    except (SearchError, SpaceError, ConstantError) as exc:
+    except USER_FACING_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     final_report(plan)
