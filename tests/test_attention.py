@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from nanochat.attention import attention, sdpa_attention
+from nanochat.attention import attention, explicit_attention, sdpa_attention
 
 
 def naive_attention(q, k, v, left):
@@ -34,7 +34,20 @@ def test_sdpa_matches_naive(left, n_head, n_kv_head):
     q, k, v = random_qkv(32, n_head, n_kv_head)
     expected = naive_attention(q, k, v, left)
     torch.testing.assert_close(sdpa_attention(q, k, v, left), expected)
-    torch.testing.assert_close(attention(q, k, v, left), expected)  # the dispatcher picks SDPA off-GPU
+    torch.testing.assert_close(explicit_attention(q, k, v, left), expected)
+    torch.testing.assert_close(attention(q, k, v, left), expected)  # whichever path the dispatcher picks
+
+
+def test_explicit_path_gradients_match_sdpa():
+    q, k, v = (t.requires_grad_(True) for t in random_qkv(40, 4, 2))
+    grads = []
+    for fn in (sdpa_attention, explicit_attention):
+        (fn(q, k, v, 9) * torch.linspace(-1, 1, 16, dtype=torch.float64)).sum().backward()
+        grads.append([t.grad.clone() for t in (q, k, v)])
+        for t in (q, k, v):
+            t.grad = None
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
 
 
 def test_window_really_limits_what_a_query_sees():
@@ -52,5 +65,6 @@ def test_window_really_limits_what_a_query_sees():
 def test_bf16_inputs_close_to_fp32():
     q, k, v = random_qkv(64, 2, 2, D=32)
     ref = naive_attention(q, k, v, 16)
-    out = sdpa_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 16).double()
-    torch.testing.assert_close(out, ref, atol=3e-2, rtol=3e-2)
+    for fn in (sdpa_attention, explicit_attention):
+        out = fn(q.bfloat16(), k.bfloat16(), v.bfloat16(), 16).double()
+        torch.testing.assert_close(out, ref, atol=3e-2, rtol=3e-2)
