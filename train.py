@@ -68,8 +68,6 @@ USE_COMPILE = DEVICE.type == "cuda"
 UNTIMED_STEPS = 10 if USE_COMPILE else 1
 maybe_compile = torch.compile if USE_COMPILE else (lambda fn, **kwargs: fn)
 torch.manual_seed(SEED)
-torch.backends.cuda.matmul.allow_tf32 = True
-torch.backends.cudnn.allow_tf32 = True
 
 # ---------------------------------------------------------------------------------------------
 # Model
@@ -433,7 +431,7 @@ T_TRAIN_END = time.time()
 
 model.eval()
 with torch.no_grad(), autocast():
-    val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)
+    val_bpb = evaluate_bpb(train_model, tokenizer, DEVICE_BATCH_SIZE)  # the compiled model where there is one
 t_end = time.time()
 timed_steps = step - UNTIMED_STEPS
 mfu_percent = 100 * flops_per_token * TOTAL_BATCH_SIZE * timed_steps / training_time / peak if training_time > 0 else 0.0

@@ -19,9 +19,12 @@ PROFILES = {
         max_seq_len=512, time_budget=300, eval_tokens=2 * 524288, vocab_size=8192,
         train_defaults=dict(depth=4, window_pattern="L", total_batch_size=2**14, device_batch_size=16),
     ),
-    # Laptop / CI CPU: short context, small vocabulary, short budget and evaluation.
+    # Laptop / CI CPU: short context, small vocabulary, short budget and evaluation, sized so that on
+    # a 2-core Zen4 a run is a real small GPT (depth 4, 7M parameters, ~40 optimizer steps of 8k
+    # tokens in 60 s) and the overheads stay small: evaluation of 2^16 tokens takes ~5 s (<15% of
+    # the budget), start-up ~4 s (<10%). Measure with `uv run bench/bench_train.py`.
     "cpu": dict(
-        max_seq_len=256, time_budget=60, eval_tokens=2**17, vocab_size=4096,
+        max_seq_len=256, time_budget=60, eval_tokens=2**16, vocab_size=4096,
         train_defaults=dict(depth=4, window_pattern="L", total_batch_size=2**13, device_batch_size=16),
     ),
 }
