@@ -13,12 +13,12 @@ import gc
 import math
 import os
 import sys
+from dataclasses import dataclass
 
 # CPU threads sleep at barriers instead of spinning (set before torch loads OpenMP): on a machine
 # shared with other work, spinning threads steal the very cores they wait for (steps measured 2-3x
-# slower under load); on an idle machine the difference is a few percent.
+# slower under load); when idle, a sleeping thread costs only a wake-up per parallel op.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -387,7 +387,7 @@ while True:
             loss = train_model(x, y)
         train_loss = loss.detach()
         (loss / grad_accum_steps).backward()
-        x, y, epoch = next(train_loader)  # the next batch loads while the device still works
+        x, y, epoch = next(train_loader)  # on a GPU this overlaps the queued backward
     progress = min(training_time / TIME_BUDGET, 1.0)
     lrm = lr_multiplier(progress)
     for group in optimizer.param_groups:
