@@ -10,14 +10,20 @@ COMMIT = re.compile(r"^[0-9a-f]{7,40}$")
 
 
 def read_ledger(workspace: Path) -> list[dict]:
-    """results.tsv rows, numbers parsed; an absent ledger is empty."""
+    """results.tsv rows, numbers parsed; an absent ledger is empty. A malformed line (a hand edit)
+    is left out here; the server's status() counts such lines."""
     path = Path(workspace) / "results.tsv"
     if not path.exists():
         return []
     with path.open(newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    for row in rows:
-        row["val_bpb"], row["memory_gb"] = float(row["val_bpb"]), float(row["memory_gb"])
+        rows = []
+        for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
+            try:
+                row["val_bpb"], row["memory_gb"] = float(row["val_bpb"]), float(row["memory_gb"])
+            except (TypeError, ValueError):
+                continue
+            if COMMIT.match(row["commit"] or "") and row["description"] is not None:
+                rows.append(row)
     return rows
 
 

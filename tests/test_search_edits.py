@@ -12,6 +12,7 @@ from autosearch.constants import (
     rewrite_constants,
 )
 from autosearch.driver import budget_left, experiments_done
+from autosearch.report import best_kept, ledger_table, read_ledger
 from autosearch.space import DEFAULT_SPACE, Dimension, SpaceError, applicable, load_space, validate_space
 from autosearch.strategies import GreedyCoordinateSearch, RandomSearch
 
@@ -252,3 +253,19 @@ def test_demo_never_works_in_a_folder_it_did_not_make(repo_root, tmp_path):
     assert sorted(p.name for p in checkout.iterdir()) == [".git", "train.py"]
     branches = subprocess.run(["git", "branch", "--list"], cwd=checkout, capture_output=True, text=True).stdout
     assert "autoresearch" not in branches
+
+
+def test_ledger_reading_and_table(tmp_path):
+    (tmp_path / "results.tsv").write_text(
+        "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
+        "aaaaaaa\t1.500000\t1.1\tkeep\tbaseline\n"
+        "bbbbbbb\t0.000000\t0.0\tcrash\tDEPTH=9 (interrupted)\n"
+        "half-written line\n"
+        "ccccccc\t1.400000\t1.2\tkeep\tMATRIX_LR=0.056\n")
+    rows = read_ledger(tmp_path)
+    assert [row["commit"] for row in rows] == ["aaaaaaa", "bbbbbbb", "ccccccc"]
+    assert best_kept(rows)["commit"] == "ccccccc"
+    table = ledger_table(rows).splitlines()
+    assert table[0].split() == ["#", "commit", "val_bpb", "memory_gb", "status", "description"]
+    assert table[3].startswith("2*") and table[3].endswith("MATRIX_LR=0.056")
+    assert read_ledger(tmp_path / "nowhere") == []
