@@ -209,17 +209,14 @@ class GPT(nn.Module):
         return softcap_cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), SOFTCAP, reduction)
 
     def flops_per_token(self):
-        """Training FLOPs per token: 6 per weight that multiplies (embedding lookups are free),
-        plus attention scores and values over the keys each query actually sees (causal: about
-        half the window), so MFU is not flattered by masked-out work."""
+        """Training FLOPs per token, counted as upstream does so MFU figures compare: 6 per weight
+        that multiplies (embedding lookups are free), plus 12 * width * window for attention
+        (scores and values, forward and backward; causal masking not discounted)."""
         lookups = self.wte.weight.numel() + sum(e.weight.numel() for e in self.value_embeds.values())
         scalars = self.resid_lambdas.numel() + self.x0_lambdas.numel()
         matmul_params = sum(p.numel() for p in self.parameters()) - lookups - scalars
         T = self.config.sequence_len
-        attn = 0
-        for window in self.windows:
-            keys_seen = sum(min(i, window) + 1 for i in range(T)) / T
-            attn += 12 * self.config.n_embd * keys_seen  # QK^T and AV, forward and backward
+        attn = sum(12 * self.config.n_embd * min(window, T) for window in self.windows)
         return 6 * matmul_params + attn
 
 
