@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # the same threading as train.py
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 REPO = Path(__file__).resolve().parent.parent
 LOADER_BATCHES = 50  # dataloader batches timed after the run
@@ -102,7 +103,7 @@ def main():
     # timed steps: all but the first (the eager path's warm-up step, see UNTIMED_STEPS in train.py)
     micro_step_s = train_s / max(summary["num_steps"] - 1, 1) / grad_accum
     loader_share = loader_s / micro_step_s
-    tok_per_s = summary["total_tokens_M"] * 1e6 / train_s
+    tok_per_s = (summary["num_steps"] - 1) * TRAIN_DEFAULTS["total_batch_size"] / train_s  # timed steps only
 
     rows = [
         ("device / dtype", f"{DEVICE.type} / {str(COMPUTE_DTYPE).removeprefix('torch.')}, "
