@@ -104,9 +104,12 @@ class _SoftcapCrossEntropy(torch.autograd.Function):
                 p = e.div_(sum_exp)
                 p.scatter_add_(1, safe_targets[rows], -valid[rows, None].float())
                 grad[rows] = p.mul_(torch.addcmul(_ONE, z, z, value=-1))
-        losses.masked_fill_(~valid, 0.0)
+        ignored = ~valid
+        if ignored.any():  # training rows are packed without padding: this pass is usually skipped
+            losses.masked_fill_(ignored, 0.0)
+            if with_grad:
+                grad.masked_fill_(ignored[:, None], 0)
         if with_grad:
-            grad.masked_fill_(~valid[:, None], 0)
             ctx.save_for_backward(grad)
         return losses
 
