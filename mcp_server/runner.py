@@ -35,7 +35,9 @@ class Run:
         self.result = None  # set by on_finish: the parsed outcome
         self.done = threading.Event()
         self._on_finish = on_finish
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # The server's own VIRTUAL_ENV (the plugin's) is not the workspace's: uv would ignore it
+        # with a warning in every run.log, so the child finds its project environment itself.
+        env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"} | {"PYTHONUNBUFFERED": "1"}
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, str(WATCHDOG), *command], cwd=cwd, env=env,

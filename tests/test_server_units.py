@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from mcp_server import ledger, logparse, noise
+from mcp_server.runner import Run
 from mcp_server.models import Refusal
 from mcp_server.state import State
 
@@ -184,3 +185,13 @@ def test_time_budget_comes_from_env_record_profile_or_upstream(tmp_path, monkeyp
     assert time_budget(tmp_path) == 42.0
     monkeypatch.setenv("AUTORESEARCH_TIME_BUDGET", "4")
     assert time_budget(repo_root) == 4.0
+
+
+def test_training_does_not_inherit_the_servers_virtual_env(tmp_path, monkeypatch):
+    """The server runs in the plugin's environment; the workspace's `uv run` must find its own."""
+    monkeypatch.setenv("VIRTUAL_ENV", "/plugin/.venv")
+    show = "import os; print('VIRTUAL_ENV=' + os.environ.get('VIRTUAL_ENV', '(unset)'), os.environ['PYTHONUNBUFFERED'])"
+    run = Run([sys.executable, "-c", show], cwd=tmp_path, log_path=tmp_path / "run.log", timeout=60)
+    assert run.done.wait(60)
+    assert run.exit_code == 0
+    assert (tmp_path / "run.log").read_text().strip() == "VIRTUAL_ENV=(unset) 1"
