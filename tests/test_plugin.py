@@ -227,7 +227,7 @@ def test_compaction_keeps_the_loop_state(claude, plugin_clone, env, workspace):
 
 
 def docs_blocks(language: str) -> list[str]:
-    text = (REPO / "docs" / "using-the-tools.md").read_text()
+    text = (REPO / "README.md").read_text()
     return re.findall(rf"```{language}\n(.*?)```", text, re.S)
 
 
