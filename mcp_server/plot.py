@@ -16,6 +16,7 @@ def plot_rows(rows: list[Row], path: Path) -> tuple[int, int, int]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     runs = [(i, r) for i, r in enumerate(rows, 1) if r.status != "crash"]
     kept = [(i, r) for i, r in runs if r.status == "keep"]
@@ -37,6 +38,10 @@ def plot_rows(rows: list[Row], path: Path) -> tuple[int, int, int]:
                  + (f", {crashes} crashes not shown" if crashes else ""))
     ax.set_xlabel("run (ledger order)")
     ax.set_ylabel("val_bpb (lower is better)")
+    # room on the right for the last kept run's label, which starts at its point
+    ax.set_xlim(0.5, len(rows) + 0.5 + max(1.0, 0.2 * len(rows)))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xticks([x for x in ax.get_xticks() if 1 <= x <= len(rows)])  # no ticks for runs not yet made
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
