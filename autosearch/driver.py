@@ -113,8 +113,7 @@ class Search:
         result = await self.call("run_experiment", progress=self.progress, description=description)
         self.say_progress_done()
         result["client_seconds"] = time.monotonic() - start
-        log = self.plan.workspace / result.get("log", "run.log")
-        self.plan.timings.append(timing_split(description, result, summary_fields(log)))
+        self.plan.timings.append(timing_split(description, result))
         return result
 
     async def decide(self, result: dict) -> str:
@@ -208,27 +207,11 @@ def best_kept_bpb(rows: list[dict]) -> float | None:
     return min(kept) if kept else None
 
 
-def summary_fields(log: Path) -> dict:
-    """The numeric `name: value` lines of a run log's summary block (what follows the `---`)."""
-    try:
-        text = log.read_text(errors="replace")
-    except OSError:
-        return {}
-    fields = {}
-    for line in text.rpartition("\n---\n")[2].splitlines():
-        name, _, value = line.partition(":")
-        try:
-            fields[name.strip()] = float(value)
-        except ValueError:
-            continue
-    return fields
-
-
-def timing_split(description: str, result: dict, summary: dict) -> dict:
+def timing_split(description: str, result: dict) -> dict:
     """Wall time of one experiment: training, evaluation, start-up (the rest of train.py's own
     total) and tool overhead (what the client waited beyond train.py's total)."""
     wall = result["client_seconds"]
-    training, total, evaluation = (summary.get(k) for k in ("training_seconds", "total_seconds", "eval_seconds"))
+    training, total, evaluation = (result.get(k) for k in ("training_seconds", "total_seconds", "eval_seconds"))
     startup = None if None in (training, total, evaluation) else total - training - evaluation
     return dict(experiment=description[:40], wall_s=wall, training_s=training, eval_s=evaluation,
                 startup_s=startup, overhead_s=None if total is None else wall - total)

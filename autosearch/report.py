@@ -1,30 +1,19 @@
 """What the demo prints at the end: the ledger as a table, the best result and its diff against
 the baseline, and the per-experiment timing split."""
-import csv
 import re
 import subprocess
 from pathlib import Path
 
-LEDGER_FIELDS = ("commit", "val_bpb", "memory_gb", "status", "description")
+from mcp_server import ledger
+
 COMMIT = re.compile(r"^[0-9a-f]{7,40}$")
 
 
 def read_ledger(workspace: Path) -> list[dict]:
-    """results.tsv rows, numbers parsed; an absent ledger is empty. A malformed line (a hand edit)
-    is left out here; the server's status() counts such lines."""
-    path = Path(workspace) / "results.tsv"
-    if not path.exists():
-        return []
-    with path.open(newline="") as f:
-        rows = []
-        for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
-            try:
-                row["val_bpb"], row["memory_gb"] = float(row["val_bpb"]), float(row["memory_gb"])
-            except (TypeError, ValueError):
-                continue
-            if COMMIT.match(row["commit"] or "") and row["description"] is not None:
-                rows.append(row)
-    return rows
+    """results.tsv rows as dicts, parsed by the server's own reader: an absent ledger is empty, a
+    malformed line (a hand edit) is left out (the server's status() counts such lines)."""
+    rows, _ = ledger.read_rows(Path(workspace) / ledger.LEDGER_NAME)
+    return [row.model_dump() for row in rows]
 
 
 def best_kept(rows: list[dict]) -> dict | None:

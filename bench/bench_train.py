@@ -8,13 +8,15 @@ Take figures on a quiet machine: the load average is printed because other work 
 """
 import argparse
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from mcp_server.logparse import parse_summary  # the tools' own reading of the summary block
+from mcp_server.models import Summary
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # the same threading as train.py
 os.environ.setdefault("GOMP_SPINCOUNT", "1000")
@@ -46,18 +48,14 @@ def train_command() -> list[str]:
     return [uv, "run", "--frozen", "train.py"] if uv else [sys.executable, "train.py"]
 
 
-def run_training(env: dict) -> tuple[dict, float]:
+def run_training(env: dict) -> tuple[Summary, float]:
     t0 = time.time()
     result = subprocess.run(train_command(), cwd=REPO, env=env, capture_output=True)
     wall = time.time() - t0
     out = result.stdout.decode()
-    if result.returncode != 0 or "\n---\n" not in out:
+    summary = parse_summary(out)
+    if result.returncode != 0 or summary is None or summary.eval_seconds is None:
         sys.exit(f"train.py failed (exit {result.returncode}):\n{out[-3000:]}\n{result.stderr.decode()[-3000:]}")
-    summary = {}
-    for line in out.split("\n---\n", 1)[1].splitlines():
-        key, sep, value = line.partition(":")
-        if sep and re.fullmatch(r"-?[\d.]+(e-?\d+)?", value.strip()):
-            summary[key.strip()] = float(value)
     return summary, wall
 
 
@@ -97,26 +95,26 @@ def main():
     load_after = os.getloadavg()[0]
 
     budget = TIME_BUDGET
-    train_s, eval_s = summary["training_seconds"], summary["eval_seconds"]
+    train_s, eval_s = summary.training_seconds, summary.eval_seconds
     startup_s = wall - train_s - eval_s  # interpreter, imports, set-up and the untimed first step
     grad_accum = TRAIN_DEFAULTS["total_batch_size"] // (TRAIN_DEFAULTS["device_batch_size"] * MAX_SEQ_LEN)
     # timed steps: all but the first (the eager path's warm-up step, see UNTIMED_STEPS in train.py)
-    micro_step_s = train_s / max(summary["num_steps"] - 1, 1) / grad_accum
+    micro_step_s = train_s / max(summary.num_steps - 1, 1) / grad_accum
     loader_share = loader_s / micro_step_s
-    tok_per_s = (summary["num_steps"] - 1) * TRAIN_DEFAULTS["total_batch_size"] / train_s  # timed steps only
+    tok_per_s = (summary.num_steps - 1) * TRAIN_DEFAULTS["total_batch_size"] / train_s  # timed steps only
 
     rows = [
         ("device / dtype", f"{DEVICE.type} / {str(COMPUTE_DTYPE).removeprefix('torch.')}, "
                            f"{torch.get_num_threads()} threads, profile {PROFILE}", ""),
         ("matmul peak (measured now)", f"{peak / 1e9:.0f} GFLOP/s", ""),
-        ("training MFU", f"{summary['mfu_percent']:.1f}%", check(summary["mfu_percent"] >= MIN_MFU_PERCENT, f">= {MIN_MFU_PERCENT:.0f}%")),
-        ("training throughput", f"{tok_per_s:,.0f} tok/s, {summary['num_steps']:.0f} steps", ""),
+        ("training MFU", f"{summary.mfu_percent:.1f}%", check(summary.mfu_percent >= MIN_MFU_PERCENT, f">= {MIN_MFU_PERCENT:.0f}%")),
+        ("training throughput", f"{tok_per_s:,.0f} tok/s, {summary.num_steps:.0f} steps", ""),
         ("dataloader / step time", f"{100 * loader_share:.2f}% ({1000 * loader_s:.1f} ms per batch)", check(loader_share <= MAX_LOADER_SHARE, "<= 5%")),
         ("evaluation", f"{eval_s:.1f} s = {100 * eval_s / budget:.1f}% of budget", check(eval_s <= MAX_EVAL_SHARE * budget, "<= 15%")),
         ("start-up (to first timed step)", f"{startup_s:.1f} s = {100 * startup_s / budget:.1f}% of budget", check(startup_s <= MAX_STARTUP_SHARE * budget, "<= 10%")),
         ("wall time", f"{wall:.1f} s = {wall / budget:.2f} x budget ({budget} s)", check(wall <= MAX_WALL_RATIO * budget, "<= 1.25x")),
-        ("val_bpb", f"{summary['val_bpb']:.6f}", ""),
-        ("peak memory", f"{summary['peak_vram_mb']:.0f} MB", ""),
+        ("val_bpb", f"{summary.val_bpb:.6f}", ""),
+        ("peak memory", f"{summary.peak_vram_mb:.0f} MB", ""),
         # before: other work on the machine; after: mostly this run's own training
         ("load average before / after", f"{load_before:.2f} / {load_after:.2f}", check(load_before < 1.0, "quiet before (< 1)")),
     ]

@@ -4,6 +4,7 @@ Every method checks its rules before it changes anything, and raises Refusal wit
 do next. The order of writes is what makes it lose nothing: the ledger row is appended
 (and fsynced) before any reset, and state.json is replaced atomically.
 """
+import filecmp
 import json
 import math
 import os
@@ -267,6 +268,7 @@ class ResearchLoop:
         if summary is not None:
             result.training_seconds = summary.training_seconds
             result.total_seconds = summary.total_seconds
+            result.eval_seconds = summary.eval_seconds
             result.num_steps = summary.num_steps
         if status != "ok":
             result.tail = logparse.tail(text)
@@ -410,7 +412,7 @@ class ResearchLoop:
         if not last:
             return None
         try:
-            same = (self.root / last["log"]).stat().st_size == (self.root / RUN_LOG).stat().st_size
+            same = filecmp.cmp(self.root / last["log"], self.root / RUN_LOG, shallow=False)
         except OSError:
             return None
         return last if same else None

@@ -40,6 +40,7 @@ class Summary(BaseModel):
     num_steps: int | None = None
     num_params_M: float | None = None
     depth: int | None = None
+    eval_seconds: float | None = None  # this project's train.py; not upstream's
 
 
 class RunResult(BaseModel):
@@ -51,6 +52,7 @@ class RunResult(BaseModel):
     memory_gb: float | None = None
     training_seconds: float | None = None
     total_seconds: float | None = None
+    eval_seconds: float | None = None
     num_steps: int | None = None
     exit_code: int | None = None
     timeout_seconds: float | None = None

@@ -46,6 +46,7 @@ def test_real_training_run_then_discard(tmp_path, repo_root, prepared_env, monke
 
     assert run["status"] == "ok", run.get("tail")
     assert 0 < run["val_bpb"] < 20 and run["num_steps"] >= 1 and run["training_seconds"] > 0
+    assert 0 < run["eval_seconds"] < run["total_seconds"] - run["training_seconds"]  # the split the demo prints
     assert discard["row"]["status"] == "discard" and discard["kept_commit"] == setup["base_commit"]
     assert ledger_lines(ws)[1] == (f"{run['commit']}\t{run['val_bpb']:.6f}\t{run['memory_gb']:.1f}\t"
                                    "discard\tbaseline on cpu (e2e test)")

@@ -434,6 +434,17 @@ def test_read_metrics_on_missing_empty_crashed_and_past_runs(lab):
     assert "not a run number" in lab.refused("read_metrics", run="../state")
 
 
+def test_read_metrics_judges_a_rewritten_run_log_by_its_own_text(lab):
+    """A run.log written after the recorded run (a manual run) never borrows that run's status,
+    even at the same size."""
+    lab.baseline()
+    size = (lab.ws / "run.log").stat().st_size
+    crash = "Traceback (most recent call last):\nRuntimeError: boom\n"
+    (lab.ws / "run.log").write_text(crash + " " * (size - len(crash) - 1) + "\n")
+    assert (lab.ws / "run.log").stat().st_size == size
+    assert lab.ok("read_metrics")["status"] == "crash"
+
+
 def test_status_reports_counts_best_pending_and_next_step(lab):
     assert lab.ok("status")["next"] == "setup(tag)"
     lab.baseline()
