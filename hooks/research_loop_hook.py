@@ -156,10 +156,10 @@ def server_state(root: Path) -> dict:
     return state if isinstance(state, dict) else {}
 
 
-def last_progress_line(root: Path) -> str | None:
-    """The newest 'step ...' line of run.log (progress lines are separated by carriage returns)."""
+def last_progress_line(log: Path) -> str | None:
+    """The newest 'step ...' line of a run's log (progress lines are separated by carriage returns)."""
     try:
-        with open(root / RUN_LOG, "rb") as f:
+        with open(log, "rb") as f:
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - LOG_TAIL_BYTES))
             tail = f.read().decode(errors="replace")
@@ -182,26 +182,28 @@ def process_alive(pid) -> bool:
 
 
 def run_lines(root: Path, state: dict) -> list[str]:
+    """One line per run nobody has decided yet, saying what to do about it."""
     lines = []
-    running = state.get("running")
-    if isinstance(running, dict):
-        name = f"run {running.get('run')} ({str(running.get('commit', ''))[:7]}) \"{running.get('description', '')}\""
-        if process_alive(running.get("server_pid")):
-            progress = last_progress_line(root) or "no progress line yet"
-            lines.append(f"run in progress: {name}: {progress}. Follow it with read_metrics(); "
-                         "do not start another run.")
-        else:
-            lines.append(f"{name} was in progress when its server stopped: status() reports it as interrupted, "
-                         "and discard() logs it as a crash.")
-    pending = state.get("pending")
-    if isinstance(pending, dict):
-        value = pending.get("val_bpb")
-        shown = f" val_bpb {value:.6f}" if isinstance(value, (int, float)) else ""
-        lines.append(f"pending result: run {pending.get('run')} ({str(pending.get('commit', ''))[:7]}) "
-                     f"{pending.get('status')}{shown} \"{pending.get('description', '')}\": "
-                     "decide it with keep() or discard() before anything else.")
-    if state.get("interrupted"):
-        lines.append("a run was interrupted (the server stopped mid-run): call discard() to log it.")
+    runs = state.get("runs") if isinstance(state.get("runs"), dict) else {}
+    for entry in sorted((e for e in runs.values() if isinstance(e, dict)), key=lambda e: e.get("run", 0)):
+        name = f"run {entry.get('run')} ({str(entry.get('commit', ''))[:7]}) \"{entry.get('description', '')}\""
+        status = entry.get("status")
+        if status == "queued":
+            lines.append(f"{name} is queued: it starts when a slot is free; wait() returns its result.")
+        elif status == "running" and process_alive(entry.get("server_pid")):
+            progress = last_progress_line(root / str(entry.get("log", ""))) or "no progress line yet"
+            lines.append(f"{name} is running: {progress}. wait() or read_metrics() follows it.")
+        elif status == "running":
+            lines.append(f"{name} was running when its server stopped: status() settles it (its result, or "
+                         "interrupted: discard() logs it as a crash).")
+        elif status == "pending":
+            result = entry.get("result") if isinstance(entry.get("result"), dict) else {}
+            value = result.get("val_bpb")
+            shown = f" val_bpb {value:.6f}" if isinstance(value, (int, float)) else ""
+            lines.append(f"pending result: {name} {result.get('status')}{shown}: decide it with keep() or "
+                         "discard() before anything else.")
+        elif status == "interrupted":
+            lines.append(f"{name} was interrupted (its server stopped mid-run): discard() logs it as a crash.")
     return lines
 
 

@@ -1,8 +1,10 @@
-"""Entry point: `uv run python -m mcp_server [--workspace DIR] [--http --port N]`.
+"""Entry point: `uv run python -m mcp_server [--workspace DIR] [--slots N] [--http --port N]`.
 
 stdio by default (what Claude Code starts); --http serves streamable HTTP on 127.0.0.1
-only, optionally behind a bearer token. Whatever way the server ends, a training run it
-started is killed with it (here for orderly exits, by the watchdog for SIGKILL).
+only, optionally behind a bearer token taken from RESEARCH_LOOP_TOKEN or --token-file (never
+from the command line, which every local user can read). Whatever way the server ends, the
+training runs it started are killed with it (here for orderly exits, by each run's worker
+when its pipe from the server closes).
 """
 import argparse
 import hmac
@@ -17,27 +19,47 @@ LOOPBACK = "127.0.0.1"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="research-loop-mcp", description="The research-loop MCP server (stdio unless --http).")
+    parser = argparse.ArgumentParser(prog="research-loop-mcp", allow_abbrev=False,
+                                     description="The research-loop MCP server (stdio unless --http).")
     parser.add_argument("--workspace", default=os.environ.get("RESEARCH_LOOP_WORKSPACE") or os.getcwd(),
                         help="git repository holding prepare.py and train.py (default: env "
                              "RESEARCH_LOOP_WORKSPACE, else the current directory)")
     parser.add_argument("--train-command", default=os.environ.get("RESEARCH_LOOP_TRAIN_COMMAND"),
                         help="training command, run in the workspace (default: uv run train.py)")
+    parser.add_argument("--slots", type=int, default=None,
+                        help="runs at once, one per slot (default: env RESEARCH_LOOP_SLOTS, else the number of "
+                             "visible GPUs, 1 without a GPU; on a CPU, N > 1 splits the cores between slots)")
     parser.add_argument("--http", action="store_true", help="serve streamable HTTP on 127.0.0.1")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"HTTP port (default {DEFAULT_PORT})")
-    parser.add_argument("--token", default=os.environ.get("RESEARCH_LOOP_TOKEN"),
-                        help="bearer token required on every HTTP request (env RESEARCH_LOOP_TOKEN)")
-    return parser.parse_args(argv)
+    parser.add_argument("--token-file", type=Path,
+                        help="file holding the bearer token every HTTP request must carry (default: env "
+                             "RESEARCH_LOOP_TOKEN; none: any local client is accepted)")
+    args = parser.parse_args(argv)
+    if args.slots is not None and args.slots < 1:
+        parser.error("--slots must be 1 or more")
+    return args
+
+
+def http_token(args) -> str | None:
+    if args.token_file:
+        try:
+            token = args.token_file.read_text().strip()
+        except OSError as exc:
+            sys.exit(f"research-loop-mcp: cannot read --token-file {args.token_file}: {exc}")
+        if not token:
+            sys.exit(f"research-loop-mcp: --token-file {args.token_file} is empty")
+        return token
+    return os.environ.get("RESEARCH_LOOP_TOKEN") or None
 
 
 def require_bearer(app, token: str):
     """ASGI middleware: every HTTP request must carry `Authorization: Bearer <token>`."""
-    expected = f"Bearer {token}".encode()
+    expected = token.encode()
 
     async def guarded(scope, receive, send):
         if scope["type"] == "http":
-            given = dict(scope.get("headers") or []).get(b"authorization", b"")
-            if not hmac.compare_digest(given, expected):
+            scheme, _, given = dict(scope.get("headers") or []).get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), expected):
                 await send({"type": "http.response.start", "status": 401,
                             "headers": [(b"content-type", b"text/plain"), (b"www-authenticate", b"Bearer")]})
                 await send({"type": "http.response.body", "body": b"missing or wrong bearer token\n"})
@@ -51,6 +73,9 @@ def serve_http(srv, port: int, token: str | None) -> None:
     app = srv.streamable_http_app(host=LOOPBACK)
     if token:
         app = require_bearer(app, token)
+    else:
+        print(f"research-loop-mcp: WARNING: no token set (RESEARCH_LOOP_TOKEN or --token-file): every local user "
+              f"and process can call the tools on http://{LOOPBACK}:{port}/mcp", file=sys.stderr, flush=True)
     uvicorn.run(app, host=LOOPBACK, port=port, log_level="warning")
 
 
@@ -60,7 +85,7 @@ def main(argv=None) -> None:
     from mcp_server.server import build_server
 
     command = shlex.split(args.train_command) if args.train_command else None
-    loop = ResearchLoop(Path(args.workspace), command)
+    loop = ResearchLoop(Path(args.workspace), command, args.slots)
     srv = build_server(loop)
 
     def on_term(signum, frame):
@@ -70,7 +95,7 @@ def main(argv=None) -> None:
     signal.signal(signal.SIGTERM, on_term)
     try:
         if args.http:
-            serve_http(srv, args.port, args.token)
+            serve_http(srv, args.port, http_token(args))
         else:
             srv.run("stdio")
     except KeyboardInterrupt:

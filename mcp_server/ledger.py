@@ -6,6 +6,7 @@ fsync, so a crash of the server or of the training never leaves a half-written r
 import math
 import os
 import re
+import unicodedata
 from pathlib import Path
 
 from mcp_server.models import Refusal, Row
@@ -17,16 +18,36 @@ COMMIT_RE = re.compile(r"^[0-9a-f]{7}$")
 MAX_DESCRIPTION = 300
 
 
+ELLIPSIS = "..."
+
+
+def _breaks_a_row(char: str) -> bool:
+    """Tabs, line breaks of any kind (what str.splitlines splits on) and other control characters."""
+    return unicodedata.category(char) in ("Cc", "Zl", "Zp")
+
+
 def validate_description(text: str, what: str = "description") -> str:
+    if not isinstance(text, str):
+        raise Refusal(f"The {what} must be text.")
     text = text.strip()
     if not text:
         raise Refusal(f"The {what} is empty: say in a few words what this run changes.")
-    if "\t" in text or "\n" in text or "\r" in text:
-        raise Refusal(f"The {what} contains a tab or a line break, which would break results.tsv; "
-                      "use one line without tabs.")
+    bad = sorted({c for c in text if _breaks_a_row(c)})
+    if bad:
+        raise Refusal(f"The {what} contains a tab, a line break or another control character "
+                      f"({', '.join(repr(c) for c in bad)}), which would break results.tsv; use one line of plain text.")
     if len(text) > MAX_DESCRIPTION:
         raise Refusal(f"The {what} is {len(text)} characters; keep it under {MAX_DESCRIPTION}.")
     return text
+
+
+def fit_description(text: str, suffix: str = "") -> str:
+    """A description the server composes (a note or a marker appended) shortened to the limit, the
+    suffix kept whole: what the server writes always passes its own validation."""
+    room = MAX_DESCRIPTION - len(suffix)
+    if len(text) > room:
+        text = text[:max(room - len(ELLIPSIS), 0)].rstrip() + ELLIPSIS
+    return (text + suffix)[:MAX_DESCRIPTION]
 
 
 def make_row(commit: str, val_bpb: float, memory_gb: float, status: str, description: str) -> Row:
@@ -72,7 +93,9 @@ def read_rows(path: Path) -> tuple[list[Row], int]:
     if cached and cached[:2] == (stat.st_size, stat.st_mtime_ns):
         return list(cached[2]), cached[3]
     rows, bad = [], 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines()[1:]:
+    # rows end with "\n" only: splitlines() would also cut a row at a form feed or U+2028
+    for line in path.read_bytes().decode("utf-8", errors="replace").split("\n")[1:]:
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         row = _parse_line(line)

@@ -32,6 +32,17 @@ def parse_summary(text: str) -> Summary | None:
     return Summary(**{k: v for k, v in values.items() if v is not None})
 
 
+UPSTREAM_SUMMARY_KEYS = ("val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
+                         "total_tokens_M", "num_steps", "num_params_M", "depth")
+
+
+def complete_summary(text: str) -> bool:
+    """A whole summary block (every line upstream prints) and no FAIL: the training finished."""
+    summary = parse_summary(text)
+    return summary is not None and not failed(text) and all(
+        getattr(summary, key) is not None for key in UPSTREAM_SUMMARY_KEYS)
+
+
 def _number(text: str) -> float | int | None:
     try:
         return int(text)

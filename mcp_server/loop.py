@@ -1,27 +1,38 @@
-"""The research loop's bookkeeping: setup, run, keep, discard, log, status, noise.
+"""The research loop's bookkeeping: setup, submit and run, keep, discard, cancel, re-apply, log.
 
-Every method checks its rules before it changes anything, and raises Refusal with what to
-do next. The order of writes is what makes it lose nothing: the ledger row is appended
-(and fsynced) before any reset, and state.json is replaced atomically.
+A run is a candidate commit: train.py as the agent wrote it, on top of the kept commit (the
+best), stored under refs/research-loop/runs/<n> so its code is never lost. Runs wait in a queue
+and execute in the executor's slots; the agent's working tree is never checked out or reset
+under a run. A finished run is a pending result until keep or discard writes its ledger row;
+keep advances the branch to the candidate, and only when the candidate was measured on the
+current best.
+
+Every method checks its rules before it changes anything and raises Refusal with what to do
+next. State changes happen in State.transaction (exclusive across threads and processes); the
+ledger row is appended (and fsynced) before the branch or train.py moves, so a crash at any
+point loses nothing, and a retry never logs twice.
 """
-import filecmp
 import json
 import math
 import os
+import re
 import shutil
+import threading
 import time
 from pathlib import Path
 
+import git
+
 from mcp_server import ledger, logparse, noise
+from mcp_server.executor import LocalPool, RunSpec, default_slots, kill_session, read_report
 from mcp_server.models import (
-    DecisionResult, LoggedRow, Metrics, NoiseEstimate, Refusal, Row, RunResult, SetupResult,
-    StatusResult,
+    CancelResult, DecisionResult, LiveRun, LoggedRow, Metrics, NoiseEstimate, Refusal, Row, RunResult,
+    SetupResult, StatusResult,
 )
-from mcp_server.runner import Run, kill_group
-from mcp_server.state import State, process_alive, process_start_time
+from mcp_server.state import State, process_alive
 from mcp_server.workspace import (
-    BRANCH_PREFIX, EDITABLE, PROTECTED_BRANCHES, Workspace, cache_dir, prepared_info, time_budget,
-    validate_commit_arg, validate_tag,
+    BRANCH_PREFIX, EDITABLE, PROTECTED_BRANCHES, RUN_REF_PREFIX, Workspace, cache_dir, prepared_info,
+    time_budget, validate_commit_arg, validate_tag,
 )
 
 RUN_LOG = "run.log"
@@ -31,22 +42,35 @@ TIMEOUT_FACTOR = 2.0
 # A budget counts training time only: start-up, compilation and evaluation come on top,
 # which on a CPU can exceed the budget itself, so the default timeout has a floor.
 MIN_TIMEOUT_MARGIN_S = 120.0
-DEFAULT_TRAIN_COMMAND = ["uv", "run", "train.py"]
+MAX_TIMEOUT_S = 86400.0
+DEFAULT_TRAIN_COMMAND = ["uv", "run", "--no-install-project", "train.py"]
+LOG_TAIL_BYTES = 256 * 1024  # what is parsed of a log: the summary block and a crash's tail live at its end
+MAX_NOTE_CHARS = 140  # of a keep note or discard reason in the row: the description keeps the rest
+RUN_ARG_RE = re.compile(r"[0-9]{1,9}|[0-9a-fA-F]{7,40}")
+MAX_COMMIT_ATTEMPTS = 20  # candidates whose 7-character hash collides with a logged one are re-made
+# An entry of state["runs"] is a run nobody has decided yet: queued, running, pending or interrupted.
+IN_FLIGHT = ("queued", "running")
+UNDECIDED = ("pending", "interrupted")
+
+
+def run_name(run: int, commit: str) -> str:
+    return f"{run:04d}-{commit[:7]}"
 
 
 class ResearchLoop:
-    def __init__(self, root: Path, train_command: list[str] | None = None):
+    def __init__(self, root: Path, train_command: list[str] | None = None, slots: int | None = None):
         self.root = Path(root).resolve()
         self.train_command = train_command or DEFAULT_TRAIN_COMMAND
+        self.slots = slots or default_slots()
         self.state = State(self.root)
-        self.active: Run | None = None
-        self.closing = False  # set on server exit: an unfinished run is left to recovery
+        self.done: dict[int, threading.Event] = {}  # set when a run of this server has a result
+        self.closing = False  # set on server exit: unfinished runs are left to the next owner
         self._ws: Workspace | None = None
+        self._pool: LocalPool | None = None
         try:
-            self.recover()
+            self.take_over()
         except Refusal:
-            pass  # a corrupt state file: the server still starts, and every tool says what to do
-
+            pass  # not a repository, or a corrupt state file: every tool says what to do
 
     # --- helpers -------------------------------------------------------------------
     @property
@@ -56,14 +80,27 @@ class ResearchLoop:
         return self._ws
 
     @property
+    def pool(self) -> LocalPool:
+        if self._pool is None:
+            self._pool = LocalPool(self.ws, self.slots)
+        return self._pool
+
+    @property
     def ledger_path(self) -> Path:
         return self.root / ledger.LEDGER_NAME
 
     def rows(self) -> list[Row]:
         return ledger.read_rows(self.ledger_path)[0]
 
-    def _set_up_state(self) -> dict:
-        state = self.state.load()
+    def event(self, run: int) -> threading.Event:
+        return self.done.setdefault(run, threading.Event())
+
+    @staticmethod
+    def runs_of(state: dict, *statuses: str) -> list[dict]:
+        return sorted((e for e in (state.get("runs") or {}).values() if not statuses or e["status"] in statuses),
+                      key=lambda e: e["run"])
+
+    def _research_state(self, state: dict) -> dict:
         if not state.get("branch"):
             raise Refusal("This workspace is not set up for a research run: call setup(tag) first.")
         branch = self.ws.branch()
@@ -76,49 +113,65 @@ class ResearchLoop:
                           "or call setup(tag) to start a new one.")
         return state
 
-    def _running_elsewhere(self, state: dict) -> str | None:
-        running = state.get("running")
-        if self.active is not None and not self.active.done.is_set():
-            return f"run {running['run']} ({running['commit'][:7]}) is still going"
-        holder = self.state.lock_holder()
-        if holder and holder.get("pid") != os.getpid() and process_alive(holder["pid"], holder.get("start")):
-            return f"another server (pid {holder['pid']}) is running an experiment in this workspace"
-        return None
+    def _check_branch_holds_best(self, state: dict) -> None:
+        """The branch is the chain of kept commits: its tip is the best, and only the tools move it."""
+        kept, tip = state["kept_commit"], self.ws.branch_tip(state["branch"])
+        if tip == kept:
+            return
+        if tip and self.ws.is_ancestor(kept, tip):
+            raise Refusal(f"{state['branch']} has commits after the kept commit {kept[:7]} that no run measured "
+                          f"(its tip is {tip[:7]}); the tools move the branch themselves. `git reset --soft "
+                          f"{kept[:7]}` moves it back and keeps your edits in the working tree.")
+        raise Refusal(f"{state['branch']} no longer contains the kept commit {kept[:7]} (a git reset?), so the "
+                      f"ledger and the branch disagree. `git reset --hard {kept[:7]}` restores it (commit or stash "
+                      "your edits first).")
 
-    def interrupted_note(self, state: dict | None = None) -> str | None:
-        interrupted = (state or self.state.load()).get("interrupted")
-        if not interrupted:
-            return None
-        return (f"interrupted run {interrupted['commit'][:7]} ({interrupted['description']}) has no "
-                "ledger row: call discard() to log it as a crash and reset train.py")
+    # --- ownership and recovery -------------------------------------------------------
+    def take_over(self) -> bool:
+        """Become the server that runs this workspace's experiments if no live server is, and
+        settle what a previous one left. True if this server is the owner."""
+        if self.state.owned:
+            return True
+        if not self.state.try_own():
+            return False
+        with self.state.transaction() as state:
+            for entry in self.runs_of(state, "running"):
+                self._settle_orphan(entry)
+        self._dispatch()
+        return True
 
-    # --- start-up recovery ---------------------------------------------------------
-    def recover(self) -> None:
-        """A run recorded as in progress whose server is gone was interrupted: say so, clean up."""
-        with self.state.mutex:
-            state = self.state.load()
-            running = state.get("running")
-            if not running:
+    def _require_owner(self) -> None:
+        if not self.take_over():
+            owner = self.state.owner() or {}
+            raise Refusal(f"Another research-loop server (pid {owner.get('pid', '?')}) runs the experiments of "
+                          "this workspace, so this one is read-only: use that server's session, or stop it. This "
+                          "server takes over at the next call after it has gone.")
+
+    def _settle_orphan(self, entry: dict) -> None:
+        """A run whose server died: its worker's report, or a log that proves the run finished,
+        gives its result; otherwise it was interrupted."""
+        worker = entry.get("worker_pid")
+        if worker and process_alive(worker, entry.get("worker_start")):
+            kill_session(worker)  # its server is gone: the pipe will end it, this makes sure
+        report = read_report(self.root / entry["report"])
+        note = "recorded after a server restart"
+        if report is None or report.get("running") or report.get("stopped"):
+            text = logparse.read_tail_bytes(self.root / entry["log"], LOG_TAIL_BYTES) \
+                if (self.root / entry["log"]).exists() else ""
+            if not logparse.complete_summary(text):
+                entry["status"] = "interrupted"
                 return
-            if process_alive(running["server_pid"], running.get("server_start")):
-                return  # another live server owns it
-            if running.get("pgid") and process_alive(running["pgid"], running.get("leader_start")):
-                kill_group(running["pgid"])
-            log = self.root / RUN_LOG
-            if log.exists():
-                self._archive_log(log, running["run"], running["commit"])
-            state["running"] = None
-            state["interrupted"] = {k: running[k] for k in ("run", "commit", "description")}
-            self.state.save(state)
-            holder = self.state.lock_holder()
-            if holder and not process_alive(holder["pid"], holder.get("start")):
-                self.state.lock_path.unlink(missing_ok=True)
+            report = {"exit_code": 0, "timed_out": False, "stopped": None}
+            note = "recovered from its log: the server stopped after the training had finished"
+        entry["result"] = self._record(entry, report, entry.get("slot"), note).model_dump()
+        entry["status"] = "pending"
 
     def shutdown(self) -> None:
-        """On server exit: the training must not outlive the server."""
+        """On server exit: the training must not outlive the server; the next owner recovers."""
         self.closing = True
-        if self.active is not None and not self.active.done.is_set():
-            kill_group(self.active.pgid)
+        if self._pool is not None:
+            self._pool.shutdown()
+        self.state.release()
 
     # --- setup -----------------------------------------------------------------------
     def setup(self, tag: str) -> SetupResult:
@@ -135,32 +188,40 @@ class ResearchLoop:
         if prepared_info() is None:
             raise Refusal(f"No prepared data or tokenizer in {cache_dir()}: run `uv run prepare.py` "
                           "in the workspace first (it downloads or builds the data and trains the tokenizer).")
-        state = self.state.load()
-        busy = self._running_elsewhere(state)
-        if busy:
-            raise Refusal(f"Busy: {busy}. Wait for it (read_metrics) before a new setup.")
-        if ws.branch_exists(branch):
-            raise Refusal(f"Branch {branch} already exists: pick a new tag (e.g. {tag}-2), or "
-                          f"git checkout {branch} to continue that run.")
-        dirty = ws.dirty_tracked_files()
-        if dirty:
-            raise Refusal(f"Uncommitted changes to tracked files: {', '.join(dirty)}. Commit or "
-                          "revert them first, so the baseline is a known commit.")
-        if ws.tracked(ledger.LEDGER_NAME):
-            raise Refusal(f"{ledger.LEDGER_NAME} is tracked by git, so a reset could lose rows: "
-                          f"git rm --cached {ledger.LEDGER_NAME} and commit, then setup again.")
-        ws.create_branch(branch)
-        archived = self._archive_ledger()
-        ledger.ensure_ledger(self.ledger_path)
-        ws.add_excludes()
-        fingerprint = ws.fingerprint()
-        with self.state.mutex:
-            self.state.save({"tag": tag, "branch": branch, "kept_commit": ws.head(),
-                             "fingerprint": fingerprint, "seq": state.get("seq", 0),
-                             "running": None, "pending": None, "interrupted": None, "noise": None})
+        self._require_owner()
+        with self.state.transaction() as state:
+            unsettled = self.runs_of(state)
+            if unsettled:
+                listed = ", ".join(f"run {e['run']} ({e['status']})" for e in unsettled)
+                raise Refusal(f"Busy: {listed} of {state.get('branch')} not decided yet. Decide each "
+                              "(keep/discard, or cancel one in flight) before a new setup, so no result is dropped.")
+            if ws.branch_exists(branch):
+                raise Refusal(f"Branch {branch} already exists: pick a new tag (e.g. {tag}-2), or "
+                              f"git checkout {branch} to continue that run.")
+            dirty = ws.dirty_tracked_files()
+            if dirty:
+                raise Refusal(f"Uncommitted changes to tracked files: {', '.join(dirty)}. Commit or "
+                              "revert them first, so the baseline is a known commit.")
+            if ws.tracked(ledger.LEDGER_NAME):
+                raise Refusal(f"{ledger.LEDGER_NAME} is tracked by git, so a reset could lose rows: "
+                              f"git rm --cached {ledger.LEDGER_NAME} and commit, then setup again.")
+            ws.create_branch(branch)
+            archived = self._archive_ledger()
+            ledger.ensure_ledger(self.ledger_path)
+            ws.add_excludes()
+            fingerprint = ws.fingerprint()
+            state.clear()
+            state.update({"tag": tag, "branch": branch, "kept_commit": ws.head(), "fingerprint": fingerprint,
+                          "seq": state.get("seq", 0) or self._last_run_number(), "runs": {}, "noise": None})
         return SetupResult(branch=branch, base_commit=ws.head()[:7], ledger=ledger.LEDGER_NAME,
                            fingerprint=fingerprint, archived_ledger=archived,
                            next="run_experiment('baseline') with train.py unchanged, then keep()")
+
+    def _last_run_number(self) -> int:
+        """Run numbers never repeat, even across setups: they name the run's files and ref."""
+        runs = self.root / RUNS_DIR
+        numbers = [int(p.name[:4]) for p in runs.glob("[0-9][0-9][0-9][0-9]-*")] if runs.is_dir() else []
+        return max(numbers, default=0)
 
     def _archive_ledger(self) -> str | None:
         """A ledger from an earlier research run is moved aside, never overwritten."""
@@ -168,174 +229,367 @@ class ResearchLoop:
             return None
         archive = self.state.dir / "archive"
         archive.mkdir(parents=True, exist_ok=True)
-        target = archive / f"results-{time.strftime('%Y%m%d-%H%M%S')}.tsv"
-        shutil.move(self.ledger_path, target)
-        return str(target.relative_to(self.root))
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for k in range(1000):
+            target = archive / (f"results-{stamp}.tsv" if k == 0 else f"results-{stamp}-{k}.tsv")
+            try:
+                os.link(self.ledger_path, target)  # fails if the name is taken: never overwrites
+            except FileExistsError:
+                continue
+            self.ledger_path.unlink()
+            return str(target.relative_to(self.root))
+        raise Refusal(f"Too many ledger archives named results-{stamp}*.tsv in {archive}.")
 
-    # --- running ---------------------------------------------------------------------
-    def check_run_rules(self, description: str) -> dict:
+    # --- submitting and running ---------------------------------------------------------
+    def default_timeout(self) -> float:
+        budget = time_budget(self.root)
+        return max(TIMEOUT_FACTOR * budget, budget + MIN_TIMEOUT_MARGIN_S)
+
+    def submit(self, description: str, timeout_seconds: float | None = None, source: bytes | None = None,
+               parent_note: str = "", replacing: int | None = None) -> dict:
+        """Queues a candidate: train.py from the working tree (or `source`) on top of the kept
+        commit. Returns its state entry; it starts as soon as a slot is free. `replacing`: an
+        undecided run that this one supersedes (not counted against the slots)."""
         description = ledger.validate_description(description)
-        state = self._set_up_state()
-        busy = self._running_elsewhere(state)
-        if busy:
-            raise Refusal(f"Busy: {busy}. One run at a time: follow it with read_metrics().")
-        if state.get("pending"):
-            p = state["pending"]
-            raise Refusal(f"Run {p['run']} ({p['commit'][:7]}, {p['status']}) is not resolved yet: "
-                          "call keep() or discard() first.")
-        note = self.interrupted_note(state)
-        if note:
-            raise Refusal(f"Unresolved {note} before the next run.")
+        if timeout_seconds is not None and not (isinstance(timeout_seconds, (int, float))
+                                                and 0 < timeout_seconds <= MAX_TIMEOUT_S):
+            raise Refusal(f"timeout_seconds must be between 0 and {MAX_TIMEOUT_S:.0f} (one day).")
+        self._require_owner()
+        with self.state.transaction() as state:
+            self._research_state(state)
+            undecided = [e for e in self.runs_of(state, *UNDECIDED) if e["run"] != replacing]
+            if len(undecided) >= self.slots:
+                raise Refusal(self._decide_first(undecided))
+            kept = state["kept_commit"]
+            if source is None:
+                source = self._checked_working_train(state)
+            self._check_branch_holds_best(state)
+            n = state.get("seq", 0) + 1
+            commit = self._new_candidate(n, kept, source, description, parent_note)
+            entry = {"run": n, "commit": commit, "parent": kept, "description": description, "status": "queued",
+                     "timeout": float(timeout_seconds or self.default_timeout()), "submitted_at": time.time(),
+                     "log": f"{RUNS_DIR}/{run_name(n, commit)}.log",
+                     "report": f"{RUNS_DIR}/{run_name(n, commit)}.report.json"}
+            state.setdefault("runs", {})[str(n)] = entry
+            state["seq"] = n
+            self.event(n)
+        self._dispatch()
+        return self.entry(n) or entry
+
+    def _decide_first(self, undecided: list[dict]) -> str:
+        if len(undecided) == 1:
+            e = undecided[0]
+            if e["status"] == "interrupted":
+                return f"Unresolved {self._interrupted_note(e)} before the next run."
+            return (f"Run {e['run']} ({e['commit'][:7]}, {e['result']['status']}) is not resolved yet: "
+                    "call keep() or discard() first.")
+        runs = ", ".join(str(e["run"]) for e in undecided)
+        return (f"{len(undecided)} results are not decided yet (runs {runs}), as many as there are slots: "
+                "keep(run=N) or discard(run=N) first.")
+
+    def _checked_working_train(self, state: dict) -> bytes:
         kept = state["kept_commit"]
         offenders = [p for p in self.ws.changed_since(kept) if p != EDITABLE]
         if offenders:
             raise Refusal(f"Only train.py may change, but these differ from the last kept commit "
                           f"{kept[:7]}: {', '.join(offenders)}. Revert them (git checkout {kept[:7]} -- <file>).")
-        if self.ws.fingerprint() != state["fingerprint"]:
+        if self.ws.fingerprint(kept) != state["fingerprint"]:
             raise Refusal("The harness (tracked files other than train.py) changed since setup: "
                           f"git reset to {kept[:7]}'s harness, or call setup(tag) for a new research run.")
-        state["description"] = description
-        return state
+        if not self.ws.train_is_regular_file():
+            raise Refusal("train.py is not a regular file (a symlink or missing): write the code into "
+                          f"train.py itself (git checkout {kept[:7]} -- train.py restores it).")
+        return self.ws.working_train()
 
-    def start_run(self, description: str, timeout_seconds: float | None = None) -> Run:
-        state = self.check_run_rules(description)
-        description = state.pop("description")
-        if timeout_seconds is not None and not (0 < timeout_seconds <= 86400):
-            raise Refusal("timeout_seconds must be between 0 and 86400 (one day).")
-        holder = self.state.acquire_run_lock()
-        if holder:
-            raise Refusal(f"Busy: process {holder['pid']} holds the run lock. Follow it with read_metrics().")
-        try:
-            commit = self.ws.commit_train(description)
-            budget = time_budget(self.root)
-            timeout = timeout_seconds or max(TIMEOUT_FACTOR * budget, budget + MIN_TIMEOUT_MARGIN_S)
-            seq = state.get("seq", 0) + 1
-            with self.state.mutex:
-                run = Run(self.train_command, self.root, self.root / RUN_LOG, timeout,
-                          on_finish=lambda r: self._finish(r, seq, commit, description))
-                run.seq, run.commit, run.description = seq, commit, description
-                self.active = run
-                self.state.update(seq=seq, running={
-                    "run": seq, "commit": commit, "description": description, "pgid": run.pgid,
-                    "leader_start": run.leader_start, "server_pid": os.getpid(),
-                    "server_start": process_start_time(os.getpid()), "timeout": timeout,
-                    "started_at": time.time()})
-        except BaseException:
-            self.state.release_run_lock()
-            raise
-        return run
+    def _new_candidate(self, n: int, parent: str, source: bytes, description: str, parent_note: str) -> str:
+        """The run's commit, under its own ref; its 7-character hash differs from every logged row's
+        and every undecided run's, so each run has its own identity in results.tsv."""
+        taken = {r.commit for r in self.rows()}
+        taken |= {e["commit"][:7] for e in (self.state.load().get("runs") or {}).values()}
+        message = f"{description}\n\n{parent_note}Research-Loop-Run: {n}"
+        for attempt in range(MAX_COMMIT_ATTEMPTS):
+            suffix = f"\nResearch-Loop-Attempt: {attempt}" if attempt else ""
+            commit = self.ws.create_candidate(parent, source, message + suffix, f"{RUN_REF_PREFIX}{n}")
+            if commit[:7] not in taken:
+                return commit
+        raise Refusal("Could not give this run a commit hash distinct from the ledger's; retry.")
 
-    def started(self, run: Run) -> RunResult:
-        return RunResult(run=run.seq, commit=run.commit[:7], description=run.description, status="running",
-                         timeout_seconds=run.timeout, log=RUN_LOG,
-                         next="follow with read_metrics(); then keep() or discard()")
+    def _dispatch(self) -> None:
+        """Starts queued runs, oldest first, while slots are free."""
+        if self.closing or not self.state.owned:
+            return
+        while True:
+            with self.state.transaction() as state:
+                queued = self.runs_of(state, "queued")
+                if not queued or self.pool.free() == 0:
+                    return
+                entry = queued[0]
+                spec = RunSpec(run=entry["run"], commit=entry["commit"], command=self.train_command,
+                               timeout=entry["timeout"], log=self.root / entry["log"],
+                               report=self.root / entry["report"])
+                try:
+                    slot = self.pool.start(spec, self._on_done)
+                except (Refusal, git.GitCommandError, OSError) as exc:
+                    entry["status"] = "pending"
+                    entry["result"] = self._unrecordable(entry, f"the run could not start: {exc}").model_dump()
+                    self.event(entry["run"]).set()
+                    continue
+                entry.update(status="running", slot=slot, started_at=time.time(), server_pid=os.getpid(),
+                             **self.pool.worker_record(entry["run"]))
 
-    def _finish(self, run: Run, seq: int, commit: str, description: str) -> None:
-        """On the runner's thread once the group is gone: parse, archive, make it pending."""
-        if self.closing:
-            return  # the next server start reports it as interrupted
+    def _on_done(self, run: int, outcome) -> None:
+        """On the executor's thread once the run is over: parse, record, make it pending."""
         try:
-            text = logparse.read_text(self.root / RUN_LOG)
-            log_copy = self._archive_log(self.root / RUN_LOG, seq, commit)
-            result = self._result(text, run, seq, commit, description, log_copy)
-            (self.root / log_copy).with_suffix(".json").write_text(result.model_dump_json(exclude_none=True))
-        except Exception as exc:  # disk full, log deleted...: still a result the agent can discard
-            result = RunResult(run=seq, commit=commit[:7], description=description, status="crash",
-                               exit_code=run.exit_code, log=RUN_LOG, tail=f"the server could not record "
-                               f"this run: {type(exc).__name__}: {exc}", next="discard(), then fix the cause")
-        try:
-            with self.state.mutex:
-                self.state.update(running=None, pending=result.model_dump() | {"full_commit": commit},
-                                  last_result=result.model_dump())
+            with self.state.transaction() as state:
+                entry = (state.get("runs") or {}).get(str(run))
+                if entry is None or entry["status"] != "running":
+                    return  # cancelled meanwhile: already decided
+                try:
+                    result = self._record(entry, outcome.report, outcome.slot)
+                except Exception as exc:  # disk full, log deleted...: still a result the agent can discard
+                    result = self._unrecordable(entry, f"the server could not record this run: "
+                                                       f"{type(exc).__name__}: {exc}")
+                entry.update(status="pending", result=result.model_dump(), ended_at=time.time())
         finally:
-            run.result = result
-            self.state.release_run_lock()
+            self.event(run).set()
+            self._dispatch()
 
-    def _archive_log(self, log: Path, seq: int, commit: str) -> str:
-        runs = self.root / RUNS_DIR
-        runs.mkdir(exist_ok=True)
-        target = runs / f"{seq:04d}-{commit[:7]}.log"
-        shutil.copyfile(log, target)
-        return f"{RUNS_DIR}/{target.name}"
+    def _unrecordable(self, entry: dict, why: str) -> RunResult:
+        return RunResult(run=entry["run"], commit=entry["commit"][:7], description=entry["description"],
+                         status="crash", parent=entry["parent"][:7], log=entry["log"], tail=why,
+                         next="discard(), then fix the cause")
 
-    def _result(self, text, run, seq, commit, description, log_copy) -> RunResult:
+    def _record(self, entry: dict, report: dict | None, slot: str | None, note: str | None = None) -> RunResult:
+        """The run's result from its log and its worker's report, written beside the log and
+        copied to run.log (upstream's name for the latest run's log)."""
+        log = self.root / entry["log"]
+        text = logparse.read_tail_bytes(log, LOG_TAIL_BYTES) if log.exists() else ""
+        result = self._result(entry, text, report, slot)
+        if note:
+            result.warnings = (result.warnings or []) + [note]
+        self._write_record(entry, result)
+        if log.exists():
+            shutil.copyfile(log, self.root / RUN_LOG)
+        return result
+
+    def _write_record(self, entry: dict, result: RunResult, decision: dict | None = None) -> None:
+        path = self.root / entry["log"].removesuffix(".log")
+        record = {"result": result.model_dump(exclude_none=True),
+                  "run": {k: entry.get(k) for k in ("run", "commit", "parent", "slot", "submitted_at",
+                                                     "started_at", "timeout")}}
+        if decision:
+            record["decision"] = decision
+        tmp = path.with_name(path.name + ".json.tmp")
+        try:
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, path.with_name(path.name + ".json"))
+        except OSError:
+            if not decision:
+                raise
+            # a decision is in the ledger already; its copy in runs/ is a convenience
+
+
+
+    def _result(self, entry: dict, text: str, report: dict | None, slot: str | None) -> RunResult:
         summary = logparse.parse_summary(text)
-        ok = (run.exit_code == 0 and summary is not None and summary.val_bpb is not None
-              and math.isfinite(summary.val_bpb) and not logparse.failed(text))
-        status = "timeout" if run.timed_out else "ok" if ok else "crash"
-        result = RunResult(run=seq, commit=commit[:7], description=description, status=status,
-                           exit_code=run.exit_code, log=log_copy, next="")
+        result = RunResult(run=entry["run"], commit=entry["commit"][:7], description=entry["description"],
+                           status="crash", parent=entry["parent"][:7], slot=slot, log=entry["log"],
+                           timeout_seconds=entry["timeout"], next="")
         if summary is not None:
-            result.training_seconds = summary.training_seconds
-            result.total_seconds = summary.total_seconds
-            result.eval_seconds = summary.eval_seconds
-            result.num_steps = summary.num_steps
-        if status != "ok":
-            result.tail = logparse.tail(text)
-            result.next = (f"read the tail; fix and rerun after discard() (which logs a crash and "
-                           f"restores train.py; this code stays in commit {commit[:7]})")
-            if run.timed_out:
-                result.tail = f"[killed after {run.timeout:.0f}s timeout]\n" + result.tail
+            for key in ("training_seconds", "total_seconds", "eval_seconds", "num_steps"):
+                setattr(result, key, getattr(summary, key))
+        report = report or {}
+        result.exit_code = report.get("exit_code")
+        result.wall_seconds = report.get("wall_seconds")
+        result.warnings = worker_warnings(report) or None
+        problem = None
+        if not report:
+            problem = "the run's worker left no report (killed from outside?)"
+        elif report.get("timed_out"):
+            result.status = "timeout"
+            problem = f"killed after the {entry['timeout']:.0f}s timeout"
+        elif report.get("stopped"):
+            problem = f"stopped: {report['stopped']}"
+        elif report.get("exit_code") != 0:
+            problem = None  # the log's tail says why
+        elif logparse.failed(text):
+            problem = None
+        elif summary is None:
+            problem = "the run exited 0 but printed no summary block (val_bpb: ...)"
+        else:
+            problem = self._invalid(entry, summary)
+            if problem is None:
+                result.status = "ok"
+        if result.status != "ok":
+            result.tail = ((f"[{problem}]\n" if problem else "") + logparse.tail(text)).strip()
+            result.next = (f"read the tail; discard() logs a crash and restores train.py (the code stays in "
+                           f"commit {entry['commit'][:7]}); then fix and rerun")
             return result
         result.val_bpb = summary.val_bpb
         result.memory_gb = round((summary.peak_vram_mb or 0.0) / 1024, 1)
-        best = ledger.best_kept(self.rows())
-        if best:
-            result.best_val_bpb, result.best_commit = best.val_bpb, best.commit
-            result.delta = round(summary.val_bpb - best.val_bpb, 6)
+        base = self._kept_row(entry["parent"])
+        if base:
+            result.best_val_bpb, result.best_commit = base.val_bpb, base.commit
+            result.delta = round(summary.val_bpb - base.val_bpb, 6)
         result.noise = noise.verdict(result.delta, self.state.load().get("noise"))
         result.next = "keep() if it is better beyond noise, else discard()"
         return result
 
-    # --- decisions -------------------------------------------------------------------
-    def keep(self, note: str | None = None) -> DecisionResult:
-        state = self._set_up_state()
-        pending = state.get("pending")
-        if not pending:
-            raise Refusal(self.interrupted_note(state) or
-                          "Nothing to keep: no pending result. Call run_experiment(description) first.")
-        if pending["status"] != "ok":
-            raise Refusal(f"Run {pending['run']} ended with {pending['status']}, so it cannot be kept: "
-                          "discard() logs it as a crash; or fix train.py after discarding and rerun.")
-        description = self._with_note(pending["description"], note)
-        row = ledger.make_row(pending["commit"], pending["val_bpb"], pending["memory_gb"] or 0.0,
-                              "keep", description)
-        rows = self._append_once(row)
-        full = pending.get("full_commit") or self.ws.resolve_commit(pending["commit"]) or pending["commit"]
-        with self.state.mutex:
-            self.state.update(pending=None, kept_commit=full)
-        best = ledger.best_kept(rows)
-        return DecisionResult(row=row, branch=state["branch"], kept_commit=full[:7],
-                              best_val_bpb=best.val_bpb if best else None)
+    @staticmethod
+    def _invalid(entry: dict, summary) -> str | None:
+        """Why a summary cannot be a result: every ok result must make a valid ledger row."""
+        memory = (summary.peak_vram_mb or 0.0) / 1024
+        try:
+            ledger.make_row(entry["commit"][:7], summary.val_bpb, round(memory, 1) if math.isfinite(memory) else memory,
+                            "keep", entry["description"])
+        except Refusal as exc:
+            return f"the summary is not a valid result: {exc}"
+        return None
 
-    def discard(self, reason: str | None = None) -> DecisionResult:
-        state = self._set_up_state()
-        pending, interrupted = state.get("pending"), state.get("interrupted")
-        if pending:
-            status = "discard" if pending["status"] == "ok" else "crash"
-            description = self._with_note(pending["description"], reason)
-            commit, val_bpb, memory = pending["commit"], pending["val_bpb"] or 0.0, pending["memory_gb"] or 0.0
-        elif interrupted:
-            status, commit, val_bpb, memory = "crash", interrupted["commit"][:7], 0.0, 0.0
-            description = self._with_note(f"{interrupted['description']} (interrupted)", reason)
-        else:
-            raise Refusal("Nothing to discard: no pending result. Call run_experiment(description) first.")
-        kept = state["kept_commit"]
-        changed = self.ws.dirty_tracked_files()
-        others = [p for p in changed if p != EDITABLE]
-        if others:
-            raise Refusal(f"Tracked files other than train.py were changed after the run: "
-                          f"{', '.join(others)}. Revert them (git checkout HEAD -- <file>) and discard again.")
-        row = ledger.make_row(commit, val_bpb, memory, status, description)
-        rows = self._append_once(row)  # the row first: a reset never loses a result
-        saved = self._save_unsaved_train(commit) if EDITABLE in changed else None
-        self.ws.reset_to(kept)
-        with self.state.mutex:
-            self.state.update(pending=None, interrupted=None)
-        best = ledger.best_kept(rows)
-        note = f"your uncommitted train.py was saved to {saved}" if saved else None
-        return DecisionResult(row=row, branch=state["branch"], kept_commit=kept[:7],
+    def _kept_row(self, commit: str) -> Row | None:
+        """The ledger row of a kept commit (the base a candidate is compared with)."""
+        for row in reversed(self.rows()):
+            if row.status == "keep" and row.commit == commit[:7]:
+                return row
+        return None
+
+    def entry(self, run: int) -> dict | None:
+        return (self.state.load().get("runs") or {}).get(str(run))
+
+    def answer_for(self, run: int) -> RunResult:
+        """What run_experiment answers about a run: its result once it has one, else where it is."""
+        state = self.state.load()
+        entry = (state.get("runs") or {}).get(str(run))
+        if entry is None:
+            record = self._read_record(run)
+            if record:
+                return RunResult(**record["result"])
+            raise Refusal(f"Run {run} is not known here (status() lists the runs in flight).")
+        if entry.get("result"):
+            return RunResult(**entry["result"])
+        if entry["status"] == "interrupted":
+            return RunResult(run=run, commit=entry["commit"][:7], description=entry["description"],
+                             status="interrupted", log=entry["log"], next="discard() logs it as a crash")
+        queued = self.runs_of(state, "queued")
+        position = next((i + 1 for i, e in enumerate(queued) if e["run"] == run), None)
+        return RunResult(run=run, commit=entry["commit"][:7], description=entry["description"],
+                         status=entry["status"], parent=entry["parent"][:7], slot=entry.get("slot"),
+                         queue_position=position, timeout_seconds=entry["timeout"], log=entry["log"],
+                         next="wait() for its result (read_metrics() shows progress); then keep() or discard()")
+
+    def _read_record(self, run: int) -> dict | None:
+        runs = self.root / RUNS_DIR
+        for path in runs.glob(f"{run:04d}-*.json") if runs.is_dir() else ():
+            if not path.name.endswith(".report.json"):
+                try:
+                    return json.loads(path.read_text())
+                except (OSError, ValueError):
+                    return None
+        return None
+
+    # --- decisions -------------------------------------------------------------------
+    def _undecided(self, state: dict, run: int | None, verb: str) -> dict:
+        runs = state.get("runs") or {}
+        if run is None:
+            undecided = self.runs_of(state, *UNDECIDED)
+            if len(undecided) == 1:
+                return undecided[0]
+            if len(undecided) > 1:
+                listed = ", ".join(f"{e['run']} ({e['status'] if e['status'] == 'interrupted' else e['result']['status']})"
+                                   for e in undecided)
+                raise Refusal(f"Several results wait for a decision (runs {listed}): {verb}(run=N) for each.")
+            in_flight = self.runs_of(state, *IN_FLIGHT)
+            if in_flight:
+                raise Refusal(f"No result yet: run {in_flight[0]['run']} is {in_flight[0]['status']}. wait() for it "
+                              f"(read_metrics() shows progress), then {verb}().")
+            raise Refusal(f"Nothing to {verb}: no pending result. Call run_experiment(description) first.")
+        if isinstance(run, bool) or not isinstance(run, int):
+            raise Refusal(f"run must be a run number (status() lists them), got {run!r}.")
+        entry = runs.get(str(run))
+        if entry is None:
+            record = self._read_record(run)
+            if record and record.get("decision"):
+                raise Refusal(f"Run {run} is already decided ({record['decision'].get('status')} row in "
+                              f"{ledger.LEDGER_NAME}); each run is logged once.")
+            raise Refusal(f"There is no undecided run {run}: status() lists the runs in flight and pending.")
+        if entry["status"] in IN_FLIGHT:
+            raise Refusal(f"Run {run} is still {entry['status']}: wait() for its result, or cancel(run={run}).")
+        return entry
+
+    def keep(self, note: str | None = None, run: int | None = None) -> DecisionResult:
+        note = self._checked_note(note, "note")
+        self._require_owner()
+        with self.state.transaction() as state:
+            self._research_state(state)
+            entry = self._undecided(state, run, "keep")
+            if entry["status"] == "interrupted":
+                raise Refusal(f"{self._interrupted_note(entry)}; it has no result to keep.")
+            result = entry["result"]
+            if result["status"] != "ok":
+                raise Refusal(f"Run {entry['run']} ended with {result['status']}, so it cannot be kept: "
+                              "discard() logs it as a crash; fix train.py and rerun.")
+            kept = state["kept_commit"]
+            if entry["parent"] != kept:
+                raise Refusal(f"Run {entry['run']} was measured on {entry['parent'][:7]}, but {kept[:7]} has been kept "
+                              "since: its gain was not measured on the current best, and an untested combination "
+                              f"never becomes the best. reapply(run={entry['run']}) re-applies its change onto "
+                              f"{kept[:7]} as a new run (or discard(run={entry['run']})).")
+            tip = self.ws.branch_tip(state["branch"])
+            if tip != entry["commit"]:  # a retried keep finds the branch already advanced
+                self._check_branch_holds_best(state)
+            row = ledger.make_row(entry["commit"][:7], result["val_bpb"], result["memory_gb"] or 0.0, "keep",
+                                  self._described(entry["description"], note))
+            self._append_once(row)
+            if tip != entry["commit"]:
+                self.ws.advance_branch(state["branch"], entry["commit"], kept)
+            state["kept_commit"] = entry["commit"]
+            del state["runs"][str(entry["run"])]
+            self._write_record(entry, RunResult(**result), {"status": "keep", "at": time.time()})
+        note_out = None
+        if self.ws.branch() == state["branch"] and self.ws.working_train() != self.ws.train_at(entry["commit"]):
+            note_out = (f"your train.py differs from the new best {entry['commit'][:7]} (`git diff` shows how): "
+                        "build the next idea on the kept code")
+        best = self._kept_row(entry["commit"])
+        return DecisionResult(row=row, branch=state["branch"], kept_commit=entry["commit"][:7],
+                              best_val_bpb=best.val_bpb if best else None, note=note_out)
+
+    def discard(self, reason: str | None = None, run: int | None = None) -> DecisionResult:
+        reason = self._checked_note(reason, "reason")
+        self._require_owner()
+        with self.state.transaction() as state:
+            if not state.get("branch"):
+                raise Refusal("This workspace is not set up for a research run: call setup(tag) first.")
+            entry = self._undecided(state, run, "discard")
+            result = entry.get("result") or {}
+            if entry["status"] == "interrupted":
+                status, val_bpb, memory, suffix = "crash", 0.0, 0.0, " (interrupted)"
+            else:
+                status = "discard" if result["status"] == "ok" else "crash"
+                val_bpb, memory, suffix = result.get("val_bpb") or 0.0, result.get("memory_gb") or 0.0, ""
+            description = self._described(entry["description"] + suffix, reason)
+            row = ledger.make_row(entry["commit"][:7], val_bpb, memory, status, description)
+            self._append_once(row)  # the row first: nothing below can lose it
+            note = self._restore_train(state, entry)
+            del state["runs"][str(entry["run"])]
+            if result:
+                self._write_record(entry, RunResult(**result), {"status": status, "at": time.time()})
+        best = self._kept_row(state["kept_commit"])
+        return DecisionResult(row=row, branch=state["branch"], kept_commit=state["kept_commit"][:7],
                               best_val_bpb=best.val_bpb if best else None, note=note)
+
+    def _restore_train(self, state: dict, entry: dict) -> str | None:
+        """train.py back to the kept code, if it still holds the discarded run's code; the agent's
+        newer edits are never overwritten."""
+        if self.ws.branch() != state["branch"] or not (self.root / EDITABLE).is_file():
+            return None
+        working = self.ws.working_train()
+        if working == self.ws.train_at(state["kept_commit"]):
+            return None
+        if working == self.ws.train_at(entry["commit"]):
+            self.ws.restore_train(state["kept_commit"])
+            return None
+        return (f"train.py holds edits newer than run {entry['run']}; they were left in place (the discarded code "
+                f"stays in commit {entry['commit'][:7]})")
 
     def _append_once(self, row: Row) -> list[Row]:
         """keep/discard retried after a failure past the append (e.g. git) do not log twice."""
@@ -344,128 +598,260 @@ class ResearchLoop:
             return rows
         return ledger.append_row(self.ledger_path, row)
 
-    def _save_unsaved_train(self, commit: str) -> str | None:
-        """train.py edited after the run would be lost by the reset: keep a copy."""
-        target = self.state.dir / f"train-unsaved-after-{commit[:7]}.py"
-        self.state.dir.mkdir(exist_ok=True)
-        shutil.copyfile(self.root / EDITABLE, target)
-        return str(target.relative_to(self.root))
+    @staticmethod
+    def _checked_note(note: str | None, what: str) -> str | None:
+        if note is None or (isinstance(note, str) and not note.strip()):
+            return None
+        return ledger.validate_description(note, what)
 
     @staticmethod
-    def _with_note(description: str, note: str | None) -> str:
-        if not note or not note.strip():
-            return description
-        return f"{description} ({ledger.validate_description(note, 'note')})"
+    def _described(description: str, note: str | None) -> str:
+        """The row's description: the run's, with the agent's note appended; shortened to fit."""
+        if not note:
+            return ledger.fit_description(description)
+        return ledger.fit_description(description, f" ({ledger.fit_description(note)[:MAX_NOTE_CHARS]})")
+
+    def cancel(self, run: int) -> CancelResult:
+        """A queued run leaves the queue (no row: it never ran); a running one is stopped and logged
+        as a crash. Its code stays under its ref either way."""
+        if isinstance(run, bool) or not isinstance(run, int):
+            raise Refusal(f"run must be a run number (status() lists them), got {run!r}.")
+        self._require_owner()
+        with self.state.transaction() as state:
+            entry = (state.get("runs") or {}).get(str(run))
+            if entry is None or entry["status"] not in IN_FLIGHT:
+                what = "has a result: keep or discard it" if entry else "is not queued or running (status() lists them)"
+                raise Refusal(f"Run {run} {what}.")
+            was = entry["status"]
+            row = None
+            if was == "running":
+                row = ledger.make_row(entry["commit"][:7], 0.0, 0.0, "crash",
+                                      ledger.fit_description(entry["description"], " (cancelled)"))
+                self._append_once(row)
+                self.pool.cancel(run)
+            del state["runs"][str(run)]
+            self._restore_train(state, entry)
+        self.event(run).set()
+        self._dispatch()
+        return CancelResult(run=run, was=was, row=row,
+                            note=f"its code stays in commit {entry['commit'][:7]} ({RUN_REF_PREFIX}{run})")
+
+    def reapply(self, run: int) -> dict:
+        """A stale candidate's change re-applied onto the current best, as a new run; the stale one
+        is logged as a discard that names its successor."""
+        self._require_owner()
+        with self.state.transaction() as state:
+            self._research_state(state)
+            entry = self._undecided(state, run, "reapply")
+            kept = state["kept_commit"]
+            if entry["parent"] == kept:
+                raise Refusal(f"Run {run} was measured on the current best {kept[:7]}: keep(run={run}) or "
+                              f"discard(run={run}); there is nothing to re-apply.")
+            merged = self.ws.merged_train(entry["parent"], entry["commit"], kept)
+            if merged is None:
+                raise Refusal(f"Run {run}'s change to train.py conflicts with what was kept since ({kept[:7]}): "
+                              f"apply it by hand (git diff {entry['parent'][:7]} {entry['commit'][:7]} -- train.py), "
+                              f"then run_experiment; discard(run={run}) logs the stale result.")
+            description = ledger.fit_description(entry["description"], f" (re-applied on {kept[:7]})")
+        new = self.submit(description, entry["timeout"], source=merged, replacing=run,
+                          parent_note=f"Re-applies run {run} ({entry['commit'][:7]}).\n")
+        self.discard(f"stale: re-applied as run {new['run']}", run=run)
+        return new
 
     def log_result(self, commit: str, val_bpb: float, memory_gb: float, status: str,
                    description: str) -> LoggedRow:
         commit = validate_commit_arg(commit)
-        if self.ws.resolve_commit(commit) is None:
+        full = self.ws.resolve_commit(commit)
+        if full is None:
             raise Refusal(f"Commit {commit} does not exist in this repository: pass the hash of the "
                           "commit that was trained (git log --oneline).")
-        pending = self.state.load().get("pending")
-        if pending and pending["commit"] == commit[:7]:
-            raise Refusal(f"Commit {commit[:7]} is the pending run of this server: use keep() or discard().")
-        row = ledger.make_row(commit[:7], val_bpb, memory_gb, status, description)
-        rows = ledger.append_row(self.ledger_path, row)
+        self._require_owner()
+        with self.state.transaction() as state:
+            mine = [e for e in (state.get("runs") or {}).values() if e["commit"] == full]
+            refs = self.ws.repo.git.for_each_ref("--format=%(refname)", "--points-at", full, RUN_REF_PREFIX)
+            if mine or refs:
+                number = mine[0]["run"] if mine else refs.splitlines()[0].rsplit("/", 1)[-1]
+                raise Refusal(f"Commit {full[:7]} is run {number} of this server: its result is recorded by "
+                              "keep() or discard(), not log_result.")
+            row = ledger.make_row(full[:7], val_bpb, memory_gb, status, description)
+            branch = state.get("branch")
+            tip = self.ws.branch_tip(branch) if branch else None
+            for protected in PROTECTED_BRANCHES:
+                protected_tip = self.ws.branch_tip(protected)
+                if status == "keep" and protected_tip and self.ws.is_ancestor(full, protected_tip):
+                    raise Refusal(f"Commit {full[:7]} is on {protected}: only a research branch's commits can be kept.")
+            if status == "keep":
+                self._check_external_keep(state, full, tip)
+            elif tip and self.ws.is_ancestor(full, tip):
+                raise Refusal(f"Commit {full[:7]} is on {branch}, whose commits are the kept ones: a {status} row for "
+                              "it would contradict the branch.")
+            rows = ledger.append_row(self.ledger_path, row)
+            if status == "keep":
+                state["kept_commit"] = full
         return LoggedRow(row=row, rows_in_ledger=len(rows))
+
+    def _check_external_keep(self, state: dict, full: str, tip: str | None) -> None:
+        """A keep row logged by hand must leave the ledger and the branch agreeing: the commit is
+        the research branch's tip, on top of the kept commit, with only train.py changed."""
+        if not state.get("branch"):
+            raise Refusal("No research run is set up: setup(tag) first, so a kept commit has a branch to be on.")
+        kept = state["kept_commit"]
+        if full != tip or not self.ws.is_ancestor(kept, full):
+            raise Refusal(f"A keep row must be for the tip of {state['branch']}, on top of the kept commit "
+                          f"{kept[:7]}; {full[:7]} is not. Log it as discard or crash, or commit it on the branch first.")
+        changed = [p for p in self.ws.repo.git.diff("--name-only", kept, full).splitlines() if p != EDITABLE]
+        if changed:
+            raise Refusal(f"Commit {full[:7]} changes {', '.join(changed)}, not only train.py: it cannot be kept.")
 
     # --- reading ---------------------------------------------------------------------
     def read_metrics(self, run: str | None = None) -> Metrics:
         if run is None:
             state = self.state.load()
-            if state.get("running"):
-                return self._live_metrics(state["running"])
+            in_flight = self.runs_of(state, *IN_FLIGHT)
+            if in_flight:
+                return self._live_metrics(in_flight)
             return self._metrics_of(self.root / RUN_LOG, RUN_LOG, self._result_of_run_log(state))
         path = self._find_run_log(run)
-        meta_path = path.with_suffix(".json")
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
+        record_path = path.with_suffix(".json")
+        try:
+            meta = json.loads(record_path.read_text())["result"]
+        except (OSError, ValueError, KeyError):
+            meta = None
         return self._metrics_of(path, f"{RUNS_DIR}/{path.name}", meta)
 
-    def _live_metrics(self, running: dict) -> Metrics:
-        log = self.root / RUN_LOG
-        text = logparse.read_tail_bytes(log) if log.exists() else ""
-        elapsed = time.time() - running["started_at"]
-        return Metrics(source=RUN_LOG, status="running", progress=logparse.last_progress(text),
-                       note=f"run {running['run']} ({running['commit'][:7]}) {running['description']}: "
-                            f"{elapsed:.0f}s of at most {running['timeout']:.0f}s")
+    def live(self, entry: dict) -> LiveRun:
+        progress = None
+        if entry["status"] == "running":
+            log = self.root / entry["log"]
+            progress = logparse.last_progress(logparse.read_tail_bytes(log)) if log.exists() else None
+        started = entry.get("started_at")
+        return LiveRun(run=entry["run"], commit=entry["commit"][:7], description=entry["description"],
+                       status=entry["status"], slot=entry.get("slot"), progress=progress,
+                       elapsed_s=int(time.time() - started) if started else None, timeout_s=int(entry["timeout"]))
+
+    def _live_metrics(self, in_flight: list[dict]) -> Metrics:
+        live = [self.live(e) for e in in_flight]
+        first = next((r for r in live if r.status == "running"), live[0])
+        note = f"run {first.run} ({first.commit}) {first.description}: {first.status}"
+        if first.elapsed_s is not None:
+            note += f", {first.elapsed_s}s of at most {first.timeout_s}s"
+        return Metrics(source=in_flight[0]["log"], status="running", progress=first.progress,
+                       runs=live if len(live) > 1 else None, note=note)
 
     def _metrics_of(self, path: Path, source: str, meta: dict | None) -> Metrics:
         if not path.exists():
-            return Metrics(source=source, status="missing", note=self.interrupted_note() or
+            return Metrics(source=source, status="missing", note=self._interrupted_summary() or
                            "no run log yet: call run_experiment(description)")
-        text = logparse.read_text(path)
+        text = logparse.read_tail_bytes(path, LOG_TAIL_BYTES)
         if not text.strip():
             return Metrics(source=source, status="empty", note="the log is empty: the run printed nothing")
         summary = logparse.parse_summary(text)
         status = meta["status"] if meta else ("ok" if summary and not logparse.failed(text) else "crash")
         metrics = Metrics(source=source, status=status, summary=summary,
                           progress=logparse.last_progress(text[-logparse.TAIL_BYTES_FOR_PROGRESS:]),
-                          note=self.interrupted_note())
+                          note=self._interrupted_summary())
         if status != "ok":
-            metrics.tail = logparse.tail(text)
+            metrics.tail = (meta or {}).get("tail") or logparse.tail(text)
         return metrics
 
     def _result_of_run_log(self, state: dict) -> dict | None:
-        """The recorded result of the run that wrote run.log, if run.log is still its log."""
-        last = state.get("last_result")
-        if not last:
+        """The recorded result of the run whose log run.log is a copy of, if it still is."""
+        runs = self.root / RUNS_DIR
+        run_log = self.root / RUN_LOG
+        if not runs.is_dir() or not run_log.exists():
             return None
-        try:
-            same = filecmp.cmp(self.root / last["log"], self.root / RUN_LOG, shallow=False)
-        except OSError:
-            return None
-        return last if same else None
+        size = run_log.stat().st_size
+        for log in sorted(runs.glob("*.log"), reverse=True)[:50]:
+            if log.stat().st_size == size and _same_bytes(log, run_log):
+                try:
+                    return json.loads(log.with_suffix(".json").read_text())["result"]
+                except (OSError, ValueError, KeyError):
+                    return None
+        return None
 
     def _find_run_log(self, run: str) -> Path:
-        run = run.strip()
-        if not run or not run.replace("-", "").isalnum() or run.startswith("-"):
+        run = run.strip() if isinstance(run, str) else str(run)
+        if not RUN_ARG_RE.fullmatch(run):
             raise Refusal(f"Run {run!r} is not a run number or a commit hash (see status()).")
         runs = self.root / RUNS_DIR
         logs = sorted(runs.glob("*.log")) if runs.is_dir() else []
         for log in logs:
             seq, _, commit = log.stem.partition("-")
-            if run.isdigit() and len(run) < 7 and int(seq) == int(run):
+            if len(run) < 7 and seq.isdigit() and int(seq) == int(run):
                 return log
             if len(run) >= 7 and commit.startswith(run[:7].lower()):
                 return log
         raise Refusal(f"No log for run {run!r} in {RUNS_DIR}/: pass a run number or a 7+ character "
                       "commit from status() or results.tsv.")
 
+    def _interrupted_note(self, entry: dict) -> str:
+        return (f"interrupted run {entry['commit'][:7]} ({entry['description']}) has no ledger row: call "
+                f"discard({'' if self.slots == 1 else 'run=' + str(entry['run'])}) to log it as a crash")
+
+    def _interrupted_summary(self, state: dict | None = None) -> str | None:
+        state = state if state is not None else self.state.load()
+        notes = [self._interrupted_note(e) for e in self.runs_of(state, "interrupted")]
+        return "; ".join(notes) or None
+
     def status(self) -> StatusResult:
         state = self.state.load()
         rows, bad = ledger.read_rows(self.ledger_path)
         counts = {s: sum(r.status == s for r in rows) for s in ledger.STATUSES}
-        best = ledger.best_kept(rows)
+        kept = state.get("kept_commit") or ""
+        best = self._kept_row(kept) if kept else None
         result = StatusResult(workspace=str(self.root), branch=self.ws.branch(), set_up=bool(state.get("branch")),
                               best_val_bpb=best.val_bpb if best else None, best_commit=best.commit if best else None,
-                              kept_commit=(state.get("kept_commit") or "")[:7] or None, counts=counts,
+                              kept_commit=kept[:7] or None, counts=counts, slots=self.slots,
                               recent=rows[-RECENT_ROWS:], malformed_ledger_lines=bad,
-                              interrupted=self.interrupted_note(state), next="")
+                              interrupted=self._interrupted_summary(state), next="")
+        if not self.state.owned and not self.take_over():
+            owner = self.state.owner() or {}
+            result.read_only = f"server pid {owner.get('pid', '?')} runs this workspace's experiments"
         if state.get("noise"):
             result.noise = NoiseEstimate(**state["noise"])
-        if state.get("running"):
-            live = self._live_metrics(state["running"])
-            result.running, result.progress = live.note, live.progress
-        if state.get("pending"):
-            p = state["pending"]
-            result.pending = (f"run {p['run']} ({p['commit']}) {p['status']}"
-                              + (f" val_bpb {p['val_bpb']:.6f}" if p.get("val_bpb") is not None else ""))
-        result.next = self._next_step(result)
+        running = [self.live(e) for e in self.runs_of(state, "running")]
+        if running:
+            result.running = "; ".join(f"run {r.run} ({r.commit}) {r.description}"
+                                       + (f" on {r.slot}" if r.slot and self.slots > 1 else "")
+                                       + (f": {r.elapsed_s}s of at most {r.timeout_s}s" if r.elapsed_s is not None else "")
+                                       for r in running)
+            result.progress = running[0].progress
+        queued = self.runs_of(state, "queued")
+        if queued:
+            result.queued = ", ".join(f"run {e['run']} ({e['description'][:40]})" for e in queued)
+        pending = self.runs_of(state, "pending")
+        if pending:
+            result.pending = "; ".join(
+                f"run {e['run']} ({e['commit'][:7]}) {e['result']['status']}"
+                + (f" val_bpb {e['result']['val_bpb']:.6f}" if e["result"].get("val_bpb") is not None else "")
+                + (f" measured on {e['parent'][:7]}, not the current best" if e["parent"] != kept else "")
+                for e in pending)
+        result.next = self._next_step(state, result)
         return result
 
-    @staticmethod
-    def _next_step(s: StatusResult) -> str:
+    def _next_step(self, state: dict, s: StatusResult) -> str:
         if not s.set_up:
             return "setup(tag)"
-        if s.running:
-            return "wait: read_metrics() follows the run"
-        if s.interrupted:
-            return "discard() to log the interrupted run"
-        if s.pending:
-            return "keep() or discard()"
-        if not s.counts["keep"]:
+        undecided = self.runs_of(state, *UNDECIDED)
+        which = (lambda e: "") if len(undecided) == 1 else (lambda e: f"run={e['run']}")
+        for e in undecided:
+            if e["status"] == "interrupted":
+                return f"discard({which(e)}) to log the interrupted run"
+        for e in undecided:
+            if e["result"]["status"] != "ok":
+                return f"discard({which(e)})"
+            if e["parent"] != state["kept_commit"]:
+                return f"reapply(run={e['run']}) or discard(run={e['run']})"
+        if undecided:
+            return "keep() or discard()" if len(undecided) == 1 else \
+                f"keep(run={undecided[0]['run']}) or discard(run={undecided[0]['run']})"
+        in_flight = self.runs_of(state, *IN_FLIGHT)
+        if in_flight and len(in_flight) >= self.slots:
+            return "wait: wait() returns the next result (read_metrics() follows the runs)"
+        if not s.counts["keep"] and not in_flight:
             return "run_experiment('baseline') with train.py unchanged"
+        if in_flight:
+            return f"edit train.py, then run_experiment(description, wait=False) ({self.slots - len(in_flight)} slot(s) free), or wait()"
         return "edit train.py, then run_experiment(description)"
 
     # --- noise -----------------------------------------------------------------------
@@ -477,3 +863,25 @@ class ResearchLoop:
         estimate = noise.estimate(values)
         self.state.update(noise=estimate.model_dump())
         return estimate
+
+
+def worker_warnings(report: dict) -> list[str]:
+    warnings = []
+    if report.get("stray_processes"):
+        warnings.append(f"{report['stray_processes']} process(es) started by the run were still running when it "
+                        "ended; they were killed")
+    if report.get("unkillable"):
+        warnings.append(f"{report['unkillable']} process(es) of the run could not be killed")
+    if report.get("log_truncated"):
+        warnings.append("the log was capped: the middle of its output was dropped")
+    return warnings
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(1 << 16), fb.read(1 << 16)
+            if x != y:
+                return False
+            if not x:
+                return True

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-RunStatus = Literal["ok", "crash", "timeout", "running"]
+RunStatus = Literal["ok", "crash", "timeout", "running", "queued", "interrupted"]
 RowStatus = Literal["keep", "discard", "crash"]
 
 
@@ -48,21 +48,38 @@ class RunResult(BaseModel):
     commit: str
     description: str
     status: RunStatus
+    parent: str | None = None  # the kept commit this candidate was built on
+    slot: str | None = None
+    queue_position: int | None = None
     val_bpb: float | None = None
     memory_gb: float | None = None
     training_seconds: float | None = None
     total_seconds: float | None = None
     eval_seconds: float | None = None
     num_steps: int | None = None
+    wall_seconds: float | None = None  # measured by the run's worker, not taken from the log
     exit_code: int | None = None
     timeout_seconds: float | None = None
     best_val_bpb: float | None = None
     best_commit: str | None = None
     delta: float | None = None
     noise: str | None = None
+    warnings: list[str] | None = None
     log: str
     tail: str | None = None
     next: str
+
+
+class LiveRun(BaseModel):
+    """A run in flight: queued, or running with its latest progress line."""
+    run: int
+    commit: str
+    description: str
+    status: Literal["queued", "running"]
+    slot: str | None = None
+    progress: Progress | None = None
+    elapsed_s: int | None = None
+    timeout_s: int | None = None
 
 
 class Metrics(BaseModel):
@@ -70,6 +87,7 @@ class Metrics(BaseModel):
     status: Literal["ok", "crash", "timeout", "running", "missing", "empty"]
     summary: Summary | None = None
     progress: Progress | None = None
+    runs: list[LiveRun] | None = None
     tail: str | None = None
     note: str | None = None
 
@@ -112,10 +130,13 @@ class StatusResult(BaseModel):
     kept_commit: str | None = None
     counts: dict[str, int]
     recent: list[Row]
+    slots: int = 1
     running: str | None = None
     progress: Progress | None = None
+    queued: str | None = None
     pending: str | None = None
     interrupted: str | None = None
+    read_only: str | None = None  # another server owns the workspace's runs
     noise: NoiseEstimate | None = None
     malformed_ledger_lines: int = 0
     next: str
@@ -132,3 +153,17 @@ class PlotResult(BaseModel):
     runs_plotted: int
     kept: int
     crashes_excluded: int
+
+
+class WaitResult(BaseModel):
+    results: list[RunResult]
+    running: int
+    queued: int
+    next: str
+
+
+class CancelResult(BaseModel):
+    run: int
+    was: str
+    row: Row | None = None
+    note: str

@@ -7,6 +7,7 @@ a night. Refusals become tool errors whose message says what to do next.
 import base64
 import functools
 import logging
+import time
 
 import anyio
 import git
@@ -17,8 +18,8 @@ from mcp.types import CallToolResult, ImageContent, TextContent, ToolAnnotations
 from mcp_server import plot
 from mcp_server.loop import ResearchLoop
 from mcp_server.models import (
-    DecisionResult, LoggedRow, Metrics, NoiseResult, PlotResult, Refusal, RunResult, SetupResult,
-    StatusResult,
+    CancelResult, DecisionResult, LoggedRow, Metrics, NoiseResult, PlotResult, Refusal, RunResult, SetupResult,
+    StatusResult, WaitResult,
 )
 from mcp_server.workspace import EDITABLE
 
@@ -26,10 +27,12 @@ SERVER_NAME = "autoresearch"
 INSTRUCTIONS = (
     "Autonomous GPT-training research loop on a git workspace. setup(tag) once, run_experiment "
     "('baseline') first, then: edit train.py, run_experiment(description), keep() or discard(). "
-    "Only train.py may change. measure_noise() tells which gains are real."
+    "Only train.py may change. measure_noise() tells which gains are real. With several slots, "
+    "run_experiment(..., wait=False) queues candidates and wait() returns their results."
 )
 MAX_NOISE_REPEATS = 10
 PROGRESS_POLL_SECONDS = 1.0
+PROGRESS_HEARTBEAT_SECONDS = 10.0  # a notification at least this often, even when no step is new
 
 READ_ONLY = ToolAnnotations(readOnlyHint=True, destructiveHint=False, idempotentHint=True, openWorldHint=False)
 WRITES = ToolAnnotations(readOnlyHint=False, destructiveHint=False, idempotentHint=False, openWorldHint=False)
@@ -79,75 +82,113 @@ def build_server(loop: ResearchLoop) -> MCPServer:
             return fn
         return decorate
 
-    def locked(fn, *args, **kwargs):
-        # tool calls may arrive concurrently: one bookkeeping operation at a time
-        with loop.state.mutex:
-            return fn(*args, **kwargs)
-
-    async def follow(run, ctx: Context, done_before: float = 0.0, scale: float = 1.0) -> None:
-        """Waits for the run, turning its progress lines into MCP progress notifications."""
-        last_step = -1
-        while not run.done.is_set():
-            await anyio.to_thread.run_sync(run.done.wait, PROGRESS_POLL_SECONDS)
-            live = loop.read_metrics() if not run.done.is_set() else None
-            progress = live.progress if live else None
-            if progress and progress.step > last_step:
-                last_step = progress.step
-                await ctx.report_progress(done_before + progress.percent * scale, 100.0,
-                                          f"step {progress.step} ({progress.percent:.1f}%) loss "
-                                          f"{progress.loss:.4f} remaining {progress.remaining_s}s")
+    async def follow(runs: list[int], ctx: Context, until_all: bool, done_before: float = 0.0,
+                     scale: float = 1.0) -> None:
+        """Waits until one of `runs` (or all) has a result, sending a progress notification at every
+        new training step and at least every PROGRESS_HEARTBEAT_SECONDS through start-up,
+        compilation and evaluation, so a client never sees a silent call."""
+        events = [loop.event(n) for n in runs]
+        last_value, last_sent, last_message = -1.0, 0.0, None
+        while not (all if until_all else any)(e.is_set() for e in events):
+            await anyio.to_thread.run_sync(events[0].wait if len(events) == 1 else time.sleep, PROGRESS_POLL_SECONDS)
+            live = [loop.live(e) for n in runs if (e := loop.entry(n)) and e["status"] in ("queued", "running")]
+            if not live:
+                continue
+            percent = sum(r.progress.percent if r.progress else 0.0 for r in live) / len(live)
+            message = " | ".join(describe_live(r, named=len(runs) > 1, slotted=loop.slots > 1) for r in live)
+            now = time.monotonic()
+            if message == last_message and now - last_sent < PROGRESS_HEARTBEAT_SECONDS:
+                continue
+            # MCP wants every notification's progress to grow
+            value = max(done_before + percent * scale, last_value + 1e-3)
+            await ctx.report_progress(value, 100.0, message)
+            last_value, last_sent, last_message = value, now, message
 
     @register(WRITES)
     async def setup(tag: str) -> SetupResult:
         """Start a research run: create branch autoresearch/<tag> from HEAD (refuses an existing one or
         uncommitted changes), create results.tsv, check that data and tokenizer are prepared, and
         fingerprint the harness (every tracked file but train.py)."""
-        return compact(locked(loop.setup, tag))
+        return compact(await threaded(loop.setup, tag))
 
     @register(WRITES)
     async def run_experiment(description: str, ctx: Context, wait: bool = True,
                              timeout_seconds: float | None = None) -> RunResult:
-        """Commit train.py with the description and train it (hard timeout, default 2 x budget).
-        Returns status ok/crash/timeout, val_bpb, memory, best kept so far and the delta, whether the
-        gain beats the measured noise, and the log tail on a crash. The result stays pending until
-        keep() or discard(). wait=False returns at once: follow with read_metrics()."""
-        run = locked(loop.start_run, description, timeout_seconds)
-        if not wait:
-            return compact(loop.started(run))
-        await follow(run, ctx)
-        return compact(run.result)
+        """Snapshot train.py as a candidate commit on top of the best (the last kept commit), run it in a
+        free slot (or queue it) with a hard timeout (default 2 x budget), and return status ok/crash/
+        timeout, val_bpb, memory, the best and the delta, whether the gain beats the measured noise, and
+        the log tail on a crash. The result stays pending until keep() or discard(). wait=False returns
+        at once with the run number and its place in the queue: follow with wait() or read_metrics()."""
+        entry = await threaded(loop.submit, description, timeout_seconds)
+        if wait:
+            await follow([entry["run"]], ctx, until_all=True)
+        return compact(loop.answer_for(entry["run"]))
+
+    @register(WRITES)
+    async def wait(ctx: Context, all: bool = False) -> WaitResult:
+        """Wait for the runs in flight: until the next one has a result (all=True: every one), with
+        progress notifications for each. Returns their results (each stays pending until keep or discard)."""
+        state = loop.state.load()
+        in_flight = [e["run"] for e in loop.runs_of(state, "queued", "running")]
+        if in_flight:
+            await follow(in_flight, ctx, until_all=all)
+        state = loop.state.load()
+        results = [RunResult(**e["result"]) for e in loop.runs_of(state, "pending")]
+        if not results and not in_flight:
+            raise Refusal("No run in flight and no pending result: run_experiment(description) first.")
+        running, queued = (len(loop.runs_of(state, s)) for s in ("running", "queued"))
+        return compact(WaitResult(results=results, running=running, queued=queued, next=loop.status().next))
 
     @register(READ_ONLY)
     async def read_metrics(run: str | None = None) -> Metrics:
-        """The summary of run.log (or of a past run: its number or commit), or the live progress
-        of a run still going. A missing, empty or crashed log gives a status and the log tail."""
+        """The live progress of the runs in flight; else the summary of run.log (or of a past run: its
+        number or commit). A missing, empty or crashed log gives a status and the log tail."""
         return compact(loop.read_metrics(run))
 
     @register(WRITES)
-    async def keep(note: str | None = None) -> DecisionResult:
-        """Accept the pending result (status ok only): the ledger row is written with status keep and
-        the branch advances (this commit is the new base)."""
-        return compact(locked(loop.keep, note))
+    async def keep(note: str | None = None, run: int | None = None) -> DecisionResult:
+        """Accept a pending result (status ok only; run=N when several are pending): the ledger row is
+        written with status keep and the branch advances to the run's commit (the new best). A run
+        measured on an older best is refused: reapply(run) measures it again on the new one."""
+        return compact(await threaded(loop.keep, note, run))
 
     @register(RESETS)
-    async def discard(reason: str | None = None) -> DecisionResult:
-        """Reject the pending result: the ledger row is written first (discard, or crash for a crash
-        or timeout), then tracked files are reset to the last kept commit. Untracked files are not
-        touched. Also resolves an interrupted run as a crash row."""
-        return compact(locked(loop.discard, reason))
+    async def discard(reason: str | None = None, run: int | None = None) -> DecisionResult:
+        """Reject a pending result (run=N when several are pending): the ledger row is written first
+        (discard, or crash for a crash, timeout or interrupted run), then train.py is restored to the
+        kept code if it still holds the run's code. Untracked files are not touched; the run's code
+        stays reachable in its commit."""
+        return compact(await threaded(loop.discard, reason, run))
+
+    @register(RESETS)
+    async def cancel(run: int) -> CancelResult:
+        """Cancel a queued run (it leaves the queue, no row) or stop a running one (its whole process
+        tree is killed and it is logged as a crash). Its code stays in its commit."""
+        return compact(await threaded(loop.cancel, run))
+
+    @register(WRITES)
+    async def reapply(run: int, ctx: Context, wait: bool = False) -> RunResult:
+        """For a pending run measured on an older best: re-apply its train.py change onto the current
+        best (3-way merge) as a new run, and log the stale one as a discard naming it. wait=True waits
+        for the new run's result."""
+        entry = await threaded(loop.reapply, run)
+        if wait:
+            await follow([entry["run"]], ctx, until_all=True)
+        return compact(loop.answer_for(entry["run"]))
 
     @register(WRITES)
     async def log_result(commit: str, val_bpb: float, memory_gb: float, status: str,
                          description: str) -> LoggedRow:
-        """Append one validated row to results.tsv for a run managed outside this server.
-        status is keep, discard or crash (crash rows are written as 0.000000 and 0.0)."""
-        return compact(locked(loop.log_result, commit, val_bpb, memory_gb, status, description))
+        """Append one validated row to results.tsv for a run managed outside this server (never one of
+        its own runs). status is keep, discard or crash (crash rows are written as 0.000000 and 0.0); a
+        keep row must be the research branch's tip, on top of the kept commit."""
+        return compact(await threaded(loop.log_result, commit, val_bpb, memory_gb, status, description))
 
     @register(READ_ONLY)
     async def status() -> StatusResult:
-        """Branch, best val_bpb and its commit, counts per status, recent rows, a run in progress,
-        a pending or interrupted result, the noise estimate, and the next step."""
-        return compact(loop.status())
+        """Branch, best val_bpb and its commit, counts per status, recent rows, runs in flight and
+        queued, pending or interrupted results, the noise estimate, and the next step."""
+        return compact(await threaded(loop.status))
 
     @register(WRITES)
     async def plot_progress() -> PlotResult:
@@ -167,30 +208,56 @@ def build_server(loop: ResearchLoop) -> MCPServer:
     @register(WRITES)
     async def measure_noise(ctx: Context, repeats: int = 2) -> NoiseResult:
         """Rerun the last kept commit unchanged `repeats` times to measure run-to-run noise. Each
-        repeat is logged as a discard row 'noise repeat k/N of <commit>' (a crash row if it fails)
-        and the tree is reset; the std is stored and every later result says if a gain beats it."""
+        repeat is logged as a discard row 'noise repeat k/N of <commit>' (a crash row if it fails);
+        the std is stored and every later result says if a gain beats it."""
         if not 1 <= repeats <= MAX_NOISE_REPEATS:
             raise Refusal(f"repeats must be between 1 and {MAX_NOISE_REPEATS}.")
-        state = locked(loop._set_up_state)
-        kept = state["kept_commit"]
+        state = loop.state.load()
+        kept = state.get("kept_commit")
+        if not kept:
+            raise Refusal("This workspace is not set up for a research run: call setup(tag) first.")
         if EDITABLE in loop.ws.changed_since(kept):
             raise Refusal(f"train.py differs from the last kept commit {kept[:7]}: noise is measured on "
                           "the kept code. Save your edit elsewhere, git checkout train.py, and retry.")
         values = loop.noise_values_from_kept()
         if len(values) + repeats < 2:
             raise Refusal("Two values are needed: keep a baseline first, or pass repeats=2 or more.")
-        runs, failed = [], []
+        source = loop.ws.train_at(kept)
+        runs = []
         for k in range(repeats):
-            run = locked(loop.start_run, f"noise repeat {k + 1}/{repeats} of {kept[:7]}")
-            await follow(run, ctx, done_before=100.0 * k / repeats, scale=1.0 / repeats)
-            result = run.result
-            locked(loop.discard)
-            (runs if result.status == "ok" else failed).append(result.commit)
+            entry = await threaded(loop.submit, f"noise repeat {k + 1}/{repeats} of {kept[:7]}", None, source)
+            runs.append(entry["run"])
+        await follow(runs, ctx, until_all=True)
+        ok, failed = [], []
+        for n in runs:
+            result = loop.answer_for(n)
+            await threaded(loop.discard, None, n)
+            (ok if result.status == "ok" else failed).append(result.commit)
             if result.status == "ok":
                 values.append(result.val_bpb)
         if len(values) < 2:
-            raise Refusal(f"Too few successful repeats ({len(runs)}): fix the crash (see read_metrics) "
+            raise Refusal(f"Too few successful repeats ({len(ok)}): fix the crash (see read_metrics) "
                           "and measure again.")
-        return compact(NoiseResult(noise=loop.store_noise(values), runs=runs, failed=failed))
+        return compact(NoiseResult(noise=loop.store_noise(values), runs=ok, failed=failed))
 
     return srv
+
+
+def describe_live(run, named: bool, slotted: bool) -> str:
+    """One run's phase for a progress notification: queued, starting up (imports, compilation),
+    a training step, or evaluating."""
+    prefix = (f"run {run.run}" if named else "") + (f" on {run.slot}" if slotted and run.slot else "")
+    prefix = f"{prefix.strip()}: " if prefix else ""
+    if run.status == "queued":
+        return f"{prefix}queued"
+    if run.progress is None:
+        return f"{prefix}starting up ({run.elapsed_s or 0}s)"
+    p = run.progress
+    if p.percent >= 100.0 or p.remaining_s == 0:
+        return f"{prefix}training done at step {p.step}, evaluating ({run.elapsed_s}s)"
+    return f"{prefix}step {p.step} ({p.percent:.1f}%) loss {p.loss:.4f} remaining {p.remaining_s}s"
+
+
+async def threaded(fn, *args):
+    """Bookkeeping (git, fsync, flock) off the event loop, so progress of other calls keeps flowing."""
+    return await anyio.to_thread.run_sync(lambda: fn(*args))

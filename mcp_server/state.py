@@ -1,10 +1,16 @@
-"""The server's own memory, in <workspace>/.research-loop/: state.json and the run lock.
+"""The server's own memory, in <workspace>/.research-loop/: state.json and two locks.
 
-state.json is replaced atomically (write a temp file, fsync, rename), so a server killed
-at any moment leaves either the old state or the new one. The lock is a file created with
-O_EXCL holding the owner's pid and process start time; a lock whose owner is gone (the
-pid is dead, or reused by another process) is stale and is taken over.
+- state.json is changed only inside `transaction()`: a thread lock plus an exclusive flock on
+  state.lock, so two servers on one workspace (two sessions, stdio plus HTTP) never interleave a
+  load-modify-save, and each write goes through a temporary file of its own (pid and thread in
+  its name), fsync and rename: a server killed at any moment leaves the old state or the new one.
+- owner.lock is held (flock) by the one server that runs experiments in the workspace, for as
+  long as it lives. The kernel drops a flock when its process dies, however it dies, so "is the
+  owner alive" needs no pid bookkeeping: a server that can take the lock knows the previous
+  owner is gone and takes over its runs.
 """
+import contextlib
+import fcntl
 import json
 import os
 import threading
@@ -14,7 +20,8 @@ from mcp_server.models import Refusal
 
 STATE_DIR = ".research-loop"
 STATE_FILE = "state.json"
-LOCK_FILE = "run.lock"
+STATE_LOCK = "state.lock"
+OWNER_LOCK = "owner.lock"
 
 
 def process_start_time(pid: int) -> str | None:
@@ -27,7 +34,7 @@ def process_start_time(pid: int) -> str | None:
         return None
 
 
-def process_alive(pid: int, start_time: str | None) -> bool:
+def process_alive(pid: int, start_time: str | None = None) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -39,64 +46,95 @@ def process_alive(pid: int, start_time: str | None) -> bool:
 
 
 class State:
-    """Load-modify-save of state.json under a thread lock (runs finish on a worker thread)."""
-
     def __init__(self, workspace: Path):
         self.dir = workspace / STATE_DIR
         self.path = self.dir / STATE_FILE
-        self.lock_path = self.dir / LOCK_FILE
         self.mutex = threading.RLock()
+        self._depth = 0  # transactions nest within a thread: only the outermost takes the flock
+        self._lock_fd: int | None = None
+        self._owner_fd: int | None = None
 
+    # --- state.json ------------------------------------------------------------------
     def load(self) -> dict:
         try:
-            return json.loads(self.path.read_text())
+            data = json.loads(self.path.read_text())
         except FileNotFoundError:
             return {}
         except ValueError:
+            data = None
+        if not isinstance(data, dict):
             raise Refusal(f"{self.path} is not valid JSON (edited by hand?): move it away and call "
-                          "setup(tag) for a new research branch; results.tsv is untouched.") from None
+                          "setup(tag) for a new research branch; results.tsv is untouched.")
+        return data
 
     def save(self, data: dict) -> None:
         self.dir.mkdir(exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
+        tmp = self.path.with_name(f".{STATE_FILE}.{os.getpid()}.{threading.get_ident()}.tmp")
         with open(tmp, "w") as f:
             json.dump(data, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
 
-    def update(self, **changes) -> dict:
+    @contextlib.contextmanager
+    def transaction(self):
+        """Exclusive across threads and processes; yields the state, saved on exit if changed.
+        A refusal raised inside leaves the file as it was."""
         with self.mutex:
-            data = self.load()
+            self._depth += 1
+            try:
+                if self._depth == 1:
+                    self.dir.mkdir(exist_ok=True)
+                    self._lock_fd = os.open(self.dir / STATE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+                    fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+                data = self.load()
+                before = json.dumps(data, sort_keys=True)
+                yield data
+                if json.dumps(data, sort_keys=True) != before:
+                    self.save(data)
+            finally:
+                self._depth -= 1
+                if self._depth == 0 and self._lock_fd is not None:
+                    os.close(self._lock_fd)  # closing drops the flock
+                    self._lock_fd = None
+
+    def update(self, **changes) -> dict:
+        with self.transaction() as data:
             data.update(changes)
-            self.save(data)
             return data
 
-    def acquire_run_lock(self) -> dict | None:
-        """Takes the lock for this process; returns the live holder's record if it is held."""
-        self.dir.mkdir(exist_ok=True)
-        me = {"pid": os.getpid(), "start": process_start_time(os.getpid())}
-        for _ in range(2):
+    # --- ownership -------------------------------------------------------------------
+    def try_own(self) -> bool:
+        """Takes the owner lock if no live server holds it; True if this process holds it now."""
+        with self.mutex:
+            if self._owner_fd is not None:
+                return True
+            self.dir.mkdir(exist_ok=True)
+            fd = os.open(self.dir / OWNER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fd = os.open(self.lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                holder = self.lock_holder()
-                if holder and process_alive(holder["pid"], holder.get("start")):
-                    return holder
-                self.lock_path.unlink(missing_ok=True)  # stale: its owner died
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            return None
-        return self.lock_holder()
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "start": process_start_time(os.getpid())}).encode())
+            self._owner_fd = fd
+            return True
 
-    def lock_holder(self) -> dict | None:
+    @property
+    def owned(self) -> bool:
+        return self._owner_fd is not None
+
+    def owner(self) -> dict | None:
+        """The owning server's pid record, as it wrote it (None if unreadable)."""
         try:
-            return json.loads(self.lock_path.read_text())
-        except (FileNotFoundError, ValueError):
+            data = json.loads((self.dir / OWNER_LOCK).read_text())
+        except (OSError, ValueError):
             return None
+        return data if isinstance(data, dict) else None
 
-    def release_run_lock(self) -> None:
-        holder = self.lock_holder()
-        if holder is None or holder.get("pid") == os.getpid():
-            self.lock_path.unlink(missing_ok=True)
+    def release(self) -> None:
+        with self.mutex:
+            if self._owner_fd is not None:
+                os.close(self._owner_fd)
+                self._owner_fd = None

@@ -8,6 +8,8 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import threading
 from pathlib import Path
 
 import git
@@ -19,8 +21,10 @@ REQUIRED_FILES = ("train.py", "prepare.py")
 BRANCH_PREFIX = "autoresearch/"
 PROTECTED_BRANCHES = ("main", "master")
 EXCLUDED_PATHS = ("results.tsv", "run.log", "runs/", ".research-loop/", "progress.png")
-TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-COMMIT_ARG_RE = re.compile(r"^[0-9a-fA-F]{7,40}$")
+TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+COMMIT_ARG_RE = re.compile(r"[0-9a-fA-F]{7,40}")
+RUN_REF_PREFIX = "refs/research-loop/runs/"  # every candidate's commit stays reachable here
+SLOTS_DIR = "research-loop/slots"  # inside .git: one reused worktree per slot
 PROFILES_FILE = "nanochat/profiles.py"
 UPSTREAM_TIME_BUDGET = 300.0
 # Used only when the repository has no identity configured, so a fresh clone still works.
@@ -80,14 +84,14 @@ def profile_budget(profiles: Path, profile: str | None) -> float | None:
 
 
 def validate_tag(tag: str) -> str:
-    if not TAG_RE.match(tag or "") or ".." in tag or tag.endswith((".lock", ".")):
+    if not isinstance(tag, str) or not TAG_RE.fullmatch(tag) or ".." in tag or tag.endswith((".lock", ".")):
         raise Refusal(f"Tag {tag!r} is not a safe branch name: use letters, digits, '.', '_' or '-', "
                       "starting with a letter or digit (e.g. 'nov25').")
     return tag
 
 
 def validate_commit_arg(commit: str) -> str:
-    if not COMMIT_ARG_RE.match(commit or ""):
+    if not isinstance(commit, str) or not COMMIT_ARG_RE.fullmatch(commit):
         raise Refusal(f"Commit {commit!r} is not a hex hash of 7 to 40 characters.")
     return commit.lower()
 
@@ -156,19 +160,118 @@ class Workspace:
         except git.GitCommandError:
             return None
 
+    def branch_tip(self, branch: str) -> str | None:
+        try:
+            return self.repo.git.rev_parse("--verify", "--quiet", f"refs/heads/{branch}^{{commit}}")
+        except git.GitCommandError:
+            return None
+
+    def is_ancestor(self, ancestor: str, descendant: str) -> bool:
+        try:
+            self.repo.git.merge_base("--is-ancestor", ancestor, descendant)
+            return True
+        except git.GitCommandError:
+            return False
+
+    def train_at(self, commit: str) -> bytes:
+        """train.py's exact bytes in a commit."""
+        return (self.repo.commit(commit).tree / EDITABLE).data_stream.read()
+
+    def working_train(self) -> bytes:
+        return (self.root / EDITABLE).read_bytes()
+
+    def train_is_regular_file(self) -> bool:
+        path = self.root / EDITABLE
+        return path.is_file() and not path.is_symlink()
+
     # --- changes -----------------------------------------------------------------
     def create_branch(self, name: str) -> None:
         self.repo.git.checkout("-b", name)
 
-    def commit_train(self, message: str) -> str:
-        """Commits train.py; an unchanged train.py still gets its own (empty) commit."""
-        self.repo.git.add("--", EDITABLE)
-        self.repo.git.commit("--allow-empty", "--no-verify", "-q", "-m", message, env=self._env)
-        return self.head()
+    def create_candidate(self, parent: str, source: bytes, message: str, ref: str) -> str:
+        """A commit holding `parent`'s tree with train.py replaced by `source`, stored under `ref`.
+        The working tree, the index and HEAD are not touched."""
+        scratch = Path(self.repo.git_dir) / "research-loop"
+        scratch.mkdir(parents=True, exist_ok=True)
+        source_file = scratch / f"candidate-{os.getpid()}-{threading.get_ident()}.py"
+        index_file = scratch / f"index-{os.getpid()}-{threading.get_ident()}"
+        try:
+            source_file.write_bytes(source)
+            blob = self.repo.git.hash_object("-w", "--", str(source_file))
+            mode = self.repo.git.ls_tree(parent, "--", EDITABLE).split(" ", 1)[0] or "100644"
+            env = dict(self._env or {}, GIT_INDEX_FILE=str(index_file))
+            self.repo.git.read_tree(parent, env=env)
+            self.repo.git.update_index("--add", "--cacheinfo", f"{mode},{blob},{EDITABLE}", env=env)
+            tree = self.repo.git.write_tree(env=env)
+            commit = self.repo.git.commit_tree(tree, "-p", parent, "-m", message, env=self._env)
+        finally:
+            source_file.unlink(missing_ok=True)
+            index_file.unlink(missing_ok=True)
+        self.repo.git.update_ref(ref, commit)
+        return commit
 
-    def reset_to(self, commit: str) -> None:
-        """Hard reset: tracked files only; untracked and ignored files are left alone."""
-        self.repo.git.reset("--hard", "-q", commit)
+    def advance_branch(self, branch: str, new: str, old: str) -> None:
+        """Moves the branch from `old` to `new` (refused by git if it moved meanwhile); where the
+        branch is checked out, train.py's index entry follows, and the agent's working file is left
+        as it is."""
+        self.repo.git.update_ref(f"refs/heads/{branch}", new, old)
+        if self.branch() == branch:
+            self.repo.git.reset("-q", new, "--", EDITABLE)
+
+    def restore_train(self, commit: str) -> None:
+        """train.py (file and index) as in `commit`; nothing else is touched."""
+        self.repo.git.checkout(commit, "--", EDITABLE)
+
+    def merged_train(self, base: str, change: str, onto: str) -> bytes | None:
+        """The edit base -> change of train.py re-applied onto `onto`'s train.py (a 3-way merge),
+        or None on a conflict."""
+        scratch = Path(self.repo.git_dir) / "research-loop"
+        scratch.mkdir(parents=True, exist_ok=True)
+        files = [scratch / f"merge-{name}-{os.getpid()}-{threading.get_ident()}.py" for name in ("onto", "base", "change")]
+        try:
+            for path, commit in zip(files, (onto, base, change)):
+                path.write_bytes(self.train_at(commit))
+            try:
+                return self.repo.git.merge_file("-p", *map(str, files), stdout_as_string=False,
+                                                strip_newline_in_stdout=False)
+            except git.GitCommandError as exc:
+                if exc.status and 0 < exc.status < 128:  # the number of conflicts
+                    return None
+                raise
+        finally:
+            for path in files:
+                path.unlink(missing_ok=True)
+
+    # --- slots -------------------------------------------------------------------
+    def slot_path(self, slot: int) -> Path:
+        return Path(self.repo.git_dir) / SLOTS_DIR / str(slot)
+
+    def checkout_slot(self, slot: int, commit: str) -> Path:
+        """Slot `slot`'s worktree holding exactly `commit` (no untracked or ignored file left from
+        an earlier run). Reused between runs; one damaged by hand is rebuilt."""
+        path = self.slot_path(slot)
+        for attempt in range(2):
+            try:
+                if attempt or not (path / ".git").is_file():
+                    self._rebuild_worktree(path, commit)
+                else:
+                    slot_git = git.Git(str(path))
+                    slot_git.checkout("--detach", "--force", "-q", commit)
+                    slot_git.clean("-ffdxq")
+                if git.Git(str(path)).rev_parse("HEAD") == commit and not git.Git(str(path)).status("--porcelain"):
+                    return path
+            except git.GitCommandError:
+                if attempt:
+                    raise
+        raise Refusal(f"The worktree of slot {slot} ({path}) cannot be made to hold {commit[:7]}: remove that "
+                      "folder and run `git worktree prune`, then retry.")
+
+    def _rebuild_worktree(self, path: Path, commit: str) -> None:
+        if path.exists():
+            shutil.rmtree(path)
+        self.repo.git.worktree("prune")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.repo.git.worktree("add", "--detach", "--force", "-q", str(path), commit)
 
     def add_excludes(self) -> None:
         exclude = Path(self.repo.git_dir) / "info" / "exclude"

@@ -18,6 +18,8 @@ from mcp import Client, StdioServerParameters
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 FAKE_TRAIN = HERE / "fake_train.py"
+TOOL_NAMES = {"setup", "run_experiment", "wait", "read_metrics", "keep", "discard", "cancel", "reapply", "log_result",
+              "status", "plot_progress", "measure_noise"}
 TRAIN_COMMAND = [sys.executable, "fake_train.py"]
 
 
@@ -45,6 +47,11 @@ def make_cache(tmp_path: Path, budget: float = 1.0) -> Path:
     cache.mkdir(exist_ok=True)
     (cache / "prepared.json").write_text(json.dumps({"profile": "cpu", "time_budget": budget}))
     return cache
+
+
+def slot_dir(ws: Path, slot: int = 0) -> Path:
+    """Where a slot's runs execute: a worktree of the workspace's repository, inside .git."""
+    return ws / ".git" / "research-loop" / "slots" / str(slot)
 
 
 def text(result) -> str:

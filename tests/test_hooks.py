@@ -120,27 +120,35 @@ def test_session_start_reports_branch_best_and_last_rows(repo, prepared_cache):
     assert "systemMessage" not in output  # nothing for the user to fix
 
 
-def test_session_start_reports_a_run_in_progress_and_a_pending_result(repo, prepared_cache):
+def test_session_start_reports_runs_in_flight_and_pending_results(repo, prepared_cache):
     (repo / ".research-loop").mkdir()
-    (repo / ".research-loop" / "state.json").write_text(json.dumps({
-        "running": {"run": 6, "commit": "f00dfeed123", "description": "window L", "server_pid": os.getpid()},
-        "pending": {"run": 5, "commit": "e0e0e0e", "status": "ok", "val_bpb": 0.98, "description": "depth 6"}}))
-    (repo / "run.log").write_text("step 00001 (1.0%) | loss: 9.0\rstep 00002 (2.0%) | loss: 8.5 | remaining: 57s\r")
+    (repo / "runs").mkdir()
+    (repo / ".research-loop" / "state.json").write_text(json.dumps({"runs": {
+        "6": {"run": 6, "commit": "f00dfeed123", "description": "window L", "status": "running",
+              "server_pid": os.getpid(), "log": "runs/0006-f00dfee.log"},
+        "5": {"run": 5, "commit": "e0e0e0e", "description": "depth 6", "status": "pending",
+              "result": {"status": "ok", "val_bpb": 0.98}},
+        "7": {"run": 7, "commit": "abcabca", "description": "lr x2", "status": "queued"}}}))
+    (repo / "runs" / "0006-f00dfee.log").write_text(
+        "step 00001 (1.0%) | loss: 9.0\rstep 00002 (2.0%) | loss: 8.5 | remaining: 57s\r")
     context = session_start(repo, prepared_cache)["hookSpecificOutput"]["additionalContext"]
-    assert 'run in progress: run 6 (f00dfee) "window L": step 00002 (2.0%)' in context
-    assert 'pending result: run 5 (e0e0e0e) ok val_bpb 0.980000 "depth 6"' in context
+    assert 'run 6 (f00dfee) "window L" is running: step 00002 (2.0%)' in context
+    assert 'pending result: run 5 (e0e0e0e) "depth 6" ok val_bpb 0.980000' in context
     assert "keep() or discard()" in context
+    assert 'run 7 (abcabca) "lr x2" is queued' in context
+    assert context.index("run 5") < context.index("run 6") < context.index("run 7")
 
 
 def test_session_start_tells_a_run_whose_server_died_from_a_live_one(repo, prepared_cache):
     dead = subprocess.Popen(["true"])
     dead.wait()
     (repo / ".research-loop").mkdir()
-    (repo / ".research-loop" / "state.json").write_text(json.dumps({
-        "running": {"run": 6, "commit": "f00dfee", "description": "window L", "server_pid": dead.pid}}))
+    (repo / ".research-loop" / "state.json").write_text(json.dumps({"runs": {
+        "6": {"run": 6, "commit": "f00dfee", "description": "window L", "status": "running",
+              "server_pid": dead.pid, "log": "runs/0006-f00dfee.log"}}}))
     context = session_start(repo, prepared_cache)["hookSpecificOutput"]["additionalContext"]
-    assert "run in progress" not in context
-    assert 'run 6 (f00dfee) "window L" was in progress when its server stopped' in context
+    assert "is running" not in context
+    assert 'run 6 (f00dfee) "window L" was running when its server stopped' in context
 
 
 def test_session_start_reports_the_measured_noise(repo, prepared_cache):

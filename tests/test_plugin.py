@@ -22,12 +22,12 @@ from pathlib import Path
 import pytest
 from mcp import Client, StdioServerParameters
 
+from server_support import TOOL_NAMES
 from plugin_support import (CLAUDE_CODE_VERSION, REPO, SERVER_NAME, TOOL_PREFIX, ScriptedModel, claude_env,
                             git, install_claude_cli, make_research_repo, uv_link_mode)
 
 SKILL_ID = "research-loop:autoresearch"
-CONTRACT_TOOLS = {"setup", "run_experiment", "read_metrics", "keep", "discard", "log_result", "status",
-                  "plot_progress", "measure_noise"}
+CONTRACT_TOOLS = TOOL_NAMES
 CLI_TIMEOUT_S = 180
 
 

@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from server_support import REPO, make_cache, make_workspace
+from server_support import REPO, TOOL_NAMES, make_cache, make_workspace
 
 INSPECTOR_VERSION = "0.22.0"
 INSPECTOR_DIR = REPO / ".tools" / "inspector"
@@ -34,8 +34,7 @@ def test_inspector_lists_the_tools_and_calls_one(tmp_path):
     ws, cache = make_workspace(tmp_path), make_cache(tmp_path)
     listed = run_inspector(ws, cache, "--method", "tools/list")
     names = {tool["name"] for tool in listed["tools"]}
-    assert names == {"setup", "run_experiment", "read_metrics", "keep", "discard", "log_result", "status",
-                     "plot_progress", "measure_noise"}
+    assert names == TOOL_NAMES
     assert all(tool.get("annotations") and tool.get("outputSchema") for tool in listed["tools"])
 
     called = run_inspector(ws, cache, "--method", "tools/call", "--tool-name", "setup", "--tool-arg", "tag=insp")

@@ -16,8 +16,8 @@ from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 
 from server_support import (
-    REPO, answer, error, git, group_members, ledger_lines, make_cache, make_workspace, pid_alive, processes_running,
-    set_knobs, stdio_client_for, stdio_params, wait_until,
+    REPO, answer, error, git, ledger_lines, make_cache, make_workspace, pid_alive, processes_running,
+    set_knobs, slot_dir, stdio_client_for, stdio_params, wait_until,
 )
 
 
@@ -28,6 +28,16 @@ def ws_cache(tmp_path):
 
 def state_of(ws) -> dict:
     return json.loads((ws / ".research-loop" / "state.json").read_text())
+
+
+def running_entry(ws) -> dict:
+    return next(e for e in state_of(ws)["runs"].values() if e["status"] == "running")
+
+
+def run_processes(ws, entry) -> list[int]:
+    """The run's worker, its training and the grandchild the fake trainer spawned."""
+    report = json.loads((ws / entry["report"]).read_text())
+    return [entry["worker_pid"], report["pid"], int((slot_dir(ws) / "spawned.pid").read_text())]
 
 
 def test_server_never_imports_torch_or_matplotlib_at_start():
@@ -56,15 +66,15 @@ def test_stdio_session_lists_tools_and_runs_a_cycle(ws_cache):
     async def on_progress(value, total, message):
         progress.append((value, total, message))
     names, (setup, run, keep, keep_again) = anyio.run(go)
-    assert len(progress) >= 2 and progress[-1][0] <= 100 and "loss" in progress[-1][2]
+    assert len(progress) >= 2 and progress[-1][0] <= 100 and any("loss" in m for _, _, m in progress)
     assert {"setup", "run_experiment", "read_metrics", "keep", "discard", "log_result"} <= names
     assert answer(run)["val_bpb"] == 1.0 and answer(keep)["row"]["status"] == "keep"
     assert "no pending result" in error(keep_again)
     assert len(ledger_lines(ws)) == 2
 
 
-def sigkill_server_mid_run(ws, cache) -> dict:
-    """Starts a slow run over stdio, SIGKILLs the server, returns the state it left."""
+def sigkill_server_mid_run(ws, cache) -> tuple[dict, dict]:
+    """Starts a slow run over stdio, SIGKILLs the server; returns the state and the run entry."""
     killed = {}
 
     async def go():
@@ -73,23 +83,22 @@ def sigkill_server_mid_run(ws, cache) -> dict:
                 answer(await client.call_tool("setup", {"tag": "kill"}))
                 set_knobs(ws, sleep=120, steps=120, spawn=1)
                 answer(await client.call_tool("run_experiment", {"description": "doomed", "wait": False}))
-                assert wait_until(lambda: (ws / "spawned.pid").exists(), 10)
+                assert wait_until(lambda: (slot_dir(ws) / "spawned.pid").exists(), 10)
                 killed.update(state_of(ws))
-                os.kill(killed["running"]["server_pid"], signal.SIGKILL)
+                os.kill(running_entry(ws)["server_pid"], signal.SIGKILL)
         except Exception:
             if not killed:
                 raise  # only the transport breaking after the kill is expected
     anyio.run(go)
-    return killed
+    return killed, next(iter(killed["runs"].values()))
 
 
 def test_sigkilled_server_leaves_no_training_and_next_start_recovers(ws_cache):
     ws, cache = ws_cache
-    state = sigkill_server_mid_run(ws, cache)
-    commit = state["running"]["commit"]
-    grandchild = int((ws / "spawned.pid").read_text())
-    assert wait_until(lambda: not group_members(state["running"]["pgid"]) and not pid_alive(grandchild), 8), \
-        group_members(state["running"]["pgid"])
+    state, entry = sigkill_server_mid_run(ws, cache)
+    commit = entry["commit"]
+    processes = run_processes(ws, entry)
+    assert wait_until(lambda: not any(pid_alive(p) for p in processes), 10), processes
     assert not processes_running(str(ws))  # the server itself is gone too
 
     async def recover():
@@ -103,8 +112,8 @@ def test_sigkilled_server_leaves_no_training_and_next_start_recovers(ws_cache):
     assert f"interrupted run {commit[:7]}" in refused
     assert discarded["row"]["description"] == "doomed (interrupted)" and discarded["row"]["status"] == "crash"
     assert ledger_lines(ws)[-1] == f"{commit[:7]}\t0.000000\t0.0\tcrash\tdoomed (interrupted)"
-    assert not (ws / ".research-loop" / "run.lock").exists()
     assert git(ws, "rev-parse", "HEAD").strip() == state["kept_commit"]
+    assert git(ws, "rev-parse", "refs/research-loop/runs/1").strip() == commit  # its code is kept
 
 
 def test_client_closing_stdio_mid_run_kills_the_training(ws_cache):
@@ -115,17 +124,74 @@ def test_client_closing_stdio_mid_run_kills_the_training(ws_cache):
             answer(await client.call_tool("setup", {"tag": "close"}))
             set_knobs(ws, sleep=120, steps=120, spawn=1)
             answer(await client.call_tool("run_experiment", {"description": "abandoned", "wait": False}))
-            assert wait_until(lambda: (ws / "spawned.pid").exists(), 10)
-            return state_of(ws)["running"]["pgid"]
-    group = anyio.run(go)
-    grandchild = int((ws / "spawned.pid").read_text())
-    assert wait_until(lambda: not group_members(group) and not pid_alive(grandchild), 8), group_members(group)
+            assert wait_until(lambda: (slot_dir(ws) / "spawned.pid").exists(), 10)
+            return run_processes(ws, running_entry(ws))
+    processes = anyio.run(go)
+    assert wait_until(lambda: not any(pid_alive(p) for p in processes), 10), processes
     assert not processes_running(str(ws))
 
     async def after():
         async with stdio_client_for(ws, cache) as client:
             return answer(await client.call_tool("status", {}))
     assert "interrupted run" in anyio.run(after)["interrupted"]
+
+
+def test_a_server_that_finds_a_dead_servers_finished_run_records_its_real_result(ws_cache):
+    """Killed after the training printed its summary but before the result was recorded: the log
+    proves the run, so the next server records it as ok, not as an interrupted crash."""
+    ws, cache = ws_cache
+
+    async def go():
+        async with stdio_client_for(ws, cache) as client:
+            answer(await client.call_tool("setup", {"tag": "late"}))
+            set_knobs(ws, val_bpb=0.93)
+            run = answer(await client.call_tool("run_experiment", {"description": "finished", "wait": False}))
+            assert wait_until(lambda: (ws / "runs" / f"0001-{run['commit']}.log").exists() and "depth:" in
+                              (ws / "runs" / f"0001-{run['commit']}.log").read_text(), 10)
+            return run
+    # the server records the run within a second; replay the moment before it did
+    run = anyio.run(go)
+    with_state = state_of(ws)
+    entry = with_state["runs"]["1"]
+    entry.update(status="running", result=None)
+    (ws / entry["report"]).write_text(json.dumps({"running": True, "pid": 2 ** 22 + 7, "worker_pid": 2 ** 22 + 8}))
+    (ws / ".research-loop" / "state.json").write_text(json.dumps(with_state))
+
+    async def after():
+        async with stdio_client_for(ws, cache) as client:
+            status = answer(await client.call_tool("status", {}))
+            return status, answer(await client.call_tool("keep", {}))
+    status, kept = anyio.run(after)
+    assert status["interrupted"] is None and "0.930000" in status["pending"]
+    assert kept["row"] == {"commit": run["commit"], "val_bpb": 0.93, "memory_gb": 2.0, "status": "keep",
+                           "description": "finished"}
+
+
+def test_two_servers_one_workspace_the_second_takes_over_when_the_first_dies(ws_cache):
+    ws, cache = ws_cache
+    first = subprocess.Popen([stdio_params(ws, cache).command, *stdio_params(ws, cache).args],
+                             env=stdio_params(ws, cache).env, cwd=REPO, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: (ws / ".research-loop" / "owner.lock").exists()
+                          and str(first.pid) in (ws / ".research-loop" / "owner.lock").read_text(), 15)
+
+        async def second_server():
+            async with stdio_client_for(ws, cache) as client:
+                refused = error(await client.call_tool("setup", {"tag": "two"}))
+                status = answer(await client.call_tool("status", {}))
+                first.kill()  # the owner dies
+                first.wait()
+                setup = answer(await client.call_tool("setup", {"tag": "two"}))
+                run = answer(await client.call_tool("run_experiment", {"description": "baseline"}))
+                return refused, status, setup, run
+        refused, status, setup, run = anyio.run(second_server)
+    finally:
+        first.kill()
+        first.wait()
+    assert f"pid {first.pid}" in refused and "read-only" in refused
+    assert f"pid {first.pid}" in status["read_only"]
+    assert setup["branch"] == "autoresearch/two" and run["status"] == "ok"
 
 
 def free_port() -> int:
@@ -150,9 +216,12 @@ def listening_addresses(port: int) -> set[str]:
 def test_http_transport_binds_loopback_and_checks_the_token(ws_cache):
     ws, cache = ws_cache
     port, token = free_port(), "s3cret-token"
-    params = stdio_params(ws, cache, "--http", "--port", str(port), "--token", token)
-    server = subprocess.Popen([params.command, *params.args], env=params.env, cwd=params.cwd,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    params = stdio_params(ws, cache, "--http", "--port", str(port))
+    flagged = subprocess.run([params.command, *params.args, "--token", token], env=params.env, cwd=params.cwd,
+                             capture_output=True, text=True, timeout=30)
+    assert flagged.returncode == 2 and "unrecognized arguments: --token" in flagged.stderr  # never on a command line
+    server = subprocess.Popen([params.command, *params.args], env=dict(params.env, RESEARCH_LOOP_TOKEN=token),
+                              cwd=params.cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/mcp"
     try:
         def listening():
@@ -165,11 +234,26 @@ def test_http_transport_binds_loopback_and_checks_the_token(ws_cache):
         assert refused.value.code == 401
 
         async def go():
-            headers = {"Authorization": f"Bearer {token}"}
+            headers = {"Authorization": f"bearer {token}"}  # the scheme is case-insensitive
             async with httpx2.AsyncClient(headers=headers, timeout=30) as http:
                 async with Client(streamable_http_client(url, http_client=http)) as client:
                     return answer(await client.call_tool("status", {}))
         assert anyio.run(go)["workspace"] == str(ws)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_http_without_a_token_says_so_loudly(ws_cache):
+    ws, cache = ws_cache
+    port = free_port()
+    params = stdio_params(ws, cache, "--http", "--port", str(port))
+    env = {k: v for k, v in params.env.items() if k != "RESEARCH_LOOP_TOKEN"}
+    server = subprocess.Popen([params.command, *params.args], env=env, cwd=params.cwd,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        line = server.stderr.readline()
+        assert "WARNING: no token set" in line and f"127.0.0.1:{port}" in line
     finally:
         server.terminate()
         server.wait(timeout=10)

@@ -1,15 +1,16 @@
-"""Log parsing, ledger rows and the run lock, without a server."""
+"""Log parsing, ledger rows, the state's locks and the run worker, without a server."""
 import json
 import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from mcp_server import ledger, logparse, noise
-from mcp_server.runner import Run
+from mcp_server.executor import training_env
 from mcp_server.models import Refusal
 from mcp_server.state import State
 
@@ -142,33 +143,46 @@ def test_noise_estimate_and_verdict():
     assert "baseline" in noise.verdict(None, None)
 
 
-def test_lock_is_exclusive_and_recovered_from_a_dead_holder(tmp_path):
-    state = State(tmp_path)
-    assert state.acquire_run_lock() is None
-    # a live holder (another process) keeps it
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+def test_one_owner_per_workspace_and_the_lock_dies_with_its_process(tmp_path):
+    first, second = State(tmp_path), State(tmp_path)
+    assert first.try_own() and first.owned
+    assert not second.try_own()  # another open file: as another server would be
+    assert second.owner()["pid"] == os.getpid()
+    first.release()
+    assert second.try_own()
+    second.release()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys; sys.path.insert(0, %r)\n"
+        "from pathlib import Path; from mcp_server.state import State\n"
+        "assert State(Path(%r)).try_own(); print('owned', flush=True)\n"
+        "import time; time.sleep(60)\n") % (str(Path(__file__).parent.parent), str(tmp_path))],
+        stdout=subprocess.PIPE, text=True)
     try:
-        state.lock_path.write_text(json.dumps({"pid": sleeper.pid, "start": None}))
-        assert state.acquire_run_lock()["pid"] == sleeper.pid
+        assert holder.stdout.readline().strip() == "owned"
+        assert not first.try_own() and first.owner()["pid"] == holder.pid
     finally:
-        sleeper.kill()
-        sleeper.wait()
-    # once it is dead, the lock is stale and taken over
-    assert state.acquire_run_lock() is None
-    assert json.loads(state.lock_path.read_text())["pid"] == os.getpid()
-    # a reused pid (same pid, other start time) does not count as the holder
-    state.lock_path.write_text(json.dumps({"pid": os.getpid(), "start": "1"}))
-    assert state.acquire_run_lock() is None
-    state.release_run_lock()
-    assert not state.lock_path.exists()
+        holder.kill()  # SIGKILL: no cleanup runs, the kernel drops the lock
+        holder.wait()
+    assert first.try_own()
 
 
-def test_state_writes_are_atomic_replacements(tmp_path):
-    state = State(tmp_path)
-    state.update(branch="autoresearch/x", seq=3)
-    state.update(seq=4)
-    assert state.load() == {"branch": "autoresearch/x", "seq": 4}
-    assert not list(state.dir.glob("*.tmp"))
+def test_state_transactions_of_two_processes_never_lose_an_update(tmp_path):
+    """Two servers updating state.json at once: every increment lands and the file stays valid
+    (a shared temporary file name and no lock lost updates and corrupted it)."""
+    State(tmp_path).update(count=0)
+    script = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "from pathlib import Path; from mcp_server.state import State\n"
+        "s = State(Path(%r))\n"
+        "for _ in range(150):\n"
+        "    with s.transaction() as d: d['count'] += 1\n") % (str(Path(__file__).parent.parent), str(tmp_path))
+    procs = [subprocess.Popen([sys.executable, "-c", script]) for _ in range(2)]
+    for _ in range(150):
+        with State(tmp_path).transaction() as data:
+            data["count"] += 1
+    assert [p.wait() for p in procs] == [0, 0]
+    assert State(tmp_path).load()["count"] == 450
+    assert not list((tmp_path / ".research-loop").glob("*.tmp"))
 
 
 def test_time_budget_comes_from_env_record_profile_or_upstream(tmp_path, monkeypatch, repo_root):
@@ -188,10 +202,75 @@ def test_time_budget_comes_from_env_record_profile_or_upstream(tmp_path, monkeyp
 
 
 def test_training_does_not_inherit_the_servers_virtual_env(tmp_path, monkeypatch):
-    """The server runs in the plugin's environment; the workspace's `uv run` must find its own."""
+    """The server runs in the plugin's environment; the workspace's `uv run` must find its own,
+    and every slot shares the workspace's one environment."""
     monkeypatch.setenv("VIRTUAL_ENV", "/plugin/.venv")
-    show = "import os; print('VIRTUAL_ENV=' + os.environ.get('VIRTUAL_ENV', '(unset)'), os.environ['PYTHONUNBUFFERED'])"
-    run = Run([sys.executable, "-c", show], cwd=tmp_path, log_path=tmp_path / "run.log", timeout=60)
-    assert run.done.wait(60)
-    assert run.exit_code == 0
-    assert (tmp_path / "run.log").read_text().strip() == "VIRTUAL_ENV=(unset) 1"
+    monkeypatch.delenv("UV_PROJECT_ENVIRONMENT", raising=False)
+    env = training_env(tmp_path)
+    assert "VIRTUAL_ENV" not in env and env["PYTHONUNBUFFERED"] == "1"
+    assert env["UV_PROJECT_ENVIRONMENT"] == str(tmp_path / ".venv")
+
+
+# --- the run worker -------------------------------------------------------------------------
+WORKER = Path(__file__).resolve().parent.parent / "mcp_server" / "worker.py"
+
+
+def run_worker(tmp_path, code: str, *options: str, stdin=subprocess.DEVNULL) -> tuple[dict, str]:
+    log, report = tmp_path / "run.log", tmp_path / "report.json"
+    subprocess.run([sys.executable, str(WORKER), "--log", str(log), "--report", str(report), *options,
+                    "--", sys.executable, "-c", code], stdin=stdin, check=True, timeout=60)
+    return json.loads(report.read_text()), log.read_text()
+
+
+ESCAPE = """
+import os, subprocess, sys, time
+subprocess.Popen([sys.executable, "-c", "import os, time\\nif os.fork() == 0:\\n    os.setsid()\\n    open('escaped.pid', 'w').write(str(os.getpid()))\\n    time.sleep(300)\\n"], start_new_session=True)
+while not os.path.exists('escaped.pid'):
+    time.sleep(0.05)
+print('---\\nval_bpb: 1.0')
+"""
+
+
+def test_worker_kills_descendants_that_left_the_process_group(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    report, log = run_worker(tmp_path, ESCAPE, "--timeout", "30")
+    escaped = int((tmp_path / "escaped.pid").read_text())
+    assert report["exit_code"] == 0 and report["stray_processes"] >= 1 and report["unkillable"] == 0
+    assert "still running when it ended; killed" in log
+    assert not os.path.exists(f"/proc/{escaped}") or "Z" in open(f"/proc/{escaped}/stat").read().split()[2]
+
+
+def test_worker_caps_the_log_but_keeps_its_tail(tmp_path):
+    code = "import sys\nfor i in range(200000): print('line', i)\nprint('---'); print('val_bpb: 0.5')"
+    report, log = run_worker(tmp_path, code, "--timeout", "30", "--max-log-bytes", "10000")
+    assert report["log_truncated"] and len(log) < 10000 + 2**20 + 65536 + 200  # head + tail + a read
+    assert log.startswith("line 0\n") and log.rstrip().endswith("val_bpb: 0.5")
+    assert "bytes of output dropped here" in log
+
+
+def test_worker_timeout_ends_a_process_that_ignores_sigterm(tmp_path):
+    code = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('up', flush=True)\ntime.sleep(100)"
+    started = time.monotonic()
+    report, log = run_worker(tmp_path, code, "--timeout", "1", "--grace", "1")
+    assert report["timed_out"] and time.monotonic() - started < 10
+    assert "killed after the 1s timeout" in log
+
+
+def test_worker_stops_the_run_when_its_server_goes(tmp_path):
+    log, report = tmp_path / "run.log", tmp_path / "report.json"
+    worker = subprocess.Popen([sys.executable, str(WORKER), "--log", str(log), "--report", str(report),
+                               "--timeout", "60", "--watch-stdin", "--", sys.executable, "-c",
+                               "import time; print('up', flush=True); time.sleep(100)"], stdin=subprocess.PIPE)
+    assert wait_for(lambda: "up" in log.read_text() if log.exists() else False)
+    worker.stdin.close()  # what the kernel does when the server dies
+    assert worker.wait(timeout=20) == 0
+    assert json.loads(report.read_text())["stopped"] == "server gone"
+
+
+def wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False

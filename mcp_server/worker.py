@@ -1,0 +1,285 @@
+"""Runs one training command for the research loop and reports how it ended.
+
+    python worker.py --log FILE --report FILE --timeout SECONDS [--watch-stdin] [--cpus 0,1] -- COMMAND...
+
+A plain script with the standard library only: it starts fast and runs wherever the training
+runs (this machine's slots, a Ray or SLURM node). It
+
+- makes itself the child subreaper (Linux), so a descendant that double-forks or starts a new
+  session is re-parented here instead of escaping, and kills every descendant when the command
+  ends: no process outlives its run, and the report says how many were left behind;
+- copies the command's output into its own log file, capped (a run that prints gigabytes keeps
+  the head and the tail: bounded disk and memory, and the summary block is in the tail);
+- enforces the hard timeout (SIGTERM to the whole tree, SIGKILL after a grace period), and stops
+  the same way on SIGTERM (a cancel) or, with --watch-stdin, when its parent, the server, dies
+  (the pipe on stdin reaches end of file);
+- measures the wall time itself, and writes one JSON report, atomically, with what it saw.
+"""
+import argparse
+import collections
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+TERM_GRACE_SECONDS = 5.0
+MAX_LOG_BYTES = 64 * 2**20  # head of a runaway log kept on disk
+TAIL_BYTES = 1 * 2**20  # and its tail, kept in memory once the head is full
+READ_CHUNK = 65536
+REAP_ROUNDS = 50  # kill-and-reap passes over the descendants, 0.1 s apart
+MARK = "[research-loop]"  # prefix of the lines this worker adds to the log
+
+
+def prctl(option: int, value: int) -> bool:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0) == 0
+    except (OSError, AttributeError):  # not Linux: process groups only
+        return False
+
+
+def descendants(root: int) -> list[int]:
+    """Live processes below `root` (by parent links in /proc); empty where /proc is missing."""
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != b"Z":
+            children[int(fields[1])].append(int(name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def reap() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def signal_tree(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for pid in descendants(os.getpid()):
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def kill_everything(pgid: int) -> int:
+    """SIGKILL the command's group and every descendant until none is left; returns how many
+    could not be killed (another user's, or stuck in the kernel)."""
+    for _ in range(REAP_ROUNDS):
+        signal_tree(pgid, signal.SIGKILL)
+        reap()
+        if not descendants(os.getpid()):
+            return 0
+        time.sleep(0.1)
+    return len(descendants(os.getpid()))
+
+
+class LogPump(threading.Thread):
+    """Copies the command's output to the log: the first max_bytes, then only a rolling tail."""
+
+    def __init__(self, source, log_path: Path, max_bytes: int):
+        super().__init__(daemon=True, name="log-pump")
+        self.source, self.max_bytes = source, max_bytes
+        self.log = open(log_path, "ab", buffering=0)
+        self.written = 0
+        self.dropped = 0
+        self.tail = collections.deque()
+        self.tail_bytes = 0
+
+    def run(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self.source, READ_CHUNK)
+            except OSError:
+                break
+            if not chunk:
+                break
+            room = self.max_bytes - self.written
+            if room > 0:
+                self.log.write(chunk[:room])
+                self.written += min(room, len(chunk))
+                chunk = chunk[room:]
+            if chunk:
+                self.tail.append(chunk)
+                self.tail_bytes += len(chunk)
+                while self.tail_bytes - len(self.tail[0]) >= TAIL_BYTES:
+                    self.dropped += len(self.tail[0])
+                    self.tail_bytes -= len(self.tail.popleft())
+
+    def close(self) -> None:
+        if self.tail:
+            if self.dropped:
+                self.note(f"{self.dropped} bytes of output dropped here (log capped at {self.max_bytes} bytes)")
+            self.log.write(b"".join(self.tail))
+        self.log.close()
+
+    def note(self, text: str) -> None:
+        self.log.write(f"\n{MARK} {text}\n".encode())
+
+    @property
+    def truncated(self) -> bool:
+        return self.dropped > 0
+
+
+def device_name(env: dict) -> str:
+    """The accelerator this run sees, for the run's record: a GPU's name, else the CPU's."""
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    try:
+        query = ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"]
+        if visible:
+            query += ["-i", visible.split(",")[0]]
+        out = subprocess.run(query, capture_output=True, text=True, timeout=5)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return "cpu: " + line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+def write_report(path: Path, report: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(report, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Run one training command with a hard timeout and a report.")
+    p.add_argument("--log", type=Path, required=True)
+    p.add_argument("--report", type=Path, required=True)
+    p.add_argument("--timeout", type=float, required=True)
+    p.add_argument("--grace", type=float, default=TERM_GRACE_SECONDS)
+    p.add_argument("--max-log-bytes", type=int, default=MAX_LOG_BYTES)
+    p.add_argument("--watch-stdin", action="store_true", help="stop the run when stdin reaches end of file")
+    p.add_argument("--cpus", help="comma-separated CPU ids the command may use")
+    p.add_argument("command", nargs=argparse.REMAINDER)
+    args = p.parse_args(argv)
+    if args.command[:1] == ["--"]:
+        args.command = args.command[1:]
+    if not args.command:
+        p.error("no command given")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    stop = threading.Event()
+    stop_reason = []
+
+    def request_stop(reason: str) -> None:
+        if not stop.is_set():
+            stop_reason.append(reason)
+            stop.set()
+
+    signal.signal(signal.SIGTERM, lambda *_: request_stop("cancelled"))
+    subreaper = prctl(PR_SET_CHILD_SUBREAPER, 1)
+    cpus = {int(c) for c in args.cpus.split(",")} if args.cpus else None
+    read_end, write_end = os.pipe()
+    started_at, t0 = time.time(), time.monotonic()
+
+    def in_child():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # should this worker itself be killed
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
+
+    try:
+        child = subprocess.Popen(args.command, stdin=subprocess.DEVNULL, stdout=write_end, stderr=write_end,
+                                 start_new_session=True, preexec_fn=in_child)
+    except OSError as exc:
+        os.close(write_end)
+        with open(args.log, "ab") as log:
+            log.write(f"{MARK} could not start {args.command[0]!r}: {exc}\n".encode())
+        write_report(args.report, {"exit_code": 127, "timed_out": False, "stopped": None, "started_at": started_at,
+                                   "wall_seconds": 0.0, "stray_processes": 0, "unkillable": 0,
+                                   "log_truncated": False, "host": socket.gethostname(),
+                                   "device": device_name(dict(os.environ)), "subreaper": subreaper})
+        return 127
+    os.close(write_end)
+    # the command's group, for whoever finds this run without its worker (a server restart)
+    write_report(args.report, {"running": True, "pid": child.pid, "worker_pid": os.getpid(), "started_at": started_at})
+    pump = LogPump(read_end, args.log, args.max_log_bytes)
+    pump.start()
+    if args.watch_stdin:
+        def watch():
+            while sys.stdin.buffer.read(1):
+                pass
+            request_stop("server gone")
+        threading.Thread(target=watch, daemon=True, name="stdin-watch").start()
+
+    timed_out = False
+    while child.poll() is None:
+        if stop.wait(0.2):
+            break
+        if time.monotonic() - t0 > args.timeout:
+            timed_out = True
+            break
+    if child.poll() is None:  # timeout or stop: ask the whole tree to end, then make it
+        signal_tree(child.pid, signal.SIGTERM)
+        try:
+            child.wait(timeout=args.grace)
+        except subprocess.TimeoutExpired:
+            pass
+    strays = [p for p in descendants(os.getpid()) if p != child.pid]
+    unkillable = kill_everything(child.pid)
+    exit_code = child.wait()
+    wall = time.monotonic() - t0
+    pump.join(timeout=10)  # the pipe is closed once every writer is dead
+    if timed_out:
+        pump.note(f"killed after the {args.timeout:.0f}s timeout")
+    elif stop_reason:
+        pump.note(f"stopped: {stop_reason[0]}")
+    if strays and not (timed_out or stop_reason):
+        pump.note(f"{len(strays)} process(es) started by the run were still running when it ended; killed")
+    pump.close()
+    write_report(args.report, {
+        "exit_code": 128 - exit_code if exit_code < 0 else exit_code, "timed_out": timed_out,
+        "stopped": stop_reason[0] if stop_reason else None, "started_at": started_at, "wall_seconds": round(wall, 3),
+        "stray_processes": 0 if (timed_out or stop_reason) else len(strays), "unkillable": unkillable,
+        "log_truncated": pump.truncated, "host": socket.gethostname(), "device": device_name(dict(os.environ)),
+        "subreaper": subreaper,
+    })
+    return 0
+
+
+if __name__ == "__main__":
+    # os._exit: a normal exit would wait on the daemon thread blocked reading stdin
+    os._exit(main())
