@@ -106,7 +106,7 @@ def rss_kb_and_fds(pid: int) -> tuple[int, int]:
 
 
 def leftover_training(ws: Path) -> list[int]:
-    """Live processes still running in the workspace other than the server."""
+    """Live processes still running in the workspace or its slots, other than the server."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -117,7 +117,7 @@ def leftover_training(ws: Path) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if state != "Z" and cwd == str(ws) and b"mcp_server" not in cmdline:
+        if state != "Z" and (cwd == str(ws) or cwd.startswith(f"{ws}/")) and b"mcp_server" not in cmdline:
             found.append(int(entry.name))
     return found
 

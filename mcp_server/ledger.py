@@ -41,13 +41,13 @@ def validate_description(text: str, what: str = "description") -> str:
     return text
 
 
-def fit_description(text: str, suffix: str = "") -> str:
+def fit_description(text: str, suffix: str = "", limit: int = MAX_DESCRIPTION) -> str:
     """A description the server composes (a note or a marker appended) shortened to the limit, the
     suffix kept whole: what the server writes always passes its own validation."""
-    room = MAX_DESCRIPTION - len(suffix)
+    room = limit - len(suffix)
     if len(text) > room:
         text = text[:max(room - len(ELLIPSIS), 0)].rstrip() + ELLIPSIS
-    return (text + suffix)[:MAX_DESCRIPTION]
+    return (text + suffix)[:limit]
 
 
 def make_row(commit: str, val_bpb: float, memory_gb: float, status: str, description: str) -> Row:

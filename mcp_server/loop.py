@@ -465,11 +465,16 @@ class ResearchLoop:
             if record:
                 return RunResult(**record["result"])
             raise Refusal(f"Run {run} is not known here (status() lists the runs in flight).")
+        return self._result_of(state, entry)
+
+    def _result_of(self, state: dict, entry: dict) -> RunResult:
         if entry.get("result"):
             return RunResult(**entry["result"])
+        run = entry["run"]
         if entry["status"] == "interrupted":
             return RunResult(run=run, commit=entry["commit"][:7], description=entry["description"],
-                             status="interrupted", log=entry["log"], next="discard() logs it as a crash")
+                             status="interrupted", parent=entry["parent"][:7], log=entry["log"],
+                             next="discard() logs it as a crash")
         queued = self.runs_of(state, "queued")
         position = next((i + 1 for i, e in enumerate(queued) if e["run"] == run), None)
         return RunResult(run=run, commit=entry["commit"][:7], description=entry["description"],
@@ -566,13 +571,12 @@ class ResearchLoop:
             else:
                 status = "discard" if result["status"] == "ok" else "crash"
                 val_bpb, memory, suffix = result.get("val_bpb") or 0.0, result.get("memory_gb") or 0.0, ""
-            description = self._described(entry["description"] + suffix, reason)
+            description = self._described(entry["description"], reason, suffix)
             row = ledger.make_row(entry["commit"][:7], val_bpb, memory, status, description)
             self._append_once(row)  # the row first: nothing below can lose it
             note = self._restore_train(state, entry)
             del state["runs"][str(entry["run"])]
-            if result:
-                self._write_record(entry, RunResult(**result), {"status": status, "at": time.time()})
+            self._write_record(entry, self._result_of(state, entry), {"status": status, "at": time.time()})
         best = self._kept_row(state["kept_commit"])
         return DecisionResult(row=row, branch=state["branch"], kept_commit=state["kept_commit"][:7],
                               best_val_bpb=best.val_bpb if best else None, note=note)
@@ -605,11 +609,12 @@ class ResearchLoop:
         return ledger.validate_description(note, what)
 
     @staticmethod
-    def _described(description: str, note: str | None) -> str:
-        """The row's description: the run's, with the agent's note appended; shortened to fit."""
-        if not note:
-            return ledger.fit_description(description)
-        return ledger.fit_description(description, f" ({ledger.fit_description(note)[:MAX_NOTE_CHARS]})")
+    def _described(description: str, note: str | None, marker: str = "") -> str:
+        """The row's description: the run's, then a marker such as " (interrupted)", then the agent's
+        note; the run's own words are shortened to fit, never the marker."""
+        if note:
+            marker += f" ({ledger.fit_description(note, limit=MAX_NOTE_CHARS)})"
+        return ledger.fit_description(description, marker)
 
     def cancel(self, run: int) -> CancelResult:
         """A queued run leaves the queue (no row: it never ran); a running one is stopped and logged
@@ -629,6 +634,7 @@ class ResearchLoop:
                                       ledger.fit_description(entry["description"], " (cancelled)"))
                 self._append_once(row)
                 self.pool.cancel(run)
+                self._write_record(entry, self._result_of(state, entry), {"status": "crash", "at": time.time()})
             del state["runs"][str(run)]
             self._restore_train(state, entry)
         self.event(run).set()
@@ -661,6 +667,7 @@ class ResearchLoop:
     def log_result(self, commit: str, val_bpb: float, memory_gb: float, status: str,
                    description: str) -> LoggedRow:
         commit = validate_commit_arg(commit)
+        row = ledger.make_row(commit[:7], val_bpb, memory_gb, status, description)
         full = self.ws.resolve_commit(commit)
         if full is None:
             raise Refusal(f"Commit {commit} does not exist in this repository: pass the hash of the "
@@ -673,7 +680,6 @@ class ResearchLoop:
                 number = mine[0]["run"] if mine else refs.splitlines()[0].rsplit("/", 1)[-1]
                 raise Refusal(f"Commit {full[:7]} is run {number} of this server: its result is recorded by "
                               "keep() or discard(), not log_result.")
-            row = ledger.make_row(full[:7], val_bpb, memory_gb, status, description)
             branch = state.get("branch")
             tip = self.ws.branch_tip(branch) if branch else None
             for protected in PROTECTED_BRANCHES:

@@ -36,3 +36,24 @@ def prepared_env(tmp_path_factory) -> dict:
         cwd=REPO, env=env, check=True,
     )
     return env
+
+
+@pytest.fixture
+def fake_env(tmp_path, monkeypatch):
+    """For in-process servers: a prepared-looking cache, no budget override, no fake-trainer knobs."""
+    from server_support import FAKE_KNOBS, make_cache
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(make_cache(tmp_path)))
+    monkeypatch.delenv("AUTORESEARCH_TIME_BUDGET", raising=False)
+    monkeypatch.delenv("RESEARCH_LOOP_SLOTS", raising=False)
+    for knob in FAKE_KNOBS:
+        monkeypatch.delenv(f"FAKE_{knob}", raising=False)
+    return tmp_path
+
+
+@pytest.fixture
+def lab(fake_env):
+    """A fake-trainer workspace served in-process with one slot."""
+    from server_support import Lab, make_workspace
+    lab = Lab(make_workspace(fake_env))
+    yield lab
+    lab.loop.shutdown()

@@ -6,6 +6,9 @@ result, as it does for real), else a default:
   VAL_BPB (1.0)  MEMORY_MB (2048.0)  STEPS (5)  SLEEP (0: seconds spread over the steps)
   CRASH (0: raise an exception)  NAN (0: NaN loss -> FAIL, exit 1)  NO_SUMMARY (0: exit 0 silently)
   SPAWN (0: start a grandchild that sleeps, writing its pid to spawned.pid)
+  ESCAPE (0: seconds after which a daemon, double-forked into a session of its own, prints a summary
+          with val_bpb 0.1 to the run's output; its pid goes to escaped.pid)
+  SPAM_MB (0: megabytes of output printed before the summary)
   IGNORE_TERM (0: ignore SIGTERM, so only SIGKILL stops it)
 """
 import os
@@ -16,7 +19,17 @@ import sys
 import time
 
 DEFAULTS = {"VAL_BPB": 1.0, "MEMORY_MB": 2048.0, "STEPS": 5, "SLEEP": 0.0, "CRASH": 0, "NAN": 0,
-            "NO_SUMMARY": 0, "SPAWN": 0, "IGNORE_TERM": 0}
+            "NO_SUMMARY": 0, "SPAWN": 0, "ESCAPE": 0.0, "SPAM_MB": 0.0, "IGNORE_TERM": 0}
+ESCAPED = """
+import os, sys, time
+if os.fork():
+    os._exit(0)
+os.setsid()
+open("escaped.pid", "w").write(str(os.getpid()))
+time.sleep(float(sys.argv[1]))
+print("\\n---\\nval_bpb:          0.100000\\ndepth:            4", flush=True)
+time.sleep(600)
+"""
 
 
 def knobs() -> dict:
@@ -37,6 +50,12 @@ def main() -> int:
     t0 = time.time()
     if k["IGNORE_TERM"]:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if k["ESCAPE"]:
+        subprocess.Popen([sys.executable, "-c", ESCAPED, str(k["ESCAPE"])]).wait()
+    if k["SPAM_MB"]:
+        line = "x" * 1023 + "\n"
+        for _ in range(int(k["SPAM_MB"] * 1024)):
+            sys.stdout.write(line)
     if k["SPAWN"]:
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         with open("spawned.pid", "w") as f:

@@ -13,7 +13,11 @@ import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import anyio
 from mcp import Client, StdioServerParameters
+
+from mcp_server.loop import ResearchLoop
+from mcp_server.server import build_server
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -89,6 +93,43 @@ def stdio_params(ws: Path, cache: Path, *extra: str, train_command=None) -> Stdi
 async def stdio_client_for(ws: Path, cache: Path, *extra: str):
     async with Client(stdio_params(ws, cache, *extra), mode="legacy") as client:
         yield client
+
+
+FAKE_KNOBS = ("VAL_BPB", "MEMORY_MB", "STEPS", "SLEEP", "CRASH", "NAN", "NO_SUMMARY", "SPAWN", "ESCAPE",
+              "SPAM_MB", "IGNORE_TERM")
+
+
+class Lab:
+    """A workspace, a ResearchLoop on it, and a way to call its tools through a real client."""
+
+    def __init__(self, ws, slots: int = 1):
+        self.ws, self.slots = ws, slots
+        self.loop = ResearchLoop(ws, TRAIN_COMMAND, slots)
+
+    def call(self, name, progress=None, **args):
+        async def go():
+            async with Client(build_server(self.loop)) as client:
+                return await client.call_tool(name, args, progress_callback=progress)
+        return anyio.run(go)
+
+    def ok(self, name, **args):
+        return answer(self.call(name, **args))
+
+    def refused(self, name, **args):
+        return error(self.call(name, **args))
+
+    def restart(self):
+        """The server exits (its runs die with it) and a new one starts on the workspace."""
+        self.loop.shutdown()
+        self.loop = ResearchLoop(self.ws, TRAIN_COMMAND, self.slots)
+
+    def head(self):
+        return git(self.ws, "rev-parse", "HEAD").strip()
+
+    def baseline(self):
+        self.ok("setup", tag="t")
+        self.ok("run_experiment", description="baseline")
+        return self.ok("keep")
 
 
 def pid_alive(pid: int) -> bool:

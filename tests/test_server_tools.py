@@ -15,60 +15,11 @@ from mcp import Client
 from mcp_server.loop import ResearchLoop
 from mcp_server.server import build_server
 from server_support import (
-    TRAIN_COMMAND, answer, error, git, ledger_lines, make_cache, make_workspace, pid_alive, set_knobs,
-    TOOL_NAMES, slot_dir, text, wait_until,
+    TOOL_NAMES, TRAIN_COMMAND, Lab, answer, error, git, ledger_lines, make_workspace, pid_alive, set_knobs,
+    slot_dir, text, wait_until,
 )
 
 MAX_ANSWER_BYTES = 1500
-
-
-class Lab:
-    """A workspace, a ResearchLoop on it, and a way to call its tools through a real client."""
-
-    def __init__(self, ws):
-        self.ws = ws
-        self.loop = ResearchLoop(ws, TRAIN_COMMAND)
-
-    def call(self, name, progress=None, **args):
-        async def go():
-            async with Client(build_server(self.loop)) as client:
-                return await client.call_tool(name, args, progress_callback=progress)
-        return anyio.run(go)
-
-    def ok(self, name, **args):
-        return answer(self.call(name, **args))
-
-    def refused(self, name, **args):
-        return error(self.call(name, **args))
-
-    def restart(self):
-        """The server exits (its runs die with it) and a new one starts on the workspace."""
-        self.loop.shutdown()
-        self.loop = ResearchLoop(self.ws, TRAIN_COMMAND)
-
-    def head(self):
-        return git(self.ws, "rev-parse", "HEAD").strip()
-
-    def baseline(self):
-        self.ok("setup", tag="t")
-        self.ok("run_experiment", description="baseline")
-        return self.ok("keep")
-
-
-@pytest.fixture
-def env(tmp_path, monkeypatch):
-    monkeypatch.setenv("AUTORESEARCH_CACHE", str(make_cache(tmp_path)))
-    monkeypatch.delenv("AUTORESEARCH_TIME_BUDGET", raising=False)
-    for knob in ("VAL_BPB", "SLEEP", "CRASH", "NAN", "SPAWN", "STEPS", "NO_SUMMARY", "IGNORE_TERM"):
-        monkeypatch.delenv(f"FAKE_{knob}", raising=False)
-    return tmp_path
-
-
-@pytest.fixture
-def lab(env):
-    lab = Lab(make_workspace(env))
-    yield lab
-    lab.loop.shutdown()
 
 
 # --- listing ---------------------------------------------------------------------------
@@ -101,8 +52,8 @@ def test_setup_creates_branch_ledger_excludes_and_state(lab):
     assert state["kept_commit"] == base and state["fingerprint"] == result["fingerprint"]
 
 
-def test_setup_works_on_an_upstream_layout_without_nanochat(env):
-    ws = make_workspace(env)
+def test_setup_works_on_an_upstream_layout_without_nanochat(fake_env):
+    ws = make_workspace(fake_env)
     git(ws, "rm", "-q", "-r", "nanochat")
     git(ws, "commit", "-q", "-m", "upstream layout")
     lab = Lab(ws)
@@ -134,23 +85,23 @@ def test_setup_refuses_existing_branch_dirty_tree_and_tracked_ledger(lab):
     assert not (lab.ws / ".research-loop" / "state.json").exists()
 
 
-def test_setup_refusals_name_the_fix(env, monkeypatch):
-    not_git = env / "plain"
+def test_setup_refusals_name_the_fix(fake_env, monkeypatch):
+    not_git = fake_env / "plain"
     not_git.mkdir()
     assert "not a git repository" in Lab(not_git).refused("setup", tag="x")
 
-    empty = env / "empty"
+    empty = fake_env / "empty"
     empty.mkdir()
     git(empty, "init", "-q")
     assert "no commit yet" in Lab(empty).refused("setup", tag="x")
 
-    ws = make_workspace(env)
+    ws = make_workspace(fake_env)
     git(ws, "rm", "-q", "train.py")
     git(ws, "commit", "-q", "-m", "no train")
     assert "train.py not found" in Lab(ws).refused("setup", tag="x")
 
     git(ws, "revert", "--no-edit", "HEAD")
-    monkeypatch.setenv("AUTORESEARCH_CACHE", str(env / "empty-cache"))
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(fake_env / "empty-cache"))
     message = Lab(ws).refused("setup", tag="x")
     assert "uv run prepare.py" in message
     assert git(ws, "branch", "--show-current").strip() == "main"

@@ -1,0 +1,199 @@
+"""Never stuck, nothing lost: every outcome a run can have is resolvable, the records cannot be
+bent, and bad input gets a clear refusal. Each test plays an odd, unlucky or hostile agent against
+the real server (in-process MCP client, real git, the fake trainer)."""
+import json
+import os
+import time
+
+import pytest
+
+from mcp_server.ledger import MAX_DESCRIPTION
+from server_support import Lab, git, ledger_lines, make_workspace, pid_alive, set_knobs, slot_dir, wait_until
+
+
+# --- every result the server can produce can be resolved -----------------------------------
+@pytest.mark.parametrize("value", ["0", "-0.5", "1e400"])
+def test_a_summary_that_is_no_valid_result_is_a_crash_that_discard_resolves(lab, value):
+    lab.baseline()
+    (lab.ws / "train.py").write_text(f"VAL_BPB = {value}\n")
+    result = lab.ok("run_experiment", description=f"prints val_bpb {value}")
+    assert result["status"] == "crash" and "not a valid result" in result["tail"]
+    assert "cannot be kept" in lab.refused("keep")
+    assert lab.ok("discard")["row"]["status"] == "crash"
+    assert lab.ok("status")["next"] == "edit train.py, then run_experiment(description)"
+
+
+def test_long_descriptions_notes_and_markers_always_fit_the_ledger(lab):
+    lab.baseline()
+    long = "x" * MAX_DESCRIPTION
+    set_knobs(lab.ws, val_bpb=0.9)
+    lab.ok("run_experiment", description=long)
+    kept = lab.ok("keep", note="n" * MAX_DESCRIPTION)["row"]["description"]
+    assert len(kept) <= MAX_DESCRIPTION and kept.startswith("xxx") and kept.endswith("...)")
+    set_knobs(lab.ws, val_bpb=0.95)
+    lab.ok("run_experiment", description=long)
+    assert len(lab.ok("discard", reason="r" * MAX_DESCRIPTION)["row"]["description"]) <= MAX_DESCRIPTION
+    set_knobs(lab.ws, sleep=60, steps=60)
+    lab.ok("run_experiment", description=long, wait=False)
+    lab.restart()  # interrupted: the row gets " (interrupted)" appended
+    row = lab.ok("discard")["row"]
+    assert row["description"].endswith("... (interrupted)") and len(row["description"]) == MAX_DESCRIPTION
+    assert all(len(line.split("\t")) == 5 for line in ledger_lines(lab.ws))
+
+
+# --- the ledger and the branch always agree ---------------------------------------------------
+def test_log_result_cannot_plant_rows_for_the_servers_runs_the_branch_or_main(lab):
+    lab.baseline()
+    set_knobs(lab.ws, sleep=30, steps=30)
+    running = lab.ok("run_experiment", description="slow", wait=False)
+    refused = lab.refused("log_result", commit=running["commit"], val_bpb=0.5, memory_gb=1.0, status="keep",
+                          description="planted")
+    assert "run 2 of this server" in refused
+    lab.ok("cancel", run=running["run"])
+    main = git(lab.ws, "rev-parse", "main").strip()
+    assert "on main" in lab.refused("log_result", commit=main, val_bpb=0.1, memory_gb=1.0, status="keep",
+                                    description="main is best")
+    assert "contradict the branch" in lab.refused("log_result", commit=main, val_bpb=0.1, memory_gb=1.0,
+                                                  status="discard", description="x")
+    status = lab.ok("status")
+    assert status["best_val_bpb"] == 1.0 and status["kept_commit"] == lab.head()[:7]
+    assert [line.split("\t")[3] for line in ledger_lines(lab.ws)[1:]] == ["keep", "crash"]  # baseline, cancel
+
+
+def test_a_keep_logged_by_hand_must_be_the_branch_tip_and_becomes_the_kept_commit(lab):
+    lab.baseline()
+    (lab.ws / "train.py").write_text("VAL_BPB = 0.8\n")
+    git(lab.ws, "commit", "-q", "-am", "run by hand")
+    tip = lab.head()
+    logged = lab.ok("log_result", commit=tip, val_bpb=0.8, memory_gb=1.0, status="keep", description="by hand")
+    assert logged["row"]["commit"] == tip[:7]
+    assert lab.ok("status")["kept_commit"] == tip[:7]
+    set_knobs(lab.ws, val_bpb=0.7)
+    result = lab.ok("run_experiment", description="on top of the hand-kept commit")
+    assert result["best_commit"] == tip[:7] and result["delta"] == pytest.approx(-0.1)
+
+
+def test_keep_refuses_when_the_branch_lost_the_kept_commit(lab):
+    lab.baseline()
+    set_knobs(lab.ws, val_bpb=0.9)
+    lab.ok("run_experiment", description="better")
+    kept = lab.ok("keep")["row"]["commit"]
+    set_knobs(lab.ws, val_bpb=0.8)
+    lab.ok("run_experiment", description="better still")
+    git(lab.ws, "reset", "-q", "--hard", "HEAD~1")  # the agent rewinds the branch by hand
+    message = lab.refused("keep")
+    assert f"no longer contains the kept commit {kept}" in message and f"git reset --hard {kept}" in message
+    git(lab.ws, "reset", "-q", "--hard", kept)
+    assert lab.ok("keep")["row"]["val_bpb"] == 0.8
+    rows = [line.split("\t") for line in ledger_lines(lab.ws)[1:]]
+    on_branch = git(lab.ws, "rev-list", "--abbrev=7", "--abbrev-commit", "main..HEAD").split()
+    assert sorted(r[0] for r in rows if r[3] == "keep") == sorted(on_branch)
+
+
+def test_a_commit_made_by_the_agent_on_the_branch_is_never_dropped(lab):
+    lab.baseline()
+    set_knobs(lab.ws, val_bpb=0.9)
+    git(lab.ws, "commit", "-q", "-am", "my own commit")
+    mine = lab.head()
+    message = lab.refused("run_experiment", description="x")
+    assert "git reset --soft" in message and mine[:7] in message
+    git(lab.ws, "reset", "-q", "--soft", "HEAD~1")
+    assert lab.ok("run_experiment", description="x")["val_bpb"] == 0.9
+    assert git(lab.ws, "cat-file", "-t", mine).strip() == "commit"
+
+
+def test_setup_of_a_new_tag_never_drops_an_undecided_result(lab):
+    lab.baseline()
+    set_knobs(lab.ws, val_bpb=0.9)
+    lab.ok("run_experiment", description="pending")
+    git(lab.ws, "checkout", "-q", "-f", "main")
+    assert "not decided yet" in lab.refused("setup", tag="other")
+    git(lab.ws, "checkout", "-q", "autoresearch/t")
+    assert "differs from the new best" in lab.ok("keep")["note"]  # the forced checkout reverted train.py
+    git(lab.ws, "checkout", "-q", "-f", "main")
+    assert lab.ok("setup", tag="other")["archived_ledger"]
+
+
+# --- processes and logs -----------------------------------------------------------------------
+def test_a_daemon_that_escaped_the_run_is_killed_and_cannot_write_the_next_result(lab):
+    lab.baseline()
+    set_knobs(lab.ws, val_bpb=0.95, escape=1.5)
+    first = lab.ok("run_experiment", description="leaves a daemon behind")
+    escaped = int((slot_dir(lab.ws) / "escaped.pid").read_text())
+    assert first["val_bpb"] == 0.95 and "still running when it ended" in " ".join(first["warnings"])
+    assert wait_until(lambda: not pid_alive(escaped), 5)
+    lab.ok("discard")
+    set_knobs(lab.ws, val_bpb=0.97, sleep=3)
+    second = lab.ok("run_experiment", description="the next run")
+    assert second["val_bpb"] == 0.97  # never the daemon's 0.1
+    assert "0.100000" not in (lab.ws / second["log"]).read_text()
+
+
+def test_a_huge_log_is_capped_and_still_parsed(lab):
+    lab.baseline()
+    set_knobs(lab.ws, val_bpb=0.9, spam_mb=70)
+    result = lab.ok("run_experiment", description="prints 70 MB")
+    assert result["val_bpb"] == 0.9 and "capped" in " ".join(result["warnings"])
+    assert (lab.ws / result["log"]).stat().st_size < 66 * 2**20
+
+
+def test_each_run_has_its_own_log(lab):
+    lab.baseline()
+    set_knobs(lab.ws, val_bpb=0.9)
+    first = lab.ok("run_experiment", description="one")
+    lab.ok("discard")
+    set_knobs(lab.ws, crash=1)
+    second = lab.ok("run_experiment", description="two")
+    assert first["log"] != second["log"]
+    assert "val_bpb:          0.900000" in (lab.ws / first["log"]).read_text()
+    assert "fake crash" in (lab.ws / second["log"]).read_text()
+    assert (lab.ws / "run.log").read_text() == (lab.ws / second["log"]).read_text()
+
+
+# --- collisions -------------------------------------------------------------------------------
+def test_identical_runs_within_a_second_get_their_own_commits_and_rows(lab):
+    lab.baseline()
+    set_knobs(lab.ws, val_bpb=1.1)
+    commits = []
+    for k in range(3):
+        commits.append(lab.ok("run_experiment", description="same code, same message")["commit"])
+        lab.ok("discard")
+    assert len(set(commits)) == 3
+    assert [line.split("\t")[0] for line in ledger_lines(lab.ws)[2:]] == commits
+
+
+def test_ledger_archives_made_within_a_second_never_overwrite_each_other(lab):
+    for tag in ("a", "b", "c"):
+        git(lab.ws, "checkout", "-q", "main")
+        lab.ok("setup", tag=tag)
+        lab.ok("run_experiment", description=f"baseline {tag}")
+        lab.ok("keep")
+    git(lab.ws, "checkout", "-q", "main")
+    lab.ok("setup", tag="d")
+    archives = sorted((lab.ws / ".research-loop" / "archive").iterdir())
+    assert len(archives) == 3
+    assert sorted(a.read_text().splitlines()[1].split("\t")[4] for a in archives) == \
+        ["baseline a", "baseline b", "baseline c"]
+
+
+# --- inputs -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("char", ["\v", "\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029", "\x00", "\x1b"])
+def test_characters_that_split_or_corrupt_a_row_are_refused(lab, char):
+    lab.baseline()
+    message = lab.refused("run_experiment", description=f"a{char}b")
+    assert "control character" in message and "Internal error" not in message
+    assert "control character" in lab.refused("log_result", commit="abcdef1", val_bpb=1.0, memory_gb=1.0,
+                                              status="discard", description=f"a{char}b")
+    assert len(ledger_lines(lab.ws)) == 2
+
+
+@pytest.mark.parametrize("tag", ["nov26\n", "nov26\r", " nov26", "nov26 "])
+def test_tags_with_whitespace_around_them_are_refused(lab, tag):
+    assert "not a safe branch name" in lab.refused("setup", tag=tag)
+
+
+@pytest.mark.parametrize("run", ["\u0663", "\u00b2", "1\x00", "1 2"])
+def test_odd_run_ids_get_a_clear_refusal(lab, run):
+    lab.baseline()
+    message = lab.refused("read_metrics", run=run)
+    assert "not a run number or a commit hash" in message and "Internal error" not in message
