@@ -13,7 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-CONSTANT_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
+from mcp_server.history import CONSTANT_NAME, find_constants
+
 # Arithmetic a constants block may use, e.g. `2**19` or `8 * 64`.
 BINARY_OPS = {
     ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
@@ -31,23 +32,6 @@ HARNESS_EXPORTS_SCRIPT = (
 
 class ConstantError(ValueError):
     """A constant that is missing, ambiguous or cannot be evaluated or rewritten."""
-
-
-def find_constants(source: str) -> dict[str, ast.Assign | None]:
-    """Module-level upper-case single-name assignments, by name (None: assigned more than once)."""
-    found: dict[str, ast.Assign | None] = {}
-    seen_twice: set[str] = set()
-    for node in ast.parse(source).body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            name = node.targets[0].id
-            if CONSTANT_NAME.match(name):
-                if name in found:
-                    seen_twice.add(name)
-                found[name] = node
-    # A name assigned twice can't be edited safely: which one wins depends on code in between.
-    for name in seen_twice:
-        found[name] = None
-    return found
 
 
 def harness_exports(workspace: Path, env: dict | None = None) -> dict:

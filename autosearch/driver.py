@@ -15,10 +15,11 @@ from pathlib import Path
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 
-from autosearch.constants import ConstantError, evaluate_constants, find_constants, rewrite_constants
+from autosearch.constants import ConstantError, evaluate_constants, rewrite_constants
 from autosearch.report import read_ledger
 from autosearch.space import SpaceError, applicable, validate_space
 from autosearch.strategies import describe, make_strategy
+from mcp_server.history import find_constants
 
 BASELINE_DESCRIPTION = "baseline"
 INTERRUPTED_MARK = "(interrupted)"  # the server's description suffix for a run cut short by Ctrl-C

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import git
 
-from mcp_server import ledger, logparse, noise
+from mcp_server import history, ledger, logparse, noise
 from mcp_server.executor import LocalPool, RunSpec, default_slots, kill_session, read_report
 from mcp_server.models import (
-    CancelResult, DecisionResult, LiveRun, LoggedRow, Metrics, NoiseEstimate, Refusal, Row, RunResult,
-    SetupResult, StatusResult,
+    CancelResult, DecisionResult, HistoryResult, LiveRun, LoggedRow, Metrics, NoiseEstimate, Refusal, Row,
+    RunResult, SetupResult, StatusResult,
 )
 from mcp_server.state import State, process_alive
 from mcp_server.workspace import (
@@ -344,12 +344,13 @@ class ResearchLoop:
                 entry = (state.get("runs") or {}).get(str(run))
                 if entry is None or entry["status"] != "running":
                     return  # cancelled meanwhile: already decided
+                entry["ended_at"] = time.time()
                 try:
                     result = self._record(entry, outcome.report, outcome.slot)
                 except Exception as exc:  # disk full, log deleted...: still a result the agent can discard
                     result = self._unrecordable(entry, f"the server could not record this run: "
                                                        f"{type(exc).__name__}: {exc}")
-                entry.update(status="pending", result=result.model_dump(), ended_at=time.time())
+                entry.update(status="pending", result=result.model_dump())
         finally:
             self.event(run).set()
             self._dispatch()
@@ -373,11 +374,21 @@ class ResearchLoop:
         return result
 
     def _write_record(self, entry: dict, result: RunResult, decision: dict | None = None) -> None:
+        """runs/<n>-<commit>.json: the result, where and how the run ran, and once decided, the
+        decision and what the run changed in train.py (for history)."""
         path = self.root / entry["log"].removesuffix(".log")
+        report = read_report(self.root / entry["report"]) or {}
         record = {"result": result.model_dump(exclude_none=True),
-                  "run": {k: entry.get(k) for k in ("run", "commit", "parent", "slot", "submitted_at",
-                                                     "started_at", "timeout")}}
+                  "run": {k: entry.get(k) for k in ("run", "commit", "parent", "description", "slot", "submitted_at",
+                                                     "started_at", "ended_at", "timeout")}
+                  | {k: report.get(k) for k in ("host", "device", "wall_seconds")}}
         if decision:
+            try:
+                decision["changes"] = history.describe_change(
+                    self.ws.train_at(entry["parent"]).decode(errors="replace"),
+                    self.ws.train_at(entry["commit"]).decode(errors="replace"))
+            except (git.GitCommandError, ValueError, KeyError):
+                pass
             record["decision"] = decision
         tmp = path.with_name(path.name + ".json.tmp")
         try:
@@ -402,6 +413,10 @@ class ResearchLoop:
         result.exit_code = report.get("exit_code")
         result.wall_seconds = report.get("wall_seconds")
         result.warnings = worker_warnings(report) or None
+        if self._pool is not None and self._pool.split_cpu:
+            result.warnings = (result.warnings or []) + [
+                f"{self.slots} slots share this machine's CPUs, so each run trains on a part of them: "
+                "compare only with runs made with the same number of slots"]
         problem = None
         if not report:
             problem = "the run's worker left no report (killed from outside?)"
@@ -859,6 +874,28 @@ class ResearchLoop:
         if in_flight:
             return f"edit train.py, then run_experiment(description, wait=False) ({self.slots - len(in_flight)} slot(s) free), or wait()"
         return "edit train.py, then run_experiment(description)"
+
+    def history(self, constant: str | None = None, status: str | None = None, limit: int = 30) -> HistoryResult:
+        """Every decided run, oldest first, as one line: what it changed and how it did."""
+        if status is not None and status not in ledger.STATUSES:
+            raise Refusal(f"status must be one of {', '.join(ledger.STATUSES)}, got {status!r}.")
+        if not 1 <= limit <= 500:
+            raise Refusal("limit must be between 1 and 500.")
+        if constant is not None and not history.CONSTANT_NAME.match(constant):
+            raise Refusal(f"constant must be an upper-case train.py constant such as MATRIX_LR, got {constant!r}.")
+        lines = []
+        for record in history.records(self.root / RUNS_DIR):
+            decision, result, run = record["decision"], record["result"], record["run"]
+            changes = decision.get("changes") or {}
+            if constant and constant not in changes.get("constants", {}):
+                continue
+            if status and decision.get("status") != status:
+                continue
+            value = f"{result['val_bpb']:.6f}" if result.get("val_bpb") and decision["status"] != "crash" else "-"
+            delta = f" ({result['delta']:+.6f})" if result.get("delta") is not None and value != "-" else ""
+            lines.append(f"run {run['run']} {result['commit']} {decision['status']} {value}{delta} "
+                         f"{history.change_text(changes)} | {result['description']}")
+        return HistoryResult(total=len(lines), lines=lines[-limit:])
 
     # --- noise -----------------------------------------------------------------------
     def noise_values_from_kept(self) -> list[float]:

@@ -167,3 +167,8 @@ class CancelResult(BaseModel):
     was: str
     row: Row | None = None
     note: str
+
+
+class HistoryResult(BaseModel):
+    total: int  # decided runs that match
+    lines: list[str]  # the newest, one per run: number, commit, decision, val_bpb (delta), changes | description

@@ -18,8 +18,8 @@ from mcp.types import CallToolResult, ImageContent, TextContent, ToolAnnotations
 from mcp_server import plot
 from mcp_server.loop import ResearchLoop
 from mcp_server.models import (
-    CancelResult, DecisionResult, LoggedRow, Metrics, NoiseResult, PlotResult, Refusal, RunResult, SetupResult,
-    StatusResult, WaitResult,
+    CancelResult, DecisionResult, HistoryResult, LoggedRow, Metrics, NoiseResult, PlotResult, Refusal, RunResult,
+    SetupResult, StatusResult, WaitResult,
 )
 from mcp_server.workspace import EDITABLE
 
@@ -183,6 +183,14 @@ def build_server(loop: ResearchLoop) -> MCPServer:
         its own runs). status is keep, discard or crash (crash rows are written as 0.000000 and 0.0); a
         keep row must be the research branch's tip, on top of the kept commit."""
         return compact(await threaded(loop.log_result, commit, val_bpb, memory_gb, status, description))
+
+    @register(READ_ONLY)
+    async def history(constant: str | None = None, status: str | None = None, limit: int = 30) -> HistoryResult:
+        """What has been tried: one line per decided run (oldest first, the last `limit`): run, commit,
+        decision, val_bpb and delta against its parent, the train.py constants it changed (old->new) and
+        how many other lines, and its description. constant='MATRIX_LR' keeps the runs that changed it;
+        status='keep' (or discard, crash) filters by decision. Read it before choosing an idea."""
+        return compact(await threaded(loop.history, constant, status, limit))
 
     @register(READ_ONLY)
     async def status() -> StatusResult:

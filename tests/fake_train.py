@@ -61,6 +61,8 @@ def main() -> int:
         with open("spawned.pid", "w") as f:
             f.write(str(child.pid))
     print("Vocab size: 8,192\nTime budget: fake")
+    print(f"visible: CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')} "
+          f"cpus={','.join(map(str, sorted(os.sched_getaffinity(0))))}", flush=True)
     for step in range(k["STEPS"]):
         loss = float("nan") if k["NAN"] and step == k["STEPS"] - 1 else 9.0 - step * 0.5
         if loss != loss:

@@ -22,8 +22,8 @@ from mcp_server.server import build_server
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 FAKE_TRAIN = HERE / "fake_train.py"
-TOOL_NAMES = {"setup", "run_experiment", "wait", "read_metrics", "keep", "discard", "cancel", "reapply", "log_result",
-              "status", "plot_progress", "measure_noise"}
+TOOL_NAMES = {"setup", "run_experiment", "wait", "read_metrics", "keep", "discard", "cancel", "reapply", "history",
+              "log_result", "status", "plot_progress", "measure_noise"}
 TRAIN_COMMAND = [sys.executable, "fake_train.py"]
 
 

@@ -1,4 +1,5 @@
-"""End to end: the real train.py on the CPU through run_experiment, then discard.
+"""End to end: the real train.py on the CPU through run_experiment, then discard; and two real
+runs at once in two CPU slots.
 
 The workspace is a temp git repository holding this project's harness (prepare.py,
 nanochat/) and train.py; the cache is the session's prepared CPU harness (4 s budget).
@@ -17,7 +18,7 @@ HARNESS = ("prepare.py", "train.py", "nanochat")
 RUN_TIMEOUT_S = 400  # start-up and evaluation on a shared 2-core CPU come on top of the budget
 
 
-def test_real_training_run_then_discard(tmp_path, repo_root, prepared_env, monkeypatch):
+def harness_workspace(tmp_path, repo_root, prepared_env, monkeypatch):
     ws = tmp_path / "ws"
     ws.mkdir()
     for name in HARNESS:
@@ -33,7 +34,12 @@ def test_real_training_run_then_discard(tmp_path, repo_root, prepared_env, monke
     git(ws, "commit", "-q", "-m", "harness and train.py")
     for key in ("AUTORESEARCH_CACHE", "AUTORESEARCH_TIME_BUDGET", "AUTORESEARCH_EVAL_TOKENS"):
         monkeypatch.setenv(key, prepared_env[key])
-    loop = ResearchLoop(ws, [sys.executable, "train.py"])
+    return ws
+
+
+def test_real_training_run_then_discard(tmp_path, repo_root, prepared_env, monkeypatch):
+    ws = harness_workspace(tmp_path, repo_root, prepared_env, monkeypatch)
+    loop = ResearchLoop(ws, [sys.executable, "train.py"], slots=1)
 
     async def go():
         async with Client(build_server(loop)) as client:
@@ -53,3 +59,35 @@ def test_real_training_run_then_discard(tmp_path, repo_root, prepared_env, monke
     assert git(ws, "rev-parse", "--short=7", "HEAD").strip() == setup["base_commit"]
     assert git(ws, "status", "--porcelain") == ""
     assert (ws / "runs" / f"0001-{run['commit']}.log").read_text().count("val_bpb:") == 1
+
+
+
+def test_two_real_runs_at_once_in_two_cpu_slots(tmp_path, repo_root, prepared_env, monkeypatch):
+    ws = harness_workspace(tmp_path, repo_root, prepared_env, monkeypatch)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    loop = ResearchLoop(ws, [sys.executable, "train.py"], slots=2)
+    source = (ws / "train.py").read_text()
+
+    async def go():
+        async with Client(build_server(loop)) as client:
+            answer(await client.call_tool("setup", {"tag": "two"}))
+            first = answer(await client.call_tool("run_experiment", {
+                "description": "baseline", "wait": False, "timeout_seconds": RUN_TIMEOUT_S}))
+            (ws / "train.py").write_text(source.replace("MATRIX_LR = 0.04", "MATRIX_LR = 0.06"))
+            second = answer(await client.call_tool("run_experiment", {
+                "description": "matrix lr 0.06", "wait": False, "timeout_seconds": RUN_TIMEOUT_S}))
+            done = answer(await client.call_tool("wait", {"all": True}))
+            return first, second, done
+    try:
+        first, second, done = anyio.run(go)
+    finally:
+        loop.shutdown()
+    assert (first["status"], second["status"]) == ("running", "running")
+    results = {r["run"]: r for r in done["results"]}
+    assert [results[n]["status"] for n in (1, 2)] == ["ok", "ok"], [results[n].get("tail") for n in (1, 2)]
+    assert all("2 slots share this machine's CPUs" in " ".join(r["warnings"]) for r in results.values())
+    slots = sorted(r["slot"] for r in results.values())
+    assert slots[0].startswith("slot 0 (CPU") and slots[1].startswith("slot 1 (CPU")
+    cpus = [next(line for line in (ws / r["log"]).read_text().splitlines() if line.startswith("device:"))
+            for r in results.values()]
+    assert all("device: cpu" in line for line in cpus)
