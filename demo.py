@@ -29,7 +29,7 @@ from autosearch.strategies import STRATEGIES
 REPO = Path(__file__).resolve().parent
 DEFAULT_EXPERIMENTS = 5  # baseline + 5 runs of the CPU profile's 60 s budget fit in 10 minutes
 SETTINGS_FILE = "autosearch.json"  # inside the workspace's .git: never tracked, never reset
-RESUMED_SETTINGS = ("strategy", "seed", "budget_seconds", "experiments", "hours", "tag")
+RESUMED_SETTINGS = ("strategy", "seed", "budget_seconds", "experiments", "hours", "tag", "slots")
 STARTED = time.monotonic()
 
 
@@ -45,6 +45,7 @@ def parse_args(argv):
     p.add_argument("--experiments", type=int, help=f"experiments after the baseline (default {DEFAULT_EXPERIMENTS}, "
                                                     "unlimited with --hours); counts the whole ledger when resuming")
     p.add_argument("--hours", type=float, help="stop starting experiments after this many hours")
+    p.add_argument("--slots", type=int, help="experiments at once (default 1; one per GPU, or a share of the CPU each)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--workspace", type=Path, help="scratch workspace; an existing one is resumed")
     p.add_argument("--tag", help="research branch autoresearch/<tag> (default: demo)")
@@ -55,6 +56,8 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.experiments is not None and args.experiments < 0:
         p.error("--experiments must be 0 or more")
+    if args.slots is not None and args.slots < 1:
+        p.error("--slots must be 1 or more")
     for name in ("hours", "budget_seconds"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
@@ -70,7 +73,7 @@ def settings(args, workspace: Path) -> dict:
     if "budget_seconds" in given and saved and given["budget_seconds"] != saved.get("budget_seconds"):
         raise SearchError(f"{workspace} was searched with --budget-seconds {saved.get('budget_seconds')}; "
                           "resume with the same budget, or use a new --workspace")
-    chosen = dict(strategy="random", seed=0, budget_seconds=None, tag="demo", experiments=None, hours=None)
+    chosen = dict(strategy="random", seed=0, budget_seconds=None, tag="demo", experiments=None, hours=None, slots=1)
     chosen |= saved | given
     if chosen["experiments"] is None and chosen["hours"] is None:
         chosen["experiments"] = DEFAULT_EXPERIMENTS
@@ -153,6 +156,7 @@ def main(argv=None) -> int:
         env = child_env(chosen["budget_seconds"])
         plan = SearchPlan(workspace=workspace, tag=chosen["tag"], strategy=chosen["strategy"],
                           experiments=chosen["experiments"], hours=chosen["hours"], seed=chosen["seed"],
+                          slots=chosen["slots"],
                           space=space, env=env, harness=harness)
         say(f"{plan.strategy} search over {', '.join(dim.name for dim in space)}")
         asyncio.run(run_search(plan, REPO, say))

@@ -44,6 +44,7 @@ class SearchPlan:
     space: tuple
     env: dict
     harness: dict
+    slots: int = 1
     timings: list = field(default_factory=list)
     chart: str | None = None
 
@@ -98,36 +99,49 @@ class Search:
         return configs
 
     async def resume(self, status: dict) -> None:
-        """Settle what a previous, interrupted call left: an interrupted run or an undecided result."""
+        """Settle what a previous, interrupted call left: interrupted runs and undecided results."""
+        undecided = status.get("undecided") or []
+        pending = {r["run"]: r for r in (await self.call("wait"))["results"]} if status.get("pending") else {}
         if status.get("interrupted"):
             self.say(f"resuming: {status['interrupted']}")
-            await self.call("discard")
-        elif status.get("pending"):
-            self.say(f"resuming: deciding the result left pending, {status['pending']}")
-            metrics = await self.call("read_metrics")
-            summary = metrics.get("summary") or {}
-            await self.decide({"status": metrics.get("status"), "val_bpb": summary.get("val_bpb")})
+        for run in undecided:
+            self.say(f"resuming: deciding run {run}, left undecided")
+            await self.decide(pending.get(run) or {"run": run, "status": "interrupted"})
 
     async def run_one(self, description: str) -> dict:
         """run_experiment with live progress, timed from the client's side."""
         start = time.monotonic()
         result = await self.call("run_experiment", progress=self.progress, description=description)
         self.say_progress_done()
-        result["client_seconds"] = time.monotonic() - start
-        self.plan.timings.append(timing_split(description, result))
+        self.plan.timings.append(timing_split(description, result, time.monotonic() - start))
         return result
 
     async def decide(self, result: dict) -> str:
-        """keep if it beats the best kept val_bpb; discard otherwise (crashes included)."""
+        """keep if it beats the best kept val_bpb; discard otherwise (crashes included). A result
+        measured on an older best that beats the current one is measured again on it (reapply)."""
         best = best_kept_bpb(read_ledger(self.plan.workspace))
+        run = {"run": result["run"]} if "run" in result else {}
         improved = result.get("status") == "ok" and result.get("val_bpb") is not None and (
             best is None or result["val_bpb"] < best)
+        stale = result.get("parent") is not None and result.get("best_commit") is not None and \
+            result["parent"] != self.kept_commit()
+        if improved and stale:
+            again = await self.call("reapply", **run)
+            self.say(f"  run {result['run']} beat the best but was measured on an older one: "
+                     f"re-measuring it as run {again['run']}")
+            return "reapply"
         if improved:
-            await self.call("keep")
+            await self.call("keep", **run)
             return "keep"
+        if result.get("status") == "interrupted":  # the server marks the row itself
+            await self.call("discard", **run)
+            return "discard"
         reason = "crashed" if result.get("status") != "ok" else f"not better than {best:.6f}"
-        await self.call("discard", reason=reason)
+        await self.call("discard", reason=reason, **run)
         return "discard"
+
+    def kept_commit(self) -> str:
+        return git(self.plan.workspace, "rev-parse", "--short=7", "HEAD").strip()
 
     async def baseline(self) -> None:
         self.say("running the baseline (train.py unchanged)")
@@ -139,34 +153,64 @@ class Search:
                               f"improve on. Its log: {self.plan.workspace / result.get('log', 'run.log')}; "
                               f"it ends with:\n{tail}\nFix the cause, then run the same command again.")
         await self.call("keep")
-        self.say(f"baseline val_bpb {result['val_bpb']:.6f} ({result['client_seconds']:.0f}s)")
+        self.say(f"baseline val_bpb {result['val_bpb']:.6f} ({self.plan.timings[-1]['wall_s']:.0f}s)")
 
-    def budget_left(self, rows: list[dict]) -> bool:
-        walls = [t["wall_s"] for t in self.plan.timings]
+    def budget_left(self, rows: list[dict], in_flight: int = 0) -> bool:
+        walls = [t["wall_s"] for t in self.plan.timings if t["wall_s"] is not None]
         typical = sum(walls) / len(walls) if walls else 0.0
-        return budget_left(experiments_done(rows), self.plan.experiments, self.plan.hours,
+        return budget_left(experiments_done(rows) + in_flight, self.plan.experiments, self.plan.hours,
                            time.monotonic() - self.started, typical)
 
     async def loop(self) -> None:
+        """Keeps every slot busy with a proposal on top of the best, decides each result as it comes."""
         rows = read_ledger(self.plan.workspace)
-        while self.budget_left(rows):
-            current = self.current_config()
-            change = self.strategy.propose(current, self.history(rows))
-            if change is None:
-                self.say("the search space around the best configuration is exhausted; stopping")
+        in_flight: dict[int, dict] = {}  # run -> the change it tries, when it was submitted
+        exhausted = False
+        while True:
+            while not exhausted and len(in_flight) < self.plan.slots and self.budget_left(rows, len(in_flight)):
+                current = self.current_config()
+                tried = self.history(rows) + [current | info["change"] for info in in_flight.values()]
+                change = self.strategy.propose(current, tried)
+                if change is None:
+                    self.say("the search space around the best configuration is exhausted; stopping")
+                    exhausted = True
+                    break
+                (self.plan.workspace / "train.py").write_text(rewrite_constants(train_source(self.plan.workspace), change))
+                number = experiments_done(rows) + len(in_flight) + 1
+                total = f"/{self.plan.experiments}" if self.plan.experiments is not None else ""
+                self.say(f"experiment {number}{total}: {describe(change)}")
+                if self.plan.slots == 1:
+                    result = await self.run_one(describe(change))
+                    await self.report(number, result)
+                    rows = read_ledger(self.plan.workspace)
+                    continue
+                submitted = await self.call("run_experiment", description=describe(change), wait=False)
+                in_flight[submitted["run"]] = {"change": change, "number": number, "at": time.monotonic()}
+            if not in_flight:
                 return
-            source = train_source(self.plan.workspace)
-            (self.plan.workspace / "train.py").write_text(rewrite_constants(source, change))
-            number = experiments_done(rows) + 1
-            total = f"/{self.plan.experiments}" if self.plan.experiments is not None else ""
-            self.say(f"experiment {number}{total}: {describe(change)}")
-            result = await self.run_one(describe(change))
-            decision = await self.decide(result)
-            shown = f"val_bpb {result['val_bpb']:.6f}" if result.get("status") == "ok" else result.get("status")
-            self.say(f"experiment {number}: {shown} -> {decision} ({result['client_seconds']:.0f}s)")
-            if result.get("status") != "ok":
-                self.say("  end of its log:\n" + "\n".join(str(result.get("tail", "")).splitlines()[-3:]))
+            waited = await self.call("wait", progress=self.progress)
+            self.say_progress_done()
+            for result in waited["results"]:
+                info = in_flight.pop(result["run"], None) or {"number": "?", "at": None}
+                self.plan.timings.append(timing_split(result["description"], result, None))
+                decision = await self.report(info["number"], result)
+                if decision == "reapply":
+                    again = self.latest_run()
+                    in_flight[again] = info
             rows = read_ledger(self.plan.workspace)
+
+    async def report(self, number, result: dict) -> str:
+        decision = await self.decide(result)
+        shown = f"val_bpb {result['val_bpb']:.6f}" if result.get("status") == "ok" else result.get("status")
+        self.say(f"experiment {number}: {shown} -> {decision}"
+                 + (f" ({result['wall_seconds']:.0f}s)" if result.get("wall_seconds") else ""))
+        if result.get("status") not in ("ok", None):
+            self.say("  end of its log:\n" + "\n".join(str(result.get("tail", "")).splitlines()[-3:]))
+        return decision
+
+    def latest_run(self) -> int:
+        refs = git(self.plan.workspace, "for-each-ref", "--format=%(refname)", "refs/research-loop/runs/")
+        return max(int(ref.rsplit("/", 1)[-1]) for ref in refs.split())
 
     async def progress(self, progress: float, total: float | None, message: str | None) -> None:
         """A line per training step; on a terminal the step line is rewritten in place."""
@@ -208,14 +252,16 @@ def best_kept_bpb(rows: list[dict]) -> float | None:
     return min(kept) if kept else None
 
 
-def timing_split(description: str, result: dict) -> dict:
-    """Wall time of one experiment: training, evaluation, start-up (the rest of train.py's own
-    total) and tool overhead (what the client waited beyond train.py's total)."""
-    wall = result["client_seconds"]
+def timing_split(description: str, result: dict, client_seconds: float | None) -> dict:
+    """Wall time of one experiment (measured by the run's worker): training, evaluation, start-up
+    (the rest of train.py's own total) and, when the client waited for it alone, tool overhead
+    (what the client waited beyond train.py's total)."""
+    wall = client_seconds if client_seconds is not None else result.get("wall_seconds")
     training, total, evaluation = (result.get(k) for k in ("training_seconds", "total_seconds", "eval_seconds"))
     startup = None if None in (training, total, evaluation) else total - training - evaluation
+    overhead = None if total is None or client_seconds is None else client_seconds - total
     return dict(experiment=description[:40], wall_s=wall, training_s=training, eval_s=evaluation,
-                startup_s=startup, overhead_s=None if total is None else wall - total)
+                startup_s=startup, overhead_s=overhead)
 
 
 def server_parameters(plan: SearchPlan, repo: Path) -> StdioServerParameters:
@@ -223,7 +269,7 @@ def server_parameters(plan: SearchPlan, repo: Path) -> StdioServerParameters:
     clone, has no virtual environment of its own for `uv run` to reuse)."""
     return StdioServerParameters(
         command=sys.executable,
-        args=["-m", "mcp_server", "--workspace", str(plan.workspace),
+        args=["-m", "mcp_server", "--workspace", str(plan.workspace), "--slots", str(plan.slots),
               "--train-command", f"{sys.executable} train.py"],
         env=plan.env, cwd=str(repo),
     )

@@ -847,6 +847,7 @@ class ResearchLoop:
                 + (f" val_bpb {e['result']['val_bpb']:.6f}" if e["result"].get("val_bpb") is not None else "")
                 + (f" measured on {e['parent'][:7]}, not the current best" if e["parent"] != kept else "")
                 for e in pending)
+        result.undecided = [e["run"] for e in self.runs_of(state, *UNDECIDED)] or None
         result.next = self._next_step(state, result)
         return result
 

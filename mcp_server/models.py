@@ -136,6 +136,7 @@ class StatusResult(BaseModel):
     queued: str | None = None
     pending: str | None = None
     interrupted: str | None = None
+    undecided: list[int] | None = None  # run numbers that wait for keep or discard
     read_only: str | None = None  # another server owns the workspace's runs
     noise: NoiseEstimate | None = None
     malformed_ledger_lines: int = 0

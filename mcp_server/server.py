@@ -95,14 +95,16 @@ def build_server(loop: ResearchLoop) -> MCPServer:
             if not live:
                 continue
             percent = sum(r.progress.percent if r.progress else 0.0 for r in live) / len(live)
-            message = " | ".join(describe_live(r, named=len(runs) > 1, slotted=loop.slots > 1) for r in live)
+            phases = [describe_live(r, named=len(runs) > 1, slotted=loop.slots > 1) for r in live]
+            message = " | ".join(text for text, _ in phases)
+            key = " | ".join(phase for _, phase in phases)  # what changed, elapsed seconds aside
             now = time.monotonic()
-            if message == last_message and now - last_sent < PROGRESS_HEARTBEAT_SECONDS:
+            if key == last_message and now - last_sent < PROGRESS_HEARTBEAT_SECONDS:
                 continue
             # MCP wants every notification's progress to grow
             value = max(done_before + percent * scale, last_value + 1e-3)
             await ctx.report_progress(value, 100.0, message)
-            last_value, last_sent, last_message = value, now, message
+            last_value, last_sent, last_message = value, now, key
 
     @register(WRITES)
     async def setup(tag: str) -> SetupResult:
@@ -251,19 +253,21 @@ def build_server(loop: ResearchLoop) -> MCPServer:
     return srv
 
 
-def describe_live(run, named: bool, slotted: bool) -> str:
+def describe_live(run, named: bool, slotted: bool) -> tuple[str, str]:
     """One run's phase for a progress notification: queued, starting up (imports, compilation),
-    a training step, or evaluating."""
+    a training step, or evaluating. Returns (text, phase): the phase leaves out the seconds, so a
+    run that stays in one phase is reported at the heartbeat, not at every poll."""
     prefix = (f"run {run.run}" if named else "") + (f" on {run.slot}" if slotted and run.slot else "")
     prefix = f"{prefix.strip()}: " if prefix else ""
     if run.status == "queued":
-        return f"{prefix}queued"
+        return f"{prefix}queued", f"{prefix}queued"
     if run.progress is None:
-        return f"{prefix}starting up ({run.elapsed_s or 0}s)"
+        return f"{prefix}starting up ({run.elapsed_s or 0}s)", f"{prefix}starting up"
     p = run.progress
     if p.percent >= 100.0 or p.remaining_s == 0:
-        return f"{prefix}training done at step {p.step}, evaluating ({run.elapsed_s}s)"
-    return f"{prefix}step {p.step} ({p.percent:.1f}%) loss {p.loss:.4f} remaining {p.remaining_s}s"
+        return f"{prefix}training done at step {p.step}, evaluating ({run.elapsed_s}s)", f"{prefix}evaluating"
+    text = f"{prefix}step {p.step} ({p.percent:.1f}%) loss {p.loss:.4f} remaining {p.remaining_s}s"
+    return text, text
 
 
 async def threaded(fn, *args):

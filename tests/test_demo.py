@@ -53,12 +53,13 @@ def git(workspace: Path, *args: str) -> str:
 
 
 def processes_in(folder: Path) -> list[int]:
-    """Live processes whose working directory is the folder (the training runs there)."""
+    """Live processes whose working directory is the folder or below it (training runs in a slot's
+    worktree inside the workspace's .git)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if Path(os.readlink(entry / "cwd")) == folder:
+                if Path(os.readlink(entry / "cwd")).is_relative_to(folder):
                     pids.append(int(entry.name))
             except OSError:
                 continue
