@@ -64,6 +64,7 @@ class ResearchLoop:
         self.slots = slots or default_slots()
         self.state = State(self.root)
         self.done: dict[int, threading.Event] = {}  # set when a run of this server has a result
+        self.finished = threading.Condition()  # notified whenever one of them is set
         self.closing = False  # set on server exit: unfinished runs are left to the next owner
         self._ws: Workspace | None = None
         self._pool: LocalPool | None = None
@@ -94,6 +95,18 @@ class ResearchLoop:
 
     def event(self, run: int) -> threading.Event:
         return self.done.setdefault(run, threading.Event())
+
+    def _finished(self, run: int) -> None:
+        self.event(run).set()
+        with self.finished:
+            self.finished.notify_all()
+
+    def wait_for(self, runs: list[int], until_all: bool, timeout: float) -> bool:
+        """Blocks until one of the runs (or all) has a result, or the timeout; True if they have."""
+        events = [self.event(n) for n in runs]
+        done = lambda: (all if until_all else any)(e.is_set() for e in events)  # noqa: E731
+        with self.finished:
+            return self.finished.wait_for(done, timeout)
 
     @staticmethod
     def runs_of(state: dict, *statuses: str) -> list[dict]:
@@ -332,7 +345,7 @@ class ResearchLoop:
                 except (Refusal, git.GitCommandError, OSError) as exc:
                     entry["status"] = "pending"
                     entry["result"] = self._unrecordable(entry, f"the run could not start: {exc}").model_dump()
-                    self.event(entry["run"]).set()
+                    self._finished(entry["run"])
                     continue
                 entry.update(status="running", slot=slot, started_at=time.time(), server_pid=os.getpid(),
                              **self.pool.worker_record(entry["run"]))
@@ -352,8 +365,10 @@ class ResearchLoop:
                                                        f"{type(exc).__name__}: {exc}")
                 entry.update(status="pending", result=result.model_dump())
         finally:
-            self.event(run).set()
-            self._dispatch()
+            try:
+                self._dispatch()  # the next queued run takes the slot before anyone hears of this one
+            finally:
+                self._finished(run)
 
     def _unrecordable(self, entry: dict, why: str) -> RunResult:
         return RunResult(run=entry["run"], commit=entry["commit"][:7], description=entry["description"],
@@ -652,7 +667,7 @@ class ResearchLoop:
                 self._write_record(entry, self._result_of(state, entry), {"status": "crash", "at": time.time()})
             del state["runs"][str(run)]
             self._restore_train(state, entry)
-        self.event(run).set()
+        self._finished(run)
         self._dispatch()
         return CancelResult(run=run, was=was, row=row,
                             note=f"its code stays in commit {entry['commit'][:7]} ({RUN_REF_PREFIX}{run})")

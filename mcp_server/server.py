@@ -87,10 +87,8 @@ def build_server(loop: ResearchLoop) -> MCPServer:
         """Waits until one of `runs` (or all) has a result, sending a progress notification at every
         new training step and at least every PROGRESS_HEARTBEAT_SECONDS through start-up,
         compilation and evaluation, so a client never sees a silent call."""
-        events = [loop.event(n) for n in runs]
         last_value, last_sent, last_message = -1.0, 0.0, None
-        while not (all if until_all else any)(e.is_set() for e in events):
-            await anyio.to_thread.run_sync(events[0].wait if len(events) == 1 else time.sleep, PROGRESS_POLL_SECONDS)
+        while not await anyio.to_thread.run_sync(loop.wait_for, runs, until_all, PROGRESS_POLL_SECONDS):
             live = [loop.live(e) for n in runs if (e := loop.entry(n)) and e["status"] in ("queued", "running")]
             if not live:
                 continue
@@ -128,11 +126,12 @@ def build_server(loop: ResearchLoop) -> MCPServer:
 
     @register(WRITES)
     async def wait(ctx: Context, all: bool = False) -> WaitResult:
-        """Wait for the runs in flight: until the next one has a result (all=True: every one), with
-        progress notifications for each. Returns their results (each stays pending until keep or discard)."""
+        """Wait for a result: returns at once when results are pending, else when the next run in flight
+        ends (all=True: when every run in flight has ended), with progress notifications for each.
+        Returns the pending results (each stays pending until keep or discard)."""
         state = loop.state.load()
         in_flight = [e["run"] for e in loop.runs_of(state, "queued", "running")]
-        if in_flight:
+        if in_flight and (all or not loop.runs_of(state, "pending")):
             await follow(in_flight, ctx, until_all=all)
         state = loop.state.load()
         results = [RunResult(**e["result"]) for e in loop.runs_of(state, "pending")]
