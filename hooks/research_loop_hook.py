@@ -7,6 +7,9 @@
                  workspace cannot run (no uv, no prepared data).
   pre-compact    PreCompact: the same state, which Claude Code adds to the compaction
                  instructions so the summary carries it.
+  stop           Stop: while a research run is active and no stop condition is met, send Claude
+                 back to work with the next step; let it stop once a condition is met, the run was
+                 stopped on purpose, or it is stuck (repeated stops with no tool call between).
 
 Each reads the hook's JSON from stdin (Claude Code's protocol). Any failure of the hook
 itself lets the action through: the MCP server enforces the rules again on every run.
@@ -20,6 +23,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from mcp_server import limits  # noqa: E402  (standard library only, shared with the server)
+
 EDITABLE = "train.py"
 HARNESS_MARKERS = ("train.py", "prepare.py")  # both at the repo root: an autoresearch layout
 RESEARCH_BRANCH_PREFIX = "autoresearch/"
@@ -32,6 +38,11 @@ RECENT_ROWS = 5
 LOG_TAIL_BYTES = 4096
 GIT_TIMEOUT_S = 5
 SKILL = "/research-loop:autoresearch"
+STOP_HOOK_STATE = ".research-loop/stop-hook.json"
+# Stops in a row with no tool call between that the hook still sends back: after these the agent
+# is stuck, not working, and is let go (Claude Code's own cap, 8 in 2.1.332, comes later).
+MAX_IDLE_BLOCKS = 3
+TOOL_USE_MARK = b'"type":"tool_use"'  # one per tool call in Claude Code's JSONL transcript
 
 
 # --- workspace facts ---------------------------------------------------------------------
@@ -241,6 +252,12 @@ def state_report(root: Path) -> str:
     lines += ledger_lines(ledger_rows(root))
     state = server_state(root)
     lines += run_lines(root, state)
+    rows = rows_for_limits(root)
+    over, left = limits.ended(state, rows), limits.left(state, rows)
+    if over:
+        lines.append(f"the research run has ended ({over}): decide what is pending, then stop.")
+    elif left:
+        lines.append(f"limits: {left}")
     lines += noise_lines(state.get("noise"))
     lines.append(f"Carry on with the loop ({SKILL} holds the protocol); never stop to ask.")
     return "\n".join(lines)
@@ -292,7 +309,73 @@ def pre_compact(event: dict) -> int:
     return 0
 
 
-HANDLERS = {"pre-edit": pre_edit, "session-start": session_start, "pre-compact": pre_compact}
+# --- stop ------------------------------------------------------------------------------------
+
+def tool_calls_so_far(transcript) -> int | None:
+    try:
+        with open(transcript, "rb") as f:
+            return f.read().count(TOOL_USE_MARK)
+    except (OSError, TypeError):
+        return None
+
+
+def rows_for_limits(root: Path) -> list[tuple[str, float]]:
+    rows = []
+    for row in ledger_rows(root):
+        try:
+            rows.append((row[3], float(row[1])))
+        except ValueError:
+            continue
+    return rows
+
+
+def allow(message: str | None = None) -> int:
+    if message:
+        print(json.dumps({"systemMessage": message}))
+    return 0
+
+
+def stop(event: dict) -> int:
+    """Blocks Claude's end of turn while the research run is active; exit 0 without output lets it stop."""
+    root = repo_root(Path(event.get("cwd") or os.getcwd()))
+    if root is None or not is_autoresearch_layout(root):
+        return allow()
+    state = server_state(root)
+    branch = current_branch(root)
+    if not state.get("branch") or branch != state["branch"]:
+        return allow()  # no research run here, or not on its branch: not ours to keep going
+    rows = rows_for_limits(root)
+    over = limits.ended(state, rows)
+    if over:
+        return allow(f"research-loop: the research run {branch} has ended ({over}).")
+    record_path = root / STOP_HOOK_STATE
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        record = {}
+    calls = tool_calls_so_far(event.get("transcript_path"))
+    idle = (record.get("session") == event.get("session_id") and calls is not None and calls == record.get("calls"))
+    blocks = record.get("blocks", 0) + 1 if idle else 1
+    if blocks > MAX_IDLE_BLOCKS:
+        record_path.unlink(missing_ok=True)
+        return allow(f"research-loop: Claude tried to stop {MAX_IDLE_BLOCKS + 1} times with no tool call in between, "
+                     f"so it is let go, though the research run {branch} is still active. Continue it with "
+                     f"{SKILL}, or end it with /research-loop:stop.")
+    try:
+        record_path.write_text(json.dumps({"session": event.get("session_id"), "calls": calls, "blocks": blocks}))
+    except OSError:
+        pass
+    steps = run_lines(root, state) or ["edit train.py with the next idea, then run_experiment(description)."]
+    left = limits.left(state, rows)
+    reason = (f"research-loop: the research run {branch} is still active"
+              + (f" ({left})" if left else " and has no limit: it runs until stopped")
+              + ". Do not stop and do not ask: carry on with the loop. Next: " + " ".join(steps)
+              + " To end the run on purpose, call the stop tool (/research-loop:stop).")
+    print(json.dumps({"decision": "block", "reason": reason}))
+    return 0
+
+
+HANDLERS = {"pre-edit": pre_edit, "session-start": session_start, "pre-compact": pre_compact, "stop": stop}
 
 
 def main() -> int:

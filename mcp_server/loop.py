@@ -23,11 +23,11 @@ from pathlib import Path
 
 import git
 
-from mcp_server import history, ledger, logparse, noise
+from mcp_server import history, ledger, limits, logparse, noise
 from mcp_server.executor import LocalPool, RunSpec, default_slots, kill_session, read_report
 from mcp_server.models import (
     CancelResult, DecisionResult, HistoryResult, LiveRun, LoggedRow, Metrics, NoiseEstimate, Refusal, Row,
-    RunResult, SetupResult, StatusResult,
+    RunResult, SetupResult, StatusResult, StopResult,
 )
 from mcp_server.state import State, process_alive
 from mcp_server.workspace import (
@@ -187,7 +187,9 @@ class ResearchLoop:
         self.state.release()
 
     # --- setup -----------------------------------------------------------------------
-    def setup(self, tag: str) -> SetupResult:
+    def setup(self, tag: str, hours: float | None = None, max_experiments: int | None = None,
+              target_val_bpb: float | None = None,
+              max_failures_in_row: int | None = limits.DEFAULT_MAX_FAILURES_IN_ROW) -> SetupResult:
         tag = validate_tag(tag)
         ws = self.ws
         branch = BRANCH_PREFIX + tag
@@ -201,6 +203,12 @@ class ResearchLoop:
         if prepared_info() is None:
             raise Refusal(f"No prepared data or tokenizer in {cache_dir()}: run `uv run prepare.py` "
                           "in the workspace first (it downloads or builds the data and trains the tokenizer).")
+        start = self._kept_row(ws.head()) if self.ledger_path.exists() else None
+        try:
+            chosen = limits.make_limits(hours, max_experiments, target_val_bpb, max_failures_in_row,
+                                        best=start.val_bpb if start else None)
+        except ValueError as exc:
+            raise Refusal(f"{exc}. Nothing was set up.") from None
         self._require_owner()
         with self.state.transaction() as state:
             unsettled = self.runs_of(state)
@@ -223,11 +231,13 @@ class ResearchLoop:
             ledger.ensure_ledger(self.ledger_path)
             ws.add_excludes()
             fingerprint = ws.fingerprint()
+            seq = state.get("seq", 0) or self._last_run_number()
             state.clear()
             state.update({"tag": tag, "branch": branch, "kept_commit": ws.head(), "fingerprint": fingerprint,
-                          "seq": state.get("seq", 0) or self._last_run_number(), "runs": {}, "noise": None})
+                          "seq": seq, "runs": {}, "noise": None, "limits": chosen, "started_at": time.time()})
         return SetupResult(branch=branch, base_commit=ws.head()[:7], ledger=ledger.LEDGER_NAME,
                            fingerprint=fingerprint, archived_ledger=archived,
+                           limits=limits.left({"limits": chosen}, []),
                            next="run_experiment('baseline') with train.py unchanged, then keep()")
 
     def _last_run_number(self) -> int:
@@ -270,6 +280,10 @@ class ResearchLoop:
         self._require_owner()
         with self.state.transaction() as state:
             self._research_state(state)
+            over = self.ended(state)
+            if over:
+                raise Refusal(f"The research run has ended ({over}): no new runs. Decide any result still pending "
+                              "(status()), then stop; setup(tag) starts a new research run.")
             undecided = [e for e in self.runs_of(state, *UNDECIDED) if e["run"] != replacing]
             if len(undecided) >= self.slots:
                 raise Refusal(self._decide_first(undecided))
@@ -672,6 +686,24 @@ class ResearchLoop:
         return CancelResult(run=run, was=was, row=row,
                             note=f"its code stays in commit {entry['commit'][:7]} ({RUN_REF_PREFIX}{run})")
 
+    def ended(self, state: dict) -> str | None:
+        return limits.ended(state, [(r.status, r.val_bpb) for r in self.rows()])
+
+    def stop(self, reason: str, now: bool = False) -> StopResult:
+        """Ends the research run on purpose: no new runs start. Runs in flight finish and wait for a
+        decision, or with now=True are cancelled (running ones are logged as crashes)."""
+        reason = ledger.validate_description(reason, "reason")
+        self._require_owner()
+        with self.state.transaction() as state:
+            if not state.get("branch"):
+                raise Refusal("No research run is set up, so there is nothing to stop.")
+            state["stopped"] = {"reason": reason, "at": time.time()}
+            in_flight = [e["run"] for e in self.runs_of(state, *IN_FLIGHT)]
+        cancelled = [self.cancel(run).run for run in in_flight] if now else []
+        status = self.status()
+        return StopResult(stopped=reason, cancelled=cancelled or None, running=status.running,
+                          undecided=status.undecided, next=status.next)
+
     def reapply(self, run: int) -> dict:
         """A stale candidate's change re-applied onto the current best, as a new run; the stale one
         is logged as a discard that names its successor."""
@@ -863,6 +895,8 @@ class ResearchLoop:
                 + (f" measured on {e['parent'][:7]}, not the current best" if e["parent"] != kept else "")
                 for e in pending)
         result.undecided = [e["run"] for e in self.runs_of(state, *UNDECIDED)] or None
+        result.limits = limits.left(state, [(r.status, r.val_bpb) for r in rows])
+        result.ended = limits.ended(state, [(r.status, r.val_bpb) for r in rows])
         result.next = self._next_step(state, result)
         return result
 
@@ -883,6 +917,9 @@ class ResearchLoop:
             return "keep() or discard()" if len(undecided) == 1 else \
                 f"keep(run={undecided[0]['run']}) or discard(run={undecided[0]['run']})"
         in_flight = self.runs_of(state, *IN_FLIGHT)
+        if s.ended:
+            return ("wait: wait() returns the last results, then keep or discard them" if in_flight else
+                    f"nothing: the research run has ended ({s.ended}); stop here")
         if in_flight and len(in_flight) >= self.slots:
             return "wait: wait() returns the next result (read_metrics() follows the runs)"
         if not s.counts["keep"] and not in_flight:

@@ -98,6 +98,7 @@ class SetupResult(BaseModel):
     ledger: str
     fingerprint: str
     archived_ledger: str | None = None
+    limits: str | None = None
     next: str
 
 
@@ -137,6 +138,8 @@ class StatusResult(BaseModel):
     pending: str | None = None
     interrupted: str | None = None
     undecided: list[int] | None = None  # run numbers that wait for keep or discard
+    limits: str | None = None  # what is left of each limit
+    ended: str | None = None  # why the research run is over, once it is
     read_only: str | None = None  # another server owns the workspace's runs
     noise: NoiseEstimate | None = None
     malformed_ledger_lines: int = 0
@@ -173,3 +176,11 @@ class CancelResult(BaseModel):
 class HistoryResult(BaseModel):
     total: int  # decided runs that match
     lines: list[str]  # the newest, one per run: number, commit, decision, val_bpb (delta), changes | description
+
+
+class StopResult(BaseModel):
+    stopped: str
+    cancelled: list[int] | None = None
+    running: str | None = None
+    undecided: list[int] | None = None
+    next: str

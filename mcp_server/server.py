@@ -19,7 +19,7 @@ from mcp_server import plot
 from mcp_server.loop import ResearchLoop
 from mcp_server.models import (
     CancelResult, DecisionResult, HistoryResult, LoggedRow, Metrics, NoiseResult, PlotResult, Refusal, RunResult,
-    SetupResult, StatusResult, WaitResult,
+    SetupResult, StatusResult, StopResult, WaitResult,
 )
 from mcp_server.workspace import EDITABLE
 
@@ -105,11 +105,14 @@ def build_server(loop: ResearchLoop) -> MCPServer:
             last_value, last_sent, last_message = value, now, key
 
     @register(WRITES)
-    async def setup(tag: str) -> SetupResult:
+    async def setup(tag: str, hours: float | None = None, max_experiments: int | None = None,
+                    target_val_bpb: float | None = None, max_failures_in_row: int = 10) -> SetupResult:
         """Start a research run: create branch autoresearch/<tag> from HEAD (refuses an existing one or
         uncommitted changes), create results.tsv, check that data and tokenizer are prepared, and
-        fingerprint the harness (every tracked file but train.py)."""
-        return compact(await threaded(loop.setup, tag))
+        fingerprint the harness (every tracked file but train.py). Optional stop conditions: hours
+        (a deadline), max_experiments, target_val_bpb, max_failures_in_row (crashes and timeouts in a
+        row; 10 by default). Once one is met no new run starts, and the agent may stop."""
+        return compact(await threaded(loop.setup, tag, hours, max_experiments, target_val_bpb, max_failures_in_row))
 
     @register(WRITES)
     async def run_experiment(description: str, ctx: Context, wait: bool = True,
@@ -166,6 +169,12 @@ def build_server(loop: ResearchLoop) -> MCPServer:
         """Cancel a queued run (it leaves the queue, no row) or stop a running one (its whole process
         tree is killed and it is logged as a crash). Its code stays in its commit."""
         return compact(await threaded(loop.cancel, run))
+
+    @register(RESETS)
+    async def stop(reason: str, now: bool = False) -> StopResult:
+        """End the research run on purpose, with a reason: no new run starts. Runs in flight finish and
+        still need keep or discard, unless now=True, which cancels them (running ones logged as crashes)."""
+        return compact(await threaded(loop.stop, reason, now))
 
     @register(WRITES)
     async def reapply(run: int, ctx: Context, wait: bool = False) -> RunResult:

@@ -142,3 +142,36 @@ class ScriptedModel:
                 self.end_headers()
                 self.wfile.write(payload)
         return Handler
+
+
+class ScriptedAgent(ScriptedModel):
+    """A scripted model that plays a whole turn, Stop-hook feedback included: its n-th reply is
+    step n of the script (counting the replies already in the conversation), a tool call, or None
+    to end the turn. Past the end of the script it always ends the turn. Each session starts the
+    script over."""
+
+    def __init__(self, steps: list):
+        super().__init__()
+        self.steps = list(steps)
+
+    def reply_blocks(self, body: dict) -> tuple[dict, str, dict]:
+        turn = sum(m["role"] == "assistant" for m in body.get("messages", []))
+        step = self.steps[turn] if turn < len(self.steps) else None
+        if step is not None and body.get("tools"):
+            name, tool_input = step
+            return ({"type": "tool_use", "id": f"toolu_{turn:04d}", "name": name, "input": {}}, "tool_use",
+                    {"type": "input_json_delta", "partial_json": json.dumps(tool_input)})
+        return {"type": "text", "text": ""}, "end_turn", {"type": "text_delta", "text": f"Stopping (turn {turn})."}
+
+    def stop_feedback(self) -> list[str]:
+        """The Stop hook reasons Claude Code sent back to the model, in order."""
+        seen = []
+        for request in self.requests:
+            for message in request.get("messages", []):
+                content = message["content"] if isinstance(message["content"], list) else \
+                    [{"type": "text", "text": message["content"]}]
+                for part in content:
+                    text = part.get("text", "") if part.get("type") == "text" else ""
+                    if message["role"] == "user" and "research-loop: the research run" in text and text not in seen:
+                        seen.append(text)
+        return seen

@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 FAKE_TRAIN = HERE / "fake_train.py"
 TOOL_NAMES = {"setup", "run_experiment", "wait", "read_metrics", "keep", "discard", "cancel", "reapply", "history",
-              "log_result", "status", "plot_progress", "measure_noise"}
+              "stop", "log_result", "status", "plot_progress", "measure_noise"}
 TRAIN_COMMAND = [sys.executable, "fake_train.py"]
 
 
@@ -167,6 +167,23 @@ def processes_running(pattern: str) -> list[int]:
         if pattern in cmdline and pid_alive(int(entry.name)):
             pids.append(int(entry.name))
     return pids
+
+
+def processes_in(folder: Path) -> list[int]:
+    """Live processes working in the folder or below it, or naming it on their command line
+    (Claude Code, the MCP server, run workers and training), excluding this test process."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cwd = Path(os.readlink(entry / "cwd"))
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if (cwd.is_relative_to(folder) or str(folder) in cmdline) and pid_alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
 
 
 def group_members(pgid: int) -> list[int]:

@@ -1,0 +1,299 @@
+"""Overnight, for real: stop conditions recorded with the research run, the stop tool, the Stop
+hook that keeps Claude working (judged by the hook itself, then in real Claude Code sessions
+with a scripted model), long tool calls that outlive their client, and the unattended runner."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+from mcp import Client
+
+from mcp_server import limits
+from mcp_server.server import build_server
+from plugin_support import (REPO, TOOL_PREFIX, ScriptedAgent, claude_env, install_claude_cli, uv_link_mode)
+from server_support import git, ledger_lines, make_workspace, processes_in, set_knobs, wait_until
+
+HOOK = REPO / "hooks" / "research_loop_hook.py"
+
+
+# --- limits, recorded by the server ---------------------------------------------------------
+@pytest.mark.parametrize("limits_given, message", [
+    ({"hours": -1}, "hours must be more than 0"),
+    ({"hours": 0}, "hours must be more than 0"),
+    ({"max_experiments": 0}, "max_experiments must be a whole number of at least 1"),
+    ({"max_experiments": 2.5}, "max_experiments"),
+    ({"target_val_bpb": -0.1}, "target_val_bpb must be above 0"),
+    ({"max_failures_in_row": 0}, "max_failures_in_row"),
+])
+def test_limits_that_make_no_sense_are_refused_at_setup(lab, limits_given, message):
+    refused = lab.refused("setup", tag="t", **limits_given)
+    assert message in refused  # a value of the wrong type is refused by the tool schema itself
+    assert git(lab.ws, "branch", "--show-current").strip() == "main"
+
+
+def test_a_target_above_the_best_the_run_starts_from_is_refused(lab):
+    lab.baseline()
+    git(lab.ws, "checkout", "-q", "-b", "next")  # a new run from the kept commit (val_bpb 1.0)
+    assert "not below the current best 1.000000" in lab.refused("setup", tag="t2", target_val_bpb=1.2)
+    assert lab.ok("setup", tag="t2", target_val_bpb=0.9)["limits"] == "target val_bpb 0.9; 0 of 10 failures in a row"
+
+
+def test_max_experiments_ends_the_run_and_status_says_so(lab):
+    lab.ok("setup", tag="t", max_experiments=2)
+    lab.ok("run_experiment", description="baseline")
+    lab.ok("keep")
+    for value in (0.9, 0.95):
+        assert "experiments left" in lab.ok("status")["limits"]
+        set_knobs(lab.ws, val_bpb=value)
+        lab.ok("run_experiment", description=f"try {value}")
+        lab.ok("discard")
+    status = lab.ok("status")
+    assert status["ended"] == "2 experiments done" and status["next"].startswith("nothing: the research run has ended")
+    assert "has ended (2 experiments done)" in lab.refused("run_experiment", description="one more")
+
+
+def test_a_deadline_passing_mid_run_lets_that_run_finish_and_be_decided(lab):
+    lab.ok("setup", tag="t", hours=3 / 3600)
+    lab.ok("run_experiment", description="baseline")
+    lab.ok("keep")
+    set_knobs(lab.ws, val_bpb=0.9, sleep=4, steps=4)
+    lab.ok("run_experiment", description="crosses the deadline", wait=False)
+    time.sleep(3)
+    assert lab.ok("status")["ended"].startswith("the deadline passed")
+    assert "has ended" in lab.refused("run_experiment", description="too late")
+    result = lab.ok("wait")["results"][0]
+    assert result["status"] == "ok" and lab.ok("keep")["row"]["val_bpb"] == 0.9
+
+
+def test_failures_in_a_row_end_the_run(lab):
+    lab.ok("setup", tag="t", max_failures_in_row=2)
+    lab.ok("run_experiment", description="baseline")
+    lab.ok("keep")
+    for k in range(2):
+        set_knobs(lab.ws, crash=1)  # again: discard restored the kept train.py
+        lab.ok("run_experiment", description=f"broken {k}")
+        lab.ok("discard")
+    assert "2 failures in a row" in lab.ok("status")["ended"]
+
+
+def test_the_target_ends_the_run(lab):
+    lab.ok("setup", tag="t", target_val_bpb=0.95)
+    lab.ok("run_experiment", description="baseline")
+    lab.ok("keep")
+    set_knobs(lab.ws, val_bpb=0.94)
+    lab.ok("run_experiment", description="reaches it")
+    lab.ok("keep")
+    assert "target val_bpb 0.95 is reached" in lab.ok("status")["ended"]
+
+
+def test_stop_lets_a_run_finish_or_cancels_it_now(lab):
+    lab.baseline()
+    set_knobs(lab.ws, val_bpb=0.9, sleep=2, steps=4)
+    lab.ok("run_experiment", description="finishes after stop", wait=False)
+    stopped = lab.ok("stop", reason="enough for tonight")
+    assert stopped["running"] and stopped["stopped"] == "enough for tonight"
+    assert "stopped: enough for tonight" in lab.refused("run_experiment", description="more")
+    assert lab.ok("wait")["results"][0]["val_bpb"] == 0.9
+    lab.ok("keep")
+    assert lab.ok("status")["next"].startswith("nothing")
+
+    git(lab.ws, "checkout", "-q", "-b", "again")
+    lab.ok("setup", tag="t2")
+    set_knobs(lab.ws, sleep=60, steps=60)
+    running = lab.ok("run_experiment", description="cancelled by stop", wait=False)
+    stopped = lab.ok("stop", reason="now", now=True)
+    assert stopped["cancelled"] == [running["run"]]
+    assert ledger_lines(lab.ws)[-1].endswith("crash\tcancelled by stop (cancelled)")
+
+
+def test_limits_are_judged_the_same_way_by_the_hook_and_the_server():
+    state = {"limits": limits.make_limits(hours=1, max_experiments=3, target_val_bpb=0.5, now=1000.0)}
+    rows = [("keep", 1.0), ("discard", 1.1), ("crash", 0.0)]
+    assert limits.ended(state, rows, now=1000.0 + 1800) is None
+    assert limits.left(state, rows, now=1000.0 + 1800) == ("0.5 h of 1 h left; 1 of 3 experiments left; target "
+                                                           "val_bpb 0.5 (best 1.000000); 1 of 10 failures in a row")
+    assert limits.ended(state, rows, now=1000.0 + 3600) == "the deadline passed (1 h)"
+    assert limits.ended(state, rows + [("discard", 1.2)], now=0) == "3 experiments done"
+
+
+# --- the Stop hook, on its own ---------------------------------------------------------------
+def stop_hook(cwd: Path, session: str = "s1", transcript: Path | None = None, active: bool = False) -> dict | None:
+    event = {"hook_event_name": "Stop", "cwd": str(cwd), "session_id": session, "stop_hook_active": active,
+             "transcript_path": str(transcript) if transcript else None}
+    done = subprocess.run([sys.executable, str(HOOK), "stop"], input=json.dumps(event), capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout) if done.stdout.strip() else None
+
+
+def test_stop_hook_does_nothing_outside_an_active_research_run(lab, tmp_path):
+    assert stop_hook(tmp_path) is None  # not a repository
+    assert stop_hook(lab.ws) is None  # a workspace not set up
+    lab.baseline()
+    git(lab.ws, "checkout", "-q", "main")
+    assert stop_hook(lab.ws) is None  # another branch
+
+
+def test_stop_hook_sends_claude_back_with_the_next_step_until_it_is_stuck(lab, tmp_path):
+    lab.ok("setup", tag="t", max_experiments=5)
+    transcript = tmp_path / "transcript.jsonl"
+    transcript.write_text('{"type":"assistant","message":{"content":[{"type":"tool_use","name":"x"}]}}\n')
+    first = stop_hook(lab.ws, transcript=transcript)
+    assert first["decision"] == "block" and "5 of 5 experiments left" in first["reason"]
+    assert "run_experiment" in first["reason"] and "/research-loop:stop" in first["reason"]
+    # working between stops (a tool call each time): never let go, stop_hook_active or not
+    for _ in range(5):
+        with open(transcript, "a") as f:
+            f.write('{"type":"assistant","message":{"content":[{"type":"tool_use","name":"x"}]}}\n')
+        assert stop_hook(lab.ws, transcript=transcript, active=True)["decision"] == "block"
+    # stuck: stops with no tool call in between are let go after three blocks
+    assert [stop_hook(lab.ws, transcript=transcript, active=True).get("decision") for _ in range(3)] == \
+        ["block", "block", None]
+
+
+def test_stop_hook_lets_claude_stop_once_a_limit_is_met_or_the_run_was_stopped(lab):
+    lab.ok("setup", tag="t", max_experiments=1)
+    lab.ok("run_experiment", description="baseline")
+    lab.ok("keep")
+    assert stop_hook(lab.ws)["decision"] == "block"
+    lab.ok("run_experiment", description="the one experiment")
+    lab.ok("discard")
+    answer = stop_hook(lab.ws)
+    assert "decision" not in answer and "has ended (1 experiments done)" in answer["systemMessage"]
+    git(lab.ws, "checkout", "-q", "-b", "more")
+    lab.ok("setup", tag="t2")
+    assert stop_hook(lab.ws)["decision"] == "block"
+    lab.ok("stop", reason="the user said so")
+    assert "stopped: the user said so" in stop_hook(lab.ws)["systemMessage"]
+
+
+# --- a long tool call that its client gives up on ----------------------------------------------
+def test_a_run_outlives_the_call_that_started_it_and_its_result_is_kept(lab):
+    lab.baseline()
+    set_knobs(lab.ws, val_bpb=0.9, sleep=3, steps=3)
+
+    async def cut_off():
+        async with Client(build_server(lab.loop)) as client:
+            with anyio.move_on_after(1):
+                await client.call_tool("run_experiment", {"description": "outlives its call"})
+            return (await client.call_tool("status", {})).structured_content
+    status = anyio.run(cut_off)
+    assert "outlives its call" in status["running"]  # the client gave up, the run goes on
+    result = lab.ok("wait")["results"][0]
+    assert result["val_bpb"] == 0.9 and lab.ok("keep")["row"]["description"] == "outlives its call"
+
+
+# --- real Claude Code sessions, the model scripted -------------------------------------------------
+@pytest.fixture(scope="module")
+def claude():
+    return str(install_claude_cli())
+
+
+@pytest.fixture(scope="module")
+def plugin_clone(tmp_path_factory) -> Path:
+    clone = tmp_path_factory.mktemp("plugin") / "research-loop"
+    subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True)
+    return clone
+
+
+@pytest.fixture
+def session_env(tmp_path, plugin_clone, fake_env):
+    env = claude_env(tmp_path / "claude-home") | uv_link_mode(plugin_clone)
+    return env | {"AUTORESEARCH_CACHE": str(fake_env / "cache"),
+                  "RESEARCH_LOOP_TRAIN_COMMAND": f"{sys.executable} fake_train.py"}
+
+
+def session(claude, plugin, workspace, env, prompt, steps) -> tuple[ScriptedAgent, subprocess.CompletedProcess]:
+    with ScriptedAgent(steps) as agent:
+        done = subprocess.run([claude, "--plugin-dir", str(plugin), "-p", prompt], cwd=workspace,
+                              env=agent.env(env), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return agent, done
+
+
+def call(tool: str, **arguments) -> tuple[str, dict]:
+    return TOOL_PREFIX + tool, arguments
+
+
+def test_claude_is_sent_back_to_work_until_the_limit_then_let_go(claude, plugin_clone, session_env, fake_env):
+    ws = make_workspace(fake_env)
+    steps = [call("setup", tag="night", max_experiments=3), call("run_experiment", description="baseline"),
+             call("keep"), call("run_experiment", description="one"), call("discard"),
+             call("run_experiment", description="two"), call("discard"),
+             None,  # tries to end its turn after two experiments: sent back
+             call("run_experiment", description="three"), call("discard"),
+             None]  # the third was the last: let go
+    agent, _ = session(claude, plugin_clone, ws, session_env, "/research-loop:autoresearch night --max-experiments 3",
+                       steps)
+    feedback = agent.stop_feedback()
+    assert len(feedback) == 1 and "1 of 3 experiments left" in feedback[0], feedback
+    assert [line.split("\t")[4] for line in ledger_lines(ws)[1:]] == ["baseline", "one", "two", "three"]
+
+
+def test_a_stuck_agent_is_let_go_and_the_stop_command_ends_the_run(claude, plugin_clone, session_env, fake_env):
+    ws = make_workspace(fake_env)
+    agent, _ = session(claude, plugin_clone, ws, session_env, "/research-loop:autoresearch night",
+                       [call("setup", tag="night")])  # then only tries to stop
+    assert len(agent.stop_feedback()) == 3  # three blocks, then the fourth stop goes through
+    agent, _ = session(claude, plugin_clone, ws, session_env, "/research-loop:stop the user is done",
+                       [call("stop", reason="the user is done")])
+    assert agent.stop_feedback() == []
+    assert json.loads((ws / ".research-loop" / "state.json").read_text())["stopped"]["reason"] == "the user is done"
+
+
+def test_a_call_longer_than_the_clients_tool_timeout_completes(claude, plugin_clone, session_env, fake_env):
+    """MCP_TOOL_TIMEOUT (a hard limit in Claude Code 2.1.332, not extended by progress) is 20 s here;
+    the plugin's own server timeout lets a 25 s training run through."""
+    ws = make_workspace(fake_env)
+    (ws / "train.py").write_text("VAL_BPB = 0.97\nSLEEP = 25\nSTEPS = 1\n")
+    git(ws, "commit", "-q", "-am", "a slow, silent training run")
+    steps = [call("setup", tag="slow"), call("run_experiment", description="silent for 25 s")]
+    agent, _ = session(claude, plugin_clone, ws, session_env | {"MCP_TOOL_TIMEOUT": "20000"},
+                       "/research-loop:autoresearch slow", steps + [call("stop", reason="done")])
+    answer = json.dumps(agent.requests[-1])
+    assert "0.97" in answer and "timed out" not in answer.lower()
+
+
+# --- the unattended runner ---------------------------------------------------------------------
+def runner(claude, ws, env, *args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mcp_server.cli", "overnight", "--workspace", str(ws),
+                             "--claude", claude, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def test_the_runner_starts_new_sessions_until_the_limit(claude, session_env, fake_env, tmp_path):
+    ws = make_workspace(fake_env)
+    steps = [call("status"), call("setup", tag="night", max_experiments=2), call("run_experiment", description="x"),
+             call("keep")]  # then the agent is stuck: the hook lets it go, the runner starts another session
+    with ScriptedAgent(steps) as agent:
+        env = agent.env(session_env) | {"PYTHONUNBUFFERED": "1"}
+        proc = runner(claude, ws, env, "--tag", "night", "--max-experiments", "2")
+        out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    assert "the research run has ended: 2 experiments done" in out
+    assert out.count("session ") and "session 3 started" in out and "session 4 started" not in out
+    assert len(ledger_lines(ws)) == 4 and git(ws, "branch", "--show-current").strip() == "autoresearch/night"
+    assert "progress chart:" in out and (ws / "progress.png").exists()
+
+
+def test_ctrl_c_on_the_runner_leaves_no_process_behind(claude, session_env, fake_env):
+    ws = make_workspace(fake_env)
+    (ws / "train.py").write_text("VAL_BPB = 1.0\nSLEEP = 120\nSTEPS = 120\n")
+    git(ws, "commit", "-q", "-am", "a long run")
+    steps = [call("setup", tag="night"), call("run_experiment", description="long", wait=False),
+             call("wait")]
+    with ScriptedAgent(steps) as agent:
+        proc = runner(claude, ws, agent.env(session_env), "--tag", "night")
+        state = ws / ".research-loop" / "state.json"
+        assert wait_until(lambda: state.exists() and '"status": "running"' in state.read_text(), 120)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    assert "interrupted" in out and "Run the same command to resume" in out
+    assert wait_until(lambda: not processes_in(ws), 15), processes_in(ws)
+    assert ledger_lines(ws)[0].startswith("commit")
