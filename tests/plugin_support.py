@@ -106,7 +106,8 @@ class ScriptedModel:
 
     def stream(self, body: dict) -> bytes:
         block, stop_reason, delta = self.reply_blocks(body)
-        message = {"id": "msg_test", "type": "message", "role": "assistant", "model": body.get("model"),
+        # a fresh id per reply: Claude Code merges streamed assistant messages that share one
+        message = {"id": f"msg_{len(self.requests):05d}", "type": "message", "role": "assistant", "model": body.get("model"),
                    "content": [], "stop_reason": None, "stop_sequence": None,
                    "usage": {"input_tokens": 1, "output_tokens": 1}}
         events = [("message_start", {"message": message}),
