@@ -165,14 +165,15 @@ class ScriptedAgent(ScriptedModel):
         return {"type": "text", "text": ""}, "end_turn", {"type": "text_delta", "text": f"Stopping (turn {turn})."}
 
     def stop_feedback(self) -> list[str]:
-        """The Stop hook reasons Claude Code sent back to the model, in order."""
+        """The Stop hook reasons Claude Code sent back to the model, in order (read from the last
+        request of the conversation, which carries all of them)."""
+        conversation = [r for r in self.requests if r.get("tools")]
         seen = []
-        for request in self.requests:
-            for message in request.get("messages", []):
-                content = message["content"] if isinstance(message["content"], list) else \
-                    [{"type": "text", "text": message["content"]}]
-                for part in content:
-                    text = part.get("text", "") if part.get("type") == "text" else ""
-                    if message["role"] == "user" and "research-loop: the research run" in text and text not in seen:
-                        seen.append(text)
+        for message in conversation[-1].get("messages", []) if conversation else []:
+            content = message["content"] if isinstance(message["content"], list) else \
+                [{"type": "text", "text": message["content"]}]
+            for part in content:
+                text = part.get("text", "") if part.get("type") == "text" else ""
+                if message["role"] == "user" and "research-loop: the research run" in text:
+                    seen.append(text)
         return seen
