@@ -114,7 +114,7 @@ def test_validator_sees_the_skill_server_and_hooks(claude, plugin_clone, env):
     done = run_cli(claude, "plugin", "validate", ".claude-plugin/plugin.json", cwd=plugin_clone, env=env)
     assert f"skills: {SKILL_ID}" in done.stdout  # how Claude Code names the skill
     assert f"mcpServers: {SERVER_NAME} stdio uv" in done.stdout
-    for event in ("PreToolUse Edit|Write|MultiEdit|NotebookEdit", "SessionStart", "PreCompact"):
+    for event in ("PreToolUse Edit|Write|MultiEdit|NotebookEdit", "SessionStart", "PreCompact", "Stop"):
         assert f"hooks: {event} command" in done.stdout
 
 
@@ -174,7 +174,7 @@ def test_allowed_tools_match_the_servers_tools_list(plugin_clone, env, workspace
 def test_skill_frontmatter(plugin_clone):
     fields = skill_frontmatter(plugin_clone)
     assert fields["name"] == "autoresearch"
-    assert fields["argument-hint"] == "[run-tag]"
+    assert fields["argument-hint"].startswith("[run-tag]") and "--hours" in fields["argument-hint"]
     assert "autoresearch" in fields["description"] and "train.py" in fields["description"]
     assert {"Read", "Edit(train.py)"} <= set(fields["allowed-tools"])
     body = (plugin_clone / "skills" / "autoresearch" / "SKILL.md").read_text()
