@@ -110,12 +110,13 @@ def test_validates_strict(claude, plugin_clone, env, target):
     assert "Validation passed" in done.stdout
 
 
-def test_validator_sees_the_skill_server_and_hooks(claude, plugin_clone, env):
+def test_validator_sees_the_skill_server_hooks_and_stop_command(claude, plugin_clone, env):
     done = run_cli(claude, "plugin", "validate", ".claude-plugin/plugin.json", cwd=plugin_clone, env=env)
     assert f"skills: {SKILL_ID}" in done.stdout  # how Claude Code names the skill
     assert f"mcpServers: {SERVER_NAME} stdio uv" in done.stdout
     for event in ("PreToolUse Edit|Write|MultiEdit|NotebookEdit", "SessionStart", "PreCompact", "Stop"):
         assert f"hooks: {event} command" in done.stdout
+    assert "commands: research-loop:stop" in done.stdout
 
 
 def test_marketplace_lists_the_plugin_at_the_root(plugin_clone):
