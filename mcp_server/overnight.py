@@ -215,6 +215,10 @@ class Runner:
                     self.stop_session()
             lasted = time.time() - began
             self.say(f"session {self.sessions} ended after {lasted:.0f} s (exit code {self.session.returncode})")
+            with open(self.logs / "sessions.jsonl", "a") as record:
+                record.write(json.dumps({"session": self.sessions, "started_at": began, "ended_at": time.time(),
+                                         "exit_code": self.session.returncode,
+                                         "runs_decided": len(self.rows()) - rows_before}) + "\n")
             if self.over():
                 continue
             # a short session that decided runs was working; one that decided nothing failed

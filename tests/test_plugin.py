@@ -316,7 +316,7 @@ def test_slash_command_runs_the_skill_with_its_tools(claude, plugin_clone, env, 
     assert (repo / "train.py").read_text() == "DEPTH = 4\n"
 
     model, _ = session(f"/{SKILL_ID} t2")
-    assert "Run tag requested: `t2`" in json.dumps(model.requests[0])
+    assert "Arguments: `t2`" in json.dumps(model.requests[0])
     answers = tool_results(model.requests[-1])
     assert '"next":"setup(tag)"' in answers["toolu_0000"]
     assert git(repo, "symbolic-ref", "--short", "HEAD") == "autoresearch/t2", answers["toolu_0001"]
