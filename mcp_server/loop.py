@@ -17,6 +17,7 @@ import math
 import os
 import re
 import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from pathlib import Path
 import git
 
 from mcp_server import history, ledger, limits, logparse, noise
-from mcp_server.executor import LocalPool, RunSpec, default_slots, kill_session, read_report
+from mcp_server.executor import LocalPool, RunSpec, default_slots, kill_session, read_report, training_env
 from mcp_server.models import (
     CancelResult, DecisionResult, HistoryResult, LiveRun, LoggedRow, Metrics, NoiseEstimate, Refusal, Row,
     RunResult, SetupResult, StatusResult, StopResult,
@@ -43,7 +44,8 @@ TIMEOUT_FACTOR = 2.0
 # which on a CPU can exceed the budget itself, so the default timeout has a floor.
 MIN_TIMEOUT_MARGIN_S = 120.0
 MAX_TIMEOUT_S = 86400.0
-DEFAULT_TRAIN_COMMAND = ["uv", "run", "--no-install-project", "train.py"]
+ENV_SYNC_TIMEOUT_S = 900  # the first `uv run` of a workspace may install torch
+DEFAULT_TRAIN_COMMAND = ["uv", "run", "train.py"]
 LOG_TAIL_BYTES = 256 * 1024  # what is parsed of a log: the summary block and a crash's tail live at its end
 MAX_NOTE_CHARS = 140  # of a keep note or discard reason in the row: the description keeps the rest
 RUN_ARG_RE = re.compile(r"[0-9]{1,9}|[0-9a-fA-F]{7,40}")
@@ -68,6 +70,7 @@ class ResearchLoop:
         self.closing = False  # set on server exit: unfinished runs are left to the next owner
         self._ws: Workspace | None = None
         self._pool: LocalPool | None = None
+        self._python: str | None = None  # the workspace environment's interpreter, once found
         try:
             self.take_over()
         except Refusal:
@@ -278,6 +281,10 @@ class ResearchLoop:
                                                 and 0 < timeout_seconds <= MAX_TIMEOUT_S):
             raise Refusal(f"timeout_seconds must be between 0 and {MAX_TIMEOUT_S:.0f} (one day).")
         self._require_owner()
+        try:
+            self.run_command()  # found once, outside the state lock: the first sync can take minutes
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise Refusal(f"{exc}. Fix the environment (`uv sync` in {self.root}), then retry.") from None
         with self.state.transaction() as state:
             self._research_state(state)
             over = self.ended(state)
@@ -351,18 +358,37 @@ class ResearchLoop:
                 if not queued or self.pool.free() == 0:
                     return
                 entry = queued[0]
-                spec = RunSpec(run=entry["run"], commit=entry["commit"], command=self.train_command,
-                               timeout=entry["timeout"], log=self.root / entry["log"],
-                               report=self.root / entry["report"])
                 try:
+                    spec = RunSpec(run=entry["run"], commit=entry["commit"], command=self.run_command(),
+                                   timeout=entry["timeout"], log=self.root / entry["log"],
+                                   report=self.root / entry["report"])
                     slot = self.pool.start(spec, self._on_done)
-                except (Refusal, git.GitCommandError, OSError) as exc:
+                except (Refusal, git.GitCommandError, OSError, subprocess.SubprocessError) as exc:
                     entry["status"] = "pending"
                     entry["result"] = self._unrecordable(entry, f"the run could not start: {exc}").model_dump()
                     self._finished(entry["run"])
                     continue
                 entry.update(status="running", slot=slot, started_at=time.time(), server_pid=os.getpid(),
                              **self.pool.worker_record(entry["run"]))
+
+    def run_command(self) -> list[str]:
+        """What a slot runs. The default, upstream's `uv run train.py`, becomes the workspace
+        environment's own interpreter, found (and the environment synced) once per server: every
+        slot then shares that one environment, and no run has to write to it."""
+        if self.train_command != DEFAULT_TRAIN_COMMAND:
+            return self.train_command
+        if self._python is None:
+            for sync in ([], ["--no-sync"])[::-1]:  # the environment as it is, else synced
+                found = subprocess.run(["uv", "run", "--project", str(self.root), *sync, "python", "-c",
+                                        "import sys; print(sys.executable)"], cwd=self.root, capture_output=True,
+                                       text=True, env=training_env(self.root), timeout=ENV_SYNC_TIMEOUT_S)
+                if found.returncode == 0:
+                    self._python = found.stdout.strip().splitlines()[-1]
+                    break
+            else:
+                raise OSError(f"`uv run` could not prepare the workspace's environment: "
+                              f"{found.stderr.strip()[-500:]}")
+        return [self._python, "train.py"]
 
     def _on_done(self, run: int, outcome) -> None:
         """On the executor's thread once the run is over: parse, record, make it pending."""

@@ -38,8 +38,15 @@ def harness_workspace(tmp_path, repo_root, prepared_env, monkeypatch):
 
 
 def test_real_training_run_then_discard(tmp_path, repo_root, prepared_env, monkeypatch):
+    """With the default command, `uv run train.py`: it runs as the workspace environment's python."""
     ws = harness_workspace(tmp_path, repo_root, prepared_env, monkeypatch)
-    loop = ResearchLoop(ws, [sys.executable, "train.py"], slots=1)
+    for name in ("pyproject.toml", "uv.lock"):
+        shutil.copy(repo_root / name, ws / name)
+    git(ws, "add", ".")
+    git(ws, "commit", "-q", "-m", "the project's environment")
+    monkeypatch.setenv("UV_PROJECT_ENVIRONMENT", str(repo_root / ".venv"))  # this one, as it is: no sync
+    loop = ResearchLoop(ws, None, slots=1)
+    assert loop.run_command() == [str(repo_root / ".venv" / "bin" / "python"), "train.py"]
 
     async def go():
         async with Client(build_server(loop)) as client:
