@@ -18,7 +18,7 @@ from pathlib import Path
 import requests
 import torch
 
-from nanochat import datasets, evaluation
+from nanochat import datasets, evaluation, export
 from nanochat.cache import PREPARE_COMMAND, cache_dir, data_dir, prepared_record_path, tokenizer_dir
 from nanochat.dataloader import make_dataloader  # noqa: F401  (part of the import contract)
 from nanochat.profiles import PROFILES
@@ -101,7 +101,10 @@ if __name__ != "__main__":  # imported (by train.py): resolve the contract's con
 
 
 def evaluate_bpb(model, tokenizer, batch_size):
-    """Validation bits per byte over EVAL_TOKENS tokens at MAX_SEQ_LEN (the one number to lower)."""
+    """Validation bits per byte over EVAL_TOKENS tokens at MAX_SEQ_LEN (the one number to lower).
+    Under the research-loop server, the model is first exported for the harness's own, separate
+    evaluation (nanochat/export.py): the number the ledger gets comes from there."""
+    export.export_for_evaluation(model, batch_size, MAX_SEQ_LEN)
     return evaluation.evaluate_bpb(model, tokenizer, batch_size, MAX_SEQ_LEN, EVAL_TOKENS)
 
 
@@ -259,7 +262,7 @@ def prepare(profile_name: str, dataset_request: str, num_shards: int, force: boo
     write_data(dataset, profile, num_shards)
     if record is None or tokenizer_problem(profile["vocab_size"]):
         train_tokenizer(profile["vocab_size"])
-    _write_record(dict(wanted, num_train_shards=len(datasets.split_paths("train")),
+    _write_record(dict(wanted, num_train_shards=len(datasets.split_paths("train")), val_shard=datasets.pin(),
                        python=sys.version.split()[0], prepared_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
     print(f"Done in {time.time() - started:.1f}s. Next: `uv run train.py`.")
     return 0

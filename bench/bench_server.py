@@ -47,7 +47,7 @@ def make_workspace(root: Path) -> tuple[Path, Path]:
     ws, cache = root / "ws", root / "cache"
     ws.mkdir(parents=True)
     cache.mkdir()
-    (cache / "prepared.json").write_text(json.dumps({"profile": "cpu", "time_budget": 1}))
+    (cache / "prepared.json").write_text(json.dumps({"profile": "cpu", "time_budget": 60}))
     (ws / "prepare.py").write_text("# harness stand-in\n")
     (ws / "train.py").write_text("VAL_BPB = 1.0\n")
     shutil.copy(FAKE_TRAIN, ws / "fake_train.py")

@@ -36,6 +36,7 @@ class RunSpec:
     log: Path  # the run's own log file (absolute)
     report: Path  # where the worker writes how the run ended (absolute)
     env: dict = field(default_factory=dict)
+    worker_args: list = field(default_factory=list)  # sandbox, export and evaluation (mcp_server/integrity.py)
 
 
 @dataclass
@@ -122,6 +123,7 @@ class LocalPool:
                     "--timeout", str(spec.timeout), "--watch-stdin"]
             if self.cpus:
                 args += ["--cpus", ",".join(map(str, self.cpus[slot]))]
+            args += spec.worker_args
             spec.log.parent.mkdir(parents=True, exist_ok=True)
             with open(spec.log, "ab") as log:
                 proc = subprocess.Popen([*args, "--", *spec.command], cwd=cwd, env=env, stdin=subprocess.PIPE,

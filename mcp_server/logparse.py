@@ -9,7 +9,7 @@ import re
 from mcp_server.models import Progress, Summary
 
 PROGRESS_RE = re.compile(
-    r"step (\d+) \(([\d.]+)%\) \| loss: (\S+) \|.*?remaining: (\d+)s"
+    r"step (\d+) \(([\d.]+)%\) \| loss: (\S+) \|.*?(?:dt: (\d+)ms.*?)?remaining: (\d+)s"
 )
 TAIL_LINES = 30
 TAIL_LINE_CHARS = 160  # long lines (tracebacks with tensors) would flood an answer
@@ -59,9 +59,9 @@ def last_progress(text: str) -> Progress | None:
     for segment in reversed(re.split(r"[\r\n]", text)):
         match = PROGRESS_RE.search(segment)
         if match:
-            step, percent, loss, remaining = match.groups()
-            return Progress(step=int(step), percent=float(percent),
-                            loss=_float_or_nan(loss), remaining_s=int(remaining))
+            step, percent, loss, dt_ms, remaining = match.groups()
+            return Progress(step=int(step), percent=float(percent), loss=_float_or_nan(loss),
+                            remaining_s=int(remaining), dt_ms=int(dt_ms) if dt_ms else None)
     return None
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import git
 
-from mcp_server import history, ledger, limits, logparse, noise
+from mcp_server import history, integrity, ledger, limits, logparse, noise
 from mcp_server.executor import LocalPool, RunSpec, default_slots, kill_session, read_report, training_env
 from mcp_server.models import (
     CancelResult, DecisionResult, HistoryResult, LiveRun, LoggedRow, Metrics, NoiseEstimate, Refusal, Row,
@@ -237,7 +237,8 @@ class ResearchLoop:
             seq = state.get("seq", 0) or self._last_run_number()
             state.clear()
             state.update({"tag": tag, "branch": branch, "kept_commit": ws.head(), "fingerprint": fingerprint,
-                          "seq": seq, "runs": {}, "noise": None, "limits": chosen, "started_at": time.time()})
+                          "cache_fingerprint": integrity.cache_fingerprint(), "seq": seq, "runs": {}, "noise": None,
+                          "limits": chosen, "started_at": time.time()})
         return SetupResult(branch=branch, base_commit=ws.head()[:7], ledger=ledger.LEDGER_NAME,
                            fingerprint=fingerprint, archived_ledger=archived,
                            limits=limits.left({"limits": chosen}, []),
@@ -298,9 +299,11 @@ class ResearchLoop:
             if source is None:
                 source = self._checked_working_train(state)
             self._check_branch_holds_best(state)
+            self._check_prepared_cache(state)
             n = state.get("seq", 0) + 1
             commit = self._new_candidate(n, kept, source, description, parent_note)
             entry = {"run": n, "commit": commit, "parent": kept, "description": description, "status": "queued",
+                     "verifies": integrity.supports_export(self.ws, commit),
                      "timeout": float(timeout_seconds or self.default_timeout()), "submitted_at": time.time(),
                      "log": f"{RUNS_DIR}/{run_name(n, commit)}.log",
                      "report": f"{RUNS_DIR}/{run_name(n, commit)}.report.json"}
@@ -321,8 +324,20 @@ class ResearchLoop:
         return (f"{len(undecided)} results are not decided yet (runs {runs}), as many as there are slots: "
                 "keep(run=N) or discard(run=N) first.")
 
+    def _check_prepared_cache(self, state: dict) -> None:
+        recorded = state.get("cache_fingerprint")
+        if recorded and integrity.cache_fingerprint() != recorded:
+            raise Refusal(f"The prepared data, tokenizer or their record in {cache_dir()} changed since setup "
+                          "(prepared.json edited, a shard added or removed?): every run of a research run must see "
+                          "the same harness. Restore the cache, or prepare it again and call setup(tag) for a new run.")
+
     def _checked_working_train(self, state: dict) -> bytes:
         kept = state["kept_commit"]
+        hidden = integrity.hidden_index_changes(self.ws)
+        if hidden:
+            raise Refusal(f"git is told not to look at changes to {', '.join(hidden[:5])} (assume-unchanged or "
+                          "skip-worktree), so a diff would not show them: `git update-index --no-assume-unchanged "
+                          "--no-skip-worktree <file>`, then retry.")
         offenders = [p for p in self.ws.changed_since(kept) if p != EDITABLE]
         if offenders:
             raise Refusal(f"Only train.py may change, but these differ from the last kept commit "
@@ -359,9 +374,13 @@ class ResearchLoop:
                     return
                 entry = queued[0]
                 try:
+                    harness = integrity.harness_copy(self.ws, entry["parent"], state["fingerprint"]) \
+                        if entry.get("verifies") else None
+                    extras = integrity.worker_args(self.ws, self.root, entry["run"], entry["commit"], entry["timeout"],
+                                                   harness, self.ws.worktree_head(harness) if harness else "")
                     spec = RunSpec(run=entry["run"], commit=entry["commit"], command=self.run_command(),
                                    timeout=entry["timeout"], log=self.root / entry["log"],
-                                   report=self.root / entry["report"])
+                                   report=self.root / entry["report"], worker_args=extras)
                     slot = self.pool.start(spec, self._on_done)
                 except (Refusal, git.GitCommandError, OSError, subprocess.SubprocessError) as exc:
                     entry["status"] = "pending"
@@ -423,6 +442,7 @@ class ResearchLoop:
         result = self._result(entry, text, report, slot)
         if note:
             result.warnings = (result.warnings or []) + [note]
+        shutil.rmtree(self.root / integrity.EXPORTS_DIR / str(entry["run"]), ignore_errors=True)  # the model: large
         self._write_record(entry, result)
         if log.exists():
             shutil.copyfile(log, self.root / RUN_LOG)
@@ -487,7 +507,9 @@ class ResearchLoop:
         elif summary is None:
             problem = "the run exited 0 but printed no summary block (val_bpb: ...)"
         else:
-            problem = self._invalid(entry, summary)
+            problem, value = self._measured(entry, summary, report, result, text)
+            if problem is None:
+                problem = self._invalid(entry, value, summary)
             if problem is None:
                 result.status = "ok"
         if result.status != "ok":
@@ -495,22 +517,47 @@ class ResearchLoop:
             result.next = (f"read the tail; discard() logs a crash and restores train.py (the code stays in "
                            f"commit {entry['commit'][:7]}); then fix and rerun")
             return result
-        result.val_bpb = summary.val_bpb
+        result.val_bpb = value
         result.memory_gb = round((summary.peak_vram_mb or 0.0) / 1024, 1)
         base = self._kept_row(entry["parent"])
         if base:
             result.best_val_bpb, result.best_commit = base.val_bpb, base.commit
-            result.delta = round(summary.val_bpb - base.val_bpb, 6)
+            result.delta = round(value - base.val_bpb, 6)
         result.noise = noise.verdict(result.delta, self.state.load().get("noise"))
         result.next = "keep() if it is better beyond noise, else discard()"
         return result
 
+    def _measured(self, entry: dict, summary, report: dict, result: RunResult,
+                  text: str) -> tuple[str | None, float | None]:
+        """(why the run is no result, or None; the val_bpb the ledger gets). The harness's own
+        evaluation of the exported model where the harness has one, else train.py's number, marked."""
+        last = logparse.last_progress(text)
+        problem = integrity.time_problem(summary, report, time_budget(self.root),
+                                         last.dt_ms / 1000 if last and last.dt_ms else None)
+        if problem:
+            return problem, None
+        if not entry.get("verifies"):
+            result.integrity = "this harness does not export its model: val_bpb is the one train.py printed"
+            return None, summary.val_bpb
+        problem, value, note = integrity.evaluation_verdict(report)
+        result.integrity = note + ("" if report.get("sandbox") else
+                                   "; unsandboxed (bubblewrap is not installed): the run could write the workspace")
+        if problem:
+            return f"not a result: {problem}", None
+        result.verified = value is not None
+        if value is None:
+            return None, summary.val_bpb
+        if summary.val_bpb is not None and abs(summary.val_bpb - value) > 1e-3 * max(value, 1.0):
+            result.warnings = (result.warnings or []) + [
+                f"train.py printed val_bpb {summary.val_bpb:.6f}; the harness measured {value:.6f}, which is recorded"]
+        return None, value
+
     @staticmethod
-    def _invalid(entry: dict, summary) -> str | None:
+    def _invalid(entry: dict, value, summary) -> str | None:
         """Why a summary cannot be a result: every ok result must make a valid ledger row."""
         memory = (summary.peak_vram_mb or 0.0) / 1024
         try:
-            ledger.make_row(entry["commit"][:7], summary.val_bpb, round(memory, 1) if math.isfinite(memory) else memory,
+            ledger.make_row(entry["commit"][:7], value, round(memory, 1) if math.isfinite(memory) else memory,
                             "keep", entry["description"])
         except Refusal as exc:
             return f"the summary is not a valid result: {exc}"
@@ -591,7 +638,7 @@ class ResearchLoop:
             raise Refusal(f"Run {run} is still {entry['status']}: wait() for its result, or cancel(run={run}).")
         return entry
 
-    def keep(self, note: str | None = None, run: int | None = None) -> DecisionResult:
+    def keep(self, note: str | None = None, run: int | None = None, unverified: bool = False) -> DecisionResult:
         note = self._checked_note(note, "note")
         self._require_owner()
         with self.state.transaction() as state:
@@ -603,6 +650,9 @@ class ResearchLoop:
             if result["status"] != "ok":
                 raise Refusal(f"Run {entry['run']} ended with {result['status']}, so it cannot be kept: "
                               "discard() logs it as a crash; fix train.py and rerun.")
+            if result.get("verified") is False and not unverified:
+                raise Refusal(f"Run {entry['run']}'s val_bpb is train.py's own, not the harness's ({result.get('integrity')}): "
+                              f"keep(run={entry['run']}, unverified=true) keeps it anyway; or discard it.")
             kept = state["kept_commit"]
             if entry["parent"] != kept:
                 raise Refusal(f"Run {entry['run']} was measured on {entry['parent'][:7]}, but {kept[:7]} has been kept "

@@ -28,6 +28,7 @@ class Progress(BaseModel):
     percent: float
     loss: float
     remaining_s: int | None = None
+    dt_ms: int | None = None  # the step's duration
 
 
 class Summary(BaseModel):
@@ -64,6 +65,8 @@ class RunResult(BaseModel):
     best_commit: str | None = None
     delta: float | None = None
     noise: str | None = None
+    verified: bool | None = None  # the harness's own evaluation measured val_bpb
+    integrity: str | None = None  # how val_bpb was measured, or why it is train.py's own
     warnings: list[str] | None = None
     log: str
     tail: str | None = None

@@ -150,11 +150,12 @@ def build_server(loop: ResearchLoop) -> MCPServer:
         return compact(loop.read_metrics(run))
 
     @register(WRITES)
-    async def keep(note: str | None = None, run: int | None = None) -> DecisionResult:
+    async def keep(note: str | None = None, run: int | None = None, unverified: bool = False) -> DecisionResult:
         """Accept a pending result (status ok only; run=N when several are pending): the ledger row is
         written with status keep and the branch advances to the run's commit (the new best). A run
-        measured on an older best is refused: reapply(run) measures it again on the new one."""
-        return compact(await threaded(loop.keep, note, run))
+        measured on an older best is refused: reapply(run) measures it again on the new one. A result
+        the harness could not verify (no export of the model) needs unverified=true."""
+        return compact(await threaded(loop.keep, note, run, unverified))
 
     @register(RESETS)
     async def discard(reason: str | None = None, run: int | None = None) -> DecisionResult:

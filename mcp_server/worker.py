@@ -1,6 +1,7 @@
 """Runs one training command for the research loop and reports how it ended.
 
-    python worker.py --log FILE --report FILE --timeout SECONDS [--watch-stdin] [--cpus 0,1] -- COMMAND...
+    python worker.py --log FILE --report FILE --timeout SECONDS [--watch-stdin] [--cpus 0,1]
+        [--sandbox JSON] [--export FILE --val-shard FILE --evaluate JSON] -- COMMAND...
 
 A plain script with the standard library only: it starts fast and runs wherever the training
 runs (this machine's slots, a Ray or SLURM node). It
@@ -13,15 +14,27 @@ runs (this machine's slots, a Ray or SLURM node). It
 - enforces the hard timeout (SIGTERM to the whole tree, SIGKILL after a grace period), and stops
   the same way on SIGTERM (a cancel) or, with --watch-stdin, when its parent, the server, dies
   (the pipe on stdin reaches end of file);
+- runs the command in a sandbox where bubblewrap is installed (--sandbox: the workspace, the
+  harness, the prepared cache and the environments read-only, the run's own folders writable), so
+  the training can write neither the server's records nor the harness;
+- watches the validation shard (inotify): an open before the model was exported means the model
+  may have seen the validation data;
+- then runs the harness's separate evaluation of the exported model (--evaluate), with its own
+  timeout, once the training ended well;
 - measures the wall time itself, and writes one JSON report, atomically, with what it saw.
 """
+from __future__ import annotations  # a node's Python may be older than 3.10
+
 import argparse
 import collections
 import ctypes
 import json
 import os
+import select
+import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -36,6 +49,9 @@ TAIL_BYTES = 1 * 2**20  # and its tail, kept in memory once the head is full
 READ_CHUNK = 65536
 REAP_ROUNDS = 50  # kill-and-reap passes over the descendants, 0.1 s apart
 MARK = "[research-loop]"  # prefix of the lines this worker adds to the log
+EXPORT_ENV = "RESEARCH_LOOP_EXPORT"  # where the harness writes the trained model (nanochat/export.py)
+IN_OPEN, IN_MOVED_TO, IN_CREATE = 0x20, 0x80, 0x100
+INOTIFY_EVENT = struct.Struct("iIII")  # wd, mask, cookie, name length
 
 
 def prctl(option: int, value: int) -> bool:
@@ -151,6 +167,121 @@ class LogPump(threading.Thread):
         return self.dropped > 0
 
 
+class ValidationWatch(threading.Thread):
+    """Counts opens of the validation shard before the export file appears (Linux inotify: the
+    events of both watches arrive in one queue, in order)."""
+
+    def __init__(self, val_shard: Path, export: Path):
+        super().__init__(daemon=True, name="val-watch")
+        self.opened_before_export = 0
+        self.exported = False
+        self.export_name = export.name.encode()
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1")
+        self.val_wd = libc.inotify_add_watch(self.fd, bytes(val_shard), IN_OPEN)
+        self.dir_wd = libc.inotify_add_watch(self.fd, bytes(export.parent), IN_CREATE | IN_MOVED_TO)
+        if self.val_wd < 0 or self.dir_wd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_add_watch")
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            if not select.select([self.fd], [], [], 0.2)[0]:
+                continue
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                continue
+            self._events(data)
+
+    def _events(self, data: bytes) -> None:
+        offset = 0
+        while offset + INOTIFY_EVENT.size <= len(data):
+            wd, mask, _, length = INOTIFY_EVENT.unpack_from(data, offset)
+            name = data[offset + INOTIFY_EVENT.size:offset + INOTIFY_EVENT.size + length].rstrip(b"\0")
+            offset += INOTIFY_EVENT.size + length
+            if wd == self.dir_wd and name == self.export_name:
+                self.exported = True
+            elif wd == self.val_wd and mask & IN_OPEN and not self.exported:
+                self.opened_before_export += 1
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join(timeout=2)
+        if self.is_alive():
+            return
+        try:  # what is still queued
+            self._events(os.read(self.fd, 65536))
+        except (BlockingIOError, OSError):
+            pass
+        os.close(self.fd)
+
+
+def sandboxed(command: list[str], spec: dict, cwd: str) -> tuple[list[str], bool]:
+    """The command under bubblewrap with the spec's binds, or as it is where bubblewrap is missing
+    (or spec is empty). spec: {"readonly", "writable", "readonly_inside"}: lists of paths (relative
+    ones are inside cwd), bound in that order, so a writable folder inside a read-only one stays
+    writable, and read-only files inside that folder stay read-only."""
+    bwrap = shutil.which("bwrap")
+    if not spec or not bwrap:
+        return command, False
+    argv = [bwrap, "--bind", "/", "/", "--dev-bind", "/dev", "/dev", "--proc", "/proc"]
+    for option, key in (("--ro-bind", "readonly"), ("--bind", "writable"), ("--ro-bind", "readonly_inside")):
+        for path in spec.get(key, []):
+            path = os.path.join(cwd, path)  # relative: inside the run's worktree
+            if os.path.exists(path):
+                argv += [option, path, path]
+    return [*argv, "--die-with-parent", "--chdir", cwd, "--", *command], True
+
+
+def evaluate(spec: dict, log_path: Path) -> dict:
+    """The harness's evaluation of the exported model: spec {"argv", "env", "timeout", "out",
+    "harness", "harness_commit"}. Its output goes to the run's log; its answer is the JSON at out."""
+    problem = harness_problem(spec["harness"], spec.get("harness_commit"))
+    if problem:
+        return {"error": problem}
+    started = time.monotonic()
+    with open(log_path, "ab") as log:
+        log.write(f"\n{MARK} harness evaluation of the exported model\n".encode())
+        log.flush()
+        try:
+            proc = subprocess.Popen(spec["argv"], env=spec["env"], stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+            code = proc.wait(timeout=spec["timeout"])
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return {"error": f"the harness evaluation took over {spec['timeout']:.0f}s"}
+        except OSError as exc:
+            return {"error": f"the harness evaluation could not start: {exc}"}
+    try:
+        result = json.loads(Path(spec["out"]).read_text())
+    except (OSError, ValueError):
+        return {"error": f"the harness evaluation exited {code} without a result (its output is in the log)"}
+    result["wall_seconds"] = round(time.monotonic() - started, 2)
+    return result
+
+
+def harness_problem(harness: str, commit: str | None) -> str | None:
+    """The pristine harness copy must be exactly its commit: nothing changed, added or hidden."""
+    try:
+        status = subprocess.run(["git", "-C", harness, "status", "--porcelain", "--ignored", "--untracked-files=all"],
+                                capture_output=True, text=True, timeout=60)
+        head = subprocess.run(["git", "-C", harness, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=60)
+        flags = subprocess.run(["git", "-C", harness, "ls-files", "-v"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"the harness copy could not be checked: {exc}"
+    hidden = [line[2:] for line in flags.stdout.splitlines() if line[:1].islower() or line[:1] == "S"]
+    if status.returncode or status.stdout.strip() or hidden:
+        changed = (status.stdout.strip().splitlines() + hidden)[:5]
+        return f"the harness copy {harness} was changed during the run: {', '.join(changed)}"
+    if commit and head.stdout.strip() != commit:
+        return f"the harness copy is at {head.stdout.strip()[:7]}, not {commit[:7]}"
+    return None
+
+
 def device_name(env: dict) -> str:
     """The accelerator this run sees, for the run's record: a GPU's name, else the CPU's."""
     visible = env.get("CUDA_VISIBLE_DEVICES")
@@ -190,6 +321,10 @@ def parse_args(argv):
     p.add_argument("--max-log-bytes", type=int, default=MAX_LOG_BYTES)
     p.add_argument("--watch-stdin", action="store_true", help="stop the run when stdin reaches end of file")
     p.add_argument("--cpus", help="comma-separated CPU ids the command may use")
+    p.add_argument("--sandbox", type=json.loads, default={}, help="JSON: read-only and writable paths (bubblewrap)")
+    p.add_argument("--export", type=Path, help="where the harness exports the trained model")
+    p.add_argument("--val-shard", type=Path, help="the validation shard, watched until the export appears")
+    p.add_argument("--evaluate", type=json.loads, help="JSON: the harness evaluation to run after training")
     p.add_argument("command", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
     if args.command[:1] == ["--"]:
@@ -221,9 +356,21 @@ def main(argv=None) -> int:
         if cpus is not None:
             os.sched_setaffinity(0, cpus)
 
+    command, in_sandbox = sandboxed(args.command, args.sandbox, os.getcwd())
+    env = dict(os.environ)
+    val_watch = None
+    if args.export:
+        env[EXPORT_ENV] = str(args.export)
+        args.export.parent.mkdir(parents=True, exist_ok=True)
+        if args.val_shard and args.val_shard.exists():
+            try:
+                val_watch = ValidationWatch(args.val_shard, args.export)
+                val_watch.start()
+            except OSError:
+                val_watch = None  # not Linux: the server notes that validation reads are unwatched
     try:
-        child = subprocess.Popen(args.command, stdin=subprocess.DEVNULL, stdout=write_end, stderr=write_end,
-                                 start_new_session=True, preexec_fn=in_child)
+        child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=write_end, stderr=write_end,
+                                 start_new_session=True, preexec_fn=in_child, env=env)
     except OSError as exc:
         os.close(write_end)
         with open(args.log, "ab") as log:
@@ -270,13 +417,22 @@ def main(argv=None) -> int:
     if strays and not (timed_out or stop_reason):
         pump.note(f"{len(strays)} process(es) started by the run were still running when it ended; killed")
     pump.close()
-    write_report(args.report, {
+    if val_watch is not None:
+        val_watch.stop()
+    report = {
         "exit_code": 128 - exit_code if exit_code < 0 else exit_code, "timed_out": timed_out,
         "stopped": stop_reason[0] if stop_reason else None, "started_at": started_at, "wall_seconds": round(wall, 3),
         "stray_processes": 0 if (timed_out or stop_reason) else len(strays), "unkillable": unkillable,
         "log_truncated": pump.truncated, "host": socket.gethostname(), "device": device_name(dict(os.environ)),
-        "subreaper": subreaper,
-    })
+        "subreaper": subreaper, "sandbox": in_sandbox,
+    }
+    if args.export:
+        report["exported"] = args.export.exists()
+        report["val_watched"] = val_watch is not None
+        report["val_opened_before_export"] = val_watch.opened_before_export if val_watch else None
+    if args.evaluate and report["exported"] and report["exit_code"] == 0 and not (timed_out or stop_reason):
+        report["evaluation"] = evaluate(args.evaluate, args.log)
+    write_report(args.report, report)
     return 0
 
 

@@ -249,22 +249,48 @@ class Workspace:
     def checkout_slot(self, slot: int, commit: str) -> Path:
         """Slot `slot`'s worktree holding exactly `commit` (no untracked or ignored file left from
         an earlier run). Reused between runs; one damaged by hand is rebuilt."""
-        path = self.slot_path(slot)
+        return self.checkout_worktree(self.slot_path(slot), commit)
+
+    def checkout_worktree(self, path: Path, commit: str) -> Path:
+        """A worktree of this repository at `path` holding exactly `commit`, rebuilt if damaged."""
         for attempt in range(2):
             try:
                 if attempt or not (path / ".git").is_file():
                     self._rebuild_worktree(path, commit)
                 else:
-                    slot_git = git.Git(str(path))
-                    slot_git.checkout("--detach", "--force", "-q", commit)
-                    slot_git.clean("-ffdxq")
-                if git.Git(str(path)).rev_parse("HEAD") == commit and not git.Git(str(path)).status("--porcelain"):
+                    tree = git.Git(str(path))
+                    tree.update_index("--really-refresh", "--no-assume-unchanged", "--no-skip-worktree", "-q",
+                                      with_exceptions=False)
+                    tree.checkout("--detach", "--force", "-q", commit)
+                    tree.clean("-ffdxq")
+                if self.worktree_head(path) == commit and self.worktree_clean(path):
                     return path
             except git.GitCommandError:
                 if attempt:
                     raise
-        raise Refusal(f"The worktree of slot {slot} ({path}) cannot be made to hold {commit[:7]}: remove that "
-                      "folder and run `git worktree prune`, then retry.")
+        raise Refusal(f"The worktree {path} cannot be made to hold {commit[:7]}: remove that folder and run "
+                      "`git worktree prune`, then retry.")
+
+    @staticmethod
+    def worktree_head(path: Path) -> str | None:
+        if not (path / ".git").is_file():
+            return None
+        try:
+            return git.Git(str(path)).rev_parse("HEAD")
+        except git.GitCommandError:
+            return None
+
+    @staticmethod
+    def worktree_clean(path: Path) -> bool:
+        """Nothing changed, untracked, ignored or hidden from git's diff (index flags)."""
+        tree = git.Git(str(path))
+        try:
+            changed = tree.status("--porcelain", "--ignored", "--untracked-files=all")
+            flags = tree.ls_files("-v")
+        except git.GitCommandError:
+            return False
+        hidden = [line for line in flags.splitlines() if line[:1].islower() or line[:1] == "S"]
+        return not changed.strip() and not hidden
 
     def _rebuild_worktree(self, path: Path, commit: str) -> None:
         if path.exists():

@@ -7,6 +7,7 @@ Python standard library's own source files, which every Python installation carr
 Local corpora are cut into documents of about a row's length: the dataloader crops a document
 that fits nowhere and drops the rest, so book-sized documents would mostly be thrown away.
 """
+import hashlib
 import itertools
 import json
 import os
@@ -17,7 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat.cache import PREPARE_COMMAND, cache_dir, data_dir
+from nanochat.cache import PREPARE_COMMAND, cache_dir, data_dir, prepared_record_path
 from nanochat.download import download_file
 
 SHARD_PATTERN = "shard_{:05d}.parquet"
@@ -58,7 +59,8 @@ def list_shards(directory=None) -> list:
 
 
 def split_paths(split: str, directory=None) -> list:
-    """Train = every shard but the last; val = the last one."""
+    """Val = the shard prepare pinned (by name and content) in the cache's record, else the last
+    one in sorted order (upstream's rule); train = every other shard."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     shards = list_shards(directory)
@@ -66,7 +68,31 @@ def split_paths(split: str, directory=None) -> list:
         where = Path(directory) if directory else data_dir()
         raise FileNotFoundError(f"No prepared data in {where} (need at least one train and one validation "
                                 f"shard). Run `{PREPARE_COMMAND}` first.")
-    return shards[:-1] if split == "train" else shards[-1:]
+    pinned = pinned_val_name() if directory is None else None
+    val = next((s for s in shards if s.name == pinned), shards[-1])
+    return [s for s in shards if s != val] if split == "train" else [val]
+
+
+def pinned_val_name() -> str | None:
+    try:
+        record = json.loads(prepared_record_path().read_text())
+        return record["val_shard"]["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def pin() -> dict:
+    """The validation shard as prepare records it: name, size and content hash."""
+    path = list_shards()[-1]
+    return {"name": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def _open_shard(path: Path) -> pq.ParquetFile:

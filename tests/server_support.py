@@ -46,7 +46,7 @@ def make_workspace(tmp_path: Path, train_source: str = "VAL_BPB = 1.0\n") -> Pat
     return ws
 
 
-def make_cache(tmp_path: Path, budget: float = 1.0) -> Path:
+def make_cache(tmp_path: Path, budget: float = 60.0) -> Path:
     cache = tmp_path / "cache"
     cache.mkdir(exist_ok=True)
     (cache / "prepared.json").write_text(json.dumps({"profile": "cpu", "time_budget": budget}))

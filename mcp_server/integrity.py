@@ -1,0 +1,191 @@
+"""What makes a run's number the harness's, not train.py's.
+
+- The sandbox: where bubblewrap is installed, a run sees the workspace (records, harness, the
+  agent's files), the prepared cache, the environments and this plugin read-only; only its
+  worktree (minus the harness files in it), its export folder and the compile cache are writable.
+- The separate evaluation: the harness exports the trained model (nanochat/export.py) and the
+  worker evaluates it in an isolated interpreter from a pristine copy of the harness
+  (nanochat/evaluate_export.py): loss from logits, a causality check, the pinned validation shard.
+- The checks: the prepared cache is what it was at setup, git's index hides no change, and the
+  time a run reports agrees with what its worker measured and with the budget.
+"""
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+from mcp_server.workspace import EDITABLE, cache_dir, prepared_info
+
+HARNESS_DIR = "research-loop/harness"  # inside .git: the pristine harness the evaluation runs from
+EXPORTS_DIR = ".research-loop/exports"
+EXPORT_NAME = "model.pt2"
+EVALUATOR = "nanochat/evaluate_export.py"
+EXPORTER = "nanochat/export.py"
+COMPILE_CACHE = "compile"  # inside the prepared cache: shared by every run, so writable
+PEAK_CACHE = "cpu_peak_flops.json"
+EVAL_TIMEOUT_FACTOR = 0.5  # of the run's timeout, at least EVAL_TIMEOUT_MIN_S
+EVAL_TIMEOUT_MIN_S = 300.0
+# A run trains until its time passes the budget, so it may overshoot by one step (plus this share).
+BUDGET_TOLERANCE = 0.05
+CLOCK_SLACK_S = 2.0  # the run's own clocks against its worker's: interpreter start-up and rounding
+
+
+def supports_export(ws, commit: str) -> bool:
+    """The harness at this commit exports the model and evaluates it (this project's does;
+    upstream's prepare.py does not)."""
+    tree = ws.repo.commit(commit).tree
+    try:
+        tree / EVALUATOR, tree / EXPORTER  # noqa: B018  (lookups raise KeyError when missing)
+    except KeyError:
+        return False
+    return True
+
+
+def harness_copy(ws, commit: str, fingerprint: str) -> Path:
+    """The pristine harness: a worktree of a commit with the research run's fingerprint, checked out
+    when it is not one already, then only read (by every slot's evaluation at once)."""
+    path = Path(ws.repo.git_dir) / HARNESS_DIR
+    current = ws.worktree_head(path)
+    if current and ws.fingerprint(current) == fingerprint and ws.worktree_clean(path):
+        return path
+    return ws.checkout_worktree(path, commit)
+
+
+def eval_tokens() -> int:
+    """The evaluation's size: the prepared record's, or the server's own AUTORESEARCH_EVAL_TOKENS
+    (tests shorten it): never what the training process sets."""
+    override = os.environ.get("AUTORESEARCH_EVAL_TOKENS")
+    if override:
+        return int(float(override))
+    return int((prepared_info() or {}).get("eval_tokens") or 40 * 524288)
+
+
+def site_packages() -> list[str]:
+    """Where this interpreter's packages (torch) are, for an evaluation started without site."""
+    paths = sysconfig.get_paths()
+    return sorted({paths["purelib"], paths["platlib"]})
+
+
+def evaluation_spec(harness: Path, harness_commit: str, program: Path, out: Path, timeout: float) -> dict:
+    """The worker's --evaluate: this interpreter, isolated (-I: no PYTHON* variables, no user site,
+    no script folder on the path), without site (-S: no .pth file or sitecustomize runs), with a
+    fresh bytecode folder, in a clean environment."""
+    env = {k: v for k, v in os.environ.items()
+           if k in ("PATH", "HOME", "LANG", "LC_ALL", "CUDA_VISIBLE_DEVICES", "AUTORESEARCH_CACHE")}
+    env["AUTORESEARCH_CACHE"] = str(cache_dir())
+    argv = [sys.executable, "-I", "-S", "-X", f"pycache_prefix={tempfile.gettempdir()}/research-loop-pycache-{os.getpid()}",
+            str(harness / EVALUATOR), "--program", str(program), "--out", str(out),
+            "--eval-tokens", str(eval_tokens()), "--site-packages", *site_packages()]
+    return {"argv": argv, "env": env, "out": str(out), "harness": str(harness), "harness_commit": harness_commit,
+            "timeout": max(EVAL_TIMEOUT_MIN_S, EVAL_TIMEOUT_FACTOR * timeout)}
+
+
+def sandbox_spec(root: Path, export_dir: Path, harness_files: list[str]) -> dict:
+    """Read-only: the workspace, the prepared cache, this plugin and its interpreter's environment.
+    Writable again: the run's worktree (".": paths relative to it) and export folder, the compile and
+    peak-FLOP caches. Read-only once more: the harness files inside the worktree."""
+    cache = cache_dir()
+    (cache / COMPILE_CACHE).mkdir(parents=True, exist_ok=True)
+    peak = cache / PEAK_CACHE
+    if not peak.exists():
+        peak.write_text("{}\n")
+    readonly = [str(root), str(cache), str(Path(__file__).resolve().parent.parent), sys.prefix]
+    writable = [".", str(export_dir), str(cache / COMPILE_CACHE), str(peak)]
+    return {"readonly": readonly, "writable": writable, "readonly_inside": harness_files}
+
+
+def harness_files(ws, commit: str) -> list[str]:
+    """The top-level entries of a commit's tree but train.py: what a run must not write."""
+    return sorted(item.name for item in ws.repo.commit(commit).tree if item.name != EDITABLE)
+
+
+def val_shard() -> Path | None:
+    """The validation shard as prepare pinned it, else the last one in sorted order (upstream's rule)."""
+    data = cache_dir() / "data"
+    pinned = ((prepared_info() or {}).get("val_shard") or {}).get("name")
+    if pinned and (data / pinned).exists():
+        return data / pinned
+    shards = sorted(data.glob("shard_*.parquet")) if data.is_dir() else []
+    return shards[-1] if shards else None
+
+
+def worker_args(ws, root: Path, run: int, commit: str, timeout: float, harness: Path | None,
+                harness_commit: str) -> list[str]:
+    """The worker's options for one run: the sandbox, and where the harness verifies, the export,
+    the watched validation shard and the separate evaluation."""
+    export_dir = root / EXPORTS_DIR / str(run)
+    export_dir.mkdir(parents=True, exist_ok=True)
+    sandbox = sandbox_spec(root, export_dir, harness_files(ws, commit))
+    args = ["--sandbox", json.dumps(sandbox)]
+    if harness is None:
+        return args
+    program = export_dir / EXPORT_NAME
+    args += ["--export", str(program), "--evaluate",
+             json.dumps(evaluation_spec(harness, harness_commit, program, export_dir / "evaluation.json", timeout))]
+    shard = val_shard()
+    if shard is not None:
+        args += ["--val-shard", str(shard)]
+    return args
+
+
+def cache_fingerprint() -> str | None:
+    """The prepared record, the tokenizer's files and the data shards' names and sizes: a change
+    moves the budget, the tokenizer or what the runs see as data."""
+    cache = cache_dir()
+    if not cache.is_dir():
+        return None
+    digest = hashlib.sha256()
+    record = cache / "prepared.json"
+    digest.update(record.read_bytes() if record.exists() else b"(no record)")
+    for folder in ("tokenizer", "data"):
+        for path in sorted((cache / folder).glob("*")) if (cache / folder).is_dir() else ():
+            digest.update(f"{folder}/{path.name}\t{path.stat().st_size}\n".encode())
+            if folder == "tokenizer":
+                digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:16]
+
+
+def hidden_index_changes(ws) -> list[str]:
+    """Tracked files git was told not to look at (assume-unchanged or skip-worktree): their changes
+    would not show in any diff."""
+    return [line[2:] for line in ws.repo.git.ls_files("-v").splitlines() if line[:1].islower() or line[:1] == "S"]
+
+
+def time_problem(summary, report: dict, budget: float, last_step_s: float | None) -> str | None:
+    """Why the time a run reports cannot stand: more training than the budget allows (the loop
+    stops after the step that crosses it, so one step over, the longer of the last one and the
+    mean), or more than its worker measured."""
+    wall = report.get("wall_seconds")
+    training, total, steps = summary.training_seconds, summary.total_seconds, summary.num_steps
+    if training is not None:
+        step = max(training / max(steps or 1, 1), last_step_s or 0.0)
+        if training > budget * (1 + BUDGET_TOLERANCE) + step:
+            return (f"train.py trained for {training:.1f}s, over the {budget:.0f}s budget (more than one step over): "
+                    "the budget is the harness's, not train.py's")
+        if wall is not None and training > wall + CLOCK_SLACK_S:
+            return f"train.py reports {training:.1f}s of training, but the whole run took {wall:.1f}s"
+    if total is not None and wall is not None and total > wall + CLOCK_SLACK_S:
+        return f"train.py reports a total of {total:.1f}s, but the whole run took {wall:.1f}s"
+    return None
+
+
+def evaluation_verdict(report: dict) -> tuple[str | None, float | None, str]:
+    """(why the run is no result, or None; the harness's val_bpb, or None; a note for the answer)."""
+    evaluation = report.get("evaluation") or {}
+    if report.get("val_opened_before_export"):
+        return ("the training opened the validation data before its model was exported: it may have "
+                "trained on it", None, "")
+    if evaluation.get("causal") is False or evaluation.get("problem"):
+        return evaluation.get("problem") or "the exported model failed the causality check", None, ""
+    if "val_bpb" in evaluation:
+        note = (f"harness evaluation: val_bpb {evaluation['val_bpb']:.6f} from the exported model "
+                f"(export {evaluation.get('export_seconds')}s, evaluation {evaluation.get('wall_seconds')}s)")
+        return None, evaluation["val_bpb"], note
+    if evaluation.get("error"):
+        return None, None, f"unverified: {evaluation['error']}"
+    if report.get("exported") is False:
+        return None, None, "unverified: train.py did not export its model (prepare.evaluate_bpb was not called?)"
+    return None, None, "unverified: no harness evaluation"

@@ -1,0 +1,68 @@
+"""The trained model, handed to the harness's own evaluation as data.
+
+When the research-loop worker runs train.py it sets RESEARCH_LOOP_EXPORT to a file path. At the
+end of training, prepare.evaluate_bpb exports the model there with torch.export, before any
+validation data is read, as a program from token ids to logits: the model never sees a target.
+The server evaluates that program in a separate, isolated process (nanochat/evaluate_export.py).
+The first export wins (the file is created exclusively), so a later call cannot swap the model.
+Without the variable (a plain `uv run train.py`) nothing is exported.
+"""
+import json
+import os
+import time
+
+import torch
+
+EXPORT_ENV = "RESEARCH_LOOP_EXPORT"
+
+
+class LogitsOnly(torch.nn.Module):
+    """model(idx) -> logits: the only call the evaluation makes."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx):
+        return self.model(idx)
+
+
+def meta_path(path: str) -> str:
+    return path + ".json"
+
+
+def export_for_evaluation(model, batch_size: int, seq_len: int) -> str | None:
+    """Writes the program for RESEARCH_LOOP_EXPORT, if set; returns its path, or None. A model that
+    cannot be exported is reported in the log: the run's result is then unverified."""
+    path = os.environ.get(EXPORT_ENV)
+    if not path:
+        return None
+    if os.path.exists(path):
+        print(f"export: {path} exists already (the first export stands)", flush=True)
+        return None
+    module = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: export the module itself
+    device = next(module.parameters()).device
+    example = torch.zeros((batch_size, seq_len), dtype=torch.long, device=device)  # no validation data needed
+    was_training = module.training
+    started = time.time()
+    try:
+        module.eval()
+        # fp32 graph: the evaluation applies the platform's autocast itself, as training did
+        with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
+            program = torch.export.export(LogitsOnly(module), (example,), strict=False)
+        tmp = f"{path}.{os.getpid()}.tmp.pt2"  # torch wants the .pt2 suffix
+        torch.export.save(program, tmp)
+        with open(meta_path(tmp), "w") as f:
+            json.dump({"batch_size": batch_size, "seq_len": seq_len, "device": device.type,
+                       "export_seconds": round(time.time() - started, 2)}, f)
+        os.link(tmp, path)  # exclusive: a second export of the same run fails here
+        os.replace(meta_path(tmp), meta_path(path))
+        os.unlink(tmp)
+    except Exception as exc:  # an unusual custom kernel, a shape that cannot be traced...
+        print(f"export for the harness's evaluation failed ({type(exc).__name__}: {str(exc)[:300]}): "
+              "this run's result will be unverified", flush=True)
+        return None
+    finally:
+        module.train(was_training)
+    print(f"export: model exported for the harness's evaluation in {time.time() - started:.1f}s", flush=True)
+    return path
