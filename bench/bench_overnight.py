@@ -36,8 +36,8 @@ class NightAgent(ScriptedAgent):
 
     def reply_blocks(self, body: dict):
         messages = body.get("messages", [])
-        if body.get("tools") and len(messages) == 1:
-            self.sessions += 1
+        if body.get("tools") and not any(m["role"] == "assistant" for m in messages):
+            self.sessions += 1  # a conversation's first request
         ended = "has ended" in json.dumps(messages[-1]) if messages else False
         pairs = EXPERIMENTS_BEFORE_QUITTING if self.sessions <= QUITTING_SESSIONS else 10_000
         self.steps = [(TOOL_PREFIX + "status", {}), (TOOL_PREFIX + "setup", {"tag": "night", "hours": self.hours})]
