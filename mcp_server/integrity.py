@@ -14,7 +14,6 @@ import json
 import os
 import sys
 import sysconfig
-import tempfile
 from pathlib import Path
 
 from mcp_server.workspace import EDITABLE, cache_dir, prepared_info
@@ -24,8 +23,7 @@ EXPORTS_DIR = ".research-loop/exports"
 EXPORT_NAME = "model.pt2"
 EVALUATOR = "nanochat/evaluate_export.py"
 EXPORTER = "nanochat/export.py"
-COMPILE_CACHE = "compile"  # inside the prepared cache: shared by every run, so writable
-PEAK_CACHE = "cpu_peak_flops.json"
+COMPILE_CACHE = "compile"  # inside the prepared cache: compiled graphs and the measured peak FLOP/s, so writable
 EVAL_TIMEOUT_FACTOR = 0.5  # of the run's timeout, at least EVAL_TIMEOUT_MIN_S
 EVAL_TIMEOUT_MIN_S = 300.0
 # A run trains until its time passes the budget, so it may overshoot by one step (plus this share).
@@ -72,11 +70,12 @@ def site_packages() -> list[str]:
 def evaluation_spec(harness: Path, harness_commit: str, program: Path, out: Path, timeout: float) -> dict:
     """The worker's --evaluate: this interpreter, isolated (-I: no PYTHON* variables, no user site,
     no script folder on the path), without site (-S: no .pth file or sitecustomize runs), with a
-    fresh bytecode folder, in a clean environment."""
+    bytecode folder of its own, in a clean environment."""
     env = {k: v for k, v in os.environ.items()
            if k in ("PATH", "HOME", "LANG", "LC_ALL", "CUDA_VISIBLE_DEVICES", "AUTORESEARCH_CACHE")}
     env["AUTORESEARCH_CACHE"] = str(cache_dir())
-    argv = [sys.executable, "-I", "-S", "-X", f"pycache_prefix={tempfile.gettempdir()}/research-loop-pycache-{os.getpid()}",
+    # bytecode beside the harness copy, inside .git: out of the runs' reach, and one folder per workspace
+    argv = [sys.executable, "-I", "-S", "-X", f"pycache_prefix={harness.parent / 'harness-pycache'}",
             str(harness / EVALUATOR), "--program", str(program), "--out", str(out),
             "--eval-tokens", str(eval_tokens()), "--site-packages", *site_packages()]
     return {"argv": argv, "env": env, "out": str(out), "harness": str(harness), "harness_commit": harness_commit,
@@ -85,15 +84,13 @@ def evaluation_spec(harness: Path, harness_commit: str, program: Path, out: Path
 
 def sandbox_spec(root: Path, export_dir: Path, harness_files: list[str]) -> dict:
     """Read-only: the workspace, the prepared cache, this plugin and its interpreter's environment.
-    Writable again: the run's worktree (".": paths relative to it) and export folder, the compile and
-    peak-FLOP caches. Read-only once more: the harness files inside the worktree."""
+    Writable again: the run's worktree (".": paths relative to it), its export folder and the
+    machine's caches (compiled graphs, peak FLOP/s). Read-only once more: the harness files inside
+    the worktree."""
     cache = cache_dir()
     (cache / COMPILE_CACHE).mkdir(parents=True, exist_ok=True)
-    peak = cache / PEAK_CACHE
-    if not peak.exists():
-        peak.write_text("{}\n")
     readonly = [str(root), str(cache), str(Path(__file__).resolve().parent.parent), sys.prefix]
-    writable = [".", str(export_dir), str(cache / COMPILE_CACHE), str(peak)]
+    writable = [".", str(export_dir), str(cache / COMPILE_CACHE)]
     return {"readonly": readonly, "writable": writable, "readonly_inside": harness_files}
 
 
@@ -113,7 +110,7 @@ def val_shard() -> Path | None:
 
 
 def worker_args(ws, root: Path, run: int, commit: str, timeout: float, harness: Path | None,
-                harness_commit: str) -> list[str]:
+                harness_commit: str, slots: int) -> list[str]:
     """The worker's options for one run: the sandbox, and where the harness verifies, the export,
     the watched validation shard and the separate evaluation."""
     export_dir = root / EXPORTS_DIR / str(run)
@@ -127,7 +124,7 @@ def worker_args(ws, root: Path, run: int, commit: str, timeout: float, harness: 
              json.dumps(evaluation_spec(harness, harness_commit, program, export_dir / "evaluation.json", timeout))]
     shard = val_shard()
     if shard is not None:
-        args += ["--val-shard", str(shard)]
+        args += ["--val-shard", str(shard)] + (["--val-shared"] if slots > 1 else [])
     return args
 
 

@@ -137,7 +137,8 @@ def _device_name() -> str:
 
 
 def _peak_cache_path() -> Path:
-    return _cache_dir() / "cpu_peak_flops.json"
+    # beside the compiled graphs: the one folder of the cache that a sandboxed run may write
+    return _cache_dir() / "compile" / "cpu_peak_flops.json"
 
 
 def _peak_cache_key(dtype) -> str:
@@ -151,20 +152,28 @@ def _read_peak_cache() -> dict:
         return {}
 
 
-def save_peak_flops(flops: float, dtype=COMPUTE_DTYPE):
-    """Record a measured peak for this machine (benchmarks store the one they measured)."""
+def save_peak_flops(flops: float, dtype=COMPUTE_DTYPE) -> bool:
+    """Record a measured peak for this machine (benchmarks store the one they measured).
+    False when the cache is read-only, as it is inside the research loop's sandbox: the
+    measurement still counts for this run, the next run just measures again."""
     table = _read_peak_cache()
     table[_peak_cache_key(dtype)] = flops
     path = _peak_cache_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(table, indent=1) + "\n")
-    tmp.replace(path)  # atomic: concurrent runs never read half a file
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(table, indent=1) + "\n")
+        tmp.replace(path)  # atomic: concurrent runs never read half a file
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        return False
+    return True
 
 
 def peak_flops(dtype=COMPUTE_DTYPE) -> float:
     """Peak FLOP/s for MFU: the datasheet figure for known GPUs, else a matmul peak measured once
-    per (device, threads, dtype) and cached in $AUTORESEARCH_CACHE/cpu_peak_flops.json, so only the
+    per (device, threads, dtype) and cached in $AUTORESEARCH_CACHE/compile/cpu_peak_flops.json, so only the
     first run pays the few seconds of measuring."""
     if DEVICE.type == "cuda":
         name = _device_name()
