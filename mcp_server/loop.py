@@ -377,7 +377,8 @@ class ResearchLoop:
                     harness = integrity.harness_copy(self.ws, entry["parent"], state["fingerprint"]) \
                         if entry.get("verifies") else None
                     extras = integrity.worker_args(self.ws, self.root, entry["run"], entry["commit"], entry["timeout"],
-                                                   harness, self.ws.worktree_head(harness) if harness else "")
+                                                   harness, self.ws.worktree_head(harness) if harness else "",
+                                                   self.pool.capacity)
                     spec = RunSpec(run=entry["run"], commit=entry["commit"], command=self.run_command(),
                                    timeout=entry["timeout"], log=self.root / entry["log"],
                                    report=self.root / entry["report"], worker_args=extras)

@@ -219,11 +219,12 @@ class ValidationWatch(threading.Thread):
         os.close(self.fd)
 
 
-def sandboxed(command: list[str], spec: dict, cwd: str) -> tuple[list[str], bool]:
+def sandboxed(command: list[str], spec: dict, cwd: str, private: dict | None = None) -> tuple[list[str], bool]:
     """The command under bubblewrap with the spec's binds, or as it is where bubblewrap is missing
     (or spec is empty). spec: {"readonly", "writable", "readonly_inside"}: lists of paths (relative
     ones are inside cwd), bound in that order, so a writable folder inside a read-only one stays
-    writable, and read-only files inside that folder stay read-only."""
+    writable, and read-only files inside that folder stay read-only. private: {path: copy}, each
+    copy shown read-only in place of its path, to this run alone."""
     bwrap = shutil.which("bwrap")
     if not spec or not bwrap:
         return command, False
@@ -233,7 +234,20 @@ def sandboxed(command: list[str], spec: dict, cwd: str) -> tuple[list[str], bool
             path = os.path.join(cwd, path)  # relative: inside the run's worktree
             if os.path.exists(path):
                 argv += [option, path, path]
+    for path, copy in (private or {}).items():
+        argv += ["--ro-bind", str(copy), str(path)]
     return [*argv, "--die-with-parent", "--chdir", cwd, "--", *command], True
+
+
+def private_val_copy(val_shard: Path, report: Path) -> Path | None:
+    """A copy of the validation shard for this run alone, where bubblewrap can show it in place of
+    the shared one: inotify reports every process's opens of a file, so with several slots a watch
+    on the shared shard would blame a run for another run's evaluation."""
+    if not shutil.which("bwrap"):
+        return None
+    copy = report.with_name(report.name + ".val-shard")
+    shutil.copyfile(val_shard, copy)
+    return copy
 
 
 def evaluate(spec: dict, log_path: Path) -> dict:
@@ -324,6 +338,8 @@ def parse_args(argv):
     p.add_argument("--sandbox", type=json.loads, default={}, help="JSON: read-only and writable paths (bubblewrap)")
     p.add_argument("--export", type=Path, help="where the harness exports the trained model")
     p.add_argument("--val-shard", type=Path, help="the validation shard, watched until the export appears")
+    p.add_argument("--val-shared", action="store_true",
+                   help="other runs read the validation shard too: watch only a private copy (needs bubblewrap)")
     p.add_argument("--evaluate", type=json.loads, help="JSON: the harness evaluation to run after training")
     p.add_argument("command", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
@@ -356,18 +372,22 @@ def main(argv=None) -> int:
         if cpus is not None:
             os.sched_setaffinity(0, cpus)
 
-    command, in_sandbox = sandboxed(args.command, args.sandbox, os.getcwd())
     env = dict(os.environ)
-    val_watch = None
+    val_watch = val_copy = None
+    watch_val = bool(args.export and args.val_shard and args.val_shard.exists())
+    if watch_val and args.sandbox:
+        val_copy = private_val_copy(args.val_shard, args.report)
+    command, in_sandbox = sandboxed(args.command, args.sandbox, os.getcwd(),
+                                    {args.val_shard: val_copy} if val_copy else None)
     if args.export:
         env[EXPORT_ENV] = str(args.export)
         args.export.parent.mkdir(parents=True, exist_ok=True)
-        if args.val_shard and args.val_shard.exists():
-            try:
-                val_watch = ValidationWatch(args.val_shard, args.export)
-                val_watch.start()
-            except OSError:
-                val_watch = None  # not Linux: the server notes that validation reads are unwatched
+    if watch_val and (val_copy or not args.val_shared):
+        try:
+            val_watch = ValidationWatch(val_copy or args.val_shard, args.export)
+            val_watch.start()
+        except OSError:
+            val_watch = None  # not Linux: the server notes that validation reads are unwatched
     try:
         child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=write_end, stderr=write_end,
                                  start_new_session=True, preexec_fn=in_child, env=env)
@@ -419,6 +439,8 @@ def main(argv=None) -> int:
     pump.close()
     if val_watch is not None:
         val_watch.stop()
+    if val_copy is not None:
+        val_copy.unlink(missing_ok=True)
     report = {
         "exit_code": 128 - exit_code if exit_code < 0 else exit_code, "timed_out": timed_out,
         "stopped": stop_reason[0] if stop_reason else None, "started_at": started_at, "wall_seconds": round(wall, 3),

@@ -4,6 +4,7 @@ The prepared cache holds the offline corpus and a tokenizer for the CPU profile,
 temp folder, so no test touches ~/.cache/autoresearch or the network.
 """
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ def repo_root() -> Path:
 
 
 @pytest.fixture(scope="session")
-def prepared_env(tmp_path_factory) -> dict:
+def prepared_env(tmp_path_factory, bubblewrap) -> dict:
     """Environment for a child process that sees a prepared CPU-profile harness."""
     cache = tmp_path_factory.mktemp("autoresearch-cache")
     env = dict(os.environ)
@@ -57,3 +58,21 @@ def lab(fake_env):
     lab = Lab(make_workspace(fake_env))
     yield lab
     lab.loop.shutdown()
+
+
+def ensure_debian_package(binary: str, package: str) -> str:
+    """A tool from Debian's archive, installed first when missing and this user may (as CI's root)."""
+    found = shutil.which(binary)
+    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        for command in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", package]):
+            subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=900)
+        found = shutil.which(binary)
+    assert found, f"this test needs `{binary}`: apt-get install -y {package}"
+    return found
+
+
+@pytest.fixture(scope="session")
+def bubblewrap() -> str:
+    """The runs' sandbox; without it the server runs unsandboxed, which these tests are not about."""
+    return ensure_debian_package("bwrap", "bubblewrap")

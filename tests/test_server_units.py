@@ -274,3 +274,50 @@ def wait_for(predicate, timeout=10.0):
             return True
         time.sleep(0.05)
     return False
+
+
+# --- the sandbox and the validation watch (bubblewrap: the fixture installs it) ---------------------
+WAIT_FOR_GO = "import os, time\nwhile not os.path.exists('go'):\n    time.sleep(0.05)\n"
+
+
+def sandboxed_run(tmp_path, code: str, *options: str):
+    """A run in its sandbox: the folder read-only but its export folder; records beside it."""
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    (tmp_path / "val.parquet").write_bytes(b"validation")
+    (tmp_path / "results.tsv").write_text("commit\tval_bpb\n")
+    sandbox = json.dumps({"readonly": [str(tmp_path)], "writable": [str(exports)]})
+    log, report = tmp_path / "run.log", tmp_path / "report.json"
+    worker = subprocess.Popen([sys.executable, str(WORKER), "--log", str(log), "--report", str(report),
+                               "--timeout", "60", "--sandbox", sandbox, "--export", str(exports / "model.pt2"),
+                               "--val-shard", str(tmp_path / "val.parquet"), *options,
+                               "--", sys.executable, "-c", code], cwd=tmp_path)
+    return worker, report, log
+
+
+def test_another_runs_validation_reads_are_not_this_runs(tmp_path, bubblewrap):
+    """Several slots: one run's harness evaluation reads the shared validation shard while another
+    run trains. inotify sees every process's opens, so each run is watched on a private copy."""
+    code = WAIT_FOR_GO + "open(os.environ['RESEARCH_LOOP_EXPORT'], 'w').write('model')\nprint('val_bpb: 1.0')"
+    worker, report, _ = sandboxed_run(tmp_path, code, "--val-shared")
+    assert wait_for(lambda: (tmp_path / "report.json").exists())
+    for _ in range(3):
+        (tmp_path / "val.parquet").read_bytes()  # the other slot's evaluation
+    (tmp_path / "go").touch()
+    assert worker.wait(timeout=30) == 0
+    result = json.loads(report.read_text())
+    assert result["sandbox"] and result["exported"] and result["val_watched"]
+    assert result["val_opened_before_export"] == 0
+    assert not list(tmp_path.glob("*.val-shard"))  # the private copy is gone with the run
+
+
+def test_a_run_that_reads_validation_data_before_exporting_is_caught_and_cannot_touch_records(tmp_path, bubblewrap):
+    code = ("import os\nopen('val.parquet', 'rb').read()\n"
+            "try:\n    open('results.tsv', 'a').write('planted\\t0.1\\n')\nexcept OSError as exc:\n    print('refused:', exc)\n"
+            "open(os.environ['RESEARCH_LOOP_EXPORT'], 'w').write('model')\n")
+    worker, report, log = sandboxed_run(tmp_path, code, "--val-shared")
+    assert worker.wait(timeout=30) == 0
+    result = json.loads(report.read_text())
+    assert result["val_opened_before_export"] >= 1
+    assert "Read-only file system" in log.read_text()
+    assert (tmp_path / "results.tsv").read_text() == "commit\tval_bpb\n"
