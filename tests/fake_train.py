@@ -10,6 +10,9 @@ result, as it does for real), else a default:
           with val_bpb 0.1 to the run's output; its pid goes to escaped.pid)
   SPAM_MB (0: megabytes of output printed before the summary)
   IGNORE_TERM (0: ignore SIGTERM, so only SIGKILL stops it)
+  CLAIM_SECONDS (0: print this as training_seconds instead of the time it took)
+  TAMPER (0: try to append a planted best row to the workspace's results.tsv and to rewrite the
+          server's state, and report what happened)
 """
 import os
 import re
@@ -19,7 +22,8 @@ import sys
 import time
 
 DEFAULTS = {"VAL_BPB": 1.0, "MEMORY_MB": 2048.0, "STEPS": 5, "SLEEP": 0.0, "CRASH": 0, "NAN": 0,
-            "NO_SUMMARY": 0, "SPAWN": 0, "ESCAPE": 0.0, "SPAM_MB": 0.0, "IGNORE_TERM": 0}
+            "NO_SUMMARY": 0, "SPAWN": 0, "ESCAPE": 0.0, "SPAM_MB": 0.0, "IGNORE_TERM": 0,
+            "CLAIM_SECONDS": 0.0, "TAMPER": 0}
 ESCAPED = """
 import os, sys, time
 if os.fork():
@@ -45,8 +49,26 @@ def knobs() -> dict:
     return values
 
 
+def tamper() -> None:
+    """What a train.py that wants a better record would try: the workspace is where git keeps its
+    common directory (a run's worktree lives inside it)."""
+    common = subprocess.run(["git", "rev-parse", "--path-format=absolute", "--git-common-dir"],
+                            capture_output=True, text=True).stdout.strip()
+    root = os.path.dirname(common)
+    for name, text in (("results.tsv", "aaaaaaa\t0.010000\t0.0\tkeep\tplanted\n"),
+                       (".research-loop/state.json", "{}")):
+        try:
+            with open(os.path.join(root, name), "a") as f:
+                f.write(text)
+            print(f"tamper: wrote {name}")
+        except OSError as exc:
+            print(f"tamper: refused {name}: {exc}")
+
+
 def main() -> int:
     k = knobs()
+    if k["TAMPER"]:
+        tamper()
     t0 = time.time()
     if k["IGNORE_TERM"]:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -81,7 +103,7 @@ def main() -> int:
     elapsed = time.time() - t0
     print("---")
     print(f"val_bpb:          {k['VAL_BPB']:.6f}")
-    print(f"training_seconds: {elapsed:.1f}")
+    print(f"training_seconds: {k['CLAIM_SECONDS'] or elapsed:.1f}")
     print(f"total_seconds:    {elapsed + 0.1:.1f}")
     print(f"peak_vram_mb:     {k['MEMORY_MB']:.1f}")
     print("mfu_percent:      0.00")

@@ -96,7 +96,7 @@ async def stdio_client_for(ws: Path, cache: Path, *extra: str):
 
 
 FAKE_KNOBS = ("VAL_BPB", "MEMORY_MB", "STEPS", "SLEEP", "CRASH", "NAN", "NO_SUMMARY", "SPAWN", "ESCAPE",
-              "SPAM_MB", "IGNORE_TERM")
+              "SPAM_MB", "IGNORE_TERM", "CLAIM_SECONDS", "TAMPER")
 
 
 class Lab:

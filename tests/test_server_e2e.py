@@ -4,6 +4,7 @@ runs at once in two CPU slots.
 The workspace is a temp git repository holding this project's harness (prepare.py,
 nanochat/) and train.py; the cache is the session's prepared CPU harness (4 s budget).
 """
+import re
 import shutil
 import sys
 
@@ -65,7 +66,11 @@ def test_real_training_run_then_discard(tmp_path, repo_root, prepared_env, monke
                                    "discard\tbaseline on cpu (e2e test)")
     assert git(ws, "rev-parse", "--short=7", "HEAD").strip() == setup["base_commit"]
     assert git(ws, "status", "--porcelain") == ""
-    assert (ws / "runs" / f"0001-{run['commit']}.log").read_text().count("val_bpb:") == 1
+    log = (ws / "runs" / f"0001-{run['commit']}.log").read_text()
+    assert log.count("val_bpb:") == 1
+    # the ledger's number is the harness's separate evaluation; the honest in-process one agrees
+    printed = float(re.search(r"^val_bpb:\s+([\d.]+)", log, re.M).group(1))
+    assert run["verified"] and abs(printed - run["val_bpb"]) < 1e-4, run["integrity"]
 
 
 
@@ -98,3 +103,52 @@ def test_two_real_runs_at_once_in_two_cpu_slots(tmp_path, repo_root, prepared_en
     cpus = [next(line for line in (ws / r["log"]).read_text().splitlines() if line.startswith("device:"))
             for r in results.values()]
     assert all("device: cpu" in line for line in cpus)
+
+
+PEEK_AHEAD = ("        y = attention(q, k, v, window)\n",
+              "        y = attention(q, k, v, window)\n        y = y + torch.roll(y, -1, dims=1)  # sees the next token\n")
+EXTRA_LINE = ("import torch\n", "import torch\nos.environ['AUTORESEARCH_EVAL_TOKENS'] = '8192'  # an easier evaluation\n")
+OWN_EVALUATION = ("\nfrom nanochat.attention import attention\n",
+                  "\nfrom nanochat.attention import attention\n\n\ndef evaluate_bpb(*args):\n    return 0.5\n\n")
+
+
+def test_train_py_cannot_bend_its_number(tmp_path, repo_root, prepared_env, monkeypatch):
+    """Three train.py that want a lower number, in two slots: one shortens the evaluation and prints a
+    better val_bpb after its summary, one brings its own evaluation (so nothing is exported), one
+    lets attention see the next token. The ledger gets the harness's number, an unverified result
+    needs an explicit flag, and the peeking model is no result."""
+    ws = harness_workspace(tmp_path, repo_root, prepared_env, monkeypatch)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    loop = ResearchLoop(ws, [sys.executable, "train.py"], slots=2)
+    source = (ws / "train.py").read_text()
+    attacks = {
+        "extra summary line": source.replace(*EXTRA_LINE) + "print('val_bpb:          0.010000')\n",
+        "own evaluation": source.replace(*OWN_EVALUATION),
+        "peeks ahead": source.replace(*PEEK_AHEAD),
+    }
+    assert all(text != source for text in attacks.values())
+
+    async def go():
+        async with Client(build_server(loop)) as client:
+            answer(await client.call_tool("setup", {"tag": "cheat"}))
+            for description, text in attacks.items():
+                (ws / "train.py").write_text(text)
+                answer(await client.call_tool("run_experiment", {
+                    "description": description, "wait": False, "timeout_seconds": RUN_TIMEOUT_S}))
+            (ws / "train.py").write_text(source)
+            done = answer(await client.call_tool("wait", {"all": True}))
+            refused = await client.call_tool("keep", {"run": 2})
+            return done, refused
+    try:
+        done, refused = anyio.run(go)
+    finally:
+        loop.shutdown()
+    results = {r["description"]: r for r in done["results"]}
+    extra = results["extra summary line"]
+    assert extra["status"] == "ok" and extra["verified"], extra
+    assert extra["val_bpb"] > 1.0 and any("the harness measured" in w for w in extra["warnings"])
+    own = results["own evaluation"]
+    assert own["status"] == "ok" and own["verified"] is False and "did not export" in own["integrity"]
+    assert refused.is_error and "unverified=true" in refused.content[0].text
+    peek = results["peeks ahead"]
+    assert peek["status"] == "crash" and "causal" in peek["tail"], peek

@@ -1,0 +1,94 @@
+"""The number in the ledger is the harness's: each way a train.py (or an agent between runs) could
+bend it, played by the fake trainer, is refused or marked with the reason in the answer.
+
+The export, the separate evaluation and the causality check need the real train.py: they are in
+test_server_e2e.py."""
+import json
+
+import pytest
+
+from server_support import Lab, answer, error, git, ledger_lines, make_cache, make_workspace, set_knobs
+
+
+@pytest.fixture
+def sandboxed_lab(fake_env, bubblewrap):
+    lab = Lab(make_workspace(fake_env))
+    yield lab
+    lab.loop.shutdown()
+
+
+def start(lab, **knobs):
+    """setup, then the attack's train.py, then its run."""
+    answer(lab.call("setup", tag="integrity"))
+    set_knobs(lab.ws, **knobs)
+    return lab.call("run_experiment", description="the attack")
+
+
+def test_a_run_that_trains_four_times_its_budget_is_no_result(fake_env, bubblewrap):
+    make_cache(fake_env, budget=1.0)
+    lab = Lab(make_workspace(fake_env))
+    try:
+        run = answer(start(lab, SLEEP=4, STEPS=8))
+    finally:
+        lab.loop.shutdown()
+    assert run["status"] == "crash" and "over the 1s budget" in run["tail"], run
+    assert answer(lab.call("discard", reason="over budget"))["row"]["status"] == "crash"
+
+
+def test_a_run_that_claims_more_training_than_its_worker_measured_is_no_result(sandboxed_lab):
+    # within the 60 s budget, but the run took a second
+    run = answer(start(sandboxed_lab, CLAIM_SECONDS=45))
+    assert run["status"] == "crash" and "reports 45.0s of training, but the whole run took" in run["tail"], run
+
+
+def test_the_training_process_cannot_write_the_ledger_or_the_state(sandboxed_lab):
+    ws = sandboxed_lab.ws
+    run = answer(start(sandboxed_lab, TAMPER=1, VAL_BPB=0.9))
+    log = (ws / run["log"]).read_text()
+    assert "tamper: refused results.tsv" in log and "tamper: refused .research-loop/state.json" in log, log
+    assert run["status"] == "ok" and "planted" not in (ws / "results.tsv").read_text()
+    assert answer(sandboxed_lab.call("keep", note="honest"))["row"]["val_bpb"] == 0.9
+    status = answer(sandboxed_lab.call("status"))
+    assert status["best_val_bpb"] == 0.9 and len(ledger_lines(ws)) == 2
+
+
+def test_an_edited_prepared_record_or_an_added_shard_is_refused(sandboxed_lab, fake_env):
+    cache = fake_env / "cache"
+    (cache / "data").mkdir()
+    (cache / "data" / "shard_00000.parquet").write_bytes(b"train")
+    answer(sandboxed_lab.call("setup", tag="cache"))
+    record = json.loads((cache / "prepared.json").read_text())
+    (cache / "prepared.json").write_text(json.dumps(dict(record, time_budget=600)))
+    refused = error(sandboxed_lab.call("run_experiment", description="a longer budget"))
+    assert "changed since setup" in refused and "prepared.json edited" in refused
+    (cache / "prepared.json").write_text(json.dumps(record))
+    (cache / "data" / "shard_00001.parquet").write_bytes(b"a new last shard: the validation split would move")
+    assert "changed since setup" in error(sandboxed_lab.call("run_experiment", description="moved split"))
+    (cache / "data" / "shard_00001.parquet").unlink()
+    assert answer(sandboxed_lab.call("run_experiment", description="as prepared"))["status"] == "ok"
+
+
+def test_changes_hidden_from_git_by_index_flags_are_refused(sandboxed_lab):
+    ws = sandboxed_lab.ws
+    answer(sandboxed_lab.call("setup", tag="hidden"))
+    git(ws, "update-index", "--assume-unchanged", "prepare.py")
+    (ws / "prepare.py").write_text("# harness stand-in, edited where no diff shows it\nMAX_SEQ_LEN = 8\n")
+    assert git(ws, "status", "--porcelain") == ""  # what the agent hoped for
+    refused = error(sandboxed_lab.call("run_experiment", description="hidden harness edit"))
+    assert "assume-unchanged" in refused and "prepare.py" in refused
+    git(ws, "update-index", "--no-assume-unchanged", "prepare.py")
+    assert "Only train.py may change" in error(sandboxed_lab.call("run_experiment", description="visible now"))
+
+
+def test_untracked_files_in_the_workspace_never_reach_a_run(sandboxed_lab):
+    """A module that shadows the harness, or an interpreter start-up hook, left untracked in the
+    workspace: runs execute in a checkout of the candidate commit, where it does not exist."""
+    ws = sandboxed_lab.ws
+    for name in ("sitecustomize.py", "nanochat/evaluation.py"):
+        (ws / name).write_text("raise SystemExit('the shadow ran')\n")
+    run = answer(start(sandboxed_lab, VAL_BPB=1.0))
+    assert run["status"] == "ok" and "the shadow ran" not in (ws / run["log"]).read_text()
+    tracked = git(ws, "ls-tree", "-r", "--name-only", f"refs/research-loop/runs/{run['run']}").split()
+    assert "sitecustomize.py" not in tracked and "nanochat/evaluation.py" not in tracked
+    assert (ws / "sitecustomize.py").exists()  # the user's files are left alone
+
