@@ -269,6 +269,9 @@ class ResearchLoop:
             result.training_seconds = summary.training_seconds
             result.total_seconds = summary.total_seconds
             result.eval_seconds = summary.eval_seconds
+            result.compile_seconds = summary.compile_seconds
+            result.compile_cache = summary.compile_cache
+            result.recompiles = summary.recompiles
             result.num_steps = summary.num_steps
         if status != "ok":
             result.tail = logparse.tail(text)
