@@ -45,11 +45,13 @@ MAX_LOADER_SHARE = 0.05
 MAX_EVAL_SHARE = 0.15
 
 COMPILE_LINE = "train_model = compiler(model, dynamic=False)\n"
-MODES = {  # other ways to compile the model, as edits of COMPILE_LINE
-    "compiled, max-autotune": 'train_model = compiler(model, dynamic=False, mode="max-autotune-no-cudagraphs")\n',
-    "compiled, per block": ("for block in model.blocks:  # one block compiled once, reused by every layer\n"
-                            "    block.forward = compiler(block.forward, dynamic=False)\n"
-                            "train_model = model\n"),
+MODES = {  # the other ways to compile that were tried, as edits of train.py: (text, replacement)
+    "compiled, per block": (COMPILE_LINE, "for block in model.blocks:  # one block compiled, reused by every layer\n"
+                                          "    block.forward = compiler(block.forward, dynamic=False)\n"
+                                          "train_model = model\n"),
+    "compiled, optimizer eager": ("@compiler\ndef update_all", "def update_all"),
+    "compiled, max-autotune": (COMPILE_LINE, 'train_model = compiler(model, dynamic=False, '
+                                             'mode="max-autotune-no-cudagraphs")\n'),
 }
 
 
@@ -105,6 +107,24 @@ def variant(source: str, old: str, new: str, folder: Path, name: str) -> Path | 
     path = folder / name
     path.write_text(source.replace(old, new))
     return path
+
+
+def git_show(path: str) -> str:
+    return subprocess.run(["git", "show", f"{TODAY_COMMIT}:{path}"], cwd=REPO, check=True, capture_output=True,
+                          text=True).stdout
+
+
+def today_train_py(folder: Path, profile: str) -> tuple[Path, int]:
+    """train.py as it was, with the profile's starting values as they were (written in as literals,
+    since the harness's profile has moved on), and its total batch."""
+    source, old_profiles = git_show("train.py"), {}
+    exec(git_show("nanochat/profiles.py"), old_profiles)
+    defaults = old_profiles["PROFILES"][profile]["train_defaults"]
+    for key, value in defaults.items():
+        source = source.replace(f'TRAIN_DEFAULTS["{key}"]', repr(value))
+    path = folder / "train_today.py"
+    path.write_text(source)
+    return path, defaults["total_batch_size"]
 
 
 def time_dataloader(batch_size: int, seq_len: int) -> float:
@@ -167,20 +187,18 @@ def main():
 
     runs = []
     if not args.no_today:
-        today = work / "train_today.py"
-        today.write_text(subprocess.run(["git", "show", f"{TODAY_COMMIT}:train.py"], cwd=REPO, check=True,
-                                        capture_output=True, text=True).stdout)
-        runs.append(run_training(f"today ({TODAY_COMMIT})", today, base, total_batch))
+        today, today_batch = today_train_py(work, PROFILE)
+        runs.append(run_training(f"today ({TODAY_COMMIT})", today, base, today_batch))
     runs.append(run_training("eager", REPO / "train.py", dict(base, AUTORESEARCH_COMPILE="0"), total_batch))
     fresh = dict(base, TORCHINDUCTOR_CACHE_DIR=str(work / "compile-cache"))
     cold = run_training("compiled, cold cache", REPO / "train.py", fresh, total_batch)
     warm = run_training("compiled, warm cache", REPO / "train.py", fresh, total_batch)
     runs += [cold, warm]
     if args.modes:
-        for name, line in MODES.items():
-            script = variant(source, COMPILE_LINE, line, work, f"train_{len(runs)}.py")
+        for name, (text, replacement) in MODES.items():
+            script = variant(source, text, replacement, work, f"train_{len(runs)}.py")
             if script is None:
-                print(f"  {name}: skipped, train.py no longer has {COMPILE_LINE.strip()!r}")
+                print(f"  {name}: skipped, train.py no longer has {text.strip()!r}")
                 continue
             mode_env = dict(base, TORCHINDUCTOR_CACHE_DIR=str(work / f"compile-cache-{len(runs)}"))
             runs.append(run_training(name, script, mode_env, total_batch))
