@@ -63,6 +63,7 @@ class Run:
     timed_steps: int
     tokens_per_s: float
     startup: float
+    load: float  # load average when the run started: other work on the machine skews its figures
 
 
 def prepared_cache(requested: str | None) -> Path:
@@ -86,6 +87,7 @@ def run_training(name: str, script: Path, env: dict, total_batch: int) -> Run:
     """One train.py run; the script may be a copy outside the repository (it imports the harness)."""
     env = dict(env, PYTHONPATH=str(REPO))
     print(f"  {name} ...", end="", flush=True)
+    load = os.getloadavg()[0]
     t0 = time.time()
     result = subprocess.run(python_command() + [str(script)], cwd=REPO, env=env, capture_output=True)
     wall = time.time() - t0
@@ -97,7 +99,7 @@ def run_training(name: str, script: Path, env: dict, total_batch: int) -> Run:
     # steps timed: all but the untimed first (upstream leaves out 10 on CUDA; this is the CPU profile)
     timed = max(summary.num_steps - 1, 1)
     return Run(name, summary, wall, timed, timed * total_batch / summary.training_seconds,
-               wall - summary.training_seconds - summary.eval_seconds)
+               wall - summary.training_seconds - summary.eval_seconds, load)
 
 
 def variant(source: str, old: str, new: str, folder: Path, name: str) -> Path | None:
@@ -212,14 +214,17 @@ def main():
     loader_s = time_dataloader(TRAIN_DEFAULTS["device_batch_size"], MAX_SEQ_LEN)
     load_after = os.getloadavg()[0]
 
-    header = ("run", "steps", "tok/s", "MFU %", "start-up s", "compile s", "cache", "eval s", "wall s", "val_bpb")
+    header = ("run", "steps", "tok/s", "MFU %", "start-up s", "compile s", "cache", "eval s", "wall s", "val_bpb",
+              "load")
     rows = [(r.name, str(r.summary.num_steps), f"{r.tokens_per_s:,.0f}", f"{r.summary.mfu_percent:.1f}",
              f"{r.startup:.1f}", _text(r.summary.compile_seconds, "{:.1f}"), r.summary.compile_cache or "-",
-             f"{r.summary.eval_seconds:.1f}", f"{r.wall:.1f}", f"{r.summary.val_bpb:.4f}") for r in runs]
+             f"{r.summary.eval_seconds:.1f}", f"{r.wall:.1f}", f"{r.summary.val_bpb:.4f}", f"{r.load:.1f}")
+            for r in runs]
     if edit_run:
         s = edit_run.summary
         rows.append((edit_run.name, str(s.num_steps), "", "", f"{edit_run.startup:.1f}",
-                     _text(s.compile_seconds, "{:.1f}"), s.compile_cache or "-", "", f"{edit_run.wall:.1f}", ""))
+                     _text(s.compile_seconds, "{:.1f}"), s.compile_cache or "-", "", f"{edit_run.wall:.1f}", "",
+                     f"{edit_run.load:.1f}"))
     widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
     print()
     for row in [header] + rows:
@@ -241,12 +246,14 @@ def main():
         targets += [
             (f"steps vs today's train.py >= {need}x ({'AMX' if has_amx else 'no AMX'})",
              f"{ratio:.2f}x ({default_steps} vs {today_run.summary.num_steps})", ratio >= need),
+            ("tok/s of timed training vs today's (steps differ in size when the profile's batch did)",
+             f"{warm.tokens_per_s / today_run.tokens_per_s:.2f}x", None),
             (f"val_bpb at least {MIN_BPB_GAIN} below today's", f"{warm.summary.val_bpb:.4f} vs "
              f"{today_run.summary.val_bpb:.4f} ({warm.summary.val_bpb - today_run.summary.val_bpb:+.4f})",
              warm.summary.val_bpb <= today_run.summary.val_bpb - MIN_BPB_GAIN),
         ]
     targets += [
-        (f"compiled vs eager, steps", f"{default_steps / eager.summary.num_steps:.2f}x", None),
+        ("compiled vs eager, steps", f"{default_steps / eager.summary.num_steps:.2f}x", None),
         (f"warm wall <= {MAX_WARM_WALL_RATIO}x budget", f"{warm.wall:.1f} s = {warm.wall / budget:.2f}x",
          warm.wall <= MAX_WARM_WALL_RATIO * budget),
         (f"cold start-up <= {MAX_COLD_STARTUP_S:.0f} s", f"{cold.startup:.1f} s (warm {warm.startup:.1f} s)",
