@@ -130,6 +130,7 @@ class _Compiled:
 
     def __init__(self, compiler, fn, options):
         self._compiler, self._eager = compiler, fn
+        self._orig_mod = fn  # torch.compile's name for the eager module: the harness exports that one
         self._compiled = torch.compile(fn, **options)
 
     def __call__(self, *args, **kwargs):
