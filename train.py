@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from prepare import MAX_SEQ_LEN, TIME_BUDGET, TRAIN_DEFAULTS, Tokenizer, evaluate_bpb, make_dataloader
 from nanochat.attention import attention
+from nanochat.compile import Compiler
 from nanochat.fused import relu_squared, rms_norm, rotary, softcap_cross_entropy
 from nanochat.platform import COMPUTE_DTYPE, DEVICE, autocast, peak_flops, peak_memory_mb, synchronize
 
@@ -62,13 +63,15 @@ ROPE_BASE = 10000.0  # rotary embedding base frequency
 SEED = 42
 
 # ---------------------------------------------------------------------------------------------
-# Platform: torch.compile pays off on CUDA; on MPS and the CPU its start-up cost exceeds the gain
-# within a short budget. Compiled runs spend their first steps compiling, so those steps are not
-# counted as training time; eager runs exclude only the first step (allocator warm-up).
+# Platform: torch.compile fuses the elementwise work between the matmuls, on the CPU as on a GPU.
+# Step 0 compiles (eager: warms up the allocator), so it is not training time; CUDA leaves out
+# upstream's 10 steps, to compare with upstream. Compiled graphs are cached beside the data
+# (nanochat/compile.py): a rerun, or an edit of constants only, starts warm, because schedule values
+# reach the compiled optimizer as tensors, never as numbers baked into a graph.
+# AUTORESEARCH_COMPILE=0 trains eager, with the hand-fused kernels of nanochat/fused.py.
 
-USE_COMPILE = DEVICE.type == "cuda"
-UNTIMED_STEPS = 10 if USE_COMPILE else 1
-maybe_compile = torch.compile if USE_COMPILE else (lambda fn, **kwargs: fn)
+compiler = Compiler()
+UNTIMED_STEPS = 10 if DEVICE.type == "cuda" else 1
 torch.manual_seed(SEED)
 
 # ---------------------------------------------------------------------------------------------
@@ -235,13 +238,21 @@ POLAR_EXPRESS = [
 ]
 
 
-@maybe_compile
+def scalar(value, like):
+    """A 0-d tensor: a compiled graph takes it as an input, so a new value never recompiles."""
+    return torch.tensor(value, dtype=torch.float32, device=like.device)
+
+
 def muon_update(params, grads, momentum_buf, second_buf, momentum, lr, wd, beta2, ns_steps: int):
-    """One Muon step for a stack (K, rows, cols) of same-shape matrices, in place on `params`."""
+    """One Muon step for a group of same-shape matrices, stacked (K, rows, cols); in place on `params`."""
+    stacked = torch.stack(params)
+    grads = torch.stack(grads)
     momentum_buf.lerp_(grads, 1 - momentum)
     g = grads.lerp_(momentum_buf, momentum)  # Nesterov: look ahead along the momentum
-    # Orthogonalise: normalise, then iterate X <- aX + (bA + cA^2)X with A = XX^T (on the short side)
-    X = g.bfloat16()
+    # Orthogonalise: normalise, then iterate X <- aX + (bA + cA^2)X with A = XX^T (on the short side).
+    # In the compute dtype: bf16 where the hardware has it; a CPU without it emulates bf16 matmuls
+    # at a fraction of the fp32 rate (on a 2-core Zen 3 they took 2/3 of every step)
+    X = g.to(COMPUTE_DTYPE)
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
     tall = X.size(-2) > X.size(-1)
     if tall:
@@ -261,19 +272,29 @@ def muon_update(params, grads, momentum_buf, second_buf, momentum, lr, wd, beta2
     g = g.float() * (step * (v_norm / v_norm_new.clamp_min(1e-10)))
     # Cautious weight decay: decay only where the update and the weight agree in sign
     lr = lr * max(1.0, g.size(-2) / g.size(-1)) ** 0.5
-    mask = (g * params) >= 0
-    params.sub_(lr * g + lr * wd * params * mask)
+    mask = (g * stacked) >= 0
+    stacked = stacked - (lr * g + lr * wd * stacked * mask)
+    for param, updated in zip(params, stacked.unbind(0)):
+        param.copy_(updated)
 
 
 def adamw_update(params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps=1e-10):
-    """AdamW without weight decay (embeddings, head and scalars are not decayed), batched over a group."""
-    torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
-    torch._foreach_mul_(exp_avg_sq, beta2)
-    torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)
-    denom = torch._foreach_sqrt(exp_avg_sq)
-    torch._foreach_div_(denom, (1 - beta2**step) ** 0.5)
-    torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(params, exp_avg, denom, value=-lr / (1 - beta1**step))
+    """AdamW without weight decay (embeddings, head and scalars are not decayed), over a group."""
+    step_size = lr / (1 - beta1**step)
+    bias2_sqrt = (1 - beta2**step).sqrt()
+    for param, grad, m, v in zip(params, grads, exp_avg, exp_avg_sq):
+        m.lerp_(grad, 1 - beta1)
+        v.lerp_(grad.square(), 1 - beta2)
+        param.sub_(step_size * m / (v.sqrt() / bias2_sqrt + eps))
+
+
+@compiler
+def update_all(adamw_args, muon_args, ns_steps: int):
+    """Every group's update in one compiled graph: one compilation, one call per step."""
+    for args in adamw_args:
+        adamw_update(*args)
+    for args in muon_args:
+        muon_update(*args, ns_steps)
 
 
 class MuonAdamW:
@@ -289,26 +310,25 @@ class MuonAdamW:
 
     @torch.no_grad()
     def step(self):
+        adamw_args, muon_args = [], []
         for group, state in zip(self.param_groups, self.state):
             params = group["params"]
+            grads = [p.grad for p in params]
             if group["kind"] == "adamw":
                 if not state:
                     state.update(step=0, exp_avg=[torch.zeros_like(p) for p in params],
                                  exp_avg_sq=[torch.zeros_like(p) for p in params])
                 state["step"] += 1
-                adamw_update(params, [p.grad for p in params], state["exp_avg"], state["exp_avg_sq"],
-                             state["step"], group["lr"], *group["betas"])
+                hyper = [scalar(v, params[0]) for v in (state["step"], group["lr"], *group["betas"])]
+                adamw_args.append((params, grads, state["exp_avg"], state["exp_avg_sq"], *hyper))
                 continue
-            stacked = torch.stack(params)
             if not state:
-                rows, cols = stacked.shape[-2:]
-                state["momentum"] = torch.zeros_like(stacked)
-                state["second"] = stacked.new_zeros(len(params), rows, 1) if rows >= cols else \
-                    stacked.new_zeros(len(params), 1, cols)
-            hyper = (torch.tensor(group[k], device=stacked.device) for k in ("momentum", "lr", "weight_decay"))
-            muon_update(stacked, torch.stack([p.grad for p in params]), state["momentum"], state["second"],
-                        *hyper, torch.tensor(MUON_BETA2, device=stacked.device), NS_STEPS)
-            torch._foreach_copy_(params, list(stacked.unbind(0)))
+                (rows, cols), n = params[0].shape, len(params)
+                state["momentum"] = params[0].new_zeros(n, rows, cols)
+                state["second"] = params[0].new_zeros(n, rows, 1) if rows >= cols else params[0].new_zeros(n, 1, cols)
+            hyper = [scalar(v, params[0]) for v in (group["momentum"], group["lr"], group["weight_decay"], MUON_BETA2)]
+            muon_args.append((params, grads, state["momentum"], state["second"], *hyper))
+        update_all(adamw_args, muon_args, NS_STEPS)
 
     def zero_grad(self):
         for group in self.param_groups:
@@ -359,7 +379,7 @@ model.init_weights()
 num_params = sum(p.numel() for p in model.parameters())
 flops_per_token = model.flops_per_token()
 optimizer = build_optimizer(model)
-train_model = maybe_compile(model, dynamic=False)
+train_model = compiler(model, dynamic=False)
 
 tokens_per_micro_batch = DEVICE_BATCH_SIZE * MAX_SEQ_LEN
 assert TOTAL_BATCH_SIZE % tokens_per_micro_batch == 0, \
@@ -370,7 +390,8 @@ x, y, epoch = next(train_loader)
 peak = peak_flops()
 
 print(f"device: {DEVICE} | params: {num_params / 1e6:.1f}M | width: {width} | depth: {DEPTH} | "
-      f"windows: {model.windows} | grad accum: {grad_accum_steps} | budget: {TIME_BUDGET}s", flush=True)
+      f"windows: {model.windows} | grad accum: {grad_accum_steps} | budget: {TIME_BUDGET}s | "
+      f"compile: {'on' if compiler.enabled else compiler.cache_state()}", flush=True)
 
 # ---------------------------------------------------------------------------------------------
 # Training loop: runs until TIME_BUDGET seconds of (timed) training have passed
@@ -418,19 +439,23 @@ while True:
         gc.collect()
         gc.freeze()
         gc.disable()
+    if step == UNTIMED_STEPS - 1:
+        compiler.mark_warm()
     step += 1
     if step > UNTIMED_STEPS and training_time >= TIME_BUDGET:
         break
 
 print()
 T_TRAIN_END = time.time()
+recompiles = compiler.late_graphs()  # graphs compiled during timed training: each a guard that failed
 
 # ---------------------------------------------------------------------------------------------
 # Evaluation and summary
 
 model.eval()
 with torch.no_grad(), autocast():
-    val_bpb = evaluate_bpb(train_model, tokenizer, DEVICE_BATCH_SIZE)  # the compiled model where there is one
+    # on the CPU eager: over its profile's 2^16 tokens, compiling the evaluation graph costs more than it saves
+    val_bpb = evaluate_bpb(train_model if DEVICE.type == "cuda" else model, tokenizer, DEVICE_BATCH_SIZE)
 t_end = time.time()
 timed_steps = step - UNTIMED_STEPS
 mfu_percent = 100 * flops_per_token * TOTAL_BATCH_SIZE * timed_steps / training_time / peak if training_time > 0 else 0.0
@@ -446,5 +471,8 @@ print(f"num_steps:        {step}")
 print(f"num_params_M:     {num_params / 1e6:.1f}")
 print(f"depth:            {DEPTH}")
 print(f"eval_seconds:     {t_end - T_TRAIN_END:.1f}")
+print(f"compile_seconds:  {compiler.seconds():.1f}")
+print(f"compile_cache:    {compiler.cache_state()}")
+print(f"recompiles:       {recompiles}")
 if "AUTORESEARCH_TIME_BUDGET" in os.environ:
     print(f"budget_note:      time budget shortened to {TIME_BUDGET}s by AUTORESEARCH_TIME_BUDGET")

@@ -14,6 +14,7 @@ PROGRESS_RE = re.compile(
 TAIL_LINES = 30
 TAIL_LINE_CHARS = 160  # long lines (tracebacks with tensors) would flood an answer
 TAIL_BYTES_FOR_PROGRESS = 4096  # the last progress line always fits in this much
+TEXT_FIELDS = {"compile_cache"}  # summary values kept as text, not numbers
 
 
 def parse_summary(text: str) -> Summary | None:
@@ -26,7 +27,7 @@ def parse_summary(text: str) -> Summary | None:
     for line in lines[starts[-1] + 1:]:
         key, sep, value = line.partition(":")
         if sep and key.strip() in Summary.model_fields:
-            values[key.strip()] = _number(value.strip())
+            values[key.strip()] = value.strip() if key.strip() in TEXT_FIELDS else _number(value.strip())
     if "val_bpb" not in values:
         return None
     return Summary(**{k: v for k, v in values.items() if v is not None})

@@ -483,7 +483,8 @@ class ResearchLoop:
                            status="crash", parent=entry["parent"][:7], slot=slot, log=entry["log"],
                            timeout_seconds=entry["timeout"], next="")
         if summary is not None:
-            for key in ("training_seconds", "total_seconds", "eval_seconds", "num_steps"):
+            for key in ("training_seconds", "total_seconds", "eval_seconds", "num_steps", "compile_seconds",
+                        "compile_cache", "recompiles"):
                 setattr(result, key, getattr(summary, key))
         report = report or {}
         result.exit_code = report.get("exit_code")

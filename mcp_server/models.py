@@ -42,6 +42,9 @@ class Summary(BaseModel):
     num_params_M: float | None = None
     depth: int | None = None
     eval_seconds: float | None = None  # this project's train.py; not upstream's
+    compile_seconds: float | None = None  # likewise: time spent compiling, apart from training
+    compile_cache: str | None = None  # warm, cold, partial, or off (why)
+    recompiles: int | None = None  # graphs compiled during timed training
 
 
 class RunResult(BaseModel):
@@ -57,6 +60,9 @@ class RunResult(BaseModel):
     training_seconds: float | None = None
     total_seconds: float | None = None
     eval_seconds: float | None = None
+    compile_seconds: float | None = None
+    compile_cache: str | None = None
+    recompiles: int | None = None
     num_steps: int | None = None
     wall_seconds: float | None = None  # measured by the run's worker, not taken from the log
     exit_code: int | None = None

@@ -60,7 +60,14 @@ def explicit_attention(q, k, v, left: int) -> torch.Tensor:
     if k.size(2) != H:  # grouped-query attention: each kv head serves H / n_kv query heads
         k, v = (t.repeat_interleave(H // t.size(2), dim=2) for t in (k, v))
     q, k, v = (t.transpose(1, 2).reshape(B * H, T, D) for t in (q, k, v))
-    scores = torch.baddbmm(_window_bias(T, left, q.device, q.dtype), q, k.transpose(1, 2), alpha=D**-0.5)
+    if torch.compiler.is_compiling():
+        # the mask is built inside the graph, where the compiler fuses it into the softmax; a
+        # lookup in the module's cache would be guarded on and recompile once the cache fills
+        i = torch.arange(T, device=q.device)
+        dist = i[:, None] - i[None, :]
+        scores = torch.bmm(q, k.transpose(1, 2)).mul(D**-0.5).masked_fill((dist < 0) | (dist > left), float("-inf"))
+    else:
+        scores = torch.baddbmm(_window_bias(T, left, q.device, q.dtype), q, k.transpose(1, 2), alpha=D**-0.5)
     y = torch.bmm(scores.softmax(dim=-1), v)
     return y.view(B, H, T, D).transpose(1, 2)
 

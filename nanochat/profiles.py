@@ -20,11 +20,13 @@ PROFILES = {
         train_defaults=dict(depth=4, window_pattern="L", total_batch_size=2**14, device_batch_size=16),
     ),
     # Laptop / CI CPU: short context, small vocabulary, short budget and evaluation, sized so that on
-    # a 2-core Zen4 a run is a real small GPT (depth 4, 7M parameters, ~40 optimizer steps of 8k
-    # tokens in 60 s) and the overheads stay small: evaluation of 2^16 tokens takes ~5 s (<15% of
-    # the budget), start-up ~4 s (<10%). Measure with `uv run bench/bench_train.py`.
+    # 2 cores a run is a real small GPT (depth 4, 7M parameters) and evaluation stays short (2^16
+    # tokens: ~5 s on a Zen4, ~10 s on a Zen3 in fp32). One micro-batch of 4k tokens per step: with
+    # 60 s of training, more steps beat larger ones (2-core Zen3, compiled, side by side under the
+    # same load: 2^12 tokens per step, 18-30 steps, val_bpb 2.25-2.43; 2^13, 11-16 steps,
+    # 2.33-2.46; 2^11 in micro-batches of 8 rows, 32-36 steps, 2.41-2.45). `uv run bench/bench_train.py`.
     "cpu": dict(
         max_seq_len=256, time_budget=60, eval_tokens=2**16, vocab_size=4096,
-        train_defaults=dict(depth=4, window_pattern="L", total_batch_size=2**13, device_batch_size=16),
+        train_defaults=dict(depth=4, window_pattern="L", total_batch_size=2**12, device_batch_size=16),
     ),
 }

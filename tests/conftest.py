@@ -26,10 +26,14 @@ def prepared_env(tmp_path_factory, bubblewrap) -> dict:
     """Environment for a child process that sees a prepared CPU-profile harness."""
     cache = tmp_path_factory.mktemp("autoresearch-cache")
     env = dict(os.environ)
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)  # the compile cache is the one beside the data
     env.update(
         AUTORESEARCH_CACHE=str(cache),
         AUTORESEARCH_TIME_BUDGET=TEST_TIME_BUDGET,
         AUTORESEARCH_EVAL_TOKENS=TEST_EVAL_TOKENS,
+        # eager: the tests of the loop need a trained model, not a compiled one (a cold compile of
+        # a model costs a minute on 2 cores); test_compile.py covers the compiled path
+        AUTORESEARCH_COMPILE="0",
         PYTHONUNBUFFERED="1",
     )
     subprocess.run(

@@ -33,7 +33,7 @@ def harness_workspace(tmp_path, repo_root, prepared_env, monkeypatch):
     git(ws, "config", "user.name", "test")
     git(ws, "add", ".")
     git(ws, "commit", "-q", "-m", "harness and train.py")
-    for key in ("AUTORESEARCH_CACHE", "AUTORESEARCH_TIME_BUDGET", "AUTORESEARCH_EVAL_TOKENS"):
+    for key in ("AUTORESEARCH_CACHE", "AUTORESEARCH_TIME_BUDGET", "AUTORESEARCH_EVAL_TOKENS", "AUTORESEARCH_COMPILE"):
         monkeypatch.setenv(key, prepared_env[key])
     return ws
 
@@ -61,6 +61,7 @@ def test_real_training_run_then_discard(tmp_path, repo_root, prepared_env, monke
     assert run["status"] == "ok", run.get("tail")
     assert 0 < run["val_bpb"] < 20 and run["num_steps"] >= 1 and run["training_seconds"] > 0
     assert 0 < run["eval_seconds"] < run["total_seconds"] - run["training_seconds"]  # the split the demo prints
+    assert run["compile_cache"] == "off (AUTORESEARCH_COMPILE=0)" and run["recompiles"] == 0  # as train.py said
     assert discard["row"]["status"] == "discard" and discard["kept_commit"] == setup["base_commit"]
     assert ledger_lines(ws)[1] == (f"{run['commit']}\t{run['val_bpb']:.6f}\t{run['memory_gb']:.1f}\t"
                                    "discard\tbaseline on cpu (e2e test)")

@@ -72,6 +72,9 @@ def test_summary_block_is_complete_and_sane(trained, prepared_env, repo_root):
     assert float(summary["num_params_M"]) > 1
     assert int(summary["depth"]) == facts["depth"]
     assert summary["budget_note"] == f"time budget shortened to {int(budget)}s by AUTORESEARCH_TIME_BUDGET"
+    # the eager path (tests/conftest.py): nothing compiled, and the summary says why
+    assert summary["compile_cache"] == "off (AUTORESEARCH_COMPILE=0)"
+    assert float(summary["compile_seconds"]) == 0 and int(summary["recompiles"]) == 0
 
 
 def test_progress_lines_are_upstream_format(trained):

@@ -1,0 +1,145 @@
+"""torch.compile for train.py: whether to compile, a compile cache that outlives the run, and what
+the run reports about compiling (seconds, cache warm or cold, graphs compiled late).
+
+The cache is <cache>/compile (beside the data, see nanochat/cache.py), so it survives a reboot.
+Inductor's FX-graph cache and AOTAutograd's cache key a graph by its structure, shapes and dtypes,
+not by train.py's text: a second run of the same model, or a run whose edit changed only a
+learning rate or a schedule constant, loads every compiled graph from there instead of compiling
+it. AUTORESEARCH_COMPILE=0 trains eager; so does any platform where compiling fails, after one
+line in the log that says why.
+"""
+import logging
+import os
+import sys
+from pathlib import Path
+
+from nanochat.cache import cache_dir
+
+SWITCH = "AUTORESEARCH_COMPILE"  # "0": train eager
+
+
+def compile_cache_dir():
+    return cache_dir() / "compile"
+
+
+def compile_cache_dir_now():
+    """Where Inductor caches this run's graphs (TORCHINDUCTOR_CACHE_DIR, set below unless given)."""
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
+# Read by Inductor when it first compiles, so setting it at import is in time; Triton's cache (CUDA)
+# lives inside it. An explicit TORCHINDUCTOR_CACHE_DIR (a benchmark's fresh folder) wins.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
+
+import torch  # noqa: E402  (after the cache location is set)
+
+from nanochat.platform import DEVICE  # noqa: E402
+
+if DEVICE.type != "cuda" and "triton" not in sys.modules:
+    # Triton generates GPU kernels only. Without a GPU it is not imported, as with torch's CPU
+    # wheels: that saves its import, and the hundreds of lines its bindings print at exit about
+    # objects that train.py's frozen garbage collector never freed.
+    sys.modules["triton"] = None
+    logging.getLogger("torch.utils.flop_counter").setLevel(logging.ERROR)  # "triton not found"
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found"
+
+
+class Compiler:
+    """Wraps functions and modules in torch.compile, or leaves them eager when compiling is off or
+    has failed once. A failure (no C++ compiler, an unsupported platform) surfaces at the first
+    call, when the graph is compiled: that call, and every later one, then runs eager."""
+
+    def __init__(self):
+        self.off_reason = f"{SWITCH}=0" if os.environ.get(SWITCH, "1").strip() == "0" else None
+        self._graphs_at_mark = 0
+        if self.enabled:  # imported only to compile: it adds seconds to an eager start-up
+            import torch._dynamo.utils
+            import torch._functorch.config
+            import torch._inductor.config
+            import torch._inductor.codecache
+            torch._inductor.config.fx_graph_cache = True
+            torch._functorch.config.enable_autograd_cache = True
+            # Inductor keeps its precompiled C++ headers in the temp folder whatever the cache dir
+            # says; beside the rest they survive a reboot, and a fresh cache dir is truly cold
+            headers = compile_cache_dir_now() / "precompiled_headers"
+            if hasattr(torch._inductor.codecache, "_HEADER_DIR"):
+                torch._inductor.codecache._HEADER_DIR = str(headers)
+                torch._inductor.codecache._HEADER_LOCK_DIR = str(headers / "locks")
+
+    @property
+    def enabled(self) -> bool:
+        return self.off_reason is None
+
+    def __call__(self, fn, **options):
+        if DEVICE.type == "cpu" and "mode" not in options and options.get("backend", "inductor") == "inductor":
+            # One C++ module per graph instead of one per kernel: on 2 cores a cold compile of
+            # train.py's model took half the time (gcc starts, and loads torch's headers, once per
+            # module), and trains as fast
+            options["options"] = {"cpp_wrapper": True, **options.get("options", {})}
+        return _Compiled(self, fn, options) if self.enabled else fn
+
+    def fail(self, error: Exception):
+        if self.enabled:
+            self.off_reason = f"compile failed: {type(error).__name__}"
+            first_line = (str(error).strip().splitlines() or [""])[0][:200]
+            print(f"compile failed ({type(error).__name__}: {first_line}): training eager", flush=True)
+            torch._dynamo.reset()
+
+    # --- what the summary reports --------------------------------------------------------------
+    def graphs(self) -> int:
+        """Graphs compiled so far in this process (each fresh or loaded from the cache)."""
+        return _counters()["stats"]["unique_graphs"] if _dynamo_loaded() else 0
+
+    def mark_warm(self):
+        """Call once the warm-up is over: graphs compiled after this are counted as late."""
+        self._graphs_at_mark = self.graphs()
+
+    def late_graphs(self) -> int:
+        return self.graphs() - self._graphs_at_mark
+
+    def seconds(self) -> float:
+        """Seconds spent compiling (tracing, and compiling or loading graphs, backward included)."""
+        if not _dynamo_loaded():
+            return 0.0
+        return torch._dynamo.utils.calculate_time_spent().get("total_wall_time", 0.0)
+
+    def cache_state(self) -> str:
+        """warm: every graph came from the cache; cold: none did; partial: some did; or off (why)."""
+        if not self.enabled:
+            return f"off ({self.off_reason})"
+        counters = _counters()
+        hits = counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
+        misses = counters["inductor"]["fxgraph_cache_miss"] + counters["aot_autograd"]["autograd_cache_miss"]
+        if hits and not misses:
+            return "warm"
+        if misses and not hits:
+            return "cold"
+        return "partial" if hits else "unused"
+
+
+def _dynamo_loaded() -> bool:
+    return "torch._dynamo.utils" in sys.modules
+
+
+def _counters():
+    return torch._dynamo.utils.counters
+
+
+class _Compiled:
+    """A compiled function or module that falls back to its eager self for good if compiling fails."""
+
+    def __init__(self, compiler, fn, options):
+        self._compiler, self._eager = compiler, fn
+        self._orig_mod = fn  # torch.compile's name for the eager module: the harness exports that one
+        self._compiled = torch.compile(fn, **options)
+
+    def __call__(self, *args, **kwargs):
+        if self._compiler.enabled:
+            try:
+                return self._compiled(*args, **kwargs)
+            except Exception as error:  # noqa: BLE001  (a user error re-raises from the eager call)
+                self._compiler.fail(error)
+        return self._eager(*args, **kwargs)
+
+    def __getattr__(self, name):  # a module's parameters, train/eval, ...
+        return getattr(self._eager, name)

@@ -1,0 +1,151 @@
+"""The compiled training path on the CPU, end to end: a cold run compiles and says so, a rerun and a
+constants-only edit load every graph from the compile cache (counted, not timed), and a platform
+where compiling fails trains eager after one line in the log."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_train import parse_summary, run_train
+
+SHORT_BUDGET = "2"  # seconds: the warm runs only have to show what they loaded
+CACHE_ENTRY_DIRS = ("fxgraph", "aotautograd")
+# train.py as it is but small (one block, 1k-token micro-batches), so that its cold compile takes
+# seconds, not a minute, and a 2 s budget holds tens of steps over which the schedules move
+SMALL = {'\nDEPTH = TRAIN_DEFAULTS["depth"]': "\nDEPTH = 1",
+         '\nTOTAL_BATCH_SIZE = TRAIN_DEFAULTS["total_batch_size"]': "\nTOTAL_BATCH_SIZE = 2048",
+         '\nDEVICE_BATCH_SIZE = TRAIN_DEFAULTS["device_batch_size"]': "\nDEVICE_BATCH_SIZE = 4"}
+needs_compiler = pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")),
+                                    reason="no C++ compiler here: the CPU cannot compile (the fallback test still runs)")
+CONSTANTS_ONLY = {"\nMATRIX_LR = 0.04": "\nMATRIX_LR = 0.055", "\nWARMDOWN_RATIO = 0.5": "\nWARMDOWN_RATIO = 0.7"}
+
+
+def compiled_env(prepared_env, compile_cache: Path, **extra) -> dict:
+    env = {k: v for k, v in prepared_env.items() if k != "AUTORESEARCH_COMPILE"}
+    return dict(env, TORCHINDUCTOR_CACHE_DIR=str(compile_cache), **extra)
+
+
+def cache_entries(compile_cache: Path) -> set:
+    """The compiled graphs stored in the cache: a run that compiles nothing adds none."""
+    return {p.relative_to(compile_cache) for d in CACHE_ENTRY_DIRS for p in (compile_cache / d).rglob("*") if p.is_file()}
+
+
+def edited(source: str, edits: dict) -> str:
+    for old, new in edits.items():
+        assert source.count(old) == 1, old
+        source = source.replace(old, new)
+    return source
+
+
+def write_train(folder: Path, source: str) -> Path:
+    folder.mkdir(exist_ok=True)
+    (folder / "train.py").write_text(source)
+    return folder / "train.py"
+
+
+def run_copy(script: Path, env: dict, repo_root: Path):
+    return run_train(script, dict(env, PYTHONPATH=str(repo_root)), script.parent)  # it imports the harness
+
+
+def checked(result) -> dict:
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "compile failed" not in result.stdout
+    return parse_summary(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def small_train(repo_root, tmp_path_factory) -> Path:
+    return write_train(tmp_path_factory.mktemp("small"), edited((repo_root / "train.py").read_text(), SMALL))
+
+
+@pytest.fixture(scope="module")
+def runs(prepared_env, repo_root, small_train, tmp_path_factory):
+    """The small train.py with a fresh compile cache, then again, then a copy whose constants differ."""
+    compile_cache = tmp_path_factory.mktemp("compile-cache")
+    env = compiled_env(prepared_env, compile_cache, AUTORESEARCH_TIME_BUDGET=SHORT_BUDGET)
+    cold = checked(run_copy(small_train, env, repo_root))
+    after_cold = cache_entries(compile_cache)
+    warm = checked(run_copy(small_train, env, repo_root))
+    after_warm = cache_entries(compile_cache)
+    constants_edit = write_train(tmp_path_factory.mktemp("edited"), edited(small_train.read_text(), CONSTANTS_ONLY))
+    edit = checked(run_copy(constants_edit, env, repo_root))
+    return dict(cold=cold, warm=warm, edited=edit, after_cold=after_cold, after_warm=after_warm,
+                after_edit=cache_entries(compile_cache))
+
+
+@needs_compiler
+def test_cold_run_compiles_and_reports_it(runs):
+    cold = runs["cold"]
+    assert cold["compile_cache"] == "cold"
+    assert float(cold["compile_seconds"]) > 0
+    assert int(cold["recompiles"]) == 0  # everything compiled in the untimed first step
+    assert int(cold["num_steps"]) >= 5  # ... though the learning rates moved at every step since
+    assert runs["after_cold"], "nothing was written to the compile cache"
+    assert float(cold["val_bpb"]) > 0
+
+
+RECOMPILE_SCRIPT = """
+import json, torch
+from nanochat.compile import Compiler
+compiler = Compiler()
+assert compiler.enabled
+scale = compiler(lambda x, factor: x * factor, backend="eager", dynamic=False)  # dynamo only: no C++
+x = torch.ones(3)
+scale(x, torch.tensor(0.5)); scale(x, 5)
+compiler.mark_warm()
+for value in (0.1, 0.2, 0.3):
+    scale(x, torch.tensor(value))
+as_tensors = compiler.late_graphs()
+scale(x, 7)  # an integer is baked into its graph: a new one compiles another
+print(json.dumps(dict(as_tensors=as_tensors, as_number=compiler.late_graphs() - as_tensors)))
+"""
+
+
+def test_recompiles_are_counted(prepared_env, repo_root, tmp_path):
+    """What the summary's recompiles line counts: a new value passed as a tensor reuses the graph, a
+    new integer compiles another."""
+    env = compiled_env(prepared_env, tmp_path / "compile-cache")
+    done = subprocess.run([sys.executable, "-c", RECOMPILE_SCRIPT], cwd=repo_root, env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == dict(as_tensors=0, as_number=1)
+
+
+@needs_compiler
+def test_second_run_finds_the_cache_warm(runs):
+    assert runs["warm"]["compile_cache"] == "warm"
+    assert int(runs["warm"]["recompiles"]) == 0
+    assert runs["after_warm"] == runs["after_cold"]  # it compiled nothing
+
+
+@needs_compiler
+def test_constants_only_edit_does_not_recompile(runs):
+    edited = runs["edited"]
+    assert edited["compile_cache"] == "warm"
+    assert int(edited["recompiles"]) == 0
+    assert runs["after_edit"] == runs["after_cold"]
+
+
+def test_compile_cache_defaults_to_the_harness_cache(prepared_env, repo_root):
+    env = {k: v for k, v in prepared_env.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    script = "import json, os, nanochat.compile; print(json.dumps(os.environ['TORCHINDUCTOR_CACHE_DIR']))"
+    found = subprocess.run([sys.executable, "-c", script], cwd=repo_root, env=env, capture_output=True,
+                           text=True, check=True).stdout
+    assert Path(json.loads(found)) == Path(prepared_env["AUTORESEARCH_CACHE"]) / "compile"
+
+
+def test_compile_failure_trains_eager(prepared_env, repo_root, small_train, tmp_path):
+    """No working C++ compiler: the first compiled call fails, the run says so once and trains eager."""
+    env = compiled_env(prepared_env, tmp_path / "compile-cache", CXX=str(tmp_path / "no-such-compiler"),
+                       AUTORESEARCH_TIME_BUDGET=SHORT_BUDGET)
+    result = run_copy(small_train, env, repo_root)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    failures = [line for line in result.stdout.splitlines() if "compile failed" in line and "training eager" in line]
+    assert len(failures) == 1, result.stdout[-2000:]
+    summary = parse_summary(result.stdout)
+    assert summary["compile_cache"].startswith("off (compile failed")
+    assert float(summary["val_bpb"]) > 0
