@@ -30,6 +30,7 @@ CLIMBMIX_TRAIN_SHARDS = 10  # upstream's default download
 TOKENIZER_MAX_CHARS = 1_000_000_000  # text the tokenizer trains on, at most (as upstream)
 TOKENIZER_DOC_CHARS = 10_000  # per document, so one huge document can't dominate the merges
 NETWORK_PROBE_TIMEOUT_S = 3
+BUDGET_CLOCKS = ("wall", "cpu")  # see training_clock
 # What prepared.json fixes for every later run (the MCP server reads time_budget from it too);
 # the profile's train_defaults are only train.py's starting point, so they come from the code.
 RECORDED_CONSTANTS = ("vocab_size", "max_seq_len", "time_budget", "eval_tokens")
@@ -62,6 +63,25 @@ def _env_positive_int(name: str, default: int) -> int:
     return number
 
 
+def _budget_clock(record: dict) -> str:
+    """The record's clock (a record from before clocks: wall), or AUTORESEARCH_BUDGET_CLOCK's (benchmarks)."""
+    clock = os.environ.get("AUTORESEARCH_BUDGET_CLOCK") or record.get("budget_clock", "wall")
+    if clock not in BUDGET_CLOCKS:
+        raise RuntimeError(f"budget clock {clock!r} is not one of {', '.join(BUDGET_CLOCKS)} "
+                           "(AUTORESEARCH_BUDGET_CLOCK, or budget_clock in prepared.json).")
+    return clock
+
+
+def training_clock():
+    """The clock TIME_BUDGET is spent on, as prepared. "wall": wall-clock seconds (GPUs, as upstream).
+    "cpu": this process's CPU seconds per thread: on a shared machine a busy neighbour makes a run
+    take longer instead of train less, and faster code still gets more steps."""
+    if BUDGET_CLOCK == "cpu":
+        threads = torch.get_num_threads()
+        return lambda: time.process_time() / threads
+    return time.perf_counter
+
+
 def load_constants() -> dict:
     """The constants of the recorded profile, with the test/debug overrides from the environment."""
     record = read_record()
@@ -87,6 +107,7 @@ def load_constants() -> dict:
         MAX_SEQ_LEN=profile["max_seq_len"],
         VOCAB_SIZE=profile["vocab_size"],
         TIME_BUDGET=_env_positive_int("AUTORESEARCH_TIME_BUDGET", record["time_budget"]),
+        BUDGET_CLOCK=_budget_clock(record),
         EVAL_TOKENS=_env_positive_int("AUTORESEARCH_EVAL_TOKENS", record["eval_tokens"]),
         TRAIN_DEFAULTS=dict(profile["train_defaults"]),
     )
@@ -97,6 +118,7 @@ if __name__ != "__main__":  # imported (by train.py): resolve the contract's con
     PROFILE, DATASET = _constants["PROFILE"], _constants["DATASET"]
     MAX_SEQ_LEN, VOCAB_SIZE = _constants["MAX_SEQ_LEN"], _constants["VOCAB_SIZE"]
     TIME_BUDGET, EVAL_TOKENS = _constants["TIME_BUDGET"], _constants["EVAL_TOKENS"]
+    BUDGET_CLOCK = _constants["BUDGET_CLOCK"]
     TRAIN_DEFAULTS = _constants["TRAIN_DEFAULTS"]
 
 
@@ -231,9 +253,14 @@ def prepare(profile_name: str, dataset_request: str, num_shards: int, force: boo
         profile_name = record["profile"] if record else detect_profile()
     profile = PROFILES[profile_name]
     dataset = choose_dataset(dataset_request, profile_name, record)
-    wanted = {"profile": profile_name, "dataset": dataset,
+    wanted = {"profile": profile_name, "dataset": dataset, "budget_clock": profile["budget_clock"],
               **{key: profile[key] for key in RECORDED_CONSTANTS}}
     print(f"Cache: {cache_dir()}\nProfile: {profile_name}  Data set: {dataset}", flush=True)
+    if record and "budget_clock" not in record and record.get("profile") == profile_name:
+        # prepared before budget clocks existed: a research run set up on it sees the record change
+        record["budget_clock"] = profile["budget_clock"]
+        _write_record(record)
+        print(f"Recorded the profile's budget clock ({profile['budget_clock']}) in {prepared_record_path()}.")
     if record:
         differs = {k: (record.get(k), v) for k, v in wanted.items() if record.get(k) != v}
         if differs:

@@ -14,7 +14,7 @@ PROGRESS_RE = re.compile(
 TAIL_LINES = 30
 TAIL_LINE_CHARS = 160  # long lines (tracebacks with tensors) would flood an answer
 TAIL_BYTES_FOR_PROGRESS = 4096  # the last progress line always fits in this much
-TEXT_FIELDS = {"compile_cache"}  # summary values kept as text, not numbers
+TEXT_FIELDS = {"compile_cache", "budget_clock"}  # summary values kept as text, not numbers
 
 
 def parse_summary(text: str) -> Summary | None:

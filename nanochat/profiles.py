@@ -4,19 +4,24 @@ A profile is chosen once, when data is prepared (auto-detected or named), and re
 cache, so every run on a branch uses the same constants and results stay comparable.
 """
 
+# budget_clock: what TIME_BUDGET is spent on (prepare.training_clock). "wall" on GPUs, as upstream;
+# "cpu" (this process's CPU seconds per thread) where the machine is likely shared: a busy process
+# beside a run then makes it take longer instead of training less (2-core Zen3, 30 s budget, one
+# busy process beside the run: `uv run bench/bench_clock.py`).
+
 PROFILES = {
     # Upstream autoresearch on one H100: results comparable with upstream.
     "h100": dict(
-        max_seq_len=2048, time_budget=300, eval_tokens=40 * 524288, vocab_size=8192,
+        max_seq_len=2048, time_budget=300, budget_clock="wall", eval_tokens=40 * 524288, vocab_size=8192,
         train_defaults=dict(depth=8, window_pattern="SSSL", total_batch_size=2**19, device_batch_size=128),
     ),
     # A smaller CUDA GPU (consumer cards, < 40 GB).
     "gpu": dict(
-        max_seq_len=1024, time_budget=300, eval_tokens=10 * 524288, vocab_size=8192,
+        max_seq_len=1024, time_budget=300, budget_clock="wall", eval_tokens=10 * 524288, vocab_size=8192,
         train_defaults=dict(depth=4, window_pattern="L", total_batch_size=2**16, device_batch_size=32),
     ),
     "mps": dict(
-        max_seq_len=512, time_budget=300, eval_tokens=2 * 524288, vocab_size=8192,
+        max_seq_len=512, time_budget=300, budget_clock="wall", eval_tokens=2 * 524288, vocab_size=8192,
         train_defaults=dict(depth=4, window_pattern="L", total_batch_size=2**14, device_batch_size=16),
     ),
     # Laptop / CI CPU: short context, small vocabulary, short budget and evaluation, sized so that on
@@ -26,7 +31,7 @@ PROFILES = {
     # same load: 2^12 tokens per step, 18-30 steps, val_bpb 2.25-2.43; 2^13, 11-16 steps,
     # 2.33-2.46; 2^11 in micro-batches of 8 rows, 32-36 steps, 2.41-2.45). `uv run bench/bench_train.py`.
     "cpu": dict(
-        max_seq_len=256, time_budget=60, eval_tokens=2**16, vocab_size=4096,
+        max_seq_len=256, time_budget=60, budget_clock="cpu", eval_tokens=2**16, vocab_size=4096,
         train_defaults=dict(depth=4, window_pattern="L", total_batch_size=2**12, device_batch_size=16),
     ),
 }
