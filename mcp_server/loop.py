@@ -39,6 +39,10 @@ from mcp_server.workspace import (
 RUN_LOG = "run.log"
 RUNS_DIR = "runs"
 RECENT_ROWS = 5
+# MFU of a run against its best's run: beyond this share apart, the machine's speed may explain the
+# delta (on a 2-core CPU, one busy process beside a wall-clock run cost it 35% of its steps)
+THROUGHPUT_TOLERANCE = 0.15
+CONFIRM_WIDTHS = 3.0  # a gain within this many noise thresholds is confirmed before keep accepts it
 TIMEOUT_FACTOR = 2.0
 # A budget counts training time only: start-up, compilation and evaluation come on top,
 # which on a CPU can exceed the budget itself, so the default timeout has a floor.
@@ -273,10 +277,13 @@ class ResearchLoop:
         return max(TIMEOUT_FACTOR * budget, budget + MIN_TIMEOUT_MARGIN_S)
 
     def submit(self, description: str, timeout_seconds: float | None = None, source: bytes | None = None,
-               parent_note: str = "", replacing: int | None = None) -> dict:
+               parent_note: str = "", replacing: int | None = None, rerun_of: int | None = None) -> dict:
         """Queues a candidate: train.py from the working tree (or `source`) on top of the kept
         commit. Returns its state entry; it starts as soon as a slot is free. `replacing`: an
-        undecided run that this one supersedes (not counted against the slots)."""
+        undecided run that this one supersedes (not counted against the slots). `rerun_of`: an
+        undecided run this one re-measures (a control or a confirmation): not counted either, and
+        its discard never touches train.py."""
+        replacing = rerun_of if rerun_of is not None else replacing
         description = ledger.validate_description(description)
         if timeout_seconds is not None and not (isinstance(timeout_seconds, (int, float))
                                                 and 0 < timeout_seconds <= MAX_TIMEOUT_S):
@@ -307,6 +314,8 @@ class ResearchLoop:
                      "timeout": float(timeout_seconds or self.default_timeout()), "submitted_at": time.time(),
                      "log": f"{RUNS_DIR}/{run_name(n, commit)}.log",
                      "report": f"{RUNS_DIR}/{run_name(n, commit)}.report.json"}
+            if rerun_of is not None:
+                entry["rerun_of"] = rerun_of
             state.setdefault("runs", {})[str(n)] = entry
             state["seq"] = n
             self.event(n)
@@ -484,7 +493,7 @@ class ResearchLoop:
                            timeout_seconds=entry["timeout"], next="")
         if summary is not None:
             for key in ("training_seconds", "total_seconds", "eval_seconds", "num_steps", "compile_seconds",
-                        "compile_cache", "recompiles"):
+                        "compile_cache", "recompiles", "budget_clock", "mfu_percent"):
                 setattr(result, key, getattr(summary, key))
         report = report or {}
         result.exit_code = report.get("exit_code")
@@ -525,6 +534,7 @@ class ResearchLoop:
         if base:
             result.best_val_bpb, result.best_commit = base.val_bpb, base.commit
             result.delta = round(value - base.val_bpb, 6)
+            self._compare_throughput(result, summary, base.commit)
         result.noise = noise.verdict(result.delta, self.state.load().get("noise"))
         result.next = "keep() if it is better beyond noise, else discard()"
         return result
@@ -553,6 +563,31 @@ class ResearchLoop:
             result.warnings = (result.warnings or []) + [
                 f"train.py printed val_bpb {summary.val_bpb:.6f}; the harness measured {value:.6f}, which is recorded"]
         return None, value
+
+    def _compare_throughput(self, result: RunResult, summary, best_commit: str) -> None:
+        """Steps and MFU beside the best's run's: a val_bpb delta between runs that trained at
+        different speeds may be the machine's, not the change's."""
+        if summary.total_tokens_M and summary.training_seconds:
+            result.tokens_per_second = round(summary.total_tokens_M * 1e6 / summary.training_seconds)
+        best = next((r["result"] for r in reversed(history.records(self.root / RUNS_DIR))
+                     if r["result"].get("commit") == best_commit and r["result"].get("status") == "ok"), None)
+        if not best or not best.get("mfu_percent") or not summary.mfu_percent:
+            return
+        result.best_num_steps, result.best_mfu_percent = best.get("num_steps"), best["mfu_percent"]
+        if best.get("budget_clock") != summary.budget_clock:
+            result.comparable = False
+            why = (f"this run's budget was on the {summary.budget_clock or 'wall'} clock, the best's on the "
+                   f"{best.get('budget_clock') or 'wall'} clock")
+        else:
+            change = summary.mfu_percent / best["mfu_percent"] - 1
+            result.comparable = abs(change) <= THROUGHPUT_TOLERANCE
+            why = (f"this run trained at {abs(change):.0%} {'higher' if change > 0 else 'lower'} MFU than the best's "
+                   f"({summary.mfu_percent:.2f}% vs {best['mfu_percent']:.2f}%, {summary.num_steps} vs "
+                   f"{best.get('num_steps')} steps)")
+        if not result.comparable:
+            result.warnings = (result.warnings or []) + [
+                f"not comparable: {why}. Unless the change itself explains it (a faster or slower model), the "
+                "machine's speed changed: rerun the best beside it (measure_noise) before believing the delta"]
 
     @staticmethod
     def _invalid(entry: dict, value, summary) -> str | None:
@@ -640,7 +675,8 @@ class ResearchLoop:
             raise Refusal(f"Run {run} is still {entry['status']}: wait() for its result, or cancel(run={run}).")
         return entry
 
-    def keep(self, note: str | None = None, run: int | None = None, unverified: bool = False) -> DecisionResult:
+    def keep(self, note: str | None = None, run: int | None = None, unverified: bool = False,
+             unconfirmed: bool = False) -> DecisionResult:
         note = self._checked_note(note, "note")
         self._require_owner()
         with self.state.transaction() as state:
@@ -655,6 +691,7 @@ class ResearchLoop:
             if result.get("verified") is False and not unverified:
                 raise Refusal(f"Run {entry['run']}'s val_bpb is train.py's own, not the harness's ({result.get('integrity')}): "
                               f"keep(run={entry['run']}, unverified=true) keeps it anyway; or discard it.")
+            evidence = self._keep_evidence(entry, state.get("noise"), unconfirmed)
             kept = state["kept_commit"]
             if entry["parent"] != kept:
                 raise Refusal(f"Run {entry['run']} was measured on {entry['parent'][:7]}, but {kept[:7]} has been kept "
@@ -678,7 +715,67 @@ class ResearchLoop:
                         "build the next idea on the kept code")
         best = self._kept_row(entry["commit"])
         return DecisionResult(row=row, branch=state["branch"], kept_commit=entry["commit"][:7],
-                              best_val_bpb=best.val_bpb if best else None, note=note_out)
+                              best_val_bpb=best.val_bpb if best else None, evidence=evidence, note=note_out)
+
+    # --- confirmation: a marginal or incomparable gain against a contemporaneous control ----
+    @staticmethod
+    def confirmation_needed(result: dict, noise: dict | None) -> str | None:
+        """Why a gain must be re-measured beside the best before it is kept, or None."""
+        delta = result.get("delta")
+        if delta is None or delta >= 0:
+            return None
+        if result.get("comparable") is False:
+            return "it trained at a different speed than the best's run, so the machine may explain the gain"
+        if noise and -delta <= CONFIRM_WIDTHS * noise["threshold"]:
+            return (f"its gain {-delta:.6f} is within {CONFIRM_WIDTHS:g} noise thresholds "
+                    f"({CONFIRM_WIDTHS * noise['threshold']:.6f})")
+        return None
+
+    def _keep_evidence(self, entry: dict, noise: dict | None, unconfirmed: bool) -> str:
+        result, n = entry["result"], entry["run"]
+        confirmation = entry.get("confirmation")
+        if confirmation:
+            deltas = ", ".join(f"{d:+.6f}" for d in confirmation["paired_deltas"]) or "none finished"
+            if confirmation["confirmed"]:
+                return f"confirmed: rerun beside a rerun of the best, the candidate won each pair ({deltas})"
+            if not unconfirmed:
+                raise Refusal(f"Run {n}'s gain did not hold beside a rerun of the best (paired deltas {deltas}): "
+                              f"discard(run={n}), or keep(run={n}, unconfirmed=true) against that evidence.")
+            return f"kept unconfirmed on request, though its confirmation failed ({deltas})"
+        need = self.confirmation_needed(result, noise)
+        if need and not unconfirmed:
+            raise Refusal(f"Run {n} needs confirming before keep: {need}. confirm(run={n}) reruns the best and the "
+                          f"candidate, interleaved (2 runs), and keep() then accepts it if the gain holds; "
+                          f"keep(run={n}, unconfirmed=true) keeps it as it is.")
+        if need:
+            return f"kept unconfirmed on request: {need}"
+        if result.get("delta") is None:
+            return "the first result of the research run"
+        if not noise:
+            return "noise not measured: measure_noise() tells whether gains like this are real"
+        return "beyond the noise" if result["delta"] < 0 else "not better than the best: kept on request"
+
+    def confirmation_plan(self, run: int | None) -> tuple[dict, bytes, bytes]:
+        """The undecided ok result to confirm, the best's train.py (the control) and the candidate's."""
+        state = self.state.load()
+        self._research_state(state)
+        entry = self._undecided(state, run, "confirm")
+        result = entry.get("result") or {}
+        if result.get("status") != "ok":
+            raise Refusal(f"Run {entry['run']} has no result to confirm ({result.get('status') or entry['status']}).")
+        if entry["parent"] != state["kept_commit"]:
+            raise Refusal(f"Run {entry['run']} was measured on {entry['parent'][:7]}, no longer the best: "
+                          f"reapply(run={entry['run']}) first.")
+        return entry, self.ws.train_at(state["kept_commit"]), self.ws.train_at(entry["commit"])
+
+    def record_confirmation(self, run: int, confirmation: dict, spent: int) -> int:
+        """Stores the verdict on the candidate's entry; returns the research run's extra runs so far."""
+        with self.state.transaction() as state:
+            entry = (state.get("runs") or {}).get(str(run))
+            if entry is not None:
+                entry["confirmation"] = confirmation
+            state["extra_runs"] = state.get("extra_runs", 0) + spent
+            return state["extra_runs"]
 
     def discard(self, reason: str | None = None, run: int | None = None) -> DecisionResult:
         reason = self._checked_note(reason, "reason")
@@ -706,7 +803,7 @@ class ResearchLoop:
     def _restore_train(self, state: dict, entry: dict) -> str | None:
         """train.py back to the kept code, if it still holds the discarded run's code; the agent's
         newer edits are never overwritten."""
-        if self.ws.branch() != state["branch"] or not (self.root / EDITABLE).is_file():
+        if self.ws.branch() != state["branch"] or not (self.root / EDITABLE).is_file() or "rerun_of" in entry:
             return None
         working = self.ws.working_train()
         if working == self.ws.train_at(state["kept_commit"]):
@@ -949,7 +1046,8 @@ class ResearchLoop:
                               best_val_bpb=best.val_bpb if best else None, best_commit=best.commit if best else None,
                               kept_commit=kept[:7] or None, counts=counts, slots=self.slots,
                               recent=rows[-RECENT_ROWS:], malformed_ledger_lines=bad,
-                              interrupted=self._interrupted_summary(state), next="")
+                              interrupted=self._interrupted_summary(state), extra_runs=state.get("extra_runs", 0),
+                              next="")
         if not self.state.owned and not self.take_over():
             owner = self.state.owner() or {}
             result.read_only = f"server pid {owner.get('pid', '?')} runs this workspace's experiments"
@@ -1033,9 +1131,11 @@ class ResearchLoop:
         kept = self.state.load().get("kept_commit", "")[:7]
         return [r.val_bpb for r in self.rows() if r.commit == kept and r.status == "keep"]
 
-    def store_noise(self, values: list[float]) -> NoiseEstimate:
+    def store_noise(self, values: list[float], spent: int) -> NoiseEstimate:
         estimate = noise.estimate(values)
-        self.state.update(noise=estimate.model_dump())
+        with self.state.transaction() as state:
+            state["noise"] = estimate.model_dump()
+            state["extra_runs"] = state.get("extra_runs", 0) + spent
         return estimate
 
 

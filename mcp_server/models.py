@@ -45,6 +45,7 @@ class Summary(BaseModel):
     compile_seconds: float | None = None  # likewise: time spent compiling, apart from training
     compile_cache: str | None = None  # warm, cold, partial, or off (why)
     recompiles: int | None = None  # graphs compiled during timed training
+    budget_clock: str | None = None  # what the budget was spent on: wall, or cpu (seconds per thread)
 
 
 class RunResult(BaseModel):
@@ -64,6 +65,12 @@ class RunResult(BaseModel):
     compile_cache: str | None = None
     recompiles: int | None = None
     num_steps: int | None = None
+    budget_clock: str | None = None
+    mfu_percent: float | None = None
+    tokens_per_second: float | None = None  # of timed training, on the budget clock
+    best_num_steps: int | None = None  # the same, for the run of the best this one is compared with
+    best_mfu_percent: float | None = None
+    comparable: bool | None = None  # False: the throughput differs too much from the best's run
     wall_seconds: float | None = None  # measured by the run's worker, not taken from the log
     exit_code: int | None = None
     timeout_seconds: float | None = None
@@ -116,7 +123,21 @@ class DecisionResult(BaseModel):
     branch: str
     kept_commit: str
     best_val_bpb: float | None = None
+    evidence: str | None = None  # for a keep: what the gain rests on (beyond noise, confirmed, or not)
     note: str | None = None
+
+
+class ConfirmResult(BaseModel):
+    """A candidate rerun beside a rerun of the best (its control), pair by pair."""
+    run: int
+    confirmed: bool
+    paired_deltas: list[float]  # candidate rerun minus control rerun, per pair that both finished
+    control_val_bpb: list[float]
+    candidate_val_bpb: list[float]
+    failed: list[str]  # commits of reruns that did not finish ok
+    extra_runs: int  # runs this confirmation spent
+    extra_runs_total: int  # spent on controls, confirmations and noise in this research run
+    next: str
 
 
 class LoggedRow(BaseModel):
@@ -151,6 +172,7 @@ class StatusResult(BaseModel):
     ended: str | None = None  # why the research run is over, once it is
     read_only: str | None = None  # another server owns the workspace's runs
     noise: NoiseEstimate | None = None
+    extra_runs: int = 0  # reruns spent on noise, controls and confirmations
     malformed_ledger_lines: int = 0
     next: str
 

@@ -18,7 +18,7 @@ from mcp.types import CallToolResult, ImageContent, TextContent, ToolAnnotations
 from mcp_server import plot
 from mcp_server.loop import ResearchLoop
 from mcp_server.models import (
-    CancelResult, DecisionResult, HistoryResult, LoggedRow, Metrics, NoiseResult, PlotResult, Refusal, RunResult,
+    CancelResult, ConfirmResult, DecisionResult, HistoryResult, LoggedRow, Metrics, NoiseResult, PlotResult, Refusal, RunResult,
     SetupResult, StatusResult, StopResult, WaitResult,
 )
 from mcp_server.workspace import EDITABLE
@@ -31,6 +31,7 @@ INSTRUCTIONS = (
     "run_experiment(..., wait=False) queues candidates and wait() returns their results."
 )
 MAX_NOISE_REPEATS = 10
+MAX_CONFIRM_PAIRS = 5
 PROGRESS_POLL_SECONDS = 1.0
 PROGRESS_HEARTBEAT_SECONDS = 10.0  # a notification at least this often, even when no step is new
 
@@ -150,12 +151,15 @@ def build_server(loop: ResearchLoop) -> MCPServer:
         return compact(loop.read_metrics(run))
 
     @register(WRITES)
-    async def keep(note: str | None = None, run: int | None = None, unverified: bool = False) -> DecisionResult:
+    async def keep(note: str | None = None, run: int | None = None, unverified: bool = False,
+                   unconfirmed: bool = False) -> DecisionResult:
         """Accept a pending result (status ok only; run=N when several are pending): the ledger row is
         written with status keep and the branch advances to the run's commit (the new best). A run
         measured on an older best is refused: reapply(run) measures it again on the new one. A result
-        the harness could not verify (no export of the model) needs unverified=true."""
-        return compact(await threaded(loop.keep, note, run, unverified))
+        the harness could not verify (no export of the model) needs unverified=true. A gain within a
+        few noise widths, or measured at another speed than the best's run, needs confirm(run) first,
+        or unconfirmed=true; the answer's evidence says what the keep rests on."""
+        return compact(await threaded(loop.keep, note, run, unverified, unconfirmed))
 
     @register(RESETS)
     async def discard(reason: str | None = None, run: int | None = None) -> DecisionResult:
@@ -257,7 +261,44 @@ def build_server(loop: ResearchLoop) -> MCPServer:
         if len(values) < 2:
             raise Refusal(f"Too few successful repeats ({len(ok)}): fix the crash (see read_metrics) "
                           "and measure again.")
-        return compact(NoiseResult(noise=loop.store_noise(values), runs=ok, failed=failed))
+        return compact(NoiseResult(noise=loop.store_noise(values, len(runs)), runs=ok, failed=failed))
+
+    @register(WRITES)
+    async def confirm(ctx: Context, run: int | None = None, pairs: int = 1) -> ConfirmResult:
+        """Re-measure a pending gain beside a contemporaneous control: the best's code and the
+        candidate's are rerun, interleaved, `pairs` times (each rerun logged as a discard row), and
+        the gain counts as confirmed when the candidate beats the control in every pair. keep()
+        requires this for a gain within a few noise widths, or one measured at a different speed
+        than the best's run; the answer says how many extra runs the research run has spent."""
+        if not 1 <= pairs <= MAX_CONFIRM_PAIRS:
+            raise Refusal(f"pairs must be between 1 and {MAX_CONFIRM_PAIRS}.")
+        entry, control, candidate = await threaded(loop.confirmation_plan, run)
+        n, best = entry["run"], entry["parent"][:7]
+        runs = []
+        for k in range(pairs):
+            for label, source in ((f"control {k + 1}/{pairs} for run {n}: the best {best} again", control),
+                                  (f"confirmation {k + 1}/{pairs} of run {n}", candidate)):
+                queued = await threaded(lambda: loop.submit(label, None, source, rerun_of=n))
+                runs.append(queued["run"])
+        await follow(runs, ctx, until_all=True)
+        values, failed = [], []
+        for m in runs:
+            result = loop.answer_for(m)
+            await threaded(loop.discard, None, m)
+            values.append(result.val_bpb if result.status == "ok" else None)
+            if result.status != "ok":
+                failed.append(result.commit)
+        pairs_done = [(values[i], values[i + 1]) for i in range(0, len(values), 2)
+                      if values[i] is not None and values[i + 1] is not None]
+        deltas = [round(cand - ctrl, 6) for ctrl, cand in pairs_done]
+        confirmed = bool(deltas) and len(deltas) == pairs and all(d < 0 for d in deltas)
+        total = await threaded(loop.record_confirmation, n,
+                               {"confirmed": confirmed, "paired_deltas": deltas, "runs": runs}, len(runs))
+        return compact(ConfirmResult(
+            run=n, confirmed=confirmed, paired_deltas=deltas, control_val_bpb=[c for c, _ in pairs_done],
+            candidate_val_bpb=[c for _, c in pairs_done], failed=failed, extra_runs=len(runs), extra_runs_total=total,
+            next=(f"keep(run={n})" if confirmed else f"the gain did not hold: discard(run={n})")
+            + ("" if not failed else "; some reruns failed: read their logs")))
 
     return srv
 

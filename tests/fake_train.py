@@ -11,6 +11,7 @@ result, as it does for real), else a default:
   SPAM_MB (0: megabytes of output printed before the summary)
   IGNORE_TERM (0: ignore SIGTERM, so only SIGKILL stops it)
   CLAIM_SECONDS (0: print this as training_seconds instead of the time it took)
+  MFU (40.0: the mfu_percent printed, the run's throughput)
   TAMPER (0: try to append a planted best row to the workspace's results.tsv and to rewrite the
           server's state, and report what happened)
 """
@@ -23,7 +24,7 @@ import time
 
 DEFAULTS = {"VAL_BPB": 1.0, "MEMORY_MB": 2048.0, "STEPS": 5, "SLEEP": 0.0, "CRASH": 0, "NAN": 0,
             "NO_SUMMARY": 0, "SPAWN": 0, "ESCAPE": 0.0, "SPAM_MB": 0.0, "IGNORE_TERM": 0,
-            "CLAIM_SECONDS": 0.0, "TAMPER": 0}
+            "CLAIM_SECONDS": 0.0, "TAMPER": 0, "MFU": 40.0}
 ESCAPED = """
 import os, sys, time
 if os.fork():
@@ -106,7 +107,7 @@ def main() -> int:
     print(f"training_seconds: {k['CLAIM_SECONDS'] or elapsed:.1f}")
     print(f"total_seconds:    {elapsed + 0.1:.1f}")
     print(f"peak_vram_mb:     {k['MEMORY_MB']:.1f}")
-    print("mfu_percent:      0.00")
+    print(f"mfu_percent:      {k['MFU']:.2f}")
     print("total_tokens_M:   0.1")
     print(f"num_steps:        {k['STEPS']}")
     print("num_params_M:     11.5")

@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 FAKE_TRAIN = HERE / "fake_train.py"
 TOOL_NAMES = {"setup", "run_experiment", "wait", "read_metrics", "keep", "discard", "cancel", "reapply", "history",
-              "stop", "log_result", "status", "plot_progress", "measure_noise"}
+              "stop", "log_result", "status", "plot_progress", "measure_noise", "confirm"}
 TRAIN_COMMAND = [sys.executable, "fake_train.py"]
 
 
@@ -96,7 +96,7 @@ async def stdio_client_for(ws: Path, cache: Path, *extra: str):
 
 
 FAKE_KNOBS = ("VAL_BPB", "MEMORY_MB", "STEPS", "SLEEP", "CRASH", "NAN", "NO_SUMMARY", "SPAWN", "ESCAPE",
-              "SPAM_MB", "IGNORE_TERM", "CLAIM_SECONDS", "TAMPER")
+              "SPAM_MB", "IGNORE_TERM", "CLAIM_SECONDS", "TAMPER", "MFU")
 
 
 class Lab:

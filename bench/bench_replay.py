@@ -1,0 +1,110 @@
+"""Replay a research run's kept chain: does each kept gain reproduce when measured again?
+
+    uv run bench/bench_replay.py WORKSPACE [--pairs 1] [--command "python train.py"] [--plot replay.png]
+
+For each kept commit after the first (the baseline), the best it was kept over and the commit itself
+are rerun interleaved (parent, child, parent, child, ...), each in a fresh checkout of its commit,
+with the prepared cache of this environment (AUTORESEARCH_CACHE). A kept gain reproduces when the
+child beats its parent in every pair; the rest are false keeps. Prints a table and the false-keep
+rate, and plots recorded against replayed values.
+"""
+import argparse
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from mcp_server import ledger  # noqa: E402
+from mcp_server.logparse import parse_summary  # noqa: E402
+
+RUN_TIMEOUT_S = 1800
+
+
+def git(ws: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(ws), *args], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def kept_chain(ws: Path) -> list[ledger.Row]:
+    rows, _ = ledger.read_rows(ws / ledger.LEDGER_NAME)
+    return [r for r in rows if r.status == "keep"]
+
+
+def measure(ws: Path, commit: str, command: list[str], scratch: Path) -> float | None:
+    """val_bpb of one run of a commit in a checkout of its own, or None when it printed none."""
+    folder = scratch / f"{commit}-{time.monotonic_ns()}"
+    git(ws, "worktree", "add", "--detach", "-q", str(folder), commit)
+    try:
+        done = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+        summary = parse_summary(done.stdout)
+        return summary.val_bpb if done.returncode == 0 and summary else None
+    finally:
+        git(ws, "worktree", "remove", "--force", str(folder))
+
+
+def replay(ws: Path, command: list[str], pairs: int) -> list[dict]:
+    chain = kept_chain(ws)
+    if len(chain) < 2:
+        sys.exit(f"{ws}: fewer than two kept runs in {ledger.LEDGER_NAME}: no gain to replay.")
+    found = []
+    with tempfile.TemporaryDirectory(prefix="replay-") as scratch:
+        for parent, child in zip(chain, chain[1:]):
+            print(f"  {child.commit} over {parent.commit}: {child.description[:60]}", flush=True)
+            before, after = [], []
+            for _ in range(pairs):
+                before.append(measure(ws, parent.commit, command, Path(scratch)))
+                after.append(measure(ws, child.commit, command, Path(scratch)))
+            holds = all(b is not None and a is not None and a < b for b, a in zip(before, after))
+            found.append({"commit": child.commit, "description": child.description,
+                          "recorded": child.val_bpb - parent.val_bpb, "parent_replayed": before,
+                          "replayed": after, "reproduces": holds})
+    return found
+
+
+def plot(found: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=110)
+    xs = range(1, len(found) + 1)
+    replayed = [sum(a - b for a, b in zip(f["replayed"], f["parent_replayed"]) if a is not None and b is not None)
+                / max(1, len(f["replayed"])) for f in found]
+    ax.bar([x - 0.2 for x in xs], [f["recorded"] for f in found], width=0.4, label="recorded gain", color="#2a9d47")
+    ax.bar([x + 0.2 for x in xs], replayed, width=0.4, label="replayed gain (mean of pairs)",
+           color=["#2a9d47" if f["reproduces"] else "#d1495b" for f in found], alpha=0.6)
+    ax.axhline(0, color="#555555", linewidth=0.8)
+    ax.set_xticks(list(xs), [f["commit"] for f in found], rotation=30, fontsize=8)
+    ax.set_ylabel("val_bpb delta over the parent (lower is better)")
+    ax.set_title(f"replay of the kept chain: {sum(f['reproduces'] for f in found)}/{len(found)} gains reproduce")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("workspace", type=Path)
+    parser.add_argument("--pairs", type=int, default=1, help="parent/child reruns per kept gain")
+    parser.add_argument("--command", default=f"{sys.executable} train.py", help="what runs a commit's training")
+    parser.add_argument("--plot", type=Path, default=Path("replay.png"))
+    args = parser.parse_args(argv)
+    found = replay(args.workspace.resolve(), shlex.split(args.command), args.pairs)
+    print(f"\n{'commit':8} {'recorded':>9} {'replayed (child - parent)':>28}  reproduces  description")
+    for f in found:
+        pairs = ", ".join("crash" if a is None or b is None else f"{a - b:+.4f}"
+                          for a, b in zip(f["replayed"], f["parent_replayed"]))
+        print(f"{f['commit']:8} {f['recorded']:>+9.4f} {pairs:>28}  {'yes' if f['reproduces'] else 'NO':10}  "
+              f"{f['description'][:50]}")
+    false_keeps = sum(not f["reproduces"] for f in found)
+    print(f"\nfalse keeps: {false_keeps} of {len(found)} kept gains ({false_keeps / len(found):.0%})")
+    plot(found, args.plot)
+    print(f"plot: {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Comparable results on a machine whose speed changes: every answer carries its steps and MFU beside
+the best's run, and a throughput gap is flagged; the CPU profile spends its budget on a clock that
+a busy neighbour cannot shrink."""
+import re
+import subprocess
+import sys
+
+from server_support import answer, set_knobs
+
+
+def test_a_result_that_trained_much_slower_than_the_best_is_flagged(lab):
+    answer(lab.call("setup", tag="speed"))
+    set_knobs(lab.ws, VAL_BPB=1.0, MFU=40.0, STEPS=10)
+    base = answer(lab.call("run_experiment", description="baseline"))
+    assert base["comparable"] is None  # nothing to compare with yet
+    answer(lab.call("keep"))
+
+    set_knobs(lab.ws, VAL_BPB=1.02, MFU=26.0, STEPS=6)  # the machine got busy: fewer steps, a worse number
+    slow = answer(lab.call("run_experiment", description="same idea, busy machine"))
+    assert slow["comparable"] is False and (slow["num_steps"], slow["best_num_steps"]) == (6, 10)
+    assert slow["mfu_percent"] == 26.0 and slow["best_mfu_percent"] == 40.0
+    warning = next(w for w in slow["warnings"] if w.startswith("not comparable"))
+    assert "35% lower MFU than the best's (26.00% vs 40.00%, 6 vs 10 steps)" in warning
+    answer(lab.call("discard", reason="not comparable"))
+
+    set_knobs(lab.ws, VAL_BPB=0.99, MFU=38.0, STEPS=10)
+    close = answer(lab.call("run_experiment", description="within the tolerance"))
+    assert close["comparable"] is True and not any("not comparable" in w for w in close.get("warnings") or [])
+
+
+BUSY = "while True: pass"
+
+
+def steps_of(prepared_env, repo_root, busy: bool) -> tuple[int, str]:
+    env = dict(prepared_env, AUTORESEARCH_TIME_BUDGET="6")
+    neighbour = subprocess.Popen([sys.executable, "-c", BUSY]) if busy else None
+    try:
+        done = subprocess.run([sys.executable, "train.py"], cwd=repo_root, env=env, capture_output=True, text=True,
+                              timeout=300)
+    finally:
+        if neighbour:
+            neighbour.kill()
+            neighbour.wait()
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return int(re.search(r"^num_steps:\s+(\d+)", done.stdout, re.M).group(1)), done.stdout
+
+
+def test_the_cpu_clock_keeps_the_step_count_beside_a_busy_process(prepared_env, repo_root):
+    """The busy process takes about half of a 2-core machine: on the wall clock a run loses about a
+    third of its steps (bench/bench_clock.py); on the CPU profile's clock it takes longer instead."""
+    alone, out = steps_of(prepared_env, repo_root, busy=False)
+    assert "budget_clock:     cpu" in out and "(cpu clock)" in out
+    beside, _ = steps_of(prepared_env, repo_root, busy=True)
+    assert abs(beside - alone) <= max(1, 0.15 * alone), (alone, beside)
+
+
+def noisy_lab(fake_env, noise: float):
+    """Repeats of one commit differ by +-noise (the fake's NOISE knob: it follows the run number)."""
+    from server_support import Lab, make_workspace
+    return Lab(make_workspace(fake_env, f"VAL_BPB = 1.0\nNOISE = {noise}\n"))
+
+
+def baseline_and_noise(lab):
+    answer(lab.call("setup", tag="confirm"))
+    answer(lab.call("run_experiment", description="baseline"))  # run 1: 1.0
+    answer(lab.call("keep"))
+    return answer(lab.call("measure_noise", repeats=2))["noise"]  # runs 2, 3: 1.0 + noise, 1.0 - noise
+
+
+def test_a_marginal_gain_is_kept_only_once_it_holds_beside_a_control(fake_env):
+    lab = noisy_lab(fake_env, 0.002)
+    try:
+        noise = baseline_and_noise(lab)
+        assert noise["threshold"] == 0.004
+        set_knobs(lab.ws, VAL_BPB=0.99, NOISE=0.002)
+        run = answer(lab.call("run_experiment", description="a marginal idea"))  # run 4: 0.99, -0.01
+        refused = lab.call("keep")
+        assert refused.is_error and "needs confirming" in refused.content[0].text
+        assert "within 3 noise thresholds (0.012000)" in refused.content[0].text
+        confirmation = answer(lab.call("confirm"))  # run 5: the best again, 1.002; run 6: the idea, 0.988
+        assert confirmation["confirmed"] and confirmation["paired_deltas"] == [-0.014]
+        assert (confirmation["extra_runs"], confirmation["extra_runs_total"]) == (2, 4)
+        kept = answer(lab.call("keep", note="held"))
+        assert kept["evidence"].startswith("confirmed") and kept["kept_commit"] == run["commit"]
+        rows = (lab.ws / "results.tsv").read_text()
+        assert "control 1/1 for run 4" in rows and "confirmation 1/1 of run 4" in rows  # nothing unlogged
+        assert (lab.ws / "train.py").read_text() == "VAL_BPB = 0.99\nNOISE = 0.002\n"  # reruns leave it alone
+        assert answer(lab.call("status"))["extra_runs"] == 4
+    finally:
+        lab.loop.shutdown()
+
+
+def test_a_gain_that_does_not_hold_needs_an_explicit_override(fake_env):
+    lab = noisy_lab(fake_env, 0.01)
+    try:
+        baseline_and_noise(lab)
+        set_knobs(lab.ws, VAL_BPB=0.995, NOISE=0.01)
+        answer(lab.call("run_experiment", description="luck"))  # run 4: 0.995
+        confirmation = answer(lab.call("confirm", pairs=2))  # pairs (1.01, 0.985) and (1.0, 1.005)
+        assert not confirmation["confirmed"] and confirmation["paired_deltas"] == [-0.025, 0.005]
+        refused = lab.call("keep")
+        assert refused.is_error and "did not hold" in refused.content[0].text
+        kept = answer(lab.call("keep", unconfirmed=True))
+        assert kept["evidence"].startswith("kept unconfirmed on request")
+    finally:
+        lab.loop.shutdown()
+
+
+def test_a_gain_measured_at_another_speed_needs_confirming_even_without_noise(lab):
+    answer(lab.call("setup", tag="speed"))
+    answer(lab.call("run_experiment", description="baseline"))
+    answer(lab.call("keep"))
+    set_knobs(lab.ws, VAL_BPB=0.9, MFU=20.0)
+    answer(lab.call("run_experiment", description="big gain, half the speed"))
+    refused = lab.call("keep")
+    assert refused.is_error and "different speed" in refused.content[0].text
+    confirmation = answer(lab.call("confirm"))
+    assert confirmation["confirmed"] and answer(lab.call("keep"))["evidence"].startswith("confirmed")
+
+
+def test_the_replay_benchmark_finds_a_false_keep(tmp_path, repo_root):
+    """A ledger whose last keep was luck: its code is worse than the best it was kept over."""
+    from server_support import git, make_workspace
+    ws = make_workspace(tmp_path)  # VAL_BPB = 1.0
+    chain = []
+    for value, recorded in ((1.0, 1.0), (0.9, 0.9), (0.95, 0.85)):
+        (ws / "train.py").write_text(f"VAL_BPB = {value}\n")
+        git(ws, "commit", "-qam", f"val {value}", "--allow-empty")
+        chain.append((git(ws, "rev-parse", "--short=7", "HEAD").strip(), recorded))
+    rows = "".join(f"{c}\t{v:.6f}\t2.0\tkeep\tkept {v}\n" for c, v in chain)
+    (ws / "results.tsv").write_text("commit\tval_bpb\tmemory_gb\tstatus\tdescription\n" + rows)
+    done = subprocess.run([sys.executable, str(repo_root / "bench" / "bench_replay.py"), str(ws), "--pairs", "2",
+                           "--command", f"{sys.executable} fake_train.py", "--plot", str(tmp_path / "replay.png")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert any(line.startswith(chain[1][0]) and "yes" in line for line in lines), done.stdout
+    assert any(line.startswith(chain[2][0]) and "NO" in line and "+0.0500" in line for line in lines), done.stdout
+    assert "false keeps: 1 of 2 kept gains (50%)" in done.stdout
+    assert (tmp_path / "replay.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(git(ws, "worktree", "list").splitlines()) == 1  # every checkout removed
