@@ -66,6 +66,7 @@ class ResearchLoop:
         self.done: dict[int, threading.Event] = {}  # set when a run of this server has a result
         self.finished = threading.Condition()  # notified whenever one of them is set
         self.closing = False  # set on server exit: unfinished runs are left to the next owner
+        self.dashboard: str | None = None  # the dashboard's address, when this server serves it
         self._ws: Workspace | None = None
         self._pool: LocalPool | None = None
         try:
@@ -871,7 +872,7 @@ class ResearchLoop:
                               best_val_bpb=best.val_bpb if best else None, best_commit=best.commit if best else None,
                               kept_commit=kept[:7] or None, counts=counts, slots=self.slots,
                               recent=rows[-RECENT_ROWS:], malformed_ledger_lines=bad,
-                              interrupted=self._interrupted_summary(state), next="")
+                              interrupted=self._interrupted_summary(state), dashboard=self.dashboard, next="")
         if not self.state.owned and not self.take_over():
             owner = self.state.owner() or {}
             result.read_only = f"server pid {owner.get('pid', '?')} runs this workspace's experiments"

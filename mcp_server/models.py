@@ -143,6 +143,7 @@ class StatusResult(BaseModel):
     read_only: str | None = None  # another server owns the workspace's runs
     noise: NoiseEstimate | None = None
     malformed_ledger_lines: int = 0
+    dashboard: str | None = None  # the live page's address, when this server serves it
     next: str
 
 
