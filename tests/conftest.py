@@ -57,3 +57,16 @@ def lab(fake_env):
     lab = Lab(make_workspace(fake_env))
     yield lab
     lab.loop.shutdown()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium for the session (Debian's package, installed if missing and allowed)."""
+    from browser_support import Browser, ensure_chromium
+    try:
+        executable = ensure_chromium()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    chromium = Browser(executable)
+    yield chromium
+    chromium.close()
