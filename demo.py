@@ -6,12 +6,14 @@
 It prepares data and tokenizer if needed, clones this repository's HEAD into a scratch workspace
 (your checkout and branch are never touched), sets up a research branch, runs the baseline and
 then experiments chosen by the strategy, keeping or discarding each, and ends with the ledger,
-the best result's diff against the baseline and the progress chart. Ctrl-C stops the run in
-progress; the same command with --workspace resumes.
+the best result's diff against the baseline and the progress chart. While it runs, the server
+also serves the live dashboard; its address (with a token made for this call) is printed first.
+Ctrl-C stops the run in progress; the same command with --workspace resumes.
 """
 import argparse
 import asyncio
 import json
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -53,6 +55,8 @@ def parse_args(argv):
     p.add_argument("--space", type=Path, help='JSON search space, e.g. {"MATRIX_LR": [0.02, 0.08]}')
     p.add_argument("--profile", default="auto", help="hardware profile for prepare.py (default auto)")
     p.add_argument("--dataset", default="auto", help="data set for prepare.py (default auto)")
+    p.add_argument("--dashboard", type=int, default=0, metavar="PORT",
+                   help="port of the live dashboard on 127.0.0.1 (default 0: a free port; -1: none)")
     args = p.parse_args(argv)
     if args.experiments is not None and args.experiments < 0:
         p.error("--experiments must be 0 or more")
@@ -136,7 +140,8 @@ def final_report(plan: SearchPlan) -> None:
         print(timing_table(plan.timings))
     if plan.chart:
         print(f"\nProgress chart: {plan.chart}")
-    print(f"Workspace: {plan.workspace} (resume or extend: uv run demo.py --workspace {plan.workspace})")
+    print(f"Workspace: {plan.workspace} (resume or extend: uv run demo.py --workspace {plan.workspace}; "
+          f"read it in a browser: uv run research-loop dashboard --workspace {plan.workspace})")
 
 
 def main(argv=None) -> int:
@@ -154,9 +159,11 @@ def main(argv=None) -> int:
         workspace = make_workspace(args.workspace)
         chosen = settings(args, workspace)
         env = child_env(chosen["budget_seconds"])
+        if args.dashboard >= 0:  # the page is opened with this token, printed in its address
+            env.setdefault("RESEARCH_LOOP_TOKEN", secrets.token_urlsafe(16))
         plan = SearchPlan(workspace=workspace, tag=chosen["tag"], strategy=chosen["strategy"],
                           experiments=chosen["experiments"], hours=chosen["hours"], seed=chosen["seed"],
-                          slots=chosen["slots"],
+                          slots=chosen["slots"], dashboard=args.dashboard if args.dashboard >= 0 else None,
                           space=space, env=env, harness=harness)
         say(f"{plan.strategy} search over {', '.join(dim.name for dim in space)}")
         asyncio.run(run_search(plan, REPO, say))

@@ -45,6 +45,7 @@ class SearchPlan:
     env: dict
     harness: dict
     slots: int = 1
+    dashboard: int | None = None  # serve the dashboard on this port (0: a free one)
     timings: list = field(default_factory=list)
     chart: str | None = None
 
@@ -267,10 +268,11 @@ def timing_split(description: str, result: dict, client_seconds: float | None) -
 def server_parameters(plan: SearchPlan, repo: Path) -> StdioServerParameters:
     """The MCP server for the workspace, training with this very interpreter (the workspace, a fresh
     clone, has no virtual environment of its own for `uv run` to reuse)."""
+    dashboard = ["--dashboard", str(plan.dashboard)] if plan.dashboard is not None else []
     return StdioServerParameters(
         command=sys.executable,
         args=["-m", "mcp_server", "--workspace", str(plan.workspace), "--slots", str(plan.slots),
-              "--train-command", f"{sys.executable} train.py"],
+              "--train-command", f"{sys.executable} train.py", *dashboard],
         env=plan.env, cwd=str(repo),
     )
 
@@ -296,6 +298,10 @@ async def search_session(plan: SearchPlan, repo: Path, say) -> None:
             await session.initialize()
             search = Search(plan, session, say)
             status = await search.call("status")
+            if status.get("dashboard"):
+                token = plan.env.get("RESEARCH_LOOP_TOKEN")
+                say(f"dashboard: {status['dashboard']}" + (f"?token={token}" if token else "")
+                    + " (open it in a browser on this machine to watch the run)")
             if not status.get("set_up"):
                 say(f"setting up branch autoresearch/{plan.tag}")
                 await search.call("setup", tag=plan.tag)

@@ -34,6 +34,7 @@ RUN_LOG = "run.log"
 FREE_FILES = (LEDGER, RUN_LOG)  # experiment records, not harness (ignored by git)
 SERVER_RECORDS = (".research-loop/", "runs/")  # written by the MCP server only
 STATE_FILE = ".research-loop/state.json"
+DASHBOARD_FILE = ".research-loop/dashboard.json"  # the address the MCP server serves the dashboard on
 RECENT_ROWS = 5
 LOG_TAIL_BYTES = 4096
 GIT_TIMEOUT_S = 5
@@ -192,6 +193,24 @@ def process_alive(pid) -> bool:
     return True
 
 
+def dashboard_address(root: Path) -> str | None:
+    """The dashboard's address: the one a live server wrote, else the one RESEARCH_LOOP_DASHBOARD asks
+    the MCP server that starts with this session to serve."""
+    try:
+        served = json.loads((root / DASHBOARD_FILE).read_text())
+    except (OSError, ValueError):
+        served = None
+    if isinstance(served, dict) and isinstance(served.get("pid"), int) and process_alive(served["pid"]):
+        url, token = served.get("url"), served.get("token")
+    else:
+        port = os.environ.get("RESEARCH_LOOP_DASHBOARD", "")
+        url = f"http://127.0.0.1:{port}/" if port.isdigit() and int(port) > 0 else None
+        token = bool(os.environ.get("RESEARCH_LOOP_TOKEN"))
+    if not isinstance(url, str):
+        return None
+    return url + (" (open it once as ?token=<RESEARCH_LOOP_TOKEN>)" if token else "")
+
+
 def run_lines(root: Path, state: dict) -> list[str]:
     """One line per run nobody has decided yet, saying what to do about it."""
     lines = []
@@ -244,6 +263,9 @@ def noise_lines(noise) -> list[str]:
 def state_report(root: Path) -> str:
     branch = current_branch(root) or "(detached HEAD)"
     lines = [f"research-loop state of {root}:"]
+    address = dashboard_address(root)
+    if address:
+        lines.append(f"dashboard (a live web page of the research run, for the user): {address}")
     if not branch.startswith(RESEARCH_BRANCH_PREFIX):
         lines.append(f"branch: {branch}, not a research branch. Start one with {SKILL} <tag> "
                      "(the setup tool creates autoresearch/<tag>).")
@@ -294,8 +316,9 @@ def session_start(event: dict) -> int:
     if problems:
         context += "\nsetup problems:\n" + "\n".join(f"- {p}" for p in problems)
     output = {"hookSpecificOutput": {"hookEventName": "SessionStart", "additionalContext": context}}
-    if problems:
-        output["systemMessage"] = "research-loop: " + " ".join(problems)  # shown to the user
+    address = dashboard_address(root) if in_workspace else None
+    if problems or address:  # shown to the user
+        output["systemMessage"] = "research-loop: " + " ".join(problems + ([f"dashboard: {address}"] if address else []))
     print(json.dumps(output))
     return 0
 

@@ -1,10 +1,11 @@
-"""Entry point: `uv run python -m mcp_server [--workspace DIR] [--slots N] [--http --port N]`.
+"""Entry point: `uv run python -m mcp_server [--workspace DIR] [--slots N] [--http --port N] [--dashboard PORT]`.
 
 stdio by default (what Claude Code starts); --http serves streamable HTTP on 127.0.0.1
 only, optionally behind a bearer token taken from RESEARCH_LOOP_TOKEN or --token-file (never
-from the command line, which every local user can read). Whatever way the server ends, the
-training runs it started are killed with it (here for orderly exits, by each run's worker
-when its pipe from the server closes).
+from the command line, which every local user can read). --dashboard serves the live web page
+(mcp_server/dashboard_http.py) on a port of its own, in either mode, behind the same token.
+Whatever way the server ends, the training runs it started are killed with it (here for
+orderly exits, by each run's worker when its pipe from the server closes).
 """
 import argparse
 import hmac
@@ -32,12 +33,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--http", action="store_true", help="serve streamable HTTP on 127.0.0.1")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"HTTP port (default {DEFAULT_PORT})")
     parser.add_argument("--token-file", type=Path,
-                        help="file holding the bearer token every HTTP request must carry (default: env "
-                             "RESEARCH_LOOP_TOKEN; none: any local client is accepted)")
+                        help="file holding the bearer token every HTTP request (MCP and dashboard) must carry "
+                             "(default: env RESEARCH_LOOP_TOKEN; none: any local client is accepted)")
+    parser.add_argument("--dashboard", type=port_number, metavar="PORT",
+                        default=os.environ.get("RESEARCH_LOOP_DASHBOARD") or None,
+                        help="also serve the dashboard, a live web page of the research run, on 127.0.0.1:PORT "
+                             "(0 picks a free port; default: env RESEARCH_LOOP_DASHBOARD, else none)")
     args = parser.parse_args(argv)
     if args.slots is not None and args.slots < 1:
         parser.error("--slots must be 1 or more")
     return args
+
+
+def port_number(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number from 0 to 65535, got {text!r}")
+    return int(text)
 
 
 def http_token(args) -> str | None:
@@ -79,6 +90,30 @@ def serve_http(srv, port: int, token: str | None) -> None:
     uvicorn.run(app, host=LOOPBACK, port=port, log_level="warning")
 
 
+def start_dashboard(loop, port: int, token: str | None):
+    """The dashboard on its own thread; a port in use costs the page, never the MCP server."""
+    from mcp_server import dashboard_http
+    try:
+        server = dashboard_http.DashboardServer(loop.root, port, token).start()
+    except OSError as exc:
+        loop.dashboard = f"not served: {LOOPBACK}:{port} {exc.strerror}"
+        print(f"research-loop-mcp: the dashboard is {loop.dashboard}; pick another --dashboard port",
+              file=sys.stderr, flush=True)
+        return None
+    loop.dashboard = server.url
+    dashboard_http.publish(loop.root, server.url, token=bool(token))
+    if not token:
+        print(f"research-loop-mcp: no token set (RESEARCH_LOOP_TOKEN or --token-file): every local user and process "
+              f"can read the dashboard on {server.url}", file=sys.stderr, flush=True)
+    return server
+
+
+def stop_dashboard(loop, server) -> None:
+    if server is not None:
+        from mcp_server import dashboard_http
+        dashboard_http.withdraw(loop.root)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     from mcp_server.loop import ResearchLoop
@@ -87,9 +122,11 @@ def main(argv=None) -> None:
     command = shlex.split(args.train_command) if args.train_command else None
     loop = ResearchLoop(Path(args.workspace), command, args.slots)
     srv = build_server(loop)
+    page = start_dashboard(loop, args.dashboard, http_token(args)) if args.dashboard is not None else None
 
     def on_term(signum, frame):
         loop.shutdown()
+        stop_dashboard(loop, page)
         os._exit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_term)
@@ -102,6 +139,7 @@ def main(argv=None) -> None:
         pass
     finally:
         loop.shutdown()
+        stop_dashboard(loop, page)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """`research-loop`: the project's commands beside the MCP server.
 
     uv run research-loop overnight --tag nov26 --hours 8    # unattended Claude Code sessions until a limit
+    uv run research-loop dashboard --workspace DIR          # the dashboard, read-only, with no MCP server
 """
 import argparse
 import sys
 
-from mcp_server import overnight
+from mcp_server import dashboard_http, overnight
 
 
 def main(argv=None) -> int:
@@ -14,8 +15,11 @@ def main(argv=None) -> int:
     overnight.add_arguments(commands.add_parser(
         "overnight", allow_abbrev=False, help="run headless Claude Code sessions one after another until the "
                                                "research run's stop condition"))
+    dashboard_http.add_arguments(commands.add_parser(
+        "dashboard", allow_abbrev=False, help="serve the dashboard of a workspace on 127.0.0.1, read-only, with "
+                                               "no MCP server (the morning after)"))
     args = parser.parse_args(argv)
-    return {"overnight": overnight.main}[args.command](args)
+    return {"overnight": overnight.main, "dashboard": dashboard_http.main}[args.command](args)
 
 
 if __name__ == "__main__":

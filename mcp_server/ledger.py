@@ -98,7 +98,7 @@ def read_rows(path: Path) -> tuple[list[Row], int]:
         line = line.removesuffix("\r")
         if not line.strip():
             continue
-        row = _parse_line(line)
+        row = parse_line(line)
         if row is None:
             bad += 1
         else:
@@ -107,7 +107,8 @@ def read_rows(path: Path) -> tuple[list[Row], int]:
     return list(rows), bad
 
 
-def _parse_line(line: str) -> Row | None:
+def parse_line(line: str) -> Row | None:
+    """One ledger line as a row, or None if it is malformed."""
     fields = line.split("\t")
     if len(fields) != 5 or fields[3] not in STATUSES or not COMMIT_RE.match(fields[0]):
         return None

@@ -66,6 +66,16 @@ def last_progress(text: str) -> Progress | None:
     return None
 
 
+def all_progress(text: str) -> list[Progress]:
+    """Every progress line in the text, oldest first: a run's loss curve so far."""
+    points = []
+    for match in filter(None, map(PROGRESS_RE.search, re.split(r"[\r\n]", text))):
+        step, percent, loss, remaining = match.groups()
+        points.append(Progress(step=int(step), percent=float(percent), loss=_float_or_nan(loss),
+                               remaining_s=int(remaining)))
+    return points
+
+
 def _float_or_nan(text: str) -> float:
     try:
         return float(text)

@@ -72,6 +72,7 @@ class ResearchLoop:
         self.done: dict[int, threading.Event] = {}  # set when a run of this server has a result
         self.finished = threading.Condition()  # notified whenever one of them is set
         self.closing = False  # set on server exit: unfinished runs are left to the next owner
+        self.dashboard: str | None = None  # the dashboard's address, when this server serves it
         self._ws: Workspace | None = None
         self._pool: LocalPool | None = None
         self._python: str | None = None  # the workspace environment's interpreter, once found
@@ -1047,7 +1048,7 @@ class ResearchLoop:
                               kept_commit=kept[:7] or None, counts=counts, slots=self.slots,
                               recent=rows[-RECENT_ROWS:], malformed_ledger_lines=bad,
                               interrupted=self._interrupted_summary(state), extra_runs=state.get("extra_runs", 0),
-                              next="")
+                              dashboard=self.dashboard, next="")
         if not self.state.owned and not self.take_over():
             owner = self.state.owner() or {}
             result.read_only = f"server pid {owner.get('pid', '?')} runs this workspace's experiments"

@@ -174,6 +174,7 @@ class StatusResult(BaseModel):
     noise: NoiseEstimate | None = None
     extra_runs: int = 0  # reruns spent on noise, controls and confirmations
     malformed_ledger_lines: int = 0
+    dashboard: str | None = None  # the live page's address, when this server serves it
     next: str
 
 

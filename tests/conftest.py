@@ -80,3 +80,16 @@ def ensure_debian_package(binary: str, package: str) -> str:
 def bubblewrap() -> str:
     """The runs' sandbox; without it the server runs unsandboxed, which these tests are not about."""
     return ensure_debian_package("bwrap", "bubblewrap")
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium for the session (Debian's package, installed if missing and allowed)."""
+    from browser_support import Browser, ensure_chromium
+    try:
+        executable = ensure_chromium()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    chromium = Browser(executable)
+    yield chromium
+    chromium.close()

@@ -5,6 +5,7 @@ Each knob is read from an environment variable FAKE_<NAME>, else from a line
 result, as it does for real), else a default:
   VAL_BPB (1.0)  MEMORY_MB (2048.0)  STEPS (5)  SLEEP (0: seconds spread over the steps)
   CRASH (0: raise an exception)  NAN (0: NaN loss -> FAIL, exit 1)  NO_SUMMARY (0: exit 0 silently)
+  NOISE (0: val_bpb moves by NOISE x (run number mod 3 - 1), so repeats of one commit differ)
   SPAWN (0: start a grandchild that sleeps, writing its pid to spawned.pid)
   ESCAPE (0: seconds after which a daemon, double-forked into a session of its own, prints a summary
           with val_bpb 0.1 to the run's output; its pid goes to escaped.pid)
@@ -23,7 +24,7 @@ import sys
 import time
 
 DEFAULTS = {"VAL_BPB": 1.0, "MEMORY_MB": 2048.0, "STEPS": 5, "SLEEP": 0.0, "CRASH": 0, "NAN": 0,
-            "NO_SUMMARY": 0, "SPAWN": 0, "ESCAPE": 0.0, "SPAM_MB": 0.0, "IGNORE_TERM": 0,
+            "NO_SUMMARY": 0, "NOISE": 0.0, "SPAWN": 0, "ESCAPE": 0.0, "SPAM_MB": 0.0, "IGNORE_TERM": 0,
             "CLAIM_SECONDS": 0.0, "TAMPER": 0, "MFU": 40.0}
 ESCAPED = """
 import os, sys, time
@@ -102,8 +103,9 @@ def main() -> int:
     if k["NO_SUMMARY"]:
         return 0
     elapsed = time.time() - t0
+    val_bpb = k["VAL_BPB"] + k["NOISE"] * (int(os.environ.get("RESEARCH_LOOP_RUN", "1")) % 3 - 1)
     print("---")
-    print(f"val_bpb:          {k['VAL_BPB']:.6f}")
+    print(f"val_bpb:          {val_bpb:.6f}")
     print(f"training_seconds: {k['CLAIM_SECONDS'] or elapsed:.1f}")
     print(f"total_seconds:    {elapsed + 0.1:.1f}")
     print(f"peak_vram_mb:     {k['MEMORY_MB']:.1f}")

@@ -95,7 +95,7 @@ async def stdio_client_for(ws: Path, cache: Path, *extra: str):
         yield client
 
 
-FAKE_KNOBS = ("VAL_BPB", "MEMORY_MB", "STEPS", "SLEEP", "CRASH", "NAN", "NO_SUMMARY", "SPAWN", "ESCAPE",
+FAKE_KNOBS = ("VAL_BPB", "MEMORY_MB", "STEPS", "SLEEP", "CRASH", "NAN", "NO_SUMMARY", "NOISE", "SPAWN", "ESCAPE",
               "SPAM_MB", "IGNORE_TERM", "CLAIM_SECONDS", "TAMPER", "MFU")
 
 

@@ -171,6 +171,22 @@ def test_session_start_shows_the_user_what_to_run(repo, tmp_path):
     assert "uv run prepare.py" in output["hookSpecificOutput"]["additionalContext"]
 
 
+def test_session_start_shows_the_user_the_dashboard_address(repo, prepared_cache):
+    (repo / ".research-loop").mkdir()
+    address = repo / ".research-loop" / "dashboard.json"
+    address.write_text(json.dumps({"url": "http://127.0.0.1:8123/", "pid": os.getpid(), "token": True}))
+    output = session_start(repo, prepared_cache)
+    assert "dashboard: http://127.0.0.1:8123/ (open it once as ?token=" in output["systemMessage"]
+    assert "http://127.0.0.1:8123/" in output["hookSpecificOutput"]["additionalContext"]
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    address.write_text(json.dumps({"url": "http://127.0.0.1:8123/", "pid": gone.pid, "token": False}))
+    assert "systemMessage" not in session_start(repo, prepared_cache)  # its server has ended
+    # the MCP server that starts with this session will serve it there
+    output = session_start(repo, prepared_cache, RESEARCH_LOOP_DASHBOARD="8200")
+    assert "dashboard: http://127.0.0.1:8200/" in output["systemMessage"]
+
+
 def bare_path(tmp_path: Path) -> Path:
     """A PATH folder with git, sh and python3 but no uv."""
     bin_dir = tmp_path / "bin"

@@ -1,0 +1,194 @@
+"""What the dashboard shows, read from the workspace's own files: results.tsv, the run records and
+logs under runs/, and .research-loop/state.json.
+
+Read-only by design: nothing here writes a file, takes a lock, or runs a git command that could
+write (`--no-optional-locks`), so a page can watch a workspace while its server works, and read it
+after the server has gone. Two views: `ledger_view` (the rows, the best, the kept changes; it
+changes when a run is decided) and `live_view` (the runs in flight with their loss curves, and the
+limits; it changes every step).
+"""
+import math
+import re
+import subprocess
+import time
+from pathlib import Path
+
+from mcp_server import history, ledger, limits, logparse
+from mcp_server.loop import LOG_TAIL_BYTES, RUNS_DIR
+from mcp_server.models import Refusal
+from mcp_server.state import State, process_alive
+
+CURVE_POINTS = 240  # of a loss curve sent to the page: enough for its width
+LOG_CURVE_BYTES = 4 << 20  # of a log read for its curve (an H100 run's progress lines take ~150 kB)
+MALFORMED_CHARS = 200  # of a malformed ledger line shown as it is
+MAX_DIFF_CHARS = 200_000
+GIT_TIMEOUT_S = 10
+FULL_COMMIT = re.compile(r"[0-9a-f]{40,64}")
+SKILL = "/research-loop:autoresearch"
+
+
+def git(root: Path, *args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", "--no-optional-locks", "-C", str(root), *args], capture_output=True,
+                              text=True, timeout=GIT_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def read_state(root: Path) -> tuple[dict, str | None]:
+    """state.json without its lock (it is replaced by a rename, so a read never sees half of it)."""
+    try:
+        return State(root).load(), None
+    except Refusal as exc:
+        return {}, str(exc)
+
+
+def ledger_lines(path: Path) -> list[tuple[int, ledger.Row | None, str]]:
+    """(line number, row or None when malformed, the line) for each line after the header."""
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    found = []
+    for number, line in enumerate(text.split("\n")[1:], 2):  # as ledger.read_rows splits them
+        line = line.removesuffix("\r")
+        if line.strip():
+            found.append((number, ledger.parse_line(line), line))
+    return found
+
+
+def records_by_commit(root: Path) -> dict[str, dict]:
+    return {r["result"]["commit"]: r for r in history.records(root / RUNS_DIR)
+            if isinstance(r.get("result"), dict) and isinstance(r.get("run"), dict)}
+
+
+def ledger_view(root: Path) -> dict:
+    """Every ledger line oldest first (a malformed one as such), each with its delta against the best
+    kept before it and, for the server's runs, the run number and what it changed in train.py."""
+    state, problem = read_state(root)
+    records = records_by_commit(root)
+    rows, best = [], None
+    for number, row, line in ledger_lines(root / ledger.LEDGER_NAME):
+        if row is None:
+            rows.append({"line": number, "status": "malformed", "text": line[:MALFORMED_CHARS]})
+            continue
+        record = records.get(row.commit)
+        changes = (record.get("decision") or {}).get("changes") if record else None
+        rows.append(row.model_dump() | {
+            "line": number, "run": record["run"].get("run") if record else None,
+            "changes": history.change_text(changes) if changes else None,
+            "delta": round(row.val_bpb - best, 6) if best is not None and row.status != "crash" else None})
+        if row.status == "keep":
+            best = row.val_bpb if best is None else min(best, row.val_bpb)
+    branch = git(root, "symbolic-ref", "--short", "-q", "HEAD")
+    return {"workspace": str(root), "branch": branch.strip() if branch else None, "tag": state.get("tag"),
+            "set_up": bool(state.get("branch")), "rows": rows, "noise": state.get("noise"),
+            "first_step": first_step(root, state, rows), "problem": problem}
+
+
+def first_step(root: Path, state: dict, rows: list[dict]) -> str | None:
+    """What to do first, for a workspace with nothing to show yet."""
+    if not (root / "prepare.py").is_file() or not (root / "train.py").is_file() or git(root, "rev-parse") is None:
+        return (f"{root} is not an autoresearch workspace (a git repository with prepare.py and train.py at its "
+                "root): start the server or this page in one.")
+    if rows:
+        return None
+    if not state.get("branch"):
+        return (f"No research run here yet. Start one with `{SKILL} <tag>` in Claude Code, or setup(tag) from any "
+                "MCP client (after `uv run prepare.py`, once). `uv run demo.py` shows a whole night's loop without "
+                "an LLM.")
+    return (f"The research run {state['branch']} is set up: its first run is the unchanged baseline "
+            "(run_experiment('baseline'), then keep()).")
+
+
+def live_view(root: Path, now: float | None = None) -> dict:
+    """The runs nobody has decided yet (queued, running with their curve, pending, interrupted) and
+    what is left of the research run's limits."""
+    now = time.time() if now is None else now
+    state, problem = read_state(root)
+    rows = [(r.status, r.val_bpb) for r in ledger.read_rows(root / ledger.LEDGER_NAME)[0]]
+    entries = [e for e in (state.get("runs") or {}).values() if isinstance(e, dict)]
+    return {"runs": [run_view(root, e, now) for e in sorted(entries, key=lambda e: e.get("run") or 0)],
+            "limits": limits.left(state, rows, now), "ended": limits.ended(state, rows, now), "problem": problem}
+
+
+def run_view(root: Path, entry: dict, now: float) -> dict:
+    view = {k: entry.get(k) for k in ("run", "description", "status", "slot")}
+    view["commit"] = str(entry.get("commit") or "")[:7]
+    view["timeout_s"] = entry.get("timeout")
+    if entry.get("status") == "running":
+        server = entry.get("server_pid")
+        view["server_gone"] = isinstance(server, int) and not process_alive(server)
+        if isinstance(entry.get("started_at"), (int, float)):
+            view["elapsed_s"] = round(now - entry["started_at"])
+        points = log_progress(root / str(entry.get("log") or ""))
+        if points:
+            view["progress"] = points[-1].model_dump()
+            view["curve"] = thin([[p.step, p.loss] for p in points], CURVE_POINTS)
+    if isinstance(entry.get("result"), dict):
+        view["result"] = {k: entry["result"].get(k) for k in ("status", "val_bpb", "delta", "noise")}
+    return view
+
+
+def log_progress(path: Path) -> list[logparse.Progress]:
+    if not path.is_file():
+        return []
+    return logparse.all_progress(logparse.read_tail_bytes(path, LOG_CURVE_BYTES))
+
+
+def thin(points: list, most: int) -> list:
+    """At most `most` points spread evenly over the list, its first and last always among them."""
+    if len(points) <= most:
+        return points
+    return [points[round(i * (len(points) - 1) / (most - 1))] for i in range(most)]
+
+
+def kept_change(root: Path, commit: str) -> dict:
+    """A kept run's change, as `git diff <parent> <commit> -- train.py` (its parent: the best
+    before it). Raises LookupError for anything but a kept row of the ledger."""
+    if not isinstance(commit, str) or not ledger.COMMIT_RE.match(commit):
+        raise LookupError(f"{commit!r} is not a 7-character commit from results.tsv")
+    rows = ledger.read_rows(root / ledger.LEDGER_NAME)[0]
+    if not any(r.commit == commit and r.status == "keep" for r in rows):
+        raise LookupError(f"{commit} is not a kept run in results.tsv")
+    record = records_by_commit(root).get(commit)
+    if record:
+        full, parent = record["run"].get("commit"), record["run"].get("parent")
+    else:  # logged by log_result: on the research branch, its parent is the best before it
+        full = (git(root, "rev-parse", "--verify", "-q", f"{commit}^{{commit}}") or "").strip()
+        parent = (git(root, "rev-parse", "--verify", "-q", f"{full}^") or "").strip() if full else ""
+    if not all(isinstance(c, str) and FULL_COMMIT.fullmatch(c) for c in (full, parent)):
+        raise LookupError(f"{commit} or its parent is not in this repository")
+    diff = git(root, "diff", "--no-color", "--no-ext-diff", parent, full, "--", "train.py")
+    if diff is None:
+        raise LookupError(f"git could not diff {commit} against its parent {parent[:7]}")
+    return {"commit": commit, "parent": parent[:7], "diff": diff[:MAX_DIFF_CHARS],
+            "truncated": len(diff) > MAX_DIFF_CHARS}
+
+
+def run_tail(root: Path, commit: str) -> dict:
+    """The end of a logged run's log, as the agent was shown it (its record's tail, else its log's)."""
+    if not isinstance(commit, str) or not ledger.COMMIT_RE.match(commit):
+        raise LookupError(f"{commit!r} is not a 7-character commit from results.tsv")
+    if not any(r.commit == commit for r in ledger.read_rows(root / ledger.LEDGER_NAME)[0]):
+        raise LookupError(f"{commit} is not in results.tsv")
+    record = records_by_commit(root).get(commit)
+    runs = root / RUNS_DIR
+    log = next(iter(sorted(runs.glob(f"[0-9][0-9][0-9][0-9]-{commit}.log"))), None) if runs.is_dir() else None
+    tail = (record or {}).get("result", {}).get("tail")
+    if tail is None and log is not None:
+        tail = logparse.tail(logparse.read_tail_bytes(log, LOG_TAIL_BYTES))
+    return {"commit": commit, "log": f"{RUNS_DIR}/{log.name}" if log else None,
+            "tail": tail if tail is not None else "no log was kept for this run (logged with log_result?)"}
+
+
+def plain(value):
+    """JSON for a browser: NaN and infinities (a diverged loss, a hand-edited ledger) become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value

@@ -1,0 +1,297 @@
+"""The dashboard without a browser: its views of real workspaces (fake trainer, real git), its
+HTTP server (token, loopback, read-only), the MCP server serving it, and `research-loop dashboard`.
+The page itself, in a real Chromium, is tests/test_dashboard_browser.py."""
+import hashlib
+import http.client
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from mcp_server import dashboard
+from mcp_server.__main__ import start_dashboard
+from mcp_server.dashboard_http import DashboardServer
+from server_support import (
+    REPO, Lab, answer, git, make_cache, make_workspace, set_knobs, stdio_client_for, wait_until,
+)
+
+TOKEN = "dashboard-test-token"
+MALFORMED = "not a ledger row"
+
+
+class Night:
+    """A small night, made once for the tests that only read it: baseline, a kept gain, a discard, a
+    crash, and a hand-mangled ledger line; its server has gone."""
+
+    def __init__(self, folder: Path):
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("AUTORESEARCH_CACHE", str(make_cache(folder)))
+            lab = Lab(make_workspace(folder))
+            lab.ok("setup", tag="t", max_experiments=5)
+            self.runs = {"baseline": lab.ok("run_experiment", description="baseline")}
+            lab.ok("keep")
+            for name, knobs, decision in (("better", {"val_bpb": 0.9}, "keep"),
+                                          ("worse", {"val_bpb": 0.95}, "discard"), ("crashy", {"crash": 1}, "discard")):
+                set_knobs(lab.ws, **knobs)
+                self.runs[name] = lab.ok("run_experiment", description=name)
+                lab.ok(decision)
+            lab.loop.shutdown()
+        with open(lab.ws / "results.tsv", "a") as ledger:
+            ledger.write(MALFORMED + "\n")
+        self.ws = lab.ws
+
+
+@pytest.fixture(scope="module")
+def night(tmp_path_factory) -> Night:
+    return Night(tmp_path_factory.mktemp("night"))
+
+
+def test_the_ledger_view_has_every_row_its_delta_run_and_change_and_the_malformed_line(night):
+    runs = night.runs
+    view = dashboard.ledger_view(night.ws)
+    rows = view["rows"]
+    assert [r["status"] for r in rows] == ["keep", "keep", "discard", "crash", "malformed"]
+    assert [r.get("commit") for r in rows[:4]] == [runs[n]["commit"] for n in ("baseline", "better", "worse", "crashy")]
+    assert [r.get("delta") for r in rows[:4]] == [None, -0.1, 0.05, None]  # against the best kept before it
+    assert [r["run"] for r in rows[:4]] == [1, 2, 3, 4]
+    assert rows[1]["changes"] == "VAL_BPB 1.0->0.9"
+    assert rows[4] == {"line": 6, "status": "malformed", "text": MALFORMED}
+    assert view["branch"] == "autoresearch/t" and view["set_up"] and view["first_step"] is None
+
+
+def test_a_workspace_with_no_research_run_says_what_to_do_first(lab, tmp_path):
+    assert "setup(tag)" in dashboard.ledger_view(lab.ws)["first_step"]
+    lab.ok("setup", tag="t")
+    assert "baseline" in dashboard.ledger_view(lab.ws)["first_step"]
+    elsewhere = tmp_path / "empty"
+    elsewhere.mkdir()
+    view = dashboard.ledger_view(elsewhere)
+    assert "not an autoresearch workspace" in view["first_step"] and view["rows"] == []
+    assert dashboard.live_view(elsewhere)["runs"] == []
+
+
+def test_a_corrupt_state_file_is_shown_not_fatal(lab):
+    lab.baseline()
+    (lab.ws / ".research-loop" / "state.json").write_text("{oops")
+    view = dashboard.ledger_view(lab.ws)
+    assert "not valid JSON" in view["problem"] and [r["description"] for r in view["rows"]] == ["baseline"]
+    assert "not valid JSON" in dashboard.live_view(lab.ws)["problem"]
+
+
+def test_the_live_view_follows_a_run_in_flight_then_its_pending_result(lab):
+    lab.ok("setup", tag="t", max_experiments=3)
+    lab.ok("run_experiment", description="baseline")
+    lab.ok("keep")
+    set_knobs(lab.ws, val_bpb=0.9, steps=8, sleep=2)
+    started = lab.ok("run_experiment", description="slow", wait=False)
+
+    def progress():
+        runs = dashboard.live_view(lab.ws)["runs"]
+        return runs and runs[0].get("progress") and runs[0]["progress"]["step"] >= 2 and runs[0]
+    run = wait_until(progress, 15) and progress()
+    assert run["run"] == started["run"] and run["status"] == "running" and not run["server_gone"]
+    assert run["curve"][:3] == [[0, 9.0], [1, 8.5], [2, 8.0]] and run["elapsed_s"] >= 0
+    assert wait_until(lambda: dashboard.live_view(lab.ws)["runs"][0]["status"] == "pending", 15)
+    live = dashboard.live_view(lab.ws)
+    assert live["runs"][0]["result"]["val_bpb"] == 0.9 and live["runs"][0]["result"]["delta"] == -0.1
+    assert live["limits"] == "3 of 3 experiments left; 0 of 10 failures in a row" and live["ended"] is None
+
+
+def test_a_kept_change_is_its_diff_against_its_parent_and_only_kept_rows_have_one(night):
+    runs = night.runs
+    better = runs["better"]
+    change = dashboard.kept_change(night.ws, better["commit"])
+    full = git(night.ws, "rev-parse", f"refs/research-loop/runs/{better['run']}").strip()
+    assert change["diff"] == git(night.ws, "diff", f"{full}^", full, "--", "train.py")
+    assert "-VAL_BPB = 1.0" in change["diff"] and "+VAL_BPB = 0.9" in change["diff"]
+    assert change["parent"] == runs["baseline"]["commit"]
+    assert dashboard.kept_change(night.ws, runs["baseline"]["commit"])["diff"] == ""  # the baseline changes nothing
+    for bad in (runs["worse"]["commit"], "0000000", "--output=/tmp/x", "HEAD", None):
+        with pytest.raises(LookupError):
+            dashboard.kept_change(night.ws, bad)
+
+
+def test_a_crash_tail_is_the_one_the_agent_was_shown(night):
+    crashy = night.runs["crashy"]
+    tail = dashboard.run_tail(night.ws, crashy["commit"])
+    assert tail["tail"] == crashy["tail"] and "CUDA out of memory" in tail["tail"]
+    assert tail["log"] == crashy["log"]
+    with pytest.raises(LookupError):
+        dashboard.run_tail(night.ws, "../../x")
+
+
+def test_curves_are_thinned_and_non_finite_numbers_become_null():
+    points = list(range(1000))
+    thinned = dashboard.thin(points, 240)
+    assert len(thinned) == 240 and thinned[0] == 0 and thinned[-1] == 999
+    assert dashboard.plain({"loss": float("nan"), "curve": [[1, float("inf")]]}) == {"loss": None, "curve": [[1, None]]}
+
+
+# --- HTTP ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def served(night):
+    server = DashboardServer(night.ws, 0, TOKEN).start()
+    yield server
+    server.close()
+
+
+def get(server, path, host=None, method="GET", **headers) -> http.client.HTTPResponse:
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    connection.putrequest(method, path, skip_host=True)
+    connection.putheader("Host", host or f"127.0.0.1:{server.port}")
+    for name, value in headers.items():
+        connection.putheader(name.replace("_", "-"), value)
+    connection.endheaders()
+    response = connection.getresponse()
+    response.body = response.read() if "event-stream" not in (response.getheader("Content-Type") or "") else b""
+    return response
+
+
+def test_without_the_token_every_request_is_refused(served):
+    assert served.server_address[0] == "127.0.0.1"
+    for path in ("/", "/dashboard.js", "/api/snapshot", "/api/events", "/api/diff?commit=abcdef0"):
+        assert get(served, path).status == 401
+    assert get(served, "/", Authorization="Bearer wrong").status == 401
+    assert get(served, "/?token=wrong").status == 401
+    assert b"?token=" in get(served, "/").body  # says how to open it
+    assert get(served, "/api/snapshot", Authorization=f"Bearer {TOKEN}").status == 200
+
+
+def test_the_token_once_in_the_address_sets_a_cookie_that_does_not_hold_it(served):
+    signed_in = get(served, f"/?token={TOKEN}")
+    cookie = signed_in.getheader("Set-Cookie")
+    assert signed_in.status == 303 and signed_in.getheader("Location") == "/"
+    assert TOKEN not in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    page = get(served, "/", Cookie=cookie.split(";")[0])
+    assert page.status == 200 and b"dashboard.js" in page.body
+    assert "default-src 'self'" in page.getheader("Content-Security-Policy")  # nothing from elsewhere
+    assert get(served, "/", Cookie=cookie.split(";")[0] + "x").status == 401
+
+
+def test_other_host_names_and_writes_are_refused(served):
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert get(served, "/", host=f"evil.example:{served.port}", **auth).status == 403  # DNS rebinding
+    assert get(served, "/", host=f"localhost:{served.port}", **auth).status == 200
+    for method in ("POST", "PUT", "DELETE"):
+        assert get(served, "/api/snapshot", method=method, **auth).status == 405
+    assert get(served, "/nothing", **auth).status == 404
+
+
+def read_events(response, names: set, timeout: float = 10.0) -> dict:
+    """Reads the stream until an event of each name came; their data, by name."""
+    found, event = {}, None
+    deadline = time.monotonic() + timeout
+    while set(found) < names and time.monotonic() < deadline:
+        line = response.fp.readline().decode().rstrip("\n")
+        if line.startswith("event: "):
+            event = line[7:]
+        elif line.startswith("data: ") and event in names:
+            found[event] = json.loads(line[6:])
+    return found
+
+
+def test_the_event_stream_pushes_a_new_ledger_view_when_a_run_is_decided(lab):
+    lab.ok("setup", tag="t")
+    served = DashboardServer(lab.ws, 0, TOKEN).start()
+    stream = get(served, "/api/events", Authorization=f"Bearer {TOKEN}")
+    assert stream.status == 200 and stream.getheader("Content-Type") == "text/event-stream"
+    first = read_events(stream, {"ledger", "live"})
+    assert first["ledger"]["rows"] == [] and first["live"]["runs"] == []
+    lab.ok("run_experiment", description="baseline")
+    lab.ok("keep")
+    later = read_events(stream, {"ledger"})
+    assert [r["description"] for r in later["ledger"]["rows"]] == ["baseline"]
+    stream.close()
+    served.close()
+
+
+def test_the_page_and_its_views_change_nothing_in_the_workspace(night, served):
+    runs = night.runs
+    before = files_of(night.ws)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    for path in ("/", "/dashboard.js", "/dashboard.css", "/api/snapshot", f"/api/diff?commit={runs['better']['commit']}",
+                 f"/api/tail?commit={runs['crashy']['commit']}", "/api/diff?commit=zzz", "/missing"):
+        get(served, path, **auth)
+    get(served, "/api/snapshot", method="POST", **auth)
+    stream = get(served, "/api/events", **auth)
+    assert set(read_events(stream, {"ledger", "live"})) == {"ledger", "live"}
+    stream.close()
+    assert files_of(night.ws) == before
+
+
+def files_of(folder: Path) -> dict:
+    """Every file and folder below, .git included, with its size, mtime and content hash."""
+    found = {}
+    for path in sorted(folder.rglob("*")):
+        st = path.lstat()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() and not path.is_symlink() else None
+        found[str(path.relative_to(folder))] = (st.st_size, st.st_mtime_ns, digest)
+    return found
+
+
+# --- the MCP server and the command -------------------------------------------------------
+
+def test_the_mcp_server_serves_the_dashboard_and_status_and_the_hook_say_where(fake_env, monkeypatch):
+    ws, cache = make_workspace(fake_env), fake_env / "cache"
+    monkeypatch.setenv("RESEARCH_LOOP_TOKEN", TOKEN)
+    address = ws / ".research-loop" / "dashboard.json"
+
+    async def go():
+        async with stdio_client_for(ws, cache, "--dashboard", "0") as client:
+            status = answer(await client.call_tool("status", {}))
+            url = status["dashboard"]
+            port = int(url.rsplit(":", 1)[1].strip("/"))
+            page = get(DashboardServerAt(port), "/api/snapshot", Authorization=f"Bearer {TOKEN}")
+            written = json.loads(address.read_text())
+            hook = session_start_hook(ws)
+            return url, page, written, hook
+    url, page, written, hook = anyio.run(go)
+    assert url.startswith("http://127.0.0.1:") and page.status == 200
+    assert "setup(tag)" in json.loads(page.body)["ledger"]["first_step"]
+    assert written["url"] == url and written["token"] is True and TOKEN not in json.dumps(written)
+    assert url in hook["systemMessage"] and url in hook["hookSpecificOutput"]["additionalContext"]
+    assert not address.exists()  # withdrawn when its server ended
+
+
+def test_a_port_in_use_costs_the_page_not_the_server(lab):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert start_dashboard(lab.loop, taken.getsockname()[1], None) is None
+    status = lab.ok("status")
+    assert status["dashboard"].startswith("not served: 127.0.0.1:") and "in use" in status["dashboard"]
+
+
+class DashboardServerAt:
+    """Enough of a DashboardServer for get(): a port."""
+
+    def __init__(self, port):
+        self.port = port
+
+
+def session_start_hook(ws: Path) -> dict:
+    done = subprocess.run([sys.executable, str(REPO / "hooks" / "research_loop_hook.py"), "session-start"],
+                          input=json.dumps({"cwd": str(ws)}), capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_research_loop_dashboard_serves_a_workspace_with_no_server_running(night, monkeypatch):
+    monkeypatch.delenv("RESEARCH_LOOP_TOKEN", raising=False)
+    command = subprocess.Popen([sys.executable, "-m", "mcp_server.cli", "dashboard", "--workspace", str(night.ws),
+                                "--port", "0"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = command.stdout.readline()
+        assert "read-only" in line and "no token set" in command.stderr.readline()
+        port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
+        view = json.loads(get(DashboardServerAt(port), "/api/snapshot").body)
+        assert len(view["ledger"]["rows"]) == 5 and view["live"]["limits"].startswith("2 of 5 experiments left")
+    finally:
+        command.terminate()
+        command.wait(timeout=10)

@@ -1,0 +1,92 @@
+"""The dashboard in a real headless Chromium, served by the real MCP server (stdio, fake trainer):
+the chart and the table show the ledger, a run started through the tools appears and advances
+without a reload, a kept run's diff opens, and without the token the page is refused."""
+import json
+
+import anyio
+
+from server_support import answer, make_workspace, set_knobs, stdio_client_for
+
+TOKEN = "browser-test-token"
+SCREENSHOT = "dashboard.png"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def count(selector: str) -> str:
+    return f"document.querySelectorAll({json.dumps(selector)}).length"
+
+
+def text_of(selector: str) -> str:
+    return f"(document.querySelector({json.dumps(selector)}) || {{}}).textContent || ''"
+
+
+def test_the_dashboard_in_a_browser(fake_env, browser, monkeypatch):
+    ws, cache = make_workspace(fake_env, "VAL_BPB = 1.0\nNOISE = 0.004\n"), fake_env / "cache"
+    monkeypatch.setenv("RESEARCH_LOOP_TOKEN", TOKEN)
+    page = browser.new_page()
+
+    async def night(client):
+        async def call(tool, **arguments):
+            return answer(await client.call_tool(tool, arguments))
+        await call("setup", tag="browser", max_experiments=10)
+        runs = {"baseline": await call("run_experiment", description="baseline")}
+        await call("keep")
+        await call("measure_noise", repeats=2)  # 1.004 and 0.996 around the baseline's 1.0: a band of 0.008
+        for name, knobs, decision in (("matrix lr up", {"val_bpb": 0.9}, "keep"),
+                                      ("depth 6", {"val_bpb": 0.95}, "discard"), ("oom", {"crash": 1}, "discard")):
+            set_knobs(ws, **knobs)
+            runs[name] = await call("run_experiment", description=name)
+            await call(decision)
+        with open(ws / "results.tsv", "a") as ledger:
+            ledger.write("half a row\twith a tab\n")
+        return runs, (await call("status"))["dashboard"]
+
+    async def go():
+        async with stdio_client_for(ws, cache, "--dashboard", "0") as client:
+            runs, url = await night(client)
+
+            page.goto(url)  # no token: refused
+            assert "needs the server's token" in page.evaluate("document.body.innerText")
+            assert page.evaluate("performance.getEntriesByType('navigation')[0].responseStatus") == 401
+
+            page.goto(f"{url}?token={TOKEN}")  # once: the cookie keeps the page signed in
+            assert page.wait_for("location.href") == url
+            page.wait_for(f"{count('#ledger tbody tr.row')} === 7")
+            assert page.evaluate(count("#chart .point")) == 6  # the malformed line has no point
+            assert "malformed ledger line 8: half a row" in page.evaluate(text_of("#ledger tr.malformed"))
+            assert page.evaluate(count("#chart circle.point.keep")) == 2 and page.evaluate(count("#chart .label")) == 2
+            assert page.evaluate(count("#chart .band")) == 1 and "noise: std 0.004000" in page.evaluate(
+                text_of("#summary"))
+            kept = runs["matrix lr up"]["commit"]
+            point = json.dumps(f"#chart [data-commit='{kept}']")
+            page.evaluate(f"document.querySelector({point}).dispatchEvent(new MouseEvent('mouseenter'))")
+            tip = page.evaluate(text_of("#tip"))
+            assert kept in tip and "-0.100000" in tip and "matrix lr up" in tip and "keep" in tip
+
+            change = f"#kept details[data-commit='{kept}']"
+            page.click(f"{change} summary")  # the kept change's diff
+            page.wait_for(f"{text_of(change + ' pre.diff')}.includes('+VAL_BPB = 0.9')")
+
+            page.click("#filters button[data-status=crash]")
+            assert page.evaluate(count("#ledger tbody tr.row")) == 1
+            page.click("#ledger .tail-button")
+            page.wait_for(f"{text_of('#ledger pre.tail')}.includes('CUDA out of memory')")
+            page.click("#filters button[data-status=all]")
+
+            page.evaluate("window.notReloaded = true")
+            set_knobs(ws, val_bpb=0.85, steps=40, sleep=20)
+            run = answer(await client.call_tool("run_experiment", {"description": "live one", "wait": False}))
+            card = f".run[data-run='{run['run']}']"
+            step = "Number((" + text_of(card + " .step") + ").match(/step (\\d+)/)?.[1] ?? -1)"
+            first = page.wait_for(f"{step} >= 1 && {step}", timeout=10)
+            page.wait_for(f"{step} > {first}", timeout=5)  # advances, pushed by the server
+            page.wait_for(f"{count(card + ' svg.spark polyline')} === 1")
+            assert page.evaluate("window.notReloaded") is True
+            shot = page.screenshot(fake_env / SCREENSHOT)
+            answer(await client.call_tool("cancel", {"run": run["run"]}))
+            return shot
+    try:
+        shot = anyio.run(go)
+    finally:
+        page.close()
+    assert shot[:8] == PNG_MAGIC and len(shot) > 20_000  # saved in the test's folder, to look at
