@@ -60,20 +60,19 @@ def last_progress(text: str) -> Progress | None:
     for segment in reversed(re.split(r"[\r\n]", text)):
         match = PROGRESS_RE.search(segment)
         if match:
-            step, percent, loss, dt_ms, remaining = match.groups()
-            return Progress(step=int(step), percent=float(percent), loss=_float_or_nan(loss),
-                            remaining_s=int(remaining), dt_ms=int(dt_ms) if dt_ms else None)
+            return _progress(match)
     return None
+
+
+def _progress(match: re.Match) -> Progress:
+    step, percent, loss, dt_ms, remaining = match.groups()
+    return Progress(step=int(step), percent=float(percent), loss=_float_or_nan(loss),
+                    remaining_s=int(remaining), dt_ms=int(dt_ms) if dt_ms else None)
 
 
 def all_progress(text: str) -> list[Progress]:
     """Every progress line in the text, oldest first: a run's loss curve so far."""
-    points = []
-    for match in filter(None, map(PROGRESS_RE.search, re.split(r"[\r\n]", text))):
-        step, percent, loss, remaining = match.groups()
-        points.append(Progress(step=int(step), percent=float(percent), loss=_float_or_nan(loss),
-                               remaining_s=int(remaining)))
-    return points
+    return [_progress(match) for match in filter(None, map(PROGRESS_RE.search, re.split(r"[\r\n]", text)))]
 
 
 def _float_or_nan(text: str) -> float:
