@@ -18,7 +18,7 @@ from pathlib import Path
 import requests
 import torch
 
-from nanochat import datasets, evaluation, export
+from nanochat import datasets, evaluation, export, platform
 from nanochat.cache import PREPARE_COMMAND, cache_dir, data_dir, prepared_record_path, tokenizer_dir
 from nanochat.dataloader import make_dataloader  # noqa: F401  (part of the import contract)
 from nanochat.profiles import PROFILES
@@ -76,10 +76,7 @@ def training_clock():
     """The clock TIME_BUDGET is spent on, as prepared. "wall": wall-clock seconds (GPUs, as upstream).
     "cpu": this process's CPU seconds per thread: on a shared machine a busy neighbour makes a run
     take longer instead of train less, and faster code still gets more steps."""
-    if BUDGET_CLOCK == "cpu":
-        threads = torch.get_num_threads()
-        return lambda: time.process_time() / threads
-    return time.perf_counter
+    return platform.cpu_seconds_per_thread if BUDGET_CLOCK == "cpu" else time.perf_counter
 
 
 def load_constants() -> dict:

@@ -33,6 +33,9 @@ class SearchError(RuntimeError):
 USER_FACING_ERRORS = (SearchError, ConstantError, SpaceError)
 
 
+RERUN_PREFIXES = ("noise repeat ", "control ", "confirmation ")  # the server's descriptions of its reruns
+
+
 @dataclass
 class SearchPlan:
     workspace: Path
@@ -131,6 +134,12 @@ class Search:
             self.say(f"  run {result['run']} beat the best but was measured on an older one: "
                      f"re-measuring it as run {again['run']}")
             return "reapply"
+        if improved and result.get("confirm_first"):  # marginal, or measured at another speed
+            self.say(f"  run {result['run']}: confirming beside a rerun of the best ({result['confirm_first']})")
+            confirmation = await self.call("confirm", **run)
+            if not confirmation["confirmed"]:
+                await self.call("discard", reason="the gain did not hold beside a rerun of the best", **run)
+                return "discard"
         if improved:
             await self.call("keep", **run)
             return "keep"
@@ -155,6 +164,10 @@ class Search:
                               f"it ends with:\n{tail}\nFix the cause, then run the same command again.")
         await self.call("keep")
         self.say(f"baseline val_bpb {result['val_bpb']:.6f} ({self.plan.timings[-1]['wall_s']:.0f}s)")
+        self.say("measuring the noise: the baseline once more")
+        noise = (await self.call("measure_noise", repeats=1))["noise"]
+        self.say(f"  noise threshold {noise['threshold']:.6f}: smaller gains are confirmed beside a rerun of the "
+                 "best before they are kept")
 
     def budget_left(self, rows: list[dict], in_flight: int = 0) -> bool:
         walls = [t["wall_s"] for t in self.plan.timings if t["wall_s"] is not None]
@@ -240,12 +253,17 @@ def was_interrupted(row: dict) -> bool:
     return row["status"] == "crash" and INTERRUPTED_MARK in row["description"]
 
 
+def is_rerun(row: dict) -> bool:
+    """A row of the server's own reruns (noise, a control, a confirmation): evidence, not an idea."""
+    return row["description"].startswith(RERUN_PREFIXES)
+
+
 def experiments_done(rows: list[dict]) -> int:
-    """Rows after the kept baseline, not counting failed baselines before it or interrupted runs."""
+    """Rows after the kept baseline, not counting failed baselines before it, interrupted runs or reruns."""
     first_keep = next((i for i, row in enumerate(rows) if row["status"] == "keep"), None)
     if first_keep is None:
         return 0
-    return sum(not was_interrupted(row) for row in rows[first_keep + 1:])
+    return sum(not was_interrupted(row) and not is_rerun(row) for row in rows[first_keep + 1:])
 
 
 def best_kept_bpb(rows: list[dict]) -> float | None:

@@ -170,6 +170,9 @@ def main():
             os.environ.pop(name, None)
     for name in ("AUTORESEARCH_COMPILE", "TORCHINDUCTOR_CACHE_DIR"):
         os.environ.pop(name, None)
+    # today's train.py knows only the wall clock: every row spends its budget on it (bench_clock.py
+    # compares the clocks)
+    os.environ["AUTORESEARCH_BUDGET_CLOCK"] = "wall"
     sys.path.insert(0, str(REPO))
     import torch
     from nanochat.platform import COMPUTE_DTYPE, DEVICE, measure_matmul_flops, save_peak_flops

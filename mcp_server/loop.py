@@ -536,8 +536,13 @@ class ResearchLoop:
             result.best_val_bpb, result.best_commit = base.val_bpb, base.commit
             result.delta = round(value - base.val_bpb, 6)
             self._compare_throughput(result, summary, base.commit)
-        result.noise = noise.verdict(result.delta, self.state.load().get("noise"))
+        estimate = self.state.load().get("noise")
+        result.noise = noise.verdict(result.delta, estimate)
         result.next = "keep() if it is better beyond noise, else discard()"
+        result.confirm_first = self.confirmation_needed(result.model_dump(), estimate)
+        if result.confirm_first:
+            result.next = (f"confirm(run={entry['run']}) before keep ({result.confirm_first}); "
+                           "or discard() if the gain does not matter")
         return result
 
     def _measured(self, entry: dict, summary, report: dict, result: RunResult,

@@ -71,6 +71,7 @@ class RunResult(BaseModel):
     best_num_steps: int | None = None  # the same, for the run of the best this one is compared with
     best_mfu_percent: float | None = None
     comparable: bool | None = None  # False: the throughput differs too much from the best's run
+    confirm_first: str | None = None  # why keep needs confirm() first: a marginal or incomparable gain
     wall_seconds: float | None = None  # measured by the run's worker, not taken from the log
     exit_code: int | None = None
     timeout_seconds: float | None = None

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from autosearch.driver import RERUN_PREFIXES
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 COMMIT = re.compile(r"^[0-9a-f]{7}$")
 DEMO_ARGS = ["--profile", "cpu", "--dataset", "offline"]
@@ -29,6 +31,11 @@ def ledger_rows(workspace: Path) -> list[dict]:
     for line in lines[1:]:
         assert line.count("\t") == 4, f"malformed ledger line: {line!r}"
     return list(csv.DictReader(lines, delimiter="\t", quoting=csv.QUOTE_NONE))
+
+
+def ideas(rows: list[dict]) -> list[dict]:
+    """The rows of experiments, without the server's reruns (noise, controls, confirmations)."""
+    return [row for row in rows if not row["description"].startswith(RERUN_PREFIXES)]
 
 
 def check_rows(rows: list[dict]) -> None:
@@ -84,7 +91,8 @@ def test_demo_end_to_end(repo_root, prepared_env, tmp_path):
     out = proc.stdout
 
     rows = ledger_rows(workspace)
-    assert len(rows) == 3, rows  # the baseline and two experiments
+    assert rows[1]["description"].startswith("noise repeat 1/1 of"), rows  # the demo measures its noise
+    assert len(ideas(rows)) == 3, rows  # the baseline and two experiments (and any confirmation reruns)
     assert rows[0]["description"] == "baseline" and rows[0]["status"] == "keep"
     check_rows(rows)
 
@@ -136,7 +144,7 @@ def test_interrupt_and_resume(repo_root, prepared_env, tmp_path):
     assert "resume with: uv run demo.py --workspace" in rest
     assert wait_until_no_processes_in(workspace) == [], "a training process survived Ctrl-C"
     rows = ledger_rows(workspace)
-    assert [row["description"] for row in rows] == ["baseline"]
+    assert [row["description"] for row in ideas(rows)] == ["baseline"]
     check_rows(rows)
 
     resumed = subprocess.run(demo_command(workspace, INTERRUPTIBLE_BUDGET), cwd=repo_root, env=prepared_env,
@@ -147,6 +155,7 @@ def test_interrupt_and_resume(repo_root, prepared_env, tmp_path):
     check_rows(rows)
     # The interrupted run is logged as a crash; it does not count, so the one experiment asked
     # for follows it: the interrupted configuration again.
+    rows = ideas(rows)
     assert len(rows) == 3, rows
     assert rows[1]["status"] == "crash" and rows[1]["description"].endswith("(interrupted)")
     assert rows[2]["description"].startswith(rows[1]["description"].removesuffix(" (interrupted)"))
