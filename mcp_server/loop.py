@@ -58,7 +58,9 @@ def run_name(run: int, commit: str) -> str:
 
 
 class ResearchLoop:
-    def __init__(self, root: Path, train_command: list[str] | None = None, slots: int | None = None):
+    def __init__(self, root: Path, train_command: list[str] | None = None, slots: int | None = None,
+                 executor=None):
+        """executor: makes the executor from the Workspace (a Ray or SLURM one); default the local pool."""
         self.root = Path(root).resolve()
         self.train_command = train_command or DEFAULT_TRAIN_COMMAND
         self.slots = slots or default_slots()
@@ -68,6 +70,7 @@ class ResearchLoop:
         self.closing = False  # set on server exit: unfinished runs are left to the next owner
         self._ws: Workspace | None = None
         self._pool: LocalPool | None = None
+        self.make_executor = executor
         try:
             self.take_over()
         except Refusal:
@@ -83,7 +86,7 @@ class ResearchLoop:
     @property
     def pool(self) -> LocalPool:
         if self._pool is None:
-            self._pool = LocalPool(self.ws, self.slots)
+            self._pool = self.make_executor(self.ws) if self.make_executor else LocalPool(self.ws, self.slots)
         return self._pool
 
     @property
@@ -149,7 +152,8 @@ class ResearchLoop:
             return False
         with self.state.transaction() as state:
             for entry in self.runs_of(state, "running"):
-                self._settle_orphan(entry)
+                if not self.pool.reattach(entry, self._on_done):  # a cluster's jobs outlive their server
+                    self._settle_orphan(entry)
         self._dispatch()
         return True
 
@@ -471,11 +475,21 @@ class ResearchLoop:
             return result
         result.val_bpb = summary.val_bpb
         result.memory_gb = round((summary.peak_vram_mb or 0.0) / 1024, 1)
+        result.device = report.get("device")
         base = self._kept_row(entry["parent"])
         if base:
             result.best_val_bpb, result.best_commit = base.val_bpb, base.commit
-            result.delta = round(summary.val_bpb - base.val_bpb, 6)
-        result.noise = noise.verdict(result.delta, self.state.load().get("noise"))
+            base_device = self._device_of(entry["parent"])
+            if result.device and base_device and base_device != result.device:
+                # another GPU model gives another val_bpb for the same code: no silent delta
+                result.noise = f"not compared: measured on {result.device}, the best {base.commit} on {base_device}"
+                result.warnings = (result.warnings or []) + [
+                    f"{result.noise}; results on different GPU models are not comparable: keep the research run "
+                    "on one GPU model (a SLURM --constraint, a Ray node label), or judge this one by hand"]
+            else:
+                result.delta = round(summary.val_bpb - base.val_bpb, 6)
+        if result.noise is None:
+            result.noise = noise.verdict(result.delta, noise.for_device(self.state.load(), result.device))
         result.next = "keep() if it is better beyond noise, else discard()"
         return result
 
@@ -488,6 +502,16 @@ class ResearchLoop:
                             "keep", entry["description"])
         except Refusal as exc:
             return f"the summary is not a valid result: {exc}"
+        return None
+
+    def _device_of(self, commit: str) -> str | None:
+        """The GPU model (or CPU) that measured a commit, from its run's record."""
+        runs = self.root / RUNS_DIR
+        for path in runs.glob(f"[0-9]*-{commit[:7]}.json") if runs.is_dir() else ():
+            try:
+                return json.loads(path.read_text())["run"].get("device")
+            except (OSError, ValueError, KeyError, AttributeError):
+                return None
         return None
 
     def _kept_row(self, commit: str) -> Row | None:
@@ -955,9 +979,13 @@ class ResearchLoop:
         kept = self.state.load().get("kept_commit", "")[:7]
         return [r.val_bpb for r in self.rows() if r.commit == kept and r.status == "keep"]
 
-    def store_noise(self, values: list[float]) -> NoiseEstimate:
+    def store_noise(self, values: list[float], device: str | None = None) -> NoiseEstimate:
+        """The estimate, also kept per GPU model: a result is judged against its own model's noise."""
         estimate = noise.estimate(values)
-        self.state.update(noise=estimate.model_dump())
+        with self.state.transaction() as state:
+            state["noise"] = estimate.model_dump()
+            if device:
+                state.setdefault("noise_by_device", {})[device] = estimate.model_dump()
         return estimate
 
 

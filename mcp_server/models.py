@@ -58,6 +58,7 @@ class RunResult(BaseModel):
     eval_seconds: float | None = None
     num_steps: int | None = None
     wall_seconds: float | None = None  # measured by the run's worker, not taken from the log
+    device: str | None = None  # the GPU model (or CPU) it ran on
     exit_code: int | None = None
     timeout_seconds: float | None = None
     best_val_bpb: float | None = None

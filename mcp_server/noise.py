@@ -19,6 +19,15 @@ def estimate(values: list[float]) -> NoiseEstimate:
                          spread=round(spread, 6), threshold=round(max(SIGMAS * std, spread), 6))
 
 
+def for_device(state: dict, device: str | None) -> dict | None:
+    """The noise estimate that applies to a result on `device`: that model's own once several
+    are measured; the one estimate where none was recorded per model."""
+    by_device = state.get("noise_by_device") or {}
+    if device in by_device:
+        return by_device[device]
+    return None if by_device else state.get("noise")
+
+
 def verdict(delta: float | None, noise: dict | None) -> str:
     """One short sentence on the delta against the best kept result."""
     if delta is None:

@@ -246,17 +246,19 @@ def build_server(loop: ResearchLoop) -> MCPServer:
             entry = await threaded(loop.submit, f"noise repeat {k + 1}/{repeats} of {kept[:7]}", None, source)
             runs.append(entry["run"])
         await follow(runs, ctx, until_all=True)
-        ok, failed = [], []
+        ok, failed, devices = [], [], set()
         for n in runs:
             result = loop.answer_for(n)
             await threaded(loop.discard, None, n)
             (ok if result.status == "ok" else failed).append(result.commit)
             if result.status == "ok":
                 values.append(result.val_bpb)
+                devices.add(result.device)
         if len(values) < 2:
             raise Refusal(f"Too few successful repeats ({len(ok)}): fix the crash (see read_metrics) "
                           "and measure again.")
-        return compact(NoiseResult(noise=loop.store_noise(values), runs=ok, failed=failed))
+        device = devices.pop() if len(devices) == 1 else None  # repeats on several models: no per-model estimate
+        return compact(NoiseResult(noise=loop.store_noise(values, device), runs=ok, failed=failed))
 
     return srv
 

@@ -2,6 +2,9 @@
 
     python worker.py --log FILE --report FILE --timeout SECONDS [--watch-stdin] [--cpus 0,1] -- COMMAND...
 
+--log - writes the output to this process's own stdout instead (a cluster job, whose engine keeps
+its stdout as the job's log).
+
 A plain script with the standard library only: it starts fast and runs wherever the training
 runs (this machine's slots, a Ray or SLURM node). It
 
@@ -110,7 +113,8 @@ class LogPump(threading.Thread):
     def __init__(self, source, log_path: Path, max_bytes: int):
         super().__init__(daemon=True, name="log-pump")
         self.source, self.max_bytes = source, max_bytes
-        self.log = open(log_path, "ab", buffering=0)
+        self.log = open_log(log_path)
+        self.last = collections.deque(maxlen=64)  # the latest chunks, for --report-tail
         self.written = 0
         self.dropped = 0
         self.tail = collections.deque()
@@ -124,6 +128,7 @@ class LogPump(threading.Thread):
                 break
             if not chunk:
                 break
+            self.last.append(chunk)
             room = self.max_bytes - self.written
             if room > 0:
                 self.log.write(chunk[:room])
@@ -149,6 +154,16 @@ class LogPump(threading.Thread):
     @property
     def truncated(self) -> bool:
         return self.dropped > 0
+
+    def last_text(self, size: int) -> str:
+        return b"".join(self.last)[-size:].decode("utf-8", errors="replace")
+
+
+def open_log(path: Path):
+    """The log file, appended to; "-" is this process's stdout (a duplicate, so closing it is safe)."""
+    if str(path) == "-":
+        return os.fdopen(os.dup(1), "ab", buffering=0)
+    return open(path, "ab", buffering=0)
 
 
 def device_name(env: dict) -> str:
@@ -190,6 +205,7 @@ def parse_args(argv):
     p.add_argument("--max-log-bytes", type=int, default=MAX_LOG_BYTES)
     p.add_argument("--watch-stdin", action="store_true", help="stop the run when stdin reaches end of file")
     p.add_argument("--cpus", help="comma-separated CPU ids the command may use")
+    p.add_argument("--report-tail", type=int, default=0, help="bytes of the output's end to put in the report")
     p.add_argument("command", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
     if args.command[:1] == ["--"]:
@@ -226,7 +242,7 @@ def main(argv=None) -> int:
                                  start_new_session=True, preexec_fn=in_child)
     except OSError as exc:
         os.close(write_end)
-        with open(args.log, "ab") as log:
+        with open_log(args.log) as log:
             log.write(f"{MARK} could not start {args.command[0]!r}: {exc}\n".encode())
         write_report(args.report, {"exit_code": 127, "timed_out": False, "stopped": None, "started_at": started_at,
                                    "wall_seconds": 0.0, "stray_processes": 0, "unkillable": 0,
@@ -270,7 +286,8 @@ def main(argv=None) -> int:
     if strays and not (timed_out or stop_reason):
         pump.note(f"{len(strays)} process(es) started by the run were still running when it ended; killed")
     pump.close()
-    write_report(args.report, {
+    tail = {"log_tail": pump.last_text(args.report_tail)} if args.report_tail else {}
+    write_report(args.report, tail | {
         "exit_code": 128 - exit_code if exit_code < 0 else exit_code, "timed_out": timed_out,
         "stopped": stop_reason[0] if stop_reason else None, "started_at": started_at, "wall_seconds": round(wall, 3),
         "stray_processes": 0 if (timed_out or stop_reason) else len(strays), "unkillable": unkillable,
