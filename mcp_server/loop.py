@@ -489,8 +489,13 @@ class ResearchLoop:
             else:
                 result.delta = round(summary.val_bpb - base.val_bpb, 6)
         if result.noise is None:
-            result.noise = noise.verdict(result.delta, noise.for_device(self.state.load(), result.device))
+            state = self.state.load()  # naming the model only matters once estimates are kept per model
+            result.noise = noise.verdict(result.delta, noise.for_device(state, result.device),
+                                         result.device if state.get("noise_by_device") else None)
         result.next = "keep() if it is better beyond noise, else discard()"
+        if result.delta is None and base and result.noise.startswith("not compared"):
+            result.next = (f"not comparable with the best: rerun it on {base_device} (reapply), or keep() or "
+                           "discard() on your own judgement")
         return result
 
     @staticmethod

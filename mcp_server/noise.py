@@ -28,13 +28,14 @@ def for_device(state: dict, device: str | None) -> dict | None:
     return None if by_device else state.get("noise")
 
 
-def verdict(delta: float | None, noise: dict | None) -> str:
-    """One short sentence on the delta against the best kept result."""
+def verdict(delta: float | None, noise: dict | None, device: str | None = None) -> str:
+    """One short sentence on the delta against the best kept result (measured on `device`)."""
     if delta is None:
         return "no kept result yet: this is the baseline to keep"
     direction = "better" if delta < 0 else "worse" if delta > 0 else "equal"
     if not noise:
-        return f"{direction} by {abs(delta):.6f}; noise not measured: run measure_noise"
+        where = f" on {device}" if device else ""
+        return f"{direction} by {abs(delta):.6f}; noise not measured{where}: run measure_noise"
     threshold = noise["threshold"]
     beyond = abs(delta) > threshold
     return (f"{direction} by {abs(delta):.6f}, {'beyond' if beyond else 'within'} noise "
