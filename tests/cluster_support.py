@@ -171,6 +171,20 @@ class SlurmCluster:
         return bool(out.stdout.strip())
 
 
+def trainers(folder: Path) -> list[int]:
+    """The fake trainers and what they spawned (tests/fake_train.py), among the processes that
+    work in `folder` or name it."""
+    found = []
+    for pid in processes_in(folder):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"fake_train.py" in cmdline or b"time.sleep(600)" in cmdline or b"os.setsid()" in cmdline:
+            found.append(pid)
+    return found
+
+
 def wait_for(predicate, timeout: float) -> bool:
     return wait_until(predicate, timeout, 0.2)
 

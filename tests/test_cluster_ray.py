@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+import cluster_support as cluster
 from cluster_support import RayHead, free_port
 from server_support import TRAIN_COMMAND, Lab, git, ledger_lines, make_workspace, set_knobs, wait_until
 from test_server_e2e import RUN_TIMEOUT_S, harness_workspace
@@ -44,15 +45,7 @@ def record(lab, result) -> dict:
 
 def trainers(head) -> list[int]:
     """The fake trainers and what they spawned, wherever Ray runs them (all under the head's folder)."""
-    found = []
-    for pid in head.processes():
-        try:
-            cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
-        except OSError:
-            continue
-        if b"fake_train.py" in cmdline or b"time.sleep(600)" in cmdline or b"os.setsid()" in cmdline:
-            found.append(pid)
-    return found
+    return cluster.trainers(head.folder)
 
 
 def test_two_jobs_at_once_on_their_own_gpus_and_a_third_waits(ray_lab, ray_head):
