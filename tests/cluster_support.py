@@ -1,9 +1,9 @@
 """Real engines for the cluster tests, started and stopped by session fixtures.
 
 Ray: a head on 127.0.0.1 only, on free ports, with 2 CPUs and 2 logical GPUs (Ray pins them with
-CUDA_VISIBLE_DEVICES without any GPU), run with `ray start --block` in a short temp folder that is
-the working directory of every process it starts: stopping it and finding what is left both
-go by that folder. SLURM: slurmctld and slurmd from Debian's slurm-wlm, one node with two fake
+CUDA_VISIBLE_DEVICES without any GPU), run with `ray start --block` from an empty folder inside a
+short temp folder that also holds Ray's temp dir: every process it starts works in that folder or
+names it, so stopping it and finding what is left both go by that folder. SLURM: slurmctld and slurmd from Debian's slurm-wlm, one node with two fake
 GPUs (gres on /dev/null and /dev/zero), configured in a temp folder (SLURM_CONF), munge for auth.
 """
 import os
@@ -47,7 +47,10 @@ class RayHead:
         # RAY_ENABLE_UV_RUN_RUNTIME_ENV=0: the tests run under `uv run`, and Ray's hook for it would
         # make every Ray driver (the head's own job agent included) ship its working directory, here
         # the folder that holds the head's growing temp dir: a zip that fills the disk
-        env = dict(os.environ, RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", RAY_USAGE_STATS_ENABLED="0")
+        # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes Ray take the loopback address as the node's
+        # everywhere (--node-ip-address alone leaves the client server on the machine's address)
+        env = dict(os.environ, RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+                   RAY_USAGE_STATS_ENABLED="0")
         home = self.folder / "cwd"  # empty: nothing to ship even if a driver ships its cwd
         home.mkdir()
         self.log = open(self.folder / "ray-start.log", "wb")

@@ -1,25 +1,20 @@
 """Runs on a real Ray cluster through the MCP tools: a head on 127.0.0.1 with 2 CPUs and 2 logical
-GPUs, started once for this module; the fast fake trainer, and one real train.py run."""
+GPUs, started once for the session (conftest.ray_head); the fast fake trainer, and one real
+train.py run."""
 import json
 import sys
 
+import anyio
 import pytest
 
 import cluster_support as cluster
-from cluster_support import RayHead, free_port
-from server_support import TRAIN_COMMAND, Lab, git, ledger_lines, make_workspace, set_knobs, wait_until
+from cluster_support import free_port
+from server_support import (TRAIN_COMMAND, Lab, answer, git, ledger_lines, make_cache, make_workspace, set_knobs,
+                            stdio_client_for, wait_until)
 from test_server_e2e import RUN_TIMEOUT_S, harness_workspace
 
 ray_executor = pytest.importorskip("mcp_server.ray_executor")
 pytest.importorskip("ray", reason="the ray extra is not installed: uv sync --extra ray")
-
-
-@pytest.fixture(scope="module")
-def ray_head():
-    head = RayHead()
-    head.wait_ready()
-    yield head
-    assert head.stop() == [], "Ray processes were left after the head stopped"
 
 
 def on_ray(head, capacity=2, train_command=None):
@@ -146,3 +141,21 @@ def test_without_the_extra_the_executor_is_a_clear_error(monkeypatch):
     with pytest.raises(Refusal, match=r"uv sync --extra ray"):
         ray_executor.ray_jobs()
 
+
+
+def test_the_server_started_with_executor_ray_runs_on_the_cluster(tmp_path, ray_head, monkeypatch):
+    """`python -m mcp_server --executor ray --ray-address ...` over stdio: the capacity comes from the
+    cluster (2 GPUs), the run is a Ray job."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    ws, cache = make_workspace(tmp_path), make_cache(tmp_path)
+
+    async def go():
+        async with stdio_client_for(ws, cache, "--executor", "ray", "--ray-address", ray_head.address) as client:
+            answer(await client.call_tool("setup", {"tag": "cli"}))
+            status = answer(await client.call_tool("status", {}))
+            run = answer(await client.call_tool("run_experiment", {"description": "baseline"}))
+            return status, run
+
+    status, run = anyio.run(go)
+    assert run["status"] == "ok" and run["slot"].startswith("ray job research-loop-"), run
+    assert status["slots"] == 2, status
