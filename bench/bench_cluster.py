@@ -8,7 +8,8 @@ cluster is warm (the baseline has run on it) before anything is measured. An age
 busy (submit with wait=False, wait(), discard, submit again) with runs of a fixed length. Printed,
 per engine: experiments per hour, and per run the overhead: submit to start (the run submitted ->
 its worker starting the training, for runs that did not queue) and end to result (the training's
-end -> the server's recorded result), all on this machine's clock.
+end -> the server's recorded result), all on this machine's clock. Beside them, Ray's own floor: an
+empty job submitted through the bare Jobs API to the same head, from submit to its first line.
 
 Targets (issue 14): Ray's overhead under 3 s per run on a warm cluster, its throughput within 10%
 of the local pool's.
@@ -80,6 +81,22 @@ def overheads(ws: Path) -> dict:
     }
 
 
+def ray_floor(address: str, jobs: int = 3) -> float:
+    """Median seconds from submit_job to an empty job's first line (one GPU, no working_dir): what
+    Ray itself spends starting a job (its supervisor actor, a Python process of its own)."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+    client = JobSubmissionClient(address)
+    delays = []
+    for _ in range(jobs):
+        submitted = time.time()
+        job = client.submit_job(entrypoint="python3 -c 'import time; print(\"T\", time.time())'", entrypoint_num_gpus=1)
+        while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            time.sleep(0.1)
+        first = next(line for line in client.get_job_logs(job).splitlines() if line.startswith("T "))
+        delays.append(float(first.split()[1]) - submitted)
+    return round(statistics.median(delays), 3)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs-per-slot", type=int, default=4)
@@ -95,6 +112,7 @@ def main() -> int:
             rows = {name: anyio.run(keep_slots_busy, *make_workspace(Path(tmp) / name.replace(" ", "-")), engine_args,
                                     runs, args.run_seconds)
                     for name, engine_args in engines.items()}
+        floor = ray_floor(head.address)
     finally:
         left = head.stop()
     local, ray = rows["local pool"], rows["ray"]
@@ -104,6 +122,7 @@ def main() -> int:
         print(f"{name:>10} {row['seconds']:>8} {row['experiments_per_hour']:>9} "
               f"{row['experiments_per_hour'] / local['experiments_per_hour']:>8.2f} {row['submit_to_start_s']:>16} "
               f"{row['end_to_result_s']:>14}")
+    print(f"Ray's own floor, an empty job through the bare Jobs API (submit -> its first line): {floor} s")
     failures = []
     overhead = ray["submit_to_start_s"] + ray["end_to_result_s"]
     if overhead >= OVERHEAD_TARGET_S:
