@@ -1,4 +1,5 @@
-"""Entry point: `uv run python -m mcp_server [--workspace DIR] [--slots N] [--http --port N] [--dashboard PORT]`.
+"""Entry point: `uv run python -m mcp_server [--workspace DIR] [--slots N] [--executor local|ray|slurm]
+[--http --port N] [--dashboard PORT]`.
 
 stdio by default (what Claude Code starts); --http serves streamable HTTP on 127.0.0.1
 only, optionally behind a bearer token taken from RESEARCH_LOOP_TOKEN or --token-file (never
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_PORT = 8765
+EXECUTORS = ("local", "ray", "slurm")
 LOOPBACK = "127.0.0.1"
 
 
@@ -30,6 +32,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--slots", type=int, default=None,
                         help="runs at once, one per slot (default: env RESEARCH_LOOP_SLOTS, else the number of "
                              "visible GPUs, 1 without a GPU; on a CPU, N > 1 splits the cores between slots)")
+    parser.add_argument("--executor", choices=EXECUTORS, default=os.environ.get("RESEARCH_LOOP_EXECUTOR") or "local",
+                        help="where runs execute: this machine's slots, a Ray cluster (extra `ray`) or SLURM "
+                             "(extra `slurm`) (default: env RESEARCH_LOOP_EXECUTOR, else local)")
+    parser.add_argument("--ray-address", default=None,
+                        help="the Ray cluster's dashboard, e.g. http://HEAD:8265 (default: env RAY_ADDRESS, else a "
+                             "cluster started on this machine)")
+    parser.add_argument("--slurm-folder", type=Path, default=os.environ.get("RESEARCH_LOOP_SLURM_FOLDER"),
+                        help="a folder on the file system the SLURM nodes share, for each run's code and logs "
+                             "(default: env RESEARCH_LOOP_SLURM_FOLDER, else .research-loop/slurm in the workspace)")
+    parser.add_argument("--slurm-partition", default=os.environ.get("RESEARCH_LOOP_SLURM_PARTITION"),
+                        help="sbatch --partition (default: env RESEARCH_LOOP_SLURM_PARTITION, else the cluster's)")
+    parser.add_argument("--slurm-account", default=os.environ.get("RESEARCH_LOOP_SLURM_ACCOUNT"),
+                        help="sbatch --account (default: env RESEARCH_LOOP_SLURM_ACCOUNT)")
     parser.add_argument("--http", action="store_true", help="serve streamable HTTP on 127.0.0.1")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"HTTP port (default {DEFAULT_PORT})")
     parser.add_argument("--token-file", type=Path,
@@ -114,13 +129,51 @@ def stop_dashboard(loop, server) -> None:
         dashboard_http.withdraw(loop.root)
 
 
+def choose_executor(args, command: list[str]):
+    """(slots, a factory of the executor from the Workspace, or None for the local pool). A missing
+    extra ends the server with the command that installs it."""
+    from mcp_server.models import Refusal
+    try:
+        if args.executor == "ray":
+            from mcp_server import ray_executor
+            slots, gpus = ray_capacity(args)
+            return slots, lambda ws: ray_executor.RayExecutor(ws, command, slots, args.ray_address, gpus)
+        if args.executor == "slurm":
+            from mcp_server import slurm_executor
+            slurm_executor.submitit_module()
+            slurm_executor.check_cluster()
+            slots = args.slots or slurm_executor.DEFAULT_CAPACITY
+            return slots, lambda ws: slurm_executor.SlurmExecutor(
+                ws, command, slots, args.slurm_folder or ws.root / ".research-loop" / "slurm",
+                partition=args.slurm_partition, account=args.slurm_account)
+    except Refusal as exc:
+        sys.exit(f"research-loop-mcp: {exc}")
+    return args.slots, None
+
+
+def ray_capacity(args) -> tuple[int, bool]:
+    """Runs at once on Ray: --slots, else the cluster's GPUs (its CPUs where it has none). An
+    unreachable cluster does not stop the server: each run then says why it could not start."""
+    from mcp_server import ray_executor
+    ray_executor.ray_jobs()
+    try:
+        resources = ray_executor.cluster_resources(ray_executor.connect(args.ray_address))
+    except Exception as exc:  # Refusal (unreachable), or the state API's own errors
+        print(f"research-loop-mcp: WARNING: {exc} Runs will fail to start until the cluster is reachable.",
+              file=sys.stderr, flush=True)
+        return args.slots or 1, True
+    gpus = int(resources.get("GPU", 0))
+    return args.slots or max(1, gpus or int(resources.get("CPU", 1))), gpus > 0
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from mcp_server.loop import ResearchLoop
+    from mcp_server.loop import DEFAULT_TRAIN_COMMAND, ResearchLoop
     from mcp_server.server import build_server
 
     command = shlex.split(args.train_command) if args.train_command else None
-    loop = ResearchLoop(Path(args.workspace), command, args.slots)
+    slots, executor = choose_executor(args, command or DEFAULT_TRAIN_COMMAND)
+    loop = ResearchLoop(Path(args.workspace), command, slots, executor)
     srv = build_server(loop)
     page = start_dashboard(loop, args.dashboard, http_token(args)) if args.dashboard is not None else None
 

@@ -64,7 +64,9 @@ def run_name(run: int, commit: str) -> str:
 
 
 class ResearchLoop:
-    def __init__(self, root: Path, train_command: list[str] | None = None, slots: int | None = None):
+    def __init__(self, root: Path, train_command: list[str] | None = None, slots: int | None = None,
+                 executor=None):
+        """executor: makes the executor from the Workspace (a Ray or SLURM one); default the local pool."""
         self.root = Path(root).resolve()
         self.train_command = train_command or DEFAULT_TRAIN_COMMAND
         self.slots = slots or default_slots()
@@ -76,6 +78,7 @@ class ResearchLoop:
         self._ws: Workspace | None = None
         self._pool: LocalPool | None = None
         self._python: str | None = None  # the workspace environment's interpreter, once found
+        self.make_executor = executor
         try:
             self.take_over()
         except Refusal:
@@ -91,7 +94,7 @@ class ResearchLoop:
     @property
     def pool(self) -> LocalPool:
         if self._pool is None:
-            self._pool = LocalPool(self.ws, self.slots)
+            self._pool = self.make_executor(self.ws) if self.make_executor else LocalPool(self.ws, self.slots)
         return self._pool
 
     @property
@@ -157,7 +160,8 @@ class ResearchLoop:
             return False
         with self.state.transaction() as state:
             for entry in self.runs_of(state, "running"):
-                self._settle_orphan(entry)
+                if not self.pool.reattach(entry, self._on_done):  # a cluster's jobs outlive their server
+                    self._settle_orphan(entry)
         self._dispatch()
         return True
 
@@ -404,8 +408,9 @@ class ResearchLoop:
     def run_command(self) -> list[str]:
         """What a slot runs. The default, upstream's `uv run train.py`, becomes the workspace
         environment's own interpreter, found (and the environment synced) once per server: every
-        slot then shares that one environment, and no run has to write to it."""
-        if self.train_command != DEFAULT_TRAIN_COMMAND:
+        slot then shares that one environment, and no run has to write to it. A cluster's nodes
+        get the command as it is: each node syncs its own environment (mcp_server/node.py)."""
+        if self.train_command != DEFAULT_TRAIN_COMMAND or self.make_executor is not None:
             return self.train_command
         if self._python is None:
             for sync in ([], ["--no-sync"])[::-1]:  # the environment as it is, else synced
@@ -531,14 +536,29 @@ class ResearchLoop:
             return result
         result.val_bpb = value
         result.memory_gb = round((summary.peak_vram_mb or 0.0) / 1024, 1)
+        result.device = report.get("device")
         base = self._kept_row(entry["parent"])
         if base:
             result.best_val_bpb, result.best_commit = base.val_bpb, base.commit
-            result.delta = round(value - base.val_bpb, 6)
-            self._compare_throughput(result, summary, base.commit)
-        estimate = self.state.load().get("noise")
-        result.noise = noise.verdict(result.delta, estimate)
+            base_device = self._device_of(entry["parent"])
+            if result.device and base_device and base_device != result.device:
+                # another GPU model gives another val_bpb for the same code: no silent delta
+                result.noise = f"not compared: measured on {result.device}, the best {base.commit} on {base_device}"
+                result.warnings = (result.warnings or []) + [
+                    f"{result.noise}; results on different GPU models are not comparable: keep the research run "
+                    "on one GPU model (a SLURM --constraint, a Ray node label), or judge this one by hand"]
+            else:
+                result.delta = round(value - base.val_bpb, 6)
+                self._compare_throughput(result, summary, base.commit)
+        state = self.state.load()
+        estimate = noise.for_device(state, result.device)
+        if result.noise is None:  # naming the model only matters once estimates are kept per model
+            result.noise = noise.verdict(result.delta, estimate, result.device if state.get("noise_by_device") else None)
         result.next = "keep() if it is better beyond noise, else discard()"
+        if result.delta is None and base and result.noise.startswith("not compared"):
+            result.next = (f"not comparable with the best: rerun it on {base_device} (reapply), or keep() or "
+                           "discard() on your own judgement")
+            return result
         result.confirm_first = self.confirmation_needed(result.model_dump(), estimate)
         if result.confirm_first:
             result.next = (f"confirm(run={entry['run']}) before keep ({result.confirm_first}); "
@@ -604,6 +624,16 @@ class ResearchLoop:
                             "keep", entry["description"])
         except Refusal as exc:
             return f"the summary is not a valid result: {exc}"
+        return None
+
+    def _device_of(self, commit: str) -> str | None:
+        """The GPU model (or CPU) that measured a commit, from its run's record."""
+        runs = self.root / RUNS_DIR
+        for path in runs.glob(f"[0-9]*-{commit[:7]}.json") if runs.is_dir() else ():
+            try:
+                return json.loads(path.read_text())["run"].get("device")
+            except (OSError, ValueError, KeyError, AttributeError):
+                return None
         return None
 
     def _kept_row(self, commit: str) -> Row | None:
@@ -1137,11 +1167,14 @@ class ResearchLoop:
         kept = self.state.load().get("kept_commit", "")[:7]
         return [r.val_bpb for r in self.rows() if r.commit == kept and r.status == "keep"]
 
-    def store_noise(self, values: list[float], spent: int) -> NoiseEstimate:
+    def store_noise(self, values: list[float], spent: int, device: str | None = None) -> NoiseEstimate:
+        """The estimate, also kept per GPU model: a result is judged against its own model's noise."""
         estimate = noise.estimate(values)
         with self.state.transaction() as state:
             state["noise"] = estimate.model_dump()
             state["extra_runs"] = state.get("extra_runs", 0) + spent
+            if device:
+                state.setdefault("noise_by_device", {})[device] = estimate.model_dump()
         return estimate
 
 

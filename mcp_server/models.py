@@ -73,6 +73,7 @@ class RunResult(BaseModel):
     comparable: bool | None = None  # False: the throughput differs too much from the best's run
     confirm_first: str | None = None  # why keep needs confirm() first: a marginal or incomparable gain
     wall_seconds: float | None = None  # measured by the run's worker, not taken from the log
+    device: str | None = None  # the GPU model (or CPU) it ran on
     exit_code: int | None = None
     timeout_seconds: float | None = None
     best_val_bpb: float | None = None

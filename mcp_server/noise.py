@@ -19,13 +19,23 @@ def estimate(values: list[float]) -> NoiseEstimate:
                          spread=round(spread, 6), threshold=round(max(SIGMAS * std, spread), 6))
 
 
-def verdict(delta: float | None, noise: dict | None) -> str:
-    """One short sentence on the delta against the best kept result."""
+def for_device(state: dict, device: str | None) -> dict | None:
+    """The noise estimate that applies to a result on `device`: that model's own once several
+    are measured; the one estimate where none was recorded per model."""
+    by_device = state.get("noise_by_device") or {}
+    if device in by_device:
+        return by_device[device]
+    return None if by_device else state.get("noise")
+
+
+def verdict(delta: float | None, noise: dict | None, device: str | None = None) -> str:
+    """One short sentence on the delta against the best kept result (measured on `device`)."""
     if delta is None:
         return "no kept result yet: this is the baseline to keep"
     direction = "better" if delta < 0 else "worse" if delta > 0 else "equal"
     if not noise:
-        return f"{direction} by {abs(delta):.6f}; noise not measured: run measure_noise"
+        where = f" on {device}" if device else ""
+        return f"{direction} by {abs(delta):.6f}; noise not measured{where}: run measure_noise"
     threshold = noise["threshold"]
     beyond = abs(delta) > threshold
     return (f"{direction} by {abs(delta):.6f}, {'beyond' if beyond else 'within'} noise "

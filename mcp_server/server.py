@@ -251,17 +251,24 @@ def build_server(loop: ResearchLoop) -> MCPServer:
             entry = await threaded(loop.submit, f"noise repeat {k + 1}/{repeats} of {kept[:7]}", None, source)
             runs.append(entry["run"])
         await follow(runs, ctx, until_all=True)
-        ok, failed = [], []
+        ok, failed, devices, repeated = [], [], set(), []
         for n in runs:
             result = loop.answer_for(n)
             await threaded(loop.discard, None, n)
             (ok if result.status == "ok" else failed).append(result.commit)
             if result.status == "ok":
-                values.append(result.val_bpb)
+                repeated.append(result.val_bpb)
+                devices.add(result.device)
+        device = devices.pop() if len(devices) == 1 else None  # repeats on several models: no per-model estimate
+        kept_device = loop._device_of(kept)
+        if device and kept_device and kept_device != device:
+            values = []  # the kept value was measured on another GPU model: not the same distribution
+        values += repeated
         if len(values) < 2:
-            raise Refusal(f"Too few successful repeats ({len(ok)}): fix the crash (see read_metrics) "
-                          "and measure again.")
-        return compact(NoiseResult(noise=loop.store_noise(values, len(runs)), runs=ok, failed=failed))
+            where = f" on {device} (the kept value is from {kept_device})" if device and kept_device != device else ""
+            raise Refusal(f"Too few successful repeats ({len(ok)}){where}: fix any crash (see read_metrics) "
+                          "and measure again with repeats=2 or more.")
+        return compact(NoiseResult(noise=loop.store_noise(values, len(runs), device), runs=ok, failed=failed))
 
     @register(WRITES)
     async def confirm(ctx: Context, run: int | None = None, pairs: int = 1) -> ConfirmResult:

@@ -3,6 +3,9 @@
     python worker.py --log FILE --report FILE --timeout SECONDS [--watch-stdin] [--cpus 0,1]
         [--sandbox JSON] [--export FILE --val-shard FILE --evaluate JSON] -- COMMAND...
 
+--log - writes the output to this process's own stdout instead (a cluster job, whose engine keeps
+its stdout as the job's log).
+
 A plain script with the standard library only: it starts fast and runs wherever the training
 runs (this machine's slots, a Ray or SLURM node). It
 
@@ -126,7 +129,8 @@ class LogPump(threading.Thread):
     def __init__(self, source, log_path: Path, max_bytes: int):
         super().__init__(daemon=True, name="log-pump")
         self.source, self.max_bytes = source, max_bytes
-        self.log = open(log_path, "ab", buffering=0)
+        self.log = open_log(log_path)
+        self.last = collections.deque(maxlen=64)  # the latest chunks, for --report-tail
         self.written = 0
         self.dropped = 0
         self.tail = collections.deque()
@@ -140,6 +144,7 @@ class LogPump(threading.Thread):
                 break
             if not chunk:
                 break
+            self.last.append(chunk)
             room = self.max_bytes - self.written
             if room > 0:
                 self.log.write(chunk[:room])
@@ -165,6 +170,16 @@ class LogPump(threading.Thread):
     @property
     def truncated(self) -> bool:
         return self.dropped > 0
+
+    def last_text(self, size: int) -> str:
+        return b"".join(self.last)[-size:].decode("utf-8", errors="replace")
+
+
+def open_log(path: Path):
+    """The log file, appended to; "-" is this process's stdout (a duplicate, so closing it is safe)."""
+    if str(path) == "-":
+        return os.fdopen(os.dup(1), "ab", buffering=0)
+    return open(path, "ab", buffering=0)
 
 
 class ValidationWatch(threading.Thread):
@@ -341,6 +356,7 @@ def parse_args(argv):
     p.add_argument("--val-shared", action="store_true",
                    help="other runs read the validation shard too: watch only a private copy (needs bubblewrap)")
     p.add_argument("--evaluate", type=json.loads, help="JSON: the harness evaluation to run after training")
+    p.add_argument("--report-tail", type=int, default=0, help="bytes of the output's end to put in the report")
     p.add_argument("command", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
     if args.command[:1] == ["--"]:
@@ -393,7 +409,7 @@ def main(argv=None) -> int:
                                  start_new_session=True, preexec_fn=in_child, env=env)
     except OSError as exc:
         os.close(write_end)
-        with open(args.log, "ab") as log:
+        with open_log(args.log) as log:
             log.write(f"{MARK} could not start {args.command[0]!r}: {exc}\n".encode())
         write_report(args.report, {"exit_code": 127, "timed_out": False, "stopped": None, "started_at": started_at,
                                    "wall_seconds": 0.0, "stray_processes": 0, "unkillable": 0,
@@ -441,7 +457,8 @@ def main(argv=None) -> int:
         val_watch.stop()
     if val_copy is not None:
         val_copy.unlink(missing_ok=True)
-    report = {
+    tail = {"log_tail": pump.last_text(args.report_tail)} if args.report_tail else {}
+    report = tail | {
         "exit_code": 128 - exit_code if exit_code < 0 else exit_code, "timed_out": timed_out,
         "stopped": stop_reason[0] if stop_reason else None, "started_at": started_at, "wall_seconds": round(wall, 3),
         "stray_processes": 0 if (timed_out or stop_reason) else len(strays), "unkillable": unkillable,

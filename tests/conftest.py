@@ -43,6 +43,18 @@ def prepared_env(tmp_path_factory, bubblewrap) -> dict:
     return env
 
 
+@pytest.fixture(scope="session")
+def ray_head():
+    """One local Ray head for the whole session (starting one takes half a minute on 2 cores):
+    127.0.0.1 only, free ports, 2 CPUs and 2 logical GPUs; stopped at the end with no process left."""
+    pytest.importorskip("ray", reason="the ray extra is not installed: uv sync --extra ray")
+    from cluster_support import RayHead
+    head = RayHead()
+    head.wait_ready()
+    yield head
+    assert head.stop() == [], "Ray processes were left after the head stopped"
+
+
 @pytest.fixture
 def fake_env(tmp_path, monkeypatch):
     """For in-process servers: a prepared-looking cache, no budget override, no fake-trainer knobs."""

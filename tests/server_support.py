@@ -102,9 +102,11 @@ FAKE_KNOBS = ("VAL_BPB", "MEMORY_MB", "STEPS", "SLEEP", "CRASH", "NAN", "NO_SUMM
 class Lab:
     """A workspace, a ResearchLoop on it, and a way to call its tools through a real client."""
 
-    def __init__(self, ws, slots: int = 1):
-        self.ws, self.slots = ws, slots
-        self.loop = ResearchLoop(ws, TRAIN_COMMAND, slots)
+    def __init__(self, ws, slots: int = 1, executor=None, train_command=None):
+        """executor: a factory of the executor from the Workspace (Ray, SLURM); default the local pool."""
+        self.ws, self.slots, self.executor = ws, slots, executor
+        self.train_command = train_command or TRAIN_COMMAND
+        self.loop = ResearchLoop(ws, self.train_command, slots, executor)
 
     def call(self, name, progress=None, **args):
         async def go():
@@ -121,7 +123,7 @@ class Lab:
     def restart(self):
         """The server exits (its runs die with it) and a new one starts on the workspace."""
         self.loop.shutdown()
-        self.loop = ResearchLoop(self.ws, TRAIN_COMMAND, self.slots)
+        self.loop = ResearchLoop(self.ws, self.train_command, self.slots, self.executor)
 
     def head(self):
         return git(self.ws, "rev-parse", "HEAD").strip()

@@ -1,0 +1,213 @@
+"""The node side of a cluster run (Ray, SLURM): the worker prepares itself, trains, reports.
+
+    python3 node.py --timeout SECONDS [--sync] [--prepare JSON] -- COMMAND...
+
+Shipped with the candidate's code (beside worker.py) and run in it, with the standard library
+only. It
+
+- reads the run's token from the file the server shipped and deletes it before the training
+  starts, so the training cannot forge the result line;
+- with --sync, makes the project's Python environment once per node (`uv sync` into a folder
+  keyed by pyproject.toml and uv.lock, under a file lock: two jobs starting together sync once);
+- with --prepare, makes sure the data and tokenizer are prepared for the workspace's profile and
+  data set, once per node and under a file lock as well (prepare.py checks and repairs);
+- runs the training under worker.py (hard timeout, every descendant killed at the end), its
+  output on this process's stdout, which the engine keeps as the job's log;
+- ends with one line, RESULT_MARK + JSON: the worker's report plus val_bpb, the GPU and the host.
+"""
+import argparse
+import fcntl
+import hashlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+try:
+    from mcp_server import worker
+except ImportError:  # on the node, worker.py is shipped beside this file
+    import worker
+
+RESULT_MARK = "RESEARCH_LOOP_RESULT "
+TRAINING_MARK = f"{worker.MARK} training on "  # the server's watchdog counts the timeout from here
+NODE_DIR = "research-loop-node"  # the folder the server ships these scripts in, inside the code
+TOKEN_FILE = "token"
+SYNC_TIMEOUT_S = 1800
+PREPARE_TIMEOUT_S = 3600
+REPORT_TAIL_BYTES = 8192
+OUTPUT_TAIL_CHARS = 2000  # of a failed sync or prepare, in the log
+
+
+class NodeProblem(Exception):
+    """This node cannot run the training: the message says why and what to do."""
+
+
+def say(text: str) -> None:
+    print(f"{worker.MARK} {text}", flush=True)
+
+
+def node_dir() -> Path:
+    """Where this node keeps its environments and locks (per user, outlives the jobs)."""
+    return Path(os.environ.get("RESEARCH_LOOP_NODE_DIR") or Path.home() / ".cache" / "research-loop")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("AUTORESEARCH_CACHE") or Path.home() / ".cache" / "autoresearch")
+
+
+class FileLock:
+    """An exclusive flock on a file: released when the holder ends, however it ends."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+
+
+def run_step(what: str, command: list[str], timeout: float, env: dict | None = None) -> None:
+    """A preparation step with its output in the log; a failure is a NodeProblem naming it."""
+    say(f"{what}: {' '.join(command)}")
+    try:
+        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout,
+                              env=env, text=True, errors="replace")
+    except FileNotFoundError:
+        raise NodeProblem(f"{what} failed on {socket.gethostname()}: {command[0]!r} is not installed there "
+                          "(install it on every node, e.g. `pip install uv`)") from None
+    except subprocess.TimeoutExpired:
+        raise NodeProblem(f"{what} on {socket.gethostname()} took more than {timeout:.0f}s") from None
+    print(done.stdout, end="" if done.stdout.endswith("\n") else "\n", flush=True)
+    if done.returncode != 0:
+        raise NodeProblem(f"{what} failed on {socket.gethostname()} (exit {done.returncode}): "
+                          f"{done.stdout[-OUTPUT_TAIL_CHARS:].strip()}")
+
+
+def sync_environment() -> None:
+    """The project's environment, made once per node per lock file; the training uses it."""
+    if os.environ.get("UV_PROJECT_ENVIRONMENT") or not Path("pyproject.toml").is_file():
+        return  # an environment was given to the job, or there is nothing to sync
+    digest = hashlib.sha256()
+    for name in ("pyproject.toml", "uv.lock", ".python-version"):
+        if Path(name).is_file():
+            digest.update(name.encode() + b"\0" + Path(name).read_bytes())
+    env_dir = node_dir() / "envs" / digest.hexdigest()[:16]
+    with FileLock(env_dir.with_suffix(".lock")):
+        if not (env_dir / ".synced").exists():
+            frozen = ["--frozen"] if Path("uv.lock").is_file() else []
+            run_step("syncing the environment", ["uv", "sync", *frozen, "--no-install-project"], SYNC_TIMEOUT_S,
+                     env=dict(os.environ, UV_PROJECT_ENVIRONMENT=str(env_dir)))
+            (env_dir / ".synced").write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+    os.environ["UV_PROJECT_ENVIRONMENT"] = str(env_dir)
+
+
+def prepared_as(wanted: dict) -> bool:
+    """Whether this node's cache holds data prepared with the wanted profile and data set."""
+    try:
+        record = json.loads((cache_dir() / "prepared.json").read_text())
+    except (OSError, ValueError):
+        record = None
+    if not wanted.get("profile"):  # an upstream harness records nothing: its tokenizer tells
+        return record is not None or any((cache_dir() / "tokenizer").glob("*"))
+    return bool(record) and all(record.get(k) == wanted[k] for k in ("profile", "dataset") if wanted.get(k))
+
+
+def prepare_data(prepare: dict) -> None:
+    """prepare.py with the workspace's profile and data set, unless this node has them already."""
+    with FileLock(cache_dir().parent / f".{cache_dir().name}.prepare.lock"):
+        if prepared_as(prepare):
+            return
+        args = [a for k in ("profile", "dataset") if prepare.get(k) for a in (f"--{k}", str(prepare[k]))]
+        run_step("preparing the data and tokenizer", [*prepare["command"], *args], PREPARE_TIMEOUT_S)
+
+
+def read_token() -> str:
+    path = Path(NODE_DIR) / TOKEN_FILE
+    try:
+        token = path.read_text().strip()
+        path.unlink()
+    except OSError:
+        token = ""
+    return token
+
+
+def val_bpb(text: str) -> float | None:
+    """The last summary block's val_bpb (the server parses the whole log; this is for the line)."""
+    found = re.findall(r"^val_bpb:\s*([-+0-9.eEnaif]+)\s*$", text, re.M)
+    try:
+        return float(found[-1]) if found else None
+    except ValueError:
+        return None
+
+
+def train(timeout: float, grace: float, command: list[str]) -> dict:
+    say(f"training on {socket.gethostname()} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')})")
+    with tempfile.TemporaryDirectory(prefix="research-loop-") as tmp:
+        report_path = Path(tmp) / "report.json"
+        worker.main(["--log", "-", "--report", str(report_path), "--timeout", str(timeout), "--grace", str(grace),
+                     "--report-tail", str(REPORT_TAIL_BYTES), "--", *command])
+        report = json.loads(report_path.read_text())
+    tail = report.pop("log_tail", "")
+    return report | {"val_bpb": val_bpb(tail)}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Prepare this node, run one training, print its result line.")
+    p.add_argument("--timeout", type=float, required=True, help="hard limit of the training, in seconds")
+    p.add_argument("--grace", type=float, default=2.0, help="SIGTERM to SIGKILL (below the engine's own)")
+    p.add_argument("--sync", action="store_true", help="make the project's uv environment once per node")
+    p.add_argument("--prepare", type=json.loads, help='{"command": [...], "profile": ..., "dataset": ...}')
+    p.add_argument("command", nargs=argparse.REMAINDER)
+    args = p.parse_args(argv)
+    if args.command[:1] == ["--"]:
+        args.command = args.command[1:]
+    if not args.command:
+        p.error("no command given")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    token = read_token()
+    started = time.time()
+    try:
+        if args.sync:
+            sync_environment()
+        if args.prepare:
+            prepare_data(args.prepare)
+    except NodeProblem as exc:
+        say(str(exc))
+        report = {"exit_code": 1, "timed_out": False, "stopped": None, "problem": str(exc), "started_at": started,
+                  "wall_seconds": round(time.time() - started, 3), "host": socket.gethostname(),
+                  "device": worker.device_name(dict(os.environ))}
+    else:
+        prepared = round(time.time() - started, 3)
+        report = train(args.timeout, args.grace, args.command) | {"prepare_seconds": prepared}
+    report |= {"token": token, "gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    print(f"\n{RESULT_MARK}{json.dumps(report)}", flush=True)
+    return 0
+
+
+def run_job(code_dir: str, argv: list[str], env: dict) -> int:
+    """For engines that run a Python function (submitit): this script, in the code, as a child that
+    hears a cancel (SIGTERM from scancel, SIGINT from submitit's local jobs) and ends its tree."""
+    script = Path(code_dir) / NODE_DIR / "node.py"
+    child = subprocess.Popen([sys.executable, str(script), *argv], cwd=code_dir, env=dict(os.environ, **env))
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: child.send_signal(signal.SIGTERM))
+    return child.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

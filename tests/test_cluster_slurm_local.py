@@ -1,0 +1,49 @@
+"""The SLURM executor without a SLURM cluster: the same jobs through submitit's local executor, and
+the sbatch script submitit would hand to SLURM, checked. (test_cluster_slurm.py runs a real SLURM
+where it can.)"""
+import pytest
+
+import cluster_support as cluster
+from server_support import TRAIN_COMMAND, Lab, make_workspace, set_knobs, wait_until
+
+slurm_executor = pytest.importorskip("mcp_server.slurm_executor")
+submitit = pytest.importorskip("submitit", reason="the slurm extra is not installed: uv sync --extra slurm")
+
+
+def test_runs_through_submitits_local_executor(fake_env):
+    folder = fake_env / "shared"
+    lab = Lab(make_workspace(fake_env), executor=lambda ws: slurm_executor.SlurmExecutor(
+        ws, TRAIN_COMMAND, 1, folder, cluster="local"))
+    try:
+        lab.baseline()
+        set_knobs(lab.ws, val_bpb=0.9, sleep=1, steps=2)
+        result = lab.ok("run_experiment", description="idea")
+        assert result["status"] == "ok" and result["val_bpb"] == 0.9 and result["device"]
+        assert result["slot"].startswith("slurm job ") and "RESEARCH_LOOP_RESULT" in (lab.ws / result["log"]).read_text()
+        set_knobs(lab.ws, sleep=120, steps=120, spawn=1)
+        lab.ok("discard")
+        run = lab.ok("run_experiment", description="to cancel", wait=False)
+        assert wait_until(lambda: len(cluster.trainers(folder)) >= 2, 60), cluster.trainers(folder)
+        assert lab.ok("cancel", run=run["run"])["row"]["status"] == "crash"
+        assert wait_until(lambda: not cluster.trainers(folder), 30), cluster.trainers(folder)
+    finally:
+        lab.loop.shutdown()
+
+
+def test_the_sbatch_script_asks_for_one_gpu_the_time_partition_and_account(fake_env):
+    from mcp_server.cluster import Job
+    from mcp_server.executor import RunSpec
+    lab = Lab(make_workspace(fake_env))
+    try:
+        executor = slurm_executor.SlurmExecutor(lab.loop.ws, TRAIN_COMMAND, 1, fake_env / "shared",
+                                                partition="gpu", account="lab42")
+        spec = RunSpec(run=3, commit="abcdef1234", command=TRAIN_COMMAND, timeout=600, log=fake_env / "l",
+                       report=fake_env / "r")
+        submit = submitit.AutoExecutor(folder=fake_env / "shared" / "submitit", cluster="slurm")
+        submit.update_parameters(**executor.parameters(Job(spec=spec, on_done=None, token="")))
+        script = submit._executor._make_submission_file_text("python -m submitit.core._submit", "uid")
+    finally:
+        lab.loop.shutdown()
+    for line in ("--gpus=1", "--time=25", "--partition=gpu", "--account=lab42", "--nodes=1"):
+        assert f"#SBATCH {line}\n" in script, script  # 600 s of training plus 900 s for the node: 25 min
+    assert "#SBATCH --job-name=research-loop-" in script and "-3-abcdef1\n" in script
