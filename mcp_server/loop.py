@@ -577,6 +577,11 @@ class ResearchLoop:
         if not entry.get("verifies"):
             result.integrity = "this harness does not export its model: val_bpb is the one train.py printed"
             return None, summary.val_bpb
+        if self.make_executor is not None:  # the node worker has no sandbox and no separate evaluation yet
+            result.verified = False
+            result.integrity = ("unverified: runs on a cluster executor are not yet evaluated by the harness (no "
+                                "sandbox, no export): val_bpb is the one train.py printed")
+            return None, summary.val_bpb
         problem, value, note = integrity.evaluation_verdict(report)
         result.integrity = note + ("" if report.get("sandbox") else
                                    "; unsandboxed (bubblewrap is not installed): the run could write the workspace")
