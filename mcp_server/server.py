@@ -119,7 +119,7 @@ def build_server(loop: ResearchLoop) -> MCPServer:
     async def run_experiment(description: str, ctx: Context, wait: bool = True,
                              timeout_seconds: float | None = None) -> RunResult:
         """Snapshot train.py as a candidate commit on top of the best (the last kept commit), run it in a
-        free slot (or queue it) with a hard timeout (default 2 x budget), and return status ok/crash/
+        free slot (or queue it) with a hard timeout (default 3 x budget, at least budget + 5 min), and return status ok/crash/
         timeout, val_bpb, memory, the best and the delta, whether the gain beats the measured noise, and
         the log tail on a crash. The result stays pending until keep() or discard(). wait=False returns
         at once with the run number and its place in the queue: follow with wait() or read_metrics()."""

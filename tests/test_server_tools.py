@@ -312,14 +312,14 @@ def test_timeout_kills_the_whole_group(lab):
     assert lab.ok("discard")["row"]["status"] == "crash"
 
 
-def test_default_timeout_is_twice_the_budget_with_a_floor(lab, monkeypatch):
+def test_default_timeout_is_three_times_the_budget_with_a_floor(lab, monkeypatch):
     lab.baseline()
     monkeypatch.setenv("AUTORESEARCH_TIME_BUDGET", "300")
-    assert lab.ok("run_experiment", description="a", wait=False)["timeout_seconds"] == 600
+    assert lab.ok("run_experiment", description="a", wait=False)["timeout_seconds"] == 900
     assert wait_until(lambda: lab.ok("status")["running"] is None, 10)
     lab.ok("discard")
     monkeypatch.setenv("AUTORESEARCH_TIME_BUDGET", "10")
-    assert lab.ok("run_experiment", description="b", wait=False)["timeout_seconds"] == 130
+    assert lab.ok("run_experiment", description="b", wait=False)["timeout_seconds"] == 310
     assert wait_until(lambda: lab.ok("status")["running"] is None, 10)
 
 
