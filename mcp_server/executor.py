@@ -37,6 +37,7 @@ class RunSpec:
     report: Path  # where the worker writes how the run ended (absolute)
     env: dict = field(default_factory=dict)
     worker_args: list = field(default_factory=list)  # sandbox, export and evaluation (mcp_server/integrity.py)
+    after_seconds: float = 0.0  # what the worker may spend once training ended (the harness's evaluation)
 
 
 @dataclass
@@ -145,7 +146,7 @@ class LocalPool:
 
     def _wait(self, spec: RunSpec, slot: int, proc: subprocess.Popen, cwd: Path, on_done) -> None:
         try:
-            proc.wait(timeout=spec.timeout + WORKER_GRACE_SECONDS)
+            proc.wait(timeout=spec.timeout + spec.after_seconds + WORKER_GRACE_SECONDS)
         except subprocess.TimeoutExpired:  # the worker itself hangs: end its whole session
             kill_session(proc.pid)
             proc.wait()

@@ -79,7 +79,12 @@ def evaluation_spec(harness: Path, harness_commit: str, program: Path, out: Path
             str(harness / EVALUATOR), "--program", str(program), "--out", str(out),
             "--eval-tokens", str(eval_tokens()), "--site-packages", *site_packages()]
     return {"argv": argv, "env": env, "out": str(out), "harness": str(harness), "harness_commit": harness_commit,
-            "timeout": max(EVAL_TIMEOUT_MIN_S, EVAL_TIMEOUT_FACTOR * timeout)}
+            "timeout": evaluation_timeout(timeout)}
+
+
+def evaluation_timeout(run_timeout: float) -> float:
+    """The separate evaluation's own limit, after training: the server's watchdog allows for it too."""
+    return max(EVAL_TIMEOUT_MIN_S, EVAL_TIMEOUT_FACTOR * run_timeout)
 
 
 def sandbox_spec(root: Path, export_dir: Path, harness_files: list[str]) -> dict:

@@ -3,6 +3,7 @@ re-applied, cancels, and a server killed with runs in flight (fake trainer, real
 import json
 import os
 import signal
+import sys
 
 import anyio
 import pytest
@@ -175,3 +176,32 @@ def test_sigkill_with_two_runs_in_flight_loses_no_row_and_no_commit(fake_env, tw
     assert kept["row"]["val_bpb"] == 0.9 and discarded["row"]["description"] == "slow (interrupted)"
     for n in (2, 3, 4):
         assert git(ws, "cat-file", "-t", f"refs/research-loop/runs/{n}").strip() == "commit"
+
+
+def test_the_servers_watchdog_waits_for_the_harness_evaluation(fake_env, monkeypatch):
+    """The worker evaluates the exported model after training, under its own limit: the server's
+    safety net must not kill it at the training's timeout (it did, under load, in the demo)."""
+    import queue
+    from mcp_server import executor
+    from mcp_server.workspace import Workspace
+    ws = make_workspace(fake_env)
+    harness = fake_env / "harness"
+    git(ws, "worktree", "add", "-q", "--detach", str(harness))  # a clean checkout, as the real harness copy
+    monkeypatch.setattr(executor, "WORKER_GRACE_SECONDS", 0.5)
+    out, export = fake_env / "evaluation.json", fake_env / "exports" / "model.pt2"
+    slow_evaluation = f"import json, time; time.sleep(3); open({str(out)!r}, 'w').write(json.dumps({{'val_bpb': 1.5}}))"
+    evaluate = {"argv": [sys.executable, "-c", slow_evaluation], "env": dict(os.environ), "timeout": 20,
+                "out": str(out), "harness": str(harness), "harness_commit": None}
+    train = f"open({str(export)!r}, 'w').write('model'); print('---'); print('val_bpb: 1.5')"
+    spec = executor.RunSpec(run=1, commit=git(ws, "rev-parse", "HEAD").strip(), command=[sys.executable, "-c", train],
+                            timeout=2, log=fake_env / "run.log", report=fake_env / "report.json",
+                            worker_args=["--export", str(export), "--evaluate", json.dumps(evaluate)],
+                            after_seconds=10)
+    pool = executor.LocalPool(Workspace(ws), 1, env=dict(os.environ))
+    outcomes = queue.Queue()
+    try:
+        pool.start(spec, lambda run, outcome: outcomes.put(outcome))
+        outcome = outcomes.get(timeout=60)
+    finally:
+        pool.shutdown()
+    assert outcome.report["evaluation"]["val_bpb"] == 1.5, outcome.report
