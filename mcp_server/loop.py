@@ -602,9 +602,8 @@ class ResearchLoop:
         different speeds may be the machine's, not the change's."""
         if summary.total_tokens_M and summary.training_seconds:
             result.tokens_per_second = round(summary.total_tokens_M * 1e6 / summary.training_seconds)
-        best = next((r["result"] for r in reversed(history.records(self.root / RUNS_DIR))
-                     if r["result"].get("commit") == best_commit and r["result"].get("status") == "ok"), None)
-        if not best or not best.get("mfu_percent") or not summary.mfu_percent:
+        best = self._record_of(best_commit).get("result")
+        if not isinstance(best, dict) or not best.get("mfu_percent") or not summary.mfu_percent:
             return
         result.best_num_steps, result.best_mfu_percent = best.get("num_steps"), best["mfu_percent"]
         if best.get("budget_clock") != summary.budget_clock:
@@ -633,15 +632,21 @@ class ResearchLoop:
             return f"the summary is not a valid result: {exc}"
         return None
 
-    def _device_of(self, commit: str) -> str | None:
-        """The GPU model (or CPU) that measured a commit, from its run's record."""
+    def _record_of(self, commit: str) -> dict:
+        """The record of the run that measured a commit (found by its file name), or {}."""
         runs = self.root / RUNS_DIR
         for path in runs.glob(f"[0-9]*-{commit[:7]}.json") if runs.is_dir() else ():
             try:
-                return json.loads(path.read_text())["run"].get("device")
-            except (OSError, ValueError, KeyError, AttributeError):
-                return None
-        return None
+                record = json.loads(path.read_text())
+            except (OSError, ValueError):
+                return {}
+            return record if isinstance(record, dict) else {}
+        return {}
+
+    def _device_of(self, commit: str) -> str | None:
+        """The GPU model (or CPU) that measured a commit, from its run's record."""
+        run = self._record_of(commit).get("run")
+        return run.get("device") if isinstance(run, dict) else None
 
     def _kept_row(self, commit: str) -> Row | None:
         """The ledger row of a kept commit (the base a candidate is compared with)."""

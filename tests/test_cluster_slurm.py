@@ -1,12 +1,13 @@
 """Runs on a real single-node SLURM through the MCP tools: Debian's slurm-wlm (slurmctld, slurmd,
 munge) started once for this module, one node with two fake GPUs, submitit submitting the jobs.
-Where SLURM cannot run here (not root, not installed: .ci/run installs it), the module is skipped
-and test_cluster_slurm_local.py still checks the jobs and the sbatch script."""
+slurm-wlm and munge are installed from Debian's archive when missing (as for every Debian tool
+the tests drive); test_cluster_slurm_local.py checks the same jobs through submitit's local executor."""
 import os
 
 import pytest
 
 import cluster_support as cluster
+from conftest import ensure_debian_package
 from server_support import TRAIN_COMMAND, Lab, make_workspace, set_knobs, wait_until
 
 slurm_executor = pytest.importorskip("mcp_server.slurm_executor")
@@ -15,9 +16,12 @@ pytest.importorskip("submitit", reason="the slurm extra is not installed: uv syn
 
 @pytest.fixture(scope="module")
 def slurm():
+    ensure_debian_package("slurmctld", "slurm-wlm")
+    ensure_debian_package("munged", "munge")
     started = cluster.SlurmCluster.start()
     if started is None:
-        pytest.skip("SLURM cannot run here (needs root and slurm-wlm; .ci/run installs it)")
+        pytest.fail("SLURM did not start: its daemons run as root (slurm-wlm and munge, installed above "
+                    "when missing)")
     saved = os.environ.get("SLURM_CONF")
     os.environ.update(started.env)  # sbatch, scontrol and scancel, from the server, find this cluster
     yield started
