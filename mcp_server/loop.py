@@ -1136,6 +1136,9 @@ class ResearchLoop:
             if e["result"]["status"] != "ok":
                 return f"discard({which(e)})"
             if e["parent"] != state["kept_commit"]:
+                if self.ws.merged_train(e["parent"], e["commit"], state["kept_commit"]) is None:
+                    return (f"discard(run={e['run']}): its change conflicts with what was kept since "
+                            "(apply it by hand afterwards if it still matters)")
                 return f"reapply(run={e['run']}) or discard(run={e['run']})"
         if undecided:
             return "keep() or discard()" if len(undecided) == 1 else \

@@ -68,6 +68,7 @@ def test_a_stale_candidate_is_refused_then_reapplied_onto_the_new_best(duo):
     duo.ok("wait", all=True)
     duo.ok("keep", run=b["run"])
     message = duo.refused("keep", run=a["run"])
+    assert duo.ok("status")["next"] == f"reapply(run={a['run']}) or discard(run={a['run']})"
     assert "untested combination never becomes the best" in message and f"reapply(run={a['run']})" in message
     new = duo.ok("reapply", run=a["run"], wait=True)
     assert new["status"] == "ok" and new["parent"] == b["commit"] and "re-applied on" in new["description"]
@@ -88,7 +89,11 @@ def test_a_conflicting_reapply_is_a_clear_error_and_changes_nothing(duo):
     duo.ok("keep", run=b["run"])
     rows = ledger_lines(duo.ws)
     assert "conflicts" in duo.refused("reapply", run=a["run"])
-    assert ledger_lines(duo.ws) == rows and "pending" in json.dumps(duo.ok("status"))
+    status = duo.ok("status")
+    assert ledger_lines(duo.ws) == rows and "pending" in json.dumps(status)
+    # what status names next must work: not the reapply that cannot
+    assert status["next"].startswith(f"discard(run={a['run']})") and "conflicts" in status["next"]
+    assert duo.ok("discard", run=a["run"])["row"]["status"] == "discard"
 
 
 def test_cancel_and_timeout_leave_no_process_behind(duo):
