@@ -121,9 +121,12 @@ if __name__ != "__main__":  # imported (by train.py): resolve the contract's con
 
 def evaluate_bpb(model, tokenizer, batch_size):
     """Validation bits per byte over EVAL_TOKENS tokens at MAX_SEQ_LEN (the one number to lower).
-    Under the research-loop server, the model is first exported for the harness's own, separate
-    evaluation (nanochat/export.py): the number the ledger gets comes from there."""
-    export.export_for_evaluation(model, batch_size, MAX_SEQ_LEN)
+    Under the research-loop server, the model is exported for the harness's own, separate
+    evaluation (nanochat/export.py), whose number the ledger gets: it is returned here, so the
+    validation set is not evaluated twice."""
+    answer = export.harness_answer() if export.export_for_evaluation(model, batch_size, MAX_SEQ_LEN) else None
+    if answer and "val_bpb" in answer and os.environ.get(export.CROSSCHECK_ENV) != "1":
+        return answer["val_bpb"]
     return evaluation.evaluate_bpb(model, tokenizer, batch_size, MAX_SEQ_LEN, EVAL_TOKENS)
 
 

@@ -67,18 +67,19 @@ def site_packages() -> list[str]:
     return sorted({paths["purelib"], paths["platlib"]})
 
 
-def evaluation_spec(harness: Path, harness_commit: str, program: Path, out: Path, timeout: float) -> dict:
+def evaluation_spec(harness: Path, harness_commit: str, program: Path, timeout: float) -> dict:
     """The worker's --evaluate: this interpreter, isolated (-I: no PYTHON* variables, no user site,
-    no script folder on the path), without site (-S: no .pth file or sitecustomize runs), with a
-    bytecode folder of its own, in a clean environment."""
+    no script folder on the path), without site (-S: no .pth file or sitecustomize runs), writing no
+    bytecode (-B: the harness copy stays exactly its commit, which the worker checks after the
+    evaluation, so bytecode planted there is caught), in a clean environment. The worker adds
+    --out-fd: the result comes back through a pipe that the training process cannot reach."""
     env = {k: v for k, v in os.environ.items()
            if k in ("PATH", "HOME", "LANG", "LC_ALL", "CUDA_VISIBLE_DEVICES", "AUTORESEARCH_CACHE")}
     env["AUTORESEARCH_CACHE"] = str(cache_dir())
-    # bytecode beside the harness copy, inside .git: out of the runs' reach, and one folder per workspace
-    argv = [sys.executable, "-I", "-S", "-X", f"pycache_prefix={harness.parent / 'harness-pycache'}",
-            str(harness / EVALUATOR), "--program", str(program), "--out", str(out),
+    argv = [sys.executable, "-I", "-S", "-B",
+            str(harness / EVALUATOR), "--program", str(program),
             "--eval-tokens", str(eval_tokens()), "--site-packages", *site_packages()]
-    return {"argv": argv, "env": env, "out": str(out), "harness": str(harness), "harness_commit": harness_commit,
+    return {"argv": argv, "env": env, "harness": str(harness), "harness_commit": harness_commit,
             "timeout": evaluation_timeout(timeout)}
 
 
@@ -126,7 +127,7 @@ def worker_args(ws, root: Path, run: int, commit: str, timeout: float, harness: 
         return args
     program = export_dir / EXPORT_NAME
     args += ["--export", str(program), "--evaluate",
-             json.dumps(evaluation_spec(harness, harness_commit, program, export_dir / "evaluation.json", timeout))]
+             json.dumps(evaluation_spec(harness, harness_commit, program, timeout))]
     shard = val_shard()
     if shard is not None:
         args += ["--val-shard", str(shard)] + (["--val-shared"] if slots > 1 else [])

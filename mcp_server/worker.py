@@ -22,8 +22,8 @@ runs (this machine's slots, a Ray or SLURM node). It
   the training can write neither the server's records nor the harness;
 - watches the validation shard (inotify): an open before the model was exported means the model
   may have seen the validation data;
-- then runs the harness's separate evaluation of the exported model (--evaluate), with its own
-  timeout, once the training ended well;
+- runs the harness's separate evaluation of the exported model (--evaluate), with its own
+  timeout, as soon as the model is exported (train.py waits for its number);
 - measures the wall time itself, and writes one JSON report, atomically, with what it saw.
 """
 from __future__ import annotations  # a node's Python may be older than 3.10
@@ -53,6 +53,7 @@ READ_CHUNK = 65536
 REAP_ROUNDS = 50  # kill-and-reap passes over the descendants, 0.1 s apart
 MARK = "[research-loop]"  # prefix of the lines this worker adds to the log
 EXPORT_ENV = "RESEARCH_LOOP_EXPORT"  # where the harness writes the trained model (nanochat/export.py)
+ANSWER_ENV = "RESEARCH_LOOP_ANSWER"  # where this worker writes the harness's number for train.py to print
 IN_OPEN, IN_MOVED_TO, IN_CREATE = 0x20, 0x80, 0x100
 INOTIFY_EVENT = struct.Struct("iIII")  # wd, mask, cookie, name length
 
@@ -265,32 +266,114 @@ def private_val_copy(val_shard: Path, report: Path) -> Path | None:
     return copy
 
 
-def evaluate(spec: dict, log_path: Path) -> dict:
-    """The harness's evaluation of the exported model: spec {"argv", "env", "timeout", "out",
-    "harness", "harness_commit"}. Its output goes to the run's log; its answer is the JSON at out."""
-    problem = harness_problem(spec["harness"], spec.get("harness_commit"))
-    if problem:
-        return {"error": problem}
-    started = time.monotonic()
-    with open(log_path, "ab") as log:
-        log.write(f"\n{MARK} harness evaluation of the exported model\n".encode())
-        log.flush()
+class HarnessEvaluation:
+    """The harness's separate evaluation of the exported model. Its interpreter starts with the run
+    and imports torch while training runs; it evaluates as soon as the model is exported, while
+    train.py waits in prepare.evaluate_bpb for the answer (written to answer_path), so start-up
+    costs the run nothing and the validation set is evaluated once. spec: {"argv", "env",
+    "timeout", "harness", "harness_commit"}; the evaluator gets --out-fd N and reads one line on
+    stdin: go (end of file: nothing to evaluate)."""
+
+    def __init__(self, spec: dict, log_path: Path, export: Path, answer_path: Path):
+        self.spec, self.log_path, self.export, self.answer_path = spec, log_path, export, answer_path
+        self.result: dict | None = None
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+        self.thread: threading.Thread | None = None
+        self.read_end, write_end = os.pipe()
         try:
-            proc = subprocess.Popen(spec["argv"], env=spec["env"], stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-            code = proc.wait(timeout=spec["timeout"])
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return {"error": f"the harness evaluation took over {spec['timeout']:.0f}s"}
+            with open(log_path, "ab") as log:
+                # its own session: the training's process group can be killed without it
+                self.proc = subprocess.Popen([*spec["argv"], "--out-fd", str(write_end)], env=spec["env"],
+                                             stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                                             pass_fds=(write_end,), start_new_session=True)
         except OSError as exc:
-            return {"error": f"the harness evaluation could not start: {exc}"}
-    try:
-        result = json.loads(Path(spec["out"]).read_text())
-    except (OSError, ValueError):
-        return {"error": f"the harness evaluation exited {code} without a result (its output is in the log)"}
-    result["wall_seconds"] = round(time.monotonic() - started, 2)
-    return result
+            self.proc, self.result = None, {"error": f"the harness evaluation could not start: {exc}"}
+            os.close(self.read_end)
+        finally:
+            os.close(write_end)
+
+    def seconds(self) -> float:
+        """How long it has evaluated: time the training's timeout does not count."""
+        if self.started_at is None:
+            return 0.0
+        return (self.finished_at or time.monotonic()) - self.started_at
+
+    def start_if_exported(self) -> None:
+        if self.thread is None and self.export.exists() and Path(str(self.export) + ".json").exists():
+            self.started_at = time.monotonic()
+            self.thread = threading.Thread(target=self._evaluate, daemon=True, name="harness-evaluation")
+            self.thread.start()
+
+    def _evaluate(self) -> None:
+        try:
+            self.result = self._outcome()
+            self.result["wall_seconds"] = round(time.monotonic() - self.started_at, 2)
+            answer = {k: self.result[k] for k in ("val_bpb", "error", "problem") if k in self.result}
+            tmp = self.answer_path.with_name(f".{self.answer_path.name}.tmp")
+            tmp.write_text(json.dumps(answer))
+            os.replace(tmp, self.answer_path)
+            # After the answer, while train.py prints its summary: the harness the evaluator ran
+            # from must be its commit, with nothing added (a planted module or bytecode) or hidden.
+            problem = harness_problem(self.spec["harness"], self.spec.get("harness_commit"))
+            if problem:
+                self.result = {"error": problem, "wall_seconds": self.result["wall_seconds"]}
+        finally:
+            if self.proc is not None:
+                self.proc.wait()  # its interpreter's exit, after the answer
+            self.finished_at = time.monotonic()
+
+    def _outcome(self) -> dict:
+        if self.proc is None:
+            return self.result
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n{MARK} harness evaluation of the exported model\n".encode())
+        try:
+            self.proc.stdin.write(b"go\n")
+            self.proc.stdin.close()
+        except OSError:
+            pass  # it ended already: its exit and output say why
+        text = self._read_result(time.monotonic() + self.spec["timeout"])
+        if text is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            return {"error": f"the harness evaluation took over {self.spec['timeout']:.0f}s"}
+        try:
+            return json.loads(text)
+        except ValueError:
+            return {"error": f"the harness evaluation exited {self.proc.wait()} without a result (its output is in "
+                             "the log)"}
+
+    def _read_result(self, deadline: float) -> bytes | None:
+        """What the evaluator writes to its result pipe, once it closes it (or dies); None at the deadline."""
+        chunks = []
+        with os.fdopen(self.read_end, "rb", buffering=0) as pipe:
+            while (left := deadline - time.monotonic()) > 0:
+                if select.select([pipe], [], [], left)[0]:
+                    chunk = pipe.read(65536)
+                    if not chunk:
+                        return b"".join(chunks)
+                    chunks.append(chunk)
+        return None
+
+    def finish(self, grace: float) -> dict | None:
+        """The evaluation's result once it has ended; None where nothing was exported."""
+        if self.thread is not None:
+            self.thread.join()
+            return self.result
+        if self.proc is not None:
+            self.finish_unused(grace)
+        return None
+
+    def finish_unused(self, grace: float) -> None:
+        """End of file on stdin: the evaluator exits without evaluating."""
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=grace)
+        except (OSError, subprocess.TimeoutExpired):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        os.close(self.read_end)
 
 
 def harness_problem(harness: str, commit: str | None) -> str | None:
@@ -389,7 +472,7 @@ def main(argv=None) -> int:
             os.sched_setaffinity(0, cpus)
 
     env = dict(os.environ)
-    val_watch = val_copy = None
+    val_watch = val_copy = evaluation = evaluated = None
     watch_val = bool(args.export and args.val_shard and args.val_shard.exists())
     if watch_val and args.sandbox:
         val_copy = private_val_copy(args.val_shard, args.report)
@@ -398,6 +481,10 @@ def main(argv=None) -> int:
     if args.export:
         env[EXPORT_ENV] = str(args.export)
         args.export.parent.mkdir(parents=True, exist_ok=True)
+        if args.evaluate:
+            answer = args.export.with_name(args.export.name + ".answer.json")
+            evaluation = HarnessEvaluation(args.evaluate, args.log, args.export, answer)
+            env[ANSWER_ENV] = str(answer)
     if watch_val and (val_copy or not args.val_shared):
         try:
             val_watch = ValidationWatch(val_copy or args.val_shard, args.export)
@@ -409,6 +496,8 @@ def main(argv=None) -> int:
                                  start_new_session=True, preexec_fn=in_child, env=env)
     except OSError as exc:
         os.close(write_end)
+        if evaluation is not None:
+            evaluation.finish(args.grace)
         with open_log(args.log) as log:
             log.write(f"{MARK} could not start {args.command[0]!r}: {exc}\n".encode())
         write_report(args.report, {"exit_code": 127, "timed_out": False, "stopped": None, "started_at": started_at,
@@ -432,7 +521,9 @@ def main(argv=None) -> int:
     while child.poll() is None:
         if stop.wait(0.2):
             break
-        if time.monotonic() - t0 > args.timeout:
+        if evaluation is not None:
+            evaluation.start_if_exported()
+        if time.monotonic() - t0 - (evaluation.seconds() if evaluation else 0.0) > args.timeout:
             timed_out = True
             break
     if child.poll() is None:  # timeout or stop: ask the whole tree to end, then make it
@@ -441,6 +532,10 @@ def main(argv=None) -> int:
             child.wait(timeout=args.grace)
         except subprocess.TimeoutExpired:
             pass
+    if evaluation is not None:  # an export in the run's last moments is still evaluated
+        if not (timed_out or stop_reason):
+            evaluation.start_if_exported()
+        evaluated = evaluation.finish(args.grace)
     strays = [p for p in descendants(os.getpid()) if p != child.pid]
     unkillable = kill_everything(child.pid)
     exit_code = child.wait()
@@ -469,8 +564,8 @@ def main(argv=None) -> int:
         report["exported"] = args.export.exists()
         report["val_watched"] = val_watch is not None
         report["val_opened_before_export"] = val_watch.opened_before_export if val_watch else None
-    if args.evaluate and report["exported"] and report["exit_code"] == 0 and not (timed_out or stop_reason):
-        report["evaluation"] = evaluate(args.evaluate, args.log)
+    if evaluated is not None and report["exit_code"] == 0 and not (timed_out or stop_reason):
+        report["evaluation"] = evaluated
     write_report(args.report, report)
     return 0
 

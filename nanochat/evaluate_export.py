@@ -1,54 +1,66 @@
 """The harness's own evaluation of an exported model, in a process of its own.
 
-    python -I -S -X pycache_prefix=DIR nanochat/evaluate_export.py --program FILE --out FILE
+    python -I -S -B nanochat/evaluate_export.py --program FILE --out-fd N
         --eval-tokens N --site-packages DIR [DIR ...]
 
-The research-loop worker runs this after training, from a pristine copy of the harness, with a
+The research-loop worker starts this with the run, from a pristine copy of the harness, with a
 clean environment, in isolated mode without site processing (no PYTHONPATH, no .pth files, no
-sitecustomize) and a fresh bytecode folder: nothing the training process did can reach it. It
-loads the program (token ids -> logits), checks that it is causal, and computes val_bpb from the
-logits on the pinned validation shard. The result is one JSON file: the number the ledger gets.
+sitecustomize), writing no bytecode: nothing the training process does can reach it. It
+imports what it needs, then waits for a line on stdin: the worker sends it once the model is
+exported (end of file: no export, nothing to do). It loads the program (token ids -> logits),
+computes val_bpb from the logits on the pinned validation shard, and checks on the first batch
+that the model is causal. The result is one JSON object, written to file descriptor N: the
+number the ledger gets.
 """
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 HARNESS = Path(__file__).resolve().parent.parent
-TOLERANCE = 1e-4  # relative: logits that must not change may differ by rounding only
+TOLERANCE = 1e-4  # relative: losses that must not change may differ by rounding only
+CE_CHUNK_ROWS = 64  # token positions whose cross-entropy is computed together
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--program", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out-fd", type=int, required=True)
     p.add_argument("--eval-tokens", type=int, required=True)
     p.add_argument("--site-packages", nargs="*", default=[])
     return p.parse_args(argv)
 
 
-def causality_problem(program, vocab_size: int, batch_size: int, seq_len: int, device) -> str | None:
-    """Two forward passes on random tokens. In the second, row r > 0 has every token after its
-    own cut replaced, the cuts spread over all positions, and row 0 is left alone: logits up to
-    each cut, and all of row 0's, must not move. A model that peeks at a later token, or at another
-    row, fails."""
+def perturbed_after_cuts(x, vocab_size: int):
+    """x with every token after row r's cut replaced by a random one, the cuts spread over all
+    positions; row 0 is left alone (it shows leaks between rows). Returns (perturbed x, cuts)."""
     import torch
+    batch_size, seq_len = x.shape
     generator = torch.Generator().manual_seed(0)
-    x = torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator).to(device)
-    y = x.clone()
     cuts = [seq_len - 1] + [int(r * (seq_len - 1) / max(batch_size - 1, 1)) for r in range(1, batch_size)]
+    y = x.clone()
     for row, cut in enumerate(cuts[1:], 1):
-        y[row, cut + 1:] = torch.randint(0, vocab_size, (seq_len - cut - 1,), generator=generator).to(device)
-    with torch.no_grad():
-        before, after = program(x).float(), program(y).float()
-    scale = before.abs().max().clamp_min(1e-6)
+        y[row, cut + 1:] = torch.randint(0, vocab_size, (seq_len - cut - 1,), generator=generator).to(x.device)
+    return y, cuts
+
+
+def causality_problem(per_token_loss, x, targets, before, vocab_size: int) -> str | None:
+    """One more forward pass, on the first validation batch (x, targets, its losses `before`) with
+    the tokens after each row's cut replaced: the loss of the original targets at every position up
+    to the cut must not move. A model that peeks at a later token (or at another row) to predict
+    the next one fails: what it sees changed, so its probability of the original target does."""
+    perturbed, cuts = perturbed_after_cuts(x, vocab_size)
+    before = before.view(x.shape)
+    after = per_token_loss(perturbed, targets).view(x.shape)
+    scale = before.abs().max().clamp_min(1.0)
     for row, cut in enumerate(cuts):
         moved = (after[row, :cut + 1] - before[row, :cut + 1]).abs().max() / scale
         if moved > TOLERANCE:
             what = "other rows" if row == 0 else f"tokens after position {cut}"
-            return (f"not causal: changing {what} moved the logits at or before position {cut} of row {row} "
-                    f"(by {moved.item():.2e} of their scale); the model sees what it must predict")
+            return (f"not causal: changing {what} moved the loss at or before position {cut} of row {row} "
+                    f"(by {moved.item():.2e} of its scale); the model sees what it must predict")
     return None
 
 
@@ -64,39 +76,65 @@ def changed_validation_shard(path: Path, sha256) -> str | None:
     return None
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    sys.path[:0] = [str(HARNESS), *args.site_packages]  # -I -S left both out on purpose
-    import torch
+def evaluate(args, torch, tokenizer) -> dict:
     from nanochat.datasets import file_sha256, split_paths
     from nanochat.evaluation import evaluate_bpb
     from nanochat.platform import DEVICE, autocast
-    from nanochat.tokenizer import Tokenizer
 
-    started = time.time()
     problem = changed_validation_shard(split_paths("val")[0], file_sha256)
     if problem:
-        Path(args.out).write_text(json.dumps({"problem": problem}))
-        return 0
+        return {"problem": problem}
+    started = time.time()
     meta = json.loads(Path(args.program + ".json").read_text())
     program = torch.export.load(args.program).module()
-    tokenizer = Tokenizer.from_directory()
-    batch_size, seq_len = meta["batch_size"], meta["seq_len"]
-    result = {"eval_tokens": args.eval_tokens, "export_seconds": meta.get("export_seconds")}
-    with autocast():
-        problem = causality_problem(program, tokenizer.get_vocab_size(), batch_size, seq_len, DEVICE)
+    loaded = time.time()
+    first_batch = []
+
+    def per_token_loss(x, y):
+        logits = program(x).float()
+        logits, y = logits.view(-1, logits.size(-1)), y.reshape(-1)
+        # in chunks of rows, so that each chunk's passes over the vocabulary run from cache
+        return torch.cat([torch.nn.functional.cross_entropy(chunk, target, reduction="none")
+                          for chunk, target in zip(logits.split(CE_CHUNK_ROWS), y.split(CE_CHUNK_ROWS))])
+
+    def loss(x, y, reduction="none"):
+        losses = per_token_loss(x, y)
+        if not first_batch:
+            first_batch.extend((x, y, losses))
+        return losses
+
+    with torch.inference_mode(), autocast():
+        val_bpb = evaluate_bpb(loss_model(loss), tokenizer, meta["batch_size"], meta["seq_len"], args.eval_tokens,
+                               DEVICE)
+        evaluated = time.time()
+        problem = causality_problem(per_token_loss, *first_batch, tokenizer.get_vocab_size())
+    result = {"eval_tokens": args.eval_tokens, "export_seconds": meta.get("export_seconds"),
+              "load_seconds": round(loaded - started, 2), "eval_seconds": round(evaluated - loaded, 2),
+              "causality_seconds": round(time.time() - evaluated, 2)}
     if problem:
         result["causal"], result["problem"] = False, problem
     else:
-        def loss(x, y, reduction="none"):
-            logits = program(x).float()
-            return torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1),
-                                                     reduction=reduction)
-        with torch.no_grad(), autocast():
-            result["val_bpb"] = evaluate_bpb(loss_model(loss), tokenizer, batch_size, seq_len, args.eval_tokens, DEVICE)
-        result["causal"] = True
+        result["causal"], result["val_bpb"] = True, val_bpb
+    return result
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    sys.path[:0] = [str(HARNESS), *args.site_packages]  # -I -S left both out on purpose
+    # everything but the validation data and the program, while the training runs
+    import torch
+    import torch._export.serde.serialize  # noqa: F401  (what torch.export.load needs)
+    import nanochat.datasets  # noqa: F401
+    import nanochat.evaluation  # noqa: F401
+    from nanochat.tokenizer import Tokenizer
+    tokenizer = Tokenizer.from_directory()
+    if not sys.stdin.readline():  # end of file: the run exported nothing
+        return 0
+    started = time.time()
+    result = evaluate(args, torch, tokenizer)
     result["seconds"] = round(time.time() - started, 2)
-    Path(args.out).write_text(json.dumps(result))
+    with os.fdopen(args.out_fd, "w") as out:
+        out.write(json.dumps(result))
     print(f"harness evaluation: {json.dumps(result)}", flush=True)
     return 0
 

@@ -4,6 +4,7 @@ runs at once in two CPU slots.
 The workspace is a temp git repository holding this project's harness (prepare.py,
 nanochat/) and train.py; the cache is the session's prepared CPU harness (4 s budget).
 """
+import json
 import re
 import shutil
 import sys
@@ -46,6 +47,7 @@ def test_real_training_run_then_discard(tmp_path, repo_root, prepared_env, monke
     git(ws, "add", ".")
     git(ws, "commit", "-q", "-m", "the project's environment")
     monkeypatch.setenv("UV_PROJECT_ENVIRONMENT", str(repo_root / ".venv"))  # this one, as it is: no sync
+    monkeypatch.setenv("AUTORESEARCH_EVAL_CROSSCHECK", "1")  # train.py evaluates in-process too, and prints that
     loop = ResearchLoop(ws, None, slots=1)
     assert loop.run_command() == [str(repo_root / ".venv" / "bin" / "python"), "train.py"]
 
@@ -69,9 +71,13 @@ def test_real_training_run_then_discard(tmp_path, repo_root, prepared_env, monke
     assert git(ws, "status", "--porcelain") == ""
     log = (ws / "runs" / f"0001-{run['commit']}.log").read_text()
     assert log.count("val_bpb:") == 1
-    # the ledger's number is the harness's separate evaluation; the honest in-process one agrees
+    # the ledger's number is the harness's separate evaluation, handed to train.py before its own
+    # (the cross-check); the honest in-process one agrees
+    handed = json.loads(re.search(r"^harness evaluation: (\{.*?\}) \(waited", log, re.M).group(1))
     printed = float(re.search(r"^val_bpb:\s+([\d.]+)", log, re.M).group(1))
-    assert run["verified"] and abs(printed - run["val_bpb"]) < 1e-4, run["integrity"]
+    assert run["verified"] and handed["val_bpb"] == run["val_bpb"], log[-3000:]
+    assert abs(printed - run["val_bpb"]) < 1e-4, run["integrity"]
+    assert log.index("harness evaluation of the exported model") < log.index("harness evaluation: {") < log.index("---")
 
 
 

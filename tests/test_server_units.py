@@ -1,6 +1,7 @@
 """Log parsing, ledger rows, the state's locks and the run worker, without a server."""
 import json
 import math
+import re
 import os
 import subprocess
 import sys
@@ -321,3 +322,96 @@ def test_a_run_that_reads_validation_data_before_exporting_is_caught_and_cannot_
     assert result["val_opened_before_export"] >= 1
     assert "Read-only file system" in log.read_text()
     assert (tmp_path / "results.tsv").read_text() == "commit\tval_bpb\n"
+
+
+# --- the harness evaluation, handed to train.py while it waits ---------------------------------
+# A stand-in for nanochat/evaluate_export.py with the same protocol: it is up before the export
+# (it writes 'evaluator.up'), a line on stdin says go, the result goes to the descriptor after --out-fd.
+FAKE_EVALUATOR = """
+import json, os, sys, time
+open('evaluator.up', 'w').write(str(os.getpid()))
+if not sys.stdin.readline():
+    open('evaluator.unused', 'w').write('end of file')
+    sys.exit(0)
+time.sleep(float(os.environ.get('EVAL_SECONDS', '0')))
+os.write(int(sys.argv[-1]), json.dumps({'val_bpb': 1.5, 'causal': True}).encode())
+"""
+EXPORT_THEN_WAIT = """
+import json, os, sys, time
+sys.path.insert(0, {repo!r})
+from nanochat import export
+while not os.path.exists('evaluator.up'):
+    time.sleep(0.05)  # the evaluator started with the run, before any export
+path = os.environ['RESEARCH_LOOP_EXPORT']
+open(path + '.json', 'w').write('{{}}')
+open(path, 'w').write('model')
+{before_answer}
+answer = export.harness_answer()
+print('---')
+print('val_bpb:', answer['val_bpb'])
+"""
+REPO = Path(__file__).resolve().parent.parent
+
+
+def clean_harness(tmp_path) -> Path:
+    """A checkout with nothing changed, added or hidden: what the worker checks before evaluating."""
+    harness = tmp_path / "harness"
+    harness.mkdir()
+    (harness / "prepare.py").write_text("# the harness\n")
+    for args in (["init", "-q"], ["add", "."], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "h"]):
+        subprocess.run(["git", "-C", str(harness), *args], check=True)
+    return harness
+
+
+def test_a_harness_copy_changed_during_the_run_makes_the_evaluation_no_result(tmp_path, monkeypatch):
+    """Without a sandbox the run can write the harness copy the evaluator imports from: bytecode or
+    a module planted there is found after the evaluation, and its number does not stand."""
+    monkeypatch.chdir(tmp_path)
+    plant = "os.makedirs({d!r}, exist_ok=True); open({f!r}, 'wb').write(b'planted')".format(
+        d=str(tmp_path / "harness" / "__pycache__"), f=str(tmp_path / "harness" / "__pycache__" / "prepare.cpython-311.pyc"))
+    report, log, _ = handoff_run(tmp_path, before_answer=plant)
+    assert "val_bpb" not in report["evaluation"], report
+    assert "was changed during the run" in report["evaluation"]["error"] and "__pycache__" in report["evaluation"]["error"]
+
+
+def handoff_run(tmp_path, before_answer="", eval_seconds=0.0, timeout=30):
+    evaluate = {"argv": [sys.executable, "-c", FAKE_EVALUATOR], "env": dict(os.environ, EVAL_SECONDS=str(eval_seconds)),
+                "timeout": 20, "harness": str(clean_harness(tmp_path)), "harness_commit": None}
+    code = EXPORT_THEN_WAIT.format(repo=str(REPO), before_answer=before_answer)
+    started = time.monotonic()
+    report, log = run_worker(tmp_path, code, "--timeout", str(timeout), "--export", str(tmp_path / "model.pt2"),
+                             "--evaluate", json.dumps(evaluate))
+    return report, log, time.monotonic() - started
+
+
+def test_the_harness_number_is_handed_to_train_py_and_the_evaluation_is_not_training_time(tmp_path, monkeypatch):
+    """train.py waits in the harness for the separate evaluation's number and prints it; the wait
+    does not count against the training's timeout (8 s of evaluation in a run with a 6 s timeout)."""
+    monkeypatch.chdir(tmp_path)
+    report, log, _ = handoff_run(tmp_path, eval_seconds=8, timeout=6)
+    assert not report["timed_out"] and report["exit_code"] == 0, log
+    assert report["evaluation"]["val_bpb"] == 1.5 and report["evaluation"]["wall_seconds"] >= 8
+    assert re.search(r"^harness evaluation: \{\"val_bpb\": 1.5\} \(waited \d", log, re.M), log
+    assert "val_bpb: 1.5" in log
+
+
+def test_a_number_train_py_writes_in_place_of_the_answer_is_not_the_result(tmp_path, monkeypatch):
+    """The answer file is in the run's writable export folder: train.py can print what it likes,
+    but the report's number comes through the evaluator's pipe."""
+    monkeypatch.chdir(tmp_path)
+    forge = "open(os.environ['RESEARCH_LOOP_ANSWER'], 'w').write(json.dumps({'val_bpb': 0.1}))"
+    report, log, _ = handoff_run(tmp_path, before_answer=forge, eval_seconds=1)
+    assert report["evaluation"]["val_bpb"] == 1.5 and "val_bpb: 0.1" in log
+
+
+def test_an_evaluator_started_for_a_run_that_never_exports_exits_unused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    evaluate = {"argv": [sys.executable, "-c", FAKE_EVALUATOR], "env": dict(os.environ), "timeout": 20,
+                "harness": str(clean_harness(tmp_path)), "harness_commit": None}
+    code = "import os, time\nwhile not os.path.exists('evaluator.up'):\n    time.sleep(0.05)\nprint('---\\nval_bpb: 1.0')"
+    report, log = run_worker(tmp_path, code, "--timeout", "30", "--export", str(tmp_path / "model.pt2"),
+                             "--evaluate", json.dumps(evaluate))
+    assert report["exit_code"] == 0 and not report["exported"] and "evaluation" not in report
+    assert (tmp_path / "evaluator.unused").exists() and report["stray_processes"] == 0
+    pid = int((tmp_path / "evaluator.up").read_text())
+    assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2]

@@ -193,11 +193,14 @@ def test_the_servers_watchdog_waits_for_the_harness_evaluation(fake_env, monkeyp
     harness = fake_env / "harness"
     git(ws, "worktree", "add", "-q", "--detach", str(harness))  # a clean checkout, as the real harness copy
     monkeypatch.setattr(executor, "WORKER_GRACE_SECONDS", 0.5)
-    out, export = fake_env / "evaluation.json", fake_env / "exports" / "model.pt2"
-    slow_evaluation = f"import json, time; time.sleep(3); open({str(out)!r}, 'w').write(json.dumps({{'val_bpb': 1.5}}))"
+    export = fake_env / "exports" / "model.pt2"
+    # the evaluator's protocol: a line on stdin says go, the result goes to the descriptor after --out-fd
+    slow_evaluation = ("import json, os, sys, time; sys.stdin.readline(); time.sleep(3); "
+                       "os.write(int(sys.argv[2]), json.dumps({'val_bpb': 1.5}).encode())")
     evaluate = {"argv": [sys.executable, "-c", slow_evaluation], "env": dict(os.environ), "timeout": 20,
-                "out": str(out), "harness": str(harness), "harness_commit": None}
-    train = f"open({str(export)!r}, 'w').write('model'); print('---'); print('val_bpb: 1.5')"
+                "harness": str(harness), "harness_commit": None}
+    train = (f"open({str(export) + '.json'!r}, 'w').write('{{}}'); open({str(export)!r}, 'w').write('model'); "
+             "print('---'); print('val_bpb: 1.5')")
     spec = executor.RunSpec(run=1, commit=git(ws, "rev-parse", "HEAD").strip(), command=[sys.executable, "-c", train],
                             timeout=2, log=fake_env / "run.log", report=fake_env / "report.json",
                             worker_args=["--export", str(export), "--evaluate", json.dumps(evaluate)],
