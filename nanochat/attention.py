@@ -5,6 +5,8 @@ Inputs are laid out (B, T, H, D) like FlashAttention. A window of `left` means q
 i-left .. i (FlashAttention's window_size=(left, 0)); left >= T-1 is plain causal attention.
 Keys/values may have fewer heads than queries (grouped-query attention).
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -84,9 +86,25 @@ def sdpa_attention(q, k, v, left: int) -> torch.Tensor:
     return y.transpose(1, 2)
 
 
+_portable = False  # set inside portable()
+
+
+@contextlib.contextmanager
+def portable():
+    """Within, attention takes no FlashAttention-3 path: the model is being exported for the
+    harness's evaluation, an isolated process that cannot load a kernel fetched from the hub.
+    SDPA computes the same function (up to rounding)."""
+    global _portable
+    _portable = True
+    try:
+        yield
+    finally:
+        _portable = False
+
+
 def attention(q, k, v, left: int) -> torch.Tensor:
     """Causal sliding-window attention over (B, T, H, D) tensors, on the fastest path available."""
-    if FA3 is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+    if FA3 is not None and not _portable and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
         out = FA3.flash_attn_func(q, k, v, causal=True, window_size=(left, 0))
         return out[0] if isinstance(out, tuple) else out  # some builds also return the log-sum-exp
     if q.device.type == "cpu" and q.size(1) <= EXPLICIT_MAX_T:

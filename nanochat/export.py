@@ -18,6 +18,8 @@ import time
 
 import torch
 
+from nanochat import attention
+
 EXPORT_ENV = "RESEARCH_LOOP_EXPORT"
 ANSWER_ENV = "RESEARCH_LOOP_ANSWER"
 # Set to 1, prepare.evaluate_bpb evaluates in-process too and returns that number (train.py prints
@@ -58,7 +60,7 @@ def export_for_evaluation(model, batch_size: int, seq_len: int) -> str | None:
     try:
         module.eval()
         # fp32 graph: the evaluation applies the platform's autocast itself, as training did
-        with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
+        with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False), attention.portable():
             program = torch.export.export(LogitsOnly(module), (example,), strict=False)
         tmp = f"{path}.{os.getpid()}.tmp.pt2"  # torch wants the .pt2 suffix
         torch.export.save(program, tmp)
