@@ -7,10 +7,7 @@ The server evaluates that program in a separate, isolated process (nanochat/eval
 The first export wins (the file is created exclusively), so a later call cannot swap the model.
 Without the variable (a plain `uv run train.py`) nothing is exported.
 
-Where the worker also sets RESEARCH_LOOP_ANSWER, it evaluates the program as soon as it appears
-and writes the harness's number there: prepare.evaluate_bpb waits for it and returns it, so the
-validation set is evaluated once per run, not twice. The training process could write that file
-too; it would change only what train.py prints, never what the server records.
+The worker evaluates the program as soon as it appears, and hands the number back (nanochat/answer.py).
 """
 import json
 import os
@@ -21,11 +18,6 @@ import torch
 from nanochat import attention
 
 EXPORT_ENV = "RESEARCH_LOOP_EXPORT"
-ANSWER_ENV = "RESEARCH_LOOP_ANSWER"
-# Set to 1, prepare.evaluate_bpb evaluates in-process too and returns that number (train.py prints
-# it): to check on a new platform that the exported program scores what the model does.
-CROSSCHECK_ENV = "AUTORESEARCH_EVAL_CROSSCHECK"
-ANSWER_POLL_S = 0.05
 
 
 class LogitsOnly(torch.nn.Module):
@@ -79,17 +71,3 @@ def export_for_evaluation(model, batch_size: int, seq_len: int) -> str | None:
     print(f"export: model exported for the harness's evaluation in {time.time() - started:.1f}s", flush=True)
     return path
 
-
-def harness_answer() -> dict | None:
-    """The worker's evaluation of the exported model ({"val_bpb": ...} or {"error": ...}), waited
-    for; None where no worker answers (a plain run, or one whose export failed)."""
-    path = os.environ.get(ANSWER_ENV)
-    if not path:
-        return None
-    started = time.time()
-    while not os.path.exists(path):  # the worker kills this process if it never comes
-        time.sleep(ANSWER_POLL_S)
-    with open(path) as f:
-        answer = json.load(f)
-    print(f"harness evaluation: {json.dumps(answer)} (waited {time.time() - started:.1f}s)", flush=True)
-    return answer
