@@ -309,19 +309,33 @@ class HarnessEvaluation:
         try:
             self.result = self._outcome()
             self.result["wall_seconds"] = round(time.monotonic() - self.started_at, 2)
-            answer = {k: self.result[k] for k in ("val_bpb", "error", "problem") if k in self.result}
-            tmp = self.answer_path.with_name(f".{self.answer_path.name}.tmp")
-            tmp.write_text(json.dumps(answer))
-            os.replace(tmp, self.answer_path)
+            self._hand_back({k: self.result[k] for k in ("val_bpb", "error", "problem") if k in self.result})
             # After the answer, while train.py prints its summary: the harness the evaluator ran
             # from must be its commit, with nothing added (a planted module or bytecode) or hidden.
             problem = harness_problem(self.spec["harness"], self.spec.get("harness_commit"))
             if problem:
                 self.result = {"error": problem, "wall_seconds": self.result["wall_seconds"]}
         finally:
-            if self.proc is not None:
-                self.proc.wait()  # its interpreter's exit, after the answer
+            if self.proc is not None:  # its interpreter's exit, after the answer
+                try:
+                    self.proc.wait(timeout=TERM_GRACE_SECONDS)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                    self.proc.wait()
             self.finished_at = time.monotonic()
+
+    def _hand_back(self, answer: dict) -> None:
+        """The answer for train.py, in the run's own (writable) export folder: written to a new file
+        that no link planted by the run can redirect, then renamed into place (over a planted link,
+        not through it). Where the run made that impossible, it waits until its timeout."""
+        tmp = self.answer_path.with_name(f".{self.answer_path.name}.{os.getpid()}.{os.urandom(4).hex()}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(answer))
+            os.replace(tmp, self.answer_path)
+        except OSError:
+            pass
 
     def _outcome(self) -> dict:
         if self.proc is None:

@@ -415,3 +415,20 @@ def test_an_evaluator_started_for_a_run_that_never_exports_exits_unused(tmp_path
     assert (tmp_path / "evaluator.unused").exists() and report["stray_processes"] == 0
     pid = int((tmp_path / "evaluator.up").read_text())
     assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2]
+
+
+def test_a_link_planted_where_the_answer_goes_cannot_make_the_worker_write_elsewhere(tmp_path, monkeypatch):
+    """The worker writes the answer into the run's writable folder from outside the sandbox: a
+    symlink the run put there must not turn that write into one on the records."""
+    monkeypatch.chdir(tmp_path)
+    records = tmp_path / "results.tsv"
+    records.write_text("commit\tval_bpb\n")
+    answer_dir = tmp_path
+    plant = (f"os.symlink({str(records)!r}, os.environ['RESEARCH_LOOP_ANSWER'])\n"
+             # and where a temporary file would be, by the obvious name
+             f"os.symlink({str(records)!r}, {str(answer_dir / '.model.pt2.answer.json.tmp')!r})\n"
+             "time.sleep(2)")
+    handoff_run(tmp_path, before_answer=plant)
+    answer = tmp_path / "model.pt2.answer.json"
+    assert records.read_text() == "commit\tval_bpb\n"
+    assert not answer.is_symlink() and json.loads(answer.read_text()) == {"val_bpb": 1.5}
