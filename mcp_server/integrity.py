@@ -84,7 +84,8 @@ def evaluation_spec(harness: Path, harness_commit: str, program: Path, timeout: 
 
 
 def evaluation_timeout(run_timeout: float) -> float:
-    """The separate evaluation's own limit, after training: the server's watchdog allows for it too."""
+    """The separate evaluation's own limit, beside the training's (the worker does not count the
+    evaluation against the run's timeout): the server's watchdog allows for it too."""
     return max(EVAL_TIMEOUT_MIN_S, EVAL_TIMEOUT_FACTOR * run_timeout)
 
 

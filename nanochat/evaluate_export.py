@@ -76,7 +76,9 @@ def changed_validation_shard(path: Path, sha256) -> str | None:
     return None
 
 
-def evaluate(args, torch, tokenizer) -> dict:
+def evaluate(args, tokenizer) -> dict:
+    import torch
+
     from nanochat.datasets import file_sha256, split_paths
     from nanochat.evaluation import evaluate_bpb
     from nanochat.platform import DEVICE, autocast
@@ -122,16 +124,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     sys.path[:0] = [str(HARNESS), *args.site_packages]  # -I -S left both out on purpose
     # everything but the validation data and the program, while the training runs
-    import torch
-    import torch._export.serde.serialize  # noqa: F401  (what torch.export.load needs)
-    import nanochat.datasets  # noqa: F401
+    import torch._export.serde.serialize  # noqa: F401  (torch, and what torch.export.load needs)
+
+    import nanochat.datasets
     import nanochat.evaluation  # noqa: F401
     from nanochat.tokenizer import Tokenizer
     tokenizer = Tokenizer.from_directory()
     if not sys.stdin.readline():  # end of file: the run exported nothing
         return 0
     started = time.time()
-    result = evaluate(args, torch, tokenizer)
+    result = evaluate(args, tokenizer)
     result["seconds"] = round(time.time() - started, 2)
     with os.fdopen(args.out_fd, "w") as out:
         out.write(json.dumps(result))

@@ -70,4 +70,3 @@ def export_for_evaluation(model, batch_size: int, seq_len: int) -> str | None:
         module.train(was_training)
     print(f"export: model exported for the harness's evaluation in {time.time() - started:.1f}s", flush=True)
     return path
-
