@@ -22,11 +22,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mcp_server import node
+from mcp_server import integrity, node
 from mcp_server.executor import WORKER, Outcome, RunSpec
 from mcp_server.models import Refusal
 from mcp_server.worker import write_report
-from mcp_server.workspace import prepared_info
+from mcp_server.workspace import EDITABLE, prepared_info
 
 POLL_SECONDS = 0.5
 LOG_POLL_PER_MB_S = 0.5  # a long log is fetched less often: each fetch brings all of it
@@ -79,8 +79,8 @@ def package(ws, commit: str, dest: Path, token: str) -> None:
 
 
 def node_args(spec: RunSpec) -> list[str]:
-    """node.py's arguments: the timeout, an environment sync for uv commands, and the data
-    preparation with the profile and data set this workspace was prepared with."""
+    """node.py's arguments: the timeout, an environment sync for uv commands, the data preparation
+    with the profile and data set this workspace was prepared with, and the harness's evaluation."""
     args = ["--timeout", str(spec.timeout)]
     if spec.command[:1] == ["uv"]:
         args.append("--sync")
@@ -89,6 +89,10 @@ def node_args(spec: RunSpec) -> list[str]:
         prepare = {"command": ["prepare.py" if part == "train.py" else part for part in spec.command]}
         prepare |= {k: info[k] for k in ("profile", "dataset") if info.get(k)}
         args += ["--prepare", json.dumps(prepare)]
+    if spec.after_seconds:  # the harness exports the model: the node evaluates it as a slot here does
+        verify = {"evaluator": integrity.EVALUATOR, "editable": EDITABLE, "eval_tokens": integrity.eval_tokens(),
+                  "timeout": spec.after_seconds}
+        args += ["--verify", json.dumps(verify)]
     return [*args, "--", *spec.command]
 
 
@@ -206,7 +210,8 @@ class ClusterExecutor:
             return False
         spec = RunSpec(run=record["run"], commit=record["commit"], command=self.train_command,
                        timeout=record["timeout"], log=self.ws.root / record["log"],
-                       report=self.ws.root / record["report"])
+                       report=self.ws.root / record["report"],
+                       after_seconds=integrity.evaluation_timeout(record["timeout"]) if record.get("verifies") else 0.0)
         job = self.find(record)
         if job is None:
             return False
@@ -271,7 +276,7 @@ class ClusterExecutor:
             return
         start, allowance = ((job.training_since, 0.0) if job.training_since is not None
                             else (job.running_since, PREPARE_ALLOWANCE_S))
-        if time.monotonic() - start > job.spec.timeout + allowance + WATCHDOG_GRACE_S:
+        if time.monotonic() - start > job.spec.timeout + job.spec.after_seconds + allowance + WATCHDOG_GRACE_S:
             job.watchdog = True
             self._stop_quietly(job)
 

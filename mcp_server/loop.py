@@ -389,15 +389,19 @@ class ResearchLoop:
                     return
                 entry = queued[0]
                 try:
-                    harness = integrity.harness_copy(self.ws, entry["parent"], state["fingerprint"]) \
-                        if entry.get("verifies") else None
-                    extras = integrity.worker_args(self.ws, self.root, entry["run"], entry["commit"], entry["timeout"],
-                                                   harness, self.ws.worktree_head(harness) if harness else "",
-                                                   self.pool.capacity)
+                    extras = []
+                    if self.make_executor is None:  # a cluster's node makes its own (mcp_server/node.py)
+                        harness = integrity.harness_copy(self.ws, entry["parent"], state["fingerprint"]) \
+                            if entry.get("verifies") else None
+                        extras = integrity.worker_args(self.ws, self.root, entry["run"], entry["commit"],
+                                                       entry["timeout"], harness,
+                                                       self.ws.worktree_head(harness) if harness else "",
+                                                       self.pool.capacity)
                     spec = RunSpec(run=entry["run"], commit=entry["commit"], command=self.run_command(),
                                    timeout=entry["timeout"], log=self.root / entry["log"],
                                    report=self.root / entry["report"], worker_args=extras,
-                                   after_seconds=integrity.evaluation_timeout(entry["timeout"]) if harness else 0.0)
+                                   after_seconds=integrity.evaluation_timeout(entry["timeout"])
+                                   if entry.get("verifies") else 0.0)
                     slot = self.pool.start(spec, self._on_done)
                 except (Refusal, git.GitCommandError, OSError, subprocess.SubprocessError) as exc:
                     entry["status"] = "pending"
@@ -578,11 +582,6 @@ class ResearchLoop:
             return problem, None
         if not entry.get("verifies"):
             result.integrity = "this harness does not export its model: val_bpb is the one train.py printed"
-            return None, summary.val_bpb
-        if self.make_executor is not None:  # the node worker has no sandbox and no separate evaluation yet
-            result.verified = False
-            result.integrity = ("unverified: runs on a cluster executor are not yet evaluated by the harness (no "
-                                "sandbox, no export): val_bpb is the one train.py printed")
             return None, summary.val_bpb
         problem, value, note = integrity.evaluation_verdict(report)
         result.integrity = note + ("" if report.get("sandbox") else

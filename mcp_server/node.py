@@ -13,6 +13,10 @@ only. It
   data set, once per node and under a file lock as well (prepare.py checks and repairs);
 - runs the training under worker.py (hard timeout, every descendant killed at the end), its
   output on this process's stdout, which the engine keeps as the job's log;
+- with --verify, has the harness evaluate the run as on the server's own machine: a copy of the
+  harness made before the training starts (outside the code folder, checked file by file after the
+  evaluation), the exported model evaluated by it in an isolated interpreter, the validation shard
+  watched, and the training in a bubblewrap sandbox where the node has one;
 - ends with one line, RESULT_MARK + JSON: the worker's report plus val_bpb, the GPU and the host.
 """
 import argparse
@@ -21,6 +25,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -40,6 +45,11 @@ NODE_DIR = "research-loop-node"  # the folder the server ships these scripts in,
 TOKEN_FILE = "token"
 SYNC_TIMEOUT_S = 1800
 PREPARE_TIMEOUT_S = 3600
+PROBE_TIMEOUT_S = 300
+EVALUATOR_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "CUDA_VISIBLE_DEVICES")
+# The training command's interpreter: the separate evaluation runs on it, isolated.
+PROBE = ("import json, sys, sysconfig; p = sysconfig.get_paths(); "
+         "print(json.dumps([sys.executable, sys.prefix, sorted({p['purelib'], p['platlib']})]))")
 REPORT_TAIL_BYTES = 8192
 OUTPUT_TAIL_CHARS = 2000  # of a failed sync or prepare, in the log
 
@@ -132,6 +142,59 @@ def prepare_data(prepare: dict) -> None:
         run_step("preparing the data and tokenizer", [*prepare["command"], *args], PREPARE_TIMEOUT_S)
 
 
+def val_shard() -> Path | None:
+    """This node's validation shard: the one prepare pinned, else the last in sorted order."""
+    data = cache_dir() / "data"
+    try:
+        pinned = (json.loads((cache_dir() / "prepared.json").read_text()).get("val_shard") or {}).get("name")
+    except (OSError, ValueError, AttributeError):
+        pinned = None
+    if pinned and (data / pinned).exists():
+        return data / pinned
+    shards = sorted(data.glob("shard_*.parquet")) if data.is_dir() else []
+    return shards[-1] if shards else None
+
+
+def interpreter(command: list[str]) -> tuple[str, str, list[str]]:
+    """(executable, prefix, site-packages) of the Python that runs the training script."""
+    script = next((i for i, part in enumerate(command) if part.endswith(".py")), None)
+    if script is None:
+        raise NodeProblem(f"no Python script in the command {command}")
+    prefix = command[:script]
+    if not (prefix and Path(prefix[-1]).name.startswith("python")):
+        prefix = [*prefix, "python"]  # uv run SCRIPT
+    try:
+        done = subprocess.run([*prefix, "-c", PROBE], capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
+        executable, env_prefix, site = json.loads(done.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+        raise NodeProblem(f"could not find the interpreter of {' '.join(command)} on {socket.gethostname()}") from None
+    return executable, env_prefix, site
+
+
+def verification(verify: dict, command: list[str], scratch: Path) -> list[str]:
+    """worker.py's options for the harness's own evaluation of this run, from a copy of the harness
+    made now, before the training can touch it (the server checked the shipped harness's fingerprint)."""
+    harness = scratch / "harness"
+    shutil.copytree(".", harness, symlinks=True, ignore=lambda folder, names: [
+        n for n in names if folder == "." and n in (NODE_DIR, verify["editable"])])
+    executable, env_prefix, site = interpreter(command)
+    export = scratch / "export" / "model.pt2"
+    export.parent.mkdir()
+    env = {k: v for k, v in os.environ.items() if k in EVALUATOR_ENV} | {"AUTORESEARCH_CACHE": str(cache_dir())}
+    evaluate = {"argv": [executable, "-I", "-S", "-B", str(harness / verify["evaluator"]), "--program", str(export),
+                         "--eval-tokens", str(verify["eval_tokens"]), "--site-packages", *site],
+                "env": env, "harness": str(harness), "harness_manifest": worker.file_manifest(str(harness)),
+                "timeout": verify["timeout"]}
+    compiled = cache_dir() / "compile"
+    compiled.mkdir(parents=True, exist_ok=True)
+    sandbox = {"readonly": [str(scratch), str(cache_dir()), env_prefix],
+               "writable": [".", str(export.parent), str(compiled)],
+               "readonly_inside": sorted(os.listdir(harness))}
+    args = ["--sandbox", json.dumps(sandbox), "--export", str(export), "--evaluate", json.dumps(evaluate)]
+    shard = val_shard()  # other jobs on this node may read it: only a private copy is watched (bubblewrap)
+    return args + (["--val-shard", str(shard), "--val-shared"] if shard else [])
+
+
 def read_token() -> str:
     path = Path(NODE_DIR) / TOKEN_FILE
     try:
@@ -151,12 +214,18 @@ def val_bpb(text: str) -> float | None:
         return None
 
 
-def train(timeout: float, grace: float, command: list[str]) -> dict:
-    say(f"training on {socket.gethostname()} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')})")
+def train(timeout: float, grace: float, command: list[str], verify: dict | None) -> dict:
     with tempfile.TemporaryDirectory(prefix="research-loop-") as tmp:
+        extras = []
+        if verify:
+            try:
+                extras = verification(verify, command, Path(tmp))
+            except (NodeProblem, OSError) as exc:  # the run goes on; its result is marked unverified
+                say(f"no harness evaluation on this node: {exc}")
         report_path = Path(tmp) / "report.json"
+        say(f"training on {socket.gethostname()} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')})")
         worker.main(["--log", "-", "--report", str(report_path), "--timeout", str(timeout), "--grace", str(grace),
-                     "--report-tail", str(REPORT_TAIL_BYTES), "--", *command])
+                     "--report-tail", str(REPORT_TAIL_BYTES), *extras, "--", *command])
         report = json.loads(report_path.read_text())
     tail = report.pop("log_tail", "")
     return report | {"val_bpb": val_bpb(tail)}
@@ -168,6 +237,7 @@ def parse_args(argv):
     p.add_argument("--grace", type=float, default=2.0, help="SIGTERM to SIGKILL (below the engine's own)")
     p.add_argument("--sync", action="store_true", help="make the project's uv environment once per node")
     p.add_argument("--prepare", type=json.loads, help='{"command": [...], "profile": ..., "dataset": ...}')
+    p.add_argument("--verify", type=json.loads, help='{"evaluator": PATH, "editable": NAME, "eval_tokens": N, "timeout": SECONDS}: the harness evaluates')
     p.add_argument("command", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
     if args.command[:1] == ["--"]:
@@ -193,7 +263,7 @@ def main(argv=None) -> int:
                   "device": worker.device_name(dict(os.environ))}
     else:
         prepared = round(time.time() - started, 3)
-        report = train(args.timeout, args.grace, args.command) | {"prepare_seconds": prepared}
+        report = train(args.timeout, args.grace, args.command, args.verify) | {"prepare_seconds": prepared}
     report |= {"token": token, "gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}
     print(f"\n{RESULT_MARK}{json.dumps(report)}", flush=True)
     return 0

@@ -31,6 +31,7 @@ from __future__ import annotations  # a node's Python may be older than 3.10
 import argparse
 import collections
 import ctypes
+import hashlib
 import json
 import os
 import select
@@ -282,7 +283,7 @@ class HarnessEvaluation:
         self.thread: threading.Thread | None = None
         self.read_end, write_end = os.pipe()
         try:
-            with open(log_path, "ab") as log:
+            with open_log(log_path) as log:
                 # its own session: the training's process group can be killed without it
                 self.proc = subprocess.Popen([*spec["argv"], "--out-fd", str(write_end)], env=spec["env"],
                                              stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
@@ -312,7 +313,9 @@ class HarnessEvaluation:
             self._hand_back({k: self.result[k] for k in ("val_bpb", "error", "problem") if k in self.result})
             # After the answer, while train.py prints its summary: the harness the evaluator ran
             # from must be its commit, with nothing added (a planted module or bytecode) or hidden.
-            problem = harness_problem(self.spec["harness"], self.spec.get("harness_commit"))
+            problem = (manifest_problem(self.spec["harness"], self.spec["harness_manifest"])
+                       if "harness_manifest" in self.spec else
+                       harness_problem(self.spec["harness"], self.spec.get("harness_commit")))
             if problem:
                 self.result = {"error": problem, "wall_seconds": self.result["wall_seconds"]}
         finally:
@@ -340,7 +343,7 @@ class HarnessEvaluation:
     def _outcome(self) -> dict:
         if self.proc is None:
             return self.result
-        with open(self.log_path, "ab") as log:
+        with open_log(self.log_path) as log:
             log.write(f"\n{MARK} harness evaluation of the exported model\n".encode())
         try:
             self.proc.stdin.write(b"go\n")
@@ -405,6 +408,33 @@ def harness_problem(harness: str, commit: str | None) -> str | None:
         return f"the harness copy {harness} was changed during the run: {', '.join(changed)}"
     if commit and head.stdout.strip() != commit:
         return f"the harness copy is at {head.stdout.strip()[:7]}, not {commit[:7]}"
+    return None
+
+
+def file_manifest(folder: str) -> dict:
+    """Every file under a folder (links as links), by relative path: its SHA-256."""
+    found = {}
+    for base, dirs, files in os.walk(folder):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(base, d))]:
+            path = os.path.join(base, name)
+            if os.path.islink(path):
+                digest = "link:" + os.readlink(path)
+            else:
+                with open(path, "rb") as f:
+                    digest = hashlib.sha256(f.read()).hexdigest()  # the harness's files are small
+            found[os.path.relpath(path, folder)] = digest
+    return found
+
+
+def manifest_problem(harness: str, manifest: dict) -> str | None:
+    """A harness copy outside git (a cluster node's) must hold exactly the files it was made with."""
+    try:
+        now = file_manifest(harness)
+    except OSError as exc:
+        return f"the harness copy could not be checked: {exc}"
+    changed = sorted(p for p in set(now) | set(manifest) if now.get(p) != manifest.get(p))
+    if changed:
+        return f"the harness copy {harness} was changed during the run: {', '.join(changed[:5])}"
     return None
 
 

@@ -130,9 +130,10 @@ def test_real_train_py_through_ray(tmp_path, repo_root, prepared_env, monkeypatc
         assert 0 < run["val_bpb"] < 20 and run["num_steps"] >= 1 and run["slot"].startswith("ray job")
         log = (ws / run["log"]).read_text()
         assert "training on" in log and "preparing the data" not in log  # this node was prepared already
-        assert run["verified"] is False and "cluster executor" in run["integrity"]  # not wired to the nodes yet
-        assert "unverified=true" in lab.refused("keep")
-        assert lab.ok("keep", unverified=True)["row"]["status"] == "keep"
+        # the node evaluated the exported model from its own harness copy, as a slot here does
+        assert run["verified"] is True and "harness evaluation" in run["integrity"], run["integrity"]
+        assert "harness evaluation of the exported model" in log
+        assert lab.ok("keep")["row"]["status"] == "keep"
     finally:
         lab.loop.shutdown()
 
@@ -161,3 +162,4 @@ def test_the_server_started_with_executor_ray_runs_on_the_cluster(tmp_path, ray_
     status, run = anyio.run(go)
     assert run["status"] == "ok" and run["slot"].startswith("ray job research-loop-"), run
     assert status["slots"] == 2, status
+

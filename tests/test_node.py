@@ -65,3 +65,66 @@ def test_a_node_that_cannot_prepare_says_which_and_why(tmp_path):
     assert result["exit_code"] == 1 and result["token"] == "t"
     assert "preparing the data and tokenizer failed on" in result["problem"] and "(exit 3)" in result["problem"]
     assert "cannot reach huggingface.co" in result["problem"] and "training on" not in out
+
+
+# A stand-in for the harness's evaluator: told "go" once the model is exported, it answers
+# through the pipe the worker gave it (--out-fd), a number train.py never sees coming.
+EVALUATOR = """import json, os, sys
+fd = int(sys.argv[sys.argv.index("--out-fd") + 1])
+if sys.stdin.readline().strip() == "go":
+    os.write(fd, json.dumps({"val_bpb": 1.234, "causal": True}).encode())
+"""
+
+# A train.py that finds the evaluator's harness copy through /proc and appends to it, then
+# exports, waits for the harness's answer and prints a better number of its own.
+TAMPERING_TRAIN = """import json, os, time
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        args = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\\0")
+    except OSError:
+        continue
+    for arg in args:
+        if arg.endswith(b"nanochat/evaluate_export.py"):
+            try:
+                with open(arg.decode().replace("nanochat/evaluate_export.py", "prepare.py"), "a") as f:
+                    f.write("# planted\\n")
+                print("tampered")
+            except OSError as exc:
+                print("could not tamper:", exc)
+export, answer = os.environ["RESEARCH_LOOP_EXPORT"], os.environ["RESEARCH_LOOP_ANSWER"]
+open(export, "w").write("model")
+open(export + ".json", "w").write("{}")
+for _ in range(300):
+    if os.path.exists(answer):
+        break
+    time.sleep(0.1)
+print("---")
+print("val_bpb:          0.500000")
+"""
+
+
+def verified_job(tmp_path: Path, path: str) -> tuple[dict, str]:
+    code = code_folder(tmp_path, "job", "t")
+    (code / "nanochat").mkdir()
+    (code / "nanochat" / "evaluate_export.py").write_text(EVALUATOR)
+    (code / "train.py").write_text(TAMPERING_TRAIN)
+    verify = {"evaluator": "nanochat/evaluate_export.py", "editable": "train.py", "eval_tokens": 4096, "timeout": 60}
+    env = {"PATH": path, "AUTORESEARCH_CACHE": str(tmp_path / "cache"), "HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, f"{node.NODE_DIR}/node.py", "--timeout", "60", "--verify", json.dumps(verify),
+                          "--", sys.executable, "train.py"], cwd=code, env=env, capture_output=True, text=True,
+                         timeout=120).stdout
+    return result_of(out), out
+
+
+def test_a_node_has_the_harness_evaluate_from_a_copy_the_run_cannot_change_unseen(tmp_path):
+    result, out = verified_job(tmp_path, str(tmp_path / "no-bwrap-here"))
+    assert result["sandbox"] is False and result["exported"] is True
+    assert "tampered" in out  # without a sandbox the run reached the copy, and the check after the evaluation saw it
+    assert "harness copy" in result["evaluation"]["error"] and "prepare.py" in result["evaluation"]["error"]
+    assert result["val_bpb"] == 0.5  # what train.py printed; the server records the evaluation's verdict
+
+
+def test_in_a_nodes_sandbox_the_harness_copy_is_read_only(tmp_path, bubblewrap):
+    result, out = verified_job(tmp_path, "/usr/bin:/bin")
+    assert result["sandbox"] is True and "could not tamper" in out
+    assert result["evaluation"]["val_bpb"] == 1.234 and "error" not in result["evaluation"]
