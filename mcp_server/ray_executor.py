@@ -35,10 +35,14 @@ def ray_jobs():
 def connect(address: str | None):
     """A Jobs API client for the cluster, or a Refusal saying how to reach one."""
     jobs = ray_jobs()
+    where = address or "RAY_ADDRESS, or a cluster started on this machine"
     try:
         return jobs.JobSubmissionClient(address or None)
     except Exception as exc:  # the client raises ConnectionError, ValueError or RuntimeError
-        where = address or "RAY_ADDRESS, or a cluster started on this machine"
+        if type(exc).__name__ == "AuthenticationError":  # ray.exceptions': reached, and turned away
+            raise Refusal(f"The Ray cluster at {where} uses token authentication and did not accept this server "
+                          f"({str(exc).splitlines()[0]}). Start the server with the cluster's token: RAY_AUTH_MODE=token "
+                          "and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, or the file ~/.ray/auth_token).") from None
         raise Refusal(f"Cannot reach the Ray cluster at {where}: {exc}. Start one (`ray start --head`) or point "
                       "the server at one (--ray-address http://HEAD:8265, or RAY_ADDRESS).") from None
 

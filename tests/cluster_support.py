@@ -38,6 +38,12 @@ def kill_all(pids: list[int]) -> None:
             pass
 
 
+def auth_headers() -> dict:
+    """What Ray's own clients send where the cluster uses token authentication (tests/conftest.py)."""
+    token = os.environ.get("RAY_AUTH_TOKEN") if os.environ.get("RAY_AUTH_MODE") == "token" else None
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 class RayHead:
     def __init__(self):
         self.folder = Path(tempfile.mkdtemp(prefix="rl-ray-", dir="/tmp"))  # unix socket paths must stay short
@@ -63,12 +69,13 @@ class RayHead:
 
     def ready(self) -> bool:
         try:
-            return requests.get(f"{self.address}/api/version", timeout=2).ok and self._node_alive()
+            return requests.get(f"{self.address}/api/version", timeout=2, headers=auth_headers()).ok \
+                and self._node_alive()
         except requests.RequestException:
             return False
 
     def _node_alive(self) -> bool:
-        nodes = requests.get(f"{self.address}/nodes?view=summary", timeout=5)
+        nodes = requests.get(f"{self.address}/nodes?view=summary", timeout=5, headers=auth_headers())
         return nodes.ok and "ALIVE" in nodes.text
 
     def wait_ready(self) -> None:

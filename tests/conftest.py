@@ -4,6 +4,7 @@ The prepared cache holds the offline corpus and a tokenizer for the CPU profile,
 temp folder, so no test touches ~/.cache/autoresearch or the network.
 """
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,12 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 TEST_TIME_BUDGET = "4"  # seconds of training per real run in tests
 TEST_EVAL_TOKENS = "16384"
+
+# The tests' Ray cluster uses token authentication, and every Ray client here (the servers, in
+# this process or started by a test) has the token, so each Ray test goes through it. Ray reads
+# these once per process: they are set before anything imports it.
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
 
 
 @pytest.fixture(scope="session")

@@ -163,3 +163,18 @@ def test_the_server_started_with_executor_ray_runs_on_the_cluster(tmp_path, ray_
     assert run["status"] == "ok" and run["slot"].startswith("ray job research-loop-"), run
     assert status["slots"] == 2, status
 
+
+def test_a_server_without_the_clusters_token_is_told_how_to_give_it(tmp_path, ray_head, monkeypatch):
+    """The session's cluster uses token authentication (conftest): a server started without the
+    token reaches it, is turned away, and each run says what to set."""
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    ws, cache = make_workspace(tmp_path), make_cache(tmp_path)
+
+    async def go():
+        async with stdio_client_for(ws, cache, "--executor", "ray", "--ray-address", ray_head.address) as client:
+            answer(await client.call_tool("setup", {"tag": "no-token"}))
+            return answer(await client.call_tool("run_experiment", {"description": "baseline"}))
+
+    run = anyio.run(go)
+    assert run["status"] == "crash" and "uses token authentication" in run["tail"], run["tail"]
+    assert "RAY_AUTH_TOKEN" in run["tail"]
