@@ -2,12 +2,15 @@
 munge) started once for this module, one node with two fake GPUs, submitit submitting the jobs.
 slurm-wlm and munge are installed from Debian's archive when missing (as for every Debian tool
 the tests drive); test_cluster_slurm_local.py checks the same jobs through submitit's local executor."""
+import json
 import os
+import subprocess
 
 import pytest
 
 import cluster_support as cluster
 from conftest import ensure_debian_package
+from mcp_server.loop import ResearchLoop
 from server_support import TRAIN_COMMAND, Lab, make_workspace, set_knobs, wait_until
 
 slurm_executor = pytest.importorskip("mcp_server.slurm_executor")
@@ -93,3 +96,37 @@ def test_a_restarted_server_reattaches_to_its_jobs(slurm_lab):
     assert slurm_lab.loop.entry(run["run"])["status"] == "running"
     result = slurm_lab.ok("wait")["results"][0]
     assert result["run"] == run["run"] and result["status"] == "ok" and result["val_bpb"] == 0.8
+
+
+def test_a_job_ended_by_slurm_itself_is_a_crash_with_the_reason(slurm_lab):
+    slurm_lab.baseline()
+    set_knobs(slurm_lab.ws, sleep=60, steps=60)
+    run = slurm_lab.ok("run_experiment", description="ended by slurm", wait=False)
+    job = slurm_lab.loop.entry(run["run"])["job"]
+    assert wait_until(lambda: "step" in (slurm_lab.ws / run["log"]).read_text(), 60)
+    subprocess.run(["scancel", job], check=True)  # an administrator, preemption: not this server
+    result = slurm_lab.ok("wait")["results"][0]
+    assert result["status"] == "crash" and "the slurm job was stopped outside this server" in result["tail"], result
+    assert slurm_lab.ok("discard")["row"]["status"] == "crash"
+    assert wait_until(lambda: not cluster.trainers(slurm_lab.folder), 30), cluster.trainers(slurm_lab.folder)
+
+
+
+def test_a_job_slurm_no_longer_knows_is_a_crash_with_the_reason(slurm_lab):
+    """A restarted server finds a job id that SLURM has forgotten (purged while the server was away)."""
+    slurm_lab.baseline()
+    set_knobs(slurm_lab.ws, sleep=60, steps=60)
+    run = slurm_lab.ok("run_experiment", description="forgotten", wait=False)
+    assert wait_until(lambda: "step" in (slurm_lab.ws / run["log"]).read_text(), 60)
+    slurm_lab.loop.shutdown()  # the job goes on without its server
+    path = slurm_lab.ws / ".research-loop" / "state.json"
+    state = json.loads(path.read_text())
+    entry = next(e for e in state["runs"].values() if e["run"] == run["run"])
+    subprocess.run(["scancel", entry["job"]], check=True)
+    entry["job"] = "999999"  # an id SLURM never had, as after its records were purged
+    path.write_text(json.dumps(state))
+    slurm_lab.loop = ResearchLoop(slurm_lab.ws, slurm_lab.train_command, slurm_lab.slots, slurm_lab.executor)
+    result = slurm_lab.ok("wait")["results"][0]
+    assert result["run"] == run["run"] and result["status"] == "crash", result
+    assert "SLURM no longer knows the job" in result["tail"], result["tail"]
+    assert slurm_lab.ok("discard")["row"]["status"] == "crash"
