@@ -40,7 +40,11 @@ def measure(ws: Path, commit: str, command: list[str], scratch: Path) -> float |
     try:
         done = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
         summary = parse_summary(done.stdout)
-        return summary.val_bpb if done.returncode == 0 and summary else None
+        if done.returncode != 0 or summary is None:
+            return None
+        print(f"    {time.strftime('%H:%M')} {commit}: val_bpb {summary.val_bpb:.6f} in {summary.num_steps} steps",
+              flush=True)
+        return summary.val_bpb
     finally:
         git(ws, "worktree", "remove", "--force", str(folder))
 
