@@ -38,6 +38,11 @@ def kill_all(pids: list[int]) -> None:
             pass
 
 
+# The jobs pass no objects; Ray's default store (30% of memory, in /dev/shm) would stay reserved
+# for the rest of the session while the demo and overnight tests train beside the head.
+OBJECT_STORE_BYTES = 100 * 2**20
+
+
 def auth_headers() -> dict:
     """What Ray's own clients send where the cluster uses token authentication (tests/conftest.py)."""
     token = os.environ.get("RAY_AUTH_TOKEN") if os.environ.get("RAY_AUTH_MODE") == "token" else None
@@ -64,7 +69,7 @@ class RayHead:
             [str(ray), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(free_port()),
              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.port), "--include-dashboard=true",
              "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
-             "--num-cpus", "2", "--num-gpus", "2", "--temp-dir", str(self.folder / "t"), "--disable-usage-stats"],
+             "--num-cpus", "2", "--num-gpus", "2", "--object-store-memory", str(OBJECT_STORE_BYTES), "--temp-dir", str(self.folder / "t"), "--disable-usage-stats"],
             cwd=home, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def ready(self) -> bool:
