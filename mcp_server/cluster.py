@@ -211,7 +211,7 @@ class ClusterExecutor:
         spec = RunSpec(run=record["run"], commit=record["commit"], command=self.train_command,
                        timeout=record["timeout"], log=self.ws.root / record["log"],
                        report=self.ws.root / record["report"],
-                       after_seconds=integrity.evaluation_timeout(record["timeout"]) if record.get("verifies") else 0.0)
+                       after_seconds=integrity.evaluation_allowance(record))
         job = self.find(record)
         if job is None:
             return False

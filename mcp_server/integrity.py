@@ -83,6 +83,12 @@ def evaluation_spec(harness: Path, harness_commit: str, program: Path, timeout: 
             "timeout": evaluation_timeout(timeout)}
 
 
+def evaluation_allowance(entry: dict) -> float:
+    """Seconds a run's worker may spend after training (its harness evaluation); 0 where the harness
+    does not export."""
+    return evaluation_timeout(entry["timeout"]) if entry.get("verifies") else 0.0
+
+
 def evaluation_timeout(run_timeout: float) -> float:
     """The separate evaluation's own limit, beside the training's (the worker does not count the
     evaluation against the run's timeout): the server's watchdog allows for it too."""

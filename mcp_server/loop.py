@@ -400,8 +400,7 @@ class ResearchLoop:
                     spec = RunSpec(run=entry["run"], commit=entry["commit"], command=self.run_command(),
                                    timeout=entry["timeout"], log=self.root / entry["log"],
                                    report=self.root / entry["report"], worker_args=extras,
-                                   after_seconds=integrity.evaluation_timeout(entry["timeout"])
-                                   if entry.get("verifies") else 0.0)
+                                   after_seconds=integrity.evaluation_allowance(entry))
                     slot = self.pool.start(spec, self._on_done)
                 except (Refusal, git.GitCommandError, OSError, subprocess.SubprocessError) as exc:
                     entry["status"] = "pending"

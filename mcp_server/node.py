@@ -237,7 +237,8 @@ def parse_args(argv):
     p.add_argument("--grace", type=float, default=2.0, help="SIGTERM to SIGKILL (below the engine's own)")
     p.add_argument("--sync", action="store_true", help="make the project's uv environment once per node")
     p.add_argument("--prepare", type=json.loads, help='{"command": [...], "profile": ..., "dataset": ...}')
-    p.add_argument("--verify", type=json.loads, help='{"evaluator": PATH, "editable": NAME, "eval_tokens": N, "timeout": SECONDS}: the harness evaluates')
+    p.add_argument("--verify", type=json.loads,
+                   help='{"evaluator": PATH, "editable": NAME, "eval_tokens": N, "timeout": S}: the harness evaluates')
     p.add_argument("command", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
     if args.command[:1] == ["--"]:
