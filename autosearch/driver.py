@@ -5,13 +5,16 @@ train.py), `run_experiment`, then `keep` if val_bpb beats the best kept result, 
 Everything the search needs to resume (what was tried, what is best) is read back from the
 workspace: the ledger and the train.py of each logged commit.
 """
+import asyncio
 import os
+import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import anyio
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 
@@ -296,9 +299,11 @@ def server_parameters(plan: SearchPlan, repo: Path) -> StdioServerParameters:
 
 
 async def run_search(plan: SearchPlan, repo: Path, say) -> None:
-    """Set up (or resume) the workspace's research branch, run the baseline, then the search."""
+    """Set up (or resume) the workspace's research branch, run the baseline, then the search.
+    Ctrl-C ends the session and raises KeyboardInterrupt once the server has shut down."""
     try:
-        await search_session(plan, repo, say)
+        if await session_until_interrupted(plan, repo, say):
+            raise KeyboardInterrupt
     except BaseExceptionGroup as group:
         # The SDK's task groups wrap what the search raised: hand the user the error itself.
         ours = group.subgroup(lambda e: isinstance(e, USER_FACING_ERRORS))
@@ -308,6 +313,31 @@ async def run_search(plan: SearchPlan, repo: Path, say) -> None:
         while isinstance(error, BaseExceptionGroup):
             error = error.exceptions[0]
         raise error from None
+
+
+async def session_until_interrupted(plan: SearchPlan, repo: Path, say) -> bool:
+    """Run the search session; True if Ctrl-C cut it short.
+
+    Ctrl-C cancels an anyio scope around the session rather than the asyncio task (asyncio.run's
+    way): the SDK's task groups could absorb that single task cancellation and carry on with the
+    search, while a scope's cancellation is redelivered until everything in it has ended, and it
+    still lets the client's shielded shutdown of the server (which stops any training) finish.
+    A second Ctrl-C is Python's default: an immediate KeyboardInterrupt."""
+    loop = asyncio.get_running_loop()
+    interrupted = False
+    with anyio.CancelScope() as scope:
+        def on_ctrl_c() -> None:
+            nonlocal interrupted
+            interrupted = True
+            scope.cancel()
+            loop.remove_signal_handler(signal.SIGINT)
+
+        loop.add_signal_handler(signal.SIGINT, on_ctrl_c)
+        try:
+            await search_session(plan, repo, say)
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
+    return interrupted
 
 
 async def search_session(plan: SearchPlan, repo: Path, say) -> None:
