@@ -30,7 +30,10 @@ CLIMBMIX_TRAIN_SHARDS = 10  # upstream's default download
 TOKENIZER_MAX_CHARS = 1_000_000_000  # text the tokenizer trains on, at most (as upstream)
 TOKENIZER_DOC_CHARS = 10_000  # per document, so one huge document can't dominate the merges
 NETWORK_PROBE_TIMEOUT_S = 3
-BUDGET_CLOCKS = ("wall", "cpu")  # see training_clock
+BUDGET_CLOCKS = ("wall", "cpu", "flops")  # see training_clock and budget_used
+# The "flops" clock spends TIME_BUDGET at this share of the matmul peak measured at prepare time:
+# about what train.py reaches on a CPU (50-54% MFU, 2-core Zen3), so a budget second is about a second.
+FLOPS_CLOCK_MFU = 0.5
 # What prepared.json fixes for every later run (the MCP server reads time_budget from it too);
 # the profile's train_defaults are only train.py's starting point, so they come from the code.
 RECORDED_CONSTANTS = ("vocab_size", "max_seq_len", "time_budget", "eval_tokens")
@@ -72,11 +75,35 @@ def _budget_clock(record: dict) -> str:
     return clock
 
 
+def _flops_per_budget_second(record: dict, clock: str) -> float | None:
+    """The "flops" clock's rate, as recorded at prepare time (or measured now, where a benchmark
+    chose that clock on a cache prepared for another)."""
+    if clock != "flops":
+        return None
+    if record.get("flops_per_budget_second"):
+        return float(record["flops_per_budget_second"])
+    if record.get("budget_clock") != "flops":
+        return calibrate_flops_clock()
+    raise RuntimeError(f"{prepared_record_path()} has the flops budget clock but no flops_per_budget_second. "
+                       f"Re-prepare with `{PREPARE_COMMAND} --force`.")
+
+
+def calibrate_flops_clock() -> float:
+    """FLOPs per budget second: FLOPS_CLOCK_MFU of this machine's measured matmul peak."""
+    return platform.measure_matmul_flops() * FLOPS_CLOCK_MFU
+
+
 def training_clock():
-    """The clock TIME_BUDGET is spent on, as prepared. "wall": wall-clock seconds (GPUs, as upstream).
-    "cpu": this process's CPU seconds per thread: on a shared machine a busy neighbour makes a run
-    take longer instead of train less, and faster code still gets more steps."""
-    return platform.cpu_seconds_per_thread if BUDGET_CLOCK == "cpu" else time.perf_counter
+    """The clock a step's time is measured on. "wall": wall-clock seconds (GPUs, as upstream).
+    "cpu" and "flops": this process's CPU seconds per thread, which a busy neighbour does not shrink."""
+    return time.perf_counter if BUDGET_CLOCK == "wall" else platform.cpu_seconds_per_thread
+
+
+def budget_used(seconds: float, flops: float) -> float:
+    """What one timed step spends of TIME_BUDGET: its seconds on training_clock(), or on the "flops"
+    clock its FLOPs at the prepared rate. The flops clock gives the same code the same steps however
+    busy or fast the machine is that hour (the CPU profile's); faster code shows in MFU, not steps."""
+    return flops / FLOPS_PER_BUDGET_SECOND if BUDGET_CLOCK == "flops" else seconds
 
 
 def load_constants() -> dict:
@@ -105,6 +132,7 @@ def load_constants() -> dict:
         VOCAB_SIZE=profile["vocab_size"],
         TIME_BUDGET=_env_positive_int("AUTORESEARCH_TIME_BUDGET", record["time_budget"]),
         BUDGET_CLOCK=_budget_clock(record),
+        FLOPS_PER_BUDGET_SECOND=_flops_per_budget_second(record, _budget_clock(record)),
         EVAL_TOKENS=_env_positive_int("AUTORESEARCH_EVAL_TOKENS", record["eval_tokens"]),
         TRAIN_DEFAULTS=dict(profile["train_defaults"]),
     )
@@ -115,7 +143,7 @@ if __name__ != "__main__":  # imported (by train.py): resolve the contract's con
     PROFILE, DATASET = _constants["PROFILE"], _constants["DATASET"]
     MAX_SEQ_LEN, VOCAB_SIZE = _constants["MAX_SEQ_LEN"], _constants["VOCAB_SIZE"]
     TIME_BUDGET, EVAL_TOKENS = _constants["TIME_BUDGET"], _constants["EVAL_TOKENS"]
-    BUDGET_CLOCK = _constants["BUDGET_CLOCK"]
+    BUDGET_CLOCK, FLOPS_PER_BUDGET_SECOND = _constants["BUDGET_CLOCK"], _constants["FLOPS_PER_BUDGET_SECOND"]
     TRAIN_DEFAULTS = _constants["TRAIN_DEFAULTS"]
 
 
@@ -237,6 +265,13 @@ def _write_record(record: dict) -> None:
     os.replace(tmp, path)
 
 
+def flops_clock_rate() -> float:
+    print("Calibrating the flops budget clock (a few seconds of matmuls)...", flush=True)
+    rate = calibrate_flops_clock()
+    print(f"  {rate / 1e9:.1f} GFLOP per budget second ({FLOPS_CLOCK_MFU:.0%} of the measured matmul peak)", flush=True)
+    return rate
+
+
 def _foreign_shards(dataset: str) -> list:
     """Shards in the data folder that did not come from this data set."""
     return [path for path in datasets.list_shards() if datasets.shard_source(path) != dataset]
@@ -256,11 +291,19 @@ def prepare(profile_name: str, dataset_request: str, num_shards: int, force: boo
     wanted = {"profile": profile_name, "dataset": dataset, "budget_clock": profile["budget_clock"],
               **{key: profile[key] for key in RECORDED_CONSTANTS}}
     print(f"Cache: {cache_dir()}\nProfile: {profile_name}  Data set: {dataset}", flush=True)
-    if record and "budget_clock" not in record and record.get("profile") == profile_name:
-        # prepared before budget clocks existed: a research run set up on it sees the record change
-        record["budget_clock"] = profile["budget_clock"]
-        _write_record(record)
-        print(f"Recorded the profile's budget clock ({profile['budget_clock']}) in {prepared_record_path()}.")
+    if record and record.get("profile") == profile_name and record.get("budget_clock") != profile["budget_clock"]:
+        if "budget_clock" not in record:
+            # prepared before budget clocks existed: a research run set up on it sees the record change
+            record["budget_clock"] = profile["budget_clock"]
+            if profile["budget_clock"] == "flops":
+                record["flops_per_budget_second"] = flops_clock_rate()
+            _write_record(record)
+            print(f"Recorded the profile's budget clock ({profile['budget_clock']}) in {prepared_record_path()}.")
+        else:  # the clock a research branch was set up on stays, so its results stay comparable
+            wanted["budget_clock"] = record["budget_clock"]
+            print(f"Keeping the recorded {record['budget_clock']} budget clock (the {profile_name} profile's is now "
+                  f"{profile['budget_clock']}; `{PREPARE_COMMAND} --profile {profile_name} --force` switches, and a "
+                  "research branch's results from before it are then not comparable).")
     if record:
         differs = {k: (record.get(k), v) for k, v in wanted.items() if record.get(k) != v}
         if differs:
@@ -289,6 +332,8 @@ def prepare(profile_name: str, dataset_request: str, num_shards: int, force: boo
     write_data(dataset, profile, num_shards)
     if record is None or tokenizer_problem(profile["vocab_size"]):
         train_tokenizer(profile["vocab_size"])
+    if wanted["budget_clock"] == "flops":
+        wanted["flops_per_budget_second"] = (record or {}).get("flops_per_budget_second") or flops_clock_rate()
     _write_record(dict(wanted, num_train_shards=len(datasets.split_paths("train")), val_shard=datasets.pin(),
                        python=sys.version.split()[0], prepared_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
     print(f"Done in {time.time() - started:.1f}s. Next: `uv run train.py`.")

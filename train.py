@@ -25,7 +25,7 @@ os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 import torch
 import torch.nn as nn
 
-from prepare import (BUDGET_CLOCK, MAX_SEQ_LEN, TIME_BUDGET, TRAIN_DEFAULTS, Tokenizer, evaluate_bpb,
+from prepare import (BUDGET_CLOCK, MAX_SEQ_LEN, TIME_BUDGET, TRAIN_DEFAULTS, Tokenizer, budget_used, evaluate_bpb,
                      make_dataloader, training_clock)
 from nanochat.attention import attention
 from nanochat.compile import Compiler
@@ -395,10 +395,11 @@ print(f"device: {DEVICE} | params: {num_params / 1e6:.1f}M | width: {width} | de
       f"compile: {'on' if compiler.enabled else compiler.cache_state()}", flush=True)
 
 # ---------------------------------------------------------------------------------------------
-# Training loop: runs until TIME_BUDGET seconds of (timed) training have passed
+# Training loop: runs until the timed steps have spent TIME_BUDGET on the harness's budget clock
 
 step = 0
-training_time = 0.0  # on the harness's budget clock: wall seconds, or CPU seconds per thread
+training_time = 0.0  # budget spent: wall or CPU seconds, or on the flops clock FLOPs at the prepared rate
+timed_seconds = 0.0  # the timed steps' seconds on the training clock: throughput and MFU
 smooth_loss = 0.0
 clock = training_clock()
 while True:
@@ -427,7 +428,8 @@ while True:
     synchronize()
     dt = clock() - t0
     if step >= UNTIMED_STEPS:
-        training_time += dt
+        training_time += budget_used(dt, flops_per_token * TOTAL_BATCH_SIZE)
+        timed_seconds += dt
 
     smooth_loss = 0.9 * smooth_loss + 0.1 * loss_value
     debiased = smooth_loss / (1 - 0.9 ** (step + 1))
@@ -460,7 +462,7 @@ with torch.no_grad(), autocast():
     val_bpb = evaluate_bpb(train_model if DEVICE.type == "cuda" else model, tokenizer, DEVICE_BATCH_SIZE)
 t_end = time.time()
 timed_steps = step - UNTIMED_STEPS
-mfu_percent = 100 * flops_per_token * TOTAL_BATCH_SIZE * timed_steps / training_time / peak if training_time > 0 else 0.0
+mfu_percent = 100 * flops_per_token * TOTAL_BATCH_SIZE * timed_steps / timed_seconds / peak if timed_seconds > 0 else 0.0
 
 print("---")
 print(f"val_bpb:          {val_bpb:.6f}")
@@ -468,7 +470,7 @@ print(f"training_seconds: {training_time:.1f}")
 print(f"total_seconds:    {t_end - T_START:.1f}")
 print(f"peak_vram_mb:     {peak_memory_mb():.1f}")
 print(f"mfu_percent:      {mfu_percent:.2f}")
-print(f"total_tokens_M:   {step * TOTAL_BATCH_SIZE / 1e6:.1f}")
+print(f"total_tokens_M:   {step * TOTAL_BATCH_SIZE / 1e6:.6g}")
 print(f"num_steps:        {step}")
 print(f"num_params_M:     {num_params / 1e6:.1f}")
 print(f"depth:            {DEPTH}")
@@ -477,5 +479,7 @@ print(f"compile_seconds:  {compiler.seconds():.1f}")
 print(f"compile_cache:    {compiler.cache_state()}")
 print(f"recompiles:       {recompiles}")
 print(f"budget_clock:     {BUDGET_CLOCK}")
+print(f"timed_seconds:    {timed_seconds:.1f}")
+print(f"flops_per_token:  {flops_per_token:.4g}")
 if "AUTORESEARCH_TIME_BUDGET" in os.environ:
     print(f"budget_note:      time budget shortened to {TIME_BUDGET}s by AUTORESEARCH_TIME_BUDGET")

@@ -279,7 +279,8 @@ def timing_split(description: str, result: dict, client_seconds: float | None) -
     (the rest of train.py's own total) and, when the client waited for it alone, tool overhead
     (what the client waited beyond train.py's total)."""
     wall = client_seconds if client_seconds is not None else result.get("wall_seconds")
-    training, total, evaluation = (result.get(k) for k in ("training_seconds", "total_seconds", "eval_seconds"))
+    total, evaluation = result.get("total_seconds"), result.get("eval_seconds")
+    training = result.get("timed_seconds") or result.get("training_seconds")  # on the flops clock: seconds, not budget
     startup = None if None in (training, total, evaluation) else total - training - evaluation
     overhead = None if total is None or client_seconds is None else client_seconds - total
     return dict(experiment=description[:40], wall_s=wall, training_s=training, eval_s=evaluation,

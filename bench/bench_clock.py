@@ -1,12 +1,14 @@
 """The budget clock on a shared CPU: the same train.py, alone and beside one busy process, on the wall
-clock and on the CPU clock (prepare.training_clock), side by side in one run.
+clock, the CPU-seconds clock and the flops clock (prepare.training_clock, prepare.budget_used), side
+by side in one run.
 
-    uv run bench/bench_clock.py [--cache DIR] [--budget 30]
+    uv run bench/bench_clock.py [--cache DIR] [--budget 60] [--clocks wall,cpu,flops]
 
 A busy process takes about half of a 2-core machine. On the wall clock the run then gets fewer
-steps and a worse val_bpb for the same code; on the CPU clock it takes longer instead, and its
-steps and val_bpb should stay where they were. Eager training (AUTORESEARCH_COMPILE=0), so a
-compile cache does not differ between rows.
+steps and a worse val_bpb for the same code; on the CPU clock it takes longer instead, but sharing
+caches and memory still costs it a few steps; on the flops clock (the CPU profile's) it trains
+the same steps. Eager training (AUTORESEARCH_COMPILE=0), so a compile cache does not differ
+between rows. A cache prepared for the flops clock is needed for its rows (the default fresh one).
 """
 import argparse
 import os
@@ -44,30 +46,34 @@ def run(cache: Path, budget: int, clock: str, busy: bool) -> dict:
         sys.exit(f"\n{name}: train.py failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
     print(f" {wall:.0f} s", flush=True)
     return {"name": name, "clock": clock, "busy": busy, "steps": summary.num_steps, "val_bpb": summary.val_bpb,
-            "training": summary.training_seconds, "wall": wall}
+            "training": summary.training_seconds, "timed": summary.timed_seconds or summary.training_seconds,
+            "wall": wall}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", help="a prepared CPU-profile cache (default: a fresh temp one)")
-    parser.add_argument("--budget", type=int, default=30, help="seconds of training per run")
+    parser.add_argument("--budget", type=int, default=60, help="budget seconds of training per run")
+    parser.add_argument("--clocks", default="wall,cpu,flops", help="which clocks, in order")
     args = parser.parse_args()
+    clocks = args.clocks.split(",")
     cache = prepared_cache(args.cache)
     print(f"cache {cache}, budget {args.budget}s, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
-    rows = [run(cache, args.budget, clock, busy) for clock in ("wall", "cpu") for busy in (False, True)]
+    rows = [run(cache, args.budget, clock, busy) for clock in clocks for busy in (False, True)]
 
-    print(f"\n{'run':36} {'steps':>6} {'val_bpb':>8} {'training s':>10} {'wall s':>7}")
+    print(f"\n{'run':38} {'steps':>6} {'val_bpb':>8} {'budget s':>9} {'timed s':>8} {'wall s':>7}")
     for r in rows:
-        print(f"{r['name']:36} {r['steps']:>6} {r['val_bpb']:>8.4f} {r['training']:>10.1f} {r['wall']:>7.1f}")
+        print(f"{r['name']:38} {r['steps']:>6} {r['val_bpb']:>8.4f} {r['training']:>9.1f} {r['timed']:>8.1f} "
+              f"{r['wall']:>7.1f}")
     print()
-    for clock in ("wall", "cpu"):
+    for clock in clocks:
         alone, busy = (next(r for r in rows if r["clock"] == clock and r["busy"] == b) for b in (False, True))
         bpb_gap, step_gap = abs(busy["val_bpb"] - alone["val_bpb"]), abs(busy["steps"] / alone["steps"] - 1)
-        target = clock == "cpu"
+        target = clock == "flops"
         met = bpb_gap <= MAX_BPB_GAP and step_gap <= MAX_STEP_GAP
         verdict = ("met" if met else "MISSED") if target else "(reference)"
         print(f"{clock} clock, busy vs alone: val_bpb {bpb_gap:+.4f} apart, steps {step_gap:.0%} apart "
-              f"(target on the cpu clock: <= {MAX_BPB_GAP}, <= {MAX_STEP_GAP:.0%}) {verdict}")
+              f"(target on the flops clock: <= {MAX_BPB_GAP}, <= {MAX_STEP_GAP:.0%}) {verdict}")
 
 
 if __name__ == "__main__":

@@ -175,10 +175,33 @@ def time_problem(summary, report: dict, budget: float, last_step_s: float | None
         if training > budget * (1 + BUDGET_TOLERANCE) + step:
             return (f"train.py trained for {training:.1f}s, over the {budget:.0f}s budget (more than one step over): "
                     "the budget is the harness's, not train.py's")
-        if wall is not None and training > wall + CLOCK_SLACK_S:
-            return f"train.py reports {training:.1f}s of training, but the whole run took {wall:.1f}s"
+        timed = summary.timed_seconds if summary.timed_seconds is not None else training
+        if wall is not None and timed > wall + CLOCK_SLACK_S:
+            return f"train.py reports {timed:.1f}s of training, but the whole run took {wall:.1f}s"
     if total is not None and wall is not None and total > wall + CLOCK_SLACK_S:
         return f"train.py reports a total of {total:.1f}s, but the whole run took {wall:.1f}s"
+    return None
+
+
+def flops_problem(summary, evaluation: dict, flops_per_budget_second: float | None, budget: float) -> str | None:
+    """On the flops budget clock, why the FLOPs a run trained cannot stand: train.py charged each
+    token less than its exported model's weights take (the harness's floor), or its tokens at that
+    charge are more than the budget (one step over for the loop's stop, one untimed step)."""
+    if summary.budget_clock != "flops":
+        return None
+    claimed, floor = summary.flops_per_token, evaluation.get("matmul_flops_per_token")
+    if not claimed or not flops_per_budget_second or not summary.total_tokens_M or not summary.num_steps:
+        return ("train.py spent its budget on the flops clock but its summary lacks flops_per_token, total_tokens_M "
+                "or num_steps (or prepared.json its flops_per_budget_second): the harness cannot check the FLOPs")
+    if floor and claimed < floor:
+        return (f"train.py charged {claimed:.4g} FLOPs per token to the budget, but its exported model's weight "
+                f"matrices alone take {floor:.4g}: the budget is the harness's, not train.py's")
+    trained = summary.total_tokens_M * 1e6 * claimed
+    allowed = flops_per_budget_second * budget * (1 + BUDGET_TOLERANCE) + 2 * trained / summary.num_steps
+    if trained > allowed:
+        return (f"train.py trained {trained:.4g} FLOPs ({summary.num_steps} steps, {summary.total_tokens_M:g}M "
+                f"tokens at {claimed:.4g} per token), over the budget's {flops_per_budget_second * budget:.4g}: "
+                "the budget is the harness's, not train.py's")
     return None
 
 

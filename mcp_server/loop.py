@@ -503,8 +503,8 @@ class ResearchLoop:
                            status="crash", parent=entry["parent"][:7], slot=slot, log=entry["log"],
                            timeout_seconds=entry["timeout"], next="")
         if summary is not None:
-            for key in ("training_seconds", "total_seconds", "eval_seconds", "num_steps", "compile_seconds",
-                        "compile_cache", "recompiles", "budget_clock", "mfu_percent"):
+            for key in ("training_seconds", "timed_seconds", "total_seconds", "eval_seconds", "num_steps",
+                        "compile_seconds", "compile_cache", "recompiles", "budget_clock", "mfu_percent"):
                 setattr(result, key, getattr(summary, key))
         report = report or {}
         result.exit_code = report.get("exit_code")
@@ -583,6 +583,9 @@ class ResearchLoop:
             result.integrity = "this harness does not export its model: val_bpb is the one train.py printed"
             return None, summary.val_bpb
         problem, value, note = integrity.evaluation_verdict(report)
+        problem = problem or integrity.flops_problem(summary, report.get("evaluation") or {},
+                                                     (prepared_info() or {}).get("flops_per_budget_second"),
+                                                     time_budget(self.root))
         result.integrity = note + ("" if report.get("sandbox") else
                                    "; unsandboxed (bubblewrap is not installed): the run could write the workspace")
         if problem:
@@ -598,8 +601,9 @@ class ResearchLoop:
     def _compare_throughput(self, result: RunResult, summary, best_commit: str) -> None:
         """Steps and MFU beside the best's run's: a val_bpb delta between runs that trained at
         different speeds may be the machine's, not the change's."""
-        if summary.total_tokens_M and summary.training_seconds:
-            result.tokens_per_second = round(summary.total_tokens_M * 1e6 / summary.training_seconds)
+        timed = summary.timed_seconds or summary.training_seconds
+        if summary.total_tokens_M and timed:
+            result.tokens_per_second = round(summary.total_tokens_M * 1e6 / timed)
         best = self._record_of(best_commit).get("result")
         if not isinstance(best, dict) or not best.get("mfu_percent") or not summary.mfu_percent:
             return
@@ -608,6 +612,8 @@ class ResearchLoop:
             result.comparable = False
             why = (f"this run's budget was on the {summary.budget_clock or 'wall'} clock, the best's on the "
                    f"{best.get('budget_clock') or 'wall'} clock")
+        elif summary.budget_clock == "flops":
+            result.comparable = True  # the same FLOPs whatever the machine's speed: MFU is the code's business
         else:
             change = summary.mfu_percent / best["mfu_percent"] - 1
             result.comparable = abs(change) <= THROUGHPUT_TOLERANCE

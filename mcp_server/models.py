@@ -45,7 +45,9 @@ class Summary(BaseModel):
     compile_seconds: float | None = None  # likewise: time spent compiling, apart from training
     compile_cache: str | None = None  # warm, cold, partial, or off (why)
     recompiles: int | None = None  # graphs compiled during timed training
-    budget_clock: str | None = None  # what the budget was spent on: wall, or cpu (seconds per thread)
+    budget_clock: str | None = None  # what the budget was spent on: wall, cpu (seconds per thread), or flops
+    timed_seconds: float | None = None  # the timed steps' seconds (on the flops clock not the budget spent)
+    flops_per_token: float | None = None  # what each token charged to a flops budget
 
 
 class RunResult(BaseModel):
@@ -58,7 +60,8 @@ class RunResult(BaseModel):
     queue_position: int | None = None
     val_bpb: float | None = None
     memory_gb: float | None = None
-    training_seconds: float | None = None
+    training_seconds: float | None = None  # the budget spent (on the flops clock: budget seconds, see timed_seconds)
+    timed_seconds: float | None = None  # the timed steps' seconds
     total_seconds: float | None = None
     eval_seconds: float | None = None
     compile_seconds: float | None = None
@@ -67,7 +70,7 @@ class RunResult(BaseModel):
     num_steps: int | None = None
     budget_clock: str | None = None
     mfu_percent: float | None = None
-    tokens_per_second: float | None = None  # of timed training, on the budget clock
+    tokens_per_second: float | None = None  # of timed training, on the training clock
     best_num_steps: int | None = None  # the same, for the run of the best this one is compared with
     best_mfu_percent: float | None = None
     comparable: bool | None = None  # False: the throughput differs too much from the best's run

@@ -88,7 +88,8 @@ def evaluate(args, tokenizer) -> dict:
         return {"problem": problem}
     started = time.time()
     meta = json.loads(Path(args.program + ".json").read_text())
-    program = torch.export.load(args.program).module()
+    exported = torch.export.load(args.program)
+    program = exported.module()
     loaded = time.time()
     first_batch = []
 
@@ -111,6 +112,7 @@ def evaluate(args, tokenizer) -> dict:
         evaluated = time.time()
         problem = causality_problem(per_token_loss, *first_batch, tokenizer.get_vocab_size())
     result = {"eval_tokens": args.eval_tokens, "export_seconds": meta.get("export_seconds"),
+              "matmul_flops_per_token": matmul_flops_per_token(exported),
               "load_seconds": round(loaded - started, 2), "eval_seconds": round(evaluated - loaded, 2),
               "causality_seconds": round(time.time() - evaluated, 2)}
     if problem:
@@ -118,6 +120,18 @@ def evaluate(args, tokenizer) -> dict:
     else:
         result["causal"], result["val_bpb"] = True, val_bpb
     return result
+
+
+def matmul_flops_per_token(exported) -> int:
+    """A floor under the model's training FLOPs per token, for the flops budget clock: 6 per weight of
+    each 2-D parameter that is not an embedding table (a lookup costs no multiplies), as train.py
+    counts them; attention's share is left out, so an honest count is never below it."""
+    import torch
+    lookups = {node.args[0].name for node in exported.graph.nodes
+               if node.op == "call_function" and node.target == torch.ops.aten.embedding.default}
+    weights = (exported.state_dict[name] for placeholder, name in
+               exported.graph_signature.inputs_to_parameters.items() if placeholder not in lookups)
+    return 6 * sum(w.numel() for w in weights if w.dim() == 2)
 
 
 def main(argv=None) -> int:

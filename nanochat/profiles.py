@@ -4,10 +4,12 @@ A profile is chosen once, when data is prepared (auto-detected or named), and re
 cache, so every run on a branch uses the same constants and results stay comparable.
 """
 
-# budget_clock: what TIME_BUDGET is spent on (prepare.training_clock). "wall" on GPUs, as upstream;
-# "cpu" (this process's CPU seconds per thread) where the machine is likely shared: a busy process
-# beside a run then makes it take longer instead of training less (2-core Zen3, 30 s budget, one
-# busy process beside the run: `uv run bench/bench_clock.py`).
+# budget_clock: what TIME_BUDGET is spent on (prepare.training_clock, prepare.budget_used). "wall" on
+# GPUs, as upstream. "flops" on the CPU, where the machine is likely shared or throttles: each step
+# spends its FLOPs at a rate calibrated once at prepare time, so the same code gets the same steps
+# and val_bpb alone or beside a busy process, now or an hour later (`uv run bench/bench_clock.py`);
+# "cpu" (CPU seconds per thread, the CPU profile's clock before) still let contention for caches and
+# memory move the step count by ~6% and val_bpb by ~0.03 on a 2-core Zen3.
 
 PROFILES = {
     # Upstream autoresearch on one H100: results comparable with upstream.
@@ -31,7 +33,7 @@ PROFILES = {
     # same load: 2^12 tokens per step, 18-30 steps, val_bpb 2.25-2.43; 2^13, 11-16 steps,
     # 2.33-2.46; 2^11 in micro-batches of 8 rows, 32-36 steps, 2.41-2.45). `uv run bench/bench_train.py`.
     "cpu": dict(
-        max_seq_len=256, time_budget=60, budget_clock="cpu", eval_tokens=2**16, vocab_size=4096,
+        max_seq_len=256, time_budget=60, budget_clock="flops", eval_tokens=2**16, vocab_size=4096,
         train_defaults=dict(depth=4, window_pattern="L", total_batch_size=2**12, device_batch_size=16),
     ),
 }

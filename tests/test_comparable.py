@@ -45,13 +45,30 @@ def steps_of(prepared_env, repo_root, busy: bool) -> tuple[int, str]:
     return int(re.search(r"^num_steps:\s+(\d+)", done.stdout, re.M).group(1)), done.stdout
 
 
-def test_the_cpu_clock_keeps_the_step_count_beside_a_busy_process(prepared_env, repo_root):
+def test_the_flops_clock_keeps_the_step_count_beside_a_busy_process(prepared_env, repo_root):
     """The busy process takes about half of a 2-core machine: on the wall clock a run loses about a
-    third of its steps (bench/bench_clock.py); on the CPU profile's clock it takes longer instead."""
+    third of its steps, on the CPU-seconds clock a few (bench/bench_clock.py); on the CPU profile's
+    flops clock the same code gets the same steps however busy the machine is."""
     alone, out = steps_of(prepared_env, repo_root, busy=False)
-    assert "budget_clock:     cpu" in out and "(cpu clock)" in out
+    assert "budget_clock:     flops" in out and "(flops clock)" in out
     beside, _ = steps_of(prepared_env, repo_root, busy=True)
-    assert abs(beside - alone) <= max(1, 0.15 * alone), (alone, beside)
+    assert beside == alone
+
+
+def test_what_a_run_charges_the_flops_clock_is_checked_by_the_harness():
+    """The FLOPs per token train.py charges against the floor the harness counts in its exported
+    model, and the tokens it trained at that charge against the prepared budget."""
+    from mcp_server.integrity import flops_problem
+    from mcp_server.models import Summary
+    rate, budget = 1e9, 10.0  # 1e10 FLOPs to spend
+    honest = Summary(val_bpb=2.0, budget_clock="flops", flops_per_token=1e6, total_tokens_M=0.011, num_steps=11)
+    assert flops_problem(honest, {"matmul_flops_per_token": 9e5}, rate, budget) is None
+    assert "alone take 1.1e+06" in flops_problem(honest, {"matmul_flops_per_token": 1.1e6}, rate, budget)
+    greedy = honest.model_copy(update={"total_tokens_M": 0.02, "num_steps": 20})  # 2e10 FLOPs trained
+    assert "over the budget's 1e+10" in flops_problem(greedy, {"matmul_flops_per_token": 9e5}, rate, budget)
+    silent = honest.model_copy(update={"flops_per_token": None})
+    assert "lacks flops_per_token" in flops_problem(silent, {}, rate, budget)
+    assert flops_problem(honest.model_copy(update={"budget_clock": "wall"}), {}, None, budget) is None
 
 
 def noisy_lab(fake_env, noise: float):

@@ -1,6 +1,7 @@
 """prepare.py end to end (offline and a user's folder, in temp caches) and its data sets."""
 import json
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -116,6 +117,31 @@ def text_folder(tmp_path):
     pq.write_table(pa.table({"text": [random_text(rng, words, 80) for _ in range(1500)]}), folder / "c.parquet")
     (folder / "notes.md").write_text("ignored")
     return folder
+
+
+def test_a_cache_on_the_cpu_clock_keeps_it_until_forced(prepared_env, repo_root, tmp_path):
+    """The CPU profile's clock became "flops"; a research branch set up on a cache that recorded
+    "cpu" goes on with "cpu", so its results stay comparable, and --force switches."""
+    cache = tmp_path / "cache"
+    shutil.copytree(prepared_env["AUTORESEARCH_CACHE"], cache, ignore=shutil.ignore_patterns("compile"))
+    env = {**prepared_env, "AUTORESEARCH_CACHE": str(cache)}
+    record_path = cache / "prepared.json"
+    flops = json.loads(record_path.read_text())
+    assert flops["budget_clock"] == "flops" and flops["flops_per_budget_second"] > 1e8
+    old = {k: v for k, v in flops.items() if k != "flops_per_budget_second"} | {"budget_clock": "cpu"}
+    record_path.write_text(json.dumps(old))
+    done = run(["prepare.py", "--profile", "cpu", "--dataset", "offline"], env, repo_root)
+    assert done.returncode == 0, done.stderr
+    assert "Keeping the recorded cpu budget clock" in done.stdout and "--force" in done.stdout
+    assert json.loads(record_path.read_text()) == old
+    clock = [sys.executable, "-c", "import prepare; print(prepare.BUDGET_CLOCK, prepare.FLOPS_PER_BUDGET_SECOND)"]
+    assert subprocess.run(clock, cwd=repo_root, env=env, capture_output=True, text=True).stdout.split() == ["cpu", "None"]
+
+    done = run(["prepare.py", "--profile", "cpu", "--dataset", "offline", "--force"], env, repo_root)
+    assert done.returncode == 0, done.stderr
+    assert "Calibrating the flops budget clock" in done.stdout
+    name, rate = subprocess.run(clock, cwd=repo_root, env=env, capture_output=True, text=True).stdout.split()
+    assert name == "flops" and float(rate) == json.loads(record_path.read_text())["flops_per_budget_second"]
 
 
 def test_user_folder_end_to_end_then_repair_then_force(empty_env, repo_root, text_folder):

@@ -115,15 +115,17 @@ def test_two_real_runs_at_once_in_two_cpu_slots(tmp_path, repo_root, prepared_en
 PEEK_AHEAD = ("        y = attention(q, k, v, window)\n",
               "        y = attention(q, k, v, window)\n        y = y + torch.roll(y, -1, dims=1)  # sees the next token\n")
 EXTRA_LINE = ("import torch\n", "import torch\nos.environ['AUTORESEARCH_EVAL_TOKENS'] = '8192'  # an easier evaluation\n")
+CHEAP_FLOPS = ("flops_per_token = model.flops_per_token()\n", "flops_per_token = model.flops_per_token() * 0.8\n")
 OWN_EVALUATION = ("\nfrom nanochat.attention import attention\n",
                   "\nfrom nanochat.attention import attention\n\n\ndef evaluate_bpb(*args):\n    return 0.5\n\n")
 
 
 def test_train_py_cannot_bend_its_number(tmp_path, repo_root, prepared_env, monkeypatch):
-    """Three train.py that want a lower number, in two slots: one shortens the evaluation and prints a
+    """Four train.py that want a lower number, in two slots: one shortens the evaluation and prints a
     better val_bpb after its summary, one brings its own evaluation (so nothing is exported), one
-    lets attention see the next token. The ledger gets the harness's number, an unverified result
-    needs an explicit flag, and the peeking model is no result."""
+    lets attention see the next token, one charges the flops budget clock less than its model takes.
+    The ledger gets the harness's number, an unverified result needs an explicit flag, and the
+    peeking and undercounting models are no result."""
     ws = harness_workspace(tmp_path, repo_root, prepared_env, monkeypatch)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     loop = ResearchLoop(ws, [sys.executable, "train.py"], slots=2)
@@ -132,6 +134,7 @@ def test_train_py_cannot_bend_its_number(tmp_path, repo_root, prepared_env, monk
         "extra summary line": source.replace(*EXTRA_LINE) + "print('val_bpb:          0.010000')\n",
         "own evaluation": source.replace(*OWN_EVALUATION),
         "peeks ahead": source.replace(*PEEK_AHEAD),
+        "undercounts its flops": source.replace(*CHEAP_FLOPS),  # more steps on the CPU profile's flops clock
     }
     assert all(text != source for text in attacks.values())
 
@@ -159,3 +162,5 @@ def test_train_py_cannot_bend_its_number(tmp_path, repo_root, prepared_env, monk
     assert refused.is_error and "unverified=true" in refused.content[0].text
     peek = results["peeks ahead"]
     assert peek["status"] == "crash" and "causal" in peek["tail"], peek
+    cheap = results["undercounts its flops"]
+    assert cheap["status"] == "crash" and "weight matrices alone take" in cheap["tail"], cheap
