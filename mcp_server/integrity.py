@@ -123,13 +123,13 @@ def val_shard() -> Path | None:
 
 
 def worker_args(ws, root: Path, run: int, commit: str, timeout: float, harness: Path | None,
-                harness_commit: str, slots: int) -> list[str]:
-    """The worker's options for one run: the sandbox, and where the harness verifies, the export,
-    the watched validation shard and the separate evaluation."""
+                harness_commit: str, slots: int, data_order: int = 0) -> list[str]:
+    """The worker's options for one run: the sandbox, the data order of a rerun, and where the
+    harness verifies, the export, the watched validation shard and the separate evaluation."""
     export_dir = root / EXPORTS_DIR / str(run)
     export_dir.mkdir(parents=True, exist_ok=True)
     sandbox = sandbox_spec(root, export_dir, harness_files(ws, commit))
-    args = ["--sandbox", json.dumps(sandbox)]
+    args = ["--sandbox", json.dumps(sandbox)] + (["--data-order", str(data_order)] if data_order else [])
     if harness is None:
         return args
     program = export_dir / EXPORT_NAME

@@ -283,12 +283,14 @@ class ResearchLoop:
         return max(TIMEOUT_FACTOR * budget, budget + MIN_TIMEOUT_MARGIN_S)
 
     def submit(self, description: str, timeout_seconds: float | None = None, source: bytes | None = None,
-               parent_note: str = "", replacing: int | None = None, rerun_of: int | None = None) -> dict:
+               parent_note: str = "", replacing: int | None = None, rerun_of: int | None = None,
+               data_order: int = 0) -> dict:
         """Queues a candidate: train.py from the working tree (or `source`) on top of the kept
         commit. Returns its state entry; it starts as soon as a slot is free. `replacing`: an
         undecided run that this one supersedes (not counted against the slots). `rerun_of`: an
         undecided run this one re-measures (a control or a confirmation): not counted either, and
-        its discard never touches train.py."""
+        its discard never touches train.py. `data_order`: another stretch of the training data
+        (a rerun's; 0 is the usual one; local slots only)."""
         replacing = rerun_of if rerun_of is not None else replacing
         description = ledger.validate_description(description)
         if timeout_seconds is not None and not (isinstance(timeout_seconds, (int, float))
@@ -322,6 +324,8 @@ class ResearchLoop:
                      "report": f"{RUNS_DIR}/{run_name(n, commit)}.report.json"}
             if rerun_of is not None:
                 entry["rerun_of"] = rerun_of
+            if data_order:
+                entry["data_order"] = data_order
             state.setdefault("runs", {})[str(n)] = entry
             state["seq"] = n
             self.event(n)
@@ -396,7 +400,7 @@ class ResearchLoop:
                         extras = integrity.worker_args(self.ws, self.root, entry["run"], entry["commit"],
                                                        entry["timeout"], harness,
                                                        self.ws.worktree_head(harness) if harness else "",
-                                                       self.pool.capacity)
+                                                       self.pool.capacity, entry.get("data_order", 0))
                     spec = RunSpec(run=entry["run"], commit=entry["commit"], command=self.run_command(),
                                    timeout=entry["timeout"], log=self.root / entry["log"],
                                    report=self.root / entry["report"], worker_args=extras,
@@ -1182,6 +1186,12 @@ class ResearchLoop:
         return HistoryResult(total=len(lines), lines=lines[-limit:])
 
     # --- noise -----------------------------------------------------------------------
+    def fresh_data_order(self) -> int:
+        """A data order no rerun of this research run has used: each rerun sees new luck."""
+        with self.state.transaction() as state:
+            state["data_orders"] = state.get("data_orders", 0) + 1
+            return state["data_orders"]
+
     def noise_values_from_kept(self) -> list[float]:
         kept = self.state.load().get("kept_commit", "")[:7]
         return [r.val_bpb for r in self.rows() if r.commit == kept and r.status == "keep"]

@@ -230,9 +230,11 @@ def build_server(loop: ResearchLoop) -> MCPServer:
 
     @register(WRITES)
     async def measure_noise(ctx: Context, repeats: int = 2) -> NoiseResult:
-        """Rerun the last kept commit unchanged `repeats` times to measure run-to-run noise. Each
-        repeat is logged as a discard row 'noise repeat k/N of <commit>' (a crash row if it fails);
-        the std is stored and every later result says if a gain beats it."""
+        """Rerun the last kept commit unchanged `repeats` times to measure run-to-run noise, each
+        repeat on another stretch of the training data (on the CPU profile's flops clock the same
+        code otherwise repeats exactly). Each repeat is logged as a discard row 'noise repeat k/N of
+        <commit>, data order D' (a crash row if it fails); the std is stored and every later result
+        says if a gain beats it."""
         if not 1 <= repeats <= MAX_NOISE_REPEATS:
             raise Refusal(f"repeats must be between 1 and {MAX_NOISE_REPEATS}.")
         state = loop.state.load()
@@ -248,7 +250,9 @@ def build_server(loop: ResearchLoop) -> MCPServer:
         source = loop.ws.train_at(kept)
         runs = []
         for k in range(repeats):
-            entry = await threaded(loop.submit, f"noise repeat {k + 1}/{repeats} of {kept[:7]}", None, source)
+            order = await threaded(loop.fresh_data_order)
+            entry = await threaded(lambda: loop.submit(f"noise repeat {k + 1}/{repeats} of {kept[:7]}, data order "
+                                                       f"{order}", None, source, data_order=order))
             runs.append(entry["run"])
         await follow(runs, ctx, until_all=True)
         ok, failed, devices, repeated = [], [], set(), []
@@ -273,7 +277,8 @@ def build_server(loop: ResearchLoop) -> MCPServer:
     @register(WRITES)
     async def confirm(ctx: Context, run: int | None = None, pairs: int = 1) -> ConfirmResult:
         """Re-measure a pending gain beside a contemporaneous control: the best's code and the
-        candidate's are rerun, interleaved, `pairs` times (each rerun logged as a discard row), and
+        candidate's are rerun, interleaved, `pairs` times, each pair on a new stretch of the
+        training data (each rerun logged as a discard row), and
         the gain counts as confirmed when the candidate beats the control in every pair. keep()
         requires this for a gain within a few noise widths, or one measured at a different speed
         than the best's run; the answer says how many extra runs the research run has spent."""
@@ -283,9 +288,11 @@ def build_server(loop: ResearchLoop) -> MCPServer:
         n, best = entry["run"], entry["parent"][:7]
         runs = []
         for k in range(pairs):
+            order = await threaded(loop.fresh_data_order)  # the pair trains on the same new stretch of data
             for label, source in ((f"control {k + 1}/{pairs} for run {n}: the best {best} again", control),
                                   (f"confirmation {k + 1}/{pairs} of run {n}", candidate)):
-                queued = await threaded(lambda: loop.submit(label, None, source, rerun_of=n))
+                queued = await threaded(lambda: loop.submit(f"{label}, data order {order}", None, source,
+                                                            rerun_of=n, data_order=order))
                 runs.append(queued["run"])
         await follow(runs, ctx, until_all=True)
         values, failed = [], []

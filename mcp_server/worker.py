@@ -55,6 +55,7 @@ REAP_ROUNDS = 50  # kill-and-reap passes over the descendants, 0.1 s apart
 MARK = "[research-loop]"  # prefix of the lines this worker adds to the log
 EXPORT_ENV = "RESEARCH_LOOP_EXPORT"  # where the harness writes the trained model (nanochat/export.py)
 ANSWER_ENV = "RESEARCH_LOOP_ANSWER"  # where this worker writes the harness's number for train.py to print
+DATA_ORDER_ENV = "AUTORESEARCH_DATA_ORDER"  # which stretch of the data a rerun trains on (nanochat/dataloader.py)
 IN_OPEN, IN_MOVED_TO, IN_CREATE = 0x20, 0x80, 0x100
 INOTIFY_EVENT = struct.Struct("iIII")  # wd, mask, cookie, name length
 
@@ -484,6 +485,8 @@ def parse_args(argv):
                    help="other runs read the validation shard too: watch only a private copy (needs bubblewrap)")
     p.add_argument("--evaluate", type=json.loads, help="JSON: the harness evaluation to run after training")
     p.add_argument("--report-tail", type=int, default=0, help="bytes of the output's end to put in the report")
+    p.add_argument("--data-order", type=int, default=0,
+                   help="train on another stretch of the data (a rerun: nanochat/dataloader.py)")
     p.add_argument("command", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
     if args.command[:1] == ["--"]:
@@ -516,6 +519,8 @@ def main(argv=None) -> int:
             os.sched_setaffinity(0, cpus)
 
     env = dict(os.environ)
+    if args.data_order:
+        env[DATA_ORDER_ENV] = str(args.data_order)
     val_watch = val_copy = evaluation = evaluated = None
     watch_val = bool(args.export and args.val_shard and args.val_shard.exists())
     if watch_val and args.sandbox:

@@ -7,6 +7,7 @@ Inputs are the row without its last token, targets the row without its first.
 """
 import bisect
 import itertools
+import os
 
 import numpy as np
 import torch
@@ -16,13 +17,31 @@ from nanochat.platform import DEVICE
 
 TOKENIZE_BATCH = 128  # documents per encode_ordinary_batch call (threads share the work)
 DOC_BUFFER = 1000  # documents to choose from when packing a row
+# The server's reruns (noise repeats, confirmations) train on another stretch of the data: with the
+# CPU profile's flops clock a rerun of the same code is otherwise bit-identical, so only the luck of
+# the data shows how much val_bpb moves without a change. Order k starts k * this many documents in.
+DATA_ORDER_ENV = "AUTORESEARCH_DATA_ORDER"
+DATA_ORDER_SKIP_DOCS = 1000
 
 
-def _token_batches(tokenizer, paths):
-    """Forever: (list of int64 arrays, one per document with BOS first, epoch); epoch = pass number."""
+def data_order() -> int:
+    value = os.environ.get(DATA_ORDER_ENV, "0")
+    if not value.isdigit():
+        raise RuntimeError(f"{DATA_ORDER_ENV}={value!r} must be a whole number (0: the usual order).")
+    return int(value)
+
+
+def _token_batches(tokenizer, paths, skip_docs: int = 0):
+    """Forever: (list of int64 arrays, one per document with BOS first, epoch); epoch = pass number.
+    The first pass leaves out its first skip_docs documents."""
     bos = tokenizer.get_bos_token_id()
     for epoch in itertools.count(1):
         for texts in iter_text_batches(paths, TOKENIZE_BATCH):
+            if skip_docs:
+                dropped = min(skip_docs, len(texts))
+                texts, skip_docs = texts[dropped:], skip_docs - dropped
+                if not texts:
+                    continue
             encoded = tokenizer.encode(texts, prepend=bos)
             lengths = [len(ids) for ids in encoded]
             flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int64, count=sum(lengths))
@@ -69,7 +88,8 @@ def make_dataloader(tokenizer, B: int, T: int, split: str, device=None, director
     Bad arguments and missing data fail here, at the call, not at the first batch.
     """
     device = torch.device(device) if device is not None else DEVICE
-    return _batches(_token_batches(tokenizer, split_paths(split, directory)), B, T, device)
+    skip = data_order() * DATA_ORDER_SKIP_DOCS if split == "train" else 0
+    return _batches(_token_batches(tokenizer, split_paths(split, directory), skip), B, T, device)
 
 
 def _batches(token_batches, B: int, T: int, device: torch.device):

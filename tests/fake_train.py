@@ -86,7 +86,8 @@ def main() -> int:
             f.write(str(child.pid))
     print("Vocab size: 8,192\nTime budget: fake")
     print(f"visible: CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')} "
-          f"cpus={','.join(map(str, sorted(os.sched_getaffinity(0))))}", flush=True)
+          f"cpus={','.join(map(str, sorted(os.sched_getaffinity(0))))} "
+          f"data order={os.environ.get('AUTORESEARCH_DATA_ORDER', '0')}", flush=True)
     for step in range(k["STEPS"]):
         loss = float("nan") if k["NAN"] and step == k["STEPS"] - 1 else 9.0 - step * 0.5
         if loss != loss:

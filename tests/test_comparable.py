@@ -101,6 +101,8 @@ def test_a_marginal_gain_is_kept_only_once_it_holds_beside_a_control(fake_env):
         assert kept["evidence"].startswith("confirmed") and kept["kept_commit"] == run["commit"]
         rows = (lab.ws / "results.tsv").read_text()
         assert "control 1/1 for run 4" in rows and "confirmation 1/1 of run 4" in rows  # nothing unlogged
+        # the pair trains on one stretch of data that the noise repeats (orders 1 and 2) did not
+        assert all("data order=3\n" in next((lab.ws / "runs").glob(f"000{n}-*.log")).read_text() for n in (5, 6))
         assert (lab.ws / "train.py").read_text() == "VAL_BPB = 0.99\nNOISE = 0.002\n"  # reruns leave it alone
         assert answer(lab.call("status"))["extra_runs"] == 4
     finally:

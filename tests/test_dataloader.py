@@ -1,13 +1,14 @@
 """The best-fit dataloader: BOS-aligned rows of whole documents, no padding, shifted targets."""
 import itertools
 import random
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from nanochat.dataloader import _DocumentPool, make_dataloader
+from nanochat.dataloader import DATA_ORDER_ENV, DATA_ORDER_SKIP_DOCS, _DocumentPool, make_dataloader
 from nanochat.datasets import ShardError, split_paths, write_corpus
 from nanochat.tokenizer import Tokenizer
 
@@ -131,3 +132,23 @@ def test_no_data_names_the_prepare_command(tokenizer, tmp_path):
 def test_unknown_split_is_refused(tokenizer, corpus):
     with pytest.raises(ValueError, match="'train' or 'val'"):
         make_dataloader(tokenizer, B, T, "test", device="cpu", directory=corpus[0])
+
+
+def first_documents(tokenizer, directory, split="train") -> set:
+    """The numbers of the documents that start in the first batch."""
+    x, _, _ = next(make_dataloader(tokenizer, B, T, split, device="cpu", directory=directory))
+    text = "".join(tokenizer.decode(row) for row in x.tolist())
+    return {int(number) for number in re.findall(r"doc (\d+):", text)}
+
+
+def test_a_data_order_trains_on_a_later_stretch_of_the_documents(tokenizer, corpus, monkeypatch):
+    """A rerun's data order (set by the server's worker) moves the training stream DATA_ORDER_SKIP_DOCS
+    documents on per order; the validation batches do not move."""
+    usual, validation = first_documents(tokenizer, corpus[0]), first_documents(tokenizer, corpus[0], "val")
+    monkeypatch.setenv(DATA_ORDER_ENV, "2")
+    later = first_documents(tokenizer, corpus[0])
+    assert usual and later and min(later) >= min(usual) + 2 * DATA_ORDER_SKIP_DOCS
+    assert first_documents(tokenizer, corpus[0], "val") == validation
+    monkeypatch.setenv(DATA_ORDER_ENV, "-1")
+    with pytest.raises(RuntimeError, match="must be a whole number"):
+        make_dataloader(tokenizer, B, T, "train", device="cpu", directory=corpus[0])

@@ -444,8 +444,10 @@ def test_measure_noise_logs_repeats_and_is_used_in_later_results(lab):
     assert result["noise"]["values"] == [1.0, 1.0, 1.0] and result["failed"] == []
     assert lab.head() == kept
     rows = ledger_lines(lab.ws)[2:]
-    assert [r.split("\t")[3:] for r in rows] == [["discard", f"noise repeat 1/2 of {kept[:7]}"],
-                                                 ["discard", f"noise repeat 2/2 of {kept[:7]}"]]
+    assert [r.split("\t")[3:] for r in rows] == [["discard", f"noise repeat 1/2 of {kept[:7]}, data order 1"],
+                                                 ["discard", f"noise repeat 2/2 of {kept[:7]}, data order 2"]]
+    for run, order in ((2, 1), (3, 2)):  # each repeat trains on its own stretch of the data
+        assert f"data order={order}\n" in next((lab.ws / "runs").glob(f"000{run}-*.log")).read_text()
     set_knobs(lab.ws, val_bpb=0.99)
     assert "beyond noise" in lab.ok("run_experiment", description="tiny gain")["noise"]
     assert lab.ok("status")["noise"]["std"] == 0.0
