@@ -23,9 +23,9 @@ def test_runs_through_submitits_local_executor(fake_env):
         set_knobs(lab.ws, sleep=120, steps=120, spawn=1)
         lab.ok("discard")
         run = lab.ok("run_experiment", description="to cancel", wait=False)
-        assert wait_until(lambda: len(cluster.trainers(folder)) >= 2, 60), cluster.trainers(folder)
+        assert wait_until(lambda: len(cluster.trainers(folder)) >= 2, 180), cluster.trainers(folder)  # a loaded CI
         assert lab.ok("cancel", run=run["run"])["row"]["status"] == "crash"
-        assert wait_until(lambda: not cluster.trainers(folder), 30), cluster.trainers(folder)
+        assert wait_until(lambda: not cluster.trainers(folder), 90), cluster.trainers(folder)
     finally:
         lab.loop.shutdown()
 

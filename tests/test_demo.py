@@ -136,7 +136,7 @@ def test_interrupt_and_resume(repo_root, prepared_env, tmp_path):
             pytest.fail("the demo ended before its first experiment trained:\n" + "".join(seen))
         assert processes_in(workspace), "no training process is running in the workspace"
         demo.send_signal(signal.SIGINT)
-        rest, _ = demo.communicate(timeout=60)
+        rest, _ = demo.communicate(timeout=180)  # a bound for a loaded CI machine, not a target
     finally:
         if demo.poll() is None:
             demo.kill()
