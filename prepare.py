@@ -121,7 +121,7 @@ def load_constants() -> dict:
         raise RuntimeError(f"AUTORESEARCH_PROFILE={wanted} but {cache_dir()} was prepared for profile '{name}'. "
                            f"Unset it, or prepare that profile: `{PREPARE_COMMAND} --profile {wanted} --force` "
                            f"(or point AUTORESEARCH_CACHE at another folder).")
-    profile = PROFILES[name]
+    profile, clock = PROFILES[name], _budget_clock(record)
     if (record["vocab_size"], record["max_seq_len"]) != (profile["vocab_size"], profile["max_seq_len"]):
         raise RuntimeError(f"Profile '{name}' changed since {cache_dir()} was prepared (vocab or context length). "
                            f"Re-prepare with `{PREPARE_COMMAND} --profile {name} --force`.")
@@ -131,8 +131,8 @@ def load_constants() -> dict:
         MAX_SEQ_LEN=profile["max_seq_len"],
         VOCAB_SIZE=profile["vocab_size"],
         TIME_BUDGET=_env_positive_int("AUTORESEARCH_TIME_BUDGET", record["time_budget"]),
-        BUDGET_CLOCK=_budget_clock(record),
-        FLOPS_PER_BUDGET_SECOND=_flops_per_budget_second(record, _budget_clock(record)),
+        BUDGET_CLOCK=clock,
+        FLOPS_PER_BUDGET_SECOND=_flops_per_budget_second(record, clock),
         EVAL_TOKENS=_env_positive_int("AUTORESEARCH_EVAL_TOKENS", record["eval_tokens"]),
         TRAIN_DEFAULTS=dict(profile["train_defaults"]),
     )

@@ -25,8 +25,8 @@ os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 import torch
 import torch.nn as nn
 
-from prepare import (BUDGET_CLOCK, MAX_SEQ_LEN, TIME_BUDGET, TRAIN_DEFAULTS, Tokenizer, budget_used, evaluate_bpb,
-                     make_dataloader, training_clock)
+from prepare import (BUDGET_CLOCK, MAX_SEQ_LEN, TIME_BUDGET, TRAIN_DEFAULTS, Tokenizer, budget_used,
+                     evaluate_bpb, make_dataloader, training_clock)
 from nanochat.attention import attention
 from nanochat.compile import Compiler
 from nanochat.fused import relu_squared, rms_norm, rotary, softcap_cross_entropy
@@ -379,6 +379,7 @@ model = GPT(config).to(DEVICE)
 model.init_weights()
 num_params = sum(p.numel() for p in model.parameters())
 flops_per_token = model.flops_per_token()
+flops_per_step = flops_per_token * TOTAL_BATCH_SIZE
 optimizer = build_optimizer(model)
 train_model = compiler(model, dynamic=False)
 
@@ -428,12 +429,12 @@ while True:
     synchronize()
     dt = clock() - t0
     if step >= UNTIMED_STEPS:
-        training_time += budget_used(dt, flops_per_token * TOTAL_BATCH_SIZE)
+        training_time += budget_used(dt, flops_per_step)
         timed_seconds += dt
 
     smooth_loss = 0.9 * smooth_loss + 0.1 * loss_value
     debiased = smooth_loss / (1 - 0.9 ** (step + 1))
-    mfu = 100 * flops_per_token * TOTAL_BATCH_SIZE / dt / peak
+    mfu = 100 * flops_per_step / dt / peak
     remaining = max(0.0, TIME_BUDGET - training_time)
     print(f"\rstep {step:05d} ({100 * progress:.1f}%) | loss: {debiased:.6f} | lrm: {lrm:.2f} | "
           f"dt: {dt * 1000:.0f}ms | tok/sec: {int(TOTAL_BATCH_SIZE / dt):,} | mfu: {mfu:.1f}% | "
@@ -462,7 +463,7 @@ with torch.no_grad(), autocast():
     val_bpb = evaluate_bpb(train_model if DEVICE.type == "cuda" else model, tokenizer, DEVICE_BATCH_SIZE)
 t_end = time.time()
 timed_steps = step - UNTIMED_STEPS
-mfu_percent = 100 * flops_per_token * TOTAL_BATCH_SIZE * timed_steps / timed_seconds / peak if timed_seconds > 0 else 0.0
+mfu_percent = 100 * flops_per_step * timed_steps / timed_seconds / peak if timed_seconds > 0 else 0.0
 
 print("---")
 print(f"val_bpb:          {val_bpb:.6f}")

@@ -69,7 +69,8 @@ class RayHead:
             [str(ray), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(free_port()),
              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.port), "--include-dashboard=true",
              "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
-             "--num-cpus", "2", "--num-gpus", "2", "--object-store-memory", str(OBJECT_STORE_BYTES), "--temp-dir", str(self.folder / "t"), "--disable-usage-stats"],
+             "--num-cpus", "2", "--num-gpus", "2", "--object-store-memory", str(OBJECT_STORE_BYTES),
+             "--temp-dir", str(self.folder / "t"), "--disable-usage-stats"],
             cwd=home, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def ready(self) -> bool:
