@@ -140,6 +140,10 @@ class Search:
         if improved and result.get("confirm_first"):  # marginal, or measured at another speed
             self.say(f"  run {result['run']}: confirming beside a rerun of the best ({result['confirm_first']})")
             confirmation = await self.call("confirm", **run)
+            stood = ", the best's earlier rerun standing as control" if confirmation.get("reused") else ""
+            self.say(f"  {'held' if confirmation['confirmed'] else 'did not hold'}: paired deltas "
+                     f"{', '.join(f'{d:+.6f}' for d in confirmation['paired_deltas']) or 'none'} "
+                     f"({confirmation['extra_runs']} run(s){stood})")
             if not confirmation["confirmed"]:
                 await self.call("discard", reason="the gain did not hold beside a rerun of the best", **run)
                 return "discard"
@@ -359,6 +363,10 @@ async def search_session(plan: SearchPlan, repo: Path, say) -> None:
             if best_kept_bpb(read_ledger(plan.workspace)) is None:
                 await search.baseline()
             await search.loop()
+            extra = (await search.call("status")).get("extra_runs", 0)
+            done = experiments_done(read_ledger(plan.workspace))
+            say(f"extra runs for noise, controls and confirmations: {extra} for {done} experiments"
+                + (f" ({extra / done:.0%})" if done else ""))
             chart = await search.call("plot_progress")
             plan.chart = chart.get("path")
 

@@ -32,8 +32,8 @@ from mcp_server.models import (
 )
 from mcp_server.state import State, process_alive
 from mcp_server.workspace import (
-    BRANCH_PREFIX, EDITABLE, PROTECTED_BRANCHES, RUN_REF_PREFIX, Workspace, cache_dir, prepared_info,
-    time_budget, validate_commit_arg, validate_tag,
+    BRANCH_PREFIX, EDITABLE, PROTECTED_BRANCHES, RUN_REF_PREFIX, Workspace, budget_clock, cache_dir,
+    prepared_info, time_budget, validate_commit_arg, validate_tag,
 )
 
 RUN_LOG = "run.log"
@@ -448,6 +448,7 @@ class ResearchLoop:
                     result = self._unrecordable(entry, f"the server could not record this run: "
                                                        f"{type(exc).__name__}: {exc}")
                 entry.update(status="pending", result=result.model_dump())
+                self._file_measurement(state, entry, result)
         finally:
             try:
                 self._dispatch()  # the next queued run takes the slot before anyone hears of this one
@@ -1185,6 +1186,45 @@ class ResearchLoop:
                          f"{history.change_text(changes)} | {result['description']}")
         return HistoryResult(total=len(lines), lines=lines[-limit:])
 
+    # --- repeatable measurements: on the flops clock a rerun is a function of code and data ---
+    def _repeatable(self) -> bool:
+        """Whether a run's val_bpb depends only on its code and data order, not on when it ran or
+        what ran beside it: the flops clock on local slots (a cluster node's speed and data order are
+        its own). There, a rerun of the best already measured on a data order stands in for a control."""
+        return self.make_executor is None and budget_clock() == "flops"
+
+    def _measurement_shelf(self, state: dict, commit: str) -> str:
+        """Where reruns of a commit's train.py are filed: its code, the harness and the slot count
+        (slots sharing the CPU train with fewer threads, which changes the arithmetic)."""
+        return f"{self.ws.train_blob(commit)} {state.get('fingerprint', '')} {self.slots}"
+
+    def _file_measurement(self, state: dict, entry: dict, result: RunResult) -> None:
+        """Files a rerun on another data order (noise repeats, controls, confirmations) for the
+        confirmations that need the same code on the same data again."""
+        order = entry.get("data_order", 0)
+        if not order or result.status != "ok" or result.budget_clock != "flops" or not self._repeatable():
+            return
+        shelf = state.setdefault("measured", {}).setdefault(self._measurement_shelf(state, entry["commit"]), {})
+        shelf[str(order)] = {"val_bpb": result.val_bpb, "run": entry["run"]}
+
+    def measurements_of(self, commit: str) -> dict[int, dict]:
+        """{data order: {val_bpb, run}} of the reruns of this commit's code, where the clock makes
+        them repeatable; {} elsewhere."""
+        if not self._repeatable():
+            return {}
+        state = self.state.load()
+        shelf = (state.get("measured") or {}).get(self._measurement_shelf(state, commit)) or {}
+        return {int(order): m for order, m in shelf.items()}
+
+    def confirmation_orders(self, entry: dict, pairs: int) -> list[tuple[int, dict | None, dict | None]]:
+        """(data order, the best's measurement on it, the candidate's) per pair: first the orders
+        the best was already measured on, whose values stand as controls (one run instead of two),
+        then fresh ones."""
+        control, candidate = self.measurements_of(entry["parent"]), self.measurements_of(entry["commit"])
+        orders = sorted(control, reverse=True)[:pairs]
+        orders += [self.fresh_data_order() for _ in range(pairs - len(orders))]
+        return [(order, control.get(order), candidate.get(order)) for order in orders]
+
     # --- noise -----------------------------------------------------------------------
     def fresh_data_order(self) -> int:
         """A data order no rerun of this research run has used: each rerun sees new luck."""
@@ -1193,8 +1233,12 @@ class ResearchLoop:
             return state["data_orders"]
 
     def noise_values_from_kept(self) -> list[float]:
-        kept = self.state.load().get("kept_commit", "")[:7]
-        return [r.val_bpb for r in self.rows() if r.commit == kept and r.status == "keep"]
+        """The kept commit's own value and, where the clock makes reruns repeatable, its reruns on
+        other data orders so far (earlier noise repeats, its confirmation as a candidate)."""
+        kept = self.state.load().get("kept_commit", "")
+        own = [r.val_bpb for r in self.rows() if r.commit == kept[:7] and r.status == "keep"]
+        reruns = self.measurements_of(kept) if kept else {}
+        return own + [m["val_bpb"] for _, m in sorted(reruns.items())]
 
     def store_noise(self, values: list[float], spent: int, device: str | None = None) -> NoiseEstimate:
         """The estimate, also kept per GPU model: a result is judged against its own model's noise."""

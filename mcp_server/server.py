@@ -277,40 +277,52 @@ def build_server(loop: ResearchLoop) -> MCPServer:
     @register(WRITES)
     async def confirm(ctx: Context, run: int | None = None, pairs: int = 1) -> ConfirmResult:
         """Re-measure a pending gain beside a contemporaneous control: the best's code and the
-        candidate's are rerun, interleaved, `pairs` times, each pair on a new stretch of the
-        training data (each rerun logged as a discard row), and
-        the gain counts as confirmed when the candidate beats the control in every pair. keep()
-        requires this for a gain within a few noise widths, or one measured at a different speed
-        than the best's run; the answer says how many extra runs the research run has spent."""
+        candidate's are rerun, interleaved, `pairs` times, each pair on another stretch of the
+        training data (each rerun logged as a discard row), and the gain counts as confirmed when
+        the candidate beats the control in every pair. On the flops clock a run depends only on its
+        code and data, so the best's earlier rerun on a stretch (a noise repeat, its own
+        confirmation) stands as that pair's control: one run instead of two. keep() requires this
+        for a gain within a few noise widths, or one measured at a different speed than the best's
+        run; the answer says how many extra runs the research run has spent."""
         if not 1 <= pairs <= MAX_CONFIRM_PAIRS:
             raise Refusal(f"pairs must be between 1 and {MAX_CONFIRM_PAIRS}.")
         entry, control, candidate = await threaded(loop.confirmation_plan, run)
         n, best = entry["run"], entry["parent"][:7]
-        runs = []
-        for k in range(pairs):
-            order = await threaded(loop.fresh_data_order)  # the pair trains on the same new stretch of data
-            for label, source in ((f"control {k + 1}/{pairs} for run {n}: the best {best} again", control),
-                                  (f"confirmation {k + 1}/{pairs} of run {n}", candidate)):
-                queued = await threaded(lambda: loop.submit(f"{label}, data order {order}", None, source,
+        plan = await threaded(loop.confirmation_orders, entry, pairs)
+        sides, runs, reused = [], [], []  # per pair (control, candidate): a rerun's number, or a value reused
+        for k, (order, known_control, known_candidate) in enumerate(plan):
+            pair = []
+            for name, what, source, known in (
+                    (f"control {k + 1}/{pairs}", f" for run {n}: the best {best} again", control, known_control),
+                    (f"confirmation {k + 1}/{pairs}", f" of run {n}", candidate, known_candidate)):
+                if known:
+                    pair.append(("value", known["val_bpb"]))
+                    reused.append(f"{name}: run {known['run']}'s {known['val_bpb']:.6f} on data order {order} "
+                                  "(the flops clock repeats a run exactly)")
+                    continue
+                queued = await threaded(lambda: loop.submit(f"{name}{what}, data order {order}", None, source,
                                                             rerun_of=n, data_order=order))
                 runs.append(queued["run"])
+                pair.append(("run", queued["run"]))
+            sides.append(pair)
         await follow(runs, ctx, until_all=True)
-        values, failed = [], []
+        measured, failed = {}, []
         for m in runs:
             result = loop.answer_for(m)
             await threaded(loop.discard, None, m)
-            values.append(result.val_bpb if result.status == "ok" else None)
+            measured[m] = result.val_bpb if result.status == "ok" else None
             if result.status != "ok":
                 failed.append(result.commit)
-        pairs_done = [(values[i], values[i + 1]) for i in range(0, len(values), 2)
-                      if values[i] is not None and values[i + 1] is not None]
+        pairs_done = [tuple(value if kind == "value" else measured[value] for kind, value in pair) for pair in sides]
+        pairs_done = [(ctrl, cand) for ctrl, cand in pairs_done if ctrl is not None and cand is not None]
         deltas = [round(cand - ctrl, 6) for ctrl, cand in pairs_done]
         confirmed = bool(deltas) and len(deltas) == pairs and all(d < 0 for d in deltas)
         total = await threaded(loop.record_confirmation, n,
                                {"confirmed": confirmed, "paired_deltas": deltas, "runs": runs}, len(runs))
         return compact(ConfirmResult(
             run=n, confirmed=confirmed, paired_deltas=deltas, control_val_bpb=[c for c, _ in pairs_done],
-            candidate_val_bpb=[c for _, c in pairs_done], failed=failed, extra_runs=len(runs), extra_runs_total=total,
+            candidate_val_bpb=[c for _, c in pairs_done], failed=failed, reused=reused or None,
+            extra_runs=len(runs), extra_runs_total=total,
             next=(f"keep(run={n})" if confirmed else f"the gain did not hold: discard(run={n})")
             + ("" if not failed else "; some reruns failed: read their logs")))
 

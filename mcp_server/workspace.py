@@ -63,6 +63,11 @@ def time_budget(root: Path) -> float:
     return from_profile or UPSTREAM_TIME_BUDGET
 
 
+def budget_clock() -> str:
+    """The clock a training budget is spent on (prepare.py records it; the env overrides it)."""
+    return os.environ.get("AUTORESEARCH_BUDGET_CLOCK") or (prepared_info() or {}).get("budget_clock") or "wall"
+
+
 def profile_budget(profiles: Path, profile: str | None) -> float | None:
     """time_budget of a profile in this project's nanochat/profiles.py, read with ast (never run:
     the server imports nothing from the workspace)."""
@@ -176,6 +181,10 @@ class Workspace:
     def train_at(self, commit: str) -> bytes:
         """train.py's exact bytes in a commit."""
         return (self.repo.commit(commit).tree / EDITABLE).data_stream.read()
+
+    def train_blob(self, commit: str) -> str:
+        """The git object id of train.py in a commit: the same for every commit with the same code."""
+        return (self.repo.commit(commit).tree / EDITABLE).hexsha
 
     def working_train(self) -> bytes:
         return (self.root / EDITABLE).read_bytes()

@@ -13,6 +13,7 @@ result, as it does for real), else a default:
   IGNORE_TERM (0: ignore SIGTERM, so only SIGKILL stops it)
   CLAIM_SECONDS (0: print this as training_seconds instead of the time it took)
   MFU (40.0: the mfu_percent printed, the run's throughput)
+  FLOPS_CLOCK (0: say the budget was spent on the flops clock, as the CPU profile's train.py does)
   TAMPER (0: try to append a planted best row to the workspace's results.tsv and to rewrite the
           server's state, and report what happened)
 """
@@ -25,7 +26,7 @@ import time
 
 DEFAULTS = {"VAL_BPB": 1.0, "MEMORY_MB": 2048.0, "STEPS": 5, "SLEEP": 0.0, "CRASH": 0, "NAN": 0,
             "NO_SUMMARY": 0, "NOISE": 0.0, "SPAWN": 0, "ESCAPE": 0.0, "SPAM_MB": 0.0, "IGNORE_TERM": 0,
-            "CLAIM_SECONDS": 0.0, "TAMPER": 0, "MFU": 40.0}
+            "CLAIM_SECONDS": 0.0, "TAMPER": 0, "MFU": 40.0, "FLOPS_CLOCK": 0}
 ESCAPED = """
 import os, sys, time
 if os.fork():
@@ -115,6 +116,8 @@ def main() -> int:
     print(f"num_steps:        {k['STEPS']}")
     print("num_params_M:     11.5")
     print("depth:            4")
+    if k["FLOPS_CLOCK"]:
+        print("budget_clock:     flops")
     return 0
 
 

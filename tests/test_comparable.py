@@ -51,8 +51,11 @@ def test_the_flops_clock_keeps_the_step_count_beside_a_busy_process(prepared_env
     flops clock the same code gets the same steps however busy the machine is."""
     alone, out = steps_of(prepared_env, repo_root, busy=False)
     assert "budget_clock:     flops" in out and "(flops clock)" in out
-    beside, _ = steps_of(prepared_env, repo_root, busy=True)
+    beside, out_beside = steps_of(prepared_env, repo_root, busy=True)
     assert beside == alone
+    # and the same number, which is why a rerun of the best on the same data can stand as a control
+    val_bpb = re.compile(r"^val_bpb:\s+(\S+)", re.M)
+    assert val_bpb.search(out_beside).group(1) == val_bpb.search(out).group(1)
 
 
 def test_what_a_run_charges_the_flops_clock_is_checked_by_the_harness():
@@ -121,6 +124,61 @@ def test_a_gain_that_does_not_hold_needs_an_explicit_override(fake_env):
         assert refused.is_error and "did not hold" in refused.content[0].text
         kept = answer(lab.call("keep", unconfirmed=True))
         assert kept["evidence"].startswith("kept unconfirmed on request")
+    finally:
+        lab.loop.shutdown()
+
+
+def test_on_the_flops_clock_a_rerun_of_the_best_stands_as_the_control(fake_env, monkeypatch):
+    """A run on the flops clock depends on its code and data order only: the best's noise repeat on
+    data order 1 is the control of the first confirmation's first pair, the confirmed candidate's
+    rerun on order 2 the control of the next confirmation; measure_noise counts the reruns it already has."""
+    monkeypatch.setenv("AUTORESEARCH_BUDGET_CLOCK", "flops")
+    monkeypatch.setenv("FAKE_FLOPS_CLOCK", "1")
+    lab = noisy_lab(fake_env, 0.0)
+    try:
+        answer(lab.call("setup", tag="flops"))
+        answer(lab.call("run_experiment", description="baseline"))  # run 1
+        answer(lab.call("keep"))
+        noise = answer(lab.call("measure_noise", repeats=1))  # run 2: order 1
+        assert noise["noise"]["values"] == [1.0, 1.0]
+        set_knobs(lab.ws, VAL_BPB=0.99)
+        answer(lab.call("run_experiment", description="an idea"))  # run 3
+        confirmation = answer(lab.call("confirm", pairs=2))  # order 1: run 2 stands beside run 4; order 2: 5, 6
+        assert confirmation["confirmed"] and confirmation["paired_deltas"] == [-0.01, -0.01]
+        assert confirmation["reused"] == ["control 1/2: run 2's 1.000000 on data order 1 "
+                                          "(the flops clock repeats a run exactly)"]
+        assert (confirmation["extra_runs"], confirmation["extra_runs_total"]) == (3, 4)
+        answer(lab.call("keep"))
+        rows = (lab.ws / "results.tsv").read_text()
+        assert "control 1/2" not in rows and "confirmation 1/2 of run 3, data order 1" in rows
+        assert "control 2/2 for run 3: the best" in rows and "confirmation 2/2 of run 3, data order 2" in rows
+
+        set_knobs(lab.ws, VAL_BPB=0.985)
+        answer(lab.call("run_experiment", description="the next idea"))  # run 7
+        confirmation = answer(lab.call("confirm"))  # the best's own confirmation on order 2 (run 6) stands
+        assert confirmation["reused"] == ["control 1/1: run 6's 0.990000 on data order 2 "
+                                          "(the flops clock repeats a run exactly)"]
+        assert confirmation["paired_deltas"] == [-0.005] and confirmation["extra_runs"] == 1
+        answer(lab.call("keep"))
+        assert "data order=2\n" in next((lab.ws / "runs").glob("0008-*.log")).read_text()
+        # the kept code's reruns (run 8 on order 2) count as noise values: one repeat more makes three
+        noise = answer(lab.call("measure_noise", repeats=1))["noise"]
+        assert noise["values"] == [0.985, 0.985, 0.985]
+        assert answer(lab.call("status"))["extra_runs"] == 6
+    finally:
+        lab.loop.shutdown()
+
+
+def test_on_the_wall_clock_every_confirmation_reruns_the_best(fake_env, monkeypatch):
+    """Nothing stands in for a control where the machine's speed sets the step count."""
+    monkeypatch.setenv("FAKE_FLOPS_CLOCK", "1")  # train.py's word alone: the prepared clock is wall
+    lab = noisy_lab(fake_env, 0.0)
+    try:
+        baseline_and_noise(lab)
+        set_knobs(lab.ws, VAL_BPB=0.99)
+        answer(lab.call("run_experiment", description="an idea"))
+        confirmation = answer(lab.call("confirm"))
+        assert confirmation["extra_runs"] == 2 and not confirmation.get("reused")
     finally:
         lab.loop.shutdown()
 
