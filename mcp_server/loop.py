@@ -588,9 +588,9 @@ class ResearchLoop:
             result.integrity = "this harness does not export its model: val_bpb is the one train.py printed"
             return None, summary.val_bpb
         problem, value, note = integrity.evaluation_verdict(report)
-        problem = problem or integrity.flops_problem(summary, report.get("evaluation") or {},
-                                                     (prepared_info() or {}).get("flops_per_budget_second"),
-                                                     time_budget(self.root))
+        rate = report.get("flops_per_budget_second") or (prepared_info() or {}).get("flops_per_budget_second")
+        problem = problem or integrity.flops_problem(summary, report.get("evaluation") or {}, rate,
+                                                     time_budget(self.root))  # a cluster node's rate is its own
         result.integrity = note + ("" if report.get("sandbox") else
                                    "; unsandboxed (bubblewrap is not installed): the run could write the workspace")
         if problem:

@@ -122,12 +122,18 @@ def sync_environment() -> None:
     os.environ["UV_PROJECT_ENVIRONMENT"] = str(env_dir)
 
 
-def prepared_as(wanted: dict) -> bool:
-    """Whether this node's cache holds data prepared with the wanted profile and data set."""
+def prepared_record() -> dict | None:
+    """What prepare.py recorded in this node's cache, or None."""
     try:
         record = json.loads((cache_dir() / "prepared.json").read_text())
     except (OSError, ValueError):
-        record = None
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def prepared_as(wanted: dict) -> bool:
+    """Whether this node's cache holds data prepared with the wanted profile and data set."""
+    record = prepared_record()
     if not wanted.get("profile"):  # an upstream harness records nothing: its tokenizer tells
         return record is not None or any((cache_dir() / "tokenizer").glob("*"))
     return bool(record) and all(record.get(k) == wanted[k] for k in ("profile", "dataset") if wanted.get(k))
@@ -146,8 +152,8 @@ def val_shard() -> Path | None:
     """This node's validation shard: the one prepare pinned, else the last in sorted order."""
     data = cache_dir() / "data"
     try:
-        pinned = (json.loads((cache_dir() / "prepared.json").read_text()).get("val_shard") or {}).get("name")
-    except (OSError, ValueError, AttributeError):
+        pinned = ((prepared_record() or {}).get("val_shard") or {}).get("name")
+    except AttributeError:
         pinned = None
     if pinned and (data / pinned).exists():
         return data / pinned
@@ -265,6 +271,11 @@ def main(argv=None) -> int:
     else:
         prepared = round(time.time() - started, 3)
         report = train(args.timeout, args.grace, args.command, args.verify) | {"prepare_seconds": prepared}
+        # the flops clock's rate is this node's (measured on its CPU at prepare): the server checks
+        # the FLOPs a run charged against it, not against its own machine's
+        rate = (prepared_record() or {}).get("flops_per_budget_second")
+        if rate:
+            report["flops_per_budget_second"] = rate
     report |= {"token": token, "gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}
     print(f"\n{RESULT_MARK}{json.dumps(report)}", flush=True)
     return 0

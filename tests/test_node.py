@@ -17,7 +17,7 @@ with open(os.path.join(cache, "runs"), "a") as f:
     f.write("x")
 time.sleep(1)
 profile = sys.argv[sys.argv.index("--profile") + 1]
-json.dump({"profile": profile}, open(os.path.join(cache, "prepared.json"), "w"))
+json.dump({"profile": profile, "flops_per_budget_second": 3.5e10}, open(os.path.join(cache, "prepared.json"), "w"))
 """
 
 
@@ -54,6 +54,7 @@ def test_two_jobs_starting_together_prepare_the_node_once(tmp_path):
         result = result_of(out)
         assert result["token"] == f"token{k}" and result["exit_code"] == 0 and result["val_bpb"] == 0.987
         assert result["host"] and result["device"]
+        assert result["flops_per_budget_second"] == 3.5e10  # the server checks a run's FLOPs at the node's rate
     assert not (tmp_path / "job0" / node.NODE_DIR / node.TOKEN_FILE).exists()  # out of the training's reach
 
 
