@@ -77,7 +77,8 @@ if sys.stdin.readline().strip() == "go":
 """
 
 # A train.py that finds the evaluator's harness copy through /proc and appends to it, then
-# exports, waits for the harness's answer and prints a better number of its own.
+# exports, waits for the harness's answer and prints a better number of its own. It touches only
+# copies under SCOPE (the test's folder): an evaluator of another run on this machine is not its to break.
 TAMPERING_TRAIN = """import json, os, time
 for pid in filter(str.isdigit, os.listdir("/proc")):
     try:
@@ -85,7 +86,7 @@ for pid in filter(str.isdigit, os.listdir("/proc")):
     except OSError:
         continue
     for arg in args:
-        if arg.endswith(b"nanochat/evaluate_export.py"):
+        if arg.endswith(b"nanochat/evaluate_export.py") and arg.startswith(b"SCOPE/"):
             try:
                 with open(arg.decode().replace("nanochat/evaluate_export.py", "prepare.py"), "a") as f:
                     f.write("# planted\\n")
@@ -108,9 +109,11 @@ def verified_job(tmp_path: Path, path: str) -> tuple[dict, str]:
     code = code_folder(tmp_path, "job", "t")
     (code / "nanochat").mkdir()
     (code / "nanochat" / "evaluate_export.py").write_text(EVALUATOR)
-    (code / "train.py").write_text(TAMPERING_TRAIN)
+    (code / "train.py").write_text(TAMPERING_TRAIN.replace("SCOPE", str(tmp_path)))
     verify = {"evaluator": "nanochat/evaluate_export.py", "editable": "train.py", "eval_tokens": 4096, "timeout": 60}
-    env = {"PATH": path, "AUTORESEARCH_CACHE": str(tmp_path / "cache"), "HOME": str(tmp_path)}
+    (tmp_path / "tmp").mkdir()  # the node's scratch, with the harness copy, inside the test's folder
+    env = {"PATH": path, "AUTORESEARCH_CACHE": str(tmp_path / "cache"), "HOME": str(tmp_path),
+           "TMPDIR": str(tmp_path / "tmp")}
     out = subprocess.run([sys.executable, f"{node.NODE_DIR}/node.py", "--timeout", "60", "--verify", json.dumps(verify),
                           "--", sys.executable, "train.py"], cwd=code, env=env, capture_output=True, text=True,
                          timeout=120).stdout
