@@ -78,6 +78,7 @@ class Search:
         self.strategy = make_strategy(plan.strategy, plan.space, plan.seed, self.harness)
         self.started = time.monotonic()
         self.progress_line_open = False
+        self.noise_threshold = None  # measure_noise's: a gain inside it is discarded, as the skill says
 
     async def call(self, tool: str, progress=None, **arguments) -> dict:
         """One tool call; a tool error becomes a SearchError carrying the server's message."""
@@ -109,6 +110,7 @@ class Search:
         """Settle what a previous, interrupted call left: interrupted runs and undecided results."""
         undecided = status.get("undecided") or []
         pending = {r["run"]: r for r in (await self.call("wait"))["results"]} if status.get("pending") else {}
+        self.noise_threshold = (status.get("noise") or {}).get("threshold")
         if status.get("interrupted"):
             self.say(f"resuming: {status['interrupted']}")
         for run in undecided:
@@ -124,8 +126,9 @@ class Search:
         return result
 
     async def decide(self, result: dict) -> str:
-        """keep if it beats the best kept val_bpb; discard otherwise (crashes included). A result
-        measured on an older best that beats the current one is measured again on it (reapply)."""
+        """keep if it beats the best kept val_bpb by more than the noise, once confirmed where the
+        server asks; discard otherwise (crashes included). A result measured on an older best that
+        beats the current one is measured again on it (reapply)."""
         best = best_kept_bpb(read_ledger(self.plan.workspace))
         run = {"run": result["run"]} if "run" in result else {}
         improved = result.get("status") == "ok" and result.get("val_bpb") is not None and (
@@ -137,6 +140,11 @@ class Search:
             self.say(f"  run {result['run']} beat the best but was measured on an older one: "
                      f"re-measuring it as run {again['run']}")
             return "reapply"
+        inside_noise = improved and best is not None and self.noise_threshold is not None \
+            and result.get("comparable") is not False and best - result["val_bpb"] <= self.noise_threshold
+        if inside_noise:  # the skill's rule: no keep, and no runs spent confirming it
+            await self.call("discard", reason=f"a gain inside the noise ({self.noise_threshold:.6f})", **run)
+            return "discard"
         if improved and result.get("confirm_first"):  # marginal, or measured at another speed
             self.say(f"  run {result['run']}: confirming beside a rerun of the best ({result['confirm_first']})")
             confirmation = await self.call("confirm", **run)
@@ -173,8 +181,9 @@ class Search:
         self.say(f"baseline val_bpb {result['val_bpb']:.6f} ({self.plan.timings[-1]['wall_s']:.0f}s)")
         self.say("measuring the noise: the baseline once more")
         noise = (await self.call("measure_noise", repeats=1))["noise"]
-        self.say(f"  noise threshold {noise['threshold']:.6f}: smaller gains are confirmed beside a rerun of the "
-                 "best before they are kept")
+        self.noise_threshold = noise["threshold"]
+        self.say(f"  noise threshold {noise['threshold']:.6f}: smaller gains are discarded, gains of up to 3 times "
+                 "it are confirmed beside a rerun of the best before they are kept")
 
     def budget_left(self, rows: list[dict], in_flight: int = 0) -> bool:
         walls = [t["wall_s"] for t in self.plan.timings if t["wall_s"] is not None]

@@ -216,3 +216,40 @@ def test_the_replay_benchmark_finds_a_false_keep(tmp_path, repo_root):
     assert "false keeps: 1 of 2 kept gains (50%)" in done.stdout
     assert (tmp_path / "replay.png").read_bytes()[:4] == b"\x89PNG"
     assert len(git(ws, "worktree", "list").splitlines()) == 1  # every checkout removed
+
+
+def test_the_demos_search_discards_a_gain_inside_the_noise_and_confirms_a_marginal_one(fake_env):
+    """The demo's search follows the skill: a gain inside the noise is discarded without spending
+    runs on it, one of up to three thresholds is confirmed first, a clear one is kept."""
+    import anyio
+    from mcp import Client
+
+    from autosearch.driver import Search, SearchPlan
+    from mcp_server.server import build_server
+    lab = noisy_lab(fake_env, 0.002)
+    try:
+        assert baseline_and_noise(lab)["threshold"] == 0.004  # runs 1 to 3
+
+        async def search_over(values):
+            plan = SearchPlan(workspace=lab.ws, tag="confirm", strategy="random", experiments=None, hours=None,
+                              seed=0, space=(), env={}, harness={})
+            async with Client(build_server(lab.loop)) as client:
+                search = Search(plan, client, lambda message: None)
+                await search.resume(await search.call("status"))
+                decisions = []
+                for value in values:
+                    set_knobs(lab.ws, VAL_BPB=value)
+                    result = await search.call("run_experiment", description=f"VAL_BPB={value}")
+                    decisions.append(await search.decide(result))
+                return decisions
+
+        # run 4 inside the noise; run 5 marginal (control run 6, confirmation run 7); run 8 clear
+        assert anyio.run(search_over, (0.998, 0.993, 0.9)) == ["discard", "keep", "keep"]
+        rows = (lab.ws / "results.tsv").read_text().splitlines()
+        assert rows[4].endswith("discard\tVAL_BPB=0.998 (a gain inside the noise (0.004000))")
+        assert [r.split("\t")[-1].split(",")[0] for r in rows[5:7]] == [
+            "control 1/1 for run 5: the best " + rows[1].split("\t")[0] + " again", "confirmation 1/1 of run 5"]
+        assert rows[7].split("\t")[3:] == ["keep", "VAL_BPB=0.993"] and rows[8].split("\t")[3:] == ["keep", "VAL_BPB=0.9"]
+        assert answer(lab.call("status"))["extra_runs"] == 4  # two noise repeats, one confirmation pair
+    finally:
+        lab.loop.shutdown()
