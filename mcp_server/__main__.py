@@ -184,10 +184,13 @@ def main(argv=None) -> None:
 
     signal.signal(signal.SIGTERM, on_term)
     try:
-        if args.http:
-            serve_http(srv, args.port, http_token(args))
-        else:
-            srv.run("stdio")
+        try:
+            if args.http:
+                serve_http(srv, args.port, http_token(args))
+            else:
+                srv.run("stdio")
+        except* BrokenPipeError:  # the client left (Ctrl-C in the demo) before its answer: no one to tell
+            pass
     except KeyboardInterrupt:
         pass
     finally:

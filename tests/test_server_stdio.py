@@ -30,8 +30,8 @@ def state_of(ws) -> dict:
     return json.loads((ws / ".research-loop" / "state.json").read_text())
 
 
-def running_entry(ws) -> dict:
-    return next(e for e in state_of(ws)["runs"].values() if e["status"] == "running")
+def running_entry(ws) -> dict | None:
+    return next((e for e in state_of(ws)["runs"].values() if e["status"] == "running"), None)
 
 
 def run_processes(ws, entry) -> list[int]:
@@ -134,6 +134,38 @@ def test_client_closing_stdio_mid_run_kills_the_training(ws_cache):
         async with stdio_client_for(ws, cache) as client:
             return answer(await client.call_tool("status", {}))
     assert "interrupted run" in anyio.run(after)["interrupted"]
+
+
+def test_a_client_gone_before_its_answer_leaves_a_quiet_exit(ws_cache):
+    """The demo's Ctrl-C closes the client while a call is running: the server's answer meets a
+    closed pipe, and it ends with status 0 and no traceback on the user's terminal."""
+    ws, cache = ws_cache
+    params = stdio_params(ws, cache)
+    server = subprocess.Popen([params.command, *params.args], env=params.env, cwd=params.cwd, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def call(message: dict, answered: bool = True) -> None:
+        server.stdin.write((json.dumps({"jsonrpc": "2.0", **message}) + "\n").encode())
+        server.stdin.flush()
+        if answered:
+            assert b'"result"' in server.stdout.readline()
+    try:
+        call({"id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                                                          "clientInfo": {"name": "test", "version": "0"}}})
+        call({"method": "notifications/initialized"}, answered=False)
+        call({"id": 2, "method": "tools/call", "params": {"name": "setup", "arguments": {"tag": "gone"}}})
+        set_knobs(ws, sleep=3)
+        call({"id": 3, "method": "tools/call", "params": {"name": "run_experiment", "arguments": {"description": "x"}}},
+             answered=False)
+        assert wait_until(lambda: (slot_dir(ws) / "train.py").exists(), 10)
+        server.stdout.close()  # the client is gone; its run's answer comes in about 3 s
+        assert wait_until(lambda: server.poll() is not None or running_entry(ws) is None, 20)
+        server.stdin.close()
+        assert server.wait(timeout=30) == 0
+        assert b"Traceback" not in server.stderr.read()
+    finally:
+        server.kill()
+        server.wait()
 
 
 def test_a_server_that_finds_a_dead_servers_finished_run_records_its_real_result(ws_cache):
