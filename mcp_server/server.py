@@ -232,7 +232,7 @@ def build_server(loop: ResearchLoop) -> MCPServer:
     async def measure_noise(ctx: Context, repeats: int = 2) -> NoiseResult:
         """Rerun the last kept commit unchanged `repeats` times to measure run-to-run noise, each
         repeat on another stretch of the training data (on the CPU profile's flops clock the same
-        code otherwise repeats exactly). Each repeat is logged as a discard row 'noise repeat k/N of
+        code otherwise repeats to within a few 1e-5). Each repeat is logged as a discard row 'noise repeat k/N of
         <commit>, data order D' (a crash row if it fails); the std is stored and every later result
         says if a gain beats it."""
         if not 1 <= repeats <= MAX_NOISE_REPEATS:
@@ -280,7 +280,7 @@ def build_server(loop: ResearchLoop) -> MCPServer:
         candidate's are rerun, interleaved, `pairs` times, each pair on another stretch of the
         training data (each rerun logged as a discard row), and the gain counts as confirmed when
         the candidate beats the control in every pair. On the flops clock a run depends only on its
-        code and data, so the best's earlier rerun on a stretch (a noise repeat, its own
+        code and data (to ~1e-5), so the best's earlier rerun on a stretch (a noise repeat, its own
         confirmation) stands as that pair's control: one run instead of two. keep() requires this
         for a gain within a few noise widths, or one measured at a different speed than the best's
         run; the answer says how many extra runs the research run has spent."""
@@ -298,7 +298,7 @@ def build_server(loop: ResearchLoop) -> MCPServer:
                 if known:
                     pair.append(("value", known["val_bpb"]))
                     reused.append(f"{name}: run {known['run']}'s {known['val_bpb']:.6f} on data order {order} "
-                                  "(the flops clock repeats a run exactly)")
+                                  "(on the flops clock a rerun repeats it to ~1e-5)")
                     continue
                 queued = await threaded(lambda: loop.submit(f"{name}{what}, data order {order}", None, source,
                                                             rerun_of=n, data_order=order))

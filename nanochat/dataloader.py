@@ -18,7 +18,7 @@ from nanochat.platform import DEVICE
 TOKENIZE_BATCH = 128  # documents per encode_ordinary_batch call (threads share the work)
 DOC_BUFFER = 1000  # documents to choose from when packing a row
 # The server's reruns (noise repeats, confirmations) train on another stretch of the data: with the
-# CPU profile's flops clock a rerun of the same code is otherwise bit-identical, so only the luck of
+# CPU profile's flops clock a rerun of the same code otherwise repeats to ~1e-5, so only the luck of
 # the data shows how much val_bpb moves without a change. Order k starts k * this many documents in.
 DATA_ORDER_ENV = "AUTORESEARCH_DATA_ORDER"
 DATA_ORDER_SKIP_DOCS = 1000

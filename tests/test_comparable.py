@@ -146,7 +146,7 @@ def test_on_the_flops_clock_a_rerun_of_the_best_stands_as_the_control(fake_env, 
         confirmation = answer(lab.call("confirm", pairs=2))  # order 1: run 2 stands beside run 4; order 2: 5, 6
         assert confirmation["confirmed"] and confirmation["paired_deltas"] == [-0.01, -0.01]
         assert confirmation["reused"] == ["control 1/2: run 2's 1.000000 on data order 1 "
-                                          "(the flops clock repeats a run exactly)"]
+                                          "(on the flops clock a rerun repeats it to ~1e-5)"]
         assert (confirmation["extra_runs"], confirmation["extra_runs_total"]) == (3, 4)
         answer(lab.call("keep"))
         rows = (lab.ws / "results.tsv").read_text()
@@ -157,7 +157,7 @@ def test_on_the_flops_clock_a_rerun_of_the_best_stands_as_the_control(fake_env, 
         answer(lab.call("run_experiment", description="the next idea"))  # run 7
         confirmation = answer(lab.call("confirm"))  # the best's own confirmation on order 2 (run 6) stands
         assert confirmation["reused"] == ["control 1/1: run 6's 0.990000 on data order 2 "
-                                          "(the flops clock repeats a run exactly)"]
+                                          "(on the flops clock a rerun repeats it to ~1e-5)"]
         assert confirmation["paired_deltas"] == [-0.005] and confirmation["extra_runs"] == 1
         answer(lab.call("keep"))
         assert "data order=2\n" in next((lab.ws / "runs").glob("0008-*.log")).read_text()
