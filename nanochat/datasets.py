@@ -111,15 +111,26 @@ def check_shard(path: Path) -> int:
     return _open_shard(path).metadata.num_rows
 
 
-def iter_text_batches(paths, batch_size: int):
-    """Yield lists of up to batch_size document strings, shard by shard, row group by row group."""
+def count_documents(paths) -> int:
+    """Documents in these shards, from their footers (nothing read beyond them)."""
+    return sum(_open_shard(path).metadata.num_rows for path in paths)
+
+
+def iter_text_batches(paths, batch_size: int, skip_docs: int = 0):
+    """Yield lists of up to batch_size document strings, shard by shard, row group by row group,
+    leaving out the first skip_docs documents (whole row groups skipped unread)."""
     for path in paths:
         parquet = _open_shard(path)
         for group in range(parquet.num_row_groups):
+            rows = parquet.metadata.row_group(group).num_rows
+            if skip_docs >= rows:
+                skip_docs -= rows
+                continue
             try:
                 texts = parquet.read_row_group(group, columns=["text"]).column("text").to_pylist()
             except Exception as e:
                 raise _shard_error(path, f"corrupt in row group {group} ({e})") from e
+            texts, skip_docs = texts[skip_docs:], 0
             for start in range(0, len(texts), batch_size):
                 yield texts[start:start + batch_size]
 

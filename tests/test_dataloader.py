@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from nanochat.dataloader import DATA_ORDER_ENV, DATA_ORDER_SKIP_DOCS, _DocumentPool, make_dataloader
-from nanochat.datasets import ShardError, split_paths, write_corpus
+from nanochat.dataloader import DATA_ORDER_ENV, _DocumentPool, data_order_start, make_dataloader
+from nanochat.datasets import ShardError, count_documents, split_paths, write_corpus
 from nanochat.tokenizer import Tokenizer
 
 B, T = 4, 64
@@ -141,13 +141,17 @@ def first_documents(tokenizer, directory, split="train") -> set:
     return {int(number) for number in re.findall(r"doc (\d+):", text)}
 
 
-def test_a_data_order_trains_on_a_later_stretch_of_the_documents(tokenizer, corpus, monkeypatch):
-    """A rerun's data order (set by the server's worker) moves the training stream DATA_ORDER_SKIP_DOCS
-    documents on per order; the validation batches do not move."""
+def test_a_data_order_trains_on_another_stretch_of_the_documents(tokenizer, corpus, monkeypatch):
+    """A rerun's data order (set by the server's worker) starts the training stream elsewhere in the
+    split, far from the usual start and from the other orders; the validation batches do not move."""
     usual, validation = first_documents(tokenizer, corpus[0]), first_documents(tokenizer, corpus[0], "val")
-    monkeypatch.setenv(DATA_ORDER_ENV, "2")
-    later = first_documents(tokenizer, corpus[0])
-    assert usual and later and min(later) >= min(usual) + 2 * DATA_ORDER_SKIP_DOCS
+    documents = count_documents(split_paths("train", corpus[0]))
+    starts = sorted(data_order_start(k, documents) for k in range(10))
+    assert starts[0] == 0 and min(b - a for a, b in zip(starts, starts[1:])) > documents / 20  # well spread
+    for order in (1, 2, 9):
+        monkeypatch.setenv(DATA_ORDER_ENV, str(order))
+        later = first_documents(tokenizer, corpus[0])
+        assert later and min(later) >= min(usual) + data_order_start(order, documents), order
     assert first_documents(tokenizer, corpus[0], "val") == validation
     monkeypatch.setenv(DATA_ORDER_ENV, "-1")
     with pytest.raises(RuntimeError, match="must be a whole number"):
