@@ -1,14 +1,18 @@
 """Replay a research run's kept chain: does each kept gain reproduce when measured again?
 
-    uv run bench/bench_replay.py WORKSPACE [--pairs 1] [--command "python train.py"] [--plot replay.png]
+    uv run bench/bench_replay.py WORKSPACE [--pairs 1] [--data-order 0] [--command "python train.py"]
+                                 [--plot replay.png]
 
 For each kept commit after the first (the baseline), the best it was kept over and the commit itself
 are rerun interleaved (parent, child, parent, child, ...), each in a fresh checkout of its commit,
 with the prepared cache of this environment (AUTORESEARCH_CACHE). A kept gain reproduces when the
 child beats its parent in every pair; the rest are false keeps. Prints a table and the false-keep
-rate, and plots recorded against replayed values.
+rate, and plots recorded against replayed values. On the flops clock a rerun on the recorded
+stretch of data repeats its number, so --data-order K trains pair p on data order K + p instead
+(AUTORESEARCH_DATA_ORDER): does the gain hold on data the research run never trained on?
 """
 import argparse
+import os
 import shlex
 import subprocess
 import sys
@@ -33,12 +37,13 @@ def kept_chain(ws: Path) -> list[ledger.Row]:
     return [r for r in rows if r.status == "keep"]
 
 
-def measure(ws: Path, commit: str, command: list[str], scratch: Path) -> float | None:
+def measure(ws: Path, commit: str, command: list[str], scratch: Path, data_order: int) -> float | None:
     """val_bpb of one run of a commit in a checkout of its own, or None when it printed none."""
     folder = scratch / f"{commit}-{time.monotonic_ns()}"
     git(ws, "worktree", "add", "--detach", "-q", str(folder), commit)
+    env = dict(os.environ, AUTORESEARCH_DATA_ORDER=str(data_order))
     try:
-        done = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+        done = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env=env)
         summary = parse_summary(done.stdout)
         if done.returncode != 0 or summary is None:
             return None
@@ -49,7 +54,7 @@ def measure(ws: Path, commit: str, command: list[str], scratch: Path) -> float |
         git(ws, "worktree", "remove", "--force", str(folder))
 
 
-def replay(ws: Path, command: list[str], pairs: int) -> list[dict]:
+def replay(ws: Path, command: list[str], pairs: int, first_order: int) -> list[dict]:
     chain = kept_chain(ws)
     if len(chain) < 2:
         sys.exit(f"{ws}: fewer than two kept runs in {ledger.LEDGER_NAME}: no gain to replay.")
@@ -58,9 +63,10 @@ def replay(ws: Path, command: list[str], pairs: int) -> list[dict]:
         for parent, child in zip(chain, chain[1:]):
             print(f"  {child.commit} over {parent.commit}: {child.description[:60]}", flush=True)
             before, after = [], []
-            for _ in range(pairs):
-                before.append(measure(ws, parent.commit, command, Path(scratch)))
-                after.append(measure(ws, child.commit, command, Path(scratch)))
+            for k in range(pairs):
+                order = first_order + k if first_order else 0
+                before.append(measure(ws, parent.commit, command, Path(scratch), order))
+                after.append(measure(ws, child.commit, command, Path(scratch), order))
             holds = all(b is not None and a is not None and a < b for b, a in zip(before, after))
             found.append({"commit": child.commit, "description": child.description,
                           "recorded": child.val_bpb - parent.val_bpb, "parent_replayed": before,
@@ -93,10 +99,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workspace", type=Path)
     parser.add_argument("--pairs", type=int, default=1, help="parent/child reruns per kept gain")
+    parser.add_argument("--data-order", type=int, default=0,
+                        help="train pair p on data order K+p (0: the recorded stretch, every pair)")
     parser.add_argument("--command", default=f"{sys.executable} train.py", help="what runs a commit's training")
     parser.add_argument("--plot", type=Path, default=Path("replay.png"))
     args = parser.parse_args(argv)
-    found = replay(args.workspace.resolve(), shlex.split(args.command), args.pairs)
+    if args.data_order < 0:
+        parser.error("--data-order must be 0 or more")
+    found = replay(args.workspace.resolve(), shlex.split(args.command), args.pairs, args.data_order)
     print(f"\n{'commit':8} {'recorded':>9} {'replayed (child - parent)':>28}  reproduces  description")
     for f in found:
         pairs = ", ".join("crash" if a is None or b is None else f"{a - b:+.4f}"

@@ -13,6 +13,7 @@ result, as it does for real), else a default:
   IGNORE_TERM (0: ignore SIGTERM, so only SIGKILL stops it)
   CLAIM_SECONDS (0: print this as training_seconds instead of the time it took)
   MFU (40.0: the mfu_percent printed, the run's throughput)
+  ORDER_EFFECT (0: val_bpb moves by this much per data order, AUTORESEARCH_DATA_ORDER)
   FLOPS_CLOCK (0: say the budget was spent on the flops clock, as the CPU profile's train.py does)
   TAMPER (0: try to append a planted best row to the workspace's results.tsv and to rewrite the
           server's state, and report what happened)
@@ -26,7 +27,8 @@ import time
 
 DEFAULTS = {"VAL_BPB": 1.0, "MEMORY_MB": 2048.0, "STEPS": 5, "SLEEP": 0.0, "CRASH": 0, "NAN": 0,
             "NO_SUMMARY": 0, "NOISE": 0.0, "SPAWN": 0, "ESCAPE": 0.0, "SPAM_MB": 0.0, "IGNORE_TERM": 0,
-            "CLAIM_SECONDS": 0.0, "TAMPER": 0, "MFU": 40.0, "FLOPS_CLOCK": 0}
+            "CLAIM_SECONDS": 0.0, "TAMPER": 0, "MFU": 40.0, "FLOPS_CLOCK": 0,
+            "ORDER_EFFECT": 0.0}
 ESCAPED = """
 import os, sys, time
 if os.fork():
@@ -105,7 +107,8 @@ def main() -> int:
     if k["NO_SUMMARY"]:
         return 0
     elapsed = time.time() - t0
-    val_bpb = k["VAL_BPB"] + k["NOISE"] * (int(os.environ.get("RESEARCH_LOOP_RUN", "1")) % 3 - 1)
+    val_bpb = k["VAL_BPB"] + k["NOISE"] * (int(os.environ.get("RESEARCH_LOOP_RUN", "1")) % 3 - 1) \
+        + k["ORDER_EFFECT"] * int(os.environ.get("AUTORESEARCH_DATA_ORDER", "0"))
     print("---")
     print(f"val_bpb:          {val_bpb:.6f}")
     print(f"training_seconds: {k['CLAIM_SECONDS'] or elapsed:.1f}")
