@@ -12,7 +12,7 @@ import os
 import numpy as np
 import torch
 
-from nanochat.datasets import count_documents, iter_text_batches, split_paths
+from nanochat.datasets import check_shard, iter_text_batches, split_paths
 from nanochat.platform import DEVICE
 
 TOKENIZE_BATCH = 128  # documents per encode_ordinary_batch call (threads share the work)
@@ -20,9 +20,9 @@ DOC_BUFFER = 1000  # documents to choose from when packing a row
 # The server's reruns (noise repeats, confirmations) train on another stretch of the data: with the
 # CPU profile's flops clock a rerun of the same code otherwise repeats to ~1e-5, so only the luck of
 # the data shows how much val_bpb moves without a change. Order k starts at the fraction k * 0.618...
-# (mod 1) of the training split: each new order falls in one of the largest gaps left by the earlier ones, so
-# the first ones are far apart and none starts where the usual order does. (A CPU run reads about
-# 1,000 documents; the offline corpus has ~9,500, so past ~10 orders the stretches overlap.)
+# (mod 1) of the training split: each new order falls in one of the largest gaps that the earlier
+# ones left, so the first ones are far apart and none starts where the usual order does. (A CPU run
+# reads about 1,000 documents; the offline corpus has ~9,500, so past ~10 orders stretches overlap.)
 DATA_ORDER_ENV = "AUTORESEARCH_DATA_ORDER"
 GOLDEN_FRACTION = (5 ** 0.5 - 1) / 2
 
@@ -93,7 +93,7 @@ def make_dataloader(tokenizer, B: int, T: int, split: str, device=None, director
     device = torch.device(device) if device is not None else DEVICE
     paths = split_paths(split, directory)
     order = data_order() if split == "train" else 0
-    skip = data_order_start(order, count_documents(paths)) if order else 0
+    skip = data_order_start(order, sum(map(check_shard, paths))) if order else 0  # rows from the footers
     return _batches(_token_batches(tokenizer, paths, skip), B, T, device)
 
 

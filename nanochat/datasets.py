@@ -111,11 +111,6 @@ def check_shard(path: Path) -> int:
     return _open_shard(path).metadata.num_rows
 
 
-def count_documents(paths) -> int:
-    """Documents in these shards, from their footers (nothing read beyond them)."""
-    return sum(_open_shard(path).metadata.num_rows for path in paths)
-
-
 def iter_text_batches(paths, batch_size: int, skip_docs: int = 0):
     """Yield lists of up to batch_size document strings, shard by shard, row group by row group,
     leaving out the first skip_docs documents (whole row groups skipped unread)."""
