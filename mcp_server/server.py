@@ -232,9 +232,9 @@ def build_server(loop: ResearchLoop) -> MCPServer:
     async def measure_noise(ctx: Context, repeats: int = 2) -> NoiseResult:
         """Rerun the last kept commit unchanged `repeats` times to measure run-to-run noise, each
         repeat on another stretch of the training data (on the CPU profile's flops clock the same
-        code otherwise repeats to within a few 1e-5). Each repeat is logged as a discard row 'noise repeat k/N of
-        <commit>, data order D' (a crash row if it fails); the std is stored and every later result
-        says if a gain beats it."""
+        code otherwise repeats to within a few 1e-5). Each repeat is logged as a discard row
+        'noise repeat k/N of <commit>, data order D' (a crash row if it fails); the std is stored
+        and every later result says if a gain beats it."""
         if not 1 <= repeats <= MAX_NOISE_REPEATS:
             raise Refusal(f"repeats must be between 1 and {MAX_NOISE_REPEATS}.")
         state = loop.state.load()
