@@ -1207,12 +1207,11 @@ class ResearchLoop:
         shelf = state.setdefault("measured", {}).setdefault(self._measurement_shelf(state, entry["commit"]), {})
         shelf[str(order)] = {"val_bpb": result.val_bpb, "run": entry["run"]}
 
-    def measurements_of(self, commit: str) -> dict[int, dict]:
+    def _measurements_of(self, state: dict, commit: str) -> dict[int, dict]:
         """{data order: {val_bpb, run}} of the reruns of this commit's code, where the clock makes
         them repeatable; {} elsewhere."""
         if not self._repeatable():
             return {}
-        state = self.state.load()
         shelf = (state.get("measured") or {}).get(self._measurement_shelf(state, commit)) or {}
         return {int(order): m for order, m in shelf.items()}
 
@@ -1220,7 +1219,9 @@ class ResearchLoop:
         """(data order, the best's measurement on it, the candidate's) per pair: first the orders
         the best was already measured on, whose values stand as controls (one run instead of two),
         then fresh ones."""
-        control, candidate = self.measurements_of(entry["parent"]), self.measurements_of(entry["commit"])
+        state = self.state.load()
+        control = self._measurements_of(state, entry["parent"])
+        candidate = self._measurements_of(state, entry["commit"])
         orders = sorted(control, reverse=True)[:pairs]
         orders += [self.fresh_data_order() for _ in range(pairs - len(orders))]
         return [(order, control.get(order), candidate.get(order)) for order in orders]
@@ -1235,9 +1236,10 @@ class ResearchLoop:
     def noise_values_from_kept(self) -> list[float]:
         """The kept commit's own value and, where the clock makes reruns repeatable, its reruns on
         other data orders so far (earlier noise repeats, its confirmation as a candidate)."""
-        kept = self.state.load().get("kept_commit", "")
+        state = self.state.load()
+        kept = state.get("kept_commit", "")
         own = [r.val_bpb for r in self.rows() if r.commit == kept[:7] and r.status == "keep"]
-        reruns = self.measurements_of(kept) if kept else {}
+        reruns = self._measurements_of(state, kept) if kept else {}
         return own + [m["val_bpb"] for _, m in sorted(reruns.items())]
 
     def store_noise(self, values: list[float], spent: int, device: str | None = None) -> NoiseEstimate:

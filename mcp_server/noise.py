@@ -3,8 +3,8 @@
 Identical code gives slightly different val_bpb (kernels, timing-dependent step counts, and
 the luck of the data). measure_noise repeats the last kept commit, each repeat on another
 stretch of the training data (on the CPU profile's flops clock the code alone would repeat
-to within a few 1e-5); the estimate is the sample standard deviation of those values. A gain counts
-as real when it exceeds two standard deviations (and the observed spread): below that, a
+to within a few 1e-5); the estimate is the sample standard deviation of those values. A gain
+counts as real when it exceeds two standard deviations (and the observed spread): below that, a
 keep is a coin flip.
 """
 import statistics
