@@ -34,6 +34,12 @@ def running_entry(ws) -> dict | None:
     return next((e for e in state_of(ws)["runs"].values() if e["status"] == "running"), None)
 
 
+def training_started(ws) -> bool:
+    """The fake trainer spawned its grandchild and the worker wrote the pid report (either can come first)."""
+    entry = running_entry(ws)
+    return (slot_dir(ws) / "spawned.pid").exists() and entry is not None and (ws / entry["report"]).exists()
+
+
 def run_processes(ws, entry) -> list[int]:
     """The run's worker, its training and the grandchild the fake trainer spawned."""
     report = json.loads((ws / entry["report"]).read_text())
@@ -83,7 +89,7 @@ def sigkill_server_mid_run(ws, cache) -> tuple[dict, dict]:
                 answer(await client.call_tool("setup", {"tag": "kill"}))
                 set_knobs(ws, sleep=120, steps=120, spawn=1)
                 answer(await client.call_tool("run_experiment", {"description": "doomed", "wait": False}))
-                assert wait_until(lambda: (slot_dir(ws) / "spawned.pid").exists(), 10)
+                assert wait_until(lambda: training_started(ws), 10)
                 killed.update(state_of(ws))
                 os.kill(running_entry(ws)["server_pid"], signal.SIGKILL)
         except Exception:
@@ -124,7 +130,7 @@ def test_client_closing_stdio_mid_run_kills_the_training(ws_cache):
             answer(await client.call_tool("setup", {"tag": "close"}))
             set_knobs(ws, sleep=120, steps=120, spawn=1)
             answer(await client.call_tool("run_experiment", {"description": "abandoned", "wait": False}))
-            assert wait_until(lambda: (slot_dir(ws) / "spawned.pid").exists(), 10)
+            assert wait_until(lambda: training_started(ws), 10)
             return run_processes(ws, running_entry(ws))
     processes = anyio.run(go)
     assert wait_until(lambda: not any(pid_alive(p) for p in processes), 10), processes
