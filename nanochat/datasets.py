@@ -25,6 +25,11 @@ SHARD_PATTERN = "shard_{:05d}.parquet"
 SOURCE_KEY = b"autoresearch_source"  # parquet metadata naming the data set a shard was written from
 ROW_GROUP_ROWS = 1024
 SHARD_CHARS = 1_000_000  # text per locally written train shard
+# Local train documents are shuffled in pools of this much text before they are written: a source
+# cut into documents (a file, a book) would otherwise fill a stretch of the data alone, and a run
+# (or a rerun on another data order) would train on a few sources instead of a sample of all.
+SHUFFLE_POOL_CHARS = 50_000_000
+SHUFFLE_SEED = 0
 
 CLIMBMIX_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
 CLIMBMIX_LAST_SHARD = 6542  # upstream pins this one as validation
@@ -163,37 +168,36 @@ def shard_source(path: Path):
 
 
 def write_corpus(documents, val_chars: int, directory: Path, source: str = "local", report=print) -> int:
-    """Stream documents into shards: the first val_chars of text become the last (validation) shard.
+    """Stream documents into shards: the first val_chars of text become the last (validation) shard,
+    the rest is shuffled (in pools of SHUFFLE_POOL_CHARS) into train shards.
 
-    Returns the number of shards written. Validation comes first in the stream so nothing but it
-    is ever held in memory; it is written last so that it sorts last. A corpus too small for
-    val_chars gives validation at most MAX_VAL_FRACTION of its text (evaluation then cycles).
-    source (the data set's name) is stored in each shard, so shards of different origins never mix.
+    Returns the number of shards written. Validation comes first in the stream so that it holds
+    whole sources the train shards never saw; it is written last so that it sorts last. A corpus
+    too small for val_chars gives validation at most MAX_VAL_FRACTION of its text (evaluation then
+    cycles). source (the data set's name) is stored in each shard, so shards of different origins
+    never mix.
     """
     directory.mkdir(parents=True, exist_ok=True)
+    shuffler = random.Random(SHUFFLE_SEED)
     val, val_size, train_size, index = [], 0, 0, 0
-    batch, batch_size = [], 0
+    pool, pool_size = [], 0
     for doc in documents:
         if val_size < val_chars:
             val.append(doc)
             val_size += len(doc)
             continue
-        batch.append(doc)
-        batch_size += len(doc)
+        pool.append(doc)
+        pool_size += len(doc)
         train_size += len(doc)
-        if batch_size >= SHARD_CHARS:
-            index = _write_train_shard(batch, directory, index, source, report)
-            batch, batch_size = [], 0
+        if pool_size >= SHUFFLE_POOL_CHARS:
+            index = _write_train_shards(pool, shuffler, directory, index, source, report)
+            pool, pool_size = [], 0
     keep, kept_size = 0, 0
     while keep < len(val) and kept_size < MAX_VAL_FRACTION * (val_size + train_size):
         kept_size += len(val[keep])
         keep += 1
-    batch, val = batch + val[keep:], val[:keep]
-    while batch:
-        cut = next((i + 1 for i, size in enumerate(itertools.accumulate(map(len, batch))) if size >= SHARD_CHARS),
-                   len(batch))
-        index = _write_train_shard(batch[:cut], directory, index, source, report)
-        batch = batch[cut:]
+    index = _write_train_shards(pool + val[keep:], shuffler, directory, index, source, report)
+    val = val[:keep]
     if index == 0 or not val:
         raise ValueError("Not enough text for a train and a validation shard. Give the data set more text.")
     _write_shard(val, directory / SHARD_PATTERN.format(index), source)
@@ -204,10 +208,17 @@ def write_corpus(documents, val_chars: int, directory: Path, source: str = "loca
     return index + 1
 
 
-def _write_train_shard(texts: list, directory: Path, index: int, source: str, report) -> int:
-    _write_shard(texts, directory / SHARD_PATTERN.format(index), source)
-    report(f"wrote shard {index} ({sum(map(len, texts)) / 1e6:.1f}M chars)")
-    return index + 1
+def _write_train_shards(docs: list, shuffler: random.Random, directory: Path, index: int, source: str,
+                        report) -> int:
+    """Shuffles the documents and writes them into shards of about SHARD_CHARS; returns the next index."""
+    shuffler.shuffle(docs)
+    while docs:
+        cut = next((i + 1 for i, size in enumerate(itertools.accumulate(map(len, docs))) if size >= SHARD_CHARS),
+                   len(docs))
+        _write_shard(docs[:cut], directory / SHARD_PATTERN.format(index), source)
+        report(f"wrote shard {index} ({sum(map(len, docs[:cut])) / 1e6:.1f}M chars)")
+        docs, index = docs[cut:], index + 1
+    return index
 
 
 def cut_documents(text: str, max_chars: int):

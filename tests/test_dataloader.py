@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nanochat.dataloader import DATA_ORDER_ENV, _DocumentPool, data_order_start, make_dataloader
-from nanochat.datasets import ShardError, check_shard, split_paths, write_corpus
+from nanochat.datasets import ShardError, check_shard, iter_text_batches, split_paths, write_corpus
 from nanochat.tokenizer import Tokenizer
 
 B, T = 4, 64
@@ -108,6 +108,20 @@ def test_epoch_counts_passes_over_the_train_shards(tokenizer, tmp_path):
     assert len(first_pass) == len(set(first_pass)) > 0.5 * len(encoded)  # the rest: validation, crops
 
 
+def test_a_stretch_of_the_train_split_mixes_every_source(tmp_path):
+    """A local corpus comes source by source (a file cut into documents): its train documents are
+    shuffled, so a run's stretch of the data samples all sources; validation keeps whole sources
+    that training never sees."""
+    documents = [f"doc {i}: source {i // 50} " + "word " * 40 for i in range(4000)]  # 80 sources of 50
+    write_corpus(iter(documents), val_chars=20_000, directory=tmp_path, report=lambda line: None)
+    order = sorted(split_positions(tmp_path), key=split_positions(tmp_path).get)
+    assert len({n // 50 for n in order[:200]}) > 40  # the first 200 in stream order: 4 sources
+    val_texts = next(iter_text_batches(split_paths("val", tmp_path), 10_000))
+    val_sources = {int(re.search(r"source (\d+)", t).group(1)) for t in val_texts}
+    assert len(val_sources - {max(val_sources)}) > 0 and not {n // 50 for n in order} & (val_sources - {max(val_sources)})
+    assert len(order) + len(val_texts) == len(documents)  # nothing lost, nothing twice
+
+
 def test_validation_batches_are_identical_every_time(tokenizer, corpus):
     first = next(make_dataloader(tokenizer, B, T, "val", device="cpu", directory=corpus[0]))
     again = next(make_dataloader(tokenizer, B, T, "val", device="cpu", directory=corpus[0]))
@@ -141,17 +155,25 @@ def first_documents(tokenizer, directory, split="train") -> set:
     return {int(number) for number in re.findall(r"doc (\d+):", text)}
 
 
+def split_positions(directory) -> dict:
+    """Each train document's number -> its position in the train split."""
+    texts = itertools.chain.from_iterable(iter_text_batches(split_paths("train", directory), 1024))
+    return {int(re.match(r"doc (\d+):", text).group(1)): i for i, text in enumerate(texts)}
+
+
 def test_a_data_order_trains_on_another_stretch_of_the_documents(tokenizer, corpus, monkeypatch):
     """A rerun's data order (set by the server's worker) starts the training stream elsewhere in the
     split, far from the usual start and from the other orders; the validation batches do not move."""
-    usual, validation = first_documents(tokenizer, corpus[0]), first_documents(tokenizer, corpus[0], "val")
+    position = split_positions(corpus[0])
+    usual = {position[n] for n in first_documents(tokenizer, corpus[0])}
+    validation = first_documents(tokenizer, corpus[0], "val")
     documents = sum(map(check_shard, split_paths("train", corpus[0])))
     starts = sorted(data_order_start(k, documents) for k in range(10))
     assert starts[0] == 0 and min(b - a for a, b in zip(starts, starts[1:])) > documents / 20  # well spread
     for order in (1, 2, 9):
         monkeypatch.setenv(DATA_ORDER_ENV, str(order))
-        later = first_documents(tokenizer, corpus[0])
-        assert later and min(later) >= min(usual) + data_order_start(order, documents), order
+        later = {position[n] for n in first_documents(tokenizer, corpus[0])}
+        assert later and min(later) >= data_order_start(order, documents) and not later & usual, order
     assert first_documents(tokenizer, corpus[0], "val") == validation
     monkeypatch.setenv(DATA_ORDER_ENV, "-1")
     with pytest.raises(RuntimeError, match="must be a whole number"):
