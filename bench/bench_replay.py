@@ -6,14 +6,17 @@
 For each kept commit after the first (the baseline), the best it was kept over and the commit itself
 are rerun interleaved (parent, child, parent, child, ...), each in a fresh checkout of its commit,
 with the prepared cache of this environment (AUTORESEARCH_CACHE). A kept gain reproduces when the
-child beats its parent in every pair; the rest are false keeps. Prints a table and the false-keep
-rate, and plots recorded against replayed values. On the flops clock a rerun on the recorded
+child beats its parent on average over the pairs (the mean paired delta is below zero: one pair
+can lose to the luck of its data while the change still helps); the rest are false keeps. Prints
+a table with each pair, the pairs won and the mean, the false-keep rate, and plots recorded
+against replayed values. On the flops clock a rerun on the recorded
 stretch of data repeats its number, so --data-order K trains pair p on data order K + p instead
 (AUTORESEARCH_DATA_ORDER): does the gain hold on data the research run never trained on?
 """
 import argparse
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -67,11 +70,17 @@ def replay(ws: Path, command: list[str], pairs: int, first_order: int) -> list[d
                 order = first_order + k if first_order else 0
                 before.append(measure(ws, parent.commit, command, Path(scratch), order))
                 after.append(measure(ws, child.commit, command, Path(scratch), order))
-            holds = all(b is not None and a is not None and a < b for b, a in zip(before, after))
+            deltas = paired_deltas(before, after)
+            holds = len(deltas) == pairs and sum(deltas) < 0
             found.append({"commit": child.commit, "description": child.description,
                           "recorded": child.val_bpb - parent.val_bpb, "parent_replayed": before,
                           "replayed": after, "reproduces": holds})
     return found
+
+
+def paired_deltas(before: list, after: list) -> list[float]:
+    """child - parent per pair where both runs finished."""
+    return [a - b for b, a in zip(before, after) if a is not None and b is not None]
 
 
 def plot(found: list[dict], path: Path) -> None:
@@ -80,8 +89,7 @@ def plot(found: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(9, 4.5), dpi=110)
     xs = range(1, len(found) + 1)
-    replayed = [sum(a - b for a, b in zip(f["replayed"], f["parent_replayed"]) if a is not None and b is not None)
-                / max(1, len(f["replayed"])) for f in found]
+    replayed = [statistics.fmean(paired_deltas(f["parent_replayed"], f["replayed"]) or [0.0]) for f in found]
     ax.bar([x - 0.2 for x in xs], [f["recorded"] for f in found], width=0.4, label="recorded gain", color="#2a9d47")
     ax.bar([x + 0.2 for x in xs], replayed, width=0.4, label="replayed gain (mean of pairs)",
            color=["#2a9d47" if f["reproduces"] else "#d1495b" for f in found], alpha=0.6)
@@ -107,12 +115,16 @@ def main(argv=None) -> int:
     if args.data_order < 0:
         parser.error("--data-order must be 0 or more")
     found = replay(args.workspace.resolve(), shlex.split(args.command), args.pairs, args.data_order)
-    print(f"\n{'commit':8} {'recorded':>9} {'replayed (child - parent)':>28}  reproduces  description")
+    print(f"\n{'commit':8} {'recorded':>9} {'replayed (child - parent)':>36} {'won':>5} {'mean':>8}  "
+          f"reproduces  description")
     for f in found:
         pairs = ", ".join("crash" if a is None or b is None else f"{a - b:+.4f}"
                           for a, b in zip(f["replayed"], f["parent_replayed"]))
-        print(f"{f['commit']:8} {f['recorded']:>+9.4f} {pairs:>28}  {'yes' if f['reproduces'] else 'NO':10}  "
-              f"{f['description'][:50]}")
+        deltas = paired_deltas(f["parent_replayed"], f["replayed"])
+        won = f"{sum(d < 0 for d in deltas)}/{len(f['replayed'])}"
+        mean = f"{statistics.fmean(deltas):+.4f}" if deltas else "-"
+        print(f"{f['commit']:8} {f['recorded']:>+9.4f} {pairs:>36} {won:>5} {mean:>8}  "
+              f"{'yes' if f['reproduces'] else 'NO':10}  {f['description'][:50]}")
     false_keeps = sum(not f["reproduces"] for f in found)
     print(f"\nfalse keeps: {false_keeps} of {len(found)} kept gains ({false_keeps / len(found):.0%})")
     plot(found, args.plot)

@@ -222,6 +222,13 @@ def test_the_replay_benchmark_finds_a_false_keep(tmp_path, repo_root):
                            "--data-order", "3", "--command", f"{sys.executable} fake_train.py", "--plot",
                            str(tmp_path / "replay.png")], capture_output=True, text=True, timeout=300)
     assert "false keeps: 0 of 2" in done.stdout and "-0.0400, -0.0700" in done.stdout, done.stdout + done.stderr
+    # orders 1 to 3: 0.92, 0.89, 0.86 against 0.9: one pair lost, but better on average
+    done = subprocess.run([sys.executable, str(repo_root / "bench" / "bench_replay.py"), str(ws), "--pairs", "3",
+                           "--data-order", "1", "--command", f"{sys.executable} fake_train.py", "--plot",
+                           str(tmp_path / "replay.png")], capture_output=True, text=True, timeout=300)
+    last = next(line for line in done.stdout.splitlines() if line.startswith(chain[2][0]))
+    assert "+0.0200, -0.0100, -0.0400" in last and " 2/3 " in last and "-0.0100" in last.split("/3")[1], last
+    assert "yes" in last and "false keeps: 0 of 2" in done.stdout, done.stdout
     assert len(git(ws, "worktree", "list").splitlines()) == 1  # every checkout removed
 
 
