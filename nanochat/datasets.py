@@ -212,13 +212,20 @@ def _write_train_shards(docs: list, shuffler: random.Random, directory: Path, in
                         report) -> int:
     """Shuffles the documents and writes them into shards of about SHARD_CHARS; returns the next index."""
     shuffler.shuffle(docs)
-    while docs:
-        cut = next((i + 1 for i, size in enumerate(itertools.accumulate(map(len, docs))) if size >= SHARD_CHARS),
-                   len(docs))
-        _write_shard(docs[:cut], directory / SHARD_PATTERN.format(index), source)
-        report(f"wrote shard {index} ({sum(map(len, docs[:cut])) / 1e6:.1f}M chars)")
-        docs, index = docs[cut:], index + 1
-    return index
+    shard, size = [], 0
+    for doc in docs:
+        shard.append(doc)
+        size += len(doc)
+        if size >= SHARD_CHARS:
+            index = _write_train_shard(shard, directory, index, source, report)
+            shard, size = [], 0
+    return _write_train_shard(shard, directory, index, source, report) if shard else index
+
+
+def _write_train_shard(texts: list, directory: Path, index: int, source: str, report) -> int:
+    _write_shard(texts, directory / SHARD_PATTERN.format(index), source)
+    report(f"wrote shard {index} ({sum(map(len, texts)) / 1e6:.1f}M chars)")
+    return index + 1
 
 
 def cut_documents(text: str, max_chars: int):

@@ -114,7 +114,8 @@ def test_a_stretch_of_the_train_split_mixes_every_source(tmp_path):
     that training never sees."""
     documents = [f"doc {i}: source {i // 50} " + "word " * 40 for i in range(4000)]  # 80 sources of 50
     write_corpus(iter(documents), val_chars=20_000, directory=tmp_path, report=lambda line: None)
-    order = sorted(split_positions(tmp_path), key=split_positions(tmp_path).get)
+    position = split_positions(tmp_path)
+    order = sorted(position, key=position.get)
     assert len({n // 50 for n in order[:200]}) > 40  # the first 200 in stream order: 4 sources
     val_texts = next(iter_text_batches(split_paths("val", tmp_path), 10_000))
     val_sources = {int(re.search(r"source (\d+)", t).group(1)) for t in val_texts}
