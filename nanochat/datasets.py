@@ -8,7 +8,6 @@ Local corpora are cut into documents of about a row's length: the dataloader cro
 that fits nowhere and drops the rest, so book-sized documents would mostly be thrown away.
 """
 import hashlib
-import itertools
 import json
 import os
 import random
