@@ -117,6 +117,7 @@ def read_result(text: str, token: str) -> dict | None:
 class ClusterExecutor:
     """The executor interface over an engine; subclasses say how to submit, poll, read, stop."""
     engine = "cluster"
+    stopped_states: tuple[str, ...] = ()  # the engine's final states for a job someone stopped
     split_cpu = False  # each job has a GPU (or a node's share) of its own
 
     def __init__(self, workspace, capacity: int, train_command: list[str]):
@@ -330,5 +331,8 @@ class ClusterExecutor:
             return base | {"timed_out": True, "stopped": None}
         if job.lost:
             return base | {"timed_out": False, "stopped": job.lost}
-        why = f"the {self.engine} job ended without a result" + (f" ({message})" if message else "")
+        if not job.stop_requested and message.split(" ")[0].rstrip(":") in self.stopped_states:  # too late for its node to say
+            why = f"the {self.engine} job was stopped outside this server ({message}) before its node reported"
+        else:
+            why = f"the {self.engine} job ended without a result" + (f" ({message})" if message else "")
         return base | {"timed_out": False, "stopped": why}

@@ -292,7 +292,9 @@ def main(args) -> int:
 
     def interrupted(signum, frame):
         raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, interrupted)
+    # SIGINT too: started in the background by a script, the runner inherits it ignored
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, interrupted)
     try:
         code = runner.run()
     except KeyboardInterrupt:

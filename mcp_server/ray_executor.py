@@ -67,6 +67,7 @@ def unreachable(exc: Exception) -> bool:
 
 class RayExecutor(ClusterExecutor):
     engine = "ray"
+    stopped_states = ("STOPPED",)
 
     def __init__(self, workspace, train_command: list[str], capacity: int, address: str | None = None,
                  gpus: bool = True):

@@ -66,6 +66,7 @@ def slurm_state(job_id: str) -> tuple[str, str]:
 
 class SlurmExecutor(ClusterExecutor):
     engine = "slurm"
+    stopped_states = ("CANCELLED", "PREEMPTED")
 
     def __init__(self, workspace, train_command: list[str], capacity: int, folder: Path,
                  partition: str | None = None, account: str | None = None, cluster: str = "slurm"):

@@ -498,15 +498,10 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    stop = threading.Event()
+    # the first reason wins; a plain list, because a signal handler that takes a lock (Event.set) can
+    # deadlock against the main thread it interrupted
     stop_reason = []
-
-    def request_stop(reason: str) -> None:
-        if not stop.is_set():
-            stop_reason.append(reason)
-            stop.set()
-
-    signal.signal(signal.SIGTERM, lambda *_: request_stop("cancelled"))
+    signal.signal(signal.SIGTERM, lambda *_: stop_reason.append("cancelled"))
     subreaper = prctl(PR_SET_CHILD_SUBREAPER, 1)
     cpus = {int(c) for c in args.cpus.split(",")} if args.cpus else None
     read_end, write_end = os.pipe()
@@ -563,12 +558,13 @@ def main(argv=None) -> int:
         def watch():
             while sys.stdin.buffer.read(1):
                 pass
-            request_stop("server gone")
+            stop_reason.append("server gone")
         threading.Thread(target=watch, daemon=True, name="stdin-watch").start()
 
     timed_out = False
     while child.poll() is None:
-        if stop.wait(0.2):
+        time.sleep(0.2)
+        if stop_reason:
             break
         if evaluation is not None:
             evaluation.start_if_exported()

@@ -6,6 +6,7 @@ temp folder, so no test touches ~/.cache/autoresearch or the network.
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,11 @@ TEST_EVAL_TOKENS = "16384"
 # these once per process: they are set before anything imports it.
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
+
+# A shell without job control starts a background command with SIGINT ignored, and every process
+# the tests start would inherit that: submitit's local cancel (a SIGINT) would then stop nothing.
+# Python's own handler is restored here, which its children see as the default disposition.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

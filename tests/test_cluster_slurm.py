@@ -111,6 +111,23 @@ def test_a_job_ended_by_slurm_itself_is_a_crash_with_the_reason(slurm_lab):
     assert wait_until(lambda: not cluster.trainers(slurm_lab.folder), 30), cluster.trainers(slurm_lab.folder)
 
 
+def test_a_queued_job_cancelled_by_slurm_is_a_crash_with_the_reason(slurm_lab):
+    slurm_lab.baseline()
+    hog = subprocess.run(["sbatch", "--parsable", "--gres=gpu:2", "--output=/dev/null", "--wrap", "sleep 120"], check=True,
+                         capture_output=True, text=True).stdout.strip()  # someone else's job holds both GPUs
+    try:
+        run = slurm_lab.ok("run_experiment", description="never started", wait=False)
+        job = slurm_lab.loop.entry(run["run"])["job"]
+        assert wait_until(lambda: "PENDING" in slurm_executor.slurm_state(job)[1], 30), slurm_executor.slurm_state(job)
+        subprocess.run(["scancel", job], check=True)  # no node ever ran: only SLURM can say what happened
+        result = slurm_lab.ok("wait")["results"][0]
+    finally:
+        subprocess.run(["scancel", hog], check=True)
+    assert result["status"] == "crash", result
+    why = "the slurm job was stopped outside this server (CANCELLED"
+    assert why in result["tail"] and "before its node reported" in result["tail"], result["tail"]
+    assert slurm_lab.ok("discard")["row"]["status"] == "crash"
+
 
 def test_a_job_slurm_no_longer_knows_is_a_crash_with_the_reason(slurm_lab):
     """A restarted server finds a job id that SLURM has forgotten (purged while the server was away)."""

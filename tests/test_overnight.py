@@ -260,10 +260,10 @@ def test_a_call_longer_than_the_clients_tool_timeout_completes(claude, plugin_cl
 
 
 # --- the unattended runner ---------------------------------------------------------------------
-def runner(claude, ws, env, *args) -> subprocess.Popen:
+def runner(claude, ws, env, *args, preexec_fn=None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "mcp_server.cli", "overnight", "--workspace", str(ws),
                              "--claude", claude, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, preexec_fn=preexec_fn)
 
 
 def test_the_runner_starts_new_sessions_until_the_limit(claude, session_env, fake_env, tmp_path):
@@ -288,7 +288,9 @@ def test_ctrl_c_on_the_runner_leaves_no_process_behind(claude, session_env, fake
     steps = [call("setup", tag="night"), call("run_experiment", description="long", wait=False),
              call("wait")]
     with ScriptedAgent(steps) as agent:
-        proc = runner(claude, ws, agent.env(session_env), "--tag", "night")
+        # started as a script's background job would start it: with SIGINT ignored
+        proc = runner(claude, ws, agent.env(session_env), "--tag", "night",
+                      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
         state = ws / ".research-loop" / "state.json"
         assert wait_until(lambda: state.exists() and '"status": "running"' in state.read_text(), 120)
         os.killpg(proc.pid, signal.SIGINT)
