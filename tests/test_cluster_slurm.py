@@ -113,8 +113,9 @@ def test_a_job_ended_by_slurm_itself_is_a_crash_with_the_reason(slurm_lab):
 
 def test_a_queued_job_cancelled_by_slurm_is_a_crash_with_the_reason(slurm_lab):
     slurm_lab.baseline()
-    hog = subprocess.run(["sbatch", "--parsable", "--gres=gpu:2", "--output=/dev/null", "--wrap", "sleep 120"], check=True,
-                         capture_output=True, text=True).stdout.strip()  # someone else's job holds both GPUs
+    # someone else's job holds both GPUs
+    hog = subprocess.run(["sbatch", "--parsable", "--gres=gpu:2", "--output=/dev/null", "--wrap", "sleep 120"],
+                         check=True, capture_output=True, text=True).stdout.strip()
     try:
         run = slurm_lab.ok("run_experiment", description="never started", wait=False)
         job = slurm_lab.loop.entry(run["run"])["job"]
