@@ -332,7 +332,7 @@ class ClusterExecutor:
         if job.lost:
             return base | {"timed_out": False, "stopped": job.lost}
         # stopped by someone else before the node could print its result (a queued job, a hard kill)
-        if not job.stop_requested and message.split(" ")[0].rstrip(":") in self.stopped_states:
+        if not job.stop_requested and message.startswith(self.stopped_states):
             why = f"the {self.engine} job was stopped outside this server ({message}) before its node reported"
         else:
             why = f"the {self.engine} job ended without a result" + (f" ({message})" if message else "")
