@@ -92,13 +92,17 @@ def evaluate(args, tokenizer) -> dict:
     program = exported.module()
     loaded = time.time()
     first_batch = []
+    rows = rows_per_call(exported)
 
-    def per_token_loss(x, y):
+    def call_loss(x, y):
         logits = program(x).float()
         logits, y = logits.view(-1, logits.size(-1)), y.reshape(-1)
-        # in chunks of rows, so that each chunk's passes over the vocabulary run from cache
+        # in chunks of positions, so that each chunk's passes over the vocabulary run from cache
         return torch.cat([torch.nn.functional.cross_entropy(chunk, target, reduction="none")
                           for chunk, target in zip(logits.split(CE_CHUNK_ROWS), y.split(CE_CHUNK_ROWS))])
+
+    def per_token_loss(x, y):
+        return torch.cat([call_loss(*part) for part in zip(x.split(rows), y.split(rows))])
 
     def loss(x, y, reduction="none"):
         losses = per_token_loss(x, y)
@@ -120,6 +124,12 @@ def evaluate(args, tokenizer) -> dict:
     else:
         result["causal"], result["val_bpb"] = True, val_bpb
     return result
+
+
+def rows_per_call(exported) -> int:
+    """The rows of token ids the program takes per call: it was exported for that many."""
+    name = exported.graph_signature.user_inputs[0]
+    return next(n for n in exported.graph.nodes if n.op == "placeholder" and n.name == name).meta["val"].shape[0]
 
 
 def matmul_flops_per_token(exported) -> int:

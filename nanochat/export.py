@@ -18,6 +18,10 @@ import torch
 from nanochat import attention
 
 EXPORT_ENV = "RESEARCH_LOOP_EXPORT"
+# Rows per call of the exported program on the CPU, at most: the evaluation runs it op by op, and
+# at 4 rows (1,024 positions) each op's output (the logits above all) stays in cache; 15% faster
+# than 16 rows on a Zen 4. A GPU gets the whole batch in one call.
+CPU_ROWS_PER_CALL = 4
 
 
 class LogitsOnly(torch.nn.Module):
@@ -46,7 +50,10 @@ def export_for_evaluation(model, batch_size: int, seq_len: int) -> str | None:
         return None
     module = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: export the module itself
     device = next(module.parameters()).device
-    example = torch.zeros((batch_size, seq_len), dtype=torch.long, device=device)  # no validation data needed
+    rows = batch_size  # per call of the program; on the CPU a divisor of the batch, split into calls
+    if device.type == "cpu":
+        rows = max(r for r in range(1, CPU_ROWS_PER_CALL + 1) if batch_size % r == 0)
+    example = torch.zeros((rows, seq_len), dtype=torch.long, device=device)  # no validation data needed
     was_training = module.training
     started = time.time()
     try:

@@ -1,4 +1,5 @@
 """evaluate_bpb against a hand computation on models with fixed logits."""
+import argparse
 import math
 import subprocess
 import sys
@@ -109,3 +110,26 @@ def test_prepare_wrapper_uses_the_profile_constants(prepared_env, repo_root):
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "True"
+
+
+class LogitsBigram(Bigram):
+    """Bigram with train.py's calling convention: logits from token ids alone, or the loss."""
+
+    def forward(self, idx, targets=None, reduction="mean"):
+        if targets is None:
+            return self.logits[idx].float()
+        return super().forward(idx, targets, reduction)
+
+
+def test_the_exported_program_is_called_a_divisor_of_the_batch_at_a_time_and_scores_the_same(
+        tokenizer, tmp_path, monkeypatch):
+    """On the CPU the model is exported for a few rows per call (here 3 of a batch of 6), and the
+    harness's evaluation splits each batch into such calls: the number is the in-process one."""
+    from nanochat import evaluate_export, export
+    model, batch, tokens = LogitsBigram(tokenizer.get_vocab_size()), 6, 2 * 6 * SEQ_LEN
+    monkeypatch.setenv(export.EXPORT_ENV, str(tmp_path / "model.pt2"))
+    program = export.export_for_evaluation(model, batch, SEQ_LEN)
+    assert evaluate_export.rows_per_call(torch.export.load(program)) == 3
+    result = evaluate_export.evaluate(argparse.Namespace(program=program, eval_tokens=tokens), tokenizer)
+    assert result["causal"], result
+    assert abs(result["val_bpb"] - evaluate_bpb(model, tokenizer, batch, SEQ_LEN, tokens)) < 1e-6
