@@ -25,7 +25,8 @@ from pathlib import Path
 import git
 
 from mcp_server import history, integrity, ledger, limits, logparse, noise
-from mcp_server.executor import LocalPool, RunSpec, default_slots, kill_session, read_report, training_env
+from mcp_server.executor import (LocalPool, RunSpec, compile_bytecode, default_slots, kill_session, read_report,
+                                  training_env)
 from mcp_server.models import (
     CancelResult, DecisionResult, HistoryResult, LiveRun, LoggedRow, Metrics, NoiseEstimate, Refusal, Row,
     RunResult, SetupResult, StatusResult, StopResult,
@@ -51,6 +52,7 @@ MIN_TIMEOUT_MARGIN_S = 300.0
 MAX_TIMEOUT_S = 86400.0
 ENV_SYNC_TIMEOUT_S = 900  # the first `uv run` of a workspace may install torch
 DEFAULT_TRAIN_COMMAND = ["uv", "run", "train.py"]
+ENV_PROBE = "import sys, sysconfig; print(sys.executable); print(sysconfig.get_paths()['purelib'])"
 LOG_TAIL_BYTES = 256 * 1024  # what is parsed of a log: the summary block and a crash's tail live at its end
 MAX_NOTE_CHARS = 140  # of a keep note or discard reason in the row: the description keeps the rest
 RUN_ARG_RE = re.compile(r"[0-9]{1,9}|[0-9a-fA-F]{7,40}")
@@ -424,10 +426,12 @@ class ResearchLoop:
         if self._python is None:
             for sync in ([], ["--no-sync"])[::-1]:  # the environment as it is, else synced
                 found = subprocess.run(["uv", "run", "--project", str(self.root), *sync, "python", "-c",
-                                        "import sys; print(sys.executable)"], cwd=self.root, capture_output=True,
+                                        ENV_PROBE], cwd=self.root, capture_output=True,
                                        text=True, env=training_env(self.root), timeout=ENV_SYNC_TIMEOUT_S)
                 if found.returncode == 0:
-                    self._python = found.stdout.strip().splitlines()[-1]
+                    python, site_packages = found.stdout.strip().splitlines()[-2:]
+                    compile_bytecode(python, site_packages)
+                    self._python = python
                     break
             else:
                 raise OSError(f"`uv run` could not prepare the workspace's environment: "

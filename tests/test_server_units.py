@@ -1,4 +1,5 @@
 """Log parsing, ledger rows, the state's locks and the run worker, without a server."""
+import importlib.util
 import json
 import math
 import re
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from mcp_server import ledger, logparse, noise
-from mcp_server.executor import training_env
+from mcp_server.executor import compile_bytecode, training_env
 from mcp_server.models import Refusal
 from mcp_server.state import State
 
@@ -210,6 +211,18 @@ def test_training_does_not_inherit_the_servers_virtual_env(tmp_path, monkeypatch
     env = training_env(tmp_path)
     assert "VIRTUAL_ENV" not in env and env["PYTHONUNBUFFERED"] == "1"
     assert env["UV_PROJECT_ENVIRONMENT"] == str(tmp_path / ".venv")
+
+
+def test_the_training_environment_gets_its_bytecode_from_the_server(tmp_path, monkeypatch):
+    """Runs import from an environment they cannot write (the sandbox), so the server compiles its
+    packages' bytecode, even where the server's own environment says not to write any."""
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    package = tmp_path / "site-packages" / "pkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("VALUE = 1\n")
+    (package / "broken_on_this_python.py").write_text("def f(:\n")  # as torch ships: never stops the rest
+    compile_bytecode(sys.executable, str(tmp_path / "site-packages"))
+    assert Path(importlib.util.cache_from_source(str(package / "__init__.py"))).is_file()
 
 
 # --- the run worker -------------------------------------------------------------------------
