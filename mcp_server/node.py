@@ -116,8 +116,9 @@ def sync_environment() -> None:
     with FileLock(env_dir.with_suffix(".lock")):
         if not (env_dir / ".synced").exists():
             frozen = ["--frozen"] if Path("uv.lock").is_file() else []
-            run_step("syncing the environment", ["uv", "sync", *frozen, "--no-install-project"], SYNC_TIMEOUT_S,
-                     env=dict(os.environ, UV_PROJECT_ENVIRONMENT=str(env_dir)))
+            # with bytecode: the sandboxed training cannot write it, and would compile torch's modules every run
+            run_step("syncing the environment", ["uv", "sync", *frozen, "--no-install-project", "--compile-bytecode"],
+                     SYNC_TIMEOUT_S, env=dict(os.environ, UV_PROJECT_ENVIRONMENT=str(env_dir)))
             (env_dir / ".synced").write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
     os.environ["UV_PROJECT_ENVIRONMENT"] = str(env_dir)
 

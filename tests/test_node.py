@@ -2,6 +2,7 @@
 job's code folder, with the scripts shipped beside the code. Two jobs starting together on one
 node prepare the data once; a node that cannot prepare says which node and why."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -132,3 +133,19 @@ def test_in_a_nodes_sandbox_the_harness_copy_is_read_only(tmp_path, bubblewrap):
     result, out = verified_job(tmp_path, "/usr/bin:/bin")
     assert result["sandbox"] is True and "could not tamper" in out
     assert result["evaluation"]["val_bpb"] == 1.234 and "error" not in result["evaluation"]
+
+
+def test_a_node_makes_the_projects_environment_once_with_its_bytecode(tmp_path, monkeypatch):
+    """The training imports from that environment inside the sandbox, where it cannot write bytecode."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "pyproject.toml").write_text('[project]\nname = "tiny"\nversion = "0"\nrequires-python = ">=3.10"\n'
+                                            'dependencies = ["idna"]\n')  # small, pure Python, from the index
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("RESEARCH_LOOP_NODE_DIR", str(tmp_path / "node"))
+    monkeypatch.setenv("UV_PROJECT_ENVIRONMENT", "restored after the test")
+    monkeypatch.delenv("UV_PROJECT_ENVIRONMENT")
+    node.sync_environment()
+    env_dir = Path(os.environ["UV_PROJECT_ENVIRONMENT"])
+    assert env_dir.parent == tmp_path / "node" / "envs" and (env_dir / ".synced").is_file()
+    assert list(env_dir.glob("lib/python*/site-packages/idna/__pycache__/*.pyc")), "no bytecode in the environment"
