@@ -15,7 +15,6 @@ wall time at most 1.3x the budget.
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -32,7 +31,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import prepared_cache  # noqa: E402
 
+from mcp_server import logparse  # noqa: E402
 from mcp_server.loop import ResearchLoop  # noqa: E402
+from mcp_server.models import Summary  # noqa: E402
 from mcp_server.server import build_server  # noqa: E402
 
 HARNESS = ("prepare.py", "train.py", "nanochat")
@@ -53,12 +54,11 @@ def workspace(folder: Path) -> Path:
     return ws
 
 
-def alone(ws: Path) -> tuple[float, float, str]:
-    """(wall seconds, train.py's own evaluation seconds, its compile cache state)"""
+def alone(ws: Path) -> tuple[float, Summary]:
+    """(wall seconds, train.py's summary block)"""
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "train.py"], cwd=ws, check=True, capture_output=True, text=True).stdout
-    return (time.perf_counter() - t0, float(re.search(r"^eval_seconds:\s+([\d.]+)", out, re.M).group(1)),
-            re.search(r"^compile_cache:\s+(.*)$", out, re.M).group(1))
+    return time.perf_counter() - t0, logparse.parse_summary(out)
 
 
 def through_the_server(ws: Path) -> dict:
@@ -103,14 +103,14 @@ def main():
     costs, walls = [], []
     for pair in range(1, args.pairs + 1):
         ws = workspace(folder / f"pair{pair}")
-        bare, bare_eval, cache_state = alone(ws)
+        bare, summary = alone(ws)
         served = through_the_server(ws)
         r, e = served["result"], served["evaluation"]
         assert r["status"] == "ok", r.get("tail")
         costs.append(served["wall"] - bare)
         walls.append(served["wall"])
-        print(f"pair {pair}: alone {bare:.1f} s wall (compile cache {cache_state}, its own evaluation "
-              f"{bare_eval:.1f} s); through the server "
+        print(f"pair {pair}: alone {bare:.1f} s wall (compile cache {summary.compile_cache}, its own evaluation "
+              f"{summary.eval_seconds:.1f} s); through the server "
               f"{served['wall']:.1f} s (compile cache {r.get('compile_cache')}), val_bpb {r['val_bpb']:.6f} "
               f"(verified: {r.get('verified')}); cost {costs[-1]:.1f} s")
         print(f"  the harness's evaluation, in place of train.py's: export {e.get('export_seconds')} s, then "
