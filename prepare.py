@@ -272,6 +272,25 @@ def flops_clock_rate() -> float:
     return rate
 
 
+def prepare_compiler_once() -> bool:
+    """What train.py's compiled path builds once per machine, built now instead of in the first run's
+    start-up (nanochat/compile.py); True if there was anything to build."""
+    from nanochat import compile as compiling  # sets the compile cache beside the data
+    if not compiling.compiler_needs_preparing():
+        return False
+    print("Preparing the compiler (its checks of this CPU and the C++ headers, once per machine)...", flush=True)
+    started = time.time()
+    try:
+        compiling.prepare_compiler()
+    except Exception as error:  # noqa: BLE001  (train.py then trains eager, and says so)
+        first_line = (str(error).strip().splitlines() or [""])[0][:200]
+        print(f"  compiling does not work here ({type(error).__name__}: {first_line}): train.py will train eager",
+              flush=True)
+        return True
+    print(f"  compiler ready in {time.time() - started:.1f}s -> {compiling.compile_cache_dir_now()}", flush=True)
+    return True
+
+
 def _foreign_shards(dataset: str) -> list:
     """Shards in the data folder that did not come from this data set."""
     return [path for path in datasets.list_shards() if datasets.shard_source(path) != dataset]
@@ -314,7 +333,8 @@ def prepare(profile_name: str, dataset_request: str, num_shards: int, force: boo
         problem = data_problem() or tokenizer_problem(profile["vocab_size"])
         more_shards = dataset == "climbmix" and num_shards > len(datasets.split_paths("train"))
         if problem is None and not more_shards:
-            print("Already prepared with these choices: nothing to do.")
+            if not prepare_compiler_once():
+                print("Already prepared with these choices: nothing to do.")
             return 0
         if problem:
             print(f"Prepared before, but: {problem}\nRepairing...", flush=True)
@@ -336,6 +356,7 @@ def prepare(profile_name: str, dataset_request: str, num_shards: int, force: boo
         wanted["flops_per_budget_second"] = (record or {}).get("flops_per_budget_second") or flops_clock_rate()
     _write_record(dict(wanted, num_train_shards=len(datasets.split_paths("train")), val_shard=datasets.pin(),
                        python=sys.version.split()[0], prepared_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
+    prepare_compiler_once()
     print(f"Done in {time.time() - started:.1f}s. Next: `uv run train.py`.")
     return 0
 

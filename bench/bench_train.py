@@ -6,8 +6,10 @@ targets.
 
 Rows: today's train.py (commit fd3376c, before this compiled path: the reference of the ratio
 targets), the eager path (AUTORESEARCH_COMPILE=0), the compiled path with a fresh compile cache
-(cold) and the same again (warm), and with --modes the other compile modes tried (steps only: a
-mode's compilation happens in the untimed first step, so a cold cache does not change its steps).
+(cold: a model never compiled, on a machine that prepare.py prepared, its once-per-machine
+compiler step timed apart) and the same again (warm), and with --modes the other compile modes
+tried (steps only: a mode's compilation happens in the untimed first step, so a cold cache does
+not change its steps).
 Last, a copy of train.py whose learning rate and warm-down ratio differ runs briefly, to show that
 a constants-only edit starts warm. The cache defaults to $AUTORESEARCH_CACHE, else a temp folder
 prepared with the offline corpus. Take figures on a quiet machine: the load average is printed
@@ -100,6 +102,20 @@ def run_training(name: str, script: Path, env: dict, total_batch: int) -> Run:
     timed = max(summary.num_steps - 1, 1)
     return Run(name, summary, wall, timed, timed * total_batch / summary.training_seconds,
                wall - summary.training_seconds - summary.eval_seconds, load)
+
+
+def prepare_compiler(env: dict) -> float:
+    """prepare.py's once-per-machine compiler step, into the fresh compile cache of the cold run: the
+    seconds it took (the first run on a machine that skipped it would pay them in its start-up)."""
+    print("  prepare.py's compiler step (once per machine) ...", end="", flush=True)
+    t0 = time.time()
+    done = subprocess.run(python_command() + ["prepare.py"], cwd=REPO, env=env, capture_output=True, text=True)
+    if done.returncode != 0 or "compiler ready" not in done.stdout:
+        sys.exit(f"\nprepare.py did not prepare the compiler (exit {done.returncode}):\n{done.stdout[-3000:]}"
+                 f"\n{done.stderr[-3000:]}")
+    seconds = time.time() - t0
+    print(f" {seconds:.0f} s", flush=True)
+    return seconds
 
 
 def variant(source: str, old: str, new: str, folder: Path, name: str) -> Path | None:
@@ -196,6 +212,7 @@ def main():
         runs.append(run_training(f"today ({TODAY_COMMIT})", today, base, today_batch))
     runs.append(run_training("eager", REPO / "train.py", dict(base, AUTORESEARCH_COMPILE="0"), total_batch))
     fresh = dict(base, TORCHINDUCTOR_CACHE_DIR=str(work / "compile-cache"))
+    machine_s = prepare_compiler(fresh)
     cold = run_training("compiled, cold cache", REPO / "train.py", fresh, total_batch)
     warm = run_training("compiled, warm cache", REPO / "train.py", fresh, total_batch)
     runs += [cold, warm]
@@ -259,8 +276,8 @@ def main():
         ("compiled vs eager, steps", f"{default_steps / eager.summary.num_steps:.2f}x", None),
         (f"warm wall <= {MAX_WARM_WALL_RATIO}x budget", f"{warm.wall:.1f} s = {warm.wall / budget:.2f}x",
          warm.wall <= MAX_WARM_WALL_RATIO * budget),
-        (f"cold start-up <= {MAX_COLD_STARTUP_S:.0f} s", f"{cold.startup:.1f} s (warm {warm.startup:.1f} s)",
-         cold.startup <= MAX_COLD_STARTUP_S),
+        (f"cold start-up <= {MAX_COLD_STARTUP_S:.0f} s (a new model; once per machine, prepare.py took "
+         f"{machine_s:.0f} s)", f"{cold.startup:.1f} s (warm {warm.startup:.1f} s)", cold.startup <= MAX_COLD_STARTUP_S),
         ("caches: cold run cold, rerun warm", f"{cold.summary.compile_cache} / {warm.summary.compile_cache}",
          cold.summary.compile_cache == "cold" and warm.summary.compile_cache == "warm"),
     ]

@@ -5,12 +5,15 @@ The cache is <cache>/compile (beside the data, see nanochat/cache.py), so it sur
 Inductor's FX-graph cache and AOTAutograd's cache key a graph by its structure, shapes and dtypes,
 not by train.py's text: a second run of the same model, or a run whose edit changed only a
 learning rate or a schedule constant, loads every compiled graph from there instead of compiling
-it. AUTORESEARCH_COMPILE=0 trains eager; so does any platform where compiling fails, after one
-line in the log that says why.
+it. What Inductor builds once per machine (precompiled C++ headers, its checks of the CPU) is
+built by prepare.py (prepare_compiler), so even the first run of a new model compiles only its
+own graphs. AUTORESEARCH_COMPILE=0 trains eager; so does any platform where compiling fails, after
+one line in the log that says why.
 """
 import logging
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from nanochat.cache import cache_dir
@@ -25,6 +28,10 @@ def compile_cache_dir():
 def compile_cache_dir_now():
     """Where Inductor caches this run's graphs (TORCHINDUCTOR_CACHE_DIR, set below unless given)."""
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
+def headers_dir() -> Path:
+    return compile_cache_dir_now() / "precompiled_headers"
 
 
 # Read by Inductor when it first compiles, so setting it at import is in time; Triton's cache (CUDA)
@@ -57,26 +64,21 @@ class Compiler:
             import torch._functorch.config
             import torch._inductor.config
             import torch._inductor.codecache
+            build_halves_at_once()
             torch._inductor.config.fx_graph_cache = True
             torch._functorch.config.enable_autograd_cache = True
             # Inductor keeps its precompiled C++ headers in the temp folder whatever the cache dir
             # says; beside the rest they survive a reboot, and a fresh cache dir is truly cold
-            headers = compile_cache_dir_now() / "precompiled_headers"
             if hasattr(torch._inductor.codecache, "_HEADER_DIR"):
-                torch._inductor.codecache._HEADER_DIR = str(headers)
-                torch._inductor.codecache._HEADER_LOCK_DIR = str(headers / "locks")
+                torch._inductor.codecache._HEADER_DIR = str(headers_dir())
+                torch._inductor.codecache._HEADER_LOCK_DIR = str(headers_dir() / "locks")
 
     @property
     def enabled(self) -> bool:
         return self.off_reason is None
 
     def __call__(self, fn, **options):
-        if DEVICE.type == "cpu" and "mode" not in options and options.get("backend", "inductor") == "inductor":
-            # One C++ module per graph instead of one per kernel: on 2 cores a cold compile of
-            # train.py's model took half the time (gcc starts, and loads torch's headers, once per
-            # module), and trains as fast
-            options["options"] = {"cpp_wrapper": True, **options.get("options", {})}
-        return _Compiled(self, fn, options) if self.enabled else fn
+        return _Compiled(self, fn, with_cpu_options(options)) if self.enabled else fn
 
     def fail(self, error: Exception):
         if self.enabled:
@@ -115,6 +117,67 @@ class Compiler:
         if misses and not hits:
             return "cold"
         return "partial" if hits else "unused"
+
+
+def with_cpu_options(options: dict) -> dict:
+    """torch.compile's options, with what compiles fastest on the CPU where Inductor compiles C++."""
+    if DEVICE.type == "cpu" and "mode" not in options and options.get("backend", "inductor") == "inductor":
+        # One C++ module per graph instead of one per kernel: on 2 cores a cold compile of
+        # train.py's model took half the time (gcc starts, and loads torch's headers, once per
+        # module), and trains as fast. Built in two parts: the kernels at -O3, the wrapper that
+        # calls them (most of the code) at -O1, which cut gcc's time per model from 24 s to 15 s
+        # on a 2-core Zen 4, at the same step time
+        options = dict(options, options={"cpp_wrapper": True, "cpp_wrapper_build_separate": True,
+                                         **options.get("options", {})})
+    return options
+
+
+def build_halves_at_once():
+    """Inductor builds a graph's two C++ halves (wrapper, kernels) one after the other, then links
+    them; here both compile at once, one core each, which takes 5 s off a cold compile of train.py's
+    model on 2 cores. Left as it is where this torch has no such step (the private API moved)."""
+    import torch._inductor.codecache as codecache
+    from torch.utils._filelock import FileLock
+    one_by_one = getattr(codecache, "_worker_compile_cpp", None)
+    if one_by_one is None or getattr(one_by_one, "at_once", False):
+        return
+
+    def build(builder):
+        if not os.path.exists(builder.get_target_file_path()):
+            builder.build()
+
+    def at_once(lock_path, builders):
+        if len(builders) != 3:  # one module, or a shape this was not written for
+            return one_by_one(lock_path, builders)
+        *halves, linker = builders
+        with FileLock(lock_path, timeout=codecache.LOCK_TIMEOUT):
+            with ThreadPoolExecutor(len(halves)) as pool:
+                list(pool.map(build, halves))
+            build(linker)
+
+    at_once.at_once = True
+    codecache._worker_compile_cpp = at_once
+
+
+def compiler_needs_preparing() -> bool:
+    """Whether train.py compiles C++ here (the CPU, compiling on) and what prepare_compiler builds is
+    not in the cache yet."""
+    return DEVICE.type == "cpu" and not any(headers_dir().glob("*.gch")) and Compiler().enabled
+
+
+def prepare_compiler():
+    """Compile a small stand-in once, so that what Inductor builds once per machine and torch version
+    (its checks of the CPU's vector instructions, the precompiled C++ headers: 12 s of a 2-core
+    Zen 4's cold start-up) is in the cache before the first run; a new model then compiles only its
+    own graphs. Raises what torch.compile raises where compiling does not work."""
+    from nanochat.platform import autocast
+    Compiler()  # the cache settings
+    layer = torch.nn.Linear(64, 64)
+    compiled = torch.compile(lambda x: torch.nn.functional.gelu(layer(x)).float().square().mean(),
+                             **with_cpu_options({"dynamic": False}))
+    with autocast():
+        compiled(torch.randn(8, 64)).backward()
+    torch._dynamo.reset()
 
 
 def _dynamo_loaded() -> bool:

@@ -1,6 +1,7 @@
-"""The compiled training path on the CPU, end to end: a cold run compiles and says so, a rerun and a
-constants-only edit load every graph from the compile cache (counted, not timed), and a platform
-where compiling fails trains eager after one line in the log."""
+"""The compiled training path on the CPU, end to end: prepare.py builds what is built once per
+machine, a cold run compiles its own graphs and says so, a rerun and a constants-only edit load
+every graph from the compile cache (counted, not timed), and a platform where compiling fails
+trains eager after one line in the log."""
 import json
 import os
 import shutil
@@ -62,19 +63,54 @@ def small_train(repo_root, tmp_path_factory) -> Path:
     return write_train(tmp_path_factory.mktemp("small"), edited((repo_root / "train.py").read_text(), SMALL))
 
 
+def recording_compiler(folder: Path) -> tuple[Path, Path]:
+    """A C++ compiler that writes each command line to a log, then runs the real one."""
+    script, log = folder / "cxx", folder / "cxx.log"
+    script.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> "{log}"\nexec {os.environ.get("CXX", "g++")} "$@"\n')
+    script.chmod(0o755)
+    return script, log
+
+
+def compilations(log: Path) -> set:
+    """The compiler's command lines that built something (not its version checks); empties the log."""
+    lines = {line for line in log.read_text().splitlines() if " -o " in line} if log.exists() else set()
+    log.unlink(missing_ok=True)
+    return lines
+
+
 @pytest.fixture(scope="module")
 def runs(prepared_env, repo_root, small_train, tmp_path_factory):
-    """The small train.py with a fresh compile cache, then again, then a copy whose constants differ."""
+    """prepare.py's compiler step into a fresh compile cache; then the small train.py, the same
+    again, and a copy whose constants differ, with the compiler's command lines recorded."""
     compile_cache = tmp_path_factory.mktemp("compile-cache")
-    env = compiled_env(prepared_env, compile_cache, AUTORESEARCH_TIME_BUDGET=SHORT_BUDGET)
+    cxx, log = recording_compiler(tmp_path_factory.mktemp("cxx"))
+    env = compiled_env(prepared_env, compile_cache, AUTORESEARCH_TIME_BUDGET=SHORT_BUDGET, CXX=str(cxx))
+    prepare = subprocess.run([sys.executable, "prepare.py"], cwd=repo_root, env=env, capture_output=True, text=True)
+    built_by_prepare = compilations(log)
     cold = checked(run_copy(small_train, env, repo_root))
+    built_by_cold = compilations(log)
     after_cold = cache_entries(compile_cache)
     warm = checked(run_copy(small_train, env, repo_root))
     after_warm = cache_entries(compile_cache)
     constants_edit = write_train(tmp_path_factory.mktemp("edited"), edited(small_train.read_text(), CONSTANTS_ONLY))
     edit = checked(run_copy(constants_edit, env, repo_root))
     return dict(cold=cold, warm=warm, edited=edit, after_cold=after_cold, after_warm=after_warm,
-                after_edit=cache_entries(compile_cache))
+                after_edit=cache_entries(compile_cache), prepare=prepare, built_by_prepare=built_by_prepare,
+                built_by_cold=built_by_cold)
+
+
+@needs_compiler
+def test_prepare_builds_once_what_every_model_would_compile_again(runs):
+    """prepare.py builds the precompiled C++ headers and Inductor's checks of the CPU into the compile
+    cache; the first run of a model then compiles only its own graphs."""
+    prepare = runs["prepare"]
+    assert prepare.returncode == 0, prepare.stdout[-2000:] + prepare.stderr[-3000:]
+    assert "compiler ready" in prepare.stdout
+    assert any("-x c++-header" in line for line in runs["built_by_prepare"]), runs["built_by_prepare"]
+    cold_builds = runs["built_by_cold"]
+    assert any(".main.cpp" in line for line in cold_builds) and any(".optimized.cpp" in line for line in cold_builds)
+    assert not any("-x c++-header" in line for line in cold_builds)
+    assert not cold_builds & runs["built_by_prepare"]  # not one thing built twice
 
 
 @needs_compiler
@@ -149,3 +185,10 @@ def test_compile_failure_trains_eager(prepared_env, repo_root, small_train, tmp_
     summary = parse_summary(result.stdout)
     assert summary["compile_cache"].startswith("off (compile failed")
     assert float(summary["val_bpb"]) > 0
+
+
+def test_prepare_without_a_working_compiler_says_train_py_will_train_eager(prepared_env, repo_root, tmp_path):
+    env = compiled_env(prepared_env, tmp_path / "compile-cache", CXX=str(tmp_path / "no-such-compiler"))
+    done = subprocess.run([sys.executable, "prepare.py"], cwd=repo_root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "compiling does not work here" in done.stdout and "train.py will train eager" in done.stdout
