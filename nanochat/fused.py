@@ -3,8 +3,8 @@
 On the CPU, without torch.compile, autograd runs every elementwise op as its own pass over
 memory, and a handful of them (the soft-capped cross-entropy over the vocabulary above all) cost
 more than the model's matmuls. Each function here computes exactly what its plain formula in the
-docstring computes, with fewer passes; under torch.compile (CUDA) the plain formula is used,
-because the compiler fuses it better still.
+docstring computes, with fewer passes; under torch.compile the plain formula is used, because
+the compiler fuses it better still.
 """
 import torch
 
