@@ -15,6 +15,7 @@ number the ledger gets.
 import argparse
 import json
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -34,12 +35,13 @@ def parse_args(argv=None):
 
 
 def perturbed_after_cuts(x, vocab_size: int):
-    """x with every token after row r's cut replaced by a random one, the cuts spread over all
-    positions; row 0 is left alone (it shows leaks between rows). Returns (perturbed x, cuts)."""
+    """x with every token after row r's cut replaced by a random one; row 0 is left alone (it shows
+    leaks between rows). The cuts are drawn afresh for every evaluation: at fixed ones, a model that
+    kept just those positions causal would peek everywhere else unseen. Returns (perturbed x, cuts)."""
     import torch
     batch_size, seq_len = x.shape
-    generator = torch.Generator().manual_seed(0)
-    cuts = [seq_len - 1] + [int(r * (seq_len - 1) / max(batch_size - 1, 1)) for r in range(1, batch_size)]
+    generator = torch.Generator().manual_seed(secrets.randbits(63))
+    cuts = [seq_len - 1] + torch.randint(0, seq_len - 1, (batch_size - 1,), generator=generator).tolist()
     y = x.clone()
     for row, cut in enumerate(cuts[1:], 1):
         y[row, cut + 1:] = torch.randint(0, vocab_size, (seq_len - cut - 1,), generator=generator).to(x.device)

@@ -133,3 +133,40 @@ def test_the_exported_program_is_called_a_divisor_of_the_batch_at_a_time_and_sco
     result = evaluate_export.evaluate(argparse.Namespace(program=program, eval_tokens=tokens), tokenizer)
     assert result["causal"], result
     assert abs(result["val_bpb"] - evaluate_bpb(model, tokenizer, batch, SEQ_LEN, tokens)) < 1e-6
+
+
+# The causality check of the harness's evaluation, on stand-in models: per_token_loss(x, y) gives a
+# loss per position that depends on the tokens the model reads.
+CHECK_BATCH, CHECK_LEN, CHECK_VOCAB, ALPHABET = 16, 256, 4096, 16  # a small alphabet of tokens in x
+OLD_CUTS = {int(r * (CHECK_LEN - 1) / (CHECK_BATCH - 1)) for r in range(1, CHECK_BATCH)}  # the check's former cuts
+
+
+def causal_loss(x):
+    before = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+    return ((x * 7 + before) % 13).float()  # the token and the one before it
+
+
+def peeker(positions):
+    """A model that also reads the next token at the given positions (a boolean per position)."""
+    def per_token_loss(x, y):
+        following = torch.cat([x[:, 1:], torch.zeros_like(x[:, :1])], dim=1)
+        return (causal_loss(x) + torch.where(positions, following.float(), 0.0)).reshape(-1)
+    return per_token_loss
+
+
+def causality_problem(per_token_loss):
+    from nanochat.evaluate_export import causality_problem
+    x = torch.randint(0, ALPHABET, (CHECK_BATCH, CHECK_LEN), generator=torch.Generator().manual_seed(1))
+    return causality_problem(per_token_loss, x, x, per_token_loss(x, x), CHECK_VOCAB)
+
+
+def test_the_causality_check_passes_a_causal_model():
+    assert causality_problem(lambda x, y: causal_loss(x).reshape(-1)) is None
+
+
+def test_a_model_causal_only_where_the_check_used_to_look_is_caught():
+    """The cuts were fixed positions that train.py could read: a model that peeked everywhere else
+    passed. They are drawn for each evaluation now."""
+    not_checked_before = ~torch.isin(torch.arange(CHECK_LEN), torch.tensor(sorted(OLD_CUTS)))
+    problem = causality_problem(peeker(not_checked_before))
+    assert problem and problem.startswith("not causal"), problem
