@@ -8,11 +8,12 @@ clean environment, in isolated mode without site processing (no PYTHONPATH, no .
 sitecustomize), writing no bytecode: nothing the training process does can reach it. It
 imports what it needs, then waits for a line on stdin: the worker sends it once the model is
 exported (end of file: no export, nothing to do). It loads the program (token ids -> logits),
-computes val_bpb from the logits on the pinned validation shard, and checks on the first batch
+computes val_bpb from the logits on the pinned validation shard, and checks on one of its batches
 that the model is causal. The result is one JSON object, written to file descriptor N: the
 number the ledger gets.
 """
 import argparse
+import itertools
 import json
 import os
 import secrets
@@ -49,7 +50,7 @@ def perturbed_after_cuts(x, vocab_size: int):
 
 
 def causality_problem(per_token_loss, x, targets, before, vocab_size: int) -> str | None:
-    """One more forward pass, on the first validation batch (x, targets, its losses `before`) with
+    """One more forward pass, on a validation batch (x, targets, its losses `before`) with
     the tokens after each row's cut replaced: the loss of the original targets at every position up
     to the cut must not move. A model that peeks at a later token (or at another row) to predict
     the next one fails: what it sees changed, so its probability of the original target does."""
@@ -93,7 +94,8 @@ def evaluate(args, tokenizer) -> dict:
     exported = torch.export.load(args.program)
     program = exported.module()
     loaded = time.time()
-    first_batch = []
+    steps = args.eval_tokens // (meta["batch_size"] * meta["seq_len"])
+    check_at, checked, calls = checked_batch(steps), [], itertools.count()
     rows = rows_per_call(exported)
 
     def call_loss(x, y):
@@ -108,15 +110,15 @@ def evaluate(args, tokenizer) -> dict:
 
     def loss(x, y, reduction="none"):
         losses = per_token_loss(x, y)
-        if not first_batch:
-            first_batch.extend((x, y, losses))
+        if next(calls) == check_at:
+            checked.extend((x, y, losses))
         return losses
 
     with torch.inference_mode(), autocast():
         val_bpb = evaluate_bpb(loss_model(loss), tokenizer, meta["batch_size"], meta["seq_len"], args.eval_tokens,
                                DEVICE)
         evaluated = time.time()
-        problem = causality_problem(per_token_loss, *first_batch, tokenizer.get_vocab_size())
+        problem = causality_problem(per_token_loss, *checked, tokenizer.get_vocab_size())
     result = {"eval_tokens": args.eval_tokens, "export_seconds": meta.get("export_seconds"),
               "matmul_flops_per_token": matmul_flops_per_token(exported),
               "load_seconds": round(loaded - started, 2), "eval_seconds": round(evaluated - loaded, 2),
@@ -126,6 +128,12 @@ def evaluate(args, tokenizer) -> dict:
     else:
         result["causal"], result["val_bpb"] = True, val_bpb
     return result
+
+
+def checked_batch(steps: int) -> int:
+    """Which of the evaluation's batches the causality check reruns, drawn for each evaluation: the
+    first batch is the same every time, so a model could know it and be causal on it alone."""
+    return secrets.randbelow(max(steps, 1))
 
 
 def rows_per_call(exported) -> int:

@@ -170,3 +170,48 @@ def test_a_model_causal_only_where_the_check_used_to_look_is_caught():
     not_checked_before = ~torch.isin(torch.arange(CHECK_LEN), torch.tensor(sorted(OLD_CUTS)))
     problem = causality_problem(peeker(not_checked_before))
     assert problem and problem.startswith("not causal"), problem
+
+
+class CausalOnTheFirstBatch(LogitsBigram):
+    """Knows the first validation batch by its rows' first tokens and is causal there; on every other
+    batch it raises the logit of the token that follows (it sees what it must predict)."""
+
+    def __init__(self, vocab_size: int, first_batch):
+        super().__init__(vocab_size)
+        self.register_buffer("known", first_batch[:, :8].clone())
+
+    def forward(self, idx, targets=None, reduction="mean"):
+        if targets is not None:
+            return super().forward(idx, targets, reduction)
+        logits = self.logits[idx].float()
+        known = (idx[:, None, :8] == self.known[None]).all(-1).any(-1)
+        following = torch.cat([idx[:, 1:], idx[:, -1:]], dim=1)
+        peek = F.one_hot(following, logits.size(-1)).float() * 10
+        return logits + torch.where(known[:, None, None], 0.0, peek)
+
+
+def test_a_model_causal_on_the_first_batch_alone_is_caught(tokenizer, tmp_path, monkeypatch):
+    """The check used to rerun the first batch, which is the same every time; it reruns one drawn
+    for each evaluation now. Here the draw is pinned: on the first batch the model passes, on the
+    second it is caught."""
+    from nanochat import evaluate_export, export
+    batch, tokens = 4, 4 * 4 * SEQ_LEN
+    first, _, _ = next(make_dataloader(tokenizer, batch, SEQ_LEN, "val"))
+    model = CausalOnTheFirstBatch(tokenizer.get_vocab_size(), first)
+    monkeypatch.setenv(export.EXPORT_ENV, str(tmp_path / "model.pt2"))
+    program = export.export_for_evaluation(model, batch, SEQ_LEN)
+    args = argparse.Namespace(program=program, eval_tokens=tokens)
+    results = {}
+    for draw in (0, 1):
+        monkeypatch.setattr(evaluate_export, "checked_batch", lambda steps, draw=draw: draw)
+        results[draw] = evaluate_export.evaluate(args, tokenizer)
+    assert results[0]["causal"] and results[0]["val_bpb"] < evaluate_bpb(model, tokenizer, batch, SEQ_LEN, tokens)
+    assert not results[1]["causal"] and "not causal" in results[1]["problem"], results[1]
+
+
+def test_the_checked_batch_is_drawn_for_each_evaluation():
+    from nanochat.evaluate_export import checked_batch
+    draws = [checked_batch(16) for _ in range(200)]
+    assert set(draws) <= set(range(16)) and len(set(draws)) > 8
+    assert checked_batch(0) == 0  # fewer tokens than a batch: evaluate_bpb refuses them itself
+
