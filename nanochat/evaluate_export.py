@@ -13,6 +13,8 @@ that the model is causal. The result is one JSON object, written to file descrip
 number the ledger gets.
 """
 import argparse
+import copy
+import functools
 import itertools
 import json
 import os
@@ -93,23 +95,26 @@ def evaluate(args, tokenizer) -> dict:
     meta = json.loads(Path(args.program + ".json").read_text())
     exported = torch.export.load(args.program)
     program = exported.module()
+    # the check's own copy, untouched by the evaluation's calls: a program that keeps state (buffers
+    # it writes) cannot remember the batch it is asked again, and answer as it did then
+    pristine = copy.deepcopy(program)
     loaded = time.time()
     steps = args.eval_tokens // (meta["batch_size"] * meta["seq_len"])
     check_at, checked, calls = checked_batch(steps), [], itertools.count()
     rows = rows_per_call(exported)
 
-    def call_loss(x, y):
+    def call_loss(program, x, y):
         logits = program(x).float()
         logits, y = logits.view(-1, logits.size(-1)), y.reshape(-1)
         # in chunks of positions, so that each chunk's passes over the vocabulary run from cache
         return torch.cat([torch.nn.functional.cross_entropy(chunk, target, reduction="none")
                           for chunk, target in zip(logits.split(CE_CHUNK_ROWS), y.split(CE_CHUNK_ROWS))])
 
-    def per_token_loss(x, y):
-        return torch.cat([call_loss(*part) for part in zip(x.split(rows), y.split(rows))])
+    def per_token_loss(program, x, y):
+        return torch.cat([call_loss(program, *part) for part in zip(x.split(rows), y.split(rows))])
 
     def loss(x, y, reduction="none"):
-        losses = per_token_loss(x, y)
+        losses = per_token_loss(program, x, y)
         if next(calls) == check_at:
             checked.extend((x, y, losses))
         return losses
@@ -118,7 +123,7 @@ def evaluate(args, tokenizer) -> dict:
         val_bpb = evaluate_bpb(loss_model(loss), tokenizer, meta["batch_size"], meta["seq_len"], args.eval_tokens,
                                DEVICE)
         evaluated = time.time()
-        problem = causality_problem(per_token_loss, *checked, tokenizer.get_vocab_size())
+        problem = causality_problem(functools.partial(per_token_loss, pristine), *checked, tokenizer.get_vocab_size())
     result = {"eval_tokens": args.eval_tokens, "export_seconds": meta.get("export_seconds"),
               "matmul_flops_per_token": matmul_flops_per_token(exported),
               "load_seconds": round(loaded - started, 2), "eval_seconds": round(evaluated - loaded, 2),

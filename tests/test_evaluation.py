@@ -216,3 +216,40 @@ def test_the_checked_batch_is_drawn_for_each_evaluation():
     assert set(draws) <= set(range(16)) and len(set(draws)) > 8
     assert checked_batch(0) == 0  # fewer tokens than a batch: evaluate_bpb refuses them itself
 
+
+class RemembersWhatItSaw(LogitsBigram):
+    """Raises the logit of the token that follows, and keeps every batch it is called with in a
+    buffer: asked again about a batch (known by its first row, which the check leaves alone), it
+    peeks at the tokens it remembers, so changing them changes nothing."""
+
+    def __init__(self, vocab_size: int, batches: int, batch: int):
+        super().__init__(vocab_size)
+        self.register_buffer("memory", torch.full((batches, batch, SEQ_LEN), -1))
+        self.register_buffer("calls", torch.zeros((1,), dtype=torch.long))
+
+    def forward(self, idx, targets=None, reduction="mean"):
+        if targets is not None:
+            return super().forward(idx, targets, reduction)
+        logits = self.logits[idx].float()
+        seen = (self.memory[:, 0] == idx[0]).all(-1)
+        source = torch.where(seen.any(), self.memory[seen.int().argmax()], idx)
+        self.memory.index_copy_(0, self.calls % self.memory.size(0), idx[None])
+        self.calls.add_(1)
+        following = torch.cat([source[:, 1:], source[:, -1:]], dim=1)
+        return logits + F.one_hot(following, logits.size(-1)).float() * 10
+
+
+def test_a_model_that_remembers_the_batch_it_is_asked_again_is_caught(tokenizer, tmp_path, monkeypatch):
+    """The check reruns one batch: a program that stored it could answer from memory. The check
+    runs on a copy of the program taken before the evaluation called it."""
+    from nanochat import evaluate_export, export
+    batch, batches = 4, 4
+    model = RemembersWhatItSaw(tokenizer.get_vocab_size(), batches, batch)
+    monkeypatch.setenv(export.EXPORT_ENV, str(tmp_path / "model.pt2"))
+    program = export.export_for_evaluation(model, batch, SEQ_LEN)
+    assert evaluate_export.rows_per_call(torch.export.load(program)) == batch
+    monkeypatch.setattr(evaluate_export, "checked_batch", lambda steps: 2)
+    result = evaluate_export.evaluate(argparse.Namespace(program=program, eval_tokens=batches * batch * SEQ_LEN),
+                                      tokenizer)
+    assert not result["causal"] and "not causal" in result["problem"], result
+
