@@ -283,9 +283,7 @@ def prepare_compiler_once() -> bool:
     try:
         compiling.prepare_compiler()
     except Exception as error:  # noqa: BLE001  (train.py then trains eager, and says so)
-        first_line = (str(error).strip().splitlines() or [""])[0][:200]
-        print(f"  compiling does not work here ({type(error).__name__}: {first_line}): train.py will train eager",
-              flush=True)
+        print(f"  compiling does not work here ({compiling.describe(error)}): train.py will train eager", flush=True)
         return True
     print(f"  compiler ready in {time.time() - started:.1f}s -> {compiling.compile_cache_dir_now()}", flush=True)
     return True

@@ -51,27 +51,43 @@ if DEVICE.type != "cuda" and "triton" not in sys.modules:
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found"
 
 
+def switched_off() -> bool:
+    return os.environ.get(SWITCH, "1").strip() == "0"
+
+
+def configure_inductor():
+    """Inductor's caches in the compile cache, and its C++ built the fastest way here. Imported only
+    to compile: it adds seconds to an eager start-up."""
+    import torch._dynamo.utils
+    import torch._functorch.config
+    import torch._inductor.codecache
+    import torch._inductor.config
+    build_halves_at_once()
+    torch._inductor.config.fx_graph_cache = True
+    torch._functorch.config.enable_autograd_cache = True
+    # Inductor keeps its precompiled C++ headers in the temp folder whatever the cache dir says;
+    # beside the rest they survive a reboot, and a fresh cache dir is truly cold
+    if hasattr(torch._inductor.codecache, "_HEADER_DIR"):
+        torch._inductor.codecache._HEADER_DIR = str(headers_dir())
+        torch._inductor.codecache._HEADER_LOCK_DIR = str(headers_dir() / "locks")
+
+
+def describe(error: Exception) -> str:
+    """An exception in one line: its type and the first line of its message."""
+    first_line = (str(error).strip().splitlines() or [""])[0][:200]
+    return f"{type(error).__name__}: {first_line}"
+
+
 class Compiler:
     """Wraps functions and modules in torch.compile, or leaves them eager when compiling is off or
     has failed once. A failure (no C++ compiler, an unsupported platform) surfaces at the first
     call, when the graph is compiled: that call, and every later one, then runs eager."""
 
     def __init__(self):
-        self.off_reason = f"{SWITCH}=0" if os.environ.get(SWITCH, "1").strip() == "0" else None
+        self.off_reason = f"{SWITCH}=0" if switched_off() else None
         self._graphs_at_mark = 0
-        if self.enabled:  # imported only to compile: it adds seconds to an eager start-up
-            import torch._dynamo.utils
-            import torch._functorch.config
-            import torch._inductor.config
-            import torch._inductor.codecache
-            build_halves_at_once()
-            torch._inductor.config.fx_graph_cache = True
-            torch._functorch.config.enable_autograd_cache = True
-            # Inductor keeps its precompiled C++ headers in the temp folder whatever the cache dir
-            # says; beside the rest they survive a reboot, and a fresh cache dir is truly cold
-            if hasattr(torch._inductor.codecache, "_HEADER_DIR"):
-                torch._inductor.codecache._HEADER_DIR = str(headers_dir())
-                torch._inductor.codecache._HEADER_LOCK_DIR = str(headers_dir() / "locks")
+        if self.enabled:
+            configure_inductor()
 
     @property
     def enabled(self) -> bool:
@@ -83,8 +99,7 @@ class Compiler:
     def fail(self, error: Exception):
         if self.enabled:
             self.off_reason = f"compile failed: {type(error).__name__}"
-            first_line = (str(error).strip().splitlines() or [""])[0][:200]
-            print(f"compile failed ({type(error).__name__}: {first_line}): training eager", flush=True)
+            print(f"compile failed ({describe(error)}): training eager", flush=True)
             torch._dynamo.reset()
 
     # --- what the summary reports --------------------------------------------------------------
@@ -162,7 +177,7 @@ def build_halves_at_once():
 def compiler_needs_preparing() -> bool:
     """Whether train.py compiles C++ here (the CPU, compiling on) and what prepare_compiler builds is
     not in the cache yet."""
-    return DEVICE.type == "cpu" and not any(headers_dir().glob("*.gch")) and Compiler().enabled
+    return DEVICE.type == "cpu" and not switched_off() and not any(headers_dir().glob("*.gch"))
 
 
 def prepare_compiler():
@@ -172,7 +187,7 @@ def prepare_compiler():
     the first run; a new model then compiles only its own graphs. Raises what torch.compile raises
     where compiling does not work."""
     from nanochat.platform import autocast
-    Compiler()  # the cache settings
+    configure_inductor()
     layer = torch.nn.Linear(64, 64)
     compiled = torch.compile(lambda x: torch.nn.functional.gelu(layer(x)).float().square().mean(),
                              **with_cpu_options({"dynamic": False}))

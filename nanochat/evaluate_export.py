@@ -85,7 +85,7 @@ def evaluate(args, tokenizer) -> dict:
     import torch
 
     from nanochat.datasets import file_sha256, split_paths
-    from nanochat.evaluation import evaluate_bpb
+    from nanochat.evaluation import evaluate_bpb, evaluation_steps
     from nanochat.platform import DEVICE, autocast
 
     problem = changed_validation_shard(split_paths("val")[0], file_sha256)
@@ -99,19 +99,19 @@ def evaluate(args, tokenizer) -> dict:
     # it writes) cannot remember the batch it is asked again, and answer as it did then
     pristine = copy.deepcopy(program)
     loaded = time.time()
-    steps = args.eval_tokens // (meta["batch_size"] * meta["seq_len"])
-    check_at, checked, calls = checked_batch(steps), [], itertools.count()
+    check_at = checked_batch(evaluation_steps(args.eval_tokens, meta["batch_size"], meta["seq_len"]))
+    checked, calls = [], itertools.count()
     rows = rows_per_call(exported)
 
-    def call_loss(program, x, y):
-        logits = program(x).float()
+    def call_loss(module, x, y):
+        logits = module(x).float()
         logits, y = logits.view(-1, logits.size(-1)), y.reshape(-1)
         # in chunks of positions, so that each chunk's passes over the vocabulary run from cache
         return torch.cat([torch.nn.functional.cross_entropy(chunk, target, reduction="none")
                           for chunk, target in zip(logits.split(CE_CHUNK_ROWS), y.split(CE_CHUNK_ROWS))])
 
-    def per_token_loss(program, x, y):
-        return torch.cat([call_loss(program, *part) for part in zip(x.split(rows), y.split(rows))])
+    def per_token_loss(module, x, y):
+        return torch.cat([call_loss(module, *part) for part in zip(x.split(rows), y.split(rows))])
 
     def loss(x, y, reduction="none"):
         losses = per_token_loss(program, x, y)

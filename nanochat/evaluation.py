@@ -17,6 +17,11 @@ def _model_device(model) -> torch.device | None:
     return param.device if param is not None else None
 
 
+def evaluation_steps(eval_tokens: int, batch_size: int, seq_len: int) -> int:
+    """How many (batch_size, seq_len) batches evaluate_bpb evaluates: the whole ones that fit."""
+    return eval_tokens // (batch_size * seq_len)
+
+
 @torch.inference_mode()
 def evaluate_bpb(model, tokenizer, batch_size: int, seq_len: int, eval_tokens: int, device=None) -> float:
     """Bits per byte over eval_tokens validation tokens, in eval_tokens // (batch_size * seq_len) steps.
@@ -24,7 +29,7 @@ def evaluate_bpb(model, tokenizer, batch_size: int, seq_len: int, eval_tokens: i
     model(x, y, reduction='none') must return the per-token loss in nats. Autocast, if any, is
     the caller's (train.py wraps this call in its own context, as upstream does).
     """
-    steps = eval_tokens // (batch_size * seq_len)
+    steps = evaluation_steps(eval_tokens, batch_size, seq_len)
     if steps < 1:
         raise ValueError(f"eval_tokens={eval_tokens} is fewer than one batch of {batch_size} x {seq_len}; "
                          f"lower the batch size or raise AUTORESEARCH_EVAL_TOKENS")
