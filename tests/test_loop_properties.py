@@ -178,7 +178,7 @@ class NightMachine(RuleBasedStateMachine):
         return predicate()
 
 
-NightMachine.TestCase.settings = settings(max_examples=20, stateful_step_count=10, deadline=None,
+NightMachine.TestCase.settings = settings(max_examples=30, stateful_step_count=10, deadline=None,
                                           suppress_health_check=list(HealthCheck))
 
 
