@@ -30,7 +30,7 @@ RUN_NOTE = f"unsandboxed: this run had no sandbox (the server runs with --unsand
 SEATBELT_SCRATCH = ("/private/tmp", "/private/var/folders", "/dev")
 INSTALL = ("Install bubblewrap: `sudo apt-get install bubblewrap` (Debian, Ubuntu) or `sudo dnf install bubblewrap` "
            "(Fedora)")
-OPT_IN = (f"or, to accept runs that can write the workspace, restart the server with --unsandboxed (or "
+OPT_IN = (f"or, to accept runs that can write the workspace, start it with --unsandboxed (or "
           f"{UNSANDBOXED_ENV}=1; `research-loop overnight --unsandboxed`): every answer and ledger row then says "
           "unsandboxed")
 
@@ -76,9 +76,10 @@ def missing() -> str:
     """Why runs cannot be sandboxed here, and what to do: install the sandbox or opt in."""
     why = usable()[2]
     if sys.platform == "darwin":
-        return f"No sandbox for the runs: {why}. It ships with macOS (/usr/bin/sandbox-exec); restore it, {OPT_IN}."
+        return (f"No sandbox for the runs: {why}. It ships with macOS (/usr/bin/sandbox-exec): restore it, then "
+                f"restart the server; {OPT_IN}.")
     return (f"No sandbox for the runs: {why}. Unsandboxed, a run can rewrite the ledger, the server's state and the "
-            f"harness. {INSTALL}, then retry; {OPT_IN}.")
+            f"harness. {INSTALL}, then restart the server; {OPT_IN}.")
 
 
 def wrap(command: list[str], spec: dict, cwd: str, private: dict | None = None) -> tuple[list[str], str | None]:

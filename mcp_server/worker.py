@@ -1,7 +1,7 @@
 """Runs one training command for the research loop and reports how it ended.
 
     python worker.py --log FILE --report FILE --timeout SECONDS [--watch-stdin] [--cpus 0,1]
-        [--sandbox JSON] [--export FILE --val-shard FILE --evaluate JSON] -- COMMAND...
+        [--sandbox JSON [--unsandboxed]] [--export FILE --val-shard FILE --evaluate JSON] -- COMMAND...
 
 --log - writes the output to this process's own stdout instead (a cluster job, whose engine keeps
 its stdout as the job's log).
