@@ -348,6 +348,11 @@ class ResearchLoop:
             return f"runs here are unsandboxed (--unsandboxed; {sandbox.usable()[2]}): {sandbox.RISK}"
         return None
 
+    def _unsandboxed_marker(self, entry: dict) -> str:
+        """The row's word for a run without a sandbox: this server's own knowledge first (such a run
+        could have rewritten the state and its report), then the run's record."""
+        return sandbox.MARKER if self.runs_unsandboxed() else unsandboxed_marker(entry)
+
     def _decide_first(self, undecided: list[dict]) -> str:
         if len(undecided) == 1:
             e = undecided[0]
@@ -536,7 +541,7 @@ class ResearchLoop:
         result.exit_code = report.get("exit_code")
         result.wall_seconds = report.get("wall_seconds")
         result.warnings = worker_warnings(report) or None
-        if report.get("sandbox") is False:
+        if report.get("sandbox") is False or self.runs_unsandboxed():
             result.unsandboxed = sandbox.RUN_NOTE
         if self._pool is not None and self._pool.split_cpu:
             result.warnings = (result.warnings or []) + [
@@ -781,7 +786,7 @@ class ResearchLoop:
             if tip != entry["commit"]:  # a retried keep finds the branch already advanced
                 self._check_branch_holds_best(state)
             row = ledger.make_row(entry["commit"][:7], result["val_bpb"], result["memory_gb"] or 0.0, "keep",
-                                  self._described(entry["description"], note, unsandboxed_marker(entry)))
+                                  self._described(entry["description"], note, self._unsandboxed_marker(entry)))
             self._append_once(row)
             if tip != entry["commit"]:
                 self.ws.advance_branch(state["branch"], entry["commit"], kept)
@@ -795,7 +800,7 @@ class ResearchLoop:
         best = self._kept_row(entry["commit"])
         return DecisionResult(row=row, branch=state["branch"], kept_commit=entry["commit"][:7],
                               best_val_bpb=best.val_bpb if best else None, evidence=evidence, note=note_out,
-                              unsandboxed=sandbox.RUN_NOTE if unsandboxed_marker(entry) else None)
+                              unsandboxed=sandbox.RUN_NOTE if self._unsandboxed_marker(entry) else None)
 
     # --- confirmation: a marginal or incomparable gain against a contemporaneous control ----
     @staticmethod
@@ -870,7 +875,7 @@ class ResearchLoop:
             else:
                 status = "discard" if result["status"] == "ok" else "crash"
                 val_bpb, memory, suffix = result.get("val_bpb") or 0.0, result.get("memory_gb") or 0.0, ""
-            description = self._described(entry["description"], reason, suffix + unsandboxed_marker(entry))
+            description = self._described(entry["description"], reason, suffix + self._unsandboxed_marker(entry))
             row = ledger.make_row(entry["commit"][:7], val_bpb, memory, status, description)
             self._append_once(row)  # the row first: nothing below can lose it
             note = self._restore_train(state, entry)
@@ -879,7 +884,7 @@ class ResearchLoop:
         best = self._kept_row(state["kept_commit"])
         return DecisionResult(row=row, branch=state["branch"], kept_commit=state["kept_commit"][:7],
                               best_val_bpb=best.val_bpb if best else None, note=note,
-                              unsandboxed=sandbox.RUN_NOTE if unsandboxed_marker(entry) else None)
+                              unsandboxed=sandbox.RUN_NOTE if self._unsandboxed_marker(entry) else None)
 
     def _restore_train(self, state: dict, entry: dict) -> str | None:
         """train.py back to the kept code, if it still holds the discarded run's code; the agent's
@@ -932,7 +937,7 @@ class ResearchLoop:
             if was == "running":
                 row = ledger.make_row(entry["commit"][:7], 0.0, 0.0, "crash",
                                       ledger.fit_description(entry["description"],
-                                                             " (cancelled)" + unsandboxed_marker(entry)))
+                                                             " (cancelled)" + self._unsandboxed_marker(entry)))
                 self._append_once(row)
                 self.pool.cancel(run)
                 self._write_record(entry, self._result_of(state, entry), {"status": "crash", "at": time.time()})

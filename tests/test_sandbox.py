@@ -89,6 +89,24 @@ def test_with_the_opt_in_every_answer_the_rows_and_the_dashboard_say_unsandboxed
         lab.loop.shutdown()
 
 
+def test_a_record_that_forgets_the_missing_sandbox_does_not_clean_the_row(no_sandbox):
+    """What an unsandboxed run (or a process it left) could do: erase its mark from the state."""
+    lab = Lab(make_workspace(no_sandbox), unsandboxed=True)
+    try:
+        lab.ok("setup", tag="erase")
+        lab.ok("run_experiment", description="baseline")
+        path = lab.ws / ".research-loop" / "state.json"
+        state = json.loads(path.read_text())
+        for entry in state["runs"].values():
+            entry.pop("unsandboxed", None)
+            entry["result"].pop("unsandboxed", None)
+        path.write_text(json.dumps(state))
+        kept = lab.ok("keep")
+        assert kept["row"]["description"] == "baseline (unsandboxed)" and kept["unsandboxed"]
+    finally:
+        lab.loop.shutdown()
+
+
 def test_with_a_sandbox_the_opt_in_changes_nothing(fake_env, bubblewrap):
     """The opt-in allows runs without a sandbox; where one runs, they are sandboxed all the same."""
     lab = Lab(make_workspace(fake_env), unsandboxed=True)
