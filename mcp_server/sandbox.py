@@ -35,10 +35,9 @@ OPT_IN = (f"or, to accept runs that can write the workspace, start it with --uns
           "unsandboxed")
 
 
-def opted_in(value: str | None = None) -> bool:
+def opted_in() -> bool:
     """The user's opt-in from the environment (a setting beside the command-line flag)."""
-    value = os.environ.get(UNSANDBOXED_ENV, "") if value is None else value
-    return value.strip().lower() in ("1", "true", "yes", "on")
+    return os.environ.get(UNSANDBOXED_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def usable() -> tuple[str | None, str | None, str]:
@@ -48,7 +47,9 @@ def usable() -> tuple[str | None, str | None, str]:
         if not found:
             return None, None, "sandbox-exec is not on PATH"
         problem = _probe(tuple(seatbelt_argv(found, [sys.executable, "-c", ""], {}, "/")))
-        return (SANDBOX_EXEC, found, "") if problem is None else (None, None, f"sandbox-exec cannot run here: {problem}")
+        if problem is None:
+            return SANDBOX_EXEC, found, ""
+        return None, None, f"sandbox-exec cannot run here: {problem}"
     found = shutil.which("bwrap")
     if not found:
         return None, None, "bubblewrap (bwrap) is not installed"
