@@ -1,5 +1,5 @@
 """Entry point: `uv run python -m mcp_server [--workspace DIR] [--slots N] [--executor local|ray|slurm]
-[--http --port N] [--dashboard PORT]`.
+[--http --port N] [--dashboard PORT] [--unsandboxed]`.
 
 stdio by default (what Claude Code starts); --http serves streamable HTTP on 127.0.0.1
 only, optionally behind a bearer token taken from RESEARCH_LOOP_TOKEN or --token-file (never
@@ -15,6 +15,8 @@ import shlex
 import signal
 import sys
 from pathlib import Path
+
+from mcp_server import sandbox
 
 DEFAULT_PORT = 8765
 EXECUTORS = ("local", "ray", "slurm")
@@ -54,6 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         default=os.environ.get("RESEARCH_LOOP_DASHBOARD") or None,
                         help="also serve the dashboard, a live web page of the research run, on 127.0.0.1:PORT "
                              "(0 picks a free port; default: env RESEARCH_LOOP_DASHBOARD, else none)")
+    parser.add_argument("--unsandboxed", action="store_true", default=sandbox.opted_in(),
+                        help="accept runs without a sandbox where none can run here (no bubblewrap, or one that "
+                             "cannot start); every answer and ledger row then says unsandboxed. Without it such "
+                             f"runs are refused (default: env {sandbox.UNSANDBOXED_ENV}=1)")
     args = parser.parse_args(argv)
     if args.slots is not None and args.slots < 1:
         parser.error("--slots must be 1 or more")
@@ -173,7 +179,7 @@ def main(argv=None) -> None:
 
     command = shlex.split(args.train_command) if args.train_command else None
     slots, executor = choose_executor(args, command or DEFAULT_TRAIN_COMMAND)
-    loop = ResearchLoop(Path(args.workspace), command, slots, executor)
+    loop = ResearchLoop(Path(args.workspace), command, slots, executor, unsandboxed=args.unsandboxed)
     srv = build_server(loop)
     page = start_dashboard(loop, args.dashboard, http_token(args)) if args.dashboard is not None else None
 

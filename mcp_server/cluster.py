@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mcp_server import integrity, node
+from mcp_server import integrity, node, sandbox
 from mcp_server.executor import WORKER, Outcome, RunSpec
 from mcp_server.models import Refusal
 from mcp_server.worker import write_report
@@ -75,13 +75,15 @@ def package(ws, commit: str, dest: Path, token: str) -> None:
     scripts.mkdir(exist_ok=True)
     shutil.copy(WORKER, scripts / "worker.py")
     shutil.copy(node.__file__, scripts / "node.py")
+    shutil.copy(sandbox.__file__, scripts / "sandbox.py")
     (scripts / node.TOKEN_FILE).write_text(token)
 
 
 def node_args(spec: RunSpec) -> list[str]:
-    """node.py's arguments: the timeout, an environment sync for uv commands, the data preparation
-    with the profile and data set this workspace was prepared with, and the harness's evaluation."""
-    args = ["--timeout", str(spec.timeout)]
+    """node.py's arguments: the timeout, the user's opt-in to runs without a sandbox, an environment
+    sync for uv commands, the data preparation with the profile and data set this workspace was
+    prepared with, and the harness's evaluation."""
+    args = ["--timeout", str(spec.timeout)] + (["--unsandboxed"] if spec.unsandboxed else [])
     if spec.command[:1] == ["uv"]:
         args.append("--sync")
     info = prepared_info()

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from mcp_server import history, ledger, limits, logparse
-from mcp_server.loop import LOG_TAIL_BYTES, RUNS_DIR
+from mcp_server.loop import LOG_TAIL_BYTES, RUNS_DIR, unsandboxed_marker
 from mcp_server.models import Refusal
 from mcp_server.state import State, process_alive
 
@@ -117,6 +117,7 @@ def run_view(root: Path, entry: dict, now: float) -> dict:
     view = {k: entry.get(k) for k in ("run", "description", "status", "slot")}
     view["commit"] = str(entry.get("commit") or "")[:7]
     view["timeout_s"] = entry.get("timeout")
+    view["unsandboxed"] = bool(unsandboxed_marker(entry))  # no sandbox: the run could write the records
     if entry.get("status") == "running":
         server = entry.get("server_pid")
         view["server_gone"] = isinstance(server, int) and not process_alive(server)

@@ -38,6 +38,7 @@ class RunSpec:
     env: dict = field(default_factory=dict)
     worker_args: list = field(default_factory=list)  # sandbox, export and evaluation (mcp_server/integrity.py)
     after_seconds: float = 0.0  # what the worker may spend once training ended (the harness's evaluation)
+    unsandboxed: bool = False  # the user accepts a run without a sandbox where none can run (mcp_server/sandbox.py)
 
 
 @dataclass
@@ -124,7 +125,7 @@ class LocalPool:
                     "--timeout", str(spec.timeout), "--watch-stdin"]
             if self.cpus:
                 args += ["--cpus", ",".join(map(str, self.cpus[slot]))]
-            args += spec.worker_args
+            args += spec.worker_args + (["--unsandboxed"] if spec.unsandboxed else [])
             spec.log.parent.mkdir(parents=True, exist_ok=True)
             with open(spec.log, "ab") as log:
                 proc = subprocess.Popen([*args, "--", *spec.command], cwd=cwd, env=env, stdin=subprocess.PIPE,

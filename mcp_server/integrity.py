@@ -1,8 +1,9 @@
 """What makes a run's number the harness's, not train.py's.
 
-- The sandbox: where bubblewrap is installed, a run sees the workspace (records, harness, the
-  agent's files), the prepared cache, the environments and this plugin read-only; only its
-  worktree (minus the harness files in it), its export folder and the compile cache are writable.
+- The sandbox (bubblewrap, sandbox-exec on macOS; none only with the user's opt-in: sandbox.py): a
+  run sees the workspace (records, harness, the agent's files), the prepared cache, the
+  environments and this plugin read-only; only its worktree (minus the harness files in it), its
+  export folder and the compile cache are writable.
 - The separate evaluation: the harness exports the trained model (nanochat/export.py) and the
   worker evaluates it in an isolated interpreter from a pristine copy of the harness
   (nanochat/evaluate_export.py): loss from logits, a causality check, the pinned validation shard.

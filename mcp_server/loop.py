@@ -24,7 +24,7 @@ from pathlib import Path
 
 import git
 
-from mcp_server import history, integrity, ledger, limits, logparse, noise
+from mcp_server import history, integrity, ledger, limits, logparse, noise, sandbox
 from mcp_server.executor import (LocalPool, RunSpec, compile_bytecode, default_slots, kill_session, read_report,
                                   training_env)
 from mcp_server.models import (
@@ -68,9 +68,11 @@ def run_name(run: int, commit: str) -> str:
 
 class ResearchLoop:
     def __init__(self, root: Path, train_command: list[str] | None = None, slots: int | None = None,
-                 executor=None):
-        """executor: makes the executor from the Workspace (a Ray or SLURM one); default the local pool."""
+                 executor=None, unsandboxed: bool = False):
+        """executor: makes the executor from the Workspace (a Ray or SLURM one); default the local pool.
+        unsandboxed: the user accepts runs without a sandbox where none can run (--unsandboxed)."""
         self.root = Path(root).resolve()
+        self.unsandboxed = unsandboxed
         self.train_command = train_command or DEFAULT_TRAIN_COMMAND
         self.slots = slots or default_slots()
         self.state = State(self.root)
@@ -299,6 +301,7 @@ class ResearchLoop:
                                                 and 0 < timeout_seconds <= MAX_TIMEOUT_S):
             raise Refusal(f"timeout_seconds must be between 0 and {MAX_TIMEOUT_S:.0f} (one day).")
         self._require_owner()
+        self._require_sandbox()
         try:
             self.run_command()  # found once, outside the state lock: the first sync can take minutes
         except (OSError, subprocess.SubprocessError) as exc:
@@ -333,6 +336,22 @@ class ResearchLoop:
             self.event(n)
         self._dispatch()
         return self.entry(n) or entry
+
+    def _require_sandbox(self) -> None:
+        """No run without a sandbox unless the user asked for it (a cluster's nodes check their own)."""
+        if self.make_executor is None and not self.unsandboxed and sandbox.usable()[0] is None:
+            raise Refusal(sandbox.missing())
+
+    def runs_unsandboxed(self) -> str | None:
+        """Why this server's runs go without a sandbox (the user opted in, and none runs here), or None."""
+        if self.make_executor is None and self.unsandboxed and sandbox.usable()[0] is None:
+            return f"runs here are unsandboxed (--unsandboxed; {sandbox.usable()[2]}): {sandbox.RISK}"
+        return None
+
+    def _unsandboxed_marker(self, entry: dict) -> str:
+        """The row's word for a run without a sandbox: this server's own knowledge first (such a run
+        could have rewritten the state and its report), then the run's record."""
+        return sandbox.MARKER if self.runs_unsandboxed() else unsandboxed_marker(entry)
 
     def _decide_first(self, undecided: list[dict]) -> str:
         if len(undecided) == 1:
@@ -406,7 +425,8 @@ class ResearchLoop:
                     spec = RunSpec(run=entry["run"], commit=entry["commit"], command=self.run_command(),
                                    timeout=entry["timeout"], log=self.root / entry["log"],
                                    report=self.root / entry["report"], worker_args=extras,
-                                   after_seconds=integrity.evaluation_allowance(entry))
+                                   after_seconds=integrity.evaluation_allowance(entry),
+                                   unsandboxed=self.unsandboxed)
                     slot = self.pool.start(spec, self._on_done)
                 except (Refusal, git.GitCommandError, OSError, subprocess.SubprocessError) as exc:
                     entry["status"] = "pending"
@@ -415,6 +435,8 @@ class ResearchLoop:
                     continue
                 entry.update(status="running", slot=slot, started_at=time.time(), server_pid=os.getpid(),
                              **self.pool.worker_record(entry["run"]))
+                if self.runs_unsandboxed():
+                    entry["unsandboxed"] = True  # for status and the dashboard while it runs
 
     def run_command(self) -> list[str]:
         """What a slot runs. The default, upstream's `uv run train.py`, becomes the workspace
@@ -519,6 +541,8 @@ class ResearchLoop:
         result.exit_code = report.get("exit_code")
         result.wall_seconds = report.get("wall_seconds")
         result.warnings = worker_warnings(report) or None
+        if report.get("sandbox") is False or self.runs_unsandboxed():
+            result.unsandboxed = sandbox.RUN_NOTE
         if self._pool is not None and self._pool.split_cpu:
             result.warnings = (result.warnings or []) + [
                 f"{self.slots} slots share this machine's CPUs, so each run trains on a part of them: "
@@ -595,8 +619,7 @@ class ResearchLoop:
         rate = report.get("flops_per_budget_second") or (prepared_info() or {}).get("flops_per_budget_second")
         problem = problem or integrity.flops_problem(summary, report.get("evaluation") or {}, rate,
                                                      time_budget(self.root))  # a cluster node's rate is its own
-        result.integrity = note + ("" if report.get("sandbox") else
-                                   "; unsandboxed (bubblewrap is not installed): the run could write the workspace")
+        result.integrity = note
         if problem:
             return f"not a result: {problem}", None
         result.verified = value is not None
@@ -763,7 +786,7 @@ class ResearchLoop:
             if tip != entry["commit"]:  # a retried keep finds the branch already advanced
                 self._check_branch_holds_best(state)
             row = ledger.make_row(entry["commit"][:7], result["val_bpb"], result["memory_gb"] or 0.0, "keep",
-                                  self._described(entry["description"], note))
+                                  self._described(entry["description"], note, self._unsandboxed_marker(entry)))
             self._append_once(row)
             if tip != entry["commit"]:
                 self.ws.advance_branch(state["branch"], entry["commit"], kept)
@@ -776,7 +799,8 @@ class ResearchLoop:
                         "build the next idea on the kept code")
         best = self._kept_row(entry["commit"])
         return DecisionResult(row=row, branch=state["branch"], kept_commit=entry["commit"][:7],
-                              best_val_bpb=best.val_bpb if best else None, evidence=evidence, note=note_out)
+                              best_val_bpb=best.val_bpb if best else None, evidence=evidence, note=note_out,
+                              unsandboxed=sandbox.RUN_NOTE if self._unsandboxed_marker(entry) else None)
 
     # --- confirmation: a marginal or incomparable gain against a contemporaneous control ----
     @staticmethod
@@ -851,7 +875,7 @@ class ResearchLoop:
             else:
                 status = "discard" if result["status"] == "ok" else "crash"
                 val_bpb, memory, suffix = result.get("val_bpb") or 0.0, result.get("memory_gb") or 0.0, ""
-            description = self._described(entry["description"], reason, suffix)
+            description = self._described(entry["description"], reason, suffix + self._unsandboxed_marker(entry))
             row = ledger.make_row(entry["commit"][:7], val_bpb, memory, status, description)
             self._append_once(row)  # the row first: nothing below can lose it
             note = self._restore_train(state, entry)
@@ -859,7 +883,8 @@ class ResearchLoop:
             self._write_record(entry, self._result_of(state, entry), {"status": status, "at": time.time()})
         best = self._kept_row(state["kept_commit"])
         return DecisionResult(row=row, branch=state["branch"], kept_commit=state["kept_commit"][:7],
-                              best_val_bpb=best.val_bpb if best else None, note=note)
+                              best_val_bpb=best.val_bpb if best else None, note=note,
+                              unsandboxed=sandbox.RUN_NOTE if self._unsandboxed_marker(entry) else None)
 
     def _restore_train(self, state: dict, entry: dict) -> str | None:
         """train.py back to the kept code, if it still holds the discarded run's code; the agent's
@@ -911,7 +936,8 @@ class ResearchLoop:
             row = None
             if was == "running":
                 row = ledger.make_row(entry["commit"][:7], 0.0, 0.0, "crash",
-                                      ledger.fit_description(entry["description"], " (cancelled)"))
+                                      ledger.fit_description(entry["description"],
+                                                             " (cancelled)" + self._unsandboxed_marker(entry)))
                 self._append_once(row)
                 self.pool.cancel(run)
                 self._write_record(entry, self._result_of(state, entry), {"status": "crash", "at": time.time()})
@@ -1040,7 +1066,8 @@ class ResearchLoop:
         if first.elapsed_s is not None:
             note += f", {first.elapsed_s}s of at most {first.timeout_s}s"
         return Metrics(source=in_flight[0]["log"], status="running", progress=first.progress,
-                       runs=live if len(live) > 1 else None, note=note)
+                       runs=live if len(live) > 1 else None, note=note,
+                       unsandboxed=sandbox.RUN_NOTE if any(map(unsandboxed_marker, in_flight)) else None)
 
     def _metrics_of(self, path: Path, source: str, meta: dict | None) -> Metrics:
         if not path.exists():
@@ -1053,7 +1080,7 @@ class ResearchLoop:
         status = meta["status"] if meta else ("ok" if summary and not logparse.failed(text) else "crash")
         metrics = Metrics(source=source, status=status, summary=summary,
                           progress=logparse.last_progress(text[-logparse.TAIL_BYTES_FOR_PROGRESS:]),
-                          note=self._interrupted_summary())
+                          note=self._interrupted_summary(), unsandboxed=(meta or {}).get("unsandboxed"))
         if status != "ok":
             metrics.tail = (meta or {}).get("tail") or logparse.tail(text)
         return metrics
@@ -1132,6 +1159,9 @@ class ResearchLoop:
                 + (f" measured on {e['parent'][:7]}, not the current best" if e["parent"] != kept else "")
                 for e in pending)
         result.undecided = [e["run"] for e in self.runs_of(state, *UNDECIDED)] or None
+        unsandboxed = [e["run"] for e in self.runs_of(state, *IN_FLIGHT, *UNDECIDED) if unsandboxed_marker(e)]
+        result.unsandboxed = self.runs_unsandboxed() or (
+            f"runs {', '.join(map(str, unsandboxed))} ran unsandboxed: {sandbox.RISK}" if unsandboxed else None)
         result.limits = limits.left(state, [(r.status, r.val_bpb) for r in rows])
         result.ended = limits.ended(state, [(r.status, r.val_bpb) for r in rows])
         result.next = self._next_step(state, result)
@@ -1255,6 +1285,12 @@ class ResearchLoop:
             if device:
                 state.setdefault("noise_by_device", {})[device] = estimate.model_dump()
         return estimate
+
+
+def unsandboxed_marker(entry: dict) -> str:
+    """The ledger row's word for a run that went without a sandbox (the user's opt-in)."""
+    ran_unsandboxed = entry.get("unsandboxed") or (entry.get("result") or {}).get("unsandboxed")
+    return sandbox.MARKER if ran_unsandboxed else ""
 
 
 def worker_warnings(report: dict) -> list[str]:

@@ -85,6 +85,7 @@ class RunResult(BaseModel):
     noise: str | None = None
     verified: bool | None = None  # the harness's own evaluation measured val_bpb
     integrity: str | None = None  # how val_bpb was measured, or why it is train.py's own
+    unsandboxed: str | None = None  # the run had no sandbox (the user's --unsandboxed): what that allowed
     warnings: list[str] | None = None
     log: str
     tail: str | None = None
@@ -111,6 +112,7 @@ class Metrics(BaseModel):
     runs: list[LiveRun] | None = None
     tail: str | None = None
     note: str | None = None
+    unsandboxed: str | None = None  # the run (or a run in flight) has no sandbox
 
 
 class SetupResult(BaseModel):
@@ -130,6 +132,7 @@ class DecisionResult(BaseModel):
     best_val_bpb: float | None = None
     evidence: str | None = None  # for a keep: what the gain rests on (beyond noise, confirmed, or not)
     note: str | None = None
+    unsandboxed: str | None = None  # the decided run had no sandbox
 
 
 class ConfirmResult(BaseModel):
@@ -181,6 +184,7 @@ class StatusResult(BaseModel):
     extra_runs: int = 0  # reruns spent on noise, controls and confirmations
     malformed_ledger_lines: int = 0
     dashboard: str | None = None  # the live page's address, when this server serves it
+    unsandboxed: str | None = None  # this server's runs (or some undecided ones) have no sandbox
     next: str
 
 

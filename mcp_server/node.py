@@ -1,6 +1,6 @@
 """The node side of a cluster run (Ray, SLURM): the worker prepares itself, trains, reports.
 
-    python3 node.py --timeout SECONDS [--sync] [--prepare JSON] -- COMMAND...
+    python3 node.py --timeout SECONDS [--unsandboxed] [--sync] [--prepare JSON] [--verify JSON] -- COMMAND...
 
 Shipped with the candidate's code (beside worker.py) and run in it, with the standard library
 only. It
@@ -16,7 +16,9 @@ only. It
 - with --verify, has the harness evaluate the run as on the server's own machine: a copy of the
   harness made before the training starts (outside the code folder, checked file by file after the
   evaluation), the exported model evaluated by it in an isolated interpreter, the validation shard
-  watched, and the training in a bubblewrap sandbox where the node has one;
+  watched;
+- trains in a sandbox (bubblewrap) whatever the harness: where the node can run none, the worker
+  refuses to start the training unless the server passed --unsandboxed (the user's opt-in);
 - ends with one line, RESULT_MARK + JSON: the worker's report plus val_bpb, the GPU and the host.
 """
 import argparse
@@ -52,6 +54,7 @@ PROBE = ("import json, sys, sysconfig; p = sysconfig.get_paths(); "
          "print(json.dumps([sys.executable, sys.prefix, sorted({p['purelib'], p['platlib']})]))")
 REPORT_TAIL_BYTES = 8192
 OUTPUT_TAIL_CHARS = 2000  # of a failed sync or prepare, in the log
+EDITABLE = "train.py"  # the one file a run may write in its code folder (mcp_server/workspace.py)
 
 
 class NodeProblem(Exception):
@@ -202,6 +205,16 @@ def verification(verify: dict, command: list[str], scratch: Path) -> list[str]:
     return args + (["--val-shard", str(shard), "--val-shared"] if shard else [])
 
 
+def plain_sandbox() -> list[str]:
+    """worker.py's sandbox for a run the harness does not evaluate: the prepared cache and the
+    harness files read-only, the rest of the code folder and the compile cache writable."""
+    compiled = cache_dir() / "compile"
+    compiled.mkdir(parents=True, exist_ok=True)
+    sandbox = {"readonly": [str(cache_dir())], "writable": [str(compiled)],
+               "readonly_inside": sorted(n for n in os.listdir(".") if n != EDITABLE)}
+    return ["--sandbox", json.dumps(sandbox)]
+
+
 def read_token() -> str:
     path = Path(NODE_DIR) / TOKEN_FILE
     try:
@@ -221,7 +234,7 @@ def val_bpb(text: str) -> float | None:
         return None
 
 
-def train(timeout: float, grace: float, command: list[str], verify: dict | None) -> dict:
+def train(timeout: float, grace: float, command: list[str], verify: dict | None, unsandboxed: bool) -> dict:
     with tempfile.TemporaryDirectory(prefix="research-loop-") as tmp:
         extras = []
         if verify:
@@ -229,6 +242,7 @@ def train(timeout: float, grace: float, command: list[str], verify: dict | None)
                 extras = verification(verify, command, Path(tmp))
             except (NodeProblem, OSError) as exc:  # the run goes on; its result is marked unverified
                 say(f"no harness evaluation on this node: {exc}")
+        extras = (extras or plain_sandbox()) + (["--unsandboxed"] if unsandboxed else [])
         report_path = Path(tmp) / "report.json"
         say(f"training on {socket.gethostname()} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')})")
         worker.main(["--log", "-", "--report", str(report_path), "--timeout", str(timeout), "--grace", str(grace),
@@ -244,6 +258,8 @@ def parse_args(argv):
     p.add_argument("--grace", type=float, default=2.0, help="SIGTERM to SIGKILL (below the engine's own)")
     p.add_argument("--sync", action="store_true", help="make the project's uv environment once per node")
     p.add_argument("--prepare", type=json.loads, help='{"command": [...], "profile": ..., "dataset": ...}')
+    p.add_argument("--unsandboxed", action="store_true",
+                   help="the user accepts training without a sandbox where this node can run none")
     p.add_argument("--verify", type=json.loads,
                    help='{"evaluator": PATH, "editable": NAME, "eval_tokens": N, "timeout": S}: the harness evaluates')
     p.add_argument("command", nargs=argparse.REMAINDER)
@@ -271,7 +287,8 @@ def main(argv=None) -> int:
                   "device": worker.device_name(dict(os.environ))}
     else:
         prepared = round(time.time() - started, 3)
-        report = train(args.timeout, args.grace, args.command, args.verify) | {"prepare_seconds": prepared}
+        report = train(args.timeout, args.grace, args.command, args.verify, args.unsandboxed) \
+            | {"prepare_seconds": prepared}
         # the flops clock's rate is this node's (measured on its CPU at prepare): the server checks
         # the FLOPs a run charged against it, not against its own machine's
         rate = (prepared_record() or {}).get("flops_per_budget_second")

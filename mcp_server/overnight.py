@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from mcp_server import ledger, limits, logparse
+from mcp_server import ledger, limits, logparse, sandbox
 from mcp_server.workspace import prepared_info
 
 PLUGIN_ROOT = Path(__file__).resolve().parent.parent
@@ -65,7 +65,7 @@ def prompt_for(tag: str, args) -> str:
     return " ".join(parts)
 
 
-def preflight(workspace: Path, claude: str | None) -> str:
+def preflight(workspace: Path, claude: str | None, unsandboxed: bool = False) -> str:
     """The claude executable; raises RunnerError naming what to install or run first."""
     if not (workspace / ".git").exists() or not (workspace / "train.py").is_file() \
             or not (workspace / "prepare.py").is_file():
@@ -73,6 +73,9 @@ def preflight(workspace: Path, claude: str | None) -> str:
                           "train.py): run the runner in one, or pass --workspace.")
     if prepared_info() is None:
         raise RunnerError("No prepared data or tokenizer: run `uv run prepare.py` in the workspace first.")
+    local = (os.environ.get("RESEARCH_LOOP_EXECUTOR") or "local") == "local"  # a cluster's nodes check their own
+    if local and not unsandboxed and sandbox.usable()[0] is None:  # every session's runs would be refused
+        raise RunnerError(sandbox.missing())
     if not shutil.which("uv"):
         raise RunnerError("uv is not on PATH, and the plugin's server starts with it: `pip install uv`.")
     found = claude or os.environ.get("RESEARCH_LOOP_CLAUDE") or shutil.which("claude")
@@ -171,6 +174,8 @@ class Runner:
         if self.args.model:
             command += ["--model", self.args.model]
         env = dict(os.environ)
+        if self.args.unsandboxed:  # the plugin's server reads the user's opt-in from its environment
+            env[sandbox.UNSANDBOXED_ENV] = "1"
         env.setdefault("MCP_TIMEOUT", "120000")  # the first start of the server may sync its environment
         output = open(self.logs / f"session-{self.sessions:03d}.jsonl", "ab")
         self.session = subprocess.Popen(command, cwd=self.workspace, env=env, stdin=subprocess.DEVNULL,
@@ -277,6 +282,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workspace", default=os.getcwd(), help="the workspace (default: the current folder)")
     parser.add_argument("--claude", help="the claude executable (default: env RESEARCH_LOOP_CLAUDE, else on PATH)")
     parser.add_argument("--model", help="the model for the sessions (default: Claude Code's)")
+    parser.add_argument("--unsandboxed", action="store_true", default=sandbox.opted_in(),
+                        help="let the sessions' server train without a sandbox where none can run here (every "
+                             f"answer and ledger row says so; default: env {sandbox.UNSANDBOXED_ENV}=1)")
 
 
 def main(args) -> int:
@@ -284,7 +292,7 @@ def main(args) -> int:
         print("error: --hours must be positive", file=sys.stderr)
         return 2
     try:
-        claude = preflight(Path(args.workspace).resolve(), args.claude)
+        claude = preflight(Path(args.workspace).resolve(), args.claude, args.unsandboxed)
     except RunnerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,7 +1,7 @@
 """Runs one training command for the research loop and reports how it ended.
 
     python worker.py --log FILE --report FILE --timeout SECONDS [--watch-stdin] [--cpus 0,1]
-        [--sandbox JSON] [--export FILE --val-shard FILE --evaluate JSON] -- COMMAND...
+        [--sandbox JSON [--unsandboxed]] [--export FILE --val-shard FILE --evaluate JSON] -- COMMAND...
 
 --log - writes the output to this process's own stdout instead (a cluster job, whose engine keeps
 its stdout as the job's log).
@@ -17,9 +17,10 @@ runs (this machine's slots, a Ray or SLURM node). It
 - enforces the hard timeout (SIGTERM to the whole tree, SIGKILL after a grace period), and stops
   the same way on SIGTERM (a cancel) or, with --watch-stdin, when its parent, the server, dies
   (the pipe on stdin reaches end of file);
-- runs the command in a sandbox where bubblewrap is installed (--sandbox: the workspace, the
-  harness, the prepared cache and the environments read-only, the run's own folders writable), so
-  the training can write neither the server's records nor the harness;
+- runs the command in a sandbox (--sandbox: the workspace, the harness, the prepared cache and the
+  environments read-only, the run's own folders writable; bubblewrap, or sandbox-exec on macOS),
+  so the training can write neither the server's records nor the harness; where no sandbox can
+  run, it refuses to start the command unless told --unsandboxed (the user's opt-in);
 - watches the validation shard (inotify): an open before the model was exported means the model
   may have seen the validation data;
 - runs the harness's separate evaluation of the exported model (--evaluate), with its own
@@ -44,6 +45,11 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+try:
+    from mcp_server import sandbox
+except ImportError:  # run as a script, or on a node: sandbox.py is beside this file
+    import sandbox
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -238,30 +244,19 @@ class ValidationWatch(threading.Thread):
 
 
 def sandboxed(command: list[str], spec: dict, cwd: str, private: dict | None = None) -> tuple[list[str], bool]:
-    """The command under bubblewrap with the spec's binds, or as it is where bubblewrap is missing
-    (or spec is empty). spec: {"readonly", "writable", "readonly_inside"}: lists of paths (relative
-    ones are inside cwd), bound in that order, so a writable folder inside a read-only one stays
-    writable, and read-only files inside that folder stay read-only. private: {path: copy}, each
-    copy shown read-only in place of its path, to this run alone."""
-    bwrap = shutil.which("bwrap")
-    if not spec or not bwrap:
+    """The command in this machine's sandbox (sandbox.wrap), or as it is where spec is empty or no
+    sandbox is usable: the caller refuses that unless the user opted in."""
+    if not spec:
         return command, False
-    argv = [bwrap, "--bind", "/", "/", "--dev-bind", "/dev", "/dev", "--proc", "/proc"]
-    for option, key in (("--ro-bind", "readonly"), ("--bind", "writable"), ("--ro-bind", "readonly_inside")):
-        for path in spec.get(key, []):
-            path = os.path.join(cwd, path)  # relative: inside the run's worktree
-            if os.path.exists(path):
-                argv += [option, path, path]
-    for path, copy in (private or {}).items():
-        argv += ["--ro-bind", str(copy), str(path)]
-    return [*argv, "--die-with-parent", "--chdir", cwd, "--", *command], True
+    command, kind = sandbox.wrap(command, spec, cwd, private)
+    return command, kind is not None
 
 
 def private_val_copy(val_shard: Path, report: Path) -> Path | None:
     """A copy of the validation shard for this run alone, where bubblewrap can show it in place of
     the shared one: inotify reports every process's opens of a file, so with several slots a watch
     on the shared shard would blame a run for another run's evaluation."""
-    if not shutil.which("bwrap"):
+    if sandbox.usable()[0] != sandbox.BUBBLEWRAP:
         return None
     copy = report.with_name(report.name + ".val-shard")
     shutil.copyfile(val_shard, copy)
@@ -479,6 +474,8 @@ def parse_args(argv):
     p.add_argument("--watch-stdin", action="store_true", help="stop the run when stdin reaches end of file")
     p.add_argument("--cpus", help="comma-separated CPU ids the command may use")
     p.add_argument("--sandbox", type=json.loads, default={}, help="JSON: read-only and writable paths (bubblewrap)")
+    p.add_argument("--unsandboxed", action="store_true",
+                   help="the user accepts running the command without a sandbox where none can run here")
     p.add_argument("--export", type=Path, help="where the harness exports the trained model")
     p.add_argument("--val-shard", type=Path, help="the validation shard, watched until the export appears")
     p.add_argument("--val-shared", action="store_true",
@@ -494,6 +491,17 @@ def parse_args(argv):
     if not args.command:
         p.error("no command given")
     return args
+
+
+def not_started(args, message: str, exit_code: int, started_at: float, subreaper: bool) -> int:
+    """The log's line and the report of a command that never ran."""
+    with open_log(args.log) as log:
+        log.write(f"{MARK} {message}\n".encode())
+    write_report(args.report, {"exit_code": exit_code, "timed_out": False, "stopped": None, "started_at": started_at,
+                               "wall_seconds": 0.0, "stray_processes": 0, "unkillable": 0,
+                               "log_truncated": False, "host": socket.gethostname(),
+                               "device": device_name(dict(os.environ)), "subreaper": subreaper})
+    return exit_code
 
 
 def main(argv=None) -> int:
@@ -522,6 +530,10 @@ def main(argv=None) -> int:
         val_copy = private_val_copy(args.val_shard, args.report)
     command, in_sandbox = sandboxed(args.command, args.sandbox, os.getcwd(),
                                     {args.val_shard: val_copy} if val_copy else None)
+    if args.sandbox and not in_sandbox and not args.unsandboxed:  # never without a sandbox unasked
+        os.close(write_end)
+        return not_started(args, f"refused to run {args.command[0]!r}: {sandbox.missing()}", 126, started_at,
+                           subreaper)
     if args.export:
         env[EXPORT_ENV] = str(args.export)
         args.export.parent.mkdir(parents=True, exist_ok=True)
@@ -542,13 +554,7 @@ def main(argv=None) -> int:
         os.close(write_end)
         if evaluation is not None:
             evaluation.finish(args.grace)
-        with open_log(args.log) as log:
-            log.write(f"{MARK} could not start {args.command[0]!r}: {exc}\n".encode())
-        write_report(args.report, {"exit_code": 127, "timed_out": False, "stopped": None, "started_at": started_at,
-                                   "wall_seconds": 0.0, "stray_processes": 0, "unkillable": 0,
-                                   "log_truncated": False, "host": socket.gethostname(),
-                                   "device": device_name(dict(os.environ)), "subreaper": subreaper})
-        return 127
+        return not_started(args, f"could not start {args.command[0]!r}: {exc}", 127, started_at, subreaper)
     os.close(write_end)
     # the command's group, for whoever finds this run without its worker (a server restart)
     write_report(args.report, {"running": True, "pid": child.pid, "worker_pid": os.getpid(), "started_at": started_at})

@@ -103,7 +103,8 @@ def ensure_debian_package(binary: str, package: str) -> str:
 
 @pytest.fixture(scope="session")
 def bubblewrap() -> str:
-    """The runs' sandbox; without it the server runs unsandboxed, which these tests are not about."""
+    """The runs' sandbox; without it a server refuses runs unless started with the opt-in
+    (server_support.UNSANDBOXED), and these tests are about sandboxed runs."""
     return ensure_debian_package("bwrap", "bubblewrap")
 
 

@@ -25,6 +25,10 @@ FAKE_TRAIN = HERE / "fake_train.py"
 TOOL_NAMES = {"setup", "run_experiment", "wait", "read_metrics", "keep", "discard", "cancel", "reapply", "history",
               "stop", "log_result", "status", "plot_progress", "measure_noise", "confirm"}
 TRAIN_COMMAND = [sys.executable, "fake_train.py"]
+# The tests' servers accept runs without a sandbox where the machine can run none (they are not
+# about the sandbox; where one runs, and in CI, runs are sandboxed all the same). The tests of the
+# sandbox itself start theirs without it.
+UNSANDBOXED = ["--unsandboxed"]
 
 
 def git(ws: Path, *args: str) -> str:
@@ -85,7 +89,8 @@ def stdio_params(ws: Path, cache: Path, *extra: str, train_command=None) -> Stdi
     env.pop("AUTORESEARCH_TIME_BUDGET", None)
     command = " ".join(train_command or TRAIN_COMMAND)
     return StdioServerParameters(command=sys.executable,
-                                 args=["-m", "mcp_server", "--workspace", str(ws), "--train-command", command, *extra],
+                                 args=["-m", "mcp_server", "--workspace", str(ws), "--train-command", command,
+                                       *UNSANDBOXED, *extra],
                                  env=env, cwd=str(REPO))
 
 
@@ -103,11 +108,15 @@ FAKE_KNOBS = ("VAL_BPB", "MEMORY_MB", "STEPS", "SLEEP", "CRASH", "NAN", "NO_SUMM
 class Lab:
     """A workspace, a ResearchLoop on it, and a way to call its tools through a real client."""
 
-    def __init__(self, ws, slots: int = 1, executor=None, train_command=None):
-        """executor: a factory of the executor from the Workspace (Ray, SLURM); default the local pool."""
-        self.ws, self.slots, self.executor = ws, slots, executor
+    def __init__(self, ws, slots: int = 1, executor=None, train_command=None, unsandboxed: bool = True):
+        """executor: a factory of the executor from the Workspace (Ray, SLURM); default the local pool.
+        unsandboxed: the user's opt-in to runs without a sandbox (see UNSANDBOXED)."""
+        self.ws, self.slots, self.executor, self.unsandboxed = ws, slots, executor, unsandboxed
         self.train_command = train_command or TRAIN_COMMAND
-        self.loop = ResearchLoop(ws, self.train_command, slots, executor)
+        self.loop = self.new_loop()
+
+    def new_loop(self) -> ResearchLoop:
+        return ResearchLoop(self.ws, self.train_command, self.slots, self.executor, unsandboxed=self.unsandboxed)
 
     def call(self, name, progress=None, **args):
         async def go():
@@ -124,7 +133,7 @@ class Lab:
     def restart(self):
         """The server exits (its runs die with it) and a new one starts on the workspace."""
         self.loop.shutdown()
-        self.loop = ResearchLoop(self.ws, self.train_command, self.slots, self.executor)
+        self.loop = self.new_loop()
 
     def head(self):
         return git(self.ws, "rev-parse", "HEAD").strip()

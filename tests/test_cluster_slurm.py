@@ -10,7 +10,6 @@ import pytest
 
 import cluster_support as cluster
 from conftest import ensure_debian_package
-from mcp_server.loop import ResearchLoop
 from server_support import TRAIN_COMMAND, Lab, make_workspace, set_knobs, wait_until
 
 slurm_executor = pytest.importorskip("mcp_server.slurm_executor")
@@ -143,7 +142,7 @@ def test_a_job_slurm_no_longer_knows_is_a_crash_with_the_reason(slurm_lab):
     subprocess.run(["scancel", entry["job"]], check=True)
     entry["job"] = "999999"  # an id SLURM never had, as after its records were purged
     path.write_text(json.dumps(state))
-    slurm_lab.loop = ResearchLoop(slurm_lab.ws, slurm_lab.train_command, slurm_lab.slots, slurm_lab.executor)
+    slurm_lab.loop = slurm_lab.new_loop()
     result = slurm_lab.ok("wait")["results"][0]
     assert result["run"] == run["run"] and result["status"] == "crash", result
     assert "SLURM no longer knows the job" in result["tail"], result["tail"]

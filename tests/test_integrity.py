@@ -12,7 +12,8 @@ from server_support import Lab, answer, error, git, ledger_lines, make_cache, ma
 
 @pytest.fixture
 def sandboxed_lab(fake_env, bubblewrap):
-    lab = Lab(make_workspace(fake_env))
+    """Without the opt-in: these runs must be sandboxed, or refused."""
+    lab = Lab(make_workspace(fake_env), unsandboxed=False)
     yield lab
     lab.loop.shutdown()
 

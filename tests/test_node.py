@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mcp_server import node, worker
+from mcp_server import node, sandbox, worker
 
 # a stand-in for prepare.py: counts its runs, takes a moment, records what it prepared
 PREPARE = """import json, os, sys, time
@@ -28,6 +28,7 @@ def code_folder(tmp_path: Path, name: str, token: str) -> Path:
     scripts.mkdir(parents=True)
     shutil.copy(worker.__file__, scripts / "worker.py")
     shutil.copy(node.__file__, scripts / "node.py")
+    shutil.copy(sandbox.__file__, scripts / "sandbox.py")
     (scripts / node.TOKEN_FILE).write_text(token)
     (code / "prepare.py").write_text(PREPARE)
     (code / "train.py").write_text("print('---'); print('val_bpb:          0.987000')\n")
@@ -106,7 +107,7 @@ print("val_bpb:          0.500000")
 """
 
 
-def verified_job(tmp_path: Path, path: str) -> tuple[dict, str]:
+def verified_job(tmp_path: Path, path: str, *options: str) -> tuple[dict, str]:
     code = code_folder(tmp_path, "job", "t")
     (code / "nanochat").mkdir()
     (code / "nanochat" / "evaluate_export.py").write_text(EVALUATOR)
@@ -115,14 +116,15 @@ def verified_job(tmp_path: Path, path: str) -> tuple[dict, str]:
     (tmp_path / "tmp").mkdir()  # the node's scratch, with the harness copy, inside the test's folder
     env = {"PATH": path, "AUTORESEARCH_CACHE": str(tmp_path / "cache"), "HOME": str(tmp_path),
            "TMPDIR": str(tmp_path / "tmp")}
-    out = subprocess.run([sys.executable, f"{node.NODE_DIR}/node.py", "--timeout", "60", "--verify", json.dumps(verify),
+    out = subprocess.run([sys.executable, f"{node.NODE_DIR}/node.py", "--timeout", "60", *options,
+                          "--verify", json.dumps(verify),
                           "--", sys.executable, "train.py"], cwd=code, env=env, capture_output=True, text=True,
                          timeout=120).stdout
     return result_of(out), out
 
 
 def test_a_node_has_the_harness_evaluate_from_a_copy_the_run_cannot_change_unseen(tmp_path):
-    result, out = verified_job(tmp_path, str(tmp_path / "no-bwrap-here"))
+    result, out = verified_job(tmp_path, str(tmp_path / "no-bwrap-here"), "--unsandboxed")  # the user's opt-in
     assert result["sandbox"] is False and result["exported"] is True
     assert "tampered" in out  # without a sandbox the run reached the copy, and the check after the evaluation saw it
     assert "harness copy" in result["evaluation"]["error"] and "prepare.py" in result["evaluation"]["error"]

@@ -12,10 +12,9 @@ import anyio
 import pytest
 from mcp import Client
 
-from mcp_server.loop import ResearchLoop
 from mcp_server.server import build_server
 from server_support import (
-    TOOL_NAMES, TRAIN_COMMAND, Lab, answer, error, git, ledger_lines, make_workspace, pid_alive, set_knobs,
+    TOOL_NAMES, Lab, answer, error, git, ledger_lines, make_workspace, pid_alive, set_knobs,
     slot_dir, text, wait_until,
 )
 
@@ -214,7 +213,7 @@ def test_a_second_server_is_read_only_until_the_owner_dies(lab):
     try:
         lab.loop.shutdown()  # this server gives the workspace up, the holder takes it
         assert holder.stdout.readline().strip() == "locked"
-        lab.loop = ResearchLoop(lab.ws, TRAIN_COMMAND)
+        lab.loop = lab.new_loop()
         message = lab.refused("run_experiment", description="x")
         assert "read-only" in message and "Another research-loop server" in message
         assert "read_only" in lab.ok("status")  # reading still works

@@ -302,6 +302,7 @@ function runCard(run) {
   const title = el("div", { class: "run-title" },
     el("span", { class: "mono", text: `run ${run.run} · ${run.commit}` }),
     el("span", { class: `badge ${run.status}`, text: run.status }),
+    el("span", { class: run.unsandboxed ? "badge unsandboxed" : "", text: run.unsandboxed ? "unsandboxed" : "" }),
     el("span", { text: ` ${run.description}` }),
     el("span", { class: "quiet", text: several ? ` · ${run.slot}` : "" }));
   const card = el("div", { class: "run", "data-run": String(run.run) }, title);

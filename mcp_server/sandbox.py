@@ -1,0 +1,132 @@
+"""The runs' sandbox: bubblewrap on Linux, sandbox-exec on macOS, or none, and never none silently.
+
+Standard library only: worker.py uses it on this machine and on a cluster's nodes (shipped beside
+it). A sandbox counts as usable only once it has run a command here: bubblewrap can be installed
+yet refused user namespaces (a container, a hardened kernel). Each probe runs once per process
+and executable. Without a usable one a run may start only where the user opted in
+(`--unsandboxed`, or RESEARCH_LOOP_UNSANDBOXED=1), and then everything that reports the run says so.
+
+spec, as integrity.sandbox_spec makes it: {"readonly", "writable", "readonly_inside"}, lists of
+paths (relative ones are inside the run's folder), applied in that order, each overriding the one
+before: the workspace read-only, the run's own folders writable again, the harness files inside
+the run's folder read-only once more.
+"""
+from __future__ import annotations  # a node's Python may be older than 3.10
+
+import functools
+import os
+import shutil
+import subprocess
+import sys
+
+UNSANDBOXED_ENV = "RESEARCH_LOOP_UNSANDBOXED"
+BUBBLEWRAP, SANDBOX_EXEC = "bubblewrap", "sandbox-exec"
+PROBE_TIMEOUT_S = 30
+MARKER = " (unsandboxed)"  # in the description of a ledger row whose run had no sandbox
+RISK = ("a run could write the ledger, the server's state, the harness and the prepared data, so its number "
+        "deserves less trust than a sandboxed run's")
+RUN_NOTE = f"unsandboxed: this run had no sandbox (the server runs with --unsandboxed): {RISK}"
+# Where a process writes without asking on macOS: the temporary folders and the terminal devices.
+SEATBELT_SCRATCH = ("/private/tmp", "/private/var/folders", "/dev")
+INSTALL = ("Install bubblewrap: `sudo apt-get install bubblewrap` (Debian, Ubuntu) or `sudo dnf install bubblewrap` "
+           "(Fedora)")
+OPT_IN = (f"or, to accept runs that can write the workspace, start it with --unsandboxed (or "
+          f"{UNSANDBOXED_ENV}=1; `research-loop overnight --unsandboxed`): every answer and ledger row then says "
+          "unsandboxed")
+
+
+def opted_in() -> bool:
+    """The user's opt-in from the environment (a setting beside the command-line flag)."""
+    return os.environ.get(UNSANDBOXED_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def usable() -> tuple[str | None, str | None, str]:
+    """(kind, executable, why not): the sandbox this machine can run, or (None, None, the reason)."""
+    if sys.platform == "darwin":
+        found = shutil.which("sandbox-exec")
+        if not found:
+            return None, None, "sandbox-exec is not on PATH"
+        problem = _probe(tuple(seatbelt_argv(found, [sys.executable, "-c", ""], {}, "/")))
+        if problem is None:
+            return SANDBOX_EXEC, found, ""
+        return None, None, f"sandbox-exec cannot run here: {problem}"
+    found = shutil.which("bwrap")
+    if not found:
+        return None, None, "bubblewrap (bwrap) is not installed"
+    problem = _probe(tuple(bwrap_argv(found, [sys.executable, "-c", ""], {}, "/")))
+    if problem is None:
+        return BUBBLEWRAP, found, ""
+    return None, None, (f"bubblewrap ({found}) is installed but cannot run here ({problem}): it needs unprivileged "
+                        "user namespaces, which this kernel or container does not allow")
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(argv: tuple[str, ...]) -> str | None:
+    """None where the sandbox ran a command; else what went wrong."""
+    try:
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
+                              timeout=PROBE_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return str(exc)
+    if done.returncode != 0:
+        return (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1][:300]
+    return None
+
+
+def missing() -> str:
+    """Why runs cannot be sandboxed here, and what to do: install the sandbox or opt in."""
+    why = usable()[2]
+    if sys.platform == "darwin":
+        return (f"No sandbox for the runs: {why}. It ships with macOS (/usr/bin/sandbox-exec): restore it, then "
+                f"restart the server; {OPT_IN}.")
+    return (f"No sandbox for the runs: {why}. Unsandboxed, a run can rewrite the ledger, the server's state and the "
+            f"harness. {INSTALL}, then restart the server; {OPT_IN}.")
+
+
+def wrap(command: list[str], spec: dict, cwd: str, private: dict | None = None) -> tuple[list[str], str | None]:
+    """The command in this machine's sandbox and the sandbox's kind; (command, None) where none is
+    usable. private: {path: copy}, each copy shown read-only in place of its path (bubblewrap only)."""
+    kind, found, _ = usable()
+    if kind == BUBBLEWRAP:
+        return bwrap_argv(found, command, spec, cwd, private), kind
+    if kind == SANDBOX_EXEC:
+        return seatbelt_argv(found, command, spec, cwd), kind
+    return command, None
+
+
+def bwrap_argv(bwrap: str, command: list[str], spec: dict, cwd: str, private: dict | None = None) -> list[str]:
+    """bubblewrap with the spec's binds, in order, over a read-write view of the whole machine."""
+    argv = [bwrap, "--bind", "/", "/", "--dev-bind", "/dev", "/dev", "--proc", "/proc"]
+    for option, key in (("--ro-bind", "readonly"), ("--bind", "writable"), ("--ro-bind", "readonly_inside")):
+        for path in spec.get(key, []):
+            path = os.path.join(cwd, path)  # relative: inside the run's worktree
+            if os.path.exists(path):
+                argv += [option, path, path]
+    for path, copy in (private or {}).items():
+        argv += ["--ro-bind", str(copy), str(path)]
+    return [*argv, "--die-with-parent", "--chdir", cwd, "--", *command]
+
+
+def seatbelt_argv(sandbox_exec: str, command: list[str], spec: dict, cwd: str) -> list[str]:
+    return [sandbox_exec, "-p", seatbelt_profile(spec, cwd), *command]
+
+
+def seatbelt_profile(spec: dict, cwd: str) -> str:
+    """A sandbox-exec profile: everything allowed but writes, which only the spec's writable paths
+    and the temporary folders get. Later rules win, so the spec's order holds: the read-only paths
+    are denied after the temporary folders (a workspace may live in one), the run's own folders
+    allowed after them, the harness files inside them denied last. Paths are resolved, as the
+    kernel matches them (/tmp is /private/tmp on macOS)."""
+    def rule(verb: str, paths) -> list[str]:
+        return [f"({verb} file-write* (subpath {quoted(os.path.realpath(os.path.join(cwd, p)))}))" for p in paths]
+
+    tmp = os.environ.get("TMPDIR")
+    scratch = [*SEATBELT_SCRATCH, *([tmp] if tmp else [])]
+    return "\n".join(["(version 1)", "(allow default)", "(deny file-write*)", *rule("allow", scratch),
+                      *rule("deny", spec.get("readonly", [])), *rule("allow", spec.get("writable", [])),
+                      *rule("deny", spec.get("readonly_inside", []))]) + "\n"
+
+
+def quoted(path: str) -> str:
+    """A string literal of the profile language (a Scheme)."""
+    return '"' + path.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -1,0 +1,231 @@
+"""No run without a sandbox unless the user asked for it (mcp_server/sandbox.py).
+
+Where no sandbox can run (bubblewrap missing, or installed but refused its namespaces), a run is
+refused with what to install or how to opt in, before anything is committed; with the opt-in,
+every answer, ledger row and the dashboard say "unsandboxed". The worker and a cluster's node
+refuse too, unless the server passes the opt-in on. The macOS profile (sandbox-exec) is checked
+as text and command line here: these tests run on Linux.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mcp_server import cluster, dashboard, node, overnight, sandbox, worker
+from mcp_server.__main__ import parse_args
+from mcp_server.executor import RunSpec
+from server_support import Lab, answer, error, git, ledger_lines, make_workspace, set_knobs
+
+WORKER = Path(worker.__file__)
+ORIGINAL_PATH = os.environ["PATH"]
+BROKEN_BWRAP = "#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\nexit 1\n"
+
+
+def path_without_sandbox(tmp_path: Path, bwrap: str | None = None) -> str:
+    """A PATH with git and sh, and no bubblewrap (or a stand-in that fails as in a locked-down container)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name in ("git", "sh"):
+        (bin_dir / name).symlink_to(os.path.realpath(shutil.which(name)))
+    if bwrap is not None:
+        (bin_dir / "bwrap").write_text(bwrap)
+        (bin_dir / "bwrap").chmod(0o755)
+    return str(bin_dir)
+
+
+@pytest.fixture
+def no_sandbox(fake_env, monkeypatch):
+    monkeypatch.setenv("PATH", path_without_sandbox(fake_env))
+    monkeypatch.delenv(sandbox.UNSANDBOXED_ENV, raising=False)
+    return fake_env
+
+
+@pytest.mark.parametrize("bwrap", [None, BROKEN_BWRAP], ids=["missing", "installed-but-unusable"])
+def test_without_a_sandbox_a_run_is_refused_before_anything_is_committed(fake_env, monkeypatch, bwrap):
+    monkeypatch.setenv("PATH", path_without_sandbox(fake_env, bwrap))
+    lab = Lab(make_workspace(fake_env), unsandboxed=False)
+    try:
+        lab.ok("setup", tag="nobwrap")
+        set_knobs(lab.ws, TAMPER=1, VAL_BPB=0.5)  # a train.py that would rewrite the ledger and the state
+        refs, ledger, state = git(lab.ws, "for-each-ref"), ledger_lines(lab.ws), lab.loop.state.load()
+        refused = error(lab.call("run_experiment", description="the attack"))
+        assert "No sandbox for the runs" in refused and "--unsandboxed" in refused
+        assert "apt-get install bubblewrap" in refused and "dnf install bubblewrap" in refused
+        assert ("cannot run here" in refused and "No permissions" in refused) if bwrap else "not installed" in refused
+        # nothing committed, queued or logged, and the agent's edit is still there
+        assert git(lab.ws, "for-each-ref") == refs and ledger_lines(lab.ws) == ledger
+        assert lab.loop.state.load() == state and not state.get("runs")
+        assert (lab.ws / "train.py").read_text() == "TAMPER = 1\nVAL_BPB = 0.5\n"
+        assert not (lab.ws / "runs").exists()
+    finally:
+        lab.loop.shutdown()
+
+
+def test_with_the_opt_in_every_answer_the_rows_and_the_dashboard_say_unsandboxed(no_sandbox):
+    lab = Lab(make_workspace(no_sandbox), unsandboxed=True)
+    try:
+        lab.ok("setup", tag="optin")
+        assert "unsandboxed" in lab.ok("status")["unsandboxed"]  # before any run: this server's runs will be
+        run = lab.ok("run_experiment", description="baseline")  # a harness that does not export, too
+        assert run["status"] == "ok" and "unsandboxed" in run["unsandboxed"], run
+        assert "unsandboxed" in lab.ok("read_metrics")["unsandboxed"]
+        assert "unsandboxed" in lab.ok("read_metrics", run="1")["unsandboxed"]
+        pending = next(r for r in dashboard.live_view(lab.ws)["runs"] if r["run"] == run["run"])
+        assert pending["unsandboxed"] is True
+        kept = lab.ok("keep")
+        assert kept["row"]["description"] == "baseline (unsandboxed)" and "unsandboxed" in kept["unsandboxed"]
+        set_knobs(lab.ws, VAL_BPB=1.2)
+        lab.ok("run_experiment", description="worse")
+        discarded = lab.ok("discard", reason="worse")
+        assert discarded["row"]["description"] == "worse (unsandboxed) (worse)" and discarded["unsandboxed"]
+        rows = dashboard.ledger_view(lab.ws)["rows"]
+        assert [r["description"] for r in rows] == ["baseline (unsandboxed)", "worse (unsandboxed) (worse)"]
+        assert ledger_lines(lab.ws)[1].endswith("\tkeep\tbaseline (unsandboxed)")
+    finally:
+        lab.loop.shutdown()
+
+
+def test_a_record_that_forgets_the_missing_sandbox_does_not_clean_the_row(no_sandbox):
+    """What an unsandboxed run (or a process it left) could do: erase its mark from the state."""
+    lab = Lab(make_workspace(no_sandbox), unsandboxed=True)
+    try:
+        lab.ok("setup", tag="erase")
+        lab.ok("run_experiment", description="baseline")
+        path = lab.ws / ".research-loop" / "state.json"
+        state = json.loads(path.read_text())
+        for entry in state["runs"].values():
+            entry.pop("unsandboxed", None)
+            entry["result"].pop("unsandboxed", None)
+        path.write_text(json.dumps(state))
+        kept = lab.ok("keep")
+        assert kept["row"]["description"] == "baseline (unsandboxed)" and kept["unsandboxed"]
+    finally:
+        lab.loop.shutdown()
+
+
+def test_with_a_sandbox_the_opt_in_changes_nothing(fake_env, bubblewrap):
+    """The opt-in allows runs without a sandbox; where one runs, they are sandboxed all the same."""
+    lab = Lab(make_workspace(fake_env), unsandboxed=True)
+    try:
+        lab.ok("setup", tag="both")
+        assert lab.ok("status")["unsandboxed"] is None
+        run = lab.ok("run_experiment", description="baseline")
+        assert run["status"] == "ok" and run["unsandboxed"] is None
+        assert lab.ok("keep")["row"]["description"] == "baseline"
+    finally:
+        lab.loop.shutdown()
+
+
+def worker_run(tmp_path: Path, path: str, *options: str) -> tuple[subprocess.CompletedProcess, dict, str]:
+    """The worker asked for a sandbox (the folder read-only), running a command that writes into it."""
+    spec = json.dumps({"readonly": [str(tmp_path)], "writable": []})
+    log, report = tmp_path / "run.log", tmp_path / "report.json"
+    done = subprocess.run([sys.executable, str(WORKER), "--log", str(log), "--report", str(report), "--timeout", "30",
+                           "--sandbox", spec, *options, "--", sys.executable, "-c", "open('ran', 'w').write('x')"],
+                          cwd=tmp_path, env=dict(os.environ, PATH=path), timeout=60)
+    return done, json.loads(report.read_text()), log.read_text()
+
+
+def test_the_worker_never_runs_without_a_sandbox_unless_told(tmp_path):
+    path = path_without_sandbox(tmp_path)
+    done, report, log = worker_run(tmp_path, path)
+    assert done.returncode == 126 and report["exit_code"] == 126 and not (tmp_path / "ran").exists()
+    assert "refused to run" in log and "apt-get install bubblewrap" in log and "--unsandboxed" in log
+    done, report, log = worker_run(tmp_path, path, "--unsandboxed")
+    assert report["exit_code"] == 0 and report["sandbox"] is False and (tmp_path / "ran").exists()
+
+
+def test_the_worker_sandboxes_where_bubblewrap_runs(tmp_path, bubblewrap):
+    done, report, log = worker_run(tmp_path, os.environ["PATH"], "--unsandboxed")
+    assert report["sandbox"] is True and report["exit_code"] != 0 and not (tmp_path / "ran").exists()
+    assert "Read-only file system" in log
+
+
+def test_a_node_without_a_sandbox_refuses_unless_the_server_passes_the_opt_in(tmp_path):
+    code = tmp_path / "job"
+    scripts = code / node.NODE_DIR
+    scripts.mkdir(parents=True)
+    for module in (worker, node, sandbox):  # as cluster.package ships them
+        shutil.copy(module.__file__, scripts / Path(module.__file__).name)
+    (code / "train.py").write_text("open('ran', 'w').write('x'); print('---'); print('val_bpb:          0.987000')\n")
+    env = {"PATH": path_without_sandbox(tmp_path), "AUTORESEARCH_CACHE": str(tmp_path / "cache"),
+           "HOME": str(tmp_path)}
+
+    def job(*options: str) -> dict:
+        out = subprocess.run([sys.executable, f"{node.NODE_DIR}/node.py", "--timeout", "30", *options, "--",
+                              sys.executable, "train.py"], cwd=code, env=env, capture_output=True, text=True,
+                             timeout=60).stdout
+        return json.loads(next(l for l in reversed(out.splitlines()) if l.startswith(node.RESULT_MARK))
+                          [len(node.RESULT_MARK):])
+    refused = job()  # a harness that does not export: a sandbox all the same
+    assert refused["exit_code"] == 126 and refused["val_bpb"] is None and not (code / "ran").exists()
+    allowed = job("--unsandboxed")
+    assert allowed["exit_code"] == 0 and allowed["sandbox"] is False and allowed["val_bpb"] == 0.987
+
+
+def test_the_server_passes_the_opt_in_to_its_workers_and_nodes(tmp_path):
+    spec = RunSpec(run=1, commit="c" * 40, command=["python", "train.py"], timeout=60, log=tmp_path / "l",
+                   report=tmp_path / "r", unsandboxed=True)
+    assert "--unsandboxed" in cluster.node_args(spec)
+    spec.unsandboxed = False
+    assert "--unsandboxed" not in cluster.node_args(spec)
+
+
+def test_the_opt_in_is_a_flag_or_a_setting(monkeypatch):
+    monkeypatch.delenv(sandbox.UNSANDBOXED_ENV, raising=False)
+    assert parse_args([]).unsandboxed is False and parse_args(["--unsandboxed"]).unsandboxed is True
+    monkeypatch.setenv(sandbox.UNSANDBOXED_ENV, "1")
+    assert parse_args([]).unsandboxed is True
+    monkeypatch.setenv(sandbox.UNSANDBOXED_ENV, "0")
+    assert parse_args([]).unsandboxed is False
+
+
+def test_the_overnight_runner_stops_before_its_first_session_without_a_sandbox(no_sandbox, tmp_path):
+    ws = make_workspace(no_sandbox)
+    with pytest.raises(overnight.RunnerError, match="No sandbox for the runs.*--unsandboxed"):
+        overnight.preflight(ws, sys.executable, unsandboxed=False)
+    (no_sandbox / "bin" / "uv").symlink_to(shutil.which("uv", path=os.environ["PATH"] + os.pathsep + ORIGINAL_PATH))
+    assert overnight.preflight(ws, sys.executable, unsandboxed=True) == sys.executable
+
+
+# --- macOS: sandbox-exec, checked as text and command line ------------------------------------
+def test_the_macos_profile_denies_writes_but_the_runs_own_folders(tmp_path):
+    ws, run, exports = tmp_path / "ws", tmp_path / "ws" / ".git" / "slot", tmp_path / "exports"
+    spec = {"readonly": [str(ws), "/cache"], "writable": [".", str(exports)], "readonly_inside": ["prepare.py"]}
+    lines = sandbox.seatbelt_profile(spec, str(run)).splitlines()
+    assert lines[:3] == ["(version 1)", "(allow default)", "(deny file-write*)"]
+    rules = lines[3:]
+    order = [rules.index(f'(deny file-write* (subpath "{ws}"))'),
+             rules.index(f'(allow file-write* (subpath "{run}"))'),
+             rules.index(f'(allow file-write* (subpath "{exports}"))'),
+             rules.index(f'(deny file-write* (subpath "{run}/prepare.py"))')]
+    assert order == sorted(order)  # later rules win: the spec's order holds
+    assert rules.index('(allow file-write* (subpath "/private/tmp"))') < order[0]  # a workspace in /tmp stays read-only
+    assert '(deny file-write* (subpath "/cache"))' in rules
+
+
+def test_a_path_cannot_break_out_of_its_string_in_the_profile():
+    profile = sandbox.seatbelt_profile({"writable": ['/w/a") (allow file-write* (subpath "/x', "/w/b\\"]}, "/")
+    assert '(allow file-write* (subpath "/w/a\\") (allow file-write* (subpath \\"/x"))' in profile
+    assert '(allow file-write* (subpath "/w/b\\\\"))' in profile
+
+
+def test_on_macos_runs_go_under_sandbox_exec_with_that_profile(tmp_path, monkeypatch):
+    """A stand-in sandbox-exec that runs its command: the probe passes and wrap() builds the line."""
+    fake = tmp_path / "sandbox-exec"
+    fake.write_text('#!/bin/sh\nshift 2\nexec "$@"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(sandbox.sys, "platform", "darwin")
+    spec = {"readonly": [str(tmp_path)], "writable": ["."]}
+    command, kind = sandbox.wrap(["python", "train.py"], spec, str(tmp_path / "run"))
+    assert kind == sandbox.SANDBOX_EXEC
+    assert command == [str(fake), "-p", sandbox.seatbelt_profile(spec, str(tmp_path / "run")), "python", "train.py"]
+    fake.write_text("#!/bin/sh\necho 'sandbox-exec: sandbox_apply: Operation not permitted' >&2\nexit 71\n")
+    sandbox._probe.cache_clear()
+    assert sandbox.wrap(["python"], spec, "/")[1] is None
+    assert "sandbox-exec cannot run here: sandbox-exec: sandbox_apply: Operation not permitted" in sandbox.missing()
