@@ -331,14 +331,14 @@ class HarnessEvaluation:
         self.proc = None
         self.program = tempfile.TemporaryFile()  # the harness's copy of the export, once there is one
         try:
-            inputs = private_copies(spec["inputs"])
+            inputs = private_copies(spec.get("inputs", {}))
         except (OSError, KeyError, ValueError) as exc:
             self.result = {"problem": f"the harness evaluation's inputs: {exc}"} if isinstance(exc, ValueError) \
                 else {"error": f"the harness evaluation's inputs could not be copied: {exc!r}"}
             return
         self.read_end, write_end = os.pipe()
-        fds = {"--out-fd": write_end, "--program-fd": self.program.fileno(),
-               **{f"--{name}-fd": copy.fileno() for name, copy in inputs.items()}}
+        fds = {"--program-fd": self.program.fileno(),
+               **{f"--{name}-fd": copy.fileno() for name, copy in inputs.items()}, "--out-fd": write_end}
         try:
             with open_log(log_path) as log:
                 # its own session: the training's process group can be killed without it
