@@ -21,7 +21,7 @@ import torch
 from nanochat import answer, datasets, evaluation, export, platform
 from nanochat.cache import PREPARE_COMMAND, cache_dir, data_dir, prepared_record_path, tokenizer_dir
 from nanochat.dataloader import make_dataloader  # noqa: F401  (part of the import contract)
-from nanochat.profiles import PROFILES
+from nanochat.profiles import PROFILES, evaluation_shape
 from nanochat.tokenizer import Tokenizer, save_tokenizer, train_bpe
 
 DATASETS = ("auto", "climbmix", "tinystories", "offline")
@@ -152,7 +152,9 @@ def evaluate_bpb(model, tokenizer, batch_size):
     Under the research-loop server, the model is exported for the harness's own, separate
     evaluation (nanochat/export.py), whose number the ledger gets: it is returned here, so the
     validation set is not evaluated twice."""
-    handed = answer.harness_answer() if export.export_for_evaluation(model, batch_size, MAX_SEQ_LEN) else None
+    eval_batch_size, _ = evaluation_shape(PROFILE)
+    exported = export.export_for_evaluation(model, batch_size, MAX_SEQ_LEN, eval_batch_size)
+    handed = answer.harness_answer() if exported else None
     if handed and "val_bpb" in handed and os.environ.get(answer.CROSSCHECK_ENV) != "1":
         return handed["val_bpb"]
     return evaluation.evaluate_bpb(model, tokenizer, batch_size, MAX_SEQ_LEN, EVAL_TOKENS)

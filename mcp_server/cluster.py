@@ -93,7 +93,7 @@ def node_args(spec: RunSpec) -> list[str]:
         args += ["--prepare", json.dumps(prepare)]
     if spec.after_seconds:  # the harness exports the model: the node evaluates it as a slot here does
         verify = {"evaluator": integrity.EVALUATOR, "editable": EDITABLE, "eval_tokens": integrity.eval_tokens(),
-                  "timeout": spec.after_seconds}
+                  "profile": (info or {}).get("profile"), "timeout": spec.after_seconds}
         args += ["--verify", json.dumps(verify)]
     return [*args, "--", *spec.command]
 

@@ -6,7 +6,9 @@
   export folder and the compile cache are writable.
 - The separate evaluation: the harness exports the trained model (nanochat/export.py) and the
   worker evaluates it in an isolated interpreter from a pristine copy of the harness
-  (nanochat/evaluate_export.py): loss from logits, a causality check, the pinned validation shard.
+  (nanochat/evaluate_export.py): loss from logits, a causality check, at the prepared profile's
+  shapes, on the worker's copy of the program and of the pinned validation shard and tokenizer
+  (taken before the training starts): nothing the run writes sets what it is scored with.
 - The checks: the prepared cache is what it was at setup, git's index hides no change, and the
   time a run reports agrees with what its worker measured and with the budget.
 """
@@ -17,6 +19,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from mcp_server.worker import evaluation_inputs
 from mcp_server.workspace import EDITABLE, cache_dir, prepared_info
 
 HARNESS_DIR = "research-loop/harness"  # inside .git: the pristine harness the evaluation runs from
@@ -68,20 +71,24 @@ def site_packages() -> list[str]:
     return sorted({paths["purelib"], paths["platlib"]})
 
 
-def evaluation_spec(harness: Path, harness_commit: str, program: Path, timeout: float) -> dict:
+def evaluation_spec(harness: Path, harness_commit: str, timeout: float) -> dict:
     """The worker's --evaluate: this interpreter, isolated (-I: no PYTHON* variables, no user site,
     no script folder on the path), without site (-S: no .pth file or sitecustomize runs), writing no
     bytecode (-B: the harness copy stays exactly its commit, which the worker checks after the
-    evaluation, so bytecode planted there is caught), in a clean environment. The worker adds
-    --out-fd: the result comes back through a pipe that the training process cannot reach."""
+    evaluation, so bytecode planted there is caught), in a clean environment. Its shapes are the
+    prepared profile's, its size the server's, and its inputs the pinned validation shard and
+    tokenizer, which the worker copies and checks before the training starts. The worker adds
+    --out-fd (the result comes back through a pipe that the training process cannot reach) and the
+    descriptors of its private copies of the inputs and the exported program."""
     env = {k: v for k, v in os.environ.items()
            if k in ("PATH", "HOME", "LANG", "LC_ALL", "CUDA_VISIBLE_DEVICES", "AUTORESEARCH_CACHE")}
     env["AUTORESEARCH_CACHE"] = str(cache_dir())
     argv = [sys.executable, "-I", "-S", "-B",
-            str(harness / EVALUATOR), "--program", str(program),
+            str(harness / EVALUATOR), "--profile", str((prepared_info() or {}).get("profile")),
             "--eval-tokens", str(eval_tokens()), "--site-packages", *site_packages()]
     return {"argv": argv, "env": env, "harness": str(harness), "harness_commit": harness_commit,
-            "timeout": evaluation_timeout(timeout)}
+            "timeout": evaluation_timeout(timeout),
+            "inputs": evaluation_inputs(cache_dir(), val_shard(), prepared_info())}
 
 
 def evaluation_allowance(entry: dict) -> float:
@@ -134,8 +141,7 @@ def worker_args(ws, root: Path, run: int, commit: str, timeout: float, harness: 
     if harness is None:
         return args
     program = export_dir / EXPORT_NAME
-    args += ["--export", str(program), "--evaluate",
-             json.dumps(evaluation_spec(harness, harness_commit, program, timeout))]
+    args += ["--export", str(program), "--evaluate", json.dumps(evaluation_spec(harness, harness_commit, timeout))]
     shard = val_shard()
     if shard is not None:
         args += ["--val-shard", str(shard)] + (["--val-shared"] if slots > 1 else [])

@@ -191,10 +191,12 @@ def verification(verify: dict, command: list[str], scratch: Path) -> list[str]:
     export = scratch / "export" / "model.pt2"
     export.parent.mkdir()
     env = {k: v for k, v in os.environ.items() if k in EVALUATOR_ENV} | {"AUTORESEARCH_CACHE": str(cache_dir())}
-    evaluate = {"argv": [executable, "-I", "-S", "-B", str(harness / verify["evaluator"]), "--program", str(export),
-                         "--eval-tokens", str(verify["eval_tokens"]), "--site-packages", *site],
+    evaluate = {"argv": [executable, "-I", "-S", "-B", str(harness / verify["evaluator"]),
+                         "--profile", str(verify.get("profile")), "--eval-tokens", str(verify["eval_tokens"]),
+                         "--site-packages", *site],
                 "env": env, "harness": str(harness), "harness_manifest": worker.file_manifest(str(harness)),
-                "timeout": verify["timeout"]}
+                "timeout": verify["timeout"],
+                "inputs": worker.evaluation_inputs(cache_dir(), val_shard(), prepared_record())}
     compiled = cache_dir() / "compile"
     compiled.mkdir(parents=True, exist_ok=True)
     sandbox = {"readonly": [str(scratch), str(cache_dir()), env_prefix],
@@ -261,7 +263,8 @@ def parse_args(argv):
     p.add_argument("--unsandboxed", action="store_true",
                    help="the user accepts training without a sandbox where this node can run none")
     p.add_argument("--verify", type=json.loads,
-                   help='{"evaluator": PATH, "editable": NAME, "eval_tokens": N, "timeout": S}: the harness evaluates')
+                   help='{"evaluator": PATH, "editable": NAME, "profile": NAME, "eval_tokens": N, "timeout": S}: '
+                        'the harness evaluates')
     p.add_argument("command", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
     if args.command[:1] == ["--"]:

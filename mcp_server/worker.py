@@ -21,10 +21,13 @@ runs (this machine's slots, a Ray or SLURM node). It
   environments read-only, the run's own folders writable; bubblewrap, or sandbox-exec on macOS),
   so the training can write neither the server's records nor the harness; where no sandbox can
   run, it refuses to start the command unless told --unsandboxed (the user's opt-in);
-- watches the validation shard (inotify): an open before the model was exported means the model
-  may have seen the validation data;
-- runs the harness's separate evaluation of the exported model (--evaluate), with its own
-  timeout, as soon as the model is exported (train.py waits for its number);
+- copies what the harness's evaluation reads (the validation shard, the tokenizer) before the
+  training starts, checking each against the content the server pinned, and hands the copies to
+  the evaluator as open files that have no name: nothing the run does later can change them;
+- watches the validation shard (inotify): an open before the harness took its own copy of the
+  exported model means the model may have seen the validation data;
+- runs the harness's separate evaluation of its copy of the exported model (--evaluate), with its
+  own timeout, as soon as the model is exported (train.py waits for its number);
 - measures the wall time itself, and writes one JSON report, atomically, with what it saw.
 """
 from __future__ import annotations  # a node's Python may be older than 3.10
@@ -39,9 +42,11 @@ import select
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -62,7 +67,7 @@ MARK = "[research-loop]"  # prefix of the lines this worker adds to the log
 EXPORT_ENV = "RESEARCH_LOOP_EXPORT"  # where the harness writes the trained model (nanochat/export.py)
 ANSWER_ENV = "RESEARCH_LOOP_ANSWER"  # where this worker writes the harness's number for train.py to print
 DATA_ORDER_ENV = "AUTORESEARCH_DATA_ORDER"  # which stretch of the data a rerun trains on (nanochat/dataloader.py)
-IN_OPEN, IN_MOVED_TO, IN_CREATE = 0x20, 0x80, 0x100
+IN_OPEN = 0x20
 INOTIFY_EVENT = struct.Struct("iIII")  # wd, mask, cookie, name length
 
 
@@ -192,54 +197,55 @@ def open_log(path: Path):
 
 
 class ValidationWatch(threading.Thread):
-    """Counts opens of the validation shard before the export file appears (Linux inotify: the
-    events of both watches arrive in one queue, in order)."""
+    """Counts opens of the validation shard before the harness takes its own copy of the exported
+    model (Linux inotify). The boundary is the worker's own act, not a file the run can create: the
+    kernel queues an open's event before the open returns, so the events read when the copy is taken
+    are every open that came before it."""
 
-    def __init__(self, val_shard: Path, export: Path):
+    def __init__(self, val_shard: Path):
         super().__init__(daemon=True, name="val-watch")
         self.opened_before_export = 0
         self.exported = False
-        self.export_name = export.name.encode()
+        self.lock = threading.Lock()  # the events are read by this thread, and once by mark_exported
         libc = ctypes.CDLL(None, use_errno=True)
         self.fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
         if self.fd < 0:
             raise OSError(ctypes.get_errno(), "inotify_init1")
-        self.val_wd = libc.inotify_add_watch(self.fd, bytes(val_shard), IN_OPEN)
-        self.dir_wd = libc.inotify_add_watch(self.fd, bytes(export.parent), IN_CREATE | IN_MOVED_TO)
-        if self.val_wd < 0 or self.dir_wd < 0:
+        if libc.inotify_add_watch(self.fd, bytes(val_shard), IN_OPEN) < 0:
             raise OSError(ctypes.get_errno(), "inotify_add_watch")
         self.done = threading.Event()
 
     def run(self) -> None:
         while not self.done.is_set():
-            if not select.select([self.fd], [], [], 0.2)[0]:
-                continue
+            if select.select([self.fd], [], [], 0.2)[0]:
+                with self.lock:
+                    self._read_queued()
+
+    def mark_exported(self) -> None:
+        """The harness has its copy of the program: opens from now on cannot have trained it."""
+        with self.lock:
+            self._read_queued()
+            self.exported = True
+
+    def _read_queued(self) -> None:
+        while True:
             try:
                 data = os.read(self.fd, 65536)
-            except BlockingIOError:
-                continue
-            self._events(data)
-
-    def _events(self, data: bytes) -> None:
-        offset = 0
-        while offset + INOTIFY_EVENT.size <= len(data):
-            wd, mask, _, length = INOTIFY_EVENT.unpack_from(data, offset)
-            name = data[offset + INOTIFY_EVENT.size:offset + INOTIFY_EVENT.size + length].rstrip(b"\0")
-            offset += INOTIFY_EVENT.size + length
-            if wd == self.dir_wd and name == self.export_name:
-                self.exported = True
-            elif wd == self.val_wd and mask & IN_OPEN and not self.exported:
-                self.opened_before_export += 1
+            except (BlockingIOError, OSError):
+                return
+            offset = 0
+            while offset + INOTIFY_EVENT.size <= len(data):
+                _, mask, _, length = INOTIFY_EVENT.unpack_from(data, offset)
+                offset += INOTIFY_EVENT.size + length
+                if mask & IN_OPEN and not self.exported:
+                    self.opened_before_export += 1
 
     def stop(self) -> None:
         self.done.set()
         self.join(timeout=2)
         if self.is_alive():
             return
-        try:  # what is still queued
-            self._events(os.read(self.fd, 65536))
-        except (BlockingIOError, OSError):
-            pass
+        self._read_queued()  # what is still queued
         os.close(self.fd)
 
 
@@ -263,13 +269,53 @@ def private_val_copy(val_shard: Path, report: Path) -> Path | None:
     return copy
 
 
+def private_copies(inputs: dict) -> dict:
+    """{name: an open file with no name} holding a copy of each input, taken now; raises ValueError
+    when a file's content is not the SHA-256 the server pinned. inputs: {name: {"path", "sha256"}}."""
+    copies = {}
+    try:
+        for name, pinned in inputs.items():
+            copy = copies[name] = tempfile.TemporaryFile()
+            digest = hashlib.sha256()
+            with open(pinned["path"], "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+                    copy.write(chunk)
+            copy.flush()
+            if digest.hexdigest() != pinned["sha256"]:
+                raise ValueError(f"{pinned['path']} is not what prepare made (by content): the harness evaluates "
+                                 "only the pinned validation data and tokenizer; restore the prepared cache (or "
+                                 "prepare it again and set up a new research run) before the next run")
+    except BaseException:
+        for copy in copies.values():
+            copy.close()
+        raise
+    return copies
+
+
+def copy_regular_file(path: Path, into) -> None:
+    """path's bytes into the open file `into` (from its start): only a plain file, opened without
+    following a link and without waiting (a FIFO planted there would block)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a plain file")
+        into.seek(0)
+        into.truncate()
+        shutil.copyfileobj(f, into)
+        into.flush()
+        into.seek(0)
+
+
 class HarnessEvaluation:
     """The harness's separate evaluation of the exported model. Its interpreter starts with the run
     and imports torch while training runs; it evaluates as soon as the model is exported, while
     train.py waits in prepare.evaluate_bpb for the answer (written to answer_path), so start-up
     costs the run nothing and the validation set is evaluated once. spec: {"argv", "env",
-    "timeout", "harness", "harness_commit"}; the evaluator gets --out-fd N and reads one line on
-    stdin: go (end of file: nothing to evaluate)."""
+    "timeout", "harness", "harness_commit", "inputs"}; the evaluator gets --out-fd N (its result),
+    --program-fd and an --NAME-fd for each input (the worker's private copies: inputs are copied
+    and checked here, before the training starts), and reads one line on stdin: go (end of file:
+    nothing to evaluate)."""
 
     def __init__(self, spec: dict, log_path: Path, export: Path, answer_path: Path):
         self.spec, self.log_path, self.export, self.answer_path = spec, log_path, export, answer_path
@@ -277,18 +323,31 @@ class HarnessEvaluation:
         self.started_at: float | None = None
         self.finished_at: float | None = None
         self.thread: threading.Thread | None = None
+        self.proc = None
+        self.program = tempfile.TemporaryFile()  # the harness's copy of the export, once there is one
+        try:
+            inputs = private_copies(spec.get("inputs", {}))
+        except (OSError, KeyError, ValueError) as exc:
+            self.result = {"problem": f"the harness evaluation's inputs: {exc}"} if isinstance(exc, ValueError) \
+                else {"error": f"the harness evaluation's inputs could not be copied: {exc!r}"}
+            return
         self.read_end, write_end = os.pipe()
+        fds = {"--program-fd": self.program.fileno(),
+               **{f"--{name}-fd": copy.fileno() for name, copy in inputs.items()}, "--out-fd": write_end}
         try:
             with open_log(log_path) as log:
                 # its own session: the training's process group can be killed without it
-                self.proc = subprocess.Popen([*spec["argv"], "--out-fd", str(write_end)], env=spec["env"],
-                                             stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
-                                             pass_fds=(write_end,), start_new_session=True)
+                self.proc = subprocess.Popen([*spec["argv"], *(a for k, fd in fds.items() for a in (k, str(fd)))],
+                                             env=spec["env"], stdin=subprocess.PIPE, stdout=log,
+                                             stderr=subprocess.STDOUT, pass_fds=tuple(fds.values()),
+                                             start_new_session=True)
         except OSError as exc:
-            self.proc, self.result = None, {"error": f"the harness evaluation could not start: {exc}"}
+            self.result = {"error": f"the harness evaluation could not start: {exc}"}
             os.close(self.read_end)
         finally:
             os.close(write_end)
+            for copy in inputs.values():  # the evaluator holds its own descriptors
+                copy.close()
 
     def seconds(self) -> float:
         """How long it has evaluated: time the training's timeout does not count."""
@@ -296,16 +355,27 @@ class HarnessEvaluation:
             return 0.0
         return (self.finished_at or time.monotonic()) - self.started_at
 
-    def start_if_exported(self) -> None:
+    def start_if_exported(self, watch: "ValidationWatch | None") -> None:
+        """Once export.py has put the program and its notes in place: the harness copies the program
+        now, and what it copied is what it evaluates; opens of the validation data until now count
+        as before the export, whatever the run put at the export path earlier."""
         if self.thread is None and self.export.exists() and Path(str(self.export) + ".json").exists():
             self.started_at = time.monotonic()
-            self.thread = threading.Thread(target=self._evaluate, daemon=True, name="harness-evaluation")
+            self.thread = threading.Thread(target=self._evaluate, args=(watch,), daemon=True,
+                                           name="harness-evaluation")
             self.thread.start()
 
-    def _evaluate(self) -> None:
+    def _evaluate(self, watch: "ValidationWatch | None") -> None:
         try:
+            try:
+                copy_regular_file(self.export, self.program)
+            except OSError as exc:
+                self.result = {"problem": f"the exported model could not be read: {exc}"}
+            if watch is not None:
+                watch.mark_exported()
             self.result = self._outcome()
             self.result["wall_seconds"] = round(time.monotonic() - self.started_at, 2)
+            self.result.setdefault("export_seconds", export_seconds(self.export))
             self._hand_back({k: self.result[k] for k in ("val_bpb", "error", "problem") if k in self.result})
             # After the answer, while train.py prints its summary: the harness the evaluator ran
             # from must be its commit, with nothing added (a planted module or bytecode) or hidden.
@@ -338,6 +408,9 @@ class HarnessEvaluation:
 
     def _outcome(self) -> dict:
         if self.proc is None:
+            return self.result
+        if self.result is not None:  # nothing it could evaluate
+            self.finish_unused(TERM_GRACE_SECONDS)
             return self.result
         with open_log(self.log_path) as log:
             log.write(f"\n{MARK} harness evaluation of the exported model\n".encode())
@@ -387,6 +460,41 @@ class HarnessEvaluation:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
         os.close(self.read_end)
+
+
+def export_seconds(export: Path) -> float | None:
+    """How long export.py took, as it noted beside the program (for the answer's note only)."""
+    try:
+        with open(str(export) + ".json", "rb") as f:
+            seconds = json.loads(f.read(4096)).get("export_seconds")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return seconds if isinstance(seconds, (int, float)) else None
+
+
+def evaluation_inputs(cache: Path, val_shard: Path | None, record: dict | None) -> dict:
+    """What the harness's evaluation reads besides the program ({name: {"path", "sha256"}}: the
+    evaluator's --NAME-fd), each with the SHA-256 its content must have: the validation shard's as
+    prepare pinned it (hashed now where the record has none), the tokenizer's merges' as they are
+    before the run (the server's cache fingerprint holds them since setup). A missing file is left
+    out: the evaluator then fails, and the run is unverified."""
+    inputs = {}
+    tokenizer = cache / "tokenizer" / "tokenizer.pkl"  # the cache's layout (nanochat/cache.py)
+    if tokenizer.is_file():
+        inputs["tokenizer"] = {"path": str(tokenizer), "sha256": sha256_of(tokenizer)}
+    if val_shard is not None and val_shard.is_file():
+        pinned = (record or {}).get("val_shard") or {}
+        same = pinned.get("name") == val_shard.name and pinned.get("sha256")
+        inputs["val"] = {"path": str(val_shard), "sha256": pinned["sha256"] if same else sha256_of(val_shard)}
+    return inputs
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def harness_problem(harness: str, commit: str | None) -> str | None:
@@ -543,7 +651,7 @@ def main(argv=None) -> int:
             env[ANSWER_ENV] = str(answer)
     if watch_val and (val_copy or not args.val_shared):
         try:
-            val_watch = ValidationWatch(val_copy or args.val_shard, args.export)
+            val_watch = ValidationWatch(val_copy or args.val_shard)
             val_watch.start()
         except OSError:
             val_watch = None  # not Linux: the server notes that validation reads are unwatched
@@ -573,7 +681,7 @@ def main(argv=None) -> int:
         if stop_reason:
             break
         if evaluation is not None:
-            evaluation.start_if_exported()
+            evaluation.start_if_exported(val_watch)
         if time.monotonic() - t0 - (evaluation.seconds() if evaluation else 0.0) > args.timeout:
             timed_out = True
             break
@@ -585,7 +693,7 @@ def main(argv=None) -> int:
             pass
     if evaluation is not None:  # an export in the run's last moments is still evaluated
         if not (timed_out or stop_reason):
-            evaluation.start_if_exported()
+            evaluation.start_if_exported(val_watch)
         evaluated = evaluation.finish(args.grace)
     strays = [p for p in descendants(os.getpid()) if p != child.pid]
     unkillable = kill_everything(child.pid)

@@ -85,13 +85,15 @@ def _pack_rows(pool, refill, B: int, row_len: int) -> np.ndarray:
     return rows
 
 
-def make_dataloader(tokenizer, B: int, T: int, split: str, device=None, directory=None):
+def make_dataloader(tokenizer, B: int, T: int, split: str, device=None, directory=None, paths=None):
     """Infinite generator of (x, y, epoch): LongTensors (B, T) on device (default: the platform's).
+    paths: the split's shards, where they are not the cache's (the harness's evaluation reads its
+    own copy of the validation shard).
 
     Bad arguments and missing data fail here, at the call, not at the first batch.
     """
     device = torch.device(device) if device is not None else DEVICE
-    paths = split_paths(split, directory)
+    paths = paths or split_paths(split, directory)
     order = data_order() if split == "train" else 0
     skip = data_order_start(order, sum(map(check_shard, paths))) if order else 0  # rows from the footers
     return _batches(_token_batches(tokenizer, paths, skip), B, T, device)

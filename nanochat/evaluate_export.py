@@ -1,15 +1,18 @@
 """The harness's own evaluation of an exported model, in a process of its own.
 
-    python -I -S -B nanochat/evaluate_export.py --program FILE --out-fd N
-        --eval-tokens N --site-packages DIR [DIR ...]
+    python -I -S -B nanochat/evaluate_export.py --profile NAME --eval-tokens N
+        --out-fd N --program-fd N --val-fd N --tokenizer-fd N --site-packages DIR [DIR ...]
 
 The research-loop worker starts this with the run, from a pristine copy of the harness, with a
 clean environment, in isolated mode without site processing (no PYTHONPATH, no .pth files, no
-sitecustomize), writing no bytecode: nothing the training process does can reach it. It
-imports what it needs, then waits for a line on stdin: the worker sends it once the model is
-exported (end of file: no export, nothing to do). It loads the program (token ids -> logits),
-computes val_bpb from the logits on the pinned validation shard, and checks on one of its batches
-that the model is causal. The result is one JSON object, written to file descriptor N: the
+sitecustomize), writing no bytecode: nothing the training process does can reach it. Everything it
+evaluates with is the harness's: the shapes are the profile's (nanochat/profiles.py), the size the
+server's, and the validation shard and the tokenizer are the worker's private copies (the file
+descriptors), checked against their pinned content before the training started; it reads nothing
+the run can write. It imports what it needs, then waits for a line on stdin: the worker sends it
+once it has taken its own copy of the exported model (end of file: no export, nothing to do). It
+loads that program (token ids -> logits), computes val_bpb from the logits, and checks on one of
+its batches that the model is causal. The result is one JSON object, written to --out-fd: the
 number the ledger gets.
 """
 import argparse
@@ -30,9 +33,10 @@ CE_CHUNK_ROWS = 64  # token positions whose cross-entropy is computed together
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--program", required=True)
-    p.add_argument("--out-fd", type=int, required=True)
+    p.add_argument("--profile", required=True, help="the prepared profile: the evaluation's shapes")
     p.add_argument("--eval-tokens", type=int, required=True)
+    for name in ("out", "program", "val", "tokenizer"):
+        p.add_argument(f"--{name}-fd", type=int, required=True)
     p.add_argument("--site-packages", nargs="*", default=[])
     return p.parse_args(argv)
 
@@ -69,37 +73,44 @@ def causality_problem(per_token_loss, x, targets, before, vocab_size: int) -> st
     return None
 
 
-def changed_validation_shard(path: Path, sha256) -> str | None:
-    """The validation shard must be the one prepare pinned, byte for byte."""
-    from nanochat.cache import prepared_record_path
-    try:
-        pinned = json.loads(prepared_record_path().read_text()).get("val_shard")
-    except (OSError, ValueError):
-        return "the prepared record is missing or unreadable"
-    if pinned and (path.name != pinned.get("name") or sha256(path) != pinned.get("sha256")):
-        return f"the validation shard {path.name} is not the one prepare pinned ({pinned.get('name')}, by content)"
-    return None
+def fd_path(fd: int) -> str:
+    """A path that opens the worker's private copy behind an inherited file descriptor."""
+    return f"/dev/fd/{fd}"
+
+
+def shape_problem(shape: tuple, batch_size: int, seq_len: int) -> str | None:
+    """The program must take (rows, seq_len) token ids, rows a divisor of the harness's batch: the
+    harness evaluates at its own shapes, whatever train.py exported for."""
+    if len(shape) == 2 and shape[1] == seq_len and shape[0] >= 1 and batch_size % shape[0] == 0:
+        return None
+    return (f"the exported model takes token ids of shape {list(shape)} per call, but the harness evaluates "
+            f"batches of {batch_size} rows of {seq_len} tokens (the prepared profile's): a model exported at other "
+            "shapes cannot be scored (was MAX_SEQ_LEN or the evaluation's batch changed?)")
 
 
 def evaluate(args, tokenizer) -> dict:
+    """args: program and val (paths), eval_tokens, batch_size and seq_len (the harness's)."""
     import torch
 
-    from nanochat.datasets import file_sha256, split_paths
     from nanochat.evaluation import evaluate_bpb, evaluation_steps
     from nanochat.platform import DEVICE, autocast
 
-    problem = changed_validation_shard(split_paths("val")[0], file_sha256)
+    started = time.time()
+    try:
+        with open(args.program, "rb") as f:
+            exported = torch.export.load(f)
+        program = exported.module()
+        shape = tuple(input_shape(exported))
+    except Exception as exc:  # noqa: BLE001  (whatever the file holds, it is no program to score)
+        return {"problem": f"the exported model could not be loaded ({type(exc).__name__}: {str(exc)[:200]})"}
+    problem = shape_problem(shape, args.batch_size, args.seq_len)
     if problem:
         return {"problem": problem}
-    started = time.time()
-    meta = json.loads(Path(args.program + ".json").read_text())
-    exported = torch.export.load(args.program)
-    program = exported.module()
     # the check's own copy, untouched by the evaluation's calls: a program that keeps state (buffers
     # it writes) cannot remember the batch it is asked again, and answer as it did then
     pristine = copy.deepcopy(program)
     loaded = time.time()
-    check_at = checked_batch(evaluation_steps(args.eval_tokens, meta["batch_size"], meta["seq_len"]))
+    check_at = checked_batch(evaluation_steps(args.eval_tokens, args.batch_size, args.seq_len))
     checked, calls = [], itertools.count()
     rows = rows_per_call(exported)
 
@@ -120,12 +131,11 @@ def evaluate(args, tokenizer) -> dict:
         return losses
 
     with torch.inference_mode(), autocast():
-        val_bpb = evaluate_bpb(loss_model(loss), tokenizer, meta["batch_size"], meta["seq_len"], args.eval_tokens,
-                               DEVICE)
+        val_bpb = evaluate_bpb(loss_model(loss), tokenizer, args.batch_size, args.seq_len, args.eval_tokens,
+                               DEVICE, val_paths=[args.val])
         evaluated = time.time()
         problem = causality_problem(functools.partial(per_token_loss, pristine), *checked, tokenizer.get_vocab_size())
-    result = {"eval_tokens": args.eval_tokens, "export_seconds": meta.get("export_seconds"),
-              "matmul_flops_per_token": matmul_flops_per_token(exported),
+    result = {"eval_tokens": args.eval_tokens, "matmul_flops_per_token": matmul_flops_per_token(exported),
               "load_seconds": round(loaded - started, 2), "eval_seconds": round(evaluated - loaded, 2),
               "causality_seconds": round(time.time() - evaluated, 2)}
     if problem:
@@ -141,10 +151,15 @@ def checked_batch(steps: int) -> int:
     return secrets.randbelow(max(steps, 1))
 
 
-def rows_per_call(exported) -> int:
-    """The rows of token ids the program takes per call: it was exported for that many."""
+def input_shape(exported):
+    """The shape of the token ids the program takes per call: it was exported for that."""
     name = exported.graph_signature.user_inputs[0]
-    return next(n for n in exported.graph.nodes if n.op == "placeholder" and n.name == name).meta["val"].shape[0]
+    return next(n for n in exported.graph.nodes if n.op == "placeholder" and n.name == name).meta["val"].shape
+
+
+def rows_per_call(exported) -> int:
+    """The rows of token ids the program takes per call."""
+    return input_shape(exported)[0]
 
 
 def matmul_flops_per_token(exported) -> int:
@@ -165,10 +180,12 @@ def main(argv=None) -> int:
     # everything but the validation data and the program, while the training runs
     import torch._export.serde.serialize  # noqa: F401  (torch, and what torch.export.load needs)
 
-    import nanochat.datasets
     import nanochat.evaluation  # noqa: F401
+    from nanochat.profiles import evaluation_shape
     from nanochat.tokenizer import Tokenizer
-    tokenizer = Tokenizer.from_directory()
+    tokenizer = Tokenizer.from_merges_file(fd_path(args.tokenizer_fd))
+    args.batch_size, args.seq_len = evaluation_shape(args.profile)
+    args.program, args.val = fd_path(args.program_fd), fd_path(args.val_fd)
     if not sys.stdin.readline():  # end of file: the run exported nothing
         return 0
     started = time.time()

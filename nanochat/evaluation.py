@@ -23,18 +23,20 @@ def evaluation_steps(eval_tokens: int, batch_size: int, seq_len: int) -> int:
 
 
 @torch.inference_mode()
-def evaluate_bpb(model, tokenizer, batch_size: int, seq_len: int, eval_tokens: int, device=None) -> float:
+def evaluate_bpb(model, tokenizer, batch_size: int, seq_len: int, eval_tokens: int, device=None,
+                 val_paths=None) -> float:
     """Bits per byte over eval_tokens validation tokens, in eval_tokens // (batch_size * seq_len) steps.
 
     model(x, y, reduction='none') must return the per-token loss in nats. Autocast, if any, is
-    the caller's (train.py wraps this call in its own context, as upstream does).
+    the caller's (train.py wraps this call in its own context, as upstream does). val_paths: the
+    validation shard to read instead of the cache's (the harness's evaluation has its own copy).
     """
     steps = evaluation_steps(eval_tokens, batch_size, seq_len)
     if steps < 1:
         raise ValueError(f"eval_tokens={eval_tokens} is fewer than one batch of {batch_size} x {seq_len}; "
                          f"lower the batch size or raise AUTORESEARCH_EVAL_TOKENS")
     device = device or _model_device(model) or DEVICE
-    loader = make_dataloader(tokenizer, batch_size, seq_len, "val", device=device)
+    loader = make_dataloader(tokenizer, batch_size, seq_len, "val", device=device, paths=val_paths)
     token_bytes = tokenizer.token_bytes.to(device)
     total_nats = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=token_bytes.device)

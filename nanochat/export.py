@@ -39,9 +39,18 @@ def meta_path(path: str) -> str:
     return path + ".json"
 
 
-def export_for_evaluation(model, batch_size: int, seq_len: int) -> str | None:
+def rows_per_call(batch_size: int, eval_batch_size: int, device_type: str) -> int:
+    """Rows of token ids per call of the program: a divisor of the harness's evaluation batch, at
+    most train.py's batch (what fits in its memory) and on the CPU at most CPU_ROWS_PER_CALL."""
+    most = min(batch_size, CPU_ROWS_PER_CALL) if device_type == "cpu" else batch_size
+    return max(r for r in range(1, max(most, 1) + 1) if eval_batch_size % r == 0)
+
+
+def export_for_evaluation(model, batch_size: int, seq_len: int, eval_batch_size: int) -> str | None:
     """Writes the program for RESEARCH_LOOP_EXPORT, if set; returns its path, or None. A model that
-    cannot be exported is reported in the log: the run's result is then unverified."""
+    cannot be exported is reported in the log: the run's result is then unverified. The harness
+    evaluates batches of eval_batch_size rows of seq_len tokens (nanochat/profiles.py): a program
+    exported for other shapes is no result."""
     path = os.environ.get(EXPORT_ENV)
     if not path:
         return None
@@ -50,9 +59,7 @@ def export_for_evaluation(model, batch_size: int, seq_len: int) -> str | None:
         return None
     module = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: export the module itself
     device = next(module.parameters()).device
-    rows = batch_size  # per call of the program; on the CPU a divisor of the batch, split into calls
-    if device.type == "cpu":
-        rows = max(r for r in range(1, CPU_ROWS_PER_CALL + 1) if batch_size % r == 0)
+    rows = rows_per_call(batch_size, eval_batch_size, device.type)
     example = torch.zeros((rows, seq_len), dtype=torch.long, device=device)  # no validation data needed
     was_training = module.training
     started = time.time()
@@ -64,7 +71,7 @@ def export_for_evaluation(model, batch_size: int, seq_len: int) -> str | None:
         tmp = f"{path}.{os.getpid()}.tmp.pt2"  # torch wants the .pt2 suffix
         torch.export.save(program, tmp)
         with open(meta_path(tmp), "w") as f:
-            json.dump({"batch_size": batch_size, "seq_len": seq_len, "device": device.type,
+            json.dump({"rows_per_call": rows, "seq_len": seq_len, "device": device.type,
                        "export_seconds": round(time.time() - started, 2)}, f)
         os.link(tmp, path)  # exclusive: a second export of the same run fails here
         os.replace(meta_path(tmp), meta_path(path))

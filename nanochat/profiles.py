@@ -37,3 +37,10 @@ PROFILES = {
         train_defaults=dict(depth=4, window_pattern="L", total_batch_size=2**12, device_batch_size=16),
     ),
 }
+
+
+def evaluation_shape(profile: str) -> tuple[int, int]:
+    """(rows per batch, sequence length) of the harness's evaluation for a profile: the profile's,
+    never train.py's, so every run is scored on the same rows however it trains."""
+    chosen = PROFILES[profile]
+    return chosen["train_defaults"]["device_batch_size"], chosen["max_seq_len"]

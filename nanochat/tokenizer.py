@@ -114,6 +114,13 @@ class Tokenizer:
         enc = make_encoding(state["mergeable_ranks"])
         return cls(enc, _load_token_bytes(directory / TOKEN_BYTES_FILE, enc.n_vocab))
 
+    @classmethod
+    def from_merges_file(cls, path) -> "Tokenizer":
+        """From the merges file alone, its byte-length table computed from it (as prepare wrote
+        it): the harness's evaluation reads one file, whose content the worker checked."""
+        enc = make_encoding(_load_state(Path(path))["mergeable_ranks"])
+        return cls(enc, token_byte_lengths(enc))
+
     def get_vocab_size(self) -> int:
         return self.enc.n_vocab
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.dataloader import make_dataloader
+from nanochat.datasets import split_paths
 from nanochat.evaluation import evaluate_bpb
 from nanochat.tokenizer import Tokenizer
 
@@ -112,6 +113,12 @@ def test_prepare_wrapper_uses_the_profile_constants(prepared_env, repo_root):
     assert done.stdout.strip() == "True"
 
 
+def evaluation_args(program: str, batch: int, tokens: int) -> argparse.Namespace:
+    """The harness evaluation's options: the program, the validation shard, its size and shapes."""
+    return argparse.Namespace(program=program, val=split_paths("val")[0], eval_tokens=tokens, batch_size=batch,
+                              seq_len=SEQ_LEN)
+
+
 class LogitsBigram(Bigram):
     """Bigram with train.py's calling convention: logits from token ids alone, or the loss."""
 
@@ -128,11 +135,30 @@ def test_the_exported_program_is_called_a_divisor_of_the_batch_at_a_time_and_sco
     from nanochat import evaluate_export, export
     model, batch, tokens = LogitsBigram(tokenizer.get_vocab_size()), 6, 2 * 6 * SEQ_LEN
     monkeypatch.setenv(export.EXPORT_ENV, str(tmp_path / "model.pt2"))
-    program = export.export_for_evaluation(model, batch, SEQ_LEN)
+    program = export.export_for_evaluation(model, batch, SEQ_LEN, batch)
     assert evaluate_export.rows_per_call(torch.export.load(program)) == 3
-    result = evaluate_export.evaluate(argparse.Namespace(program=program, eval_tokens=tokens), tokenizer)
+    result = evaluate_export.evaluate(evaluation_args(program, batch, tokens), tokenizer)
     assert result["causal"], result
     assert abs(result["val_bpb"] - evaluate_bpb(model, tokenizer, batch, SEQ_LEN, tokens)) < 1e-6
+
+
+def test_a_program_the_harness_cannot_run_at_its_own_shapes_is_no_result(tokenizer, tmp_path, monkeypatch):
+    """The evaluation's rows and their length are the profile's, whatever train.py exported for: a
+    program for 16-token rows, one for a row count that does not divide the harness's batch, and a
+    file that is no program are each refused with the reason."""
+    from nanochat import evaluate_export, export
+    model, batch = LogitsBigram(tokenizer.get_vocab_size()), 4
+    args = {}
+    for name, (rows, seq_len) in {"short rows": (batch, 16), "three rows": (3, SEQ_LEN)}.items():
+        monkeypatch.setenv(export.EXPORT_ENV, str(tmp_path / f"{name}.pt2"))
+        program = export.export_for_evaluation(model, rows, seq_len, rows)
+        args[name] = evaluation_args(program, batch, 2 * batch * SEQ_LEN)
+    (tmp_path / "empty.pt2").write_bytes(b"")
+    args["empty"] = evaluation_args(str(tmp_path / "empty.pt2"), batch, 2 * batch * SEQ_LEN)
+    problems = {name: evaluate_export.evaluate(a, tokenizer).get("problem") or "" for name, a in args.items()}
+    assert "[4, 16] per call" in problems["short rows"] and "batches of 4 rows of 64 tokens" in problems["short rows"]
+    assert "[3, 64] per call" in problems["three rows"], problems
+    assert "could not be loaded" in problems["empty"], problems
 
 
 # The causality check of the harness's evaluation, on stand-in models: per_token_loss(x, y) gives a
@@ -199,9 +225,9 @@ def test_a_model_causal_on_the_first_batch_alone_is_caught(tokenizer, tmp_path, 
     first, _, _ = next(make_dataloader(tokenizer, batch, SEQ_LEN, "val"))
     model = CausalOnTheFirstBatch(tokenizer.get_vocab_size(), first)
     monkeypatch.setenv(export.EXPORT_ENV, str(tmp_path / "model.pt2"))
-    program = export.export_for_evaluation(model, batch, SEQ_LEN)
+    program = export.export_for_evaluation(model, batch, SEQ_LEN, batch)
     assert evaluate_export.rows_per_call(torch.export.load(program)) == batch
-    args = argparse.Namespace(program=program, eval_tokens=tokens)
+    args = evaluation_args(program, batch, tokens)
     results = {}
     for draw in (0, 1):
         monkeypatch.setattr(evaluate_export, "checked_batch", lambda steps, draw=draw: draw)
@@ -246,10 +272,9 @@ def test_a_model_that_remembers_the_batch_it_is_asked_again_is_caught(tokenizer,
     batch, batches = 4, 4
     model = RemembersWhatItSaw(tokenizer.get_vocab_size(), batches, batch)
     monkeypatch.setenv(export.EXPORT_ENV, str(tmp_path / "model.pt2"))
-    program = export.export_for_evaluation(model, batch, SEQ_LEN)
+    program = export.export_for_evaluation(model, batch, SEQ_LEN, batch)
     assert evaluate_export.rows_per_call(torch.export.load(program)) == batch
     monkeypatch.setattr(evaluate_export, "checked_batch", lambda steps: 2)
-    result = evaluate_export.evaluate(argparse.Namespace(program=program, eval_tokens=batches * batch * SEQ_LEN),
-                                      tokenizer)
+    result = evaluate_export.evaluate(evaluation_args(program, batch, batches * batch * SEQ_LEN), tokenizer)
     assert not result["causal"] and "not causal" in result["problem"], result
 

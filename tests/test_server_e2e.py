@@ -6,6 +6,7 @@ nanochat/) and train.py; the cache is the session's prepared CPU harness (4 s bu
 """
 import importlib.util
 import json
+import os
 import re
 import shutil
 import sys
@@ -169,3 +170,121 @@ def test_train_py_cannot_bend_its_number(tmp_path, repo_root, prepared_env, monk
     assert peek["status"] == "crash" and "causal" in peek["tail"], peek
     cheap = results["undercounts its flops"]
     assert cheap["status"] == "crash" and "weight matrices alone take" in cheap["tail"], cheap
+
+
+# Before its training, the placeholder cheater puts an empty file at the export path (the worker
+# used to take the export's appearance as the moment validation reads stop counting), reads the
+# whole validation shard, and takes the placeholder away: its real export comes at the end.
+PLACEHOLDER = ("import torch\n", """import torch
+from nanochat.datasets import split_paths as _split_paths
+_placeholder = os.environ["RESEARCH_LOOP_EXPORT"]
+open(_placeholder, "w").close()
+_seen = open(_split_paths("val")[0], "rb").read()  # the validation shard, to train on
+os.remove(_placeholder)
+""")
+# The short-context cheater: the harness's own module told to evaluate 16-token rows, which are
+# easier to score well on per byte than the profile's 256.
+SHORT_CONTEXT = ("    val_bpb = evaluate_bpb(", """    import prepare
+    prepare.MAX_SEQ_LEN = 16
+    val_bpb = evaluate_bpb(""")
+
+
+def test_the_export_and_the_evaluations_shapes_are_the_harnesss(tmp_path, repo_root, prepared_env, monkeypatch):
+    """Two train.py that bend what the worker takes as the export, in two slots: one plants a
+    placeholder at the export path and reads the validation data while it is there, one shortens
+    the rows the evaluation scores. Both are no result."""
+    ws = harness_workspace(tmp_path, repo_root, prepared_env, monkeypatch)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    loop = ResearchLoop(ws, [sys.executable, "train.py"], slots=2)
+    source = (ws / "train.py").read_text()
+    attacks = {"placeholder export": source.replace(*PLACEHOLDER, 1), "short context": source.replace(*SHORT_CONTEXT)}
+    assert all(text != source for text in attacks.values())
+
+    async def go():
+        async with Client(build_server(loop)) as client:
+            answer(await client.call_tool("setup", {"tag": "shapes"}))
+            for description, text in attacks.items():
+                (ws / "train.py").write_text(text)
+                answer(await client.call_tool("run_experiment", {
+                    "description": description, "wait": False, "timeout_seconds": RUN_TIMEOUT_S}))
+            (ws / "train.py").write_text(source)
+            return answer(await client.call_tool("wait", {"all": True}))
+    try:
+        done = anyio.run(go)
+    finally:
+        loop.shutdown()
+    verdicts = {r["description"]: (r["status"], r.get("tail") or r.get("integrity")) for r in done["results"]}
+    placeholder, short = verdicts["placeholder export"], verdicts["short context"]
+    assert placeholder[0] == "crash" and "opened the validation data" in placeholder[1], verdicts
+    assert short[0] == "crash" and "batches of 16 rows of 256 tokens" in short[1], verdicts
+
+
+def path_without_bubblewrap(tmp_path) -> str:
+    """PATH with bwrap taken off it: this machine as one without bubblewrap (runs are unsandboxed).
+    Each folder that holds it is replaced by one of links to everything else in it."""
+    links = tmp_path / "bin-without-bwrap"
+    links.mkdir()
+    folders = []
+    for folder in os.environ["PATH"].split(os.pathsep):
+        if not (Path(folder) / "bwrap").exists():
+            folders.append(folder)
+            continue
+        for entry in Path(folder).iterdir():
+            if entry.name != "bwrap" and not (links / entry.name).exists():
+                (links / entry.name).symlink_to(entry)
+        folders += [] if str(links) in folders else [str(links)]
+    return os.pathsep.join(folders)
+
+
+# Without a sandbox the run can write the prepared cache: it doubles every token's byte count in the
+# table the evaluation divides by, for the whole run (while the evaluator loads it), and puts the
+# table back once it has its number, so the cache looks untouched afterwards. For the test, it then
+# scores its model honestly, in process, with the table restored.
+DOUBLED_TOKEN_BYTES = [("import torch\n", """import torch
+from nanochat.cache import tokenizer_dir as _tokenizer_dir
+_table = _tokenizer_dir() / "token_bytes.pt"
+_original = _table.read_bytes()
+torch.save(torch.load(_table) * 2, str(_table) + ".doubled")
+os.replace(str(_table) + ".doubled", _table)
+"""), ("t_end = time.time()\n", """_table.write_bytes(_original)
+with torch.no_grad(), autocast():
+    from nanochat import evaluation as _evaluation
+    from prepare import EVAL_TOKENS as _EVAL_TOKENS
+    _honest = _evaluation.evaluate_bpb(model, Tokenizer.from_directory(), 16, MAX_SEQ_LEN, _EVAL_TOKENS)
+print(f"honest val_bpb: {_honest:.6f}")
+t_end = time.time()
+""")]
+
+
+def test_without_a_sandbox_a_token_table_swapped_during_the_run_changes_nothing(tmp_path, repo_root, prepared_env,
+                                                                              monkeypatch):
+    """The evaluator's validation data and tokenizer are the worker's copies, taken and checked
+    before the training started: the swapped table never reaches it, and the number it records is
+    the model's honest one."""
+    ws = harness_workspace(tmp_path, repo_root, prepared_env, monkeypatch)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("PATH", path_without_bubblewrap(tmp_path))
+    loop = ResearchLoop(ws, [sys.executable, "train.py"], slots=1)
+    source = (ws / "train.py").read_text()
+    attack = source
+    for old, new in DOUBLED_TOKEN_BYTES:
+        assert old in attack
+        attack = attack.replace(old, new, 1)
+    table = Path(prepared_env["AUTORESEARCH_CACHE"]) / "tokenizer" / "token_bytes.pt"
+    original = table.read_bytes()
+
+    async def go():
+        async with Client(build_server(loop)) as client:
+            answer(await client.call_tool("setup", {"tag": "swap"}))
+            (ws / "train.py").write_text(attack)
+            return answer(await client.call_tool("run_experiment", {
+                "description": "doubled token bytes", "timeout_seconds": RUN_TIMEOUT_S}))
+    try:
+        run = anyio.run(go)
+    finally:
+        loop.shutdown()
+        table.write_bytes(original)  # the session's cache, for the other tests, whatever happened
+    log = (ws / run["log"]).read_text()
+    assert "unsandboxed" in run["integrity"] and run["status"] == "ok", run.get("tail")
+    honest = float(re.search(r"^honest val_bpb: ([\d.]+)", log, re.M).group(1))
+    assert run["verified"] and abs(run["val_bpb"] - honest) < 1e-3, (run["val_bpb"], honest)

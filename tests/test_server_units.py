@@ -337,6 +337,18 @@ def test_a_run_that_reads_validation_data_before_exporting_is_caught_and_cannot_
     assert (tmp_path / "results.tsv").read_text() == "commit\tval_bpb\n"
 
 
+def test_a_placeholder_at_the_export_path_does_not_end_the_validation_watch(tmp_path, bubblewrap):
+    """The watch stopped counting when a file appeared at the export path: a run planted an empty
+    one, read the validation shard, took it away and exported at the end. The end of the watch is
+    the worker's own copy of the exported program now, so here (no evaluation) it never ends."""
+    code = ("import os\npath = os.environ['RESEARCH_LOOP_EXPORT']\nopen(path, 'w').close()\n"
+            "open('val.parquet', 'rb').read()\nos.remove(path)\nopen(path, 'w').write('model')\n")
+    worker, report, _ = sandboxed_run(tmp_path, code)
+    assert worker.wait(timeout=30) == 0
+    result = json.loads(report.read_text())
+    assert result["exported"] and result["val_opened_before_export"] >= 1, result
+
+
 # --- the harness evaluation, handed to train.py while it waits ---------------------------------
 # A stand-in for nanochat/evaluate_export.py with the same protocol: it is up before the export
 # (it writes 'evaluator.up'), a line on stdin says go, the result goes to the descriptor after --out-fd.

@@ -196,7 +196,7 @@ def test_the_servers_watchdog_waits_for_the_harness_evaluation(fake_env, monkeyp
     export = fake_env / "exports" / "model.pt2"
     # the evaluator's protocol: a line on stdin says go, the result goes to the descriptor after --out-fd
     slow_evaluation = ("import json, os, sys, time; sys.stdin.readline(); time.sleep(3); "
-                       "os.write(int(sys.argv[2]), json.dumps({'val_bpb': 1.5}).encode())")
+                       "os.write(int(sys.argv[sys.argv.index('--out-fd') + 1]), json.dumps({'val_bpb': 1.5}).encode())")
     evaluate = {"argv": [sys.executable, "-c", slow_evaluation], "env": dict(os.environ), "timeout": 20,
                 "harness": str(harness), "harness_commit": None}
     train = (f"open({str(export) + '.json'!r}, 'w').write('{{}}'); open({str(export)!r}, 'w').write('model'); "
