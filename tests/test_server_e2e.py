@@ -264,7 +264,7 @@ def test_without_a_sandbox_a_token_table_swapped_during_the_run_changes_nothing(
     ws = harness_workspace(tmp_path, repo_root, prepared_env, monkeypatch)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setenv("PATH", path_without_bubblewrap(tmp_path))
-    loop = ResearchLoop(ws, [sys.executable, "train.py"], slots=1)
+    loop = ResearchLoop(ws, [sys.executable, "train.py"], slots=1, unsandboxed=True)  # the user's opt-in
     source = (ws / "train.py").read_text()
     attack = source
     for old, new in DOUBLED_TOKEN_BYTES:
@@ -285,6 +285,6 @@ def test_without_a_sandbox_a_token_table_swapped_during_the_run_changes_nothing(
         loop.shutdown()
         table.write_bytes(original)  # the session's cache, for the other tests, whatever happened
     log = (ws / run["log"]).read_text()
-    assert "unsandboxed" in run["integrity"] and run["status"] == "ok", run.get("tail")
+    assert run["unsandboxed"] and run["status"] == "ok", run.get("tail")
     honest = float(re.search(r"^honest val_bpb: ([\d.]+)", log, re.M).group(1))
     assert run["verified"] and abs(run["val_bpb"] - honest) < 1e-3, (run["val_bpb"], honest)
