@@ -181,6 +181,7 @@ class StatusResult(BaseModel):
     extra_runs: int = 0  # reruns spent on noise, controls and confirmations
     malformed_ledger_lines: int = 0
     dashboard: str | None = None  # the live page's address, when this server serves it
+    records_changed: list[str] | None = None  # changes to state.json or results.tsv the server did not make
     next: str
 
 

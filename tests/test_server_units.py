@@ -83,9 +83,10 @@ def test_read_text_keeps_carriage_returns(tmp_path):
 
 
 def test_rows_are_formatted_as_upstream(tmp_path):
-    path = tmp_path / "results.tsv"
-    ledger.append_row(path, ledger.make_row("abc1234", 0.9979, 44.0, "keep", "baseline"))
-    ledger.append_row(path, ledger.make_row("def5678", 1.2, 3.3, "crash", "double width (OOM)"))
+    path, state = tmp_path / "results.tsv", {}
+    ledger.add_row(state, ledger.make_row("abc1234", 0.9979, 44.0, "keep", "baseline"))
+    ledger.add_row(state, ledger.make_row("def5678", 1.2, 3.3, "crash", "double width (OOM)"))
+    ledger.mirror(path, ledger.rows_of(state), None, tmp_path / ".research-loop" / "archive")
     assert path.read_text() == (
         "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
         "abc1234\t0.997900\t44.0\tkeep\tbaseline\n"
@@ -110,22 +111,30 @@ def test_bad_rows_are_refused(args, message):
         ledger.make_row(*args)
 
 
-def test_duplicate_commit_refused_and_file_unchanged(tmp_path):
-    path = tmp_path / "results.tsv"
-    ledger.append_row(path, ledger.make_row("abc1234", 1.0, 1.0, "keep", "baseline"))
-    before = path.read_bytes()
+def test_duplicate_commit_refused_and_records_unchanged():
+    state = {}
+    ledger.add_row(state, ledger.make_row("abc1234", 1.0, 1.0, "keep", "baseline"))
+    before = json.dumps(state)
     with pytest.raises(Refusal, match="already in"):
-        ledger.append_row(path, ledger.make_row("abc1234", 0.9, 1.0, "discard", "again"))
-    assert path.read_bytes() == before
+        ledger.add_row(state, ledger.make_row("abc1234", 0.9, 1.0, "discard", "again"))
+    assert json.dumps(state) == before
 
 
-def test_malformed_lines_are_counted_not_fatal_and_never_glued(tmp_path):
-    path = tmp_path / "results.tsv"
-    path.write_text(ledger.HEADER + "garbage line\nabc1234\t1.0\t1.0\tkeep\tok")  # no final newline
+def test_a_foreign_ledger_is_archived_whole_and_rows_are_appended_to_the_servers_own(tmp_path):
+    path, archive = tmp_path / "results.tsv", tmp_path / ".research-loop" / "archive"
+    foreign = ledger.HEADER + "garbage line\nabc1234\t1.0\t1.0\tkeep\tok"  # no final newline
+    path.write_text(foreign)
     rows, bad = ledger.read_rows(path)
-    assert len(rows) == 1 and bad == 1
-    ledger.append_row(path, ledger.make_row("def5678", 0.9, 1.0, "keep", "next"))
-    assert path.read_text().splitlines()[-2:] == ["abc1234\t1.0\t1.0\tkeep\tok", "def5678\t0.900000\t1.0\tkeep\tnext"]
+    assert len(rows) == 1 and bad == 1  # malformed lines are counted, not fatal
+    rows = [ledger.make_row("def5678", 0.9, 1.0, "keep", "next")]
+    written, notice = ledger.mirror(path, rows, None, archive)
+    assert path.read_text() == ledger.HEADER + "def5678\t0.900000\t1.0\tkeep\tnext\n"
+    assert "1 recorded row(s) missing or altered, 2 line(s) the server never wrote" in notice
+    assert [p.read_text() for p in archive.iterdir()] == [foreign]  # nothing lost
+    inode = path.stat().st_ino
+    rows.append(ledger.make_row("aaa1111", 0.8, 1.0, "discard", "then"))
+    assert ledger.mirror(path, rows, written, archive)[1] is None
+    assert path.stat().st_ino == inode and path.read_text().splitlines()[-1] == "aaa1111\t0.800000\t1.0\tdiscard\tthen"
 
 
 def test_best_kept_ignores_discards_and_crashes():
