@@ -112,6 +112,7 @@ class State:
         self._ledger_digest: str | None = None  # results.tsv as this owner last wrote it
         self._ledger_stat: tuple | None = None  # ... and its size and mtime then: unchanged files are not read
         self.notices: list[str] = []  # changes found and set right, not yet told in an answer
+        self._telling = threading.Lock()  # not the state's mutex: answers never wait for a transaction
         self.found: list[str] = []  # the last MAX_FOUND of them, for status
 
     # --- state.json ------------------------------------------------------------------
@@ -171,9 +172,10 @@ class State:
             return
         if self._ledger_digest is None:
             self._ledger_digest = (_read(self.records / LEDGER_DIGEST) or b"").decode() or None
-        self._ledger_digest, notice = ledger.mirror(self.ledger, ledger.rows_of(data), self._ledger_digest,
-                                                    self.dir / ARCHIVE_DIR)
-        self._write_file(self.records / LEDGER_DIGEST, self._ledger_digest.encode())
+        written, notice = ledger.mirror(self.ledger, ledger.rows_of(data), self._ledger_digest, self.dir / ARCHIVE_DIR)
+        if written != self._ledger_digest:
+            self._write_file(self.records / LEDGER_DIGEST, written.encode())
+            self._ledger_digest = written
         self._ledger_stat = self._stat_ledger()
         if notice:
             self.tell(notice)
@@ -186,12 +188,13 @@ class State:
         return stat.st_size, stat.st_mtime_ns, stat.st_ino
 
     def tell(self, notice: str) -> None:
-        self.notices.append(notice)
-        self.found = (self.found + [f"{time.strftime('%H:%M:%S')} {notice}"])[-MAX_FOUND:]
+        with self._telling:
+            self.notices.append(notice)
+            self.found = (self.found + [f"{time.strftime('%H:%M:%S')} {notice}"])[-MAX_FOUND:]
 
     def take_notices(self) -> list[str]:
         """What was found since the last answer; each is told once (status lists the last few)."""
-        with self.mutex:
+        with self._telling:
             notices, self.notices = self.notices, []
             return notices
 

@@ -6,6 +6,7 @@ import re
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -194,6 +195,34 @@ def test_state_transactions_of_two_processes_never_lose_an_update(tmp_path):
     assert [p.wait() for p in procs] == [0, 0]
     assert State(tmp_path).load()["count"] == 450
     assert not list((tmp_path / ".research-loop").glob("*.tmp"))
+
+
+def test_reads_beside_the_owners_writes_never_take_its_own_writes_for_a_change(tmp_path):
+    """The owner checks what it reads against what it wrote; a read that lands between the two
+    renames of a save (its copy, then state.json) must wait for the save, not report it."""
+    state = State(tmp_path)
+    assert state.try_own()
+    state.update(count=0, rows=[])
+    stop = threading.Event()
+
+    def read():
+        while not stop.is_set():
+            state.load()
+    readers = [threading.Thread(target=read) for _ in range(2)]
+    for reader in readers:
+        reader.start()
+    try:
+        for i in range(150):
+            with state.transaction() as data:
+                data["count"] += 1
+                data["rows"].append([f"{i:07x}", 1.0, 1.0, "discard", f"run {i}"])
+    finally:
+        stop.set()
+        for reader in readers:
+            reader.join()
+    assert state.take_notices() == [] and state.load()["count"] == 150
+    assert len((tmp_path / "results.tsv").read_text().splitlines()) == 151
+    state.release()
 
 
 def test_time_budget_comes_from_env_record_profile_or_upstream(tmp_path, monkeypatch, repo_root):
