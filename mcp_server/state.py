@@ -110,7 +110,7 @@ class State:
         self.ledger = workspace / ledger.LEDGER_NAME
         self._written: bytes | None = None  # state.json as this owner last wrote or checked it
         self._ledger_digest: str | None = None  # results.tsv as this owner last wrote it
-        self._ledger_stat: tuple | None = None  # ... and its size and mtime then: unchanged files are not read
+        self._ledger_stat: tuple | None = None  # ... and its stat then: an unchanged file is not read again
         self.notices: list[str] = []  # changes found and set right, not yet told in an answer
         self._telling = threading.Lock()  # not the state's mutex: answers never wait for a transaction
         self.found: list[str] = []  # the last MAX_FOUND of them, for status
@@ -128,6 +128,7 @@ class State:
             return self._checked(check_ledger=self._depth == 0)
 
     def _checked(self, check_ledger: bool) -> dict:
+        ledger_unchanged = self._written is not None and self._ledger_stat == self._stat_ledger()
         raw = _read(self.path)
         own = self._written if self._written is not None else _read(self.copy)
         if own is None:  # nothing written by a server that keeps a copy: the file is the record
@@ -139,7 +140,7 @@ class State:
                 self._restore(raw, own)
             data = _parse(own, self.path)
         self._written = own if own is not None else raw
-        if check_ledger:
+        if check_ledger and not ledger_unchanged:
             self._check_ledger(data)
         return data
 
@@ -185,7 +186,7 @@ class State:
             stat = self.ledger.stat()
         except OSError:
             return None
-        return stat.st_size, stat.st_mtime_ns, stat.st_ino
+        return stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino  # ctime: no one can set it back
 
     def tell(self, notice: str) -> None:
         with self._telling:
@@ -201,7 +202,7 @@ class State:
     def save(self, data: dict) -> None:
         """The server's copy first, then state.json, then results.tsv from the rows: a server killed
         in between leaves a copy that its successor puts back."""
-        raw = json.dumps(data, indent=1).encode()
+        raw = json.dumps(data).encode()  # no indent: json's fast encoder (a night's rows are thousands)
         self._write_copy(raw)
         self._written = raw
         self._write_file(self.path, raw)

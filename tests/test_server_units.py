@@ -121,6 +121,20 @@ def test_duplicate_commit_refused_and_records_unchanged():
     assert json.dumps(state) == before
 
 
+def test_rows_made_from_the_state_follow_every_change():
+    """rows_of reuses the rows it made for the same list, and extends them when the list grew."""
+    state = {}
+    for i in range(3):
+        ledger.add_row(state, ledger.make_row(f"{i:07x}", 1.0 - i / 10, 1.0, "keep", f"run {i}"))
+    assert [r.commit for r in ledger.rows_of(state)] == ["0000000", "0000001", "0000002"]
+    assert [r.val_bpb for r in ledger.rows_of({"rows": state["rows"][:2]})] == [1.0, 0.9]
+    other = {"rows": [["aaaaaaa", 0.5, 1.0, "discard", "x"], *state["rows"][1:]]}  # same length and last row
+    assert ledger.rows_of(other)[0].commit == "aaaaaaa"
+    ledger.add_row(other, ledger.make_row("bbbbbbb", 0.4, 1.0, "crash", "y"))
+    assert [r.commit for r in ledger.rows_of(other)] == ["aaaaaaa", "0000001", "0000002", "bbbbbbb"]
+    assert ledger.rows_of({}) == []
+
+
 def test_a_foreign_ledger_is_archived_whole_and_rows_are_appended_to_the_servers_own(tmp_path):
     path, archive = tmp_path / "results.tsv", tmp_path / ".research-loop" / "archive"
     foreign = ledger.HEADER + "garbage line\nabc1234\t1.0\t1.0\tkeep\tok"  # no final newline
