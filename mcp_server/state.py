@@ -139,6 +139,7 @@ class State:
             if raw != own:
                 self._restore(raw, own)
             data = _parse(own, self.path)
+            self._keep_copy(own)
         self._written = own if own is not None else raw
         if check_ledger and not ledger_unchanged:
             self._check_ledger(data)
@@ -157,6 +158,14 @@ class State:
         self._write_file(self.path, own)
         self.tell(f"{STATE_DIR}/{STATE_FILE} was changed outside the server ({what}): none of it was believed; "
                   f"the server's own copy is back in place{where}.")
+
+    def _keep_copy(self, own: bytes) -> None:
+        """The copy a successor will believe holds what this server wrote, not a forgery made beside
+        a forged state.json (memory told the forgery apart; a restart would not)."""
+        if self._written is not None and _read(self.copy) != own:
+            self._write_copy(own)
+            self.tell(f"the server's copy of {STATE_FILE} (in {self.records}) was changed outside the server: "
+                      "none of it was believed; it was written again.")
 
     def _check_ledger(self, data: dict) -> None:
         if "rows" not in data:
@@ -282,6 +291,8 @@ class State:
 
     def release(self) -> None:
         with self.mutex:
+            if self._written is not None and self.owned:
+                self._keep_copy(self._written)  # what the next owner starts from
             if self._owner_fd is not None:
                 os.close(self._owner_fd)
                 self._owner_fd = None

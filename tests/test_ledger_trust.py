@@ -7,6 +7,7 @@ one kept in .research-loop/archive/.
 """
 import json
 
+from mcp_server.state import records_dir
 from server_support import Lab, error, git, ledger_lines, make_workspace, set_knobs, wait_until
 
 HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
@@ -136,6 +137,16 @@ def test_a_run_that_rewrites_the_state_and_the_ledger_is_not_believed(fake_env):
         assert json.loads(state_path.read_text())["noise"]["threshold"] == 0.1
         assert "planted" not in (lab.ws / "results.tsv").read_text()
         assert archived(lab, "state-edited-") and archived(lab, "results-edited-")
+
+        # forged with the server's own copy too: memory tells it apart, and the copy is put back
+        copy = records_dir(lab.ws) / "state.json"
+        for path in (state_path, copy):
+            state = json.loads(path.read_text())
+            state["noise"]["threshold"] = 0.0
+            path.write_text(json.dumps(state))
+        status = lab.ok("status")
+        assert status["noise"]["threshold"] == 0.1 and json.loads(copy.read_text())["noise"]["threshold"] == 0.1
+        assert_told(status, "copy of state.json")
 
         # the same change made while no server runs is caught by the next one at start-up
         lab.loop.shutdown()
