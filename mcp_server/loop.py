@@ -8,9 +8,9 @@ keep advances the branch to the candidate, and only when the candidate was measu
 current best.
 
 Every method checks its rules before it changes anything and raises Refusal with what to do
-next. State changes happen in State.transaction (exclusive across threads and processes); the
-ledger row is appended (and fsynced) before the branch or train.py moves, so a crash at any
-point loses nothing, and a retry never logs twice.
+next. State changes happen in State.transaction (exclusive across threads and processes); a
+decision's ledger row is recorded in the state in the same transaction (results.tsv is written
+from the state), so a refused or interrupted decision records nothing, and its retry logs once.
 """
 import json
 import math
@@ -854,7 +854,7 @@ class ResearchLoop:
                 val_bpb, memory, suffix = result.get("val_bpb") or 0.0, result.get("memory_gb") or 0.0, ""
             description = self._described(entry["description"], reason, suffix)
             row = ledger.make_row(entry["commit"][:7], val_bpb, memory, status, description)
-            self._append_once(state, row)  # the row first: nothing below can lose it
+            self._append_once(state, row)  # saved with the state: a failure below records neither
             note = self._restore_train(state, entry)
             del state["runs"][str(entry["run"])]
             self._write_record(entry, self._result_of(state, entry), {"status": status, "at": time.time()})

@@ -187,8 +187,8 @@ def build_server(loop: ResearchLoop) -> MCPServer:
 
     @register(RESETS)
     async def discard(reason: str | None = None, run: int | None = None) -> DecisionResult:
-        """Reject a pending result (run=N when several are pending): the ledger row is written first
-        (discard, or crash for a crash, timeout or interrupted run), then train.py is restored to the
+        """Reject a pending result (run=N when several are pending): the ledger row is written
+        (discard, or crash for a crash, timeout or interrupted run) and train.py is restored to the
         kept code if it still holds the run's code. Untracked files are not touched; the run's code
         stays reachable in its commit."""
         return compact(await threaded(loop.discard, reason, run))
