@@ -182,10 +182,10 @@ def mirror(path: Path, rows: list[Row], written: str | None, archive: Path) -> t
     notice = None
     if not ours and have is not None:
         kept = _archive_copy(have, archive)
-        lines = want.decode().split("\n")
-        found = have.decode("utf-8", errors="replace").split("\n")
-        missing = sum(1 for line in lines[1:] if line and line not in found)
-        extra = sum(1 for line in found[1:] if line.strip() and line not in lines)
+        lines = want.decode().split("\n")[1:]
+        found = have.decode("utf-8", errors="replace").split("\n")[1:]
+        missing = len({line for line in lines if line} - set(found))
+        extra = len({line for line in found if line.strip()} - set(lines))
         notice = (f"{LEDGER_NAME} was changed outside the server ({missing} recorded row(s) missing or altered, "
                   f"{extra} line(s) the server never wrote): the server's own records decide, so it was written "
                   f"again from them, and the file found is kept at {kept}. A run managed outside the server is "
