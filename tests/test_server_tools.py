@@ -517,6 +517,7 @@ def test_corrupt_state_and_unexpected_errors_do_not_kill_the_server(lab):
     lab.restart()  # starts anyway, and puts back its own copy
     restored = lab.ok("status")
     assert restored["counts"]["keep"] == 1 and "not valid JSON" in " ".join(restored["records_changed"])
+    lab.loop.shutdown()
     state.write_text("{not json")
     (records_dir(lab.ws) / "state.json").unlink()  # no copy: a workspace of a server from before copies
     lab.restart()
