@@ -25,6 +25,9 @@ import anyio
 from mcp import Client, StdioServerParameters
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from mcp_server.state import State  # noqa: E402
+
 FAKE_TRAIN = REPO / "tests" / "fake_train.py"
 LEDGER_ROWS = 1000
 LATENCY_CALLS = 60
@@ -60,13 +63,15 @@ def make_workspace(root: Path) -> tuple[Path, Path]:
 
 
 def fill_ledger(ws: Path, rows: int) -> None:
-    """A realistic 1,000-row history (commits need not exist to be read)."""
-    with open(ws / "results.tsv", "a") as f:
+    """A realistic 1,000-row history (commits need not exist to be read), in the server's records as
+    a server would have written them while none runs: results.tsv follows at the next start (a
+    ledger edited by hand is undone)."""
+    with State(ws).transaction() as state:
         for i in range(rows):
             status = random.choice(["keep", "discard", "discard", "crash"])
-            value = 0.0 if status == "crash" else 1.0 - i * 1e-5
+            value = 0.0 if status == "crash" else round(1.0 - i * 1e-5, 6)
             memory = 0.0 if status == "crash" else 44.2
-            f.write(f"{i:07x}\t{value:.6f}\t{memory:.1f}\t{status}\tsynthetic history row {i}\n")
+            state["rows"].append([f"{i:07x}", value, memory, status, f"synthetic history row {i}"])
 
 
 def side_commits(ws: Path, count: int) -> list[str]:
@@ -140,7 +145,8 @@ async def latency_and_overhead(ws: Path, cache: Path, report: dict) -> None:
     commits = side_commits(ws, LATENCY_CALLS)
     async with Client(server_params(ws, cache)) as client:
         await timed(client, "setup", {"tag": "bench"})
-        fill_ledger(ws, LEDGER_ROWS)
+    fill_ledger(ws, LEDGER_ROWS)
+    async with Client(server_params(ws, cache)) as client:
         answer_sizes = []
         for i in range(LATENCY_CALLS):
             set_knobs(ws, val_bpb=round(1.0 - random.random() * 0.01, 6))

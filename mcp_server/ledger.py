@@ -1,11 +1,16 @@
 """results.tsv, the experiment ledger in upstream's format.
 
-Rows are validated, then appended with one write() on an O_APPEND descriptor followed by
-fsync, so a crash of the server or of the training never leaves a half-written row.
+The rows that decide (the best, what is logged) are the server's own: a list in its state
+(mcp_server/state.py), where they are added. results.tsv is written from that list: a new row is
+appended with one write() on an O_APPEND descriptor followed by fsync, so a crash of the server
+or of the training never leaves a half-written row; a file someone else changed is archived and
+written again whole from the list, and never read back as a record.
 """
+import hashlib
 import math
 import os
 import re
+import time
 import unicodedata
 from pathlib import Path
 
@@ -119,19 +124,100 @@ def parse_line(line: str) -> Row | None:
         return None
 
 
-def append_row(path: Path, row: Row) -> list[Row]:
-    """Appends a row unless its commit is already logged; returns all rows after."""
-    rows, _ = read_rows(path)
-    if any(r.commit == row.commit for r in rows):
+# (count, first entry, last entry) and the rows made from those entries: tools read the rows
+# several times per call, and a night has thousands. The list only grows (a new research run
+# starts a new one), so its length and its ends name it, and a longer one extends the last made.
+_made: tuple[tuple, list[Row]] = ((0, None, None), [])
+
+
+def rows_of(state: dict) -> list[Row]:
+    """The rows the server recorded (in its state): these decide; results.tsv only shows them.
+    Each was validated when it was made, and the state is checked before it is read: none again."""
+    global _made
+    entries = state.get("rows") or []
+    key = (len(entries), tuple(entries[0]) if entries else None, tuple(entries[-1]) if entries else None)
+    made, rows = _made
+    count = made[0]
+    if key != made:
+        grew = 0 < count < len(entries) and key[1] == made[1] and tuple(entries[count - 1]) == made[2]
+        rows = (rows if grew else []) + [Row.model_construct(commit=c, val_bpb=v, memory_gb=m, status=s, description=d)
+                                         for c, v, m, s, d in entries[count if grew else 0:]]
+        _made = (key, rows)
+    return list(rows)
+
+
+def add_row(state: dict, row: Row) -> list[Row]:
+    """Records a row in the state unless its commit is already logged; returns all rows after.
+    results.tsv gets it when the state is saved."""
+    if any(entry[0] == row.commit for entry in state.get("rows") or []):
         raise Refusal(f"Commit {row.commit} is already in {LEDGER_NAME}; each run is logged once.")
-    ensure_ledger(path)
-    before = path.stat()
-    _append_bytes(path, format_row(row).encode())
-    cached = _parsed.get(path)
-    if cached and cached[:2] == (before.st_size, before.st_mtime_ns):
-        after = path.stat()
-        _parsed[path] = (after.st_size, after.st_mtime_ns, cached[2] + [row], cached[3])
-    return rows + [row]
+    state.setdefault("rows", []).append([row.commit, row.val_bpb, row.memory_gb, row.status, row.description])
+    return rows_of(state)
+
+
+def render(rows: list[Row]) -> bytes:
+    return (HEADER + "".join(format_row(r) for r in rows)).encode()
+
+
+def digest(data: bytes | None) -> str | None:
+    return None if data is None else hashlib.sha256(data).hexdigest()
+
+
+def mirror(path: Path, rows: list[Row], written: str | None, archive: Path) -> tuple[str, str | None]:
+    """Makes results.tsv show the recorded rows. `written`: the digest of the file as the server
+    last wrote it. Rows the file lacks are appended to a file the server wrote; a file anyone else
+    changed (or deleted) is moved to `archive` and written again whole. Returns the digest of the
+    file now and, when it had been changed by hand, what was found and done."""
+    want = render(rows)
+    try:
+        have = path.read_bytes()
+    except FileNotFoundError:
+        have = None
+    if have == want:
+        return digest(want), None
+    ours = digest(have) == written
+    if ours and have is not None and want.startswith(have) and have.endswith(b"\n"):
+        _append_bytes(path, want[len(have):])
+        return digest(want), None
+    notice = None
+    if not ours and have is not None:
+        kept = _archive_copy(have, archive)
+        lines = want.decode().split("\n")[1:]
+        found = have.decode("utf-8", errors="replace").split("\n")[1:]
+        missing = len({line for line in lines if line} - set(found))
+        extra = len({line for line in found if line.strip()} - set(lines))
+        notice = (f"{LEDGER_NAME} was changed outside the server ({missing} recorded row(s) missing or altered, "
+                  f"{extra} line(s) the server never wrote): the server's own records decide, so it was written "
+                  f"again from them, and the file found is kept at {kept}. A run managed outside the server is "
+                  "logged with log_result.")
+    elif not ours:
+        notice = (f"{LEDGER_NAME} was deleted outside the server: it was written again from the server's own "
+                  "records, which decide.")
+    _replace_bytes(path, want)
+    return digest(want), notice
+
+
+def _archive_copy(data: bytes, archive: Path) -> str:
+    archive.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for k in range(1000):
+        target = archive / (f"results-edited-{stamp}.tsv" if k == 0 else f"results-edited-{stamp}-{k}.tsv")
+        try:
+            with open(target, "xb") as f:  # never overwrites an earlier copy
+                f.write(data)
+            return str(target.relative_to(archive.parent.parent))
+        except FileExistsError:
+            continue
+    raise Refusal(f"Too many copies named results-edited-{stamp}*.tsv in {archive}.")
+
+
+def _replace_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _append_bytes(path: Path, data: bytes) -> None:

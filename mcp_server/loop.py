@@ -8,9 +8,9 @@ keep advances the branch to the candidate, and only when the candidate was measu
 current best.
 
 Every method checks its rules before it changes anything and raises Refusal with what to do
-next. State changes happen in State.transaction (exclusive across threads and processes); the
-ledger row is appended (and fsynced) before the branch or train.py moves, so a crash at any
-point loses nothing, and a retry never logs twice.
+next. State changes happen in State.transaction (exclusive across threads and processes); a
+decision's ledger row is recorded in the state in the same transaction (results.tsv is written
+from the state), so a refused or interrupted decision records nothing, and its retry logs once.
 """
 import json
 import math
@@ -107,7 +107,8 @@ class ResearchLoop:
         return self.root / ledger.LEDGER_NAME
 
     def rows(self) -> list[Row]:
-        return ledger.read_rows(self.ledger_path)[0]
+        """The server's own rows (results.tsv is written from them, never read back)."""
+        return ledger.rows_of(self.state.load())
 
     def event(self, run: int) -> threading.Event:
         return self.done.setdefault(run, threading.Event())
@@ -251,7 +252,7 @@ class ResearchLoop:
             seq = state.get("seq", 0) or self._last_run_number()
             state.clear()
             state.update({"tag": tag, "branch": branch, "kept_commit": ws.head(), "fingerprint": fingerprint,
-                          "cache_fingerprint": integrity.cache_fingerprint(), "seq": seq, "runs": {}, "noise": None,
+                          "cache_fingerprint": integrity.cache_fingerprint(), "seq": seq, "runs": {}, "rows": [], "noise": None,
                           "limits": chosen, "started_at": time.time()})
         return SetupResult(branch=branch, base_commit=ws.head()[:7], ledger=ledger.LEDGER_NAME,
                            fingerprint=fingerprint, archived_ledger=archived,
@@ -787,7 +788,7 @@ class ResearchLoop:
                 self._check_branch_holds_best(state)
             row = ledger.make_row(entry["commit"][:7], result["val_bpb"], result["memory_gb"] or 0.0, "keep",
                                   self._described(entry["description"], note, self._unsandboxed_marker(entry)))
-            self._append_once(row)
+            self._append_once(state, row)
             if tip != entry["commit"]:
                 self.ws.advance_branch(state["branch"], entry["commit"], kept)
             state["kept_commit"] = entry["commit"]
@@ -877,7 +878,7 @@ class ResearchLoop:
                 val_bpb, memory, suffix = result.get("val_bpb") or 0.0, result.get("memory_gb") or 0.0, ""
             description = self._described(entry["description"], reason, suffix + self._unsandboxed_marker(entry))
             row = ledger.make_row(entry["commit"][:7], val_bpb, memory, status, description)
-            self._append_once(row)  # the row first: nothing below can lose it
+            self._append_once(state, row)  # saved with the state: a failure below records neither
             note = self._restore_train(state, entry)
             del state["runs"][str(entry["run"])]
             self._write_record(entry, self._result_of(state, entry), {"status": status, "at": time.time()})
@@ -900,12 +901,12 @@ class ResearchLoop:
         return (f"train.py holds edits newer than run {entry['run']}; they were left in place (the discarded code "
                 f"stays in commit {entry['commit'][:7]})")
 
-    def _append_once(self, row: Row) -> list[Row]:
+    def _append_once(self, state: dict, row: Row) -> list[Row]:
         """keep/discard retried after a failure past the append (e.g. git) do not log twice."""
-        rows = self.rows()
+        rows = ledger.rows_of(state)
         if any(r.commit == row.commit and r.status == row.status for r in rows):
             return rows
-        return ledger.append_row(self.ledger_path, row)
+        return ledger.add_row(state, row)
 
     @staticmethod
     def _checked_note(note: str | None, what: str) -> str | None:
@@ -938,7 +939,7 @@ class ResearchLoop:
                 row = ledger.make_row(entry["commit"][:7], 0.0, 0.0, "crash",
                                       ledger.fit_description(entry["description"],
                                                              " (cancelled)" + self._unsandboxed_marker(entry)))
-                self._append_once(row)
+                self._append_once(state, row)
                 self.pool.cancel(run)
                 self._write_record(entry, self._result_of(state, entry), {"status": "crash", "at": time.time()})
             del state["runs"][str(run)]
@@ -1015,7 +1016,7 @@ class ResearchLoop:
             elif tip and self.ws.is_ancestor(full, tip):
                 raise Refusal(f"Commit {full[:7]} is on {branch}, whose commits are the kept ones: a {status} row for "
                               "it would contradict the branch.")
-            rows = ledger.append_row(self.ledger_path, row)
+            rows = ledger.add_row(state, row)  # in the server's records: results.tsv is written from them
             if status == "keep":
                 state["kept_commit"] = full
         return LoggedRow(row=row, rows_in_ledger=len(rows))
@@ -1126,7 +1127,7 @@ class ResearchLoop:
 
     def status(self) -> StatusResult:
         state = self.state.load()
-        rows, bad = ledger.read_rows(self.ledger_path)
+        rows, bad = ledger.rows_of(state), ledger.read_rows(self.ledger_path)[1]
         counts = {s: sum(r.status == s for r in rows) for s in ledger.STATUSES}
         kept = state.get("kept_commit") or ""
         best = self._kept_row(kept) if kept else None
@@ -1135,7 +1136,7 @@ class ResearchLoop:
                               kept_commit=kept[:7] or None, counts=counts, slots=self.slots,
                               recent=rows[-RECENT_ROWS:], malformed_ledger_lines=bad,
                               interrupted=self._interrupted_summary(state), extra_runs=state.get("extra_runs", 0),
-                              dashboard=self.dashboard, next="")
+                              dashboard=self.dashboard, records_changed=self.state.found or None, next="")
         if not self.state.owned and not self.take_over():
             owner = self.state.owner() or {}
             result.read_only = f"server pid {owner.get('pid', '?')} runs this workspace's experiments"

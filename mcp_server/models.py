@@ -185,6 +185,7 @@ class StatusResult(BaseModel):
     malformed_ledger_lines: int = 0
     dashboard: str | None = None  # the live page's address, when this server serves it
     unsandboxed: str | None = None  # this server's runs (or some undecided ones) have no sandbox
+    records_changed: list[str] | None = None  # changes to state.json or results.tsv the server did not make
     next: str
 
 

@@ -6,6 +6,7 @@ a night. Refusals become tool errors whose message says what to do next.
 """
 import base64
 import functools
+import json
 import logging
 import time
 
@@ -72,13 +73,36 @@ def refusals_as_tool_errors(fn):
     return wrapper
 
 
+def telling_records_changes(loop: ResearchLoop, fn):
+    """The next answer after the server found its state or ledger changed by someone else says so
+    (as records_changed), whatever the tool; a refusal says it too."""
+    @functools.wraps(fn)
+    async def wrapper(*args, **kwargs):
+        try:
+            result = await fn(*args, **kwargs)
+        except ToolError as exc:
+            notices = loop.state.take_notices()
+            if notices:
+                raise ToolError(f"{exc} Also: {' '.join(notices)}") from exc
+            raise
+        notices = loop.state.take_notices()
+        if notices and isinstance(result, CallToolResult) and isinstance(result.structured_content, dict):
+            told = result.structured_content.get("records_changed") or []
+            result.structured_content["records_changed"] = told + [n for n in notices if n not in " ".join(told)]
+            body = json.loads(result.content[0].text)
+            body["records_changed"] = result.structured_content["records_changed"]
+            result.content[0] = TextContent(type="text", text=json.dumps(body, separators=(",", ":")))
+        return result
+    return wrapper
+
+
 def build_server(loop: ResearchLoop) -> MCPServer:
     srv = MCPServer(SERVER_NAME, instructions=INSTRUCTIONS, log_level="WARNING")
 
     def register(annotations: ToolAnnotations):
         """Adds a tool; its docstring, on one line, is the description the agent reads."""
         def decorate(fn):
-            srv.add_tool(refusals_as_tool_errors(fn), description=" ".join(fn.__doc__.split()),
+            srv.add_tool(telling_records_changes(loop, refusals_as_tool_errors(fn)), description=" ".join(fn.__doc__.split()),
                          annotations=annotations)
             return fn
         return decorate
@@ -163,8 +187,8 @@ def build_server(loop: ResearchLoop) -> MCPServer:
 
     @register(RESETS)
     async def discard(reason: str | None = None, run: int | None = None) -> DecisionResult:
-        """Reject a pending result (run=N when several are pending): the ledger row is written first
-        (discard, or crash for a crash, timeout or interrupted run), then train.py is restored to the
+        """Reject a pending result (run=N when several are pending): the ledger row is written
+        (discard, or crash for a crash, timeout or interrupted run) and train.py is restored to the
         kept code if it still holds the run's code. Untracked files are not touched; the run's code
         stays reachable in its commit."""
         return compact(await threaded(loop.discard, reason, run))

@@ -2,7 +2,6 @@
 munge) started once for this module, one node with two fake GPUs, submitit submitting the jobs.
 slurm-wlm and munge are installed from Debian's archive when missing (as for every Debian tool
 the tests drive); test_cluster_slurm_local.py checks the same jobs through submitit's local executor."""
-import json
 import os
 import subprocess
 
@@ -10,6 +9,7 @@ import pytest
 
 import cluster_support as cluster
 from conftest import ensure_debian_package
+from mcp_server.state import State
 from server_support import TRAIN_COMMAND, Lab, make_workspace, set_knobs, wait_until
 
 slurm_executor = pytest.importorskip("mcp_server.slurm_executor")
@@ -136,12 +136,11 @@ def test_a_job_slurm_no_longer_knows_is_a_crash_with_the_reason(slurm_lab):
     run = slurm_lab.ok("run_experiment", description="forgotten", wait=False)
     assert wait_until(lambda: "step" in (slurm_lab.ws / run["log"]).read_text(), 60)
     slurm_lab.loop.shutdown()  # the job goes on without its server
-    path = slurm_lab.ws / ".research-loop" / "state.json"
-    state = json.loads(path.read_text())
+    state = State(slurm_lab.ws).load()
     entry = next(e for e in state["runs"].values() if e["run"] == run["run"])
     subprocess.run(["scancel", entry["job"]], check=True)
     entry["job"] = "999999"  # an id SLURM never had, as after its records were purged
-    path.write_text(json.dumps(state))
+    State(slurm_lab.ws).save(state)  # as the server wrote it then: a state.json edited by hand is not believed
     slurm_lab.loop = slurm_lab.new_loop()
     result = slurm_lab.ok("wait")["results"][0]
     assert result["run"] == run["run"] and result["status"] == "crash", result

@@ -15,6 +15,7 @@ from mcp import Client, ClientSession
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 
+from mcp_server.state import State
 from server_support import (
     REPO, answer, error, git, ledger_lines, make_cache, make_workspace, pid_alive, processes_running,
     set_knobs, slot_dir, stdio_client_for, stdio_params, wait_until,
@@ -193,7 +194,7 @@ def test_a_server_that_finds_a_dead_servers_finished_run_records_its_real_result
     entry = with_state["runs"]["1"]
     entry.update(status="running", result=None)
     (ws / entry["report"]).write_text(json.dumps({"running": True, "pid": 2 ** 22 + 7, "worker_pid": 2 ** 22 + 8}))
-    (ws / ".research-loop" / "state.json").write_text(json.dumps(with_state))
+    State(ws).save(with_state)  # as the server wrote it then: a state.json edited by hand is not believed
 
     async def after():
         async with stdio_client_for(ws, cache) as client:

@@ -13,6 +13,7 @@ import pytest
 from mcp import Client
 
 from mcp_server.server import build_server
+from mcp_server.state import records_dir
 from server_support import (
     TOOL_NAMES, Lab, answer, error, git, ledger_lines, make_workspace, pid_alive, set_knobs,
     slot_dir, text, wait_until,
@@ -145,12 +146,10 @@ def test_only_train_py_may_change(lab):
 def test_harness_fingerprint_is_checked(lab):
     lab.baseline()
     # a harness change that is also the kept commit's (e.g. a kept commit edited by hand)
-    state_path = lab.ws / ".research-loop" / "state.json"
-    state = json.loads(state_path.read_text())
     (lab.ws / "prepare.py").write_text("# changed harness\n")
     git(lab.ws, "commit", "-q", "-am", "harness change")
-    state["kept_commit"] = lab.head()
-    state_path.write_text(json.dumps(state))
+    with lab.loop.state.transaction() as state:  # as the server itself would record it: a hand edit is undone
+        state["kept_commit"] = lab.head()
     assert "harness" in lab.refused("run_experiment", description="x")
 
 
@@ -514,7 +513,13 @@ def test_corrupt_state_and_unexpected_errors_do_not_kill_the_server(lab):
     state = lab.ws / ".research-loop" / "state.json"
     good = state.read_text()
     state.write_text("{not json")
-    lab.restart()  # starts anyway
+    lab.restart()  # starts anyway, and puts back its own copy
+    restored = lab.ok("status")
+    assert restored["counts"]["keep"] == 1 and "not valid JSON" in " ".join(restored["records_changed"])
+    lab.loop.shutdown()
+    state.write_text("{not json")
+    (records_dir(lab.ws) / "state.json").unlink()  # no copy: a workspace of a server from before copies
+    lab.restart()
 
     async def go():
         async with Client(build_server(lab.loop)) as client:
@@ -546,10 +551,10 @@ def test_discard_retried_after_a_git_failure_logs_once(lab):
     set_knobs(lab.ws, val_bpb=1.2)
     lab.ok("run_experiment", description="worse")
     lock = lab.ws / ".git" / "index.lock"
-    lock.write_text("")  # another git process: the reset fails after the row is written
+    lock.write_text("")  # another git process: the reset fails, so the whole discard is refused
     message = lab.refused("discard")
     assert "git failed" in message and "index.lock" in message
-    assert len(ledger_lines(lab.ws)) == 3
+    assert len(ledger_lines(lab.ws)) == 2 and lab.ok("status")["undecided"] == [2]
     lock.unlink()
     lab.ok("discard")
     assert len(ledger_lines(lab.ws)) == 3 and lab.head() == kept

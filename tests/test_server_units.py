@@ -6,6 +6,7 @@ import re
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -83,9 +84,10 @@ def test_read_text_keeps_carriage_returns(tmp_path):
 
 
 def test_rows_are_formatted_as_upstream(tmp_path):
-    path = tmp_path / "results.tsv"
-    ledger.append_row(path, ledger.make_row("abc1234", 0.9979, 44.0, "keep", "baseline"))
-    ledger.append_row(path, ledger.make_row("def5678", 1.2, 3.3, "crash", "double width (OOM)"))
+    path, state = tmp_path / "results.tsv", {}
+    ledger.add_row(state, ledger.make_row("abc1234", 0.9979, 44.0, "keep", "baseline"))
+    ledger.add_row(state, ledger.make_row("def5678", 1.2, 3.3, "crash", "double width (OOM)"))
+    ledger.mirror(path, ledger.rows_of(state), None, tmp_path / ".research-loop" / "archive")
     assert path.read_text() == (
         "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
         "abc1234\t0.997900\t44.0\tkeep\tbaseline\n"
@@ -110,22 +112,44 @@ def test_bad_rows_are_refused(args, message):
         ledger.make_row(*args)
 
 
-def test_duplicate_commit_refused_and_file_unchanged(tmp_path):
-    path = tmp_path / "results.tsv"
-    ledger.append_row(path, ledger.make_row("abc1234", 1.0, 1.0, "keep", "baseline"))
-    before = path.read_bytes()
+def test_duplicate_commit_refused_and_records_unchanged():
+    state = {}
+    ledger.add_row(state, ledger.make_row("abc1234", 1.0, 1.0, "keep", "baseline"))
+    before = json.dumps(state)
     with pytest.raises(Refusal, match="already in"):
-        ledger.append_row(path, ledger.make_row("abc1234", 0.9, 1.0, "discard", "again"))
-    assert path.read_bytes() == before
+        ledger.add_row(state, ledger.make_row("abc1234", 0.9, 1.0, "discard", "again"))
+    assert json.dumps(state) == before
 
 
-def test_malformed_lines_are_counted_not_fatal_and_never_glued(tmp_path):
-    path = tmp_path / "results.tsv"
-    path.write_text(ledger.HEADER + "garbage line\nabc1234\t1.0\t1.0\tkeep\tok")  # no final newline
+def test_rows_made_from_the_state_follow_every_change():
+    """rows_of reuses the rows it made for the same list, and extends them when the list grew."""
+    state = {}
+    for i in range(3):
+        ledger.add_row(state, ledger.make_row(f"{i:07x}", 1.0 - i / 10, 1.0, "keep", f"run {i}"))
+    assert [r.commit for r in ledger.rows_of(state)] == ["0000000", "0000001", "0000002"]
+    assert [r.val_bpb for r in ledger.rows_of({"rows": state["rows"][:2]})] == [1.0, 0.9]
+    other = {"rows": [["aaaaaaa", 0.5, 1.0, "discard", "x"], *state["rows"][1:]]}  # same length and last row
+    assert ledger.rows_of(other)[0].commit == "aaaaaaa"
+    ledger.add_row(other, ledger.make_row("bbbbbbb", 0.4, 1.0, "crash", "y"))
+    assert [r.commit for r in ledger.rows_of(other)] == ["aaaaaaa", "0000001", "0000002", "bbbbbbb"]
+    assert ledger.rows_of({}) == []
+
+
+def test_a_foreign_ledger_is_archived_whole_and_rows_are_appended_to_the_servers_own(tmp_path):
+    path, archive = tmp_path / "results.tsv", tmp_path / ".research-loop" / "archive"
+    foreign = ledger.HEADER + "garbage line\nabc1234\t1.0\t1.0\tkeep\tok"  # no final newline
+    path.write_text(foreign)
     rows, bad = ledger.read_rows(path)
-    assert len(rows) == 1 and bad == 1
-    ledger.append_row(path, ledger.make_row("def5678", 0.9, 1.0, "keep", "next"))
-    assert path.read_text().splitlines()[-2:] == ["abc1234\t1.0\t1.0\tkeep\tok", "def5678\t0.900000\t1.0\tkeep\tnext"]
+    assert len(rows) == 1 and bad == 1  # malformed lines are counted, not fatal
+    rows = [ledger.make_row("def5678", 0.9, 1.0, "keep", "next")]
+    written, notice = ledger.mirror(path, rows, None, archive)
+    assert path.read_text() == ledger.HEADER + "def5678\t0.900000\t1.0\tkeep\tnext\n"
+    assert "1 recorded row(s) missing or altered, 2 line(s) the server never wrote" in notice
+    assert [p.read_text() for p in archive.iterdir()] == [foreign]  # nothing lost
+    inode = path.stat().st_ino
+    rows.append(ledger.make_row("aaa1111", 0.8, 1.0, "discard", "then"))
+    assert ledger.mirror(path, rows, written, archive)[1] is None
+    assert path.stat().st_ino == inode and path.read_text().splitlines()[-1] == "aaa1111\t0.800000\t1.0\tdiscard\tthen"
 
 
 def test_best_kept_ignores_discards_and_crashes():
@@ -185,6 +209,34 @@ def test_state_transactions_of_two_processes_never_lose_an_update(tmp_path):
     assert [p.wait() for p in procs] == [0, 0]
     assert State(tmp_path).load()["count"] == 450
     assert not list((tmp_path / ".research-loop").glob("*.tmp"))
+
+
+def test_reads_beside_the_owners_writes_never_take_its_own_writes_for_a_change(tmp_path):
+    """The owner checks what it reads against what it wrote; a read that lands between the two
+    renames of a save (its copy, then state.json) must wait for the save, not report it."""
+    state = State(tmp_path)
+    assert state.try_own()
+    state.update(count=0, rows=[])
+    stop = threading.Event()
+
+    def read():
+        while not stop.is_set():
+            state.load()
+    readers = [threading.Thread(target=read) for _ in range(2)]
+    for reader in readers:
+        reader.start()
+    try:
+        for i in range(150):
+            with state.transaction() as data:
+                data["count"] += 1
+                data["rows"].append([f"{i:07x}", 1.0, 1.0, "discard", f"run {i}"])
+    finally:
+        stop.set()
+        for reader in readers:
+            reader.join()
+    assert state.take_notices() == [] and state.load()["count"] == 150
+    assert len((tmp_path / "results.tsv").read_text().splitlines()) == 151
+    state.release()
 
 
 def test_time_budget_comes_from_env_record_profile_or_upstream(tmp_path, monkeypatch, repo_root):

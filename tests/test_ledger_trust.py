@@ -1,0 +1,182 @@
+"""The server's own records decide: results.tsv and state.json changed by anyone else are never believed.
+
+Each test plays what a reward-seeking agent (or a run without a sandbox) would try against the
+records, through the real MCP tools, and checks that the decision is the one the server's own
+records give, that the change is reported, and that the files are set right with the edited
+one kept in .research-loop/archive/.
+"""
+import json
+
+from mcp_server.state import records_dir
+from server_support import Lab, error, git, ledger_lines, make_workspace, set_knobs, wait_until
+
+HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
+
+
+def edited(lab: Lab, change) -> None:
+    """Rewrites results.tsv by hand, as an agent's editor or shell would."""
+    path = lab.ws / "results.tsv"
+    path.write_text(change(path.read_text()))
+
+
+def archived(lab: Lab, prefix: str) -> list[str]:
+    archive = lab.ws / ".research-loop" / "archive"
+    return sorted(p.name for p in archive.glob(prefix + "*")) if archive.is_dir() else []
+
+
+def regression_against(lab: Lab, value: float) -> dict:
+    set_knobs(lab.ws, val_bpb=value)
+    return lab.ok("run_experiment", description=f"val {value}")
+
+
+def assert_told(result: dict, what: str) -> None:
+    assert any(what in n and "outside the server" in n for n in result.get("records_changed") or []), result
+
+
+def test_deleting_the_kept_row_does_not_make_a_regression_the_first_result(lab):
+    base = lab.baseline()["row"]
+    edited(lab, lambda text: "".join(line + "\n" for line in text.splitlines() if base["commit"] not in line))
+    run = regression_against(lab, 1.4)
+    assert run["best_val_bpb"] == 1.0 and run["best_commit"] == base["commit"] and run["delta"] == 0.4, run
+    assert_told(run, "results.tsv")
+    assert ledger_lines(lab.ws)[1].startswith(base["commit"] + "\t1.000000")  # set right
+    assert len(archived(lab, "results-edited-")) == 1
+    assert "first result" not in lab.ok("keep").get("evidence", "")
+
+
+def test_deleting_the_ledger_does_not_make_a_regression_the_first_result(lab):
+    base = lab.baseline()["row"]
+    (lab.ws / "results.tsv").unlink()
+    status = lab.ok("status")
+    assert status["best_val_bpb"] == 1.0 and status["counts"]["keep"] == 1, status
+    assert_told(status, "results.tsv was deleted")
+    run = regression_against(lab, 1.4)
+    assert run["delta"] == 0.4 and run["best_commit"] == base["commit"], run
+    assert ledger_lines(lab.ws) == [HEADER, f"{base['commit']}\t1.000000\t2.0\tkeep\tbaseline"]
+
+
+def test_a_sixth_column_does_not_hide_the_best(lab):
+    lab.baseline()
+    edited(lab, lambda text: "".join(line + "\textra\n" for line in text.splitlines()))
+    run = regression_against(lab, 1.4)
+    assert run["delta"] == 0.4 and run["best_val_bpb"] == 1.0, run
+    assert_told(run, "results.tsv")
+    assert all(line.count("\t") == 4 for line in ledger_lines(lab.ws))
+
+
+def test_an_edited_best_value_does_not_move_the_comparison(lab):
+    base = lab.baseline()["row"]
+    edited(lab, lambda text: text.replace(f"{base['commit']}\t1.000000", f"{base['commit']}\t1.500000"))
+    run = regression_against(lab, 1.2)
+    assert run["best_val_bpb"] == 1.0 and run["delta"] == 0.2 and run["noise"].startswith("worse by 0.200000"), run
+    assert_told(run, "results.tsv")
+    assert "1.500000" not in (lab.ws / "results.tsv").read_text()
+    assert "1.500000" in (lab.ws / ".research-loop" / "archive" / archived(lab, "results-edited-")[0]).read_text()
+
+
+def test_a_planted_keep_row_for_a_pending_run_is_not_its_row(lab):
+    lab.baseline()
+    pending = regression_against(lab, 1.3)
+    edited(lab, lambda text: text + f"{pending['commit']}\t0.500000\t1.0\tkeep\tplanted\n")
+    status = lab.ok("status")
+    assert_told(status, "results.tsv")
+    assert [r["val_bpb"] for r in status["recent"]] == [1.0] and status["best_val_bpb"] == 1.0, status
+    kept = lab.ok("keep")
+    assert kept["row"]["val_bpb"] == 1.3 and kept["best_val_bpb"] == 1.3, kept
+    mine = [line for line in ledger_lines(lab.ws) if line.startswith(pending["commit"])]
+    assert mine == [f"{pending['commit']}\t1.300000\t2.0\tkeep\tval 1.3"]
+    assert [r["val_bpb"] for r in lab.ok("status")["recent"]] == [1.0, 1.3]
+
+
+def test_a_planted_discard_row_does_not_block_keeping_a_good_result(lab):
+    lab.baseline()
+    good = regression_against(lab, 0.8)
+    edited(lab, lambda text: text + f"{good['commit']}\t0.800000\t2.0\tdiscard\tplanted\n")
+    kept = lab.ok("keep")
+    assert kept["row"]["status"] == "keep" and kept["best_val_bpb"] == 0.8, kept
+    assert_told(kept, "results.tsv")
+    assert [line.split("\t")[3] for line in ledger_lines(lab.ws)[1:]] == ["keep", "keep"]
+
+
+def test_rows_logged_for_outside_runs_stay_in_the_rewritten_ledger(lab):
+    """log_result's rows are the server's records too: a ledger rewritten from them keeps them."""
+    lab.baseline()
+    outside = git(lab.ws, "commit-tree", "HEAD^{tree}", "-m", "trained elsewhere").strip()
+    logged = lab.ok("log_result", commit=outside, val_bpb=0.97, memory_gb=1.0, status="crash",
+                    description="tried on another machine")
+    assert logged["rows_in_ledger"] == 2
+    (lab.ws / "results.tsv").write_text(HEADER + "\n")
+    assert lab.ok("status")["counts"] == {"keep": 1, "discard": 0, "crash": 1}
+    assert ledger_lines(lab.ws)[2].endswith("\tcrash\ttried on another machine")
+
+
+def test_a_run_that_rewrites_the_state_and_the_ledger_is_not_believed(fake_env):
+    """Without a sandbox a run can write anything the user can: here it sets the noise threshold to
+    0, so every gain would be "beyond the noise", and appends a planted best row, while it trains."""
+    lab = Lab(make_workspace(fake_env, "VAL_BPB = 1.0\nNOISE = 0.05\n"))  # runs 1, 2, 3: 1.0, 1.05, 0.95
+    try:
+        lab.baseline()
+        assert lab.ok("measure_noise", repeats=2)["noise"]["threshold"] == 0.1
+        set_knobs(lab.ws, val_bpb=0.95, sleep=3, steps=6)
+        run = lab.ok("run_experiment", description="a small gain", wait=False)
+        state_path = lab.ws / ".research-loop" / "state.json"
+        assert wait_until(lambda: "step" in (lab.ws / run["log"]).read_text(), 30)
+        state = json.loads(state_path.read_text())
+        state["noise"]["threshold"] = 0.0
+        state_path.write_text(json.dumps(state))
+        with open(lab.ws / "results.tsv", "a") as f:
+            f.write("abcdef1\t0.100000\t1.0\tkeep\tplanted\n")
+        result = lab.ok("wait")
+        told = " ".join(result.get("records_changed") or [])
+        assert "state.json was changed outside the server (changed: noise)" in told, result
+        assert "results.tsv was changed outside the server" in told, result
+        pending = result["results"][0]
+        assert pending["noise"] == "better by 0.050000, within noise (threshold 0.100000)", pending
+        assert pending["confirm_first"], pending
+        assert "needs confirming" in error(lab.call("keep"))
+        assert json.loads(state_path.read_text())["noise"]["threshold"] == 0.1
+        assert "planted" not in (lab.ws / "results.tsv").read_text()
+        assert archived(lab, "state-edited-") and archived(lab, "results-edited-")
+
+        # forged with the server's own copy too: memory tells it apart, and the copy is put back
+        copy = records_dir(lab.ws) / "state.json"
+        for path in (state_path, copy):
+            state = json.loads(path.read_text())
+            state["noise"]["threshold"] = 0.0
+            path.write_text(json.dumps(state))
+        status = lab.ok("status")
+        assert status["noise"]["threshold"] == 0.1 and json.loads(copy.read_text())["noise"]["threshold"] == 0.1
+        assert_told(status, "copy of state.json")
+
+        # the same change made while no server runs is caught by the next one at start-up
+        lab.loop.shutdown()
+        state = json.loads(state_path.read_text())
+        state["noise"]["threshold"] = 0.0
+        state_path.write_text(json.dumps(state))
+        lab.restart()
+        status = lab.ok("status")
+        assert status["noise"]["threshold"] == 0.1, status
+        assert_told(status, "state.json")
+    finally:
+        lab.loop.shutdown()
+
+
+def test_a_deleted_state_file_is_put_back_not_read_as_a_fresh_workspace(lab):
+    base = lab.baseline()["row"]
+    (lab.ws / ".research-loop" / "state.json").unlink()
+    run = regression_against(lab, 1.4)
+    assert run["best_commit"] == base["commit"] and run["delta"] == 0.4, run
+    assert_told(run, "state.json was changed outside the server (deleted)")
+
+
+def test_changes_are_told_once_in_answers_and_listed_in_status(lab):
+    lab.baseline()
+    edited(lab, lambda text: text + "planted\n")
+    refused = error(lab.call("keep"))
+    assert "Nothing to keep" in refused and "results.tsv was changed outside the server" in refused
+    assert "records_changed" not in text_of(lab.call("history"))
+    assert len(lab.ok("status")["records_changed"]) == 1
+
+
+def text_of(result) -> str:
+    return result.content[0].text
