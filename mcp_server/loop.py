@@ -942,7 +942,9 @@ class ResearchLoop:
 
     def reapply(self, run: int) -> dict:
         """A stale candidate's change re-applied onto the current best, as a new run; the stale one
-        is logged as a discard that names its successor."""
+        is logged as a discard that names its successor. Check, submit and discard happen in one
+        transaction (they nest), so of two calls at once the second finds the run decided and
+        changes nothing."""
         self._require_owner()
         with self.state.transaction() as state:
             self._research_state(state)
@@ -957,9 +959,9 @@ class ResearchLoop:
                               f"apply it by hand (git diff {entry['parent'][:7]} {entry['commit'][:7]} -- train.py), "
                               f"then run_experiment; discard(run={run}) logs the stale result.")
             description = ledger.fit_description(entry["description"], f" (re-applied on {kept[:7]})")
-        new = self.submit(description, entry["timeout"], source=merged, replacing=run,
-                          parent_note=f"Re-applies run {run} ({entry['commit'][:7]}).\n")
-        self.discard(f"stale: re-applied as run {new['run']}", run=run)
+            new = self.submit(description, entry["timeout"], source=merged, replacing=run,
+                              parent_note=f"Re-applies run {run} ({entry['commit'][:7]}).\n")
+            self.discard(f"stale: re-applied as run {new['run']}", run=run)
         return new
 
     def log_result(self, commit: str, val_bpb: float, memory_gb: float, status: str,
