@@ -162,7 +162,7 @@ def test_untracked_files_do_not_block_a_run(lab):
     assert lab.ok("run_experiment", description="lower")["status"] == "ok"
 
 
-@pytest.mark.parametrize("description", ["a\tb", "two\nlines", "   "])
+@pytest.mark.parametrize("description", ["a\tb", "two\nlines", "   ", "a \udcff b"])
 def test_bad_descriptions_refused_before_any_commit(lab, description):
     lab.baseline()
     head = lab.head()
