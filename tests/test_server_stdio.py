@@ -127,6 +127,22 @@ def test_a_lone_surrogate_in_the_arguments_is_answered_with_an_error_and_the_ser
     assert not (ws_cache[0] / ".research-loop" / "state.json").exists()  # nothing was set up
 
 
+def test_setup_limits_sent_as_nan_or_infinity_are_refused(ws_cache):
+    """JSON's NaN and Infinity reach the tool as floats (an SDK client would send null instead)."""
+    server = RawStdio(*ws_cache)
+    try:
+        for n, limit in enumerate(('"hours": NaN', '"hours": Infinity', '"hours": -Infinity',
+                                   '"target_val_bpb": NaN'), 1):
+            server.send(f'{{"jsonrpc": "2.0", "id": {n}, "method": "tools/call", '
+                        f'"params": {{"name": "setup", "arguments": {{"tag": "night", {limit}}}}}}}')
+            reply = server.answer(15)
+            assert reply["id"] == n and reply["result"]["isError"], reply
+            assert "must be a number" in reply["result"]["content"][0]["text"]
+    finally:
+        server.close()
+    assert git(ws_cache[0], "branch", "--list", "autoresearch/*") == ""
+
+
 def sigkill_server_mid_run(ws, cache) -> tuple[dict, dict]:
     """Starts a slow run over stdio, SIGKILLs the server; returns the state and the run entry."""
     killed = {}
