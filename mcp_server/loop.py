@@ -776,7 +776,19 @@ class ResearchLoop:
                         "build the next idea on the kept code")
         best = self._kept_row(entry["commit"])
         return DecisionResult(row=row, branch=state["branch"], kept_commit=entry["commit"][:7],
-                              best_val_bpb=best.val_bpb if best else None, evidence=evidence, note=note_out)
+                              best_val_bpb=best.val_bpb if best else None, evidence=evidence,
+                              warning=self._worse_warning(entry), note=note_out)
+
+    @staticmethod
+    def _worse_warning(entry: dict) -> str | None:
+        """A keep of a worse result is the agent's call (equal or worse code may be simpler), never a silent one."""
+        result = entry["result"]
+        if result.get("delta") is None or result["delta"] <= 0:
+            return None
+        return (f"run {entry['run']} ({result['val_bpb']:.6f}) is worse than the best it replaced "
+                f"({result['best_val_bpb']:.6f}, +{result['delta']:.6f}): the branch now holds the worse result, and "
+                "the next runs are compared with it. Keep only what improves val_bpb (or equals it with simpler "
+                "code); to go back, restore the better train.py from git and run it again.")
 
     # --- confirmation: a marginal or incomparable gain against a contemporaneous control ----
     @staticmethod

@@ -260,6 +260,22 @@ def test_full_cycle_keep_then_discard(lab):
         f"0001-{baseline_commit}.log", f"0002-{improved_commit}.log", f"0003-{worse['commit']}.log"]
 
 
+def test_keep_of_a_worse_result_is_accepted_with_a_warning(lab):
+    """The decision stays the agent's (worse but simpler code may be worth it), but it is said."""
+    assert lab.baseline()["warning"] is None
+    set_knobs(lab.ws, val_bpb=1.0, depth=2)
+    lab.ok("run_experiment", description="equal, simpler")
+    assert lab.ok("keep")["warning"] is None
+    set_knobs(lab.ws, val_bpb=1.2)
+    lab.ok("run_experiment", description="worse")
+    kept = lab.ok("keep")
+    assert kept["row"]["status"] == "keep" and kept["best_val_bpb"] == 1.2
+    assert "worse than the best it replaced (1.000000, +0.200000)" in kept["warning"]
+    set_knobs(lab.ws, val_bpb=1.1)
+    lab.ok("run_experiment", description="better again")
+    assert lab.ok("keep")["warning"] is None
+
+
 def test_unchanged_train_py_still_gets_its_own_commit(lab):
     lab.baseline()
     first = lab.head()
