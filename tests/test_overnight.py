@@ -274,9 +274,11 @@ def runner(claude, ws, env, *args, preexec_fn=None) -> subprocess.Popen:
     (["--max-experiments", "0"], "--max-experiments: max_experiments must be a whole number of at least 1"),
     (["--target", "nan"], "--target: target_val_bpb must be a number, got nan"),
     (["--max-failures", "-3"], "--max-failures: max_failures_in_row must be a whole number of at least 1"),
+    (["--tag", "HEAD"], "--tag: Tag 'HEAD' is a name git reserves"),
 ])
-def test_the_runner_refuses_limits_that_set_none_before_any_session(fake_env, flags, said):
-    """--hours nan would be no deadline at all: the runner would start sessions all night."""
+def test_the_runner_refuses_limits_that_set_none_and_reserved_tags_before_any_session(fake_env, flags, said):
+    """--hours nan would be no deadline at all, and a tag setup refuses would fail every session: the
+    runner would start sessions all night."""
     ws = make_workspace(fake_env)
     claude = fake_env / "claude"
     claude.write_text(f"#!/bin/sh\ntouch {fake_env / 'session-started'}\n")
