@@ -7,7 +7,9 @@ import sys
 
 import anyio
 import pytest
+from mcp import Client
 
+from mcp_server.server import build_server
 from server_support import (
     Lab, answer, git, ledger_lines, make_workspace, pid_alive, set_knobs, slot_dir, stdio_client_for, wait_until,
 )
@@ -112,8 +114,6 @@ def test_two_reapplies_of_one_run_at_once_make_one_new_run_and_the_refused_one_c
     answers = []
 
     async def both():
-        from mcp import Client
-        from mcp_server.server import build_server
         async with Client(build_server(duo.loop)) as client:
             async def one():
                 answers.append(await client.call_tool("reapply", {"run": a["run"]}))
