@@ -19,7 +19,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.stdio import stdio_server
 from mcp.shared.message import SessionMessage
 from mcp.types import (
-    INVALID_PARAMS, CallToolResult, ErrorData, ImageContent, JSONRPCError, TextContent, ToolAnnotations,
+    INVALID_PARAMS, PARSE_ERROR, CallToolResult, ErrorData, ImageContent, JSONRPCError, TextContent, ToolAnnotations,
 )
 
 from mcp_server import plot
@@ -100,7 +100,8 @@ class AnswersUnreadable:
     """The stdio transport's read stream, answering the requests the SDK cannot read. The SDK's
     parser refuses a lone surrogate escape ("\\udcff": valid JSON, not valid Unicode) and drops the
     line, so its call would never be answered and the client would wait until it gives up; here
-    a request with an id gets a JSON-RPC error that says what to send instead."""
+    a request with an id gets a JSON-RPC error that says what to send instead, and a line that is
+    not JSON a parse error."""
 
     def __init__(self, inner, write_stream):
         self.inner, self.write_stream = inner, write_stream
@@ -116,23 +117,30 @@ class AnswersUnreadable:
                 return item
 
     async def answered(self, exc: Exception) -> bool:
-        """Answers the request behind a parse failure, if it has an id; True if answered."""
+        """Answers the line behind a parse failure: a request with an id, or a line that is not JSON
+        at all (id null, as JSON-RPC says). True if answered."""
         errors = exc.errors() if isinstance(exc, pydantic.ValidationError) else []
         line = next((e["input"] for e in errors if e["type"] == "json_invalid" and isinstance(e["input"], str)), None)
+        if line is None or not line.strip():
+            return False
         try:  # Python's parser reads lone surrogates, which the SDK's refuses
-            message = json.loads(line) if line is not None else None
-        except ValueError:
-            message = None
-        if not isinstance(message, dict) or not isinstance(message.get("id"), (int, str)) \
-                or isinstance(message.get("id"), bool):
-            return False  # a notification or no JSON-RPC at all: no id to answer to
+            message = json.loads(line)
+        except ValueError as bad:
+            return await self.reply(None, PARSE_ERROR, f"Parse error: the line is not JSON ({bad}): send one "
+                                                       "JSON-RPC message per line.")
+        request_id = message.get("id") if isinstance(message, dict) else None
+        if isinstance(request_id, bool) or not isinstance(request_id, (int, str)):
+            return False  # a notification: there is no call to answer
         text = json.dumps(message, ensure_ascii=False)
         why = (f"the request holds an unpaired surrogate escape ({not_unicode(text)}), which is not valid Unicode "
                "text: send the arguments as plain UTF-8 text, without that character, and retry."
                if SURROGATE.search(text) else f"the request could not be read ({errors[0]['msg']}): send valid JSON.")
-        error = ErrorData(code=INVALID_PARAMS, message=f"Invalid request: {why}")
-        await self.write_stream.send(SessionMessage(JSONRPCError(jsonrpc="2.0", id=message["id"], error=error)))
-        log.warning("answered an unreadable request (id %r): %s", message["id"], why)
+        return await self.reply(request_id, INVALID_PARAMS, f"Invalid request: {why}")
+
+    async def reply(self, request_id: int | str | None, code: int, message: str) -> bool:
+        error = ErrorData(code=code, message=message)
+        await self.write_stream.send(SessionMessage(JSONRPCError(jsonrpc="2.0", id=request_id, error=error)))
+        log.warning("answered an unreadable request (id %r): %s", request_id, message)
         return True
 
     async def aclose(self):

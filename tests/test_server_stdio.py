@@ -118,6 +118,9 @@ def test_a_lone_surrogate_in_the_arguments_is_answered_with_an_error_and_the_ser
             reply = server.answer(5)
             assert reply is not None, f"no answer within 5 s to {arguments}"
             assert reply["id"] == n and said in reply["error"]["message"]
+        server.send("not json at all")
+        reply = server.answer(5)
+        assert reply["id"] is None and reply["error"]["code"] == -32700 and "not JSON" in reply["error"]["message"]
         server.send(json.dumps({"jsonrpc": "2.0", "id": 9, "method": "tools/call",
                                 "params": {"name": "status", "arguments": {}}}))
         reply = server.answer(15)
