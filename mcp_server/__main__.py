@@ -174,8 +174,9 @@ def ray_capacity(args) -> tuple[int, bool]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    import anyio
     from mcp_server.loop import DEFAULT_TRAIN_COMMAND, ResearchLoop
-    from mcp_server.server import build_server
+    from mcp_server.server import build_server, serve_stdio
 
     command = shlex.split(args.train_command) if args.train_command else None
     slots, executor = choose_executor(args, command or DEFAULT_TRAIN_COMMAND)
@@ -194,7 +195,7 @@ def main(argv=None) -> None:
             if args.http:
                 serve_http(srv, args.port, http_token(args))
             else:
-                srv.run("stdio")
+                anyio.run(serve_stdio, srv)
         except* BrokenPipeError:  # the client left (Ctrl-C in the demo) before its answer: no one to tell
             pass
     except KeyboardInterrupt:

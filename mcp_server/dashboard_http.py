@@ -7,6 +7,8 @@ GET only, and every view is a read (mcp_server.dashboard), so the page never cha
 workspace. With a token (RESEARCH_LOOP_TOKEN or --token-file, as for the HTTP transport) every
 request must carry it: `Authorization: Bearer <token>`, or the cookie set when the page is opened
 once as /?token=<token> (the address then drops the token, so it stays out of the address bar).
+The cookie is an expiry signed (HMAC) with a secret made at each start of the server: it never
+holds the token, lasts COOKIE_LIFETIME_S, and no server started later accepts it.
 
 The stream: each page holds one connection; the server looks at the files once a second and sends
 a view only when it changed, so a page costs a few stat calls a second, and a night of pages no
@@ -16,8 +18,10 @@ import hashlib
 import hmac
 import json
 import os
+import secrets
 import sys
 import threading
+import time
 import urllib.parse
 from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -31,6 +35,7 @@ DEFAULT_PORT = 8766
 POLL_SECONDS = 1.0
 HEARTBEAT_SECONDS = 15.0  # a comment line on a quiet stream, so a closed page is noticed
 RETRY_MS = 3000  # how long a page waits before it reconnects a broken stream
+COOKIE_LIFETIME_S = 24 * 3600  # a night and the morning after; then the page is opened with the token again
 STATIC = Path(__file__).resolve().parent / "dashboard_static"
 PAGES = {"/": ("index.html", "text/html; charset=utf-8"),
          "/dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
@@ -80,6 +85,8 @@ class DashboardServer(ThreadingHTTPServer):
 
     def __init__(self, root: Path, port: int, token: str | None):
         self.root, self.token = Path(root).resolve(), token
+        self.secret = secrets.token_bytes(32)  # signs this server's cookies, and only this server's
+        self.cookie_lifetime = COOKIE_LIFETIME_S
         self.watch = Watch(self.root)
         self.closing = threading.Event()
         super().__init__((LOOPBACK, port), Handler)
@@ -125,7 +132,9 @@ class Handler(BaseHTTPRequestHandler):
                                     "a cookie keeps the page signed in.\n").encode(),
                               extra=[("WWW-Authenticate", "Bearer")])
         if self.server.token and "token" in query and url.path == "/":
-            cookie = f"{self.server.cookie}={self.cookie_value()}; Path=/; HttpOnly; SameSite=Strict"
+            lifetime = self.server.cookie_lifetime
+            cookie = (f"{self.server.cookie}={self.cookie_value(int(time.time() + lifetime))}; Max-Age={lifetime}; "
+                      "Path=/; HttpOnly; SameSite=Strict")
             return self.reply(303, b"", extra=[("Location", "/"), ("Set-Cookie", cookie)])
         if url.path in PAGES:
             name, kind = PAGES[url.path]
@@ -151,8 +160,15 @@ class Handler(BaseHTTPRequestHandler):
         """The Host a browser sent: another name resolving to 127.0.0.1 (DNS rebinding) is refused."""
         return self.headers.get("Host", "") in (f"{LOOPBACK}:{self.server.port}", f"localhost:{self.server.port}")
 
-    def cookie_value(self) -> str:
-        return hashlib.sha256(self.server.token.encode()).hexdigest()  # the cookie never holds the token
+    def cookie_value(self, expires: int) -> str:
+        """`<expiry>.<its HMAC under this server's secret>`: the cookie never holds the token."""
+        mac = hmac.new(self.server.secret, str(expires).encode(), hashlib.sha256).hexdigest()
+        return f"{expires}.{mac}"
+
+    def valid_cookie(self, value: str) -> bool:
+        expires, _, _ = value.partition(".")
+        return (expires.isascii() and expires.isdigit() and int(expires) > time.time()
+                and hmac.compare_digest(value.encode(), self.cookie_value(int(expires)).encode()))
 
     def authorized(self, query_token: str) -> bool:
         scheme, _, bearer = (self.headers.get("Authorization") or "").partition(" ")
@@ -165,7 +181,7 @@ class Handler(BaseHTTPRequestHandler):
         token = self.server.token.encode()
         return (hmac.compare_digest(query_token.encode(), token)
                 or (scheme.lower() == "bearer" and hmac.compare_digest(bearer.strip().encode(), token))
-                or hmac.compare_digest(cookie.encode(), self.cookie_value().encode()))
+                or self.valid_cookie(cookie))
 
     def reply(self, status: int, body: bytes, kind: str = "text/plain; charset=utf-8", extra=()):
         self.send_response(status)

@@ -31,6 +31,13 @@ def _breaks_a_row(char: str) -> bool:
     return unicodedata.category(char) in ("Cc", "Zl", "Zp")
 
 
+def _hides_text(char: str) -> bool:
+    """Invisible format characters (Cf: bidi overrides and isolates such as U+202E, zero-width
+    spaces and joiners, the BOM) and unpaired surrogates: a row holding one can read otherwise
+    than it is written, or not be written at all."""
+    return unicodedata.category(char) in ("Cf", "Cs")
+
+
 def validate_description(text: str, what: str = "description") -> str:
     if not isinstance(text, str):
         raise Refusal(f"The {what} must be text.")
@@ -41,6 +48,12 @@ def validate_description(text: str, what: str = "description") -> str:
     if bad:
         raise Refusal(f"The {what} contains a tab, a line break or another control character "
                       f"({', '.join(repr(c) for c in bad)}), which would break results.tsv; use one line of plain text.")
+    hidden = sorted({c for c in text if _hides_text(c)})
+    if hidden:
+        named = ", ".join(f"U+{ord(c):04X} {unicodedata.name(c, '(unnamed)')}" for c in hidden)
+        raise Refusal(f"The {what} contains an invisible character ({named}), which can make "
+                      "results.tsv read otherwise than it is written (a right-to-left override reverses what "
+                      "follows it); use plain visible text.")
     if len(text) > MAX_DESCRIPTION:
         raise Refusal(f"The {what} is {len(text)} characters; keep it under {MAX_DESCRIPTION}.")
     return text
@@ -65,11 +78,14 @@ def make_row(commit: str, val_bpb: float, memory_gb: float, status: str, descrip
     if status == "crash":
         return Row(commit=commit, val_bpb=0.0, memory_gb=0.0, status=status, description=description)
     for name, value in (("val_bpb", val_bpb), ("memory_gb", memory_gb)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        # copysign: -0.0 (what a negative peak memory rounds to) is not >= 0 either
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or math.copysign(1.0, value) < 0:
             raise Refusal(f"{name} must be a finite number >= 0, got {value!r}; "
                           "log a run that produced no number with status crash.")
-    if status != "crash" and val_bpb == 0:
-        raise Refusal("val_bpb 0 is only valid for a crash row; pass the measured value.")
+    if status != "crash" and round(val_bpb, 6) == 0:
+        raise Refusal(f"val_bpb {val_bpb!r} is 0.000000 in results.tsv, which is only valid for a crash row; "
+                      "pass the measured value.")
     return Row(commit=commit, val_bpb=float(val_bpb), memory_gb=round(float(memory_gb), 1),
                status=status, description=description)
 

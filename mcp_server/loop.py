@@ -801,7 +801,19 @@ class ResearchLoop:
         best = self._kept_row(entry["commit"])
         return DecisionResult(row=row, branch=state["branch"], kept_commit=entry["commit"][:7],
                               best_val_bpb=best.val_bpb if best else None, evidence=evidence, note=note_out,
+                              warning=self._worse_warning(entry),
                               unsandboxed=sandbox.RUN_NOTE if self._unsandboxed_marker(entry) else None)
+
+    @staticmethod
+    def _worse_warning(entry: dict) -> str | None:
+        """A keep of a worse result is the agent's call (equal or worse code may be simpler), never a silent one."""
+        result = entry["result"]
+        if result.get("delta") is None or result["delta"] <= 0:
+            return None
+        return (f"run {entry['run']} ({result['val_bpb']:.6f}) is worse than the best it replaced "
+                f"({result['best_val_bpb']:.6f}, +{result['delta']:.6f}): the branch now holds the worse result, and "
+                "the next runs are compared with it. Keep only what improves val_bpb (or equals it with simpler "
+                "code); to go back, restore the better train.py from git and run it again.")
 
     # --- confirmation: a marginal or incomparable gain against a contemporaneous control ----
     @staticmethod
@@ -969,7 +981,9 @@ class ResearchLoop:
 
     def reapply(self, run: int) -> dict:
         """A stale candidate's change re-applied onto the current best, as a new run; the stale one
-        is logged as a discard that names its successor."""
+        is logged as a discard that names its successor. Check, submit and discard happen in one
+        transaction (they nest), so of two calls at once the second finds the run decided and
+        changes nothing."""
         self._require_owner()
         with self.state.transaction() as state:
             self._research_state(state)
@@ -984,9 +998,9 @@ class ResearchLoop:
                               f"apply it by hand (git diff {entry['parent'][:7]} {entry['commit'][:7]} -- train.py), "
                               f"then run_experiment; discard(run={run}) logs the stale result.")
             description = ledger.fit_description(entry["description"], f" (re-applied on {kept[:7]})")
-        new = self.submit(description, entry["timeout"], source=merged, replacing=run,
-                          parent_note=f"Re-applies run {run} ({entry['commit'][:7]}).\n")
-        self.discard(f"stale: re-applied as run {new['run']}", run=run)
+            new = self.submit(description, entry["timeout"], source=merged, replacing=run,
+                              parent_note=f"Re-applies run {run} ({entry['commit'][:7]}).\n")
+            self.discard(f"stale: re-applied as run {new['run']}", run=run)
         return new
 
     def log_result(self, commit: str, val_bpb: float, memory_gb: float, status: str,

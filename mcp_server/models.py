@@ -131,6 +131,7 @@ class DecisionResult(BaseModel):
     kept_commit: str
     best_val_bpb: float | None = None
     evidence: str | None = None  # for a keep: what the gain rests on (beyond noise, confirmed, or not)
+    warning: str | None = None  # for a keep of a result worse than the best it was measured against
     note: str | None = None
     unsandboxed: str | None = None  # the decided run had no sandbox
 

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 from mcp_server import ledger, limits, logparse, sandbox
-from mcp_server.workspace import prepared_info
+from mcp_server.models import Refusal
+from mcp_server.workspace import prepared_info, validate_tag
 
 PLUGIN_ROOT = Path(__file__).resolve().parent.parent
 SKILL = "/research-loop:autoresearch"
@@ -288,9 +289,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    if args.hours is not None and args.hours <= 0:
-        print("error: --hours must be positive", file=sys.stderr)
+    try:  # setup would refuse it in every session, and the runner would start one after another
+        validate_tag(args.tag)
+    except Refusal as exc:
+        print(f"error: --tag: {exc}", file=sys.stderr)
         return 2
+    # setup's own checks, before any session starts: nan, inf, 0 or less would set no limit at all
+    for flag, name, value in (("--hours", "hours", args.hours), ("--max-experiments", "max_experiments",
+                              args.max_experiments), ("--target", "target_val_bpb", args.target),
+                              ("--max-failures", "max_failures_in_row", args.max_failures)):
+        try:
+            limits.make_limits(**{"max_failures_in_row": None, name: value})
+        except ValueError as exc:
+            print(f"error: {flag}: {exc}; fix it and rerun", file=sys.stderr)
+            return 2
     try:
         claude = preflight(Path(args.workspace).resolve(), args.claude, args.unsandboxed)
     except RunnerError as exc:

@@ -8,13 +8,19 @@ import base64
 import functools
 import json
 import logging
+import re
 import time
 
 import anyio
 import git
+import pydantic
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
-from mcp.types import CallToolResult, ImageContent, TextContent, ToolAnnotations
+from mcp.server.stdio import stdio_server
+from mcp.shared.message import SessionMessage
+from mcp.types import (
+    INVALID_PARAMS, PARSE_ERROR, CallToolResult, ErrorData, ImageContent, JSONRPCError, TextContent, ToolAnnotations,
+)
 
 from mcp_server import plot
 from mcp_server.loop import ResearchLoop
@@ -35,6 +41,7 @@ MAX_NOISE_REPEATS = 10
 MAX_CONFIRM_PAIRS = 5
 PROGRESS_POLL_SECONDS = 1.0
 PROGRESS_HEARTBEAT_SECONDS = 10.0  # a notification at least this often, even when no step is new
+SURROGATE = re.compile("[\ud800-\udfff]")  # what json.loads leaves of an unpaired \\uD800-\\uDFFF escape
 
 READ_ONLY = ToolAnnotations(readOnlyHint=True, destructiveHint=False, idempotentHint=True, openWorldHint=False)
 WRITES = ToolAnnotations(readOnlyHint=False, destructiveHint=False, idempotentHint=False, openWorldHint=False)
@@ -65,6 +72,7 @@ def refusals_as_tool_errors(fn):
     @functools.wraps(fn)
     async def wrapper(*args, **kwargs):
         try:
+            check_text(kwargs)
             return await fn(*args, **kwargs)
         except ToolError:
             raise
@@ -94,6 +102,95 @@ def telling_records_changes(loop: ResearchLoop, fn):
             result.content[0] = TextContent(type="text", text=json.dumps(body, separators=(",", ":")))
         return result
     return wrapper
+
+
+def not_unicode(text: str) -> str:
+    """A text's first unpaired surrogate, as the escape that sent it (the text itself cannot be
+    written back: it is not encodable as UTF-8)."""
+    return f"\\u{ord(SURROGATE.search(text)[0]):04x}"
+
+
+def check_text(arguments: dict) -> None:
+    """Every string argument must be valid Unicode: an unpaired surrogate would be refused by the
+    ledger's, git's and the answer's UTF-8 encoders halfway through a tool, and no answer could echo it."""
+    for name, value in arguments.items():
+        if isinstance(value, str) and SURROGATE.search(value):
+            raise Refusal(f"{name} holds an unpaired surrogate ({not_unicode(value)}), which is not valid "
+                          "Unicode text: send it as plain UTF-8 text, without that character, and retry.")
+
+
+class AnswersUnreadable:
+    """The stdio transport's read stream, answering the requests the SDK cannot read. The SDK's
+    parser refuses a lone surrogate escape ("\\udcff": valid JSON, not valid Unicode) and drops the
+    line, so its call would never be answered and the client would wait until it gives up; here
+    a request with an id gets a JSON-RPC error that says what to send instead, and a line that is
+    not JSON a parse error."""
+
+    def __init__(self, inner, write_stream):
+        self.inner, self.write_stream = inner, write_stream
+
+    @property
+    def last_context(self):  # the sender's context, which the SDK's dispatcher looks for
+        return getattr(self.inner, "last_context", None)
+
+    async def receive(self):
+        while True:
+            item = await self.inner.receive()
+            if not (isinstance(item, Exception) and await self.answered(item)):
+                return item
+
+    async def answered(self, exc: Exception) -> bool:
+        """Answers the line behind a parse failure: a request with an id, or a line that is not JSON
+        at all (id null, as JSON-RPC says). True if answered."""
+        errors = exc.errors() if isinstance(exc, pydantic.ValidationError) else []
+        line = next((e["input"] for e in errors if e["type"] == "json_invalid" and isinstance(e["input"], str)), None)
+        if line is None or not line.strip():
+            return False
+        try:  # Python's parser reads lone surrogates, which the SDK's refuses
+            message = json.loads(line)
+        except ValueError as bad:
+            return await self.reply(None, PARSE_ERROR, f"Parse error: the line is not JSON ({bad}): send one "
+                                                       "JSON-RPC message per line.")
+        request_id = message.get("id") if isinstance(message, dict) else None
+        if isinstance(request_id, bool) or not isinstance(request_id, (int, str)):
+            return False  # a notification: there is no call to answer
+        text = json.dumps(message, ensure_ascii=False)
+        why = (f"the request holds an unpaired surrogate escape ({not_unicode(text)}), which is not valid Unicode "
+               "text: send the arguments as plain UTF-8 text, without that character, and retry."
+               if SURROGATE.search(text) else f"the request could not be read ({errors[0]['msg']}): send valid JSON.")
+        return await self.reply(request_id, INVALID_PARAMS, f"Invalid request: {why}")
+
+    async def reply(self, request_id: int | str | None, code: int, message: str) -> bool:
+        error = ErrorData(code=code, message=message)
+        await self.write_stream.send(SessionMessage(JSONRPCError(jsonrpc="2.0", id=request_id, error=error)))
+        log.warning("answered an unreadable request (id %r): %s", request_id, message)
+        return True
+
+    async def aclose(self):
+        await self.inner.aclose()
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        try:
+            return await self.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc_info):
+        await self.aclose()
+
+
+async def serve_stdio(srv: MCPServer) -> None:
+    """What srv.run("stdio") does, with every unreadable request answered (AnswersUnreadable)."""
+    server = srv._lowlevel_server  # the SDK's run_stdio_async reaches it the same way
+    async with stdio_server() as (read_stream, write_stream):
+        await server.run(AnswersUnreadable(read_stream, write_stream), write_stream,
+                         server.create_initialization_options())
 
 
 def build_server(loop: ResearchLoop) -> MCPServer:

@@ -22,6 +22,9 @@ BRANCH_PREFIX = "autoresearch/"
 PROTECTED_BRANCHES = ("main", "master")
 EXCLUDED_PATHS = ("results.tsv", "run.log", "runs/", ".research-loop/", "progress.png")
 TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+# HEAD, FETCH_HEAD, ORIG_HEAD...: names git gives a meaning of its own (autoresearch/HEAD is also a
+# remote's default branch, should a remote be named autoresearch), in any case
+RESERVED_TAG_RE = re.compile(r"(?i)([a-z]+_)*head")
 COMMIT_ARG_RE = re.compile(r"[0-9a-fA-F]{7,40}")
 RUN_REF_PREFIX = "refs/research-loop/runs/"  # every candidate's commit stays reachable here
 SLOTS_DIR = "research-loop/slots"  # inside .git: one reused worktree per slot
@@ -92,6 +95,9 @@ def validate_tag(tag: str) -> str:
     if not isinstance(tag, str) or not TAG_RE.fullmatch(tag) or ".." in tag or tag.endswith((".lock", ".")):
         raise Refusal(f"Tag {tag!r} is not a safe branch name: use letters, digits, '.', '_' or '-', "
                       "starting with a letter or digit (e.g. 'nov25').")
+    if RESERVED_TAG_RE.fullmatch(tag):
+        raise Refusal(f"Tag {tag!r} is a name git reserves (HEAD, FETCH_HEAD, ORIG_HEAD...), so branch "
+                      f"{BRANCH_PREFIX}{tag} would be ambiguous: pick another tag (e.g. 'nov25').")
     return tag
 
 

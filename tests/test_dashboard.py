@@ -174,6 +174,32 @@ def test_the_token_once_in_the_address_sets_a_cookie_that_does_not_hold_it(serve
     assert get(served, "/", Cookie=cookie.split(";")[0] + "x").status == 401
 
 
+def signed_in_cookie(server) -> str:
+    return get(server, f"/?token={TOKEN}").getheader("Set-Cookie").split(";")[0]
+
+
+def test_the_cookie_is_signed_per_server_start_and_expires(night, served):
+    """Not a hash of the token (valid forever, on every server with that token): an expiry signed
+    with a secret of this server's start."""
+    cookie = signed_in_cookie(served)
+    assert cookie != f"{served.cookie}={hashlib.sha256(TOKEN.encode()).hexdigest()}"
+    assert get(served, "/api/snapshot", Cookie=cookie).status == 200
+    later = DashboardServer(night.ws, 0, TOKEN).start()  # the same token, started again
+    try:
+        value = cookie.split("=", 1)[1]
+        assert signed_in_cookie(later).split("=", 1)[1] != value
+        assert get(later, "/api/snapshot", Cookie=f"{later.cookie}={value}").status == 401
+    finally:
+        later.close()
+    expires, mac = value.split(".")
+    assert get(served, "/", Cookie=f"{served.cookie}={int(expires) + 10**6}.{mac}").status == 401  # extended
+    served.cookie_lifetime = 1
+    short = signed_in_cookie(served)
+    assert get(served, "/api/snapshot", Cookie=short).status == 200
+    time.sleep(2.1)
+    assert get(served, "/api/snapshot", Cookie=short).status == 401
+
+
 def test_other_host_names_and_writes_are_refused(served):
     auth = {"Authorization": f"Bearer {TOKEN}"}
     assert get(served, "/", host=f"evil.example:{served.port}", **auth).status == 403  # DNS rebinding

@@ -266,6 +266,33 @@ def runner(claude, ws, env, *args, preexec_fn=None) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, start_new_session=True, preexec_fn=preexec_fn)
 
 
+@pytest.mark.parametrize("flags, said", [
+    (["--hours", "nan"], "--hours: hours must be a number, got nan"),
+    (["--hours", "inf"], "--hours: hours must be a number, got inf"),
+    (["--hours", "-1"], "--hours: hours must be more than 0"),
+    (["--hours", "0"], "--hours: hours must be more than 0"),
+    (["--max-experiments", "0"], "--max-experiments: max_experiments must be a whole number of at least 1"),
+    (["--target", "nan"], "--target: target_val_bpb must be a number, got nan"),
+    (["--max-failures", "-3"], "--max-failures: max_failures_in_row must be a whole number of at least 1"),
+    (["--tag", "HEAD"], "--tag: Tag 'HEAD' is a name git reserves"),
+])
+def test_the_runner_refuses_limits_that_set_none_and_reserved_tags_before_any_session(fake_env, flags, said):
+    """--hours nan would be no deadline at all, and a tag setup refuses would fail every session: the
+    runner would start sessions all night."""
+    ws = make_workspace(fake_env)
+    claude = fake_env / "claude"
+    claude.write_text(f"#!/bin/sh\ntouch {fake_env / 'session-started'}\n")
+    claude.chmod(0o755)
+    proc = runner(str(claude), ws, dict(os.environ), "--tag", "night", *flags)
+    try:
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 2 and said in out, out
+    assert not (fake_env / "session-started").exists()
+
+
 def test_the_runner_starts_new_sessions_until_the_limit(claude, session_env, fake_env, tmp_path):
     ws = make_workspace(fake_env)
     steps = [call("status"), call("setup", tag="night", max_experiments=2), call("run_experiment", description="x"),

@@ -1,6 +1,7 @@
 """The server as clients run it: `python -m mcp_server` over stdio (and HTTP), killed mid-run."""
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -78,6 +79,72 @@ def test_stdio_session_lists_tools_and_runs_a_cycle(ws_cache):
     assert answer(run)["val_bpb"] == 1.0 and answer(keep)["row"]["status"] == "keep"
     assert "no pending result" in error(keep_again)
     assert len(ledger_lines(ws)) == 2
+
+
+class RawStdio:
+    """The server as a process spoken to in raw JSON-RPC lines, to send what no SDK client sends."""
+
+    def __init__(self, ws, cache):
+        params = stdio_params(ws, cache)
+        self.process = subprocess.Popen([params.command, *params.args], env=params.env, cwd=params.cwd,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.send(json.dumps({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}}))
+        assert self.answer(30)["id"] == 0
+        self.send(json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+
+    def send(self, line: str) -> None:
+        self.process.stdin.write(line.encode() + b"\n")
+        self.process.stdin.flush()
+
+    def answer(self, timeout: float) -> dict | None:
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
+        return json.loads(self.process.stdout.readline()) if ready else None
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=15)
+
+
+def test_a_lone_surrogate_in_the_arguments_is_answered_with_an_error_and_the_server_goes_on(ws_cache):
+    """"\\udcff" is a valid JSON escape but not valid Unicode: the SDK's parser drops such a line, and
+    the call would hang until the client gave up."""
+    server = RawStdio(*ws_cache)
+    try:
+        for n, (tool, arguments, said) in enumerate((
+                ("setup", '{"tag": "night\\udcff"}', "unpaired surrogate escape (\\udcff)"),
+                ("run_experiment", '{"description": "x \\ud800 y"}', "unpaired surrogate escape (\\ud800)")), 1):
+            server.send(f'{{"jsonrpc": "2.0", "id": {n}, "method": "tools/call", '
+                        f'"params": {{"name": "{tool}", "arguments": {arguments}}}}}')
+            reply = server.answer(5)
+            assert reply is not None, f"no answer within 5 s to {arguments}"
+            assert reply["id"] == n and said in reply["error"]["message"]
+        server.send("not json at all")
+        reply = server.answer(5)
+        assert reply["id"] is None and reply["error"]["code"] == -32700 and "not JSON" in reply["error"]["message"]
+        server.send(json.dumps({"jsonrpc": "2.0", "id": 9, "method": "tools/call",
+                                "params": {"name": "status", "arguments": {}}}))
+        reply = server.answer(15)
+        assert reply["id"] == 9 and not reply["result"].get("isError")
+    finally:
+        server.close()
+    assert not (ws_cache[0] / ".research-loop" / "state.json").exists()  # nothing was set up
+
+
+def test_setup_limits_sent_as_nan_or_infinity_are_refused(ws_cache):
+    """JSON's NaN and Infinity reach the tool as floats (an SDK client would send null instead)."""
+    server = RawStdio(*ws_cache)
+    try:
+        for n, limit in enumerate(('"hours": NaN', '"hours": Infinity', '"hours": -Infinity',
+                                   '"target_val_bpb": NaN'), 1):
+            server.send(f'{{"jsonrpc": "2.0", "id": {n}, "method": "tools/call", '
+                        f'"params": {{"name": "setup", "arguments": {{"tag": "night", {limit}}}}}}}')
+            reply = server.answer(15)
+            assert reply["id"] == n and reply["result"]["isError"], reply
+            assert "must be a number" in reply["result"]["content"][0]["text"]
+    finally:
+        server.close()
+    assert git(ws_cache[0], "branch", "--list", "autoresearch/*") == ""
 
 
 def sigkill_server_mid_run(ws, cache) -> tuple[dict, dict]:
@@ -281,6 +348,34 @@ def test_http_transport_binds_loopback_and_checks_the_token(ws_cache):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_a_lone_surrogate_over_http_is_answered_at_once(ws_cache):
+    ws, cache = ws_cache
+    port = free_port()
+    params = stdio_params(ws, cache, "--http", "--port", str(port))
+    server = subprocess.Popen([params.command, *params.args], env=dict(params.env, RESEARCH_LOOP_TOKEN="t0k"),
+                              cwd=params.cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/mcp"
+    headers = {"Authorization": "Bearer t0k", "Accept": "application/json, text/event-stream",
+               "Content-Type": "application/json"}
+    try:
+        def listening():
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", port)) == 0
+        assert wait_until(listening, 15)
+        with httpx2.Client(headers=headers, timeout=5) as http:
+            opened = http.post(url, content=json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+                "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}}))
+            session = {"mcp-session-id": opened.headers["mcp-session-id"], "mcp-protocol-version": "2025-06-18"}
+            http.post(url, headers=session, content='{"jsonrpc": "2.0", "method": "notifications/initialized"}')
+            reply = http.post(url, headers=session, content='{"jsonrpc": "2.0", "id": 2, "method": "tools/call", '
+                              '"params": {"name": "setup", "arguments": {"tag": "night\\udcff"}}}')
+        assert reply.status_code == 400 and "surrogate" in reply.json()["error"]["message"]
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    assert not (ws / ".research-loop" / "state.json").exists()
 
 
 def test_http_without_a_token_says_so_loudly(ws_cache):

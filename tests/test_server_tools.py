@@ -68,6 +68,13 @@ def test_setup_refuses_unsafe_tags(lab, tag):
     assert git(lab.ws, "branch", "--show-current").strip() == "main"
 
 
+@pytest.mark.parametrize("tag", ["HEAD", "head", "FETCH_HEAD", "ORIG_HEAD", "merge_head"])
+def test_setup_refuses_tags_git_reserves(lab, tag):
+    assert "a name git reserves" in lab.refused("setup", tag=tag)
+    assert git(lab.ws, "branch", "--list", "autoresearch/*") == ""
+    assert lab.ok("setup", tag="ahead")["branch"] == "autoresearch/ahead"  # a word that ends in head is fine
+
+
 def test_setup_refuses_existing_branch_dirty_tree_and_tracked_ledger(lab):
     git(lab.ws, "branch", "autoresearch/taken")
     assert "already exists" in lab.refused("setup", tag="taken")
@@ -160,7 +167,8 @@ def test_untracked_files_do_not_block_a_run(lab):
     assert lab.ok("run_experiment", description="lower")["status"] == "ok"
 
 
-@pytest.mark.parametrize("description", ["a\tb", "two\nlines", "   "])
+@pytest.mark.parametrize("description", ["a\tb", "two\nlines", "   ", "a \udcff b", "lr 0.04 \u202e8.0 rl",
+                                         "zero\u200bwidth", "isolate \u2066x\u2069", "\ufeffbom"])
 def test_bad_descriptions_refused_before_any_commit(lab, description):
     lab.baseline()
     head = lab.head()
@@ -256,6 +264,31 @@ def test_full_cycle_keep_then_discard(lab):
     assert git(lab.ws, "ls-files", "results.tsv", "runs", "run.log") == ""
     assert sorted(p.name for p in (lab.ws / "runs").glob("*.log")) == [
         f"0001-{baseline_commit}.log", f"0002-{improved_commit}.log", f"0003-{worse['commit']}.log"]
+
+
+def test_keep_of_a_worse_result_is_accepted_with_a_warning(lab):
+    """The decision stays the agent's (worse but simpler code may be worth it), but it is said."""
+    assert lab.baseline()["warning"] is None
+    set_knobs(lab.ws, val_bpb=1.0, depth=2)
+    lab.ok("run_experiment", description="equal, simpler")
+    assert lab.ok("keep")["warning"] is None
+    set_knobs(lab.ws, val_bpb=1.2)
+    lab.ok("run_experiment", description="worse")
+    kept = lab.ok("keep")
+    assert kept["row"]["status"] == "keep" and kept["best_val_bpb"] == 1.2
+    assert "worse than the best it replaced (1.000000, +0.200000)" in kept["warning"]
+    set_knobs(lab.ws, val_bpb=1.1)
+    lab.ok("run_experiment", description="better again")
+    assert lab.ok("keep")["warning"] is None
+
+
+def test_a_negative_peak_memory_is_not_a_result(lab):
+    """-1 MB of peak memory rounded to -0.0 GB and was shown as such: it is no measurement."""
+    lab.baseline()
+    set_knobs(lab.ws, val_bpb=0.9, memory_mb=-1)
+    run = lab.ok("run_experiment", description="no memory")
+    assert run["status"] == "crash" and "memory_gb must be a finite number >= 0, got -0.0" in run["tail"]
+    assert "cannot be kept" in lab.refused("keep")
 
 
 def test_unchanged_train_py_still_gets_its_own_commit(lab):
@@ -368,6 +401,13 @@ def test_log_result_validates_every_field(lab):
                                            status="kept", description="x")
     assert "tab" in lab.refused("log_result", commit=commit, val_bpb=1.0, memory_gb=1.0,
                                 status="keep", description="a\tb")
+    assert "U+202E RIGHT-TO-LEFT OVERRIDE" in lab.refused("log_result", commit=commit, val_bpb=1.0, memory_gb=1.0,
+                                                          status="discard", description="lr 0.04 \u202e8.0 rl")
+    for memory in (-1, -0.01, -0.0):
+        assert "memory_gb must be a finite number >= 0" in lab.refused(
+            "log_result", commit=commit, val_bpb=1.0, memory_gb=memory, status="discard", description="x")
+    assert "0.000000 in results.tsv" in lab.refused("log_result", commit=commit, val_bpb=1e-9, memory_gb=1.0,
+                                                    status="discard", description="prints as a crash's 0")
     assert lab.call("log_result", commit=commit, val_bpb="abc", memory_gb=1.0, status="keep",
                     description="x").is_error
     assert len(ledger_lines(lab.ws)) == 1

@@ -7,7 +7,9 @@ import sys
 
 import anyio
 import pytest
+from mcp import Client
 
+from mcp_server.server import build_server
 from server_support import (
     Lab, answer, git, ledger_lines, make_workspace, pid_alive, set_knobs, slot_dir, stdio_client_for, wait_until,
 )
@@ -94,6 +96,43 @@ def test_a_conflicting_reapply_is_a_clear_error_and_changes_nothing(duo):
     # what status names next must work: not the reapply that cannot
     assert status["next"].startswith(f"discard(run={a['run']})") and "conflicts" in status["next"]
     assert duo.ok("discard", run=a["run"])["row"]["status"] == "discard"
+
+
+def test_two_reapplies_of_one_run_at_once_make_one_new_run_and_the_refused_one_changes_nothing(duo):
+    """Two reapply(run=N) calls in flight together, as an agent's parallel tool calls: one answers
+    the new run, the other is refused, and no second run with the same code appears."""
+    base = "VAL_BPB = 1.0\nDEPTH = 4\nWINDOW = 'L'\nWARMDOWN = 0.5\nMATRIX_LR = 0.04\n"
+    (duo.ws / "train.py").write_text(base)
+    git(duo.ws, "commit", "-q", "-am", "a train.py with several constants")
+    duo.baseline()
+    (duo.ws / "train.py").write_text(base.replace("0.04", "0.05"))
+    a = duo.ok("run_experiment", description="lr", wait=False)
+    (duo.ws / "train.py").write_text(base.replace("1.0", "0.9").replace("DEPTH = 4", "DEPTH = 6"))
+    b = duo.ok("run_experiment", description="depth", wait=False)
+    duo.ok("wait", all=True)
+    duo.ok("keep", run=b["run"])
+    answers = []
+
+    async def both():
+        async with Client(build_server(duo.loop)) as client:
+            async def one():
+                answers.append(await client.call_tool("reapply", {"run": a["run"]}))
+            async with anyio.create_task_group() as calls:
+                calls.start_soon(one)
+                calls.start_soon(one)
+    anyio.run(both)
+    made = [answer(r) for r in answers if not r.is_error]
+    refused = [r.content[0].text for r in answers if r.is_error]
+    assert len(made) == 1 and len(refused) == 1, [r.content[0].text for r in answers]
+    assert f"Run {a['run']} is already decided" in refused[0]
+    state = json.loads((duo.ws / ".research-loop" / "state.json").read_text())
+    assert sorted(state["runs"]) == [str(made[0]["run"])] and state["seq"] == made[0]["run"]
+    refs = git(duo.ws, "for-each-ref", "--format=%(refname)", "refs/research-loop/runs/").split()
+    assert refs[-1].endswith(f"/{made[0]['run']}")
+    rows = [line.split("\t") for line in ledger_lines(duo.ws)[1:]]
+    assert [r[0] for r in rows].count(a["commit"]) == 1 and f"run {made[0]['run']}" in rows[-1][4]
+    duo.ok("wait")
+    duo.ok("discard")
 
 
 def test_cancel_and_timeout_leave_no_process_behind(duo):
