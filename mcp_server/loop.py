@@ -1186,7 +1186,10 @@ class ResearchLoop:
         if not s.set_up:
             return "setup(tag)"
         undecided = self.runs_of(state, *UNDECIDED)
-        which = (lambda e: "") if len(undecided) == 1 else (lambda e: f"run={e['run']}")
+        in_flight = self.runs_of(state, *IN_FLIGHT)
+        # a bare keep()/discard() is right only while no other run can finish before the call
+        single = len(undecided) == 1 and not in_flight
+        which = (lambda e: "") if single else (lambda e: f"run={e['run']}")
         for e in undecided:
             if e["status"] == "interrupted":
                 return f"discard({which(e)}) to log the interrupted run"
@@ -1199,9 +1202,8 @@ class ResearchLoop:
                             "(apply it by hand afterwards if it still matters)")
                 return f"reapply(run={e['run']}) or discard(run={e['run']})"
         if undecided:
-            return "keep() or discard()" if len(undecided) == 1 else \
+            return "keep() or discard()" if single else \
                 f"keep(run={undecided[0]['run']}) or discard(run={undecided[0]['run']})"
-        in_flight = self.runs_of(state, *IN_FLIGHT)
         if s.ended:
             return ("wait: wait() returns the last results, then keep or discard them" if in_flight else
                     f"nothing: the research run has ended ({s.ended}); stop here")

@@ -58,6 +58,21 @@ def test_two_slots_overlap_on_their_own_gpus_and_a_third_run_queues(duo):
     assert len(ledger_lines(duo.ws)) == 5
 
 
+def test_next_names_the_run_while_another_can_finish_before_the_call(duo):
+    """One result waits and another run trains: a bare keep() would be refused if that run ended
+    before the call (two results then wait), so status().next names the run."""
+    duo.baseline()
+    set_knobs(duo.ws, val_bpb=0.9)
+    done = duo.ok("run_experiment", description="quick", wait=False)
+    duo.ok("wait")
+    set_knobs(duo.ws, val_bpb=0.95, sleep=3, steps=6)
+    slow = duo.ok("run_experiment", description="slow", wait=False)
+    assert duo.ok("status")["next"] == f"keep(run={done['run']}) or discard(run={done['run']})"
+    duo.ok("wait", all=True)  # the slow one ends: two results wait, and the named call still works
+    assert duo.ok("keep", run=done["run"])["kept_commit"] == done["commit"]
+    duo.ok("discard", run=slow["run"])
+
+
 def test_a_stale_candidate_is_refused_then_reapplied_onto_the_new_best(duo):
     base = "VAL_BPB = 1.0\nDEPTH = 4\nWINDOW = 'L'\nWARMDOWN = 0.5\nMATRIX_LR = 0.04\n"
     (duo.ws / "train.py").write_text(base)
