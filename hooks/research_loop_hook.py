@@ -9,13 +9,17 @@
                  instructions so the summary carries it.
   stop           Stop: while a research run is active and no stop condition is met, send Claude
                  back to work with the next step; let it stop once a condition is met, the run was
-                 stopped on purpose, or it is stuck (repeated stops with no tool call between).
+                 stopped on purpose, or it is stuck (repeated stops with no tool call between, or,
+                 without a readable transcript, no change to the server's records between).
 
-Each reads the hook's JSON from stdin (Claude Code's protocol). Any failure of the hook
-itself lets the action through: the MCP server enforces the rules again on every run.
+Each reads the hook's JSON from stdin (Claude Code's protocol) and always answers cleanly. The
+edit guard fails closed: an event it cannot read, or a failure of its own, refuses the edit with
+the reason. Any other hook's failure lets the action through (a stop included, so a broken hook
+never keeps an agent spinning): the MCP server enforces the rules again on every run.
 """
 from __future__ import annotations  # the system python3 may be older than 3.10
 
+import hashlib
 import json
 import os
 import shutil
@@ -44,6 +48,29 @@ STOP_HOOK_STATE = ".research-loop/stop-hook.json"
 # is stuck, not working, and is let go (Claude Code's own cap, 8 in 2.1.332, comes later).
 MAX_IDLE_BLOCKS = 3
 TOOL_USE_MARK = b'"type":"tool_use"'  # one per tool call in Claude Code's JSONL transcript
+# Only the transcript's end is read: a night's transcript grows to gigabytes, the hook has 10 s.
+TRANSCRIPT_TAIL_BYTES = 4 << 20
+
+
+class Unreadable(ValueError):
+    """An event field the hook cannot use (wrong type, NUL bytes); the message names it."""
+
+
+def text_field(mapping: dict, key: str) -> str | None:
+    value = mapping.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or "\0" in value:
+        raise Unreadable(f"{key} is {type(value).__name__} {json.dumps(value)[:80]}, not a path")
+    return value
+
+
+def event_folder(event: dict) -> Path:
+    """The session's folder; Claude Code runs hooks there, so a cwd of the wrong type falls back to it."""
+    try:
+        return Path(text_field(event, "cwd") or os.getcwd())
+    except Unreadable:
+        return Path(os.getcwd())
 
 
 # --- workspace facts ---------------------------------------------------------------------
@@ -83,14 +110,17 @@ def data_prepared() -> bool:
 
 # --- pre-edit ------------------------------------------------------------------------------
 
-def edited_path(event: dict) -> Path | None:
-    tool_input = event.get("tool_input") or {}
-    raw = tool_input.get("file_path") or tool_input.get("notebook_path")
+def edited_path(event: dict) -> Path:
+    """The file the tool call edits; raises Unreadable when the event does not say which."""
+    tool_input = event.get("tool_input")
+    if not isinstance(tool_input, dict):
+        raise Unreadable(f"tool_input is {type(tool_input).__name__}, not an object")
+    raw = text_field(tool_input, "file_path") or text_field(tool_input, "notebook_path")
     if not raw:
-        return None
+        raise Unreadable("tool_input names no file_path")
     path = Path(raw)
     if not path.is_absolute():
-        path = Path(event.get("cwd") or os.getcwd()) / path
+        path = Path(text_field(event, "cwd") or os.getcwd()) / path
     return Path(os.path.realpath(path))  # a symlink to prepare.py is prepare.py
 
 
@@ -117,10 +147,18 @@ def harness_refusal(root: Path, branch: str, rel: str) -> str | None:
             "branch first (e.g. `git switch main`), edit and commit there, then start a new run tag.")
 
 
+def refuse_unread_edit(problem: str) -> int:
+    print(f"research-loop: this edit is refused because the hook could not read the tool call ({problem}), so it "
+          "cannot tell whether the file belongs to the evaluation harness. Retry the edit with a plain file path; "
+          "if this repeats, Claude Code sent a malformed PreToolUse event: update Claude Code.", file=sys.stderr)
+    return 2
+
+
 def pre_edit(event: dict) -> int:
-    path = edited_path(event)
-    if path is None:
-        return 0
+    try:
+        path = edited_path(event)
+    except Unreadable as exc:
+        return refuse_unread_edit(str(exc))
     workspace = repo_root(nearest_existing_dir(path))
     if workspace is None or not is_autoresearch_layout(workspace):
         return 0  # not inside an autoresearch repository: nothing of ours to protect
@@ -307,7 +345,7 @@ def not_a_workspace_note(folder: Path) -> str:
 
 
 def session_start(event: dict) -> int:
-    folder = Path(event.get("cwd") or os.getcwd())
+    folder = event_folder(event)
     root = repo_root(folder)
     in_workspace = root is not None and is_autoresearch_layout(root)
     # Elsewhere Claude gets one line (no warning: the plugin may be enabled everywhere), unless uv is missing.
@@ -324,7 +362,7 @@ def session_start(event: dict) -> int:
 
 
 def pre_compact(event: dict) -> int:
-    root = repo_root(Path(event.get("cwd") or os.getcwd()))
+    root = repo_root(event_folder(event))
     if root is None or not is_autoresearch_layout(root):
         return 0
     # Plain stdout of a PreCompact hook joins the compaction instructions.
@@ -334,12 +372,32 @@ def pre_compact(event: dict) -> int:
 
 # --- stop ------------------------------------------------------------------------------------
 
-def tool_calls_so_far(transcript) -> int | None:
+def last_tool_call(transcript) -> str | None:
+    """Where the transcript's newest tool call starts (a new call moves it), from its last
+    TRANSCRIPT_TAIL_BYTES only; None when there is no readable transcript."""
+    if not isinstance(transcript, str) or "\0" in transcript or not os.path.isfile(transcript):
+        return None  # a FIFO or a device would block or never end
     try:
         with open(transcript, "rb") as f:
-            return f.read().count(TOOL_USE_MARK)
-    except (OSError, TypeError):
+            f.seek(0, os.SEEK_END)
+            start = max(0, f.tell() - TRANSCRIPT_TAIL_BYTES)
+            f.seek(start)
+            found = f.read(TRANSCRIPT_TAIL_BYTES).rfind(TOOL_USE_MARK)
+    except OSError:
         return None
+    return f"tool call at byte {start + found}" if found >= 0 else "no tool call in the transcript's tail"
+
+
+def records_mark(root: Path) -> str:
+    """A digest of the server's records: without a transcript, the only sign of work between stops."""
+    digest = hashlib.sha256()
+    for name in (STATE_FILE, LEDGER):
+        try:
+            digest.update((root / name).read_bytes())
+        except OSError:
+            pass
+        digest.update(b"\0")
+    return "records " + digest.hexdigest()[:16]
 
 
 def rows_for_limits(root: Path) -> list[tuple[str, float]]:
@@ -360,7 +418,7 @@ def allow(message: str | None = None) -> int:
 
 def stop(event: dict) -> int:
     """Blocks Claude's end of turn while the research run is active; exit 0 without output lets it stop."""
-    root = repo_root(Path(event.get("cwd") or os.getcwd()))
+    root = repo_root(event_folder(event))
     if root is None or not is_autoresearch_layout(root):
         return allow()
     state = server_state(root)
@@ -376,18 +434,25 @@ def stop(event: dict) -> int:
         record = json.loads(record_path.read_text())
     except (OSError, ValueError):
         record = {}
-    calls = tool_calls_so_far(event.get("transcript_path"))
-    idle = (record.get("session") == event.get("session_id") and calls is not None and calls == record.get("calls"))
-    blocks = record.get("blocks", 0) + 1 if idle else 1
+    if not isinstance(record, dict):
+        record = {}
+    session = event.get("session_id") if isinstance(event.get("session_id"), str) else None
+    # Progress between stops: a new tool call, or without a readable transcript, a change to the server's records
+    mark = last_tool_call(event.get("transcript_path")) or records_mark(root)
+    idle = record.get("session") == session and record.get("mark") == mark
+    blocks = record.get("blocks", 0) + 1 if idle and isinstance(record.get("blocks"), int) else 1
     if blocks > MAX_IDLE_BLOCKS:
         record_path.unlink(missing_ok=True)
-        return allow(f"research-loop: Claude tried to stop {MAX_IDLE_BLOCKS + 1} times with no tool call in between, "
+        return allow(f"research-loop: Claude tried to stop {MAX_IDLE_BLOCKS + 1} times with no progress in between "
+                     f"(no tool call, or no change to the server's records where the transcript could not be read), "
                      f"so it is let go, though the research run {branch} is still active. Continue it with "
                      f"{SKILL}, or end it with /research-loop:stop.")
     try:
-        record_path.write_text(json.dumps({"session": event.get("session_id"), "calls": calls, "blocks": blocks}))
+        record_path.write_text(json.dumps({"session": session, "mark": mark, "blocks": blocks}))
     except OSError:
-        pass
+        return allow(f"research-loop: the research run {branch} is still active, but the Stop hook cannot record "
+                     f"its count of stops in {STOP_HOOK_STATE}, so it lets Claude stop rather than risk sending it "
+                     f"back forever. Continue with {SKILL}.")
     steps = run_lines(root, state) or ["edit train.py with the next idea, then run_experiment(description)."]
     left = limits.left(state, rows)
     reason = (f"research-loop: the research run {branch} is still active"
@@ -401,15 +466,30 @@ def stop(event: dict) -> int:
 HANDLERS = {"pre-edit": pre_edit, "session-start": session_start, "pre-compact": pre_compact, "stop": stop}
 
 
+def read_event() -> dict | None:
+    """The event on stdin, or None when it is not a JSON object (empty, cut short, not UTF-8)."""
+    try:
+        event = json.loads(sys.stdin.buffer.read())
+    except ValueError:  # UnicodeDecodeError included
+        return None
+    return event if isinstance(event, dict) else None
+
+
 def main() -> int:
     if len(sys.argv) != 2 or sys.argv[1] not in HANDLERS:
         print(f"usage: research_loop_hook.py {{{'|'.join(HANDLERS)}}} < hook-event.json", file=sys.stderr)
         return 1
+    name, event = sys.argv[1], read_event()
+    if event is None and name == "pre-edit":
+        return refuse_unread_edit("the event on stdin is not a JSON object")
     try:
-        event = json.load(sys.stdin)
-    except ValueError:
-        event = {}
-    return HANDLERS[sys.argv[1]](event if isinstance(event, dict) else {})
+        return HANDLERS[name](event or {})
+    except Exception as exc:  # noqa: BLE001  (a traceback would exit 1: Claude Code lets the action through)
+        if name == "pre-edit":
+            return refuse_unread_edit(f"{type(exc).__name__}: {exc}")
+        print(f"research-loop: the {name} hook failed ({type(exc).__name__}: {exc}); the action goes ahead.",
+              file=sys.stderr)
+        return 0
 
 
 if __name__ == "__main__":

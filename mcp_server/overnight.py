@@ -32,6 +32,7 @@ CLAUDE_CODE_PACKAGE = "@anthropic-ai/claude-code@2.1.332"
 QUICK_SESSION_S = 60.0  # a session shorter than this that decided no run counts as a quick failure
 MAX_QUICK_FAILURES = 5  # in a row, then the runner gives up
 BACKOFF_S = (5, 15, 45, 120)  # before the 2nd, 3rd, ... restart after quick failures
+RUN_GRACE_S = 60.0  # past the deadline, on top of the longest run's timeout, before the session is stopped
 TERMINATE_GRACE_S = 10
 STATUS_EVERY_S = 2.0  # redraw of the status line on a terminal
 STATUS_LINE_EVERY_S = 60.0  # one status line a minute into a log or a pipe
@@ -105,8 +106,11 @@ def plugin_dir(workspace: Path) -> Path:
 
 
 class Runner:
-    def __init__(self, args, claude: str):
+    def __init__(self, args, claude: str, backoff_s: tuple = BACKOFF_S, grace_s: float = RUN_GRACE_S,
+                 poll_s: float = STATUS_EVERY_S):
+        """backoff_s, grace_s and poll_s: the timing, in seconds (tests shorten it)."""
         self.args, self.claude = args, claude
+        self.backoff_s, self.grace_s, self.poll_s = backoff_s, grace_s, poll_s
         self.workspace = Path(args.workspace).resolve()
         self.logs = self.workspace / LOG_DIR
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -215,7 +219,7 @@ class Runner:
             self.start_session(plugin)
             while self.session.poll() is None:
                 self.show()
-                time.sleep(STATUS_EVERY_S)
+                time.sleep(self.poll_s)
                 if self.deadline and time.time() > self.deadline + self.grace():
                     self.say("the deadline passed long ago and the session is still going: stopping it")
                     self.stop_session()
@@ -234,14 +238,14 @@ class Runner:
                          f"said:\n{self.session_tail()}\nFix that, then run the same command to resume.")
                 return 1
             if quick:
-                pause = BACKOFF_S[min(quick - 1, len(BACKOFF_S) - 1)]
-                self.say(f"the session ended early: a new one in {pause} s")
+                pause = self.backoff_s[min(quick - 1, len(self.backoff_s) - 1)]
+                self.say(f"the session ended early: a new one in {pause:g} s")
                 time.sleep(pause)
 
     def grace(self) -> float:
         """How long past the deadline a session may finish the run it has: one run's timeout."""
         runs = (self.state().get("runs") or {}).values()
-        return max([e.get("timeout", 0) for e in runs], default=0) + 60
+        return max([e.get("timeout", 0) for e in runs], default=0) + self.grace_s
 
     def session_tail(self, lines: int = 8) -> str:
         try:

@@ -9,11 +9,11 @@ import pytest
 
 import cluster_support as cluster
 from cluster_support import free_port
+from mcp_server import ray_executor
 from server_support import (TRAIN_COMMAND, Lab, answer, git, ledger_lines, make_cache, make_workspace, set_knobs,
                             stdio_client_for, wait_until)
 from test_server_e2e import RUN_TIMEOUT_S, harness_workspace
 
-ray_executor = pytest.importorskip("mcp_server.ray_executor")
 pytest.importorskip("ray", reason="the ray extra is not installed: uv sync --extra ray")
 
 

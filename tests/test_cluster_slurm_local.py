@@ -4,9 +4,9 @@ where it can.)"""
 import pytest
 
 import cluster_support as cluster
+from mcp_server import slurm_executor
 from server_support import TRAIN_COMMAND, Lab, make_workspace, set_knobs, wait_until
 
-slurm_executor = pytest.importorskip("mcp_server.slurm_executor")
 submitit = pytest.importorskip("submitit", reason="the slurm extra is not installed: uv sync --extra slurm")
 
 

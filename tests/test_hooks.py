@@ -2,6 +2,7 @@
 ${CLAUDE_PLUGIN_ROOT} expanded, the event's JSON on stdin, in a real git repository."""
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -24,11 +25,19 @@ def hook_command(event: str, matcher: str | None = None) -> str:
 
 
 def run_hook(event: str, payload: dict, cwd: Path, matcher: str | None = None, **env) -> subprocess.CompletedProcess:
-    full_env = dict(os.environ, CLAUDE_PLUGIN_ROOT=str(REPO), CLAUDE_PROJECT_DIR=str(cwd), **env)
     payload = {"session_id": "test", "transcript_path": "/dev/null", "cwd": str(cwd),
                "hook_event_name": event, **payload}
-    return subprocess.run(["sh", "-c", hook_command(event, matcher)], input=json.dumps(payload), cwd=cwd,
-                          env=full_env, capture_output=True, text=True, timeout=30)
+    return run_raw(event, json.dumps(payload), cwd, matcher, **env)
+
+
+def run_raw(event: str, stdin: str | bytes, cwd: Path, matcher: str | None = None, preexec_fn=None,
+            **env) -> subprocess.CompletedProcess:
+    """The hook with exactly these bytes on stdin (a str is sent as UTF-8)."""
+    full_env = dict(os.environ, CLAUDE_PLUGIN_ROOT=str(REPO), CLAUDE_PROJECT_DIR=str(cwd), **env)
+    done = subprocess.run(["sh", "-c", hook_command(event, matcher)], input=stdin if isinstance(stdin, bytes) else
+                          stdin.encode(), cwd=cwd, env=full_env, capture_output=True, timeout=30, preexec_fn=preexec_fn)
+    done.stdout, done.stderr = done.stdout.decode(), done.stderr.decode(errors="replace")
+    return done
 
 
 def edit(repo: Path, tool: str, path: str) -> subprocess.CompletedProcess:
@@ -221,3 +230,117 @@ def test_pre_compact_hands_the_state_to_the_summary(repo, prepared_cache):
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("Keep this research-loop state in the summary")
     assert "best val_bpb: 0.990000 at commit cde3456" in done.stdout
+
+
+# --- events the hooks cannot read: a clean answer each time, and the edit guard fails closed ----------
+EDIT_MATCHER = "Edit|Write|MultiEdit|NotebookEdit"
+UNREADABLE_EDITS = {
+    "empty stdin": "",
+    "not JSON": "Edit prepare.py please",
+    "a JSON list": '["Edit", "prepare.py"]',
+    "cwd a number, path relative": json.dumps({"cwd": 5, "tool_name": "Edit", "tool_input": {"file_path": "prepare.py"}}),
+    "tool_input a string": json.dumps({"tool_name": "Edit", "tool_input": "prepare.py"}),
+    "file_path a number": json.dumps({"tool_name": "Edit", "tool_input": {"file_path": 5}}),
+    "file_path a list": json.dumps({"tool_name": "Write", "tool_input": {"file_path": ["prepare.py"]}}),
+    "no file_path": json.dumps({"tool_name": "Edit", "tool_input": {"old_string": "a", "new_string": "b"}}),
+    "a NUL in file_path": json.dumps({"tool_name": "Edit", "tool_input": {"file_path": "prepare.py\u0000.txt"}}),
+    "a lone surrogate in file_path": '{"tool_name": "Edit", "tool_input": {"file_path": "prepare\\ud800.py"}}',
+}
+
+
+@pytest.mark.parametrize("stdin", UNREADABLE_EDITS.values(), ids=UNREADABLE_EDITS.keys())
+def test_an_edit_event_the_guard_cannot_read_is_refused_with_the_reason(repo, stdin):
+    done = run_raw("PreToolUse", stdin, repo, matcher=EDIT_MATCHER)
+    assert done.returncode == 2, done.stderr  # exit 1 (a traceback) would let the edit go ahead
+    assert "Traceback" not in done.stderr
+    assert "this edit is refused because the hook could not read the tool call" in done.stderr
+    assert "Retry the edit" in done.stderr
+
+
+MALFORMED_EVENTS = {
+    "empty stdin": "",
+    "not JSON": "{not json",
+    "not UTF-8": b'{"cwd": "\xff"}',
+    "a JSON number": "5",
+    "cwd a number": json.dumps({"cwd": 5}),
+    "everything of the wrong type": json.dumps({"cwd": ["/"], "session_id": {}, "transcript_path": 7,
+                                                "stop_hook_active": "yes"}),
+}
+
+
+@pytest.mark.parametrize("event", ["SessionStart", "PreCompact", "Stop"])
+@pytest.mark.parametrize("stdin", MALFORMED_EVENTS.values(), ids=MALFORMED_EVENTS.keys())
+def test_every_other_hook_answers_a_malformed_event_cleanly(repo, prepared_cache, event, stdin):
+    active_run(repo)
+    done = run_raw(event, stdin, repo, AUTORESEARCH_CACHE=str(prepared_cache))
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    if event == "SessionStart":  # the session folder stands in for the unusable cwd
+        assert "branch: autoresearch/t1" in json.loads(done.stdout)["hookSpecificOutput"]["additionalContext"]
+    elif event == "Stop":
+        assert json.loads(done.stdout)["decision"] == "block"
+    else:
+        assert "best val_bpb: 0.990000" in done.stdout
+
+
+# --- the Stop hook without a transcript, and with a huge one -------------------------------------------
+def active_run(repo: Path) -> None:
+    """A research run as the server records it at setup (no limits: it runs until stopped)."""
+    (repo / ".research-loop").mkdir(exist_ok=True)
+    (repo / ".research-loop" / "state.json").write_text(json.dumps({"branch": "autoresearch/t1", "tag": "t1"}))
+
+
+def stop(repo: Path, transcript, preexec_fn=None) -> dict | None:
+    done = run_raw("Stop", json.dumps({"session_id": "s1", "cwd": str(repo), "hook_event_name": "Stop",
+                                       "stop_hook_active": True, "transcript_path": transcript}), repo,
+                   preexec_fn=preexec_fn)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    return json.loads(done.stdout) if done.stdout.strip() else None
+
+
+def decisions(repo: Path, transcript, times: int, **kwargs) -> list:
+    return [(stop(repo, transcript, **kwargs) or {}).get("decision") for _ in range(times)]
+
+
+@pytest.mark.parametrize("transcript", ["missing.jsonl", "a folder", 7, None])
+def test_without_a_readable_transcript_a_stuck_agent_is_let_go(repo, tmp_path, transcript):
+    """No transcript to count tool calls in: the server's records are the sign of progress, and three
+    stops in a row that changed nothing are the most it is sent back."""
+    active_run(repo)
+    transcript = {"missing.jsonl": str(tmp_path / "missing.jsonl"), "a folder": str(tmp_path)}.get(transcript,
+                                                                                                  transcript)
+    assert decisions(repo, transcript, 4) == ["block", "block", "block", None]
+    answer = stop(repo, transcript)
+    assert answer["decision"] == "block"  # a new round after it was let go
+    assert decisions(repo, transcript, 2) == ["block", "block"]
+    with open(repo / "results.tsv", "a") as ledger:  # the server decided a run: progress
+        ledger.write("eee1111\t0.980000\t2.1\tkeep\tnew idea\n")
+    assert decisions(repo, transcript, 4) == ["block", "block", "block", None]
+
+
+def test_the_stop_hook_lets_go_when_it_cannot_count_the_stops(repo):
+    active_run(repo)
+    (repo / ".research-loop" / "stop-hook.json").mkdir()  # its record cannot be written
+    answer = stop(repo, None)
+    assert "decision" not in answer and "cannot record its count of stops" in answer["systemMessage"]
+
+
+TOOL_CALL = '{"type":"assistant","message":{"content":[{"type":"tool_use","name":"x"}]}}\n'
+
+
+def test_a_huge_transcript_is_read_from_its_end_only(repo, tmp_path):
+    """A night's transcript of 3 GiB (sparse: NUL bytes, not JSON, up to its last lines), read by a hook
+    whose address space is capped at 1 GiB: reading it whole would fail; the tail answers, and still
+    tells a tool call from none."""
+    active_run(repo)
+    transcript = tmp_path / "transcript.jsonl"
+    with open(transcript, "wb") as f:
+        f.truncate(3 << 30)
+        f.seek(0, os.SEEK_END)
+        f.write(TOOL_CALL.encode())
+    capped = lambda: resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))  # noqa: E731
+    assert decisions(repo, str(transcript), 4, preexec_fn=capped) == ["block", "block", "block", None]
+    for _ in range(3):  # working: a tool call between stops
+        with open(transcript, "a") as f:
+            f.write('{"type":"user","message":"tool result"}\n' + TOOL_CALL)
+        assert decisions(repo, str(transcript), 1, preexec_fn=capped) == ["block"]
+    assert os.stat(transcript).st_blocks * 512 < 1 << 20  # still sparse: the test used no disk

@@ -1,23 +1,32 @@
-"""Random nights: hypothesis drives the real server (in-process MCP client, real git, the fake
-trainer) with random sequences of tool calls, training outcomes and server restarts, and checks
-after every step what must always hold:
+"""Random nights: hypothesis drives the real server (real git, the fake trainer) with random
+sequences of tool calls, training outcomes and server restarts, and checks after every step what
+must always hold:
 
 - no call ends in an internal error;
 - results.tsv parses, with exactly one row per decided run and no other line;
 - the research branch holds exactly the kept commits, in the ledger's order;
-- status().next names a call that succeeds;
+- status().next names a call that succeeds, and no call it names is refused;
 - no training process outlives its run.
+
+Most nights run the server in process (a restart is an orderly shutdown and a new server); about
+one in four runs it as Claude Code does, `python -m mcp_server` over stdio, and there a restart is
+a SIGKILL of the server's process with a run in flight. Starting that process costs seconds, so
+not every night pays it.
 """
 import json
+import os
 import re
+import signal
 from pathlib import Path
 
+import anyio.from_thread
 import pytest
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from mcp_server.ledger import read_rows
-from server_support import Lab, git, make_workspace, pid_alive
+from mcp_server.state import State
+from server_support import Lab, git, make_workspace, pid_alive, processes_running, stdio_client_for, wait_until
 
 OUTCOMES = {
     "better": "VAL_BPB = {value}\n",
@@ -29,7 +38,52 @@ OUTCOMES = {
     "escape": "VAL_BPB = {value}\nESCAPE = 0.5\n",
     "slow": "VAL_BPB = {value}\nSLEEP = 1.5\nSTEPS = 3\n",
 }
+IN_FLIGHT_AT_KILL = "VAL_BPB = {value}\nSLEEP = 30\nSTEPS = 30\n"  # would outlive the invariants' wait if orphaned
 CALL_RE = re.compile(r"(\w+)\(([^)]*)\)")
+SERVERS = ("in process",) * 3 + ("own process",)  # drawn per night
+
+
+class KillableLab(Lab):
+    """The Lab's calls, to a server in a process of its own over stdio; restart() SIGKILLs it."""
+
+    def __init__(self, ws, slots: int = 1):
+        self.ws, self.slots = ws, slots
+        self.portal_cm = anyio.from_thread.start_blocking_portal()
+        self.portal = self.portal_cm.__enter__()
+        self.start()
+
+    def start(self):
+        self.client_cm = self.portal.wrap_async_context_manager(
+            stdio_client_for(self.ws, Path(os.environ["AUTORESEARCH_CACHE"]), "--slots", str(self.slots)))
+        self.client = self.client_cm.__enter__()
+        (self.pid,) = processes_running(f"-m mcp_server --workspace {self.ws} ")
+
+    def call(self, name, progress=None, **args):
+        return self.portal.call(self.client.call_tool, name, args)
+
+    def restart(self):
+        os.kill(self.pid, signal.SIGKILL)
+        assert wait_until(lambda: not pid_alive(self.pid), 10)
+        try:
+            self.client_cm.__exit__(None, None, None)
+        except Exception:  # noqa: BLE001  (the transport breaking under a killed server is expected)
+            pass
+        self.start()
+
+    def close(self):
+        try:
+            self.client_cm.__exit__(None, None, None)  # stdin closes: the server exits, its runs with it
+        finally:
+            self.portal_cm.__exit__(None, None, None)
+
+
+def promised_calls(next_step: str) -> list[tuple[str, dict]]:
+    """Every call status().next names, with its arguments (run_experiment's are placeholders)."""
+    calls = []
+    for name, args in CALL_RE.findall(next_step):
+        kwargs = dict(part.split("=") for part in args.split(", ") if "=" in part)
+        calls.append((name, {k: int(v) if v.isdigit() else v for k, v in kwargs.items()}))
+    return calls
 
 
 def training_processes(ws: Path) -> list[int]:
@@ -58,30 +112,50 @@ class NightMachine(RuleBasedStateMachine):
     base_path: Path = None
     count = 0  # nights (examples) run
     steps = 0  # tool calls made by the rules
+    killed = 0  # nights whose server ran in its own process (restarts are SIGKILLs)
+    kills = 0  # SIGKILLs sent
 
-    @initialize(slots=st.sampled_from([1, 2]))
-    def start(self, slots):
+    @initialize(slots=st.sampled_from([1, 2]), server=st.sampled_from(SERVERS))
+    def start(self, slots, server):
         NightMachine.count += 1
-        self.lab = Lab(make_workspace(self.base_path / f"night{NightMachine.count}"), slots=slots)
+        NightMachine.killed += server == "own process"
+        ws = make_workspace(self.base_path / f"night{NightMachine.count}")
+        self.lab = KillableLab(ws, slots=slots) if server == "own process" else Lab(ws, slots=slots)
         self.answer("setup", tag="night")
         self.base = self.lab.head()
         self.value = 1.0
 
     def teardown(self):
-        if hasattr(self, "lab"):
+        if isinstance(getattr(self, "lab", None), KillableLab):
+            self.lab.close()
+        elif hasattr(self, "lab"):
             self.lab.loop.shutdown()
 
     def answer(self, name, **args):
-        """Calls a tool; a refusal is fine (that is the rules working), an internal error is not."""
+        """Calls a tool; a refusal is fine (that is the rules working), an internal error is not, and
+        neither is a refusal of a call that status().next names."""
         NightMachine.steps += 1
         result = self.lab.call(name, **args)
         text = result.content[0].text
         assert "Internal error" not in text, text
+        if result.is_error and name != "status":
+            self.not_promised(name, args, text)
         return None if result.is_error else result.structured_content
 
+    def not_promised(self, name, args, refusal):
+        """A refused call that status().next names now is called once more (a run may have finished
+        in between); refused again, status contradicts the tools."""
+        next_step = self.lab.call("status").structured_content["next"]
+        promised = [(n, a) for n, a in promised_calls(next_step) if n == name and (n == "run_experiment" or a == args)]
+        if promised:
+            again = self.lab.call(name, **args)
+            assert not again.is_error, f"status().next said {next_step!r}, and {name}{args} was refused twice: " \
+                                       f"{refusal} / {again.content[0].text}"
+
     def runs(self, *statuses):
-        state = self.lab.loop.state.load()
-        return [e["run"] for e in self.lab.loop.runs_of(state, *statuses)]
+        state = State(self.lab.ws).load()  # read only: the server may be another process
+        return [e["run"] for e in sorted((state.get("runs") or {}).values(), key=lambda e: e["run"])
+                if not statuses or e["status"] in statuses]
 
     # --- what the agent does ----------------------------------------------------------------
     @rule(outcome=st.sampled_from(sorted(OUTCOMES)), wait=st.booleans())
@@ -122,15 +196,19 @@ class NightMachine(RuleBasedStateMachine):
 
     @rule()
     def restart_server(self):
+        """In process: an orderly restart. In its own process: a SIGKILL, with a run in flight."""
+        if isinstance(self.lab, KillableLab) and not self.runs("queued", "running"):
+            (self.lab.ws / "train.py").write_text(IN_FLIGHT_AT_KILL.format(value=round(self.value - 0.005, 4)))
+            self.answer("run_experiment", description="in flight when the server is killed", wait=False,
+                        timeout_seconds=60)
+        NightMachine.kills += isinstance(self.lab, KillableLab)
         self.lab.restart()
 
     @rule()
     def follow_next(self):
         """Whatever status().next names must work."""
         next_step = self.answer("status")["next"]
-        name, args = CALL_RE.search(next_step).groups()
-        kwargs = dict(part.split("=") for part in args.split(", ") if "=" in part)
-        kwargs = {k: int(v) if v.isdigit() else v for k, v in kwargs.items()}
+        name, kwargs = promised_calls(next_step)[0]
         if name == "run_experiment":
             kwargs = {"description": "as next says", "wait": kwargs.get("wait") != "False"}
         result = self.lab.call(name, **kwargs)
@@ -183,7 +261,9 @@ NightMachine.TestCase.settings = settings(max_examples=30, stateful_step_count=1
 
 
 def test_random_nights_keep_every_invariant(machine_env):
-    NightMachine.count = NightMachine.steps = 0
+    NightMachine.count = NightMachine.steps = NightMachine.killed = NightMachine.kills = 0
     NightMachine.TestCase().runTest()
-    print(f"{NightMachine.count} random nights, {NightMachine.steps} tool calls")
-    assert NightMachine.count >= 20 and NightMachine.steps >= 100
+    print(f"{NightMachine.count} random nights ({NightMachine.killed} with the server in its own process, "
+          f"{NightMachine.kills} SIGKILLs), {NightMachine.steps} tool calls")
+    # about 30 nights, one in four in their own process: none is a chance of 0.75**30 (2e-4)
+    assert NightMachine.count >= 20 and NightMachine.steps >= 100 and NightMachine.killed >= 1

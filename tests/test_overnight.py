@@ -1,8 +1,11 @@
 """Overnight, for real: stop conditions recorded with the research run, the stop tool, the Stop
 hook that keeps Claude working (judged by the hook itself, then in real Claude Code sessions
 with a scripted model), long tool calls that outlive their client, and the unattended runner."""
+import argparse
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +19,7 @@ from mcp import Client
 from mcp_server import limits
 from mcp_server.server import build_server
 from plugin_support import (REPO, TOOL_PREFIX, ScriptedAgent, claude_env, install_claude_cli, uv_link_mode)
-from server_support import git, ledger_lines, make_workspace, processes_in, set_knobs, wait_until
+from server_support import git, ledger_lines, make_workspace, pid_alive, processes_in, set_knobs, wait_until
 
 HOOK = REPO / "hooks" / "research_loop_hook.py"
 
@@ -326,3 +329,131 @@ def test_ctrl_c_on_the_runner_leaves_no_process_behind(claude, session_env, fake
     assert "interrupted" in out and "Run the same command to resume" in out
     assert wait_until(lambda: not processes_in(ws), 60), processes_in(ws)
     assert ledger_lines(ws)[0].startswith("commit")
+
+
+# --- the runner's own rules, with a stand-in for Claude Code ---------------------------------------
+FAKE_CLAUDE = '''#!{python}
+"""A stand-in for Claude Code on PATH: records how it was started, then plays the plan for this
+session (FAKE_CLAUDE_PLAN, comma-separated, the last repeated)."""
+import json, os, subprocess, sys, time
+from pathlib import Path
+
+calls = Path(os.environ["FAKE_CLAUDE_CALLS"])
+plans = os.environ["FAKE_CLAUDE_PLAN"].split(",")
+session = len(calls.read_text().splitlines()) + 1 if calls.exists() else 1
+plan = plans[min(session, len(plans)) - 1]
+record = {{"argv": sys.argv[1:], "cwd": os.getcwd(), "at": time.time(), "plan": plan}}
+if plan == "fail":  # an API error at once, as a headless session reports it
+    print(json.dumps({{"type": "result", "subtype": "error_during_execution",
+                       "result": f"API Error: 401 invalid x-api-key (session {{session}})"}}))
+elif plan == "decide":  # a short session that decided a run: working, not failing
+    ledger = Path("results.tsv")
+    with open(ledger, "a") as f:
+        f.write(("" if ledger.stat().st_size else "commit\\tval_bpb\\tmemory_gb\\tstatus\\tdescription\\n")
+                + f"abc{{session:04d}}\\t1.000000\\t1.0\\tdiscard\\tidea {{session}}\\n")
+elif plan == "hang":  # still going past the deadline, a run in flight and a server beside it
+    Path(".research-loop").mkdir(exist_ok=True)
+    Path(".research-loop/state.json").write_text(json.dumps({{"tag": "night", "branch": "autoresearch/night",
+        "runs": {{"1": {{"run": 1, "status": "running", "timeout": float(os.environ["FAKE_CLAUDE_RUN_TIMEOUT"]),
+                         "log": "runs/0001.log"}}}}}}))
+    record["server"] = subprocess.Popen(["sleep", "3600"]).pid
+with open(calls, "a") as f:
+    f.write(json.dumps(record) + "\\n")
+if plan == "hang":
+    time.sleep(3600)
+sys.exit(1 if plan == "fail" else 0)
+'''
+
+
+@pytest.fixture
+def fake_claude(fake_env, tmp_path, monkeypatch):
+    """A `claude` program first on PATH; returns the file its sessions are recorded in."""
+    bin_dir = tmp_path / "fake-bin"
+    bin_dir.mkdir()
+    program = bin_dir / "claude"
+    program.write_text(FAKE_CLAUDE.format(python=sys.executable))
+    program.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("RESEARCH_LOOP_CLAUDE", raising=False)
+    calls = tmp_path / "claude-calls.jsonl"
+    monkeypatch.setenv("FAKE_CLAUDE_CALLS", str(calls))
+    return calls
+
+
+def runner_args(ws: Path, *flags: str):
+    from mcp_server import overnight
+    parser = argparse.ArgumentParser()
+    overnight.add_arguments(parser)
+    return parser.parse_args(["--tag", "night", "--workspace", str(ws), *flags])
+
+
+def sessions_of(calls: Path) -> list[dict]:
+    return [json.loads(line) for line in calls.read_text().splitlines()]
+
+
+def test_quick_failures_back_off_and_five_in_a_row_give_up(fake_claude, fake_env, monkeypatch, capsys):
+    """Sessions that end at once with nothing decided: each waits longer before the next (the last
+    delay repeats), a session that decided a run resets the count, and five in a row give up with
+    what the last one said."""
+    from mcp_server import overnight
+    ws = make_workspace(fake_env)
+    monkeypatch.setenv("FAKE_CLAUDE_PLAN", "fail,fail,decide,fail")
+    claude = overnight.preflight(ws, None)  # found on PATH
+    assert claude == str(fake_claude.parent / "fake-bin" / "claude")
+    backoff = (0.2, 0.4, 0.6)
+    code = overnight.Runner(runner_args(ws, "--max-experiments", "3"), claude, backoff_s=backoff, poll_s=0.05).run()
+    out = capsys.readouterr().out
+    assert code == 1, out
+    sessions = sessions_of(fake_claude)
+    assert [s["plan"] for s in sessions] == ["fail", "fail", "decide"] + ["fail"] * 5, out
+    pauses = [float(p) for p in re.findall(r"the session ended early: a new one in ([\d.]+) s", out)]
+    assert pauses == [0.2, 0.4, 0.2, 0.4, 0.6, 0.6]  # none after the session that decided a run
+    after = [pauses[0], pauses[1], 0, *pauses[2:]]
+    gaps = [b["at"] - a["at"] for a, b in zip(sessions, sessions[1:])]
+    assert all(gap >= pause for gap, pause in zip(gaps, after)), (gaps, after)  # it really waited
+    assert "giving up: 5 sessions in a row ended within 60 s" in out
+    assert "API Error: 401 invalid x-api-key (session 8)" in out and "run the same command to resume" in out
+    argv = sessions[0]["argv"]
+    assert argv[:2] == ["-p", "/research-loop:autoresearch night --max-experiments 3"]
+    assert "--plugin-dir" in argv and "--allowedTools" in argv and sessions[0]["cwd"] == str(ws)
+    assert len((ws / ".research-loop" / "overnight" / "sessions.jsonl").read_text().splitlines()) == 8
+
+
+def test_past_the_deadline_and_its_grace_the_session_is_stopped(fake_claude, fake_env, monkeypatch, capsys):
+    """A session still going after --hours: it keeps the run in flight's timeout plus the grace to
+    finish, then it is stopped (its whole process group, the server with it) and no new one starts."""
+    from mcp_server import overnight
+    ws = make_workspace(fake_env)
+    monkeypatch.setenv("FAKE_CLAUDE_PLAN", "hang")
+    monkeypatch.setenv("FAKE_CLAUDE_RUN_TIMEOUT", "2")
+    hours, grace = 1.5 / 3600, 1.0
+    runner = overnight.Runner(runner_args(ws, "--hours", str(hours)), overnight.preflight(ws, None),
+                              backoff_s=(0.1,), grace_s=grace, poll_s=0.05)
+    code = runner.run()
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "the deadline passed long ago and the session is still going: stopping it" in out
+    assert "the runner's deadline has passed" in out
+    (session,) = sessions_of(fake_claude)  # no session starts after the deadline
+    record = json.loads((ws / ".research-loop" / "overnight" / "sessions.jsonl").read_text())
+    # not before the deadline, the run's 2 s timeout and the grace
+    assert record["ended_at"] - runner.started >= hours * 3600 + 2 + grace
+    assert record["exit_code"] == -signal.SIGTERM
+    assert wait_until(lambda: not pid_alive(session["server"]), 10)  # the session's server went with it
+
+
+def test_preflight_names_what_to_install_when_claude_is_missing(fake_env, tmp_path):
+    """The real command, with no claude anywhere: an error that says how to install it, and nothing started."""
+    ws = make_workspace(fake_env)
+    bin_dir = tmp_path / "bin"  # uv and git only
+    bin_dir.mkdir()
+    for name in ("uv", "git"):
+        (bin_dir / name).symlink_to(shutil.which(name))
+    env = {k: v for k, v in os.environ.items() if k != "RESEARCH_LOOP_CLAUDE"} | {"PATH": str(bin_dir)}
+    for extra in ([], ["--claude", str(tmp_path / "no-such-claude")]):
+        done = subprocess.run([sys.executable, "-m", "mcp_server.cli", "overnight", "--tag", "night", "--workspace",
+                               str(ws), *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert "error: Claude Code is not installed: `npm install -g @anthropic-ai/claude-code@2.1.332` " \
+               "(or pass --claude)" in done.stderr
+    assert not (ws / ".research-loop").exists()  # no log folder, no session
