@@ -71,10 +71,12 @@ def evaluation_spec(harness: Path, harness_commit: str, program: Path, timeout: 
     """The worker's --evaluate: this interpreter, isolated (-I: no PYTHON* variables, no user site,
     no script folder on the path), without site (-S: no .pth file or sitecustomize runs), writing no
     bytecode (-B: the harness copy stays exactly its commit, which the worker checks after the
-    evaluation, so bytecode planted there is caught), in a clean environment. The worker adds
-    --out-fd: the result comes back through a pipe that the training process cannot reach."""
+    evaluation, so bytecode planted there is caught), in a clean environment (LD_LIBRARY_PATH kept: where
+    libcuda is found only through it, the evaluation would see no GPU). The worker adds --out-fd (the
+    result comes back through a pipe that the training process cannot reach) and its slot's GPU."""
     env = {k: v for k, v in os.environ.items()
-           if k in ("PATH", "HOME", "LANG", "LC_ALL", "CUDA_VISIBLE_DEVICES", "AUTORESEARCH_CACHE")}
+           if k in ("PATH", "HOME", "LANG", "LC_ALL", "CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH",
+                    "AUTORESEARCH_CACHE")}
     env["AUTORESEARCH_CACHE"] = str(cache_dir())
     argv = [sys.executable, "-I", "-S", "-B",
             str(harness / EVALUATOR), "--program", str(program),

@@ -56,6 +56,9 @@ MARK = "[research-loop]"  # prefix of the lines this worker adds to the log
 EXPORT_ENV = "RESEARCH_LOOP_EXPORT"  # where the harness writes the trained model (nanochat/export.py)
 ANSWER_ENV = "RESEARCH_LOOP_ANSWER"  # where this worker writes the harness's number for train.py to print
 DATA_ORDER_ENV = "AUTORESEARCH_DATA_ORDER"  # which stretch of the data a rerun trains on (nanochat/dataloader.py)
+# What the harness's evaluation takes from this worker's environment, not the server's: the slot's GPU
+# (the pool sets CUDA_VISIBLE_DEVICES per slot) and where libcuda is found
+DEVICE_ENV = ("CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH")
 IN_OPEN, IN_MOVED_TO, IN_CREATE = 0x20, 0x80, 0x100
 INOTIFY_EVENT = struct.Struct("iIII")  # wd, mask, cookie, name length
 
@@ -460,6 +463,14 @@ def device_name(env: dict) -> str:
     return "cpu"
 
 
+def on_this_device(spec: dict) -> dict:
+    """The evaluation's spec with this worker's device variables: the server made it for every slot
+    alike, and an evaluation on another slot's GPU would slow that slot's timed training (or run out
+    of its memory) and be slowed by it."""
+    device = {name: os.environ[name] for name in DEVICE_ENV if name in os.environ}
+    return dict(spec, env=dict(spec["env"], **device))
+
+
 def write_report(path: Path, report: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
@@ -527,7 +538,7 @@ def main(argv=None) -> int:
         args.export.parent.mkdir(parents=True, exist_ok=True)
         if args.evaluate:
             answer = args.export.with_name(args.export.name + ".answer.json")
-            evaluation = HarnessEvaluation(args.evaluate, args.log, args.export, answer)
+            evaluation = HarnessEvaluation(on_this_device(args.evaluate), args.log, args.export, answer)
             env[ANSWER_ENV] = str(answer)
     if watch_val and (val_copy or not args.val_shared):
         try:
