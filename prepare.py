@@ -162,11 +162,11 @@ def evaluate_bpb(model, tokenizer, batch_size):
 # Choosing a profile and a data set
 
 def detect_profile() -> str:
-    if torch.cuda.is_available():
+    """The device train.py will use (nanochat/platform.py: it stops where a GPU is here that torch
+    cannot use, rather than let this record the cpu profile in silence)."""
+    if platform.DEVICE.type == "cuda":
         return "h100" if torch.cuda.get_device_properties(0).total_memory >= H100_MIN_BYTES else "gpu"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    return platform.DEVICE.type  # "mps" or "cpu"
 
 
 def _network_answers(url: str) -> bool:

@@ -76,7 +76,7 @@ def evaluation_spec(harness: Path, harness_commit: str, program: Path, timeout: 
     result comes back through a pipe that the training process cannot reach) and its slot's GPU."""
     env = {k: v for k, v in os.environ.items()
            if k in ("PATH", "HOME", "LANG", "LC_ALL", "CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH",
-                    "AUTORESEARCH_CACHE")}
+                    "AUTORESEARCH_DEVICE", "AUTORESEARCH_CACHE")}
     env["AUTORESEARCH_CACHE"] = str(cache_dir())
     argv = [sys.executable, "-I", "-S", "-B",
             str(harness / EVALUATOR), "--program", str(program),

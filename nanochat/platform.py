@@ -8,6 +8,8 @@ import json
 import os
 import platform as host
 import resource
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,17 +34,97 @@ GPU_PEAK_FLOPS = [
     ("4090", 165.2e12),  # GeForce: fp32 accumulate runs at half the fp16-accumulate rate
     ("3090", 71e12),
 ]
+# The oldest Linux driver each CUDA major version of torch's wheels runs on (NVIDIA's minor-version
+# compatibility: any 12.x runtime on an R525 driver, any 13.x on R580).
+CUDA_MIN_DRIVER = {11: "450.80.02", 12: "525.60.13", 13: "580.65.06"}
+# torch builds for older drivers, on PyTorch's own package index: (oldest driver, index suffix)
+TORCH_BUILDS = [("580.65.06", "cu130"), ("525.60.13", "cu126"), ("450.80.02", "cu118")]
+DEVICE_ENV = "AUTORESEARCH_DEVICE"  # "cpu": train on the CPU although a GPU is here
 PEAK_MATMUL_SIZE = 2048  # square matmul used to measure a peak: large enough to saturate the cores
 PEAK_MEASURE_SECONDS = 1.0  # per repetition; the best of PEAK_REPEATS is the peak
 PEAK_REPEATS = 3
 
 
 def get_device() -> torch.device:
+    """CUDA, else MPS, else the CPU; never the CPU in silence where an NVIDIA GPU is here that this
+    torch cannot use (a wheel built for a newer driver): that stops with the reason and the fix."""
+    wanted = os.environ.get(DEVICE_ENV, "").strip()
+    if wanted not in ("", "cpu"):
+        sys.exit(f"{DEVICE_ENV}={wanted!r}: only 'cpu' is understood (unset it to use the GPU, if any).")
+    if wanted == "cpu":
+        return torch.device("cpu")
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
         return torch.device("mps")
+    problem = unusable_gpu()
+    if problem:
+        sys.exit(problem)
     return torch.device("cpu")
+
+
+def nvidia_gpu() -> tuple[str, str] | None:
+    """(name, driver version) of the first NVIDIA GPU nvidia-smi shows, ("an NVIDIA GPU", "unknown")
+    where only the kernel driver shows one, None where there is none or CUDA_VISIBLE_DEVICES hides them."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return None  # hidden on purpose: the CPU is wanted
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=30)
+            if out.returncode == 0 and "," in out.stdout:
+                name, driver = out.stdout.strip().splitlines()[0].rsplit(",", 1)
+                return name.strip(), driver.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    if not Path("/proc/driver/nvidia/gpus").is_dir():
+        return None
+    try:  # "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  ..."
+        words = Path("/proc/driver/nvidia/version").read_text().split()
+        driver = next(w for w in words if w.count(".") >= 1 and w.replace(".", "").isdigit())
+    except (OSError, StopIteration):
+        driver = "unknown"
+    return "an NVIDIA GPU", driver
+
+
+def _version(text: str) -> tuple:
+    return tuple(int(part) for part in text.split(".") if part.isdigit())
+
+
+def unusable_gpu() -> str | None:
+    """Why torch cannot use the NVIDIA GPU that is here, and what to do; None where there is none."""
+    gpu = nvidia_gpu()
+    if gpu is None:
+        return None
+    name, driver = gpu
+    cuda = torch.version.cuda
+    head = f"{name} (driver {driver}) is here, but torch {torch.__version__} cannot use it"
+    anyway = f"To train on the CPU anyway, set {DEVICE_ENV}=cpu."
+    if cuda is None:
+        return f"{head}: it is a build without CUDA. Install a CUDA build ({torch_build_advice(driver)}). {anyway}"
+    needed = CUDA_MIN_DRIVER.get(int(cuda.split(".")[0]))
+    if needed and driver != "unknown" and _version(driver) < _version(needed):
+        return (f"{head}: it is built for CUDA {cuda} (torch.version.cuda), which needs driver {needed} or newer. "
+                f"Update the driver, or install a torch built for this driver ({torch_build_advice(driver)}). "
+                f"{anyway}")
+    return (f"{head} (built for CUDA {cuda}, torch.version.cuda; driver {needed or 'unknown'} or newer needed). "
+            "Check that CUDA_VISIBLE_DEVICES names a GPU that exists, that /dev/nvidia* can be opened, and that "
+            "libcuda.so is found (LD_LIBRARY_PATH); `python -c 'import torch; torch.cuda.init()'` says why. "
+            f"{anyway}")
+
+
+def torch_build_advice(driver: str) -> str:
+    """How to get a torch wheel that runs on this driver: uv pinned to PyTorch's index for it."""
+    if driver == "unknown":
+        builds = ", ".join(f"{suffix} for driver {oldest} or newer" for oldest, suffix in TORCH_BUILDS)
+        return f"PyTorch's builds: {builds}; pin one in pyproject.toml with uv's [[tool.uv.index]], then `uv sync`"
+    suffix = next((build for oldest, build in TORCH_BUILDS if _version(driver) >= _version(oldest)), None)
+    if suffix is None:
+        return f"driver {driver} is too old for any torch build: update it to R525 or newer"
+    return (f"for driver {driver}: PyTorch's {suffix} build. In pyproject.toml add "
+            f"[[tool.uv.index]] name = \"pytorch-{suffix}\", url = \"https://download.pytorch.org/whl/{suffix}\", "
+            f"explicit = true, and under [tool.uv.sources] torch = {{ index = \"pytorch-{suffix}\" }}; "
+            "then `uv lock && uv sync`")
 
 
 DEVICE = get_device()

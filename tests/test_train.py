@@ -99,6 +99,15 @@ def test_nan_loss_fails_fast(prepared_env, repo_root, tmp_path):
     assert "\n---\n" not in result.stdout  # no summary block for a failed run
 
 
+def test_a_gpu_torch_cannot_use_stops_training_instead_of_the_cpu(prepared_env, repo_root, tmp_path):
+    """A cache prepared before (or elsewhere) and a GPU this torch cannot drive: train.py says so
+    instead of training on the CPU."""
+    from test_prepare import fake_nvidia_smi
+    done = run_train(repo_root / "train.py", {**prepared_env, "PATH": fake_nvidia_smi(tmp_path / "bin")}, repo_root)
+    assert done.returncode != 0 and "step 0" not in done.stdout
+    assert "cannot use it" in done.stderr and "AUTORESEARCH_DEVICE=cpu" in done.stderr, done.stderr
+
+
 def test_peak_flops_with_a_read_only_cache(monkeypatch):
     """Inside the research loop's sandbox the cache is read-only: the MFU peak is still measured
     (CI once crashed every real run here), it just is not kept."""
