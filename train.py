@@ -30,7 +30,8 @@ from prepare import (BUDGET_CLOCK, MAX_SEQ_LEN, TIME_BUDGET, TRAIN_DEFAULTS, Tok
 from nanochat.attention import attention
 from nanochat.compile import Compiler
 from nanochat.fused import relu_squared, rms_norm, rotary, softcap_cross_entropy
-from nanochat.platform import COMPUTE_DTYPE, DEVICE, autocast, peak_flops, peak_memory_mb, synchronize
+from nanochat.platform import (COMPUTE_DTYPE, DEVICE, autocast, peak_flops, peak_memory_mb, release_memory,
+                               synchronize)
 
 # ---------------------------------------------------------------------------------------------
 # Hyperparameters: plain constants, edit freely. Profile-dependent starting points come from
@@ -457,6 +458,10 @@ recompiles = compiler.late_graphs()  # graphs compiled during timed training: ea
 # ---------------------------------------------------------------------------------------------
 # Evaluation and summary
 
+# what only training needed goes (the optimizer's state, the next batch), and the memory it held
+# goes back to the device: the harness's evaluation runs beside this process
+del optimizer, train_loader, x, y, loss, train_loss
+release_memory()
 model.eval()
 with torch.no_grad(), autocast():
     # on the CPU eager: over its profile's 2^16 tokens, compiling the evaluation graph costs more than it saves

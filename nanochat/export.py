@@ -20,8 +20,14 @@ from nanochat import attention
 EXPORT_ENV = "RESEARCH_LOOP_EXPORT"
 # Rows per call of the exported program on the CPU, at most: the evaluation runs it op by op, and
 # at 4 rows (1,024 positions) each op's output (the logits above all) stays in cache; 15% faster
-# than 16 rows on a Zen 4. A GPU gets the whole batch in one call.
+# than 16 rows on a Zen 4. A GPU gets as much of the batch per call as its free memory holds.
 CPU_ROWS_PER_CALL = 4
+# On a GPU, the evaluation's logits may take this share of the memory free at export (the training
+# process has released its reserve; the rest is the evaluation's copy of the model and its activations)
+GPU_LOGITS_MEMORY_SHARE = 0.5
+# Bytes per logit alive at once in one call of the program: the head's bf16 output, and two fp32
+# tensors of the softcap (the graph runs op by op, each freed after its last use)
+LOGIT_BYTES = 2 + 4 + 4
 
 
 class LogitsOnly(torch.nn.Module):
@@ -39,9 +45,17 @@ def meta_path(path: str) -> str:
     return path + ".json"
 
 
-def export_for_evaluation(model, batch_size: int, seq_len: int) -> str | None:
+def gpu_rows_per_call(batch_size: int, seq_len: int, vocab_size: int, free_bytes: int) -> int:
+    """Rows per call on a GPU: the largest divisor of the batch whose logits fit in the share of the
+    free memory they may take (one row at least: a row that does not fit is an out-of-memory to see)."""
+    fits = free_bytes * GPU_LOGITS_MEMORY_SHARE // (seq_len * vocab_size * LOGIT_BYTES)
+    return max(r for r in range(1, batch_size + 1) if batch_size % r == 0 and (r <= fits or r == 1))
+
+
+def export_for_evaluation(model, batch_size: int, seq_len: int, vocab_size: int | None = None) -> str | None:
     """Writes the program for RESEARCH_LOOP_EXPORT, if set; returns its path, or None. A model that
-    cannot be exported is reported in the log: the run's result is then unverified."""
+    cannot be exported is reported in the log: the run's result is then unverified. vocab_size sizes
+    the calls to a GPU's free memory (without it, the whole batch per call)."""
     path = os.environ.get(EXPORT_ENV)
     if not path:
         return None
@@ -53,6 +67,8 @@ def export_for_evaluation(model, batch_size: int, seq_len: int) -> str | None:
     rows = batch_size  # per call of the program; on the CPU a divisor of the batch, split into calls
     if device.type == "cpu":
         rows = max(r for r in range(1, CPU_ROWS_PER_CALL + 1) if batch_size % r == 0)
+    elif device.type == "cuda" and vocab_size:
+        rows = gpu_rows_per_call(batch_size, seq_len, vocab_size, torch.cuda.mem_get_info(device)[0])
     example = torch.zeros((rows, seq_len), dtype=torch.long, device=device)  # no validation data needed
     was_training = module.training
     started = time.time()

@@ -296,3 +296,15 @@ def test_a_model_that_remembers_the_batch_it_is_asked_again_is_caught(tokenizer,
                                       tokenizer)
     assert not result["causal"] and "not causal" in result["problem"], result
 
+
+
+def test_a_gpus_calls_are_sized_to_its_free_memory():
+    """The h100 profile's batch (128 x 2048, vocabulary 8192): 160 MiB of logits per row."""
+    from nanochat.export import GPU_LOGITS_MEMORY_SHARE, LOGIT_BYTES, gpu_rows_per_call
+    row = 2048 * 8192 * LOGIT_BYTES
+    assert gpu_rows_per_call(128, 2048, 8192, 75 * 2**30) == 128  # an 80 GB card after training released it
+    assert gpu_rows_per_call(128, 2048, 8192, 15 * 2**30) == 32  # 48 rows fit: the largest divisor below
+    assert gpu_rows_per_call(128, 2048, 8192, int(64 * row / GPU_LOGITS_MEMORY_SHARE)) == 64  # exactly
+    assert gpu_rows_per_call(128, 2048, 8192, int(64 * row / GPU_LOGITS_MEMORY_SHARE) - 1) == 32
+    assert gpu_rows_per_call(96, 2048, 8192, 2**30) == 3  # a divisor of the batch, not a power of two
+    assert gpu_rows_per_call(128, 2048, 8192, 0) == 1  # nothing free: one row, and an out-of-memory to see
