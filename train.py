@@ -30,8 +30,8 @@ from prepare import (BUDGET_CLOCK, MAX_SEQ_LEN, TIME_BUDGET, TRAIN_DEFAULTS, Tok
 from nanochat.attention import attention
 from nanochat.compile import Compiler
 from nanochat.fused import relu_squared, rms_norm, rotary, softcap_cross_entropy
-from nanochat.platform import (COMPUTE_DTYPE, DEVICE, autocast, peak_flops, peak_memory_mb, release_memory,
-                               synchronize)
+from nanochat.platform import (COMPUTE_DTYPE, DEVICE, autocast, describe_dtype, grad_scaler, peak_flops,
+                               peak_memory_mb, release_memory, synchronize)
 
 # ---------------------------------------------------------------------------------------------
 # Hyperparameters: plain constants, edit freely. Profile-dependent starting points come from
@@ -382,6 +382,7 @@ num_params = sum(p.numel() for p in model.parameters())
 flops_per_token = model.flops_per_token()
 flops_per_step = flops_per_token * TOTAL_BATCH_SIZE
 optimizer = build_optimizer(model)
+scaler = grad_scaler()  # fp16 (GPUs before bf16) scales the loss; bf16 and fp32 pass through
 train_model = compiler(model, dynamic=False)
 
 tokens_per_micro_batch = DEVICE_BATCH_SIZE * MAX_SEQ_LEN
@@ -392,9 +393,9 @@ train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train
 x, y, epoch = next(train_loader)
 peak = peak_flops()
 
-print(f"device: {DEVICE} | params: {num_params / 1e6:.1f}M | width: {width} | depth: {DEPTH} | "
-      f"windows: {model.windows} | grad accum: {grad_accum_steps} | budget: {TIME_BUDGET}s ({BUDGET_CLOCK} clock) | "
-      f"compile: {'on' if compiler.enabled else compiler.cache_state()}", flush=True)
+print(f"device: {DEVICE} | dtype: {describe_dtype()} | params: {num_params / 1e6:.1f}M | width: {width} | "
+      f"depth: {DEPTH} | windows: {model.windows} | grad accum: {grad_accum_steps} | budget: {TIME_BUDGET}s "
+      f"({BUDGET_CLOCK} clock) | compile: {'on' if compiler.enabled else compiler.cache_state()}", flush=True)
 
 # ---------------------------------------------------------------------------------------------
 # Training loop: runs until the timed steps have spent TIME_BUDGET on the harness's budget clock
@@ -411,7 +412,7 @@ while True:
         with autocast():
             loss = train_model(x, y)
         train_loss = loss.detach()
-        (loss / grad_accum_steps).backward()
+        scaler.scale(loss / grad_accum_steps).backward()
         x, y, epoch = next(train_loader)  # on a GPU this overlaps the queued backward
     progress = min(training_time / TIME_BUDGET, 1.0)
     lrm = lr_multiplier(progress)
@@ -420,7 +421,8 @@ while True:
         if group["kind"] == "muon":
             group["momentum"] = muon_momentum(step)
             group["weight_decay"] = WEIGHT_DECAY * (1.0 - progress)
-    optimizer.step()
+    scaler.step(optimizer)  # skipped where fp16 gradients overflowed
+    scaler.update()
     optimizer.zero_grad()
     loss_value = train_loss.item()
     if not math.isfinite(loss_value) or loss_value > 100:

@@ -41,6 +41,9 @@ CUDA_MIN_DRIVER = {11: "450.80.02", 12: "525.60.13", 13: "580.65.06"}
 # torch builds for older drivers, on PyTorch's own package index: (oldest driver, index suffix)
 TORCH_BUILDS = [("580.65.06", "cu130"), ("525.60.13", "cu126"), ("450.80.02", "cu118")]
 DEVICE_ENV = "AUTORESEARCH_DEVICE"  # "cpu": train on the CPU although a GPU is here
+DTYPE_ENV = "AUTORESEARCH_DTYPE"  # the compute dtype instead of the platform's choice (checks of a platform)
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+BF16_CAPABILITY = (8, 0)  # CUDA compute capability from which bf16 runs on the tensor cores
 PEAK_MATMUL_SIZE = 2048  # square matmul used to measure a peak: large enough to saturate the cores
 PEAK_MEASURE_SECONDS = 1.0  # per repetition; the best of PEAK_REPEATS is the peak
 PEAK_REPEATS = 3
@@ -148,12 +151,26 @@ def _cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-if DEVICE.type == "cuda":
-    COMPUTE_DTYPE = torch.bfloat16
-elif DEVICE.type == "cpu" and _cpu_has_bf16():
-    COMPUTE_DTYPE = torch.bfloat16
-else:
-    COMPUTE_DTYPE = torch.float32
+def cuda_compute_dtype(capability: tuple[int, int]) -> torch.dtype:
+    """bf16 where the tensor cores have it (compute capability 8.0 on: A100, H100, RTX 30xx and later);
+    fp16 before (V100, T4, RTX 20xx: tensor cores in fp16 only), trained with loss scaling."""
+    return torch.bfloat16 if capability >= BF16_CAPABILITY else torch.float16
+
+
+def _compute_dtype() -> torch.dtype:
+    wanted = os.environ.get(DTYPE_ENV, "").strip()
+    if wanted:
+        if wanted not in DTYPES:
+            sys.exit(f"{DTYPE_ENV}={wanted!r}: use one of {', '.join(DTYPES)} (or unset it: the platform's choice).")
+        return DTYPES[wanted]
+    if DEVICE.type == "cuda":
+        return cuda_compute_dtype(torch.cuda.get_device_capability())
+    if DEVICE.type == "cpu" and _cpu_has_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+COMPUTE_DTYPE = _compute_dtype()
 
 
 def autocast():
@@ -161,6 +178,17 @@ def autocast():
     if COMPUTE_DTYPE == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=DEVICE.type, dtype=COMPUTE_DTYPE)
+
+
+def describe_dtype() -> str:
+    """The compute dtype as the run's output states it."""
+    name = str(COMPUTE_DTYPE).removeprefix("torch.")
+    return f"{name} with loss scaling" if COMPUTE_DTYPE == torch.float16 else name
+
+
+def grad_scaler():
+    """fp16's loss scaling (its gradients underflow without it); a pass-through in bf16 and fp32."""
+    return torch.amp.GradScaler(DEVICE.type, enabled=COMPUTE_DTYPE == torch.float16)
 
 
 def synchronize():

@@ -8,12 +8,17 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
                 "total_tokens_M", "num_steps", "num_params_M", "depth"]
 # upstream's progress line, field for field
 PROGRESS_RE = re.compile(r"^step (\d{5}) \((\d+\.\d)%\) \| loss: (\d+\.\d{6}) \| lrm: \d+\.\d\d \| dt: \d+ms \| "
                          r"tok/sec: [\d,]+ \| mfu: \d+\.\d% \| epoch: \d+ \| remaining: \d+s\s*$")
+# train.py as it is but tiny, for paths that run slowly on the CPU (fp16 matmuls are emulated there)
+SMALL_MODEL = {'\nDEPTH = TRAIN_DEFAULTS["depth"]': "\nDEPTH = 1",
+               '\nTOTAL_BATCH_SIZE = TRAIN_DEFAULTS["total_batch_size"]': "\nTOTAL_BATCH_SIZE = 512",
+               '\nDEVICE_BATCH_SIZE = TRAIN_DEFAULTS["device_batch_size"]': "\nDEVICE_BATCH_SIZE = 2"}
 UNIFORM_BOUND_SCRIPT = """
 import json, math
 from prepare import EVAL_TOKENS, MAX_SEQ_LEN, TRAIN_DEFAULTS, VOCAB_SIZE, Tokenizer, make_dataloader
@@ -106,6 +111,33 @@ def test_a_gpu_torch_cannot_use_stops_training_instead_of_the_cpu(prepared_env, 
     done = run_train(repo_root / "train.py", {**prepared_env, "PATH": fake_nvidia_smi(tmp_path / "bin")}, repo_root)
     assert done.returncode != 0 and "step 0" not in done.stdout
     assert "cannot use it" in done.stderr and "AUTORESEARCH_DEVICE=cpu" in done.stderr, done.stderr
+
+
+def test_cuda_trains_in_bf16_from_ampere_on_and_in_fp16_before():
+    from nanochat.platform import cuda_compute_dtype
+    assert cuda_compute_dtype((9, 0)) == cuda_compute_dtype((8, 0)) == cuda_compute_dtype((12, 0)) == torch.bfloat16
+    assert cuda_compute_dtype((7, 5)) == cuda_compute_dtype((7, 0)) == cuda_compute_dtype((6, 1)) == torch.float16
+
+
+def test_fp16_trains_with_loss_scaling_and_says_so(prepared_env, repo_root, tmp_path):
+    """The path a T4 or V100 takes (fp16 autocast, the loss scaled), run on the CPU for a few steps of
+    a small train.py: the loss falls and stays finite."""
+    source = (repo_root / "train.py").read_text()
+    for old, new in SMALL_MODEL.items():
+        assert source.count(old) == 1, old
+        source = source.replace(old, new)
+    (tmp_path / "train.py").write_text(source)
+    env = dict(prepared_env, PYTHONPATH=str(repo_root), AUTORESEARCH_DTYPE="float16", AUTORESEARCH_BUDGET_CLOCK="wall",
+               AUTORESEARCH_TIME_BUDGET="2", AUTORESEARCH_EVAL_TOKENS="1024")
+    # an fp16 peak for MFU, as a benchmark stores one: measuring it takes a minute where fp16 is emulated
+    subprocess.run([sys.executable, "-c", "import torch; from nanochat.platform import save_peak_flops; "
+                    "save_peak_flops(1e9, torch.float16)"], cwd=repo_root, env=env, check=True)
+    done = run_train(tmp_path / "train.py", env, tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "| dtype: float16 with loss scaling |" in done.stdout
+    losses = [float(m) for m in re.findall(r"loss: (\d+\.\d+)", done.stdout)]
+    assert len(losses) >= 3 and losses[-1] < losses[0], losses
+    assert math.isfinite(float(parse_summary(done.stdout)["val_bpb"]))
 
 
 def test_peak_flops_with_a_read_only_cache(monkeypatch):
