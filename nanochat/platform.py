@@ -8,6 +8,7 @@ import gc
 import json
 import os
 import platform as host
+import re
 import resource
 import shutil
 import subprocess
@@ -23,8 +24,9 @@ GPU_PEAK_FLOPS = [
     ("H100 NVL", 835e12),
     ("H100 PCIe", 756e12),
     ("H100", 989.5e12),  # SXM
-    ("H200", 989.5e12),
     ("GH200", 989.5e12),
+    ("H200 NVL", 835e12),
+    ("H200", 989.5e12),  # SXM
     ("B200", 2250e12),
     ("A100", 312e12),
     ("A6000", 154.8e12),
@@ -44,6 +46,7 @@ DEVICE_ENV = "AUTORESEARCH_DEVICE"  # "cpu": train on the CPU although a GPU is 
 DTYPE_ENV = "AUTORESEARCH_DTYPE"  # the compute dtype instead of the platform's choice (checks of a platform)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 BF16_CAPABILITY = (8, 0)  # CUDA compute capability from which bf16 runs on the tensor cores
+MIG_SLICES = 7  # compute slices of an A100/H100/H200: a MIG instance "3g.40gb" has 3 of them
 PEAK_MATMUL_SIZE = 2048  # square matmul used to measure a peak: large enough to saturate the cores
 PEAK_MEASURE_SECONDS = 1.0  # per repetition; the best of PEAK_REPEATS is the peak
 PEAK_REPEATS = 3
@@ -132,6 +135,9 @@ def torch_build_advice(driver: str) -> str:
 
 
 DEVICE = get_device()
+
+if DEVICE.type == "cuda":  # fp32 matmuls (the few outside autocast) on TF32 tensor cores, as upstream
+    torch.set_float32_matmul_precision("high")
 
 # CPU: one thread per CPU this process may use: torch counts the machine's cores, which
 # overcommits under a CPU mask (taskset, containers).
@@ -302,15 +308,22 @@ def save_peak_flops(flops: float, dtype=COMPUTE_DTYPE) -> bool:
     return True
 
 
+def gpu_peak_flops(name: str) -> float | None:
+    """The datasheet peak of a CUDA device by its name (the first entry that matches, most specific
+    first), scaled to a MIG instance's share of the card; None for a card not listed."""
+    flops = next((flops for key, flops in GPU_PEAK_FLOPS if key in name), None)
+    mig = re.search(r"MIG (\d+)g\.", name)
+    return flops * int(mig.group(1)) / MIG_SLICES if flops and mig else flops
+
+
 def peak_flops(dtype=COMPUTE_DTYPE) -> float:
     """Peak FLOP/s for MFU: the datasheet figure for known GPUs, else a matmul peak measured once
     per (device, threads, dtype) and cached in $AUTORESEARCH_CACHE/compile/cpu_peak_flops.json, so only the
     first run pays the few seconds of measuring."""
     if DEVICE.type == "cuda":
-        name = _device_name()
-        for key, flops in GPU_PEAK_FLOPS:
-            if key in name:
-                return flops
+        flops = gpu_peak_flops(_device_name())
+        if flops:
+            return flops
     cached = _read_peak_cache().get(_peak_cache_key(dtype))
     if cached:
         return cached

@@ -149,3 +149,13 @@ def test_peak_flops_with_a_read_only_cache(monkeypatch):
     monkeypatch.setattr(platform, "PEAK_MEASURE_SECONDS", 0.05)
     assert platform.save_peak_flops(1e9) is False
     assert platform.peak_flops() > 0
+
+
+def test_datasheet_peaks_match_the_most_specific_name_and_a_mig_slice_gets_its_share():
+    from nanochat.platform import gpu_peak_flops
+    assert gpu_peak_flops("NVIDIA H200 NVL") == 835e12  # not the SXM's 989.5
+    assert gpu_peak_flops("NVIDIA H200") == gpu_peak_flops("NVIDIA GH200 480GB") == 989.5e12
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3") == 989.5e12 and gpu_peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3 MIG 3g.40gb") == pytest.approx(989.5e12 * 3 / 7)
+    assert gpu_peak_flops("NVIDIA A100-SXM4-40GB MIG 1g.5gb") == pytest.approx(312e12 / 7)
+    assert gpu_peak_flops("Tesla T4") is None  # measured instead
