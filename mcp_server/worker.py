@@ -59,6 +59,7 @@ DATA_ORDER_ENV = "AUTORESEARCH_DATA_ORDER"  # which stretch of the data a rerun 
 # What the harness's evaluation takes from this worker's environment, not the server's: the slot's GPU
 # (the pool sets CUDA_VISIBLE_DEVICES per slot) and where libcuda is found
 DEVICE_ENV = ("CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH")
+UVM_DEVICE = "/dev/nvidia-uvm"  # CUDA's unified memory node, made by nvidia-modprobe at the first CUDA use
 IN_OPEN, IN_MOVED_TO, IN_CREATE = 0x20, 0x80, 0x100
 INOTIFY_EVENT = struct.Struct("iIII")  # wd, mask, cookie, name length
 
@@ -463,6 +464,18 @@ def device_name(env: dict) -> str:
     return "cpu"
 
 
+def cuda_ready_outside_the_sandbox() -> None:
+    """bubblewrap sets no-new-privs, so inside it the setuid nvidia-modprobe that the first CUDA use
+    after a boot runs to make /dev/nvidia-uvm cannot: where a driver is installed and the node is
+    missing, it runs here first (the run then finds the node, or says why it has no GPU)."""
+    if os.path.exists(UVM_DEVICE) or not shutil.which("nvidia-modprobe"):
+        return
+    try:
+        subprocess.run(["nvidia-modprobe", "-u", "-c=0"], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+
+
 def on_this_device(spec: dict) -> dict:
     """The evaluation's spec with this worker's device variables: the server made it for every slot
     alike, and an evaluation on another slot's GPU would slow that slot's timed training (or run out
@@ -533,6 +546,8 @@ def main(argv=None) -> int:
         val_copy = private_val_copy(args.val_shard, args.report)
     command, in_sandbox = sandboxed(args.command, args.sandbox, os.getcwd(),
                                     {args.val_shard: val_copy} if val_copy else None)
+    if in_sandbox:
+        cuda_ready_outside_the_sandbox()
     if args.export:
         env[EXPORT_ENV] = str(args.export)
         args.export.parent.mkdir(parents=True, exist_ok=True)
