@@ -197,12 +197,19 @@ def grad_scaler():
     return torch.amp.GradScaler(DEVICE.type, enabled=COMPUTE_DTYPE == torch.float16)
 
 
+# MPS reports only what its driver holds now (the allocator's cache included, so the most a step
+# needed stays held until it is emptied): the most seen at the waits for the device is the peak
+_mps_peak = [0]
+
+
 def synchronize():
     """Wait for queued device work, so wall-clock timings mean something."""
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
     elif DEVICE.type == "mps":
         torch.mps.synchronize()
+        _mps_peak[0] = max(_mps_peak[0], torch.mps.driver_allocated_memory())
+
 
 
 def peak_memory_mb() -> float:
@@ -211,7 +218,7 @@ def peak_memory_mb() -> float:
     if DEVICE.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     if DEVICE.type == "mps":
-        return torch.mps.driver_allocated_memory() / 2**20
+        return max(_mps_peak[0], torch.mps.driver_allocated_memory()) / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
