@@ -152,7 +152,8 @@ def evaluate_bpb(model, tokenizer, batch_size):
     Under the research-loop server, the model is exported for the harness's own, separate
     evaluation (nanochat/export.py), whose number the ledger gets: it is returned here, so the
     validation set is not evaluated twice."""
-    handed = answer.harness_answer() if export.export_for_evaluation(model, batch_size, MAX_SEQ_LEN, VOCAB_SIZE) else None
+    exported = export.export_for_evaluation(model, batch_size, MAX_SEQ_LEN, VOCAB_SIZE)
+    handed = answer.harness_answer() if exported else None
     if handed and "val_bpb" in handed and os.environ.get(answer.CROSSCHECK_ENV) != "1":
         return handed["val_bpb"]
     return evaluation.evaluate_bpb(model, tokenizer, batch_size, MAX_SEQ_LEN, EVAL_TOKENS)

@@ -211,7 +211,6 @@ def synchronize():
         _mps_peak[0] = max(_mps_peak[0], torch.mps.driver_allocated_memory())
 
 
-
 def peak_memory_mb() -> float:
     """Peak memory of training in MiB: allocated device memory on CUDA and MPS; on the CPU, where
     the model lives in host memory, the process's peak resident set (what can run out)."""
