@@ -153,7 +153,7 @@ def evaluate_bpb(model, tokenizer, batch_size):
     evaluation (nanochat/export.py), whose number the ledger gets: it is returned here, so the
     validation set is not evaluated twice."""
     eval_batch_size, _ = evaluation_shape(PROFILE)
-    exported = export.export_for_evaluation(model, batch_size, MAX_SEQ_LEN, eval_batch_size)
+    exported = export.export_for_evaluation(model, batch_size, MAX_SEQ_LEN, eval_batch_size, VOCAB_SIZE)
     handed = answer.harness_answer() if exported else None
     if handed and "val_bpb" in handed and os.environ.get(answer.CROSSCHECK_ENV) != "1":
         return handed["val_bpb"]
@@ -164,11 +164,11 @@ def evaluate_bpb(model, tokenizer, batch_size):
 # Choosing a profile and a data set
 
 def detect_profile() -> str:
-    if torch.cuda.is_available():
+    """The device train.py will use (nanochat/platform.py: it stops where a GPU is here that torch
+    cannot use, rather than let this record the cpu profile in silence)."""
+    if platform.DEVICE.type == "cuda":
         return "h100" if torch.cuda.get_device_properties(0).total_memory >= H100_MIN_BYTES else "gpu"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    return platform.DEVICE.type  # "mps" or "cpu"
 
 
 def _network_answers(url: str) -> bool:

@@ -30,7 +30,8 @@ from prepare import (BUDGET_CLOCK, MAX_SEQ_LEN, TIME_BUDGET, TRAIN_DEFAULTS, Tok
 from nanochat.attention import attention
 from nanochat.compile import Compiler
 from nanochat.fused import relu_squared, rms_norm, rotary, softcap_cross_entropy
-from nanochat.platform import COMPUTE_DTYPE, DEVICE, autocast, peak_flops, peak_memory_mb, synchronize
+from nanochat.platform import (COMPUTE_DTYPE, DEVICE, autocast, describe_dtype, grad_scaler, peak_flops,
+                               peak_memory_mb, release_memory, synchronize)
 
 # ---------------------------------------------------------------------------------------------
 # Hyperparameters: plain constants, edit freely. Profile-dependent starting points come from
@@ -66,13 +67,14 @@ SEED = 42
 # ---------------------------------------------------------------------------------------------
 # Platform: torch.compile fuses the elementwise work between the matmuls, on the CPU as on a GPU.
 # Step 0 compiles (eager: warms up the allocator), so it is not training time; CUDA leaves out
-# upstream's 10 steps, to compare with upstream. Compiled graphs are cached beside the data
+# steps 0-10 as upstream does, to compare with upstream. Compiled graphs are cached beside the data
 # (nanochat/compile.py): a rerun, or an edit of constants only, starts warm, because schedule values
 # reach the compiled optimizer as tensors, never as numbers baked into a graph.
 # AUTORESEARCH_COMPILE=0 trains eager, with the hand-fused kernels of nanochat/fused.py.
 
 compiler = Compiler()
-UNTIMED_STEPS = 10 if DEVICE.type == "cuda" else 1
+UNTIMED_STEPS = 11 if DEVICE.type == "cuda" else 1
+GC_EVERY = 5000  # steps: the collector is off during training (see step 0); a sweep now and then, as upstream
 torch.manual_seed(SEED)
 
 # ---------------------------------------------------------------------------------------------
@@ -381,6 +383,7 @@ num_params = sum(p.numel() for p in model.parameters())
 flops_per_token = model.flops_per_token()
 flops_per_step = flops_per_token * TOTAL_BATCH_SIZE
 optimizer = build_optimizer(model)
+scaler = grad_scaler()  # fp16 (GPUs before bf16) scales the loss; bf16 and fp32 pass through
 train_model = compiler(model, dynamic=False)
 
 tokens_per_micro_batch = DEVICE_BATCH_SIZE * MAX_SEQ_LEN
@@ -391,9 +394,9 @@ train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train
 x, y, epoch = next(train_loader)
 peak = peak_flops()
 
-print(f"device: {DEVICE} | params: {num_params / 1e6:.1f}M | width: {width} | depth: {DEPTH} | "
-      f"windows: {model.windows} | grad accum: {grad_accum_steps} | budget: {TIME_BUDGET}s ({BUDGET_CLOCK} clock) | "
-      f"compile: {'on' if compiler.enabled else compiler.cache_state()}", flush=True)
+print(f"device: {DEVICE} | dtype: {describe_dtype()} | params: {num_params / 1e6:.1f}M | width: {width} | "
+      f"depth: {DEPTH} | windows: {model.windows} | grad accum: {grad_accum_steps} | budget: {TIME_BUDGET}s "
+      f"({BUDGET_CLOCK} clock) | compile: {'on' if compiler.enabled else compiler.cache_state()}", flush=True)
 
 # ---------------------------------------------------------------------------------------------
 # Training loop: runs until the timed steps have spent TIME_BUDGET on the harness's budget clock
@@ -410,7 +413,7 @@ while True:
         with autocast():
             loss = train_model(x, y)
         train_loss = loss.detach()
-        (loss / grad_accum_steps).backward()
+        scaler.scale(loss / grad_accum_steps).backward()
         x, y, epoch = next(train_loader)  # on a GPU this overlaps the queued backward
     progress = min(training_time / TIME_BUDGET, 1.0)
     lrm = lr_multiplier(progress)
@@ -419,7 +422,8 @@ while True:
         if group["kind"] == "muon":
             group["momentum"] = muon_momentum(step)
             group["weight_decay"] = WEIGHT_DECAY * (1.0 - progress)
-    optimizer.step()
+    scaler.step(optimizer)  # skipped where fp16 gradients overflowed
+    scaler.update()
     optimizer.zero_grad()
     loss_value = train_loss.item()
     if not math.isfinite(loss_value) or loss_value > 100:
@@ -444,6 +448,8 @@ while True:
         gc.collect()
         gc.freeze()
         gc.disable()
+    elif (step + 1) % GC_EVERY == 0:
+        gc.collect()
     if step == UNTIMED_STEPS - 1:
         compiler.mark_warm()
     step += 1
@@ -457,6 +463,10 @@ recompiles = compiler.late_graphs()  # graphs compiled during timed training: ea
 # ---------------------------------------------------------------------------------------------
 # Evaluation and summary
 
+# what only training needed goes (the optimizer's state, the next batch), and the memory it held
+# goes back to the device: the harness's evaluation runs beside this process
+del optimizer, train_loader, x, y, loss, train_loss
+release_memory()
 model.eval()
 with torch.no_grad(), autocast():
     # on the CPU eager: over its profile's 2^16 tokens, compiling the evaluation graph costs more than it saves

@@ -75,13 +75,15 @@ def evaluation_spec(harness: Path, harness_commit: str, timeout: float) -> dict:
     """The worker's --evaluate: this interpreter, isolated (-I: no PYTHON* variables, no user site,
     no script folder on the path), without site (-S: no .pth file or sitecustomize runs), writing no
     bytecode (-B: the harness copy stays exactly its commit, which the worker checks after the
-    evaluation, so bytecode planted there is caught), in a clean environment. Its shapes are the
-    prepared profile's, its size the server's, and its inputs the pinned validation shard and
-    tokenizer, which the worker copies and checks before the training starts. The worker adds
-    --out-fd (the result comes back through a pipe that the training process cannot reach) and the
-    descriptors of its private copies of the inputs and the exported program."""
+    evaluation, so bytecode planted there is caught), in a clean environment (LD_LIBRARY_PATH kept: where
+    libcuda is found only through it, the evaluation would see no GPU). Its shapes are the prepared
+    profile's, its size the server's, and its inputs the pinned validation shard and tokenizer, which
+    the worker copies and checks before the training starts. The worker adds --out-fd (the result
+    comes back through a pipe that the training process cannot reach), the descriptors of its private
+    copies of the inputs and the exported program, and its slot's GPU."""
     env = {k: v for k, v in os.environ.items()
-           if k in ("PATH", "HOME", "LANG", "LC_ALL", "CUDA_VISIBLE_DEVICES", "AUTORESEARCH_CACHE")}
+           if k in ("PATH", "HOME", "LANG", "LC_ALL", "CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH",
+                    "AUTORESEARCH_DEVICE", "AUTORESEARCH_CACHE")}
     env["AUTORESEARCH_CACHE"] = str(cache_dir())
     argv = [sys.executable, "-I", "-S", "-B",
             str(harness / EVALUATOR), "--profile", str((prepared_info() or {}).get("profile")),

@@ -48,7 +48,8 @@ TOKEN_FILE = "token"
 SYNC_TIMEOUT_S = 1800
 PREPARE_TIMEOUT_S = 3600
 PROBE_TIMEOUT_S = 300
-EVALUATOR_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "CUDA_VISIBLE_DEVICES")
+EVALUATOR_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH",
+                 "AUTORESEARCH_DEVICE")
 # The training command's interpreter: the separate evaluation runs on it, isolated.
 PROBE = ("import json, sys, sysconfig; p = sysconfig.get_paths(); "
          "print(json.dumps([sys.executable, sys.prefix, sorted({p['purelib'], p['platlib']})]))")

@@ -67,6 +67,10 @@ MARK = "[research-loop]"  # prefix of the lines this worker adds to the log
 EXPORT_ENV = "RESEARCH_LOOP_EXPORT"  # where the harness writes the trained model (nanochat/export.py)
 ANSWER_ENV = "RESEARCH_LOOP_ANSWER"  # where this worker writes the harness's number for train.py to print
 DATA_ORDER_ENV = "AUTORESEARCH_DATA_ORDER"  # which stretch of the data a rerun trains on (nanochat/dataloader.py)
+# What the harness's evaluation takes from this worker's environment, not the server's: the slot's GPU
+# (the pool sets CUDA_VISIBLE_DEVICES per slot) and where libcuda is found
+DEVICE_ENV = ("CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH")
+UVM_DEVICE = "/dev/nvidia-uvm"  # CUDA's unified memory node, made by nvidia-modprobe at the first CUDA use
 IN_OPEN = 0x20
 INOTIFY_EVENT = struct.Struct("iIII")  # wd, mask, cookie, name length
 
@@ -563,6 +567,26 @@ def device_name(env: dict) -> str:
     return "cpu"
 
 
+def cuda_ready_outside_the_sandbox() -> None:
+    """bubblewrap sets no-new-privs, so inside it the setuid nvidia-modprobe that the first CUDA use
+    after a boot runs to make /dev/nvidia-uvm cannot: where a driver is installed and the node is
+    missing, it runs here first (the run then finds the node, or says why it has no GPU)."""
+    if os.path.exists(UVM_DEVICE) or not shutil.which("nvidia-modprobe"):
+        return
+    try:
+        subprocess.run(["nvidia-modprobe", "-u", "-c=0"], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+
+
+def on_this_device(spec: dict) -> dict:
+    """The evaluation's spec with this worker's device variables: the server made it for every slot
+    alike, and an evaluation on another slot's GPU would slow that slot's timed training (or run out
+    of its memory) and be slowed by it."""
+    device = {name: os.environ[name] for name in DEVICE_ENV if name in os.environ}
+    return dict(spec, env=dict(spec["env"], **device))
+
+
 def write_report(path: Path, report: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
@@ -642,12 +666,14 @@ def main(argv=None) -> int:
         os.close(write_end)
         return not_started(args, f"refused to run {args.command[0]!r}: {sandbox.missing()}", 126, started_at,
                            subreaper)
+    if in_sandbox:
+        cuda_ready_outside_the_sandbox()
     if args.export:
         env[EXPORT_ENV] = str(args.export)
         args.export.parent.mkdir(parents=True, exist_ok=True)
         if args.evaluate:
             answer = args.export.with_name(args.export.name + ".answer.json")
-            evaluation = HarnessEvaluation(args.evaluate, args.log, args.export, answer)
+            evaluation = HarnessEvaluation(on_this_device(args.evaluate), args.log, args.export, answer)
             env[ANSWER_ENV] = str(answer)
     if watch_val and (val_copy or not args.val_shared):
         try:

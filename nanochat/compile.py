@@ -8,7 +8,7 @@ learning rate or a schedule constant, loads every compiled graph from there inst
 it. What Inductor builds once per machine (precompiled C++ headers, its checks of the CPU) is
 built by prepare.py (prepare_compiler), so even the first run of a new model compiles only its
 own graphs. AUTORESEARCH_COMPILE=0 trains eager; so does any platform where compiling fails, after
-one line in the log that says why.
+one line in the log that says why. An out-of-memory is no such failure: it is raised, and said.
 """
 import logging
 import os
@@ -76,6 +76,18 @@ def describe(error: Exception) -> str:
     """An exception in one line: its type and the first line of its message."""
     first_line = (str(error).strip().splitlines() or [""])[0][:200]
     return f"{type(error).__name__}: {first_line}"
+
+
+def out_of_memory(error: BaseException) -> BaseException | None:
+    """The out-of-memory error, as raised or as the cause of a compile error Dynamo or Inductor wrapped
+    it in; None for any other error."""
+    chain = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    by_type = [e for e in chain if isinstance(e, torch.OutOfMemoryError)]
+    by_text = [e for e in chain if "out of memory" in str(e).lower() or "can't allocate memory" in str(e).lower()]
+    return (by_type or by_text or [None])[0]
 
 
 class Compiler:
@@ -217,6 +229,11 @@ class _Compiled:
             try:
                 return self._compiled(*args, **kwargs)
             except Exception as error:  # noqa: BLE001  (a user error re-raises from the eager call)
+                oom = out_of_memory(error)
+                if oom:  # eager at the same batch would need more memory still
+                    print(f"out of memory ({describe(oom)}): lower DEVICE_BATCH_SIZE (TOTAL_BATCH_SIZE can stay: "
+                          "more gradient accumulation steps)", flush=True)
+                    raise
                 self._compiler.fail(error)
         return self._eager(*args, **kwargs)
 

@@ -38,12 +38,14 @@ def evaluate_bpb(model, tokenizer, batch_size: int, seq_len: int, eval_tokens: i
     device = device or _model_device(model) or DEVICE
     loader = make_dataloader(tokenizer, batch_size, seq_len, "val", device=device, paths=val_paths)
     token_bytes = tokenizer.token_bytes.to(device)
-    total_nats = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
-    total_bytes = torch.zeros((), dtype=torch.int64, device=token_bytes.device)
+    total_nats, total_bytes = 0.0, 0
     for _ in range(steps):
         x, y, _ = next(loader)
         loss = model(x, y, reduction="none").reshape(-1)
         nbytes = token_bytes[y.reshape(-1)]
-        total_nats += torch.where(nbytes > 0, loss.double(), 0.0).sum()
-        total_bytes += nbytes.sum()
-    return total_nats.item() / (math.log(2) * total_bytes.item())
+        # summed on the CPU, in float64: MPS has none, and a float32 sum of a batch's 2^18 losses
+        # keeps only about 5 digits (upstream sums each batch in float32, then in Python)
+        loss, nbytes = loss.cpu(), nbytes.cpu()
+        total_nats += torch.where(nbytes > 0, loss.double(), 0.0).sum().item()
+        total_bytes += nbytes.sum().item()
+    return total_nats / (math.log(2) * total_bytes)

@@ -20,8 +20,14 @@ from nanochat import attention
 EXPORT_ENV = "RESEARCH_LOOP_EXPORT"
 # Rows per call of the exported program on the CPU, at most: the evaluation runs it op by op, and
 # at 4 rows (1,024 positions) each op's output (the logits above all) stays in cache; 15% faster
-# than 16 rows on a Zen 4. A GPU gets the whole batch in one call.
+# than 16 rows on a Zen 4. A GPU gets as much of the batch per call as its free memory holds.
 CPU_ROWS_PER_CALL = 4
+# On a GPU, the evaluation's logits may take this share of the memory free at export (the training
+# process has released its reserve; the rest is the evaluation's copy of the model and its activations)
+GPU_LOGITS_MEMORY_SHARE = 0.5
+# Bytes per logit alive at once in one call of the program: the head's bf16 output, and two fp32
+# tensors of the softcap (the graph runs op by op, each freed after its last use)
+LOGIT_BYTES = 2 + 4 + 4
 
 
 class LogitsOnly(torch.nn.Module):
@@ -46,11 +52,19 @@ def rows_per_call(batch_size: int, eval_batch_size: int, device_type: str) -> in
     return max(r for r in range(1, max(most, 1) + 1) if eval_batch_size % r == 0)
 
 
-def export_for_evaluation(model, batch_size: int, seq_len: int, eval_batch_size: int) -> str | None:
+def gpu_rows_per_call(batch_size: int, seq_len: int, vocab_size: int, free_bytes: int) -> int:
+    """Rows per call on a GPU: the largest divisor of the batch whose logits fit in the share of the
+    free memory they may take (one row at least: a row that does not fit is an out-of-memory to see)."""
+    fits = free_bytes * GPU_LOGITS_MEMORY_SHARE // (seq_len * vocab_size * LOGIT_BYTES)
+    return max(r for r in range(1, batch_size + 1) if batch_size % r == 0 and (r <= fits or r == 1))
+
+
+def export_for_evaluation(model, batch_size: int, seq_len: int, eval_batch_size: int,
+                          vocab_size: int | None = None) -> str | None:
     """Writes the program for RESEARCH_LOOP_EXPORT, if set; returns its path, or None. A model that
     cannot be exported is reported in the log: the run's result is then unverified. The harness
     evaluates batches of eval_batch_size rows of seq_len tokens (nanochat/profiles.py): a program
-    exported for other shapes is no result."""
+    exported for other shapes is no result. vocab_size sizes a GPU's calls to its free memory."""
     path = os.environ.get(EXPORT_ENV)
     if not path:
         return None
@@ -60,6 +74,8 @@ def export_for_evaluation(model, batch_size: int, seq_len: int, eval_batch_size:
     module = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: export the module itself
     device = next(module.parameters()).device
     rows = rows_per_call(batch_size, eval_batch_size, device.type)
+    if device.type == "cuda" and vocab_size:  # a divisor of a divisor of the harness's batch
+        rows = gpu_rows_per_call(rows, seq_len, vocab_size, torch.cuda.mem_get_info(device)[0])
     example = torch.zeros((rows, seq_len), dtype=torch.long, device=device)  # no validation data needed
     was_training = module.training
     started = time.time()

@@ -4,10 +4,14 @@ Everything device-specific lives here so that train.py runs on CUDA, Apple MPS a
 without edits.
 """
 import contextlib
+import gc
 import json
 import os
 import platform as host
+import re
 import resource
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,8 +24,9 @@ GPU_PEAK_FLOPS = [
     ("H100 NVL", 835e12),
     ("H100 PCIe", 756e12),
     ("H100", 989.5e12),  # SXM
-    ("H200", 989.5e12),
     ("GH200", 989.5e12),
+    ("H200 NVL", 835e12),
+    ("H200", 989.5e12),  # SXM
     ("B200", 2250e12),
     ("A100", 312e12),
     ("A6000", 154.8e12),
@@ -32,20 +37,107 @@ GPU_PEAK_FLOPS = [
     ("4090", 165.2e12),  # GeForce: fp32 accumulate runs at half the fp16-accumulate rate
     ("3090", 71e12),
 ]
+# The oldest Linux driver each CUDA major version of torch's wheels runs on (NVIDIA's minor-version
+# compatibility: any 12.x runtime on an R525 driver, any 13.x on R580).
+CUDA_MIN_DRIVER = {11: "450.80.02", 12: "525.60.13", 13: "580.65.06"}
+# torch builds for older drivers, on PyTorch's own package index: (oldest driver, index suffix)
+TORCH_BUILDS = [("580.65.06", "cu130"), ("525.60.13", "cu126"), ("450.80.02", "cu118")]
+DEVICE_ENV = "AUTORESEARCH_DEVICE"  # "cpu": train on the CPU although a GPU is here
+DTYPE_ENV = "AUTORESEARCH_DTYPE"  # the compute dtype instead of the platform's choice (checks of a platform)
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+BF16_CAPABILITY = (8, 0)  # CUDA compute capability from which bf16 runs on the tensor cores
+MIG_SLICES = 7  # compute slices of an A100/H100/H200: a MIG instance "3g.40gb" has 3 of them
 PEAK_MATMUL_SIZE = 2048  # square matmul used to measure a peak: large enough to saturate the cores
 PEAK_MEASURE_SECONDS = 1.0  # per repetition; the best of PEAK_REPEATS is the peak
 PEAK_REPEATS = 3
 
 
 def get_device() -> torch.device:
+    """CUDA, else MPS, else the CPU; never the CPU in silence where an NVIDIA GPU is here that this
+    torch cannot use (a wheel built for a newer driver): that stops with the reason and the fix."""
+    wanted = os.environ.get(DEVICE_ENV, "").strip()
+    if wanted not in ("", "cpu"):
+        sys.exit(f"{DEVICE_ENV}={wanted!r}: only 'cpu' is understood (unset it to use the GPU, if any).")
+    if wanted == "cpu":
+        return torch.device("cpu")
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
         return torch.device("mps")
+    problem = unusable_gpu()
+    if problem:
+        sys.exit(problem)
     return torch.device("cpu")
 
 
+def nvidia_gpu() -> tuple[str, str] | None:
+    """(name, driver version) of the first NVIDIA GPU nvidia-smi shows, ("an NVIDIA GPU", "unknown")
+    where only the kernel driver shows one, None where there is none or CUDA_VISIBLE_DEVICES hides them."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return None  # hidden on purpose: the CPU is wanted
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=30)
+            if out.returncode == 0 and "," in out.stdout:
+                name, driver = out.stdout.strip().splitlines()[0].rsplit(",", 1)
+                return name.strip(), driver.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    if not Path("/proc/driver/nvidia/gpus").is_dir():
+        return None
+    try:  # "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  ..."
+        words = Path("/proc/driver/nvidia/version").read_text().split()
+        driver = next(w for w in words if w.count(".") >= 1 and w.replace(".", "").isdigit())
+    except (OSError, StopIteration):
+        driver = "unknown"
+    return "an NVIDIA GPU", driver
+
+
+def _version(text: str) -> tuple:
+    return tuple(int(part) for part in text.split(".") if part.isdigit())
+
+
+def unusable_gpu() -> str | None:
+    """Why torch cannot use the NVIDIA GPU that is here, and what to do; None where there is none."""
+    gpu = nvidia_gpu()
+    if gpu is None:
+        return None
+    name, driver = gpu
+    cuda = torch.version.cuda
+    head = f"{name} (driver {driver}) is here, but torch {torch.__version__} cannot use it"
+    anyway = f"To train on the CPU anyway, set {DEVICE_ENV}=cpu."
+    if cuda is None:
+        return f"{head}: it is a build without CUDA. Install a CUDA build ({torch_build_advice(driver)}). {anyway}"
+    needed = CUDA_MIN_DRIVER.get(int(cuda.split(".")[0]))
+    if needed and driver != "unknown" and _version(driver) < _version(needed):
+        return (f"{head}: it is built for CUDA {cuda} (torch.version.cuda), which needs driver {needed} or newer. "
+                f"Update the driver, or install a torch built for this driver ({torch_build_advice(driver)}). "
+                f"{anyway}")
+    return (f"{head} (built for CUDA {cuda}, torch.version.cuda; driver {needed or 'unknown'} or newer needed). "
+            "Check that CUDA_VISIBLE_DEVICES names a GPU that exists, that /dev/nvidia* can be opened, and that "
+            "libcuda.so is found (LD_LIBRARY_PATH); `python -c 'import torch; torch.cuda.init()'` says why. "
+            f"{anyway}")
+
+
+def torch_build_advice(driver: str) -> str:
+    """How to get a torch wheel that runs on this driver: uv pinned to PyTorch's index for it."""
+    if driver == "unknown":
+        builds = ", ".join(f"{suffix} for driver {oldest} or newer" for oldest, suffix in TORCH_BUILDS)
+        return f"PyTorch's builds: {builds}; pin one in pyproject.toml with uv's [[tool.uv.index]], then `uv sync`"
+    suffix = next((build for oldest, build in TORCH_BUILDS if _version(driver) >= _version(oldest)), None)
+    if suffix is None:
+        return f"driver {driver} is too old for any torch build: update it to R525 or newer"
+    return (f"for driver {driver}: PyTorch's {suffix} build. In pyproject.toml add "
+            f"[[tool.uv.index]] name = \"pytorch-{suffix}\", url = \"https://download.pytorch.org/whl/{suffix}\", "
+            f"explicit = true, and under [tool.uv.sources] torch = {{ index = \"pytorch-{suffix}\" }}; "
+            "then `uv lock && uv sync`")
+
+
 DEVICE = get_device()
+
+if DEVICE.type == "cuda":  # fp32 matmuls (the few outside autocast) on TF32 tensor cores, as upstream
+    torch.set_float32_matmul_precision("high")
 
 # CPU: one thread per CPU this process may use: torch counts the machine's cores, which
 # overcommits under a CPU mask (taskset, containers).
@@ -65,12 +157,26 @@ def _cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-if DEVICE.type == "cuda":
-    COMPUTE_DTYPE = torch.bfloat16
-elif DEVICE.type == "cpu" and _cpu_has_bf16():
-    COMPUTE_DTYPE = torch.bfloat16
-else:
-    COMPUTE_DTYPE = torch.float32
+def cuda_compute_dtype(capability: tuple[int, int]) -> torch.dtype:
+    """bf16 where the tensor cores have it (compute capability 8.0 on: A100, H100, RTX 30xx and later);
+    fp16 before (V100, T4, RTX 20xx: tensor cores in fp16 only), trained with loss scaling."""
+    return torch.bfloat16 if capability >= BF16_CAPABILITY else torch.float16
+
+
+def _compute_dtype() -> torch.dtype:
+    wanted = os.environ.get(DTYPE_ENV, "").strip()
+    if wanted:
+        if wanted not in DTYPES:
+            sys.exit(f"{DTYPE_ENV}={wanted!r}: use one of {', '.join(DTYPES)} (or unset it: the platform's choice).")
+        return DTYPES[wanted]
+    if DEVICE.type == "cuda":
+        return cuda_compute_dtype(torch.cuda.get_device_capability())
+    if DEVICE.type == "cpu" and _cpu_has_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+COMPUTE_DTYPE = _compute_dtype()
 
 
 def autocast():
@@ -80,12 +186,29 @@ def autocast():
     return torch.autocast(device_type=DEVICE.type, dtype=COMPUTE_DTYPE)
 
 
+def describe_dtype() -> str:
+    """The compute dtype as the run's output states it."""
+    name = str(COMPUTE_DTYPE).removeprefix("torch.")
+    return f"{name} with loss scaling" if COMPUTE_DTYPE == torch.float16 else name
+
+
+def grad_scaler():
+    """fp16's loss scaling (its gradients underflow without it); a pass-through in bf16 and fp32."""
+    return torch.amp.GradScaler(DEVICE.type, enabled=COMPUTE_DTYPE == torch.float16)
+
+
+# MPS reports only what its driver holds now (the allocator's cache included, so the most a step
+# needed stays held until it is emptied): the most seen at the waits for the device is the peak
+_mps_peak = [0]
+
+
 def synchronize():
     """Wait for queued device work, so wall-clock timings mean something."""
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
     elif DEVICE.type == "mps":
         torch.mps.synchronize()
+        _mps_peak[0] = max(_mps_peak[0], torch.mps.driver_allocated_memory())
 
 
 def peak_memory_mb() -> float:
@@ -94,9 +217,19 @@ def peak_memory_mb() -> float:
     if DEVICE.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     if DEVICE.type == "mps":
-        return torch.mps.driver_allocated_memory() / 2**20
+        return max(_mps_peak[0], torch.mps.driver_allocated_memory()) / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def release_memory():
+    """Hand back what training no longer holds: Python's garbage, and the caching allocator's reserve,
+    which the harness's evaluation, another process on the same device, could not use otherwise."""
+    gc.collect()
+    if DEVICE.type == "cuda":
+        torch.cuda.empty_cache()
+    elif DEVICE.type == "mps":
+        torch.mps.empty_cache()
 
 
 def cpu_seconds_per_thread() -> float:
@@ -181,15 +314,22 @@ def save_peak_flops(flops: float, dtype=COMPUTE_DTYPE) -> bool:
     return True
 
 
+def gpu_peak_flops(name: str) -> float | None:
+    """The datasheet peak of a CUDA device by its name (the first entry that matches, most specific
+    first), scaled to a MIG instance's share of the card; None for a card not listed."""
+    flops = next((flops for key, flops in GPU_PEAK_FLOPS if key in name), None)
+    mig = re.search(r"MIG (\d+)g\.", name)
+    return flops * int(mig.group(1)) / MIG_SLICES if flops and mig else flops
+
+
 def peak_flops(dtype=COMPUTE_DTYPE) -> float:
     """Peak FLOP/s for MFU: the datasheet figure for known GPUs, else a matmul peak measured once
     per (device, threads, dtype) and cached in $AUTORESEARCH_CACHE/compile/cpu_peak_flops.json, so only the
     first run pays the few seconds of measuring."""
     if DEVICE.type == "cuda":
-        name = _device_name()
-        for key, flops in GPU_PEAK_FLOPS:
-            if key in name:
-                return flops
+        flops = gpu_peak_flops(_device_name())
+        if flops:
+            return flops
     cached = _read_peak_cache().get(_peak_cache_key(dtype))
     if cached:
         return cached

@@ -166,6 +166,44 @@ def test_constants_only_edit_does_not_recompile(runs):
     assert runs["after_edit"] == runs["after_cold"]
 
 
+OOM_SCRIPT = """
+import json, torch
+from nanochat.compile import Compiler
+OOM = "CUDA out of memory. Tried to allocate 8.00 GiB"
+
+def oom_while_compiling(graph, example_inputs):
+    raise torch.cuda.OutOfMemoryError(OOM)  # Inductor's autotuning, say
+
+def oom_while_running(x):
+    raise torch.cuda.OutOfMemoryError(OOM)
+
+found = {}
+for name, fn, options in (("compiling", lambda x: x * 2, dict(backend=oom_while_compiling)),
+                          ("running", oom_while_running, dict(backend="eager"))):
+    compiler = Compiler()
+    try:
+        compiler(fn, **options)(torch.ones(3))
+        found[name] = "no error"
+    except Exception as error:
+        found[name] = type(error).__name__
+    found[name + " compiler"] = compiler.cache_state()
+print(json.dumps(found))
+"""
+
+
+def test_an_out_of_memory_is_said_and_raised_not_trained_eager(prepared_env, repo_root, tmp_path):
+    """Eager at the same batch needs more memory than compiled: an out-of-memory in the compiled
+    path, while compiling or running, is no compile failure to train eager after."""
+    env = compiled_env(prepared_env, tmp_path / "compile-cache")
+    done = subprocess.run([sys.executable, "-c", OOM_SCRIPT], cwd=repo_root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "training eager" not in done.stdout and done.stdout.count("out of memory (") == 2, done.stdout
+    assert "lower DEVICE_BATCH_SIZE" in done.stdout
+    found = json.loads(done.stdout.splitlines()[-1])
+    assert found["running"] == "OutOfMemoryError" and found["running compiler"] != "off", found
+    assert found["compiling"] != "no error" and not found["compiling compiler"].startswith("off"), found
+
+
 def test_compile_cache_defaults_to_the_harness_cache(prepared_env, repo_root):
     env = {k: v for k, v in prepared_env.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
     script = "import json, os, nanochat.compile; print(json.dumps(os.environ['TORCHINDUCTOR_CACHE_DIR']))"

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._pytree import tree_flatten
 
 from nanochat.dataloader import make_dataloader
 from nanochat.datasets import split_paths
@@ -63,6 +64,47 @@ def test_matches_the_hand_computation(tokenizer):
     model = Bigram(tokenizer.get_vocab_size())
     got = evaluate_bpb(model, tokenizer, BATCH, SEQ_LEN, STEPS * BATCH * SEQ_LEN)
     assert got == pytest.approx(hand_computed_bpb(model, tokenizer), rel=1e-6)
+
+
+class NoFloat64OnTheDevice(torch.overrides.TorchFunctionMode):
+    """MPS's rule, played on the CPU: every tensor is on "the device", where float64 does not exist,
+    except what .cpu() brought to the host and what is computed from host tensors alone. An operation
+    that makes a float64 tensor on the device raises, as MPS does."""
+
+    def __init__(self):
+        super().__init__()
+        self.host = []  # kept alive, so that their ids stay theirs
+        self.host_ids = set()
+
+    def _to_host(self, result):
+        for tensor in (t for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)):
+            self.host.append(tensor)
+            self.host_ids.add(id(tensor))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        if func is torch.Tensor.cpu or (inputs and all(id(t) in self.host_ids for t in inputs)):
+            self._to_host(result)
+        elif any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in tree_flatten(result)[0]):
+            raise TypeError(f"{func.__name__}: MPS does not support float64 (played by the test)")
+        return result
+
+
+def test_the_evaluation_sums_without_float64_on_the_device(tokenizer):
+    """MPS has no float64: the sums are the host's, and the number is the hand computation's."""
+    model = Bigram(tokenizer.get_vocab_size())
+    with NoFloat64OnTheDevice():
+        got = evaluate_bpb(model, tokenizer, BATCH, SEQ_LEN, STEPS * BATCH * SEQ_LEN)
+    assert got == pytest.approx(hand_computed_bpb(model, tokenizer), rel=1e-6)
+
+
+def test_the_device_guard_catches_float64_on_the_device():
+    with NoFloat64OnTheDevice(), pytest.raises(TypeError, match="float64"):
+        torch.ones(3).double()
+    with NoFloat64OnTheDevice():
+        assert torch.ones(3).cpu().double().sum().item() == 3.0
 
 
 def test_special_token_targets_count_in_neither_sum(tokenizer):
@@ -137,7 +179,8 @@ def test_the_exported_program_is_called_a_divisor_of_the_batch_at_a_time_and_sco
     monkeypatch.setenv(export.EXPORT_ENV, str(tmp_path / "model.pt2"))
     program = export.export_for_evaluation(model, batch, SEQ_LEN, batch)
     assert evaluate_export.rows_per_call(torch.export.load(program)) == 3
-    result = evaluate_export.evaluate(evaluation_args(program, batch, tokens), tokenizer)
+    with NoFloat64OnTheDevice():  # as on MPS
+        result = evaluate_export.evaluate(evaluation_args(program, batch, tokens), tokenizer)
     assert result["causal"], result
     assert abs(result["val_bpb"] - evaluate_bpb(model, tokenizer, batch, SEQ_LEN, tokens)) < 1e-6
 
@@ -278,3 +321,15 @@ def test_a_model_that_remembers_the_batch_it_is_asked_again_is_caught(tokenizer,
     result = evaluate_export.evaluate(evaluation_args(program, batch, batches * batch * SEQ_LEN), tokenizer)
     assert not result["causal"] and "not causal" in result["problem"], result
 
+
+
+def test_a_gpus_calls_are_sized_to_its_free_memory():
+    """The h100 profile's batch (128 x 2048, vocabulary 8192): 160 MiB of logits per row."""
+    from nanochat.export import GPU_LOGITS_MEMORY_SHARE, LOGIT_BYTES, gpu_rows_per_call
+    row = 2048 * 8192 * LOGIT_BYTES
+    assert gpu_rows_per_call(128, 2048, 8192, 75 * 2**30) == 128  # an 80 GB card after training released it
+    assert gpu_rows_per_call(128, 2048, 8192, 15 * 2**30) == 32  # 48 rows fit: the largest divisor below
+    assert gpu_rows_per_call(128, 2048, 8192, int(64 * row / GPU_LOGITS_MEMORY_SHARE)) == 64  # exactly
+    assert gpu_rows_per_call(128, 2048, 8192, int(64 * row / GPU_LOGITS_MEMORY_SHARE) - 1) == 32
+    assert gpu_rows_per_call(96, 2048, 8192, 2**30) == 3  # a divisor of the batch, not a power of two
+    assert gpu_rows_per_call(128, 2048, 8192, 0) == 1  # nothing free: one row, and an out-of-memory to see

@@ -1,5 +1,6 @@
 """prepare.py end to end (offline and a user's folder, in temp caches) and its data sets."""
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -36,6 +37,44 @@ def random_text(rng, words, count) -> str:
 @pytest.fixture
 def empty_env(prepared_env, tmp_path):
     return {**prepared_env, "AUTORESEARCH_CACHE": str(tmp_path / "cache")}
+
+
+def fake_nvidia_smi(folder, name="NVIDIA H100 80GB HBM3", driver="535.104.05") -> str:
+    """A PATH on which nvidia-smi answers as on a GPU machine with that driver: torch here cannot use it."""
+    folder.mkdir(exist_ok=True)
+    script = folder / "nvidia-smi"
+    script.write_text(f"#!/bin/sh\necho '{name}, {driver}'\n")
+    script.chmod(0o755)
+    return f"{folder}:{os.environ['PATH']}"
+
+
+def test_a_gpu_torch_cannot_use_stops_prepare_with_the_reason_and_the_fix(empty_env, repo_root, tmp_path):
+    """An H100 on a driver older than the wheel's CUDA needs: prepare stops and says what to do, and
+    records no cpu profile."""
+    import torch
+    done = run(["prepare.py"], empty_env, repo_root, PATH=fake_nvidia_smi(tmp_path / "bin"))
+    assert done.returncode != 0
+    assert "NVIDIA H100 80GB HBM3 (driver 535.104.05)" in done.stderr, done.stderr
+    if torch.version.cuda:  # this wheel's CUDA and the driver it needs
+        assert f"CUDA {torch.version.cuda}" in done.stderr and "580.65.06 or newer" in done.stderr
+    assert "cu126" in done.stderr and "uv sync" in done.stderr and "AUTORESEARCH_DEVICE=cpu" in done.stderr
+    assert not (Path(empty_env["AUTORESEARCH_CACHE"]) / "prepared.json").exists()
+
+
+def test_a_new_enough_driver_that_torch_still_cannot_use_says_what_to_check(empty_env, repo_root, tmp_path):
+    done = run(["prepare.py"], empty_env, repo_root, PATH=fake_nvidia_smi(tmp_path / "bin", driver="590.44.01"))
+    assert done.returncode != 0
+    assert "CUDA_VISIBLE_DEVICES" in done.stderr and "LD_LIBRARY_PATH" in done.stderr, done.stderr
+
+
+def test_the_cpu_on_a_gpu_machine_only_when_asked(prepared_env, repo_root, tmp_path):
+    path = fake_nvidia_smi(tmp_path / "bin")
+    for env in ({"AUTORESEARCH_DEVICE": "cpu"}, {"CUDA_VISIBLE_DEVICES": ""}):
+        done = run(["prepare.py", "--profile", "cpu", "--dataset", "offline"], prepared_env, repo_root,
+                   PATH=path, **env)
+        assert done.returncode == 0, done.stderr
+    done = run(["prepare.py"], prepared_env, repo_root, PATH=path, AUTORESEARCH_DEVICE="cuda")
+    assert done.returncode != 0 and "only 'cpu'" in done.stderr
 
 
 # ---------------------------------------------------------------------------------------------

@@ -361,6 +361,21 @@ def sandboxed_run(tmp_path, code: str, *options: str):
     return worker, report, log
 
 
+def test_cuda_is_made_ready_outside_the_sandbox(tmp_path, bubblewrap, monkeypatch):
+    """No new privileges inside bubblewrap: the setuid nvidia-modprobe that makes /dev/nvidia-uvm at
+    the first CUDA use after a boot must run before, outside (a stand-in records that it did)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-modprobe").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'modprobe.calls'}\n")
+    (bin_dir / "nvidia-modprobe").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    worker, report, _ = sandboxed_run(tmp_path, "import os\nprint('calls before:', os.path.exists('modprobe.calls'))")
+    assert worker.wait(timeout=30) == 0
+    assert json.loads(report.read_text())["sandbox"]
+    assert (tmp_path / "modprobe.calls").read_text().split() == ["-u", "-c=0"]
+    assert "calls before: True" in (tmp_path / "run.log").read_text()
+
+
 def test_another_runs_validation_reads_are_not_this_runs(tmp_path, bubblewrap):
     """Several slots: one run's harness evaluation reads the shared validation shard while another
     run trains. inotify sees every process's opens, so each run is watched on a private copy."""

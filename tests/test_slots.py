@@ -267,3 +267,39 @@ def test_the_servers_watchdog_waits_for_the_harness_evaluation(fake_env, monkeyp
     finally:
         pool.shutdown()
     assert outcome.report["evaluation"]["val_bpb"] == 1.5, outcome.report
+
+
+def test_each_slots_harness_evaluation_runs_on_that_slots_gpu(fake_env, two_gpus, monkeypatch):
+    """The server makes the evaluation's spec for every slot alike, from its own environment (both
+    GPUs): each evaluation must still get its own slot's GPU, not GPU 0 beside slot 0's timed
+    training, and the library path where libcuda may be found only through it."""
+    import queue
+    from mcp_server import executor, integrity
+    from mcp_server.workspace import Workspace
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/opt/driver/lib")
+    ws = make_workspace(fake_env)
+    harness = fake_env / "harness"
+    git(ws, "worktree", "add", "-q", "--detach", str(harness))
+    # the evaluator's protocol, answering with the environment it was started with
+    evaluator = ("import json, os, sys; sys.stdin.readline(); os.write(int(sys.argv[2]), json.dumps("
+                 "{'val_bpb': 1.5, 'gpus': os.environ.get('CUDA_VISIBLE_DEVICES'), "
+                 "'libraries': os.environ.get('LD_LIBRARY_PATH')}).encode())")
+    pool = executor.LocalPool(Workspace(ws), 2, env=dict(os.environ))
+    outcomes = queue.Queue()
+    try:
+        for run in (1, 2):
+            export = fake_env / "exports" / str(run) / "model.pt2"
+            spec = integrity.evaluation_spec(harness, None, export, timeout=20)
+            spec["argv"] = [sys.executable, "-c", evaluator]
+            train = (f"import time; open({str(export) + '.json'!r}, 'w').write('{{}}'); "
+                     f"open({str(export)!r}, 'w').write('model'); time.sleep(1); print('---'); print('val_bpb: 1.5')")
+            pool.start(executor.RunSpec(
+                run=run, commit=git(ws, "rev-parse", "HEAD").strip(), command=[sys.executable, "-c", train],
+                timeout=30, log=fake_env / f"run{run}.log", report=fake_env / f"report{run}.json",
+                worker_args=["--export", str(export), "--evaluate", json.dumps(spec)], after_seconds=20),
+                lambda run, outcome: outcomes.put(outcome))
+        evaluations = [outcomes.get(timeout=60).report["evaluation"] for _ in range(2)]
+    finally:
+        pool.shutdown()
+    assert sorted(e["gpus"] for e in evaluations) == ["0", "1"], evaluations
+    assert all(e["libraries"] == "/opt/driver/lib" for e in evaluations), evaluations

@@ -8,12 +8,17 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
                 "total_tokens_M", "num_steps", "num_params_M", "depth"]
 # upstream's progress line, field for field
 PROGRESS_RE = re.compile(r"^step (\d{5}) \((\d+\.\d)%\) \| loss: (\d+\.\d{6}) \| lrm: \d+\.\d\d \| dt: \d+ms \| "
                          r"tok/sec: [\d,]+ \| mfu: \d+\.\d% \| epoch: \d+ \| remaining: \d+s\s*$")
+# train.py as it is but tiny, for paths that run slowly on the CPU (fp16 matmuls are emulated there)
+SMALL_MODEL = {'\nDEPTH = TRAIN_DEFAULTS["depth"]': "\nDEPTH = 1",
+               '\nTOTAL_BATCH_SIZE = TRAIN_DEFAULTS["total_batch_size"]': "\nTOTAL_BATCH_SIZE = 512",
+               '\nDEVICE_BATCH_SIZE = TRAIN_DEFAULTS["device_batch_size"]': "\nDEVICE_BATCH_SIZE = 2"}
 UNIFORM_BOUND_SCRIPT = """
 import json, math
 from prepare import EVAL_TOKENS, MAX_SEQ_LEN, TRAIN_DEFAULTS, VOCAB_SIZE, Tokenizer, make_dataloader
@@ -99,6 +104,42 @@ def test_nan_loss_fails_fast(prepared_env, repo_root, tmp_path):
     assert "\n---\n" not in result.stdout  # no summary block for a failed run
 
 
+def test_a_gpu_torch_cannot_use_stops_training_instead_of_the_cpu(prepared_env, repo_root, tmp_path):
+    """A cache prepared before (or elsewhere) and a GPU this torch cannot drive: train.py says so
+    instead of training on the CPU."""
+    from test_prepare import fake_nvidia_smi
+    done = run_train(repo_root / "train.py", {**prepared_env, "PATH": fake_nvidia_smi(tmp_path / "bin")}, repo_root)
+    assert done.returncode != 0 and "step 0" not in done.stdout
+    assert "cannot use it" in done.stderr and "AUTORESEARCH_DEVICE=cpu" in done.stderr, done.stderr
+
+
+def test_cuda_trains_in_bf16_from_ampere_on_and_in_fp16_before():
+    from nanochat.platform import cuda_compute_dtype
+    assert cuda_compute_dtype((9, 0)) == cuda_compute_dtype((8, 0)) == cuda_compute_dtype((12, 0)) == torch.bfloat16
+    assert cuda_compute_dtype((7, 5)) == cuda_compute_dtype((7, 0)) == cuda_compute_dtype((6, 1)) == torch.float16
+
+
+def test_fp16_trains_with_loss_scaling_and_says_so(prepared_env, repo_root, tmp_path):
+    """The path a T4 or V100 takes (fp16 autocast, the loss scaled), run on the CPU for a few steps of
+    a small train.py: the loss falls and stays finite."""
+    source = (repo_root / "train.py").read_text()
+    for old, new in SMALL_MODEL.items():
+        assert source.count(old) == 1, old
+        source = source.replace(old, new)
+    (tmp_path / "train.py").write_text(source)
+    env = dict(prepared_env, PYTHONPATH=str(repo_root), AUTORESEARCH_DTYPE="float16", AUTORESEARCH_BUDGET_CLOCK="wall",
+               AUTORESEARCH_TIME_BUDGET="2", AUTORESEARCH_EVAL_TOKENS="1024")
+    # an fp16 peak for MFU, as a benchmark stores one: measuring it takes a minute where fp16 is emulated
+    subprocess.run([sys.executable, "-c", "import torch; from nanochat.platform import save_peak_flops; "
+                    "save_peak_flops(1e9, torch.float16)"], cwd=repo_root, env=env, check=True)
+    done = run_train(tmp_path / "train.py", env, tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "| dtype: float16 with loss scaling |" in done.stdout
+    losses = [float(m) for m in re.findall(r"loss: (\d+\.\d+)", done.stdout)]
+    assert len(losses) >= 3 and losses[-1] < losses[0], losses
+    assert math.isfinite(float(parse_summary(done.stdout)["val_bpb"]))
+
+
 def test_peak_flops_with_a_read_only_cache(monkeypatch):
     """Inside the research loop's sandbox the cache is read-only: the MFU peak is still measured
     (CI once crashed every real run here), it just is not kept."""
@@ -108,3 +149,13 @@ def test_peak_flops_with_a_read_only_cache(monkeypatch):
     monkeypatch.setattr(platform, "PEAK_MEASURE_SECONDS", 0.05)
     assert platform.save_peak_flops(1e9) is False
     assert platform.peak_flops() > 0
+
+
+def test_datasheet_peaks_match_the_most_specific_name_and_a_mig_slice_gets_its_share():
+    from nanochat.platform import gpu_peak_flops
+    assert gpu_peak_flops("NVIDIA H200 NVL") == 835e12  # not the SXM's 989.5
+    assert gpu_peak_flops("NVIDIA H200") == gpu_peak_flops("NVIDIA GH200 480GB") == 989.5e12
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3") == 989.5e12 and gpu_peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3 MIG 3g.40gb") == pytest.approx(989.5e12 * 3 / 7)
+    assert gpu_peak_flops("NVIDIA A100-SXM4-40GB MIG 1g.5gb") == pytest.approx(312e12 / 7)
+    assert gpu_peak_flops("Tesla T4") is None  # measured instead
