@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_integrity import workspace  # noqa: E402
 
-from mcp_server import integrity, logparse  # noqa: E402
+from mcp_server import integrity, logparse, worker  # noqa: E402
 
 DEADLINE_S = 600  # the whole check, on a GPU
 EAGER_BUDGET_S = {"gpu": 10, "cpu": 1}  # a few steps past the untimed ones
@@ -130,16 +130,33 @@ def train(env: dict, budget: float, **extra) -> dict:
 
 
 def harness_evaluation(program: Path, eval_tokens: int, env: dict, gpu: bool) -> dict:
-    """nanochat/evaluate_export.py on the exported program, isolated as the worker starts it."""
+    """nanochat/evaluate_export.py on the exported program, isolated as the worker starts it: the
+    server's spec (shapes from the prepared profile, inputs checked by content), and the worker's
+    private copies of the program and the inputs handed over as open files."""
+    saved = {k: os.environ.get(k) for k in ("AUTORESEARCH_CACHE", "AUTORESEARCH_EVAL_TOKENS")}
+    os.environ.update(AUTORESEARCH_CACHE=env["AUTORESEARCH_CACHE"], AUTORESEARCH_EVAL_TOKENS=str(eval_tokens))
+    try:
+        spec = integrity.evaluation_spec(REPO, None, timeout=DEADLINE_S)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+    inputs = worker.private_copies(spec["inputs"])
+    copy = tempfile.TemporaryFile()
+    worker.copy_regular_file(program, copy)
     read_end, write_end = os.pipe()
-    argv = [sys.executable, "-I", "-S", "-B", str(REPO / integrity.EVALUATOR), "--program", str(program),
-            "--eval-tokens", str(eval_tokens), "--site-packages", *integrity.site_packages(), "--out-fd", str(write_end)]
-    keep = ("PATH", "HOME", "LANG", "LC_ALL", "CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH", "AUTORESEARCH_DEVICE",
-            "AUTORESEARCH_CACHE")
+    fds = {"--program-fd": copy.fileno(), **{f"--{name}-fd": f.fileno() for name, f in inputs.items()},
+           "--out-fd": write_end}
+    argv = [*spec["argv"], *(a for k, fd in fds.items() for a in (k, str(fd)))]
+    keep = set(spec["env"]) | {"CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH", "AUTORESEARCH_DEVICE"}
     t0 = time.time()
     proc = subprocess.Popen(argv, env={k: v for k, v in env.items() if k in keep}, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, pass_fds=(write_end,))
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, pass_fds=tuple(fds.values()))
     os.close(write_end)
+    for f in (copy, *inputs.values()):
+        f.close()
     memory = PeakMemory(proc.pid, gpu)
     out, _ = proc.communicate(b"go\n", timeout=DEADLINE_S)
     peak = memory.stop()

@@ -281,15 +281,15 @@ def test_each_slots_harness_evaluation_runs_on_that_slots_gpu(fake_env, two_gpus
     harness = fake_env / "harness"
     git(ws, "worktree", "add", "-q", "--detach", str(harness))
     # the evaluator's protocol, answering with the environment it was started with
-    evaluator = ("import json, os, sys; sys.stdin.readline(); os.write(int(sys.argv[2]), json.dumps("
-                 "{'val_bpb': 1.5, 'gpus': os.environ.get('CUDA_VISIBLE_DEVICES'), "
+    evaluator = ("import json, os, sys; sys.stdin.readline(); os.write(int(sys.argv[sys.argv.index('--out-fd') + 1]), "
+                 "json.dumps({'val_bpb': 1.5, 'gpus': os.environ.get('CUDA_VISIBLE_DEVICES'), "
                  "'libraries': os.environ.get('LD_LIBRARY_PATH')}).encode())")
     pool = executor.LocalPool(Workspace(ws), 2, env=dict(os.environ))
     outcomes = queue.Queue()
     try:
         for run in (1, 2):
             export = fake_env / "exports" / str(run) / "model.pt2"
-            spec = integrity.evaluation_spec(harness, None, export, timeout=20)
+            spec = integrity.evaluation_spec(harness, None, timeout=20)
             spec["argv"] = [sys.executable, "-c", evaluator]
             train = (f"import time; open({str(export) + '.json'!r}, 'w').write('{{}}'); "
                      f"open({str(export)!r}, 'w').write('model'); time.sleep(1); print('---'); print('val_bpb: 1.5')")
