@@ -227,8 +227,10 @@ def test_compaction_keeps_the_loop_state(claude, plugin_clone, env, workspace):
     assert "best val_bpb: 1.010000 at commit abc1234" in compaction[0]
 
 
-def docs_blocks(language: str) -> list[str]:
-    text = (REPO / "README.md").read_text()
+def docs_blocks(language: str, doc: str = "docs/other-agents.md") -> list[str]:
+    """The code blocks of a user's document: the README shows the stdio config, docs/other-agents.md
+    all of them."""
+    text = (REPO / doc).read_text()
     return re.findall(rf"```{language}\n(.*?)```", text, re.S)
 
 
@@ -261,6 +263,7 @@ def connected_tools(claude: str, config: str, cwd: Path, env: dict) -> tuple[str
 
 
 def test_documented_stdio_config_connects(claude, plugin_clone, env, workspace):
+    assert json.loads(docs_blocks("json", "README.md")[0]) == json.loads(docs_blocks("json")[0])
     stdio = docs_blocks("json")[0].replace("/path/to/research-loop", str(plugin_clone))
     status, tools = connected_tools(claude, stdio.replace("/path/to/workspace", str(workspace)), workspace, env)
     assert (status, tools) == ("connected", CONTRACT_TOOLS)
