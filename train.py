@@ -241,9 +241,15 @@ POLAR_EXPRESS = [
 ]
 
 
-def scalar(value, like):
-    """A 0-d tensor: a compiled graph takes it as an input, so a new value never recompiles."""
-    return torch.tensor(value, dtype=torch.float32, device=like.device)
+def hyper_tensors(state, values, like):
+    """A group's hyperparameters as 0-d tensors, made once and filled in place each step: a compiled
+    graph takes them as inputs (a new value never recompiles), and a fill on a GPU is queued like any
+    kernel, where a new tensor from a Python number is a host-to-device copy the CPU waits for."""
+    if "scalars" not in state:
+        state["scalars"] = [torch.zeros((), dtype=torch.float32, device=like.device) for _ in values]
+    for tensor, value in zip(state["scalars"], values):
+        tensor.fill_(value)
+    return state["scalars"]
 
 
 def muon_update(params, grads, momentum_buf, second_buf, momentum, lr, wd, beta2, ns_steps: int):
@@ -322,14 +328,14 @@ class MuonAdamW:
                     state.update(step=0, exp_avg=[torch.zeros_like(p) for p in params],
                                  exp_avg_sq=[torch.zeros_like(p) for p in params])
                 state["step"] += 1
-                hyper = [scalar(v, params[0]) for v in (state["step"], group["lr"], *group["betas"])]
+                hyper = hyper_tensors(state, (state["step"], group["lr"], *group["betas"]), params[0])
                 adamw_args.append((params, grads, state["exp_avg"], state["exp_avg_sq"], *hyper))
                 continue
             if not state:
                 (rows, cols), n = params[0].shape, len(params)
                 state["momentum"] = params[0].new_zeros(n, rows, cols)
                 state["second"] = params[0].new_zeros(n, rows, 1) if rows >= cols else params[0].new_zeros(n, 1, cols)
-            hyper = [scalar(v, params[0]) for v in (group["momentum"], group["lr"], group["weight_decay"], MUON_BETA2)]
+            hyper = hyper_tensors(state, (group["momentum"], group["lr"], group["weight_decay"], MUON_BETA2), params[0])
             muon_args.append((params, grads, state["momentum"], state["second"], *hyper))
         update_all(adamw_args, muon_args, NS_STEPS)
 
