@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from prepare import (BUDGET_CLOCK, MAX_SEQ_LEN, TIME_BUDGET, TRAIN_DEFAULTS, Tokenizer, budget_used,
                      evaluate_bpb, make_dataloader, training_clock)
-from nanochat.attention import attention
+from nanochat.attention import attention, describe as describe_attention
 from nanochat.compile import Compiler
 from nanochat.fused import relu_squared, rms_norm, rotary, softcap_cross_entropy
 from nanochat.platform import (COMPUTE_DTYPE, DEVICE, autocast, describe_dtype, grad_scaler, peak_flops,
@@ -498,5 +498,6 @@ print(f"recompiles:       {recompiles}")
 print(f"budget_clock:     {BUDGET_CLOCK}")
 print(f"timed_seconds:    {timed_seconds:.1f}")
 print(f"flops_per_token:  {flops_per_token:.4g}")
+print(f"attention:        {describe_attention(DEVICE.type, MAX_SEQ_LEN, min(model.windows) < MAX_SEQ_LEN - 1)}")
 if "AUTORESEARCH_TIME_BUDGET" in os.environ:
     print(f"budget_note:      time budget shortened to {TIME_BUDGET}s by AUTORESEARCH_TIME_BUDGET")

@@ -102,6 +102,17 @@ def portable():
         _portable = False
 
 
+def describe(device_type: str, seq_len: int, windowed: bool) -> str:
+    """The path attention() takes for a model of this context here, for the run's summary: speed (and
+    rounding) differ between paths, so results on different paths compare less well."""
+    if FA3 is not None and device_type == "cuda":
+        return "FlashAttention-3"
+    if device_type == "cpu" and seq_len <= EXPLICIT_MAX_T:
+        return "explicit scores"
+    # SDPA has no sliding window: a window is a dense boolean mask, and the full T x T is computed
+    return "SDPA, sliding windows as a dense mask" if windowed else "SDPA"
+
+
 def attention(q, k, v, left: int) -> torch.Tensor:
     """Causal sliding-window attention over (B, T, H, D) tensors, on the fastest path available."""
     if FA3 is not None and not _portable and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):

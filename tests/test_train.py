@@ -80,6 +80,7 @@ def test_summary_block_is_complete_and_sane(trained, prepared_env, repo_root):
     # the eager path (tests/conftest.py): nothing compiled, and the summary says why
     assert summary["compile_cache"] == "off (AUTORESEARCH_COMPILE=0)"
     assert float(summary["compile_seconds"]) == 0 and int(summary["recompiles"]) == 0
+    assert summary["attention"] == "explicit scores"  # the cpu profile's short context, window "L"
 
 
 def test_progress_lines_are_upstream_format(trained):
@@ -149,6 +150,13 @@ def test_peak_flops_with_a_read_only_cache(monkeypatch):
     monkeypatch.setattr(platform, "PEAK_MEASURE_SECONDS", 0.05)
     assert platform.save_peak_flops(1e9) is False
     assert platform.peak_flops() > 0
+
+
+def test_the_summary_names_the_attention_path():
+    from nanochat.attention import describe
+    assert describe("cpu", 256, windowed=False) == "explicit scores"
+    assert describe("cuda", 2048, windowed=True) == "SDPA, sliding windows as a dense mask"  # FA3 loads on Hopper only
+    assert describe("mps", 512, windowed=False) == "SDPA"
 
 
 def test_datasheet_peaks_match_the_most_specific_name_and_a_mig_slice_gets_its_share():
