@@ -10,6 +10,7 @@ import hashlib
 import math
 import os
 import re
+import threading
 import time
 import unicodedata
 from pathlib import Path
@@ -209,7 +210,7 @@ def mirror(path: Path, rows: list[Row], written: str | None, archive: Path) -> t
     elif not ours:
         notice = (f"{LEDGER_NAME} was deleted outside the server: it was written again from the server's own "
                   "records, which decide.")
-    _replace_bytes(path, want)
+    replace_bytes(path, want)
     return digest(want), notice
 
 
@@ -227,8 +228,11 @@ def _archive_copy(data: bytes, archive: Path) -> str:
     raise Refusal(f"Too many copies named results-edited-{stamp}*.tsv in {archive}.")
 
 
-def _replace_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def replace_bytes(path: Path, data: bytes) -> None:
+    """path holds data, whole or not at all (a temp file beside it, flushed, then renamed); the temp
+    name is this thread's, so threads of one server never share one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()

@@ -155,7 +155,7 @@ class State:
             target = archive / f"state-edited-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6}.json"
             target.write_bytes(found)
             where = f"; the file found is kept at {STATE_DIR}/{ARCHIVE_DIR}/{target.name}"
-        self._write_file(self.path, own)
+        ledger.replace_bytes(self.path, own)
         self.tell(f"{STATE_DIR}/{STATE_FILE} was changed outside the server ({what}): none of it was believed; "
                   f"the server's own copy is back in place{where}.")
 
@@ -184,7 +184,7 @@ class State:
             self._ledger_digest = (_read(self.records / LEDGER_DIGEST) or b"").decode() or None
         written, notice = ledger.mirror(self.ledger, ledger.rows_of(data), self._ledger_digest, self.dir / ARCHIVE_DIR)
         if written != self._ledger_digest:
-            self._write_file(self.records / LEDGER_DIGEST, written.encode())
+            ledger.replace_bytes(self.records / LEDGER_DIGEST, written.encode())
             self._ledger_digest = written
         self._ledger_stat = self._stat_ledger()
         if notice:
@@ -214,22 +214,12 @@ class State:
         raw = json.dumps(data).encode()  # no indent: json's fast encoder (a night's rows are thousands)
         self._write_copy(raw)
         self._written = raw
-        self._write_file(self.path, raw)
+        ledger.replace_bytes(self.path, raw)
         if "rows" in data and self.owned:
             self._check_ledger(data)
 
     def _write_copy(self, raw: bytes) -> None:
-        self.records.mkdir(parents=True, exist_ok=True)
-        self._write_file(self.copy, raw)
-
-    def _write_file(self, path: Path, raw: bytes) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(raw)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        ledger.replace_bytes(self.copy, raw)
 
     @contextlib.contextmanager
     def transaction(self):
