@@ -118,8 +118,10 @@ def sandbox_spec(root: Path, export_dir: Path, harness_files: list[str]) -> dict
 
 
 def harness_files(ws, commit: str) -> list[str]:
-    """The top-level entries of a commit's tree but train.py: what a run must not write."""
-    return sorted(item.name for item in ws.repo.commit(commit).tree if item.name != EDITABLE)
+    """The top-level entries of a commit's tree but train.py, and the worktree's .git link (a run
+    that pointed it at a repository of its own, with a hook or an fsmonitor, would have the
+    server's next git call in that slot run its code): what a run must not write."""
+    return sorted([".git", *(item.name for item in ws.repo.commit(commit).tree if item.name != EDITABLE)])
 
 
 def val_shard() -> Path | None:

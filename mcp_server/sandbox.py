@@ -33,6 +33,7 @@ INSTALL = ("Install bubblewrap: `sudo apt-get install bubblewrap` (Debian, Ubunt
 OPT_IN = (f"or, to accept runs that can write the workspace, start it with --unsandboxed (or "
           f"{UNSANDBOXED_ENV}=1; `research-loop overnight --unsandboxed`): every answer and ledger row then says "
           "unsandboxed")
+SANDBOX_HOME = "/tmp/home"  # a run's home: inside its private /tmp, gone when it ends
 
 
 def opted_in() -> bool:
@@ -95,8 +96,12 @@ def wrap(command: list[str], spec: dict, cwd: str, private: dict | None = None) 
 
 
 def bwrap_argv(bwrap: str, command: list[str], spec: dict, cwd: str, private: dict | None = None) -> list[str]:
-    """bubblewrap with the spec's binds, in order, over a read-write view of the whole machine."""
-    argv = [bwrap, "--bind", "/", "/", "--dev-bind", "/dev", "/dev", "--proc", "/proc"]
+    """bubblewrap over a read-only view of the whole machine (a run that could write the user's home,
+    /etc or a tool's folder could plant code the server or the user runs later, outside the sandbox),
+    with a private /tmp and home, then the spec's binds in order: its read-only paths shown again
+    over the private /tmp, the run's own folders writable, the harness files inside them read-only."""
+    argv = [bwrap, "--ro-bind", "/", "/", "--dev-bind", "/dev", "/dev", "--proc", "/proc",
+            "--tmpfs", "/tmp", "--dir", SANDBOX_HOME, "--setenv", "HOME", SANDBOX_HOME]
     for option, key in (("--ro-bind", "readonly"), ("--bind", "writable"), ("--ro-bind", "readonly_inside")):
         for path in spec.get(key, []):
             path = os.path.join(cwd, path)  # relative: inside the run's worktree

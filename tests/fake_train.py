@@ -15,10 +15,11 @@ result, as it does for real), else a default:
   MFU (40.0: the mfu_percent printed, the run's throughput)
   ORDER_EFFECT (0: val_bpb moves by this much per data order, AUTORESEARCH_DATA_ORDER)
   FLOPS_CLOCK (0: say the budget was spent on the flops clock, as the CPU profile's train.py does)
-  TAMPER (0: try to append a planted best row to the workspace's results.tsv and to rewrite the
-          server's state, and report what happened)
+  TAMPER (0: try to append a planted best row to the workspace's results.tsv, to rewrite the
+          server's state, to write the user's home and the worktree's .git link, and report what happened)
 """
 import os
+import pwd
 import re
 import signal
 import subprocess
@@ -66,6 +67,17 @@ def tamper() -> None:
             with open(os.path.join(root, name), "a") as f:
                 f.write(text)
             print(f"tamper: wrote {name}")
+        except OSError as exc:
+            print(f"tamper: refused {name}: {exc}")
+    # outside the workspace: the user's real home (where ~/.gitconfig would make the server's next git
+    # call run a program), and the worktree's .git link; both opened without changing them
+    home = pwd.getpwuid(os.getuid()).pw_dir
+    for name, path in (("home", os.path.join(home, f".research-loop-tamper-{os.getpid()}")), (".git", ".git")):
+        try:
+            open(path, "a").close()
+            print(f"tamper: wrote {name}")
+            if name == "home":
+                os.unlink(path)
         except OSError as exc:
             print(f"tamper: refused {name}: {exc}")
 

@@ -47,6 +47,8 @@ def test_the_training_process_cannot_write_the_ledger_or_the_state(sandboxed_lab
     run = answer(start(sandboxed_lab, TAMPER=1, VAL_BPB=0.9))
     log = (ws / run["log"]).read_text()
     assert "tamper: refused results.tsv" in log and "tamper: refused .research-loop/state.json" in log, log
+    # nothing outside the run's own folders either: no file in the user's home, no new .git link
+    assert "tamper: refused home" in log and "tamper: refused .git" in log, log
     assert run["status"] == "ok" and "planted" not in (ws / "results.tsv").read_text()
     assert answer(sandboxed_lab.call("keep", note="honest"))["row"]["val_bpb"] == 0.9
     status = answer(sandboxed_lab.call("status"))
