@@ -132,11 +132,17 @@ def evaluate(args, tokenizer) -> dict:
             checked.extend((x, y, losses))
         return losses
 
-    with torch.inference_mode(), autocast():
-        val_bpb = evaluate_bpb(loss_model(loss), tokenizer, args.batch_size, args.seq_len, args.eval_tokens,
-                               DEVICE, val_paths=[args.val])
-        evaluated = time.time()
-        problem = causality_problem(functools.partial(per_token_loss, pristine), *checked, tokenizer.get_vocab_size())
+    try:
+        with torch.inference_mode(), autocast():
+            val_bpb = evaluate_bpb(loss_model(loss), tokenizer, args.batch_size, args.seq_len, args.eval_tokens,
+                                   DEVICE, val_paths=[args.val])
+            evaluated = time.time()
+            problem = (state_change(program, pristine) or
+                       causality_problem(functools.partial(per_token_loss, pristine), *checked,
+                                         tokenizer.get_vocab_size()))
+    except Exception as exc:  # noqa: BLE001  (a program the harness cannot run is no result, not an unverified one)
+        return {"problem": f"the harness could not evaluate the exported model ({type(exc).__name__}: "
+                           f"{str(exc)[:200]}): a model the harness cannot score is no result"}
     result = {"eval_tokens": args.eval_tokens, "matmul_flops_per_token": matmul_flops_per_token(exported),
               "load_seconds": round(loaded - started, 2), "eval_seconds": round(evaluated - loaded, 2),
               "causality_seconds": round(time.time() - evaluated, 2)}
@@ -145,6 +151,26 @@ def evaluate(args, tokenizer) -> dict:
     else:
         result["causal"], result["val_bpb"] = True, val_bpb
     return result
+
+
+def held_tensors(module) -> dict:
+    """Every tensor the program's graph reads besides its input: parameters, buffers, constants."""
+    import operator
+    return {node.target: operator.attrgetter(node.target)(module)
+            for node in module.graph.nodes if node.op == "get_attr"}
+
+
+def state_change(program, pristine) -> str | None:
+    """A program that wrote its own tensors while it was evaluated could remember what it was asked
+    (a batch asked again, a document that repeats) and answer from memory: no result."""
+    import torch
+    before = held_tensors(pristine)
+    changed = [name for name, tensor in held_tensors(program).items()
+               if name not in before or not torch.equal(tensor, before[name])]
+    if changed:
+        return (f"the exported model changed its own state while it was evaluated ({', '.join(changed[:5])}): "
+                "a model that can remember what it was asked is no result")
+    return None
 
 
 def checked_batch(steps: int) -> int:

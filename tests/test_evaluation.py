@@ -319,7 +319,47 @@ def test_a_model_that_remembers_the_batch_it_is_asked_again_is_caught(tokenizer,
     assert evaluate_export.rows_per_call(torch.export.load(program)) == batch
     monkeypatch.setattr(evaluate_export, "checked_batch", lambda steps: 2)
     result = evaluate_export.evaluate(evaluation_args(program, batch, batches * batch * SEQ_LEN), tokenizer)
+    assert not result["causal"] and "changed its own state" in result["problem"], result
+    # without the state check, the causality check still catches it on the batch it reruns
+    monkeypatch.setattr(evaluate_export, "state_change", lambda program, pristine: None)
+    result = evaluate_export.evaluate(evaluation_args(program, batch, batches * batch * SEQ_LEN), tokenizer)
     assert not result["causal"] and "not causal" in result["problem"], result
+
+
+class CountsItsCalls(LogitsBigram):
+    """An honest bigram that writes a counter into its own buffer at every call: the smallest
+    program that keeps state (one that remembers documents that repeat would look the same)."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__(vocab_size)
+        self.register_buffer("calls", torch.zeros((1,), dtype=torch.long))
+
+    def forward(self, idx, targets=None, reduction="mean"):
+        if targets is None:
+            self.calls.add_(1)
+        return super().forward(idx, targets, reduction)
+
+
+class WrongVocabulary(LogitsBigram):
+    """Logits over fewer tokens than the vocabulary: the harness's cross-entropy cannot run on them."""
+
+    def forward(self, idx, targets=None, reduction="mean"):
+        return super().forward(idx, targets, reduction)[..., :7] if targets is None else \
+            super().forward(idx, targets, reduction)
+
+
+def test_a_program_that_writes_its_state_or_that_the_harness_cannot_run_is_no_result(
+        tokenizer, tmp_path, monkeypatch):
+    """Neither is an unverified run (whose number would be train.py's): each is a problem, so a crash."""
+    from nanochat import evaluate_export, export
+    batch = 4
+    for name, model in {"counter": CountsItsCalls(tokenizer.get_vocab_size()),
+                        "vocabulary": WrongVocabulary(tokenizer.get_vocab_size())}.items():
+        monkeypatch.setenv(export.EXPORT_ENV, str(tmp_path / f"{name}.pt2"))
+        program = export.export_for_evaluation(model, batch, SEQ_LEN, batch)
+        result = evaluate_export.evaluate(evaluation_args(program, batch, 2 * batch * SEQ_LEN), tokenizer)
+        assert "val_bpb" not in result and result.get("problem"), (name, result)
+        assert ("changed its own state" if name == "counter" else "could not evaluate") in result["problem"]
 
 
 
