@@ -179,6 +179,10 @@ def pre_edit(event: dict) -> int:
 # --- state report ----------------------------------------------------------------------------
 
 def ledger_rows(root: Path) -> list[list[str]]:
+    """The server's rows (a hand edit of results.tsv steers nothing here either), as the ledger's text."""
+    recorded = limits.recorded_rows(server_state(root))
+    if recorded is not None:
+        return [[str(c), f"{v:.6f}", f"{m:.1f}", str(s), str(d)] for c, v, m, s, d in recorded]
     try:
         lines = (root / LEDGER).read_text(errors="replace").splitlines()
     except OSError:
@@ -199,11 +203,7 @@ def best_kept(rows: list[list[str]]) -> list[str] | None:
 
 
 def server_state(root: Path) -> dict:
-    try:
-        state = json.loads((root / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return state if isinstance(state, dict) else {}
+    return limits.recorded_state(root)
 
 
 def last_progress_line(log: Path) -> str | None:

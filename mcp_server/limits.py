@@ -9,9 +9,33 @@ setup does not spin all night. A run is also over once stopped on purpose (the s
 """
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 DEFAULT_MAX_FAILURES_IN_ROW = 10
+# The server's state, its own copy first (in the git directory, where neither a run nor the edit hook
+# reaches; mcp_server/state.py writes both): its rows decide, results.tsv only shows them
+STATE_FILES = (".git/research-loop/records/state.json", ".research-loop/state.json")
+
+
+def recorded_state(workspace: Path) -> dict:
+    """The state as the server last wrote it, or {} where there is none to read."""
+    for name in STATE_FILES:
+        try:
+            state = json.loads((Path(workspace) / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(state, dict):
+            return state
+    return {}
+
+
+def recorded_rows(state: dict) -> list | None:
+    """The ledger's rows in the server's state ([commit, val_bpb, memory_gb, status, description]
+    each), or None for a state from before the server kept them (results.tsv is then the record)."""
+    rows = state.get("rows")
+    return rows if isinstance(rows, list) else None
 
 
 def experiments_done(statuses: list[str]) -> int:

@@ -54,7 +54,8 @@ def usable() -> tuple[str | None, str | None, str]:
     found = shutil.which("bwrap")
     if not found:
         return None, None, "bubblewrap (bwrap) is not installed"
-    problem = _probe(tuple(bwrap_argv(found, [sys.executable, "-c", ""], {}, "/")))
+    # the interpreter's environment shown again: it may live under /tmp, which the sandbox replaces
+    problem = _probe(tuple(bwrap_argv(found, [sys.executable, "-c", ""], {"readonly": [sys.prefix]}, "/")))
     if problem is None:
         return BUBBLEWRAP, found, ""
     return None, None, (f"bubblewrap ({found}) is installed but cannot run here ({problem}): it needs unprivileged "

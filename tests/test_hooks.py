@@ -1,5 +1,6 @@
 """The plugin's hooks, run as Claude Code runs them: the command from hooks/hooks.json with
 ${CLAUDE_PLUGIN_ROOT} expanded, the event's JSON on stdin, in a real git repository."""
+import argparse
 import json
 import os
 import resource
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from plugin_support import REPO, git, make_research_repo
+from plugin_support import LEDGER_HEADER, REPO, git, make_research_repo
 
 ROWS = ["abc1234\t1.010000\t2.0\tkeep\tbaseline",
         "bcd2345\t0.000000\t0.0\tcrash\tdepth 16 OOM",
@@ -315,6 +316,34 @@ def test_without_a_readable_transcript_a_stuck_agent_is_let_go(repo, tmp_path, t
     with open(repo / "results.tsv", "a") as ledger:  # the server decided a run: progress
         ledger.write("eee1111\t0.980000\t2.1\tkeep\tnew idea\n")
     assert decisions(repo, transcript, 4) == ["block", "block", "block", None]
+
+
+def test_a_planted_row_in_results_tsv_does_not_end_the_research_run(repo, tmp_path):
+    """The target is met only by the server's rows (its copy in the git directory, where the edit hook
+    and a run cannot write): a keep row below the target appended to results.tsv by hand lets no agent
+    stop early, and neither the overnight runner end its night."""
+    from mcp_server.overnight import Runner
+    state = {"branch": "autoresearch/t1", "tag": "t1", "limits": {"target_val_bpb": 0.9},
+             "rows": [["abc1234", 1.0, 2.0, "keep", "baseline"]]}
+    copy = repo / ".git" / "research-loop" / "records" / "state.json"
+    copy.parent.mkdir(parents=True)
+    copy.write_text(json.dumps(state))
+    (repo / ".research-loop").mkdir(exist_ok=True)
+    (repo / ".research-loop" / "state.json").write_text(json.dumps(state))
+    transcript = tmp_path / "t.jsonl"
+    transcript.write_text(TOOL_CALL)
+    assert stop(repo, str(transcript))["decision"] == "block"
+    (repo / "results.tsv").write_text(LEDGER_HEADER + "abc1234\t1.000000\t2.0\tkeep\tbaseline\n"
+                                      "fff0000\t0.500000\t2.0\tkeep\tplanted\n")
+    with open(transcript, "a") as f:
+        f.write(TOOL_CALL)
+    answer = stop(repo, str(transcript))
+    assert answer["decision"] == "block" and "0.5" not in answer["reason"], answer
+    runner = Runner(argparse.Namespace(tag="t1", workspace=str(repo), hours=None), "claude")
+    assert runner.over() is None
+    state["rows"].append(["abc5678", 0.85, 2.0, "keep", "real"])  # the server's own row: the target is met
+    copy.write_text(json.dumps(state))
+    assert "target" in runner.over()
 
 
 def test_the_stop_hook_lets_go_when_it_cannot_count_the_stops(repo):

@@ -122,8 +122,8 @@ PEEK_AHEAD = ("        y = attention(q, k, v, window)\n",
               "        y = attention(q, k, v, window)\n        y = y + torch.roll(y, -1, dims=1)  # sees the next token\n")
 EXTRA_LINE = ("import torch\n", "import torch\nos.environ['AUTORESEARCH_EVAL_TOKENS'] = '8192'  # an easier evaluation\n")
 CHEAP_FLOPS = ("flops_per_token = model.flops_per_token()\n", "flops_per_token = model.flops_per_token() * 0.8\n")
-OWN_EVALUATION = ("\nfrom nanochat.attention import attention\n",
-                  "\nfrom nanochat.attention import attention\n\n\ndef evaluate_bpb(*args):\n    return 0.5\n\n")
+OWN_EVALUATION = ("\nfrom nanochat.compile import Compiler\n",
+                  "\nfrom nanochat.compile import Compiler\n\n\ndef evaluate_bpb(*args):\n    return 0.5\n\n")
 
 
 def test_train_py_cannot_bend_its_number(tmp_path, repo_root, prepared_env, monkeypatch):
