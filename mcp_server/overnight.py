@@ -75,14 +75,14 @@ def preflight(workspace: Path, claude: str | None, unsandboxed: bool = False) ->
                           "train.py): run the runner in one, or pass --workspace.")
     if prepared_info() is None:
         raise RunnerError("No prepared data or tokenizer: run `uv run prepare.py` in the workspace first.")
-    local = (os.environ.get("RESEARCH_LOOP_EXECUTOR") or "local") == "local"  # a cluster's nodes check their own
-    if local and not unsandboxed and sandbox.usable()[0] is None:  # every session's runs would be refused
-        raise RunnerError(sandbox.missing())
     if not shutil.which("uv"):
         raise RunnerError("uv is not on PATH, and the plugin's server starts with it: `pip install uv`.")
     found = claude or os.environ.get("RESEARCH_LOOP_CLAUDE") or shutil.which("claude")
     if not found or not Path(found).exists() and not shutil.which(found):
         raise RunnerError(f"Claude Code is not installed: `npm install -g {CLAUDE_CODE_PACKAGE}` (or pass --claude).")
+    local = (os.environ.get("RESEARCH_LOOP_EXECUTOR") or "local") == "local"  # a cluster's nodes check their own
+    if local and not unsandboxed and sandbox.usable()[0] is None:  # every session's runs would be refused
+        raise RunnerError(sandbox.missing())
     return found
 
 

@@ -186,9 +186,9 @@ def test_the_opt_in_is_a_flag_or_a_setting(monkeypatch):
 
 def test_the_overnight_runner_stops_before_its_first_session_without_a_sandbox(no_sandbox, tmp_path):
     ws = make_workspace(no_sandbox)
+    (no_sandbox / "bin" / "uv").symlink_to(shutil.which("uv", path=os.environ["PATH"] + os.pathsep + ORIGINAL_PATH))
     with pytest.raises(overnight.RunnerError, match="No sandbox for the runs.*--unsandboxed"):
         overnight.preflight(ws, sys.executable, unsandboxed=False)
-    (no_sandbox / "bin" / "uv").symlink_to(shutil.which("uv", path=os.environ["PATH"] + os.pathsep + ORIGINAL_PATH))
     assert overnight.preflight(ws, sys.executable, unsandboxed=True) == sys.executable
 
 
