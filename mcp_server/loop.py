@@ -59,6 +59,7 @@ RUN_ARG_RE = re.compile(r"[0-9]{1,9}|[0-9a-fA-F]{7,40}")
 MAX_COMMIT_ATTEMPTS = 20  # candidates whose 7-character hash collides with a logged one are re-made
 # An entry of state["runs"] is a run nobody has decided yet: queued, running, pending or interrupted.
 IN_FLIGHT = ("queued", "running")
+UNVERIFIED_MARKER = " (unverified)"  # a kept row whose number is train.py's own, kept on request
 UNDECIDED = ("pending", "interrupted")
 
 
@@ -787,7 +788,8 @@ class ResearchLoop:
             if tip != entry["commit"]:  # a retried keep finds the branch already advanced
                 self._check_branch_holds_best(state)
             row = ledger.make_row(entry["commit"][:7], result["val_bpb"], result["memory_gb"] or 0.0, "keep",
-                                  self._described(entry["description"], note, self._unsandboxed_marker(entry)))
+                                  self._described(entry["description"], note, self._unsandboxed_marker(entry) +
+                                                  (UNVERIFIED_MARKER if result.get("verified") is False else "")))
             self._append_once(state, row)
             if tip != entry["commit"]:
                 self.ws.advance_branch(state["branch"], entry["commit"], kept)

@@ -154,9 +154,10 @@ def test_train_py_cannot_bend_its_number(tmp_path, repo_root, prepared_env, monk
             (ws / "train.py").write_text(source)
             done = answer(await client.call_tool("wait", {"all": True}))
             refused = await client.call_tool("keep", {"run": 2})
-            return done, refused
+            kept = answer(await client.call_tool("keep", {"run": 2, "unverified": True}))
+            return done, refused, kept
     try:
-        done, refused = anyio.run(go)
+        done, refused, kept = anyio.run(go)
     finally:
         loop.shutdown()
     results = {r["description"]: r for r in done["results"]}
@@ -166,6 +167,7 @@ def test_train_py_cannot_bend_its_number(tmp_path, repo_root, prepared_env, monk
     own = results["own evaluation"]
     assert own["status"] == "ok" and own["verified"] is False and "did not export" in own["integrity"]
     assert refused.is_error and "unverified=true" in refused.content[0].text
+    assert kept["row"]["description"] == "own evaluation (unverified)"  # train.py's own number, marked so
     peek = results["peeks ahead"]
     assert peek["status"] == "crash" and "causal" in peek["tail"], peek
     cheap = results["undercounts its flops"]
