@@ -268,7 +268,8 @@ def private_val_copy(val_shard: Path, report: Path) -> Path | None:
     on the shared shard would blame a run for another run's evaluation."""
     if sandbox.usable()[0] != sandbox.BUBBLEWRAP:
         return None
-    copy = report.with_name(report.name + ".val-shard")
+    # under /tmp, which every sandbox replaces with its own: no other run can read it unwatched
+    copy = Path(tempfile.mkdtemp(prefix="research-loop-val-", dir="/tmp")) / val_shard.name
     shutil.copyfile(val_shard, copy)
     return copy
 
@@ -736,7 +737,7 @@ def main(argv=None) -> int:
     if val_watch is not None:
         val_watch.stop()
     if val_copy is not None:
-        val_copy.unlink(missing_ok=True)
+        shutil.rmtree(val_copy.parent, ignore_errors=True)
     tail = {"log_tail": pump.last_text(args.report_tail)} if args.report_tail else {}
     report = tail | {
         "exit_code": 128 - exit_code if exit_code < 0 else exit_code, "timed_out": timed_out,

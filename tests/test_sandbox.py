@@ -229,3 +229,20 @@ def test_on_macos_runs_go_under_sandbox_exec_with_that_profile(tmp_path, monkeyp
     sandbox._probe.cache_clear()
     assert sandbox.wrap(["python"], spec, "/")[1] is None
     assert "sandbox-exec cannot run here: sandbox-exec: sandbox_apply: Operation not permitted" in sandbox.missing()
+
+
+def test_a_runs_private_validation_copy_is_out_of_other_runs_reach(bubblewrap, tmp_path):
+    """Each run reads its own copy of the validation shard (watched); another run's sandbox, which
+    sees the workspace and its runs/ folder, must not see that copy, or it could read it unwatched."""
+    shard = tmp_path / "shard_val.parquet"
+    shard.write_bytes(b"validation")
+    (tmp_path / "runs").mkdir()
+    copy = worker.private_val_copy(shard, tmp_path / "runs" / "0001-abc1234.report.json")
+    try:
+        argv, kind = sandbox.wrap([sys.executable, "-c", f"import os; print(os.path.exists({str(copy)!r}))"],
+                                  {"readonly": [str(tmp_path), sys.prefix]}, str(tmp_path))
+        assert kind == sandbox.BUBBLEWRAP
+        seen = subprocess.run(argv, capture_output=True, text=True, check=True).stdout.strip()
+        assert copy.read_bytes() == b"validation" and seen == "False"
+    finally:
+        shutil.rmtree(copy.parent, ignore_errors=True)
