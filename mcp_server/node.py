@@ -213,7 +213,7 @@ def plain_sandbox() -> list[str]:
     harness files read-only, the rest of the code folder and the compile cache writable."""
     compiled = cache_dir() / "compile"
     compiled.mkdir(parents=True, exist_ok=True)
-    sandbox = {"readonly": [str(cache_dir())], "writable": [str(compiled)],
+    sandbox = {"readonly": [str(cache_dir())], "writable": [".", str(compiled)],
                "readonly_inside": sorted(n for n in os.listdir(".") if n != EDITABLE)}
     return ["--sandbox", json.dumps(sandbox)]
 
