@@ -103,6 +103,8 @@ def bwrap_argv(bwrap: str, command: list[str], spec: dict, cwd: str, private: di
     over the private /tmp, the run's own folders writable, the harness files inside them read-only."""
     argv = [bwrap, "--ro-bind", "/", "/", "--dev-bind", "/dev", "/dev", "--proc", "/proc",
             "--tmpfs", "/tmp", "--dir", SANDBOX_HOME, "--setenv", "HOME", SANDBOX_HOME]
+    for path in interpreter_folders(command[0]):  # the command's own environment, wherever it lives
+        argv += ["--ro-bind", path, path]
     for option, key in (("--ro-bind", "readonly"), ("--bind", "writable"), ("--ro-bind", "readonly_inside")):
         for path in spec.get(key, []):
             path = os.path.join(cwd, path)  # relative: inside the run's worktree
@@ -111,6 +113,17 @@ def bwrap_argv(bwrap: str, command: list[str], spec: dict, cwd: str, private: di
     for path, copy in (private or {}).items():
         argv += ["--ro-bind", str(copy), str(path)]
     return [*argv, "--die-with-parent", "--chdir", cwd, "--", *command]
+
+
+def interpreter_folders(program: str) -> list[str]:
+    """The environment a program runs from (a virtual environment's root, as linked and as resolved),
+    shown again over the private /tmp: a project checked out under /tmp runs from there."""
+    found = shutil.which(program)
+    if not found:
+        return []
+    roots = {os.path.dirname(os.path.dirname(os.path.abspath(found))),
+             os.path.dirname(os.path.dirname(os.path.realpath(found)))}
+    return sorted(root for root in roots if root.startswith("/tmp/"))
 
 
 def seatbelt_argv(sandbox_exec: str, command: list[str], spec: dict, cwd: str) -> list[str]:
