@@ -7,7 +7,7 @@ Run: uv run train.py   (needs `uv run prepare.py` once; runs on CUDA, Apple MPS 
 """
 import time
 
-T_START = time.time()  # start-up counts from here: imports included
+T_START = time.monotonic()  # start-up counts from here, imports included (monotonic: a clock step moves no duration)
 
 import gc
 import math
@@ -463,7 +463,7 @@ while True:
         break
 
 print()
-T_TRAIN_END = time.time()
+T_TRAIN_END = time.monotonic()
 recompiles = compiler.late_graphs()  # graphs compiled during timed training: each a guard that failed
 
 # ---------------------------------------------------------------------------------------------
@@ -477,7 +477,7 @@ model.eval()
 with torch.no_grad(), autocast():
     # on the CPU eager: over its profile's 2^16 tokens, compiling the evaluation graph costs more than it saves
     val_bpb = evaluate_bpb(train_model if DEVICE.type == "cuda" else model, tokenizer, DEVICE_BATCH_SIZE)
-t_end = time.time()
+t_end = time.monotonic()
 timed_steps = step - UNTIMED_STEPS
 mfu_percent = 100 * flops_per_step * timed_steps / timed_seconds / peak if timed_seconds > 0 else 0.0
 

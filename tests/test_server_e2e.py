@@ -248,13 +248,13 @@ _table = _tokenizer_dir() / "token_bytes.pt"
 _original = _table.read_bytes()
 torch.save(torch.load(_table) * 2, str(_table) + ".doubled")
 os.replace(str(_table) + ".doubled", _table)
-"""), ("t_end = time.time()\n", """_table.write_bytes(_original)
+"""), ("t_end = time.monotonic()\n", """_table.write_bytes(_original)
 with torch.no_grad(), autocast():
     from nanochat import evaluation as _evaluation
     from prepare import EVAL_TOKENS as _EVAL_TOKENS
     _honest = _evaluation.evaluate_bpb(model, Tokenizer.from_directory(), 16, MAX_SEQ_LEN, _EVAL_TOKENS)
 print(f"honest val_bpb: {_honest:.6f}")
-t_end = time.time()
+t_end = time.monotonic()
 """)]
 
 
