@@ -87,8 +87,8 @@ def export_for_evaluation(model, batch_size: int, seq_len: int, eval_batch_size:
         tmp = f"{path}.{os.getpid()}.tmp.pt2"  # torch wants the .pt2 suffix
         torch.export.save(program, tmp)
         with open(meta_path(tmp), "w") as f:
-            json.dump({"rows_per_call": rows, "seq_len": seq_len, "device": device.type,
-                       "export_seconds": round(time.time() - started, 2)}, f)
+            # only its time: the harness reads the program's shapes from the program, never from here
+            json.dump({"export_seconds": round(time.time() - started, 2)}, f)
         os.link(tmp, path)  # exclusive: a second export of the same run fails here
         os.replace(meta_path(tmp), meta_path(path))
         os.unlink(tmp)
