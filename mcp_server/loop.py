@@ -24,7 +24,7 @@ from pathlib import Path
 
 import git
 
-from mcp_server import history, integrity, ledger, limits, logparse, noise, sandbox
+from mcp_server import history, integrity, ledger, limits, logparse, noise, notify, sandbox
 from mcp_server.executor import (LocalPool, RunSpec, compile_bytecode, default_slots, kill_session, read_report,
                                   training_env)
 from mcp_server.models import (
@@ -81,6 +81,7 @@ class ResearchLoop:
         self.finished = threading.Condition()  # notified whenever one of them is set
         self.closing = False  # set on server exit: unfinished runs are left to the next owner
         self.dashboard: str | None = None  # the dashboard's address, when this server serves it
+        self.notifier = notify.Notifier()  # silent unless --notify gives a webhook
         self._ws: Workspace | None = None
         self._pool: LocalPool | None = None
         self._python: str | None = None  # the workspace environment's interpreter, once found
@@ -477,6 +478,7 @@ class ResearchLoop:
                                                        f"{type(exc).__name__}: {exc}")
                 entry.update(status="pending", result=result.model_dump())
                 self._file_measurement(state, entry, result)
+            self.notifier.recorded(self, result)
         finally:
             try:
                 self._dispatch()  # the next queued run takes the slot before anyone hears of this one
@@ -800,6 +802,7 @@ class ResearchLoop:
         if self.ws.branch() == state["branch"] and self.ws.working_train() != self.ws.train_at(entry["commit"]):
             note_out = (f"your train.py differs from the new best {entry['commit'][:7]} (`git diff` shows how): "
                         "build the next idea on the kept code")
+        self.notifier.kept(self, row, evidence)
         best = self._kept_row(entry["commit"])
         return DecisionResult(row=row, branch=state["branch"], kept_commit=entry["commit"][:7],
                               best_val_bpb=best.val_bpb if best else None, evidence=evidence, note=note_out,
@@ -896,6 +899,7 @@ class ResearchLoop:
             note = self._restore_train(state, entry)
             del state["runs"][str(entry["run"])]
             self._write_record(entry, self._result_of(state, entry), {"status": status, "at": time.time()})
+        self.notifier.check(self)
         best = self._kept_row(state["kept_commit"])
         return DecisionResult(row=row, branch=state["branch"], kept_commit=state["kept_commit"][:7],
                               best_val_bpb=best.val_bpb if best else None, note=note,
@@ -977,6 +981,7 @@ class ResearchLoop:
             state["stopped"] = {"reason": reason, "at": time.time()}
             in_flight = [e["run"] for e in self.runs_of(state, *IN_FLIGHT)]
         cancelled = [self.cancel(run).run for run in in_flight] if now else []
+        self.notifier.check(self)
         status = self.status()
         return StopResult(stopped=reason, cancelled=cancelled or None, running=status.running,
                           undecided=status.undecided, next=status.next)
