@@ -24,7 +24,7 @@ from pathlib import Path
 
 import git
 
-from mcp_server import history, integrity, ledger, limits, logparse, noise, notify, sandbox
+from mcp_server import cost, history, integrity, ledger, limits, logparse, noise, notify, sandbox
 from mcp_server.executor import (LocalPool, RunSpec, compile_bytecode, default_slots, kill_session, read_report,
                                   training_env)
 from mcp_server.models import (
@@ -209,7 +209,8 @@ class ResearchLoop:
     # --- setup -----------------------------------------------------------------------
     def setup(self, tag: str, hours: float | None = None, max_experiments: int | None = None,
               target_val_bpb: float | None = None,
-              max_failures_in_row: int | None = limits.DEFAULT_MAX_FAILURES_IN_ROW) -> SetupResult:
+              max_failures_in_row: int | None = limits.DEFAULT_MAX_FAILURES_IN_ROW,
+              max_gpu_hours: float | None = None) -> SetupResult:
         tag = validate_tag(tag)
         ws = self.ws
         branch = BRANCH_PREFIX + tag
@@ -226,7 +227,7 @@ class ResearchLoop:
         start = self._kept_row(ws.head()) if self.ledger_path.exists() else None
         try:
             chosen = limits.make_limits(hours, max_experiments, target_val_bpb, max_failures_in_row,
-                                        best=start.val_bpb if start else None)
+                                        best=start.val_bpb if start else None, max_gpu_hours=max_gpu_hours)
         except ValueError as exc:
             raise Refusal(f"{exc}. Nothing was set up.") from None
         self._require_owner()
@@ -478,6 +479,7 @@ class ResearchLoop:
                                                        f"{type(exc).__name__}: {exc}")
                 entry.update(status="pending", result=result.model_dump())
                 self._file_measurement(state, entry, result)
+                state["slot_hours"] = cost.spent_hours(self.root, state)
             self.notifier.recorded(self, result)
         finally:
             try:
@@ -1186,6 +1188,7 @@ class ResearchLoop:
             f"runs {', '.join(map(str, unsandboxed))} ran unsandboxed: {sandbox.RISK}" if unsandboxed else None)
         result.limits = limits.left(state, [(r.status, r.val_bpb) for r in rows])
         result.ended = limits.ended(state, [(r.status, r.val_bpb) for r in rows])
+        result.compute = cost.hours_text(cost.run_hours(self.root, state))
         result.next = self._next_step(state, result)
         return result
 
