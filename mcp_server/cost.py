@@ -8,7 +8,7 @@ status, the dashboard, the overnight runner and the `max_gpu_hours` limit all us
 
 A headless Claude Code session ends its stream-json output with a `result` event carrying its
 token `usage` and `total_cost_usd`; the runner stores them per session in sessions.jsonl, and
-`sessions_spent` sums them for a tag. Standard library only.
+`sessions_spent` sums them for a tag.
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import json
 import math
 from pathlib import Path
 
-RUNS_DIR = "runs"  # loop.RUNS_DIR (the loop imports this module)
+from mcp_server.runs import RUNS_DIR
+
 SESSIONS_FILE = ".research-loop/overnight/sessions.jsonl"
 TOKEN_KINDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 

@@ -510,6 +510,7 @@ def test_max_cost_stops_starting_sessions_once_spent_and_the_summary_shows_it(fa
                                    "--max-cost $1 [ws]"]
         again = overnight.Runner(args, overnight.preflight(ws, None), poll_s=0.05)
         assert again.run() == 0 and len(sessions_of(fake_claude)) == 3
+        assert wait_until(lambda: len(hook.posts) == 2, 15)  # it says so again, then leaves the webhook alone
         records = [json.loads(line) for line in
                    (ws / ".research-loop" / "overnight" / "sessions.jsonl").read_text().splitlines()]
         assert records[0]["cost_usd"] == 0.4 and records[0]["usage"]["output_tokens"] == 50
