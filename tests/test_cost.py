@@ -1,5 +1,6 @@
 """What a research run spends: the runs' slot time (GPU-hours; slot-hours on a CPU) in status and the
 dashboard, summed from the runs' own records, and the max_gpu_hours limit that ends the run."""
+import argparse
 import json
 import math
 
@@ -22,9 +23,11 @@ def test_status_and_the_dashboard_show_the_slot_time_of_this_research_runs_runs(
     lab.ok("run_experiment", description="worse")
     lab.ok("discard")
     spent = cost.run_hours(lab.ws, lab.loop.state.load())
-    assert spent["runs"] == 2 and spent["gpu_hours"] == 0  # this machine trains on its CPU
-    assert math.isclose(spent["slot_hours"], sum(walls(lab.ws)) / HOUR) and sum(walls(lab.ws)) >= 1
-    text = f"{spent['slot_hours']:.2f} slot-hours on the CPU over 2 runs"
+    devices = {json.loads(path.read_text())["device"] for path in (lab.ws / "runs").glob("*.report.json")}
+    kind = "slot_hours" if all(cost.on_cpu(d) for d in devices) else "gpu_hours"  # a CPU here, a GPU on a GPU host
+    assert spent["runs"] == 2 and spent[{"slot_hours": "gpu_hours", "gpu_hours": "slot_hours"}[kind]] == 0
+    assert math.isclose(spent[kind], sum(walls(lab.ws)) / HOUR) and sum(walls(lab.ws)) >= 1
+    text = f"{spent[kind]:.2f} " + ("slot-hours on the CPU" if kind == "slot_hours" else "GPU-hours") + " over 2 runs"
     assert lab.ok("status")["compute"] == text
     assert dashboard.live_view(lab.ws)["spent"] == text
     # a new research run starts from nothing; the earlier runs' records stay in runs/
@@ -67,3 +70,13 @@ def test_the_label_follows_the_device_each_run_trained_on():
     assert cost.hours_text({"gpu_hours": 0.0, "slot_hours": 0.0, "runs": 0}) is None
     assert [cost.on_cpu(d) for d in ("NVIDIA H100 80GB HBM3", "cpu", "cpu: AMD EPYC 9454", None)] == \
         [False, True, True, True]
+
+
+def test_the_overnight_summary_shows_the_slot_time(lab, capsys):
+    from mcp_server import overnight
+    lab.baseline()
+    parser = argparse.ArgumentParser()
+    overnight.add_arguments(parser)
+    overnight.Runner(parser.parse_args(["--tag", "t", "--workspace", str(lab.ws)]), "claude").summary()
+    spent = cost.run_hours(lab.ws, lab.loop.state.load())
+    assert f"spent: {cost.hours_text(spent)}\n" in capsys.readouterr().out and spent["runs"] == 1
