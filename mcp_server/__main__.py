@@ -1,10 +1,11 @@
 """Entry point: `uv run python -m mcp_server [--workspace DIR] [--slots N] [--executor local|ray|slurm]
-[--http --port N] [--dashboard PORT] [--unsandboxed]`.
+[--http --port N] [--dashboard PORT] [--unsandboxed] [--notify URL]`.
 
 stdio by default (what Claude Code starts); --http serves streamable HTTP on 127.0.0.1
 only, optionally behind a bearer token taken from RESEARCH_LOOP_TOKEN or --token-file (never
 from the command line, which every local user can read). --dashboard serves the live web page
 (mcp_server/dashboard_http.py) on a port of its own, in either mode, behind the same token.
+--notify posts to a webhook on a keep, the research run's end and failures in a row (mcp_server/notify.py).
 Whatever way the server ends, the training runs it started are killed with it (here for
 orderly exits, by each run's worker when its pipe from the server closes).
 """
@@ -16,7 +17,7 @@ import signal
 import sys
 from pathlib import Path
 
-from mcp_server import sandbox
+from mcp_server import notify, sandbox
 from mcp_server.auth import http_token
 
 DEFAULT_PORT = 8765
@@ -61,6 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="accept runs without a sandbox where none can run here (no bubblewrap, or one that "
                              "cannot start); every answer and ledger row then says unsandboxed. Without it such "
                              f"runs are refused (default: env {sandbox.UNSANDBOXED_ENV}=1)")
+    notify.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.slots is not None and args.slots < 1:
         parser.error("--slots must be 1 or more")
@@ -171,12 +173,14 @@ def main(argv=None) -> None:
     command = shlex.split(args.train_command) if args.train_command else None
     slots, executor = choose_executor(args, command or DEFAULT_TRAIN_COMMAND)
     loop = ResearchLoop(Path(args.workspace), command, slots, executor, unsandboxed=args.unsandboxed)
+    loop.notifier = notify.Notifier(args.notify, args.notify_format)
     srv = build_server(loop)
     page = start_dashboard(loop, args.dashboard, http_token(args)) if args.dashboard is not None else None
 
     def on_term(signum, frame):
         loop.shutdown()
         stop_dashboard(loop, page)
+        loop.notifier.close()
         os._exit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_term)
@@ -193,6 +197,7 @@ def main(argv=None) -> None:
     finally:
         loop.shutdown()
         stop_dashboard(loop, page)
+        loop.notifier.close()
 
 
 if __name__ == "__main__":

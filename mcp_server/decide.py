@@ -89,6 +89,7 @@ def keep(core: LoopCore, note: str | None = None, run: int | None = None, unveri
     if core.ws.branch() == state["branch"] and core.ws.working_train() != core.ws.train_at(entry["commit"]):
         note_out = (f"your train.py differs from the new best {entry['commit'][:7]} (`git diff` shows how): "
                     "build the next idea on the kept code")
+    core.notifier.kept(core, row, evidence)
     best = core.kept_row(entry["commit"])
     return DecisionResult(row=row, branch=state["branch"], kept_commit=entry["commit"][:7],
                           best_val_bpb=best.val_bpb if best else None, evidence=evidence, note=note_out,
@@ -165,6 +166,7 @@ def discard(core: LoopCore, reason: str | None = None, run: int | None = None) -
         note = _restore_train(core, state, entry)
         del state["runs"][str(entry["run"])]
         core.write_record(entry, result_of(core, state, entry), {"status": status, "at": time.time()})
+    core.notifier.check(core)
     best = core.kept_row(state["kept_commit"])
     return DecisionResult(row=row, branch=state["branch"], kept_commit=state["kept_commit"][:7],
                           best_val_bpb=best.val_bpb if best else None, note=note,
@@ -247,6 +249,7 @@ def stop(core: LoopCore, reason: str, now: bool = False) -> StopResult:
         state["stopped"] = {"reason": reason, "at": time.time()}
         in_flight = [e["run"] for e in core.runs_of(state, *IN_FLIGHT)]
     cancelled = [cancel(core, run).run for run in in_flight] if now else []
+    core.notifier.check(core)
     status = report.status(core)
     return StopResult(stopped=reason, cancelled=cancelled or None, running=status.running,
                       undecided=status.undecided, next=status.next)

@@ -13,7 +13,7 @@ import time
 
 import git
 
-from mcp_server import integrity, logparse
+from mcp_server import cost, integrity, logparse
 from mcp_server.executor import RunSpec, compile_bytecode, kill_session, read_report, training_env
 from mcp_server.models import Refusal
 from mcp_server.results import record, unrecordable
@@ -142,6 +142,8 @@ def on_done(core: LoopCore, run: int, outcome) -> None:
                                              f"{type(exc).__name__}: {exc}")
             entry.update(status="pending", result=result.model_dump())
             file_measurement(core, state, entry, result)
+            state["slot_hours"] = cost.spent_hours(core.root, state)
+        core.notifier.recorded(core, result)
     finally:
         try:
             dispatch(core)  # the next queued run takes the slot before anyone hears of this one

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from mcp_server import history as run_history
-from mcp_server import ledger, limits, logparse, sandbox
+from mcp_server import cost, ledger, limits, logparse, sandbox
 from mcp_server.dispatch import take_over
 from mcp_server.models import HistoryResult, LiveRun, Metrics, NoiseEstimate, Refusal, StatusResult
 from mcp_server.runs import IN_FLIGHT, LOG_TAIL_BYTES, RUN_LOG, RUNS_DIR, UNDECIDED, LoopCore, unsandboxed_marker
@@ -147,6 +147,7 @@ def status(core: LoopCore) -> StatusResult:
         f"runs {', '.join(map(str, unsandboxed))} ran unsandboxed: {sandbox.RISK}" if unsandboxed else None)
     result.limits = limits.left(state, [(r.status, r.val_bpb) for r in rows])
     result.ended = limits.ended(state, [(r.status, r.val_bpb) for r in rows])
+    result.compute = cost.hours_text(cost.run_hours(core.root, state))
     result.next = _next_step(core, state, result)
     return result
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import git
 
-from mcp_server import history, ledger, limits, sandbox
+from mcp_server import history, ledger, limits, notify, sandbox
 from mcp_server.executor import LocalPool, default_slots, read_report
 from mcp_server.models import Refusal, Row, RunResult
 from mcp_server.state import State
@@ -55,6 +55,7 @@ class LoopCore:
         self.finished = threading.Condition()  # notified whenever one of them is set
         self.closing = False  # set on server exit: unfinished runs are left to the next owner
         self.dashboard: str | None = None  # the dashboard's address, when this server serves it
+        self.notifier = notify.Notifier()  # silent unless --notify gives a webhook
         self._ws: Workspace | None = None
         self._pool: LocalPool | None = None
         self.python: str | None = None  # the workspace environment's interpreter, once found

@@ -241,13 +241,16 @@ def register_runs(srv: MCPServer, loop: ResearchLoop) -> None:
 
     @register(WRITES)
     async def setup(tag: str, hours: float | None = None, max_experiments: int | None = None,
-                    target_val_bpb: float | None = None, max_failures_in_row: int = 10) -> SetupResult:
+                    target_val_bpb: float | None = None, max_failures_in_row: int = 10,
+                    max_gpu_hours: float | None = None) -> SetupResult:
         """Start a research run: create branch autoresearch/<tag> from HEAD (refuses an existing one or
         uncommitted changes), create results.tsv, check that data and tokenizer are prepared, and
         fingerprint the harness (every tracked file but train.py). Optional stop conditions: hours
         (a deadline), max_experiments, target_val_bpb, max_failures_in_row (crashes and timeouts in a
-        row; 10 by default). Once one is met no new run starts, and the agent may stop."""
-        return compact(await threaded(loop.setup, tag, hours, max_experiments, target_val_bpb, max_failures_in_row))
+        row; 10 by default), max_gpu_hours (the runs' slot time; slot-hours on a CPU). Once one is met
+        no new run starts, and the agent may stop."""
+        return compact(await threaded(loop.setup, tag, hours, max_experiments, target_val_bpb, max_failures_in_row,
+                                      max_gpu_hours))
 
     @register(WRITES)
     async def run_experiment(description: str, ctx: Context, wait: bool = True,

@@ -29,7 +29,8 @@ MAX_COMMIT_ATTEMPTS = 20  # candidates whose 7-character hash collides with a lo
 
 def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments: int | None = None,
           target_val_bpb: float | None = None,
-          max_failures_in_row: int | None = limits.DEFAULT_MAX_FAILURES_IN_ROW) -> SetupResult:
+          max_failures_in_row: int | None = limits.DEFAULT_MAX_FAILURES_IN_ROW,
+          max_gpu_hours: float | None = None) -> SetupResult:
     tag = validate_tag(tag)
     ws = core.ws
     branch = BRANCH_PREFIX + tag
@@ -46,7 +47,7 @@ def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments:
     start = core.kept_row(ws.head()) if core.ledger_path.exists() else None
     try:
         chosen = limits.make_limits(hours, max_experiments, target_val_bpb, max_failures_in_row,
-                                    best=start.val_bpb if start else None)
+                                    best=start.val_bpb if start else None, max_gpu_hours=max_gpu_hours)
     except ValueError as exc:
         raise Refusal(f"{exc}. Nothing was set up.") from None
     require_owner(core)
