@@ -6,7 +6,6 @@ here, names resolved against earlier constants and the harness's exports.
 import ast
 import json
 import operator
-import re
 import subprocess
 import sys
 from pathlib import Path

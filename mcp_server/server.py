@@ -466,8 +466,8 @@ def build_server(loop: ResearchLoop) -> MCPServer:
     ) -> SweepResult:
         """Search train.py's constants with an Optuna study: each trial is the kept train.py with the
         space's constants set to the sampler's values, run as an ordinary candidate (its own commit,
-        slots, timeout, limits, noise verdict). Each finished trial is discarded with the reason
-        'sweep trial N of study K', except the best one that beats the kept best, which stays pending:
+        slots, timeout, limits, noise verdict), described 'sweep trial N of study K: NAME=value'. Each
+        finished trial is discarded at once, except the best one that beats the kept best, which stays pending:
         keep(run) it (confirm first when the answer says so). The study is stored in the workspace
         (.research-loop/optuna.db): the same space on the same code continues it, in any session.
         Needs no run in flight or undecided, and train.py equal to the kept code."""

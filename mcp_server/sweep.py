@@ -7,7 +7,8 @@ ResearchLoop.submit like any candidate: its own commit, a free slot (trials run 
 timeout, the research run's limits, the noise verdict. Optuna's samplers choose the values (TPE or
 CMA-ES); nothing here optimises.
 
-Decisions: each finished trial is discarded at once (reason "sweep trial N of study K"), except
+Decisions: each finished trial (its description "sweep trial N of study K: NAME=value ...") is
+discarded at once, with the reason (not better than the best, or beaten by another trial), except
 the best of this call that beats the kept best, which stays pending (a better trial later discards
 it). The agent keeps it with keep(), whose confirmation rule applies as to any run: a gain within a
 few noise widths is confirmed on fresh data orders first. While the sweep runs, that held result is
@@ -39,7 +40,7 @@ SAMPLERS = ("tpe", "cmaes")
 MAX_TRIALS = 200
 TPE_STARTUP_TRIALS = 4  # random trials before TPE models the results (Optuna's 10 would be most of a short sweep)
 STUDY_KEY_CHARS = 10
-MAX_TABLE_ROWS = 40  # of the answer's table, best first; trials_in_study counts them all
+MAX_TABLE_ROWS = 40  # earlier calls' trials in the answer's table, best first; trials_in_study counts them all
 EXAMPLE = ('e.g. {"MATRIX_LR": {"low": 0.01, "high": 0.1, "log": true}, "DEPTH": {"low": 2, "high": 6}, '
            '"WINDOW_PATTERN": {"choices": ["L", "SSSL"]}}')
 UNKNOWN = object()  # a constant whose value is not a literal (e.g. TRAIN_DEFAULTS["depth"])
@@ -192,6 +193,7 @@ class Sweep:
     ran: int = 0
     repeated: int = 0
     in_flight: dict = field(default_factory=dict)  # run -> Optuna trial
+    numbers: list = field(default_factory=list)  # this call's trial numbers
     held: int | None = None  # the pending run that beats the best
     held_value: float | None = None
     held_trial: int | None = None
@@ -212,6 +214,7 @@ class Sweep:
         trial = self.study.ask({d.name: d.distribution() for d in self.dims})
         params = dict(trial.params)
         self.asked += 1
+        self.numbers.append(trial.number)
         earlier = self.finished_with(params)
         if earlier is not None:
             self.repeated += 1
@@ -273,14 +276,13 @@ class Sweep:
             self.study.tell(trial, result.val_bpb)
         else:
             self.study.tell(trial, state=TrialState.FAIL)
-        reason = f"sweep trial {trial.number} of study {self.key}"
         if ok and result.val_bpb < self.best_val_bpb and (self.held_value is None or result.val_bpb < self.held_value):
             if self.held is not None:
-                self.loop.discard(f"sweep trial {self.held_trial} of study {self.key}, beaten by trial {trial.number}",
-                                  self.held)
+                self.loop.discard(f"a sweep trial, beaten by trial {trial.number}", self.held)
             self.held, self.held_value, self.held_trial = run, result.val_bpb, trial.number
             return
-        self.loop.discard(reason, run)
+        self.loop.discard(None if not ok else f"a sweep trial, not better than the best {self.best_val_bpb:.6f}"
+                          if self.held is None else f"a sweep trial, trial {self.held_trial} did better", run)
 
     def cancel_in_flight(self) -> None:
         """The call was cancelled: its trials in flight are cancelled too (a running one is logged as a
@@ -293,7 +295,7 @@ class Sweep:
                 pass  # it ended meanwhile
             entry = self.loop.entry(run)
             if entry and entry["status"] in UNDECIDED:
-                self.loop.discard(f"sweep trial {trial.number} of study {self.key}, cancelled", run)
+                self.loop.discard("a sweep trial, its sweep cancelled", run)
             trial.set_user_attr("status", "cancelled")
             self.study.tell(trial, state=TrialState.FAIL)
             del self.in_flight[run]
@@ -303,13 +305,14 @@ class Sweep:
         trials = self.study.get_trials(deepcopy=False)
         complete = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
         rest = [t for t in trials if t.state != TrialState.COMPLETE]
-        table = [table_row(t) for t in complete + rest]
+        mine = set(self.numbers)  # this call's trials are always listed
+        table = [table_row(t) for i, t in enumerate(complete + rest) if i < MAX_TABLE_ROWS or t.number in mine]
         noise = self.loop.state.load().get("noise")
         result = SweepResult(
             study=self.study.study_name, storage=STORAGE, sampler=self.sampler, trials_run=self.ran,
             trials_repeated=self.repeated, trials_in_study=len(trials), best=table[0] if complete else None,
             pending_run=self.held, best_val_bpb=self.best_val_bpb, noise=NoiseEstimate(**noise) if noise else None,
-            table=table[:MAX_TABLE_ROWS], stopped=self.stopped, next="")
+            table=table, stopped=self.stopped, next="")
         if self.held is not None:
             held = self.loop.answer_for(self.held)
             result.beats_noise = held.noise

@@ -4,7 +4,6 @@ sweep of the real train.py."""
 import sqlite3
 
 import anyio
-import pytest
 
 from server_support import Lab, answer, git, ledger_lines, make_workspace, stdio_client_for
 from test_server_e2e import RUN_TIMEOUT_S, harness_workspace
@@ -60,7 +59,8 @@ def test_a_sweep_runs_its_trials_as_candidates_side_by_side_and_holds_the_best(f
         assert len(rows) == 4 and best["commit"] not in {r[0] for r in rows}
     else:
         assert result["pending_run"] is None and len(rows) == 5
-    assert all(r[3] == "discard" and f"(sweep trial " in r[4] and f"of study {key}" in r[4] for r in rows)
+    assert all(r[3] == "discard" and r[4].startswith("sweep trial ") and f" of study {key}: STEPS=" in r[4]
+               and ("(a sweep trial, not better than the best 1.000000)" in r[4] or "did better)" in r[4]) for r in rows)
     assert (lab.ws / ".research-loop" / "optuna.db").is_file()
     # progress notifications all along, growing, naming the sweep
     assert len(seen) >= 5 and all(b[0] > a[0] for a, b in zip(seen, seen[1:])), seen
@@ -190,3 +190,17 @@ def test_a_tiny_sweep_of_the_real_train_py(tmp_path, repo_root, prepared_env, mo
         assert row["val_bpb"] != base["val_bpb"]  # the learning rate changed the training
     best = result["table"][0]
     assert (result["pending_run"] == best["run"]) == (best["val_bpb"] < base["val_bpb"])
+
+
+def test_the_demos_space_becomes_the_sweeps_ranges_around_the_baseline():
+    from autosearch.space import DEFAULT_SPACE, sweep_space
+    baseline = dict(MATRIX_LR=0.04, EMBEDDING_LR=0.6, DEPTH=4, WARMDOWN_RATIO=0.5, WINDOW_PATTERN="SSSL",
+                    TOTAL_BATCH_SIZE=2**15, DEVICE_BATCH_SIZE=64, WEIGHT_DECAY=0.2, UNEMBEDDING_LR=0.004)
+    ranges = sweep_space(DEFAULT_SPACE, baseline, {"MAX_SEQ_LEN": 256})
+    assert ranges["MATRIX_LR"] == {"low": 0.02, "high": 0.08, "log": True}
+    assert ranges["DEPTH"] == {"low": 3, "high": 6}
+    assert ranges["WINDOW_PATTERN"] == {"choices": ["L", "SSLL", "SSSL"]}
+    # a batch that is not a whole number of device batches is never offered: 2**14 is 64 x 256 exactly
+    assert ranges["TOTAL_BATCH_SIZE"] == {"choices": [16384, 32768, 65536]}
+    assert sweep_space(DEFAULT_SPACE, baseline | {"DEVICE_BATCH_SIZE": 96},
+                       {"MAX_SEQ_LEN": 256})["TOTAL_BATCH_SIZE"] == {"choices": [32768]}
