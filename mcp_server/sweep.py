@@ -43,6 +43,7 @@ STUDY_KEY_CHARS = 10
 MAX_TABLE_ROWS = 40  # earlier calls' trials in the answer's table, best first; trials_in_study counts them all
 EXAMPLE = ('e.g. {"MATRIX_LR": {"low": 0.01, "high": 0.1, "log": true}, "DEPTH": {"low": 2, "high": 6}, '
            '"WINDOW_PATTERN": {"choices": ["L", "SSSL"]}}')
+REPEATABLE_FAILURES = ("crash", "timeout")  # the same values would fail again: answered without a run
 UNKNOWN = object()  # a constant whose value is not a literal (e.g. TRAIN_DEFAULTS["depth"])
 
 
@@ -147,10 +148,8 @@ def choices_dimension(name: str, rng: SweepRange, current, problems: list) -> Di
         problems.append(f"{name} is {current!r}: a sweep sets numbers, text or booleans; edit the code for it")
         return None
     if wrong:
-        kind = type(current).__name__ if current is not UNKNOWN else "one type"
-        problems.append(f"{name}'s choices must all be {kind}, like its value {current!r}: not "
-                        f"{', '.join(map(repr, wrong))}" if current is not UNKNOWN else
-                        f"{name}'s choices must all be of {kind}: not {', '.join(map(repr, wrong))}")
+        like = f"{type(current).__name__}, like its value {current!r}" if current is not UNKNOWN else "of one type"
+        problems.append(f"{name}'s choices must all be {like}: not {', '.join(map(repr, wrong))}")
         return None
     return Dimension(name, "choices", choices=tuple(values))
 
@@ -252,10 +251,13 @@ class Sweep:
         return limits.ended(self.loop.state.load(), rows)
 
     def finished_with(self, params: dict):
+        """A trial of the study with these values that trained to the end (a crash or timeout
+        included); one refused, cancelled or cut short by a server's exit is tried again."""
         from optuna.trial import TrialState
         wanted = params_key(params)
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
-            if params_key(t.params) == wanted and t.user_attrs.get("status") != "not run":
+            if params_key(t.params) == wanted and (t.state == TrialState.COMPLETE or
+                                                   t.user_attrs.get("status") in REPEATABLE_FAILURES):
                 return t
         return None
 

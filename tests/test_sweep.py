@@ -204,3 +204,20 @@ def test_the_demos_space_becomes_the_sweeps_ranges_around_the_baseline():
     assert ranges["TOTAL_BATCH_SIZE"] == {"choices": [16384, 32768, 65536]}
     assert sweep_space(DEFAULT_SPACE, baseline | {"DEVICE_BATCH_SIZE": 96},
                        {"MAX_SEQ_LEN": 256})["TOTAL_BATCH_SIZE"] == {"choices": [32768]}
+
+
+def test_values_already_tried_are_answered_from_the_study_without_a_run(fake_env):
+    lab = sweep_lab(fake_env, slots=1)
+    try:
+        result = lab.ok("sweep", space={"VAL_BPB": {"choices": [0.9, 1.1]}}, trials=4, seed=2)
+    finally:
+        lab.loop.shutdown()
+    table = result["table"]
+    ran = [row for row in table if row["status"] == "ok"]
+    repeats = [row for row in table if row["status"] == "repeat"]
+    assert result["trials_run"] == len(ran) == len({row["params"]["VAL_BPB"] for row in ran}) <= 2
+    assert result["trials_repeated"] == len(repeats) == 4 - len(ran) >= 2
+    for row in repeats:
+        earlier = next(r for r in ran if r["params"] == row["params"])
+        assert row["val_bpb"] == earlier["val_bpb"] and row["run"] == earlier["run"] and "no run" in row["note"]
+    assert len(trial_rows(lab.ws)) + (1 if result["pending_run"] else 0) == len(ran)
