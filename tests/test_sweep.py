@@ -221,3 +221,27 @@ def test_values_already_tried_are_answered_from_the_study_without_a_run(fake_env
         earlier = next(r for r in ran if r["params"] == row["params"])
         assert row["val_bpb"] == earlier["val_bpb"] and row["run"] == earlier["run"] and "no run" in row["note"]
     assert len(trial_rows(lab.ws)) + (1 if result["pending_run"] else 0) == len(ran)
+
+
+def test_a_cancelled_sweep_cancels_its_trial_in_flight_and_the_study_marks_it(fake_env):
+    """A client that gives up on a sweep (its timeout): the trial training is stopped and logged as
+    a crash, nothing is left to block the slots, and the study records the trial as cancelled."""
+    import optuna
+    ws = make_workspace(fake_env, "VAL_BPB = 1.0\nSLEEP = 0\n")
+
+    async def session():
+        async with stdio_client_for(ws, fake_env / "cache") as client:
+            answer(await client.call_tool("setup", {"tag": "t"}))
+            answer(await client.call_tool("run_experiment", {"description": "baseline"}))
+            answer(await client.call_tool("keep", {}))
+            with anyio.move_on_after(6):
+                await client.call_tool("sweep", {"space": {"SLEEP": {"low": 60, "high": 90}}, "trials": 3})
+            await anyio.sleep(3)
+            return answer(await client.call_tool("status", {}))
+    status = anyio.run(session)
+    assert not status.get("running") and not status.get("undecided") and not status.get("queued"), status
+    crash = ledger_lines(ws)[-1].split("\t")
+    assert crash[3] == "crash" and crash[4].startswith("sweep trial 0 of study ") and crash[4].endswith("(cancelled)")
+    storage = f"sqlite:///{ws / '.research-loop' / 'optuna.db'}"
+    trials = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage).trials
+    assert [(t.state, t.user_attrs["status"]) for t in trials] == [(optuna.trial.TrialState.FAIL, "cancelled")]
