@@ -3,10 +3,12 @@ sweep tool), each given the same wall time with a short training budget, then th
 trained again on data orders that no search used.
 
     uv run bench/bench_search.py [--minutes 60] [--budget-seconds 20] [--orders 3] [--cache DIR] [--slots 1]
+    uv run bench/bench_search.py --experiments 1 --parallel --orders 1 --budget-seconds 3   # a smoke-size run
 
 Each strategy is demo.py in a workspace of its own (the demo's loop through the MCP server:
 baseline, a noise repeat, experiments, confirmations), one strategy after another so each has the
-machine to itself. Then the baseline's train.py and each strategy's best are trained on the held-out
+machine to itself (--parallel: all at once, each beside the others, for a machine others load
+anyway). Then the baseline's train.py and each strategy's best are trained on the held-out
 data orders (after the highest any search's reruns used). Printed side by side: runs per hour (every
 ledger row over the strategy's wall time), experiments, extra runs (noise, controls, confirmations),
 the best kept val_bpb as the search saw it, and the best's mean on the held-out orders with its
@@ -34,19 +36,25 @@ STRATEGIES = ("greedy", "tpe", "cmaes")
 DEMO_ARGS = ["--profile", "cpu", "--dataset", "offline", "--dashboard", "-1"]
 
 
-def search(strategy: str, folder: Path, args, env: dict) -> dict:
-    """One strategy's demo for the wall time given; its figures from the ledger it wrote."""
-    workspace = folder / strategy
-    command = [sys.executable, "demo.py", *DEMO_ARGS, "--strategy", strategy, "--hours", str(args.minutes / 60),
+def start(strategy: str, folder: Path, args, env: dict) -> tuple:
+    """One strategy's demo, for the wall time given (or --experiments); returns it and its start."""
+    length = ["--experiments", str(args.experiments)] if args.experiments else ["--hours", str(args.minutes / 60)]
+    command = [sys.executable, "demo.py", *DEMO_ARGS, "--strategy", strategy, *length,
                "--budget-seconds", str(args.budget_seconds), "--slots", str(args.slots), "--seed", str(args.seed),
-               "--workspace", str(workspace)]
+               "--workspace", str(folder / strategy)]
     print(f"{strategy}: {' '.join(command[1:])}", flush=True)
-    start = time.monotonic()
     with open(folder / f"{strategy}.log", "w") as log:
-        done = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    wall = time.monotonic() - start
-    if done.returncode != 0:
-        sys.exit(f"{strategy}'s demo failed (exit {done.returncode}); its output: {folder / f'{strategy}.log'}")
+        return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), time.monotonic()
+
+
+def finish(strategy: str, folder: Path, started: tuple) -> dict:
+    """Waits for a strategy's demo; its figures from the ledger it wrote."""
+    demo, start_time = started
+    demo.wait()
+    wall = time.monotonic() - start_time
+    workspace = folder / strategy
+    if demo.returncode != 0:
+        sys.exit(f"{strategy}'s demo failed (exit {demo.returncode}); its output: {folder / f'{strategy}.log'}")
     rows = read_ledger(workspace)
     state = json.loads((workspace / ".research-loop" / "state.json").read_text())
     baseline, best = next(r for r in rows if r["status"] == "keep"), best_kept(rows)
@@ -82,6 +90,8 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-seconds", type=float, default=20.0, help="training budget of each run")
     parser.add_argument("--orders", type=int, default=3, help="held-out data orders the bests are trained on")
     parser.add_argument("--slots", type=int, default=1, help="runs at once in each search")
+    parser.add_argument("--experiments", type=int, help="experiments per strategy instead of --minutes (a smoke test)")
+    parser.add_argument("--parallel", action="store_true", help="the strategies at once rather than in turn")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", help="a prepared cache (default: a fresh one with the offline corpus)")
     parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated, greedy first")
@@ -93,14 +103,20 @@ def main(argv=None) -> int:
     os.environ.update(AUTORESEARCH_CACHE=str(cache), AUTORESEARCH_TIME_BUDGET=str(args.budget_seconds))
     with tempfile.TemporaryDirectory(prefix="bench-search-") as folder:
         folder = Path(folder)
-        results = [search(s, folder, args, env) for s in args.strategies.split(",")]
+        names = args.strategies.split(",")
+        if args.parallel:
+            demos = {name: start(name, folder, args, env) for name in names}
+            results = [finish(name, folder, demos[name]) for name in names]
+        else:
+            results = [finish(name, folder, start(name, folder, args, env)) for name in names]
         first = max(r["orders_used"] for r in results) + 1
         orders = list(range(first, first + args.orders))
         print(f"held-out data orders {orders[0]}..{orders[-1]} (the searches used 0..{first - 1})", flush=True)
         measured = held_out(results, cache, orders, folder)
     base = measured["baseline"]
-    print(f"\n{args.minutes:g} min per strategy, {args.budget_seconds:g} s budget, {args.slots} slot(s), "
-          f"{len(orders)} held-out order(s); baseline held out {statistics.fmean(base):.6f}")
+    length = f"{args.experiments} experiment(s)" if args.experiments else f"{args.minutes:g} min"
+    print(f"\n{length} per strategy{' (at once)' if args.parallel else ''}, {args.budget_seconds:g} s budget, "
+          f"{args.slots} slot(s), {len(orders)} held-out order(s); baseline held out {statistics.fmean(base):.6f}")
     header = ("strategy", "runs/h", "experiments", "extra runs", "noise thr", "best (search)", "held-out mean",
               "paired delta", "delta sd")
     lines = [header]
