@@ -32,7 +32,7 @@ import pydantic
 from mcp_server import ledger, limits
 from mcp_server.constants import rewrite_constants
 from mcp_server.history import find_constants
-from mcp_server.loop import IN_FLIGHT, UNDECIDED
+from mcp_server.runs import IN_FLIGHT, UNDECIDED
 from mcp_server.models import NoiseEstimate, Refusal, SweepRange, SweepResult, SweepTrial
 
 STORAGE = ".research-loop/optuna.db"
