@@ -2,6 +2,7 @@
 
     uv run demo.py                      # CPU: baseline + 5 experiments, under 10 minutes on 2 cores
     uv run demo.py --strategy greedy --hours 8 --workspace ~/runs/night1   # an overnight baseline search
+    uv run demo.py --strategy tpe --experiments 12   # Optuna's TPE (or cmaes) through the server's sweep tool
 
 It prepares data and tokenizer if needed, clones this repository's HEAD into a scratch workspace
 (your checkout and branch are never touched), sets up a research branch, runs the baseline and
@@ -44,7 +45,8 @@ def say(message: str) -> None:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--strategy", choices=STRATEGIES, help="search strategy (default: random)")
+    p.add_argument("--strategy", choices=STRATEGIES,
+                   help="search strategy (default: random; tpe and cmaes: the server's sweep tool, an Optuna study)")
     p.add_argument("--experiments", type=int, help=f"experiments after the baseline (default {DEFAULT_EXPERIMENTS}, "
                                                     "unlimited with --hours); counts the whole ledger when resuming")
     p.add_argument("--hours", type=float, help="stop starting experiments after this many hours")

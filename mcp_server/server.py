@@ -10,10 +10,12 @@ import json
 import logging
 import re
 import time
+from typing import Annotated, Literal
 
 import anyio
 import git
 import pydantic
+from pydantic import Field
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.stdio import stdio_server
@@ -23,10 +25,11 @@ from mcp.types import (
 )
 
 from mcp_server import plot
+from mcp_server import sweep as sweeping
 from mcp_server.loop import ResearchLoop
 from mcp_server.models import (
     CancelResult, ConfirmResult, DecisionResult, HistoryResult, LoggedRow, Metrics, NoiseResult, PlotResult, Refusal, RunResult,
-    SetupResult, StatusResult, StopResult, WaitResult,
+    SetupResult, StatusResult, StopResult, SweepRange, SweepResult, WaitResult,
 )
 from mcp_server.workspace import EDITABLE
 
@@ -195,7 +198,7 @@ async def serve_stdio(srv: MCPServer) -> None:
 
 def build_server(loop: ResearchLoop) -> MCPServer:
     srv = MCPServer(SERVER_NAME, instructions=INSTRUCTIONS, log_level="WARNING")
-    for group in (register_runs, register_decisions, register_reports, register_measurements):
+    for group in (register_runs, register_decisions, register_reports, register_measurements, register_search):
         group(srv, loop)  # in this order: the order list_tools answers in
     return srv
 
@@ -477,6 +480,35 @@ def register_measurements(srv: MCPServer, loop: ResearchLoop) -> None:
             extra_runs=len(runs), extra_runs_total=total,
             next=(f"keep(run={n})" if confirmed else f"the gain did not hold: discard(run={n})")
             + ("" if not failed else "; some reruns failed: read their logs")))
+
+
+def register_search(srv: MCPServer, loop: ResearchLoop) -> None:
+    """sweep: an optimiser (Optuna) choosing the values of train.py's constants, run as candidates."""
+    register = registrar(srv, loop)
+
+    @register(WRITES)
+    async def sweep(
+            space: Annotated[dict[str, SweepRange], Field(description=(
+                "train.py's module-level constants to search, each mapped to a range {low, high, log} (an integer "
+                "constant gets whole numbers) or {choices: [...]}, e.g. {\"MATRIX_LR\": {\"low\": 0.01, "
+                "\"high\": 0.1, \"log\": true}, \"WINDOW_PATTERN\": {\"choices\": [\"L\", \"SSSL\"]}}"))],
+            ctx: Context,
+            trials: Annotated[int, Field(description="runs to spend, side by side on free slots "
+                                                     f"(1 to {sweeping.MAX_TRIALS})")] = 8,
+            sampler: Annotated[Literal["tpe", "cmaes"], Field(description=(
+                "Optuna's sampler: tpe (any space, choices too) or cmaes (numeric ranges; best with "
+                "several of them and 20+ trials)"))] = "tpe",
+            seed: Annotated[int | None, Field(description="the sampler's seed, for a repeatable sweep")] = None,
+    ) -> SweepResult:
+        """Search train.py's constants with an Optuna study: each trial is the kept train.py with the
+        space's constants set to the sampler's values, run as an ordinary candidate (its own commit,
+        slots, timeout, limits, noise verdict), described 'sweep trial N of study K: NAME=value'. Each
+        finished trial is discarded at once, except the best one that beats the kept best, which stays pending:
+        keep(run) it (confirm first when the answer says so). The study is stored in the workspace
+        (.research-loop/optuna.db): the same space on the same code continues it, in any session.
+        Needs no run in flight or undecided, and train.py equal to the kept code."""
+        plan = await threaded(sweeping.start, loop, space, trials, sampler, seed)
+        return compact(await sweeping.run(plan, functools.partial(follow, loop), ctx))
 
 
 def describe_live(run, named: bool, slotted: bool) -> tuple[str, str]:
