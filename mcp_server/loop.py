@@ -24,7 +24,7 @@ from pathlib import Path
 
 import git
 
-from mcp_server import history, integrity, ledger, limits, logparse, noise, sandbox
+from mcp_server import early_stop, history, integrity, ledger, limits, logparse, noise, novelty, sandbox
 from mcp_server.executor import (LocalPool, RunSpec, compile_bytecode, default_slots, kill_session, read_report,
                                   training_env)
 from mcp_server.models import (
@@ -85,6 +85,7 @@ class ResearchLoop:
         self._pool: LocalPool | None = None
         self._python: str | None = None  # the workspace environment's interpreter, once found
         self.make_executor = executor
+        self.watcher = early_stop.Watcher(self)  # stops hopeless runs where setup asked for it
         try:
             self.take_over()
         except Refusal:
@@ -208,8 +209,11 @@ class ResearchLoop:
     # --- setup -----------------------------------------------------------------------
     def setup(self, tag: str, hours: float | None = None, max_experiments: int | None = None,
               target_val_bpb: float | None = None,
-              max_failures_in_row: int | None = limits.DEFAULT_MAX_FAILURES_IN_ROW) -> SetupResult:
+              max_failures_in_row: int | None = limits.DEFAULT_MAX_FAILURES_IN_ROW,
+              early_stop_runs: bool = False) -> SetupResult:
         tag = validate_tag(tag)
+        if not isinstance(early_stop_runs, bool):
+            raise Refusal(f"early_stop must be true or false, got {early_stop_runs!r}. Nothing was set up.")
         ws = self.ws
         branch = BRANCH_PREFIX + tag
         if not ws.repo.head.is_valid():
@@ -254,10 +258,10 @@ class ResearchLoop:
             state.clear()
             state.update({"tag": tag, "branch": branch, "kept_commit": ws.head(), "fingerprint": fingerprint,
                           "cache_fingerprint": integrity.cache_fingerprint(), "seq": seq, "runs": {}, "rows": [], "noise": None,
-                          "limits": chosen, "started_at": time.time()})
+                          "limits": chosen, "started_at": time.time(), "early_stop": early_stop_runs})
         return SetupResult(branch=branch, base_commit=ws.head()[:7], ledger=ledger.LEDGER_NAME,
                            fingerprint=fingerprint, archived_ledger=archived,
-                           limits=limits.left({"limits": chosen}, []),
+                           limits=limits.left({"limits": chosen}, []), early_stop=early_stop.describe(state),
                            next="run_experiment('baseline') with train.py unchanged, then keep()")
 
     def _last_run_number(self) -> int:
@@ -290,18 +294,22 @@ class ResearchLoop:
 
     def submit(self, description: str, timeout_seconds: float | None = None, source: bytes | None = None,
                parent_note: str = "", replacing: int | None = None, rerun_of: int | None = None,
-               data_order: int = 0) -> dict:
+               data_order: int = 0, rerun: bool = False) -> dict:
         """Queues a candidate: train.py from the working tree (or `source`) on top of the kept
         commit. Returns its state entry; it starts as soon as a slot is free. `replacing`: an
         undecided run that this one supersedes (not counted against the slots). `rerun_of`: an
         undecided run this one re-measures (a control or a confirmation): not counted either, and
         its discard never touches train.py. `data_order`: another stretch of the training data
-        (a rerun's; 0 is the usual one; local slots only)."""
+        (a rerun's; 0 is the usual one; local slots only). train.py from the working tree that was
+        tried already is refused or answered from its earlier run ({"answered": result}; novelty.py)
+        unless `rerun`."""
         replacing = rerun_of if rerun_of is not None else replacing
         description = ledger.validate_description(description)
         if timeout_seconds is not None and not (isinstance(timeout_seconds, (int, float))
                                                 and 0 < timeout_seconds <= MAX_TIMEOUT_S):
             raise Refusal(f"timeout_seconds must be between 0 and {MAX_TIMEOUT_S:.0f} (one day).")
+        if not isinstance(rerun, bool):
+            raise Refusal(f"rerun must be true or false, got {rerun!r}.")
         self._require_owner()
         self._require_sandbox()
         try:
@@ -318,10 +326,14 @@ class ResearchLoop:
             if len(undecided) >= self.slots:
                 raise Refusal(self._decide_first(undecided))
             kept = state["kept_commit"]
+            tried = novelty.Found(None, None)
             if source is None:
                 source = self._checked_working_train(state)
+                tried = novelty.check(self, state, source, rerun)
             self._check_branch_holds_best(state)
             self._check_prepared_cache(state)
+            if tried.answer:
+                return {"answered": tried.answer.model_dump()}
             n = state.get("seq", 0) + 1
             commit = self._new_candidate(n, kept, source, description, parent_note)
             entry = {"run": n, "commit": commit, "parent": kept, "description": description, "status": "queued",
@@ -333,6 +345,8 @@ class ResearchLoop:
                 entry["rerun_of"] = rerun_of
             if data_order:
                 entry["data_order"] = data_order
+            if tried.note:
+                entry["tried_before"] = tried.note
             state.setdefault("runs", {})[str(n)] = entry
             state["seq"] = n
             self.event(n)
@@ -936,9 +950,10 @@ class ResearchLoop:
             marker += f" ({ledger.fit_description(note, limit=MAX_NOTE_CHARS)})"
         return ledger.fit_description(description, marker)
 
-    def cancel(self, run: int) -> CancelResult:
+    def cancel(self, run: int, stopped: dict | None = None) -> CancelResult:
         """A queued run leaves the queue (no row: it never ran); a running one is stopped and logged
-        as a crash. Its code stays under its ref either way."""
+        as a crash. Its code stays under its ref either way. stopped: the early stop's verdict
+        (early_stop.py), which the row, the record and the run's answer give."""
         if isinstance(run, bool) or not isinstance(run, int):
             raise Refusal(f"run must be a run number (status() lists them), got {run!r}.")
         self._require_owner()
@@ -950,12 +965,17 @@ class ResearchLoop:
             was = entry["status"]
             row = None
             if was == "running":
+                why = f" (stopped early: {early_stop.reason(stopped)})" if stopped else " (cancelled)"
                 row = ledger.make_row(entry["commit"][:7], 0.0, 0.0, "crash",
-                                      ledger.fit_description(entry["description"],
-                                                             " (cancelled)" + self._unsandboxed_marker(entry)))
+                                      ledger.fit_description(entry["description"], why + self._unsandboxed_marker(entry)))
                 self._append_once(state, row)
                 self.pool.cancel(run)
-                self._write_record(entry, self._result_of(state, entry), {"status": "crash", "at": time.time()})
+                result = self._result_of(state, entry)
+                if stopped:
+                    result.status, result.tail = "crash", f"[stopped early: {early_stop.reason(stopped)}]"
+                    result.next = "nothing to decide: logged as a crash row (stopped early); edit train.py and try another idea"
+                self._write_record(entry, result, {"status": "crash", "at": time.time()}
+                                   | ({"stopped_early": early_stop.reason(stopped)} if stopped else {}))
             del state["runs"][str(run)]
             self._restore_train(state, entry)
         self._finished(run)

@@ -116,7 +116,7 @@ def test_a_queued_job_cancelled_by_slurm_is_a_crash_with_the_reason(slurm_lab):
     hog = subprocess.run(["sbatch", "--parsable", "--gres=gpu:2", "--output=/dev/null", "--wrap", "sleep 120"],
                          check=True, capture_output=True, text=True).stdout.strip()
     try:
-        run = slurm_lab.ok("run_experiment", description="never started", wait=False)
+        run = slurm_lab.ok("run_experiment", description="never started", wait=False, rerun=True)
         job = slurm_lab.loop.entry(run["run"])["job"]
         assert wait_until(lambda: "PENDING" in slurm_executor.slurm_state(job)[1], 30), slurm_executor.slurm_state(job)
         subprocess.run(["scancel", job], check=True)  # no node ever ran: only SLURM can say what happened

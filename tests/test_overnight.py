@@ -164,7 +164,7 @@ def test_stop_hook_lets_claude_stop_once_a_limit_is_met_or_the_run_was_stopped(l
     lab.ok("run_experiment", description="baseline")
     lab.ok("keep")
     assert stop_hook(lab.ws)["decision"] == "block"
-    lab.ok("run_experiment", description="the one experiment")
+    lab.ok("run_experiment", description="the one experiment", rerun=True)
     lab.ok("discard")
     answer = stop_hook(lab.ws)
     assert "decision" not in answer and "has ended (1 experiments done)" in answer["systemMessage"]
