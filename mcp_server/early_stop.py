@@ -13,8 +13,12 @@ it: on the demo's runs no kept run would have been stopped (docs/benchmarks.md).
 - Smoothed: the candidate's losses over the last WINDOW of the budget, against the best's curve
   interpolated at the same points (one step's loss jitters by several hundredths).
 - Margin: MARGIN_WIDTHS noise thresholds (val_bpb), turned into training-loss units by the best's
-  own ratio of final training loss to val_bpb. No noise estimate, no stop: without it the server
-  cannot tell a lag from luck, and setup says so.
+  own ratio of final training loss to val_bpb, and at least as far as any noise repeat's training
+  loss strayed from its best's at the same progress (the same code on other data: on the demo's
+  CPU runs 0.3 early, crossing to -0.1 by the end, far more than the val_bpb noise says; a
+  candidate that trains at another speed meets other batches at the same progress, so it has the
+  same luck to beat). No noise estimate, no stop: without it the server cannot tell a lag from
+  luck, and setup says so.
 Reruns (noise repeats, controls, confirmations) are never stopped: they are measurements.
 """
 import logging
@@ -22,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from mcp_server import logparse
+from mcp_server import history, limits, logparse
 from mcp_server.models import Refusal
 
 MIN_PROGRESS = 30.0  # percent of the budget before which no run is stopped
@@ -32,6 +36,7 @@ MARGIN_WIDTHS = 3.0  # noise thresholds (in training-loss units) a run must be b
 # 1e-5) says nothing about how far apart two codes' curves may be mid-run and still cross
 MIN_MARGIN = 0.05
 POLL_SECONDS = 2.0
+REPEAT_PREFIX = "noise repeat "  # measure_noise's description of its runs
 TAIL_BYTES = 256 * 1024  # of a running log: its last WINDOW of progress lines fits easily
 
 log = logging.getLogger(__name__)
@@ -59,25 +64,55 @@ def loss_per_bpb(best: list[tuple[float, float]], best_val_bpb: float) -> float 
     return sum(end) / len(end) / best_val_bpb
 
 
+def _lag(candidate: list[tuple[float, float]], best: list[tuple[float, float]],
+         now: float) -> tuple[float, float] | None:
+    """(candidate's mean loss, the best's at the same points) over the WINDOW that ends at `now`."""
+    pairs = [(loss, _at(best, percent)) for percent, loss in candidate if now - WINDOW < percent <= now]
+    pairs = [(loss, ref) for loss, ref in pairs if ref is not None]
+    if not pairs:
+        return None
+    return sum(c for c, _ in pairs) / len(pairs), sum(r for _, r in pairs) / len(pairs)
+
+
+def data_luck(repeats: list[tuple[list, list]], now: float) -> float:
+    """How far the noise repeats' training loss strayed from their best's at this progress, either
+    way: the same code on another stretch of data (on the demo's CPU runs 0.3 early, 0.1 at the end)."""
+    lags = [_lag(repeat, best, now) for repeat, best in repeats]
+    return max((abs(c - r) for c, r in filter(None, lags)), default=0.0)
+
+
 def verdict(candidate: list[tuple[float, float]], best: list[tuple[float, float]], best_val_bpb: float,
-            threshold: float | None) -> dict | None:
+            threshold: float | None, repeats: list[tuple[list, list]] = (), min_progress: float = MIN_PROGRESS,
+            widths: float = MARGIN_WIDTHS) -> dict | None:
     """{progress, loss, best_loss, margin} when the candidate is behind the best by more than the
-    margin at its latest progress; None when it is not, or cannot be judged yet."""
-    if not candidate or not best or threshold is None or candidate[-1][0] < MIN_PROGRESS:
+    margin at its latest progress; None when it is not, or cannot be judged yet. repeats: the noise
+    repeats' curves, each with its best's, whose lags widen the margin (data_luck). min_progress
+    and widths: other settings, for the replay's comparison (bench/bench_early_stop.py)."""
+    if not candidate or not best or threshold is None or candidate[-1][0] < min_progress:
         return None
     now = candidate[-1][0]
-    pairs = [(loss, _at(best, percent)) for percent, loss in candidate if percent > now - WINDOW]
-    pairs = [(loss, ref) for loss, ref in pairs if ref is not None]
+    lag = _lag(candidate, best, now)
     scale = loss_per_bpb(best, best_val_bpb)
-    if not pairs or scale is None:
+    if lag is None or scale is None:
         return None
-    loss = sum(c for c, _ in pairs) / len(pairs)
-    reference = sum(r for _, r in pairs) / len(pairs)
-    margin = max(MARGIN_WIDTHS * threshold * scale, MIN_MARGIN)
-    if loss - reference <= margin:
+    margin = max(widths * threshold * scale, MIN_MARGIN, data_luck(repeats, now))
+    if lag[0] - lag[1] <= margin:
         return None
-    return {"progress": round(now, 1), "loss": round(loss, 4), "best_loss": round(reference, 4),
+    return {"progress": round(now, 1), "loss": round(lag[0], 4), "best_loss": round(lag[1], 4),
             "margin": round(margin, 4)}
+
+
+def repeats_of(records: list[dict], curve_of) -> list[tuple[list, list]]:
+    """(noise repeat's curve, its best's curve) for every noise repeat among the decided runs'
+    records; curve_of(record) reads a record's log. A repeat reruns the kept code on its parent."""
+    by_commit = {r["result"]["commit"]: r for r in records if (r.get("decision") or {}).get("status") == "keep"}
+    found = []
+    for record in records:
+        best = by_commit.get(str((record.get("run") or {}).get("parent"))[:7])
+        if best is not None and record["result"].get("description", "").startswith(REPEAT_PREFIX) \
+                and record["result"].get("status") == "ok":
+            found.append((curve_of(record), curve_of(best)))
+    return [(repeat, best) for repeat, best in found if repeat and best]
 
 
 def reason(stop: dict) -> str:
@@ -103,7 +138,8 @@ class Watcher:
 
     def __init__(self, loop):
         self.loop = loop
-        self._curves: dict[Path, tuple[int, list]] = {}  # a best's log: (mtime_ns, curve)
+        self._curves: dict[Path, tuple[int, list]] = {}  # a finished run's log: (mtime_ns, curve)
+        self._luck: tuple[int, list] | None = None  # (decided records, their noise repeats' curves)
         self._thread = threading.Thread(target=self._watch, name="early-stop", daemon=True)
         self._thread.start()
 
@@ -120,7 +156,9 @@ class Watcher:
         loop = self.loop
         if loop.closing or not loop.state.owned:
             return []
-        state = loop.state.load()
+        # the server's own copy, read as it is: State.load would set right (and report) a changed
+        # state.json from this thread, between an agent's calls
+        state = limits.recorded_state(loop.root)
         if not state.get("early_stop") or not state.get("noise"):
             return []
         stopped = []
@@ -145,7 +183,14 @@ class Watcher:
             return None
         candidate = curve(logparse.read_tail_bytes(path, TAIL_BYTES))
         return verdict(candidate, self._best_curve(self.loop.root / best_log), best_row.val_bpb,
-                       state["noise"]["threshold"])
+                       state["noise"]["threshold"], self._repeats())
+
+    def _repeats(self) -> list[tuple[list, list]]:
+        records = history.records(self.loop.root / "runs")
+        if self._luck is None or self._luck[0] != len(records):
+            logged = lambda r: self._best_curve(self.loop.root / r["result"]["log"])  # noqa: E731
+            self._luck = (len(records), repeats_of(records, logged))
+        return self._luck[1]
 
     def _best_curve(self, path: Path) -> list[tuple[float, float]]:
         try:

@@ -81,3 +81,14 @@ def test_the_rule_never_stops_during_warm_up_and_scales_with_the_noise():
     assert early_stop.verdict(behind[:8], best, 1.0, wide) is None
     slight = [(p, loss + early_stop.MIN_MARGIN / 2) for p, loss in best]
     assert early_stop.verdict(slight, best, 1.0, 0.0) is None  # a zero noise still leaves the floor
+
+
+def test_the_noise_repeats_luck_widens_the_margin():
+    """The same code on other data strays from the best's curve: a candidate must lag by more."""
+    best = [(p, 9.0 - p / 20) for p in range(5, 101, 5)]
+    repeat = [(p, loss + (0.5 if p <= 50 else -0.1)) for p, loss in best]
+    behind = [(p, loss + 0.3) for p, loss in best]
+    assert early_stop.verdict(behind[:8], best, 1.0, 0.001)["progress"] == 40  # judged on the val_bpb noise alone
+    assert early_stop.verdict(behind[:8], best, 1.0, 0.001, [(repeat, best)]) is None  # the data's luck was 0.5
+    stop = early_stop.verdict(behind[:14], best, 1.0, 0.001, [(repeat, best)])  # past it, the luck was 0.1
+    assert stop["progress"] == 70 and stop["margin"] == pytest.approx(0.1)
