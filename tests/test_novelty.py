@@ -147,3 +147,19 @@ def test_a_record_the_ledger_does_not_back_answers_nothing(lab):
     set_knobs(lab.ws, val_bpb=1.02)
     again = lab.ok("run_experiment", description="idea again")
     assert again["run"] == first["run"] + 1 and again.get("repeat_of") is None and again["val_bpb"] == 1.02
+
+
+def test_a_new_research_run_measures_again_what_an_earlier_one_tried(lab):
+    """setup starts a new research run (its data, budget and ledger may differ): its baseline trains,
+    though it is the earlier run's best unchanged, and so do ideas the earlier run tried."""
+    lab.baseline()
+    set_knobs(lab.ws, val_bpb=1.02)
+    first = lab.ok("run_experiment", description="idea")
+    lab.ok("discard")
+    git(lab.ws, "checkout", "-q", "-b", "more")
+    lab.ok("setup", tag="t2")
+    assert lab.ok("run_experiment", description="baseline again")["val_bpb"] == 1.0
+    lab.ok("keep")
+    set_knobs(lab.ws, val_bpb=1.02)
+    again = lab.ok("run_experiment", description="idea again")
+    assert again["run"] > first["run"] and again.get("repeat_of") is None
