@@ -128,6 +128,17 @@ def main() -> int:
         print(f"{pair['ws'].name + '/' + str(result['run']):>18} {(record.get('decision') or {}).get('status', '-'):>8} "
               f"{result['val_bpb']:9.6f} {best['result']['val_bpb']:9.6f} {len(record['curve']):6d}  {verdict}"
               f"  | {result['description'][:50]}")
+    built = totals(pairs, early_stop.MIN_PROGRESS, early_stop.MARGIN_WIDTHS)
+    decisions = [(p["record"].get("decision") or {}).get("status") for p in pairs]
+    reruns = sum(p["record"]["result"]["description"].startswith(RERUNS) for p in pairs)
+    print(f"\njudged: {len(pairs)} runs with a best to compare with ({decisions.count('keep')} kept, "
+          f"{decisions.count('discard') - reruns} discarded ideas, {reruns} reruns of the same code on other data)")
+    target = ("no kept run to judge" if not decisions.count("keep") else
+              "met" if built["kept_stopped"] == 0 else "NOT met")
+    print(f"kept runs stopped: {built['kept_stopped']} (target 0: {target}); "
+          f"ideas stopped: {built['stopped']}; reruns the rule would have hit: {built['reruns_stopped']}; "
+          f"training and evaluation saved: {built['saved']:.0f} s of {built['spent']:.0f} s "
+          f"({built['saved'] / built['spent'] if built['spent'] else 0:.1%})")
     print(f"\n{'min progress':>12} {'widths':>6} {'stopped':>7} {'kept stopped':>12} {'reruns hit':>10} "
           f"{'saved s':>8} {'of s':>8} {'share':>6}")
     for min_progress, widths in SETTINGS:

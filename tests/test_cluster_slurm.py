@@ -75,7 +75,7 @@ def test_cancel_and_timeout_kill_the_jobs_whole_process_tree(slurm_lab):
     slurm_lab.baseline()
     set_knobs(slurm_lab.ws, sleep=120, steps=120, spawn=1, escape=1)
     cancelled = slurm_lab.ok("run_experiment", description="to cancel", wait=False)
-    timed = slurm_lab.ok("run_experiment", description="to time out", wait=False, timeout_seconds=6)
+    timed = slurm_lab.ok("run_experiment", description="to time out", wait=False, timeout_seconds=6, rerun=True)
     # each job: the trainer, its grandchild, and a daemon that left its session
     assert wait_until(lambda: len(cluster.trainers(slurm_lab.folder)) >= 6, 60), cluster.trainers(slurm_lab.folder)
     row = slurm_lab.ok("cancel", run=cancelled["run"])["row"]
