@@ -125,7 +125,8 @@ def main() -> int:
                    f"{'WOULD HAVE STOPPED (a rerun: the watcher skips it)' if rerun else 'stopped'} at "
                    f"{stop['progress']:.0f}%: loss {stop['loss']:.4f} vs {stop['best_loss']:.4f}, margin "
                    f"{stop['margin']:.4f}" + ("" if rerun else f", saves {saved_seconds(record, stop):.0f}s"))
-        print(f"{pair['ws'].name + '/' + str(result['run']):>18} {(record.get('decision') or {}).get('status', '-'):>8} "
+        decision = (record.get("decision") or {}).get("status", "-")
+        print(f"{pair['ws'].name + '/' + str(result['run']):>18} {decision:>8} "
               f"{result['val_bpb']:9.6f} {best['result']['val_bpb']:9.6f} {len(record['curve']):6d}  {verdict}"
               f"  | {result['description'][:50]}")
     built = totals(pairs, early_stop.MIN_PROGRESS, early_stop.MARGIN_WIDTHS)

@@ -62,8 +62,8 @@ def check(loop, state: dict, source: bytes, rerun: bool) -> Found:
         if run.get("parent") == kept and _same_code(ws, run.get("commit"), kept, source):
             if _says_something(record):
                 return Found(_answer(record, row), None)
-            tried.append(f"run {result['run']} ({result['commit']}) with this same train.py ended {result.get('status')} "
-                             "(not the code's doing, as far as the server knows), so it trains again")
+            tried.append(f"run {result['run']} ({result['commit']}) with this same train.py ended "
+                         f"{result.get('status')} (not the code's doing, as far as the server knows), so it trains again")
             continue
         constants = (record["decision"].get("changes") or {}).get("constants")
         if constants:
