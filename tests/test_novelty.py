@@ -27,6 +27,7 @@ def test_identical_train_py_is_answered_from_the_decided_run_without_training(la
     again = lab.ok("run_experiment", description="worse idea, forgotten")
     assert again["run"] == first["run"] and again["commit"] == first["commit"] and again["val_bpb"] == 1.02
     assert "decided discard" in again["repeat_of"] and "rerun=true" in again["next"]
+    assert lab.ok("run_experiment", description="queued, forgotten", wait=False)["repeat_of"] == again["repeat_of"]
     # nothing ran, nothing was logged, no run number was taken, the limits did not move
     after = (ledger_lines(lab.ws), run_refs(lab), sorted(p.name for p in (lab.ws / "runs").iterdir()),
              state(lab)["seq"], lab.ok("status")["limits"])
