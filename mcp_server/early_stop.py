@@ -176,8 +176,8 @@ class Watcher:
         return stopped
 
     def _judge(self, state: dict, entry: dict) -> dict | None:
-        best_row = self.loop._kept_row(entry["parent"])
-        best_log = (self.loop._record_of(entry["parent"]).get("result") or {}).get("log")
+        best_row = self.loop.kept_row(entry["parent"])
+        best_log = (self.loop.record_of(entry["parent"]).get("result") or {}).get("log")
         path = self.loop.root / entry["log"]
         if best_row is None or not best_log or not path.exists():
             return None

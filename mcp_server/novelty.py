@@ -25,6 +25,7 @@ import git
 
 from mcp_server import history, ledger
 from mcp_server.models import Refusal, RunResult
+from mcp_server.runs import RUNS_DIR, LoopCore
 
 MAX_SIMILAR = 3  # earlier runs named in one answer
 
@@ -34,19 +35,19 @@ class Found(NamedTuple):
     note: str | None  # earlier runs of the same change, for the new run's answer
 
 
-def check(loop, state: dict, source: bytes, rerun: bool) -> Found:
+def check(core: LoopCore, state: dict, source: bytes, rerun: bool) -> Found:
     """What the tries so far say about a candidate `source` on the kept commit. Refuses a repeat
     of a run in flight or of the best itself; rerun=True skips every one of these answers."""
     if rerun:
         return Found(None, None)
     kept = state["kept_commit"]
-    ws = loop.ws
-    for entry in loop.runs_of(state, "queued", "running", "pending"):
+    ws = core.ws
+    for entry in core.runs_of(state, "queued", "running", "pending"):
         if entry["parent"] == kept and ws.train_at(entry["commit"]) == source:
             raise Refusal(f"train.py is identical to run {entry['run']} ({entry['commit'][:7]}, {entry['status']}) on "
                           f"the same best: {_where_its_answer_is(entry)}. run_experiment(..., rerun=true) runs it "
                           "again anyway (another measurement of the same code).")
-    best = loop._kept_row(kept)
+    best = core.kept_row(kept)
     if best is not None and ws.train_at(kept) == source:
         raise Refusal(f"train.py is the kept code {kept[:7]} unchanged (val_bpb {best.val_bpb:.6f}): running it again "
                       "is a noise repeat. measure_noise() reruns it on fresh data orders and stores the noise; "
@@ -54,7 +55,7 @@ def check(loop, state: dict, source: bytes, rerun: bool) -> Found:
                       "run_experiment(..., rerun=true) runs it anyway.")
     rows = {row.commit: row for row in ledger.rows_of(state)}
     tried, changes = [], None
-    for record in history.records(loop.root / "runs"):
+    for record in history.records(core.root / RUNS_DIR):
         run, result = record.get("run") or {}, record.get("result") or {}
         row = rows.get(str(result.get("commit")))
         if row is None or not _agrees(record, row):
