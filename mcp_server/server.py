@@ -249,7 +249,7 @@ def register_runs(srv: MCPServer, loop: ResearchLoop) -> None:
         (a deadline), max_experiments, target_val_bpb, max_failures_in_row (crashes and timeouts in a
         row; 10 by default). Once one is met no new run starts, and the agent may stop. early_stop=true:
         a run whose training loss falls behind the best's run at the same share of the budget by more
-        than a margin set by the measured noise (from 30% of the budget; only once measure_noise has
+        than a margin set by the measured noise (from 50% of the budget; only once measure_noise has
         run) is stopped and logged as a crash row marked 'stopped early'."""
         return compact(await threaded(loop.setup, tag, hours, max_experiments, target_val_bpb, max_failures_in_row,
                                       early_stop))
