@@ -84,7 +84,7 @@ def spent_seconds(record: dict) -> float:
 
 
 def totals(pairs: list[dict], min_progress: float, widths: float) -> dict:
-    out = {"stopped": 0, "kept_stopped": 0, "reruns_stopped": 0, "saved": 0.0, "spent": 0.0}
+    out = {"stopped": 0, "kept_stopped": 0, "ahead_stopped": 0, "reruns_stopped": 0, "saved": 0.0, "spent": 0.0}
     for pair in pairs:
         record, best = pair["record"], pair["best"]
         out["spent"] += spent_seconds(record)
@@ -98,6 +98,7 @@ def totals(pairs: list[dict], min_progress: float, widths: float) -> dict:
         out["stopped"] += 1
         out["saved"] += saved_seconds(record, stop)
         out["kept_stopped"] += (record.get("decision") or {}).get("status") == "keep"
+        out["ahead_stopped"] += record["result"]["val_bpb"] < best["result"]["val_bpb"]
     return out
 
 
@@ -134,6 +135,9 @@ def main() -> int:
     reruns = sum(p["record"]["result"]["description"].startswith(RERUNS) for p in pairs)
     print(f"\njudged: {len(pairs)} runs with a best to compare with ({decisions.count('keep')} kept, "
           f"{decisions.count('discard') - reruns} discarded ideas, {reruns} reruns of the same code on other data)")
+    ahead = sum(p["record"]["result"]["val_bpb"] < p["best"]["result"]["val_bpb"] for p in pairs
+                if not p["record"]["result"]["description"].startswith(RERUNS))
+    print(f"ideas that finished better than their best (kept or not): {ahead}, stopped: {built['ahead_stopped']}")
     target = ("no kept run to judge" if not decisions.count("keep") else
               "met" if built["kept_stopped"] == 0 else "NOT met")
     print(f"kept runs stopped: {built['kept_stopped']} (target 0: {target}); "
