@@ -131,6 +131,8 @@ class Search:
         """keep if it beats the best kept val_bpb by more than the noise, once confirmed where the
         server asks; discard otherwise (crashes included). A result measured on an older best that
         beats the current one is measured again on it (reapply)."""
+        if result.get("repeat_of"):  # an earlier run's answer (the same train.py): decided already
+            return "decided before"
         best = best_kept_bpb(read_ledger(self.plan.workspace))
         run = {"run": result["run"]} if "run" in result else {}
         improved = result.get("status") == "ok" and result.get("val_bpb") is not None and (
@@ -219,6 +221,9 @@ class Search:
                     rows = read_ledger(self.plan.workspace)
                     continue
                 submitted = await self.call("run_experiment", description=describe(change), wait=False)
+                if submitted.get("repeat_of"):
+                    await self.report(number, submitted)
+                    continue
                 in_flight[submitted["run"]] = {"change": change, "number": number, "at": time.monotonic()}
             if not in_flight:
                 return

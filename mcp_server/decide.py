@@ -8,7 +8,7 @@ Imports the core (runs) and every phase below it (results, dispatch, submit, rep
 """
 import time
 
-from mcp_server import ledger, sandbox
+from mcp_server import early_stop, ledger, sandbox
 from mcp_server.dispatch import dispatch, require_owner
 from mcp_server.models import CancelResult, DecisionResult, LoggedRow, Refusal, Row, RunResult, StopResult
 from mcp_server import report
@@ -210,9 +210,10 @@ def _described(description: str, note: str | None, marker: str = "") -> str:
     return ledger.fit_description(description, marker)
 
 
-def cancel(core: LoopCore, run: int) -> CancelResult:
+def cancel(core: LoopCore, run: int, stopped: dict | None = None) -> CancelResult:
     """A queued run leaves the queue (no row: it never ran); a running one is stopped and logged
-    as a crash. Its code stays under its ref either way."""
+    as a crash. Its code stays under its ref either way. stopped: the early stop's verdict
+    (early_stop.py), which the row, the record and the run's answer give."""
     if isinstance(run, bool) or not isinstance(run, int):
         raise Refusal(f"run must be a run number (status() lists them), got {run!r}.")
     require_owner(core)
@@ -224,12 +225,17 @@ def cancel(core: LoopCore, run: int) -> CancelResult:
         was = entry["status"]
         row = None
         if was == "running":
+            why = f" (stopped early: {early_stop.reason(stopped)})" if stopped else " (cancelled)"
             row = ledger.make_row(entry["commit"][:7], 0.0, 0.0, "crash",
-                                  ledger.fit_description(entry["description"],
-                                                         " (cancelled)" + core.sandbox_marker(entry)))
+                                  ledger.fit_description(entry["description"], why + core.sandbox_marker(entry)))
             _append_once(state, row)
             core.pool.cancel(run)
-            core.write_record(entry, result_of(core, state, entry), {"status": "crash", "at": time.time()})
+            result = result_of(core, state, entry)
+            if stopped:
+                result.status, result.tail = "crash", f"[stopped early: {early_stop.reason(stopped)}]"
+                result.next = "nothing to decide: logged as a crash row (stopped early); edit train.py and try another idea"
+            core.write_record(entry, result, {"status": "crash", "at": time.time()}
+                              | ({"stopped_early": early_stop.reason(stopped)} if stopped else {}))
         del state["runs"][str(run)]
         _restore_train(core, state, entry)
     core.mark_finished(run)

@@ -26,7 +26,7 @@ ResearchLoop is the core with the phases' functions as its methods.
 """
 from pathlib import Path
 
-from mcp_server import decide, dispatch, measurements, report, results
+from mcp_server import decide, dispatch, early_stop, measurements, report, results
 from mcp_server import submit as submitting
 from mcp_server.models import Refusal
 from mcp_server.runs import LoopCore
@@ -38,6 +38,7 @@ class ResearchLoop(LoopCore):
         """executor: makes the executor from the Workspace (a Ray or SLURM one); default the local pool.
         unsandboxed: the user accepts runs without a sandbox where none can run (--unsandboxed)."""
         super().__init__(root, train_command, slots, executor, unsandboxed)
+        self.watcher = early_stop.Watcher(self)  # stops hopeless runs where setup asked for it
         try:
             self.take_over()
         except Refusal:

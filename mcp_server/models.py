@@ -87,6 +87,8 @@ class RunResult(BaseModel):
     integrity: str | None = None  # how val_bpb was measured, or why it is train.py's own
     unsandboxed: str | None = None  # the run had no sandbox (the user's --unsandboxed): what that allowed
     warnings: list[str] | None = None
+    repeat_of: str | None = None  # the answer is an earlier run's: identical train.py on the same best
+    tried_before: str | None = None  # earlier runs that set the same constants to the same values
     log: str
     tail: str | None = None
     next: str
@@ -122,6 +124,7 @@ class SetupResult(BaseModel):
     fingerprint: str
     archived_ledger: str | None = None
     limits: str | None = None
+    early_stop: str | None = None  # the early stop rule, when setup turned it on
     next: str
 
 

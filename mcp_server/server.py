@@ -245,28 +245,39 @@ def register_runs(srv: MCPServer, loop: ResearchLoop) -> None:
     @register(WRITES)
     async def setup(tag: str, hours: float | None = None, max_experiments: int | None = None,
                     target_val_bpb: float | None = None, max_failures_in_row: int = 10,
-                    max_gpu_hours: float | None = None) -> SetupResult:
+                    max_gpu_hours: float | None = None, early_stop: bool = False) -> SetupResult:
         """Start a research run: create branch autoresearch/<tag> from HEAD (refuses an existing one or
         uncommitted changes), create results.tsv, check that data and tokenizer are prepared, and
         fingerprint the harness (every tracked file but train.py). Optional stop conditions: hours
         (a deadline), max_experiments, target_val_bpb, max_failures_in_row (crashes and timeouts in a
         row; 10 by default), max_gpu_hours (the runs' slot time; slot-hours on a CPU). Once one is met
-        no new run starts, and the agent may stop."""
+        no new run starts, and the agent may stop. early_stop=true: a run whose training loss falls
+        behind the best's run at the same share of the budget by more than a margin set by the measured
+        noise (from 50% of the budget; only once measure_noise has run) is stopped and logged as a crash
+        row marked 'stopped early'."""
         return compact(await threaded(loop.setup, tag, hours, max_experiments, target_val_bpb, max_failures_in_row,
-                                      max_gpu_hours))
+                                      max_gpu_hours, early_stop))
 
     @register(WRITES)
     async def run_experiment(description: str, ctx: Context, wait: bool = True,
-                             timeout_seconds: float | None = None) -> RunResult:
+                             timeout_seconds: float | None = None, rerun: bool = False) -> RunResult:
         """Snapshot train.py as a candidate commit on top of the best (the last kept commit), run it in a
         free slot (or queue it) with a hard timeout (default 3 x budget, at least budget + 5 min), and return status ok/crash/
         timeout, val_bpb, memory, the best and the delta, whether the gain beats the measured noise, and
         the log tail on a crash. The result stays pending until keep() or discard(). wait=False returns
-        at once with the run number and its place in the queue: follow with wait() or read_metrics()."""
-        entry = await threaded(loop.submit, description, timeout_seconds)
+        at once with the run number and its place in the queue: follow with wait() or read_metrics().
+        A train.py already tried on the same best is not trained again: a decided run's result comes back
+        at once (repeat_of says which run; nothing to decide), a run in flight or the best itself unchanged
+        is refused; rerun=true trains it anyway. tried_before names earlier runs that set the same
+        constants to the same values."""
+        entry = await threaded(lambda: loop.submit(description, timeout_seconds, rerun=rerun))
+        if "answered" in entry:
+            return compact(RunResult(**entry["answered"]))
         if wait:
             await follow(loop, [entry["run"]], ctx, until_all=True)
-        return compact(loop.answer_for(entry["run"]))
+        result = loop.answer_for(entry["run"])
+        result.tried_before = entry.get("tried_before")
+        return compact(result)
 
     @register(WRITES)
     async def wait(ctx: Context, all: bool = False) -> WaitResult:

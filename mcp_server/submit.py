@@ -11,7 +11,7 @@ import os
 import subprocess
 import time
 
-from mcp_server import integrity, ledger, limits
+from mcp_server import early_stop, integrity, ledger, limits, novelty
 from mcp_server.dispatch import dispatch, require_owner, run_command
 from mcp_server.models import Refusal, SetupResult
 from mcp_server.runs import RUNS_DIR, UNDECIDED, LoopCore, run_name
@@ -30,8 +30,10 @@ MAX_COMMIT_ATTEMPTS = 20  # candidates whose 7-character hash collides with a lo
 def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments: int | None = None,
           target_val_bpb: float | None = None,
           max_failures_in_row: int | None = limits.DEFAULT_MAX_FAILURES_IN_ROW,
-          max_gpu_hours: float | None = None) -> SetupResult:
+          max_gpu_hours: float | None = None, early_stop_runs: bool = False) -> SetupResult:
     tag = validate_tag(tag)
+    if not isinstance(early_stop_runs, bool):
+        raise Refusal(f"early_stop must be true or false, got {early_stop_runs!r}. Nothing was set up.")
     ws = core.ws
     branch = BRANCH_PREFIX + tag
     if not ws.repo.head.is_valid():
@@ -76,10 +78,10 @@ def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments:
         state.clear()
         state.update({"tag": tag, "branch": branch, "kept_commit": ws.head(), "fingerprint": fingerprint,
                       "cache_fingerprint": integrity.cache_fingerprint(), "seq": seq, "runs": {}, "rows": [], "noise": None,
-                      "limits": chosen, "started_at": time.time()})
+                      "limits": chosen, "started_at": time.time(), "early_stop": early_stop_runs})
     return SetupResult(branch=branch, base_commit=ws.head()[:7], ledger=ledger.LEDGER_NAME,
                        fingerprint=fingerprint, archived_ledger=archived,
-                       limits=limits.left({"limits": chosen}, []),
+                       limits=limits.left({"limits": chosen}, []), early_stop=early_stop.describe(state),
                        next="run_experiment('baseline') with train.py unchanged, then keep()")
 
 
@@ -115,18 +117,22 @@ def default_timeout(core: LoopCore) -> float:
 
 def submit(core: LoopCore, description: str, timeout_seconds: float | None = None, source: bytes | None = None,
            parent_note: str = "", replacing: int | None = None, rerun_of: int | None = None,
-           data_order: int = 0) -> dict:
+           data_order: int = 0, rerun: bool = False) -> dict:
     """Queues a candidate: train.py from the working tree (or `source`) on top of the kept
     commit. Returns its state entry; it starts as soon as a slot is free. `replacing`: an
     undecided run that this one supersedes (not counted against the slots). `rerun_of`: an
     undecided run this one re-measures (a control or a confirmation): not counted either, and
     its discard never touches train.py. `data_order`: another stretch of the training data
-    (a rerun's; 0 is the usual one; local slots only)."""
+    (a rerun's; 0 is the usual one; local slots only). train.py from the working tree that was
+    tried already is refused or answered from its earlier run ({"answered": result}; novelty.py)
+    unless `rerun`."""
     replacing = rerun_of if rerun_of is not None else replacing
     description = ledger.validate_description(description)
     if timeout_seconds is not None and not (isinstance(timeout_seconds, (int, float))
                                             and 0 < timeout_seconds <= MAX_TIMEOUT_S):
         raise Refusal(f"timeout_seconds must be between 0 and {MAX_TIMEOUT_S:.0f} (one day).")
+    if not isinstance(rerun, bool):
+        raise Refusal(f"rerun must be true or false, got {rerun!r}.")
     require_owner(core)
     core.require_sandbox()
     try:
@@ -143,10 +149,14 @@ def submit(core: LoopCore, description: str, timeout_seconds: float | None = Non
         if len(undecided) >= core.slots:
             raise Refusal(_decide_first(core, undecided))
         kept = state["kept_commit"]
+        tried = novelty.Found(None, None)
         if source is None:
             source = _checked_working_train(core, state)
+            tried = novelty.check(core, state, source, rerun)
         core.check_branch_holds_best(state)
         _check_prepared_cache(state)
+        if tried.answer:
+            return {"answered": tried.answer.model_dump()}
         n = state.get("seq", 0) + 1
         commit = _new_candidate(core, n, kept, source, description, parent_note)
         entry = {"run": n, "commit": commit, "parent": kept, "description": description, "status": "queued",
@@ -158,6 +168,8 @@ def submit(core: LoopCore, description: str, timeout_seconds: float | None = Non
             entry["rerun_of"] = rerun_of
         if data_order:
             entry["data_order"] = data_order
+        if tried.note:
+            entry["tried_before"] = tried.note
         state.setdefault("runs", {})[str(n)] = entry
         state["seq"] = n
         core.event(n)

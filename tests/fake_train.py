@@ -15,6 +15,7 @@ result, as it does for real), else a default:
   MFU (40.0: the mfu_percent printed, the run's throughput)
   ORDER_EFFECT (0: val_bpb moves by this much per data order, AUTORESEARCH_DATA_ORDER)
   FLOPS_CLOCK (0: say the budget was spent on the flops clock, as the CPU profile's train.py does)
+  LAG (0: added to every step's training loss, so the run's curve lags a run without it)
   TAMPER (0: try to append a planted best row to the workspace's results.tsv, to rewrite the
           server's state, to write the user's home and the worktree's .git link, and report what happened)
 """
@@ -29,7 +30,7 @@ import time
 DEFAULTS = {"VAL_BPB": 1.0, "MEMORY_MB": 2048.0, "STEPS": 5, "SLEEP": 0.0, "CRASH": 0, "NAN": 0,
             "NO_SUMMARY": 0, "NOISE": 0.0, "SPAWN": 0, "ESCAPE": 0.0, "SPAM_MB": 0.0, "IGNORE_TERM": 0,
             "CLAIM_SECONDS": 0.0, "TAMPER": 0, "MFU": 40.0, "FLOPS_CLOCK": 0,
-            "ORDER_EFFECT": 0.0}
+            "ORDER_EFFECT": 0.0, "LAG": 0.0}
 ESCAPED = """
 import os, sys, time
 if os.fork():
@@ -104,7 +105,7 @@ def main() -> int:
           f"cpus={','.join(map(str, sorted(os.sched_getaffinity(0))))} "
           f"data order={os.environ.get('AUTORESEARCH_DATA_ORDER', '0')}", flush=True)
     for step in range(k["STEPS"]):
-        loss = float("nan") if k["NAN"] and step == k["STEPS"] - 1 else 9.0 - step * 0.5
+        loss = float("nan") if k["NAN"] and step == k["STEPS"] - 1 else 9.0 - step * 0.5 + k["LAG"]
         if loss != loss:
             print("\nFAIL")
             return 1

@@ -69,7 +69,7 @@ def test_cancel_and_timeout_kill_the_jobs_whole_process_tree(ray_lab, ray_head):
     ray_lab.baseline()
     set_knobs(ray_lab.ws, sleep=120, steps=120, spawn=1, escape=1)
     cancelled = ray_lab.ok("run_experiment", description="to cancel", wait=False)
-    timed = ray_lab.ok("run_experiment", description="to time out", wait=False, timeout_seconds=8)
+    timed = ray_lab.ok("run_experiment", description="to time out", wait=False, timeout_seconds=8, rerun=True)
     # each job: the trainer, its grandchild, and a daemon that left its session
     assert wait_until(lambda: len(trainers(ray_head)) >= 6, 90), trainers(ray_head)
     row = ray_lab.ok("cancel", run=cancelled["run"])["row"]

@@ -75,7 +75,7 @@ def test_cancel_and_timeout_kill_the_jobs_whole_process_tree(slurm_lab):
     slurm_lab.baseline()
     set_knobs(slurm_lab.ws, sleep=120, steps=120, spawn=1, escape=1)
     cancelled = slurm_lab.ok("run_experiment", description="to cancel", wait=False)
-    timed = slurm_lab.ok("run_experiment", description="to time out", wait=False, timeout_seconds=6)
+    timed = slurm_lab.ok("run_experiment", description="to time out", wait=False, timeout_seconds=6, rerun=True)
     # each job: the trainer, its grandchild, and a daemon that left its session
     assert wait_until(lambda: len(cluster.trainers(slurm_lab.folder)) >= 6, 60), cluster.trainers(slurm_lab.folder)
     row = slurm_lab.ok("cancel", run=cancelled["run"])["row"]
@@ -116,7 +116,7 @@ def test_a_queued_job_cancelled_by_slurm_is_a_crash_with_the_reason(slurm_lab):
     hog = subprocess.run(["sbatch", "--parsable", "--gres=gpu:2", "--output=/dev/null", "--wrap", "sleep 120"],
                          check=True, capture_output=True, text=True).stdout.strip()
     try:
-        run = slurm_lab.ok("run_experiment", description="never started", wait=False)
+        run = slurm_lab.ok("run_experiment", description="never started", wait=False, rerun=True)
         job = slurm_lab.loop.entry(run["run"])["job"]
         assert wait_until(lambda: "PENDING" in slurm_executor.slurm_state(job)[1], 30), slurm_executor.slurm_state(job)
         subprocess.run(["scancel", job], check=True)  # no node ever ran: only SLURM can say what happened

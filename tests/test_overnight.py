@@ -165,7 +165,7 @@ def test_stop_hook_lets_claude_stop_once_a_limit_is_met_or_the_run_was_stopped(l
     lab.ok("run_experiment", description="baseline")
     lab.ok("keep")
     assert stop_hook(lab.ws)["decision"] == "block"
-    lab.ok("run_experiment", description="the one experiment")
+    lab.ok("run_experiment", description="the one experiment", rerun=True)
     lab.ok("discard")
     answer = stop_hook(lab.ws)
     assert "decision" not in answer and "has ended (1 experiments done)" in answer["systemMessage"]
@@ -227,10 +227,10 @@ def call(tool: str, **arguments) -> tuple[str, dict]:
 def test_claude_is_sent_back_to_work_until_the_limit_then_let_go(claude, plugin_clone, session_env, fake_env):
     ws = make_workspace(fake_env)
     steps = [call("setup", tag="night", max_experiments=3), call("run_experiment", description="baseline"),
-             call("keep"), call("run_experiment", description="one"), call("discard"),
-             call("run_experiment", description="two"), call("discard"),
+             call("keep"), call("run_experiment", description="one", rerun=True), call("discard"),
+             call("run_experiment", description="two", rerun=True), call("discard"),
              None,  # tries to end its turn after two experiments: sent back
-             call("run_experiment", description="three"), call("discard"),
+             call("run_experiment", description="three", rerun=True), call("discard"),
              None]  # the third was the last: let go
     agent, _ = session(claude, plugin_clone, ws, session_env, "/research-loop:autoresearch night --max-experiments 3",
                        steps)

@@ -228,7 +228,7 @@ def test_a_second_server_is_read_only_until_the_owner_dies(lab):
     finally:
         holder.kill()
         holder.wait()
-    assert lab.ok("run_experiment", description="after the owner died")["status"] == "ok"
+    assert lab.ok("run_experiment", description="after the owner died", rerun=True)["status"] == "ok"
 
 
 # --- results -----------------------------------------------------------------------------
@@ -294,7 +294,7 @@ def test_a_negative_peak_memory_is_not_a_result(lab):
 def test_unchanged_train_py_still_gets_its_own_commit(lab):
     lab.baseline()
     first = lab.head()
-    again = lab.ok("run_experiment", description="same code again")
+    again = lab.ok("run_experiment", description="same code again", rerun=True)  # else a noise repeat, refused
     candidate = git(lab.ws, "rev-parse", f"refs/research-loop/runs/{again['run']}").strip()
     assert candidate[:7] == again["commit"] != first[:7]
     assert git(lab.ws, "rev-parse", f"{candidate}^").strip() == first
@@ -346,11 +346,11 @@ def test_timeout_kills_the_whole_group(lab):
 def test_default_timeout_is_three_times_the_budget_with_a_floor(lab, monkeypatch):
     lab.baseline()
     monkeypatch.setenv("AUTORESEARCH_TIME_BUDGET", "300")
-    assert lab.ok("run_experiment", description="a", wait=False)["timeout_seconds"] == 900
+    assert lab.ok("run_experiment", description="a", wait=False, rerun=True)["timeout_seconds"] == 900
     assert wait_until(lambda: lab.ok("status")["running"] is None, 10)
     lab.ok("discard")
     monkeypatch.setenv("AUTORESEARCH_TIME_BUDGET", "10")
-    assert lab.ok("run_experiment", description="b", wait=False)["timeout_seconds"] == 310
+    assert lab.ok("run_experiment", description="b", wait=False, rerun=True)["timeout_seconds"] == 310
     assert wait_until(lambda: lab.ok("status")["running"] is None, 10)
 
 
@@ -604,8 +604,8 @@ def test_a_run_the_server_cannot_record_is_still_a_discardable_crash(lab):
     lab.baseline()
     (lab.ws / "runs").rename(lab.ws / "runs.bak")
     (lab.ws / "runs").write_text("a file where the run copies go")
-    result = lab.ok("run_experiment", description="unrecordable")
+    result = lab.ok("run_experiment", description="unrecordable", rerun=True)
     assert result["status"] == "crash" and "could not start" in result["tail"]
     (lab.ws / "runs").unlink()
     assert lab.ok("discard")["row"]["status"] == "crash"
-    assert lab.ok("run_experiment", description="recorded again")["status"] == "ok"
+    assert lab.ok("run_experiment", description="recorded again", rerun=True)["status"] == "ok"

@@ -154,8 +154,8 @@ def test_cancel_and_timeout_leave_no_process_behind(duo):
     duo.baseline()
     set_knobs(duo.ws, sleep=60, steps=60, spawn=1)
     running = duo.ok("run_experiment", description="to cancel", wait=False)
-    timed = duo.ok("run_experiment", description="to time out", wait=False, timeout_seconds=2)
-    queued = duo.ok("run_experiment", description="queued, then cancelled", wait=False)
+    timed = duo.ok("run_experiment", description="to time out", wait=False, timeout_seconds=2, rerun=True)
+    queued = duo.ok("run_experiment", description="queued, then cancelled", wait=False, rerun=True)
     assert queued["status"] == "queued"
     assert wait_until(lambda: len(training_processes(duo.ws)) >= 4, 10)  # two trainers, two sleepers
     assert duo.ok("cancel", run=queued["run"])["row"] is None
@@ -208,7 +208,8 @@ def test_sigkill_with_two_runs_in_flight_loses_no_row_and_no_commit(fake_env, tw
                 answer(await client.call_tool("run_experiment", {"description": "fast", "wait": False}))
                 set_knobs(ws, sleep=120, steps=120)
                 for name in ("slow", "queued"):
-                    answer(await client.call_tool("run_experiment", {"description": name, "wait": False}))
+                    answer(await client.call_tool("run_experiment", {"description": name, "wait": False,
+                                                                      "rerun": True}))  # the same code twice
                 state = json.loads((ws / ".research-loop" / "state.json").read_text())
                 assert wait_until(lambda: json.loads((ws / ".research-loop" / "state.json").read_text())
                                   ["runs"]["2"]["status"] == "pending", 10)

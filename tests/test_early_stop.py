@@ -1,0 +1,94 @@
+"""Early stop, opt-in at setup: a run whose training loss lags the best's run at the same share of
+the budget by more than the noise-calibrated margin is stopped through the cancel path and logged;
+never without a noise estimate, never before MIN_PROGRESS, never when not asked for."""
+import json
+import time
+
+import pytest
+
+from mcp_server import early_stop
+from server_support import Lab, ledger_lines, make_workspace, set_knobs
+
+BASE = "VAL_BPB = 1.0\nSTEPS = 10\n"
+
+
+@pytest.fixture
+def es_lab(fake_env, monkeypatch):
+    monkeypatch.setenv("FAKE_NOISE", "0.005")  # repeats of one code differ: measure_noise has a spread
+    lab = Lab(make_workspace(fake_env, BASE))
+    yield lab
+    lab.loop.shutdown()
+
+
+def start(lab, early: bool, noise: bool) -> dict:
+    answer = lab.ok("setup", tag="es", early_stop=early)
+    lab.ok("run_experiment", description="baseline")
+    lab.ok("keep")
+    if noise:
+        lab.ok("measure_noise", repeats=1)
+    return answer
+
+
+def lagging(lab, lag: float, sleep: float = 10.0) -> dict:
+    set_knobs(lab.ws, val_bpb=0.9, steps=10, sleep=sleep, lag=lag)
+    started = time.monotonic()
+    result = lab.ok("run_experiment", description=f"lags by {lag}")
+    result["took"] = time.monotonic() - started
+    return result
+
+
+def test_a_lagging_run_is_stopped_early_and_logged(es_lab):
+    setup = start(es_lab, early=True, noise=False)
+    assert "no noise estimate yet" in setup["early_stop"]
+    es_lab.ok("measure_noise", repeats=1)
+    rows = len(ledger_lines(es_lab.ws))
+    result = lagging(es_lab, lag=1.0)
+    assert result["status"] == "crash" and result["tail"].startswith("[stopped early: training loss")
+    assert result["took"] < 10.0  # stopped before its budget was spent
+    row = ledger_lines(es_lab.ws)[-1].split("\t")
+    assert len(ledger_lines(es_lab.ws)) == rows + 1 and row[3] == "crash" and "(stopped early: training loss" in row[4]
+    assert "behind by more than the margin" in row[4]
+    record = json.loads(next((es_lab.ws / "runs").glob(f"{result['run']:04d}-*[0-9a-f].json")).read_text())
+    assert "stopped_early" in record["decision"]
+    status = es_lab.ok("status")
+    assert status["undecided"] is None and status["running"] is None  # nothing left to decide
+    # the same code again is answered from the stopped run: no second try of a hopeless idea
+    set_knobs(es_lab.ws, val_bpb=0.9, steps=10, sleep=10.0, lag=1.0)
+    again = es_lab.ok("run_experiment", description="lags again")
+    assert again["run"] == result["run"] and "stopped early" in again["repeat_of"]
+
+
+@pytest.mark.parametrize("early, noise, lag", [(True, False, 1.0), (False, True, 1.0), (True, True, 0.0)],
+                         ids=["no noise estimate", "not asked for", "not lagging"])
+def test_runs_are_not_stopped(es_lab, early, noise, lag):
+    start(es_lab, early=early, noise=noise)
+    result = lagging(es_lab, lag=lag, sleep=4.0)
+    assert result["status"] == "ok" and result["val_bpb"] == pytest.approx(0.9, abs=0.01)
+
+
+def test_the_rule_never_stops_during_warm_up_and_scales_with_the_noise():
+    best = [(p, 9.0 - p / 20) for p in range(5, 101, 5)]
+    behind = [(p, loss + 1.0) for p, loss in best]
+    early = [point for point in behind if point[0] < early_stop.MIN_PROGRESS]
+    assert early_stop.verdict(early, best, 1.0, 0.01) is None  # far behind, but in warm-up
+    assert early_stop.verdict(behind[:12], best, 1.0, None) is None  # no noise estimate: never
+    stop = early_stop.verdict(behind[:12], best, 1.0, 0.01)
+    assert stop["progress"] == 60 and stop["loss"] - stop["best_loss"] == pytest.approx(1.0)
+    # the margin: MARGIN_WIDTHS noise thresholds in loss units (the best's final loss per val_bpb)
+    scale = early_stop.loss_per_bpb(best, 1.0)
+    assert stop["margin"] == pytest.approx(early_stop.MARGIN_WIDTHS * 0.01 * scale, abs=1e-4)
+    wide = 1.01 / (early_stop.MARGIN_WIDTHS * scale)  # a noise this large covers a lag of 1.0
+    assert early_stop.verdict(behind[:12], best, 1.0, wide) is None
+    slight = [(p, loss + early_stop.MIN_MARGIN / 2) for p, loss in best]
+    assert early_stop.verdict(slight, best, 1.0, 0.0) is None  # a zero noise still leaves the floor
+
+
+def test_the_noise_repeats_luck_widens_the_margin():
+    """The same code on other data strays from the best's curve: a candidate must lag by more."""
+    best = [(p, 9.0 - p / 20) for p in range(5, 101, 5)]
+    repeat = [(p, loss + (0.5 if p <= 70 else -0.1)) for p, loss in best]
+    behind = [(p, loss + 0.3) for p, loss in best]
+    assert early_stop.verdict(behind[:12], best, 1.0, 0.001)["progress"] == 60  # judged on the val_bpb noise alone
+    assert early_stop.verdict(behind[:12], best, 1.0, 0.001, [(repeat, best)]) is None  # the data's luck was 0.5
+    stop = early_stop.verdict(behind[:16], best, 1.0, 0.001, [(repeat, best)])  # past it, the luck was 0.1
+    assert stop["progress"] == 80 and stop["margin"] == pytest.approx(0.1)
