@@ -509,7 +509,8 @@ class ResearchLoop:
         report = read_report(self.root / entry["report"]) or {}
         record = {"result": result.model_dump(exclude_none=True),
                   "run": {k: entry.get(k) for k in ("run", "commit", "parent", "description", "slot", "submitted_at",
-                                                     "started_at", "ended_at", "timeout")}
+                                                     "started_at", "ended_at", "timeout", "rerun_of",
+                                                     "data_order", "confirmation")}
                   | {k: report.get(k) for k in ("host", "device", "wall_seconds")}}
         if decision:
             try:
@@ -795,7 +796,7 @@ class ResearchLoop:
                 self.ws.advance_branch(state["branch"], entry["commit"], kept)
             state["kept_commit"] = entry["commit"]
             del state["runs"][str(entry["run"])]
-            self._write_record(entry, RunResult(**result), {"status": "keep", "at": time.time()})
+            self._write_record(entry, RunResult(**result), {"status": "keep", "at": time.time(), "evidence": evidence})
         note_out = None
         if self.ws.branch() == state["branch"] and self.ws.working_train() != self.ws.train_at(entry["commit"]):
             note_out = (f"your train.py differs from the new best {entry['commit'][:7]} (`git diff` shows how): "

@@ -23,9 +23,11 @@ from mcp.types import (
 )
 
 from mcp_server import plot
+from mcp_server import report as morning  # the tool of that name would hide the module
 from mcp_server.loop import ResearchLoop
 from mcp_server.models import (
-    CancelResult, ConfirmResult, DecisionResult, HistoryResult, LoggedRow, Metrics, NoiseResult, PlotResult, Refusal, RunResult,
+    CancelResult, ConfirmResult, DecisionResult, HistoryResult, LoggedRow, Metrics, NoiseResult, PlotResult, Refusal,
+    ReportResult, RunResult,
     SetupResult, StatusResult, StopResult, WaitResult,
 )
 from mcp_server.workspace import EDITABLE
@@ -337,17 +339,31 @@ def build_server(loop: ResearchLoop) -> MCPServer:
     @register(WRITES)
     async def plot_progress() -> PlotResult:
         """Write progress.png in the workspace: every run's val_bpb, the running best of kept runs as
-        a step line, kept runs labelled with their descriptions. Returned as an image too."""
+        a step line, kept runs labelled with their descriptions, reruns (noise repeats, confirmations,
+        controls) drawn apart from the ideas. Returned as an image too."""
         rows = loop.rows()
         if not rows:
             raise Refusal("results.tsv has no rows yet: run and keep a baseline first.")
         path = loop.root / plot.PLOT_NAME
-        plotted, kept, crashes = await anyio.to_thread.run_sync(plot.plot_rows, rows, path)
-        result = PlotResult(path=str(path), runs_plotted=plotted, kept=kept, crashes_excluded=crashes)
+        reruns = set(morning.rerun_commits(loop.root, rows))
+        plotted, kept, crashes, apart = await anyio.to_thread.run_sync(plot.plot_rows, rows, path, reruns)
+        result = PlotResult(path=str(path), runs_plotted=plotted, kept=kept, crashes_excluded=crashes, reruns=apart)
         image = base64.b64encode(path.read_bytes()).decode()
         return CallToolResult(content=[TextContent(type="text", text=result.model_dump_json()),
                                        ImageContent(type="image", data=image, mime_type="image/png")],
                               structured_content=result.model_dump(mode="json"))
+
+    @register(WRITES)
+    async def report(branch: str | None = None) -> ReportResult:
+        """Write the morning report of the research run, a Markdown file under .research-loop/reports/
+        (ignored by git) beside its chart: each kept change with its gain over the best before it,
+        its evidence and train.py diff; every idea grouped by the constant or code it changed; the
+        noise; the time and slot-hours (GPU-hours) spent; the extra runs. branch='pr/<name>' also
+        makes that new branch (never main, master or an existing one) with one commit per kept change
+        on the research run's starting point, ready for a pull request; the research branch and
+        train.py do not move."""
+        loop.state.load()  # the owner puts back a state.json or results.tsv someone else changed
+        return compact(await threaded(morning.write, loop.root, branch))
 
     @register(WRITES)
     async def measure_noise(ctx: Context, repeats: int = 2) -> NoiseResult:
