@@ -156,7 +156,8 @@ def test_a_branch_needs_a_kept_change(fake_env):
 
 
 def test_an_edited_ledger_does_not_change_the_report(night, capsys):
-    planted = "abcdef0\t0.100000\t1.0\tkeep\tplanted best\n"
+    worse = next(r for r in night.loop.rows() if r.status == "discard" and r.description.startswith("worse"))
+    planted = f"{worse.commit}\t0.100000\t1.0\tkeep\tplanted best\n"  # a real commit, as a better keep
     with open(night.ws / "results.tsv", "a") as ledger:  # while the server runs: it puts its rows back
         ledger.write(planted)
     text = (night.ws / night.ok("report")["path"]).read_text()
@@ -167,7 +168,7 @@ def test_an_edited_ledger_does_not_change_the_report(night, capsys):
     (night.ws / "results.tsv").write_text(lines + planted)
     state_file = night.ws / ".research-loop" / "state.json"
     state = json.loads(state_file.read_text())
-    state["rows"].append(["abcdef0", 0.1, 1.0, "keep", "planted best"])
+    state["rows"].append([worse.commit, 0.1, 1.0, "keep", "planted best"])
     state_file.write_text(json.dumps(state))
     assert cli.main(["report", "--workspace", str(night.ws)]) == 0
     path = capsys.readouterr().out.split("report: ")[1].strip()
