@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from mcp_server import sandbox
+from mcp_server.auth import http_token
 
 DEFAULT_PORT = 8765
 EXECUTORS = ("local", "ray", "slurm")
@@ -70,18 +71,6 @@ def port_number(text: str) -> int:
     if not text.isdigit() or int(text) > 65535:
         raise argparse.ArgumentTypeError(f"a port is a number from 0 to 65535, got {text!r}")
     return int(text)
-
-
-def http_token(args) -> str | None:
-    if args.token_file:
-        try:
-            token = args.token_file.read_text().strip()
-        except OSError as exc:
-            sys.exit(f"research-loop-mcp: cannot read --token-file {args.token_file}: {exc}")
-        if not token:
-            sys.exit(f"research-loop-mcp: --token-file {args.token_file} is empty")
-        return token
-    return os.environ.get("RESEARCH_LOOP_TOKEN") or None
 
 
 def require_bearer(app, token: str):
@@ -175,7 +164,8 @@ def ray_capacity(args) -> tuple[int, bool]:
 def main(argv=None) -> None:
     args = parse_args(argv)
     import anyio
-    from mcp_server.loop import DEFAULT_TRAIN_COMMAND, ResearchLoop
+    from mcp_server.loop import ResearchLoop
+    from mcp_server.runs import DEFAULT_TRAIN_COMMAND
     from mcp_server.server import build_server, serve_stdio
 
     command = shlex.split(args.train_command) if args.train_command else None

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import git
 
-from mcp_server import dashboard_http, overnight, report
+from mcp_server import dashboard_http, morning, overnight
 from mcp_server.models import Refusal
 
 
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
 
 def write_report(args) -> int:
     try:
-        made = report.write(args.workspace, args.branch)
+        made = morning.write(args.workspace, args.branch)
     except Refusal as exc:
         print(f"research-loop report: {exc}", file=sys.stderr)
         return 1

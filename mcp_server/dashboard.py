@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from mcp_server import history, ledger, limits, logparse
-from mcp_server.loop import LOG_TAIL_BYTES, RUNS_DIR, unsandboxed_marker
+from mcp_server.runs import LOG_TAIL_BYTES, RUNS_DIR, unsandboxed_marker
 from mcp_server.models import Refusal
 from mcp_server.state import State, process_alive
 

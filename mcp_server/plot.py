@@ -15,7 +15,7 @@ RERUN_COLOUR = "#3b6fb6"
 
 def plot_rows(rows: list[Row], path: Path, reruns: set[str] | None = None) -> tuple[int, int, int, int]:
     """Writes the chart; returns (runs plotted, kept runs, crashes left out, reruns drawn apart). `reruns`: the commits
-    of rows that re-measured code (report.rerun_commits), drawn with a marker of their own."""
+    of rows that re-measured code (morning.rerun_commits), drawn with a marker of their own."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

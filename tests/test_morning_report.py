@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from mcp_server import cli, plot, report
+from mcp_server import cli, morning, plot
 from server_support import Lab, answer, error, git, make_workspace, set_knobs
 
 TRAIN = "VAL_BPB = {val}\nNOISE = 0.002\n{crash}\n\ndef attention(x):\n    return x{scale}\n"
@@ -96,7 +96,7 @@ def test_the_report_holds_each_section(night):
     assert re.search(r"^\| 2 \| noise repeat \|  \| 1.002000 \|", extra, re.M)
 
     spent = section(text, "Time spent")
-    assert "slot-hours (CPU)" in spent and "over 9 recorded runs (report.spent)" in spent
+    assert "slot-hours (CPU)" in spent and "over 9 recorded runs (morning.spent)" in spent
 
 
 def test_a_pull_request_branch_has_one_commit_per_kept_change(night):
@@ -180,7 +180,7 @@ def test_progress_png_draws_reruns_apart(night):
     drawn = night.ok("plot_progress")
     assert (drawn["runs_plotted"], drawn["kept"], drawn["crashes_excluded"], drawn["reruns"]) == (8, 3, 1, 4)
     rows = night.loop.rows()
-    assert report.rerun_commits(night.ws, rows) == {
+    assert morning.rerun_commits(night.ws, rows) == {
         r.commit: kind for r, kind in zip(rows[1:5], ("noise repeat", "noise repeat", "control", "confirmation"))}
     assert plot.plot_rows(rows, night.ws / "plain.png")[3] == 0  # without the records, no rerun is known
 
@@ -201,13 +201,13 @@ def test_an_idea_named_like_a_rerun_stays_an_idea(fake_env):
 def test_spent_sums_each_runs_wall_time():
     records = [{"run": {"wall_seconds": 1800.0, "ended_at": 5000.0, "device": "NVIDIA H100 80GB HBM3"}},
                {"run": {"started_at": 1000.0, "ended_at": 4600.0, "device": "NVIDIA H100 80GB HBM3"}}]
-    times = report.spent(records, started_at=1400.0, now=9000.0)
+    times = morning.spent(records, started_at=1400.0, now=9000.0)
     assert times == {"wall_hours": 1.0, "slot_hours": 1.5, "unit": "GPU-hours", "devices": ["NVIDIA H100 80GB HBM3"]}
-    assert report.spent([{"run": {"wall_seconds": 36.0, "device": "cpu: x"}}], None, 0.0)["unit"] == "slot-hours (CPU)"
+    assert morning.spent([{"run": {"wall_seconds": 36.0, "device": "cpu: x"}}], None, 0.0)["unit"] == "slot-hours (CPU)"
 
 
 def test_touched_parts_names_the_code_an_edit_changed():
     old = "LR = 1\n\nclass Block:\n    def forward(self, x):\n        return x\n\ndef main():\n    pass\n"
     new = old.replace("return x", "return x + 1").replace("LR = 1", "LR = 2") + "print('hi')\n"
-    assert report.touched_parts(old, new) == ["Block.forward", "module level"]
-    assert report.touched_parts(old, "def (") == ["train.py (does not parse)"]
+    assert morning.touched_parts(old, new) == ["Block.forward", "module level"]
+    assert morning.touched_parts(old, "def (") == ["train.py (does not parse)"]
