@@ -323,7 +323,8 @@ def summary(night: Night, times: dict, made: dict | None) -> list[str]:
                      f"first kept result: gain {gain:+.6f}" + (f" ({100 * gain / first.val_bpb:.2f}%)" if first.val_bpb
                                                                else "") + " |")
     lines.append(f"| runs | {len(night.rows)} logged: {len(ideas)} ideas ({counts['keep']} kept, {counts['discard']} "
-                 f"discarded, {counts['crash']} crashed) and {len(night.reruns)} extra runs |")
+                 f"discarded, {counts['crash']} crashed) and {len(night.reruns)} extra "
+                 f"run{'' if len(night.reruns) == 1 else 's'} |")
     noise = night.state.get("noise")
     if noise:
         lines.append(f"| noise | std {noise['std']:.6f} over {len(noise['values'])} values; gains under "
