@@ -7,8 +7,9 @@
 It prepares data and tokenizer if needed, clones this repository's HEAD into a scratch workspace
 (your checkout and branch are never touched), sets up a research branch, runs the baseline and
 then experiments chosen by the strategy, keeping or discarding each, and ends with the ledger,
-the best result's diff against the baseline and the progress chart. While it runs, the server
-also serves the live dashboard; its address (with a token made for this call) is printed first.
+the best result's diff against the baseline, the progress chart and the morning report (under
+.research-loop/reports/). While it runs, the server also serves the live dashboard; its address
+(with a token made for this call) is printed first.
 Ctrl-C stops the run in progress; the same command with --workspace resumes.
 """
 import argparse
@@ -146,6 +147,9 @@ def final_report(plan: SearchPlan) -> None:
         print(timing_table(plan.timings))
     if plan.chart:
         print(f"\nProgress chart: {plan.chart}")
+    if plan.report:
+        print(f"Report: {plan.report} (make a pull request branch of the kept changes: uv run research-loop report "
+              f"--workspace {plan.workspace} --branch pr/{plan.tag})")
     print(f"Workspace: {plan.workspace} (resume or extend: uv run demo.py --workspace {plan.workspace}; "
           f"read it in a browser: uv run research-loop dashboard --workspace {plan.workspace})")
 

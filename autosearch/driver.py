@@ -56,6 +56,7 @@ class SearchPlan:
     dashboard: int | None = None  # serve the dashboard on this port (0: a free one)
     timings: list = field(default_factory=list)
     chart: str | None = None
+    report: str | None = None  # the morning report's Markdown file
 
 
 def git(workspace: Path, *args: str) -> str:
@@ -431,6 +432,7 @@ async def search_session(plan: SearchPlan, repo: Path, say) -> None:
                 + (f" ({extra / done:.0%})" if done else ""))
             chart = await search.call("plot_progress")
             plan.chart = chart.get("path")
+            plan.report = (await search.call("report")).get("path")
 
 
 def resolve_space(workspace: Path, space: tuple, harness: dict, strict: bool) -> tuple:

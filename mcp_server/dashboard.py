@@ -77,6 +77,7 @@ def ledger_view(root: Path) -> dict:
         changes = (record.get("decision") or {}).get("changes") if record else None
         rows.append(row.model_dump() | {
             "line": number, "run": record["run"].get("run") if record else None,
+            "rerun": history.rerun_kind(record),  # a noise repeat, confirmation or control: not an idea
             "changes": history.change_text(changes) if changes else None,
             "delta": round(row.val_bpb - best, 6) if best is not None and row.status != "crash" else None})
         if row.status == "keep":

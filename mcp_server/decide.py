@@ -84,7 +84,7 @@ def keep(core: LoopCore, note: str | None = None, run: int | None = None, unveri
             core.ws.advance_branch(state["branch"], entry["commit"], kept)
         state["kept_commit"] = entry["commit"]
         del state["runs"][str(entry["run"])]
-        core.write_record(entry, RunResult(**result), {"status": "keep", "at": time.time()})
+        core.write_record(entry, RunResult(**result), {"status": "keep", "at": time.time(), "evidence": evidence})
     note_out = None
     if core.ws.branch() == state["branch"] and core.ws.working_train() != core.ws.train_at(entry["commit"]):
         note_out = (f"your train.py differs from the new best {entry['commit'][:7]} (`git diff` shows how): "

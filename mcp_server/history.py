@@ -82,3 +82,17 @@ def records(runs_dir: Path) -> list[dict]:
         if isinstance(record, dict) and record.get("decision"):
             found.append(record)
     return found
+
+
+RERUN_KINDS = ("noise repeat", "confirmation", "control")
+
+
+def rerun_kind(record: dict | None) -> str | None:
+    """What a rerun re-measured, from the fields the server set when it queued the run (an idea's
+    description is the agent's, so an idea named "noise repeat" stays an idea): a noise repeat of
+    the best, a confirmation of a candidate, or a control (the best again, beside a confirmation;
+    a rerun's description is the server's own); None for an idea."""
+    run = (record or {}).get("run") or {}
+    if run.get("rerun_of") is not None:
+        return "control" if str(run.get("description", "")).startswith("control ") else "confirmation"
+    return "noise repeat" if run.get("data_order") else None

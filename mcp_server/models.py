@@ -205,6 +205,7 @@ class PlotResult(BaseModel):
     runs_plotted: int
     kept: int
     crashes_excluded: int
+    reruns: int = 0  # noise repeats, confirmations and controls, drawn apart from the ideas
 
 
 class WaitResult(BaseModel):
@@ -269,4 +270,16 @@ class SweepResult(BaseModel):
     noise: NoiseEstimate | None = None
     table: list[SweepTrial]  # the study's trials, best first
     stopped: str | None = None  # why trials stopped early (a limit of the research run, a refusal)
+
+
+class ReportResult(BaseModel):
+    """The morning report: where it was written, and the pull request's branch when one was asked for."""
+    path: str  # the Markdown report, beside its chart
+    chart: str | None = None  # its copy of progress.png (None: no row to draw yet)
+    kept: int  # kept changes in the report
+    ideas: int  # runs that tried an idea (reruns aside)
+    extra_runs: int  # noise repeats, confirmations and controls
+    slot_hours: float  # runs' wall time summed over slots (GPU-hours on GPUs)
+    branch: str | None = None  # the new branch with one commit per kept change
+    commits: list[str] | None = None  # its commits, oldest first
     next: str

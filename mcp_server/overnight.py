@@ -299,9 +299,9 @@ class Runner:
         if kept:
             best = min(kept, key=lambda r: r.val_bpb)
             print(f"best val_bpb {best.val_bpb:.6f} at {best.commit}: {best.description}")
-            from mcp_server import plot
+            from mcp_server import morning, plot
             path = self.workspace / plot.PLOT_NAME
-            plot.plot_rows(rows, path)
+            plot.plot_rows(rows, path, set(morning.rerun_commits(self.workspace, rows)))
             print(f"progress chart: {path}")
         for line in (cost.hours_text(cost.run_hours(self.workspace, self.state())),
                      cost.sessions_text(self.spent())):

@@ -162,7 +162,8 @@ class LoopCore:
         report = read_report(self.root / entry["report"]) or {}
         record = {"result": result.model_dump(exclude_none=True),
                   "run": {k: entry.get(k) for k in ("run", "commit", "parent", "description", "slot", "submitted_at",
-                                                     "started_at", "ended_at", "timeout")}
+                                                     "started_at", "ended_at", "timeout", "rerun_of",
+                                                     "data_order", "confirmation")}
                   | {k: report.get(k) for k in ("host", "device", "wall_seconds")}}
         if decision:
             try:

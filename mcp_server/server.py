@@ -24,12 +24,12 @@ from mcp.types import (
     INVALID_PARAMS, PARSE_ERROR, CallToolResult, ErrorData, ImageContent, JSONRPCError, TextContent, ToolAnnotations,
 )
 
-from mcp_server import plot
+from mcp_server import morning, plot
 from mcp_server import sweep as sweeping
 from mcp_server.loop import ResearchLoop
 from mcp_server.models import (
-    CancelResult, ConfirmResult, DecisionResult, HistoryResult, LoggedRow, Metrics, NoiseResult, PlotResult, Refusal, RunResult,
-    SetupResult, StatusResult, StopResult, SweepRange, SweepResult, WaitResult,
+    CancelResult, ConfirmResult, DecisionResult, HistoryResult, LoggedRow, Metrics, NoiseResult, PlotResult, Refusal,
+    ReportResult, RunResult, SetupResult, StatusResult, StopResult, SweepRange, SweepResult, WaitResult,
 )
 from mcp_server.workspace import EDITABLE
 
@@ -357,7 +357,7 @@ def register_decisions(srv: MCPServer, loop: ResearchLoop) -> None:
 
 
 def register_reports(srv: MCPServer, loop: ResearchLoop) -> None:
-    """history, status, plot_progress: reading where the research run stands."""
+    """history, status, plot_progress, report: reading where the research run stands."""
     register = registrar(srv, loop)
 
     @register(READ_ONLY)
@@ -377,17 +377,31 @@ def register_reports(srv: MCPServer, loop: ResearchLoop) -> None:
     @register(WRITES)
     async def plot_progress() -> PlotResult:
         """Write progress.png in the workspace: every run's val_bpb, the running best of kept runs as
-        a step line, kept runs labelled with their descriptions. Returned as an image too."""
+        a step line, kept runs labelled with their descriptions, reruns (noise repeats, confirmations,
+        controls) drawn apart from the ideas. Returned as an image too."""
         rows = loop.rows()
         if not rows:
             raise Refusal("results.tsv has no rows yet: run and keep a baseline first.")
         path = loop.root / plot.PLOT_NAME
-        plotted, kept, crashes = await anyio.to_thread.run_sync(plot.plot_rows, rows, path)
-        result = PlotResult(path=str(path), runs_plotted=plotted, kept=kept, crashes_excluded=crashes)
+        reruns = set(morning.rerun_commits(loop.root, rows))
+        plotted, kept, crashes, apart = await anyio.to_thread.run_sync(plot.plot_rows, rows, path, reruns)
+        result = PlotResult(path=str(path), runs_plotted=plotted, kept=kept, crashes_excluded=crashes, reruns=apart)
         image = base64.b64encode(path.read_bytes()).decode()
         return CallToolResult(content=[TextContent(type="text", text=result.model_dump_json()),
                                        ImageContent(type="image", data=image, mime_type="image/png")],
                               structured_content=result.model_dump(mode="json"))
+
+    @register(WRITES)
+    async def report(branch: str | None = None) -> ReportResult:
+        """Write the morning report of the research run, a Markdown file under .research-loop/reports/
+        (ignored by git) beside its chart: each kept change with its gain over the best before it,
+        its evidence and train.py diff; every idea grouped by the constant or code it changed; the
+        noise; the time and slot-hours (GPU-hours) spent; the extra runs. branch='pr/<name>' also
+        makes that new branch (never main, master or an existing one) with one commit per kept change
+        on the research run's starting point, ready for a pull request; the research branch and
+        train.py do not move."""
+        loop.state.load()  # the owner puts back a state.json or results.tsv someone else changed
+        return compact(await threaded(morning.write, loop.root, branch))
 
 
 def register_measurements(srv: MCPServer, loop: ResearchLoop) -> None:

@@ -103,6 +103,25 @@ def validate_tag(tag: str) -> str:
     return tag
 
 
+def validate_new_branch(repo: git.Repo, name: str) -> str:
+    """A name for a new branch made from the research run (the pull request's): a valid git branch
+    name, not main or master, not in the research runs' namespace, and not an existing branch."""
+    if not isinstance(name, str) or not name or name.startswith("-") or name.strip() != name:
+        raise Refusal(f"Branch name {name!r} is not usable: name a new branch such as 'pr/nov25'.")
+    try:
+        repo.git.check_ref_format("--branch", name)
+    except git.GitCommandError:
+        raise Refusal(f"Branch name {name!r} is not a valid git branch name: use letters, digits, '/', '.', '_' "
+                      "or '-' (e.g. 'pr/nov25').") from None
+    if name in PROTECTED_BRANCHES or name.startswith(BRANCH_PREFIX) or RESERVED_TAG_RE.fullmatch(name):
+        raise Refusal(f"Branch {name!r} is refused: the pull request's branch is new, never main, master, HEAD or a "
+                      f"research run's {BRANCH_PREFIX}<tag>. Name another (e.g. 'pr/nov25').")
+    if name in repo.heads:
+        raise Refusal(f"Branch {name!r} already exists and is left as it is: name a new branch (e.g. '{name}-2'), "
+                      f"or delete that one first (git branch -D {name}).")
+    return name
+
+
 def validate_commit_arg(commit: str) -> str:
     if not isinstance(commit, str) or not COMMIT_ARG_RE.fullmatch(commit):
         raise Refusal(f"Commit {commit!r} is not a hex hash of 7 to 40 characters.")
@@ -208,6 +227,13 @@ class Workspace:
     def create_candidate(self, parent: str, source: bytes, message: str, ref: str) -> str:
         """A commit holding `parent`'s tree with train.py replaced by `source`, stored under `ref`.
         The working tree, the index and HEAD are not touched."""
+        commit = self.commit_train(parent, source, message)
+        self.repo.git.update_ref(ref, commit)
+        return commit
+
+    def commit_train(self, parent: str, source: bytes, message: str) -> str:
+        """A commit holding `parent`'s tree with train.py replaced by `source`, on no ref; the
+        working tree, the index and HEAD are not touched."""
         scratch = Path(self.repo.git_dir) / "research-loop"
         scratch.mkdir(parents=True, exist_ok=True)
         source_file = scratch / f"candidate-{os.getpid()}-{threading.get_ident()}.py"
@@ -220,12 +246,15 @@ class Workspace:
             self.repo.git.read_tree(parent, env=env)
             self.repo.git.update_index("--add", "--cacheinfo", f"{mode},{blob},{EDITABLE}", env=env)
             tree = self.repo.git.write_tree(env=env)
-            commit = self.repo.git.commit_tree(tree, "-p", parent, "-m", message, env=self._env)
+            return self.repo.git.commit_tree(tree, "-p", parent, "-m", message, env=self._env)
         finally:
             source_file.unlink(missing_ok=True)
             index_file.unlink(missing_ok=True)
-        self.repo.git.update_ref(ref, commit)
-        return commit
+
+    def create_branch_at(self, name: str, commit: str) -> None:
+        """A new branch at `commit`, without checking it out; git refuses it if the name exists
+        (the empty old value), so an existing branch is never moved."""
+        self.repo.git.update_ref(f"refs/heads/{name}", commit, "")
 
     def advance_branch(self, branch: str, new: str, old: str) -> None:
         """Moves the branch from `old` to `new` (refused by git if it moved meanwhile); where the

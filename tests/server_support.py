@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 FAKE_TRAIN = HERE / "fake_train.py"
 TOOL_NAMES = {"setup", "run_experiment", "wait", "read_metrics", "keep", "discard", "cancel", "reapply", "history", "sweep",
-              "stop", "log_result", "status", "plot_progress", "measure_noise", "confirm"}
+              "stop", "log_result", "status", "plot_progress", "measure_noise", "confirm", "report"}
 TRAIN_COMMAND = [sys.executable, "fake_train.py"]
 # The tests' servers accept runs without a sandbox where the machine can run none (they are not
 # about the sandbox; where one runs, and in CI, runs are sandboxed all the same). The tests of the

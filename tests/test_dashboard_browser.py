@@ -56,6 +56,10 @@ def test_the_dashboard_in_a_browser(fake_env, browser, monkeypatch):
             assert page.evaluate(count("#chart .point")) == 6  # the malformed line has no point
             assert "malformed ledger line 8: half a row" in page.evaluate(text_of("#ledger tr.malformed"))
             assert page.evaluate(count("#chart circle.point.keep")) == 2 and page.evaluate(count("#chart .label")) == 2
+            # the noise repeats are measurements, drawn apart from the one idea that was discarded
+            assert page.evaluate(count("#chart .point.rerun")) == 2 and page.evaluate(count("#chart .point.discard")) == 1
+            assert "rerun (noise, confirmation, control)" in page.evaluate(text_of("#chart .legend"))
+            assert "(2 of them reruns)" in page.evaluate(text_of("#summary"))
             assert page.evaluate(count("#chart .band")) == 1 and "noise: std 0.004000" in page.evaluate(
                 text_of("#summary"))
             kept = runs["matrix lr up"]["commit"]

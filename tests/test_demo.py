@@ -111,6 +111,9 @@ def test_demo_end_to_end(repo_root, prepared_env, tmp_path):
     assert chart.read_bytes()[:8] == PNG_MAGIC
     import matplotlib.image
     assert matplotlib.image.imread(chart).ndim == 3
+    report = Path(re.search(r"^Report: (\S+)", out, re.M).group(1))  # the morning report, ignored by git
+    assert report.parent == workspace.resolve() / ".research-loop" / "reports"
+    assert "## Kept changes" in report.read_text() and "noise repeat" in report.read_text()
 
     # The user's checkout is untouched: same branch, no research branch created there.
     assert git(repo_root, "rev-parse", "--abbrev-ref", "HEAD") == branch_before

@@ -77,7 +77,9 @@ function renderSummary(data, rows) {
   const best = kept.reduce((a, b) => (a && a.val_bpb <= b.val_bpb ? a : b), null);
   const parts = [el("span", { class: "big", text: best ? num(best.val_bpb) : "no kept run yet" })];
   if (best) parts.push(el("span", { text: ` best val_bpb, ${best.commit} “${short(best.description, 60)}”` }));
-  const tally = `${rows.length} runs: ${counts.keep} kept, ${counts.discard} discarded, ${counts.crash} crashed`
+  const reruns = rows.filter((r) => r.rerun).length;
+  const tally = `${rows.length} runs: ${counts.keep} kept, ${counts.discard} discarded`
+    + (reruns ? ` (${reruns} of them reruns)` : "") + `, ${counts.crash} crashed`
     + (counts.malformed ? `, ${counts.malformed} malformed ledger line(s)` : "");
   parts.push(el("div", { class: "quiet", text: tally }));
   if (data.noise) {
@@ -118,7 +120,9 @@ function renderChart(rows, noise) {
   for (const row of measured) {
     const point = row.status === "crash" || !valued.includes(row)
       ? svg("path", { d: cross(X(row.x), CHART.height - CHART.bottom - 6), class: "point crash" })
-      : svg("circle", { cx: X(row.x), cy: Y(row.val_bpb), r: row.status === "keep" ? 5 : 3.5, class: `point ${row.status}` });
+      : row.rerun && row.status === "discard"  // a measurement, not an idea that failed: a marker of its own
+        ? svg("path", { d: diamond(X(row.x), Y(row.val_bpb)), class: "point rerun" })
+        : svg("circle", { cx: X(row.x), cy: Y(row.val_bpb), r: row.status === "keep" ? 5 : 3.5, class: `point ${row.status}` });
     point.dataset.commit = row.commit;
     point.addEventListener("mouseenter", () => showTip(point, row));
     point.addEventListener("mouseleave", () => { $("tip").hidden = true; });
@@ -129,6 +133,25 @@ function renderChart(rows, noise) {
         short(row.description, LABEL_CHARS)));
     }
   }
+  drawLegend(chart);
+}
+
+const LEGEND = [["keep", "kept"], ["discard", "discarded idea"], ["rerun", "rerun (noise, confirmation, control)"],
+  ["crash", "crash"], ["best", "best kept"]];
+
+function drawLegend(chart) {
+  const x = CHART.width - CHART.right - 236, top = CHART.top + 4;
+  const legend = svg("g", { class: "legend" });
+  legend.append(svg("rect", { x: x - 8, y: top - 2, width: 244, height: LEGEND.length * 16 + 6, class: "legend-box" }));
+  LEGEND.forEach(([kind, text], i) => {
+    const cx = x + 6, cy = top + 10 + i * 16;
+    const mark = kind === "best" ? svg("line", { x1: cx - 6, y1: cy, x2: cx + 6, y2: cy, class: "mark best" })
+      : kind === "crash" ? svg("path", { d: cross(cx, cy), class: "mark crash" })
+        : kind === "rerun" ? svg("path", { d: diamond(cx, cy), class: "mark rerun" })
+          : svg("circle", { cx, cy, r: kind === "keep" ? 5 : 3.5, class: `mark ${kind}` });
+    legend.append(mark, svg("text", { x: x + 18, y: cy + 4, class: "legend-text", "data-kind": kind }, text));
+  });
+  chart.append(legend);
 }
 
 function runningBest(rows) {
@@ -150,6 +173,8 @@ function stepPoints(best, last) {
   steps.push([last + 0.5, best[best.length - 1].y]);
   return steps;
 }
+
+function diamond(x, y) { return `M${x},${y - 5}L${x + 5},${y}L${x},${y + 5}L${x - 5},${y}Z`; }
 
 function cross(x, y) { return `M${x - 4},${y - 4}L${x + 4},${y + 4}M${x - 4},${y + 4}L${x + 4},${y - 4}`; }
 
@@ -176,7 +201,7 @@ function showTip(point, row) {
   const tip = $("tip");
   const measured = row.status === "crash" ? "crash" : `${num(row.val_bpb)} ${signed(row.delta)}`;
   tip.replaceChildren(
-    el("div", { class: "mono", text: `#${row.x} ${row.commit} · ${row.status}` }),
+    el("div", { class: "mono", text: `#${row.x} ${row.commit} · ${row.rerun ? row.rerun : row.status}` }),
     el("div", { class: "mono", text: measured }),
     el("div", { text: row.description }));
   const box = point.getBoundingClientRect(), frame = $("chart-box").getBoundingClientRect();

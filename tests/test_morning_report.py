@@ -1,0 +1,213 @@
+"""The morning report over a real small research run (fake trainer, in-process server): each section's
+content, the pull request's branch in the real git repository, the names it refuses, and a ledger
+edited by hand that the report does not believe."""
+import json
+import re
+
+import pytest
+
+from mcp_server import cli, morning, plot
+from server_support import Lab, answer, error, git, make_workspace, set_knobs
+
+TRAIN = "VAL_BPB = {val}\nNOISE = 0.002\n{crash}\n\ndef attention(x):\n    return x{scale}\n"
+
+
+def edit(ws, val=1.0, crash="", scale=""):
+    (ws / "train.py").write_text(TRAIN.format(val=val, crash=crash, scale=scale))
+
+
+@pytest.fixture
+def night(fake_env):
+    """baseline (kept); two noise repeats; a marginal idea confirmed beside a control, then kept; an
+    edit of the attention code, kept beyond the noise; a worse idea, discarded; a crash."""
+    ws = make_workspace(fake_env, TRAIN.format(val=1.0, crash="", scale=""))
+    lab = Lab(ws)
+    start = lab.head()
+    lab.ok("setup", tag="night")
+    lab.ok("run_experiment", description="baseline")  # run 1: 1.0
+    lab.ok("keep")
+    lab.ok("measure_noise", repeats=2)  # runs 2, 3: 1.002, 0.998 (threshold 0.004)
+    edit(ws, val=0.99)
+    marginal = lab.ok("run_experiment", description="a marginal idea")  # run 4: 0.99
+    assert answer(lab.call("confirm"))["confirmed"]  # runs 5 (control) and 6 (confirmation)
+    lab.ok("keep")
+    edit(ws, val=0.9, scale=" * 2")
+    scaled = lab.ok("run_experiment", description="scaled attention")  # run 7: 0.9, beyond the noise
+    lab.ok("keep")
+    edit(ws, val=0.95, scale=" * 2")
+    lab.ok("run_experiment", description="worse | idea")  # run 8
+    lab.ok("discard")
+    edit(ws, val=0.9, crash="CRASH = 1", scale=" * 2")
+    lab.ok("run_experiment", description="it crashes")  # run 9
+    lab.ok("discard")
+    lab.start, lab.kept = start, {"marginal": marginal["commit"], "scaled": scaled["commit"]}
+    yield lab
+    lab.loop.shutdown()
+
+
+def section(text: str, title: str) -> str:
+    found = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.M | re.S)
+    assert found, f"no section {title!r} in:\n{text}"
+    return found.group(1)
+
+
+def test_the_report_holds_each_section(night):
+    made = night.ok("report")
+    path = night.ws / made["path"]
+    assert path.parent == night.ws / ".research-loop" / "reports" and path.name.startswith("night-")
+    assert (made["kept"], made["ideas"], made["extra_runs"]) == (3, 5, 4) and made["slot_hours"] > 0
+    text = path.read_text()
+    assert git(night.ws, "status", "--porcelain") == ""  # the report and its chart are ignored by git
+
+    summary = section(text, "Summary")
+    assert f"started from `{night.start[:7]}`" in summary
+    assert "best val_bpb | 0.900000" in summary and "gain +0.100000 (10.00%)" in summary
+    assert "9 logged: 5 ideas (3 kept, 1 discarded, 1 crashed) and 4 extra runs" in summary
+
+    chart = re.search(r"!\[val_bpb of every run\]\((.+?)\)", section(text, "Progress")).group(1)
+    assert (path.parent / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    kept = section(text, "Kept changes")
+    assert [m for m in re.findall(r"^### \d+\. (.+)$", kept, re.M)] == ["baseline", "a marginal idea",
+                                                                         "scaled attention"]
+    marginal = kept.split("### 2.")[1].split("### 3.")[0]
+    assert "val_bpb 1.000000 -> 0.990000 (gain +0.010000, 1.00%)" in marginal  # over its parent, the baseline
+    assert "Evidence: confirmed: rerun beside a rerun of the best, the candidate won each pair (-0.014000) (reruns 5, " \
+           "6); measured better by 0.010000, beyond noise (threshold 0.004000)." in marginal
+    assert "-VAL_BPB = 1.0\n+VAL_BPB = 0.99" in marginal
+    scaled = kept.split("### 3.")[1]
+    assert "0.990000 -> 0.900000 (gain +0.090000" in scaled and "beyond the noise" in scaled
+    assert "-    return x\n+    return x * 2" in scaled
+
+    tried = section(text, "What was tried")
+    assert "### constant VAL_BPB: 3 tried, 2 kept" in tried
+    assert "### code: attention: 1 tried, 1 kept" in tried
+    assert "### constant CRASH: 1 tried, 0 kept" in tried and "| crash | crash |" in tried
+    assert "worse \\| idea" in tried  # a description cannot break the table
+    assert "noise repeat" not in tried and "control" not in tried  # reruns are not ideas
+
+    noise = section(text, "Noise")
+    assert "std 0.002000" in noise and "beyond 0.004000" in noise
+
+    extra = section(text, "Extra runs")
+    assert "2 noise repeats, 1 confirmation, 1 control." in extra
+    assert re.search(r"^\| 5 \| control \| 4 \|", extra, re.M) and re.search(r"^\| 6 \| confirmation \| 4 \|",
+                                                                               extra, re.M)
+    assert re.search(r"^\| 2 \| noise repeat \|  \| 1.002000 \|", extra, re.M)
+
+    spent = section(text, "Time spent")
+    assert "slot-hours (CPU)" in spent and "over 9 recorded runs (morning.spent)" in spent
+
+
+def test_a_pull_request_branch_has_one_commit_per_kept_change(night):
+    research_tip = git(night.ws, "rev-parse", "autoresearch/night").strip()
+    working = (night.ws / "train.py").read_bytes()
+    made = night.ok("report", branch="pr/night")
+    assert made["branch"] == "pr/night" and len(made["commits"]) == 2  # the baseline changed nothing
+    commits = git(night.ws, "rev-list", "--reverse", f"{night.start}..pr/night").split()
+    assert [c[:7] for c in commits] == made["commits"]
+    assert git(night.ws, "rev-parse", f"{commits[0]}^").strip() == night.start  # on the starting point
+    for commit, kept in zip(commits, ("marginal", "scaled")):
+        assert git(night.ws, "show", f"{commit}:train.py") == git(night.ws, "show", f"{night.kept[kept]}:train.py")
+        # nothing else of the tree differs from the kept run's
+        assert git(night.ws, "diff", "--name-only", commit, night.kept[kept]) == ""
+    first = git(night.ws, "log", "-1", "--format=%B", commits[0])
+    assert first.startswith("a marginal idea\n\nval_bpb 1.000000 -> 0.990000 (gain +0.010000, 1.00%)")
+    assert "Evidence: confirmed" in first and "run 4" in first
+    second = git(night.ws, "log", "-1", "--format=%B", commits[1])
+    assert second.startswith("scaled attention\n") and "Evidence: beyond the noise" in second
+    # the research branch, HEAD and the agent's working tree did not move
+    assert git(night.ws, "rev-parse", "autoresearch/night").strip() == research_tip
+    assert git(night.ws, "branch", "--show-current").strip() == "autoresearch/night"
+    assert (night.ws / "train.py").read_bytes() == working and git(night.ws, "status", "--porcelain") == ""
+    text = (night.ws / made["path"]).read_text()
+    assert f"`pr/night`: 2 commit(s), one per kept change, on the research run's starting point `{night.start[:7]}`" \
+           in section(text, "Pull request branch")
+
+
+REFUSED_NAMES = [
+    ("main", "never main, master"), ("master", "never main, master"), ("HEAD", "not a valid git branch name"),
+    ("autoresearch/night", "research run's autoresearch/<tag>"), ("autoresearch/other", "autoresearch/<tag>"),
+    ("pr/taken", "already exists"), ("bad..name", "not a valid git branch name"), ("-x", "not usable"),
+    ("pr/lock.lock", "not a valid git branch name"), ("", "not usable"), (" pr/x", "not usable")]
+
+
+def test_bad_branch_names_are_refused_and_nothing_moves(night):
+    git(night.ws, "branch", "pr/taken", night.start)
+    before = git(night.ws, "for-each-ref", "refs/heads")
+    reports = night.ws / ".research-loop" / "reports"
+    for name, says in REFUSED_NAMES:
+        message = night.refused("report", branch=name)
+        assert says in message and "pr/" in message, (name, message)  # and what to name it instead
+        assert git(night.ws, "for-each-ref", "refs/heads") == before
+        assert not reports.exists()  # refused before anything was written
+
+
+def test_a_branch_needs_a_kept_change(fake_env):
+    lab = Lab(make_workspace(fake_env))
+    try:
+        assert "No research run" in lab.refused("report")
+        lab.baseline()
+        assert "nothing to put on a branch" in lab.refused("report", branch="pr/empty")
+        assert git(lab.ws, "branch", "--list", "pr/*") == ""
+        assert lab.ok("report")["kept"] == 1
+    finally:
+        lab.loop.shutdown()
+
+
+def test_an_edited_ledger_does_not_change_the_report(night, capsys):
+    worse = next(r for r in night.loop.rows() if r.status == "discard" and r.description.startswith("worse"))
+    planted = f"{worse.commit}\t0.100000\t1.0\tkeep\tplanted best\n"  # a real commit, as a better keep
+    with open(night.ws / "results.tsv", "a") as ledger:  # while the server runs: it puts its rows back
+        ledger.write(planted)
+    text = (night.ws / night.ok("report")["path"]).read_text()
+    assert "planted" not in text and "best val_bpb | 0.900000" in text
+    night.loop.shutdown()
+    # the server gone: results.tsv and state.json edited by hand, the command reads the server's copy
+    lines = (night.ws / "results.tsv").read_text().replace("0.900000", "0.500000")
+    (night.ws / "results.tsv").write_text(lines + planted)
+    state_file = night.ws / ".research-loop" / "state.json"
+    state = json.loads(state_file.read_text())
+    state["rows"].append([worse.commit, 0.1, 1.0, "keep", "planted best"])
+    state_file.write_text(json.dumps(state))
+    assert cli.main(["report", "--workspace", str(night.ws)]) == 0
+    path = capsys.readouterr().out.split("report: ")[1].strip()
+    text = open(path).read()
+    assert "planted" not in text and "0.500000" not in text and "best val_bpb | 0.900000" in text
+
+
+def test_progress_png_draws_reruns_apart(night):
+    drawn = night.ok("plot_progress")
+    assert (drawn["runs_plotted"], drawn["kept"], drawn["crashes_excluded"], drawn["reruns"]) == (8, 3, 1, 4)
+    rows = night.loop.rows()
+    assert morning.rerun_commits(night.ws, rows) == {
+        r.commit: kind for r, kind in zip(rows[1:5], ("noise repeat", "noise repeat", "control", "confirmation"))}
+    assert plot.plot_rows(rows, night.ws / "plain.png")[3] == 0  # without the records, no rerun is known
+
+
+def test_an_idea_named_like_a_rerun_stays_an_idea(fake_env):
+    lab = Lab(make_workspace(fake_env))
+    try:
+        lab.baseline()
+        set_knobs(lab.ws, val_bpb=0.95)
+        lab.ok("run_experiment", description="noise repeat 1/1 of abc1234, data order 1")
+        lab.ok("discard")
+        made = lab.ok("report")
+        assert (made["ideas"], made["extra_runs"]) == (2, 0)
+    finally:
+        lab.loop.shutdown()
+
+
+def test_spent_sums_each_runs_wall_time():
+    records = [{"run": {"wall_seconds": 1800.0, "ended_at": 5000.0, "device": "NVIDIA H100 80GB HBM3"}},
+               {"run": {"started_at": 1000.0, "ended_at": 4600.0, "device": "NVIDIA H100 80GB HBM3"}}]
+    times = morning.spent(records, started_at=1400.0, now=9000.0)
+    assert times == {"wall_hours": 1.0, "slot_hours": 1.5, "unit": "GPU-hours", "devices": ["NVIDIA H100 80GB HBM3"]}
+    assert morning.spent([{"run": {"wall_seconds": 36.0, "device": "cpu: x"}}], None, 0.0)["unit"] == "slot-hours (CPU)"
+
+
+def test_touched_parts_names_the_code_an_edit_changed():
+    old = "LR = 1\n\nclass Block:\n    def forward(self, x):\n        return x\n\ndef main():\n    pass\n"
+    new = old.replace("return x", "return x + 1").replace("LR = 1", "LR = 2") + "print('hi')\n"
+    assert morning.touched_parts(old, new) == ["Block.forward", "module level"]
+    assert morning.touched_parts(old, "def (") == ["train.py (does not parse)"]
