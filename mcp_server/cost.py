@@ -47,13 +47,18 @@ def run_hours(root: Path, state: dict | None = None) -> dict:
     """{"gpu_hours", "slot_hours", "runs"}: the slot time of the finished runs of the research run
     in `state` (those submitted since its setup; every run when no state is given)."""
     since = (state or {}).get("started_at")
+    records = [r for r in run_records(root) if not isinstance(since, (int, float)) or
+               (isinstance(r["run"].get("submitted_at"), (int, float)) and r["run"]["submitted_at"] >= since)]
+    return hours_of(records)
+
+
+def hours_of(records: list[dict]) -> dict:
+    """{"gpu_hours", "slot_hours", "runs"} summed over these run records' worker-measured wall times."""
     gpu = cpu = 0.0
     runs = 0
-    for record in run_records(root):
+    for record in records:
         run = record["run"]
-        wall, submitted = run.get("wall_seconds"), run.get("submitted_at")
-        if isinstance(since, (int, float)) and not (isinstance(submitted, (int, float)) and submitted >= since):
-            continue
+        wall = run.get("wall_seconds")
         if isinstance(wall, bool) or not isinstance(wall, (int, float)) or not math.isfinite(wall) or wall < 0:
             continue  # a run that never started (cancelled in the queue, a cluster that lost it)
         runs += 1

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import git
 
-from mcp_server import history, ledger, plot
+from mcp_server import cost, history, ledger, plot
 from mcp_server.models import Refusal, ReportResult, Row
 from mcp_server.runs import RUNS_DIR
 from mcp_server.state import STATE_DIR, State
@@ -56,27 +56,13 @@ def records_by_commit(root: Path) -> dict[str, dict]:
 
 
 def spent(records: list[dict], started_at: float | None, now: float) -> dict:
-    """The research run's wall time and its runs' time summed over slots (GPU-hours where the runs
-    had GPUs, slot-hours on CPUs), from the runs' records: each run's wall time as its worker
-    measured it, else its start and end as the server saw them."""
-    seconds, devices, ends = 0.0, set(), []
-    for record in records:
-        run = record["run"]
-        wall = run.get("wall_seconds")
-        if not isinstance(wall, (int, float)) and isinstance(run.get("started_at"), (int, float)) \
-                and isinstance(run.get("ended_at"), (int, float)):
-            wall = run["ended_at"] - run["started_at"]
-        if isinstance(wall, (int, float)) and wall > 0:
-            seconds += wall
-        if isinstance(run.get("ended_at"), (int, float)):
-            ends.append(run["ended_at"])
-        if run.get("device"):
-            devices.add(str(run["device"]))
-    gpus = bool(devices) and not any(d.startswith("cpu") for d in devices)
+    """The research run's wall time (setup to the last run's end) and its runs' slot time
+    (cost.hours_of: GPU-hours on GPUs, slot-hours on CPUs), from the runs' records."""
+    ends = [r["run"]["ended_at"] for r in records if isinstance(r["run"].get("ended_at"), (int, float))]
     end = max(ends, default=now)
-    return {"wall_hours": max(0.0, end - started_at) / 3600 if isinstance(started_at, (int, float)) else None,
-            "slot_hours": seconds / 3600, "unit": "GPU-hours" if gpus else "slot-hours (CPU)",
-            "devices": sorted(devices)}
+    wall = max(0.0, end - started_at) / 3600 if isinstance(started_at, (int, float)) else None
+    devices = sorted({str(r["run"]["device"]) for r in records if r["run"].get("device")})
+    return {"wall_hours": wall, **cost.hours_of(records), "devices": devices}
 
 
 def touched_parts(old: str, new: str) -> list[str]:
@@ -203,7 +189,7 @@ def write(root: Path, branch: str | None = None, now: float | None = None) -> Re
     tmp.replace(path)
     ideas = sum(r.commit not in night.reruns for r in night.rows)
     return ReportResult(path=str(path), chart=str(chart) if night.rows else None, kept=len(night.kept), ideas=ideas,
-                        extra_runs=len(night.reruns), slot_hours=round(times["slot_hours"], 4),
+                        extra_runs=len(night.reruns), slot_hours=round(times["gpu_hours"] + times["slot_hours"], 4),
                         branch=made["branch"] if made else None, commits=made["commits"] if made else None,
                         next=(f"open a pull request from {made['branch']} (base {night.start[:7]})" if made else
                               "read the report; report(branch='pr/<name>') also makes a branch of the kept changes"))
@@ -329,7 +315,7 @@ def summary(night: Night, times: dict, made: dict | None) -> list[str]:
     if noise:
         lines.append(f"| noise | std {noise['std']:.6f} over {len(noise['values'])} values; gains under "
                      f"{noise['threshold']:.6f} are within it |")
-    lines.append(f"| time | {hours(times['wall_hours'])} wall; {times['slot_hours']:.3f} {times['unit']} |")
+    lines.append(f"| time | {hours(times['wall_hours'])} wall; {cost.hours_text(times) or 'no run trained'} |")
     if made:
         lines.append(f"| pull request branch | `{made['branch']}`: {len(made['commits'])} commit(s) |")
     undecided = sorted(e.get("run") for e in (night.state.get("runs") or {}).values() if isinstance(e, dict))
@@ -415,6 +401,6 @@ def time_section(times: dict, night: Night) -> list[str]:
     devices = ", ".join(cell(d) for d in times["devices"]) or "not recorded"
     return ["## Time spent", "",
             f"- wall time of the research run: {hours(times['wall_hours'])} (from setup to the last run's end)",
-            f"- {times['unit']}: {times['slot_hours']:.3f}, the runs' wall times summed over "
-            f"{len(night.records)} recorded runs (morning.spent)",
+            f"- slot time: {cost.hours_text(times) or 'no run trained'}, the runs' wall times as their workers "
+            f"measured them, summed over slots (cost.hours_of)",
             f"- on: {devices}", ""]

@@ -96,7 +96,7 @@ def test_the_report_holds_each_section(night):
     assert re.search(r"^\| 2 \| noise repeat \|  \| 1.002000 \|", extra, re.M)
 
     spent = section(text, "Time spent")
-    assert "slot-hours (CPU)" in spent and "over 9 recorded runs (morning.spent)" in spent
+    assert "slot-hours on the CPU over 9 runs" in spent
 
 
 def test_a_pull_request_branch_has_one_commit_per_kept_change(night):
@@ -200,10 +200,12 @@ def test_an_idea_named_like_a_rerun_stays_an_idea(fake_env):
 
 def test_spent_sums_each_runs_wall_time():
     records = [{"run": {"wall_seconds": 1800.0, "ended_at": 5000.0, "device": "NVIDIA H100 80GB HBM3"}},
-               {"run": {"started_at": 1000.0, "ended_at": 4600.0, "device": "NVIDIA H100 80GB HBM3"}}]
+               {"run": {"wall_seconds": 3600.0, "ended_at": 4600.0, "device": "NVIDIA H100 80GB HBM3"}},
+               {"run": {"ended_at": 4700.0, "device": "cpu: x"}}]  # cancelled before it started: no slot time
     times = morning.spent(records, started_at=1400.0, now=9000.0)
-    assert times == {"wall_hours": 1.0, "slot_hours": 1.5, "unit": "GPU-hours", "devices": ["NVIDIA H100 80GB HBM3"]}
-    assert morning.spent([{"run": {"wall_seconds": 36.0, "device": "cpu: x"}}], None, 0.0)["unit"] == "slot-hours (CPU)"
+    assert times == {"wall_hours": 1.0, "gpu_hours": 1.5, "slot_hours": 0.0, "runs": 2,
+                     "devices": ["NVIDIA H100 80GB HBM3", "cpu: x"]}
+    assert morning.spent([{"run": {"wall_seconds": 36.0, "device": "cpu: x"}}], None, 0.0)["slot_hours"] == 0.01
 
 
 def test_touched_parts_names_the_code_an_edit_changed():
