@@ -476,6 +476,24 @@ def handoff_run(tmp_path, before_answer="", eval_seconds=0.0, timeout=30):
     return report, log, time.monotonic() - started
 
 
+def test_an_export_larger_than_any_model_is_a_crash_not_a_copy(tmp_path, monkeypatch):
+    """A 50 GiB sparse file at the export path costs the run a few bytes of disk; the harness's copy
+    of it would fill the disk. It is refused at once, and the run is no result, whatever it prints."""
+    from mcp_server import integrity
+    monkeypatch.chdir(tmp_path)
+    evaluate = {"argv": [sys.executable, "-c", FAKE_EVALUATOR], "env": dict(os.environ), "timeout": 20,
+                "harness": str(clean_harness(tmp_path)), "harness_commit": None}
+    code = EXPORT_THEN_WAIT.format(repo=str(REPO), before_answer="").replace(
+        "open(path, 'w').write('model')", "open(path, 'w').truncate(50 << 30)").replace(
+        "handed['val_bpb']", "handed.get('val_bpb', 0.5)")  # and it prints a number of its own
+    started = time.monotonic()
+    report, log = run_worker(tmp_path, code, "--timeout", "30", "--export", str(tmp_path / "model.pt2"),
+                             "--evaluate", json.dumps(evaluate))
+    assert (tmp_path / "model.pt2").stat().st_size == 50 << 30 and time.monotonic() - started < 20
+    problem, number, _ = integrity.evaluation_verdict(report)
+    assert number is None and "over 16 GiB, more than a real export of the model can be" in str(problem), report
+
+
 def test_the_harness_number_is_handed_to_train_py_and_the_evaluation_is_not_training_time(tmp_path, monkeypatch):
     """train.py waits in the harness for the separate evaluation's number and prints it; the wait
     does not count against the training's timeout (5 s of evaluation in a run with a 3 s timeout)."""
