@@ -131,6 +131,33 @@ def test_a_lone_surrogate_in_the_arguments_is_answered_with_an_error_and_the_ser
     assert not (ws_cache[0] / ".research-loop" / "state.json").exists()  # nothing was set up
 
 
+def test_json_that_is_no_json_rpc_request_is_answered_if_it_has_an_id(ws_cache):
+    """Valid JSON that the SDK cannot read as any JSON-RPC message is dropped by it: a request with
+    an id would never be answered. Each gets an Invalid Request error (id null where it is no
+    object); one without an id (a notification) gets nothing, and the server goes on."""
+    server = RawStdio(*ws_cache)
+    try:
+        for line, request_id, said in (
+                ('{"id": 1, "method": "tools/list"}', 1, "jsonrpc: Field required"),
+                ('{"jsonrpc": "2.0", "id": 2}', 2, "method: Field required"),
+                ('{"jsonrpc": "1.0", "id": "three", "method": "tools/list"}', "three", "jsonrpc: Input should be '2.0'"),
+                ('{"jsonrpc": "2.0", "id": 4, "method": 5}', 4, "method: Input should be a valid string"),
+                ('[{"jsonrpc": "2.0", "id": 6, "method": "tools/list"}]', None, "the message: Input should be"),
+                ("7", None, "the message: Input should be")):
+            server.send(line)
+            reply = server.answer(5)
+            assert reply is not None, f"no answer within 5 s to {line}"
+            assert reply["id"] == request_id and reply["error"]["code"] == -32600, (line, reply)
+            assert said in reply["error"]["message"] and '"method"' in reply["error"]["message"], (line, reply)
+        server.send('{"jsonrpc": "2.0", "method": 5}')  # no id: a (broken) notification, not answered
+        server.send(json.dumps({"jsonrpc": "2.0", "id": 9, "method": "tools/call",
+                                "params": {"name": "status", "arguments": {}}}))
+        reply = server.answer(15)
+        assert reply["id"] == 9 and not reply["result"].get("isError"), reply
+    finally:
+        server.close()
+
+
 def test_setup_limits_sent_as_nan_or_infinity_are_refused(ws_cache):
     """JSON's NaN and Infinity reach the tool as floats (an SDK client would send null instead)."""
     server = RawStdio(*ws_cache)
