@@ -254,7 +254,7 @@ class ResearchLoop:
             state.clear()
             state.update({"tag": tag, "branch": branch, "kept_commit": ws.head(), "fingerprint": fingerprint,
                           "cache_fingerprint": integrity.cache_fingerprint(), "seq": seq, "runs": {}, "rows": [], "noise": None,
-                          "limits": chosen, "started_at": time.time()})
+                          "limits": chosen, "started_at": time.time(), "input_pins": integrity.input_pins()})
         return SetupResult(branch=branch, base_commit=ws.head()[:7], ledger=ledger.LEDGER_NAME,
                            fingerprint=fingerprint, archived_ledger=archived,
                            limits=limits.left({"limits": chosen}, []),
@@ -423,7 +423,8 @@ class ResearchLoop:
                         extras = integrity.worker_args(self.ws, self.root, entry["run"], entry["commit"],
                                                        entry["timeout"], harness,
                                                        self.ws.worktree_head(harness) if harness else "",
-                                                       self.pool.capacity, entry.get("data_order", 0))
+                                                       self.pool.capacity, entry.get("data_order", 0),
+                                                       state.get("input_pins"))
                     spec = RunSpec(run=entry["run"], commit=entry["commit"], command=self.run_command(),
                                    timeout=entry["timeout"], log=self.root / entry["log"],
                                    report=self.root / entry["report"], worker_args=extras,
