@@ -18,7 +18,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from mcp_server.state import State
 from server_support import (
-    REPO, answer, error, git, ledger_lines, make_cache, make_workspace, pid_alive, processes_running,
+    REPO, answer, error, git, ledger_lines, make_cache, make_workspace, pid_alive, processes_in, processes_running,
     set_knobs, slot_dir, stdio_client_for, stdio_params, wait_until,
 )
 
@@ -43,9 +43,10 @@ def training_started(ws) -> bool:
 
 
 def run_processes(ws, entry) -> list[int]:
-    """The run's worker, its training and the grandchild the fake trainer spawned."""
+    """The run's worker, its training and what works in its slot (the grandchild the fake trainer
+    spawned: the pid it wrote is its sandbox's, not the machine's)."""
     report = json.loads((ws / entry["report"]).read_text())
-    return [entry["worker_pid"], report["pid"], int((slot_dir(ws) / "spawned.pid").read_text())]
+    return [entry["worker_pid"], report["pid"], *processes_in(slot_dir(ws))]
 
 
 def test_server_never_imports_torch_or_matplotlib_at_start():
