@@ -75,12 +75,19 @@ def event_folder(event: dict) -> Path:
 
 # --- workspace facts ---------------------------------------------------------------------
 
+class GitStuck(RuntimeError):
+    """git did not answer within GIT_TIMEOUT_S: the hook cannot tell what the repository holds."""
+
+
 def git(root: Path, *args: str) -> str | None:
+    """git's output, or None where it fails (or is not installed); GitStuck where it does not answer."""
     try:
         done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
                               timeout=GIT_TIMEOUT_S)
-    except (OSError, subprocess.TimeoutExpired):
+    except OSError:
         return None
+    except subprocess.TimeoutExpired:
+        raise GitStuck(f"`git {' '.join(args)}` did not answer within {GIT_TIMEOUT_S}s in {root}") from None
     return done.stdout.strip() if done.returncode == 0 else None
 
 
@@ -159,6 +166,17 @@ def pre_edit(event: dict) -> int:
         path = edited_path(event)
     except Unreadable as exc:
         return refuse_unread_edit(str(exc))
+    try:
+        return guard(path)
+    except GitStuck as exc:  # whether this file is harness is unknown: the edit waits
+        print(f"research-loop: this edit is refused because {exc}, so the hook cannot tell whether {path} is part "
+              "of a research branch's evaluation harness. Retry the edit in a moment; if it repeats, look for a "
+              "stuck git process or a leftover .lock file in that repository's .git.", file=sys.stderr)
+        return 2
+
+
+def guard(path: Path) -> int:
+    """0 where the file may be edited, else 2 with the reason on stderr."""
     workspace = repo_root(nearest_existing_dir(path))
     if workspace is None or not is_autoresearch_layout(workspace):
         return 0  # not inside an autoresearch repository: nothing of ours to protect
@@ -184,8 +202,8 @@ def ledger_rows(root: Path) -> list[list[str]]:
     if recorded is not None:
         return [[str(c), f"{v:.6f}", f"{m:.1f}", str(s), str(d)] for c, v, m, s, d in recorded]
     try:
-        lines = (root / LEDGER).read_text(errors="replace").splitlines()
-    except OSError:
+        lines = limits.read_record(root / LEDGER).decode(errors="replace").splitlines()
+    except (OSError, ValueError):
         return []
     return [line.split("\t") for line in lines[1:] if line.count("\t") == 4]
 
@@ -235,8 +253,8 @@ def dashboard_address(root: Path) -> str | None:
     """The dashboard's address: the one a live server wrote, else the one RESEARCH_LOOP_DASHBOARD asks
     the MCP server that starts with this session to serve."""
     try:
-        served = json.loads((root / DASHBOARD_FILE).read_text())
-    except (OSError, ValueError):
+        served = json.loads(limits.read_record(root / DASHBOARD_FILE))
+    except (OSError, ValueError, RecursionError):
         served = None
     if isinstance(served, dict) and isinstance(served.get("pid"), int) and process_alive(served["pid"]):
         url, token = served.get("url"), served.get("token")
@@ -393,8 +411,8 @@ def records_mark(root: Path) -> str:
     digest = hashlib.sha256()
     for name in (STATE_FILE, LEDGER):
         try:
-            digest.update((root / name).read_bytes())
-        except OSError:
+            digest.update(limits.read_record(root / name))
+        except (OSError, ValueError):
             pass
         digest.update(b"\0")
     return "records " + digest.hexdigest()[:16]
@@ -431,8 +449,8 @@ def stop(event: dict) -> int:
         return allow(f"research-loop: the research run {branch} has ended ({over}).")
     record_path = root / STOP_HOOK_STATE
     try:
-        record = json.loads(record_path.read_text())
-    except (OSError, ValueError):
+        record = json.loads(limits.read_record(record_path))
+    except (OSError, ValueError, RecursionError):
         record = {}
     if not isinstance(record, dict):
         record = {}

@@ -1,5 +1,6 @@
-"""What the dashboard shows, read from the workspace's own files: results.tsv, the run records and
-logs under runs/, and .research-loop/state.json.
+"""What the dashboard shows, read from the workspace's own files: the server's state (its rows: the
+ledger as the server recorded it, never results.tsv as anyone may have edited it), the run records
+and logs under runs/.
 
 Read-only by design: nothing here writes a file, takes a lock, or runs a git command that could
 write (`--no-optional-locks`), so a page can watch a workspace while its server works, and read it
@@ -7,6 +8,7 @@ after the server has gone. Two views: `ledger_view` (the rows, the best, the kep
 changes when a run is decided) and `live_view` (the runs in flight with their loss curves, the
 limits, and what the research run has spent; it changes every step).
 """
+import json
 import math
 import re
 import subprocess
@@ -37,11 +39,40 @@ def git(root: Path, *args: str) -> str | None:
 
 
 def read_state(root: Path) -> tuple[dict, str | None]:
-    """state.json without its lock (it is replaced by a rename, so a read never sees half of it)."""
+    """The state as the server last wrote it: its own copy (in the git directory, where neither a run
+    nor the edit hook writes) before state.json, which anyone can edit; read without the lock (each is
+    replaced by a rename, so a read never sees half of it). The problem: state.json's, if unreadable."""
+    store = State(root)
     try:
-        return State(root).load(), None
+        found, problem = store.load(), None
     except Refusal as exc:
-        return {}, str(exc)
+        found, problem = {}, str(exc)
+    try:
+        own = json.loads(limits.read_record(store.copy))
+    except (OSError, ValueError, RecursionError):
+        own = None
+    return (own if isinstance(own, dict) else found), problem
+
+
+def server_rows(root: Path, state: dict) -> list[ledger.Row]:
+    """The rows the server recorded; results.tsv's only for a state from before the server kept them."""
+    if limits.recorded_rows(state) is None:
+        return ledger.read_rows(root / ledger.LEDGER_NAME)[0]
+    try:
+        return ledger.rows_of(state)
+    except (TypeError, ValueError):  # a state that is no server's
+        return []
+
+
+def ledger_problem(root: Path, rows: list[ledger.Row]) -> str | None:
+    """A results.tsv that is not the server's rows (edited by hand) is said, never shown."""
+    try:
+        edited = limits.read_record(root / ledger.LEDGER_NAME) != ledger.render(rows)
+    except (OSError, ValueError):
+        edited = bool(rows)
+    return (f"{ledger.LEDGER_NAME} is not what the server wrote (edited or deleted outside it): shown here are the "
+            "server's own rows; its next tool call keeps the edited file in .research-loop/archive/ and writes "
+            f"{ledger.LEDGER_NAME} again.") if edited else None
 
 
 def ledger_lines(path: Path) -> list[tuple[int, ledger.Row | None, str]]:
@@ -69,7 +100,13 @@ def ledger_view(root: Path) -> dict:
     state, problem = read_state(root)
     records = records_by_commit(root)
     rows, best = [], None
-    for number, row, line in ledger_lines(root / ledger.LEDGER_NAME):
+    if limits.recorded_rows(state) is None:  # before the server kept rows, results.tsv is the record
+        lines = ledger_lines(root / ledger.LEDGER_NAME)
+    else:
+        recorded = server_rows(root, state)
+        lines = [(number, row, "") for number, row in enumerate(recorded, 2)]
+        problem = problem or ledger_problem(root, recorded)
+    for number, row, line in lines:
         if row is None:
             rows.append({"line": number, "status": "malformed", "text": line[:MALFORMED_CHARS]})
             continue
@@ -109,7 +146,7 @@ def live_view(root: Path, now: float | None = None) -> dict:
     sessions' tokens and cost)."""
     now = time.time() if now is None else now
     state, problem = read_state(root)
-    rows = [(r.status, r.val_bpb) for r in ledger.read_rows(root / ledger.LEDGER_NAME)[0]]
+    rows = [(r.status, r.val_bpb) for r in server_rows(root, state)]
     entries = [e for e in (state.get("runs") or {}).values() if isinstance(e, dict)]
     return {"runs": [run_view(root, e, now) for e in sorted(entries, key=lambda e: e.get("run") or 0)],
             "limits": limits.left(state, rows, now), "ended": limits.ended(state, rows, now), "problem": problem,
@@ -154,7 +191,7 @@ def kept_change(root: Path, commit: str) -> dict:
     before it). Raises LookupError for anything but a kept row of the ledger."""
     if not isinstance(commit, str) or not ledger.COMMIT_RE.match(commit):
         raise LookupError(f"{commit!r} is not a 7-character commit from results.tsv")
-    rows = ledger.read_rows(root / ledger.LEDGER_NAME)[0]
+    rows = server_rows(root, read_state(root)[0])
     if not any(r.commit == commit and r.status == "keep" for r in rows):
         raise LookupError(f"{commit} is not a kept run in results.tsv")
     record = records_by_commit(root).get(commit)
@@ -165,7 +202,7 @@ def kept_change(root: Path, commit: str) -> dict:
         parent = (git(root, "rev-parse", "--verify", "-q", f"{full}^") or "").strip() if full else ""
     if not all(isinstance(c, str) and FULL_COMMIT.fullmatch(c) for c in (full, parent)):
         raise LookupError(f"{commit} or its parent is not in this repository")
-    diff = git(root, "diff", "--no-color", "--no-ext-diff", parent, full, "--", "train.py")
+    diff = git(root, "diff", "--no-color", "--no-ext-diff", "--no-textconv", parent, full, "--", "train.py")
     if diff is None:
         raise LookupError(f"git could not diff {commit} against its parent {parent[:7]}")
     return {"commit": commit, "parent": parent[:7], "diff": diff[:MAX_DIFF_CHARS],
@@ -176,7 +213,7 @@ def run_tail(root: Path, commit: str) -> dict:
     """The end of a logged run's log, as the agent was shown it (its record's tail, else its log's)."""
     if not isinstance(commit, str) or not ledger.COMMIT_RE.match(commit):
         raise LookupError(f"{commit!r} is not a 7-character commit from results.tsv")
-    if not any(r.commit == commit for r in ledger.read_rows(root / ledger.LEDGER_NAME)[0]):
+    if not any(r.commit == commit for r in server_rows(root, read_state(root)[0])):
         raise LookupError(f"{commit} is not in results.tsv")
     record = records_by_commit(root).get(commit)
     runs = root / RUNS_DIR

@@ -86,7 +86,8 @@ def dispatch(core: LoopCore) -> None:
                     extras = integrity.worker_args(core.ws, core.root, entry["run"], entry["commit"],
                                                    entry["timeout"], harness,
                                                    core.ws.worktree_head(harness) if harness else "",
-                                                   core.pool.capacity, entry.get("data_order", 0))
+                                                   core.pool.capacity, entry.get("data_order", 0),
+                                                   state.get("input_pins"))
                 spec = RunSpec(run=entry["run"], commit=entry["commit"], command=run_command(core),
                                timeout=entry["timeout"], log=core.root / entry["log"],
                                report=core.root / entry["report"], worker_args=extras,

@@ -11,6 +11,9 @@
   (taken before the training starts): nothing the run writes sets what it is scored with.
 - The checks: the prepared cache is what it was at setup, git's index hides no change, and the
   time a run reports agrees with what its worker measured and with the budget.
+- The pins: the content of what the harness scores with (tokenizer, token bytes, validation
+  shard) is hashed at setup; every run is checked against those hashes, never against a hash
+  taken when it starts, so a file swapped at any time after setup makes the run no result.
 """
 import hashlib
 import json
@@ -19,7 +22,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from mcp_server.worker import evaluation_inputs
+from mcp_server.models import Refusal
+from mcp_server.worker import evaluation_inputs, sha256_of
 from mcp_server.workspace import EDITABLE, cache_dir, prepared_info
 
 HARNESS_DIR = "research-loop/harness"  # inside .git: the pristine harness the evaluation runs from
@@ -28,6 +32,8 @@ EXPORT_NAME = "model.pt2"
 EVALUATOR = "nanochat/evaluate_export.py"
 EXPORTER = "nanochat/export.py"
 COMPILE_CACHE = "compile"  # inside the prepared cache: compiled graphs and the measured peak FLOP/s, so writable
+# What the harness scores with, in the prepared cache (nanochat/cache.py): pinned by content at setup
+PINNED_FILES = {"tokenizer": "tokenizer/tokenizer.pkl", "token_bytes": "tokenizer/token_bytes.pt"}
 EVAL_TIMEOUT_FACTOR = 0.5  # of the run's timeout, at least EVAL_TIMEOUT_MIN_S
 EVAL_TIMEOUT_MIN_S = 300.0
 # A run trains until its time passes the budget, so it may overshoot by one step (plus this share).
@@ -71,7 +77,45 @@ def site_packages() -> list[str]:
     return sorted({paths["purelib"], paths["platlib"]})
 
 
-def evaluation_spec(harness: Path, harness_commit: str, timeout: float) -> dict:
+def input_pins() -> dict:
+    """At setup: the SHA-256 of each file the harness scores with, and the validation shard's name
+    and SHA-256 (prepare's pin where it recorded one, hashed now otherwise)."""
+    cache = cache_dir()
+    pins = {name: sha256_of(cache / rel) for name, rel in PINNED_FILES.items() if (cache / rel).is_file()}
+    shard = val_shard()
+    if shard is not None:
+        recorded = (prepared_info() or {}).get("val_shard") or {}
+        same = recorded.get("name") == shard.name and recorded.get("sha256")
+        pins["val"] = {"name": shard.name, "sha256": recorded["sha256"] if same else sha256_of(shard)}
+    return pins
+
+
+def check_pins(pins: dict | None) -> None:
+    """At each run's start: the tokenizer and its byte table are still what setup pinned (the worker
+    checks its copies of the tokenizer and the validation shard by content again)."""
+    for name, rel in PINNED_FILES.items():
+        path = cache_dir() / rel
+        if name in (pins or {}) and (not path.is_file() or sha256_of(path) != pins[name]):
+            raise Refusal(f"{path} is not the file this research run was set up with (its content changed since "
+                          "setup): every run must be scored with the same harness inputs. Restore it, or re-run "
+                          "`uv run prepare.py` and call setup(tag) for a new research run.")
+
+
+def pinned_inputs(pins: dict | None) -> dict:
+    """The evaluation's inputs with the hashes setup pinned; without pins (a state from before
+    them), hashed now."""
+    inputs = evaluation_inputs(cache_dir(), val_shard(), prepared_info())
+    if not pins:
+        return inputs
+    if "tokenizer" in inputs and "tokenizer" in pins:
+        inputs["tokenizer"]["sha256"] = pins["tokenizer"]
+    if "val" in inputs and "val" in pins:  # the shard now the last (or recorded) one: the one setup pinned
+        inputs["val"]["sha256"] = pins["val"]["sha256"] if Path(inputs["val"]["path"]).name == pins["val"]["name"] \
+            else f"{pins['val']['name']} (pinned at setup)"
+    return inputs
+
+
+def evaluation_spec(harness: Path, harness_commit: str, timeout: float, pins: dict | None = None) -> dict:
     """The worker's --evaluate: this interpreter, isolated (-I: no PYTHON* variables, no user site,
     no script folder on the path), without site (-S: no .pth file or sitecustomize runs), writing no
     bytecode (-B: the harness copy stays exactly its commit, which the worker checks after the
@@ -90,7 +134,7 @@ def evaluation_spec(harness: Path, harness_commit: str, timeout: float) -> dict:
             "--eval-tokens", str(eval_tokens()), "--site-packages", *site_packages()]
     return {"argv": argv, "env": env, "harness": str(harness), "harness_commit": harness_commit,
             "timeout": evaluation_timeout(timeout),
-            "inputs": evaluation_inputs(cache_dir(), val_shard(), prepared_info())}
+            "inputs": pinned_inputs(pins)}
 
 
 def evaluation_allowance(entry: dict) -> float:
@@ -135,9 +179,11 @@ def val_shard() -> Path | None:
 
 
 def worker_args(ws, root: Path, run: int, commit: str, timeout: float, harness: Path | None,
-                harness_commit: str, slots: int, data_order: int = 0) -> list[str]:
+                harness_commit: str, slots: int, data_order: int = 0, pins: dict | None = None) -> list[str]:
     """The worker's options for one run: the sandbox, the data order of a rerun, and where the
-    harness verifies, the export, the watched validation shard and the separate evaluation."""
+    harness verifies, the export, the watched validation shard and the separate evaluation.
+    pins: setup's input_pins (a Refusal where the cache no longer holds them)."""
+    check_pins(pins)
     export_dir = root / EXPORTS_DIR / str(run)
     export_dir.mkdir(parents=True, exist_ok=True)
     sandbox = sandbox_spec(root, export_dir, harness_files(ws, commit))
@@ -145,7 +191,7 @@ def worker_args(ws, root: Path, run: int, commit: str, timeout: float, harness: 
     if harness is None:
         return args
     program = export_dir / EXPORT_NAME
-    args += ["--export", str(program), "--evaluate", json.dumps(evaluation_spec(harness, harness_commit, timeout))]
+    args += ["--export", str(program), "--evaluate", json.dumps(evaluation_spec(harness, harness_commit, timeout, pins))]
     shard = val_shard()
     if shard is not None:
         args += ["--val-shard", str(shard)] + (["--val-shared"] if slots > 1 else [])

@@ -11,6 +11,8 @@ state as `slot_hours` from the runs' records: mcp_server/cost.py). A run is also
 from __future__ import annotations
 
 import json
+import os
+import stat
 import time
 from pathlib import Path
 
@@ -18,14 +20,30 @@ DEFAULT_MAX_FAILURES_IN_ROW = 10
 # The server's state, its own copy first (in the git directory, where neither a run nor the edit hook
 # reaches; mcp_server/state.py writes both): its rows decide, results.tsv only shows them
 STATE_FILES = (".git/research-loop/records/state.json", ".research-loop/state.json")
+# The most of a record (state.json, results.tsv, a hook's own) that is read: 50,000 ledger rows, far
+# more than years of nights. A larger one was planted to exhaust the reader's memory or time.
+MAX_RECORD_BYTES = 16 << 20
+
+
+def read_record(path: Path) -> bytes:
+    """A record's bytes: OSError where it is missing or no plain file (a FIFO would block the open),
+    ValueError where it is over MAX_RECORD_BYTES."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a plain file")
+        data = f.read(MAX_RECORD_BYTES + 1)
+    if len(data) > MAX_RECORD_BYTES:
+        raise ValueError(f"{path} is over {MAX_RECORD_BYTES >> 20} MiB: no record of the server's is that large")
+    return data
 
 
 def recorded_state(workspace: Path) -> dict:
     """The state as the server last wrote it, or {} where there is none to read."""
     for name in STATE_FILES:
         try:
-            state = json.loads((Path(workspace) / name).read_text())
-        except (OSError, ValueError):
+            state = json.loads(read_record(Path(workspace) / name))
+        except (OSError, ValueError, RecursionError):  # RecursionError: nested too deep to parse
             continue
         if isinstance(state, dict):
             return state

@@ -100,8 +100,12 @@ def bwrap_argv(bwrap: str, command: list[str], spec: dict, cwd: str, private: di
     """bubblewrap over a read-only view of the whole machine (a run that could write the user's home,
     /etc or a tool's folder could plant code the server or the user runs later, outside the sandbox),
     with a private /tmp and home, then the spec's binds in order: its read-only paths shown again
-    over the private /tmp, the run's own folders writable, the harness files inside them read-only."""
-    argv = [bwrap, "--ro-bind", "/", "/", "--dev-bind", "/dev", "/dev", "--proc", "/proc",
+    over the private /tmp, the run's own folders writable, the harness files inside them read-only.
+    Its own process and network namespaces: a run sees no process but its own (no signal to its
+    worker or evaluator, no /proc/PID/environ of the server) and has no network but its own loopback
+    (no call to the server's HTTP transport or dashboard on 127.0.0.1); training and its harness
+    read only prepared files."""
+    argv = [bwrap, "--unshare-pid", "--unshare-net", "--ro-bind", "/", "/", "--dev-bind", "/dev", "/dev", "--proc", "/proc",
             "--tmpfs", "/tmp", "--dir", SANDBOX_HOME, "--setenv", "HOME", SANDBOX_HOME]
     for path in interpreter_folders(command[0]):  # the command's own environment, wherever it lives
         argv += ["--ro-bind", path, path]

@@ -21,7 +21,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.stdio import stdio_server
 from mcp.shared.message import SessionMessage
 from mcp.types import (
-    INVALID_PARAMS, PARSE_ERROR, CallToolResult, ErrorData, ImageContent, JSONRPCError, TextContent, ToolAnnotations,
+    INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR, CallToolResult, ErrorData, ImageContent, JSONRPCError, TextContent, ToolAnnotations,
 )
 
 from mcp_server import morning, plot
@@ -127,7 +127,8 @@ class AnswersUnreadable:
     parser refuses a lone surrogate escape ("\\udcff": valid JSON, not valid Unicode) and drops the
     line, so its call would never be answered and the client would wait until it gives up; here
     a request with an id gets a JSON-RPC error that says what to send instead, and a line that is
-    not JSON a parse error."""
+    not JSON a parse error. So does a JSON message that is no JSON-RPC message (no method, a wrong
+    version, not an object), which the SDK drops the same way."""
 
     def __init__(self, inner, write_stream):
         self.inner, self.write_stream = inner, write_stream
@@ -147,6 +148,8 @@ class AnswersUnreadable:
         at all (id null, as JSON-RPC says). True if answered."""
         errors = exc.errors() if isinstance(exc, pydantic.ValidationError) else []
         line = next((e["input"] for e in errors if e["type"] == "json_invalid" and isinstance(e["input"], str)), None)
+        if line is None and errors:
+            return await self.invalid_request(errors)
         if line is None or not line.strip():
             return False
         try:  # Python's parser reads lone surrogates, which the SDK's refuses
@@ -162,6 +165,22 @@ class AnswersUnreadable:
                "text: send the arguments as plain UTF-8 text, without that character, and retry."
                if SURROGATE.search(text) else f"the request could not be read ({errors[0]['msg']}): send valid JSON.")
         return await self.reply(request_id, INVALID_PARAMS, f"Invalid request: {why}")
+
+    async def invalid_request(self, errors: list) -> bool:
+        """Answers JSON that no JSON-RPC message type accepts: a request with an id, or what is no
+        object at all (id null, as JSON-RPC says); a notification or a response is not answered."""
+        # a missing field's error holds the whole message; a value that is no object fails each type alone
+        message = next((e["input"] for e in errors if e["type"] == "missing" and len(e["loc"]) == 2), None)
+        if isinstance(message, dict) and ("id" not in message or "result" in message or "error" in message):
+            return False
+        request_id = message.get("id") if isinstance(message, dict) else None
+        if isinstance(request_id, bool) or not isinstance(request_id, (int, str)):
+            request_id = None
+        wrong = "; ".join(f"{'.'.join(map(str, e['loc'][1:])) or 'the message'}: {e['msg']}"
+                          for e in errors if e["loc"][:1] == ("JSONRPCRequest",))
+        return await self.reply(request_id, INVALID_REQUEST, f"Invalid request ({wrong}): send a JSON-RPC 2.0 "
+                                "request, an object with \"jsonrpc\": \"2.0\", an \"id\" and a \"method\" (and "
+                                "\"params\"), one per line.")
 
     async def reply(self, request_id: int | str | None, code: int, message: str) -> bool:
         error = ErrorData(code=code, message=message)

@@ -78,7 +78,8 @@ def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments:
         state.clear()
         state.update({"tag": tag, "branch": branch, "kept_commit": ws.head(), "fingerprint": fingerprint,
                       "cache_fingerprint": integrity.cache_fingerprint(), "seq": seq, "runs": {}, "rows": [], "noise": None,
-                      "limits": chosen, "started_at": time.time(), "early_stop": early_stop_runs})
+                      "limits": chosen, "started_at": time.time(), "early_stop": early_stop_runs,
+                      "input_pins": integrity.input_pins()})
     return SetupResult(branch=branch, base_commit=ws.head()[:7], ledger=ledger.LEDGER_NAME,
                        fingerprint=fingerprint, archived_ledger=archived,
                        limits=limits.left({"limits": chosen}, []), early_stop=early_stop.describe(state),

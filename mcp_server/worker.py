@@ -71,6 +71,10 @@ DATA_ORDER_ENV = "AUTORESEARCH_DATA_ORDER"  # which stretch of the data a rerun 
 # (the pool sets CUDA_VISIBLE_DEVICES per slot) and where libcuda is found
 DEVICE_ENV = ("CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH")
 UVM_DEVICE = "/dev/nvidia-uvm"  # CUDA's unified memory node, made by nvidia-modprobe at the first CUDA use
+# The largest exported program the harness copies: 16 GiB of fp32 weights is 4e9 parameters, 80 times
+# the h100 profile's model and more than one GPU can train in a run (weights, gradients and Adam's
+# moments alone take 64 GB); anything larger is padding (a sparse file would fill this disk).
+MAX_EXPORT_BYTES = 16 * 2**30
 IN_OPEN = 0x20
 INOTIFY_EVENT = struct.Struct("iIII")  # wd, mask, cookie, name length
 
@@ -307,7 +311,14 @@ def copy_regular_file(path: Path, into) -> None:
             raise OSError(f"{path} is not a plain file")
         into.seek(0)
         into.truncate()
-        shutil.copyfileobj(f, into)
+        while True:  # bounded while it copies too: a file that grows on is cut off at the cap
+            chunk = f.read(READ_CHUNK)
+            if into.tell() + len(chunk) > MAX_EXPORT_BYTES or os.fstat(fd).st_size > MAX_EXPORT_BYTES:
+                raise OSError(f"{path} is over {MAX_EXPORT_BYTES >> 30} GiB, more than a real export of the "
+                              "model can be: that is padding, not a model")
+            if not chunk:
+                break
+            into.write(chunk)
         into.flush()
         into.seek(0)
 

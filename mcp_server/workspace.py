@@ -1,7 +1,9 @@
 """Git for the research loop, through GitPython: branch, commit, reset, fingerprint, rules.
 
 Every git argument built from user text is validated first (a tag or a commit never
-starts with '-') and git is called without a shell.
+starts with '-') and git is called without a shell. The server's git runs none of the agent's code
+(no hook, no fsmonitor: HarnessGit) and each call is bounded in time: a hook planted in .git/hooks
+can neither hang a dispatch under the state lock nor act on the server's checkouts.
 """
 import ast
 import hashlib
@@ -31,6 +33,12 @@ SLOTS_DIR = "research-loop/slots"  # inside .git: one reused worktree per slot
 PROFILES_FILE = "nanochat/profiles.py"
 UPSTREAM_TIME_BUDGET = 300.0
 # Used only when the repository has no identity configured, so a fresh clone still works.
+# For every git call of the server: hooks and the fsmonitor are programs the agent can plant in the
+# repository (.git/hooks, .git/config); the server's checkouts, commits and ref moves run neither.
+NO_AGENT_CODE = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false")
+# A checkout of this small repository takes well under a second; a git call still running after
+# this long is stuck (a lock, a full disk, a filter program): it is killed and reported.
+GIT_TIMEOUT_S = 60.0
 FALLBACK_IDENTITY = {
     "GIT_AUTHOR_NAME": "research-loop", "GIT_AUTHOR_EMAIL": "research-loop@localhost",
     "GIT_COMMITTER_NAME": "research-loop", "GIT_COMMITTER_EMAIL": "research-loop@localhost",
@@ -128,11 +136,40 @@ def validate_commit_arg(commit: str) -> str:
     return commit.lower()
 
 
+class GitTimeout(Refusal):
+    """A git call of the server that did not finish within GIT_TIMEOUT_S (and was killed)."""
+
+
+class HarnessGit(git.Git):
+    """git as the server runs it: without the repository's hooks or fsmonitor, killed (with its
+    children) after GIT_TIMEOUT_S, which then raises GitTimeout."""
+
+    def __init__(self, working_dir=None):
+        super().__init__(working_dir)
+        self._persistent_git_options = list(NO_AGENT_CODE)
+
+    def execute(self, command, *args, **kwargs):
+        kwargs.setdefault("kill_after_timeout", GIT_TIMEOUT_S)
+        try:
+            return super().execute(command, *args, **kwargs)
+        except git.GitCommandError as exc:
+            if "Timeout: the command" in str(exc.stderr):  # GitPython's words for a call it killed
+                shown = " ".join(str(arg) for arg in command[1:] if arg not in NO_AGENT_CODE)[:200]
+                raise GitTimeout(f"git {shown} did not finish "
+                                 f"within {GIT_TIMEOUT_S:.0f}s in {self._working_dir} and was stopped: look for a stuck "
+                                 "git process or a leftover .lock file in .git, then retry.") from None
+            raise
+
+
+class HarnessRepo(git.Repo):
+    GitCommandWrapperType = HarnessGit
+
+
 class Workspace:
     def __init__(self, root: Path):
         self.root = Path(root).resolve()
         try:
-            self.repo = git.Repo(self.root)
+            self.repo = HarnessRepo(self.root)
         except (git.InvalidGitRepositoryError, git.NoSuchPathError):
             raise Refusal(f"{self.root} is not a git repository: clone autoresearch (or this project) "
                           "there, or start the server with --workspace pointing at one.") from None
@@ -304,7 +341,7 @@ class Workspace:
                 if attempt or not (path / ".git").is_file():
                     self._rebuild_worktree(path, commit)
                 else:
-                    tree = git.Git(str(path))
+                    tree = HarnessGit(str(path))
                     tree.update_index("--really-refresh", "--no-assume-unchanged", "--no-skip-worktree", "-q",
                                       with_exceptions=False)
                     tree.checkout("--detach", "--force", "-q", commit)
@@ -322,14 +359,14 @@ class Workspace:
         if not (path / ".git").is_file():
             return None
         try:
-            return git.Git(str(path)).rev_parse("HEAD")
+            return HarnessGit(str(path)).rev_parse("HEAD")
         except git.GitCommandError:
             return None
 
     @staticmethod
     def worktree_clean(path: Path) -> bool:
         """Nothing changed, untracked, ignored or hidden from git's diff (index flags)."""
-        tree = git.Git(str(path))
+        tree = HarnessGit(str(path))
         try:
             changed = tree.status("--porcelain", "--ignored", "--untracked-files=all")
             flags = tree.ls_files("-v")

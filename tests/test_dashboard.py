@@ -51,17 +51,42 @@ def night(tmp_path_factory) -> Night:
     return Night(tmp_path_factory.mktemp("night"))
 
 
-def test_the_ledger_view_has_every_row_its_delta_run_and_change_and_the_malformed_line(night):
+def test_the_ledger_view_has_every_row_its_delta_run_and_change_and_says_the_hand_edit(night):
     runs = night.runs
     view = dashboard.ledger_view(night.ws)
     rows = view["rows"]
-    assert [r["status"] for r in rows] == ["keep", "keep", "discard", "crash", "malformed"]
-    assert [r.get("commit") for r in rows[:4]] == [runs[n]["commit"] for n in ("baseline", "better", "worse", "crashy")]
-    assert [r.get("delta") for r in rows[:4]] == [None, -0.1, 0.05, None]  # against the best kept before it
-    assert [r["run"] for r in rows[:4]] == [1, 2, 3, 4]
+    assert [r["status"] for r in rows] == ["keep", "keep", "discard", "crash"]  # the server's rows only
+    assert [r.get("commit") for r in rows] == [runs[n]["commit"] for n in ("baseline", "better", "worse", "crashy")]
+    assert [r.get("delta") for r in rows] == [None, -0.1, 0.05, None]  # against the best kept before it
+    assert [r["run"] for r in rows] == [1, 2, 3, 4]
     assert rows[1]["changes"] == "VAL_BPB 1.0->0.9"
-    assert rows[4] == {"line": 6, "status": "malformed", "text": MALFORMED}
+    assert "results.tsv is not what the server wrote" in view["problem"]  # the appended line
     assert view["branch"] == "autoresearch/t" and view["set_up"] and view["first_step"] is None
+
+
+def test_a_hand_edited_ledger_shows_nothing_false(lab):
+    """The agent rewrites results.tsv: the best's value lowered, a planted keep row under the target,
+    then the file deleted. The dashboard shows the server's rows and says the file was edited; the
+    planted row has no change or tail to show, and meets no limit."""
+    lab.ok("setup", tag="t", target_val_bpb=0.8)
+    baseline = lab.ok("run_experiment", description="baseline")
+    lab.ok("keep")
+    ledger_file = lab.ws / "results.tsv"
+    honest = dashboard.ledger_view(lab.ws)
+    assert honest["problem"] is None and [r["val_bpb"] for r in honest["rows"]] == [1.0]
+    ledger_file.write_text(ledger_file.read_text().replace("1.000000", "0.700000")
+                           + "fff0000\t0.500000\t1.0\tkeep\tplanted\n")
+    for edited in (True, False):
+        view, live = dashboard.ledger_view(lab.ws), dashboard.live_view(lab.ws)
+        assert [(r["commit"], r["val_bpb"]) for r in view["rows"]] == [(baseline["commit"], 1.0)], view
+        assert "results.tsv is not what the server wrote" in view["problem"]
+        assert live["ended"] is None, live  # the planted 0.5 would meet the 0.8 target
+        for lookup in (dashboard.kept_change, dashboard.run_tail):
+            with pytest.raises(LookupError):
+                lookup(lab.ws, "fff0000")
+        if edited:
+            ledger_file.unlink()
+    assert dashboard.kept_change(lab.ws, baseline["commit"])["diff"] == ""
 
 
 def test_a_workspace_with_no_research_run_says_what_to_do_first(lab, tmp_path):
@@ -317,7 +342,7 @@ def test_research_loop_dashboard_serves_a_workspace_with_no_server_running(night
         assert "read-only" in line and "no token set" in command.stderr.readline()
         port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
         view = json.loads(get(DashboardServerAt(port), "/api/snapshot").body)
-        assert len(view["ledger"]["rows"]) == 5 and view["live"]["limits"].startswith("2 of 5 experiments left")
+        assert len(view["ledger"]["rows"]) == 4 and view["live"]["limits"].startswith("2 of 5 experiments left")
     finally:
         command.terminate()
         command.wait(timeout=10)

@@ -373,3 +373,40 @@ def test_a_huge_transcript_is_read_from_its_end_only(repo, tmp_path):
             f.write('{"type":"user","message":"tool result"}\n' + TOOL_CALL)
         assert decisions(repo, str(transcript), 1, preexec_fn=capped) == ["block"]
     assert os.stat(transcript).st_blocks * 512 < 1 << 20  # still sparse: the test used no disk
+
+
+# --- what the agent can plant for the hooks ---------------------------------------------------------
+def test_an_edit_is_refused_when_git_does_not_answer(repo, tmp_path):
+    """The guard asks git whether the file is in a research branch's harness: a git that hangs (a
+    lock, a loaded disk) must not let the edit through unchecked."""
+    slow = tmp_path / "slow-bin"
+    slow.mkdir()
+    (slow / "git").write_text(f"#!/bin/sh\nsleep 8\nexec {shutil.which('git')} \"$@\"\n")
+    (slow / "git").chmod(0o755)
+    done = run_hook("PreToolUse", {"tool_name": "Edit", "tool_input": {"file_path": "prepare.py"}}, repo,
+                    matcher=EDIT_MATCHER, PATH=f"{slow}{os.pathsep}{os.environ['PATH']}")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "did not answer within 5s" in done.stderr and "Retry the edit" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("planted", ["2 GiB", "nested too deep"])
+def test_a_planted_state_file_neither_exhausts_the_hooks_nor_stands(repo, prepared_cache, planted):
+    """A state.json the agent planted where the hooks read the server's records first: 2 GiB (sparse,
+    for a hook capped at 1 GiB of address space) or 200,000 nested lists. The hooks read a bounded
+    amount, skip it, and answer from the server's other copy."""
+    active_run(repo)
+    copy = repo / ".git" / "research-loop" / "records" / "state.json"
+    copy.parent.mkdir(parents=True)
+    with open(copy, "wb") as f:
+        if planted == "2 GiB":
+            f.write(b'{"branch": "autoresearch/t1", "rows": [], "pad": "')
+            f.truncate(2 << 30)
+        else:
+            f.write(b"[" * 200_000)
+    capped = lambda: resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))  # noqa: E731
+    done = run_raw("SessionStart", json.dumps({"cwd": str(repo), "hook_event_name": "SessionStart"}), repo,
+                   preexec_fn=capped, AUTORESEARCH_CACHE=str(prepared_cache))
+    assert done.returncode == 0 and "failed" not in done.stderr, done.stderr
+    context = json.loads(done.stdout)["hookSpecificOutput"]["additionalContext"]
+    assert "branch: autoresearch/t1" in context and "best val_bpb: 0.990000" in context, context
+    assert stop(repo, None, preexec_fn=capped)["decision"] == "block"

@@ -95,3 +95,46 @@ def test_untracked_files_in_the_workspace_never_reach_a_run(sandboxed_lab):
     assert "sitecustomize.py" not in tracked and "nanochat/evaluation.py" not in tracked
     assert (ws / "sitecustomize.py").exists()  # the user's files are left alone
 
+
+
+HOOKS = ("post-checkout", "post-commit", "post-index-change", "reference-transaction", "pre-auto-gc")
+
+
+def test_hooks_the_agent_plants_in_the_repository_never_run_in_the_servers_git(lab):
+    """Sleeping hooks (and an fsmonitor) would hang every dispatch under the state lock, and act on the
+    server's checkouts: the server's git runs none of them, from setup to keep."""
+    ws, ran = lab.ws, lab.ws.parent / "hook-ran"
+    hook = f"#!/bin/sh\necho \"$0\" >> {ran}\nsleep 20\n"
+    for name in HOOKS:
+        (ws / ".git" / "hooks" / name).write_text(hook)
+        (ws / ".git" / "hooks" / name).chmod(0o755)
+    (ws / ".git" / "fsmonitor").write_text(hook)
+    (ws / ".git" / "fsmonitor").chmod(0o755)
+    git(ws, "config", "core.fsmonitor", str(ws / ".git" / "fsmonitor"))
+    lab.baseline()
+    assert lab.loop.state.load()["input_pins"] == {}  # pinned at setup (this fake cache holds no tokenizer)
+    set_knobs(lab.ws, VAL_BPB=0.9)
+    assert lab.ok("run_experiment", description="after the hooks")["status"] == "ok"
+    lab.ok("keep")
+    set_knobs(lab.ws, VAL_BPB=0.95)
+    lab.ok("run_experiment", description="worse")
+    lab.ok("discard")
+    assert not ran.exists(), f"the agent's hooks ran: {ran.read_text()}"
+
+
+def test_a_git_call_that_hangs_is_stopped_with_a_clear_error(lab, monkeypatch):
+    """A checkout stuck in a filter program (planted in .git/config) ends in an answer within the
+    server's git limit, never a hang of the dispatch."""
+    from mcp_server import workspace
+    lab.baseline()
+    monkeypatch.setattr(workspace, "GIT_TIMEOUT_S", 3.0)
+    (lab.ws / ".git" / "info" / "attributes").write_text("train.py filter=stall\n")
+    git(lab.ws, "config", "filter.stall.smudge", "sleep 60")
+    set_knobs(lab.ws, VAL_BPB=0.9)
+    run = lab.ok("run_experiment", description="a stuck checkout")
+    assert run["status"] == "crash" and "did not finish within 3s" in run["tail"], run
+    assert "leftover .lock file" in run["tail"]
+    assert "did not finish within 3s" in lab.refused("discard")  # restoring train.py checks it out too
+    git(lab.ws, "config", "--unset", "filter.stall.smudge")
+    assert lab.ok("discard")["row"]["status"] == "crash"
+    assert [line.split("\t")[3] for line in ledger_lines(lab.ws)] == ["status", "keep", "crash"]

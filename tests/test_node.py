@@ -78,23 +78,28 @@ if sys.stdin.readline().strip() == "go":
     os.write(fd, json.dumps({"val_bpb": 1.234, "causal": True}).encode())
 """
 
-# A train.py that finds the evaluator's harness copy through /proc and appends to it, then
-# exports, waits for the harness's answer and prints a better number of its own. It touches only
-# copies under SCOPE (the test's folder): an evaluator of another run on this machine is not its to break.
+# A train.py that finds the evaluator's harness copy (through /proc, where the sandbox shows it no
+# process of the machine, and in the node's scratch folder) and appends to it, then exports, waits
+# for the harness's answer and prints a better number of its own. It touches only copies under SCOPE
+# (the test's folder): an evaluator of another run on this machine is not its to break.
 TAMPERING_TRAIN = """import json, os, time
+found = set()
 for pid in filter(str.isdigit, os.listdir("/proc")):
     try:
         args = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\\0")
     except OSError:
         continue
-    for arg in args:
-        if arg.endswith(b"nanochat/evaluate_export.py") and arg.startswith(b"SCOPE/"):
-            try:
-                with open(arg.decode().replace("nanochat/evaluate_export.py", "prepare.py"), "a") as f:
-                    f.write("# planted\\n")
-                print("tampered")
-            except OSError as exc:
-                print("could not tamper:", exc)
+    found.update(arg.decode() for arg in args if arg.endswith(b"nanochat/evaluate_export.py") and arg.startswith(b"SCOPE/"))
+print("evaluator seen" if found else "no evaluator in sight")
+found.update(os.path.join(top, "evaluate_export.py") for top, _, files in os.walk("SCOPE/tmp") if
+             top.endswith("nanochat") and "evaluate_export.py" in files)
+for evaluator in sorted(found):
+    try:
+        with open(evaluator.replace("nanochat/evaluate_export.py", "prepare.py"), "a") as f:
+            f.write("# planted\\n")
+        print("tampered")
+    except OSError as exc:
+        print("could not tamper:", exc)
 export, answer = os.environ["RESEARCH_LOOP_EXPORT"], os.environ["RESEARCH_LOOP_ANSWER"]
 open(export, "w").write("model")
 open(export + ".json", "w").write("{}")
@@ -133,7 +138,8 @@ def test_a_node_has_the_harness_evaluate_from_a_copy_the_run_cannot_change_unsee
 
 def test_in_a_nodes_sandbox_the_harness_copy_is_read_only(tmp_path, bubblewrap):
     result, out = verified_job(tmp_path, "/usr/bin:/bin")
-    assert result["sandbox"] is True and "could not tamper" in out
+    assert result["sandbox"] is True and "could not tamper" in out and "tampered" not in out, out
+    assert "no evaluator in sight" in out  # its own process namespace
     assert result["evaluation"]["val_bpb"] == 1.234 and "error" not in result["evaluation"]
 
 

@@ -246,3 +246,29 @@ def test_a_runs_private_validation_copy_is_out_of_other_runs_reach(bubblewrap, t
         assert copy.read_bytes() == b"validation" and seen == "False"
     finally:
         shutil.rmtree(copy.parent, ignore_errors=True)
+
+
+def test_a_sandboxed_run_reaches_no_process_and_no_network_of_the_machine(tmp_path, bubblewrap):
+    """train.py could signal its worker or the evaluator, read the server's environment (its HTTP
+    token) in /proc, or call the server's HTTP transport or dashboard on 127.0.0.1: in the sandbox
+    it sees neither the machine's processes nor its network."""
+    import http.server
+    import threading
+    listening = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=listening.serve_forever, daemon=True).start()
+    code = (f"import os, socket\n"
+            f"try:\n    socket.create_connection(('127.0.0.1', {listening.server_port}), timeout=3); print('net: reached')\n"
+            f"except OSError as exc:\n    print('net: unreachable', exc)\n"
+            f"print('pid:', 'seen' if os.path.exists('/proc/{os.getpid()}/environ') else 'unseen')\n"
+            f"try:\n    os.kill({os.getpid()}, 0); print('signal: delivered')\n"
+            f"except ProcessLookupError:\n    print('signal: no such process')\n")
+    log, report = tmp_path / "run.log", tmp_path / "report.json"
+    try:
+        subprocess.run([sys.executable, str(WORKER), "--log", str(log), "--report", str(report), "--timeout", "30",
+                        "--sandbox", json.dumps({"readonly": [str(tmp_path), sys.prefix], "writable": []}),
+                        "--", sys.executable, "-c", code], cwd=tmp_path, timeout=60, check=True)
+    finally:
+        listening.shutdown()
+    assert json.loads(report.read_text())["sandbox"] is True
+    text = log.read_text()
+    assert "net: unreachable" in text and "pid: unseen" in text and "signal: no such process" in text, text

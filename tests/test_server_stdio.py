@@ -18,7 +18,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from mcp_server.state import State
 from server_support import (
-    REPO, answer, error, git, ledger_lines, make_cache, make_workspace, pid_alive, processes_running,
+    REPO, answer, error, git, ledger_lines, make_cache, make_workspace, pid_alive, processes_in, processes_running,
     set_knobs, slot_dir, stdio_client_for, stdio_params, wait_until,
 )
 
@@ -43,9 +43,10 @@ def training_started(ws) -> bool:
 
 
 def run_processes(ws, entry) -> list[int]:
-    """The run's worker, its training and the grandchild the fake trainer spawned."""
+    """The run's worker, its training and what works in its slot (the grandchild the fake trainer
+    spawned: the pid it wrote is its sandbox's, not the machine's)."""
     report = json.loads((ws / entry["report"]).read_text())
-    return [entry["worker_pid"], report["pid"], int((slot_dir(ws) / "spawned.pid").read_text())]
+    return [entry["worker_pid"], report["pid"], *processes_in(slot_dir(ws))]
 
 
 def test_server_never_imports_torch_or_matplotlib_at_start():
@@ -129,6 +130,33 @@ def test_a_lone_surrogate_in_the_arguments_is_answered_with_an_error_and_the_ser
     finally:
         server.close()
     assert not (ws_cache[0] / ".research-loop" / "state.json").exists()  # nothing was set up
+
+
+def test_json_that_is_no_json_rpc_request_is_answered_if_it_has_an_id(ws_cache):
+    """Valid JSON that the SDK cannot read as any JSON-RPC message is dropped by it: a request with
+    an id would never be answered. Each gets an Invalid Request error (id null where it is no
+    object); one without an id (a notification) gets nothing, and the server goes on."""
+    server = RawStdio(*ws_cache)
+    try:
+        for line, request_id, said in (
+                ('{"id": 1, "method": "tools/list"}', 1, "jsonrpc: Field required"),
+                ('{"jsonrpc": "2.0", "id": 2}', 2, "method: Field required"),
+                ('{"jsonrpc": "1.0", "id": "three", "method": "tools/list"}', "three", "jsonrpc: Input should be '2.0'"),
+                ('{"jsonrpc": "2.0", "id": 4, "method": 5}', 4, "method: Input should be a valid string"),
+                ('[{"jsonrpc": "2.0", "id": 6, "method": "tools/list"}]', None, "the message: Input should be"),
+                ("7", None, "the message: Input should be")):
+            server.send(line)
+            reply = server.answer(5)
+            assert reply is not None, f"no answer within 5 s to {line}"
+            assert reply["id"] == request_id and reply["error"]["code"] == -32600, (line, reply)
+            assert said in reply["error"]["message"] and '"method"' in reply["error"]["message"], (line, reply)
+        server.send('{"jsonrpc": "2.0", "method": 5}')  # no id: a (broken) notification, not answered
+        server.send(json.dumps({"jsonrpc": "2.0", "id": 9, "method": "tools/call",
+                                "params": {"name": "status", "arguments": {}}}))
+        reply = server.answer(15)
+        assert reply["id"] == 9 and not reply["result"].get("isError"), reply
+    finally:
+        server.close()
 
 
 def test_setup_limits_sent_as_nan_or_infinity_are_refused(ws_cache):

@@ -15,7 +15,7 @@ from mcp import Client
 from mcp_server.server import build_server
 from mcp_server.state import records_dir
 from server_support import (
-    TOOL_NAMES, Lab, answer, error, git, ledger_lines, make_workspace, pid_alive, set_knobs,
+    TOOL_NAMES, Lab, answer, error, git, ledger_lines, make_workspace, processes_in, set_knobs,
     slot_dir, text, wait_until,
 )
 
@@ -337,8 +337,8 @@ def test_timeout_kills_the_whole_group(lab):
     result = lab.ok("run_experiment", description="too slow", timeout_seconds=1.5)
     assert result["status"] == "timeout" and "timeout" in result["tail"]
     assert time.monotonic() - started < 15  # SIGTERM grace, then SIGKILL
-    grandchild = int((slot_dir(lab.ws) / "spawned.pid").read_text())
-    assert wait_until(lambda: not pid_alive(grandchild), 5)
+    assert (slot_dir(lab.ws) / "spawned.pid").exists()  # its pid is the sandbox's: the slot's processes are looked at
+    assert wait_until(lambda: not processes_in(slot_dir(lab.ws)), 5)
     assert lab.ok("read_metrics")["status"] == "timeout"
     assert lab.ok("discard")["row"]["status"] == "crash"
 

@@ -476,6 +476,63 @@ def handoff_run(tmp_path, before_answer="", eval_seconds=0.0, timeout=30):
     return report, log, time.monotonic() - started
 
 
+def test_an_export_larger_than_any_model_is_a_crash_not_a_copy(tmp_path, monkeypatch):
+    """A 50 GiB sparse file at the export path costs the run a few bytes of disk; the harness's copy
+    of it would fill the disk. It is refused at once, and the run is no result, whatever it prints."""
+    from mcp_server import integrity
+    monkeypatch.chdir(tmp_path)
+    evaluate = {"argv": [sys.executable, "-c", FAKE_EVALUATOR], "env": dict(os.environ), "timeout": 20,
+                "harness": str(clean_harness(tmp_path)), "harness_commit": None}
+    code = EXPORT_THEN_WAIT.format(repo=str(REPO), before_answer="").replace(
+        "open(path, 'w').write('model')", "open(path, 'w').truncate(50 << 30)").replace(
+        "handed['val_bpb']", "handed.get('val_bpb', 0.5)")  # and it prints a number of its own
+    started = time.monotonic()
+    report, log = run_worker(tmp_path, code, "--timeout", "30", "--export", str(tmp_path / "model.pt2"),
+                             "--evaluate", json.dumps(evaluate))
+    assert (tmp_path / "model.pt2").stat().st_size == 50 << 30 and time.monotonic() - started < 20
+    problem, number, _ = integrity.evaluation_verdict(report)
+    assert number is None and "over 16 GiB, more than a real export of the model can be" in str(problem), report
+
+
+def test_harness_inputs_swapped_after_setup_make_the_run_no_result(tmp_path, monkeypatch):
+    """The agent swaps the tokenizer (or its byte table, or the validation shard, same size) after
+    setup: each run is checked against what setup pinned, never against a hash taken as it starts."""
+    from mcp_server import integrity
+    from mcp_server.models import Refusal
+    from server_support import make_cache
+    monkeypatch.chdir(tmp_path)
+    cache = make_cache(tmp_path)  # a record from before prepare pinned the shard's content
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))
+    for rel, content in (("tokenizer/tokenizer.pkl", b"merges"), ("tokenizer/token_bytes.pt", b"\x01\x02"),
+                         ("data/shard_00000.parquet", b"train"), ("data/shard_00001.parquet", b"validation")):
+        (cache / rel).parent.mkdir(exist_ok=True)
+        (cache / rel).write_bytes(content)
+    pins = integrity.input_pins()  # setup
+    harness = clean_harness(tmp_path)
+
+    def scored(**swapped) -> dict:
+        for rel, content in swapped.items():
+            (cache / rel.replace("__", "/")).write_bytes(content)
+        spec = dict(integrity.evaluation_spec(harness, None, 20, pins), argv=[sys.executable, "-c", FAKE_EVALUATOR])
+        code = EXPORT_THEN_WAIT.format(repo=str(REPO), before_answer="").replace(
+            "handed['val_bpb']", "handed.get('val_bpb', 0.5)")  # it prints a number whatever it is told
+        report, _ = run_worker(tmp_path, code, "--timeout", "30", "--export", str(tmp_path / "model.pt2"),
+                               "--evaluate", json.dumps(spec))
+        (tmp_path / "model.pt2").unlink()
+        return report["evaluation"]
+
+    assert scored()["val_bpb"] == 1.5
+    for rel, content, honest in (("tokenizer__tokenizer.pkl", b"MERGES", b"merges"),
+                                 ("data__shard_00001.parquet", b"VALIDATION", b"validation")):
+        assert "is not what prepare made" in scored(**{rel: content})["problem"], rel
+        scored(**{rel: honest})
+    integrity.check_pins(pins)
+    (cache / "tokenizer" / "token_bytes.pt").write_bytes(b"\x02\x04")  # a doubled table halves val_bpb
+    with pytest.raises(Refusal, match=r"token_bytes.pt is not the file this research run was set up with.*"
+                                      r"re-run `uv run prepare.py` and call setup\(tag\)"):
+        integrity.check_pins(pins)
+
+
 def test_the_harness_number_is_handed_to_train_py_and_the_evaluation_is_not_training_time(tmp_path, monkeypatch):
     """train.py waits in the harness for the separate evaluation's number and prints it; the wait
     does not count against the training's timeout (5 s of evaluation in a run with a 3 s timeout)."""
