@@ -323,6 +323,7 @@ def test_a_planted_row_in_results_tsv_does_not_end_the_research_run(repo, tmp_pa
     and a run cannot write): a keep row below the target appended to results.tsv by hand lets no agent
     stop early, and neither the overnight runner end its night."""
     from mcp_server.overnight import Runner
+    from mcp_server.overnight import add_arguments as overnight_arguments
     state = {"branch": "autoresearch/t1", "tag": "t1", "limits": {"target_val_bpb": 0.9},
              "rows": [["abc1234", 1.0, 2.0, "keep", "baseline"]]}
     copy = repo / ".git" / "research-loop" / "records" / "state.json"
@@ -339,7 +340,9 @@ def test_a_planted_row_in_results_tsv_does_not_end_the_research_run(repo, tmp_pa
         f.write(TOOL_CALL)
     answer = stop(repo, str(transcript))
     assert answer["decision"] == "block" and "0.5" not in answer["reason"], answer
-    runner = Runner(argparse.Namespace(tag="t1", workspace=str(repo), hours=None), "claude")
+    parser = argparse.ArgumentParser()
+    overnight_arguments(parser)
+    runner = Runner(parser.parse_args(["--tag", "t1", "--workspace", str(repo)]), "claude")
     assert runner.over() is None
     state["rows"].append(["abc5678", 0.85, 2.0, "keep", "real"])  # the server's own row: the target is met
     copy.write_text(json.dumps(state))
