@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mcp_server.history import CONSTANT_NAME, find_constants
+from mcp_server.core.history import CONSTANT_NAME, find_constants
 
 # Arithmetic a constants block may use, e.g. `2**19` or `8 * 64`.
 BINARY_OPS = {

@@ -6,7 +6,8 @@
 import argparse
 import sys
 
-from mcp_server import dashboard_http, overnight
+from mcp_server.dashboard import dashboard_http
+from mcp_server.overnight import overnight
 
 
 def main(argv=None) -> int:

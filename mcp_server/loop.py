@@ -26,10 +26,10 @@ ResearchLoop is the core with the phases' functions as its methods.
 """
 from pathlib import Path
 
-from mcp_server import decide, dispatch, measurements, report, results
-from mcp_server import submit as submitting
-from mcp_server.models import Refusal
-from mcp_server.runs import LoopCore
+from mcp_server.phases import decide, dispatch, measurements, report, results
+from mcp_server.phases import submit as submitting
+from mcp_server.core.models import Refusal
+from mcp_server.phases.runs import LoopCore
 
 
 class ResearchLoop(LoopCore):

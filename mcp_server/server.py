@@ -22,13 +22,13 @@ from mcp.types import (
     INVALID_PARAMS, PARSE_ERROR, CallToolResult, ErrorData, ImageContent, JSONRPCError, TextContent, ToolAnnotations,
 )
 
-from mcp_server import plot
+from mcp_server.core import plot
 from mcp_server.loop import ResearchLoop
-from mcp_server.models import (
+from mcp_server.core.models import (
     CancelResult, ConfirmResult, DecisionResult, HistoryResult, LoggedRow, Metrics, NoiseResult, PlotResult, Refusal, RunResult,
     SetupResult, StatusResult, StopResult, WaitResult,
 )
-from mcp_server.workspace import EDITABLE
+from mcp_server.core.workspace import EDITABLE
 
 SERVER_NAME = "autoresearch"
 INSTRUCTIONS = (

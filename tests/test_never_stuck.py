@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from mcp_server.ledger import MAX_DESCRIPTION
+from mcp_server.core.ledger import MAX_DESCRIPTION
 from server_support import Lab, git, ledger_lines, make_workspace, pid_alive, set_knobs, slot_dir, wait_until
 
 

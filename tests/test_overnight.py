@@ -16,7 +16,7 @@ import anyio
 import pytest
 from mcp import Client
 
-from mcp_server import limits
+from mcp_server.core import limits
 from mcp_server.server import build_server
 from plugin_support import (REPO, TOOL_PREFIX, ScriptedAgent, claude_env, install_claude_cli, uv_link_mode)
 from server_support import git, ledger_lines, make_workspace, pid_alive, processes_in, set_knobs, wait_until
@@ -381,7 +381,7 @@ def fake_claude(fake_env, tmp_path, monkeypatch):
 
 
 def runner_args(ws: Path, *flags: str):
-    from mcp_server import overnight
+    from mcp_server.overnight import overnight
     parser = argparse.ArgumentParser()
     overnight.add_arguments(parser)
     return parser.parse_args(["--tag", "night", "--workspace", str(ws), *flags])
@@ -395,7 +395,7 @@ def test_quick_failures_back_off_and_five_in_a_row_give_up(fake_claude, fake_env
     """Sessions that end at once with nothing decided: each waits longer before the next (the last
     delay repeats), a session that decided a run resets the count, and five in a row give up with
     what the last one said."""
-    from mcp_server import overnight
+    from mcp_server.overnight import overnight
     ws = make_workspace(fake_env)
     monkeypatch.setenv("FAKE_CLAUDE_PLAN", "fail,fail,decide,fail")
     claude = overnight.preflight(ws, None)  # found on PATH
@@ -422,7 +422,7 @@ def test_quick_failures_back_off_and_five_in_a_row_give_up(fake_claude, fake_env
 def test_past_the_deadline_and_its_grace_the_session_is_stopped(fake_claude, fake_env, monkeypatch, capsys):
     """A session still going after --hours: it keeps the run in flight's timeout plus the grace to
     finish, then it is stopped (its whole process group, the server with it) and no new one starts."""
-    from mcp_server import overnight
+    from mcp_server.overnight import overnight
     ws = make_workspace(fake_env)
     monkeypatch.setenv("FAKE_CLAUDE_PLAN", "hang")
     monkeypatch.setenv("FAKE_CLAUDE_RUN_TIMEOUT", "2")

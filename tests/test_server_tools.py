@@ -13,7 +13,7 @@ import pytest
 from mcp import Client
 
 from mcp_server.server import build_server
-from mcp_server.state import records_dir
+from mcp_server.core.state import records_dir
 from server_support import (
     TOOL_NAMES, Lab, answer, error, git, ledger_lines, make_workspace, pid_alive, set_knobs,
     slot_dir, text, wait_until,

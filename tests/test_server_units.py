@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from mcp_server import ledger, logparse, noise
-from mcp_server.executor import compile_bytecode, training_env
-from mcp_server.models import Refusal
-from mcp_server.state import State
+from mcp_server.core import ledger, logparse, noise
+from mcp_server.executors.executor import compile_bytecode, training_env
+from mcp_server.core.models import Refusal
+from mcp_server.core.state import State
 
 FIXTURE = Path("/work/shared/fixtures/upstream-format-cpu-run.log")
 FIXTURE_TEXT = FIXTURE.read_bytes().decode() if FIXTURE.exists() else None
@@ -179,7 +179,7 @@ def test_one_owner_per_workspace_and_the_lock_dies_with_its_process(tmp_path):
     second.release()
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys; sys.path.insert(0, %r)\n"
-        "from pathlib import Path; from mcp_server.state import State\n"
+        "from pathlib import Path; from mcp_server.core.state import State\n"
         "assert State(Path(%r)).try_own(); print('owned', flush=True)\n"
         "import time; time.sleep(60)\n") % (str(Path(__file__).parent.parent), str(tmp_path))],
         stdout=subprocess.PIPE, text=True)
@@ -198,7 +198,7 @@ def test_state_transactions_of_two_processes_never_lose_an_update(tmp_path):
     State(tmp_path).update(count=0)
     script = (
         "import sys; sys.path.insert(0, %r)\n"
-        "from pathlib import Path; from mcp_server.state import State\n"
+        "from pathlib import Path; from mcp_server.core.state import State\n"
         "s = State(Path(%r))\n"
         "for _ in range(150):\n"
         "    with s.transaction() as d: d['count'] += 1\n") % (str(Path(__file__).parent.parent), str(tmp_path))
@@ -240,7 +240,7 @@ def test_reads_beside_the_owners_writes_never_take_its_own_writes_for_a_change(t
 
 
 def test_time_budget_comes_from_env_record_profile_or_upstream(tmp_path, monkeypatch, repo_root):
-    from mcp_server.workspace import time_budget
+    from mcp_server.core.workspace import time_budget
     cache = tmp_path / "cache"
     cache.mkdir()
     monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))

@@ -19,8 +19,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from mcp_server.worker import evaluation_inputs
-from mcp_server.workspace import EDITABLE, cache_dir, prepared_info
+from mcp_server.scripts.worker import evaluation_inputs
+from mcp_server.core.workspace import EDITABLE, cache_dir, prepared_info
 
 HARNESS_DIR = "research-loop/harness"  # inside .git: the pristine harness the evaluation runs from
 EXPORTS_DIR = ".research-loop/exports"
@@ -112,7 +112,7 @@ def sandbox_spec(root: Path, export_dir: Path, harness_files: list[str]) -> dict
     the worktree."""
     cache = cache_dir()
     (cache / COMPILE_CACHE).mkdir(parents=True, exist_ok=True)
-    readonly = [str(root), str(cache), str(Path(__file__).resolve().parent.parent), sys.prefix]
+    readonly = [str(root), str(cache), str(Path(__file__).resolve().parents[2]), sys.prefix]
     writable = [".", str(export_dir), str(cache / COMPILE_CACHE)]
     return {"readonly": readonly, "writable": writable, "readonly_inside": harness_files}
 

@@ -1,7 +1,7 @@
 """results.tsv, the experiment ledger in upstream's format.
 
 The rows that decide (the best, what is logged) are the server's own: a list in its state
-(mcp_server/state.py), where they are added. results.tsv is written from that list: a new row is
+(mcp_server/core/state.py), where they are added. results.tsv is written from that list: a new row is
 appended with one write() on an O_APPEND descriptor followed by fsync, so a crash of the server
 or of the training never leaves a half-written row; a file someone else changed is archived and
 written again whole from the list, and never read back as a record.
@@ -15,7 +15,7 @@ import time
 import unicodedata
 from pathlib import Path
 
-from mcp_server.models import Refusal, Row
+from mcp_server.core.models import Refusal, Row
 
 LEDGER_NAME = "results.tsv"
 HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 DEFAULT_MAX_FAILURES_IN_ROW = 10
 # The server's state, its own copy first (in the git directory, where neither a run nor the edit hook
-# reaches; mcp_server/state.py writes both): its rows decide, results.tsv only shows them
+# reaches; mcp_server/core/state.py writes both): its rows decide, results.tsv only shows them
 STATE_FILES = (".git/research-loop/records/state.json", ".research-loop/state.json")
 
 

@@ -6,7 +6,7 @@ then a newline and a block starting with '---' holding `key: value` lines.
 import math
 import re
 
-from mcp_server.models import Progress, Summary
+from mcp_server.core.models import Progress, Summary
 
 PROGRESS_RE = re.compile(
     r"step (\d+) \(([\d.]+)%\) \| loss: (\S+) \|.*?(?:dt: (\d+)ms.*?)?remaining: (\d+)s"

@@ -9,7 +9,7 @@ keep is a coin flip.
 """
 import statistics
 
-from mcp_server.models import NoiseEstimate
+from mcp_server.core.models import NoiseEstimate
 
 SIGMAS = 2.0
 

@@ -5,7 +5,7 @@ unless a chart is asked for.
 """
 from pathlib import Path
 
-from mcp_server.models import Row
+from mcp_server.core.models import Row
 
 PLOT_NAME = "progress.png"
 LABEL_CHARS = 40

@@ -8,7 +8,7 @@
   last wrote (kept in its memory, and in records/ under the git directory for its successor)
   before each use: a change it did not make (a run without a sandbox, an agent's edit) is never
   believed. The file found is archived, the server's own copy put back, and the next answer says
-  so. The ledger's rows live in state.json; results.tsv is written from them (mcp_server/ledger.py).
+  so. The ledger's rows live in state.json; results.tsv is written from them (mcp_server/core/ledger.py).
 - owner.lock is held (flock) by the one server that runs experiments in the workspace, for as
   long as it lives. The kernel drops a flock when its process dies, however it dies, so "is the
   owner alive" needs no pid bookkeeping: a server that can take the lock knows the previous
@@ -22,8 +22,8 @@ import threading
 import time
 from pathlib import Path
 
-from mcp_server import ledger
-from mcp_server.models import Refusal
+from mcp_server.core import ledger
+from mcp_server.core.models import Refusal
 
 STATE_DIR = ".research-loop"
 STATE_FILE = "state.json"

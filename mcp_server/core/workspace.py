@@ -14,7 +14,7 @@ from pathlib import Path
 
 import git
 
-from mcp_server.models import Refusal
+from mcp_server.core.models import Refusal
 
 EDITABLE = "train.py"
 REQUIRED_FILES = ("train.py", "prepare.py")

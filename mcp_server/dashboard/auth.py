@@ -1,6 +1,6 @@
 """The token that guards what the server serves over HTTP: the MCP transport (--http) and the dashboard.
 
-Shared by mcp_server.__main__ and mcp_server.dashboard_http (the `research-loop dashboard`
+Shared by mcp_server.__main__ and mcp_server.dashboard.dashboard_http (the `research-loop dashboard`
 command); standard library only.
 """
 import os

@@ -13,10 +13,10 @@ import subprocess
 import time
 from pathlib import Path
 
-from mcp_server import history, ledger, limits, logparse
-from mcp_server.runs import LOG_TAIL_BYTES, RUNS_DIR, unsandboxed_marker
-from mcp_server.models import Refusal
-from mcp_server.state import State, process_alive
+from mcp_server.core import history, ledger, limits, logparse
+from mcp_server.phases.runs import LOG_TAIL_BYTES, RUNS_DIR, unsandboxed_marker
+from mcp_server.core.models import Refusal
+from mcp_server.core.state import State, process_alive
 
 CURVE_POINTS = 240  # of a loss curve sent to the page: enough for its width
 LOG_CURVE_BYTES = 4 << 20  # of a log read for its curve (an H100 run's progress lines take ~150 kB)

@@ -3,7 +3,7 @@ a stream of server-sent events, on 127.0.0.1 only, from the standard library's H
 
 Served by the MCP server (`--dashboard PORT`, or RESEARCH_LOOP_DASHBOARD=PORT) on a port of its
 own, in stdio and HTTP mode alike, or with no MCP server at all by `research-loop dashboard`.
-GET only, and every view is a read (mcp_server.dashboard), so the page never changes the
+GET only, and every view is a read (mcp_server.dashboard.dashboard), so the page never changes the
 workspace. With a token (RESEARCH_LOOP_TOKEN or --token-file, as for the HTTP transport) every
 request must carry it: `Authorization: Bearer <token>`, or the cookie set when the page is opened
 once as /?token=<token> (the address then drops the token, so it stays out of the address bar).
@@ -27,9 +27,10 @@ from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from mcp_server import dashboard, ledger
-from mcp_server.auth import http_token
-from mcp_server.state import STATE_DIR, STATE_FILE, process_alive
+from mcp_server.core import ledger
+from mcp_server.dashboard import dashboard
+from mcp_server.dashboard.auth import http_token
+from mcp_server.core.state import STATE_DIR, STATE_FILE, process_alive
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_PORT = 8766

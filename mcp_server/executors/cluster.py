@@ -22,11 +22,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mcp_server import integrity, node, sandbox
-from mcp_server.executor import WORKER, Outcome, RunSpec
-from mcp_server.models import Refusal
-from mcp_server.worker import write_report
-from mcp_server.workspace import EDITABLE, prepared_info
+from mcp_server.core import integrity
+from mcp_server.scripts import node, sandbox
+from mcp_server.executors.executor import WORKER, Outcome, RunSpec
+from mcp_server.core.models import Refusal
+from mcp_server.scripts.worker import write_report
+from mcp_server.core.workspace import EDITABLE, prepared_info
 
 POLL_SECONDS = 0.5
 LOG_POLL_PER_MB_S = 0.5  # a long log is fetched less often: each fetch brings all of it

@@ -7,7 +7,7 @@ and `shutdown()`. `on_done(run, outcome)` is called once, from the executor's ow
 
 LocalPool runs N runs at once on this machine: slot k is a git worktree of its own (reused,
 cleaned between runs) pinned to GPU k, or to its share of the CPUs when there is no GPU. Each run
-is mcp_server/worker.py leading a new session, with a pipe from the server on stdin: when the
+is mcp_server/scripts/worker.py leading a new session, with a pipe from the server on stdin: when the
 server dies, however it dies, the worker kills the training.
 """
 import json
@@ -20,9 +20,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mcp_server.state import process_start_time
+from mcp_server.core.state import process_start_time
 
-WORKER = Path(__file__).with_name("worker.py")
+WORKER = Path(__file__).resolve().parent.parent / "scripts" / "worker.py"
 WORKER_GRACE_SECONDS = 30  # beyond the worker's own timeout and grace: the server's safety net
 SLOTS_ENV = "RESEARCH_LOOP_SLOTS"
 
@@ -36,9 +36,9 @@ class RunSpec:
     log: Path  # the run's own log file (absolute)
     report: Path  # where the worker writes how the run ended (absolute)
     env: dict = field(default_factory=dict)
-    worker_args: list = field(default_factory=list)  # sandbox, export and evaluation (mcp_server/integrity.py)
+    worker_args: list = field(default_factory=list)  # sandbox, export and evaluation (mcp_server/core/integrity.py)
     after_seconds: float = 0.0  # what the worker may spend once training ended (the harness's evaluation)
-    unsandboxed: bool = False  # the user accepts a run without a sandbox where none can run (mcp_server/sandbox.py)
+    unsandboxed: bool = False  # the user accepts a run without a sandbox where none can run (mcp_server/scripts/sandbox.py)
 
 
 @dataclass

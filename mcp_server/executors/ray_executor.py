@@ -15,9 +15,9 @@ import shlex
 import tempfile
 from pathlib import Path
 
-from mcp_server.cluster import DONE, PENDING, RUNNING, ClusterExecutor, EngineUnreachable, Job, job_env, node_args
-from mcp_server.models import Refusal
-from mcp_server.node import NODE_DIR
+from mcp_server.executors.cluster import DONE, PENDING, RUNNING, ClusterExecutor, EngineUnreachable, Job, job_env, node_args
+from mcp_server.core.models import Refusal
+from mcp_server.scripts.node import NODE_DIR
 
 INSTALL_HINT = "uv sync --extra ray (or pip install 'research-loop[ray]')"
 NODE_PYTHON = "python3"  # node.py needs only the standard library: any Python on the node runs it

@@ -17,10 +17,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from mcp_server import node
-from mcp_server.cluster import DONE, PENDING, RUNNING, ClusterExecutor, EngineUnreachable, Job, job_env, node_args, \
+from mcp_server.scripts import node
+from mcp_server.executors.cluster import DONE, PENDING, RUNNING, ClusterExecutor, EngineUnreachable, Job, job_env, node_args, \
     workspace_id
-from mcp_server.models import Refusal
+from mcp_server.core.models import Refusal
 
 INSTALL_HINT = "uv sync --extra slurm (or pip install 'research-loop[slurm]')"
 DEFAULT_CAPACITY = 4  # jobs submitted at once; SLURM queues them until GPUs are free

@@ -22,11 +22,12 @@ import sys
 import time
 from pathlib import Path
 
-from mcp_server import ledger, limits, logparse, sandbox
-from mcp_server.models import Refusal
-from mcp_server.workspace import prepared_info, validate_tag
+from mcp_server.core import ledger, limits, logparse
+from mcp_server.scripts import sandbox
+from mcp_server.core.models import Refusal
+from mcp_server.core.workspace import prepared_info, validate_tag
 
-PLUGIN_ROOT = Path(__file__).resolve().parent.parent
+PLUGIN_ROOT = Path(__file__).resolve().parents[2]
 SKILL = "/research-loop:autoresearch"
 CLAUDE_CODE_PACKAGE = "@anthropic-ai/claude-code@2.1.332"
 QUICK_SESSION_S = 60.0  # a session shorter than this that decided no run counts as a quick failure
@@ -272,7 +273,7 @@ class Runner:
         if kept:
             best = min(kept, key=lambda r: r.val_bpb)
             print(f"best val_bpb {best.val_bpb:.6f} at {best.commit}: {best.description}")
-            from mcp_server import plot
+            from mcp_server.core import plot
             path = self.workspace / plot.PLOT_NAME
             plot.plot_rows(rows, path)
             print(f"progress chart: {path}")

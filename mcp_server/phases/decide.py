@@ -8,14 +8,15 @@ Imports the core (runs) and every phase below it (results, dispatch, submit, rep
 """
 import time
 
-from mcp_server import ledger, sandbox
-from mcp_server.dispatch import dispatch, require_owner
-from mcp_server.models import CancelResult, DecisionResult, LoggedRow, Refusal, Row, RunResult, StopResult
-from mcp_server import report
-from mcp_server.results import confirmation_needed, result_of
-from mcp_server.runs import IN_FLIGHT, UNDECIDED, LoopCore
-from mcp_server.submit import submit
-from mcp_server.workspace import EDITABLE, PROTECTED_BRANCHES, RUN_REF_PREFIX, validate_commit_arg
+from mcp_server.core import ledger
+from mcp_server.scripts import sandbox
+from mcp_server.phases.dispatch import dispatch, require_owner
+from mcp_server.core.models import CancelResult, DecisionResult, LoggedRow, Refusal, Row, RunResult, StopResult
+from mcp_server.phases import report
+from mcp_server.phases.results import confirmation_needed, result_of
+from mcp_server.phases.runs import IN_FLIGHT, UNDECIDED, LoopCore
+from mcp_server.phases.submit import submit
+from mcp_server.core.workspace import EDITABLE, PROTECTED_BRANCHES, RUN_REF_PREFIX, validate_commit_arg
 
 MAX_NOTE_CHARS = 140  # of a keep note or discard reason in the row: the description keeps the rest
 UNVERIFIED_MARKER = " (unverified)"  # a kept row whose number is train.py's own, kept on request

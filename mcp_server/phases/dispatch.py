@@ -13,13 +13,13 @@ import time
 
 import git
 
-from mcp_server import integrity, logparse
-from mcp_server.executor import RunSpec, compile_bytecode, kill_session, read_report, training_env
-from mcp_server.models import Refusal
-from mcp_server.results import record, unrecordable
-from mcp_server.measurements import file_measurement
-from mcp_server.runs import DEFAULT_TRAIN_COMMAND, LOG_TAIL_BYTES, LoopCore
-from mcp_server.state import process_alive
+from mcp_server.core import integrity, logparse
+from mcp_server.executors.executor import RunSpec, compile_bytecode, kill_session, read_report, training_env
+from mcp_server.core.models import Refusal
+from mcp_server.phases.results import record, unrecordable
+from mcp_server.phases.measurements import file_measurement
+from mcp_server.phases.runs import DEFAULT_TRAIN_COMMAND, LOG_TAIL_BYTES, LoopCore
+from mcp_server.core.state import process_alive
 
 ENV_SYNC_TIMEOUT_S = 900  # the first `uv run` of a workspace may install torch
 ENV_PROBE = "import sys, sysconfig; print(sys.executable); print(sysconfig.get_paths()['purelib'])"
@@ -80,7 +80,7 @@ def dispatch(core: LoopCore) -> None:
             entry = queued[0]
             try:
                 extras = []
-                if core.make_executor is None:  # a cluster's node makes its own (mcp_server/node.py)
+                if core.make_executor is None:  # a cluster's node makes its own (mcp_server/scripts/node.py)
                     harness = integrity.harness_copy(core.ws, entry["parent"], state["fingerprint"]) \
                         if entry.get("verifies") else None
                     extras = integrity.worker_args(core.ws, core.root, entry["run"], entry["commit"],
@@ -108,7 +108,7 @@ def run_command(core: LoopCore) -> list[str]:
     """What a slot runs. The default, upstream's `uv run train.py`, becomes the workspace
     environment's own interpreter, found (and the environment synced) once per server: every
     slot then shares that one environment, and no run has to write to it. A cluster's nodes
-    get the command as it is: each node syncs its own environment (mcp_server/node.py)."""
+    get the command as it is: each node syncs its own environment (mcp_server/scripts/node.py)."""
     if core.train_command != DEFAULT_TRAIN_COMMAND or core.make_executor is not None:
         return core.train_command
     if core.python is None:

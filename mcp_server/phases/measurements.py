@@ -6,10 +6,10 @@ measurements as controls. The noise estimate itself is noise.estimate's; this mo
 
 Imports the core (runs) only.
 """
-from mcp_server import noise
-from mcp_server.models import NoiseEstimate, RunResult
-from mcp_server.runs import LoopCore
-from mcp_server.workspace import budget_clock
+from mcp_server.core import noise
+from mcp_server.core.models import NoiseEstimate, RunResult
+from mcp_server.phases.runs import LoopCore
+from mcp_server.core.workspace import budget_clock
 
 
 def record_confirmation(core: LoopCore, run: int, confirmation: dict, spent: int) -> int:

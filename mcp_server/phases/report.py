@@ -10,11 +10,12 @@ import re
 import time
 from pathlib import Path
 
-from mcp_server import history as run_history
-from mcp_server import ledger, limits, logparse, sandbox
-from mcp_server.dispatch import take_over
-from mcp_server.models import HistoryResult, LiveRun, Metrics, NoiseEstimate, Refusal, StatusResult
-from mcp_server.runs import IN_FLIGHT, LOG_TAIL_BYTES, RUN_LOG, RUNS_DIR, UNDECIDED, LoopCore, unsandboxed_marker
+from mcp_server.core import history as run_history
+from mcp_server.core import ledger, limits, logparse
+from mcp_server.scripts import sandbox
+from mcp_server.phases.dispatch import take_over
+from mcp_server.core.models import HistoryResult, LiveRun, Metrics, NoiseEstimate, Refusal, StatusResult
+from mcp_server.phases.runs import IN_FLIGHT, LOG_TAIL_BYTES, RUN_LOG, RUNS_DIR, UNDECIDED, LoopCore, unsandboxed_marker
 
 RECENT_ROWS = 5
 RUN_ARG_RE = re.compile(r"[0-9]{1,9}|[0-9a-fA-F]{7,40}")

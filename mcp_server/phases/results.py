@@ -11,10 +11,11 @@ Imports the core (runs) only.
 import math
 import shutil
 
-from mcp_server import integrity, ledger, logparse, noise, sandbox
-from mcp_server.models import Refusal, RunResult
-from mcp_server.runs import LOG_TAIL_BYTES, RUN_LOG, LoopCore
-from mcp_server.workspace import prepared_info, time_budget
+from mcp_server.core import integrity, ledger, logparse, noise
+from mcp_server.scripts import sandbox
+from mcp_server.core.models import Refusal, RunResult
+from mcp_server.phases.runs import LOG_TAIL_BYTES, RUN_LOG, LoopCore
+from mcp_server.core.workspace import prepared_info, time_budget
 
 # MFU of a run against its best's run: beyond this share apart, the machine's speed may explain the
 # delta (on a 2-core CPU, one busy process beside a wall-clock run cost it 35% of its steps)

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import git
 
-from mcp_server import history, ledger, limits, sandbox
-from mcp_server.executor import LocalPool, default_slots, read_report
-from mcp_server.models import Refusal, Row, RunResult
-from mcp_server.state import State
-from mcp_server.workspace import PROTECTED_BRANCHES, Workspace
+from mcp_server.core import history, ledger, limits
+from mcp_server.scripts import sandbox
+from mcp_server.executors.executor import LocalPool, default_slots, read_report
+from mcp_server.core.models import Refusal, Row, RunResult
+from mcp_server.core.state import State
+from mcp_server.core.workspace import PROTECTED_BRANCHES, Workspace
 
 RUN_LOG = "run.log"
 RUNS_DIR = "runs"

@@ -11,11 +11,11 @@ import os
 import subprocess
 import time
 
-from mcp_server import integrity, ledger, limits
-from mcp_server.dispatch import dispatch, require_owner, run_command
-from mcp_server.models import Refusal, SetupResult
-from mcp_server.runs import RUNS_DIR, UNDECIDED, LoopCore, run_name
-from mcp_server.workspace import (BRANCH_PREFIX, EDITABLE, RUN_REF_PREFIX, cache_dir, prepared_info, time_budget,
+from mcp_server.core import integrity, ledger, limits
+from mcp_server.phases.dispatch import dispatch, require_owner, run_command
+from mcp_server.core.models import Refusal, SetupResult
+from mcp_server.phases.runs import RUNS_DIR, UNDECIDED, LoopCore, run_name
+from mcp_server.core.workspace import (BRANCH_PREFIX, EDITABLE, RUN_REF_PREFIX, cache_dir, prepared_info, time_budget,
                                   validate_tag)
 
 TIMEOUT_FACTOR = 3.0

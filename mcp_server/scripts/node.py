@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 try:
-    from mcp_server import worker
+    from mcp_server.scripts import worker
 except ImportError:  # on the node, worker.py is shipped beside this file
     import worker
 
@@ -55,7 +55,7 @@ PROBE = ("import json, sys, sysconfig; p = sysconfig.get_paths(); "
          "print(json.dumps([sys.executable, sys.prefix, sorted({p['purelib'], p['platlib']})]))")
 REPORT_TAIL_BYTES = 8192
 OUTPUT_TAIL_CHARS = 2000  # of a failed sync or prepare, in the log
-EDITABLE = "train.py"  # the one file a run may write in its code folder (mcp_server/workspace.py)
+EDITABLE = "train.py"  # the one file a run may write in its code folder (mcp_server/core/workspace.py)
 
 
 class NodeProblem(Exception):

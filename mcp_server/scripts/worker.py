@@ -52,7 +52,7 @@ import time
 from pathlib import Path
 
 try:
-    from mcp_server import sandbox
+    from mcp_server.scripts import sandbox
 except ImportError:  # run as a script, or on a node: sandbox.py is beside this file
     import sandbox
 
