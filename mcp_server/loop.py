@@ -12,9 +12,9 @@ next. State changes happen in State.transaction (exclusive across threads and pr
 decision's ledger row is recorded in the state in the same transaction (results.tsv is written
 from the state), so a refused or interrupted decision records nothing, and its retry logs once.
 
-The work is done by modules along the life of a run, each a set of functions over the core
-(runs.LoopCore: the state, the workspace, the executor, the rules and the run records), and each
-importing only the modules above it in this list:
+The work is done by the modules of mcp_server/phases/, along the life of a run, each a set of
+functions over the core (runs.LoopCore: the state, the workspace, the executor, the rules and the
+run records), and each importing only the modules above it in this list:
   runs          the core
   results       a finished run's result: recording, reading, comparability, throughput
   measurements  noise estimates and the reruns a confirmation can reuse

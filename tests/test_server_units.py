@@ -278,7 +278,7 @@ def test_the_training_environment_gets_its_bytecode_from_the_server(tmp_path, mo
 
 
 # --- the run worker -------------------------------------------------------------------------
-WORKER = Path(__file__).resolve().parent.parent / "mcp_server" / "worker.py"
+WORKER = Path(__file__).resolve().parent.parent / "mcp_server" / "scripts" / "worker.py"
 
 
 def run_worker(tmp_path, code: str, *options: str, stdin=subprocess.DEVNULL) -> tuple[dict, str]:

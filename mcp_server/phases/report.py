@@ -3,7 +3,7 @@
 Read-only: nothing here changes the state (status may take over a workspace whose owner has gone,
 as every tool does).
 
-Imports the core (runs), results and dispatch.
+Imports the core (runs) and dispatch.
 """
 import json
 import re
