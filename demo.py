@@ -29,7 +29,7 @@ from autosearch.driver import (
 from autosearch.report import best_kept, diff_against_baseline, ledger_table, read_ledger, timing_table
 from autosearch.space import DEFAULT_SPACE, load_space
 from autosearch.strategies import STRATEGIES
-from mcp_server import notify
+from mcp_server.core import notify
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_EXPERIMENTS = 5  # baseline + 5 runs of the CPU profile's 60 s budget fit in 10 minutes

@@ -10,8 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mcp_server.constants import ConstantError, format_value, rewrite_constants  # noqa: F401 (the demo's names)
-from mcp_server.history import find_constants
+from mcp_server.core.constants import ConstantError, format_value, rewrite_constants  # noqa: F401 (the demo's names)
+from mcp_server.core.history import find_constants
 
 # Arithmetic a constants block may use, e.g. `2**19` or `8 * 64`.
 BINARY_OPS = {

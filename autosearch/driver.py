@@ -23,7 +23,7 @@ from autosearch.constants import ConstantError, evaluate_constants, rewrite_cons
 from autosearch.report import read_ledger
 from autosearch.space import SpaceError, applicable, sweep_space, validate_space
 from autosearch.strategies import SWEEPS, describe, make_strategy
-from mcp_server.history import find_constants
+from mcp_server.core.history import find_constants
 
 BASELINE_DESCRIPTION = "baseline"
 INTERRUPTED_MARK = "(interrupted)"  # the server's description suffix for a run cut short by Ctrl-C

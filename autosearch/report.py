@@ -4,7 +4,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from mcp_server import ledger
+from mcp_server.core import ledger
 
 COMMIT = re.compile(r"^[0-9a-f]{7,40}$")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import REPO, prepared_cache, python_command  # noqa: E402
 
-from mcp_server.logparse import parse_summary  # noqa: E402
+from mcp_server.core.logparse import parse_summary  # noqa: E402
 
 MAX_BPB_GAP = 0.02  # issue 16: the same code alone and beside a busy process
 MAX_STEP_GAP = 0.05

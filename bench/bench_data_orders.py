@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import REPO, prepared_cache, python_command  # noqa: E402
 
 from autosearch.constants import rewrite_constants  # noqa: E402
-from mcp_server.logparse import parse_summary  # noqa: E402
+from mcp_server.core.logparse import parse_summary  # noqa: E402
 
 DEFAULT_CHANGE = "DEPTH=3 UNEMBEDDING_LR=0.008"  # a model-size change the demo's search kept
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from mcp_server import early_stop, logparse  # noqa: E402
+from mcp_server.core import logparse  # noqa: E402
+from mcp_server.phases import early_stop  # noqa: E402
 
 FIXTURE = Path("/work/shared/fixtures/upstream-format-cpu-run.log")
 RERUNS = ("noise repeat", "control ", "confirmation ")

@@ -31,9 +31,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import prepared_cache  # noqa: E402
 
-from mcp_server import logparse  # noqa: E402
+from mcp_server.core import logparse  # noqa: E402
 from mcp_server.loop import ResearchLoop  # noqa: E402
-from mcp_server.models import Summary  # noqa: E402
+from mcp_server.core.models import Summary  # noqa: E402
 from mcp_server.server import build_server  # noqa: E402
 
 HARNESS = ("prepare.py", "train.py", "nanochat")

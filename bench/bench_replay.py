@@ -25,8 +25,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from mcp_server import ledger  # noqa: E402
-from mcp_server.logparse import parse_summary  # noqa: E402
+from mcp_server.core import ledger  # noqa: E402
+from mcp_server.core.logparse import parse_summary  # noqa: E402
 
 RUN_TIMEOUT_S = 1800
 

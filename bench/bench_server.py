@@ -26,7 +26,7 @@ from mcp import Client, StdioServerParameters
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from mcp_server.state import State  # noqa: E402
+from mcp_server.core.state import State  # noqa: E402
 
 FAKE_TRAIN = REPO / "tests" / "fake_train.py"
 LEDGER_ROWS = 1000

@@ -26,8 +26,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mcp_server.logparse import parse_summary  # the tools' own reading of the summary block
-from mcp_server.models import Summary
+from mcp_server.core.logparse import parse_summary  # the tools' own reading of the summary block
+from mcp_server.core.models import Summary
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # the same threading as train.py
 os.environ.setdefault("GOMP_SPINCOUNT", "1000")

@@ -33,7 +33,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_integrity import workspace  # noqa: E402
 
-from mcp_server import integrity, logparse, worker  # noqa: E402
+from mcp_server.core import integrity, logparse  # noqa: E402
+from mcp_server.scripts import worker  # noqa: E402
 
 DEADLINE_S = 600  # the whole check, on a GPU
 EAGER_BUDGET_S = {"gpu": 10, "cpu": 1}  # a few steps past the untimed ones

@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from mcp_server import limits  # noqa: E402  (standard library only, shared with the server)
+from mcp_server.core import limits  # noqa: E402  (standard library only, shared with the server)
 
 EDITABLE = "train.py"
 HARNESS_MARKERS = ("train.py", "prepare.py")  # both at the repo root: an autoresearch layout

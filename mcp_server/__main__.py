@@ -4,8 +4,8 @@
 stdio by default (what Claude Code starts); --http serves streamable HTTP on 127.0.0.1
 only, optionally behind a bearer token taken from RESEARCH_LOOP_TOKEN or --token-file (never
 from the command line, which every local user can read). --dashboard serves the live web page
-(mcp_server/dashboard_http.py) on a port of its own, in either mode, behind the same token.
---notify posts to a webhook on a keep, the research run's end and failures in a row (mcp_server/notify.py).
+(mcp_server/dashboard/dashboard_http.py) on a port of its own, in either mode, behind the same token.
+--notify posts to a webhook on a keep, the research run's end and failures in a row (mcp_server/core/notify.py).
 Whatever way the server ends, the training runs it started are killed with it (here for
 orderly exits, by each run's worker when its pipe from the server closes).
 """
@@ -17,8 +17,9 @@ import signal
 import sys
 from pathlib import Path
 
-from mcp_server import notify, sandbox
-from mcp_server.auth import http_token
+from mcp_server.core import notify
+from mcp_server.scripts import sandbox
+from mcp_server.dashboard.auth import http_token
 
 DEFAULT_PORT = 8765
 EXECUTORS = ("local", "ray", "slurm")
@@ -104,7 +105,7 @@ def serve_http(srv, port: int, token: str | None) -> None:
 
 def start_dashboard(loop, port: int, token: str | None):
     """The dashboard on its own thread; a port in use costs the page, never the MCP server."""
-    from mcp_server import dashboard_http
+    from mcp_server.dashboard import dashboard_http
     try:
         server = dashboard_http.DashboardServer(loop.root, port, token).start()
     except OSError as exc:
@@ -122,21 +123,21 @@ def start_dashboard(loop, port: int, token: str | None):
 
 def stop_dashboard(loop, server) -> None:
     if server is not None:
-        from mcp_server import dashboard_http
+        from mcp_server.dashboard import dashboard_http
         dashboard_http.withdraw(loop.root)
 
 
 def choose_executor(args, command: list[str]):
     """(slots, a factory of the executor from the Workspace, or None for the local pool). A missing
     extra ends the server with the command that installs it."""
-    from mcp_server.models import Refusal
+    from mcp_server.core.models import Refusal
     try:
         if args.executor == "ray":
-            from mcp_server import ray_executor
+            from mcp_server.executors import ray_executor
             slots, gpus = ray_capacity(args)
             return slots, lambda ws: ray_executor.RayExecutor(ws, command, slots, args.ray_address, gpus)
         if args.executor == "slurm":
-            from mcp_server import slurm_executor
+            from mcp_server.executors import slurm_executor
             slurm_executor.submitit_module()
             slurm_executor.check_cluster()
             slots = args.slots or slurm_executor.DEFAULT_CAPACITY
@@ -151,7 +152,7 @@ def choose_executor(args, command: list[str]):
 def ray_capacity(args) -> tuple[int, bool]:
     """Runs at once on Ray: --slots, else the cluster's GPUs (its CPUs where it has none). An
     unreachable cluster does not stop the server: each run then says why it could not start."""
-    from mcp_server import ray_executor
+    from mcp_server.executors import ray_executor
     ray_executor.ray_jobs()
     try:
         resources = ray_executor.cluster_resources(ray_executor.connect(args.ray_address))
@@ -167,7 +168,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     import anyio
     from mcp_server.loop import ResearchLoop
-    from mcp_server.runs import DEFAULT_TRAIN_COMMAND
+    from mcp_server.phases.runs import DEFAULT_TRAIN_COMMAND
     from mcp_server.server import build_server, serve_stdio
 
     command = shlex.split(args.train_command) if args.train_command else None

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import git
 
-from mcp_server import dashboard_http, morning, overnight
-from mcp_server.models import Refusal
+from mcp_server.dashboard import dashboard_http
+from mcp_server.phases import morning
+from mcp_server.overnight import overnight
+from mcp_server.core.models import Refusal
 
 
 def main(argv=None) -> int:

@@ -12,24 +12,26 @@ next. State changes happen in State.transaction (exclusive across threads and pr
 decision's ledger row is recorded in the state in the same transaction (results.tsv is written
 from the state), so a refused or interrupted decision records nothing, and its retry logs once.
 
-The work is done by modules along the life of a run, each a set of functions over the core
-(runs.LoopCore: the state, the workspace, the executor, the rules and the run records), and each
-importing only the modules above it in this list:
+The work is done by the modules of mcp_server/phases/, along the life of a run, each a set of
+functions over the core (runs.LoopCore: the state, the workspace, the executor, the rules and the
+run records), and each importing only the modules above it in this list:
   runs          the core
+  early_stop    the opt-in watcher of running runs' loss curves
+  novelty       a train.py already tried on the same best
   results       a finished run's result: recording, reading, comparability, throughput
   measurements  noise estimates and the reruns a confirmation can reuse
   dispatch      queue to slots, the executor's callback, ownership and recovery
   submit        setup, and run_experiment's checks and candidate commit
-  report        status and the next step, metrics, live progress, history
+  overview      status and the next step, metrics, live progress, history
   decide        keep, discard, confirm, reapply, cancel, stop, log_result
 ResearchLoop is the core with the phases' functions as its methods.
 """
 from pathlib import Path
 
-from mcp_server import decide, dispatch, early_stop, measurements, report, results
-from mcp_server import submit as submitting
-from mcp_server.models import Refusal
-from mcp_server.runs import LoopCore
+from mcp_server.phases import decide, dispatch, early_stop, measurements, overview, results
+from mcp_server.phases import submit as submitting
+from mcp_server.core.models import Refusal
+from mcp_server.phases.runs import LoopCore
 
 
 class ResearchLoop(LoopCore):
@@ -59,10 +61,10 @@ class ResearchLoop(LoopCore):
     store_noise = measurements.store_noise
     record_confirmation = measurements.record_confirmation
 
-    status = report.status
-    read_metrics = report.read_metrics
-    live = report.live
-    history = report.history
+    status = overview.status
+    read_metrics = overview.read_metrics
+    live = overview.live
+    history = overview.history
 
     keep = decide.keep
     confirmation_plan = decide.confirmation_plan

@@ -24,14 +24,16 @@ from mcp.types import (
     INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR, CallToolResult, ErrorData, ImageContent, JSONRPCError, TextContent, ToolAnnotations,
 )
 
-from mcp_server import morning, plot
-from mcp_server import sweep as sweeping
+from mcp_server.phases import morning
+from mcp_server.core import plot
+from mcp_server.phases import sweep as sweeping
 from mcp_server.loop import ResearchLoop
-from mcp_server.models import (
+from mcp_server.core.models import (
     CancelResult, ConfirmResult, DecisionResult, HistoryResult, LoggedRow, Metrics, NoiseResult, PlotResult, Refusal,
     ReportResult, RunResult, SetupResult, StatusResult, StopResult, SweepRange, SweepResult, WaitResult,
 )
-from mcp_server.workspace import EDITABLE
+from mcp_server.core.history import rerun_commits
+from mcp_server.core.workspace import EDITABLE, RUNS_DIR
 
 SERVER_NAME = "autoresearch"
 INSTRUCTIONS = (
@@ -402,7 +404,7 @@ def register_reports(srv: MCPServer, loop: ResearchLoop) -> None:
         if not rows:
             raise Refusal("results.tsv has no rows yet: run and keep a baseline first.")
         path = loop.root / plot.PLOT_NAME
-        reruns = set(morning.rerun_commits(loop.root, rows))
+        reruns = set(rerun_commits(loop.root / RUNS_DIR, [r.commit for r in rows]))
         plotted, kept, crashes, apart = await anyio.to_thread.run_sync(plot.plot_rows, rows, path, reruns)
         result = PlotResult(path=str(path), runs_plotted=plotted, kept=kept, crashes_excluded=crashes, reruns=apart)
         image = base64.b64encode(path.read_bytes()).decode()

@@ -9,7 +9,7 @@ import pytest
 
 import cluster_support as cluster
 from cluster_support import free_port
-from mcp_server import ray_executor
+from mcp_server.executors import ray_executor
 from server_support import (TRAIN_COMMAND, Lab, answer, git, ledger_lines, make_cache, make_workspace, set_knobs,
                             stdio_client_for, wait_until)
 from test_server_e2e import RUN_TIMEOUT_S, harness_workspace
@@ -140,7 +140,7 @@ def test_real_train_py_through_ray(tmp_path, repo_root, prepared_env, monkeypatc
 
 def test_without_the_extra_the_executor_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
-    from mcp_server.models import Refusal
+    from mcp_server.core.models import Refusal
     with pytest.raises(Refusal, match=r"uv sync --extra ray"):
         ray_executor.ray_jobs()
 

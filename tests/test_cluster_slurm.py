@@ -9,8 +9,8 @@ import pytest
 
 import cluster_support as cluster
 from conftest import ensure_debian_package
-from mcp_server import slurm_executor
-from mcp_server.state import State
+from mcp_server.executors import slurm_executor
+from mcp_server.core.state import State
 from server_support import TRAIN_COMMAND, Lab, make_workspace, set_knobs, wait_until
 
 pytest.importorskip("submitit", reason="the slurm extra is not installed: uv sync --extra slurm")

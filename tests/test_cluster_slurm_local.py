@@ -4,7 +4,7 @@ where it can.)"""
 import pytest
 
 import cluster_support as cluster
-from mcp_server import slurm_executor
+from mcp_server.executors import slurm_executor
 from server_support import TRAIN_COMMAND, Lab, make_workspace, set_knobs, wait_until
 
 submitit = pytest.importorskip("submitit", reason="the slurm extra is not installed: uv sync --extra slurm")
@@ -31,8 +31,8 @@ def test_runs_through_submitits_local_executor(fake_env):
 
 
 def test_the_sbatch_script_asks_for_one_gpu_the_time_partition_and_account(fake_env):
-    from mcp_server.cluster import Job
-    from mcp_server.executor import RunSpec
+    from mcp_server.executors.cluster import Job
+    from mcp_server.executors.executor import RunSpec
     lab = Lab(make_workspace(fake_env))
     try:
         executor = slurm_executor.SlurmExecutor(lab.loop.ws, TRAIN_COMMAND, 1, fake_env / "shared",

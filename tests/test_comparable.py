@@ -75,8 +75,8 @@ def test_the_flops_clock_keeps_the_step_count_beside_a_busy_process(prepared_env
 def test_what_a_run_charges_the_flops_clock_is_checked_by_the_harness():
     """The FLOPs per token train.py charges against the floor the harness counts in its exported
     model, and the tokens it trained at that charge against the prepared budget."""
-    from mcp_server.integrity import flops_problem
-    from mcp_server.models import Summary
+    from mcp_server.core.integrity import flops_problem
+    from mcp_server.core.models import Summary
     rate, budget = 1e9, 10.0  # 1e10 FLOPs to spend
     honest = Summary(val_bpb=2.0, budget_clock="flops", flops_per_token=1e6, total_tokens_M=0.011, num_steps=11)
     assert flops_problem(honest, {"matmul_flops_per_token": 9e5}, rate, budget) is None

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from mcp_server import cost, dashboard, limits
+from mcp_server.core import cost, limits
+from mcp_server.dashboard import dashboard
 from server_support import set_knobs
 
 HOUR = 3600.0
@@ -73,7 +74,7 @@ def test_the_label_follows_the_device_each_run_trained_on():
 
 
 def test_the_overnight_summary_shows_the_slot_time(lab, capsys):
-    from mcp_server import overnight
+    from mcp_server.overnight import overnight
     lab.baseline()
     parser = argparse.ArgumentParser()
     overnight.add_arguments(parser)

@@ -13,9 +13,9 @@ from pathlib import Path
 import anyio
 import pytest
 
-from mcp_server import dashboard
+from mcp_server.dashboard import dashboard
 from mcp_server.__main__ import start_dashboard
-from mcp_server.dashboard_http import DashboardServer
+from mcp_server.dashboard.dashboard_http import DashboardServer
 from server_support import (
     REPO, Lab, answer, git, make_cache, make_workspace, set_knobs, stdio_client_for, wait_until,
 )

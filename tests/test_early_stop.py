@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from mcp_server import early_stop
+from mcp_server.phases import early_stop
 from server_support import Lab, ledger_lines, make_workspace, set_knobs
 
 BASE = "VAL_BPB = 1.0\nSTEPS = 10\n"

@@ -322,8 +322,8 @@ def test_a_planted_row_in_results_tsv_does_not_end_the_research_run(repo, tmp_pa
     """The target is met only by the server's rows (its copy in the git directory, where the edit hook
     and a run cannot write): a keep row below the target appended to results.tsv by hand lets no agent
     stop early, and neither the overnight runner end its night."""
-    from mcp_server.overnight import Runner
-    from mcp_server.overnight import add_arguments as overnight_arguments
+    from mcp_server.overnight.overnight import Runner
+    from mcp_server.overnight.overnight import add_arguments as overnight_arguments
     state = {"branch": "autoresearch/t1", "tag": "t1", "limits": {"target_val_bpb": 0.9},
              "rows": [["abc1234", 1.0, 2.0, "keep", "baseline"]]}
     copy = repo / ".git" / "research-loop" / "records" / "state.json"

@@ -125,7 +125,7 @@ def test_hooks_the_agent_plants_in_the_repository_never_run_in_the_servers_git(l
 def test_a_git_call_that_hangs_is_stopped_with_a_clear_error(lab, monkeypatch):
     """A checkout stuck in a filter program (planted in .git/config) ends in an answer within the
     server's git limit, never a hang of the dispatch."""
-    from mcp_server import workspace
+    from mcp_server.core import workspace
     lab.baseline()
     monkeypatch.setattr(workspace, "GIT_TIMEOUT_S", 3.0)
     (lab.ws / ".git" / "info" / "attributes").write_text("train.py filter=stall\n")

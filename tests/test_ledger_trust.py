@@ -7,7 +7,7 @@ one kept in .research-loop/archive/.
 """
 import json
 
-from mcp_server.state import records_dir
+from mcp_server.core.state import records_dir
 from server_support import Lab, error, git, ledger_lines, make_workspace, set_knobs, wait_until
 
 HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription"

@@ -24,8 +24,8 @@ import pytest
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from mcp_server.ledger import read_rows
-from mcp_server.state import State
+from mcp_server.core.ledger import read_rows
+from mcp_server.core.state import State
 from server_support import Lab, git, make_workspace, pid_alive, processes_running, stdio_client_for, wait_until
 
 OUTCOMES = {

@@ -6,8 +6,11 @@ import re
 
 import pytest
 
-from mcp_server import cli, morning, plot
-from server_support import Lab, answer, error, git, make_workspace, set_knobs
+from mcp_server import cli
+from mcp_server.core import history
+from mcp_server.phases import morning
+from mcp_server.core import plot
+from server_support import Lab, answer, git, make_workspace, set_knobs
 
 TRAIN = "VAL_BPB = {val}\nNOISE = 0.002\n{crash}\n\ndef attention(x):\n    return x{scale}\n"
 
@@ -180,7 +183,7 @@ def test_progress_png_draws_reruns_apart(night):
     drawn = night.ok("plot_progress")
     assert (drawn["runs_plotted"], drawn["kept"], drawn["crashes_excluded"], drawn["reruns"]) == (8, 3, 1, 4)
     rows = night.loop.rows()
-    assert morning.rerun_commits(night.ws, rows) == {
+    assert history.rerun_commits(night.ws / "runs", [r.commit for r in rows]) == {
         r.commit: kind for r, kind in zip(rows[1:5], ("noise repeat", "noise repeat", "control", "confirmation"))}
     assert plot.plot_rows(rows, night.ws / "plain.png")[3] == 0  # without the records, no rerun is known
 

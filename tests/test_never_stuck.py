@@ -2,14 +2,12 @@
 bent, and bad input gets a clear refusal. Each test plays an odd, unlucky or hostile agent against
 the real server (in-process MCP client, real git, the fake trainer)."""
 import json
-import os
-import time
 
 import pytest
 
-from mcp_server.ledger import MAX_DESCRIPTION
+from mcp_server.core.ledger import MAX_DESCRIPTION
 from server_support import (
-    Lab, git, ledger_lines, make_workspace, processes_in, set_knobs, slot_dir, wait_until,
+    git, ledger_lines, processes_in, set_knobs, slot_dir, wait_until,
 )
 
 

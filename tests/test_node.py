@@ -1,4 +1,4 @@
-"""The node side of a cluster run (mcp_server/node.py) as an engine starts it: a process in the
+"""The node side of a cluster run (mcp_server/scripts/node.py) as an engine starts it: a process in the
 job's code folder, with the scripts shipped beside the code. Two jobs starting together on one
 node prepare the data once; a node that cannot prepare says which node and why."""
 import json
@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mcp_server import node, sandbox, worker
+from mcp_server.scripts import node, sandbox, worker
 
 # a stand-in for prepare.py: counts its runs, takes a moment, records what it prepared
 PREPARE = """import json, os, sys, time

@@ -9,7 +9,7 @@ import sys
 import anyio
 import pytest
 
-from mcp_server import notify
+from mcp_server.core import notify
 from server_support import (REPO, Webhook, answer, ledger_lines, make_workspace, set_knobs, stdio_client_for,
                             wait_until)
 

@@ -16,7 +16,7 @@ import anyio
 import pytest
 from mcp import Client
 
-from mcp_server import limits
+from mcp_server.core import limits
 from mcp_server.server import build_server
 from plugin_support import (REPO, TOOL_PREFIX, ScriptedAgent, claude_env, install_claude_cli, uv_link_mode)
 from server_support import (Webhook, git, ledger_lines, make_workspace, pid_alive, processes_in, set_knobs,
@@ -80,7 +80,7 @@ def test_failures_in_a_row_end_the_run(lab):
     lab.ok("keep")
     for k in range(2):
         set_knobs(lab.ws, crash=1)  # again: discard restored the kept train.py
-        lab.ok("run_experiment", description=f"broken {k}")
+        lab.ok("run_experiment", description=f"broken {k}", rerun=True)  # the same broken code twice
         lab.ok("discard")
     assert "2 failures in a row" in lab.ok("status")["ended"]
 
@@ -305,7 +305,7 @@ def test_the_runner_refuses_limits_that_set_none_and_reserved_tags_before_any_se
 
 def test_the_runner_starts_new_sessions_until_the_limit(claude, session_env, fake_env, tmp_path):
     ws = make_workspace(fake_env)
-    steps = [call("status"), call("setup", tag="night", max_experiments=2), call("run_experiment", description="x"),
+    steps = [call("status"), call("setup", tag="night", max_experiments=2), call("run_experiment", description="x", rerun=True),
              call("keep")]  # then the agent is stuck: the hook lets it go, the runner starts another session
     with ScriptedAgent(steps) as agent:
         env = agent.env(session_env) | {"PYTHONUNBUFFERED": "1"}
@@ -392,7 +392,7 @@ def fake_claude(fake_env, tmp_path, monkeypatch):
 
 
 def runner_args(ws: Path, *flags: str):
-    from mcp_server import overnight
+    from mcp_server.overnight import overnight
     parser = argparse.ArgumentParser()
     overnight.add_arguments(parser)
     return parser.parse_args(["--tag", "night", "--workspace", str(ws), *flags])
@@ -406,7 +406,7 @@ def test_quick_failures_back_off_and_five_in_a_row_give_up(fake_claude, fake_env
     """Sessions that end at once with nothing decided: each waits longer before the next (the last
     delay repeats), a session that decided a run resets the count, and five in a row give up with
     what the last one said."""
-    from mcp_server import overnight
+    from mcp_server.overnight import overnight
     ws = make_workspace(fake_env)
     monkeypatch.setenv("FAKE_CLAUDE_PLAN", "fail,fail,decide,fail")
     claude = overnight.preflight(ws, None)  # found on PATH
@@ -433,7 +433,7 @@ def test_quick_failures_back_off_and_five_in_a_row_give_up(fake_claude, fake_env
 def test_past_the_deadline_and_its_grace_the_session_is_stopped(fake_claude, fake_env, monkeypatch, capsys):
     """A session still going after --hours: it keeps the run in flight's timeout plus the grace to
     finish, then it is stopped (its whole process group, the server with it) and no new one starts."""
-    from mcp_server import overnight
+    from mcp_server.overnight import overnight
     ws = make_workspace(fake_env)
     monkeypatch.setenv("FAKE_CLAUDE_PLAN", "hang")
     monkeypatch.setenv("FAKE_CLAUDE_RUN_TIMEOUT", "2")
@@ -471,7 +471,7 @@ def test_preflight_names_what_to_install_when_claude_is_missing(fake_env, tmp_pa
 
 
 def test_the_runner_pings_when_it_gives_up(fake_claude, fake_env, monkeypatch, capsys):
-    from mcp_server import overnight
+    from mcp_server.overnight import overnight
     ws = make_workspace(fake_env)
     monkeypatch.setenv("FAKE_CLAUDE_PLAN", "fail")
     hook = Webhook()
@@ -491,7 +491,7 @@ def test_max_cost_stops_starting_sessions_once_spent_and_the_summary_shows_it(fa
                                                                               capsys):
     """$0.40 a session and --max-cost 1: the third session crosses it, no fourth starts (nor any when the
     same command is run again: the tag's sessions count), and the tokens and cost are summed."""
-    from mcp_server import overnight
+    from mcp_server.overnight import overnight
     ws = make_workspace(fake_env)
     monkeypatch.setenv("FAKE_CLAUDE_PLAN", "spend")
     hook = Webhook()

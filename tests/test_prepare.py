@@ -280,7 +280,7 @@ def test_shards_remember_their_data_set(tmp_path):
 
 def test_the_server_finds_the_cache_where_the_harness_writes_it(monkeypatch, tmp_path):
     """AUTORESEARCH_CACHE=~/... : the server read a literal '~' folder and found nothing prepared."""
-    from mcp_server import workspace
+    from mcp_server.core import workspace
     from nanochat import cache
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("AUTORESEARCH_CACHE", "~/research-cache")

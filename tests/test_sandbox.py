@@ -1,4 +1,4 @@
-"""No run without a sandbox unless the user asked for it (mcp_server/sandbox.py).
+"""No run without a sandbox unless the user asked for it (mcp_server/scripts/sandbox.py).
 
 Where no sandbox can run (bubblewrap missing, or installed but refused its namespaces), a run is
 refused with what to install or how to opt in, before anything is committed; with the opt-in,
@@ -15,10 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from mcp_server import cluster, dashboard, node, overnight, sandbox, worker
+from mcp_server.dashboard import dashboard
+from mcp_server.executors import cluster
+from mcp_server.overnight import overnight
+from mcp_server.scripts import node, sandbox, worker
 from mcp_server.__main__ import parse_args
-from mcp_server.executor import RunSpec
-from server_support import Lab, answer, error, git, ledger_lines, make_workspace, set_knobs
+from mcp_server.executors.executor import RunSpec
+from server_support import Lab, error, git, ledger_lines, make_workspace, set_knobs
 
 WORKER = Path(worker.__file__)
 ORIGINAL_PATH = os.environ["PATH"]

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from autosearch.constants import evaluate_constants, find_constants, harness_exports
-from mcp_server.constants import ConstantError, changed_statements, format_value, rewrite_constants
+from mcp_server.core.constants import ConstantError, changed_statements, format_value, rewrite_constants
 from autosearch.driver import budget_left, experiments_done
 from autosearch.report import best_kept, ledger_table, read_ledger
 from autosearch.space import DEFAULT_SPACE, Dimension, SpaceError, applicable, load_space, validate_space

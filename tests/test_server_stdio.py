@@ -16,7 +16,7 @@ from mcp import Client, ClientSession
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 
-from mcp_server.state import State
+from mcp_server.core.state import State
 from server_support import (
     REPO, answer, error, git, ledger_lines, make_cache, make_workspace, pid_alive, processes_in, processes_running,
     set_knobs, slot_dir, stdio_client_for, stdio_params, wait_until,

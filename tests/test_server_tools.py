@@ -3,8 +3,6 @@
 The training command is tests/fake_train.py, steered by knobs in train.py (see its docstring).
 """
 import json
-import os
-import signal
 import sys
 import time
 
@@ -13,7 +11,7 @@ import pytest
 from mcp import Client
 
 from mcp_server.server import build_server
-from mcp_server.state import records_dir
+from mcp_server.core.state import records_dir
 from server_support import (
     TOOL_NAMES, Lab, answer, error, git, ledger_lines, make_workspace, processes_in, set_knobs,
     slot_dir, text, wait_until,

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from mcp_server import ledger, logparse, noise
-from mcp_server.executor import compile_bytecode, training_env
-from mcp_server.models import Refusal
-from mcp_server.state import State
+from mcp_server.core import ledger, logparse, noise
+from mcp_server.executors.executor import compile_bytecode, training_env
+from mcp_server.core.models import Refusal
+from mcp_server.core.state import State
 
 FIXTURE = Path("/work/shared/fixtures/upstream-format-cpu-run.log")
 FIXTURE_TEXT = FIXTURE.read_bytes().decode() if FIXTURE.exists() else None
@@ -179,7 +179,7 @@ def test_one_owner_per_workspace_and_the_lock_dies_with_its_process(tmp_path):
     second.release()
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys; sys.path.insert(0, %r)\n"
-        "from pathlib import Path; from mcp_server.state import State\n"
+        "from pathlib import Path; from mcp_server.core.state import State\n"
         "assert State(Path(%r)).try_own(); print('owned', flush=True)\n"
         "import time; time.sleep(60)\n") % (str(Path(__file__).parent.parent), str(tmp_path))],
         stdout=subprocess.PIPE, text=True)
@@ -198,7 +198,7 @@ def test_state_transactions_of_two_processes_never_lose_an_update(tmp_path):
     State(tmp_path).update(count=0)
     script = (
         "import sys; sys.path.insert(0, %r)\n"
-        "from pathlib import Path; from mcp_server.state import State\n"
+        "from pathlib import Path; from mcp_server.core.state import State\n"
         "s = State(Path(%r))\n"
         "for _ in range(150):\n"
         "    with s.transaction() as d: d['count'] += 1\n") % (str(Path(__file__).parent.parent), str(tmp_path))
@@ -240,7 +240,7 @@ def test_reads_beside_the_owners_writes_never_take_its_own_writes_for_a_change(t
 
 
 def test_time_budget_comes_from_env_record_profile_or_upstream(tmp_path, monkeypatch, repo_root):
-    from mcp_server.workspace import time_budget
+    from mcp_server.core.workspace import time_budget
     cache = tmp_path / "cache"
     cache.mkdir()
     monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))
@@ -278,7 +278,7 @@ def test_the_training_environment_gets_its_bytecode_from_the_server(tmp_path, mo
 
 
 # --- the run worker -------------------------------------------------------------------------
-WORKER = Path(__file__).resolve().parent.parent / "mcp_server" / "worker.py"
+WORKER = Path(__file__).resolve().parent.parent / "mcp_server" / "scripts" / "worker.py"
 
 
 def run_worker(tmp_path, code: str, *options: str, stdin=subprocess.DEVNULL) -> tuple[dict, str]:
@@ -479,7 +479,7 @@ def handoff_run(tmp_path, before_answer="", eval_seconds=0.0, timeout=30):
 def test_an_export_larger_than_any_model_is_a_crash_not_a_copy(tmp_path, monkeypatch):
     """A 50 GiB sparse file at the export path costs the run a few bytes of disk; the harness's copy
     of it would fill the disk. It is refused at once, and the run is no result, whatever it prints."""
-    from mcp_server import integrity
+    from mcp_server.core import integrity
     monkeypatch.chdir(tmp_path)
     evaluate = {"argv": [sys.executable, "-c", FAKE_EVALUATOR], "env": dict(os.environ), "timeout": 20,
                 "harness": str(clean_harness(tmp_path)), "harness_commit": None}
@@ -497,8 +497,8 @@ def test_an_export_larger_than_any_model_is_a_crash_not_a_copy(tmp_path, monkeyp
 def test_harness_inputs_swapped_after_setup_make_the_run_no_result(tmp_path, monkeypatch):
     """The agent swaps the tokenizer (or its byte table, or the validation shard, same size) after
     setup: each run is checked against what setup pinned, never against a hash taken as it starts."""
-    from mcp_server import integrity
-    from mcp_server.models import Refusal
+    from mcp_server.core import integrity
+    from mcp_server.core.models import Refusal
     from server_support import make_cache
     monkeypatch.chdir(tmp_path)
     cache = make_cache(tmp_path)  # a record from before prepare pinned the shard's content

@@ -11,7 +11,7 @@ from mcp import Client
 
 from mcp_server.server import build_server
 from server_support import (
-    Lab, answer, git, ledger_lines, make_workspace, pid_alive, set_knobs, slot_dir, stdio_client_for, wait_until,
+    Lab, answer, git, ledger_lines, make_workspace, set_knobs, slot_dir, stdio_client_for, wait_until,
 )
 from test_loop_properties import training_processes
 
@@ -242,8 +242,8 @@ def test_the_servers_watchdog_waits_for_the_harness_evaluation(fake_env, monkeyp
     """The worker evaluates the exported model after training, under its own limit: the server's
     safety net must not kill it at the training's timeout (it did, under load, in the demo)."""
     import queue
-    from mcp_server import executor
-    from mcp_server.workspace import Workspace
+    from mcp_server.executors import executor
+    from mcp_server.core.workspace import Workspace
     ws = make_workspace(fake_env)
     harness = fake_env / "harness"
     git(ws, "worktree", "add", "-q", "--detach", str(harness))  # a clean checkout, as the real harness copy
@@ -275,8 +275,9 @@ def test_each_slots_harness_evaluation_runs_on_that_slots_gpu(fake_env, two_gpus
     GPUs): each evaluation must still get its own slot's GPU, not GPU 0 beside slot 0's timed
     training, and the library path where libcuda may be found only through it."""
     import queue
-    from mcp_server import executor, integrity
-    from mcp_server.workspace import Workspace
+    from mcp_server.core import integrity
+    from mcp_server.executors import executor
+    from mcp_server.core.workspace import Workspace
     monkeypatch.setenv("LD_LIBRARY_PATH", "/opt/driver/lib")
     ws = make_workspace(fake_env)
     harness = fake_env / "harness"

@@ -3,7 +3,6 @@ block, and the fast fail on a NaN loss."""
 import json
 import math
 import re
-import shutil
 import subprocess
 import sys
 

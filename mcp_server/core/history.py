@@ -1,0 +1,110 @@
+"""What has been tried: each decided run's change to train.py, summarised so an agent can scan a
+night of ideas in a few lines and not repeat a dead end after a compaction or a new session.
+
+A change is described by the train.py constants it changed ("MATRIX_LR 0.04->0.06") plus a
+count of other changed lines. It is computed once, when the run is decided, and stored in the
+run's record under runs/; reading the history only reads those records.
+"""
+import ast
+import difflib
+import json
+import re
+from pathlib import Path
+
+CONSTANT_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
+MAX_VALUE_CHARS = 24  # of a constant's right-hand side in a summary
+
+
+def find_constants(source: str) -> dict[str, ast.Assign | None]:
+    """Module-level upper-case single-name assignments, by name (None: assigned more than once)."""
+    found: dict[str, ast.Assign | None] = {}
+    seen_twice: set[str] = set()
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            name = node.targets[0].id
+            if CONSTANT_NAME.match(name):
+                if name in found:
+                    seen_twice.add(name)
+                found[name] = node
+    # A name assigned twice can't be edited safely: which one wins depends on code in between.
+    for name in seen_twice:
+        found[name] = None
+    return found
+
+
+def _values(source: str) -> tuple[dict[str, str], set[int]]:
+    """Each constant's right-hand side as written, and the lines those assignments span."""
+    values, lines = {}, set()
+    for name, node in find_constants(source).items():
+        if node is None:
+            continue
+        text = " ".join((ast.get_source_segment(source, node.value) or "?").split())
+        values[name] = text if len(text) <= MAX_VALUE_CHARS else text[:MAX_VALUE_CHARS - 3] + "..."
+        lines.update(range(node.lineno, node.end_lineno + 1))
+    return values, lines
+
+
+def describe_change(old: str, new: str) -> dict:
+    """{"constants": {NAME: [old, new]}, "other_lines": n} for a change of train.py."""
+    try:
+        before, before_lines = _values(old)
+        after, after_lines = _values(new)
+    except SyntaxError:
+        before, before_lines, after, after_lines = {}, set(), {}, set()
+    constants = {name: [before.get(name), after.get(name)] for name in sorted(before.keys() | after.keys())
+                 if before.get(name) != after.get(name)}
+    old_rest = [line for i, line in enumerate(old.splitlines(), 1) if i not in before_lines]
+    new_rest = [line for i, line in enumerate(new.splitlines(), 1) if i not in after_lines]
+    other = sum(1 for line in difflib.ndiff(old_rest, new_rest) if line[:1] in "+-")
+    return {"constants": constants, "other_lines": other}
+
+
+def change_text(change: dict | None) -> str:
+    if not change:
+        return "?"
+    parts = [f"{name} {old if old is not None else '(new)'}->{new if new is not None else '(removed)'}"
+             for name, (old, new) in change.get("constants", {}).items()]
+    if change.get("other_lines"):
+        parts.append(f"{change['other_lines']} other line(s)")
+    return "; ".join(parts) or "no change"
+
+
+def records(runs_dir: Path, decided: bool = True) -> list[dict]:
+    """Every decided run's record (decided=False: every run's), oldest first."""
+    found = []
+    for path in sorted(runs_dir.glob("[0-9][0-9][0-9][0-9]-*.json")) if runs_dir.is_dir() else ():
+        if path.name.endswith(".report.json"):
+            continue
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and isinstance(record.get("run"), dict) and (record.get("decision") or not decided):
+            found.append(record)
+    return found
+
+
+def records_by_commit(runs_dir: Path) -> dict[str, dict]:
+    """The decided runs' records by their commit."""
+    return {r["result"]["commit"]: r for r in records(runs_dir) if isinstance(r.get("result"), dict)}
+
+
+def rerun_commits(runs_dir: Path, commits) -> dict[str, str]:
+    """{commit: rerun kind} of these commits' runs that re-measured code rather than try an idea."""
+    commits = set(commits)
+    return {commit: kind for commit, record in records_by_commit(runs_dir).items()
+            if commit in commits and (kind := rerun_kind(record))}
+
+
+RERUN_KINDS = ("noise repeat", "confirmation", "control")
+
+
+def rerun_kind(record: dict | None) -> str | None:
+    """What a rerun re-measured, from the fields the server set when it queued the run (an idea's
+    description is the agent's, so an idea named "noise repeat" stays an idea): a noise repeat of
+    the best, a confirmation of a candidate, or a control (the best again, beside a confirmation;
+    a rerun's description is the server's own); None for an idea."""
+    run = (record or {}).get("run") or {}
+    if run.get("rerun_of") is not None:
+        return "control" if str(run.get("description", "")).startswith("control ") else "confirmation"
+    return "noise repeat" if run.get("data_order") else None

@@ -1,0 +1,281 @@
+"""What makes a run's number the harness's, not train.py's.
+
+- The sandbox (bubblewrap, sandbox-exec on macOS; none only with the user's opt-in: sandbox.py): a
+  run sees the workspace (records, harness, the agent's files), the prepared cache, the
+  environments and this plugin read-only; only its worktree (minus the harness files in it), its
+  export folder and the compile cache are writable.
+- The separate evaluation: the harness exports the trained model (nanochat/export.py) and the
+  worker evaluates it in an isolated interpreter from a pristine copy of the harness
+  (nanochat/evaluate_export.py): loss from logits, a causality check, at the prepared profile's
+  shapes, on the worker's copy of the program and of the pinned validation shard and tokenizer
+  (taken before the training starts): nothing the run writes sets what it is scored with.
+- The checks: the prepared cache is what it was at setup, git's index hides no change, and the
+  time a run reports agrees with what its worker measured and with the budget.
+- The pins: the content of what the harness scores with (tokenizer, token bytes, validation
+  shard) is hashed at setup; every run is checked against those hashes, never against a hash
+  taken when it starts, so a file swapped at any time after setup makes the run no result.
+"""
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+from pathlib import Path
+
+from mcp_server.core.models import Refusal
+from mcp_server.scripts.worker import evaluation_inputs, sha256_of
+from mcp_server.core.workspace import EDITABLE, cache_dir, prepared_info
+
+HARNESS_DIR = "research-loop/harness"  # inside .git: the pristine harness the evaluation runs from
+EXPORTS_DIR = ".research-loop/exports"
+EXPORT_NAME = "model.pt2"
+EVALUATOR = "nanochat/evaluate_export.py"
+EXPORTER = "nanochat/export.py"
+COMPILE_CACHE = "compile"  # inside the prepared cache: compiled graphs and the measured peak FLOP/s, so writable
+# What the harness scores with, in the prepared cache (nanochat/cache.py): pinned by content at setup
+PINNED_FILES = {"tokenizer": "tokenizer/tokenizer.pkl", "token_bytes": "tokenizer/token_bytes.pt"}
+EVAL_TIMEOUT_FACTOR = 0.5  # of the run's timeout, at least EVAL_TIMEOUT_MIN_S
+EVAL_TIMEOUT_MIN_S = 300.0
+# A run trains until its time passes the budget, so it may overshoot by one step (plus this share).
+BUDGET_TOLERANCE = 0.05
+CLOCK_SLACK_S = 2.0  # the run's own clocks against its worker's: interpreter start-up and rounding
+
+
+def supports_export(ws, commit: str) -> bool:
+    """The harness at this commit exports the model and evaluates it (this project's does;
+    upstream's prepare.py does not)."""
+    tree = ws.repo.commit(commit).tree
+    try:
+        tree / EVALUATOR, tree / EXPORTER  # noqa: B018  (lookups raise KeyError when missing)
+    except KeyError:
+        return False
+    return True
+
+
+def harness_copy(ws, commit: str, fingerprint: str) -> Path:
+    """The pristine harness: a worktree of a commit with the research run's fingerprint, checked out
+    when it is not one already, then only read (by every slot's evaluation at once)."""
+    path = Path(ws.repo.git_dir) / HARNESS_DIR
+    current = ws.worktree_head(path)
+    if current and ws.fingerprint(current) == fingerprint and ws.worktree_clean(path):
+        return path
+    return ws.checkout_worktree(path, commit)
+
+
+def eval_tokens() -> int:
+    """The evaluation's size: the prepared record's, or the server's own AUTORESEARCH_EVAL_TOKENS
+    (tests shorten it): never what the training process sets."""
+    override = os.environ.get("AUTORESEARCH_EVAL_TOKENS")
+    if override:
+        return int(float(override))
+    return int((prepared_info() or {}).get("eval_tokens") or 40 * 524288)
+
+
+def site_packages() -> list[str]:
+    """Where this interpreter's packages (torch) are, for an evaluation started without site."""
+    paths = sysconfig.get_paths()
+    return sorted({paths["purelib"], paths["platlib"]})
+
+
+def input_pins() -> dict:
+    """At setup: the SHA-256 of each file the harness scores with, and the validation shard's name
+    and SHA-256 (prepare's pin where it recorded one, hashed now otherwise)."""
+    cache = cache_dir()
+    pins = {name: sha256_of(cache / rel) for name, rel in PINNED_FILES.items() if (cache / rel).is_file()}
+    shard = val_shard()
+    if shard is not None:
+        recorded = (prepared_info() or {}).get("val_shard") or {}
+        same = recorded.get("name") == shard.name and recorded.get("sha256")
+        pins["val"] = {"name": shard.name, "sha256": recorded["sha256"] if same else sha256_of(shard)}
+    return pins
+
+
+def check_pins(pins: dict | None) -> None:
+    """At each run's start: the tokenizer and its byte table are still what setup pinned (the worker
+    checks its copies of the tokenizer and the validation shard by content again)."""
+    for name, rel in PINNED_FILES.items():
+        path = cache_dir() / rel
+        if name in (pins or {}) and (not path.is_file() or sha256_of(path) != pins[name]):
+            raise Refusal(f"{path} is not the file this research run was set up with (its content changed since "
+                          "setup): every run must be scored with the same harness inputs. Restore it, or re-run "
+                          "`uv run prepare.py` and call setup(tag) for a new research run.")
+
+
+def pinned_inputs(pins: dict | None) -> dict:
+    """The evaluation's inputs with the hashes setup pinned; without pins (a state from before
+    them), hashed now."""
+    inputs = evaluation_inputs(cache_dir(), val_shard(), prepared_info())
+    if not pins:
+        return inputs
+    if "tokenizer" in inputs and "tokenizer" in pins:
+        inputs["tokenizer"]["sha256"] = pins["tokenizer"]
+    if "val" in inputs and "val" in pins:  # the shard now the last (or recorded) one: the one setup pinned
+        inputs["val"]["sha256"] = pins["val"]["sha256"] if Path(inputs["val"]["path"]).name == pins["val"]["name"] \
+            else f"{pins['val']['name']} (pinned at setup)"
+    return inputs
+
+
+def evaluation_spec(harness: Path, harness_commit: str, timeout: float, pins: dict | None = None) -> dict:
+    """The worker's --evaluate: this interpreter, isolated (-I: no PYTHON* variables, no user site,
+    no script folder on the path), without site (-S: no .pth file or sitecustomize runs), writing no
+    bytecode (-B: the harness copy stays exactly its commit, which the worker checks after the
+    evaluation, so bytecode planted there is caught), in a clean environment (LD_LIBRARY_PATH kept: where
+    libcuda is found only through it, the evaluation would see no GPU). Its shapes are the prepared
+    profile's, its size the server's, and its inputs the pinned validation shard and tokenizer, which
+    the worker copies and checks before the training starts. The worker adds --out-fd (the result
+    comes back through a pipe that the training process cannot reach), the descriptors of its private
+    copies of the inputs and the exported program, and its slot's GPU."""
+    env = {k: v for k, v in os.environ.items()
+           if k in ("PATH", "HOME", "LANG", "LC_ALL", "CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH",
+                    "AUTORESEARCH_DEVICE", "AUTORESEARCH_CACHE")}
+    env["AUTORESEARCH_CACHE"] = str(cache_dir())
+    argv = [sys.executable, "-I", "-S", "-B",
+            str(harness / EVALUATOR), "--profile", str((prepared_info() or {}).get("profile")),
+            "--eval-tokens", str(eval_tokens()), "--site-packages", *site_packages()]
+    return {"argv": argv, "env": env, "harness": str(harness), "harness_commit": harness_commit,
+            "timeout": evaluation_timeout(timeout),
+            "inputs": pinned_inputs(pins)}
+
+
+def evaluation_allowance(entry: dict) -> float:
+    """Seconds a run's worker may spend after training (its harness evaluation); 0 where the harness
+    does not export."""
+    return evaluation_timeout(entry["timeout"]) if entry.get("verifies") else 0.0
+
+
+def evaluation_timeout(run_timeout: float) -> float:
+    """The separate evaluation's own limit, beside the training's (the worker does not count the
+    evaluation against the run's timeout): the server's watchdog allows for it too."""
+    return max(EVAL_TIMEOUT_MIN_S, EVAL_TIMEOUT_FACTOR * run_timeout)
+
+
+def sandbox_spec(root: Path, export_dir: Path, harness_files: list[str]) -> dict:
+    """Read-only: the workspace, the prepared cache, this plugin and its interpreter's environment.
+    Writable again: the run's worktree (".": paths relative to it), its export folder and the
+    machine's caches (compiled graphs, peak FLOP/s). Read-only once more: the harness files inside
+    the worktree."""
+    cache = cache_dir()
+    (cache / COMPILE_CACHE).mkdir(parents=True, exist_ok=True)
+    readonly = [str(root), str(cache), str(Path(__file__).resolve().parents[2]), sys.prefix]
+    writable = [".", str(export_dir), str(cache / COMPILE_CACHE)]
+    return {"readonly": readonly, "writable": writable, "readonly_inside": harness_files}
+
+
+def harness_files(ws, commit: str) -> list[str]:
+    """The top-level entries of a commit's tree but train.py, and the worktree's .git link (a run
+    that pointed it at a repository of its own, with a hook or an fsmonitor, would have the
+    server's next git call in that slot run its code): what a run must not write."""
+    return sorted([".git", *(item.name for item in ws.repo.commit(commit).tree if item.name != EDITABLE)])
+
+
+def val_shard() -> Path | None:
+    """The validation shard as prepare pinned it, else the last one in sorted order (upstream's rule)."""
+    data = cache_dir() / "data"
+    pinned = ((prepared_info() or {}).get("val_shard") or {}).get("name")
+    if pinned and (data / pinned).exists():
+        return data / pinned
+    shards = sorted(data.glob("shard_*.parquet")) if data.is_dir() else []
+    return shards[-1] if shards else None
+
+
+def worker_args(ws, root: Path, run: int, commit: str, timeout: float, harness: Path | None,
+                harness_commit: str, slots: int, data_order: int = 0, pins: dict | None = None) -> list[str]:
+    """The worker's options for one run: the sandbox, the data order of a rerun, and where the
+    harness verifies, the export, the watched validation shard and the separate evaluation.
+    pins: setup's input_pins (a Refusal where the cache no longer holds them)."""
+    check_pins(pins)
+    export_dir = root / EXPORTS_DIR / str(run)
+    export_dir.mkdir(parents=True, exist_ok=True)
+    sandbox = sandbox_spec(root, export_dir, harness_files(ws, commit))
+    args = ["--sandbox", json.dumps(sandbox)] + (["--data-order", str(data_order)] if data_order else [])
+    if harness is None:
+        return args
+    program = export_dir / EXPORT_NAME
+    args += ["--export", str(program), "--evaluate", json.dumps(evaluation_spec(harness, harness_commit, timeout, pins))]
+    shard = val_shard()
+    if shard is not None:
+        args += ["--val-shard", str(shard)] + (["--val-shared"] if slots > 1 else [])
+    return args
+
+
+def cache_fingerprint() -> str | None:
+    """The prepared record, the tokenizer's files and the data shards' names and sizes: a change
+    moves the budget, the tokenizer or what the runs see as data."""
+    cache = cache_dir()
+    if not cache.is_dir():
+        return None
+    digest = hashlib.sha256()
+    record = cache / "prepared.json"
+    digest.update(record.read_bytes() if record.exists() else b"(no record)")
+    for folder in ("tokenizer", "data"):
+        for path in sorted((cache / folder).glob("*")) if (cache / folder).is_dir() else ():
+            digest.update(f"{folder}/{path.name}\t{path.stat().st_size}\n".encode())
+            if folder == "tokenizer":
+                digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:16]
+
+
+def hidden_index_changes(ws) -> list[str]:
+    """Tracked files git was told not to look at (assume-unchanged or skip-worktree): their changes
+    would not show in any diff."""
+    return [line[2:] for line in ws.repo.git.ls_files("-v").splitlines() if line[:1].islower() or line[:1] == "S"]
+
+
+def time_problem(summary, report: dict, budget: float, last_step_s: float | None) -> str | None:
+    """Why the time a run reports cannot stand: more training than the budget allows (the loop
+    stops after the step that crosses it, so one step over, the longer of the last one and the
+    mean), or more than its worker measured."""
+    wall = report.get("wall_seconds")
+    training, total, steps = summary.training_seconds, summary.total_seconds, summary.num_steps
+    if training is not None:
+        step = max(training / max(steps or 1, 1), last_step_s or 0.0)
+        if training > budget * (1 + BUDGET_TOLERANCE) + step:
+            return (f"train.py trained for {training:.1f}s, over the {budget:.0f}s budget (more than one step over): "
+                    "the budget is the harness's, not train.py's")
+        timed = summary.timed_seconds if summary.timed_seconds is not None else training
+        if wall is not None and timed > wall + CLOCK_SLACK_S:
+            return f"train.py reports {timed:.1f}s of training, but the whole run took {wall:.1f}s"
+    if total is not None and wall is not None and total > wall + CLOCK_SLACK_S:
+        return f"train.py reports a total of {total:.1f}s, but the whole run took {wall:.1f}s"
+    return None
+
+
+def flops_problem(summary, evaluation: dict, flops_per_budget_second: float | None, budget: float) -> str | None:
+    """On the flops budget clock, why the FLOPs a run trained cannot stand: train.py charged each
+    token less than its exported model's weights take (the harness's floor), or its tokens at that
+    charge are more than the budget (one step over for the loop's stop, one untimed step)."""
+    if summary.budget_clock != "flops":
+        return None
+    claimed, floor = summary.flops_per_token, evaluation.get("matmul_flops_per_token")
+    if not claimed or not flops_per_budget_second or not summary.total_tokens_M or not summary.num_steps:
+        return ("train.py spent its budget on the flops clock but its summary lacks flops_per_token, total_tokens_M "
+                "or num_steps (or prepared.json its flops_per_budget_second): the harness cannot check the FLOPs")
+    if floor and claimed < floor:
+        return (f"train.py charged {claimed:.4g} FLOPs per token to the budget, but its exported model's weight "
+                f"matrices alone take {floor:.4g}: the budget is the harness's, not train.py's")
+    trained = summary.total_tokens_M * 1e6 * claimed
+    allowed = flops_per_budget_second * budget * (1 + BUDGET_TOLERANCE) + 2 * trained / summary.num_steps
+    if trained > allowed:
+        return (f"train.py trained {trained:.4g} FLOPs ({summary.num_steps} steps, {summary.total_tokens_M:g}M "
+                f"tokens at {claimed:.4g} per token), over the budget's {flops_per_budget_second * budget:.4g}: "
+                "the budget is the harness's, not train.py's")
+    return None
+
+
+def evaluation_verdict(report: dict) -> tuple[str | None, float | None, str]:
+    """(why the run is no result, or None; the harness's val_bpb, or None; a note for the answer)."""
+    evaluation = report.get("evaluation") or {}
+    if report.get("val_opened_before_export"):
+        return ("the training opened the validation data before its model was exported: it may have "
+                "trained on it", None, "")
+    if evaluation.get("causal") is False or evaluation.get("problem"):
+        return evaluation.get("problem") or "the exported model failed the causality check", None, ""
+    if "val_bpb" in evaluation:
+        note = (f"harness evaluation: val_bpb {evaluation['val_bpb']:.6f} from the exported model "
+                f"(export {evaluation.get('export_seconds')}s, evaluation {evaluation.get('wall_seconds')}s)")
+        return None, evaluation["val_bpb"], note
+    if evaluation.get("error"):
+        return None, None, f"unverified: {evaluation['error']}"
+    if report.get("exported") is False:
+        return None, None, "unverified: train.py did not export its model (prepare.evaluate_bpb was not called?)"
+    return None, None, "unverified: no harness evaluation"

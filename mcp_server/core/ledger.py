@@ -1,0 +1,262 @@
+"""results.tsv, the experiment ledger in upstream's format.
+
+The rows that decide (the best, what is logged) are the server's own: a list in its state
+(mcp_server/core/state.py), where they are added. results.tsv is written from that list: a new row is
+appended with one write() on an O_APPEND descriptor followed by fsync, so a crash of the server
+or of the training never leaves a half-written row; a file someone else changed is archived and
+written again whole from the list, and never read back as a record.
+"""
+import hashlib
+import math
+import os
+import re
+import threading
+import time
+import unicodedata
+from pathlib import Path
+
+from mcp_server.core.models import Refusal, Row
+
+LEDGER_NAME = "results.tsv"
+HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
+STATUSES = ("keep", "discard", "crash")
+COMMIT_RE = re.compile(r"^[0-9a-f]{7}$")
+MAX_DESCRIPTION = 300
+
+
+ELLIPSIS = "..."
+
+
+def _breaks_a_row(char: str) -> bool:
+    """Tabs, line breaks of any kind (what str.splitlines splits on) and other control characters."""
+    return unicodedata.category(char) in ("Cc", "Zl", "Zp")
+
+
+def _hides_text(char: str) -> bool:
+    """Invisible format characters (Cf: bidi overrides and isolates such as U+202E, zero-width
+    spaces and joiners, the BOM) and unpaired surrogates: a row holding one can read otherwise
+    than it is written, or not be written at all."""
+    return unicodedata.category(char) in ("Cf", "Cs")
+
+
+def validate_description(text: str, what: str = "description") -> str:
+    if not isinstance(text, str):
+        raise Refusal(f"The {what} must be text.")
+    text = text.strip()
+    if not text:
+        raise Refusal(f"The {what} is empty: say in a few words what this run changes.")
+    bad = sorted({c for c in text if _breaks_a_row(c)})
+    if bad:
+        raise Refusal(f"The {what} contains a tab, a line break or another control character "
+                      f"({', '.join(repr(c) for c in bad)}), which would break results.tsv; use one line of plain text.")
+    hidden = sorted({c for c in text if _hides_text(c)})
+    if hidden:
+        named = ", ".join(f"U+{ord(c):04X} {unicodedata.name(c, '(unnamed)')}" for c in hidden)
+        raise Refusal(f"The {what} contains an invisible character ({named}), which can make "
+                      "results.tsv read otherwise than it is written (a right-to-left override reverses what "
+                      "follows it); use plain visible text.")
+    if len(text) > MAX_DESCRIPTION:
+        raise Refusal(f"The {what} is {len(text)} characters; keep it under {MAX_DESCRIPTION}.")
+    return text
+
+
+def fit_description(text: str, suffix: str = "", limit: int = MAX_DESCRIPTION) -> str:
+    """A description the server composes (a note or a marker appended) shortened to the limit, the
+    suffix kept whole: what the server writes always passes its own validation."""
+    room = limit - len(suffix)
+    if len(text) > room:
+        text = text[:max(room - len(ELLIPSIS), 0)].rstrip() + ELLIPSIS
+    return (text + suffix)[:limit]
+
+
+def make_row(commit: str, val_bpb: float, memory_gb: float, status: str, description: str) -> Row:
+    """A validated row; crash rows carry 0.000000 and 0.0 as upstream writes them."""
+    if status not in STATUSES:
+        raise Refusal(f"Unknown status {status!r}: use one of keep, discard, crash.")
+    if not COMMIT_RE.match(commit):
+        raise Refusal(f"Commit {commit!r} is not a 7-character lowercase hex hash.")
+    description = validate_description(description)
+    if status == "crash":
+        return Row(commit=commit, val_bpb=0.0, memory_gb=0.0, status=status, description=description)
+    for name, value in (("val_bpb", val_bpb), ("memory_gb", memory_gb)):
+        # copysign: -0.0 (what a negative peak memory rounds to) is not >= 0 either
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or math.copysign(1.0, value) < 0:
+            raise Refusal(f"{name} must be a finite number >= 0, got {value!r}; "
+                          "log a run that produced no number with status crash.")
+    if status != "crash" and round(val_bpb, 6) == 0:
+        raise Refusal(f"val_bpb {val_bpb!r} is 0.000000 in results.tsv, which is only valid for a crash row; "
+                      "pass the measured value.")
+    return Row(commit=commit, val_bpb=float(val_bpb), memory_gb=round(float(memory_gb), 1),
+               status=status, description=description)
+
+
+def format_row(row: Row) -> str:
+    return f"{row.commit}\t{row.val_bpb:.6f}\t{row.memory_gb:.1f}\t{row.status}\t{row.description}\n"
+
+
+def ensure_ledger(path: Path) -> None:
+    if not path.exists() or path.stat().st_size == 0:
+        _append_bytes(path, HEADER.encode())
+
+
+# path -> (size, mtime_ns, rows, malformed): tools read the ledger on every call, and a
+# night's ledger has thousands of rows; it is re-parsed only when someone else changed it.
+_parsed: dict[Path, tuple[int, int, list[Row], int]] = {}
+
+
+def read_rows(path: Path) -> tuple[list[Row], int]:
+    """All well-formed rows, and how many lines were malformed (reported, never fatal)."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return [], 0
+    cached = _parsed.get(path)
+    if cached and cached[:2] == (stat.st_size, stat.st_mtime_ns):
+        return list(cached[2]), cached[3]
+    rows, bad = [], 0
+    # rows end with "\n" only: splitlines() would also cut a row at a form feed or U+2028
+    for line in path.read_bytes().decode("utf-8", errors="replace").split("\n")[1:]:
+        line = line.removesuffix("\r")
+        if not line.strip():
+            continue
+        row = parse_line(line)
+        if row is None:
+            bad += 1
+        else:
+            rows.append(row)
+    _parsed[path] = (stat.st_size, stat.st_mtime_ns, rows, bad)
+    return list(rows), bad
+
+
+def parse_line(line: str) -> Row | None:
+    """One ledger line as a row, or None if it is malformed."""
+    fields = line.split("\t")
+    if len(fields) != 5 or fields[3] not in STATUSES or not COMMIT_RE.match(fields[0]):
+        return None
+    try:
+        return Row(commit=fields[0], val_bpb=float(fields[1]), memory_gb=float(fields[2]),
+                   status=fields[3], description=fields[4])
+    except ValueError:
+        return None
+
+
+# (count, first entry, last entry) and the rows made from those entries: tools read the rows
+# several times per call, and a night has thousands. The list only grows (a new research run
+# starts a new one), so its length and its ends name it, and a longer one extends the last made.
+_made: tuple[tuple, list[Row]] = ((0, None, None), [])
+
+
+def rows_of(state: dict) -> list[Row]:
+    """The rows the server recorded (in its state): these decide; results.tsv only shows them.
+    Each was validated when it was made, and the state is checked before it is read: none again."""
+    global _made
+    entries = state.get("rows") or []
+    key = (len(entries), tuple(entries[0]) if entries else None, tuple(entries[-1]) if entries else None)
+    made, rows = _made
+    count = made[0]
+    if key != made:
+        grew = 0 < count < len(entries) and key[1] == made[1] and tuple(entries[count - 1]) == made[2]
+        rows = (rows if grew else []) + [Row.model_construct(commit=c, val_bpb=v, memory_gb=m, status=s, description=d)
+                                         for c, v, m, s, d in entries[count if grew else 0:]]
+        _made = (key, rows)
+    return list(rows)
+
+
+def add_row(state: dict, row: Row) -> list[Row]:
+    """Records a row in the state unless its commit is already logged; returns all rows after.
+    results.tsv gets it when the state is saved."""
+    if any(entry[0] == row.commit for entry in state.get("rows") or []):
+        raise Refusal(f"Commit {row.commit} is already in {LEDGER_NAME}; each run is logged once.")
+    state.setdefault("rows", []).append([row.commit, row.val_bpb, row.memory_gb, row.status, row.description])
+    return rows_of(state)
+
+
+def render(rows: list[Row]) -> bytes:
+    return (HEADER + "".join(format_row(r) for r in rows)).encode()
+
+
+def digest(data: bytes | None) -> str | None:
+    return None if data is None else hashlib.sha256(data).hexdigest()
+
+
+def mirror(path: Path, rows: list[Row], written: str | None, archive: Path) -> tuple[str, str | None]:
+    """Makes results.tsv show the recorded rows. `written`: the digest of the file as the server
+    last wrote it. Rows the file lacks are appended to a file the server wrote; a file anyone else
+    changed (or deleted) is moved to `archive` and written again whole. Returns the digest of the
+    file now and, when it had been changed by hand, what was found and done."""
+    want = render(rows)
+    try:
+        have = path.read_bytes()
+    except FileNotFoundError:
+        have = None
+    if have == want:
+        return digest(want), None
+    ours = digest(have) == written
+    if ours and have is not None and want.startswith(have) and have.endswith(b"\n"):
+        _append_bytes(path, want[len(have):])
+        return digest(want), None
+    notice = None
+    if not ours and have is not None:
+        kept = _archive_copy(have, archive)
+        lines = want.decode().split("\n")[1:]
+        found = have.decode("utf-8", errors="replace").split("\n")[1:]
+        missing = len({line for line in lines if line} - set(found))
+        extra = len({line for line in found if line.strip()} - set(lines))
+        notice = (f"{LEDGER_NAME} was changed outside the server ({missing} recorded row(s) missing or altered, "
+                  f"{extra} line(s) the server never wrote): the server's own records decide, so it was written "
+                  f"again from them, and the file found is kept at {kept}. A run managed outside the server is "
+                  "logged with log_result.")
+    elif not ours:
+        notice = (f"{LEDGER_NAME} was deleted outside the server: it was written again from the server's own "
+                  "records, which decide.")
+    replace_bytes(path, want)
+    return digest(want), notice
+
+
+def _archive_copy(data: bytes, archive: Path) -> str:
+    archive.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for k in range(1000):
+        target = archive / (f"results-edited-{stamp}.tsv" if k == 0 else f"results-edited-{stamp}-{k}.tsv")
+        try:
+            with open(target, "xb") as f:  # never overwrites an earlier copy
+                f.write(data)
+            return str(target.relative_to(archive.parent.parent))
+        except FileExistsError:
+            continue
+    raise Refusal(f"Too many copies named results-edited-{stamp}*.tsv in {archive}.")
+
+
+def replace_bytes(path: Path, data: bytes) -> None:
+    """path holds data, whole or not at all (a temp file beside it, flushed, then renamed); the temp
+    name is this thread's, so threads of one server never share one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _append_bytes(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        if os.fstat(fd).st_size and not _ends_with_newline(path):
+            data = b"\n" + data  # a foreign editor left no final newline: never glue two rows
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, 2)
+        return f.read(1) == b"\n"
+
+
+def best_kept(rows: list[Row]) -> Row | None:
+    kept = [r for r in rows if r.status == "keep"]
+    return min(kept, key=lambda r: r.val_bpb) if kept else None

@@ -1,0 +1,167 @@
+"""A research run's stop conditions, and whether one is met.
+
+Standard library only and plain data in, plain data out: the MCP server and the Stop hook (which
+runs on the system Python, without the project's environment) judge with this same code.
+
+Limits are recorded at setup: a deadline (from hours), a number of experiments, a target val_bpb,
+a number of failures (crashes and timeouts) in a row, 10 unless set otherwise, so a broken
+setup does not spin all night, and GPU-hours (the runs' slot time, which the server keeps in the
+state as `slot_hours` from the runs' records: mcp_server/cost.py). A run is also over once stopped on purpose (the stop tool).
+"""
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+from pathlib import Path
+
+DEFAULT_MAX_FAILURES_IN_ROW = 10
+# The server's state, its own copy first (in the git directory, where neither a run nor the edit hook
+# reaches; mcp_server/core/state.py writes both): its rows decide, results.tsv only shows them
+STATE_FILES = (".git/research-loop/records/state.json", ".research-loop/state.json")
+# The most of a record (state.json, results.tsv, a hook's own) that is read: 50,000 ledger rows, far
+# more than years of nights. A larger one was planted to exhaust the reader's memory or time.
+MAX_RECORD_BYTES = 16 << 20
+
+
+def read_record(path: Path) -> bytes:
+    """A record's bytes: OSError where it is missing or no plain file (a FIFO would block the open),
+    ValueError where it is over MAX_RECORD_BYTES."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a plain file")
+        data = f.read(MAX_RECORD_BYTES + 1)
+    if len(data) > MAX_RECORD_BYTES:
+        raise ValueError(f"{path} is over {MAX_RECORD_BYTES >> 20} MiB: no record of the server's is that large")
+    return data
+
+
+def recorded_state(workspace: Path) -> dict:
+    """The state as the server last wrote it, or {} where there is none to read."""
+    for name in STATE_FILES:
+        try:
+            state = json.loads(read_record(Path(workspace) / name))
+        except (OSError, ValueError, RecursionError):  # RecursionError: nested too deep to parse
+            continue
+        if isinstance(state, dict):
+            return state
+    return {}
+
+
+def recorded_rows(state: dict) -> list | None:
+    """The ledger's rows in the server's state ([commit, val_bpb, memory_gb, status, description]
+    each), or None for a state from before the server kept them (results.tsv is then the record)."""
+    rows = state.get("rows")
+    return rows if isinstance(rows, list) else None
+
+
+def experiments_done(statuses: list[str]) -> int:
+    """Ledger rows after the kept baseline (the first keep): every decided run counts."""
+    return len(statuses) - 1 if "keep" in statuses else len(statuses)
+
+
+def failures_in_row(statuses: list[str]) -> int:
+    count = 0
+    for status in reversed(statuses):
+        if status != "crash":
+            break
+        count += 1
+    return count
+
+
+def ended(state: dict, rows: list[tuple[str, float]], now: float | None = None) -> str | None:
+    """Why the research run is over, or None. rows: (status, val_bpb) of the ledger, oldest first."""
+    stopped = state.get("stopped")
+    if isinstance(stopped, dict):
+        return f"stopped: {stopped.get('reason') or 'on purpose'}"
+    limits = state.get("limits")
+    if not isinstance(limits, dict):
+        return None
+    now = time.time() if now is None else now
+    statuses = [status for status, _ in rows]
+    deadline = limits.get("deadline")
+    if isinstance(deadline, (int, float)) and now >= deadline:
+        return f"the deadline passed ({limits.get('hours')} h)"
+    most = limits.get("max_experiments")
+    if isinstance(most, int) and experiments_done(statuses) >= most:
+        return f"{most} experiments done"
+    target = limits.get("target_val_bpb")
+    kept = [value for status, value in rows if status == "keep"]
+    if isinstance(target, (int, float)) and kept and min(kept) <= target:
+        return f"the target val_bpb {target} is reached ({min(kept):.6f})"
+    failures = limits.get("max_failures_in_row")
+    if isinstance(failures, int) and failures_in_row(statuses) >= failures:
+        return f"{failures} failures in a row (crashes or timeouts): fix the cause before going on"
+    budget, spent = limits.get("max_gpu_hours"), slot_hours(state)
+    if isinstance(budget, (int, float)) and spent >= budget:
+        return f"{spent:.3g} of {budget:g} GPU-hours spent"
+    return None
+
+
+def slot_hours(state: dict) -> float:
+    spent = state.get("slot_hours")
+    return spent if isinstance(spent, (int, float)) and not isinstance(spent, bool) else 0.0
+
+
+def left(state: dict, rows: list[tuple[str, float]], now: float | None = None) -> str | None:
+    """What is left of each limit, in one line, or None when the run has no limits."""
+    limits = state.get("limits")
+    if not isinstance(limits, dict):
+        return None
+    now = time.time() if now is None else now
+    statuses = [status for status, _ in rows]
+    parts = []
+    if isinstance(limits.get("deadline"), (int, float)):
+        parts.append(f"{max(0.0, (limits['deadline'] - now) / 3600):.1f} h of {limits.get('hours')} h left")
+    if isinstance(limits.get("max_experiments"), int):
+        parts.append(f"{max(0, limits['max_experiments'] - experiments_done(statuses))} of "
+                     f"{limits['max_experiments']} experiments left")
+    if isinstance(limits.get("target_val_bpb"), (int, float)):
+        kept = [value for status, value in rows if status == "keep"]
+        parts.append(f"target val_bpb {limits['target_val_bpb']}" + (f" (best {min(kept):.6f})" if kept else ""))
+    if isinstance(limits.get("max_failures_in_row"), int):
+        parts.append(f"{failures_in_row(statuses)} of {limits['max_failures_in_row']} failures in a row")
+    if isinstance(limits.get("max_gpu_hours"), (int, float)):
+        parts.append(f"{slot_hours(state):.3g} of {limits['max_gpu_hours']:g} GPU-hours spent")
+    return "; ".join(parts) or None
+
+
+def make_limits(hours=None, max_experiments=None, target_val_bpb=None,
+                max_failures_in_row=DEFAULT_MAX_FAILURES_IN_ROW, best=None, now=None, max_gpu_hours=None) -> dict:
+    """Checked limits for setup; raises ValueError with the reason for any that make no sense.
+    best: the val_bpb the run starts from, where known (a target must be below it)."""
+    def number(value, name):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (
+                float("inf"), float("-inf")):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        return value
+
+    limits = {}
+    if hours is not None:
+        if number(hours, "hours") <= 0 or hours > 24 * 366:
+            raise ValueError(f"hours must be more than 0 (and under a year), got {hours}")
+        limits["hours"] = hours
+        limits["deadline"] = (time.time() if now is None else now) + hours * 3600
+    if max_experiments is not None:
+        if isinstance(max_experiments, bool) or not isinstance(max_experiments, int) or max_experiments < 1:
+            raise ValueError(f"max_experiments must be a whole number of at least 1, got {max_experiments!r}")
+        limits["max_experiments"] = max_experiments
+    if target_val_bpb is not None:
+        if number(target_val_bpb, "target_val_bpb") <= 0:
+            raise ValueError(f"target_val_bpb must be above 0, got {target_val_bpb}")
+        if best is not None and target_val_bpb >= best:
+            raise ValueError(f"target_val_bpb {target_val_bpb} is not below the current best {best:.6f}: the run "
+                             "would end at once; give a lower target, or none")
+        limits["target_val_bpb"] = target_val_bpb
+    if max_failures_in_row is not None:
+        if isinstance(max_failures_in_row, bool) or not isinstance(max_failures_in_row, int) or max_failures_in_row < 1:
+            raise ValueError(f"max_failures_in_row must be a whole number of at least 1, got {max_failures_in_row!r}")
+        limits["max_failures_in_row"] = max_failures_in_row
+    if max_gpu_hours is not None:
+        if number(max_gpu_hours, "max_gpu_hours") <= 0:
+            raise ValueError(f"max_gpu_hours must be more than 0 (slot-hours where runs train on a CPU), "
+                             f"got {max_gpu_hours}")
+        limits["max_gpu_hours"] = max_gpu_hours
+    return limits

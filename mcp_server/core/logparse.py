@@ -1,0 +1,113 @@
+"""Reading train.py output: the summary block, the '\r'-separated progress lines, the tail.
+
+The format is upstream autoresearch's: progress lines overwrite each other with '\r',
+then a newline and a block starting with '---' holding `key: value` lines.
+"""
+import math
+import re
+
+from mcp_server.core.models import Progress, Summary
+
+PROGRESS_RE = re.compile(
+    r"step (\d+) \(([\d.]+)%\) \| loss: (\S+) \|.*?(?:dt: (\d+)ms.*?)?remaining: (\d+)s"
+)
+TAIL_LINES = 30
+TAIL_LINE_CHARS = 160  # long lines (tracebacks with tensors) would flood an answer
+TAIL_BYTES_FOR_PROGRESS = 4096  # the last progress line always fits in this much
+TEXT_FIELDS = {"compile_cache", "budget_clock"}  # summary values kept as text, not numbers
+
+
+def parse_summary(text: str) -> Summary | None:
+    """The last summary block in the text, or None if there is none."""
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.strip() == "---"]
+    if not starts:
+        return None
+    values = {}
+    for line in lines[starts[-1] + 1:]:
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in Summary.model_fields:
+            values[key.strip()] = value.strip() if key.strip() in TEXT_FIELDS else _number(value.strip())
+    if "val_bpb" not in values:
+        return None
+    return Summary(**{k: v for k, v in values.items() if v is not None})
+
+
+UPSTREAM_SUMMARY_KEYS = ("val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
+                         "total_tokens_M", "num_steps", "num_params_M", "depth")
+
+
+def complete_summary(text: str) -> bool:
+    """A whole summary block (every line upstream prints) and no FAIL: the training finished."""
+    summary = parse_summary(text)
+    return summary is not None and not failed(text) and all(
+        getattr(summary, key) is not None for key in UPSTREAM_SUMMARY_KEYS)
+
+
+def _number(text: str) -> float | int | None:
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def last_progress(text: str) -> Progress | None:
+    """The most recent progress line: the lines are separated by '\r', not newlines."""
+    for segment in reversed(re.split(r"[\r\n]", text)):
+        match = PROGRESS_RE.search(segment)
+        if match:
+            return _progress(match)
+    return None
+
+
+def _progress(match: re.Match) -> Progress:
+    step, percent, loss, dt_ms, remaining = match.groups()
+    return Progress(step=int(step), percent=float(percent), loss=_float_or_nan(loss),
+                    remaining_s=int(remaining), dt_ms=int(dt_ms) if dt_ms else None)
+
+
+def all_progress(text: str) -> list[Progress]:
+    """Every progress line in the text, oldest first: a run's loss curve so far."""
+    return [_progress(match) for match in filter(None, map(PROGRESS_RE.search, re.split(r"[\r\n]", text)))]
+
+
+def _float_or_nan(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
+def failed(text: str) -> bool:
+    """train.py prints FAIL on its own line for a NaN or exploding loss."""
+    return any(line.strip() == "FAIL" for line in text.splitlines())
+
+
+def tail(text: str, lines: int = TAIL_LINES) -> str:
+    """The last lines as a person would see them: of each '\r' run only the last frame."""
+    shown = []
+    for line in text.rstrip("\n").split("\n")[-lines:]:
+        frame = line.rstrip("\r ").rsplit("\r", 1)[-1].rstrip()
+        if len(frame) > TAIL_LINE_CHARS:
+            frame = frame[:TAIL_LINE_CHARS] + "..."
+        shown.append(frame)
+    return "\n".join(shown)
+
+
+def read_text(path) -> str:
+    """The whole log with its '\r' intact (text mode would turn them into newlines)."""
+    with open(path, "rb") as f:
+        return f.read().decode("utf-8", errors="replace")
+
+
+def read_tail_bytes(path, size: int = TAIL_BYTES_FOR_PROGRESS) -> str:
+    """The end of a (possibly growing, possibly huge) log without reading all of it."""
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        end = f.tell()
+        f.seek(max(0, end - size))
+        return f.read().decode("utf-8", errors="replace")

@@ -1,0 +1,72 @@
+"""progress.png: every run's val_bpb, the running best of kept runs, labels on kept runs, and the
+reruns (noise repeats, confirmations, controls) drawn apart from the ideas.
+
+matplotlib is imported here, lazily, so the server starts fast and never pays for it
+unless a chart is asked for.
+"""
+from pathlib import Path
+
+from mcp_server.core.models import Row
+
+PLOT_NAME = "progress.png"
+LABEL_CHARS = 40
+RERUN_COLOUR = "#3b6fb6"
+
+
+def plot_rows(rows: list[Row], path: Path, reruns: set[str] | None = None) -> tuple[int, int, int, int]:
+    """Writes the chart; returns (runs plotted, kept runs, crashes left out, reruns drawn apart). `reruns`: the commits
+    of rows that re-measured code (morning.rerun_commits), drawn with a marker of their own."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    runs = [(i, r) for i, r in enumerate(rows, 1) if r.status != "crash"]
+    kept = [(i, r) for i, r in runs if r.status == "keep"]
+    fig, ax = plt.subplots(figsize=(11, 5.5), dpi=110)
+    reruns = reruns or {}
+    discarded = [(i, r) for i, r in runs if r.status == "discard" and r.commit not in reruns]
+    ax.scatter([i for i, _ in discarded], [r.val_bpb for _, r in discarded], s=14, color="#bbbbbb",
+               label="discarded idea", zorder=2)
+    # a rerun is a measurement, not an idea that failed: its own marker, so the night's ideas read apart
+    repeated = [(i, r) for i, r in runs if r.status == "discard" and r.commit in reruns]
+    if repeated:
+        ax.scatter([i for i, _ in repeated], [r.val_bpb for _, r in repeated], s=22, marker="D",
+                   facecolors="none", edgecolors=RERUN_COLOUR, linewidths=1.2,
+                   label="rerun (noise repeat, confirmation, control)", zorder=2)
+    ax.scatter([i for i, _ in kept], [r.val_bpb for _, r in kept], s=28, color="#2a9d47",
+               label="kept", zorder=3)
+    if kept:
+        xs, best = _running_best(kept, len(rows))
+        ax.step(xs, best, where="post", color="#2a9d47", linewidth=1.5, label="best kept", zorder=1)
+    for i, r in kept:
+        label = r.description if len(r.description) <= LABEL_CHARS else r.description[:LABEL_CHARS] + "..."
+        ax.annotate(label, (i, r.val_bpb), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                    rotation=20, color="#1d6e32")
+    crashes = len(rows) - len(runs)
+    ax.set_title(f"research-loop: {len(rows)} runs, {len(kept)} kept"
+                 + (f", {len(repeated)} reruns" if repeated else "")
+                 + (f", {crashes} crashes not shown" if crashes else ""))
+    ax.set_xlabel("run (ledger order)")
+    ax.set_ylabel("val_bpb (lower is better)")
+    # room on the right for the last kept run's label, which starts at its point
+    ax.set_xlim(0.5, len(rows) + 0.5 + max(1.0, 0.2 * len(rows)))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xticks([x for x in ax.get_xticks() if 1 <= x <= len(rows)])  # no ticks for runs not yet made
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return len(runs), len(kept), crashes, len(repeated)
+
+
+def _running_best(kept, last_index):
+    xs, best, current = [], [], float("inf")
+    for i, r in kept:
+        current = min(current, r.val_bpb)
+        xs.append(i)
+        best.append(current)
+    xs.append(last_index)
+    best.append(current)
+    return xs, best

@@ -1,0 +1,288 @@
+"""The server's own memory, in <workspace>/.research-loop/: state.json and two locks.
+
+- state.json is changed only inside `transaction()`: a thread lock plus an exclusive flock on
+  state.lock, so two servers on one workspace (two sessions, stdio plus HTTP) never interleave a
+  load-modify-save, and each write goes through a temporary file of its own (pid and thread in
+  its name), fsync and rename: a server killed at any moment leaves the old state or the new one.
+- state.json and results.tsv are checked, by the server that owns the workspace, against what it
+  last wrote (kept in its memory, and in records/ under the git directory for its successor)
+  before each use: a change it did not make (a run without a sandbox, an agent's edit) is never
+  believed. The file found is archived, the server's own copy put back, and the next answer says
+  so. The ledger's rows live in state.json; results.tsv is written from them (mcp_server/core/ledger.py).
+- owner.lock is held (flock) by the one server that runs experiments in the workspace, for as
+  long as it lives. The kernel drops a flock when its process dies, however it dies, so "is the
+  owner alive" needs no pid bookkeeping: a server that can take the lock knows the previous
+  owner is gone and takes over its runs.
+"""
+import contextlib
+import fcntl
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+from mcp_server.core import ledger
+from mcp_server.core.models import Refusal
+
+STATE_DIR = ".research-loop"
+STATE_FILE = "state.json"
+STATE_LOCK = "state.lock"
+OWNER_LOCK = "owner.lock"
+ARCHIVE_DIR = "archive"
+RECORDS_DIR = "research-loop/records"  # in the git directory: out of the working tree and of every run's reach
+LEDGER_DIGEST = "results.sha256"
+MAX_FOUND = 10  # changes found that status keeps listing
+
+
+def records_dir(workspace: Path) -> Path:
+    """Where the server keeps its copy of what it last wrote: the git directory (a linked
+    worktree's own), else beside state.json."""
+    dot_git = workspace / ".git"
+    if dot_git.is_file():
+        text = dot_git.read_text().strip()
+        dot_git = (workspace / text.removeprefix("gitdir:").strip()) if text.startswith("gitdir:") else dot_git
+    return dot_git / RECORDS_DIR if dot_git.is_dir() else workspace / STATE_DIR / "records"
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def _parse(raw: bytes | None, path: Path) -> dict:
+    if raw is None:
+        return {}
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise Refusal(f"{path} is not valid JSON (edited by hand?): move it away and call "
+                      "setup(tag) for a new research branch; results.tsv is untouched.")
+    return data
+
+
+def _changed_keys(found: bytes | None, own: bytes) -> str:
+    try:
+        before, after = json.loads(own), json.loads(found or b"{}")
+    except ValueError:
+        return "not valid JSON"
+    if not isinstance(after, dict):
+        return "not a JSON object"
+    keys = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    return "changed: " + ", ".join(keys[:6]) + (" ..." if len(keys) > 6 else "")
+
+
+def process_start_time(pid: int) -> str | None:
+    """Start time of a process in clock ticks since boot (Linux), to tell a reused pid apart."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode()
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def process_alive(pid: int, start_time: str | None = None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    current = process_start_time(pid)
+    return start_time is None or current is None or current == start_time
+
+
+class State:
+    def __init__(self, workspace: Path):
+        self.dir = workspace / STATE_DIR
+        self.path = self.dir / STATE_FILE
+        self.mutex = threading.RLock()
+        self._depth = 0  # transactions nest within a thread: only the outermost takes the flock
+        self._lock_fd: int | None = None
+        self._owner_fd: int | None = None
+        self.records = records_dir(workspace)
+        self.copy = self.records / STATE_FILE  # the server's own copy of state.json
+        self.ledger = workspace / ledger.LEDGER_NAME
+        self._written: bytes | None = None  # state.json as this owner last wrote or checked it
+        self._ledger_digest: str | None = None  # results.tsv as this owner last wrote it
+        self._ledger_stat: tuple | None = None  # ... and its stat then: an unchanged file is not read again
+        self.notices: list[str] = []  # changes found and set right, not yet told in an answer
+        self._telling = threading.Lock()  # not the state's mutex: answers never wait for a transaction
+        self.found: list[str] = []  # the last MAX_FOUND of them, for status
+
+    # --- state.json ------------------------------------------------------------------
+    def load(self) -> dict:
+        """The state. The owner believes only what it wrote: a state.json or results.tsv changed by
+        anyone else is set right first (other servers only read, so they read the file as it is)."""
+        if not self.owned:
+            return _parse(_read(self.path), self.path)
+        raw = _read(self.path)
+        if raw is not None and raw == self._written and self._ledger_stat == self._stat_ledger():
+            return _parse(raw, self.path)
+        with self.mutex:  # a save in flight, a change, or the first look: checked under the lock
+            return self._checked(check_ledger=self._depth == 0)
+
+    def _checked(self, check_ledger: bool) -> dict:
+        ledger_unchanged = self._written is not None and self._ledger_stat == self._stat_ledger()
+        raw = _read(self.path)
+        own = self._written if self._written is not None else _read(self.copy)
+        if own is None:  # nothing written by a server that keeps a copy: the file is the record
+            data = _parse(raw, self.path)
+            if raw is not None:
+                self._write_copy(raw)
+        else:
+            if raw != own:
+                self._restore(raw, own)
+            data = _parse(own, self.path)
+            self._keep_copy(own)
+        self._written = own if own is not None else raw
+        if check_ledger and not ledger_unchanged:
+            self._check_ledger(data)
+        return data
+
+    def _restore(self, found: bytes | None, own: bytes) -> None:
+        """state.json as the server wrote it, back in place; the file found, archived."""
+        what = "deleted" if found is None else _changed_keys(found, own)
+        where = ""
+        if found is not None:
+            archive = self.dir / ARCHIVE_DIR
+            archive.mkdir(parents=True, exist_ok=True)
+            target = archive / f"state-edited-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6}.json"
+            target.write_bytes(found)
+            where = f"; the file found is kept at {STATE_DIR}/{ARCHIVE_DIR}/{target.name}"
+        ledger.replace_bytes(self.path, own)
+        self.tell(f"{STATE_DIR}/{STATE_FILE} was changed outside the server ({what}): none of it was believed; "
+                  f"the server's own copy is back in place{where}.")
+
+    def _keep_copy(self, own: bytes) -> None:
+        """The copy a successor will believe holds what this server wrote, not a forgery made beside
+        a forged state.json (memory told the forgery apart; a restart would not)."""
+        if self._written is not None and _read(self.copy) != own:
+            self._write_copy(own)
+            self.tell(f"the server's copy of {STATE_FILE} (in {self.records}) was changed outside the server: "
+                      "none of it was believed; it was written again.")
+
+    def _check_ledger(self, data: dict) -> None:
+        if "rows" not in data:
+            if not self.ledger.exists():
+                return
+            # a research run begun before the server kept the rows: its ledger becomes the record, once
+            rows = [[r.commit, r.val_bpb, r.memory_gb, r.status, r.description]
+                    for r in ledger.read_rows(self.ledger)[0]]
+            if rows:
+                data["rows"] = rows
+                self.save(data)
+            else:
+                self._ledger_stat = self._stat_ledger()  # a bare header: nothing to adopt, no state to write
+            return
+        if self._ledger_digest is None:
+            self._ledger_digest = (_read(self.records / LEDGER_DIGEST) or b"").decode() or None
+        written, notice = ledger.mirror(self.ledger, ledger.rows_of(data), self._ledger_digest, self.dir / ARCHIVE_DIR)
+        if written != self._ledger_digest:
+            ledger.replace_bytes(self.records / LEDGER_DIGEST, written.encode())
+            self._ledger_digest = written
+        self._ledger_stat = self._stat_ledger()
+        if notice:
+            self.tell(notice)
+
+    def _stat_ledger(self) -> tuple | None:
+        try:
+            stat = self.ledger.stat()
+        except OSError:
+            return None
+        return stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino  # ctime: no one can set it back
+
+    def tell(self, notice: str) -> None:
+        with self._telling:
+            self.notices.append(notice)
+            self.found = (self.found + [f"{time.strftime('%H:%M:%S')} {notice}"])[-MAX_FOUND:]
+
+    def take_notices(self) -> list[str]:
+        """What was found since the last answer; each is told once (status lists the last few)."""
+        with self._telling:
+            notices, self.notices = self.notices, []
+            return notices
+
+    def save(self, data: dict) -> None:
+        """The server's copy first, then state.json, then results.tsv from the rows: a server killed
+        in between leaves a copy that its successor puts back."""
+        raw = json.dumps(data).encode()  # no indent: json's fast encoder (a night's rows are thousands)
+        self._write_copy(raw)
+        self._written = raw
+        ledger.replace_bytes(self.path, raw)
+        if "rows" in data and self.owned:
+            self._check_ledger(data)
+
+    def _write_copy(self, raw: bytes) -> None:
+        ledger.replace_bytes(self.copy, raw)
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """Exclusive across threads and processes; yields the state, saved on exit if changed.
+        A refusal raised inside leaves the file as it was."""
+        with self.mutex:
+            self._depth += 1
+            try:
+                if self._depth == 1:
+                    self.dir.mkdir(exist_ok=True)
+                    self._lock_fd = os.open(self.dir / STATE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+                    fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+                # before each decision: what the owner reads is what it wrote, ledger included
+                data = self._checked(check_ledger=self._depth == 1) if self.owned else self.load()
+                before = json.dumps(data, sort_keys=True)
+                yield data
+                if json.dumps(data, sort_keys=True) != before:
+                    self.save(data)
+            finally:
+                self._depth -= 1
+                if self._depth == 0 and self._lock_fd is not None:
+                    os.close(self._lock_fd)  # closing drops the flock
+                    self._lock_fd = None
+
+    def update(self, **changes) -> dict:
+        with self.transaction() as data:
+            data.update(changes)
+            return data
+
+    # --- ownership -------------------------------------------------------------------
+    def try_own(self) -> bool:
+        """Takes the owner lock if no live server holds it; True if this process holds it now."""
+        with self.mutex:
+            if self._owner_fd is not None:
+                return True
+            self.dir.mkdir(exist_ok=True)
+            fd = os.open(self.dir / OWNER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "start": process_start_time(os.getpid())}).encode())
+            self._owner_fd = fd
+            return True
+
+    @property
+    def owned(self) -> bool:
+        return self._owner_fd is not None
+
+    def owner(self) -> dict | None:
+        """The owning server's pid record, as it wrote it (None if unreadable)."""
+        try:
+            data = json.loads((self.dir / OWNER_LOCK).read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def release(self) -> None:
+        with self.mutex:
+            if self._written is not None and self.owned:
+                self._keep_copy(self._written)  # what the next owner starts from
+            if self._owner_fd is not None:
+                os.close(self._owner_fd)
+                self._owner_fd = None

@@ -1,0 +1,231 @@
+"""What the dashboard shows, read from the workspace's own files: the server's state (its rows: the
+ledger as the server recorded it, never results.tsv as anyone may have edited it), the run records
+and logs under runs/.
+
+Read-only by design: nothing here writes a file, takes a lock, or runs a git command that could
+write (`--no-optional-locks`), so a page can watch a workspace while its server works, and read it
+after the server has gone. Two views: `ledger_view` (the rows, the best, the kept changes; it
+changes when a run is decided) and `live_view` (the runs in flight with their loss curves, the
+limits, and what the research run has spent; it changes every step).
+"""
+import json
+import math
+import re
+import subprocess
+import time
+from pathlib import Path
+
+from mcp_server.core import cost, history, ledger, limits, logparse
+from mcp_server.phases.runs import LOG_TAIL_BYTES, RUNS_DIR, unsandboxed_marker
+from mcp_server.core.models import Refusal
+from mcp_server.core.state import State, process_alive
+
+CURVE_POINTS = 240  # of a loss curve sent to the page: enough for its width
+LOG_CURVE_BYTES = 4 << 20  # of a log read for its curve (an H100 run's progress lines take ~150 kB)
+MALFORMED_CHARS = 200  # of a malformed ledger line shown as it is
+MAX_DIFF_CHARS = 200_000
+GIT_TIMEOUT_S = 10
+FULL_COMMIT = re.compile(r"[0-9a-f]{40,64}")
+SKILL = "/research-loop:autoresearch"
+
+
+def git(root: Path, *args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", "--no-optional-locks", "-C", str(root), *args], capture_output=True,
+                              text=True, timeout=GIT_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def read_state(root: Path) -> tuple[dict, str | None]:
+    """The state as the server last wrote it: its own copy (in the git directory, where neither a run
+    nor the edit hook writes) before state.json, which anyone can edit; read without the lock (each is
+    replaced by a rename, so a read never sees half of it). The problem: state.json's, if unreadable."""
+    store = State(root)
+    try:
+        found, problem = store.load(), None
+    except Refusal as exc:
+        found, problem = {}, str(exc)
+    try:
+        own = json.loads(limits.read_record(store.copy))
+    except (OSError, ValueError, RecursionError):
+        own = None
+    return (own if isinstance(own, dict) else found), problem
+
+
+def server_rows(root: Path, state: dict) -> list[ledger.Row]:
+    """The rows the server recorded; results.tsv's only for a state from before the server kept them."""
+    if limits.recorded_rows(state) is None:
+        return ledger.read_rows(root / ledger.LEDGER_NAME)[0]
+    try:
+        return ledger.rows_of(state)
+    except (TypeError, ValueError):  # a state that is no server's
+        return []
+
+
+def ledger_problem(root: Path, rows: list[ledger.Row]) -> str | None:
+    """A results.tsv that is not the server's rows (edited by hand) is said, never shown."""
+    try:
+        edited = limits.read_record(root / ledger.LEDGER_NAME) != ledger.render(rows)
+    except (OSError, ValueError):
+        edited = bool(rows)
+    return (f"{ledger.LEDGER_NAME} is not what the server wrote (edited or deleted outside it): shown here are the "
+            "server's own rows; its next tool call keeps the edited file in .research-loop/archive/ and writes "
+            f"{ledger.LEDGER_NAME} again.") if edited else None
+
+
+def ledger_lines(path: Path) -> list[tuple[int, ledger.Row | None, str]]:
+    """(line number, row or None when malformed, the line) for each line after the header."""
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    found = []
+    for number, line in enumerate(text.split("\n")[1:], 2):  # as ledger.read_rows splits them
+        line = line.removesuffix("\r")
+        if line.strip():
+            found.append((number, ledger.parse_line(line), line))
+    return found
+
+
+def ledger_view(root: Path) -> dict:
+    """Every ledger line oldest first (a malformed one as such), each with its delta against the best
+    kept before it and, for the server's runs, the run number and what it changed in train.py."""
+    state, problem = read_state(root)
+    records = history.records_by_commit(root / RUNS_DIR)
+    rows, best = [], None
+    if limits.recorded_rows(state) is None:  # before the server kept rows, results.tsv is the record
+        lines = ledger_lines(root / ledger.LEDGER_NAME)
+    else:
+        recorded = server_rows(root, state)
+        lines = [(number, row, "") for number, row in enumerate(recorded, 2)]
+        problem = problem or ledger_problem(root, recorded)
+    for number, row, line in lines:
+        if row is None:
+            rows.append({"line": number, "status": "malformed", "text": line[:MALFORMED_CHARS]})
+            continue
+        record = records.get(row.commit)
+        changes = (record.get("decision") or {}).get("changes") if record else None
+        rows.append(row.model_dump() | {
+            "line": number, "run": record["run"].get("run") if record else None,
+            "rerun": history.rerun_kind(record),  # a noise repeat, confirmation or control: not an idea
+            "changes": history.change_text(changes) if changes else None,
+            "delta": round(row.val_bpb - best, 6) if best is not None and row.status != "crash" else None})
+        if row.status == "keep":
+            best = row.val_bpb if best is None else min(best, row.val_bpb)
+    branch = git(root, "symbolic-ref", "--short", "-q", "HEAD")
+    return {"workspace": str(root), "branch": branch.strip() if branch else None, "tag": state.get("tag"),
+            "set_up": bool(state.get("branch")), "rows": rows, "noise": state.get("noise"),
+            "first_step": first_step(root, state, rows), "problem": problem}
+
+
+def first_step(root: Path, state: dict, rows: list[dict]) -> str | None:
+    """What to do first, for a workspace with nothing to show yet."""
+    if not (root / "prepare.py").is_file() or not (root / "train.py").is_file() or git(root, "rev-parse") is None:
+        return (f"{root} is not an autoresearch workspace (a git repository with prepare.py and train.py at its "
+                "root): start the server or this page in one.")
+    if rows:
+        return None
+    if not state.get("branch"):
+        return (f"No research run here yet. Start one with `{SKILL} <tag>` in Claude Code, or setup(tag) from any "
+                "MCP client (after `uv run prepare.py`, once). `uv run demo.py` shows a whole night's loop without "
+                "an LLM.")
+    return (f"The research run {state['branch']} is set up: its first run is the unchanged baseline "
+            "(run_experiment('baseline'), then keep()).")
+
+
+def live_view(root: Path, now: float | None = None) -> dict:
+    """The runs nobody has decided yet (queued, running with their curve, pending, interrupted), what
+    is left of the research run's limits, and what it has spent (GPU-hours; the overnight runner's
+    sessions' tokens and cost)."""
+    now = time.time() if now is None else now
+    state, problem = read_state(root)
+    rows = [(r.status, r.val_bpb) for r in server_rows(root, state)]
+    entries = [e for e in (state.get("runs") or {}).values() if isinstance(e, dict)]
+    return {"runs": [run_view(root, e, now) for e in sorted(entries, key=lambda e: e.get("run") or 0)],
+            "limits": limits.left(state, rows, now), "ended": limits.ended(state, rows, now), "problem": problem,
+            "spent": "; ".join(filter(None, (cost.hours_text(cost.run_hours(root, state)),
+                                             cost.sessions_text(cost.sessions_spent(root, state.get("tag")))))) or None}
+
+
+def run_view(root: Path, entry: dict, now: float) -> dict:
+    view = {k: entry.get(k) for k in ("run", "description", "status", "slot")}
+    view["commit"] = str(entry.get("commit") or "")[:7]
+    view["timeout_s"] = entry.get("timeout")
+    view["unsandboxed"] = bool(unsandboxed_marker(entry))  # no sandbox: the run could write the records
+    if entry.get("status") == "running":
+        server = entry.get("server_pid")
+        view["server_gone"] = isinstance(server, int) and not process_alive(server)
+        if isinstance(entry.get("started_at"), (int, float)):
+            view["elapsed_s"] = round(now - entry["started_at"])
+        points = log_progress(root / str(entry.get("log") or ""))
+        if points:
+            view["progress"] = points[-1].model_dump()
+            view["curve"] = thin([[p.step, p.loss] for p in points], CURVE_POINTS)
+    if isinstance(entry.get("result"), dict):
+        view["result"] = {k: entry["result"].get(k) for k in ("status", "val_bpb", "delta", "noise")}
+    return view
+
+
+def log_progress(path: Path) -> list[logparse.Progress]:
+    if not path.is_file():
+        return []
+    return logparse.all_progress(logparse.read_tail_bytes(path, LOG_CURVE_BYTES))
+
+
+def thin(points: list, most: int) -> list:
+    """At most `most` points spread evenly over the list, its first and last always among them."""
+    if len(points) <= most:
+        return points
+    return [points[round(i * (len(points) - 1) / (most - 1))] for i in range(most)]
+
+
+def kept_change(root: Path, commit: str) -> dict:
+    """A kept run's change, as `git diff <parent> <commit> -- train.py` (its parent: the best
+    before it). Raises LookupError for anything but a kept row of the ledger."""
+    if not isinstance(commit, str) or not ledger.COMMIT_RE.match(commit):
+        raise LookupError(f"{commit!r} is not a 7-character commit from results.tsv")
+    rows = server_rows(root, read_state(root)[0])
+    if not any(r.commit == commit and r.status == "keep" for r in rows):
+        raise LookupError(f"{commit} is not a kept run in results.tsv")
+    record = history.records_by_commit(root / RUNS_DIR).get(commit)
+    if record:
+        full, parent = record["run"].get("commit"), record["run"].get("parent")
+    else:  # logged by log_result: on the research branch, its parent is the best before it
+        full = (git(root, "rev-parse", "--verify", "-q", f"{commit}^{{commit}}") or "").strip()
+        parent = (git(root, "rev-parse", "--verify", "-q", f"{full}^") or "").strip() if full else ""
+    if not all(isinstance(c, str) and FULL_COMMIT.fullmatch(c) for c in (full, parent)):
+        raise LookupError(f"{commit} or its parent is not in this repository")
+    diff = git(root, "diff", "--no-color", "--no-ext-diff", "--no-textconv", parent, full, "--", "train.py")
+    if diff is None:
+        raise LookupError(f"git could not diff {commit} against its parent {parent[:7]}")
+    return {"commit": commit, "parent": parent[:7], "diff": diff[:MAX_DIFF_CHARS],
+            "truncated": len(diff) > MAX_DIFF_CHARS}
+
+
+def run_tail(root: Path, commit: str) -> dict:
+    """The end of a logged run's log, as the agent was shown it (its record's tail, else its log's)."""
+    if not isinstance(commit, str) or not ledger.COMMIT_RE.match(commit):
+        raise LookupError(f"{commit!r} is not a 7-character commit from results.tsv")
+    if not any(r.commit == commit for r in server_rows(root, read_state(root)[0])):
+        raise LookupError(f"{commit} is not in results.tsv")
+    record = history.records_by_commit(root / RUNS_DIR).get(commit)
+    runs = root / RUNS_DIR
+    log = next(iter(sorted(runs.glob(f"[0-9][0-9][0-9][0-9]-{commit}.log"))), None) if runs.is_dir() else None
+    tail = (record or {}).get("result", {}).get("tail")
+    if tail is None and log is not None:
+        tail = logparse.tail(logparse.read_tail_bytes(log, LOG_TAIL_BYTES))
+    return {"commit": commit, "log": f"{RUNS_DIR}/{log.name}" if log else None,
+            "tail": tail if tail is not None else "no log was kept for this run (logged with log_result?)"}
+
+
+def plain(value):
+    """JSON for a browser: NaN and infinities (a diverged loss, a hand-edited ledger) become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value

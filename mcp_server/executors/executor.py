@@ -1,0 +1,230 @@
+"""Where a run executes: the executor interface and the local pool of slots.
+
+The loop decides (rules, ledger, keep and discard); an executor only runs a RunSpec and says how
+it ended. The interface is small: `capacity`, `start(spec, on_done)` (a slot is free), `cancel(run)`,
+`reattach(record, on_done)` (after a server restart; False where runs cannot outlive the server)
+and `shutdown()`. `on_done(run, outcome)` is called once, from the executor's own thread.
+
+LocalPool runs N runs at once on this machine: slot k is a git worktree of its own (reused,
+cleaned between runs) pinned to GPU k, or to its share of the CPUs when there is no GPU. Each run
+is mcp_server/scripts/worker.py leading a new session, with a pipe from the server on stdin: when the
+server dies, however it dies, the worker kills the training.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mcp_server.core.state import process_start_time
+
+WORKER = Path(__file__).resolve().parent.parent / "scripts" / "worker.py"
+WORKER_GRACE_SECONDS = 30  # beyond the worker's own timeout and grace: the server's safety net
+SLOTS_ENV = "RESEARCH_LOOP_SLOTS"
+
+
+@dataclass
+class RunSpec:
+    run: int
+    commit: str
+    command: list[str]
+    timeout: float
+    log: Path  # the run's own log file (absolute)
+    report: Path  # where the worker writes how the run ended (absolute)
+    env: dict = field(default_factory=dict)
+    worker_args: list = field(default_factory=list)  # sandbox, export and evaluation (mcp_server/core/integrity.py)
+    after_seconds: float = 0.0  # what the worker may spend once training ended (the harness's evaluation)
+    unsandboxed: bool = False  # the user accepts a run without a sandbox where none can run (mcp_server/scripts/sandbox.py)
+
+
+@dataclass
+class Outcome:
+    report: dict | None  # the worker's report; None if it left none
+    slot: str
+    cwd: Path | None = None  # where the command ran
+
+
+def visible_gpus() -> list[str]:
+    """GPU ids this process may use, without importing torch: CUDA_VISIBLE_DEVICES, else nvidia-smi."""
+    configured = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if configured is not None:
+        return [g.strip() for g in configured.split(",") if g.strip() and g.strip() != "-1"]
+    if not shutil.which("nvidia-smi"):
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [str(i) for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU ")]
+
+
+def default_slots() -> int:
+    configured = os.environ.get(SLOTS_ENV)
+    if configured:
+        return int(configured)
+    return max(1, len(visible_gpus()))
+
+
+def cpu_shares(slots: int) -> list[list[int]]:
+    """The CPUs this process may use, dealt out to `slots` slots as evenly as they go."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    if slots > len(cpus):
+        return [[cpus[i % len(cpus)]] for i in range(slots)]
+    per = len(cpus) // slots
+    return [cpus[i * per:(i + 1) * per] for i in range(slots)]
+
+
+class LocalPool:
+    def __init__(self, workspace, slots: int, env: dict | None = None):
+        """workspace: a Workspace (git); env: the training's environment (the server's, cleaned)."""
+        if slots < 1:
+            raise ValueError("slots must be at least 1")
+        self.ws = workspace
+        self.capacity = slots
+        self.gpus = visible_gpus()
+        self.cpus = None if self.gpus else (cpu_shares(slots) if slots > 1 else None)
+        self.env = env if env is not None else training_env(workspace.root)
+        self.busy: dict[int, int] = {}  # slot -> run
+        self.procs: dict[int, subprocess.Popen] = {}  # run -> worker
+        self.lock = threading.Lock()
+        self.closing = False
+
+    def describe(self, slot: int) -> str:
+        if self.gpus:
+            return f"slot {slot} (GPU {self.gpus[slot % len(self.gpus)]})"
+        if self.cpus:
+            share = self.cpus[slot]
+            return f"slot {slot} (CPU {share[0]}-{share[-1]}, {len(share)} of {sum(map(len, self.cpus))} cores)" \
+                if len(share) > 1 else f"slot {slot} (CPU {share[0]}, 1 of {sum(map(len, self.cpus))} cores)"
+        return f"slot {slot}"
+
+    @property
+    def split_cpu(self) -> bool:
+        return bool(self.cpus)
+
+    def free(self) -> int:
+        with self.lock:
+            return self.capacity - len(self.busy)
+
+    def start(self, spec: RunSpec, on_done) -> str:
+        """Checks the commit out in a free slot and starts the worker; returns the slot's name.
+        A failure to prepare the slot is raised (nothing is left running)."""
+        with self.lock:
+            slot = next(k for k in range(self.capacity) if k not in self.busy)
+            self.busy[slot] = spec.run
+        try:
+            cwd = self.ws.checkout_slot(slot, spec.commit)
+            env = dict(self.env, **spec.env, RESEARCH_LOOP_RUN=str(spec.run), RESEARCH_LOOP_SLOT=str(slot))
+            if self.gpus:
+                env["CUDA_VISIBLE_DEVICES"] = self.gpus[slot % len(self.gpus)]
+            args = [sys.executable, str(WORKER), "--log", str(spec.log), "--report", str(spec.report),
+                    "--timeout", str(spec.timeout), "--watch-stdin"]
+            if self.cpus:
+                args += ["--cpus", ",".join(map(str, self.cpus[slot]))]
+            args += spec.worker_args + (["--unsandboxed"] if spec.unsandboxed else [])
+            spec.log.parent.mkdir(parents=True, exist_ok=True)
+            with open(spec.log, "ab") as log:
+                proc = subprocess.Popen([*args, "--", *spec.command], cwd=cwd, env=env, stdin=subprocess.PIPE,
+                                        stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+        except BaseException:
+            with self.lock:
+                self.busy.pop(slot, None)
+            raise
+        with self.lock:
+            self.procs[spec.run] = proc
+        name = self.describe(slot)
+        threading.Thread(target=self._wait, args=(spec, slot, proc, cwd, on_done), daemon=True,
+                         name=f"run-{spec.run}").start()
+        return name
+
+    def worker_record(self, run: int) -> dict:
+        proc = self.procs.get(run)
+        return {"worker_pid": proc.pid, "worker_start": process_start_time(proc.pid)} if proc else {}
+
+    def _wait(self, spec: RunSpec, slot: int, proc: subprocess.Popen, cwd: Path, on_done) -> None:
+        try:
+            proc.wait(timeout=spec.timeout + spec.after_seconds + WORKER_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:  # the worker itself hangs: end its whole session
+            kill_session(proc.pid)
+            proc.wait()
+        kill_session(proc.pid)  # anything still in the worker's own group
+        proc.stdin.close()
+        with self.lock:
+            self.procs.pop(spec.run, None)
+            self.busy.pop(slot, None)
+        if self.closing:
+            return  # the next owner finds the run in the state and recovers it
+        on_done(spec.run, Outcome(report=read_report(spec.report), slot=self.describe(slot), cwd=cwd))
+
+    def cancel(self, run: int) -> bool:
+        """Asks the run's worker to stop it (the worker kills the whole tree); False if not running here."""
+        with self.lock:
+            proc = self.procs.get(run)
+        if proc is None:
+            return False
+        try:
+            proc.terminate()
+        except ProcessLookupError:
+            pass
+        return True
+
+    def reattach(self, record: dict, on_done) -> bool:
+        return False  # local runs die with their server: the loop recovers them from their files
+
+    def shutdown(self) -> None:
+        """On server exit: every worker stops its training (their stdin closes)."""
+        self.closing = True
+        with self.lock:
+            procs = list(self.procs.values())
+        for proc in procs:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+        deadline = time.monotonic() + 15
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                kill_session(proc.pid)
+
+
+def kill_session(pid: int) -> None:
+    try:
+        os.killpg(pid, 9)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def read_report(path: Path) -> dict | None:
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return report if isinstance(report, dict) else None
+
+
+def training_env(workspace: Path) -> dict:
+    """The training's environment: the server's, without its VIRTUAL_ENV (the plugin's own, which
+    uv would ignore with a warning in every log), with every slot's `uv run` using the workspace's
+    one environment instead of installing torch into each worktree."""
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"} | {"PYTHONUNBUFFERED": "1"}
+    env.setdefault("UV_PROJECT_ENVIRONMENT", str(workspace / ".venv"))
+    return env
+
+
+def compile_bytecode(python: str, site_packages: str, timeout: float = 900) -> None:
+    """Bytecode for the training environment's packages, written once by the server. A run imports
+    torch (and torch.compile's dynamo and inductor) in a sandbox that keeps the environment read-only,
+    where Python cannot cache bytecode itself, and uv installs none: every run would compile ~1,700
+    of torch's modules from source again, 6 s of its start-up on a 2-core Zen 4. Already compiled
+    files are only checked (4 s for 12,700 files); any failure costs runs that time, nothing else."""
+    try:
+        subprocess.run([python, "-m", "compileall", "-q", "-j", "0", site_packages],
+                       capture_output=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError):
+        pass

@@ -1,0 +1,375 @@
+"""The unattended runner: headless Claude Code sessions, one after another, until the research
+run is over.
+
+    uv run research-loop overnight --tag nov26 --hours 8      (in the workspace)
+
+Each session is `claude -p "/research-loop:autoresearch <tag> <limits>"` with the plugin and the
+skill's allowed tools (no permission prompt, no --dangerously-skip-permissions). The Stop hook
+keeps a session working; when one ends anyway (context exhausted, an API error, a crash, a stuck
+agent) before a stop condition is met, the next one starts and resumes from the server's state.
+Sessions that end quickly in a row back off, and after a few the runner gives up and says why.
+With --max-cost it starts no session once the sessions' cost (each session's stream-json result)
+reaches it; --notify pings a webhook when it gives up or stops for the cost (and the sessions'
+servers ping theirs). It shows one live status line, keeps its own log in .research-loop/overnight/,
+and at the end prints the ledger's summary, the GPU-hours and the sessions' tokens and cost, and the
+path of progress.png. Ctrl-C stops the session in progress
+(its server, and so its training, with it) and leaves the ledger intact: the same command resumes.
+"""
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mcp_server.core import cost, ledger, limits, logparse, notify
+from mcp_server.scripts import sandbox
+from mcp_server.core.models import Refusal
+from mcp_server.core.workspace import prepared_info, validate_tag
+
+PLUGIN_ROOT = Path(__file__).resolve().parents[2]
+SKILL = "/research-loop:autoresearch"
+CLAUDE_CODE_PACKAGE = "@anthropic-ai/claude-code@2.1.332"
+QUICK_SESSION_S = 60.0  # a session shorter than this that decided no run counts as a quick failure
+MAX_QUICK_FAILURES = 5  # in a row, then the runner gives up
+BACKOFF_S = (5, 15, 45, 120)  # before the 2nd, 3rd, ... restart after quick failures
+RUN_GRACE_S = 60.0  # past the deadline, on top of the longest run's timeout, before the session is stopped
+TERMINATE_GRACE_S = 10
+STATUS_EVERY_S = 2.0  # redraw of the status line on a terminal
+STATUS_LINE_EVERY_S = 60.0  # one status line a minute into a log or a pipe
+LOG_DIR = ".research-loop/overnight"
+
+
+class RunnerError(RuntimeError):
+    """Something the user must fix before the runner can start; the message says what."""
+
+
+def skill_allowed_tools() -> list[str]:
+    """The skill's allowed-tools: what a headless session may use without a prompt."""
+    text = (PLUGIN_ROOT / "skills" / "autoresearch" / "SKILL.md").read_text()
+    front = text.split("---", 2)[1]
+    tools, inside = [], False
+    for line in front.splitlines():
+        if line.startswith("allowed-tools:"):
+            inside = True
+        elif inside and line.startswith("  - "):
+            tools.append(line[4:].strip())
+        elif inside:
+            break
+    return tools
+
+
+def prompt_for(tag: str, args) -> str:
+    parts = [SKILL, tag]
+    for flag, value in (("--hours", args.hours), ("--max-experiments", args.max_experiments),
+                        ("--target", args.target), ("--max-failures", args.max_failures),
+                        ("--max-gpu-hours", args.max_gpu_hours)):
+        if value is not None:
+            parts += [flag, str(value)]
+    return " ".join(parts)
+
+
+def preflight(workspace: Path, claude: str | None, unsandboxed: bool = False) -> str:
+    """The claude executable; raises RunnerError naming what to install or run first."""
+    if not (workspace / ".git").exists() or not (workspace / "train.py").is_file() \
+            or not (workspace / "prepare.py").is_file():
+        raise RunnerError(f"{workspace} is not an autoresearch workspace (a git repository with prepare.py and "
+                          "train.py): run the runner in one, or pass --workspace.")
+    if prepared_info() is None:
+        raise RunnerError("No prepared data or tokenizer: run `uv run prepare.py` in the workspace first.")
+    if not shutil.which("uv"):
+        raise RunnerError("uv is not on PATH, and the plugin's server starts with it: `pip install uv`.")
+    found = claude or os.environ.get("RESEARCH_LOOP_CLAUDE") or shutil.which("claude")
+    if not found or not Path(found).exists() and not shutil.which(found):
+        raise RunnerError(f"Claude Code is not installed: `npm install -g {CLAUDE_CODE_PACKAGE}` (or pass --claude).")
+    local = (os.environ.get("RESEARCH_LOOP_EXECUTOR") or "local") == "local"  # a cluster's nodes check their own
+    if local and not unsandboxed and sandbox.usable()[0] is None:  # every session's runs would be refused
+        raise RunnerError(sandbox.missing())
+    return found
+
+
+def plugin_dir(workspace: Path) -> Path:
+    """Where the session loads the plugin from. Claude Code treats a --plugin-dir folder's files as
+    sensitive (each edit would need approval), so a workspace that is this checkout itself gets a
+    copy of the plugin: a worktree of HEAD inside .git, with its environment synced once."""
+    if workspace.resolve() != PLUGIN_ROOT:
+        return PLUGIN_ROOT
+    copy = workspace / ".git" / "research-loop" / "plugin"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=workspace, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    if (copy / ".git").is_file():
+        subprocess.run(["git", "checkout", "-q", "--detach", "--force", head], cwd=copy, check=True)
+    else:
+        subprocess.run(["git", "worktree", "prune"], cwd=workspace, check=True)
+        subprocess.run(["git", "worktree", "add", "-q", "--detach", "--force", str(copy), head], cwd=workspace,
+                       check=True)
+    subprocess.run(["uv", "sync", "--quiet", "--project", str(copy)], check=True)
+    return copy
+
+
+class Runner:
+    def __init__(self, args, claude: str, backoff_s: tuple = BACKOFF_S, grace_s: float = RUN_GRACE_S,
+                 poll_s: float = STATUS_EVERY_S):
+        """backoff_s, grace_s and poll_s: the timing, in seconds (tests shorten it)."""
+        self.args, self.claude = args, claude
+        self.backoff_s, self.grace_s, self.poll_s = backoff_s, grace_s, poll_s
+        self.workspace = Path(args.workspace).resolve()
+        self.logs = self.workspace / LOG_DIR
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.started = time.time()
+        self.deadline = self.started + args.hours * 3600 if args.hours else None
+        self.session: subprocess.Popen | None = None
+        self.sessions = 0
+        self.tty = sys.stdout.isatty()
+        self.last_line = 0.0
+        self.notifier = notify.Notifier(args.notify, args.notify_format)
+
+    # --- the workspace, read like the hooks read it ---------------------------------------
+    def state(self) -> dict:
+        return limits.recorded_state(self.workspace)
+
+    def rows(self) -> list:
+        """The server's rows: a results.tsv edited by hand ends no night."""
+        state = self.state()
+        if limits.recorded_rows(state) is not None:
+            return ledger.rows_of(state)
+        return ledger.read_rows(self.workspace / ledger.LEDGER_NAME)[0]
+
+    def over(self) -> str | None:
+        state = self.state()
+        if state.get("tag") != self.args.tag:
+            return None  # not set up yet (or another run): the session sets it up
+        return limits.ended(state, [(r.status, r.val_bpb) for r in self.rows()])
+
+    def status_line(self) -> str:
+        rows = self.rows()
+        kept = [r for r in rows if r.status == "keep"]
+        parts = [f"session {self.sessions}", f"{limits.experiments_done([r.status for r in rows])} experiments",
+                 f"{len(kept)} kept"]
+        if kept:
+            parts.append(f"best {min(r.val_bpb for r in kept):.6f}")
+        spent = self.spent()
+        if spent["sessions"]:
+            parts.append(f"${spent['cost_usd']:.2f}")
+        state = self.state()
+        left = limits.left(state, [(r.status, r.val_bpb) for r in rows])
+        if left:
+            parts.append(left.split("; ")[0])
+        for entry in (state.get("runs") or {}).values():
+            if entry.get("status") == "running":
+                progress = logparse.last_progress(logparse.read_tail_bytes(self.workspace / entry["log"])) \
+                    if (self.workspace / entry["log"]).exists() else None
+                step = f"step {progress.step} ({progress.percent:.0f}%)" if progress else "starting"
+                parts.append(f"run {entry['run']}: {step}")
+        return " | ".join(parts)
+
+    def show(self, force: bool = False) -> None:
+        now = time.time()
+        stamp = time.strftime("%H:%M:%S")
+        if self.tty:
+            print(f"\r[{stamp}] {self.status_line()[:150]:<150}", end="", flush=True)
+        elif force or now - self.last_line >= STATUS_LINE_EVERY_S:
+            print(f"[{stamp}] {self.status_line()}", flush=True)
+            self.last_line = now
+
+    def spent(self) -> dict:
+        return cost.sessions_spent(self.workspace, self.args.tag)
+
+    def out_of_money(self) -> str | None:
+        spent = self.spent()["cost_usd"]
+        if self.args.max_cost is not None and spent >= self.args.max_cost:
+            return f"the sessions have cost ${spent:.2f} of --max-cost ${self.args.max_cost:g}"
+        return None
+
+    def say(self, message: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {message}"
+        print(("\r" + " " * 170 + "\r" if self.tty else "") + line, flush=True)
+        with open(self.logs / "runner.log", "a") as log:
+            log.write(line + "\n")
+
+    # --- sessions ---------------------------------------------------------------------------
+    def start_session(self, plugin: Path) -> None:
+        self.sessions += 1
+        command = [self.claude, "-p", prompt_for(self.args.tag, self.args), "--output-format", "stream-json",
+                   "--verbose", "--plugin-dir", str(plugin), "--allowedTools", *skill_allowed_tools()]
+        if self.args.model:
+            command += ["--model", self.args.model]
+        env = dict(os.environ)
+        if self.args.unsandboxed:  # the plugin's server reads the user's opt-in from its environment
+            env[sandbox.UNSANDBOXED_ENV] = "1"
+        if self.args.notify:  # so does its webhook
+            env.update({notify.NOTIFY_ENV: self.args.notify, notify.FORMAT_ENV: self.args.notify_format})
+        env.setdefault("MCP_TIMEOUT", "120000")  # the first start of the server may sync its environment
+        output = open(self.logs / f"session-{self.sessions:03d}.jsonl", "ab")
+        self.session = subprocess.Popen(command, cwd=self.workspace, env=env, stdin=subprocess.DEVNULL,
+                                        stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+        output.close()
+        self.say(f"session {self.sessions} started: {' '.join(command[:3])} ... (log {LOG_DIR}/session-"
+                 f"{self.sessions:03d}.jsonl)")
+
+    def stop_session(self) -> None:
+        """The session's whole process group; its MCP server then stops its training runs."""
+        if self.session is None or self.session.poll() is not None:
+            return
+        try:
+            os.killpg(self.session.pid, signal.SIGTERM)
+            self.session.wait(timeout=TERMINATE_GRACE_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.session.pid, signal.SIGKILL)
+            self.session.wait()
+        except ProcessLookupError:
+            pass
+
+    def run(self) -> int:
+        plugin = plugin_dir(self.workspace)
+        self.say(f"overnight run of {SKILL} {self.args.tag} in {self.workspace}"
+                 + (f", for {self.args.hours} h" if self.args.hours else ""))
+        quick = 0
+        while True:
+            over = self.over()
+            if over:
+                self.say(f"the research run has ended: {over}")
+                return 0
+            if self.deadline and time.time() >= self.deadline:
+                self.say("the runner's deadline has passed")
+                return 0
+            broke = self.out_of_money()
+            if broke:
+                self.say(f"no new session: {broke}")
+                self.notifier.send(f"the overnight runner stopped starting sessions: {broke} [{self.workspace.name}]")
+                return 0
+            began, rows_before = time.time(), len(self.rows())
+            self.start_session(plugin)
+            while self.session.poll() is None:
+                self.show()
+                time.sleep(self.poll_s)
+                if self.deadline and time.time() > self.deadline + self.grace():
+                    self.say("the deadline passed long ago and the session is still going: stopping it")
+                    self.stop_session()
+            lasted = time.time() - began
+            self.say(f"session {self.sessions} ended after {lasted:.0f} s (exit code {self.session.returncode})")
+            spent = cost.session_result(self.logs / f"session-{self.sessions:03d}.jsonl")
+            with open(self.logs / "sessions.jsonl", "a") as record:
+                record.write(json.dumps({"session": self.sessions, "tag": self.args.tag, "started_at": began,
+                                         "ended_at": time.time(), "exit_code": self.session.returncode,
+                                         "runs_decided": len(self.rows()) - rows_before} | spent) + "\n")
+            if self.over():
+                continue
+            # a short session that decided runs was working; one that decided nothing failed
+            quick = quick + 1 if lasted < QUICK_SESSION_S and len(self.rows()) == rows_before else 0
+            if quick >= MAX_QUICK_FAILURES:
+                self.say(f"giving up: {quick} sessions in a row ended within {QUICK_SESSION_S:.0f} s. The last one "
+                         f"said:\n{self.session_tail()}\nFix that, then run the same command to resume.")
+                self.notifier.send(f"the overnight runner gave up: {quick} sessions in a row ended within "
+                                   f"{QUICK_SESSION_S:.0f} s; the last said: {self.session_tail(1)} [{self.workspace.name}]")
+                return 1
+            if quick:
+                pause = self.backoff_s[min(quick - 1, len(self.backoff_s) - 1)]
+                self.say(f"the session ended early: a new one in {pause:g} s")
+                time.sleep(pause)
+
+    def grace(self) -> float:
+        """How long past the deadline a session may finish the run it has: one run's timeout."""
+        runs = (self.state().get("runs") or {}).values()
+        return max([e.get("timeout", 0) for e in runs], default=0) + self.grace_s
+
+    def session_tail(self, lines: int = 8) -> str:
+        try:
+            text = (self.logs / f"session-{self.sessions:03d}.jsonl").read_text(errors="replace")
+        except OSError:
+            return "(no output)"
+        shown = []
+        for line in text.splitlines()[-lines:]:
+            try:
+                event = json.loads(line)
+                shown.append(str(event.get("result") or event.get("subtype") or event.get("type"))[:200])
+            except ValueError:
+                shown.append(line[:200])
+        return "\n".join(shown)
+
+    def summary(self) -> None:
+        rows = self.rows()
+        counts = {s: sum(r.status == s for r in rows) for s in ledger.STATUSES}
+        kept = [r for r in rows if r.status == "keep"]
+        print()
+        print(f"{len(rows)} runs in {ledger.LEDGER_NAME}: {counts['keep']} kept, {counts['discard']} discarded, "
+              f"{counts['crash']} crashed; {self.sessions} session(s) in {(time.time() - self.started) / 3600:.2f} h")
+        if kept:
+            best = min(kept, key=lambda r: r.val_bpb)
+            print(f"best val_bpb {best.val_bpb:.6f} at {best.commit}: {best.description}")
+            from mcp_server.core import history, plot
+            from mcp_server.core.workspace import RUNS_DIR
+            path = self.workspace / plot.PLOT_NAME
+            plot.plot_rows(rows, path, set(history.rerun_commits(self.workspace / RUNS_DIR, [r.commit for r in rows])))
+            print(f"progress chart: {path}")
+        for line in (cost.hours_text(cost.run_hours(self.workspace, self.state())),
+                     cost.sessions_text(self.spent())):
+            if line:
+                print(f"spent: {line}")
+        print(f"logs: {self.logs}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tag", required=True, help="research run tag: branch autoresearch/<tag> (resumed if it exists)")
+    parser.add_argument("--hours", type=float, help="deadline: no run starts after this many hours")
+    parser.add_argument("--max-experiments", type=int, help="stop after this many experiments")
+    parser.add_argument("--target", type=float, help="stop once a kept val_bpb reaches this")
+    parser.add_argument("--max-failures", type=int, help="stop after this many crashes in a row (default 10)")
+    parser.add_argument("--max-gpu-hours", type=float, help="stop once the runs have used this many GPU-hours "
+                                                            "(slot-hours on a CPU)")
+    parser.add_argument("--max-cost", type=float, metavar="USD", help="start no new session once the sessions have "
+                                                                      "cost this many dollars (as Claude Code reports)")
+    parser.add_argument("--workspace", default=os.getcwd(), help="the workspace (default: the current folder)")
+    parser.add_argument("--claude", help="the claude executable (default: env RESEARCH_LOOP_CLAUDE, else on PATH)")
+    parser.add_argument("--model", help="the model for the sessions (default: Claude Code's)")
+    parser.add_argument("--unsandboxed", action="store_true", default=sandbox.opted_in(),
+                        help="let the sessions' server train without a sandbox where none can run here (every "
+                             f"answer and ledger row says so; default: env {sandbox.UNSANDBOXED_ENV}=1)")
+    notify.add_arguments(parser)
+
+
+def main(args) -> int:
+    try:  # setup would refuse it in every session, and the runner would start one after another
+        validate_tag(args.tag)
+    except Refusal as exc:
+        print(f"error: --tag: {exc}", file=sys.stderr)
+        return 2
+    # setup's own checks, before any session starts: nan, inf, 0 or less would set no limit at all
+    for flag, name, value in (("--hours", "hours", args.hours), ("--max-experiments", "max_experiments",
+                              args.max_experiments), ("--target", "target_val_bpb", args.target),
+                              ("--max-failures", "max_failures_in_row", args.max_failures),
+                              ("--max-gpu-hours", "max_gpu_hours", args.max_gpu_hours)):
+        try:
+            limits.make_limits(**{"max_failures_in_row": None, name: value})
+        except ValueError as exc:
+            print(f"error: {flag}: {exc}; fix it and rerun", file=sys.stderr)
+            return 2
+    if args.max_cost is not None and not (0 < args.max_cost < float("inf")):
+        print(f"error: --max-cost must be a number of dollars above 0, got {args.max_cost}; fix it and rerun",
+              file=sys.stderr)
+        return 2
+    try:
+        claude = preflight(Path(args.workspace).resolve(), args.claude, args.unsandboxed)
+    except RunnerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    runner = Runner(args, claude)
+
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
+    # SIGINT too: started in the background by a script, the runner inherits it ignored
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, interrupted)
+    try:
+        code = runner.run()
+    except KeyboardInterrupt:
+        runner.stop_session()
+        runner.say("interrupted: the session and its training were stopped; the ledger is intact. "
+                   "Run the same command to resume.")
+        code = 130
+    runner.summary()
+    runner.notifier.close()
+    return code

@@ -1,0 +1,772 @@
+"""Runs one training command for the research loop and reports how it ended.
+
+    python worker.py --log FILE --report FILE --timeout SECONDS [--watch-stdin] [--cpus 0,1]
+        [--sandbox JSON [--unsandboxed]] [--export FILE --val-shard FILE --evaluate JSON] -- COMMAND...
+
+--log - writes the output to this process's own stdout instead (a cluster job, whose engine keeps
+its stdout as the job's log).
+
+A plain script with the standard library only: it starts fast and runs wherever the training
+runs (this machine's slots, a Ray or SLURM node). It
+
+- makes itself the child subreaper (Linux), so a descendant that double-forks or starts a new
+  session is re-parented here instead of escaping, and kills every descendant when the command
+  ends: no process outlives its run, and the report says how many were left behind;
+- copies the command's output into its own log file, capped (a run that prints gigabytes keeps
+  the head and the tail: bounded disk and memory, and the summary block is in the tail);
+- enforces the hard timeout (SIGTERM to the whole tree, SIGKILL after a grace period), and stops
+  the same way on SIGTERM (a cancel) or, with --watch-stdin, when its parent, the server, dies
+  (the pipe on stdin reaches end of file);
+- runs the command in a sandbox (--sandbox: the workspace, the harness, the prepared cache and the
+  environments read-only, the run's own folders writable; bubblewrap, or sandbox-exec on macOS),
+  so the training can write neither the server's records nor the harness; where no sandbox can
+  run, it refuses to start the command unless told --unsandboxed (the user's opt-in);
+- copies what the harness's evaluation reads (the validation shard, the tokenizer) before the
+  training starts, checking each against the content the server pinned, and hands the copies to
+  the evaluator as open files that have no name: nothing the run does later can change them;
+- watches the validation shard (inotify): an open before the harness took its own copy of the
+  exported model means the model may have seen the validation data;
+- runs the harness's separate evaluation of its copy of the exported model (--evaluate), with its
+  own timeout, as soon as the model is exported (train.py waits for its number);
+- measures the wall time itself, and writes one JSON report, atomically, with what it saw.
+"""
+from __future__ import annotations  # a node's Python may be older than 3.10
+
+import argparse
+import collections
+import ctypes
+import hashlib
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+try:
+    from mcp_server.scripts import sandbox
+except ImportError:  # run as a script, or on a node: sandbox.py is beside this file
+    import sandbox
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+TERM_GRACE_SECONDS = 5.0
+MAX_LOG_BYTES = 64 * 2**20  # head of a runaway log kept on disk
+TAIL_BYTES = 1 * 2**20  # and its tail, kept in memory once the head is full
+READ_CHUNK = 65536
+REAP_ROUNDS = 50  # kill-and-reap passes over the descendants, 0.1 s apart
+MARK = "[research-loop]"  # prefix of the lines this worker adds to the log
+EXPORT_ENV = "RESEARCH_LOOP_EXPORT"  # where the harness writes the trained model (nanochat/export.py)
+ANSWER_ENV = "RESEARCH_LOOP_ANSWER"  # where this worker writes the harness's number for train.py to print
+DATA_ORDER_ENV = "AUTORESEARCH_DATA_ORDER"  # which stretch of the data a rerun trains on (nanochat/dataloader.py)
+# What the harness's evaluation takes from this worker's environment, not the server's: the slot's GPU
+# (the pool sets CUDA_VISIBLE_DEVICES per slot) and where libcuda is found
+DEVICE_ENV = ("CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH")
+UVM_DEVICE = "/dev/nvidia-uvm"  # CUDA's unified memory node, made by nvidia-modprobe at the first CUDA use
+# The largest exported program the harness copies: 16 GiB of fp32 weights is 4e9 parameters, 80 times
+# the h100 profile's model and more than one GPU can train in a run (weights, gradients and Adam's
+# moments alone take 64 GB); anything larger is padding (a sparse file would fill this disk).
+MAX_EXPORT_BYTES = 16 * 2**30
+IN_OPEN = 0x20
+INOTIFY_EVENT = struct.Struct("iIII")  # wd, mask, cookie, name length
+
+
+def prctl(option: int, value: int) -> bool:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0) == 0
+    except (OSError, AttributeError):  # not Linux: process groups only
+        return False
+
+
+def descendants(root: int) -> list[int]:
+    """Live processes below `root` (by parent links in /proc); empty where /proc is missing."""
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != b"Z":
+            children[int(fields[1])].append(int(name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def reap() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def signal_tree(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for pid in descendants(os.getpid()):
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def kill_everything(pgid: int) -> int:
+    """SIGKILL the command's group and every descendant until none is left; returns how many
+    could not be killed (another user's, or stuck in the kernel)."""
+    for _ in range(REAP_ROUNDS):
+        signal_tree(pgid, signal.SIGKILL)
+        reap()
+        if not descendants(os.getpid()):
+            return 0
+        time.sleep(0.1)
+    return len(descendants(os.getpid()))
+
+
+class LogPump(threading.Thread):
+    """Copies the command's output to the log: the first max_bytes, then only a rolling tail."""
+
+    def __init__(self, source, log_path: Path, max_bytes: int):
+        super().__init__(daemon=True, name="log-pump")
+        self.source, self.max_bytes = source, max_bytes
+        self.log = open_log(log_path)
+        self.last = collections.deque(maxlen=64)  # the latest chunks, for --report-tail
+        self.written = 0
+        self.dropped = 0
+        self.tail = collections.deque()
+        self.tail_bytes = 0
+
+    def run(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self.source, READ_CHUNK)
+            except OSError:
+                break
+            if not chunk:
+                break
+            self.last.append(chunk)
+            room = self.max_bytes - self.written
+            if room > 0:
+                self.log.write(chunk[:room])
+                self.written += min(room, len(chunk))
+                chunk = chunk[room:]
+            if chunk:
+                self.tail.append(chunk)
+                self.tail_bytes += len(chunk)
+                while self.tail_bytes - len(self.tail[0]) >= TAIL_BYTES:
+                    self.dropped += len(self.tail[0])
+                    self.tail_bytes -= len(self.tail.popleft())
+
+    def close(self) -> None:
+        if self.tail:
+            if self.dropped:
+                self.note(f"{self.dropped} bytes of output dropped here (log capped at {self.max_bytes} bytes)")
+            self.log.write(b"".join(self.tail))
+        self.log.close()
+
+    def note(self, text: str) -> None:
+        self.log.write(f"\n{MARK} {text}\n".encode())
+
+    @property
+    def truncated(self) -> bool:
+        return self.dropped > 0
+
+    def last_text(self, size: int) -> str:
+        return b"".join(self.last)[-size:].decode("utf-8", errors="replace")
+
+
+def open_log(path: Path):
+    """The log file, appended to; "-" is this process's stdout (a duplicate, so closing it is safe)."""
+    if str(path) == "-":
+        return os.fdopen(os.dup(1), "ab", buffering=0)
+    return open(path, "ab", buffering=0)
+
+
+class ValidationWatch(threading.Thread):
+    """Counts opens of the validation shard before the harness takes its own copy of the exported
+    model (Linux inotify). The boundary is the worker's own act, not a file the run can create: the
+    kernel queues an open's event before the open returns, so the events read when the copy is taken
+    are every open that came before it."""
+
+    def __init__(self, val_shard: Path):
+        super().__init__(daemon=True, name="val-watch")
+        self.opened_before_export = 0
+        self.exported = False
+        self.lock = threading.Lock()  # the events are read by this thread, and once by mark_exported
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1")
+        if libc.inotify_add_watch(self.fd, bytes(val_shard), IN_OPEN) < 0:
+            raise OSError(ctypes.get_errno(), "inotify_add_watch")
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            if select.select([self.fd], [], [], 0.2)[0]:
+                with self.lock:
+                    self._read_queued()
+
+    def mark_exported(self) -> None:
+        """The harness has its copy of the program: opens from now on cannot have trained it."""
+        with self.lock:
+            self._read_queued()
+            self.exported = True
+
+    def _read_queued(self) -> None:
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except (BlockingIOError, OSError):
+                return
+            offset = 0
+            while offset + INOTIFY_EVENT.size <= len(data):
+                _, mask, _, length = INOTIFY_EVENT.unpack_from(data, offset)
+                offset += INOTIFY_EVENT.size + length
+                if mask & IN_OPEN and not self.exported:
+                    self.opened_before_export += 1
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join(timeout=2)
+        if self.is_alive():
+            return
+        self._read_queued()  # what is still queued
+        os.close(self.fd)
+
+
+def sandboxed(command: list[str], spec: dict, cwd: str, private: dict | None = None) -> tuple[list[str], bool]:
+    """The command in this machine's sandbox (sandbox.wrap), or as it is where spec is empty or no
+    sandbox is usable: the caller refuses that unless the user opted in."""
+    if not spec:
+        return command, False
+    command, kind = sandbox.wrap(command, spec, cwd, private)
+    return command, kind is not None
+
+
+def private_val_copy(val_shard: Path, report: Path) -> Path | None:
+    """A copy of the validation shard for this run alone, where bubblewrap can show it in place of
+    the shared one: inotify reports every process's opens of a file, so with several slots a watch
+    on the shared shard would blame a run for another run's evaluation."""
+    if sandbox.usable()[0] != sandbox.BUBBLEWRAP:
+        return None
+    # under /tmp, which every sandbox replaces with its own: no other run can read it unwatched
+    copy = Path(tempfile.mkdtemp(prefix="research-loop-val-", dir="/tmp")) / val_shard.name
+    shutil.copyfile(val_shard, copy)
+    return copy
+
+
+def private_copies(inputs: dict) -> dict:
+    """{name: an open file with no name} holding a copy of each input, taken now; raises ValueError
+    when a file's content is not the SHA-256 the server pinned. inputs: {name: {"path", "sha256"}}."""
+    copies = {}
+    try:
+        for name, pinned in inputs.items():
+            copy = copies[name] = tempfile.TemporaryFile()
+            digest = hashlib.sha256()
+            with open(pinned["path"], "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+                    copy.write(chunk)
+            copy.flush()
+            if digest.hexdigest() != pinned["sha256"]:
+                raise ValueError(f"{pinned['path']} is not what prepare made (by content): the harness evaluates "
+                                 "only the pinned validation data and tokenizer; restore the prepared cache (or "
+                                 "prepare it again and set up a new research run) before the next run")
+    except BaseException:
+        for copy in copies.values():
+            copy.close()
+        raise
+    return copies
+
+
+def copy_regular_file(path: Path, into) -> None:
+    """path's bytes into the open file `into` (from its start): only a plain file, opened without
+    following a link and without waiting (a FIFO planted there would block)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a plain file")
+        into.seek(0)
+        into.truncate()
+        while True:  # bounded while it copies too: a file that grows on is cut off at the cap
+            chunk = f.read(READ_CHUNK)
+            if into.tell() + len(chunk) > MAX_EXPORT_BYTES or os.fstat(fd).st_size > MAX_EXPORT_BYTES:
+                raise OSError(f"{path} is over {MAX_EXPORT_BYTES >> 30} GiB, more than a real export of the "
+                              "model can be: that is padding, not a model")
+            if not chunk:
+                break
+            into.write(chunk)
+        into.flush()
+        into.seek(0)
+
+
+class HarnessEvaluation:
+    """The harness's separate evaluation of the exported model. Its interpreter starts with the run
+    and imports torch while training runs; it evaluates as soon as the model is exported, while
+    train.py waits in prepare.evaluate_bpb for the answer (written to answer_path), so start-up
+    costs the run nothing and the validation set is evaluated once. spec: {"argv", "env",
+    "timeout", "harness", "harness_commit", "inputs"}; the evaluator gets --out-fd N (its result),
+    --program-fd and an --NAME-fd for each input (the worker's private copies: inputs are copied
+    and checked here, before the training starts), and reads one line on stdin: go (end of file:
+    nothing to evaluate)."""
+
+    def __init__(self, spec: dict, log_path: Path, export: Path, answer_path: Path):
+        self.spec, self.log_path, self.export, self.answer_path = spec, log_path, export, answer_path
+        self.result: dict | None = None
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+        self.thread: threading.Thread | None = None
+        self.proc = None
+        self.program = tempfile.TemporaryFile()  # the harness's copy of the export, once there is one
+        try:
+            inputs = private_copies(spec.get("inputs", {}))
+        except (OSError, KeyError, ValueError) as exc:
+            self.result = {"problem": f"the harness evaluation's inputs: {exc}"} if isinstance(exc, ValueError) \
+                else {"error": f"the harness evaluation's inputs could not be copied: {exc!r}"}
+            return
+        self.read_end, write_end = os.pipe()
+        fds = {"--program-fd": self.program.fileno(),
+               **{f"--{name}-fd": copy.fileno() for name, copy in inputs.items()}, "--out-fd": write_end}
+        try:
+            with open_log(log_path) as log:
+                # its own session: the training's process group can be killed without it
+                self.proc = subprocess.Popen([*spec["argv"], *(a for k, fd in fds.items() for a in (k, str(fd)))],
+                                             env=spec["env"], stdin=subprocess.PIPE, stdout=log,
+                                             stderr=subprocess.STDOUT, pass_fds=tuple(fds.values()),
+                                             start_new_session=True)
+        except OSError as exc:
+            self.result = {"error": f"the harness evaluation could not start: {exc}"}
+            os.close(self.read_end)
+        finally:
+            os.close(write_end)
+            for copy in inputs.values():  # the evaluator holds its own descriptors
+                copy.close()
+
+    def seconds(self) -> float:
+        """How long it has evaluated: time the training's timeout does not count."""
+        if self.started_at is None:
+            return 0.0
+        return (self.finished_at or time.monotonic()) - self.started_at
+
+    def start_if_exported(self, watch: "ValidationWatch | None") -> None:
+        """Once export.py has put the program and its notes in place: the harness copies the program
+        now, and what it copied is what it evaluates; opens of the validation data until now count
+        as before the export, whatever the run put at the export path earlier."""
+        if self.thread is None and self.export.exists() and Path(str(self.export) + ".json").exists():
+            self.started_at = time.monotonic()
+            self.thread = threading.Thread(target=self._evaluate, args=(watch,), daemon=True,
+                                           name="harness-evaluation")
+            self.thread.start()
+
+    def _evaluate(self, watch: "ValidationWatch | None") -> None:
+        try:
+            try:
+                copy_regular_file(self.export, self.program)
+            except OSError as exc:
+                self.result = {"problem": f"the exported model could not be read: {exc}"}
+            if watch is not None:
+                watch.mark_exported()
+            self.result = self._outcome()
+            self.result["wall_seconds"] = round(time.monotonic() - self.started_at, 2)
+            self.result.setdefault("export_seconds", export_seconds(self.export))
+            self._hand_back({k: self.result[k] for k in ("val_bpb", "error", "problem") if k in self.result})
+            # After the answer, while train.py prints its summary: the harness the evaluator ran
+            # from must be its commit, with nothing added (a planted module or bytecode) or hidden.
+            problem = (manifest_problem(self.spec["harness"], self.spec["harness_manifest"])
+                       if "harness_manifest" in self.spec else
+                       harness_problem(self.spec["harness"], self.spec.get("harness_commit")))
+            if problem:
+                self.result = {"error": problem, "wall_seconds": self.result["wall_seconds"]}
+        finally:
+            if self.proc is not None:  # its interpreter's exit, after the answer
+                try:
+                    self.proc.wait(timeout=TERM_GRACE_SECONDS)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                    self.proc.wait()
+            self.finished_at = time.monotonic()
+
+    def _hand_back(self, answer: dict) -> None:
+        """The answer for train.py, in the run's own (writable) export folder: written to a new file
+        that no link planted by the run can redirect, then renamed into place (over a planted link,
+        not through it). Where the run made that impossible, it waits until its timeout."""
+        tmp = self.answer_path.with_name(f".{self.answer_path.name}.{os.getpid()}.{os.urandom(4).hex()}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(answer))
+            os.replace(tmp, self.answer_path)
+        except OSError:
+            pass
+
+    def _outcome(self) -> dict:
+        if self.proc is None:
+            return self.result
+        if self.result is not None:  # nothing it could evaluate
+            self.finish_unused(TERM_GRACE_SECONDS)
+            return self.result
+        with open_log(self.log_path) as log:
+            log.write(f"\n{MARK} harness evaluation of the exported model\n".encode())
+        try:
+            self.proc.stdin.write(b"go\n")
+            self.proc.stdin.close()
+        except OSError:
+            pass  # it ended already: its exit and output say why
+        text = self._read_result(time.monotonic() + self.spec["timeout"])
+        if text is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            return {"error": f"the harness evaluation took over {self.spec['timeout']:.0f}s"}
+        try:
+            return json.loads(text)
+        except ValueError:
+            return {"error": f"the harness evaluation exited {self.proc.wait()} without a result (its output is in "
+                             "the log)"}
+
+    def _read_result(self, deadline: float) -> bytes | None:
+        """What the evaluator writes to its result pipe, once it closes it (or dies); None at the deadline."""
+        chunks = []
+        with os.fdopen(self.read_end, "rb", buffering=0) as pipe:
+            while (left := deadline - time.monotonic()) > 0:
+                if select.select([pipe], [], [], left)[0]:
+                    chunk = pipe.read(65536)
+                    if not chunk:
+                        return b"".join(chunks)
+                    chunks.append(chunk)
+        return None
+
+    def finish(self, grace: float) -> dict | None:
+        """The evaluation's result once it has ended; None where nothing was exported."""
+        if self.thread is not None:
+            self.thread.join()
+            return self.result
+        if self.proc is not None:
+            self.finish_unused(grace)
+        return None
+
+    def finish_unused(self, grace: float) -> None:
+        """End of file on stdin: the evaluator exits without evaluating."""
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=grace)
+        except (OSError, subprocess.TimeoutExpired):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        os.close(self.read_end)
+
+
+def export_seconds(export: Path) -> float | None:
+    """How long export.py took, as it noted beside the program (for the answer's note only)."""
+    try:
+        with open(str(export) + ".json", "rb") as f:
+            seconds = json.loads(f.read(4096)).get("export_seconds")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return seconds if isinstance(seconds, (int, float)) else None
+
+
+def evaluation_inputs(cache: Path, val_shard: Path | None, record: dict | None) -> dict:
+    """What the harness's evaluation reads besides the program ({name: {"path", "sha256"}}: the
+    evaluator's --NAME-fd), each with the SHA-256 its content must have: the validation shard's as
+    prepare pinned it (hashed now where the record has none), the tokenizer's merges' as they are
+    before the run (the server's cache fingerprint holds them since setup). A missing file is left
+    out: the evaluator then fails, and the run is unverified."""
+    inputs = {}
+    tokenizer = cache / "tokenizer" / "tokenizer.pkl"  # the cache's layout (nanochat/cache.py)
+    if tokenizer.is_file():
+        inputs["tokenizer"] = {"path": str(tokenizer), "sha256": sha256_of(tokenizer)}
+    if val_shard is not None and val_shard.is_file():
+        pinned = (record or {}).get("val_shard") or {}
+        same = pinned.get("name") == val_shard.name and pinned.get("sha256")
+        inputs["val"] = {"path": str(val_shard), "sha256": pinned["sha256"] if same else sha256_of(val_shard)}
+    return inputs
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def harness_problem(harness: str, commit: str | None) -> str | None:
+    """The pristine harness copy must be exactly its commit: nothing changed, added or hidden."""
+    try:
+        status = subprocess.run(["git", "-C", harness, "status", "--porcelain", "--ignored", "--untracked-files=all"],
+                                capture_output=True, text=True, timeout=60)
+        head = subprocess.run(["git", "-C", harness, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=60)
+        flags = subprocess.run(["git", "-C", harness, "ls-files", "-v"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"the harness copy could not be checked: {exc}"
+    hidden = [line[2:] for line in flags.stdout.splitlines() if line[:1].islower() or line[:1] == "S"]
+    if status.returncode or status.stdout.strip() or hidden:
+        changed = (status.stdout.strip().splitlines() + hidden)[:5]
+        return f"the harness copy {harness} was changed during the run: {', '.join(changed)}"
+    if commit and head.stdout.strip() != commit:
+        return f"the harness copy is at {head.stdout.strip()[:7]}, not {commit[:7]}"
+    return None
+
+
+def file_manifest(folder: str) -> dict:
+    """Every file under a folder (links as links), by relative path: its SHA-256."""
+    found = {}
+    for base, dirs, files in os.walk(folder):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(base, d))]:
+            path = os.path.join(base, name)
+            if os.path.islink(path):
+                digest = "link:" + os.readlink(path)
+            else:
+                with open(path, "rb") as f:
+                    digest = hashlib.sha256(f.read()).hexdigest()  # the harness's files are small
+            found[os.path.relpath(path, folder)] = digest
+    return found
+
+
+def manifest_problem(harness: str, manifest: dict) -> str | None:
+    """A harness copy outside git (a cluster node's) must hold exactly the files it was made with."""
+    try:
+        now = file_manifest(harness)
+    except OSError as exc:
+        return f"the harness copy could not be checked: {exc}"
+    changed = sorted(p for p in set(now) | set(manifest) if now.get(p) != manifest.get(p))
+    if changed:
+        return f"the harness copy {harness} was changed during the run: {', '.join(changed[:5])}"
+    return None
+
+
+def device_name(env: dict) -> str:
+    """The accelerator this run sees, for the run's record: a GPU's name, else the CPU's."""
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    try:
+        query = ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"]
+        if visible:
+            query += ["-i", visible.split(",")[0]]
+        out = subprocess.run(query, capture_output=True, text=True, timeout=5)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return "cpu: " + line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+def cuda_ready_outside_the_sandbox() -> None:
+    """bubblewrap sets no-new-privs, so inside it the setuid nvidia-modprobe that the first CUDA use
+    after a boot runs to make /dev/nvidia-uvm cannot: where a driver is installed and the node is
+    missing, it runs here first (the run then finds the node, or says why it has no GPU)."""
+    if os.path.exists(UVM_DEVICE) or not shutil.which("nvidia-modprobe"):
+        return
+    try:
+        subprocess.run(["nvidia-modprobe", "-u", "-c=0"], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+
+
+def on_this_device(spec: dict) -> dict:
+    """The evaluation's spec with this worker's device variables: the server made it for every slot
+    alike, and an evaluation on another slot's GPU would slow that slot's timed training (or run out
+    of its memory) and be slowed by it."""
+    device = {name: os.environ[name] for name in DEVICE_ENV if name in os.environ}
+    return dict(spec, env=dict(spec["env"], **device))
+
+
+def write_report(path: Path, report: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(report, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Run one training command with a hard timeout and a report.")
+    p.add_argument("--log", type=Path, required=True)
+    p.add_argument("--report", type=Path, required=True)
+    p.add_argument("--timeout", type=float, required=True)
+    p.add_argument("--grace", type=float, default=TERM_GRACE_SECONDS)
+    p.add_argument("--max-log-bytes", type=int, default=MAX_LOG_BYTES)
+    p.add_argument("--watch-stdin", action="store_true", help="stop the run when stdin reaches end of file")
+    p.add_argument("--cpus", help="comma-separated CPU ids the command may use")
+    p.add_argument("--sandbox", type=json.loads, default={}, help="JSON: read-only and writable paths (bubblewrap)")
+    p.add_argument("--unsandboxed", action="store_true",
+                   help="the user accepts running the command without a sandbox where none can run here")
+    p.add_argument("--export", type=Path, help="where the harness exports the trained model")
+    p.add_argument("--val-shard", type=Path, help="the validation shard, watched until the export appears")
+    p.add_argument("--val-shared", action="store_true",
+                   help="other runs read the validation shard too: watch only a private copy (needs bubblewrap)")
+    p.add_argument("--evaluate", type=json.loads, help="JSON: the harness evaluation to run after training")
+    p.add_argument("--report-tail", type=int, default=0, help="bytes of the output's end to put in the report")
+    p.add_argument("--data-order", type=int, default=0,
+                   help="train on another stretch of the data (a rerun: nanochat/dataloader.py)")
+    p.add_argument("command", nargs=argparse.REMAINDER)
+    args = p.parse_args(argv)
+    if args.command[:1] == ["--"]:
+        args.command = args.command[1:]
+    if not args.command:
+        p.error("no command given")
+    return args
+
+
+def not_started(args, message: str, exit_code: int, started_at: float, subreaper: bool) -> int:
+    """The log's line and the report of a command that never ran."""
+    with open_log(args.log) as log:
+        log.write(f"{MARK} {message}\n".encode())
+    write_report(args.report, {"exit_code": exit_code, "timed_out": False, "stopped": None, "started_at": started_at,
+                               "wall_seconds": 0.0, "stray_processes": 0, "unkillable": 0,
+                               "log_truncated": False, "host": socket.gethostname(),
+                               "device": device_name(dict(os.environ)), "subreaper": subreaper})
+    return exit_code
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    # the first reason wins; a plain list, because a signal handler that takes a lock (Event.set) can
+    # deadlock against the main thread it interrupted
+    stop_reason = []
+    signal.signal(signal.SIGTERM, lambda *_: stop_reason.append("cancelled"))
+    subreaper = prctl(PR_SET_CHILD_SUBREAPER, 1)
+    cpus = {int(c) for c in args.cpus.split(",")} if args.cpus else None
+    read_end, write_end = os.pipe()
+    started_at, t0 = time.time(), time.monotonic()
+
+    def in_child():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # should this worker itself be killed
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
+
+    env = dict(os.environ)
+    if args.data_order:
+        env[DATA_ORDER_ENV] = str(args.data_order)
+    val_watch = val_copy = evaluation = evaluated = None
+    watch_val = bool(args.export and args.val_shard and args.val_shard.exists())
+    if watch_val and args.sandbox:
+        val_copy = private_val_copy(args.val_shard, args.report)
+    command, in_sandbox = sandboxed(args.command, args.sandbox, os.getcwd(),
+                                    {args.val_shard: val_copy} if val_copy else None)
+    if args.sandbox and not in_sandbox and not args.unsandboxed:  # never without a sandbox unasked
+        os.close(write_end)
+        return not_started(args, f"refused to run {args.command[0]!r}: {sandbox.missing()}", 126, started_at,
+                           subreaper)
+    if in_sandbox:
+        cuda_ready_outside_the_sandbox()
+    if args.export:
+        env[EXPORT_ENV] = str(args.export)
+        args.export.parent.mkdir(parents=True, exist_ok=True)
+        if args.evaluate:
+            answer = args.export.with_name(args.export.name + ".answer.json")
+            evaluation = HarnessEvaluation(on_this_device(args.evaluate), args.log, args.export, answer)
+            env[ANSWER_ENV] = str(answer)
+    if watch_val and (val_copy or not args.val_shared):
+        try:
+            val_watch = ValidationWatch(val_copy or args.val_shard)
+            val_watch.start()
+        except OSError:
+            val_watch = None  # not Linux: the server notes that validation reads are unwatched
+    try:
+        child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=write_end, stderr=write_end,
+                                 start_new_session=True, preexec_fn=in_child, env=env)
+    except OSError as exc:
+        os.close(write_end)
+        if evaluation is not None:
+            evaluation.finish(args.grace)
+        return not_started(args, f"could not start {args.command[0]!r}: {exc}", 127, started_at, subreaper)
+    os.close(write_end)
+    # the command's group, for whoever finds this run without its worker (a server restart)
+    write_report(args.report, {"running": True, "pid": child.pid, "worker_pid": os.getpid(), "started_at": started_at})
+    pump = LogPump(read_end, args.log, args.max_log_bytes)
+    pump.start()
+    if args.watch_stdin:
+        def watch():
+            while sys.stdin.buffer.read(1):
+                pass
+            stop_reason.append("server gone")
+        threading.Thread(target=watch, daemon=True, name="stdin-watch").start()
+
+    timed_out = False
+    while child.poll() is None:
+        time.sleep(0.2)
+        if stop_reason:
+            break
+        if evaluation is not None:
+            evaluation.start_if_exported(val_watch)
+        if time.monotonic() - t0 - (evaluation.seconds() if evaluation else 0.0) > args.timeout:
+            timed_out = True
+            break
+    if child.poll() is None:  # timeout or stop: ask the whole tree to end, then make it
+        signal_tree(child.pid, signal.SIGTERM)
+        try:
+            child.wait(timeout=args.grace)
+        except subprocess.TimeoutExpired:
+            pass
+    if evaluation is not None:  # an export in the run's last moments is still evaluated
+        if not (timed_out or stop_reason):
+            evaluation.start_if_exported(val_watch)
+        evaluated = evaluation.finish(args.grace)
+    strays = [p for p in descendants(os.getpid()) if p != child.pid]
+    unkillable = kill_everything(child.pid)
+    exit_code = child.wait()
+    wall = time.monotonic() - t0
+    pump.join(timeout=10)  # the pipe is closed once every writer is dead
+    if timed_out:
+        pump.note(f"killed after the {args.timeout:.0f}s timeout")
+    elif stop_reason:
+        pump.note(f"stopped: {stop_reason[0]}")
+    if strays and not (timed_out or stop_reason):
+        pump.note(f"{len(strays)} process(es) started by the run were still running when it ended; killed")
+    pump.close()
+    if val_watch is not None:
+        val_watch.stop()
+    if val_copy is not None:
+        shutil.rmtree(val_copy.parent, ignore_errors=True)
+    tail = {"log_tail": pump.last_text(args.report_tail)} if args.report_tail else {}
+    report = tail | {
+        "exit_code": 128 - exit_code if exit_code < 0 else exit_code, "timed_out": timed_out,
+        "stopped": stop_reason[0] if stop_reason else None, "started_at": started_at, "wall_seconds": round(wall, 3),
+        "stray_processes": 0 if (timed_out or stop_reason) else len(strays), "unkillable": unkillable,
+        "log_truncated": pump.truncated, "host": socket.gethostname(), "device": device_name(dict(os.environ)),
+        "subreaper": subreaper, "sandbox": in_sandbox,
+    }
+    if args.export:
+        report["exported"] = args.export.exists()
+        report["val_watched"] = val_watch is not None
+        report["val_opened_before_export"] = val_watch.opened_before_export if val_watch else None
+    if evaluated is not None and report["exit_code"] == 0 and not (timed_out or stop_reason):
+        report["evaluation"] = evaluated
+    write_report(args.report, report)
+    return 0
+
+
+if __name__ == "__main__":
+    # os._exit: a normal exit would wait on the daemon thread blocked reading stdin
+    os._exit(main())
