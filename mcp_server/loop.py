@@ -795,7 +795,7 @@ class ResearchLoop:
                 self.ws.advance_branch(state["branch"], entry["commit"], kept)
             state["kept_commit"] = entry["commit"]
             del state["runs"][str(entry["run"])]
-            self._write_record(entry, RunResult(**result), {"status": "keep", "at": time.time()})
+            self._write_record(entry, RunResult(**result), {"status": "keep", "at": time.time(), "evidence": evidence})
         note_out = None
         if self.ws.branch() == state["branch"] and self.ws.working_train() != self.ws.train_at(entry["commit"]):
             note_out = (f"your train.py differs from the new best {entry['commit'][:7]} (`git diff` shows how): "
