@@ -2,6 +2,7 @@
 
     uv run demo.py                      # CPU: baseline + 5 experiments, under 10 minutes on 2 cores
     uv run demo.py --strategy greedy --hours 8 --workspace ~/runs/night1   # an overnight baseline search
+    uv run demo.py --track mlflow       # every run in MLflow too (extra `mlflow`): `mlflow ui` shows them
 
 It prepares data and tokenizer if needed, clones this repository's HEAD into a scratch workspace
 (your checkout and branch are never touched), sets up a research branch, runs the baseline and
@@ -27,6 +28,7 @@ from autosearch.driver import (
 from autosearch.report import best_kept, diff_against_baseline, ledger_table, read_ledger, timing_table
 from autosearch.space import DEFAULT_SPACE, load_space
 from autosearch.strategies import STRATEGIES
+from mcp_server import tracking
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_EXPERIMENTS = 5  # baseline + 5 runs of the CPU profile's 60 s budget fit in 10 minutes
@@ -57,7 +59,12 @@ def parse_args(argv):
     p.add_argument("--dataset", default="auto", help="data set for prepare.py (default auto)")
     p.add_argument("--dashboard", type=int, default=0, metavar="PORT",
                    help="port of the live dashboard on 127.0.0.1 (default 0: a free port; -1: none)")
+    p.add_argument("--track", choices=tracking.TRACKERS,
+                   help="track every run in MLflow (extra `mlflow`), in the workspace's own store unless --mlflow-uri")
+    p.add_argument("--mlflow-uri", help="an MLflow tracking server, e.g. http://127.0.0.1:5000 (implies --track mlflow)")
     args = p.parse_args(argv)
+    if args.mlflow_uri:
+        args.track = "mlflow"
     if args.experiments is not None and args.experiments < 0:
         p.error("--experiments must be 0 or more")
     if args.slots is not None and args.slots < 1:
@@ -140,14 +147,26 @@ def final_report(plan: SearchPlan) -> None:
         print(timing_table(plan.timings))
     if plan.chart:
         print(f"\nProgress chart: {plan.chart}")
+    if plan.tracking:
+        uri = plan.tracking[-1] if "--mlflow-uri" in plan.tracking else tracking.default_uri(plan.workspace)
+        print(f"Tracked runs: MLflow at {uri}" + ("" if uri.startswith("http") else
+                                                   f" (see them: uv run mlflow ui --backend-store-uri {uri})"))
     print(f"Workspace: {plan.workspace} (resume or extend: uv run demo.py --workspace {plan.workspace}; "
           f"read it in a browser: uv run research-loop dashboard --workspace {plan.workspace})")
+
+
+def tracking_options(args) -> tuple:
+    if not args.track:
+        return ()
+    return ("--track", args.track) + (("--mlflow-uri", args.mlflow_uri) if args.mlflow_uri else ())
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     workspace = None
     try:
+        if args.track and tracking.missing_extra(args.track):
+            raise SearchError(tracking.missing_extra(args.track))
         space = load_space(args.space) if args.space else DEFAULT_SPACE
         refuse_foreign_folder(args.workspace)
         resuming = is_demo_workspace(args.workspace)
@@ -164,7 +183,7 @@ def main(argv=None) -> int:
         plan = SearchPlan(workspace=workspace, tag=chosen["tag"], strategy=chosen["strategy"],
                           experiments=chosen["experiments"], hours=chosen["hours"], seed=chosen["seed"],
                           slots=chosen["slots"], dashboard=args.dashboard if args.dashboard >= 0 else None,
-                          space=space, env=env, harness=harness)
+                          space=space, env=env, harness=harness, tracking=tracking_options(args))
         say(f"{plan.strategy} search over {', '.join(dim.name for dim in space)}")
         asyncio.run(run_search(plan, REPO, say))
     except KeyboardInterrupt:

@@ -228,7 +228,7 @@ def main(argv=None) -> None:
         loop.shutdown()
         stop_dashboard(loop, page)
         if tracker is not None:
-            tracker.stop(timeout=0)  # a pass cut short is redone by the next server
+            tracker.stop()  # after a last pass, or its first seconds: the next server redoes what is left
 
 
 if __name__ == "__main__":
