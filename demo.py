@@ -2,6 +2,7 @@
 
     uv run demo.py                      # CPU: baseline + 5 experiments, under 10 minutes on 2 cores
     uv run demo.py --strategy greedy --hours 8 --workspace ~/runs/night1   # an overnight baseline search
+    uv run demo.py --strategy tpe --experiments 12   # Optuna's TPE (or cmaes) through the server's sweep tool
     uv run demo.py --track mlflow       # every run in MLflow too (extra `mlflow`): `mlflow ui` shows them
 
 It prepares data and tokenizer if needed, clones this repository's HEAD into a scratch workspace
@@ -28,7 +29,7 @@ from autosearch.driver import (
 from autosearch.report import best_kept, diff_against_baseline, ledger_table, read_ledger, timing_table
 from autosearch.space import DEFAULT_SPACE, load_space
 from autosearch.strategies import STRATEGIES
-from mcp_server import tracking
+from mcp_server import notify, tracking
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_EXPERIMENTS = 5  # baseline + 5 runs of the CPU profile's 60 s budget fit in 10 minutes
@@ -45,7 +46,8 @@ def say(message: str) -> None:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--strategy", choices=STRATEGIES, help="search strategy (default: random)")
+    p.add_argument("--strategy", choices=STRATEGIES,
+                   help="search strategy (default: random; tpe and cmaes: the server's sweep tool, an Optuna study)")
     p.add_argument("--experiments", type=int, help=f"experiments after the baseline (default {DEFAULT_EXPERIMENTS}, "
                                                     "unlimited with --hours); counts the whole ledger when resuming")
     p.add_argument("--hours", type=float, help="stop starting experiments after this many hours")
@@ -59,6 +61,9 @@ def parse_args(argv):
     p.add_argument("--dataset", default="auto", help="data set for prepare.py (default auto)")
     p.add_argument("--dashboard", type=int, default=0, metavar="PORT",
                    help="port of the live dashboard on 127.0.0.1 (default 0: a free port; -1: none)")
+    p.add_argument("--notify", type=notify.url_argument, metavar="URL",
+                   help="a webhook (Slack, Discord, ntfy, ...) the server pings on a keep, at the end and after "
+                        "failed runs in a row")
     p.add_argument("--track", choices=tracking.TRACKERS,
                    help="track every run in MLflow (extra `mlflow`), in the workspace's own store unless --mlflow-uri")
     p.add_argument("--mlflow-uri", help="an MLflow tracking server, e.g. http://127.0.0.1:5000 (implies --track mlflow)")
@@ -180,6 +185,8 @@ def main(argv=None) -> int:
         env = child_env(chosen["budget_seconds"])
         if args.dashboard >= 0:  # the page is opened with this token, printed in its address
             env.setdefault("RESEARCH_LOOP_TOKEN", secrets.token_urlsafe(16))
+        if args.notify:  # the server reads it from its environment, as under the overnight runner
+            env[notify.NOTIFY_ENV] = args.notify
         plan = SearchPlan(workspace=workspace, tag=chosen["tag"], strategy=chosen["strategy"],
                           experiments=chosen["experiments"], hours=chosen["hours"], seed=chosen["seed"],
                           slots=chosen["slots"], dashboard=args.dashboard if args.dashboard >= 0 else None,

@@ -6,6 +6,7 @@ Everything the search needs to resume (what was tried, what is best) is read bac
 workspace: the ledger and the train.py of each logged commit.
 """
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -20,8 +21,8 @@ from mcp.client.stdio import stdio_client
 
 from autosearch.constants import ConstantError, evaluate_constants, rewrite_constants
 from autosearch.report import read_ledger
-from autosearch.space import SpaceError, applicable, validate_space
-from autosearch.strategies import describe, make_strategy
+from autosearch.space import SpaceError, applicable, sweep_space, validate_space
+from autosearch.strategies import SWEEPS, describe, make_strategy
 from mcp_server.history import find_constants
 
 BASELINE_DESCRIPTION = "baseline"
@@ -37,6 +38,7 @@ USER_FACING_ERRORS = (SearchError, ConstantError, SpaceError)
 
 
 RERUN_PREFIXES = ("noise repeat ", "control ", "confirmation ")  # the server's descriptions of its reruns
+SWEEP_TRIALS_PER_SLOT = 4  # with --hours, one sweep call spends this many trials per slot, then decides its best
 
 
 @dataclass
@@ -194,6 +196,8 @@ class Search:
 
     async def loop(self) -> None:
         """Keeps every slot busy with a proposal on top of the best, decides each result as it comes."""
+        if self.plan.strategy in SWEEPS:
+            return await self.sweeps()
         rows = read_ledger(self.plan.workspace)
         in_flight: dict[int, dict] = {}  # run -> the change it tries, when it was submitted
         exhausted = False
@@ -229,6 +233,50 @@ class Search:
                     again = self.latest_run()
                     in_flight[again] = info
             rows = read_ledger(self.plan.workspace)
+
+    async def sweeps(self) -> None:
+        """The server's sweep tool proposes (an Optuna study, resumed on every call): trials until
+        the budget is spent, the best of each call decided like any result."""
+        rows = read_ledger(self.plan.workspace)
+        first_kept = next(row["commit"] for row in rows if row["status"] == "keep")
+        space = sweep_space(self.plan.space, self.current_config(first_kept), self.harness)
+        while self.budget_left(rows):
+            trials = self.sweep_trials(rows)
+            self.say(f"sweep of {trials} trial(s) with Optuna's {self.plan.strategy} sampler")
+            before = self.latest_run()
+            answer = await self.call("sweep", progress=self.progress, space=space, trials=trials,
+                                     sampler=self.plan.strategy, seed=self.plan.seed)
+            self.say_progress_done()
+            for row in sorted(answer["table"], key=lambda r: r["trial"]):
+                if row.get("run", 0) > before and row["status"] != "repeat":
+                    self.say_trial(row)
+            if answer.get("pending_run"):
+                pending = next(r for r in (await self.call("wait"))["results"] if r["run"] == answer["pending_run"])
+                self.say(f"  the sweep's best, run {pending['run']}: -> {await self.decide(pending)}")
+            if answer.get("stopped") or answer["trials_run"] == 0:
+                self.say(f"sweep stopped: {answer.get('stopped') or 'every trial repeated an earlier one'}")
+                return
+            rows = read_ledger(self.plan.workspace)
+
+    def sweep_trials(self, rows: list[dict]) -> int:
+        """The next sweep call's trials: what is left of --experiments, and what fits in what is left of
+        --hours at the typical wall time so far, at most SWEEP_TRIALS_PER_SLOT per slot."""
+        trials = self.plan.slots * SWEEP_TRIALS_PER_SLOT
+        if self.plan.experiments is not None:
+            trials = min(trials, self.plan.experiments - experiments_done(rows))
+        walls = [t["wall_s"] for t in self.plan.timings if t["wall_s"] is not None]
+        if self.plan.hours is not None and walls:
+            left = self.plan.hours * 3600 - (time.monotonic() - self.started)
+            trials = min(trials, self.plan.slots * int(left / (sum(walls) / len(walls))))
+        return max(trials, 1)
+
+    def say_trial(self, row: dict) -> None:
+        """One trial's line, and its timing from the run's record."""
+        record = next(iter(sorted((self.plan.workspace / "runs").glob(f"{row['run']:04d}-*[0-9a-f].json"))), None)
+        result = json.loads(record.read_text()).get("result", {}) if record else {}
+        self.plan.timings.append(timing_split(result.get("description", f"trial {row['trial']}"), result, None))
+        shown = f"val_bpb {row['val_bpb']:.6f}" if row.get("val_bpb") is not None else row["status"]
+        self.say(f"trial {row['trial']} (run {row['run']}): {describe(row['params'])}: {shown}")
 
     async def report(self, number, result: dict) -> str:
         decision = await self.decide(result)

@@ -137,3 +137,24 @@ def batch_fits(config: dict, harness: dict) -> bool:
     if not all(is_int(v) for v in (total, device, seq_len)):
         return True
     return total % (device * seq_len) == 0
+
+
+def sweep_space(space, baseline: dict, harness: dict) -> dict:
+    """The space as the sweep tool's ranges, fixed around the baseline's values (so every sweep of
+    a search is one Optuna study): a scaled float becomes a log range over its factors, a shifted
+    integer a range over its offsets, and a scaled integer (a batch size, which must divide evenly)
+    or a list the choices the grid offers, the baseline's value among them."""
+    ranges = {}
+    for dim in space:
+        value = baseline[dim.name]
+        options = [v for v in dim.candidates(value) if batch_fits(baseline | {dim.name: v}, harness)] + [value]
+        if dim.kind == "scale" and isinstance(value, float):
+            ranges[dim.name] = {"low": min(options), "high": max(options), "log": True}
+        elif dim.kind == "shift":
+            ranges[dim.name] = {"low": min(options), "high": max(options)}
+        elif all(isinstance(v, (int, float, str, bool)) for v in options):
+            ranges[dim.name] = {"choices": sorted(options, key=repr)}
+        else:
+            raise SpaceError(f"{dim.name}: the sweep sets numbers, text or booleans, not {value!r}; "
+                             "leave it out of the space for --strategy tpe or cmaes")
+    return ranges

@@ -67,15 +67,19 @@ class GreedyCoordinateSearch:
         return None
 
 
-STRATEGIES = ("random", "greedy")
+SWEEPS = ("tpe", "cmaes")  # Optuna's samplers, through the server's sweep tool (mcp_server/sweep.py)
+STRATEGIES = ("random", "greedy") + SWEEPS
 
 
 def make_strategy(name: str, space, seed: int, harness: dict):
-    """Greedy search is deterministic; only random search uses the seed."""
+    """Greedy search is deterministic; only random search uses the seed. A sweep has no strategy
+    here: the server's Optuna study proposes."""
     if name == "random":
         return RandomSearch(space, seed, harness)
     if name == "greedy":
         return GreedyCoordinateSearch(space, harness)
+    if name in SWEEPS:
+        return None
     raise ValueError(f"unknown strategy {name!r}: choose one of {', '.join(STRATEGIES)}")
 
 

@@ -5,7 +5,7 @@ answers short: an agent reads them on every step of a night-long loop.
 """
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 RunStatus = Literal["ok", "crash", "timeout", "running", "queued", "interrupted"]
 RowStatus = Literal["keep", "discard", "crash"]
@@ -180,6 +180,7 @@ class StatusResult(BaseModel):
     undecided: list[int] | None = None  # run numbers that wait for keep or discard
     limits: str | None = None  # what is left of each limit
     ended: str | None = None  # why the research run is over, once it is
+    compute: str | None = None  # the research run's slot time: GPU-hours (slot-hours on a CPU), cost.run_hours
     read_only: str | None = None  # another server owns the workspace's runs
     noise: NoiseEstimate | None = None
     extra_runs: int = 0  # reruns spent on noise, controls and confirmations
@@ -227,4 +228,42 @@ class StopResult(BaseModel):
     cancelled: list[int] | None = None
     running: str | None = None
     undecided: list[int] | None = None
+    next: str
+
+
+class SweepRange(BaseModel):
+    """One constant's range in a sweep: low and high (log=true samples them on a log scale), or choices."""
+    model_config = ConfigDict(extra="forbid")
+    low: int | float | None = Field(None, description="smallest value (with high); whole numbers for an integer constant")
+    high: int | float | None = Field(None, description="largest value (with low)")
+    log: bool = Field(False, description="sample on a log scale (low must be above 0): learning rates, sizes")
+    choices: list[int | float | str | bool] | None = Field(
+        None, description="instead of low/high: the values to choose from, e.g. [\"L\", \"SSSL\"]")
+
+
+class SweepTrial(BaseModel):
+    trial: int  # the study's trial number
+    params: dict[str, int | float | str | bool]
+    status: str  # ok, crash, timeout, interrupted; repeat (answered from an earlier trial); not run; the start
+    run: int | None = None
+    commit: str | None = None
+    val_bpb: float | None = None
+    delta: float | None = None  # against the best when it ran
+    note: str | None = None
+
+
+class SweepResult(BaseModel):
+    study: str
+    storage: str
+    sampler: str
+    trials_run: int  # this call's trials that trained
+    trials_repeated: int  # this call's trials answered from an identical earlier one, with no run
+    trials_in_study: int
+    best: SweepTrial | None = None  # the study's best finished trial
+    pending_run: int | None = None  # this call's best, left undecided because it beats the kept best
+    best_val_bpb: float | None = None  # the kept best's
+    beats_noise: str | None = None  # the pending run's verdict against the measured noise
+    noise: NoiseEstimate | None = None
+    table: list[SweepTrial]  # the study's trials, best first
+    stopped: str | None = None  # why trials stopped early (a limit of the research run, a refusal)
     next: str

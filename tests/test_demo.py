@@ -175,3 +175,23 @@ def test_interrupt_and_resume(repo_root, prepared_env, tmp_path):
     best = min((r for r in rows if r["status"] == "keep"), key=lambda r: float(r["val_bpb"]))
     assert git(workspace, "rev-parse", "--short=7", "HEAD") == best["commit"]
     assert wait_until_no_processes_in(workspace) == []
+
+
+def test_demo_tpe_strategy_sweeps_through_the_server(repo_root, prepared_env, tmp_path):
+    """--strategy tpe: the server's sweep tool proposes (an Optuna study in the workspace), each
+    trial an ordinary run; the sweep's best is decided as the demo decides any result."""
+    workspace = tmp_path / "ws"
+    proc = subprocess.run(demo_command(workspace, QUICK_BUDGET, "--experiments", "2", "--strategy", "tpe"),
+                          cwd=repo_root, env=prepared_env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "sweep of 2 trial(s) with Optuna's tpe sampler" in proc.stdout, proc.stdout
+    assert len(re.findall(r"^\[\d\d:\d\d\] trial \d+ \(run \d+\): ", proc.stdout, re.M)) == 2, proc.stdout
+    rows = ledger_rows(workspace)
+    check_rows(rows)
+    trials = [row for row in ideas(rows) if "sweep trial " in row["description"]]
+    assert len(ideas(rows)) == 3 and len(trials) == 2, rows
+    assert (workspace / ".research-loop" / "optuna.db").is_file()
+    best = min((r for r in rows if r["status"] == "keep"), key=lambda r: float(r["val_bpb"]))
+    assert git(workspace, "rev-parse", "--short=7", "HEAD") == best["commit"]
+    assert "Wall time per experiment" in proc.stdout
+    assert wait_until_no_processes_in(workspace) == []

@@ -7,10 +7,8 @@ import sys
 
 import pytest
 
-from autosearch.constants import (
-    ConstantError, changed_statements, evaluate_constants, find_constants, format_value, harness_exports,
-    rewrite_constants,
-)
+from autosearch.constants import evaluate_constants, find_constants, harness_exports
+from mcp_server.constants import ConstantError, changed_statements, format_value, rewrite_constants
 from autosearch.driver import budget_left, experiments_done
 from autosearch.report import best_kept, ledger_table, read_ledger
 from autosearch.space import DEFAULT_SPACE, Dimension, SpaceError, applicable, load_space, validate_space

@@ -1,0 +1,442 @@
+"""The sweep tool: an Optuna study over train.py's constants, each trial an ordinary run of the loop.
+
+A space maps constant names to a range (low/high, optionally on a log scale) or to a list of
+choices, and is checked against the kept train.py before anything runs. A trial's train.py is the
+kept one with those constants rewritten (mcp_server.constants), submitted through
+ResearchLoop.submit like any candidate: its own commit, a free slot (trials run side by side), the
+timeout, the research run's limits, the noise verdict. Optuna's samplers choose the values (TPE or
+CMA-ES); nothing here optimises.
+
+Decisions: each finished trial (its description "sweep trial N of study K: NAME=value ...") is
+discarded at once, with the reason (not better than the best, or beaten by another trial), except
+the best of this call that beats the kept best, which stays pending (a better trial later discards
+it). The agent keeps it with keep(), whose confirmation rule applies as to any run: a gain within a
+few noise widths is confirmed on fresh data orders first. While the sweep runs, that held result is
+not counted against the slots, so every slot trains.
+
+The study lives in .research-loop/optuna.db (Optuna's RDB storage on SQLite), named after the
+research branch, the space and the rest of train.py (the code apart from the swept values): a new
+server process continues it, and the same space on changed code starts another study, since its
+values would not be comparable.
+"""
+import ast
+import hashlib
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import anyio
+import pydantic
+
+from mcp_server import ledger, limits
+from mcp_server.constants import rewrite_constants
+from mcp_server.history import find_constants
+from mcp_server.runs import IN_FLIGHT, UNDECIDED
+from mcp_server.models import NoiseEstimate, Refusal, SweepRange, SweepResult, SweepTrial
+
+STORAGE = ".research-loop/optuna.db"
+SAMPLERS = ("tpe", "cmaes")
+MAX_TRIALS = 200
+TPE_STARTUP_TRIALS = 4  # random trials before TPE models the results (Optuna's 10 would be most of a short sweep)
+STUDY_KEY_CHARS = 10
+MAX_TABLE_ROWS = 40  # earlier calls' trials in the answer's table, best first; trials_in_study counts them all
+EXAMPLE = ('e.g. {"MATRIX_LR": {"low": 0.01, "high": 0.1, "log": true}, "DEPTH": {"low": 2, "high": 6}, '
+           '"WINDOW_PATTERN": {"choices": ["L", "SSSL"]}}')
+REPEATABLE_FAILURES = ("crash", "timeout")  # the same values would fail again: answered without a run
+UNKNOWN = object()  # a constant whose value is not a literal (e.g. TRAIN_DEFAULTS["depth"])
+
+
+@dataclass(frozen=True)
+class Dimension:
+    name: str
+    kind: str  # float, int or choices
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    choices: tuple = ()
+
+    def distribution(self):
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+        if self.kind == "choices":
+            return CategoricalDistribution(self.choices)
+        if self.kind == "int":
+            return IntDistribution(self.low, self.high, log=self.log)
+        return FloatDistribution(self.low, self.high, log=self.log)
+
+    def spec(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "low": self.low, "high": self.high, "log": self.log,
+                "choices": list(self.choices)}
+
+
+def literal(node: ast.Assign):
+    try:
+        return ast.literal_eval(node.value)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return UNKNOWN
+
+
+def parse_space(space, source: str) -> list[Dimension]:
+    """The space as dimensions, sorted by name; every problem with it in one refusal."""
+    if not isinstance(space, dict) or not space:
+        raise Refusal(f"space is empty: give each train.py constant to search a range or choices, {EXAMPLE}.")
+    constants = find_constants(source)
+    problems, dims = [], []
+    for name, given in sorted(space.items()):
+        try:
+            rng = given if isinstance(given, SweepRange) else SweepRange.model_validate(given)
+        except pydantic.ValidationError as exc:
+            problems.append(f"{name}: {exc.errors()[0]['msg']} (a range is low/high/log, or choices)")
+            continue
+        if name not in constants:
+            problems.append(f"{name}: train.py has no module-level constant {name} (it has: "
+                            f"{', '.join(n for n in sorted(constants) if constants[n])})")
+            continue
+        if constants[name] is None:
+            problems.append(f"{name} is assigned more than once at module level in train.py: keep one assignment")
+            continue
+        dim = dimension(name, rng, literal(constants[name]), problems)
+        if dim:
+            dims.append(dim)
+    if problems:
+        raise Refusal("The sweep's space does not fit train.py: " + "; ".join(problems) +
+                      f". Nothing ran. A space maps constants to ranges or choices, {EXAMPLE}.")
+    return dims
+
+
+def dimension(name: str, rng: SweepRange, current, problems: list) -> Dimension | None:
+    if rng.choices is not None:
+        return choices_dimension(name, rng, current, problems)
+    if rng.low is None or rng.high is None:
+        problems.append(f"{name}: give both low and high, or choices")
+        return None
+    if isinstance(current, (str, bool, tuple, list, type(None))):
+        problems.append(f"{name} is {current!r}, not a number: give choices instead of low/high")
+        return None
+    integer = isinstance(current, int) or (current is UNKNOWN and all(isinstance(v, int) for v in (rng.low, rng.high)))
+    if integer and not all(float(v).is_integer() for v in (rng.low, rng.high)):
+        problems.append(f"{name} is an integer ({current if current is not UNKNOWN else 'by its range'}): "
+                        "low and high must be whole numbers")
+        return None
+    if not all(math.isfinite(v) for v in (rng.low, rng.high)) or rng.low >= rng.high:
+        problems.append(f"{name}: low ({rng.low}) must be below high ({rng.high}), both finite")
+        return None
+    if rng.log and rng.low <= 0:
+        problems.append(f"{name}: a log range needs low above 0 (got {rng.low})")
+        return None
+    if integer:
+        return Dimension(name, "int", int(rng.low), int(rng.high), rng.log)
+    return Dimension(name, "float", float(rng.low), float(rng.high), rng.log)
+
+
+def choices_dimension(name: str, rng: SweepRange, current, problems: list) -> Dimension | None:
+    if rng.low is not None or rng.high is not None or rng.log:
+        problems.append(f"{name}: give either choices or low/high, not both")
+        return None
+    values = list(rng.choices)
+    if not values or len(set(map(repr, values))) != len(values):
+        problems.append(f"{name}: choices must be a non-empty list without repeats")
+        return None
+    if isinstance(current, float):
+        wrong = [v for v in values if isinstance(v, (str, bool))]
+        values = [float(v) for v in values if v not in wrong]
+    elif current is UNKNOWN:
+        wrong = [v for v in values if type(v) is not type(values[0])]
+    elif isinstance(current, (int, str, bool)):
+        wrong = [v for v in values if type(v) is not type(current)]
+    else:
+        problems.append(f"{name} is {current!r}: a sweep sets numbers, text or booleans; edit the code for it")
+        return None
+    if wrong:
+        like = f"{type(current).__name__}, like its value {current!r}" if current is not UNKNOWN else "of one type"
+        problems.append(f"{name}'s choices must all be {like}: not {', '.join(map(repr, wrong))}")
+        return None
+    return Dimension(name, "choices", choices=tuple(values))
+
+
+def study_name(branch: str, dims: list[Dimension], source: str) -> tuple[str, str]:
+    """(name, key): the branch, the names and a digest of the space and of the code apart from the
+    swept values (a change elsewhere in train.py makes the trials' values incomparable)."""
+    rest = rewrite_constants(source, {d.name: None for d in dims})
+    spec = json.dumps([d.spec() for d in dims], sort_keys=True)
+    key = hashlib.sha256(f"{spec}\0{rest}".encode()).hexdigest()[:STUDY_KEY_CHARS]
+    return f"{branch} {','.join(d.name for d in dims)} {key}", key
+
+
+def make_sampler(kind: str, seed: int | None):
+    import optuna
+    if kind == "tpe":
+        with warnings.catch_warnings():  # multivariate TPE is marked experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=TPE_STARTUP_TRIALS, multivariate=True)
+    # choices are not CMA-ES's to sample: Optuna draws them at random, as documented
+    return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+
+
+def params_key(params: dict) -> str:
+    return json.dumps(params, sort_keys=True)
+
+
+@dataclass
+class Sweep:
+    """One sweep call: the study, what it asked and what is in flight, and the result it holds."""
+    loop: object
+    dims: list[Dimension]
+    trials: int
+    sampler: str
+    study: object
+    key: str
+    base: str  # the kept train.py
+    best_val_bpb: float
+    asked: int = 0
+    ran: int = 0
+    repeated: int = 0
+    in_flight: dict = field(default_factory=dict)  # run -> Optuna trial
+    numbers: list = field(default_factory=list)  # this call's trial numbers
+    held: int | None = None  # the pending run that beats the best
+    held_value: float | None = None
+    held_trial: int | None = None
+    stopped: str | None = None
+
+    @property
+    def done(self) -> int:
+        return self.asked - len(self.in_flight)
+
+    def next_trial(self) -> None:
+        """Asks the study for a trial and submits its train.py; a repeat of a finished trial is
+        answered from it, without a run."""
+        from optuna.trial import TrialState
+        over = self.ended_with_held()
+        if over:
+            self.stopped = f"the research run has ended ({over}), counting the best trial held for a decision"
+            return
+        trial = self.study.ask({d.name: d.distribution() for d in self.dims})
+        params = dict(trial.params)
+        self.asked += 1
+        self.numbers.append(trial.number)
+        earlier = self.finished_with(params)
+        if earlier is not None:
+            self.repeated += 1
+            for name in ("run", "commit", "val_bpb", "delta"):
+                if name in earlier.user_attrs:
+                    trial.set_user_attr(name, earlier.user_attrs[name])
+            trial.set_user_attr("status", "repeat")
+            trial.set_user_attr("note", f"same values as trial {earlier.number}: answered from it, no run")
+            if earlier.state == TrialState.COMPLETE:
+                self.study.tell(trial, earlier.value)
+            else:
+                self.study.tell(trial, state=TrialState.FAIL)
+            return
+        source = rewrite_constants(self.base, params)
+        values = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v!r}" for k, v in params.items())
+        description = ledger.fit_description(f"sweep trial {trial.number} of study {self.key}: {values}")
+        try:
+            entry = self.loop.submit(description, None, source.encode(), replacing=self.held)
+        except Refusal as exc:
+            trial.set_user_attr("status", "not run")
+            trial.set_user_attr("note", str(exc)[:300])
+            self.study.tell(trial, state=TrialState.FAIL)
+            self.stopped = f"trial {trial.number} was refused: {exc}"
+            return
+        trial.set_user_attr("run", entry["run"])
+        trial.set_user_attr("commit", entry["commit"][:7])
+        self.in_flight[entry["run"]] = trial
+
+    def ended_with_held(self) -> str | None:
+        """The research run's limits, the held result counted as the row it will become: a sweep
+        never runs more experiments than the limit allows (submit checks the rows only)."""
+        if self.held is None:
+            return None
+        rows = [(r.status, r.val_bpb) for r in self.loop.rows()] + [("discard", self.held_value)]
+        return limits.ended(self.loop.state.load(), rows)
+
+    def finished_with(self, params: dict):
+        """A trial of the study with these values that trained to the end (a crash or timeout
+        included); one refused, cancelled or cut short by a server's exit is tried again."""
+        from optuna.trial import TrialState
+        wanted = params_key(params)
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
+            if params_key(t.params) == wanted and (t.state == TrialState.COMPLETE or
+                                                   t.user_attrs.get("status") in REPEATABLE_FAILURES):
+                return t
+        return None
+
+    def settle(self, run: int) -> None:
+        """A finished trial: its value told to the study, then discarded unless it is this call's
+        best and beats the kept best (then the one held before is discarded)."""
+        from optuna.trial import TrialState
+        trial = self.in_flight.pop(run)
+        result = self.loop.answer_for(run)
+        self.ran += 1
+        ok = result.status == "ok" and result.val_bpb is not None
+        trial.set_user_attr("status", result.status)
+        if ok:
+            trial.set_user_attr("val_bpb", result.val_bpb)
+        if result.delta is not None:
+            trial.set_user_attr("delta", result.delta)
+        if ok:
+            self.study.tell(trial, result.val_bpb)
+        else:
+            self.study.tell(trial, state=TrialState.FAIL)
+        if ok and result.val_bpb < self.best_val_bpb and (self.held_value is None or result.val_bpb < self.held_value):
+            if self.held is not None:
+                self.loop.discard(f"a sweep trial, beaten by trial {trial.number}", self.held)
+            self.held, self.held_value, self.held_trial = run, result.val_bpb, trial.number
+            return
+        self.loop.discard(None if not ok else f"a sweep trial, not better than the best {self.best_val_bpb:.6f}"
+                          if self.held is None else f"a sweep trial, trial {self.held_trial} did better", run)
+
+    def cancel_in_flight(self) -> None:
+        """The call was cancelled: its trials in flight are cancelled too (a running one is logged as a
+        crash), so no orphan blocks the slots, and the study marks them failed."""
+        from optuna.trial import TrialState
+        for run, trial in list(self.in_flight.items()):
+            try:
+                self.loop.cancel(run)
+            except Refusal:
+                pass  # it ended meanwhile
+            entry = self.loop.entry(run)
+            if entry and entry["status"] in UNDECIDED:
+                self.loop.discard("a sweep trial, its sweep cancelled", run)
+            trial.set_user_attr("status", "cancelled")
+            self.study.tell(trial, state=TrialState.FAIL)
+            del self.in_flight[run]
+
+    def answer(self) -> SweepResult:
+        from optuna.trial import TrialState
+        trials = self.study.get_trials(deepcopy=False)
+        complete = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
+        rest = [t for t in trials if t.state != TrialState.COMPLETE]
+        mine = set(self.numbers)  # this call's trials are always listed
+        table = [table_row(t) for i, t in enumerate(complete + rest) if i < MAX_TABLE_ROWS or t.number in mine]
+        noise = self.loop.state.load().get("noise")
+        result = SweepResult(
+            study=self.study.study_name, storage=STORAGE, sampler=self.sampler, trials_run=self.ran,
+            trials_repeated=self.repeated, trials_in_study=len(trials), best=table[0] if complete else None,
+            pending_run=self.held, best_val_bpb=self.best_val_bpb, noise=NoiseEstimate(**noise) if noise else None,
+            table=table, stopped=self.stopped, next="")
+        if self.held is not None:
+            held = self.loop.answer_for(self.held)
+            result.beats_noise = held.noise
+            result.next = (f"confirm(run={self.held}) ({held.confirm_first}), then keep(run={self.held})"
+                           if held.confirm_first else f"keep(run={self.held}) makes trial {self.held_trial} the best")
+            result.next += "; or discard it. The study continues with the next sweep of the same space"
+        else:
+            result.next = (f"no trial beat the best ({self.best_val_bpb:.6f}): sweep more trials (the study "
+                           "continues), another range, or edit the code")
+        if self.stopped:
+            result.next = f"{self.stopped}. {result.next}"
+        return result
+
+
+def table_row(t) -> SweepTrial:
+    a = t.user_attrs
+    status = a.get("status") or ("ok" if t.value is not None else "not finished")
+    return SweepTrial(trial=t.number, params=t.params, status=status, run=a.get("run"), commit=a.get("commit"),
+                      val_bpb=t.value if t.value is not None else a.get("val_bpb"), delta=a.get("delta"),
+                      note=a.get("note"))
+
+
+def start(loop, space, trials: int, sampler: str, seed: int | None) -> Sweep:
+    """Checks everything before anything runs, opens (or continues) the study, and settles the
+    trials an earlier server left in flight from their runs' records."""
+    if isinstance(trials, bool) or not isinstance(trials, int) or not 1 <= trials <= MAX_TRIALS:
+        raise Refusal(f"trials must be a whole number from 1 to {MAX_TRIALS}.")
+    if sampler not in SAMPLERS:
+        raise Refusal(f"sampler must be one of {', '.join(SAMPLERS)} (Optuna's TPE or CMA-ES).")
+    state = loop.state.load()
+    if not state.get("branch"):
+        raise Refusal("This workspace is not set up for a research run: call setup(tag) first.")
+    busy = loop.runs_of(state, *IN_FLIGHT, *UNDECIDED)
+    if busy:
+        listed = ", ".join(f"{e['run']} ({e['status']})" for e in busy)
+        raise Refusal(f"A sweep needs every slot, but runs {listed} are in flight or undecided: wait() for them, "
+                      "then keep or discard each, and sweep again.")
+    over = loop.ended(state)
+    if over:
+        raise Refusal(f"The research run has ended ({over}): no new runs.")
+    kept = state["kept_commit"]
+    base = loop.ws.train_at(kept)
+    if loop.ws.working_train() != base:
+        raise Refusal(f"train.py differs from the kept commit {kept[:7]}: a sweep searches the kept code's "
+                      "constants. Run and keep your edit first, or `git checkout train.py`, then sweep.")
+    best = loop.status().best_val_bpb
+    if best is None:
+        raise Refusal("No kept result yet: run_experiment('baseline') and keep() it; trials are compared with it.")
+    source = base.decode()
+    dims = parse_space(space, source)
+    name, key = study_name(state["branch"], dims, source)
+    study = open_study(loop.root, name, sampler, seed)
+    settle_stale(loop, study)
+    return Sweep(loop, dims, trials, sampler, study, key, source, best)
+
+
+def open_study(root, name: str, sampler: str, seed: int | None):
+    import optuna
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    path = root / STORAGE
+    path.parent.mkdir(exist_ok=True)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{path}")
+    study = optuna.create_study(storage=storage, study_name=name, direction="minimize", load_if_exists=True)
+    # a resumed study with the same seed would draw its first trials again
+    study.sampler = make_sampler(sampler, None if seed is None else seed + len(study.trials))
+    return study
+
+
+def settle_stale(loop, study) -> None:
+    """Trials an earlier server left running: each told its run's recorded value, or failed."""
+    from optuna.trial import TrialState
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        run = t.user_attrs.get("run")
+        try:
+            result = loop.answer_for(run) if run is not None else None
+        except Refusal:
+            result = None
+        if result is not None and result.status == "ok" and result.val_bpb is not None:
+            study.tell(t.number, result.val_bpb)
+        else:
+            study.tell(t.number, state=TrialState.FAIL)
+
+
+class Progress:
+    """What follow() reports, as the whole sweep's progress: trials done over trials, the runs in
+    flight in between, every value above the last (MCP wants them to grow)."""
+
+    def __init__(self, ctx, sweep: Sweep):
+        self.ctx, self.sweep, self.last = ctx, sweep, -1.0
+
+    async def report_progress(self, percent: float, total: float | None = None, message: str | None = None) -> None:
+        s = self.sweep
+        share = min(percent, 100.0) / 100.0 * len(s.in_flight)
+        value = max(100.0 * (s.done + share) / s.trials, self.last + 1e-3)
+        if value > 100.0:
+            return  # the total was reported already
+        best = f", best {s.held_value:.6f} (run {s.held})" if s.held is not None else ""
+        text = f"sweep: {s.done}/{s.trials} trials done{best}" + (f" | {message}" if message else "")
+        await self.ctx.report_progress(value, 100.0, text)
+        self.last = value
+
+
+async def run(sweep: Sweep, follow, ctx) -> SweepResult:
+    """Keeps every slot busy with trials until `trials` were asked, settling each as it ends."""
+    progress = Progress(ctx, sweep)
+    loop = sweep.loop
+    try:
+        while True:
+            while not sweep.stopped and sweep.asked < sweep.trials and len(sweep.in_flight) < loop.slots:
+                await anyio.to_thread.run_sync(sweep.next_trial)
+            if not sweep.in_flight:
+                break
+            runs = list(sweep.in_flight)
+            await follow(runs, progress, until_all=False)
+            for run in runs:
+                entry = loop.entry(run)
+                if entry is None or entry["status"] not in IN_FLIGHT:
+                    await anyio.to_thread.run_sync(sweep.settle, run)
+            await progress.report_progress(0.0)
+    finally:
+        if sweep.in_flight:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(sweep.cancel_in_flight)
+    return await anyio.to_thread.run_sync(sweep.answer)
+

@@ -1,0 +1,247 @@
+"""The sweep tool: an Optuna study whose trials are ordinary runs of the loop (fake trainer, real
+git), continued by a new server process, bad spaces refused before anything runs, and one tiny
+sweep of the real train.py."""
+import sqlite3
+
+import anyio
+
+from server_support import Lab, answer, git, ledger_lines, make_workspace, stdio_client_for
+from test_server_e2e import RUN_TIMEOUT_S, harness_workspace
+
+FAKE_TRAIN = ('# VAL_BPB = 0.1 in a comment stays a comment\nVAL_BPB = 1.0  # the knob the sweep turns\n'
+              'STEPS = 3\nSLEEP = 0.6\nNOTE = "VAL_BPB = 1.0"\n')
+SPACE = {"VAL_BPB": {"low": 0.8, "high": 1.2}, "STEPS": {"low": 2, "high": 6}}
+
+
+def sweep_lab(fake_env, slots: int = 2) -> Lab:
+    lab = Lab(make_workspace(fake_env, FAKE_TRAIN), slots=slots)
+    lab.baseline()
+    return lab
+
+
+def trial_rows(ws) -> list[list[str]]:
+    return [line.split("\t") for line in ledger_lines(ws)[1:] if "sweep trial" in line]
+
+
+def test_a_sweep_runs_its_trials_as_candidates_side_by_side_and_holds_the_best(fake_env):
+    lab = sweep_lab(fake_env)
+    kept = lab.head()
+    seen = []
+
+    async def on_progress(progress, total, message):
+        seen.append((progress, message))
+    try:
+        result = answer(lab.call("sweep", progress=on_progress, space=SPACE, trials=5, seed=3))
+    finally:
+        lab.loop.shutdown()
+
+    table = result["table"]
+    assert result["trials_run"] == 5 and result["trials_in_study"] == 5 and len(table) == 5
+    assert result["study"].startswith("autoresearch/t STEPS,VAL_BPB ") and result["sampler"] == "tpe"
+    values = [row["val_bpb"] for row in table]
+    assert values == sorted(values) and result["best"] == table[0]
+    # each trial is a candidate on the kept commit whose train.py differs in the swept assignments only
+    for row in table:
+        assert git(lab.ws, "rev-parse", f"{row['commit']}^").strip() == kept
+        source = git(lab.ws, "show", f"{row['commit']}:train.py")
+        assert source == (FAKE_TRAIN.replace("VAL_BPB = 1.0  #", f"VAL_BPB = {row['params']['VAL_BPB']!r}  #")
+                          .replace("STEPS = 3", f"STEPS = {row['params']['STEPS']}"))
+        assert abs(row["val_bpb"] - row["params"]["VAL_BPB"]) < 1e-6  # the fake trainer reports its knob
+    # the trials ran side by side: a free slot is the lowest, so one after another would all use slot 0
+    slots = {lab.loop.answer_for(row["run"]).slot.split(" (")[0] for row in table}
+    assert slots == {"slot 0", "slot 1"}, slots
+    # every trial is decided: discarded with the study's reason, except the best that beats the kept 1.0
+    best = table[0]
+    rows = trial_rows(lab.ws)
+    key = result["study"].split()[-1]
+    if best["val_bpb"] < 1.0:
+        assert result["pending_run"] == best["run"] and f"keep(run={best['run']})" in result["next"]
+        assert len(rows) == 4 and best["commit"] not in {r[0] for r in rows}
+    else:
+        assert result["pending_run"] is None and len(rows) == 5
+    assert all(r[3] == "discard" and r[4].startswith("sweep trial ") and f" of study {key}: STEPS=" in r[4]
+               and ("(a sweep trial, not better than the best 1.000000)" in r[4] or "did better)" in r[4]) for r in rows)
+    assert (lab.ws / ".research-loop" / "optuna.db").is_file()
+    # progress notifications all along, growing, naming the sweep
+    assert len(seen) >= 5 and all(b[0] > a[0] for a, b in zip(seen, seen[1:])), seen
+    assert all(message.startswith("sweep: ") for _, message in seen) and seen[-1][0] <= 100.0
+
+    # the held best goes through the ordinary keep (no noise measured: kept as it is)
+    lab.loop = lab.new_loop()
+    if result["pending_run"]:
+        kept_answer = lab.ok("keep", run=result["pending_run"])
+        assert kept_answer["kept_commit"] == best["commit"]
+    lab.loop.shutdown()
+
+
+def test_a_marginal_best_needs_the_ordinary_confirmation(fake_env):
+    """With noise measured, the sweep's best is a pending run like any: keep refuses a gain within a
+    few noise widths until confirm() has rerun it beside the best."""
+    lab = sweep_lab(fake_env, slots=1)
+    try:
+        lab.loop.store_noise([1.0, 1.01], 0)  # a wide noise: every gain of this space is marginal
+        result = lab.ok("sweep", space={"VAL_BPB": {"low": 0.99, "high": 0.999}}, trials=2, seed=0)
+        run = result["pending_run"]
+        assert run and result["next"].startswith(f"confirm(run={run})") and result["noise"]["threshold"] > 0
+        assert "needs confirming" in lab.refused("keep", run=run)
+    finally:
+        lab.loop.shutdown()
+
+
+def test_bad_spaces_and_states_are_refused_before_anything_runs(fake_env):
+    lab = sweep_lab(fake_env, slots=1)
+    try:
+        rows = ledger_lines(lab.ws)
+        bad = {
+            "NOPE": ({"NOPE": {"low": 1, "high": 2}}, "train.py has no module-level constant NOPE (it has: NOTE, "),
+            "reversed": ({"VAL_BPB": {"low": 1.2, "high": 0.8}}, "low (1.2) must be below high (0.8)"),
+            "log": ({"VAL_BPB": {"low": 0.0, "high": 1.0, "log": True}}, "a log range needs low above 0"),
+            "int": ({"STEPS": {"low": 2.5, "high": 6}}, "STEPS is an integer (3): low and high must be whole numbers"),
+            "text": ({"NOTE": {"low": 1, "high": 2}}, "NOTE is 'VAL_BPB = 1.0', not a number: give choices"),
+            "choice type": ({"STEPS": {"choices": [2, "four"]}}, "STEPS's choices must all be int"),
+            "both": ({"STEPS": {"choices": [2, 4], "low": 1, "high": 3}}, "give either choices or low/high"),
+            "half": ({"STEPS": {"low": 2}}, "give both low and high, or choices"),
+            "empty": ({}, "space is empty"),
+        }
+        for name, (space, expected) in bad.items():
+            message = lab.refused("sweep", space=space, trials=2)
+            assert expected in message and "Nothing ran" in message or name == "empty", (name, message)
+        # every problem at once
+        message = lab.refused("sweep", space={"NOPE": {"low": 1, "high": 2}, "VAL_BPB": {"low": 2, "high": 1}})
+        assert "NOPE" in message and "low (2) must be below high (1)" in message
+        assert "trials must be" in lab.refused("sweep", space=SPACE, trials=0)
+        assert "sampler" in lab.refused("sweep", space=SPACE, sampler="random")
+        assert "extra" in lab.refused("sweep", space={"VAL_BPB": {"lo": 0.1, "high": 1}}).lower()
+        # the kept code only, and the slots to itself
+        (lab.ws / "train.py").write_text(FAKE_TRAIN.replace("STEPS = 3", "STEPS = 4"))
+        assert "train.py differs from the kept commit" in lab.refused("sweep", space=SPACE)
+        lab.ok("run_experiment", description="an edit")
+        assert "runs 2 (pending) are in flight or undecided" in lab.refused("sweep", space=SPACE)
+        assert ledger_lines(lab.ws) == rows and not (lab.ws / ".research-loop" / "optuna.db").exists()
+    finally:
+        lab.loop.shutdown()
+
+
+def test_a_research_runs_limit_stops_the_sweep_with_the_reason(fake_env):
+    lab = Lab(make_workspace(fake_env, FAKE_TRAIN), slots=1)
+    try:
+        lab.ok("setup", tag="t", max_experiments=3)
+        lab.ok("run_experiment", description="baseline")
+        lab.ok("keep")
+        result = lab.ok("sweep", space=SPACE, trials=6, seed=1)
+        # the held best counts as the row it will become: three experiments in all, never a fourth
+        decided = len(trial_rows(lab.ws))
+        assert result["pending_run"] and decided + 1 == 3 == result["trials_run"], result
+        assert "3 experiments done" in result["stopped"] and result["next"].startswith("the research run has ended")
+    finally:
+        lab.loop.shutdown()
+
+
+def test_a_new_server_process_continues_the_study(fake_env):
+    ws = make_workspace(fake_env, FAKE_TRAIN.replace("SLEEP = 0.6", "SLEEP = 0"))
+    cache = fake_env / "cache"
+
+    async def session(first: bool):
+        async with stdio_client_for(ws, cache) as client:
+            if first:
+                answer(await client.call_tool("setup", {"tag": "t"}))
+                answer(await client.call_tool("run_experiment", {"description": "baseline"}))
+                answer(await client.call_tool("keep", {}))
+            result = answer(await client.call_tool("sweep", {"space": SPACE, "trials": 3, "seed": 5,
+                                                             "sampler": "cmaes"}))
+            if result.get("pending_run"):
+                answer(await client.call_tool("discard", {"run": result["pending_run"]}))
+            return result
+    first = anyio.run(session, True)
+    second = anyio.run(session, False)
+    assert second["study"] == first["study"] and second["sampler"] == "cmaes"
+    assert first["trials_in_study"] == 3 and second["trials_in_study"] == 6
+    assert sorted(row["trial"] for row in second["table"]) == list(range(6))
+    assert {row["run"] for row in first["table"]} < {row["run"] for row in second["table"]}
+    with sqlite3.connect(ws / ".research-loop" / "optuna.db") as db:
+        assert db.execute("select count(*) from trials").fetchone()[0] == 6
+
+
+def test_a_tiny_sweep_of_the_real_train_py(tmp_path, repo_root, prepared_env, monkeypatch):
+    from mcp_server.loop import ResearchLoop
+    from mcp_server.server import build_server
+    from mcp import Client
+    ws = harness_workspace(tmp_path, repo_root, prepared_env, monkeypatch)
+    loop = ResearchLoop(ws, None, slots=1)
+
+    async def go():
+        async with Client(build_server(loop)) as client:
+            answer(await client.call_tool("setup", {"tag": "sweep"}))
+            base = answer(await client.call_tool("run_experiment", {"description": "baseline",
+                                                                    "timeout_seconds": RUN_TIMEOUT_S}))
+            answer(await client.call_tool("keep", {}))
+            result = answer(await client.call_tool("sweep", {"space": {"MATRIX_LR": {"low": 0.01, "high": 0.1,
+                                                                                     "log": True}},
+                                                             "trials": 2, "seed": 0}))
+            return base, result
+    try:
+        base, result = anyio.run(go)
+    finally:
+        loop.shutdown()
+    assert result["trials_run"] == 2, result
+    for row in result["table"]:
+        assert row["status"] == "ok" and 0 < row["val_bpb"] < 20 and 0.01 <= row["params"]["MATRIX_LR"] <= 0.1
+        assert f"MATRIX_LR = {row['params']['MATRIX_LR']!r}" in git(ws, "show", f"{row['commit']}:train.py")
+        assert row["val_bpb"] != base["val_bpb"]  # the learning rate changed the training
+    best = result["table"][0]
+    assert (result["pending_run"] == best["run"]) == (best["val_bpb"] < base["val_bpb"])
+
+
+def test_the_demos_space_becomes_the_sweeps_ranges_around_the_baseline():
+    from autosearch.space import DEFAULT_SPACE, sweep_space
+    baseline = dict(MATRIX_LR=0.04, EMBEDDING_LR=0.6, DEPTH=4, WARMDOWN_RATIO=0.5, WINDOW_PATTERN="SSSL",
+                    TOTAL_BATCH_SIZE=2**15, DEVICE_BATCH_SIZE=64, WEIGHT_DECAY=0.2, UNEMBEDDING_LR=0.004)
+    ranges = sweep_space(DEFAULT_SPACE, baseline, {"MAX_SEQ_LEN": 256})
+    assert ranges["MATRIX_LR"] == {"low": 0.02, "high": 0.08, "log": True}
+    assert ranges["DEPTH"] == {"low": 3, "high": 6}
+    assert ranges["WINDOW_PATTERN"] == {"choices": ["L", "SSLL", "SSSL"]}
+    # a batch that is not a whole number of device batches is never offered: 2**14 is 64 x 256 exactly
+    assert ranges["TOTAL_BATCH_SIZE"] == {"choices": [16384, 32768, 65536]}
+    assert sweep_space(DEFAULT_SPACE, baseline | {"DEVICE_BATCH_SIZE": 96},
+                       {"MAX_SEQ_LEN": 256})["TOTAL_BATCH_SIZE"] == {"choices": [32768]}
+
+
+def test_values_already_tried_are_answered_from_the_study_without_a_run(fake_env):
+    lab = sweep_lab(fake_env, slots=1)
+    try:
+        result = lab.ok("sweep", space={"VAL_BPB": {"choices": [0.9, 1.1]}}, trials=4, seed=2)
+    finally:
+        lab.loop.shutdown()
+    table = result["table"]
+    ran = [row for row in table if row["status"] == "ok"]
+    repeats = [row for row in table if row["status"] == "repeat"]
+    assert result["trials_run"] == len(ran) == len({row["params"]["VAL_BPB"] for row in ran}) <= 2
+    assert result["trials_repeated"] == len(repeats) == 4 - len(ran) >= 2
+    for row in repeats:
+        earlier = next(r for r in ran if r["params"] == row["params"])
+        assert row["val_bpb"] == earlier["val_bpb"] and row["run"] == earlier["run"] and "no run" in row["note"]
+    assert len(trial_rows(lab.ws)) + (1 if result["pending_run"] else 0) == len(ran)
+
+
+def test_a_cancelled_sweep_cancels_its_trial_in_flight_and_the_study_marks_it(fake_env):
+    """A client that gives up on a sweep (its timeout): the trial training is stopped and logged as
+    a crash, nothing is left to block the slots, and the study records the trial as cancelled."""
+    import optuna
+    ws = make_workspace(fake_env, "VAL_BPB = 1.0\nSLEEP = 0\n")
+
+    async def session():
+        async with stdio_client_for(ws, fake_env / "cache") as client:
+            answer(await client.call_tool("setup", {"tag": "t"}))
+            answer(await client.call_tool("run_experiment", {"description": "baseline"}))
+            answer(await client.call_tool("keep", {}))
+            with anyio.move_on_after(6):
+                await client.call_tool("sweep", {"space": {"SLEEP": {"low": 60, "high": 90}}, "trials": 3})
+            await anyio.sleep(3)
+            return answer(await client.call_tool("status", {}))
+    status = anyio.run(session)
+    assert not status.get("running") and not status.get("undecided") and not status.get("queued"), status
+    crash = ledger_lines(ws)[-1].split("\t")
+    assert crash[3] == "crash" and crash[4].startswith("sweep trial 0 of study ") and crash[4].endswith("(cancelled)")
+    storage = f"sqlite:///{ws / '.research-loop' / 'optuna.db'}"
+    trials = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage).trials
+    assert [(t.state, t.user_attrs["status"]) for t in trials] == [(optuna.trial.TrialState.FAIL, "cancelled")]
