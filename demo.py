@@ -3,6 +3,7 @@
     uv run demo.py                      # CPU: baseline + 5 experiments, under 10 minutes on 2 cores
     uv run demo.py --strategy greedy --hours 8 --workspace ~/runs/night1   # an overnight baseline search
     uv run demo.py --strategy tpe --experiments 12   # Optuna's TPE (or cmaes) through the server's sweep tool
+    uv run demo.py --track mlflow       # every run in MLflow too (extra `mlflow`): `mlflow ui` shows them
 
 It prepares data and tokenizer if needed, clones this repository's HEAD into a scratch workspace
 (your checkout and branch are never touched), sets up a research branch, runs the baseline and
@@ -29,7 +30,7 @@ from autosearch.driver import (
 from autosearch.report import best_kept, diff_against_baseline, ledger_table, read_ledger, timing_table
 from autosearch.space import DEFAULT_SPACE, load_space
 from autosearch.strategies import STRATEGIES
-from mcp_server.core import notify
+from mcp_server.core import notify, tracking
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_EXPERIMENTS = 5  # baseline + 5 runs of the CPU profile's 60 s budget fit in 10 minutes
@@ -64,7 +65,12 @@ def parse_args(argv):
     p.add_argument("--notify", type=notify.url_argument, metavar="URL",
                    help="a webhook (Slack, Discord, ntfy, ...) the server pings on a keep, at the end and after "
                         "failed runs in a row")
+    p.add_argument("--track", choices=tracking.TRACKERS,
+                   help="track every run in MLflow (extra `mlflow`), in the workspace's own store unless --mlflow-uri")
+    p.add_argument("--mlflow-uri", help="an MLflow tracking server, e.g. http://127.0.0.1:5000 (implies --track mlflow)")
     args = p.parse_args(argv)
+    if args.mlflow_uri:
+        args.track = "mlflow"
     if args.experiments is not None and args.experiments < 0:
         p.error("--experiments must be 0 or more")
     if args.slots is not None and args.slots < 1:
@@ -150,14 +156,26 @@ def final_report(plan: SearchPlan) -> None:
     if plan.report:
         print(f"Report: {plan.report} (make a pull request branch of the kept changes: uv run research-loop report "
               f"--workspace {plan.workspace} --branch pr/{plan.tag})")
+    if plan.tracking:
+        uri = plan.tracking[-1] if "--mlflow-uri" in plan.tracking else tracking.default_uri(plan.workspace)
+        print(f"Tracked runs: MLflow at {uri}" + ("" if uri.startswith("http") else
+                                                   f" (see them: uv run mlflow ui --backend-store-uri {uri})"))
     print(f"Workspace: {plan.workspace} (resume or extend: uv run demo.py --workspace {plan.workspace}; "
           f"read it in a browser: uv run research-loop dashboard --workspace {plan.workspace})")
+
+
+def tracking_options(args) -> tuple:
+    if not args.track:
+        return ()
+    return ("--track", args.track) + (("--mlflow-uri", args.mlflow_uri) if args.mlflow_uri else ())
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     workspace = None
     try:
+        if args.track and tracking.missing_extra(args.track):
+            raise SearchError(tracking.missing_extra(args.track))
         space = load_space(args.space) if args.space else DEFAULT_SPACE
         refuse_foreign_folder(args.workspace)
         resuming = is_demo_workspace(args.workspace)
@@ -176,7 +194,7 @@ def main(argv=None) -> int:
         plan = SearchPlan(workspace=workspace, tag=chosen["tag"], strategy=chosen["strategy"],
                           experiments=chosen["experiments"], hours=chosen["hours"], seed=chosen["seed"],
                           slots=chosen["slots"], dashboard=args.dashboard if args.dashboard >= 0 else None,
-                          space=space, env=env, harness=harness)
+                          space=space, env=env, harness=harness, tracking=tracking_options(args))
         say(f"{plan.strategy} search over {', '.join(dim.name for dim in space)}")
         asyncio.run(run_search(plan, REPO, say))
     except KeyboardInterrupt:

@@ -54,6 +54,7 @@ class SearchPlan:
     harness: dict
     slots: int = 1
     dashboard: int | None = None  # serve the dashboard on this port (0: a free one)
+    tracking: tuple = ()  # the server's tracking options: --track mlflow [--mlflow-uri URI]
     timings: list = field(default_factory=list)
     chart: str | None = None
     report: str | None = None  # the morning report's Markdown file
@@ -361,7 +362,7 @@ def server_parameters(plan: SearchPlan, repo: Path) -> StdioServerParameters:
     return StdioServerParameters(
         command=sys.executable,
         args=["-m", "mcp_server", "--workspace", str(plan.workspace), "--slots", str(plan.slots),
-              "--train-command", f"{sys.executable} train.py", *dashboard],
+              "--train-command", f"{sys.executable} train.py", *dashboard, *plan.tracking],
         env=plan.env, cwd=str(repo),
     )
 

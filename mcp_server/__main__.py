@@ -1,5 +1,5 @@
 """Entry point: `uv run python -m mcp_server [--workspace DIR] [--slots N] [--executor local|ray|slurm]
-[--http --port N] [--dashboard PORT] [--unsandboxed] [--notify URL]`.
+[--http --port N] [--dashboard PORT] [--unsandboxed] [--notify URL] [--track mlflow [--mlflow-uri URI]]`.
 
 stdio by default (what Claude Code starts); --http serves streamable HTTP on 127.0.0.1
 only, optionally behind a bearer token taken from RESEARCH_LOOP_TOKEN or --token-file (never
@@ -17,7 +17,7 @@ import signal
 import sys
 from pathlib import Path
 
-from mcp_server.core import notify
+from mcp_server.core import notify, tracking
 from mcp_server.scripts import sandbox
 from mcp_server.dashboard.auth import http_token
 
@@ -64,9 +64,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "cannot start); every answer and ledger row then says unsandboxed. Without it such "
                              f"runs are refused (default: env {sandbox.UNSANDBOXED_ENV}=1)")
     notify.add_arguments(parser)
+    parser.add_argument("--track", choices=tracking.TRACKERS, default=os.environ.get("RESEARCH_LOOP_TRACK") or None,
+                        help="track every run in MLflow (extra `mlflow`), one experiment per research branch; a "
+                             "tracker that is down never stops the loop, it catches up (default: env "
+                             "RESEARCH_LOOP_TRACK, else none)")
+    parser.add_argument("--mlflow-uri", default=os.environ.get("RESEARCH_LOOP_MLFLOW_URI") or None,
+                        help="the MLflow tracking server, e.g. http://HOST:5000; implies --track mlflow (default: "
+                             "env RESEARCH_LOOP_MLFLOW_URI, else env MLFLOW_TRACKING_URI, else the workspace's own "
+                             f"store, sqlite:///<workspace>/{tracking.STATE_DIR}/{tracking.LOCAL_DB})")
     args = parser.parse_args(argv)
     if args.slots is not None and args.slots < 1:
         parser.error("--slots must be 1 or more")
+    if args.track and args.track not in tracking.TRACKERS:
+        parser.error(f"RESEARCH_LOOP_TRACK must be one of {', '.join(tracking.TRACKERS)}, got {args.track!r}")
+    if args.mlflow_uri:
+        args.track = "mlflow"
     return args
 
 
@@ -164,6 +176,17 @@ def ray_capacity(args) -> tuple[int, bool]:
     return args.slots or max(1, gpus or int(resources.get("CPU", 1))), gpus > 0
 
 
+def start_tracking(args, loop):
+    """The tracker's thread, if asked for; a missing extra ends the server with the command that installs it."""
+    if not args.track:
+        return None
+    missing = tracking.missing_extra(args.track)
+    if missing:
+        sys.exit(f"research-loop-mcp: {missing}")
+    uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+    return tracking.Tracker(loop.root, uri, owned=lambda: loop.state.owned).start()
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     import anyio
@@ -176,6 +199,7 @@ def main(argv=None) -> None:
     loop = ResearchLoop(Path(args.workspace), command, slots, executor, unsandboxed=args.unsandboxed)
     loop.notifier = notify.Notifier(args.notify, args.notify_format)
     srv = build_server(loop)
+    tracker = start_tracking(args, loop)
     page = start_dashboard(loop, args.dashboard, http_token(args)) if args.dashboard is not None else None
 
     def on_term(signum, frame):
@@ -199,6 +223,8 @@ def main(argv=None) -> None:
         loop.shutdown()
         stop_dashboard(loop, page)
         loop.notifier.close()
+        if tracker is not None:
+            tracker.stop()  # after a last pass, or its first seconds: the next server redoes what is left
 
 
 if __name__ == "__main__":

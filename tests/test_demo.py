@@ -85,8 +85,8 @@ def test_demo_end_to_end(repo_root, prepared_env, tmp_path):
     # (The Ctrl-C test below covers the greedy strategy.)
     workspace = tmp_path / "ws"
     branch_before = git(repo_root, "rev-parse", "--abbrev-ref", "HEAD")
-    proc = subprocess.run(demo_command(workspace, QUICK_BUDGET, "--experiments", "2", "--seed", "11"), cwd=repo_root,
-                          env=prepared_env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(demo_command(workspace, QUICK_BUDGET, "--experiments", "2", "--seed", "11", "--track", "mlflow"),
+                          cwd=repo_root, env=prepared_env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
 
@@ -114,6 +114,19 @@ def test_demo_end_to_end(repo_root, prepared_env, tmp_path):
     report = Path(re.search(r"^Report: (\S+)", out, re.M).group(1))  # the morning report, ignored by git
     assert report.parent == workspace.resolve() / ".research-loop" / "reports"
     assert "## Kept changes" in report.read_text() and "noise repeat" in report.read_text()
+
+    # Every run in the workspace's MLflow store at its decision, the real train.py's loss curve with it.
+    store = f"sqlite:///{workspace / '.research-loop' / 'mlflow.db'}"
+    assert f"Tracked runs: MLflow at {store}" in out
+    from mlflow import MlflowClient
+
+    from mcp_server.core import tracking
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name(tracking.experiment_name(workspace, "autoresearch/demo"))
+    runs = {run.data.tags["commit"][:7]: run for run in client.search_runs([experiment.experiment_id])}
+    assert {commit: run.data.tags[tracking.STAGE_TAG] for commit, run in runs.items()} == \
+        {row["commit"]: row["status"] for row in rows}
+    assert len(client.get_metric_history(runs[best["commit"]].info.run_id, "train_loss")) > 1
 
     # The user's checkout is untouched: same branch, no research branch created there.
     assert git(repo_root, "rev-parse", "--abbrev-ref", "HEAD") == branch_before

@@ -1,0 +1,375 @@
+"""Experiment tracking (the `mlflow` extra): each run of the research run becomes an MLflow run, in one
+experiment per research branch, so `mlflow ui` (or a team's server) shows the night.
+
+A tracked run holds the train.py constants the run changed (params), its loss curve, val_bpb, steps,
+MFU, memory and times (metrics), its status, decision, evidence and ledger row (tags), and the
+train.py diff, the log and the run's record (artifacts).
+
+The records are the truth; tracking follows them. A thread of its own (Tracker) looks at runs/*.json
+and the server's own copy of state.json every few seconds and syncs what changed, so the loop never
+calls the tracker and a tracker that is down or slow delays only itself. A record is tracked only
+when the server's state vouches for it (its run in flight, or its ledger row): an earlier research
+run's records, or a record edited by hand, are not. Each MLflow run carries the run's name
+(<number>-<commit>) in a tag, and the stage synced (pending, or the decision) in a tag set last, so
+a pass interrupted halfway is redone and a pass repeated changes nothing. mlflow is imported in
+that thread, when first needed.
+"""
+import importlib.util
+import json
+import os
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import git
+
+from mcp_server.core import history, logparse
+from mcp_server.core.state import STATE_DIR, STATE_FILE, records_dir
+
+TRACKERS = ("mlflow",)
+LOCAL_DB = "mlflow.db"  # the default store, in the workspace's .research-loop/
+LOCAL_ARTIFACTS = "mlflow-artifacts"
+KEY_TAG = "research_loop.run"  # <number>-<commit7>: the run's name, also its records' file name
+STAGE_TAG = "research_loop.synced"  # "pending" or the decision; set last, when all else is logged
+POLL_S = 2.0
+NICENESS = 19
+FLUSH_S = 10.0  # the most a server's exit waits for the last pass
+RETRY_S = (5.0, 60.0)  # the wait after a failed pass: doubles from the first to the last
+# MLflow's HTTP client retries 7 times with growing waits (minutes in all) before it fails a call:
+# this thread retries by itself, so a call gives up soon (a user's own settings win)
+HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+# MLflow prints each finished run's address on stdout, which is the MCP protocol's channel over stdio
+QUIET = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+METRICS = ("val_bpb", "memory_gb", "num_steps", "mfu_percent", "tokens_per_second", "training_seconds",
+           "timed_seconds", "total_seconds", "eval_seconds", "compile_seconds", "recompiles", "wall_seconds",
+           "delta", "best_val_bpb")
+RESULT_TAGS = ("status", "slot", "device", "noise", "integrity", "verified", "comparable", "confirm_first",
+               "unsandboxed", "best_commit")
+BATCH = 1000  # metrics per log_batch: MLflow's limit
+MAX_TAG_CHARS = 5000
+MLFLOW_MISSING = ("--track mlflow needs the `mlflow` extra: `uv sync --extra mlflow` in this project "
+                  "(or pip install 'research-loop[mlflow]')")
+
+
+def default_uri(root: Path) -> str:
+    """MLflow's local store in the workspace: `mlflow ui --backend-store-uri <this>` shows the night."""
+    return f"sqlite:///{root / STATE_DIR / LOCAL_DB}"
+
+
+def experiment_name(root: Path, branch: str) -> str:
+    """Unique on a team's server, where every researcher's clone may be called autoresearch and
+    every tag a date."""
+    return f"{branch} ({socket.gethostname()}:{Path(root).resolve()})"
+
+
+def missing_extra(tracker: str) -> str | None:
+    """Why the tracker cannot run here (its package is not installed), or None; imports nothing."""
+    return MLFLOW_MISSING if tracker == "mlflow" and importlib.util.find_spec("mlflow") is None else None
+
+
+def say(message: str) -> None:
+    print(f"research-loop-mcp: tracking: {message}", file=sys.stderr, flush=True)
+
+
+class Tracker:
+    """Syncs the workspace's records to MLflow on a daemon thread, never on the loop's."""
+
+    def __init__(self, root: Path, uri: str | None = None, owned=lambda: True, poll_s: float = POLL_S,
+                 retry_s: tuple[float, float] = RETRY_S):
+        """owned: whether this server owns the workspace now (only the owner tracks: two servers
+        tracking at once would each create the same run)."""
+        self.root = Path(root).resolve()
+        self.uri = uri or default_uri(self.root)
+        self.owned, self.poll_s, self.retry_s = owned, poll_s, retry_s
+        self.stopping = threading.Event()
+        self.problem: str | None = None  # why the last pass failed, while it did
+        self.untracked: set[str] = set()  # records the state does not vouch for, told once each
+        self.was_owner = False
+        self._sink = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "Tracker":
+        self._thread = threading.Thread(target=self._follow, name="research-loop-tracking", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = FLUSH_S) -> None:
+        """Ends the thread after one last pass (the night's last decision), waiting for it at most
+        `timeout` seconds: what it leaves undone, the next server's tracker does."""
+        self.stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _follow(self) -> None:
+        try:  # this thread only (Linux): on a CPU box the runs train beside it, and come first
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICENESS)
+        except (AttributeError, OSError):
+            pass
+        seen, wait, failures, last = None, 0.0, 0, False
+        while not last:
+            last = self.stopping.wait(wait)
+            now = self._fingerprint()
+            wait = self.poll_s
+            if now == seen and not failures:
+                continue
+            try:
+                self.sync()
+            except Exception as exc:  # the tracker's own failure: told, then retried; the loop never sees it
+                failures += 1
+                wait = min(self.retry_s[1], self.retry_s[0] * 2 ** (failures - 1))
+                self._sink = None  # what it knew of the store may be stale
+                if self.problem is None:
+                    say(f"{self.uri} failed ({type(exc).__name__}: {str(exc)[:300]}); the runs are kept in runs/ "
+                        f"and tracked when it answers (retrying every {self.retry_s[0]:g}-{self.retry_s[1]:g} s)")
+                self.problem = str(exc)
+                continue
+            if self.problem is not None:
+                say(f"{self.uri} answers again: caught up")
+            seen, failures, self.problem = now, 0, None
+
+    def _fingerprint(self) -> tuple:
+        """What a pass depends on: the records' files and the server's copy of its state."""
+        files = [records_dir(self.root) / STATE_FILE, *self._record_paths()]
+        stats = []
+        for path in files:
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            stats.append((path.name, stat.st_mtime_ns, stat.st_size))
+        return tuple(stats)
+
+    def _record_paths(self) -> list[Path]:
+        runs = self.root / "runs"
+        return sorted(p for p in runs.glob("[0-9][0-9][0-9][0-9]-*.json") if not p.name.endswith(".report.json")) \
+            if runs.is_dir() else []
+
+    def sync(self) -> int:
+        """One pass: every record the state vouches for, tracked up to its stage. Returns how many
+        runs it wrote; raises if the tracker fails (nothing is lost: the next pass redoes it)."""
+        # the last pass runs as the server exits, after it let go of the workspace
+        owner = self.owned() or (self.stopping.is_set() and self.was_owner)
+        self.was_owner = owner
+        if not owner:
+            return 0
+        state = self._server_state()
+        written, strangers = 0, []
+        for path in self._record_paths():
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue  # being replaced: the next pass reads it
+            key = path.stem
+            vouched = vouched_stage(state, record)
+            if vouched is None:
+                if key not in self.untracked and not in_flight(state, key):  # in flight: the state is saved next
+                    self.untracked.add(key)
+                    strangers.append(path.name)
+                continue
+            if self._sink is None:
+                self._sink = MlflowSink(self.root, self.uri)
+            if self._sink.track(state["branch"], key, vouched, lambda r=record, v=vouched: self.describe(r, v, state)):
+                written += 1
+        if strangers and state.get("branch"):
+            say(f"{len(strangers)} record(s) in runs/ (runs/{strangers[0]} first) are not runs of {state['branch']} "
+                "as the server recorded them (an earlier research run's, or edited by hand): not tracked")
+        return written
+
+    def _server_state(self) -> dict:
+        """The server's own copy of state.json (what it last wrote; an edited state.json is not believed)."""
+        for path in (records_dir(self.root) / STATE_FILE, self.root / STATE_DIR / STATE_FILE):
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            return data if isinstance(data, dict) else {}
+        return {}
+
+    def describe(self, record: dict, stage: str, state: dict) -> dict:
+        """What MLflow is told about a run: name, times, params, metrics, tags, artifacts."""
+        result, run = record["result"], record["run"]
+        decision = record.get("decision") or {}
+        old, new = self._train_at(run["parent"]), self._train_at(run["commit"])
+        changes = decision.get("changes") or history.describe_change(old or "", new or "")
+        started = run.get("started_at") or run.get("submitted_at") or time.time()
+        ended = run.get("ended_at") or started
+        log = self.root / result.get("log", "")
+        text = logparse.read_text(log) if result.get("log") and log.is_file() else ""
+        curve = [(p.step, p.loss, int(1000 * (started + (ended - started) * p.percent / 100)))
+                 for p in logparse.all_progress(text)]
+        tags = {"mlflow.note.content": result["description"], "mlflow.source.git.commit": run["commit"],
+                "commit": run["commit"], "parent": run["parent"], "branch": state["branch"], "decision": stage,
+                "changes": history.change_text(changes), "host": run.get("host")}
+        tags |= {f"result.{k}": result.get(k) for k in RESULT_TAGS}
+        tags["warnings"] = "; ".join(result.get("warnings") or []) or None
+        if decision.get("evidence"):
+            tags["evidence"] = decision["evidence"]
+        row = ledger_row(state, result["commit"], stage)
+        if row:
+            tags["ledger"] = row[4]
+        entry = (state.get("runs") or {}).get(str(run["run"])) or {}
+        if "rerun_of" in entry:
+            tags["rerun_of"] = str(entry["rerun_of"])
+        metrics = {k: result[k] for k in METRICS if isinstance(result.get(k), (int, float))
+                   and not isinstance(result.get(k), bool)}
+        if stage != "pending":
+            metrics["kept"] = float(stage == "keep")
+        return {"name": f"{run['run']:04d} {result['description'][:60]}", "start_ms": int(started * 1000),
+                "end_ms": int(ended * 1000), "failed": result["status"] != "ok",
+                "params": {name: "(removed)" if value is None else value
+                           for name, (_, value) in changes.get("constants", {}).items()}
+                | {"other_lines": str(changes.get("other_lines", 0))},
+                "metrics": metrics, "curve": curve, "tags": {k: str(v) for k, v in tags.items() if v is not None},
+                "diff": self._diff(run["parent"], run["commit"]), "log": log if text else None, "record": record}
+
+    def _train_at(self, commit: str) -> str | None:
+        try:
+            return git.Git(self.root).show(f"{commit}:train.py")
+        except git.GitCommandError:
+            return None
+
+    def _diff(self, parent: str, commit: str) -> str:
+        try:
+            return git.Git(self.root).diff(parent, commit, "--", "train.py")
+        except git.GitCommandError as exc:
+            return f"(no diff: {exc.stderr.strip()})"
+
+
+def vouched_stage(state: dict, record: dict) -> str | None:
+    """The stage a record is at, if the server's state holds the same run: its entry in flight with
+    this result (pending), or its ledger row (the decision); None for anything else."""
+    try:
+        result, run = record["result"], record["run"]
+        number, commit, decision = run["run"], run["commit"], record.get("decision")
+    except (KeyError, TypeError):
+        return None
+    if not isinstance(result, dict) or not state.get("branch"):
+        return None
+    if decision:
+        row = ledger_row(state, commit[:7], decision.get("status"))
+        if row is None or (row[3] != "crash" and abs(row[1] - (result.get("val_bpb") or 0.0)) > 1e-6):
+            return None
+        return row[3]
+    entry = (state.get("runs") or {}).get(str(number))
+    if entry and entry.get("commit") == commit and entry.get("status") == "pending" and \
+            (entry.get("result") or {}).get("val_bpb") == result.get("val_bpb"):
+        return "pending"
+    return None
+
+
+def in_flight(state: dict, key: str) -> bool:
+    """The run named by a record's file is in the state, not decided yet (its record may be newer)."""
+    number, _, commit7 = key.partition("-")
+    entry = (state.get("runs") or {}).get(str(int(number))) or {}
+    return entry.get("commit", "")[:7] == commit7
+
+
+def ledger_row(state: dict, commit7: str, status: str | None) -> list | None:
+    return next((row for row in state.get("rows") or [] if row[0] == commit7 and row[3] == status), None)
+
+
+class MlflowSink:
+    """The MLflow side: one experiment per branch, each run found again by its key tag."""
+
+    def __init__(self, root: Path, uri: str):
+        for name, value in HTTP_SETTINGS.items():
+            os.environ.setdefault(name, value)
+        os.environ.update(QUIET)
+        from mlflow import MlflowClient
+        self.root, self.uri = root, uri
+        self.local = uri == default_uri(root)
+        self.artifacts = (root / STATE_DIR / LOCAL_ARTIFACTS).as_uri() if self.local else None
+        if self.local:
+            (root / STATE_DIR).mkdir(exist_ok=True)
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+            SqlAlchemyStore(uri, self.artifacts)  # a new store's tables, its Default experiment's artifacts here too
+        self.client = MlflowClient(tracking_uri=uri)
+        self.experiments: dict[str, str] = {}  # branch -> experiment id
+        self.runs: dict[str, dict[str, tuple[str, str | None]]] = {}  # experiment id -> key -> (run id, stage)
+
+    def experiment(self, branch: str) -> str:
+        if branch not in self.experiments:
+            name = experiment_name(self.root, branch)
+            found = self.client.get_experiment_by_name(name)
+            if found is not None and found.lifecycle_stage == "deleted":
+                self.client.restore_experiment(found.experiment_id)
+            if found is None:
+                exp_id = self.client.create_experiment(name, artifact_location=self.artifacts, tags={
+                    "research_loop.workspace": str(self.root), "research_loop.branch": branch})
+            else:
+                exp_id = found.experiment_id
+            self.experiments[branch] = exp_id
+            self.runs[exp_id] = self._tracked(exp_id)
+        return self.experiments[branch]
+
+    def _tracked(self, exp_id: str) -> dict[str, tuple[str, str | None]]:
+        tracked, token = {}, None
+        while True:
+            page = self.client.search_runs([exp_id], max_results=1000, page_token=token)
+            for run in page:
+                key = run.data.tags.get(KEY_TAG)
+                if key:
+                    tracked[key] = (run.info.run_id, run.data.tags.get(STAGE_TAG))
+            token = page.token
+            if not token:
+                return tracked
+
+    def track(self, branch: str, key: str, stage: str, describe) -> bool:
+        """The run at this stage in the store; False if it was already."""
+        exp_id = self.experiment(branch)
+        run_id, synced = self.runs[exp_id].get(key, (None, None))
+        if synced == stage:
+            return False
+        what = describe()
+        if run_id is not None and synced is None:  # a pass that failed halfway: done again from the start
+            self.client.delete_run(run_id)
+            run_id = None
+        if run_id is None:
+            run_id = self._create(exp_id, key, what)
+        else:
+            self.client.log_batch(run_id, metrics=self._metrics(what, only=("kept",)),
+                                  tags=self._tags(what, only=("decision", "evidence", "ledger")))
+            self._artifacts(run_id, what, "record.json")  # the record now holds the decision
+        self.client.set_tag(run_id, STAGE_TAG, stage)
+        self.runs[exp_id][key] = (run_id, stage)
+        return True
+
+    def _create(self, exp_id: str, key: str, what: dict) -> str:
+        from mlflow.entities import Param
+        run = self.client.create_run(exp_id, start_time=what["start_ms"], run_name=what["name"], tags={KEY_TAG: key})
+        run_id = run.info.run_id
+        self.runs[exp_id][key] = (run_id, None)
+        self.client.log_batch(run_id, params=[Param(k, v) for k, v in what["params"].items()],
+                              tags=self._tags(what))
+        metrics = self._metrics(what)
+        for start in range(0, len(metrics), BATCH):
+            self.client.log_batch(run_id, metrics=metrics[start:start + BATCH])
+        self._artifacts(run_id, what, "record.json", "train.py.diff")
+        if what["log"] is not None:
+            self.client.log_artifact(run_id, str(what["log"]))
+        self.client.set_terminated(run_id, "FAILED" if what["failed"] else "FINISHED", end_time=what["end_ms"])
+        return run_id
+
+    def _artifacts(self, run_id: str, what: dict, *names: str) -> None:
+        texts = {"record.json": json.dumps(what["record"], indent=1), "train.py.diff": what["diff"]}
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in names:
+                (Path(tmp) / name).write_text(texts[name])
+                self.client.log_artifact(run_id, str(Path(tmp) / name))
+
+    @staticmethod
+    def _metrics(what: dict, only: tuple = ()) -> list:
+        from mlflow.entities import Metric
+        found = [Metric(k, float(v), what["end_ms"], 0) for k, v in what["metrics"].items() if not only or k in only]
+        if not only:
+            found += [Metric("train_loss", loss, ms, step) for step, loss, ms in what["curve"]]
+        return found
+
+    @staticmethod
+    def _tags(what: dict, only: tuple = ()) -> list:
+        from mlflow.entities import RunTag
+        return [RunTag(k, v[:MAX_TAG_CHARS]) for k, v in what["tags"].items() if not only or k in only]
