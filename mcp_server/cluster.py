@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mcp_server import integrity, node, sandbox
+from mcp_server import harness_eval, integrity, node, sandbox
 from mcp_server.executor import WORKER, Outcome, RunSpec
 from mcp_server.models import Refusal
 from mcp_server.worker import write_report
@@ -76,6 +76,7 @@ def package(ws, commit: str, dest: Path, token: str) -> None:
     shutil.copy(WORKER, scripts / "worker.py")
     shutil.copy(node.__file__, scripts / "node.py")
     shutil.copy(sandbox.__file__, scripts / "sandbox.py")
+    shutil.copy(harness_eval.__file__, scripts / "harness_eval.py")
     (scripts / node.TOKEN_FILE).write_text(token)
 
 

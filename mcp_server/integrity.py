@@ -19,7 +19,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from mcp_server.worker import evaluation_inputs
+from mcp_server.harness_eval import evaluation_inputs
 from mcp_server.workspace import EDITABLE, cache_dir, prepared_info
 
 HARNESS_DIR = "research-loop/harness"  # inside .git: the pristine harness the evaluation runs from
