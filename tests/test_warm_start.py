@@ -160,6 +160,6 @@ def test_on_the_warm_path_the_sandbox_holds_and_a_hanging_run_is_killed_whole(tm
     assert "planted" not in (ws / "results.tsv").read_text() and not (Path.home() / "warm-escape").exists()
     report = json.loads((ws / first["log"].replace(".log", ".report.json")).read_text())
     assert report["sandbox"] and report["evaluation"]["evaluator"] == "warm", report
-    assert hung["status"] == "crash" and "timeout" in json.dumps(hung).lower(), hung
+    assert hung["status"] == "timeout", hung
     daemon = int((ws / ".git" / "research-loop" / "slots" / "0" / "daemon.pid").read_text())
     assert wait_until(lambda: not pid_alive(daemon), 5)
