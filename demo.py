@@ -27,6 +27,7 @@ from autosearch.driver import (
 from autosearch.report import best_kept, diff_against_baseline, ledger_table, read_ledger, timing_table
 from autosearch.space import DEFAULT_SPACE, load_space
 from autosearch.strategies import STRATEGIES
+from mcp_server import notify
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_EXPERIMENTS = 5  # baseline + 5 runs of the CPU profile's 60 s budget fit in 10 minutes
@@ -57,6 +58,9 @@ def parse_args(argv):
     p.add_argument("--dataset", default="auto", help="data set for prepare.py (default auto)")
     p.add_argument("--dashboard", type=int, default=0, metavar="PORT",
                    help="port of the live dashboard on 127.0.0.1 (default 0: a free port; -1: none)")
+    p.add_argument("--notify", type=notify.url_argument, metavar="URL",
+                   help="a webhook (Slack, Discord, ntfy, ...) the server pings on a keep, at the end and after "
+                        "failed runs in a row")
     args = p.parse_args(argv)
     if args.experiments is not None and args.experiments < 0:
         p.error("--experiments must be 0 or more")
@@ -161,6 +165,8 @@ def main(argv=None) -> int:
         env = child_env(chosen["budget_seconds"])
         if args.dashboard >= 0:  # the page is opened with this token, printed in its address
             env.setdefault("RESEARCH_LOOP_TOKEN", secrets.token_urlsafe(16))
+        if args.notify:  # the server reads it from its environment, as under the overnight runner
+            env[notify.NOTIFY_ENV] = args.notify
         plan = SearchPlan(workspace=workspace, tag=chosen["tag"], strategy=chosen["strategy"],
                           experiments=chosen["experiments"], hours=chosen["hours"], seed=chosen["seed"],
                           slots=chosen["slots"], dashboard=args.dashboard if args.dashboard >= 0 else None,

@@ -1,10 +1,11 @@
 """Entry point: `uv run python -m mcp_server [--workspace DIR] [--slots N] [--executor local|ray|slurm]
-[--http --port N] [--dashboard PORT] [--unsandboxed]`.
+[--http --port N] [--dashboard PORT] [--unsandboxed] [--notify URL]`.
 
 stdio by default (what Claude Code starts); --http serves streamable HTTP on 127.0.0.1
 only, optionally behind a bearer token taken from RESEARCH_LOOP_TOKEN or --token-file (never
 from the command line, which every local user can read). --dashboard serves the live web page
 (mcp_server/dashboard_http.py) on a port of its own, in either mode, behind the same token.
+--notify posts to a webhook on a keep, the research run's end and failures in a row (mcp_server/notify.py).
 Whatever way the server ends, the training runs it started are killed with it (here for
 orderly exits, by each run's worker when its pipe from the server closes).
 """
@@ -16,7 +17,8 @@ import signal
 import sys
 from pathlib import Path
 
-from mcp_server import sandbox
+from mcp_server import notify, sandbox
+from mcp_server.auth import http_token
 
 DEFAULT_PORT = 8765
 EXECUTORS = ("local", "ray", "slurm")
@@ -60,6 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="accept runs without a sandbox where none can run here (no bubblewrap, or one that "
                              "cannot start); every answer and ledger row then says unsandboxed. Without it such "
                              f"runs are refused (default: env {sandbox.UNSANDBOXED_ENV}=1)")
+    notify.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.slots is not None and args.slots < 1:
         parser.error("--slots must be 1 or more")
@@ -70,18 +73,6 @@ def port_number(text: str) -> int:
     if not text.isdigit() or int(text) > 65535:
         raise argparse.ArgumentTypeError(f"a port is a number from 0 to 65535, got {text!r}")
     return int(text)
-
-
-def http_token(args) -> str | None:
-    if args.token_file:
-        try:
-            token = args.token_file.read_text().strip()
-        except OSError as exc:
-            sys.exit(f"research-loop-mcp: cannot read --token-file {args.token_file}: {exc}")
-        if not token:
-            sys.exit(f"research-loop-mcp: --token-file {args.token_file} is empty")
-        return token
-    return os.environ.get("RESEARCH_LOOP_TOKEN") or None
 
 
 def require_bearer(app, token: str):
@@ -175,18 +166,21 @@ def ray_capacity(args) -> tuple[int, bool]:
 def main(argv=None) -> None:
     args = parse_args(argv)
     import anyio
-    from mcp_server.loop import DEFAULT_TRAIN_COMMAND, ResearchLoop
+    from mcp_server.loop import ResearchLoop
+    from mcp_server.runs import DEFAULT_TRAIN_COMMAND
     from mcp_server.server import build_server, serve_stdio
 
     command = shlex.split(args.train_command) if args.train_command else None
     slots, executor = choose_executor(args, command or DEFAULT_TRAIN_COMMAND)
     loop = ResearchLoop(Path(args.workspace), command, slots, executor, unsandboxed=args.unsandboxed)
+    loop.notifier = notify.Notifier(args.notify, args.notify_format)
     srv = build_server(loop)
     page = start_dashboard(loop, args.dashboard, http_token(args)) if args.dashboard is not None else None
 
     def on_term(signum, frame):
         loop.shutdown()
         stop_dashboard(loop, page)
+        loop.notifier.close()
         os._exit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_term)
@@ -203,6 +197,7 @@ def main(argv=None) -> None:
     finally:
         loop.shutdown()
         stop_dashboard(loop, page)
+        loop.notifier.close()
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ logs under runs/, and .research-loop/state.json.
 Read-only by design: nothing here writes a file, takes a lock, or runs a git command that could
 write (`--no-optional-locks`), so a page can watch a workspace while its server works, and read it
 after the server has gone. Two views: `ledger_view` (the rows, the best, the kept changes; it
-changes when a run is decided) and `live_view` (the runs in flight with their loss curves, and the
-limits; it changes every step).
+changes when a run is decided) and `live_view` (the runs in flight with their loss curves, the
+limits, and what the research run has spent; it changes every step).
 """
 import math
 import re
@@ -13,8 +13,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from mcp_server import history, ledger, limits, logparse
-from mcp_server.loop import LOG_TAIL_BYTES, RUNS_DIR, unsandboxed_marker
+from mcp_server import cost, history, ledger, limits, logparse
+from mcp_server.runs import LOG_TAIL_BYTES, RUNS_DIR, unsandboxed_marker
 from mcp_server.models import Refusal
 from mcp_server.state import State, process_alive
 
@@ -103,14 +103,17 @@ def first_step(root: Path, state: dict, rows: list[dict]) -> str | None:
 
 
 def live_view(root: Path, now: float | None = None) -> dict:
-    """The runs nobody has decided yet (queued, running with their curve, pending, interrupted) and
-    what is left of the research run's limits."""
+    """The runs nobody has decided yet (queued, running with their curve, pending, interrupted), what
+    is left of the research run's limits, and what it has spent (GPU-hours; the overnight runner's
+    sessions' tokens and cost)."""
     now = time.time() if now is None else now
     state, problem = read_state(root)
     rows = [(r.status, r.val_bpb) for r in ledger.read_rows(root / ledger.LEDGER_NAME)[0]]
     entries = [e for e in (state.get("runs") or {}).values() if isinstance(e, dict)]
     return {"runs": [run_view(root, e, now) for e in sorted(entries, key=lambda e: e.get("run") or 0)],
-            "limits": limits.left(state, rows, now), "ended": limits.ended(state, rows, now), "problem": problem}
+            "limits": limits.left(state, rows, now), "ended": limits.ended(state, rows, now), "problem": problem,
+            "spent": "; ".join(filter(None, (cost.hours_text(cost.run_hours(root, state)),
+                                             cost.sessions_text(cost.sessions_spent(root, state.get("tag")))))) or None}
 
 
 def run_view(root: Path, entry: dict, now: float) -> dict:

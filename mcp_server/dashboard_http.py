@@ -28,6 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from mcp_server import dashboard, ledger
+from mcp_server.auth import http_token
 from mcp_server.state import STATE_DIR, STATE_FILE, process_alive
 
 LOOPBACK = "127.0.0.1"
@@ -268,7 +269,6 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from mcp_server.__main__ import http_token
     root = Path(args.workspace).resolve()
     if not root.is_dir():
         print(f"research-loop dashboard: {root} is not a folder: pass the workspace with --workspace", file=sys.stderr)

@@ -4,8 +4,9 @@ Standard library only and plain data in, plain data out: the MCP server and the 
 runs on the system Python, without the project's environment) judge with this same code.
 
 Limits are recorded at setup: a deadline (from hours), a number of experiments, a target val_bpb,
-and a number of failures (crashes and timeouts) in a row, 10 unless set otherwise, so a broken
-setup does not spin all night. A run is also over once stopped on purpose (the stop tool).
+a number of failures (crashes and timeouts) in a row, 10 unless set otherwise, so a broken
+setup does not spin all night, and GPU-hours (the runs' slot time, which the server keeps in the
+state as `slot_hours` from the runs' records: mcp_server/cost.py). A run is also over once stopped on purpose (the stop tool).
 """
 from __future__ import annotations
 
@@ -75,7 +76,15 @@ def ended(state: dict, rows: list[tuple[str, float]], now: float | None = None) 
     failures = limits.get("max_failures_in_row")
     if isinstance(failures, int) and failures_in_row(statuses) >= failures:
         return f"{failures} failures in a row (crashes or timeouts): fix the cause before going on"
+    budget, spent = limits.get("max_gpu_hours"), slot_hours(state)
+    if isinstance(budget, (int, float)) and spent >= budget:
+        return f"{spent:.3g} of {budget:g} GPU-hours spent"
     return None
+
+
+def slot_hours(state: dict) -> float:
+    spent = state.get("slot_hours")
+    return spent if isinstance(spent, (int, float)) and not isinstance(spent, bool) else 0.0
 
 
 def left(state: dict, rows: list[tuple[str, float]], now: float | None = None) -> str | None:
@@ -96,11 +105,13 @@ def left(state: dict, rows: list[tuple[str, float]], now: float | None = None) -
         parts.append(f"target val_bpb {limits['target_val_bpb']}" + (f" (best {min(kept):.6f})" if kept else ""))
     if isinstance(limits.get("max_failures_in_row"), int):
         parts.append(f"{failures_in_row(statuses)} of {limits['max_failures_in_row']} failures in a row")
+    if isinstance(limits.get("max_gpu_hours"), (int, float)):
+        parts.append(f"{slot_hours(state):.3g} of {limits['max_gpu_hours']:g} GPU-hours spent")
     return "; ".join(parts) or None
 
 
 def make_limits(hours=None, max_experiments=None, target_val_bpb=None,
-                max_failures_in_row=DEFAULT_MAX_FAILURES_IN_ROW, best=None, now=None) -> dict:
+                max_failures_in_row=DEFAULT_MAX_FAILURES_IN_ROW, best=None, now=None, max_gpu_hours=None) -> dict:
     """Checked limits for setup; raises ValueError with the reason for any that make no sense.
     best: the val_bpb the run starts from, where known (a target must be below it)."""
     def number(value, name):
@@ -130,4 +141,9 @@ def make_limits(hours=None, max_experiments=None, target_val_bpb=None,
         if isinstance(max_failures_in_row, bool) or not isinstance(max_failures_in_row, int) or max_failures_in_row < 1:
             raise ValueError(f"max_failures_in_row must be a whole number of at least 1, got {max_failures_in_row!r}")
         limits["max_failures_in_row"] = max_failures_in_row
+    if max_gpu_hours is not None:
+        if number(max_gpu_hours, "max_gpu_hours") <= 0:
+            raise ValueError(f"max_gpu_hours must be more than 0 (slot-hours where runs train on a CPU), "
+                             f"got {max_gpu_hours}")
+        limits["max_gpu_hours"] = max_gpu_hours
     return limits

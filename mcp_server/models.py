@@ -180,6 +180,7 @@ class StatusResult(BaseModel):
     undecided: list[int] | None = None  # run numbers that wait for keep or discard
     limits: str | None = None  # what is left of each limit
     ended: str | None = None  # why the research run is over, once it is
+    compute: str | None = None  # the research run's slot time: GPU-hours (slot-hours on a CPU), cost.run_hours
     read_only: str | None = None  # another server owns the workspace's runs
     noise: NoiseEstimate | None = None
     extra_runs: int = 0  # reruns spent on noise, controls and confirmations

@@ -8,8 +8,11 @@ skill's allowed tools (no permission prompt, no --dangerously-skip-permissions).
 keeps a session working; when one ends anyway (context exhausted, an API error, a crash, a stuck
 agent) before a stop condition is met, the next one starts and resumes from the server's state.
 Sessions that end quickly in a row back off, and after a few the runner gives up and says why.
-It shows one live status line, keeps its own log in .research-loop/overnight/, and at the end
-prints the ledger's summary and the path of progress.png. Ctrl-C stops the session in progress
+With --max-cost it starts no session once the sessions' cost (each session's stream-json result)
+reaches it; --notify pings a webhook when it gives up or stops for the cost (and the sessions'
+servers ping theirs). It shows one live status line, keeps its own log in .research-loop/overnight/,
+and at the end prints the ledger's summary, the GPU-hours and the sessions' tokens and cost, and the
+path of progress.png. Ctrl-C stops the session in progress
 (its server, and so its training, with it) and leaves the ledger intact: the same command resumes.
 """
 import argparse
@@ -22,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from mcp_server import ledger, limits, logparse, sandbox
+from mcp_server import cost, ledger, limits, logparse, notify, sandbox
 from mcp_server.models import Refusal
 from mcp_server.workspace import prepared_info, validate_tag
 
@@ -61,7 +64,8 @@ def skill_allowed_tools() -> list[str]:
 def prompt_for(tag: str, args) -> str:
     parts = [SKILL, tag]
     for flag, value in (("--hours", args.hours), ("--max-experiments", args.max_experiments),
-                        ("--target", args.target), ("--max-failures", args.max_failures)):
+                        ("--target", args.target), ("--max-failures", args.max_failures),
+                        ("--max-gpu-hours", args.max_gpu_hours)):
         if value is not None:
             parts += [flag, str(value)]
     return " ".join(parts)
@@ -120,6 +124,7 @@ class Runner:
         self.sessions = 0
         self.tty = sys.stdout.isatty()
         self.last_line = 0.0
+        self.notifier = notify.Notifier(args.notify, args.notify_format)
 
     # --- the workspace, read like the hooks read it ---------------------------------------
     def state(self) -> dict:
@@ -145,6 +150,9 @@ class Runner:
                  f"{len(kept)} kept"]
         if kept:
             parts.append(f"best {min(r.val_bpb for r in kept):.6f}")
+        spent = self.spent()
+        if spent["sessions"]:
+            parts.append(f"${spent['cost_usd']:.2f}")
         state = self.state()
         left = limits.left(state, [(r.status, r.val_bpb) for r in rows])
         if left:
@@ -166,6 +174,15 @@ class Runner:
             print(f"[{stamp}] {self.status_line()}", flush=True)
             self.last_line = now
 
+    def spent(self) -> dict:
+        return cost.sessions_spent(self.workspace, self.args.tag)
+
+    def out_of_money(self) -> str | None:
+        spent = self.spent()["cost_usd"]
+        if self.args.max_cost is not None and spent >= self.args.max_cost:
+            return f"the sessions have cost ${spent:.2f} of --max-cost ${self.args.max_cost:g}"
+        return None
+
     def say(self, message: str) -> None:
         line = f"[{time.strftime('%H:%M:%S')}] {message}"
         print(("\r" + " " * 170 + "\r" if self.tty else "") + line, flush=True)
@@ -182,6 +199,8 @@ class Runner:
         env = dict(os.environ)
         if self.args.unsandboxed:  # the plugin's server reads the user's opt-in from its environment
             env[sandbox.UNSANDBOXED_ENV] = "1"
+        if self.args.notify:  # so does its webhook
+            env.update({notify.NOTIFY_ENV: self.args.notify, notify.FORMAT_ENV: self.args.notify_format})
         env.setdefault("MCP_TIMEOUT", "120000")  # the first start of the server may sync its environment
         output = open(self.logs / f"session-{self.sessions:03d}.jsonl", "ab")
         self.session = subprocess.Popen(command, cwd=self.workspace, env=env, stdin=subprocess.DEVNULL,
@@ -216,6 +235,11 @@ class Runner:
             if self.deadline and time.time() >= self.deadline:
                 self.say("the runner's deadline has passed")
                 return 0
+            broke = self.out_of_money()
+            if broke:
+                self.say(f"no new session: {broke}")
+                self.notifier.send(f"the overnight runner stopped starting sessions: {broke} [{self.workspace.name}]")
+                return 0
             began, rows_before = time.time(), len(self.rows())
             self.start_session(plugin)
             while self.session.poll() is None:
@@ -226,10 +250,11 @@ class Runner:
                     self.stop_session()
             lasted = time.time() - began
             self.say(f"session {self.sessions} ended after {lasted:.0f} s (exit code {self.session.returncode})")
+            spent = cost.session_result(self.logs / f"session-{self.sessions:03d}.jsonl")
             with open(self.logs / "sessions.jsonl", "a") as record:
-                record.write(json.dumps({"session": self.sessions, "started_at": began, "ended_at": time.time(),
-                                         "exit_code": self.session.returncode,
-                                         "runs_decided": len(self.rows()) - rows_before}) + "\n")
+                record.write(json.dumps({"session": self.sessions, "tag": self.args.tag, "started_at": began,
+                                         "ended_at": time.time(), "exit_code": self.session.returncode,
+                                         "runs_decided": len(self.rows()) - rows_before} | spent) + "\n")
             if self.over():
                 continue
             # a short session that decided runs was working; one that decided nothing failed
@@ -237,6 +262,8 @@ class Runner:
             if quick >= MAX_QUICK_FAILURES:
                 self.say(f"giving up: {quick} sessions in a row ended within {QUICK_SESSION_S:.0f} s. The last one "
                          f"said:\n{self.session_tail()}\nFix that, then run the same command to resume.")
+                self.notifier.send(f"the overnight runner gave up: {quick} sessions in a row ended within "
+                                   f"{QUICK_SESSION_S:.0f} s; the last said: {self.session_tail(1)} [{self.workspace.name}]")
                 return 1
             if quick:
                 pause = self.backoff_s[min(quick - 1, len(self.backoff_s) - 1)]
@@ -276,6 +303,10 @@ class Runner:
             path = self.workspace / plot.PLOT_NAME
             plot.plot_rows(rows, path)
             print(f"progress chart: {path}")
+        for line in (cost.hours_text(cost.run_hours(self.workspace, self.state())),
+                     cost.sessions_text(self.spent())):
+            if line:
+                print(f"spent: {line}")
         print(f"logs: {self.logs}")
 
 
@@ -285,12 +316,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-experiments", type=int, help="stop after this many experiments")
     parser.add_argument("--target", type=float, help="stop once a kept val_bpb reaches this")
     parser.add_argument("--max-failures", type=int, help="stop after this many crashes in a row (default 10)")
+    parser.add_argument("--max-gpu-hours", type=float, help="stop once the runs have used this many GPU-hours "
+                                                            "(slot-hours on a CPU)")
+    parser.add_argument("--max-cost", type=float, metavar="USD", help="start no new session once the sessions have "
+                                                                      "cost this many dollars (as Claude Code reports)")
     parser.add_argument("--workspace", default=os.getcwd(), help="the workspace (default: the current folder)")
     parser.add_argument("--claude", help="the claude executable (default: env RESEARCH_LOOP_CLAUDE, else on PATH)")
     parser.add_argument("--model", help="the model for the sessions (default: Claude Code's)")
     parser.add_argument("--unsandboxed", action="store_true", default=sandbox.opted_in(),
                         help="let the sessions' server train without a sandbox where none can run here (every "
                              f"answer and ledger row says so; default: env {sandbox.UNSANDBOXED_ENV}=1)")
+    notify.add_arguments(parser)
 
 
 def main(args) -> int:
@@ -302,12 +338,17 @@ def main(args) -> int:
     # setup's own checks, before any session starts: nan, inf, 0 or less would set no limit at all
     for flag, name, value in (("--hours", "hours", args.hours), ("--max-experiments", "max_experiments",
                               args.max_experiments), ("--target", "target_val_bpb", args.target),
-                              ("--max-failures", "max_failures_in_row", args.max_failures)):
+                              ("--max-failures", "max_failures_in_row", args.max_failures),
+                              ("--max-gpu-hours", "max_gpu_hours", args.max_gpu_hours)):
         try:
             limits.make_limits(**{"max_failures_in_row": None, name: value})
         except ValueError as exc:
             print(f"error: {flag}: {exc}; fix it and rerun", file=sys.stderr)
             return 2
+    if args.max_cost is not None and not (0 < args.max_cost < float("inf")):
+        print(f"error: --max-cost must be a number of dollars above 0, got {args.max_cost}; fix it and rerun",
+              file=sys.stderr)
+        return 2
     try:
         claude = preflight(Path(args.workspace).resolve(), args.claude, args.unsandboxed)
     except RunnerError as exc:
@@ -328,4 +369,5 @@ def main(args) -> int:
                    "Run the same command to resume.")
         code = 130
     runner.summary()
+    runner.notifier.close()
     return code

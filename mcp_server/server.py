@@ -195,46 +195,62 @@ async def serve_stdio(srv: MCPServer) -> None:
 
 def build_server(loop: ResearchLoop) -> MCPServer:
     srv = MCPServer(SERVER_NAME, instructions=INSTRUCTIONS, log_level="WARNING")
+    for group in (register_runs, register_decisions, register_reports, register_measurements):
+        group(srv, loop)  # in this order: the order list_tools answers in
+    return srv
 
+
+def registrar(srv: MCPServer, loop: ResearchLoop):
+    """register(annotations), the decorator that adds a tool; its docstring, on one line, is the
+    description the agent reads."""
     def register(annotations: ToolAnnotations):
-        """Adds a tool; its docstring, on one line, is the description the agent reads."""
         def decorate(fn):
             srv.add_tool(telling_records_changes(loop, refusals_as_tool_errors(fn)), description=" ".join(fn.__doc__.split()),
                          annotations=annotations)
             return fn
         return decorate
+    return register
 
-    async def follow(runs: list[int], ctx: Context, until_all: bool, done_before: float = 0.0,
-                     scale: float = 1.0) -> None:
-        """Waits until one of `runs` (or all) has a result, sending a progress notification at every
-        new training step and at least every PROGRESS_HEARTBEAT_SECONDS through start-up,
-        compilation and evaluation, so a client never sees a silent call."""
-        last_value, last_sent, last_message = -1.0, 0.0, None
-        while not await anyio.to_thread.run_sync(loop.wait_for, runs, until_all, PROGRESS_POLL_SECONDS):
-            live = [loop.live(e) for n in runs if (e := loop.entry(n)) and e["status"] in ("queued", "running")]
-            if not live:
-                continue
-            percent = sum(r.progress.percent if r.progress else 0.0 for r in live) / len(live)
-            phases = [describe_live(r, named=len(runs) > 1, slotted=loop.slots > 1) for r in live]
-            message = " | ".join(text for text, _ in phases)
-            key = " | ".join(phase for _, phase in phases)  # what changed, elapsed seconds aside
-            now = time.monotonic()
-            if key == last_message and now - last_sent < PROGRESS_HEARTBEAT_SECONDS:
-                continue
-            # MCP wants every notification's progress to grow
-            value = max(done_before + percent * scale, last_value + 1e-3)
-            await ctx.report_progress(value, 100.0, message)
-            last_value, last_sent, last_message = value, now, key
+
+async def follow(loop: ResearchLoop, runs: list[int], ctx: Context, until_all: bool, done_before: float = 0.0,
+                 scale: float = 1.0) -> None:
+    """Waits until one of `runs` (or all) has a result, sending a progress notification at every
+    new training step and at least every PROGRESS_HEARTBEAT_SECONDS through start-up,
+    compilation and evaluation, so a client never sees a silent call."""
+    last_value, last_sent, last_message = -1.0, 0.0, None
+    while not await anyio.to_thread.run_sync(loop.wait_for, runs, until_all, PROGRESS_POLL_SECONDS):
+        live = [loop.live(e) for n in runs if (e := loop.entry(n)) and e["status"] in ("queued", "running")]
+        if not live:
+            continue
+        percent = sum(r.progress.percent if r.progress else 0.0 for r in live) / len(live)
+        phases = [describe_live(r, named=len(runs) > 1, slotted=loop.slots > 1) for r in live]
+        message = " | ".join(text for text, _ in phases)
+        key = " | ".join(phase for _, phase in phases)  # what changed, elapsed seconds aside
+        now = time.monotonic()
+        if key == last_message and now - last_sent < PROGRESS_HEARTBEAT_SECONDS:
+            continue
+        # MCP wants every notification's progress to grow
+        value = max(done_before + percent * scale, last_value + 1e-3)
+        await ctx.report_progress(value, 100.0, message)
+        last_value, last_sent, last_message = value, now, key
+
+
+def register_runs(srv: MCPServer, loop: ResearchLoop) -> None:
+    """setup, run_experiment, wait, read_metrics: a run from its start to its result."""
+    register = registrar(srv, loop)
 
     @register(WRITES)
     async def setup(tag: str, hours: float | None = None, max_experiments: int | None = None,
-                    target_val_bpb: float | None = None, max_failures_in_row: int = 10) -> SetupResult:
+                    target_val_bpb: float | None = None, max_failures_in_row: int = 10,
+                    max_gpu_hours: float | None = None) -> SetupResult:
         """Start a research run: create branch autoresearch/<tag> from HEAD (refuses an existing one or
         uncommitted changes), create results.tsv, check that data and tokenizer are prepared, and
         fingerprint the harness (every tracked file but train.py). Optional stop conditions: hours
         (a deadline), max_experiments, target_val_bpb, max_failures_in_row (crashes and timeouts in a
-        row; 10 by default). Once one is met no new run starts, and the agent may stop."""
-        return compact(await threaded(loop.setup, tag, hours, max_experiments, target_val_bpb, max_failures_in_row))
+        row; 10 by default), max_gpu_hours (the runs' slot time; slot-hours on a CPU). Once one is met
+        no new run starts, and the agent may stop."""
+        return compact(await threaded(loop.setup, tag, hours, max_experiments, target_val_bpb, max_failures_in_row,
+                                      max_gpu_hours))
 
     @register(WRITES)
     async def run_experiment(description: str, ctx: Context, wait: bool = True,
@@ -246,7 +262,7 @@ def build_server(loop: ResearchLoop) -> MCPServer:
         at once with the run number and its place in the queue: follow with wait() or read_metrics()."""
         entry = await threaded(loop.submit, description, timeout_seconds)
         if wait:
-            await follow([entry["run"]], ctx, until_all=True)
+            await follow(loop, [entry["run"]], ctx, until_all=True)
         return compact(loop.answer_for(entry["run"]))
 
     @register(WRITES)
@@ -257,7 +273,7 @@ def build_server(loop: ResearchLoop) -> MCPServer:
         state = loop.state.load()
         in_flight = [e["run"] for e in loop.runs_of(state, "queued", "running")]
         if in_flight and (all or not loop.runs_of(state, "pending")):
-            await follow(in_flight, ctx, until_all=all)
+            await follow(loop, in_flight, ctx, until_all=all)
         state = loop.state.load()
         results = [RunResult(**e["result"]) for e in loop.runs_of(state, "pending")]
         if not results and not in_flight:
@@ -270,6 +286,11 @@ def build_server(loop: ResearchLoop) -> MCPServer:
         """The live progress of the runs in flight; else the summary of run.log (or of a past run: its
         number or commit). A missing, empty or crashed log gives a status and the log tail."""
         return compact(loop.read_metrics(run))
+
+
+def register_decisions(srv: MCPServer, loop: ResearchLoop) -> None:
+    """keep, discard, cancel, stop, reapply, log_result: what becomes of a result."""
+    register = registrar(srv, loop)
 
     @register(WRITES)
     async def keep(note: str | None = None, run: int | None = None, unverified: bool = False,
@@ -309,7 +330,7 @@ def build_server(loop: ResearchLoop) -> MCPServer:
         for the new run's result."""
         entry = await threaded(loop.reapply, run)
         if wait:
-            await follow([entry["run"]], ctx, until_all=True)
+            await follow(loop, [entry["run"]], ctx, until_all=True)
         return compact(loop.answer_for(entry["run"]))
 
     @register(WRITES)
@@ -319,6 +340,11 @@ def build_server(loop: ResearchLoop) -> MCPServer:
         its own runs). status is keep, discard or crash (crash rows are written as 0.000000 and 0.0); a
         keep row must be the research branch's tip, on top of the kept commit."""
         return compact(await threaded(loop.log_result, commit, val_bpb, memory_gb, status, description))
+
+
+def register_reports(srv: MCPServer, loop: ResearchLoop) -> None:
+    """history, status, plot_progress: reading where the research run stands."""
+    register = registrar(srv, loop)
 
     @register(READ_ONLY)
     async def history(constant: str | None = None, status: str | None = None, limit: int = 30) -> HistoryResult:
@@ -349,6 +375,11 @@ def build_server(loop: ResearchLoop) -> MCPServer:
                                        ImageContent(type="image", data=image, mime_type="image/png")],
                               structured_content=result.model_dump(mode="json"))
 
+
+def register_measurements(srv: MCPServer, loop: ResearchLoop) -> None:
+    """measure_noise, confirm: reruns that tell a real gain from noise."""
+    register = registrar(srv, loop)
+
     @register(WRITES)
     async def measure_noise(ctx: Context, repeats: int = 2) -> NoiseResult:
         """Rerun the last kept commit unchanged `repeats` times to measure run-to-run noise, each
@@ -375,7 +406,7 @@ def build_server(loop: ResearchLoop) -> MCPServer:
             entry = await threaded(lambda: loop.submit(f"noise repeat {k + 1}/{repeats} of {kept[:7]}, data order "
                                                        f"{order}", None, source, data_order=order))
             runs.append(entry["run"])
-        await follow(runs, ctx, until_all=True)
+        await follow(loop, runs, ctx, until_all=True)
         ok, failed, devices, repeated = [], [], set(), []
         for n in runs:
             result = loop.answer_for(n)
@@ -385,7 +416,7 @@ def build_server(loop: ResearchLoop) -> MCPServer:
                 repeated.append(result.val_bpb)
                 devices.add(result.device)
         device = devices.pop() if len(devices) == 1 else None  # repeats on several models: no per-model estimate
-        kept_device = loop._device_of(kept)
+        kept_device = loop.device_of(kept)
         if device and kept_device and kept_device != device:
             values = []  # the kept value was measured on another GPU model: not the same distribution
         values += repeated
@@ -426,7 +457,7 @@ def build_server(loop: ResearchLoop) -> MCPServer:
                 runs.append(queued["run"])
                 pair.append(("run", queued["run"]))
             sides.append(pair)
-        await follow(runs, ctx, until_all=True)
+        await follow(loop, runs, ctx, until_all=True)
         measured, failed = {}, []
         for m in runs:
             result = loop.answer_for(m)
@@ -446,8 +477,6 @@ def build_server(loop: ResearchLoop) -> MCPServer:
             extra_runs=len(runs), extra_runs_total=total,
             next=(f"keep(run={n})" if confirmed else f"the gain did not hold: discard(run={n})")
             + ("" if not failed else "; some reruns failed: read their logs")))
-
-    return srv
 
 
 def describe_live(run, named: bool, slotted: bool) -> tuple[str, str]:

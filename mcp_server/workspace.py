@@ -38,7 +38,9 @@ FALLBACK_IDENTITY = {
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("AUTORESEARCH_CACHE") or Path.home() / ".cache" / "autoresearch")
+    """The harness's cache, found as nanochat/cache.py finds it (`~` expanded the same way)."""
+    configured = os.environ.get("AUTORESEARCH_CACHE")
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "autoresearch"
 
 
 def prepared_info() -> dict | None:

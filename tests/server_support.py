@@ -211,3 +211,50 @@ def group_members(pgid: int) -> list[int]:
         if fields[0] != "Z" and int(fields[2]) == pgid:
             members.append(int(entry.name))
     return members
+
+
+class Webhook:
+    """A webhook receiver on 127.0.0.1 for the --notify tests: records each POST (its body, content
+    type and time). mode: "ok" answers 200, "500" answers 500, "hang" holds every request until
+    release() (then 200)."""
+
+    def __init__(self, mode: str = "ok"):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        self.mode, self.posts, self.released = mode, [], threading.Event()
+        hook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                hook.posts.append({"body": body, "type": self.headers.get("content-type"), "at": time.time()})
+                if hook.mode == "hang":
+                    hook.released.wait(120)
+                self.send_response(500 if hook.mode == "500" else 200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def messages(self) -> list[str]:
+        """Each JSON post's message (Slack's `text`, which must equal Discord's `content`)."""
+        found = []
+        for post in list(self.posts):
+            body = json.loads(post["body"])
+            assert body["text"] == body["content"], body
+            found.append(body["text"])
+        return found
+
+    def release(self) -> None:
+        self.released.set()
+
+    def close(self) -> None:
+        self.release()
+        self.server.shutdown()
+        self.server.server_close()

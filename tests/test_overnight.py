@@ -19,7 +19,8 @@ from mcp import Client
 from mcp_server import limits
 from mcp_server.server import build_server
 from plugin_support import (REPO, TOOL_PREFIX, ScriptedAgent, claude_env, install_claude_cli, uv_link_mode)
-from server_support import git, ledger_lines, make_workspace, pid_alive, processes_in, set_knobs, wait_until
+from server_support import (Webhook, git, ledger_lines, make_workspace, pid_alive, processes_in, set_knobs,
+                            wait_until)
 
 HOOK = REPO / "hooks" / "research_loop_hook.py"
 
@@ -278,6 +279,12 @@ def runner(claude, ws, env, *args, preexec_fn=None) -> subprocess.Popen:
     (["--target", "nan"], "--target: target_val_bpb must be a number, got nan"),
     (["--max-failures", "-3"], "--max-failures: max_failures_in_row must be a whole number of at least 1"),
     (["--tag", "HEAD"], "--tag: Tag 'HEAD' is a name git reserves"),
+    (["--max-gpu-hours", "nan"], "--max-gpu-hours: max_gpu_hours must be a number, got nan"),
+    (["--max-gpu-hours", "-2"], "--max-gpu-hours: max_gpu_hours must be more than 0"),
+    (["--max-cost", "nan"], "--max-cost must be a number of dollars above 0, got nan"),
+    (["--max-cost", "-5"], "--max-cost must be a number of dollars above 0, got -5.0"),
+    (["--max-cost", "0"], "--max-cost must be a number of dollars above 0, got 0.0"),
+    (["--notify", "slack"], "--notify needs an http:// or https:// webhook URL"),
 ])
 def test_the_runner_refuses_limits_that_set_none_and_reserved_tags_before_any_session(fake_env, flags, said):
     """--hours nan would be no deadline at all, and a tag setup refuses would fail every session: the
@@ -346,7 +353,7 @@ record = {{"argv": sys.argv[1:], "cwd": os.getcwd(), "at": time.time(), "plan": 
 if plan == "fail":  # an API error at once, as a headless session reports it
     print(json.dumps({{"type": "result", "subtype": "error_during_execution",
                        "result": f"API Error: 401 invalid x-api-key (session {{session}})"}}))
-elif plan == "decide":  # a short session that decided a run: working, not failing
+elif plan in ("decide", "spend"):  # a short session that decided a run: working, not failing
     ledger = Path("results.tsv")
     with open(ledger, "a") as f:
         f.write(("" if ledger.stat().st_size else "commit\\tval_bpb\\tmemory_gb\\tstatus\\tdescription\\n")
@@ -357,6 +364,10 @@ elif plan == "hang":  # still going past the deadline, a run in flight and a ser
         "runs": {{"1": {{"run": 1, "status": "running", "timeout": float(os.environ["FAKE_CLAUDE_RUN_TIMEOUT"]),
                          "log": "runs/0001.log"}}}}}}))
     record["server"] = subprocess.Popen(["sleep", "3600"]).pid
+if plan == "spend":  # the end of a session as the pinned CLI reports it (its stream-json result event)
+    print(json.dumps({{"type": "result", "subtype": "success", "is_error": False, "result": "done",
+                       "total_cost_usd": 0.4, "usage": {{"input_tokens": 100, "cache_creation_input_tokens": 20,
+                       "cache_read_input_tokens": 1000, "output_tokens": 50, "service_tier": "standard"}}}}))
 with open(calls, "a") as f:
     f.write(json.dumps(record) + "\\n")
 if plan == "hang":
@@ -457,3 +468,52 @@ def test_preflight_names_what_to_install_when_claude_is_missing(fake_env, tmp_pa
         assert "error: Claude Code is not installed: `npm install -g @anthropic-ai/claude-code@2.1.332` " \
                "(or pass --claude)" in done.stderr
     assert not (ws / ".research-loop").exists()  # no log folder, no session
+
+
+def test_the_runner_pings_when_it_gives_up(fake_claude, fake_env, monkeypatch, capsys):
+    from mcp_server import overnight
+    ws = make_workspace(fake_env)
+    monkeypatch.setenv("FAKE_CLAUDE_PLAN", "fail")
+    hook = Webhook()
+    try:
+        runner = overnight.Runner(runner_args(ws, "--notify", hook.url), overnight.preflight(ws, None),
+                                  backoff_s=(0.05,), poll_s=0.05)
+        assert runner.run() == 1
+        assert wait_until(lambda: hook.posts, 15)
+        (ping,) = hook.messages()
+        assert ping.startswith("the overnight runner gave up: 5 sessions in a row ended within 60 s")
+        assert "API Error: 401 invalid x-api-key (session 5)" in ping and ping.endswith("[ws]")
+    finally:
+        hook.close()
+
+
+def test_max_cost_stops_starting_sessions_once_spent_and_the_summary_shows_it(fake_claude, fake_env, monkeypatch,
+                                                                              capsys):
+    """$0.40 a session and --max-cost 1: the third session crosses it, no fourth starts (nor any when the
+    same command is run again: the tag's sessions count), and the tokens and cost are summed."""
+    from mcp_server import overnight
+    ws = make_workspace(fake_env)
+    monkeypatch.setenv("FAKE_CLAUDE_PLAN", "spend")
+    hook = Webhook()
+    try:
+        args = runner_args(ws, "--max-cost", "1", "--notify", hook.url)
+        runner = overnight.Runner(args, overnight.preflight(ws, None), backoff_s=(0.05,), poll_s=0.05)
+        assert runner.run() == 0
+        runner.summary()
+        out = capsys.readouterr().out
+        assert len(sessions_of(fake_claude)) == 3, out
+        assert "no new session: the sessions have cost $1.20 of --max-cost $1" in out
+        assert "spent: 3 Claude Code session(s): $1.20, 3,360 input tokens (3,000 read from cache), 150 output " \
+               "tokens" in out
+        assert wait_until(lambda: hook.posts, 15)
+        assert hook.messages() == ["the overnight runner stopped starting sessions: the sessions have cost $1.20 of "
+                                   "--max-cost $1 [ws]"]
+        again = overnight.Runner(args, overnight.preflight(ws, None), poll_s=0.05)
+        assert again.run() == 0 and len(sessions_of(fake_claude)) == 3
+        assert wait_until(lambda: len(hook.posts) == 2, 15)  # it says so again, then leaves the webhook alone
+        records = [json.loads(line) for line in
+                   (ws / ".research-loop" / "overnight" / "sessions.jsonl").read_text().splitlines()]
+        assert records[0]["cost_usd"] == 0.4 and records[0]["usage"]["output_tokens"] == 50
+        assert "service_tier" not in records[0]["usage"]
+    finally:
+        hook.close()

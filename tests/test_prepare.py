@@ -276,3 +276,12 @@ def test_shards_remember_their_data_set(tmp_path):
     assert shard_source(tmp_path / "upstream.parquet") == "climbmix"  # upstream shards carry no mark
     (tmp_path / "broken.parquet").write_bytes(b"nonsense")
     assert shard_source(tmp_path / "broken.parquet") is None
+
+
+def test_the_server_finds_the_cache_where_the_harness_writes_it(monkeypatch, tmp_path):
+    """AUTORESEARCH_CACHE=~/... : the server read a literal '~' folder and found nothing prepared."""
+    from mcp_server import workspace
+    from nanochat import cache
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("AUTORESEARCH_CACHE", "~/research-cache")
+    assert workspace.cache_dir() == cache.cache_dir() == tmp_path / "research-cache"

@@ -292,6 +292,7 @@ function addTail(body, cell, commit) {
 function renderLive(data) {
   $("limits").textContent = data.ended ? `the research run has ended: ${data.ended}`
     : data.limits ? `limits: ${data.limits}` : "";
+  $("spent").textContent = data.spent ? `spent: ${data.spent}` : "";
   if (data.problem) showNotice("problem", data.problem);
   const cards = data.runs.map(runCard);
   $("live").replaceChildren(...(cards.length ? cards : [el("p", { class: "quiet", text: "No run in flight." })]));

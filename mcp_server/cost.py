@@ -1,0 +1,135 @@
+"""What a research run has spent: slot time, and the overnight runner's Claude Code sessions.
+
+Slot time is each finished run's wall time on its slot (`wall_seconds`, measured by the run's
+worker), read from the runs' own records under runs/ and summed per kind of device: GPU-hours for
+runs on a GPU, slot-hours for runs on a CPU (a slot there is a share of the cores, whose count the
+records do not hold) or on a device the record does not name. `run_hours` is the one computation;
+status, the dashboard, the overnight runner and the `max_gpu_hours` limit all use it.
+
+A headless Claude Code session ends its stream-json output with a `result` event carrying its
+token `usage` and `total_cost_usd`; the runner stores them per session in sessions.jsonl, and
+`sessions_spent` sums them for a tag.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from mcp_server.runs import RUNS_DIR
+
+SESSIONS_FILE = ".research-loop/overnight/sessions.jsonl"
+TOKEN_KINDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+
+
+def on_cpu(device) -> bool:
+    """worker.device_name: a GPU's name, else "cpu" or "cpu: <model>"; unknown counts as a slot."""
+    return not isinstance(device, str) or device == "cpu" or device.startswith("cpu:")
+
+
+def run_records(root: Path) -> list[dict]:
+    """Every run's record under runs/ (decided or not), oldest first."""
+    runs = Path(root) / RUNS_DIR
+    found = []
+    for path in sorted(runs.glob("[0-9][0-9][0-9][0-9]-*.json")) if runs.is_dir() else ():
+        if path.name.endswith(".report.json"):
+            continue
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and isinstance(record.get("run"), dict):
+            found.append(record)
+    return found
+
+
+def run_hours(root: Path, state: dict | None = None) -> dict:
+    """{"gpu_hours", "slot_hours", "runs"}: the slot time of the finished runs of the research run
+    in `state` (those submitted since its setup; every run when no state is given)."""
+    since = (state or {}).get("started_at")
+    gpu = cpu = 0.0
+    runs = 0
+    for record in run_records(root):
+        run = record["run"]
+        wall, submitted = run.get("wall_seconds"), run.get("submitted_at")
+        if isinstance(since, (int, float)) and not (isinstance(submitted, (int, float)) and submitted >= since):
+            continue
+        if isinstance(wall, bool) or not isinstance(wall, (int, float)) or not math.isfinite(wall) or wall < 0:
+            continue  # a run that never started (cancelled in the queue, a cluster that lost it)
+        runs += 1
+        if on_cpu(run.get("device")):
+            cpu += wall
+        else:
+            gpu += wall
+    return {"gpu_hours": gpu / 3600, "slot_hours": cpu / 3600, "runs": runs}
+
+
+def spent_hours(root: Path, state: dict) -> float:
+    """What the max_gpu_hours limit counts: GPU-hours, plus slot-hours where runs ran on a CPU."""
+    hours = run_hours(root, state)
+    return round(hours["gpu_hours"] + hours["slot_hours"], 6)
+
+
+def hours_text(hours: dict) -> str | None:
+    if not hours["runs"]:
+        return None
+    parts = [f"{hours['gpu_hours']:.2f} GPU-hours"] if hours["gpu_hours"] else []
+    if hours["slot_hours"] or not parts:
+        parts.append(f"{hours['slot_hours']:.2f} slot-hours on the CPU")
+    return " + ".join(parts) + f" over {hours['runs']} run{'s' if hours['runs'] != 1 else ''}"
+
+
+# --- Claude Code sessions ------------------------------------------------------------------------
+def session_result(output: Path) -> dict:
+    """{"cost_usd", "usage"} from a session's stream-json output (its last `result` event), or {}
+    where it wrote none (killed, or crashed before the end)."""
+    try:
+        lines = output.read_text(errors="replace").splitlines()
+    except OSError:
+        return {}
+    for line in reversed(lines):
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("type") == "result":
+            usage = event.get("usage") if isinstance(event.get("usage"), dict) else {}
+            tokens = {k: usage[k] for k in TOKEN_KINDS if isinstance(usage.get(k), int)}
+            spent = event.get("total_cost_usd")
+            return {"cost_usd": float(spent) if isinstance(spent, (int, float)) and math.isfinite(spent) else None,
+                    "usage": tokens}
+    return {}
+
+
+def sessions_spent(root: Path, tag: str | None) -> dict:
+    """{"sessions", "cost_usd", "tokens": {kind: n}} over the runner's sessions for this tag (every
+    invocation of the runner: a resumed night keeps counting)."""
+    total = {"sessions": 0, "cost_usd": 0.0, "tokens": {k: 0 for k in TOKEN_KINDS}}
+    try:
+        lines = (Path(root) / SESSIONS_FILE).read_text().splitlines()
+    except OSError:
+        return total
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record, dict) or record.get("tag") != tag:
+            continue
+        total["sessions"] += 1
+        if isinstance(record.get("cost_usd"), (int, float)):
+            total["cost_usd"] += record["cost_usd"]
+        for kind, count in (record.get("usage") or {}).items():
+            if kind in total["tokens"] and isinstance(count, int):
+                total["tokens"][kind] += count
+    return total
+
+
+def sessions_text(spent: dict) -> str | None:
+    if not spent["sessions"]:
+        return None
+    tokens = spent["tokens"]
+    return (f"{spent['sessions']} Claude Code session(s): ${spent['cost_usd']:.2f}, "
+            f"{tokens['input_tokens'] + tokens['cache_creation_input_tokens'] + tokens['cache_read_input_tokens']:,} "
+            f"input tokens ({tokens['cache_read_input_tokens']:,} read from cache), "
+            f"{tokens['output_tokens']:,} output tokens")

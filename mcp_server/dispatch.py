@@ -1,0 +1,151 @@
+"""Dispatching runs to the executor's slots, and the executor's callback once a run is over.
+
+Also ownership: one server per workspace runs the experiments (the owner lock); the one that
+takes over settles what a previous owner left (a finished run recovered from its report or log,
+else interrupted) and refills the slots.
+
+Imports the core (runs), results and measurements.
+"""
+import functools
+import os
+import subprocess
+import time
+
+import git
+
+from mcp_server import cost, integrity, logparse
+from mcp_server.executor import RunSpec, compile_bytecode, kill_session, read_report, training_env
+from mcp_server.models import Refusal
+from mcp_server.results import record, unrecordable
+from mcp_server.measurements import file_measurement
+from mcp_server.runs import DEFAULT_TRAIN_COMMAND, LOG_TAIL_BYTES, LoopCore
+from mcp_server.state import process_alive
+
+ENV_SYNC_TIMEOUT_S = 900  # the first `uv run` of a workspace may install torch
+ENV_PROBE = "import sys, sysconfig; print(sys.executable); print(sysconfig.get_paths()['purelib'])"
+
+
+def take_over(core: LoopCore) -> bool:
+    """Become the server that runs this workspace's experiments if no live server is, and
+    settle what a previous one left. True if this server is the owner."""
+    if core.state.owned:
+        return True
+    if not core.state.try_own():
+        return False
+    with core.state.transaction() as state:
+        for entry in core.runs_of(state, "running"):
+            if not core.pool.reattach(entry, functools.partial(on_done, core)):  # a cluster's jobs outlive their server
+                _settle_orphan(core, entry)
+    dispatch(core)
+    return True
+
+
+def require_owner(core: LoopCore) -> None:
+    if not take_over(core):
+        owner = core.state.owner() or {}
+        raise Refusal(f"Another research-loop server (pid {owner.get('pid', '?')}) runs the experiments of "
+                      "this workspace, so this one is read-only: use that server's session, or stop it. This "
+                      "server takes over at the next call after it has gone.")
+
+
+def _settle_orphan(core: LoopCore, entry: dict) -> None:
+    """A run whose server died: its worker's report, or a log that proves the run finished,
+    gives its result; otherwise it was interrupted."""
+    worker = entry.get("worker_pid")
+    if worker and process_alive(worker, entry.get("worker_start")):
+        kill_session(worker)  # its server is gone: the pipe will end it, this makes sure
+    report = read_report(core.root / entry["report"])
+    note = "recorded after a server restart"
+    if report is None or report.get("running") or report.get("stopped"):
+        text = logparse.read_tail_bytes(core.root / entry["log"], LOG_TAIL_BYTES) \
+            if (core.root / entry["log"]).exists() else ""
+        if not logparse.complete_summary(text):
+            entry["status"] = "interrupted"
+            return
+        report = {"exit_code": 0, "timed_out": False, "stopped": None}
+        note = "recovered from its log: the server stopped after the training had finished"
+    entry["result"] = record(core, entry, report, entry.get("slot"), note).model_dump()
+    entry["status"] = "pending"
+
+
+def dispatch(core: LoopCore) -> None:
+    """Starts queued runs, oldest first, while slots are free."""
+    if core.closing or not core.state.owned:
+        return
+    while True:
+        with core.state.transaction() as state:
+            queued = core.runs_of(state, "queued")
+            if not queued or core.pool.free() == 0:
+                return
+            entry = queued[0]
+            try:
+                extras = []
+                if core.make_executor is None:  # a cluster's node makes its own (mcp_server/node.py)
+                    harness = integrity.harness_copy(core.ws, entry["parent"], state["fingerprint"]) \
+                        if entry.get("verifies") else None
+                    extras = integrity.worker_args(core.ws, core.root, entry["run"], entry["commit"],
+                                                   entry["timeout"], harness,
+                                                   core.ws.worktree_head(harness) if harness else "",
+                                                   core.pool.capacity, entry.get("data_order", 0))
+                spec = RunSpec(run=entry["run"], commit=entry["commit"], command=run_command(core),
+                               timeout=entry["timeout"], log=core.root / entry["log"],
+                               report=core.root / entry["report"], worker_args=extras,
+                               after_seconds=integrity.evaluation_allowance(entry),
+                               unsandboxed=core.unsandboxed)
+                slot = core.pool.start(spec, functools.partial(on_done, core))
+            except (Refusal, git.GitCommandError, OSError, subprocess.SubprocessError) as exc:
+                entry["status"] = "pending"
+                entry["result"] = unrecordable(entry, f"the run could not start: {exc}").model_dump()
+                core.mark_finished(entry["run"])
+                continue
+            entry.update(status="running", slot=slot, started_at=time.time(), server_pid=os.getpid(),
+                         **core.pool.worker_record(entry["run"]))
+            if core.runs_unsandboxed():
+                entry["unsandboxed"] = True  # for status and the dashboard while it runs
+
+
+def run_command(core: LoopCore) -> list[str]:
+    """What a slot runs. The default, upstream's `uv run train.py`, becomes the workspace
+    environment's own interpreter, found (and the environment synced) once per server: every
+    slot then shares that one environment, and no run has to write to it. A cluster's nodes
+    get the command as it is: each node syncs its own environment (mcp_server/node.py)."""
+    if core.train_command != DEFAULT_TRAIN_COMMAND or core.make_executor is not None:
+        return core.train_command
+    if core.python is None:
+        for sync in ([], ["--no-sync"])[::-1]:  # the environment as it is, else synced
+            found = subprocess.run(["uv", "run", "--project", str(core.root), *sync, "python", "-c",
+                                    ENV_PROBE], cwd=core.root, capture_output=True,
+                                   text=True, env=training_env(core.root), timeout=ENV_SYNC_TIMEOUT_S)
+            if found.returncode == 0:
+                python, site_packages = found.stdout.strip().splitlines()[-2:]
+                compile_bytecode(python, site_packages)
+                core.python = python
+                break
+        else:
+            raise OSError(f"`uv run` could not prepare the workspace's environment: "
+                          f"{found.stderr.strip()[-500:]}")
+    return [core.python, "train.py"]
+
+
+def on_done(core: LoopCore, run: int, outcome) -> None:
+    """On the executor's thread once the run is over: parse, record, make it pending."""
+    try:
+        with core.state.transaction() as state:
+            entry = (state.get("runs") or {}).get(str(run))
+            if entry is None or entry["status"] != "running":
+                return  # cancelled meanwhile: already decided
+            entry["ended_at"] = time.time()
+            try:
+                result = record(core, entry, outcome.report, outcome.slot)
+            except Exception as exc:  # disk full, log deleted...: still a result the agent can discard
+                result = unrecordable(entry, f"the server could not record this run: "
+                                             f"{type(exc).__name__}: {exc}")
+            entry.update(status="pending", result=result.model_dump())
+            file_measurement(core, state, entry, result)
+            state["slot_hours"] = cost.spent_hours(core.root, state)
+        core.notifier.recorded(core, result)
+    finally:
+        try:
+            dispatch(core)  # the next queued run takes the slot before anyone hears of this one
+        finally:
+            core.mark_finished(run)

@@ -1,0 +1,219 @@
+"""Reporting: status and the next step, a run's metrics and live progress, the history of decisions.
+
+Read-only: nothing here changes the state (status may take over a workspace whose owner has gone,
+as every tool does).
+
+Imports the core (runs), results and dispatch.
+"""
+import json
+import re
+import time
+from pathlib import Path
+
+from mcp_server import history as run_history
+from mcp_server import cost, ledger, limits, logparse, sandbox
+from mcp_server.dispatch import take_over
+from mcp_server.models import HistoryResult, LiveRun, Metrics, NoiseEstimate, Refusal, StatusResult
+from mcp_server.runs import IN_FLIGHT, LOG_TAIL_BYTES, RUN_LOG, RUNS_DIR, UNDECIDED, LoopCore, unsandboxed_marker
+
+RECENT_ROWS = 5
+RUN_ARG_RE = re.compile(r"[0-9]{1,9}|[0-9a-fA-F]{7,40}")
+
+
+def read_metrics(core: LoopCore, run: str | None = None) -> Metrics:
+    if run is None:
+        state = core.state.load()
+        in_flight = core.runs_of(state, *IN_FLIGHT)
+        if in_flight:
+            return _live_metrics(core, in_flight)
+        return _metrics_of(core, core.root / RUN_LOG, RUN_LOG, _result_of_run_log(core, state))
+    path = _find_run_log(core, run)
+    record_path = path.with_suffix(".json")
+    try:
+        meta = json.loads(record_path.read_text())["result"]
+    except (OSError, ValueError, KeyError):
+        meta = None
+    return _metrics_of(core, path, f"{RUNS_DIR}/{path.name}", meta)
+
+
+def live(core: LoopCore, entry: dict) -> LiveRun:
+    progress = None
+    if entry["status"] == "running":
+        log = core.root / entry["log"]
+        progress = logparse.last_progress(logparse.read_tail_bytes(log)) if log.exists() else None
+    started = entry.get("started_at")
+    return LiveRun(run=entry["run"], commit=entry["commit"][:7], description=entry["description"],
+                   status=entry["status"], slot=entry.get("slot"), progress=progress,
+                   elapsed_s=int(time.time() - started) if started else None, timeout_s=int(entry["timeout"]))
+
+
+def _live_metrics(core: LoopCore, in_flight: list[dict]) -> Metrics:
+    runs = [live(core, e) for e in in_flight]
+    first = next((r for r in runs if r.status == "running"), runs[0])
+    note = f"run {first.run} ({first.commit}) {first.description}: {first.status}"
+    if first.elapsed_s is not None:
+        note += f", {first.elapsed_s}s of at most {first.timeout_s}s"
+    return Metrics(source=in_flight[0]["log"], status="running", progress=first.progress,
+                   runs=runs if len(runs) > 1 else None, note=note,
+                   unsandboxed=sandbox.RUN_NOTE if any(map(unsandboxed_marker, in_flight)) else None)
+
+
+def _metrics_of(core: LoopCore, path: Path, source: str, meta: dict | None) -> Metrics:
+    if not path.exists():
+        return Metrics(source=source, status="missing", note=core.interrupted_summary() or
+                       "no run log yet: call run_experiment(description)")
+    text = logparse.read_tail_bytes(path, LOG_TAIL_BYTES)
+    if not text.strip():
+        return Metrics(source=source, status="empty", note="the log is empty: the run printed nothing")
+    summary = logparse.parse_summary(text)
+    status = meta["status"] if meta else ("ok" if summary and not logparse.failed(text) else "crash")
+    metrics = Metrics(source=source, status=status, summary=summary,
+                      progress=logparse.last_progress(text[-logparse.TAIL_BYTES_FOR_PROGRESS:]),
+                      note=core.interrupted_summary(), unsandboxed=(meta or {}).get("unsandboxed"))
+    if status != "ok":
+        metrics.tail = (meta or {}).get("tail") or logparse.tail(text)
+    return metrics
+
+
+def _result_of_run_log(core: LoopCore, state: dict) -> dict | None:
+    """The recorded result of the run whose log run.log is a copy of, if it still is."""
+    runs = core.root / RUNS_DIR
+    run_log = core.root / RUN_LOG
+    if not runs.is_dir() or not run_log.exists():
+        return None
+    size = run_log.stat().st_size
+    for log in sorted(runs.glob("*.log"), reverse=True)[:50]:
+        if log.stat().st_size == size and _same_bytes(log, run_log):
+            try:
+                return json.loads(log.with_suffix(".json").read_text())["result"]
+            except (OSError, ValueError, KeyError):
+                return None
+    return None
+
+
+def _find_run_log(core: LoopCore, run: str) -> Path:
+    run = run.strip() if isinstance(run, str) else str(run)
+    if not RUN_ARG_RE.fullmatch(run):
+        raise Refusal(f"Run {run!r} is not a run number or a commit hash (see status()).")
+    runs = core.root / RUNS_DIR
+    logs = sorted(runs.glob("*.log")) if runs.is_dir() else []
+    for log in logs:
+        seq, _, commit = log.stem.partition("-")
+        if len(run) < 7 and seq.isdigit() and int(seq) == int(run):
+            return log
+        if len(run) >= 7 and commit.startswith(run[:7].lower()):
+            return log
+    raise Refusal(f"No log for run {run!r} in {RUNS_DIR}/: pass a run number or a 7+ character "
+                  "commit from status() or results.tsv.")
+
+
+def status(core: LoopCore) -> StatusResult:
+    state = core.state.load()
+    rows, bad = ledger.rows_of(state), ledger.read_rows(core.ledger_path)[1]
+    counts = {s: sum(r.status == s for r in rows) for s in ledger.STATUSES}
+    kept = state.get("kept_commit") or ""
+    best = core.kept_row(kept) if kept else None
+    result = StatusResult(workspace=str(core.root), branch=core.ws.branch(), set_up=bool(state.get("branch")),
+                          best_val_bpb=best.val_bpb if best else None, best_commit=best.commit if best else None,
+                          kept_commit=kept[:7] or None, counts=counts, slots=core.slots,
+                          recent=rows[-RECENT_ROWS:], malformed_ledger_lines=bad,
+                          interrupted=core.interrupted_summary(state), extra_runs=state.get("extra_runs", 0),
+                          dashboard=core.dashboard, records_changed=core.state.found or None, next="")
+    if not core.state.owned and not take_over(core):
+        owner = core.state.owner() or {}
+        result.read_only = f"server pid {owner.get('pid', '?')} runs this workspace's experiments"
+    if state.get("noise"):
+        result.noise = NoiseEstimate(**state["noise"])
+    running = [live(core, e) for e in core.runs_of(state, "running")]
+    if running:
+        result.running = "; ".join(f"run {r.run} ({r.commit}) {r.description}"
+                                   + (f" on {r.slot}" if r.slot and core.slots > 1 else "")
+                                   + (f": {r.elapsed_s}s of at most {r.timeout_s}s" if r.elapsed_s is not None else "")
+                                   for r in running)
+        result.progress = running[0].progress
+    queued = core.runs_of(state, "queued")
+    if queued:
+        result.queued = ", ".join(f"run {e['run']} ({e['description'][:40]})" for e in queued)
+    pending = core.runs_of(state, "pending")
+    if pending:
+        result.pending = "; ".join(
+            f"run {e['run']} ({e['commit'][:7]}) {e['result']['status']}"
+            + (f" val_bpb {e['result']['val_bpb']:.6f}" if e["result"].get("val_bpb") is not None else "")
+            + (f" measured on {e['parent'][:7]}, not the current best" if e["parent"] != kept else "")
+            for e in pending)
+    result.undecided = [e["run"] for e in core.runs_of(state, *UNDECIDED)] or None
+    unsandboxed = [e["run"] for e in core.runs_of(state, *IN_FLIGHT, *UNDECIDED) if unsandboxed_marker(e)]
+    result.unsandboxed = core.runs_unsandboxed() or (
+        f"runs {', '.join(map(str, unsandboxed))} ran unsandboxed: {sandbox.RISK}" if unsandboxed else None)
+    result.limits = limits.left(state, [(r.status, r.val_bpb) for r in rows])
+    result.ended = limits.ended(state, [(r.status, r.val_bpb) for r in rows])
+    result.compute = cost.hours_text(cost.run_hours(core.root, state))
+    result.next = _next_step(core, state, result)
+    return result
+
+
+def _next_step(core: LoopCore, state: dict, s: StatusResult) -> str:
+    if not s.set_up:
+        return "setup(tag)"
+    undecided = core.runs_of(state, *UNDECIDED)
+    in_flight = core.runs_of(state, *IN_FLIGHT)
+    # a bare keep()/discard() is right only while no other run can finish before the call
+    single = len(undecided) == 1 and not in_flight
+    which = (lambda e: "") if single else (lambda e: f"run={e['run']}")
+    for e in undecided:
+        if e["status"] == "interrupted":
+            return f"discard({which(e)}) to log the interrupted run"
+    for e in undecided:
+        if e["result"]["status"] != "ok":
+            return f"discard({which(e)})"
+        if e["parent"] != state["kept_commit"]:
+            if core.ws.merged_train(e["parent"], e["commit"], state["kept_commit"]) is None:
+                return (f"discard(run={e['run']}): its change conflicts with what was kept since "
+                        "(apply it by hand afterwards if it still matters)")
+            return f"reapply(run={e['run']}) or discard(run={e['run']})"
+    if undecided:
+        return "keep() or discard()" if single else \
+            f"keep(run={undecided[0]['run']}) or discard(run={undecided[0]['run']})"
+    if s.ended:
+        return ("wait: wait() returns the last results, then keep or discard them" if in_flight else
+                f"nothing: the research run has ended ({s.ended}); stop here")
+    if in_flight and len(in_flight) >= core.slots:
+        return "wait: wait() returns the next result (read_metrics() follows the runs)"
+    if not s.counts["keep"] and not in_flight:
+        return "run_experiment('baseline') with train.py unchanged"
+    if in_flight:
+        return f"edit train.py, then run_experiment(description, wait=False) ({core.slots - len(in_flight)} slot(s) free), or wait()"
+    return "edit train.py, then run_experiment(description)"
+
+
+def history(core: LoopCore, constant: str | None = None, status: str | None = None, limit: int = 30) -> HistoryResult:
+    """Every decided run, oldest first, as one line: what it changed and how it did."""
+    if status is not None and status not in ledger.STATUSES:
+        raise Refusal(f"status must be one of {', '.join(ledger.STATUSES)}, got {status!r}.")
+    if not 1 <= limit <= 500:
+        raise Refusal("limit must be between 1 and 500.")
+    if constant is not None and not run_history.CONSTANT_NAME.match(constant):
+        raise Refusal(f"constant must be an upper-case train.py constant such as MATRIX_LR, got {constant!r}.")
+    lines = []
+    for record in run_history.records(core.root / RUNS_DIR):
+        decision, result, run = record["decision"], record["result"], record["run"]
+        changes = decision.get("changes") or {}
+        if constant and constant not in changes.get("constants", {}):
+            continue
+        if status and decision.get("status") != status:
+            continue
+        value = f"{result['val_bpb']:.6f}" if result.get("val_bpb") and decision["status"] != "crash" else "-"
+        delta = f" ({result['delta']:+.6f})" if result.get("delta") is not None and value != "-" else ""
+        lines.append(f"run {run['run']} {result['commit']} {decision['status']} {value}{delta} "
+                     f"{run_history.change_text(changes)} | {result['description']}")
+    return HistoryResult(total=len(lines), lines=lines[-limit:])
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(1 << 16), fb.read(1 << 16)
+            if x != y:
+                return False
+            if not x:
+                return True

@@ -1,0 +1,239 @@
+"""Recording and reading a run's result: the log and the worker's report become a RunResult.
+
+A finished run's result: its status from the worker's report, the val_bpb the harness measured
+(or train.py's, marked), the delta against the best it was measured on, whether the two runs are
+comparable (the same GPU model, the same throughput), the noise verdict, and whether the gain must
+be confirmed before keep accepts it. Written beside the log as the run's record. Also what
+run_experiment answers about a run at any point of its life.
+
+Imports the core (runs) only.
+"""
+import math
+import shutil
+
+from mcp_server import integrity, ledger, logparse, noise, sandbox
+from mcp_server.models import Refusal, RunResult
+from mcp_server.runs import LOG_TAIL_BYTES, RUN_LOG, LoopCore
+from mcp_server.workspace import prepared_info, time_budget
+
+# MFU of a run against its best's run: beyond this share apart, the machine's speed may explain the
+# delta (on a 2-core CPU, one busy process beside a wall-clock run cost it 35% of its steps)
+THROUGHPUT_TOLERANCE = 0.15
+CONFIRM_WIDTHS = 3.0  # a gain within this many noise thresholds is confirmed before keep accepts it
+
+
+def unrecordable(entry: dict, why: str) -> RunResult:
+    return RunResult(run=entry["run"], commit=entry["commit"][:7], description=entry["description"],
+                     status="crash", parent=entry["parent"][:7], log=entry["log"], tail=why,
+                     next="discard(), then fix the cause")
+
+
+def record(core: LoopCore, entry: dict, report: dict | None, slot: str | None, note: str | None = None) -> RunResult:
+    """The run's result from its log and its worker's report, written beside the log and
+    copied to run.log (upstream's name for the latest run's log)."""
+    log = core.root / entry["log"]
+    text = logparse.read_tail_bytes(log, LOG_TAIL_BYTES) if log.exists() else ""
+    result = _result(core, entry, text, report, slot)
+    if note:
+        result.warnings = (result.warnings or []) + [note]
+    shutil.rmtree(core.root / integrity.EXPORTS_DIR / str(entry["run"]), ignore_errors=True)  # the model: large
+    core.write_record(entry, result)
+    if log.exists():
+        shutil.copyfile(log, core.root / RUN_LOG)
+    return result
+
+
+def _result(core: LoopCore, entry: dict, text: str, report: dict | None, slot: str | None) -> RunResult:
+    summary = logparse.parse_summary(text)
+    result = RunResult(run=entry["run"], commit=entry["commit"][:7], description=entry["description"],
+                       status="crash", parent=entry["parent"][:7], slot=slot, log=entry["log"],
+                       timeout_seconds=entry["timeout"], next="")
+    if summary is not None:
+        for key in ("training_seconds", "timed_seconds", "total_seconds", "eval_seconds", "num_steps",
+                    "compile_seconds", "compile_cache", "recompiles", "budget_clock", "mfu_percent"):
+            setattr(result, key, getattr(summary, key))
+    report = report or {}
+    result.exit_code = report.get("exit_code")
+    result.wall_seconds = report.get("wall_seconds")
+    result.warnings = worker_warnings(report) or None
+    if report.get("sandbox") is False or core.runs_unsandboxed():
+        result.unsandboxed = sandbox.RUN_NOTE
+    if core.split_cpu:
+        result.warnings = (result.warnings or []) + [
+            f"{core.slots} slots share this machine's CPUs, so each run trains on a part of them: "
+            "compare only with runs made with the same number of slots"]
+    problem = None
+    if not report:
+        problem = "the run's worker left no report (killed from outside?)"
+    elif report.get("timed_out"):
+        result.status = "timeout"
+        problem = f"killed after the {entry['timeout']:.0f}s timeout"
+    elif report.get("stopped"):
+        problem = f"stopped: {report['stopped']}"
+    elif report.get("exit_code") != 0:
+        problem = None  # the log's tail says why
+    elif logparse.failed(text):
+        problem = None
+    elif summary is None:
+        problem = "the run exited 0 but printed no summary block (val_bpb: ...)"
+    else:
+        problem, value = _measured(core, entry, summary, report, result, text)
+        if problem is None:
+            problem = _invalid(entry, value, summary)
+        if problem is None:
+            result.status = "ok"
+    if result.status != "ok":
+        result.tail = ((f"[{problem}]\n" if problem else "") + logparse.tail(text)).strip()
+        result.next = (f"read the tail; discard() logs a crash and restores train.py (the code stays in "
+                       f"commit {entry['commit'][:7]}); then fix and rerun")
+        return result
+    result.val_bpb = value
+    result.memory_gb = round((summary.peak_vram_mb or 0.0) / 1024, 1)
+    result.device = report.get("device")
+    base = core.kept_row(entry["parent"])
+    if base:
+        result.best_val_bpb, result.best_commit = base.val_bpb, base.commit
+        base_device = core.device_of(entry["parent"])
+        if result.device and base_device and base_device != result.device:
+            # another GPU model gives another val_bpb for the same code: no silent delta
+            result.noise = f"not compared: measured on {result.device}, the best {base.commit} on {base_device}"
+            result.warnings = (result.warnings or []) + [
+                f"{result.noise}; results on different GPU models are not comparable: keep the research run "
+                "on one GPU model (a SLURM --constraint, a Ray node label), or judge this one by hand"]
+        else:
+            result.delta = round(value - base.val_bpb, 6)
+            _compare_throughput(core, result, summary, base.commit)
+    state = core.state.load()
+    estimate = noise.for_device(state, result.device)
+    if result.noise is None:  # naming the model only matters once estimates are kept per model
+        result.noise = noise.verdict(result.delta, estimate, result.device if state.get("noise_by_device") else None)
+    result.next = "keep() if it is better beyond noise, else discard()"
+    if result.delta is None and base and result.noise.startswith("not compared"):
+        result.next = (f"not comparable with the best: rerun it on {base_device} (reapply), or keep() or "
+                       "discard() on your own judgement")
+        return result
+    result.confirm_first = confirmation_needed(result.model_dump(), estimate)
+    if result.confirm_first:
+        result.next = (f"confirm(run={entry['run']}) before keep ({result.confirm_first}); "
+                       "or discard() if the gain does not matter")
+    return result
+
+
+def _measured(core: LoopCore, entry: dict, summary, report: dict, result: RunResult,
+              text: str) -> tuple[str | None, float | None]:
+    """(why the run is no result, or None; the val_bpb the ledger gets). The harness's own
+    evaluation of the exported model where the harness has one, else train.py's number, marked."""
+    last = logparse.last_progress(text)
+    problem = integrity.time_problem(summary, report, time_budget(core.root),
+                                     last.dt_ms / 1000 if last and last.dt_ms else None)
+    if problem:
+        return problem, None
+    if not entry.get("verifies"):
+        result.integrity = "this harness does not export its model: val_bpb is the one train.py printed"
+        return None, summary.val_bpb
+    problem, value, note = integrity.evaluation_verdict(report)
+    rate = report.get("flops_per_budget_second") or (prepared_info() or {}).get("flops_per_budget_second")
+    problem = problem or integrity.flops_problem(summary, report.get("evaluation") or {}, rate,
+                                                 time_budget(core.root))  # a cluster node's rate is its own
+    result.integrity = note
+    if problem:
+        return f"not a result: {problem}", None
+    result.verified = value is not None
+    if value is None:
+        return None, summary.val_bpb
+    if summary.val_bpb is not None and abs(summary.val_bpb - value) > 1e-3 * max(value, 1.0):
+        result.warnings = (result.warnings or []) + [
+            f"train.py printed val_bpb {summary.val_bpb:.6f}; the harness measured {value:.6f}, which is recorded"]
+    return None, value
+
+
+def _compare_throughput(core: LoopCore, result: RunResult, summary, best_commit: str) -> None:
+    """Steps and MFU beside the best's run's: a val_bpb delta between runs that trained at
+    different speeds may be the machine's, not the change's."""
+    timed = summary.timed_seconds or summary.training_seconds
+    if summary.total_tokens_M and timed:
+        result.tokens_per_second = round(summary.total_tokens_M * 1e6 / timed)
+    best = core.record_of(best_commit).get("result")
+    if not isinstance(best, dict) or not best.get("mfu_percent") or not summary.mfu_percent:
+        return
+    result.best_num_steps, result.best_mfu_percent = best.get("num_steps"), best["mfu_percent"]
+    if best.get("budget_clock") != summary.budget_clock:
+        result.comparable = False
+        why = (f"this run's budget was on the {summary.budget_clock or 'wall'} clock, the best's on the "
+               f"{best.get('budget_clock') or 'wall'} clock")
+    elif summary.budget_clock == "flops":
+        result.comparable = True  # the same FLOPs whatever the machine's speed: MFU is the code's business
+    else:
+        change = summary.mfu_percent / best["mfu_percent"] - 1
+        result.comparable = abs(change) <= THROUGHPUT_TOLERANCE
+        why = (f"this run trained at {abs(change):.0%} {'higher' if change > 0 else 'lower'} MFU than the best's "
+               f"({summary.mfu_percent:.2f}% vs {best['mfu_percent']:.2f}%, {summary.num_steps} vs "
+               f"{best.get('num_steps')} steps)")
+    if not result.comparable:
+        result.warnings = (result.warnings or []) + [
+            f"not comparable: {why}. Unless the change itself explains it (a faster or slower model), the "
+            "machine's speed changed: rerun the best beside it (measure_noise) before believing the delta"]
+
+
+def _invalid(entry: dict, value, summary) -> str | None:
+    """Why a summary cannot be a result: every ok result must make a valid ledger row."""
+    memory = (summary.peak_vram_mb or 0.0) / 1024
+    try:
+        ledger.make_row(entry["commit"][:7], value, round(memory, 1) if math.isfinite(memory) else memory,
+                        "keep", entry["description"])
+    except Refusal as exc:
+        return f"the summary is not a valid result: {exc}"
+    return None
+
+
+def answer_for(core: LoopCore, run: int) -> RunResult:
+    """What run_experiment answers about a run: its result once it has one, else where it is."""
+    state = core.state.load()
+    entry = (state.get("runs") or {}).get(str(run))
+    if entry is None:
+        record = core.read_record(run)
+        if record:
+            return RunResult(**record["result"])
+        raise Refusal(f"Run {run} is not known here (status() lists the runs in flight).")
+    return result_of(core, state, entry)
+
+
+def result_of(core: LoopCore, state: dict, entry: dict) -> RunResult:
+    if entry.get("result"):
+        return RunResult(**entry["result"])
+    run = entry["run"]
+    if entry["status"] == "interrupted":
+        return RunResult(run=run, commit=entry["commit"][:7], description=entry["description"],
+                         status="interrupted", parent=entry["parent"][:7], log=entry["log"],
+                         next="discard() logs it as a crash")
+    queued = core.runs_of(state, "queued")
+    position = next((i + 1 for i, e in enumerate(queued) if e["run"] == run), None)
+    return RunResult(run=run, commit=entry["commit"][:7], description=entry["description"],
+                     status=entry["status"], parent=entry["parent"][:7], slot=entry.get("slot"),
+                     queue_position=position, timeout_seconds=entry["timeout"], log=entry["log"],
+                     next="wait() for its result (read_metrics() shows progress); then keep() or discard()")
+
+
+def confirmation_needed(result: dict, noise: dict | None) -> str | None:
+    """Why a gain must be re-measured beside the best before it is kept, or None."""
+    delta = result.get("delta")
+    if delta is None or delta >= 0:
+        return None
+    if result.get("comparable") is False:
+        return "it trained at a different speed than the best's run, so the machine may explain the gain"
+    if noise and -delta <= CONFIRM_WIDTHS * noise["threshold"]:
+        return (f"its gain {-delta:.6f} is within {CONFIRM_WIDTHS:g} noise thresholds "
+                f"({CONFIRM_WIDTHS * noise['threshold']:.6f})")
+    return None
+
+
+def worker_warnings(report: dict) -> list[str]:
+    warnings = []
+    if report.get("stray_processes"):
+        warnings.append(f"{report['stray_processes']} process(es) started by the run were still running when it "
+                        "ended; they were killed")
+    if report.get("unkillable"):
+        warnings.append(f"{report['unkillable']} process(es) of the run could not be killed")
+    if report.get("log_truncated"):
+        warnings.append("the log was capped: the middle of its output was dropped")
+    return warnings

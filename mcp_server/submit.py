@@ -1,0 +1,219 @@
+"""Starting a research run and submitting candidates: setup, then run_experiment's checks and commit.
+
+setup creates the research branch and the records; submit checks every rule before anything
+changes (the run's description and timeout, the owner, only train.py changed, the harness and the
+prepared data as at setup, a free slot for an undecided result), makes the candidate commit under
+its own ref and queues it; dispatch starts it.
+
+Imports the core (runs) and dispatch.
+"""
+import os
+import subprocess
+import time
+
+from mcp_server import integrity, ledger, limits
+from mcp_server.dispatch import dispatch, require_owner, run_command
+from mcp_server.models import Refusal, SetupResult
+from mcp_server.runs import RUNS_DIR, UNDECIDED, LoopCore, run_name
+from mcp_server.workspace import (BRANCH_PREFIX, EDITABLE, RUN_REF_PREFIX, cache_dir, prepared_info, time_budget,
+                                  validate_tag)
+
+TIMEOUT_FACTOR = 3.0
+# A budget counts training time only: start-up, a cold compile and evaluation come on top (on a
+# loaded 2-core CPU: a 2-minute compile, and a CPU-clock budget that stretches the wall time), so
+# the default timeout has a floor above the budget. A timeout is for hung runs, not slow ones.
+MIN_TIMEOUT_MARGIN_S = 300.0
+MAX_TIMEOUT_S = 86400.0
+MAX_COMMIT_ATTEMPTS = 20  # candidates whose 7-character hash collides with a logged one are re-made
+
+
+def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments: int | None = None,
+          target_val_bpb: float | None = None,
+          max_failures_in_row: int | None = limits.DEFAULT_MAX_FAILURES_IN_ROW,
+          max_gpu_hours: float | None = None) -> SetupResult:
+    tag = validate_tag(tag)
+    ws = core.ws
+    branch = BRANCH_PREFIX + tag
+    if not ws.repo.head.is_valid():
+        raise Refusal(f"{core.root} has no commit yet: commit prepare.py and train.py (the baseline) "
+                      "first, then call setup again.")
+    missing = ws.missing_files()
+    if missing:
+        raise Refusal(f"{', '.join(missing)} not found in {core.root}: the workspace must be an "
+                      "autoresearch layout (prepare.py and train.py at the root).")
+    if prepared_info() is None:
+        raise Refusal(f"No prepared data or tokenizer in {cache_dir()}: run `uv run prepare.py` "
+                      "in the workspace first (it downloads or builds the data and trains the tokenizer).")
+    start = core.kept_row(ws.head()) if core.ledger_path.exists() else None
+    try:
+        chosen = limits.make_limits(hours, max_experiments, target_val_bpb, max_failures_in_row,
+                                    best=start.val_bpb if start else None, max_gpu_hours=max_gpu_hours)
+    except ValueError as exc:
+        raise Refusal(f"{exc}. Nothing was set up.") from None
+    require_owner(core)
+    with core.state.transaction() as state:
+        unsettled = core.runs_of(state)
+        if unsettled:
+            listed = ", ".join(f"run {e['run']} ({e['status']})" for e in unsettled)
+            raise Refusal(f"Busy: {listed} of {state.get('branch')} not decided yet. Decide each "
+                          "(keep/discard, or cancel one in flight) before a new setup, so no result is dropped.")
+        if ws.branch_exists(branch):
+            raise Refusal(f"Branch {branch} already exists: pick a new tag (e.g. {tag}-2), or "
+                          f"git checkout {branch} to continue that run.")
+        dirty = ws.dirty_tracked_files()
+        if dirty:
+            raise Refusal(f"Uncommitted changes to tracked files: {', '.join(dirty)}. Commit or "
+                          "revert them first, so the baseline is a known commit.")
+        if ws.tracked(ledger.LEDGER_NAME):
+            raise Refusal(f"{ledger.LEDGER_NAME} is tracked by git, so a reset could lose rows: "
+                          f"git rm --cached {ledger.LEDGER_NAME} and commit, then setup again.")
+        ws.create_branch(branch)
+        archived = _archive_ledger(core)
+        ledger.ensure_ledger(core.ledger_path)
+        ws.add_excludes()
+        fingerprint = ws.fingerprint()
+        seq = state.get("seq", 0) or _last_run_number(core)
+        state.clear()
+        state.update({"tag": tag, "branch": branch, "kept_commit": ws.head(), "fingerprint": fingerprint,
+                      "cache_fingerprint": integrity.cache_fingerprint(), "seq": seq, "runs": {}, "rows": [], "noise": None,
+                      "limits": chosen, "started_at": time.time()})
+    return SetupResult(branch=branch, base_commit=ws.head()[:7], ledger=ledger.LEDGER_NAME,
+                       fingerprint=fingerprint, archived_ledger=archived,
+                       limits=limits.left({"limits": chosen}, []),
+                       next="run_experiment('baseline') with train.py unchanged, then keep()")
+
+
+def _last_run_number(core: LoopCore) -> int:
+    """Run numbers never repeat, even across setups: they name the run's files and ref."""
+    runs = core.root / RUNS_DIR
+    numbers = [int(p.name[:4]) for p in runs.glob("[0-9][0-9][0-9][0-9]-*")] if runs.is_dir() else []
+    return max(numbers, default=0)
+
+
+def _archive_ledger(core: LoopCore) -> str | None:
+    """A ledger from an earlier research run is moved aside, never overwritten."""
+    if not core.ledger_path.exists() or not core.rows():
+        return None
+    archive = core.state.dir / "archive"
+    archive.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for k in range(1000):
+        target = archive / (f"results-{stamp}.tsv" if k == 0 else f"results-{stamp}-{k}.tsv")
+        try:
+            os.link(core.ledger_path, target)  # fails if the name is taken: never overwrites
+        except FileExistsError:
+            continue
+        core.ledger_path.unlink()
+        return str(target.relative_to(core.root))
+    raise Refusal(f"Too many ledger archives named results-{stamp}*.tsv in {archive}.")
+
+
+def default_timeout(core: LoopCore) -> float:
+    budget = time_budget(core.root)
+    return max(TIMEOUT_FACTOR * budget, budget + MIN_TIMEOUT_MARGIN_S)
+
+
+def submit(core: LoopCore, description: str, timeout_seconds: float | None = None, source: bytes | None = None,
+           parent_note: str = "", replacing: int | None = None, rerun_of: int | None = None,
+           data_order: int = 0) -> dict:
+    """Queues a candidate: train.py from the working tree (or `source`) on top of the kept
+    commit. Returns its state entry; it starts as soon as a slot is free. `replacing`: an
+    undecided run that this one supersedes (not counted against the slots). `rerun_of`: an
+    undecided run this one re-measures (a control or a confirmation): not counted either, and
+    its discard never touches train.py. `data_order`: another stretch of the training data
+    (a rerun's; 0 is the usual one; local slots only)."""
+    replacing = rerun_of if rerun_of is not None else replacing
+    description = ledger.validate_description(description)
+    if timeout_seconds is not None and not (isinstance(timeout_seconds, (int, float))
+                                            and 0 < timeout_seconds <= MAX_TIMEOUT_S):
+        raise Refusal(f"timeout_seconds must be between 0 and {MAX_TIMEOUT_S:.0f} (one day).")
+    require_owner(core)
+    core.require_sandbox()
+    try:
+        run_command(core)  # found once, outside the state lock: the first sync can take minutes
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise Refusal(f"{exc}. Fix the environment (`uv sync` in {core.root}), then retry.") from None
+    with core.state.transaction() as state:
+        core.research_state(state)
+        over = core.ended(state)
+        if over:
+            raise Refusal(f"The research run has ended ({over}): no new runs. Decide any result still pending "
+                          "(status()), then stop; setup(tag) starts a new research run.")
+        undecided = [e for e in core.runs_of(state, *UNDECIDED) if e["run"] != replacing]
+        if len(undecided) >= core.slots:
+            raise Refusal(_decide_first(core, undecided))
+        kept = state["kept_commit"]
+        if source is None:
+            source = _checked_working_train(core, state)
+        core.check_branch_holds_best(state)
+        _check_prepared_cache(state)
+        n = state.get("seq", 0) + 1
+        commit = _new_candidate(core, n, kept, source, description, parent_note)
+        entry = {"run": n, "commit": commit, "parent": kept, "description": description, "status": "queued",
+                 "verifies": integrity.supports_export(core.ws, commit),
+                 "timeout": float(timeout_seconds or default_timeout(core)), "submitted_at": time.time(),
+                 "log": f"{RUNS_DIR}/{run_name(n, commit)}.log",
+                 "report": f"{RUNS_DIR}/{run_name(n, commit)}.report.json"}
+        if rerun_of is not None:
+            entry["rerun_of"] = rerun_of
+        if data_order:
+            entry["data_order"] = data_order
+        state.setdefault("runs", {})[str(n)] = entry
+        state["seq"] = n
+        core.event(n)
+    dispatch(core)
+    return core.entry(n) or entry
+
+
+def _decide_first(core: LoopCore, undecided: list[dict]) -> str:
+    if len(undecided) == 1:
+        e = undecided[0]
+        if e["status"] == "interrupted":
+            return f"Unresolved {core.interrupted_note(e)} before the next run."
+        return (f"Run {e['run']} ({e['commit'][:7]}, {e['result']['status']}) is not resolved yet: "
+                "call keep() or discard() first.")
+    runs = ", ".join(str(e["run"]) for e in undecided)
+    return (f"{len(undecided)} results are not decided yet (runs {runs}), as many as there are slots: "
+            "keep(run=N) or discard(run=N) first.")
+
+
+def _check_prepared_cache(state: dict) -> None:
+    recorded = state.get("cache_fingerprint")
+    if recorded and integrity.cache_fingerprint() != recorded:
+        raise Refusal(f"The prepared data, tokenizer or their record in {cache_dir()} changed since setup "
+                      "(prepared.json edited, a shard added or removed?): every run of a research run must see "
+                      "the same harness. Restore the cache, or prepare it again and call setup(tag) for a new run.")
+
+
+def _checked_working_train(core: LoopCore, state: dict) -> bytes:
+    kept = state["kept_commit"]
+    hidden = integrity.hidden_index_changes(core.ws)
+    if hidden:
+        raise Refusal(f"git is told not to look at changes to {', '.join(hidden[:5])} (assume-unchanged or "
+                      "skip-worktree), so a diff would not show them: `git update-index --no-assume-unchanged "
+                      "--no-skip-worktree <file>`, then retry.")
+    offenders = [p for p in core.ws.changed_since(kept) if p != EDITABLE]
+    if offenders:
+        raise Refusal(f"Only train.py may change, but these differ from the last kept commit "
+                      f"{kept[:7]}: {', '.join(offenders)}. Revert them (git checkout {kept[:7]} -- <file>).")
+    if core.ws.fingerprint(kept) != state["fingerprint"]:
+        raise Refusal("The harness (tracked files other than train.py) changed since setup: "
+                      f"git reset to {kept[:7]}'s harness, or call setup(tag) for a new research run.")
+    if not core.ws.train_is_regular_file():
+        raise Refusal("train.py is not a regular file (a symlink or missing): write the code into "
+                      f"train.py itself (git checkout {kept[:7]} -- train.py restores it).")
+    return core.ws.working_train()
+
+
+def _new_candidate(core: LoopCore, n: int, parent: str, source: bytes, description: str, parent_note: str) -> str:
+    """The run's commit, under its own ref; its 7-character hash differs from every logged row's
+    and every undecided run's, so each run has its own identity in results.tsv."""
+    taken = {r.commit for r in core.rows()}
+    taken |= {e["commit"][:7] for e in (core.state.load().get("runs") or {}).values()}
+    message = f"{description}\n\n{parent_note}Research-Loop-Run: {n}"
+    for attempt in range(MAX_COMMIT_ATTEMPTS):
+        suffix = f"\nResearch-Loop-Attempt: {attempt}" if attempt else ""
+        commit = core.ws.create_candidate(parent, source, message + suffix, f"{RUN_REF_PREFIX}{n}")
+        if commit[:7] not in taken:
+            return commit
+    raise Refusal("Could not give this run a commit hash distinct from the ledger's; retry.")

@@ -1,0 +1,82 @@
+"""What a research run spends: the runs' slot time (GPU-hours; slot-hours on a CPU) in status and the
+dashboard, summed from the runs' own records, and the max_gpu_hours limit that ends the run."""
+import argparse
+import json
+import math
+
+import pytest
+
+from mcp_server import cost, dashboard, limits
+from server_support import set_knobs
+
+HOUR = 3600.0
+
+
+def walls(ws) -> list[float]:
+    """Each run's wall time as its worker measured it (the report beside its log)."""
+    return [json.loads(path.read_text())["wall_seconds"] for path in sorted((ws / "runs").glob("*.report.json"))]
+
+
+def test_status_and_the_dashboard_show_the_slot_time_of_this_research_runs_runs(lab):
+    lab.baseline()
+    set_knobs(lab.ws, val_bpb=1.1, sleep=1)
+    lab.ok("run_experiment", description="worse")
+    lab.ok("discard")
+    spent = cost.run_hours(lab.ws, lab.loop.state.load())
+    devices = {json.loads(path.read_text())["device"] for path in (lab.ws / "runs").glob("*.report.json")}
+    kind = "slot_hours" if all(cost.on_cpu(d) for d in devices) else "gpu_hours"  # a CPU here, a GPU on a GPU host
+    assert spent["runs"] == 2 and spent[{"slot_hours": "gpu_hours", "gpu_hours": "slot_hours"}[kind]] == 0
+    assert math.isclose(spent[kind], sum(walls(lab.ws)) / HOUR) and sum(walls(lab.ws)) >= 1
+    text = f"{spent[kind]:.2f} " + ("slot-hours on the CPU" if kind == "slot_hours" else "GPU-hours") + " over 2 runs"
+    assert lab.ok("status")["compute"] == text
+    assert dashboard.live_view(lab.ws)["spent"] == text
+    # a new research run starts from nothing; the earlier runs' records stay in runs/
+    lab.ok("setup", tag="t2")
+    assert lab.ok("status")["compute"] is None and cost.run_hours(lab.ws)["runs"] == 2
+
+
+def test_max_gpu_hours_ends_the_research_run_for_the_server_and_the_hook(lab):
+    budget = 2 / HOUR  # two seconds of slot time
+    lab.ok("setup", tag="t", max_gpu_hours=budget)
+    assert lab.ok("status")["limits"] == "0 of 10 failures in a row; 0 of 0.000555556 GPU-hours spent"
+    set_knobs(lab.ws, sleep=3)
+    lab.ok("run_experiment", description="baseline")
+    status = lab.ok("status")
+    spent = sum(walls(lab.ws)) / HOUR
+    assert status["ended"] == f"{spent:.3g} of 0.000555556 GPU-hours spent" and spent >= budget
+    assert "has ended" in lab.refused("run_experiment", description="one more")
+    lab.ok("keep")  # the result in hand is still decided
+    # the Stop hook and the overnight runner read the same state
+    state = limits.recorded_state(lab.ws)
+    assert limits.ended(state, [("keep", 1.0)]) == status["ended"]
+
+
+@pytest.mark.parametrize("value, message", [
+    (-1, "max_gpu_hours must be more than 0"),
+    (0, "max_gpu_hours must be more than 0"),
+])
+def test_max_gpu_hours_that_sets_no_limit_is_refused(lab, value, message):
+    assert message in lab.refused("setup", tag="t", max_gpu_hours=value)
+    assert not lab.ok("status")["set_up"]
+    for bad in (float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="max_gpu_hours must be a number"):
+            limits.make_limits(max_gpu_hours=bad)
+
+
+def test_the_label_follows_the_device_each_run_trained_on():
+    assert cost.hours_text({"gpu_hours": 1.5, "slot_hours": 0.0, "runs": 3}) == "1.50 GPU-hours over 3 runs"
+    assert cost.hours_text({"gpu_hours": 1.0, "slot_hours": 0.25, "runs": 4}) == \
+        "1.00 GPU-hours + 0.25 slot-hours on the CPU over 4 runs"
+    assert cost.hours_text({"gpu_hours": 0.0, "slot_hours": 0.0, "runs": 0}) is None
+    assert [cost.on_cpu(d) for d in ("NVIDIA H100 80GB HBM3", "cpu", "cpu: AMD EPYC 9454", None)] == \
+        [False, True, True, True]
+
+
+def test_the_overnight_summary_shows_the_slot_time(lab, capsys):
+    from mcp_server import overnight
+    lab.baseline()
+    parser = argparse.ArgumentParser()
+    overnight.add_arguments(parser)
+    overnight.Runner(parser.parse_args(["--tag", "t", "--workspace", str(lab.ws)]), "claude").summary()
+    spent = cost.run_hours(lab.ws, lab.loop.state.load())
+    assert f"spent: {cost.hours_text(spent)}\n" in capsys.readouterr().out and spent["runs"] == 1
