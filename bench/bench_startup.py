@@ -138,7 +138,8 @@ def summarize(records: list[dict], budget: float) -> dict:
     for record in runs:
         run, result = record["run"], record["result"]
         wall = run["ended_at"] - run["started_at"]
-        total, training = result.get("total_seconds") or 0.0, result.get("timed_seconds") or 0.0
+        total = result.get("total_seconds") or 0.0
+        training = result.get("timed_seconds") or result.get("training_seconds") or 0.0
         evaluation = result.get("eval_seconds") or 0.0
         rows.append({"wall": wall, "training": training, "evaluation": evaluation,
                      "train.py start-up": total - training - evaluation, "outside train.py": wall - total,
