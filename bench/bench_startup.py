@@ -151,7 +151,7 @@ def summarize(records: list[dict], budget: float) -> dict:
 def print_runs(results: dict[str, list[dict]], budget: float) -> None:
     print(f"\nPart 2: the demo's loop, {budget:g} s budget, from the runs' own records (load {os.getloadavg()[0]:.1f})")
     columns = ("wall", "training", "evaluation", "train.py start-up", "outside train.py")
-    print(f"{'':<22}" + "".join(f"{mode:>14}" for mode in results) + f"{'warm/cold':>11}")
+    print(f"{'':<28}" + "".join(f"{mode:>14}" for mode in results) + f"{'warm/cold':>11}")
     means = {}
     for mode, summaries in results.items():
         rows = [row for s in summaries for row in s["rows"]]
@@ -161,7 +161,7 @@ def print_runs(results: dict[str, list[dict]], budget: float) -> None:
     for column in (*columns, "ratio"):
         cold, warm = means["cold"].get(column), means["warm"].get(column)
         label = "runs x budget / elapsed" if column == "ratio" else f"{column} (s, mean)"
-        print(f"{label:<22}" + "".join(f"{means[m].get(column, float('nan')):14.3f}" for m in results)
+        print(f"{label:<28}" + "".join(f"{means[m].get(column, float('nan')):14.3f}" for m in results)
               + (f"{warm / cold:11.2f}" if cold else f"{'-':>11}"))
     for mode in results:
         startup = means[mode]["wall"] - means[mode]["training"]
