@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_integrity import workspace  # noqa: E402
 
 from mcp_server.core import integrity, logparse  # noqa: E402
-from mcp_server.scripts import worker  # noqa: E402
+from mcp_server.scripts import harness_eval  # noqa: E402
 
 DEADLINE_S = 600  # the whole check, on a GPU
 EAGER_BUDGET_S = {"gpu": 10, "cpu": 1}  # a few steps past the untimed ones
@@ -144,9 +144,9 @@ def harness_evaluation(program: Path, eval_tokens: int, env: dict, gpu: bool) ->
                 os.environ.pop(k)
             else:
                 os.environ[k] = v
-    inputs = worker.private_copies(spec["inputs"])
+    inputs = harness_eval.private_copies(spec["inputs"])
     copy = tempfile.TemporaryFile()
-    worker.copy_regular_file(program, copy)
+    harness_eval.copy_regular_file(program, copy)
     read_end, write_end = os.pipe()
     fds = {"--program-fd": copy.fileno(), **{f"--{name}-fd": f.fileno() for name, f in inputs.items()},
            "--out-fd": write_end}

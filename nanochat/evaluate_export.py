@@ -14,6 +14,14 @@ once it has taken its own copy of the exported model (end of file: no export, no
 loads that program (token ids -> logits), computes val_bpb from the logits, and checks on one of
 its batches that the model is causal. The result is one JSON object, written to --out-fd: the
 number the ledger gets.
+
+    python -I -S -B nanochat/evaluate_export.py --profile NAME --eval-tokens N --serve-fd N --site-packages ...
+
+The warm evaluator of a slot (mcp_server/scripts/harness_eval.py): started the same way by the server, it
+imports once, then for each request on the socket --serve-fd (the descriptors above, passed by a
+run's worker) forks a child that evaluates exactly as a cold one does and exits. The child is a
+copy of a process that has imported and never evaluated: no evaluation sees another's state. The
+device is chosen in the child (nanochat.platform), after the fork: CUDA cannot cross a fork.
 """
 import argparse
 import copy
@@ -22,13 +30,18 @@ import itertools
 import json
 import os
 import secrets
+import signal
+import socket
 import sys
 import time
+import traceback
 from pathlib import Path
 
 HARNESS = Path(__file__).resolve().parent.parent
 TOLERANCE = 1e-4  # relative: losses that must not change may differ by rounding only
 CE_CHUNK_ROWS = 64  # token positions whose cross-entropy is computed together
+REQUEST_FDS = ("out", "program", "val", "tokenizer", "log")  # a warm request's descriptors, in this order
+MAX_REQUEST_BYTES = 4096
 
 
 def parse_args(argv=None):
@@ -36,9 +49,13 @@ def parse_args(argv=None):
     p.add_argument("--profile", required=True, help="the prepared profile: the evaluation's shapes")
     p.add_argument("--eval-tokens", type=int, required=True)
     for name in ("out", "program", "val", "tokenizer"):
-        p.add_argument(f"--{name}-fd", type=int, required=True)
+        p.add_argument(f"--{name}-fd", type=int)
+    p.add_argument("--serve-fd", type=int, help="a warm evaluator: evaluate each request on this socket")
     p.add_argument("--site-packages", nargs="*", default=[])
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.serve_fd is None and None in (args.out_fd, args.program_fd, args.val_fd, args.tokenizer_fd):
+        p.error("--out-fd, --program-fd, --val-fd and --tokenizer-fd are required (or --serve-fd)")
+    return args
 
 
 def perturbed_after_cuts(x, vocab_size: int):
@@ -208,21 +225,80 @@ def main(argv=None) -> int:
     # everything but the validation data and the program, while the training runs
     import torch._export.serde.serialize  # noqa: F401  (torch, and what torch.export.load needs)
 
-    import nanochat.evaluation  # noqa: F401
+    import nanochat.datasets  # noqa: F401  (the evaluation's data reading, without the device)
     from nanochat.profiles import evaluation_shape
+    args.batch_size, args.seq_len = evaluation_shape(args.profile)
+    if args.serve_fd is not None:
+        return serve(args)
+    import nanochat.evaluation  # noqa: F401
     from nanochat.tokenizer import Tokenizer
     tokenizer = Tokenizer.from_merges_file(fd_path(args.tokenizer_fd))
-    args.batch_size, args.seq_len = evaluation_shape(args.profile)
-    args.program, args.val = fd_path(args.program_fd), fd_path(args.val_fd)
     if not sys.stdin.readline():  # end of file: the run exported nothing
         return 0
+    answer(args, tokenizer)
+    return 0
+
+
+def answer(args, tokenizer) -> None:
+    """Evaluates the program behind --program-fd and writes the result to --out-fd."""
+    args.program, args.val = fd_path(args.program_fd), fd_path(args.val_fd)
     started = time.time()
     result = evaluate(args, tokenizer)
     result["seconds"] = round(time.time() - started, 2)
     with os.fdopen(args.out_fd, "w") as out:
         out.write(json.dumps(result))
     print(f"harness evaluation: {json.dumps(result)}", flush=True)
-    return 0
+
+
+def serve(args) -> int:
+    """The warm evaluator's loop: one forked child per request, until the socket's other end (the
+    server's pool) is closed. A request is {"id", "timeout"} with REQUEST_FDS' descriptors; the
+    reply {"id", "pid"} names the child, which the run's worker kills at its deadline."""
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
+    with socket.socket(fileno=args.serve_fd) as server:
+        while True:
+            try:
+                message, fds, _, _ = socket.recv_fds(server, MAX_REQUEST_BYTES, len(REQUEST_FDS))
+            except InterruptedError:
+                continue
+            if not message:
+                return 0
+            try:
+                request = json.loads(message)
+                if len(fds) != len(REQUEST_FDS):
+                    raise ValueError(f"{len(fds)} descriptors, not {len(REQUEST_FDS)}")
+                pid = os.fork()
+                if pid == 0:
+                    server.close()
+                    evaluate_forked(args, dict(zip(REQUEST_FDS, fds)), float(request["timeout"]))
+                reply = {"id": request.get("id"), "pid": pid}
+            except (ValueError, KeyError, TypeError, OSError) as exc:
+                reply = {"id": None, "error": f"the warm evaluator refused a request: {exc}"}
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            server.send(json.dumps(reply).encode())
+
+
+def evaluate_forked(args, fds: dict, timeout: float) -> None:
+    """In the forked child: the cold evaluator's work from the tokenizer on, then exit."""
+    code = 1
+    try:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        os.setpgid(0, 0)  # its own group: the worker ends it, and whatever it started, at once
+        signal.alarm(int(timeout) + 1)  # where no worker is left to end it
+        os.dup2(fds["log"], 1)
+        os.dup2(fds["log"], 2)
+        import nanochat.evaluation  # noqa: F401  (nanochat.platform: the device, chosen after the fork)
+        from nanochat.tokenizer import Tokenizer
+        args.out_fd, args.program_fd, args.val_fd = fds["out"], fds["program"], fds["val"]
+        answer(args, Tokenizer.from_merges_file(fd_path(fds["tokenizer"])))
+        code = 0
+    except BaseException:  # noqa: BLE001  (said in the run's log; the worker finds no result)
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        os._exit(code)
 
 
 def loss_model(loss):

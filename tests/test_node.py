@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mcp_server.scripts import node, sandbox, worker
+from mcp_server.scripts import harness_eval, node, sandbox, worker
 
 # a stand-in for prepare.py: counts its runs, takes a moment, records what it prepared
 PREPARE = """import json, os, sys, time
@@ -29,6 +29,7 @@ def code_folder(tmp_path: Path, name: str, token: str) -> Path:
     shutil.copy(worker.__file__, scripts / "worker.py")
     shutil.copy(node.__file__, scripts / "node.py")
     shutil.copy(sandbox.__file__, scripts / "sandbox.py")
+    shutil.copy(harness_eval.__file__, scripts / "harness_eval.py")
     (scripts / node.TOKEN_FILE).write_text(token)
     (code / "prepare.py").write_text(PREPARE)
     (code / "train.py").write_text("print('---'); print('val_bpb:          0.987000')\n")

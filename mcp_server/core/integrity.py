@@ -23,7 +23,7 @@ import sysconfig
 from pathlib import Path
 
 from mcp_server.core.models import Refusal
-from mcp_server.scripts.worker import evaluation_inputs, sha256_of
+from mcp_server.scripts.harness_eval import evaluation_inputs, sha256_of
 from mcp_server.core.workspace import EDITABLE, cache_dir, prepared_info
 
 HARNESS_DIR = "research-loop/harness"  # inside .git: the pristine harness the evaluation runs from

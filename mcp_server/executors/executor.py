@@ -8,7 +8,9 @@ and `shutdown()`. `on_done(run, outcome)` is called once, from the executor's ow
 LocalPool runs N runs at once on this machine: slot k is a git worktree of its own (reused,
 cleaned between runs) pinned to GPU k, or to its share of the CPUs when there is no GPU. Each run
 is mcp_server/scripts/worker.py leading a new session, with a pipe from the server on stdin: when the
-server dies, however it dies, the worker kills the training.
+server dies, however it dies, the worker kills the training. Where the harness evaluates, each slot
+keeps a warm evaluator (harness_eval.WarmEvaluator) that its runs' workers ask, so a run's start-up
+no longer shares the CPU with a second interpreter importing torch.
 """
 import json
 import os
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mcp_server.core.state import process_start_time
+from mcp_server.scripts.harness_eval import WARM_ENV, WarmEvaluator, on_this_device
 
 WORKER = Path(__file__).resolve().parent.parent / "scripts" / "worker.py"
 WORKER_GRACE_SECONDS = 30  # beyond the worker's own timeout and grace: the server's safety net
@@ -89,6 +92,7 @@ class LocalPool:
         self.cpus = None if self.gpus else (cpu_shares(slots) if slots > 1 else None)
         self.env = env if env is not None else training_env(workspace.root)
         self.busy: dict[int, int] = {}  # slot -> run
+        self.evaluators: dict[int, WarmEvaluator] = {}  # slot -> its warm evaluator
         self.procs: dict[int, subprocess.Popen] = {}  # run -> worker
         self.lock = threading.Lock()
         self.closing = False
@@ -126,10 +130,14 @@ class LocalPool:
             if self.cpus:
                 args += ["--cpus", ",".join(map(str, self.cpus[slot]))]
             args += spec.worker_args + (["--unsandboxed"] if spec.unsandboxed else [])
+            warm = self._warm_evaluator(slot, spec.worker_args, env)
+            if warm is not None:
+                args += ["--warm-evaluator-fd", str(warm.fileno())]
             spec.log.parent.mkdir(parents=True, exist_ok=True)
             with open(spec.log, "ab") as log:
                 proc = subprocess.Popen([*args, "--", *spec.command], cwd=cwd, env=env, stdin=subprocess.PIPE,
-                                        stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+                                        stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
+                                        pass_fds=(warm.fileno(),) if warm is not None else ())
         except BaseException:
             with self.lock:
                 self.busy.pop(slot, None)
@@ -140,6 +148,25 @@ class LocalPool:
         threading.Thread(target=self._wait, args=(spec, slot, proc, cwd, on_done), daemon=True,
                          name=f"run-{spec.run}").start()
         return name
+
+    def _warm_evaluator(self, slot: int, worker_args: list, env: dict) -> WarmEvaluator | None:
+        """The slot's warm evaluator for this run's evaluation spec (--evaluate, with the slot's device),
+        started again where the spec changed or it died; None where the harness does not evaluate or
+        RESEARCH_LOOP_WARM_EVALUATOR=0. One that cannot start leaves the run a cold evaluator."""
+        if "--evaluate" not in worker_args or os.environ.get(WARM_ENV, "1") == "0":
+            return None
+        spec = on_this_device(json.loads(worker_args[worker_args.index("--evaluate") + 1]), env)
+        warm = self.evaluators.get(slot)
+        if warm is not None and warm.key == WarmEvaluator.key_of(spec) and warm.alive():
+            return warm
+        if warm is not None:
+            warm.close()
+        try:
+            warm = self.evaluators[slot] = WarmEvaluator(spec)
+        except OSError:
+            self.evaluators.pop(slot, None)
+            return None
+        return warm
 
     def worker_record(self, run: int) -> dict:
         proc = self.procs.get(run)
@@ -191,6 +218,9 @@ class LocalPool:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 kill_session(proc.pid)
+        for warm in self.evaluators.values():
+            warm.close()
+        self.evaluators.clear()
 
 
 def kill_session(pid: int) -> None:

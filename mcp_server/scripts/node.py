@@ -37,8 +37,9 @@ import time
 from pathlib import Path
 
 try:
-    from mcp_server.scripts import worker
-except ImportError:  # on the node, worker.py is shipped beside this file
+    from mcp_server.scripts import harness_eval, worker
+except ImportError:  # on the node, worker.py and harness_eval.py are shipped beside this file
+    import harness_eval
     import worker
 
 RESULT_MARK = "RESEARCH_LOOP_RESULT "
@@ -195,9 +196,9 @@ def verification(verify: dict, command: list[str], scratch: Path) -> list[str]:
     evaluate = {"argv": [executable, "-I", "-S", "-B", str(harness / verify["evaluator"]),
                          "--profile", str(verify.get("profile")), "--eval-tokens", str(verify["eval_tokens"]),
                          "--site-packages", *site],
-                "env": env, "harness": str(harness), "harness_manifest": worker.file_manifest(str(harness)),
+                "env": env, "harness": str(harness), "harness_manifest": harness_eval.file_manifest(str(harness)),
                 "timeout": verify["timeout"],
-                "inputs": worker.evaluation_inputs(cache_dir(), val_shard(), prepared_record())}
+                "inputs": harness_eval.evaluation_inputs(cache_dir(), val_shard(), prepared_record())}
     compiled = cache_dir() / "compile"
     compiled.mkdir(parents=True, exist_ok=True)
     sandbox = {"readonly": [str(scratch), str(cache_dir()), env_prefix],

@@ -35,14 +35,12 @@ from __future__ import annotations  # a node's Python may be older than 3.10
 import argparse
 import collections
 import ctypes
-import hashlib
 import json
 import os
 import select
 import shutil
 import signal
 import socket
-import stat
 import struct
 import subprocess
 import sys
@@ -53,8 +51,10 @@ from pathlib import Path
 
 try:
     from mcp_server.scripts import sandbox
-except ImportError:  # run as a script, or on a node: sandbox.py is beside this file
+    from mcp_server.scripts.harness_eval import MARK, HarnessEvaluation, on_this_device, open_log
+except ImportError:  # run as a script, or on a node: sandbox.py and harness_eval.py are beside this file
     import sandbox
+    from harness_eval import MARK, HarnessEvaluation, on_this_device, open_log
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -63,18 +63,10 @@ MAX_LOG_BYTES = 64 * 2**20  # head of a runaway log kept on disk
 TAIL_BYTES = 1 * 2**20  # and its tail, kept in memory once the head is full
 READ_CHUNK = 65536
 REAP_ROUNDS = 50  # kill-and-reap passes over the descendants, 0.1 s apart
-MARK = "[research-loop]"  # prefix of the lines this worker adds to the log
 EXPORT_ENV = "RESEARCH_LOOP_EXPORT"  # where the harness writes the trained model (nanochat/export.py)
 ANSWER_ENV = "RESEARCH_LOOP_ANSWER"  # where this worker writes the harness's number for train.py to print
 DATA_ORDER_ENV = "AUTORESEARCH_DATA_ORDER"  # which stretch of the data a rerun trains on (nanochat/dataloader.py)
-# What the harness's evaluation takes from this worker's environment, not the server's: the slot's GPU
-# (the pool sets CUDA_VISIBLE_DEVICES per slot) and where libcuda is found
-DEVICE_ENV = ("CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH")
 UVM_DEVICE = "/dev/nvidia-uvm"  # CUDA's unified memory node, made by nvidia-modprobe at the first CUDA use
-# The largest exported program the harness copies: 16 GiB of fp32 weights is 4e9 parameters, 80 times
-# the h100 profile's model and more than one GPU can train in a run (weights, gradients and Adam's
-# moments alone take 64 GB); anything larger is padding (a sparse file would fill this disk).
-MAX_EXPORT_BYTES = 16 * 2**30
 IN_OPEN = 0x20
 INOTIFY_EVENT = struct.Struct("iIII")  # wd, mask, cookie, name length
 
@@ -197,13 +189,6 @@ class LogPump(threading.Thread):
         return b"".join(self.last)[-size:].decode("utf-8", errors="replace")
 
 
-def open_log(path: Path):
-    """The log file, appended to; "-" is this process's stdout (a duplicate, so closing it is safe)."""
-    if str(path) == "-":
-        return os.fdopen(os.dup(1), "ab", buffering=0)
-    return open(path, "ab", buffering=0)
-
-
 class ValidationWatch(threading.Thread):
     """Counts opens of the validation shard before the harness takes its own copy of the exported
     model (Linux inotify). The boundary is the worker's own act, not a file the run can create: the
@@ -278,286 +263,6 @@ def private_val_copy(val_shard: Path, report: Path) -> Path | None:
     return copy
 
 
-def private_copies(inputs: dict) -> dict:
-    """{name: an open file with no name} holding a copy of each input, taken now; raises ValueError
-    when a file's content is not the SHA-256 the server pinned. inputs: {name: {"path", "sha256"}}."""
-    copies = {}
-    try:
-        for name, pinned in inputs.items():
-            copy = copies[name] = tempfile.TemporaryFile()
-            digest = hashlib.sha256()
-            with open(pinned["path"], "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(chunk)
-                    copy.write(chunk)
-            copy.flush()
-            if digest.hexdigest() != pinned["sha256"]:
-                raise ValueError(f"{pinned['path']} is not what prepare made (by content): the harness evaluates "
-                                 "only the pinned validation data and tokenizer; restore the prepared cache (or "
-                                 "prepare it again and set up a new research run) before the next run")
-    except BaseException:
-        for copy in copies.values():
-            copy.close()
-        raise
-    return copies
-
-
-def copy_regular_file(path: Path, into) -> None:
-    """path's bytes into the open file `into` (from its start): only a plain file, opened without
-    following a link and without waiting (a FIFO planted there would block)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(f"{path} is not a plain file")
-        into.seek(0)
-        into.truncate()
-        while True:  # bounded while it copies too: a file that grows on is cut off at the cap
-            chunk = f.read(READ_CHUNK)
-            if into.tell() + len(chunk) > MAX_EXPORT_BYTES or os.fstat(fd).st_size > MAX_EXPORT_BYTES:
-                raise OSError(f"{path} is over {MAX_EXPORT_BYTES >> 30} GiB, more than a real export of the "
-                              "model can be: that is padding, not a model")
-            if not chunk:
-                break
-            into.write(chunk)
-        into.flush()
-        into.seek(0)
-
-
-class HarnessEvaluation:
-    """The harness's separate evaluation of the exported model. Its interpreter starts with the run
-    and imports torch while training runs; it evaluates as soon as the model is exported, while
-    train.py waits in prepare.evaluate_bpb for the answer (written to answer_path), so start-up
-    costs the run nothing and the validation set is evaluated once. spec: {"argv", "env",
-    "timeout", "harness", "harness_commit", "inputs"}; the evaluator gets --out-fd N (its result),
-    --program-fd and an --NAME-fd for each input (the worker's private copies: inputs are copied
-    and checked here, before the training starts), and reads one line on stdin: go (end of file:
-    nothing to evaluate)."""
-
-    def __init__(self, spec: dict, log_path: Path, export: Path, answer_path: Path):
-        self.spec, self.log_path, self.export, self.answer_path = spec, log_path, export, answer_path
-        self.result: dict | None = None
-        self.started_at: float | None = None
-        self.finished_at: float | None = None
-        self.thread: threading.Thread | None = None
-        self.proc = None
-        self.program = tempfile.TemporaryFile()  # the harness's copy of the export, once there is one
-        try:
-            inputs = private_copies(spec.get("inputs", {}))
-        except (OSError, KeyError, ValueError) as exc:
-            self.result = {"problem": f"the harness evaluation's inputs: {exc}"} if isinstance(exc, ValueError) \
-                else {"error": f"the harness evaluation's inputs could not be copied: {exc!r}"}
-            return
-        self.read_end, write_end = os.pipe()
-        fds = {"--program-fd": self.program.fileno(),
-               **{f"--{name}-fd": copy.fileno() for name, copy in inputs.items()}, "--out-fd": write_end}
-        try:
-            with open_log(log_path) as log:
-                # its own session: the training's process group can be killed without it
-                self.proc = subprocess.Popen([*spec["argv"], *(a for k, fd in fds.items() for a in (k, str(fd)))],
-                                             env=spec["env"], stdin=subprocess.PIPE, stdout=log,
-                                             stderr=subprocess.STDOUT, pass_fds=tuple(fds.values()),
-                                             start_new_session=True)
-        except OSError as exc:
-            self.result = {"error": f"the harness evaluation could not start: {exc}"}
-            os.close(self.read_end)
-        finally:
-            os.close(write_end)
-            for copy in inputs.values():  # the evaluator holds its own descriptors
-                copy.close()
-
-    def seconds(self) -> float:
-        """How long it has evaluated: time the training's timeout does not count."""
-        if self.started_at is None:
-            return 0.0
-        return (self.finished_at or time.monotonic()) - self.started_at
-
-    def start_if_exported(self, watch: "ValidationWatch | None") -> None:
-        """Once export.py has put the program and its notes in place: the harness copies the program
-        now, and what it copied is what it evaluates; opens of the validation data until now count
-        as before the export, whatever the run put at the export path earlier."""
-        if self.thread is None and self.export.exists() and Path(str(self.export) + ".json").exists():
-            self.started_at = time.monotonic()
-            self.thread = threading.Thread(target=self._evaluate, args=(watch,), daemon=True,
-                                           name="harness-evaluation")
-            self.thread.start()
-
-    def _evaluate(self, watch: "ValidationWatch | None") -> None:
-        try:
-            try:
-                copy_regular_file(self.export, self.program)
-            except OSError as exc:
-                self.result = {"problem": f"the exported model could not be read: {exc}"}
-            if watch is not None:
-                watch.mark_exported()
-            self.result = self._outcome()
-            self.result["wall_seconds"] = round(time.monotonic() - self.started_at, 2)
-            self.result.setdefault("export_seconds", export_seconds(self.export))
-            self._hand_back({k: self.result[k] for k in ("val_bpb", "error", "problem") if k in self.result})
-            # After the answer, while train.py prints its summary: the harness the evaluator ran
-            # from must be its commit, with nothing added (a planted module or bytecode) or hidden.
-            problem = (manifest_problem(self.spec["harness"], self.spec["harness_manifest"])
-                       if "harness_manifest" in self.spec else
-                       harness_problem(self.spec["harness"], self.spec.get("harness_commit")))
-            if problem:
-                self.result = {"error": problem, "wall_seconds": self.result["wall_seconds"]}
-        finally:
-            if self.proc is not None:  # its interpreter's exit, after the answer
-                try:
-                    self.proc.wait(timeout=TERM_GRACE_SECONDS)
-                except subprocess.TimeoutExpired:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                    self.proc.wait()
-            self.finished_at = time.monotonic()
-
-    def _hand_back(self, answer: dict) -> None:
-        """The answer for train.py, in the run's own (writable) export folder: written to a new file
-        that no link planted by the run can redirect, then renamed into place (over a planted link,
-        not through it). Where the run made that impossible, it waits until its timeout."""
-        tmp = self.answer_path.with_name(f".{self.answer_path.name}.{os.getpid()}.{os.urandom(4).hex()}")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(answer))
-            os.replace(tmp, self.answer_path)
-        except OSError:
-            pass
-
-    def _outcome(self) -> dict:
-        if self.proc is None:
-            return self.result
-        if self.result is not None:  # nothing it could evaluate
-            self.finish_unused(TERM_GRACE_SECONDS)
-            return self.result
-        with open_log(self.log_path) as log:
-            log.write(f"\n{MARK} harness evaluation of the exported model\n".encode())
-        try:
-            self.proc.stdin.write(b"go\n")
-            self.proc.stdin.close()
-        except OSError:
-            pass  # it ended already: its exit and output say why
-        text = self._read_result(time.monotonic() + self.spec["timeout"])
-        if text is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-            return {"error": f"the harness evaluation took over {self.spec['timeout']:.0f}s"}
-        try:
-            return json.loads(text)
-        except ValueError:
-            return {"error": f"the harness evaluation exited {self.proc.wait()} without a result (its output is in "
-                             "the log)"}
-
-    def _read_result(self, deadline: float) -> bytes | None:
-        """What the evaluator writes to its result pipe, once it closes it (or dies); None at the deadline."""
-        chunks = []
-        with os.fdopen(self.read_end, "rb", buffering=0) as pipe:
-            while (left := deadline - time.monotonic()) > 0:
-                if select.select([pipe], [], [], left)[0]:
-                    chunk = pipe.read(65536)
-                    if not chunk:
-                        return b"".join(chunks)
-                    chunks.append(chunk)
-        return None
-
-    def finish(self, grace: float) -> dict | None:
-        """The evaluation's result once it has ended; None where nothing was exported."""
-        if self.thread is not None:
-            self.thread.join()
-            return self.result
-        if self.proc is not None:
-            self.finish_unused(grace)
-        return None
-
-    def finish_unused(self, grace: float) -> None:
-        """End of file on stdin: the evaluator exits without evaluating."""
-        try:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=grace)
-        except (OSError, subprocess.TimeoutExpired):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        os.close(self.read_end)
-
-
-def export_seconds(export: Path) -> float | None:
-    """How long export.py took, as it noted beside the program (for the answer's note only)."""
-    try:
-        with open(str(export) + ".json", "rb") as f:
-            seconds = json.loads(f.read(4096)).get("export_seconds")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return seconds if isinstance(seconds, (int, float)) else None
-
-
-def evaluation_inputs(cache: Path, val_shard: Path | None, record: dict | None) -> dict:
-    """What the harness's evaluation reads besides the program ({name: {"path", "sha256"}}: the
-    evaluator's --NAME-fd), each with the SHA-256 its content must have: the validation shard's as
-    prepare pinned it (hashed now where the record has none), the tokenizer's merges' as they are
-    before the run (the server's cache fingerprint holds them since setup). A missing file is left
-    out: the evaluator then fails, and the run is unverified."""
-    inputs = {}
-    tokenizer = cache / "tokenizer" / "tokenizer.pkl"  # the cache's layout (nanochat/cache.py)
-    if tokenizer.is_file():
-        inputs["tokenizer"] = {"path": str(tokenizer), "sha256": sha256_of(tokenizer)}
-    if val_shard is not None and val_shard.is_file():
-        pinned = (record or {}).get("val_shard") or {}
-        same = pinned.get("name") == val_shard.name and pinned.get("sha256")
-        inputs["val"] = {"path": str(val_shard), "sha256": pinned["sha256"] if same else sha256_of(val_shard)}
-    return inputs
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def harness_problem(harness: str, commit: str | None) -> str | None:
-    """The pristine harness copy must be exactly its commit: nothing changed, added or hidden."""
-    try:
-        status = subprocess.run(["git", "-C", harness, "status", "--porcelain", "--ignored", "--untracked-files=all"],
-                                capture_output=True, text=True, timeout=60)
-        head = subprocess.run(["git", "-C", harness, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=60)
-        flags = subprocess.run(["git", "-C", harness, "ls-files", "-v"], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"the harness copy could not be checked: {exc}"
-    hidden = [line[2:] for line in flags.stdout.splitlines() if line[:1].islower() or line[:1] == "S"]
-    if status.returncode or status.stdout.strip() or hidden:
-        changed = (status.stdout.strip().splitlines() + hidden)[:5]
-        return f"the harness copy {harness} was changed during the run: {', '.join(changed)}"
-    if commit and head.stdout.strip() != commit:
-        return f"the harness copy is at {head.stdout.strip()[:7]}, not {commit[:7]}"
-    return None
-
-
-def file_manifest(folder: str) -> dict:
-    """Every file under a folder (links as links), by relative path: its SHA-256."""
-    found = {}
-    for base, dirs, files in os.walk(folder):
-        for name in files + [d for d in dirs if os.path.islink(os.path.join(base, d))]:
-            path = os.path.join(base, name)
-            if os.path.islink(path):
-                digest = "link:" + os.readlink(path)
-            else:
-                with open(path, "rb") as f:
-                    digest = hashlib.sha256(f.read()).hexdigest()  # the harness's files are small
-            found[os.path.relpath(path, folder)] = digest
-    return found
-
-
-def manifest_problem(harness: str, manifest: dict) -> str | None:
-    """A harness copy outside git (a cluster node's) must hold exactly the files it was made with."""
-    try:
-        now = file_manifest(harness)
-    except OSError as exc:
-        return f"the harness copy could not be checked: {exc}"
-    changed = sorted(p for p in set(now) | set(manifest) if now.get(p) != manifest.get(p))
-    if changed:
-        return f"the harness copy {harness} was changed during the run: {', '.join(changed[:5])}"
-    return None
-
-
 def device_name(env: dict) -> str:
     """The accelerator this run sees, for the run's record: a GPU's name, else the CPU's."""
     visible = env.get("CUDA_VISIBLE_DEVICES")
@@ -591,14 +296,6 @@ def cuda_ready_outside_the_sandbox() -> None:
         pass
 
 
-def on_this_device(spec: dict) -> dict:
-    """The evaluation's spec with this worker's device variables: the server made it for every slot
-    alike, and an evaluation on another slot's GPU would slow that slot's timed training (or run out
-    of its memory) and be slowed by it."""
-    device = {name: os.environ[name] for name in DEVICE_ENV if name in os.environ}
-    return dict(spec, env=dict(spec["env"], **device))
-
-
 def write_report(path: Path, report: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
@@ -625,6 +322,8 @@ def parse_args(argv):
     p.add_argument("--val-shared", action="store_true",
                    help="other runs read the validation shard too: watch only a private copy (needs bubblewrap)")
     p.add_argument("--evaluate", type=json.loads, help="JSON: the harness evaluation to run after training")
+    p.add_argument("--warm-evaluator-fd", type=int,
+                   help="a socket to the slot's warm evaluator, which evaluates the export instead of a cold one")
     p.add_argument("--report-tail", type=int, default=0, help="bytes of the output's end to put in the report")
     p.add_argument("--data-order", type=int, default=0,
                    help="train on another stretch of the data (a rerun: nanochat/dataloader.py)")
@@ -685,7 +384,9 @@ def main(argv=None) -> int:
         args.export.parent.mkdir(parents=True, exist_ok=True)
         if args.evaluate:
             answer = args.export.with_name(args.export.name + ".answer.json")
-            evaluation = HarnessEvaluation(on_this_device(args.evaluate), args.log, args.export, answer)
+            warm = socket.socket(fileno=args.warm_evaluator_fd) if args.warm_evaluator_fd is not None else None
+            evaluation = HarnessEvaluation(on_this_device(args.evaluate, os.environ), args.log, args.export, answer,
+                                           warm)
             env[ANSWER_ENV] = str(answer)
     if watch_val and (val_copy or not args.val_shared):
         try:

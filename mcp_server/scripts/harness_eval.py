@@ -1,0 +1,446 @@
+"""The harness's separate evaluation, from the worker's side, and the slots' warm evaluators.
+
+Standard library only, beside worker.py wherever it runs (cluster.package ships it to the nodes).
+
+- The inputs (the validation shard, the tokenizer) are copied before the training starts and
+  checked against the content the server pinned; the evaluator gets the copies as open files.
+- Cold: the evaluator (nanochat/evaluate_export.py, from the pristine harness copy, -I -S -B) starts
+  with the run and imports torch while the training starts, then evaluates on "go".
+- Warm: a slot's evaluator imported torch and the harness's evaluation once (the server's pool
+  starts it, WarmEvaluator); for each run the worker passes it the same descriptors over a socket
+  and it forks a child that evaluates exactly as a cold one does. On the 2-core CPU a cold
+  evaluator's imports (~9 CPU-seconds) ran beside the run's own start-up; the warm one pays them
+  once per slot. A warm evaluator that is gone or refuses costs the run a cold start, nothing else.
+- Afterwards the harness copy must still be exactly its commit (or, on a node, its manifest).
+"""
+from __future__ import annotations  # a node's Python may be older than 3.10
+
+import hashlib
+import json
+import os
+import select
+import signal
+import socket
+import stat
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+MARK = "[research-loop]"  # prefix of the lines the worker adds to the log
+EXIT_GRACE_S = 5.0  # for the evaluator's interpreter to exit once it answered
+WARM_ENV = "RESEARCH_LOOP_WARM_EVALUATOR"  # "0": every run starts its own evaluator (bench/bench_startup.py)
+WARM_FDS = ("val", "tokenizer")  # the inputs a warm request carries (nanochat/evaluate_export.py REQUEST_FDS)
+MAX_REPLY_BYTES = 4096
+COPY_CHUNK = 1 << 20
+# The largest exported program the harness copies: 16 GiB of fp32 weights is 4e9 parameters, 80 times
+# the h100 profile's model and more than one GPU can train in a run (weights, gradients and Adam's
+# moments alone take 64 GB); anything larger is padding (a sparse file would fill this disk).
+MAX_EXPORT_BYTES = 16 * 2**30
+# What the harness's evaluation takes from the worker's environment, not the server's: the slot's GPU
+# (the pool sets CUDA_VISIBLE_DEVICES per slot) and where libcuda is found
+DEVICE_ENV = ("CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH")
+
+
+def open_log(path: Path):
+    """The log file, appended to; "-" is this process's stdout (a duplicate, so closing it is safe)."""
+    if str(path) == "-":
+        return os.fdopen(os.dup(1), "ab", buffering=0)
+    return open(path, "ab", buffering=0)
+
+
+def private_copies(inputs: dict) -> dict:
+    """{name: an open file with no name} holding a copy of each input, taken now; raises ValueError
+    when a file's content is not the SHA-256 the server pinned. inputs: {name: {"path", "sha256"}}."""
+    copies = {}
+    try:
+        for name, pinned in inputs.items():
+            copy = copies[name] = tempfile.TemporaryFile()
+            digest = hashlib.sha256()
+            with open(pinned["path"], "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+                    copy.write(chunk)
+            copy.flush()
+            if digest.hexdigest() != pinned["sha256"]:
+                raise ValueError(f"{pinned['path']} is not what prepare made (by content): the harness evaluates "
+                                 "only the pinned validation data and tokenizer; restore the prepared cache (or "
+                                 "prepare it again and set up a new research run) before the next run")
+    except BaseException:
+        for copy in copies.values():
+            copy.close()
+        raise
+    return copies
+
+
+def copy_regular_file(path: Path, into) -> None:
+    """path's bytes into the open file `into` (from its start): only a plain file, opened without
+    following a link and without waiting (a FIFO planted there would block)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a plain file")
+        into.seek(0)
+        into.truncate()
+        while True:  # bounded while it copies too: a file that grows on is cut off at the cap
+            chunk = f.read(COPY_CHUNK)
+            if into.tell() + len(chunk) > MAX_EXPORT_BYTES or os.fstat(fd).st_size > MAX_EXPORT_BYTES:
+                raise OSError(f"{path} is over {MAX_EXPORT_BYTES >> 30} GiB, more than a real export of the "
+                              "model can be: that is padding, not a model")
+            if not chunk:
+                break
+            into.write(chunk)
+        into.flush()
+        into.seek(0)
+
+
+class HarnessEvaluation:
+    """The harness's separate evaluation of the exported model. It evaluates as soon as the model is
+    exported, while train.py waits in prepare.evaluate_bpb for the answer (written to answer_path),
+    so the validation set is evaluated once. spec: {"argv", "env", "timeout", "harness",
+    "harness_commit", "inputs"}. The inputs are copied and checked here, before the training starts.
+    Cold, the evaluator starts now and imports torch while training runs; it gets --out-fd N (its
+    result), --program-fd and an --NAME-fd for each input (the private copies), and reads one line
+    on stdin: go (end of file: nothing to evaluate). Warm (warm: the socket to the slot's warm
+    evaluator), the same descriptors go over the socket once the program is copied."""
+
+    def __init__(self, spec: dict, log_path: Path, export: Path, answer_path: Path,
+                 warm: socket.socket | None = None):
+        self.spec, self.log_path, self.export, self.answer_path = spec, log_path, export, answer_path
+        self.result: dict | None = None
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+        self.thread: threading.Thread | None = None
+        self.proc = None
+        self.warm_pid: int | None = None  # the warm evaluator's child that evaluates this run
+        self.read_end: int | None = None
+        self.program = tempfile.TemporaryFile()  # the harness's copy of the export, once there is one
+        self.inputs: dict = {}
+        self.warm: socket.socket | None = None
+        try:
+            self.inputs = private_copies(spec.get("inputs", {}))
+        except (OSError, KeyError, ValueError) as exc:
+            self.result = {"problem": f"the harness evaluation's inputs: {exc}"} if isinstance(exc, ValueError) \
+                else {"error": f"the harness evaluation's inputs could not be copied: {exc!r}"}
+            return
+        # a missing input makes the evaluator fail, as a cold one says in the log
+        self.warm = warm if warm is not None and set(self.inputs) == set(WARM_FDS) else None
+        if self.warm is None:
+            self._start_cold()
+
+    def _start_cold(self) -> None:
+        self.read_end, write_end = os.pipe()
+        fds = {"--program-fd": self.program.fileno(),
+               **{f"--{name}-fd": copy.fileno() for name, copy in self.inputs.items()}, "--out-fd": write_end}
+        try:
+            with open_log(self.log_path) as log:
+                # its own session: the training's process group can be killed without it
+                self.proc = subprocess.Popen([*self.spec["argv"], *(a for k, fd in fds.items() for a in (k, str(fd)))],
+                                             env=self.spec["env"], stdin=subprocess.PIPE, stdout=log,
+                                             stderr=subprocess.STDOUT, pass_fds=tuple(fds.values()),
+                                             start_new_session=True)
+        except OSError as exc:
+            self.result = {"error": f"the harness evaluation could not start: {exc}"}
+            os.close(self.read_end)
+            self.read_end = None
+        finally:
+            os.close(write_end)
+            self._close_inputs()  # the evaluator holds its own descriptors
+
+    def _close_inputs(self) -> None:
+        for copy in self.inputs.values():
+            copy.close()
+        self.inputs = {}
+
+    def seconds(self) -> float:
+        """How long it has evaluated: time the training's timeout does not count."""
+        if self.started_at is None:
+            return 0.0
+        return (self.finished_at or time.monotonic()) - self.started_at
+
+    def start_if_exported(self, watch) -> None:
+        """Once export.py has put the program and its notes in place: the harness copies the program
+        now, and what it copied is what it evaluates; opens of the validation data until now count
+        as before the export, whatever the run put at the export path earlier."""
+        if self.thread is None and self.export.exists() and Path(str(self.export) + ".json").exists():
+            self.started_at = time.monotonic()
+            self.thread = threading.Thread(target=self._evaluate, args=(watch,), daemon=True,
+                                           name="harness-evaluation")
+            self.thread.start()
+
+    def _evaluate(self, watch) -> None:
+        try:
+            try:
+                copy_regular_file(self.export, self.program)
+            except OSError as exc:
+                self.result = {"problem": f"the exported model could not be read: {exc}"}
+            if watch is not None:
+                watch.mark_exported()
+            self.result = self._outcome()
+            self.result["wall_seconds"] = round(time.monotonic() - self.started_at, 2)
+            self.result.setdefault("export_seconds", export_seconds(self.export))
+            self._hand_back({k: self.result[k] for k in ("val_bpb", "error", "problem") if k in self.result})
+            # After the answer, while train.py prints its summary: the harness the evaluator ran
+            # from must be its commit, with nothing added (a planted module or bytecode) or hidden.
+            problem = (manifest_problem(self.spec["harness"], self.spec["harness_manifest"])
+                       if "harness_manifest" in self.spec else
+                       harness_problem(self.spec["harness"], self.spec.get("harness_commit")))
+            if problem:
+                self.result = {"error": problem, "wall_seconds": self.result["wall_seconds"]}
+        finally:
+            if self.proc is not None:  # its interpreter's exit, after the answer
+                try:
+                    self.proc.wait(timeout=EXIT_GRACE_S)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                    self.proc.wait()
+            self.finished_at = time.monotonic()
+
+    def _hand_back(self, answer: dict) -> None:
+        """The answer for train.py, in the run's own (writable) export folder: written to a new file
+        that no link planted by the run can redirect, then renamed into place (over a planted link,
+        not through it). Where the run made that impossible, it waits until its timeout."""
+        tmp = self.answer_path.with_name(f".{self.answer_path.name}.{os.getpid()}.{os.urandom(4).hex()}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(answer))
+            os.replace(tmp, self.answer_path)
+        except OSError:
+            pass
+
+    def _outcome(self) -> dict:
+        if self.result is not None:  # nothing it could evaluate
+            self.finish_unused(EXIT_GRACE_S)
+            return self.result
+        # one deadline: a warm evaluator still importing (a slot's first run) waits as a cold one would
+        deadline = time.monotonic() + self.spec["timeout"]
+        with open_log(self.log_path) as log:
+            log.write(f"\n{MARK} harness evaluation of the exported model\n".encode())
+            if self.warm is not None:
+                self._go_warm(log, deadline)
+        if self.proc is not None:
+            try:
+                self.proc.stdin.write(b"go\n")
+                self.proc.stdin.close()
+            except OSError:
+                pass  # it ended already: its exit and output say why
+        if self.read_end is None:
+            return self.result
+        text = self._read_result(deadline)
+        if text is None:
+            self._kill()
+            return {"error": f"the harness evaluation took over {self.spec['timeout']:.0f}s"}
+        try:
+            result = json.loads(text)
+        except ValueError:
+            exit_code = self.proc.wait() if self.proc is not None else "(warm)"
+            return {"error": f"the harness evaluation exited {exit_code} without a result (its output is in "
+                             "the log)"}
+        return dict(result, evaluator="cold" if self.proc is not None else "warm")
+
+    def _go_warm(self, log, deadline: float) -> None:
+        """The request to the slot's warm evaluator; where it fails, a cold evaluator instead."""
+        read_end, write_end = os.pipe()
+        request_id = os.urandom(8).hex()
+        fds = [write_end, self.program.fileno(), *(self.inputs[name].fileno() for name in WARM_FDS), log.fileno()]
+        try:
+            socket.send_fds(self.warm, [json.dumps({"id": request_id, "timeout": self.spec["timeout"]}).encode()],
+                            fds)
+            while True:  # a reply to an earlier run's request (its worker died first) is not ours
+                self.warm.settimeout(max(0.01, deadline - time.monotonic()))
+                reply = json.loads(self.warm.recv(MAX_REPLY_BYTES))
+                if reply.get("id") in (request_id, None):
+                    break
+            if not isinstance(reply.get("pid"), int):
+                raise ValueError(reply.get("error") or "no child")
+            self.warm_pid, self.read_end = reply["pid"], read_end
+            self._close_inputs()
+        except (OSError, ValueError, AttributeError) as exc:
+            os.close(read_end)
+            log.write(f"{MARK} the slot's warm evaluator did not answer ({exc}): a cold one evaluates\n".encode())
+            self.warm = None
+            self._start_cold()
+        finally:
+            os.close(write_end)
+
+    def _kill(self) -> None:
+        if self.proc is not None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        elif self.warm_pid is not None:
+            for kill in (os.killpg, os.kill):  # its group, or itself before it made one
+                try:
+                    kill(self.warm_pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+    def _read_result(self, deadline: float) -> bytes | None:
+        """What the evaluator writes to its result pipe, once it closes it (or dies); None at the deadline."""
+        chunks = []
+        with os.fdopen(self.read_end, "rb", buffering=0) as pipe:
+            while (left := deadline - time.monotonic()) > 0:
+                if select.select([pipe], [], [], left)[0]:
+                    chunk = pipe.read(65536)
+                    if not chunk:
+                        return b"".join(chunks)
+                    chunks.append(chunk)
+        return None
+
+    def finish(self, grace: float) -> dict | None:
+        """The evaluation's result once it has ended; None where nothing was exported."""
+        if self.thread is not None:
+            self.thread.join()
+            return self.result
+        self.finish_unused(grace)
+        return None
+
+    def finish_unused(self, grace: float) -> None:
+        """End of file on stdin: a cold evaluator exits without evaluating; a warm one is never asked."""
+        self._close_inputs()
+        if self.proc is None:
+            return
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=grace)
+        except (OSError, subprocess.TimeoutExpired):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        if self.read_end is not None:
+            os.close(self.read_end)
+            self.read_end = None
+
+
+class WarmEvaluator:
+    """A slot's warm evaluator, kept by the server's pool: the harness's evaluator (spec["argv"], its
+    clean environment, outside every run's sandbox) started once with --serve-fd; each run's worker
+    gets the pool's end of the socket (fileno()). key: what it was started with; another spec (a new
+    harness commit, evaluation size or device) needs another one."""
+
+    def __init__(self, spec: dict):
+        self.key = WarmEvaluator.key_of(spec)
+        self.socket, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            # its own session, as a cold evaluator's; its output is its children's only (the runs' logs)
+            self.proc = subprocess.Popen([*spec["argv"], "--serve-fd", str(theirs.fileno())], env=spec["env"],
+                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
+                                         start_new_session=True)
+        except OSError:
+            self.socket.close()
+            raise
+        finally:
+            theirs.close()
+
+    @staticmethod
+    def key_of(spec: dict) -> str:
+        return json.dumps([spec["argv"], spec["env"], spec.get("harness_commit")], sort_keys=True)
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def close(self) -> None:
+        """End of file on its socket ends it; whatever is left of its session is killed."""
+        self.socket.close()
+        try:
+            self.proc.wait(timeout=EXIT_GRACE_S)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait()
+
+
+def on_this_device(spec: dict, env: dict) -> dict:
+    """The evaluation's spec with the device variables of a slot's environment: the server made it
+    for every slot alike, and an evaluation on another slot's GPU would slow that slot's timed
+    training (or run out of its memory) and be slowed by it."""
+    device = {name: env[name] for name in DEVICE_ENV if name in env}
+    return dict(spec, env=dict(spec["env"], **device))
+
+
+def export_seconds(export: Path) -> float | None:
+    """How long export.py took, as it noted beside the program (for the answer's note only)."""
+    try:
+        with open(str(export) + ".json", "rb") as f:
+            seconds = json.loads(f.read(4096)).get("export_seconds")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return seconds if isinstance(seconds, (int, float)) else None
+
+
+def evaluation_inputs(cache: Path, val_shard: Path | None, record: dict | None) -> dict:
+    """What the harness's evaluation reads besides the program ({name: {"path", "sha256"}}: the
+    evaluator's --NAME-fd), each with the SHA-256 its content must have: the validation shard's as
+    prepare pinned it (hashed now where the record has none), the tokenizer's merges' as they are
+    before the run (the server's cache fingerprint holds them since setup). A missing file is left
+    out: the evaluator then fails, and the run is unverified."""
+    inputs = {}
+    tokenizer = cache / "tokenizer" / "tokenizer.pkl"  # the cache's layout (nanochat/cache.py)
+    if tokenizer.is_file():
+        inputs["tokenizer"] = {"path": str(tokenizer), "sha256": sha256_of(tokenizer)}
+    if val_shard is not None and val_shard.is_file():
+        pinned = (record or {}).get("val_shard") or {}
+        same = pinned.get("name") == val_shard.name and pinned.get("sha256")
+        inputs["val"] = {"path": str(val_shard), "sha256": pinned["sha256"] if same else sha256_of(val_shard)}
+    return inputs
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def harness_problem(harness: str, commit: str | None) -> str | None:
+    """The pristine harness copy must be exactly its commit: nothing changed, added or hidden."""
+    try:
+        status = subprocess.run(["git", "-C", harness, "status", "--porcelain", "--ignored", "--untracked-files=all"],
+                                capture_output=True, text=True, timeout=60)
+        head = subprocess.run(["git", "-C", harness, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=60)
+        flags = subprocess.run(["git", "-C", harness, "ls-files", "-v"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"the harness copy could not be checked: {exc}"
+    hidden = [line[2:] for line in flags.stdout.splitlines() if line[:1].islower() or line[:1] == "S"]
+    if status.returncode or status.stdout.strip() or hidden:
+        changed = (status.stdout.strip().splitlines() + hidden)[:5]
+        return f"the harness copy {harness} was changed during the run: {', '.join(changed)}"
+    if commit and head.stdout.strip() != commit:
+        return f"the harness copy is at {head.stdout.strip()[:7]}, not {commit[:7]}"
+    return None
+
+
+def file_manifest(folder: str) -> dict:
+    """Every file under a folder (links as links), by relative path: its SHA-256."""
+    found = {}
+    for base, dirs, files in os.walk(folder):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(base, d))]:
+            path = os.path.join(base, name)
+            if os.path.islink(path):
+                digest = "link:" + os.readlink(path)
+            else:
+                with open(path, "rb") as f:
+                    digest = hashlib.sha256(f.read()).hexdigest()  # the harness's files are small
+            found[os.path.relpath(path, folder)] = digest
+    return found
+
+
+def manifest_problem(harness: str, manifest: dict) -> str | None:
+    """A harness copy outside git (a cluster node's) must hold exactly the files it was made with."""
+    try:
+        now = file_manifest(harness)
+    except OSError as exc:
+        return f"the harness copy could not be checked: {exc}"
+    changed = sorted(p for p in set(now) | set(manifest) if now.get(p) != manifest.get(p))
+    if changed:
+        return f"the harness copy {harness} was changed during the run: {', '.join(changed[:5])}"
+    return None
+
