@@ -22,7 +22,7 @@ from mcp_server.core.integrity import site_packages
 from mcp_server.loop import ResearchLoop
 from mcp_server.server import build_server
 from mcp_server.core.workspace import Workspace
-from server_support import answer, git, make_workspace, pid_alive, wait_until
+from server_support import answer, git, make_workspace, pid_alive, processes_in, wait_until
 from test_server_e2e import RUN_TIMEOUT_S, harness_workspace
 
 HANG_TIMEOUT_S = 20
@@ -162,5 +162,6 @@ def test_on_the_warm_path_the_sandbox_holds_and_a_hanging_run_is_killed_whole(tm
     report = json.loads((ws / first["log"].replace(".log", ".report.json")).read_text())
     assert report["sandbox"] and report["evaluation"]["evaluator"] == "warm", report
     assert hung["status"] == "timeout", hung
-    daemon = int((ws / ".git" / "research-loop" / "slots" / "0" / "daemon.pid").read_text())
-    assert wait_until(lambda: not pid_alive(daemon), 5)
+    slot = ws / ".git" / "research-loop" / "slots" / "0"
+    assert (slot / "daemon.pid").exists()  # the daemon started (its pid is the sandbox's own: PID namespace)
+    assert wait_until(lambda: not processes_in(slot), 5)
