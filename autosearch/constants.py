@@ -1,4 +1,4 @@
-"""Read the hyperparameter constants of train.py with `ast` (rewriting them: mcp_server.constants).
+"""Read the hyperparameter constants of train.py with `ast` (rewriting them: mcp_server.core.constants).
 
 A constant is a module-level `NAME = expression` with an upper-case name. Its value is evaluated
 here, names resolved against earlier constants and the harness's exports.

@@ -67,7 +67,7 @@ class GreedyCoordinateSearch:
         return None
 
 
-SWEEPS = ("tpe", "cmaes")  # Optuna's samplers, through the server's sweep tool (mcp_server/sweep.py)
+SWEEPS = ("tpe", "cmaes")  # Optuna's samplers, through the server's sweep tool (mcp_server/phases/sweep.py)
 STRATEGIES = ("random", "greedy") + SWEEPS
 
 

@@ -422,7 +422,7 @@ def rows_for_limits(root: Path) -> list[tuple[str, float]]:
     rows = []
     for row in ledger_rows(root):
         try:
-            rows.append((row[3], float(row[1])))
+            rows.append((row[3], float(row[1]), row[4] if len(row) > 4 else ""))
         except ValueError:
             continue
     return rows

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from autosearch.driver import RERUN_PREFIXES
+from server_support import Webhook
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 COMMIT = re.compile(r"^[0-9a-f]{7}$")
@@ -85,7 +86,9 @@ def test_demo_end_to_end(repo_root, prepared_env, tmp_path):
     # (The Ctrl-C test below covers the greedy strategy.)
     workspace = tmp_path / "ws"
     branch_before = git(repo_root, "rev-parse", "--abbrev-ref", "HEAD")
-    proc = subprocess.run(demo_command(workspace, QUICK_BUDGET, "--experiments", "2", "--seed", "11", "--track", "mlflow"),
+    hook = Webhook()
+    proc = subprocess.run(demo_command(workspace, QUICK_BUDGET, "--experiments", "2", "--seed", "11", "--track", "mlflow",
+                                       "--notify", hook.url),
                           cwd=repo_root, env=prepared_env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
@@ -127,6 +130,10 @@ def test_demo_end_to_end(repo_root, prepared_env, tmp_path):
     assert {commit: run.data.tags[tracking.STAGE_TAG] for commit, run in runs.items()} == \
         {row["commit"]: row["status"] for row in rows}
     assert len(client.get_metric_history(runs[best["commit"]].info.run_id, "train_loss")) > 1
+
+    # Each keep pinged the webhook (Slack's and Discord's JSON), the baseline's first.
+    pings = [m for m in hook.messages() if m.startswith("kept ")]
+    assert len(pings) == len(kept) and pings[0].startswith(f"kept {rows[0]['commit']}: val_bpb"), hook.messages()
 
     # The user's checkout is untouched: same branch, no research branch created there.
     assert git(repo_root, "rev-parse", "--abbrev-ref", "HEAD") == branch_before

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from mcp_server.core import limits
 from mcp_server.phases import early_stop
 from server_support import Lab, ledger_lines, make_workspace, set_knobs
 
@@ -92,3 +93,14 @@ def test_the_noise_repeats_luck_widens_the_margin():
     assert early_stop.verdict(behind[:12], best, 1.0, 0.001, [(repeat, best)]) is None  # the data's luck was 0.5
     stop = early_stop.verdict(behind[:16], best, 1.0, 0.001, [(repeat, best)])  # past it, the luck was 0.1
     assert stop["progress"] == 80 and stop["margin"] == pytest.approx(0.1)
+
+
+def test_runs_the_early_stop_ended_are_no_failures_in_a_row():
+    """Late in a night most ideas are behind the best: ten stopped in a row must not end the night
+    as "10 failures in a row", while real crashes still do."""
+    state = {"limits": {"max_failures_in_row": 2}}
+    stopped = [("crash", 0.0, f"idea {k}{limits.STOPPED_EARLY}loss 5.0 behind 4.8 at 50%)") for k in range(5)]
+    rows = [("keep", 1.0, "baseline")] + stopped
+    assert limits.ended(state, rows) is None and "0 of 2 failures" in limits.left(state, rows)
+    broken = rows + [("crash", 0.0, "broken"), ("crash", 0.0, "broken again")]
+    assert "2 failures in a row" in limits.ended(state, broken)

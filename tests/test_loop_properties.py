@@ -209,6 +209,10 @@ class NightMachine(RuleBasedStateMachine):
         """Whatever status().next names must work."""
         next_step = self.answer("status")["next"]
         name, kwargs = promised_calls(next_step)[0]
+        if next_step.startswith("edit train.py"):  # an idea: new bytes (the kept code again is no idea)
+            self.ideas = getattr(self, "ideas", 0) + 1
+            with open(self.lab.ws / "train.py", "a") as f:
+                f.write(f"# idea {self.ideas}\n")
         if name == "run_experiment":
             kwargs = {"description": "as next says", "wait": kwargs.get("wait") != "False"}
         result = self.lab.call(name, **kwargs)

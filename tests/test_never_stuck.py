@@ -158,7 +158,7 @@ def test_identical_runs_within_a_second_get_their_own_commits_and_rows(lab):
     set_knobs(lab.ws, val_bpb=1.1)
     commits = []
     for k in range(3):
-        commits.append(lab.ok("run_experiment", description="same code, same message")["commit"])
+        commits.append(lab.ok("run_experiment", description="same code, same message", rerun=True)["commit"])
         lab.ok("discard")
     assert len(set(commits)) == 3
     assert [line.split("\t")[0] for line in ledger_lines(lab.ws)[2:]] == commits

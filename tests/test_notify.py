@@ -30,7 +30,7 @@ def a_night_with_failures(lab) -> None:
     lab.ok("keep")
     for k in range(3):
         set_knobs(lab.ws, crash=1)
-        lab.ok("run_experiment", description=f"broken {k}")
+        lab.ok("run_experiment", description=f"broken {k}", rerun=True)  # the same broken code again
         lab.ok("discard")
     set_knobs(lab.ws, val_bpb=0.9)
     lab.ok("run_experiment", description="better")

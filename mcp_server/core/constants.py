@@ -1,7 +1,7 @@
 """Rewriting train.py's constants: only the right-hand sides of the named module-level
 assignments change, character for character, so comments, layout and every other line stay as
 they were; the result is checked to compile and to differ from the original in those
-assignments only. Used by the sweep tool (mcp_server.sweep) and the demo's search (autosearch).
+assignments only. Used by the sweep tool (mcp_server.phases.sweep) and the demo's search (autosearch).
 """
 import ast
 import json

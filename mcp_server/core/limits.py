@@ -6,7 +6,7 @@ runs on the system Python, without the project's environment) judge with this sa
 Limits are recorded at setup: a deadline (from hours), a number of experiments, a target val_bpb,
 a number of failures (crashes and timeouts) in a row, 10 unless set otherwise, so a broken
 setup does not spin all night, and GPU-hours (the runs' slot time, which the server keeps in the
-state as `slot_hours` from the runs' records: mcp_server/cost.py). A run is also over once stopped on purpose (the stop tool).
+state as `slot_hours` from the runs' records: mcp_server/core/cost.py). A run is also over once stopped on purpose (the stop tool).
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import stat
 import time
 from pathlib import Path
 
+STOPPED_EARLY = " (stopped early: "  # the crash row's marker of a run the early stop ended
 DEFAULT_MAX_FAILURES_IN_ROW = 10
 # The server's state, its own copy first (in the git directory, where neither a run nor the edit hook
 # reaches; mcp_server/core/state.py writes both): its rows decide, results.tsv only shows them
@@ -62,17 +63,20 @@ def experiments_done(statuses: list[str]) -> int:
     return len(statuses) - 1 if "keep" in statuses else len(statuses)
 
 
-def failures_in_row(statuses: list[str]) -> int:
+def failures_in_row(rows: list[tuple]) -> int:
+    """Crash rows at the end of the ledger. A run the early stop ended is a crash row in upstream's
+    format, but no failure: it ran and was behind, as most ideas are late in a night."""
     count = 0
-    for status in reversed(statuses):
-        if status != "crash":
+    for row in reversed(rows):
+        if row[0] != "crash" or STOPPED_EARLY in (row[2] if len(row) > 2 else ""):
             break
         count += 1
     return count
 
 
-def ended(state: dict, rows: list[tuple[str, float]], now: float | None = None) -> str | None:
-    """Why the research run is over, or None. rows: (status, val_bpb) of the ledger, oldest first."""
+def ended(state: dict, rows: list[tuple], now: float | None = None) -> str | None:
+    """Why the research run is over, or None. rows: (status, val_bpb, description) of the ledger,
+    oldest first (the description only tells an early stop from a failure)."""
     stopped = state.get("stopped")
     if isinstance(stopped, dict):
         return f"stopped: {stopped.get('reason') or 'on purpose'}"
@@ -80,7 +84,7 @@ def ended(state: dict, rows: list[tuple[str, float]], now: float | None = None) 
     if not isinstance(limits, dict):
         return None
     now = time.time() if now is None else now
-    statuses = [status for status, _ in rows]
+    statuses = [row[0] for row in rows]
     deadline = limits.get("deadline")
     if isinstance(deadline, (int, float)) and now >= deadline:
         return f"the deadline passed ({limits.get('hours')} h)"
@@ -88,11 +92,11 @@ def ended(state: dict, rows: list[tuple[str, float]], now: float | None = None) 
     if isinstance(most, int) and experiments_done(statuses) >= most:
         return f"{most} experiments done"
     target = limits.get("target_val_bpb")
-    kept = [value for status, value in rows if status == "keep"]
+    kept = [row[1] for row in rows if row[0] == "keep"]
     if isinstance(target, (int, float)) and kept and min(kept) <= target:
         return f"the target val_bpb {target} is reached ({min(kept):.6f})"
     failures = limits.get("max_failures_in_row")
-    if isinstance(failures, int) and failures_in_row(statuses) >= failures:
+    if isinstance(failures, int) and failures_in_row(rows) >= failures:
         return f"{failures} failures in a row (crashes or timeouts): fix the cause before going on"
     budget, spent = limits.get("max_gpu_hours"), slot_hours(state)
     if isinstance(budget, (int, float)) and spent >= budget:
@@ -105,13 +109,13 @@ def slot_hours(state: dict) -> float:
     return spent if isinstance(spent, (int, float)) and not isinstance(spent, bool) else 0.0
 
 
-def left(state: dict, rows: list[tuple[str, float]], now: float | None = None) -> str | None:
+def left(state: dict, rows: list[tuple], now: float | None = None) -> str | None:
     """What is left of each limit, in one line, or None when the run has no limits."""
     limits = state.get("limits")
     if not isinstance(limits, dict):
         return None
     now = time.time() if now is None else now
-    statuses = [status for status, _ in rows]
+    statuses = [row[0] for row in rows]
     parts = []
     if isinstance(limits.get("deadline"), (int, float)):
         parts.append(f"{max(0.0, (limits['deadline'] - now) / 3600):.1f} h of {limits.get('hours')} h left")
@@ -119,10 +123,10 @@ def left(state: dict, rows: list[tuple[str, float]], now: float | None = None) -
         parts.append(f"{max(0, limits['max_experiments'] - experiments_done(statuses))} of "
                      f"{limits['max_experiments']} experiments left")
     if isinstance(limits.get("target_val_bpb"), (int, float)):
-        kept = [value for status, value in rows if status == "keep"]
+        kept = [row[1] for row in rows if row[0] == "keep"]
         parts.append(f"target val_bpb {limits['target_val_bpb']}" + (f" (best {min(kept):.6f})" if kept else ""))
     if isinstance(limits.get("max_failures_in_row"), int):
-        parts.append(f"{failures_in_row(statuses)} of {limits['max_failures_in_row']} failures in a row")
+        parts.append(f"{failures_in_row(rows)} of {limits['max_failures_in_row']} failures in a row")
     if isinstance(limits.get("max_gpu_hours"), (int, float)):
         parts.append(f"{slot_hours(state):.3g} of {limits['max_gpu_hours']:g} GPU-hours spent")
     return "; ".join(parts) or None

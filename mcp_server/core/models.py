@@ -270,6 +270,7 @@ class SweepResult(BaseModel):
     noise: NoiseEstimate | None = None
     table: list[SweepTrial]  # the study's trials, best first
     stopped: str | None = None  # why trials stopped early (a limit of the research run, a refusal)
+    next: str
 
 
 class ReportResult(BaseModel):

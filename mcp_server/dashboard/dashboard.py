@@ -141,7 +141,7 @@ def live_view(root: Path, now: float | None = None) -> dict:
     sessions' tokens and cost)."""
     now = time.time() if now is None else now
     state, problem = read_state(root)
-    rows = [(r.status, r.val_bpb) for r in server_rows(root, state)]
+    rows = [(r.status, r.val_bpb, r.description) for r in server_rows(root, state)]
     entries = [e for e in (state.get("runs") or {}).values() if isinstance(e, dict)]
     return {"runs": [run_view(root, e, now) for e in sorted(entries, key=lambda e: e.get("run") or 0)],
             "limits": limits.left(state, rows, now), "ended": limits.ended(state, rows, now), "problem": problem,

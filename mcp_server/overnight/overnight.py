@@ -142,7 +142,7 @@ class Runner:
         state = self.state()
         if state.get("tag") != self.args.tag:
             return None  # not set up yet (or another run): the session sets it up
-        return limits.ended(state, [(r.status, r.val_bpb) for r in self.rows()])
+        return limits.ended(state, [(r.status, r.val_bpb, r.description) for r in self.rows()])
 
     def status_line(self) -> str:
         rows = self.rows()
@@ -155,7 +155,7 @@ class Runner:
         if spent["sessions"]:
             parts.append(f"${spent['cost_usd']:.2f}")
         state = self.state()
-        left = limits.left(state, [(r.status, r.val_bpb) for r in rows])
+        left = limits.left(state, [(r.status, r.val_bpb, r.description) for r in rows])
         if left:
             parts.append(left.split("; ")[0])
         for entry in (state.get("runs") or {}).values():

@@ -9,7 +9,7 @@ Imports the core (runs) and every phase above it (results, dispatch, submit, ove
 import time
 
 from mcp_server.phases import early_stop
-from mcp_server.core import ledger
+from mcp_server.core import cost, ledger, limits
 from mcp_server.scripts import sandbox
 from mcp_server.phases.dispatch import dispatch, require_owner
 from mcp_server.core.models import CancelResult, DecisionResult, LoggedRow, Refusal, Row, RunResult, StopResult
@@ -227,7 +227,7 @@ def cancel(core: LoopCore, run: int, stopped: dict | None = None) -> CancelResul
         was = entry["status"]
         row = None
         if was == "running":
-            why = f" (stopped early: {early_stop.reason(stopped)})" if stopped else " (cancelled)"
+            why = f"{limits.STOPPED_EARLY}{early_stop.reason(stopped)})" if stopped else " (cancelled)"
             row = ledger.make_row(entry["commit"][:7], 0.0, 0.0, "crash",
                                   ledger.fit_description(entry["description"], why + core.sandbox_marker(entry)))
             _append_once(state, row)
@@ -236,12 +236,16 @@ def cancel(core: LoopCore, run: int, stopped: dict | None = None) -> CancelResul
             if stopped:
                 result.status, result.tail = "crash", f"[stopped early: {early_stop.reason(stopped)}]"
                 result.next = "nothing to decide: logged as a crash row (stopped early); edit train.py and try another idea"
+            if isinstance(entry.get("started_at"), (int, float)):  # its slot time, which no report will bring
+                entry["wall_seconds"] = round(time.time() - entry["started_at"], 2)
             core.write_record(entry, result, {"status": "crash", "at": time.time()}
                               | ({"stopped_early": early_stop.reason(stopped)} if stopped else {}))
+            state["slot_hours"] = cost.spent_hours(core.root, state)
         del state["runs"][str(run)]
         _restore_train(core, state, entry)
     core.mark_finished(run)
     dispatch(core)
+    core.notifier.check(core)  # a crash row can complete a limit: its ping
     return CancelResult(run=run, was=was, row=row,
                         note=f"its code stays in commit {entry['commit'][:7]} ({RUN_REF_PREFIX}{run})")
 

@@ -146,8 +146,8 @@ def status(core: LoopCore) -> StatusResult:
     unsandboxed = [e["run"] for e in core.runs_of(state, *IN_FLIGHT, *UNDECIDED) if unsandboxed_marker(e)]
     result.unsandboxed = core.runs_unsandboxed() or (
         f"runs {', '.join(map(str, unsandboxed))} ran unsandboxed: {sandbox.RISK}" if unsandboxed else None)
-    result.limits = limits.left(state, [(r.status, r.val_bpb) for r in rows])
-    result.ended = limits.ended(state, [(r.status, r.val_bpb) for r in rows])
+    result.limits = limits.left(state, [(r.status, r.val_bpb, r.description) for r in rows])
+    result.ended = limits.ended(state, [(r.status, r.val_bpb, r.description) for r in rows])
     result.compute = cost.hours_text(cost.run_hours(core.root, state))
     result.next = _next_step(core, state, result)
     return result

@@ -164,7 +164,7 @@ class LoopCore:
                   "run": {k: entry.get(k) for k in ("run", "commit", "parent", "description", "slot", "submitted_at",
                                                      "started_at", "ended_at", "timeout", "rerun_of",
                                                      "data_order", "confirmation")}
-                  | {k: report.get(k) for k in ("host", "device", "wall_seconds")}}
+                  | {k: report.get(k) or entry.get(k) for k in ("host", "device", "wall_seconds")}}
         if decision:
             try:
                 decision["changes"] = history.describe_change(
@@ -219,7 +219,7 @@ class LoopCore:
         return None
 
     def ended(self, state: dict) -> str | None:
-        return limits.ended(state, [(r.status, r.val_bpb) for r in self.rows()])
+        return limits.ended(state, [(r.status, r.val_bpb, r.description) for r in self.rows()])
 
     def interrupted_note(self, entry: dict) -> str:
         return (f"interrupted run {entry['commit'][:7]} ({entry['description']}) has no ledger row: call "

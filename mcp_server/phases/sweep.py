@@ -2,7 +2,7 @@
 
 A space maps constant names to a range (low/high, optionally on a log scale) or to a list of
 choices, and is checked against the kept train.py before anything runs. A trial's train.py is the
-kept one with those constants rewritten (mcp_server.constants), submitted through
+kept one with those constants rewritten (mcp_server.core.constants), submitted through
 ResearchLoop.submit like any candidate: its own commit, a free slot (trials run side by side), the
 timeout, the research run's limits, the noise verdict. Optuna's samplers choose the values (TPE or
 CMA-ES); nothing here optimises.
@@ -247,7 +247,7 @@ class Sweep:
         never runs more experiments than the limit allows (submit checks the rows only)."""
         if self.held is None:
             return None
-        rows = [(r.status, r.val_bpb) for r in self.loop.rows()] + [("discard", self.held_value)]
+        rows = [(r.status, r.val_bpb, r.description) for r in self.loop.rows()] + [("discard", self.held_value)]
         return limits.ended(self.loop.state.load(), rows)
 
     def finished_with(self, params: dict):
@@ -267,6 +267,7 @@ class Sweep:
         from optuna.trial import TrialState
         trial = self.in_flight.pop(run)
         result = self.loop.answer_for(run)
+        decided = self.loop.entry(run) is None  # the early stop ended it: its crash row is written
         self.ran += 1
         ok = result.status == "ok" and result.val_bpb is not None
         trial.set_user_attr("status", result.status)
@@ -278,6 +279,8 @@ class Sweep:
             self.study.tell(trial, result.val_bpb)
         else:
             self.study.tell(trial, state=TrialState.FAIL)
+        if decided:
+            return
         if ok and result.val_bpb < self.best_val_bpb and (self.held_value is None or result.val_bpb < self.held_value):
             if self.held is not None:
                 self.loop.discard(f"a sweep trial, beaten by trial {trial.number}", self.held)
