@@ -51,6 +51,7 @@ def test_a_lagging_run_is_stopped_early_and_logged(es_lab):
     assert "behind by more than the margin" in row[4]
     record = json.loads(next((es_lab.ws / "runs").glob(f"{result['run']:04d}-*[0-9a-f].json")).read_text())
     assert "stopped_early" in record["decision"]
+    assert 0 < record["run"]["wall_seconds"] < 10.0  # the slot time it spent counts (GPU-hours, their limit)
     status = es_lab.ok("status")
     assert status["undecided"] is None and status["running"] is None  # nothing left to decide
     # the same code again is answered from the stopped run: no second try of a hopeless idea
