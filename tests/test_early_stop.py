@@ -105,3 +105,16 @@ def test_runs_the_early_stop_ended_are_no_failures_in_a_row():
     assert limits.ended(state, rows) is None and "0 of 2 failures" in limits.left(state, rows)
     broken = rows + [("crash", 0.0, "broken"), ("crash", 0.0, "broken again")]
     assert "2 failures in a row" in limits.ended(state, broken)
+
+
+def test_an_idea_named_noise_repeat_does_not_widen_the_margin():
+    """The margin grows with the noise repeats' luck: an idea the agent names "noise repeat ..." is
+    no repeat (the server marks its own with the data order it chose)."""
+    best = {"result": {"commit": "b000000", "status": "ok"}, "run": {"parent": "a000000"}, "decision": {"status": "keep"}}
+    named = {"result": {"commit": "c000000", "status": "ok", "description": "noise repeat 1/1 of b000000"},
+             "run": {"parent": "b000000"}, "decision": {"status": "discard"}}
+    real = {"result": {"commit": "d000000", "status": "ok", "description": "noise repeat 1/1 of b000000"},
+            "run": {"parent": "b000000", "data_order": 1}, "decision": {"status": "discard"}}
+    curves = {"b000000": [(50, 4.0)], "c000000": [(50, 9.0)], "d000000": [(50, 4.1)]}
+    found = early_stop.repeats_of([best, named, real], lambda r: curves[r["result"]["commit"]])
+    assert found == [([(50, 4.1)], [(50, 4.0)])]

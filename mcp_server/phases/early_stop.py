@@ -38,7 +38,6 @@ MARGIN_WIDTHS = 3.0  # noise thresholds (in training-loss units) a run must be b
 # 1e-5) says nothing about how far apart two codes' curves may be mid-run and still cross
 MIN_MARGIN = 0.05
 POLL_SECONDS = 2.0
-REPEAT_PREFIX = "noise repeat "  # measure_noise's description of its runs
 TAIL_BYTES = 256 * 1024  # of a running log: its last WINDOW of progress lines fits easily
 
 log = logging.getLogger(__name__)
@@ -106,13 +105,13 @@ def verdict(candidate: list[tuple[float, float]], best: list[tuple[float, float]
 
 def repeats_of(records: list[dict], curve_of) -> list[tuple[list, list]]:
     """(noise repeat's curve, its best's curve) for every noise repeat among the decided runs'
-    records; curve_of(record) reads a record's log. A repeat reruns the kept code on its parent."""
+    records; curve_of(record) reads a record's log. A repeat reruns the kept code on its parent; it is
+    known by the fields the server set when it queued it, never by its description (the agent's)."""
     by_commit = {r["result"]["commit"]: r for r in records if (r.get("decision") or {}).get("status") == "keep"}
     found = []
     for record in records:
         best = by_commit.get(str((record.get("run") or {}).get("parent"))[:7])
-        if best is not None and record["result"].get("description", "").startswith(REPEAT_PREFIX) \
-                and record["result"].get("status") == "ok":
+        if best is not None and history.rerun_kind(record) == "noise repeat" and record["result"].get("status") == "ok":
             found.append((curve_of(record), curve_of(best)))
     return [(repeat, best) for repeat, best in found if repeat and best]
 
