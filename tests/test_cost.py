@@ -52,6 +52,21 @@ def test_max_gpu_hours_ends_the_research_run_for_the_server_and_the_hook(lab):
     assert limits.ended(state, [("keep", 1.0)]) == status["ended"]
 
 
+def test_deleted_records_do_not_give_back_gpu_hours(lab):
+    """The max_gpu_hours limit is the server's own sum in its state: runs/*.json, which a shell can
+    delete or edit, only show it."""
+    lab.ok("setup", tag="t", max_gpu_hours=1.0)
+    lab.ok("run_experiment", description="baseline")
+    lab.ok("keep")
+    first = sum(walls(lab.ws))
+    for record in (lab.ws / "runs").glob("*.json"):
+        record.unlink()
+    set_knobs(lab.ws, val_bpb=0.9)
+    lab.ok("run_experiment", description="second")
+    second = sum(walls(lab.ws))
+    assert limits.slot_hours(limits.recorded_state(lab.ws)) == pytest.approx((first + second) / HOUR, abs=1e-5)
+
+
 @pytest.mark.parametrize("value, message", [
     (-1, "max_gpu_hours must be more than 0"),
     (0, "max_gpu_hours must be more than 0"),

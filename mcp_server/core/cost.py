@@ -16,7 +16,7 @@ import json
 import math
 from pathlib import Path
 
-from mcp_server.core import history
+from mcp_server.core import history, limits
 from mcp_server.core.workspace import RUNS_DIR
 
 SESSIONS_FILE = ".research-loop/overnight/sessions.jsonl"
@@ -54,10 +54,11 @@ def hours_of(records: list[dict]) -> dict:
     return {"gpu_hours": gpu / 3600, "slot_hours": cpu / 3600, "runs": runs}
 
 
-def spent_hours(root: Path, state: dict) -> float:
-    """What the max_gpu_hours limit counts: GPU-hours, plus slot-hours where runs ran on a CPU."""
-    hours = run_hours(root, state)
-    return round(hours["gpu_hours"] + hours["slot_hours"], 6)
+def add_slot_time(state: dict, seconds) -> None:
+    """What the max_gpu_hours limit counts (GPU-hours, or slot-hours on a CPU), kept in the server's
+    state as each run ends: the runs/ records a shell can delete or edit never move the limit."""
+    if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and math.isfinite(seconds) and seconds > 0:
+        state["slot_hours"] = round(limits.slot_hours(state) + seconds / 3600, 6)
 
 
 def hours_text(hours: dict) -> str | None:

@@ -238,9 +238,9 @@ def cancel(core: LoopCore, run: int, stopped: dict | None = None) -> CancelResul
                 result.next = "nothing to decide: logged as a crash row (stopped early); edit train.py and try another idea"
             if isinstance(entry.get("started_at"), (int, float)):  # its slot time, which no report will bring
                 entry["wall_seconds"] = round(time.time() - entry["started_at"], 2)
+                cost.add_slot_time(state, entry["wall_seconds"])
             core.write_record(entry, result, {"status": "crash", "at": time.time()}
                               | ({"stopped_early": early_stop.reason(stopped)} if stopped else {}))
-            state["slot_hours"] = cost.spent_hours(core.root, state)
         del state["runs"][str(run)]
         _restore_train(core, state, entry)
     core.mark_finished(run)

@@ -143,7 +143,8 @@ def on_done(core: LoopCore, run: int, outcome) -> None:
                                              f"{type(exc).__name__}: {exc}")
             entry.update(status="pending", result=result.model_dump())
             file_measurement(core, state, entry, result)
-            state["slot_hours"] = cost.spent_hours(core.root, state)
+            wall = (outcome.report or {}).get("wall_seconds")
+            cost.add_slot_time(state, wall if isinstance(wall, (int, float)) else entry["ended_at"] - entry["started_at"])
         core.notifier.recorded(core, result)
     finally:
         try:
