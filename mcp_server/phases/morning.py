@@ -15,7 +15,7 @@ from pathlib import Path
 
 import git
 
-from mcp_server.core import cost, history, ledger, plot
+from mcp_server.core import cost, history, ledger, limits, plot
 from mcp_server.core.models import Refusal, ReportResult, Row
 from mcp_server.core.state import STATE_DIR, State
 from mcp_server.core.workspace import EDITABLE, RUNS_DIR, Workspace, validate_new_branch
@@ -31,12 +31,12 @@ def recorded_state(root: Path) -> dict:
     state = State(root)
     for path in (state.copy, state.path):
         try:
-            data = json.loads(path.read_bytes())
+            data = json.loads(limits.read_record(path))  # bounded: a planted giant or FIFO stalls nothing
         except FileNotFoundError:
             continue
-        except ValueError:
-            raise Refusal(f"{path} is not valid JSON: the report needs the server's records; start the server "
-                          "once (it puts its own copy back), then retry.") from None
+        except (OSError, ValueError, RecursionError) as exc:
+            raise Refusal(f"{path} is no readable JSON record ({exc}): the report needs the server's records; "
+                          "start the server once (it puts its own copy back), then retry.") from None
         if isinstance(data, dict):
             return data
     raise Refusal(f"No research run recorded in {root}: setup(tag) starts one; the report follows its runs.")

@@ -267,13 +267,7 @@ def parse_args(argv):
     p.add_argument("--verify", type=json.loads,
                    help='{"evaluator": PATH, "editable": NAME, "profile": NAME, "eval_tokens": N, "timeout": S}: '
                         'the harness evaluates')
-    p.add_argument("command", nargs=argparse.REMAINDER)
-    args = p.parse_args(argv)
-    if args.command[:1] == ["--"]:
-        args.command = args.command[1:]
-    if not args.command:
-        p.error("no command given")
-    return args
+    return worker.parse_with_command(p, argv)
 
 
 def main(argv=None) -> int:

@@ -327,6 +327,11 @@ def parse_args(argv):
     p.add_argument("--report-tail", type=int, default=0, help="bytes of the output's end to put in the report")
     p.add_argument("--data-order", type=int, default=0,
                    help="train on another stretch of the data (a rerun: nanochat/dataloader.py)")
+    return parse_with_command(p, argv)
+
+
+def parse_with_command(p: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    """The options, then `-- COMMAND...` (the node's script shares this: its command runs under a worker)."""
     p.add_argument("command", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
     if args.command[:1] == ["--"]:
