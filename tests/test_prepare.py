@@ -285,3 +285,12 @@ def test_the_server_finds_the_cache_where_the_harness_writes_it(monkeypatch, tmp
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("AUTORESEARCH_CACHE", "~/research-cache")
     assert workspace.cache_dir() == cache.cache_dir() == tmp_path / "research-cache"
+
+
+def test_a_run_finds_the_default_cache_though_the_sandbox_gives_it_another_home(monkeypatch, tmp_path):
+    """uv run demo.py with no AUTORESEARCH_CACHE: the sandbox sets HOME=/tmp/home, where the run
+    looked for ~/.cache/autoresearch and found nothing prepared (every baseline a crash)."""
+    from mcp_server.executors.executor import training_env
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("AUTORESEARCH_CACHE", raising=False)
+    assert training_env(tmp_path / "ws")["AUTORESEARCH_CACHE"] == str(tmp_path / ".cache" / "autoresearch")

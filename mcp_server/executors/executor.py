@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mcp_server.core.workspace import cache_dir
 from mcp_server.core.state import process_start_time
 from mcp_server.scripts.harness_eval import WARM_ENV, WarmEvaluator, on_this_device
 
@@ -241,9 +242,11 @@ def read_report(path: Path) -> dict | None:
 def training_env(workspace: Path) -> dict:
     """The training's environment: the server's, without its VIRTUAL_ENV (the plugin's own, which
     uv would ignore with a warning in every log), with every slot's `uv run` using the workspace's
-    one environment instead of installing torch into each worktree."""
+    one environment instead of installing torch into each worktree, and the prepared cache named by
+    its path (the default, ~/.cache/autoresearch, is the server's home, not the sandboxed run's)."""
     env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"} | {"PYTHONUNBUFFERED": "1"}
     env.setdefault("UV_PROJECT_ENVIRONMENT", str(workspace / ".venv"))
+    env["AUTORESEARCH_CACHE"] = str(cache_dir())  # the sandbox gives the run a home of its own: no ~/.cache there
     return env
 
 
