@@ -274,6 +274,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     token = read_token()
     started = time.time()
+    os.environ["AUTORESEARCH_CACHE"] = str(cache_dir())  # the sandboxed run's HOME is its own: name the cache
     try:
         if args.sync:
             sync_environment()
