@@ -87,37 +87,6 @@ def test_real_training_run_then_discard(tmp_path, repo_root, prepared_env, monke
 
 
 
-def test_two_real_runs_at_once_in_two_cpu_slots(tmp_path, repo_root, prepared_env, monkeypatch):
-    ws = harness_workspace(tmp_path, repo_root, prepared_env, monkeypatch)
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    loop = ResearchLoop(ws, [sys.executable, "train.py"], slots=2)
-    source = (ws / "train.py").read_text()
-
-    async def go():
-        async with Client(build_server(loop)) as client:
-            answer(await client.call_tool("setup", {"tag": "two"}))
-            first = answer(await client.call_tool("run_experiment", {
-                "description": "baseline", "wait": False, "timeout_seconds": RUN_TIMEOUT_S}))
-            (ws / "train.py").write_text(source.replace("MATRIX_LR = 0.04", "MATRIX_LR = 0.06"))
-            second = answer(await client.call_tool("run_experiment", {
-                "description": "matrix lr 0.06", "wait": False, "timeout_seconds": RUN_TIMEOUT_S}))
-            done = answer(await client.call_tool("wait", {"all": True}))
-            return first, second, done
-    try:
-        first, second, done = anyio.run(go)
-    finally:
-        loop.shutdown()
-    assert (first["status"], second["status"]) == ("running", "running")
-    results = {r["run"]: r for r in done["results"]}
-    assert [results[n]["status"] for n in (1, 2)] == ["ok", "ok"], [results[n].get("tail") for n in (1, 2)]
-    assert all("2 slots share this machine's CPUs" in " ".join(r["warnings"]) for r in results.values())
-    slots = sorted(r["slot"] for r in results.values())
-    assert slots[0].startswith("slot 0 (CPU") and slots[1].startswith("slot 1 (CPU")
-    cpus = [next(line for line in (ws / r["log"]).read_text().splitlines() if line.startswith("device:"))
-            for r in results.values()]
-    assert all("device: cpu" in line for line in cpus)
-
-
 PEEK_AHEAD = ("        y = attention(q, k, v, window)\n",
               "        y = attention(q, k, v, window)\n        y = y + torch.roll(y, -1, dims=1)  # sees the next token\n")
 EXTRA_LINE = ("import torch\n", "import torch\nos.environ['AUTORESEARCH_EVAL_TOKENS'] = '8192'  # an easier evaluation\n")
@@ -131,7 +100,8 @@ def test_train_py_cannot_bend_its_number(tmp_path, repo_root, prepared_env, monk
     better val_bpb after its summary, one brings its own evaluation (so nothing is exported), one
     lets attention see the next token, one charges the flops budget clock less than its model takes.
     The ledger gets the harness's number, an unverified result needs an explicit flag, and the
-    peeking and undercounting models are no result."""
+    peeking and undercounting models are no result. These are also the real runs two at once in two
+    CPU slots: the first two start together, each result says the slots share the CPUs."""
     ws = harness_workspace(tmp_path, repo_root, prepared_env, monkeypatch)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     loop = ResearchLoop(ws, [sys.executable, "train.py"], slots=2)
@@ -147,19 +117,27 @@ def test_train_py_cannot_bend_its_number(tmp_path, repo_root, prepared_env, monk
     async def go():
         async with Client(build_server(loop)) as client:
             answer(await client.call_tool("setup", {"tag": "cheat"}))
+            submitted = []
             for description, text in attacks.items():
                 (ws / "train.py").write_text(text)
-                answer(await client.call_tool("run_experiment", {
-                    "description": description, "wait": False, "timeout_seconds": RUN_TIMEOUT_S}))
+                submitted.append(answer(await client.call_tool("run_experiment", {
+                    "description": description, "wait": False, "timeout_seconds": RUN_TIMEOUT_S}))["status"])
             (ws / "train.py").write_text(source)
             done = answer(await client.call_tool("wait", {"all": True}))
             refused = await client.call_tool("keep", {"run": 2})
             kept = answer(await client.call_tool("keep", {"run": 2, "unverified": True}))
-            return done, refused, kept
+            return submitted, done, refused, kept
     try:
-        done, refused, kept = anyio.run(go)
+        submitted, done, refused, kept = anyio.run(go)
     finally:
         loop.shutdown()
+    assert submitted == ["running", "running", "queued", "queued"]  # two real runs at once, one per slot
+    assert all("2 slots share this machine's CPUs" in " ".join(r["warnings"]) for r in done["results"])
+    slots = {r["slot"].split(" (")[0] for r in done["results"]}
+    assert slots == {"slot 0", "slot 1"} and all(" (CPU" in r["slot"] for r in done["results"]), done["results"]
+    cpus = [next(line for line in (ws / r["log"]).read_text().splitlines() if line.startswith("device:"))
+            for r in done["results"]]
+    assert all("device: cpu" in line for line in cpus)
     results = {r["description"]: r for r in done["results"]}
     extra = results["extra summary line"]
     assert extra["status"] == "ok" and extra["verified"], extra
