@@ -118,9 +118,16 @@ class Lab:
     def new_loop(self) -> ResearchLoop:
         return ResearchLoop(self.ws, self.train_command, self.slots, self.executor, unsandboxed=self.unsandboxed)
 
+    def server(self):
+        """The loop's server, built once per loop (building one costs most of a quick call), as one
+        server process answers all of a session's calls; each call is still a client of its own."""
+        if getattr(self, "served", None) is not self.loop:  # tests may swap in a new loop
+            self.built, self.served = build_server(self.loop), self.loop
+        return self.built
+
     def call(self, name, progress=None, **args):
         async def go():
-            async with Client(build_server(self.loop)) as client:
+            async with Client(self.server()) as client:
                 return await client.call_tool(name, args, progress_callback=progress)
         return anyio.run(go)
 
