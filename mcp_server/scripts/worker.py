@@ -421,7 +421,10 @@ def main(argv=None) -> int:
 
     timed_out = False
     while child.poll() is None:
-        time.sleep(0.2)
+        try:
+            child.wait(timeout=0.2)  # as a sleep, but the run's end is seen at once
+        except subprocess.TimeoutExpired:
+            pass
         if stop_reason:
             break
         if evaluation is not None:
