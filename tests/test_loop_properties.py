@@ -147,6 +147,8 @@ class NightMachine(RuleBasedStateMachine):
         in between); refused again, status contradicts the tools."""
         next_step = self.lab.call("status").structured_content["next"]
         promised = [(n, a) for n, a in promised_calls(next_step) if n == name and (n == "run_experiment" or a == args)]
+        if next_step.startswith("edit train.py") and "train.py is identical to run" in refusal:
+            promised = []  # next promises a run of new code; the same code again is refused by design
         if promised:
             again = self.lab.call(name, **args)
             assert not again.is_error, f"status().next said {next_step!r}, and {name}{args} was refused twice: " \
