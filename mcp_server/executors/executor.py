@@ -13,7 +13,7 @@ keeps a warm evaluator (harness_eval.WarmEvaluator) that its runs' workers ask, 
 no longer shares the CPU with a second interpreter importing torch.
 
 Warm start (issue 27): as soon as a slot's run has trained (its worker reports the evaluation
-started) or ended, the slot's next worker is started ahead (`worker.py --warm`) with that run's
+started) or ended, where the harness evaluates, the slot's next worker is started ahead (`worker.py --warm`) with that run's
 sandbox, CPUs, environment and command, its interpreter importing torch and torch.compile's stack
 (mcp_server/scripts/warm_train.py) while the run is evaluated and the agent decides. The next run
 in the slot is handed to it (its options and environment on the worker's stdin) where it was
@@ -201,7 +201,7 @@ class LocalPool:
 
     def _start_ahead(self, slot: int, spec: RunSpec, cwd: Path) -> None:
         """The slot's next worker, started now with what this run had (worker.py --warm)."""
-        if self.closing or os.environ.get(WARM_START_ENV, "1") == "0" or not warmable(spec.command):
+        if self.closing or os.environ.get(WARM_START_ENV, "1") == "0" or not warmable(spec):
             return
         env = self._env(slot, spec)
         warm = self._warm_evaluator(slot, spec.worker_args, env)
@@ -333,9 +333,13 @@ class LocalPool:
         self.evaluators.clear()
 
 
-def warmable(command: list[str]) -> bool:
-    """A command a warm interpreter can run: a Python interpreter on a script (`python train.py ...`)."""
-    return len(command) >= 2 and Path(command[0]).name.startswith("python") and command[1].endswith(".py")
+def warmable(spec: RunSpec) -> bool:
+    """A run a warm interpreter serves: a Python interpreter on a script (`python train.py ...`) with a
+    harness that exports the model for its separate evaluation (this project's, which imports torch;
+    a stand-in trainer that never imports it would only wait for torch's imports)."""
+    command = spec.command
+    return (len(command) >= 2 and Path(command[0]).name.startswith("python") and command[1].endswith(".py")
+            and "--evaluate" in spec.worker_args)
 
 
 def staged(args: list, run_dir: Path, staging: Path) -> list:
