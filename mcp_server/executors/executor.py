@@ -201,7 +201,7 @@ class LocalPool:
 
     def _start_ahead(self, slot: int, spec: RunSpec, cwd: Path) -> None:
         """The slot's next worker, started now with what this run had (worker.py --warm)."""
-        if self.closing or os.environ.get(WARM_START_ENV, "1") == "0" or not warmable(spec):
+        if self.closing or not warm_start_on() or not warmable(spec):
             return
         env = self._env(slot, spec)
         warm = self._warm_evaluator(slot, spec.worker_args, env)
@@ -231,7 +231,7 @@ class LocalPool:
         if ahead is None:
             return None, None
         key, _ = self._warm_key(slot, spec, env, warm, ahead.staging)
-        if key == ahead.key and ahead.proc.poll() is None:
+        if key == ahead.key and ahead.proc.poll() is None and warm_start_on():
             argv = [*self._worker_args(slot, spec, warm, ahead.staging), "--", *spec.command]
             try:
                 ahead.proc.stdin.write(json.dumps({"argv": argv, "env": env}).encode() + b"\n")
@@ -331,6 +331,10 @@ class LocalPool:
         for warm in self.evaluators.values():
             warm.close()
         self.evaluators.clear()
+
+
+def warm_start_on() -> bool:
+    return os.environ.get(WARM_START_ENV, "1") != "0"
 
 
 def warmable(spec: RunSpec) -> bool:
