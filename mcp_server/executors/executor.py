@@ -12,10 +12,11 @@ server dies, however it dies, the worker kills the training. Where the harness e
 keeps a warm evaluator (harness_eval.WarmEvaluator) that its runs' workers ask, so a run's start-up
 no longer shares the CPU with a second interpreter importing torch.
 
-Warm start (issue 27): as soon as a slot's run has trained (its worker reports the evaluation
-started) or ended, where the harness evaluates, the slot's next worker is started ahead (`worker.py --warm`) with that run's
-sandbox, CPUs, environment and command, its interpreter importing torch and torch.compile's stack
-(mcp_server/scripts/warm_train.py) while the run is evaluated and the agent decides. The next run
+Warm start (issue 27): where the harness evaluates, as soon as a slot's run has trained (its
+worker reports the evaluation started) or ended, the slot's next worker is started ahead
+(`worker.py --warm`) with that run's sandbox, CPUs, environment and command, its interpreter
+importing torch and torch.compile's stack (mcp_server/scripts/warm_train.py) while the run is
+evaluated and the agent decides. The next run
 in the slot is handed to it (its options and environment on the worker's stdin) where it was
 started with exactly what that run would get; else it is thrown away and the run starts cold. The
 sandbox's writable export folder is the pre-started worker's own (exports/slot-K-*), as no run
