@@ -1,7 +1,7 @@
-"""Where a run's start-up goes, and the warm evaluator against a cold one, side by side (issue 27).
+"""Where a run's start-up goes, and the warm paths against the cold one, side by side (issue 27).
 
     uv run bench/bench_startup.py [--repeat 3] [--budget-seconds 60] [--experiments 7] [--rounds 1]
-        [--cache DIR] [--phases-only]
+        [--modes cold,warm] [--cache DIR] [--phases-only]
 
 Part 1, the phases of one run's start-up, each timed --repeat times (median, and its share of their
 sum): the `uv run` probe (the server runs it once, not per run), the slot's git checkout, the
@@ -10,8 +10,11 @@ imports in the sandbox (torch; the harness; torch.compile's dynamo and inductor)
 evaluator's imports (-I -S -B, torch and torch.export's loader), which ran beside the run's own
 start-up on every run and which a slot's warm evaluator pays once.
 
-Part 2, the demo's loop (demo.py: a real server over stdio, the real train.py, one slot) with
-cold evaluators (RESEARCH_LOOP_WARM_EVALUATOR=0) and with warm ones, alternating --rounds times,
+Part 2, the demo's loop (demo.py: a real server over stdio, the real train.py, one slot) in each
+of --modes, alternating --rounds times: cold (RESEARCH_LOOP_WARM_EVALUATOR=0 and
+RESEARCH_LOOP_WARM_START=0: every run starts its interpreter and its evaluator), evaluator (a
+slot's warm evaluator only) and warm (the warm evaluator and the slot's next worker started ahead,
+its interpreter importing torch while the run before it is evaluated),
 read from the runs' own records: per run its wall time (started_at -> ended_at), train.py's own
 split (training, waiting for the evaluation, the rest of its start-up) and the time outside
 train.py (worker, sandbox, interpreter start, exit); then runs x budget / elapsed over the runs
@@ -37,9 +40,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mcp_server.scripts import harness_eval
-from mcp_server import sandbox  # noqa: E402
+from mcp_server.scripts import sandbox  # noqa: E402
 from mcp_server.core.integrity import site_packages  # noqa: E402
 from mcp_server.core.workspace import Workspace  # noqa: E402
+from mcp_server.executors.executor import WARM_START_ENV  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -50,6 +54,7 @@ TRAIN_IMPORTS = {  # what train.py imports before its first line of work, in thr
 }
 EVALUATOR_IMPORTS = "import torch._export.serde.serialize"  # nanochat/evaluate_export.py before its "go"
 TARGET = 0.87  # runs x budget / elapsed, issue 27
+MODES = {"cold": ("0", "0"), "evaluator": ("1", "0"), "warm": ("1", "1")}  # (warm evaluator, warm start)
 
 
 def timed(argv: list[str], cwd: Path = REPO, env: dict | None = None) -> float:
@@ -111,10 +116,11 @@ def print_phases(found: dict[str, list[float]]) -> None:
         print(f"{name:<{width}}  {median:8.2f}  {median / total:6.1%}  {each}")
 
 
-def demo(cache: Path, warm: bool, budget: float, experiments: int, seed: int) -> list[dict]:
+def demo(cache: Path, mode: str, budget: float, experiments: int, seed: int) -> list[dict]:
     """One demo.py search; the records of its runs (run, result, report), oldest first."""
-    workspace = Path(tempfile.mkdtemp(prefix=f"bench-startup-{'warm' if warm else 'cold'}-")) / "ws"
-    env = dict(os.environ, AUTORESEARCH_CACHE=str(cache), **{harness_eval.WARM_ENV: "1" if warm else "0"})
+    workspace = Path(tempfile.mkdtemp(prefix=f"bench-startup-{mode}-")) / "ws"
+    evaluator, start = MODES[mode]
+    env = dict(os.environ, AUTORESEARCH_CACHE=str(cache), **{harness_eval.WARM_ENV: evaluator, WARM_START_ENV: start})
     prepared = json.loads((cache / "prepared.json").read_text())  # the demo prepares nothing again
     subprocess.run([PYTHON, "demo.py", "--workspace", str(workspace), "--experiments", str(experiments),
                     "--budget-seconds", str(budget), "--seed", str(seed), "--dashboard", "-1",
@@ -144,7 +150,8 @@ def summarize(records: list[dict], budget: float) -> dict:
         evaluation = result.get("eval_seconds") or 0.0
         rows.append({"wall": wall, "training": training, "evaluation": evaluation,
                      "train.py start-up": total - training - evaluation, "outside train.py": wall - total,
-                     "evaluator": (record["report"].get("evaluation") or {}).get("evaluator", "-")})
+                     "evaluator": (record["report"].get("evaluation") or {}).get("evaluator", "-"),
+                     "warm start": record["report"].get("warm_start", False)})
     elapsed = runs[-1]["run"]["ended_at"] - baseline["run"]["ended_at"] if runs else float("nan")
     return {"rows": rows, "ratio": len(runs) * budget / elapsed, "elapsed": elapsed, "runs": len(runs)}
 
@@ -152,22 +159,24 @@ def summarize(records: list[dict], budget: float) -> dict:
 def print_runs(results: dict[str, list[dict]], budget: float) -> None:
     print(f"\nPart 2: the demo's loop, {budget:g} s budget, from the runs' own records (load {os.getloadavg()[0]:.1f})")
     columns = ("wall", "training", "evaluation", "train.py start-up", "outside train.py")
-    print(f"{'':<28}" + "".join(f"{mode:>14}" for mode in results) + f"{'warm/cold':>11}")
+    print(f"{'':<28}" + "".join(f"{mode:>14}" for mode in results) + f"{'last/first':>11}")
     means = {}
+    first, last = list(results)[0], list(results)[-1]
     for mode, summaries in results.items():
         rows = [row for s in summaries for row in s["rows"]]
         means[mode] = {c: statistics.mean(row[c] for row in rows) for c in columns} if rows else {}
         means[mode]["ratio"] = statistics.mean(s["ratio"] for s in summaries)
         means[mode]["evaluators"] = ",".join(sorted({row["evaluator"] for row in rows}))
+        means[mode]["warm starts"] = sum(row["warm start"] for row in rows)
     for column in (*columns, "ratio"):
-        cold, warm = means["cold"].get(column), means["warm"].get(column)
+        cold, warm = means[first].get(column), means[last].get(column)
         label = "runs x budget / elapsed" if column == "ratio" else f"{column} (s, mean)"
         print(f"{label:<28}" + "".join(f"{means[m].get(column, float('nan')):14.3f}" for m in results)
               + (f"{warm / cold:11.2f}" if cold else f"{'-':>11}"))
     for mode in results:
         startup = means[mode]["wall"] - means[mode]["training"]
         print(f"{mode}: start-up and evaluation {startup / means[mode]['wall']:.0%} of a run's wall "
-              f"(evaluators: {means[mode]['evaluators']}); target runs x budget / elapsed >= {TARGET} "
+              f"(evaluators: {means[mode]['evaluators']}; {means[mode]['warm starts']} warm starts); target runs x budget / elapsed >= {TARGET} "
               f"{'met' if means[mode]['ratio'] >= TARGET else 'not met'} ({means[mode]['ratio']:.2f})")
 
 
@@ -186,6 +195,7 @@ def main() -> None:
     p.add_argument("--budget-seconds", type=float, default=60.0)
     p.add_argument("--experiments", type=int, default=7, help="runs after the baseline, per demo")
     p.add_argument("--rounds", type=int, default=1, help="cold then warm demos, this many times")
+    p.add_argument("--modes", default="cold,warm", help=f"comma-separated, of {', '.join(MODES)}")
     p.add_argument("--cache")
     p.add_argument("--phases-only", action="store_true")
     args = p.parse_args()
@@ -193,10 +203,10 @@ def main() -> None:
     print_phases(phases(cache, args.repeat))
     if args.phases_only:
         return
-    results: dict[str, list[dict]] = {"cold": [], "warm": []}
+    results: dict[str, list[dict]] = {mode: [] for mode in args.modes.split(",")}
     for round_ in range(args.rounds):
-        for mode in results:  # alternating: a change in the machine's load falls on both
-            records = demo(cache, mode == "warm", args.budget_seconds, args.experiments, seed=round_)
+        for mode in results:  # alternating: a change in the machine's load falls on each
+            records = demo(cache, mode, args.budget_seconds, args.experiments, seed=round_)
             results[mode].append(summarize(records, args.budget_seconds))
     print_runs(results, args.budget_seconds)
 

@@ -1,7 +1,9 @@
 """The warm start of issue 27: each slot's warm evaluator (mcp_server/scripts/harness_eval.py) scores an export
-exactly as a cold evaluator does, a gone one leaves the run a cold one, and runs on the warm path
-keep their sandbox and their timeout's kill of the whole tree. Real exports of the real train.py
-(the session's prepared CPU harness), a real server over MCP.
+exactly as a cold evaluator does, a gone one leaves the run a cold one; a run handed to the slot's
+pre-started worker (executors/executor.py, scripts/warm_train.py) scores as a cold one, sees its own
+environment, keeps its sandbox, its timeout (from the hand-over) and the kill of its whole tree, and
+no pre-started worker outlives the server. Real exports of the real train.py (the session's
+prepared CPU harness), a real server over MCP.
 """
 import json
 import os
@@ -9,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import anyio
@@ -16,7 +19,7 @@ import pytest
 from mcp import Client
 
 from conftest import TEST_EVAL_TOKENS
-from mcp_server.executors import cluster
+from mcp_server.executors import cluster, executor
 from mcp_server.scripts import harness_eval
 from mcp_server.core.integrity import site_packages
 from mcp_server.loop import ResearchLoop
@@ -26,6 +29,7 @@ from server_support import answer, git, make_workspace, pid_alive, processes_in,
 from test_server_e2e import RUN_TIMEOUT_S, harness_workspace
 
 HANG_TIMEOUT_S = 20
+HANG_DELAY_S = 10  # between the run before the hanging one and its submission: its worker waits, started ahead
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +124,10 @@ for _target in ("../../../../results.tsv", "../../harness/prepare.py", "{home}/w
     except OSError as _exc:
         print("REFUSED", _target, type(_exc).__name__, flush=True)
 """)
-# Leaves a daemon in a session of its own, then hangs: the timeout must end both.
+# Says what it saw at import, leaves a daemon in a session of its own, then hangs: the timeout must end both.
 HANGS = """import os, subprocess, sys, time
+print("AT IMPORT run", os.environ.get("RESEARCH_LOOP_RUN"), "export", os.environ.get("RESEARCH_LOOP_EXPORT"),
+      "torch already", "torch" in sys.modules, flush=True)
 daemon = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
 open("daemon.pid", "w").write(str(daemon.pid))
 print("hanging", flush=True)
@@ -129,10 +135,15 @@ time.sleep(600)
 """
 
 
+def report_of(ws: Path, result: dict) -> dict:
+    return json.loads((ws / result["log"].replace(".log", ".report.json")).read_text())
+
+
 def test_on_the_warm_path_the_sandbox_holds_and_a_hanging_run_is_killed_whole(tmp_path, repo_root, prepared_env,
                                                                                  monkeypatch):
     ws = harness_workspace(tmp_path, repo_root, prepared_env, monkeypatch)
     monkeypatch.delenv(harness_eval.WARM_ENV, raising=False)
+    monkeypatch.delenv(executor.WARM_START_ENV, raising=False)
     loop = ResearchLoop(ws, [sys.executable, "train.py"], slots=1)
     source = (ws / "train.py").read_text()
     home = Path.home()
@@ -140,28 +151,76 @@ def test_on_the_warm_path_the_sandbox_holds_and_a_hanging_run_is_killed_whole(tm
     async def go():
         async with Client(build_server(loop)) as client:
             answer(await client.call_tool("setup", {"tag": "warm"}))
-            (ws / "train.py").write_text(source.replace(WRITES_OUTSIDE[0], WRITES_OUTSIDE[1].format(home=home), 1))
-            first = answer(await client.call_tool("run_experiment", {"description": "writes outside",
+            (ws / "train.py").write_text("print('a first run, cold')\n")
+            first = answer(await client.call_tool("run_experiment", {"description": "first",
                                                                      "timeout_seconds": RUN_TIMEOUT_S}))
+            answer(await client.call_tool("discard", {}))
+            ahead_pid = loop.pool.ahead[0].proc.pid  # started ahead once the first run ended
+            (ws / "train.py").write_text(source.replace(WRITES_OUTSIDE[0], WRITES_OUTSIDE[1].format(home=home), 1))
+            writes = answer(await client.call_tool("run_experiment", {"description": "writes outside",
+                                                                      "timeout_seconds": RUN_TIMEOUT_S}))
             answer(await client.call_tool("discard", {}))
             warm_pid = loop.pool.evaluators[0].proc.pid
             (ws / "train.py").write_text(HANGS)
+            await anyio.sleep(HANG_DELAY_S)
+            submitted = time.monotonic()
             hung = answer(await client.call_tool("run_experiment", {"description": "hangs",
                                                                     "timeout_seconds": HANG_TIMEOUT_S}))
-            return first, warm_pid, hung
+            return first, ahead_pid, writes, warm_pid, hung, time.monotonic() - submitted
     try:
-        first, warm_pid, hung = anyio.run(go)
+        first, ahead_pid, writes, warm_pid, hung, hung_seconds = anyio.run(go)
         assert pid_alive(warm_pid) and loop.pool.evaluators[0].proc.pid == warm_pid  # kept for the next run
+        unused = loop.pool.ahead[0].proc.pid  # started ahead after the hanging run: never used
+        assert pid_alive(unused)
     finally:
         loop.shutdown()
-    assert not pid_alive(warm_pid)  # the server's end closed: the warm evaluator is gone with it
-    log = (ws / first["log"]).read_text()
-    assert first["status"] == "ok" and first["verified"], first
+    slot = ws / ".git" / "research-loop" / "slots" / "0"
+    assert not pid_alive(warm_pid) and not pid_alive(unused)  # the server's end: none is left
+    assert wait_until(lambda: not processes_in(slot), 5), processes_in(slot)
+    assert not report_of(ws, first)["warm_start"] and not pid_alive(ahead_pid)  # it ran the second run, then ended
+    log = (ws / writes["log"]).read_text()
+    assert writes["status"] == "ok" and writes["verified"], writes
     assert "WROTE" not in log and log.count("REFUSED") == 3, log[:3000]
     assert "planted" not in (ws / "results.tsv").read_text() and not (Path.home() / "warm-escape").exists()
-    report = json.loads((ws / first["log"].replace(".log", ".report.json")).read_text())
-    assert report["sandbox"] and report["evaluation"]["evaluator"] == "warm", report
-    assert hung["status"] == "timeout", hung
-    slot = ws / ".git" / "research-loop" / "slots" / "0"
+    report = report_of(ws, writes)
+    assert report["sandbox"] and report["warm_start"] and report["evaluation"]["evaluator"] == "warm", report
+    report, log = report_of(ws, hung), (ws / hung["log"]).read_text()
+    assert hung["status"] == "timeout" and report["warm_start"], (hung, report)
+    # the run's own environment at import (its number and export path are set only at the hand-over)
+    assert f"AT IMPORT run {hung['run']} export {ws / '.research-loop' / 'exports'}" in log, log[:2000]
+    assert "torch already True" in log, log[:2000]
+    # the timeout counts from the hand-over, not from the worker's start HANG_DELAY_S earlier
+    assert hung_seconds >= HANG_TIMEOUT_S and report["wall_seconds"] >= HANG_TIMEOUT_S, (hung_seconds, report)
     assert (slot / "daemon.pid").exists()  # the daemon started (its pid is the sandbox's own: PID namespace)
-    assert wait_until(lambda: not processes_in(slot), 5)
+
+
+def test_a_warm_run_scores_as_a_cold_one_and_the_switch_gives_the_cold_path(tmp_path, repo_root, prepared_env,
+                                                                              monkeypatch):
+    """The real train.py three times, the same code and seed: cold (the slot's first run), warm, then
+    with RESEARCH_LOOP_WARM_START=0 cold again, and nothing started ahead after it."""
+    ws = harness_workspace(tmp_path, repo_root, prepared_env, monkeypatch)
+    monkeypatch.delenv(executor.WARM_START_ENV, raising=False)
+    loop = ResearchLoop(ws, [sys.executable, "train.py"], slots=1)
+
+    async def go():
+        async with Client(build_server(loop)) as client:
+            answer(await client.call_tool("setup", {"tag": "same"}))
+            runs = [answer(await client.call_tool("run_experiment", {"description": "baseline",
+                                                                     "timeout_seconds": RUN_TIMEOUT_S}))]
+            answer(await client.call_tool("keep", {}))
+            for switch in ("1", "0"):
+                monkeypatch.setenv(executor.WARM_START_ENV, switch)
+                runs.append(answer(await client.call_tool("run_experiment", {
+                    "description": f"the same, warm start {switch}", "timeout_seconds": RUN_TIMEOUT_S,
+                    "rerun": True})))
+                answer(await client.call_tool("discard", {}))
+            return runs
+    try:
+        runs = anyio.run(go)
+        ahead_after_off = dict(loop.pool.ahead)
+    finally:
+        loop.shutdown()
+    assert [report_of(ws, run)["warm_start"] for run in runs] == [False, True, False], runs
+    assert ahead_after_off == {}
+    assert all(run["status"] == "ok" and run["verified"] for run in runs), runs
+    assert runs[0]["val_bpb"] == runs[1]["val_bpb"] == runs[2]["val_bpb"], [run["val_bpb"] for run in runs]

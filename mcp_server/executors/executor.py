@@ -11,24 +11,41 @@ is mcp_server/scripts/worker.py leading a new session, with a pipe from the serv
 server dies, however it dies, the worker kills the training. Where the harness evaluates, each slot
 keeps a warm evaluator (harness_eval.WarmEvaluator) that its runs' workers ask, so a run's start-up
 no longer shares the CPU with a second interpreter importing torch.
+
+Warm start (issue 27): where the harness evaluates, as soon as a slot's run has trained (its
+worker reports the evaluation started) or ended, the slot's next worker is started ahead
+(`worker.py --warm`) with that run's sandbox, CPUs, environment and command, its interpreter
+importing torch and torch.compile's stack (mcp_server/scripts/warm_train.py) while the run is
+evaluated and the agent decides. The next run
+in the slot is handed to it (its options and environment on the worker's stdin) where it was
+started with exactly what that run would get; else it is thrown away and the run starts cold. The
+sandbox's writable export folder is the pre-started worker's own (exports/slot-K-*), as no run
+number is known ahead. RESEARCH_LOOP_WARM_START=0 turns it off.
 """
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mcp_server.core.workspace import cache_dir
+from mcp_server.core.integrity import EXPORTS_DIR
+from mcp_server.core.workspace import EDITABLE, cache_dir
 from mcp_server.core.state import process_start_time
 from mcp_server.scripts.harness_eval import WARM_ENV, WarmEvaluator, on_this_device
 
 WORKER = Path(__file__).resolve().parent.parent / "scripts" / "worker.py"
 WORKER_GRACE_SECONDS = 30  # beyond the worker's own timeout and grace: the server's safety net
 SLOTS_ENV = "RESEARCH_LOOP_SLOTS"
+WARM_START_ENV = "RESEARCH_LOOP_WARM_START"  # "0": every run's interpreter starts cold (bench/bench_startup.py)
+PER_RUN_ENV = ("RESEARCH_LOOP_RUN",)  # the only variables in which a slot's runs' environments differ
+PER_RUN_OPTIONS = ("--log", "--report", "--timeout", "--evaluate", "--data-order")  # worker options given at hand-over
+POLL_S = 0.5  # how often a run's waiting thread looks whether the run has trained (to start the next worker)
+DISCARD_WAIT_S = 10  # for a pre-started worker to end its sandbox once its stdin closed
 
 
 @dataclass
@@ -43,6 +60,14 @@ class RunSpec:
     worker_args: list = field(default_factory=list)  # sandbox, export and evaluation (mcp_server/core/integrity.py)
     after_seconds: float = 0.0  # what the worker may spend once training ended (the harness's evaluation)
     unsandboxed: bool = False  # the user accepts a run without a sandbox where none can run (mcp_server/scripts/sandbox.py)
+
+
+@dataclass
+class Ahead:
+    """A slot's next worker, started ahead (worker.py --warm), and what it was started with."""
+    proc: subprocess.Popen
+    key: str
+    staging: Path  # the sandbox's writable export folder
 
 
 @dataclass
@@ -95,6 +120,7 @@ class LocalPool:
         self.busy: dict[int, int] = {}  # slot -> run
         self.evaluators: dict[int, WarmEvaluator] = {}  # slot -> its warm evaluator
         self.procs: dict[int, subprocess.Popen] = {}  # run -> worker
+        self.ahead: dict[int, Ahead] = {}  # slot -> its next worker, started ahead
         self.lock = threading.Lock()
         self.closing = False
 
@@ -123,22 +149,16 @@ class LocalPool:
             self.busy[slot] = spec.run
         try:
             cwd = self.ws.checkout_slot(slot, spec.commit)
-            env = dict(self.env, **spec.env, RESEARCH_LOOP_RUN=str(spec.run), RESEARCH_LOOP_SLOT=str(slot))
-            if self.gpus:
-                env["CUDA_VISIBLE_DEVICES"] = self.gpus[slot % len(self.gpus)]
-            args = [sys.executable, str(WORKER), "--log", str(spec.log), "--report", str(spec.report),
-                    "--timeout", str(spec.timeout), "--watch-stdin"]
-            if self.cpus:
-                args += ["--cpus", ",".join(map(str, self.cpus[slot]))]
-            args += spec.worker_args + (["--unsandboxed"] if spec.unsandboxed else [])
+            env = self._env(slot, spec)
             warm = self._warm_evaluator(slot, spec.worker_args, env)
-            if warm is not None:
-                args += ["--warm-evaluator-fd", str(warm.fileno())]
             spec.log.parent.mkdir(parents=True, exist_ok=True)
-            with open(spec.log, "ab") as log:
-                proc = subprocess.Popen([*args, "--", *spec.command], cwd=cwd, env=env, stdin=subprocess.PIPE,
-                                        stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
-                                        pass_fds=(warm.fileno(),) if warm is not None else ())
+            proc, staging = self._hand_over(slot, spec, env, warm)
+            if proc is None:
+                with open(spec.log, "ab") as log:
+                    proc = subprocess.Popen([sys.executable, str(WORKER), *self._worker_args(slot, spec, warm), "--",
+                                             *spec.command], cwd=cwd, env=env, stdin=subprocess.PIPE,
+                                            stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
+                                            pass_fds=(warm.fileno(),) if warm is not None else ())
         except BaseException:
             with self.lock:
                 self.busy.pop(slot, None)
@@ -146,9 +166,82 @@ class LocalPool:
         with self.lock:
             self.procs[spec.run] = proc
         name = self.describe(slot)
-        threading.Thread(target=self._wait, args=(spec, slot, proc, cwd, on_done), daemon=True,
+        threading.Thread(target=self._wait, args=(spec, slot, proc, cwd, on_done, staging), daemon=True,
                          name=f"run-{spec.run}").start()
         return name
+
+    def _env(self, slot: int, spec: RunSpec) -> dict:
+        env = dict(self.env, **spec.env, RESEARCH_LOOP_RUN=str(spec.run), RESEARCH_LOOP_SLOT=str(slot))
+        if self.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = self.gpus[slot % len(self.gpus)]
+        return env
+
+    def _worker_args(self, slot: int, spec: RunSpec, warm: WarmEvaluator | None, staging: Path | None = None) -> list:
+        """worker.py's options for the run; with staging, the export folder is that one (a pre-started worker's)."""
+        args = ["--log", str(spec.log), "--report", str(spec.report), "--timeout", str(spec.timeout), "--watch-stdin"]
+        if self.cpus:
+            args += ["--cpus", ",".join(map(str, self.cpus[slot]))]
+        args += spec.worker_args + (["--unsandboxed"] if spec.unsandboxed else [])
+        if warm is not None:
+            args += ["--warm-evaluator-fd", str(warm.fileno())]
+        return args if staging is None else staged(args, self.ws.root / EXPORTS_DIR / str(spec.run), staging)
+
+    def _warm_key(self, slot: int, spec: RunSpec, env: dict, warm: WarmEvaluator | None, staging: Path) -> tuple:
+        """What a pre-started worker holds from its start: its options but the run's own, the command,
+        the environment torch imports with, the harness files the sandbox binds (all of the commit
+        but train.py), the worktree's folder and the warm evaluator whose socket it inherited;
+        (key, its options)."""
+        args = self._worker_args(slot, spec, warm, staging)
+        options = [a for i, a in enumerate(args) if a not in PER_RUN_OPTIONS and args[i - 1] not in PER_RUN_OPTIONS]
+        harness = sorted((item.name, item.hexsha) for item in self.ws.repo.commit(spec.commit).tree
+                         if item.name != EDITABLE)
+        shared_env = {k: v for k, v in env.items() if k not in PER_RUN_ENV}
+        folder = os.stat(self.ws.slot_path(slot)).st_ino  # a rebuilt worktree is another folder than the one bound
+        key = json.dumps([options, spec.command, shared_env, harness, folder, warm.proc.pid if warm else None])
+        return key, options
+
+    def _start_ahead(self, slot: int, spec: RunSpec, cwd: Path) -> None:
+        """The slot's next worker, started now with what this run had (worker.py --warm)."""
+        if self.closing or not warm_start_on() or not warmable(spec):
+            return
+        env = self._env(slot, spec)
+        warm = self._warm_evaluator(slot, spec.worker_args, env)
+        (self.ws.root / EXPORTS_DIR).mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f"slot-{slot}-", dir=self.ws.root / EXPORTS_DIR))
+        key, options = self._warm_key(slot, spec, env, warm, staging)
+        try:
+            proc = subprocess.Popen([sys.executable, str(WORKER), "--warm", *options, "--", *spec.command], cwd=cwd,
+                                    env={k: v for k, v in env.items() if k not in PER_RUN_ENV},
+                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    start_new_session=True, pass_fds=(warm.fileno(),) if warm is not None else ())
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+            return
+        ahead = Ahead(proc, key, staging)
+        with self.lock:
+            if not self.closing:
+                ahead, self.ahead[slot] = self.ahead.get(slot), ahead
+        if ahead is not None:  # the server is closing, or one was left from before
+            discard(ahead)
+
+    def _hand_over(self, slot: int, spec: RunSpec, env: dict, warm: WarmEvaluator | None):
+        """(the slot's pre-started worker, running this run now; its export folder), or (None, None)
+        where there is none, or it was started with anything else than this run has (thrown away)."""
+        with self.lock:
+            ahead = self.ahead.pop(slot, None)
+        if ahead is None:
+            return None, None
+        key, _ = self._warm_key(slot, spec, env, warm, ahead.staging)
+        if key == ahead.key and ahead.proc.poll() is None and warm_start_on():
+            argv = [*self._worker_args(slot, spec, warm, ahead.staging), "--", *spec.command]
+            try:
+                ahead.proc.stdin.write(json.dumps({"argv": argv, "env": env}).encode() + b"\n")
+                ahead.proc.stdin.flush()
+                return ahead.proc, ahead.staging
+            except OSError:
+                pass
+        discard(ahead)
+        return None, None
 
     def _warm_evaluator(self, slot: int, worker_args: list, env: dict) -> WarmEvaluator | None:
         """The slot's warm evaluator for this run's evaluation spec (--evaluate, with the slot's device),
@@ -173,14 +266,28 @@ class LocalPool:
         proc = self.procs.get(run)
         return {"worker_pid": proc.pid, "worker_start": process_start_time(proc.pid)} if proc else {}
 
-    def _wait(self, spec: RunSpec, slot: int, proc: subprocess.Popen, cwd: Path, on_done) -> None:
-        try:
-            proc.wait(timeout=spec.timeout + spec.after_seconds + WORKER_GRACE_SECONDS)
-        except subprocess.TimeoutExpired:  # the worker itself hangs: end its whole session
-            kill_session(proc.pid)
-            proc.wait()
+    def _wait(self, spec: RunSpec, slot: int, proc: subprocess.Popen, cwd: Path, on_done,
+              staging: Path | None) -> None:
+        deadline = time.monotonic() + spec.timeout + spec.after_seconds + WORKER_GRACE_SECONDS
+        ahead = False
+        while True:
+            try:
+                proc.wait(timeout=POLL_S)
+                break
+            except subprocess.TimeoutExpired:
+                if time.monotonic() > deadline:  # the worker itself hangs: end its whole session
+                    kill_session(proc.pid)
+                    proc.wait()
+                    break
+            if not ahead and (read_report(spec.report) or {}).get("evaluating"):
+                ahead = True  # trained: the next worker's start-up overlaps the evaluation, not the training
+                self._start_ahead(slot, spec, cwd)
         kill_session(proc.pid)  # anything still in the worker's own group
         proc.stdin.close()
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        if not ahead:
+            self._start_ahead(slot, spec, cwd)
         with self.lock:
             self.procs.pop(spec.run, None)
             self.busy.pop(slot, None)
@@ -204,10 +311,13 @@ class LocalPool:
         return False  # local runs die with their server: the loop recovers them from their files
 
     def shutdown(self) -> None:
-        """On server exit: every worker stops its training (their stdin closes)."""
-        self.closing = True
+        """On server exit: every worker stops its training (their stdin closes); those started ahead end."""
         with self.lock:
+            self.closing = True
             procs = list(self.procs.values())
+            ahead, self.ahead = list(self.ahead.values()), {}
+        for each in ahead:
+            discard(each)
         for proc in procs:
             try:
                 proc.stdin.close()
@@ -222,6 +332,47 @@ class LocalPool:
         for warm in self.evaluators.values():
             warm.close()
         self.evaluators.clear()
+
+
+def warm_start_on() -> bool:
+    return os.environ.get(WARM_START_ENV, "1") != "0"
+
+
+def warmable(spec: RunSpec) -> bool:
+    """A run a warm interpreter serves: a Python interpreter on a script (`python train.py ...`) with a
+    harness that exports the model for its separate evaluation (this project's, which imports torch;
+    a stand-in trainer that never imports it would only wait for torch's imports)."""
+    command = spec.command
+    return (len(command) >= 2 and Path(command[0]).name.startswith("python") and command[1].endswith(".py")
+            and "--evaluate" in spec.worker_args)
+
+
+def staged(args: list, run_dir: Path, staging: Path) -> list:
+    """A run's worker options with its export folder replaced by a pre-started worker's own."""
+    args = list(args)
+    for i, option in enumerate(args[:-1]):
+        if option == "--sandbox":
+            spec = json.loads(args[i + 1])
+            spec["writable"] = [str(staging) if p == str(run_dir) else p for p in spec.get("writable", [])]
+            args[i + 1] = json.dumps(spec)
+        elif option == "--export":
+            args[i + 1] = str(staging / Path(args[i + 1]).name)
+    return args
+
+
+def discard(ahead: Ahead) -> None:
+    """A pre-started worker never used: end of file on its stdin ends it and its sandbox."""
+    try:
+        ahead.proc.stdin.close()
+    except OSError:
+        pass
+    try:
+        ahead.proc.wait(timeout=DISCARD_WAIT_S)
+    except subprocess.TimeoutExpired:
+        pass
+    kill_session(ahead.proc.pid)
+    ahead.proc.wait()
+    shutil.rmtree(ahead.staging, ignore_errors=True)
 
 
 def kill_session(pid: int) -> None:

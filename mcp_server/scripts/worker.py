@@ -2,6 +2,7 @@
 
     python worker.py --log FILE --report FILE --timeout SECONDS [--watch-stdin] [--cpus 0,1]
         [--sandbox JSON [--unsandboxed]] [--export FILE --val-shard FILE --evaluate JSON] -- COMMAND...
+    python worker.py --warm --watch-stdin [--cpus ...] [--sandbox JSON ...] -- PYTHON SCRIPT.py
 
 --log - writes the output to this process's own stdout instead (a cluster job, whose engine keeps
 its stdout as the job's log).
@@ -29,6 +30,13 @@ runs (this machine's slots, a Ray or SLURM node). It
 - runs the harness's separate evaluation of its copy of the exported model (--evaluate), with its
   own timeout, as soon as the model is exported (train.py waits for its number);
 - measures the wall time itself, and writes one JSON report, atomically, with what it saw.
+
+--warm (the server's pool starts the slot's next worker ahead, issue 27): the sandbox and, inside
+it, the command's interpreter on warm_train.py, which imports torch and waits; then one JSON line
+on stdin, {"argv": this script's options for the run, "env": the run's environment}, and the run
+goes on as above with that interpreter running the script (the timeout and the wall time count from
+then). Where the warm interpreter has exited, the run starts cold; end of file instead of the line:
+it was never used, and it ends with everything it started.
 """
 from __future__ import annotations  # a node's Python may be older than 3.10
 
@@ -66,6 +74,7 @@ REAP_ROUNDS = 50  # kill-and-reap passes over the descendants, 0.1 s apart
 EXPORT_ENV = "RESEARCH_LOOP_EXPORT"  # where the harness writes the trained model (nanochat/export.py)
 ANSWER_ENV = "RESEARCH_LOOP_ANSWER"  # where this worker writes the harness's number for train.py to print
 DATA_ORDER_ENV = "AUTORESEARCH_DATA_ORDER"  # which stretch of the data a rerun trains on (nanochat/dataloader.py)
+WARM_STUB = Path(__file__).resolve().parent / "warm_train.py"  # the interpreter a --warm worker starts ahead
 UVM_DEVICE = "/dev/nvidia-uvm"  # CUDA's unified memory node, made by nvidia-modprobe at the first CUDA use
 IN_OPEN = 0x20
 INOTIFY_EVENT = struct.Struct("iIII")  # wd, mask, cookie, name length
@@ -307,9 +316,9 @@ def write_report(path: Path, report: dict) -> None:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description="Run one training command with a hard timeout and a report.")
-    p.add_argument("--log", type=Path, required=True)
-    p.add_argument("--report", type=Path, required=True)
-    p.add_argument("--timeout", type=float, required=True)
+    p.add_argument("--log", type=Path)
+    p.add_argument("--report", type=Path)
+    p.add_argument("--timeout", type=float)
     p.add_argument("--grace", type=float, default=TERM_GRACE_SECONDS)
     p.add_argument("--max-log-bytes", type=int, default=MAX_LOG_BYTES)
     p.add_argument("--watch-stdin", action="store_true", help="stop the run when stdin reaches end of file")
@@ -327,7 +336,12 @@ def parse_args(argv):
     p.add_argument("--report-tail", type=int, default=0, help="bytes of the output's end to put in the report")
     p.add_argument("--data-order", type=int, default=0,
                    help="train on another stretch of the data (a rerun: nanochat/dataloader.py)")
-    return parse_with_command(p, argv)
+    p.add_argument("--warm", action="store_true",
+                   help="start the sandbox and the command's interpreter now; the run's options come on stdin")
+    args = parse_with_command(p, argv)
+    if not args.warm and None in (args.log, args.report, args.timeout):
+        p.error("--log, --report and --timeout are required (but with --warm, where the run's options bring them)")
+    return args
 
 
 def parse_with_command(p: argparse.ArgumentParser, argv) -> argparse.Namespace:
@@ -339,6 +353,34 @@ def parse_with_command(p: argparse.ArgumentParser, argv) -> argparse.Namespace:
     if not args.command:
         p.error("no command given")
     return args
+
+
+def start_warm(command: list[str], spec: dict, private: dict | None, output: int, in_child):
+    """The command's interpreter on warm_train.py, in the sandbox (as the command itself would be),
+    importing torch now and then waiting on a pipe: (its process, the pipe's end for the hand-over)."""
+    read_fd, write_fd = os.pipe()
+    stub, _ = sandboxed([command[0], str(WARM_STUB), str(read_fd)], spec, os.getcwd(), private)
+    try:
+        proc = subprocess.Popen(stub, stdin=subprocess.DEVNULL, stdout=output, stderr=output, pass_fds=(read_fd,),
+                                start_new_session=True, preexec_fn=in_child)
+    except OSError:
+        os.close(write_fd)
+        raise
+    finally:
+        os.close(read_fd)
+    return proc, write_fd
+
+
+def hand_over(warm: subprocess.Popen, pipe: int, command: list[str], env: dict) -> bool:
+    """The run's script, folder and environment to the waiting interpreter; False where it has exited."""
+    try:
+        with os.fdopen(pipe, "wb") as f:
+            if warm.poll() is not None:
+                return False
+            f.write(json.dumps({"argv": command[1:], "cwd": os.getcwd(), "env": env}).encode() + b"\n")
+    except OSError:
+        return False
+    return True
 
 
 def not_started(args, message: str, exit_code: int, started_at: float, subreaper: bool) -> int:
@@ -369,21 +411,36 @@ def main(argv=None) -> int:
         if cpus is not None:
             os.sched_setaffinity(0, cpus)
 
-    env = dict(os.environ)
-    if args.data_order:
-        env[DATA_ORDER_ENV] = str(args.data_order)
-    val_watch = val_copy = evaluation = evaluated = None
+    val_watch = val_copy = evaluation = evaluated = stub = None
     watch_val = bool(args.export and args.val_shard and args.val_shard.exists())
     if watch_val and args.sandbox:
         val_copy = private_val_copy(args.val_shard, args.report)
-    command, in_sandbox = sandboxed(args.command, args.sandbox, os.getcwd(),
-                                    {args.val_shard: val_copy} if val_copy else None)
+    private = {args.val_shard: val_copy} if val_copy else None
+    command, in_sandbox = sandboxed(args.command, args.sandbox, os.getcwd(), private)
     if args.sandbox and not in_sandbox and not args.unsandboxed:  # never without a sandbox unasked
         os.close(write_end)
+        if args.warm:  # the pool starts this run's worker cold, which says why in the run's log
+            return 126
         return not_started(args, f"refused to run {args.command[0]!r}: {sandbox.missing()}", 126, started_at,
                            subreaper)
     if in_sandbox:
         cuda_ready_outside_the_sandbox()
+    env = dict(os.environ)
+    if args.warm:
+        stub, stub_pipe = start_warm(args.command, args.sandbox, private, write_end, in_child)
+        line = sys.stdin.buffer.readline()
+        if not line:  # never used: the server threw it away or is gone
+            os.close(stub_pipe)
+            os.close(write_end)
+            kill_everything(stub.pid)
+            if val_copy is not None:
+                shutil.rmtree(val_copy.parent, ignore_errors=True)
+            return 0
+        handed = json.loads(line)
+        args, env = parse_args(handed["argv"]), handed["env"]
+        started_at, t0 = time.time(), time.monotonic()  # the run starts now, not when its interpreter did
+    if args.data_order:
+        env[DATA_ORDER_ENV] = str(args.data_order)
     if args.export:
         env[EXPORT_ENV] = str(args.export)
         args.export.parent.mkdir(parents=True, exist_ok=True)
@@ -399,9 +456,14 @@ def main(argv=None) -> int:
             val_watch.start()
         except OSError:
             val_watch = None  # not Linux: the server notes that validation reads are unwatched
+    warm_start = stub is not None and hand_over(stub, stub_pipe, args.command, env)
+    if stub is not None and not warm_start:
+        with open_log(args.log) as log:
+            log.write(f"{MARK} the warm interpreter had exited (code {stub.wait()}): this run starts cold\n".encode())
     try:
-        child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=write_end, stderr=write_end,
-                                 start_new_session=True, preexec_fn=in_child, env=env)
+        child = stub if warm_start else subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=write_end,
+                                                         stderr=write_end, start_new_session=True,
+                                                         preexec_fn=in_child, env=env)
     except OSError as exc:
         os.close(write_end)
         if evaluation is not None:
@@ -409,7 +471,9 @@ def main(argv=None) -> int:
         return not_started(args, f"could not start {args.command[0]!r}: {exc}", 127, started_at, subreaper)
     os.close(write_end)
     # the command's group, for whoever finds this run without its worker (a server restart)
-    write_report(args.report, {"running": True, "pid": child.pid, "worker_pid": os.getpid(), "started_at": started_at})
+    running = {"running": True, "pid": child.pid, "worker_pid": os.getpid(), "started_at": started_at}
+    write_report(args.report, running)
+    evaluating = False
     pump = LogPump(read_end, args.log, args.max_log_bytes)
     pump.start()
     if args.watch_stdin:
@@ -429,6 +493,9 @@ def main(argv=None) -> int:
             break
         if evaluation is not None:
             evaluation.start_if_exported(val_watch)
+            if evaluation.started_at is not None and not evaluating:  # the pool may start the slot's next worker
+                evaluating = True
+                write_report(args.report, running | {"evaluating": True})
         if time.monotonic() - t0 - (evaluation.seconds() if evaluation else 0.0) > args.timeout:
             timed_out = True
             break
@@ -464,7 +531,7 @@ def main(argv=None) -> int:
         "stopped": stop_reason[0] if stop_reason else None, "started_at": started_at, "wall_seconds": round(wall, 3),
         "stray_processes": 0 if (timed_out or stop_reason) else len(strays), "unkillable": unkillable,
         "log_truncated": pump.truncated, "host": socket.gethostname(), "device": device_name(dict(os.environ)),
-        "subreaper": subreaper, "sandbox": in_sandbox,
+        "subreaper": subreaper, "sandbox": in_sandbox, "warm_start": warm_start,
     }
     if args.export:
         report["exported"] = args.export.exists()

@@ -1,0 +1,72 @@
+"""A run's interpreter, started before the run (issue 27's warm start): the slot's next worker
+(worker.py --warm) starts it in the sandbox with the training's own Python while the slot's
+previous run is evaluated and the agent thinks; it imports what every run's train.py imports first
+and then waits.
+
+    python warm_train.py FD
+
+It imports torch and torch.compile's stack (PRELOAD: about 10 s of a run's start-up on the 2-core
+CPU), then reads one JSON line from the pipe FD: {"argv", "cwd", "env"}, the run's command line
+after the interpreter, its folder and its environment, and runs argv[0] as __main__ (runpy) with
+that argv, folder, environment and sys.path[0], as `python train.py` would (but sys.argv[0] and
+__file__ are the script's absolute path). End of file instead:
+the worker threw it away, it exits. Nothing from the run's folder is imported before the hand-over
+(sys.path[0] is this script's folder until then), so nothing of an earlier run's files reaches it.
+
+Standard library only: it imports the preloaded modules by name, from whatever environment runs
+it; one that is missing is left to the run, which imports it itself as a cold run does.
+"""
+import importlib
+import json
+import logging
+import os
+import runpy
+import sys
+
+PRELOAD = ("torch", "torch._dynamo", "torch._inductor.compile_fx")
+# train.py sets these before it imports torch (the OpenMP runtime reads them when torch loads it):
+# the same defaults here, where torch is loaded before train.py runs
+IMPORT_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "1000"}
+DEVICE_ENV = "AUTORESEARCH_DEVICE"  # "cpu": the harness trains on the CPU (nanochat/platform.py)
+KEPT_ENV = ("HOME",)  # the sandbox's own (bubblewrap --setenv), not the server's
+
+
+def preload() -> None:
+    for name, value in IMPORT_ENV.items():
+        os.environ.setdefault(name, value)
+    try:
+        torch = importlib.import_module(PRELOAD[0])
+    except ImportError:
+        return
+    if os.environ.get(DEVICE_ENV, "").strip() == "cpu" or not torch.cuda.is_available():
+        # as nanochat/compile.py does on a CPU before dynamo would import Triton (GPU kernels only)
+        sys.modules.setdefault("triton", None)
+        logging.getLogger("torch.utils.flop_counter").setLevel(logging.ERROR)  # "triton not found"
+    for name in PRELOAD[1:]:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            return
+
+
+def main() -> int:
+    handover = os.fdopen(int(sys.argv[1]), "rb")
+    preload()
+    line = handover.readline()
+    handover.close()
+    if not line:
+        return 0
+    run = json.loads(line)
+    kept = {name: os.environ[name] for name in KEPT_ENV if name in os.environ}
+    os.environ.clear()
+    os.environ.update(run["env"], **kept)
+    os.chdir(run["cwd"])
+    script = os.path.abspath(run["argv"][0])
+    sys.argv = list(run["argv"])
+    sys.path[0] = os.path.dirname(script)
+    runpy.run_path(script, run_name="__main__")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
