@@ -3,7 +3,9 @@ runs written as W&B offline runs in the workspace, read back from W&B's own run 
 across restarts; a broken W&B never holds up a tool call; its service process ends with the server and
 never reaches for the network."""
 import json
+import os
 import socket
+import subprocess
 import threading
 from pathlib import Path
 
@@ -235,3 +237,20 @@ def test_wandb_tracking_options(monkeypatch):
     assert wandb_tracking.mode() == "online"
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert wandb_tracking.mode() == "offline"
+
+
+def test_the_demo_tracks_its_runs_in_wandb(repo_root, prepared_env, tmp_path, offline):
+    """`uv run demo.py --track wandb`: the real train.py's runs as W&B offline runs, and the way to upload them."""
+    from test_demo import QUICK_BUDGET, demo_command, ledger_rows
+    workspace = tmp_path / "ws"
+    env = {**prepared_env, **{k: v for k, v in os.environ.items() if k.lower().endswith("_proxy")}}
+    proc = subprocess.run(demo_command(workspace, QUICK_BUDGET, "--experiments", "0", "--track", "wandb"),
+                          cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    folder = wandb_tracking.local_dir(workspace)
+    assert f"Tracked runs: W&B (offline, {folder}) (upload them: uv run wandb sync {folder}/offline-run-*)" in proc.stdout
+    runs = {r.summary["commit"][:7]: r for r in offline_runs(folder).values()}
+    assert {c: r.summary["decision"] for c, r in runs.items()} == {row["commit"]: row["status"]
+                                                                     for row in ledger_rows(workspace)}
+    assert all(len([h for h in r.history if "train_loss" in h]) > 1 for r in runs.values())
+    assert offline.connections == 0
