@@ -1,5 +1,5 @@
 """Entry point: `uv run python -m mcp_server [--workspace DIR] [--slots N] [--executor local|ray|slurm]
-[--http --port N] [--dashboard PORT] [--unsandboxed] [--notify URL] [--track mlflow [--mlflow-uri URI] | --track wandb]`.
+[--http --port N] [--dashboard PORT] [--unsandboxed] [--notify URL] [--track mlflow [--mlflow-uri URI] | wandb]`.
 
 stdio by default (what Claude Code starts); --http serves streamable HTTP on 127.0.0.1
 only, optionally behind a bearer token taken from RESEARCH_LOOP_TOKEN or --token-file (never

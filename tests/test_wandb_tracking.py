@@ -15,7 +15,8 @@ from google.protobuf.message import DecodeError
 
 from mcp_server.__main__ import parse_args
 from mcp_server.core import tracking, wandb_tracking
-from server_support import answer, make_cache, make_workspace, processes_running, set_knobs, stdio_client_for, wait_until
+from server_support import (answer, make_cache, make_workspace, processes_running, set_knobs, stdio_client_for,
+                            wait_until)
 from test_tracking import NIGHT_STAGES, night
 from wandb_support import offline_runs
 
@@ -248,7 +249,8 @@ def test_the_demo_tracks_its_runs_in_wandb(repo_root, prepared_env, tmp_path, of
                           cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     folder = wandb_tracking.local_dir(workspace)
-    assert f"Tracked runs: W&B (offline, {folder}) (upload them: uv run wandb sync {folder}/offline-run-*)" in proc.stdout
+    assert f"Tracked runs: W&B (offline, {folder}) (upload them: uv run wandb sync {folder}/offline-run-*)" \
+        in proc.stdout
     runs = {r.summary["commit"][:7]: r for r in offline_runs(folder).values()}
     assert {c: r.summary["decision"] for c, r in runs.items()} == {row["commit"]: row["status"]
                                                                      for row in ledger_rows(workspace)}

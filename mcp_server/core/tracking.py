@@ -195,7 +195,7 @@ class Tracker:
         return {}
 
     def describe(self, record: dict, stage: str, state: dict) -> dict:
-        """What MLflow is told about a run: name, times, params, metrics, tags, artifacts."""
+        """What the tracker is told about a run: name, times, params, metrics, tags, artifacts."""
         result, run = record["result"], record["run"]
         decision = record.get("decision") or {}
         old, new = self._train_at(run["parent"]), self._train_at(run["commit"])
@@ -223,7 +223,8 @@ class Tracker:
                    and not isinstance(result.get(k), bool)}
         if stage != "pending":
             metrics["kept"] = float(stage == "keep")
-        return {"name": f"{run['run']:04d} {result['description'][:60]}", "start_ms": int(started * 1000),
+        return {"name": f"{run['run']:04d} {result['description'][:60]}", "description": result["description"],
+                "start_ms": int(started * 1000),
                 "end_ms": int(ended * 1000), "failed": result["status"] != "ok",
                 "params": {name: "(removed)" if value is None else value
                            for name, (_, value) in changes.get("constants", {}).items()}

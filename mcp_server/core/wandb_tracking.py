@@ -106,27 +106,33 @@ class WandbSink:
 
     def _write(self, rid: str, branch: str, key: str, stage: str, what: dict) -> None:
         tags = what["tags"]
-        run = self.wandb.init(
-            dir=self.dir.parent, id=rid, resume="allow", project=os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
-            group=tracking.experiment_name(self.root, branch), job_type="experiment", name=what["name"],
-            notes=tags.get("mlflow.note.content"), settings=self.settings, reinit="create_new",
-            tags=[t[:MAX_TAG_CHARS] for t in (stage, f"status:{tags.get('result.status')}", branch)],
-            config=what["params"] | {tracking.KEY_TAG: key, "workspace": str(self.root)})
         try:
-            for step, loss, _ in what["curve"]:
-                run.log({"train_loss": loss}, step=step)
-            run.summary.update(what["metrics"] | {k: v for k, v in tags.items() if not k.startswith("mlflow.")})
-            files = Path(run.dir)  # the run's own folder: `wandb sync` reads them there, later
-            (files / "train.py.diff").write_text(what["diff"])
-            (files / "record.json").write_text(json.dumps(what["record"], indent=1))
-            if what["log"] is not None:
-                shutil.copyfile(what["log"], files / what["log"].name)
-            for path in files.iterdir():
-                run.save(str(path), base_path=run.dir, policy="now")
-        finally:
+            run = self.wandb.init(
+                dir=self.dir.parent, id=rid, resume="allow", project=os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
+                group=tracking.experiment_name(self.root, branch), job_type="experiment", name=what["name"],
+                notes=what["description"], settings=self.settings, reinit="create_new",
+                tags=[t[:MAX_TAG_CHARS] for t in (stage, f"status:{tags.get('result.status')}", branch)],
+                config=what["params"] | {tracking.KEY_TAG: key, "workspace": str(self.root)})
             try:
-                run.finish(exit_code=1 if what["failed"] else 0)
+                self._fill(run, what)
             finally:
-                # W&B's service (wandb-core) ends with each run, its files flushed and closed: the run is
-                # whole on disk before it is noted, and no service is left between runs, or after the server
-                self.wandb.teardown()
+                run.finish(exit_code=1 if what["failed"] else 0)
+        finally:
+            # W&B's service (wandb-core) ends with each run, its files flushed and closed: the run is
+            # whole on disk before it is noted, and no service is left between runs, or after the server
+            self.wandb.teardown()
+
+    @staticmethod
+    def _fill(run, what: dict) -> None:
+        for step, loss, _ in what["curve"]:
+            run.log({"train_loss": loss}, step=step)
+        run.summary.update(what["metrics"] | {k: v for k, v in what["tags"].items() if not k.startswith("mlflow.")})
+        files = Path(run.dir)  # the run's own folder: `wandb sync` reads them there, later
+        (files / "train.py.diff").write_text(what["diff"])
+        (files / "record.json").write_text(json.dumps(what["record"], indent=1))
+        names = ["train.py.diff", "record.json"]
+        if what["log"] is not None:
+            shutil.copyfile(what["log"], files / what["log"].name)
+            names.append(what["log"].name)
+        for name in names:
+            run.save(str(files / name), base_path=run.dir, policy="now")
