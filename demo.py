@@ -4,6 +4,7 @@
     uv run demo.py --strategy greedy --hours 8 --workspace ~/runs/night1   # an overnight baseline search
     uv run demo.py --strategy tpe --experiments 12   # Optuna's TPE (or cmaes) through the server's sweep tool
     uv run demo.py --track mlflow       # every run in MLflow too (extra `mlflow`): `mlflow ui` shows them
+    uv run demo.py --track wandb        # or in W&B, offline (extra `wandb`): `wandb sync` uploads them
 
 It prepares data and tokenizer if needed, clones this repository's HEAD into a scratch workspace
 (your checkout and branch are never touched), sets up a research branch, runs the baseline and
@@ -30,7 +31,7 @@ from autosearch.driver import (
 from autosearch.report import best_kept, diff_against_baseline, ledger_table, read_ledger, timing_table
 from autosearch.space import DEFAULT_SPACE, load_space
 from autosearch.strategies import STRATEGIES
-from mcp_server.core import notify, tracking
+from mcp_server.core import notify, tracking, wandb_tracking
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_EXPERIMENTS = 5  # baseline + 5 runs of the CPU profile's 60 s budget fit in 10 minutes
@@ -66,9 +67,12 @@ def parse_args(argv):
                    help="a webhook (Slack, Discord, ntfy, ...) the server pings on a keep, at the end and after "
                         "failed runs in a row")
     p.add_argument("--track", choices=tracking.TRACKERS,
-                   help="track every run in MLflow (extra `mlflow`), in the workspace's own store unless --mlflow-uri")
+                   help="track every run in MLflow (extra `mlflow`), in the workspace's own store unless --mlflow-uri, "
+                        "or in W&B (extra `wandb`), offline in the workspace unless WANDB_MODE or WANDB_API_KEY is set")
     p.add_argument("--mlflow-uri", help="an MLflow tracking server, e.g. http://127.0.0.1:5000 (implies --track mlflow)")
     args = p.parse_args(argv)
+    if args.mlflow_uri and args.track == "wandb":
+        p.error("--mlflow-uri is for --track mlflow, not wandb: drop one of them")
     if args.mlflow_uri:
         args.track = "mlflow"
     if args.experiments is not None and args.experiments < 0:
@@ -156,7 +160,10 @@ def final_report(plan: SearchPlan) -> None:
     if plan.report:
         print(f"Report: {plan.report} (make a pull request branch of the kept changes: uv run research-loop report "
               f"--workspace {plan.workspace} --branch pr/{plan.tag})")
-    if plan.tracking:
+    if plan.tracking == ("--track", "wandb"):
+        print(f"Tracked runs: {wandb_tracking.where(plan.workspace)} (upload them: uv run wandb sync "
+              f"{wandb_tracking.local_dir(plan.workspace)}/offline-run-*)")
+    elif plan.tracking:
         uri = plan.tracking[-1] if "--mlflow-uri" in plan.tracking else tracking.default_uri(plan.workspace)
         print(f"Tracked runs: MLflow at {uri}" + ("" if uri.startswith("http") else
                                                    f" (see them: uv run mlflow ui --backend-store-uri {uri})"))

@@ -1,6 +1,6 @@
 """What experiment tracking costs the loop: the same fake-trainer experiments with tracking off, into
-the workspace's MLflow store, into a server that never answers, and into a closed port; the tool
-calls' times side by side (the `mlflow` extra).
+the workspace's MLflow store, into a server that never answers, into a closed port, and as W&B
+offline runs; the tool calls' times side by side (the `mlflow` and `wandb` extras).
 
     uv run python bench/bench_tracking.py [--experiments 20]
 
@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 from server_support import Lab, make_cache, make_workspace, set_knobs  # noqa: E402
 
-from mcp_server.core import tracking  # noqa: E402
+from mcp_server.core import tracking, wandb_tracking  # noqa: E402
 
 CALLS = ("run_experiment", "keep", "discard", "status")
 
@@ -45,7 +45,10 @@ def night(mode: str, experiments: int) -> dict[str, list[float]]:
     uri = {"off": None, "local store": tracking.default_uri(lab.ws), "closed port": closed_port()}.get(mode)
     if mode == "never answers":
         hole, uri = black_hole()
-    tracker = tracking.Tracker(lab.ws, uri, poll_s=0.5, retry_s=(1.0, 5.0)).start() if uri else None
+    timing = dict(poll_s=0.5, retry_s=(1.0, 5.0))
+    tracker = tracking.Tracker(lab.ws, uri, **timing).start() if uri else None
+    if mode == "wandb offline":
+        tracker = wandb_tracking.tracker(lab.ws, **timing).start()
     times = {name: [] for name in CALLS}
 
     def timed(name, **args):
@@ -72,7 +75,7 @@ def main() -> None:
     parser.add_argument("--experiments", type=int, default=20)
     args = parser.parse_args()
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "600"  # the never-answering server holds each call this long
-    modes = ("off", "local store", "never answers", "closed port")
+    modes = ("off", "local store", "never answers", "closed port", "wandb offline")
     results = {mode: night(mode, args.experiments) for mode in modes}
     print(f"\nmedian / max seconds per call, {args.experiments + 1} experiments (fake trainer)")
     print(f"{'call':16}" + "".join(f"{mode:>22}" for mode in modes))

@@ -1,5 +1,5 @@
 """Entry point: `uv run python -m mcp_server [--workspace DIR] [--slots N] [--executor local|ray|slurm]
-[--http --port N] [--dashboard PORT] [--unsandboxed] [--notify URL] [--track mlflow [--mlflow-uri URI]]`.
+[--http --port N] [--dashboard PORT] [--unsandboxed] [--notify URL] [--track mlflow [--mlflow-uri URI] | wandb]`.
 
 stdio by default (what Claude Code starts); --http serves streamable HTTP on 127.0.0.1
 only, optionally behind a bearer token taken from RESEARCH_LOOP_TOKEN or --token-file (never
@@ -65,9 +65,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                              f"runs are refused (default: env {sandbox.UNSANDBOXED_ENV}=1)")
     notify.add_arguments(parser)
     parser.add_argument("--track", choices=tracking.TRACKERS, default=os.environ.get("RESEARCH_LOOP_TRACK") or None,
-                        help="track every run in MLflow (extra `mlflow`), one experiment per research branch; a "
-                             "tracker that is down never stops the loop, it catches up (default: env "
-                             "RESEARCH_LOOP_TRACK, else none)")
+                        help="track every run in MLflow (extra `mlflow`), one experiment per research branch, or in "
+                             "W&B (extra `wandb`; offline in the workspace's .research-loop/wandb/ unless WANDB_MODE "
+                             "or WANDB_API_KEY is set), one group per branch; a tracker that is down never stops the "
+                             "loop, it catches up (default: env RESEARCH_LOOP_TRACK, else none)")
     parser.add_argument("--mlflow-uri", default=os.environ.get("RESEARCH_LOOP_MLFLOW_URI") or None,
                         help="the MLflow tracking server, e.g. http://HOST:5000; implies --track mlflow (default: "
                              "env RESEARCH_LOOP_MLFLOW_URI, else env MLFLOW_TRACKING_URI, else the workspace's own "
@@ -77,6 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--slots must be 1 or more")
     if args.track and args.track not in tracking.TRACKERS:
         parser.error(f"RESEARCH_LOOP_TRACK must be one of {', '.join(tracking.TRACKERS)}, got {args.track!r}")
+    if args.mlflow_uri and args.track == "wandb":
+        parser.error("--mlflow-uri (or RESEARCH_LOOP_MLFLOW_URI) is for --track mlflow, not wandb: drop one of them")
     if args.mlflow_uri:
         args.track = "mlflow"
     return args
@@ -183,6 +186,9 @@ def start_tracking(args, loop):
     missing = tracking.missing_extra(args.track)
     if missing:
         sys.exit(f"research-loop-mcp: {missing}")
+    if args.track == "wandb":
+        from mcp_server.core import wandb_tracking
+        return wandb_tracking.tracker(loop.root, owned=lambda: loop.state.owned).start()
     uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
     return tracking.Tracker(loop.root, uri, owned=lambda: loop.state.owned).start()
 

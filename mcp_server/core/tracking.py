@@ -29,7 +29,7 @@ import git
 from mcp_server.core import history, logparse
 from mcp_server.core.state import STATE_DIR, STATE_FILE, records_dir
 
-TRACKERS = ("mlflow",)
+TRACKERS = ("mlflow", "wandb")  # wandb: mcp_server/core/wandb_tracking.py
 LOCAL_DB = "mlflow.db"  # the default store, in the workspace's .research-loop/
 LOCAL_ARTIFACTS = "mlflow-artifacts"
 KEY_TAG = "research_loop.run"  # <number>-<commit7>: the run's name, also its records' file name
@@ -51,8 +51,8 @@ RESULT_TAGS = ("status", "slot", "device", "noise", "integrity", "verified", "co
                "unsandboxed", "best_commit")
 BATCH = 1000  # metrics per log_batch: MLflow's limit
 MAX_TAG_CHARS = 5000
-MLFLOW_MISSING = ("--track mlflow needs the `mlflow` extra: `uv sync --extra mlflow` in this project "
-                  "(or pip install 'research-loop[mlflow]')")
+MISSING = ("--track {0} needs the `{0}` extra: `uv sync --extra {0}` in this project "
+           "(or pip install 'research-loop[{0}]')")
 
 
 def default_uri(root: Path) -> str:
@@ -67,8 +67,9 @@ def experiment_name(root: Path, branch: str) -> str:
 
 
 def missing_extra(tracker: str) -> str | None:
-    """Why the tracker cannot run here (its package is not installed), or None; imports nothing."""
-    return MLFLOW_MISSING if tracker == "mlflow" and importlib.util.find_spec("mlflow") is None else None
+    """Why the tracker cannot run here (its package, named as its extra, is not installed), or None;
+    imports nothing."""
+    return MISSING.format(tracker) if importlib.util.find_spec(tracker) is None else None
 
 
 def say(message: str) -> None:
@@ -76,14 +77,18 @@ def say(message: str) -> None:
 
 
 class Tracker:
-    """Syncs the workspace's records to MLflow on a daemon thread, never on the loop's."""
+    """Syncs the workspace's records to a tracker (MLflow unless told) on a daemon thread, never on
+    the loop's."""
 
     def __init__(self, root: Path, uri: str | None = None, owned=lambda: True, poll_s: float = POLL_S,
-                 retry_s: tuple[float, float] = RETRY_S):
+                 retry_s: tuple[float, float] = RETRY_S, sink=None):
         """owned: whether this server owns the workspace now (only the owner tracks: two servers
-        tracking at once would each create the same run)."""
+        tracking at once would each create the same run). sink: makes the tracker's side
+        (its track(branch, key, stage, describe) writes a run); default MLflow's at `uri`. `uri`
+        names the tracker in messages."""
         self.root = Path(root).resolve()
         self.uri = uri or default_uri(self.root)
+        self.make_sink = sink or (lambda: MlflowSink(self.root, self.uri))
         self.owned, self.poll_s, self.retry_s = owned, poll_s, retry_s
         self.stopping = threading.Event()
         self.problem: str | None = None  # why the last pass failed, while it did
@@ -171,7 +176,7 @@ class Tracker:
                     strangers.append(path.name)
                 continue
             if self._sink is None:
-                self._sink = MlflowSink(self.root, self.uri)
+                self._sink = self.make_sink()
             if self._sink.track(state["branch"], key, vouched, lambda r=record, v=vouched: self.describe(r, v, state)):
                 written += 1
         if strangers and state.get("branch"):
@@ -190,7 +195,7 @@ class Tracker:
         return {}
 
     def describe(self, record: dict, stage: str, state: dict) -> dict:
-        """What MLflow is told about a run: name, times, params, metrics, tags, artifacts."""
+        """What the tracker is told about a run: name, times, params, metrics, tags, artifacts."""
         result, run = record["result"], record["run"]
         decision = record.get("decision") or {}
         old, new = self._train_at(run["parent"]), self._train_at(run["commit"])
@@ -218,7 +223,8 @@ class Tracker:
                    and not isinstance(result.get(k), bool)}
         if stage != "pending":
             metrics["kept"] = float(stage == "keep")
-        return {"name": f"{run['run']:04d} {result['description'][:60]}", "start_ms": int(started * 1000),
+        return {"name": f"{run['run']:04d} {result['description'][:60]}", "description": result["description"],
+                "start_ms": int(started * 1000),
                 "end_ms": int(ended * 1000), "failed": result["status"] != "ok",
                 "params": {name: "(removed)" if value is None else value
                            for name, (_, value) in changes.get("constants", {}).items()}
