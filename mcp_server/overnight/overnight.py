@@ -28,7 +28,7 @@ from pathlib import Path
 from mcp_server.core import cost, ledger, limits, logparse, notify
 from mcp_server.scripts import sandbox
 from mcp_server.core.models import Refusal
-from mcp_server.core.workspace import prepared_info, validate_tag
+from mcp_server.core.workspace import HarnessGit, prepared_info, validate_tag
 
 PLUGIN_ROOT = Path(__file__).resolve().parents[2]
 SKILL = "/research-loop:autoresearch"
@@ -98,14 +98,13 @@ def plugin_dir(workspace: Path) -> Path:
     if workspace.resolve() != PLUGIN_ROOT:
         return PLUGIN_ROOT
     copy = workspace / ".git" / "research-loop" / "plugin"
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=workspace, capture_output=True, text=True,
-                          check=True).stdout.strip()
+    repo = HarnessGit(str(workspace))  # no hook, filter or other program of the agent's runs here
+    head = repo.rev_parse("HEAD")
     if (copy / ".git").is_file():
-        subprocess.run(["git", "checkout", "-q", "--detach", "--force", head], cwd=copy, check=True)
+        HarnessGit(str(copy)).checkout("-q", "--detach", "--force", head)
     else:
-        subprocess.run(["git", "worktree", "prune"], cwd=workspace, check=True)
-        subprocess.run(["git", "worktree", "add", "-q", "--detach", "--force", str(copy), head], cwd=workspace,
-                       check=True)
+        repo.worktree("prune")
+        repo.worktree("add", "-q", "--detach", "--force", str(copy), head)
     subprocess.run(["uv", "sync", "--quiet", "--project", str(copy)], check=True)
     return copy
 
