@@ -4,6 +4,8 @@ every content conversion an attributes file can ask for (eol, ident, export-subs
 planted in .git/config, .git/info/attributes or a .gitattributes of the workspace. Each planted
 program would touch a marker; the marker never appears and what the server checks out or
 archives is byte for byte the commit's blob."""
+import shutil
+
 from mcp_server.core.workspace import NEUTRAL_ATTRIBUTES, Workspace
 from mcp_server.executors import cluster
 from server_support import git, set_knobs, slot_dir
@@ -72,3 +74,54 @@ def test_the_cluster_ships_the_commits_blobs_whatever_the_attributes_say(lab, tm
     assert (dest / "nanochat" / "common.py").is_file()
     assert not marker.exists(), f"a program the agent named ran: {marker.read_text()}"
 
+
+
+def test_the_overnight_plugin_copy_is_rebuilt_so_nothing_planted_in_it_loads(tmp_path):
+    """Between sessions the agent can write the plugin copy the next session's server loads: a
+    changed or symlinked plugin file, an untracked sitecustomize.py, a .pth in its environment,
+    a hook for the checkout. Each session's copy is made afresh from HEAD's blobs."""
+    from mcp_server.overnight.overnight import plugin_copy
+    ws, marker = tmp_path / "plugin", tmp_path / "program-ran"
+    ws.mkdir()
+    (ws / "pyproject.toml").write_text('[project]\nname = "p"\nversion = "0"\nrequires-python = ">=3.10"\n'
+                                       'dependencies = []\n')
+    (ws / "server.py").write_text("SERVER = 'real'\n")
+    (ws / "tool.py").write_text("TOOL = 'real'\n")
+    git(ws, "init", "-q", "-b", "main")
+    git(ws, "add", ".")
+    git(ws, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "plugin")
+    copy = plugin_copy(ws)
+    (site,) = (copy / ".venv").glob("lib/python*/site-packages")
+    (site / "evil.pth").write_text(f"import pathlib; pathlib.Path({str(marker)!r}).touch()\n")
+    (copy / "server.py").write_text("SERVER = 'planted'\n")
+    (copy / "tool.py").unlink()
+    (copy / "tool.py").symlink_to(tmp_path / "elsewhere.py")
+    (copy / "sitecustomize.py").write_text("PLANTED = True\n")
+    hook = ws / ".git" / "hooks" / "post-checkout"
+    hook.write_text(f"#!/bin/sh\ntouch {marker}\n")
+    hook.chmod(0o755)
+    assert plugin_copy(ws) == copy
+    assert (copy / "server.py").read_bytes() == blob(ws, "HEAD", "server.py")
+    assert not (copy / "tool.py").is_symlink() and (copy / "tool.py").read_bytes() == blob(ws, "HEAD", "tool.py")
+    assert not (copy / "sitecustomize.py").exists() and not list(copy.rglob("evil.pth"))
+    assert not marker.exists(), "the agent's hook ran"
+
+
+def test_the_cluster_code_folder_is_made_afresh_whatever_was_left_at_its_path(lab, tmp_path):
+    """A code folder of an earlier run (the SLURM executor reuses runs/<n>/code), or a symlink
+    planted at its path, could carry a sitecustomize.py into the node's Python: nothing of it stays."""
+    ws = lab.ws
+    lab.baseline()
+    commit = git(ws, "rev-parse", "HEAD").strip()
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    (planted / "sitecustomize.py").write_text("PLANTED = True\n")
+    for dest in (tmp_path / "linked", tmp_path / "left"):
+        if dest.name == "linked":
+            dest.symlink_to(planted)
+        else:
+            shutil.copytree(planted, dest)
+        cluster.package(Workspace(ws), commit, dest, "token")
+        assert not dest.is_symlink() and not (dest / "sitecustomize.py").exists()
+        assert (dest / "train.py").read_bytes() == blob(ws, commit)
+    assert (planted / "sitecustomize.py").exists() and not (planted / "train.py").exists()
