@@ -125,3 +125,14 @@ def test_the_cluster_code_folder_is_made_afresh_whatever_was_left_at_its_path(la
         assert not dest.is_symlink() and not (dest / "sitecustomize.py").exists()
         assert (dest / "train.py").read_bytes() == blob(ws, commit)
     assert (planted / "sitecustomize.py").exists() and not (planted / "train.py").exists()
+
+
+def test_an_attributes_file_the_server_cannot_write_is_a_clear_refusal(lab):
+    lab.baseline()
+    (lab.ws / ".git" / "info" / "attributes").unlink()
+    (lab.ws / ".git" / "info" / "attributes").mkdir()
+    set_knobs(lab.ws, VAL_BPB=0.9)
+    said = lab.refused("run_experiment", description="no neutral attributes")
+    assert "info/attributes cannot be written" in said and "Make it a plain file" in said, said
+    (lab.ws / ".git" / "info" / "attributes").rmdir()
+    assert lab.ok("run_experiment", description="once it can")["status"] == "ok"

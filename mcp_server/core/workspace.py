@@ -159,15 +159,21 @@ def neutralize_attributes(common_dir: Path) -> None:
     path = Path(common_dir) / "info" / "attributes"
     try:
         lines = path.read_text(errors="replace").splitlines()
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError):
         lines = []
     if lines[-1:] == [NEUTRAL_ATTRIBUTES]:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
     kept = [line for line in lines if line != NEUTRAL_ATTRIBUTES]
     scratch = path.with_name(f"attributes.{os.getpid()}-{threading.get_ident()}")
-    scratch.write_text("\n".join(kept + [NEUTRAL_ATTRIBUTES]) + "\n")
-    os.replace(scratch, path)  # a symlink planted at that path is replaced, never followed
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        scratch.write_text("\n".join(kept + [NEUTRAL_ATTRIBUTES]) + "\n")
+        os.replace(scratch, path)  # a symlink planted at that path is replaced, never followed
+    except OSError as exc:
+        scratch.unlink(missing_ok=True)
+        raise Refusal(f"{path} cannot be written ({exc.strerror}): the server keeps its last line, which stops "
+                      "filters and other programs named in git's config from running in its git. Make it a plain "
+                      "file (or remove it), then retry.") from None
 
 
 class HarnessGit(git.Git):
