@@ -1,7 +1,8 @@
 """research-loop's MCP server, the package the plugin starts (`python -m mcp_server`, `research-loop-mcp`).
 
 Its top level is the MCP surface: __main__.py (the server's options and transports), cli.py
-(`research-loop overnight | dashboard`), server.py (the tools) and loop.py (ResearchLoop, the face
+(`research-loop overnight | dashboard`), server.py (the tools), stdio_lines.py (the
+stdio input checked before the SDK reads it) and loop.py (ResearchLoop, the face
 the tools call). The rest lives in sub-packages, each importing only those before it here:
   scripts     worker.py, node.py, sandbox.py: standard library only, they ship to cluster nodes
   core        the loop's records and rules: models, state, ledger, workspace, integrity, noise, limits,

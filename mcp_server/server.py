@@ -24,6 +24,7 @@ from mcp.types import (
     INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR, CallToolResult, ErrorData, ImageContent, JSONRPCError, TextContent, ToolAnnotations,
 )
 
+from mcp_server import stdio_lines
 from mcp_server.phases import morning
 from mcp_server.core import plot
 from mcp_server.phases import sweep as sweeping
@@ -210,9 +211,12 @@ class AnswersUnreadable:
 
 
 async def serve_stdio(srv: MCPServer) -> None:
-    """What srv.run("stdio") does, with every unreadable request answered (AnswersUnreadable)."""
+    """What srv.run("stdio") does, with every unreadable request answered (AnswersUnreadable, and
+    stdio_lines.CheckedLines for an id the SDK cannot read)."""
     server = srv._lowlevel_server  # the SDK's run_stdio_async reaches it the same way
-    async with stdio_server() as (read_stream, write_stream):
+    lines = stdio_lines.CheckedLines(stdio_lines.wire_stdin())
+    async with stdio_server(stdin=lines) as (read_stream, write_stream):
+        lines.answer_on(write_stream)
         await server.run(AnswersUnreadable(read_stream, write_stream), write_stream,
                          server.create_initialization_options())
 

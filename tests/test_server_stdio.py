@@ -159,6 +159,29 @@ def test_json_that_is_no_json_rpc_request_is_answered_if_it_has_an_id(ws_cache):
         server.close()
 
 
+def test_a_request_whose_id_the_sdk_cannot_read_is_answered_with_id_null(ws_cache):
+    """The SDK reads a request with an id that is no integer or string as a notification and never
+    answers it: the client would wait forever. Each gets an Invalid Request error with id null that
+    names the id; a notification (no id) still gets nothing, and the next good call works."""
+    server = RawStdio(*ws_cache)
+    try:
+        for wrong in ("1.5", "1.0", "true", "null", '{"n": 1}', "[1]"):
+            server.send(f'{{"jsonrpc": "2.0", "id": {wrong}, "method": "tools/call", '
+                        '"params": {"name": "setup", "arguments": {"tag": "night"}}}')
+            reply = server.answer(5)
+            assert reply is not None, f"no answer within 5 s to the id {wrong}"
+            assert reply["id"] is None and reply["error"]["code"] == -32600, (wrong, reply)
+            assert f"its id {wrong} is neither an integer nor a string" in reply["error"]["message"], reply
+        server.send('{"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 1}}')
+        server.send(json.dumps({"jsonrpc": "2.0", "id": 9, "method": "tools/call",
+                                "params": {"name": "status", "arguments": {}}}))
+        reply = server.answer(15)
+        assert reply["id"] == 9 and not reply["result"].get("isError"), reply
+    finally:
+        server.close()
+    assert not (ws_cache[0] / ".research-loop" / "state.json").exists()  # no setup ran under a wrong id
+
+
 def test_setup_limits_sent_as_nan_or_infinity_are_refused(ws_cache):
     """JSON's NaN and Infinity reach the tool as floats (an SDK client would send null instead)."""
     server = RawStdio(*ws_cache)

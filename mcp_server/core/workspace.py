@@ -2,8 +2,10 @@
 
 Every git argument built from user text is validated first (a tag or a commit never
 starts with '-') and git is called without a shell. The server's git runs none of the agent's code
-(no hook, no fsmonitor: HarnessGit) and each call is bounded in time: a hook planted in .git/hooks
-can neither hang a dispatch under the state lock nor act on the server's checkouts.
+(HarnessGit: no hook, no fsmonitor, no filter, textconv or merge driver, no signing program) and
+writes the blobs' exact bytes (no smudge, eol, ident or export-subst conversion); each call is bounded
+in time: what the agent plants in .git/config, .git/hooks or any attributes file can neither hang a
+dispatch under the state lock nor act on the server's checkouts or archives.
 """
 import ast
 import hashlib
@@ -36,7 +38,17 @@ UPSTREAM_TIME_BUDGET = 300.0
 # Used only when the repository has no identity configured, so a fresh clone still works.
 # For every git call of the server: hooks and the fsmonitor are programs the agent can plant in the
 # repository (.git/hooks, .git/config); the server's checkouts, commits and ref moves run neither.
-NO_AGENT_CODE = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false")
+# Signing runs gpg.program (commit-tree honours commit.gpgSign); autocrlf converts line ends.
+NO_AGENT_CODE = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c", "commit.gpgSign=false",
+                 "-c", "core.autocrlf=false", "-c", "core.attributesFile=/dev/null")
+# No system-wide config or attributes either (a machine's, not the research run's).
+GIT_ENV = {"GIT_CONFIG_NOSYSTEM": "1", "GIT_ATTR_NOSYSTEM": "1"}
+# Filters, textconv and merge drivers are config programs, but only an attribute naming them makes
+# git run one; so does every content conversion. $GIT_DIR/info/attributes outranks every
+# .gitattributes, and its last line outranks its earlier ones (git < 2.40 has no --attr-source):
+# this line, kept last before each server git call, leaves all of them unspecified for every path.
+NEUTRAL_ATTRIBUTES = ("* !filter !diff !merge !text !eol !ident !working-tree-encoding !export-subst "
+                      "!export-ignore")
 # A checkout of this small repository takes well under a second; a git call still running after
 # this long is stuck (a lock, a full disk, a filter program): it is killed and reported.
 GIT_TIMEOUT_S = 60.0
@@ -141,16 +153,56 @@ class GitTimeout(Refusal):
     """A git call of the server that did not finish within GIT_TIMEOUT_S (and was killed)."""
 
 
+def neutralize_attributes(common_dir: Path) -> None:
+    """Makes NEUTRAL_ATTRIBUTES the last line of the repository's info/attributes; the lines above
+    it (the user's, or the agent's) are kept and lose all effect on the server's git."""
+    path = Path(common_dir) / "info" / "attributes"
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except (FileNotFoundError, IsADirectoryError):
+        lines = []
+    if lines[-1:] == [NEUTRAL_ATTRIBUTES]:
+        return
+    kept = [line for line in lines if line != NEUTRAL_ATTRIBUTES]
+    scratch = path.with_name(f"attributes.{os.getpid()}-{threading.get_ident()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        scratch.write_text("\n".join(kept + [NEUTRAL_ATTRIBUTES]) + "\n")
+        os.replace(scratch, path)  # a symlink planted at that path is replaced, never followed
+    except OSError as exc:
+        scratch.unlink(missing_ok=True)
+        raise Refusal(f"{path} cannot be written ({exc.strerror}): the server keeps its last line, which stops "
+                      "filters and other programs named in git's config from running in its git. Make it a plain "
+                      "file (or remove it), then retry.") from None
+
+
 class HarnessGit(git.Git):
-    """git as the server runs it: without the repository's hooks or fsmonitor, killed (with its
-    children) after GIT_TIMEOUT_S, which then raises GitTimeout."""
+    """git as the server runs it: without the repository's hooks, fsmonitor, drivers or content
+    conversions (NO_AGENT_CODE, GIT_ENV, NEUTRAL_ATTRIBUTES), killed (with its children) after
+    GIT_TIMEOUT_S, which then raises GitTimeout."""
 
     def __init__(self, working_dir=None):
         super().__init__(working_dir)
         self._persistent_git_options = list(NO_AGENT_CODE)
+        self.update_environment(**GIT_ENV)
+        self._common_dir: Path | None = None
+
+    def common_dir(self) -> Path | None:
+        """The repository's (shared) git directory, asked of git once; None outside a repository."""
+        if self._common_dir is None and self._working_dir:
+            try:
+                found = super().execute(["git", "rev-parse", "--path-format=absolute", "--git-common-dir"],
+                                        kill_after_timeout=GIT_TIMEOUT_S)
+            except git.GitCommandError:
+                return None
+            self._common_dir = Path(found.strip())
+        return self._common_dir
 
     def execute(self, command, *args, **kwargs):
         kwargs.setdefault("kill_after_timeout", GIT_TIMEOUT_S)
+        common = self.common_dir()
+        if common is not None:
+            neutralize_attributes(common)
         try:
             return super().execute(command, *args, **kwargs)
         except git.GitCommandError as exc:

@@ -10,6 +10,7 @@ limits, and what the research run has spent; it changes every step).
 """
 import json
 import math
+import os
 import re
 import subprocess
 import time
@@ -19,6 +20,7 @@ from mcp_server.core import cost, history, ledger, limits, logparse
 from mcp_server.phases.runs import LOG_TAIL_BYTES, RUNS_DIR, unsandboxed_marker
 from mcp_server.core.models import Refusal
 from mcp_server.core.state import State, process_alive
+from mcp_server.core.workspace import GIT_ENV, NO_AGENT_CODE
 
 CURVE_POINTS = 240  # of a loss curve sent to the page: enough for its width
 LOG_CURVE_BYTES = 4 << 20  # of a log read for its curve (an H100 run's progress lines take ~150 kB)
@@ -31,7 +33,8 @@ SKILL = "/research-loop:autoresearch"
 
 def git(root: Path, *args: str) -> str | None:
     try:
-        done = subprocess.run(["git", "--no-optional-locks", "-C", str(root), *args], capture_output=True,
+        done = subprocess.run(["git", "--no-optional-locks", *NO_AGENT_CODE, "-C", str(root), *args], capture_output=True,
+                              env={**os.environ, **GIT_ENV},
                               text=True, timeout=GIT_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired):
         return None

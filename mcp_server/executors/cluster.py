@@ -67,9 +67,14 @@ def workspace_id(root: Path) -> str:
 
 def package(ws, commit: str, dest: Path, token: str) -> None:
     """The candidate's tree (tracked files only, as committed) plus the node scripts and token."""
-    archive = subprocess.run(["git", "archive", "--format=tar", commit], cwd=ws.root, capture_output=True,
-                             check=True).stdout
-    dest.mkdir(parents=True, exist_ok=True)
+    # the server's git (HarnessGit): the blobs' bytes, no export-subst or export-ignore the agent asked for
+    archive = ws.repo.git.archive("--format=tar", commit, stdout_as_string=False, strip_newline_in_stdout=False)
+    # made afresh: a folder left there (or a symlink to one) could hold a planted sitecustomize.py or .pth
+    if dest.is_symlink() or dest.is_file():
+        dest.unlink()
+    elif dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(dest, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     scripts = dest / node.NODE_DIR

@@ -28,7 +28,7 @@ from pathlib import Path
 from mcp_server.core import cost, ledger, limits, logparse, notify
 from mcp_server.scripts import sandbox
 from mcp_server.core.models import Refusal
-from mcp_server.core.workspace import prepared_info, validate_tag
+from mcp_server.core.workspace import HarnessGit, prepared_info, validate_tag
 
 PLUGIN_ROOT = Path(__file__).resolve().parents[2]
 SKILL = "/research-loop:autoresearch"
@@ -94,18 +94,25 @@ def preflight(workspace: Path, claude: str | None, unsandboxed: bool = False) ->
 def plugin_dir(workspace: Path) -> Path:
     """Where the session loads the plugin from. Claude Code treats a --plugin-dir folder's files as
     sensitive (each edit would need approval), so a workspace that is this checkout itself gets a
-    copy of the plugin: a worktree of HEAD inside .git, with its environment synced once."""
+    copy of the plugin (plugin_copy), made afresh for each session."""
     if workspace.resolve() != PLUGIN_ROOT:
         return PLUGIN_ROOT
+    return plugin_copy(workspace)
+
+
+def plugin_copy(workspace: Path) -> Path:
+    """A worktree of HEAD inside .git with its environment synced, rebuilt from nothing: whatever was
+    planted in the last one (a changed or symlinked file, a .pth or sitecustomize in its .venv, its
+    .git file pointed at another repository) is gone before the session's server loads it."""
     copy = workspace / ".git" / "research-loop" / "plugin"
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=workspace, capture_output=True, text=True,
-                          check=True).stdout.strip()
-    if (copy / ".git").is_file():
-        subprocess.run(["git", "checkout", "-q", "--detach", "--force", head], cwd=copy, check=True)
-    else:
-        subprocess.run(["git", "worktree", "prune"], cwd=workspace, check=True)
-        subprocess.run(["git", "worktree", "add", "-q", "--detach", "--force", str(copy), head], cwd=workspace,
-                       check=True)
+    repo = HarnessGit(str(workspace))  # no hook, filter or other program of the agent's runs here
+    head = repo.rev_parse("HEAD")
+    if copy.is_symlink() or copy.is_file():
+        copy.unlink()
+    elif copy.exists():
+        shutil.rmtree(copy)
+    repo.worktree("prune")
+    repo.worktree("add", "-q", "--detach", "--force", str(copy), head)
     subprocess.run(["uv", "sync", "--quiet", "--project", str(copy)], check=True)
     return copy
 
@@ -224,7 +231,6 @@ class Runner:
             pass
 
     def run(self) -> int:
-        plugin = plugin_dir(self.workspace)
         self.say(f"overnight run of {SKILL} {self.args.tag} in {self.workspace}"
                  + (f", for {self.args.hours} h" if self.args.hours else ""))
         quick = 0
@@ -242,7 +248,7 @@ class Runner:
                 self.notifier.send(f"the overnight runner stopped starting sessions: {broke} [{self.workspace.name}]")
                 return 0
             began, rows_before = time.time(), len(self.rows())
-            self.start_session(plugin)
+            self.start_session(plugin_dir(self.workspace))
             while self.session.poll() is None:
                 self.show()
                 time.sleep(self.poll_s)

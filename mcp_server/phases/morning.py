@@ -128,7 +128,7 @@ class Night:
         return self.ws.train_at(commit).decode(errors="replace")
 
     def diff(self, parent: str, commit: str) -> str:
-        return self.ws.repo.git.diff("--no-color", "--no-ext-diff", parent, commit, "--", EDITABLE)
+        return self.ws.repo.git.diff("--no-color", "--no-ext-diff", "--no-textconv", parent, commit, "--", EDITABLE)
 
     def tried(self) -> dict[str, list[tuple[Row, dict | None]]]:
         """The ideas (reruns aside) grouped by what each changed: every constant, and every part of

@@ -41,6 +41,9 @@ MAX_EXPORT_BYTES = 16 * 2**30
 # What the harness's evaluation takes from the worker's environment, not the server's: the slot's GPU
 # (the pool sets CUDA_VISIBLE_DEVICES per slot) and where libcuda is found
 DEVICE_ENV = ("CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH")
+# The check of the harness copy runs none of the programs .git/config names (workspace.NO_AGENT_CODE:
+# this script imports nothing from the package); the server keeps the attributes neutral.
+NO_AGENT_GIT = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c", "core.attributesFile=/dev/null")
 
 
 def open_log(path: Path):
@@ -403,7 +406,7 @@ def sha256_of(path: Path) -> str:
 def harness_problem(harness: str, commit: str | None) -> str | None:
     """The pristine harness copy must be exactly its commit: nothing changed, added or hidden."""
     try:
-        status = subprocess.run(["git", "-C", harness, "status", "--porcelain", "--ignored", "--untracked-files=all"],
+        status = subprocess.run(["git", *NO_AGENT_GIT, "-C", harness, "status", "--porcelain", "--ignored", "--untracked-files=all"],
                                 capture_output=True, text=True, timeout=60)
         head = subprocess.run(["git", "-C", harness, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=60)
         flags = subprocess.run(["git", "-C", harness, "ls-files", "-v"], capture_output=True, text=True, timeout=60)

@@ -1,0 +1,138 @@
+"""The server's git runs no program the agent names and writes the blobs' exact bytes: filters
+(smudge, clean, process), textconv, merge drivers, config pulled in by include.path, signing, and
+every content conversion an attributes file can ask for (eol, ident, export-subst, export-ignore),
+planted in .git/config, .git/info/attributes or a .gitattributes of the workspace. Each planted
+program would touch a marker; the marker never appears and what the server checks out or
+archives is byte for byte the commit's blob."""
+import shutil
+
+from mcp_server.core.workspace import NEUTRAL_ATTRIBUTES, Workspace
+from mcp_server.executors import cluster
+from server_support import git, set_knobs, slot_dir
+
+ATTRIBUTES = "train.py filter=evil diff=evil merge=evil ident text eol=crlf working-tree-encoding=UTF-16\n"
+
+
+def plant(ws, marker):
+    """Every program git could be told to run, each touching `marker` (with its name) when run."""
+    script = ws.parent / "evil.sh"
+    script.write_text(f"#!/bin/sh\necho \"$0 $*\" >> {marker}\ncat\n")
+    script.chmod(0o755)
+    for key in ("filter.evil.smudge", "filter.evil.clean", "filter.evil.process", "diff.evil.textconv",
+                "diff.evil.command", "merge.evil.driver", "core.pager", "core.editor", "gpg.program",
+                "core.sshCommand", "credential.helper"):
+        git(ws, "config", key, f"{script} {key}")
+    git(ws, "config", "filter.evil.required", "true")
+    git(ws, "config", "commit.gpgSign", "true")
+    included = ws.parent / "included.gitconfig"
+    included.write_text(f"[filter \"other\"]\n\tsmudge = {script} included\n\tclean = {script} included\n"
+                        "\trequired = true\n")
+    git(ws, "config", "include.path", str(included))
+    (ws / ".git" / "info").mkdir(exist_ok=True)
+    (ws / ".git" / "info" / "attributes").write_text(ATTRIBUTES + "* filter=other\n")
+    (ws / ".gitattributes").write_text(ATTRIBUTES)  # untracked: the agent's, in the working tree
+
+
+def blob(ws, commit: str, path: str = "train.py") -> bytes:
+    return Workspace(ws).repo.git.cat_file("blob", f"{commit}:{path}", stdout_as_string=False,
+                                        strip_newline_in_stdout=False)
+
+
+def test_programs_and_conversions_the_agent_plants_never_touch_the_servers_checkouts(lab):
+    ws, marker = lab.ws, lab.ws.parent / "program-ran"
+    lab.baseline()
+    plant(ws, marker)
+    (ws / "train.py").write_text("VAL_BPB = 0.9\n# $Id$\n")
+    run = lab.ok("run_experiment", description="after the planted programs")
+    assert run["status"] == "ok", run
+    commit = git(ws, "rev-parse", f"{run['commit']}^{{commit}}").strip()
+    assert (slot_dir(ws) / "train.py").read_bytes() == blob(ws, commit) == b"VAL_BPB = 0.9\n# $Id$\n"
+    lab.ok("keep")
+    set_knobs(ws, VAL_BPB=0.95)
+    lab.ok("run_experiment", description="worse")
+    lab.ok("discard")  # restores train.py in the workspace: a checkout there
+    assert (ws / "train.py").read_bytes() == blob(ws, commit)
+    lab.ok("report")  # the morning report diffs each kept change
+    assert not marker.exists(), f"a program the agent named ran: {marker.read_text()}"
+    lines = (ws / ".git" / "info" / "attributes").read_text().splitlines()
+    assert lines[-1] == NEUTRAL_ATTRIBUTES and lines[0] == ATTRIBUTES.strip()  # the user's lines are kept
+
+
+def test_the_cluster_ships_the_commits_blobs_whatever_the_attributes_say(lab, tmp_path):
+    ws, marker = lab.ws, lab.ws.parent / "program-ran"
+    lab.baseline()
+    (ws / "train.py").write_text("VAL_BPB = 0.9\nCOMMIT = '$Format:%H$'\n")
+    git(ws, "commit", "-q", "-am", "a candidate")
+    commit = git(ws, "rev-parse", "HEAD").strip()
+    plant(ws, marker)
+    (ws / ".git" / "info" / "attributes").write_text(
+        "train.py export-subst filter=evil\nprepare.py export-ignore\nnanochat/** export-ignore\n")
+    dest = tmp_path / "shipped"
+    cluster.package(Workspace(ws), commit, dest, "token")
+    assert (dest / "train.py").read_bytes() == blob(ws, commit) == b"VAL_BPB = 0.9\nCOMMIT = '$Format:%H$'\n"
+    assert (dest / "prepare.py").read_bytes() == blob(ws, commit, "prepare.py")
+    assert (dest / "nanochat" / "common.py").is_file()
+    assert not marker.exists(), f"a program the agent named ran: {marker.read_text()}"
+
+
+
+def test_the_overnight_plugin_copy_is_rebuilt_so_nothing_planted_in_it_loads(tmp_path):
+    """Between sessions the agent can write the plugin copy the next session's server loads: a
+    changed or symlinked plugin file, an untracked sitecustomize.py, a .pth in its environment,
+    a hook for the checkout. Each session's copy is made afresh from HEAD's blobs."""
+    from mcp_server.overnight.overnight import plugin_copy
+    ws, marker = tmp_path / "plugin", tmp_path / "program-ran"
+    ws.mkdir()
+    (ws / "pyproject.toml").write_text('[project]\nname = "p"\nversion = "0"\nrequires-python = ">=3.10"\n'
+                                       'dependencies = []\n')
+    (ws / "server.py").write_text("SERVER = 'real'\n")
+    (ws / "tool.py").write_text("TOOL = 'real'\n")
+    git(ws, "init", "-q", "-b", "main")
+    git(ws, "add", ".")
+    git(ws, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "plugin")
+    copy = plugin_copy(ws)
+    (site,) = (copy / ".venv").glob("lib/python*/site-packages")
+    (site / "evil.pth").write_text(f"import pathlib; pathlib.Path({str(marker)!r}).touch()\n")
+    (copy / "server.py").write_text("SERVER = 'planted'\n")
+    (copy / "tool.py").unlink()
+    (copy / "tool.py").symlink_to(tmp_path / "elsewhere.py")
+    (copy / "sitecustomize.py").write_text("PLANTED = True\n")
+    hook = ws / ".git" / "hooks" / "post-checkout"
+    hook.write_text(f"#!/bin/sh\ntouch {marker}\n")
+    hook.chmod(0o755)
+    assert plugin_copy(ws) == copy
+    assert (copy / "server.py").read_bytes() == blob(ws, "HEAD", "server.py")
+    assert not (copy / "tool.py").is_symlink() and (copy / "tool.py").read_bytes() == blob(ws, "HEAD", "tool.py")
+    assert not (copy / "sitecustomize.py").exists() and not list(copy.rglob("evil.pth"))
+    assert not marker.exists(), "the agent's hook ran"
+
+
+def test_the_cluster_code_folder_is_made_afresh_whatever_was_left_at_its_path(lab, tmp_path):
+    """A code folder of an earlier run (the SLURM executor reuses runs/<n>/code), or a symlink
+    planted at its path, could carry a sitecustomize.py into the node's Python: nothing of it stays."""
+    ws = lab.ws
+    lab.baseline()
+    commit = git(ws, "rev-parse", "HEAD").strip()
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    (planted / "sitecustomize.py").write_text("PLANTED = True\n")
+    for dest in (tmp_path / "linked", tmp_path / "left"):
+        if dest.name == "linked":
+            dest.symlink_to(planted)
+        else:
+            shutil.copytree(planted, dest)
+        cluster.package(Workspace(ws), commit, dest, "token")
+        assert not dest.is_symlink() and not (dest / "sitecustomize.py").exists()
+        assert (dest / "train.py").read_bytes() == blob(ws, commit)
+    assert (planted / "sitecustomize.py").exists() and not (planted / "train.py").exists()
+
+
+def test_an_attributes_file_the_server_cannot_write_is_a_clear_refusal(lab):
+    lab.baseline()
+    (lab.ws / ".git" / "info" / "attributes").unlink()
+    (lab.ws / ".git" / "info" / "attributes").mkdir()
+    set_knobs(lab.ws, VAL_BPB=0.9)
+    said = lab.refused("run_experiment", description="no neutral attributes")
+    assert "info/attributes cannot be written" in said and "Make it a plain file" in said, said
+    (lab.ws / ".git" / "info" / "attributes").rmdir()
+    assert lab.ok("run_experiment", description="once it can")["status"] == "ok"
