@@ -26,7 +26,7 @@ from pathlib import Path
 
 import git
 
-from mcp_server.core import history, logparse
+from mcp_server.core import history, limits, logparse
 from mcp_server.core.state import STATE_DIR, STATE_FILE, records_dir
 
 TRACKERS = ("mlflow",)
@@ -160,9 +160,9 @@ class Tracker:
         written, strangers = 0, []
         for path in self._record_paths():
             try:
-                record = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue  # being replaced: the next pass reads it
+                record = json.loads(limits.read_record(path))  # bounded: a planted FIFO or giant stalls nothing
+            except (OSError, ValueError, RecursionError):
+                record = None  # being replaced (the next pass reads it), or not a record: not tracked
             key = path.stem
             vouched = vouched_stage(state, record)
             if vouched is None:
@@ -183,8 +183,8 @@ class Tracker:
         """The server's own copy of state.json (what it last wrote; an edited state.json is not believed)."""
         for path in (records_dir(self.root) / STATE_FILE, self.root / STATE_DIR / STATE_FILE):
             try:
-                data = json.loads(path.read_text())
-            except (OSError, ValueError):
+                data = json.loads(limits.read_record(path))
+            except (OSError, ValueError, RecursionError):
                 continue
             return data if isinstance(data, dict) else {}
         return {}

@@ -77,6 +77,7 @@ def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments:
         fingerprint = ws.fingerprint()
         seq = state.get("seq", 0) or _last_run_number(core)
         state.clear()
+        core.fresh_records.clear()  # the earlier research run's records vouch for nothing here
         state.update({"tag": tag, "branch": branch, "kept_commit": ws.head(), "fingerprint": fingerprint,
                       "cache_fingerprint": integrity.cache_fingerprint(), "seq": seq, "runs": {}, "rows": [], "noise": None,
                       "limits": chosen, "started_at": time.time(), "early_stop": early_stop_runs,
