@@ -157,12 +157,16 @@ class Tracker:
         if not owner:
             return 0
         state = self._server_state()
+        digests = state.get(history.DIGESTS) if isinstance(state.get(history.DIGESTS), dict) else {}
         written, strangers = 0, []
         for path in self._record_paths():
             try:
-                record = json.loads(limits.read_record(path))  # bounded: a planted FIFO or giant stalls nothing
+                raw = limits.read_record(path)  # bounded: a planted FIFO or giant stalls nothing
+                # only the bytes the server wrote (history.checked): an edit the ledger row cannot see
+                # (an evidence, a description) is not tracked either
+                record = json.loads(raw) if history.digest(raw) == digests.get(path.name) else None
             except (OSError, ValueError, RecursionError):
-                record = None  # being replaced (the next pass reads it), or not a record: not tracked
+                record = None  # not a record the server wrote (yet: its state is saved next): not tracked
             key = path.stem
             vouched = vouched_stage(state, record)
             if vouched is None:
