@@ -7,8 +7,8 @@ side.
 Each mode is a fresh workspace and server (the fake trainer, tests/fake_train.py), a baseline, then
 experiments kept and discarded in turn with a crash every third, so keeps, failures in a row and the
 end (max_experiments) are pinged. Target: a failing webhook adds nothing a person would notice to a
-tool call (p95 within 50 ms of the run without a webhook). status also sums the runs' slot time
-(cost.run_hours) from their records.
+tool call (p95 within 50 ms of the run without a webhook). status also checks each run record
+against its digest in the server's state (history.checked).
 """
 import argparse
 import os

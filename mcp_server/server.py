@@ -408,7 +408,7 @@ def register_reports(srv: MCPServer, loop: ResearchLoop) -> None:
         if not rows:
             raise Refusal("results.tsv has no rows yet: run and keep a baseline first.")
         path = loop.root / plot.PLOT_NAME
-        reruns = set(rerun_commits(loop.root / RUNS_DIR, [r.commit for r in rows]))
+        reruns = set(rerun_commits(loop.root / RUNS_DIR, loop.state.load(), [r.commit for r in rows]))
         plotted, kept, crashes, apart = await anyio.to_thread.run_sync(plot.plot_rows, rows, path, reruns)
         result = PlotResult(path=str(path), runs_plotted=plotted, kept=kept, crashes_excluded=crashes, reruns=apart)
         image = base64.b64encode(path.read_bytes()).decode()

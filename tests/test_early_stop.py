@@ -2,6 +2,7 @@
 the budget by more than the noise-calibrated margin is stopped through the cancel path and logged;
 never without a noise estimate, never before MIN_PROGRESS, never when not asked for."""
 import json
+import re
 import time
 
 import pytest
@@ -118,3 +119,41 @@ def test_an_idea_named_noise_repeat_does_not_widen_the_margin():
     curves = {"b000000": [(50, 4.0)], "c000000": [(50, 9.0)], "d000000": [(50, 4.1)]}
     found = early_stop.repeats_of([best, named, real], lambda r: curves[r["result"]["commit"]])
     assert found == [([(50, 4.1)], [(50, 4.0)])]
+
+
+def plant_reference(lab, scale: float) -> None:
+    """The agent's reference curve: the best's log with every loss times `scale`, in a file of its
+    own, and the best's record (runs/0001-*.json) pointed at it."""
+    record = next((lab.ws / "runs").glob("0001-*[0-9a-f].json"))
+    honest = (lab.ws / json.loads(record.read_text())["result"]["log"]).read_text()
+    planted = lab.ws / "notes" / "best.log"
+    planted.parent.mkdir(exist_ok=True)
+    planted.write_text(re.sub(r"loss: ([0-9.]+)", lambda m: f"loss: {float(m.group(1)) * scale:.6f}", honest))
+    assert len(early_stop.curve(planted.read_text())) == len(early_stop.curve(honest)) > 0
+    forged = json.loads(record.read_text())
+    forged["result"]["log"] = "notes/best.log"
+    record.write_text(json.dumps(forged))
+
+
+def test_a_reference_curve_the_agent_planted_lets_no_lagging_run_go_on(es_lab):
+    """The best's curve is the log the server kept it from: the agent points the best's record at a
+    log of its own with losses far above any run's, so that no idea ever looks behind (or, with the
+    record unread, that there is no reference at all). A lagging run is still stopped early."""
+    start(es_lab, early=True, noise=True)
+    plant_reference(es_lab, 100.0)
+    result = lagging(es_lab, lag=1.0)
+    assert result["status"] == "crash" and result["tail"].startswith("[stopped early: training loss")
+    assert result["took"] < 10.0
+
+
+def test_a_reference_curve_the_agent_planted_stops_no_good_run(es_lab):
+    """The other way: a planted curve far below any run's, and the noise repeat's record made an
+    idea's (so that its luck widens no margin), would stop every idea."""
+    start(es_lab, early=True, noise=True)
+    plant_reference(es_lab, 0.01)
+    repeat = next((es_lab.ws / "runs").glob("0002-*[0-9a-f].json"))
+    forged = json.loads(repeat.read_text())
+    forged["run"]["data_order"] = None
+    repeat.write_text(json.dumps(forged))
+    result = lagging(es_lab, lag=0.0, sleep=4.0)
+    assert result["status"] == "ok" and result["val_bpb"] == pytest.approx(0.9, abs=0.01)

@@ -180,3 +180,46 @@ def test_changes_are_told_once_in_answers_and_listed_in_status(lab):
 
 def text_of(result) -> str:
     return result.content[0].text
+
+
+def test_records_planted_to_hang_or_exhaust_the_server_are_refused_and_told(lab, tmp_path):
+    """runs/ is the agent's: the baseline's record becomes a FIFO (an open would block), the noise
+    repeat's a link to /dev/zero (endless), an idea's a 2 GB file, and a giant is planted beside
+    them. Every answer that reads the records comes back at once, from the server's own records,
+    and each of the three is told as changed; the planted giant is never read."""
+    import os
+    import threading
+    lab.baseline()
+    lab.ok("measure_noise", repeats=1)
+    set_knobs(lab.ws, val_bpb=0.99)
+    lab.ok("run_experiment", description="idea")
+    lab.ok("discard")
+    runs = lab.ws / "runs"
+    fifo, endless, giant = (next(runs.glob(f"000{n}-*[0-9a-f].json")) for n in (1, 2, 3))
+    for path in (fifo, endless, giant):
+        path.unlink()
+    os.mkfifo(fifo)
+    endless.symlink_to("/dev/zero")
+    with open(giant, "wb") as f:
+        f.truncate(2 << 30)  # sparse: 2 GB to read, none of it on disk
+    with open(runs / "0042-abcdef0.json", "wb") as f:
+        f.truncate(2 << 30)
+    answers = {}
+
+    def calls():
+        answers["history"] = lab.ok("history")
+        answers["status"] = lab.ok("status")
+        answers["report"] = lab.ok("report")
+        set_knobs(lab.ws, val_bpb=0.99)
+        answers["run"] = lab.ok("run_experiment", description="idea again")
+
+    caller = threading.Thread(target=calls, daemon=True)
+    caller.start()
+    caller.join(120)
+    assert not caller.is_alive(), "a planted record hung the server"
+    assert answers["history"]["lines"] == [] and answers["run"]["val_bpb"] == 0.99
+    for name in (fifo.name, endless.name, giant.name):
+        assert_told(answers["history"], name)  # told in the first answer that read them
+        assert_told(answers["status"], name)  # and listed in status
+    assert "0042-abcdef0.json" not in json.dumps(answers)
+    assert answers["run"]["best_val_bpb"] == 1.0

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from mcp_server import cli
-from mcp_server.core import history
+from mcp_server.core import cost, history
 from mcp_server.phases import morning
 from mcp_server.core import plot
 from server_support import Lab, answer, git, make_workspace, set_knobs
@@ -183,7 +183,7 @@ def test_progress_png_draws_reruns_apart(night):
     drawn = night.ok("plot_progress")
     assert (drawn["runs_plotted"], drawn["kept"], drawn["crashes_excluded"], drawn["reruns"]) == (8, 3, 1, 4)
     rows = night.loop.rows()
-    assert history.rerun_commits(night.ws / "runs", [r.commit for r in rows]) == {
+    assert history.rerun_commits(night.ws / "runs", night.loop.state.load(), [r.commit for r in rows]) == {
         r.commit: kind for r, kind in zip(rows[1:5], ("noise repeat", "noise repeat", "control", "confirmation"))}
     assert plot.plot_rows(rows, night.ws / "plain.png")[3] == 0  # without the records, no rerun is known
 
@@ -201,14 +201,16 @@ def test_an_idea_named_like_a_rerun_stays_an_idea(fake_env):
         lab.loop.shutdown()
 
 
-def test_spent_sums_each_runs_wall_time():
-    records = [{"run": {"wall_seconds": 1800.0, "ended_at": 5000.0, "device": "NVIDIA H100 80GB HBM3"}},
-               {"run": {"wall_seconds": 3600.0, "ended_at": 4600.0, "device": "NVIDIA H100 80GB HBM3"}},
-               {"run": {"ended_at": 4700.0, "device": "cpu: x"}}]  # cancelled before it started: no slot time
-    times = morning.spent(records, started_at=1400.0, now=9000.0)
-    assert times == {"wall_hours": 1.0, "gpu_hours": 1.5, "slot_hours": 0.0, "runs": 2,
+def test_spent_sums_each_runs_wall_time_into_the_state():
+    state = {"started_at": 1400.0}
+    for seconds, device in ((1800.0, "NVIDIA H100 80GB HBM3"), (3600.0, "NVIDIA H100 80GB HBM3"), (36.0, "cpu: x"),
+                            (None, "cpu: x")):  # cancelled before it started: no slot time
+        cost.add_slot_time(state, seconds, device)
+    records = [{"run": {"ended_at": 5000.0, "device": "NVIDIA H100 80GB HBM3"}},
+               {"run": {"wall_seconds": 10 ** 6, "ended_at": 4600.0, "device": "cpu: x"}}]  # a record says nothing of it
+    times = morning.spent(records, state, now=9000.0)
+    assert times == {"wall_hours": 1.0, "gpu_hours": 1.5, "slot_hours": 0.01, "runs": 3,
                      "devices": ["NVIDIA H100 80GB HBM3", "cpu: x"]}
-    assert morning.spent([{"run": {"wall_seconds": 36.0, "device": "cpu: x"}}], None, 0.0)["slot_hours"] == 0.01
 
 
 def test_touched_parts_names_the_code_an_edit_changed():
@@ -216,3 +218,24 @@ def test_touched_parts_names_the_code_an_edit_changed():
     new = old.replace("return x", "return x + 1").replace("LR = 1", "LR = 2") + "print('hi')\n"
     assert morning.touched_parts(old, new) == ["Block.forward", "module level"]
     assert morning.touched_parts(old, "def (") == ["train.py (does not parse)"]
+
+
+def test_a_record_edited_for_a_better_story_is_not_believed_by_the_report(night):
+    """The agent rewrites the kept change's record: a gain far beyond the noise, more confirmations,
+    a smaller noise. The report keeps the server's own account and names the record it left out."""
+    honest = (night.ws / night.ok("report")["path"]).read_text()
+    record = next((night.ws / "runs").glob(f"0004-{night.kept['marginal'][:7]}.json"))
+    forged = json.loads(record.read_text())
+    forged["decision"]["evidence"] = "confirmed 5 times, each beyond the noise (threshold 0.000100)"
+    forged["result"].update(delta=-0.5, val_bpb=0.49)
+    record.write_text(json.dumps(forged))
+    planted = night.ws / "runs" / f"0010-{night.kept['scaled'][:7]}.json"  # a record the server never wrote
+    planted.write_text(json.dumps(forged | {"run": dict(forged["run"], run=10)}))
+    text = (night.ws / night.ok("report")["path"]).read_text()
+    marginal = section(text, "Kept changes").split("### 2.")[1].split("### 3.")[0]
+    assert "confirmed 5 times" not in text and "0.000100" not in text and "0.49" not in text
+    assert f"Evidence: {morning.UNTRUSTED}" in marginal and "val_bpb 1.000000 -> 0.990000 (gain +0.010000, 1.00%)" in marginal
+    assert f"1 record(s) under runs/ are not what the server wrote (edited, deleted or unreadable: {record.name})" in text
+    assert section(text, "Noise") == section(honest, "Noise")
+    assert any(record.name in notice for notice in night.ok("status")["records_changed"])
+    assert "confirmed 5 times" not in json.dumps(night.ok("history"))

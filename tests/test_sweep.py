@@ -13,9 +13,11 @@ FAKE_TRAIN = ('# VAL_BPB = 0.1 in a comment stays a comment\nVAL_BPB = 1.0  # th
 SPACE = {"VAL_BPB": {"low": 0.8, "high": 1.2}, "STEPS": {"low": 2, "high": 6}}
 
 
-def sweep_lab(fake_env, slots: int = 2) -> Lab:
-    lab = Lab(make_workspace(fake_env, FAKE_TRAIN), slots=slots)
+def sweep_lab(fake_env, slots: int = 2, train: str = FAKE_TRAIN) -> Lab:
+    """A kept baseline and a small measured noise (a sweep needs one: its best is a best of many)."""
+    lab = Lab(make_workspace(fake_env, train), slots=slots)
     lab.baseline()
+    lab.loop.store_noise([1.0, 1.0002], 0)
     return lab
 
 
@@ -128,6 +130,7 @@ def test_a_research_runs_limit_stops_the_sweep_with_the_reason(fake_env):
         lab.ok("setup", tag="t", max_experiments=3)
         lab.ok("run_experiment", description="baseline")
         lab.ok("keep")
+        lab.loop.store_noise([1.0, 1.0002], 0)
         result = lab.ok("sweep", space=SPACE, trials=6, seed=1)
         # the held best counts as the row it will become: three experiments in all, never a fourth
         decided = len(trial_rows(lab.ws))
@@ -147,6 +150,7 @@ def test_a_new_server_process_continues_the_study(fake_env):
                 answer(await client.call_tool("setup", {"tag": "t"}))
                 answer(await client.call_tool("run_experiment", {"description": "baseline"}))
                 answer(await client.call_tool("keep", {}))
+                answer(await client.call_tool("measure_noise", {"repeats": 1}))
             result = answer(await client.call_tool("sweep", {"space": SPACE, "trials": 3, "seed": 5,
                                                              "sampler": "cmaes"}))
             if result.get("pending_run"):
@@ -175,6 +179,7 @@ def test_a_tiny_sweep_of_the_real_train_py(tmp_path, repo_root, prepared_env, mo
             base = answer(await client.call_tool("run_experiment", {"description": "baseline",
                                                                     "timeout_seconds": RUN_TIMEOUT_S}))
             answer(await client.call_tool("keep", {}))
+            loop.store_noise([base["val_bpb"], base["val_bpb"] + 0.001], 0)  # a measured noise, without two more runs
             result = answer(await client.call_tool("sweep", {"space": {"MATRIX_LR": {"low": 0.01, "high": 0.1,
                                                                                      "log": True}},
                                                              "trials": 2, "seed": 0}))
@@ -234,6 +239,7 @@ def test_a_cancelled_sweep_cancels_its_trial_in_flight_and_the_study_marks_it(fa
             answer(await client.call_tool("setup", {"tag": "t"}))
             answer(await client.call_tool("run_experiment", {"description": "baseline"}))
             answer(await client.call_tool("keep", {}))
+            answer(await client.call_tool("measure_noise", {"repeats": 1}))
             with anyio.move_on_after(6):
                 await client.call_tool("sweep", {"space": {"SLEEP": {"low": 60, "high": 90}}, "trials": 3})
             await anyio.sleep(3)
@@ -245,3 +251,49 @@ def test_a_cancelled_sweep_cancels_its_trial_in_flight_and_the_study_marks_it(fa
     storage = f"sqlite:///{ws / '.research-loop' / 'optuna.db'}"
     trials = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage).trials
     assert [(t.state, t.user_attrs["status"]) for t in trials] == [(optuna.trial.TrialState.FAIL, "cancelled")]
+
+
+def test_a_sweep_without_a_noise_estimate_is_refused(fake_env):
+    """Best-of-N beats the best by luck alone: without the noise, keep could not ask to confirm it."""
+    lab = Lab(make_workspace(fake_env, FAKE_TRAIN), slots=1)
+    try:
+        lab.baseline()
+        assert "measure_noise() first" in lab.refused("sweep", space=SPACE, trials=2, seed=0)
+        assert len(trial_rows(lab.ws)) == 0 and lab.ok("status")["running"] is None
+    finally:
+        lab.loop.shutdown()
+
+
+def test_the_kept_codes_own_values_are_the_best_not_a_lucky_draw(fake_env):
+    """A trial whose values are the kept train.py's is the best unchanged: on a lucky draw (the fake's
+    NOISE moves each run by +-0.01 with its number) it would beat the best and be held as a gain.
+    It is answered with the best's value, and nothing is held."""
+    lab = sweep_lab(fake_env, slots=1, train=FAKE_TRAIN + "NOISE = 0.01\n")
+    try:
+        (lab.ws / "train.py").write_text(FAKE_TRAIN.replace("STEPS = 3", "STEPS = 4") + "NOISE = 0.01\n")
+        lab.ok("run_experiment", description="an idea")  # run 2 (+0.01): the next run, 3, draws -0.01
+        lab.ok("discard")
+        result = lab.ok("sweep", space={"VAL_BPB": {"choices": [1.0]}}, trials=2, seed=0)
+    finally:
+        lab.loop.shutdown()
+    assert result["pending_run"] is None and result["trials_run"] == 0
+    assert [row["status"] for row in result["table"]] == ["the best", "repeat"]
+    assert result["table"][0]["val_bpb"] == 1.0 and "no run" in result["table"][0]["note"]
+    assert trial_rows(lab.ws) == [] and lab.ok("status")["best_val_bpb"] == 1.0
+
+
+def test_a_trial_of_code_measured_on_this_best_is_answered_from_that_run(fake_env):
+    """novelty answers a sweep's trial as it answers run_experiment: an idea that ran 0.9 on this best
+    is not run again for a lucky draw; its trial takes the run's value and holds nothing."""
+    lab = sweep_lab(fake_env, slots=1)
+    try:
+        (lab.ws / "train.py").write_text(FAKE_TRAIN.replace("VAL_BPB = 1.0  #", "VAL_BPB = 0.9  #"))
+        idea = lab.ok("run_experiment", description="an idea")
+        lab.ok("discard")
+        git(lab.ws, "checkout", "--", "train.py")
+        result = lab.ok("sweep", space={"VAL_BPB": {"choices": [0.9]}}, trials=1, seed=0)
+    finally:
+        lab.loop.shutdown()
+    row = result["table"][0]
+    assert result["trials_run"] == 0 and result["pending_run"] is None
+    assert (row["status"], row["run"], row["val_bpb"]) == ("repeat", idea["run"], 0.9) and "no run" in row["note"]

@@ -318,11 +318,16 @@ def test_records_the_server_did_not_write_are_not_tracked(lab, mlflow_server):
     edited = json.loads(worse.read_text())
     edited["result"]["val_bpb"] = 0.5
     worse.write_text(json.dumps(edited))
+    # an edit the ledger row cannot see: the same value, a better story
+    told = json.loads(better.read_text())
+    told["decision"]["evidence"] = "confirmed ten times"
+    better.write_text(json.dumps(told))
+    os.mkfifo(runs_dir / "0010-abcdef0.json")  # an open of it would block the tracker's thread
     tracker = tracking.Tracker(lab.ws, mlflow_server.url)
-    assert tracker.sync() == 3
+    assert tracker.sync() == 2
     runs = tracked(MlflowClient(mlflow_server.url), lab.ws)
-    assert sorted(runs) == ["baseline", "better", "crashes"]
-    assert tracker.untracked == {worse.stem, f"0009-{forged['run']['commit'][:7]}"}
+    assert sorted(runs) == ["baseline", "crashes"]
+    assert tracker.untracked == {worse.stem, better.stem, f"0009-{forged['run']['commit'][:7]}", "0010-abcdef0"}
 
 
 def test_only_the_owning_server_tracks(lab, mlflow_server):

@@ -1,10 +1,12 @@
 """What a research run has spent: slot time, and the overnight runner's Claude Code sessions.
 
 Slot time is each finished run's wall time on its slot (`wall_seconds`, measured by the run's
-worker), read from the runs' own records under runs/ and summed per kind of device: GPU-hours for
-runs on a GPU, slot-hours for runs on a CPU (a slot there is a share of the cores, whose count the
-records do not hold) or on a device the record does not name. `run_hours` is the one computation;
-status, the dashboard, the overnight runner and the `max_gpu_hours` limit all use it.
+worker, else the server's own clock), summed into the server's checked state as each run ends
+(`add_slot_time`): `slot_hours` (all of it: what the `max_gpu_hours` limit counts), its share on
+GPUs (`gpu_hours`) and the runs counted (`slot_runs`). GPU-hours are for runs on a GPU,
+slot-hours for runs on a CPU (a slot there is a share of the cores) or on a device not named.
+`run_hours` reads that sum; status, the dashboard, the morning report, the overnight runner and
+the limit all use it. runs/*.json, which a shell can delete or edit, never move it.
 
 A headless Claude Code session ends its stream-json output with a `result` event carrying its
 token `usage` and `total_cost_usd`; the runner stores them per session in sessions.jsonl, and
@@ -16,8 +18,7 @@ import json
 import math
 from pathlib import Path
 
-from mcp_server.core import history, limits
-from mcp_server.core.workspace import RUNS_DIR
+from mcp_server.core import limits
 
 SESSIONS_FILE = ".research-loop/overnight/sessions.jsonl"
 TOKEN_KINDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
@@ -28,37 +29,29 @@ def on_cpu(device) -> bool:
     return not isinstance(device, str) or device == "cpu" or device.startswith("cpu:")
 
 
-def run_hours(root: Path, state: dict | None = None) -> dict:
+def run_hours(state: dict | None) -> dict:
     """{"gpu_hours", "slot_hours", "runs"}: the slot time of the finished runs of the research run
-    in `state` (those submitted since its setup; every run when no state is given)."""
-    since = (state or {}).get("started_at")
-    records = [r for r in history.records(Path(root) / RUNS_DIR, decided=False) if not isinstance(since, (int, float)) or
-               (isinstance(r["run"].get("submitted_at"), (int, float)) and r["run"]["submitted_at"] >= since)]
-    return hours_of(records)
+    in the server's state (those that ended since its setup)."""
+    state = state or {}
+    total, gpu = limits.slot_hours(state), _number(state.get("gpu_hours"))
+    runs = state.get("slot_runs")
+    return {"gpu_hours": gpu, "slot_hours": round(max(0.0, total - gpu), 6),
+            "runs": runs if isinstance(runs, int) and not isinstance(runs, bool) else 0}
 
 
-def hours_of(records: list[dict]) -> dict:
-    """{"gpu_hours", "slot_hours", "runs"} summed over these run records' worker-measured wall times."""
-    gpu = cpu = 0.0
-    runs = 0
-    for record in records:
-        run = record["run"]
-        wall = run.get("wall_seconds")
-        if isinstance(wall, bool) or not isinstance(wall, (int, float)) or not math.isfinite(wall) or wall < 0:
-            continue  # a run that never started (cancelled in the queue, a cluster that lost it)
-        runs += 1
-        if on_cpu(run.get("device")):
-            cpu += wall
-        else:
-            gpu += wall
-    return {"gpu_hours": gpu / 3600, "slot_hours": cpu / 3600, "runs": runs}
+def _number(value) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
 
-def add_slot_time(state: dict, seconds) -> None:
+def add_slot_time(state: dict, seconds, device=None) -> None:
     """What the max_gpu_hours limit counts (GPU-hours, or slot-hours on a CPU), kept in the server's
-    state as each run ends: the runs/ records a shell can delete or edit never move the limit."""
+    state as each run ends: the runs/ records a shell can delete or edit never move the limit.
+    device: what the run trained on (worker.device_name; None: a slot)."""
     if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and math.isfinite(seconds) and seconds > 0:
         state["slot_hours"] = round(limits.slot_hours(state) + seconds / 3600, 6)
+        if not on_cpu(device):
+            state["gpu_hours"] = round(_number(state.get("gpu_hours")) + seconds / 3600, 6)
+        state["slot_runs"] = run_hours(state)["runs"] + 1
 
 
 def hours_text(hours: dict) -> str | None:

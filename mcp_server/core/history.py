@@ -4,15 +4,31 @@ night of ideas in a few lines and not repeat a dead end after a compaction or a 
 A change is described by the train.py constants it changed ("MATRIX_LR 0.04->0.06") plus a
 count of other changed lines. It is computed once, when the run is decided, and stored in the
 run's record under runs/; reading the history only reads those records.
+
+runs/ is the agent's to write, so a record is believed only where the server vouches for it: as
+it writes runs/<n>-<commit>.json, the server keeps a digest of the bytes in its checked state
+(`record_digests`, {file name: first 32 hex of the SHA-256}: under 100 bytes a run, some 50 kB
+for a night of 500 runs). Only the files named there are read (bounded, plain files only:
+limits.read_record), and only those whose bytes match; a record edited, replaced, deleted, planted
+as a FIFO or a giant is left out of every answer, report and figure, and named in `refused` (the
+server tells it in status and in its next answer, as it does for a ledger changed by hand).
+Keeping digests rather than the records' fields keeps the state small and the records the one
+place their content lives; the figures a forged record could shrink by being deleted (slot time)
+are summed into the state itself (mcp_server/core/cost.py).
 """
 import ast
 import difflib
+import hashlib
 import json
 import re
 from pathlib import Path
 
+from mcp_server.core import limits
+
 CONSTANT_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
 MAX_VALUE_CHARS = 24  # of a constant's right-hand side in a summary
+DIGESTS = "record_digests"  # the state's key: {record file name: digest of its bytes}
+DIGEST_CHARS = 32  # 128 bits of SHA-256: no forgery finds a match, and the state stays small
 
 
 def find_constants(source: str) -> dict[str, ast.Assign | None]:
@@ -69,30 +85,52 @@ def change_text(change: dict | None) -> str:
     return "; ".join(parts) or "no change"
 
 
-def records(runs_dir: Path, decided: bool = True) -> list[dict]:
-    """Every decided run's record (decided=False: every run's), oldest first."""
-    found = []
-    for path in sorted(runs_dir.glob("[0-9][0-9][0-9][0-9]-*.json")) if runs_dir.is_dir() else ():
-        if path.name.endswith(".report.json"):
-            continue
+def digest(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()[:DIGEST_CHARS]
+
+
+def vouch(state: dict, name: str, raw: bytes) -> None:
+    """Notes in the server's state that it wrote these bytes as runs/<name>."""
+    digests = state.get(DIGESTS)
+    if not isinstance(digests, dict):
+        digests = state[DIGESTS] = {}
+    digests[name] = digest(raw)
+
+
+def checked(runs_dir: Path, state: dict, fresh: dict | None = None) -> tuple[dict[str, dict], list[str]]:
+    """({file name: record} of the records the server's state vouches for, oldest first; the names
+    it vouches for whose file is not what it wrote: changed, deleted, not a plain file, too large).
+    fresh: digests this server wrote but has not saved in its state yet."""
+    digests = state.get(DIGESTS) if isinstance(state.get(DIGESTS), dict) else {}
+    digests = digests | (fresh or {})
+    found, refused = {}, []
+    for name in sorted(digests):
         try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(record, dict) and isinstance(record.get("run"), dict) and (record.get("decision") or not decided):
-            found.append(record)
-    return found
+            raw = limits.read_record(runs_dir / name)
+            record = json.loads(raw) if digest(raw) == digests[name] else None
+        except (OSError, ValueError, RecursionError):
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("run"), dict) and isinstance(record.get("result"), dict):
+            found[name] = record
+        else:
+            refused.append(name)
+    return found, refused
 
 
-def records_by_commit(runs_dir: Path) -> dict[str, dict]:
+def records(runs_dir: Path, state: dict, decided: bool = True, fresh: dict | None = None) -> list[dict]:
+    """Every decided run's record (decided=False: every run's) that the server vouches for, oldest first."""
+    return [r for r in checked(runs_dir, state, fresh)[0].values() if r.get("decision") or not decided]
+
+
+def records_by_commit(runs_dir: Path, state: dict) -> dict[str, dict]:
     """The decided runs' records by their commit."""
-    return {r["result"]["commit"]: r for r in records(runs_dir) if isinstance(r.get("result"), dict)}
+    return {r["result"]["commit"]: r for r in records(runs_dir, state)}
 
 
-def rerun_commits(runs_dir: Path, commits) -> dict[str, str]:
+def rerun_commits(runs_dir: Path, state: dict, commits) -> dict[str, str]:
     """{commit: rerun kind} of these commits' runs that re-measured code rather than try an idea."""
     commits = set(commits)
-    return {commit: kind for commit, record in records_by_commit(runs_dir).items()
+    return {commit: kind for commit, record in records_by_commit(runs_dir, state).items()
             if commit in commits and (kind := rerun_kind(record))}
 
 

@@ -6,7 +6,7 @@ runs on the system Python, without the project's environment) judge with this sa
 Limits are recorded at setup: a deadline (from hours), a number of experiments, a target val_bpb,
 a number of failures (crashes and timeouts) in a row, 10 unless set otherwise, so a broken
 setup does not spin all night, and GPU-hours (the runs' slot time, which the server keeps in the
-state as `slot_hours` from the runs' records: mcp_server/core/cost.py). A run is also over once stopped on purpose (the stop tool).
+state as `slot_hours` as each run ends: mcp_server/core/cost.py). A run is also over once stopped on purpose (the stop tool).
 """
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import git
 
-from mcp_server.core import history, logparse
+from mcp_server.core import history, limits, logparse
 from mcp_server.core.state import STATE_DIR, STATE_FILE, records_dir
 
 TRACKERS = ("mlflow", "wandb")  # wandb: mcp_server/core/wandb_tracking.py
@@ -162,12 +162,16 @@ class Tracker:
         if not owner:
             return 0
         state = self._server_state()
+        digests = state.get(history.DIGESTS) if isinstance(state.get(history.DIGESTS), dict) else {}
         written, strangers = 0, []
         for path in self._record_paths():
             try:
-                record = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue  # being replaced: the next pass reads it
+                raw = limits.read_record(path)  # bounded: a planted FIFO or giant stalls nothing
+                # only the bytes the server wrote (history.checked): an edit the ledger row cannot see
+                # (an evidence, a description) is not tracked either
+                record = json.loads(raw) if history.digest(raw) == digests.get(path.name) else None
+            except (OSError, ValueError, RecursionError):
+                record = None  # not a record the server wrote (yet: its state is saved next): not tracked
             key = path.stem
             vouched = vouched_stage(state, record)
             if vouched is None:
@@ -188,8 +192,8 @@ class Tracker:
         """The server's own copy of state.json (what it last wrote; an edited state.json is not believed)."""
         for path in (records_dir(self.root) / STATE_FILE, self.root / STATE_DIR / STATE_FILE):
             try:
-                data = json.loads(path.read_text())
-            except (OSError, ValueError):
+                data = json.loads(limits.read_record(path))
+            except (OSError, ValueError, RecursionError):
                 continue
             return data if isinstance(data, dict) else {}
         return {}

@@ -96,7 +96,7 @@ def ledger_view(root: Path) -> dict:
     """Every ledger line oldest first (a malformed one as such), each with its delta against the best
     kept before it and, for the server's runs, the run number and what it changed in train.py."""
     state, problem = read_state(root)
-    records = history.records_by_commit(root / RUNS_DIR)
+    records = history.records_by_commit(root / RUNS_DIR, state)
     rows, best = [], None
     if limits.recorded_rows(state) is None:  # before the server kept rows, results.tsv is the record
         lines = ledger_lines(root / ledger.LEDGER_NAME)
@@ -148,7 +148,7 @@ def live_view(root: Path, now: float | None = None) -> dict:
     entries = [e for e in (state.get("runs") or {}).values() if isinstance(e, dict)]
     return {"runs": [run_view(root, e, now) for e in sorted(entries, key=lambda e: e.get("run") or 0)],
             "limits": limits.left(state, rows, now), "ended": limits.ended(state, rows, now), "problem": problem,
-            "spent": "; ".join(filter(None, (cost.hours_text(cost.run_hours(root, state)),
+            "spent": "; ".join(filter(None, (cost.hours_text(cost.run_hours(state)),
                                              cost.sessions_text(cost.sessions_spent(root, state.get("tag")))))) or None}
 
 
@@ -189,10 +189,11 @@ def kept_change(root: Path, commit: str) -> dict:
     before it). Raises LookupError for anything but a kept row of the ledger."""
     if not isinstance(commit, str) or not ledger.COMMIT_RE.match(commit):
         raise LookupError(f"{commit!r} is not a 7-character commit from results.tsv")
-    rows = server_rows(root, read_state(root)[0])
+    state = read_state(root)[0]
+    rows = server_rows(root, state)
     if not any(r.commit == commit and r.status == "keep" for r in rows):
         raise LookupError(f"{commit} is not a kept run in results.tsv")
-    record = history.records_by_commit(root / RUNS_DIR).get(commit)
+    record = history.records_by_commit(root / RUNS_DIR, state).get(commit)
     if record:
         full, parent = record["run"].get("commit"), record["run"].get("parent")
     else:  # logged by log_result: on the research branch, its parent is the best before it
@@ -211,9 +212,10 @@ def run_tail(root: Path, commit: str) -> dict:
     """The end of a logged run's log, as the agent was shown it (its record's tail, else its log's)."""
     if not isinstance(commit, str) or not ledger.COMMIT_RE.match(commit):
         raise LookupError(f"{commit!r} is not a 7-character commit from results.tsv")
-    if not any(r.commit == commit for r in server_rows(root, read_state(root)[0])):
+    state = read_state(root)[0]
+    if not any(r.commit == commit for r in server_rows(root, state)):
         raise LookupError(f"{commit} is not in results.tsv")
-    record = history.records_by_commit(root / RUNS_DIR).get(commit)
+    record = history.records_by_commit(root / RUNS_DIR, state).get(commit)
     runs = root / RUNS_DIR
     log = next(iter(sorted(runs.glob(f"[0-9][0-9][0-9][0-9]-{commit}.log"))), None) if runs.is_dir() else None
     tail = (record or {}).get("result", {}).get("tail")

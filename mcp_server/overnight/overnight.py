@@ -309,9 +309,9 @@ class Runner:
             from mcp_server.core import history, plot
             from mcp_server.core.workspace import RUNS_DIR
             path = self.workspace / plot.PLOT_NAME
-            plot.plot_rows(rows, path, set(history.rerun_commits(self.workspace / RUNS_DIR, [r.commit for r in rows])))
+            plot.plot_rows(rows, path, set(history.rerun_commits(self.workspace / RUNS_DIR, self.state(), [r.commit for r in rows])))
             print(f"progress chart: {path}")
-        for line in (cost.hours_text(cost.run_hours(self.workspace, self.state())),
+        for line in (cost.hours_text(cost.run_hours(self.state())),
                      cost.sessions_text(self.spent())):
             if line:
                 print(f"spent: {line}")

@@ -12,6 +12,7 @@ from mcp_server.phases import early_stop
 from mcp_server.core import cost, ledger, limits
 from mcp_server.scripts import sandbox
 from mcp_server.phases.dispatch import dispatch, require_owner
+from mcp_server.executors.executor import read_report
 from mcp_server.core.models import CancelResult, DecisionResult, LoggedRow, Refusal, Row, RunResult, StopResult
 from mcp_server.phases import overview
 from mcp_server.phases.results import confirmation_needed, result_of
@@ -85,8 +86,9 @@ def keep(core: LoopCore, note: str | None = None, run: int | None = None, unveri
         if tip != entry["commit"]:
             core.ws.advance_branch(state["branch"], entry["commit"], kept)
         state["kept_commit"] = entry["commit"]
+        state["kept_log"] = entry["log"]  # the best's curve for the early stop: the server's, not a record's
         del state["runs"][str(entry["run"])]
-        core.write_record(entry, RunResult(**result), {"status": "keep", "at": time.time(), "evidence": evidence})
+        core.write_record(state, entry, RunResult(**result), {"status": "keep", "at": time.time(), "evidence": evidence})
     note_out = None
     if core.ws.branch() == state["branch"] and core.ws.working_train() != core.ws.train_at(entry["commit"]):
         note_out = (f"your train.py differs from the new best {entry['commit'][:7]} (`git diff` shows how): "
@@ -167,7 +169,7 @@ def discard(core: LoopCore, reason: str | None = None, run: int | None = None) -
         _append_once(state, row)  # saved with the state: a failure below records neither
         note = _restore_train(core, state, entry)
         del state["runs"][str(entry["run"])]
-        core.write_record(entry, result_of(core, state, entry), {"status": status, "at": time.time()})
+        core.write_record(state, entry, result_of(core, state, entry), {"status": status, "at": time.time()})
     core.notifier.check(core)
     best = core.kept_row(state["kept_commit"])
     return DecisionResult(row=row, branch=state["branch"], kept_commit=state["kept_commit"][:7],
@@ -238,8 +240,8 @@ def cancel(core: LoopCore, run: int, stopped: dict | None = None) -> CancelResul
                 result.next = "nothing to decide: logged as a crash row (stopped early); edit train.py and try another idea"
             if isinstance(entry.get("started_at"), (int, float)):  # its slot time, which no report will bring
                 entry["wall_seconds"] = round(time.time() - entry["started_at"], 2)
-                cost.add_slot_time(state, entry["wall_seconds"])
-            core.write_record(entry, result, {"status": "crash", "at": time.time()}
+                cost.add_slot_time(state, entry["wall_seconds"], (read_report(core.root / entry["report"]) or {}).get("device"))
+            core.write_record(state, entry, result, {"status": "crash", "at": time.time()}
                               | ({"stopped_early": early_stop.reason(stopped)} if stopped else {}))
         del state["runs"][str(run)]
         _restore_train(core, state, entry)
@@ -322,6 +324,7 @@ def log_result(core: LoopCore, commit: str, val_bpb: float, memory_gb: float, st
         rows = ledger.add_row(state, row)  # in the server's records: results.tsv is written from them
         if status == "keep":
             state["kept_commit"] = full
+            state.pop("kept_log", None)  # logged by hand: no curve to compare with
     return LoggedRow(row=row, rows_in_ledger=len(rows))
 
 

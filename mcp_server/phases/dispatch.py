@@ -35,7 +35,7 @@ def take_over(core: LoopCore) -> bool:
     with core.state.transaction() as state:
         for entry in core.runs_of(state, "running"):
             if not core.pool.reattach(entry, functools.partial(on_done, core)):  # a cluster's jobs outlive their server
-                _settle_orphan(core, entry)
+                _settle_orphan(core, state, entry)
     dispatch(core)
     return True
 
@@ -48,7 +48,7 @@ def require_owner(core: LoopCore) -> None:
                       "server takes over at the next call after it has gone.")
 
 
-def _settle_orphan(core: LoopCore, entry: dict) -> None:
+def _settle_orphan(core: LoopCore, state: dict, entry: dict) -> None:
     """A run whose server died: its worker's report, or a log that proves the run finished,
     gives its result; otherwise it was interrupted."""
     worker = entry.get("worker_pid")
@@ -64,7 +64,7 @@ def _settle_orphan(core: LoopCore, entry: dict) -> None:
             return
         report = {"exit_code": 0, "timed_out": False, "stopped": None}
         note = "recovered from its log: the server stopped after the training had finished"
-    entry["result"] = record(core, entry, report, entry.get("slot"), note).model_dump()
+    entry["result"] = record(core, state, entry, report, entry.get("slot"), note).model_dump()
     entry["status"] = "pending"
 
 
@@ -137,14 +137,15 @@ def on_done(core: LoopCore, run: int, outcome) -> None:
                 return  # cancelled meanwhile: already decided
             entry["ended_at"] = time.time()
             try:
-                result = record(core, entry, outcome.report, outcome.slot)
+                result = record(core, state, entry, outcome.report, outcome.slot)
             except Exception as exc:  # disk full, log deleted...: still a result the agent can discard
                 result = unrecordable(entry, f"the server could not record this run: "
                                              f"{type(exc).__name__}: {exc}")
             entry.update(status="pending", result=result.model_dump())
             file_measurement(core, state, entry, result)
             wall = (outcome.report or {}).get("wall_seconds")
-            cost.add_slot_time(state, wall if isinstance(wall, (int, float)) else entry["ended_at"] - entry["started_at"])
+            cost.add_slot_time(state, wall if isinstance(wall, (int, float)) else entry["ended_at"] - entry["started_at"],
+                               (outcome.report or {}).get("device"))
         core.notifier.recorded(core, result)
     finally:
         try:

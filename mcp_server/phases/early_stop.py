@@ -178,16 +178,19 @@ class Watcher:
 
     def _judge(self, state: dict, entry: dict) -> dict | None:
         best_row = self.loop.kept_row(entry["parent"])
-        best_log = (self.loop.record_of(entry["parent"]).get("result") or {}).get("log")
+        # the best's curve: the log the server kept it from (in its state), else the log a record the
+        # server vouches for names: never a path in a record changed by hand
+        best_log = state.get("kept_log") if entry["parent"] == state.get("kept_commit") else \
+            (self.loop.record_of(entry["parent"], state).get("result") or {}).get("log")
         path = self.loop.root / entry["log"]
         if best_row is None or not best_log or not path.exists():
             return None
         candidate = curve(logparse.read_tail_bytes(path, TAIL_BYTES))
         return verdict(candidate, self._best_curve(self.loop.root / best_log), best_row.val_bpb,
-                       state["noise"]["threshold"], self._repeats())
+                       state["noise"]["threshold"], self._repeats(state))
 
-    def _repeats(self) -> list[tuple[list, list]]:
-        records = history.records(self.loop.root / "runs")
+    def _repeats(self, state: dict) -> list[tuple[list, list]]:
+        records = self.loop.records(state)
         if self._luck is None or self._luck[0] != len(records):
             logged = lambda r: self._best_curve(self.loop.root / r["result"]["log"])  # noqa: E731
             self._luck = (len(records), repeats_of(records, logged))

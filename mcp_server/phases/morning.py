@@ -23,6 +23,7 @@ from mcp_server.core.workspace import EDITABLE, RUNS_DIR, Workspace, validate_ne
 REPORTS_DIR = f"{STATE_DIR}/reports"
 NO_CHANGE = "no change to train.py"
 MODULE_LEVEL = "module level"
+UNTRUSTED = "its record under runs/ is not what the server wrote (changed by hand?): not used"
 
 
 def recorded_state(root: Path) -> dict:
@@ -42,14 +43,15 @@ def recorded_state(root: Path) -> dict:
     raise Refusal(f"No research run recorded in {root}: setup(tag) starts one; the report follows its runs.")
 
 
-def spent(records: list[dict], started_at: float | None, now: float) -> dict:
-    """The research run's wall time (setup to the last run's end) and its runs' slot time
-    (cost.hours_of: GPU-hours on GPUs, slot-hours on CPUs), from the runs' records."""
+def spent(records: list[dict], state: dict, now: float) -> dict:
+    """The research run's wall time (setup to the last run's end, from the runs' records) and its
+    runs' slot time (cost.run_hours: GPU-hours on GPUs, slot-hours on CPUs, from the server's state)."""
+    started_at = state.get("started_at")
     ends = [r["run"]["ended_at"] for r in records if isinstance(r["run"].get("ended_at"), (int, float))]
     end = max(ends, default=now)
     wall = max(0.0, end - started_at) / 3600 if isinstance(started_at, (int, float)) else None
     devices = sorted({str(r["run"]["device"]) for r in records if r["run"].get("device")})
-    return {"wall_hours": wall, **cost.hours_of(records), "devices": devices}
+    return {"wall_hours": wall, **cost.run_hours(state), "devices": devices}
 
 
 def touched_parts(old: str, new: str) -> list[str]:
@@ -99,7 +101,12 @@ class Night:
             raise Refusal(f"No research run is set up in {self.root}: setup(tag) starts one.")
         self.rows = ledger.rows_of(self.state)
         logged = {r.commit for r in self.rows}
-        self.records = {c: r for c, r in history.records_by_commit(self.root / RUNS_DIR).items() if c in logged}
+        # only the records the server's state vouches for: one edited by hand (a better gain, more
+        # confirmations) is left out, and the report says so
+        found, self.refused = history.checked(self.root / RUNS_DIR, self.state)
+        self.records = {r["result"].get("commit"): r for r in found.values()
+                        if r.get("decision") and r["result"].get("commit") in logged}
+        self.untrusted = {name.removesuffix(".json").partition("-")[2] for name in self.refused} - set(self.records)
         self.reruns = {c: k for c, r in self.records.items() if (k := history.rerun_kind(r))}
         self.kept = self._kept_chain()
 
@@ -116,7 +123,7 @@ class Night:
                               "git; fetch the research branch, then retry.")
             parent = previous or self.ws.repo.git.rev_parse(f"{full}^")
             chain.append({"row": row, "commit": full, "parent": parent, "parent_val_bpb": value,
-                          "record": self.records.get(row.commit)})
+                          "record": self.records.get(row.commit), "untrusted": row.commit in self.untrusted})
             previous, value = full, row.val_bpb
         return chain
 
@@ -138,7 +145,7 @@ class Night:
             if row.commit in self.reruns:
                 continue
             record = self.records.get(row.commit)
-            for key in self._keys(record):
+            for key in [UNTRUSTED] if row.commit in self.untrusted else self._keys(record):
                 groups.setdefault(key, []).append((row, record))
         return dict(sorted(groups.items(), key=lambda item: (-len(item[1]), item[0])))
 
@@ -169,7 +176,7 @@ def write(root: Path, branch: str | None = None, now: float | None = None) -> Re
     if night.rows:
         plot.plot_rows(night.rows, chart, set(night.reruns))
     path = folder / f"{stem}.md"
-    times = spent(list(night.records.values()), night.state.get("started_at"), now)
+    times = spent(list(night.records.values()), night.state, now)
     text = render(night, chart.name if night.rows else None, times, made, now)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -213,6 +220,8 @@ def gain_text(change: dict) -> str:
 def evidence_text(change: dict) -> str:
     """What the keep rested on, as the server said it when it kept the run, and what the run's
     result said against the noise."""
+    if change.get("untrusted"):
+        return UNTRUSTED
     record = change["record"] or {}
     decision, result, run = record.get("decision") or {}, record.get("result") or {}, record.get("run") or {}
     confirmation = run.get("confirmation") or {}
@@ -263,6 +272,10 @@ def render(night: Night, chart: str | None, times: dict, made: dict | None, now:
     out = [f"# Research report: {night.state['branch']}", "",
            f"Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(now))} from the server's records (its state, "
            "the run records under runs/, train.py and diffs from git), not from results.tsv.", ""]
+    if night.refused:
+        out += [f"{len(night.refused)} record(s) under {RUNS_DIR}/ are not what the server wrote (edited, deleted or "
+                f"unreadable: {', '.join(cell(n) for n in night.refused[:5])}{' ...' if len(night.refused) > 5 else ''}); "
+                "nothing in them is used here.", ""]
     out += summary(night, times, made)
     out += ["## Progress", ""]
     out += ([f"![val_bpb of every run]({chart})", "",
@@ -323,7 +336,7 @@ def kept_section(night: Night) -> list[str]:
         row, record = change["row"], change["record"] or {}
         number = (record.get("run") or {}).get("run")
         lines += [f"### {k}. {cell(row.description)}", "",
-                  f"Run {number if number else '(logged by hand)'}, commit `{row.commit}` on `{change['parent'][:7]}`: "
+                  f"Run {number if number else '(record not used)' if change.get('untrusted') else '(logged by hand)'}, commit `{row.commit}` on `{change['parent'][:7]}`: "
                   f"{gain_text(change)}.", "",
                   f"Evidence: {cell(evidence_text(change))}.", "",
                   f"Changed: {code(history.change_text((record.get('decision') or {}).get('changes')))}.", ""]
@@ -389,5 +402,5 @@ def time_section(times: dict, night: Night) -> list[str]:
     return ["## Time spent", "",
             f"- wall time of the research run: {hours(times['wall_hours'])} (from setup to the last run's end)",
             f"- slot time: {cost.hours_text(times) or 'no run trained'}, the runs' wall times as their workers "
-            f"measured them, summed over slots (cost.hours_of)",
+            f"measured them, summed by the server as each run ended (cost.run_hours)",
             f"- on: {devices}", ""]

@@ -25,7 +25,7 @@ import git
 
 from mcp_server.core import history, ledger
 from mcp_server.core.models import Refusal, RunResult
-from mcp_server.phases.runs import RUNS_DIR, LoopCore
+from mcp_server.phases.runs import LoopCore
 
 MAX_SIMILAR = 3  # earlier runs named in one answer
 
@@ -55,7 +55,7 @@ def check(core: LoopCore, state: dict, source: bytes, rerun: bool) -> Found:
                       "run_experiment(..., rerun=true) runs it anyway.")
     rows = {row.commit: row for row in ledger.rows_of(state)}
     tried, changes = [], None
-    for record in history.records(core.root / RUNS_DIR):
+    for record in core.records(state):
         run, result = record.get("run") or {}, record.get("result") or {}
         row = rows.get(str(result.get("commit")))
         if row is None or not _agrees(record, row):

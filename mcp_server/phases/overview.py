@@ -5,7 +5,6 @@ as every tool does).
 
 Imports the core (runs) and dispatch.
 """
-import json
 import re
 import time
 from pathlib import Path
@@ -29,11 +28,7 @@ def read_metrics(core: LoopCore, run: str | None = None) -> Metrics:
             return _live_metrics(core, in_flight)
         return _metrics_of(core, core.root / RUN_LOG, RUN_LOG, _result_of_run_log(core, state))
     path = _find_run_log(core, run)
-    record_path = path.with_suffix(".json")
-    try:
-        meta = json.loads(record_path.read_text())["result"]
-    except (OSError, ValueError, KeyError):
-        meta = None
+    meta = core.vouched().get(path.with_suffix(".json").name, {}).get("result")
     return _metrics_of(core, path, f"{RUNS_DIR}/{path.name}", meta)
 
 
@@ -85,10 +80,7 @@ def _result_of_run_log(core: LoopCore, state: dict) -> dict | None:
     size = run_log.stat().st_size
     for log in sorted(runs.glob("*.log"), reverse=True)[:50]:
         if log.stat().st_size == size and _same_bytes(log, run_log):
-            try:
-                return json.loads(log.with_suffix(".json").read_text())["result"]
-            except (OSError, ValueError, KeyError):
-                return None
+            return core.vouched(state).get(log.with_suffix(".json").name, {}).get("result")
     return None
 
 
@@ -110,6 +102,7 @@ def _find_run_log(core: LoopCore, run: str) -> Path:
 
 def status(core: LoopCore) -> StatusResult:
     state = core.state.load()
+    core.vouched(state)  # a run record changed by hand is found here, and listed below
     rows, bad = ledger.rows_of(state), ledger.read_rows(core.ledger_path)[1]
     counts = {s: sum(r.status == s for r in rows) for s in ledger.STATUSES}
     kept = state.get("kept_commit") or ""
@@ -148,7 +141,7 @@ def status(core: LoopCore) -> StatusResult:
         f"runs {', '.join(map(str, unsandboxed))} ran unsandboxed: {sandbox.RISK}" if unsandboxed else None)
     result.limits = limits.left(state, [(r.status, r.val_bpb, r.description) for r in rows])
     result.ended = limits.ended(state, [(r.status, r.val_bpb, r.description) for r in rows])
-    result.compute = cost.hours_text(cost.run_hours(core.root, state))
+    result.compute = cost.hours_text(cost.run_hours(state))
     result.next = _next_step(core, state, result)
     return result
 
@@ -196,7 +189,7 @@ def history(core: LoopCore, constant: str | None = None, status: str | None = No
     if constant is not None and not run_history.CONSTANT_NAME.match(constant):
         raise Refusal(f"constant must be an upper-case train.py constant such as MATRIX_LR, got {constant!r}.")
     lines = []
-    for record in run_history.records(core.root / RUNS_DIR):
+    for record in core.records():
         decision, result, run = record["decision"], record["result"], record["run"]
         changes = decision.get("changes") or {}
         if constant and constant not in changes.get("constants", {}):

@@ -29,7 +29,7 @@ def unrecordable(entry: dict, why: str) -> RunResult:
                      next="discard(), then fix the cause")
 
 
-def record(core: LoopCore, entry: dict, report: dict | None, slot: str | None, note: str | None = None) -> RunResult:
+def record(core: LoopCore, state: dict, entry: dict, report: dict | None, slot: str | None, note: str | None = None) -> RunResult:
     """The run's result from its log and its worker's report, written beside the log and
     copied to run.log (upstream's name for the latest run's log)."""
     log = core.root / entry["log"]
@@ -38,7 +38,7 @@ def record(core: LoopCore, entry: dict, report: dict | None, slot: str | None, n
     if note:
         result.warnings = (result.warnings or []) + [note]
     shutil.rmtree(core.root / integrity.EXPORTS_DIR / str(entry["run"]), ignore_errors=True)  # the model: large
-    core.write_record(entry, result)
+    core.write_record(state, entry, result)
     if log.exists():
         shutil.copyfile(log, core.root / RUN_LOG)
     return result

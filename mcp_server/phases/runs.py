@@ -58,6 +58,8 @@ class LoopCore:
         self.notifier = notify.Notifier()  # silent unless --notify gives a webhook
         self._ws: Workspace | None = None
         self._pool: LocalPool | None = None
+        self.fresh_records: dict[str, str] = {}  # digests of records written, maybe not saved in the state yet
+        self._refused: set[str] = set()  # records found changed, told once each
         self.python: str | None = None  # the workspace environment's interpreter, once found
         self.make_executor = executor
 
@@ -155,9 +157,10 @@ class LoopCore:
         could have rewritten the state and its report), then the run's record."""
         return sandbox.MARKER if self.runs_unsandboxed() else unsandboxed_marker(entry)
 
-    def write_record(self, entry: dict, result: RunResult, decision: dict | None = None) -> None:
+    def write_record(self, state: dict, entry: dict, result: RunResult, decision: dict | None = None) -> None:
         """runs/<n>-<commit>.json: the result, where and how the run ran, and once decided, the
-        decision and what the run changed in train.py (for history)."""
+        decision and what the run changed in train.py (for history). Its digest goes into the state
+        (saved with the transaction that holds it): only a record matching it is read back."""
         path = self.root / entry["log"].removesuffix(".log")
         report = read_report(self.root / entry["report"]) or {}
         record = {"result": result.model_dump(exclude_none=True),
@@ -173,25 +176,38 @@ class LoopCore:
             except (git.GitCommandError, ValueError, KeyError):
                 pass
             record["decision"] = decision
-        tmp = path.with_name(path.name + ".json.tmp")
+        tmp, name, raw = path.with_name(path.name + ".json.tmp"), path.name + ".json", json.dumps(record).encode()
         try:
-            tmp.write_text(json.dumps(record))
-            os.replace(tmp, path.with_name(path.name + ".json"))
+            tmp.write_bytes(raw)
+            os.replace(tmp, path.with_name(name))
+            history.vouch(state, name, raw)
+            self.fresh_records[name] = history.digest(raw)
         except OSError:
             if not decision:
                 raise
             # a decision is in the ledger already; its copy in runs/ is a convenience
 
-    def record_of(self, commit: str) -> dict:
-        """The record of the run that measured a commit (found by its file name), or {}."""
-        runs = self.root / RUNS_DIR
-        for path in runs.glob(f"[0-9]*-{commit[:7]}.json") if runs.is_dir() else ():
-            try:
-                record = json.loads(path.read_text())
-            except (OSError, ValueError):
-                return {}
-            return record if isinstance(record, dict) else {}
-        return {}
+    def records(self, state: dict | None = None, decided: bool = True) -> list[dict]:
+        """The runs' records the server vouches for (history.checked), oldest first."""
+        return [r for r in self.vouched(state).values() if r.get("decision") or not decided]
+
+    def vouched(self, state: dict | None = None) -> dict[str, dict]:
+        """{file name: record} of the runs' records the server vouches for; a record changed outside
+        the server is left out and told once, in the next answer and in status."""
+        state = self.state.load() if state is None else state
+        found, refused = history.checked(self.root / RUNS_DIR, state, self.fresh_records)
+        new = [name for name in refused if name not in self._refused]
+        if new:
+            self._refused.update(new)
+            self.state.tell(f"{len(new)} record(s) in {RUNS_DIR}/ ({', '.join(new[:3])}{' ...' if len(new) > 3 else ''}) "
+                            "were changed outside the server (edited, deleted, replaced or unreadable): none of "
+                            "them is believed; the server's state and ledger decide, and its reports leave them out.")
+        return found
+
+    def record_of(self, commit: str, state: dict | None = None) -> dict:
+        """The vouched-for record of the run that measured a commit, or {}."""
+        return next((r for r in reversed(self.records(state, decided=False))
+                     if str(r["run"].get("commit", "")).startswith(commit[:7])), {})
 
     def device_of(self, commit: str) -> str | None:
         """The GPU model (or CPU) that measured a commit, from its run's record."""
@@ -209,14 +225,7 @@ class LoopCore:
         return (self.state.load().get("runs") or {}).get(str(run))
 
     def read_record(self, run: int) -> dict | None:
-        runs = self.root / RUNS_DIR
-        for path in runs.glob(f"{run:04d}-*.json") if runs.is_dir() else ():
-            if not path.name.endswith(".report.json"):
-                try:
-                    return json.loads(path.read_text())
-                except (OSError, ValueError):
-                    return None
-        return None
+        return next((r for r in self.records(decided=False) if r["run"].get("run") == run), None)
 
     def ended(self, state: dict) -> str | None:
         return limits.ended(state, [(r.status, r.val_bpb, r.description) for r in self.rows()])

@@ -77,6 +77,7 @@ def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments:
         fingerprint = ws.fingerprint()
         seq = state.get("seq", 0) or _last_run_number(core)
         state.clear()
+        core.fresh_records.clear()  # the earlier research run's records vouch for nothing here
         state.update({"tag": tag, "branch": branch, "kept_commit": ws.head(), "fingerprint": fingerprint,
                       "cache_fingerprint": integrity.cache_fingerprint(), "seq": seq, "runs": {}, "rows": [], "noise": None,
                       "limits": chosen, "started_at": time.time(), "early_stop": early_stop_runs,
@@ -119,7 +120,7 @@ def default_timeout(core: LoopCore) -> float:
 
 def submit(core: LoopCore, description: str, timeout_seconds: float | None = None, source: bytes | None = None,
            parent_note: str = "", replacing: int | None = None, rerun_of: int | None = None,
-           data_order: int = 0, rerun: bool = False) -> dict:
+           data_order: int = 0, rerun: bool = False, novel: bool = False) -> dict:
     """Queues a candidate: train.py from the working tree (or `source`) on top of the kept
     commit. Returns its state entry; it starts as soon as a slot is free. `replacing`: an
     undecided run that this one supersedes (not counted against the slots). `rerun_of`: an
@@ -127,7 +128,7 @@ def submit(core: LoopCore, description: str, timeout_seconds: float | None = Non
     its discard never touches train.py. `data_order`: another stretch of the training data
     (a rerun's; 0 is the usual one; local slots only). train.py from the working tree that was
     tried already is refused or answered from its earlier run ({"answered": result}; novelty.py)
-    unless `rerun`."""
+    unless `rerun`; so is a given `source` where `novel` (a sweep's trial: an ordinary candidate)."""
     replacing = rerun_of if rerun_of is not None else replacing
     description = ledger.validate_description(description)
     if timeout_seconds is not None and not (isinstance(timeout_seconds, (int, float))
@@ -155,6 +156,8 @@ def submit(core: LoopCore, description: str, timeout_seconds: float | None = Non
         if source is None:
             source = _checked_working_train(core, state)
             tried = novelty.check(core, state, source, rerun)
+        elif novel:
+            tried = novelty.check(core, state, source, False)
         core.check_branch_holds_best(state)
         _check_prepared_cache(state)
         if tried.answer:

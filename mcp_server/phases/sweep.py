@@ -14,6 +14,13 @@ it). The agent keeps it with keep(), whose confirmation rule applies as to any r
 few noise widths is confirmed on fresh data orders first. While the sweep runs, that held result is
 not counted against the slots, so every slot trains.
 
+A sweep keeps by the rules an ordinary candidate follows, no looser: the noise is measured before
+it starts (the best of many draws beats the best by luck alone, and only a noise estimate tells
+such a gain from a real one, so keep can ask for confirmation); a trial whose values are the kept
+code's own is the best unchanged, answered with the best's value and never run (a lucky draw of
+the same code would otherwise be held as a gain); a trial whose train.py an earlier run on this
+best measured is answered from that run (novelty.py), as run_experiment answers it.
+
 The study lives in .research-loop/optuna.db (Optuna's RDB storage on SQLite), named after the
 research branch, the space and the rest of train.py (the code apart from the swept values): a new
 server process continues it, and the same space on changed code starts another study, since its
@@ -33,7 +40,7 @@ from mcp_server.core import ledger, limits
 from mcp_server.core.constants import rewrite_constants
 from mcp_server.core.history import find_constants
 from mcp_server.phases.runs import IN_FLIGHT, UNDECIDED
-from mcp_server.core.models import NoiseEstimate, Refusal, SweepRange, SweepResult, SweepTrial
+from mcp_server.core.models import NoiseEstimate, Refusal, RunResult, SweepRange, SweepResult, SweepTrial
 
 STORAGE = ".research-loop/optuna.db"
 SAMPLERS = ("tpe", "cmaes")
@@ -227,20 +234,54 @@ class Sweep:
             else:
                 self.study.tell(trial, state=TrialState.FAIL)
             return
+        twin = next((t for t in self.in_flight.values() if params_key(t.params) == params_key(params)), None)
+        if twin is not None:  # novelty refuses a second run of code in flight: its value comes with it
+            self.repeated += 1
+            trial.set_user_attr("status", "not run")
+            trial.set_user_attr("note", f"same values as trial {twin.number}, in flight: not run twice")
+            self.study.tell(trial, state=TrialState.FAIL)
+            return
+        if self.kept_values(params):
+            self.repeated += 1
+            trial.set_user_attr("status", "the best")
+            trial.set_user_attr("note", "the kept code's own values: answered with the best's val_bpb, no run")
+            self.study.tell(trial, self.best_val_bpb)
+            return
         source = rewrite_constants(self.base, params)
         values = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v!r}" for k, v in params.items())
         description = ledger.fit_description(f"sweep trial {trial.number} of study {self.key}: {values}")
         try:
-            entry = self.loop.submit(description, None, source.encode(), replacing=self.held)
+            entry = self.loop.submit(description, None, source.encode(), replacing=self.held, novel=True)
         except Refusal as exc:
             trial.set_user_attr("status", "not run")
             trial.set_user_attr("note", str(exc)[:300])
             self.study.tell(trial, state=TrialState.FAIL)
             self.stopped = f"trial {trial.number} was refused: {exc}"
             return
+        if "answered" in entry:  # this train.py was measured on this best already: its result, no run
+            self.answered_by(trial, RunResult(**entry["answered"]))
+            return
         trial.set_user_attr("run", entry["run"])
         trial.set_user_attr("commit", entry["commit"][:7])
         self.in_flight[entry["run"]] = trial
+
+    def kept_values(self, params: dict) -> bool:
+        """The trial's values are the kept train.py's own: its code is the best unchanged."""
+        found = find_constants(self.base)
+        return all(found.get(name) is not None and literal(found[name]) == value and
+                   type(literal(found[name])) is type(value) for name, value in params.items())
+
+    def answered_by(self, trial, earlier: RunResult) -> None:
+        from optuna.trial import TrialState
+        self.repeated += 1
+        trial.set_user_attr("run", earlier.run)
+        trial.set_user_attr("commit", earlier.commit)
+        trial.set_user_attr("status", "repeat")
+        trial.set_user_attr("note", f"the same train.py as run {earlier.run} on this best: answered from it, no run")
+        if earlier.status == "ok" and earlier.val_bpb is not None:
+            self.study.tell(trial, earlier.val_bpb)
+        else:
+            self.study.tell(trial, state=TrialState.FAIL)
 
     def ended_with_held(self) -> str | None:
         """The research run's limits, the held result counted as the row it will become: a sweep
@@ -358,6 +399,10 @@ def start(loop, space, trials: int, sampler: str, seed: int | None) -> Sweep:
     over = loop.ended(state)
     if over:
         raise Refusal(f"The research run has ended ({over}): no new runs.")
+    if not state.get("noise"):
+        raise Refusal("No noise estimate yet: the best of a sweep's trials beats the best by luck alone, and only "
+                      "the noise tells that from a gain (keep then asks for confirmation). measure_noise() first, "
+                      "then sweep.")
     kept = state["kept_commit"]
     base = loop.ws.train_at(kept)
     if loop.ws.working_train() != base:
