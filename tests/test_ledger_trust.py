@@ -223,3 +223,26 @@ def test_records_planted_to_hang_or_exhaust_the_server_are_refused_and_told(lab,
         assert_told(answers["status"], name)  # and listed in status
     assert "0042-abcdef0.json" not in json.dumps(answers)
     assert answers["run"]["best_val_bpb"] == 1.0
+
+
+def test_a_workspace_from_before_record_digests_keeps_its_history_after_the_upgrade(lab):
+    """A state written by a server from before the digests has none: the new owner takes the records
+    in runs/ as they are, once, so the night's history survives; an edit after that is refused."""
+    lab.baseline()
+    set_knobs(lab.ws, val_bpb=0.99)
+    lab.ok("run_experiment", description="idea")
+    lab.ok("discard")
+    lab.loop.shutdown()
+    state_files = [lab.ws / ".research-loop" / "state.json", lab.loop.state.copy]
+    for path in state_files:  # what the older server left: its state, copy included, without digests
+        data = json.loads(path.read_text())
+        del data["record_digests"]
+        path.write_text(json.dumps(data))
+    lab.loop = lab.new_loop()
+    lines = lab.ok("history")["lines"]
+    assert len(lines) == 2 and "baseline" in lines[0] and "idea" in lines[1], lines
+    record = next((lab.ws / "runs").glob("0002-*[0-9a-f].json"))
+    record.write_text(record.read_text().replace("idea", "a better story"))
+    answer = lab.ok("history")
+    assert len(answer["lines"]) == 1 and "story" not in json.dumps(answer["lines"]), answer
+    assert_told(answer, record.name)

@@ -28,6 +28,7 @@ from mcp_server.core import limits
 CONSTANT_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
 MAX_VALUE_CHARS = 24  # of a constant's right-hand side in a summary
 DIGESTS = "record_digests"  # the state's key: {record file name: digest of its bytes}
+RECORD_NAME = re.compile(r"^\d+-[0-9a-f]+\.json$")  # runs/<n>-<commit7>.json; not the worker's .report.json
 DIGEST_CHARS = 32  # 128 bits of SHA-256: no forgery finds a match, and the state stays small
 
 
@@ -95,6 +96,24 @@ def vouch(state: dict, name: str, raw: bytes) -> None:
     if not isinstance(digests, dict):
         digests = state[DIGESTS] = {}
     digests[name] = digest(raw)
+
+
+def adopt(runs_dir: Path, state: dict) -> int:
+    """A state from before digests (a workspace of an older server): the run records in runs/ that
+    read cleanly now (bounded, plain files, JSON) are vouched for once, as they are, so a resumed
+    night keeps its history and report; from then on only the server's own writes count. Returns
+    how many were adopted."""
+    state[DIGESTS] = {}
+    for path in sorted(runs_dir.glob("*.json")) if runs_dir.is_dir() else []:
+        if not RECORD_NAME.match(path.name):
+            continue
+        try:
+            raw = limits.read_record(path)
+            json.loads(raw)
+        except (OSError, ValueError):
+            continue
+        vouch(state, path.name, raw)
+    return len(state[DIGESTS])
 
 
 def checked(runs_dir: Path, state: dict, fresh: dict | None = None) -> tuple[dict[str, dict], list[str]]:

@@ -13,13 +13,14 @@ import time
 
 import git
 
-from mcp_server.core import cost, integrity, logparse
+from mcp_server.core import cost, history, integrity, logparse
 from mcp_server.executors.executor import RunSpec, compile_bytecode, kill_session, read_report, training_env
 from mcp_server.core.models import Refusal
 from mcp_server.phases.results import record, unrecordable
 from mcp_server.phases.measurements import file_measurement
 from mcp_server.phases.runs import DEFAULT_TRAIN_COMMAND, LOG_TAIL_BYTES, LoopCore
 from mcp_server.core.state import process_alive
+from mcp_server.core.workspace import RUNS_DIR
 
 ENV_SYNC_TIMEOUT_S = 900  # the first `uv run` of a workspace may install torch
 ENV_PROBE = "import sys, sysconfig; print(sys.executable); print(sysconfig.get_paths()['purelib'])"
@@ -33,6 +34,8 @@ def take_over(core: LoopCore) -> bool:
     if not core.state.try_own():
         return False
     with core.state.transaction() as state:
+        if history.DIGESTS not in state and (state.get("rows") or state.get("runs")):
+            history.adopt(core.root / RUNS_DIR, state)
         for entry in core.runs_of(state, "running"):
             if not core.pool.reattach(entry, functools.partial(on_done, core)):  # a cluster's jobs outlive their server
                 _settle_orphan(core, state, entry)
