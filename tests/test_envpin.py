@@ -67,3 +67,13 @@ def test_a_state_from_before_the_pin_is_pinned_at_the_next_run(venv_lab):
     lab.ok("discard")
     plant_pth(site)
     assert "training environment changed" in lab.refused("run_experiment", description="planted", rerun=True)
+
+
+def test_bytecode_an_import_writes_outside_the_sandbox_is_no_change(venv_lab):
+    """The agent's own `python -c 'import tinymod'` in the workspace writes __pycache__: runs go on."""
+    lab, site = venv_lab
+    lab.baseline()
+    subprocess.run([str(lab.ws / ".venv" / "bin" / "python"), "-c", "import tinymod"], check=True,
+                   env={k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"})
+    assert list((site / "tinymod").glob("__pycache__/*.pyc"))
+    lab.ok("run_experiment", description="same train.py", rerun=True)

@@ -24,6 +24,9 @@ PROBE = ("import json, os, sys, sysconfig; v = os.path.dirname(os.path.dirname(o
 PROBE_TIMEOUT_S = 60
 STARTUP_NAMES = ("sitecustomize.py", "usercustomize.py", "sitecustomize", "usercustomize")
 SHOWN = 5
+# written by any import outside the sandbox (the agent's own `uv run python`, a test's pytest): a
+# run's interpreter checks each against its source's size and mtime, which the walk pins
+BYTECODE_DIR = "__pycache__"
 
 
 @functools.lru_cache(maxsize=8)
@@ -44,6 +47,8 @@ def _walk(path: str, digest) -> None:
     """Every file under path: its relative name, size and mtime, symlinks as their targets."""
     with os.scandir(path) as entries:
         for entry in sorted(entries, key=lambda e: e.name):
+            if entry.name == BYTECODE_DIR:
+                continue
             if entry.is_dir(follow_symlinks=False):
                 digest.update(f"{entry.name}/\n".encode())
                 _walk(entry.path, digest)
