@@ -77,3 +77,21 @@ def test_bytecode_an_import_writes_outside_the_sandbox_is_no_change(venv_lab):
                    env={k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"})
     assert list((site / "tinymod").glob("__pycache__/*.pyc"))
     lab.ok("run_experiment", description="same train.py", rerun=True)
+
+
+def test_a_reapply_is_refused_too(venv_lab):
+    """reapply dispatches a run as run_experiment does: the same check, nothing lost."""
+    lab, site = venv_lab
+    lab.baseline()
+    train = lab.ws / "train.py"
+    train.write_text("VAL_BPB = 1.0\nSLEEP = 2\n")
+    first = lab.ok("run_experiment", description="first", wait=False)
+    train.write_text("# second\nVAL_BPB = 1.0\n")
+    lab.ok("run_experiment", description="second", wait=False)
+    lab.ok("wait")
+    lab.ok("keep", run=first["run"])
+    lab.ok("wait")
+    restore = plant_pth(site)
+    assert "training environment changed since setup" in lab.refused("reapply", run=first["run"] + 1)
+    restore()
+    assert lab.ok("reapply", run=first["run"] + 1)["status"] in ("running", "ok")
