@@ -12,7 +12,7 @@ import subprocess
 import time
 
 from mcp_server.phases import early_stop, novelty
-from mcp_server.core import integrity, ledger, limits
+from mcp_server.core import envpin, integrity, ledger, limits
 from mcp_server.phases.dispatch import dispatch, require_owner, run_command
 from mcp_server.core.models import Refusal, SetupResult
 from mcp_server.phases.runs import RUNS_DIR, UNDECIDED, LoopCore, run_name
@@ -75,13 +75,14 @@ def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments:
         ledger.ensure_ledger(core.ledger_path)
         ws.add_excludes()
         fingerprint = ws.fingerprint()
+        environment_pin = _environment_pin(core)
         seq = state.get("seq", 0) or _last_run_number(core)
         state.clear()
         core.fresh_records.clear()  # the earlier research run's records vouch for nothing here
         state.update({"tag": tag, "branch": branch, "kept_commit": ws.head(), "fingerprint": fingerprint,
                       "cache_fingerprint": integrity.cache_fingerprint(), "seq": seq, "runs": {}, "rows": [], "noise": None,
                       "limits": chosen, "started_at": time.time(), "early_stop": early_stop_runs,
-                      "input_pins": integrity.input_pins()})
+                      "input_pins": integrity.input_pins(), "environment_pin": environment_pin})
     return SetupResult(branch=branch, base_commit=ws.head()[:7], ledger=ledger.LEDGER_NAME,
                        fingerprint=fingerprint, archived_ledger=archived,
                        limits=limits.left({"limits": chosen}, []), early_stop=early_stop.describe(state),
@@ -160,6 +161,7 @@ def submit(core: LoopCore, description: str, timeout_seconds: float | None = Non
             tried = novelty.check(core, state, source, False)
         core.check_branch_holds_best(state)
         _check_prepared_cache(state)
+        _check_environment(core, state)
         if tried.answer:
             return {"answered": tried.answer.model_dump()}
         n = state.get("seq", 0) + 1
@@ -200,6 +202,25 @@ def _check_prepared_cache(state: dict) -> None:
         raise Refusal(f"The prepared data, tokenizer or their record in {cache_dir()} changed since setup "
                       "(prepared.json edited, a shard added or removed?): every run of a research run must see "
                       "the same harness. Restore the cache, or prepare it again and call setup(tag) for a new run.")
+
+
+def _check_environment(core: LoopCore, state: dict) -> None:
+    """The interpreter a run trains with loads what setup pinned (core/envpin.py); a state from
+    before the pin is pinned now."""
+    python = run_command(core)[0]
+    if state.get("environment_pin") is None:
+        state["environment_pin"] = envpin.take(python) or {}
+    elif state["environment_pin"]:
+        envpin.check(state["environment_pin"], python)
+
+
+def _environment_pin(core: LoopCore) -> dict | None:
+    """At setup: the environment the runs will train with, found as a run finds it; where it
+    cannot be found yet, the first run pins it."""
+    try:
+        return envpin.take(run_command(core)[0]) or {}
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _checked_working_train(core: LoopCore, state: dict) -> bytes:

@@ -1,0 +1,108 @@
+"""The training environment's pin: what a run's interpreter loads before and with train.py.
+
+The agent can write the workspace environment between runs (a run cannot: the sandbox mounts it
+read-only): a `.pth`, a sitecustomize.py or an edited package file there changes what a run trains
+with while train.py's diff stays empty. Setup pins the environment; each run is checked against
+that pin before it is queued. The pin is a stat walk (path, size, mtime_ns) of the environment's
+site-packages, one digest per top-level entry so a change can be named, plus the content of every
+`.pth` and *customize.py there and in the interpreter's start-up folders (the standard library's).
+"""
+import functools
+import hashlib
+import json
+import os
+import subprocess
+
+from mcp_server.core.models import Refusal
+
+# run with -S, so nothing planted runs in the server: a venv's prefix (which site would set) from
+# its pyvenv.cfg, beside or above the interpreter
+PROBE = ("import json, os, sys, sysconfig; v = os.path.dirname(os.path.dirname(os.path.abspath(sys.executable))); "
+         "b = v if os.path.isfile(os.path.join(v, 'pyvenv.cfg')) else sys.prefix; "
+         "p = sysconfig.get_paths(vars={'base': b, 'platbase': b}); "
+         "print(json.dumps({'site': sorted({p['purelib'], p['platlib']}), 'path': [d for d in sys.path if d]}))")
+PROBE_TIMEOUT_S = 60
+STARTUP_NAMES = ("sitecustomize.py", "usercustomize.py", "sitecustomize", "usercustomize")
+SHOWN = 5
+# written by any import outside the sandbox (the agent's own `uv run python`, a test's pytest): a
+# run's interpreter checks each against its source's size and mtime, which the walk pins
+BYTECODE_DIR = "__pycache__"
+
+
+@functools.lru_cache(maxsize=8)
+def _folders(python: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The interpreter's site folders and its start-up path without site (-S: nothing planted runs)."""
+    found = subprocess.run([python, "-I", "-S", "-c", PROBE], capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
+    if found.returncode != 0:
+        return (), ()
+    paths = json.loads(found.stdout.strip().splitlines()[-1])
+    return tuple(paths["site"]), tuple(p for p in paths["path"] if os.path.isdir(p))
+
+
+def _is_startup(name: str) -> bool:
+    return name.endswith(".pth") or name in STARTUP_NAMES
+
+
+def _walk(path: str, digest) -> None:
+    """Every file under path: its relative name, size and mtime, symlinks as their targets."""
+    with os.scandir(path) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            if entry.name == BYTECODE_DIR:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                digest.update(f"{entry.name}/\n".encode())
+                _walk(entry.path, digest)
+                continue
+            st = entry.stat(follow_symlinks=False)
+            target = os.readlink(entry.path) if entry.is_symlink() else ""
+            digest.update(f"{entry.path}\t{st.st_size}\t{st.st_mtime_ns}\t{target}\n".encode())
+
+
+def _entry_digest(entry: os.DirEntry) -> str:
+    digest = hashlib.sha256()
+    if entry.is_dir(follow_symlinks=False):
+        _walk(entry.path, digest)
+    else:
+        st = entry.stat(follow_symlinks=False)
+        digest.update(f"{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        if _is_startup(entry.name) and entry.is_file():
+            with open(entry.path, "rb") as f:
+                digest.update(hashlib.sha256(f.read()).digest())
+    return digest.hexdigest()[:16]
+
+
+def take(python: str | None) -> dict | None:
+    """{path: digest} for each top-level entry of the site folders and each start-up file of the
+    interpreter's other start-up folders; None where python is no Python interpreter."""
+    if not python:
+        return None
+    try:
+        site, path = _folders(python)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    if not site:
+        return None
+    pin = {}
+    for folder in dict.fromkeys(site + path):
+        if not os.path.isdir(folder):
+            continue
+        whole = folder in site  # the standard library: only what runs at start-up
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if whole or _is_startup(entry.name):
+                    pin[entry.path] = _entry_digest(entry)
+    return pin
+
+
+def check(pinned: dict, python: str | None) -> None:
+    """Refuses a run whose environment is not the one setup pinned, naming what changed."""
+    now = take(python) or {}
+    changed = sorted(p for p in pinned.keys() | now.keys() if pinned.get(p) != now.get(p))
+    if not changed:
+        return
+    named = ", ".join(f"{p} ({'added' if p not in pinned else 'removed' if p not in now else 'changed'})"
+                      for p in changed[:SHOWN]) + (f" and {len(changed) - SHOWN} more" if len(changed) > SHOWN else "")
+    raise Refusal(f"The training environment changed since setup: {named}. A run would train with it while "
+                  "train.py's diff stays empty, so its result could not be reproduced from its commit. Restore "
+                  "the file (delete what was added), or `uv sync --reinstall` in the workspace and call setup(tag) "
+                  "for a new research run if the change was meant. Nothing was lost: no run was queued.")
