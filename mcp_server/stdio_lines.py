@@ -23,7 +23,7 @@ def unreadable_id(line: str) -> str | None:
     notification), no method (a response) or no JSON object at all (the SDK's parse answers it)."""
     try:
         message = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # nested too deep for json: the SDK's own parser answers it
         return None
     if not isinstance(message, dict) or "id" not in message or "method" not in message:
         return None

@@ -10,7 +10,7 @@ from mcp_server.core.workspace import NEUTRAL_ATTRIBUTES, Workspace
 from mcp_server.executors import cluster
 from server_support import git, set_knobs, slot_dir
 
-ATTRIBUTES = "train.py filter=evil diff=evil merge=evil ident text eol=crlf working-tree-encoding=UTF-16\n"
+ATTRIBUTES = "train.py filter=evil diff=evil merge=evil ident text eol=crlf crlf working-tree-encoding=UTF-16\n"  # crlf: text's old name
 
 
 def plant(ws, marker):
@@ -24,6 +24,8 @@ def plant(ws, marker):
         git(ws, "config", key, f"{script} {key}")
     git(ws, "config", "filter.evil.required", "true")
     git(ws, "config", "commit.gpgSign", "true")
+    git(ws, "config", "core.eol", "crlf")  # with crlf (text's old name) set, every checkout would write CRLF
+    git(ws, "config", "diff.external", f"{script} diff.external")
     included = ws.parent / "included.gitconfig"
     included.write_text(f"[filter \"other\"]\n\tsmudge = {script} included\n\tclean = {script} included\n"
                         "\trequired = true\n")

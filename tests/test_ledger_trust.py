@@ -6,6 +6,7 @@ records give, that the change is reported, and that the files are set right with
 one kept in .research-loop/archive/.
 """
 import json
+import time
 
 from mcp_server.core.state import records_dir
 from server_support import Lab, error, git, ledger_lines, make_workspace, set_knobs, wait_until
@@ -246,3 +247,39 @@ def test_a_workspace_from_before_record_digests_keeps_its_history_after_the_upgr
     answer = lab.ok("history")
     assert len(answer["lines"]) == 1 and "story" not in json.dumps(answer["lines"]), answer
     assert_told(answer, record.name)
+
+
+def test_a_restart_before_the_first_record_adopts_nothing_planted(lab):
+    """A new research run has no records yet: a server restarted while its baseline is in flight
+    takes no file planted in runs/ as its own (only a state an older server wrote is upgraded)."""
+    lab.ok("setup", tag="t")
+    lab.ok("run_experiment", description="baseline", wait=False)
+    lab.loop.shutdown()
+    (lab.ws / "runs" / "9999-deadbee.json").write_text(json.dumps(
+        {"run": {"run": 9999, "commit": "deadbee"}, "decision": {"status": "keep", "val_bpb": 0.1}}))
+    lab.loop = lab.new_loop()
+    assert "deadbee" not in json.dumps(lab.ok("history")["lines"])
+    assert "9999-deadbee.json" not in json.dumps(json.loads((lab.ws / ".research-loop" / "state.json").read_text()))
+
+
+def test_a_report_and_log_written_while_no_server_watched_are_no_result(lab):
+    """The agent kills the server during a run, then writes the worker's report (finished, exit 0)
+    and a log whose summary says 0.5 (the baseline's, its number changed): the next server finds
+    the run interrupted, believes neither file, and the best stays; the commit is kept for a rerun."""
+    lab.baseline()
+    baseline_log = next((lab.ws / "runs").glob("0001-*.log")).read_text()
+    set_knobs(lab.ws, val_bpb=1.2, sleep=30)
+    run = lab.ok("run_experiment", description="slow idea", wait=False)
+    wait_until(lambda: (lab.ws / run["log"]).exists())
+    lab.loop.shutdown()
+    time.sleep(1)  # the worker, stopped with its server, has written its last report
+    (lab.ws / run["log"].replace(".log", ".report.json")).write_text(json.dumps(
+        {"exit_code": 0, "timed_out": False, "stopped": None, "wall_seconds": 0.01}))
+    (lab.ws / run["log"]).write_text(baseline_log.replace("val_bpb:          1.000000", "val_bpb:          0.500000"))
+    assert "0.500000" in (lab.ws / run["log"]).read_text()
+    lab.loop = lab.new_loop()
+    entry = json.loads((lab.ws / ".research-loop" / "state.json").read_text())["runs"][str(run["run"])]
+    assert entry["status"] == "interrupted" and "result" not in entry, entry
+    status = lab.ok("status")
+    assert status["best_val_bpb"] == 1.0 and status["interrupted"], status
+    assert error(lab.call("keep"))  # nothing pending to keep

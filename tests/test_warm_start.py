@@ -224,3 +224,27 @@ def test_a_warm_run_scores_as_a_cold_one_and_the_switch_gives_the_cold_path(tmp_
     assert ahead_after_off == {}
     assert all(run["status"] == "ok" and run["verified"] for run in runs), runs
     assert runs[0]["val_bpb"] == runs[1]["val_bpb"] == runs[2]["val_bpb"], [run["val_bpb"] for run in runs]
+
+
+def test_a_hand_over_line_that_changes_the_sandbox_or_command_is_refused():
+    """The waiting worker's stdin can be written by anyone with the server's uid (/proc/PID/fd/0): a
+    line that changes what it was started with (no sandbox, another command, other CPUs) is not
+    the server's, and runs nothing; the server's own line (only the run's log, report, timeout,
+    evaluation and data order differ) is taken."""
+    from mcp_server.scripts.worker import handed_args, parse_args
+    base = ["--sandbox", '{"readonly": ["/"]}', "--cpus", "0", "--watch-stdin"]
+    started = parse_args(["--warm", "--log", "a.log", "--report", "a.json", *base, "--", "python", "train.py"])
+    run = ["--log", "b.log", "--report", "b.json", "--timeout", "30", "--data-order", "2", *base]
+
+    def line(argv, env=None):
+        return json.dumps({"argv": argv, "env": {"X": "1"} if env is None else env}).encode() + b"\n"
+
+    handed = handed_args(line([*run, "--", "python", "train.py"]), started)
+    assert handed is not None and str(handed[0].log) == "b.log" and handed[0].data_order == 2
+    for forged in ([*run, "--unsandboxed", "--", "python", "train.py"],
+                   [*run, "--", "python", "planted.py"],
+                   [a.replace('{"readonly": ["/"]}', "{}") for a in run] + ["--", "python", "train.py"],
+                   [a if a != "0" else "0,1" for a in run] + ["--", "python", "train.py"]):
+        assert handed_args(line(forged), started) is None, forged
+    assert handed_args(b"not json\n", started) is None
+    assert handed_args(line([*run, "--", "python", "train.py"], env=["X"]), started) is None

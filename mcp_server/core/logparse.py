@@ -4,7 +4,9 @@ The format is upstream autoresearch's: progress lines overwrite each other with 
 then a newline and a block starting with '---' holding `key: value` lines.
 """
 import math
+import os
 import re
+import stat
 
 from mcp_server.core.models import Progress, Summary
 
@@ -15,6 +17,7 @@ TAIL_LINES = 30
 TAIL_LINE_CHARS = 160  # long lines (tracebacks with tensors) would flood an answer
 TAIL_BYTES_FOR_PROGRESS = 4096  # the last progress line always fits in this much
 TEXT_FIELDS = {"compile_cache", "budget_clock"}  # summary values kept as text, not numbers
+MAX_TEXT_BYTES = 80 * 2**20  # of a whole log read: the worker keeps at most 64 MiB of head plus a tail
 
 
 def parse_summary(text: str) -> Summary | None:
@@ -31,17 +34,6 @@ def parse_summary(text: str) -> Summary | None:
     if "val_bpb" not in values:
         return None
     return Summary(**{k: v for k, v in values.items() if v is not None})
-
-
-UPSTREAM_SUMMARY_KEYS = ("val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
-                         "total_tokens_M", "num_steps", "num_params_M", "depth")
-
-
-def complete_summary(text: str) -> bool:
-    """A whole summary block (every line upstream prints) and no FAIL: the training finished."""
-    summary = parse_summary(text)
-    return summary is not None and not failed(text) and all(
-        getattr(summary, key) is not None for key in UPSTREAM_SUMMARY_KEYS)
 
 
 def _number(text: str) -> float | int | None:
@@ -98,15 +90,32 @@ def tail(text: str, lines: int = TAIL_LINES) -> str:
     return "\n".join(shown)
 
 
+def _open_plain(path):
+    """The file for reading, or None where it is not a plain file (a FIFO or device planted in
+    runs/ would block or never end); opening never blocks."""
+    f = open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb")
+    if stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        return f
+    f.close()
+    return None
+
+
 def read_text(path) -> str:
-    """The whole log with its '\r' intact (text mode would turn them into newlines)."""
-    with open(path, "rb") as f:
-        return f.read().decode("utf-8", errors="replace")
+    """The whole log with its '\r' intact (text mode would turn them into newlines), at most
+    MAX_TEXT_BYTES (the worker caps a log below that); a log that is not a plain file is empty."""
+    f = _open_plain(path)
+    if f is None:
+        return ""
+    with f:
+        return f.read(MAX_TEXT_BYTES).decode("utf-8", errors="replace")
 
 
 def read_tail_bytes(path, size: int = TAIL_BYTES_FOR_PROGRESS) -> str:
     """The end of a (possibly growing, possibly huge) log without reading all of it."""
-    with open(path, "rb") as f:
+    f = _open_plain(path)
+    if f is None:
+        return ""
+    with f:
         f.seek(0, 2)
         end = f.tell()
         f.seek(max(0, end - size))

@@ -28,6 +28,7 @@ import git
 
 from mcp_server.core import history, limits, logparse
 from mcp_server.core.state import STATE_DIR, STATE_FILE, records_dir
+from mcp_server.core.workspace import HarnessGit
 
 TRACKERS = ("mlflow", "wandb")  # wandb: mcp_server/core/wandb_tracking.py
 LOCAL_DB = "mlflow.db"  # the default store, in the workspace's .research-loop/
@@ -238,13 +239,13 @@ class Tracker:
 
     def _train_at(self, commit: str) -> str | None:
         try:
-            return git.Git(self.root).show(f"{commit}:train.py")
+            return HarnessGit(self.root).show(f"{commit}:train.py")
         except git.GitCommandError:
             return None
 
     def _diff(self, parent: str, commit: str) -> str:
         try:
-            return git.Git(self.root).diff(parent, commit, "--", "train.py")
+            return HarnessGit(self.root).diff("--no-ext-diff", "--no-textconv", parent, commit, "--", "train.py")
         except git.GitCommandError as exc:
             return f"(no diff: {exc.stderr.strip()})"
 

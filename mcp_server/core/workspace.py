@@ -47,8 +47,8 @@ GIT_ENV = {"GIT_CONFIG_NOSYSTEM": "1", "GIT_ATTR_NOSYSTEM": "1"}
 # git run one; so does every content conversion. $GIT_DIR/info/attributes outranks every
 # .gitattributes, and its last line outranks its earlier ones (git < 2.40 has no --attr-source):
 # this line, kept last before each server git call, leaves all of them unspecified for every path.
-NEUTRAL_ATTRIBUTES = ("* !filter !diff !merge !text !eol !ident !working-tree-encoding !export-subst "
-                      "!export-ignore")
+NEUTRAL_ATTRIBUTES = ("* !filter !diff !merge !text !crlf !eol !ident !working-tree-encoding !export-subst "
+                      "!export-ignore")  # crlf: the old name of text, still read where text is unspecified
 # A checkout of this small repository takes well under a second; a git call still running after
 # this long is stuck (a lock, a full disk, a filter program): it is killed and reported.
 GIT_TIMEOUT_S = 60.0

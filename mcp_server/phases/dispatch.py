@@ -13,12 +13,12 @@ import time
 
 import git
 
-from mcp_server.core import cost, history, integrity, logparse
-from mcp_server.executors.executor import RunSpec, compile_bytecode, kill_session, read_report, training_env
+from mcp_server.core import cost, history, integrity
+from mcp_server.executors.executor import RunSpec, compile_bytecode, kill_session, training_env
 from mcp_server.core.models import Refusal
 from mcp_server.phases.results import record, unrecordable
 from mcp_server.phases.measurements import file_measurement
-from mcp_server.phases.runs import DEFAULT_TRAIN_COMMAND, LOG_TAIL_BYTES, LoopCore
+from mcp_server.phases.runs import DEFAULT_TRAIN_COMMAND, LoopCore
 from mcp_server.core.state import process_alive
 from mcp_server.core.workspace import RUNS_DIR
 
@@ -34,7 +34,7 @@ def take_over(core: LoopCore) -> bool:
     if not core.state.try_own():
         return False
     with core.state.transaction() as state:
-        if history.DIGESTS not in state and (state.get("rows") or state.get("runs")):
+        if history.DIGESTS not in state and state.get("rows"):  # a research run an older server began
             history.adopt(core.root / RUNS_DIR, state)
         for entry in core.runs_of(state, "running"):
             if not core.pool.reattach(entry, functools.partial(on_done, core)):  # a cluster's jobs outlive their server
@@ -52,23 +52,13 @@ def require_owner(core: LoopCore) -> None:
 
 
 def _settle_orphan(core: LoopCore, state: dict, entry: dict) -> None:
-    """A run whose server died: its worker's report, or a log that proves the run finished,
-    gives its result; otherwise it was interrupted."""
+    """A run whose server died is interrupted. Its worker's report and log, whatever they say now,
+    were last written while no server watched (and an agent can kill the server, then write
+    both), so neither is taken as a result: the run's commit stays, and a rerun measures it."""
     worker = entry.get("worker_pid")
     if worker and process_alive(worker, entry.get("worker_start")):
         kill_session(worker)  # its server is gone: the pipe will end it, this makes sure
-    report = read_report(core.root / entry["report"])
-    note = "recorded after a server restart"
-    if report is None or report.get("running") or report.get("stopped"):
-        text = logparse.read_tail_bytes(core.root / entry["log"], LOG_TAIL_BYTES) \
-            if (core.root / entry["log"]).exists() else ""
-        if not logparse.complete_summary(text):
-            entry["status"] = "interrupted"
-            return
-        report = {"exit_code": 0, "timed_out": False, "stopped": None}
-        note = "recovered from its log: the server stopped after the training had finished"
-    entry["result"] = record(core, state, entry, report, entry.get("slot"), note).model_dump()
-    entry["status"] = "pending"
+    entry["status"] = "interrupted"
 
 
 def dispatch(core: LoopCore) -> None:

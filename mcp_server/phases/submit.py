@@ -12,7 +12,7 @@ import subprocess
 import time
 
 from mcp_server.phases import early_stop, novelty
-from mcp_server.core import envpin, integrity, ledger, limits
+from mcp_server.core import envpin, history, integrity, ledger, limits
 from mcp_server.phases.dispatch import dispatch, require_owner, run_command
 from mcp_server.core.models import Refusal, SetupResult
 from mcp_server.phases.runs import RUNS_DIR, UNDECIDED, LoopCore, run_name
@@ -82,7 +82,8 @@ def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments:
         state.update({"tag": tag, "branch": branch, "kept_commit": ws.head(), "fingerprint": fingerprint,
                       "cache_fingerprint": integrity.cache_fingerprint(), "seq": seq, "runs": {}, "rows": [], "noise": None,
                       "limits": chosen, "started_at": time.time(), "early_stop": early_stop_runs,
-                      "input_pins": integrity.input_pins(), "environment_pin": environment_pin})
+                      "input_pins": integrity.input_pins(), "environment_pin": environment_pin,
+                      history.DIGESTS: {}})  # none yet: never a state from before digests (dispatch.take_over)
     return SetupResult(branch=branch, base_commit=ws.head()[:7], ledger=ledger.LEDGER_NAME,
                        fingerprint=fingerprint, archived_ledger=archived,
                        limits=limits.left({"limits": chosen}, []), early_stop=early_stop.describe(state),

@@ -306,8 +306,9 @@ def cuda_ready_outside_the_sandbox() -> None:
 
 
 def write_report(path: Path, report: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
+    # a name no one can guess: a planted file or folder at a predictable one would make this write fail
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with open(fd, "w") as f:
         json.dump(report, f)
         f.flush()
         os.fsync(f.fileno())
@@ -371,6 +372,22 @@ def start_warm(command: list[str], spec: dict, private: dict | None, output: int
     return proc, write_fd
 
 
+def handed_args(line: bytes, started: argparse.Namespace) -> tuple[argparse.Namespace, dict] | None:
+    """The run's options and environment from the hand-over line, or None: no line, or one that
+    changes what the waiting worker was started with (its command, sandbox, inputs, CPUs): the
+    server's line never does (the pool's key holds them), a line written by anyone else may."""
+    try:
+        handed = json.loads(line)
+        args = parse_args(handed["argv"])
+        env = handed["env"]
+    except (ValueError, KeyError, TypeError, SystemExit):
+        return None
+    fixed = ("command", "sandbox", "unsandboxed", "val_shard", "val_shared", "cpus")
+    if not isinstance(env, dict) or any(getattr(args, k, None) != getattr(started, k, None) for k in fixed):
+        return None
+    return args, env
+
+
 def hand_over(warm: subprocess.Popen, pipe: int, command: list[str], env: dict) -> bool:
     """The run's script, folder and environment to the waiting interpreter; False where it has exited."""
     try:
@@ -426,18 +443,27 @@ def main(argv=None) -> int:
     if in_sandbox:
         cuda_ready_outside_the_sandbox()
     env = dict(os.environ)
+    # watched from before any interpreter starts: a warm one's imports happen before its run does
+    if watch_val and (val_copy or not args.val_shared):
+        try:
+            val_watch = ValidationWatch(val_copy or args.val_shard)
+            val_watch.start()
+        except OSError:
+            val_watch = None  # not Linux: the server notes that validation reads are unwatched
     if args.warm:
         stub, stub_pipe = start_warm(args.command, args.sandbox, private, write_end, in_child)
         line = sys.stdin.buffer.readline()
-        if not line:  # never used: the server threw it away or is gone
+        handed = handed_args(line, args)
+        if handed is None:  # never used (the server threw it away or is gone), or not the server's line
             os.close(stub_pipe)
             os.close(write_end)
             kill_everything(stub.pid)
+            if val_watch is not None:
+                val_watch.stop()
             if val_copy is not None:
                 shutil.rmtree(val_copy.parent, ignore_errors=True)
-            return 0
-        handed = json.loads(line)
-        args, env = parse_args(handed["argv"]), handed["env"]
+            return 0 if not line else 2
+        args, env = handed
         started_at, t0 = time.time(), time.monotonic()  # the run starts now, not when its interpreter did
     if args.data_order:
         env[DATA_ORDER_ENV] = str(args.data_order)
@@ -450,12 +476,6 @@ def main(argv=None) -> int:
             evaluation = HarnessEvaluation(on_this_device(args.evaluate, os.environ), args.log, args.export, answer,
                                            warm)
             env[ANSWER_ENV] = str(answer)
-    if watch_val and (val_copy or not args.val_shared):
-        try:
-            val_watch = ValidationWatch(val_copy or args.val_shard)
-            val_watch.start()
-        except OSError:
-            val_watch = None  # not Linux: the server notes that validation reads are unwatched
     warm_start = stub is not None and hand_over(stub, stub_pipe, args.command, env)
     if stub is not None and not warm_start:
         with open_log(args.log) as log:
