@@ -157,7 +157,7 @@ class AnswersUnreadable:
             return False
         try:  # Python's parser reads lone surrogates, which the SDK's refuses
             message = json.loads(line)
-        except ValueError as bad:
+        except (ValueError, RecursionError) as bad:  # RecursionError: nested deeper than any call needs
             return await self.reply(None, PARSE_ERROR, f"Parse error: the line is not JSON ({bad}): send one "
                                                        "JSON-RPC message per line.")
         request_id = message.get("id") if isinstance(message, dict) else None

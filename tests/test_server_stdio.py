@@ -182,6 +182,23 @@ def test_a_request_whose_id_the_sdk_cannot_read_is_answered_with_id_null(ws_cach
     assert not (ws_cache[0] / ".research-loop" / "state.json").exists()  # no setup ran under a wrong id
 
 
+def test_a_call_nested_too_deep_for_json_is_answered_and_the_server_stays(ws_cache):
+    """Arguments nested 100,000 deep are valid JSON that Python's parser gives up on (RecursionError):
+    the call is answered with a parse error, and the server goes on answering."""
+    server = RawStdio(*ws_cache)
+    try:
+        server.send('{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "status", '
+                    '"arguments": {"x": ' + "[" * 100_000 + "]" * 100_000 + "}}}")
+        reply = server.answer(15)
+        assert reply is not None and reply["error"]["code"] == -32700, reply
+        server.send(json.dumps({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                                "params": {"name": "status", "arguments": {}}}))
+        reply = server.answer(15)
+        assert reply is not None and reply["id"] == 2 and not reply["result"].get("isError"), reply
+    finally:
+        server.close()
+
+
 def test_setup_limits_sent_as_nan_or_infinity_are_refused(ws_cache):
     """JSON's NaN and Infinity reach the tool as floats (an SDK client would send null instead)."""
     server = RawStdio(*ws_cache)
