@@ -150,7 +150,9 @@ def submit(core: LoopCore, description: str, timeout_seconds: float | None = Non
         if over:
             raise Refusal(f"The research run has ended ({over}): no new runs. Decide any result still pending "
                           "(status()), then stop; setup(tag) starts a new research run.")
-        undecided = [e for e in core.runs_of(state, *UNDECIDED) if e["run"] != replacing]
+        # a rerun's siblings (the other reruns of the same run, which their tool discards) do not count
+        undecided = [e for e in core.runs_of(state, *UNDECIDED) if e["run"] != replacing
+                     and (rerun_of is None or e.get("rerun_of") != rerun_of)]
         if len(undecided) >= core.slots:
             raise Refusal(_decide_first(core, undecided))
         kept = state["kept_commit"]
