@@ -443,13 +443,6 @@ def main(argv=None) -> int:
     if in_sandbox:
         cuda_ready_outside_the_sandbox()
     env = dict(os.environ)
-    # watched from before any interpreter starts: a warm one's imports happen before its run does
-    if watch_val and (val_copy or not args.val_shared):
-        try:
-            val_watch = ValidationWatch(val_copy or args.val_shard)
-            val_watch.start()
-        except OSError:
-            val_watch = None  # not Linux: the server notes that validation reads are unwatched
     if args.warm:
         stub, stub_pipe = start_warm(args.command, args.sandbox, private, write_end, in_child)
         line = sys.stdin.buffer.readline()
@@ -458,8 +451,6 @@ def main(argv=None) -> int:
             os.close(stub_pipe)
             os.close(write_end)
             kill_everything(stub.pid)
-            if val_watch is not None:
-                val_watch.stop()
             if val_copy is not None:
                 shutil.rmtree(val_copy.parent, ignore_errors=True)
             return 0 if not line else 2
@@ -476,6 +467,12 @@ def main(argv=None) -> int:
             evaluation = HarnessEvaluation(on_this_device(args.evaluate, os.environ), args.log, args.export, answer,
                                            warm)
             env[ANSWER_ENV] = str(answer)
+    if watch_val and (val_copy or not args.val_shared):
+        try:
+            val_watch = ValidationWatch(val_copy or args.val_shard)
+            val_watch.start()
+        except OSError:
+            val_watch = None  # not Linux: the server notes that validation reads are unwatched
     warm_start = stub is not None and hand_over(stub, stub_pipe, args.command, env)
     if stub is not None and not warm_start:
         with open_log(args.log) as log:
