@@ -49,6 +49,14 @@ def run_processes(ws, entry) -> list[int]:
     return [entry["worker_pid"], report["pid"], *processes_in(slot_dir(ws))]
 
 
+def assert_status_answers(server, request_id: int) -> None:
+    """The server still answers a good call after the odd input before it."""
+    server.send(json.dumps({"jsonrpc": "2.0", "id": request_id, "method": "tools/call",
+                            "params": {"name": "status", "arguments": {}}}))
+    reply = server.answer(15)
+    assert reply is not None and reply["id"] == request_id and not reply["result"].get("isError"), reply
+
+
 def test_server_never_imports_torch_or_matplotlib_at_start():
     code = ("import sys, mcp_server.__main__, mcp_server.server, mcp_server.loop; "
             "print(sorted(m for m in ('torch', 'matplotlib', 'numpy') if m in sys.modules))")
@@ -151,10 +159,7 @@ def test_json_that_is_no_json_rpc_request_is_answered_if_it_has_an_id(ws_cache):
             assert reply["id"] == request_id and reply["error"]["code"] == -32600, (line, reply)
             assert said in reply["error"]["message"] and '"method"' in reply["error"]["message"], (line, reply)
         server.send('{"jsonrpc": "2.0", "method": 5}')  # no id: a (broken) notification, not answered
-        server.send(json.dumps({"jsonrpc": "2.0", "id": 9, "method": "tools/call",
-                                "params": {"name": "status", "arguments": {}}}))
-        reply = server.answer(15)
-        assert reply["id"] == 9 and not reply["result"].get("isError"), reply
+        assert_status_answers(server, 9)
     finally:
         server.close()
 
@@ -173,10 +178,7 @@ def test_a_request_whose_id_the_sdk_cannot_read_is_answered_with_id_null(ws_cach
             assert reply["id"] is None and reply["error"]["code"] == -32600, (wrong, reply)
             assert f"its id {wrong} is neither an integer nor a string" in reply["error"]["message"], reply
         server.send('{"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 1}}')
-        server.send(json.dumps({"jsonrpc": "2.0", "id": 9, "method": "tools/call",
-                                "params": {"name": "status", "arguments": {}}}))
-        reply = server.answer(15)
-        assert reply["id"] == 9 and not reply["result"].get("isError"), reply
+        assert_status_answers(server, 9)
     finally:
         server.close()
     assert not (ws_cache[0] / ".research-loop" / "state.json").exists()  # no setup ran under a wrong id
@@ -191,10 +193,7 @@ def test_a_call_nested_too_deep_for_json_is_answered_and_the_server_stays(ws_cac
                     '"arguments": {"x": ' + "[" * 100_000 + "]" * 100_000 + "}}}")
         reply = server.answer(15)
         assert reply is not None and reply["error"]["code"] == -32700, reply
-        server.send(json.dumps({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
-                                "params": {"name": "status", "arguments": {}}}))
-        reply = server.answer(15)
-        assert reply is not None and reply["id"] == 2 and not reply["result"].get("isError"), reply
+        assert_status_answers(server, 2)
     finally:
         server.close()
 
