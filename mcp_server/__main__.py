@@ -64,24 +64,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "cannot start); every answer and ledger row then says unsandboxed. Without it such "
                              f"runs are refused (default: env {sandbox.UNSANDBOXED_ENV}=1)")
     notify.add_arguments(parser)
-    parser.add_argument("--track", choices=tracking.TRACKERS, default=os.environ.get("RESEARCH_LOOP_TRACK") or None,
-                        help="track every run in MLflow (extra `mlflow`), one experiment per research branch, or in "
-                             "W&B (extra `wandb`; offline in the workspace's .research-loop/wandb/ unless WANDB_MODE "
-                             "or WANDB_API_KEY is set), one group per branch; a tracker that is down never stops the "
-                             "loop, it catches up (default: env RESEARCH_LOOP_TRACK, else none)")
-    parser.add_argument("--mlflow-uri", default=os.environ.get("RESEARCH_LOOP_MLFLOW_URI") or None,
-                        help="the MLflow tracking server, e.g. http://HOST:5000; implies --track mlflow (default: "
-                             "env RESEARCH_LOOP_MLFLOW_URI, else env MLFLOW_TRACKING_URI, else the workspace's own "
-                             f"store, sqlite:///<workspace>/{tracking.STATE_DIR}/{tracking.LOCAL_DB})")
+    tracking.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.slots is not None and args.slots < 1:
         parser.error("--slots must be 1 or more")
-    if args.track and args.track not in tracking.TRACKERS:
-        parser.error(f"RESEARCH_LOOP_TRACK must be one of {', '.join(tracking.TRACKERS)}, got {args.track!r}")
-    if args.mlflow_uri and args.track == "wandb":
-        parser.error("--mlflow-uri (or RESEARCH_LOOP_MLFLOW_URI) is for --track mlflow, not wandb: drop one of them")
-    if args.mlflow_uri:
-        args.track = "mlflow"
+    problem = tracking.arguments_problem(args)
+    if problem:
+        parser.error(problem)
     return args
 
 

@@ -285,6 +285,9 @@ def runner(claude, ws, env, *args, preexec_fn=None) -> subprocess.Popen:
     (["--max-cost", "-5"], "--max-cost must be a number of dollars above 0, got -5.0"),
     (["--max-cost", "0"], "--max-cost must be a number of dollars above 0, got 0.0"),
     (["--notify", "slack"], "--notify needs an http:// or https:// webhook URL"),
+    (["--track", "neptune"], "--track (or RESEARCH_LOOP_TRACK) must be one of mlflow, wandb, got 'neptune'"),
+    (["--track", "wandb", "--mlflow-uri", "http://127.0.0.1:5000"], "--mlflow-uri (or RESEARCH_LOOP_MLFLOW_URI) is "
+                                                                    "for --track mlflow, not wandb"),
 ])
 def test_the_runner_refuses_limits_that_set_none_and_reserved_tags_before_any_session(fake_env, flags, said):
     """--hours nan would be no deadline at all, and a tag setup refuses would fail every session: the
@@ -349,7 +352,8 @@ calls = Path(os.environ["FAKE_CLAUDE_CALLS"])
 plans = os.environ["FAKE_CLAUDE_PLAN"].split(",")
 session = len(calls.read_text().splitlines()) + 1 if calls.exists() else 1
 plan = plans[min(session, len(plans)) - 1]
-record = {{"argv": sys.argv[1:], "cwd": os.getcwd(), "at": time.time(), "plan": plan}}
+record = {{"argv": sys.argv[1:], "cwd": os.getcwd(), "at": time.time(), "plan": plan,
+          "track": [os.environ.get(k) for k in ("RESEARCH_LOOP_TRACK", "RESEARCH_LOOP_MLFLOW_URI")]}}
 if plan == "fail":  # an API error at once, as a headless session reports it
     print(json.dumps({{"type": "result", "subtype": "error_during_execution",
                        "result": f"API Error: 401 invalid x-api-key (session {{session}})"}}))
@@ -468,6 +472,26 @@ def test_preflight_names_what_to_install_when_claude_is_missing(fake_env, tmp_pa
         assert "error: Claude Code is not installed: `npm install -g @anthropic-ai/claude-code@2.1.332` " \
                "(or pass --claude)" in done.stderr
     assert not (ws / ".research-loop").exists()  # no log folder, no session
+
+
+@pytest.mark.parametrize("flags, track", [
+    (["--track", "wandb"], ["wandb", None]),
+    (["--mlflow-uri", "http://127.0.0.1:5000"], ["mlflow", "http://127.0.0.1:5000"]),
+    ([], [None, None]),
+])
+def test_the_sessions_server_gets_the_runners_tracking(fake_claude, fake_env, monkeypatch, flags, track):
+    """--track (and --mlflow-uri, which implies mlflow) reach each session's server through its environment;
+    without them the server is told nothing."""
+    from mcp_server.overnight import overnight
+    ws = make_workspace(fake_env)
+    monkeypatch.setenv("FAKE_CLAUDE_PLAN", "spend")  # $0.40: past --max-cost, so one session
+    for name in ("RESEARCH_LOOP_TRACK", "RESEARCH_LOOP_MLFLOW_URI"):
+        monkeypatch.delenv(name, raising=False)
+    args = runner_args(ws, "--max-cost", "0.1", *flags)
+    assert overnight.tracking.arguments_problem(args) is None
+    claude = overnight.preflight(ws, None, track=args.track)
+    assert overnight.Runner(args, claude, backoff_s=(0.05,), poll_s=0.05).run() == 0
+    assert sessions_of(fake_claude)[0]["track"] == track
 
 
 def test_the_runner_pings_when_it_gives_up(fake_claude, fake_env, monkeypatch, capsys):

@@ -14,6 +14,7 @@ run's records, or a record edited by hand, are not. Each MLflow run carries the 
 a pass interrupted halfway is redone and a pass repeated changes nothing. mlflow is imported in
 that thread, when first needed.
 """
+import argparse
 import importlib.util
 import json
 import os
@@ -31,6 +32,7 @@ from mcp_server.core.state import STATE_DIR, STATE_FILE, records_dir
 from mcp_server.core.workspace import HarnessGit
 
 TRACKERS = ("mlflow", "wandb")  # wandb: mcp_server/core/wandb_tracking.py
+TRACK_ENV, MLFLOW_URI_ENV = "RESEARCH_LOOP_TRACK", "RESEARCH_LOOP_MLFLOW_URI"
 LOCAL_DB = "mlflow.db"  # the default store, in the workspace's .research-loop/
 LOCAL_ARTIFACTS = "mlflow-artifacts"
 KEY_TAG = "research_loop.run"  # <number>-<commit7>: the run's name, also its records' file name
@@ -65,6 +67,36 @@ def experiment_name(root: Path, branch: str) -> str:
     """Unique on a team's server, where every researcher's clone may be called autoresearch and
     every tag a date."""
     return f"{branch} ({socket.gethostname()}:{Path(root).resolve()})"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """--track and --mlflow-uri: the server's and the overnight runner's (which hands them to its sessions' server)."""
+    parser.add_argument("--track", default=os.environ.get(TRACK_ENV) or None,
+                        help="track every run in MLflow (extra `mlflow`), one experiment per research branch, or in "
+                             "W&B (extra `wandb`; offline in the workspace's .research-loop/wandb/ unless WANDB_MODE "
+                             "or WANDB_API_KEY is set), one group per branch; a tracker that is down never stops the "
+                             f"loop, it catches up (default: env {TRACK_ENV}, else none)")
+    parser.add_argument("--mlflow-uri", default=os.environ.get(MLFLOW_URI_ENV) or None,
+                        help="the MLflow tracking server, e.g. http://HOST:5000; implies --track mlflow (default: "
+                             f"env {MLFLOW_URI_ENV}, else env MLFLOW_TRACKING_URI, else the workspace's own "
+                             f"store, sqlite:///<workspace>/{STATE_DIR}/{LOCAL_DB})")
+
+
+def arguments_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with --track and --mlflow-uri, or None; --mlflow-uri alone sets --track mlflow."""
+    if args.track and args.track not in TRACKERS:
+        return f"--track (or {TRACK_ENV}) must be one of {', '.join(TRACKERS)}, got {args.track!r}"
+    if args.mlflow_uri and args.track == "wandb":
+        return f"--mlflow-uri (or {MLFLOW_URI_ENV}) is for --track mlflow, not wandb: drop one of them"
+    if args.mlflow_uri:
+        args.track = "mlflow"
+    return None
+
+
+def server_env(args: argparse.Namespace) -> dict:
+    """The environment that gives a server started elsewhere (an overnight session's) the same tracking."""
+    env = {TRACK_ENV: args.track} if args.track else {}
+    return env | ({MLFLOW_URI_ENV: args.mlflow_uri} if args.mlflow_uri else {})
 
 
 def missing_extra(tracker: str) -> str | None:

@@ -10,7 +10,7 @@ agent) before a stop condition is met, the next one starts and resumes from the 
 Sessions that end quickly in a row back off, and after a few the runner gives up and says why.
 With --max-cost it starts no session once the sessions' cost (each session's stream-json result)
 reaches it; --notify pings a webhook when it gives up or stops for the cost (and the sessions'
-servers ping theirs). It shows one live status line, keeps its own log in .research-loop/overnight/,
+servers ping theirs); --track mlflow|wandb has the sessions' servers track every run. It shows one live status line, keeps its own log in .research-loop/overnight/,
 and at the end prints the ledger's summary, the GPU-hours and the sessions' tokens and cost, and the
 path of progress.png. Ctrl-C stops the session in progress
 (its server, and so its training, with it) and leaves the ledger intact: the same command resumes.
@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from mcp_server.core import cost, ledger, limits, logparse, notify
+from mcp_server.core import cost, ledger, limits, logparse, notify, tracking
 from mcp_server.scripts import sandbox
 from mcp_server.core.models import Refusal
 from mcp_server.core.workspace import HarnessGit, prepared_info, validate_tag
@@ -72,7 +72,7 @@ def prompt_for(tag: str, args) -> str:
     return " ".join(parts)
 
 
-def preflight(workspace: Path, claude: str | None, unsandboxed: bool = False) -> str:
+def preflight(workspace: Path, claude: str | None, unsandboxed: bool = False, track: str | None = None) -> str:
     """The claude executable; raises RunnerError naming what to install or run first."""
     if not (workspace / ".git").exists() or not (workspace / "train.py").is_file() \
             or not (workspace / "prepare.py").is_file():
@@ -88,19 +88,22 @@ def preflight(workspace: Path, claude: str | None, unsandboxed: bool = False) ->
     local = (os.environ.get("RESEARCH_LOOP_EXECUTOR") or "local") == "local"  # a cluster's nodes check their own
     if local and not unsandboxed and sandbox.usable()[0] is None:  # every session's runs would be refused
         raise RunnerError(sandbox.missing())
+    # the plugin's server runs in this project's environment (or a copy synced with the same extra)
+    if track and tracking.missing_extra(track):
+        raise RunnerError(tracking.missing_extra(track))
     return found
 
 
-def plugin_dir(workspace: Path) -> Path:
+def plugin_dir(workspace: Path, track: str | None = None) -> Path:
     """Where the session loads the plugin from. Claude Code treats a --plugin-dir folder's files as
     sensitive (each edit would need approval), so a workspace that is this checkout itself gets a
     copy of the plugin (plugin_copy), made afresh for each session."""
     if workspace.resolve() != PLUGIN_ROOT:
         return PLUGIN_ROOT
-    return plugin_copy(workspace)
+    return plugin_copy(workspace, track)
 
 
-def plugin_copy(workspace: Path) -> Path:
+def plugin_copy(workspace: Path, track: str | None = None) -> Path:
     """A worktree of HEAD inside .git with its environment synced, rebuilt from nothing: whatever was
     planted in the last one (a changed or symlinked file, a .pth or sitecustomize in its .venv, its
     .git file pointed at another repository) is gone before the session's server loads it."""
@@ -113,7 +116,8 @@ def plugin_copy(workspace: Path) -> Path:
         shutil.rmtree(copy)
     repo.worktree("prune")
     repo.worktree("add", "-q", "--detach", "--force", str(copy), head)
-    subprocess.run(["uv", "sync", "--quiet", "--project", str(copy)], check=True)
+    extra = ["--extra", track] if track else []  # the tracker the session's server is told to use
+    subprocess.run(["uv", "sync", "--quiet", "--project", str(copy), *extra], check=True)
     return copy
 
 
@@ -209,6 +213,7 @@ class Runner:
             env[sandbox.UNSANDBOXED_ENV] = "1"
         if self.args.notify:  # so does its webhook
             env.update({notify.NOTIFY_ENV: self.args.notify, notify.FORMAT_ENV: self.args.notify_format})
+        env.update(tracking.server_env(self.args))  # and its tracking
         env.setdefault("MCP_TIMEOUT", "120000")  # the first start of the server may sync its environment
         output = open(self.logs / f"session-{self.sessions:03d}.jsonl", "ab")
         self.session = subprocess.Popen(command, cwd=self.workspace, env=env, stdin=subprocess.DEVNULL,
@@ -248,7 +253,7 @@ class Runner:
                 self.notifier.send(f"the overnight runner stopped starting sessions: {broke} [{self.workspace.name}]")
                 return 0
             began, rows_before = time.time(), len(self.rows())
-            self.start_session(plugin_dir(self.workspace))
+            self.start_session(plugin_dir(self.workspace, self.args.track))
             while self.session.poll() is None:
                 self.show()
                 time.sleep(self.poll_s)
@@ -335,6 +340,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="let the sessions' server train without a sandbox where none can run here (every "
                              f"answer and ledger row says so; default: env {sandbox.UNSANDBOXED_ENV}=1)")
     notify.add_arguments(parser)
+    tracking.add_arguments(parser)
 
 
 def main(args) -> int:
@@ -353,12 +359,16 @@ def main(args) -> int:
         except ValueError as exc:
             print(f"error: {flag}: {exc}; fix it and rerun", file=sys.stderr)
             return 2
+    problem = tracking.arguments_problem(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if args.max_cost is not None and not (0 < args.max_cost < float("inf")):
         print(f"error: --max-cost must be a number of dollars above 0, got {args.max_cost}; fix it and rerun",
               file=sys.stderr)
         return 2
     try:
-        claude = preflight(Path(args.workspace).resolve(), args.claude, args.unsandboxed)
+        claude = preflight(Path(args.workspace).resolve(), args.claude, args.unsandboxed, args.track)
     except RunnerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
