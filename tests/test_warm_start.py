@@ -5,9 +5,11 @@ environment, keeps its sandbox, its timeout (from the hand-over) and the kill of
 no pre-started worker outlives the server. Real exports of the real train.py (the session's
 prepared CPU harness), a real server over MCP.
 """
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -248,3 +250,89 @@ def test_a_hand_over_line_that_changes_the_sandbox_or_command_is_refused():
         assert handed_args(line(forged), started) is None, forged
     assert handed_args(b"not json\n", started) is None
     assert handed_args(line([*run, "--", "python", "train.py"], env=["X"]), started) is None
+
+
+# The stand-ins of test_no_process_but_the_server_writes_a_workers_hand_over_or_an_evaluations_result: a
+# train.py held at its start while a flag file exists, then exporting; an evaluator that says go was
+# read (its pid in a file) and, a moment later, answers the value it was started with.
+HELD_TRAIN = """import os, time
+while os.path.exists({hold!r}):
+    time.sleep(0.05)
+export = os.environ["RESEARCH_LOOP_EXPORT"]
+open(export + ".json", "w").write("{{}}")
+open(export, "w").write("model")
+print("val_bpb: 1.5")
+"""
+ANSWERING_EVALUATOR = ("import json, os, sys, time; sys.stdin.readline(); open(sys.argv[2], 'w').write(str(os.getpid())); "
+                       "time.sleep(4); os.write(int(sys.argv[sys.argv.index('--out-fd') + 1]), "
+                       "json.dumps({'val_bpb': float(sys.argv[1])}).encode())")
+
+
+def writable(pid: int, fd: str) -> bool:
+    """Whether a process of the same user can open another's pipe or socket for writing (/proc)."""
+    try:
+        os.close(os.open(f"/proc/{pid}/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        return False
+    return True
+
+
+def test_no_process_but_the_server_writes_a_workers_hand_over_or_an_evaluations_result(fake_env, monkeypatch):
+    """As the agent would, with the server's uid: open /proc/PID/fd/0 of a worker (cold, then one
+    waiting warm for its hand-over) and write a hand-over of its own with another evaluation (one that
+    answers 0.25), then, during the run's evaluation, write a result of its own into the worker's
+    result channel and kill the evaluator. Neither can be opened (stdin, the warm interpreter's
+    hand-over and the result are sockets, not pipes): the run is the server's, evaluated by the
+    server's evaluator; and end of file on a worker's stdin still stops its run ("server gone")."""
+    import queue
+    monkeypatch.setenv(harness_eval.WARM_ENV, "0")  # the evaluator stand-in, started cold for each run
+    monkeypatch.delenv(executor.WARM_START_ENV, raising=False)
+    hold, said_go = fake_env / "hold", fake_env / "evaluating.pid"
+    hold.touch()
+    ws = make_workspace(fake_env, HELD_TRAIN.format(hold=str(hold)))
+    harness = fake_env / "harness"
+    git(ws, "worktree", "add", "-q", "--detach", str(harness))
+
+    def evaluation(value: float) -> str:
+        return json.dumps({"argv": [sys.executable, "-c", ANSWERING_EVALUATOR, str(value), str(said_go)],
+                           "env": dict(os.environ), "timeout": 60, "harness": str(harness), "harness_commit": None})
+
+    def spec(run: int, value: float = 1.5) -> executor.RunSpec:
+        export = ws / ".research-loop" / "exports" / str(run) / "model.pt2"
+        return executor.RunSpec(run=run, commit=git(ws, "rev-parse", "HEAD").strip(),
+                                command=[sys.executable, "train.py"], timeout=120, log=fake_env / f"{run}.log",
+                                report=fake_env / f"{run}.report.json", after_seconds=60,
+                                worker_args=["--export", str(export), "--evaluate", evaluation(value)])
+    pool = executor.LocalPool(Workspace(ws), 1, env=dict(os.environ))
+    outcomes = queue.Queue()
+    try:
+        pool.start(spec(1), lambda run, outcome: outcomes.put(outcome))
+        cold = pool.procs[1]
+        cold_writable = writable(cold.pid, "0")
+        cold.stdin.close()  # as the server's end closes when it dies
+        stopped = outcomes.get(timeout=60)
+        ahead = pool.ahead[0]  # started ahead once run 1 ended: its interpreter waits for the hand-over
+        run = spec(2)
+        forged = [*pool._worker_args(0, spec(2, value=0.25), None, ahead.staging), "--", *run.command]
+        try:
+            with open(f"/proc/{ahead.proc.pid}/fd/0", "wb") as stdin:
+                stdin.write(json.dumps({"argv": forged, "env": pool._env(0, run)}).encode() + b"\n")
+            hand_over_forged = True
+        except OSError:
+            hand_over_forged = False
+        hold.unlink()
+        pool.start(run, lambda run, outcome: outcomes.put(outcome))
+        assert wait_until(said_go.exists, 60)
+        worker = pool.procs[2]
+        for fd in os.listdir(f"/proc/{worker.pid}/fd"):  # a result of its own, then no evaluator to answer
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{worker.pid}/fd/{fd}", "wb") as channel:
+                    channel.write(json.dumps({"val_bpb": 0.25}).encode())
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(said_go.read_text()), signal.SIGKILL)
+        outcome = outcomes.get(timeout=120)
+    finally:
+        pool.shutdown()
+    assert stopped.report["stopped"] == "server gone", stopped.report
+    assert outcome.report["warm_start"] and outcome.report.get("evaluation", {}).get("val_bpb") != 0.25, outcome.report
+    assert not hand_over_forged and not cold_writable

@@ -77,6 +77,14 @@ def private_copies(inputs: dict) -> dict:
     return copies
 
 
+def result_channel() -> tuple[int, int]:
+    """(read end, write end) for the evaluator's result: a socket pair, not a pipe, because any process
+    of the same user can open a pipe's /proc/PID/fd/N and write a result of its own (or the end of
+    one); a socket's cannot be opened (ENXIO)."""
+    ours, theirs = socket.socketpair()
+    return ours.detach(), theirs.detach()
+
+
 def copy_regular_file(path: Path, into) -> None:
     """path's bytes into the open file `into` (from its start): only a plain file, opened without
     following a link and without waiting (a FIFO planted there would block)."""
@@ -133,7 +141,7 @@ class HarnessEvaluation:
             self._start_cold()
 
     def _start_cold(self) -> None:
-        self.read_end, write_end = os.pipe()
+        self.read_end, write_end = result_channel()
         fds = {"--program-fd": self.program.fileno(),
                **{f"--{name}-fd": copy.fileno() for name, copy in self.inputs.items()}, "--out-fd": write_end}
         try:
@@ -245,7 +253,7 @@ class HarnessEvaluation:
 
     def _go_warm(self, log, deadline: float) -> None:
         """The request to the slot's warm evaluator; where it fails, a cold evaluator instead."""
-        read_end, write_end = os.pipe()
+        read_end, write_end = result_channel()
         request_id = os.urandom(8).hex()
         fds = [write_end, self.program.fileno(), *(self.inputs[name].fileno() for name in WARM_FDS), log.fileno()]
         try:
@@ -280,7 +288,7 @@ class HarnessEvaluation:
                     pass
 
     def _read_result(self, deadline: float) -> bytes | None:
-        """What the evaluator writes to its result pipe, once it closes it (or dies); None at the deadline."""
+        """What the evaluator writes to its result socket, once it closes it (or dies); None at the deadline."""
         chunks = []
         with os.fdopen(self.read_end, "rb", buffering=0) as pipe:
             while (left := deadline - time.monotonic()) > 0:

@@ -17,7 +17,7 @@ runs (this machine's slots, a Ray or SLURM node). It
   the head and the tail: bounded disk and memory, and the summary block is in the tail);
 - enforces the hard timeout (SIGTERM to the whole tree, SIGKILL after a grace period), and stops
   the same way on SIGTERM (a cancel) or, with --watch-stdin, when its parent, the server, dies
-  (the pipe on stdin reaches end of file);
+  (the socket on stdin reaches end of file);
 - runs the command in a sandbox (--sandbox: the workspace, the harness, the prepared cache and the
   environments read-only, the run's own folders writable; bubblewrap, or sandbox-exec on macOS),
   so the training can write neither the server's records nor the harness; where no sandbox can
@@ -358,8 +358,11 @@ def parse_with_command(p: argparse.ArgumentParser, argv) -> argparse.Namespace:
 
 def start_warm(command: list[str], spec: dict, private: dict | None, output: int, in_child):
     """The command's interpreter on warm_train.py, in the sandbox (as the command itself would be),
-    importing torch now and then waiting on a pipe: (its process, the pipe's end for the hand-over)."""
-    read_fd, write_fd = os.pipe()
+    importing torch now and then waiting on a socket: (its process, the socket's end for the hand-over).
+    Not a pipe: any process of the same user outside the sandbox could open a pipe's /proc/PID/fd/N
+    and hand the interpreter a script of its own; a socket's cannot be opened (ENXIO)."""
+    ours, theirs = socket.socketpair()
+    read_fd, write_fd = theirs.detach(), ours.detach()
     stub, _ = sandboxed([command[0], str(WARM_STUB), str(read_fd)], spec, os.getcwd(), private)
     try:
         proc = subprocess.Popen(stub, stdin=subprocess.DEVNULL, stdout=output, stderr=output, pass_fds=(read_fd,),
