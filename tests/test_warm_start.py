@@ -336,3 +336,49 @@ def test_no_process_but_the_server_writes_a_workers_hand_over_or_an_evaluations_
     assert stopped.report["stopped"] == "server gone", stopped.report
     assert outcome.report["warm_start"] and outcome.report.get("evaluation", {}).get("val_bpb") != 0.25, outcome.report
     assert not hand_over_forged and not cold_writable
+
+
+def test_a_warm_interpreter_that_reads_the_validation_data_before_its_hand_over_is_caught(tmp_path, bubblewrap):
+    """The stand-in for a planted import in the training environment (a .pth, a patched module) that
+    reads the validation data as the warm interpreter starts, before any run is handed to it: its
+    interpreter (command[0]) reads the shard, then runs Python. With a private copy of the shard (the
+    sandbox shows it in place of the shared one) the watch starts before the interpreter does: the
+    run is a crash for reading the validation data. The same warm run with the plain interpreter is
+    evaluated: the harness's own copy of the inputs (from the shared shard) is not counted."""
+    from mcp_server.core.integrity import evaluation_verdict
+    from test_server_units import EXPORT_THEN_WAIT, FAKE_EVALUATOR, REPO, clean_harness
+    planted = tmp_path / "python3-planted"
+    reports = {}
+    for name, interpreter in (("honest", sys.executable), ("planted", str(planted))):
+        folder = tmp_path / name
+        exports = folder / "exports"
+        exports.mkdir(parents=True)
+        val = folder / "val.parquet"
+        val.write_bytes(b"validation")
+        (folder / "train.py").write_text(EXPORT_THEN_WAIT.format(repo=str(REPO), before_answer=""))
+        planted.write_text(f"#!/bin/sh\ncat {val} > /dev/null\ntouch {exports / 'started'}\n"
+                           f"exec {sys.executable} \"$@\"\n")
+        planted.chmod(0o755)
+        if name == "honest":  # the interpreter says it started all the same
+            (exports / "started").touch()
+        evaluate = {"argv": [sys.executable, "-c", FAKE_EVALUATOR], "env": dict(os.environ), "timeout": 60,
+                    "harness": str(clean_harness(folder)), "harness_commit": None,
+                    "inputs": {"val": {"path": str(val), "sha256": harness_eval.sha256_of(val)}}}
+        started = ["--watch-stdin", "--sandbox", json.dumps({"readonly": [str(tmp_path)], "writable": [str(exports)]}),
+                   "--export", str(exports / "model.pt2"), "--val-shard", str(val)]
+        report = folder / "report.json"
+        worker = executor.with_socket_stdin([sys.executable, str(executor.WORKER), "--warm", *started, "--",
+                                             interpreter, "train.py"], cwd=folder)
+        assert wait_until((exports / "started").exists, 60)  # read before the hand-over, and put back
+        run = ["--log", str(folder / "run.log"), "--report", str(report), "--timeout", "60",
+               "--evaluate", json.dumps(evaluate), *started, "--", interpreter, "train.py"]
+        worker.stdin.write(json.dumps({"argv": run, "env": dict(os.environ)}).encode() + b"\n")
+        worker.stdin.flush()
+        assert worker.wait(timeout=120) == 0
+        worker.stdin.close()
+        reports[name] = json.loads(report.read_text())
+    honest, planted_run = reports["honest"], reports["planted"]
+    assert honest["warm_start"] and honest["sandbox"] and planted_run["warm_start"], reports
+    assert evaluation_verdict(honest)[:2] == (None, 1.5), honest
+    assert evaluation_verdict(planted_run)[0] == ("the training opened the validation data before its model was "
+                                                 "exported: it may have trained on it"), planted_run

@@ -251,6 +251,15 @@ class ValidationWatch(threading.Thread):
         os.close(self.fd)
 
 
+def start_watch(path: Path) -> ValidationWatch | None:
+    try:
+        watch = ValidationWatch(path)
+    except OSError:
+        return None  # not Linux: the server notes that validation reads are unwatched
+    watch.start()
+    return watch
+
+
 def sandboxed(command: list[str], spec: dict, cwd: str, private: dict | None = None) -> tuple[list[str], bool]:
     """The command in this machine's sandbox (sandbox.wrap), or as it is where spec is empty or no
     sandbox is usable: the caller refuses that unless the user opted in."""
@@ -446,6 +455,11 @@ def main(argv=None) -> int:
     if in_sandbox:
         cuda_ready_outside_the_sandbox()
     env = dict(os.environ)
+    # A private copy is the run's alone (the harness copies the shared shard): watched from before any
+    # interpreter starts, as a warm one's imports come before its run. The shared shard is watched
+    # only once the harness has its copies, below.
+    if watch_val and val_copy:
+        val_watch = start_watch(val_copy)
     if args.warm:
         stub, stub_pipe = start_warm(args.command, args.sandbox, private, write_end, in_child)
         line = sys.stdin.buffer.readline()
@@ -454,6 +468,8 @@ def main(argv=None) -> int:
             os.close(stub_pipe)
             os.close(write_end)
             kill_everything(stub.pid)
+            if val_watch is not None:
+                val_watch.stop()
             if val_copy is not None:
                 shutil.rmtree(val_copy.parent, ignore_errors=True)
             return 0 if not line else 2
@@ -470,12 +486,8 @@ def main(argv=None) -> int:
             evaluation = HarnessEvaluation(on_this_device(args.evaluate, os.environ), args.log, args.export, answer,
                                            warm)
             env[ANSWER_ENV] = str(answer)
-    if watch_val and (val_copy or not args.val_shared):
-        try:
-            val_watch = ValidationWatch(val_copy or args.val_shard)
-            val_watch.start()
-        except OSError:
-            val_watch = None  # not Linux: the server notes that validation reads are unwatched
+    if watch_val and not val_copy and not args.val_shared:
+        val_watch = start_watch(args.val_shard)
     warm_start = stub is not None and hand_over(stub, stub_pipe, args.command, env)
     if stub is not None and not warm_start:
         with open_log(args.log) as log:
