@@ -128,7 +128,10 @@ def vouch_log(state: dict, root: Path, name: str) -> None:
     if not isinstance(digests, dict):
         digests = state[LOG_DIGESTS] = {}
     if name not in digests:
-        digests[name] = digest(logparse.read_bytes(root / name))
+        try:
+            digests[name] = digest(logparse.read_bytes(root / name))
+        except OSError:
+            pass  # no log to vouch for: none is believed
 
 
 def adopt_logs(root: Path, state: dict, records: list[dict]) -> None:
@@ -144,8 +147,13 @@ def checked_log(root: Path, state: dict, name: str) -> str | None:
     """The run log's text where its bytes are those the server digested; None where it never did,
     or the file is not what it was (edited, replaced, deleted, not a plain file)."""
     digests = state.get(LOG_DIGESTS) if isinstance(state.get(LOG_DIGESTS), dict) else {}
-    raw = logparse.read_bytes(root / name) if name in digests else b""
-    return raw.decode("utf-8", errors="replace") if name in digests and digest(raw) == digests[name] else None
+    if name not in digests:
+        return None
+    try:
+        raw = logparse.read_bytes(root / name)
+    except OSError:
+        return None
+    return raw.decode("utf-8", errors="replace") if digest(raw) == digests[name] else None
 
 
 def checked(runs_dir: Path, state: dict, fresh: dict | None = None) -> tuple[dict[str, dict], list[str]]:
