@@ -382,3 +382,44 @@ def test_a_warm_interpreter_that_reads_the_validation_data_before_its_hand_over_
     assert evaluation_verdict(honest)[:2] == (None, 1.5), honest
     assert evaluation_verdict(planted_run)[0] == ("the training opened the validation data before its model was "
                                                  "exported: it may have trained on it"), planted_run
+
+
+# An evaluator that says go was read (its pid in the file named first), waits, then answers 1.5 only
+# where the program and validation copies it was given are still what the harness copied.
+COPY_CHECKING_EVALUATOR = (
+    "import json, os, sys, time; sys.stdin.readline(); open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(3); "
+    "fd = lambda name: int(sys.argv[sys.argv.index(name) + 1]); "
+    "seen = [os.pread(fd(name), 64, 0) for name in ('--program-fd', '--val-fd')]; "
+    "os.write(fd('--out-fd'), json.dumps({'val_bpb': 1.5 if seen == [b'model', b'validation'] else 0.25}).encode())")
+
+
+def test_the_harnesss_private_copies_cannot_be_written_through_proc(tmp_path):
+    """The harness's copies of the exported program and of the validation data are files with no
+    name, checked when copied: as the agent would, with the server's uid, open each through
+    /proc/<evaluator pid>/fd/N while the evaluator waits, and write into it. They are sealed memfds:
+    nothing is written, and the evaluation is of what the harness copied."""
+    from test_server_units import clean_harness
+    export, val, said_go = tmp_path / "model.pt2", tmp_path / "val.parquet", tmp_path / "evaluating.pid"
+    export.write_text("model")
+    (tmp_path / "model.pt2.json").write_text("{}")
+    val.write_bytes(b"validation")
+    spec = {"argv": [sys.executable, "-c", COPY_CHECKING_EVALUATOR, str(said_go)], "env": dict(os.environ),
+            "timeout": 60, "harness": str(clean_harness(tmp_path)), "harness_commit": None,
+            "inputs": {"val": {"path": str(val), "sha256": harness_eval.sha256_of(val)}}}
+    evaluation = harness_eval.HarnessEvaluation(spec, tmp_path / "run.log", export, tmp_path / "answer.json")
+    evaluation.start_if_exported(None)
+    assert wait_until(said_go.exists, 60)
+    evaluator = int(said_go.read_text())
+    written = []
+    for fd in os.listdir(f"/proc/{evaluator}/fd"):
+        target = os.readlink(f"/proc/{evaluator}/fd/{fd}")
+        if target.endswith("(deleted)"):
+            with contextlib.suppress(OSError):
+                forged = os.open(f"/proc/{evaluator}/fd/{fd}", os.O_WRONLY)
+                try:
+                    os.write(forged, b"forged")
+                    written.append(target)
+                finally:
+                    os.close(forged)
+    result = evaluation.finish(5.0)
+    assert result.get("val_bpb") == 1.5 and written == [], (result, written)
