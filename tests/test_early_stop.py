@@ -157,3 +157,23 @@ def test_a_reference_curve_the_agent_planted_stops_no_good_run(es_lab):
     repeat.write_text(json.dumps(forged))
     result = lagging(es_lab, lag=0.0, sleep=4.0)
     assert result["status"] == "ok" and result["val_bpb"] == pytest.approx(0.9, abs=0.01)
+
+
+def scale_log(path, scale: float) -> None:
+    text = path.read_text()
+    path.write_text(re.sub(r"loss: ([0-9.]+)", lambda m: f"loss: {float(m.group(1)) * scale:.6f}", text))
+    assert early_stop.curve(path.read_text()) and early_stop.curve(path.read_text()) != early_stop.curve(text)
+
+
+def test_an_edited_best_log_is_not_the_reference(es_lab):
+    """The agent edits the logs themselves (the best's and its noise repeat's, so that the repeat's luck
+    widens no margin), every loss times 0.01: every idea would look far behind and be stopped. The
+    server digested each log when it recorded the run: an edited log is no reference, a good run goes
+    on, and the change is told."""
+    start(es_lab, early=True, noise=True)
+    for number in (1, 2):
+        record = json.loads(next((es_lab.ws / "runs").glob(f"000{number}-*[0-9a-f].json")).read_text())
+        scale_log(es_lab.ws / record["result"]["log"], 0.01)
+    result = lagging(es_lab, lag=0.0, sleep=4.0)
+    assert result["status"] == "ok" and result["val_bpb"] == pytest.approx(0.9, abs=0.01), result
+    assert any("early stop does not read it" in notice for notice in es_lab.ok("status")["records_changed"])

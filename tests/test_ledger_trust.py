@@ -249,6 +249,24 @@ def test_a_workspace_from_before_record_digests_keeps_its_history_after_the_upgr
     assert_told(answer, record.name)
 
 
+def test_a_workspace_from_before_log_digests_vouches_for_its_logs_as_they_are(lab):
+    """A state from before the log digests (run records digested, logs not): the new owner vouches for
+    the logs its records name, as they are, once; an edit after that is not believed."""
+    from mcp_server.core import history, limits
+    lab.baseline()
+    lab.loop.shutdown()
+    for path in (lab.ws / ".research-loop" / "state.json", lab.loop.state.copy):
+        data = json.loads(path.read_text())
+        del data["log_digests"]
+        path.write_text(json.dumps(data))
+    lab.loop = lab.new_loop()
+    lab.ok("history")
+    log = json.loads(next((lab.ws / "runs").glob("0001-*[0-9a-f].json")).read_text())["result"]["log"]
+    assert history.checked_log(lab.ws, limits.recorded_state(lab.ws), log) == (lab.ws / log).read_bytes().decode()
+    (lab.ws / log).write_text("step 1 (50.0%) | loss: 0.010000\n")
+    assert history.checked_log(lab.ws, limits.recorded_state(lab.ws), log) is None
+
+
 def test_a_restart_before_the_first_record_adopts_nothing_planted(lab):
     """A new research run has no records yet: a server restarted while its baseline is in flight
     takes no file planted in runs/ as its own (only a state an older server wrote is upgraded)."""

@@ -57,11 +57,7 @@ def offline(monkeypatch):
 
 def stages(ws: Path) -> dict:
     """The stages noted as written, by run key."""
-    try:
-        tracked = json.loads((ws / ".research-loop" / wandb_tracking.TRACKED_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return {rid.split("-", 1)[1]: stage for rid, stage in tracked.items()}
+    return {rid.split("-", 1)[1]: stage for rid, stage in wandb_tracking.stored_stages(runs_dir(ws)).items()}
 
 
 def by_stage(ws: Path) -> dict:
@@ -142,10 +138,7 @@ def test_a_restarted_server_writes_no_run_twice_and_redoes_a_run_cut_short(lab, 
     assert wandb_tracking.tracker(lab.ws).sync() == 0  # a new server: knows what was written from the workspace
     worse = offline_runs(runs_dir(lab.ws))["worse"]
     # a pass cut short after W&B wrote the run, before it was noted: written again, the copy replaced
-    tracked_file = lab.ws / ".research-loop" / wandb_tracking.TRACKED_FILE
-    tracked = json.loads(tracked_file.read_text())
-    del tracked[worse.run.run_id]
-    tracked_file.write_text(json.dumps(tracked))
+    (worse.folder / wandb_tracking.STAGE_FILE).unlink()
     (worse.folder / "stale").write_text("")  # W&B may name the new copy as the old (to the second)
     restarted = wandb_tracking.tracker(lab.ws)
     assert restarted.sync() == 1 and restarted.sync() == 0
@@ -154,9 +147,29 @@ def test_a_restarted_server_writes_no_run_twice_and_redoes_a_run_cut_short(lab, 
     assert not (worse.folder / "stale").exists()
     assert redone.summary["decision"] == "discard" and redone.exited
     # the notes deleted (by hand, or by the agent): every run written again, still once each
-    tracked_file.unlink()
+    for note in runs_dir(lab.ws).glob(f"offline-run-*/{wandb_tracking.STAGE_FILE}"):
+        note.unlink()
     assert wandb_tracking.tracker(lab.ws).sync() == 4
     assert len(list(runs_dir(lab.ws).glob("offline-run-*"))) == 4
+    assert by_stage(lab.ws) == NIGHT_STAGES
+
+
+def test_a_list_of_written_runs_or_notes_the_agent_plants_keep_no_run_out_of_wandb(lab, offline):
+    """The agent notes every run of the night as written at its last stage before the tracker starts:
+    in the list an older tracker kept (.research-loop/wandb-tracked.json), and as W&B folders of its
+    own with the tracker's note but no run W&B wrote. What counts is W&B's store: every run is written."""
+    night(lab)
+    branch = json.loads((lab.ws / ".research-loop" / "state.json").read_text())["branch"]
+    keys = [path.stem for path in (lab.ws / "runs").glob("*.json") if not path.name.endswith(".report.json")]
+    decided = {"0001": "keep", "0002": "keep", "0003": "discard", "0004": "crash"}
+    planted = {wandb_tracking.run_id(lab.ws, branch, key): decided[key[:4]] for key in keys}
+    runs_dir(lab.ws).mkdir(parents=True)
+    (runs_dir(lab.ws).parent / "wandb-tracked.json").write_text(json.dumps(planted))
+    for rid, stage in planted.items():
+        folder = runs_dir(lab.ws) / f"offline-run-20260101_000000-{rid}"
+        folder.mkdir()
+        (folder / wandb_tracking.STAGE_FILE).write_text(stage)
+    assert len(planted) == 4 and wandb_tracking.tracker(lab.ws).sync() == 4
     assert by_stage(lab.ws) == NIGHT_STAGES
 
 

@@ -5,9 +5,11 @@ environment, keeps its sandbox, its timeout (from the hand-over) and the kill of
 no pre-started worker outlives the server. Real exports of the real train.py (the session's
 prepared CPU harness), a real server over MCP.
 """
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -248,3 +250,176 @@ def test_a_hand_over_line_that_changes_the_sandbox_or_command_is_refused():
         assert handed_args(line(forged), started) is None, forged
     assert handed_args(b"not json\n", started) is None
     assert handed_args(line([*run, "--", "python", "train.py"], env=["X"]), started) is None
+
+
+# The stand-ins of test_no_process_but_the_server_writes_a_workers_hand_over_or_an_evaluations_result: a
+# train.py held at its start while a flag file exists, then exporting; an evaluator that says go was
+# read (its pid in a file) and, a moment later, answers the value it was started with.
+HELD_TRAIN = """import os, time
+while os.path.exists({hold!r}):
+    time.sleep(0.05)
+export = os.environ["RESEARCH_LOOP_EXPORT"]
+open(export + ".json", "w").write("{{}}")
+open(export, "w").write("model")
+print("val_bpb: 1.5")
+"""
+ANSWERING_EVALUATOR = ("import json, os, sys, time; sys.stdin.readline(); open(sys.argv[2], 'w').write(str(os.getpid())); "
+                       "time.sleep(4); os.write(int(sys.argv[sys.argv.index('--out-fd') + 1]), "
+                       "json.dumps({'val_bpb': float(sys.argv[1])}).encode())")
+
+
+def writable(pid: int, fd: str) -> bool:
+    """Whether a process of the same user can open another's pipe or socket for writing (/proc)."""
+    try:
+        os.close(os.open(f"/proc/{pid}/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        return False
+    return True
+
+
+def test_no_process_but_the_server_writes_a_workers_hand_over_or_an_evaluations_result(fake_env, monkeypatch):
+    """As the agent would, with the server's uid: open /proc/PID/fd/0 of a worker (cold, then one
+    waiting warm for its hand-over) and write a hand-over of its own with another evaluation (one that
+    answers 0.25), then, during the run's evaluation, write a result of its own into the worker's
+    result channel and kill the evaluator. Neither can be opened (stdin, the warm interpreter's
+    hand-over and the result are sockets, not pipes): the run is the server's, evaluated by the
+    server's evaluator; and end of file on a worker's stdin still stops its run ("server gone")."""
+    import queue
+    monkeypatch.setenv(harness_eval.WARM_ENV, "0")  # the evaluator stand-in, started cold for each run
+    monkeypatch.delenv(executor.WARM_START_ENV, raising=False)
+    hold, said_go = fake_env / "hold", fake_env / "evaluating.pid"
+    hold.touch()
+    ws = make_workspace(fake_env, HELD_TRAIN.format(hold=str(hold)))
+    harness = fake_env / "harness"
+    git(ws, "worktree", "add", "-q", "--detach", str(harness))
+
+    def evaluation(value: float) -> str:
+        return json.dumps({"argv": [sys.executable, "-c", ANSWERING_EVALUATOR, str(value), str(said_go)],
+                           "env": dict(os.environ), "timeout": 60, "harness": str(harness), "harness_commit": None})
+
+    def spec(run: int, value: float = 1.5) -> executor.RunSpec:
+        export = ws / ".research-loop" / "exports" / str(run) / "model.pt2"
+        return executor.RunSpec(run=run, commit=git(ws, "rev-parse", "HEAD").strip(),
+                                command=[sys.executable, "train.py"], timeout=120, log=fake_env / f"{run}.log",
+                                report=fake_env / f"{run}.report.json", after_seconds=60,
+                                worker_args=["--export", str(export), "--evaluate", evaluation(value)])
+    pool = executor.LocalPool(Workspace(ws), 1, env=dict(os.environ))
+    outcomes = queue.Queue()
+    try:
+        pool.start(spec(1), lambda run, outcome: outcomes.put(outcome))
+        cold = pool.procs[1]
+        cold_writable = writable(cold.pid, "0")
+        cold.stdin.close()  # as the server's end closes when it dies
+        stopped = outcomes.get(timeout=60)
+        ahead = pool.ahead[0]  # started ahead once run 1 ended: its interpreter waits for the hand-over
+        run = spec(2)
+        forged = [*pool._worker_args(0, spec(2, value=0.25), None, ahead.staging), "--", *run.command]
+        try:
+            with open(f"/proc/{ahead.proc.pid}/fd/0", "wb") as stdin:
+                stdin.write(json.dumps({"argv": forged, "env": pool._env(0, run)}).encode() + b"\n")
+            hand_over_forged = True
+        except OSError:
+            hand_over_forged = False
+        hold.unlink()
+        pool.start(run, lambda run, outcome: outcomes.put(outcome))
+        assert wait_until(said_go.exists, 60)
+        worker = pool.procs[2]
+        for fd in os.listdir(f"/proc/{worker.pid}/fd"):  # a result of its own, then no evaluator to answer
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{worker.pid}/fd/{fd}", "wb") as channel:
+                    channel.write(json.dumps({"val_bpb": 0.25}).encode())
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(said_go.read_text()), signal.SIGKILL)
+        outcome = outcomes.get(timeout=120)
+    finally:
+        pool.shutdown()
+    assert stopped.report["stopped"] == "server gone", stopped.report
+    assert outcome.report["warm_start"] and outcome.report.get("evaluation", {}).get("val_bpb") != 0.25, outcome.report
+    assert not hand_over_forged and not cold_writable
+
+
+def test_a_warm_interpreter_that_reads_the_validation_data_before_its_hand_over_is_caught(tmp_path, bubblewrap):
+    """The stand-in for a planted import in the training environment (a .pth, a patched module) that
+    reads the validation data as the warm interpreter starts, before any run is handed to it: its
+    interpreter (command[0]) reads the shard, then runs Python. With a private copy of the shard (the
+    sandbox shows it in place of the shared one) the watch starts before the interpreter does: the
+    run is a crash for reading the validation data. The same warm run with the plain interpreter is
+    evaluated: the harness's own copy of the inputs (from the shared shard) is not counted."""
+    from mcp_server.core.integrity import evaluation_verdict
+    from test_server_units import EXPORT_THEN_WAIT, FAKE_EVALUATOR, REPO, clean_harness
+    planted = tmp_path / "python3-planted"
+    reports = {}
+    for name, interpreter in (("honest", sys.executable), ("planted", str(planted))):
+        folder = tmp_path / name
+        exports = folder / "exports"
+        exports.mkdir(parents=True)
+        val = folder / "val.parquet"
+        val.write_bytes(b"validation")
+        (folder / "train.py").write_text(EXPORT_THEN_WAIT.format(repo=str(REPO), before_answer=""))
+        planted.write_text(f"#!/bin/sh\ncat {val} > /dev/null\ntouch {exports / 'started'}\n"
+                           f"exec {sys.executable} \"$@\"\n")
+        planted.chmod(0o755)
+        if name == "honest":  # the interpreter says it started all the same
+            (exports / "started").touch()
+        evaluate = {"argv": [sys.executable, "-c", FAKE_EVALUATOR], "env": dict(os.environ), "timeout": 60,
+                    "harness": str(clean_harness(folder)), "harness_commit": None,
+                    "inputs": {"val": {"path": str(val), "sha256": harness_eval.sha256_of(val)}}}
+        started = ["--watch-stdin", "--sandbox", json.dumps({"readonly": [str(tmp_path)], "writable": [str(exports)]}),
+                   "--export", str(exports / "model.pt2"), "--val-shard", str(val)]
+        report = folder / "report.json"
+        worker = executor.with_socket_stdin([sys.executable, str(executor.WORKER), "--warm", *started, "--",
+                                             interpreter, "train.py"], cwd=folder)
+        assert wait_until((exports / "started").exists, 60)  # read before the hand-over, and put back
+        run = ["--log", str(folder / "run.log"), "--report", str(report), "--timeout", "60",
+               "--evaluate", json.dumps(evaluate), *started, "--", interpreter, "train.py"]
+        worker.stdin.write(json.dumps({"argv": run, "env": dict(os.environ)}).encode() + b"\n")
+        worker.stdin.flush()
+        assert worker.wait(timeout=120) == 0
+        worker.stdin.close()
+        reports[name] = json.loads(report.read_text())
+    honest, planted_run = reports["honest"], reports["planted"]
+    assert honest["warm_start"] and honest["sandbox"] and planted_run["warm_start"], reports
+    assert evaluation_verdict(honest)[:2] == (None, 1.5), honest
+    assert evaluation_verdict(planted_run)[0] == ("the training opened the validation data before its model was "
+                                                 "exported: it may have trained on it"), planted_run
+
+
+# An evaluator that says go was read (its pid in the file named first), waits, then answers 1.5 only
+# where the program and validation copies it was given are still what the harness copied.
+COPY_CHECKING_EVALUATOR = (
+    "import json, os, sys, time; sys.stdin.readline(); open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(3); "
+    "fd = lambda name: int(sys.argv[sys.argv.index(name) + 1]); "
+    "seen = [os.pread(fd(name), 64, 0) for name in ('--program-fd', '--val-fd')]; "
+    "os.write(fd('--out-fd'), json.dumps({'val_bpb': 1.5 if seen == [b'model', b'validation'] else 0.25}).encode())")
+
+
+def test_the_harnesss_private_copies_cannot_be_written_through_proc(tmp_path):
+    """The harness's copies of the exported program and of the validation data are files with no
+    name, checked when copied: as the agent would, with the server's uid, open each through
+    /proc/<evaluator pid>/fd/N while the evaluator waits, and write into it. They are sealed memfds:
+    nothing is written, and the evaluation is of what the harness copied."""
+    from test_server_units import clean_harness
+    export, val, said_go = tmp_path / "model.pt2", tmp_path / "val.parquet", tmp_path / "evaluating.pid"
+    export.write_text("model")
+    (tmp_path / "model.pt2.json").write_text("{}")
+    val.write_bytes(b"validation")
+    spec = {"argv": [sys.executable, "-c", COPY_CHECKING_EVALUATOR, str(said_go)], "env": dict(os.environ),
+            "timeout": 60, "harness": str(clean_harness(tmp_path)), "harness_commit": None,
+            "inputs": {"val": {"path": str(val), "sha256": harness_eval.sha256_of(val)}}}
+    evaluation = harness_eval.HarnessEvaluation(spec, tmp_path / "run.log", export, tmp_path / "answer.json")
+    evaluation.start_if_exported(None)
+    assert wait_until(said_go.exists, 60)
+    evaluator = int(said_go.read_text())
+    written = []
+    for fd in os.listdir(f"/proc/{evaluator}/fd"):
+        target = os.readlink(f"/proc/{evaluator}/fd/{fd}")
+        if target.endswith("(deleted)"):
+            with contextlib.suppress(OSError):
+                forged = os.open(f"/proc/{evaluator}/fd/{fd}", os.O_WRONLY)
+                try:
+                    os.write(forged, b"forged")
+                    written.append(target)
+                finally:
+                    os.close(forged)
+    result = evaluation.finish(5.0)
+    assert result.get("val_bpb") == 1.5 and written == [], (result, written)

@@ -15,6 +15,10 @@ server tells it in status and in its next answer, as it does for a ledger change
 Keeping digests rather than the records' fields keeps the state small and the records the one
 place their content lives; the figures a forged record could shrink by being deleted (slot time)
 are summed into the state itself (mcp_server/core/cost.py).
+
+Run logs the same way (`log_digests`, {log path: digest}): digested once, when the run is first
+recorded (its worker has ended), and believed by a reader that decides from a log (the early stop's
+reference curves) only while their bytes match.
 """
 import ast
 import difflib
@@ -23,12 +27,13 @@ import json
 import re
 from pathlib import Path
 
-from mcp_server.core import limits
+from mcp_server.core import limits, logparse
 
 CONSTANT_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
 MAX_VALUE_CHARS = 24  # of a constant's right-hand side in a summary
 DIGESTS = "record_digests"  # the state's key: {record file name: digest of its bytes}
 RECORD_NAME = re.compile(r"^\d+-[0-9a-f]+\.json$")  # runs/<n>-<commit7>.json; not the worker's .report.json
+LOG_DIGESTS = "log_digests"  # the state's key: {run log's path in the workspace: digest of its bytes}
 DIGEST_CHARS = 32  # 128 bits of SHA-256: no forgery finds a match, and the state stays small
 
 
@@ -114,6 +119,41 @@ def adopt(runs_dir: Path, state: dict) -> int:
             continue
         vouch(state, path.name, raw)
     return len(state[DIGESTS])
+
+
+def vouch_log(state: dict, root: Path, name: str) -> None:
+    """Notes the run log's bytes as they are now, once: a later record of the run (its decision)
+    leaves the first digest, so an edit in between is not vouched for."""
+    digests = state.get(LOG_DIGESTS)
+    if not isinstance(digests, dict):
+        digests = state[LOG_DIGESTS] = {}
+    if name not in digests:
+        try:
+            digests[name] = digest(logparse.read_bytes(root / name))
+        except OSError:
+            pass  # no log to vouch for: none is believed
+
+
+def adopt_logs(root: Path, state: dict, records: list[dict]) -> None:
+    """A state from before log digests: the logs its vouched records name are vouched for as they are."""
+    state[LOG_DIGESTS] = {}
+    for record in records:
+        name = record["result"].get("log")
+        if isinstance(name, str) and name:
+            vouch_log(state, root, name)
+
+
+def checked_log(root: Path, state: dict, name: str) -> str | None:
+    """The run log's text where its bytes are those the server digested; None where it never did,
+    or the file is not what it was (edited, replaced, deleted, not a plain file)."""
+    digests = state.get(LOG_DIGESTS) if isinstance(state.get(LOG_DIGESTS), dict) else {}
+    if name not in digests:
+        return None
+    try:
+        raw = logparse.read_bytes(root / name)
+    except OSError:
+        return None
+    return raw.decode("utf-8", errors="replace") if digest(raw) == digests[name] else None
 
 
 def checked(runs_dir: Path, state: dict, fresh: dict | None = None) -> tuple[dict[str, dict], list[str]]:

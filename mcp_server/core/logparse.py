@@ -103,11 +103,16 @@ def _open_plain(path):
 def read_text(path) -> str:
     """The whole log with its '\r' intact (text mode would turn them into newlines), at most
     MAX_TEXT_BYTES (the worker caps a log below that); a log that is not a plain file is empty."""
+    return read_bytes(path).decode("utf-8", errors="replace")
+
+
+def read_bytes(path) -> bytes:
+    """The log's bytes as read_text reads them (what the server digests: core/history.py)."""
     f = _open_plain(path)
     if f is None:
-        return ""
+        return b""
     with f:
-        return f.read(MAX_TEXT_BYTES).decode("utf-8", errors="replace")
+        return f.read(MAX_TEXT_BYTES)
 
 
 def read_tail_bytes(path, size: int = TAIL_BYTES_FOR_PROGRESS) -> str:

@@ -9,8 +9,11 @@ A W&B run per research run: its id is fixed by the workspace, branch and run, so
 replaces its local copy (and online, resumes the same run). It is grouped by research branch; the
 constants it changed are its config, its loss curve its history (by step), its numbers, decision,
 evidence and ledger row its summary, its decision and status its tags, and the train.py diff, the
-log and the record its files. What was written is noted in .research-loop/wandb-tracked.json after
-the run is finished: a run cut short is not noted, and is written again whole by the next pass.
+log and the record its files. What was written is read from W&B's own folder: once W&B has finished
+a run, its stage is noted in the run's folder (STAGE_FILE beside W&B's run file); a run cut short
+has no note and is written again whole by the next pass. (A list of what was written, kept apart,
+could be pre-filled by the agent so that runs were never written; a note counts only beside the
+run file W&B wrote.)
 wandb is imported in the tracker's thread, when first needed.
 """
 import hashlib
@@ -24,7 +27,8 @@ from mcp_server.core import tracking
 from mcp_server.core.state import STATE_DIR
 
 LOCAL_DIR = "wandb"  # in .research-loop/: where W&B writes its runs (named by W&B, not by us)
-TRACKED_FILE = "wandb-tracked.json"  # in .research-loop/: run id -> the stage written
+STAGE_FILE = "research-loop-stage"  # in a W&B run's folder, once W&B finished it: the stage written
+RUN_FOLDER = re.compile(r"(?:offline-)?run-\d{8}_\d{6}-(?P<rid>.+)")  # W&B's name of a run's folder
 DEFAULT_PROJECT = "research-loop"
 # W&B's own reporting and printing: its error reports go to the network, its messages to stdout
 # (the MCP protocol's channel over stdio); a user's own settings win
@@ -54,6 +58,19 @@ def tracker(root: Path, owned=lambda: True, **timing) -> tracking.Tracker:
     return tracking.Tracker(root, where(root), owned, sink=lambda: WandbSink(root), **timing)
 
 
+def stored_stages(folder: Path) -> dict[str, str]:
+    """{run id: stage} of the runs W&B holds in its folder, each with the stage noted once it finished."""
+    stages = {}
+    for run in sorted(folder.iterdir()) if folder.is_dir() else []:
+        match = RUN_FOLDER.fullmatch(run.name)
+        if match and (run / f"run-{match['rid']}.wandb").is_file() and (run / STAGE_FILE).is_file():
+            try:
+                stages[match["rid"]] = (run / STAGE_FILE).read_text()[:64]
+            except (OSError, UnicodeDecodeError):
+                continue
+    return stages
+
+
 def run_id(root: Path, branch: str, key: str) -> str:
     """Unique in a team's project (every clone may have a run 0001-<same commit> on autoresearch/x)."""
     digest = hashlib.sha1(tracking.experiment_name(root, branch).encode()).hexdigest()[:8]
@@ -73,16 +90,8 @@ class WandbSink:
         self.dir.mkdir(parents=True, exist_ok=True)
         if not os.access(self.dir, os.W_OK | os.X_OK):  # W&B would write to a temporary folder instead
             raise PermissionError(f"{self.dir} is not writable: W&B's runs cannot be kept there")
-        self.tracked_file = self.root / STATE_DIR / TRACKED_FILE
-        self.tracked: dict[str, str] = self._read_tracked()
+        self.tracked: dict[str, str] = stored_stages(self.dir)
         self.settings = wandb.Settings(mode=mode(), **SETTINGS)
-
-    def _read_tracked(self) -> dict[str, str]:
-        try:
-            data = json.loads(self.tracked_file.read_text())
-        except (OSError, ValueError):
-            return {}
-        return {k: v for k, v in data.items() if isinstance(v, str)} if isinstance(data, dict) else {}
 
     def track(self, branch: str, key: str, stage: str, describe) -> bool:
         """The run at this stage in W&B; False if it was already."""
@@ -91,20 +100,19 @@ class WandbSink:
             return False
         what = describe()
         self._forget(rid)  # a copy at an earlier stage, or cut short: this one replaces it
-        self._write(rid, branch, key, stage, what)
+        folder = self._write(rid, branch, key, stage, what)
+        (folder / STAGE_FILE).write_text(stage)
         self.tracked[rid] = stage
-        temp = self.tracked_file.with_suffix(".tmp")
-        temp.write_text(json.dumps(self.tracked, indent=1))
-        temp.replace(self.tracked_file)
         return True
 
     def _forget(self, rid: str) -> None:
-        pattern = re.compile(rf"(offline-)?run-\d{{8}}_\d{{6}}-{re.escape(rid)}")
         for folder in self.dir.glob(f"*-{rid}"):
-            if pattern.fullmatch(folder.name):
+            match = RUN_FOLDER.fullmatch(folder.name)
+            if match and match["rid"] == rid:
                 shutil.rmtree(folder)
 
-    def _write(self, rid: str, branch: str, key: str, stage: str, what: dict) -> None:
+    def _write(self, rid: str, branch: str, key: str, stage: str, what: dict) -> Path:
+        """W&B's run, whole on disk; returns its folder."""
         tags = what["tags"]
         try:
             run = self.wandb.init(
@@ -113,6 +121,7 @@ class WandbSink:
                 notes=what["description"], settings=self.settings, reinit="create_new",
                 tags=[t[:MAX_TAG_CHARS] for t in (stage, f"status:{tags.get('result.status')}", branch)],
                 config=what["params"] | {tracking.KEY_TAG: key, "workspace": str(self.root)})
+            folder = Path(run.dir).parent
             try:
                 self._fill(run, what)
             finally:
@@ -121,6 +130,7 @@ class WandbSink:
             # W&B's service (wandb-core) ends with each run, its files flushed and closed: the run is
             # whole on disk before it is noted, and no service is left between runs, or after the server
             self.wandb.teardown()
+        return folder
 
     @staticmethod
     def _fill(run, what: dict) -> None:

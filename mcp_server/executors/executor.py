@@ -7,8 +7,9 @@ and `shutdown()`. `on_done(run, outcome)` is called once, from the executor's ow
 
 LocalPool runs N runs at once on this machine: slot k is a git worktree of its own (reused,
 cleaned between runs) pinned to GPU k, or to its share of the CPUs when there is no GPU. Each run
-is mcp_server/scripts/worker.py leading a new session, with a pipe from the server on stdin: when the
-server dies, however it dies, the worker kills the training. Where the harness evaluates, each slot
+is mcp_server/scripts/worker.py leading a new session, with a socket from the server on stdin (not a
+pipe: no other process can open a socket's /proc/PID/fd/0 to write into it): when the server dies,
+however it dies, the worker kills the training. Where the harness evaluates, each slot
 keeps a warm evaluator (harness_eval.WarmEvaluator) that its runs' workers ask, so a run's start-up
 no longer shares the CPU with a second interpreter importing torch.
 
@@ -25,6 +26,7 @@ number is known ahead. RESEARCH_LOOP_WARM_START=0 turns it off.
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -155,10 +157,10 @@ class LocalPool:
             proc, staging = self._hand_over(slot, spec, env, warm)
             if proc is None:
                 with open(spec.log, "ab") as log:
-                    proc = subprocess.Popen([sys.executable, str(WORKER), *self._worker_args(slot, spec, warm), "--",
-                                             *spec.command], cwd=cwd, env=env, stdin=subprocess.PIPE,
-                                            stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
-                                            pass_fds=(warm.fileno(),) if warm is not None else ())
+                    proc = with_socket_stdin([sys.executable, str(WORKER), *self._worker_args(slot, spec, warm), "--",
+                                              *spec.command], cwd=cwd, env=env,
+                                             stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
+                                             pass_fds=(warm.fileno(),) if warm is not None else ())
         except BaseException:
             with self.lock:
                 self.busy.pop(slot, None)
@@ -210,10 +212,10 @@ class LocalPool:
         staging = Path(tempfile.mkdtemp(prefix=f"slot-{slot}-", dir=self.ws.root / EXPORTS_DIR))
         key, options = self._warm_key(slot, spec, env, warm, staging)
         try:
-            proc = subprocess.Popen([sys.executable, str(WORKER), "--warm", *options, "--", *spec.command], cwd=cwd,
-                                    env={k: v for k, v in env.items() if k not in PER_RUN_ENV},
-                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    start_new_session=True, pass_fds=(warm.fileno(),) if warm is not None else ())
+            proc = with_socket_stdin([sys.executable, str(WORKER), "--warm", *options, "--", *spec.command], cwd=cwd,
+                                     env={k: v for k, v in env.items() if k not in PER_RUN_ENV},
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True, pass_fds=(warm.fileno(),) if warm is not None else ())
         except OSError:
             shutil.rmtree(staging, ignore_errors=True)
             return
@@ -358,6 +360,22 @@ def staged(args: list, run_dir: Path, staging: Path) -> list:
         elif option == "--export":
             args[i + 1] = str(staging / Path(args[i + 1]).name)
     return args
+
+
+def with_socket_stdin(argv: list, **options) -> subprocess.Popen:
+    """A worker whose stdin is one end of a socket pair, and whose .stdin (a writable file) is the
+    server's end. A pipe's /proc/PID/fd/0 can be opened by any process of the same user and a forged
+    hand-over written first; a socket's cannot (ENXIO). End of file still comes when the server's end
+    closes, however the server ends."""
+    ours, theirs = socket.socketpair()
+    try:
+        with theirs:
+            proc = subprocess.Popen(argv, stdin=theirs, **options)
+    except BaseException:
+        ours.close()
+        raise
+    proc.stdin = os.fdopen(ours.detach(), "wb")
+    return proc
 
 
 def discard(ahead: Ahead) -> None:

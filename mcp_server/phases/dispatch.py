@@ -36,6 +36,8 @@ def take_over(core: LoopCore) -> bool:
     with core.state.transaction() as state:
         if history.DIGESTS not in state and state.get("rows"):  # a research run an older server began
             history.adopt(core.root / RUNS_DIR, state)
+        if history.LOG_DIGESTS not in state and state.get("rows"):  # and before log digests
+            history.adopt_logs(core.root, state, core.records(state, decided=False))
         for entry in core.runs_of(state, "running"):
             if not core.pool.reattach(entry, functools.partial(on_done, core)):  # a cluster's jobs outlive their server
                 _settle_orphan(core, state, entry)

@@ -22,11 +22,12 @@ it: on the demo's runs no kept run would have been stopped (docs/benchmarks.md).
   same luck to beat). No noise estimate, no stop: without it the server cannot tell a lag from
   luck, and setup says so.
 Reruns (noise repeats, controls, confirmations) are never stopped: they are measurements.
+A finished run's log is believed only while its bytes are those the server digested when it
+recorded the run (core/history.py): an edited reference is no reference, and is told.
 """
 import logging
 import threading
 import time
-from pathlib import Path
 
 from mcp_server.core import history, limits, logparse
 from mcp_server.core.models import Refusal
@@ -139,7 +140,8 @@ class Watcher:
 
     def __init__(self, loop):
         self.loop = loop
-        self._curves: dict[Path, tuple[int, list]] = {}  # a finished run's log: (mtime_ns, curve)
+        self._curves: dict[str, tuple[int, list]] = {}  # a finished run's log: (mtime_ns, curve)
+        self._refused: set[str] = set()  # logs told as changed
         self._luck: tuple[int, list] | None = None  # (decided records, their noise repeats' curves)
         self._thread = threading.Thread(target=self._watch, name="early-stop", daemon=True)
         self._thread.start()
@@ -186,22 +188,28 @@ class Watcher:
         if best_row is None or not best_log or not path.exists():
             return None
         candidate = curve(logparse.read_tail_bytes(path, TAIL_BYTES))
-        return verdict(candidate, self._best_curve(self.loop.root / best_log), best_row.val_bpb,
+        return verdict(candidate, self._best_curve(best_log, state), best_row.val_bpb,
                        state["noise"]["threshold"], self._repeats(state))
 
     def _repeats(self, state: dict) -> list[tuple[list, list]]:
         records = self.loop.records(state)
         if self._luck is None or self._luck[0] != len(records):
-            logged = lambda r: self._best_curve(self.loop.root / r["result"]["log"])  # noqa: E731
+            logged = lambda r: self._best_curve(r["result"]["log"], state)  # noqa: E731
             self._luck = (len(records), repeats_of(records, logged))
         return self._luck[1]
 
-    def _best_curve(self, path: Path) -> list[tuple[float, float]]:
+    def _best_curve(self, name: str, state: dict) -> list[tuple[float, float]]:
+        """A finished run's curve from its log, if the log is what the server digested; else none."""
         try:
-            mtime = path.stat().st_mtime_ns
+            mtime = (self.loop.root / name).stat().st_mtime_ns
         except OSError:
-            return []
-        cached = self._curves.get(path)
+            mtime = None
+        cached = self._curves.get(name)
         if cached is None or cached[0] != mtime:
-            cached = self._curves[path] = (mtime, curve(logparse.read_text(path)))
+            text = history.checked_log(self.loop.root, state, name)
+            if text is None and name not in self._refused:
+                self._refused.add(name)
+                self.loop.state.tell(f"the run log {name} was changed outside the server (edited, deleted or "
+                                     "replaced): the early stop does not read it")
+            cached = self._curves[name] = (mtime, curve(text or ""))
         return cached[1]

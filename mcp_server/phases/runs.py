@@ -181,6 +181,7 @@ class LoopCore:
             tmp.write_bytes(raw)
             os.replace(tmp, path.with_name(name))
             history.vouch(state, name, raw)
+            history.vouch_log(state, self.root, entry["log"])
             self.fresh_records[name] = history.digest(raw)
         except OSError:
             if not decision:

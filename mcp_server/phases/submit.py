@@ -83,7 +83,7 @@ def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments:
                       "cache_fingerprint": integrity.cache_fingerprint(), "seq": seq, "runs": {}, "rows": [], "noise": None,
                       "limits": chosen, "started_at": time.time(), "early_stop": early_stop_runs,
                       "input_pins": integrity.input_pins(), "environment_pin": environment_pin,
-                      history.DIGESTS: {}})  # none yet: never a state from before digests (dispatch.take_over)
+                      history.DIGESTS: {}, history.LOG_DIGESTS: {}})  # none yet: never a state from before digests (dispatch.take_over)
     return SetupResult(branch=branch, base_commit=ws.head()[:7], ledger=ledger.LEDGER_NAME,
                        fingerprint=fingerprint, archived_ledger=archived,
                        limits=limits.left({"limits": chosen}, []), early_stop=early_stop.describe(state),

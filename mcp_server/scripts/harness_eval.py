@@ -2,7 +2,8 @@
 
 Standard library only, beside worker.py wherever it runs (cluster.package ships it to the nodes).
 
-- The inputs (the validation shard, the tokenizer) are copied before the training starts and
+- The inputs (the validation shard, the tokenizer) are copied before the training starts (into sealed
+  memfds: no one can write into them through /proc, nor into the program's copy once taken) and
   checked against the content the server pinned; the evaluator gets the copies as open files.
 - Cold: the evaluator (nanochat/evaluate_export.py, from the pristine harness copy, -I -S -B) starts
   with the run and imports torch while the training starts, then evaluates on "go".
@@ -15,6 +16,7 @@ Standard library only, beside worker.py wherever it runs (cluster.package ships 
 """
 from __future__ import annotations  # a node's Python may be older than 3.10
 
+import fcntl
 import hashlib
 import json
 import os
@@ -59,7 +61,7 @@ def private_copies(inputs: dict) -> dict:
     copies = {}
     try:
         for name, pinned in inputs.items():
-            copy = copies[name] = tempfile.TemporaryFile()
+            copy = copies[name] = unnamed_file()
             digest = hashlib.sha256()
             with open(pinned["path"], "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -70,11 +72,38 @@ def private_copies(inputs: dict) -> dict:
                 raise ValueError(f"{pinned['path']} is not what prepare made (by content): the harness evaluates "
                                  "only the pinned validation data and tokenizer; restore the prepared cache (or "
                                  "prepare it again and set up a new research run) before the next run")
+            seal(copy)
     except BaseException:
         for copy in copies.values():
             copy.close()
         raise
     return copies
+
+
+def unnamed_file():
+    """A file with no name for a private copy: a memfd that can be sealed (Linux), else a temporary file."""
+    try:
+        return os.fdopen(os.memfd_create("research-loop-copy", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING), "w+b")
+    except (AttributeError, OSError):
+        return tempfile.TemporaryFile()
+
+
+def seal(copy) -> None:
+    """No more writes to a private copy through any descriptor: a process of the same user can open
+    /proc/PID/fd/N of a file with no name and write into it, not into a sealed memfd (EPERM)."""
+    try:
+        fcntl.fcntl(copy.fileno(), fcntl.F_ADD_SEALS,
+                    fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+    except (AttributeError, OSError):
+        pass  # a temporary file (not Linux): the copy stays writable by the same user
+
+
+def result_channel() -> tuple[int, int]:
+    """(read end, write end) for the evaluator's result: a socket pair, not a pipe, because any process
+    of the same user can open a pipe's /proc/PID/fd/N and write a result of its own (or the end of
+    one); a socket's cannot be opened (ENXIO)."""
+    ours, theirs = socket.socketpair()
+    return ours.detach(), theirs.detach()
 
 
 def copy_regular_file(path: Path, into) -> None:
@@ -118,7 +147,7 @@ class HarnessEvaluation:
         self.proc = None
         self.warm_pid: int | None = None  # the warm evaluator's child that evaluates this run
         self.read_end: int | None = None
-        self.program = tempfile.TemporaryFile()  # the harness's copy of the export, once there is one
+        self.program = unnamed_file()  # the harness's copy of the export, once there is one (then sealed)
         self.inputs: dict = {}
         self.warm: socket.socket | None = None
         try:
@@ -133,7 +162,7 @@ class HarnessEvaluation:
             self._start_cold()
 
     def _start_cold(self) -> None:
-        self.read_end, write_end = os.pipe()
+        self.read_end, write_end = result_channel()
         fds = {"--program-fd": self.program.fileno(),
                **{f"--{name}-fd": copy.fileno() for name, copy in self.inputs.items()}, "--out-fd": write_end}
         try:
@@ -176,6 +205,7 @@ class HarnessEvaluation:
         try:
             try:
                 copy_regular_file(self.export, self.program)
+                seal(self.program)
             except OSError as exc:
                 self.result = {"problem": f"the exported model could not be read: {exc}"}
             if watch is not None:
@@ -245,7 +275,7 @@ class HarnessEvaluation:
 
     def _go_warm(self, log, deadline: float) -> None:
         """The request to the slot's warm evaluator; where it fails, a cold evaluator instead."""
-        read_end, write_end = os.pipe()
+        read_end, write_end = result_channel()
         request_id = os.urandom(8).hex()
         fds = [write_end, self.program.fileno(), *(self.inputs[name].fileno() for name in WARM_FDS), log.fileno()]
         try:
@@ -280,7 +310,7 @@ class HarnessEvaluation:
                     pass
 
     def _read_result(self, deadline: float) -> bytes | None:
-        """What the evaluator writes to its result pipe, once it closes it (or dies); None at the deadline."""
+        """What the evaluator writes to its result socket, once it closes it (or dies); None at the deadline."""
         chunks = []
         with os.fdopen(self.read_end, "rb", buffering=0) as pipe:
             while (left := deadline - time.monotonic()) > 0:

@@ -6,7 +6,7 @@ and then waits.
     python warm_train.py FD
 
 It imports torch and torch.compile's stack (PRELOAD: about 10 s of a run's start-up on the 2-core
-CPU), then reads one JSON line from the pipe FD: {"argv", "cwd", "env"}, the run's command line
+CPU), then reads one JSON line from the socket FD: {"argv", "cwd", "env"}, the run's command line
 after the interpreter, its folder and its environment, and runs argv[0] as __main__ (runpy) with
 that argv, folder, environment and sys.path[0], as `python train.py` would (but sys.argv[0] and
 __file__ are the script's absolute path). End of file instead:

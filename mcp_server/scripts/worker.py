@@ -17,7 +17,7 @@ runs (this machine's slots, a Ray or SLURM node). It
   the head and the tail: bounded disk and memory, and the summary block is in the tail);
 - enforces the hard timeout (SIGTERM to the whole tree, SIGKILL after a grace period), and stops
   the same way on SIGTERM (a cancel) or, with --watch-stdin, when its parent, the server, dies
-  (the pipe on stdin reaches end of file);
+  (the socket on stdin reaches end of file);
 - runs the command in a sandbox (--sandbox: the workspace, the harness, the prepared cache and the
   environments read-only, the run's own folders writable; bubblewrap, or sandbox-exec on macOS),
   so the training can write neither the server's records nor the harness; where no sandbox can
@@ -251,6 +251,15 @@ class ValidationWatch(threading.Thread):
         os.close(self.fd)
 
 
+def start_watch(path: Path) -> ValidationWatch | None:
+    try:
+        watch = ValidationWatch(path)
+    except OSError:
+        return None  # not Linux: the server notes that validation reads are unwatched
+    watch.start()
+    return watch
+
+
 def sandboxed(command: list[str], spec: dict, cwd: str, private: dict | None = None) -> tuple[list[str], bool]:
     """The command in this machine's sandbox (sandbox.wrap), or as it is where spec is empty or no
     sandbox is usable: the caller refuses that unless the user opted in."""
@@ -358,8 +367,11 @@ def parse_with_command(p: argparse.ArgumentParser, argv) -> argparse.Namespace:
 
 def start_warm(command: list[str], spec: dict, private: dict | None, output: int, in_child):
     """The command's interpreter on warm_train.py, in the sandbox (as the command itself would be),
-    importing torch now and then waiting on a pipe: (its process, the pipe's end for the hand-over)."""
-    read_fd, write_fd = os.pipe()
+    importing torch now and then waiting on a socket: (its process, the socket's end for the hand-over).
+    Not a pipe: any process of the same user outside the sandbox could open a pipe's /proc/PID/fd/N
+    and hand the interpreter a script of its own; a socket's cannot be opened (ENXIO)."""
+    ours, theirs = socket.socketpair()
+    read_fd, write_fd = theirs.detach(), ours.detach()
     stub, _ = sandboxed([command[0], str(WARM_STUB), str(read_fd)], spec, os.getcwd(), private)
     try:
         proc = subprocess.Popen(stub, stdin=subprocess.DEVNULL, stdout=output, stderr=output, pass_fds=(read_fd,),
@@ -443,6 +455,11 @@ def main(argv=None) -> int:
     if in_sandbox:
         cuda_ready_outside_the_sandbox()
     env = dict(os.environ)
+    # A private copy is the run's alone (the harness copies the shared shard): watched from before any
+    # interpreter starts, as a warm one's imports come before its run. The shared shard is watched
+    # only once the harness has its copies, below.
+    if watch_val and val_copy:
+        val_watch = start_watch(val_copy)
     if args.warm:
         stub, stub_pipe = start_warm(args.command, args.sandbox, private, write_end, in_child)
         line = sys.stdin.buffer.readline()
@@ -451,6 +468,8 @@ def main(argv=None) -> int:
             os.close(stub_pipe)
             os.close(write_end)
             kill_everything(stub.pid)
+            if val_watch is not None:
+                val_watch.stop()
             if val_copy is not None:
                 shutil.rmtree(val_copy.parent, ignore_errors=True)
             return 0 if not line else 2
@@ -467,12 +486,8 @@ def main(argv=None) -> int:
             evaluation = HarnessEvaluation(on_this_device(args.evaluate, os.environ), args.log, args.export, answer,
                                            warm)
             env[ANSWER_ENV] = str(answer)
-    if watch_val and (val_copy or not args.val_shared):
-        try:
-            val_watch = ValidationWatch(val_copy or args.val_shard)
-            val_watch.start()
-        except OSError:
-            val_watch = None  # not Linux: the server notes that validation reads are unwatched
+    if watch_val and not val_copy and not args.val_shared:
+        val_watch = start_watch(args.val_shard)
     warm_start = stub is not None and hand_over(stub, stub_pipe, args.command, env)
     if stub is not None and not warm_start:
         with open_log(args.log) as log:
