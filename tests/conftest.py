@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from filelock import FileLock
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_TIME_BUDGET = "4"  # seconds of training per real run in tests
@@ -36,12 +35,9 @@ def repo_root() -> Path:
 
 
 @pytest.fixture(scope="session")
-def prepared_env(tmp_path_factory, worker_id, bubblewrap) -> dict:
-    """Environment for a child process that sees a prepared CPU-profile harness: one cache for all
-    of xdist's workers (their temp folders share a parent), prepared by the first under a lock;
-    the others' prepare.py finds it done."""
-    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
-    cache = shared / "autoresearch-cache"
+def prepared_env(tmp_path_factory, bubblewrap) -> dict:
+    """Environment for a child process that sees a prepared CPU-profile harness."""
+    cache = tmp_path_factory.mktemp("autoresearch-cache")
     env = dict(os.environ)
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)  # the compile cache is the one beside the data
     env.update(
@@ -53,11 +49,10 @@ def prepared_env(tmp_path_factory, worker_id, bubblewrap) -> dict:
         AUTORESEARCH_COMPILE="0",
         PYTHONUNBUFFERED="1",
     )
-    with FileLock(shared / "autoresearch-cache.lock"):
-        subprocess.run(
-            [sys.executable, "prepare.py", "--profile", "cpu", "--dataset", "offline"],
-            cwd=REPO, env=env, check=True,
-        )
+    subprocess.run(
+        [sys.executable, "prepare.py", "--profile", "cpu", "--dataset", "offline"],
+        cwd=REPO, env=env, check=True,
+    )
     return env
 
 
