@@ -8,6 +8,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from filelock import FileLock
+
 REPO = Path(__file__).resolve().parent.parent
 CLAUDE_CODE_VERSION = "2.1.332"  # pinned: `claude plugin validate` rules change between releases
 CLAUDE_PREFIX = REPO / ".tools" / "claude-code"
@@ -20,8 +22,12 @@ LEDGER_HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
 
 
 def install_claude_cli() -> Path:
-    """The pinned CLI under .tools/ (ignored by git), installed with npm when missing."""
-    if not CLAUDE_BIN.exists():
+    """The pinned CLI under .tools/ (ignored by git), installed with npm when missing (by one of
+    xdist's workers: the other waits on the lock)."""
+    CLAUDE_PREFIX.mkdir(parents=True, exist_ok=True)
+    with FileLock(CLAUDE_PREFIX.parent / "claude-code.lock"):
+        if CLAUDE_BIN.exists():
+            return CLAUDE_BIN
         npm = shutil.which("npm")
         assert npm, "npm is needed to install the Claude Code CLI for these tests: install Node.js 18+ and npm"
         subprocess.run([npm, "install", "--silent", "--no-audit", "--no-fund", "--prefix", str(CLAUDE_PREFIX),
