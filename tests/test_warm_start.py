@@ -393,6 +393,61 @@ COPY_CHECKING_EVALUATOR = (
     "os.write(fd('--out-fd'), json.dumps({'val_bpb': 1.5 if seen == [b'model', b'validation'] else 0.25}).encode())")
 
 
+def copy_fds() -> list[int]:
+    """This process's descriptors of the harness's private copies (memfds by name)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor is gone once listed
+            if "research-loop-copy" in os.readlink(f"/proc/self/fd/{fd}"):
+                found.append(int(fd))
+    return found
+
+
+def test_a_copy_written_into_or_mapped_before_its_seal_is_refused(tmp_path):
+    """The race before the seal, as the agent would play it: (1) bytes written into the harness's copy
+    through /proc while it is being copied are caught (the digest is of the sealed copy, not of what
+    was read); (2) a writable mapping taken before the seal makes the seal fail (EBUSY), and that is
+    an error, not a copy that stays writable."""
+    import mmap
+    import threading
+    source = tmp_path / "val.fifo"
+    os.mkfifo(source)
+    content = os.urandom(3 << 20)
+    pinned = {"val": {"path": str(source), "sha256": __import__("hashlib").sha256(content).hexdigest()}}
+
+    def feed():  # the first MiB, then a write into the copy past its end, then the rest
+        with open(source, "wb") as fifo:
+            fifo.write(content[:1 << 20])
+            fifo.flush()
+            (fd,) = copy_fds()
+            forged = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY)
+            os.pwrite(forged, b"EASY-TOKENS", len(content) + 10)
+            os.close(forged)
+            fifo.write(content[1 << 20:])
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    with pytest.raises(ValueError, match="is not what prepare made"):
+        harness_eval.private_copies(pinned)
+    feeder.join(10)
+    assert not copy_fds()  # closed, nothing left open
+
+    copy = harness_eval.unnamed_file()
+    copy.write(b"validation")
+    copy.flush()
+    held = os.open(f"/proc/self/fd/{copy.fileno()}", os.O_RDWR)
+    mapping = mmap.mmap(held, 0, mmap.MAP_SHARED, mmap.PROT_WRITE | mmap.PROT_READ)
+    with pytest.raises(OSError, match="could not be sealed"):
+        harness_eval.seal(copy)
+    mapping.close()
+    os.close(held)
+    harness_eval.seal(copy)  # with no one else holding it writable, the seal holds
+    forged = os.open(f"/proc/self/fd/{copy.fileno()}", os.O_WRONLY)
+    with pytest.raises(PermissionError):
+        os.write(forged, b"forged")
+    os.close(forged)
+    copy.close()
+
+
 def test_the_harnesss_private_copies_cannot_be_written_through_proc(tmp_path):
     """The harness's copies of the exported program and of the validation data are files with no
     name, checked when copied: as the agent would, with the server's uid, open each through

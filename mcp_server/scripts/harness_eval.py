@@ -36,6 +36,8 @@ WARM_ENV = "RESEARCH_LOOP_WARM_EVALUATOR"  # "0": every run starts its own evalu
 WARM_FDS = ("val", "tokenizer")  # the inputs a warm request carries (nanochat/evaluate_export.py REQUEST_FDS)
 MAX_REPLY_BYTES = 4096
 COPY_CHUNK = 1 << 20
+# a sealed copy can be neither written, resized nor unsealed (Linux; elsewhere the names are missing)
+COPY_SEALS = sum(getattr(fcntl, name, 0) for name in ("F_SEAL_WRITE", "F_SEAL_SHRINK", "F_SEAL_GROW", "F_SEAL_SEAL"))
 # The largest exported program the harness copies: 16 GiB of fp32 weights is 4e9 parameters, 80 times
 # the h100 profile's model and more than one GPU can train in a run (weights, gradients and Adam's
 # moments alone take 64 GB); anything larger is padding (a sparse file would fill this disk).
@@ -56,23 +58,28 @@ def open_log(path: Path):
 
 
 def private_copies(inputs: dict) -> dict:
-    """{name: an open file with no name} holding a copy of each input, taken now; raises ValueError
-    when a file's content is not the SHA-256 the server pinned. inputs: {name: {"path", "sha256"}}."""
+    """{name: an open file with no name} holding a copy of each input, taken now and sealed; raises
+    ValueError when the sealed copy's content is not the SHA-256 the server pinned (its bytes, not the
+    source's: a write into the copy before the seal is caught too), OSError when a copy cannot be
+    sealed. inputs: {name: {"path", "sha256"}}."""
     copies = {}
     try:
         for name, pinned in inputs.items():
             copy = copies[name] = unnamed_file()
-            digest = hashlib.sha256()
             with open(pinned["path"], "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(chunk)
                     copy.write(chunk)
             copy.flush()
+            seal(copy)
+            copy.seek(0)
+            digest = hashlib.sha256()
+            for chunk in iter(lambda: copy.read(1 << 20), b""):
+                digest.update(chunk)
+            copy.seek(0)
             if digest.hexdigest() != pinned["sha256"]:
                 raise ValueError(f"{pinned['path']} is not what prepare made (by content): the harness evaluates "
                                  "only the pinned validation data and tokenizer; restore the prepared cache (or "
                                  "prepare it again and set up a new research run) before the next run")
-            seal(copy)
     except BaseException:
         for copy in copies.values():
             copy.close()
@@ -90,12 +97,20 @@ def unnamed_file():
 
 def seal(copy) -> None:
     """No more writes to a private copy through any descriptor: a process of the same user can open
-    /proc/PID/fd/N of a file with no name and write into it, not into a sealed memfd (EPERM)."""
+    /proc/PID/fd/N of a file with no name and write into it, not into a sealed memfd (EPERM). Raises
+    OSError where a memfd cannot be sealed: the kernel refuses (EBUSY) while anyone holds a writable
+    mapping of it, which only a process that opened it through /proc can."""
     try:
-        fcntl.fcntl(copy.fileno(), fcntl.F_ADD_SEALS,
-                    fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+        fcntl.fcntl(copy.fileno(), fcntl.F_GET_SEALS)
     except (AttributeError, OSError):
-        pass  # a temporary file (not Linux): the copy stays writable by the same user
+        return  # a temporary file (not Linux): the copy stays writable by the same user
+    try:
+        fcntl.fcntl(copy.fileno(), fcntl.F_ADD_SEALS, COPY_SEALS)
+    except OSError as exc:
+        raise OSError(f"the harness's private copy could not be sealed ({exc.strerror}): another process "
+                      "holds it open for writing") from None
+    if fcntl.fcntl(copy.fileno(), fcntl.F_GET_SEALS) & COPY_SEALS != COPY_SEALS:
+        raise OSError("the harness's private copy could not be sealed against writes")
 
 
 def result_channel() -> tuple[int, int]:
