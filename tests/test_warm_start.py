@@ -89,6 +89,19 @@ def test_a_warm_evaluators_result_equals_a_cold_ones_for_the_same_export(exporte
     assert not pid_alive(warm.proc.pid)
 
 
+def test_the_evaluators_threads_sleep_at_barriers_and_it_reports_its_cpu_seconds(exported, prepared_env, tmp_path):
+    """OpenMP's default spins 300,000 times at every barrier: beside the slot's next interpreter
+    importing torch on 2 cores, that spinning took the evaluation 5x the CPU-seconds. The OpenMP
+    runtime itself says what it runs with (OMP_DISPLAY_ENV), in the run's log."""
+    harness, export = exported
+    spec = evaluation_spec(harness, prepared_env)
+    spec["env"]["OMP_DISPLAY_ENV"] = "VERBOSE"
+    result = evaluate(spec, export, tmp_path / "run.log")
+    log = (tmp_path / "run.log").read_text()
+    assert "OMP_WAIT_POLICY = 'PASSIVE'" in log and "GOMP_SPINCOUNT = '1000'" in log, log[:3000]
+    assert result["causal"] is True and 0 < result["cpu_seconds"], result
+
+
 def test_a_warm_evaluator_that_is_gone_leaves_the_run_a_cold_one(exported, prepared_env, tmp_path):
     harness, export = exported
     spec = evaluation_spec(harness, prepared_env)
