@@ -17,7 +17,8 @@ slot's warm evaluator only) and warm (the warm evaluator and the slot's next wor
 its interpreter importing torch while the run before it is evaluated),
 read from the runs' own records: per run its wall time (started_at -> ended_at), train.py's own
 split (training, waiting for the evaluation, the rest of its start-up) and the time outside
-train.py (worker, sandbox, interpreter start, exit); then runs x budget / elapsed over the runs
+train.py (worker, sandbox, interpreter start, exit), and the evaluator's own CPU-seconds (its
+report; bench/bench_evaluation.py splits them); then runs x budget / elapsed over the runs
 after the baseline (issue 27's measure: elapsed from the baseline's end to the last run's end).
 demo.py clones this repository's HEAD: commit before measuring a change.
 
@@ -150,6 +151,8 @@ def summarize(records: list[dict], budget: float) -> dict:
         evaluation = result.get("eval_seconds") or 0.0
         rows.append({"wall": wall, "training": training, "evaluation": evaluation,
                      "train.py start-up": total - training - evaluation, "outside train.py": wall - total,
+                     # the evaluator's own CPU-seconds (all its threads): what the next interpreter competes with
+                     "evaluator cpu": (record["report"].get("evaluation") or {}).get("cpu_seconds", float("nan")),
                      "evaluator": (record["report"].get("evaluation") or {}).get("evaluator", "-"),
                      "warm start": record["report"].get("warm_start", False)})
     elapsed = runs[-1]["run"]["ended_at"] - baseline["run"]["ended_at"] if runs else float("nan")
@@ -158,7 +161,7 @@ def summarize(records: list[dict], budget: float) -> dict:
 
 def print_runs(results: dict[str, list[dict]], budget: float) -> None:
     print(f"\nPart 2: the demo's loop, {budget:g} s budget, from the runs' own records (load {os.getloadavg()[0]:.1f})")
-    columns = ("wall", "training", "evaluation", "train.py start-up", "outside train.py")
+    columns = ("wall", "training", "evaluation", "evaluator cpu", "train.py start-up", "outside train.py")
     print(f"{'':<28}" + "".join(f"{mode:>14}" for mode in results) + f"{'last/first':>11}")
     means = {}
     first, last = list(results)[0], list(results)[-1]

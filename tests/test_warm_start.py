@@ -23,6 +23,7 @@ from mcp import Client
 from conftest import TEST_EVAL_TOKENS
 from mcp_server.executors import cluster, executor
 from mcp_server.scripts import harness_eval
+from nanochat.profiles import PROFILES
 from mcp_server.core.integrity import site_packages
 from mcp_server.loop import ResearchLoop
 from mcp_server.server import build_server
@@ -89,6 +90,24 @@ def test_a_warm_evaluators_result_equals_a_cold_ones_for_the_same_export(exporte
     assert {k: first[k] for k in SCORE} == {k: again[k] for k in SCORE} == {k: cold[k] for k in SCORE}
     assert "harness evaluation: {" in (tmp_path / "warm1.log").read_text()  # the child's output, in the run's log
     assert not pid_alive(warm.proc.pid)
+
+
+def test_the_evaluator_neither_spins_nor_faults_in_fresh_pages_for_every_call(exported, prepared_env, tmp_path):
+    """OpenMP's default spins 300,000 times at every barrier: beside the slot's next interpreter
+    importing torch on 2 cores, that spinning took the evaluation 5x the CPU-seconds; the OpenMP
+    runtime itself says what it runs with (OMP_DISPLAY_ENV), in the run's log. And glibc's malloc
+    gave each call's logits back to the kernel: the evaluation faulted in about three times the
+    pages of all its logits; kept, it faults in fewer than they take once."""
+    harness, export = exported
+    spec = evaluation_spec(harness, prepared_env)
+    spec["env"]["OMP_DISPLAY_ENV"] = "VERBOSE"
+    result = evaluate(spec, export, tmp_path / "run.log")
+    log = (tmp_path / "run.log").read_text()
+    logits_pages = int(TEST_EVAL_TOKENS) * PROFILES["cpu"]["vocab_size"] * 4 // os.sysconf("SC_PAGE_SIZE")  # fp32, once
+    assert result["causal"] is True and 0 < result["cpu_seconds"], result
+    assert {"passive": "OMP_WAIT_POLICY = 'PASSIVE'" in log and "GOMP_SPINCOUNT = '1000'" in log,
+            "pages below the logits'": result["page_faults"] < logits_pages} == \
+        {"passive": True, "pages below the logits'": True}, (result, logits_pages, log[:3000])
 
 
 def test_a_warm_evaluator_that_is_gone_leaves_the_run_a_cold_one(exported, prepared_env, tmp_path):
