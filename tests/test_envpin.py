@@ -70,12 +70,14 @@ def test_a_state_from_before_the_pin_is_pinned_at_the_next_run(venv_lab):
 
 
 def test_bytecode_an_import_writes_outside_the_sandbox_is_no_change(venv_lab):
-    """The agent's own `python -c 'import tinymod'` in the workspace writes __pycache__: runs go on."""
+    """The agent's own `python -c 'import tinymod, toplevel'` in the workspace writes __pycache__, in a
+    package and in site-packages itself (a module that is one file): runs go on."""
     lab, site = venv_lab
+    (site / "toplevel.py").write_text("X = 1\n")
     lab.baseline()
-    subprocess.run([str(lab.ws / ".venv" / "bin" / "python"), "-c", "import tinymod"], check=True,
+    subprocess.run([str(lab.ws / ".venv" / "bin" / "python"), "-c", "import tinymod, toplevel"], check=True,
                    env={k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"})
-    assert list((site / "tinymod").glob("__pycache__/*.pyc"))
+    assert list((site / "tinymod").glob("__pycache__/*.pyc")) and list(site.glob("__pycache__/toplevel.*.pyc"))
     lab.ok("run_experiment", description="same train.py", rerun=True)
 
 

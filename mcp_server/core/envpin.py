@@ -89,6 +89,8 @@ def take(python: str | None) -> dict | None:
         whole = folder in site  # the standard library: only what runs at start-up
         with os.scandir(folder) as entries:
             for entry in entries:
+                if entry.name == BYTECODE_DIR:  # the top-level modules' bytecode, as in every package
+                    continue
                 if whole or _is_startup(entry.name):
                     pin[entry.path] = _entry_digest(entry)
     return pin
