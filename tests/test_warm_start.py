@@ -383,7 +383,9 @@ def test_a_warm_interpreter_that_reads_the_validation_data_before_its_hand_over_
         evaluate = {"argv": [sys.executable, "-c", FAKE_EVALUATOR], "env": dict(os.environ), "timeout": 60,
                     "harness": str(clean_harness(folder)), "harness_commit": None,
                     "inputs": {"val": {"path": str(val), "sha256": harness_eval.sha256_of(val)}}}
-        started = ["--watch-stdin", "--sandbox", json.dumps({"readonly": [str(tmp_path)], "writable": [str(exports)]}),
+        # the checkout too: its venv's interpreter, and a checkout under /tmp (CI's), which the sandbox replaces
+        sandbox_spec = {"readonly": [str(tmp_path), str(REPO)], "writable": [str(exports)]}
+        started = ["--watch-stdin", "--sandbox", json.dumps(sandbox_spec),
                    "--export", str(exports / "model.pt2"), "--val-shard", str(val)]
         report = folder / "report.json"
         worker = executor.with_socket_stdin([sys.executable, str(executor.WORKER), "--warm", *started, "--",
