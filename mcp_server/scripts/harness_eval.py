@@ -113,10 +113,11 @@ def seal(copy) -> None:
         raise OSError("the harness's private copy could not be sealed against writes")
 
 
-def result_channel() -> tuple[int, int]:
-    """(read end, write end) for the evaluator's result: a socket pair, not a pipe, because any process
-    of the same user can open a pipe's /proc/PID/fd/N and write a result of its own (or the end of
-    one); a socket's cannot be opened (ENXIO)."""
+def socket_channel() -> tuple[int, int]:
+    """(our end, the child's end) of a channel to a child process (the evaluator's result, the warm
+    interpreter's hand-over): a socket pair, not a pipe, because any process of the same user can open
+    a pipe's /proc/PID/fd/N and write into it (a result or a script of its own); a socket's cannot be
+    opened (ENXIO)."""
     ours, theirs = socket.socketpair()
     return ours.detach(), theirs.detach()
 
@@ -177,7 +178,7 @@ class HarnessEvaluation:
             self._start_cold()
 
     def _start_cold(self) -> None:
-        self.read_end, write_end = result_channel()
+        self.read_end, write_end = socket_channel()
         fds = {"--program-fd": self.program.fileno(),
                **{f"--{name}-fd": copy.fileno() for name, copy in self.inputs.items()}, "--out-fd": write_end}
         try:
@@ -290,7 +291,7 @@ class HarnessEvaluation:
 
     def _go_warm(self, log, deadline: float) -> None:
         """The request to the slot's warm evaluator; where it fails, a cold evaluator instead."""
-        read_end, write_end = result_channel()
+        read_end, write_end = socket_channel()
         request_id = os.urandom(8).hex()
         fds = [write_end, self.program.fileno(), *(self.inputs[name].fileno() for name in WARM_FDS), log.fileno()]
         try:

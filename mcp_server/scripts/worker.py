@@ -59,10 +59,10 @@ from pathlib import Path
 
 try:
     from mcp_server.scripts import sandbox
-    from mcp_server.scripts.harness_eval import MARK, HarnessEvaluation, on_this_device, open_log
+    from mcp_server.scripts.harness_eval import MARK, HarnessEvaluation, on_this_device, open_log, socket_channel
 except ImportError:  # run as a script, or on a node: sandbox.py and harness_eval.py are beside this file
     import sandbox
-    from harness_eval import MARK, HarnessEvaluation, on_this_device, open_log
+    from harness_eval import MARK, HarnessEvaluation, on_this_device, open_log, socket_channel
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -370,8 +370,7 @@ def start_warm(command: list[str], spec: dict, private: dict | None, output: int
     importing torch now and then waiting on a socket: (its process, the socket's end for the hand-over).
     Not a pipe: any process of the same user outside the sandbox could open a pipe's /proc/PID/fd/N
     and hand the interpreter a script of its own; a socket's cannot be opened (ENXIO)."""
-    ours, theirs = socket.socketpair()
-    read_fd, write_fd = theirs.detach(), ours.detach()
+    write_fd, read_fd = socket_channel()
     stub, _ = sandboxed([command[0], str(WARM_STUB), str(read_fd)], spec, os.getcwd(), private)
     try:
         proc = subprocess.Popen(stub, stdin=subprocess.DEVNULL, stdout=output, stderr=output, pass_fds=(read_fd,),
