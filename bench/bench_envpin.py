@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
-    probe, _ = timed(envpin._folders, args.python)
+    probe, _ = timed(envpin.folders, args.python)
     cold, pin = timed(envpin.take, args.python)
     takes = [timed(envpin.take, args.python)[0] for _ in range(args.repeat)]
     checks = [timed(envpin.check, pin, args.python)[0] for _ in range(args.repeat)]

@@ -80,7 +80,7 @@ def phases(cache: Path, repeat: int) -> dict[str, list[float]]:
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
     ws = Workspace(clone)
     commits = ws.repo.git.rev_list("-n", "2", "HEAD").split()  # alternate: each checkout changes files
-    evaluator = [PYTHON, "-I", "-S", "-B", "-c",
+    evaluator = [PYTHON, *harness_eval.ISOLATED, "-c",
                  f"import sys; sys.path[:0] = {[str(REPO), *site_packages()]!r}; {EVALUATOR_IMPORTS}"]
     found: dict[str, list[float]] = {}
     for i in range(repeat):

@@ -16,9 +16,12 @@ result, as it does for real), else a default:
   ORDER_EFFECT (0: val_bpb moves by this much per data order, AUTORESEARCH_DATA_ORDER)
   FLOPS_CLOCK (0: say the budget was spent on the flops clock, as the CPU profile's train.py does)
   LAG (0: added to every step's training loss, so the run's curve lags a run without it)
+  IMPORTS (none: comma-separated modules imported first, as train.py imports torch; read from the
+          environment only)
   TAMPER (0: try to append a planted best row to the workspace's results.tsv, to rewrite the
           server's state, to write the user's home and the worktree's .git link, and report what happened)
 """
+import importlib
 import os
 import pwd
 import re
@@ -84,6 +87,8 @@ def tamper() -> None:
 
 
 def main() -> int:
+    for name in filter(None, os.environ.get("FAKE_IMPORTS", "").split(",")):
+        importlib.import_module(name)
     k = knobs()
     if k["TAMPER"]:
         tamper()

@@ -56,7 +56,7 @@ def evaluation_spec(harness: Path, prepared_env: dict) -> dict:
     cache = Path(prepared_env["AUTORESEARCH_CACHE"])
     record = json.loads((cache / "prepared.json").read_text())
     val = cache / "data" / record["val_shard"]["name"]
-    return {"argv": [sys.executable, "-I", "-S", "-B", str(harness / "nanochat" / "evaluate_export.py"),
+    return {"argv": [sys.executable, *harness_eval.ISOLATED, str(harness / "nanochat" / "evaluate_export.py"),
                      "--profile", "cpu", "--eval-tokens", TEST_EVAL_TOKENS, "--site-packages", *site_packages()],
             "env": {"PATH": os.environ["PATH"], "AUTORESEARCH_CACHE": str(cache)}, "harness": str(harness),
             "harness_manifest": harness_eval.file_manifest(str(harness)), "timeout": 300.0,

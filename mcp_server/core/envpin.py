@@ -30,7 +30,7 @@ BYTECODE_DIR = "__pycache__"
 
 
 @functools.lru_cache(maxsize=8)
-def _folders(python: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def folders(python: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The interpreter's site folders and its start-up path without site (-S: nothing planted runs)."""
     found = subprocess.run([python, "-I", "-S", "-c", PROBE], capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
     if found.returncode != 0:
@@ -77,7 +77,7 @@ def take(python: str | None) -> dict | None:
     if not python:
         return None
     try:
-        site, path = _folders(python)
+        site, path = folders(python)
     except (OSError, subprocess.SubprocessError, ValueError):
         return None
     if not site:

@@ -16,7 +16,8 @@ no longer shares the CPU with a second interpreter importing torch.
 Warm start (issue 27): where the harness evaluates, as soon as a slot's run has trained (its
 worker reports the evaluation started) or ended, the slot's next worker is started ahead
 (`worker.py --warm`) with that run's sandbox, CPUs, environment and command, its interpreter
-importing torch and torch.compile's stack (mcp_server/scripts/warm_train.py) while the run is
+importing torch and torch.compile's stack (mcp_server/scripts/warm_train.py, from the server's own
+compile of them, executors/bytecode.py: no .pyc from a __pycache__ the agent can write) while the run is
 evaluated and the agent decides. The next run
 in the slot is handed to it (its options and environment on the worker's stdin) where it was
 started with exactly what that run would get; else it is thrown away and the run starts cold. The
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mcp_server.core.integrity import EXPORTS_DIR
+from mcp_server.executors.bytecode import Archives
 from mcp_server.core.workspace import EDITABLE, cache_dir
 from mcp_server.core.state import process_start_time
 from mcp_server.scripts.harness_eval import WARM_ENV, WarmEvaluator, on_this_device
@@ -123,6 +125,7 @@ class LocalPool:
         self.evaluators: dict[int, WarmEvaluator] = {}  # slot -> its warm evaluator
         self.procs: dict[int, subprocess.Popen] = {}  # run -> worker
         self.ahead: dict[int, Ahead] = {}  # slot -> its next worker, started ahead
+        self.bytecode = Archives()  # what the warm interpreters import, compiled by the server
         self.lock = threading.Lock()
         self.closing = False
 
@@ -152,6 +155,8 @@ class LocalPool:
         try:
             cwd = self.ws.checkout_slot(slot, spec.commit)
             env = self._env(slot, spec)
+            if warm_start_on() and warmable(spec):
+                self.bytecode.fileno(spec.command[0], env)  # built while this run trains, for the next one
             warm = self._warm_evaluator(slot, spec.worker_args, env)
             spec.log.parent.mkdir(parents=True, exist_ok=True)
             proc, staging = self._hand_over(slot, spec, env, warm)
@@ -211,11 +216,14 @@ class LocalPool:
         (self.ws.root / EXPORTS_DIR).mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f"slot-{slot}-", dir=self.ws.root / EXPORTS_DIR))
         key, options = self._warm_key(slot, spec, env, warm, staging)
+        archive = self.bytecode.fileno(spec.command[0], env)
+        archived = ["--bytecode-fd", str(archive)] if archive is not None else []
+        fds = [f for f in (warm.fileno() if warm is not None else None, archive) if f is not None]
         try:
-            proc = with_socket_stdin([sys.executable, str(WORKER), "--warm", *options, "--", *spec.command], cwd=cwd,
-                                     env={k: v for k, v in env.items() if k not in PER_RUN_ENV},
+            proc = with_socket_stdin([sys.executable, str(WORKER), "--warm", *options, *archived, "--", *spec.command],
+                                     cwd=cwd, env={k: v for k, v in env.items() if k not in PER_RUN_ENV},
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True, pass_fds=(warm.fileno(),) if warm is not None else ())
+                                     start_new_session=True, pass_fds=fds)
         except OSError:
             shutil.rmtree(staging, ignore_errors=True)
             return
@@ -334,6 +342,7 @@ class LocalPool:
         for warm in self.evaluators.values():
             warm.close()
         self.evaluators.clear()
+        self.bytecode.close()
 
 
 def warm_start_on() -> bool:
@@ -420,11 +429,13 @@ def training_env(workspace: Path) -> dict:
 
 
 def compile_bytecode(python: str, site_packages: str, timeout: float = 900) -> None:
-    """Bytecode for the training environment's packages, written once by the server. A run imports
-    torch (and torch.compile's dynamo and inductor) in a sandbox that keeps the environment read-only,
-    where Python cannot cache bytecode itself, and uv installs none: every run would compile ~1,700
-    of torch's modules from source again, 6 s of its start-up on a 2-core Zen 4. Already compiled
-    files are only checked (4 s for 12,700 files); any failure costs runs that time, nothing else."""
+    """Bytecode for the training environment's packages, written once by the server, for runs that
+    read it from beside the sources (sandbox-exec's, unsandboxed ones; bubblewrap's read only their
+    own, bytecode_archive.py). A run imports torch (and torch.compile's dynamo and inductor) in a
+    sandbox that keeps the environment read-only, where Python cannot cache bytecode itself, and uv
+    installs none: every run would compile ~1,700 of torch's modules from source again, 6 s of its
+    start-up on a 2-core Zen 4. Already compiled files are only checked (4 s for 12,700 files); any
+    failure costs runs that time, nothing else."""
     try:
         subprocess.run([python, "-m", "compileall", "-q", "-j", "0", site_packages],
                        capture_output=True, timeout=timeout)

@@ -21,6 +21,7 @@ from mcp_server.phases.measurements import file_measurement
 from mcp_server.phases.runs import DEFAULT_TRAIN_COMMAND, LoopCore
 from mcp_server.core.state import process_alive
 from mcp_server.core.workspace import RUNS_DIR
+from mcp_server.scripts import sandbox
 
 ENV_SYNC_TIMEOUT_S = 900  # the first `uv run` of a workspace may install torch
 ENV_PROBE = "import sys, sysconfig; print(sys.executable); print(sysconfig.get_paths()['purelib'])"
@@ -114,7 +115,8 @@ def run_command(core: LoopCore) -> list[str]:
                                    text=True, env=training_env(core.root), timeout=ENV_SYNC_TIMEOUT_S)
             if found.returncode == 0:
                 python, site_packages = found.stdout.strip().splitlines()[-2:]
-                compile_bytecode(python, site_packages)
+                if sandbox.usable()[0] != sandbox.BUBBLEWRAP:  # bubblewrap's runs read only their own bytecode
+                    compile_bytecode(python, site_packages)
                 core.python = python
                 break
         else:

@@ -42,6 +42,12 @@ COPY_SEALS = sum(getattr(fcntl, name, 0) for name in ("F_SEAL_WRITE", "F_SEAL_SH
 # the h100 profile's model and more than one GPU can train in a run (weights, gradients and Adam's
 # moments alone take 64 GB); anything larger is padding (a sparse file would fill this disk).
 MAX_EXPORT_BYTES = 16 * 2**30
+# The evaluator's interpreter: isolated (-I: no PYTHON* variables, no user site, no script folder on the
+# path), without site (-S: no .pth file or sitecustomize runs), writing no bytecode (-B) and reading none
+# either: its bytecode folder is under a device, where nothing can be created, so it compiles every module
+# from its source (a .pyc crafted with its source's size and mtime in a __pycache__ would run: bytecode_archive.py)
+NOWHERE = "/dev/null/no-bytecode"
+ISOLATED = ("-I", "-S", "-B", "-X", f"pycache_prefix={NOWHERE}")
 # What the harness's evaluation takes from the worker's environment, not the server's: the slot's GPU
 # (the pool sets CUDA_VISIBLE_DEVICES per slot) and where libcuda is found
 DEVICE_ENV = ("CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH")
@@ -111,6 +117,15 @@ def seal(copy) -> None:
                       "holds it open for writing") from None
     if fcntl.fcntl(copy.fileno(), fcntl.F_GET_SEALS) & COPY_SEALS != COPY_SEALS:
         raise OSError("the harness's private copy could not be sealed against writes")
+
+
+def is_sealed(copy) -> bool:
+    """Whether a copy is sealed against writes (False for a temporary file, where memfds are missing)."""
+    try:
+        seals = fcntl.fcntl(copy.fileno(), fcntl.F_GET_SEALS)
+    except (AttributeError, OSError):
+        return False
+    return bool(COPY_SEALS) and seals & COPY_SEALS == COPY_SEALS
 
 
 def socket_channel() -> tuple[int, int]:

@@ -193,7 +193,7 @@ def verification(verify: dict, command: list[str], scratch: Path) -> list[str]:
     export = scratch / "export" / "model.pt2"
     export.parent.mkdir()
     env = {k: v for k, v in os.environ.items() if k in EVALUATOR_ENV} | {"AUTORESEARCH_CACHE": str(cache_dir())}
-    evaluate = {"argv": [executable, "-I", "-S", "-B", str(harness / verify["evaluator"]),
+    evaluate = {"argv": [executable, *harness_eval.ISOLATED, str(harness / verify["evaluator"]),
                          "--profile", str(verify.get("profile")), "--eval-tokens", str(verify["eval_tokens"]),
                          "--site-packages", *site],
                 "env": env, "harness": str(harness), "harness_manifest": harness_eval.file_manifest(str(harness)),

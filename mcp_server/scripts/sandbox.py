@@ -34,6 +34,9 @@ OPT_IN = (f"or, to accept runs that can write the workspace, start it with --uns
           f"{UNSANDBOXED_ENV}=1; `research-loop overnight --unsandboxed`): every answer and ledger row then says "
           "unsandboxed")
 SANDBOX_HOME = "/tmp/home"  # a run's home: inside its private /tmp, gone when it ends
+# A run's bytecode folder, inside its private /tmp too: its interpreter reads no .pyc from a __pycache__
+# the agent could have planted one in (bytecode_archive.py), only what it compiled or was handed itself
+BYTECODE_PREFIX = "/tmp/bytecode"
 
 
 def opted_in() -> bool:
@@ -99,14 +102,15 @@ def wrap(command: list[str], spec: dict, cwd: str, private: dict | None = None) 
 def bwrap_argv(bwrap: str, command: list[str], spec: dict, cwd: str, private: dict | None = None) -> list[str]:
     """bubblewrap over a read-only view of the whole machine (a run that could write the user's home,
     /etc or a tool's folder could plant code the server or the user runs later, outside the sandbox),
-    with a private /tmp and home, then the spec's binds in order: its read-only paths shown again
+    with a private /tmp, home and bytecode folder, then the spec's binds in order: its read-only paths shown again
     over the private /tmp, the run's own folders writable, the harness files inside them read-only.
     Its own process and network namespaces: a run sees no process but its own (no signal to its
     worker or evaluator, no /proc/PID/environ of the server) and has no network but its own loopback
     (no call to the server's HTTP transport or dashboard on 127.0.0.1); training and its harness
     read only prepared files."""
     argv = [bwrap, "--unshare-pid", "--unshare-net", "--ro-bind", "/", "/", "--dev-bind", "/dev", "/dev", "--proc", "/proc",
-            "--tmpfs", "/tmp", "--dir", SANDBOX_HOME, "--setenv", "HOME", SANDBOX_HOME]
+            "--tmpfs", "/tmp", "--dir", SANDBOX_HOME, "--setenv", "HOME", SANDBOX_HOME,
+            "--setenv", "PYTHONPYCACHEPREFIX", BYTECODE_PREFIX]
     for path in interpreter_folders(command[0]):  # the command's own environment, wherever it lives
         argv += ["--ro-bind", path, path]
     for option, key in (("--ro-bind", "readonly"), ("--bind", "writable"), ("--ro-bind", "readonly_inside")):

@@ -3,8 +3,11 @@
 previous run is evaluated and the agent thinks; it imports what every run's train.py imports first
 and then waits.
 
-    python warm_train.py FD
+    python warm_train.py FD [ARCHIVE_FD]
 
+First, where the server gave one, it writes the bytecode archive's .pyc files (ARCHIVE_FD: the
+server's own compile of these modules, bytecode_archive.py) into its bytecode folder, the sandbox's
+private one, so it neither compiles them again nor reads any from a __pycache__ the agent can write.
 It imports torch and torch.compile's stack (PRELOAD: about 10 s of a run's start-up on the 2-core
 CPU), then reads one JSON line from the socket FD: {"argv", "cwd", "env"}, the run's command line
 after the interpreter, its folder and its environment, and runs argv[0] as __main__ (runpy) with
@@ -28,7 +31,7 @@ PRELOAD = ("torch", "torch._dynamo", "torch._inductor.compile_fx")
 # the same defaults here, where torch is loaded before train.py runs
 IMPORT_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "1000"}
 DEVICE_ENV = "AUTORESEARCH_DEVICE"  # "cpu": the harness trains on the CPU (nanochat/platform.py)
-KEPT_ENV = ("HOME",)  # the sandbox's own (bubblewrap --setenv), not the server's
+KEPT_ENV = ("HOME", "PYTHONPYCACHEPREFIX")  # the sandbox's own (bubblewrap --setenv), not the server's
 
 
 def preload() -> None:
@@ -51,6 +54,10 @@ def preload() -> None:
 
 def main() -> int:
     handover = os.fdopen(int(sys.argv[1]), "rb")
+    if len(sys.argv) > 2:
+        import bytecode_archive  # beside this script
+        bytecode_archive.unpack(int(sys.argv[2]))
+        os.close(int(sys.argv[2]))
     preload()
     line = handover.readline()
     handover.close()

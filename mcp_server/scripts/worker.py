@@ -348,6 +348,9 @@ def parse_args(argv):
                    help="train on another stretch of the data (a rerun: nanochat/dataloader.py)")
     p.add_argument("--warm", action="store_true",
                    help="start the sandbox and the command's interpreter now; the run's options come on stdin")
+    p.add_argument("--bytecode-fd", type=int,
+                   help="with --warm: the server's sealed bytecode archive, which the interpreter unpacks into its "
+                        "sandbox's own bytecode folder before its imports (bytecode_archive.py)")
     args = parse_with_command(p, argv)
     if not args.warm and None in (args.log, args.report, args.timeout):
         p.error("--log, --report and --timeout are required (but with --warm, where the run's options bring them)")
@@ -365,16 +368,19 @@ def parse_with_command(p: argparse.ArgumentParser, argv) -> argparse.Namespace:
     return args
 
 
-def start_warm(command: list[str], spec: dict, private: dict | None, output: int, in_child):
+def start_warm(command: list[str], spec: dict, private: dict | None, output: int, in_child,
+               archive: int | None = None):
     """The command's interpreter on warm_train.py, in the sandbox (as the command itself would be),
-    importing torch now and then waiting on a socket: (its process, the socket's end for the hand-over).
-    Not a pipe: any process of the same user outside the sandbox could open a pipe's /proc/PID/fd/N
-    and hand the interpreter a script of its own; a socket's cannot be opened (ENXIO)."""
+    importing torch now (with the server's bytecode archive, where given) and then waiting on a socket:
+    (its process, the socket's end for the hand-over). Not a pipe: any process of the same user outside
+    the sandbox could open a pipe's /proc/PID/fd/N and hand the interpreter a script of its own; a
+    socket's cannot be opened (ENXIO)."""
     write_fd, read_fd = socket_channel()
-    stub, _ = sandboxed([command[0], str(WARM_STUB), str(read_fd)], spec, os.getcwd(), private)
+    archived = [] if archive is None else [archive]
+    stub, _ = sandboxed([command[0], str(WARM_STUB), str(read_fd), *map(str, archived)], spec, os.getcwd(), private)
     try:
-        proc = subprocess.Popen(stub, stdin=subprocess.DEVNULL, stdout=output, stderr=output, pass_fds=(read_fd,),
-                                start_new_session=True, preexec_fn=in_child)
+        proc = subprocess.Popen(stub, stdin=subprocess.DEVNULL, stdout=output, stderr=output,
+                                pass_fds=(read_fd, *archived), start_new_session=True, preexec_fn=in_child)
     except OSError:
         os.close(write_fd)
         raise
@@ -460,7 +466,7 @@ def main(argv=None) -> int:
     if watch_val and val_copy:
         val_watch = start_watch(val_copy)
     if args.warm:
-        stub, stub_pipe = start_warm(args.command, args.sandbox, private, write_end, in_child)
+        stub, stub_pipe = start_warm(args.command, args.sandbox, private, write_end, in_child, args.bytecode_fd)
         line = sys.stdin.buffer.readline()
         handed = handed_args(line, args)
         if handed is None:  # never used (the server threw it away or is gone), or not the server's line
