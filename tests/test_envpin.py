@@ -7,6 +7,7 @@ import marshal
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,10 @@ def plant_sitecustomize(site):
 
 
 def edit_module(site):
-    module = site / "tinymod" / "__init__.py"
+    return edit_module_file(site / "tinymod" / "__init__.py")
+
+
+def edit_module_file(module):
     before, st = module.read_bytes(), module.stat()
     module.write_text("SCALE = 0.5\n")
     os.utime(module, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
@@ -151,10 +155,12 @@ print("val_bpb: 1.5")
 
 def test_a_warm_interpreter_imports_the_servers_bytecode_never_a_crafted_pyc(fake_env, bubblewrap, monkeypatch):
     """The warm interpreter imports torch before any run is handed to it. Here torch is a stand-in
-    package in the training's venv, and the agent planted a .pyc for it crafted with its source's size
-    and mtime. Neither the cold first run nor the warm second one runs it: the cold one compiles torch
-    in its sandbox's own bytecode folder, the warm one imports the server's archive (its own compile of
-    torch, unpacked there), which holds torch's source as it is."""
+    package in the training's venv; the agent planted a .pyc for it crafted with its source's size and
+    mtime, and kept torch's source edited (same size, mtime put back) while the server built its
+    archive, then put it back. Neither the cold first run nor the warm second one runs planted code:
+    the cold one compiles torch in its sandbox's own bytecode folder; the warm one unpacks the server's
+    archive there, whose checked .pyc of the edited source no longer matches the source and is
+    compiled afresh."""
     from mcp_server.executors import executor
     from mcp_server.scripts import bytecode_archive, harness_eval
     from mcp_server.core.workspace import Workspace
@@ -164,21 +170,26 @@ def test_a_warm_interpreter_imports_the_servers_bytecode_never_a_crafted_pyc(fak
     monkeypatch.setenv(harness_eval.WARM_ENV, "0")  # the evaluator stand-in, started cold for each run
     monkeypatch.delenv(executor.WARM_START_ENV, raising=False)
     monkeypatch.setenv("AUTORESEARCH_DEVICE", "cpu")  # the stand-in has no torch.cuda to ask
-    hold = fake_env / "hold"
-    hold.touch()
+    hold = fake_env / "ws" / "hold"  # inside the workspace, which the sandbox shows (not its private /tmp)
     ws = make_workspace(fake_env, WARM_TRAIN.format(hold=str(hold)))
+    hold.touch()
     venv = fake_env / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     (site,) = venv.glob("lib/python*/site-packages")
     (site / "torch").mkdir()
-    (site / "torch" / "__init__.py").write_text("SOURCE = 'compiled from its source'\n")
-    crafted_bytecode(site / "torch" / "__init__.py", "print('PLANTED bytecode ran')\nSOURCE = 'planted'\n")
+    source = site / "torch" / "__init__.py"
+    source.write_text("SOURCE = 'compiled from its source'  # a stand-in for torch's own code\n")
+    crafted_bytecode(source, "print('PLANTED bytecode ran')\nSOURCE = 'planted'\n")
+    genuine, st = source.read_bytes(), source.stat()
+    source.write_bytes(b"print('PLANTED source ran'); SOURCE = 'planted'  #".ljust(len(genuine) - 1, b"#") + b"\n")
+    os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns))
     python = str(venv / "bin" / "python")
     harness = fake_env / "harness"
     git(ws, "worktree", "add", "-q", "--detach", str(harness))
 
     def spec(run: int) -> executor.RunSpec:
         export = ws / ".research-loop" / "exports" / str(run) / "model.pt2"
+        export.parent.mkdir(parents=True, exist_ok=True)  # as integrity.worker_args makes it: the sandbox binds it
         evaluate = {"argv": [sys.executable, "-c", ANSWERING_EVALUATOR, "1.5", str(fake_env / "go")],
                     "env": dict(os.environ), "timeout": 60, "harness": str(harness), "harness_commit": None}
         sandbox = {"readonly": [str(ws)], "writable": [".", str(export.parent)]}
@@ -190,8 +201,10 @@ def test_a_warm_interpreter_imports_the_servers_bytecode_never_a_crafted_pyc(fak
     outcomes = queue.Queue()
     try:
         pool.start(spec(1), lambda run, outcome: outcomes.put(outcome))
-        assert wait_until(lambda: pool.bytecode.fileno(python, pool.env) is not None, 120)  # built as run 1 waits
-        archive = marshal.loads(bytecode_archive.read(pool.bytecode.fileno(python, pool.env)))
+        assert wait_until(lambda: pool.bytecode.fileno(python) is not None, 120)  # built as run 1 waits
+        archive = marshal.loads(bytecode_archive.read(pool.bytecode.fileno(python)))
+        source.write_bytes(genuine)  # put back before run 1 imports torch
+        os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns))
         hold.unlink()
         first = outcomes.get(timeout=120)
         assert wait_until(lambda: 0 in pool.ahead, 30)
@@ -199,7 +212,8 @@ def test_a_warm_interpreter_imports_the_servers_bytecode_never_a_crafted_pyc(fak
         second = outcomes.get(timeout=120)
     finally:
         pool.shutdown()
-    assert str(site / "torch" / "__init__.py") in archive
+    assert b"PLANTED source ran" in archive[str(source)]  # built from the edited source
+    assert first.report["exit_code"] == 0 and second.report["exit_code"] == 0, (first.report, second.report)
     assert second.report["warm_start"] and second.report["sandbox"] and not first.report.get("warm_start"), second.report
     for run in (1, 2):
         log = (fake_env / f"{run}.log").read_text()
@@ -222,3 +236,158 @@ def test_the_evaluator_compiles_what_it_imports_from_source(fake_env, tmp_path):
     plain = [sys.executable, "-I", "-S", "-B"]  # isolated, but reading bytecode beside the sources
     assert subprocess.run([*plain, "-c", show], capture_output=True, text=True).stdout.strip() == "planted"
     assert subprocess.run([*interpreter, "-c", show], capture_output=True, text=True).stdout.strip() == "source"
+
+
+def test_a_pth_planted_during_a_run_and_removed_makes_it_no_result(venv_lab):
+    """Planted after the run's check (here: while it runs) and removed before the next one: the pin
+    sees nothing at either check, the watch sees both changes, so the run is no result and says what
+    changed; the next run, in an environment as setup left it, is a result again."""
+    lab, site = venv_lab
+    lab.baseline()
+    (lab.ws / "train.py").write_text("VAL_BPB = 1.0\nSLEEP = 3\n")
+    started = lab.ok("run_experiment", description="slow", wait=False)
+    remove = plant_pth(site)
+    remove()
+    result = lab.ok("wait")["results"][0]
+    assert result["run"] == started["run"] and result["status"] == "crash", result
+    assert "training environment changed between this run's check and its end" in result["tail"], result
+    assert str(site / "evil.pth") in result["tail"], result
+    lab.ok("discard")
+    assert lab.ok("run_experiment", description="slow again", rerun=True)["status"] == "ok"
+
+
+def test_a_warm_interpreter_started_with_a_planted_pth_serves_no_result(fake_env, bubblewrap, monkeypatch):
+    """The warm interpreter of the next run starts while the agent's .pth is in place; the agent removes
+    it before submitting that run, so the run's check finds the environment as pinned. The run's window
+    begins with its interpreter, not its check: it is no result, and so is the run during which the
+    .pth came and went."""
+    from mcp_server.executors import executor
+    from mcp_server.scripts import harness_eval
+    from mcp_server.core.workspace import Workspace
+    from server_support import git, wait_until
+    from test_warm_start import ANSWERING_EVALUATOR
+    import queue
+    monkeypatch.setenv(harness_eval.WARM_ENV, "0")
+    monkeypatch.delenv(executor.WARM_START_ENV, raising=False)
+    monkeypatch.setenv("AUTORESEARCH_DEVICE", "cpu")
+    hold = fake_env / "ws" / "hold"  # inside the workspace, which the sandbox shows (not its private /tmp)
+    ws = make_workspace(fake_env, WARM_TRAIN.format(hold=str(hold)))
+    hold.touch()
+    venv = fake_env / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    (site,) = venv.glob("lib/python*/site-packages")
+    (site / "torch").mkdir()
+    (site / "torch" / "__init__.py").write_text("SOURCE = 'compiled from its source'\n")
+    python = str(venv / "bin" / "python")
+    harness = fake_env / "harness"
+    git(ws, "worktree", "add", "-q", "--detach", str(harness))
+
+    def spec(run: int, environment: dict) -> executor.RunSpec:
+        export = ws / ".research-loop" / "exports" / str(run) / "model.pt2"
+        evaluate = {"argv": [sys.executable, "-c", ANSWERING_EVALUATOR, "1.5", str(fake_env / "go")],
+                    "env": dict(os.environ), "timeout": 60, "harness": str(harness), "harness_commit": None}
+        return executor.RunSpec(run=run, commit=git(ws, "rev-parse", "HEAD").strip(), command=[python, "train.py"],
+                                timeout=120, log=fake_env / f"{run}.log", report=fake_env / f"{run}.report.json",
+                                after_seconds=60, environment=environment,
+                                worker_args=["--export", str(export), "--evaluate", json.dumps(evaluate)])
+    pool = executor.LocalPool(Workspace(ws), 1, env=dict(os.environ))
+    outcomes = queue.Queue()
+    try:
+        pool.start(spec(1, pool.environment_position([python])), lambda run, outcome: outcomes.put(outcome))
+        (site / "planted.pth").write_text("import sys; print('PTH ran', file=sys.stderr)\n")
+        hold.unlink()
+        first = outcomes.get(timeout=120)
+        assert wait_until(lambda: 0 in pool.ahead, 30)  # its interpreter started with the .pth in place
+        time.sleep(2)
+        (site / "planted.pth").unlink()
+        hold.touch()
+        pool.start(spec(2, pool.environment_position([python])), lambda run, outcome: outcomes.put(outcome))
+        hold.unlink()
+        second = outcomes.get(timeout=120)
+    finally:
+        pool.shutdown()
+    assert first.report["exit_code"] == 0 and second.report["exit_code"] == 0, (first.report, second.report)
+    assert second.report["warm_start"] and "PTH ran" in (fake_env / "2.log").read_text()
+    for outcome in (first, second):
+        assert str(site / "planted.pth") in outcome.report.get("environment_changed", []), outcome.report
+
+
+def test_an_edit_to_the_evaluators_environment_refuses_runs(venv_lab, monkeypatch):
+    """The harness's evaluator imports torch from the server's own environment, not the training's: an
+    edited loss there would bend every verified number. Setup pins it beside the training's; an edit
+    refuses the next run, naming it, until restored."""
+    lab, _ = venv_lab
+    evaluator = lab.ws.parent / "evaluator-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(evaluator)], check=True)
+    (site,) = evaluator.glob("lib/python*/site-packages")
+    (site / "lossmod.py").write_text("SCALE = 1.0\n")
+    monkeypatch.setattr(sys, "executable", str(evaluator / "bin" / "python"))  # the server's interpreter
+    lab.baseline()
+    restore = edit_module_file(site / "lossmod.py")
+    refusal = lab.refused("run_experiment", description="same train.py", rerun=True)
+    assert "harness evaluator's environment" in refusal and str(site / "lossmod.py") in refusal, refusal
+    restore()
+    lab.ok("run_experiment", description="same train.py", rerun=True)
+
+
+@pytest.fixture
+def own_python_lab(fake_env):
+    """A fake-trainer workspace whose runs train with a venv of a Python install of the test's own (a
+    copy of this one's interpreter and standard library), which the user can write, as pyenv's and
+    uv's can be."""
+    import shutil
+    base = Path(sys.base_prefix)
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    install = fake_env / "python"
+    (install / "bin").mkdir(parents=True)
+    shutil.copy2(base / "bin" / version, install / "bin" / version)
+    shutil.copytree(base / "lib" / version, install / "lib" / version, symlinks=True, ignore=shutil.ignore_patterns(
+        "test", "site-packages", "__pycache__", "idlelib", "tkinter", "ensurepip", "lib2to3", "config-*"))
+    ws = make_workspace(fake_env)
+    subprocess.run([str(install / "bin" / version), "-m", "venv", "--without-pip", str(ws / ".venv")], check=True)
+    (ws / ".git" / "info" / "exclude").write_text(".venv/\n")
+    lab = Lab(ws, train_command=[str(ws / ".venv" / "bin" / "python"), "fake_train.py"])
+    yield lab, install / "lib" / version
+    lab.loop.shutdown()
+
+
+def plant_stdlib_zip(stdlib: Path):
+    """A zip of bytecode where the interpreter looks before its standard library's folder: a
+    textwrap.pyc in it shadows the real module, no source needed."""
+    import zipfile
+    target = stdlib.parent / f"python{sys.version_info.major}{sys.version_info.minor}.zip"
+    code = compile("import os\nos.environ['FAKE_VAL_BPB'] = '0.5'\n", "textwrap.py", "exec")
+    with zipfile.ZipFile(target, "w") as z:
+        z.writestr("textwrap.pyc", importlib.util.MAGIC_NUMBER + bytes(12) + marshal.dumps(code))
+    return target.unlink
+
+
+def edit_stdlib_module(stdlib: Path):
+    module = stdlib / "textwrap.py"
+    before, st = module.read_bytes(), module.stat()
+    module.write_bytes(before + b"\nimport os\nos.environ['FAKE_VAL_BPB'] = '0.5'\n")
+
+    def restore():
+        module.write_bytes(before)
+        os.utime(module, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return restore
+
+
+@pytest.mark.parametrize("plant", [plant_stdlib_zip, edit_stdlib_module])
+def test_a_planted_standard_library_module_refuses_runs(own_python_lab, bubblewrap, monkeypatch, plant):
+    """The standard library of a Python the user can write: a zip of bytecode planted where the
+    interpreter looks first, or an edited module. Either would run in every run (and in the evaluator,
+    where it is that Python); setup pins the standard library, so the next run is refused, naming it,
+    until it is restored."""
+    lab, stdlib = own_python_lab
+    monkeypatch.setenv("FAKE_IMPORTS", "textwrap")
+    lab.baseline()
+    restore = plant(stdlib)
+    python = str(lab.ws / ".venv" / "bin" / "python")
+    shown = subprocess.run([python, "-c", "import os, textwrap; print(os.environ.get('FAKE_VAL_BPB'))"],
+                           capture_output=True, text=True).stdout.strip()
+    assert shown == "0.5"  # the plant works where the interpreter imports the module
+    refusal = lab.refused("run_experiment", description="same train.py", rerun=True)
+    assert "standard library" in refusal and str(stdlib.parent) in refusal, refusal
+    restore()
+    assert lab.ok("run_experiment", description="same train.py", rerun=True)["val_bpb"] == 1.0

@@ -27,19 +27,24 @@ SHOWN = 5
 # written by any import outside the sandbox (the agent's own `uv run python`, a test's pytest): a
 # run's interpreter checks each against its source's size and mtime, which the walk pins
 BYTECODE_DIR = "__pycache__"
+# left out of the standard library's pin and watch: bytecode, and the base install's own packages, which
+# a virtual environment does not import
+STDLIB_SKIPPED = (BYTECODE_DIR, "site-packages", "dist-packages")
+ABSENT = "absent"
 
 
 @functools.lru_cache(maxsize=8)
 def folders(python: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The interpreter's site folders and its start-up path without site (-S: nothing planted runs)."""
+    """The interpreter's site folders and its start-up path without site (-S: nothing planted runs),
+    entries that do not exist included (the zip of the standard library Python would look in first)."""
     found = subprocess.run([python, "-I", "-S", "-c", PROBE], capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
     if found.returncode != 0:
         return (), ()
     paths = json.loads(found.stdout.strip().splitlines()[-1])
-    return tuple(paths["site"]), tuple(p for p in paths["path"] if os.path.isdir(p))
+    return tuple(paths["site"]), tuple(paths["path"])
 
 
-def _is_startup(name: str) -> bool:
+def is_startup(name: str) -> bool:
     return name.endswith(".pth") or name in STARTUP_NAMES
 
 
@@ -65,7 +70,7 @@ def _entry_digest(entry: os.DirEntry) -> str:
     else:
         st = entry.stat(follow_symlinks=False)
         digest.update(f"{st.st_size}\t{st.st_mtime_ns}\n".encode())
-        if _is_startup(entry.name) and entry.is_file():
+        if is_startup(entry.name) and entry.is_file():
             with open(entry.path, "rb") as f:
                 digest.update(hashlib.sha256(f.read()).digest())
     return digest.hexdigest()[:16]
@@ -91,20 +96,58 @@ def take(python: str | None) -> dict | None:
             for entry in entries:
                 if entry.name == BYTECODE_DIR:  # the top-level modules' bytecode, as in every package
                     continue
-                if whole or _is_startup(entry.name):
+                if whole or is_startup(entry.name):
                     pin[entry.path] = _entry_digest(entry)
     return pin
 
 
-def check(pinned: dict, python: str | None) -> None:
+def take_stdlib(pythons) -> dict:
+    """{path: digest} for each top-level entry of the interpreters' standard library folders (their
+    start-up path but the site folders), and each start-up path entry that is no folder: a zip of
+    bytecode there runs before the standard library's sources, so its absence is pinned too. A base
+    install the user can write (pyenv's, uv's) would take planted modules that every run and the
+    evaluator import."""
+    pin = {}
+    for python in dict.fromkeys(pythons):
+        site, path = folders(python)
+        for folder in path:
+            if folder in site:
+                continue
+            if not os.path.isdir(folder):
+                pin[folder] = _file_digest(folder) if os.path.exists(folder) else ABSENT
+                continue
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.name not in STDLIB_SKIPPED:
+                        pin[entry.path] = _entry_digest(entry)
+    return pin
+
+
+def _file_digest(path: str) -> str:
+    st = os.stat(path)
+    return hashlib.sha256(f"{st.st_size}\t{st.st_mtime_ns}\n".encode()).hexdigest()[:16]
+
+
+def check(pinned: dict, python: str | None, what: str = "The training environment") -> None:
     """Refuses a run whose environment is not the one setup pinned, naming what changed."""
-    now = take(python) or {}
+    _refuse_changes(pinned, take(python) or {}, what, "`uv sync --reinstall` in the workspace")
+
+
+def check_stdlib(pinned: dict, pythons) -> None:
+    """Refuses a run whose interpreters' standard library is not the one setup pinned."""
+    _refuse_changes(pinned, take_stdlib(pythons), "The Python standard library the runs and the evaluator import",
+                    "reinstall that Python")
+
+
+def _refuse_changes(pinned: dict, now: dict, what: str, reinstall: str) -> None:
     changed = sorted(p for p in pinned.keys() | now.keys() if pinned.get(p) != now.get(p))
     if not changed:
         return
-    named = ", ".join(f"{p} ({'added' if p not in pinned else 'removed' if p not in now else 'changed'})"
-                      for p in changed[:SHOWN]) + (f" and {len(changed) - SHOWN} more" if len(changed) > SHOWN else "")
-    raise Refusal(f"The training environment changed since setup: {named}. A run would train with it while "
+    def how(p: str) -> str:
+        return "added" if pinned.get(p, ABSENT) == ABSENT else "removed" if now.get(p, ABSENT) == ABSENT else "changed"
+    named = ", ".join(f"{p} ({how(p)})" for p in changed[:SHOWN]) + \
+        (f" and {len(changed) - SHOWN} more" if len(changed) > SHOWN else "")
+    raise Refusal(f"{what} changed since setup: {named}. A run would train or be scored with it while "
                   "train.py's diff stays empty, so its result could not be reproduced from its commit. Restore "
-                  "the file (delete what was added), or `uv sync --reinstall` in the workspace and call setup(tag) "
+                  f"the file (delete what was added), or {reinstall} and call setup(tag) "
                   "for a new research run if the change was meant. Nothing was lost: no run was queued.")

@@ -6,27 +6,29 @@ The warm interpreters get the server's own compile of those modules instead: bui
 interpreter, in the background (the slot's first warm worker may start without it), and kept in a
 sealed memory file, which the warm workers inherit and no process can write.
 """
-import shutil
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
 from mcp_server.core import envpin
-from mcp_server.scripts import harness_eval
+from mcp_server.scripts import harness_eval, sandbox
 from mcp_server.scripts.bytecode_archive import read
 
 BUILDER = Path(__file__).resolve().parent.parent / "scripts" / "bytecode_archive.py"
 BUILD_TIMEOUT_S = 600  # importing torch's compile stack from source took ~13 s on the 2-core CPU
-BUILDING = "building"
 
 
 def build(python: str, env: dict) -> bytes:
-    """The archive of an interpreter: the builder run with it, over its site folders. Raises OSError
-    or subprocess.SubprocessError where it cannot be built."""
+    """The archive of an interpreter: the modules the warm interpreter preloads, listed by one run of
+    the builder with that interpreter over its site folders and compiled by another that imports
+    nothing from them. Raises OSError or subprocess.SubprocessError where it cannot be built."""
     site, _ = envpin.folders(python)
-    done = subprocess.run([python, *harness_eval.ISOLATED, str(BUILDER), *site], capture_output=True, env=env,
-                          timeout=BUILD_TIMEOUT_S, check=True)
-    return done.stdout
+    run = dict(capture_output=True, env=env, timeout=BUILD_TIMEOUT_S, check=True)
+    listed = subprocess.run(["nice", python, *harness_eval.ISOLATED, str(BUILDER), "--list", *site], **run)
+    sources = (listed.stdout.strip().splitlines() or [b"[]"])[-1]  # the list is the last line: imports may print
+    return subprocess.run(["nice", python, *harness_eval.ISOLATED, str(BUILDER), "--compile"], input=sources,
+                          **run).stdout
 
 
 def sealed(archive: bytes):
@@ -46,34 +48,44 @@ def sealed(archive: bytes):
 
 
 class Archives:
-    """One archive per training interpreter, built once, in the background."""
+    """One archive per training interpreter, built once, in the background, where bubblewrap runs the
+    runs (its private /tmp holds the bytecode folder the archive is unpacked into)."""
 
     def __init__(self):
-        self.files: dict = {}  # python -> its sealed archive, BUILDING, or None (it could not be built)
+        self.files: dict = {}  # python -> its sealed archive; absent: not asked for; None: building or failed
         self.lock = threading.Lock()
 
-    def fileno(self, python: str, env: dict) -> int | None:
-        """The descriptor of python's archive; None while it is built (the first call starts that) or
-        where it could not be."""
-        python = shutil.which(python, path=env.get("PATH")) or python
+    def build_once(self, python: str, env: dict) -> None:
         with self.lock:
-            if python not in self.files:
-                self.files[python] = BUILDING
-                threading.Thread(target=self._build, args=(python, env), daemon=True, name="bytecode").start()
-            found = self.files[python]
-        return None if found in (None, BUILDING) else found.fileno()
+            if python in self.files:
+                return
+            self.files[python] = None
+        if sandbox.usable()[0] == sandbox.BUBBLEWRAP:
+            threading.Thread(target=self._build, args=(python, env), daemon=True, name="bytecode").start()
+
+    def fileno(self, python: str) -> int | None:
+        """The descriptor of python's archive; None until it is built, or where it cannot be."""
+        with self.lock:
+            found = self.files.get(python)
+        return found.fileno() if found is not None else None
 
     def _build(self, python: str, env: dict) -> None:
         try:
             archive = sealed(build(python, env))
-        except (OSError, subprocess.SubprocessError):
-            archive = None
+        except (OSError, subprocess.SubprocessError) as exc:
+            detail = getattr(exc, "stderr", b"") or b""
+            print(f"research-loop: no bytecode archive for {python} (its warm runs compile torch themselves): {exc} "
+                  f"{detail.decode(errors='replace')[-500:]}", file=sys.stderr)
+            return
         with self.lock:
-            self.files[python] = archive
+            if python in self.files:  # not closed meanwhile
+                self.files[python] = archive
+                return
+        if archive is not None:
+            archive.close()
 
     def close(self) -> None:
         with self.lock:
-            files, self.files = list(self.files.values()), {}
+            files, self.files = [f for f in self.files.values() if f is not None], {}
         for each in files:
-            if each not in (None, BUILDING):
-                each.close()
+            each.close()

@@ -167,6 +167,9 @@ class ClusterExecutor:
         shutil.rmtree(code, ignore_errors=True)
 
     # --- the executor interface ----------------------------------------------------
+    def environment_position(self, pythons: list[str]) -> dict:
+        return {}  # each node's environment is its own, made by the job (scripts/node.py)
+
     def free(self) -> int:
         with self.lock:
             return self.capacity - len(self.jobs)

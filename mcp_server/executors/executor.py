@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mcp_server.core import envwatch
 from mcp_server.core.integrity import EXPORTS_DIR
 from mcp_server.executors.bytecode import Archives
 from mcp_server.core.workspace import EDITABLE, cache_dir
@@ -64,6 +65,7 @@ class RunSpec:
     worker_args: list = field(default_factory=list)  # sandbox, export and evaluation (mcp_server/core/integrity.py)
     after_seconds: float = 0.0  # what the worker may spend once training ended (the harness's evaluation)
     unsandboxed: bool = False  # the user accepts a run without a sandbox where none can run (mcp_server/scripts/sandbox.py)
+    environment: dict | None = None  # where the environments' watches stood at the run's check (core/envwatch.py)
 
 
 @dataclass
@@ -72,6 +74,7 @@ class Ahead:
     proc: subprocess.Popen
     key: str
     staging: Path  # the sandbox's writable export folder
+    since: dict  # the environments' watches when its interpreter started
 
 
 @dataclass
@@ -142,6 +145,10 @@ class LocalPool:
     def split_cpu(self) -> bool:
         return bool(self.cpus)
 
+    def environment_position(self, pythons: list[str]) -> dict:
+        """Where the watches of these interpreters' environments stand now (a run's check)."""
+        return envwatch.position(pythons)
+
     def free(self) -> int:
         with self.lock:
             return self.capacity - len(self.busy)
@@ -156,10 +163,13 @@ class LocalPool:
             cwd = self.ws.checkout_slot(slot, spec.commit)
             env = self._env(slot, spec)
             if warm_start_on() and warmable(spec):
-                self.bytecode.fileno(spec.command[0], env)  # built while this run trains, for the next one
+                self.bytecode.build_once(spec.command[0], env)  # built while this run trains, for the next one
+            since = envwatch.since(interpreters(spec), spec.environment)
             warm = self._warm_evaluator(slot, spec.worker_args, env)
             spec.log.parent.mkdir(parents=True, exist_ok=True)
-            proc, staging = self._hand_over(slot, spec, env, warm)
+            ahead = self._hand_over(slot, spec, env, warm)
+            proc, staging = (ahead.proc, ahead.staging) if ahead else (None, None)
+            since = envwatch.earliest(since, ahead.since if ahead else None)
             if proc is None:
                 with open(spec.log, "ab") as log:
                     proc = with_socket_stdin([sys.executable, str(WORKER), *self._worker_args(slot, spec, warm), "--",
@@ -173,7 +183,7 @@ class LocalPool:
         with self.lock:
             self.procs[spec.run] = proc
         name = self.describe(slot)
-        threading.Thread(target=self._wait, args=(spec, slot, proc, cwd, on_done, staging), daemon=True,
+        threading.Thread(target=self._wait, args=(spec, slot, proc, cwd, on_done, staging, since), daemon=True,
                          name=f"run-{spec.run}").start()
         return name
 
@@ -216,7 +226,8 @@ class LocalPool:
         (self.ws.root / EXPORTS_DIR).mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f"slot-{slot}-", dir=self.ws.root / EXPORTS_DIR))
         key, options = self._warm_key(slot, spec, env, warm, staging)
-        archive = self.bytecode.fileno(spec.command[0], env)
+        archive = self.bytecode.fileno(spec.command[0])
+        since = envwatch.since(interpreters(spec))
         archived = ["--bytecode-fd", str(archive)] if archive is not None else []
         fds = [f for f in (warm.fileno() if warm is not None else None, archive) if f is not None]
         try:
@@ -227,31 +238,31 @@ class LocalPool:
         except OSError:
             shutil.rmtree(staging, ignore_errors=True)
             return
-        ahead = Ahead(proc, key, staging)
+        ahead = Ahead(proc, key, staging, since)
         with self.lock:
             if not self.closing:
                 ahead, self.ahead[slot] = self.ahead.get(slot), ahead
         if ahead is not None:  # the server is closing, or one was left from before
             discard(ahead)
 
-    def _hand_over(self, slot: int, spec: RunSpec, env: dict, warm: WarmEvaluator | None):
-        """(the slot's pre-started worker, running this run now; its export folder), or (None, None)
-        where there is none, or it was started with anything else than this run has (thrown away)."""
+    def _hand_over(self, slot: int, spec: RunSpec, env: dict, warm: WarmEvaluator | None) -> "Ahead | None":
+        """The slot's pre-started worker, running this run now, or None where there is none, or it was
+        started with anything else than this run has (thrown away)."""
         with self.lock:
             ahead = self.ahead.pop(slot, None)
         if ahead is None:
-            return None, None
+            return None
         key, _ = self._warm_key(slot, spec, env, warm, ahead.staging)
         if key == ahead.key and ahead.proc.poll() is None and warm_start_on():
             argv = [*self._worker_args(slot, spec, warm, ahead.staging), "--", *spec.command]
             try:
                 ahead.proc.stdin.write(json.dumps({"argv": argv, "env": env}).encode() + b"\n")
                 ahead.proc.stdin.flush()
-                return ahead.proc, ahead.staging
+                return ahead
             except OSError:
                 pass
         discard(ahead)
-        return None, None
+        return None
 
     def _warm_evaluator(self, slot: int, worker_args: list, env: dict) -> WarmEvaluator | None:
         """The slot's warm evaluator for this run's evaluation spec (--evaluate, with the slot's device),
@@ -277,7 +288,7 @@ class LocalPool:
         return {"worker_pid": proc.pid, "worker_start": process_start_time(proc.pid)} if proc else {}
 
     def _wait(self, spec: RunSpec, slot: int, proc: subprocess.Popen, cwd: Path, on_done,
-              staging: Path | None) -> None:
+              staging: Path | None, since: dict) -> None:
         deadline = time.monotonic() + spec.timeout + spec.after_seconds + WORKER_GRACE_SECONDS
         ahead = False
         while True:
@@ -303,7 +314,11 @@ class LocalPool:
             self.busy.pop(slot, None)
         if self.closing:
             return  # the next owner finds the run in the state and recovers it
-        on_done(spec.run, Outcome(report=read_report(spec.report), slot=self.describe(slot), cwd=cwd))
+        report = read_report(spec.report)
+        changed = envwatch.changes(since)
+        if report is not None and changed:
+            report["environment_changed"] = changed
+        on_done(spec.run, Outcome(report=report, slot=self.describe(slot), cwd=cwd))
 
     def cancel(self, run: int) -> bool:
         """Asks the run's worker to stop it (the worker kills the whole tree); False if not running here."""
@@ -343,6 +358,15 @@ class LocalPool:
             warm.close()
         self.evaluators.clear()
         self.bytecode.close()
+
+
+def interpreters(spec: RunSpec) -> list[str]:
+    """The interpreters a run loads packages with: its command's and, where the harness evaluates, the
+    evaluator's."""
+    found = [spec.command[0]]
+    if "--evaluate" in spec.worker_args:
+        found.append(json.loads(spec.worker_args[spec.worker_args.index("--evaluate") + 1])["argv"][0])
+    return found
 
 
 def warm_start_on() -> bool:

@@ -88,7 +88,7 @@ def dispatch(core: LoopCore) -> None:
                                timeout=entry["timeout"], log=core.root / entry["log"],
                                report=core.root / entry["report"], worker_args=extras,
                                after_seconds=integrity.evaluation_allowance(entry),
-                               unsandboxed=core.unsandboxed)
+                               unsandboxed=core.unsandboxed, environment=entry.get("environment_watch"))
                 slot = core.pool.start(spec, functools.partial(on_done, core))
             except (Refusal, git.GitCommandError, OSError, subprocess.SubprocessError) as exc:
                 entry["status"] = "pending"

@@ -21,6 +21,7 @@ from mcp_server.core.workspace import prepared_info, time_budget
 # delta (on a 2-core CPU, one busy process beside a wall-clock run cost it 35% of its steps)
 THROUGHPUT_TOLERANCE = 0.15
 CONFIRM_WIDTHS = 3.0  # a gain within this many noise thresholds is confirmed before keep accepts it
+SHOWN_CHANGES = 5  # changed paths of the environment named in a run's answer
 
 
 def unrecordable(entry: dict, why: str) -> RunResult:
@@ -71,6 +72,8 @@ def _result(core: LoopCore, entry: dict, text: str, report: dict | None, slot: s
         problem = f"killed after the {entry['timeout']:.0f}s timeout"
     elif report.get("stopped"):
         problem = f"stopped: {report['stopped']}"
+    elif report.get("environment_changed"):
+        problem = environment_problem(report["environment_changed"])
     elif report.get("exit_code") != 0:
         problem = None  # the log's tail says why
     elif logparse.failed(text):
@@ -118,6 +121,13 @@ def _result(core: LoopCore, entry: dict, text: str, report: dict | None, slot: s
         result.next = (f"confirm(run={entry['run']}) before keep ({result.confirm_first}); "
                        "or discard() if the gain does not matter")
     return result
+
+
+def environment_problem(changed: list) -> str:
+    named = ", ".join(map(str, changed[:SHOWN_CHANGES])) + (" ..." if len(changed) > SHOWN_CHANGES else "")
+    return (f"not a result: the training environment changed between this run's check and its end ({named}), "
+            "so it may have loaded what its commit does not hold. Restore what changed (the next run names "
+            "what differs from setup's pin), then rerun it")
 
 
 def _measured(core: LoopCore, entry: dict, summary, report: dict, result: RunResult,

@@ -9,6 +9,7 @@ Imports the core (runs) and dispatch.
 """
 import os
 import subprocess
+import sys
 import time
 
 from mcp_server.phases import early_stop, novelty
@@ -76,6 +77,8 @@ def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments:
         ws.add_excludes()
         fingerprint = ws.fingerprint()
         environment_pin = _environment_pin(core)
+        evaluator_pin = _evaluator_pin(run_command(core)[0]) if environment_pin is not None else None
+        stdlib_pin = envpin.take_stdlib([run_command(core)[0], sys.executable]) if environment_pin is not None else None
         seq = state.get("seq", 0) or _last_run_number(core)
         state.clear()
         core.fresh_records.clear()  # the earlier research run's records vouch for nothing here
@@ -83,6 +86,8 @@ def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments:
                       "cache_fingerprint": integrity.cache_fingerprint(), "seq": seq, "runs": {}, "rows": [], "noise": None,
                       "limits": chosen, "started_at": time.time(), "early_stop": early_stop_runs,
                       "input_pins": integrity.input_pins(), "environment_pin": environment_pin,
+                      "evaluator_pin": evaluator_pin,
+                      "stdlib_pin": stdlib_pin,
                       history.DIGESTS: {}, history.LOG_DIGESTS: {}})  # none yet: never a state from before digests (dispatch.take_over)
     return SetupResult(branch=branch, base_commit=ws.head()[:7], ledger=ledger.LEDGER_NAME,
                        fingerprint=fingerprint, archived_ledger=archived,
@@ -164,7 +169,7 @@ def submit(core: LoopCore, description: str, timeout_seconds: float | None = Non
             tried = novelty.check(core, state, source, False)
         core.check_branch_holds_best(state)
         _check_prepared_cache(state)
-        _check_environment(core, state)
+        watched = _check_environment(core, state)
         if tried.answer:
             return {"answered": tried.answer.model_dump()}
         n = state.get("seq", 0) + 1
@@ -180,6 +185,8 @@ def submit(core: LoopCore, description: str, timeout_seconds: float | None = Non
             entry["data_order"] = data_order
         if tried.note:
             entry["tried_before"] = tried.note
+        if watched:
+            entry["environment_watch"] = watched
         state.setdefault("runs", {})[str(n)] = entry
         state["seq"] = n
         core.event(n)
@@ -207,14 +214,32 @@ def _check_prepared_cache(state: dict) -> None:
                       "the same harness. Restore the cache, or prepare it again and call setup(tag) for a new run.")
 
 
-def _check_environment(core: LoopCore, state: dict) -> None:
+def _check_environment(core: LoopCore, state: dict) -> dict:
     """The interpreter a run trains with loads what setup pinned (core/envpin.py); a state from
-    before the pin is pinned now."""
+    before the pin is pinned now. Returns where the environments' watches stood just before the
+    check (core/envwatch.py): a change from then to the run's end makes it no result."""
     python = run_command(core)[0]
+    position = core.pool.environment_position([python, sys.executable])  # sys.executable: the evaluator's
     if state.get("environment_pin") is None:
         state["environment_pin"] = envpin.take(python) or {}
     elif state["environment_pin"]:
         envpin.check(state["environment_pin"], python)
+    if state.get("evaluator_pin") is None:
+        state["evaluator_pin"] = _evaluator_pin(python)
+    elif state["evaluator_pin"]:
+        envpin.check(state["evaluator_pin"], sys.executable, "The harness evaluator's environment (this server's)")
+    if state.get("stdlib_pin") is None:
+        state["stdlib_pin"] = envpin.take_stdlib([python, sys.executable])
+    elif state["stdlib_pin"]:
+        envpin.check_stdlib(state["stdlib_pin"], [python, sys.executable])
+    return position
+
+
+def _evaluator_pin(python: str) -> dict:
+    """The environment the harness's evaluator imports torch from (this server's interpreter's, which
+    the evaluation spec names), where it is not the training's: an edited loss there bends every
+    verified number."""
+    return {} if envpin.folders(sys.executable)[0] == envpin.folders(python)[0] else envpin.take(sys.executable) or {}
 
 
 def _environment_pin(core: LoopCore) -> dict | None:

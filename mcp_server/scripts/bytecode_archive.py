@@ -10,18 +10,25 @@ or the harness's evaluator imports would run with train.py's diff and the enviro
 - a sandboxed run's interpreter has its bytecode folder in its private /tmp (sandbox.BYTECODE_PREFIX):
   it reads what it compiled itself and, on the warm path, what warm_train.py unpacked there from the
   archive below before importing torch;
-- the archive: the modules the warm interpreter preloads, compiled by this script, run by the server
-  with the training's interpreter (isolated, without site, with no bytecode of its own: it compiles
-  from source), a marshalled {source path: .pyc bytes} that the server keeps in a sealed memory file
-  (executors/bytecode.py): no process can write it, and each warm interpreter reads it through its fd.
+- the archive: checked hash-based `.pyc` files (PEP 552) of the modules the warm interpreter preloads.
+  The importer hashes each module's source as it is at import time and compiles it afresh where the
+  hash differs, so an archive made while a source was edited (and put back since) only costs a
+  compile. Two processes of the training's interpreter make it, both isolated, without site and with
+  no bytecode of their own: one imports the preload to list the source files (it runs the
+  environment's code, so its list is all it gives), the other, which imports nothing from the
+  environment, compiles each listed source. The server keeps the archive, a marshalled {source path:
+  .pyc bytes}, in a sealed memory file (executors/bytecode.py): no process can write it, and each warm
+  interpreter reads it through its fd.
 
-    python -I -S -B -X pycache_prefix=NOWHERE bytecode_archive.py SITE_FOLDER... > ARCHIVE
+    python -I -S -B -X pycache_prefix=NOWHERE bytecode_archive.py --list SITE_FOLDER...  > SOURCES
+    python -I -S -B -X pycache_prefix=NOWHERE bytecode_archive.py --compile < SOURCES > ARCHIVE
 
 Standard library only: it runs with the training's interpreter, beside warm_train.py.
 """
 from __future__ import annotations  # a node's Python may be older than 3.10
 
 import importlib.util
+import json
 import marshal
 import os
 import sys
@@ -30,34 +37,35 @@ from pathlib import Path
 READ_CHUNK = 1 << 20
 
 
-def pyc(source: str) -> bytes | None:
-    """The timestamp .pyc of a source file, compiled now (None where it changed while read)."""
-    before = os.stat(source)
+def checked_pyc(source: str) -> bytes:
+    """A checked hash-based .pyc of a source file: the importer compares the hash with the source's."""
     with open(source, "rb") as f:
         data = f.read()
-    after = os.stat(source)
-    if (before.st_mtime_ns, before.st_size) != (after.st_mtime_ns, after.st_size) or len(data) != after.st_size:
-        return None
     code = compile(data, source, "exec", dont_inherit=True)
-    header = b"".join((importlib.util.MAGIC_NUMBER, bytes(4), (int(after.st_mtime) & 0xFFFFFFFF).to_bytes(4, "little"),
-                       (after.st_size & 0xFFFFFFFF).to_bytes(4, "little")))
-    return header + marshal.dumps(code)
+    flags = 0b11  # hash-based, check the source
+    return importlib.util.MAGIC_NUMBER + flags.to_bytes(4, "little") + importlib.util.source_hash(data) + \
+        marshal.dumps(code)
 
 
-def compiled_modules() -> dict:
-    """{source path: .pyc bytes} of every module imported so far that was loaded from a .py file."""
-    archive = {}
+def imported_sources() -> list[str]:
+    """The source file of every module imported so far that was loaded from a .py file."""
+    found = []
     for module in list(sys.modules.values()):
         spec = getattr(module, "__spec__", None)
         origin = getattr(spec, "origin", None)
-        if not (spec and spec.has_location and spec.cached and isinstance(origin, str) and origin.endswith(".py")):
-            continue
+        if spec and spec.has_location and spec.cached and isinstance(origin, str) and origin.endswith(".py"):
+            found.append(origin)
+    return sorted(set(found))
+
+
+def compiled(sources: list[str]) -> dict:
+    """{source path: checked .pyc bytes} of those that compile."""
+    archive = {}
+    for source in sources:
         try:
-            compiled = pyc(origin)
+            archive[source] = checked_pyc(source)
         except (OSError, SyntaxError, ValueError):
             continue
-        if compiled is not None:
-            archive[origin] = compiled
     return archive
 
 
@@ -96,12 +104,16 @@ def unpack(fd: int) -> int:
 
 
 def main() -> int:
-    # -I left this script's folder off the path, -S the site folders: no .pth file or sitecustomize runs here
+    if sys.argv[1:2] == ["--compile"]:  # imports nothing from the environment: the listed sources compiled
+        sources = json.load(sys.stdin)
+        sys.stdout.buffer.write(marshal.dumps(compiled([s for s in sources if isinstance(s, str)])))
+        return 0
+    # --list: -I left this script's folder off the path, -S the site folders (no .pth or sitecustomize runs)
     sys.path[:0] = [os.path.dirname(os.path.abspath(__file__))]
-    sys.path.extend(sys.argv[1:])
+    sys.path.extend(sys.argv[2:])
     import warm_train  # beside this script
     warm_train.preload()
-    sys.stdout.buffer.write(marshal.dumps(compiled_modules()))
+    print(json.dumps(imported_sources()))  # the last line: what the imports printed comes before it
     return 0
 
 

@@ -1,0 +1,159 @@
+"""The training environment watched from a run's check to its end (Linux inotify).
+
+The pin (envpin.py) is checked when a run is submitted, but the run's interpreter loads the
+environment later: a queued run starts when a slot frees, and a warm interpreter (issue 27) imports
+torch before its run is even submitted. A `.pth` planted after the check, or before a warm start and
+removed before the next check, would run in that interpreter with the pin unchanged both times. So
+the server watches what the pins cover (every folder of the site folders and of the standard library
+but bytecode's, and where a zip of the standard library would be) for as long as it runs, numbering each
+change; a run whose window (from its check or its interpreter's start, whichever came first, to its
+end) holds a change is no result.
+"""
+import ctypes
+import os
+import struct
+import threading
+import uuid
+
+from mcp_server.core import envpin
+
+IN_MODIFY, IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x2, 0x40, 0x80, 0x100, 0x200
+IN_DELETE_SELF, IN_MOVE_SELF, IN_Q_OVERFLOW, IN_ISDIR = 0x400, 0x800, 0x4000, 0x40000000
+CHANGES = IN_MODIFY | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF
+EVENT = struct.Struct("iIII")  # wd, mask, cookie, name length
+KEPT = 20  # changes remembered by path, for the answer
+
+
+class EnvironmentWatch:
+    """Every change to a training interpreter's environment since the watch began: `generation()` is
+    their count, `since(n)` names those after the n-th. Raises OSError where inotify is missing or
+    its watches run out (fs.inotify.max_user_watches)."""
+
+    def __init__(self, python: str):
+        site, path = envpin.folders(python)
+        if not site:
+            raise OSError(f"{python} is no Python interpreter with site folders")
+        self.token = uuid.uuid4().hex  # a generation means something to this watch only
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self.libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1")
+        self.folders: dict[int, tuple[str, object]] = {}  # watch -> (folder, which names count: None for all)
+        self.count, self.changes = 0, []
+        self.lock = threading.Lock()
+        try:
+            for folder in site:
+                self._add_tree(folder, (envpin.BYTECODE_DIR,))
+            for folder in path:  # the standard library, and where a zip of it would be
+                if folder in site:
+                    continue
+                if os.path.isdir(folder):
+                    self._add_tree(folder, envpin.STDLIB_SKIPPED)
+                elif os.path.isdir(os.path.dirname(folder)):
+                    self._add(os.path.dirname(folder), {os.path.basename(folder)})
+        except OSError:
+            os.close(self.fd)
+            raise
+
+    def _add(self, folder: str, names=None) -> None:
+        wd = self.libc.inotify_add_watch(self.fd, os.fsencode(folder), CHANGES)
+        if wd < 0:
+            raise OSError(ctypes.get_errno(), f"inotify_add_watch {folder}")
+        self.folders[wd] = (folder, names)
+
+    def _add_tree(self, top: str, skipped: tuple) -> None:
+        for folder, subfolders, _ in os.walk(top):
+            subfolders[:] = [d for d in subfolders if d not in skipped]
+            self._add(folder)
+
+    def generation(self) -> int:
+        """The number of changes so far, the queued ones read first."""
+        with self.lock:
+            self._read_queued()
+            return self.count
+
+    def since(self, generation: int) -> list[str]:
+        """The paths of the changes after the given generation (the last KEPT of them)."""
+        with self.lock:
+            self._read_queued()
+            return [path for n, path in self.changes if n > generation]
+
+    def _read_queued(self) -> None:
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except OSError:  # nothing queued (EAGAIN), or closed
+                return
+            offset = 0
+            while offset + EVENT.size <= len(data):
+                wd, mask, _, length = EVENT.unpack_from(data, offset)
+                name = data[offset + EVENT.size:offset + EVENT.size + length].rstrip(b"\0").decode(errors="replace")
+                offset += EVENT.size + length
+                self._note(wd, mask, name)
+
+    def _note(self, wd: int, mask: int, name: str) -> None:
+        if mask & IN_Q_OVERFLOW:
+            return self._changed("(too many changes to name)")
+        if wd not in self.folders or name in envpin.STDLIB_SKIPPED:  # an import outside the sandbox writes bytecode
+            return
+        folder, names = self.folders[wd]
+        if names is not None and name not in names:
+            return
+        path = os.path.join(folder, name)
+        if mask & IN_CREATE and mask & IN_ISDIR and names is None:
+            try:
+                self._add_tree(path, envpin.STDLIB_SKIPPED)  # a new package: its files are watched too
+            except OSError:
+                pass
+        self._changed(path)
+
+    def _changed(self, path: str) -> None:
+        self.count += 1
+        self.changes = (self.changes + [(self.count, path)])[-KEPT:]
+
+
+
+# One watch per interpreter for the whole process, however many servers it holds (the tests' in-process
+# ones): each takes thousands of the user's inotify watches (fs.inotify.max_user_watches)
+_WATCHES: dict = {}
+_LOCK = threading.Lock()
+
+
+def watch_of(python: str) -> EnvironmentWatch | None:
+    """python's watch, begun at the first call; None where it cannot be watched (the runs then rely on
+    the pin alone)."""
+    with _LOCK:
+        if python not in _WATCHES:
+            try:
+                _WATCHES[python] = EnvironmentWatch(python)
+            except (OSError, ValueError):
+                _WATCHES[python] = None
+        return _WATCHES[python]
+
+
+def position(pythons) -> dict:
+    """Where the watches of these interpreters' environments stand now: {python: {"watch", "generation"}}."""
+    return {p: {"watch": w.token, "generation": w.generation()} for p in dict.fromkeys(pythons)
+            if (w := watch_of(p)) is not None}
+
+
+def since(pythons, at: dict | None = None) -> dict:
+    """{python: generation} from which a run's changes count: the position's (its check), where it is
+    this watch's, else now."""
+    found = {}
+    for python in dict.fromkeys(pythons):
+        watch, mark = watch_of(python), (at or {}).get(python) or {}
+        if watch is not None:
+            found[python] = mark["generation"] if mark.get("watch") == watch.token else watch.generation()
+    return found
+
+
+def changes(since_generation: dict) -> list[str]:
+    """The changed paths after each python's generation."""
+    return [path for python, generation in since_generation.items() if (w := watch_of(python)) is not None
+            for path in w.since(generation)]
+
+
+def earliest(a: dict, b: dict | None) -> dict:
+    """Per python, the earlier of two generations (a warm interpreter started before its run's check)."""
+    return {p: min(g, (b or {}).get(p, g)) for p, g in a.items()}
