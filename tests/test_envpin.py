@@ -153,7 +153,61 @@ print("val_bpb: 1.5")
 """
 
 
-def test_a_warm_interpreter_imports_the_servers_bytecode_never_a_crafted_pyc(fake_env, bubblewrap, monkeypatch):
+class StandInTorch:
+    """A workspace whose runs train with a venv holding a stand-in torch package (the warm interpreter
+    imports it before any run is handed to it), run through a real LocalPool with a stand-in evaluator;
+    train.py waits while `hold` exists (inside the workspace, which the sandbox shows)."""
+
+    def __init__(self, folder: Path):
+        from mcp_server.core.workspace import Workspace
+        from mcp_server.executors import executor
+        from server_support import git
+        self.folder, self.hold = folder, folder / "ws" / "hold"
+        self.ws = make_workspace(folder, WARM_TRAIN.format(hold=str(self.hold)))
+        self.hold.touch()
+        venv = folder / "venv"
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+        (self.site,) = venv.glob("lib/python*/site-packages")
+        (self.site / "torch").mkdir()
+        self.source = self.site / "torch" / "__init__.py"
+        self.source.write_text("SOURCE = 'compiled from its source'  # a stand-in for torch's own code\n")
+        self.python = str(venv / "bin" / "python")
+        self.harness = folder / "harness"
+        git(self.ws, "worktree", "add", "-q", "--detach", str(self.harness))
+        self.pool = executor.LocalPool(Workspace(self.ws), 1, env=dict(os.environ))
+
+    def spec(self, run: int, sandboxed: bool, environment: dict | None = None):
+        from mcp_server.executors import executor
+        from server_support import git
+        from test_warm_start import ANSWERING_EVALUATOR
+        export = self.ws / ".research-loop" / "exports" / str(run) / "model.pt2"
+        export.parent.mkdir(parents=True, exist_ok=True)  # as integrity.worker_args makes it: the sandbox binds it
+        evaluate = {"argv": [sys.executable, "-c", ANSWERING_EVALUATOR, "1.5", str(self.folder / "go")],
+                    "env": dict(os.environ), "timeout": 60, "harness": str(self.harness), "harness_commit": None}
+        sandbox = ["--sandbox", json.dumps({"readonly": [str(self.ws)], "writable": [".", str(export.parent)]})]
+        return executor.RunSpec(run=run, commit=git(self.ws, "rev-parse", "HEAD").strip(),
+                                command=[self.python, "train.py"], timeout=120, log=self.folder / f"{run}.log",
+                                report=self.folder / f"{run}.report.json", after_seconds=60, environment=environment,
+                                worker_args=[*(sandbox if sandboxed else []), "--export", str(export),
+                                             "--evaluate", json.dumps(evaluate)])
+
+    def log(self, run: int) -> str:
+        return (self.folder / f"{run}.log").read_text()
+
+
+@pytest.fixture
+def stand_in_torch(fake_env, monkeypatch):
+    from mcp_server.executors import executor
+    from mcp_server.scripts import harness_eval
+    monkeypatch.setenv(harness_eval.WARM_ENV, "0")  # the evaluator stand-in, started cold for each run
+    monkeypatch.delenv(executor.WARM_START_ENV, raising=False)
+    monkeypatch.setenv("AUTORESEARCH_DEVICE", "cpu")  # the stand-in has no torch.cuda to ask
+    lab = StandInTorch(fake_env)
+    yield lab
+    lab.pool.shutdown()
+
+
+def test_a_warm_interpreter_imports_the_servers_bytecode_never_a_crafted_pyc(stand_in_torch, bubblewrap):
     """The warm interpreter imports torch before any run is handed to it. Here torch is a stand-in
     package in the training's venv; the agent planted a .pyc for it crafted with its source's size and
     mtime, and kept torch's source edited (same size, mtime put back) while the server built its
@@ -161,81 +215,30 @@ def test_a_warm_interpreter_imports_the_servers_bytecode_never_a_crafted_pyc(fak
     the cold one compiles torch in its sandbox's own bytecode folder; the warm one unpacks the server's
     archive there, whose checked .pyc of the edited source no longer matches the source and is
     compiled afresh."""
-    from mcp_server.executors import executor
-    from mcp_server.scripts import bytecode_archive, harness_eval
-    from mcp_server.core.workspace import Workspace
-    from server_support import git, wait_until
-    from test_warm_start import ANSWERING_EVALUATOR
     import queue
-    monkeypatch.setenv(harness_eval.WARM_ENV, "0")  # the evaluator stand-in, started cold for each run
-    monkeypatch.delenv(executor.WARM_START_ENV, raising=False)
-    monkeypatch.setenv("AUTORESEARCH_DEVICE", "cpu")  # the stand-in has no torch.cuda to ask
-    hold = fake_env / "ws" / "hold"  # inside the workspace, which the sandbox shows (not its private /tmp)
-    ws = make_workspace(fake_env, WARM_TRAIN.format(hold=str(hold)))
-    hold.touch()
-    venv = fake_env / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    (site,) = venv.glob("lib/python*/site-packages")
-    (site / "torch").mkdir()
-    source = site / "torch" / "__init__.py"
-    source.write_text("SOURCE = 'compiled from its source'  # a stand-in for torch's own code\n")
+    from mcp_server.scripts import bytecode_archive
+    from server_support import wait_until
+    lab, source = stand_in_torch, stand_in_torch.source
     crafted_bytecode(source, "print('PLANTED bytecode ran')\nSOURCE = 'planted'\n")
     genuine, st = source.read_bytes(), source.stat()
     source.write_bytes(b"print('PLANTED source ran'); SOURCE = 'planted'  #".ljust(len(genuine) - 1, b"#") + b"\n")
     os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns))
-    python = str(venv / "bin" / "python")
-    harness = fake_env / "harness"
-    git(ws, "worktree", "add", "-q", "--detach", str(harness))
-
-    def spec(run: int) -> executor.RunSpec:
-        export = ws / ".research-loop" / "exports" / str(run) / "model.pt2"
-        export.parent.mkdir(parents=True, exist_ok=True)  # as integrity.worker_args makes it: the sandbox binds it
-        evaluate = {"argv": [sys.executable, "-c", ANSWERING_EVALUATOR, "1.5", str(fake_env / "go")],
-                    "env": dict(os.environ), "timeout": 60, "harness": str(harness), "harness_commit": None}
-        sandbox = {"readonly": [str(ws)], "writable": [".", str(export.parent)]}
-        return executor.RunSpec(run=run, commit=git(ws, "rev-parse", "HEAD").strip(), command=[python, "train.py"],
-                                timeout=120, log=fake_env / f"{run}.log", report=fake_env / f"{run}.report.json",
-                                after_seconds=60, worker_args=["--sandbox", json.dumps(sandbox), "--export", str(export),
-                                                               "--evaluate", json.dumps(evaluate)])
-    pool = executor.LocalPool(Workspace(ws), 1, env=dict(os.environ))
     outcomes = queue.Queue()
-    try:
-        pool.start(spec(1), lambda run, outcome: outcomes.put(outcome))
-        assert wait_until(lambda: pool.bytecode.fileno(python) is not None, 120)  # built as run 1 waits
-        archive = marshal.loads(bytecode_archive.read(pool.bytecode.fileno(python)))
-        source.write_bytes(genuine)  # put back before run 1 imports torch
-        os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns))
-        hold.unlink()
-        first = outcomes.get(timeout=120)
-        assert wait_until(lambda: 0 in pool.ahead, 30)
-        pool.start(spec(2), lambda run, outcome: outcomes.put(outcome))
-        second = outcomes.get(timeout=120)
-    finally:
-        pool.shutdown()
+    lab.pool.start(lab.spec(1, sandboxed=True), lambda run, outcome: outcomes.put(outcome))
+    assert wait_until(lambda: lab.pool.bytecode.fileno(lab.python) is not None, 120)  # built as run 1 waits
+    archive = marshal.loads(bytecode_archive.read(lab.pool.bytecode.fileno(lab.python)))
+    source.write_bytes(genuine)  # put back before run 1 imports torch
+    os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns))
+    lab.hold.unlink()
+    first = outcomes.get(timeout=120)
+    assert wait_until(lambda: 0 in lab.pool.ahead, 30)
+    lab.pool.start(lab.spec(2, sandboxed=True), lambda run, outcome: outcomes.put(outcome))
+    second = outcomes.get(timeout=120)
     assert b"PLANTED source ran" in archive[str(source)]  # built from the edited source
     assert first.report["exit_code"] == 0 and second.report["exit_code"] == 0, (first.report, second.report)
     assert second.report["warm_start"] and second.report["sandbox"] and not first.report.get("warm_start"), second.report
     for run in (1, 2):
-        log = (fake_env / f"{run}.log").read_text()
-        assert "torch: compiled from its source" in log and "PLANTED" not in log, log
-
-
-def test_the_evaluator_compiles_what_it_imports_from_source(fake_env, tmp_path):
-    """The harness's evaluator runs outside every sandbox and imports torch from the training's
-    environment: its interpreter, as the server starts it, runs a module's source even where a .pyc
-    crafted with that source's size and mtime sits in the __pycache__ beside it."""
-    from mcp_server.core import integrity
-    harness = tmp_path / "harness"
-    argv = integrity.evaluation_spec(harness, "commit", 60)["argv"]
-    interpreter = argv[:argv.index(str(harness / integrity.EVALUATOR))]
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "evalmod.py").write_text("VALUE = 'source'\n")
-    crafted_bytecode(site / "evalmod.py", "VALUE = 'planted'\n")
-    show = f"import sys; sys.path.insert(0, {str(site)!r}); import evalmod; print(evalmod.VALUE)"
-    plain = [sys.executable, "-I", "-S", "-B"]  # isolated, but reading bytecode beside the sources
-    assert subprocess.run([*plain, "-c", show], capture_output=True, text=True).stdout.strip() == "planted"
-    assert subprocess.run([*interpreter, "-c", show], capture_output=True, text=True).stdout.strip() == "source"
+        assert "torch: compiled from its source" in lab.log(run) and "PLANTED" not in lab.log(run), lab.log(run)
 
 
 def test_a_pth_planted_during_a_run_and_removed_makes_it_no_result(venv_lab):
@@ -256,60 +259,30 @@ def test_a_pth_planted_during_a_run_and_removed_makes_it_no_result(venv_lab):
     assert lab.ok("run_experiment", description="slow again", rerun=True)["status"] == "ok"
 
 
-def test_a_warm_interpreter_started_with_a_planted_pth_serves_no_result(fake_env, bubblewrap, monkeypatch):
+def test_a_warm_interpreter_started_with_a_planted_pth_serves_no_result(stand_in_torch):
     """The warm interpreter of the next run starts while the agent's .pth is in place; the agent removes
     it before submitting that run, so the run's check finds the environment as pinned. The run's window
     begins with its interpreter, not its check: it is no result, and so is the run during which the
     .pth came and went."""
-    from mcp_server.executors import executor
-    from mcp_server.scripts import harness_eval
-    from mcp_server.core.workspace import Workspace
-    from server_support import git, wait_until
-    from test_warm_start import ANSWERING_EVALUATOR
     import queue
-    monkeypatch.setenv(harness_eval.WARM_ENV, "0")
-    monkeypatch.delenv(executor.WARM_START_ENV, raising=False)
-    monkeypatch.setenv("AUTORESEARCH_DEVICE", "cpu")
-    hold = fake_env / "ws" / "hold"  # inside the workspace, which the sandbox shows (not its private /tmp)
-    ws = make_workspace(fake_env, WARM_TRAIN.format(hold=str(hold)))
-    hold.touch()
-    venv = fake_env / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    (site,) = venv.glob("lib/python*/site-packages")
-    (site / "torch").mkdir()
-    (site / "torch" / "__init__.py").write_text("SOURCE = 'compiled from its source'\n")
-    python = str(venv / "bin" / "python")
-    harness = fake_env / "harness"
-    git(ws, "worktree", "add", "-q", "--detach", str(harness))
-
-    def spec(run: int, environment: dict) -> executor.RunSpec:
-        export = ws / ".research-loop" / "exports" / str(run) / "model.pt2"
-        evaluate = {"argv": [sys.executable, "-c", ANSWERING_EVALUATOR, "1.5", str(fake_env / "go")],
-                    "env": dict(os.environ), "timeout": 60, "harness": str(harness), "harness_commit": None}
-        return executor.RunSpec(run=run, commit=git(ws, "rev-parse", "HEAD").strip(), command=[python, "train.py"],
-                                timeout=120, log=fake_env / f"{run}.log", report=fake_env / f"{run}.report.json",
-                                after_seconds=60, environment=environment,
-                                worker_args=["--export", str(export), "--evaluate", json.dumps(evaluate)])
-    pool = executor.LocalPool(Workspace(ws), 1, env=dict(os.environ))
+    from server_support import wait_until
+    lab, planted = stand_in_torch, stand_in_torch.site / "planted.pth"
     outcomes = queue.Queue()
-    try:
-        pool.start(spec(1, pool.environment_position([python])), lambda run, outcome: outcomes.put(outcome))
-        (site / "planted.pth").write_text("import sys; print('PTH ran', file=sys.stderr)\n")
-        hold.unlink()
-        first = outcomes.get(timeout=120)
-        assert wait_until(lambda: 0 in pool.ahead, 30)  # its interpreter started with the .pth in place
-        time.sleep(2)
-        (site / "planted.pth").unlink()
-        hold.touch()
-        pool.start(spec(2, pool.environment_position([python])), lambda run, outcome: outcomes.put(outcome))
-        hold.unlink()
-        second = outcomes.get(timeout=120)
-    finally:
-        pool.shutdown()
+    lab.pool.start(lab.spec(1, False, lab.pool.environment_position([lab.python])), lambda r, o: outcomes.put(o))
+    planted.write_text("import sys; print('PTH ran', file=sys.stderr)\n")
+    lab.hold.unlink()
+    first = outcomes.get(timeout=120)
+    assert wait_until(lambda: 0 in lab.pool.ahead, 30)  # its interpreter started with the .pth in place
+    time.sleep(2)
+    planted.unlink()
+    lab.hold.touch()
+    lab.pool.start(lab.spec(2, False, lab.pool.environment_position([lab.python])), lambda r, o: outcomes.put(o))
+    lab.hold.unlink()
+    second = outcomes.get(timeout=120)
     assert first.report["exit_code"] == 0 and second.report["exit_code"] == 0, (first.report, second.report)
-    assert second.report["warm_start"] and "PTH ran" in (fake_env / "2.log").read_text()
+    assert second.report["warm_start"] and "PTH ran" in lab.log(2)
     for outcome in (first, second):
-        assert str(site / "planted.pth") in outcome.report.get("environment_changed", []), outcome.report
+        assert str(planted) in outcome.report.get("environment_changed", []), outcome.report
 
 
 def test_an_edit_to_the_evaluators_environment_refuses_runs(venv_lab, monkeypatch):
