@@ -67,6 +67,22 @@ def test_a_changed_training_environment_refuses_runs_until_restored(venv_lab, pl
     lab.ok("run_experiment", description="same train.py", rerun=True)
 
 
+def test_an_edit_that_keeps_the_size_and_puts_the_mtime_back_refuses_runs(venv_lab):
+    """The stat walk cannot see it (size and mtime as pinned; the edit could as well go through a hard
+    link or a memory mapping, which inotify misses): the sources' contents are pinned too."""
+    lab, site = venv_lab
+    lab.baseline()
+    module = site / "tinymod" / "__init__.py"
+    before, st = module.read_bytes(), module.stat()
+    module.write_bytes(b"SCALE = 0.5\n".ljust(len(before), b" ")[:len(before)])
+    os.utime(module, ns=(st.st_atime_ns, st.st_mtime_ns))
+    refusal = lab.refused("run_experiment", description="same train.py", rerun=True)
+    assert "Python sources the runs and the evaluator import changed" in refusal and str(site / "tinymod") in refusal
+    module.write_bytes(before)
+    os.utime(module, ns=(st.st_atime_ns, st.st_mtime_ns))
+    lab.ok("run_experiment", description="same train.py", rerun=True)
+
+
 def test_a_state_from_before_the_pin_is_pinned_at_the_next_run(venv_lab):
     lab, site = venv_lab
     lab.baseline()
@@ -253,7 +269,7 @@ def test_a_pth_planted_during_a_run_and_removed_makes_it_no_result(venv_lab):
     remove()
     result = lab.ok("wait")["results"][0]
     assert result["run"] == started["run"] and result["status"] == "crash", result
-    assert "training environment changed between this run's check and its end" in result["tail"], result
+    assert "changed between its check and its end" in result["tail"], result
     assert str(site / "evil.pth") in result["tail"], result
     lab.ok("discard")
     assert lab.ok("run_experiment", description="slow again", rerun=True)["status"] == "ok"
@@ -346,7 +362,21 @@ def edit_stdlib_module(stdlib: Path):
     return restore
 
 
-@pytest.mark.parametrize("plant", [plant_stdlib_zip, edit_stdlib_module])
+def plant_through_pyvenv_cfg(stdlib: Path):
+    """A .pth in the base install's own packages, which the venv reads once its pyvenv.cfg says so."""
+    (stdlib / "site-packages").mkdir(exist_ok=True)
+    (stdlib / "site-packages" / "evil.pth").write_text("import os; os.environ['FAKE_VAL_BPB'] = '0.5'\n")
+    cfg = stdlib.parents[2] / "ws" / ".venv" / "pyvenv.cfg"
+    before, st = cfg.read_text(), cfg.stat()
+    cfg.write_text(before.replace("include-system-site-packages = false", "include-system-site-packages = true"))
+
+    def restore():
+        cfg.write_text(before)
+        os.utime(cfg, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return restore
+
+
+@pytest.mark.parametrize("plant", [plant_stdlib_zip, edit_stdlib_module, plant_through_pyvenv_cfg])
 def test_a_planted_standard_library_module_refuses_runs(own_python_lab, bubblewrap, monkeypatch, plant):
     """The standard library of a Python the user can write: a zip of bytecode planted where the
     interpreter looks first, or an edited module. Either would run in every run (and in the evaluator,
@@ -361,6 +391,6 @@ def test_a_planted_standard_library_module_refuses_runs(own_python_lab, bubblewr
                            capture_output=True, text=True).stdout.strip()
     assert shown == "0.5"  # the plant works where the interpreter imports the module
     refusal = lab.refused("run_experiment", description="same train.py", rerun=True)
-    assert "standard library" in refusal and str(stdlib.parent) in refusal, refusal
+    assert "its standard library" in refusal and str(stdlib.parents[2]) in refusal, refusal
     restore()
     assert lab.ok("run_experiment", description="same train.py", rerun=True)["val_bpb"] == 1.0

@@ -5,13 +5,18 @@ environment later: a queued run starts when a slot frees, and a warm interpreter
 torch before its run is even submitted. A `.pth` planted after the check, or before a warm start and
 removed before the next check, would run in that interpreter with the pin unchanged both times. So
 the server watches what the pins cover (every folder of the site folders and of the standard library
-but bytecode's, and where a zip of the standard library would be) for as long as it runs, numbering each
+but bytecode's, where a zip of the standard library would be, the interpreter and pyvenv.cfg, the
+start-up files of the folders .pth files add) for as long as it runs, numbering each
 change; a run whose window (from its check or its interpreter's start, whichever came first, to its
-end) holds a change is no result.
+end) holds a change is no result. What inotify does not report, a write through a memory mapping or
+through another name of the same file (a hard link: uv links its cache into every venv), goes unseen
+here: within one user account nothing but a content hash of what is imported would see it
+(docs/trust.md).
 """
 import ctypes
 import os
 import struct
+import sys
 import threading
 import uuid
 
@@ -38,7 +43,8 @@ class EnvironmentWatch:
         self.fd = self.libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
         if self.fd < 0:
             raise OSError(ctypes.get_errno(), "inotify_init1")
-        self.folders: dict[int, tuple[str, object]] = {}  # watch -> (folder, which names count: None for all)
+        # watch -> (folder, which names count: None for all, names of folders left out below it)
+        self.folders: dict[int, tuple[str, object, tuple]] = {}
         self.count, self.changes = 0, []
         self.lock = threading.Lock()
         try:
@@ -49,22 +55,33 @@ class EnvironmentWatch:
                     continue
                 if os.path.isdir(folder):
                     self._add_tree(folder, envpin.STDLIB_SKIPPED)
-                elif os.path.isdir(os.path.dirname(folder)):
-                    self._add(os.path.dirname(folder), {os.path.basename(folder)})
+                else:
+                    self._add_names([folder])
+            self._add_names(envpin.interpreter_files(python))  # the interpreter, pyvenv.cfg
+            self._add_names([os.path.join(f, n) for f in envpin.pth_folders(site) for n in envpin.STARTUP_NAMES])
         except OSError:
             os.close(self.fd)
             raise
 
-    def _add(self, folder: str, names=None) -> None:
+    def _add(self, folder: str, names=None, skipped: tuple = ()) -> None:
         wd = self.libc.inotify_add_watch(self.fd, os.fsencode(folder), CHANGES)
         if wd < 0:
             raise OSError(ctypes.get_errno(), f"inotify_add_watch {folder}")
-        self.folders[wd] = (folder, names)
+        known = self.folders.get(wd)  # a folder watched for some names and now for others
+        if known is not None and names is not None and known[1] is not None:
+            names = set(known[1]) | set(names)
+        self.folders[wd] = (folder, None if known is not None and known[1] is None else names, skipped)
+
+    def _add_names(self, paths: list[str]) -> None:
+        """Each path's folder, for changes to that name only."""
+        for path in paths:
+            if os.path.isdir(os.path.dirname(path)):
+                self._add(os.path.dirname(path), {os.path.basename(path)})
 
     def _add_tree(self, top: str, skipped: tuple) -> None:
         for folder, subfolders, _ in os.walk(top):
             subfolders[:] = [d for d in subfolders if d not in skipped]
-            self._add(folder)
+            self._add(folder, None, skipped)
 
     def generation(self) -> int:
         """The number of changes so far, the queued ones read first."""
@@ -94,15 +111,15 @@ class EnvironmentWatch:
     def _note(self, wd: int, mask: int, name: str) -> None:
         if mask & IN_Q_OVERFLOW:
             return self._changed("(too many changes to name)")
-        if wd not in self.folders or name in envpin.STDLIB_SKIPPED:  # an import outside the sandbox writes bytecode
+        if wd not in self.folders:
             return
-        folder, names = self.folders[wd]
-        if names is not None and name not in names:
+        folder, names, skipped = self.folders[wd]
+        if name in skipped or (names is not None and name not in names):  # bytecode: any import outside writes it
             return
         path = os.path.join(folder, name)
         if mask & IN_CREATE and mask & IN_ISDIR and names is None:
             try:
-                self._add_tree(path, envpin.STDLIB_SKIPPED)  # a new package: its files are watched too
+                self._add_tree(path, skipped)  # a new package: its files are watched too
             except OSError:
                 pass
         self._changed(path)
@@ -112,7 +129,6 @@ class EnvironmentWatch:
         self.changes = (self.changes + [(self.count, path)])[-KEPT:]
 
 
-
 # One watch per interpreter for the whole process, however many servers it holds (the tests' in-process
 # ones): each takes thousands of the user's inotify watches (fs.inotify.max_user_watches)
 _WATCHES: dict = {}
@@ -120,14 +136,15 @@ _LOCK = threading.Lock()
 
 
 def watch_of(python: str) -> EnvironmentWatch | None:
-    """python's watch, begun at the first call; None where it cannot be watched (the runs then rely on
-    the pin alone)."""
+    """python's watch, begun at the first call; None where it cannot be watched now (asked again next
+    time; meanwhile the runs rely on the pins alone, and the server's log says why)."""
     with _LOCK:
-        if python not in _WATCHES:
+        if _WATCHES.get(python) is None:
             try:
                 _WATCHES[python] = EnvironmentWatch(python)
-            except (OSError, ValueError):
-                _WATCHES[python] = None
+            except (OSError, ValueError) as exc:
+                print(f"research-loop: the environment of {python} is not watched: {exc}", file=sys.stderr)
+                return None
         return _WATCHES[python]
 
 

@@ -126,6 +126,7 @@ class LocalPool:
         self.env = env if env is not None else training_env(workspace.root)
         self.busy: dict[int, int] = {}  # slot -> run
         self.evaluators: dict[int, WarmEvaluator] = {}  # slot -> its warm evaluator
+        self.evaluators_since: dict[int, dict] = {}  # slot -> the environments' watches when its evaluator started
         self.procs: dict[int, subprocess.Popen] = {}  # run -> worker
         self.ahead: dict[int, Ahead] = {}  # slot -> its next worker, started ahead
         self.bytecode = Archives()  # what the warm interpreters import, compiled by the server
@@ -170,6 +171,8 @@ class LocalPool:
             ahead = self._hand_over(slot, spec, env, warm)
             proc, staging = (ahead.proc, ahead.staging) if ahead else (None, None)
             since = envwatch.earliest(since, ahead.since if ahead else None)
+            if warm is not None:  # it imported torch when it started, maybe long before this run
+                since = envwatch.earliest(since, self.evaluators_since.get(slot))
             if proc is None:
                 with open(spec.log, "ab") as log:
                     proc = with_socket_stdin([sys.executable, str(WORKER), *self._worker_args(slot, spec, warm), "--",
@@ -277,6 +280,7 @@ class LocalPool:
         if warm is not None:
             warm.close()
         try:
+            self.evaluators_since[slot] = envwatch.since([spec["argv"][0]])
             warm = self.evaluators[slot] = WarmEvaluator(spec)
         except OSError:
             self.evaluators.pop(slot, None)

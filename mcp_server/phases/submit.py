@@ -78,7 +78,9 @@ def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments:
         fingerprint = ws.fingerprint()
         environment_pin = _environment_pin(core)
         evaluator_pin = _evaluator_pin(run_command(core)[0]) if environment_pin is not None else None
-        stdlib_pin = envpin.take_stdlib([run_command(core)[0], sys.executable]) if environment_pin is not None else None
+        pythons = [run_command(core)[0], sys.executable] if environment_pin is not None else None
+        startup_pin = envpin.take_startup(pythons) if pythons else None
+        source_pin = envpin.take_sources(pythons) if pythons else None
         seq = state.get("seq", 0) or _last_run_number(core)
         state.clear()
         core.fresh_records.clear()  # the earlier research run's records vouch for nothing here
@@ -87,7 +89,8 @@ def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments:
                       "limits": chosen, "started_at": time.time(), "early_stop": early_stop_runs,
                       "input_pins": integrity.input_pins(), "environment_pin": environment_pin,
                       "evaluator_pin": evaluator_pin,
-                      "stdlib_pin": stdlib_pin,
+                      "startup_pin": startup_pin,
+                      "source_pin": source_pin,
                       history.DIGESTS: {}, history.LOG_DIGESTS: {}})  # none yet: never a state from before digests (dispatch.take_over)
     return SetupResult(branch=branch, base_commit=ws.head()[:7], ledger=ledger.LEDGER_NAME,
                        fingerprint=fingerprint, archived_ledger=archived,
@@ -215,31 +218,33 @@ def _check_prepared_cache(state: dict) -> None:
 
 
 def _check_environment(core: LoopCore, state: dict) -> dict:
-    """The interpreter a run trains with loads what setup pinned (core/envpin.py); a state from
-    before the pin is pinned now. Returns where the environments' watches stood just before the
-    check (core/envwatch.py): a change from then to the run's end makes it no result."""
+    """The interpreters a run loads (the training's, the evaluator's) hold what setup pinned
+    (core/envpin.py): their packages, their start-up and standard library, their sources' contents; a
+    state from before a pin is pinned now. Returns where the environments' watches stood just before
+    the check (core/envwatch.py): a change from then to the run's end makes it no result."""
     python = run_command(core)[0]
     position = core.pool.environment_position([python, sys.executable])  # sys.executable: the evaluator's
-    if state.get("environment_pin") is None:
-        state["environment_pin"] = envpin.take(python) or {}
-    elif state["environment_pin"]:
-        envpin.check(state["environment_pin"], python)
-    if state.get("evaluator_pin") is None:
-        state["evaluator_pin"] = _evaluator_pin(python)
-    elif state["evaluator_pin"]:
-        envpin.check(state["evaluator_pin"], sys.executable, "The harness evaluator's environment (this server's)")
-    if state.get("stdlib_pin") is None:
-        state["stdlib_pin"] = envpin.take_stdlib([python, sys.executable])
-    elif state["stdlib_pin"]:
-        envpin.check_stdlib(state["stdlib_pin"], [python, sys.executable])
+    pythons = [python, sys.executable]
+    evaluator = ("The harness evaluator's environment (this server's)", "reinstall the plugin's environment")
+    for key, take, check in (
+            ("environment_pin", lambda: envpin.take(python) or {}, lambda pin: envpin.check(pin, python)),
+            ("evaluator_pin", lambda: _evaluator_pin(python), lambda pin: envpin.check(pin, sys.executable, *evaluator)),
+            ("startup_pin", lambda: envpin.take_startup(pythons), lambda pin: envpin.check_startup(pin, pythons)),
+            ("source_pin", lambda: envpin.take_sources(pythons), lambda pin: envpin.check_sources(pin, pythons))):
+        if state.get(key) is None:  # a state from before this pin: pinned now
+            state[key] = take()
+        elif state[key]:
+            check(state[key])
     return position
 
 
-def _evaluator_pin(python: str) -> dict:
+def _evaluator_pin(training_python: str) -> dict:
     """The environment the harness's evaluator imports torch from (this server's interpreter's, which
     the evaluation spec names), where it is not the training's: an edited loss there bends every
     verified number."""
-    return {} if envpin.folders(sys.executable)[0] == envpin.folders(python)[0] else envpin.take(sys.executable) or {}
+    if envpin.folders(sys.executable)[0] == envpin.folders(training_python)[0]:
+        return {}
+    return envpin.take(sys.executable) or {}
 
 
 def _environment_pin(core: LoopCore) -> dict | None:
