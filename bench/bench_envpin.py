@@ -2,9 +2,10 @@
 
     uv run python bench/bench_envpin.py [--python PATH] [--repeat 5]
 
-The interpreter's folders are probed once per server; setup takes the pin and every run is checked
-against it (a stat walk of site-packages). Prints the probe, the first (cold) walk, and the median
-of the take and check walks that follow, side by side. Target (issue 24): a check well under a
+The interpreter's folders are probed once per server; setup takes the pins and every run is checked
+against them (a stat walk of site-packages; the start-up files and standard library; the contents of
+every Python source). Prints the probe, then per pin the first (cold) walk and the median of the take
+and check walks that follow, side by side, and what a run's check costs in all. Target (issue 24): a check well under a
 second on an environment with torch (this project's own .venv by default).
 """
 import argparse
@@ -31,11 +32,20 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
     probe, _ = timed(envpin.folders, args.python)
-    cold, pin = timed(envpin.take, args.python)
-    takes = [timed(envpin.take, args.python)[0] for _ in range(args.repeat)]
-    checks = [timed(envpin.check, pin, args.python)[0] for _ in range(args.repeat)]
-    print(f"{'entries':>8} {'probe s':>8} {'cold s':>8} {'take s':>8} {'check s':>8}")
-    print(f"{len(pin):>8} {probe:>8.3f} {cold:>8.3f} {statistics.median(takes):>8.3f} {statistics.median(checks):>8.3f}")
+    pythons = [args.python]
+    pins = {"packages (stat walk)": (lambda: envpin.take(args.python), lambda pin: envpin.check(pin, args.python)),
+            "start-up and stdlib": (lambda: envpin.take_startup(pythons), lambda pin: envpin.check_startup(pin, pythons)),
+            "sources (contents)": (lambda: envpin.take_sources(pythons), lambda pin: envpin.check_sources(pin, pythons))}
+    print(f"probe (once per server): {probe:.3f} s")
+    print(f"{'pin':<22} {'entries':>8} {'cold s':>8} {'take s':>8} {'check s':>8}")
+    total = 0.0
+    for name, (take, check) in pins.items():
+        cold, pin = timed(take)
+        takes = [timed(take)[0] for _ in range(args.repeat)]
+        checks = [timed(check, pin)[0] for _ in range(args.repeat)]
+        total += statistics.median(checks)
+        print(f"{name:<22} {len(pin):>8} {cold:>8.3f} {statistics.median(takes):>8.3f} {statistics.median(checks):>8.3f}")
+    print(f"{'all, per run':<22} {'':>8} {'':>8} {'':>8} {total:>8.3f}")
 
 
 if __name__ == "__main__":
