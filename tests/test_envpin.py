@@ -200,7 +200,9 @@ class StandInTorch:
         export.parent.mkdir(parents=True, exist_ok=True)  # as integrity.worker_args makes it: the sandbox binds it
         evaluate = {"argv": [sys.executable, "-c", ANSWERING_EVALUATOR, "1.5", str(self.folder / "go")],
                     "env": dict(os.environ), "timeout": 60, "harness": str(self.harness), "harness_commit": None}
-        sandbox = ["--sandbox", json.dumps({"readonly": [str(self.ws)], "writable": [".", str(export.parent)]})]
+        # the checkout too (warm_train.py): CI's clone may live under /tmp, which the sandbox replaces
+        readonly = [str(self.ws), str(Path(__file__).resolve().parent.parent)]
+        sandbox = ["--sandbox", json.dumps({"readonly": readonly, "writable": [".", str(export.parent)]})]
         return executor.RunSpec(run=run, commit=git(self.ws, "rev-parse", "HEAD").strip(),
                                 command=[self.python, "train.py"], timeout=120, log=self.folder / f"{run}.log",
                                 report=self.folder / f"{run}.report.json", after_seconds=60, environment=environment,
