@@ -7,8 +7,9 @@ Each run is judged against the run of its parent (the best it was measured on: t
 measured that commit), with the workspace's noise estimate (state.json; --threshold overrides it),
 at every progress line of its log in turn, as the server's watcher would at each poll. For each
 run it prints its decision and val_bpb, where the rule would have stopped it (or not), and the
-seconds saved (the rest of its training and its evaluation); then the totals, and the same
-totals for other settings of MIN_PROGRESS and MARGIN_WIDTHS beside the built ones.
+seconds saved (the rest of its training and its evaluation); then each kept run's verdict (the
+rule must stop none), the totals, and the same totals for other settings of MIN_PROGRESS and
+MARGIN_WIDTHS beside the built ones.
 Noise repeats, controls and confirmations are the same code on other data: the watcher never
 stops them, and here they show whether the rule would have mistaken the luck of the data for a lag
 (each noise repeat judged with the other repeats' luck only: leave one out).
@@ -109,11 +110,12 @@ def main() -> int:
     parser.add_argument("--fixture", type=Path, default=FIXTURE)
     parser.add_argument("--threshold", type=float, help="noise threshold (val_bpb) instead of each state's")
     args = parser.parse_args()
-    pairs = []
+    pairs, kept_in_all = [], 0
     for ws in args.workspaces:
         threshold = args.threshold if args.threshold is not None else threshold_of(ws)
         print(f"{ws}: noise threshold {threshold if threshold is not None else 'not measured (never stops)'}")
         pairs += judged(ws, threshold)
+        kept_in_all += sum((r.get("decision") or {}).get("status") == "keep" for r in runs_of(ws))
     print(f"\nrule as built: from {early_stop.MIN_PROGRESS:.0f}% of the budget, {early_stop.MARGIN_WIDTHS:g} noise "
           f"thresholds (at least {early_stop.MIN_MARGIN} in loss), losses over the last {early_stop.WINDOW:.0f}%")
     print(f"{'run':>18} {'decision':>8} {'val_bpb':>9} {'best':>9} {'points':>6}  verdict")
@@ -139,6 +141,16 @@ def main() -> int:
     ahead = sum(p["record"]["result"]["val_bpb"] < p["best"]["result"]["val_bpb"] for p in pairs
                 if not p["record"]["result"]["description"].startswith(RERUNS))
     print(f"ideas that finished better than their best (kept or not): {ahead}, stopped: {built['ahead_stopped']}")
+    kept_pairs = [p for p in pairs if (p["record"].get("decision") or {}).get("status") == "keep"]
+    print(f"kept runs: {kept_in_all}, judged {len(kept_pairs)} (a baseline has no kept run before it to compare "
+          "with)")
+    for pair in kept_pairs:
+        record, best = pair["record"], pair["best"]
+        stop = first_stop(record["curve"], best["curve"], best["result"]["val_bpb"], pair["threshold"],
+                          pair["repeats"], early_stop.MIN_PROGRESS, early_stop.MARGIN_WIDTHS)
+        print(f"  kept {pair['ws'].name}/{record['result']['run']} ({record['result']['val_bpb']:.6f}, its best "
+              f"{best['result']['val_bpb']:.6f}): " + ("not stopped" if stop is None else
+              f"WOULD HAVE BEEN STOPPED at {stop['progress']:.0f}% ({early_stop.reason(stop)})"))
     target = ("no kept run to judge" if not decisions.count("keep") else
               "met" if built["kept_stopped"] == 0 else "NOT met")
     print(f"kept runs stopped: {built['kept_stopped']} (target 0: {target}); "

@@ -4,6 +4,7 @@ trained again on data orders that no search used.
 
     uv run bench/bench_search.py [--minutes 60] [--budget-seconds 20] [--orders 3] [--cache DIR] [--slots 1]
     uv run bench/bench_search.py --experiments 1 --parallel --orders 1 --budget-seconds 3   # a smoke-size run
+    uv run bench/bench_search.py ... --keep-workspaces DIR   # leave the workspaces in DIR (for bench_early_stop.py)
 
 Each strategy is demo.py in a workspace of its own (the demo's loop through the MCP server:
 baseline, a noise repeat, experiments, confirmations), one strategy after another so each has the
@@ -16,6 +17,7 @@ paired delta against the baseline on the same orders. On the flops clock a run d
 code and its data, so the held-out spread is the noise a strategy's gain must beat.
 """
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -95,15 +97,26 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", help="a prepared cache (default: a fresh one with the offline corpus)")
     parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated, greedy first")
+    parser.add_argument("--keep-workspaces", metavar="DIR", type=Path,
+                        help="make each strategy's workspace under DIR and leave it there (default: a temporary "
+                             "folder, removed at the end)")
     args = parser.parse_args(argv)
     if args.orders < 1 or args.minutes <= 0 or args.budget_seconds <= 0:
         parser.error("--orders, --minutes and --budget-seconds must be positive")
+    names = args.strategies.split(",")
+    taken = [args.keep_workspaces / name for name in names if args.keep_workspaces and
+             (args.keep_workspaces / name).exists()]
+    if taken:
+        parser.error(f"{', '.join(map(str, taken))} already exist(s): name another --keep-workspaces folder "
+                     "or remove them")
     cache = prepared_cache(args.cache)
     env = dict(os.environ, AUTORESEARCH_CACHE=str(cache), PYTHONUNBUFFERED="1")
     os.environ.update(AUTORESEARCH_CACHE=str(cache), AUTORESEARCH_TIME_BUDGET=str(args.budget_seconds))
-    with tempfile.TemporaryDirectory(prefix="bench-search-") as folder:
+    if args.keep_workspaces:
+        args.keep_workspaces.mkdir(parents=True, exist_ok=True)
+    with (contextlib.nullcontext(str(args.keep_workspaces)) if args.keep_workspaces
+          else tempfile.TemporaryDirectory(prefix="bench-search-")) as folder:
         folder = Path(folder)
-        names = args.strategies.split(",")
         if args.parallel:
             demos = {name: start(name, folder, args, env) for name in names}
             results = [finish(name, folder, demos[name]) for name in names]
@@ -135,6 +148,8 @@ def main(argv=None) -> int:
             verdict = "beats greedy" if -gap > (r["noise"] or 0) else "within the noise or worse"
             print(f"{r['strategy']} - greedy on the held-out orders: {gap:+.6f} "
                   f"(noise threshold {r['noise'] or 0:.6f}: {verdict})")
+    if args.keep_workspaces:
+        print("\n".join(f"{r['strategy']}'s workspace, kept: {r['workspace']}" for r in results))
     return 0
 
 
