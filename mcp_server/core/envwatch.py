@@ -1,4 +1,5 @@
-"""The training environment watched from a run's check to its end (Linux inotify).
+"""The environments a run loads (the training's, the evaluator's), watched from its check to its end
+(Linux inotify).
 
 The pin (envpin.py) is checked when a run is submitted, but the run's interpreter loads the
 environment later: a queued run starts when a slot frees, and a warm interpreter (issue 27) imports
@@ -10,8 +11,8 @@ start-up files of the folders .pth files add) for as long as it runs, numbering 
 change; a run whose window (from its check or its interpreter's start, whichever came first, to its
 end) holds a change is no result. What inotify does not report, a write through a memory mapping or
 through another name of the same file (a hard link: uv links its cache into every venv), goes unseen
-here: within one user account nothing but a content hash of what is imported would see it
-(docs/trust.md).
+here; the sources' content pin (envpin.take_sources) sees it at the next check, but not one made and
+undone between two checks (docs/trust.md).
 """
 import ctypes
 import os
