@@ -234,6 +234,7 @@ def test_a_warm_interpreter_imports_the_servers_bytecode_never_a_crafted_pyc(sta
     archive there, whose checked .pyc of the edited source no longer matches the source and is
     compiled afresh."""
     import queue
+    from mcp_server.executors import bytecode
     from mcp_server.scripts import bytecode_archive
     from server_support import wait_until
     lab, source = stand_in_torch, stand_in_torch.source
@@ -243,8 +244,8 @@ def test_a_warm_interpreter_imports_the_servers_bytecode_never_a_crafted_pyc(sta
     os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns))
     outcomes = queue.Queue()
     lab.pool.start(lab.spec(1, sandboxed=True), lambda run, outcome: outcomes.put(outcome))
-    assert wait_until(lambda: lab.pool.bytecode.fileno(lab.python) is not None, 120)  # built as run 1 waits
-    archive = marshal.loads(bytecode_archive.read(lab.pool.bytecode.fileno(lab.python)))
+    assert wait_until(lambda: bytecode.fileno(lab.python) is not None, 120)  # built as run 1 waits
+    archive = marshal.loads(bytecode_archive.read(bytecode.fileno(lab.python)))
     source.write_bytes(genuine)  # put back before run 1 imports torch
     os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns))
     lab.hold.unlink()

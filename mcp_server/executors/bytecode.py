@@ -3,8 +3,8 @@
 A sandboxed run's interpreter reads no bytecode from a `__pycache__` the agent can write: it would
 compile torch's compile stack from source at every start (about 8 CPU-seconds on the 2-core CPU).
 The warm interpreters get the server's own compile of those modules instead: built once per training
-interpreter, in the background (the slot's first warm worker may start without it), and kept in a
-sealed memory file, which the warm workers inherit and no process can write.
+interpreter and process, in the background (the slot's first warm worker may start without it), and
+kept in a sealed memory file, which the warm workers inherit and no process can write.
 """
 import subprocess
 import sys
@@ -34,7 +34,7 @@ def build(python: str, env: dict) -> bytes:
 def sealed(archive: bytes):
     """The archive in a memory file sealed against writes and read back, or None where this system
     cannot seal one (then the runs compile their own bytecode)."""
-    copy = harness_eval.unnamed_file()
+    copy = harness_eval.unnamed_file("research-loop-bytecode")
     try:
         copy.write(archive)
         copy.flush()
@@ -47,45 +47,37 @@ def sealed(archive: bytes):
     return copy
 
 
-class Archives:
-    """One archive per training interpreter, built once, in the background, where bubblewrap runs the
-    runs (its private /tmp holds the bytecode folder the archive is unpacked into)."""
+# One archive per training interpreter for the whole process, however many pools it holds (the tests'
+# in-process servers): the build costs ~20 CPU-seconds. python -> its sealed archive; None: building or failed
+_FILES: dict = {}
+_LOCK = threading.Lock()
 
-    def __init__(self):
-        self.files: dict = {}  # python -> its sealed archive; absent: not asked for; None: building or failed
-        self.lock = threading.Lock()
 
-    def build_once(self, python: str, env: dict) -> None:
-        with self.lock:
-            if python in self.files:
-                return
-            self.files[python] = None
-        if sandbox.usable()[0] == sandbox.BUBBLEWRAP:
-            threading.Thread(target=self._build, args=(python, env), daemon=True, name="bytecode").start()
-
-    def fileno(self, python: str) -> int | None:
-        """The descriptor of python's archive; None until it is built, or where it cannot be."""
-        with self.lock:
-            found = self.files.get(python)
-        return found.fileno() if found is not None else None
-
-    def _build(self, python: str, env: dict) -> None:
-        try:
-            archive = sealed(build(python, env))
-        except (OSError, subprocess.SubprocessError) as exc:
-            detail = getattr(exc, "stderr", b"") or b""
-            print(f"research-loop: no bytecode archive for {python} (its warm runs compile torch themselves): {exc} "
-                  f"{detail.decode(errors='replace')[-500:]}", file=sys.stderr)
+def build_once(python: str, env: dict) -> None:
+    """Starts building python's archive in the background unless it was asked for before; only where
+    bubblewrap runs the runs (its private /tmp holds the bytecode folder the archive is unpacked into)."""
+    with _LOCK:
+        if python in _FILES:
             return
-        with self.lock:
-            if python in self.files:  # not closed meanwhile
-                self.files[python] = archive
-                return
-        if archive is not None:
-            archive.close()
+        _FILES[python] = None
+    if sandbox.usable()[0] == sandbox.BUBBLEWRAP:
+        threading.Thread(target=_build, args=(python, env), daemon=True, name="bytecode").start()
 
-    def close(self) -> None:
-        with self.lock:
-            files, self.files = [f for f in self.files.values() if f is not None], {}
-        for each in files:
-            each.close()
+
+def fileno(python: str) -> int | None:
+    """The descriptor of python's archive; None until it is built, or where it cannot be."""
+    with _LOCK:
+        found = _FILES.get(python)
+    return found.fileno() if found is not None else None
+
+
+def _build(python: str, env: dict) -> None:
+    try:
+        archive = sealed(build(python, env))
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", b"") or b""
+        print(f"research-loop: no bytecode archive for {python} (its warm runs compile torch themselves): {exc} "
+              f"{detail.decode(errors='replace')[-500:]}", file=sys.stderr)
+        return
+    with _LOCK:
+        _FILES[python] = archive

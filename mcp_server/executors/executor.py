@@ -38,7 +38,7 @@ from pathlib import Path
 
 from mcp_server.core import envwatch
 from mcp_server.core.integrity import EXPORTS_DIR
-from mcp_server.executors.bytecode import Archives
+from mcp_server.executors import bytecode
 from mcp_server.core.workspace import EDITABLE, cache_dir
 from mcp_server.core.state import process_start_time
 from mcp_server.scripts.harness_eval import WARM_ENV, WarmEvaluator, on_this_device
@@ -129,7 +129,6 @@ class LocalPool:
         self.evaluators_since: dict[int, dict] = {}  # slot -> the environments' watches when its evaluator started
         self.procs: dict[int, subprocess.Popen] = {}  # run -> worker
         self.ahead: dict[int, Ahead] = {}  # slot -> its next worker, started ahead
-        self.bytecode = Archives()  # what the warm interpreters import, compiled by the server
         self.lock = threading.Lock()
         self.closing = False
 
@@ -164,7 +163,7 @@ class LocalPool:
             cwd = self.ws.checkout_slot(slot, spec.commit)
             env = self._env(slot, spec)
             if warm_start_on() and warmable(spec):
-                self.bytecode.build_once(spec.command[0], env)  # built while this run trains, for the next one
+                bytecode.build_once(spec.command[0], env)  # built while this run trains, for the next one
             since = envwatch.since(interpreters(spec), spec.environment)
             warm = self._warm_evaluator(slot, spec.worker_args, env)
             spec.log.parent.mkdir(parents=True, exist_ok=True)
@@ -229,7 +228,7 @@ class LocalPool:
         (self.ws.root / EXPORTS_DIR).mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f"slot-{slot}-", dir=self.ws.root / EXPORTS_DIR))
         key, options = self._warm_key(slot, spec, env, warm, staging)
-        archive = self.bytecode.fileno(spec.command[0])
+        archive = bytecode.fileno(spec.command[0])
         since = envwatch.since(interpreters(spec))
         archived = ["--bytecode-fd", str(archive)] if archive is not None else []
         fds = [f for f in (warm.fileno() if warm is not None else None, archive) if f is not None]
@@ -361,7 +360,6 @@ class LocalPool:
         for warm in self.evaluators.values():
             warm.close()
         self.evaluators.clear()
-        self.bytecode.close()
 
 
 def interpreters(spec: RunSpec) -> list[str]:

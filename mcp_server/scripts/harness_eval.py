@@ -93,10 +93,11 @@ def private_copies(inputs: dict) -> dict:
     return copies
 
 
-def unnamed_file():
-    """A file with no name for a private copy: a memfd that can be sealed (Linux), else a temporary file."""
+def unnamed_file(label: str = "research-loop-copy"):
+    """A file with no name for a private copy: a memfd that can be sealed (Linux), else a temporary file.
+    label: what /proc/PID/fd shows of it."""
     try:
-        return os.fdopen(os.memfd_create("research-loop-copy", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING), "w+b")
+        return os.fdopen(os.memfd_create(label, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING), "w+b")
     except (AttributeError, OSError):
         return tempfile.TemporaryFile()
 
