@@ -65,7 +65,7 @@ def harness_at(rev: str | None, folder: Path) -> Path:
 def spec_for(harness: Path, cache: Path) -> dict:
     """What integrity.evaluation_spec makes, for a harness folder outside git."""
     record = json.loads((cache / "prepared.json").read_text())
-    return {"argv": [PYTHON, *harness_eval.ISOLATED, str(harness / "nanochat" / "evaluate_export.py"),
+    return {"argv": [*harness_eval.evaluator_command(PYTHON, harness / "nanochat" / "evaluate_export.py"),
                      "--profile", record["profile"], "--eval-tokens", str(record["eval_tokens"]),
                      "--site-packages", *site_packages()],
             "env": {"PATH": os.environ["PATH"], "AUTORESEARCH_CACHE": str(cache)}, "harness": str(harness),

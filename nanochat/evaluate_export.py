@@ -1,12 +1,13 @@
 """The harness's own evaluation of an exported model, in a process of its own.
 
-    python -I -S -B nanochat/evaluate_export.py --profile NAME --eval-tokens N
+    python -I -S -B trusted_import.py nanochat/evaluate_export.py --profile NAME --eval-tokens N
         --out-fd N --program-fd N --val-fd N --tokenizer-fd N --site-packages DIR [DIR ...]
 
 The research-loop worker starts this with the run, from a pristine copy of the harness, with a
 clean environment, in isolated mode without site processing (no PYTHONPATH, no .pth files, no
-sitecustomize), writing no bytecode: nothing the training process does can reach it. Everything it
-evaluates with is the harness's: the shapes are the profile's (nanochat/profiles.py), the size the
+sitecustomize), reading and writing no bytecode, through the server's importer (trusted_import.py,
+which reports the digest of every source it compiled): nothing the training process does can reach
+it. Everything it evaluates with is the harness's: the shapes are the profile's (nanochat/profiles.py), the size the
 server's, and the validation shard and the tokenizer are the worker's private copies (the file
 descriptors), checked against their pinned content before the training started; it reads nothing
 the run can write. It imports what it needs, then waits for a line on stdin: the worker sends it
@@ -15,7 +16,7 @@ loads that program (token ids -> logits), computes val_bpb from the logits, and 
 its batches that the model is causal. The result is one JSON object, written to --out-fd: the
 number the ledger gets.
 
-    python -I -S -B nanochat/evaluate_export.py --profile NAME --eval-tokens N --serve-fd N --site-packages ...
+    python -I -S -B trusted_import.py nanochat/evaluate_export.py --profile NAME --eval-tokens N --serve-fd N ...
 
 The warm evaluator of a slot (mcp_server/scripts/harness_eval.py): started the same way by the server, it
 imports once, then for each request on the socket --serve-fd (the descriptors above, passed by a
@@ -275,8 +276,15 @@ def answer(args, tokenizer) -> None:
     result = evaluate(args, tokenizer)
     result["seconds"] = round(time.time() - started, 2)
     with os.fdopen(args.out_fd, "w") as out:
-        out.write(json.dumps(result))
+        out.write(json.dumps(dict(result, imported=imported_sources())))
     print(f"harness evaluation: {json.dumps(result)}", flush=True)
+
+
+def imported_sources() -> dict | None:
+    """The digests of every source this evaluator compiled, where the server's importer runs it
+    (mcp_server/scripts/trusted_import.py): the server compares them with the contents it pinned."""
+    importer = sys.modules.get("trusted_import")
+    return importer.digests() if importer is not None else None
 
 
 def serve(args) -> int:

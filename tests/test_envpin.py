@@ -7,7 +7,6 @@ import marshal
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -192,13 +191,14 @@ class StandInTorch:
         git(self.ws, "worktree", "add", "-q", "--detach", str(self.harness))
         self.pool = executor.LocalPool(Workspace(self.ws), 1, env=dict(os.environ))
 
-    def spec(self, run: int, sandboxed: bool, environment: dict | None = None):
+    def spec(self, run: int, sandboxed: bool, environment: dict | None = None, evaluator: list | None = None):
         from mcp_server.executors import executor
         from server_support import git
         from test_warm_start import ANSWERING_EVALUATOR
         export = self.ws / ".research-loop" / "exports" / str(run) / "model.pt2"
         export.parent.mkdir(parents=True, exist_ok=True)  # as integrity.worker_args makes it: the sandbox binds it
-        evaluate = {"argv": [sys.executable, "-c", ANSWERING_EVALUATOR, "1.5", str(self.folder / "go")],
+        evaluator = evaluator or [sys.executable, "-c", ANSWERING_EVALUATOR, "1.5", str(self.folder / "go")]
+        evaluate = {"argv": evaluator,
                     "env": dict(os.environ), "timeout": 60, "harness": str(self.harness), "harness_commit": None}
         # the checkout too (warm_train.py): CI's clone may live under /tmp, which the sandbox replaces
         readonly = [str(self.ws), str(Path(__file__).resolve().parent.parent)]
@@ -226,13 +226,13 @@ def stand_in_torch(fake_env, monkeypatch):
 
 
 def test_a_warm_interpreter_imports_the_servers_bytecode_never_a_crafted_pyc(stand_in_torch, bubblewrap):
-    """The warm interpreter imports torch before any run is handed to it. Here torch is a stand-in
-    package in the training's venv; the agent planted a .pyc for it crafted with its source's size and
-    mtime, and kept torch's source edited (same size, mtime put back) while the server built its
-    archive, then put it back. Neither the cold first run nor the warm second one runs planted code:
-    the cold one compiles torch in its sandbox's own bytecode folder; the warm one unpacks the server's
-    archive there, whose checked .pyc of the edited source no longer matches the source and is
-    compiled afresh."""
+    """Both interpreters of a run (cold: started with the run; warm: started ahead) import torch before
+    the run is handed to them. Here torch is a stand-in package in the training's venv; the agent
+    planted a .pyc for it crafted with its source's size and mtime, and kept torch's source edited
+    (same size, mtime put back) while the server built its archive, then put it back. Neither run
+    runs planted code: both import through the server's importer, which reads no .pyc from a
+    __pycache__ and takes the archive's code only where its checked hash fits the source: the edited
+    source's no longer does, so torch is compiled afresh."""
     import queue
     from mcp_server.executors import bytecode
     from mcp_server.scripts import bytecode_archive
@@ -242,13 +242,14 @@ def test_a_warm_interpreter_imports_the_servers_bytecode_never_a_crafted_pyc(sta
     genuine, st = source.read_bytes(), source.stat()
     source.write_bytes(b"print('PLANTED source ran'); SOURCE = 'planted'  #".ljust(len(genuine) - 1, b"#") + b"\n")
     os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns))
-    outcomes = queue.Queue()
-    lab.pool.start(lab.spec(1, sandboxed=True), lambda run, outcome: outcomes.put(outcome))
-    assert wait_until(lambda: bytecode.fileno(lab.python) is not None, 120)  # built as run 1 waits
+    bytecode.build_once(lab.python, dict(os.environ))  # as the slot's first run starts it
+    assert wait_until(lambda: bytecode.fileno(lab.python) is not None, 120)
     archive = marshal.loads(bytecode_archive.read(bytecode.fileno(lab.python)))
-    source.write_bytes(genuine)  # put back before run 1 imports torch
+    source.write_bytes(genuine)  # put back before any run
     os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns))
+    outcomes = queue.Queue()
     lab.hold.unlink()
+    lab.pool.start(lab.spec(1, sandboxed=True), lambda run, outcome: outcomes.put(outcome))
     first = outcomes.get(timeout=120)
     assert wait_until(lambda: 0 in lab.pool.ahead, 30)
     lab.pool.start(lab.spec(2, sandboxed=True), lambda run, outcome: outcomes.put(outcome))
@@ -278,30 +279,27 @@ def test_a_pth_planted_during_a_run_and_removed_makes_it_no_result(venv_lab):
     assert lab.ok("run_experiment", description="slow again", rerun=True)["status"] == "ok"
 
 
-def test_a_warm_interpreter_started_with_a_planted_pth_serves_no_result(stand_in_torch):
-    """The warm interpreter of the next run starts while the agent's .pth is in place; the agent removes
-    it before submitting that run, so the run's check finds the environment as pinned. The run's window
-    begins with its interpreter, not its check: it is no result, and so is the run during which the
-    .pth came and went."""
+def test_a_warm_interpreter_started_with_a_planted_pth_never_serves_a_run(stand_in_torch):
+    """The slot's next interpreter starts (as run 1 is evaluated) while the agent's .pth is in place;
+    the agent removes it before submitting run 2, so run 2's check finds the environment as pinned.
+    Run 1, in whose window the .pth came and went, is no result, and the interpreter started with it
+    is thrown away with it: run 2 starts its own and is a result."""
     import queue
     from server_support import wait_until
-    lab, planted = stand_in_torch, stand_in_torch.site / "planted.pth"
+    lab, planted, ran = stand_in_torch, stand_in_torch.site / "planted.pth", stand_in_torch.folder / "pth-ran"
     outcomes = queue.Queue()
     lab.pool.start(lab.spec(1, False, lab.pool.environment_position([lab.python])), lambda r, o: outcomes.put(o))
-    planted.write_text("import sys; print('PTH ran', file=sys.stderr)\n")
+    planted.write_text(f"import sys; print('PTH ran', file=sys.stderr); open({str(ran)!r}, 'w').close()\n")
     lab.hold.unlink()
     first = outcomes.get(timeout=120)
-    assert wait_until(lambda: 0 in lab.pool.ahead, 30)  # its interpreter started with the .pth in place
-    time.sleep(2)
+    assert wait_until(ran.exists, 30)  # the slot's next interpreter started with the .pth in place
     planted.unlink()
-    lab.hold.touch()
     lab.pool.start(lab.spec(2, False, lab.pool.environment_position([lab.python])), lambda r, o: outcomes.put(o))
-    lab.hold.unlink()
     second = outcomes.get(timeout=120)
     assert first.report["exit_code"] == 0 and second.report["exit_code"] == 0, (first.report, second.report)
-    assert second.report["warm_start"] and "PTH ran" in lab.log(2)
-    for outcome in (first, second):
-        assert str(planted) in outcome.report.get("environment_changed", []), outcome.report
+    assert str(planted) in first.report.get("environment_changed", []), first.report
+    assert not second.report["warm_start"] and "PTH ran" not in lab.log(2), lab.log(2)
+    assert "environment_changed" not in second.report, second.report
 
 
 def test_an_edit_to_the_evaluators_environment_refuses_runs(venv_lab, monkeypatch):
@@ -397,3 +395,107 @@ def test_a_planted_standard_library_module_refuses_runs(own_python_lab, bubblewr
     assert "its standard library" in refusal and str(stdlib.parents[2]) in refusal, refusal
     restore()
     assert lab.ok("run_experiment", description="same train.py", rerun=True)["val_bpb"] == 1.0
+
+
+def edit_through_a_link(source: Path, content: str):
+    """source rewritten through a hard link in an unwatched folder (inotify reports a write to the
+    folder of the name it went through), mtime put back; (a function that puts it back the same way,
+    the file the edited module creates beside the link when a run's interpreter or evaluator runs it)."""
+    alias = source.parent.parent.parent / "alias" / source.name
+    alias.parent.mkdir(exist_ok=True)
+    if not alias.exists():
+        os.link(source, alias)
+    genuine, st = source.read_bytes(), source.stat()
+    imported = Path(str(alias) + ".imported")
+
+    def write(data: bytes):
+        with open(alias, "r+b") as f:
+            f.truncate(0)
+            f.write(data)
+        os.utime(alias, ns=(st.st_atime_ns, st.st_mtime_ns))
+    # only where the server's importer runs: the archive's builder also imports torch, outside any run
+    write(f"import sys\nif 'trusted_import' in sys.modules: open({str(imported)!r}, 'w').close()\n{content}\n"
+          .encode())
+    return lambda: write(genuine), imported
+
+
+def test_an_edit_through_a_hard_link_undone_after_the_runs_imports_makes_it_no_result(stand_in_torch):
+    """An edit of torch made through a hard link and undone once the run's interpreter has imported it:
+    inotify sees neither write and the sources' pin finds torch as pinned at every check. The
+    interpreter (cold: started with the run and handed it at once; warm: started ahead) says what it
+    compiled, so both runs that imported the edit are no result; after each, the slot's next run
+    starts a fresh interpreter (the warm one may hold what changed) and is a result again."""
+    import queue
+    from mcp_server.core import envpin
+    from server_support import wait_until
+    lab, source = stand_in_torch, stand_in_torch.source
+    envpin.pin_sources([lab.python])  # setup's pin
+    outcomes = queue.Queue()
+
+    def run(n: int):
+        lab.pool.start(lab.spec(n, False, lab.pool.environment_position([lab.python])), lambda r, o: outcomes.put(o))
+        return n
+
+    def edited_while(start, then=lambda: None):
+        restore, imported = edit_through_a_link(source, "SOURCE = 'edited through a link'")
+        start()
+        assert wait_until(imported.exists, 60)  # imported: put back
+        restore()
+        imported.unlink()
+        then()
+
+    lab.hold.unlink()
+    edited_while(lambda: run(1))  # its interpreter imports torch as it starts
+    first = outcomes.get(timeout=120)
+    lab.hold.touch()
+    run(2)
+    assert wait_until(lambda: (lab.folder / "2.report.json").exists(), 30)  # started: torch imported as pinned
+    edited_while(lab.hold.unlink)  # run 2 ends; the slot's next interpreter starts and imports torch
+    second = outcomes.get(timeout=120)
+    run(3)
+    third = outcomes.get(timeout=120)
+    run(4)
+    fourth = outcomes.get(timeout=120)
+    outcomes = (first, second, third, fourth)
+    assert [o.report["exit_code"] for o in outcomes] == [0] * 4, [o.report for o in outcomes]
+    assert [o.report.get("warm_start") for o in outcomes] == [False, False, True, False], [o.report for o in outcomes]
+    assert ["edited through a link" in lab.log(n) for n in (1, 2, 3, 4)] == [True, False, True, False]
+    changed = [f"{source} (compiled from other contents than its check found)"]
+    assert [o.report.get("environment_changed") for o in outcomes] == [changed, None, changed, None], \
+        [o.report for o in outcomes]
+
+
+EVALUATOR_WITH_LOSSMOD = """import json, os, sys
+sys.path.append({site!r})
+import lossmod
+sys.stdin.readline()
+answer = {{"val_bpb": lossmod.VALUE, "imported": sys.modules["trusted_import"].digests()}}
+os.write(int(sys.argv[sys.argv.index("--out-fd") + 1]), json.dumps(answer).encode())
+"""
+
+
+def test_an_edit_through_a_hard_link_undone_after_the_evaluators_imports_makes_the_run_no_result(stand_in_torch):
+    """The same edit in a module the harness's evaluator imports (its loss), undone once the evaluator
+    has imported it: the evaluator says what it compiled with its result, so the run is no result."""
+    import queue
+    from mcp_server.core import envpin
+    from mcp_server.scripts import harness_eval
+    from server_support import wait_until
+    lab = stand_in_torch
+    lossmod = lab.site / "lossmod.py"
+    lossmod.write_text("VALUE = 1.5\n")
+    script = lab.folder / "evaluator.py"
+    script.write_text(EVALUATOR_WITH_LOSSMOD.format(site=str(lab.site)))
+    evaluator = harness_eval.evaluator_command(sys.executable, script)
+    envpin.pin_sources([lab.python])
+    outcomes = queue.Queue()
+    restore, imported = edit_through_a_link(lossmod, "VALUE = 0.5")
+    lab.pool.start(lab.spec(1, False, lab.pool.environment_position([lab.python]), evaluator),
+                   lambda r, o: outcomes.put(o))
+    assert wait_until(imported.exists, 60)  # the evaluator starts with the run
+    restore()
+    lab.hold.unlink()
+    outcome = outcomes.get(timeout=120)
+    assert outcome.report["evaluation"]["val_bpb"] == 0.5, outcome.report
+    assert outcome.report.get("environment_changed") == \
+        [f"{lossmod} (compiled from other contents than its check found)"], outcome.report

@@ -6,6 +6,8 @@ no pre-started worker outlives the server. Real exports of the real train.py (th
 prepared CPU harness), a real server over MCP.
 """
 import contextlib
+import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -56,7 +58,7 @@ def evaluation_spec(harness: Path, prepared_env: dict) -> dict:
     cache = Path(prepared_env["AUTORESEARCH_CACHE"])
     record = json.loads((cache / "prepared.json").read_text())
     val = cache / "data" / record["val_shard"]["name"]
-    return {"argv": [sys.executable, *harness_eval.ISOLATED, str(harness / "nanochat" / "evaluate_export.py"),
+    return {"argv": [*harness_eval.evaluator_command(sys.executable, harness / "nanochat" / "evaluate_export.py"),
                      "--profile", "cpu", "--eval-tokens", TEST_EVAL_TOKENS, "--site-packages", *site_packages()],
             "env": {"PATH": os.environ["PATH"], "AUTORESEARCH_CACHE": str(cache)}, "harness": str(harness),
             "harness_manifest": harness_eval.file_manifest(str(harness)), "timeout": 300.0,
@@ -90,6 +92,11 @@ def test_a_warm_evaluators_result_equals_a_cold_ones_for_the_same_export(exporte
     assert {k: first[k] for k in SCORE} == {k: again[k] for k in SCORE} == {k: cold[k] for k in SCORE}
     assert "harness evaluation: {" in (tmp_path / "warm1.log").read_text()  # the child's output, in the run's log
     assert not pid_alive(warm.proc.pid)
+    # what each compiled, through the server's importer: torch's sources as they are
+    torch_source = Path(importlib.util.find_spec("torch").origin)
+    for result in (cold, first, again):
+        assert result["imported"][str(torch_source)] == hashlib.sha256(torch_source.read_bytes()).hexdigest()
+        assert len(result["imported"]) > 500, len(result["imported"])
 
 
 def test_the_evaluator_neither_spins_nor_faults_in_fresh_pages_for_every_call(exported, prepared_env, tmp_path):

@@ -128,13 +128,15 @@ def take_startup(pythons) -> dict:
     return pin
 
 
-def take_sources(pythons) -> dict:
+def take_sources(pythons, files: dict | None = None) -> dict:
     """{folder entry: SHA-256 of its Python sources' contents} for each top-level entry of the
     interpreters' site folders and standard library folders: the stat walk above cannot see an edit
     that keeps a file's size and puts its mtime back (os.utime), nor one written through a memory
     mapping or a hard link, which inotify misses too. Hashing torch's 300 MB of sources takes 0.6 s;
-    after the first time, only the files whose stat moved are read again."""
+    after the first time, only the files whose stat moved are read again. files: filled with each
+    source's {path: SHA-256 (hex)}."""
     pin = {}
+    files = {} if files is None else files
     for folder in dict.fromkeys(f for python in pythons for f in sum(folders(python), ())):
         if not os.path.isdir(folder):
             continue
@@ -142,18 +144,20 @@ def take_sources(pythons) -> dict:
             for entry in entries:
                 if entry.name not in STDLIB_SKIPPED and (entry.is_dir(follow_symlinks=False)
                                                          or entry.name.endswith((".py", ".pth"))):
-                    pin[entry.path] = _sources_digest(entry.path)
+                    pin[entry.path] = _sources_digest(entry.path, files)
     return pin
 
 
-def _sources_digest(path: str) -> str:
+def _sources_digest(path: str, seen: dict) -> str:
     digest = hashlib.sha256()
     for folder, subfolders, files in os.walk(path) if os.path.isdir(path) else [(os.path.dirname(path), [],
                                                                                     [os.path.basename(path)])]:
         subfolders[:] = sorted(d for d in subfolders if d != BYTECODE_DIR)
         for name in sorted(f for f in files if f.endswith((".py", ".pth"))):
             each = os.path.join(folder, name)
-            digest.update(f"{each}\n".encode() + _content_digest(each))
+            found = _content_digest(each)
+            seen[each] = found.hex()
+            digest.update(f"{each}\n".encode() + found)
     return digest.hexdigest()[:16]
 
 
@@ -178,9 +182,34 @@ def _content_digest(path: str) -> bytes:
     return found
 
 
+# path -> SHA-256 (hex) of its content when the last check of its pin passed (or pinned it): what a
+# run's interpreters must report having compiled from it (scripts/trusted_import.py)
+_VERIFIED: dict = {}
+
+
+def pin_sources(pythons) -> dict:
+    """take_sources, for a new pin: what it found is what the runs' imports are checked against."""
+    files = {}
+    pin = take_sources(pythons, files)
+    _VERIFIED.update(files)
+    return pin
+
+
 def check_sources(pinned: dict, pythons) -> None:
-    _refuse_changes(pinned, take_sources(pythons), "The Python sources the runs and the evaluator import",
+    files = {}
+    _refuse_changes(pinned, take_sources(pythons, files), "The Python sources the runs and the evaluator import",
                     "reinstall what changed")
+    _VERIFIED.update(files)
+
+
+def imported_changes(imported) -> list[str]:
+    """The sources a run's interpreter or evaluator reports having compiled from other contents than
+    the last check verified: an edit made and undone between two checks through a hard link or a
+    memory mapping, which neither inotify nor the content pin sees. A source this process never
+    checked (outside the pinned folders: the harness's own, which the worker checks) is left out."""
+    if not isinstance(imported, dict):
+        return []
+    return sorted(path for path, digest in imported.items() if path in _VERIFIED and _VERIFIED[path] != digest)
 
 
 def interpreter_files(python: str) -> list[str]:

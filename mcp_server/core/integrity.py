@@ -23,7 +23,7 @@ import sysconfig
 from pathlib import Path
 
 from mcp_server.core.models import Refusal
-from mcp_server.scripts.harness_eval import ISOLATED, evaluation_inputs, sha256_of
+from mcp_server.scripts.harness_eval import evaluation_inputs, evaluator_command, sha256_of
 from mcp_server.core.workspace import EDITABLE, cache_dir, prepared_info
 
 HARNESS_DIR = "research-loop/harness"  # inside .git: the pristine harness the evaluation runs from
@@ -116,10 +116,11 @@ def pinned_inputs(pins: dict | None) -> dict:
 
 
 def evaluation_spec(harness: Path, harness_commit: str, timeout: float, pins: dict | None = None) -> dict:
-    """The worker's --evaluate: this interpreter, isolated (ISOLATED: no PYTHON* variables,
+    """The worker's --evaluate: this interpreter, isolated (harness_eval.ISOLATED: no PYTHON* variables,
     no user site, no script folder on the path, no .pth file or sitecustomize, and no bytecode read or
     written: the harness copy stays exactly its commit, which the worker checks after the evaluation,
-    and no .pyc planted beside a module it imports runs), in a clean environment (LD_LIBRARY_PATH kept: where
+    and no .pyc planted beside a module it imports runs), importing through the server's importer (the
+    digests of what it compiled come back with its result), in a clean environment (LD_LIBRARY_PATH kept: where
     libcuda is found only through it, the evaluation would see no GPU). Its shapes are the prepared
     profile's, its size the server's, and its inputs the pinned validation shard and tokenizer, which
     the worker copies and checks before the training starts. The worker adds --out-fd (the result
@@ -129,8 +130,8 @@ def evaluation_spec(harness: Path, harness_commit: str, timeout: float, pins: di
            if k in ("PATH", "HOME", "LANG", "LC_ALL", "CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH",
                     "AUTORESEARCH_DEVICE", "AUTORESEARCH_CACHE")}
     env["AUTORESEARCH_CACHE"] = str(cache_dir())
-    argv = [sys.executable, *ISOLATED,
-            str(harness / EVALUATOR), "--profile", str((prepared_info() or {}).get("profile")),
+    argv = [*evaluator_command(sys.executable, harness / EVALUATOR),
+            "--profile", str((prepared_info() or {}).get("profile")),
             "--eval-tokens", str(eval_tokens()), "--site-packages", *site_packages()]
     return {"argv": argv, "env": env, "harness": str(harness), "harness_commit": harness_commit,
             "timeout": evaluation_timeout(timeout),

@@ -82,6 +82,7 @@ def package(ws, commit: str, dest: Path, token: str) -> None:
     shutil.copy(node.__file__, scripts / "node.py")
     shutil.copy(sandbox.__file__, scripts / "sandbox.py")
     shutil.copy(harness_eval.__file__, scripts / "harness_eval.py")
+    shutil.copy(harness_eval.TRUSTED_IMPORT, scripts / "trusted_import.py")  # the node's evaluator imports through it
     (scripts / node.TOKEN_FILE).write_text(token)
 
 

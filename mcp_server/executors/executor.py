@@ -36,12 +36,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mcp_server.core import envwatch
+from mcp_server.core import envpin, envwatch
 from mcp_server.core.integrity import EXPORTS_DIR
 from mcp_server.executors import bytecode
 from mcp_server.core.workspace import EDITABLE, cache_dir
 from mcp_server.core.state import process_start_time
 from mcp_server.scripts.harness_eval import WARM_ENV, WarmEvaluator, on_this_device
+from mcp_server.scripts.worker import write_report
 
 WORKER = Path(__file__).resolve().parent.parent / "scripts" / "worker.py"
 WORKER_GRACE_SECONDS = 30  # beyond the worker's own timeout and grace: the server's safety net
@@ -162,7 +163,7 @@ class LocalPool:
         try:
             cwd = self.ws.checkout_slot(slot, spec.commit)
             env = self._env(slot, spec)
-            if warm_start_on() and warmable(spec):
+            if warmable(spec):
                 bytecode.build_once(spec.command[0], env)  # built while this run trains, for the next one
             since = envwatch.since(interpreters(spec), spec.environment)
             warm = self._warm_evaluator(slot, spec.worker_args, env)
@@ -173,11 +174,7 @@ class LocalPool:
             if warm is not None:  # it imported torch when it started, maybe long before this run
                 since = envwatch.earliest(since, self.evaluators_since.get(slot))
             if proc is None:
-                with open(spec.log, "ab") as log:
-                    proc = with_socket_stdin([sys.executable, str(WORKER), *self._worker_args(slot, spec, warm), "--",
-                                              *spec.command], cwd=cwd, env=env,
-                                             stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
-                                             pass_fds=(warm.fileno(),) if warm is not None else ())
+                proc = self._start_cold(slot, spec, cwd, env, warm)
         except BaseException:
             with self.lock:
                 self.busy.pop(slot, None)
@@ -188,6 +185,18 @@ class LocalPool:
         threading.Thread(target=self._wait, args=(spec, slot, proc, cwd, on_done, staging, since), daemon=True,
                          name=f"run-{spec.run}").start()
         return name
+
+    def _start_cold(self, slot: int, spec: RunSpec, cwd: Path, env: dict, warm: "WarmEvaluator | None"):
+        """The run's worker, started now; the harness's runs through the server's importer (worker.py
+        --trusted-import, with the bytecode archive once it is built)."""
+        args, fds = self._worker_args(slot, spec, warm), [warm.fileno()] if warm is not None else []
+        if warmable(spec):
+            archive = bytecode.fileno(spec.command[0])
+            args += ["--trusted-import"] + (["--bytecode-fd", str(archive)] if archive is not None else [])
+            fds += [archive] if archive is not None else []
+        with open(spec.log, "ab") as log:
+            return with_socket_stdin([sys.executable, str(WORKER), *args, "--", *spec.command], cwd=cwd, env=env,
+                                     stdout=subprocess.DEVNULL, stderr=log, start_new_session=True, pass_fds=fds)
 
     def _env(self, slot: int, spec: RunSpec) -> dict:
         env = dict(self.env, **spec.env, RESEARCH_LOOP_RUN=str(spec.run), RESEARCH_LOOP_SLOT=str(slot))
@@ -310,18 +319,30 @@ class LocalPool:
         proc.stdin.close()
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-        if not ahead:
+        report = read_report(spec.report)
+        changed = envwatch.changes(since) + (checked_imports(spec.report, report) if report is not None else [])
+        if changed:  # the slot's warm interpreter and evaluator may hold what changed: the next run starts its own
+            self._drop_warm(slot)
+        elif not ahead:
             self._start_ahead(slot, spec, cwd)
         with self.lock:
             self.procs.pop(spec.run, None)
             self.busy.pop(slot, None)
         if self.closing:
             return  # the next owner finds the run in the state and recovers it
-        report = read_report(spec.report)
-        changed = envwatch.changes(since)
         if report is not None and changed:
             report["environment_changed"] = changed
         on_done(spec.run, Outcome(report=report, slot=self.describe(slot), cwd=cwd))
+
+    def _drop_warm(self, slot: int) -> None:
+        with self.lock:
+            if self.closing:  # shutdown ends them all
+                return
+            ahead, warm = self.ahead.pop(slot, None), self.evaluators.pop(slot, None)
+        if ahead is not None:
+            discard(ahead)
+        if warm is not None:
+            warm.close()
 
     def cancel(self, run: int) -> bool:
         """Asks the run's worker to stop it (the worker kills the whole tree); False if not running here."""
@@ -369,6 +390,22 @@ def interpreters(spec: RunSpec) -> list[str]:
     if "--evaluate" in spec.worker_args:
         found.append(json.loads(spec.worker_args[spec.worker_args.index("--evaluate") + 1])["argv"][0])
     return found
+
+
+def checked_imports(path: Path, report: dict) -> list[str]:
+    """The sources the run's interpreter and its evaluator compiled (the worker's report, from
+    scripts/trusted_import.py) from other contents than the last check verified; their digests are
+    then left out of the report and its file (a few hundred kB a run that nothing else reads)."""
+    imported = report.pop("imported", None)
+    if imported is None:
+        return []
+    try:
+        write_report(path, report)
+    except OSError:
+        pass
+    found = {each for digests in (imported.values() if isinstance(imported, dict) else ())
+             for each in envpin.imported_changes(digests)}
+    return [f"{each} (compiled from other contents than its check found)" for each in sorted(found)]
 
 
 def warm_start_on() -> bool:

@@ -80,7 +80,7 @@ def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments:
         evaluator_pin = _evaluator_pin(run_command(core)[0]) if environment_pin is not None else None
         pythons = [run_command(core)[0], sys.executable] if environment_pin is not None else None
         startup_pin = envpin.take_startup(pythons) if pythons else None
-        source_pin = envpin.take_sources(pythons) if pythons else None
+        source_pin = envpin.pin_sources(pythons) if pythons else None
         seq = state.get("seq", 0) or _last_run_number(core)
         state.clear()
         core.fresh_records.clear()  # the earlier research run's records vouch for nothing here
@@ -230,7 +230,7 @@ def _check_environment(core: LoopCore, state: dict) -> dict:
             ("environment_pin", lambda: envpin.take(python) or {}, lambda pin: envpin.check(pin, python)),
             ("evaluator_pin", lambda: _evaluator_pin(python), lambda pin: envpin.check(pin, sys.executable, *evaluator)),
             ("startup_pin", lambda: envpin.take_startup(pythons), lambda pin: envpin.check_startup(pin, pythons)),
-            ("source_pin", lambda: envpin.take_sources(pythons), lambda pin: envpin.check_sources(pin, pythons))):
+            ("source_pin", lambda: envpin.pin_sources(pythons), lambda pin: envpin.check_sources(pin, pythons))):
         if state.get(key) is None:  # a state from before this pin: pinned now
             state[key] = take()
         elif state[key]:

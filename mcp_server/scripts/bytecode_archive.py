@@ -5,11 +5,12 @@ again, and both fields are easy to copy: a `.pyc` crafted with them and planted 
 or the harness's evaluator imports would run with train.py's diff and the environment's pin
 (core/envpin.py, which leaves bytecode out) unchanged. So neither reads bytecode from the source tree:
 
-- the evaluator runs with `-X pycache_prefix=NOWHERE` (harness_eval.ISOLATED): it finds no bytecode
-  and compiles every module from its source, in memory (once per warm evaluator);
-- a sandboxed run's interpreter has its bytecode folder in its private /tmp (sandbox.BYTECODE_PREFIX):
-  it reads what it compiled itself and, on the warm path, what warm_train.py unpacked there from the
-  archive below before importing torch;
+- the evaluator and a harness run's interpreter import through trusted_import.py, which reads no
+  bytecode from a file: it compiles each module from its source, or takes the archive's code where
+  its checked hash fits the source;
+- a sandboxed run's bytecode folder (its subprocesses') is in its private /tmp
+  (sandbox.BYTECODE_PREFIX): they read what they compiled and what warm_train.py unpacked there from
+  the archive below;
 - the archive: checked hash-based `.pyc` files (PEP 552) of the modules the warm interpreter preloads.
   The importer hashes each module's source as it is at import time and compiles it afresh where the
   hash differs, so an archive made while a source was edited (and put back since) only costs a
@@ -17,7 +18,7 @@ or the harness's evaluator imports would run with train.py's diff and the enviro
   no bytecode of their own: one imports the preload to list the source files (it runs the
   environment's code, so its list is all it gives), the other, which imports nothing from the
   environment, compiles each listed source. The server keeps the archive, a marshalled {source path:
-  .pyc bytes}, in a sealed memory file (executors/bytecode.py): no process can write it, and each warm
+  .pyc bytes}, in a sealed memory file (executors/bytecode.py): no process can write it, and each run's
   interpreter reads it through its fd.
 
     python -I -S -B -X pycache_prefix=NOWHERE bytecode_archive.py --list SITE_FOLDER...  > SOURCES
@@ -81,26 +82,24 @@ def read(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def unpack(fd: int) -> int:
-    """The archive's .pyc files written where this interpreter looks for bytecode, which must be a
-    private folder (sys.pycache_prefix, the sandbox's); the number written, 0 where there is none or
-    the archive is not one."""
-    if not sys.pycache_prefix:
-        return 0
+def unpack(fd: int) -> dict:
+    """The archive, {source path: .pyc}, its files written where this interpreter's subprocesses look
+    for bytecode where that is a private folder (sys.pycache_prefix, the sandbox's); {} where there is
+    none or it is not one."""
     try:
         archive = marshal.loads(read(fd))
     except (OSError, ValueError, EOFError, TypeError):
-        return 0
-    written = 0
-    for source, data in archive.items() if isinstance(archive, dict) else ():
+        return {}
+    if not isinstance(archive, dict):
+        return {}
+    for source, data in archive.items() if sys.pycache_prefix else ():
         target = Path(importlib.util.cache_from_source(source))
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
         except OSError:
             continue
-        written += 1
-    return written
+    return archive
 
 
 def main() -> int:

@@ -48,12 +48,19 @@ MAX_EXPORT_BYTES = 16 * 2**30
 # from its source (a .pyc crafted with its source's size and mtime in a __pycache__ would run: bytecode_archive.py)
 NOWHERE = "/dev/null/no-bytecode"
 ISOLATED = ("-I", "-S", "-B", "-X", f"pycache_prefix={NOWHERE}")
+# ...and its imports go through this importer, which reports the digest of every source it compiled
+TRUSTED_IMPORT = Path(__file__).resolve().parent / "trusted_import.py"
 # What the harness's evaluation takes from the worker's environment, not the server's: the slot's GPU
 # (the pool sets CUDA_VISIBLE_DEVICES per slot) and where libcuda is found
 DEVICE_ENV = ("CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH")
 # The check of the harness copy runs none of the programs .git/config names (workspace.NO_AGENT_CODE:
 # this script imports nothing from the package); the server keeps the attributes neutral.
 NO_AGENT_GIT = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c", "core.attributesFile=/dev/null")
+
+
+def evaluator_command(python: str, evaluator: Path) -> list[str]:
+    """The harness's evaluator on that interpreter, isolated and through the server's importer."""
+    return [python, *ISOLATED, str(TRUSTED_IMPORT), str(evaluator)]
 
 
 def open_log(path: Path):

@@ -193,7 +193,7 @@ def verification(verify: dict, command: list[str], scratch: Path) -> list[str]:
     export = scratch / "export" / "model.pt2"
     export.parent.mkdir()
     env = {k: v for k, v in os.environ.items() if k in EVALUATOR_ENV} | {"AUTORESEARCH_CACHE": str(cache_dir())}
-    evaluate = {"argv": [executable, *harness_eval.ISOLATED, str(harness / verify["evaluator"]),
+    evaluate = {"argv": [*harness_eval.evaluator_command(executable, harness / verify["evaluator"]),
                          "--profile", str(verify.get("profile")), "--eval-tokens", str(verify["eval_tokens"]),
                          "--site-packages", *site],
                 "env": env, "harness": str(harness), "harness_manifest": harness_eval.file_manifest(str(harness)),
@@ -253,6 +253,7 @@ def train(timeout: float, grace: float, command: list[str], verify: dict | None,
                      "--report-tail", str(REPORT_TAIL_BYTES), *extras, "--", *command])
         report = json.loads(report_path.read_text())
     tail = report.pop("log_tail", "")
+    report.pop("imported", None)  # the evaluator's digests: a node's are not sent back (docs/trust.md)
     return report | {"val_bpb": val_bpb(tail)}
 
 

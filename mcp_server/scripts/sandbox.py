@@ -37,6 +37,7 @@ SANDBOX_HOME = "/tmp/home"  # a run's home: inside its private /tmp, gone when i
 # A run's bytecode folder, inside its private /tmp too: its interpreter reads no .pyc from a __pycache__
 # the agent could have planted one in (bytecode_archive.py), only what it compiled or was handed itself
 BYTECODE_PREFIX = "/tmp/bytecode"
+UVM_DEVICE = "/dev/nvidia-uvm"  # CUDA's unified memory node, made by nvidia-modprobe at the first CUDA use
 
 
 def opted_in() -> bool:
@@ -157,3 +158,15 @@ def seatbelt_profile(spec: dict, cwd: str) -> str:
 def quoted(path: str) -> str:
     """A string literal of the profile language (a Scheme)."""
     return '"' + path.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def cuda_ready_outside_the_sandbox() -> None:
+    """bubblewrap sets no-new-privs, so inside it the setuid nvidia-modprobe that the first CUDA use
+    after a boot runs to make /dev/nvidia-uvm cannot: where a driver is installed and the node is
+    missing, it runs here first (the run then finds the node, or says why it has no GPU)."""
+    if os.path.exists(UVM_DEVICE) or not shutil.which("nvidia-modprobe"):
+        return
+    try:
+        subprocess.run(["nvidia-modprobe", "-u", "-c=0"], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        pass

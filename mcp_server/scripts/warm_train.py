@@ -5,11 +5,15 @@ and then waits.
 
     python warm_train.py FD [ARCHIVE_FD]
 
-First, where the server gave one, it writes the bytecode archive's .pyc files (ARCHIVE_FD: the
-server's own compile of these modules, bytecode_archive.py) into its bytecode folder, the sandbox's
-private one, so it neither compiles them again nor reads any from a __pycache__ the agent can write.
-It imports torch and torch.compile's stack (PRELOAD: about 10 s of a run's start-up on the 2-core
-CPU), then reads one JSON line from the socket FD: {"argv", "cwd", "env"}, the run's command line
+First it installs the server's importer (trusted_import.py: it reads no bytecode from a __pycache__
+the agent can write, and keeps the digest of each source it compiles) and, where the server gave one,
+takes the bytecode archive (ARCHIVE_FD: the server's own compile of these modules, bytecode_archive.py),
+whose .pyc files it also writes into its bytecode folder, the sandbox's private one, for the run's
+subprocesses. It imports torch and torch.compile's stack (PRELOAD: about 10 s of a run's start-up on
+the 2-core CPU) and writes one JSON line to the socket FD: the digests of every source it compiled,
+which the worker hands to the server, which checks them against the contents it pinned (an edit
+made and undone while these imports ran is seen there). Then it reads one JSON line from the socket:
+{"argv", "cwd", "env"}, the run's command line
 after the interpreter, its folder and its environment, and runs argv[0] as __main__ (runpy) with
 that argv, folder, environment and sys.path[0], as `python train.py` would (but sys.argv[0] and
 __file__ are the script's absolute path). End of file instead:
@@ -17,13 +21,11 @@ the worker threw it away, it exits. Nothing from the run's folder is imported be
 (sys.path[0] is this script's folder until then), so nothing of an earlier run's files reaches it.
 
 Standard library only: it imports the preloaded modules by name, from whatever environment runs
-it; one that is missing is left to the run, which imports it itself as a cold run does.
+it; one that is missing is left to the run, which imports it itself as a cold run does. Before the
+importer is installed it imports only what is frozen into the interpreter (os, sys), so the digests
+cover every source the run's interpreter compiled but its start-up's `encodings`.
 """
-import importlib
-import json
-import logging
 import os
-import runpy
 import sys
 
 PRELOAD = ("torch", "torch._dynamo", "torch._inductor.compile_fx")
@@ -35,6 +37,8 @@ KEPT_ENV = ("HOME", "PYTHONPYCACHEPREFIX")  # the sandbox's own (bubblewrap --se
 
 
 def preload() -> None:
+    import importlib
+    import logging
     for name, value in IMPORT_ENV.items():
         os.environ.setdefault(name, value)
     try:
@@ -53,14 +57,20 @@ def preload() -> None:
 
 
 def main() -> int:
-    handover = os.fdopen(int(sys.argv[1]), "rb")
+    import trusted_import  # beside this script, as the two below
+    trusted_import.install()
+    import json
+    import runpy
+    import socket
+    import bytecode_archive
     if len(sys.argv) > 2:
-        import bytecode_archive  # beside this script
-        bytecode_archive.unpack(int(sys.argv[2]))
+        trusted_import.install(bytecode_archive.unpack(int(sys.argv[2])))
         os.close(int(sys.argv[2]))
     preload()
-    line = handover.readline()
-    handover.close()
+    with socket.socket(fileno=int(sys.argv[1])) as channel:
+        channel.sendall(json.dumps(trusted_import.digests()).encode() + b"\n")
+        with channel.makefile("rb") as handover:
+            line = handover.readline()
     if not line:
         return 0
     run = json.loads(line)

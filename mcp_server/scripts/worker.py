@@ -42,6 +42,7 @@ from __future__ import annotations  # a node's Python may be older than 3.10
 
 import argparse
 import collections
+import contextlib
 import ctypes
 import json
 import os
@@ -75,7 +76,6 @@ EXPORT_ENV = "RESEARCH_LOOP_EXPORT"  # where the harness writes the trained mode
 ANSWER_ENV = "RESEARCH_LOOP_ANSWER"  # where this worker writes the harness's number for train.py to print
 DATA_ORDER_ENV = "AUTORESEARCH_DATA_ORDER"  # which stretch of the data a rerun trains on (nanochat/dataloader.py)
 WARM_STUB = Path(__file__).resolve().parent / "warm_train.py"  # the interpreter a --warm worker starts ahead
-UVM_DEVICE = "/dev/nvidia-uvm"  # CUDA's unified memory node, made by nvidia-modprobe at the first CUDA use
 IN_OPEN = 0x20
 INOTIFY_EVENT = struct.Struct("iIII")  # wd, mask, cookie, name length
 
@@ -302,18 +302,6 @@ def device_name(env: dict) -> str:
     return "cpu"
 
 
-def cuda_ready_outside_the_sandbox() -> None:
-    """bubblewrap sets no-new-privs, so inside it the setuid nvidia-modprobe that the first CUDA use
-    after a boot runs to make /dev/nvidia-uvm cannot: where a driver is installed and the node is
-    missing, it runs here first (the run then finds the node, or says why it has no GPU)."""
-    if os.path.exists(UVM_DEVICE) or not shutil.which("nvidia-modprobe"):
-        return
-    try:
-        subprocess.run(["nvidia-modprobe", "-u", "-c=0"], capture_output=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-
-
 def write_report(path: Path, report: dict) -> None:
     # a name no one can guess: a planted file or folder at a predictable one would make this write fail
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -348,9 +336,12 @@ def parse_args(argv):
                    help="train on another stretch of the data (a rerun: nanochat/dataloader.py)")
     p.add_argument("--warm", action="store_true",
                    help="start the sandbox and the command's interpreter now; the run's options come on stdin")
+    p.add_argument("--trusted-import", action="store_true",
+                   help="run the command's script as --warm does (warm_train.py, through the server's importer, "
+                        "which reports what it compiled), handing the run over at once")
     p.add_argument("--bytecode-fd", type=int,
-                   help="with --warm: the server's sealed bytecode archive, which the interpreter unpacks into its "
-                        "sandbox's own bytecode folder before its imports (bytecode_archive.py)")
+                   help="with --warm or --trusted-import: the server's sealed bytecode archive, which the "
+                        "interpreter imports with (bytecode_archive.py)")
     args = parse_with_command(p, argv)
     if not args.warm and None in (args.log, args.report, args.timeout):
         p.error("--log, --report and --timeout are required (but with --warm, where the run's options bring them)")
@@ -405,16 +396,22 @@ def handed_args(line: bytes, started: argparse.Namespace) -> tuple[argparse.Name
     return args, env
 
 
-def hand_over(warm: subprocess.Popen, pipe: int, command: list[str], env: dict) -> bool:
-    """The run's script, folder and environment to the waiting interpreter; False where it has exited."""
-    try:
-        with os.fdopen(pipe, "wb") as f:
-            if warm.poll() is not None:
-                return False
-            f.write(json.dumps({"argv": command[1:], "cwd": os.getcwd(), "env": env}).encode() + b"\n")
-    except OSError:
-        return False
-    return True
+def hand_over(warm: subprocess.Popen, channel: int, command: list[str], env: dict,
+              wait: float) -> tuple[bool, dict | None]:
+    """The run's script, folder and environment to the waiting interpreter once it has finished its imports
+    (within `wait` seconds): (handed over, the digests of the sources it compiled, which it writes first,
+    before anything of the run's can run in it)."""
+    with socket.socket(fileno=channel) as sock:
+        try:
+            sock.settimeout(wait)
+            with sock.makefile("rb") as lines:
+                imported = json.loads(lines.readline() or b"null")
+            if warm.poll() is not None or not isinstance(imported, dict):
+                return False, None
+            sock.sendall(json.dumps({"argv": command[1:], "cwd": os.getcwd(), "env": env}).encode() + b"\n")
+        except (OSError, ValueError):
+            return False, None
+    return True, {k: v for k, v in imported.items() if isinstance(k, str) and isinstance(v, str)}
 
 
 def not_started(args, message: str, exit_code: int, started_at: float, subreaper: bool) -> int:
@@ -458,13 +455,14 @@ def main(argv=None) -> int:
         return not_started(args, f"refused to run {args.command[0]!r}: {sandbox.missing()}", 126, started_at,
                            subreaper)
     if in_sandbox:
-        cuda_ready_outside_the_sandbox()
+        sandbox.cuda_ready_outside_the_sandbox()
     env = dict(os.environ)
     # A private copy is the run's alone (the harness copies the shared shard): watched from before any
     # interpreter starts, as a warm one's imports come before its run. The shared shard is watched
     # only once the harness has its copies, below.
     if watch_val and val_copy:
         val_watch = start_watch(val_copy)
+    started_warm = args.warm  # the hand-over's options below are the run's own, without --warm
     if args.warm:
         stub, stub_pipe = start_warm(args.command, args.sandbox, private, write_end, in_child, args.bytecode_fd)
         line = sys.stdin.buffer.readline()
@@ -493,14 +491,21 @@ def main(argv=None) -> int:
             env[ANSWER_ENV] = str(answer)
     if watch_val and not val_copy and not args.val_shared:
         val_watch = start_watch(args.val_shard)
-    warm_start = stub is not None and hand_over(stub, stub_pipe, args.command, env)
-    if stub is not None and not warm_start:
+    if args.trusted_import and stub is None:  # a cold run: its interpreter starts now and is handed the run at once
+        with contextlib.suppress(OSError):
+            stub, stub_pipe = start_warm(args.command, args.sandbox, private, write_end, in_child, args.bytecode_fd)
+    handed, imported = hand_over(stub, stub_pipe, args.command, env, args.timeout) if stub is not None \
+        else (False, None)
+    if stub is not None and not handed:
+        why = "did not finish its imports" if stub.poll() is None else f"had exited (code {stub.poll()})"
+        kill_everything(stub.pid)
         with open_log(args.log) as log:
-            log.write(f"{MARK} the warm interpreter had exited (code {stub.wait()}): this run starts cold\n".encode())
+            log.write(f"{MARK} the interpreter on warm_train.py {why}: the run starts without it\n".encode())
+    warm_start = handed and started_warm
     try:
-        child = stub if warm_start else subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=write_end,
-                                                         stderr=write_end, start_new_session=True,
-                                                         preexec_fn=in_child, env=env)
+        child = stub if handed else subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=write_end,
+                                                     stderr=write_end, start_new_session=True,
+                                                     preexec_fn=in_child, env=env)
     except OSError as exc:
         os.close(write_end)
         if evaluation is not None:
@@ -576,6 +581,8 @@ def main(argv=None) -> int:
         report["val_opened_before_export"] = val_watch.opened_before_export if val_watch else None
     if evaluated is not None and report["exit_code"] == 0 and not (timed_out or stop_reason):
         report["evaluation"] = evaluated
+    # what the interpreters compiled (trusted_import.py), which the server checks against its pins
+    report["imported"] = {"training": imported, "evaluator": (evaluated or {}).pop("imported", None)}
     write_report(args.report, report)
     return 0
 

@@ -1,0 +1,97 @@
+"""An importer that says what it compiled: the SHA-256 of every Python source a process imported, as
+it read it, and no bytecode from a file.
+
+The server pins the environments' sources by their content at each run's check, and inotify reports
+what is written between checks, but neither sees an edit made and undone between two checks through
+a hard link or a memory mapping (inotify reports neither). What a process imported in that window is
+known only to the process: this importer hashes each source as it reads it to compile it, and the
+server compares those digests with the contents its last check verified (core/envpin.py). The
+harness's evaluator and the runs' interpreters (warm_train.py) install it before they import torch.
+
+It never reads bytecode from a `__pycache__` (a crafted `.pyc` there would run with its source's
+digest) and writes none: it compiles each source, or takes the code of the server's bytecode archive
+(bytecode_archive.py) where the archive's checked hash is the source's.
+
+    python -I -S -B trusted_import.py SCRIPT [ARG ...]
+
+runs SCRIPT as __main__ with this importer installed (the evaluator's command line); a script
+imports it as `trusted_import` and calls digests(). Standard library only, and before install() only
+what is frozen or built in, so that nothing but the interpreter's own start-up (its `encodings`) is
+imported before the importer.
+"""
+from __future__ import annotations  # a node's Python may be older than 3.10
+
+import _imp
+import marshal
+import sys
+
+import _frozen_importlib_external as bootstrap
+
+try:  # an extension module: no Python source is compiled to import it
+    from _hashlib import openssl_sha256 as sha256
+except ImportError:  # a Python built without OpenSSL
+    from hashlib import sha256
+
+PYC_HEADER = 16  # magic, flags, the source's hash
+CHECKED_HASH_FLAGS = (0b11).to_bytes(4, "little")
+
+_IMPORTED: dict = {}  # source path -> SHA-256 (hex) of what was compiled from it, or taken from the archive
+_ARCHIVE: dict = {}  # source path -> checked hash-based .pyc bytes (the server's bytecode archive)
+
+
+class TrustedSourceLoader(bootstrap.SourceFileLoader):
+    """SourceFileLoader that hashes the source it reads and never reads or writes a .pyc."""
+
+    def get_code(self, fullname):
+        path = self.get_filename(fullname)
+        data = self.get_data(path)
+        _IMPORTED[path] = sha256(data).hexdigest()
+        pyc = _ARCHIVE.get(path)
+        if pyc is not None and archived_code_fits(pyc, data):
+            return marshal.loads(memoryview(pyc)[PYC_HEADER:])
+        return self.source_to_code(data, path)
+
+
+def archived_code_fits(pyc: bytes, source: bytes) -> bool:
+    """A checked hash-based .pyc of this interpreter made from exactly this source."""
+    return (pyc[:4] == bootstrap.MAGIC_NUMBER and pyc[4:8] == CHECKED_HASH_FLAGS
+            and pyc[8:PYC_HEADER] == _imp.source_hash(bootstrap._RAW_MAGIC_NUMBER, source))
+
+
+def install(archive: dict | None = None) -> None:
+    """From now on, every source this process imports goes through TrustedSourceLoader; archive: the
+    server's {source path: checked .pyc}, whose code is used where it fits the source."""
+    if isinstance(archive, dict):
+        _ARCHIVE.update(archive)
+    hook = bootstrap.FileFinder.path_hook((bootstrap.ExtensionFileLoader, bootstrap.EXTENSION_SUFFIXES),
+                                          (TrustedSourceLoader, bootstrap.SOURCE_SUFFIXES),
+                                          (bootstrap.SourcelessFileLoader, bootstrap.BYTECODE_SUFFIXES))
+    sys.path_hooks[:] = [hook if _is_file_finder_hook(each) else each for each in sys.path_hooks]
+    sys.path_importer_cache.clear()
+    sys.dont_write_bytecode = True
+    sys.modules.setdefault("trusted_import", sys.modules[__name__])
+
+
+def _is_file_finder_hook(hook) -> bool:
+    return getattr(hook, "__qualname__", "").startswith("FileFinder.path_hook")
+
+
+def digests() -> dict:
+    """{source path: SHA-256 of the content this process compiled it from}, for every source imported
+    since install()."""
+    return dict(_IMPORTED)
+
+
+def main() -> int:
+    if len(sys.argv) < 2:
+        print(f"usage: {sys.argv[0]} SCRIPT [ARG ...]", file=sys.stderr)
+        return 2
+    install()
+    import runpy
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
