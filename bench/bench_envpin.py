@@ -5,7 +5,8 @@
 The interpreter's folders are probed once per server; setup takes the pins and every run is checked
 against them (a stat walk of site-packages; the start-up files and standard library; the contents of
 every Python source). Prints the probe, then per pin the first (cold) walk and the median of the take
-and check walks that follow, side by side, and what a run's check costs in all. Target (issue 24): a check well under a
+and check walks that follow, side by side, what the three checks cost one after the other, and what a
+run's check costs (the three sharing one walk, envpin.Walk, as submit's check does). Target (issue 24): a check well under a
 second on an environment with torch (this project's own .venv by default).
 """
 import argparse
@@ -45,7 +46,16 @@ def main() -> None:
         checks = [timed(check, pin)[0] for _ in range(args.repeat)]
         total += statistics.median(checks)
         print(f"{name:<22} {len(pin):>8} {cold:>8.3f} {statistics.median(takes):>8.3f} {statistics.median(checks):>8.3f}")
-    print(f"{'all, per run':<22} {'':>8} {'':>8} {'':>8} {total:>8.3f}")
+    print(f"{'all, each its own walk':<22} {'':>8} {'':>8} {'':>8} {total:>8.3f}")
+    taken = {name: take() for name, (take, _) in pins.items()}
+
+    def shared() -> None:
+        walk = envpin.Walk()
+        envpin.check(taken["packages (stat walk)"], args.python, walk=walk)
+        envpin.check_startup(taken["start-up and stdlib"], pythons, walk)
+        envpin.check_sources(taken["sources (contents)"], pythons, walk)
+    one = statistics.median(timed(shared)[0] for _ in range(args.repeat))
+    print(f"{'all, one walk: per run':<22} {'':>8} {'':>8} {'':>8} {one:>8.3f}")
 
 
 if __name__ == "__main__":

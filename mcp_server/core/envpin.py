@@ -6,6 +6,7 @@ with while train.py's diff stays empty. Setup pins the environment; each run is 
 that pin before it is queued. The pin is a stat walk (path, size, mtime_ns) of the environment's
 site-packages, one digest per top-level entry so a change can be named, plus the content of every
 `.pth` and *customize.py there and in the interpreter's start-up folders (the standard library's).
+A check's pins share one walk of each folder tree (Walk): a run's checks stat each file once.
 """
 import functools
 import hashlib
@@ -32,6 +33,7 @@ BYTECODE_DIR = "__pycache__"
 # a virtual environment does not import
 STDLIB_SKIPPED = (BYTECODE_DIR, "site-packages", "dist-packages")
 ABSENT = "absent"
+SOURCE_SUFFIXES = (".py", ".pth")
 
 
 @functools.lru_cache(maxsize=8)
@@ -49,37 +51,62 @@ def is_startup(name: str) -> bool:
     return name.endswith(".pth") or name in STARTUP_NAMES
 
 
-def _walk(path: str, digest) -> None:
-    """Every file under path: its relative name, size and mtime, symlinks as their targets."""
-    with os.scandir(path) as entries:
-        for entry in sorted(entries, key=lambda e: e.name):
-            if entry.name == BYTECODE_DIR:
-                continue
-            if entry.is_dir(follow_symlinks=False):
-                digest.update(f"{entry.name}/\n".encode())
-                _walk(entry.path, digest)
-                continue
-            st = entry.stat(follow_symlinks=False)
-            target = os.readlink(entry.path) if entry.is_symlink() else ""
-            digest.update(f"{entry.path}\t{st.st_size}\t{st.st_mtime_ns}\t{target}\n".encode())
+class Walk:
+    """The folder trees of one check, each walked once for both digests the pins take of it: every
+    file's name, size and mtime (take, take_startup), and its Python sources' contents (take_sources).
+    A tree walked for one pin is reused by the next, so the pins of a check see the same moment."""
+
+    def __init__(self):
+        self.trees: dict[str, tuple[str, str]] = {}
+        self.sources: dict[str, str] = {}  # each source's path -> SHA-256 (hex), as this walk found it
+
+    def tree(self, path: str) -> tuple[str, str]:
+        """A folder's (stat digest, sources digest)."""
+        if path not in self.trees:
+            stats, sources = hashlib.sha256(), hashlib.sha256()
+            _walk(path, stats, sources, self.sources)
+            self.trees[path] = stats.hexdigest()[:16], sources.hexdigest()[:16]
+        return self.trees[path]
 
 
-def _entry_digest(entry: os.DirEntry) -> str:
-    digest = hashlib.sha256()
-    if entry.is_dir(follow_symlinks=False):
-        _walk(entry.path, digest)
-    else:
+def _walk(path: str, stats, sources, seen: dict) -> None:
+    """Every file under path into stats: its relative name, size and mtime, symlinks as their targets;
+    and every Python source into sources: its path and content digest, a folder's own sources before its
+    subfolders' (os.walk's order: a symlink to a folder is neither a source nor walked)."""
+    with os.scandir(path) as found:
+        entries = sorted((e for e in found if e.name != BYTECODE_DIR), key=lambda e: e.name)
+    for entry in entries:
+        if entry.name.endswith(SOURCE_SUFFIXES) and not entry.is_dir():
+            st = None if entry.is_symlink() else entry.stat(follow_symlinks=False)
+            found = _content_digest(entry.path, st)
+            seen[entry.path] = found.hex()
+            sources.update(f"{entry.path}\n".encode() + found)
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            stats.update(f"{entry.name}/\n".encode())
+            _walk(entry.path, stats, sources, seen)
+            continue
         st = entry.stat(follow_symlinks=False)
-        digest.update(f"{st.st_size}\t{st.st_mtime_ns}\n".encode())
-        if is_startup(entry.name) and entry.is_file():
-            with open(entry.path, "rb") as f:
-                digest.update(hashlib.sha256(f.read()).digest())
+        target = os.readlink(entry.path) if entry.is_symlink() else ""
+        stats.update(f"{entry.path}\t{st.st_size}\t{st.st_mtime_ns}\t{target}\n".encode())
+
+
+def _entry_digest(entry: os.DirEntry, walk: Walk) -> str:
+    if entry.is_dir(follow_symlinks=False):
+        return walk.tree(entry.path)[0]
+    digest = hashlib.sha256()
+    st = entry.stat(follow_symlinks=False)
+    digest.update(f"{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    if is_startup(entry.name) and entry.is_file():
+        with open(entry.path, "rb") as f:
+            digest.update(hashlib.sha256(f.read()).digest())
     return digest.hexdigest()[:16]
 
 
-def take(python: str | None) -> dict | None:
+def take(python: str | None, walk: Walk | None = None) -> dict | None:
     """{path: digest} for each top-level entry of the site folders and each start-up file of the
     interpreter's other start-up folders; None where python is no Python interpreter."""
+    walk = walk or Walk()
     if not python:
         return None
     try:
@@ -98,11 +125,11 @@ def take(python: str | None) -> dict | None:
                 if entry.name == BYTECODE_DIR:  # the top-level modules' bytecode, as in every package
                     continue
                 if whole or is_startup(entry.name):
-                    pin[entry.path] = _entry_digest(entry)
+                    pin[entry.path] = _entry_digest(entry, walk)
     return pin
 
 
-def take_startup(pythons) -> dict:
+def take_startup(pythons, walk: Walk | None = None) -> dict:
     """{path: digest} of what the interpreters load beyond their site folders: each top-level entry of
     their standard library folders (their start-up path but the site folders) and each start-up path
     entry that is no folder (a zip of bytecode there runs before the standard library's sources, so its
@@ -110,7 +137,7 @@ def take_startup(pythons) -> dict:
     (which can add the base install's packages); and the start-up files in each folder a .pth file adds
     to the path (an editable install's project). A base install the user can write (pyenv's, uv's)
     would take planted modules that every run and the evaluator import."""
-    pin = {}
+    walk, pin = walk or Walk(), {}
     for python in dict.fromkeys(pythons):
         site, path = folders(python)
         for folder in path:
@@ -122,38 +149,40 @@ def take_startup(pythons) -> dict:
             with os.scandir(folder) as entries:
                 for entry in entries:
                     if entry.name not in STDLIB_SKIPPED:
-                        pin[entry.path] = _entry_digest(entry)
+                        pin[entry.path] = _entry_digest(entry, walk)
         for each in interpreter_files(python) + [os.path.join(f, n) for f in pth_folders(site) for n in STARTUP_NAMES]:
             pin[each] = _file_digest(each)
     return pin
 
 
-def take_sources(pythons, files: dict | None = None) -> dict:
+def take_sources(pythons, walk: Walk | None = None) -> dict:
     """{folder entry: SHA-256 of its Python sources' contents} for each top-level entry of the
     interpreters' site folders and standard library folders: the stat walk above cannot see an edit
     that keeps a file's size and puts its mtime back (os.utime), nor one written through a memory
     mapping or a hard link, which inotify misses too. Hashing torch's 300 MB of sources takes 0.6 s;
-    after the first time, only the files whose stat moved are read again. files: filled with each
-    source's {path: SHA-256 (hex)}."""
-    pin = {}
-    files = {} if files is None else files
+    after the first time, only the files whose stat moved are read again."""
+    walk, pin = walk or Walk(), {}
     for folder in dict.fromkeys(f for python in pythons for f in sum(folders(python), ())):
         if not os.path.isdir(folder):
             continue
         with os.scandir(folder) as entries:
             for entry in entries:
-                if entry.name not in STDLIB_SKIPPED and (entry.is_dir(follow_symlinks=False)
-                                                         or entry.name.endswith((".py", ".pth"))):
-                    pin[entry.path] = _sources_digest(entry.path, files)
+                if entry.name in STDLIB_SKIPPED:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    pin[entry.path] = walk.tree(entry.path)[1]
+                elif entry.name.endswith(SOURCE_SUFFIXES):
+                    pin[entry.path] = _sources_digest(entry.path, walk.sources)
     return pin
 
 
 def _sources_digest(path: str, seen: dict) -> str:
+    """A top-level source's digest (a folder's is its Walk.tree's); seen: each source's path -> SHA-256 (hex)."""
     digest = hashlib.sha256()
     for folder, subfolders, files in os.walk(path) if os.path.isdir(path) else [(os.path.dirname(path), [],
                                                                                     [os.path.basename(path)])]:
         subfolders[:] = sorted(d for d in subfolders if d != BYTECODE_DIR)
-        for name in sorted(f for f in files if f.endswith((".py", ".pth"))):
+        for name in sorted(f for f in files if f.endswith(SOURCE_SUFFIXES)):
             each = os.path.join(folder, name)
             found = _content_digest(each)
             seen[each] = found.hex()
@@ -167,9 +196,10 @@ def _sources_digest(path: str, seen: dict) -> str:
 _CONTENT: dict = {}
 
 
-def _content_digest(path: str) -> bytes:
+def _content_digest(path: str, st: os.stat_result | None = None) -> bytes:
+    """path's SHA-256; st: its stat where the caller has it (no symlink: the same as os.stat's)."""
     try:
-        st = os.stat(path)
+        st = st or os.stat(path)
         key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         known = _CONTENT.get(path)
         if known is not None and known[0] == key:
@@ -187,19 +217,19 @@ def _content_digest(path: str) -> bytes:
 _VERIFIED: dict = {}
 
 
-def pin_sources(pythons) -> dict:
+def pin_sources(pythons, walk: Walk | None = None) -> dict:
     """take_sources, for a new pin: what it found is what the runs' imports are checked against."""
-    files = {}
-    pin = take_sources(pythons, files)
-    _VERIFIED.update(files)
+    walk = walk or Walk()
+    pin = take_sources(pythons, walk)
+    _VERIFIED.update(walk.sources)
     return pin
 
 
-def check_sources(pinned: dict, pythons) -> None:
-    files = {}
-    _refuse_changes(pinned, take_sources(pythons, files), "The Python sources the runs and the evaluator import",
+def check_sources(pinned: dict, pythons, walk: Walk | None = None) -> None:
+    walk = walk or Walk()
+    _refuse_changes(pinned, take_sources(pythons, walk), "The Python sources the runs and the evaluator import",
                     "reinstall what changed")
-    _VERIFIED.update(files)
+    _VERIFIED.update(walk.sources)
 
 
 def imported_changes(imported) -> list[str]:
@@ -251,15 +281,15 @@ def _file_digest(path: str) -> str:
 
 
 def check(pinned: dict, python: str | None, what: str = "The training environment",
-          reinstall: str = "`uv sync --reinstall` in the workspace") -> None:
+          reinstall: str = "`uv sync --reinstall` in the workspace", walk: Walk | None = None) -> None:
     """Refuses a run whose environment is not the one setup pinned, naming what changed."""
-    _refuse_changes(pinned, take(python) or {}, what, reinstall)
+    _refuse_changes(pinned, take(python, walk) or {}, what, reinstall)
 
 
-def check_startup(pinned: dict, pythons) -> None:
+def check_startup(pinned: dict, pythons, walk: Walk | None = None) -> None:
     """Refuses a run whose interpreters load at start-up or from their standard library anything else
     than setup pinned."""
-    _refuse_changes(pinned, take_startup(pythons), "What the runs' and the evaluator's Python loads beyond its "
+    _refuse_changes(pinned, take_startup(pythons, walk), "What the runs' and the evaluator's Python loads beyond its "
                     "packages (the interpreter, its standard library, pyvenv.cfg, the folders .pth files add)",
                     "reinstall that Python or venv")
 

@@ -16,17 +16,16 @@ undone between two checks (docs/trust.md).
 """
 import ctypes
 import os
-import struct
 import sys
 import threading
 import uuid
 
 from mcp_server.core import envpin
+from mcp_server.scripts import inotify_events
 
 IN_MODIFY, IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x2, 0x40, 0x80, 0x100, 0x200
 IN_DELETE_SELF, IN_MOVE_SELF, IN_Q_OVERFLOW, IN_ISDIR = 0x400, 0x800, 0x4000, 0x40000000
 CHANGES = IN_MODIFY | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF
-EVENT = struct.Struct("iIII")  # wd, mask, cookie, name length
 KEPT = 20  # changes remembered by path, for the answer
 
 
@@ -97,17 +96,8 @@ class EnvironmentWatch:
             return [path for n, path in self.changes if n > generation]
 
     def _read_queued(self) -> None:
-        while True:
-            try:
-                data = os.read(self.fd, 65536)
-            except OSError:  # nothing queued (EAGAIN), or closed
-                return
-            offset = 0
-            while offset + EVENT.size <= len(data):
-                wd, mask, _, length = EVENT.unpack_from(data, offset)
-                name = data[offset + EVENT.size:offset + EVENT.size + length].rstrip(b"\0").decode(errors="replace")
-                offset += EVENT.size + length
-                self._note(wd, mask, name)
+        for wd, mask, name in inotify_events.queued(self.fd):
+            self._note(wd, mask, name)
 
     def _note(self, wd: int, mask: int, name: str) -> None:
         if mask & IN_Q_OVERFLOW:

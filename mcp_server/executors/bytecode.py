@@ -17,6 +17,12 @@ from mcp_server.scripts.bytecode_archive import read
 
 BUILDER = Path(__file__).resolve().parent.parent / "scripts" / "bytecode_archive.py"
 BUILD_TIMEOUT_S = 600  # listing and compiling torch's compile stack took ~20 s on the 2-core CPU
+# The list step's interpreter: isolated, without site, writing no bytecode, but reading the environment's
+# (5 s instead of 11 s where it has some). It runs the environment's code in any case (it imports torch
+# from sources the agent could edit), and a crafted .pyc there can change no more than what it prints:
+# a list of paths, each compiled from its own source by the step that reads no bytecode, and checked
+# against its source's hash again at import. Nothing it runs enters a run's bytecode or its number.
+LISTER = ("-I", "-S", "-B")
 
 
 def build(python: str, env: dict) -> bytes:
@@ -25,7 +31,7 @@ def build(python: str, env: dict) -> bytes:
     nothing from them. Raises OSError or subprocess.SubprocessError where it cannot be built."""
     site, _ = envpin.folders(python)
     run = dict(capture_output=True, env=env, timeout=BUILD_TIMEOUT_S, check=True)
-    listed = subprocess.run(["nice", python, *harness_eval.ISOLATED, str(BUILDER), "--list", *site], **run)
+    listed = subprocess.run(["nice", python, *LISTER, str(BUILDER), "--list", *site], **run)
     sources = (listed.stdout.strip().splitlines() or [b"[]"])[-1]  # the list is the last line: imports may print
     return subprocess.run(["nice", python, *harness_eval.ISOLATED, str(BUILDER), "--compile"], input=sources,
                           **run).stdout

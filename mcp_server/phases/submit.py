@@ -76,11 +76,12 @@ def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments:
         ledger.ensure_ledger(core.ledger_path)
         ws.add_excludes()
         fingerprint = ws.fingerprint()
-        environment_pin = _environment_pin(core)
-        evaluator_pin = _evaluator_pin(run_command(core)[0]) if environment_pin is not None else None
+        walk = envpin.Walk()  # one walk of the environments for the four pins
+        environment_pin = _environment_pin(core, walk)
+        evaluator_pin = _evaluator_pin(run_command(core)[0], walk) if environment_pin is not None else None
         pythons = [run_command(core)[0], sys.executable] if environment_pin is not None else None
-        startup_pin = envpin.take_startup(pythons) if pythons else None
-        source_pin = envpin.pin_sources(pythons) if pythons else None
+        startup_pin = envpin.take_startup(pythons, walk) if pythons else None
+        source_pin = envpin.pin_sources(pythons, walk) if pythons else None
         seq = state.get("seq", 0) or _last_run_number(core)
         state.clear()
         core.fresh_records.clear()  # the earlier research run's records vouch for nothing here
@@ -226,11 +227,16 @@ def _check_environment(core: LoopCore, state: dict) -> dict:
     position = core.pool.environment_position([python, sys.executable])  # sys.executable: the evaluator's
     pythons = [python, sys.executable]
     evaluator = ("The harness evaluator's environment (this server's)", "reinstall the plugin's environment")
+    walk = envpin.Walk()  # each file stat'ed once for the four pins
     for key, take, check in (
-            ("environment_pin", lambda: envpin.take(python) or {}, lambda pin: envpin.check(pin, python)),
-            ("evaluator_pin", lambda: _evaluator_pin(python), lambda pin: envpin.check(pin, sys.executable, *evaluator)),
-            ("startup_pin", lambda: envpin.take_startup(pythons), lambda pin: envpin.check_startup(pin, pythons)),
-            ("source_pin", lambda: envpin.pin_sources(pythons), lambda pin: envpin.check_sources(pin, pythons))):
+            ("environment_pin", lambda: envpin.take(python, walk) or {},
+             lambda pin: envpin.check(pin, python, walk=walk)),
+            ("evaluator_pin", lambda: _evaluator_pin(python, walk),
+             lambda pin: envpin.check(pin, sys.executable, *evaluator, walk=walk)),
+            ("startup_pin", lambda: envpin.take_startup(pythons, walk),
+             lambda pin: envpin.check_startup(pin, pythons, walk)),
+            ("source_pin", lambda: envpin.pin_sources(pythons, walk),
+             lambda pin: envpin.check_sources(pin, pythons, walk))):
         if state.get(key) is None:  # a state from before this pin: pinned now
             state[key] = take()
         elif state[key]:
@@ -238,20 +244,20 @@ def _check_environment(core: LoopCore, state: dict) -> dict:
     return position
 
 
-def _evaluator_pin(training_python: str) -> dict:
+def _evaluator_pin(training_python: str, walk: envpin.Walk | None = None) -> dict:
     """The environment the harness's evaluator imports torch from (this server's interpreter's, which
     the evaluation spec names), where it is not the training's: an edited loss there bends every
     verified number."""
     if envpin.folders(sys.executable)[0] == envpin.folders(training_python)[0]:
         return {}
-    return envpin.take(sys.executable) or {}
+    return envpin.take(sys.executable, walk) or {}
 
 
-def _environment_pin(core: LoopCore) -> dict | None:
+def _environment_pin(core: LoopCore, walk: envpin.Walk | None = None) -> dict | None:
     """At setup: the environment the runs will train with, found as a run finds it; where it
     cannot be found yet, the first run pins it."""
     try:
-        return envpin.take(run_command(core)[0]) or {}
+        return envpin.take(run_command(core)[0], walk) or {}
     except (OSError, subprocess.SubprocessError):
         return None
 

@@ -14,14 +14,14 @@ or the harness's evaluator imports would run with train.py's diff and the enviro
 - the archive: checked hash-based `.pyc` files (PEP 552) of the modules the warm interpreter preloads.
   The importer hashes each module's source as it is at import time and compiles it afresh where the
   hash differs, so an archive made while a source was edited (and put back since) only costs a
-  compile. Two processes of the training's interpreter make it, both isolated, without site and with
-  no bytecode of their own: one imports the preload to list the source files (it runs the
-  environment's code, so its list is all it gives), the other, which imports nothing from the
-  environment, compiles each listed source. The server keeps the archive, a marshalled {source path:
-  .pyc bytes}, in a sealed memory file (executors/bytecode.py): no process can write it, and each run's
-  interpreter reads it through its fd.
+  compile. Two processes of the training's interpreter make it, both isolated, without site and
+  writing no bytecode: one imports the preload to list the source files (it runs the environment's
+  code, its bytecode included, so its list is all it gives), the other, which imports nothing from the
+  environment and reads no bytecode, compiles each listed source. The server keeps the archive, a
+  marshalled {source path: .pyc bytes}, in a sealed memory file (executors/bytecode.py): no process
+  can write it, and each run's interpreter reads it through its fd.
 
-    python -I -S -B -X pycache_prefix=NOWHERE bytecode_archive.py --list SITE_FOLDER...  > SOURCES
+    python -I -S -B bytecode_archive.py --list SITE_FOLDER...  > SOURCES
     python -I -S -B -X pycache_prefix=NOWHERE bytecode_archive.py --compile < SOURCES > ARCHIVE
 
 Standard library only: it runs with the training's interpreter, beside warm_train.py.

@@ -50,7 +50,6 @@ import select
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -59,9 +58,10 @@ import time
 from pathlib import Path
 
 try:
-    from mcp_server.scripts import sandbox
+    from mcp_server.scripts import inotify_events, sandbox
     from mcp_server.scripts.harness_eval import MARK, HarnessEvaluation, on_this_device, open_log, socket_channel
 except ImportError:  # run as a script, or on a node: sandbox.py and harness_eval.py are beside this file
+    import inotify_events
     import sandbox
     from harness_eval import MARK, HarnessEvaluation, on_this_device, open_log, socket_channel
 
@@ -77,7 +77,6 @@ ANSWER_ENV = "RESEARCH_LOOP_ANSWER"  # where this worker writes the harness's nu
 DATA_ORDER_ENV = "AUTORESEARCH_DATA_ORDER"  # which stretch of the data a rerun trains on (nanochat/dataloader.py)
 WARM_STUB = Path(__file__).resolve().parent / "warm_train.py"  # the interpreter a --warm worker starts ahead
 IN_OPEN = 0x20
-INOTIFY_EVENT = struct.Struct("iIII")  # wd, mask, cookie, name length
 
 
 def prctl(option: int, value: int) -> bool:
@@ -230,17 +229,9 @@ class ValidationWatch(threading.Thread):
             self.exported = True
 
     def _read_queued(self) -> None:
-        while True:
-            try:
-                data = os.read(self.fd, 65536)
-            except (BlockingIOError, OSError):
-                return
-            offset = 0
-            while offset + INOTIFY_EVENT.size <= len(data):
-                _, mask, _, length = INOTIFY_EVENT.unpack_from(data, offset)
-                offset += INOTIFY_EVENT.size + length
-                if mask & IN_OPEN and not self.exported:
-                    self.opened_before_export += 1
+        for _, mask, _ in inotify_events.queued(self.fd):
+            if mask & IN_OPEN and not self.exported:
+                self.opened_before_export += 1
 
     def stop(self) -> None:
         self.done.set()
