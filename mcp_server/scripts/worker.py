@@ -42,7 +42,6 @@ from __future__ import annotations  # a node's Python may be older than 3.10
 
 import argparse
 import collections
-import contextlib
 import ctypes
 import json
 import os
@@ -491,18 +490,27 @@ def main(argv=None) -> int:
             env[ANSWER_ENV] = str(answer)
     if watch_val and not val_copy and not args.val_shared:
         val_watch = start_watch(args.val_shard)
-    if args.trusted_import and stub is None:  # a cold run: its interpreter starts now and is handed the run at once
-        with contextlib.suppress(OSError):
-            stub, stub_pipe = start_warm(args.command, args.sandbox, private, write_end, in_child, args.bytecode_fd)
-    handed, imported = hand_over(stub, stub_pipe, args.command, env, args.timeout) if stub is not None \
-        else (False, None)
-    if stub is not None and not handed:
+    handed = imported = why = None
+    # A harness run's interpreter says what it compiled before it is handed the run; one that does not (exited,
+    # killed, hung) is never replaced by a plain one, which compiles an edit unseen: a lost warm one by a fresh one
+    for attempt in range(2 if started_warm else 1 if args.trusted_import else 0):
+        try:
+            if stub is None:
+                stub, stub_pipe = start_warm(args.command, args.sandbox, private, write_end, in_child, args.bytecode_fd)
+        except OSError as exc:
+            why = f"could not start ({exc})"
+            break
+        handed, imported = hand_over(stub, stub_pipe, args.command, env, args.timeout)
+        if handed:
+            break
         why = "did not finish its imports" if stub.poll() is None else f"had exited (code {stub.poll()})"
         kill_everything(stub.pid)
-        with open_log(args.log) as log:
-            log.write(f"{MARK} the interpreter on warm_train.py {why}: the run starts without it\n".encode())
-    warm_start = handed and started_warm
+        stub = None
+    warm_start = bool(handed) and started_warm and attempt == 0
     try:
+        if why and not handed:
+            raise OSError(f"its interpreter on warm_train.py {why}, before it said what it compiled "
+                          "(scripts/trusted_import.py)")
         child = stub if handed else subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=write_end,
                                                      stderr=write_end, start_new_session=True,
                                                      preexec_fn=in_child, env=env)
