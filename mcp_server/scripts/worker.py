@@ -498,7 +498,7 @@ def main(argv=None) -> int:
         for attempt in range(2 if started_warm else 1 if args.trusted_import else 0):
             if stub is None:
                 stub, stub_pipe = start_warm(args.command, args.sandbox, private, write_end, in_child, args.bytecode_fd)
-            handed, imported = hand_over(stub, stub_pipe, args.command, env, args.timeout)
+            handed, imported = hand_over(stub, stub_pipe, args.command, env, args.timeout - (time.monotonic() - t0))
             if handed:
                 warm_start = started_warm and attempt == 0
                 break
