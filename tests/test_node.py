@@ -30,6 +30,7 @@ def code_folder(tmp_path: Path, name: str, token: str) -> Path:
     shutil.copy(node.__file__, scripts / "node.py")
     shutil.copy(sandbox.__file__, scripts / "sandbox.py")
     shutil.copy(harness_eval.__file__, scripts / "harness_eval.py")
+    shutil.copy(harness_eval.TRUSTED_IMPORT, scripts / "trusted_import.py")  # as cluster.package does
     (scripts / node.TOKEN_FILE).write_text(token)
     (code / "prepare.py").write_text(PREPARE)
     (code / "train.py").write_text("print('---'); print('val_bpb:          0.987000')\n")

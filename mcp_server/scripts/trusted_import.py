@@ -16,13 +16,12 @@ digest) and writes none: it compiles each source, or takes the code of the serve
 
 runs SCRIPT as __main__ with this importer installed (the evaluator's command line); a script
 imports it as `trusted_import` and calls digests(). Standard library only, and before install() only
-what is frozen or built in, so that nothing but the interpreter's own start-up (its `encodings`) is
-imported before the importer.
+what is frozen or built in (no `from __future__` either: `__future__` is a source), so that nothing
+but the interpreter's own start-up (its `encodings`) is compiled before the importer.
 """
-from __future__ import annotations  # a node's Python may be older than 3.10
-
 import _imp
 import marshal
+import posix
 import sys
 
 import _frozen_importlib_external as bootstrap
@@ -37,6 +36,10 @@ CHECKED_HASH_FLAGS = (0b11).to_bytes(4, "little")
 
 _IMPORTED: dict = {}  # source path -> SHA-256 (hex) of what was compiled from it, or taken from the archive
 _ARCHIVE: dict = {}  # source path -> checked hash-based .pyc bytes (the server's bytecode archive)
+# the descriptor each digest is written to as it is taken (warm_train.py's hand-over socket): the
+# record above is the process's own, which the code of a module it imported can rewrite
+_STREAM: list = []
+END = b"\n"  # the stream's last line
 
 
 class TrustedSourceLoader(bootstrap.SourceFileLoader):
@@ -45,7 +48,9 @@ class TrustedSourceLoader(bootstrap.SourceFileLoader):
     def get_code(self, fullname):
         path = self.get_filename(fullname)
         data = self.get_data(path)
-        _IMPORTED[path] = sha256(data).hexdigest()
+        digest = _IMPORTED[path] = sha256(data).hexdigest()
+        if _STREAM:  # before the module's code runs, which can then add lines but never take this one back
+            _write(f"{digest} {path.encode('utf-8', 'surrogateescape').hex()}\n".encode())
         pyc = _ARCHIVE.get(path)
         if pyc is not None and archived_code_fits(pyc, data):
             return marshal.loads(memoryview(pyc)[PYC_HEADER:])
@@ -58,11 +63,14 @@ def archived_code_fits(pyc: bytes, source: bytes) -> bool:
             and pyc[8:PYC_HEADER] == _imp.source_hash(bootstrap._RAW_MAGIC_NUMBER, source))
 
 
-def install(archive: dict | None = None) -> None:
+def install(archive=None, stream=None) -> None:
     """From now on, every source this process imports goes through TrustedSourceLoader; archive: the
-    server's {source path: checked .pyc}, whose code is used where it fits the source."""
+    server's {source path: checked .pyc}, whose code is used where it fits the source; stream: a
+    descriptor each digest is written to as it is taken, until end_stream()."""
     if isinstance(archive, dict):
         _ARCHIVE.update(archive)
+    if stream is not None:
+        _STREAM[:] = [stream]
     hook = bootstrap.FileFinder.path_hook((bootstrap.ExtensionFileLoader, bootstrap.EXTENSION_SUFFIXES),
                                           (TrustedSourceLoader, bootstrap.SOURCE_SUFFIXES),
                                           (bootstrap.SourcelessFileLoader, bootstrap.BYTECODE_SUFFIXES))
@@ -74,6 +82,48 @@ def install(archive: dict | None = None) -> None:
 
 def _is_file_finder_hook(hook) -> bool:
     return getattr(hook, "__qualname__", "").startswith("FileFinder.path_hook")
+
+
+def _write(data: bytes) -> None:
+    while data:
+        data = data[posix.write(_STREAM[0], data):]
+
+
+def end_stream() -> None:
+    """The stream's end line; nothing more is written to it."""
+    if _STREAM:
+        _write(END)
+        _STREAM.clear()
+
+
+def read_digests(lines):
+    """What a stream holds, from a binary file of it: {source path: digest}, the first line of a
+    path counting; None where it ended before its end line. A line no importer wrote: ValueError."""
+    found = {}
+    for line in iter(lines.readline, END):
+        if not line:
+            return None
+        digest, path = line.split()
+        found.setdefault(bytes.fromhex(path.decode()).decode("utf-8", "surrogateescape"), digest.decode())
+    return found
+
+
+def read_in_background(fd: int):
+    """A thread that reads the stream on fd as it is written (a socket holds some 200 kB unread, and
+    torch's imports write 600 kB: unread, they would wait): its .digests, once it ended, are
+    read_digests' (None also for a line no importer wrote)."""
+    import threading
+
+    def read():
+        try:
+            with open(posix.dup(fd), "rb") as lines:
+                thread.digests = read_digests(lines)
+        except (OSError, ValueError):
+            pass
+    thread = threading.Thread(target=read, daemon=True, name="imported")
+    thread.digests = None
+    thread.start()
+    return thread
 
 
 def digests() -> dict:

@@ -10,9 +10,11 @@ the agent can write, and keeps the digest of each source it compiles) and, where
 takes the bytecode archive (ARCHIVE_FD: the server's own compile of these modules, bytecode_archive.py),
 whose .pyc files it also writes into its bytecode folder, the sandbox's private one, for the run's
 subprocesses. It imports torch and torch.compile's stack (PRELOAD: about 10 s of a run's start-up on
-the 2-core CPU) and writes one JSON line to the socket FD: the digests of every source it compiled,
-which the worker hands to the server, which checks them against the contents it pinned (an edit
-made and undone while these imports ran is seen there). Then it reads one JSON line from the socket:
+the 2-core CPU). The importer writes the digest of each source it compiles to the socket FD as it
+compiles it, before the module's code runs (that code may add lines, never take one back), and an
+empty line once these imports are done; the worker hands them to the server, which checks them
+against the contents it pinned (an edit made and undone while these imports ran is seen there).
+Then it reads one JSON line from the socket:
 {"argv", "cwd", "env"}, the run's command line
 after the interpreter, its folder and its environment, and runs argv[0] as __main__ (runpy) with
 that argv, folder, environment and sys.path[0], as `python train.py` would (but sys.argv[0] and
@@ -58,7 +60,7 @@ def preload() -> None:
 
 def main() -> int:
     import trusted_import  # beside this script, as the two below
-    trusted_import.install()
+    trusted_import.install(stream=int(sys.argv[1]))
     import json
     import runpy
     import socket
@@ -67,8 +69,8 @@ def main() -> int:
         trusted_import.install(bytecode_archive.unpack(int(sys.argv[2])))
         os.close(int(sys.argv[2]))
     preload()
+    trusted_import.end_stream()
     with socket.socket(fileno=int(sys.argv[1])) as channel:
-        channel.sendall(json.dumps(trusted_import.digests()).encode() + b"\n")
         with channel.makefile("rb") as handover:
             line = handover.readline()
     if not line:

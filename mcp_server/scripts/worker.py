@@ -35,14 +35,13 @@ runs (this machine's slots, a Ray or SLURM node). It
 it, the command's interpreter on warm_train.py, which imports torch and waits; then one JSON line
 on stdin, {"argv": this script's options for the run, "env": the run's environment}, and the run
 goes on as above with that interpreter running the script (the timeout and the wall time count from
-then). Where the warm interpreter has exited, the run starts cold; end of file instead of the line:
+then). Where the warm interpreter was lost, a fresh one takes the run; end of file instead of the line:
 it was never used, and it ends with everything it started.
 """
 from __future__ import annotations  # a node's Python may be older than 3.10
 
 import argparse
 import collections
-import contextlib
 import ctypes
 import json
 import os
@@ -60,10 +59,12 @@ from pathlib import Path
 try:
     from mcp_server.scripts import inotify_events, sandbox
     from mcp_server.scripts.harness_eval import MARK, HarnessEvaluation, on_this_device, open_log, socket_channel
-except ImportError:  # run as a script, or on a node: sandbox.py and harness_eval.py are beside this file
+    from mcp_server.scripts.trusted_import import read_in_background
+except ImportError:  # run as a script, or on a node: sandbox.py, harness_eval.py... are beside this file
     import inotify_events
     import sandbox
     from harness_eval import MARK, HarnessEvaluation, on_this_device, open_log, socket_channel
+    from trusted_import import read_in_background
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -368,6 +369,7 @@ def start_warm(command: list[str], spec: dict, private: dict | None, output: int
         raise
     finally:
         os.close(read_fd)
+    proc.imported = read_in_background(write_fd)
     return proc, write_fd
 
 
@@ -390,19 +392,17 @@ def handed_args(line: bytes, started: argparse.Namespace) -> tuple[argparse.Name
 def hand_over(warm: subprocess.Popen, channel: int, command: list[str], env: dict,
               wait: float) -> tuple[bool, dict | None]:
     """The run's script, folder and environment to the waiting interpreter once it has finished its imports
-    (within `wait` seconds): (handed over, the digests of the sources it compiled, which it writes first,
-    before anything of the run's can run in it)."""
+    (within `wait` seconds): (handed over, the digests of the sources it compiled, written as it compiled
+    each, before that module's code ran, and read as they come: trusted_import.py)."""
+    warm.imported.join(wait)
     with socket.socket(fileno=channel) as sock:
-        try:
-            sock.settimeout(wait)
-            with sock.makefile("rb") as lines:
-                imported = json.loads(lines.readline() or b"null")
-            if warm.poll() is not None or not isinstance(imported, dict):
-                return False, None
-            sock.sendall(json.dumps({"argv": command[1:], "cwd": os.getcwd(), "env": env}).encode() + b"\n")
-        except (OSError, ValueError):
+        if warm.poll() is not None or warm.imported.is_alive() or warm.imported.digests is None:
             return False, None
-    return True, {k: v for k, v in imported.items() if isinstance(k, str) and isinstance(v, str)}
+        try:
+            sock.sendall(json.dumps({"argv": command[1:], "cwd": os.getcwd(), "env": env}).encode() + b"\n")
+        except OSError:
+            return False, None
+    return True, warm.imported.digests
 
 
 def not_started(args, message: str, exit_code: int, started_at: float, subreaper: bool) -> int:
@@ -482,18 +482,23 @@ def main(argv=None) -> int:
             env[ANSWER_ENV] = str(answer)
     if watch_val and not val_copy and not args.val_shared:
         val_watch = start_watch(args.val_shard)
-    if args.trusted_import and stub is None:  # a cold run: its interpreter starts now and is handed the run at once
-        with contextlib.suppress(OSError):
-            stub, stub_pipe = start_warm(args.command, args.sandbox, private, write_end, in_child, args.bytecode_fd)
-    handed, imported = hand_over(stub, stub_pipe, args.command, env, args.timeout) if stub is not None \
-        else (False, None)
-    if stub is not None and not handed:
-        why = "did not finish its imports" if stub.poll() is None else f"had exited (code {stub.poll()})"
-        kill_everything(stub.pid)
-        with open_log(args.log) as log:
-            log.write(f"{MARK} the interpreter on warm_train.py {why}: the run starts without it\n".encode())
-    warm_start = handed and started_warm
+    warm_start, handed, imported, why = False, None, None, None
     try:
+        # A harness run's interpreter says what it compiled before it is handed the run; one that does not (exited,
+        # killed, hung) is never replaced by a plain one, which compiles an edit unseen: a lost warm one by a fresh one
+        for attempt in range(2 if started_warm else 1 if args.trusted_import else 0):
+            if stub is None:
+                stub, stub_pipe = start_warm(args.command, args.sandbox, private, write_end, in_child, args.bytecode_fd)
+            handed, imported = hand_over(stub, stub_pipe, args.command, env, args.timeout - (time.monotonic() - t0))
+            if handed:
+                warm_start = started_warm and attempt == 0
+                break
+            why = "did not finish its imports" if stub.poll() is None else f"had exited (code {stub.poll()})"
+            kill_everything(stub.pid)
+            stub = None
+        if why and not handed:
+            raise OSError(f"its interpreter on warm_train.py {why}, before it said what it compiled "
+                          "(scripts/trusted_import.py)")
         child = stub if handed else subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=write_end,
                                                      stderr=write_end, start_new_session=True,
                                                      preexec_fn=in_child, env=env)

@@ -1,0 +1,145 @@
+"""Review of the imports' digests (scripts/trusted_import.py): what a module the agent edited can do
+about its own digest once it runs, and a run whose interpreter never says what it compiled."""
+import os
+import queue
+import sys
+from pathlib import Path
+
+import pytest
+from test_envpin import edit_through_a_link, stand_in_torch  # noqa: F401  (a fixture)
+
+CHANGED = "{} (compiled from other contents than its check found)"
+# the edited module, once it runs, takes its own digest back out of the importer's record
+ERASE_ITSELF = "sys.modules['trusted_import']._IMPORTED.pop(__file__, None) if 'trusted_import' in sys.modules else 0"
+
+
+def start(lab, n: int, outcomes, evaluator=None):
+    lab.pool.start(lab.spec(n, False, lab.pool.environment_position([lab.python]), evaluator),
+                   lambda r, o: outcomes.put(o))
+
+
+# ...and writes the genuine digest and the end line to the worker's socket itself
+FORGE_STREAM = ("import hashlib, os\nif 'trusted_import' in sys.modules: os.write(int(sys.argv[1]), "
+                "('%s %s\\n\\n' % (hashlib.sha256(open(__file__ + '.genuine', 'rb').read()).hexdigest(), "
+                "__file__.encode().hex())).encode())")
+
+
+@pytest.mark.parametrize("cover", [ERASE_ITSELF, f"{ERASE_ITSELF}\n{FORGE_STREAM}"], ids=["erase", "forge"])
+def test_an_edit_that_erases_its_own_digest_still_makes_the_run_no_result(stand_in_torch, cover):
+    """The edited torch, once it runs in the run's interpreter, takes its digest back out of the
+    importer's record (a digest missing is a source the check leaves out): the digests used to be
+    sent from that record after the imports, so the run was a result. Each is now written to the
+    worker before its module's code runs."""
+    from mcp_server.core import envpin
+    from server_support import wait_until
+    lab, source = stand_in_torch, stand_in_torch.source
+    envpin.pin_sources([lab.python])
+    outcomes = queue.Queue()
+    lab.hold.unlink()
+    Path(f"{source}.genuine").write_bytes(source.read_bytes())
+    restore, imported = edit_through_a_link(source, f"{cover}\nSOURCE = 'edited through a link'")
+    start(lab, 1, outcomes)
+    assert wait_until(imported.exists, 60)
+    restore()
+    outcome = outcomes.get(timeout=120)
+    # a forged end line hands the run over early: the interpreter may then fail to write its own
+    assert cover != ERASE_ITSELF or outcome.report["exit_code"] == 0 and "edited through a link" in lab.log(1)
+    assert outcome.report.get("environment_changed") == [CHANGED.format(source)], (outcome.report, lab.log(1))
+
+
+def test_an_edit_that_ends_the_servers_importer_never_runs_unchecked(stand_in_torch):
+    """The edited torch ends the interpreter on warm_train.py as it imports it, before that says what
+    it compiled: the worker used to start the run on a plain interpreter instead, which compiled the
+    edit unseen (a result). Now the run is not started, and says why."""
+    from mcp_server.core import envpin
+    lab, source = stand_in_torch, stand_in_torch.source
+    envpin.pin_sources([lab.python])
+    outcomes = queue.Queue()
+    plain = lab.folder / "plain-import"
+    lab.hold.unlink()
+    restore, _ = edit_through_a_link(source, "import os\nif 'trusted_import' in sys.modules: os._exit(3)\n"
+                                     f"if sys.argv[0].endswith('train.py'): open({str(plain)!r}, 'w').close()\n"
+                                     "SOURCE = 'edited through a link'")
+    start(lab, 1, outcomes)
+    outcome = outcomes.get(timeout=120)
+    restore()
+    assert not plain.exists() and "edited through a link" not in lab.log(1), lab.log(1)
+    assert outcome.report["exit_code"] == 127 and "before it said what it compiled" in lab.log(1), lab.log(1)
+
+
+def test_a_warm_interpreter_lost_before_its_run_is_replaced_by_a_fresh_one(stand_in_torch):
+    """The slot's warm interpreter is killed (by the agent, or the kernel) before its run is handed to
+    it: the run starts on a fresh interpreter through the server's importer, and is a result."""
+    import signal
+    from mcp_server.core import envpin
+    from server_support import wait_until
+    lab = stand_in_torch
+    envpin.pin_sources([lab.python])
+    outcomes = queue.Queue()
+    lab.hold.unlink()
+    start(lab, 1, outcomes)
+    assert outcomes.get(timeout=120).report["exit_code"] == 0
+    assert wait_until(lambda: 0 in lab.pool.ahead and children(lab.pool.ahead[0].proc.pid), 30)
+    (stub,) = children(lab.pool.ahead[0].proc.pid)
+    os.kill(stub, signal.SIGKILL)
+    start(lab, 2, outcomes)
+    outcome = outcomes.get(timeout=120)
+    assert outcome.report["exit_code"] == 0 and not outcome.report["warm_start"], (outcome.report, lab.log(2))
+    assert "torch: compiled from its source" in lab.log(2) and "environment_changed" not in outcome.report
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+PROBE = """import sys
+import trusted_import
+imported = trusted_import.digests()
+loaders = {name: type(getattr(getattr(module, "__spec__", None), "loader", None)).__name__ for name, module in list(sys.modules.items())}
+print(sorted(name for name, module in list(sys.modules.items()) if loaders[name] == "SourceFileLoader"
+             and module.__spec__.origin not in imported and name != "__main__"))
+"""
+
+
+def test_the_evaluator_compiles_nothing_before_the_importer_but_its_start_up(tmp_path):
+    """What the evaluator's interpreter compiles before trusted_import.install() is seen by no digest:
+    only the interpreter's own start-up (`encodings`, docs/trust.md), not `__future__`, which the
+    importer's `from __future__ import annotations` compiled first."""
+    import ast
+    import subprocess
+    from mcp_server.scripts import harness_eval
+    (tmp_path / "probe.py").write_text(PROBE)
+    found = subprocess.run(harness_eval.evaluator_command(sys.executable, tmp_path / "probe.py"), capture_output=True,
+                           text=True, check=True).stdout
+    assert all(name.startswith("encodings") for name in ast.literal_eval(found)), found
+
+
+def test_an_interpreter_finishes_its_imports_before_its_hand_over_whatever_their_digests_weigh(stand_in_torch):
+    """Torch's imports write some 600 kB of digests, more than a socket holds unread: the worker reads
+    them as they come, so a warm interpreter is done importing long before its run is handed to it."""
+    from mcp_server.scripts import worker
+    from server_support import wait_until
+    lab, done = stand_in_torch, stand_in_torch.folder / "imported-all"
+    names = [f"a_module_whose_name_weighs_in_the_stream_{'x' * 60}_{i:04d}" for i in range(3000)]
+    for name in names:
+        (lab.source.parent / f"{name}.py").write_text("")
+    lab.source.write_text(f"import importlib\nfor name in {names!r}:\n    importlib.import_module('torch.' + name)\n"
+                          f"open({str(done)!r}, 'w').close()\n")
+    read_end, write_end = os.pipe()
+    stub, channel = worker.start_warm([lab.python, "train.py"], None, None, write_end, None)
+    try:
+        assert wait_until(done.exists, 120), "the interpreter waits for its digests to be read"
+        assert worker.hand_over(stub, channel, [lab.python, "-c", ""], dict(os.environ), 60)[1][str(lab.source)]
+    finally:
+        stub.kill()
+        stub.wait()
+        os.close(read_end)
+        os.close(write_end)
