@@ -6,10 +6,10 @@
 The research-loop worker starts this with the run, from a pristine copy of the harness, with a
 clean environment, in isolated mode without site processing (no PYTHONPATH, no .pth files, no
 sitecustomize), reading and writing no bytecode, through the server's importer (trusted_import.py,
-which reports the digest of every source it compiled): nothing the training process does can reach
-it. Everything it evaluates with is the harness's: the shapes are the profile's (nanochat/profiles.py), the size the
-server's, and the validation shard and the tokenizer are the worker's private copies (the file
-descriptors), checked against their pinned content before the training started; it reads nothing
+which streams the digest of every source it compiles to the worker or the server's pool): nothing
+the training process does can reach it. Everything it evaluates with is the harness's: the shapes
+are the profile's (nanochat/profiles.py), the size the server's, and the validation shard and the
+tokenizer are the worker's private copies (the file descriptors), checked against their pinned content before the training started; it reads nothing
 the run can write. It imports what it needs, then waits for a line on stdin: the worker sends it
 once it has taken its own copy of the exported model (end of file: no export, nothing to do). It
 loads that program (token ids -> logits), computes val_bpb from the logits, and checks on one of
@@ -276,15 +276,8 @@ def answer(args, tokenizer) -> None:
     result = evaluate(args, tokenizer)
     result["seconds"] = round(time.time() - started, 2)
     with os.fdopen(args.out_fd, "w") as out:
-        out.write(json.dumps(dict(result, imported=imported_sources())))
+        out.write(json.dumps(result))
     print(f"harness evaluation: {json.dumps(result)}", flush=True)
-
-
-def imported_sources() -> dict | None:
-    """The digests of every source this evaluator compiled, where the server's importer runs it
-    (mcp_server/scripts/trusted_import.py): the server compares them with the contents it pinned."""
-    importer = sys.modules.get("trusted_import")
-    return importer.digests() if importer is not None else None
 
 
 def serve(args) -> int:

@@ -469,14 +469,20 @@ EVALUATOR_WITH_LOSSMOD = """import json, os, sys
 sys.path.append({site!r})
 import lossmod
 sys.stdin.readline()
-answer = {{"val_bpb": lossmod.VALUE, "imported": sys.modules["trusted_import"].digests()}}
+answer = {{"val_bpb": lossmod.VALUE, "imported": {{}}}}  # its word for what it compiled counts for nothing
 os.write(int(sys.argv[sys.argv.index("--out-fd") + 1]), json.dumps(answer).encode())
 """
 
 
-def test_an_edit_through_a_hard_link_undone_after_the_evaluators_imports_makes_the_run_no_result(stand_in_torch):
+@pytest.mark.parametrize("cover", ["", "sys.modules['trusted_import']._IMPORTED.clear()",
+                                   "os.write(int(os.environ['RESEARCH_LOOP_DIGESTS_FD']), b'\\n')"],
+                         ids=["edit", "erase", "end"])
+def test_an_edit_through_a_hard_link_undone_after_the_evaluators_imports_makes_the_run_no_result(stand_in_torch,
+                                                                                                 cover):
     """The same edit in a module the harness's evaluator imports (its loss), undone once the evaluator
-    has imported it: the evaluator says what it compiled with its result, so the run is no result."""
+    has imported it: the evaluator's importer streamed the digest to the worker before the module ran,
+    so the run is no result, even where the edited module wipes the importer's own record or writes
+    an end of its own into the stream (found by the review: the record was the evaluator's own)."""
     import queue
     from mcp_server.core import envpin
     from mcp_server.scripts import harness_eval
@@ -489,7 +495,7 @@ def test_an_edit_through_a_hard_link_undone_after_the_evaluators_imports_makes_t
     evaluator = harness_eval.evaluator_command(sys.executable, script)
     envpin.pin_sources([lab.python])
     outcomes = queue.Queue()
-    restore, imported = edit_through_a_link(lossmod, "VALUE = 0.5")
+    restore, imported = edit_through_a_link(lossmod, f"import os\n{cover}\nVALUE = 0.5")
     lab.pool.start(lab.spec(1, False, lab.pool.environment_position([lab.python]), evaluator),
                    lambda r, o: outcomes.put(o))
     assert wait_until(imported.exists, 60)  # the evaluator starts with the run

@@ -1,4 +1,4 @@
-"""Review of the imports' digests (scripts/trusted_import.py): what a module the agent edited can do
+"""The imports' digests (scripts/trusted_import.py) against what a module the agent edited can do
 about its own digest once it runs, and a run whose interpreter never says what it compiled."""
 import os
 import queue

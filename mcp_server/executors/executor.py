@@ -320,7 +320,8 @@ class LocalPool:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
         report = read_report(spec.report)
-        changed = envwatch.changes(since) + (checked_imports(spec.report, report) if report is not None else [])
+        changed = envwatch.changes(since) + (checked_imports(spec.report, report, self.evaluators.get(slot))
+                                             if report is not None else [])
         if changed:  # the slot's warm interpreter and evaluator may hold what changed: the next run starts its own
             self._drop_warm(slot)
         elif not ahead:
@@ -392,19 +393,23 @@ def interpreters(spec: RunSpec) -> list[str]:
     return found
 
 
-def checked_imports(path: Path, report: dict) -> list[str]:
-    """The sources the run's interpreter and its evaluator compiled (the worker's report, from
-    scripts/trusted_import.py) from other contents than the last check verified; their digests are
-    then left out of the report and its file (a few hundred kB a run that nothing else reads)."""
+def checked_imports(path: Path, report: dict, warm: WarmEvaluator | None = None) -> list[str]:
+    """The sources the run's interpreter, its evaluator and the slot's warm evaluator compiled (the
+    worker's report and the warm evaluator's stream, from scripts/trusted_import.py) from other contents
+    than the last check verified; the report's digests are then left out of it and its file (a few
+    hundred kB a run that nothing else reads)."""
     imported = report.pop("imported", None)
-    if imported is None:
-        return []
-    try:
-        write_report(path, report)
-    except OSError:
-        pass
-    found = {each for digests in (imported.values() if isinstance(imported, dict) else ())
-             for each in envpin.imported_changes(digests)}
+    if imported is not None:
+        try:
+            write_report(path, report)
+        except OSError:
+            pass
+    imported = dict(imported) if isinstance(imported, dict) else {}
+    if warm is not None and warm.imported.forged:
+        return ["(the slot's warm evaluator's digest stream held a line its importer did not write)"]
+    if warm is not None:
+        imported["warm evaluator"] = dict(warm.imported.digests)
+    found = {each for digests in imported.values() for each in envpin.imported_changes(digests)}
     return [f"{each} (compiled from other contents than its check found)" for each in sorted(found)]
 
 

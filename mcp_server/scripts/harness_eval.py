@@ -30,6 +30,11 @@ import threading
 import time
 from pathlib import Path
 
+try:
+    from mcp_server.scripts.trusted_import import DIGESTS_ENV, follow
+except ImportError:  # on a node: beside this file
+    from trusted_import import DIGESTS_ENV, follow
+
 MARK = "[research-loop]"  # prefix of the lines the worker adds to the log
 EXIT_GRACE_S = 5.0  # for the evaluator's interpreter to exit once it answered
 WARM_ENV = "RESEARCH_LOOP_WARM_EVALUATOR"  # "0": every run starts its own evaluator (bench/bench_startup.py)
@@ -185,6 +190,7 @@ class HarnessEvaluation:
         self.thread: threading.Thread | None = None
         self.proc = None
         self.warm_pid: int | None = None  # the warm evaluator's child that evaluates this run
+        self.imported = None  # a cold evaluator's digest stream (trusted_import.follow); a warm one's is the pool's
         self.read_end: int | None = None
         self.program = unnamed_file()  # the harness's copy of the export, once there is one (then sealed)
         self.inputs: dict = {}
@@ -202,21 +208,25 @@ class HarnessEvaluation:
 
     def _start_cold(self) -> None:
         self.read_end, write_end = socket_channel()
+        digests, their_digests = socket_channel()
         fds = {"--program-fd": self.program.fileno(),
                **{f"--{name}-fd": copy.fileno() for name, copy in self.inputs.items()}, "--out-fd": write_end}
         try:
             with open_log(self.log_path) as log:
                 # its own session: the training's process group can be killed without it
                 self.proc = subprocess.Popen([*self.spec["argv"], *(a for k, fd in fds.items() for a in (k, str(fd)))],
-                                             env=self.spec["env"], stdin=subprocess.PIPE, stdout=log,
-                                             stderr=subprocess.STDOUT, pass_fds=tuple(fds.values()),
-                                             start_new_session=True)
+                                             env=dict(self.spec["env"], **{DIGESTS_ENV: str(their_digests)}),
+                                             stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                                             pass_fds=(*fds.values(), their_digests), start_new_session=True)
+            self.imported = follow(digests)
         except OSError as exc:
             self.result = {"error": f"the harness evaluation could not start: {exc}"}
             os.close(self.read_end)
+            os.close(digests)
             self.read_end = None
         finally:
             os.close(write_end)
+            os.close(their_digests)
             self._close_inputs()  # the evaluator holds its own descriptors
 
     def _close_inputs(self) -> None:
@@ -267,7 +277,20 @@ class HarnessEvaluation:
                 except subprocess.TimeoutExpired:
                     os.killpg(self.proc.pid, signal.SIGKILL)
                     self.proc.wait()
+            self._take_digests()
             self.finished_at = time.monotonic()
+
+    def _take_digests(self) -> None:
+        """The cold evaluator's digests, read from its stream until it exited, into the result (a line
+        no importer wrote: no result)."""
+        if self.imported is None or self.result is None:
+            return
+        self.imported.join(EXIT_GRACE_S)
+        if self.imported.forged or self.imported.is_alive():
+            self.result = {"error": "the harness evaluator's digest stream held a line its importer did not "
+                                    "write, or did not end with it", "wall_seconds": self.result.get("wall_seconds")}
+        else:
+            self.result["imported"] = dict(self.imported.digests)
 
     def _hand_back(self, answer: dict) -> None:
         """The answer for train.py, in the run's own (writable) export folder: written to a new file
@@ -310,6 +333,7 @@ class HarnessEvaluation:
             exit_code = self.proc.wait() if self.proc is not None else "(warm)"
             return {"error": f"the harness evaluation exited {exit_code} without a result (its output is in "
                              "the log)"}
+        result.pop("imported", None)  # the evaluator's word for it: its digests come from their stream only
         return dict(result, evaluator="cold" if self.proc is not None else "warm")
 
     def _go_warm(self, log, deadline: float) -> None:
@@ -388,22 +412,29 @@ class WarmEvaluator:
     """A slot's warm evaluator, kept by the server's pool: the harness's evaluator (spec["argv"], its
     clean environment, outside every run's sandbox) started once with --serve-fd; each run's worker
     gets the pool's end of the socket (fileno()). key: what it was started with; another spec (a new
-    harness commit, evaluation size or device) needs another one."""
+    harness commit, evaluation size or device) needs another one. imported: the digests of what it and
+    its children compiled, streamed as they compile it (trusted_import.py)."""
 
     def __init__(self, spec: dict):
         self.key = WarmEvaluator.key_of(spec)
         self.socket, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        digests, their_digests = socket_channel()
         try:
             # its own session, as a cold evaluator's; its output is its children's only (the runs' logs)
-            self.proc = subprocess.Popen([*spec["argv"], "--serve-fd", str(theirs.fileno())], env=spec["env"],
+            self.proc = subprocess.Popen([*spec["argv"], "--serve-fd", str(theirs.fileno())],
+                                         env=dict(spec["env"], **{DIGESTS_ENV: str(their_digests)}),
                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
+                                         stderr=subprocess.DEVNULL, pass_fds=(theirs.fileno(), their_digests),
                                          start_new_session=True)
         except OSError:
             self.socket.close()
+            os.close(digests)
             raise
         finally:
             theirs.close()
+            os.close(their_digests)
+        # what it and its children compile, for its whole life (trusted_import.follow): the pool checks it
+        self.imported = follow(digests)
 
     @staticmethod
     def key_of(spec: dict) -> str:

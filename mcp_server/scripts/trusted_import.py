@@ -14,8 +14,9 @@ digest) and writes none: it compiles each source, or takes the code of the serve
 
     python -I -S -B trusted_import.py SCRIPT [ARG ...]
 
-runs SCRIPT as __main__ with this importer installed (the evaluator's command line); a script
-imports it as `trusted_import` and calls digests(). Standard library only, and before install() only
+runs SCRIPT as __main__ with this importer installed (the evaluator's command line), streaming the
+digests to the descriptor RESEARCH_LOOP_DIGESTS_FD names, where it does (the worker's cold evaluator,
+the pool's warm one, read by follow()); a script imports it as `trusted_import`. Standard library only, and before install() only
 what is frozen or built in (no `from __future__` either: `__future__` is a source), so that nothing
 but the interpreter's own start-up (its `encodings`) is compiled before the importer.
 """
@@ -40,6 +41,7 @@ _ARCHIVE: dict = {}  # source path -> checked hash-based .pyc bytes (the server'
 # record above is the process's own, which the code of a module it imported can rewrite
 _STREAM: list = []
 END = b"\n"  # the stream's last line
+DIGESTS_ENV = "RESEARCH_LOOP_DIGESTS_FD"  # the runner's stream (the evaluator's): a descriptor it inherits
 
 
 class TrustedSourceLoader(bootstrap.SourceFileLoader):
@@ -126,6 +128,28 @@ def read_in_background(fd: int):
     return thread
 
 
+def follow(fd: int):
+    """A thread that reads a stream its writers never end (an evaluator's, whose forked children inherit
+    it), until they all have exited: its .digests, {source path: digest}, the first line of a path
+    counting, grow as lines come; .forged once a line no importer wrote came (then it stops reading)."""
+    import threading
+
+    def read():
+        try:
+            with open(fd, "rb") as lines:
+                for line in lines:
+                    if line != END:
+                        digest, path = line.split()
+                        thread.digests.setdefault(bytes.fromhex(path.decode()).decode("utf-8", "surrogateescape"),
+                                                  digest.decode())
+        except (OSError, ValueError):
+            thread.forged = True
+    thread = threading.Thread(target=read, daemon=True, name="imported")
+    thread.digests, thread.forged = {}, False
+    thread.start()
+    return thread
+
+
 def digests() -> dict:
     """{source path: SHA-256 of the content this process compiled it from}, for every source imported
     since install()."""
@@ -136,7 +160,8 @@ def main() -> int:
     if len(sys.argv) < 2:
         print(f"usage: {sys.argv[0]} SCRIPT [ARG ...]", file=sys.stderr)
         return 2
-    install()
+    stream = posix.environ.get(DIGESTS_ENV.encode())
+    install(stream=int(stream) if stream else None)
     import runpy
     sys.argv = sys.argv[1:]
     runpy.run_path(sys.argv[0], run_name="__main__")
