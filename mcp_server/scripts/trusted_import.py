@@ -98,15 +98,21 @@ def end_stream() -> None:
         _STREAM.clear()
 
 
+def _add(found: dict, line: bytes) -> None:
+    """One line of a stream into {source path: digest}: the first line of a path counts. A line no
+    importer wrote: ValueError."""
+    digest, path = line.split()
+    found.setdefault(bytes.fromhex(path.decode()).decode("utf-8", "surrogateescape"), digest.decode())
+
+
 def read_digests(lines):
-    """What a stream holds, from a binary file of it: {source path: digest}, the first line of a
-    path counting; None where it ended before its end line. A line no importer wrote: ValueError."""
+    """What a stream holds, from a binary file of it: {source path: digest}; None where it ended
+    before its end line. A line no importer wrote: ValueError."""
     found = {}
     for line in iter(lines.readline, END):
         if not line:
             return None
-        digest, path = line.split()
-        found.setdefault(bytes.fromhex(path.decode()).decode("utf-8", "surrogateescape"), digest.decode())
+        _add(found, line)
     return found
 
 
@@ -139,9 +145,7 @@ def follow(fd: int):
             with open(fd, "rb") as lines:
                 for line in lines:
                     if line != END:
-                        digest, path = line.split()
-                        thread.digests.setdefault(bytes.fromhex(path.decode()).decode("utf-8", "surrogateescape"),
-                                                  digest.decode())
+                        _add(thread.digests, line)
         except (OSError, ValueError):
             thread.forged = True
     thread = threading.Thread(target=read, daemon=True, name="imported")
