@@ -212,16 +212,21 @@ def _content_digest(path: str, st: os.stat_result | None = None) -> bytes:
     return found
 
 
-# path -> SHA-256 (hex) of its content when the last check of its pin passed (or pinned it): what a
-# run's interpreters must report having compiled from it (scripts/trusted_import.py)
+# real path -> SHA-256 (hex) of its content when the last check of its pin passed (or pinned it): what
+# a run's interpreters must report having compiled from it (scripts/trusted_import.py); and each folder
+# those checks walked (real path -> the top-level names left out of it): a source under one of them that
+# no check found was planted after the last check
 _VERIFIED: dict = {}
+_WALKED: dict = {}
+NOT_CHECKED = "(not among the sources its check found)"
+CHANGED = "(compiled from other contents than its check found)"
 
 
 def pin_sources(pythons, walk: Walk | None = None) -> dict:
     """take_sources, for a new pin: what it found is what the runs' imports are checked against."""
     walk = walk or Walk()
     pin = take_sources(pythons, walk)
-    _VERIFIED.update(walk.sources)
+    _verified(pythons, walk)
     return pin
 
 
@@ -229,17 +234,57 @@ def check_sources(pinned: dict, pythons, walk: Walk | None = None) -> None:
     walk = walk or Walk()
     _refuse_changes(pinned, take_sources(pythons, walk), "The Python sources the runs and the evaluator import",
                     "reinstall what changed")
+    _verified(pythons, walk)
+
+
+def _verified(pythons, walk: Walk) -> None:
+    """walk's sources as the last passed check's, under their real paths too (an interpreter names a
+    source through the spelling of its path entry: a venv's folder may be reached through a link)."""
+    for python in dict.fromkeys(pythons):
+        site, path = folders(python)
+        for folder in dict.fromkeys(site + path):
+            if not os.path.isdir(folder):
+                continue
+            real = os.path.realpath(folder)
+            _WALKED[real] = () if folder in site else STDLIB_SKIPPED
+            if real != folder:
+                _VERIFIED.update({real + p[len(folder):]: d for p, d in walk.sources.items()
+                                  if p.startswith(folder + os.sep)})
     _VERIFIED.update(walk.sources)
 
 
-def imported_changes(imported) -> list[str]:
-    """The sources a run's interpreter or evaluator reports having compiled from other contents than
-    the last check verified: an edit made and undone between two checks through a hard link or a
-    memory mapping, which neither inotify nor the content pin sees. A source this process never
-    checked (outside the pinned folders: the harness's own, which the worker checks) is left out."""
+def _under_walked(path: str) -> bool:
+    for folder, skipped in _WALKED.items():
+        if path.startswith(folder + os.sep):
+            parts = path[len(folder) + 1:].split(os.sep)
+            if parts[0] not in skipped and BYTECODE_DIR not in parts:
+                return True
+    return False
+
+
+def imported_changes(imported) -> dict:
+    """{source: why} for the sources a run's interpreter or evaluator reports having compiled from
+    other contents than the last check verified (an edit made and undone between two checks through a
+    hard link or a memory mapping, which neither inotify nor the content pin sees), or that no check
+    found in the folders it walked (a module planted and removed between two checks, which the watch
+    would see, where it could be made). A source outside those folders (the harness's own, which the
+    worker checks) is left out."""
     if not isinstance(imported, dict):
-        return []
-    return sorted(path for path, digest in imported.items() if path in _VERIFIED and _VERIFIED[path] != digest)
+        return {}
+    found, real_folders = {}, {}
+    for path, digest in imported.items():
+        if not isinstance(path, str):
+            continue
+        folder, name = os.path.split(path)
+        if folder not in real_folders:
+            real_folders[folder] = os.path.realpath(folder)
+        real = os.path.join(real_folders[folder], name)
+        known = _VERIFIED.get(real, _VERIFIED.get(path))
+        if known is not None and known != digest:
+            found[path] = CHANGED
+        elif known is None and _under_walked(real):
+            found[path] = NOT_CHECKED
+    return found
 
 
 def interpreter_files(python: str) -> list[str]:

@@ -409,8 +409,8 @@ def checked_imports(path: Path, report: dict, warm: WarmEvaluator | None = None)
         return ["(the slot's warm evaluator's digest stream held a line its importer did not write)"]
     if warm is not None:
         imported["warm evaluator"] = dict(warm.imported.digests)
-    found = {each for digests in imported.values() for each in envpin.imported_changes(digests)}
-    return [f"{each} (compiled from other contents than its check found)" for each in sorted(found)]
+    found = {path: why for digests in imported.values() for path, why in envpin.imported_changes(digests).items()}
+    return [f"{path} {why}" for path, why in sorted(found.items())]
 
 
 def warm_start_on() -> bool:
