@@ -5,6 +5,7 @@ import importlib.util
 import json
 import marshal
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -465,33 +466,58 @@ def test_an_edit_through_a_hard_link_undone_after_the_runs_imports_makes_it_no_r
         [o.report for o in outcomes]
 
 
-def test_a_module_planted_and_removed_between_two_checks_makes_the_run_no_result(stand_in_torch, monkeypatch):
+def plant_module(site: Path, imported: Path, kind: str) -> Path:
+    """A module torch_extras planted in site that sets the stand-in torch's SOURCE and leaves imported
+    once the server's importer has loaded it: its source, its bytecode without a source, or a compiled
+    module (the standard library's _bisect under that name: it only proves it was loaded)."""
+    import py_compile
+    source = site / "torch_extras.py"
+    source.write_text(f"import sys\nsys.modules['torch'].SOURCE = 'a planted module'\n"
+                      f"if 'trusted_import' in sys.modules:\n    open({str(imported)!r}, 'w').close()\n")
+    if kind == "source":
+        return source
+    if kind == "bytecode":
+        planted = Path(py_compile.compile(str(source), cfile=str(site / "torch_extras.pyc"), doraise=True))
+    else:
+        import _bisect
+        planted = site / "torch" / Path(_bisect.__file__).name
+        shutil.copyfile(_bisect.__file__, planted)
+    source.unlink()
+    return planted
+
+
+@pytest.mark.parametrize("kind", ["source", "bytecode", "compiled"])
+def test_a_module_planted_and_removed_between_two_checks_makes_the_run_no_result(stand_in_torch, monkeypatch,
+                                                                                   kind):
     """Where the watch cannot be made (inotify missing, or the user's inotify instances used up, which a
     process of the agent's can do on purpose), a module planted in the environment after a run's check
     and removed before the next is seen by no pin: here one that torch imports if it is there, as torch
-    does its optional packages. The run's interpreter says what it compiled, and a source in the checked
-    folders that no check found makes the run no result; the next run, without it, is a result."""
+    does its optional packages. The run's interpreter names each module it loaded from a file (with the
+    digest of its source, where it has one), and one in the checked folders that no check found makes
+    the run no result; the next run, without it, is a result."""
     import queue
     from mcp_server.core import envpin, envwatch
     from server_support import wait_until
     monkeypatch.setattr(envwatch, "watch_of", lambda python: None)  # as when inotify_init1 fails
     lab = stand_in_torch
-    lab.source.write_text(lab.source.read_text() + "try:\n    import torch_extras\nexcept ImportError:\n    pass\n")
+    lab.source.write_text(lab.source.read_text() + "try:\n    import torch_extras\nexcept ImportError:\n    pass\n"
+                          "try:\n    from torch import _bisect\nexcept ImportError:\n    pass\n")
     envpin.pin_sources([lab.python])  # setup's pin
-    planted, imported = lab.site / "torch_extras.py", lab.folder / "extras.imported"
-    planted.write_text(f"import sys\nsys.modules['torch'].SOURCE = 'a planted module'\n"
-                       f"if 'trusted_import' in sys.modules:\n    open({str(imported)!r}, 'w').close()\n")
+    imported = lab.folder / "extras.imported"
+    planted = plant_module(lab.site, imported, kind)
     outcomes = queue.Queue()
     lab.pool.start(lab.spec(1, False, lab.pool.environment_position([lab.python])), lambda r, o: outcomes.put(o))
-    assert wait_until(imported.exists, 60)
+    # its interpreter has imported torch once the worker reports the run started
+    assert wait_until(lambda: (lab.folder / "1.report.json").exists(), 60)
+    assert kind == "compiled" or imported.exists()
     planted.unlink()  # gone before the next check
     lab.hold.unlink()
     first = outcomes.get(timeout=120)
     lab.pool.start(lab.spec(2, False, lab.pool.environment_position([lab.python])), lambda r, o: outcomes.put(o))
     second = outcomes.get(timeout=120)
     assert [first.report["exit_code"], second.report["exit_code"]] == [0, 0], (first.report, second.report)
-    assert "a planted module" in lab.log(1) and "a planted module" not in lab.log(2)
-    assert first.report.get("environment_changed") == [f"{planted} (not among the sources its check found)"], \
+    assert (kind == "compiled" or "a planted module" in lab.log(1)) and "a planted module" not in lab.log(2)
+    assert first.report.get("environment_changed") == [f"{planted} (not among the files its check found)"], \
         first.report
     assert second.report.get("environment_changed") is None, second.report
 

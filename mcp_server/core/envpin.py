@@ -16,6 +16,7 @@ import shutil
 import subprocess
 
 from mcp_server.core.models import Refusal
+from mcp_server.scripts import trusted_import
 
 # run with -S, so nothing planted runs in the server: a venv's prefix (which site would set) from
 # its pyvenv.cfg, beside or above the interpreter
@@ -59,33 +60,37 @@ class Walk:
     def __init__(self):
         self.trees: dict[str, tuple[str, str]] = {}
         self.sources: dict[str, str] = {}  # each source's path -> SHA-256 (hex), as this walk found it
+        self.files: set = set()  # every other file's path (compiled libraries, bytecode without a source)
 
     def tree(self, path: str) -> tuple[str, str]:
         """A folder's (stat digest, sources digest)."""
         if path not in self.trees:
             stats, sources = hashlib.sha256(), hashlib.sha256()
-            _walk(path, stats, sources, self.sources)
+            _walk(path, stats, sources, self)
             self.trees[path] = stats.hexdigest()[:16], sources.hexdigest()[:16]
         return self.trees[path]
 
 
-def _walk(path: str, stats, sources, seen: dict) -> None:
+def _walk(path: str, stats, sources, walk: Walk) -> None:
     """Every file under path into stats: its relative name, size and mtime, symlinks as their targets;
     and every Python source into sources: its path and content digest, a folder's own sources before its
-    subfolders' (os.walk's order: a symlink to a folder is neither a source nor walked)."""
+    subfolders' (os.walk's order: a symlink to a folder is neither a source nor walked); every other
+    file's path into walk.files."""
     with os.scandir(path) as found:
         entries = sorted((e for e in found if e.name != BYTECODE_DIR), key=lambda e: e.name)
     for entry in entries:
         if entry.name.endswith(SOURCE_SUFFIXES) and not entry.is_dir():
             st = None if entry.is_symlink() else entry.stat(follow_symlinks=False)
             found = _content_digest(entry.path, st)
-            seen[entry.path] = found.hex()
+            walk.sources[entry.path] = found.hex()
             sources.update(f"{entry.path}\n".encode() + found)
     for entry in entries:
         if entry.is_dir(follow_symlinks=False):
             stats.update(f"{entry.name}/\n".encode())
-            _walk(entry.path, stats, sources, seen)
+            _walk(entry.path, stats, sources, walk)
             continue
+        if not entry.name.endswith(SOURCE_SUFFIXES):
+            walk.files.add(entry.path)
         st = entry.stat(follow_symlinks=False)
         target = os.readlink(entry.path) if entry.is_symlink() else ""
         stats.update(f"{entry.path}\t{st.st_size}\t{st.st_mtime_ns}\t{target}\n".encode())
@@ -173,6 +178,8 @@ def take_sources(pythons, walk: Walk | None = None) -> dict:
                     pin[entry.path] = walk.tree(entry.path)[1]
                 elif entry.name.endswith(SOURCE_SUFFIXES):
                     pin[entry.path] = _sources_digest(entry.path, walk.sources)
+                else:
+                    walk.files.add(entry.path)
     return pin
 
 
@@ -213,12 +220,14 @@ def _content_digest(path: str, st: os.stat_result | None = None) -> bytes:
 
 
 # real path -> SHA-256 (hex) of its content when the last check of its pin passed (or pinned it): what
-# a run's interpreters must report having compiled from it (scripts/trusted_import.py); and each folder
-# those checks walked (real path -> the top-level names left out of it): a source under one of them that
+# a run's interpreters must report having compiled from it (scripts/trusted_import.py); the other files
+# those checks found (compiled libraries, bytecode without a source: loaded, never hashed); and each
+# folder they walked (real path -> the top-level names left out of it): a module under one of them that
 # no check found was planted after the last check
 _VERIFIED: dict = {}
+_PRESENT: set = set()
 _WALKED: dict = {}
-NOT_CHECKED = "(not among the sources its check found)"
+NOT_CHECKED = "(not among the files its check found)"
 CHANGED = "(compiled from other contents than its check found)"
 
 
@@ -250,7 +259,9 @@ def _verified(pythons, walk: Walk) -> None:
             if real != folder:
                 _VERIFIED.update({real + p[len(folder):]: d for p, d in walk.sources.items()
                                   if p.startswith(folder + os.sep)})
+                _PRESENT.update(real + p[len(folder):] for p in walk.files if p.startswith(folder + os.sep))
     _VERIFIED.update(walk.sources)
+    _PRESENT.update(walk.files)
 
 
 def _under_walked(path: str) -> bool:
@@ -267,8 +278,8 @@ def imported_changes(imported) -> dict:
     other contents than the last check verified (an edit made and undone between two checks through a
     hard link or a memory mapping, which neither inotify nor the content pin sees), or that no check
     found in the folders it walked (a module planted and removed between two checks, which the watch
-    would see, where it could be made). A source outside those folders (the harness's own, which the
-    worker checks) is left out."""
+    would see, where it could be made; a compiled one or bytecode without a source too, which are loaded
+    unhashed). A source outside those folders (the harness's own, which the worker checks) is left out."""
     if not isinstance(imported, dict):
         return {}
     found, real_folders = {}, {}
@@ -279,6 +290,10 @@ def imported_changes(imported) -> dict:
         if folder not in real_folders:
             real_folders[folder] = os.path.realpath(folder)
         real = os.path.join(real_folders[folder], name)
+        if digest == trusted_import.LOADED:  # a module loaded from a file that is no source
+            if real not in _PRESENT and path not in _PRESENT and _under_walked(real):
+                found[path] = NOT_CHECKED
+            continue
         known = _VERIFIED.get(real, _VERIFIED.get(path))
         if known is not None and known != digest:
             found[path] = CHANGED

@@ -10,7 +10,9 @@ harness's evaluator and the runs' interpreters (warm_train.py) install it before
 
 It never reads bytecode from a `__pycache__` (a crafted `.pyc` there would run with its source's
 digest) and writes none: it compiles each source, or takes the code of the server's bytecode archive
-(bytecode_archive.py) where the archive's checked hash is the source's.
+(bytecode_archive.py) where the archive's checked hash is the source's. Modules loaded from a file
+that is no source (compiled ones, a `.pyc` on the path itself) are named without a digest: the server
+knows whether its last check found them.
 
     python -I -S -B trusted_import.py SCRIPT [ARG ...]
 
@@ -41,6 +43,7 @@ _ARCHIVE: dict = {}  # source path -> checked hash-based .pyc bytes (the server'
 # record above is the process's own, which the code of a module it imported can rewrite
 _STREAM: list = []
 END = b"\n"  # the stream's last line
+LOADED = "loaded"  # a line's digest for a module loaded from a file that is no source (never hashed)
 DIGESTS_ENV = "RESEARCH_LOOP_DIGESTS_FD"  # the runner's stream (the evaluator's): a descriptor it inherits
 
 
@@ -59,6 +62,28 @@ class TrustedSourceLoader(bootstrap.SourceFileLoader):
         return self.source_to_code(data, path)
 
 
+class TrustedExtensionLoader(bootstrap.ExtensionFileLoader):
+    """ExtensionFileLoader that names each compiled module before the dynamic linker loads it (and runs
+    its code): not hashed (torch's are gigabytes), but one planted since the last check is named."""
+
+    def create_module(self, spec):
+        _loaded(self.path)
+        return super().create_module(spec)
+
+
+class TrustedSourcelessLoader(bootstrap.SourcelessFileLoader):
+    """SourcelessFileLoader (a .pyc on the path itself, outside any __pycache__) that names the file."""
+
+    def get_code(self, fullname):
+        _loaded(self.get_filename(fullname))
+        return super().get_code(fullname)
+
+
+def _loaded(path: str) -> None:
+    if _STREAM:
+        _write(f"{LOADED} {path.encode('utf-8', 'surrogateescape').hex()}\n".encode())
+
+
 def archived_code_fits(pyc: bytes, source: bytes) -> bool:
     """A checked hash-based .pyc of this interpreter made from exactly this source."""
     return (pyc[:4] == bootstrap.MAGIC_NUMBER and pyc[4:8] == CHECKED_HASH_FLAGS
@@ -73,9 +98,9 @@ def install(archive=None, stream=None) -> None:
         _ARCHIVE.update(archive)
     if stream is not None:
         _STREAM[:] = [stream]
-    hook = bootstrap.FileFinder.path_hook((bootstrap.ExtensionFileLoader, bootstrap.EXTENSION_SUFFIXES),
+    hook = bootstrap.FileFinder.path_hook((TrustedExtensionLoader, bootstrap.EXTENSION_SUFFIXES),
                                           (TrustedSourceLoader, bootstrap.SOURCE_SUFFIXES),
-                                          (bootstrap.SourcelessFileLoader, bootstrap.BYTECODE_SUFFIXES))
+                                          (TrustedSourcelessLoader, bootstrap.BYTECODE_SUFFIXES))
     sys.path_hooks[:] = [hook if _is_file_finder_hook(each) else each for each in sys.path_hooks]
     sys.path_importer_cache.clear()
     sys.dont_write_bytecode = True
