@@ -191,3 +191,38 @@ def test_a_runs_interpreter_starts_as_a_plain_one_with_its_pth_files_read_throug
     (site,) = {p for p in seen["path"] if p.endswith("site-packages")}
     pths = sorted(Path(site).glob("*.pth"))
     assert pths and all(digests[str(p)] == hashlib.sha256(p.read_bytes()).hexdigest() for p in pths), digests
+
+
+def test_a_pth_file_is_acted_on_twice_from_the_bytes_hashed_once(tmp_path):
+    """site goes over a venv's site folder twice (for the venv, then for its prefixes), reading each
+    .pth file each time: a file rewritten between the two (here by its own first line; by the agent
+    through a hard link, with the timing) ran lines the stream had no digest of, as the first line of a
+    path counts. The runs' interpreter acts twice, as site does, on the bytes it read and hashed once."""
+    import hashlib
+    import json
+    import subprocess
+    from mcp_server.scripts import worker
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    (site,) = venv.glob("lib/python*/site-packages")
+    pth, python = site / "twice.pth", str(venv / "bin" / "python")
+    genuine = (f"import sys; sys.RAN = getattr(sys, 'RAN', 0) + 1; "
+               f"open({str(pth)!r}, 'w').write('import sys; sys.EDITED = True\\n')\n")
+    probe = tmp_path / "probe.py"
+    probe.write_text("import json, sys\nprint('RAN ' + json.dumps([getattr(sys, 'RAN', 0), hasattr(sys, 'EDITED')]))\n")
+    pth.write_text(genuine)
+    plain = subprocess.run([python, str(probe)], capture_output=True, text=True, check=True).stdout
+    assert json.loads(plain.split("RAN ", 1)[1]) == [1, True]  # what site does: the second reading ran the edit
+    pth.write_text(genuine)
+    read_end, write_end = os.pipe()
+    stub, channel = worker.start_warm([python, "train.py"], None, None, write_end, None)
+    try:
+        handed, digests = worker.hand_over(stub, channel, [python, str(probe)], dict(os.environ), 60)
+        assert handed and stub.wait(timeout=60) == 0
+    finally:
+        stub.kill()
+        os.close(write_end)
+    with os.fdopen(read_end, "rb") as output:
+        run = output.read().decode()
+    assert json.loads(run.split("RAN ", 1)[1].splitlines()[0]) == [2, False], run
+    assert digests[str(pth)] == hashlib.sha256(genuine.encode()).hexdigest()

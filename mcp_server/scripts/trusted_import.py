@@ -40,6 +40,9 @@ _ARCHIVE: dict = {}  # source path -> checked hash-based .pyc bytes (the server'
 # the descriptor each digest is written to as it is taken (warm_train.py's hand-over socket): the
 # record above is the process's own, which the code of a module it imported can rewrite
 _STREAM: list = []
+# each .pth file's bytes as start_site() first read them (site goes over a venv's site folder twice): a file
+# edited between its two readings would run lines the stream has no digest of (the first line of a path counts)
+_PTH: dict = {}
 END = b"\n"  # the stream's last line
 DIGESTS_ENV = "RESEARCH_LOOP_DIGESTS_FD"  # the runner's stream (the evaluator's): a descriptor it inherits
 
@@ -104,20 +107,22 @@ def start_site() -> None:
 
 
 def _add_pth(sitedir, name, known_paths):
-    """site.addpackage's work from bytes read once: a line starting with `import` is run (in site's
-    namespace, from a frame whose `sitedir` is the folder's, as setuptools' namespace .pth files look
-    it up), any other that is no comment nor blank names a folder added to sys.path where it exists;
-    the first line that raises ends the file, as it does site's."""
+    """site.addpackage's work from the file's bytes, read once (_PTH): a line starting with `import` is
+    run (in site's namespace, from a frame whose `sitedir` is the folder's, as setuptools' namespace .pth
+    files look it up), any other that is no comment nor blank names a folder added to sys.path where it
+    exists; the first line that raises ends the file, as it does site's."""
     import io
     import os
     import site
     path = os.path.join(sitedir, name)
-    try:
-        with io.open_code(path) as f:
-            data = f.read()
-    except OSError:
-        return known_paths
-    _took(path, data)
+    data = _PTH.get(path)
+    if data is None:
+        try:
+            with io.open_code(path) as f:
+                data = _PTH[path] = f.read()
+        except OSError:
+            return known_paths
+        _took(path, data)
     for number, line in enumerate(_pth_lines(data), 1):
         if line.startswith("#") or not line.strip():
             continue
