@@ -12,11 +12,12 @@ modules, bytecode_archive.py), whose .pyc files it also writes into its bytecode
 private one, for the run's subprocesses. Then it does what site would have done at start-up (the
 venv's prefix and site folders, their .pth files, sitecustomize: trusted_import.start_site), through
 the importer: each .pth file's digest, and those of the modules its lines and sitecustomize import,
-are in the stream like any other source's. It imports torch and torch.compile's stack (PRELOAD: about 10 s of a run's start-up on
-the 2-core CPU). The importer writes the digest of each source it compiles to the socket FD as it
-compiles it, before the module's code runs (that code may add lines, never take one back), and an
-empty line once these imports are done; the worker hands them to the server, which checks them
-against the contents it pinned (an edit made and undone while these imports ran is seen there).
+are in the stream like any other source's. It imports torch and torch.compile's stack (PRELOAD:
+about 10 s of a run's start-up on the 2-core CPU). The importer writes the digest of each source it
+compiles to the socket FD as it compiles it, before the module's code runs (that code may add lines,
+never take one back), and an empty line once these imports are done; the worker hands them to the
+server, which checks them against the contents it pinned (an edit made and undone while these imports
+ran is seen there).
 Then it reads one JSON line from the socket:
 {"argv", "cwd", "env"}, the run's command line
 after the interpreter, its folder and its environment, and runs argv[0] as __main__ (runpy) with
