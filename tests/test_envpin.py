@@ -401,7 +401,8 @@ def test_a_planted_standard_library_module_refuses_runs(own_python_lab, bubblewr
 def edit_through_a_link(source: Path, content: str):
     """source rewritten through a hard link in an unwatched folder (inotify reports a write to the
     folder of the name it went through), mtime put back; (a function that puts it back the same way,
-    the file the edited module creates beside the link when a run's interpreter or evaluator runs it)."""
+    the file the edited module creates beside the link when a run's interpreter or evaluator runs it).
+    A .pth file gets one import line that runs the same code."""
     alias = source.parent.parent.parent / "alias" / source.name
     alias.parent.mkdir(exist_ok=True)
     if not alias.exists():
@@ -414,22 +415,40 @@ def edit_through_a_link(source: Path, content: str):
             f.truncate(0)
             f.write(data)
         os.utime(alias, ns=(st.st_atime_ns, st.st_mtime_ns))
-    # only where the server's importer runs: the archive's builder also imports torch, outside any run
-    write(f"import sys\nif 'trusted_import' in sys.modules: open({str(imported)!r}, 'w').close()\n{content}\n"
-          .encode())
+    # only in a run's interpreter (warm_train.py, before or after its importer) or an evaluator (through the
+    # server's importer): the archive's builder also imports torch, outside any run
+    code = (f"import sys\nif 'trusted_import' in sys.modules or sys.argv[0].endswith('warm_train.py'): "
+            f"open({str(imported)!r}, 'w').close()\n{content}\n")
+    write((f"import sys; exec({code!r})\n" if source.suffix == ".pth" else code).encode())
     return lambda: write(genuine), imported
 
 
-def test_an_edit_through_a_hard_link_undone_after_the_runs_imports_makes_it_no_result(stand_in_torch):
-    """An edit of torch made through a hard link and undone once the run's interpreter has imported it:
-    inotify sees neither write and the sources' pin finds torch as pinned at every check. The
-    interpreter (cold: started with the run and handed it at once; warm: started ahead) says what it
-    compiled, so both runs that imported the edit are no result; after each, the slot's next run
-    starts a fresh interpreter (the warm one may hold what changed) and is a result again."""
+def read_at_start_up(lab, target: str) -> tuple[Path, str]:
+    """What the edit is made in, and the edit: the stand-in torch, which the run's interpreter imports
+    before its run; or a .pth file of the training's venv, whose import line runs as the interpreter
+    starts, or the module that line imports: site ran both before the importer was installed."""
+    if target == "torch":
+        return lab.source, "SOURCE = 'edited through a link'"
+    (lab.site / "hook.pth").write_text("import hookmod\n")
+    (lab.site / "hookmod.py").write_text("HOOKED = True\n")
+    return lab.site / ("hook.pth" if target == "pth" else "hookmod.py"), \
+        "print('edited through a link', file=sys.stderr)"
+
+
+@pytest.mark.parametrize("target", ["torch", "pth", "pth_import"])
+def test_an_edit_through_a_hard_link_undone_after_the_runs_imports_makes_it_no_result(stand_in_torch, target):
+    """An edit of torch (or of a .pth file, or of the module its import line imports) made through a
+    hard link and undone once the run's interpreter has imported it: inotify sees neither write and
+    the sources' pin finds it as pinned at every check. The interpreter (cold: started with the run
+    and handed it at once; warm: started ahead) says what it compiled and read (it starts without
+    site, installs the importer, then reads the .pth files itself: before, site ran them unseen), so
+    both runs that ran the edit are no result; after each, the slot's next run starts a fresh
+    interpreter (the warm one may hold what changed) and is a result again."""
     import queue
     from mcp_server.core import envpin
     from server_support import wait_until
-    lab, source = stand_in_torch, stand_in_torch.source
+    lab = stand_in_torch
+    source, edit = read_at_start_up(lab, target)
     envpin.pin_sources([lab.python])  # setup's pin
     outcomes = queue.Queue()
 
@@ -438,7 +457,7 @@ def test_an_edit_through_a_hard_link_undone_after_the_runs_imports_makes_it_no_r
         return n
 
     def edited_while(start, then=lambda: None):
-        restore, imported = edit_through_a_link(source, "SOURCE = 'edited through a link'")
+        restore, imported = edit_through_a_link(source, edit)
         start()
         assert wait_until(imported.exists, 60)  # imported: put back
         restore()
@@ -459,11 +478,11 @@ def test_an_edit_through_a_hard_link_undone_after_the_runs_imports_makes_it_no_r
     fourth = outcomes.get(timeout=120)
     outcomes = (first, second, third, fourth)
     assert [o.report["exit_code"] for o in outcomes] == [0] * 4, [o.report for o in outcomes]
-    assert [o.report.get("warm_start") for o in outcomes] == [False, False, True, False], [o.report for o in outcomes]
-    assert ["edited through a link" in lab.log(n) for n in (1, 2, 3, 4)] == [True, False, True, False]
-    changed = [f"{source} (compiled from other contents than its check found)"]
+    changed = [f"{source} ({'read' if target == 'pth' else 'compiled'} from other contents than its check found)"]
     assert [o.report.get("environment_changed") for o in outcomes] == [changed, None, changed, None], \
         [o.report for o in outcomes]
+    assert [o.report.get("warm_start") for o in outcomes] == [False, False, True, False], [o.report for o in outcomes]
+    assert ["edited through a link" in lab.log(n) for n in (1, 2, 3, 4)] == [True, False, True, False]
 
 
 def plant_module(site: Path, imported: Path, kind: str) -> Path:

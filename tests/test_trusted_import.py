@@ -143,3 +143,86 @@ def test_an_interpreter_finishes_its_imports_before_its_hand_over_whatever_their
         stub.wait()
         os.close(read_end)
         os.close(write_end)
+
+
+START_UP = """import builtins, json, site, sys
+seen = {"path": sys.path, "prefix": [sys.prefix, sys.exec_prefix, sys.base_prefix, getattr(sys, "_home", None)],
+        "site": [site.PREFIXES, site.ENABLE_USER_SITE], "meta_path": [type(f).__name__ for f in sys.meta_path],
+        "builtins": [n for n in ("quit", "exit", "help", "copyright", "credits", "license") if hasattr(builtins, n)],
+        "editable": __import__("mcp_server").__file__, "torch": __import__("torch").__file__}
+if "trusted_import" in sys.modules:
+    imported = sys.modules["trusted_import"].digests()
+    seen["unseen"] = sorted(name for name, module in list(sys.modules.items()) if name != "__main__"
+                            and type(getattr(getattr(module, "__spec__", None), "loader", None)).__name__
+                            == "SourceFileLoader" and module.__spec__.origin not in imported)
+print("START-UP " + json.dumps(seen))
+"""
+
+
+def test_a_runs_interpreter_starts_as_a_plain_one_with_its_pth_files_read_through_the_importer(tmp_path):
+    """The runs' interpreter starts without site, installs the importer, then does what site does:
+    in this project's own venv (an editable install's .pth, setuptools' distutils-precedence.pth and the
+    module its line imports, real torch), the run sees the sys.path, prefixes, meta path and builtins a
+    plain interpreter of the venv has, imports torch and the editable package; the worker hands the
+    server the SHA-256 of each .pth file as read, and nothing was compiled unseen but `encodings`
+    (before, site compiled `_distutils_hack` before the importer, and no .pth had a digest)."""
+    import hashlib
+    import json
+    import subprocess
+    from mcp_server.scripts import worker
+    probe = tmp_path / "probe.py"
+    probe.write_text(START_UP)
+    python = str(Path(sys.prefix) / "bin" / "python")  # the venv's, as the runs' command names it
+    plain = subprocess.run([python, str(probe)], capture_output=True, text=True, check=True).stdout
+    read_end, write_end = os.pipe()
+    stub, channel = worker.start_warm([python, "train.py"], None, None, write_end, None)
+    try:
+        handed, digests = worker.hand_over(stub, channel, [python, str(probe)], dict(os.environ), 300)
+        assert handed and stub.wait(timeout=120) == 0
+    finally:
+        stub.kill()
+        os.close(write_end)
+    with os.fdopen(read_end, "rb") as output:
+        run = output.read().decode()
+    seen = json.loads(run.split("START-UP ", 1)[1].splitlines()[0])
+    unseen = seen.pop("unseen")  # but the importer itself, the server's own file
+    assert all(name.startswith("encodings") or name == "trusted_import" for name in unseen), unseen
+    assert seen == json.loads(plain.split("START-UP ", 1)[1]), (seen, plain)
+    (site,) = {p for p in seen["path"] if p.endswith("site-packages")}
+    pths = sorted(Path(site).glob("*.pth"))
+    assert pths and all(digests[str(p)] == hashlib.sha256(p.read_bytes()).hexdigest() for p in pths), digests
+
+
+def test_a_pth_file_is_acted_on_twice_from_the_bytes_hashed_once(tmp_path):
+    """site goes over a venv's site folder twice (for the venv, then for its prefixes), reading each
+    .pth file each time: a file rewritten between the two (here by its own first line; by the agent
+    through a hard link, with the timing) ran lines the stream had no digest of, as the first line of a
+    path counts. The runs' interpreter acts twice, as site does, on the bytes it read and hashed once."""
+    import hashlib
+    import json
+    import subprocess
+    from mcp_server.scripts import worker
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    (site,) = venv.glob("lib/python*/site-packages")
+    pth, python = site / "twice.pth", str(venv / "bin" / "python")
+    genuine = (f"import sys; sys.RAN = getattr(sys, 'RAN', 0) + 1; "
+               f"open({str(pth)!r}, 'w').write('import sys; sys.EDITED = True\\n')\n")
+    probe = tmp_path / "probe.py"
+    probe.write_text("import json, sys\nprint('RAN ' + json.dumps([getattr(sys, 'RAN', 0), hasattr(sys, 'EDITED')]))\n")
+    pth.write_text(genuine)
+    plain = subprocess.run([python, str(probe)], capture_output=True, text=True, check=True).stdout
+    assert json.loads(plain.split("RAN ", 1)[1]) == [1, True]  # what site does: the second reading ran the edit
+    pth.write_text(genuine)
+    read_end, write_end = os.pipe()
+    stub, channel = worker.start_warm([python, "train.py"], None, None, write_end, None)
+    try:
+        handed, digests = worker.hand_over(stub, channel, [python, str(probe)], dict(os.environ), 60)
+        assert handed and stub.wait(timeout=60) == 0
+    finally:
+        stub.kill()
+        os.close(write_end)
+    with os.fdopen(read_end, "rb") as output:
+        run = output.read().decode()
+    assert json.loads(run.split("RAN ", 1)[1].splitlines()[0]) == [2, False], run
+    assert digests[str(pth)] == hashlib.sha256(genuine.encode()).hexdigest()

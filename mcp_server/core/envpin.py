@@ -296,7 +296,7 @@ def imported_changes(imported) -> dict:
             continue
         known = _VERIFIED.get(real, _VERIFIED.get(path))
         if known is not None and known != digest:
-            found[path] = CHANGED
+            found[path] = CHANGED.replace("compiled", "read") if path.endswith(".pth") else CHANGED
         elif known is None and _under_walked(real):
             found[path] = NOT_CHECKED
     return found

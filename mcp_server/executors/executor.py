@@ -394,10 +394,10 @@ def interpreters(spec: RunSpec) -> list[str]:
 
 
 def checked_imports(path: Path, report: dict, warm: WarmEvaluator | None = None) -> list[str]:
-    """The sources the run's interpreter, its evaluator and the slot's warm evaluator compiled (the
-    worker's report and the warm evaluator's stream, from scripts/trusted_import.py) from other contents
-    than the last check verified; the report's digests are then left out of it and its file (a few
-    hundred kB a run that nothing else reads)."""
+    """The sources the run's interpreter, its evaluator and the slot's warm evaluator compiled (or read:
+    the interpreter's .pth files) from other contents than the last check verified (the worker's report
+    and the warm evaluator's stream, from scripts/trusted_import.py); the report's digests are then left
+    out of it and its file (a few hundred kB a run that nothing else reads)."""
     imported = report.pop("imported", None)
     if imported is not None:
         try:

@@ -42,6 +42,9 @@ _ARCHIVE: dict = {}  # source path -> checked hash-based .pyc bytes (the server'
 # the descriptor each digest is written to as it is taken (warm_train.py's hand-over socket): the
 # record above is the process's own, which the code of a module it imported can rewrite
 _STREAM: list = []
+# each .pth file's bytes as start_site() first read them (site goes over a venv's site folder twice): a file
+# edited between its two readings would run lines the stream has no digest of (the first line of a path counts)
+_PTH: dict = {}
 END = b"\n"  # the stream's last line
 LOADED = "loaded"  # a line's digest for a module loaded from a file that is no source (never hashed)
 DIGESTS_ENV = "RESEARCH_LOOP_DIGESTS_FD"  # the runner's stream (the evaluator's): a descriptor it inherits
@@ -53,9 +56,7 @@ class TrustedSourceLoader(bootstrap.SourceFileLoader):
     def get_code(self, fullname):
         path = self.get_filename(fullname)
         data = self.get_data(path)
-        digest = _IMPORTED[path] = sha256(data).hexdigest()
-        if _STREAM:  # before the module's code runs, which can then add lines but never take this one back
-            _write(f"{digest} {path.encode('utf-8', 'surrogateescape').hex()}\n".encode())
+        _took(path, data)
         pyc = _ARCHIVE.get(path)
         if pyc is not None and archived_code_fits(pyc, data):
             return marshal.loads(memoryview(pyc)[PYC_HEADER:])
@@ -80,8 +81,19 @@ class TrustedSourcelessLoader(bootstrap.SourcelessFileLoader):
 
 
 def _loaded(path: str) -> None:
+    _stream(LOADED, path)
+
+
+def _took(path: str, data: bytes) -> None:
+    """The digest of what this process is about to run from path: recorded, and streamed before the
+    code runs, which can then add lines but never take this one back."""
+    digest = _IMPORTED[path] = sha256(data).hexdigest()
+    _stream(digest, path)
+
+
+def _stream(digest: str, path: str) -> None:
     if _STREAM:
-        _write(f"{LOADED} {path.encode('utf-8', 'surrogateescape').hex()}\n".encode())
+        _write(f"{digest} {path.encode('utf-8', 'surrogateescape').hex()}\n".encode())
 
 
 def archived_code_fits(pyc: bytes, source: bytes) -> bool:
@@ -105,6 +117,71 @@ def install(archive=None, stream=None) -> None:
     sys.path_importer_cache.clear()
     sys.dont_write_bytecode = True
     sys.modules.setdefault("trusted_import", sys.modules[__name__])
+
+
+def start_site() -> None:
+    """What site does as a plain interpreter starts (the venv's prefix, the site folders, their .pth
+    files, sitecustomize and usercustomize: site.main()), for an interpreter started without it (-S)
+    once install() has run, so that what a .pth file imports, and sitecustomize, go through the
+    importer, and each .pth file is read once, its digest streamed before any of its lines acts
+    (_add_pth in place of site's own reading of it)."""
+    import site
+    own = site.addpackage
+    site.addpackage = _add_pth
+    try:
+        site.main()
+    finally:
+        site.addpackage = own  # for whatever the run itself asks of site later
+
+
+def _add_pth(sitedir, name, known_paths):
+    """site.addpackage's work from the file's bytes, read once (_PTH): a line starting with `import` is
+    run (in site's namespace, from a frame whose `sitedir` is the folder's, as setuptools' namespace .pth
+    files look it up), any other that is no comment nor blank names a folder added to sys.path where it
+    exists; the first line that raises ends the file, as it does site's."""
+    import io
+    import os
+    import site
+    path = os.path.join(sitedir, name)
+    data = _PTH.get(path)
+    if data is None:
+        try:
+            with io.open_code(path) as f:
+                data = _PTH[path] = f.read()
+        except OSError:
+            return known_paths
+        _took(path, data)
+    for number, line in enumerate(_pth_lines(data), 1):
+        if line.startswith("#") or not line.strip():
+            continue
+        try:
+            if line.startswith(("import ", "import\t")):
+                exec(line, vars(site), locals())
+                continue
+            folder, case = site.makepath(sitedir, line.rstrip())
+            if case not in known_paths and os.path.exists(folder):
+                sys.path.append(folder)
+                known_paths.add(case)
+        except Exception:
+            import traceback
+            print(f"Error processing line {number} of {path}:", file=sys.stderr)
+            traceback.print_exc()
+            print("Remainder of file ignored", file=sys.stderr)
+            break
+    return known_paths
+
+
+def _pth_lines(data: bytes) -> list:
+    """A .pth file's lines as this interpreter's site decodes and splits them (the locale's encoding
+    up to 3.12; 3.13 tries UTF-8 first)."""
+    import io
+    if sys.version_info < (3, 13):
+        return list(io.TextIOWrapper(io.BytesIO(data), encoding="locale"))
+    try:
+        return data.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError:
+        import locale
+        return data.decode(locale.getencoding()).splitlines()
 
 
 def _is_file_finder_hook(hook) -> bool:

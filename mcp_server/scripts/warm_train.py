@@ -3,17 +3,21 @@
 previous run is evaluated and the agent thinks; it imports what every run's train.py imports first
 and then waits.
 
-    python warm_train.py FD [ARCHIVE_FD]
+    python -S warm_train.py FD [ARCHIVE_FD]
 
-First it installs the server's importer (trusted_import.py: it reads no bytecode from a __pycache__
-the agent can write, and keeps the digest of each source it compiles) and, where the server gave one,
-takes the bytecode archive (ARCHIVE_FD: the server's own compile of these modules, bytecode_archive.py),
-whose .pyc files it also writes into its bytecode folder, the sandbox's private one, for the run's
-subprocesses. It imports torch and torch.compile's stack (PRELOAD: about 10 s of a run's start-up on
-the 2-core CPU). The importer writes the digest of each source it compiles to the socket FD as it
-compiles it, before the module's code runs (that code may add lines, never take one back), and an
-empty line once these imports are done; the worker hands them to the server, which checks them
-against the contents it pinned (an edit made and undone while these imports ran is seen there).
+Started without site (-S), it first installs the server's importer (trusted_import.py: it reads no
+bytecode from a __pycache__ the agent can write, and keeps the digest of each source it compiles) and,
+where the server gave one, takes the bytecode archive (ARCHIVE_FD: the server's own compile of these
+modules, bytecode_archive.py), whose .pyc files it also writes into its bytecode folder, the sandbox's
+private one, for the run's subprocesses. Then it does what site would have done at start-up (the
+venv's prefix and site folders, their .pth files, sitecustomize: trusted_import.start_site), through
+the importer: each .pth file's digest, and those of the modules its lines and sitecustomize import,
+are in the stream like any other source's. It imports torch and torch.compile's stack (PRELOAD:
+about 10 s of a run's start-up on the 2-core CPU). The importer writes the digest of each source it
+compiles to the socket FD as it compiles it, before the module's code runs (that code may add lines,
+never take one back), and an empty line once these imports are done; the worker hands them to the
+server, which checks them against the contents it pinned (an edit made and undone while these imports
+ran is seen there).
 Then it reads one JSON line from the socket:
 {"argv", "cwd", "env"}, the run's command line
 after the interpreter, its folder and its environment, and runs argv[0] as __main__ (runpy) with
@@ -25,7 +29,10 @@ the worker threw it away, it exits. Nothing from the run's folder is imported be
 Standard library only: it imports the preloaded modules by name, from whatever environment runs
 it; one that is missing is left to the run, which imports it itself as a cold run does. Before the
 importer is installed it imports only what is frozen into the interpreter (os, sys), so the digests
-cover every source the run's interpreter compiled but its start-up's `encodings`.
+cover every source the run's interpreter compiled or read at start-up (its .pth files) but its
+`encodings`. What the run sees of its start-up is a plain interpreter's (sys.path, sys.prefix, the
+.pth files' effects), but sys.flags.no_site: a subprocess started with the interpreter's own flags
+(multiprocessing's spawn) starts without site too (it is handed sys.path).
 """
 import os
 import sys
@@ -68,6 +75,7 @@ def main() -> int:
     if len(sys.argv) > 2:
         trusted_import.install(bytecode_archive.unpack(int(sys.argv[2])))
         os.close(int(sys.argv[2]))
+    trusted_import.start_site()  # started with -S: the .pth files' imports and digests come through the importer
     preload()
     trusted_import.end_stream()
     with socket.socket(fileno=int(sys.argv[1])) as channel:

@@ -32,11 +32,12 @@ runs (this machine's slots, a Ray or SLURM node). It
 - measures the wall time itself, and writes one JSON report, atomically, with what it saw.
 
 --warm (the server's pool starts the slot's next worker ahead, issue 27): the sandbox and, inside
-it, the command's interpreter on warm_train.py, which imports torch and waits; then one JSON line
-on stdin, {"argv": this script's options for the run, "env": the run's environment}, and the run
-goes on as above with that interpreter running the script (the timeout and the wall time count from
-then). Where the warm interpreter was lost, a fresh one takes the run; end of file instead of the line:
-it was never used, and it ends with everything it started.
+it, the command's interpreter on warm_train.py (started without site, which warm_train.py then does
+through the server's importer), which imports torch and waits; then one JSON line on stdin, {"argv":
+this script's options for the run, "env": the run's environment}, and the run goes on as above with
+that interpreter running the script (the timeout and the wall time count from then). Where the warm
+interpreter was lost, a fresh one takes the run; end of file instead of the line: it was never used,
+and it ends with everything it started.
 """
 from __future__ import annotations  # a node's Python may be older than 3.10
 
@@ -360,7 +361,9 @@ def start_warm(command: list[str], spec: dict, private: dict | None, output: int
     socket's cannot be opened (ENXIO)."""
     write_fd, read_fd = socket_channel()
     archived = [] if archive is None else [archive]
-    stub, _ = sandboxed([command[0], str(WARM_STUB), str(read_fd), *map(str, archived)], spec, os.getcwd(), private)
+    # without site: warm_train.py does its work once the server's importer is installed (the .pth files' imports)
+    stub, _ = sandboxed([command[0], "-S", str(WARM_STUB), str(read_fd), *map(str, archived)], spec, os.getcwd(),
+                        private)
     try:
         proc = subprocess.Popen(stub, stdin=subprocess.DEVNULL, stdout=output, stderr=output,
                                 pass_fds=(read_fd, *archived), start_new_session=True, preexec_fn=in_child)
