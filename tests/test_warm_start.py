@@ -184,7 +184,10 @@ def test_on_the_warm_path_the_sandbox_holds_and_a_hanging_run_is_killed_whole(tm
             first = answer(await client.call_tool("run_experiment", {"description": "first",
                                                                      "timeout_seconds": RUN_TIMEOUT_S}))
             answer(await client.call_tool("discard", {}))
-            ahead_pid = loop.pool.ahead[0].proc.pid  # started ahead once the first run ended
+            # started ahead once the first run ended and the server's bytecode archive is built
+            assert wait_until(lambda: 0 in loop.pool.ahead, 300)
+            assert "--bytecode-fd" in loop.pool.ahead[0].proc.args  # never one that compiles torch itself
+            ahead_pid = loop.pool.ahead[0].proc.pid
             (ws / "train.py").write_text(source.replace(WRITES_OUTSIDE[0], WRITES_OUTSIDE[1].format(home=home), 1))
             writes = answer(await client.call_tool("run_experiment", {"description": "writes outside",
                                                                       "timeout_seconds": RUN_TIMEOUT_S}))

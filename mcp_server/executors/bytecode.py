@@ -3,8 +3,8 @@
 A sandboxed run's interpreter reads no bytecode from a `__pycache__` the agent can write: it would
 compile torch's compile stack from source at every start (about 8 CPU-seconds on the 2-core CPU).
 The warm interpreters get the server's own compile of those modules instead: built once per training
-interpreter and process, in the background (the slot's first warm worker may start without it), and
-kept in a sealed memory file, which the warm workers inherit and no process can write.
+interpreter and process, in the background (a slot's warm worker waits for it: without it, it would
+compile torch itself, beside the build), and kept in a sealed memory file, which the warm workers inherit and no process can write.
 """
 import subprocess
 import sys
@@ -56,6 +56,7 @@ def sealed(archive: bytes):
 # One archive per training interpreter for the whole process, however many pools it holds (the tests'
 # in-process servers): the build costs ~20 CPU-seconds. python -> its sealed archive; None: building or failed
 _FILES: dict = {}
+_BUILT: dict = {}  # python -> an Event set once its build ended, built or not
 _LOCK = threading.Lock()
 
 
@@ -66,8 +67,26 @@ def build_once(python: str, env: dict) -> None:
         if python in _FILES:
             return
         _FILES[python] = None
+        _BUILT[python] = threading.Event()
     if sandbox.usable()[0] == sandbox.BUBBLEWRAP:
         threading.Thread(target=_build, args=(python, env), daemon=True, name="bytecode").start()
+    else:
+        _BUILT[python].set()
+
+
+def building(python: str) -> bool:
+    """Whether python's archive is being built now."""
+    with _LOCK:
+        built = _BUILT.get(python)
+    return built is not None and not built.is_set()
+
+
+def wait(python: str) -> None:
+    """Until python's build (if one was started) has ended, at most its time limit."""
+    with _LOCK:
+        built = _BUILT.get(python)
+    if built is not None:
+        built.wait(2 * BUILD_TIMEOUT_S)  # its two steps
 
 
 def fileno(python: str) -> int | None:
@@ -84,6 +103,7 @@ def _build(python: str, env: dict) -> None:
         detail = getattr(exc, "stderr", b"") or b""
         print(f"research-loop: no bytecode archive for {python} (its warm runs compile torch themselves): {exc} "
               f"{detail.decode(errors='replace')[-500:]}", file=sys.stderr)
-        return
+        archive = None
     with _LOCK:
         _FILES[python] = archive
+        _BUILT[python].set()
