@@ -581,3 +581,28 @@ def test_an_edit_through_a_hard_link_undone_after_the_evaluators_imports_makes_t
     assert outcome.report["evaluation"]["val_bpb"] == 0.5, outcome.report
     assert outcome.report.get("environment_changed") == \
         [f"{lossmod} (compiled from other contents than its check found)"], outcome.report
+
+
+def test_a_module_planted_in_a_bytecode_folder_makes_the_run_no_result(stand_in_torch):
+    """A source planted in a `__pycache__` of the environment (which neither the pins' walk nor the
+    watch looks into: bytecode) and imported from there as a namespace package's module (here by
+    torch; by train.py alike, whose commit then holds only the import): the importer names it with its
+    digest, and a source under a walked folder that no check found makes the run no result, wherever
+    it lies (found by the review: one under a `__pycache__` counted as outside the checked folders)."""
+    import queue
+    from mcp_server.core import envpin
+    lab = stand_in_torch
+    lab.source.write_text(lab.source.read_text() + "try:\n    from torch.__pycache__ import torch_extras\n"
+                          "except ImportError:\n    pass\n")
+    envpin.pin_sources([lab.python])  # setup's pin
+    cached = lab.site / "torch" / "__pycache__"
+    cached.mkdir(exist_ok=True)
+    planted = cached / "torch_extras.py"
+    planted.write_text("import sys\nsys.modules['torch'].SOURCE = 'a planted module'\n")
+    outcomes = queue.Queue()
+    lab.pool.start(lab.spec(1, False, lab.pool.environment_position([lab.python])), lambda r, o: outcomes.put(o))
+    lab.hold.unlink()
+    outcome = outcomes.get(timeout=120)
+    assert outcome.report["exit_code"] == 0 and "a planted module" in lab.log(1), outcome.report
+    assert outcome.report.get("environment_changed") == [f"{planted} (not among the files its check found)"], \
+        outcome.report

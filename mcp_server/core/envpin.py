@@ -227,6 +227,8 @@ def _content_digest(path: str, st: os.stat_result | None = None) -> bytes:
 _VERIFIED: dict = {}
 _PRESENT: set = set()
 _WALKED: dict = {}
+# the stdlib's folders walked by another path (the site folders); its own __pycache__ is not among them
+STDLIB_SKIPPED_FOLDERS = tuple(each for each in STDLIB_SKIPPED if each != BYTECODE_DIR)
 NOT_CHECKED = "(not among the files its check found)"
 CHANGED = "(compiled from other contents than its check found)"
 
@@ -255,7 +257,7 @@ def _verified(pythons, walk: Walk) -> None:
             if not os.path.isdir(folder):
                 continue
             real = os.path.realpath(folder)
-            _WALKED[real] = () if folder in site else STDLIB_SKIPPED
+            _WALKED[real] = () if folder in site else STDLIB_SKIPPED_FOLDERS
             if real != folder:
                 _VERIFIED.update({real + p[len(folder):]: d for p, d in walk.sources.items()
                                   if p.startswith(folder + os.sep)})
@@ -268,7 +270,7 @@ def _under_walked(path: str) -> bool:
     for folder, skipped in _WALKED.items():
         if path.startswith(folder + os.sep):
             parts = path[len(folder) + 1:].split(os.sep)
-            if parts[0] not in skipped and BYTECODE_DIR not in parts:
+            if parts[0] not in skipped:  # a module under a __pycache__ too: the walk never looks there
                 return True
     return False
 
