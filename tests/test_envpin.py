@@ -581,3 +581,58 @@ def test_an_edit_through_a_hard_link_undone_after_the_evaluators_imports_makes_t
     assert outcome.report["evaluation"]["val_bpb"] == 0.5, outcome.report
     assert outcome.report.get("environment_changed") == \
         [f"{lossmod} (compiled from other contents than its check found)"], outcome.report
+
+
+def test_a_module_planted_in_a_bytecode_folder_makes_the_run_no_result(stand_in_torch):
+    """A source planted in a `__pycache__` of the environment (which neither the pins' walk nor the
+    watch looks into: bytecode) and imported from there as a namespace package's module (here by
+    torch; by train.py alike, whose commit then holds only the import): the importer names it with its
+    digest, and a source under a walked folder that no check found makes the run no result, wherever
+    it lies (found by the review: one under a `__pycache__` counted as outside the checked folders)."""
+    import queue
+    from mcp_server.core import envpin
+    lab = stand_in_torch
+    lab.source.write_text(lab.source.read_text() + "try:\n    from torch.__pycache__ import torch_extras\n"
+                          "except ImportError:\n    pass\n")
+    envpin.pin_sources([lab.python])  # setup's pin
+    cached = lab.site / "torch" / "__pycache__"
+    cached.mkdir(exist_ok=True)
+    planted = cached / "torch_extras.py"
+    planted.write_text("import sys\nsys.modules['torch'].SOURCE = 'a planted module'\n")
+    outcomes = queue.Queue()
+    lab.pool.start(lab.spec(1, False, lab.pool.environment_position([lab.python])), lambda r, o: outcomes.put(o))
+    lab.hold.unlink()
+    outcome = outcomes.get(timeout=120)
+    assert outcome.report["exit_code"] == 0 and "a planted module" in lab.log(1), outcome.report
+    assert outcome.report.get("environment_changed") == [f"{planted} (not among the files its check found)"], \
+        outcome.report
+
+
+def test_a_package_linked_into_the_environment_and_removed_between_two_checks_makes_the_run_no_result(
+        stand_in_torch, monkeypatch):
+    """Where the watch cannot be made, a symlink to a folder outside the environment planted in a site
+    folder after a run's check and removed before the next: the module's real path lies outside the
+    walked folders while the link is there (the server reads the stream as the run ends), but the path
+    it was imported by lies in one, so the run is no result (found by the review: only the real path
+    was looked up)."""
+    import queue
+    from mcp_server.core import envpin, envwatch
+    from server_support import wait_until
+    monkeypatch.setattr(envwatch, "watch_of", lambda python: None)  # as when inotify_init1 fails
+    lab = stand_in_torch
+    lab.source.write_text(lab.source.read_text() + "try:\n    import torch_extras\nexcept ImportError:\n    pass\n")
+    envpin.pin_sources([lab.python])  # setup's pin
+    outside = lab.folder / "outside"
+    outside.mkdir()
+    (outside / "__init__.py").write_text("import sys\nsys.modules['torch'].SOURCE = 'a planted module'\n")
+    link = lab.site / "torch_extras"
+    link.symlink_to(outside, target_is_directory=True)
+    outcomes = queue.Queue()
+    lab.pool.start(lab.spec(1, False, lab.pool.environment_position([lab.python])), lambda r, o: outcomes.put(o))
+    assert wait_until(lambda: (lab.folder / "1.report.json").exists(), 60)  # torch imported
+    lab.hold.unlink()
+    outcome = outcomes.get(timeout=120)
+    link.unlink()  # gone before the next check, after the server read the run's stream
+    assert outcome.report["exit_code"] == 0 and "a planted module" in lab.log(1), outcome.report
+    assert outcome.report.get("environment_changed") == \
+        [f"{link / '__init__.py'} (not among the files its check found)"], outcome.report

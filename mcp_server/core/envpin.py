@@ -227,6 +227,8 @@ def _content_digest(path: str, st: os.stat_result | None = None) -> bytes:
 _VERIFIED: dict = {}
 _PRESENT: set = set()
 _WALKED: dict = {}
+# the stdlib's folders walked by another path (the site folders); its own __pycache__ is not among them
+STDLIB_SKIPPED_FOLDERS = tuple(each for each in STDLIB_SKIPPED if each != BYTECODE_DIR)
 NOT_CHECKED = "(not among the files its check found)"
 CHANGED = "(compiled from other contents than its check found)"
 
@@ -255,7 +257,7 @@ def _verified(pythons, walk: Walk) -> None:
             if not os.path.isdir(folder):
                 continue
             real = os.path.realpath(folder)
-            _WALKED[real] = () if folder in site else STDLIB_SKIPPED
+            _WALKED[real] = _WALKED[folder] = () if folder in site else STDLIB_SKIPPED_FOLDERS
             if real != folder:
                 _VERIFIED.update({real + p[len(folder):]: d for p, d in walk.sources.items()
                                   if p.startswith(folder + os.sep)})
@@ -264,12 +266,15 @@ def _verified(pythons, walk: Walk) -> None:
     _PRESENT.update(walk.files)
 
 
-def _under_walked(path: str) -> bool:
-    for folder, skipped in _WALKED.items():
-        if path.startswith(folder + os.sep):
-            parts = path[len(folder) + 1:].split(os.sep)
-            if parts[0] not in skipped and BYTECODE_DIR not in parts:
-                return True
+def _under_walked(*spellings: str) -> bool:
+    """A module's path, as real or as imported, lies in a walked folder: a symlink to a folder outside
+    them planted in a site folder is left out of the real path, not of the imported one."""
+    for path in dict.fromkeys(os.path.normpath(each) for each in spellings):
+        for folder, skipped in _WALKED.items():
+            if path.startswith(folder + os.sep):
+                parts = path[len(folder) + 1:].split(os.sep)
+                if parts[0] not in skipped:  # a module under a __pycache__ too: the walk never looks there
+                    return True
     return False
 
 
@@ -291,13 +296,13 @@ def imported_changes(imported) -> dict:
             real_folders[folder] = os.path.realpath(folder)
         real = os.path.join(real_folders[folder], name)
         if digest == trusted_import.LOADED:  # a module loaded from a file that is no source
-            if real not in _PRESENT and path not in _PRESENT and _under_walked(real):
+            if real not in _PRESENT and path not in _PRESENT and _under_walked(real, path):
                 found[path] = NOT_CHECKED
             continue
         known = _VERIFIED.get(real, _VERIFIED.get(path))
         if known is not None and known != digest:
             found[path] = CHANGED.replace("compiled", "read") if path.endswith(".pth") else CHANGED
-        elif known is None and _under_walked(real):
+        elif known is None and _under_walked(real, path):
             found[path] = NOT_CHECKED
     return found
 
