@@ -159,6 +159,22 @@ print("START-UP " + json.dumps(seen))
 """
 
 
+def run_on_a_runs_interpreter(python: str, script: Path, timeout: float) -> tuple[str, dict]:
+    """script run as a run is, on a warm interpreter the worker starts and hands it over to at once:
+    (its output, the digests the worker read from its importer)."""
+    from mcp_server.scripts import worker
+    read_end, write_end = os.pipe()
+    stub, channel = worker.start_warm([python, "train.py"], None, None, write_end, None)
+    try:
+        handed, digests = worker.hand_over(stub, channel, [python, str(script)], dict(os.environ), timeout)
+        assert handed and stub.wait(timeout=timeout) == 0
+    finally:
+        stub.kill()
+        os.close(write_end)
+    with os.fdopen(read_end, "rb") as output:
+        return output.read().decode(), digests
+
+
 def test_a_runs_interpreter_starts_as_a_plain_one_with_its_pth_files_read_through_the_importer(tmp_path):
     """The runs' interpreter starts without site, installs the importer, then does what site does:
     in this project's own venv (an editable install's .pth, setuptools' distutils-precedence.pth and the
@@ -169,21 +185,11 @@ def test_a_runs_interpreter_starts_as_a_plain_one_with_its_pth_files_read_throug
     import hashlib
     import json
     import subprocess
-    from mcp_server.scripts import worker
     probe = tmp_path / "probe.py"
     probe.write_text(START_UP)
     python = str(Path(sys.prefix) / "bin" / "python")  # the venv's, as the runs' command names it
     plain = subprocess.run([python, str(probe)], capture_output=True, text=True, check=True).stdout
-    read_end, write_end = os.pipe()
-    stub, channel = worker.start_warm([python, "train.py"], None, None, write_end, None)
-    try:
-        handed, digests = worker.hand_over(stub, channel, [python, str(probe)], dict(os.environ), 300)
-        assert handed and stub.wait(timeout=120) == 0
-    finally:
-        stub.kill()
-        os.close(write_end)
-    with os.fdopen(read_end, "rb") as output:
-        run = output.read().decode()
+    run, digests = run_on_a_runs_interpreter(python, probe, 300)
     seen = json.loads(run.split("START-UP ", 1)[1].splitlines()[0])
     unseen = seen.pop("unseen")  # but the importer itself, the server's own file
     assert all(name.startswith("encodings") or name == "trusted_import" for name in unseen), unseen
@@ -201,7 +207,6 @@ def test_a_pth_file_is_acted_on_twice_from_the_bytes_hashed_once(tmp_path):
     import hashlib
     import json
     import subprocess
-    from mcp_server.scripts import worker
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     (site,) = venv.glob("lib/python*/site-packages")
@@ -214,15 +219,6 @@ def test_a_pth_file_is_acted_on_twice_from_the_bytes_hashed_once(tmp_path):
     plain = subprocess.run([python, str(probe)], capture_output=True, text=True, check=True).stdout
     assert json.loads(plain.split("RAN ", 1)[1]) == [1, True]  # what site does: the second reading ran the edit
     pth.write_text(genuine)
-    read_end, write_end = os.pipe()
-    stub, channel = worker.start_warm([python, "train.py"], None, None, write_end, None)
-    try:
-        handed, digests = worker.hand_over(stub, channel, [python, str(probe)], dict(os.environ), 60)
-        assert handed and stub.wait(timeout=60) == 0
-    finally:
-        stub.kill()
-        os.close(write_end)
-    with os.fdopen(read_end, "rb") as output:
-        run = output.read().decode()
+    run, digests = run_on_a_runs_interpreter(python, probe, 60)
     assert json.loads(run.split("RAN ", 1)[1].splitlines()[0]) == [2, False], run
     assert digests[str(pth)] == hashlib.sha256(genuine.encode()).hexdigest()
