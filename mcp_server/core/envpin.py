@@ -231,6 +231,7 @@ _WALKED: dict = {}
 STDLIB_SKIPPED_FOLDERS = tuple(each for each in STDLIB_SKIPPED if each != BYTECODE_DIR)
 NOT_CHECKED = "(not among the files its check found)"
 CHANGED = "(compiled from other contents than its check found)"
+READ_CHANGED = "(read from other contents than its check found)"  # a .pth file: read, never compiled
 
 
 def pin_sources(pythons, walk: Walk | None = None) -> dict:
@@ -301,7 +302,7 @@ def imported_changes(imported) -> dict:
             continue
         known = _VERIFIED.get(real, _VERIFIED.get(path))
         if known is not None and known != digest:
-            found[path] = CHANGED.replace("compiled", "read") if path.endswith(".pth") else CHANGED
+            found[path] = READ_CHANGED if path.endswith(".pth") else CHANGED
         elif known is None and _under_walked(real, path):
             found[path] = NOT_CHECKED
     return found

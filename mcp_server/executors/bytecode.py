@@ -4,7 +4,8 @@ A sandboxed run's interpreter reads no bytecode from a `__pycache__` the agent c
 compile torch's compile stack from source at every start (about 8 CPU-seconds on the 2-core CPU).
 The warm interpreters get the server's own compile of those modules instead: built once per training
 interpreter and process, in the background (a slot's warm worker waits for it: without it, it would
-compile torch itself, beside the build), and kept in a sealed memory file, which the warm workers inherit and no process can write.
+compile torch itself, beside the build), and kept in a sealed memory file, which the warm workers
+inherit and no process can write.
 """
 import subprocess
 import sys

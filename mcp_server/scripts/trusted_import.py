@@ -68,7 +68,7 @@ class TrustedExtensionLoader(bootstrap.ExtensionFileLoader):
     its code): not hashed (torch's are gigabytes), but one planted since the last check is named."""
 
     def create_module(self, spec):
-        _loaded(self.path)
+        _stream(LOADED, self.path)
         return super().create_module(spec)
 
 
@@ -76,12 +76,8 @@ class TrustedSourcelessLoader(bootstrap.SourcelessFileLoader):
     """SourcelessFileLoader (a .pyc on the path itself, outside any __pycache__) that names the file."""
 
     def get_code(self, fullname):
-        _loaded(self.get_filename(fullname))
+        _stream(LOADED, self.get_filename(fullname))
         return super().get_code(fullname)
-
-
-def _loaded(path: str) -> None:
-    _stream(LOADED, path)
 
 
 def _took(path: str, data: bytes) -> None:
