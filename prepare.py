@@ -213,7 +213,7 @@ def _show_download(done: int, total) -> None:
     print(f"\r  downloaded {done / 1e6:.1f}{of}   ", end="\n" if finished else "", flush=True)
 
 
-def write_data(dataset: str, profile: dict, num_shards: int) -> None:
+def write_data(dataset: str, profile: dict, num_shards: int, seed: str | None = None) -> None:
     if dataset == "climbmix":
         datasets.download_climbmix(num_shards, _data_url(datasets.CLIMBMIX_URL), progress=_show_download)
         return
@@ -221,7 +221,8 @@ def write_data(dataset: str, profile: dict, num_shards: int) -> None:
         stale.unlink()
     doc_chars = CHARS_PER_ROW_TOKEN * profile["max_seq_len"]
     if dataset == "offline":
-        docs = datasets.offline_documents(doc_chars)
+        datasets.keep_offline_seed(seed)
+        docs = datasets.offline_documents(doc_chars, seed)
     elif dataset == "tinystories":
         docs = datasets.tinystories_documents(_data_url(datasets.TINYSTORIES_URL), progress=_show_download)
     else:
@@ -309,6 +310,12 @@ def prepare(profile_name: str, dataset_request: str, num_shards: int, force: boo
     dataset = choose_dataset(dataset_request, profile_name, record)
     wanted = {"profile": profile_name, "dataset": dataset, "budget_clock": profile["budget_clock"],
               **{key: profile[key] for key in RECORDED_CONSTANTS}}
+    seed = datasets.offline_seed() if dataset == "offline" else None
+    reselect = False
+    if seed:
+        wanted["offline_selection"] = datasets.selection_digest(seed)
+        # prepared before the selection was secret: its validation files were public, so they are drawn again
+        reselect = bool(record) and "offline_selection" not in record
     print(f"Cache: {cache_dir()}\nProfile: {profile_name}  Data set: {dataset}", flush=True)
     if record and record.get("profile") == profile_name and record.get("budget_clock") != profile["budget_clock"]:
         if "budget_clock" not in record:
@@ -324,13 +331,15 @@ def prepare(profile_name: str, dataset_request: str, num_shards: int, force: boo
                   f"{profile['budget_clock']}; `{PREPARE_COMMAND} --profile {profile_name} --force` switches, and a "
                   "research branch's results from before it are then not comparable).")
     if record:
-        differs = {k: (record.get(k), v) for k, v in wanted.items() if record.get(k) != v}
+        differs = {k: (record.get(k), v) for k, v in wanted.items()
+                   if record.get(k) != v and not (reselect and k == "offline_selection")}
         if differs:
             return _refuse(f"{cache_dir()} is already prepared differently: "
                            + ", ".join(f"{k} is {old!r}, asked {new!r}" for k, (old, new) in differs.items())
                            + f".\nTo replace it run `{PREPARE_COMMAND} --profile {profile_name} --dataset "
                            f"{dataset_request} --force`, or set AUTORESEARCH_CACHE to another folder to keep both.")
-        problem = data_problem() or tokenizer_problem(profile["vocab_size"])
+        problem = (("its offline selection was public (runs could rebuild the validation text)" if reselect else None)
+                   or data_problem() or tokenizer_problem(profile["vocab_size"]))
         more_shards = dataset == "climbmix" and num_shards > len(datasets.split_paths("train"))
         if problem is None and not more_shards:
             if not prepare_compiler_once():
@@ -349,8 +358,8 @@ def prepare(profile_name: str, dataset_request: str, num_shards: int, force: boo
             path.unlink()
     started = time.time()
     print(f"Writing data shards to {data_dir()}...", flush=True)
-    write_data(dataset, profile, num_shards)
-    if record is None or tokenizer_problem(profile["vocab_size"]):
+    write_data(dataset, profile, num_shards, seed)
+    if record is None or reselect or tokenizer_problem(profile["vocab_size"]):
         train_tokenizer(profile["vocab_size"])
     if wanted["budget_clock"] == "flops":
         wanted["flops_per_budget_second"] = (record or {}).get("flops_per_budget_second") or flops_clock_rate()

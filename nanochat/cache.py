@@ -5,6 +5,7 @@ Layout (same as upstream autoresearch, plus the record of what was prepared):
     <cache>/tokenizer/tokenizer.pkl    the BPE merges, pattern and special tokens
     <cache>/tokenizer/token_bytes.pt   bytes per token id (0 for special tokens)
     <cache>/prepared.json              profile, data set and constants chosen at prepare time
+    <cache>/offline_seed               the secret that picks the offline corpus's files (runs never see it)
 """
 import os
 from pathlib import Path
@@ -29,3 +30,7 @@ def tokenizer_dir() -> Path:
 
 def prepared_record_path() -> Path:
     return cache_dir() / "prepared.json"
+
+
+def offline_seed_path() -> Path:
+    return cache_dir() / "offline_seed"

@@ -11,13 +11,14 @@ import hashlib
 import json
 import os
 import random
+import secrets
 import sysconfig
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat.cache import PREPARE_COMMAND, cache_dir, data_dir, prepared_record_path
+from nanochat.cache import PREPARE_COMMAND, cache_dir, data_dir, offline_seed_path, prepared_record_path
 from nanochat.download import download_file
 
 SHARD_PATTERN = "shard_{:05d}.parquet"
@@ -39,7 +40,11 @@ TINYSTORIES_SEPARATOR = "<|endoftext|>"
 OFFLINE_TOTAL_CHARS = 6_000_000  # enough for a 60 s CPU run without many repeats; tokenizer trains in seconds
 OFFLINE_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__",
                      "encodings", "pydoc_data", "lib2to3", "ensurepip", "turtledemo"}  # tests, tables, vendored
-OFFLINE_SEED = 0
+# The offline corpus is the standard library, which every run can read: with a public selection train.py
+# could rebuild the validation text from it and train on that. A secret seed, drawn at the first prepare
+# and kept where the runs' sandboxes cannot read (harness_eval.hidden_from_runs), picks and orders the
+# files instead; a cluster node's prepare gets the server's, so their numbers compare.
+OFFLINE_SEED_ENV = "AUTORESEARCH_OFFLINE_SEED"
 CHARS_PER_TOKEN_ESTIMATE = 4  # generous, so the validation shard holds at least the eval tokens
 MAX_VAL_FRACTION = 0.1  # of a corpus too small to hold a whole evaluation's worth of validation text
 FOLDER_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -254,12 +259,36 @@ def val_chars_for(eval_tokens: int) -> int:
 # ---------------------------------------------------------------------------------------------
 # The four sources
 
-def offline_source_files() -> list:
-    """The fixed selection: stdlib .py files, sorted, shuffled with a fixed seed, capped in size."""
+def offline_seed() -> str:
+    """The seed of the offline selection: the one given (a cluster node), else this cache's, else a new one."""
+    given = os.environ.get(OFFLINE_SEED_ENV, "").strip()
+    if given:
+        return given
+    try:
+        return offline_seed_path().read_text().strip() or secrets.token_hex(16)
+    except FileNotFoundError:
+        return secrets.token_hex(16)
+
+
+def selection_digest(seed: str) -> str:
+    """What the prepared record keeps of the seed: it names the selection without giving it away."""
+    return hashlib.sha256(seed.encode()).hexdigest()
+
+
+def keep_offline_seed(seed: str) -> None:
+    path = offline_seed_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write(seed + "\n")
+
+
+def offline_source_files(seed: str) -> list:
+    """The selection: stdlib .py files, sorted, shuffled with the seed, capped in size; about a third
+    of the library stays out, so a run that trains on every file it cannot place sees little validation."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = [p for p in sorted(root.rglob("*.py"))
              if not (set(p.relative_to(root).parts[:-1]) & OFFLINE_SKIP_DIRS) and not p.name.startswith("test_")]
-    random.Random(OFFLINE_SEED).shuffle(files)  # spread the cap over the whole library, not a-to-c
+    random.Random(seed).shuffle(files)  # secret, and spread over the whole library, not a-to-c
     chosen, total = [], 0
     for path in files:
         if total >= OFFLINE_TOTAL_CHARS:
@@ -269,8 +298,8 @@ def offline_source_files() -> list:
     return chosen
 
 
-def offline_documents(max_doc_chars: int):
-    for path in offline_source_files():
+def offline_documents(max_doc_chars: int, seed: str):
+    for path in offline_source_files(seed):
         yield from cut_documents(path.read_text(encoding="utf-8", errors="replace"), max_doc_chars)
 
 

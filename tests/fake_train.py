@@ -18,6 +18,8 @@ result, as it does for real), else a default:
   LAG (0: added to every step's training loss, so the run's curve lags a run without it)
   IMPORTS (none: comma-separated modules imported first, as train.py imports torch; read from the
           environment only)
+  READ (none: comma-separated files to read, printing what each holds or why it could not; read from
+        the environment only)
   TAMPER (0: try to append a planted best row to the workspace's results.tsv, to rewrite the
           server's state, to write the user's home and the worktree's .git link, and report what happened)
 """
@@ -89,6 +91,12 @@ def tamper() -> None:
 def main() -> int:
     for name in filter(None, os.environ.get("FAKE_IMPORTS", "").split(",")):
         importlib.import_module(name)
+    for path in filter(None, os.environ.get("FAKE_READ", "").split(",")):
+        try:
+            with open(path) as f:
+                print(f"read {path}: {f.read(200)!r}")
+        except OSError as exc:
+            print(f"read {path}: refused {type(exc).__name__}")
     k = knobs()
     if k["TAMPER"]:
         tamper()

@@ -58,6 +58,32 @@ def test_the_training_process_cannot_write_the_ledger_or_the_state(sandboxed_lab
     assert status["best_val_bpb"] == 0.9 and len(ledger_lines(ws)) == 2
 
 
+def test_a_run_cannot_read_where_the_validation_text_comes_from(fake_env, bubblewrap, monkeypatch):
+    """The validation shard is cut from a data set's source: a downloaded file, the user's folder, or
+    the standard library picked by the cache's secret seed. A train.py that read one could rebuild
+    the validation text and train on it; in its sandbox each is empty, while the cache's other files
+    stay readable."""
+    cache, folder = fake_env / "cache", fake_env / "my-texts"
+    folder.mkdir()
+    (folder / "book.txt").write_text("SECRET-FOLDER")
+    (cache / "downloads").mkdir()
+    (cache / "downloads" / "TinyStoriesV2-GPT4-valid.txt").write_text("SECRET-DOWNLOAD")
+    (cache / "offline_seed").write_text("SECRET-SEED")
+    record = json.loads((cache / "prepared.json").read_text())
+    (cache / "prepared.json").write_text(json.dumps(dict(record, dataset=str(folder))))
+    sources = [folder / "book.txt", cache / "downloads" / "TinyStoriesV2-GPT4-valid.txt", cache / "offline_seed"]
+    monkeypatch.setenv("FAKE_READ", ",".join(map(str, [*sources, cache / "prepared.json"])))
+    lab = Lab(make_workspace(fake_env), unsandboxed=False)
+    try:
+        run = answer(start(lab, VAL_BPB=0.9))
+    finally:
+        lab.loop.shutdown()
+    log = (lab.ws / run["log"]).read_text()
+    assert run["status"] == "ok" and '"profile": "cpu"' in log, log  # the reads ran, the record was readable
+    assert "SECRET" not in log, log
+    assert all(f"read {path}: refused" in log or f"read {path}: ''" in log for path in sources), log
+
+
 def test_an_edited_prepared_record_or_an_added_shard_is_refused(sandboxed_lab, fake_env):
     cache = fake_env / "cache"
     (cache / "data").mkdir()

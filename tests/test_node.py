@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mcp_server.executors import cluster
+from mcp_server.executors.executor import RunSpec
 from mcp_server.scripts import harness_eval, node, sandbox, worker
+from server_support import make_cache
 
 # a stand-in for prepare.py: counts its runs, takes a moment, records what it prepared
 PREPARE = """import json, os, sys, time
@@ -70,6 +73,55 @@ def test_a_node_that_cannot_prepare_says_which_and_why(tmp_path):
     assert result["exit_code"] == 1 and result["token"] == "t"
     assert "preparing the data and tokenizer failed on" in result["problem"] and "(exit 3)" in result["problem"]
     assert "cannot reach huggingface.co" in result["problem"] and "training on" not in out
+
+
+# A stand-in for prepare.py's offline data set: records the selection it drew from the seed it was given
+PREPARE_OFFLINE = """import hashlib, json, os
+cache = os.environ["AUTORESEARCH_CACHE"]
+os.makedirs(cache, exist_ok=True)
+with open(os.path.join(cache, "runs"), "a") as f:
+    f.write("x")
+seed = os.environ["AUTORESEARCH_OFFLINE_SEED"]
+json.dump({"profile": "cpu", "dataset": "offline", "offline_selection": hashlib.sha256(seed.encode()).hexdigest()},
+          open(os.path.join(cache, "prepared.json"), "w"))
+open(os.path.join(cache, "offline_seed"), "w").write(seed)
+"""
+
+
+def test_a_node_draws_the_servers_offline_files_and_its_training_cannot_read_the_seed(tmp_path, fake_env, monkeypatch):
+    """The server's secret seed travels with the job, so a node's offline validation files are the
+    server's (numbers compare); a node prepared with another seed prepares again; the node's
+    training, like a local run, cannot read the seed."""
+    server_cache = make_cache(fake_env)
+    (server_cache / "prepared.json").write_text(json.dumps({"profile": "cpu", "dataset": "offline"}))
+    (server_cache / "offline_seed").write_text("server-seed\n")
+    spec = RunSpec(run=1, commit="c" * 40, command=["python", "train.py"], timeout=60, log=tmp_path / "l",
+                   report=tmp_path / "r")
+    args = cluster.node_args(spec)
+    prepare = json.loads(args[args.index("--prepare") + 1])
+    assert prepare["offline_seed"] == "server-seed" and prepare["dataset"] == "offline"
+
+    node_cache = tmp_path / "node-cache"
+    env = {"PATH": "/usr/bin:/bin", "AUTORESEARCH_CACHE": str(node_cache), "HOME": str(tmp_path)}
+    code = code_folder(tmp_path, "job", "t")
+    (code / "prepare.py").write_text(PREPARE_OFFLINE)
+    (code / "train.py").write_text("try:\n    print('seed:', open(%r).read())\nexcept OSError as exc:\n"
+                                   "    print('seed: refused', type(exc).__name__)\n" % str(node_cache / "offline_seed"))
+
+    def job(seed: str) -> str:
+        (code / node.NODE_DIR / node.TOKEN_FILE).write_text("t")
+        wanted = json.dumps(dict(prepare, command=[sys.executable, "prepare.py"], offline_seed=seed))
+        return subprocess.run([sys.executable, f"{node.NODE_DIR}/node.py", "--timeout", "30", "--prepare", wanted,
+                               "--", sys.executable, "train.py"], cwd=code, env=env, capture_output=True, text=True,
+                              timeout=60).stdout
+
+    out = job("server-seed")
+    assert "seed: refused PermissionError" in out and "server-seed" not in out.split("training on")[-1], out
+    assert (node_cache / "runs").read_text() == "x"
+    job("server-seed")
+    assert (node_cache / "runs").read_text() == "x"  # prepared with this selection already
+    job("another-seed")
+    assert (node_cache / "runs").read_text() == "xx"
 
 
 # A stand-in for the harness's evaluator: told "go" once the model is exported, it answers

@@ -19,6 +19,7 @@ from nanochat.datasets import (
     folder_documents,
     list_shards,
     offline_source_files,
+    selection_digest,
     shard_source,
     write_corpus,
 )
@@ -158,6 +159,41 @@ def text_folder(tmp_path):
     return folder
 
 
+def test_the_offline_validation_files_are_the_caches_secret_kept_through_repairs(prepared_env, repo_root, tmp_path):
+    """The offline corpus is the standard library, which runs can read: a secret seed picks its files
+    (a run's sandbox hides it: test_integrity.py), so train.py cannot tell which are validation. A
+    repair draws the same files; a cache prepared when the selection was public is drawn again; a
+    cluster node given the server's seed draws the server's files."""
+    cache = tmp_path / "cache"
+    shutil.copytree(prepared_env["AUTORESEARCH_CACHE"], cache, ignore=shutil.ignore_patterns("compile"))
+    env = {**prepared_env, "AUTORESEARCH_CACHE": str(cache)}
+    record_path, seed_path = cache / "prepared.json", cache / "offline_seed"
+    seed, record = seed_path.read_text().strip(), json.loads(record_path.read_text())
+    assert len(seed) >= 32 and oct(seed_path.stat().st_mode & 0o777) == "0o600"
+    assert record["offline_selection"] == selection_digest(seed) != selection_digest("0")
+    val = list_shards(cache / "data")[-1]
+    pinned = val.read_bytes()
+
+    val.write_bytes(pinned[:100])
+    done = run(["prepare.py", "--profile", "cpu", "--dataset", "offline"], env, repo_root)
+    assert done.returncode == 0 and "Repairing" in done.stdout, done.stdout + done.stderr
+    assert val.read_bytes() == pinned and json.loads(record_path.read_text())["val_shard"] == record["val_shard"]
+
+    record_path.write_text(json.dumps({k: v for k, v in record.items() if k != "offline_selection"}))
+    seed_path.unlink()
+    done = run(["prepare.py", "--profile", "cpu", "--dataset", "offline"], env, repo_root)
+    assert done.returncode == 0 and "offline selection was public" in done.stdout, done.stdout + done.stderr
+    redrawn = json.loads(record_path.read_text())
+    assert redrawn["offline_selection"] == selection_digest(seed_path.read_text().strip()) != record["offline_selection"]
+    assert redrawn["val_shard"]["sha256"] != record["val_shard"]["sha256"] and "tokenizer ready" in done.stdout
+
+    node_cache = tmp_path / "node-cache"
+    done = run(["prepare.py", "--profile", "cpu", "--dataset", "offline"], {**env, "AUTORESEARCH_CACHE": str(node_cache)},
+               repo_root, AUTORESEARCH_OFFLINE_SEED=seed)
+    assert done.returncode == 0, done.stderr
+    assert list_shards(node_cache / "data")[-1].read_bytes() == pinned
+
+
 def test_a_cache_on_the_cpu_clock_keeps_it_until_forced(prepared_env, repo_root, tmp_path):
     """The CPU profile's clock became "flops"; a research branch set up on a cache that recorded
     "cpu" goes on with "cpu", so its results stay comparable, and --force switches."""
@@ -225,11 +261,13 @@ def test_missing_folder_is_a_clear_error(empty_env, repo_root, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Data set pieces, in process
 
-def test_offline_selection_is_fixed_and_leaves_out_tests():
-    files = offline_source_files()
-    assert files == offline_source_files()
+def test_the_offline_selection_is_its_seeds_and_leaves_out_tests_and_a_third_of_the_library():
+    files = offline_source_files("a")
+    assert files == offline_source_files("a") and files[:20] != offline_source_files("b")[:20]
     assert all(not (set(p.parts) & OFFLINE_SKIP_DIRS) and not p.name.startswith("test_") for p in files)
     assert sum(p.stat().st_size for p in files) >= OFFLINE_TOTAL_CHARS
+    everything = set(offline_source_files("a") + offline_source_files("b") + offline_source_files("c"))
+    assert len(files) < 0.75 * len(everything)  # a run that trains on every file it cannot place sees little validation
 
 
 def test_cut_documents_keeps_every_character_in_bounded_pieces():

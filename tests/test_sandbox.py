@@ -211,6 +211,15 @@ def test_the_macos_profile_denies_writes_but_the_runs_own_folders(tmp_path):
     assert '(deny file-write* (subpath "/cache"))' in rules
 
 
+def test_the_macos_profile_denies_reads_of_the_data_sets_sources_last(tmp_path):
+    downloads, around = tmp_path / "cache" / "downloads", tmp_path  # the second holds the run: not hidden
+    downloads.mkdir(parents=True)
+    spec = {"readonly": [str(tmp_path / "cache")], "writable": ["."], "hidden": [str(downloads), str(around)]}
+    rules = sandbox.seatbelt_profile(spec, str(tmp_path / "ws")).splitlines()
+    assert rules[-1] == f'(deny file-read* (subpath "{os.path.realpath(downloads)}"))', rules
+    assert not any("file-read*" in rule and rule.endswith(f'"{os.path.realpath(around)}"))') for rule in rules)
+
+
 def test_a_path_cannot_break_out_of_its_string_in_the_profile():
     profile = sandbox.seatbelt_profile({"writable": ['/w/a") (allow file-write* (subpath "/x', "/w/b\\"]}, "/")
     assert '(allow file-write* (subpath "/w/a\\") (allow file-write* (subpath \\"/x"))' in profile
@@ -249,6 +258,33 @@ def test_a_runs_private_validation_copy_is_out_of_other_runs_reach(bubblewrap, t
         assert copy.read_bytes() == b"validation" and seen == "False"
     finally:
         shutil.rmtree(copy.parent, ignore_errors=True)
+
+
+def test_a_runs_shared_memory_is_its_own_and_the_data_sources_are_hidden(bubblewrap, tmp_path):
+    """/dev/shm outlives a run and is shared by all: a run could leave its weights there for the next
+    one to go on training. In the sandbox it is a private one. A hidden folder (a data set's source)
+    is empty there and a hidden file unreadable, but one that holds the run's folder stays, or the
+    run could not start."""
+    planted = Path("/dev/shm") / f"research-loop-test-{os.getpid()}"
+    planted.write_text("weights")
+    folder, seed = tmp_path / "downloads", tmp_path / "offline_seed"
+    folder.mkdir()
+    (folder / "book.txt").write_text("text")
+    seed.write_text("seed")
+    code = (f"import os\nprint('planted:', os.path.exists({str(planted)!r}))\n"
+            f"open('/dev/shm/left-by-the-run', 'w').write('x')\n"
+            f"try:\n    read = repr(open({str(seed)!r}).read())\nexcept OSError as exc:\n    read = type(exc).__name__\n"
+            f"print('folder:', os.listdir({str(folder)!r}), 'seed:', read)\n"
+            f"print('own folder:', sorted(os.listdir('.')))\n")
+    spec = {"readonly": [str(tmp_path), sys.prefix], "hidden": [str(folder), str(seed), str(tmp_path)]}
+    try:
+        argv, _ = sandbox.wrap([sys.executable, "-c", code], spec, str(tmp_path))
+        out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    finally:
+        planted.unlink()
+    assert "planted: False" in out and not Path("/dev/shm/left-by-the-run").exists(), out
+    assert "folder: [] seed: PermissionError" in out and "own folder: ['downloads', 'offline_seed']" in out, out
+    assert (folder / "book.txt").read_text() == "text" and seed.read_text() == "seed"
 
 
 def test_a_sandboxed_run_reaches_no_process_and_no_network_of_the_machine(tmp_path, bubblewrap):

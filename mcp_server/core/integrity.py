@@ -23,7 +23,7 @@ import sysconfig
 from pathlib import Path
 
 from mcp_server.core.models import Refusal
-from mcp_server.scripts.harness_eval import evaluation_inputs, evaluator_command, sha256_of
+from mcp_server.scripts.harness_eval import evaluation_inputs, evaluator_command, hidden_from_runs, sha256_of
 from mcp_server.core.workspace import EDITABLE, cache_dir, prepared_info
 
 HARNESS_DIR = "research-loop/harness"  # inside .git: the pristine harness the evaluation runs from
@@ -159,7 +159,8 @@ def sandbox_spec(root: Path, export_dir: Path, harness_files: list[str]) -> dict
     (cache / COMPILE_CACHE).mkdir(parents=True, exist_ok=True)
     readonly = [str(root), str(cache), str(Path(__file__).resolve().parents[2]), sys.prefix]
     writable = [".", str(export_dir), str(cache / COMPILE_CACHE)]
-    return {"readonly": readonly, "writable": writable, "readonly_inside": harness_files}
+    return {"readonly": readonly, "writable": writable, "readonly_inside": harness_files,
+            "hidden": hidden_from_runs(cache, prepared_info())}
 
 
 def harness_files(ws, commit: str) -> list[str]:

@@ -26,7 +26,7 @@ from mcp_server.scripts import harness_eval, inotify_events, node, sandbox
 from mcp_server.executors.executor import WORKER, Outcome, RunSpec
 from mcp_server.core.models import Refusal
 from mcp_server.scripts.worker import write_report
-from mcp_server.core.workspace import EDITABLE, prepared_info
+from mcp_server.core.workspace import EDITABLE, cache_dir, prepared_info
 
 POLL_SECONDS = 0.5
 LOG_POLL_PER_MB_S = 0.5  # a long log is fetched less often: each fetch brings all of it
@@ -98,12 +98,23 @@ def node_args(spec: RunSpec) -> list[str]:
     if info is not None and "train.py" in spec.command:
         prepare = {"command": ["prepare.py" if part == "train.py" else part for part in spec.command]}
         prepare |= {k: info[k] for k in ("profile", "dataset") if info.get(k)}
+        seed = offline_seed() if info.get("dataset") == "offline" else None
+        if seed:  # the node draws the server's validation files, so the numbers compare
+            prepare["offline_seed"] = seed
         args += ["--prepare", json.dumps(prepare)]
     if spec.after_seconds:  # the harness exports the model: the node evaluates it as a slot here does
         verify = {"evaluator": integrity.EVALUATOR, "editable": EDITABLE, "eval_tokens": integrity.eval_tokens(),
                   "profile": (info or {}).get("profile"), "timeout": spec.after_seconds}
         args += ["--verify", json.dumps(verify)]
     return [*args, "--", *spec.command]
+
+
+def offline_seed() -> str | None:
+    """The secret of the server's offline selection, or None where its cache has none."""
+    try:
+        return (cache_dir() / harness_eval.OFFLINE_SEED_FILE).read_text().strip() or None
+    except OSError:
+        return None
 
 
 def job_env(spec: RunSpec) -> dict:

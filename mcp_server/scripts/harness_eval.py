@@ -61,6 +61,8 @@ DEVICE_ENV = ("CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH")
 # The check of the harness copy runs none of the programs .git/config names (workspace.NO_AGENT_CODE:
 # this script imports nothing from the package); the server keeps the attributes neutral.
 NO_AGENT_GIT = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c", "core.attributesFile=/dev/null")
+# In the prepared cache (nanochat/cache.py's layout): the data sets' sources, which no run may read
+DOWNLOADS, OFFLINE_SEED_FILE = "downloads", "offline_seed"
 
 
 def evaluator_command(python: str, evaluator: Path) -> list[str]:
@@ -493,6 +495,18 @@ def evaluation_inputs(cache: Path, val_shard: Path | None, record: dict | None) 
         same = pinned.get("name") == val_shard.name and pinned.get("sha256")
         inputs["val"] = {"path": str(val_shard), "sha256": pinned["sha256"] if same else sha256_of(val_shard)}
     return inputs
+
+
+def hidden_from_runs(cache: Path, record: dict | None) -> list[str]:
+    """What a run must not read at all: where the data sets' text comes from (the downloads, a folder
+    data set, the secret that picks the offline corpus's files; nanochat/cache.py's layout). The
+    validation text is cut from there, and a run that could read it could train on it; the shards
+    stay readable (the validation shard only as a watched copy)."""
+    hidden = [str(cache / DOWNLOADS), str(cache / OFFLINE_SEED_FILE)]
+    dataset = (record or {}).get("dataset")
+    if isinstance(dataset, str) and os.path.isabs(dataset):  # a folder data set, as prepare resolved it
+        hidden.append(dataset)
+    return hidden
 
 
 def sha256_of(path: Path) -> str:

@@ -57,6 +57,7 @@ PROBE = ("import json, sys, sysconfig; p = sysconfig.get_paths(); "
 REPORT_TAIL_BYTES = 8192
 OUTPUT_TAIL_CHARS = 2000  # of a failed sync or prepare, in the log
 EDITABLE = "train.py"  # the one file a run may write in its code folder (mcp_server/core/workspace.py)
+OFFLINE_SEED_ENV = "AUTORESEARCH_OFFLINE_SEED"  # the server's offline selection, for prepare (nanochat/datasets.py)
 
 
 class NodeProblem(Exception):
@@ -138,11 +139,14 @@ def prepared_record() -> dict | None:
 
 
 def prepared_as(wanted: dict) -> bool:
-    """Whether this node's cache holds data prepared with the wanted profile and data set."""
+    """Whether this node's cache holds data prepared with the wanted profile, data set and offline selection."""
     record = prepared_record()
     if not wanted.get("profile"):  # an upstream harness records nothing: its tokenizer tells
         return record is not None or any((cache_dir() / "tokenizer").glob("*"))
-    return bool(record) and all(record.get(k) == wanted[k] for k in ("profile", "dataset") if wanted.get(k))
+    seed = wanted.get("offline_seed")  # the record keeps its SHA-256 (nanochat/datasets.py selection_digest)
+    selection = {"offline_selection": hashlib.sha256(seed.encode()).hexdigest()} if seed else {}
+    return bool(record) and all(record.get(k) == v for k, v in
+                                ({k: wanted[k] for k in ("profile", "dataset") if wanted.get(k)} | selection).items())
 
 
 def prepare_data(prepare: dict) -> None:
@@ -151,7 +155,9 @@ def prepare_data(prepare: dict) -> None:
         if prepared_as(prepare):
             return
         args = [a for k in ("profile", "dataset") if prepare.get(k) for a in (f"--{k}", str(prepare[k]))]
-        run_step("preparing the data and tokenizer", [*prepare["command"], *args], PREPARE_TIMEOUT_S)
+        seed = {OFFLINE_SEED_ENV: prepare["offline_seed"]} if prepare.get("offline_seed") else {}
+        run_step("preparing the data and tokenizer", [*prepare["command"], *args], PREPARE_TIMEOUT_S,
+                 env=dict(os.environ, **seed))
 
 
 def val_shard() -> Path | None:
@@ -203,7 +209,8 @@ def verification(verify: dict, command: list[str], scratch: Path) -> list[str]:
     compiled.mkdir(parents=True, exist_ok=True)
     sandbox = {"readonly": [str(scratch), str(cache_dir()), env_prefix],
                "writable": [".", str(export.parent), str(compiled)],
-               "readonly_inside": sorted(os.listdir(harness))}
+               "readonly_inside": sorted(os.listdir(harness)),
+               "hidden": harness_eval.hidden_from_runs(cache_dir(), prepared_record())}
     args = ["--sandbox", json.dumps(sandbox), "--export", str(export), "--evaluate", json.dumps(evaluate)]
     shard = val_shard()  # other jobs on this node may read it: only a private copy is watched (bubblewrap)
     return args + (["--val-shard", str(shard), "--val-shared"] if shard else [])
@@ -215,7 +222,8 @@ def plain_sandbox() -> list[str]:
     compiled = cache_dir() / "compile"
     compiled.mkdir(parents=True, exist_ok=True)
     sandbox = {"readonly": [str(cache_dir())], "writable": [".", str(compiled)],
-               "readonly_inside": sorted(n for n in os.listdir(".") if n != EDITABLE)}
+               "readonly_inside": sorted(n for n in os.listdir(".") if n != EDITABLE),
+               "hidden": harness_eval.hidden_from_runs(cache_dir(), prepared_record())}
     return ["--sandbox", json.dumps(sandbox)]
 
 

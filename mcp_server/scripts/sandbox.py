@@ -6,10 +6,11 @@ yet refused user namespaces (a container, a hardened kernel). Each probe runs on
 and executable. Without a usable one a run may start only where the user opted in
 (`--unsandboxed`, or RESEARCH_LOOP_UNSANDBOXED=1), and then everything that reports the run says so.
 
-spec, as integrity.sandbox_spec makes it: {"readonly", "writable", "readonly_inside"}, lists of
-paths (relative ones are inside the run's folder), applied in that order, each overriding the one
+spec, as integrity.sandbox_spec makes it: {"readonly", "writable", "readonly_inside", "hidden"}, lists
+of paths (relative ones are inside the run's folder), applied in that order, each overriding the one
 before: the workspace read-only, the run's own folders writable again, the harness files inside
-the run's folder read-only once more.
+the run's folder read-only once more, and last the data sets' sources unreadable (an empty folder or
+file in their place), but where one holds the run's folder or another path of the spec.
 """
 from __future__ import annotations  # a node's Python may be older than 3.10
 
@@ -112,6 +113,8 @@ def bwrap_argv(bwrap: str, command: list[str], spec: dict, cwd: str, private: di
     argv = [bwrap, "--unshare-pid", "--unshare-net", "--ro-bind", "/", "/", "--dev-bind", "/dev", "/dev", "--proc", "/proc",
             "--tmpfs", "/tmp", "--dir", SANDBOX_HOME, "--setenv", "HOME", SANDBOX_HOME,
             "--setenv", "PYTHONPYCACHEPREFIX", BYTECODE_PREFIX]
+    if os.path.isdir("/dev/shm"):  # the machine's is shared by every run and outlives them: a way to carry weights
+        argv += ["--tmpfs", "/dev/shm"]
     for path in interpreter_folders(command[0]):  # the command's own environment, wherever it lives
         argv += ["--ro-bind", path, path]
     for option, key in (("--ro-bind", "readonly"), ("--bind", "writable"), ("--ro-bind", "readonly_inside")):
@@ -121,7 +124,18 @@ def bwrap_argv(bwrap: str, command: list[str], spec: dict, cwd: str, private: di
                 argv += [option, path, path]
     for path, copy in (private or {}).items():
         argv += ["--ro-bind", str(copy), str(path)]
+    for path in hidden(spec, cwd):
+        argv += ["--tmpfs", path] if os.path.isdir(path) else ["--ro-bind", "/dev/null", path]
     return [*argv, "--die-with-parent", "--chdir", cwd, "--", *command]
+
+
+def hidden(spec: dict, cwd: str) -> list[str]:
+    """The spec's hidden paths that exist and hold neither the run's folder nor any path the spec
+    shows (a folder data set around the workspace cannot be hidden without hiding the run)."""
+    shown = [cwd, *(os.path.join(cwd, p) for key in ("readonly", "writable", "readonly_inside")
+                    for p in spec.get(key, []))]
+    return [path for path in spec.get("hidden", []) if os.path.exists(path)
+            and not any(os.path.commonpath([path, other]) == path for other in map(os.path.abspath, shown))]
 
 
 def interpreter_folders(program: str) -> list[str]:
@@ -141,18 +155,19 @@ def seatbelt_argv(sandbox_exec: str, command: list[str], spec: dict, cwd: str) -
 
 def seatbelt_profile(spec: dict, cwd: str) -> str:
     """A sandbox-exec profile: everything allowed but writes, which only the spec's writable paths
-    and the temporary folders get. Later rules win, so the spec's order holds: the read-only paths
-    are denied after the temporary folders (a workspace may live in one), the run's own folders
-    allowed after them, the harness files inside them denied last. Paths are resolved, as the
-    kernel matches them (/tmp is /private/tmp on macOS)."""
-    def rule(verb: str, paths) -> list[str]:
-        return [f"({verb} file-write* (subpath {quoted(os.path.realpath(os.path.join(cwd, p)))}))" for p in paths]
+    and the temporary folders get, and reads of the hidden paths. Later rules win, so the spec's
+    order holds: the read-only paths are denied after the temporary folders (a workspace may live in
+    one), the run's own folders allowed after them, the harness files inside them denied, the hidden
+    paths' reads denied last. Paths are resolved, as the kernel matches them (/tmp is /private/tmp)."""
+    def rule(verb: str, paths, access: str = "file-write*") -> list[str]:
+        return [f"({verb} {access} (subpath {quoted(os.path.realpath(os.path.join(cwd, p)))}))" for p in paths]
 
     tmp = os.environ.get("TMPDIR")
     scratch = [*SEATBELT_SCRATCH, *([tmp] if tmp else [])]
     return "\n".join(["(version 1)", "(allow default)", "(deny file-write*)", *rule("allow", scratch),
                       *rule("deny", spec.get("readonly", [])), *rule("allow", spec.get("writable", [])),
-                      *rule("deny", spec.get("readonly_inside", []))]) + "\n"
+                      *rule("deny", spec.get("readonly_inside", [])),
+                      *rule("deny", hidden(spec, cwd), "file-read*")]) + "\n"
 
 
 def quoted(path: str) -> str:
