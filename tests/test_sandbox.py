@@ -287,6 +287,26 @@ def test_a_runs_shared_memory_is_its_own_and_the_data_sources_are_hidden(bubblew
     assert (folder / "book.txt").read_text() == "text" and seed.read_text() == "seed"
 
 
+def test_a_run_cannot_unmount_what_hides_the_data_sources(bubblewrap, tmp_path):
+    """Run as root (a container, a cloud GPU box), bubblewrap keeps root's capabilities in the
+    sandbox unless told: train.py could then unmount the empty folder over the downloads, or the
+    /dev/null over the offline seed, and read the validation text's source. It runs with none."""
+    folder, seed = tmp_path / "downloads", tmp_path / "offline_seed"
+    folder.mkdir()
+    (folder / "book.txt").write_text("text")
+    seed.write_text("seed")
+    code = (f"import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+            f"for path in ({str(folder)!r}, {str(seed)!r}, '/dev/shm', '/tmp'):\n"
+            f"    print(path, libc.umount2(path.encode(), 2), ctypes.get_errno())\n"  # MNT_DETACH
+            f"print('folder:', os.listdir({str(folder)!r}))\n"
+            f"print('caps:', [l.split()[1] for l in open('/proc/self/status') if l.startswith('CapEff')])\n")
+    spec = {"readonly": [str(tmp_path), sys.prefix], "hidden": [str(folder), str(seed)]}
+    argv, _ = sandbox.wrap([sys.executable, "-c", code], spec, str(tmp_path))
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    assert "folder: []" in out and "caps: ['0000000000000000']" in out, out
+    assert all(line.split()[1] == "-1" for line in out.splitlines()[:4]), out
+
+
 def test_a_sandboxed_run_reaches_no_process_and_no_network_of_the_machine(tmp_path, bubblewrap):
     """train.py could signal its worker or the evaluator, read the server's environment (its HTTP
     token) in /proc, or call the server's HTTP transport or dashboard on 127.0.0.1: in the sandbox

@@ -110,8 +110,10 @@ def bwrap_argv(bwrap: str, command: list[str], spec: dict, cwd: str, private: di
     worker or evaluator, no /proc/PID/environ of the server) and has no network but its own loopback
     (no call to the server's HTTP transport or dashboard on 127.0.0.1); training and its harness
     read only prepared files."""
-    argv = [bwrap, "--unshare-pid", "--unshare-net", "--ro-bind", "/", "/", "--dev-bind", "/dev", "/dev", "--proc", "/proc",
-            "--tmpfs", "/tmp", "--dir", SANDBOX_HOME, "--setenv", "HOME", SANDBOX_HOME,
+    # run as root, bubblewrap keeps root's capabilities unless told: the run could unmount or remount
+    # what hides and guards (the data sets' sources, the read-only workspace)
+    argv = [bwrap, "--cap-drop", "ALL", "--unshare-pid", "--unshare-net", "--ro-bind", "/", "/",
+            "--dev-bind", "/dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--dir", SANDBOX_HOME, "--setenv", "HOME", SANDBOX_HOME,
             "--setenv", "PYTHONPYCACHEPREFIX", BYTECODE_PREFIX]
     if os.path.isdir("/dev/shm"):  # the machine's is shared by every run and outlives them: a way to carry weights
         argv += ["--tmpfs", "/dev/shm"]
