@@ -236,7 +236,8 @@ def test_on_macos_runs_go_under_sandbox_exec_with_that_profile(tmp_path, monkeyp
     spec = {"readonly": [str(tmp_path)], "writable": ["."]}
     command, kind = sandbox.wrap(["python", "train.py"], spec, str(tmp_path / "run"))
     assert kind == sandbox.SANDBOX_EXEC
-    assert command == [str(fake), "-p", sandbox.seatbelt_profile(spec, str(tmp_path / "run")), "python", "train.py"]
+    assert command == [str(fake), "-p", sandbox.seatbelt_profile(spec, str(tmp_path / "run")),
+                       "/usr/bin/env", "-u", "AUTORESEARCH_OFFLINE_SEED", "python", "train.py"]
     fake.write_text("#!/bin/sh\necho 'sandbox-exec: sandbox_apply: Operation not permitted' >&2\nexit 71\n")
     sandbox._probe.cache_clear()
     assert sandbox.wrap(["python"], spec, "/")[1] is None
@@ -305,6 +306,19 @@ def test_a_run_cannot_unmount_what_hides_the_data_sources(bubblewrap, tmp_path):
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     assert "folder: []" in out and "caps: ['0000000000000000']" in out, out
     assert all(line.split()[1] == "-1" for line in out.splitlines()[:4]), out
+
+
+def test_a_run_never_sees_an_offline_seed_given_in_the_environment(bubblewrap, tmp_path, monkeypatch):
+    """A cluster node's prepare gets the server's seed in AUTORESEARCH_OFFLINE_SEED, and a user may
+    set it for the server: the worker and the nodes pass their environment on (AUTORESEARCH_* goes
+    to the jobs), and with the seed train.py could draw the validation files from the library."""
+    monkeypatch.setenv("AUTORESEARCH_OFFLINE_SEED", "the-secret")
+    code = "import os\nprint('seed:', os.environ.get('AUTORESEARCH_OFFLINE_SEED'))\n"
+    argv, _ = sandbox.wrap([sys.executable, "-c", code], {"readonly": [str(tmp_path), sys.prefix]}, str(tmp_path))
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    assert "seed: None" in out, out
+    profile_argv = sandbox.seatbelt_argv("/usr/bin/sandbox-exec", [sys.executable, "-c", code], {}, str(tmp_path))
+    assert "AUTORESEARCH_OFFLINE_SEED" in profile_argv[:profile_argv.index(sys.executable)], profile_argv
 
 
 def test_a_sandboxed_run_reaches_no_process_and_no_network_of_the_machine(tmp_path, bubblewrap):

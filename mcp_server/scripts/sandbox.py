@@ -38,6 +38,9 @@ SANDBOX_HOME = "/tmp/home"  # a run's home: inside its private /tmp, gone when i
 # A run's bytecode folder, inside its private /tmp too: its interpreter reads no .pyc from a __pycache__
 # the agent could have planted one in (bytecode_archive.py), only what it compiled or was handed itself
 BYTECODE_PREFIX = "/tmp/bytecode"
+# a node's prepare gets the server's offline seed here (nanochat/datasets.py), and the jobs pass AUTORESEARCH_*
+# on: with it a run could draw the validation files from the library it reads
+SECRET_ENV = ("AUTORESEARCH_OFFLINE_SEED",)
 UVM_DEVICE = "/dev/nvidia-uvm"  # CUDA's unified memory node, made by nvidia-modprobe at the first CUDA use
 
 
@@ -113,8 +116,9 @@ def bwrap_argv(bwrap: str, command: list[str], spec: dict, cwd: str, private: di
     # run as root, bubblewrap keeps root's capabilities unless told: the run could unmount or remount
     # what hides and guards (the data sets' sources, the read-only workspace)
     argv = [bwrap, "--cap-drop", "ALL", "--unshare-pid", "--unshare-net", "--ro-bind", "/", "/",
-            "--dev-bind", "/dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--dir", SANDBOX_HOME, "--setenv", "HOME", SANDBOX_HOME,
-            "--setenv", "PYTHONPYCACHEPREFIX", BYTECODE_PREFIX]
+            "--dev-bind", "/dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
+            "--dir", SANDBOX_HOME, "--setenv", "HOME", SANDBOX_HOME,
+            "--setenv", "PYTHONPYCACHEPREFIX", BYTECODE_PREFIX, *(a for n in SECRET_ENV for a in ("--unsetenv", n))]
     if os.path.isdir("/dev/shm"):  # the machine's is shared by every run and outlives them: a way to carry weights
         argv += ["--tmpfs", "/dev/shm"]
     for path in interpreter_folders(command[0]):  # the command's own environment, wherever it lives
@@ -152,7 +156,8 @@ def interpreter_folders(program: str) -> list[str]:
 
 
 def seatbelt_argv(sandbox_exec: str, command: list[str], spec: dict, cwd: str) -> list[str]:
-    return [sandbox_exec, "-p", seatbelt_profile(spec, cwd), *command]
+    unset = [a for name in SECRET_ENV for a in ("-u", name)]
+    return [sandbox_exec, "-p", seatbelt_profile(spec, cwd), "/usr/bin/env", *unset, *command]
 
 
 def seatbelt_profile(spec: dict, cwd: str) -> str:
