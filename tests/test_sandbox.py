@@ -261,6 +261,15 @@ def test_a_runs_private_validation_copy_is_out_of_other_runs_reach(bubblewrap, t
         shutil.rmtree(copy.parent, ignore_errors=True)
 
 
+def data_sources(tmp_path: Path) -> tuple[Path, Path]:
+    """A downloads folder with a book in it and an offline seed, as a cache holds them."""
+    folder, seed = tmp_path / "downloads", tmp_path / "offline_seed"
+    folder.mkdir()
+    (folder / "book.txt").write_text("text")
+    seed.write_text("seed")
+    return folder, seed
+
+
 def test_a_runs_shared_memory_is_its_own_and_the_data_sources_are_hidden(bubblewrap, tmp_path):
     """/dev/shm outlives a run and is shared by all: a run could leave its weights there for the next
     one to go on training. In the sandbox it is a private one. A hidden folder (a data set's source)
@@ -268,10 +277,7 @@ def test_a_runs_shared_memory_is_its_own_and_the_data_sources_are_hidden(bubblew
     run could not start."""
     planted = Path("/dev/shm") / f"research-loop-test-{os.getpid()}"
     planted.write_text("weights")
-    folder, seed = tmp_path / "downloads", tmp_path / "offline_seed"
-    folder.mkdir()
-    (folder / "book.txt").write_text("text")
-    seed.write_text("seed")
+    folder, seed = data_sources(tmp_path)
     code = (f"import os\nprint('planted:', os.path.exists({str(planted)!r}))\n"
             f"open('/dev/shm/left-by-the-run', 'w').write('x')\n"
             f"try:\n    read = repr(open({str(seed)!r}).read())\nexcept OSError as exc:\n    read = type(exc).__name__\n"
@@ -292,10 +298,7 @@ def test_a_run_cannot_unmount_what_hides_the_data_sources(bubblewrap, tmp_path):
     """Run as root (a container, a cloud GPU box), bubblewrap keeps root's capabilities in the
     sandbox unless told: train.py could then unmount the empty folder over the downloads, or the
     /dev/null over the offline seed, and read the validation text's source. It runs with none."""
-    folder, seed = tmp_path / "downloads", tmp_path / "offline_seed"
-    folder.mkdir()
-    (folder / "book.txt").write_text("text")
-    seed.write_text("seed")
+    folder, seed = data_sources(tmp_path)
     code = (f"import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
             f"for path in ({str(folder)!r}, {str(seed)!r}, '/dev/shm', '/tmp'):\n"
             f"    print(path, libc.umount2(path.encode(), 2), ctypes.get_errno())\n"  # MNT_DETACH
