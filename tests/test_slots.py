@@ -41,7 +41,8 @@ def test_two_slots_overlap_on_their_own_gpus_and_a_third_run_queues(duo):
     duo.baseline()
     ids = []
     for k, value in enumerate((0.91, 0.92, 0.93)):
-        set_knobs(duo.ws, val_bpb=value, sleep=8, steps=4)  # long enough that the third call comes while both still run, on a loaded machine too
+        # long enough that the third call comes while both still run, on a loaded machine too
+        set_knobs(duo.ws, val_bpb=value, sleep=8, steps=4)
         ids.append(duo.ok("run_experiment", description=f"idea {k}", wait=False))
     assert [r["status"] for r in ids] == ["running", "running", "queued"] and ids[2]["queue_position"] == 1
     assert (duo.ws / "train.py").read_text().startswith("VAL_BPB = 0.93")  # the agent's tree is its own
