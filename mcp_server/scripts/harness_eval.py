@@ -63,6 +63,7 @@ DEVICE_ENV = ("CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH")
 NO_AGENT_GIT = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c", "core.attributesFile=/dev/null")
 # In the prepared cache (nanochat/cache.py's layout): the data sets' sources, which no run may read
 DOWNLOADS, OFFLINE_SEED_FILE = "downloads", "offline_seed"
+OFFLINE_SEED_ENV = "AUTORESEARCH_OFFLINE_SEED"  # how a node's prepare gets the server's seed (nanochat/datasets.py)
 
 
 def evaluator_command(python: str, evaluator: Path) -> list[str]:

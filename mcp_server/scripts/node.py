@@ -57,7 +57,6 @@ PROBE = ("import json, sys, sysconfig; p = sysconfig.get_paths(); "
 REPORT_TAIL_BYTES = 8192
 OUTPUT_TAIL_CHARS = 2000  # of a failed sync or prepare, in the log
 EDITABLE = "train.py"  # the one file a run may write in its code folder (mcp_server/core/workspace.py)
-OFFLINE_SEED_ENV = "AUTORESEARCH_OFFLINE_SEED"  # the server's offline selection, for prepare (nanochat/datasets.py)
 
 
 class NodeProblem(Exception):
@@ -143,10 +142,10 @@ def prepared_as(wanted: dict) -> bool:
     record = prepared_record()
     if not wanted.get("profile"):  # an upstream harness records nothing: its tokenizer tells
         return record is not None or any((cache_dir() / "tokenizer").glob("*"))
-    seed = wanted.get("offline_seed")  # the record keeps its SHA-256 (nanochat/datasets.py selection_digest)
-    selection = {"offline_selection": hashlib.sha256(seed.encode()).hexdigest()} if seed else {}
-    return bool(record) and all(record.get(k) == v for k, v in
-                                ({k: wanted[k] for k in ("profile", "dataset") if wanted.get(k)} | selection).items())
+    expected = {k: wanted[k] for k in ("profile", "dataset") if wanted.get(k)}
+    if wanted.get("offline_seed"):  # the record keeps its SHA-256 (nanochat/datasets.py selection_digest)
+        expected["offline_selection"] = hashlib.sha256(wanted["offline_seed"].encode()).hexdigest()
+    return bool(record) and all(record.get(k) == v for k, v in expected.items())
 
 
 def prepare_data(prepare: dict) -> None:
@@ -155,7 +154,7 @@ def prepare_data(prepare: dict) -> None:
         if prepared_as(prepare):
             return
         args = [a for k in ("profile", "dataset") if prepare.get(k) for a in (f"--{k}", str(prepare[k]))]
-        seed = {OFFLINE_SEED_ENV: prepare["offline_seed"]} if prepare.get("offline_seed") else {}
+        seed = {harness_eval.OFFLINE_SEED_ENV: prepare["offline_seed"]} if prepare.get("offline_seed") else {}
         run_step("preparing the data and tokenizer", [*prepare["command"], *args], PREPARE_TIMEOUT_S,
                  env=dict(os.environ, **seed))
 
