@@ -10,6 +10,7 @@ built by prepare.py (prepare_compiler), so even the first run of a new model com
 own graphs. AUTORESEARCH_COMPILE=0 trains eager; so does any platform where compiling fails, after
 one line in the log that says why. An out-of-memory is no such failure: it is raised, and said.
 """
+import hashlib
 import logging
 import os
 import sys
@@ -31,7 +32,12 @@ def compile_cache_dir_now():
 
 
 def headers_dir() -> Path:
-    return compile_cache_dir_now() / "precompiled_headers"
+    """Inductor's precompiled C++ headers for this environment's torch. A clone at another path
+    shares the cache but not the venv: headers built against the other venv's torch do not serve
+    this one, and with one folder for all, prepare.py found them and left the build to the first
+    run's start-up."""
+    environment = hashlib.sha256(f"{torch.__file__}|{torch.__version__}".encode()).hexdigest()[:12]
+    return compile_cache_dir_now() / "precompiled_headers" / environment
 
 
 # Read by Inductor when it first compiles, so setting it at import is in time; Triton's cache (CUDA)

@@ -80,9 +80,14 @@ def compilations(log: Path) -> set:
 
 @pytest.fixture(scope="module")
 def runs(prepared_env, repo_root, small_train, tmp_path_factory):
-    """prepare.py's compiler step into a fresh compile cache; then the small train.py, the same
-    again, and a copy whose constants differ, with the compiler's command lines recorded."""
+    """prepare.py's compiler step into a fresh compile cache that holds only headers another
+    environment built (a clone at another path shares the cache, not the venv); then the small
+    train.py, the same again, and a copy whose constants differ, with the compiler's command lines
+    recorded."""
     compile_cache = tmp_path_factory.mktemp("compile-cache")
+    for others in ("precompiled_headers", "precompiled_headers/0123456789ab"):
+        (compile_cache / others).mkdir(parents=True, exist_ok=True)
+        (compile_cache / others / "another_venvs_torch.h.gch").write_bytes(b"built against another torch")
     cxx, log = recording_compiler(tmp_path_factory.mktemp("cxx"))
     env = compiled_env(prepared_env, compile_cache, AUTORESEARCH_TIME_BUDGET=SHORT_BUDGET, CXX=str(cxx))
     prepare = subprocess.run([sys.executable, "prepare.py"], cwd=repo_root, env=env, capture_output=True, text=True)
@@ -102,7 +107,8 @@ def runs(prepared_env, repo_root, small_train, tmp_path_factory):
 @needs_compiler
 def test_prepare_builds_once_what_every_model_would_compile_again(runs):
     """prepare.py builds the precompiled C++ headers and Inductor's checks of the CPU into the compile
-    cache; the first run of a model then compiles only its own graphs."""
+    cache, though another environment's are there; the first run of a model then compiles only its
+    own graphs."""
     prepare = runs["prepare"]
     assert prepare.returncode == 0, prepare.stdout[-2000:] + prepare.stderr[-3000:]
     assert "compiler ready" in prepare.stdout
