@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,14 @@ def bubblewrap() -> str:
     """The runs' sandbox; without it a server refuses runs unless started with the opt-in
     (server_support.UNSANDBOXED), and these tests are about sandboxed runs."""
     return ensure_debian_package("bwrap", "bubblewrap")
+
+
+@pytest.fixture
+def outside_tmp():
+    """A folder outside /tmp, seen in the sandbox as on the machine (the sandbox's /tmp is its own)."""
+    folder = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="research-loop-test-"))
+    yield folder
+    shutil.rmtree(folder)
 
 
 @pytest.fixture(scope="session")

@@ -18,11 +18,12 @@ result, as it does for real), else a default:
   LAG (0: added to every step's training loss, so the run's curve lags a run without it)
   IMPORTS (none: comma-separated modules imported first, as train.py imports torch; read from the
           environment only)
-  READ (none: comma-separated files to read, printing what each holds or why it could not; read from
-        the environment only)
+  READ (none: comma-separated files to read, printing what each holds or why it could not, a pattern
+        with * standing for what it matches (printed); read from the environment only)
   TAMPER (0: try to append a planted best row to the workspace's results.tsv, to rewrite the
           server's state, to write the user's home and the worktree's .git link, and report what happened)
 """
+import glob
 import importlib
 import os
 import pwd
@@ -88,10 +89,23 @@ def tamper() -> None:
             print(f"tamper: refused {name}: {exc}")
 
 
+def read_paths(listed: str) -> list[str]:
+    """The paths listed, a pattern (with *) in their place by what it matches, printed."""
+    paths = []
+    for entry in filter(None, listed.split(",")):
+        if "*" in entry:
+            found = sorted(glob.glob(entry, recursive=True))
+            print(f"glob {entry}: {found}")
+            paths += found
+        else:
+            paths.append(entry)
+    return paths
+
+
 def main() -> int:
     for name in filter(None, os.environ.get("FAKE_IMPORTS", "").split(",")):
         importlib.import_module(name)
-    for path in filter(None, os.environ.get("FAKE_READ", "").split(",")):
+    for path in read_paths(os.environ.get("FAKE_READ", "")):
         try:
             with open(path) as f:
                 print(f"read {path}: {f.read(200)!r}")

@@ -30,6 +30,26 @@ def test_runs_through_submitits_local_executor(fake_env):
         lab.loop.shutdown()
 
 
+def test_a_jobs_training_reads_nothing_of_the_shared_folder_but_its_code(fake_env, outside_tmp, bubblewrap,
+                                                                        monkeypatch):
+    """submitit pickles a job's arguments (the offline seed among them) into the shared folder, beside
+    the code folder the training runs in: the node hides the folder, but for that code folder."""
+    folder = outside_tmp / "shared"  # outside /tmp, as a cluster's is: the sandbox's /tmp is its own
+    lab = Lab(make_workspace(fake_env), executor=lambda ws: slurm_executor.SlurmExecutor(
+        ws, TRAIN_COMMAND, 1, folder, cluster="local"))
+    try:
+        lab.baseline()
+        (folder / "planted.txt").write_text("another workspace's secret")
+        monkeypatch.setenv("FAKE_READ", f"{folder}/**/*_submitted.pkl,{folder}/planted.txt,train.py")
+        set_knobs(lab.ws, val_bpb=0.9, steps=2)
+        log = (lab.ws / lab.ok("run_experiment", description="reads the shared folder")["log"]).read_text()
+    finally:
+        lab.loop.shutdown()
+    assert len(list(folder.glob("*/*/submitit/*_submitted.pkl"))) == 2  # there, outside the sandbox
+    assert f"glob {folder}/**/*_submitted.pkl: []" in log, log
+    assert f"read {folder}/planted.txt: refused" in log and "read train.py: 'VAL_BPB = 0.9" in log, log
+
+
 def test_the_sbatch_script_asks_for_one_gpu_the_time_partition_and_account(fake_env):
     from mcp_server.executors.cluster import Job
     from mcp_server.executors.executor import RunSpec

@@ -212,12 +212,19 @@ def test_the_macos_profile_denies_writes_but_the_runs_own_folders(tmp_path):
 
 
 def test_the_macos_profile_denies_reads_of_the_data_sets_sources_last(tmp_path):
-    downloads, around = tmp_path / "cache" / "downloads", tmp_path  # the second holds the run: not hidden
+    """The downloads inside the cache are denied last; a folder that holds the run (a cluster's shared
+    folder) first, and the run's folder and the cache inside it allowed again after."""
+    downloads, around, run = tmp_path / "cache" / "downloads", tmp_path, tmp_path / "ws"
     downloads.mkdir(parents=True)
     spec = {"readonly": [str(tmp_path / "cache")], "writable": ["."], "hidden": [str(downloads), str(around)]}
-    rules = sandbox.seatbelt_profile(spec, str(tmp_path / "ws")).splitlines()
+    rules = sandbox.seatbelt_profile(spec, str(run)).splitlines()
     assert rules[-1] == f'(deny file-read* (subpath "{os.path.realpath(downloads)}"))', rules
-    assert not any("file-read*" in rule and rule.endswith(f'"{os.path.realpath(around)}"))') for rule in rules)
+    order = [rules.index(f'(deny file-read* (subpath "{os.path.realpath(around)}"))'),
+             rules.index(f'(allow file-read* (subpath "{os.path.realpath(run)}"))'),
+             rules.index(f'(allow file-read* (subpath "{os.path.realpath(tmp_path / "cache")}"))')]
+    assert order == sorted(order), rules
+    between = {"readonly": [str(tmp_path)], "hidden": [str(tmp_path / "cache")]}  # inside a shown path, holds the run
+    assert "file-read*" not in sandbox.seatbelt_profile(between, str(tmp_path / "cache" / "run"))
 
 
 def test_a_path_cannot_break_out_of_its_string_in_the_profile():
@@ -292,6 +299,30 @@ def test_a_runs_shared_memory_is_its_own_and_the_data_sources_are_hidden(bubblew
     assert "planted: False" in out and not Path("/dev/shm/left-by-the-run").exists(), out
     assert "folder: [] seed: PermissionError" in out and "own folder: ['downloads', 'offline_seed']" in out, out
     assert (folder / "book.txt").read_text() == "text" and seed.read_text() == "seed"
+
+
+def test_a_hidden_folder_that_holds_the_run_shows_the_run_and_what_it_reads_but_nothing_else(bubblewrap, outside_tmp):
+    """A cluster's shared folder holds the run's code beside other runs' folders and submitit's job
+    files (its arguments: the offline seed). Hidden, the run sees its own folder (writable) and the
+    paths its spec shows, and nothing else there."""
+    shared = outside_tmp
+    code, job_files, other_run = shared / "ws" / "0002-abc" / "code", shared / "ws" / "0002-abc" / "submitit", \
+        shared / "ws" / "0001-def" / "code"
+    for folder in (code, job_files, other_run, shared / "venv"):
+        folder.mkdir(parents=True)
+    (job_files / "7_submitted.pkl").write_text("the seed")
+    (other_run / "train.py").write_text("another run")
+    (code / "train.py").write_text("this run")
+    (shared / "venv" / "site.txt").write_text("the environment")
+    code_text = ("import os\n"
+                 f"print('shared:', *(sorted(os.listdir(f)) for f in {[str(shared), str(shared / 'ws'), str(code.parent)]!r}))\n"
+                 f"print('venv:', open({str(shared / 'venv' / 'site.txt')!r}).read(), 'own:', open('train.py').read())\n"
+                 "open('written', 'w').write('x')\n")
+    spec = {"readonly": [str(shared / "venv"), sys.prefix], "writable": ["."], "hidden": [str(shared)]}
+    argv, _ = sandbox.wrap([sys.executable, "-c", code_text], spec, str(code))
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    assert "shared: ['venv', 'ws'] ['0002-abc'] ['code']" in out and "venv: the environment own: this run" in out, out
+    assert (code / "written").read_text() == "x" and (job_files / "7_submitted.pkl").read_text() == "the seed"
 
 
 def test_a_run_cannot_unmount_what_hides_the_data_sources(bubblewrap, tmp_path):

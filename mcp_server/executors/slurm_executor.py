@@ -94,7 +94,9 @@ class SlurmExecutor(ClusterExecutor):
         executor = self.submitit.AutoExecutor(folder=code.parent / "submitit", cluster=self.cluster)
         executor.update_parameters(**self.parameters(job))
         try:
-            job.handle = executor.submit(node.run_job, str(code), node_args(job.spec), job_env(job.spec))
+            # the job's arguments are pickled into the shared folder, which the training then must not read
+            job.handle = executor.submit(node.run_job, str(code), ["--hide", str(self.folder), *node_args(job.spec)],
+                                         job_env(job.spec))
         except Exception as exc:  # submitit raises FailedJobError, or sbatch's own error
             raise Refusal(f"SLURM did not take the job: {exc}") from None
         job.id = str(job.handle.job_id)

@@ -188,7 +188,7 @@ def interpreter(command: list[str]) -> tuple[str, str, list[str]]:
     return executable, env_prefix, site
 
 
-def verification(verify: dict, command: list[str], scratch: Path) -> list[str]:
+def verification(verify: dict, command: list[str], scratch: Path, hide: list[str]) -> list[str]:
     """worker.py's options for the harness's own evaluation of this run, from a copy of the harness
     made now, before the training can touch it (the server checked the shipped harness's fingerprint)."""
     harness = scratch / "harness"
@@ -209,20 +209,20 @@ def verification(verify: dict, command: list[str], scratch: Path) -> list[str]:
     sandbox = {"readonly": [str(scratch), str(cache_dir()), env_prefix],
                "writable": [".", str(export.parent), str(compiled)],
                "readonly_inside": sorted(os.listdir(harness)),
-               "hidden": harness_eval.hidden_from_runs(cache_dir(), prepared_record())}
+               "hidden": harness_eval.hidden_from_runs(cache_dir(), prepared_record()) + hide}
     args = ["--sandbox", json.dumps(sandbox), "--export", str(export), "--evaluate", json.dumps(evaluate)]
     shard = val_shard()  # other jobs on this node may read it: only a private copy is watched (bubblewrap)
     return args + (["--val-shard", str(shard), "--val-shared"] if shard else [])
 
 
-def plain_sandbox() -> list[str]:
+def plain_sandbox(hide: list[str]) -> list[str]:
     """worker.py's sandbox for a run the harness does not evaluate: the prepared cache and the
     harness files read-only, the rest of the code folder and the compile cache writable."""
     compiled = cache_dir() / "compile"
     compiled.mkdir(parents=True, exist_ok=True)
     sandbox = {"readonly": [str(cache_dir())], "writable": [".", str(compiled)],
                "readonly_inside": sorted(n for n in os.listdir(".") if n != EDITABLE),
-               "hidden": harness_eval.hidden_from_runs(cache_dir(), prepared_record())}
+               "hidden": harness_eval.hidden_from_runs(cache_dir(), prepared_record()) + hide}
     return ["--sandbox", json.dumps(sandbox)]
 
 
@@ -245,15 +245,16 @@ def val_bpb(text: str) -> float | None:
         return None
 
 
-def train(timeout: float, grace: float, command: list[str], verify: dict | None, unsandboxed: bool) -> dict:
+def train(timeout: float, grace: float, command: list[str], verify: dict | None, unsandboxed: bool,
+          hide: list[str]) -> dict:
     with tempfile.TemporaryDirectory(prefix="research-loop-") as tmp:
         extras = []
         if verify:
             try:
-                extras = verification(verify, command, Path(tmp))
+                extras = verification(verify, command, Path(tmp), hide)
             except (NodeProblem, OSError) as exc:  # the run goes on; its result is marked unverified
                 say(f"no harness evaluation on this node: {exc}")
-        extras = (extras or plain_sandbox()) + (["--unsandboxed"] if unsandboxed else [])
+        extras = (extras or plain_sandbox(hide)) + (["--unsandboxed"] if unsandboxed else [])
         report_path = Path(tmp) / "report.json"
         say(f"training on {socket.gethostname()} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')})")
         worker.main(["--log", "-", "--report", str(report_path), "--timeout", str(timeout), "--grace", str(grace),
@@ -272,6 +273,9 @@ def parse_args(argv):
     p.add_argument("--prepare", type=json.loads, help='{"command": [...], "profile": ..., "dataset": ...}')
     p.add_argument("--unsandboxed", action="store_true",
                    help="the user accepts training without a sandbox where this node can run none")
+    p.add_argument("--hide", action="append", default=[], metavar="PATH",
+                   help="a folder the training must not read but for the code folder inside it (SLURM's shared "
+                        "folder: submitit's job files there hold these arguments, the offline seed among them)")
     p.add_argument("--verify", type=json.loads,
                    help='{"evaluator": PATH, "editable": NAME, "profile": NAME, "eval_tokens": N, "timeout": S}: '
                         'the harness evaluates')
@@ -295,7 +299,7 @@ def main(argv=None) -> int:
                   "device": worker.device_name(dict(os.environ))}
     else:
         prepared = round(time.time() - started, 3)
-        report = train(args.timeout, args.grace, args.command, args.verify, args.unsandboxed) \
+        report = train(args.timeout, args.grace, args.command, args.verify, args.unsandboxed, args.hide) \
             | {"prepare_seconds": prepared}
         # the flops clock's rate is this node's (measured on its CPU at prepare): the server checks
         # the FLOPs a run charged against it, not against its own machine's

@@ -10,7 +10,8 @@ spec, as integrity.sandbox_spec makes it: {"readonly", "writable", "readonly_ins
 of paths (relative ones are inside the run's folder), applied in that order, each overriding the one
 before: the workspace read-only, the run's own folders writable again, the harness files inside
 the run's folder read-only once more, and last the data sets' sources unreadable (an empty folder or
-file in their place), but where one holds the run's folder or another path of the spec.
+file in their place). A hidden path that holds the run's folder or another path of the spec (a
+cluster's shared folder) is hidden first instead, and those paths are shown again inside it.
 """
 from __future__ import annotations  # a node's Python may be older than 3.10
 
@@ -121,6 +122,8 @@ def bwrap_argv(bwrap: str, command: list[str], spec: dict, cwd: str, private: di
             "--setenv", "PYTHONPYCACHEPREFIX", BYTECODE_PREFIX, *(a for n in SECRET_ENV for a in ("--unsetenv", n))]
     if os.path.isdir("/dev/shm"):  # the machine's is shared by every run and outlives them: a way to carry weights
         argv += ["--tmpfs", "/dev/shm"]
+    first, last = hidden(spec, cwd)
+    argv += [*hide(first), *(["--ro-bind", cwd, cwd] if first else [])]  # the run's folder, at least, shown again
     for path in interpreter_folders(command[0]):  # the command's own environment, wherever it lives
         argv += ["--ro-bind", path, path]
     for option, key in (("--ro-bind", "readonly"), ("--bind", "writable"), ("--ro-bind", "readonly_inside")):
@@ -130,18 +133,39 @@ def bwrap_argv(bwrap: str, command: list[str], spec: dict, cwd: str, private: di
                 argv += [option, path, path]
     for path, copy in (private or {}).items():
         argv += ["--ro-bind", str(copy), str(path)]
-    for path in hidden(spec, cwd):
-        argv += ["--tmpfs", path] if os.path.isdir(path) else ["--ro-bind", "/dev/null", path]
-    return [*argv, "--die-with-parent", "--chdir", cwd, "--", *command]
+    return [*argv, *hide(last), "--die-with-parent", "--chdir", cwd, "--", *command]
 
 
-def hidden(spec: dict, cwd: str) -> list[str]:
-    """The spec's hidden paths that exist and hold neither the run's folder nor any path the spec
-    shows (a folder data set around the workspace cannot be hidden without hiding the run)."""
-    shown = [cwd, *(os.path.join(cwd, p) for key in ("readonly", "writable", "readonly_inside")
-                    for p in spec.get(key, []))]
-    return [path for path in spec.get("hidden", []) if os.path.exists(path)
-            and not any(os.path.commonpath([path, other]) == path for other in map(os.path.abspath, shown))]
+def hide(paths: list[str]) -> list[str]:
+    """bubblewrap's options that put an empty folder over each folder, and an unreadable file over
+    each file."""
+    return [a for path in paths for a in (["--tmpfs", path] if os.path.isdir(path) else ["--ro-bind", "/dev/null", path])]
+
+
+def hidden(spec: dict, cwd: str) -> tuple[list[str], list[str]]:
+    """The spec's hidden paths that exist, as (first, last). First: those that hold the run's folder
+    or a path the spec shows (a cluster's shared folder, a folder data set around the workspace),
+    hidden before the spec's paths, which are then shown again inside them. Last: the rest (the
+    downloads inside the cache), hidden over the spec's paths that hold them. One that both lies
+    inside a shown path and holds one is left readable: no order hides it and shows the other."""
+    shown = [os.path.abspath(os.path.join(cwd, p)) for p in [".", *shown_paths(spec)]]
+    first, last = [], []
+    for path in map(os.path.abspath, filter(os.path.exists, spec.get("hidden", []))):
+        holds = any(_holds(path, other) for other in shown)
+        inside = any(_holds(other, path) for other in shown)
+        if holds and not inside:
+            first.append(path)
+        elif not holds:
+            last.append(path)
+    return first, last
+
+
+def shown_paths(spec: dict) -> list[str]:
+    return [p for key in ("readonly", "writable", "readonly_inside") for p in spec.get(key, [])]
+
+
+def _holds(folder: str, path: str) -> bool:
+    return os.path.commonpath([folder, path]) == folder
 
 
 def interpreter_folders(program: str) -> list[str]:
@@ -171,10 +195,14 @@ def seatbelt_profile(spec: dict, cwd: str) -> str:
 
     tmp = os.environ.get("TMPDIR")
     scratch = [*SEATBELT_SCRATCH, *([tmp] if tmp else [])]
+    first, last = hidden(spec, cwd)
+    shown_inside = [p for p in [".", *shown_paths(spec)]
+                    if any(_holds(folder, os.path.abspath(os.path.join(cwd, p))) for folder in first)]
     return "\n".join(["(version 1)", "(allow default)", "(deny file-write*)", *rule("allow", scratch),
+                      *rule("deny", first, "file-read*"), *rule("allow", shown_inside, "file-read*"),
                       *rule("deny", spec.get("readonly", [])), *rule("allow", spec.get("writable", [])),
                       *rule("deny", spec.get("readonly_inside", [])),
-                      *rule("deny", hidden(spec, cwd), "file-read*")]) + "\n"
+                      *rule("deny", last, "file-read*")]) + "\n"
 
 
 def quoted(path: str) -> str:
