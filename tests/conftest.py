@@ -124,6 +124,20 @@ def bubblewrap() -> str:
 
 
 @pytest.fixture
+def stand_in_torch(fake_env, monkeypatch):
+    """A workspace whose runs train with a stand-in torch package (tests/envpin_support.py)."""
+    from envpin_support import StandInTorch
+    from mcp_server.executors import executor
+    from mcp_server.scripts import harness_eval
+    monkeypatch.setenv(harness_eval.WARM_ENV, "0")  # the evaluator stand-in, started cold for each run
+    monkeypatch.delenv(executor.WARM_START_ENV, raising=False)
+    monkeypatch.setenv("AUTORESEARCH_DEVICE", "cpu")  # the stand-in has no torch.cuda to ask
+    lab = StandInTorch(fake_env)
+    yield lab
+    lab.pool.shutdown()
+
+
+@pytest.fixture
 def outside_tmp():
     """A folder outside /tmp, seen in the sandbox as on the machine (the sandbox's /tmp is its own)."""
     folder = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="research-loop-test-"))

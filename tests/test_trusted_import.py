@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_envpin import edit_through_a_link, stand_in_torch  # noqa: F401  (a fixture)
+from envpin_support import edit_through_a_link
 
 CHANGED = "{} (compiled from other contents than its check found)"
 # the edited module, once it runs, takes its own digest back out of the importer's record
