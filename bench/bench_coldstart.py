@@ -10,7 +10,7 @@ lacks is built), then runs train.py compiled on the CPU once. Printed per commit
 prepare built the compiler's C++ headers, and that run's compile and start-up seconds (start-up:
 total_seconds less training and evaluation). Until d316131 the headers were kept once per cache,
 so the second clone's prepare found the first clone's, built nothing, and its first run built its
-own (26 s of the demo baseline's start-up, against 9 s).
+own (docs/benchmarks.md has the figures).
 
 Defaults: --commits d316131~1,HEAD. Each commit takes a few minutes on 2 cores.
 """
