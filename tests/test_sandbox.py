@@ -304,8 +304,10 @@ def test_a_runs_shared_memory_is_its_own_and_the_data_sources_are_hidden(bubblew
 def test_a_hidden_folder_that_holds_the_run_shows_the_run_and_what_it_reads_but_nothing_else(bubblewrap, outside_tmp):
     """A cluster's shared folder holds the run's code beside other runs' folders and submitit's job
     files (its arguments: the offline seed). Hidden, the run sees its own folder (writable) and the
-    paths its spec shows, and nothing else there."""
+    paths its spec shows, and nothing else there; an interpreter's environment inside it (a home on
+    the shared file system) is shown too, or the run could not start."""
     shared = outside_tmp
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(shared / "env")], check=True)
     code, job_files, other_run = shared / "ws" / "0002-abc" / "code", shared / "ws" / "0002-abc" / "submitit", \
         shared / "ws" / "0001-def" / "code"
     for folder in (code, job_files, other_run, shared / "venv"):
@@ -318,10 +320,10 @@ def test_a_hidden_folder_that_holds_the_run_shows_the_run_and_what_it_reads_but_
                  f"print('shared:', *(sorted(os.listdir(f)) for f in {[str(shared), str(shared / 'ws'), str(code.parent)]!r}))\n"
                  f"print('venv:', open({str(shared / 'venv' / 'site.txt')!r}).read(), 'own:', open('train.py').read())\n"
                  "open('written', 'w').write('x')\n")
-    spec = {"readonly": [str(shared / "venv"), sys.prefix], "writable": ["."], "hidden": [str(shared)]}
-    argv, _ = sandbox.wrap([sys.executable, "-c", code_text], spec, str(code))
+    spec = {"readonly": [str(shared / "venv")], "writable": ["."], "hidden": [str(shared)]}
+    argv, _ = sandbox.wrap([str(shared / "env" / "bin" / "python"), "-c", code_text], spec, str(code))
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
-    assert "shared: ['venv', 'ws'] ['0002-abc'] ['code']" in out and "venv: the environment own: this run" in out, out
+    assert "shared: ['env', 'venv', 'ws'] ['0002-abc'] ['code']" in out and "venv: the environment own: this run" in out, out
     assert (code / "written").read_text() == "x" and (job_files / "7_submitted.pkl").read_text() == "the seed"
 
 

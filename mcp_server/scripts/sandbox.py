@@ -124,7 +124,7 @@ def bwrap_argv(bwrap: str, command: list[str], spec: dict, cwd: str, private: di
         argv += ["--tmpfs", "/dev/shm"]
     first, last = hidden(spec, cwd)
     argv += [*hide(first), *(["--ro-bind", cwd, cwd] if first else [])]  # the run's folder, at least, shown again
-    for path in interpreter_folders(command[0]):  # the command's own environment, wherever it lives
+    for path in interpreter_folders(command[0], first):  # the command's own environment, wherever it lives
         argv += ["--ro-bind", path, path]
     for option, key in (("--ro-bind", "readonly"), ("--bind", "writable"), ("--ro-bind", "readonly_inside")):
         for path in spec.get(key, []):
@@ -168,15 +168,18 @@ def _holds(folder: str, path: str) -> bool:
     return os.path.commonpath([folder, path]) == folder
 
 
-def interpreter_folders(program: str) -> list[str]:
-    """The environment a program runs from (a virtual environment's root, as linked and as resolved),
-    shown again over the private /tmp: a project checked out under /tmp runs from there."""
+def interpreter_folders(program: str, hidden_first: list[str]) -> list[str]:
+    """The environment a program runs from (a virtual environment's root, as linked and as resolved:
+    the interpreter it was made from), shown again where the sandbox would hide it: inside the
+    private /tmp (a project checked out there) or inside a hidden folder that holds it (a data set's
+    folder or a cluster's shared folder around a home that holds uv's interpreters)."""
     found = shutil.which(program)
     if not found:
         return []
     roots = {os.path.dirname(os.path.dirname(os.path.abspath(found))),
              os.path.dirname(os.path.dirname(os.path.realpath(found)))}
-    return sorted(root for root in roots if root.startswith("/tmp/"))
+    return sorted(root for root in roots
+                  if root.startswith("/tmp/") or any(_holds(folder, root) for folder in hidden_first))
 
 
 def seatbelt_argv(sandbox_exec: str, command: list[str], spec: dict, cwd: str) -> list[str]:
