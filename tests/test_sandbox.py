@@ -213,15 +213,19 @@ def test_the_macos_profile_denies_writes_but_the_runs_own_folders(tmp_path):
 
 def test_the_macos_profile_denies_reads_of_the_data_sets_sources_last(tmp_path):
     """The downloads inside the cache are denied last; a folder that holds the run (a cluster's shared
-    folder) first, and the run's folder and the cache inside it allowed again after."""
+    folder) first, and the run's folder, the cache and the program's environment inside it allowed
+    again after."""
     downloads, around, run = tmp_path / "cache" / "downloads", tmp_path, tmp_path / "ws"
     downloads.mkdir(parents=True)
     spec = {"readonly": [str(tmp_path / "cache")], "writable": ["."], "hidden": [str(downloads), str(around)]}
-    rules = sandbox.seatbelt_profile(spec, str(run)).splitlines()
+    (tmp_path / "env" / "bin").mkdir(parents=True)  # the program's environment, inside the folder too
+    (tmp_path / "env" / "bin" / "python").symlink_to(sys.executable)
+    rules = sandbox.seatbelt_profile(spec, str(run), str(tmp_path / "env" / "bin" / "python")).splitlines()
     assert rules[-1] == f'(deny file-read* (subpath "{os.path.realpath(downloads)}"))', rules
     order = [rules.index(f'(deny file-read* (subpath "{os.path.realpath(around)}"))'),
              rules.index(f'(allow file-read* (subpath "{os.path.realpath(run)}"))'),
-             rules.index(f'(allow file-read* (subpath "{os.path.realpath(tmp_path / "cache")}"))')]
+             rules.index(f'(allow file-read* (subpath "{os.path.realpath(tmp_path / "cache")}"))'),
+             rules.index(f'(allow file-read* (subpath "{os.path.realpath(tmp_path / "env")}"))')]
     assert order == sorted(order), rules
     between = {"readonly": [str(tmp_path)], "hidden": [str(tmp_path / "cache")]}  # inside a shown path, holds the run
     assert "file-read*" not in sandbox.seatbelt_profile(between, str(tmp_path / "cache" / "run"))

@@ -184,22 +184,23 @@ def interpreter_folders(program: str, hidden_first: list[str]) -> list[str]:
 
 def seatbelt_argv(sandbox_exec: str, command: list[str], spec: dict, cwd: str) -> list[str]:
     unset = [a for name in SECRET_ENV for a in ("-u", name)]
-    return [sandbox_exec, "-p", seatbelt_profile(spec, cwd), "/usr/bin/env", *unset, *command]
+    return [sandbox_exec, "-p", seatbelt_profile(spec, cwd, command[0]), "/usr/bin/env", *unset, *command]
 
 
-def seatbelt_profile(spec: dict, cwd: str) -> str:
+def seatbelt_profile(spec: dict, cwd: str, program: str | None = None) -> str:
     """A sandbox-exec profile: everything allowed but writes, which only the spec's writable paths
     and the temporary folders get, and reads of the hidden paths. Later rules win, so the spec's
     order holds: the read-only paths are denied after the temporary folders (a workspace may live in
     one), the run's own folders allowed after them, the harness files inside them denied, the hidden
-    paths' reads denied last. Paths are resolved, as the kernel matches them (/tmp is /private/tmp)."""
+    paths' reads denied last, but those of a hidden folder that holds the run's paths (or the
+    program's environment) first, with those reads allowed again after. Paths are resolved, as the kernel matches them (/tmp is /private/tmp)."""
     def rule(verb: str, paths, access: str = "file-write*") -> list[str]:
         return [f"({verb} {access} (subpath {quoted(os.path.realpath(os.path.join(cwd, p)))}))" for p in paths]
 
     tmp = os.environ.get("TMPDIR")
     scratch = [*SEATBELT_SCRATCH, *([tmp] if tmp else [])]
     first, last = hidden(spec, cwd)
-    shown_inside = [p for p in [".", *shown_paths(spec)]
+    shown_inside = [p for p in [".", *shown_paths(spec), *(interpreter_folders(program, first) if program else [])]
                     if any(_holds(folder, os.path.abspath(os.path.join(cwd, p))) for folder in first)]
     return "\n".join(["(version 1)", "(allow default)", "(deny file-write*)", *rule("allow", scratch),
                       *rule("deny", first, "file-read*"), *rule("allow", shown_inside, "file-read*"),
