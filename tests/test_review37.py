@@ -1,0 +1,54 @@
+"""Review 37: files the agent can plant where the server reads or writes them, as named pipes (an
+open blocks until someone opens the other end)."""
+import os
+import threading
+
+import pytest
+
+from server_support import set_knobs
+
+
+def call_within(lab, seconds, name, **args):
+    box = {}
+
+    def go():
+        try:
+            box["answer"] = lab.call(name, **args)
+        except BaseException as exc:  # noqa: BLE001 - what happened is the finding
+            box["error"] = exc
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    t.join(seconds)
+    return t.is_alive(), box
+
+
+@pytest.mark.parametrize("planted,endless", [("results.tsv", False), ("results.tsv", True), ("progress.png", False),
+                                            (".research-loop/state.json", False), (".research-loop/state.json", True)])
+def test_a_fifo_planted_where_the_server_reads_or_writes_does_not_hang_a_tool(lab, planted, endless):
+    """results.tsv or state.json replaced by a FIFO (an open blocks: before the fix every later call
+    hung, the ledger's under the state lock) or a link to /dev/zero (a read that never ends)."""
+    lab.baseline()
+    path = lab.ws / planted
+    path.unlink(missing_ok=True)
+    if endless:
+        path.symlink_to("/dev/zero")
+    else:
+        os.mkfifo(path)
+    try:
+        hung = {}
+        for tool in ("status", "plot_progress", "history"):
+            alive, box = call_within(lab, 20, tool)
+            hung[tool] = alive
+            if alive:
+                break
+        assert not any(hung.values()), f"{planted} as a FIFO hung: {hung}"
+        if planted != "progress.png":  # set right from the server's own records
+            assert path.is_file() and not path.is_symlink() and path.read_bytes()
+    finally:
+        # unblock a hung thread: open the other end
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+            os.close(fd)
+        except OSError:
+            pass
