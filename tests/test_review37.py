@@ -52,3 +52,23 @@ def test_a_fifo_planted_where_the_server_reads_or_writes_does_not_hang_a_tool(la
             os.close(fd)
         except OSError:
             pass
+
+
+def test_a_fifo_in_place_of_train_py_does_not_hang_keep(lab):
+    """keep compares the working train.py with the kept code (a note): a FIFO there blocked the open."""
+    lab.baseline()
+    set_knobs(lab.ws, VAL_BPB=0.9)
+    lab.ok("run_experiment", description="better")
+    path = lab.ws / "train.py"
+    path.unlink()
+    os.mkfifo(path)
+    try:
+        alive, box = call_within(lab, 20, "keep")
+        assert not alive, "a FIFO at train.py hung keep"
+        alive, box = call_within(lab, 20, "status")
+        assert not alive, "a FIFO at train.py hung status"
+    finally:
+        try:
+            os.close(os.open(path, os.O_RDWR | os.O_NONBLOCK))
+        except OSError:
+            pass
