@@ -72,3 +72,44 @@ def test_a_fifo_in_place_of_train_py_does_not_hang_keep(lab):
             os.close(os.open(path, os.O_RDWR | os.O_NONBLOCK))
         except OSError:
             pass
+
+
+def test_the_workers_final_report_rewritten_before_the_server_reads_it_is_believed(lab):
+    """The worker's report (exit code, wall time, device, sandbox, the harness's evaluation with the
+    verified val_bpb, the imports' digests) lies in runs/, the agent's folder, and the server reads it
+    only after the worker has exited. A process of the agent that watches runs/ and rewrites the final
+    report in that moment has the server believe what it wrote."""
+    import json
+    import time
+
+    lab.baseline()
+    runs = lab.ws / "runs"
+    before = set(runs.glob("*.report.json"))
+    stop, forged = threading.Event(), []
+
+    def forger():
+        while not stop.is_set():
+            for path in set(runs.glob("*.report.json")) - before:
+                try:
+                    report = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    continue
+                if "running" in report or report.get("device") == "FORGED":
+                    continue
+                report |= {"device": "FORGED", "evaluation": {"val_bpb": 0.25, "causal": True}}
+                tmp = path.with_name(path.name + ".forged")
+                tmp.write_text(json.dumps(report))
+                os.replace(tmp, path)
+                forged.append(path.name)
+            time.sleep(0.0005)
+
+    thread = threading.Thread(target=forger, daemon=True)
+    thread.start()
+    try:
+        set_knobs(lab.ws, VAL_BPB=0.9)
+        run = lab.ok("run_experiment", description="idea")
+    finally:
+        stop.set()
+        thread.join(5)
+    assert forged, "the forger never saw the final report"
+    assert run.get("device") != "FORGED", f"the server believed the rewritten report: {run}"
