@@ -74,6 +74,7 @@ def test_a_fifo_in_place_of_train_py_does_not_hang_keep(lab):
             pass
 
 
+@pytest.mark.xfail(strict=True, reason="open: the server reads the worker's report from runs/, which the agent can write")
 def test_the_workers_final_report_rewritten_before_the_server_reads_it_is_believed(lab):
     """The worker's report (exit code, wall time, device, sandbox, the harness's evaluation with the
     verified val_bpb, the imports' digests) lies in runs/, the agent's folder, and the server reads it
