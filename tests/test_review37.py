@@ -114,3 +114,20 @@ def test_the_workers_final_report_rewritten_before_the_server_reads_it_is_believ
         thread.join(5)
     assert forged, "the forger never saw the final report"
     assert run.get("device") != "FORGED", f"the server believed the rewritten report: {run}"
+
+
+def test_a_nodes_sandboxed_training_cannot_rewrite_the_node_scripts(tmp_path, bubblewrap):
+    """With --verify the node's sandbox made read-only only the harness's names in the code folder, not
+    research-loop-node/: the training could rewrite trusted_import.py, which the node's evaluator runs."""
+    import test_node
+    from mcp_server.scripts import node
+    write = (f"try:\n    open('{node.NODE_DIR}/trusted_import.py', 'a').write('#')\n    print('NODE SCRIPTS WRITTEN')\n"
+             "except OSError as exc:\n    print('node scripts:', exc)\n")
+    train = test_node.TAMPERING_TRAIN.replace("SCOPE", str(tmp_path)).replace('print("---")', write + 'print("---")')
+    original = test_node.TAMPERING_TRAIN
+    test_node.TAMPERING_TRAIN = train
+    try:
+        result, out = test_node.verified_job(tmp_path, "/usr/bin:/bin")
+    finally:
+        test_node.TAMPERING_TRAIN = original
+    assert result["sandbox"] is True and "node scripts: " in out and "NODE SCRIPTS WRITTEN" not in out, out
