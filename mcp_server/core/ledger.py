@@ -10,6 +10,7 @@ import hashlib
 import math
 import os
 import re
+import stat as stat_module
 import threading
 import time
 import unicodedata
@@ -25,6 +26,8 @@ MAX_DESCRIPTION = 300
 
 
 ELLIPSIS = "..."
+# what the server reads of a record the agent can replace (results.tsv, state.json): more is an edit
+MAX_RECORD_BYTES = 256 << 20
 
 
 def _breaks_a_row(char: str) -> bool:
@@ -105,6 +108,20 @@ def ensure_ledger(path: Path) -> None:
 _parsed: dict[Path, tuple[int, int, list[Row], int]] = {}
 
 
+def read_plain(path: Path, limit: int = MAX_RECORD_BYTES) -> bytes | None:
+    """A record's bytes (None where it is missing), read without blocking: a FIFO or device planted
+    in its place (an open or a read that never ends) reads as b"", a giant file as its first
+    limit + 1 bytes; neither is what the server wrote, so it is told and written again."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    with open(fd, "rb") as f:
+        if not stat_module.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return b""
+        return f.read(limit + 1)
+
+
 def read_rows(path: Path) -> tuple[list[Row], int]:
     """All well-formed rows, and how many lines were malformed (reported, never fatal)."""
     try:
@@ -116,7 +133,7 @@ def read_rows(path: Path) -> tuple[list[Row], int]:
         return list(cached[2]), cached[3]
     rows, bad = [], 0
     # rows end with "\n" only: splitlines() would also cut a row at a form feed or U+2028
-    for line in path.read_bytes().decode("utf-8", errors="replace").split("\n")[1:]:
+    for line in (read_plain(path) or b"").decode("utf-8", errors="replace").split("\n")[1:]:
         line = line.removesuffix("\r")
         if not line.strip():
             continue
@@ -186,10 +203,7 @@ def mirror(path: Path, rows: list[Row], written: str | None, archive: Path) -> t
     changed (or deleted) is moved to `archive` and written again whole. Returns the digest of the
     file now and, when it had been changed by hand, what was found and done."""
     want = render(rows)
-    try:
-        have = path.read_bytes()
-    except FileNotFoundError:
-        have = None
+    have = read_plain(path)
     if have == want:
         return digest(want), None
     ours = digest(have) == written

@@ -208,7 +208,8 @@ def verification(verify: dict, command: list[str], scratch: Path, hide: list[str
     compiled.mkdir(parents=True, exist_ok=True)
     sandbox = {"readonly": [str(scratch), str(cache_dir()), env_prefix],
                "writable": [".", str(export.parent), str(compiled)],
-               "readonly_inside": sorted(os.listdir(harness)),
+               # and the node's scripts: the evaluator runs trusted_import.py from there
+               "readonly_inside": sorted([*os.listdir(harness), NODE_DIR]),
                "hidden": harness_eval.hidden_from_runs(cache_dir(), prepared_record()) + hide}
     args = ["--sandbox", json.dumps(sandbox), "--export", str(export), "--evaluate", json.dumps(evaluate)]
     shard = val_shard()  # other jobs on this node may read it: only a private copy is watched (bubblewrap)
