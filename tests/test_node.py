@@ -133,8 +133,8 @@ if sys.stdin.readline().strip() == "go":
 """
 
 # A train.py that finds the evaluator's harness copy (through /proc, where the sandbox shows it no
-# process of the machine, and in the node's scratch folder) and appends to it, then exports, waits
-# for the harness's answer and prints a better number of its own. It touches only copies under SCOPE
+# process of the machine, and in the node's scratch folder) and appends to it and to the node's own
+# scripts, then exports, waits for the harness's answer and prints a better number of its own. It touches only copies under SCOPE
 # (the test's folder): an evaluator of another run on this machine is not its to break.
 TAMPERING_TRAIN = """import json, os, time
 found = set()
@@ -154,6 +154,11 @@ for evaluator in sorted(found):
         print("tampered")
     except OSError as exc:
         print("could not tamper:", exc)
+try:  # the node's scripts in its own folder: the evaluator runs trusted_import.py from there
+    open("NODE_DIR/trusted_import.py", "a").write("#")
+    print("NODE SCRIPTS WRITTEN")
+except OSError as exc:
+    print("node scripts:", exc)
 export, answer = os.environ["RESEARCH_LOOP_EXPORT"], os.environ["RESEARCH_LOOP_ANSWER"]
 open(export, "w").write("model")
 open(export + ".json", "w").write("{}")
@@ -170,7 +175,7 @@ def verified_job(tmp_path: Path, path: str, *options: str) -> tuple[dict, str]:
     code = code_folder(tmp_path, "job", "t")
     (code / "nanochat").mkdir()
     (code / "nanochat" / "evaluate_export.py").write_text(EVALUATOR)
-    (code / "train.py").write_text(TAMPERING_TRAIN.replace("SCOPE", str(tmp_path)))
+    (code / "train.py").write_text(TAMPERING_TRAIN.replace("SCOPE", str(tmp_path)).replace("NODE_DIR", node.NODE_DIR))
     verify = {"evaluator": "nanochat/evaluate_export.py", "editable": "train.py", "eval_tokens": 4096, "timeout": 60}
     (tmp_path / "tmp").mkdir()  # the node's scratch, with the harness copy, inside the test's folder
     env = {"PATH": path, "AUTORESEARCH_CACHE": str(tmp_path / "cache"), "HOME": str(tmp_path),
@@ -193,6 +198,7 @@ def test_a_node_has_the_harness_evaluate_from_a_copy_the_run_cannot_change_unsee
 def test_in_a_nodes_sandbox_the_harness_copy_is_read_only(tmp_path, bubblewrap):
     result, out = verified_job(tmp_path, "/usr/bin:/bin")
     assert result["sandbox"] is True and "could not tamper" in out and "tampered" not in out, out
+    assert "node scripts: " in out and "NODE SCRIPTS WRITTEN" not in out, out
     assert "no evaluator in sight" in out  # its own process namespace
     assert result["evaluation"]["val_bpb"] == 1.234 and "error" not in result["evaluation"]
 

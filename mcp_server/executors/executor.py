@@ -24,8 +24,10 @@ started with exactly what that run would get; else it is thrown away and the run
 sandbox's writable export folder is the pre-started worker's own (exports/slot-K-*), as no run
 number is known ahead. RESEARCH_LOOP_WARM_START=0 turns it off.
 """
+import hashlib
 import json
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -38,11 +40,12 @@ from pathlib import Path
 
 from mcp_server.core import envpin, envwatch
 from mcp_server.core.integrity import EXPORTS_DIR
+from mcp_server.core.ledger import read_plain
 from mcp_server.executors import bytecode
 from mcp_server.core.workspace import EDITABLE, cache_dir
 from mcp_server.core.state import process_start_time
 from mcp_server.scripts.harness_eval import WARM_ENV, WarmEvaluator, on_this_device
-from mcp_server.scripts.worker import write_report
+from mcp_server.scripts.worker import REPORT_DIGEST_MARK, write_report
 
 WORKER = Path(__file__).resolve().parent.parent / "scripts" / "worker.py"
 WORKER_GRACE_SECONDS = 30  # beyond the worker's own timeout and grace: the server's safety net
@@ -52,6 +55,9 @@ PER_RUN_ENV = ("RESEARCH_LOOP_RUN",)  # the only variables in which a slot's run
 PER_RUN_OPTIONS = ("--log", "--report", "--timeout", "--evaluate", "--data-order")  # worker options given at hand-over
 POLL_S = 0.5  # how often a run's waiting thread looks whether the run has trained (to start the next worker)
 DISCARD_WAIT_S = 10  # for a pre-started worker to end its sandbox once its stdin closed
+TOLD_WAIT_S = 5  # for the rest of what an ended worker said on its socket (all of it is there: its end closed)
+TOLD_MAX_BYTES = 4096
+MAX_REPORT_BYTES = 64 * 2**20  # a worker's report is kB; what the server reads of the file at most
 
 
 @dataclass
@@ -329,10 +335,11 @@ class LocalPool:
                 ahead = True  # trained: the next worker's start-up overlaps the evaluation, not the training
                 self._start_ahead(slot, spec, cwd)
         kill_session(proc.pid)  # anything still in the worker's own group
+        told = told_digest(proc)
         proc.stdin.close()
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-        report = read_report(spec.report)
+        report = believed_report(spec.report, told)
         changed = envwatch.changes(since) + (checked_imports(spec.report, report, self.evaluators.get(slot))
                                              if report is not None else [])
         if changed:  # the slot's warm interpreter and evaluator may hold what changed: the next run starts its own
@@ -488,6 +495,45 @@ def kill_session(pid: int) -> None:
         os.killpg(pid, 9)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def told_digest(proc: subprocess.Popen) -> str | None:
+    """The SHA-256 of its final report that the ended worker sent back on its stdin socket (worker.py
+    final_report), or None where it sent none (killed before)."""
+    fd, said, deadline = proc.stdin.fileno(), b"", time.monotonic() + TOLD_WAIT_S
+    while len(said) < TOLD_MAX_BYTES and (left := deadline - time.monotonic()) > 0:
+        if not select.select([fd], [], [], left)[0]:
+            break
+        try:
+            chunk = os.read(fd, TOLD_MAX_BYTES)
+        except OSError:
+            break
+        if not chunk:  # the worker's end closed: all it said is here
+            break
+        said += chunk
+    lines = [line for line in said.split(b"\n") if line.startswith(REPORT_DIGEST_MARK)]
+    return lines[-1][len(REPORT_DIGEST_MARK):].decode("ascii", errors="replace") if lines else None
+
+
+def believed_report(path: Path, told: str | None) -> dict | None:
+    """The worker's report if it is the one the worker wrote (its digest told on the socket); the
+    agent can write runs/ between the worker's exit and this read. A report without a digest (the
+    worker was killed) is none; one with another digest is kept beside (.changed) and not believed."""
+    data = read_plain(path, MAX_REPORT_BYTES)
+    if told is None or data is None:
+        return None
+    if hashlib.sha256(data).hexdigest() != told:
+        try:
+            os.replace(path, path.with_name(path.name + ".changed"))
+        except OSError:
+            pass
+        return {"exit_code": None, "report_changed": (f"{path.name} was changed after the run's worker wrote it "
+                                                      "(another process wrote runs/): the run is no result")}
+    try:
+        report = json.loads(data)
+    except ValueError:
+        return None
+    return report if isinstance(report, dict) else None
 
 
 def read_report(path: Path) -> dict | None:

@@ -18,7 +18,7 @@ from mcp_server.executors.executor import RunSpec, compile_bytecode, kill_sessio
 from mcp_server.core.models import Refusal
 from mcp_server.phases.results import record, unrecordable
 from mcp_server.phases.measurements import file_measurement
-from mcp_server.phases.runs import DEFAULT_TRAIN_COMMAND, LoopCore
+from mcp_server.phases.runs import DEFAULT_TRAIN_COMMAND, MEASURED_ON, LoopCore
 from mcp_server.core.state import process_alive
 from mcp_server.core.workspace import RUNS_DIR
 from mcp_server.scripts import sandbox
@@ -133,6 +133,8 @@ def on_done(core: LoopCore, run: int, outcome) -> None:
             if entry is None or entry["status"] != "running":
                 return  # cancelled meanwhile: already decided
             entry["ended_at"] = time.time()
+            # where it ran, from the report the executor believed: the file in runs/ can change after
+            entry.update({k: outcome.report[k] for k in MEASURED_ON if (outcome.report or {}).get(k) is not None})
             try:
                 result = record(core, state, entry, outcome.report, outcome.slot)
             except Exception as exc:  # disk full, log deleted...: still a result the agent can discard

@@ -67,6 +67,8 @@ def _result(core: LoopCore, entry: dict, text: str, report: dict | None, slot: s
     problem = None
     if not report:
         problem = "the run's worker left no report (killed from outside?)"
+    elif report.get("report_changed"):
+        problem = report["report_changed"]
     elif report.get("timed_out"):
         result.status = "timeout"
         problem = f"killed after the {entry['timeout']:.0f}s timeout"

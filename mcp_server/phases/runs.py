@@ -24,6 +24,8 @@ from mcp_server.core.models import Refusal, Row, RunResult
 from mcp_server.core.state import State
 from mcp_server.core.workspace import PROTECTED_BRANCHES, RUNS_DIR, Workspace
 
+MEASURED_ON = ("host", "device", "wall_seconds")  # what a run's record keeps of its worker's report
+
 RUN_LOG = "run.log"
 DEFAULT_TRAIN_COMMAND = ["uv", "run", "train.py"]
 LOG_TAIL_BYTES = 256 * 1024  # what is parsed of a log: the summary block and a crash's tail live at its end
@@ -167,7 +169,7 @@ class LoopCore:
                   "run": {k: entry.get(k) for k in ("run", "commit", "parent", "description", "slot", "submitted_at",
                                                      "started_at", "ended_at", "timeout", "rerun_of",
                                                      "data_order", "confirmation")}
-                  | {k: report.get(k) or entry.get(k) for k in ("host", "device", "wall_seconds")}}
+                  | {k: entry.get(k) or report.get(k) for k in MEASURED_ON}}
         if decision:
             try:
                 decision["changes"] = history.describe_change(

@@ -44,6 +44,7 @@ from __future__ import annotations  # a node's Python may be older than 3.10
 import argparse
 import collections
 import ctypes
+import hashlib
 import json
 import os
 import select
@@ -77,6 +78,8 @@ REAP_ROUNDS = 50  # kill-and-reap passes over the descendants, 0.1 s apart
 EXPORT_ENV = "RESEARCH_LOOP_EXPORT"  # where the harness writes the trained model (nanochat/export.py)
 ANSWER_ENV = "RESEARCH_LOOP_ANSWER"  # where this worker writes the harness's number for train.py to print
 DATA_ORDER_ENV = "AUTORESEARCH_DATA_ORDER"  # which stretch of the data a rerun trains on (nanochat/dataloader.py)
+# before the SHA-256 of the final report, on the server's socket (final_report; executors/executor.py reads it)
+REPORT_DIGEST_MARK = b"report-sha256 "
 WARM_STUB = Path(__file__).resolve().parent / "warm_train.py"  # the interpreter a --warm worker starts ahead
 IN_OPEN = 0x20
 
@@ -295,14 +298,30 @@ def device_name(env: dict) -> str:
     return "cpu"
 
 
-def write_report(path: Path, report: dict) -> None:
+def write_report(path: Path, report: dict) -> bytes:
+    """The report written (its bytes returned): to a temporary file first, then put in place whole."""
+    data = json.dumps(report).encode()
     # a name no one can guess: a planted file or folder at a predictable one would make this write fail
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with open(fd, "w") as f:
-        json.dump(report, f)
+    with open(fd, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    return data
+
+
+def final_report(args, report: dict) -> None:
+    """The run's last report, and with --watch-stdin its SHA-256 sent back to the server on stdin (the
+    server's socket, which no other process can open): the report lies in runs/, which the agent can
+    write between this worker's exit and the server's read, and the server believes only a report
+    with this digest."""
+    data = write_report(args.report, report)
+    if args.watch_stdin:
+        try:
+            os.write(0, REPORT_DIGEST_MARK + hashlib.sha256(data).hexdigest().encode() + b"\n")
+        except OSError:
+            pass  # the server is gone: no one reads it
 
 
 def parse_args(argv):
@@ -412,10 +431,10 @@ def not_started(args, message: str, exit_code: int, started_at: float, subreaper
     """The log's line and the report of a command that never ran."""
     with open_log(args.log) as log:
         log.write(f"{MARK} {message}\n".encode())
-    write_report(args.report, {"exit_code": exit_code, "timed_out": False, "stopped": None, "started_at": started_at,
-                               "wall_seconds": 0.0, "stray_processes": 0, "unkillable": 0,
-                               "log_truncated": False, "host": socket.gethostname(),
-                               "device": device_name(dict(os.environ)), "subreaper": subreaper})
+    final_report(args, {"exit_code": exit_code, "timed_out": False, "stopped": None, "started_at": started_at,
+                        "wall_seconds": 0.0, "stray_processes": 0, "unkillable": 0,
+                        "log_truncated": False, "host": socket.gethostname(),
+                        "device": device_name(dict(os.environ)), "subreaper": subreaper})
     return exit_code
 
 
@@ -582,7 +601,7 @@ def main(argv=None) -> int:
         report["evaluation"] = evaluated
     # what the interpreters compiled (trusted_import.py), which the server checks against its pins
     report["imported"] = {"training": imported, "evaluator": (evaluated or {}).pop("imported", None)}
-    write_report(args.report, report)
+    final_report(args, report)
     return 0
 
 
