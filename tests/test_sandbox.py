@@ -324,7 +324,8 @@ def test_a_hidden_folder_that_holds_the_run_shows_the_run_and_what_it_reads_but_
                  f"print('shared:', *(sorted(os.listdir(f)) for f in {[str(shared), str(shared / 'ws'), str(code.parent)]!r}))\n"
                  f"print('venv:', open({str(shared / 'venv' / 'site.txt')!r}).read(), 'own:', open('train.py').read())\n"
                  "open('written', 'w').write('x')\n")
-    spec = {"readonly": [str(shared / "venv")], "writable": ["."], "hidden": [str(shared)]}
+    (shared / "here").symlink_to(".")  # named through a link (macOS: /var is /private/var), it sorts as itself
+    spec = {"readonly": [str(shared / "venv")], "writable": ["."], "hidden": [str(shared / "here")]}
     argv, _ = sandbox.wrap([str(shared / "env" / "bin" / "python"), "-c", code_text], spec, str(code))
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     assert "shared: ['env', 'venv', 'ws'] ['0002-abc'] ['code']" in out and "venv: the environment own: this run" in out, out

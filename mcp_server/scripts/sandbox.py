@@ -148,9 +148,10 @@ def hidden(spec: dict, cwd: str) -> tuple[list[str], list[str]]:
     hidden before the spec's paths, which are then shown again inside them. Last: the rest (the
     downloads inside the cache), hidden over the spec's paths that hold them. One that both lies
     inside a shown path and holds one is left readable: no order hides it and shows the other."""
-    shown = [os.path.abspath(os.path.join(cwd, p)) for p in [".", *shown_paths(spec)]]
+    # resolved, as the kernel mounts and matches them: a folder named through a link still sorts right
+    shown = [os.path.realpath(os.path.join(cwd, p)) for p in [".", *shown_paths(spec)]]
     first, last = [], []
-    for path in map(os.path.abspath, filter(os.path.exists, spec.get("hidden", []))):
+    for path in map(os.path.realpath, filter(os.path.exists, spec.get("hidden", []))):
         holds = any(_holds(path, other) for other in shown)
         inside = any(_holds(other, path) for other in shown)
         if holds and not inside:
@@ -201,7 +202,7 @@ def seatbelt_profile(spec: dict, cwd: str, program: str | None = None) -> str:
     scratch = [*SEATBELT_SCRATCH, *([tmp] if tmp else [])]
     first, last = hidden(spec, cwd)
     shown_inside = [p for p in [".", *shown_paths(spec), *(interpreter_folders(program, first) if program else [])]
-                    if any(_holds(folder, os.path.abspath(os.path.join(cwd, p))) for folder in first)]
+                    if any(_holds(folder, os.path.realpath(os.path.join(cwd, p))) for folder in first)]
     return "\n".join(["(version 1)", "(allow default)", "(deny file-write*)", *rule("allow", scratch),
                       *rule("deny", first, "file-read*"), *rule("allow", shown_inside, "file-read*"),
                       *rule("deny", spec.get("readonly", [])), *rule("allow", spec.get("writable", [])),
