@@ -411,3 +411,13 @@ def test_the_workers_final_report_rewritten_before_the_server_reads_it_is_no_res
     assert forged, "the forger never saw the final report"
     assert run["status"] == "crash" and "was changed after the run's worker wrote it" in run["tail"], run
     assert json.loads((runs / (forged[0] + ".changed")).read_text())["device"] == "FORGED"  # kept beside, not believed
+
+
+def test_a_fifo_in_place_of_a_workers_report_is_read_at_once_and_not_believed(tmp_path):
+    """The server reads a run's report while it runs (has it trained?) and after: a FIFO planted at
+    its path blocked the open of that read, and the run's thread with it."""
+    from mcp_server.executors.executor import believed_report, read_report
+    fifo = tmp_path / "0001-abc1234.report.json"
+    os.mkfifo(fifo)
+    assert read_report(fifo) is None
+    assert "was changed after the run's worker wrote it" in believed_report(fifo, "0" * 64)["report_changed"]

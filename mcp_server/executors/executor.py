@@ -500,13 +500,14 @@ def kill_session(pid: int) -> None:
 def told_digest(proc: subprocess.Popen) -> str | None:
     """The SHA-256 of its final report that the ended worker sent back on its stdin socket (worker.py
     final_report), or None where it sent none (killed before)."""
-    fd, said, deadline = proc.stdin.fileno(), b"", time.monotonic() + TOLD_WAIT_S
+    said, deadline = b"", time.monotonic() + TOLD_WAIT_S
     while len(said) < TOLD_MAX_BYTES and (left := deadline - time.monotonic()) > 0:
-        if not select.select([fd], [], [], left)[0]:
-            break
-        try:
+        try:  # the server's end is closed already where the server shuts down (or a test plays its death)
+            fd = proc.stdin.fileno()
+            if not select.select([fd], [], [], left)[0]:
+                break
             chunk = os.read(fd, TOLD_MAX_BYTES)
-        except OSError:
+        except (OSError, ValueError):
             break
         if not chunk:  # the worker's end closed: all it said is here
             break
@@ -519,7 +520,10 @@ def believed_report(path: Path, told: str | None) -> dict | None:
     """The worker's report if it is the one the worker wrote (its digest told on the socket); the
     agent can write runs/ between the worker's exit and this read. A report without a digest (the
     worker was killed) is none; one with another digest is kept beside (.changed) and not believed."""
-    data = read_plain(path, MAX_REPORT_BYTES)
+    try:
+        data = read_plain(path, MAX_REPORT_BYTES)
+    except OSError:
+        data = None
     if told is None or data is None:
         return None
     if hashlib.sha256(data).hexdigest() != told:
@@ -529,16 +533,14 @@ def believed_report(path: Path, told: str | None) -> dict | None:
             pass
         return {"exit_code": None, "report_changed": (f"{path.name} was changed after the run's worker wrote it "
                                                       "(another process wrote runs/): the run is no result")}
-    try:
-        report = json.loads(data)
-    except ValueError:
-        return None
+    report = json.loads(data)  # what the worker wrote: a JSON object
     return report if isinstance(report, dict) else None
 
 
 def read_report(path: Path) -> dict | None:
+    """A worker's report as the file holds it now; read without blocking (a FIFO planted there)."""
     try:
-        report = json.loads(path.read_text())
+        report = json.loads(read_plain(path, MAX_REPORT_BYTES) or b"")
     except (OSError, ValueError):
         return None
     return report if isinstance(report, dict) else None
