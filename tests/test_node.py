@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mcp_server.executors import cluster
 from mcp_server.executors.executor import RunSpec
-from mcp_server.scripts import harness_eval, node, sandbox, worker
+from mcp_server.scripts import harness_eval, node, process_tree, sandbox, worker
 from server_support import make_cache
 
 # a stand-in for prepare.py: counts its runs, takes a moment, records what it prepared
@@ -34,6 +34,7 @@ def code_folder(tmp_path: Path, name: str, token: str) -> Path:
     shutil.copy(sandbox.__file__, scripts / "sandbox.py")
     shutil.copy(harness_eval.__file__, scripts / "harness_eval.py")
     shutil.copy(harness_eval.TRUSTED_IMPORT, scripts / "trusted_import.py")  # as cluster.package does
+    shutil.copy(process_tree.__file__, scripts / "process_tree.py")
     (scripts / node.TOKEN_FILE).write_text(token)
     (code / "prepare.py").write_text(PREPARE)
     (code / "train.py").write_text("print('---'); print('val_bpb:          0.987000')\n")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mcp_server.core import integrity
-from mcp_server.scripts import harness_eval, inotify_events, node, sandbox
+from mcp_server.scripts import harness_eval, inotify_events, node, process_tree, sandbox
 from mcp_server.executors.executor import WORKER, Outcome, RunSpec
 from mcp_server.core.models import Refusal
 from mcp_server.scripts.worker import write_report
@@ -84,6 +84,7 @@ def package(ws, commit: str, dest: Path, token: str) -> None:
     shutil.copy(harness_eval.__file__, scripts / "harness_eval.py")
     shutil.copy(harness_eval.TRUSTED_IMPORT, scripts / "trusted_import.py")  # the node's evaluator imports through it
     shutil.copy(inotify_events.__file__, scripts / "inotify_events.py")
+    shutil.copy(process_tree.__file__, scripts / "process_tree.py")
     (scripts / node.TOKEN_FILE).write_text(token)
 
 

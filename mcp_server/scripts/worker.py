@@ -60,21 +60,22 @@ from pathlib import Path
 
 try:
     from mcp_server.scripts import inotify_events, sandbox
+    from mcp_server.scripts.process_tree import PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, descendants, \
+        kill_everything, prctl, signal_tree
     from mcp_server.scripts.harness_eval import MARK, HarnessEvaluation, on_this_device, open_log, socket_channel
     from mcp_server.scripts.trusted_import import read_in_background
 except ImportError:  # run as a script, or on a node: sandbox.py, harness_eval.py... are beside this file
     import inotify_events
     import sandbox
+    from process_tree import PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, descendants, kill_everything, prctl, \
+        signal_tree
     from harness_eval import MARK, HarnessEvaluation, on_this_device, open_log, socket_channel
     from trusted_import import read_in_background
 
-PR_SET_PDEATHSIG = 1
-PR_SET_CHILD_SUBREAPER = 36
 TERM_GRACE_SECONDS = 5.0
 MAX_LOG_BYTES = 64 * 2**20  # head of a runaway log kept on disk
 TAIL_BYTES = 1 * 2**20  # and its tail, kept in memory once the head is full
 READ_CHUNK = 65536
-REAP_ROUNDS = 50  # kill-and-reap passes over the descendants, 0.1 s apart
 EXPORT_ENV = "RESEARCH_LOOP_EXPORT"  # where the harness writes the trained model (nanochat/export.py)
 ANSWER_ENV = "RESEARCH_LOOP_ANSWER"  # where this worker writes the harness's number for train.py to print
 DATA_ORDER_ENV = "AUTORESEARCH_DATA_ORDER"  # which stretch of the data a rerun trains on (nanochat/dataloader.py)
@@ -82,72 +83,6 @@ DATA_ORDER_ENV = "AUTORESEARCH_DATA_ORDER"  # which stretch of the data a rerun 
 REPORT_DIGEST_MARK = b"report-sha256 "
 WARM_STUB = Path(__file__).resolve().parent / "warm_train.py"  # the interpreter a --warm worker starts ahead
 IN_OPEN = 0x20
-
-
-def prctl(option: int, value: int) -> bool:
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0) == 0
-    except (OSError, AttributeError):  # not Linux: process groups only
-        return False
-
-
-def descendants(root: int) -> list[int]:
-    """Live processes below `root` (by parent links in /proc); empty where /proc is missing."""
-    children: dict[int, list[int]] = collections.defaultdict(list)
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return []
-    for name in entries:
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] != b"Z":
-            children[int(fields[1])].append(int(name))
-    found, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), ()):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def reap() -> None:
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-
-
-def signal_tree(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-    for pid in descendants(os.getpid()):
-        try:
-            os.kill(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-def kill_everything(pgid: int) -> int:
-    """SIGKILL the command's group and every descendant until none is left; returns how many
-    could not be killed (another user's, or stuck in the kernel)."""
-    for _ in range(REAP_ROUNDS):
-        signal_tree(pgid, signal.SIGKILL)
-        reap()
-        if not descendants(os.getpid()):
-            return 0
-        time.sleep(0.1)
-    return len(descendants(os.getpid()))
 
 
 class LogPump(threading.Thread):
