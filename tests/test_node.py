@@ -3,14 +3,13 @@ job's code folder, with the scripts shipped beside the code. Two jobs starting t
 node prepare the data once; a node that cannot prepare says which node and why."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 from mcp_server.executors import cluster
 from mcp_server.executors.executor import RunSpec
-from mcp_server.scripts import harness_eval, node, process_tree, sandbox, worker
+from mcp_server.scripts import node
 from server_support import make_cache
 
 # a stand-in for prepare.py: counts its runs, takes a moment, records what it prepared
@@ -28,13 +27,8 @@ json.dump({"profile": profile, "flops_per_budget_second": 3.5e10}, open(os.path.
 def code_folder(tmp_path: Path, name: str, token: str) -> Path:
     code = tmp_path / name
     scripts = code / node.NODE_DIR
-    scripts.mkdir(parents=True)
-    shutil.copy(worker.__file__, scripts / "worker.py")
-    shutil.copy(node.__file__, scripts / "node.py")
-    shutil.copy(sandbox.__file__, scripts / "sandbox.py")
-    shutil.copy(harness_eval.__file__, scripts / "harness_eval.py")
-    shutil.copy(harness_eval.TRUSTED_IMPORT, scripts / "trusted_import.py")  # as cluster.package does
-    shutil.copy(process_tree.__file__, scripts / "process_tree.py")
+    code.mkdir()
+    cluster.ship_node_scripts(scripts)  # as cluster.package does
     (scripts / node.TOKEN_FILE).write_text(token)
     (code / "prepare.py").write_text(PREPARE)
     (code / "train.py").write_text("print('---'); print('val_bpb:          0.987000')\n")

@@ -76,16 +76,17 @@ def package(ws, commit: str, dest: Path, token: str) -> None:
     dest.mkdir(parents=True)
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(dest, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
-    scripts = dest / node.NODE_DIR
-    scripts.mkdir(exist_ok=True)
-    shutil.copy(WORKER, scripts / "worker.py")
-    shutil.copy(node.__file__, scripts / "node.py")
-    shutil.copy(sandbox.__file__, scripts / "sandbox.py")
-    shutil.copy(harness_eval.__file__, scripts / "harness_eval.py")
-    shutil.copy(harness_eval.TRUSTED_IMPORT, scripts / "trusted_import.py")  # the node's evaluator imports through it
-    shutil.copy(inotify_events.__file__, scripts / "inotify_events.py")
-    shutil.copy(process_tree.__file__, scripts / "process_tree.py")
-    (scripts / node.TOKEN_FILE).write_text(token)
+    ship_node_scripts(dest / node.NODE_DIR)
+    (dest / node.NODE_DIR / node.TOKEN_FILE).write_text(token)
+
+
+def ship_node_scripts(folder: Path) -> None:
+    """node.py and what it runs, standard library only, into a code folder's node folder."""
+    folder.mkdir(exist_ok=True)
+    for module in (node, sandbox, harness_eval, inotify_events, process_tree):
+        shutil.copy(module.__file__, folder / Path(module.__file__).name)
+    shutil.copy(WORKER, folder / "worker.py")
+    shutil.copy(harness_eval.TRUSTED_IMPORT, folder / "trusted_import.py")  # the node's evaluator imports through it
 
 
 def node_args(spec: RunSpec) -> list[str]:
