@@ -45,7 +45,7 @@ MEMORY_POLL_S = 0.2
 FACTS = """
 import json, platform, subprocess, torch
 from nanochat import attention
-from nanochat.platform import DEVICE, COMPUTE_DTYPE, _device_name
+from nanochat.platform import DEVICE, COMPUTE_DTYPE, device_name
 try:
     driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                             capture_output=True, text=True, timeout=30).stdout.split()[0]
@@ -55,7 +55,7 @@ if DEVICE.type == "cuda":
     used = "FlashAttention-3" if attention.FA3 is not None else "SDPA (FlashAttention-3 did not load)"
 else:
     used = f"explicit scores up to T={attention.EXPLICIT_MAX_T}, SDPA beyond"
-print(json.dumps({"card": _device_name(), "device": DEVICE.type, "driver": driver, "torch": torch.__version__,
+print(json.dumps({"card": device_name(), "device": DEVICE.type, "driver": driver, "torch": torch.__version__,
                   "cuda": torch.version.cuda or "-", "compute dtype": str(COMPUTE_DTYPE).removeprefix("torch."),
                   "attention": used,
                   "capability": ".".join(map(str, torch.cuda.get_device_capability())) if DEVICE.type == "cuda" else "-"}))

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 # bf16 dense tensor-core peaks (FLOP/s, no sparsity) for MFU, matched as substrings of the CUDA
 # device name, most specific first. A GPU not listed gets a measured peak, like the CPU.
@@ -259,11 +260,59 @@ def measure_matmul_flops(dtype=COMPUTE_DTYPE, device=DEVICE) -> float:
     return best
 
 
+def measure_model_flops(rows: int, seq_len: int, width: int, depth: int, vocab: int) -> float:
+    """Best sustained FLOP/s of training-shaped work on DEVICE: forward and backward, under autocast,
+    through `depth` blocks (causal attention, a relu^2 MLP, RMS norms) and an output head at a small
+    model's shapes, FLOPs counted as train.py counts them. Where a CPU's matrix units (AMX) multiply
+    large matrices far faster than they cast, normalise and add, a large matmul's peak overstates
+    the rate a small model trains at (6x on a 2-core Xeon); this does not."""
+    clock = cpu_seconds_per_thread if DEVICE.type == "cpu" else time.perf_counter
+    heads = max(1, width // 128)
+
+    def weight(fan_in, fan_out):
+        return (torch.randn(fan_in, fan_out, device=DEVICE) * fan_in**-0.5).requires_grad_()
+
+    blocks = [[weight(width, 3 * width), weight(width, width), weight(width, 4 * width), weight(4 * width, width)]
+              for _ in range(depth)]
+    head = weight(width, vocab)
+    x0 = torch.randn(rows, seq_len, width, device=DEVICE)
+    targets = torch.randint(vocab, (rows * seq_len,), device=DEVICE)
+
+    def split_heads(t):
+        return t.view(rows, seq_len, heads, -1).transpose(1, 2)
+
+    def step():
+        with autocast():
+            x = x0
+            for qkv, proj, up, down in blocks:
+                q, k, v = (F.rms_norm(x, (width,)) @ qkv).split(width, dim=-1)
+                y = F.scaled_dot_product_attention(split_heads(q), split_heads(k), split_heads(v), is_causal=True)
+                x = x + y.transpose(1, 2).reshape(rows, seq_len, width) @ proj
+                x = x + F.relu(F.rms_norm(x, (width,)) @ up).square() @ down
+            logits = F.rms_norm(x, (width,)) @ head
+        F.cross_entropy(logits.float().view(-1, vocab), targets).backward()
+        for w in (head, *(w for block in blocks for w in block)):
+            w.grad = None
+
+    flops = (6 * depth * 12 * width**2 + 6 * width * vocab + depth * 12 * width * seq_len) * rows * seq_len
+    step()  # warm up kernels, caches and clocks
+    synchronize()
+    best = 0.0
+    for _ in range(PEAK_REPEATS):
+        steps, t0 = 0, clock()
+        while clock() - t0 < PEAK_MEASURE_SECONDS:
+            step()
+            steps += 1
+            synchronize()
+        best = max(best, flops * steps / (clock() - t0))
+    return best
+
+
 def _cache_dir() -> Path:
     return Path(os.environ.get("AUTORESEARCH_CACHE", Path.home() / ".cache" / "autoresearch"))
 
 
-def _device_name() -> str:
+def device_name() -> str:
     if DEVICE.type == "cuda":
         return torch.cuda.get_device_name()
     if DEVICE.type == "mps":
@@ -284,7 +333,7 @@ def _peak_cache_path() -> Path:
 
 def _peak_cache_key(dtype) -> str:
     clock = " | per CPU-second" if DEVICE.type == "cpu" else ""  # peaks cached before were per wall second
-    return (f"{_device_name()} | {DEVICE.type} | threads={torch.get_num_threads()} | "
+    return (f"{device_name()} | {DEVICE.type} | threads={torch.get_num_threads()} | "
             f"{str(dtype).removeprefix('torch.')}{clock}")
 
 
@@ -327,7 +376,7 @@ def peak_flops(dtype=COMPUTE_DTYPE) -> float:
     per (device, threads, dtype) and cached in $AUTORESEARCH_CACHE/compile/cpu_peak_flops.json, so only the
     first run pays the few seconds of measuring."""
     if DEVICE.type == "cuda":
-        flops = gpu_peak_flops(_device_name())
+        flops = gpu_peak_flops(device_name())
         if flops:
             return flops
     cached = _read_peak_cache().get(_peak_cache_key(dtype))

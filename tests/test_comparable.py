@@ -35,8 +35,8 @@ BUSY = "while True: pass"
 
 
 def steps_of(prepared_env, repo_root, busy: bool) -> tuple[int, str]:
-    """num_steps and the output of a 6 s run; busy: beside a spinning process, on one CPU (one thread)."""
-    env = dict(prepared_env, AUTORESEARCH_TIME_BUDGET="6")
+    """num_steps and the output of a 10 s run; busy: beside a spinning process, on one CPU (one thread)."""
+    env = dict(prepared_env, AUTORESEARCH_TIME_BUDGET="10")
     neighbour = subprocess.Popen([sys.executable, "-c", BUSY]) if busy else None
     one_cpu = (lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})) if busy else None
     try:
@@ -53,7 +53,7 @@ def steps_of(prepared_env, repo_root, busy: bool) -> tuple[int, str]:
 def test_the_flops_clock_keeps_the_step_count_beside_a_busy_process(prepared_env, repo_root):
     """Beside a busy process, and held to one CPU (so one thread instead of all), each step costs about
     twice the seconds on the wall clock and on the CPU-seconds clock alike: either would cut the
-    run's ~12 steps by a third or more, a gap no partial regression slips through; on the CPU
+    run's 12-30 steps by a third or more, a gap no partial regression slips through; on the CPU
     profile's flops clock the same code gets the same steps however busy the machine is."""
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("one CPU: a run held to one CPU is no slower than a run alone")
@@ -64,7 +64,7 @@ def test_the_flops_clock_keeps_the_step_count_beside_a_busy_process(prepared_env
     # the premise: a step really costs much more time beside the neighbour (on the CPU-seconds clock)
     per_step = [float(seconds.search(o).group(1)) / n for o, n in ((out, alone), (out_beside, beside))]
     assert per_step[1] > 1.5 * per_step[0], per_step
-    assert alone >= 10 and beside == alone
+    assert alone >= 12 and beside == alone
     # and the same number (float arithmetic aside: one thread sums in bf16 in another order than two,
     # 3e-4 to 2.3e-3 seen, under a step's worth of ~1e-2; a rerun on the same machine repeats it to
     # ~1e-5), which is why a rerun of the best on the same data can stand as a control
