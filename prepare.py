@@ -32,10 +32,10 @@ TOKENIZER_DOC_CHARS = 10_000  # per document, so one huge document can't dominat
 NETWORK_PROBE_TIMEOUT_S = 3
 BUDGET_CLOCKS = ("wall", "cpu", "flops")  # see training_clock and budget_used
 # The "flops" clock spends TIME_BUDGET at this share of the rate of training-shaped work measured at
-# prepare time (calibrate_flops_clock), so that train.py's budget second takes about 0.8 s of training,
-# as it did on a Zen 4 before. A large matmul's peak (the clock's base before) is no measure of that:
-# AMX runs it at 5.5x the rate train.py trains at (2-core Xeon: every budget second took 2.8 s).
-# `uv run bench/bench_flops_clock.py` compares the two.
+# prepare time (calibrate_flops_clock), so that train.py's budget second takes about 0.8 s of training
+# compiled (eager about 1 s), as on a Zen 4 before. A large matmul's peak (the clock's base before) is
+# no measure of that: AMX runs it at 5.5x the rate train.py trains at (2-core Xeon: every budget second
+# took 2.4-2.8 s). `uv run bench/bench_flops_clock.py` compares the two.
 FLOPS_CLOCK_SHARE = 0.75
 STARTING_WIDTH_PER_LAYER = 64  # train.py's starting ASPECT_RATIO: the measured model's width is depth x this
 # What prepared.json fixes for every later run (the MCP server reads time_budget from it too);
@@ -94,21 +94,18 @@ def _flops_per_budget_second(record: dict, clock: str) -> float | None:
 
 def calibrate_flops_clock(profile: dict) -> float:
     """FLOPs per budget second: FLOPS_CLOCK_SHARE of the rate this machine trains the profile's starting
-    model at (its shapes: rows per micro-batch, context, depth, width, vocabulary). The model-shaped work
-    is measured on one thread, whose rate per CPU-second a busy machine hardly lowers (on two, threads
-    that wait on each other spin, and on a loaded 2-core machine that cut the rate by 4x); a large
-    matmul's speed-up from one thread to all carries it to the machine's threads."""
+    model at (its shapes: rows per micro-batch, context, depth, width, vocabulary), times its threads.
+    Measured on one thread, whose rate per CPU-second a busy machine hardly lowers: on two, threads that
+    wait on each other spin, and beside one busy process on 2 cores that cut the rate by 2-4x."""
     depth, threads = profile["train_defaults"]["depth"], torch.get_num_threads()
-    peak_all = platform.measure_matmul_flops()
     torch.set_num_threads(1)
     try:
-        peak_one = platform.measure_matmul_flops()
-        model_one = platform.measure_model_flops(rows=profile["train_defaults"]["device_batch_size"],
-                                                 seq_len=profile["max_seq_len"], width=depth * STARTING_WIDTH_PER_LAYER,
-                                                 depth=depth, vocab=profile["vocab_size"])
+        one_thread = platform.measure_model_flops(rows=profile["train_defaults"]["device_batch_size"],
+                                                  seq_len=profile["max_seq_len"], width=depth * STARTING_WIDTH_PER_LAYER,
+                                                  depth=depth, vocab=profile["vocab_size"])
     finally:
         torch.set_num_threads(threads)
-    return FLOPS_CLOCK_SHARE * model_one * peak_all / peak_one
+    return FLOPS_CLOCK_SHARE * one_thread * threads
 
 
 def training_clock():

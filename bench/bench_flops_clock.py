@@ -21,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import REPO, prepared_cache, python_command  # noqa: E402
 
 sys.path.insert(0, str(REPO))
-import prepare  # noqa: E402
 from mcp_server.core.logparse import parse_summary  # noqa: E402
 from nanochat import platform  # noqa: E402
 from nanochat.profiles import PROFILES  # noqa: E402
@@ -63,6 +62,9 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true", help="train eager, as the tests do (default: compiled)")
     args = parser.parse_args()
     cache = prepared_cache(args.cache)
+    os.environ["AUTORESEARCH_CACHE"] = str(cache)
+    import prepare  # reads the cache's record on import
+
     peak = platform.measure_matmul_flops()
     rates = {"before: half the matmul peak": peak * OLD_SHARE_OF_MATMUL_PEAK,
              "now: training-shaped work": prepare.calibrate_flops_clock(PROFILES["cpu"])}

@@ -66,7 +66,7 @@ def _result(core: LoopCore, entry: dict, text: str, report: dict | None, slot: s
             "compare only with runs made with the same number of slots"]
     problem = None
     if not report:
-        problem = "the run's worker left no report (killed from outside?)"
+        problem = "the run's worker left no report it vouched for (killed: from outside, or by the server when it outlived its timeout)"
     elif report.get("report_changed"):
         problem = report["report_changed"]
     elif report.get("timed_out"):
