@@ -242,21 +242,27 @@ def measure_matmul_flops(dtype=COMPUTE_DTYPE, device=DEVICE) -> float:
     """Best sustained FLOP/s of a large square matmul in `dtype`: the machine's practical peak. On the
     CPU per CPU-second of each thread, as the CPU profile's budget is spent, so MFU stays below 100%
     and a peak measured on a busy machine is not too low."""
-    clock = cpu_seconds_per_thread if torch.device(device).type == "cpu" else time.perf_counter
     n = PEAK_MATMUL_SIZE
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):  # warm up kernels, caches and clocks
         a @ b
+    return _best_rate(lambda: a @ b, 2 * n**3, torch.device(device).type)
+
+
+def _best_rate(work, flops: float, device_type: str) -> float:
+    """Best FLOP/s of `work` (`flops` each call) over PEAK_REPEATS spells of PEAK_MEASURE_SECONDS; on the
+    CPU per CPU-second of each thread (the CPU profile's clock), elsewhere per wall second."""
+    clock = cpu_seconds_per_thread if device_type == "cpu" else time.perf_counter
     synchronize()
     best = 0.0
     for _ in range(PEAK_REPEATS):
-        iters, t0 = 0, clock()
+        calls, t0 = 0, clock()
         while clock() - t0 < PEAK_MEASURE_SECONDS:
-            a @ b
-            iters += 1
+            work()
+            calls += 1
             synchronize()
-        best = max(best, 2 * n**3 * iters / (clock() - t0))
+        best = max(best, flops * calls / (clock() - t0))
     return best
 
 
@@ -266,7 +272,6 @@ def measure_model_flops(rows: int, seq_len: int, width: int, depth: int, vocab: 
     model's shapes, FLOPs counted as train.py counts them. Where a CPU's matrix units (AMX) multiply
     large matrices far faster than they cast, normalise and add, a large matmul's peak overstates
     the rate a small model trains at (6x on a 2-core Xeon); this does not."""
-    clock = cpu_seconds_per_thread if DEVICE.type == "cpu" else time.perf_counter
     heads = max(1, width // 128)
 
     def weight(fan_in, fan_out):
@@ -296,16 +301,7 @@ def measure_model_flops(rows: int, seq_len: int, width: int, depth: int, vocab: 
 
     flops = (6 * depth * 12 * width**2 + 6 * width * vocab + depth * 12 * width * seq_len) * rows * seq_len
     step()  # warm up kernels, caches and clocks
-    synchronize()
-    best = 0.0
-    for _ in range(PEAK_REPEATS):
-        steps, t0 = 0, clock()
-        while clock() - t0 < PEAK_MEASURE_SECONDS:
-            step()
-            steps += 1
-            synchronize()
-        best = max(best, flops * steps / (clock() - t0))
-    return best
+    return _best_rate(step, flops, DEVICE.type)
 
 
 def _cache_dir() -> Path:
