@@ -236,8 +236,13 @@ def test_without_a_sandbox_a_token_table_swapped_during_the_run_changes_nothing(
                                                                               monkeypatch):
     """The evaluator's validation data and tokenizer are the worker's copies, taken and checked
     before the training started: the swapped table never reaches it, and the number it records is
-    the model's honest one."""
+    the model's honest one. The cache is the test's own: unsandboxed, the watch on the validation
+    shard counts every process's opens (another test's run reading the session's cache would make
+    this one a crash), and the swapped table is never seen by another test."""
     ws = harness_workspace(tmp_path, repo_root, prepared_env, monkeypatch)
+    cache = tmp_path / "cache"
+    shutil.copytree(prepared_env["AUTORESEARCH_CACHE"], cache, ignore=shutil.ignore_patterns("compile"))
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setenv("PATH", path_without_bubblewrap(tmp_path))
     loop = ResearchLoop(ws, [sys.executable, "train.py"], slots=1, unsandboxed=True)  # the user's opt-in
@@ -246,8 +251,6 @@ def test_without_a_sandbox_a_token_table_swapped_during_the_run_changes_nothing(
     for old, new in DOUBLED_TOKEN_BYTES:
         assert old in attack
         attack = attack.replace(old, new, 1)
-    table = Path(prepared_env["AUTORESEARCH_CACHE"]) / "tokenizer" / "token_bytes.pt"
-    original = table.read_bytes()
 
     async def go():
         async with Client(build_server(loop)) as client:
@@ -259,7 +262,6 @@ def test_without_a_sandbox_a_token_table_swapped_during_the_run_changes_nothing(
         run = anyio.run(go)
     finally:
         loop.shutdown()
-        table.write_bytes(original)  # the session's cache, for the other tests, whatever happened
     log = (ws / run["log"]).read_text()
     assert run["unsandboxed"] and run["status"] == "ok", run.get("tail")
     honest = float(re.search(r"^honest val_bpb: ([\d.]+)", log, re.M).group(1))

@@ -404,6 +404,16 @@ def test_a_run_that_reads_validation_data_before_exporting_is_caught_and_cannot_
     assert (tmp_path / "results.tsv").read_text() == "commit\tval_bpb\n"
 
 
+def test_an_unsandboxed_runs_validation_read_names_the_other_processes_that_read_the_same():
+    """Unsandboxed, the watch is on the cache's own shard, and inotify counts every process's opens:
+    the verdict says so, and what to do, where a sandboxed run's (a private copy) does not."""
+    from mcp_server.core import integrity
+    unsandboxed, _, _ = integrity.evaluation_verdict({"val_opened_before_export": 1, "sandbox": False})
+    sandboxed, _, _ = integrity.evaluation_verdict({"val_opened_before_export": 1, "sandbox": True})
+    assert sandboxed == "the training opened the validation data before its model was exported: it may have trained on it"
+    assert unsandboxed.startswith(sandboxed) and "AUTORESEARCH_CACHE" in unsandboxed and "second research run" in unsandboxed
+
+
 def test_a_placeholder_at_the_export_path_does_not_end_the_validation_watch(tmp_path, bubblewrap):
     """The watch stopped counting when a file appeared at the export path: a run planted an empty
     one, read the validation shard, took it away and exported at the end. The end of the watch is

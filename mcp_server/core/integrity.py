@@ -268,8 +268,11 @@ def evaluation_verdict(report: dict) -> tuple[str | None, float | None, str]:
     """(why the run is no result, or None; the harness's val_bpb, or None; a note for the answer)."""
     evaluation = report.get("evaluation") or {}
     if report.get("val_opened_before_export"):
+        shared = (" (unsandboxed, the harness watches the cache's own shard, and any process's open counts: a "
+                  "second research run or a script reading the same cache reads as this run; give each its own "
+                  "AUTORESEARCH_CACHE, or run sandboxed)") if report.get("sandbox") is False else ""
         return ("the training opened the validation data before its model was exported: it may have "
-                "trained on it", None, "")
+                f"trained on it{shared}", None, "")
     if evaluation.get("causal") is False or evaluation.get("problem"):
         return evaluation.get("problem") or "the exported model failed the causality check", None, ""
     if "val_bpb" in evaluation:
