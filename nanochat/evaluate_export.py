@@ -29,7 +29,9 @@ import copy
 import functools
 import itertools
 import json
+import operator
 import os
+import re
 import secrets
 import signal
 import socket
@@ -123,8 +125,7 @@ def evaluate(args, tokenizer) -> dict:
 
     started, cpu_started, faults_started = time.time(), time.process_time(), minor_faults()
     try:
-        with open(args.program, "rb") as f:
-            exported = torch.export.load(f)
+        exported = load_program(args.program)
         program = exported.module()
         shape = tuple(input_shape(exported))
     except Exception as exc:  # noqa: BLE001  (whatever the file holds, it is no program to score)
@@ -180,6 +181,113 @@ def evaluate(args, tokenizer) -> dict:
     else:
         result["causal"], result["val_bpb"] = True, val_bpb
     return result
+
+
+# What a program's archive may hold, as torch.export.save writes it for this harness (static shapes, aten
+# operators, tensors stored raw): train.py writes the file, and torch's loader runs code from it (a weight or
+# constant marked use_pickle and a legacy state dict go through torch.load without weights_only, an opaque
+# constant through pickle.loads, a symbolic size's text through sympy.sympify, guards' text as code, an
+# AOTInductor folder as a compiled library), in this process, outside the run's sandbox, where it could
+# write any result.
+ARCHIVE_FILES = re.compile(r"(models/model\.json|data/weights/weight_\d+|data/weights/model_weights_config\.json"
+                           r"|data/constants/tensor_\d+|data/constants/model_constants_config\.json"
+                           r"|data/sample_inputs/model\.pt|archive_format|archive_version|byteorder|"
+                           r"\.data/version|\.data/serialization_id)")
+PROGRAM_TARGETS = re.compile(r"torch\.ops\.aten\.[A-Za-z0-9_]+\.[A-Za-z0-9_]+|_operator\.getitem")
+
+# A symbolic size is text that sympy.sympify evaluates as Python: only arithmetic on symbols (u0, s1) and
+# sympy's and torch's functions of sizes, nothing that names any other object, an attribute or a string
+EXPRESSION_NAMES = re.compile(r"[a-z]+[0-9]+")
+EXPRESSION_CALLS = {"Symbol", "Integer", "Float", "Rational", "Max", "Min", "Abs", "Eq", "Ne", "Lt", "Le", "Gt", "Ge",
+                    "And", "Or", "Not", "FloorDiv", "ModularIndexing", "Where", "PythonMod", "Mod", "CleanDiv",
+                    "CeilToInt", "FloorToInt", "CeilDiv", "IntTrueDiv", "FloatTrueDiv", "LShift", "RShift",
+                    "IsNonOverlappingAndDenseIndicator", "TruncToFloat", "TruncToInt", "RoundToInt", "RoundDecimal",
+                    "ToFloat", "FloatPow", "PowByNatural", "Identity"}
+
+
+def plain_expression(text) -> bool:
+    """Whether a symbolic size's text is arithmetic on symbols and size functions only (plain_expression)."""
+    import ast
+    try:
+        tree = ast.parse(str(text), mode="eval")
+    except (SyntaxError, ValueError):
+        return False
+    calls = {id(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            if not (EXPRESSION_NAMES.fullmatch(node.id) or (id(node) in calls and node.id in EXPRESSION_CALLS)):
+                return False
+        elif isinstance(node, ast.Call):
+            if not isinstance(node.func, ast.Name):
+                return False
+        elif isinstance(node, ast.keyword):
+            if not (node.arg and node.arg.isalpha() and isinstance(node.value, ast.Constant)
+                    and isinstance(node.value.value, bool)):
+                return False
+        elif isinstance(node, ast.Constant):
+            if not (isinstance(node.value, (bool, int, float)) or
+                    (isinstance(node.value, str) and EXPRESSION_NAMES.fullmatch(node.value))):
+                return False
+        elif not isinstance(node, (ast.Expression, ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare, ast.operator,
+                                   ast.unaryop, ast.boolop, ast.cmpop, ast.Load)):
+            return False
+    return True
+
+
+def archive_problem(reader) -> str | None:
+    """Why the harness will not load this archive (torch's own reader: what its loader would read), or None."""
+    names = reader.get_file_names()
+    odd = sorted(name for name in names if not ARCHIVE_FILES.fullmatch(name))
+    if odd or len(set(names)) != len(names) or "models/model.json" not in names:
+        return f"files no exported program of this harness holds ({', '.join(odd[:3]) or 'names repeated or missing'})"
+    for kind in ("weights", "constants"):
+        config = json.loads(reader.read_bytes(f"data/{kind}/model_{kind}_config.json"))["config"]
+        if any(entry.get("use_pickle") is not False for entry in config.values()):
+            return f"{kind} stored as pickles (loading them would run what they hold)"
+    model = json.loads(reader.read_bytes("models/model.json"))
+    if model.get("guards_code"):
+        return "guards (code the loader runs)"
+    problems = []
+
+    def walk(item):
+        if isinstance(item, dict):
+            if "expr_str" in item and not plain_expression(item["expr_str"]):
+                problems.append(f"a symbolic size the loader would evaluate as code ({str(item['expr_str'])[:80]})")
+            if isinstance(item.get("nodes"), list):
+                problems.extend(f"an operator the harness does not run ({str(node.get('target'))[:80]})"
+                                for node in item["nodes"]
+                                if not isinstance(node, dict) or not PROGRAM_TARGETS.fullmatch(str(node.get("target"))))
+            for value in item.values():
+                walk(value)
+        elif isinstance(item, list):
+            for value in item:
+                walk(value)
+    walk(model)
+    return problems[0] if problems else None
+
+
+def load_program(path: str):
+    """The exported program in the file train.py wrote, loaded only where it holds nothing the loader
+    would run as code (archive_problem), and never through the loader's fallbacks: its tensors with
+    torch.load's weights_only always, and no legacy format. A refused archive raises ValueError."""
+    import torch
+    from torch.export.pt2_archive._package import PT2ArchiveReader, load_pt2
+    with open(path, "rb") as f:
+        problem = archive_problem(PT2ArchiveReader(f))
+        if problem:
+            raise ValueError(f"the archive holds {problem}")
+        f.seek(0)
+        load = torch.load
+        torch.load = lambda *a, weights_only=True, **k: load(*a, weights_only=True, **k)
+        try:
+            exported = load_pt2(f).exported_programs["model"]
+        finally:
+            torch.load = load
+    for node in exported.graph_module.graph.nodes:
+        if node.op == "call_function" and not (node.target is operator.getitem or (
+                isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "aten")):
+            raise ValueError(f"the program calls {node.target!r}, no operator the harness runs")
+    return exported
 
 
 def minor_faults() -> int:

@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import importlib.util
 import json
+import operator
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import anyio
@@ -130,6 +132,76 @@ def test_a_warm_evaluator_that_is_gone_leaves_the_run_a_cold_one(exported, prepa
         warm.close()
     assert result["evaluator"] == "cold" and result["causal"] is True and result["val_bpb"] > 0, result
     assert "warm evaluator did not answer" in (tmp_path / "run.log").read_text()
+
+
+# Run by the evaluator while it loads the export: its result gets the val_bpb train.py wants, all else as measured
+FORGE = ("import json\n"
+         "json.dumps = lambda o, *a, _dumps=json.dumps, **k: _dumps(dict(o, val_bpb=0.125) "
+         "if isinstance(o, dict) and 'val_bpb' in o else o, *a, **k)\n")
+
+
+class _Runs:
+    def __reduce__(self):
+        return exec, (FORGE,)
+
+
+class _Second:
+    """Unpickled as items[1], once items[0] (the code) has run."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __reduce__(self):
+        return operator.getitem, (self.items, 1)
+
+
+def rewritten(export: Path, dest: Path, how: str) -> Path:
+    """The export with code that runs as torch.export.load reads it: a weight pickled (torch.load without
+    weights_only), or a size written as an expression (sympy.sympify evaluates it)."""
+    import io
+    import torch
+    with zipfile.ZipFile(export) as src, zipfile.ZipFile(dest, "w") as out:
+        changed = {}
+        if how == "pickled weight":
+            name = next(n for n in src.namelist() if n.endswith("_weights_config.json"))
+            config = json.loads(src.read(name))
+            fqn, meta = next(iter(config["config"].items()))
+            weight = io.BytesIO()
+            torch.save(_Second([_Runs(), torch.export.load(export).state_dict[fqn]]), weight)
+            out.writestr(name.rsplit("/", 1)[0] + "/weight_pickled", weight.getvalue())
+            config["config"][fqn] = dict(meta, use_pickle=True, path_name="weight_pickled")
+            changed[name] = json.dumps(config)
+        else:
+            name = next(n for n in src.namelist() if n.endswith("/models/model.json"))
+            model = json.loads(src.read(name))
+            sizes = next(iter(model["graph_module"]["graph"]["tensor_values"].values()))["sizes"]
+            sizes[0] = {"as_expr": {"expr_str": f"(exec({FORGE!r}) or {sizes[0]['as_int']})",
+                                    "hint": {"as_int": sizes[0]["as_int"]}}}
+            changed[name] = json.dumps(model)
+        for info in src.infolist():
+            out.writestr(info, changed.get(info.filename) or src.read(info.filename))
+    shutil.copy(f"{export}.json", f"{dest}.json")
+    return dest
+
+
+@pytest.mark.parametrize("how", ["pickled weight", "sympy expression"])
+def test_an_export_whose_loading_runs_code_is_no_result(exported, prepared_env, tmp_path, how):
+    """torch.export.load runs what a pickled weight or constant holds (torch.load without weights_only)
+    and evaluates a symbolic size's text (sympy.sympify): an export written so runs train.py's code in
+    the harness's evaluator, outside the sandbox, which can write any result. Cold and warm, the
+    harness loads no such export: no result, named."""
+    harness, export = exported
+    spec = evaluation_spec(harness, prepared_env)
+    evil = rewritten(export, tmp_path / "model.pt2", how)
+    cold = evaluate(spec, evil, tmp_path / "cold.log")
+    warm = harness_eval.WarmEvaluator(spec)
+    try:
+        warm_result = evaluate(spec, evil, tmp_path / "warm.log", warm)
+    finally:
+        warm.close()
+    for result in (cold, warm_result):
+        assert result.get("val_bpb") != 0.125, result  # without the check: the forged number, "causal"
+        assert "val_bpb" not in result and "could not be loaded" in result["problem"], result
 
 
 def test_the_packaged_node_scripts_import_what_they_need_with_a_bare_python(tmp_path):
