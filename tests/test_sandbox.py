@@ -305,6 +305,41 @@ def test_a_runs_shared_memory_is_its_own_and_the_data_sources_are_hidden(bubblew
     assert (folder / "book.txt").read_text() == "text" and seed.read_text() == "seed"
 
 
+# A run's System V shared memory, through libc: shmget(key, size, flags) with IPC_CREAT (0o1000); the
+# segment holds what the run wrote and outlives its process until removed (review 38's finding)
+SYSV_SEGMENT = """import ctypes, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+key, action = int(sys.argv[1]), sys.argv[2]
+shmid = libc.shmget(key, 4096, (0o1000 | 0o600) if action == "leave" else 0)
+if shmid < 0:
+    print("segment: none")
+    sys.exit(0)
+address = libc.shmat(shmid, None, 0)
+if action == "leave":
+    ctypes.memmove(address, b"weights", 7)
+print("segment:", ctypes.string_at(address, 7).decode())
+"""
+
+
+def test_system_v_shared_memory_a_run_leaves_is_gone_with_its_sandbox(bubblewrap, tmp_path):
+    """A segment from shmget outlives the process that made it: one run could leave its weights there
+    for the next to go on training past its budget, as with /dev/shm. Each sandbox has its own IPC
+    namespace, which ends with it: the next run, and this machine, find nothing."""
+    key = 0x52000000 + os.getpid() % 0xFFFFF
+    spec = {"readonly": [str(tmp_path), sys.prefix]}
+    argv = lambda action: sandbox.wrap([sys.executable, "-c", SYSV_SEGMENT, str(key), action], spec, str(tmp_path))[0]
+    plain = [sys.executable, "-c", SYSV_SEGMENT, str(key)]
+    try:
+        left = subprocess.run(argv("leave"), capture_output=True, text=True, check=True).stdout
+        found = subprocess.run(argv("read"), capture_output=True, text=True, check=True).stdout
+        outside = subprocess.run([*plain, "read"], capture_output=True, text=True, check=True).stdout
+    finally:
+        subprocess.run(["ipcrm", "-M", str(key)], capture_output=True)  # what a sandbox without its own left
+    assert left == "segment: weights\n", left  # the run could make one, inside
+    assert found == "segment: none\n" and outside == "segment: none\n", (found, outside)
+
+
 def test_a_hidden_folder_that_holds_the_run_shows_the_run_and_what_it_reads_but_nothing_else(bubblewrap, outside_tmp):
     """A cluster's shared folder holds the run's code beside other runs' folders and submitit's job
     files (its arguments: the offline seed). Hidden, the run sees its own folder (writable) and the

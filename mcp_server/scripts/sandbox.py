@@ -110,13 +110,15 @@ def bwrap_argv(bwrap: str, command: list[str], spec: dict, cwd: str, private: di
     /etc or a tool's folder could plant code the server or the user runs later, outside the sandbox),
     with a private /tmp, home and bytecode folder, then the spec's binds in order: its read-only paths shown again
     over the private /tmp, the run's own folders writable, the harness files inside them read-only.
-    Its own process and network namespaces: a run sees no process but its own (no signal to its
-    worker or evaluator, no /proc/PID/environ of the server) and has no network but its own loopback
-    (no call to the server's HTTP transport or dashboard on 127.0.0.1); training and its harness
-    read only prepared files."""
+    Its own process, network and IPC namespaces: a run sees no process but its own (no signal to its
+    worker or evaluator, no /proc/PID/environ of the server), has no network but its own loopback
+    (no call to the server's HTTP transport or dashboard on 127.0.0.1; training and its harness
+    read only prepared files), and its System V shared memory ends with it (no weights left for the next
+    run). A run's own processes share the one sandbox, and with it what NCCL and torch's workers share
+    between processes (POSIX shared memory in /dev/shm, sockets); not yet run on a GPU."""
     # run as root, bubblewrap keeps root's capabilities unless told: the run could unmount or remount
     # what hides and guards (the data sets' sources, the read-only workspace)
-    argv = [bwrap, "--cap-drop", "ALL", "--unshare-pid", "--unshare-net", "--ro-bind", "/", "/",
+    argv = [bwrap, "--cap-drop", "ALL", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--ro-bind", "/", "/",
             "--dev-bind", "/dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
             "--dir", SANDBOX_HOME, "--setenv", "HOME", SANDBOX_HOME,
             "--setenv", "PYTHONPYCACHEPREFIX", BYTECODE_PREFIX, *(a for n in SECRET_ENV for a in ("--unsetenv", n))]
