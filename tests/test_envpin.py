@@ -489,6 +489,92 @@ def test_an_edit_through_a_hard_link_undone_after_the_evaluators_imports_makes_t
         [f"{lossmod} (compiled from other contents than its check found)"], outcome.report
 
 
+# The harness's evaluator, committed in the harness copy: it imports its loss from the copy (as the real one
+# imports nanochat/evaluation.py), says so (argv[1]), then answers once (cold) or forks a child per request (warm)
+HARNESS_EVALUATOR = """import json, os, signal, socket, sys
+sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))
+import nanochat.evaluation as evaluation
+SCALE = 1.0
+open(sys.argv[1], "w").close()
+answer = lambda out: os.write(out, json.dumps({"val_bpb": evaluation.VALUE * SCALE}).encode())
+if "--serve-fd" in sys.argv:
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    server = socket.socket(fileno=int(sys.argv[sys.argv.index("--serve-fd") + 1]))
+    while (request := socket.recv_fds(server, 4096, 5))[0]:
+        pid = os.fork()
+        if pid == 0:
+            answer(request[1][0])
+            os._exit(0)
+        [os.close(fd) for fd in request[1]]
+        server.send(json.dumps({"id": json.loads(request[0])["id"], "pid": pid}).encode())
+else:
+    sys.stdin.readline()
+    answer(int(sys.argv[sys.argv.index("--out-fd") + 1]))
+"""
+
+
+@pytest.mark.parametrize("evaluator,edited", [("warm", "nanochat/evaluation.py"), ("cold", "nanochat/evaluation.py"),
+                                              ("warm", "evaluator.py")])
+def test_a_harness_copy_edited_while_its_evaluator_imports_and_restored_makes_the_run_no_result(
+        stand_in_torch, monkeypatch, evaluator, edited):
+    """The agent kills the slot's warm evaluator, edits the harness copy's loss (or the evaluator's own
+    script) while the pool starts it again for the next run, and puts the file back once it is imported:
+    the worker's git status of the copy after the evaluation finds it clean, and the warm evaluator kept
+    the edit for every later run of the slot (found by the review: the server left the digests of the
+    harness copy's sources unchecked; the importer compiled the evaluator's script unseen). Cold alike.
+    Each run is no result, named, and the warm evaluator is thrown away."""
+    import hashlib
+    import json
+    import queue
+    import signal
+    from mcp_server.scripts import harness_eval
+    from server_support import git, wait_until
+    lab = stand_in_torch
+    (lab.ws / "evaluator.py").write_text(HARNESS_EVALUATOR)
+    (lab.ws / "nanochat" / "evaluation.py").write_text("VALUE = 1.5\n")
+    git(lab.ws, "add", ".")
+    git(lab.ws, "commit", "-qm", "the harness's evaluator")
+    git(lab.harness, "checkout", "-q", "--detach", git(lab.ws, "rev-parse", "HEAD").strip())
+    monkeypatch.setenv(harness_eval.WARM_ENV, "1" if evaluator == "warm" else "0")
+    monkeypatch.setenv("RESEARCH_LOOP_WARM_START", "0")  # no interpreter started ahead: only the evaluator is warm
+    imported = lab.folder / "evaluator-imported"
+    command = [*harness_eval.evaluator_command(sys.executable, lab.harness / "evaluator.py"), str(imported)]
+    inputs = {}  # a warm evaluator is asked only for an evaluation with both inputs
+    for name in harness_eval.WARM_FDS:
+        (lab.folder / name).write_text(name)
+        inputs[name] = {"path": str(lab.folder / name), "sha256": hashlib.sha256(name.encode()).hexdigest()}
+    outcomes = queue.Queue()
+
+    def run(n: int):
+        spec = lab.spec(n, False, None, command)
+        at = spec.worker_args.index("--evaluate") + 1
+        spec.worker_args[at] = json.dumps(dict(json.loads(spec.worker_args[at]), inputs=inputs))
+        lab.pool.start(spec, lambda r, o: outcomes.put(o))
+    if evaluator == "warm":  # a first run, scored by the slot's warm evaluator, which the agent then kills
+        lab.hold.unlink()
+        run(1)
+        first = outcomes.get(timeout=60)
+        assert first.report["evaluation"]["evaluator"] == "warm" and first.report["evaluation"]["val_bpb"] == 1.5 \
+            and "environment_changed" not in first.report, first.report
+        os.kill(lab.pool.evaluators[0].proc.pid, signal.SIGKILL)
+        lab.pool.evaluators[0].proc.wait()
+        imported.unlink()
+        lab.hold.touch()
+    target = lab.harness / edited
+    genuine = target.read_text()
+    target.write_text(genuine.replace("VALUE = 1.5", "VALUE = 0.5").replace("SCALE = 1.0", "SCALE = 1 / 3"))
+    run(2)
+    assert wait_until(imported.exists, 60)  # the evaluator (started again for this run) imported the edit
+    target.write_text(genuine)
+    lab.hold.unlink()
+    outcome = outcomes.get(timeout=60)
+    assert outcome.report["evaluation"] == dict(outcome.report["evaluation"], val_bpb=0.5, evaluator=evaluator), \
+        outcome.report  # the edit scored the run
+    assert outcome.report.get("environment_changed") == \
+        [f"{target} (compiled from other contents than the harness commit holds)"], outcome.report
+    assert 0 not in lab.pool.evaluators
+
+
 def test_a_module_planted_in_a_bytecode_folder_makes_the_run_no_result(stand_in_torch):
     """A source planted in a `__pycache__` of the environment (which neither the pins' walk nor the
     watch looks into: bytecode) and imported from there as a namespace package's module (here by

@@ -285,7 +285,7 @@ def imported_changes(imported) -> dict:
     hard link or a memory mapping, which neither inotify nor the content pin sees), or that no check
     found in the folders it walked (a module planted and removed between two checks, which the watch
     would see, where it could be made; a compiled one or bytecode without a source too, which are loaded
-    unhashed). A source outside those folders (the harness's own, which the worker checks) is left out."""
+    unhashed). A source outside those folders is left out (the harness copy's: harness_changes)."""
     if not isinstance(imported, dict):
         return {}
     found, real_folders = {}, {}
@@ -305,6 +305,32 @@ def imported_changes(imported) -> dict:
             found[path] = READ_CHANGED if path.endswith(".pth") else CHANGED
         elif known is None and _under_walked(real, path):
             found[path] = NOT_CHECKED
+    return found
+
+
+HARNESS_CHANGED = "(compiled from other contents than the harness commit holds)"
+HARNESS_NOT_HELD = "(loaded from the harness copy, but no source of the harness commit)"
+
+
+def harness_changes(imported, harness: str, sources: dict) -> dict:
+    """{source: why} for what a process reports having compiled or loaded from the harness copy (the
+    folder harness, as imported or as real path) other than the harness commit's sources ({path inside
+    it: SHA-256}, integrity.harness_sources). The worker's git status of the copy after the evaluation
+    misses an edit made and undone meanwhile, which a warm evaluator keeps for all its later runs."""
+    if not isinstance(imported, dict):
+        return {}
+    folders = tuple(dict.fromkeys(each + os.sep for each in (os.path.normpath(harness), os.path.realpath(harness))))
+    found, real_folders = {}, {}
+    for path, digest in imported.items():
+        if not isinstance(path, str):
+            continue
+        folder, name = os.path.split(os.path.normpath(path))
+        if folder not in real_folders:
+            real_folders[folder] = os.path.realpath(folder)
+        for spelling in dict.fromkeys((os.path.join(folder, name), os.path.join(real_folders[folder], name))):
+            inside = next((spelling[len(f):] for f in folders if spelling.startswith(f)), None)
+            if inside is not None and sources.get(inside) != digest:
+                found[path] = HARNESS_CHANGED if inside in sources else HARNESS_NOT_HELD
     return found
 
 

@@ -22,6 +22,9 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import git
+import gitdb.exc
+
 from mcp_server.core.models import Refusal
 from mcp_server.scripts.harness_eval import evaluation_inputs, evaluator_command, hidden_from_runs, sha256_of
 from mcp_server.core.workspace import EDITABLE, cache_dir, prepared_info
@@ -60,6 +63,25 @@ def harness_copy(ws, commit: str, fingerprint: str) -> Path:
     if current and ws.fingerprint(current) == fingerprint and ws.worktree_clean(path):
         return path
     return ws.checkout_worktree(path, commit)
+
+
+_HARNESS_SOURCES: dict = {}  # commit -> harness_sources' answer (a commit's blobs never change)
+
+
+def harness_sources(ws, commit: str | None) -> dict:
+    """{path inside the harness copy: SHA-256 (hex)} of each Python source of the harness commit: what
+    the evaluator must report having compiled from its copy (envpin.harness_changes); {} where the
+    commit cannot be read (then whatever it compiled from the copy is named)."""
+    if not commit:
+        return {}
+    if commit not in _HARNESS_SOURCES:
+        try:
+            tree = ws.repo.commit(commit).tree
+            _HARNESS_SOURCES[commit] = {blob.path: hashlib.sha256(blob.data_stream.read()).hexdigest()
+                                        for blob in tree.traverse() if blob.type == "blob" and blob.path.endswith(".py")}
+        except (ValueError, gitdb.exc.ODBError, git.GitError):
+            return {}
+    return _HARNESS_SOURCES[commit]
 
 
 def eval_tokens() -> int:

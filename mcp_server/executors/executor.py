@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mcp_server.core import envpin, envwatch
+from mcp_server.core import envpin, envwatch, integrity
 from mcp_server.core.integrity import EXPORTS_DIR
 from mcp_server.core.ledger import read_plain
 from mcp_server.executors import bytecode
@@ -340,7 +340,8 @@ class LocalPool:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
         report = believed_report(spec.report, told)
-        changed = envwatch.changes(since) + (checked_imports(spec.report, report, self.evaluators.get(slot))
+        changed = envwatch.changes(since) + (checked_imports(spec.report, report, self.evaluators.get(slot),
+                                                             self._harness_sources(spec))
                                              if report is not None else [])
         if changed:  # the slot's warm interpreter and evaluator may hold what changed: the next run starts its own
             self._drop_warm(slot)
@@ -354,6 +355,15 @@ class LocalPool:
         if report is not None and changed:
             report["environment_changed"] = changed
         on_done(spec.run, Outcome(report=report, slot=self.describe(slot), cwd=cwd))
+
+    def _harness_sources(self, spec: RunSpec) -> tuple[str, dict] | None:
+        """(the harness copy the run's evaluation compiles from, its commit's sources: integrity.harness_sources);
+        the slot's warm evaluator has the same (its key holds the evaluator's path and the commit)."""
+        evaluation = evaluation_spec(spec)
+        if not evaluation or not evaluation.get("harness"):
+            return None
+        commit = evaluation.get("harness_commit") or self.ws.worktree_head(Path(evaluation["harness"]))
+        return evaluation["harness"], integrity.harness_sources(self.ws, commit)
 
     def _drop_warm(self, slot: int) -> None:
         with self.lock:
@@ -407,17 +417,24 @@ class LocalPool:
 def interpreters(spec: RunSpec) -> list[str]:
     """The interpreters a run loads packages with: its command's and, where the harness evaluates, the
     evaluator's."""
-    found = [spec.command[0]]
-    if "--evaluate" in spec.worker_args:
-        found.append(json.loads(spec.worker_args[spec.worker_args.index("--evaluate") + 1])["argv"][0])
-    return found
+    evaluation = evaluation_spec(spec)
+    return [spec.command[0], *([evaluation["argv"][0]] if evaluation else [])]
 
 
-def checked_imports(path: Path, report: dict, warm: WarmEvaluator | None = None) -> list[str]:
+def evaluation_spec(spec: RunSpec) -> dict | None:
+    """The worker's --evaluate (harness_eval.HarnessEvaluation's spec), or None."""
+    if "--evaluate" not in spec.worker_args:
+        return None
+    return json.loads(spec.worker_args[spec.worker_args.index("--evaluate") + 1])
+
+
+def checked_imports(path: Path, report: dict, warm: WarmEvaluator | None = None,
+                    harness: tuple[str, dict] | None = None) -> list[str]:
     """The sources the run's interpreter, its evaluator and the slot's warm evaluator compiled (or read:
     the interpreter's .pth files) from other contents than the last check verified (the worker's report
-    and the warm evaluator's stream, from scripts/trusted_import.py); the report's digests are then left
-    out of it and its file (a few hundred kB a run that nothing else reads)."""
+    and the warm evaluator's stream, from scripts/trusted_import.py), and those they compiled from the
+    harness copy other than its commit's (harness: the copy and its commit's sources); the report's
+    digests are then left out of it and its file (a few hundred kB a run that nothing else reads)."""
     imported = report.pop("imported", None)
     if imported is not None:
         try:
@@ -429,7 +446,10 @@ def checked_imports(path: Path, report: dict, warm: WarmEvaluator | None = None)
         return ["(the slot's warm evaluator's digest stream held a line its importer did not write)"]
     if warm is not None:
         imported["warm evaluator"] = dict(warm.imported.digests)
-    found = {path: why for digests in imported.values() for path, why in envpin.imported_changes(digests).items()}
+    found = {}
+    for digests in imported.values():
+        found.update(envpin.imported_changes(digests))
+        found.update(envpin.harness_changes(digests, *harness) if harness else {})
     return [f"{path} {why}" for path, why in sorted(found.items())]
 
 

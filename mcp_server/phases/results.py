@@ -128,8 +128,9 @@ def _result(core: LoopCore, entry: dict, text: str, report: dict | None, slot: s
 def environment_problem(changed: list) -> str:
     named = ", ".join(map(str, changed[:SHOWN_CHANGES])) + (" ..." if len(changed) > SHOWN_CHANGES else "")
     return (f"not a result: what this run's training or evaluation loads (an environment, the Python standard "
-            f"library) changed between its check and its end ({named}), so it may have loaded what its commit does "
-            "not hold. Restore what changed (the next run names what differs from setup's pin), then rerun it")
+            f"library, the harness copy) changed between its check and its end ({named}), so it may have loaded "
+            "what its commit does not hold. Restore what changed (the next run names what differs from setup's "
+            "pin), then rerun it")
 
 
 def _measured(core: LoopCore, entry: dict, summary, report: dict, result: RunResult,

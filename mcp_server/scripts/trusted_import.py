@@ -264,10 +264,25 @@ def main() -> int:
         return 2
     stream = posix.environ.get(DIGESTS_ENV.encode())
     install(stream=int(stream) if stream else None)
-    import runpy
     sys.argv = sys.argv[1:]
-    runpy.run_path(sys.argv[0], run_name="__main__")
+    run_script(sys.argv[0])
     return 0
+
+
+def run_script(path: str) -> None:
+    """SCRIPT as __main__, compiled from the bytes whose digest is streamed first: runpy.run_path
+    compiled it unseen (the evaluator's own script, in the harness copy), from a second reading of the
+    file, and ran a .pyc written at its path."""
+    import io
+    import os
+    import types
+    path = os.path.abspath(path)  # as the server names the harness copy's files
+    with io.open_code(path) as f:
+        data = f.read()
+    _took(path, data)
+    module = sys.modules["__main__"] = types.ModuleType("__main__")
+    module.__file__ = path
+    exec(compile(data, path, "exec"), vars(module))
 
 
 if __name__ == "__main__":
