@@ -29,6 +29,7 @@ import copy
 import functools
 import itertools
 import json
+import math
 import operator
 import os
 import re
@@ -38,6 +39,7 @@ import socket
 import sys
 import time
 import traceback
+import zipfile
 from pathlib import Path
 
 HARNESS = Path(__file__).resolve().parent.parent
@@ -194,6 +196,17 @@ ARCHIVE_FILES = re.compile(r"(models/model\.json|data/weights/weight_\d+|data/we
                            r"|data/sample_inputs/model\.pt|archive_format|archive_version|byteorder|"
                            r"\.data/version|\.data/serialization_id)")
 PROGRAM_TARGETS = re.compile(r"torch\.ops\.aten\.[A-Za-z0-9_]+\.[A-Za-z0-9_]+|_operator\.getitem")
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_.]*")
+FLOAT_WORDS = {"Infinity", "-Infinity", "NaN"}
+VERSION = re.compile(r"[A-Za-z0-9_.+]+")
+MAX_PROGRAM_TEXT_BYTES = 256 * 2**20
+# The operators that multiply matrices (a convolution too: one of kernel 1 is a linear layer)
+MATRIX_PRODUCTS = {"linear", "mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "einsum", "mv", "addmv", "dot",
+                   "vdot", "outer", "ger", "inner", "tensordot", "_scaled_mm", "convolution", "_convolution", "conv1d",
+                   "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
+# An operator's text arguments the harness passes: a mode's name (parsed by the operator), or an assert's message
+MODE_ARGUMENTS = {"approximate", "rounding_mode", "reduce", "padding", "side", "indexing", "interpolation", "norm",
+                  "mode", "equation", "UPLO", "driver", "ord", "pad_mode", "padding_side", "activation", "assert_msg"}
 
 # A symbolic size is text that sympy.sympify evaluates as Python: only arithmetic on symbols (u0, s1) and
 # sympy's and torch's functions of sizes, nothing that names any other object, an attribute or a string
@@ -234,36 +247,105 @@ def plain_expression(text) -> bool:
     return True
 
 
-def archive_problem(reader) -> str | None:
-    """Why the harness will not load this archive (torch's own reader: what its loader would read), or None."""
+def archive_problem(reader, records: dict) -> str | None:
+    """Why the harness will not load this archive (torch's own reader: what its loader would read), or None.
+    records: {name inside the archive: its zip entry}."""
     names = reader.get_file_names()
     odd = sorted(name for name in names if not ARCHIVE_FILES.fullmatch(name))
     if odd or len(set(names)) != len(names) or "models/model.json" not in names:
         return f"files no exported program of this harness holds ({', '.join(odd[:3]) or 'names repeated or missing'})"
+    if any(entry.compress_type != zipfile.ZIP_STORED for entry in records.values()):
+        return "compressed files (torch.export.save stores them raw; a small archive would unpack to any size)"
+    if records["models/model.json"].file_size > MAX_PROGRAM_TEXT_BYTES:
+        return f"a program over {MAX_PROGRAM_TEXT_BYTES >> 20} MiB of text"
     for kind in ("weights", "constants"):
-        config = json.loads(reader.read_bytes(f"data/{kind}/model_{kind}_config.json"))["config"]
-        if any(entry.get("use_pickle") is not False for entry in config.values()):
-            return f"{kind} stored as pickles (loading them would run what they hold)"
+        config = json.loads(reader.read_bytes(f"data/{kind}/model_{kind}_config.json"))
+        problem = text_problem(config) or payload_problem(config["config"], kind, records)
+        if problem:
+            return problem
     model = json.loads(reader.read_bytes("models/model.json"))
     if model.get("guards_code"):
         return "guards (code the loader runs)"
-    problems = []
+    if model.get("range_constraints"):
+        return "sizes that vary (range constraints): the harness's programs have fixed shapes"
+    graph_module = model["graph_module"]
+    calls = graph_module["module_call_graph"]
+    signature = calls[0]["signature"] if calls and calls[0]["fqn"] == "" else {}
+    if (signature.get("in_spec"), signature.get("out_spec")) != program_specs() or any(
+            call["signature"] is not None for call in calls[1:]):
+        return "inputs or outputs other than one tensor in, its logits out"
+    if any(graph_module["graph"].get(key) for key in ("custom_obj_values",)) or graph_module.get(
+            "treespec_namedtuple_fields"):
+        return "objects or named tuples no program of this harness holds"
+    bad = [node.get("target") for node in graph_module["graph"]["nodes"]
+           if not PROGRAM_TARGETS.fullmatch(str(node.get("target")))]
+    if bad:
+        return f"an operator the harness does not run ({str(bad[0])[:80]})"
+    return text_problem(model)
 
-    def walk(item):
-        if isinstance(item, dict):
-            if "expr_str" in item and not plain_expression(item["expr_str"]):
-                problems.append(f"a symbolic size the loader would evaluate as code ({str(item['expr_str'])[:80]})")
-            if isinstance(item.get("nodes"), list):
-                problems.extend(f"an operator the harness does not run ({str(node.get('target'))[:80]})"
-                                for node in item["nodes"]
-                                if not isinstance(node, dict) or not PROGRAM_TARGETS.fullmatch(str(node.get("target"))))
-            for value in item.values():
-                walk(value)
-        elif isinstance(item, list):
-            for value in item:
-                walk(value)
-    walk(model)
-    return problems[0] if problems else None
+
+def program_specs() -> tuple[str, str]:
+    """The input and output specs of model(idx) -> logits, as torch writes them."""
+    import torch
+    from torch.utils._pytree import tree_structure, treespec_dumps
+    tensor = torch.zeros(1)
+    return treespec_dumps(tree_structure(((tensor,), {}))), treespec_dumps(tree_structure(tensor))
+
+
+def text_problem(item, key: str | None = None) -> str | None:
+    """Text in a program's description other than plain names: torch writes its names (inputs, values,
+    parameters, forward's arguments) into the Python source it generates for the module and runs, so a
+    name like `idx=(code)` would be code. Node metadata (stack traces, module paths) is only read as text,
+    and an operator's string argument is written quoted; the specs are compared whole (archive_problem)."""
+    if isinstance(item, dict):
+        for name, value in item.items():
+            if name in ("metadata", "in_spec", "out_spec", "as_string"):
+                continue
+            if not PLAIN_NAME.fullmatch(name):
+                return f"a name that is not a plain name ({name[:80]!r})"
+            problem = text_problem(value, name)
+            if problem:
+                return problem
+    elif isinstance(item, list):
+        return next(filter(None, (text_problem(value, key) for value in item)), None)
+    elif isinstance(item, str):
+        if key == "expr_str":
+            return None if plain_expression(item) else f"a symbolic size the loader would evaluate as code ({item[:80]})"
+        if not (PLAIN_NAME.fullmatch(item) or (key == "as_float" and item in FLOAT_WORDS)
+                or (key == "torch_version" and VERSION.fullmatch(item))):
+            return f"text where a plain name goes ({item[:80]!r})"
+    return None
+
+
+def payload_problem(config: dict, kind: str, records: dict) -> str | None:
+    """Why the tensors a config describes cannot be read as stored: pickles, or an empty record, which torch's
+    loader fills with zeros of the declared size (any size, from a few bytes of archive)."""
+    for entry in config.values():
+        if entry.get("use_pickle") is not False:
+            return f"{kind} stored as pickles (loading them would run what they hold)"
+        sizes = [size.get("as_int") for size in entry["tensor_meta"]["sizes"]]
+        if not all(isinstance(size, int) for size in sizes):
+            return f"{kind} of sizes that are not numbers"
+        record = records.get(f"data/{kind}/{entry['path_name']}")
+        if record is None or (record.file_size == 0 and math.prod(sizes) > 0):
+            return f"{kind} without their data ({entry['path_name']})"
+    return None
+
+
+def operator_problem(target) -> str | None:
+    """Why the harness will not run an operator of a loaded program: only aten's, and none that takes a
+    storage or text other than a mode's name (aten.from_file and aten.save name a file to map or write,
+    outside the run's sandbox)."""
+    import torch
+    if target is operator.getitem:
+        return None
+    if not (isinstance(target, torch._ops.OpOverload) and target.namespace == "aten"):
+        return f"the program calls {target!r}, no operator the harness runs"
+    for argument in target._schema.arguments:
+        kind = str(argument.type)
+        if "Storage" in kind or ("str" in kind and argument.name not in MODE_ARGUMENTS):
+            return f"the program calls {target!r}, whose {argument.name} ({kind}) the harness does not pass"
+    return None
 
 
 def load_program(path: str):
@@ -273,7 +355,10 @@ def load_program(path: str):
     import torch
     from torch.export.pt2_archive._package import PT2ArchiveReader, load_pt2
     with open(path, "rb") as f:
-        problem = archive_problem(PT2ArchiveReader(f))
+        with zipfile.ZipFile(f) as archive:  # the central directory: each record's size and compression
+            records = {entry.filename.split("/", 1)[-1]: entry for entry in archive.infolist()}
+        f.seek(0)
+        problem = archive_problem(PT2ArchiveReader(f), records)
         if problem:
             raise ValueError(f"the archive holds {problem}")
         f.seek(0)
@@ -284,9 +369,9 @@ def load_program(path: str):
         finally:
             torch.load = load
     for node in exported.graph_module.graph.nodes:
-        if node.op == "call_function" and not (node.target is operator.getitem or (
-                isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "aten")):
-            raise ValueError(f"the program calls {node.target!r}, no operator the harness runs")
+        problem = operator_problem(node.target) if node.op == "call_function" else None
+        if problem:
+            raise ValueError(problem)
     return exported
 
 
@@ -334,15 +419,27 @@ def rows_per_call(exported) -> int:
 
 
 def matmul_flops_per_token(exported) -> int:
-    """A floor under the model's training FLOPs per token, for the flops budget clock: 6 per weight of
-    each 2-D parameter that is not an embedding table (a lookup costs no multiplies), as train.py
-    counts them; attention's share is left out, so an honest count is never below it."""
-    import torch
-    lookups = {node.args[0].name for node in exported.graph.nodes
-               if node.op == "call_function" and node.target == torch.ops.aten.embedding.default}
-    weights = (exported.state_dict[name] for placeholder, name in
-               exported.graph_signature.inputs_to_parameters.items() if placeholder not in lookups)
-    return 6 * sum(w.numel() for w in weights if w.dim() == 2)
+    """A floor under the model's training FLOPs per token, for the flops budget clock: 6 per element of
+    each weight that reaches an operand of a matrix product other than through the input (a parameter,
+    buffer or constant, however it is stored: flat and viewed, stacked and sliced, as train.py counts
+    the weights that multiply); an embedding table, looked up by the input, costs no multiplies.
+    Attention's share is left out, so an honest count is never below it."""
+    signature = exported.graph_signature
+    state = {**signature.inputs_to_parameters, **signature.inputs_to_buffers,
+             **signature.inputs_to_lifted_tensor_constants}
+    from_input, weights, counted = set(signature.user_inputs), {}, set()
+    for node in exported.graph.nodes:  # in order: each node's inputs come before it
+        parents = node.all_input_nodes
+        if node.op == "placeholder":
+            weights[node] = {node} if node.name in state else set()
+            continue
+        if any(parent.name in from_input for parent in parents):
+            from_input.add(node.name)
+        else:  # computed from weights alone: the weights it is made of
+            weights[node] = set().union(*(weights.get(parent, set()) for parent in parents))
+        if node.op == "call_function" and getattr(node.target, "_opname", None) in MATRIX_PRODUCTS:
+            counted.update(*(weights.get(parent, set()) for parent in parents if parent.name not in from_input))
+    return 6 * sum(node.meta["val"].numel() for node in counted)
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,165 @@
+"""The harness's loader of the program train.py exports (nanochat/evaluate_export.load_program), against
+archives a reward-seeking train.py could write byte for byte (review 39): torch generates Python source
+from the names in a program's description and runs it, and some aten operators open files. Each crafted
+archive starts from a real torch.export of a small model; the end-to-end attack through the evaluator is
+tests/test_warm_start.py::test_an_export_whose_loading_runs_code_is_no_result."""
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanochat.evaluate_export import load_program, matmul_flops_per_token
+
+
+class Small(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(16, 8)
+        self.lin = torch.nn.Linear(8, 16, bias=False)
+
+    def forward(self, idx):
+        return self.lin(self.emb(idx))
+
+
+class Flat(Small):
+    """The same weights and the same product, the matrix stored flat and viewed."""
+
+    def __init__(self):
+        super().__init__()
+        self.flat = torch.nn.Parameter(self.lin.weight.detach().reshape(-1).clone())
+        del self.lin
+
+    def forward(self, idx):
+        return self.emb(idx) @ self.flat.view(16, 8).t()
+
+
+def export(model: torch.nn.Module, path: Path) -> Path:
+    torch.export.save(torch.export.export(model, (torch.zeros(2, 4, dtype=torch.long),)), str(path))
+    return path
+
+
+def rewritten(honest: Path, dest: Path, model_edit=None, compress=False, emptied=None) -> Path:
+    """honest's archive with its program description edited, its files compressed, or a weight's data emptied."""
+    with zipfile.ZipFile(honest) as src, zipfile.ZipFile(dest, "w") as out:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if model_edit and info.filename.endswith("/models/model.json"):
+                model = json.loads(data)
+                model_edit(model)
+                data = json.dumps(model).encode()
+            if emptied and info.filename.endswith(f"/data/weights/{emptied}"):
+                data = b""
+            if compress:
+                info.compress_type = zipfile.ZIP_DEFLATED
+            out.writestr(info, data)
+    return dest
+
+
+def renamed(item, old: str, new: str):
+    if isinstance(item, dict):
+        return {(new if k == old else k): renamed(v, old, new) for k, v in item.items()}
+    if isinstance(item, list):
+        return [renamed(v, old, new) for v in item]
+    return new if item == old else item
+
+
+def code_writing(marker: Path) -> str:
+    """Python that leaves marker where it runs, with no quote or dot of its own to trip a simple filter."""
+    return f"exec(bytes.fromhex({repr(f'open({str(marker)!r}, chr(119)).write(chr(120))'.encode().hex())}).decode())"
+
+
+def forward_argument(marker):  # a default value in `def forward(self, ...)`: run as .module() builds the code
+    def edit(model):
+        model["graph_module"]["module_call_graph"][0]["signature"]["forward_arg_names"] = [
+            "idx", f"k=({code_writing(marker)})"]
+    return edit
+
+
+def input_name(marker):  # a graph input's name: the deserializer's own GraphModule runs it, inside the load
+    def edit(model):
+        graph_module = model["graph_module"]
+        for key in ("graph", "signature"):
+            graph_module[key] = renamed(graph_module[key], "idx", f"idx=({code_writing(marker)})")
+    return edit
+
+
+def parameter_name(marker):  # written into getattr(self, "...") unescaped: run at each forward call
+    def edit(model):
+        graph_module = model["graph_module"]
+        graph_module["signature"] = renamed(graph_module["signature"], "lin.weight",
+                                            f'lin.X"),{code_writing(marker)},getattr(self,"lin.weight')
+    return edit
+
+
+def input_spec(marker):  # the spec's keyword names go into the generated code too
+    def edit(model):
+        signature = model["graph_module"]["module_call_graph"][0]["signature"]
+        signature["in_spec"] = signature["in_spec"].replace('"context": "[]"',
+                                                            json.dumps({"context": json.dumps([f"k=({code_writing(marker)})"])})[1:-1])
+        signature["forward_arg_names"] = []
+    return edit
+
+
+def file_mapped(victim):  # aten.from_file maps any path read-write; slice and fill_ write into it
+    def edit(model):
+        graph = model["graph_module"]["graph"]
+        meta = {"dtype": 1, "sizes": [{"as_int": 1}], "requires_grad": False, "device": {"type": "cpu", "index": None},
+                "strides": [{"as_int": 1}], "storage_offset": {"as_int": 0}, "layout": 7}
+        argument = lambda name, value, kind=1: {"name": name, "arg": value, "kind": kind}  # noqa: E731
+        graph["nodes"][:0] = [
+            {"target": "torch.ops.aten.from_file.default", "name": "mapped", "metadata": {},
+             "inputs": [argument("filename", {"as_string": str(victim)}), argument("shared", {"as_bool": True}),
+                        argument("size", {"as_int": 1}), argument("dtype", {"as_scalar_type": 1}, 2)],
+             "outputs": [{"as_tensor": {"name": "mapped"}}], "is_hop_single_tensor_return": None},
+            {"target": "torch.ops.aten.fill_.Scalar", "name": "filled", "metadata": {},
+             "inputs": [argument("self", {"as_tensor": {"name": "mapped"}}), argument("value", {"as_int": 80})],
+             "outputs": [{"as_tensor": {"name": "filled"}}], "is_hop_single_tensor_return": None}]
+        graph["tensor_values"]["mapped"] = graph["tensor_values"]["filled"] = meta
+    return edit
+
+
+def varying_size(_):  # a range constraint's name sets a loop's length in the deserializer
+    def edit(model):
+        model["range_constraints"] = {"u" + "9" * 40: {"min_val": 0, "max_val": 1}}
+    return edit
+
+
+ATTACKS = {"forward argument": forward_argument, "input name": input_name, "parameter name": parameter_name,
+           "input spec": input_spec, "operator that maps a file": file_mapped, "varying size": varying_size}
+
+
+@pytest.mark.parametrize("attack", ATTACKS)
+def test_an_archive_whose_loading_or_running_would_run_code_or_write_a_file_is_refused(tmp_path, attack):
+    marker = tmp_path / "ran"
+    evil = rewritten(export(Small(), tmp_path / "honest.pt2"), tmp_path / "evil.pt2", ATTACKS[attack](marker))
+    refusal = None
+    try:
+        program = load_program(str(evil))
+        program.module()(torch.zeros(2, 4, dtype=torch.long))
+    except Exception as exc:  # noqa: BLE001  (the refusal, or the code's own failure after it ran)
+        refusal = exc
+    assert not marker.exists(), f"the archive's code ran in the harness's loader ({attack})"
+    assert isinstance(refusal, ValueError) and str(refusal).startswith(("the archive holds", "the program calls")), \
+        refusal
+
+
+@pytest.mark.parametrize("how", ["compressed", "emptied weight"])
+def test_an_archive_that_unpacks_to_more_than_it_holds_is_refused(tmp_path, how):
+    """torch's loader inflates a compressed record, and makes an empty record zeros of its declared
+    size: a few kilobytes of archive could ask the evaluator for any memory."""
+    honest = export(Small(), tmp_path / "honest.pt2")
+    evil = rewritten(honest, tmp_path / "evil.pt2", compress=how == "compressed",
+                     emptied="weight_0" if how == "emptied weight" else None)
+    with pytest.raises(ValueError, match="compressed files|weights without their data"):
+        load_program(str(evil))
+
+
+def test_an_honest_export_loads_and_a_matrix_stored_flat_counts_in_the_flops_floor(tmp_path):
+    """The floor under the FLOPs per token a run may charge is the matrices that multiply, however they
+    are stored: a flat parameter viewed as a matrix counted nothing before, so a run could charge less
+    than its model costs and train past its budget. The embedding table, looked up, is not counted."""
+    honest = load_program(str(export(Small(), tmp_path / "honest.pt2")))
+    flat = load_program(str(export(Flat(), tmp_path / "flat.pt2")))
+    assert matmul_flops_per_token(honest) == matmul_flops_per_token(flat) == 6 * 16 * 8
