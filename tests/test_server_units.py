@@ -476,6 +476,51 @@ def test_a_harness_copy_changed_during_the_run_makes_the_evaluation_no_result(tm
     assert "was changed during the run" in report["evaluation"]["error"] and "__pycache__" in report["evaluation"]["error"]
 
 
+def test_programs_named_in_the_harness_copys_git_never_run_in_the_worker_nor_speak_on_its_socket(tmp_path,
+                                                                                                  monkeypatch):
+    """Review 39b: the worker's check of the harness copy ran `git ls-files` there, whose index read runs
+    the core.fsmonitor that .git/config names (the agent's to write), and `git status`, which runs the
+    clean filter an attribute names. Such a program ran outside the sandbox with the worker's stdin, the
+    server's socket, and wrote a report digest of its own there, which the server believed. Now neither
+    runs, and no child of the worker holds the socket: the digest the server reads is its report's."""
+    import hashlib
+    from mcp_server.executors import executor
+    from mcp_server.scripts import harness_eval
+    monkeypatch.chdir(tmp_path)
+    harness = clean_harness(tmp_path)
+    ran = tmp_path / "agent-program-ran"
+    fsmonitor, clean = tmp_path / "fsmonitor.sh", tmp_path / "clean.sh"
+    fsmonitor.write_text(f"#!/bin/sh\necho fsmonitor >> {ran}\nprintf 'report-sha256 {'f' * 64}\\nX' >&0\nexit 1\n")
+    clean.write_text(f"#!/bin/sh\necho clean >> {ran}\nprintf 'report-sha256 {'f' * 64}\\nX' >&0\ncat\n")
+    for program in (fsmonitor, clean):
+        program.chmod(0o755)
+    subprocess.run(["git", "-C", str(harness), "config", "core.fsmonitor", str(fsmonitor)], check=True)
+    subprocess.run(["git", "-C", str(harness), "config", "filter.agent.clean", str(clean)], check=True)
+    (harness / ".git" / "info" / "attributes").write_text("* filter=agent\n")
+    os.utime(harness / "prepare.py", (1e9, 1e9))  # stat-dirty: status would hash it through the filter
+    evaluate = {"argv": [sys.executable, "-c", FAKE_EVALUATOR], "env": dict(os.environ), "timeout": 20,
+                "harness": str(harness), "harness_commit": None}
+    report = tmp_path / "report.json"
+    worker = executor.with_socket_stdin(
+        [sys.executable, str(WORKER), "--log", str(tmp_path / "run.log"), "--report", str(report), "--watch-stdin",
+         "--timeout", "30", "--export", str(tmp_path / "model.pt2"), "--evaluate", json.dumps(evaluate), "--",
+         sys.executable, "-c", EXPORT_THEN_WAIT.format(repo=str(REPO), before_answer="")])
+    try:
+        assert worker.wait(timeout=60) == 0
+        told = executor.told_digest(worker)
+    finally:
+        worker.stdin.close()
+    assert not ran.exists(), f"the agent's programs ran in the worker's git: {ran.read_text()}"
+    assert told == hashlib.sha256(report.read_bytes()).hexdigest()
+    assert executor.believed_report(report, told)["evaluation"]["val_bpb"] == 1.5
+    # the check compares the files themselves: an edit that an index flag hides from git is found
+    subprocess.run(["git", "-c", "core.fsmonitor=false", "-C", str(harness), "update-index", "--assume-unchanged",
+                    "prepare.py"], check=True)
+    (harness / "prepare.py").write_text("# the harness, edited\n")
+    assert "prepare.py" in str(harness_eval.harness_problem(str(harness), None))
+    assert not ran.exists()
+
+
 def handoff_run(tmp_path, before_answer="", eval_seconds=0.0, timeout=30):
     evaluate = {"argv": [sys.executable, "-c", FAKE_EVALUATOR], "env": dict(os.environ, EVAL_SECONDS=str(eval_seconds)),
                 "timeout": 20, "harness": str(clean_harness(tmp_path)), "harness_commit": None}
