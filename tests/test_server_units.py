@@ -521,6 +521,34 @@ def test_programs_named_in_the_harness_copys_git_never_run_in_the_worker_nor_spe
     assert not ran.exists()
 
 
+@pytest.mark.parametrize("failure", ["a note nested past json's depth", "a result that is not an object"])
+def test_a_failure_after_the_evaluation_skips_neither_the_answer_nor_the_harness_check(tmp_path, monkeypatch, failure):
+    """Review 39b: the export's note (model.pt2.json, written by the run) nested deeper than json's
+    parser goes raised RecursionError after the evaluation's number was set: train.py got no answer
+    and the harness check never ran, while the number stood. Whatever fails after the evaluation, the
+    result is an error and the check runs: here it finds bytecode the run planted in the harness copy."""
+    monkeypatch.chdir(tmp_path)
+    plant = "os.makedirs({d!r}, exist_ok=True); open({f!r}, 'wb').write(b'planted')".format(
+        d=str(tmp_path / "harness" / "__pycache__"), f=str(tmp_path / "harness" / "__pycache__" / "prepare.cpython-311.pyc"))
+    code = EXPORT_THEN_WAIT.format(repo=str(REPO), before_answer=plant).replace(
+        "handed = answer.harness_answer()",  # it waits 10 s at most, then prints a number of its own
+        "deadline = time.time() + 10\nwhile not os.path.exists(os.environ['RESEARCH_LOOP_ANSWER']) and time.time() < deadline:"
+        "\n    time.sleep(0.05)\nhanded = answer.harness_answer() if time.time() < deadline else {'val_bpb': 0.5}").replace(
+        "handed['val_bpb']", "handed.get('val_bpb', 0.5)")
+    evaluator = FAKE_EVALUATOR
+    if failure.startswith("a note"):
+        code = code.replace("write('{}')", "write('[' * 4096)")
+    else:
+        evaluator = evaluator.replace("json.dumps({'val_bpb': 1.5, 'causal': True})", "json.dumps([1.5])")
+    evaluate = {"argv": [sys.executable, "-c", evaluator], "env": dict(os.environ), "timeout": 20,
+                "harness": str(clean_harness(tmp_path)), "harness_commit": None}
+    report, log = run_worker(tmp_path, code, "--timeout", "30", "--export", str(tmp_path / "model.pt2"),
+                             "--evaluate", json.dumps(evaluate))
+    assert "val_bpb" not in report.get("evaluation", {}), report
+    assert "was changed during the run" in report["evaluation"]["error"], report
+    assert re.search(r"^harness evaluation: \{.*\} \(waited", log, re.M), log  # train.py had its answer
+
+
 def handoff_run(tmp_path, before_answer="", eval_seconds=0.0, timeout=30):
     evaluate = {"argv": [sys.executable, "-c", FAKE_EVALUATOR], "env": dict(os.environ, EVAL_SECONDS=str(eval_seconds)),
                 "timeout": 20, "harness": str(clean_harness(tmp_path)), "harness_commit": None}

@@ -259,23 +259,21 @@ class HarnessEvaluation:
     def _evaluate(self, watch) -> None:
         try:
             try:
-                copy_regular_file(self.export, self.program)
-                seal(self.program)
-            except OSError as exc:
-                self.result = {"problem": f"the exported model could not be read: {exc}"}
-            if watch is not None:
-                watch.mark_exported()
-            self.result = self._outcome()
-            self.result["wall_seconds"] = round(time.monotonic() - self.started_at, 2)
-            self.result.setdefault("export_seconds", export_seconds(self.export))
-            self._hand_back({k: self.result[k] for k in ("val_bpb", "error", "problem") if k in self.result})
+                self._evaluate_export(watch)
+            except Exception as exc:  # noqa: BLE001 - whatever failed, the number is none and the check still runs
+                self.result = {"error": f"the harness evaluation failed: {exc!r}"[:500],
+                               "wall_seconds": round(time.monotonic() - self.started_at, 2)}
+                self._hand_back({"error": self.result["error"]})
             # After the answer, while train.py prints its summary: the harness the evaluator ran
             # from must be its commit, with nothing added (a planted module or bytecode) or hidden.
-            problem = (manifest_problem(self.spec["harness"], self.spec["harness_manifest"])
-                       if "harness_manifest" in self.spec else
-                       harness_problem(self.spec["harness"], self.spec.get("harness_commit")))
+            try:
+                problem = (manifest_problem(self.spec["harness"], self.spec["harness_manifest"])
+                           if "harness_manifest" in self.spec else
+                           harness_problem(self.spec["harness"], self.spec.get("harness_commit")))
+            except Exception as exc:  # noqa: BLE001
+                problem = f"the harness copy could not be checked: {exc!r}"
             if problem:
-                self.result = {"error": problem, "wall_seconds": self.result["wall_seconds"]}
+                self.result = {"error": problem, "wall_seconds": (self.result or {}).get("wall_seconds")}
         finally:
             if self.proc is not None:  # its interpreter's exit, after the answer
                 try:
@@ -285,6 +283,20 @@ class HarnessEvaluation:
                     self.proc.wait()
             self._take_digests()
             self.finished_at = time.monotonic()
+
+    def _evaluate_export(self, watch) -> None:
+        """The copy, the evaluation and the answer for train.py; the harness check follows it whatever happens here."""
+        try:
+            copy_regular_file(self.export, self.program)
+            seal(self.program)
+        except OSError as exc:
+            self.result = {"problem": f"the exported model could not be read: {exc}"}
+        if watch is not None:
+            watch.mark_exported()
+        self.result = self._outcome()
+        self.result["wall_seconds"] = round(time.monotonic() - self.started_at, 2)
+        self.result.setdefault("export_seconds", export_seconds(self.export))
+        self._hand_back({k: self.result[k] for k in ("val_bpb", "error", "problem") if k in self.result})
 
     def _take_digests(self) -> None:
         """The cold evaluator's digests, read from its stream until it exited, into the result (a line
@@ -476,10 +488,10 @@ def on_this_device(spec: dict, env: dict) -> dict:
 
 def export_seconds(export: Path) -> float | None:
     """How long export.py took, as it noted beside the program (for the answer's note only)."""
-    try:
-        with open(str(export) + ".json", "rb") as f:
+    try:  # the run wrote it: not a FIFO's wait, and json nested past the parser's depth is no note either
+        with os.fdopen(os.open(str(export) + ".json", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb") as f:
             seconds = json.loads(f.read(4096)).get("export_seconds")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return None
     return seconds if isinstance(seconds, (int, float)) else None
 
