@@ -577,6 +577,24 @@ def test_an_export_larger_than_any_model_is_a_crash_not_a_copy(tmp_path, monkeyp
     assert number is None and "over 16 GiB, more than a real export of the model can be" in str(problem), report
 
 
+def test_a_sparse_export_is_refused_before_the_harness_copies_it_into_memory(tmp_path, monkeypatch):
+    """Review 39b: the harness copies the export into a memfd (the worker's memory) before any check of
+    its content; a sparse file under the 16 GiB cap costs the run no disk and the worker as much RAM
+    (per slot). A file that is mostly holes is refused before the copy, and the run is no result."""
+    from mcp_server.core import integrity
+    monkeypatch.chdir(tmp_path)
+    evaluate = {"argv": [sys.executable, "-c", FAKE_EVALUATOR], "env": dict(os.environ), "timeout": 20,
+                "harness": str(clean_harness(tmp_path)), "harness_commit": None}
+    code = EXPORT_THEN_WAIT.format(repo=str(REPO), before_answer="").replace(
+        "open(path, 'w').write('model')", "f = open(path, 'w'); f.write('model'); f.truncate(256 << 20); f.close()").replace(
+        "handed['val_bpb']", "handed.get('val_bpb', 0.5)")  # and it prints a number of its own
+    report, log = run_worker(tmp_path, code, "--timeout", "30", "--export", str(tmp_path / "model.pt2"),
+                             "--evaluate", json.dumps(evaluate))
+    assert os.stat(tmp_path / "model.pt2").st_blocks * 512 < 1 << 20  # no disk taken
+    problem, number, _ = integrity.evaluation_verdict(report)
+    assert number is None and "is a sparse file" in str(problem) and "MiB are holes" in str(problem), report
+
+
 def test_harness_inputs_swapped_after_setup_make_the_run_no_result(tmp_path, monkeypatch):
     """The agent swaps the tokenizer (or its byte table, or the validation shard, same size) after
     setup: each run is checked against what setup pinned, never against a hash taken as it starts."""

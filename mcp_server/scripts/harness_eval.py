@@ -16,6 +16,7 @@ Standard library only, beside worker.py wherever it runs (cluster.package ships 
 """
 from __future__ import annotations  # a node's Python may be older than 3.10
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -47,6 +48,9 @@ COPY_SEALS = sum(getattr(fcntl, name, 0) for name in ("F_SEAL_WRITE", "F_SEAL_SH
 # the h100 profile's model and more than one GPU can train in a run (weights, gradients and Adam's
 # moments alone take 64 GB); anything larger is padding (a sparse file would fill this disk).
 MAX_EXPORT_BYTES = 16 * 2**30
+# ...and it copies it into memory (a sealed memfd): an export with more than this in holes (a sparse
+# file, which takes the run no disk) is refused before the copy, which would cost the worker as much RAM
+SPARSE_SLACK_BYTES = 64 * 2**20
 # The evaluator's interpreter: isolated (-I: no PYTHON* variables, no user site, no script folder on the
 # path), without site (-S: no .pth file or sitecustomize runs), writing no bytecode (-B) and reading none
 # either: its bytecode folder is under a device, where nothing can be created, so it compiles every module
@@ -158,23 +162,60 @@ def socket_channel() -> tuple[int, int]:
 
 def copy_regular_file(path: Path, into) -> None:
     """path's bytes into the open file `into` (from its start): only a plain file, opened without
-    following a link and without waiting (a FIFO planted there would block)."""
+    following a link and without waiting (a FIFO planted there would block), at most
+    MAX_EXPORT_BYTES, not sparse (the copy is the worker's memory, a hole is no disk of the run's),
+    and no more than it held when checked."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        found = os.fstat(fd)
+        if not stat.S_ISREG(found.st_mode):
             raise OSError(f"{path} is not a plain file")
+        if found.st_size > MAX_EXPORT_BYTES:
+            raise OSError(f"{path} is over {MAX_EXPORT_BYTES >> 30} GiB, more than a real export of the "
+                          "model can be: that is padding, not a model")
+        holes = hole_bytes(fd, found)
+        if holes > SPARSE_SLACK_BYTES:
+            raise OSError(f"{path} is a sparse file (at least {holes >> 20} MiB of its {found.st_size >> 20} MiB are holes, "
+                          "on no disk): the harness copies the export into memory, and a model's export is written "
+                          "whole (torch.export.save); export the model as export.py does")
         into.seek(0)
         into.truncate()
-        while True:  # bounded while it copies too: a file that grows on is cut off at the cap
+        while True:  # bounded while it copies too: a file that grows after the checks is refused
             chunk = f.read(COPY_CHUNK)
-            if into.tell() + len(chunk) > MAX_EXPORT_BYTES or os.fstat(fd).st_size > MAX_EXPORT_BYTES:
-                raise OSError(f"{path} is over {MAX_EXPORT_BYTES >> 30} GiB, more than a real export of the "
-                              "model can be: that is padding, not a model")
+            if into.tell() + len(chunk) > found.st_size:
+                raise OSError(f"{path} grew while the harness copied it: the export is complete before its "
+                              "note (.json) is written, and is not written to afterwards")
             if not chunk:
                 break
             into.write(chunk)
         into.flush()
         into.seek(0)
+
+
+def hole_bytes(fd: int, found: os.stat_result) -> int:
+    """How many of a file's bytes are holes (none stored on disk), counted only as far as needed to
+    tell more than SPARSE_SLACK_BYTES: where its blocks cover it, none; else by SEEK_DATA/SEEK_HOLE
+    (a filesystem that has not yet allocated what was just written, ZFS, reports it as data); where
+    those are missing, what its blocks leave uncovered."""
+    uncovered = found.st_size - found.st_blocks * 512
+    if uncovered <= SPARSE_SLACK_BYTES:
+        return 0
+    holes, offset = 0, 0
+    try:
+        while offset < found.st_size and holes <= SPARSE_SLACK_BYTES:
+            try:
+                data = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise
+                return holes + found.st_size - offset  # holes to its end
+            holes += data - offset
+            offset = os.lseek(fd, data, os.SEEK_HOLE)
+    except (OSError, AttributeError):  # no SEEK_DATA here: the blocks say it
+        return uncovered
+    finally:
+        os.lseek(fd, 0, os.SEEK_SET)
+    return holes
 
 
 class HarnessEvaluation:
