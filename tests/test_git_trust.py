@@ -129,6 +129,33 @@ def test_the_cluster_code_folder_is_made_afresh_whatever_was_left_at_its_path(la
     assert (planted / "sitecustomize.py").exists() and not (planted / "train.py").exists()
 
 
+def test_a_fifo_at_the_attributes_file_hangs_no_git_call_of_the_server(lab):
+    """Review 39b: the server reads $GIT_DIR/info/attributes before each of its git calls (to keep its
+    neutral line last); a FIFO the agent planted there blocked that read, and every tool with it. It is
+    read without waiting (a FIFO holds no lines) and replaced by the plain file with the neutral line."""
+    import os
+    import threading
+    lab.baseline()
+    path = lab.ws / ".git" / "info" / "attributes"
+    path.unlink()
+    os.mkfifo(path)
+    box = {}
+    set_knobs(lab.ws, VAL_BPB=0.9)
+    caller = threading.Thread(target=lambda: box.update(run=lab.ok("run_experiment", description="after the fifo")),
+                              daemon=True)
+    caller.start()
+    caller.join(60)
+    try:
+        assert not caller.is_alive(), "a FIFO at .git/info/attributes hung the server's git"
+    finally:
+        try:  # unblock a hung reader: open the other end
+            os.close(os.open(path, os.O_RDWR | os.O_NONBLOCK))
+        except OSError:
+            pass
+    assert box["run"]["status"] == "ok"
+    assert path.is_file() and path.read_text().splitlines()[-1] == NEUTRAL_ATTRIBUTES
+
+
 def test_an_attributes_file_the_server_cannot_write_is_a_clear_refusal(lab):
     lab.baseline()
     (lab.ws / ".git" / "info" / "attributes").unlink()

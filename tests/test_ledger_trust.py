@@ -13,7 +13,7 @@ import time
 import pytest
 
 from mcp_server.core.state import records_dir
-from server_support import Lab, error, git, ledger_lines, make_workspace, set_knobs, wait_until
+from server_support import Lab, answer, error, git, ledger_lines, make_workspace, set_knobs, wait_until
 
 HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
 
@@ -411,6 +411,60 @@ def test_the_workers_final_report_rewritten_before_the_server_reads_it_is_no_res
     assert forged, "the forger never saw the final report"
     assert run["status"] == "crash" and "was changed after the run's worker wrote it" in run["tail"], run
     assert json.loads((runs / (forged[0] + ".changed")).read_text())["device"] == "FORGED"  # kept beside, not believed
+
+
+def test_a_workers_report_nested_past_the_parsers_depth_loses_no_run_and_no_slot(lab):
+    """Review 39b: the server reads a run's report while it trains (has it trained?). The agent rewrites
+    it as JSON nested deeper than the parser goes: RecursionError killed the run's waiting thread, the
+    run was never recorded and its slot stayed busy for good. It reads as no report, and the run ends
+    as any other."""
+    lab.baseline()
+    runs = lab.ws / "runs"
+    before, nested = set(runs.glob("*.report.json")), []
+
+    def nester():
+        deadline = time.monotonic() + 30
+        while not nested and time.monotonic() < deadline:
+            for path in set(runs.glob("*.report.json")) - before:
+                try:
+                    running = "running" in json.loads(path.read_text())
+                except (OSError, ValueError):
+                    continue
+                if running:
+                    tmp = path.with_name(path.name + ".nested")
+                    tmp.write_text("[" * 100000)
+                    os.replace(tmp, path)
+                    nested.append(path.name)
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=nester, daemon=True)
+    thread.start()
+    set_knobs(lab.ws, VAL_BPB=0.9, SLEEP=3)
+    alive, box = call_within(lab, 60, "run_experiment", description="idea")
+    thread.join(5)
+    assert nested, "the run's report was never seen while it trained"
+    assert not alive, "a nested report left the run's thread dead and the tool waiting"
+    assert answer(box["answer"])["val_bpb"] == 0.9
+    lab.ok("discard")
+    set_knobs(lab.ws, VAL_BPB=0.95)
+    assert lab.ok("run_experiment", description="the slot is free")["val_bpb"] == 0.95
+
+
+def test_a_state_file_nested_past_the_parsers_depth_is_set_right_or_refused_clearly(lab):
+    """Review 39b: state.json rewritten as JSON nested deeper than the parser goes raised RecursionError
+    out of every tool call. The owning server puts its own copy back (and tells), another reader
+    refuses with the file and what to do."""
+    from mcp_server.core.models import Refusal
+    from mcp_server.core.state import State
+    lab.baseline()
+    state = lab.ws / ".research-loop" / "state.json"
+    state.write_text("[" * 100000)
+    status = lab.ok("status")
+    assert_told(status, "state.json")
+    assert status["best_val_bpb"] == 1.0 and isinstance(json.loads(state.read_text()), dict)
+    state.write_text("[" * 100000)
+    with pytest.raises(Refusal, match=r"state.json is not valid JSON .*move it away and call setup\(tag\)"):
+        State(lab.ws).load()  # a server that does not own the workspace reads the file as it is
 
 
 def test_a_fifo_in_place_of_a_workers_report_is_read_at_once_and_not_believed(tmp_path):

@@ -476,6 +476,79 @@ def test_a_harness_copy_changed_during_the_run_makes_the_evaluation_no_result(tm
     assert "was changed during the run" in report["evaluation"]["error"] and "__pycache__" in report["evaluation"]["error"]
 
 
+def test_programs_named_in_the_harness_copys_git_never_run_in_the_worker_nor_speak_on_its_socket(tmp_path,
+                                                                                                  monkeypatch):
+    """Review 39b: the worker's check of the harness copy ran `git ls-files` there, whose index read runs
+    the core.fsmonitor that .git/config names (the agent's to write), and `git status`, which runs the
+    clean filter an attribute names. Such a program ran outside the sandbox with the worker's stdin, the
+    server's socket, and wrote a report digest of its own there, which the server believed. Now neither
+    runs, and no child of the worker holds the socket: the digest the server reads is its report's."""
+    import hashlib
+    from mcp_server.executors import executor
+    from mcp_server.scripts import harness_eval
+    monkeypatch.chdir(tmp_path)
+    harness = clean_harness(tmp_path)
+    ran = tmp_path / "agent-program-ran"
+    fsmonitor, clean = tmp_path / "fsmonitor.sh", tmp_path / "clean.sh"
+    fsmonitor.write_text(f"#!/bin/sh\necho fsmonitor >> {ran}\nprintf 'report-sha256 {'f' * 64}\\nX' >&0\nexit 1\n")
+    clean.write_text(f"#!/bin/sh\necho clean >> {ran}\nprintf 'report-sha256 {'f' * 64}\\nX' >&0\ncat\n")
+    for program in (fsmonitor, clean):
+        program.chmod(0o755)
+    subprocess.run(["git", "-C", str(harness), "config", "core.fsmonitor", str(fsmonitor)], check=True)
+    subprocess.run(["git", "-C", str(harness), "config", "filter.agent.clean", str(clean)], check=True)
+    (harness / ".git" / "info" / "attributes").write_text("* filter=agent\n")
+    os.utime(harness / "prepare.py", (1e9, 1e9))  # stat-dirty: status would hash it through the filter
+    evaluate = {"argv": [sys.executable, "-c", FAKE_EVALUATOR], "env": dict(os.environ), "timeout": 20,
+                "harness": str(harness), "harness_commit": None}
+    report = tmp_path / "report.json"
+    worker = executor.with_socket_stdin(
+        [sys.executable, str(WORKER), "--log", str(tmp_path / "run.log"), "--report", str(report), "--watch-stdin",
+         "--timeout", "30", "--export", str(tmp_path / "model.pt2"), "--evaluate", json.dumps(evaluate), "--",
+         sys.executable, "-c", EXPORT_THEN_WAIT.format(repo=str(REPO), before_answer="")])
+    try:
+        assert worker.wait(timeout=60) == 0
+        told = executor.told_digest(worker)
+    finally:
+        worker.stdin.close()
+    assert not ran.exists(), f"the agent's programs ran in the worker's git: {ran.read_text()}"
+    assert told == hashlib.sha256(report.read_bytes()).hexdigest()
+    assert executor.believed_report(report, told)["evaluation"]["val_bpb"] == 1.5
+    # the check compares the files themselves: an edit that an index flag hides from git is found
+    subprocess.run(["git", "-c", "core.fsmonitor=false", "-C", str(harness), "update-index", "--assume-unchanged",
+                    "prepare.py"], check=True)
+    (harness / "prepare.py").write_text("# the harness, edited\n")
+    assert "prepare.py" in str(harness_eval.harness_problem(str(harness), None))
+    assert not ran.exists()
+
+
+@pytest.mark.parametrize("failure", ["a note nested past json's depth", "a result that is not an object"])
+def test_a_failure_after_the_evaluation_skips_neither_the_answer_nor_the_harness_check(tmp_path, monkeypatch, failure):
+    """Review 39b: the export's note (model.pt2.json, written by the run) nested deeper than json's
+    parser goes raised RecursionError after the evaluation's number was set: train.py got no answer
+    and the harness check never ran, while the number stood. Whatever fails after the evaluation, the
+    result is an error and the check runs: here it finds bytecode the run planted in the harness copy."""
+    monkeypatch.chdir(tmp_path)
+    plant = "os.makedirs({d!r}, exist_ok=True); open({f!r}, 'wb').write(b'planted')".format(
+        d=str(tmp_path / "harness" / "__pycache__"), f=str(tmp_path / "harness" / "__pycache__" / "prepare.cpython-311.pyc"))
+    code = EXPORT_THEN_WAIT.format(repo=str(REPO), before_answer=plant).replace(
+        "handed = answer.harness_answer()",  # it waits 10 s at most, then prints a number of its own
+        "deadline = time.time() + 10\nwhile not os.path.exists(os.environ['RESEARCH_LOOP_ANSWER']) and time.time() < deadline:"
+        "\n    time.sleep(0.05)\nhanded = answer.harness_answer() if time.time() < deadline else {'val_bpb': 0.5}").replace(
+        "handed['val_bpb']", "handed.get('val_bpb', 0.5)")
+    evaluator = FAKE_EVALUATOR
+    if failure.startswith("a note"):
+        code = code.replace("write('{}')", "write('[' * 4096)")
+    else:
+        evaluator = evaluator.replace("json.dumps({'val_bpb': 1.5, 'causal': True})", "json.dumps([1.5])")
+    evaluate = {"argv": [sys.executable, "-c", evaluator], "env": dict(os.environ), "timeout": 20,
+                "harness": str(clean_harness(tmp_path)), "harness_commit": None}
+    report, log = run_worker(tmp_path, code, "--timeout", "30", "--export", str(tmp_path / "model.pt2"),
+                             "--evaluate", json.dumps(evaluate))
+    assert "val_bpb" not in report.get("evaluation", {}), report
+    assert "was changed during the run" in report["evaluation"]["error"], report
+    assert re.search(r"^harness evaluation: \{.*\} \(waited", log, re.M), log  # train.py had its answer
+
+
 def handoff_run(tmp_path, before_answer="", eval_seconds=0.0, timeout=30):
     evaluate = {"argv": [sys.executable, "-c", FAKE_EVALUATOR], "env": dict(os.environ, EVAL_SECONDS=str(eval_seconds)),
                 "timeout": 20, "harness": str(clean_harness(tmp_path)), "harness_commit": None}
@@ -502,6 +575,24 @@ def test_an_export_larger_than_any_model_is_a_crash_not_a_copy(tmp_path, monkeyp
     assert (tmp_path / "model.pt2").stat().st_size == 50 << 30 and time.monotonic() - started < 20
     problem, number, _ = integrity.evaluation_verdict(report)
     assert number is None and "over 16 GiB, more than a real export of the model can be" in str(problem), report
+
+
+def test_a_sparse_export_is_refused_before_the_harness_copies_it_into_memory(tmp_path, monkeypatch):
+    """Review 39b: the harness copies the export into a memfd (the worker's memory) before any check of
+    its content; a sparse file under the 16 GiB cap costs the run no disk and the worker as much RAM
+    (per slot). A file that is mostly holes is refused before the copy, and the run is no result."""
+    from mcp_server.core import integrity
+    monkeypatch.chdir(tmp_path)
+    evaluate = {"argv": [sys.executable, "-c", FAKE_EVALUATOR], "env": dict(os.environ), "timeout": 20,
+                "harness": str(clean_harness(tmp_path)), "harness_commit": None}
+    code = EXPORT_THEN_WAIT.format(repo=str(REPO), before_answer="").replace(
+        "open(path, 'w').write('model')", "f = open(path, 'w'); f.write('model'); f.truncate(256 << 20); f.close()").replace(
+        "handed['val_bpb']", "handed.get('val_bpb', 0.5)")  # and it prints a number of its own
+    report, log = run_worker(tmp_path, code, "--timeout", "30", "--export", str(tmp_path / "model.pt2"),
+                             "--evaluate", json.dumps(evaluate))
+    assert os.stat(tmp_path / "model.pt2").st_blocks * 512 < 1 << 20  # no disk taken
+    problem, number, _ = integrity.evaluation_verdict(report)
+    assert number is None and "is a sparse file" in str(problem) and "MiB are holes" in str(problem), report
 
 
 def test_harness_inputs_swapped_after_setup_make_the_run_no_result(tmp_path, monkeypatch):

@@ -330,6 +330,24 @@ def test_records_the_server_did_not_write_are_not_tracked(lab, mlflow_server):
     assert tracker.untracked == {worse.stem, better.stem, f"0009-{forged['run']['commit'][:7]}", "0010-abcdef0"}
 
 
+def test_a_log_replaced_by_a_symbolic_link_uploads_nothing_it_points_to(lab, mlflow_server, tmp_path):
+    """Review 39b: tracking uploaded whatever the run's log (in runs/, the agent's) pointed to: a symbolic
+    link put in its place, to ~/.netrc or the offline seed, sent that file to the tracking server. Only
+    a plain file at that path is uploaded; otherwise a tag says why not."""
+    secret = tmp_path / "netrc"
+    secret.write_text("machine api.example.com login me password SECRET\n")
+    lab.baseline()
+    log = next((lab.ws / "runs").glob("0001-*.log"))
+    log.unlink()
+    log.symlink_to(secret)
+    assert tracking.Tracker(lab.ws, mlflow_server.url).sync() == 1
+    client = MlflowClient(mlflow_server.url)
+    run = tracked(client, lab.ws)["baseline"]
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"train.py.diff", "record.json"}
+    assert run.data.tags["log_note"] == f"runs/{log.name} was not uploaded: it is a symbolic link, not the log the worker wrote"
+    assert "SECRET" not in json.dumps(run.to_dictionary())
+
+
 def test_only_the_owning_server_tracks(lab, mlflow_server):
     night(lab)
     assert tracking.Tracker(lab.ws, mlflow_server.url, owned=lambda: False).sync() == 0

@@ -173,6 +173,23 @@ def test_a_list_of_written_runs_or_notes_the_agent_plants_keep_no_run_out_of_wan
     assert by_stage(lab.ws) == NIGHT_STAGES
 
 
+def test_a_log_replaced_by_a_symbolic_link_is_not_copied_into_wandb(lab, offline, tmp_path):
+    """Review 39b: the W&B tracker copied whatever the run's log pointed to into the run's files (which
+    `wandb sync` uploads): a symbolic link in its place, to ~/.netrc say. Only a plain file is copied;
+    otherwise the summary says why not."""
+    secret = tmp_path / "netrc"
+    secret.write_text("machine api.wandb.ai login me password SECRET\n")
+    lab.baseline()
+    log = next((lab.ws / "runs").glob("0001-*.log"))
+    log.unlink()
+    log.symlink_to(secret)
+    assert wandb_tracking.tracker(lab.ws).sync() == 1
+    baseline = offline_runs(runs_dir(lab.ws))["baseline"]
+    assert baseline.files == {"train.py.diff", "record.json"}
+    assert baseline.summary["log_note"] == f"runs/{log.name} was not uploaded: it is a symbolic link, not the log the worker wrote"
+    assert not any(b"SECRET" in path.read_bytes() for path in baseline.folder.rglob("*") if path.is_file())
+
+
 def test_a_broken_wandb_costs_no_tool_call_and_catches_up(lab, offline):
     runs_dir(lab.ws).parent.mkdir(exist_ok=True)
     runs_dir(lab.ws).write_text("in the way")  # W&B's folder cannot be made: every pass fails

@@ -115,7 +115,7 @@ def adopt(runs_dir: Path, state: dict) -> int:
         try:
             raw = limits.read_record(path)
             json.loads(raw)
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             continue
         vouch(state, path.name, raw)
     return len(state[DIGESTS])

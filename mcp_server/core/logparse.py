@@ -3,6 +3,7 @@
 The format is upstream autoresearch's: progress lines overwrite each other with '\r',
 then a newline and a block starting with '---' holding `key: value` lines.
 """
+import errno
 import math
 import os
 import re
@@ -113,6 +114,28 @@ def read_bytes(path) -> bytes:
         return b""
     with f:
         return f.read(MAX_TEXT_BYTES)
+
+
+def read_for_upload(path) -> tuple[bytes | None, str | None]:
+    """A run's log as tracking uploads it: only a plain file at that very path, not what a symbolic
+    link the agent put in its place points to (~/.netrc, the offline seed), opened without waiting,
+    at most MAX_TEXT_BYTES. (its bytes, None); (None, why not) where it is no such file; (None, None)
+    where there is none."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return None, "it is a symbolic link, not the log the worker wrote"
+        return None, f"it cannot be read ({exc.strerror})"
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None, "it is not a plain file"
+        data = f.read(MAX_TEXT_BYTES + 1)
+    if len(data) > MAX_TEXT_BYTES:
+        return None, f"it is over {MAX_TEXT_BYTES >> 20} MiB, more than the worker writes"
+    return data, None
 
 
 def read_tail_bytes(path, size: int = TAIL_BYTES_FOR_PROGRESS) -> str:

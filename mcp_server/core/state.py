@@ -54,7 +54,7 @@ def _parse(raw: bytes | None, path: Path) -> dict:
         return {}
     try:
         data = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         data = None
     if not isinstance(data, dict):
         raise Refusal(f"{path} is not valid JSON (edited by hand?): move it away and call "
@@ -65,7 +65,7 @@ def _parse(raw: bytes | None, path: Path) -> dict:
 def _changed_keys(found: bytes | None, own: bytes) -> str:
     try:
         before, after = json.loads(own), json.loads(found or b"{}")
-    except ValueError:
+    except (ValueError, RecursionError):
         return "not valid JSON"
     if not isinstance(after, dict):
         return "not a JSON object"

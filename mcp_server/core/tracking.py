@@ -239,8 +239,10 @@ class Tracker:
         changes = decision.get("changes") or history.describe_change(old or "", new or "")
         started = run.get("started_at") or run.get("submitted_at") or time.time()
         ended = run.get("ended_at") or started
-        log = self.root / result.get("log", "")
-        text = logparse.read_text(log) if result.get("log") and log.is_file() else ""
+        # the log's bytes, read once: what is parsed for the curve is what is uploaded, never a file
+        # that a symbolic link planted in its place points to
+        log, why_not = logparse.read_for_upload(self.root / result["log"]) if result.get("log") else (None, None)
+        text = (log or b"").decode("utf-8", errors="replace")
         curve = [(p.step, p.loss, int(1000 * (started + (ended - started) * p.percent / 100)))
                  for p in logparse.all_progress(text)]
         tags = {"mlflow.note.content": result["description"], "mlflow.source.git.commit": run["commit"],
@@ -250,6 +252,8 @@ class Tracker:
         tags["warnings"] = "; ".join(result.get("warnings") or []) or None
         if decision.get("evidence"):
             tags["evidence"] = decision["evidence"]
+        if why_not:
+            tags["log_note"] = f"{result['log']} was not uploaded: {why_not}"
         row = ledger_row(state, result["commit"], stage)
         if row:
             tags["ledger"] = row[4]
@@ -267,7 +271,8 @@ class Tracker:
                            for name, (_, value) in changes.get("constants", {}).items()}
                 | {"other_lines": str(changes.get("other_lines", 0))},
                 "metrics": metrics, "curve": curve, "tags": {k: str(v) for k, v in tags.items() if v is not None},
-                "diff": self._diff(run["parent"], run["commit"]), "log": log if text else None, "record": record}
+                "diff": self._diff(run["parent"], run["commit"]), "record": record,
+                "log": (Path(result["log"]).name, log) if log else None}
 
     def _train_at(self, commit: str) -> str | None:
         try:
@@ -391,17 +396,21 @@ class MlflowSink:
         metrics = self._metrics(what)
         for start in range(0, len(metrics), BATCH):
             self.client.log_batch(run_id, metrics=metrics[start:start + BATCH])
-        self._artifacts(run_id, what, "record.json", "train.py.diff")
-        if what["log"] is not None:
-            self.client.log_artifact(run_id, str(what["log"]))
+        self._artifacts(run_id, what, "record.json", "train.py.diff", "log")
         self.client.set_terminated(run_id, "FAILED" if what["failed"] else "FINISHED", end_time=what["end_ms"])
         return run_id
 
     def _artifacts(self, run_id: str, what: dict, *names: str) -> None:
-        texts = {"record.json": json.dumps(what["record"], indent=1), "train.py.diff": what["diff"]}
+        """Files written afresh from what describe() read; "log": the run's log, where it has one to upload."""
+        files = {"record.json": json.dumps(what["record"], indent=1).encode(), "train.py.diff": what["diff"].encode()}
+        wanted = [name for name in names if name != "log"]
+        if "log" in names and what["log"] is not None:
+            log_name, data = what["log"]
+            files[log_name] = data
+            wanted.append(log_name)
         with tempfile.TemporaryDirectory() as tmp:
-            for name in names:
-                (Path(tmp) / name).write_text(texts[name])
+            for name in wanted:
+                (Path(tmp) / name).write_bytes(files[name])
                 self.client.log_artifact(run_id, str(Path(tmp) / name))
 
     @staticmethod

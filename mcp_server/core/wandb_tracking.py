@@ -141,8 +141,9 @@ class WandbSink:
         (files / "train.py.diff").write_text(what["diff"])
         (files / "record.json").write_text(json.dumps(what["record"], indent=1))
         names = ["train.py.diff", "record.json"]
-        if what["log"] is not None:
-            shutil.copyfile(what["log"], files / what["log"].name)
-            names.append(what["log"].name)
+        if what["log"] is not None:  # the bytes describe() read: never a file a planted link points to
+            name, data = what["log"]
+            (files / name).write_bytes(data)
+            names.append(name)
         for name in names:
             run.save(str(files / name), base_path=run.dir, policy="now")

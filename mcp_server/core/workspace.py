@@ -19,6 +19,7 @@ from pathlib import Path
 
 import git
 
+from mcp_server.core import ledger
 from mcp_server.core.models import Refusal
 
 EDITABLE = "train.py"
@@ -50,6 +51,8 @@ GIT_ENV = {"GIT_CONFIG_NOSYSTEM": "1", "GIT_ATTR_NOSYSTEM": "1"}
 # this line, kept last before each server git call, leaves all of them unspecified for every path.
 NEUTRAL_ATTRIBUTES = ("* !filter !diff !merge !text !crlf !eol !ident !working-tree-encoding !export-subst "
                       "!export-ignore")  # crlf: the old name of text, still read where text is unspecified
+# $GIT_DIR/info/attributes as the server reads it before each git call: larger is not a person's
+MAX_ATTRIBUTES_BYTES = 16 << 20
 # A checkout of this small repository takes well under a second; a git call still running after
 # this long is stuck (a lock, a full disk, a filter program): it is killed and reported.
 GIT_TIMEOUT_S = 60.0
@@ -158,10 +161,18 @@ def neutralize_attributes(common_dir: Path) -> None:
     """Makes NEUTRAL_ATTRIBUTES the last line of the repository's info/attributes; the lines above
     it (the user's, or the agent's) are kept and lose all effect on the server's git."""
     path = Path(common_dir) / "info" / "attributes"
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except (FileNotFoundError, IsADirectoryError):
-        lines = []
+    try:  # read without blocking: a FIFO planted there (nothing in it) is replaced below, never waited on
+        found = ledger.read_plain(path, MAX_ATTRIBUTES_BYTES)
+    except IsADirectoryError:
+        found = None  # which cannot be replaced: the write below says so
+    except OSError as exc:
+        raise Refusal(f"{path} cannot be read ({exc.strerror}): the server keeps its last line, which stops filters "
+                      "and other programs named in git's config from running in its git. Make it a plain file (or "
+                      "remove it), then retry.") from None
+    if found is not None and len(found) > MAX_ATTRIBUTES_BYTES:
+        raise Refusal(f"{path} is over {MAX_ATTRIBUTES_BYTES >> 20} MiB, more than any attributes file a person "
+                      "writes: move it away (git reads the attributes in it for every path), then retry.")
+    lines = (found or b"").decode("utf-8", errors="replace").splitlines()
     if lines[-1:] == [NEUTRAL_ATTRIBUTES]:
         return
     kept = [line for line in lines if line != NEUTRAL_ATTRIBUTES]

@@ -561,7 +561,7 @@ def read_report(path: Path) -> dict | None:
     """A worker's report as the file holds it now; read without blocking (a FIFO planted there)."""
     try:
         report = json.loads(read_plain(path, MAX_REPORT_BYTES) or b"")
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         return None
     return report if isinstance(report, dict) else None
 

@@ -16,6 +16,7 @@ Standard library only, beside worker.py wherever it runs (cluster.package ships 
 """
 from __future__ import annotations  # a node's Python may be older than 3.10
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -47,6 +48,9 @@ COPY_SEALS = sum(getattr(fcntl, name, 0) for name in ("F_SEAL_WRITE", "F_SEAL_SH
 # the h100 profile's model and more than one GPU can train in a run (weights, gradients and Adam's
 # moments alone take 64 GB); anything larger is padding (a sparse file would fill this disk).
 MAX_EXPORT_BYTES = 16 * 2**30
+# ...and it copies it into memory (a sealed memfd): an export with more than this in holes (a sparse
+# file, which takes the run no disk) is refused before the copy, which would cost the worker as much RAM
+SPARSE_SLACK_BYTES = 64 * 2**20
 # The evaluator's interpreter: isolated (-I: no PYTHON* variables, no user site, no script folder on the
 # path), without site (-S: no .pth file or sitecustomize runs), writing no bytecode (-B) and reading none
 # either: its bytecode folder is under a device, where nothing can be created, so it compiles every module
@@ -58,9 +62,12 @@ TRUSTED_IMPORT = Path(__file__).resolve().parent / "trusted_import.py"
 # What the harness's evaluation takes from the worker's environment, not the server's: the slot's GPU
 # (the pool sets CUDA_VISIBLE_DEVICES per slot) and where libcuda is found
 DEVICE_ENV = ("CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH")
-# The check of the harness copy runs none of the programs .git/config names (workspace.NO_AGENT_CODE:
-# this script imports nothing from the package); the server keeps the attributes neutral.
+# The check of the harness copy (harness_problem) runs none of the programs .git/config names: its git
+# has the server's overrides (workspace.NO_AGENT_CODE and GIT_ENV: this script imports nothing from the
+# package) and is asked only for the commit's tree (ls-tree reads no index, so no fsmonitor runs, and
+# hashes no file, so no attribute's filter runs); the files' bytes are compared here
 NO_AGENT_GIT = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c", "core.attributesFile=/dev/null")
+GIT_ENV = {"GIT_CONFIG_NOSYSTEM": "1", "GIT_ATTR_NOSYSTEM": "1"}
 # In the prepared cache (nanochat/cache.py's layout): the data sets' sources, which no run may read
 DOWNLOADS, OFFLINE_SEED_FILE = "downloads", "offline_seed"
 OFFLINE_SEED_ENV = "AUTORESEARCH_OFFLINE_SEED"  # how a node's prepare gets the server's seed (nanochat/datasets.py)
@@ -155,23 +162,60 @@ def socket_channel() -> tuple[int, int]:
 
 def copy_regular_file(path: Path, into) -> None:
     """path's bytes into the open file `into` (from its start): only a plain file, opened without
-    following a link and without waiting (a FIFO planted there would block)."""
+    following a link and without waiting (a FIFO planted there would block), at most
+    MAX_EXPORT_BYTES, not sparse (the copy is the worker's memory, a hole is no disk of the run's),
+    and no more than it held when checked."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        found = os.fstat(fd)
+        if not stat.S_ISREG(found.st_mode):
             raise OSError(f"{path} is not a plain file")
+        if found.st_size > MAX_EXPORT_BYTES:
+            raise OSError(f"{path} is over {MAX_EXPORT_BYTES >> 30} GiB, more than a real export of the "
+                          "model can be: that is padding, not a model")
+        holes = hole_bytes(fd, found)
+        if holes > SPARSE_SLACK_BYTES:
+            raise OSError(f"{path} is a sparse file (at least {holes >> 20} MiB of its {found.st_size >> 20} MiB are holes, "
+                          "on no disk): the harness copies the export into memory, and a model's export is written "
+                          "whole (torch.export.save); export the model as export.py does")
         into.seek(0)
         into.truncate()
-        while True:  # bounded while it copies too: a file that grows on is cut off at the cap
+        while True:  # bounded while it copies too: a file that grows after the checks is refused
             chunk = f.read(COPY_CHUNK)
-            if into.tell() + len(chunk) > MAX_EXPORT_BYTES or os.fstat(fd).st_size > MAX_EXPORT_BYTES:
-                raise OSError(f"{path} is over {MAX_EXPORT_BYTES >> 30} GiB, more than a real export of the "
-                              "model can be: that is padding, not a model")
+            if into.tell() + len(chunk) > found.st_size:
+                raise OSError(f"{path} grew while the harness copied it: the export is complete before its "
+                              "note (.json) is written, and is not written to afterwards")
             if not chunk:
                 break
             into.write(chunk)
         into.flush()
         into.seek(0)
+
+
+def hole_bytes(fd: int, found: os.stat_result) -> int:
+    """How many of a file's bytes are holes (none stored on disk), counted only as far as needed to
+    tell more than SPARSE_SLACK_BYTES: where its blocks cover it, none; else by SEEK_DATA/SEEK_HOLE
+    (a filesystem that has not yet allocated what was just written, ZFS, reports it as data); where
+    those are missing, what its blocks leave uncovered."""
+    uncovered = found.st_size - found.st_blocks * 512
+    if uncovered <= SPARSE_SLACK_BYTES:
+        return 0
+    holes, offset = 0, 0
+    try:
+        while offset < found.st_size and holes <= SPARSE_SLACK_BYTES:
+            try:
+                data = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise
+                return holes + found.st_size - offset  # holes to its end
+            holes += data - offset
+            offset = os.lseek(fd, data, os.SEEK_HOLE)
+    except (OSError, AttributeError):  # no SEEK_DATA here: the blocks say it
+        return uncovered
+    finally:
+        os.lseek(fd, 0, os.SEEK_SET)
+    return holes
 
 
 class HarnessEvaluation:
@@ -256,23 +300,21 @@ class HarnessEvaluation:
     def _evaluate(self, watch) -> None:
         try:
             try:
-                copy_regular_file(self.export, self.program)
-                seal(self.program)
-            except OSError as exc:
-                self.result = {"problem": f"the exported model could not be read: {exc}"}
-            if watch is not None:
-                watch.mark_exported()
-            self.result = self._outcome()
-            self.result["wall_seconds"] = round(time.monotonic() - self.started_at, 2)
-            self.result.setdefault("export_seconds", export_seconds(self.export))
-            self._hand_back({k: self.result[k] for k in ("val_bpb", "error", "problem") if k in self.result})
+                self._evaluate_export(watch)
+            except Exception as exc:  # noqa: BLE001 - whatever failed, the number is none and the check still runs
+                self.result = {"error": f"the harness evaluation failed: {exc!r}"[:500],
+                               "wall_seconds": round(time.monotonic() - self.started_at, 2)}
+                self._hand_back({"error": self.result["error"]})
             # After the answer, while train.py prints its summary: the harness the evaluator ran
             # from must be its commit, with nothing added (a planted module or bytecode) or hidden.
-            problem = (manifest_problem(self.spec["harness"], self.spec["harness_manifest"])
-                       if "harness_manifest" in self.spec else
-                       harness_problem(self.spec["harness"], self.spec.get("harness_commit")))
+            try:
+                problem = (manifest_problem(self.spec["harness"], self.spec["harness_manifest"])
+                           if "harness_manifest" in self.spec else
+                           harness_problem(self.spec["harness"], self.spec.get("harness_commit")))
+            except Exception as exc:  # noqa: BLE001
+                problem = f"the harness copy could not be checked: {exc!r}"
             if problem:
-                self.result = {"error": problem, "wall_seconds": self.result["wall_seconds"]}
+                self.result = {"error": problem, "wall_seconds": (self.result or {}).get("wall_seconds")}
         finally:
             if self.proc is not None:  # its interpreter's exit, after the answer
                 try:
@@ -282,6 +324,20 @@ class HarnessEvaluation:
                     self.proc.wait()
             self._take_digests()
             self.finished_at = time.monotonic()
+
+    def _evaluate_export(self, watch) -> None:
+        """The copy, the evaluation and the answer for train.py; the harness check follows it whatever happens here."""
+        try:
+            copy_regular_file(self.export, self.program)
+            seal(self.program)
+        except OSError as exc:
+            self.result = {"problem": f"the exported model could not be read: {exc}"}
+        if watch is not None:
+            watch.mark_exported()
+        self.result = self._outcome()
+        self.result["wall_seconds"] = round(time.monotonic() - self.started_at, 2)
+        self.result.setdefault("export_seconds", export_seconds(self.export))
+        self._hand_back({k: self.result[k] for k in ("val_bpb", "error", "problem") if k in self.result})
 
     def _take_digests(self) -> None:
         """The cold evaluator's digests, read from its stream until it exited, into the result (a line
@@ -473,10 +529,10 @@ def on_this_device(spec: dict, env: dict) -> dict:
 
 def export_seconds(export: Path) -> float | None:
     """How long export.py took, as it noted beside the program (for the answer's note only)."""
-    try:
-        with open(str(export) + ".json", "rb") as f:
+    try:  # the run wrote it: not a FIFO's wait, and json nested past the parser's depth is no note either
+        with os.fdopen(os.open(str(export) + ".json", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb") as f:
             seconds = json.loads(f.read(4096)).get("export_seconds")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return None
     return seconds if isinstance(seconds, (int, float)) else None
 
@@ -519,21 +575,87 @@ def sha256_of(path: Path) -> str:
 
 
 def harness_problem(harness: str, commit: str | None) -> str | None:
-    """The pristine harness copy must be exactly its commit: nothing changed, added or hidden."""
+    """The pristine harness copy must be exactly its commit: every file of the commit's tree with its
+    bytes (a link as a link), nothing changed, added or hidden. Compared here, not by `git status`: the index
+    and the attributes are the agent's to write (.git), status runs the fsmonitor that .git/config
+    names (with this worker's descriptors) and the filters that attributes name, and index flags
+    (assume-unchanged, skip-worktree) hide an edit from it. git only lists the commit's tree, with
+    NO_AGENT_GIT, and no stdin."""
     try:
-        status = subprocess.run(["git", *NO_AGENT_GIT, "-C", harness, "status", "--porcelain", "--ignored", "--untracked-files=all"],
-                                capture_output=True, text=True, timeout=60)
-        head = subprocess.run(["git", "-C", harness, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=60)
-        flags = subprocess.run(["git", "-C", harness, "ls-files", "-v"], capture_output=True, text=True, timeout=60)
+        listed = subprocess.run(["git", *NO_AGENT_GIT, "-C", harness, "ls-tree", "-r", "-z", "--full-tree",
+                                 commit or "HEAD"], stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
+                                env=dict(os.environ, **GIT_ENV))
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"the harness copy could not be checked: {exc}"
-    hidden = [line[2:] for line in flags.stdout.splitlines() if line[:1].islower() or line[:1] == "S"]
-    if status.returncode or status.stdout.strip() or hidden:
-        changed = (status.stdout.strip().splitlines() + hidden)[:5]
-        return f"the harness copy {harness} was changed during the run: {', '.join(changed)}"
-    if commit and head.stdout.strip() != commit:
-        return f"the harness copy is at {head.stdout.strip()[:7]}, not {commit[:7]}"
+    if listed.returncode:
+        error = listed.stderr.decode(errors="replace").strip()[:300]
+        return f"the harness copy could not be checked: git ls-tree {commit or 'HEAD'}: {error}"
+    tree = {}  # path: (mode, object id)
+    for entry in listed.stdout.split(b"\0"):
+        if entry:
+            meta, _, path = entry.partition(b"\t")
+            mode, _, oid = meta.decode().split(" ")
+            tree[os.fsdecode(path)] = (mode, oid)
+    try:
+        changed = [path for path, (mode, oid) in tree.items() if not same_as_blob(os.path.join(harness, path), mode, oid)]
+        changed += untracked(harness, tree)
+    except OSError as exc:
+        return f"the harness copy could not be checked: {exc}"
+    if changed:
+        return f"the harness copy {harness} was changed during the run: {', '.join(sorted(changed)[:5])}"
     return None
+
+
+def same_as_blob(path: str, mode: str, oid: str) -> bool:
+    """Whether the file at path is what the tree's entry (mode, object id) holds: a plain file with the
+    blob's bytes, a link to the blob's target; a submodule's folder is not looked into."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if mode == "160000":
+        return stat.S_ISDIR(st.st_mode)
+    if mode == "120000":
+        return stat.S_ISLNK(st.st_mode) and blob_id(os.fsencode(os.readlink(path)), oid) == oid
+    if not stat.S_ISREG(st.st_mode):  # its executable bit aside: the evaluator runs no file by it
+        return False
+    try:  # not through a link planted since, not waiting on a FIFO
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(fd).st_size
+        digest = hashlib.new("sha1" if len(oid) == 40 else "sha256", b"blob %d\0" % size)
+        read = 0
+        for chunk in iter(lambda: f.read(COPY_CHUNK), b""):
+            digest.update(chunk)
+            read += len(chunk)
+    return read == size and digest.hexdigest() == oid
+
+
+def blob_id(data: bytes, like: str) -> str:
+    """git's object id of a blob with these bytes, in the hash of the id `like` (SHA-1 or SHA-256)."""
+    return hashlib.new("sha1" if len(like) == 40 else "sha256", b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def untracked(harness: str, tree: dict) -> list[str]:
+    """Files and links under the harness copy that its commit's tree does not hold (git's own .git at the
+    top aside; a folder with nothing in it is nothing, as in git)."""
+    found = []
+    submodules = [path + "/" for path, (mode, _) in tree.items() if mode == "160000"]
+    def unreadable(exc: OSError):  # a folder that cannot be listed could hide a module that can still be imported
+        raise exc
+
+    for base, dirs, files in os.walk(harness, onerror=unreadable):
+        rel = os.path.relpath(base, harness)
+        if rel == ".":
+            dirs[:] = [d for d in dirs if d != ".git"]
+            files = [f for f in files if f != ".git"]
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(base, d))]:
+            path = os.path.normpath(os.path.join(rel, name))
+            if path not in tree or any(path.startswith(s) for s in submodules):
+                found.append(path)
+    return found
 
 
 def file_manifest(folder: str) -> dict:

@@ -52,7 +52,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -83,6 +82,10 @@ DATA_ORDER_ENV = "AUTORESEARCH_DATA_ORDER"  # which stretch of the data a rerun 
 REPORT_DIGEST_MARK = b"report-sha256 "
 WARM_STUB = Path(__file__).resolve().parent / "warm_train.py"  # the interpreter a --warm worker starts ahead
 IN_OPEN = 0x20
+# The worker's stdin as it was started: the server's socket (the hand-over line, the end of file of a
+# server gone, and the final report's digest back), moved by server_channel() to a descriptor that no
+# child inherits
+SERVER_FD: int | None = 0
 
 
 class LogPump(threading.Thread):
@@ -246,15 +249,35 @@ def write_report(path: Path, report: dict) -> bytes:
     return data
 
 
+def server_channel():
+    """The worker's stdin (the server's socket) kept on a descriptor of its own that no child process
+    inherits, /dev/null in its place: on that socket the server believes the last report digest it
+    reads, and any program the worker starts (git, nvidia-smi, a program .git/config names) would
+    otherwise inherit it as its stdin and could write one. Returns it as a file for reading (None
+    where the worker has no stdin)."""
+    global SERVER_FD
+    try:
+        SERVER_FD = os.dup(0)  # not inheritable (PEP 446)
+    except OSError:
+        SERVER_FD = None
+        return None
+    null = os.open(os.devnull, os.O_RDONLY)
+    try:
+        os.dup2(null, 0)
+    finally:
+        os.close(null)
+    return open(SERVER_FD, "rb", closefd=False)
+
+
 def final_report(args, report: dict) -> None:
     """The run's last report, and with --watch-stdin its SHA-256 sent back to the server on stdin (the
     server's socket, which no other process can open): the report lies in runs/, which the agent can
     write between this worker's exit and the server's read, and the server believes only a report
     with this digest."""
     data = write_report(args.report, report)
-    if args.watch_stdin:
+    if args.watch_stdin and SERVER_FD is not None:
         try:
-            os.write(0, REPORT_DIGEST_MARK + hashlib.sha256(data).hexdigest().encode() + b"\n")
+            os.write(SERVER_FD, REPORT_DIGEST_MARK + hashlib.sha256(data).hexdigest().encode() + b"\n")
         except OSError:
             pass  # the server is gone: no one reads it
 
@@ -375,6 +398,7 @@ def not_started(args, message: str, exit_code: int, started_at: float, subreaper
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from_server = server_channel()
     # the first reason wins; a plain list, because a signal handler that takes a lock (Event.set) can
     # deadlock against the main thread it interrupted
     stop_reason = []
@@ -413,7 +437,7 @@ def main(argv=None) -> int:
     started_warm = args.warm  # the hand-over's options below are the run's own, without --warm
     if args.warm:
         stub, stub_pipe = start_warm(args.command, args.sandbox, private, write_end, in_child, args.bytecode_fd)
-        line = sys.stdin.buffer.readline()
+        line = from_server.readline() if from_server is not None else b""
         handed = handed_args(line, args)
         if handed is None:  # never used (the server threw it away or is gone), or not the server's line
             os.close(stub_pipe)
@@ -473,7 +497,7 @@ def main(argv=None) -> int:
     pump.start()
     if args.watch_stdin:
         def watch():
-            while sys.stdin.buffer.read(1):
+            while from_server is not None and from_server.read(1):
                 pass
             stop_reason.append("server gone")
         threading.Thread(target=watch, daemon=True, name="stdin-watch").start()
