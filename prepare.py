@@ -11,6 +11,7 @@ uses the same constants. Research runs must never edit this file or nanochat/.
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,11 @@ BUDGET_CLOCKS = ("wall", "cpu", "flops")  # see training_clock and budget_used
 # no measure of that: AMX runs it at 5.5x the rate train.py trains at (2-core Xeon: every budget second
 # took 2.4-2.8 s). `uv run bench/bench_flops_clock.py` compares the two.
 FLOPS_CLOCK_SHARE = 0.75
+REPO = Path(__file__).resolve().parent
+# prepare_compiler_once's warm-up, run in the runs' sandbox (nanochat/compile.py); the stand-in compiles
+# in about 25 s on 2 cores, so this is only a bound on a hung compiler or on code a run planted
+COMPILER_WARM_UP = "import sys; from nanochat.compile import prepare_compiler_here; sys.exit(prepare_compiler_here())"
+COMPILER_WARM_UP_TIMEOUT_S = 900
 STARTING_WIDTH_PER_LAYER = 64  # train.py's starting ASPECT_RATIO: the measured model's width is depth x this
 # What prepared.json fixes for every later run (the MCP server reads time_budget from it too);
 # the profile's train_defaults are only train.py's starting point, so they come from the code.
@@ -292,19 +298,83 @@ def flops_clock_rate(profile: dict) -> float:
 
 def prepare_compiler_once() -> bool:
     """What train.py's compiled path builds once per machine, built now instead of in the first run's
-    start-up (nanochat/compile.py); True if there was anything to build."""
+    start-up (nanochat/compile.py); True if there was anything to build. Built in a process of its own
+    in the runs' sandbox (compiler_sandbox): the compile cache is written by runs, and Inductor loads
+    its entries with pickle (and a planted compiled library or precompiled header with them), so code
+    a run left there runs with a run's powers, never the user's. Where no sandbox is usable, built here
+    only if the user opted in to runs without one (they can write anything anyway); else left to the
+    first run."""
     from nanochat import compile as compiling  # sets the compile cache beside the data
     if not compiling.compiler_needs_preparing():
         return False
     print("Preparing the compiler (its checks of this CPU and the C++ headers, once per machine)...", flush=True)
-    started = time.time()
+    started, compile_cache = time.time(), compiling.compile_cache_dir_now()
+    command, why_not, opted_in = compiler_sandbox([sys.executable, "-c", COMPILER_WARM_UP], compile_cache)
+    if command is None and not opted_in:
+        print(f"  not prepared: no sandbox here ({why_not}), and the compile cache it would load from is one that "
+              f"runs write ({compile_cache}); train.py builds the same in its first run (to build it here, "
+              f"unsandboxed, set RESEARCH_LOOP_UNSANDBOXED=1: runs then have no sandbox either)", flush=True)
+        return True
+    if command is None:  # the user accepts runs without a sandbox: they could write anything this loads
+        failure = _compiling_fails_in_process(compiling)
+    else:
+        failure = _compiling_fails_in_sandbox(command, compile_cache)
+    if failure is None:
+        print(f"  compiler ready in {time.time() - started:.1f}s -> {compile_cache}", flush=True)
+    else:
+        print(f"  {failure}", flush=True)
+    return True
+
+
+def compiler_sandbox(command: list[str], compile_cache: Path) -> tuple[list[str] | None, str, bool]:
+    """(the command in the runs' sandbox, or None; why none; whether the user opted in to running
+    without one). The sandbox is mcp_server/scripts/sandbox.py's, as a run gets it but narrower: the
+    repository and its environment read-only, the compile cache writable, the prepared cache hidden
+    (data, tokenizer, the offline seed: the warm-up reads none of them, and code planted in the
+    compile cache could copy them there for the next run), as are the data sets' sources and what a
+    cluster node hides from its runs (RESEARCH_LOOP_HIDE, a JSON list)."""
+    try:
+        from mcp_server.scripts import harness_eval, sandbox
+    except ImportError:  # a checkout without the plugin's scripts
+        return None, "this checkout has no mcp_server/scripts/sandbox.py", False
+    cache = cache_dir().resolve()
+    compile_cache.mkdir(parents=True, exist_ok=True)  # bound writable: it must exist
+    hidden = [str(cache), *json.loads(os.environ.get(sandbox.HIDE_ENV) or "[]")]
+    hidden += [path for path in harness_eval.hidden_from_runs(cache, read_record())
+               if not Path(path).resolve().is_relative_to(cache)]
+    spec = {"readonly": [str(REPO), sys.prefix], "writable": [str(compile_cache)], "hidden": hidden}
+    wrapped, kind = sandbox.wrap(command, spec, str(REPO))
+    if kind is None:
+        return None, sandbox.usable()[2], sandbox.opted_in()
+    return wrapped, "", False
+
+
+def _compiling_fails_in_sandbox(command: list[str], compile_cache: Path) -> str | None:
+    """Runs the sandboxed warm-up: None, or what went wrong (a line)."""
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(compile_cache), AUTORESEARCH_CACHE=str(cache_dir()))
+    try:
+        done = subprocess.run(command, cwd=REPO, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, errors="replace", timeout=COMPILER_WARM_UP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return (f"the compiler's warm-up took more than {COMPILER_WARM_UP_TIMEOUT_S} s and was stopped: "
+                "train.py builds it in its first run")
+    from nanochat.compile import COMPILING_FAILS
+    if done.returncode == 0:
+        return None
+    if done.returncode == COMPILING_FAILS:
+        why = (done.stdout.strip().splitlines() or ["no reason given"])[-1]
+        return f"compiling does not work here ({why}): train.py will train eager"
+    last = (done.stderr.strip().splitlines() or done.stdout.strip().splitlines() or [""])[-1][:300]
+    return (f"the compiler's warm-up in the runs' sandbox failed (exit {done.returncode}: {last}): "
+            "train.py builds it in its first run")
+
+
+def _compiling_fails_in_process(compiling) -> str | None:
     try:
         compiling.prepare_compiler()
     except Exception as error:  # noqa: BLE001  (train.py then trains eager, and says so)
-        print(f"  compiling does not work here ({compiling.describe(error)}): train.py will train eager", flush=True)
-        return True
-    print(f"  compiler ready in {time.time() - started:.1f}s -> {compiling.compile_cache_dir_now()}", flush=True)
-    return True
+        return f"compiling does not work here ({compiling.describe(error)}): train.py will train eager"
+    return None
 
 
 def _foreign_shards(dataset: str) -> list:

@@ -6,8 +6,9 @@ Inductor's FX-graph cache and AOTAutograd's cache key a graph by its structure, 
 not by train.py's text: a second run of the same model, or a run whose edit changed only a
 learning rate or a schedule constant, loads every compiled graph from there instead of compiling
 it. What Inductor builds once per machine (precompiled C++ headers, its checks of the CPU) is
-built by prepare.py (prepare_compiler), so even the first run of a new model compiles only its
-own graphs. AUTORESEARCH_COMPILE=0 trains eager; so does any platform where compiling fails, after
+built by prepare.py (prepare_compiler, in a process of its own in the runs' sandbox: runs write
+the cache, and Inductor unpickles its entries), so even the first run of a new model compiles only
+its own graphs. AUTORESEARCH_COMPILE=0 trains eager; so does any platform where compiling fails, after
 one line in the log that says why. An out-of-memory is no such failure: it is raised, and said.
 """
 import hashlib
@@ -212,6 +213,20 @@ def prepare_compiler():
     with autocast():
         compiled(torch.randn(8, 64)).backward()
     torch._dynamo.reset()
+
+
+COMPILING_FAILS = 3  # prepare_compiler_here's exit status where compiling does not work
+
+
+def prepare_compiler_here() -> int:
+    """prepare_compiler as a process of its own (prepare.py starts it in the runs' sandbox: the compile
+    cache it reads is one that runs write): 0, or COMPILING_FAILS after a line that says why."""
+    try:
+        prepare_compiler()
+    except Exception as error:  # noqa: BLE001  (train.py then trains eager, and says so)
+        print(describe(error), flush=True)
+        return COMPILING_FAILS
+    return 0
 
 
 def _dynamo_loaded() -> bool:

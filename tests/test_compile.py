@@ -4,6 +4,7 @@ every graph from the compile cache (counted, not timed), and a platform where co
 trains eager after one line in the log."""
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -65,6 +66,7 @@ def small_train(repo_root, tmp_path_factory) -> Path:
 
 def recording_compiler(folder: Path) -> tuple[Path, Path]:
     """A C++ compiler that writes each command line to a log, then runs the real one."""
+    folder.mkdir(exist_ok=True)
     script, log = folder / "cxx", folder / "cxx.log"
     script.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> "{log}"\nexec {os.environ.get("CXX", "g++")} "$@"\n')
     script.chmod(0o755)
@@ -88,7 +90,8 @@ def runs(prepared_env, repo_root, small_train, tmp_path_factory):
     for others in ("precompiled_headers", "precompiled_headers/0123456789ab"):
         (compile_cache / others).mkdir(parents=True, exist_ok=True)
         (compile_cache / others / "another_venvs_torch.h.gch").write_bytes(b"built against another torch")
-    cxx, log = recording_compiler(tmp_path_factory.mktemp("cxx"))
+    # in the compile cache: the one folder prepare's sandboxed warm-up may write (the log) besides its private /tmp
+    cxx, log = recording_compiler(compile_cache / "recording-compiler")
     env = compiled_env(prepared_env, compile_cache, AUTORESEARCH_TIME_BUDGET=SHORT_BUDGET, CXX=str(cxx))
     prepare = subprocess.run([sys.executable, "prepare.py"], cwd=repo_root, env=env, capture_output=True, text=True)
     built_by_prepare = compilations(log)
@@ -101,7 +104,7 @@ def runs(prepared_env, repo_root, small_train, tmp_path_factory):
     edit = checked(run_copy(constants_edit, env, repo_root))
     return dict(cold=cold, warm=warm, edited=edit, after_cold=after_cold, after_warm=after_warm,
                 after_edit=cache_entries(compile_cache), prepare=prepare, built_by_prepare=built_by_prepare,
-                built_by_cold=built_by_cold)
+                built_by_cold=built_by_cold, compile_cache=compile_cache, env=env)
 
 
 @needs_compiler
@@ -117,6 +120,70 @@ def test_prepare_builds_once_what_every_model_would_compile_again(runs):
     assert any(".main.cpp" in line for line in cold_builds) and any(".optimized.cpp" in line for line in cold_builds)
     assert not any("-x c++-header" in line for line in cold_builds)
     assert not cold_builds & runs["built_by_prepare"]  # not one thing built twice
+
+
+class Planted:
+    """What a run may leave in the compile cache it writes: an entry Inductor unpickles, which runs a
+    shell command as whoever loads it. The command notes that it ran (in the compile cache, which a
+    run may write), then tries to read what runs must not (the offline seed, the data's names) into
+    the compile cache, and to write outside it."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+@needs_compiler
+def test_code_a_run_plants_in_the_compile_cache_runs_in_the_sandbox_at_the_next_prepare(
+        runs, prepared_env, repo_root, tmp_path, outside_tmp, bubblewrap):
+    """Review 39b: a run overwrites the compile cache's entries with pickles of its own and deletes the
+    precompiled headers, so that the user's next `uv run prepare.py` prepares the compiler again.
+    Inductor unpickles the entries; prepare.py compiles in the runs' sandbox, so the planted code runs
+    with a run's powers (it cannot write outside the compile cache, nor read the prepared cache), and
+    prepare ends as usual. (The warm-up in the sandbox builds the headers of an honest cache:
+    test_prepare_builds_once_what_every_model_would_compile_again.)"""
+    compile_cache = tmp_path / "compile-cache"  # the cold run's, its headers deleted as the run would
+    shutil.copytree(runs["compile_cache"], compile_cache, ignore=shutil.ignore_patterns("*.gch"))
+    cache, marker = Path(prepared_env["AUTORESEARCH_CACHE"]), outside_tmp / "ran-outside-the-sandbox"
+    command = (f"id -u > {compile_cache}/planted-code-ran; cat {cache}/offline_seed > {compile_cache}/seed-seen; "
+               f"ls {cache}/data > {compile_cache}/data-seen; id -u > {marker}")
+    planted = 0
+    for folder in CACHE_ENTRY_DIRS:
+        for entry in (compile_cache / folder).rglob("*"):
+            if entry.is_file():
+                entry.write_bytes(pickle.dumps(Planted(command)))
+                planted += 1
+    assert planted and (cache / "offline_seed").is_file() and not list(compile_cache.rglob("*.gch"))
+
+    # the fixture's environment: its compiler (CXX) is part of every entry's key, so the entries are found
+    env = dict(runs["env"], TORCHINDUCTOR_CACHE_DIR=str(compile_cache))
+    done = subprocess.run([sys.executable, "prepare.py"], cwd=repo_root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "Preparing the compiler" in done.stdout
+    assert not marker.exists(), f"the planted code ran outside the sandbox: {marker.read_text()}"
+    assert (compile_cache / "planted-code-ran").is_file(), "the planted entries were never loaded: no test"
+    assert (compile_cache / "seed-seen").read_text() == "" and (compile_cache / "data-seen").read_text() == ""
+
+
+def test_without_a_sandbox_prepare_compiles_only_where_the_user_accepts_unsandboxed_runs(prepared_env, repo_root,
+                                                                                          tmp_path):
+    """No bubblewrap (nothing on PATH): the warm-up would load from a cache runs write, so prepare leaves it
+    to the first run and says why; with the user's opt-in (runs are then unsandboxed and could write
+    anything) it runs in prepare's own process, here failing for want of a compiler on PATH."""
+    (tmp_path / "empty").mkdir()
+    env = compiled_env(prepared_env, tmp_path / "compile-cache", PATH=str(tmp_path / "empty"))
+    env.pop("RESEARCH_LOOP_UNSANDBOXED", None)
+    skipped = subprocess.run([sys.executable, "prepare.py"], cwd=repo_root, env=env, capture_output=True, text=True)
+    assert skipped.returncode == 0, skipped.stdout[-2000:] + skipped.stderr[-3000:]
+    assert "not prepared: no sandbox here (bubblewrap (bwrap) is not installed)" in skipped.stdout, skipped.stdout
+    assert "train.py builds the same in its first run" in skipped.stdout
+    opted_in = subprocess.run([sys.executable, "prepare.py"], cwd=repo_root, capture_output=True, text=True,
+                              env=dict(env, RESEARCH_LOOP_UNSANDBOXED="1"))
+    assert opted_in.returncode == 0, opted_in.stdout[-2000:] + opted_in.stderr[-3000:]
+    assert "not prepared" not in opted_in.stdout
+    assert "compiling does not work here" in opted_in.stdout, opted_in.stdout
 
 
 @needs_compiler

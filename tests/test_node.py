@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mcp_server.executors import cluster
 from mcp_server.executors.executor import RunSpec
-from mcp_server.scripts import node
+from mcp_server.scripts import node, sandbox
 from server_support import make_cache
 
 # a stand-in for prepare.py: counts its runs, takes a moment, records what it prepared
@@ -68,6 +68,22 @@ def test_a_node_that_cannot_prepare_says_which_and_why(tmp_path):
     assert result["exit_code"] == 1 and result["token"] == "t"
     assert "preparing the data and tokenizer failed on" in result["problem"] and "(exit 3)" in result["problem"]
     assert "cannot reach huggingface.co" in result["problem"] and "training on" not in out
+
+
+def test_a_nodes_prepare_hides_from_its_compiler_warm_up_what_the_runs_cannot_read(tmp_path):
+    """prepare.py compiles its stand-in in the runs' sandbox (the compile cache is the runs'): on a node
+    it is told what the node hides from its runs (--hide: SLURM's shared folder) and whether the user
+    accepts runs without a sandbox (--unsandboxed)."""
+    env = {"PATH": "/usr/bin:/bin", "AUTORESEARCH_CACHE": str(tmp_path / "cache"), "HOME": str(tmp_path)}
+    code = code_folder(tmp_path, "job", "t")
+    seen = ("import json, os; print(json.dumps({k: os.environ.get(k) for k in "
+            f"({sandbox.HIDE_ENV!r}, {sandbox.UNSANDBOXED_ENV!r})}})); raise SystemExit(3)")
+    prepare = json.dumps({"command": [sys.executable, "-c", seen], "profile": "cpu"})
+    out = subprocess.run([sys.executable, f"{node.NODE_DIR}/node.py", "--timeout", "30", "--prepare", prepare,
+                          "--hide", str(tmp_path / "shared"), "--unsandboxed", "--", sys.executable, "train.py"],
+                         cwd=code, env=env, capture_output=True, text=True, timeout=60).stdout
+    told = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
+    assert json.loads(told[sandbox.HIDE_ENV]) == [str(tmp_path / "shared")] and told[sandbox.UNSANDBOXED_ENV] == "1"
 
 
 # A stand-in for prepare.py's offline data set: records the selection it drew from the seed it was given

@@ -37,9 +37,10 @@ import time
 from pathlib import Path
 
 try:
-    from mcp_server.scripts import harness_eval, worker
-except ImportError:  # on the node, worker.py and harness_eval.py are shipped beside this file
+    from mcp_server.scripts import harness_eval, sandbox, worker
+except ImportError:  # on the node, worker.py, harness_eval.py and sandbox.py are shipped beside this file
     import harness_eval
+    import sandbox
     import worker
 
 RESULT_MARK = "RESEARCH_LOOP_RESULT "
@@ -148,13 +149,17 @@ def prepared_as(wanted: dict) -> bool:
     return bool(record) and all(record.get(k) == v for k, v in expected.items())
 
 
-def prepare_data(prepare: dict) -> None:
-    """prepare.py with the workspace's profile and data set, unless this node has them already."""
+def prepare_data(prepare: dict, unsandboxed: bool = False, hide: list[str] | None = None) -> None:
+    """prepare.py with the workspace's profile and data set, unless this node has them already. Its
+    compiler warm-up runs in the runs' sandbox, hiding what the runs' does (or, where this node has no
+    sandbox, in prepare's own process only if the user opted in to runs without one)."""
     with FileLock(cache_dir().parent / f".{cache_dir().name}.prepare.lock"):
         if prepared_as(prepare):
             return
         args = [a for k in ("profile", "dataset") if prepare.get(k) for a in (f"--{k}", str(prepare[k]))]
         seed = {harness_eval.OFFLINE_SEED_ENV: prepare["offline_seed"]} if prepare.get("offline_seed") else {}
+        seed |= {sandbox.UNSANDBOXED_ENV: "1"} if unsandboxed else {}
+        seed |= {sandbox.HIDE_ENV: json.dumps(hide)} if hide else {}
         run_step("preparing the data and tokenizer", [*prepare["command"], *args], PREPARE_TIMEOUT_S,
                  env=dict(os.environ, **seed))
 
@@ -292,7 +297,7 @@ def main(argv=None) -> int:
         if args.sync:
             sync_environment()
         if args.prepare:
-            prepare_data(args.prepare)
+            prepare_data(args.prepare, args.unsandboxed, args.hide)
     except NodeProblem as exc:
         say(str(exc))
         report = {"exit_code": 1, "timed_out": False, "stopped": None, "problem": str(exc), "started_at": started,

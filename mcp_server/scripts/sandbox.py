@@ -22,6 +22,9 @@ import subprocess
 import sys
 
 UNSANDBOXED_ENV = "RESEARCH_LOOP_UNSANDBOXED"
+# What else a sandbox must hide, a JSON list of paths: a cluster node's hidden folders (node.py --hide), for
+# prepare.py's compiler warm-up, which it runs in the runs' sandbox
+HIDE_ENV = "RESEARCH_LOOP_HIDE"
 BUBBLEWRAP, SANDBOX_EXEC = "bubblewrap", "sandbox-exec"
 PROBE_TIMEOUT_S = 30
 MARKER = " (unsandboxed)"  # in the description of a ledger row whose run had no sandbox
