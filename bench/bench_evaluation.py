@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mcp_server.core.integrity import site_packages  # noqa: E402
-from mcp_server.scripts import harness_eval  # noqa: E402
+from mcp_server.scripts import harness_copy, harness_eval  # noqa: E402
 from mcp_server.scripts.warm_train import IMPORT_ENV, PRELOAD  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,7 +69,7 @@ def spec_for(harness: Path, cache: Path) -> dict:
                      "--profile", record["profile"], "--eval-tokens", str(record["eval_tokens"]),
                      "--site-packages", *site_packages()],
             "env": {"PATH": os.environ["PATH"], "AUTORESEARCH_CACHE": str(cache)}, "harness": str(harness),
-            "harness_manifest": harness_eval.file_manifest(str(harness)), "timeout": 600.0,
+            "harness_manifest": harness_copy.file_manifest(str(harness)), "timeout": 600.0,
             "inputs": harness_eval.evaluation_inputs(cache, cache / "data" / record["val_shard"]["name"], record)}
 
 

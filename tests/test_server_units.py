@@ -485,7 +485,7 @@ def test_programs_named_in_the_harness_copys_git_never_run_in_the_worker_nor_spe
     runs, and no child of the worker holds the socket: the digest the server reads is its report's."""
     import hashlib
     from mcp_server.executors import executor
-    from mcp_server.scripts import harness_eval
+    from mcp_server.scripts import harness_copy
     monkeypatch.chdir(tmp_path)
     harness = clean_harness(tmp_path)
     ran = tmp_path / "agent-program-ran"
@@ -517,7 +517,7 @@ def test_programs_named_in_the_harness_copys_git_never_run_in_the_worker_nor_spe
     subprocess.run(["git", "-c", "core.fsmonitor=false", "-C", str(harness), "update-index", "--assume-unchanged",
                     "prepare.py"], check=True)
     (harness / "prepare.py").write_text("# the harness, edited\n")
-    assert "prepare.py" in str(harness_eval.harness_problem(str(harness), None))
+    assert "prepare.py" in str(harness_copy.harness_problem(str(harness), None))
     assert not ran.exists()
 
 

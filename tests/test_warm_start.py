@@ -26,7 +26,7 @@ from mcp import Client
 
 from conftest import TEST_EVAL_TOKENS
 from mcp_server.executors import cluster, executor
-from mcp_server.scripts import harness_eval
+from mcp_server.scripts import harness_copy, harness_eval
 from nanochat.profiles import PROFILES
 from mcp_server.core.integrity import site_packages
 from mcp_server.loop import ResearchLoop
@@ -63,7 +63,7 @@ def evaluation_spec(harness: Path, prepared_env: dict) -> dict:
     return {"argv": [*harness_eval.evaluator_command(sys.executable, harness / "nanochat" / "evaluate_export.py"),
                      "--profile", "cpu", "--eval-tokens", TEST_EVAL_TOKENS, "--site-packages", *site_packages()],
             "env": {"PATH": os.environ["PATH"], "AUTORESEARCH_CACHE": str(cache)}, "harness": str(harness),
-            "harness_manifest": harness_eval.file_manifest(str(harness)), "timeout": 300.0,
+            "harness_manifest": harness_copy.file_manifest(str(harness)), "timeout": 300.0,
             "inputs": harness_eval.evaluation_inputs(cache, val, record)}
 
 

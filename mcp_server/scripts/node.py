@@ -37,8 +37,9 @@ import time
 from pathlib import Path
 
 try:
-    from mcp_server.scripts import harness_eval, sandbox, worker
+    from mcp_server.scripts import harness_copy, harness_eval, sandbox, worker
 except ImportError:  # on the node, worker.py, harness_eval.py and sandbox.py are shipped beside this file
+    import harness_copy
     import harness_eval
     import sandbox
     import worker
@@ -206,7 +207,7 @@ def verification(verify: dict, command: list[str], scratch: Path, hide: list[str
     evaluate = {"argv": [*harness_eval.evaluator_command(executable, harness / verify["evaluator"]),
                          "--profile", str(verify.get("profile")), "--eval-tokens", str(verify["eval_tokens"]),
                          "--site-packages", *site],
-                "env": env, "harness": str(harness), "harness_manifest": harness_eval.file_manifest(str(harness)),
+                "env": env, "harness": str(harness), "harness_manifest": harness_copy.file_manifest(str(harness)),
                 "timeout": verify["timeout"],
                 "inputs": harness_eval.evaluation_inputs(cache_dir(), val_shard(), prepared_record())}
     compiled = cache_dir() / "compile"
