@@ -116,3 +116,16 @@ def test_shrunk_or_deleted_records_do_not_shrink_the_slot_time_shown(lab):
     second.unlink()
     assert lab.ok("status")["compute"] == shown and dashboard.live_view(lab.ws)["spent"] == shown
     assert lab.ok("report")["slot_hours"] == reported and reported >= 1 / HOUR
+
+
+def test_a_line_nested_past_jsons_depth_is_skipped_not_fatal(tmp_path):
+    """The session's output and the runner's session records are files the agent can write: a line of
+    100,000 brackets raised RecursionError (not ValueError) out of the runner's accounting."""
+    nested = "[" * 100_000 + "\n"
+    output = tmp_path / "session.jsonl"
+    output.write_text('{"type": "result", "total_cost_usd": 0.5, "usage": {}}\n' + nested)
+    assert cost.session_result(output) == {"cost_usd": 0.5, "usage": {}}
+    records = tmp_path / cost.SESSIONS_FILE
+    records.parent.mkdir(parents=True)
+    records.write_text(nested + '{"tag": "t", "cost_usd": 0.25, "usage": {}}\n')
+    assert cost.sessions_spent(tmp_path, "t")["cost_usd"] == 0.25

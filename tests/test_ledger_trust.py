@@ -467,6 +467,25 @@ def test_a_state_file_nested_past_the_parsers_depth_is_set_right_or_refused_clea
         State(lab.ws).load()  # a server that does not own the workspace reads the file as it is
 
 
+def test_a_fifo_in_place_of_the_owners_record_is_read_at_once_and_not_believed(lab):
+    """A second server (read-only) names the owning server's pid from owner.lock in status and in its
+    refusals: a FIFO planted there blocked that read, and the tool call with it."""
+    import threading
+    from mcp_server.core.state import OWNER_LOCK, State
+    lab.baseline()
+    record = lab.ws / ".research-loop" / OWNER_LOCK
+    record.unlink()
+    os.mkfifo(record)
+    read = {}
+    reader = threading.Thread(target=lambda: read.update(owner=State(lab.ws).owner()), daemon=True)
+    reader.start()
+    reader.join(10)
+    try:
+        assert not reader.is_alive() and read == {"owner": None}, "a FIFO at owner.lock hung the read"
+    finally:
+        os.close(os.open(record, os.O_RDWR | os.O_NONBLOCK))  # unblock a hung reader
+
+
 def test_a_fifo_in_place_of_a_workers_report_is_read_at_once_and_not_believed(tmp_path):
     """The server reads a run's report while it runs (has it trained?) and after: a FIFO planted at
     its path blocked the open of that read, and the run's thread with it."""

@@ -74,7 +74,7 @@ def session_result(output: Path) -> dict:
     for line in reversed(lines):
         try:
             event = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # a line nested past json's depth is no record
             continue
         if isinstance(event, dict) and event.get("type") == "result":
             usage = event.get("usage") if isinstance(event.get("usage"), dict) else {}
@@ -96,7 +96,7 @@ def sessions_spent(root: Path, tag: str | None) -> dict:
     for line in lines:
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # a line nested past json's depth is no record
             continue
         if not isinstance(record, dict) or record.get("tag") != tag:
             continue

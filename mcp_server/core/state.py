@@ -269,10 +269,11 @@ class State:
         return self._owner_fd is not None
 
     def owner(self) -> dict | None:
-        """The owning server's pid record, as it wrote it (None if unreadable)."""
+        """The owning server's pid record, as it wrote it (None if unreadable: a FIFO or a giant planted
+        in its place is read without waiting, and not believed)."""
         try:
-            data = json.loads((self.dir / OWNER_LOCK).read_text())
-        except (OSError, ValueError):
+            data = json.loads(ledger.read_plain(self.dir / OWNER_LOCK) or b"")
+        except (OSError, ValueError, RecursionError):
             return None
         return data if isinstance(data, dict) else None
 
