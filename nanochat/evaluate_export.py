@@ -144,7 +144,8 @@ def evaluate(args, tokenizer) -> dict:
     rows = rows_per_call(exported)
 
     def call_loss(module, x, y):
-        logits = module(x).float()
+        # the program gets its own copy of the input: the loader's x and y are halves of one buffer
+        logits = module(x.clone()).float()
         logits, y = logits.view(-1, logits.size(-1)), y.reshape(-1)
         if logits.device.type != "cpu":  # one launch per call: a GPU's chunks would be ~10^5 tiny kernels
             return torch.nn.functional.cross_entropy(logits, y, reduction="none")
@@ -199,11 +200,17 @@ PROGRAM_TARGETS = re.compile(r"torch\.ops\.aten\.[A-Za-z0-9_]+\.[A-Za-z0-9_]+|_o
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_.]*")
 FLOAT_WORDS = {"Infinity", "-Infinity", "NaN"}
 VERSION = re.compile(r"[A-Za-z0-9_.+]+")
-MAX_PROGRAM_TEXT_BYTES = 256 * 2**20
+MAX_PROGRAM_TEXT_BYTES = 32 * 2**20  # json holds it in about 16 times that; a 24-layer GPT's is ~3 MiB
+UNINITIALIZED = ("empty", "new_empty", "_empty")
 # The operators that multiply matrices (a convolution too: one of kernel 1 is a linear layer)
 MATRIX_PRODUCTS = {"linear", "mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "einsum", "mv", "addmv", "dot",
                    "vdot", "outer", "ger", "inner", "tensordot", "_scaled_mm", "convolution", "_convolution", "conv1d",
-                   "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
+                   "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "_addmm_activation",
+                   "bilinear", "_trilinear", "linalg_vecdot", "cdist", "_cdist_forward", "kron", "chain_matmul",
+                   "linalg_multi_dot", "scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
+                   "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
+                   "_scaled_dot_product_cudnn_attention", "_efficient_attention_forward", "_flash_attention_forward"}
+LOOKUPS = {"embedding", "index_select", "embedding_bag", "_embedding_bag"}  # (table, indices, ...): no multiplies
 # An operator's text arguments the harness passes: a mode's name (parsed by the operator), or an assert's message
 MODE_ARGUMENTS = {"approximate", "rounding_mode", "reduce", "padding", "side", "indexing", "interpolation", "norm",
                   "mode", "equation", "UPLO", "driver", "ord", "pad_mode", "padding_side", "activation", "assert_msg"}
@@ -333,14 +340,19 @@ def payload_problem(config: dict, kind: str, records: dict) -> str | None:
 
 
 def operator_problem(target) -> str | None:
-    """Why the harness will not run an operator of a loaded program: only aten's, and none that takes a
-    storage or text other than a mode's name (aten.from_file and aten.save name a file to map or write,
-    outside the run's sandbox)."""
+    """Why the harness will not run an operator of a loaded program: only aten's, none that writes into a
+    tensor (through its input the program could reach the targets it is scored on: set_, copy_) or
+    returns memory it did not fill (empty: what earlier calls left), and none that takes a storage or
+    text other than a mode's name (aten.from_file and aten.save name a file to map or write, outside
+    the run's sandbox)."""
     import torch
     if target is operator.getitem:
         return None
     if not (isinstance(target, torch._ops.OpOverload) and target.namespace == "aten"):
         return f"the program calls {target!r}, no operator the harness runs"
+    name = target._schema.name.split("::")[-1]
+    if target._schema.is_mutable or name.startswith(UNINITIALIZED):  # writes, or memory of earlier calls
+        return f"the program calls {target!r}, which writes into a tensor or returns memory it did not fill"
     for argument in target._schema.arguments:
         kind = str(argument.type)
         if "Storage" in kind or ("str" in kind and argument.name not in MODE_ARGUMENTS):
@@ -420,26 +432,39 @@ def rows_per_call(exported) -> int:
 
 def matmul_flops_per_token(exported) -> int:
     """A floor under the model's training FLOPs per token, for the flops budget clock: 6 per element of
-    each weight that reaches an operand of a matrix product other than through the input (a parameter,
-    buffer or constant, however it is stored: flat and viewed, stacked and sliced, as train.py counts
-    the weights that multiply); an embedding table, looked up by the input, costs no multiplies.
-    Attention's share is left out, so an honest count is never below it."""
+    each weight (a parameter, buffer or constant, however stored or mixed) that reaches an operand of
+    a matrix product, walking back from each operand as far as the products before it (which count
+    their own) and the lookups of the input (a table looked up costs no multiplies). train.py counts
+    the weights that multiply the same way; attention's share is left out, so an honest count is
+    never below it."""
     signature = exported.graph_signature
     state = {**signature.inputs_to_parameters, **signature.inputs_to_buffers,
              **signature.inputs_to_lifted_tensor_constants}
-    from_input, weights, counted = set(signature.user_inputs), {}, set()
+    from_input = set(signature.user_inputs)
     for node in exported.graph.nodes:  # in order: each node's inputs come before it
-        parents = node.all_input_nodes
-        if node.op == "placeholder":
-            weights[node] = {node} if node.name in state else set()
-            continue
-        if any(parent.name in from_input for parent in parents):
+        if any(parent.name in from_input for parent in node.all_input_nodes):
             from_input.add(node.name)
-        else:  # computed from weights alone: the weights it is made of
-            weights[node] = set().union(*(weights.get(parent, set()) for parent in parents))
-        if node.op == "call_function" and getattr(node.target, "_opname", None) in MATRIX_PRODUCTS:
-            counted.update(*(weights.get(parent, set()) for parent in parents if parent.name not in from_input))
+    counted = set()
+    for product in (node for node in exported.graph.nodes if operator_name(node) in MATRIX_PRODUCTS):
+        stack, seen = list(product.all_input_nodes), set()
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            name = operator_name(node)
+            if node.op == "placeholder":
+                counted.update([node] if node.name in state else [])
+            elif name in MATRIX_PRODUCTS or (name in LOOKUPS and node.args[1].name in from_input):
+                continue
+            else:
+                stack.extend(node.all_input_nodes)
     return 6 * sum(node.meta["val"].numel() for node in counted)
+
+
+def operator_name(node) -> str | None:
+    """aten's name of the operator a node calls (linear, mm), or None."""
+    return getattr(node.target, "_opname", None) if node.op == "call_function" else None
 
 
 def main(argv=None) -> int:

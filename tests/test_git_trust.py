@@ -4,6 +4,7 @@ every content conversion an attributes file can ask for (eol, ident, export-subs
 planted in .git/config, .git/info/attributes or a .gitattributes of the workspace. Each planted
 program would touch a marker; the marker never appears and what the server checks out or
 archives is byte for byte the commit's blob."""
+import os
 import shutil
 
 from mcp_server.core.workspace import NEUTRAL_ATTRIBUTES, Workspace
@@ -165,3 +166,36 @@ def test_an_attributes_file_the_server_cannot_write_is_a_clear_refusal(lab):
     assert "info/attributes cannot be written" in said and "Make it a plain file" in said, said
     (lab.ws / ".git" / "info" / "attributes").rmdir()
     assert lab.ok("run_experiment", description="once it can")["status"] == "ok"
+
+
+def test_a_replace_ref_does_not_pass_an_edited_harness_copy_as_its_commit(tmp_path):
+    """refs/replace/<commit> makes git show another commit under that id: the agent edited the harness
+    copy's evaluator, pointed the harness commit's id at a commit holding the edit, and both checks
+    (the worker's bytes against ls-tree, the server's digests of the commit's sources) passed it."""
+    import hashlib
+    import subprocess
+    from mcp_server.core import integrity
+    from mcp_server.scripts.harness_copy import harness_problem
+    repo = tmp_path / "ws"
+    (repo / "nanochat").mkdir(parents=True)
+    (repo / "nanochat" / "evaluate_export.py").write_text("VAL_BPB = None\n")
+    git(repo.parent, "init", "-q", "-b", "main", str(repo))
+    git(repo, "add", ".")
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "harness")
+    harness_commit = git(repo, "rev-parse", "HEAD").strip()
+    harness = repo / ".git" / "research-loop" / "harness"
+    git(repo, "worktree", "add", "-q", "--detach", str(harness), harness_commit)
+    forged = "VAL_BPB = 0.5\n"
+    (harness / "nanochat" / "evaluate_export.py").write_text(forged)  # the agent's edit, then its replace ref
+    index = dict(os.environ, GIT_INDEX_FILE=str(tmp_path / "index"))
+    blob_id = git(repo, "hash-object", "-w", str(harness / "nanochat" / "evaluate_export.py")).strip()
+    subprocess.run(["git", "read-tree", harness_commit], cwd=repo, env=index, check=True)
+    subprocess.run(["git", "update-index", "--cacheinfo", f"100644,{blob_id},nanochat/evaluate_export.py"], cwd=repo,
+                   env=index, check=True)
+    tree = subprocess.run(["git", "write-tree"], cwd=repo, env=index, check=True, capture_output=True,
+                          text=True).stdout.strip()
+    replacement = git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit-tree", tree, "-m", "harness").strip()
+    git(repo, "replace", harness_commit, replacement)
+    assert "nanochat/evaluate_export.py" in str(harness_problem(str(harness), harness_commit))
+    sources = integrity.harness_sources(Workspace(repo), harness_commit)
+    assert sources["nanochat/evaluate_export.py"] == hashlib.sha256(b"VAL_BPB = None\n").hexdigest()

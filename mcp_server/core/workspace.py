@@ -43,8 +43,9 @@ UPSTREAM_TIME_BUDGET = 300.0
 # Signing runs gpg.program (commit-tree honours commit.gpgSign); autocrlf converts line ends.
 NO_AGENT_CODE = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c", "commit.gpgSign=false",
                  "-c", "core.autocrlf=false", "-c", "core.attributesFile=/dev/null")
-# No system-wide config or attributes either (a machine's, not the research run's).
-GIT_ENV = {"GIT_CONFIG_NOSYSTEM": "1", "GIT_ATTR_NOSYSTEM": "1"}
+# No system-wide config or attributes either (a machine's, not the research run's), and no replace refs
+# (refs/replace/<commit> shows another commit's tree under that commit's id: the harness's, kept or checked).
+GIT_ENV = {"GIT_CONFIG_NOSYSTEM": "1", "GIT_ATTR_NOSYSTEM": "1", "GIT_NO_REPLACE_OBJECTS": "1"}
 # Filters, textconv and merge drivers are config programs, but only an attribute naming them makes
 # git run one; so does every content conversion. $GIT_DIR/info/attributes outranks every
 # .gitattributes, and its last line outranks its earlier ones (git < 2.40 has no --attr-source):

@@ -16,7 +16,7 @@ READ_CHUNK = 1 << 20
 # package) and is asked only for the commit's tree (ls-tree reads no index, so no fsmonitor runs, and
 # hashes no file, so no attribute's filter runs); the files' bytes are compared here
 NO_AGENT_GIT = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c", "core.attributesFile=/dev/null")
-GIT_ENV = {"GIT_CONFIG_NOSYSTEM": "1", "GIT_ATTR_NOSYSTEM": "1"}
+GIT_ENV = {"GIT_CONFIG_NOSYSTEM": "1", "GIT_ATTR_NOSYSTEM": "1", "GIT_NO_REPLACE_OBJECTS": "1"}
 
 
 def harness_problem(harness: str, commit: str | None) -> str | None:
