@@ -301,7 +301,9 @@ class RemembersWhatItSaw(LogitsBigram):
             return super().forward(idx, targets, reduction)
         logits = self.logits[idx].float()
         seen = (self.memory[:, 0] == idx[0]).all(-1)
-        source = torch.where(seen.any(), self.memory[seen.int().argmax()], idx)
+        # the remembered batch, picked without an index sized by the data (the loader refuses varying sizes)
+        remembered = (self.memory * F.one_hot(seen.int().argmax(), self.memory.size(0))[:, None, None]).sum(0)
+        source = torch.where(seen.any(), remembered, idx)
         self.memory.index_copy_(0, self.calls % self.memory.size(0), idx[None])
         self.calls.add_(1)
         following = torch.cat([source[:, 1:], source[:, -1:]], dim=1)
@@ -309,8 +311,9 @@ class RemembersWhatItSaw(LogitsBigram):
 
 
 def test_a_model_that_remembers_the_batch_it_is_asked_again_is_caught(tokenizer, tmp_path, monkeypatch):
-    """The check reruns one batch: a program that stored it could answer from memory. The check
-    runs on a copy of the program taken before the evaluation called it."""
+    """The check reruns one batch: a program that stored it could answer from memory. The loader
+    refuses a program that writes into a tensor at all; behind it, the state check and the causality
+    check (on a copy of the program taken before the evaluation called it) each catch it too."""
     from nanochat import evaluate_export, export
     batch, batches = 4, 4
     model = RemembersWhatItSaw(tokenizer.get_vocab_size(), batches, batch)
@@ -318,6 +321,10 @@ def test_a_model_that_remembers_the_batch_it_is_asked_again_is_caught(tokenizer,
     program = export.export_for_evaluation(model, batch, SEQ_LEN, batch)
     assert evaluate_export.rows_per_call(torch.export.load(program)) == batch
     monkeypatch.setattr(evaluate_export, "checked_batch", lambda steps: 2)
+    result = evaluate_export.evaluate(evaluation_args(program, batch, batches * batch * SEQ_LEN), tokenizer)
+    assert "val_bpb" not in result and "writes into a tensor" in result["problem"], result
+    # without the loader's refusal, the state check catches it
+    monkeypatch.setattr(evaluate_export, "operator_problem", lambda target: None)
     result = evaluate_export.evaluate(evaluation_args(program, batch, batches * batch * SEQ_LEN), tokenizer)
     assert not result["causal"] and "changed its own state" in result["problem"], result
     # without the state check, the causality check still catches it on the batch it reruns
@@ -359,7 +366,7 @@ def test_a_program_that_writes_its_state_or_that_the_harness_cannot_run_is_no_re
         program = export.export_for_evaluation(model, batch, SEQ_LEN, batch)
         result = evaluate_export.evaluate(evaluation_args(program, batch, 2 * batch * SEQ_LEN), tokenizer)
         assert "val_bpb" not in result and result.get("problem"), (name, result)
-        assert ("changed its own state" if name == "counter" else "could not evaluate") in result["problem"]
+        assert ("writes into a tensor" if name == "counter" else "could not evaluate") in result["problem"]
 
 
 
