@@ -44,6 +44,10 @@ from pathlib import Path
 
 HARNESS = Path(__file__).resolve().parent.parent
 TOLERANCE = 1e-4  # relative: losses that must not change may differ by rounding only
+# Batches the causality check reruns, each with its own cuts: each row tests one position for a peek
+CHECKED_BATCHES = 4
+NOT_FINITE = ("the model's loss is not finite at some position (NaN or infinite logits), counted or not: a model "
+              "that scores no position as a number is no result")
 CE_CHUNK_ROWS = 64  # token positions whose cross-entropy is computed together
 REQUEST_FDS = ("out", "program", "val", "tokenizer", "log")  # a warm request's descriptors, in this order
 MAX_REQUEST_BYTES = 4096
@@ -90,13 +94,17 @@ def causality_problem(per_token_loss, x, targets, before, vocab_size: int) -> st
     the tokens after each row's cut replaced: the loss of the original targets at every position up
     to the cut must not move. A model that peeks at a later token (or at another row) to predict
     the next one fails: what it sees changed, so its probability of the original target does."""
+    import torch
     perturbed, cuts = perturbed_after_cuts(x, vocab_size)
     before = before.view(x.shape)
     after = per_token_loss(perturbed, targets).view(x.shape)
-    scale = before.abs().max().clamp_min(1.0)
+    if not torch.isfinite(after).all():
+        return NOT_FINITE
+    # the typical loss, which a few positions (the uncounted ones before a document's start) cannot move
+    scale = before.abs().median().clamp_min(1.0)
     for row, cut in enumerate(cuts):
         moved = (after[row, :cut + 1] - before[row, :cut + 1]).abs().max() / scale
-        if moved > TOLERANCE:
+        if not moved <= TOLERANCE:
             what = "other rows" if row == 0 else f"tokens after position {cut}"
             return (f"not causal: changing {what} moved the loss at or before position {cut} of row {row} "
                     f"(by {moved.item():.2e} of its scale); the model sees what it must predict")
@@ -139,8 +147,9 @@ def evaluate(args, tokenizer) -> dict:
     # it writes) cannot remember the batch it is asked again, and answer as it did then
     pristine = copy.deepcopy(program)
     loaded = time.time()
-    check_at = checked_batch(evaluation_steps(args.eval_tokens, args.batch_size, args.seq_len))
-    checked, calls = [], itertools.count()
+    steps = evaluation_steps(args.eval_tokens, args.batch_size, args.seq_len)
+    check_at = {checked_batch(steps) for _ in range(CHECKED_BATCHES)}
+    checked, calls, finite = [], itertools.count(), [True]
     rows = rows_per_call(exported)
 
     def call_loss(module, x, y):
@@ -158,8 +167,9 @@ def evaluate(args, tokenizer) -> dict:
 
     def loss(x, y, reduction="none"):
         losses = per_token_loss(program, x, y)
-        if next(calls) == check_at:
-            checked.extend((x, y, losses))
+        finite[0] = finite[0] and bool(torch.isfinite(losses).all())
+        if next(calls) in check_at:
+            checked.append((x, y, losses))
         return losses
 
     try:
@@ -167,9 +177,9 @@ def evaluate(args, tokenizer) -> dict:
             val_bpb = evaluate_bpb(loss_model(loss), tokenizer, args.batch_size, args.seq_len, args.eval_tokens,
                                    DEVICE, val_paths=[args.val])
             evaluated = time.time()
-            problem = (state_change(program, pristine) or
-                       causality_problem(functools.partial(per_token_loss, pristine), *checked,
-                                         tokenizer.get_vocab_size()))
+            problem = (state_change(program, pristine) or (None if finite[0] else NOT_FINITE) or
+                       next(filter(None, (causality_problem(functools.partial(per_token_loss, pristine), *batch,
+                                                            tokenizer.get_vocab_size()) for batch in checked)), None))
     except Exception as exc:  # noqa: BLE001  (a program the harness cannot run is no result, not an unverified one)
         return {"problem": f"the harness could not evaluate the exported model ({type(exc).__name__}: "
                            f"{str(exc)[:200]}): a model the harness cannot score is no result"}
@@ -201,7 +211,28 @@ PLAIN_NAME = re.compile(r"[A-Za-z0-9_.]*")
 FLOAT_WORDS = {"Infinity", "-Infinity", "NaN"}
 VERSION = re.compile(r"[A-Za-z0-9_.+]+")
 MAX_PROGRAM_TEXT_BYTES = 32 * 2**20  # json holds it in about 16 times that; a 24-layer GPT's is ~3 MiB
-UNINITIALIZED = ("empty", "new_empty", "_empty")
+# The aten operators beside the pointwise ones a program may call: dense, bounds-checked, filled with values
+DENSE_OPERATORS = {
+    # shapes, views and copies
+    "view", "_unsafe_view", "reshape", "permute", "transpose", "t", "expand", "expand_as", "unsqueeze", "squeeze",
+    "slice", "select", "narrow", "cat", "stack", "split", "split_with_sizes", "chunk", "unbind", "flatten",
+    "unflatten", "alias", "clone", "contiguous", "to", "_to_copy", "type_as", "repeat", "roll", "flip", "movedim",
+    "diagonal", "view_as", "detach", "lift_fresh_copy", "_assert_tensor_metadata", "index_select", "gather", "index",
+    "triu", "tril", "pad", "constant_pad_nd", "tile", "__or__", "__and__", "__xor__",
+    # tensors filled with values
+    "arange", "zeros", "ones", "full", "zeros_like", "ones_like", "full_like", "scalar_tensor", "new_zeros",
+    "new_ones", "new_full", "linspace", "eye", "one_hot",
+    # reductions
+    "sum", "mean", "amax", "amin", "max", "min", "var", "std", "var_mean", "prod", "softmax", "_softmax",
+    "log_softmax", "_log_softmax", "logsumexp", "cumsum", "argmax", "argmin", "norm", "linalg_vector_norm", "any",
+    "all",
+    # products, attention, norms, lookups
+    "linear", "mm", "addmm", "bmm", "baddbmm", "matmul", "einsum", "_addmm_activation", "scaled_dot_product_attention",
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention", "embedding", "rms_norm",
+    "_fused_rms_norm", "layer_norm", "native_layer_norm", "group_norm", "native_group_norm", "conv1d", "conv2d",
+    "convolution", "_convolution",
+}
 # The operators that multiply matrices (a convolution too: one of kernel 1 is a linear layer)
 MATRIX_PRODUCTS = {"linear", "mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "einsum", "mv", "addmv", "dot",
                    "vdot", "outer", "ger", "inner", "tensordot", "_scaled_mm", "convolution", "_convolution", "conv1d",
@@ -340,24 +371,38 @@ def payload_problem(config: dict, kind: str, records: dict) -> str | None:
 
 
 def operator_problem(target) -> str | None:
-    """Why the harness will not run an operator of a loaded program: only aten's, none that writes into a
-    tensor (through its input the program could reach the targets it is scored on: set_, copy_) or
-    returns memory it did not fill (empty: what earlier calls left), and none that takes a storage or
-    text other than a mode's name (aten.from_file and aten.save name a file to map or write, outside
-    the run's sandbox)."""
+    """Why the harness will not run an operator of a loaded program: only aten's dense operators it
+    knows (DENSE_OPERATORS, and those torch tags pointwise), none that writes into a tensor (through
+    its input the program could reach the targets it is scored on: set_, copy_) and none drawn at
+    random. The rest of aten holds what the evaluator must not run outside the sandbox: memory it did
+    not fill (empty, resize), sparse and nested constructors whose writes are not bounds-checked
+    (a program wrote into the evaluator's heap), files (from_file, save)."""
     import torch
     if target is operator.getitem:
         return None
     if not (isinstance(target, torch._ops.OpOverload) and target.namespace == "aten"):
         return f"the program calls {target!r}, no operator the harness runs"
     name = target._schema.name.split("::")[-1]
-    if target._schema.is_mutable or name.startswith(UNINITIALIZED):  # writes, or memory of earlier calls
-        return f"the program calls {target!r}, which writes into a tensor or returns memory it did not fill"
+    known = name in DENSE_OPERATORS or pointwise(name)
+    if target._schema.is_mutable or not known:
+        return (f"the program calls {target!r}, which the harness does not run: it runs dense aten operators that "
+                "write into no tensor and draw nothing at random (nanochat/evaluate_export.py's DENSE_OPERATORS, and "
+                "the pointwise ones); express the model with those")
     for argument in target._schema.arguments:
         kind = str(argument.type)
         if "Storage" in kind or ("str" in kind and argument.name not in MODE_ARGUMENTS):
             return f"the program calls {target!r}, whose {argument.name} ({kind}) the harness does not pass"
     return None
+
+
+@functools.cache
+def pointwise(name: str) -> bool:
+    """Whether torch tags an overload of aten's operator `name` pointwise (where.self is, where.ScalarSelf
+    is not) and none drawn at random."""
+    import torch
+    packet = getattr(torch.ops.aten, name)
+    tags = [set(getattr(packet, overload).tags) for overload in packet.overloads()]
+    return any(torch.Tag.pointwise in t for t in tags) and not any(torch.Tag.nondeterministic_seeded in t for t in tags)
 
 
 def load_program(path: str):
