@@ -559,19 +559,25 @@ def handoff_run(tmp_path, before_answer="", eval_seconds=0.0, timeout=30):
     return report, log, time.monotonic() - started
 
 
-def test_an_export_larger_than_any_model_is_a_crash_not_a_copy(tmp_path, monkeypatch):
-    """A 50 GiB sparse file at the export path costs the run a few bytes of disk; the harness's copy
-    of it would fill the disk. It is refused at once, and the run is no result, whatever it prints."""
-    from mcp_server.core import integrity
+def run_with_export(tmp_path, monkeypatch, writes: str) -> dict:
+    """A run whose export is what the code `writes` leaves at `path`, and which prints a number of its
+    own: the worker's report."""
     monkeypatch.chdir(tmp_path)
     evaluate = {"argv": [sys.executable, "-c", FAKE_EVALUATOR], "env": dict(os.environ), "timeout": 20,
                 "harness": str(clean_harness(tmp_path)), "harness_commit": None}
     code = EXPORT_THEN_WAIT.format(repo=str(REPO), before_answer="").replace(
-        "open(path, 'w').write('model')", "open(path, 'w').truncate(50 << 30)").replace(
-        "handed['val_bpb']", "handed.get('val_bpb', 0.5)")  # and it prints a number of its own
+        "open(path, 'w').write('model')", writes).replace("handed['val_bpb']", "handed.get('val_bpb', 0.5)")
+    report, _ = run_worker(tmp_path, code, "--timeout", "30", "--export", str(tmp_path / "model.pt2"),
+                           "--evaluate", json.dumps(evaluate))
+    return report
+
+
+def test_an_export_larger_than_any_model_is_a_crash_not_a_copy(tmp_path, monkeypatch):
+    """A 50 GiB sparse file at the export path costs the run a few bytes of disk; the harness's copy
+    of it would fill the disk. It is refused at once, and the run is no result, whatever it prints."""
+    from mcp_server.core import integrity
     started = time.monotonic()
-    report, log = run_worker(tmp_path, code, "--timeout", "30", "--export", str(tmp_path / "model.pt2"),
-                             "--evaluate", json.dumps(evaluate))
+    report = run_with_export(tmp_path, monkeypatch, "open(path, 'w').truncate(50 << 30)")
     assert (tmp_path / "model.pt2").stat().st_size == 50 << 30 and time.monotonic() - started < 20
     problem, number, _ = integrity.evaluation_verdict(report)
     assert number is None and "over 16 GiB, more than a real export of the model can be" in str(problem), report
@@ -582,14 +588,8 @@ def test_a_sparse_export_is_refused_before_the_harness_copies_it_into_memory(tmp
     its content; a sparse file under the 16 GiB cap costs the run no disk and the worker as much RAM
     (per slot). A file that is mostly holes is refused before the copy, and the run is no result."""
     from mcp_server.core import integrity
-    monkeypatch.chdir(tmp_path)
-    evaluate = {"argv": [sys.executable, "-c", FAKE_EVALUATOR], "env": dict(os.environ), "timeout": 20,
-                "harness": str(clean_harness(tmp_path)), "harness_commit": None}
-    code = EXPORT_THEN_WAIT.format(repo=str(REPO), before_answer="").replace(
-        "open(path, 'w').write('model')", "f = open(path, 'w'); f.write('model'); f.truncate(256 << 20); f.close()").replace(
-        "handed['val_bpb']", "handed.get('val_bpb', 0.5)")  # and it prints a number of its own
-    report, log = run_worker(tmp_path, code, "--timeout", "30", "--export", str(tmp_path / "model.pt2"),
-                             "--evaluate", json.dumps(evaluate))
+    report = run_with_export(tmp_path, monkeypatch,
+                             "f = open(path, 'w'); f.write('model'); f.truncate(256 << 20); f.close()")
     assert os.stat(tmp_path / "model.pt2").st_blocks * 512 < 1 << 20  # no disk taken
     problem, number, _ = integrity.evaluation_verdict(report)
     assert number is None and "is a sparse file" in str(problem) and "MiB are holes" in str(problem), report
