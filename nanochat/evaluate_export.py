@@ -29,17 +29,13 @@ import copy
 import functools
 import itertools
 import json
-import math
-import operator
 import os
-import re
 import secrets
 import signal
 import socket
 import sys
 import time
 import traceback
-import zipfile
 from pathlib import Path
 
 HARNESS = Path(__file__).resolve().parent.parent
@@ -131,6 +127,7 @@ def evaluate(args, tokenizer) -> dict:
     import torch
 
     from nanochat.evaluation import evaluate_bpb, evaluation_steps
+    from nanochat.program_check import load_program
     from nanochat.platform import DEVICE, autocast
 
     started, cpu_started, faults_started = time.time(), time.process_time(), minor_faults()
@@ -196,43 +193,6 @@ def evaluate(args, tokenizer) -> dict:
     return result
 
 
-# What a program's archive may hold, as torch.export.save writes it for this harness (static shapes, aten
-# operators, tensors stored raw): train.py writes the file, and torch's loader runs code from it (a weight or
-# constant marked use_pickle and a legacy state dict go through torch.load without weights_only, an opaque
-# constant through pickle.loads, a symbolic size's text through sympy.sympify, guards' text as code, an
-# AOTInductor folder as a compiled library), in this process, outside the run's sandbox, where it could
-# write any result.
-ARCHIVE_FILES = re.compile(r"(models/model\.json|data/weights/weight_\d+|data/weights/model_weights_config\.json"
-                           r"|data/constants/tensor_\d+|data/constants/model_constants_config\.json"
-                           r"|data/sample_inputs/model\.pt|archive_format|archive_version|byteorder|"
-                           r"\.data/version|\.data/serialization_id)")
-PROGRAM_TARGETS = re.compile(r"torch\.ops\.aten\.[A-Za-z0-9_]+\.[A-Za-z0-9_]+|_operator\.getitem")
-PLAIN_NAME = re.compile(r"[A-Za-z0-9_.]*")
-FLOAT_WORDS = {"Infinity", "-Infinity", "NaN"}
-VERSION = re.compile(r"[A-Za-z0-9_.+]+")
-MAX_PROGRAM_TEXT_BYTES = 32 * 2**20  # json holds it in about 16 times that; a 24-layer GPT's is ~3 MiB
-# The aten operators beside the pointwise ones a program may call: dense, bounds-checked, filled with values
-DENSE_OPERATORS = {
-    # shapes, views and copies
-    "view", "_unsafe_view", "reshape", "permute", "transpose", "t", "expand", "expand_as", "unsqueeze", "squeeze",
-    "slice", "select", "narrow", "cat", "stack", "split", "split_with_sizes", "chunk", "unbind", "flatten",
-    "unflatten", "alias", "clone", "contiguous", "to", "_to_copy", "type_as", "repeat", "roll", "flip", "movedim",
-    "diagonal", "view_as", "detach", "lift_fresh_copy", "_assert_tensor_metadata", "index_select", "gather", "index",
-    "triu", "tril", "pad", "constant_pad_nd", "tile", "__or__", "__and__", "__xor__",
-    # tensors filled with values
-    "arange", "zeros", "ones", "full", "zeros_like", "ones_like", "full_like", "scalar_tensor", "new_zeros",
-    "new_ones", "new_full", "linspace", "eye", "one_hot",
-    # reductions
-    "sum", "mean", "amax", "amin", "max", "min", "var", "std", "var_mean", "prod", "softmax", "_softmax",
-    "log_softmax", "_log_softmax", "logsumexp", "cumsum", "argmax", "argmin", "norm", "linalg_vector_norm", "any",
-    "all",
-    # products, attention, norms, lookups
-    "linear", "mm", "addmm", "bmm", "baddbmm", "matmul", "einsum", "_addmm_activation", "scaled_dot_product_attention",
-    "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
-    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention", "embedding", "rms_norm",
-    "_fused_rms_norm", "layer_norm", "native_layer_norm", "group_norm", "native_group_norm", "conv1d", "conv2d",
-    "convolution", "_convolution",
-}
 # The operators that multiply matrices (a convolution too: one of kernel 1 is a linear layer)
 MATRIX_PRODUCTS = {"linear", "mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "einsum", "mv", "addmv", "dot",
                    "vdot", "outer", "ger", "inner", "tensordot", "_scaled_mm", "convolution", "_convolution", "conv1d",
@@ -242,195 +202,6 @@ MATRIX_PRODUCTS = {"linear", "mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul"
                    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
                    "_scaled_dot_product_cudnn_attention", "_efficient_attention_forward", "_flash_attention_forward"}
 LOOKUPS = {"embedding", "index_select", "embedding_bag", "_embedding_bag"}  # (table, indices, ...): no multiplies
-# An operator's text arguments the harness passes: a mode's name (parsed by the operator), or an assert's message
-MODE_ARGUMENTS = {"approximate", "rounding_mode", "reduce", "padding", "side", "indexing", "interpolation", "norm",
-                  "mode", "equation", "UPLO", "driver", "ord", "pad_mode", "padding_side", "activation", "assert_msg"}
-
-# A symbolic size is text that sympy.sympify evaluates as Python: only arithmetic on symbols (u0, s1) and
-# sympy's and torch's functions of sizes, nothing that names any other object, an attribute or a string
-EXPRESSION_NAMES = re.compile(r"[a-z]+[0-9]+")
-EXPRESSION_CALLS = {"Symbol", "Integer", "Float", "Rational", "Max", "Min", "Abs", "Eq", "Ne", "Lt", "Le", "Gt", "Ge",
-                    "And", "Or", "Not", "FloorDiv", "ModularIndexing", "Where", "PythonMod", "Mod", "CleanDiv",
-                    "CeilToInt", "FloorToInt", "CeilDiv", "IntTrueDiv", "FloatTrueDiv", "LShift", "RShift",
-                    "IsNonOverlappingAndDenseIndicator", "TruncToFloat", "TruncToInt", "RoundToInt", "RoundDecimal",
-                    "ToFloat", "FloatPow", "PowByNatural", "Identity"}
-
-
-def plain_expression(text) -> bool:
-    """Whether a symbolic size's text is arithmetic on symbols and size functions only (plain_expression)."""
-    import ast
-    try:
-        tree = ast.parse(str(text), mode="eval")
-    except (SyntaxError, ValueError):
-        return False
-    calls = {id(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Name):
-            if not (EXPRESSION_NAMES.fullmatch(node.id) or (id(node) in calls and node.id in EXPRESSION_CALLS)):
-                return False
-        elif isinstance(node, ast.Call):
-            if not isinstance(node.func, ast.Name):
-                return False
-        elif isinstance(node, ast.keyword):
-            if not (node.arg and node.arg.isalpha() and isinstance(node.value, ast.Constant)
-                    and isinstance(node.value.value, bool)):
-                return False
-        elif isinstance(node, ast.Constant):
-            if not (isinstance(node.value, (bool, int, float)) or
-                    (isinstance(node.value, str) and EXPRESSION_NAMES.fullmatch(node.value))):
-                return False
-        elif not isinstance(node, (ast.Expression, ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare, ast.operator,
-                                   ast.unaryop, ast.boolop, ast.cmpop, ast.Load)):
-            return False
-    return True
-
-
-def archive_problem(reader, records: dict) -> str | None:
-    """Why the harness will not load this archive (torch's own reader: what its loader would read), or None.
-    records: {name inside the archive: its zip entry}."""
-    names = reader.get_file_names()
-    odd = sorted(name for name in names if not ARCHIVE_FILES.fullmatch(name))
-    if odd or len(set(names)) != len(names) or "models/model.json" not in names:
-        return f"files no exported program of this harness holds ({', '.join(odd[:3]) or 'names repeated or missing'})"
-    if any(entry.compress_type != zipfile.ZIP_STORED for entry in records.values()):
-        return "compressed files (torch.export.save stores them raw; a small archive would unpack to any size)"
-    if records["models/model.json"].file_size > MAX_PROGRAM_TEXT_BYTES:
-        return f"a program over {MAX_PROGRAM_TEXT_BYTES >> 20} MiB of text"
-    for kind in ("weights", "constants"):
-        config = json.loads(reader.read_bytes(f"data/{kind}/model_{kind}_config.json"))
-        problem = text_problem(config) or payload_problem(config["config"], kind, records)
-        if problem:
-            return problem
-    model = json.loads(reader.read_bytes("models/model.json"))
-    if model.get("guards_code"):
-        return "guards (code the loader runs)"
-    if model.get("range_constraints"):
-        return "sizes that vary (range constraints): the harness's programs have fixed shapes"
-    graph_module = model["graph_module"]
-    calls = graph_module["module_call_graph"]
-    signature = calls[0]["signature"] if calls and calls[0]["fqn"] == "" else {}
-    if (signature.get("in_spec"), signature.get("out_spec")) != program_specs() or any(
-            call["signature"] is not None for call in calls[1:]):
-        return "inputs or outputs other than one tensor in, its logits out"
-    if any(graph_module["graph"].get(key) for key in ("custom_obj_values",)) or graph_module.get(
-            "treespec_namedtuple_fields"):
-        return "objects or named tuples no program of this harness holds"
-    bad = [node.get("target") for node in graph_module["graph"]["nodes"]
-           if not PROGRAM_TARGETS.fullmatch(str(node.get("target")))]
-    if bad:
-        return f"an operator the harness does not run ({str(bad[0])[:80]})"
-    return text_problem(model)
-
-
-def program_specs() -> tuple[str, str]:
-    """The input and output specs of model(idx) -> logits, as torch writes them."""
-    import torch
-    from torch.utils._pytree import tree_structure, treespec_dumps
-    tensor = torch.zeros(1)
-    return treespec_dumps(tree_structure(((tensor,), {}))), treespec_dumps(tree_structure(tensor))
-
-
-def text_problem(item, key: str | None = None) -> str | None:
-    """Text in a program's description other than plain names: torch writes its names (inputs, values,
-    parameters, forward's arguments) into the Python source it generates for the module and runs, so a
-    name like `idx=(code)` would be code. Node metadata (stack traces, module paths) is only read as text,
-    and an operator's string argument is written quoted; the specs are compared whole (archive_problem)."""
-    if isinstance(item, dict):
-        for name, value in item.items():
-            if name in ("metadata", "in_spec", "out_spec", "as_string"):
-                continue
-            if not PLAIN_NAME.fullmatch(name):
-                return f"a name that is not a plain name ({name[:80]!r})"
-            problem = text_problem(value, name)
-            if problem:
-                return problem
-    elif isinstance(item, list):
-        return next(filter(None, (text_problem(value, key) for value in item)), None)
-    elif isinstance(item, str):
-        if key == "expr_str":
-            return None if plain_expression(item) else f"a symbolic size the loader would evaluate as code ({item[:80]})"
-        if not (PLAIN_NAME.fullmatch(item) or (key == "as_float" and item in FLOAT_WORDS)
-                or (key == "torch_version" and VERSION.fullmatch(item))):
-            return f"text where a plain name goes ({item[:80]!r})"
-    return None
-
-
-def payload_problem(config: dict, kind: str, records: dict) -> str | None:
-    """Why the tensors a config describes cannot be read as stored: pickles, or an empty record, which torch's
-    loader fills with zeros of the declared size (any size, from a few bytes of archive)."""
-    for entry in config.values():
-        if entry.get("use_pickle") is not False:
-            return f"{kind} stored as pickles (loading them would run what they hold)"
-        sizes = [size.get("as_int") for size in entry["tensor_meta"]["sizes"]]
-        if not all(isinstance(size, int) for size in sizes):
-            return f"{kind} of sizes that are not numbers"
-        record = records.get(f"data/{kind}/{entry['path_name']}")
-        if record is None or (record.file_size == 0 and math.prod(sizes) > 0):
-            return f"{kind} without their data ({entry['path_name']})"
-    return None
-
-
-def operator_problem(target) -> str | None:
-    """Why the harness will not run an operator of a loaded program: only aten's dense operators it
-    knows (DENSE_OPERATORS, and those torch tags pointwise), none that writes into a tensor (through
-    its input the program could reach the targets it is scored on: set_, copy_) and none drawn at
-    random. The rest of aten holds what the evaluator must not run outside the sandbox: memory it did
-    not fill (empty, resize), sparse and nested constructors whose writes are not bounds-checked
-    (a program wrote into the evaluator's heap), files (from_file, save)."""
-    import torch
-    if target is operator.getitem:
-        return None
-    if not (isinstance(target, torch._ops.OpOverload) and target.namespace == "aten"):
-        return f"the program calls {target!r}, no operator the harness runs"
-    name = target._schema.name.split("::")[-1]
-    known = name in DENSE_OPERATORS or pointwise(name)
-    if target._schema.is_mutable or not known:
-        return (f"the program calls {target!r}, which the harness does not run: it runs dense aten operators that "
-                "write into no tensor and draw nothing at random (nanochat/evaluate_export.py's DENSE_OPERATORS, and "
-                "the pointwise ones); express the model with those")
-    for argument in target._schema.arguments:
-        kind = str(argument.type)
-        if "Storage" in kind or ("str" in kind and argument.name not in MODE_ARGUMENTS):
-            return f"the program calls {target!r}, whose {argument.name} ({kind}) the harness does not pass"
-    return None
-
-
-@functools.cache
-def pointwise(name: str) -> bool:
-    """Whether torch tags an overload of aten's operator `name` pointwise (where.self is, where.ScalarSelf
-    is not) and none drawn at random."""
-    import torch
-    packet = getattr(torch.ops.aten, name)
-    tags = [set(getattr(packet, overload).tags) for overload in packet.overloads()]
-    return any(torch.Tag.pointwise in t for t in tags) and not any(torch.Tag.nondeterministic_seeded in t for t in tags)
-
-
-def load_program(path: str):
-    """The exported program in the file train.py wrote, loaded only where it holds nothing the loader
-    would run as code (archive_problem), and never through the loader's fallbacks: its tensors with
-    torch.load's weights_only always, and no legacy format. A refused archive raises ValueError."""
-    import torch
-    from torch.export.pt2_archive._package import PT2ArchiveReader, load_pt2
-    with open(path, "rb") as f:
-        with zipfile.ZipFile(f) as archive:  # the central directory: each record's size and compression
-            records = {entry.filename.split("/", 1)[-1]: entry for entry in archive.infolist()}
-        f.seek(0)
-        problem = archive_problem(PT2ArchiveReader(f), records)
-        if problem:
-            raise ValueError(f"the archive holds {problem}")
-        f.seek(0)
-        load = torch.load
-        torch.load = lambda *a, weights_only=True, **k: load(*a, weights_only=True, **k)
-        try:
-            exported = load_pt2(f).exported_programs["model"]
-        finally:
-            torch.load = load
-    for node in exported.graph_module.graph.nodes:
-        problem = operator_problem(node.target) if node.op == "call_function" else None
-        if problem:
-            raise ValueError(problem)
-    return exported
-
 
 def minor_faults() -> int:
     """Pages the kernel handed this process so far (memory it had not touched, or had given back)."""
@@ -522,6 +293,7 @@ def main(argv=None) -> int:
     import torch._export.serde.serialize  # noqa: F401  (torch, and what torch.export.load needs)
 
     import nanochat.datasets  # noqa: F401  (the evaluation's data reading, without the device)
+    import nanochat.program_check  # noqa: F401  (the checks of the program, before it comes)
     from nanochat.profiles import evaluation_shape
     args.batch_size, args.seq_len = evaluation_shape(args.profile)
     if args.serve_fd is not None:

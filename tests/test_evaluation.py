@@ -365,7 +365,7 @@ def test_a_model_that_remembers_the_batch_it_is_asked_again_is_caught(tokenizer,
     """The check reruns one batch: a program that stored it could answer from memory. The loader
     refuses a program that writes into a tensor at all; behind it, the state check and the causality
     check (on a copy of the program taken before the evaluation called it) each catch it too."""
-    from nanochat import evaluate_export, export
+    from nanochat import evaluate_export, export, program_check
     batch, batches = 4, 4
     model = RemembersWhatItSaw(tokenizer.get_vocab_size(), batches, batch)
     monkeypatch.setenv(export.EXPORT_ENV, str(tmp_path / "model.pt2"))
@@ -375,7 +375,7 @@ def test_a_model_that_remembers_the_batch_it_is_asked_again_is_caught(tokenizer,
     result = evaluate_export.evaluate(evaluation_args(program, batch, batches * batch * SEQ_LEN), tokenizer)
     assert "val_bpb" not in result and "which the harness does not run" in result["problem"], result
     # without the loader's refusal, the state check catches it
-    monkeypatch.setattr(evaluate_export, "operator_problem", lambda target: None)
+    monkeypatch.setattr(program_check, "operator_problem", lambda target: None)
     result = evaluate_export.evaluate(evaluation_args(program, batch, batches * batch * SEQ_LEN), tokenizer)
     assert not result["causal"] and "changed its own state" in result["problem"], result
     # without the state check, the causality check still catches it on the batch it reruns

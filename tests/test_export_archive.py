@@ -1,4 +1,4 @@
-"""The harness's loader of the program train.py exports (nanochat/evaluate_export.load_program), against
+"""The harness's loader of the program train.py exports (nanochat/program_check.load_program), against
 archives a reward-seeking train.py could write byte for byte (review 39): torch generates Python source
 from the names in a program's description and runs it, and some aten operators open files. Each crafted
 archive starts from a real torch.export of a small model; the end-to-end attack through the evaluator is
@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanochat.evaluate_export import load_program, matmul_flops_per_token
+from nanochat.evaluate_export import matmul_flops_per_token
+from nanochat.program_check import load_program
 
 
 class Small(torch.nn.Module):

@@ -118,6 +118,9 @@ class NightMachine(RuleBasedStateMachine):
     @initialize(slots=st.sampled_from([1, 2]), server=st.sampled_from(SERVERS))
     def start(self, slots, server):
         NightMachine.count += 1
+        # the first night's server is always in its own process: hypothesis draws the first of SERVERS far
+        # more often than one in four (CI saw 35 nights with none)
+        server = "own process" if NightMachine.count == 1 else server
         NightMachine.killed += server == "own process"
         ws = make_workspace(self.base_path / f"night{NightMachine.count}")
         self.lab = KillableLab(ws, slots=slots) if server == "own process" else Lab(ws, slots=slots)
@@ -271,5 +274,4 @@ def test_random_nights_keep_every_invariant(machine_env):
     NightMachine.TestCase().runTest()
     print(f"{NightMachine.count} random nights ({NightMachine.killed} with the server in its own process, "
           f"{NightMachine.kills} SIGKILLs), {NightMachine.steps} tool calls")
-    # about 30 nights, one in four in their own process: none is a chance of 0.75**30 (2e-4)
-    assert NightMachine.count >= 20 and NightMachine.steps >= 100 and NightMachine.killed >= 1
+    assert NightMachine.count >= 20 and NightMachine.steps >= 100
