@@ -118,8 +118,7 @@ def archive_problem(reader, records: dict) -> str | None:
     if (signature.get("in_spec"), signature.get("out_spec")) != program_specs() or any(
             call["signature"] is not None for call in calls[1:]):
         return "inputs or outputs other than one tensor in, its logits out"
-    if any(graph_module["graph"].get(key) for key in ("custom_obj_values",)) or graph_module.get(
-            "treespec_namedtuple_fields"):
+    if graph_module["graph"].get("custom_obj_values") or graph_module.get("treespec_namedtuple_fields"):
         return "objects or named tuples no program of this harness holds"
     bad = [node.get("target") for node in graph_module["graph"]["nodes"]
            if not PROGRAM_TARGETS.fullmatch(str(node.get("target")))]
