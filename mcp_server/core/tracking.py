@@ -320,6 +320,17 @@ def ledger_row(state: dict, commit7: str, status: str | None) -> list | None:
     return next((row for row in state.get("rows") or [] if row[0] == commit7 and row[3] == status), None)
 
 
+def artifacts(what: dict) -> dict:
+    """{name: bytes} of the files a tracked run holds, from what describe() read: its record, its diff
+    and, where it has one to upload, its log (the bytes read once, never a file a link planted in its
+    place points to). Both sinks store these."""
+    files = {"record.json": json.dumps(what["record"], indent=1).encode(), "train.py.diff": what["diff"].encode()}
+    if what["log"] is not None:
+        name, data = what["log"]
+        files[name] = data
+    return files
+
+
 class MlflowSink:
     """The MLflow side: one experiment per branch, each run found again by its key tag."""
 
@@ -381,7 +392,7 @@ class MlflowSink:
         else:
             self.client.log_batch(run_id, metrics=self._metrics(what, only=("kept",)),
                                   tags=self._tags(what, only=("decision", "evidence", "ledger")))
-            self._artifacts(run_id, what, "record.json")  # the record now holds the decision
+            self._artifacts(run_id, {"record.json": artifacts(what)["record.json"]})  # it now holds the decision
         self.client.set_tag(run_id, STAGE_TAG, stage)
         self.runs[exp_id][key] = (run_id, stage)
         return True
@@ -396,21 +407,15 @@ class MlflowSink:
         metrics = self._metrics(what)
         for start in range(0, len(metrics), BATCH):
             self.client.log_batch(run_id, metrics=metrics[start:start + BATCH])
-        self._artifacts(run_id, what, "record.json", "train.py.diff", "log")
+        self._artifacts(run_id, artifacts(what))
         self.client.set_terminated(run_id, "FAILED" if what["failed"] else "FINISHED", end_time=what["end_ms"])
         return run_id
 
-    def _artifacts(self, run_id: str, what: dict, *names: str) -> None:
-        """Files written afresh from what describe() read; "log": the run's log, where it has one to upload."""
-        files = {"record.json": json.dumps(what["record"], indent=1).encode(), "train.py.diff": what["diff"].encode()}
-        wanted = [name for name in names if name != "log"]
-        if "log" in names and what["log"] is not None:
-            log_name, data = what["log"]
-            files[log_name] = data
-            wanted.append(log_name)
+    def _artifacts(self, run_id: str, files: dict) -> None:
+        """{name: bytes} (artifacts) logged as the run's artifacts, through files written afresh."""
         with tempfile.TemporaryDirectory() as tmp:
-            for name in wanted:
-                (Path(tmp) / name).write_bytes(files[name])
+            for name, data in files.items():
+                (Path(tmp) / name).write_bytes(data)
                 self.client.log_artifact(run_id, str(Path(tmp) / name))
 
     @staticmethod

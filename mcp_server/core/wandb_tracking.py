@@ -17,7 +17,6 @@ run file W&B wrote.)
 wandb is imported in the tracker's thread, when first needed.
 """
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -138,12 +137,6 @@ class WandbSink:
             run.log({"train_loss": loss}, step=step)
         run.summary.update(what["metrics"] | {k: v for k, v in what["tags"].items() if not k.startswith("mlflow.")})
         files = Path(run.dir)  # the run's own folder: `wandb sync` reads them there, later
-        (files / "train.py.diff").write_text(what["diff"])
-        (files / "record.json").write_text(json.dumps(what["record"], indent=1))
-        names = ["train.py.diff", "record.json"]
-        if what["log"] is not None:  # the bytes describe() read: never a file a planted link points to
-            name, data = what["log"]
+        for name, data in tracking.artifacts(what).items():
             (files / name).write_bytes(data)
-            names.append(name)
-        for name in names:
             run.save(str(files / name), base_path=run.dir, policy="now")
