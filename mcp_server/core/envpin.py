@@ -279,6 +279,15 @@ def _under_walked(*spellings: str) -> bool:
     return False
 
 
+def _real_path(path: str, real_folders: dict) -> str:
+    """path with its folder resolved, each folder once (real_folders: folder -> real path): a process
+    reports hundreds of modules from a few folders."""
+    folder, name = os.path.split(path)
+    if folder not in real_folders:
+        real_folders[folder] = os.path.realpath(folder)
+    return os.path.join(real_folders[folder], name)
+
+
 def imported_changes(imported) -> dict:
     """{source: why} for the sources a run's interpreter or evaluator reports having compiled from
     other contents than the last check verified (an edit made and undone between two checks through a
@@ -292,10 +301,7 @@ def imported_changes(imported) -> dict:
     for path, digest in imported.items():
         if not isinstance(path, str):
             continue
-        folder, name = os.path.split(path)
-        if folder not in real_folders:
-            real_folders[folder] = os.path.realpath(folder)
-        real = os.path.join(real_folders[folder], name)
+        real = _real_path(path, real_folders)
         if digest == trusted_import.LOADED:  # a module loaded from a file that is no source
             if real not in _PRESENT and path not in _PRESENT and _under_walked(real, path):
                 found[path] = NOT_CHECKED
@@ -324,10 +330,8 @@ def harness_changes(imported, harness: str, sources: dict) -> dict:
     for path, digest in imported.items():
         if not isinstance(path, str):
             continue
-        folder, name = os.path.split(os.path.normpath(path))
-        if folder not in real_folders:
-            real_folders[folder] = os.path.realpath(folder)
-        for spelling in dict.fromkeys((os.path.join(folder, name), os.path.join(real_folders[folder], name))):
+        path_as_named = os.path.normpath(path)
+        for spelling in dict.fromkeys((path_as_named, _real_path(path_as_named, real_folders))):
             inside = next((spelling[len(f):] for f in folders if spelling.startswith(f)), None)
             if inside is not None and sources.get(inside) != digest:
                 found[path] = HARNESS_CHANGED if inside in sources else HARNESS_NOT_HELD
