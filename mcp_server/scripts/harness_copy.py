@@ -70,7 +70,7 @@ def same_as_blob(path: str, mode: str, oid: str) -> bool:
         return False
     with os.fdopen(fd, "rb") as f:
         size = os.fstat(fd).st_size
-        digest = hashlib.new("sha1" if len(oid) == 40 else "sha256", b"blob %d\0" % size)
+        digest = blob_hash(size, oid)
         read = 0
         for chunk in iter(lambda: f.read(READ_CHUNK), b""):
             digest.update(chunk)
@@ -79,8 +79,16 @@ def same_as_blob(path: str, mode: str, oid: str) -> bool:
 
 
 def blob_id(data: bytes, like: str) -> str:
-    """git's object id of a blob with these bytes, in the hash of the id `like` (SHA-1 or SHA-256)."""
-    return hashlib.new("sha1" if len(like) == 40 else "sha256", b"blob %d\0" % len(data) + data).hexdigest()
+    """git's object id of a blob with these bytes, in the hash of the id `like`."""
+    digest = blob_hash(len(data), like)
+    digest.update(data)
+    return digest.hexdigest()
+
+
+def blob_hash(size: int, like: str):
+    """git's hash of a blob of `size` bytes, its header fed, in the hash of the id `like` (SHA-1 or
+    SHA-256): the blob's bytes are to follow."""
+    return hashlib.new("sha1" if len(like) == 40 else "sha256", b"blob %d\0" % size)
 
 
 def untracked(harness: str, tree: dict) -> list[str]:
