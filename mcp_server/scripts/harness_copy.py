@@ -11,6 +11,7 @@ import stat
 import subprocess
 
 READ_CHUNK = 1 << 20
+SHOWN_CHANGES = 5  # the changed files a problem names
 # The check of the harness copy (harness_problem) runs none of the programs .git/config names: its git
 # has the server's overrides (workspace.NO_AGENT_CODE and GIT_ENV: this script imports nothing from the
 # package) and is asked only for the commit's tree (ls-tree reads no index, so no fsmonitor runs, and
@@ -46,9 +47,7 @@ def harness_problem(harness: str, commit: str | None) -> str | None:
         changed += untracked(harness, tree)
     except OSError as exc:
         return f"the harness copy could not be checked: {exc}"
-    if changed:
-        return f"the harness copy {harness} was changed during the run: {', '.join(sorted(changed)[:5])}"
-    return None
+    return changed_problem(harness, changed)
 
 
 def same_as_blob(path: str, mode: str, oid: str) -> bool:
@@ -132,8 +131,12 @@ def manifest_problem(harness: str, manifest: dict) -> str | None:
         now = file_manifest(harness)
     except OSError as exc:
         return f"the harness copy could not be checked: {exc}"
-    changed = sorted(p for p in set(now) | set(manifest) if now.get(p) != manifest.get(p))
+    return changed_problem(harness, [p for p in set(now) | set(manifest) if now.get(p) != manifest.get(p)])
+
+
+def changed_problem(harness: str, changed: list[str]) -> str | None:
+    """The problem of a harness copy whose files `changed` (the first SHOWN_CHANGES named), or None."""
     if changed:
-        return f"the harness copy {harness} was changed during the run: {', '.join(changed[:5])}"
+        return f"the harness copy {harness} was changed during the run: {', '.join(sorted(changed)[:SHOWN_CHANGES])}"
     return None
 
