@@ -158,11 +158,11 @@ def prepare_data(prepare: dict, unsandboxed: bool = False, hide: list[str] | Non
         if prepared_as(prepare):
             return
         args = [a for k in ("profile", "dataset") if prepare.get(k) for a in (f"--{k}", str(prepare[k]))]
-        seed = {harness_eval.OFFLINE_SEED_ENV: prepare["offline_seed"]} if prepare.get("offline_seed") else {}
-        seed |= {sandbox.UNSANDBOXED_ENV: "1"} if unsandboxed else {}
-        seed |= {sandbox.HIDE_ENV: json.dumps(hide)} if hide else {}
+        told = {harness_eval.OFFLINE_SEED_ENV: prepare["offline_seed"]} if prepare.get("offline_seed") else {}
+        told |= {sandbox.UNSANDBOXED_ENV: "1"} if unsandboxed else {}
+        told |= {sandbox.HIDE_ENV: json.dumps(hide)} if hide else {}
         run_step("preparing the data and tokenizer", [*prepare["command"], *args], PREPARE_TIMEOUT_S,
-                 env=dict(os.environ, **seed))
+                 env=dict(os.environ, **told))
 
 
 def val_shard() -> Path | None:
