@@ -134,7 +134,6 @@ def test_a_fifo_at_the_attributes_file_hangs_no_git_call_of_the_server(lab):
     """Review 39b: the server reads $GIT_DIR/info/attributes before each of its git calls (to keep its
     neutral line last); a FIFO the agent planted there blocked that read, and every tool with it. It is
     read without waiting (a FIFO holds no lines) and replaced by the plain file with the neutral line."""
-    import os
     import threading
     lab.baseline()
     path = lab.ws / ".git" / "info" / "attributes"
