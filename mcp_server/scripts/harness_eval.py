@@ -304,12 +304,7 @@ class HarnessEvaluation:
                 self._hand_back({"error": self.result["error"]})
             # After the answer, while train.py prints its summary: the harness the evaluator ran
             # from must be its commit, with nothing added (a planted module or bytecode) or hidden.
-            try:
-                problem = (manifest_problem(self.spec["harness"], self.spec["harness_manifest"])
-                           if "harness_manifest" in self.spec else
-                           harness_problem(self.spec["harness"], self.spec.get("harness_commit")))
-            except Exception as exc:  # noqa: BLE001
-                problem = f"the harness copy could not be checked: {exc!r}"
+            problem = self._copy_problem()
             if problem:
                 self.result = {"error": problem, "wall_seconds": (self.result or {}).get("wall_seconds")}
         finally:
@@ -335,6 +330,16 @@ class HarnessEvaluation:
         self.result["wall_seconds"] = round(time.monotonic() - self.started_at, 2)
         self.result.setdefault("export_seconds", export_seconds(self.export))
         self._hand_back({k: self.result[k] for k in ("val_bpb", "error", "problem") if k in self.result})
+
+    def _copy_problem(self) -> str | None:
+        """Why the harness copy is not what it was made from (its commit, or on a node its manifest), or
+        None; it raises nothing, so that a failed check is a problem too."""
+        try:
+            if "harness_manifest" in self.spec:
+                return manifest_problem(self.spec["harness"], self.spec["harness_manifest"])
+            return harness_problem(self.spec["harness"], self.spec.get("harness_commit"))
+        except Exception as exc:  # noqa: BLE001
+            return f"the harness copy could not be checked: {exc!r}"
 
     def _take_digests(self) -> None:
         """The cold evaluator's digests, read from its stream until it exited, into the result (a line
