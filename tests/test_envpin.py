@@ -519,7 +519,7 @@ def test_a_harness_copy_edited_while_its_evaluator_imports_and_restored_makes_th
         stand_in_torch, monkeypatch, evaluator, edited):
     """The agent kills the slot's warm evaluator, edits the harness copy's loss (or the evaluator's own
     script) while the pool starts it again for the next run, and puts the file back once it is imported:
-    the worker's git status of the copy after the evaluation finds it clean, and the warm evaluator kept
+    the worker's check of the copy after the evaluation finds it clean, and the warm evaluator kept
     the edit for every later run of the slot (found by the review: the server left the digests of the
     harness copy's sources unchecked; the importer compiled the evaluator's script unseen). Cold alike.
     Each run is no result, named, and the warm evaluator is thrown away."""
