@@ -449,7 +449,8 @@ def checked_imports(path: Path, report: dict, warm: WarmEvaluator | None = None,
     found = {}
     for digests in imported.values():
         found.update(envpin.imported_changes(digests))
-        found.update(envpin.harness_changes(digests, *harness) if harness else {})
+        if harness:
+            found.update(envpin.harness_changes(digests, *harness))
     return [f"{path} {why}" for path, why in sorted(found.items())]
 
 
