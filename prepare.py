@@ -370,11 +370,8 @@ def _compiling_fails_in_sandbox(command: list[str], compile_cache: Path) -> str 
 
 
 def _compiling_fails_in_process(compiling) -> str | None:
-    try:
-        compiling.prepare_compiler()
-    except Exception as error:  # noqa: BLE001  (train.py then trains eager, and says so)
-        return f"compiling does not work here ({compiling.describe(error)}): train.py will train eager"
-    return None
+    why = compiling.compiling_problem()
+    return None if why is None else f"compiling does not work here ({why}): train.py will train eager"
 
 
 def _foreign_shards(dataset: str) -> list:

@@ -218,15 +218,23 @@ def prepare_compiler():
 COMPILING_FAILS = 3  # prepare_compiler_here's exit status where compiling does not work
 
 
-def prepare_compiler_here() -> int:
-    """prepare_compiler as a process of its own (prepare.py starts it in the runs' sandbox: the compile
-    cache it reads is one that runs write): 0, or COMPILING_FAILS after a line that says why."""
+def compiling_problem() -> str | None:
+    """prepare_compiler, then None; or why compiling does not work here."""
     try:
         prepare_compiler()
     except Exception as error:  # noqa: BLE001  (train.py then trains eager, and says so)
-        print(describe(error), flush=True)
-        return COMPILING_FAILS
-    return 0
+        return describe(error)
+    return None
+
+
+def prepare_compiler_here() -> int:
+    """prepare_compiler as a process of its own (prepare.py starts it in the runs' sandbox: the compile
+    cache it reads is one that runs write): 0, or COMPILING_FAILS after a line that says why."""
+    why = compiling_problem()
+    if why is None:
+        return 0
+    print(why, flush=True)
+    return COMPILING_FAILS
 
 
 def _dynamo_loaded() -> bool:
