@@ -465,12 +465,23 @@ def clean_harness(tmp_path) -> Path:
     return harness
 
 
+def fake_evaluation(harness: Path, evaluator: str = FAKE_EVALUATOR, **env: str) -> dict:
+    """The worker's --evaluate (before json) for FAKE_EVALUATOR, or `evaluator`, on this harness copy."""
+    return {"argv": [sys.executable, "-c", evaluator], "env": dict(os.environ, **env), "timeout": 20,
+            "harness": str(harness), "harness_commit": None}
+
+
+def planting_bytecode(tmp_path) -> str:
+    """A run's code that plants bytecode in the harness copy (clean_harness's), which its check finds."""
+    return "os.makedirs({d!r}, exist_ok=True); open({f!r}, 'wb').write(b'planted')".format(
+        d=str(tmp_path / "harness" / "__pycache__"), f=str(tmp_path / "harness" / "__pycache__" / "prepare.cpython-311.pyc"))
+
+
 def test_a_harness_copy_changed_during_the_run_makes_the_evaluation_no_result(tmp_path, monkeypatch):
     """Without a sandbox the run can write the harness copy the evaluator imports from: bytecode or
     a module planted there is found after the evaluation, and its number does not stand."""
     monkeypatch.chdir(tmp_path)
-    plant = "os.makedirs({d!r}, exist_ok=True); open({f!r}, 'wb').write(b'planted')".format(
-        d=str(tmp_path / "harness" / "__pycache__"), f=str(tmp_path / "harness" / "__pycache__" / "prepare.cpython-311.pyc"))
+    plant = planting_bytecode(tmp_path)
     report, log, _ = handoff_run(tmp_path, before_answer=plant)
     assert "val_bpb" not in report["evaluation"], report
     assert "was changed during the run" in report["evaluation"]["error"] and "__pycache__" in report["evaluation"]["error"]
@@ -498,8 +509,7 @@ def test_programs_named_in_the_harness_copys_git_never_run_in_the_worker_nor_spe
     subprocess.run(["git", "-C", str(harness), "config", "filter.agent.clean", str(clean)], check=True)
     (harness / ".git" / "info" / "attributes").write_text("* filter=agent\n")
     os.utime(harness / "prepare.py", (1e9, 1e9))  # stat-dirty: status would hash it through the filter
-    evaluate = {"argv": [sys.executable, "-c", FAKE_EVALUATOR], "env": dict(os.environ), "timeout": 20,
-                "harness": str(harness), "harness_commit": None}
+    evaluate = fake_evaluation(harness)
     report = tmp_path / "report.json"
     worker = executor.with_socket_stdin(
         [sys.executable, str(WORKER), "--log", str(tmp_path / "run.log"), "--report", str(report), "--watch-stdin",
@@ -528,8 +538,7 @@ def test_a_failure_after_the_evaluation_skips_neither_the_answer_nor_the_harness
     and the harness check never ran, while the number stood. Whatever fails after the evaluation, the
     result is an error and the check runs: here it finds bytecode the run planted in the harness copy."""
     monkeypatch.chdir(tmp_path)
-    plant = "os.makedirs({d!r}, exist_ok=True); open({f!r}, 'wb').write(b'planted')".format(
-        d=str(tmp_path / "harness" / "__pycache__"), f=str(tmp_path / "harness" / "__pycache__" / "prepare.cpython-311.pyc"))
+    plant = planting_bytecode(tmp_path)
     code = EXPORT_THEN_WAIT.format(repo=str(REPO), before_answer=plant).replace(
         "handed = answer.harness_answer()",  # it waits 10 s at most, then prints a number of its own
         "deadline = time.time() + 10\nwhile not os.path.exists(os.environ['RESEARCH_LOOP_ANSWER']) and time.time() < deadline:"
@@ -540,8 +549,7 @@ def test_a_failure_after_the_evaluation_skips_neither_the_answer_nor_the_harness
         code = code.replace("write('{}')", "write('[' * 4096)")
     else:
         evaluator = evaluator.replace("json.dumps({'val_bpb': 1.5, 'causal': True})", "json.dumps([1.5])")
-    evaluate = {"argv": [sys.executable, "-c", evaluator], "env": dict(os.environ), "timeout": 20,
-                "harness": str(clean_harness(tmp_path)), "harness_commit": None}
+    evaluate = fake_evaluation(clean_harness(tmp_path), evaluator)
     report, log = run_worker(tmp_path, code, "--timeout", "30", "--export", str(tmp_path / "model.pt2"),
                              "--evaluate", json.dumps(evaluate))
     assert "val_bpb" not in report.get("evaluation", {}), report
@@ -550,8 +558,7 @@ def test_a_failure_after_the_evaluation_skips_neither_the_answer_nor_the_harness
 
 
 def handoff_run(tmp_path, before_answer="", eval_seconds=0.0, timeout=30):
-    evaluate = {"argv": [sys.executable, "-c", FAKE_EVALUATOR], "env": dict(os.environ, EVAL_SECONDS=str(eval_seconds)),
-                "timeout": 20, "harness": str(clean_harness(tmp_path)), "harness_commit": None}
+    evaluate = fake_evaluation(clean_harness(tmp_path), EVAL_SECONDS=str(eval_seconds))
     code = EXPORT_THEN_WAIT.format(repo=str(REPO), before_answer=before_answer)
     started = time.monotonic()
     report, log = run_worker(tmp_path, code, "--timeout", str(timeout), "--export", str(tmp_path / "model.pt2"),
@@ -563,8 +570,7 @@ def run_with_export(tmp_path, monkeypatch, writes: str) -> dict:
     """A run whose export is what the code `writes` leaves at `path`, and which prints a number of its
     own: the worker's report."""
     monkeypatch.chdir(tmp_path)
-    evaluate = {"argv": [sys.executable, "-c", FAKE_EVALUATOR], "env": dict(os.environ), "timeout": 20,
-                "harness": str(clean_harness(tmp_path)), "harness_commit": None}
+    evaluate = fake_evaluation(clean_harness(tmp_path))
     code = EXPORT_THEN_WAIT.format(repo=str(REPO), before_answer="").replace(
         "open(path, 'w').write('model')", writes).replace("handed['val_bpb']", "handed.get('val_bpb', 0.5)")
     report, _ = run_worker(tmp_path, code, "--timeout", "30", "--export", str(tmp_path / "model.pt2"),
@@ -656,8 +662,7 @@ def test_a_number_train_py_writes_in_place_of_the_answer_is_not_the_result(tmp_p
 
 def test_an_evaluator_started_for_a_run_that_never_exports_exits_unused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    evaluate = {"argv": [sys.executable, "-c", FAKE_EVALUATOR], "env": dict(os.environ), "timeout": 20,
-                "harness": str(clean_harness(tmp_path)), "harness_commit": None}
+    evaluate = fake_evaluation(clean_harness(tmp_path))
     code = "import os, time\nwhile not os.path.exists('evaluator.up'):\n    time.sleep(0.05)\nprint('---\\nval_bpb: 1.0')"
     report, log = run_worker(tmp_path, code, "--timeout", "30", "--export", str(tmp_path / "model.pt2"),
                              "--evaluate", json.dumps(evaluate))
