@@ -21,6 +21,7 @@ from pathlib import Path
 from nanochat.cache import cache_dir
 
 SWITCH = "AUTORESEARCH_COMPILE"  # "0": train eager
+COMPILING_FAILS = 3  # prepare_compiler_here's exit status where compiling does not work
 
 
 def compile_cache_dir():
@@ -213,9 +214,6 @@ def prepare_compiler():
     with autocast():
         compiled(torch.randn(8, 64)).backward()
     torch._dynamo.reset()
-
-
-COMPILING_FAILS = 3  # prepare_compiler_here's exit status where compiling does not work
 
 
 def compiling_problem() -> str | None:
