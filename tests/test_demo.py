@@ -1,5 +1,5 @@
 """The demo end to end on the CPU, driving the real MCP server and the real train.py with a
-budget of seconds per run; then Ctrl-C in the middle of a run and a resume."""
+budget of seconds per run; then Ctrl-C in the middle of a run and a resume, tracked in W&B offline."""
 import csv
 import os
 import re
@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from autosearch.driver import RERUN_PREFIXES
+from mcp_server.core import wandb_tracking
 from server_support import Webhook
+from wandb_support import offline, offline_runs  # noqa: F401 (offline: a fixture)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 COMMIT = re.compile(r"^[0-9a-f]{7}$")
@@ -147,10 +149,15 @@ def test_demo_end_to_end(repo_root, prepared_env, tmp_path):
     assert wait_until_no_processes_in(workspace) == []
 
 
-def test_interrupt_and_resume(repo_root, prepared_env, tmp_path):
+def test_interrupt_and_resume(repo_root, prepared_env, tmp_path, offline):
+    """Ctrl-C in the middle of a run, then a resume; both calls with --track wandb, so the night's real
+    train.py runs are W&B offline runs, each written once across the restart (one demo run of real
+    training serves both: tests/test_wandb_tracking.py has the tracker's own tests)."""
     workspace = tmp_path / "ws"
-    demo = subprocess.Popen(demo_command(workspace, INTERRUPTIBLE_BUDGET, "--experiments", "1", "--strategy", "greedy"),
-                            cwd=repo_root, env=prepared_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    env = {**prepared_env, **{k: v for k, v in os.environ.items() if k.lower().endswith("_proxy")}}  # offline's
+    demo = subprocess.Popen(demo_command(workspace, INTERRUPTIBLE_BUDGET, "--experiments", "1", "--strategy", "greedy",
+                                         "--track", "wandb"),
+                            cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     seen = []
     try:
@@ -176,8 +183,8 @@ def test_interrupt_and_resume(repo_root, prepared_env, tmp_path):
     assert [row["description"] for row in ideas(rows)] == ["baseline"]
     check_rows(rows)
 
-    resumed = subprocess.run(demo_command(workspace, INTERRUPTIBLE_BUDGET), cwd=repo_root, env=prepared_env,
-                             capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(demo_command(workspace, INTERRUPTIBLE_BUDGET, "--track", "wandb"), cwd=repo_root,
+                             env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "interrupted run" in resumed.stdout
     rows = ledger_rows(workspace)
@@ -191,3 +198,16 @@ def test_interrupt_and_resume(repo_root, prepared_env, tmp_path):
     best = min((r for r in rows if r["status"] == "keep"), key=lambda r: float(r["val_bpb"]))
     assert git(workspace, "rev-parse", "--short=7", "HEAD") == best["commit"]
     assert wait_until_no_processes_in(workspace) == []
+
+    # Every run of the night that ended in W&B, offline in the workspace, at its decision, with the real
+    # train.py's loss curve (the interrupted one never ended: it has no result to track); and the way to
+    # upload them.
+    folder = wandb_tracking.local_dir(workspace)
+    assert f"Tracked runs: W&B (offline, {folder}) (upload them: uv run wandb sync {folder}/offline-run-*)" \
+        in resumed.stdout
+    runs = {r.summary["commit"][:7]: r for r in offline_runs(folder).values()}
+    ended = [row for row in ledger_rows(workspace) if not row["description"].endswith(" (interrupted)")]
+    assert len(ended) == len(ledger_rows(workspace)) - 1
+    assert {c: r.summary["decision"] for c, r in runs.items()} == {row["commit"]: row["status"] for row in ended}
+    assert all(len([h for h in r.history if "train_loss" in h]) > 1 for r in runs.values())
+    assert offline.connections == 0

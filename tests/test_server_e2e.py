@@ -91,13 +91,34 @@ OWN_EVALUATION = ("\nfrom nanochat.compile import Compiler\n",
                   "\nfrom nanochat.compile import Compiler\n\n\ndef evaluate_bpb(*args):\n    return 0.5\n\n")
 
 
+# Before its training, the placeholder cheater puts an empty file at the export path (the worker
+# used to take the export's appearance as the moment validation reads stop counting), reads the
+# whole validation shard, and takes the placeholder away: its real export comes at the end.
+PLACEHOLDER = ("import torch\n", """import torch
+from nanochat.datasets import split_paths as _split_paths
+_placeholder = os.environ["RESEARCH_LOOP_EXPORT"]
+open(_placeholder, "w").close()
+_seen = open(_split_paths("val")[0], "rb").read()  # the validation shard, to train on
+os.remove(_placeholder)
+""")
+# The short-context cheater: the harness's own module told to evaluate 16-token rows, which are
+# easier to score well on per byte than the profile's 256.
+SHORT_CONTEXT = ("    val_bpb = evaluate_bpb(", """    import prepare
+    prepare.MAX_SEQ_LEN = 16
+    val_bpb = evaluate_bpb(""")
+
+
 def test_train_py_cannot_bend_its_number(tmp_path, repo_root, prepared_env, monkeypatch):
-    """Four train.py that want a lower number, in two slots: one shortens the evaluation and prints a
+    """Six train.py that want a lower number, in two slots: one shortens the evaluation and prints a
     better val_bpb after its summary, one brings its own evaluation (so nothing is exported), one
     lets attention see the next token, one charges the flops budget clock less than its model takes.
     The ledger gets the harness's number, an unverified result needs an explicit flag, and the
-    peeking and undercounting models are no result. These are also the real runs two at once in two
-    CPU slots: the first two start together, each result says the slots share the CPUs."""
+    peeking and undercounting models are no result. Two more bend what the worker takes as the export
+    and the evaluation's shapes: one plants a placeholder at the export path and reads the validation
+    data while it is there, one shortens the rows the evaluation scores; both are no result. (One
+    server for all six: each server's first run in a slot starts cold.) These are also the real runs
+    two at once in two CPU slots: the first two start together, each result says the slots share the
+    CPUs."""
     ws = harness_workspace(tmp_path, repo_root, prepared_env, monkeypatch)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     loop = ResearchLoop(ws, [sys.executable, "train.py"], slots=2)
@@ -107,6 +128,8 @@ def test_train_py_cannot_bend_its_number(tmp_path, repo_root, prepared_env, monk
         "own evaluation": source.replace(*OWN_EVALUATION),
         "peeks ahead": source.replace(*PEEK_AHEAD),
         "undercounts its flops": source.replace(*CHEAP_FLOPS),  # more steps on the CPU profile's flops clock
+        "placeholder export": source.replace(*PLACEHOLDER, 1),
+        "short context": source.replace(*SHORT_CONTEXT),
     }
     assert all(text != source for text in attacks.values())
 
@@ -127,7 +150,7 @@ def test_train_py_cannot_bend_its_number(tmp_path, repo_root, prepared_env, monk
         submitted, done, refused, kept = anyio.run(go)
     finally:
         loop.shutdown()
-    assert submitted == ["running", "running", "queued", "queued"]  # two real runs at once, one per slot
+    assert submitted == ["running", "running", "queued", "queued", "queued", "queued"]  # two at once, one per slot
     assert all("2 slots share this machine's CPUs" in " ".join(r["warnings"]) for r in done["results"])
     slots = {r["slot"].split(" (")[0] for r in done["results"]}
     assert slots == {"slot 0", "slot 1"} and all(" (CPU" in r["slot"] for r in done["results"]), done["results"]
@@ -146,49 +169,6 @@ def test_train_py_cannot_bend_its_number(tmp_path, repo_root, prepared_env, monk
     assert peek["status"] == "crash" and "causal" in peek["tail"], peek
     cheap = results["undercounts its flops"]
     assert cheap["status"] == "crash" and "weight matrices alone take" in cheap["tail"], cheap
-
-
-# Before its training, the placeholder cheater puts an empty file at the export path (the worker
-# used to take the export's appearance as the moment validation reads stop counting), reads the
-# whole validation shard, and takes the placeholder away: its real export comes at the end.
-PLACEHOLDER = ("import torch\n", """import torch
-from nanochat.datasets import split_paths as _split_paths
-_placeholder = os.environ["RESEARCH_LOOP_EXPORT"]
-open(_placeholder, "w").close()
-_seen = open(_split_paths("val")[0], "rb").read()  # the validation shard, to train on
-os.remove(_placeholder)
-""")
-# The short-context cheater: the harness's own module told to evaluate 16-token rows, which are
-# easier to score well on per byte than the profile's 256.
-SHORT_CONTEXT = ("    val_bpb = evaluate_bpb(", """    import prepare
-    prepare.MAX_SEQ_LEN = 16
-    val_bpb = evaluate_bpb(""")
-
-
-def test_the_export_and_the_evaluations_shapes_are_the_harnesss(tmp_path, repo_root, prepared_env, monkeypatch):
-    """Two train.py that bend what the worker takes as the export, in two slots: one plants a
-    placeholder at the export path and reads the validation data while it is there, one shortens
-    the rows the evaluation scores. Both are no result."""
-    ws = harness_workspace(tmp_path, repo_root, prepared_env, monkeypatch)
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    loop = ResearchLoop(ws, [sys.executable, "train.py"], slots=2)
-    source = (ws / "train.py").read_text()
-    attacks = {"placeholder export": source.replace(*PLACEHOLDER, 1), "short context": source.replace(*SHORT_CONTEXT)}
-    assert all(text != source for text in attacks.values())
-
-    async def go():
-        async with Client(build_server(loop)) as client:
-            answer(await client.call_tool("setup", {"tag": "shapes"}))
-            for description, text in attacks.items():
-                (ws / "train.py").write_text(text)
-                answer(await client.call_tool("run_experiment", {
-                    "description": description, "wait": False, "timeout_seconds": RUN_TIMEOUT_S}))
-            (ws / "train.py").write_text(source)
-            return answer(await client.call_tool("wait", {"all": True}))
-    try:
-        done = anyio.run(go)
-    finally:
-        loop.shutdown()
     verdicts = {r["description"]: (r["status"], r.get("tail") or r.get("integrity")) for r in done["results"]}
     placeholder, short = verdicts["placeholder export"], verdicts["short context"]
     assert placeholder[0] == "crash" and "opened the validation data" in placeholder[1], verdicts

@@ -1,12 +1,9 @@
 """Experiment tracking in W&B (mcp_server/core/wandb_tracking.py, the `wandb` extra), offline: a night's
 runs written as W&B offline runs in the workspace, read back from W&B's own run files; written once
 across restarts; a broken W&B never holds up a tool call; its service process ends with the server and
-never reaches for the network."""
+never reaches for the network. (The demo's --track wandb with the real train.py: tests/test_demo.py's
+interrupt and resume.)"""
 import json
-import os
-import socket
-import subprocess
-import threading
 from pathlib import Path
 
 import anyio
@@ -18,41 +15,10 @@ from mcp_server.core import tracking, wandb_tracking
 from server_support import (answer, make_cache, make_workspace, processes_running, set_knobs, stdio_client_for,
                             wait_until)
 from test_tracking import NIGHT_STAGES, Relay, night
-from wandb_support import offline_runs
+from wandb_support import offline, offline_runs  # noqa: F401 (offline: a fixture)
 
 SYNC_S = 120
 QUICK = dict(poll_s=0.2, retry_s=(0.2, 1.0))
-
-
-class Listener:
-    """A port on 127.0.0.1 that counts the connections made to it (a proxy no one should use)."""
-
-    def __init__(self):
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.connections = 0
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            conn.close()
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    """W&B as a user who set nothing would have it, every HTTP(S) request sent to a counting proxy."""
-    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_PROJECT", "NO_PROXY", "no_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    proxy = Listener()
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
-        monkeypatch.setenv(name, proxy.url)
-    yield proxy
-    proxy.sock.close()
 
 
 def stages(ws: Path) -> dict:
@@ -293,20 +259,3 @@ def test_wandb_tracking_options(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert wandb_tracking.mode() == "offline"
 
-
-def test_the_demo_tracks_its_runs_in_wandb(repo_root, prepared_env, tmp_path, offline):
-    """`uv run demo.py --track wandb`: the real train.py's runs as W&B offline runs, and the way to upload them."""
-    from test_demo import QUICK_BUDGET, demo_command, ledger_rows
-    workspace = tmp_path / "ws"
-    env = {**prepared_env, **{k: v for k, v in os.environ.items() if k.lower().endswith("_proxy")}}
-    proc = subprocess.run(demo_command(workspace, QUICK_BUDGET, "--experiments", "0", "--track", "wandb"),
-                          cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    folder = wandb_tracking.local_dir(workspace)
-    assert f"Tracked runs: W&B (offline, {folder}) (upload them: uv run wandb sync {folder}/offline-run-*)" \
-        in proc.stdout
-    runs = {r.summary["commit"][:7]: r for r in offline_runs(folder).values()}
-    assert {c: r.summary["decision"] for c, r in runs.items()} == {row["commit"]: row["status"]
-                                                                     for row in ledger_rows(workspace)}
-    assert all(len([h for h in r.history if "train_loss" in h]) > 1 for r in runs.values())
-    assert offline.connections == 0

@@ -2,9 +2,13 @@
 (no summary or config file) and has no reader of it, so this reads the file's framing, LevelDB's
 log format after W&B's header, and decodes each record with wandb's own protobuf classes."""
 import json
+import socket
 import struct
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pytest
 
 from wandb.proto import wandb_internal_pb2
 
@@ -85,3 +89,34 @@ def offline_runs(folder: Path) -> dict[str, OfflineRun]:
     """The offline runs under a W&B folder, by the description the tracker gave each (its notes)."""
     runs = [OfflineRun.read(f) for f in sorted(folder.glob("offline-run-*")) if f.is_dir()]
     return {r.run.notes: r for r in runs}
+
+
+class Listener:
+    """A port on 127.0.0.1 that counts the connections made to it (a proxy no one should use)."""
+
+    def __init__(self):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            conn.close()
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """W&B as a user who set nothing would have it, every HTTP(S) request sent to a counting proxy."""
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_PROJECT", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    proxy = Listener()
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.setenv(name, proxy.url)
+    yield proxy
+    proxy.sock.close()
