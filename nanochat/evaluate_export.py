@@ -72,15 +72,18 @@ def parse_args(argv=None):
 
 
 def perturbed_after_cuts(x, vocab_size: int):
-    """x with every token after row r's cut replaced by a random one; row 0 is left alone (it shows
-    leaks between rows). The cuts are drawn afresh for every evaluation: at fixed ones, a model that
-    kept just those positions causal would peek everywhere else unseen. Returns (perturbed x, cuts)."""
+    """x with every token after row r's cut replaced by a random one; one row, drawn, is left alone (it
+    shows leaks between rows). The cuts and that row are drawn afresh for every evaluation: at fixed
+    ones, a model that kept just those positions causal would peek everywhere else unseen (a model that
+    peeked only in its call's first row passed when that row was always the one left alone). Returns
+    (perturbed x, cuts)."""
     import torch
     batch_size, seq_len = x.shape
     generator = torch.Generator().manual_seed(secrets.randbits(63))
-    cuts = [seq_len - 1] + torch.randint(0, seq_len - 1, (batch_size - 1,), generator=generator).tolist()
+    cuts = torch.randint(0, seq_len - 1, (batch_size,), generator=generator).tolist()
+    cuts[secrets.randbelow(batch_size)] = seq_len - 1
     y = x.clone()
-    for row, cut in enumerate(cuts[1:], 1):
+    for row, cut in enumerate(cuts):
         y[row, cut + 1:] = torch.randint(0, vocab_size, (seq_len - cut - 1,), generator=generator).to(x.device)
     return y, cuts
 
@@ -101,7 +104,7 @@ def causality_problem(per_token_loss, x, targets, before, vocab_size: int) -> st
     for row, cut in enumerate(cuts):
         moved = (after[row, :cut + 1] - before[row, :cut + 1]).abs().max() / scale
         if not moved <= TOLERANCE:
-            what = "other rows" if row == 0 else f"tokens after position {cut}"
+            what = "other rows" if cut == x.size(1) - 1 else f"tokens after position {cut}"
             return (f"not causal: changing {what} moved the loss at or before position {cut} of row {row} "
                     f"(by {moved.item():.2e} of its scale); the model sees what it must predict")
     return None
