@@ -130,13 +130,13 @@ def evaluate(args, tokenizer) -> dict:
     import torch
 
     from nanochat.evaluation import evaluate_bpb, evaluation_steps
-    from nanochat.program_check import load_program
+    from nanochat.program_check import checked_module, load_program
     from nanochat.platform import DEVICE, autocast
 
     started, cpu_started, faults_started = time.time(), time.process_time(), minor_faults()
     try:
         exported = load_program(args.program)
-        program = exported.module()
+        program = checked_module(exported)
         shape = tuple(input_shape(exported))
     except Exception as exc:  # noqa: BLE001  (whatever the file holds, it is no program to score)
         return {"problem": f"the exported model could not be loaded ({type(exc).__name__}: {str(exc)[:200]})"}

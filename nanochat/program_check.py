@@ -43,11 +43,15 @@ DENSE_OPERATORS = {
     "all",
     # products, attention, norms, lookups
     "linear", "mm", "addmm", "bmm", "baddbmm", "matmul", "einsum", "_addmm_activation", "scaled_dot_product_attention",
-    "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
-    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention", "embedding", "rms_norm",
+    "embedding", "rms_norm",
     "_fused_rms_norm", "layer_norm", "native_layer_norm", "group_norm", "native_group_norm", "conv1d", "conv2d",
     "convolution", "_convolution",
 }
+# Attention's kernels trust their arguments' shapes: the CPU's read the keys as far as the values go (a key
+# shorter than its values read the evaluator's heap, and crashed it), the fused entry points (_scaled_dot_product_*)
+# past the batch and heads they are given, or divide by zero heads. The evaluator checks each call's tensors first
+# (checked_module); the fused entry points are not run at all (a program calls scaled_dot_product_attention).
+ATTENTION = "scaled_dot_product_attention"
 # An operator's text arguments the harness passes: a mode's name (parsed by the operator), or an assert's message
 MODE_ARGUMENTS = {"approximate", "rounding_mode", "reduce", "padding", "side", "indexing", "interpolation", "norm",
                   "mode", "equation", "UPLO", "driver", "ord", "pad_mode", "padding_side", "activation", "assert_msg"}
@@ -208,6 +212,57 @@ def pointwise(name: str) -> bool:
     packet = getattr(torch.ops.aten, name)
     tags = [set(getattr(packet, overload).tags) for overload in packet.overloads()]
     return any(torch.Tag.pointwise in t for t in tags) and not any(torch.Tag.nondeterministic_seeded in t for t in tags)
+
+
+def checked_module(exported):
+    """The loaded program's module, each attention call checked on the tensors it gets (attention_problem)
+    before it runs: the shapes the archive notes are train.py's word, the tensors are what the kernel reads."""
+    module = exported.module()
+    for node in module.graph.nodes:
+        if node.op == "call_function" and getattr(node.target, "_opname", None) == ATTENTION:
+            node.target = checked_attention
+    module.recompile()
+    return module
+
+
+def checked_attention(query, key, value, attn_mask=None, dropout_p=0.0, *args, **kwargs):
+    """aten's scaled_dot_product_attention, where its tensors are shapes its kernels read within (and
+    nothing is dropped at random: the evaluator runs nothing drawn at random)."""
+    import torch
+    problem = attention_problem(query, key, value, attn_mask)
+    if problem:
+        raise ValueError(f"the program's attention takes {problem}: its kernel would read past their ends")
+    if dropout_p:
+        raise ValueError("the program's attention drops scores at random (dropout_p): the harness runs nothing random")
+    return torch.ops.aten.scaled_dot_product_attention.default(query, key, value, attn_mask, dropout_p, *args, **kwargs)
+
+
+def attention_problem(query, key, value, mask) -> str | None:
+    """Why attention's kernels would read outside these tensors, or None: (..., heads, length, width) each,
+    the same leading sizes, keys and values alike but their width, query heads a multiple of the keys'."""
+    import torch
+    tensors = (query, key, value)
+    if not all(isinstance(t, torch.Tensor) and t.dim() >= 3 for t in tensors) or len({t.dim() for t in tensors}) > 1:
+        return "tensors of other ranks than (..., heads or length, length, width) alike"
+    if key.shape[:-1] != value.shape[:-1] or query.shape[-1] != key.shape[-1] or query.shape[:-3] != key.shape[:-3]:
+        return f"shapes that do not fit (query {list(query.shape)}, key {list(key.shape)}, value {list(value.shape)})"
+    if query.dim() == 3 and query.size(0) != key.size(0) or key.size(-3) == 0 or query.size(-3) % key.size(-3):
+        return f"heads that do not fit (query {list(query.shape)}, key {list(key.shape)})"
+    if len({(t.dtype, t.device) for t in tensors}) > 1:
+        return "tensors of different types or devices"
+    scores = (*query.shape[:-1], key.size(-2))
+    if mask is not None and (not isinstance(mask, torch.Tensor) or not broadcasts(mask.shape, scores)):
+        return f"a mask of shape {list(getattr(mask, 'shape', []))} for scores of shape {list(scores)}"
+    return None
+
+
+def broadcasts(shape, to) -> bool:
+    """Whether a tensor of shape `shape` broadcasts to exactly `to`."""
+    import torch
+    try:
+        return tuple(torch.broadcast_shapes(shape, to)) == tuple(to)
+    except RuntimeError:
+        return False
 
 
 def load_program(path: str):

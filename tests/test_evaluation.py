@@ -316,6 +316,47 @@ def test_a_peek_in_the_row_the_check_leaves_alone_is_caught(tokenizer, tmp_path,
     assert whole == set(range(batch))
 
 
+class AttendsPastItsKeys(LogitsBigram):
+    """Attention whose key is one row and whose values are 64: the CPU's kernel reads the keys as far as
+    the values go, into the evaluator's heap (review 42: with 4M rows of values the evaluator crashed,
+    SIGSEGV; with 64, a key read from the heap picked a value); or the fused CPU entry point, whose query
+    has fewer heads than its keys (the evaluator died of a division by zero, SIGFPE)."""
+
+    def __init__(self, vocab_size: int, how: str):
+        super().__init__(vocab_size)
+        self.how = how
+
+    def forward(self, idx, targets=None, reduction="mean"):
+        if targets is not None:
+            return super().forward(idx, targets, reduction)
+        if self.how == "fused":
+            q, k = torch.ones(1, 1, 1, 16), torch.ones(1, 2, 1, 16)
+            read = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, k, 0.0, False)[0]
+        else:
+            q, k, v = torch.ones(1, 1, 1, 16), torch.zeros(1, 1, 1, 16), torch.eye(16).repeat(4, 1)[None, None]
+            read = F.scaled_dot_product_attention(q, k, v)
+        return self.logits[idx].float() + read.sum() * 0
+
+
+@pytest.mark.parametrize("how", ["keys shorter than values", "fused"])
+def test_attention_that_would_read_past_its_tensors_is_no_result(tokenizer, tmp_path, monkeypatch, how):
+    from nanochat import evaluate_export, export, program_check
+    batch = 4
+    model = AttendsPastItsKeys(tokenizer.get_vocab_size(), how)
+    monkeypatch.setenv(export.EXPORT_ENV, str(tmp_path / "model.pt2"))
+    program = export.export_for_evaluation(model, batch, SEQ_LEN, batch)
+    if how == "fused":  # not run at all, so not run here either: the check names it
+        with pytest.raises(ValueError, match="which the harness does not run"):
+            program_check.load_program(program)
+        return
+    result = evaluate_export.evaluate(evaluation_args(program, batch, 2 * batch * SEQ_LEN), tokenizer)
+    assert "val_bpb" not in result and "would read past their ends" in result["problem"], result
+    # an honest model's attention (grouped heads, a window's mask, causal) passes the check
+    q, kv = torch.randn(2, 4, 8, 16), torch.randn(2, 2, 8, 16)
+    assert program_check.attention_problem(q, kv, kv, torch.ones(8, 8, dtype=torch.bool).tril()) is None
+    assert program_check.attention_problem(q, kv[:, :, :2], kv, None)
+
+
 class PeeksAndHidesItFromTheCheck(LogitsBigram):
     """Raises the logit of the token that follows (it sees what it must predict), and where that token
     is BOS (0 bytes: left out of the score) makes the loss NaN or about 1e9 nats: the check's scale was
