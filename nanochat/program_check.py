@@ -286,7 +286,19 @@ def load_program(path: str):
         finally:
             torch.load = load
     for node in exported.graph_module.graph.nodes:
-        problem = operator_problem(node.target) if node.op == "call_function" else None
+        problem = (operator_problem(node.target) or layout_problem(node)) if node.op == "call_function" else None
         if problem:
             raise ValueError(problem)
     return exported
+
+
+def layout_problem(node) -> str | None:
+    """Why a call's tensor layout is refused: the dense operators make sparse tensors when asked for one
+    (a layout argument), and aten.full's sparse ones hold their indices in memory it did not fill (the
+    allocator's: heap addresses), which sparse kernels read as offsets; the harness runs dense tensors only."""
+    import torch
+    from torch.utils._pytree import tree_leaves
+    odd = [leaf for leaf in tree_leaves((node.args, node.kwargs)) if isinstance(leaf, torch.layout)
+           and leaf != torch.strided]
+    return f"the program calls {node.target!r} for a {odd[0]} tensor: the harness runs dense tensors only" if odd \
+        else None

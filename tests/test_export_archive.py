@@ -218,6 +218,28 @@ def test_a_program_that_writes_into_tensors_or_reads_memory_it_did_not_fill_is_r
         load_program(str(export(model(), tmp_path / "program.pt2")))
 
 
+class Filled(Small):
+    def forward(self, idx):
+        return super().forward(idx) + torch.full((2, 4, 16), 7.0, layout=torch.strided)
+
+
+def sparse_full(model):  # the same program, its aten.full asked for a sparse CSR tensor (serde's layout 2)
+    for node in model["graph_module"]["graph"]["nodes"]:
+        for argument in node["inputs"] if node["target"] == "torch.ops.aten.full.default" else []:
+            if argument["name"] == "layout":
+                argument["arg"] = {"as_layout": 2}
+
+
+def test_a_program_that_makes_sparse_tensors_is_refused(tmp_path):
+    """The dense operators take a layout: aten.full made a sparse CSR tensor whose row offsets were memory
+    it did not fill (heap addresses) in the evaluator, and the program ran (review 42)."""
+    honest = export(Filled(), tmp_path / "honest.pt2")
+    load_program(str(honest)).module()(torch.zeros(2, 4, dtype=torch.long))
+    evil = rewritten(honest, tmp_path / "evil.pt2", sparse_full)
+    with pytest.raises(ValueError, match="torch.sparse_csr tensor: the harness runs dense tensors only"):
+        load_program(str(evil))
+
+
 @pytest.mark.parametrize("model", [Flat, MixesTheInputIntoItsWeight, LooksUpItsWholeWeight, FusedActivation])
 def test_a_matrix_however_stored_or_multiplied_counts_in_the_flops_floor(tmp_path, model):
     """The floor under the FLOPs per token a run may charge is the weights that multiply: stored flat
