@@ -278,7 +278,10 @@ def matmul_flops_per_token(exported) -> int:
                 continue
             else:
                 stack.extend(node.all_input_nodes)
-    return 6 * sum(node.meta["val"].numel() for node in counted)
+    # the loaded tensors' sizes: the shapes the archive's graph notes for them are train.py's word (a
+    # weight noted as 1 x 1 ran as the matrix it was stored as)
+    tensors = {**exported.state_dict, **exported.constants}
+    return 6 * sum(tensors[state[node.name]].numel() for node in counted)
 
 
 def operator_name(node) -> str | None:

@@ -218,6 +218,21 @@ def test_a_program_that_writes_into_tensors_or_reads_memory_it_did_not_fill_is_r
         load_program(str(export(model(), tmp_path / "program.pt2")))
 
 
+def weight_noted_small(model):  # the graph's note of the weight's shape, not the weight stored
+    values = model["graph_module"]["graph"]["tensor_values"]
+    values["p_lin_weight"]["sizes"] = values["p_lin_weight"]["strides"] = [{"as_int": 1}, {"as_int": 1}]
+
+
+def test_the_flops_floor_counts_the_weights_as_loaded_not_as_the_graph_notes_them(tmp_path):
+    """The floor counted each weight by the shape the program's graph notes for it, which train.py writes:
+    a weight noted as 1 x 1 ran as its 16 x 8 matrix and the floor was 6, not 768 (review 42)."""
+    honest = export(Small(), tmp_path / "honest.pt2")
+    noted = load_program(str(rewritten(honest, tmp_path / "noted.pt2", weight_noted_small)))
+    idx = torch.zeros(2, 4, dtype=torch.long)
+    assert torch.equal(noted.module()(idx), load_program(str(honest)).module()(idx))
+    assert matmul_flops_per_token(noted) == matmul_flops_per_token(load_program(str(honest))) == 6 * 16 * 8
+
+
 class Filled(Small):
     def forward(self, idx):
         return super().forward(idx) + torch.full((2, 4, 16), 7.0, layout=torch.strided)
