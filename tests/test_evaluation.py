@@ -357,6 +357,30 @@ def test_attention_that_would_read_past_its_tensors_is_no_result(tokenizer, tmp_
     assert program_check.attention_problem(q, kv[:, :, :2], kv, None)
 
 
+class PeeksThroughIndexSelect(LogitsBigram):
+    """Raises the logit of the token that follows (not causal), its logits looked up with index_select and
+    multiplied: the flops floor read index_select's dimension as its ids and raised AttributeError outside
+    the evaluation's guard, so the evaluator died without its refusal, and the run was unverified, scored
+    by train.py's own number (review 42)."""
+
+    def forward(self, idx, targets=None, reduction="mean"):
+        if targets is not None:
+            return super().forward(idx, targets, reduction)
+        rows = torch.index_select(self.logits, 0, idx.flatten()).view(*idx.shape, -1)
+        logits = rows @ torch.eye(rows.size(-1))
+        following = torch.cat([idx[:, 1:], idx[:, -1:]], dim=1)
+        return logits + F.one_hot(following, logits.size(-1)).float() * 30
+
+
+def test_a_program_whose_flops_floor_fails_is_still_refused(tokenizer, tmp_path, monkeypatch):
+    from nanochat import evaluate_export, export
+    batch = 4
+    monkeypatch.setenv(export.EXPORT_ENV, str(tmp_path / "model.pt2"))
+    program = export.export_for_evaluation(PeeksThroughIndexSelect(tokenizer.get_vocab_size()), batch, SEQ_LEN, batch)
+    result = evaluate_export.evaluate(evaluation_args(program, batch, 2 * batch * SEQ_LEN), tokenizer)
+    assert "val_bpb" not in result and "not causal" in result["problem"], result
+
+
 class PeeksAndHidesItFromTheCheck(LogitsBigram):
     """Raises the logit of the token that follows (it sees what it must predict), and where that token
     is BOS (0 bytes: left out of the score) makes the loss NaN or about 1e9 nats: the check's scale was

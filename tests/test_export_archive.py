@@ -65,6 +65,14 @@ class LooksUpItsWholeWeight(Small):
         return self.emb(idx) @ weight.t()
 
 
+class LooksUpItsWholeWeightByTheInput(Small):
+    """The same, its ids computed from the input: a lookup of the input's ids was free (review 42: floor 0)."""
+
+    def forward(self, idx):
+        weight = torch.nn.functional.embedding(torch.arange(16) + idx[0, 0] * 0, self.lin.weight)
+        return self.emb(idx) @ weight.t()
+
+
 class FusedActivation(Small):
     def forward(self, idx):
         return torch.ops.aten._addmm_activation(torch.zeros(16), self.emb(idx).view(-1, 8), self.lin.weight.t()).view(
@@ -255,7 +263,8 @@ def test_a_program_that_makes_sparse_tensors_is_refused(tmp_path):
         load_program(str(evil))
 
 
-@pytest.mark.parametrize("model", [Flat, MixesTheInputIntoItsWeight, LooksUpItsWholeWeight, FusedActivation])
+@pytest.mark.parametrize("model", [Flat, MixesTheInputIntoItsWeight, LooksUpItsWholeWeight,
+                                   LooksUpItsWholeWeightByTheInput, FusedActivation])
 def test_a_matrix_however_stored_or_multiplied_counts_in_the_flops_floor(tmp_path, model):
     """The floor under the FLOPs per token a run may charge is the weights that multiply: stored flat
     and viewed, mixed with the input, looked up whole, or multiplied by a fused operator, each counted
