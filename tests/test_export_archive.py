@@ -102,8 +102,9 @@ def export(model: torch.nn.Module, path: Path) -> Path:
     return path
 
 
-def rewritten(honest: Path, dest: Path, model_edit=None, compress=False, emptied=None) -> Path:
-    """honest's archive with its program description edited, its files compressed, or a weight's data emptied."""
+def rewritten(honest: Path, dest: Path, model_edit=None, compress=False, emptied=None, sample_inputs=None) -> Path:
+    """honest's archive with its program description edited, its files compressed, a weight's data emptied,
+    or other sample inputs."""
     with zipfile.ZipFile(honest) as src, zipfile.ZipFile(dest, "w") as out:
         for info in src.infolist():
             data = src.read(info.filename)
@@ -113,6 +114,8 @@ def rewritten(honest: Path, dest: Path, model_edit=None, compress=False, emptied
                 data = json.dumps(model).encode()
             if emptied and info.filename.endswith(f"/data/weights/{emptied}"):
                 data = b""
+            if sample_inputs and info.filename.endswith("/data/sample_inputs/model.pt"):
+                data = sample_inputs
             if compress:
                 info.compress_type = zipfile.ZIP_DEFLATED
             out.writestr(info, data)
@@ -207,14 +210,30 @@ def test_an_archive_whose_loading_or_running_would_run_code_or_write_a_file_is_r
         refusal
 
 
-@pytest.mark.parametrize("how", ["compressed", "emptied weight"])
+def inflating_sample_inputs(megabytes: int) -> bytes:
+    """torch.save's zip of sample inputs, its tensor's record deflated: megabytes of zeros in ~1/1000 of it."""
+    import io
+    saved = io.BytesIO()
+    torch.save(((torch.zeros(megabytes << 20, dtype=torch.uint8),), {}), saved)
+    deflated = io.BytesIO()
+    with zipfile.ZipFile(saved) as src, zipfile.ZipFile(deflated, "w") as out:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            info.compress_type = zipfile.ZIP_DEFLATED if info.filename.endswith("/data/0") else info.compress_type
+            out.writestr(info, data)
+    return deflated.getvalue()
+
+
+@pytest.mark.parametrize("how", ["compressed", "emptied weight", "compressed sample inputs"])
 def test_an_archive_that_unpacks_to_more_than_it_holds_is_refused(tmp_path, how):
     """torch's loader inflates a compressed record, and makes an empty record zeros of its declared
-    size: a few kilobytes of archive could ask the evaluator for any memory."""
+    size: a few kilobytes of archive could ask the evaluator for any memory. The sample inputs are a
+    zip of their own, which torch.load inflates (review 42: 530 KB of archive, 670 MiB loaded)."""
     honest = export(Small(), tmp_path / "honest.pt2")
     evil = rewritten(honest, tmp_path / "evil.pt2", compress=how == "compressed",
-                     emptied="weight_0" if how == "emptied weight" else None)
-    with pytest.raises(ValueError, match="compressed files|weights without their data"):
+                     emptied="weight_0" if how == "emptied weight" else None,
+                     sample_inputs=inflating_sample_inputs(64) if how == "compressed sample inputs" else None)
+    with pytest.raises(ValueError, match="compressed files|weights without their data|no zip of stored files"):
         load_program(str(evil))
 
 
