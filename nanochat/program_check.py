@@ -108,8 +108,10 @@ def archive_problem(reader, records: dict) -> str | None:
         return "compressed files (torch.export.save stores them raw; a small archive would unpack to any size)"
     if SAMPLE_INPUTS in records and not stored_zip(reader.read_bytes(SAMPLE_INPUTS)):
         return "sample inputs that are no zip of stored files (torch.load inflates a compressed one to any size)"
-    if records["models/model.json"].file_size > MAX_PROGRAM_TEXT_BYTES:
-        return f"a program over {MAX_PROGRAM_TEXT_BYTES >> 20} MiB of text"
+    # every description, not only the program's: json holds a config's text in up to 30 times its size too
+    # (review 42: 40 MiB of "{}," in the constants' config took 1.2 GB of the evaluator's memory)
+    if any(name.endswith(".json") and entry.file_size > MAX_PROGRAM_TEXT_BYTES for name, entry in records.items()):
+        return f"a program description over {MAX_PROGRAM_TEXT_BYTES >> 20} MiB of text"
     for kind in ("weights", "constants"):
         config = json.loads(reader.read_bytes(f"data/{kind}/model_{kind}_config.json"))
         problem = text_problem(config) or payload_problem(config["config"], kind, records)

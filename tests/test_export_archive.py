@@ -224,6 +224,22 @@ def inflating_sample_inputs(megabytes: int) -> bytes:
     return deflated.getvalue()
 
 
+def test_a_config_of_more_text_than_a_program_holds_is_refused(tmp_path):
+    """json makes objects of a config's text in up to 30 times its size: the program's description was
+    capped, the weights' and constants' configs were not (review 42: 40 MiB of "{}," in the constants'
+    config took 1.2 GB of the evaluator's memory, and the program loaded)."""
+    honest = export(Small(), tmp_path / "honest.pt2")
+    padded = tmp_path / "padded.pt2"
+    with zipfile.ZipFile(honest) as src, zipfile.ZipFile(padded, "w") as out:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename.endswith("/model_constants_config.json"):
+                data = data.rstrip()[:-1] + b', "pad": [' + b"{}," * (11 << 20) + b"{}]}"
+            out.writestr(info, data)
+    with pytest.raises(ValueError, match="description over 32 MiB"):
+        load_program(str(padded))
+
+
 @pytest.mark.parametrize("how", ["compressed", "emptied weight", "compressed sample inputs"])
 def test_an_archive_that_unpacks_to_more_than_it_holds_is_refused(tmp_path, how):
     """torch's loader inflates a compressed record, and makes an empty record zeros of its declared
