@@ -72,15 +72,18 @@ def parse_args(argv=None):
 
 
 def perturbed_after_cuts(x, vocab_size: int):
-    """x with every token after row r's cut replaced by a random one; row 0 is left alone (it shows
-    leaks between rows). The cuts are drawn afresh for every evaluation: at fixed ones, a model that
-    kept just those positions causal would peek everywhere else unseen. Returns (perturbed x, cuts)."""
+    """x with every token after row r's cut replaced by a random one; one row, drawn, is left alone (it
+    shows leaks between rows). The cuts and that row are drawn afresh for every evaluation: at fixed
+    ones, a model that kept just those positions causal would peek everywhere else unseen (a model that
+    peeked only in its call's first row passed when that row was always the one left alone). Returns
+    (perturbed x, cuts)."""
     import torch
     batch_size, seq_len = x.shape
     generator = torch.Generator().manual_seed(secrets.randbits(63))
-    cuts = [seq_len - 1] + torch.randint(0, seq_len - 1, (batch_size - 1,), generator=generator).tolist()
+    cuts = torch.randint(0, seq_len - 1, (batch_size,), generator=generator).tolist()
+    cuts[secrets.randbelow(batch_size)] = seq_len - 1
     y = x.clone()
-    for row, cut in enumerate(cuts[1:], 1):
+    for row, cut in enumerate(cuts):
         y[row, cut + 1:] = torch.randint(0, vocab_size, (seq_len - cut - 1,), generator=generator).to(x.device)
     return y, cuts
 
@@ -101,7 +104,7 @@ def causality_problem(per_token_loss, x, targets, before, vocab_size: int) -> st
     for row, cut in enumerate(cuts):
         moved = (after[row, :cut + 1] - before[row, :cut + 1]).abs().max() / scale
         if not moved <= TOLERANCE:
-            what = "other rows" if row == 0 else f"tokens after position {cut}"
+            what = "other rows" if cut == x.size(1) - 1 else f"tokens after position {cut}"
             return (f"not causal: changing {what} moved the loss at or before position {cut} of row {row} "
                     f"(by {moved.item():.2e} of its scale); the model sees what it must predict")
     return None
@@ -127,13 +130,13 @@ def evaluate(args, tokenizer) -> dict:
     import torch
 
     from nanochat.evaluation import evaluate_bpb, evaluation_steps
-    from nanochat.program_check import load_program
+    from nanochat.program_check import checked_module, load_program
     from nanochat.platform import DEVICE, autocast
 
     started, cpu_started, faults_started = time.time(), time.process_time(), minor_faults()
     try:
         exported = load_program(args.program)
-        program = exported.module()
+        program = checked_module(exported)
         shape = tuple(input_shape(exported))
     except Exception as exc:  # noqa: BLE001  (whatever the file holds, it is no program to score)
         return {"problem": f"the exported model could not be loaded ({type(exc).__name__}: {str(exc)[:200]})"}
@@ -177,10 +180,11 @@ def evaluate(args, tokenizer) -> dict:
             problem = (state_change(program, pristine) or (None if finite[0] else NOT_FINITE) or
                        next(filter(None, (causality_problem(functools.partial(per_token_loss, pristine), *batch,
                                                             tokenizer.get_vocab_size()) for batch in checked)), None))
+            floor = matmul_flops_per_token(exported)  # in here too: a graph it cannot walk is no result
     except Exception as exc:  # noqa: BLE001  (a program the harness cannot run is no result, not an unverified one)
         return {"problem": f"the harness could not evaluate the exported model ({type(exc).__name__}: "
                            f"{str(exc)[:200]}): a model the harness cannot score is no result"}
-    result = {"eval_tokens": args.eval_tokens, "matmul_flops_per_token": matmul_flops_per_token(exported),
+    result = {"eval_tokens": args.eval_tokens, "matmul_flops_per_token": floor,
               "load_seconds": round(loaded - started, 2), "eval_seconds": round(evaluated - loaded, 2),
               "causality_seconds": round(time.time() - evaluated, 2),
               # all its threads' CPU time: on a shared machine, the cost that the wall times above hide
@@ -201,7 +205,12 @@ MATRIX_PRODUCTS = {"linear", "mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul"
                    "linalg_multi_dot", "scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
                    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
                    "_scaled_dot_product_cudnn_attention", "_efficient_attention_forward", "_flash_attention_forward"}
-LOOKUPS = {"embedding", "index_select", "embedding_bag", "_embedding_bag"}  # (table, indices, ...): no multiplies
+# A table looked up by the input's token ids costs no multiplies: the argument each lookup takes its ids at, and
+# the operators that pass the ids on unchanged. Ids computed from the input (arange + idx[0, 0] * 0) can look
+# up the whole table, which then multiplied uncounted (review 42)
+LOOKUPS = {"embedding": 1, "index_select": 2, "embedding_bag": 1, "_embedding_bag": 1}
+TOKEN_VIEWS = {"view", "_unsafe_view", "reshape", "flatten", "unsqueeze", "squeeze", "alias", "detach", "clone",
+               "contiguous", "lift_fresh_copy"}
 
 def minor_faults() -> int:
     """Pages the kernel handed this process so far (memory it had not touched, or had given back)."""
@@ -250,16 +259,16 @@ def matmul_flops_per_token(exported) -> int:
     """A floor under the model's training FLOPs per token, for the flops budget clock: 6 per element of
     each weight (a parameter, buffer or constant, however stored or mixed) that reaches an operand of
     a matrix product, walking back from each operand as far as the products before it (which count
-    their own) and the lookups of the input (a table looked up costs no multiplies). train.py counts
+    their own) and the lookups of the input's tokens (a table looked up costs no multiplies). train.py counts
     the weights that multiply the same way; attention's share is left out, so an honest count is
     never below it."""
     signature = exported.graph_signature
     state = {**signature.inputs_to_parameters, **signature.inputs_to_buffers,
              **signature.inputs_to_lifted_tensor_constants}
-    from_input = set(signature.user_inputs)
+    tokens = set(signature.user_inputs)
     for node in exported.graph.nodes:  # in order: each node's inputs come before it
-        if any(parent.name in from_input for parent in node.all_input_nodes):
-            from_input.add(node.name)
+        if operator_name(node) in TOKEN_VIEWS and node.args and getattr(node.args[0], "name", None) in tokens:
+            tokens.add(node.name)
     counted = set()
     for product in (node for node in exported.graph.nodes if operator_name(node) in MATRIX_PRODUCTS):
         stack, seen = list(product.all_input_nodes), set()
@@ -271,11 +280,19 @@ def matmul_flops_per_token(exported) -> int:
             name = operator_name(node)
             if node.op == "placeholder":
                 counted.update([node] if node.name in state else [])
-            elif name in MATRIX_PRODUCTS or (name in LOOKUPS and node.args[1].name in from_input):
+            elif name in MATRIX_PRODUCTS or (name in LOOKUPS and looked_up_by(node, LOOKUPS[name], tokens)):
                 continue
             else:
                 stack.extend(node.all_input_nodes)
-    return 6 * sum(node.meta["val"].numel() for node in counted)
+    # the loaded tensors' sizes: the shapes the archive's graph notes for them are train.py's word (a
+    # weight noted as 1 x 1 ran as the matrix it was stored as)
+    tensors = {**exported.state_dict, **exported.constants}
+    return 6 * sum(tensors[state[node.name]].numel() for node in counted)
+
+
+def looked_up_by(node, at: int, tokens: set) -> bool:
+    """Whether a lookup's ids (its argument at `at`) are the input's token ids."""
+    return len(node.args) > at and getattr(node.args[at], "name", None) in tokens
 
 
 def operator_name(node) -> str | None:

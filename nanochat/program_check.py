@@ -5,6 +5,7 @@ sandbox, where code run by the loader, a file an operator maps, or a write past 
 write any result. Each check answers why it refuses, or None.
 """
 import functools
+import io
 import json
 import math
 import operator
@@ -25,6 +26,7 @@ PROGRAM_TARGETS = re.compile(r"torch\.ops\.aten\.[A-Za-z0-9_]+\.[A-Za-z0-9_]+|_o
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_.]*")
 FLOAT_WORDS = {"Infinity", "-Infinity", "NaN"}
 VERSION = re.compile(r"[A-Za-z0-9_.+]+")
+SAMPLE_INPUTS = "data/sample_inputs/model.pt"  # torch.save's own zip, inside the archive
 MAX_PROGRAM_TEXT_BYTES = 32 * 2**20  # json holds it in about 16 times that; a 24-layer GPT's is ~3 MiB
 # The aten operators beside the pointwise ones a program may call: dense, bounds-checked, filled with values
 DENSE_OPERATORS = {
@@ -43,11 +45,15 @@ DENSE_OPERATORS = {
     "all",
     # products, attention, norms, lookups
     "linear", "mm", "addmm", "bmm", "baddbmm", "matmul", "einsum", "_addmm_activation", "scaled_dot_product_attention",
-    "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
-    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention", "embedding", "rms_norm",
+    "embedding", "rms_norm",
     "_fused_rms_norm", "layer_norm", "native_layer_norm", "group_norm", "native_group_norm", "conv1d", "conv2d",
     "convolution", "_convolution",
 }
+# Attention's kernels trust their arguments' shapes: the CPU's read the keys as far as the values go (a key
+# shorter than its values read the evaluator's heap, and crashed it), the fused entry points (_scaled_dot_product_*)
+# past the batch and heads they are given, or divide by zero heads. The evaluator checks each call's tensors first
+# (checked_module); the fused entry points are not run at all (a program calls scaled_dot_product_attention).
+ATTENTION = "scaled_dot_product_attention"
 # An operator's text arguments the harness passes: a mode's name (parsed by the operator), or an assert's message
 MODE_ARGUMENTS = {"approximate", "rounding_mode", "reduce", "padding", "side", "indexing", "interpolation", "norm",
                   "mode", "equation", "UPLO", "driver", "ord", "pad_mode", "padding_side", "activation", "assert_msg"}
@@ -100,8 +106,12 @@ def archive_problem(reader, records: dict) -> str | None:
         return f"files no exported program of this harness holds ({', '.join(odd[:3]) or 'names repeated or missing'})"
     if any(entry.compress_type != zipfile.ZIP_STORED for entry in records.values()):
         return "compressed files (torch.export.save stores them raw; a small archive would unpack to any size)"
-    if records["models/model.json"].file_size > MAX_PROGRAM_TEXT_BYTES:
-        return f"a program over {MAX_PROGRAM_TEXT_BYTES >> 20} MiB of text"
+    if SAMPLE_INPUTS in records and not stored_zip(reader.read_bytes(SAMPLE_INPUTS)):
+        return "sample inputs that are no zip of stored files (torch.load inflates a compressed one to any size)"
+    # every description, not only the program's: json holds a config's text in up to 30 times its size too
+    # (review 42: 40 MiB of "{}," in the constants' config took 1.2 GB of the evaluator's memory)
+    if any(name.endswith(".json") and entry.file_size > MAX_PROGRAM_TEXT_BYTES for name, entry in records.items()):
+        return f"a program description over {MAX_PROGRAM_TEXT_BYTES >> 20} MiB of text"
     for kind in ("weights", "constants"):
         config = json.loads(reader.read_bytes(f"data/{kind}/model_{kind}_config.json"))
         problem = text_problem(config) or payload_problem(config["config"], kind, records)
@@ -125,6 +135,17 @@ def archive_problem(reader, records: dict) -> str | None:
     if bad:
         return f"an operator the harness does not run ({str(bad[0])[:80]})"
     return text_problem(model)
+
+
+def stored_zip(data: bytes) -> bool:
+    """Whether bytes are a zip whose files are all stored raw, as torch.save writes them: the loader reads
+    the archive's sample inputs with torch.load, which inflates a compressed record (review 42: 530 KB of
+    archive took 670 MiB of the evaluator's memory; a 16 GiB export could ask for terabytes)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as inner:
+            return all(entry.compress_type == zipfile.ZIP_STORED for entry in inner.infolist())
+    except (zipfile.BadZipFile, ValueError):
+        return False
 
 
 def program_specs() -> tuple[str, str]:
@@ -210,6 +231,57 @@ def pointwise(name: str) -> bool:
     return any(torch.Tag.pointwise in t for t in tags) and not any(torch.Tag.nondeterministic_seeded in t for t in tags)
 
 
+def checked_module(exported):
+    """The loaded program's module, each attention call checked on the tensors it gets (attention_problem)
+    before it runs: the shapes the archive notes are train.py's word, the tensors are what the kernel reads."""
+    module = exported.module()
+    for node in module.graph.nodes:
+        if node.op == "call_function" and getattr(node.target, "_opname", None) == ATTENTION:
+            node.target = checked_attention
+    module.recompile()
+    return module
+
+
+def checked_attention(query, key, value, attn_mask=None, dropout_p=0.0, *args, **kwargs):
+    """aten's scaled_dot_product_attention, where its tensors are shapes its kernels read within (and
+    nothing is dropped at random: the evaluator runs nothing drawn at random)."""
+    import torch
+    problem = attention_problem(query, key, value, attn_mask)
+    if problem:
+        raise ValueError(f"the program's attention takes {problem}: its kernel would read past their ends")
+    if dropout_p:
+        raise ValueError("the program's attention drops scores at random (dropout_p): the harness runs nothing random")
+    return torch.ops.aten.scaled_dot_product_attention.default(query, key, value, attn_mask, dropout_p, *args, **kwargs)
+
+
+def attention_problem(query, key, value, mask) -> str | None:
+    """Why attention's kernels would read outside these tensors, or None: (..., heads, length, width) each,
+    the same leading sizes, keys and values alike but their width, query heads a multiple of the keys'."""
+    import torch
+    tensors = (query, key, value)
+    if not all(isinstance(t, torch.Tensor) and t.dim() >= 3 for t in tensors) or len({t.dim() for t in tensors}) > 1:
+        return "tensors of other ranks than (..., heads or length, length, width) alike"
+    if key.shape[:-1] != value.shape[:-1] or query.shape[-1] != key.shape[-1] or query.shape[:-3] != key.shape[:-3]:
+        return f"shapes that do not fit (query {list(query.shape)}, key {list(key.shape)}, value {list(value.shape)})"
+    if query.dim() == 3 and query.size(0) != key.size(0) or key.size(-3) == 0 or query.size(-3) % key.size(-3):
+        return f"heads that do not fit (query {list(query.shape)}, key {list(key.shape)})"
+    if len({(t.dtype, t.device) for t in tensors}) > 1:
+        return "tensors of different types or devices"
+    scores = (*query.shape[:-1], key.size(-2))
+    if mask is not None and (not isinstance(mask, torch.Tensor) or not broadcasts(mask.shape, scores)):
+        return f"a mask of shape {list(getattr(mask, 'shape', []))} for scores of shape {list(scores)}"
+    return None
+
+
+def broadcasts(shape, to) -> bool:
+    """Whether a tensor of shape `shape` broadcasts to exactly `to`."""
+    import torch
+    try:
+        return tuple(torch.broadcast_shapes(shape, to)) == tuple(to)
+    except RuntimeError:
+        return False
+
+
 def load_program(path: str):
     """The exported program in the file train.py wrote, loaded only where it holds nothing the loader
     would run as code (archive_problem), and never through the loader's fallbacks: its tensors with
@@ -231,7 +303,19 @@ def load_program(path: str):
         finally:
             torch.load = load
     for node in exported.graph_module.graph.nodes:
-        problem = operator_problem(node.target) if node.op == "call_function" else None
+        problem = (operator_problem(node.target) or layout_problem(node)) if node.op == "call_function" else None
         if problem:
             raise ValueError(problem)
     return exported
+
+
+def layout_problem(node) -> str | None:
+    """Why a call's tensor layout is refused: the dense operators make sparse tensors when asked for one
+    (a layout argument), and aten.full's sparse ones hold their indices in memory it did not fill (the
+    allocator's: heap addresses), which sparse kernels read as offsets; the harness runs dense tensors only."""
+    import torch
+    from torch.utils._pytree import tree_leaves
+    odd = [leaf for leaf in tree_leaves((node.args, node.kwargs)) if isinstance(leaf, torch.layout)
+           and leaf != torch.strided]
+    return f"the program calls {node.target!r} for a {odd[0]} tensor: the harness runs dense tensors only" if odd \
+        else None

@@ -242,13 +242,13 @@ def test_a_model_causal_only_where_the_check_used_to_look_is_caught():
 
 
 class CausalOnTheFirstBatch(LogitsBigram):
-    """Knows the first validation batch by its first row (which the check leaves alone; the program
+    """Knows the first validation batch by its rows' starts (the check leaves one row alone; the program
     takes the whole batch per call) and is causal there; on every other batch it raises the logit
     of the token that follows (it sees what it must predict)."""
 
     def __init__(self, vocab_size: int, first_batch):
         super().__init__(vocab_size)
-        self.register_buffer("known", first_batch[0, :8].clone())
+        self.register_buffer("known", first_batch[:, :8].clone())
 
     def forward(self, idx, targets=None, reduction="mean"):
         if targets is not None:
@@ -256,7 +256,7 @@ class CausalOnTheFirstBatch(LogitsBigram):
         logits = self.logits[idx].float()
         following = torch.cat([idx[:, 1:], idx[:, -1:]], dim=1)
         peek = F.one_hot(following, logits.size(-1)).float() * 10
-        return logits + torch.where((idx[0, :8] == self.known).all(), 0.0, peek)
+        return logits + torch.where((idx[:, :8] == self.known).all(-1).any(), 0.0, peek)
 
 
 def test_a_model_causal_on_the_first_batch_alone_is_caught(tokenizer, tmp_path, monkeypatch):
@@ -277,6 +277,108 @@ def test_a_model_causal_on_the_first_batch_alone_is_caught(tokenizer, tmp_path, 
         results[draw] = evaluate_export.evaluate(args, tokenizer)
     assert results[0]["causal"] and results[0]["val_bpb"] < evaluate_bpb(model, tokenizer, batch, SEQ_LEN, tokens)
     assert not results[1]["causal"] and "not causal" in results[1]["problem"], results[1]
+
+
+class PeeksInItsFirstRow(LogitsBigram):
+    """Raises the logit of the token that follows (it sees what it must predict) in the first row of
+    each call only, and takes the whole batch per call: the check left that row alone (review 42)."""
+
+    def forward(self, idx, targets=None, reduction="mean"):
+        if targets is not None:
+            return super().forward(idx, targets, reduction)
+        logits = self.logits[idx].float()
+        following = torch.cat([idx[:, 1:], idx[:, -1:]], dim=1)
+        first_row = (torch.arange(idx.size(0)) == 0)[:, None, None]
+        return logits + torch.where(first_row, F.one_hot(following, logits.size(-1)).float() * 30, 0.0)
+
+
+def test_a_peek_in_the_row_the_check_leaves_alone_is_caught(tokenizer, tmp_path, monkeypatch):
+    """The row the check leaves whole is drawn: a program that peeked in its call's first row only was
+    verified at 2.45 (honest 3.20; a quarter of the positions here, one in 16 on the CPU profile). Here
+    every draw is pinned to its last choice (the last row left alone); with the draw, a checked batch
+    leaves the first row alone with probability 1/4 here, all four of them 1/256."""
+    import secrets
+    from types import SimpleNamespace
+
+    from nanochat import evaluate_export, export
+    batch, tokens = 4, 8 * 4 * SEQ_LEN
+    model = PeeksInItsFirstRow(tokenizer.get_vocab_size())
+    monkeypatch.setenv(export.EXPORT_ENV, str(tmp_path / "model.pt2"))
+    program = export.export_for_evaluation(model, batch, SEQ_LEN, batch)
+    assert evaluate_export.rows_per_call(torch.export.load(program)) == batch
+    monkeypatch.setattr(evaluate_export, "secrets", SimpleNamespace(randbits=secrets.randbits,
+                                                                     randbelow=lambda n: n - 1))
+    result = evaluate_export.evaluate(evaluation_args(program, batch, tokens), tokenizer)
+    assert "val_bpb" not in result and "not causal" in result["problem"], result
+    monkeypatch.undo()
+    whole = {evaluate_export.perturbed_after_cuts(torch.zeros(batch, SEQ_LEN, dtype=torch.long), 9)[1].index(
+        SEQ_LEN - 1) for _ in range(100)}
+    assert whole == set(range(batch))
+
+
+class AttendsPastItsKeys(LogitsBigram):
+    """Attention whose key is one row and whose values are 64: the CPU's kernel reads the keys as far as
+    the values go, into the evaluator's heap (review 42: with 4M rows of values the evaluator crashed,
+    SIGSEGV; with 64, a key read from the heap picked a value); or the fused CPU entry point, whose query
+    has fewer heads than its keys (the evaluator died of a division by zero, SIGFPE)."""
+
+    def __init__(self, vocab_size: int, how: str):
+        super().__init__(vocab_size)
+        self.how = how
+
+    def forward(self, idx, targets=None, reduction="mean"):
+        if targets is not None:
+            return super().forward(idx, targets, reduction)
+        if self.how == "fused":
+            q, k = torch.ones(1, 1, 1, 16), torch.ones(1, 2, 1, 16)
+            read = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, k, 0.0, False)[0]
+        else:
+            q, k, v = torch.ones(1, 1, 1, 16), torch.zeros(1, 1, 1, 16), torch.eye(16).repeat(4, 1)[None, None]
+            read = F.scaled_dot_product_attention(q, k, v)
+        return self.logits[idx].float() + read.sum() * 0
+
+
+@pytest.mark.parametrize("how", ["keys shorter than values", "fused"])
+def test_attention_that_would_read_past_its_tensors_is_no_result(tokenizer, tmp_path, monkeypatch, how):
+    from nanochat import evaluate_export, export, program_check
+    batch = 4
+    model = AttendsPastItsKeys(tokenizer.get_vocab_size(), how)
+    monkeypatch.setenv(export.EXPORT_ENV, str(tmp_path / "model.pt2"))
+    program = export.export_for_evaluation(model, batch, SEQ_LEN, batch)
+    if how == "fused":  # not run at all, so not run here either: the check names it
+        with pytest.raises(ValueError, match="which the harness does not run"):
+            program_check.load_program(program)
+        return
+    result = evaluate_export.evaluate(evaluation_args(program, batch, 2 * batch * SEQ_LEN), tokenizer)
+    assert "val_bpb" not in result and "would read past their ends" in result["problem"], result
+    # an honest model's attention (grouped heads, a window's mask, causal) passes the check
+    q, kv = torch.randn(2, 4, 8, 16), torch.randn(2, 2, 8, 16)
+    assert program_check.attention_problem(q, kv, kv, torch.ones(8, 8, dtype=torch.bool).tril()) is None
+    assert program_check.attention_problem(q, kv[:, :, :2], kv, None)
+
+
+class PeeksThroughIndexSelect(LogitsBigram):
+    """Raises the logit of the token that follows (not causal), its logits looked up with index_select and
+    multiplied: the flops floor read index_select's dimension as its ids and raised AttributeError outside
+    the evaluation's guard, so the evaluator died without its refusal, and the run was unverified, scored
+    by train.py's own number (review 42)."""
+
+    def forward(self, idx, targets=None, reduction="mean"):
+        if targets is not None:
+            return super().forward(idx, targets, reduction)
+        rows = torch.index_select(self.logits, 0, idx.flatten()).view(*idx.shape, -1)
+        logits = rows @ torch.eye(rows.size(-1))
+        following = torch.cat([idx[:, 1:], idx[:, -1:]], dim=1)
+        return logits + F.one_hot(following, logits.size(-1)).float() * 30
+
+
+def test_a_program_whose_flops_floor_fails_is_still_refused(tokenizer, tmp_path, monkeypatch):
+    from nanochat import evaluate_export, export
+    batch = 4
+    monkeypatch.setenv(export.EXPORT_ENV, str(tmp_path / "model.pt2"))
+    program = export.export_for_evaluation(PeeksThroughIndexSelect(tokenizer.get_vocab_size()), batch, SEQ_LEN, batch)
+    result = evaluate_export.evaluate(evaluation_args(program, batch, 2 * batch * SEQ_LEN), tokenizer)
+    assert "val_bpb" not in result and "not causal" in result["problem"], result
 
 
 class PeeksAndHidesItFromTheCheck(LogitsBigram):
@@ -339,7 +441,7 @@ def test_the_checked_batch_is_drawn_for_each_evaluation():
 
 class RemembersWhatItSaw(LogitsBigram):
     """Raises the logit of the token that follows, and keeps every batch it is called with in a
-    buffer: asked again about a batch (known by its first row, which the check leaves alone), it
+    buffer: asked again about a batch (known by its first row), it
     peeks at the tokens it remembers, so changing them changes nothing."""
 
     def __init__(self, vocab_size: int, batches: int, batch: int):

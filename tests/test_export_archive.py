@@ -65,6 +65,14 @@ class LooksUpItsWholeWeight(Small):
         return self.emb(idx) @ weight.t()
 
 
+class LooksUpItsWholeWeightByTheInput(Small):
+    """The same, its ids computed from the input: a lookup of the input's ids was free (review 42: floor 0)."""
+
+    def forward(self, idx):
+        weight = torch.nn.functional.embedding(torch.arange(16) + idx[0, 0] * 0, self.lin.weight)
+        return self.emb(idx) @ weight.t()
+
+
 class FusedActivation(Small):
     def forward(self, idx):
         return torch.ops.aten._addmm_activation(torch.zeros(16), self.emb(idx).view(-1, 8), self.lin.weight.t()).view(
@@ -94,8 +102,9 @@ def export(model: torch.nn.Module, path: Path) -> Path:
     return path
 
 
-def rewritten(honest: Path, dest: Path, model_edit=None, compress=False, emptied=None) -> Path:
-    """honest's archive with its program description edited, its files compressed, or a weight's data emptied."""
+def rewritten(honest: Path, dest: Path, model_edit=None, compress=False, emptied=None, sample_inputs=None) -> Path:
+    """honest's archive with its program description edited, its files compressed, a weight's data emptied,
+    or other sample inputs."""
     with zipfile.ZipFile(honest) as src, zipfile.ZipFile(dest, "w") as out:
         for info in src.infolist():
             data = src.read(info.filename)
@@ -105,6 +114,8 @@ def rewritten(honest: Path, dest: Path, model_edit=None, compress=False, emptied
                 data = json.dumps(model).encode()
             if emptied and info.filename.endswith(f"/data/weights/{emptied}"):
                 data = b""
+            if sample_inputs and info.filename.endswith("/data/sample_inputs/model.pt"):
+                data = sample_inputs
             if compress:
                 info.compress_type = zipfile.ZIP_DEFLATED
             out.writestr(info, data)
@@ -199,14 +210,46 @@ def test_an_archive_whose_loading_or_running_would_run_code_or_write_a_file_is_r
         refusal
 
 
-@pytest.mark.parametrize("how", ["compressed", "emptied weight"])
+def inflating_sample_inputs(megabytes: int) -> bytes:
+    """torch.save's zip of sample inputs, its tensor's record deflated: megabytes of zeros in ~1/1000 of it."""
+    import io
+    saved = io.BytesIO()
+    torch.save(((torch.zeros(megabytes << 20, dtype=torch.uint8),), {}), saved)
+    deflated = io.BytesIO()
+    with zipfile.ZipFile(saved) as src, zipfile.ZipFile(deflated, "w") as out:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            info.compress_type = zipfile.ZIP_DEFLATED if info.filename.endswith("/data/0") else info.compress_type
+            out.writestr(info, data)
+    return deflated.getvalue()
+
+
+def test_a_config_of_more_text_than_a_program_holds_is_refused(tmp_path):
+    """json makes objects of a config's text in up to 30 times its size: the program's description was
+    capped, the weights' and constants' configs were not (review 42: 40 MiB of "{}," in the constants'
+    config took 1.2 GB of the evaluator's memory, and the program loaded)."""
+    honest = export(Small(), tmp_path / "honest.pt2")
+    padded = tmp_path / "padded.pt2"
+    with zipfile.ZipFile(honest) as src, zipfile.ZipFile(padded, "w") as out:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename.endswith("/model_constants_config.json"):
+                data = data.rstrip()[:-1] + b', "pad": [' + b"{}," * (11 << 20) + b"{}]}"
+            out.writestr(info, data)
+    with pytest.raises(ValueError, match="description over 32 MiB"):
+        load_program(str(padded))
+
+
+@pytest.mark.parametrize("how", ["compressed", "emptied weight", "compressed sample inputs"])
 def test_an_archive_that_unpacks_to_more_than_it_holds_is_refused(tmp_path, how):
     """torch's loader inflates a compressed record, and makes an empty record zeros of its declared
-    size: a few kilobytes of archive could ask the evaluator for any memory."""
+    size: a few kilobytes of archive could ask the evaluator for any memory. The sample inputs are a
+    zip of their own, which torch.load inflates (review 42: 530 KB of archive, 670 MiB loaded)."""
     honest = export(Small(), tmp_path / "honest.pt2")
     evil = rewritten(honest, tmp_path / "evil.pt2", compress=how == "compressed",
-                     emptied="weight_0" if how == "emptied weight" else None)
-    with pytest.raises(ValueError, match="compressed files|weights without their data"):
+                     emptied="weight_0" if how == "emptied weight" else None,
+                     sample_inputs=inflating_sample_inputs(64) if how == "compressed sample inputs" else None)
+    with pytest.raises(ValueError, match="compressed files|weights without their data|no zip of stored files"):
         load_program(str(evil))
 
 
@@ -218,7 +261,45 @@ def test_a_program_that_writes_into_tensors_or_reads_memory_it_did_not_fill_is_r
         load_program(str(export(model(), tmp_path / "program.pt2")))
 
 
-@pytest.mark.parametrize("model", [Flat, MixesTheInputIntoItsWeight, LooksUpItsWholeWeight, FusedActivation])
+def weight_noted_small(model):  # the graph's note of the weight's shape, not the weight stored
+    values = model["graph_module"]["graph"]["tensor_values"]
+    values["p_lin_weight"]["sizes"] = values["p_lin_weight"]["strides"] = [{"as_int": 1}, {"as_int": 1}]
+
+
+def test_the_flops_floor_counts_the_weights_as_loaded_not_as_the_graph_notes_them(tmp_path):
+    """The floor counted each weight by the shape the program's graph notes for it, which train.py writes:
+    a weight noted as 1 x 1 ran as its 16 x 8 matrix and the floor was 6, not 768 (review 42)."""
+    honest = export(Small(), tmp_path / "honest.pt2")
+    noted = load_program(str(rewritten(honest, tmp_path / "noted.pt2", weight_noted_small)))
+    idx = torch.zeros(2, 4, dtype=torch.long)
+    assert torch.equal(noted.module()(idx), load_program(str(honest)).module()(idx))
+    assert matmul_flops_per_token(noted) == matmul_flops_per_token(load_program(str(honest))) == 6 * 16 * 8
+
+
+class Filled(Small):
+    def forward(self, idx):
+        return super().forward(idx) + torch.full((2, 4, 16), 7.0, layout=torch.strided)
+
+
+def sparse_full(model):  # the same program, its aten.full asked for a sparse CSR tensor (serde's layout 2)
+    for node in model["graph_module"]["graph"]["nodes"]:
+        for argument in node["inputs"] if node["target"] == "torch.ops.aten.full.default" else []:
+            if argument["name"] == "layout":
+                argument["arg"] = {"as_layout": 2}
+
+
+def test_a_program_that_makes_sparse_tensors_is_refused(tmp_path):
+    """The dense operators take a layout: aten.full made a sparse CSR tensor whose row offsets were memory
+    it did not fill (heap addresses) in the evaluator, and the program ran (review 42)."""
+    honest = export(Filled(), tmp_path / "honest.pt2")
+    load_program(str(honest)).module()(torch.zeros(2, 4, dtype=torch.long))
+    evil = rewritten(honest, tmp_path / "evil.pt2", sparse_full)
+    with pytest.raises(ValueError, match="torch.sparse_csr tensor: the harness runs dense tensors only"):
+        load_program(str(evil))
+
+
+@pytest.mark.parametrize("model", [Flat, MixesTheInputIntoItsWeight, LooksUpItsWholeWeight,
+                                   LooksUpItsWholeWeightByTheInput, FusedActivation])
 def test_a_matrix_however_stored_or_multiplied_counts_in_the_flops_floor(tmp_path, model):
     """The floor under the FLOPs per token a run may charge is the weights that multiply: stored flat
     and viewed, mixed with the input, looked up whole, or multiplied by a fused operator, each counted
