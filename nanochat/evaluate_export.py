@@ -12,8 +12,8 @@ are the profile's (nanochat/profiles.py), the size the server's, and the validat
 tokenizer are the worker's private copies (the file descriptors), checked against their pinned content before the training started; it reads nothing
 the run can write. It imports what it needs, then waits for a line on stdin: the worker sends it
 once it has taken its own copy of the exported model (end of file: no export, nothing to do). It
-loads that program (token ids -> logits), computes val_bpb from the logits, and checks on one of
-its batches that the model is causal. The result is one JSON object, written to --out-fd: the
+loads that program (token ids -> logits), computes val_bpb from the logits, and checks on a few of
+its batches, drawn, that the model is causal. The result is one JSON object, written to --out-fd: the
 number the ledger gets.
 
     python -I -S -B trusted_import.py nanochat/evaluate_export.py --profile NAME --eval-tokens N --serve-fd N ...
@@ -55,6 +55,21 @@ OPENMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "1000"}
 # M_TRIM_THRESHOLD): by default each call's logits came in fresh pages from the kernel, then went back
 # to it, about 3 GB of page faults per evaluation of the CPU profile, a CPU-second of the kernel's time
 MALLOC_OPTIONS = {-3: 32 * 2**20, -1: 2**30}
+# The operators that multiply matrices (a convolution too: one of kernel 1 is a linear layer), for the flops
+# floor: wider than program_check's allow-list on purpose, so that one allowed later is counted already
+MATRIX_PRODUCTS = {"linear", "mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "einsum", "mv", "addmv", "dot",
+                   "vdot", "outer", "ger", "inner", "tensordot", "_scaled_mm", "convolution", "_convolution", "conv1d",
+                   "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "_addmm_activation",
+                   "bilinear", "_trilinear", "linalg_vecdot", "cdist", "_cdist_forward", "kron", "chain_matmul",
+                   "linalg_multi_dot", "scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
+                   "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
+                   "_scaled_dot_product_cudnn_attention", "_efficient_attention_forward", "_flash_attention_forward"}
+# A table looked up by the input's token ids costs no multiplies: the argument each lookup takes its ids at, and
+# the operators that pass the ids on unchanged. Ids computed from the input (arange + idx[0, 0] * 0) can look
+# up the whole table, which then multiplied uncounted (review 42)
+LOOKUPS = {"embedding": 1, "index_select": 2, "embedding_bag": 1, "_embedding_bag": 1}
+TOKEN_VIEWS = {"view", "_unsafe_view", "reshape", "flatten", "unsqueeze", "squeeze", "alias", "detach", "clone",
+               "contiguous", "lift_fresh_copy"}
 
 
 def parse_args(argv=None):
@@ -103,11 +118,16 @@ def causality_problem(per_token_loss, x, targets, before, vocab_size: int) -> st
     scale = before.abs().median().clamp_min(1.0)
     for row, cut in enumerate(cuts):
         moved = (after[row, :cut + 1] - before[row, :cut + 1]).abs().max() / scale
-        if not moved <= TOLERANCE:
+        if not moved <= TOLERANCE:  # a NaN moved it too (every comparison with NaN is false)
             what = "other rows" if cut == x.size(1) - 1 else f"tokens after position {cut}"
             return (f"not causal: changing {what} moved the loss at or before position {cut} of row {row} "
                     f"(by {moved.item():.2e} of its scale); the model sees what it must predict")
     return None
+
+
+def causality_problems(per_token_loss, checked: list, vocab_size: int) -> str | None:
+    """The first checked batch (x, targets, losses) whose rerun finds the model not causal, or None."""
+    return next(filter(None, (causality_problem(per_token_loss, *batch, vocab_size) for batch in checked)), None)
 
 
 def fd_path(fd: int) -> str:
@@ -148,8 +168,9 @@ def evaluate(args, tokenizer) -> dict:
     pristine = copy.deepcopy(program)
     loaded = time.time()
     steps = evaluation_steps(args.eval_tokens, args.batch_size, args.seq_len)
-    check_at = {checked_batch(steps) for _ in range(CHECKED_BATCHES)}
-    checked, calls, finite = [], itertools.count(), [True]
+    check_at = checked_batches(steps)
+    # one flag per batch, read at the end: reading each batch's would wait for the GPU at every batch
+    checked, calls, finite = [], itertools.count(), []
     rows = rows_per_call(exported)
 
     def call_loss(module, x, y):
@@ -167,7 +188,7 @@ def evaluate(args, tokenizer) -> dict:
 
     def loss(x, y, reduction="none"):
         losses = per_token_loss(program, x, y)
-        finite[0] = finite[0] and bool(torch.isfinite(losses).all())
+        finite.append(torch.isfinite(losses).all())
         if next(calls) in check_at:
             checked.append((x, y, losses))
         return losses
@@ -177,9 +198,9 @@ def evaluate(args, tokenizer) -> dict:
             val_bpb = evaluate_bpb(loss_model(loss), tokenizer, args.batch_size, args.seq_len, args.eval_tokens,
                                    DEVICE, val_paths=[args.val])
             evaluated = time.time()
-            problem = (state_change(program, pristine) or (None if finite[0] else NOT_FINITE) or
-                       next(filter(None, (causality_problem(functools.partial(per_token_loss, pristine), *batch,
-                                                            tokenizer.get_vocab_size()) for batch in checked)), None))
+            problem = (state_change(program, pristine) or (None if bool(torch.stack(finite).all()) else NOT_FINITE)
+                       or causality_problems(functools.partial(per_token_loss, pristine), checked,
+                                             tokenizer.get_vocab_size()))
             floor = matmul_flops_per_token(exported)  # in here too: a graph it cannot walk is no result
     except Exception as exc:  # noqa: BLE001  (a program the harness cannot run is no result, not an unverified one)
         return {"problem": f"the harness could not evaluate the exported model ({type(exc).__name__}: "
@@ -196,21 +217,6 @@ def evaluate(args, tokenizer) -> dict:
         result["causal"], result["val_bpb"] = True, val_bpb
     return result
 
-
-# The operators that multiply matrices (a convolution too: one of kernel 1 is a linear layer)
-MATRIX_PRODUCTS = {"linear", "mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "einsum", "mv", "addmv", "dot",
-                   "vdot", "outer", "ger", "inner", "tensordot", "_scaled_mm", "convolution", "_convolution", "conv1d",
-                   "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "_addmm_activation",
-                   "bilinear", "_trilinear", "linalg_vecdot", "cdist", "_cdist_forward", "kron", "chain_matmul",
-                   "linalg_multi_dot", "scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
-                   "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
-                   "_scaled_dot_product_cudnn_attention", "_efficient_attention_forward", "_flash_attention_forward"}
-# A table looked up by the input's token ids costs no multiplies: the argument each lookup takes its ids at, and
-# the operators that pass the ids on unchanged. Ids computed from the input (arange + idx[0, 0] * 0) can look
-# up the whole table, which then multiplied uncounted (review 42)
-LOOKUPS = {"embedding": 1, "index_select": 2, "embedding_bag": 1, "_embedding_bag": 1}
-TOKEN_VIEWS = {"view", "_unsafe_view", "reshape", "flatten", "unsqueeze", "squeeze", "alias", "detach", "clone",
-               "contiguous", "lift_fresh_copy"}
 
 def minor_faults() -> int:
     """Pages the kernel handed this process so far (memory it had not touched, or had given back)."""
@@ -238,10 +244,11 @@ def state_change(program, pristine) -> str | None:
     return None
 
 
-def checked_batch(steps: int) -> int:
-    """Which of the evaluation's batches the causality check reruns, drawn for each evaluation: the
-    first batch is the same every time, so a model could know it and be causal on it alone."""
-    return secrets.randbelow(max(steps, 1))
+def checked_batches(steps: int) -> set[int]:
+    """Which of the evaluation's batches the causality check reruns: CHECKED_BATCHES different ones (all,
+    if it has fewer), drawn for each evaluation. The first batch is the same every time, so a model
+    could know it and be causal on it alone."""
+    return set(secrets.SystemRandom().sample(range(steps), min(CHECKED_BATCHES, steps)))
 
 
 def input_shape(exported):
@@ -279,7 +286,8 @@ def matmul_flops_per_token(exported) -> int:
             seen.add(node)
             name = operator_name(node)
             if node.op == "placeholder":
-                counted.update([node] if node.name in state else [])
+                if node.name in state:
+                    counted.add(node)
             elif name in MATRIX_PRODUCTS or (name in LOOKUPS and looked_up_by(node, LOOKUPS[name], tokens)):
                 continue
             else:

@@ -4,6 +4,7 @@ the loaded graph's operators after. The evaluator (evaluate_export.py) loads it 
 sandbox, where code run by the loader, a file an operator maps, or a write past a tensor's end could
 write any result. Each check answers why it refuses, or None.
 """
+import ast
 import functools
 import io
 import json
@@ -69,8 +70,8 @@ EXPRESSION_CALLS = {"Symbol", "Integer", "Float", "Rational", "Max", "Min", "Abs
 
 
 def plain_expression(text) -> bool:
-    """Whether a symbolic size's text is arithmetic on symbols and size functions only (plain_expression)."""
-    import ast
+    """Whether a symbolic size's text is arithmetic on symbols (EXPRESSION_NAMES) and size functions
+    (EXPRESSION_CALLS) only."""
     try:
         tree = ast.parse(str(text), mode="eval")
     except (SyntaxError, ValueError):
@@ -148,6 +149,7 @@ def stored_zip(data: bytes) -> bool:
         return False
 
 
+@functools.cache
 def program_specs() -> tuple[str, str]:
     """The input and output specs of model(idx) -> logits, as torch writes them."""
     import torch
@@ -296,6 +298,8 @@ def load_program(path: str):
         if problem:
             raise ValueError(f"the archive holds {problem}")
         f.seek(0)
+        # the loader's own torch.load calls, with weights_only forced; for this process only, which loads
+        # one program at a time and nothing else meanwhile
         load = torch.load
         torch.load = lambda *a, weights_only=True, **k: load(*a, weights_only=True, **k)
         try:

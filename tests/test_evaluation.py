@@ -273,7 +273,7 @@ def test_a_model_causal_on_the_first_batch_alone_is_caught(tokenizer, tmp_path, 
     args = evaluation_args(program, batch, tokens)
     results = {}
     for draw in (0, 1):
-        monkeypatch.setattr(evaluate_export, "checked_batch", lambda steps, draw=draw: draw)
+        monkeypatch.setattr(evaluate_export, "checked_batches", lambda steps, draw=draw: {draw})
         results[draw] = evaluate_export.evaluate(args, tokenizer)
     assert results[0]["causal"] and results[0]["val_bpb"] < evaluate_bpb(model, tokenizer, batch, SEQ_LEN, tokens)
     assert not results[1]["causal"] and "not causal" in results[1]["problem"], results[1]
@@ -306,7 +306,7 @@ def test_a_peek_in_the_row_the_check_leaves_alone_is_caught(tokenizer, tmp_path,
     monkeypatch.setenv(export.EXPORT_ENV, str(tmp_path / "model.pt2"))
     program = export.export_for_evaluation(model, batch, SEQ_LEN, batch)
     assert evaluate_export.rows_per_call(torch.export.load(program)) == batch
-    monkeypatch.setattr(evaluate_export, "secrets", SimpleNamespace(randbits=secrets.randbits,
+    monkeypatch.setattr(evaluate_export, "secrets", SimpleNamespace(randbits=secrets.randbits, SystemRandom=secrets.SystemRandom,
                                                                      randbelow=lambda n: n - 1))
     result = evaluate_export.evaluate(evaluation_args(program, batch, tokens), tokenizer)
     assert "val_bpb" not in result and "not causal" in result["problem"], result
@@ -418,25 +418,27 @@ def test_a_peek_hidden_behind_uncounted_positions_losses_is_caught(tokenizer, tm
 
 def test_the_check_reruns_several_batches(tokenizer, tmp_path, monkeypatch):
     """One batch's 15 cuts test 15 positions: a program that peeked at a few per cent of them passed
-    often enough to retry until it did (review 41). CHECKED_BATCHES are drawn; here three draws are the
-    batch the model is causal on, and one is not."""
+    often enough to retry until it did (review 41). CHECKED_BATCHES are drawn; here the draw holds the
+    batch the model is causal on, and one it is not: every batch drawn is rerun."""
     from nanochat import evaluate_export, export
     batch, tokens = 4, 4 * 4 * SEQ_LEN
     first, _, _ = next(make_dataloader(tokenizer, batch, SEQ_LEN, "val"))
     model = CausalOnTheFirstBatch(tokenizer.get_vocab_size(), first)
     monkeypatch.setenv(export.EXPORT_ENV, str(tmp_path / "model.pt2"))
     program = export.export_for_evaluation(model, batch, SEQ_LEN, batch)
-    draws = iter([0, 0, 0, 1])
-    monkeypatch.setattr(evaluate_export, "checked_batch", lambda steps: next(draws))
+    monkeypatch.setattr(evaluate_export, "checked_batches", lambda steps: {0, 1})
     result = evaluate_export.evaluate(evaluation_args(program, batch, tokens), tokenizer)
     assert evaluate_export.CHECKED_BATCHES == 4 and "not causal" in result.get("problem", ""), result
 
 
-def test_the_checked_batch_is_drawn_for_each_evaluation():
-    from nanochat.evaluate_export import checked_batch
-    draws = [checked_batch(16) for _ in range(200)]
-    assert set(draws) <= set(range(16)) and len(set(draws)) > 8
-    assert checked_batch(0) == 0  # fewer tokens than a batch: evaluate_bpb refuses them itself
+def test_the_checked_batches_are_drawn_for_each_evaluation():
+    """CHECKED_BATCHES different batches each time (a draw that repeated one reran fewer), all of them
+    when there are fewer."""
+    from nanochat.evaluate_export import CHECKED_BATCHES, checked_batches
+    draws = [checked_batches(16) for _ in range(200)]
+    assert all(len(draw) == CHECKED_BATCHES and draw <= set(range(16)) for draw in draws)
+    assert len(set().union(*draws)) == 16 and len({frozenset(draw) for draw in draws}) > 100
+    assert checked_batches(2) == {0, 1} and checked_batches(0) == set()
 
 
 class RemembersWhatItSaw(LogitsBigram):
@@ -473,7 +475,7 @@ def test_a_model_that_remembers_the_batch_it_is_asked_again_is_caught(tokenizer,
     monkeypatch.setenv(export.EXPORT_ENV, str(tmp_path / "model.pt2"))
     program = export.export_for_evaluation(model, batch, SEQ_LEN, batch)
     assert evaluate_export.rows_per_call(torch.export.load(program)) == batch
-    monkeypatch.setattr(evaluate_export, "checked_batch", lambda steps: 2)
+    monkeypatch.setattr(evaluate_export, "checked_batches", lambda steps: {2})
     result = evaluate_export.evaluate(evaluation_args(program, batch, batches * batch * SEQ_LEN), tokenizer)
     assert "val_bpb" not in result and "which the harness does not run" in result["problem"], result
     # without the loader's refusal, the state check catches it

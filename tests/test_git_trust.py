@@ -198,3 +198,15 @@ def test_a_replace_ref_does_not_pass_an_edited_harness_copy_as_its_commit(tmp_pa
     assert "nanochat/evaluate_export.py" in str(harness_problem(str(harness), harness_commit))
     sources = integrity.harness_sources(Workspace(repo), harness_commit)
     assert sources["nanochat/evaluate_export.py"] == hashlib.sha256(b"VAL_BPB = None\n").hexdigest()
+
+
+def test_the_workers_git_has_the_servers_overrides():
+    """harness_copy.py imports nothing from the package (it is shipped to cluster nodes alone), so it keeps
+    its own copy of the server's git overrides: a fix made in one (GIT_NO_REPLACE_OBJECTS, review 41) must
+    be in both."""
+    from mcp_server.core import workspace
+    from mcp_server.scripts import harness_copy
+    assert harness_copy.GIT_ENV == workspace.GIT_ENV
+    # the server's options that concern what ls-tree runs (the rest concern commits it does not make)
+    assert set(harness_copy.NO_AGENT_GIT[1::2]) == set(workspace.NO_AGENT_CODE[1::2]) - {
+        "commit.gpgSign=false", "core.autocrlf=false"}
