@@ -494,3 +494,33 @@ def test_a_fifo_in_place_of_a_workers_report_is_read_at_once_and_not_believed(tm
     os.mkfifo(fifo)
     assert read_report(fifo) is None
     assert "was changed after the run's worker wrote it" in believed_report(fifo, "0" * 64)["report_changed"]
+
+
+def _unblock(path):
+    try:  # a hung thread's open of the FIFO ends once the other end is opened
+        os.close(os.open(path, os.O_RDWR | os.O_NONBLOCK))
+    except OSError:
+        pass
+
+
+def test_fifos_planted_at_the_servers_temporary_names_hang_no_tool(lab):
+    """The server wrote a run's record through `runs/<n>-<commit>.json.tmp` and the morning report through
+    `reports/<tag>-<date>.md.tmp`, names the agent knows: a FIFO there blocked keep's open under the state
+    lock, and every later call (status too) hung."""
+    lab.baseline()
+    set_knobs(lab.ws, VAL_BPB=0.9)
+    result = lab.ok("run_experiment", description="better")
+    planted = [lab.ws / "runs" / f"{result['run']:04d}-{result['commit'][:7]}.json.tmp",
+               lab.ws / "reports" / f"t-{time.strftime('%Y-%m-%d', time.gmtime())}.md.tmp"]
+    planted[1].parent.mkdir(exist_ok=True)
+    for path in planted:
+        os.mkfifo(path)
+    try:
+        for tool in ("keep", "status", "report"):
+            alive, box = call_within(lab, 20, tool)
+            assert not alive, f"{tool} hung on a FIFO at a temporary name"
+            answer(box["answer"])
+        assert lab.ok("status")["best_val_bpb"] == 0.9
+    finally:
+        for path in planted:
+            _unblock(path)

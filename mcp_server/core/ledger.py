@@ -11,7 +11,7 @@ import math
 import os
 import re
 import stat as stat_module
-import threading
+import tempfile
 import time
 import unicodedata
 from pathlib import Path
@@ -243,15 +243,21 @@ def _archive_copy(data: bytes, archive: Path) -> str:
 
 
 def replace_bytes(path: Path, data: bytes) -> None:
-    """path holds data, whole or not at all (a temp file beside it, flushed, then renamed); the temp
-    name is this thread's, so threads of one server never share one."""
+    """path holds data, whole or not at all (a temp file beside it, flushed, then renamed). The temp
+    file is made new under an unguessable name (mkstemp: O_EXCL), never opened where it lies: a FIFO
+    planted at a name the agent can predict blocked the open, under the state lock."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with open(fd, "wb") as f:
+            os.fchmod(fd, 0o644)  # as the records were made before (mkstemp makes 0600)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _append_bytes(path: Path, data: bytes) -> None:

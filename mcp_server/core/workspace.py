@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import stat
+import tempfile
 import threading
 from pathlib import Path
 
@@ -383,8 +384,10 @@ class Workspace:
         or None on a conflict."""
         scratch = Path(self.repo.git_dir) / "research-loop"
         scratch.mkdir(parents=True, exist_ok=True)
-        files = [scratch / f"merge-{name}-{os.getpid()}-{threading.get_ident()}.py" for name in ("onto", "base", "change")]
-        try:
+        # a folder made new (unguessable name) holds the three: a FIFO planted at a predictable name
+        # blocked the write, under the state lock
+        with tempfile.TemporaryDirectory(dir=scratch, prefix="merge-") as folder:
+            files = [Path(folder) / f"{name}.py" for name in ("onto", "base", "change")]
             for path, commit in zip(files, (onto, base, change)):
                 path.write_bytes(self.train_at(commit))
             try:
@@ -394,9 +397,6 @@ class Workspace:
                 if exc.status and 0 < exc.status < 128:  # the number of conflicts
                     return None
                 raise
-        finally:
-            for path in files:
-                path.unlink(missing_ok=True)
 
     # --- slots -------------------------------------------------------------------
     def slot_path(self, slot: int) -> Path:

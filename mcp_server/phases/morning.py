@@ -178,9 +178,7 @@ def write(root: Path, branch: str | None = None, now: float | None = None) -> Re
     path = folder / f"{stem}.md"
     times = spent(list(night.records.values()), night.state, now)
     text = render(night, chart.name if night.rows else None, times, made, now)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    ledger.replace_bytes(path, text.encode())  # never through a file planted at a temp name
     ideas = sum(r.commit not in night.reruns for r in night.rows)
     return ReportResult(path=str(path), chart=str(chart) if night.rows else None, kept=len(night.kept), ideas=ideas,
                         extra_runs=len(night.reruns), slot_hours=round(times["gpu_hours"] + times["slot_hours"], 4),

@@ -11,7 +11,6 @@ the other way round. Constants used by more than one phase live here.
 An entry of state["runs"] is a run nobody has decided yet: queued, running, pending or interrupted.
 """
 import json
-import os
 import threading
 from pathlib import Path
 
@@ -178,10 +177,9 @@ class LoopCore:
             except (git.GitCommandError, ValueError, KeyError):
                 pass
             record["decision"] = decision
-        tmp, name, raw = path.with_name(path.name + ".json.tmp"), path.name + ".json", json.dumps(record).encode()
+        name, raw = path.name + ".json", json.dumps(record).encode()
         try:
-            tmp.write_bytes(raw)
-            os.replace(tmp, path.with_name(name))
+            ledger.replace_bytes(path.with_name(name), raw)  # never through a file planted at a temp name
             history.vouch(state, name, raw)
             history.vouch_log(state, self.root, entry["log"])
             self.fresh_records[name] = history.digest(raw)
