@@ -73,6 +73,26 @@ def test_a_keep_logged_by_hand_must_be_the_branch_tip_and_becomes_the_kept_commi
     assert result["best_commit"] == tip[:7] and result["delta"] == pytest.approx(-0.1)
 
 
+def test_a_keep_logged_by_hand_is_marked_and_reaches_no_target(lab):
+    """log_result's keep row holds the agent's own number, which no harness measured: it was written
+    unmarked (results.tsv, status, the dashboard read it as any kept result), and a number below the
+    target ended the research run as "the target val_bpb is reached"."""
+    lab.ok("setup", tag="t", target_val_bpb=0.6)
+    lab.ok("run_experiment", description="baseline")
+    lab.ok("keep")
+    (lab.ws / "train.py").write_text("VAL_BPB = 1.3\n")
+    git(lab.ws, "commit", "-q", "-am", "my idea")
+    logged = lab.ok("log_result", commit=lab.head(), val_bpb=0.5, memory_gb=1.0, status="keep", description="my idea")
+    assert logged["row"]["description"] == "my idea (logged by hand)"
+    assert ledger_lines(lab.ws)[-1].endswith("\tkeep\tmy idea (logged by hand)")
+    status = lab.ok("status")
+    assert status["ended"] is None and "reached" not in status["next"]
+    set_knobs(lab.ws, val_bpb=0.55)
+    lab.ok("run_experiment", description="measured below the target")
+    lab.ok("keep")
+    assert "target val_bpb 0.6 is reached (0.550000)" in lab.ok("status")["ended"]
+
+
 def test_keep_refuses_when_the_branch_lost_the_kept_commit(lab):
     lab.baseline()
     set_knobs(lab.ws, val_bpb=0.9)

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 STOPPED_EARLY = " (stopped early: "  # the crash row's marker of a run the early stop ended
+# a keep row log_result wrote: its number is the agent's word, never the harness's, so it reaches no target
+LOGGED_BY_HAND = " (logged by hand)"
 DEFAULT_MAX_FAILURES_IN_ROW = 10
 # The server's state, its own copy first (in the git directory, where neither a run nor the edit hook
 # reaches; mcp_server/core/state.py writes both): its rows decide, results.tsv only shows them
@@ -92,7 +94,7 @@ def ended(state: dict, rows: list[tuple], now: float | None = None) -> str | Non
     if isinstance(most, int) and experiments_done(statuses) >= most:
         return f"{most} experiments done"
     target = limits.get("target_val_bpb")
-    kept = [row[1] for row in rows if row[0] == "keep"]
+    kept = [row[1] for row in rows if row[0] == "keep" and not str(row[2]).endswith(LOGGED_BY_HAND)]
     if isinstance(target, (int, float)) and kept and min(kept) <= target:
         return f"the target val_bpb {target} is reached ({min(kept):.6f})"
     failures = limits.get("max_failures_in_row")

@@ -298,6 +298,8 @@ def log_result(core: LoopCore, commit: str, val_bpb: float, memory_gb: float, st
                description: str) -> LoggedRow:
     commit = validate_commit_arg(commit)
     row = ledger.make_row(commit[:7], val_bpb, memory_gb, status, description)
+    if status == "keep":  # the agent's number, not the harness's: the row says so, wherever it is shown
+        row.description = ledger.fit_description(row.description, limits.LOGGED_BY_HAND)
     full = core.ws.resolve_commit(commit)
     if full is None:
         raise Refusal(f"Commit {commit} does not exist in this repository: pass the hash of the "
