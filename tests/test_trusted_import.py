@@ -222,3 +222,36 @@ def test_a_pth_file_is_acted_on_twice_from_the_bytes_hashed_once(tmp_path):
     run, digests = run_on_a_runs_interpreter(python, probe, 60)
     assert json.loads(run.split("RAN ", 1)[1].splitlines()[0]) == [2, False], run
     assert digests[str(pth)] == hashlib.sha256(genuine.encode()).hexdigest()
+
+
+def test_a_train_py_swapped_in_the_slot_after_checkout_never_runs(stand_in_torch, monkeypatch):
+    """The slot's worktree is checked out and found clean, then the agent (watching it) writes other code
+    into its train.py before the interpreter reads it: the run trained code no commit holds and was
+    logged as the commit's (a "tiny tweak" reported the numbers of another model). warm_train.py now runs
+    only bytes whose SHA-256 is the commit's, which the server passes (--script-sha256); the honest run
+    after it is a result."""
+    import hashlib
+    from server_support import git
+    lab = stand_in_torch
+    outcomes = queue.Queue()
+    lab.hold.unlink()
+    genuine = git(lab.ws, "show", "HEAD:train.py").encode()
+    checkout, swap = lab.pool.ws.checkout_slot, [True]
+
+    def checkout_then_swap(slot, commit):  # the agent's write, timed after the server's check
+        path = checkout(slot, commit)
+        if swap[0]:
+            (path / "train.py").write_text("print('SWAPPED code ran')\nprint('val_bpb: 0.1')\n")
+        return path
+    monkeypatch.setattr(lab.pool.ws, "checkout_slot", checkout_then_swap)
+    for n in (1, 2):
+        spec = lab.spec(n, False, lab.pool.environment_position([lab.python]))
+        spec.worker_args += ["--script-sha256", hashlib.sha256(genuine).hexdigest()]
+        lab.pool.start(spec, lambda r, o: outcomes.put(o))
+        outcome = outcomes.get(timeout=120)
+        if n == 1:
+            assert "SWAPPED" not in lab.log(1), lab.log(1)
+            assert outcome.report["exit_code"] != 0 and "is not the commit's train.py" in lab.log(1), lab.log(1)
+            swap[0] = False
+        else:
+            assert outcome.report["exit_code"] == 0 and "compiled from its source" in lab.log(2), lab.log(2)

@@ -7,6 +7,7 @@ else interrupted) and refills the slots.
 Imports the core (runs), results and measurements.
 """
 import functools
+import hashlib
 import os
 import subprocess
 import time
@@ -20,7 +21,7 @@ from mcp_server.phases.results import record, unrecordable
 from mcp_server.phases.measurements import file_measurement
 from mcp_server.phases.runs import DEFAULT_TRAIN_COMMAND, MEASURED_ON, LoopCore
 from mcp_server.core.state import process_alive
-from mcp_server.core.workspace import RUNS_DIR
+from mcp_server.core.workspace import EDITABLE, RUNS_DIR
 from mcp_server.scripts import sandbox
 
 ENV_SYNC_TIMEOUT_S = 900  # the first `uv run` of a workspace may install torch
@@ -84,6 +85,7 @@ def dispatch(core: LoopCore) -> None:
                                                    core.ws.worktree_head(harness) if harness else "",
                                                    core.pool.capacity, entry.get("data_order", 0),
                                                    state.get("input_pins"))
+                extras += script_digest(core, entry["commit"])
                 spec = RunSpec(run=entry["run"], commit=entry["commit"], command=run_command(core),
                                timeout=entry["timeout"], log=core.root / entry["log"],
                                report=core.root / entry["report"], worker_args=extras,
@@ -99,6 +101,14 @@ def dispatch(core: LoopCore) -> None:
                          **core.pool.worker_record(entry["run"]))
             if core.runs_unsandboxed():
                 entry["unsandboxed"] = True  # for status and the dashboard while it runs
+
+
+def script_digest(core: LoopCore, commit: str) -> list[str]:
+    """The worker's option naming the SHA-256 of the commit's train.py, where the command runs it: the
+    interpreter runs only those bytes (warm_train.py), whatever the slot's file became after checkout."""
+    if core.make_executor is not None or run_command(core)[1:2] != [EDITABLE]:
+        return []
+    return ["--script-sha256", hashlib.sha256(core.ws.train_at(commit)).hexdigest()]
 
 
 def run_command(core: LoopCore) -> list[str]:

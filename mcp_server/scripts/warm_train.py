@@ -91,7 +91,29 @@ def main() -> int:
     script = os.path.abspath(run["argv"][0])
     sys.argv = list(run["argv"])
     sys.path[0] = os.path.dirname(script)
-    runpy.run_path(script, run_name="__main__")
+    if run.get("sha256") is None:
+        runpy.run_path(script, run_name="__main__")
+        return 0
+    return run_checked(script, run["sha256"])
+
+
+def run_checked(script: str, sha256: str) -> int:
+    """The script run from the bytes read once and checked against the commit's digest (the server's):
+    the slot's file can be swapped by any process of the user after the checkout was verified, and the
+    run would then train other code than the commit it is logged as."""
+    import hashlib
+    import types
+    with open(script, "rb") as f:
+        source = f.read()
+    if hashlib.sha256(source).hexdigest() != sha256:
+        print(f"research-loop: {script} is not the commit's train.py (changed after the server checked the "
+              "run's worktree out): it was not run", file=sys.stderr)
+        return 1
+    main = types.ModuleType("__main__")  # as runpy.run_path sets up a script's globals
+    main.__dict__.update(__file__=script, __builtins__=__builtins__, __loader__=None, __spec__=None,
+                         __package__=None, __cached__=None)
+    sys.modules["__main__"] = main
+    exec(compile(source, script, "exec"), main.__dict__)
     return 0
 
 
