@@ -524,3 +524,21 @@ def test_fifos_planted_at_the_servers_temporary_names_hang_no_tool(lab):
     finally:
         for path in planted:
             _unblock(path)
+
+
+def test_a_fifo_at_run_log_fails_no_runs_record(lab):
+    """run.log (the copy of the latest run's log) was copied over whatever lay there: a FIFO the agent put
+    there failed the copy after the record was written, and the run became a crash ("could not record"),
+    every run of the night."""
+    lab.baseline()
+    (lab.ws / "run.log").unlink()
+    os.mkfifo(lab.ws / "run.log")
+    try:
+        set_knobs(lab.ws, VAL_BPB=0.9)
+        alive, box = call_within(lab, 60, "run_experiment", description="better")
+        assert not alive, "run_experiment hung on a FIFO at run.log"
+        result = answer(box["answer"])
+        assert result["status"] == "ok" and result["val_bpb"] == 0.9, result
+        assert (lab.ws / "run.log").is_file() and "val_bpb" in (lab.ws / "run.log").read_text()
+    finally:
+        _unblock(lab.ws / "run.log")

@@ -9,7 +9,10 @@ run_experiment answers about a run at any point of its life.
 Imports the core (runs) only.
 """
 import math
+import os
 import shutil
+import tempfile
+from pathlib import Path
 
 from mcp_server.core import integrity, ledger, logparse, noise
 from mcp_server.scripts import sandbox
@@ -41,8 +44,22 @@ def record(core: LoopCore, state: dict, entry: dict, report: dict | None, slot: 
     shutil.rmtree(core.root / integrity.EXPORTS_DIR / str(entry["run"]), ignore_errors=True)  # the model: large
     core.write_record(state, entry, result)
     if log.exists():
-        shutil.copyfile(log, core.root / RUN_LOG)
+        copy_as_run_log(log, core.root)
     return result
+
+
+def copy_as_run_log(log: Path, root: Path) -> None:
+    """run.log, upstream's copy of the latest run's log: made under a fresh name, then renamed over
+    whatever lies at run.log (a FIFO the agent put there failed the copy, and with it every run's
+    record). A copy that cannot be made is left out: the run's own log is in runs/."""
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{RUN_LOG}.")
+    try:
+        with open(fd, "wb") as out, open(log, "rb") as source:
+            os.fchmod(out.fileno(), 0o644)  # as a copy was before (mkstemp makes 0600)
+            shutil.copyfileobj(source, out)
+        os.replace(tmp, root / RUN_LOG)
+    except OSError:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def _result(core: LoopCore, entry: dict, text: str, report: dict | None, slot: str | None) -> RunResult:
