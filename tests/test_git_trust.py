@@ -196,7 +196,7 @@ def test_a_replace_ref_does_not_pass_an_edited_harness_copy_as_its_commit(tmp_pa
     replacement = git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit-tree", tree, "-m", "harness").strip()
     git(repo, "replace", harness_commit, replacement)
     assert "nanochat/evaluate_export.py" in str(harness_problem(str(harness), harness_commit))
-    sources = integrity.harness_sources(Workspace(repo), harness_commit)
+    sources = integrity.commit_sources(Workspace(repo), harness_commit)
     assert sources["nanochat/evaluate_export.py"] == hashlib.sha256(b"VAL_BPB = None\n").hexdigest()
 
 

@@ -1,5 +1,6 @@
 """The imports' digests (scripts/trusted_import.py) against what a module the agent edited can do
 about its own digest once it runs, and a run whose interpreter never says what it compiled."""
+import json
 import os
 import queue
 import sys
@@ -224,34 +225,42 @@ def test_a_pth_file_is_acted_on_twice_from_the_bytes_hashed_once(tmp_path):
     assert digests[str(pth)] == hashlib.sha256(genuine.encode()).hexdigest()
 
 
-def test_a_train_py_swapped_in_the_slot_after_checkout_never_runs(stand_in_torch, monkeypatch):
+@pytest.mark.parametrize("swapped", ["train.py", "helper.py"])
+def test_a_file_swapped_in_the_slot_after_checkout_never_runs(stand_in_torch, monkeypatch, swapped):
     """The slot's worktree is checked out and found clean, then the agent (watching it) writes other code
-    into its train.py before the interpreter reads it: the run trained code no commit holds and was
-    logged as the commit's (a "tiny tweak" reported the numbers of another model). warm_train.py now runs
-    only bytes whose SHA-256 is the commit's, which the server passes (--script-sha256); the honest run
-    after it is a result."""
-    import hashlib
+    into its train.py, or a module train.py imports from its folder (prepare.py, nanochat/ in a
+    workspace), before the interpreter reads it: the run trained code no commit holds and was logged as
+    the commit's (review 43). The server passes the commit's sources (--sources) and the interpreter
+    runs only those from the slot (trusted_import.expect); the honest run after it is a result."""
+    from mcp_server.core import integrity
+    from mcp_server.core.workspace import Workspace
     from server_support import git
     lab = stand_in_torch
+    (lab.ws / "helper.py").write_text("VALUE = 'the commit'\n")
+    (lab.ws / "train.py").write_text((lab.ws / "train.py").read_text().replace(
+        "import torch\n", "import torch\nimport helper\nprint('helper:', helper.VALUE)\n"))
+    git(lab.ws, "add", ".")
+    git(lab.ws, "commit", "-qm", "train.py imports a module of its folder")
+    sources = json.dumps(integrity.commit_sources(Workspace(lab.ws), git(lab.ws, "rev-parse", "HEAD").strip()))
     outcomes = queue.Queue()
     lab.hold.unlink()
-    genuine = git(lab.ws, "show", "HEAD:train.py").encode()
     checkout, swap = lab.pool.ws.checkout_slot, [True]
 
     def checkout_then_swap(slot, commit):  # the agent's write, timed after the server's check
         path = checkout(slot, commit)
         if swap[0]:
-            (path / "train.py").write_text("print('SWAPPED code ran')\nprint('val_bpb: 0.1')\n")
+            (path / swapped).write_text("print('SWAPPED code ran')\nVALUE = 'SWAPPED'\n")
         return path
     monkeypatch.setattr(lab.pool.ws, "checkout_slot", checkout_then_swap)
     for n in (1, 2):
         spec = lab.spec(n, False, lab.pool.environment_position([lab.python]))
-        spec.worker_args += ["--script-sha256", hashlib.sha256(genuine).hexdigest()]
+        spec.worker_args += ["--sources", sources]
         lab.pool.start(spec, lambda r, o: outcomes.put(o))
         outcome = outcomes.get(timeout=120)
         if n == 1:
-            assert "SWAPPED" not in lab.log(1), lab.log(1)
-            assert outcome.report["exit_code"] != 0 and "is not the commit's train.py" in lab.log(1), lab.log(1)
+            assert "SWAPPED" not in lab.log(1).replace(f"{swapped} is not", ""), lab.log(1)
+            assert outcome.report["exit_code"] != 0 and f"{swapped} is not the run's commit's" in lab.log(1), \
+                lab.log(1)
             swap[0] = False
         else:
-            assert outcome.report["exit_code"] == 0 and "compiled from its source" in lab.log(2), lab.log(2)
+            assert outcome.report["exit_code"] == 0 and "helper: the commit" in lab.log(2), lab.log(2)

@@ -321,7 +321,7 @@ HARNESS_NOT_HELD = "(loaded from the harness copy, but no source of the harness 
 def harness_changes(imported, harness: str, sources: dict) -> dict:
     """{source: why} for what a process reports having compiled or loaded from the harness copy (the
     folder harness, as imported or as real path) other than the harness commit's sources ({path inside
-    it: SHA-256}, integrity.harness_sources). The worker's check of the copy after the evaluation
+    it: SHA-256}, integrity.commit_sources). The worker's check of the copy after the evaluation
     (harness_copy.harness_problem) misses an edit made and undone meanwhile, which a warm evaluator
     keeps for all its later runs."""
     if not isinstance(imported, dict):

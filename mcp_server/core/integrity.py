@@ -65,23 +65,24 @@ def harness_copy(ws, commit: str, fingerprint: str) -> Path:
     return ws.checkout_worktree(path, commit)
 
 
-_HARNESS_SOURCES: dict = {}  # commit -> harness_sources' answer (a commit's blobs never change)
+_COMMIT_SOURCES: dict = {}  # commit -> commit_sources' answer (a commit's blobs never change)
 
 
-def harness_sources(ws, commit: str | None) -> dict:
-    """{path inside the harness copy: SHA-256 (hex)} of each Python source of the harness commit: what
-    the evaluator must report having compiled from its copy (envpin.harness_changes); {} where the
-    commit cannot be read (then whatever it compiled from the copy is named)."""
+def commit_sources(ws, commit: str | None) -> dict:
+    """{path inside a checkout: SHA-256 (hex)} of each Python source of a commit: what a process must
+    report having compiled from the commit's checkout (envpin.checkout_changes: the evaluator from the
+    harness copy, the training from its slot); {} where the commit cannot be read (then whatever it
+    compiled from the checkout is named)."""
     if not commit:
         return {}
-    if commit not in _HARNESS_SOURCES:
+    if commit not in _COMMIT_SOURCES:
         try:
             tree = ws.repo.commit(commit).tree
-            _HARNESS_SOURCES[commit] = {blob.path: hashlib.sha256(blob.data_stream.read()).hexdigest()
+            _COMMIT_SOURCES[commit] = {blob.path: hashlib.sha256(blob.data_stream.read()).hexdigest()
                                         for blob in tree.traverse() if blob.type == "blob" and blob.path.endswith(".py")}
         except (ValueError, gitdb.exc.ODBError, git.GitError):
             return {}
-    return _HARNESS_SOURCES[commit]
+    return _COMMIT_SOURCES[commit]
 
 
 def eval_tokens() -> int:

@@ -52,7 +52,7 @@ WORKER_GRACE_SECONDS = 30  # beyond the worker's own timeout and grace: the serv
 SLOTS_ENV = "RESEARCH_LOOP_SLOTS"
 WARM_START_ENV = "RESEARCH_LOOP_WARM_START"  # "0": every run's interpreter starts cold (bench/bench_startup.py)
 PER_RUN_ENV = ("RESEARCH_LOOP_RUN",)  # the only variables in which a slot's runs' environments differ
-PER_RUN_OPTIONS = ("--log", "--report", "--timeout", "--evaluate", "--data-order", "--script-sha256")  # worker options given at hand-over
+PER_RUN_OPTIONS = ("--log", "--report", "--timeout", "--evaluate", "--data-order", "--sources")  # worker options given at hand-over
 POLL_S = 0.5  # how often a run's waiting thread looks whether the run has trained (to start the next worker)
 DISCARD_WAIT_S = 10  # for a pre-started worker to end its sandbox once its stdin closed
 TOLD_WAIT_S = 5  # for the rest of what an ended worker said on its socket (all of it is there: its end closed)
@@ -357,13 +357,13 @@ class LocalPool:
         on_done(spec.run, Outcome(report=report, slot=self.describe(slot), cwd=cwd))
 
     def _harness_sources(self, spec: RunSpec) -> tuple[str, dict] | None:
-        """(the harness copy the run's evaluation compiles from, its commit's sources: integrity.harness_sources);
+        """(the harness copy the run's evaluation compiles from, its commit's sources: integrity.commit_sources);
         the slot's warm evaluator has the same (its key holds the evaluator's path and the commit)."""
         evaluation = evaluation_spec(spec)
         if not evaluation or not evaluation.get("harness"):
             return None
         commit = evaluation.get("harness_commit") or self.ws.worktree_head(Path(evaluation["harness"]))
-        return evaluation["harness"], integrity.harness_sources(self.ws, commit)
+        return evaluation["harness"], integrity.commit_sources(self.ws, commit)
 
     def _drop_warm(self, slot: int) -> None:
         with self.lock:

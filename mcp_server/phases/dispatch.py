@@ -7,7 +7,7 @@ else interrupted) and refills the slots.
 Imports the core (runs), results and measurements.
 """
 import functools
-import hashlib
+import json
 import os
 import subprocess
 import time
@@ -85,7 +85,7 @@ def dispatch(core: LoopCore) -> None:
                                                    core.ws.worktree_head(harness) if harness else "",
                                                    core.pool.capacity, entry.get("data_order", 0),
                                                    state.get("input_pins"))
-                extras += script_digest(core, entry["commit"])
+                extras += checkout_sources(core, entry["commit"])
                 spec = RunSpec(run=entry["run"], commit=entry["commit"], command=run_command(core),
                                timeout=entry["timeout"], log=core.root / entry["log"],
                                report=core.root / entry["report"], worker_args=extras,
@@ -103,12 +103,13 @@ def dispatch(core: LoopCore) -> None:
                 entry["unsandboxed"] = True  # for status and the dashboard while it runs
 
 
-def script_digest(core: LoopCore, commit: str) -> list[str]:
-    """The worker's option naming the SHA-256 of the commit's train.py, where the command runs it: the
-    interpreter runs only those bytes (warm_train.py), whatever the slot's file became after checkout."""
+def checkout_sources(core: LoopCore, commit: str) -> list[str]:
+    """The worker's option naming the commit's sources (integrity.commit_sources), where the command runs
+    train.py: the interpreter runs only those from the slot (warm_train.py), whatever its files became
+    after checkout."""
     if core.make_executor is not None or run_command(core)[1:2] != [EDITABLE]:
         return []
-    return ["--script-sha256", hashlib.sha256(core.ws.train_at(commit)).hexdigest()]
+    return ["--sources", json.dumps(integrity.commit_sources(core.ws, commit))]
 
 
 def run_command(core: LoopCore) -> list[str]:

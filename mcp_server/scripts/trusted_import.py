@@ -45,6 +45,8 @@ _STREAM: list = []
 # each .pth file's bytes as start_site() first read them (site goes over a venv's site folder twice): a file
 # edited between its two readings would run lines the stream has no digest of (the first line of a path counts)
 _PTH: dict = {}
+# a commit's checkout (expect()): {its folder + os.sep: {path inside it: SHA-256 its commit holds}}
+_CHECKOUTS: dict = {}
 END = b"\n"  # the stream's last line
 LOADED = "loaded"  # a line's digest for a module loaded from a file that is no source (never hashed)
 DIGESTS_ENV = "RESEARCH_LOOP_DIGESTS_FD"  # the runner's stream (the evaluator's): a descriptor it inherits
@@ -82,9 +84,22 @@ class TrustedSourcelessLoader(bootstrap.SourcelessFileLoader):
 
 def _took(path: str, data: bytes) -> None:
     """The digest of what this process is about to run from path: recorded, and streamed before the
-    code runs, which can then add lines but never take this one back."""
+    code runs, which can then add lines but never take this one back. Under a checkout expect() named,
+    only its commit's sources run: ImportError otherwise."""
     digest = _IMPORTED[path] = sha256(data).hexdigest()
     _stream(digest, path)
+    for folder, sources in _CHECKOUTS.items():
+        if path.startswith(folder) and sources.get(path[len(folder):]) != digest:
+            raise ImportError(f"{path} is not the run's commit's (changed after the server checked the run's "
+                              "worktree out, or no file of the commit): it was not run")
+
+
+def expect(folder: str, sources: dict) -> None:
+    """From now on, a source under folder (a commit's checkout) runs only with the digest its commit holds
+    (sources: {path inside it: SHA-256}, the server's): the run's worktree is the agent's to rewrite after
+    the server found it clean, and the run would train code its commit does not hold (review 43)."""
+    import os  # after install(): frozen in the interpreter, but imported here as run_script does
+    _CHECKOUTS[os.path.join(os.path.abspath(folder), "")] = dict(sources)
 
 
 def _stream(digest: str, path: str) -> None:

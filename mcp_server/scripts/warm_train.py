@@ -19,10 +19,11 @@ never take one back), and an empty line once these imports are done; the worker 
 server, which checks them against the contents it pinned (an edit made and undone while these imports
 ran is seen there).
 Then it reads one JSON line from the socket:
-{"argv", "cwd", "env"}, the run's command line
-after the interpreter, its folder and its environment, and runs argv[0] as __main__ (runpy) with
-that argv, folder, environment and sys.path[0], as `python train.py` would (but sys.argv[0] and
-__file__ are the script's absolute path). End of file instead:
+{"argv", "cwd", "env", "sources"}, the run's command line
+after the interpreter, its folder, its environment and its commit's sources ({path: SHA-256}), and runs
+argv[0] as __main__ with that argv, folder, environment and sys.path[0], as `python train.py` would (but
+sys.argv[0] and __file__ are the script's absolute path); from the folder, it runs only the commit's
+sources (trusted_import.expect: the folder is the agent's to rewrite once the server checked it out). End of file instead:
 the worker threw it away, it exits. Nothing from the run's folder is imported before the hand-over
 (sys.path[0] is this script's folder until then), so nothing of an earlier run's files reaches it.
 
@@ -91,29 +92,11 @@ def main() -> int:
     script = os.path.abspath(run["argv"][0])
     sys.argv = list(run["argv"])
     sys.path[0] = os.path.dirname(script)
-    if run.get("sha256") is None:
+    if run.get("sources") is None:  # a command the server gave no commit's sources for
         runpy.run_path(script, run_name="__main__")
         return 0
-    return run_checked(script, run["sha256"])
-
-
-def run_checked(script: str, sha256: str) -> int:
-    """The script run from the bytes read once and checked against the commit's digest (the server's):
-    the slot's file can be swapped by any process of the user after the checkout was verified, and the
-    run would then train other code than the commit it is logged as."""
-    import hashlib
-    import types
-    with open(script, "rb") as f:
-        source = f.read()
-    if hashlib.sha256(source).hexdigest() != sha256:
-        print(f"research-loop: {script} is not the commit's train.py (changed after the server checked the "
-              "run's worktree out): it was not run", file=sys.stderr)
-        return 1
-    main = types.ModuleType("__main__")  # as runpy.run_path sets up a script's globals
-    main.__dict__.update(__file__=script, __builtins__=__builtins__, __loader__=None, __spec__=None,
-                         __package__=None, __cached__=None)
-    sys.modules["__main__"] = main
-    exec(compile(source, script, "exec"), main.__dict__)
+    trusted_import.expect(run["cwd"], run["sources"])
+    trusted_import.run_script(script)  # from the bytes it hashed: train.py is one of the commit's sources
     return 0
 
 

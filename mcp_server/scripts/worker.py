@@ -309,9 +309,9 @@ def parse_args(argv):
     p.add_argument("--trusted-import", action="store_true",
                    help="run the command's script as --warm does (warm_train.py, through the server's importer, "
                         "which reports what it compiled), handing the run over at once")
-    p.add_argument("--script-sha256",
-                   help="with --warm or --trusted-import: the SHA-256 of the commit's script, which warm_train.py "
-                        "checks the bytes it runs against (the slot's file is the agent's to swap after checkout)")
+    p.add_argument("--sources",
+                   help="with --warm or --trusted-import: the run's commit's sources, a JSON object {path: SHA-256}; "
+                        "warm_train.py runs only those from the run's folder (the agent's to rewrite after checkout)")
     p.add_argument("--bytecode-fd", type=int,
                    help="with --warm or --trusted-import: the server's sealed bytecode archive, which the "
                         "interpreter imports with (bytecode_archive.py)")
@@ -373,7 +373,7 @@ def handed_args(line: bytes, started: argparse.Namespace) -> tuple[argparse.Name
 
 
 def hand_over(warm: subprocess.Popen, channel: int, command: list[str], env: dict,
-              wait: float, script_sha256: str | None = None) -> tuple[bool, dict | None]:
+              wait: float, sources: str | None = None) -> tuple[bool, dict | None]:
     """The run's script, folder and environment to the waiting interpreter once it has finished its imports
     (within `wait` seconds): (handed over, the digests of the sources it compiled, written as it compiled
     each, before that module's code ran, and read as they come: trusted_import.py)."""
@@ -383,7 +383,7 @@ def hand_over(warm: subprocess.Popen, channel: int, command: list[str], env: dic
             return False, None
         try:
             sock.sendall(json.dumps({"argv": command[1:], "cwd": os.getcwd(), "env": env,
-                                     "sha256": script_sha256}).encode() + b"\n")
+                                     "sources": json.loads(sources) if sources else None}).encode() + b"\n")
         except OSError:
             return False, None
     return True, warm.imported.digests
@@ -475,7 +475,7 @@ def main(argv=None) -> int:
             if stub is None:
                 stub, stub_pipe = start_warm(args.command, args.sandbox, private, write_end, in_child, args.bytecode_fd)
             handed, imported = hand_over(stub, stub_pipe, args.command, env, args.timeout - (time.monotonic() - t0),
-                                         args.script_sha256)
+                                         args.sources)
             if handed:
                 warm_start = started_warm and attempt == 0
                 break
