@@ -264,8 +264,9 @@ def rows_per_call(exported) -> int:
 
 def matmul_flops_per_token(exported) -> int:
     """A floor under the model's training FLOPs per token, for the flops budget clock: 6 per element of
-    each weight (a parameter, buffer or constant, however stored or mixed) that reaches an operand of
-    a matrix product, walking back from each operand as far as the products before it (which count
+    each weight (a parameter, buffer or constant, however stored or mixed) for each matrix product
+    whose operand it reaches (one block applied four times costs four blocks: counted once, a
+    weight-tied model charged a quarter of its cost), walking back from each operand as far as the products before it (which count
     their own) and the lookups of the input's tokens (a table looked up costs no multiplies). train.py counts
     the weights that multiply the same way; attention's share is left out, so an honest count is
     never below it."""
@@ -276,7 +277,7 @@ def matmul_flops_per_token(exported) -> int:
     for node in exported.graph.nodes:  # in order: each node's inputs come before it
         if operator_name(node) in TOKEN_VIEWS and node.args and getattr(node.args[0], "name", None) in tokens:
             tokens.add(node.name)
-    counted = set()
+    counted = []  # a weight once for each product it reaches
     for product in (node for node in exported.graph.nodes if operator_name(node) in MATRIX_PRODUCTS):
         stack, seen = list(product.all_input_nodes), set()
         while stack:
@@ -287,7 +288,7 @@ def matmul_flops_per_token(exported) -> int:
             name = operator_name(node)
             if node.op == "placeholder":
                 if node.name in state:
-                    counted.add(node)
+                    counted.append(node)
             elif name in MATRIX_PRODUCTS or (name in LOOKUPS and looked_up_by(node, LOOKUPS[name], tokens)):
                 continue
             else:

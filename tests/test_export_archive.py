@@ -79,6 +79,21 @@ class FusedActivation(Small):
             2, 4, 16)
 
 
+class AppliesOneLayerFourTimes(Small):
+    """One square layer applied four times (a weight-tied, looped depth): four layers' multiplies, and
+    train.py's count of its parameters (each once) a fraction of them."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(8, 8, bias=False)
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        for _ in range(4):
+            x = self.layer(x)
+        return self.lin(x)
+
+
 class ResizesATensor(Small):
     """aten.resize, the functional form of resize_: the part past the tensor's data is what the allocator
     held (earlier calls' inputs)."""
@@ -309,3 +324,12 @@ def test_a_matrix_however_stored_or_multiplied_counts_in_the_flops_floor(tmp_pat
     dodging = load_program(str(export(model(), tmp_path / "dodging.pt2")))
     assert matmul_flops_per_token(honest) == 6 * 16 * 8
     assert matmul_flops_per_token(dodging) >= matmul_flops_per_token(honest)
+
+
+def test_a_weight_applied_again_counts_again_in_the_flops_floor(tmp_path):
+    """The floor counted each weight once however many products it reached: a model that applied one
+    block four times charged one block (review 43: train.py's own GPT with its last block in all four
+    places claimed 14.2M FLOPs per token against a floor of 11.2M, while it computes as much as the
+    four-block model, whose floor is 26.0M), and so trained about twice its budget on the flops clock."""
+    looped = load_program(str(export(AppliesOneLayerFourTimes(), tmp_path / "looped.pt2")))
+    assert matmul_flops_per_token(looped) == 6 * (16 * 8 + 4 * 8 * 8)
