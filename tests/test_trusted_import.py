@@ -326,3 +326,29 @@ def test_a_symlinked_module_of_the_commit_runs_as_its_target(tmp_path):
              "sys.path.insert(0, os.getcwd()); import alias; print('RAN', alias.V)\n")
     done = subprocess.run([sys.executable, "-I", "-S", "-B", "-c", probe], capture_output=True, text=True, timeout=60)
     assert "RAN the commit" in done.stdout, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("package,removed", [("regular", "pkg/__init__.py"), ("namespace", "pkg/mod.py")])
+def test_a_source_removed_from_the_slot_is_not_stood_in_for_by_the_workspaces(tmp_path, package, removed):
+    """Review 44: a file removed from the slot after checkout is never read, so expect() saw nothing: with the
+    slot's nanochat/__init__.py gone its folder is a namespace portion, and `import nanochat` took the
+    regular package further down the path, the workspace's own (an editable install's .pth adds it: this
+    repository's clone, as the demo's workspace is), whose files the agent edits freely and no commit holds;
+    a namespace package's module removed is found in the workspace's portion alike."""
+    import hashlib
+    import subprocess
+    slot, ws = tmp_path / "slot", tmp_path / "ws"
+    names = ["pkg/mod.py"] + (["pkg/__init__.py"] if package == "regular" else [])
+    for root, value in ((slot, "the commit"), (ws, "SWAPPED")):
+        (root / "pkg").mkdir(parents=True)
+        for name in names:
+            (root / name).write_text(f"V = {value!r}\n")
+    sources = {name: hashlib.sha256((slot / name).read_bytes()).hexdigest() for name in names}
+    (slot / removed).unlink()  # after checkout
+    scripts = Path(__file__).resolve().parents[1] / "mcp_server" / "scripts"
+    probe = (f"import sys; sys.path.insert(0, {str(scripts)!r}); import trusted_import; trusted_import.install()\n"
+             f"import os; os.chdir({str(slot)!r}); trusted_import.expect(os.getcwd(), {sources!r})\n"
+             f"sys.path.insert(0, os.getcwd()); sys.path.append({str(ws)!r})\n"
+             "try:\n    import pkg.mod\n    print('RAN', pkg.mod.V)\nexcept ImportError as e:\n    print('REFUSED', e)\n")
+    done = subprocess.run([sys.executable, "-I", "-S", "-B", "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.stdout.startswith("REFUSED") and f"stands in for {removed}" in done.stdout, done.stdout + done.stderr

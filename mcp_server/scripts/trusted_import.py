@@ -59,6 +59,7 @@ class TrustedSourceLoader(bootstrap.SourceFileLoader):
         path = self.get_filename(fullname)
         data = self.get_data(path)
         _took(path, data)
+        _refuse_elsewhere(fullname, path, self.is_package(fullname))
         pyc = _ARCHIVE.get(path)
         if pyc is not None and archived_code_fits(pyc, data):
             return marshal.loads(memoryview(pyc)[PYC_HEADER:])
@@ -72,6 +73,7 @@ class TrustedExtensionLoader(bootstrap.ExtensionFileLoader):
     def create_module(self, spec):
         _stream(LOADED, self.path)
         _refuse_in_checkout(self.path)
+        _refuse_elsewhere(spec.name, self.path, self.is_package(spec.name))
         return super().create_module(spec)
 
 
@@ -81,6 +83,7 @@ class TrustedSourcelessLoader(bootstrap.SourcelessFileLoader):
     def get_code(self, fullname):
         _stream(LOADED, self.get_filename(fullname))
         _refuse_in_checkout(self.get_filename(fullname))
+        _refuse_elsewhere(fullname, self.get_filename(fullname), self.is_package(fullname))
         return super().get_code(fullname)
 
 
@@ -114,6 +117,19 @@ def _refuse_in_checkout(path: str, digest=None) -> None:
     if found is not None and (digest is None or found[0].get(found[1]) != digest):
         raise ImportError(f"{path} is not the run's commit's (changed after the server checked the run's "
                           "worktree out, or no source of the commit): it was not run")
+
+
+def _refuse_elsewhere(fullname: str, path: str, package: bool) -> None:
+    """ImportError for a module whose file a checkout's commit holds (by its name, from the checkout's top, the
+    run's sys.path[0]) loaded from another folder: with that file removed after checkout (nanochat/__init__.py:
+    the slot's folder becomes a namespace portion), the name is found further down the path (an editable
+    install's project: the workspace itself, whose files the agent edits freely)."""
+    if not _CHECKOUTS:
+        return
+    name = fullname.replace(".", "/") + ("/__init__.py" if package else ".py")
+    if any(name in sources for sources in _CHECKOUTS.values()) and _in_checkout(path) is None:
+        raise ImportError(f"{path} stands in for {name}, a source of the run's commit missing from the run's "
+                          "folder (removed after the server checked the run's worktree out): it was not run")
 
 
 def expect(folder: str, sources: dict) -> None:
