@@ -352,3 +352,29 @@ def test_a_source_removed_from_the_slot_is_not_stood_in_for_by_the_workspaces(tm
              "try:\n    import pkg.mod\n    print('RAN', pkg.mod.V)\nexcept ImportError as e:\n    print('REFUSED', e)\n")
     done = subprocess.run([sys.executable, "-I", "-S", "-B", "-c", probe], capture_output=True, text=True, timeout=60)
     assert done.stdout.startswith("REFUSED") and f"stands in for {removed}" in done.stdout, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("command", ["train.py", "fake_train.py"])
+def test_the_server_passes_each_run_its_commits_sources(fake_env, monkeypatch, command):
+    """Review 44: the test above hands the worker --sources itself, so nothing failed if dispatch stopped
+    passing them: a run of `python train.py` gets its own commit's sources (train.py's digest among them), a
+    run of another command none."""
+    import hashlib
+    from server_support import Lab, git, make_workspace
+    train = "print('val_bpb: 1.0')\n"
+    lab = Lab(make_workspace(fake_env, train), train_command=[sys.executable, command])
+    try:
+        specs = []
+        start = lab.loop.pool.start
+        monkeypatch.setattr(lab.loop.pool, "start", lambda spec, on_done: (specs.append(spec), start(spec, on_done))[1])
+        lab.ok("setup", tag="t")
+        lab.call("run_experiment", description="baseline")
+        args = specs[0].worker_args
+        if command == "fake_train.py":
+            assert "--sources" not in args
+            return
+        sources = json.loads(args[args.index("--sources") + 1])
+        assert sources["train.py"] == hashlib.sha256(train.encode()).hexdigest()
+        assert set(sources) == set(git(lab.ws, "ls-files", "*.py").split())
+    finally:
+        lab.loop.shutdown()
