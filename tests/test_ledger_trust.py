@@ -542,3 +542,36 @@ def test_a_fifo_at_run_log_fails_no_runs_record(lab):
         assert (lab.ws / "run.log").is_file() and "val_bpb" in (lab.ws / "run.log").read_text()
     finally:
         _unblock(lab.ws / "run.log")
+
+
+def test_a_fifo_in_place_of_a_runs_own_log_hangs_no_record(lab):
+    """Review 44: run.log is copied from the run's log (runs/<n>-<commit>.log, a name the agent knows) by
+    a plain open: a FIFO put there while the run trained blocked that open after the record, under the
+    state lock, and every later call hung (shutil.copyfile, before, refused a FIFO)."""
+    lab.baseline()
+    runs = lab.ws / "runs"
+    before, planted = set(runs.glob("*.log")), []
+
+    def planter():
+        deadline = time.monotonic() + 30
+        while not planted and time.monotonic() < deadline:
+            for path in set(runs.glob("*.log")) - before:
+                path.unlink()
+                os.mkfifo(path)
+                planted.append(path)
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=planter, daemon=True)
+    thread.start()
+    set_knobs(lab.ws, VAL_BPB=0.9, SLEEP=3)
+    try:
+        alive, box = call_within(lab, 60, "run_experiment", description="idea")
+        thread.join(5)
+        assert planted, "the run's log never appeared"
+        assert not alive, "a FIFO at the run's log hung the record"
+        answer(box["answer"])
+        alive, box = call_within(lab, 20, "status")
+        assert not alive, "status hung after the run"
+    finally:
+        for path in planted:
+            _unblock(path)

@@ -264,3 +264,117 @@ def test_a_file_swapped_in_the_slot_after_checkout_never_runs(stand_in_torch, mo
             swap[0] = False
         else:
             assert outcome.report["exit_code"] == 0 and "helper: the commit" in lab.log(2), lab.log(2)
+
+
+# how a train.py of the commit may run a file of its folder other than `import name` from the folder as spelled
+OTHER_LOADERS = {
+    "bytecode": "import swapped_pyc as m",  # a .pyc of the commit, on the path itself (no source)
+    "zip": "sys.path.insert(0, 'lib.zip'); import inzip as m",
+    "spec_from_file_location": ("import importlib.util; s = importlib.util.spec_from_file_location('m', 'pkg/mod.py')\n"
+                                "m = importlib.util.module_from_spec(s); s.loader.exec_module(m)"),
+    "//": "sys.path.insert(0, '/' + os.getcwd()); import pkg.mod; m = pkg.mod",
+    "/proc/self/cwd": "sys.path.insert(0, '/proc/self/cwd'); import pkg.mod; m = pkg.mod",
+}
+
+
+@pytest.mark.parametrize("way", OTHER_LOADERS)
+def test_a_file_swapped_in_the_slot_never_runs_through_another_loader_or_spelling(tmp_path, way):
+    """Review 44: expect() checked only the sources whose path began with the folder as the worker spelled it,
+    loaded by the importer's source loader: a .pyc or a zip of the commit (`import name`), a module loaded
+    with importlib.util.spec_from_file_location, or one on a path entry spelled `//slot` or `/proc/self/cwd`
+    ran whatever the file held once swapped after checkout. A symlinked module of the commit is its target's."""
+    import hashlib
+    import py_compile
+    import subprocess
+    import textwrap
+    import zipfile
+    slot = tmp_path / "slot"
+    (slot / "pkg").mkdir(parents=True)
+    commit = "V = 'the commit'\n"
+    (slot / "pkg" / "mod.py").write_text(commit)
+    sources = {"pkg/mod.py": hashlib.sha256(commit.encode()).hexdigest()}
+    swapped = tmp_path / "swapped.py"
+    swapped.write_text("V = 'SWAPPED'\n")
+    py_compile.compile(str(swapped), cfile=str(slot / "swapped_pyc.pyc"))
+    with zipfile.ZipFile(slot / "lib.zip", "w") as z:
+        z.writestr("inzip.py", "V = 'SWAPPED'\n")
+    (slot / "pkg" / "mod.py").write_text("V = 'SWAPPED'\n")  # after checkout
+    scripts = Path(__file__).resolve().parents[1] / "mcp_server" / "scripts"
+    probe = (f"import sys; sys.path.insert(0, {str(scripts)!r}); import trusted_import; trusted_import.install()\n"
+             f"import os; os.chdir({str(slot)!r}); trusted_import.expect(os.getcwd(), {sources!r})\n"
+             "sys.path.insert(0, os.getcwd())\n"
+             f"try:\n{textwrap.indent(OTHER_LOADERS[way], '    ')}\n    print('RAN', m.V)\n"
+             "except ImportError as e:\n    print('REFUSED', e)\n")
+    done = subprocess.run([sys.executable, "-I", "-S", "-B", "-c", probe], capture_output=True, text=True, timeout=60)
+    why = "No module named 'inzip'" if way == "zip" else "is not the run's commit's"
+    assert done.stdout.startswith("REFUSED") and why in done.stdout, done.stdout + done.stderr
+
+
+def test_a_symlinked_module_of_the_commit_runs_as_its_target(tmp_path):
+    """An honest commit with a module that is a symlink to another of its modules: checked as the target."""
+    import hashlib
+    import subprocess
+    slot = tmp_path / "slot"
+    slot.mkdir()
+    (slot / "helper.py").write_text("V = 'the commit'\n")
+    (slot / "alias.py").symlink_to("helper.py")
+    sources = {"helper.py": hashlib.sha256(b"V = 'the commit'\n").hexdigest(),
+               "alias.py": hashlib.sha256(b"helper.py").hexdigest()}
+    scripts = Path(__file__).resolve().parents[1] / "mcp_server" / "scripts"
+    probe = (f"import sys; sys.path.insert(0, {str(scripts)!r}); import trusted_import; trusted_import.install()\n"
+             f"import os; os.chdir({str(slot)!r}); trusted_import.expect(os.getcwd(), {sources!r})\n"
+             "sys.path.insert(0, os.getcwd()); import alias; print('RAN', alias.V)\n")
+    done = subprocess.run([sys.executable, "-I", "-S", "-B", "-c", probe], capture_output=True, text=True, timeout=60)
+    assert "RAN the commit" in done.stdout, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("package,removed", [("regular", "pkg/__init__.py"), ("namespace", "pkg/mod.py")])
+def test_a_source_removed_from_the_slot_is_not_stood_in_for_by_the_workspaces(tmp_path, package, removed):
+    """Review 44: a file removed from the slot after checkout is never read, so expect() saw nothing: with the
+    slot's nanochat/__init__.py gone its folder is a namespace portion, and `import nanochat` took the
+    regular package further down the path, the workspace's own (an editable install's .pth adds it: this
+    repository's clone, as the demo's workspace is), whose files the agent edits freely and no commit holds;
+    a namespace package's module removed is found in the workspace's portion alike."""
+    import hashlib
+    import subprocess
+    slot, ws = tmp_path / "slot", tmp_path / "ws"
+    names = ["pkg/mod.py"] + (["pkg/__init__.py"] if package == "regular" else [])
+    for root, value in ((slot, "the commit"), (ws, "SWAPPED")):
+        (root / "pkg").mkdir(parents=True)
+        for name in names:
+            (root / name).write_text(f"V = {value!r}\n")
+    sources = {name: hashlib.sha256((slot / name).read_bytes()).hexdigest() for name in names}
+    (slot / removed).unlink()  # after checkout
+    scripts = Path(__file__).resolve().parents[1] / "mcp_server" / "scripts"
+    probe = (f"import sys; sys.path.insert(0, {str(scripts)!r}); import trusted_import; trusted_import.install()\n"
+             f"import os; os.chdir({str(slot)!r}); trusted_import.expect(os.getcwd(), {sources!r})\n"
+             f"sys.path.insert(0, os.getcwd()); sys.path.append({str(ws)!r})\n"
+             "try:\n    import pkg.mod\n    print('RAN', pkg.mod.V)\nexcept ImportError as e:\n    print('REFUSED', e)\n")
+    done = subprocess.run([sys.executable, "-I", "-S", "-B", "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.stdout.startswith("REFUSED") and f"stands in for {removed}" in done.stdout, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("command", ["train.py", "fake_train.py"])
+def test_the_server_passes_each_run_its_commits_sources(fake_env, monkeypatch, command):
+    """Review 44: the test above hands the worker --sources itself, so nothing failed if dispatch stopped
+    passing them: a run of `python train.py` gets its own commit's sources (train.py's digest among them), a
+    run of another command none."""
+    import hashlib
+    from server_support import Lab, git, make_workspace
+    train = "print('val_bpb: 1.0')\n"
+    lab = Lab(make_workspace(fake_env, train), train_command=[sys.executable, command])
+    try:
+        specs = []
+        start = lab.loop.pool.start
+        monkeypatch.setattr(lab.loop.pool, "start", lambda spec, on_done: (specs.append(spec), start(spec, on_done))[1])
+        lab.ok("setup", tag="t")
+        lab.call("run_experiment", description="baseline")
+        args = specs[0].worker_args
+        if command == "fake_train.py":
+            assert "--sources" not in args
+            return
+        sources = json.loads(args[args.index("--sources") + 1])
+        assert sources["train.py"] == hashlib.sha256(train.encode()).hexdigest()
+        assert set(sources) == set(git(lab.ws, "ls-files", "*.py").split())
+    finally:
+        lab.loop.shutdown()

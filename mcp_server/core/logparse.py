@@ -91,7 +91,7 @@ def tail(text: str, lines: int = TAIL_LINES) -> str:
     return "\n".join(shown)
 
 
-def _open_plain(path):
+def open_plain(path):
     """The file for reading, or None where it is not a plain file (a FIFO or device planted in
     runs/ would block or never end); opening never blocks."""
     f = open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb")
@@ -109,7 +109,7 @@ def read_text(path) -> str:
 
 def read_bytes(path) -> bytes:
     """The log's bytes as read_text reads them (what the server digests: core/history.py)."""
-    f = _open_plain(path)
+    f = open_plain(path)
     if f is None:
         return b""
     with f:
@@ -140,7 +140,7 @@ def read_for_upload(path) -> tuple[bytes | None, str | None]:
 
 def read_tail_bytes(path, size: int = TAIL_BYTES_FOR_PROGRESS) -> str:
     """The end of a (possibly growing, possibly huge) log without reading all of it."""
-    f = _open_plain(path)
+    f = open_plain(path)
     if f is None:
         return ""
     with f:

@@ -51,15 +51,23 @@ def record(core: LoopCore, state: dict, entry: dict, report: dict | None, slot: 
 def copy_as_run_log(log: Path, root: Path) -> None:
     """run.log, upstream's copy of the latest run's log: made under a fresh name, then renamed over
     whatever lies at run.log (a FIFO the agent put there failed the copy, and with it every run's
-    record). A copy that cannot be made is left out: the run's own log is in runs/."""
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{RUN_LOG}.")
+    record). A copy that cannot be made is left out: the run's own log is in runs/, and is read only where
+    it is a plain file (a FIFO put at its name, which the agent knows, blocked a plain open under the lock)."""
     try:
-        with open(fd, "wb") as out, open(log, "rb") as source:
-            os.fchmod(out.fileno(), 0o644)  # as a copy was before (mkstemp makes 0600)
-            shutil.copyfileobj(source, out)
-        os.replace(tmp, root / RUN_LOG)
+        source = logparse.open_plain(log)
     except OSError:
-        Path(tmp).unlink(missing_ok=True)
+        return
+    if source is None:
+        return
+    with source:
+        fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{RUN_LOG}.")
+        try:
+            with open(fd, "wb") as out:
+                os.fchmod(out.fileno(), 0o644)  # as a copy was before (mkstemp makes 0600)
+                shutil.copyfileobj(source, out)
+            os.replace(tmp, root / RUN_LOG)
+        except OSError:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def _result(core: LoopCore, entry: dict, text: str, report: dict | None, slot: str | None) -> RunResult:

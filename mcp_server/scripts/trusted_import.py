@@ -59,6 +59,7 @@ class TrustedSourceLoader(bootstrap.SourceFileLoader):
         path = self.get_filename(fullname)
         data = self.get_data(path)
         _took(path, data)
+        _refuse_elsewhere(fullname, path, self.is_package(fullname))
         pyc = _ARCHIVE.get(path)
         if pyc is not None and archived_code_fits(pyc, data):
             return marshal.loads(memoryview(pyc)[PYC_HEADER:])
@@ -71,6 +72,8 @@ class TrustedExtensionLoader(bootstrap.ExtensionFileLoader):
 
     def create_module(self, spec):
         _stream(LOADED, self.path)
+        _refuse_in_checkout(self.path)
+        _refuse_elsewhere(spec.name, self.path, self.is_package(spec.name))
         return super().create_module(spec)
 
 
@@ -79,6 +82,8 @@ class TrustedSourcelessLoader(bootstrap.SourcelessFileLoader):
 
     def get_code(self, fullname):
         _stream(LOADED, self.get_filename(fullname))
+        _refuse_in_checkout(self.get_filename(fullname))
+        _refuse_elsewhere(fullname, self.get_filename(fullname), self.is_package(fullname))
         return super().get_code(fullname)
 
 
@@ -88,10 +93,43 @@ def _took(path: str, data: bytes) -> None:
     only its commit's sources run: ImportError otherwise."""
     digest = _IMPORTED[path] = sha256(data).hexdigest()
     _stream(digest, path)
-    for folder, sources in _CHECKOUTS.items():
-        if path.startswith(folder) and sources.get(path[len(folder):]) != digest:
-            raise ImportError(f"{path} is not the run's commit's (changed after the server checked the run's "
-                              "worktree out, or no file of the commit): it was not run")
+    _refuse_in_checkout(path, digest)
+
+
+def _in_checkout(path: str):
+    """(the commit's sources, path's name inside the checkout) for a file in a checkout expect() named, however
+    its path is spelled (relative, `//`, through /proc/self/cwd, a symlink: its real path counts first, then
+    the spelling); None outside any."""
+    if not _CHECKOUTS:
+        return None
+    import os
+    for name in (os.path.realpath(path), os.path.abspath(path)):
+        for folder, sources in _CHECKOUTS.items():
+            if name.startswith(folder):
+                return sources, name[len(folder):]
+    return None
+
+
+def _refuse_in_checkout(path: str, digest=None) -> None:
+    """ImportError for a file of a checkout expect() named whose digest is not its commit's (a file that is no
+    source, digest None: a .pyc or a compiled module, never the commit's sources)."""
+    found = _in_checkout(path)
+    if found is not None and (digest is None or found[0].get(found[1]) != digest):
+        raise ImportError(f"{path} is not the run's commit's (changed after the server checked the run's "
+                          "worktree out, or no source of the commit): it was not run")
+
+
+def _refuse_elsewhere(fullname: str, path: str, package: bool) -> None:
+    """ImportError for a module whose file a checkout's commit holds (by its name, from the checkout's top, the
+    run's sys.path[0]) loaded from another folder: with that file removed after checkout (nanochat/__init__.py:
+    the slot's folder becomes a namespace portion), the name is found further down the path (an editable
+    install's project: the workspace itself, whose files the agent edits freely)."""
+    if not _CHECKOUTS:
+        return
+    name = fullname.replace(".", "/") + ("/__init__.py" if package else ".py")
+    if any(name in sources for sources in _CHECKOUTS.values()) and _in_checkout(path) is None:
+        raise ImportError(f"{path} stands in for {name}, a source of the run's commit missing from the run's "
+                          "folder (removed after the server checked the run's worktree out): it was not run")
 
 
 def expect(folder: str, sources: dict) -> None:
@@ -99,7 +137,28 @@ def expect(folder: str, sources: dict) -> None:
     (sources: {path inside it: SHA-256}, the server's): the run's worktree is the agent's to rewrite after
     the server found it clean, and the run would train code its commit does not hold (review 43)."""
     import os  # after install(): frozen in the interpreter, but imported here as run_script does
-    _CHECKOUTS[os.path.join(os.path.abspath(folder), "")] = dict(sources)
+    _CHECKOUTS[os.path.join(os.path.realpath(folder), "")] = dict(sources)
+    # the other loaders that run a file of the folder: a zip on the path (zipimport runs what it holds
+    # unhashed) is refused there, and importlib.util.spec_from_file_location makes this importer's loaders
+    sys.path_hooks[:] = [_zip_hook(each) if getattr(each, "__name__", "") == "zipimporter" else each
+                         for each in sys.path_hooks]
+    sys.path_importer_cache.clear()
+    bootstrap._get_supported_file_loaders = _trusted_loaders
+
+
+def _trusted_loaders():
+    return [(TrustedExtensionLoader, bootstrap.EXTENSION_SUFFIXES), (TrustedSourceLoader, bootstrap.SOURCE_SUFFIXES),
+            (TrustedSourcelessLoader, bootstrap.BYTECODE_SUFFIXES)]
+
+
+def _zip_hook(zipimporter):
+    def hook(entry):
+        found = _in_checkout(entry) if isinstance(entry, str) else None
+        if found is not None:
+            raise ImportError(f"{entry}: a zip in the run's folder is never imported from")
+        return zipimporter(entry)
+    hook.__name__ = "zipimporter"
+    return hook
 
 
 def _stream(digest: str, path: str) -> None:
