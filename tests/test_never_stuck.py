@@ -87,6 +87,7 @@ def test_a_keep_logged_by_hand_is_marked_and_reaches_no_target(lab):
     assert ledger_lines(lab.ws)[-1].endswith("\tkeep\tmy idea (logged by hand)")
     status = lab.ok("status")
     assert status["ended"] is None and "reached" not in status["next"]
+    assert "target val_bpb 0.6 (best 1.000000)" in status["limits"], status["limits"]  # not the hand-logged 0.5
     set_knobs(lab.ws, val_bpb=0.55)
     lab.ok("run_experiment", description="measured below the target")
     lab.ok("keep")

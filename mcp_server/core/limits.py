@@ -76,6 +76,11 @@ def failures_in_row(rows: list[tuple]) -> int:
     return count
 
 
+def measured_keeps(rows: list[tuple]) -> list[float]:
+    """The val_bpb of each kept row the harness measured: a row log_result wrote holds the agent's number."""
+    return [row[1] for row in rows if row[0] == "keep" and not str(row[2]).endswith(LOGGED_BY_HAND)]
+
+
 def ended(state: dict, rows: list[tuple], now: float | None = None) -> str | None:
     """Why the research run is over, or None. rows: (status, val_bpb, description) of the ledger,
     oldest first (the description only tells an early stop from a failure)."""
@@ -94,7 +99,7 @@ def ended(state: dict, rows: list[tuple], now: float | None = None) -> str | Non
     if isinstance(most, int) and experiments_done(statuses) >= most:
         return f"{most} experiments done"
     target = limits.get("target_val_bpb")
-    kept = [row[1] for row in rows if row[0] == "keep" and not str(row[2]).endswith(LOGGED_BY_HAND)]
+    kept = measured_keeps(rows)
     if isinstance(target, (int, float)) and kept and min(kept) <= target:
         return f"the target val_bpb {target} is reached ({min(kept):.6f})"
     failures = limits.get("max_failures_in_row")
@@ -125,7 +130,7 @@ def left(state: dict, rows: list[tuple], now: float | None = None) -> str | None
         parts.append(f"{max(0, limits['max_experiments'] - experiments_done(statuses))} of "
                      f"{limits['max_experiments']} experiments left")
     if isinstance(limits.get("target_val_bpb"), (int, float)):
-        kept = [row[1] for row in rows if row[0] == "keep"]
+        kept = measured_keeps(rows)
         parts.append(f"target val_bpb {limits['target_val_bpb']}" + (f" (best {min(kept):.6f})" if kept else ""))
     if isinstance(limits.get("max_failures_in_row"), int):
         parts.append(f"{failures_in_row(rows)} of {limits['max_failures_in_row']} failures in a row")
