@@ -77,8 +77,10 @@ def failures_in_row(rows: list[tuple]) -> int:
 
 
 def measured_keeps(rows: list[tuple]) -> list[float]:
-    """The val_bpb of each kept row the harness measured: a row log_result wrote holds the agent's number."""
-    return [row[1] for row in rows if row[0] == "keep" and not str(row[2]).endswith(LOGGED_BY_HAND)]
+    """The val_bpb of each kept row the harness measured: a row log_result wrote holds the agent's number.
+    Rows are (status, val_bpb[, description])."""
+    return [row[1] for row in rows
+            if row[0] == "keep" and not str(row[2] if len(row) > 2 else "").endswith(LOGGED_BY_HAND)]
 
 
 def ended(state: dict, rows: list[tuple], now: float | None = None) -> str | None:
