@@ -418,7 +418,7 @@ def records_mark(root: Path) -> str:
     return "records " + digest.hexdigest()[:16]
 
 
-def rows_for_limits(root: Path) -> list[tuple[str, float]]:
+def rows_for_limits(root: Path) -> list[tuple[str, float, str]]:
     rows = []
     for row in ledger_rows(root):
         try:
