@@ -7,9 +7,11 @@ or of the training never leaves a half-written row; a file someone else changed 
 written again whole from the list, and never read back as a record.
 """
 import hashlib
+import io
 import math
 import os
 import re
+import shutil
 import stat as stat_module
 import tempfile
 import time
@@ -243,15 +245,20 @@ def _archive_copy(data: bytes, archive: Path) -> str:
 
 
 def replace_bytes(path: Path, data: bytes) -> None:
-    """path holds data, whole or not at all (a temp file beside it, flushed, then renamed). The temp
-    file is made new under an unguessable name (mkstemp: O_EXCL), never opened where it lies: a FIFO
-    planted at a name the agent can predict blocked the open, under the state lock."""
+    """path holds data, whole or not at all (replace_with)."""
+    replace_with(path, io.BytesIO(data))
+
+
+def replace_with(path: Path, source) -> None:
+    """path holds what the file object source holds, whole or not at all (a temp file beside it, flushed,
+    then renamed). The temp file is made new under an unguessable name (mkstemp: O_EXCL), never opened
+    where it lies: a FIFO planted at a name the agent can predict blocked the open, under the state lock."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with open(fd, "wb") as f:
             os.fchmod(fd, 0o644)  # as the records were made before (mkstemp makes 0600)
-            f.write(data)
+            shutil.copyfileobj(source, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

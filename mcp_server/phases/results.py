@@ -9,9 +9,7 @@ run_experiment answers about a run at any point of its life.
 Imports the core (runs) only.
 """
 import math
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from mcp_server.core import integrity, ledger, logparse, noise
@@ -60,14 +58,10 @@ def copy_as_run_log(log: Path, root: Path) -> None:
     if source is None:
         return
     with source:
-        fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{RUN_LOG}.")
         try:
-            with open(fd, "wb") as out:
-                os.fchmod(out.fileno(), 0o644)  # as a copy was before (mkstemp makes 0600)
-                shutil.copyfileobj(source, out)
-            os.replace(tmp, root / RUN_LOG)
+            ledger.replace_with(root / RUN_LOG, source)
         except OSError:
-            Path(tmp).unlink(missing_ok=True)
+            pass
 
 
 def _result(core: LoopCore, entry: dict, text: str, report: dict | None, slot: str | None) -> RunResult:
