@@ -687,3 +687,16 @@ def test_a_link_planted_where_the_answer_goes_cannot_make_the_worker_write_elsew
     answer = tmp_path / "model.pt2.answer.json"
     assert records.read_text() == "commit\tval_bpb\n"
     assert not answer.is_symlink() and json.loads(answer.read_text()) == {"val_bpb": 1.5}
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)], ids=["umask 022", "umask 077"])
+def test_a_rewritten_record_keeps_the_users_umask(tmp_path, umask, mode):
+    """The temp-file-then-rename write gives the mode a new file gets under the user's umask: a user who
+    keeps their files private (077) gets a private ledger, as appending to it would."""
+    path = tmp_path / "results.tsv"
+    code = ("import sys; from pathlib import Path; from mcp_server.core import ledger; "
+            "p = Path(sys.argv[1]); ledger.replace_bytes(p, b'rewritten'); ledger._append_bytes(p.with_suffix('.new'), b'x')")
+    subprocess.run([sys.executable, "-c", f"import os; os.umask({umask}); {code}", str(path)], check=True)
+    assert path.read_bytes() == b"rewritten"
+    assert oct(path.stat().st_mode & 0o777) == oct(mode)
+    assert oct(path.with_suffix(".new").stat().st_mode & 0o777) == oct(mode)

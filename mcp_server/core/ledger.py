@@ -32,6 +32,16 @@ ELLIPSIS = "..."
 MAX_RECORD_BYTES = 256 << 20
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it (taken at import, before any thread)
+    os.umask(mask)
+    return mask
+
+
+# a rewritten record's mode: what open() would give a new one, the user's umask applied (mkstemp makes 0600)
+RECORD_MODE = 0o644 & ~_umask()
+
+
 def _breaks_a_row(char: str) -> bool:
     """Tabs, line breaks of any kind (what str.splitlines splits on) and other control characters."""
     return unicodedata.category(char) in ("Cc", "Zl", "Zp")
@@ -257,7 +267,7 @@ def replace_with(path: Path, source) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with open(fd, "wb") as f:
-            os.fchmod(fd, 0o644)  # as the records were made before (mkstemp makes 0600)
+            os.fchmod(fd, RECORD_MODE)
             shutil.copyfileobj(source, f)
             f.flush()
             os.fsync(f.fileno())
