@@ -9,6 +9,7 @@ import json
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -575,3 +576,29 @@ def test_a_fifo_in_place_of_a_runs_own_log_hangs_no_record(lab):
     finally:
         for path in planted:
             _unblock(path)
+
+
+@pytest.mark.parametrize("planted,endless", [("prepared.json", False), ("tokenizer/tokenizer.pkl", False),
+                                            ("tokenizer/tokenizer.pkl", True)])
+def test_a_fifo_planted_in_the_prepared_cache_hangs_no_tool(lab, planted, endless):
+    """Review 46: the harness's cache (~/.cache/autoresearch, the agent's to write) was read with plain opens
+    under the state lock: the prepared record (the run's budget, its fingerprint) and the tokenizer's files
+    (the fingerprint run_experiment checks). A FIFO there blocked run_experiment in its transaction, and
+    every later call, status too, hung; a link to /dev/zero read without end."""
+    lab.baseline()
+    path = Path(os.environ["AUTORESEARCH_CACHE"]) / planted
+    path.parent.mkdir(exist_ok=True)
+    path.unlink(missing_ok=True)
+    if endless:
+        path.symlink_to("/dev/zero")
+    else:
+        os.mkfifo(path)
+    try:
+        set_knobs(lab.ws, VAL_BPB=0.9)
+        alive, box = call_within(lab, 30, "run_experiment", description="idea")
+        assert not alive, f"a FIFO at the cache's {planted} hung run_experiment"
+        assert "changed since setup" in error(box["answer"])
+        alive, box = call_within(lab, 20, "status")
+        assert not alive, "status hung after the refusal"
+    finally:
+        _unblock(path)

@@ -25,6 +25,7 @@ from pathlib import Path
 import git
 import gitdb.exc
 
+from mcp_server.core import ledger
 from mcp_server.core.models import Refusal
 from mcp_server.scripts.harness_eval import evaluation_inputs, evaluator_command, hidden_from_runs, sha256_of
 from mcp_server.core.workspace import EDITABLE, cache_dir, prepared_info
@@ -230,13 +231,15 @@ def cache_fingerprint() -> str | None:
     if not cache.is_dir():
         return None
     digest = hashlib.sha256()
-    record = cache / "prepared.json"
-    digest.update(record.read_bytes() if record.exists() else b"(no record)")
+    # read as plain files without blocking (ledger.read_plain): a FIFO the agent put in the cache hung
+    # run_experiment under the state lock, a link to /dev/zero read without end
+    record = ledger.read_plain(cache / "prepared.json")
+    digest.update(b"(no record)" if record is None else record)
     for folder in ("tokenizer", "data"):
         for path in sorted((cache / folder).glob("*")) if (cache / folder).is_dir() else ():
             digest.update(f"{folder}/{path.name}\t{path.stat().st_size}\n".encode())
             if folder == "tokenizer":
-                digest.update(hashlib.sha256(path.read_bytes()).digest())
+                digest.update(hashlib.sha256(ledger.read_plain(path) or b"").digest())
     return digest.hexdigest()[:16]
 
 
