@@ -602,3 +602,33 @@ def test_a_fifo_planted_in_the_prepared_cache_hangs_no_tool(lab, planted, endles
         assert not alive, "status hung after the refusal"
     finally:
         _unblock(path)
+
+
+def test_a_huge_file_in_place_of_a_runs_own_log_is_not_copied_whole(lab):
+    """Review 46: run.log was copied from the run's log (a plain file the agent may put at its name while the run
+    trains) whole, under the state lock: a sparse file of a terabyte (truncate -s 1T) took that long to copy and
+    filled the disk, every call waiting. The copy takes at most what a log of the worker's holds."""
+    from mcp_server.core.logparse import MAX_TEXT_BYTES
+    lab.baseline()
+    runs = lab.ws / "runs"
+    before, planted = set(runs.glob("*.log")), []
+
+    def planter():
+        deadline = time.monotonic() + 30
+        while not planted and time.monotonic() < deadline:
+            for path in set(runs.glob("*.log")) - before:
+                huge = path.with_name(".huge")
+                with open(huge, "wb") as f:
+                    f.truncate(MAX_TEXT_BYTES * 3)  # sparse: nothing written
+                huge.replace(path)
+                planted.append(path)
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=planter, daemon=True)
+    thread.start()
+    set_knobs(lab.ws, VAL_BPB=0.9, SLEEP=3)
+    alive, box = call_within(lab, 60, "run_experiment", description="idea")
+    thread.join(5)
+    assert planted and not alive
+    answer(box["answer"])
+    assert (lab.ws / "run.log").stat().st_size <= MAX_TEXT_BYTES

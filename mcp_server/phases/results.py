@@ -8,6 +8,7 @@ run_experiment answers about a run at any point of its life.
 
 Imports the core (runs) only.
 """
+import io
 import math
 import shutil
 from pathlib import Path
@@ -50,7 +51,8 @@ def copy_as_run_log(log: Path, root: Path) -> None:
     """run.log, upstream's copy of the latest run's log: made under a fresh name, then renamed over
     whatever lies at run.log (a FIFO the agent put there failed the copy, and with it every run's
     record). A copy that cannot be made is left out: the run's own log is in runs/, and is read only where
-    it is a plain file (a FIFO put at its name, which the agent knows, blocked a plain open under the lock)."""
+    it is a plain file (a FIFO put at its name, which the agent knows, blocked a plain open under the lock), and at
+    most as much as a log of the worker's holds (a sparse terabyte put there was copied whole, under the lock)."""
     try:
         source = logparse.open_plain(log)
     except OSError:
@@ -59,7 +61,7 @@ def copy_as_run_log(log: Path, root: Path) -> None:
         return
     with source:
         try:
-            ledger.replace_with(root / RUN_LOG, source)
+            ledger.replace_with(root / RUN_LOG, io.BytesIO(source.read(logparse.MAX_TEXT_BYTES)))
         except OSError:
             pass
 
