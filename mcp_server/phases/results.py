@@ -159,17 +159,19 @@ def _measured(core: LoopCore, entry: dict, summary, report: dict, result: RunRes
     """(why the run is no result, or None; the val_bpb the ledger gets). The harness's own
     evaluation of the exported model where the harness has one, else train.py's number, marked."""
     last = logparse.last_progress(text)
-    problem = integrity.time_problem(summary, report, time_budget(core.root),
-                                     last.dt_ms / 1000 if last and last.dt_ms else None)
+    budget = entry.get("budget") or time_budget(core.root)  # as submitted (a state from before: as it is now)
+    problem = integrity.time_problem(summary, report, budget, last.dt_ms / 1000 if last and last.dt_ms else None,
+                                     entry.get("most_seconds"))
     if problem:
         return problem, None
     if not entry.get("verifies"):
         result.integrity = "this harness does not export its model: val_bpb is the one train.py printed"
         return None, summary.val_bpb
     problem, value, note = integrity.evaluation_verdict(report)
-    rate = report.get("flops_per_budget_second") or (prepared_info() or {}).get("flops_per_budget_second")
+    rate = report.get("flops_per_budget_second") or entry.get("flops_rate", (prepared_info() or {}).get(
+        "flops_per_budget_second"))
     problem = problem or integrity.flops_problem(summary, report.get("evaluation") or {}, rate,
-                                                 time_budget(core.root))  # a cluster node's rate is its own
+                                                 budget)  # a cluster node's rate is its own
     result.integrity = note
     if problem:
         return f"not a result: {problem}", None

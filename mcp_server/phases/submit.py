@@ -125,7 +125,10 @@ def _archive_ledger(core: LoopCore) -> str | None:
 
 
 def default_timeout(core: LoopCore) -> float:
-    budget = time_budget(core.root)
+    return timeout_for(time_budget(core.root))
+
+
+def timeout_for(budget: float) -> float:
     return max(TIMEOUT_FACTOR * budget, budget + MIN_TIMEOUT_MARGIN_S)
 
 
@@ -178,9 +181,15 @@ def submit(core: LoopCore, description: str, timeout_seconds: float | None = Non
             return {"answered": tried.answer.model_dump()}
         n = state.get("seq", 0) + 1
         commit = _new_candidate(core, n, kept, source, description, parent_note)
+        # the run is judged by the budget checked now (the prepared record is the agent's to edit while it
+        # trains), and its training time is train.py's word: only the wall bounds it, by the server's own
+        # timeout for that budget, whatever timeout was asked (results._measured)
+        budget = time_budget(core.root)
         entry = {"run": n, "commit": commit, "parent": kept, "description": description, "status": "queued",
                  "verifies": integrity.supports_export(core.ws, commit),
-                 "timeout": float(timeout_seconds or default_timeout(core)), "submitted_at": time.time(),
+                 "timeout": float(timeout_seconds or timeout_for(budget)), "submitted_at": time.time(),
+                 "budget": budget, "most_seconds": timeout_for(budget),
+                 "flops_rate": (prepared_info() or {}).get("flops_per_budget_second"),
                  "log": f"{RUNS_DIR}/{run_name(n, commit)}.log",
                  "report": f"{RUNS_DIR}/{run_name(n, commit)}.report.json"}
         if rerun_of is not None:
