@@ -7,7 +7,7 @@ import pytest
 
 from mcp_server.core.ledger import MAX_DESCRIPTION
 from server_support import (
-    git, ledger_lines, processes_in, set_knobs, slot_dir, wait_until,
+    Lab, git, ledger_lines, make_workspace, processes_in, set_knobs, slot_dir, wait_until,
 )
 
 
@@ -92,6 +92,32 @@ def test_a_keep_logged_by_hand_is_marked_and_reaches_no_target(lab):
     lab.ok("run_experiment", description="measured below the target")
     lab.ok("keep")
     assert "target val_bpb 0.6 is reached (0.550000)" in lab.ok("status")["ended"]
+
+
+def test_an_unverified_keep_reaches_no_target(fake_env):
+    """Review 46: keep(unverified=true) keeps a run whose val_bpb is train.py's own (it exported no model for
+    the harness to evaluate), marked " (unverified)"; review 43 kept hand-logged numbers off the target, but
+    this one still counted: a train.py that printed val_bpb 0.01 ended the research run as "the target is
+    reached"."""
+    ws = make_workspace(fake_env)
+    for name in ("evaluate_export.py", "export.py"):  # a harness that evaluates exports: the fake trainer exports none
+        (ws / "nanochat" / name).write_text("# harness stand-in\n")
+    git(ws, "add", ".")
+    git(ws, "commit", "-q", "-m", "an exporting harness")
+    lab = Lab(ws)
+    try:
+        lab.ok("setup", tag="t", target_val_bpb=0.6)
+        lab.ok("run_experiment", description="baseline")
+        lab.ok("keep", unverified=True)
+        set_knobs(ws, val_bpb=0.01)
+        assert lab.ok("run_experiment", description="my own number")["verified"] is False
+        assert lab.ok("keep", unverified=True, note="as printed")["row"]["description"] == \
+            "my own number (unverified) (as printed)"
+        status = lab.ok("status")
+        assert status["ended"] is None and "reached" not in status["next"], status
+        assert "target val_bpb 0.6 (best" not in status["limits"], status["limits"]
+    finally:
+        lab.loop.shutdown()
 
 
 def test_keep_refuses_when_the_branch_lost_the_kept_commit(lab):
