@@ -362,6 +362,11 @@ elif plan in ("decide", "spend"):  # a short session that decided a run: working
     with open(ledger, "a") as f:
         f.write(("" if ledger.stat().st_size else "commit\\tval_bpb\\tmemory_gb\\tstatus\\tdescription\\n")
                 + f"abc{{session:04d}}\\t1.000000\\t1.0\\tdiscard\\tidea {{session}}\\n")
+elif plan == "fifos":  # FIFOs at every name of the runner's folder it reads or appends to, its own output's too
+    folder = Path(".research-loop/overnight")
+    for name in ("sessions.jsonl", "runner.log", f"session-{{session:03d}}.jsonl", f"session-{{session + 1:03d}}.jsonl"):
+        (folder / name).unlink(missing_ok=True)
+        os.mkfifo(folder / name)
 elif plan == "hang":  # still going past the deadline, a run in flight and a server beside it
     Path(".research-loop").mkdir(exist_ok=True)
     Path(".research-loop/state.json").write_text(json.dumps({{"tag": "night", "branch": "autoresearch/night",
@@ -492,6 +497,29 @@ def test_the_sessions_server_gets_the_runners_tracking(fake_claude, fake_env, mo
     claude = overnight.preflight(ws, None, track=args.track)
     assert overnight.Runner(args, claude, backoff_s=(0.05,), poll_s=0.05).run() == 0
     assert sessions_of(fake_claude)[0]["track"] == track
+
+
+def test_fifos_planted_in_the_runners_folder_hang_no_runner(fake_claude, fake_env, monkeypatch):
+    """Review 46: the runner reads a session's output (its cost, its last words), sums sessions.jsonl and
+    appends to it and to runner.log, all in .research-loop/overnight, which the agent's session can write:
+    a FIFO at any of those names, or at the next session's output, blocked the runner for good after the
+    session ended (no new session, no summary, no ping: the rest of the night lost)."""
+    import threading
+    from mcp_server.overnight import overnight
+    ws = make_workspace(fake_env)
+    monkeypatch.setenv("FAKE_CLAUDE_PLAN", "fifos")
+    runner = overnight.Runner(runner_args(ws), overnight.preflight(ws, None), backoff_s=(0.05,), poll_s=0.05)
+    done = []
+    thread = threading.Thread(target=lambda: done.append(runner.run()), daemon=True)
+    thread.start()
+    thread.join(60)
+    try:
+        assert done == [1], "a FIFO in the runner's folder hung the runner"  # gave up after 5 quick sessions
+        assert len(sessions_of(fake_claude)) == 5
+    finally:
+        for path in (ws / ".research-loop" / "overnight").iterdir():
+            if path.is_fifo():
+                os.close(os.open(path, os.O_RDWR | os.O_NONBLOCK))  # a hung open or read ends
 
 
 def test_the_runner_pings_when_it_gives_up(fake_claude, fake_env, monkeypatch, capsys):
