@@ -259,7 +259,7 @@ def time_problem(summary, report: dict, budget: float, last_step_s: float | None
     wall = report.get("wall_seconds")
     if most_wall is not None and wall is not None:
         before = wall - ((report.get("evaluation") or {}).get("wall_seconds") or 0.0)
-        if before > most_wall:
+        if before > most_wall * (1 + BUDGET_TOLERANCE) + CLOCK_SLACK_S:  # an honest run's exit comes after it
             return (f"the run took {before:.0f}s before the harness's evaluation, more than the {most_wall:.0f}s "
                     f"the server gives a {budget:.0f}s budget (a longer timeout lets a run end, not count): "
                     "its training time is train.py's own report, which only the wall time bounds")
