@@ -161,6 +161,23 @@ def test_setup_of_a_new_tag_never_drops_an_undecided_result(lab):
     assert lab.ok("setup", tag="other")["archived_ledger"]
 
 
+def test_a_new_setup_on_an_edited_harness_is_refused_while_the_research_run_is_active(lab):
+    """Review 46: setup pins whatever harness HEAD holds, and the agent may call it: mid-night it committed an
+    edit of the harness (nanochat/, prepare.py: the evaluation itself) on a branch of its own and set up a new
+    tag from there, and every later run of the night was measured by its harness, unsaid. A harness other
+    than the active research run's is set up only once that run has ended or been stopped on purpose (which
+    the Stop hook, the overnight runner and the report then say)."""
+    lab.baseline()
+    git(lab.ws, "checkout", "-q", "-b", "mine")
+    (lab.ws / "nanochat" / "common.py").write_text("# harness stand-in, edited\n")
+    git(lab.ws, "commit", "-q", "-am", "a better evaluation")
+    refused = lab.refused("setup", tag="other")
+    assert "harness" in refused and "stop(" in refused, refused
+    assert "autoresearch/other" not in git(lab.ws, "branch", "--list", "autoresearch/other")  # nothing made
+    lab.ok("stop", reason="a new harness")
+    assert lab.ok("setup", tag="other")["branch"] == "autoresearch/other"
+
+
 # --- processes and logs -----------------------------------------------------------------------
 def test_a_daemon_that_escaped_the_run_is_killed_and_cannot_write_the_next_result(lab):
     lab.baseline()

@@ -71,6 +71,7 @@ def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments:
         if ws.tracked(ledger.LEDGER_NAME):
             raise Refusal(f"{ledger.LEDGER_NAME} is tracked by git, so a reset could lose rows: "
                           f"git rm --cached {ledger.LEDGER_NAME} and commit, then setup again.")
+        _check_same_harness(core, state)
         ws.create_branch(branch)
         archived = _archive_ledger(core)
         ledger.ensure_ledger(core.ledger_path)
@@ -97,6 +98,17 @@ def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments:
                        fingerprint=fingerprint, archived_ledger=archived,
                        limits=limits.left({"limits": chosen}, []), early_stop=early_stop.describe(state),
                        next="run_experiment('baseline') with train.py unchanged, then keep()")
+
+
+def _check_same_harness(core: LoopCore, state: dict) -> None:
+    """A harness other than the active research run's (the evaluation itself: an agent may commit an edit of
+    it and call setup) is set up only once that run has ended or was stopped on purpose, which is then said."""
+    if state.get("branch") and state.get("fingerprint") not in (None, core.ws.fingerprint()) \
+            and not core.ended(state):
+        raise Refusal(f"The harness at HEAD (every tracked file but {EDITABLE}) differs from the one the research run "
+                      f"{state['branch']} is measured with, and that run is still active: its results must all "
+                      "come from one harness. Set up from its harness, or end it first: stop(reason) says why, "
+                      "and then setup(tag) may pin the new harness.")
 
 
 def _last_run_number(core: LoopCore) -> int:
