@@ -165,8 +165,8 @@ def test_a_new_setup_on_an_edited_harness_is_refused_while_the_research_run_is_a
     """Review 46: setup pins whatever harness HEAD holds, and the agent may call it: mid-night it committed an
     edit of the harness (nanochat/, prepare.py: the evaluation itself) on a branch of its own and set up a new
     tag from there, and every later run of the night was measured by its harness, unsaid. A harness other
-    than the active research run's is set up only once that run has ended or been stopped on purpose (which
-    the Stop hook, the overnight runner and the report then say)."""
+    than the active research run's is set up only once that run has ended or been stopped on purpose (a
+    stop is an act of its own, with its reason, which the webhook pings)."""
     lab.baseline()
     git(lab.ws, "checkout", "-q", "-b", "mine")
     (lab.ws / "nanochat" / "common.py").write_text("# harness stand-in, edited\n")
