@@ -371,6 +371,7 @@ elif plan == "hang":  # still going past the deadline, a run in flight and a ser
     Path(".research-loop").mkdir(exist_ok=True)
     Path(".research-loop/state.json").write_text(json.dumps({{"tag": "night", "branch": "autoresearch/night",
         "runs": {{"1": {{"run": 1, "status": "running", "timeout": float(os.environ["FAKE_CLAUDE_RUN_TIMEOUT"]),
+                         "most_seconds": float(os.environ.get("FAKE_CLAUDE_RUN_MOST", "86400")),
                          "log": "runs/0001.log"}}}}}}))
     record["server"] = subprocess.Popen(["sleep", "3600"]).pid
 if plan == "spend":  # the end of a session as the pinned CLI reports it (its stream-json result event)
@@ -460,6 +461,29 @@ def test_past_the_deadline_and_its_grace_the_session_is_stopped(fake_claude, fak
     assert record["ended_at"] - runner.started >= hours * 3600 + 2 + grace
     assert record["exit_code"] == -signal.SIGTERM
     assert wait_until(lambda: not pid_alive(session["server"]), 10)  # the session's server went with it
+
+
+def test_a_run_whose_timeout_the_agent_raised_keeps_no_session_past_the_deadline(fake_claude, fake_env, monkeypatch):
+    """Review 46: past --hours the runner let a session finish its run in flight for that run's timeout, which the
+    agent chooses (up to a day): a run started just before the deadline with timeout_seconds=86400 kept the
+    session, and its spending, going a day past the night. The wait is at most the server's own timeout for the
+    run's budget, past which the run would be no result anyway."""
+    import threading
+    from mcp_server.overnight import overnight
+    ws = make_workspace(fake_env)
+    monkeypatch.setenv("FAKE_CLAUDE_PLAN", "hang")
+    monkeypatch.setenv("FAKE_CLAUDE_RUN_TIMEOUT", "3600")
+    monkeypatch.setenv("FAKE_CLAUDE_RUN_MOST", "2")
+    runner = overnight.Runner(runner_args(ws, "--hours", str(1.5 / 3600)), overnight.preflight(ws, None),
+                              backoff_s=(0.1,), grace_s=1.0, poll_s=0.05)
+    done = []
+    thread = threading.Thread(target=lambda: done.append(runner.run()), daemon=True)
+    thread.start()
+    thread.join(30)
+    try:
+        assert done == [0], "the session was kept past the deadline for the run's own timeout"
+    finally:
+        runner.stop_session()
 
 
 def test_preflight_names_what_to_install_when_claude_is_missing(fake_env, tmp_path):

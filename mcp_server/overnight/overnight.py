@@ -304,9 +304,11 @@ class Runner:
                 time.sleep(pause)
 
     def grace(self) -> float:
-        """How long past the deadline a session may finish the run it has: one run's timeout."""
+        """How long past the deadline a session may finish the run it has: one run's timeout, at most the
+        server's own for its budget (a longer one is the agent's to ask, and such a run is no result)."""
         runs = (self.state().get("runs") or {}).values()
-        return max([e.get("timeout", 0) for e in runs], default=0) + self.grace_s
+        return max([min(e.get("timeout", 0), e.get("most_seconds") or float("inf")) for e in runs],
+                   default=0) + self.grace_s
 
     def session_tail(self, lines: int = 8) -> str:
         try:
