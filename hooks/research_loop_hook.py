@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -225,9 +226,12 @@ def server_state(root: Path) -> dict:
 
 
 def last_progress_line(log: Path) -> str | None:
-    """The newest 'step ...' line of a run's log (progress lines are separated by carriage returns)."""
+    """The newest 'step ...' line of a run's log (progress lines are separated by carriage returns). Opened
+    without blocking, a plain file only: a FIFO the agent put at the log's name hung the hook."""
     try:
-        with open(log, "rb") as f:
+        with open(os.open(log, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return None
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - LOG_TAIL_BYTES))
             tail = f.read().decode(errors="replace")

@@ -149,6 +149,24 @@ def test_session_start_reports_runs_in_flight_and_pending_results(repo, prepared
     assert context.index("run 5") < context.index("run 6") < context.index("run 7")
 
 
+def test_a_fifo_at_a_running_runs_log_hangs_no_hook(repo, prepared_cache):
+    """Review 46: the hooks read a running run's progress line from its log (runs/<n>-<commit>.log, a name
+    the agent knows) with a plain open: a FIFO put there blocked it, and Claude Code killed the hook at its
+    10 s timeout, so a new or compacted session got no state, and the Stop hook let Claude stop unseen."""
+    (repo / ".research-loop").mkdir()
+    (repo / "runs").mkdir()
+    (repo / ".research-loop" / "state.json").write_text(json.dumps({"runs": {
+        "6": {"run": 6, "commit": "f00dfeed123", "description": "window L", "status": "running",
+              "server_pid": os.getpid(), "log": "runs/0006-f00dfee.log"}}}))
+    fifo = repo / "runs" / "0006-f00dfee.log"
+    os.mkfifo(fifo)
+    try:
+        context = session_start(repo, prepared_cache)["hookSpecificOutput"]["additionalContext"]
+        assert 'run 6 (f00dfee) "window L" is running: no progress line yet' in context
+    finally:
+        os.close(os.open(fifo, os.O_RDWR | os.O_NONBLOCK))  # a hung hook's open ends
+
+
 def test_session_start_tells_a_run_whose_server_died_from_a_live_one(repo, prepared_cache):
     dead = subprocess.Popen(["true"])
     dead.wait()

@@ -9,6 +9,7 @@ import json
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -575,3 +576,59 @@ def test_a_fifo_in_place_of_a_runs_own_log_hangs_no_record(lab):
     finally:
         for path in planted:
             _unblock(path)
+
+
+@pytest.mark.parametrize("planted,endless", [("prepared.json", False), ("tokenizer/tokenizer.pkl", False),
+                                            ("tokenizer/tokenizer.pkl", True)])
+def test_a_fifo_planted_in_the_prepared_cache_hangs_no_tool(lab, planted, endless):
+    """Review 46: the harness's cache (~/.cache/autoresearch, the agent's to write) was read with plain opens
+    under the state lock: the prepared record (the run's budget, its fingerprint) and the tokenizer's files
+    (the fingerprint run_experiment checks). A FIFO there blocked run_experiment in its transaction, and
+    every later call, status too, hung; a link to /dev/zero read without end."""
+    lab.baseline()
+    path = Path(os.environ["AUTORESEARCH_CACHE"]) / planted
+    path.parent.mkdir(exist_ok=True)
+    path.unlink(missing_ok=True)
+    if endless:
+        path.symlink_to("/dev/zero")
+    else:
+        os.mkfifo(path)
+    try:
+        set_knobs(lab.ws, VAL_BPB=0.9)
+        alive, box = call_within(lab, 30, "run_experiment", description="idea")
+        assert not alive, f"a FIFO at the cache's {planted} hung run_experiment"
+        assert "changed since setup" in error(box["answer"])
+        alive, box = call_within(lab, 20, "status")
+        assert not alive, "status hung after the refusal"
+    finally:
+        _unblock(path)
+
+
+def test_a_huge_file_in_place_of_a_runs_own_log_is_not_copied_whole(lab):
+    """Review 46: run.log was copied from the run's log (a plain file the agent may put at its name while the run
+    trains) whole, under the state lock: a sparse file of a terabyte (truncate -s 1T) took that long to copy and
+    filled the disk, every call waiting. The copy takes at most what a log of the worker's holds."""
+    from mcp_server.core.logparse import MAX_TEXT_BYTES
+    lab.baseline()
+    runs = lab.ws / "runs"
+    before, planted = set(runs.glob("*.log")), []
+
+    def planter():
+        deadline = time.monotonic() + 30
+        while not planted and time.monotonic() < deadline:
+            for path in set(runs.glob("*.log")) - before:
+                huge = path.with_name(".huge")
+                with open(huge, "wb") as f:
+                    f.truncate(MAX_TEXT_BYTES * 3)  # sparse: nothing written
+                huge.replace(path)
+                planted.append(path)
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=planter, daemon=True)
+    thread.start()
+    set_knobs(lab.ws, VAL_BPB=0.9, SLEEP=3)
+    alive, box = call_within(lab, 60, "run_experiment", description="idea")
+    thread.join(5)
+    assert planted and not alive
+    answer(box["answer"])
+    assert (lab.ws / "run.log").stat().st_size <= MAX_TEXT_BYTES

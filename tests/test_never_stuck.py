@@ -7,7 +7,7 @@ import pytest
 
 from mcp_server.core.ledger import MAX_DESCRIPTION
 from server_support import (
-    git, ledger_lines, processes_in, set_knobs, slot_dir, wait_until,
+    Lab, git, ledger_lines, make_workspace, processes_in, set_knobs, slot_dir, wait_until,
 )
 
 
@@ -94,6 +94,32 @@ def test_a_keep_logged_by_hand_is_marked_and_reaches_no_target(lab):
     assert "target val_bpb 0.6 is reached (0.550000)" in lab.ok("status")["ended"]
 
 
+def test_an_unverified_keep_reaches_no_target(fake_env):
+    """Review 46: keep(unverified=true) keeps a run whose val_bpb is train.py's own (it exported no model for
+    the harness to evaluate), marked " (unverified)"; review 43 kept hand-logged numbers off the target, but
+    this one still counted: a train.py that printed val_bpb 0.01 ended the research run as "the target is
+    reached"."""
+    ws = make_workspace(fake_env)
+    for name in ("evaluate_export.py", "export.py"):  # a harness that evaluates exports: the fake trainer exports none
+        (ws / "nanochat" / name).write_text("# harness stand-in\n")
+    git(ws, "add", ".")
+    git(ws, "commit", "-q", "-m", "an exporting harness")
+    lab = Lab(ws)
+    try:
+        lab.ok("setup", tag="t", target_val_bpb=0.6)
+        lab.ok("run_experiment", description="baseline")
+        lab.ok("keep", unverified=True)
+        set_knobs(ws, val_bpb=0.01)
+        assert lab.ok("run_experiment", description="my own number")["verified"] is False
+        assert lab.ok("keep", unverified=True, note="as printed")["row"]["description"] == \
+            "my own number (unverified) (as printed)"
+        status = lab.ok("status")
+        assert status["ended"] is None and "reached" not in status["next"], status
+        assert "target val_bpb 0.6 (best" not in status["limits"], status["limits"]
+    finally:
+        lab.loop.shutdown()
+
+
 def test_keep_refuses_when_the_branch_lost_the_kept_commit(lab):
     lab.baseline()
     set_knobs(lab.ws, val_bpb=0.9)
@@ -133,6 +159,23 @@ def test_setup_of_a_new_tag_never_drops_an_undecided_result(lab):
     assert "differs from the new best" in lab.ok("keep")["note"]  # the forced checkout reverted train.py
     git(lab.ws, "checkout", "-q", "-f", "main")
     assert lab.ok("setup", tag="other")["archived_ledger"]
+
+
+def test_a_new_setup_on_an_edited_harness_is_refused_while_the_research_run_is_active(lab):
+    """Review 46: setup pins whatever harness HEAD holds, and the agent may call it: mid-night it committed an
+    edit of the harness (nanochat/, prepare.py: the evaluation itself) on a branch of its own and set up a new
+    tag from there, and every later run of the night was measured by its harness, unsaid. A harness other
+    than the active research run's is set up only once that run has ended or been stopped on purpose (a
+    stop is an act of its own, with its reason, which the webhook pings)."""
+    lab.baseline()
+    git(lab.ws, "checkout", "-q", "-b", "mine")
+    (lab.ws / "nanochat" / "common.py").write_text("# harness stand-in, edited\n")
+    git(lab.ws, "commit", "-q", "-am", "a better evaluation")
+    refused = lab.refused("setup", tag="other")
+    assert "harness" in refused and "stop(" in refused, refused
+    assert "autoresearch/other" not in git(lab.ws, "branch", "--list", "autoresearch/other")  # nothing made
+    lab.ok("stop", reason="a new harness")
+    assert lab.ok("setup", tag="other")["branch"] == "autoresearch/other"
 
 
 # --- processes and logs -----------------------------------------------------------------------

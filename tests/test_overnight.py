@@ -362,10 +362,16 @@ elif plan in ("decide", "spend"):  # a short session that decided a run: working
     with open(ledger, "a") as f:
         f.write(("" if ledger.stat().st_size else "commit\\tval_bpb\\tmemory_gb\\tstatus\\tdescription\\n")
                 + f"abc{{session:04d}}\\t1.000000\\t1.0\\tdiscard\\tidea {{session}}\\n")
+elif plan == "fifos":  # FIFOs at every name of the runner's folder it reads or appends to, its own output's too
+    folder = Path(".research-loop/overnight")
+    for name in ("sessions.jsonl", "runner.log", f"session-{{session:03d}}.jsonl", f"session-{{session + 1:03d}}.jsonl"):
+        (folder / name).unlink(missing_ok=True)
+        os.mkfifo(folder / name)
 elif plan == "hang":  # still going past the deadline, a run in flight and a server beside it
     Path(".research-loop").mkdir(exist_ok=True)
     Path(".research-loop/state.json").write_text(json.dumps({{"tag": "night", "branch": "autoresearch/night",
         "runs": {{"1": {{"run": 1, "status": "running", "timeout": float(os.environ["FAKE_CLAUDE_RUN_TIMEOUT"]),
+                         "most_seconds": float(os.environ.get("FAKE_CLAUDE_RUN_MOST", "86400")),
                          "log": "runs/0001.log"}}}}}}))
     record["server"] = subprocess.Popen(["sleep", "3600"]).pid
 if plan == "spend":  # the end of a session as the pinned CLI reports it (its stream-json result event)
@@ -457,6 +463,29 @@ def test_past_the_deadline_and_its_grace_the_session_is_stopped(fake_claude, fak
     assert wait_until(lambda: not pid_alive(session["server"]), 10)  # the session's server went with it
 
 
+def test_a_run_whose_timeout_the_agent_raised_keeps_no_session_past_the_deadline(fake_claude, fake_env, monkeypatch):
+    """Review 46: past --hours the runner let a session finish its run in flight for that run's timeout, which the
+    agent chooses (up to a day): a run started just before the deadline with timeout_seconds=86400 kept the
+    session, and its spending, going a day past the night. The wait is at most the server's own timeout for the
+    run's budget, past which the run would be no result anyway."""
+    import threading
+    from mcp_server.overnight import overnight
+    ws = make_workspace(fake_env)
+    monkeypatch.setenv("FAKE_CLAUDE_PLAN", "hang")
+    monkeypatch.setenv("FAKE_CLAUDE_RUN_TIMEOUT", "3600")
+    monkeypatch.setenv("FAKE_CLAUDE_RUN_MOST", "2")
+    runner = overnight.Runner(runner_args(ws, "--hours", str(1.5 / 3600)), overnight.preflight(ws, None),
+                              backoff_s=(0.1,), grace_s=1.0, poll_s=0.05)
+    done = []
+    thread = threading.Thread(target=lambda: done.append(runner.run()), daemon=True)
+    thread.start()
+    thread.join(30)
+    try:
+        assert done == [0], "the session was kept past the deadline for the run's own timeout"
+    finally:
+        runner.stop_session()
+
+
 def test_preflight_names_what_to_install_when_claude_is_missing(fake_env, tmp_path):
     """The real command, with no claude anywhere: an error that says how to install it, and nothing started."""
     ws = make_workspace(fake_env)
@@ -492,6 +521,29 @@ def test_the_sessions_server_gets_the_runners_tracking(fake_claude, fake_env, mo
     claude = overnight.preflight(ws, None, track=args.track)
     assert overnight.Runner(args, claude, backoff_s=(0.05,), poll_s=0.05).run() == 0
     assert sessions_of(fake_claude)[0]["track"] == track
+
+
+def test_fifos_planted_in_the_runners_folder_hang_no_runner(fake_claude, fake_env, monkeypatch):
+    """Review 46: the runner reads a session's output (its cost, its last words), sums sessions.jsonl and
+    appends to it and to runner.log, all in .research-loop/overnight, which the agent's session can write:
+    a FIFO at any of those names, or at the next session's output, blocked the runner for good after the
+    session ended (no new session, no summary, no ping: the rest of the night lost)."""
+    import threading
+    from mcp_server.overnight import overnight
+    ws = make_workspace(fake_env)
+    monkeypatch.setenv("FAKE_CLAUDE_PLAN", "fifos")
+    runner = overnight.Runner(runner_args(ws), overnight.preflight(ws, None), backoff_s=(0.05,), poll_s=0.05)
+    done = []
+    thread = threading.Thread(target=lambda: done.append(runner.run()), daemon=True)
+    thread.start()
+    thread.join(60)
+    try:
+        assert done == [1], "a FIFO in the runner's folder hung the runner"  # gave up after 5 quick sessions
+        assert len(sessions_of(fake_claude)) == 5
+    finally:
+        for path in (ws / ".research-loop" / "overnight").iterdir():
+            if path.is_fifo():
+                os.close(os.open(path, os.O_RDWR | os.O_NONBLOCK))  # a hung open or read ends
 
 
 def test_the_runner_pings_when_it_gives_up(fake_claude, fake_env, monkeypatch, capsys):

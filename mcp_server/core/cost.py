@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from pathlib import Path
 
 from mcp_server.core import limits
@@ -64,11 +66,23 @@ def hours_text(hours: dict) -> str | None:
 
 
 # --- Claude Code sessions ------------------------------------------------------------------------
+def read_tail(path: Path, limit: int = limits.MAX_RECORD_BYTES) -> str:
+    """The end of a file of the runner's (at most limit bytes), read without blocking and only where it is a
+    plain file: its folder is the agent's to write, and a FIFO put there (or a link to /dev/zero) hung the
+    runner and the dashboard. OSError where there is no such file."""
+    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+        found = os.fstat(f.fileno())
+        if not stat.S_ISREG(found.st_mode):
+            raise OSError(f"{path} is not a plain file")
+        f.seek(max(0, found.st_size - limit))
+        return f.read(limit).decode(errors="replace")
+
+
 def session_result(output: Path) -> dict:
     """{"cost_usd", "usage"} from a session's stream-json output (its last `result` event), or {}
     where it wrote none (killed, or crashed before the end)."""
     try:
-        lines = output.read_text(errors="replace").splitlines()
+        lines = read_tail(output).splitlines()
     except OSError:
         return {}
     for line in reversed(lines):
@@ -90,7 +104,7 @@ def sessions_spent(root: Path, tag: str | None) -> dict:
     invocation of the runner: a resumed night keeps counting)."""
     total = {"sessions": 0, "cost_usd": 0.0, "tokens": {k: 0 for k in TOKEN_KINDS}}
     try:
-        lines = (Path(root) / SESSIONS_FILE).read_text().splitlines()
+        lines = read_tail(Path(root) / SESSIONS_FILE).splitlines()
     except OSError:
         return total
     for line in lines:

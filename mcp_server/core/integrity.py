@@ -25,6 +25,7 @@ from pathlib import Path
 import git
 import gitdb.exc
 
+from mcp_server.core import ledger
 from mcp_server.core.models import Refusal
 from mcp_server.scripts.harness_eval import evaluation_inputs, evaluator_command, hidden_from_runs, sha256_of
 from mcp_server.core.workspace import EDITABLE, cache_dir, prepared_info
@@ -230,13 +231,15 @@ def cache_fingerprint() -> str | None:
     if not cache.is_dir():
         return None
     digest = hashlib.sha256()
-    record = cache / "prepared.json"
-    digest.update(record.read_bytes() if record.exists() else b"(no record)")
+    # read as plain files without blocking (ledger.read_plain): a FIFO the agent put in the cache hung
+    # run_experiment under the state lock, a link to /dev/zero read without end
+    record = ledger.read_plain(cache / "prepared.json")
+    digest.update(b"(no record)" if record is None else record)
     for folder in ("tokenizer", "data"):
         for path in sorted((cache / folder).glob("*")) if (cache / folder).is_dir() else ():
             digest.update(f"{folder}/{path.name}\t{path.stat().st_size}\n".encode())
             if folder == "tokenizer":
-                digest.update(hashlib.sha256(path.read_bytes()).digest())
+                digest.update(hashlib.sha256(ledger.read_plain(path) or b"").digest())
     return digest.hexdigest()[:16]
 
 
@@ -246,11 +249,20 @@ def hidden_index_changes(ws) -> list[str]:
     return [line[2:] for line in ws.repo.git.ls_files("-v").splitlines() if line[:1].islower() or line[:1] == "S"]
 
 
-def time_problem(summary, report: dict, budget: float, last_step_s: float | None) -> str | None:
+def time_problem(summary, report: dict, budget: float, last_step_s: float | None,
+                 most_wall: float | None = None) -> str | None:
     """Why the time a run reports cannot stand: more training than the budget allows (the loop
     stops after the step that crosses it, so one step over, the longer of the last one and the
-    mean), or more than its worker measured."""
+    mean), or more than its worker measured; or a run that took longer before its evaluation than
+    most_wall (the server's own timeout for the budget): how long it trained is train.py's word, and
+    only the wall bounds it."""
     wall = report.get("wall_seconds")
+    if most_wall is not None and wall is not None:
+        before = wall - ((report.get("evaluation") or {}).get("wall_seconds") or 0.0)
+        if before > most_wall * (1 + BUDGET_TOLERANCE) + CLOCK_SLACK_S:  # an honest run's exit comes after it
+            return (f"the run took {before:.0f}s before the harness's evaluation, more than the {most_wall:.0f}s "
+                    f"the server gives a {budget:.0f}s budget (a longer timeout lets a run end, not count): "
+                    "its training time is train.py's own report, which only the wall time bounds")
     training, total, steps = summary.training_seconds, summary.total_seconds, summary.num_steps
     if training is not None:
         step = max(training / max(steps or 1, 1), last_step_s or 0.0)

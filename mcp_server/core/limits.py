@@ -19,6 +19,9 @@ from pathlib import Path
 STOPPED_EARLY = " (stopped early: "  # the crash row's marker of a run the early stop ended
 # a keep row log_result wrote: its number is the agent's word, never the harness's, so it reaches no target
 LOGGED_BY_HAND = " (logged by hand)"
+# a kept row whose number is train.py's own (keep(unverified=true)): it reaches no target either. The agent's
+# note may follow it in the row, so it is looked for anywhere (a description that holds it only misses a target)
+UNVERIFIED = " (unverified)"
 DEFAULT_MAX_FAILURES_IN_ROW = 10
 # The server's state, its own copy first (in the git directory, where neither a run nor the edit hook
 # reaches; mcp_server/core/state.py writes both): its rows decide, results.tsv only shows them
@@ -77,10 +80,11 @@ def failures_in_row(rows: list[tuple]) -> int:
 
 
 def measured_keeps(rows: list[tuple]) -> list[float]:
-    """The val_bpb of each kept row the harness measured: a row log_result wrote holds the agent's number.
-    Rows are (status, val_bpb[, description])."""
-    return [row[1] for row in rows
-            if row[0] == "keep" and not str(row[2] if len(row) > 2 else "").endswith(LOGGED_BY_HAND)]
+    """The val_bpb of each kept row the harness measured: a row log_result wrote holds the agent's number,
+    an unverified one train.py's. Rows are (status, val_bpb[, description])."""
+    def measured(description: str) -> bool:
+        return not description.endswith(LOGGED_BY_HAND) and UNVERIFIED not in description
+    return [row[1] for row in rows if row[0] == "keep" and measured(str(row[2] if len(row) > 2 else ""))]
 
 
 def ended(state: dict, rows: list[tuple], now: float | None = None) -> str | None:

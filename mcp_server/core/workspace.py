@@ -73,12 +73,13 @@ def cache_dir() -> Path:
 def prepared_info() -> dict | None:
     """What prepare.py recorded, or {} for an upstream cache (tokenizer files only), or None."""
     cache = cache_dir()
-    try:
-        return json.loads((cache / "prepared.json").read_text())
-    except FileNotFoundError:
-        pass
-    except ValueError:
-        return {}
+    data = ledger.read_plain(cache / "prepared.json")  # the agent's to write: a FIFO there blocked a plain open
+    if data is not None:
+        try:
+            record = json.loads(data)
+        except (ValueError, RecursionError):
+            return {}
+        return record if isinstance(record, dict) else {}
     tokenizer = cache / "tokenizer"
     return {} if tokenizer.is_dir() and any(tokenizer.iterdir()) else None
 

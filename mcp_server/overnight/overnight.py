@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -60,6 +61,23 @@ def skill_allowed_tools() -> list[str]:
         elif inside:
             break
     return tools
+
+
+def appended(path: Path):
+    """path opened to append bytes to, made anew where something else than a plain file lies there: the runner's
+    folder is the agent's to write, and a FIFO put at a name the runner appends to blocked it for good."""
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW, 0o644)
+        except OSError:  # ENXIO: a FIFO nobody reads; ELOOP: a symbolic link
+            path.unlink(missing_ok=True)
+            continue
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.set_blocking(fd, True)
+            return open(fd, "ab")
+        os.close(fd)
+        path.unlink(missing_ok=True)
+    raise OSError(f"{path} is not a plain file the runner can append to")
 
 
 def prompt_for(tag: str, args) -> str:
@@ -198,8 +216,11 @@ class Runner:
     def say(self, message: str) -> None:
         line = f"[{time.strftime('%H:%M:%S')}] {message}"
         print(("\r" + " " * 170 + "\r" if self.tty else "") + line, flush=True)
-        with open(self.logs / "runner.log", "a") as log:
-            log.write(line + "\n")
+        try:
+            with appended(self.logs / "runner.log") as log:
+                log.write((line + "\n").encode())
+        except OSError:
+            pass  # printed above
 
     # --- sessions ---------------------------------------------------------------------------
     def start_session(self, plugin: Path) -> None:
@@ -215,7 +236,7 @@ class Runner:
             env.update({notify.NOTIFY_ENV: self.args.notify, notify.FORMAT_ENV: self.args.notify_format})
         env.update(tracking.server_env(self.args))  # and its tracking
         env.setdefault("MCP_TIMEOUT", "120000")  # the first start of the server may sync its environment
-        output = open(self.logs / f"session-{self.sessions:03d}.jsonl", "ab")
+        output = appended(self.logs / f"session-{self.sessions:03d}.jsonl")
         self.session = subprocess.Popen(command, cwd=self.workspace, env=env, stdin=subprocess.DEVNULL,
                                         stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
         output.close()
@@ -263,10 +284,10 @@ class Runner:
             lasted = time.time() - began
             self.say(f"session {self.sessions} ended after {lasted:.0f} s (exit code {self.session.returncode})")
             spent = cost.session_result(self.logs / f"session-{self.sessions:03d}.jsonl")
-            with open(self.logs / "sessions.jsonl", "a") as record:
+            with appended(self.workspace / cost.SESSIONS_FILE) as record:
                 record.write(json.dumps({"session": self.sessions, "tag": self.args.tag, "started_at": began,
                                          "ended_at": time.time(), "exit_code": self.session.returncode,
-                                         "runs_decided": len(self.rows()) - rows_before} | spent) + "\n")
+                                         "runs_decided": len(self.rows()) - rows_before} | spent).encode() + b"\n")
             if self.over():
                 continue
             # a short session that decided runs was working; one that decided nothing failed
@@ -283,13 +304,15 @@ class Runner:
                 time.sleep(pause)
 
     def grace(self) -> float:
-        """How long past the deadline a session may finish the run it has: one run's timeout."""
+        """How long past the deadline a session may finish the run it has: one run's timeout, at most the
+        server's own for its budget (a longer one is the agent's to ask, and such a run is no result)."""
         runs = (self.state().get("runs") or {}).values()
-        return max([e.get("timeout", 0) for e in runs], default=0) + self.grace_s
+        return max([min(e.get("timeout", 0), e.get("most_seconds") or float("inf")) for e in runs],
+                   default=0) + self.grace_s
 
     def session_tail(self, lines: int = 8) -> str:
         try:
-            text = (self.logs / f"session-{self.sessions:03d}.jsonl").read_text(errors="replace")
+            text = cost.read_tail(self.logs / f"session-{self.sessions:03d}.jsonl", 1 << 20)
         except OSError:
             return "(no output)"
         shown = []

@@ -21,7 +21,7 @@ from mcp_server.phases.submit import submit
 from mcp_server.core.workspace import EDITABLE, PROTECTED_BRANCHES, RUN_REF_PREFIX, validate_commit_arg
 
 MAX_NOTE_CHARS = 140  # of a keep note or discard reason in the row: the description keeps the rest
-UNVERIFIED_MARKER = " (unverified)"  # a kept row whose number is train.py's own, kept on request
+UNVERIFIED_MARKER = limits.UNVERIFIED  # a kept row whose number is train.py's own, kept on request
 
 
 def _undecided(core: LoopCore, state: dict, run: int | None, verb: str) -> dict:

@@ -8,6 +8,7 @@ run_experiment answers about a run at any point of its life.
 
 Imports the core (runs) only.
 """
+import io
 import math
 import shutil
 from pathlib import Path
@@ -50,7 +51,8 @@ def copy_as_run_log(log: Path, root: Path) -> None:
     """run.log, upstream's copy of the latest run's log: made under a fresh name, then renamed over
     whatever lies at run.log (a FIFO the agent put there failed the copy, and with it every run's
     record). A copy that cannot be made is left out: the run's own log is in runs/, and is read only where
-    it is a plain file (a FIFO put at its name, which the agent knows, blocked a plain open under the lock)."""
+    it is a plain file (a FIFO put at its name, which the agent knows, blocked a plain open under the lock), and at
+    most as much as a log of the worker's holds (a sparse terabyte put there was copied whole, under the lock)."""
     try:
         source = logparse.open_plain(log)
     except OSError:
@@ -59,7 +61,7 @@ def copy_as_run_log(log: Path, root: Path) -> None:
         return
     with source:
         try:
-            ledger.replace_with(root / RUN_LOG, source)
+            ledger.replace_with(root / RUN_LOG, io.BytesIO(source.read(logparse.MAX_TEXT_BYTES)))
         except OSError:
             pass
 
@@ -157,17 +159,19 @@ def _measured(core: LoopCore, entry: dict, summary, report: dict, result: RunRes
     """(why the run is no result, or None; the val_bpb the ledger gets). The harness's own
     evaluation of the exported model where the harness has one, else train.py's number, marked."""
     last = logparse.last_progress(text)
-    problem = integrity.time_problem(summary, report, time_budget(core.root),
-                                     last.dt_ms / 1000 if last and last.dt_ms else None)
+    budget = entry.get("budget") or time_budget(core.root)  # as submitted (a state from before: as it is now)
+    problem = integrity.time_problem(summary, report, budget, last.dt_ms / 1000 if last and last.dt_ms else None,
+                                     entry.get("most_seconds"))
     if problem:
         return problem, None
     if not entry.get("verifies"):
         result.integrity = "this harness does not export its model: val_bpb is the one train.py printed"
         return None, summary.val_bpb
     problem, value, note = integrity.evaluation_verdict(report)
-    rate = report.get("flops_per_budget_second") or (prepared_info() or {}).get("flops_per_budget_second")
+    rate = report.get("flops_per_budget_second") or entry.get("flops_rate", (prepared_info() or {}).get(
+        "flops_per_budget_second"))
     problem = problem or integrity.flops_problem(summary, report.get("evaluation") or {}, rate,
-                                                 time_budget(core.root))  # a cluster node's rate is its own
+                                                 budget)  # a cluster node's rate is its own
     result.integrity = note
     if problem:
         return f"not a result: {problem}", None

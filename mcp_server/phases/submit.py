@@ -71,6 +71,7 @@ def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments:
         if ws.tracked(ledger.LEDGER_NAME):
             raise Refusal(f"{ledger.LEDGER_NAME} is tracked by git, so a reset could lose rows: "
                           f"git rm --cached {ledger.LEDGER_NAME} and commit, then setup again.")
+        _check_same_harness(core, state)
         ws.create_branch(branch)
         archived = _archive_ledger(core)
         ledger.ensure_ledger(core.ledger_path)
@@ -99,6 +100,17 @@ def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments:
                        next="run_experiment('baseline') with train.py unchanged, then keep()")
 
 
+def _check_same_harness(core: LoopCore, state: dict) -> None:
+    """A harness other than the active research run's (the evaluation itself: an agent may commit an edit of
+    it and call setup) is set up only once that run has ended or was stopped on purpose, which is then said."""
+    if state.get("branch") and state.get("fingerprint") not in (None, core.ws.fingerprint()) \
+            and not core.ended(state):
+        raise Refusal(f"The harness at HEAD (every tracked file but {EDITABLE}) differs from the one the research run "
+                      f"{state['branch']} is measured with, and that run is still active: its results must all "
+                      "come from one harness. Set up from its harness, or end it first: stop(reason) says why, "
+                      "and then setup(tag) may pin the new harness.")
+
+
 def _last_run_number(core: LoopCore) -> int:
     """Run numbers never repeat, even across setups: they name the run's files and ref."""
     runs = core.root / RUNS_DIR
@@ -125,7 +137,10 @@ def _archive_ledger(core: LoopCore) -> str | None:
 
 
 def default_timeout(core: LoopCore) -> float:
-    budget = time_budget(core.root)
+    return timeout_for(time_budget(core.root))
+
+
+def timeout_for(budget: float) -> float:
     return max(TIMEOUT_FACTOR * budget, budget + MIN_TIMEOUT_MARGIN_S)
 
 
@@ -178,9 +193,15 @@ def submit(core: LoopCore, description: str, timeout_seconds: float | None = Non
             return {"answered": tried.answer.model_dump()}
         n = state.get("seq", 0) + 1
         commit = _new_candidate(core, n, kept, source, description, parent_note)
+        # the run is judged by the budget checked now (the prepared record is the agent's to edit while it
+        # trains), and its training time is train.py's word: only the wall bounds it, by the server's own
+        # timeout for that budget, whatever timeout was asked (results._measured)
+        budget = time_budget(core.root)
         entry = {"run": n, "commit": commit, "parent": kept, "description": description, "status": "queued",
                  "verifies": integrity.supports_export(core.ws, commit),
-                 "timeout": float(timeout_seconds or default_timeout(core)), "submitted_at": time.time(),
+                 "timeout": float(timeout_seconds or timeout_for(budget)), "submitted_at": time.time(),
+                 "budget": budget, "most_seconds": timeout_for(budget),
+                 "flops_rate": (prepared_info() or {}).get("flops_per_budget_second"),
                  "log": f"{RUNS_DIR}/{run_name(n, commit)}.log",
                  "report": f"{RUNS_DIR}/{run_name(n, commit)}.report.json"}
         if rerun_of is not None:
