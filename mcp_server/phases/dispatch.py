@@ -15,7 +15,8 @@ import time
 import git
 
 from mcp_server.core import cost, history, integrity
-from mcp_server.executors.executor import RunSpec, compile_bytecode, kill_session, training_env
+from mcp_server.executors.bytecode import compile_bytecode
+from mcp_server.executors.executor import RunSpec, kill_session, training_env
 from mcp_server.core.models import Refusal
 from mcp_server.phases.results import record, unrecordable
 from mcp_server.phases.measurements import file_measurement
