@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from mcp_server.core import ledger, logparse, noise
-from mcp_server.executors.executor import compile_bytecode, training_env
+from mcp_server.executors.bytecode import compile_bytecode
+from mcp_server.executors.executor import training_env
 from mcp_server.core.models import Refusal
 from mcp_server.core.state import State
 

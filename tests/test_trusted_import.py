@@ -1,6 +1,5 @@
 """The imports' digests (scripts/trusted_import.py) against what a module the agent edited can do
 about its own digest once it runs, and a run whose interpreter never says what it compiled."""
-import json
 import os
 import queue
 import sys
@@ -230,8 +229,8 @@ def test_a_file_swapped_in_the_slot_after_checkout_never_runs(stand_in_torch, mo
     """The slot's worktree is checked out and found clean, then the agent (watching it) writes other code
     into its train.py, or a module train.py imports from its folder (prepare.py, nanochat/ in a
     workspace), before the interpreter reads it: the run trained code no commit holds and was logged as
-    the commit's (review 43). The server passes the commit's sources (--sources) and the interpreter
-    runs only those from the slot (trusted_import.expect); the honest run after it is a result."""
+    the commit's (review 43). The server passes the commit's files and the interpreter copies them, each
+    checked, and runs from its copy (checkout_copy.py); the honest run after it is a result."""
     from mcp_server.core import integrity
     from mcp_server.core.workspace import Workspace
     from server_support import git
@@ -241,7 +240,7 @@ def test_a_file_swapped_in_the_slot_after_checkout_never_runs(stand_in_torch, mo
         "import torch\n", "import torch\nimport helper\nprint('helper:', helper.VALUE)\n"))
     git(lab.ws, "add", ".")
     git(lab.ws, "commit", "-qm", "train.py imports a module of its folder")
-    sources = json.dumps(integrity.commit_sources(Workspace(lab.ws), git(lab.ws, "rev-parse", "HEAD").strip()))
+    files = integrity.commit_files(Workspace(lab.ws), git(lab.ws, "rev-parse", "HEAD").strip())
     outcomes = queue.Queue()
     lab.hold.unlink()
     checkout, swap = lab.pool.ws.checkout_slot, [True]
@@ -254,7 +253,7 @@ def test_a_file_swapped_in_the_slot_after_checkout_never_runs(stand_in_torch, mo
     monkeypatch.setattr(lab.pool.ws, "checkout_slot", checkout_then_swap)
     for n in (1, 2):
         spec = lab.spec(n, False, lab.pool.environment_position([lab.python]))
-        spec.worker_args += ["--sources", sources]
+        spec.files = files
         lab.pool.start(spec, lambda r, o: outcomes.put(o))
         outcome = outcomes.get(timeout=120)
         if n == 1:
@@ -356,10 +355,11 @@ def test_a_source_removed_from_the_slot_is_not_stood_in_for_by_the_workspaces(tm
 
 @pytest.mark.parametrize("command", ["train.py", "fake_train.py", "a vendored library"])
 def test_the_server_passes_each_run_its_commits_sources(fake_env, monkeypatch, command):
-    """Review 44: the test above hands the worker --sources itself, so nothing failed if dispatch stopped
-    passing them: a run of `python train.py` gets its own commit's sources (train.py's digest among them), a
+    """Review 44: the test above hands the pool the commit's files itself, so nothing failed if dispatch stopped
+    passing them: a run of `python train.py` gets its own commit's files (train.py's digest among them), a
     run of another command none. A commit of 2,000 sources is past what one argument may hold (128 KiB):
-    every run failed to start ("Argument list too long"); it runs, without the check."""
+    every run failed to start ("Argument list too long"), then ran without the check; the files now go on
+    the worker's socket, and it is checked like any other."""
     import hashlib
     from server_support import Lab, answer, git, make_workspace
     train = "print('val_bpb: 1.0')\n"
@@ -377,16 +377,13 @@ def test_the_server_passes_each_run_its_commits_sources(fake_env, monkeypatch, c
         monkeypatch.setattr(lab.loop.pool, "start", lambda spec, on_done: (specs.append(spec), start(spec, on_done))[1])
         lab.ok("setup", tag="t")
         result = lab.call("run_experiment", description="baseline")
-        args = specs[0].worker_args
-        if command == "a vendored library":
-            said = answer(result)  # it ran (this train.py prints no summary block: a crash, after it ran)
-            assert "--sources" not in args and "val_bpb: 1.0" in (lab.ws / said["log"]).read_text(), said["tail"]
-            return
+        files = specs[0].files
         if command == "fake_train.py":
-            assert "--sources" not in args
+            assert files is None
             return
-        sources = json.loads(args[args.index("--sources") + 1])
-        assert sources["train.py"] == hashlib.sha256(train.encode()).hexdigest()
-        assert set(sources) == set(git(lab.ws, "ls-files", "*.py").split())
+        said = answer(result)  # it ran (this train.py prints no summary block: a crash, after it ran)
+        assert "val_bpb: 1.0" in (lab.ws / said["log"]).read_text(), said["tail"]
+        assert files["train.py"][1] == hashlib.sha256(train.encode()).hexdigest()
+        assert set(files) == set(git(lab.ws, "ls-files").split())
     finally:
         lab.loop.shutdown()

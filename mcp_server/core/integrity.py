@@ -66,7 +66,30 @@ def harness_copy(ws, commit: str, fingerprint: str) -> Path:
     return ws.checkout_worktree(path, commit)
 
 
-_COMMIT_SOURCES: dict = {}  # commit -> commit_sources' answer (a commit's blobs never change)
+_COMMIT_FILES: dict = {}  # commit -> commit_files' answer (a commit's blobs never change)
+_BLOB_SHA256: dict = {}  # a blob's git id -> its SHA-256: each run's commit shares all its blobs but train.py's
+
+
+def commit_files(ws, commit: str | None) -> dict:
+    """{path inside a checkout: [git mode, SHA-256 (hex)]} of every file a commit holds (a symlink's digest is
+    its target's text, as git stores it; submodules left out): what a run's interpreter copies from its slot,
+    each file checked, and runs from (scripts/checkout_copy.py); {} where the commit cannot be read."""
+    if not commit:
+        return {}
+    if commit not in _COMMIT_FILES:
+        try:
+            tree = ws.repo.commit(commit).tree
+            _COMMIT_FILES[commit] = {blob.path: [blob.mode, _blob_sha256(blob)]
+                                     for blob in tree.traverse() if blob.type == "blob"}
+        except (ValueError, gitdb.exc.ODBError, git.GitError):
+            return {}
+    return _COMMIT_FILES[commit]
+
+
+def _blob_sha256(blob) -> str:
+    if blob.hexsha not in _BLOB_SHA256:
+        _BLOB_SHA256[blob.hexsha] = hashlib.sha256(blob.data_stream.read()).hexdigest()
+    return _BLOB_SHA256[blob.hexsha]
 
 
 def commit_sources(ws, commit: str | None) -> dict:
@@ -74,16 +97,7 @@ def commit_sources(ws, commit: str | None) -> dict:
     report having compiled from the commit's checkout (envpin.checkout_changes: the evaluator from the
     harness copy, the training from its slot); {} where the commit cannot be read (then whatever it
     compiled from the checkout is named)."""
-    if not commit:
-        return {}
-    if commit not in _COMMIT_SOURCES:
-        try:
-            tree = ws.repo.commit(commit).tree
-            _COMMIT_SOURCES[commit] = {blob.path: hashlib.sha256(blob.data_stream.read()).hexdigest()
-                                        for blob in tree.traverse() if blob.type == "blob" and blob.path.endswith(".py")}
-        except (ValueError, gitdb.exc.ODBError, git.GitError):
-            return {}
-    return _COMMIT_SOURCES[commit]
+    return {path: digest for path, (_, digest) in commit_files(ws, commit).items() if path.endswith(".py")}
 
 
 def eval_tokens() -> int:

@@ -19,7 +19,7 @@ worker reports the evaluation started) or ended, the slot's next worker is start
 importing torch and torch.compile's stack (mcp_server/scripts/warm_train.py, from the server's own
 compile of them, executors/bytecode.py: no .pyc from a __pycache__ the agent can write) while the run is
 evaluated and the agent decides. The next run
-in the slot is handed to it (its options and environment on the worker's stdin) where it was
+in the slot is handed to it (its options, environment and commit's files on the worker's stdin) where it was
 started with exactly what that run would get; else it is thrown away and the run starts cold. The
 sandbox's writable export folder is the pre-started worker's own (exports/slot-K-*), as no run
 number is known ahead. RESEARCH_LOOP_WARM_START=0 turns it off.
@@ -52,7 +52,7 @@ WORKER_GRACE_SECONDS = 30  # beyond the worker's own timeout and grace: the serv
 SLOTS_ENV = "RESEARCH_LOOP_SLOTS"
 WARM_START_ENV = "RESEARCH_LOOP_WARM_START"  # "0": every run's interpreter starts cold (bench/bench_startup.py)
 PER_RUN_ENV = ("RESEARCH_LOOP_RUN",)  # the only variables in which a slot's runs' environments differ
-PER_RUN_OPTIONS = ("--log", "--report", "--timeout", "--evaluate", "--data-order", "--sources")  # worker options given at hand-over
+PER_RUN_OPTIONS = ("--log", "--report", "--timeout", "--evaluate", "--data-order")  # worker options given at hand-over
 POLL_S = 0.5  # how often a run's waiting thread looks whether the run has trained (to start the next worker)
 DISCARD_WAIT_S = 10  # for a pre-started worker to end its sandbox once its stdin closed
 TOLD_WAIT_S = 5  # for the rest of what an ended worker said on its socket (all of it is there: its end closed)
@@ -73,6 +73,7 @@ class RunSpec:
     after_seconds: float = 0.0  # what the worker may spend once training ended (the harness's evaluation)
     unsandboxed: bool = False  # the user accepts a run without a sandbox where none can run (mcp_server/scripts/sandbox.py)
     environment: dict | None = None  # where the environments' watches stood at the run's check (core/envwatch.py)
+    files: dict | None = None  # the commit's files the run's interpreter copies and runs from (integrity.commit_files)
 
 
 @dataclass
@@ -201,8 +202,10 @@ class LocalPool:
             args += ["--trusted-import"] + (["--bytecode-fd", str(archive)] if archive is not None else [])
             fds += [archive] if archive is not None else []
         with open(spec.log, "ab") as log:
-            return with_socket_stdin([sys.executable, str(WORKER), *args, "--", *spec.command], cwd=cwd, env=env,
+            proc = with_socket_stdin([sys.executable, str(WORKER), *args, "--", *spec.command], cwd=cwd, env=env,
                                      stdout=subprocess.DEVNULL, stderr=log, start_new_session=True, pass_fds=fds)
+        send_files(proc, spec)
+        return proc
 
     def _env(self, slot: int, spec: RunSpec) -> dict:
         env = dict(self.env, **spec.env, RESEARCH_LOOP_RUN=str(spec.run), RESEARCH_LOOP_SLOT=str(slot))
@@ -216,6 +219,7 @@ class LocalPool:
         if self.cpus:
             args += ["--cpus", ",".join(map(str, self.cpus[slot]))]
         args += spec.worker_args + (["--unsandboxed"] if spec.unsandboxed else [])
+        args += ["--files-on-stdin"] if spec.files is not None and warmable(spec) else []
         if warm is not None:
             args += ["--warm-evaluator-fd", str(warm.fileno())]
         return args if staging is None else staged(args, self.ws.root / EXPORTS_DIR / str(spec.run), staging)
@@ -287,7 +291,7 @@ class LocalPool:
             argv = [*self._worker_args(slot, spec, warm, ahead.staging), "--", *spec.command]
             try:
                 ahead.proc.stdin.write(json.dumps({"argv": argv, "env": env}).encode() + b"\n")
-                ahead.proc.stdin.flush()
+                send_files(ahead.proc, spec)
                 return ahead
             except OSError:
                 pass
@@ -496,6 +500,14 @@ def with_socket_stdin(argv: list, **options) -> subprocess.Popen:
     return proc
 
 
+def send_files(proc: subprocess.Popen, spec: RunSpec) -> None:
+    """The run's commit's files (worker.py --files-on-stdin) on the worker's socket, which no other process can
+    write: an argument holds 128 KiB at most (about 1,300 sources' digests)."""
+    if spec.files is not None and warmable(spec):
+        proc.stdin.write(json.dumps(spec.files).encode() + b"\n")
+    proc.stdin.flush()
+
+
 def discard(ahead: Ahead) -> None:
     """A pre-started worker never used: end of file on its stdin ends it and its sandbox."""
     try:
@@ -576,18 +588,3 @@ def training_env(workspace: Path) -> dict:
     env.setdefault("UV_PROJECT_ENVIRONMENT", str(workspace / ".venv"))
     env["AUTORESEARCH_CACHE"] = str(cache_dir())  # the sandbox gives the run a home of its own: no ~/.cache there
     return env
-
-
-def compile_bytecode(python: str, site_packages: str, timeout: float = 900) -> None:
-    """Bytecode for the training environment's packages, written once by the server, for runs that
-    read it from beside the sources (sandbox-exec's, unsandboxed ones; bubblewrap's read only their
-    own, bytecode_archive.py). A run imports torch (and torch.compile's dynamo and inductor) in a
-    sandbox that keeps the environment read-only, where Python cannot cache bytecode itself, and uv
-    installs none: every run would compile ~1,700 of torch's modules from source again, 6 s of its
-    start-up on a 2-core Zen 4. Already compiled files are only checked (4 s for 12,700 files); any
-    failure costs runs that time, nothing else."""
-    try:
-        subprocess.run([python, "-m", "compileall", "-q", "-j", "0", site_packages],
-                       capture_output=True, timeout=timeout)
-    except (OSError, subprocess.SubprocessError):
-        pass

@@ -7,7 +7,6 @@ else interrupted) and refills the slots.
 Imports the core (runs), results and measurements.
 """
 import functools
-import json
 import os
 import subprocess
 import time
@@ -15,7 +14,8 @@ import time
 import git
 
 from mcp_server.core import cost, history, integrity
-from mcp_server.executors.executor import RunSpec, compile_bytecode, kill_session, training_env
+from mcp_server.executors.bytecode import compile_bytecode
+from mcp_server.executors.executor import RunSpec, kill_session, training_env
 from mcp_server.core.models import Refusal
 from mcp_server.phases.results import record, unrecordable
 from mcp_server.phases.measurements import file_measurement
@@ -24,9 +24,6 @@ from mcp_server.core.state import process_alive
 from mcp_server.core.workspace import EDITABLE, RUNS_DIR
 from mcp_server.scripts import sandbox
 
-# Linux takes at most 128 KiB in one argument: a commit with more sources (about 1,300, a vendored library)
-# is run without the check of its slot's sources rather than not at all (docs/trust.md, still open)
-MAX_SOURCES_ARG = 100_000
 ENV_SYNC_TIMEOUT_S = 900  # the first `uv run` of a workspace may install torch
 ENV_PROBE = "import sys, sysconfig; print(sys.executable); print(sysconfig.get_paths()['purelib'])"
 
@@ -88,12 +85,12 @@ def dispatch(core: LoopCore) -> None:
                                                    core.ws.worktree_head(harness) if harness else "",
                                                    core.pool.capacity, entry.get("data_order", 0),
                                                    state.get("input_pins"))
-                extras += checkout_sources(core, entry["commit"])
                 spec = RunSpec(run=entry["run"], commit=entry["commit"], command=run_command(core),
                                timeout=entry["timeout"], log=core.root / entry["log"],
                                report=core.root / entry["report"], worker_args=extras,
                                after_seconds=integrity.evaluation_allowance(entry),
-                               unsandboxed=core.unsandboxed, environment=entry.get("environment_watch"))
+                               unsandboxed=core.unsandboxed, environment=entry.get("environment_watch"),
+                               files=checkout_files(core, entry["commit"]))
                 slot = core.pool.start(spec, functools.partial(on_done, core))
             except (Refusal, git.GitCommandError, OSError, subprocess.SubprocessError) as exc:
                 entry["status"] = "pending"
@@ -106,14 +103,13 @@ def dispatch(core: LoopCore) -> None:
                 entry["unsandboxed"] = True  # for status and the dashboard while it runs
 
 
-def checkout_sources(core: LoopCore, commit: str) -> list[str]:
-    """The worker's option naming the commit's sources (integrity.commit_sources), where the command runs
-    train.py: the interpreter runs only those from the slot (warm_train.py), whatever its files became
-    after checkout."""
+def checkout_files(core: LoopCore, commit: str) -> dict | None:
+    """The commit's files (integrity.commit_files), where the command runs train.py on this machine: the run's
+    interpreter copies them from the slot, each checked, and runs from its copy (warm_train.py), whatever the
+    slot's files became after checkout. A cluster's node checks its code folder out itself (node.py)."""
     if core.make_executor is not None or run_command(core)[1:2] != [EDITABLE]:
-        return []
-    sources = json.dumps(integrity.commit_sources(core.ws, commit))
-    return ["--sources", sources] if len(sources.encode()) <= MAX_SOURCES_ARG else []
+        return None
+    return integrity.commit_files(core.ws, commit)
 
 
 def run_command(core: LoopCore) -> list[str]:

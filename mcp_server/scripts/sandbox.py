@@ -42,6 +42,9 @@ SANDBOX_HOME = "/tmp/home"  # a run's home: inside its private /tmp, gone when i
 # A run's bytecode folder, inside its private /tmp too: its interpreter reads no .pyc from a __pycache__
 # the agent could have planted one in (bytecode_archive.py), only what it compiled or was handed itself
 BYTECODE_PREFIX = "/tmp/bytecode"
+# where a run's interpreter copies its commit's files and runs train.py (checkout_copy.py): in its private /tmp,
+# which no process outside the sandbox sees, unlike the slot's worktree, which the agent can rewrite
+RUN_COPY = "/tmp/commit"
 # a node's prepare gets the server's offline seed here (nanochat/datasets.py), and the jobs pass AUTORESEARCH_*
 # on: with it a run could draw the validation files from the library it reads
 SECRET_ENV = ("AUTORESEARCH_OFFLINE_SEED",)

@@ -19,11 +19,13 @@ never take one back), and an empty line once these imports are done; the worker 
 server, which checks them against the contents it pinned (an edit made and undone while these imports
 ran is seen there).
 Then it reads one JSON line from the socket:
-{"argv", "cwd", "env", "sources"}, the run's command line
-after the interpreter, its folder, its environment and its commit's sources ({path: SHA-256}), and runs
-argv[0] as __main__ with that argv, folder, environment and sys.path[0], as `python train.py` would (but
-sys.argv[0] and __file__ are the script's absolute path); from the folder, it runs only the commit's
-sources (trusted_import.expect: the folder is the agent's to rewrite once the server checked it out). End of file instead:
+{"argv", "cwd", "env", "files", "into"}, the run's command line after the interpreter, its folder (the slot's
+worktree), its environment, its commit's files ({path: [git mode, SHA-256]}) and where to copy them; it copies
+them there, each checked (checkout_copy.py: the worktree is the agent's to rewrite once the server checked it
+out; under bubblewrap the copy is in the sandbox's private /tmp), and runs argv[0] from the copy as __main__
+with that argv, environment, the copy as its folder and sys.path[0], as `python train.py` would (but
+sys.argv[0] and __file__ are the script's absolute path); from the copy (and the worktree), it imports only
+the commit's sources (trusted_import.expect). A file that is not its commit's: the run does not start. End of file instead:
 the worker threw it away, it exits. Nothing from the run's folder is imported before the hand-over
 (sys.path[0] is this script's folder until then), so nothing of an earlier run's files reaches it.
 
@@ -88,17 +90,26 @@ def main() -> int:
     kept = {name: os.environ[name] for name in KEPT_ENV if name in os.environ}
     os.environ.clear()
     os.environ.update(run["env"], **kept)
-    os.chdir(run["cwd"])
+    folder = run["cwd"]
+    if run.get("files") is not None:  # the commit's own copy, each file checked: the slot is the agent's to rewrite
+        import checkout_copy
+        try:
+            folder = checkout_copy.copy(run["cwd"], run["files"], run["into"])
+        except checkout_copy.ChangedAfterCheckout as exc:
+            print(exc, file=sys.stderr)
+            return 1
+    os.chdir(folder)
     script = os.path.abspath(run["argv"][0])
     sys.argv = list(run["argv"])
     sys.path[0] = os.path.dirname(script)
-    if run.get("sources") is None:  # a command the server gave no commit's sources for
+    if run.get("files") is None:  # a command the server gave no commit's files for
         runpy.run_path(script, run_name="__main__")
         return 0
-    trusted_import.expect(run["cwd"], run["sources"])
-    trusted_import.run_script(script)  # from the bytes it hashed: train.py is one of the commit's sources
+    sources = {path: digest for path, (_, digest) in run["files"].items()}
+    for checkout in (folder, run["cwd"]):  # the copy; the slot, where a path names it
+        trusted_import.expect(checkout, sources)
+    trusted_import.run_script(script)  # from the bytes it hashed: train.py is one of the commit's files
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

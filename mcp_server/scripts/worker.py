@@ -34,10 +34,11 @@ runs (this machine's slots, a Ray or SLURM node). It
 --warm (the server's pool starts the slot's next worker ahead, issue 27): the sandbox and, inside
 it, the command's interpreter on warm_train.py (started without site, which warm_train.py then does
 through the server's importer), which imports torch and waits; then one JSON line on stdin, {"argv":
-this script's options for the run, "env": the run's environment}, and the run goes on as above with
-that interpreter running the script (the timeout and the wall time count from then). Where the warm
-interpreter was lost, a fresh one takes the run; end of file instead of the line: it was never used,
-and it ends with everything it started.
+this script's options for the run, "env": the run's environment} (with --files-on-stdin, cold too, a second
+line: the commit's files, which the interpreter copies, checked, and runs from: checkout_copy.py), and the run
+goes on as above with that interpreter running the script (the timeout and the wall time count from then).
+A lost warm interpreter is replaced by a fresh one; end of file instead of the line: it was never used, and
+it ends with everything it started.
 """
 from __future__ import annotations  # a node's Python may be older than 3.10
 
@@ -309,9 +310,9 @@ def parse_args(argv):
     p.add_argument("--trusted-import", action="store_true",
                    help="run the command's script as --warm does (warm_train.py, through the server's importer, "
                         "which reports what it compiled), handing the run over at once")
-    p.add_argument("--sources",
-                   help="with --warm or --trusted-import: the run's commit's sources, a JSON object {path: SHA-256}; "
-                        "warm_train.py runs only those from the run's folder (the agent's to rewrite after checkout)")
+    p.add_argument("--files-on-stdin", action="store_true",
+                   help="with --warm or --trusted-import: the run's commit's files come on stdin after the options, "
+                        "one JSON line {path: [git mode, SHA-256]}; warm_train.py runs from its own copy of them")
     p.add_argument("--bytecode-fd", type=int,
                    help="with --warm or --trusted-import: the server's sealed bytecode archive, which the "
                         "interpreter imports with (bytecode_archive.py)")
@@ -366,27 +367,41 @@ def handed_args(line: bytes, started: argparse.Namespace) -> tuple[argparse.Name
         env = handed["env"]
     except (ValueError, KeyError, TypeError, SystemExit):
         return None
-    fixed = ("command", "sandbox", "unsandboxed", "val_shard", "val_shared", "cpus")
+    fixed = ("command", "sandbox", "unsandboxed", "val_shard", "val_shared", "cpus", "files_on_stdin")
     if not isinstance(env, dict) or any(getattr(args, k, None) != getattr(started, k, None) for k in fixed):
         return None
     return args, env
 
 
 def hand_over(warm: subprocess.Popen, channel: int, command: list[str], env: dict,
-              wait: float, sources: str | None = None) -> tuple[bool, dict | None]:
-    """The run's script, folder and environment to the waiting interpreter once it has finished its imports
-    (within `wait` seconds): (handed over, the digests of the sources it compiled, written as it compiled
-    each, before that module's code ran, and read as they come: trusted_import.py)."""
+              wait: float, files: dict | None = None, into: str | None = None) -> tuple[bool, dict | None]:
+    """The run's script, folder, environment and commit's files (copied into `into`, checked, and run from
+    there: checkout_copy.py) to the waiting interpreter once it has finished its imports (within `wait`
+    seconds): (handed over, the digests of the sources it compiled, written as it compiled each, before
+    that module's code ran, and read as they come: trusted_import.py)."""
     warm.imported.join(wait)
     with socket.socket(fileno=channel) as sock:
         if warm.poll() is not None or warm.imported.is_alive() or warm.imported.digests is None:
             return False, None
         try:
-            sock.sendall(json.dumps({"argv": command[1:], "cwd": os.getcwd(), "env": env,
-                                     "sources": json.loads(sources) if sources else None}).encode() + b"\n")
+            sock.sendall(json.dumps({"argv": command[1:], "cwd": os.getcwd(), "env": env, "files": files,
+                                     "into": into}).encode() + b"\n")
         except OSError:
             return False, None
     return True, warm.imported.digests
+
+
+def commit_files(args, from_server, in_sandbox: bool) -> tuple[dict | None, str | None]:
+    """With --files-on-stdin, (the run's commit's files, the server's line after the options; where its interpreter
+    copies them: the sandbox's private /tmp under bubblewrap, else a folder of this worker's), else (None, None)."""
+    try:
+        files = json.loads(from_server.readline() or "null") if args.files_on_stdin and from_server else None
+    except ValueError:
+        files = None
+    if not isinstance(files, dict):
+        return None, None
+    bubblewrap = in_sandbox and sandbox.usable()[0] == sandbox.BUBBLEWRAP
+    return files, sandbox.RUN_COPY if bubblewrap else tempfile.mkdtemp(prefix="research-loop-commit-")
 
 
 def not_started(args, message: str, exit_code: int, started_at: float, subreaper: bool) -> int:
@@ -454,6 +469,7 @@ def main(argv=None) -> int:
             return 0 if not line else 2
         args, env = handed
         started_at, t0 = time.time(), time.monotonic()  # the run starts now, not when its interpreter did
+    files, into = commit_files(args, from_server, in_sandbox)
     if args.data_order:
         env[DATA_ORDER_ENV] = str(args.data_order)
     if args.export:
@@ -471,11 +487,13 @@ def main(argv=None) -> int:
     try:
         # A harness run's interpreter says what it compiled before it is handed the run; one that does not (exited,
         # killed, hung) is never replaced by a plain one, which compiles an edit unseen: a lost warm one by a fresh one
+        if args.files_on_stdin and files is None:
+            raise OSError("the server never sent the run's commit's files")
         for attempt in range(2 if started_warm else 1 if args.trusted_import else 0):
             if stub is None:
                 stub, stub_pipe = start_warm(args.command, args.sandbox, private, write_end, in_child, args.bytecode_fd)
             handed, imported = hand_over(stub, stub_pipe, args.command, env, args.timeout - (time.monotonic() - t0),
-                                         args.sources)
+                                         files, into)
             if handed:
                 warm_start = started_warm and attempt == 0
                 break
@@ -549,6 +567,8 @@ def main(argv=None) -> int:
         val_watch.stop()
     if val_copy is not None:
         shutil.rmtree(val_copy.parent, ignore_errors=True)
+    if into is not None and into != sandbox.RUN_COPY:
+        shutil.rmtree(into, ignore_errors=True)
     tail = {"log_tail": pump.last_text(args.report_tail)} if args.report_tail else {}
     report = tail | {
         "exit_code": 128 - exit_code if exit_code < 0 else exit_code, "timed_out": timed_out,
