@@ -2,6 +2,7 @@
 bent, and bad input gets a clear refusal. Each test plays an odd, unlucky or hostile agent against
 the real server (in-process MCP client, real git, the fake trainer)."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -175,7 +176,16 @@ def test_a_new_setup_on_an_edited_harness_is_refused_while_the_research_run_is_a
     assert "harness" in refused and "stop(" in refused, refused
     assert "autoresearch/other" not in git(lab.ws, "branch", "--list", "autoresearch/other")  # nothing made
     lab.ok("stop", reason="a new harness")
-    assert lab.ok("setup", tag="other")["branch"] == "autoresearch/other"
+    answer = lab.ok("setup", tag="other")
+    assert answer["branch"] == "autoresearch/other"
+    # the new research run is measured by another harness: said at setup, in status and in the report
+    said = "the harness differs from the one autoresearch/"
+    assert said in answer["harness_changed"] and "nanochat/common.py" in answer["harness_changed"], answer
+    assert said in lab.ok("status")["harness_changed"]
+    lab.ok("run_experiment", description="baseline")
+    lab.ok("keep")
+    report = Path(lab.ok("report")["path"]).read_text()
+    assert "| harness | the harness differs" in report and "nanochat/common.py" in report, report
 
 
 # --- processes and logs -----------------------------------------------------------------------

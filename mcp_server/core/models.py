@@ -125,6 +125,7 @@ class SetupResult(BaseModel):
     archived_ledger: str | None = None
     limits: str | None = None
     early_stop: str | None = None  # the early stop rule, when setup turned it on
+    harness_changed: str | None = None  # the harness differs from the research run's before (submit.harness_change)
     next: str
 
 
@@ -191,6 +192,7 @@ class StatusResult(BaseModel):
     dashboard: str | None = None  # the live page's address, when this server serves it
     unsandboxed: str | None = None  # this server's runs (or some undecided ones) have no sandbox
     records_changed: list[str] | None = None  # changes to state.json or results.tsv the server did not make
+    harness_changed: str | None = None  # this research run's harness differs from the one before's
     next: str
 
 

@@ -301,6 +301,8 @@ def summary(night: Night, times: dict, made: dict | None) -> list[str]:
     first = night.kept[0]["row"] if night.kept else None
     lines = ["## Summary", "", "| | |", "|---|---|",
              f"| research branch | `{night.state['branch']}`, started from `{night.start[:7]}` |"]
+    if night.state.get("harness_changed"):
+        lines.append(f"| harness | {cell(night.state['harness_changed'])} |")
     if best and first:
         gain = first.val_bpb - best.val_bpb
         lines.append(f"| best val_bpb | {best.val_bpb:.6f} (`{best.commit}`), against {first.val_bpb:.6f} for the "

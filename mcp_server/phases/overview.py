@@ -112,7 +112,8 @@ def status(core: LoopCore) -> StatusResult:
                           kept_commit=kept[:7] or None, counts=counts, slots=core.slots,
                           recent=rows[-RECENT_ROWS:], malformed_ledger_lines=bad,
                           interrupted=core.interrupted_summary(state), extra_runs=state.get("extra_runs", 0),
-                          dashboard=core.dashboard, records_changed=core.state.found or None, next="")
+                          dashboard=core.dashboard, records_changed=core.state.found or None,
+                          harness_changed=state.get("harness_changed"), next="")
     if not core.state.owned and not take_over(core):
         owner = core.state.owner() or {}
         result.read_only = f"server pid {owner.get('pid', '?')} runs this workspace's experiments"

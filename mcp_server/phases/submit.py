@@ -27,6 +27,7 @@ TIMEOUT_FACTOR = 3.0
 MIN_TIMEOUT_MARGIN_S = 300.0
 MAX_TIMEOUT_S = 86400.0
 MAX_COMMIT_ATTEMPTS = 20  # candidates whose 7-character hash collides with a logged one are re-made
+HARNESS_FILES_SHOWN = 10  # in the note that a research run's harness differs from the one before's
 
 
 def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments: int | None = None,
@@ -84,6 +85,7 @@ def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments:
         startup_pin = envpin.take_startup(pythons, walk) if pythons else None
         source_pin = envpin.pin_sources(pythons, walk) if pythons else None
         seq = state.get("seq", 0) or _last_run_number(core)
+        harness_changed = harness_change(core, state, fingerprint)
         state.clear()
         core.fresh_records.clear()  # the earlier research run's records vouch for nothing here
         state.update({"tag": tag, "branch": branch, "kept_commit": ws.head(), "fingerprint": fingerprint,
@@ -93,10 +95,12 @@ def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments:
                       "evaluator_pin": evaluator_pin,
                       "startup_pin": startup_pin,
                       "source_pin": source_pin,
+                      "harness_changed": harness_changed,
                       history.DIGESTS: {}, history.LOG_DIGESTS: {}})  # none yet: never a state from before digests (dispatch.take_over)
     return SetupResult(branch=branch, base_commit=ws.head()[:7], ledger=ledger.LEDGER_NAME,
                        fingerprint=fingerprint, archived_ledger=archived,
                        limits=limits.left({"limits": chosen}, []), early_stop=early_stop.describe(state),
+                       harness_changed=harness_changed,
                        next="run_experiment('baseline') with train.py unchanged, then keep()")
 
 
@@ -109,6 +113,20 @@ def _check_same_harness(core: LoopCore, state: dict) -> None:
                       f"{state['branch']} is measured with, and that run is still active: its results must all "
                       "come from one harness. Set up from its harness, or end it first: stop(reason) says why, "
                       "and then setup(tag) may pin the new harness.")
+
+
+def harness_change(core: LoopCore, state: dict, fingerprint: str) -> str | None:
+    """What setup's answer and status say for the whole research run when its harness differs from the one
+    the research run before it was measured with (allowed once that run ended or was stopped): its numbers
+    and the earlier ones are not comparable, and an agent's stop-then-setup is not unsaid."""
+    if not state.get("branch") or state.get("fingerprint") in (None, fingerprint):
+        return None
+    names = core.ws.repo.git.diff("--name-only", "-z", "--no-renames", state["kept_commit"], "HEAD", "--")
+    files = [p for p in names.split("\0") if p and p != EDITABLE]
+    shown = ", ".join(files[:HARNESS_FILES_SHOWN]) + (f" and {len(files) - HARNESS_FILES_SHOWN} more"
+                                                     if len(files) > HARNESS_FILES_SHOWN else "")
+    return (f"the harness differs from the one {state['branch']} was measured with ({shown or 'file modes'}): "
+            "this research run's numbers are not comparable with that run's")
 
 
 def _last_run_number(core: LoopCore) -> int:
