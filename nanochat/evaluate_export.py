@@ -55,21 +55,6 @@ OPENMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "1000"}
 # M_TRIM_THRESHOLD): by default each call's logits came in fresh pages from the kernel, then went back
 # to it, about 3 GB of page faults per evaluation of the CPU profile, a CPU-second of the kernel's time
 MALLOC_OPTIONS = {-3: 32 * 2**20, -1: 2**30}
-# The operators that multiply matrices (a convolution too: one of kernel 1 is a linear layer), for the flops
-# floor: wider than program_check's allow-list on purpose, so that one allowed later is counted already
-MATRIX_PRODUCTS = {"linear", "mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "einsum", "mv", "addmv", "dot",
-                   "vdot", "outer", "ger", "inner", "tensordot", "_scaled_mm", "convolution", "_convolution", "conv1d",
-                   "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "_addmm_activation",
-                   "bilinear", "_trilinear", "linalg_vecdot", "cdist", "_cdist_forward", "kron", "chain_matmul",
-                   "linalg_multi_dot", "scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
-                   "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
-                   "_scaled_dot_product_cudnn_attention", "_efficient_attention_forward", "_flash_attention_forward"}
-# A table looked up by the input's token ids costs no multiplies: the argument each lookup takes its ids at, and
-# the operators that pass the ids on unchanged. Ids computed from the input (arange + idx[0, 0] * 0) can look
-# up the whole table, which then multiplied uncounted (review 42)
-LOOKUPS = {"embedding": 1, "index_select": 2, "embedding_bag": 1, "_embedding_bag": 1}
-TOKEN_VIEWS = {"view", "_unsafe_view", "reshape", "flatten", "unsqueeze", "squeeze", "alias", "detach", "clone",
-               "contiguous", "lift_fresh_copy"}
 
 
 def parse_args(argv=None):
@@ -150,13 +135,15 @@ def evaluate(args, tokenizer) -> dict:
     import torch
 
     from nanochat.evaluation import evaluate_bpb, evaluation_steps
+    from nanochat.flops_floor import flops_per_token
     from nanochat.program_check import checked_module, load_program
     from nanochat.platform import DEVICE, autocast
 
     started, cpu_started, faults_started = time.time(), time.process_time(), minor_faults()
+    tally = []  # each product's multiply-adds, as the program runs them: the flops floor
     try:
         exported = load_program(args.program)
-        program = checked_module(exported)
+        program = checked_module(exported, tally)
         shape = tuple(input_shape(exported))
     except Exception as exc:  # noqa: BLE001  (whatever the file holds, it is no program to score)
         return {"problem": f"the exported model could not be loaded ({type(exc).__name__}: {str(exc)[:200]})"}
@@ -198,10 +185,11 @@ def evaluate(args, tokenizer) -> dict:
             val_bpb = evaluate_bpb(loss_model(loss), tokenizer, args.batch_size, args.seq_len, args.eval_tokens,
                                    DEVICE, val_paths=[args.val])
             evaluated = time.time()
+            # before the check's reruns, which share the counting (the evaluation's tokens, no others)
+            floor = flops_per_token(tally, steps * args.batch_size * args.seq_len)
             problem = (state_change(program, pristine) or (None if bool(torch.stack(finite).all()) else NOT_FINITE)
                        or causality_problems(functools.partial(per_token_loss, pristine), checked,
                                              tokenizer.get_vocab_size()))
-            floor = matmul_flops_per_token(exported)  # in here too: a graph it cannot walk is no result
     except Exception as exc:  # noqa: BLE001  (a program the harness cannot run is no result, not an unverified one)
         return {"problem": f"the harness could not evaluate the exported model ({type(exc).__name__}: "
                            f"{str(exc)[:200]}): a model the harness cannot score is no result"}
@@ -262,53 +250,6 @@ def rows_per_call(exported) -> int:
     return input_shape(exported)[0]
 
 
-def matmul_flops_per_token(exported) -> int:
-    """A floor under the model's training FLOPs per token, for the flops budget clock: 6 per element of
-    each weight (a parameter, buffer or constant, however stored or mixed) for each matrix product
-    whose operand it reaches (one block applied four times costs four blocks: counted once, a
-    weight-tied model charged a quarter of its cost), walking back from each operand as far as the products before it (which count
-    their own) and the lookups of the input's tokens (a table looked up costs no multiplies). train.py counts
-    the weights that multiply the same way; attention's share is left out, so an honest count is
-    never below it."""
-    signature = exported.graph_signature
-    state = {**signature.inputs_to_parameters, **signature.inputs_to_buffers,
-             **signature.inputs_to_lifted_tensor_constants}
-    tokens = set(signature.user_inputs)
-    for node in exported.graph.nodes:  # in order: each node's inputs come before it
-        if operator_name(node) in TOKEN_VIEWS and node.args and getattr(node.args[0], "name", None) in tokens:
-            tokens.add(node.name)
-    counted = []  # a weight once for each product it reaches
-    for product in (node for node in exported.graph.nodes if operator_name(node) in MATRIX_PRODUCTS):
-        stack, seen = list(product.all_input_nodes), set()
-        while stack:
-            node = stack.pop()
-            if node in seen:
-                continue
-            seen.add(node)
-            name = operator_name(node)
-            if node.op == "placeholder":
-                if node.name in state:
-                    counted.append(node)
-            elif name in MATRIX_PRODUCTS or (name in LOOKUPS and looked_up_by(node, LOOKUPS[name], tokens)):
-                continue
-            else:
-                stack.extend(node.all_input_nodes)
-    # the loaded tensors' sizes: the shapes the archive's graph notes for them are train.py's word (a
-    # weight noted as 1 x 1 ran as the matrix it was stored as)
-    tensors = {**exported.state_dict, **exported.constants}
-    return 6 * sum(tensors[state[node.name]].numel() for node in counted)
-
-
-def looked_up_by(node, at: int, tokens: set) -> bool:
-    """Whether a lookup's ids (its argument at `at`) are the input's token ids."""
-    return len(node.args) > at and getattr(node.args[at], "name", None) in tokens
-
-
-def operator_name(node) -> str | None:
-    """aten's name of the operator a node calls (linear, mm), or None."""
-    return getattr(node.target, "_opname", None) if node.op == "call_function" else None
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     sys.path[:0] = [str(HARNESS), *args.site_packages]  # -I -S left both out on purpose
@@ -320,6 +261,7 @@ def main(argv=None) -> int:
 
     import nanochat.datasets  # noqa: F401  (the evaluation's data reading, without the device)
     import nanochat.program_check  # noqa: F401  (the checks of the program, before it comes)
+    import nanochat.flops_floor  # noqa: F401  (its count, likewise)
     from nanochat.profiles import evaluation_shape
     args.batch_size, args.seq_len = evaluation_shape(args.profile)
     if args.serve_fd is not None:

@@ -233,13 +233,18 @@ def pointwise(name: str) -> bool:
     return any(torch.Tag.pointwise in t for t in tags) and not any(torch.Tag.nondeterministic_seeded in t for t in tags)
 
 
-def checked_module(exported):
+def checked_module(exported, tally: list | None = None):
     """The loaded program's module, each attention call checked on the tensors it gets (attention_problem)
-    before it runs: the shapes the archive notes are train.py's word, the tensors are what the kernel reads."""
+    before it runs: the shapes the archive notes are train.py's word, the tensors are what the kernel reads.
+    With a tally, each product's multiply-adds are added to it as it runs (nanochat/flops_floor.py)."""
+    from nanochat.flops_floor import PRODUCTS, counted
     module = exported.module()
     for node in module.graph.nodes:
-        if node.op == "call_function" and getattr(node.target, "_opname", None) == ATTENTION:
+        name = getattr(node.target, "_opname", None) if node.op == "call_function" else None
+        if name == ATTENTION:
             node.target = checked_attention
+        if tally is not None and name in PRODUCTS:
+            node.target = counted(name, node.target, tally)
     module.recompile()
     return module
 

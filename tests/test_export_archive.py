@@ -4,14 +4,17 @@ from the names in a program's description and runs it, and some aten operators o
 archive starts from a real torch.export of a small model; the end-to-end attack through the evaluator is
 tests/test_warm_start.py::test_an_export_whose_loading_runs_code_is_no_result."""
 import json
+import re
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from nanochat.evaluate_export import matmul_flops_per_token
-from nanochat.program_check import load_program
+from nanochat import attention, export as harness_export
+from nanochat.flops_floor import PRODUCTS, flops_per_token
+from nanochat.platform import autocast
+from nanochat.program_check import DENSE_OPERATORS, checked_module, load_program
 
 
 class Small(torch.nn.Module):
@@ -110,6 +113,68 @@ class WritesASparseTensorOut(Small):
         sparse = torch.ops.aten._sparse_coo_tensor_with_dims_and_tensors.default(
             1, 0, [16], torch.zeros(1, 1, dtype=torch.long), torch.ones(1), dtype=torch.float32, layout=torch.sparse_coo)
         return super().forward(idx) + torch.ops.aten._to_dense.default(sparse)
+
+
+class AppliesAWeightMadeByAProduct(AppliesOneLayerFourTimes):
+    """The looped layer's weight made once by a product (w @ eye), then applied four times: the floor walked
+    back from each product as far as the products before it, so the weight counted once, at w @ eye (review
+    45: train.py's GPT with one block's weights in all four places this way claimed 14.2M FLOPs per token
+    against a floor of 11.8M, while it computes as much as four blocks, 26.0M)."""
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        weight = self.layer.weight @ torch.eye(8)
+        for _ in range(4):
+            x = x @ weight.t()
+        return self.lin(x)
+
+
+class AppliesAWeightMadeForEachToken(AppliesOneLayerFourTimes):
+    """The same weight made for each token by a product with the input (which made it no weight to the
+    floor's walk), then applied four times."""
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        ones = torch.ones(2, 4, 1) + idx[..., None] * 0
+        weights = (ones @ self.layer.weight.reshape(1, 64)).view(2, 4, 8, 8)
+        for _ in range(4):
+            x = (x.unsqueeze(-2) @ weights.transpose(-1, -2)).squeeze(-2)
+        return self.lin(x)
+
+
+class LooksUpAMatrixPerToken(AppliesOneLayerFourTimes):
+    """A matrix looked up by each token, then applied to it: the lookup ended the floor's walk (review 43)."""
+
+    def __init__(self):
+        super().__init__()
+        self.matrices = torch.nn.Embedding(16, 64)
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        for _ in range(4):
+            x = (x.unsqueeze(-2) @ self.matrices(idx).view(2, 4, 8, 8)).squeeze(-2)
+        return self.lin(x)
+
+
+class AppliesASmallWeightToEachChunk(Small):
+    """A 2 x 2 weight applied to each of the four pairs of the width: one product, four applications
+    (review 43: floor 792 where 864 are spent)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pair = torch.nn.Parameter(torch.randn(2, 2))
+
+    def forward(self, idx):
+        return self.lin((self.emb(idx).view(2, 4, 4, 2) @ self.pair).view(2, 4, 8))
+
+
+def flops_floor(exported, idx=None) -> int:
+    """The floor the evaluator counts while the program runs, here for one call."""
+    tally = []
+    idx = torch.randint(0, 16, (2, 4)) if idx is None else idx
+    with torch.inference_mode(), autocast():
+        checked_module(exported, tally)(idx)
+    return flops_per_token(tally, idx.numel())
 
 
 def export(model: torch.nn.Module, path: Path) -> Path:
@@ -288,7 +353,7 @@ def test_the_flops_floor_counts_the_weights_as_loaded_not_as_the_graph_notes_the
     noted = load_program(str(rewritten(honest, tmp_path / "noted.pt2", weight_noted_small)))
     idx = torch.zeros(2, 4, dtype=torch.long)
     assert torch.equal(noted.module()(idx), load_program(str(honest)).module()(idx))
-    assert matmul_flops_per_token(noted) == matmul_flops_per_token(load_program(str(honest))) == 6 * 16 * 8
+    assert flops_floor(noted) == flops_floor(load_program(str(honest))) == 6 * 16 * 8
 
 
 class Filled(Small):
@@ -322,8 +387,8 @@ def test_a_matrix_however_stored_or_multiplied_counts_in_the_flops_floor(tmp_pat
     embedding table, looked up by the input, is not counted."""
     honest = load_program(str(export(Small(), tmp_path / "honest.pt2")))
     dodging = load_program(str(export(model(), tmp_path / "dodging.pt2")))
-    assert matmul_flops_per_token(honest) == 6 * 16 * 8
-    assert matmul_flops_per_token(dodging) >= matmul_flops_per_token(honest)
+    assert flops_floor(honest) == 6 * 16 * 8
+    assert flops_floor(dodging) >= flops_floor(honest)
 
 
 def test_a_weight_applied_again_counts_again_in_the_flops_floor(tmp_path):
@@ -332,4 +397,56 @@ def test_a_weight_applied_again_counts_again_in_the_flops_floor(tmp_path):
     places claimed 14.2M FLOPs per token against a floor of 11.2M, while it computes as much as the
     four-block model, whose floor is 26.0M), and so trained about twice its budget on the flops clock."""
     looped = load_program(str(export(AppliesOneLayerFourTimes(), tmp_path / "looped.pt2")))
-    assert matmul_flops_per_token(looped) == 6 * (16 * 8 + 4 * 8 * 8)
+    assert flops_floor(looped) == 6 * (16 * 8 + 4 * 8 * 8)
+
+
+@pytest.mark.parametrize("model", [AppliesAWeightMadeByAProduct, AppliesAWeightMadeForEachToken, LooksUpAMatrixPerToken])
+def test_a_weight_made_by_a_product_or_looked_up_counts_each_time_it_is_applied(tmp_path, model):
+    """A weight applied four times counts four times, however it was made before: by a product of its own
+    (w @ eye), by a product with the input (a matrix per token), or by a lookup per token. The floor counts
+    what each product multiplies as the program runs it, so no product's result passes as free."""
+    program = load_program(str(export(model(), tmp_path / "program.pt2")))
+    assert flops_floor(program) >= 6 * (16 * 8 + 4 * 8 * 8)
+
+
+def test_a_small_weight_applied_to_each_chunk_counts_for_each_chunk(tmp_path):
+    program = load_program(str(export(AppliesASmallWeightToEachChunk(), tmp_path / "program.pt2")))
+    assert flops_floor(program) == 6 * (16 * 8 + 4 * 2 * 2)
+
+
+def test_every_product_the_harness_runs_is_counted():
+    """The operators that multiply among those the harness runs (the allow-list, kept apart) all count."""
+    multiplying = {name for name in DENSE_OPERATORS if re.search(r"mm|linear|matmul|einsum|conv|attention", name)}
+    assert multiplying <= PRODUCTS <= DENSE_OPERATORS
+
+
+def train_py_gpt(pattern: str, depth: int, seq_len: int = 256, vocab: int = 4096):
+    """The GPT of the repository's train.py, built from its source without training (prepare's names given)."""
+    source = (Path(__file__).parent.parent / "train.py").read_text().split("# Optimizer: Muon")[0]
+    names = {"__name__": "train_model", "BUDGET_CLOCK": "flops", "MAX_SEQ_LEN": seq_len, "TIME_BUDGET": 60,
+             "TRAIN_DEFAULTS": {"depth": depth, "window_pattern": pattern, "total_batch_size": 2**12,
+                                "device_batch_size": 4}}
+    exec(compile(re.sub(r"from prepare import \([^)]*\)", "", source), "train.py", "exec"), names)
+    width = -(-depth * names["ASPECT_RATIO"] // names["HEAD_DIM"]) * names["HEAD_DIM"]
+    heads = width // names["HEAD_DIM"]
+    model = names["GPT"](names["GPTConfig"](sequence_len=seq_len, vocab_size=vocab, n_layer=depth, n_head=heads,
+                                            n_kv_head=heads, n_embd=width, window_pattern=pattern))
+    model.init_weights()
+    return model
+
+
+@pytest.mark.parametrize("path", ["explicit scores", "SDPA"])
+@pytest.mark.parametrize("pattern,depth", [("L", 4), ("SSSL", 4), ("S", 2), ("SSSL", 8)])
+def test_train_pys_gpt_charges_no_less_than_its_flops_floor(tmp_path, monkeypatch, path, pattern, depth):
+    """train.py's count (its weights, and attention at 12 * width * window) is never under the floor, on
+    either attention path the export takes (the CPU's explicit scores, a GPU's SDPA), windows included:
+    the floor leaves out what a window's mask leaves out."""
+    if path == "SDPA":
+        monkeypatch.setattr(attention, "EXPLICIT_MAX_T", 0)
+    model = train_py_gpt(pattern, depth)
+    monkeypatch.setenv(harness_export.EXPORT_ENV, str(tmp_path / "model.pt2"))
+    program = load_program(harness_export.export_for_evaluation(model, 4, 256, 4))
+    idx = torch.randint(0, 4096, (4, 256))
+    floor = flops_floor(program, idx)
+    assert floor <= model.flops_per_token()
+    assert floor >= 6 * sum(p.numel() for name, p in model.named_parameters() if "blocks" in name or "lm_head" in name)
