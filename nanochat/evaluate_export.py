@@ -140,7 +140,7 @@ def evaluate(args, tokenizer) -> dict:
     from nanochat.platform import DEVICE, autocast
 
     started, cpu_started, faults_started = time.time(), time.process_time(), minor_faults()
-    tally = []  # each product's multiply-adds, as the program runs them: the flops floor
+    tally = {}  # each product's multiply-adds, as the program runs them: the flops floor
     try:
         exported = load_program(args.program)
         program = checked_module(exported, tally)

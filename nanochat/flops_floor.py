@@ -10,7 +10,10 @@ claimed 14.2M FLOPs per token against a floor of 11.8M, computing as much as fou
 
 What a product provably skips is not charged: the positions a -inf bias or an attention mask leaves
 out (a sliding window, the causal half), and the zeros of its first operand (the masked
-probabilities). train.py charges attention 12 * width * window, never less than that.
+probabilities), but only where they are skipped in every call of the evaluation and every matrix of
+its batch: a window's pattern is, an activation's zeros (a ReLU's) vary with the text and are charged
+(review 47: counted call by call, `relu(x) @ w` charged half of what training it cost). train.py
+charges attention 12 * width * window, never less than that.
 """
 import math
 
@@ -22,35 +25,46 @@ PRODUCTS = {"linear", "mm", "bmm", "matmul", "addmm", "baddbmm", "_addmm_activat
 TRAINING_FLOPS_PER_MAC = 6  # a multiply and an add, forward and twice backward
 
 
-def counted(name: str, op, tally: list):
-    """op (aten's operator `name`, or the harness's wrapper of it), adding each call's multiply-adds to tally."""
+def counted(name: str, op, tally: dict):
+    """op (aten's operator `name`, or the harness's wrapper of it), adding each call's multiply-adds to
+    tally[call site]: [the calls' dense count, the patterns of what they could skip, each OR-ed over calls]."""
     def call(*args, **kwargs):
         out = op(*args, **kwargs)
-        tally.append(product_macs(name, args, kwargs, out))
+        macs, needed = product_macs(name, args, kwargs, out)
+        entry = tally.setdefault(call, [0, None])
+        entry[0] += macs
+        if needed:  # a position any call needed is needed (the shapes are the program's, the same each call)
+            entry[1] = needed if entry[1] is None else [a | b for a, b in zip(entry[1], needed)]
         return out
     call.__name__ = call.__qualname__ = f"counted_{name}"
     return call
 
 
-def product_macs(name: str, args: tuple, kwargs: dict, out):
-    """The multiply-adds of one call: a number, or a tensor on the call's device (a fraction it skips),
-    so that counting never waits for a GPU."""
+def product_macs(name: str, args: tuple, kwargs: dict, out) -> tuple:
+    """(the call's multiply-adds, dense, and the patterns of the positions it needs, each a bool tensor over
+    one matrix of its batch: a position is needed if any matrix of the batch needs it), on the call's
+    device, so that counting never waits for a GPU."""
     if name == "scaled_dot_product_attention":
         return attention_macs(*args, **kwargs)
     if name == "einsum":
-        return out.numel() * contracted(args[0], args[1])
+        return out.numel() * contracted(args[0], args[1]), []
     if name in ("conv1d", "conv2d", "convolution", "_convolution"):
         transposed = name in ("convolution", "_convolution") and bool(args[6])
-        return (args[0] if transposed else out).numel() * args[1][0].numel()
+        return (args[0] if transposed else out).numel() * args[1][0].numel(), []
     biased = name in ("addmm", "baddbmm", "_addmm_activation")
     first = args[1] if biased else args[0]
     macs = out.numel() * first.size(-1)
     if name == "linear":
-        return macs
-    kept = (first != 0).float().mean()
+        return macs, []
+    needed = [over_batch(first != 0)]
     if biased and kwargs.get("beta", 1) != 0:  # beta 0 ignores the bias, -inf or not
-        kept = torch.minimum(kept, args[0].isfinite().float().mean())
-    return macs * kept
+        needed.append(over_batch(args[0].isfinite().expand_as(out)))
+    return macs, needed
+
+
+def over_batch(mask: torch.Tensor) -> torch.Tensor:
+    """A (..., M, K) pattern reduced to one matrix: a position is needed if any matrix of the batch needs it."""
+    return mask.reshape(-1, *mask.shape[-2:]).any(0) if mask.dim() > 2 else mask
 
 
 def attention_macs(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *args, **kwargs):
@@ -59,11 +73,11 @@ def attention_macs(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
     length, keys = query.size(-2), key.size(-2)
     macs = query.numel() // query.size(-1) * keys * (query.size(-1) + value.size(-1))
     if is_causal:
-        return macs * sum(min(i + 1, keys) for i in range(length)) / (length * keys)
+        return macs, [torch.ones(length, keys, dtype=torch.bool, device=query.device).tril()]
     if attn_mask is None:
-        return macs
+        return macs, []
     kept = attn_mask if attn_mask.dtype == torch.bool else attn_mask.isfinite()
-    return macs * kept.float().mean()
+    return macs, [over_batch(kept.expand(*query.shape[:-2], length, keys))]
 
 
 def contracted(equation: str, operands) -> int:
@@ -82,10 +96,11 @@ def contracted(equation: str, operands) -> int:
     return math.prod(size for letter, size in sizes.items() if letter not in output)
 
 
-def flops_per_token(tally: list, tokens: int) -> int:
-    """The floor over the calls counted in tally, which ran on `tokens` tokens: a number (the counts on a
-    GPU are read here, once)."""
-    numbers = [count for count in tally if not isinstance(count, torch.Tensor)]
-    tensors = [count.reshape(()).float() for count in tally if isinstance(count, torch.Tensor)]
-    macs = sum(numbers) + (torch.stack(tensors).cpu().double().sum().item() if tensors else 0)
+def flops_per_token(tally: dict, tokens: int) -> int:
+    """The floor over the calls counted in tally, which ran on `tokens` tokens: each call site's dense count
+    times the smallest share of positions its patterns needed (read here, once, on a GPU)."""
+    macs = 0.0
+    for dense, needed in tally.values():
+        shares = [pattern.float().mean() for pattern in needed or []]
+        macs += dense * (torch.stack(shares).min().item() if shares else 1.0)
     return round(TRAINING_FLOPS_PER_MAC * macs / tokens)

@@ -233,7 +233,7 @@ def pointwise(name: str) -> bool:
     return any(torch.Tag.pointwise in t for t in tags) and not any(torch.Tag.nondeterministic_seeded in t for t in tags)
 
 
-def checked_module(exported, tally: list | None = None):
+def checked_module(exported, tally: dict | None = None):
     """The loaded program's module, each attention call checked on the tensors it gets (attention_problem)
     before it runs: the shapes the archive notes are train.py's word, the tensors are what the kernel reads.
     With a tally, each product's multiply-adds are added to it as it runs (nanochat/flops_floor.py)."""
