@@ -83,11 +83,19 @@ def wait_until_no_processes_in(folder: Path, seconds: float = 15) -> list[int]:
     return left
 
 
+def within(distribution, value) -> bool:
+    """Whether a trial's value is one its Optuna distribution offers."""
+    if hasattr(distribution, "choices"):
+        return value in distribution.choices
+    return distribution.low <= value <= distribution.high
+
+
 def test_demo_end_to_end(repo_root, prepared_env, tmp_path):
     """--strategy tpe: the server's sweep tool proposes (an Optuna study in the workspace), each
     trial an ordinary run; the sweep's best is decided as the demo decides any result. One demo run
     of real training serves the whole end to end: the Ctrl-C test below runs the demo's own loop of
-    proposals (greedy), and tests/test_search_edits.py the random strategy's on the real train.py."""
+    proposals (greedy), and tests/test_search_edits.py the random strategy's on the real train.py. Its
+    sweep is also the suite's sweep of the real train.py (tests/test_sweep.py's use the fake trainer)."""
     workspace = tmp_path / "ws"
     branch_before = git(repo_root, "rev-parse", "--abbrev-ref", "HEAD")
     hook = Webhook()
@@ -106,6 +114,30 @@ def test_demo_end_to_end(repo_root, prepared_env, tmp_path):
     assert len([row for row in ideas(rows) if "sweep trial " in row["description"]]) == 2, rows
     assert rows[0]["description"] == "baseline" and rows[0]["status"] == "keep"
     check_rows(rows)
+
+    # The sweep's trials, read back from its Optuna study (what a tiny sweep of the real train.py on a
+    # server of its own checked in tests/test_sweep.py): each an ok run of its own commit, whose train.py
+    # holds the trial's values, each inside the space's ranges and each changing the number; the best is
+    # left pending for the demo to decide exactly when it beats the kept baseline.
+    import optuna
+
+    from mcp_server.core.constants import format_value
+    storage = f"sqlite:///{workspace / '.research-loop' / 'optuna.db'}"
+    (study,) = optuna.get_all_study_names(storage)
+    trials = optuna.load_study(study_name=study, storage=storage).get_trials()
+    base = float(rows[0]["val_bpb"])
+    assert len(trials) == 2, trials
+    for trial in trials:
+        assert trial.user_attrs["status"] == "ok" and 0 < trial.value < 20, trial
+        source = git(workspace, "show", f"{trial.user_attrs['commit']}:train.py")
+        for name, value in trial.params.items():
+            assert within(trial.distributions[name], value), (name, value, trial.distributions[name])
+            assert re.search(rf"^{name} = {re.escape(format_value(value))}(?:\s|$)", source, re.M), (name, value)
+        assert round(trial.value, 6) != base, trial  # the trial's values changed the training
+    best_trial = min(trials, key=lambda trial: trial.value)
+    pending = re.search(r"the sweep's best, run (\d+):", out)
+    assert (pending is not None and int(pending.group(1)) == best_trial.user_attrs["run"]) == \
+        (best_trial.value < base), out  # as the sweep compares: the trial's number, the kept row's
 
     # The research branch's head is the best kept commit, and train.py there is what was kept.
     kept = [row for row in rows if row["status"] == "keep"]

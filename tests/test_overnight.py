@@ -251,13 +251,13 @@ def test_a_stuck_agent_is_let_go_and_the_stop_command_ends_the_run(claude, plugi
 
 
 def test_a_call_longer_than_the_clients_tool_timeout_completes(claude, plugin_clone, session_env, fake_env):
-    """MCP_TOOL_TIMEOUT (a hard limit in Claude Code 2.1.332, not extended by progress) is 10 s here;
-    the plugin's own server timeout lets a 15 s training run through."""
+    """MCP_TOOL_TIMEOUT (a hard limit in Claude Code 2.1.332, not extended by progress) is 5 s here;
+    the plugin's own server timeout lets an 8 s training run through."""
     ws = make_workspace(fake_env)
-    (ws / "train.py").write_text("VAL_BPB = 0.97\nSLEEP = 15\nSTEPS = 1\n")
+    (ws / "train.py").write_text("VAL_BPB = 0.97\nSLEEP = 8\nSTEPS = 1\n")
     git(ws, "commit", "-q", "-am", "a slow, silent training run")
-    steps = [call("setup", tag="slow"), call("run_experiment", description="silent for 15 s")]
-    agent, _ = session(claude, plugin_clone, ws, session_env | {"MCP_TOOL_TIMEOUT": "10000"},
+    steps = [call("setup", tag="slow"), call("run_experiment", description="silent for 8 s")]
+    agent, _ = session(claude, plugin_clone, ws, session_env | {"MCP_TOOL_TIMEOUT": "5000"},
                        "/research-loop:autoresearch slow", steps + [call("stop", reason="done")])
     answer = json.dumps(agent.requests[-1])
     assert "0.97" in answer and "timed out" not in answer.lower()

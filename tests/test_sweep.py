@@ -1,12 +1,11 @@
 """The sweep tool: an Optuna study whose trials are ordinary runs of the loop (fake trainer, real
-git), continued by a new server process, bad spaces refused before anything runs, and one tiny
-sweep of the real train.py."""
+git), continued by a new server process, bad spaces refused before anything runs. (The sweep of the
+real train.py: tests/test_demo.py's end to end, whose --strategy tpe runs its trials through this tool.)"""
 import sqlite3
 
 import anyio
 
 from server_support import Lab, answer, git, ledger_lines, make_workspace, stdio_client_for
-from test_server_e2e import RUN_TIMEOUT_S, harness_workspace
 
 FAKE_TRAIN = ('# VAL_BPB = 0.1 in a comment stays a comment\nVAL_BPB = 1.0  # the knob the sweep turns\n'
               'STEPS = 3\nSLEEP = 0.6\nNOTE = "VAL_BPB = 1.0"\n')
@@ -164,37 +163,6 @@ def test_a_new_server_process_continues_the_study(fake_env):
     assert {row["run"] for row in first["table"]} < {row["run"] for row in second["table"]}
     with sqlite3.connect(ws / ".research-loop" / "optuna.db") as db:
         assert db.execute("select count(*) from trials").fetchone()[0] == 6
-
-
-def test_a_tiny_sweep_of_the_real_train_py(tmp_path, repo_root, prepared_env, monkeypatch):
-    from mcp_server.loop import ResearchLoop
-    from mcp_server.server import build_server
-    from mcp import Client
-    ws = harness_workspace(tmp_path, repo_root, prepared_env, monkeypatch)
-    loop = ResearchLoop(ws, None, slots=1)
-
-    async def go():
-        async with Client(build_server(loop)) as client:
-            answer(await client.call_tool("setup", {"tag": "sweep"}))
-            base = answer(await client.call_tool("run_experiment", {"description": "baseline",
-                                                                    "timeout_seconds": RUN_TIMEOUT_S}))
-            answer(await client.call_tool("keep", {}))
-            loop.store_noise([base["val_bpb"], base["val_bpb"] + 0.001], 0)  # a measured noise, without two more runs
-            result = answer(await client.call_tool("sweep", {"space": {"MATRIX_LR": {"low": 0.01, "high": 0.1,
-                                                                                     "log": True}},
-                                                             "trials": 2, "seed": 0}))
-            return base, result
-    try:
-        base, result = anyio.run(go)
-    finally:
-        loop.shutdown()
-    assert result["trials_run"] == 2, result
-    for row in result["table"]:
-        assert row["status"] == "ok" and 0 < row["val_bpb"] < 20 and 0.01 <= row["params"]["MATRIX_LR"] <= 0.1
-        assert f"MATRIX_LR = {row['params']['MATRIX_LR']!r}" in git(ws, "show", f"{row['commit']}:train.py")
-        assert row["val_bpb"] != base["val_bpb"]  # the learning rate changed the training
-    best = result["table"][0]
-    assert (result["pending_run"] == best["run"]) == (best["val_bpb"] < base["val_bpb"])
 
 
 def test_the_demos_space_becomes_the_sweeps_ranges_around_the_baseline():

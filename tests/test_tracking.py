@@ -55,7 +55,7 @@ class MlflowServer:
         assert ok and self.proc.poll() is None, f"mlflow server did not start: {Path(self.log.name).read_text()[-2000:]}"
 
     def stop(self) -> None:
-        for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):  # uvicorn may linger on TERM
+        for sig, grace in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):  # uvicorn may linger on TERM (then 10 s): killed
             try:
                 os.killpg(self.proc.pid, sig)
             except ProcessLookupError:

@@ -36,7 +36,7 @@ from server_support import answer, git, make_workspace, pid_alive, processes_in,
 from test_server_e2e import RUN_TIMEOUT_S, harness_workspace
 
 HANG_TIMEOUT_S = 12
-HANG_DELAY_S = 10  # between the run before the hanging one and its submission: its worker waits, started ahead
+HANG_DELAY_S = 4  # between the run before the hanging one and its submission: its worker waits, started ahead (a timeout counted from its start would end the run ~4 s short of HANG_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
