@@ -188,6 +188,25 @@ def test_a_new_setup_on_an_edited_harness_is_refused_while_the_research_run_is_a
     assert "| harness | the harness differs" in report and "nanochat/common.py" in report, report
 
 
+
+def test_a_second_stop_then_setup_on_the_same_edited_harness_still_says_it_changed(lab):
+    """Review 47: the note compared the harness with the research run just before only, so a second stop and
+    setup on the agent's edited harness (now the same as the one before's) dropped it: the night's last
+    research run, the one the morning report shows, was measured by the edited harness, unsaid. The note is
+    carried while the harness stays the one it named."""
+    lab.baseline()
+    git(lab.ws, "checkout", "-q", "-b", "mine")
+    (lab.ws / "nanochat" / "common.py").write_text("# harness stand-in, edited\n")
+    git(lab.ws, "commit", "-q", "-am", "a better evaluation")
+    lab.ok("stop", reason="a new harness")
+    assert lab.ok("setup", tag="other")["harness_changed"]
+    lab.ok("stop", reason="once more")
+    answer = lab.ok("setup", tag="third")
+    assert answer["branch"] == "autoresearch/third"
+    said = "the harness differs from the one autoresearch/"
+    assert said in (answer["harness_changed"] or "") and "nanochat/common.py" in answer["harness_changed"], answer
+    assert said in (lab.ok("status")["harness_changed"] or "")
+
 # --- processes and logs -----------------------------------------------------------------------
 def test_a_daemon_that_escaped_the_run_is_killed_and_cannot_write_the_next_result(lab):
     lab.baseline()

@@ -367,6 +367,11 @@ elif plan == "fifos":  # FIFOs at every name of the runner's folder it reads or 
     for name in ("sessions.jsonl", "runner.log", f"session-{{session:03d}}.jsonl", f"session-{{session + 1:03d}}.jsonl"):
         (folder / name).unlink(missing_ok=True)
         os.mkfifo(folder / name)
+elif plan == "dirs":  # folders at the names the runner appends to, the next session's output's too
+    folder = Path(".research-loop/overnight")
+    for name in ("sessions.jsonl", "runner.log", f"session-{{session + 1:03d}}.jsonl"):
+        (folder / name).unlink(missing_ok=True)
+        (folder / name / "inside").mkdir(parents=True)
 elif plan == "hang":  # still going past the deadline, a run in flight and a server beside it
     Path(".research-loop").mkdir(exist_ok=True)
     Path(".research-loop/state.json").write_text(json.dumps({{"tag": "night", "branch": "autoresearch/night",
@@ -544,6 +549,24 @@ def test_fifos_planted_in_the_runners_folder_hang_no_runner(fake_claude, fake_en
         for path in (ws / ".research-loop" / "overnight").iterdir():
             if path.is_fifo():
                 os.close(os.open(path, os.O_RDWR | os.O_NONBLOCK))  # a hung open or read ends
+
+
+def test_folders_planted_in_the_runners_folder_stop_no_runner(fake_claude, fake_env, monkeypatch):
+    """Review 47: what the runner appends to is made again where something else than a plain file lies there
+    (review 46), but a folder could not be unlinked: a folder the session made at sessions.jsonl, runner.log or
+    the next session's output raised out of the runner once the session ended (no new session, no summary, no
+    ping: the rest of the night lost)."""
+    import threading
+    from mcp_server.overnight import overnight
+    ws = make_workspace(fake_env)
+    monkeypatch.setenv("FAKE_CLAUDE_PLAN", "dirs")
+    runner = overnight.Runner(runner_args(ws), overnight.preflight(ws, None), backoff_s=(0.05,), poll_s=0.05)
+    done = []
+    thread = threading.Thread(target=lambda: done.append(runner.run()), daemon=True)
+    thread.start()
+    thread.join(60)
+    assert done == [1], "a folder in the runner's folder stopped the runner"  # gave up after 5 quick sessions
+    assert len(sessions_of(fake_claude)) == 5
 
 
 def test_the_runner_pings_when_it_gives_up(fake_claude, fake_env, monkeypatch, capsys):

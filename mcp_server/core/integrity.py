@@ -93,10 +93,10 @@ def _blob_sha256(blob) -> str:
 
 
 def commit_sources(ws, commit: str | None) -> dict:
-    """{path inside a checkout: SHA-256 (hex)} of each Python source of a commit: what a process must
-    report having compiled from the commit's checkout (envpin.checkout_changes: the evaluator from the
-    harness copy, the training from its slot); {} where the commit cannot be read (then whatever it
-    compiled from the checkout is named)."""
+    """{path inside a checkout: SHA-256 (hex)} of each Python source of a commit: what the evaluator must
+    report having compiled from the harness copy (envpin.harness_changes; the training runs from its own
+    checked copy, commit_files); {} where the commit cannot be read (then whatever it compiled from the
+    checkout is named)."""
     return {path: digest for path, (_, digest) in commit_files(ws, commit).items() if path.endswith(".py")}
 
 

@@ -65,19 +65,31 @@ def skill_allowed_tools() -> list[str]:
 
 def appended(path: Path):
     """path opened to append bytes to, made anew where something else than a plain file lies there: the runner's
-    folder is the agent's to write, and a FIFO put at a name the runner appends to blocked it for good."""
+    folder is the agent's to write, and a FIFO put at a name the runner appends to blocked it for good (a folder
+    there, which unlink cannot remove, raised out of the runner)."""
     for _ in range(2):
         try:
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW, 0o644)
-        except OSError:  # ENXIO: a FIFO nobody reads; ELOOP: a symbolic link
-            path.unlink(missing_ok=True)
+        except OSError:  # ENXIO: a FIFO nobody reads; ELOOP: a symbolic link; EISDIR: a folder
+            _remove(path)
             continue
         if stat.S_ISREG(os.fstat(fd).st_mode):
             os.set_blocking(fd, True)
             return open(fd, "ab")
         os.close(fd)
-        path.unlink(missing_ok=True)
+        _remove(path)
     raise OSError(f"{path} is not a plain file the runner can append to")
+
+
+def _remove(path: Path) -> None:
+    """Whatever lies at path, a folder (never a link's target) included; what cannot be removed is left."""
+    try:
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except OSError:
+        pass
 
 
 def prompt_for(tag: str, args) -> str:

@@ -118,9 +118,12 @@ def _check_same_harness(core: LoopCore, state: dict) -> None:
 def harness_change(core: LoopCore, state: dict, fingerprint: str) -> str | None:
     """What setup's answer and status say for the whole research run when its harness differs from the one
     the research run before it was measured with (allowed once that run ended or was stopped): its numbers
-    and the earlier ones are not comparable, and an agent's stop-then-setup is not unsaid."""
-    if not state.get("branch") or state.get("fingerprint") in (None, fingerprint):
+    and the earlier ones are not comparable, and an agent's stop-then-setup is not unsaid. Carried while the
+    harness stays the one the note named: a second stop-then-setup on it would otherwise drop the note."""
+    if not state.get("branch") or state.get("fingerprint") is None:
         return None
+    if state["fingerprint"] == fingerprint:
+        return state.get("harness_changed")
     names = core.ws.repo.git.diff("--name-only", "-z", "--no-renames", state["kept_commit"], "HEAD", "--")
     files = [p for p in names.split("\0") if p and p != EDITABLE]
     shown = ", ".join(files[:HARNESS_FILES_SHOWN]) + (f" and {len(files) - HARNESS_FILES_SHOWN} more"
