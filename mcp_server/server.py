@@ -287,7 +287,8 @@ def register_runs(srv: MCPServer, loop: ResearchLoop) -> None:
     async def run_experiment(description: str, ctx: Context, wait: bool = True,
                              timeout_seconds: float | None = None, rerun: bool = False) -> RunResult:
         """Snapshot train.py as a candidate commit on top of the best (the last kept commit), run it in a
-        free slot (or queue it) with a hard timeout (default 3 x budget, at least budget + 5 min), and return status ok/crash/
+        free slot (or queue it) with a hard timeout (default 3 x budget, at least budget + 5 min; a longer timeout_seconds
+        lets a slow run end, but one that took longer than the default before its evaluation is no result), and return status ok/crash/
         timeout, val_bpb, memory, the best and the delta, whether the gain beats the measured noise, and
         the log tail on a crash. The result stays pending until keep() or discard(). wait=False returns
         at once with the run number and its place in the queue: follow with wait() or read_metrics().

@@ -118,12 +118,13 @@ def test_a_commit_of_more_sources_than_one_argument_holds_is_checked(stand_in_to
     assert outcome.report["exit_code"] == 0 and "helper: the commit 1999" in lab.log(2), lab.log(2)
 
 
-@pytest.mark.parametrize("planted", ["fifo", "symlink", "removed"])
+@pytest.mark.parametrize("planted", ["fifo", "symlink", "removed", "sparse terabyte"])
 def test_a_file_replaced_in_the_slot_by_a_fifo_a_link_or_nothing_stops_the_copy_at_once(tmp_path, planted):
     """What the agent may leave at a file's path instead of other contents: a FIFO (reading it would wait
     for a writer, and the run's start with it), a symbolic link to a file holding the commit's bytes (the
     commit's file is no link), or nothing. The copy names the file and stops; the commit's own symbolic
-    link is copied as a link."""
+    link is copied as a link. A sparse terabyte is refused by its size, never read (review 47: the copy read
+    each file whole into memory before it compared digests)."""
     import hashlib
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "mcp_server" / "scripts"))
@@ -131,8 +132,8 @@ def test_a_file_replaced_in_the_slot_by_a_fifo_a_link_or_nothing_stops_the_copy_
     slot, genuine = tmp_path / "slot", b"VALUE = 'the commit'\n"
     slot.mkdir()
     (slot / "alias.txt").symlink_to("helper.txt")
-    files = {"helper.txt": [0o100644, hashlib.sha256(genuine).hexdigest()],
-             "alias.txt": [checkout_copy.SYMLINK, hashlib.sha256(b"helper.txt").hexdigest()]}
+    files = {"helper.txt": [0o100644, hashlib.sha256(genuine).hexdigest(), len(genuine)],
+             "alias.txt": [checkout_copy.SYMLINK, hashlib.sha256(b"helper.txt").hexdigest(), len(b"helper.txt")]}
     (slot / "helper.txt").write_bytes(genuine)
     copy = checkout_copy.copy(str(slot), files, str(tmp_path / "copy"))
     assert os.readlink(os.path.join(copy, "alias.txt")) == "helper.txt"
@@ -143,6 +144,10 @@ def test_a_file_replaced_in_the_slot_by_a_fifo_a_link_or_nothing_stops_the_copy_
     elif planted == "symlink":
         (tmp_path / "elsewhere.txt").write_bytes(genuine)
         (slot / "helper.txt").symlink_to(tmp_path / "elsewhere.txt")
+    elif planted == "sparse terabyte":
+        with open(slot / "helper.txt", "wb") as f:
+            f.write(genuine)
+            f.truncate(1 << 40)
     started = time.monotonic()
     with pytest.raises(checkout_copy.ChangedAfterCheckout, match="helper.txt is not the run's commit's"):
         checkout_copy.copy(str(slot), files, str(tmp_path / "again"))

@@ -71,7 +71,7 @@ _BLOB_SHA256: dict = {}  # a blob's git id -> its SHA-256: each run's commit sha
 
 
 def commit_files(ws, commit: str | None) -> dict:
-    """{path inside a checkout: [git mode, SHA-256 (hex)]} of every file a commit holds (a symlink's digest is
+    """{path inside a checkout: [git mode, SHA-256 (hex), size]} of every file a commit holds (a symlink's digest is
     its target's text, as git stores it; submodules left out): what a run's interpreter copies from its slot,
     each file checked, and runs from (scripts/checkout_copy.py); {} where the commit cannot be read."""
     if not commit:
@@ -79,7 +79,7 @@ def commit_files(ws, commit: str | None) -> dict:
     if commit not in _COMMIT_FILES:
         try:
             tree = ws.repo.commit(commit).tree
-            _COMMIT_FILES[commit] = {blob.path: [blob.mode, _blob_sha256(blob)]
+            _COMMIT_FILES[commit] = {blob.path: [blob.mode, _blob_sha256(blob), blob.size]
                                      for blob in tree.traverse() if blob.type == "blob"}
         except (ValueError, gitdb.exc.ODBError, git.GitError):
             return {}
@@ -97,7 +97,7 @@ def commit_sources(ws, commit: str | None) -> dict:
     report having compiled from the harness copy (envpin.harness_changes; the training runs from its own
     checked copy, commit_files); {} where the commit cannot be read (then whatever it compiled from the
     checkout is named)."""
-    return {path: digest for path, (_, digest) in commit_files(ws, commit).items() if path.endswith(".py")}
+    return {path: digest for path, (_, digest, _size) in commit_files(ws, commit).items() if path.endswith(".py")}
 
 
 def eval_tokens() -> int:

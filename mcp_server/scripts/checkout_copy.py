@@ -22,11 +22,11 @@ EXECUTABLE = 0o100755
 
 
 def copy(source: str, files: dict, into: str) -> str:
-    """Each of files ({path inside the commit: [git mode, SHA-256]}) read from the folder source and written
+    """Each of files ({path inside the commit: [git mode, SHA-256, size]}) read from the folder source and written
     into the folder into (made where missing), checked as it is read: a file that is not its commit's (changed,
     removed or replaced after checkout, or no plain file) raises ChangedAfterCheckout, naming it. Returns into."""
     os.makedirs(into, exist_ok=True)
-    for path, (mode, digest) in sorted(files.items()):
+    for path, (mode, digest, size) in sorted(files.items()):
         if os.path.isabs(path) or ".." in path.split("/"):
             raise ChangedAfterCheckout(path, "a path outside the commit's folder")
         there, here = os.path.join(source, path), os.path.join(into, path)
@@ -36,7 +36,7 @@ def copy(source: str, files: dict, into: str) -> str:
             _check(path, os.fsencode(target), digest)
             os.symlink(target, here)
             continue
-        data = _read_plain(there, path)
+        data = _read_plain(there, path, size)
         _check(path, data, digest)
         fd = os.open(here, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o755 if mode == EXECUTABLE else 0o644)
         with open(fd, "wb") as f:
@@ -62,14 +62,18 @@ def _read_link(there: str, path: str) -> str:
         raise ChangedAfterCheckout(path, f"not the commit's symbolic link: {exc.strerror}") from None
 
 
-def _read_plain(there: str, path: str) -> bytes:
-    """The file's bytes, where it is a plain file: opened without following a link and without blocking (a FIFO
-    in its place would hang the run's start)."""
+def _read_plain(there: str, path: str, size: int) -> bytes:
+    """The file's bytes, where it is a plain file of its blob's size: opened without following a link and
+    without blocking (a FIFO in its place would hang the run's start), and never read past that size (a
+    sparse terabyte in its place would fill the run's memory, and the machine's, before its digest differed)."""
     try:
         fd = os.open(there, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
         raise ChangedAfterCheckout(path, f"not readable as the commit's file: {exc.strerror}") from None
     with open(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        found = os.fstat(fd)
+        if not stat.S_ISREG(found.st_mode):
             raise ChangedAfterCheckout(path, "no plain file")
-        return f.read()
+        if found.st_size != size:
+            raise ChangedAfterCheckout(path, f"other contents than the commit holds: {found.st_size} bytes, not {size}")
+        return f.read(size + 1)  # one more: a file that grew since fstat differs

@@ -105,11 +105,12 @@ def main() -> int:
     if run.get("files") is None:  # a command the server gave no commit's files for
         runpy.run_path(script, run_name="__main__")
         return 0
-    sources = {path: digest for path, (_, digest) in run["files"].items()}
+    sources = {path: digest for path, (_, digest, _size) in run["files"].items()}
     for checkout in (folder, run["cwd"]):  # the copy; the slot, where a path names it
         trusted_import.expect(checkout, sources)
     trusted_import.run_script(script)  # from the bytes it hashed: train.py is one of the commit's files
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

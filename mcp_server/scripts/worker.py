@@ -34,8 +34,9 @@ runs (this machine's slots, a Ray or SLURM node). It
 --warm (the server's pool starts the slot's next worker ahead, issue 27): the sandbox and, inside
 it, the command's interpreter on warm_train.py (started without site, which warm_train.py then does
 through the server's importer), which imports torch and waits; then one JSON line on stdin, {"argv":
-this script's options for the run, "env": the run's environment} (with --files-on-stdin, cold too, a second
-line: the commit's files, which the interpreter copies, checked, and runs from: checkout_copy.py), and the run
+this script's options for the run, "env": the run's environment} (then, with --files-on-stdin, a second line:
+the commit's files, which the interpreter copies, checked, and runs from: checkout_copy.py; a cold worker with
+--files-on-stdin reads that line alone), and the run
 goes on as above with that interpreter running the script (the timeout and the wall time count from then).
 A lost warm interpreter is replaced by a fresh one; end of file instead of the line: it was never used, and
 it ends with everything it started.
@@ -391,7 +392,7 @@ def hand_over(warm: subprocess.Popen, channel: int, command: list[str], env: dic
     return True, warm.imported.digests
 
 
-def commit_files(args, from_server, in_sandbox: bool) -> tuple[dict | None, str | None]:
+def received_files(args, from_server, in_sandbox: bool) -> tuple[dict | None, str | None]:
     """With --files-on-stdin, (the run's commit's files, the server's line after the options; where its interpreter
     copies them: the sandbox's private /tmp under bubblewrap, else a folder of this worker's), else (None, None)."""
     try:
@@ -469,7 +470,7 @@ def main(argv=None) -> int:
             return 0 if not line else 2
         args, env = handed
         started_at, t0 = time.time(), time.monotonic()  # the run starts now, not when its interpreter did
-    files, into = commit_files(args, from_server, in_sandbox)
+    files, into = received_files(args, from_server, in_sandbox)
     if args.data_order:
         env[DATA_ORDER_ENV] = str(args.data_order)
     if args.export:
