@@ -528,45 +528,29 @@ def test_the_sessions_server_gets_the_runners_tracking(fake_claude, fake_env, mo
     assert sessions_of(fake_claude)[0]["track"] == track
 
 
-def test_fifos_planted_in_the_runners_folder_hang_no_runner(fake_claude, fake_env, monkeypatch):
+@pytest.mark.parametrize("plan", ["fifos", "dirs"])
+def test_what_a_session_plants_in_the_runners_folder_stops_no_runner(fake_claude, fake_env, monkeypatch, plan):
     """Review 46: the runner reads a session's output (its cost, its last words), sums sessions.jsonl and
     appends to it and to runner.log, all in .research-loop/overnight, which the agent's session can write:
     a FIFO at any of those names, or at the next session's output, blocked the runner for good after the
-    session ended (no new session, no summary, no ping: the rest of the night lost)."""
+    session ended (no new session, no summary, no ping: the rest of the night lost). Review 47: what is no
+    plain file there is made again, but a folder could not be unlinked and raised out of the runner."""
     import threading
     from mcp_server.overnight import overnight
     ws = make_workspace(fake_env)
-    monkeypatch.setenv("FAKE_CLAUDE_PLAN", "fifos")
+    monkeypatch.setenv("FAKE_CLAUDE_PLAN", plan)
     runner = overnight.Runner(runner_args(ws), overnight.preflight(ws, None), backoff_s=(0.05,), poll_s=0.05)
     done = []
     thread = threading.Thread(target=lambda: done.append(runner.run()), daemon=True)
     thread.start()
     thread.join(60)
     try:
-        assert done == [1], "a FIFO in the runner's folder hung the runner"  # gave up after 5 quick sessions
+        assert done == [1], f"{plan} in the runner's folder stopped or hung the runner"  # gave up after 5 quick sessions
         assert len(sessions_of(fake_claude)) == 5
     finally:
         for path in (ws / ".research-loop" / "overnight").iterdir():
             if path.is_fifo():
                 os.close(os.open(path, os.O_RDWR | os.O_NONBLOCK))  # a hung open or read ends
-
-
-def test_folders_planted_in_the_runners_folder_stop_no_runner(fake_claude, fake_env, monkeypatch):
-    """Review 47: what the runner appends to is made again where something else than a plain file lies there
-    (review 46), but a folder could not be unlinked: a folder the session made at sessions.jsonl, runner.log or
-    the next session's output raised out of the runner once the session ended (no new session, no summary, no
-    ping: the rest of the night lost)."""
-    import threading
-    from mcp_server.overnight import overnight
-    ws = make_workspace(fake_env)
-    monkeypatch.setenv("FAKE_CLAUDE_PLAN", "dirs")
-    runner = overnight.Runner(runner_args(ws), overnight.preflight(ws, None), backoff_s=(0.05,), poll_s=0.05)
-    done = []
-    thread = threading.Thread(target=lambda: done.append(runner.run()), daemon=True)
-    thread.start()
-    thread.join(60)
-    assert done == [1], "a folder in the runner's folder stopped the runner"  # gave up after 5 quick sessions
-    assert len(sessions_of(fake_claude)) == 5
 
 
 def test_the_runner_pings_when_it_gives_up(fake_claude, fake_env, monkeypatch, capsys):
