@@ -17,10 +17,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import stat
 from pathlib import Path
 
-from mcp_server.core import limits
+from mcp_server.core import limits, logparse
 
 SESSIONS_FILE = ".research-loop/overnight/sessions.jsonl"
 TOKEN_KINDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
@@ -70,11 +69,11 @@ def read_tail(path: Path, limit: int = limits.MAX_RECORD_BYTES) -> str:
     """The end of a file of the runner's (at most limit bytes), read without blocking and only where it is a
     plain file: its folder is the agent's to write, and a FIFO put there (or a link to /dev/zero) hung the
     runner and the dashboard. OSError where there is no such file."""
-    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
-        found = os.fstat(f.fileno())
-        if not stat.S_ISREG(found.st_mode):
-            raise OSError(f"{path} is not a plain file")
-        f.seek(max(0, found.st_size - limit))
+    f = logparse.open_plain(path)
+    if f is None:
+        raise OSError(f"{path} is not a plain file")
+    with f:
+        f.seek(max(0, os.fstat(f.fileno()).st_size - limit))
         return f.read(limit).decode(errors="replace")
 
 

@@ -168,8 +168,8 @@ def _measured(core: LoopCore, entry: dict, summary, report: dict, result: RunRes
         result.integrity = "this harness does not export its model: val_bpb is the one train.py printed"
         return None, summary.val_bpb
     problem, value, note = integrity.evaluation_verdict(report)
-    rate = report.get("flops_per_budget_second") or entry.get("flops_rate", (prepared_info() or {}).get(
-        "flops_per_budget_second"))
+    rate = report.get("flops_per_budget_second") or (
+        entry["flops_rate"] if "flops_rate" in entry else (prepared_info() or {}).get("flops_per_budget_second"))
     problem = problem or integrity.flops_problem(summary, report.get("evaluation") or {}, rate,
                                                  budget)  # a cluster node's rate is its own
     result.integrity = note

@@ -72,12 +72,12 @@ def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments:
         if ws.tracked(ledger.LEDGER_NAME):
             raise Refusal(f"{ledger.LEDGER_NAME} is tracked by git, so a reset could lose rows: "
                           f"git rm --cached {ledger.LEDGER_NAME} and commit, then setup again.")
-        _check_same_harness(core, state)
+        fingerprint = ws.fingerprint()
+        _check_same_harness(core, state, fingerprint)
         ws.create_branch(branch)
         archived = _archive_ledger(core)
         ledger.ensure_ledger(core.ledger_path)
         ws.add_excludes()
-        fingerprint = ws.fingerprint()
         walk = envpin.Walk()  # one walk of the environments for the four pins
         environment_pin = _environment_pin(core, walk)
         evaluator_pin = _evaluator_pin(run_command(core)[0], walk) if environment_pin is not None else None
@@ -104,10 +104,10 @@ def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments:
                        next="run_experiment('baseline') with train.py unchanged, then keep()")
 
 
-def _check_same_harness(core: LoopCore, state: dict) -> None:
+def _check_same_harness(core: LoopCore, state: dict, fingerprint: str) -> None:
     """A harness other than the active research run's (the evaluation itself: an agent may commit an edit of
     it and call setup) is set up only once that run has ended or was stopped on purpose, which is then said."""
-    if state.get("branch") and state.get("fingerprint") not in (None, core.ws.fingerprint()) \
+    if state.get("branch") and state.get("fingerprint") not in (None, fingerprint) \
             and not core.ended(state):
         raise Refusal(f"The harness at HEAD (every tracked file but {EDITABLE}) differs from the one the research run "
                       f"{state['branch']} is measured with, and that run is still active: its results must all "
@@ -218,10 +218,11 @@ def submit(core: LoopCore, description: str, timeout_seconds: float | None = Non
         # trains), and its training time is train.py's word: only the wall bounds it, by the server's own
         # timeout for that budget, whatever timeout was asked (results._measured)
         budget = time_budget(core.root)
+        most_seconds = timeout_for(budget)
         entry = {"run": n, "commit": commit, "parent": kept, "description": description, "status": "queued",
                  "verifies": integrity.supports_export(core.ws, commit),
-                 "timeout": float(timeout_seconds or timeout_for(budget)), "submitted_at": time.time(),
-                 "budget": budget, "most_seconds": timeout_for(budget),
+                 "timeout": float(timeout_seconds or most_seconds), "submitted_at": time.time(),
+                 "budget": budget, "most_seconds": most_seconds,
                  "flops_rate": (prepared_info() or {}).get("flops_per_budget_second"),
                  "log": f"{RUNS_DIR}/{run_name(n, commit)}.log",
                  "report": f"{RUNS_DIR}/{run_name(n, commit)}.report.json"}

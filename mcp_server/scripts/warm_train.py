@@ -20,7 +20,7 @@ server, which checks them against the contents it pinned (an edit made and undon
 ran is seen there).
 Then it reads one JSON line from the socket:
 {"argv", "cwd", "env", "files", "into"}, the run's command line after the interpreter, its folder (the slot's
-worktree), its environment, its commit's files ({path: [git mode, SHA-256]}) and where to copy them; it copies
+worktree), its environment, its commit's files ({path: [git mode, SHA-256, size]}) and where to copy them; it copies
 them there, each checked (checkout_copy.py: the worktree is the agent's to rewrite once the server checked it
 out; under bubblewrap the copy is in the sandbox's private /tmp), and runs argv[0] from the copy as __main__
 with that argv, environment, the copy as its folder and sys.path[0], as `python train.py` would (but

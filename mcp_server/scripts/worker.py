@@ -313,7 +313,7 @@ def parse_args(argv):
                         "which reports what it compiled), handing the run over at once")
     p.add_argument("--files-on-stdin", action="store_true",
                    help="with --warm or --trusted-import: the run's commit's files come on stdin after the options, "
-                        "one JSON line {path: [git mode, SHA-256]}; warm_train.py runs from its own copy of them")
+                        "one JSON line {path: [git mode, SHA-256, size]}; warm_train.py runs from its own copy of them")
     p.add_argument("--bytecode-fd", type=int,
                    help="with --warm or --trusted-import: the server's sealed bytecode archive, which the "
                         "interpreter imports with (bytecode_archive.py)")
