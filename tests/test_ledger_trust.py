@@ -330,11 +330,7 @@ def test_a_fifo_planted_where_the_server_reads_or_writes_does_not_hang_a_tool(la
     hung, the ledger's under the state lock) or a link to /dev/zero (a read that never ends)."""
     lab.baseline()
     path = lab.ws / planted
-    path.unlink(missing_ok=True)
-    if endless:
-        path.symlink_to("/dev/zero")
-    else:
-        os.mkfifo(path)
+    plant_blocker(path, endless)
     try:
         hung = {}
         for tool in ("status", "plot_progress", "history"):
@@ -420,26 +416,19 @@ def test_a_workers_report_nested_past_the_parsers_depth_loses_no_run_and_no_slot
     run was never recorded and its slot stayed busy for good. It reads as no report, and the run ends
     as any other."""
     lab.baseline()
-    runs = lab.ws / "runs"
-    before, nested = set(runs.glob("*.report.json")), []
 
-    def nester():
-        deadline = time.monotonic() + 30
-        while not nested and time.monotonic() < deadline:
-            for path in set(runs.glob("*.report.json")) - before:
-                try:
-                    running = "running" in json.loads(path.read_text())
-                except (OSError, ValueError):
-                    continue
-                if running:
-                    tmp = path.with_name(path.name + ".nested")
-                    tmp.write_text("[" * 100000)
-                    os.replace(tmp, path)
-                    nested.append(path.name)
-            time.sleep(0.005)
+    def nest(path):
+        try:
+            if "running" not in json.loads(path.read_text()):
+                return False
+        except (OSError, ValueError):
+            return False
+        tmp = path.with_name(path.name + ".nested")
+        tmp.write_text("[" * 100000)
+        os.replace(tmp, path)
+        return True
 
-    thread = threading.Thread(target=nester, daemon=True)
-    thread.start()
+    thread, nested = plant_on_new(lab.ws / "runs", "*.report.json", nest)
     set_knobs(lab.ws, VAL_BPB=0.9, SLEEP=3)
     alive, box = call_within(lab, 60, "run_experiment", description="idea")
     thread.join(5)
@@ -497,6 +486,32 @@ def test_a_fifo_in_place_of_a_workers_report_is_read_at_once_and_not_believed(tm
     assert "was changed after the run's worker wrote it" in believed_report(fifo, "0" * 64)["report_changed"]
 
 
+def plant_blocker(path: Path, endless: bool) -> None:
+    """In place of path, a read that never ends (a link to /dev/zero) or an open that blocks (a FIFO)."""
+    path.unlink(missing_ok=True)
+    if endless:
+        path.symlink_to("/dev/zero")
+    else:
+        os.mkfifo(path)
+
+
+def plant_on_new(runs: Path, pattern: str, plant) -> tuple[threading.Thread, list]:
+    """A thread that waits (30 s at most) for a file of runs/ matching pattern that was not there yet and
+    calls plant(path) on it until one returns True: the agent acting on a run's file while it trains. The
+    list gets the path it planted at."""
+    before, planted = set(runs.glob(pattern)), []
+
+    def watch():
+        deadline = time.monotonic() + 30
+        while not planted and time.monotonic() < deadline:
+            planted.extend(path for path in set(runs.glob(pattern)) - before if plant(path))
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread, planted
+
+
 def _unblock(path):
     try:  # a hung thread's open of the FIFO ends once the other end is opened
         os.close(os.open(path, os.O_RDWR | os.O_NONBLOCK))
@@ -550,20 +565,13 @@ def test_a_fifo_in_place_of_a_runs_own_log_hangs_no_record(lab):
     a plain open: a FIFO put there while the run trained blocked that open after the record, under the
     state lock, and every later call hung (shutil.copyfile, before, refused a FIFO)."""
     lab.baseline()
-    runs = lab.ws / "runs"
-    before, planted = set(runs.glob("*.log")), []
 
-    def planter():
-        deadline = time.monotonic() + 30
-        while not planted and time.monotonic() < deadline:
-            for path in set(runs.glob("*.log")) - before:
-                path.unlink()
-                os.mkfifo(path)
-                planted.append(path)
-            time.sleep(0.005)
+    def fifo(path):
+        path.unlink()
+        os.mkfifo(path)
+        return True
 
-    thread = threading.Thread(target=planter, daemon=True)
-    thread.start()
+    thread, planted = plant_on_new(lab.ws / "runs", "*.log", fifo)
     set_knobs(lab.ws, VAL_BPB=0.9, SLEEP=3)
     try:
         alive, box = call_within(lab, 60, "run_experiment", description="idea")
@@ -588,11 +596,7 @@ def test_a_fifo_planted_in_the_prepared_cache_hangs_no_tool(lab, planted, endles
     lab.baseline()
     path = Path(os.environ["AUTORESEARCH_CACHE"]) / planted
     path.parent.mkdir(exist_ok=True)
-    path.unlink(missing_ok=True)
-    if endless:
-        path.symlink_to("/dev/zero")
-    else:
-        os.mkfifo(path)
+    plant_blocker(path, endless)
     try:
         set_knobs(lab.ws, VAL_BPB=0.9)
         alive, box = call_within(lab, 30, "run_experiment", description="idea")
@@ -610,22 +614,15 @@ def test_a_huge_file_in_place_of_a_runs_own_log_is_not_copied_whole(lab):
     filled the disk, every call waiting. The copy takes at most what a log of the worker's holds."""
     from mcp_server.core.logparse import MAX_TEXT_BYTES
     lab.baseline()
-    runs = lab.ws / "runs"
-    before, planted = set(runs.glob("*.log")), []
 
-    def planter():
-        deadline = time.monotonic() + 30
-        while not planted and time.monotonic() < deadline:
-            for path in set(runs.glob("*.log")) - before:
-                huge = path.with_name(".huge")
-                with open(huge, "wb") as f:
-                    f.truncate(MAX_TEXT_BYTES * 3)  # sparse: nothing written
-                huge.replace(path)
-                planted.append(path)
-            time.sleep(0.005)
+    def huge(path):
+        sparse = path.with_name(".huge")
+        with open(sparse, "wb") as f:
+            f.truncate(MAX_TEXT_BYTES * 3)  # sparse: nothing written
+        sparse.replace(path)
+        return True
 
-    thread = threading.Thread(target=planter, daemon=True)
-    thread.start()
+    thread, planted = plant_on_new(lab.ws / "runs", "*.log", huge)
     set_knobs(lab.ws, VAL_BPB=0.9, SLEEP=3)
     alive, box = call_within(lab, 60, "run_experiment", description="idea")
     thread.join(5)
