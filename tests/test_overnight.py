@@ -491,6 +491,27 @@ def test_a_run_whose_timeout_the_agent_raised_keeps_no_session_past_the_deadline
         runner.stop_session()
 
 
+def test_past_the_deadline_a_verifying_run_keeps_its_evaluations_time(fake_claude, fake_env):
+    """Review 47: the grace past --hours was the run's training timeout only, so a run that trained to its
+    timeout just before the deadline was stopped in its harness evaluation and lost. A run that verifies keeps
+    the evaluation's own limit too (of its bounded timeout: the agent's day-long timeout buys no more)."""
+    from mcp_server.core import integrity
+    from mcp_server.overnight import overnight
+    ws = make_workspace(fake_env)
+    runner = overnight.Runner(runner_args(ws, "--hours", "1"), overnight.preflight(ws, None), grace_s=1.0)
+
+    def grace_with(**run) -> float:
+        (ws / ".research-loop" / "state.json").write_text(json.dumps(
+            {"tag": "night", "runs": {"1": {"run": 1, "status": "running", **run}}}))
+        return runner.grace()
+
+    assert grace_with(timeout=2.0, most_seconds=2.0) == 2.0 + 1.0  # nothing after training to wait for
+    evaluation = integrity.evaluation_timeout(2.0)
+    assert evaluation >= integrity.EVAL_TIMEOUT_MIN_S
+    assert grace_with(timeout=2.0, most_seconds=2.0, verifies=True) == 2.0 + evaluation + 1.0
+    assert grace_with(timeout=86400.0, most_seconds=2.0, verifies=True) == 2.0 + evaluation + 1.0
+
+
 def test_preflight_names_what_to_install_when_claude_is_missing(fake_env, tmp_path):
     """The real command, with no claude anywhere: an error that says how to install it, and nothing started."""
     ws = make_workspace(fake_env)

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from mcp_server.core import cost, ledger, limits, logparse, notify, tracking
+from mcp_server.core import cost, integrity, ledger, limits, logparse, notify, tracking
 from mcp_server.scripts import sandbox
 from mcp_server.core.models import Refusal
 from mcp_server.core.workspace import HarnessGit, prepared_info, validate_tag
@@ -42,6 +42,12 @@ TERMINATE_GRACE_S = 10
 STATUS_EVERY_S = 2.0  # redraw of the status line on a terminal
 STATUS_LINE_EVERY_S = 60.0  # one status line a minute into a log or a pipe
 LOG_DIR = ".research-loop/overnight"
+
+
+def run_allowance(entry: dict) -> float:
+    """Seconds one run may take: training, at most the server's timeout for its budget, then its evaluation."""
+    training = min(entry.get("timeout", 0), entry.get("most_seconds") or float("inf"))
+    return training + (integrity.evaluation_timeout(training) if entry.get("verifies") else 0.0)
 
 
 class RunnerError(RuntimeError):
@@ -317,10 +323,9 @@ class Runner:
 
     def grace(self) -> float:
         """How long past the deadline a session may finish the run it has: one run's timeout, at most the
-        server's own for its budget (a longer one is the agent's to ask, and such a run is no result)."""
-        runs = (self.state().get("runs") or {}).values()
-        return max([min(e.get("timeout", 0), e.get("most_seconds") or float("inf")) for e in runs],
-                   default=0) + self.grace_s
+        server's own for its budget (a longer one is the agent's to ask, and such a run is no result), and the
+        harness's evaluation after it where the run verifies."""
+        return max(map(run_allowance, (self.state().get("runs") or {}).values()), default=0) + self.grace_s
 
     def session_tail(self, lines: int = 8) -> str:
         try:
