@@ -372,6 +372,15 @@ elif plan == "dirs":  # folders at the names the runner appends to, the next ses
     for name in ("sessions.jsonl", "runner.log", f"session-{{session + 1:03d}}.jsonl"):
         (folder / name).unlink(missing_ok=True)
         (folder / name / "inside").mkdir(parents=True)
+elif plan == "garble":  # what the runner reads, of shapes no server or runner writes, then on past the deadline
+    records = Path(".git/research-loop/records")
+    records.mkdir(parents=True, exist_ok=True)
+    (records / "state.json").write_text(json.dumps({{"tag": "night", "branch": "autoresearch/night",
+        "rows": [[1], 5, ["abcdef1", "x", 1.0, "keep", "d"], ["abcdef2", 1.0, 1.0, "keep", "fine"]],
+        "runs": {{"1": 5, "2": {{"status": "running", "log": 5, "timeout": "x", "most_seconds": None}}}}}}))
+    with open(".research-loop/overnight/sessions.jsonl", "a") as f:
+        f.write(json.dumps({{"tag": "night", "cost_usd": "x", "usage": [1]}}) + "\\n")
+    time.sleep(3600)
 elif plan == "hang":  # still going past the deadline, a run in flight and a server beside it
     Path(".research-loop").mkdir(exist_ok=True)
     Path(".research-loop/state.json").write_text(json.dumps({{"tag": "night", "branch": "autoresearch/night",
@@ -487,6 +496,34 @@ def test_a_run_whose_timeout_the_agent_raised_keeps_no_session_past_the_deadline
     thread.join(30)
     try:
         assert done == [0], "the session was kept past the deadline for the run's own timeout"
+    finally:
+        runner.stop_session()
+
+
+def test_records_of_shapes_no_server_writes_stop_no_runner(fake_claude, fake_env, monkeypatch):
+    """Review 49: the runner reads the server's copy of the state and sessions.jsonl, which the agent's session
+    can write while no transaction of the server's puts the copy back: a row that is no row, a run that is no
+    dict, a log or timeout of another type, a usage that is a list raised out of the runner, which left the
+    session running unwatched, past --hours and every limit. Such entries are skipped; the session is stopped at
+    the deadline."""
+    import threading
+    from mcp_server.overnight import overnight
+    ws = make_workspace(fake_env)
+    monkeypatch.setenv("FAKE_CLAUDE_PLAN", "garble")
+    runner = overnight.Runner(runner_args(ws, "--hours", str(1.5 / 3600)), overnight.preflight(ws, None),
+                              backoff_s=(0.1,), grace_s=1.0, poll_s=0.05)
+    runner.grace = lambda: 1.0  # the wait for a run in flight is the next test's
+    done = []
+    thread = threading.Thread(target=lambda: done.append(runner.run()), daemon=True)
+    thread.start()
+    thread.join(30)
+    try:
+        assert done == [0], "the runner stopped on what the session wrote, and left the session running"
+        assert runner.session.poll() is not None
+        assert [r.commit for r in runner.rows()] == ["abcdef2"]
+        runner.status_line()
+        runner.summary()
+        overnight.Runner.grace(runner)
     finally:
         runner.stop_session()
 

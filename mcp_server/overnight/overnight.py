@@ -28,7 +28,7 @@ from pathlib import Path
 
 from mcp_server.core import cost, ledger, limits, logparse, notify, tracking
 from mcp_server.scripts import sandbox
-from mcp_server.core.models import Refusal
+from mcp_server.core.models import Refusal, Row
 from mcp_server.core.workspace import HarnessGit, prepared_info, validate_tag
 
 PLUGIN_ROOT = Path(__file__).resolve().parents[2]
@@ -175,9 +175,15 @@ class Runner:
     def rows(self) -> list:
         """The server's rows: a results.tsv edited by hand ends no night."""
         state = self.state()
-        if limits.recorded_rows(state) is not None:
-            return ledger.rows_of(state)
-        return ledger.read_rows(self.workspace / ledger.LEDGER_NAME)[0]
+        recorded = limits.recorded_rows(state)
+        if recorded is None:
+            return ledger.read_rows(self.workspace / ledger.LEDGER_NAME)[0]
+        return [row for row in map(_row, recorded) if row is not None]
+
+    def runs(self) -> list[dict]:
+        """The state's runs, each a dict (the rest is no server's)."""
+        runs = self.state().get("runs")
+        return [e for e in runs.values() if isinstance(e, dict)] if isinstance(runs, dict) else []
 
     def over(self) -> str | None:
         state = self.state()
@@ -199,12 +205,12 @@ class Runner:
         left = limits.left(state, [(r.status, r.val_bpb, r.description) for r in rows])
         if left:
             parts.append(left.split("; ")[0])
-        for entry in (state.get("runs") or {}).values():
+        for entry in self.runs():
             if entry.get("status") == "running":
-                progress = logparse.last_progress(logparse.read_tail_bytes(self.workspace / entry["log"])) \
-                    if (self.workspace / entry["log"]).exists() else None
+                log = self.workspace / str(entry.get("log"))
+                progress = logparse.last_progress(logparse.read_tail_bytes(log)) if log.exists() else None
                 step = f"step {progress.step} ({progress.percent:.0f}%)" if progress else "starting"
-                parts.append(f"run {entry['run']}: {step}")
+                parts.append(f"run {entry.get('run')}: {step}")
         return " | ".join(parts)
 
     def show(self, force: bool = False) -> None:
@@ -318,8 +324,7 @@ class Runner:
     def grace(self) -> float:
         """How long past the deadline a session may finish the run it has: one run's timeout, at most the
         server's own for its budget (a longer one is the agent's to ask, and such a run is no result)."""
-        runs = (self.state().get("runs") or {}).values()
-        return max([min(e.get("timeout", 0), e.get("most_seconds") or float("inf")) for e in runs],
+        return max([min(_seconds(e.get("timeout", 0)), _seconds(e.get("most_seconds"))) for e in self.runs()],
                    default=0) + self.grace_s
 
     def session_tail(self, lines: int = 8) -> str:
@@ -356,6 +361,21 @@ class Runner:
             if line:
                 print(f"spent: {line}")
         print(f"logs: {self.logs}")
+
+
+def _row(entry) -> Row | None:
+    """A row of the state's, checked: the runner reads the state the agent can write while no transaction
+    of the server's puts it back, and a row of another shape raised out of the runner."""
+    try:
+        return Row(**dict(zip(Row.model_fields, entry, strict=True)))
+    except (TypeError, ValueError):
+        return None
+
+
+def _seconds(value) -> float:
+    """A number of seconds from the state; anything else (text, NaN) is none: inf."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+    return value if ok else float("inf")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -417,10 +437,12 @@ def main(args) -> int:
     try:
         code = runner.run()
     except KeyboardInterrupt:
+        code = 130
+    finally:  # whatever ends the runner ends its session: none goes on unwatched, past every limit
         runner.stop_session()
+    if code == 130:
         runner.say("interrupted: the session and its training were stopped; the ledger is intact. "
                    "Run the same command to resume.")
-        code = 130
     runner.summary()
     runner.notifier.close()
     return code
