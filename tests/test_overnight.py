@@ -500,6 +500,32 @@ def test_a_run_whose_timeout_the_agent_raised_keeps_no_session_past_the_deadline
         runner.stop_session()
 
 
+@pytest.mark.parametrize("planted", ["Infinity", "NaN"])
+def test_a_run_planted_in_the_state_keeps_no_session_past_the_deadline(fake_claude, fake_env, monkeypatch, planted):
+    """Review 49: the wait past --hours for a run in flight took the run's timeout and most_seconds from the state
+    the runner reads, which the agent's session can write between the server's transactions: a running run planted
+    with both infinite (or NaN: no comparison holds) kept the session going for good. The wait is at most the
+    server's own timeout for the budget, which the runner takes before any session."""
+    import threading
+    from mcp_server.overnight import overnight
+    ws = make_workspace(fake_env)
+    monkeypatch.setenv("FAKE_CLAUDE_PLAN", "hang")
+    monkeypatch.setenv("FAKE_CLAUDE_RUN_TIMEOUT", planted)
+    monkeypatch.setenv("FAKE_CLAUDE_RUN_MOST", planted)
+    runner = overnight.Runner(runner_args(ws, "--hours", str(1.5 / 3600)), overnight.preflight(ws, None),
+                              backoff_s=(0.1,), grace_s=1.0, poll_s=0.05)
+    assert runner.most_seconds == 360  # the cache's 60 s budget: the server's default timeout
+    runner.most_seconds = 2  # shortened for the test
+    done = []
+    thread = threading.Thread(target=lambda: done.append(runner.run()), daemon=True)
+    thread.start()
+    thread.join(30)
+    try:
+        assert done == [0], "the planted run kept the session past the deadline"
+    finally:
+        runner.stop_session()
+
+
 def test_records_of_shapes_no_server_writes_stop_no_runner(fake_claude, fake_env, monkeypatch):
     """Review 49: the runner reads the server's copy of the state and sessions.jsonl, which the agent's session
     can write while no transaction of the server's puts the copy back: a row that is no row, a run that is no

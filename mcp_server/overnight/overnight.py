@@ -29,7 +29,8 @@ from pathlib import Path
 from mcp_server.core import cost, ledger, limits, logparse, notify, tracking
 from mcp_server.scripts import sandbox
 from mcp_server.core.models import Refusal, Row
-from mcp_server.core.workspace import HarnessGit, prepared_info, validate_tag
+from mcp_server.core.workspace import HarnessGit, prepared_info, time_budget, validate_tag
+from mcp_server.phases.submit import timeout_for
 
 PLUGIN_ROOT = Path(__file__).resolve().parents[2]
 SKILL = "/research-loop:autoresearch"
@@ -162,6 +163,9 @@ class Runner:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.started = time.time()
         self.deadline = self.started + args.hours * 3600 if args.hours else None
+        # the server's own timeout for a run, taken before any session: the state's, which the agent can write, is
+        # believed only below it (a planted run with an infinite or NaN timeout kept its session past --hours for good)
+        self.most_seconds = timeout_for(time_budget(self.workspace))
         self.session: subprocess.Popen | None = None
         self.sessions = 0
         self.tty = sys.stdout.isatty()
@@ -324,8 +328,8 @@ class Runner:
     def grace(self) -> float:
         """How long past the deadline a session may finish the run it has: one run's timeout, at most the
         server's own for its budget (a longer one is the agent's to ask, and such a run is no result)."""
-        return max([min(_seconds(e.get("timeout", 0)), _seconds(e.get("most_seconds"))) for e in self.runs()],
-                   default=0) + self.grace_s
+        return max([min(_seconds(e.get("timeout", 0)), _seconds(e.get("most_seconds")), self.most_seconds)
+                    for e in self.runs()], default=0) + self.grace_s
 
     def session_tail(self, lines: int = 8) -> str:
         try:
