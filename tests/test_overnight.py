@@ -372,6 +372,14 @@ elif plan == "dirs":  # folders at the names the runner appends to, the next ses
     for name in ("sessions.jsonl", "runner.log", f"session-{{session + 1:03d}}.jsonl"):
         (folder / name).unlink(missing_ok=True)
         (folder / name / "inside").mkdir(parents=True)
+elif plan == "cheat":  # what the sessions cost, rewritten: the record of the spending gone, the output renamed
+    folder = Path(".research-loop/overnight")
+    (folder / "sessions.jsonl").unlink(missing_ok=True)
+    (folder / "sessions.jsonl").write_text(json.dumps({{"tag": "night", "cost_usd": -1000}}) + "\\n")
+    (folder / f"session-{{session:03d}}.jsonl").rename(folder / "elsewhere.jsonl")
+    (folder / f"session-{{session:03d}}.jsonl").write_text(json.dumps({{"type": "result", "total_cost_usd": 0}}))
+    print(json.dumps({{"type": "result", "subtype": "success", "result": "done", "total_cost_usd": 0.4,
+                       "usage": {{"input_tokens": 100}}}}))
 elif plan == "garble":  # what the runner reads, of shapes no server or runner writes, then on past the deadline
     records = Path(".git/research-loop/records")
     records.mkdir(parents=True, exist_ok=True)
@@ -524,6 +532,24 @@ def test_a_run_planted_in_the_state_keeps_no_session_past_the_deadline(fake_clau
         assert done == [0], "the planted run kept the session past the deadline"
     finally:
         runner.stop_session()
+
+
+def test_what_a_session_writes_of_the_spending_moves_no_max_cost(fake_claude, fake_env, monkeypatch, capsys):
+    """Review 49: --max-cost summed sessions.jsonl and each session's output at its name, both in the runner's
+    folder, which the session can write: sessions that deleted the record of the spending, added a line of a
+    negative cost and put a $0 output where theirs was (renamed) started sessions for good at $0.40 each. The
+    runner keeps its own sessions' records and reads each output through its own descriptor."""
+    from mcp_server.overnight import overnight
+    ws = make_workspace(fake_env)
+    folder = ws / ".research-loop" / "overnight"
+    folder.mkdir(parents=True)
+    (folder / "sessions.jsonl").write_text(json.dumps({"tag": "night", "cost_usd": 0.5}) + "\n")  # an earlier run
+    monkeypatch.setenv("FAKE_CLAUDE_PLAN", "cheat")
+    runner = overnight.Runner(runner_args(ws, "--max-cost", "1.5"), overnight.preflight(ws, None),
+                              backoff_s=(0.05,), poll_s=0.05)
+    assert runner.run() == 0
+    assert "no new session: the sessions have cost $1.70 of --max-cost $1.5" in capsys.readouterr().out
+    assert [s["plan"] for s in sessions_of(fake_claude)] == ["cheat"] * 3
 
 
 def test_records_of_shapes_no_server_writes_stop_no_runner(fake_claude, fake_env, monkeypatch):

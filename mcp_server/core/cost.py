@@ -73,17 +73,20 @@ def read_tail(path: Path, limit: int = limits.MAX_RECORD_BYTES) -> str:
     if f is None:
         raise OSError(f"{path} is not a plain file")
     with f:
-        f.seek(max(0, os.fstat(f.fileno()).st_size - limit))
-        return f.read(limit).decode(errors="replace")
+        return tail_of(f, limit)
 
 
-def session_result(output: Path) -> dict:
+def tail_of(f, limit: int = limits.MAX_RECORD_BYTES) -> str:
+    """The end of an open file (at most limit bytes), read where the file is now, whatever lies at its name."""
+    size = os.fstat(f.fileno()).st_size
+    return os.pread(f.fileno(), min(size, limit), max(0, size - limit)).decode(errors="replace")
+
+
+def session_result(output) -> dict:
     """{"cost_usd", "usage"} from a session's stream-json output (its last `result` event), or {}
-    where it wrote none (killed, or crashed before the end)."""
-    try:
-        lines = read_tail(output).splitlines()
-    except OSError:
-        return {}
+    where it wrote none (killed, or crashed before the end). output: the runner's own descriptor of it,
+    open for reading: a file the session put at its name (the real one renamed) is not read."""
+    lines = tail_of(output).splitlines()
     for line in reversed(lines):
         try:
             event = json.loads(line)

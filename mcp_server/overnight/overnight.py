@@ -16,6 +16,7 @@ path of progress.png. Ctrl-C stops the session in progress
 (its server, and so its training, with it) and leaves the ledger intact: the same command resumes.
 """
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -70,7 +71,8 @@ def appended(path: Path):
     there, which unlink cannot remove, raised out of the runner)."""
     for _ in range(2):
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW, 0o644)
+            # readable too: a session's output is read through it, never at its name
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW, 0o644)
         except OSError:  # ENXIO: a FIFO nobody reads; ELOOP: a symbolic link; EISDIR: a folder
             _remove(path)
             continue
@@ -167,6 +169,12 @@ class Runner:
         # believed only below it (a planted run with an infinite or NaN timeout kept its session past --hours for good)
         self.most_seconds = timeout_for(time_budget(self.workspace))
         self.session: subprocess.Popen | None = None
+        self.output = None  # the runner's descriptor of the session's output
+        # what the sessions cost: sessions.jsonl as earlier runs of the command left it, then this runner's own
+        # records, kept here: the file is the agent's to write during a session (a line deleted, or one of a
+        # huge or negative cost, moved --max-cost either way)
+        self.spent_before = cost.sessions_spent(self.workspace, args.tag)
+        self.recorded: list[dict] = []
         self.sessions = 0
         self.tty = sys.stdout.isatty()
         self.last_line = 0.0
@@ -227,7 +235,10 @@ class Runner:
             self.last_line = now
 
     def spent(self) -> dict:
-        return cost.sessions_spent(self.workspace, self.args.tag)
+        total = copy.deepcopy(self.spent_before)
+        for record in self.recorded:
+            cost.add_session(total, record)
+        return total
 
     def out_of_money(self) -> str | None:
         spent = self.spent()["cost_usd"]
@@ -258,10 +269,11 @@ class Runner:
             env.update({notify.NOTIFY_ENV: self.args.notify, notify.FORMAT_ENV: self.args.notify_format})
         env.update(tracking.server_env(self.args))  # and its tracking
         env.setdefault("MCP_TIMEOUT", "120000")  # the first start of the server may sync its environment
-        output = appended(self.logs / f"session-{self.sessions:03d}.jsonl")
+        if self.output is not None:
+            self.output.close()
+        self.output = appended(self.logs / f"session-{self.sessions:03d}.jsonl")
         self.session = subprocess.Popen(command, cwd=self.workspace, env=env, stdin=subprocess.DEVNULL,
-                                        stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
-        output.close()
+                                        stdout=self.output, stderr=subprocess.STDOUT, start_new_session=True)
         self.say(f"session {self.sessions} started: {' '.join(command[:3])} ... (log {LOG_DIR}/session-"
                  f"{self.sessions:03d}.jsonl)")
 
@@ -305,11 +317,11 @@ class Runner:
                     self.stop_session()
             lasted = time.time() - began
             self.say(f"session {self.sessions} ended after {lasted:.0f} s (exit code {self.session.returncode})")
-            spent = cost.session_result(self.logs / f"session-{self.sessions:03d}.jsonl")
+            self.recorded.append({"session": self.sessions, "tag": self.args.tag, "started_at": began,
+                                  "ended_at": time.time(), "exit_code": self.session.returncode,
+                                  "runs_decided": len(self.rows()) - rows_before} | cost.session_result(self.output))
             with appended(self.workspace / cost.SESSIONS_FILE) as record:
-                record.write(json.dumps({"session": self.sessions, "tag": self.args.tag, "started_at": began,
-                                         "ended_at": time.time(), "exit_code": self.session.returncode,
-                                         "runs_decided": len(self.rows()) - rows_before} | spent).encode() + b"\n")
+                record.write(json.dumps(self.recorded[-1]).encode() + b"\n")
             if self.over():
                 continue
             # a short session that decided runs was working; one that decided nothing failed
@@ -332,10 +344,7 @@ class Runner:
                     for e in self.runs()], default=0) + self.grace_s
 
     def session_tail(self, lines: int = 8) -> str:
-        try:
-            text = cost.read_tail(self.logs / f"session-{self.sessions:03d}.jsonl", 1 << 20)
-        except OSError:
-            return "(no output)"
+        text = cost.tail_of(self.output, 1 << 20)
         shown = []
         for line in text.splitlines()[-lines:]:
             try:
