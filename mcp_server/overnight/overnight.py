@@ -30,8 +30,7 @@ from pathlib import Path
 from mcp_server.core import cost, ledger, limits, logparse, notify, tracking
 from mcp_server.scripts import sandbox
 from mcp_server.core.models import Refusal, Row
-from mcp_server.core.workspace import HarnessGit, prepared_info, time_budget, validate_tag
-from mcp_server.phases.submit import timeout_for
+from mcp_server.core.workspace import HarnessGit, prepared_info, time_budget, timeout_for, validate_tag
 
 PLUGIN_ROOT = Path(__file__).resolve().parents[2]
 SKILL = "/research-loop:autoresearch"
