@@ -139,7 +139,7 @@ def _archive_ledger(core: LoopCore) -> str | None:
     if not core.ledger_path.exists() or not core.rows():
         return None
     archive = core.state.dir / "archive"
-    archive.mkdir(parents=True, exist_ok=True)
+    ledger.make_folder(archive)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for k in range(1000):
         target = archive / (f"results-{stamp}.tsv" if k == 0 else f"results-{stamp}-{k}.tsv")
