@@ -7,6 +7,7 @@ one kept in .research-loop/archive/.
 """
 import json
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -646,8 +647,16 @@ def _file_at_archive_and_an_edit(lab: Lab) -> None:
     edited(lab, lambda text: text + "abcdef1\t0.100000\t1.0\tkeep\tplanted\n")
 
 
+def _file_at_state_folder(lab: Lab) -> None:
+    lab.restart()  # a server holds its owner lock in that folder
+    lab.loop.shutdown()
+    shutil.rmtree(lab.ws / ".research-loop")
+    (lab.ws / ".research-loop").write_text("no folder\n")
+    lab.loop = lab.new_loop()
+
+
 @pytest.mark.parametrize("plant", ["a folder at results.tsv", "a folder at state.json",
-                                   "a file at the archive, and an edited ledger"])
+                                   "a file at the archive, and an edited ledger", "a file at .research-loop"])
 def test_a_folder_or_file_where_the_server_writes_fails_no_tool(lab, plant):
     """Review 49: a folder at results.tsv (or state.json) could neither be read (the error named a descriptor, not
     the file) nor replaced, and a file where the archive's folder goes failed its mkdir: every tool call, status
@@ -656,7 +665,8 @@ def test_a_folder_or_file_where_the_server_writes_fails_no_tool(lab, plant):
     lab.baseline()
     {"a folder at results.tsv": lambda: _folder_at(lab.ws / "results.tsv"),
      "a folder at state.json": lambda: _folder_at(lab.ws / ".research-loop" / "state.json"),
-     "a file at the archive, and an edited ledger": lambda: _file_at_archive_and_an_edit(lab)}[plant]()
+     "a file at the archive, and an edited ledger": lambda: _file_at_archive_and_an_edit(lab),
+     "a file at .research-loop": lambda: _file_at_state_folder(lab)}[plant]()
     status = lab.ok("status")
     assert status["best_val_bpb"] == 1.0 and status["records_changed"]
     set_knobs(lab.ws, VAL_BPB=0.9)
