@@ -124,7 +124,8 @@ def test_a_line_nested_past_jsons_depth_is_skipped_not_fatal(tmp_path):
     nested = "[" * 100_000 + "\n"
     output = tmp_path / "session.jsonl"
     output.write_text('{"type": "result", "total_cost_usd": 0.5, "usage": {}}\n' + nested)
-    assert cost.session_result(output) == {"cost_usd": 0.5, "usage": {}}
+    with open(output, "rb") as f:
+        assert cost.session_result(f) == {"cost_usd": 0.5, "usage": {}}
     records = tmp_path / cost.SESSIONS_FILE
     records.parent.mkdir(parents=True)
     records.write_text(nested + '{"tag": "t", "cost_usd": 0.25, "usage": {}}\n')

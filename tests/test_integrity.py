@@ -46,8 +46,8 @@ def test_a_run_that_trains_past_its_budget_and_says_it_did_not_is_no_result(fake
     prepared record while it trained (the server read it again when it recorded the run), and put back before
     the next run's check of the cache. What a run may take is fixed when it is submitted: the budget, and
     the server's own timeout for it as the most wall time a result may take, whatever timeout was asked."""
-    from mcp_server.phases import submit
-    monkeypatch.setattr(submit, "MIN_TIMEOUT_MARGIN_S", 2.0)  # the server's timeout for a 1 s budget: 3 s
+    from mcp_server.core import workspace
+    monkeypatch.setattr(workspace, "MIN_TIMEOUT_MARGIN_S", 2.0)  # the server's timeout for a 1 s budget: 3 s
     cache = make_cache(fake_env, budget=1.0)
     lab = Lab(make_workspace(fake_env))
     try:

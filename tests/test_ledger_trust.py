@@ -7,6 +7,7 @@ one kept in .research-loop/archive/.
 """
 import json
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -629,3 +630,48 @@ def test_a_huge_file_in_place_of_a_runs_own_log_is_not_copied_whole(lab):
     assert planted and not alive
     answer(box["answer"])
     assert (lab.ws / "run.log").stat().st_size <= MAX_TEXT_BYTES
+
+
+def _folder_at(path: Path) -> None:
+    path.unlink()
+    (path / "inside").mkdir(parents=True)
+
+
+def _file_at_archive_and_an_edit(lab: Lab) -> None:
+    archive = lab.ws / ".research-loop" / "archive"
+    if archive.exists():
+        for found in archive.iterdir():
+            found.unlink()
+        archive.rmdir()
+    archive.write_text("no folder\n")
+    edited(lab, lambda text: text + "abcdef1\t0.100000\t1.0\tkeep\tplanted\n")
+
+
+def _file_at_state_folder(lab: Lab) -> None:
+    lab.restart()  # a server holds its owner lock in that folder
+    lab.loop.shutdown()
+    shutil.rmtree(lab.ws / ".research-loop")
+    (lab.ws / ".research-loop").write_text("no folder\n")
+    lab.loop = lab.new_loop()
+
+
+@pytest.mark.parametrize("plant", ["a folder at results.tsv", "a folder at state.json",
+                                   "a file at the archive, and an edited ledger", "a file at .research-loop"])
+def test_a_folder_or_file_where_the_server_writes_fails_no_tool(lab, plant):
+    """Review 49: a folder at results.tsv (or state.json) could neither be read (the error named a descriptor, not
+    the file) nor replaced, and a file where the archive's folder goes failed its mkdir: every tool call, status
+    included, was an internal error until the agent took it away. What lies there is moved aside, kept, and the
+    server's records are written again."""
+    lab.baseline()
+    {"a folder at results.tsv": lambda: _folder_at(lab.ws / "results.tsv"),
+     "a folder at state.json": lambda: _folder_at(lab.ws / ".research-loop" / "state.json"),
+     "a file at the archive, and an edited ledger": lambda: _file_at_archive_and_an_edit(lab),
+     "a file at .research-loop": lambda: _file_at_state_folder(lab)}[plant]()
+    status = lab.ok("status")
+    assert status["best_val_bpb"] == 1.0 and status["records_changed"]
+    set_knobs(lab.ws, VAL_BPB=0.9)
+    assert lab.ok("run_experiment", description="better")["val_bpb"] == 0.9
+    assert lab.ok("keep")["row"]["val_bpb"] == 0.9
+    assert [line.split("\t")[1] for line in ledger_lines(lab.ws)[1:]] == ["1.000000", "0.900000"]
+    moved = [p for p in [*lab.ws.glob(".*.moved"), *(lab.ws / ".research-loop").glob(".*.moved")]]
+    assert len(moved) == 1 and next(moved[0].iterdir()).exists()  # kept as it was

@@ -62,13 +62,13 @@ def test_max_experiments_ends_the_run_and_status_says_so(lab):
 
 
 def test_a_deadline_passing_mid_run_lets_that_run_finish_and_be_decided(lab):
-    lab.ok("setup", tag="t", hours=3 / 3600)
+    deadline = time.time() + 10  # room for the baseline on a busy machine; the next run trains past it
+    lab.ok("setup", tag="t", hours=10 / 3600)
     lab.ok("run_experiment", description="baseline")
     lab.ok("keep")
-    set_knobs(lab.ws, val_bpb=0.9, sleep=4, steps=4)
+    set_knobs(lab.ws, val_bpb=0.9, sleep=max(deadline - time.time(), 0) + 2, steps=4)
     lab.ok("run_experiment", description="crosses the deadline", wait=False)
-    time.sleep(3)
-    assert lab.ok("status")["ended"].startswith("the deadline passed")
+    assert wait_until(lambda: (lab.ok("status")["ended"] or "").startswith("the deadline passed"), 30)
     assert "has ended" in lab.refused("run_experiment", description="too late")
     result = lab.ok("wait")["results"][0]
     assert result["status"] == "ok" and lab.ok("keep")["row"]["val_bpb"] == 0.9
@@ -372,6 +372,23 @@ elif plan == "dirs":  # folders at the names the runner appends to, the next ses
     for name in ("sessions.jsonl", "runner.log", f"session-{{session + 1:03d}}.jsonl"):
         (folder / name).unlink(missing_ok=True)
         (folder / name / "inside").mkdir(parents=True)
+elif plan == "cheat":  # what the sessions cost, rewritten: the record of the spending gone, the output renamed
+    folder = Path(".research-loop/overnight")
+    (folder / "sessions.jsonl").unlink(missing_ok=True)
+    (folder / "sessions.jsonl").write_text(json.dumps({{"tag": "night", "cost_usd": -1000}}) + "\\n")
+    (folder / f"session-{{session:03d}}.jsonl").rename(folder / "elsewhere.jsonl")
+    (folder / f"session-{{session:03d}}.jsonl").write_text(json.dumps({{"type": "result", "total_cost_usd": 0}}))
+    print(json.dumps({{"type": "result", "subtype": "success", "result": "done", "total_cost_usd": 0.4,
+                       "usage": {{"input_tokens": 100}}}}))
+elif plan == "garble":  # what the runner reads, of shapes no server or runner writes, then on past the deadline
+    records = Path(".git/research-loop/records")
+    records.mkdir(parents=True, exist_ok=True)
+    (records / "state.json").write_text(json.dumps({{"tag": "night", "branch": "autoresearch/night",
+        "rows": [[1], 5, ["abcdef1", "x", 1.0, "keep", "d"], ["abcdef2", 1.0, 1.0, "keep", "fine"]],
+        "runs": {{"1": 5, "2": {{"status": "running", "log": 5, "timeout": "x", "most_seconds": None}}}}}}))
+    with open(".research-loop/overnight/sessions.jsonl", "a") as f:
+        f.write(json.dumps({{"tag": "night", "cost_usd": "x", "usage": [1]}}) + "\\n")
+    time.sleep(3600)
 elif plan == "hang":  # still going past the deadline, a run in flight and a server beside it
     Path(".research-loop").mkdir(exist_ok=True)
     Path(".research-loop/state.json").write_text(json.dumps({{"tag": "night", "branch": "autoresearch/night",
@@ -510,6 +527,78 @@ def test_past_the_deadline_a_verifying_run_keeps_its_evaluations_time(fake_claud
     assert evaluation >= integrity.EVAL_TIMEOUT_MIN_S
     assert grace_with(timeout=2.0, most_seconds=2.0, verifies=True) == 2.0 + evaluation + 1.0
     assert grace_with(timeout=86400.0, most_seconds=2.0, verifies=True) == 2.0 + evaluation + 1.0
+
+
+@pytest.mark.parametrize("planted", ["Infinity", "NaN"])
+def test_a_run_planted_in_the_state_keeps_no_session_past_the_deadline(fake_claude, fake_env, monkeypatch, planted):
+    """Review 49: the wait past --hours for a run in flight took the run's timeout and most_seconds from the state
+    the runner reads, which the agent's session can write between the server's transactions: a running run planted
+    with both infinite (or NaN: no comparison holds) kept the session going for good. The wait is at most the
+    server's own timeout for the budget, which the runner takes before any session."""
+    import threading
+    from mcp_server.overnight import overnight
+    ws = make_workspace(fake_env)
+    monkeypatch.setenv("FAKE_CLAUDE_PLAN", "hang")
+    monkeypatch.setenv("FAKE_CLAUDE_RUN_TIMEOUT", planted)
+    monkeypatch.setenv("FAKE_CLAUDE_RUN_MOST", planted)
+    runner = overnight.Runner(runner_args(ws, "--hours", str(1.5 / 3600)), overnight.preflight(ws, None),
+                              backoff_s=(0.1,), grace_s=1.0, poll_s=0.05)
+    assert runner.most_seconds == 360  # the cache's 60 s budget: the server's default timeout
+    runner.most_seconds = 2  # shortened for the test
+    done = []
+    thread = threading.Thread(target=lambda: done.append(runner.run()), daemon=True)
+    thread.start()
+    thread.join(30)
+    try:
+        assert done == [0], "the planted run kept the session past the deadline"
+    finally:
+        runner.stop_session()
+
+
+def test_what_a_session_writes_of_the_spending_moves_no_max_cost(fake_claude, fake_env, monkeypatch, capsys):
+    """Review 49: --max-cost summed sessions.jsonl and each session's output at its name, both in the runner's
+    folder, which the session can write: sessions that deleted the record of the spending, added a line of a
+    negative cost and put a $0 output where theirs was (renamed) started sessions for good at $0.40 each. The
+    runner keeps its own sessions' records and reads each output through its own descriptor."""
+    from mcp_server.overnight import overnight
+    ws = make_workspace(fake_env)
+    folder = ws / ".research-loop" / "overnight"
+    folder.mkdir(parents=True)
+    (folder / "sessions.jsonl").write_text(json.dumps({"tag": "night", "cost_usd": 0.5}) + "\n")  # an earlier run
+    monkeypatch.setenv("FAKE_CLAUDE_PLAN", "cheat")
+    runner = overnight.Runner(runner_args(ws, "--max-cost", "1.5"), overnight.preflight(ws, None),
+                              backoff_s=(0.05,), poll_s=0.05)
+    assert runner.run() == 0
+    assert "no new session: the sessions have cost $1.70 of --max-cost $1.5" in capsys.readouterr().out
+    assert [s["plan"] for s in sessions_of(fake_claude)] == ["cheat"] * 3
+
+
+def test_records_of_shapes_no_server_writes_stop_no_runner(fake_claude, fake_env, monkeypatch):
+    """Review 49: the runner reads the server's copy of the state and sessions.jsonl, which the agent's session
+    can write while no transaction of the server's puts the copy back: a row that is no row, a run that is no
+    dict, a log or timeout of another type, a usage that is a list raised out of the runner, which left the
+    session running unwatched, past --hours and every limit. Such entries are skipped; the session is stopped at
+    the deadline."""
+    import threading
+    from mcp_server.overnight import overnight
+    ws = make_workspace(fake_env)
+    monkeypatch.setenv("FAKE_CLAUDE_PLAN", "garble")
+    runner = overnight.Runner(runner_args(ws, "--hours", str(1.5 / 3600)), overnight.preflight(ws, None),
+                              backoff_s=(0.1,), grace_s=1.0, poll_s=0.05)
+    runner.grace = lambda: 1.0  # the wait for a run in flight is the next test's
+    done = []
+    thread = threading.Thread(target=lambda: done.append(runner.run()), daemon=True)
+    thread.start()
+    thread.join(30)
+    try:
+        assert done == [0], "the runner stopped on what the session wrote, and left the session running"
+        assert runner.session.poll() is not None
+        assert [r.commit for r in runner.rows()] == ["abcdef2"]
+        runner.status_line()
+        runner.summary()
+        overnight.Runner.grace(runner)
+    finally:
+        runner.stop_session()
 
 
 def test_preflight_names_what_to_install_when_claude_is_missing(fake_env, tmp_path):

@@ -73,17 +73,20 @@ def read_tail(path: Path, limit: int = limits.MAX_RECORD_BYTES) -> str:
     if f is None:
         raise OSError(f"{path} is not a plain file")
     with f:
-        f.seek(max(0, os.fstat(f.fileno()).st_size - limit))
-        return f.read(limit).decode(errors="replace")
+        return tail_of(f, limit)
 
 
-def session_result(output: Path) -> dict:
+def tail_of(f, limit: int = limits.MAX_RECORD_BYTES) -> str:
+    """The end of an open file (at most limit bytes), read where the file is now, whatever lies at its name."""
+    size = os.fstat(f.fileno()).st_size
+    return os.pread(f.fileno(), min(size, limit), max(0, size - limit)).decode(errors="replace")
+
+
+def session_result(output) -> dict:
     """{"cost_usd", "usage"} from a session's stream-json output (its last `result` event), or {}
-    where it wrote none (killed, or crashed before the end)."""
-    try:
-        lines = read_tail(output).splitlines()
-    except OSError:
-        return {}
+    where it wrote none (killed, or crashed before the end). output: the runner's own descriptor of it,
+    open for reading: a file the session put at its name (the real one renamed) is not read."""
+    lines = tail_of(output).splitlines()
     for line in reversed(lines):
         try:
             event = json.loads(line)
@@ -111,15 +114,23 @@ def sessions_spent(root: Path, tag: str | None) -> dict:
             record = json.loads(line)
         except (ValueError, RecursionError):  # a line nested past json's depth is no record
             continue
-        if not isinstance(record, dict) or record.get("tag") != tag:
-            continue
-        total["sessions"] += 1
-        if isinstance(record.get("cost_usd"), (int, float)):
-            total["cost_usd"] += record["cost_usd"]
-        for kind, count in (record.get("usage") or {}).items():
-            if kind in total["tokens"] and isinstance(count, int):
-                total["tokens"][kind] += count
+        if isinstance(record, dict) and record.get("tag") == tag:
+            add_session(total, record)
     return total
+
+
+def add_session(total: dict, record: dict) -> None:
+    """A session's record added to a sum of sessions_spent's shape: a record is a file's line the agent can
+    write, so only a cost of 0 or more and a dict of whole token counts count (a list there raised out of the
+    runner, a NaN or negative cost hid the rest)."""
+    total["sessions"] += 1
+    spent = record.get("cost_usd")
+    if isinstance(spent, (int, float)) and not isinstance(spent, bool) and 0 <= spent < math.inf:
+        total["cost_usd"] += spent
+    usage = record.get("usage") if isinstance(record.get("usage"), dict) else {}
+    for kind, count in usage.items():
+        if kind in total["tokens"] and isinstance(count, int) and not isinstance(count, bool):
+            total["tokens"][kind] += count
 
 
 def sessions_text(spent: dict) -> str | None:

@@ -128,9 +128,10 @@ def read_plain(path: Path, limit: int = MAX_RECORD_BYTES) -> bytes | None:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         return None
+    if not stat_module.S_ISREG(os.fstat(fd).st_mode):  # before open(): a folder raised there, naming no file
+        os.close(fd)
+        return b""
     with open(fd, "rb") as f:
-        if not stat_module.S_ISREG(os.fstat(f.fileno()).st_mode):
-            return b""
         return f.read(limit + 1)
 
 
@@ -241,7 +242,7 @@ def mirror(path: Path, rows: list[Row], written: str | None, archive: Path) -> t
 
 
 def _archive_copy(data: bytes, archive: Path) -> str:
-    archive.mkdir(parents=True, exist_ok=True)
+    make_folder(archive)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for k in range(1000):
         target = archive / (f"results-edited-{stamp}.tsv" if k == 0 else f"results-edited-{stamp}-{k}.tsv")
@@ -263,7 +264,9 @@ def replace_with(path: Path, source) -> None:
     """path holds what the file object source holds, whole or not at all (a temp file beside it, flushed,
     then renamed). The temp file is made new under an unguessable name (mkstemp: O_EXCL), never opened
     where it lies: a FIFO planted at a name the agent can predict blocked the open, under the state lock."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
+    if _is_folder(path):  # os.replace cannot replace a folder: every call failed while one lay at a record's name
+        move_aside(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with open(fd, "wb") as f:
@@ -275,6 +278,30 @@ def replace_with(path: Path, source) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _is_folder(path: Path) -> bool:
+    try:
+        return stat_module.S_ISDIR(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def make_folder(path: Path) -> None:
+    """path as a folder of the server's (its records, their archive); something else at its name (a file) is
+    moved aside first: mkdir failed there in every call."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        move_aside(path)
+        path.mkdir()
+
+
+def move_aside(path: Path) -> None:
+    """What lies at path (the agent's: a folder where a record goes, a file where a folder goes) is moved into a
+    fresh folder beside it, kept as it was (never followed, never deleted)."""
+    holder = tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".moved")
+    os.rename(path, Path(holder) / path.name)
 
 
 def _append_bytes(path: Path, data: bytes) -> None:

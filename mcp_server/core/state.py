@@ -148,7 +148,7 @@ class State:
         where = ""
         if found is not None:
             archive = self.dir / ARCHIVE_DIR
-            archive.mkdir(parents=True, exist_ok=True)
+            ledger.make_folder(archive)
             target = archive / f"state-edited-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6}.json"
             target.write_bytes(found)
             where = f"; the file found is kept at {STATE_DIR}/{ARCHIVE_DIR}/{target.name}"
@@ -226,7 +226,7 @@ class State:
             self._depth += 1
             try:
                 if self._depth == 1:
-                    self.dir.mkdir(exist_ok=True)
+                    ledger.make_folder(self.dir)
                     self._lock_fd = os.open(self.dir / STATE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
                     fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
                 # before each decision: what the owner reads is what it wrote, ledger included
@@ -252,7 +252,7 @@ class State:
         with self.mutex:
             if self._owner_fd is not None:
                 return True
-            self.dir.mkdir(exist_ok=True)
+            ledger.make_folder(self.dir)
             fd = os.open(self.dir / OWNER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

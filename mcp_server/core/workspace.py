@@ -96,6 +96,18 @@ def time_budget(root: Path) -> float:
     return from_profile or UPSTREAM_TIME_BUDGET
 
 
+TIMEOUT_FACTOR = 3.0
+# A budget counts training time only: start-up, a cold compile and evaluation come on top (on a
+# loaded 2-core CPU: a 2-minute compile, and a CPU-clock budget that stretches the wall time), so
+# the default timeout has a floor above the budget. A timeout is for hung runs, not slow ones.
+MIN_TIMEOUT_MARGIN_S = 300.0
+
+
+def timeout_for(budget: float) -> float:
+    """The server's own timeout for a run of this budget (the overnight runner's bound on a run in flight too)."""
+    return max(TIMEOUT_FACTOR * budget, budget + MIN_TIMEOUT_MARGIN_S)
+
+
 def budget_clock() -> str:
     """The clock a training budget is spent on (prepare.py records it; the env overrides it)."""
     return os.environ.get("AUTORESEARCH_BUDGET_CLOCK") or (prepared_info() or {}).get("budget_clock") or "wall"

@@ -16,6 +16,7 @@ path of progress.png. Ctrl-C stops the session in progress
 (its server, and so its training, with it) and leaves the ledger intact: the same command resumes.
 """
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -28,8 +29,8 @@ from pathlib import Path
 
 from mcp_server.core import cost, integrity, ledger, limits, logparse, notify, tracking
 from mcp_server.scripts import sandbox
-from mcp_server.core.models import Refusal
-from mcp_server.core.workspace import HarnessGit, prepared_info, validate_tag
+from mcp_server.core.models import Refusal, Row
+from mcp_server.core.workspace import HarnessGit, prepared_info, time_budget, timeout_for, validate_tag
 
 PLUGIN_ROOT = Path(__file__).resolve().parents[2]
 SKILL = "/research-loop:autoresearch"
@@ -42,12 +43,6 @@ TERMINATE_GRACE_S = 10
 STATUS_EVERY_S = 2.0  # redraw of the status line on a terminal
 STATUS_LINE_EVERY_S = 60.0  # one status line a minute into a log or a pipe
 LOG_DIR = ".research-loop/overnight"
-
-
-def run_allowance(entry: dict) -> float:
-    """Seconds one run may take: training, at most the server's timeout for its budget, then its evaluation."""
-    training = min(entry.get("timeout", 0), entry.get("most_seconds") or float("inf"))
-    return training + (integrity.evaluation_timeout(training) if entry.get("verifies") else 0.0)
 
 
 class RunnerError(RuntimeError):
@@ -75,7 +70,8 @@ def appended(path: Path):
     there, which unlink cannot remove, raised out of the runner)."""
     for _ in range(2):
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW, 0o644)
+            # readable too: a session's output is read through it, never at its name
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW, 0o644)
         except OSError:  # ENXIO: a FIFO nobody reads; ELOOP: a symbolic link; EISDIR: a folder
             _remove(path)
             continue
@@ -168,7 +164,16 @@ class Runner:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.started = time.time()
         self.deadline = self.started + args.hours * 3600 if args.hours else None
+        # the server's own timeout for a run, taken before any session: the state's, which the agent can write, is
+        # believed only below it (a planted run with an infinite or NaN timeout kept its session past --hours for good)
+        self.most_seconds = timeout_for(time_budget(self.workspace))
         self.session: subprocess.Popen | None = None
+        self.output = None  # the runner's descriptor of the session's output
+        # what the sessions cost: sessions.jsonl as earlier runs of the command left it, then this runner's own
+        # records, kept here: the file is the agent's to write during a session (a line deleted, or one of a
+        # huge or negative cost, moved --max-cost either way)
+        self.spent_before = cost.sessions_spent(self.workspace, args.tag)
+        self.recorded: list[dict] = []
         self.sessions = 0
         self.tty = sys.stdout.isatty()
         self.last_line = 0.0
@@ -181,9 +186,15 @@ class Runner:
     def rows(self) -> list:
         """The server's rows: a results.tsv edited by hand ends no night."""
         state = self.state()
-        if limits.recorded_rows(state) is not None:
-            return ledger.rows_of(state)
-        return ledger.read_rows(self.workspace / ledger.LEDGER_NAME)[0]
+        recorded = limits.recorded_rows(state)
+        if recorded is None:
+            return ledger.read_rows(self.workspace / ledger.LEDGER_NAME)[0]
+        return [row for row in map(_row, recorded) if row is not None]
+
+    def runs(self) -> list[dict]:
+        """The state's runs, each a dict (the rest is no server's)."""
+        runs = self.state().get("runs")
+        return [e for e in runs.values() if isinstance(e, dict)] if isinstance(runs, dict) else []
 
     def over(self) -> str | None:
         state = self.state()
@@ -205,12 +216,12 @@ class Runner:
         left = limits.left(state, [(r.status, r.val_bpb, r.description) for r in rows])
         if left:
             parts.append(left.split("; ")[0])
-        for entry in (state.get("runs") or {}).values():
+        for entry in self.runs():
             if entry.get("status") == "running":
-                progress = logparse.last_progress(logparse.read_tail_bytes(self.workspace / entry["log"])) \
-                    if (self.workspace / entry["log"]).exists() else None
+                log = self.workspace / str(entry.get("log"))
+                progress = logparse.last_progress(logparse.read_tail_bytes(log)) if log.exists() else None
                 step = f"step {progress.step} ({progress.percent:.0f}%)" if progress else "starting"
-                parts.append(f"run {entry['run']}: {step}")
+                parts.append(f"run {entry.get('run')}: {step}")
         return " | ".join(parts)
 
     def show(self, force: bool = False) -> None:
@@ -223,7 +234,10 @@ class Runner:
             self.last_line = now
 
     def spent(self) -> dict:
-        return cost.sessions_spent(self.workspace, self.args.tag)
+        total = copy.deepcopy(self.spent_before)
+        for record in self.recorded:
+            cost.add_session(total, record)
+        return total
 
     def out_of_money(self) -> str | None:
         spent = self.spent()["cost_usd"]
@@ -254,10 +268,11 @@ class Runner:
             env.update({notify.NOTIFY_ENV: self.args.notify, notify.FORMAT_ENV: self.args.notify_format})
         env.update(tracking.server_env(self.args))  # and its tracking
         env.setdefault("MCP_TIMEOUT", "120000")  # the first start of the server may sync its environment
-        output = appended(self.logs / f"session-{self.sessions:03d}.jsonl")
+        if self.output is not None:
+            self.output.close()
+        self.output = appended(self.logs / f"session-{self.sessions:03d}.jsonl")
         self.session = subprocess.Popen(command, cwd=self.workspace, env=env, stdin=subprocess.DEVNULL,
-                                        stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
-        output.close()
+                                        stdout=self.output, stderr=subprocess.STDOUT, start_new_session=True)
         self.say(f"session {self.sessions} started: {' '.join(command[:3])} ... (log {LOG_DIR}/session-"
                  f"{self.sessions:03d}.jsonl)")
 
@@ -301,11 +316,11 @@ class Runner:
                     self.stop_session()
             lasted = time.time() - began
             self.say(f"session {self.sessions} ended after {lasted:.0f} s (exit code {self.session.returncode})")
-            spent = cost.session_result(self.logs / f"session-{self.sessions:03d}.jsonl")
+            self.recorded.append({"session": self.sessions, "tag": self.args.tag, "started_at": began,
+                                  "ended_at": time.time(), "exit_code": self.session.returncode,
+                                  "runs_decided": len(self.rows()) - rows_before} | cost.session_result(self.output))
             with appended(self.workspace / cost.SESSIONS_FILE) as record:
-                record.write(json.dumps({"session": self.sessions, "tag": self.args.tag, "started_at": began,
-                                         "ended_at": time.time(), "exit_code": self.session.returncode,
-                                         "runs_decided": len(self.rows()) - rows_before} | spent).encode() + b"\n")
+                record.write(json.dumps(self.recorded[-1]).encode() + b"\n")
             if self.over():
                 continue
             # a short session that decided runs was working; one that decided nothing failed
@@ -325,13 +340,16 @@ class Runner:
         """How long past the deadline a session may finish the run it has: one run's timeout, at most the
         server's own for its budget (a longer one is the agent's to ask, and such a run is no result), and the
         harness's evaluation after it where the run verifies."""
-        return max(map(run_allowance, (self.state().get("runs") or {}).values()), default=0) + self.grace_s
+        return max(map(self.allowance, self.runs()), default=0) + self.grace_s
+
+    def allowance(self, entry: dict) -> float:
+        """Seconds one run may take, whatever the state says: its training, at most the server's timeout for
+        the budget, then its evaluation's limit."""
+        training = min(_seconds(entry.get("timeout", 0)), _seconds(entry.get("most_seconds")), self.most_seconds)
+        return training + (integrity.evaluation_timeout(training) if entry.get("verifies") is True else 0.0)
 
     def session_tail(self, lines: int = 8) -> str:
-        try:
-            text = cost.read_tail(self.logs / f"session-{self.sessions:03d}.jsonl", 1 << 20)
-        except OSError:
-            return "(no output)"
+        text = cost.tail_of(self.output, 1 << 20)
         shown = []
         for line in text.splitlines()[-lines:]:
             try:
@@ -361,6 +379,21 @@ class Runner:
             if line:
                 print(f"spent: {line}")
         print(f"logs: {self.logs}")
+
+
+def _row(entry) -> Row | None:
+    """A row of the state's, checked: the runner reads the state the agent can write while no transaction
+    of the server's puts it back, and a row of another shape raised out of the runner."""
+    try:
+        return Row(**dict(zip(Row.model_fields, entry, strict=True)))
+    except (TypeError, ValueError):
+        return None
+
+
+def _seconds(value) -> float:
+    """A number of seconds from the state; anything else (text, NaN) is none: inf."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+    return value if ok else float("inf")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -422,10 +455,12 @@ def main(args) -> int:
     try:
         code = runner.run()
     except KeyboardInterrupt:
+        code = 130
+    finally:  # whatever ends the runner ends its session: none goes on unwatched, past every limit
         runner.stop_session()
+    if code == 130:
         runner.say("interrupted: the session and its training were stopped; the ledger is intact. "
                    "Run the same command to resume.")
-        code = 130
     runner.summary()
     runner.notifier.close()
     return code

@@ -18,13 +18,8 @@ from mcp_server.phases.dispatch import dispatch, require_owner, run_command
 from mcp_server.core.models import Refusal, SetupResult
 from mcp_server.phases.runs import RUNS_DIR, UNDECIDED, LoopCore, run_name
 from mcp_server.core.workspace import (BRANCH_PREFIX, EDITABLE, RUN_REF_PREFIX, cache_dir, prepared_info, time_budget,
-                                  validate_tag)
+                                  timeout_for, validate_tag)
 
-TIMEOUT_FACTOR = 3.0
-# A budget counts training time only: start-up, a cold compile and evaluation come on top (on a
-# loaded 2-core CPU: a 2-minute compile, and a CPU-clock budget that stretches the wall time), so
-# the default timeout has a floor above the budget. A timeout is for hung runs, not slow ones.
-MIN_TIMEOUT_MARGIN_S = 300.0
 MAX_TIMEOUT_S = 86400.0
 MAX_COMMIT_ATTEMPTS = 20  # candidates whose 7-character hash collides with a logged one are re-made
 HARNESS_FILES_SHOWN = 10  # in the note that a research run's harness differs from the one before's
@@ -144,7 +139,7 @@ def _archive_ledger(core: LoopCore) -> str | None:
     if not core.ledger_path.exists() or not core.rows():
         return None
     archive = core.state.dir / "archive"
-    archive.mkdir(parents=True, exist_ok=True)
+    ledger.make_folder(archive)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for k in range(1000):
         target = archive / (f"results-{stamp}.tsv" if k == 0 else f"results-{stamp}-{k}.tsv")
@@ -159,10 +154,6 @@ def _archive_ledger(core: LoopCore) -> str | None:
 
 def default_timeout(core: LoopCore) -> float:
     return timeout_for(time_budget(core.root))
-
-
-def timeout_for(budget: float) -> float:
-    return max(TIMEOUT_FACTOR * budget, budget + MIN_TIMEOUT_MARGIN_S)
 
 
 def submit(core: LoopCore, description: str, timeout_seconds: float | None = None, source: bytes | None = None,
