@@ -152,3 +152,42 @@ def test_a_file_replaced_in_the_slot_by_a_fifo_a_link_or_nothing_stops_the_copy_
     with pytest.raises(checkout_copy.ChangedAfterCheckout, match="helper.txt is not the run's commit's"):
         checkout_copy.copy(str(slot), files, str(tmp_path / "again"))
     assert time.monotonic() - started < 5
+
+
+def test_two_slots_ending_together_read_their_commits_files_at_once(tmp_path):
+    """Found while timing the suite: two slots' runs that end together each dispatch the next run from their own
+    thread, and each lists its commit's files (integrity.commit_files). One Repo's `git cat-file` pipe, shared
+    by both threads, went out of step: one thread waited on it forever (the server hung, nothing running), or
+    read an object that was not its own. Each thread now reads through its own Repo."""
+    import subprocess
+    import threading
+    from mcp_server.core import integrity
+    from mcp_server.core.workspace import Workspace
+    repo = tmp_path / "repo"
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    for i in range(30):  # commits of a few files each, never listed before (the listing is cached per commit)
+        for j in range(5):
+            (repo / f"d{i}" / f"f{j}.txt").parent.mkdir(exist_ok=True)
+            (repo / f"d{i}" / f"f{j}.txt").write_bytes(os.urandom(15000).hex().encode())
+        subprocess.run(["git", "-C", str(repo), "add", "-A"], check=True)
+        subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", f"{i}"],
+                       check=True)
+    ws = Workspace(repo)
+    commits = [c.hexsha for c in ws.repo.iter_commits()]
+    listed, errors = {}, []
+
+    def list_files(part: int):
+        try:
+            for commit in commits[part::3]:
+                listed[commit] = integrity.commit_files(ws, commit)
+        except Exception as exc:
+            errors.append(exc)
+    threads = [threading.Thread(target=list_files, args=(k,), daemon=True) for k in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in threads), "a thread waits on git's pipe forever"
+    assert not errors, errors
+    for n, commit in enumerate(reversed(commits)):  # every listing is its own commit's: 5 files per commit so far
+        assert len(listed[commit]) == 5 * (n + 1), (n, len(listed[commit]))

@@ -248,8 +248,9 @@ class HarnessRepo(git.Repo):
 class Workspace:
     def __init__(self, root: Path):
         self.root = Path(root).resolve()
+        self._threads = threading.local()
         try:
-            self.repo = HarnessRepo(self.root)
+            self._threads.repo = HarnessRepo(self.root)
         except (git.InvalidGitRepositoryError, git.NoSuchPathError):
             raise Refusal(f"{self.root} is not a git repository: clone autoresearch (or this project) "
                           "there, or start the server with --workspace pointing at one.") from None
@@ -257,6 +258,15 @@ class Workspace:
             raise Refusal(f"{self.root} is inside the repository {self.repo.working_tree_dir}; "
                           "point --workspace at the repository root.")
         self._env = None if self._has_identity() else FALLBACK_IDENTITY
+
+    @property
+    def repo(self) -> HarnessRepo:
+        """This thread's: a Repo reads objects through one `git cat-file` pipe, which two threads at once (two
+        slots' runs ending together) put out of step, and a read then waits forever or reads another's object."""
+        repo = getattr(self._threads, "repo", None)
+        if repo is None:
+            repo = self._threads.repo = HarnessRepo(self.root)
+        return repo
 
     def _has_identity(self) -> bool:
         reader = self.repo.config_reader()
