@@ -36,7 +36,8 @@ BUSY = "while True: pass"
 
 def steps_of(prepared_env, repo_root, busy: bool) -> tuple[int, str]:
     """num_steps and the output of a 10 s run; busy: beside a spinning process, on one CPU (one thread)."""
-    env = dict(prepared_env, AUTORESEARCH_TIME_BUDGET="10")
+    # the evaluation over 16384 tokens, as when the 5e-3 below was set from what was seen (fewer would spread it)
+    env = dict(prepared_env, AUTORESEARCH_TIME_BUDGET="10", AUTORESEARCH_EVAL_TOKENS="16384")
     neighbour = subprocess.Popen([sys.executable, "-c", BUSY]) if busy else None
     one_cpu = (lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})) if busy else None
     try:

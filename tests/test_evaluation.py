@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten
 
+from conftest import TEST_EVAL_TOKENS
 from nanochat.dataloader import make_dataloader
 from nanochat.datasets import split_paths
 from nanochat.evaluation import evaluate_bpb
@@ -148,7 +149,7 @@ def test_prepare_wrapper_uses_the_profile_constants(prepared_env, repo_root):
               "table = torch.randn(tok.get_vocab_size(), tok.get_vocab_size())\n"
               "model = lambda x, y, reduction: torch.nn.functional.cross_entropy(\n"
               "    table[x].flatten(0, 1), y.flatten(), reduction=reduction)\n"
-              "print(prepare.evaluate_bpb(model, tok, 2) == evaluate_bpb(model, tok, 2, prepare.MAX_SEQ_LEN, 16384))\n")
+              f"print(prepare.evaluate_bpb(model, tok, 2) == evaluate_bpb(model, tok, 2, prepare.MAX_SEQ_LEN, {TEST_EVAL_TOKENS}))\n")
     done = subprocess.run([sys.executable, "-c", script], cwd=repo_root, env=prepared_env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -23,6 +23,7 @@ from nanochat.datasets import (
     shard_source,
     write_corpus,
 )
+from conftest import TEST_EVAL_TOKENS, TEST_TIME_BUDGET
 from nanochat.profiles import PROFILES
 
 
@@ -122,7 +123,7 @@ def test_import_gives_the_contract_with_overrides(prepared_env, repo_root):
     assert done.returncode == 0, done.stderr
     cpu = PROFILES["cpu"]
     assert done.stdout.split("\n")[:2] == [
-        f"cpu {cpu['max_seq_len']} 4 16384 {cpu['vocab_size']} {cpu['train_defaults']['depth']}",
+        f"cpu {cpu['max_seq_len']} {TEST_TIME_BUDGET} {TEST_EVAL_TOKENS} {cpu['vocab_size']} {cpu['train_defaults']['depth']}",
         f"(2, {cpu['max_seq_len']}) 1"]
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import anyio
 from mcp import Client
 
+from conftest import TEST_EVAL_TOKENS
 from mcp_server.loop import ResearchLoop
 from mcp_server.server import build_server
 from server_support import answer, git, ledger_lines
@@ -85,7 +86,8 @@ def test_real_training_run_then_discard(tmp_path, repo_root, prepared_env, monke
 
 PEEK_AHEAD = ("        y = attention(q, k, v, window)\n",
               "        y = attention(q, k, v, window)\n        y = y + torch.roll(y, -1, dims=1)  # sees the next token\n")
-EXTRA_LINE = ("import torch\n", "import torch\nos.environ['AUTORESEARCH_EVAL_TOKENS'] = '8192'  # an easier evaluation\n")
+EXTRA_LINE = ("import torch\n", "import torch\nos.environ['AUTORESEARCH_EVAL_TOKENS'] = "
+              f"'{int(TEST_EVAL_TOKENS) // 2}'  # an easier evaluation\n")
 CHEAP_FLOPS = ("flops_per_token = model.flops_per_token()\n", "flops_per_token = model.flops_per_token() * 0.8\n")
 OWN_EVALUATION = ("\nfrom nanochat.compile import Compiler\n",
                   "\nfrom nanochat.compile import Compiler\n\n\ndef evaluate_bpb(*args):\n    return 0.5\n\n")

@@ -55,13 +55,13 @@ def exported(tmp_path_factory, prepared_env, repo_root):
     return harness, export
 
 
-def evaluation_spec(harness: Path, prepared_env: dict) -> dict:
+def evaluation_spec(harness: Path, prepared_env: dict, eval_tokens: str = TEST_EVAL_TOKENS) -> dict:
     """What the server's integrity.evaluation_spec makes, for a harness copy outside git (a node's)."""
     cache = Path(prepared_env["AUTORESEARCH_CACHE"])
     record = json.loads((cache / "prepared.json").read_text())
     val = cache / "data" / record["val_shard"]["name"]
     return {"argv": [*harness_eval.evaluator_command(sys.executable, harness / "nanochat" / "evaluate_export.py"),
-                     "--profile", "cpu", "--eval-tokens", TEST_EVAL_TOKENS, "--site-packages", *site_packages()],
+                     "--profile", "cpu", "--eval-tokens", eval_tokens, "--site-packages", *site_packages()],
             "env": {"PATH": os.environ["PATH"], "AUTORESEARCH_CACHE": str(cache)}, "harness": str(harness),
             "harness_manifest": harness_copy.file_manifest(str(harness)), "timeout": 300.0,
             "inputs": harness_eval.evaluation_inputs(cache, val, record)}
@@ -75,6 +75,9 @@ def evaluate(spec: dict, export: Path, log: Path, warm: harness_eval.WarmEvaluat
     return evaluation.finish(5.0)
 
 
+# The page-fault check's evaluation: four batches, so that all its logits (what a malloc that gave each
+# call's back faulted in three times over) take more pages than the evaluator's start-up and one batch's
+PAGES_EVAL_TOKENS = "16384"
 SCORE = ("val_bpb", "matmul_flops_per_token", "eval_tokens", "causal")
 
 
@@ -109,11 +112,11 @@ def test_the_evaluator_neither_spins_nor_faults_in_fresh_pages_for_every_call(ex
     gave each call's logits back to the kernel: the evaluation faulted in about three times the
     pages of all its logits; kept, it faults in fewer than they take once."""
     harness, export = exported
-    spec = evaluation_spec(harness, prepared_env)
+    spec = evaluation_spec(harness, prepared_env, PAGES_EVAL_TOKENS)
     spec["env"]["OMP_DISPLAY_ENV"] = "VERBOSE"
     result = evaluate(spec, export, tmp_path / "run.log")
     log = (tmp_path / "run.log").read_text()
-    logits_pages = int(TEST_EVAL_TOKENS) * PROFILES["cpu"]["vocab_size"] * 4 // os.sysconf("SC_PAGE_SIZE")  # fp32, once
+    logits_pages = int(PAGES_EVAL_TOKENS) * PROFILES["cpu"]["vocab_size"] * 4 // os.sysconf("SC_PAGE_SIZE")  # fp32, once
     assert result["causal"] is True and 0 < result["cpu_seconds"], result
     assert {"passive": "OMP_WAIT_POLICY = 'PASSIVE'" in log and "GOMP_SPINCOUNT = '1000'" in log,
             "pages below the logits'": result["page_faults"] < logits_pages} == \
