@@ -440,7 +440,8 @@ def register_measurements(srv: MCPServer, loop: ResearchLoop) -> None:
         repeat on another stretch of the training data (on the CPU profile's flops clock the same
         code otherwise repeats to within a few 1e-5). Each repeat is logged as a discard row
         'noise repeat k/N of <commit>, data order D' (a crash row if it fails); the std is stored
-        and every later result says if a gain beats it."""
+        and every later result says if a gain beats it; none is where its values on different data
+        orders agree to 1e-4 (train.py ignores the order: that is no noise)."""
         if not 1 <= repeats <= MAX_NOISE_REPEATS:
             raise Refusal(f"repeats must be between 1 and {MAX_NOISE_REPEATS}.")
         state = loop.state.load()
@@ -485,8 +486,9 @@ def register_measurements(srv: MCPServer, loop: ResearchLoop) -> None:
         """Re-measure a pending gain beside a contemporaneous control: the best's code and the
         candidate's are rerun, interleaved, `pairs` times, each pair on another stretch of the
         training data (each rerun logged as a discard row), and the gain counts as confirmed when
-        the candidate beats the control in every pair. On the flops clock a run depends only on its
-        code and data (to ~1e-5), so the best's earlier rerun on a stretch (a noise repeat, its own
+        the candidate beats the control in every pair (and neither code repeats its number on
+        different data orders, as one that ignores the order does). On the flops clock a run
+        depends only on its code and data (to ~1e-5), so the best's earlier rerun on a stretch (a noise repeat, its own
         confirmation) stands as that pair's control: one run instead of two. keep() requires this
         for a gain within a few noise widths, or one measured at a different speed than the best's
         run; the answer says how many extra runs the research run has spent."""
@@ -523,13 +525,15 @@ def register_measurements(srv: MCPServer, loop: ResearchLoop) -> None:
         pairs_done = [(ctrl, cand) for ctrl, cand in pairs_done if ctrl is not None and cand is not None]
         deltas = [round(cand - ctrl, 6) for ctrl, cand in pairs_done]
         confirmed = bool(deltas) and len(deltas) == pairs and all(d < 0 for d in deltas)
-        total = await threaded(loop.record_confirmation, n,
-                               {"confirmed": confirmed, "paired_deltas": deltas, "runs": runs}, len(runs))
+        total, blind = await threaded(loop.record_confirmation, n,
+                                      {"confirmed": confirmed, "paired_deltas": deltas, "runs": runs}, len(runs))
+        confirmed = confirmed and not blind
         return compact(ConfirmResult(
             run=n, confirmed=confirmed, paired_deltas=deltas, control_val_bpb=[c for c, _ in pairs_done],
             candidate_val_bpb=[c for _, c in pairs_done], failed=failed, reused=reused or None,
             extra_runs=len(runs), extra_runs_total=total,
-            next=(f"keep(run={n})" if confirmed else f"the gain did not hold: discard(run={n})")
+            next=(f"keep(run={n})" if confirmed else f"{blind} The gain is not confirmed: discard(run={n})" if blind
+                  else f"the gain did not hold: discard(run={n})")
             + ("" if not failed else "; some reruns failed: read their logs")))
 
 

@@ -172,21 +172,23 @@ def test_a_gain_that_does_not_hold_needs_an_explicit_override(fake_env):
 def test_on_the_flops_clock_a_rerun_of_the_best_stands_as_the_control(fake_env, monkeypatch):
     """A run on the flops clock depends on its code and data order only: the best's noise repeat on
     data order 1 is the control of the first confirmation's first pair, the confirmed candidate's
-    rerun on order 2 the control of the next confirmation; measure_noise counts the reruns it already has."""
+    rerun on order 2 the control of the next confirmation; measure_noise counts the reruns it already has.
+    Each data order moves val_bpb by 0.001 (a train.py that ignored it would be refused: tests/test_data_order.py)."""
     monkeypatch.setenv("AUTORESEARCH_BUDGET_CLOCK", "flops")
     monkeypatch.setenv("FAKE_FLOPS_CLOCK", "1")
+    monkeypatch.setenv("FAKE_ORDER_EFFECT", "0.001")
     lab = noisy_lab(fake_env, 0.0)
     try:
         answer(lab.call("setup", tag="flops"))
         answer(lab.call("run_experiment", description="baseline"))  # run 1
         answer(lab.call("keep"))
         noise = answer(lab.call("measure_noise", repeats=1))  # run 2: order 1
-        assert noise["noise"]["values"] == [1.0, 1.0]
+        assert noise["noise"]["values"] == [1.0, 1.001]
         set_knobs(lab.ws, VAL_BPB=0.99)
         answer(lab.call("run_experiment", description="an idea"))  # run 3
         confirmation = answer(lab.call("confirm", pairs=2))  # order 1: run 2 stands beside run 4; order 2: 5, 6
         assert confirmation["confirmed"] and confirmation["paired_deltas"] == [-0.01, -0.01]
-        assert confirmation["reused"] == ["control 1/2: run 2's 1.000000 on data order 1 "
+        assert confirmation["reused"] == ["control 1/2: run 2's 1.001000 on data order 1 "
                                           "(on the flops clock a rerun repeats it to ~1e-5)"]
         assert (confirmation["extra_runs"], confirmation["extra_runs_total"]) == (3, 4)
         answer(lab.call("keep"))
@@ -197,14 +199,14 @@ def test_on_the_flops_clock_a_rerun_of_the_best_stands_as_the_control(fake_env, 
         set_knobs(lab.ws, VAL_BPB=0.985)
         answer(lab.call("run_experiment", description="the next idea"))  # run 7
         confirmation = answer(lab.call("confirm"))  # the best's own confirmation on order 2 (run 6) stands
-        assert confirmation["reused"] == ["control 1/1: run 6's 0.990000 on data order 2 "
+        assert confirmation["reused"] == ["control 1/1: run 6's 0.992000 on data order 2 "
                                           "(on the flops clock a rerun repeats it to ~1e-5)"]
         assert confirmation["paired_deltas"] == [-0.005] and confirmation["extra_runs"] == 1
         answer(lab.call("keep"))
         assert "data order=2\n" in next((lab.ws / "runs").glob("0008-*.log")).read_text()
-        # the kept code's reruns (run 8 on order 2) count as noise values: one repeat more makes three
+        # the kept code's reruns (run 8 on order 2) count as noise values: one repeat more (order 3) makes three
         noise = answer(lab.call("measure_noise", repeats=1))["noise"]
-        assert noise["values"] == [0.985, 0.985, 0.985]
+        assert noise["values"] == [0.985, 0.987, 0.988]
         assert answer(lab.call("status"))["extra_runs"] == 6
     finally:
         lab.loop.shutdown()

@@ -6,12 +6,22 @@ stretch of the training data (on the CPU profile's flops clock the code alone wo
 to within a few 1e-5); the estimate is the sample standard deviation of those values. A gain
 counts as real when it exceeds two standard deviations (and the observed spread): below that, a
 keep is a coin flip.
+
+A train.py that does not train on the data order it is given (one that drops
+AUTORESEARCH_DATA_ORDER before nanochat/dataloader.py reads it) repeats its number on every order
+there, so its noise would be 0 and every pair of a confirmation the same luck: values on different
+data orders that agree within ORDER_TOLERANCE are believed to be that, not noise.
 """
 import statistics
 
 from mcp_server.core.models import NoiseEstimate
 
 SIGMAS = 2.0
+# Runs of the same code on the same data on the flops clock repeat to ~1e-6 in a session and differ by
+# up to ~3e-5 across sessions (docs/harness.md: 2.146262 and 2.146232); another stretch of the data
+# moves val_bpb by ~1e-2 (orders 0/1/2 of train.py: 2.905100, 2.888756, 2.890990; std ~0.009), so two
+# honest values fall within 1e-4 of each other about once in 160 pairs, three about once in 30,000.
+ORDER_TOLERANCE = 1e-4
 
 
 def estimate(values: list[float]) -> NoiseEstimate:
@@ -19,6 +29,13 @@ def estimate(values: list[float]) -> NoiseEstimate:
     spread = max(values) - min(values)
     return NoiseEstimate(values=[round(v, 6) for v in values], std=round(std, 6),
                          spread=round(spread, 6), threshold=round(max(SIGMAS * std, spread), 6))
+
+
+def ignores_data_order(measured: list[tuple[int, float]]) -> bool:
+    """Whether values of one code, each (data order, val_bpb), span two or more orders yet agree
+    within ORDER_TOLERANCE: the code trained on the same tokens each time."""
+    values = [v for _, v in measured]
+    return len({order for order, _ in measured}) >= 2 and max(values) - min(values) <= ORDER_TOLERANCE
 
 
 def for_device(state: dict, device: str | None) -> dict | None:

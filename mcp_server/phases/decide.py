@@ -119,10 +119,12 @@ def _keep_evidence(entry: dict, noise: dict | None, unconfirmed: bool) -> str:
         deltas = ", ".join(f"{d:+.6f}" for d in confirmation["paired_deltas"]) or "none finished"
         if confirmation["confirmed"]:
             return f"confirmed: rerun beside a rerun of the best, the candidate won each pair ({deltas})"
+        why = confirmation.get("reason") or f"Run {n}'s gain did not hold beside a rerun of the best."
         if not unconfirmed:
-            raise Refusal(f"Run {n}'s gain did not hold beside a rerun of the best (paired deltas {deltas}): "
-                          f"discard(run={n}), or keep(run={n}, unconfirmed=true) against that evidence.")
-        return f"kept unconfirmed on request, though its confirmation failed ({deltas})"
+            raise Refusal(f"{why} Paired deltas {deltas}: discard(run={n}), or keep(run={n}, unconfirmed=true) "
+                          "against that evidence.")
+        ignored = f"; {confirmation['reason'].split(':')[0]}" if confirmation.get("reason") else ""
+        return f"kept unconfirmed on request, though its confirmation failed ({deltas}{ignored})"
     need = confirmation_needed(result, noise)
     if need and not unconfirmed:
         raise Refusal(f"Run {n} needs confirming before keep: {need}. confirm(run={n}) reruns the best and the "

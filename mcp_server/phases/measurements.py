@@ -6,20 +6,29 @@ measurements as controls. The noise estimate itself is noise.estimate's; this mo
 
 Imports the core (runs) only.
 """
-from mcp_server.core import noise
-from mcp_server.core.models import NoiseEstimate, RunResult
+from mcp_server.core import ledger, noise
+from mcp_server.core.models import NoiseEstimate, Refusal, RunResult
 from mcp_server.phases.runs import LoopCore
 from mcp_server.core.workspace import budget_clock
 
 
-def record_confirmation(core: LoopCore, run: int, confirmation: dict, spent: int) -> int:
-    """Stores the verdict on the candidate's entry; returns the research run's extra runs so far."""
+def record_confirmation(core: LoopCore, run: int, confirmation: dict, spent: int) -> tuple[int, str | None]:
+    """Stores the verdict on the candidate's entry, failed where the candidate's or the control's code
+    repeated its number on different data orders; returns the research run's extra runs so far and
+    that reason (None when there is none)."""
     with core.state.transaction() as state:
         entry = (state.get("runs") or {}).get(str(run))
+        reason = None
         if entry is not None:
+            own = [(entry.get("data_order", 0), entry["result"]["val_bpb"])]
+            reason = (_order_blind(core, state, entry["commit"], own, f"Run {run}'s train.py")
+                      or _order_blind(core, state, entry["parent"], _kept_values(state, entry["parent"]),
+                                      "The best's train.py"))
+            if reason:
+                confirmation |= {"confirmed": False, "reason": reason}
             entry["confirmation"] = confirmation
         state["extra_runs"] = state.get("extra_runs", 0) + spent
-        return state["extra_runs"]
+        return state["extra_runs"], reason
 
 
 def _repeatable(core: LoopCore) -> bool:
@@ -73,22 +82,52 @@ def fresh_data_order(core: LoopCore) -> int:
         return state["data_orders"]
 
 
+def _kept_values(state: dict, commit: str) -> list[tuple[int, float]]:
+    """(0, val_bpb) of each keep row of a commit: its own runs trained on the usual data order."""
+    return [(0, r.val_bpb) for r in ledger.rows_of(state) if r.commit == commit[:7] and r.status == "keep"]
+
+
+def _by_order(core: LoopCore, state: dict, commit: str, own: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """(data order, val_bpb) of a commit's code: its own runs' and, where the clock makes reruns
+    repeatable, its reruns on other data orders (noise repeats, controls, confirmations)."""
+    return own + [(order, m["val_bpb"]) for order, m in sorted(_measurements_of(core, state, commit).items())]
+
+
 def noise_values_from_kept(core: LoopCore) -> list[float]:
-    """The kept commit's own value and, where the clock makes reruns repeatable, its reruns on
-    other data orders so far (earlier noise repeats, its confirmation as a candidate)."""
+    """The kept commit's own value and its reruns on other data orders so far."""
     state = core.state.load()
     kept = state.get("kept_commit", "")
-    own = [r.val_bpb for r in core.rows() if r.commit == kept[:7] and r.status == "keep"]
-    reruns = _measurements_of(core, state, kept) if kept else {}
-    return own + [m["val_bpb"] for _, m in sorted(reruns.items())]
+    return [v for _, v in _by_order(core, state, kept, _kept_values(state, kept))] if kept else []
+
+
+def _order_blind(core: LoopCore, state: dict, commit: str, own: list[tuple[int, float]], whose: str) -> str | None:
+    """Why a code's values cannot be noise: on different data orders they repeat one number; None
+    when they do not."""
+    measured = _by_order(core, state, commit, own)
+    if not noise.ignores_data_order(measured):
+        return None
+    seen = ", ".join(f"{v:.6f} on order {order}" for order, v in measured)
+    return (f"{whose} does not train on the data order the harness gives it: its val_bpb repeats within "
+            f"{noise.ORDER_TOLERANCE:g} on different stretches of the training data ({seen}), which other tokens "
+            "cannot do (a train.py that reads the order lands two values this close about once in 160 by chance; "
+            "one more rerun tells). The server sets AUTORESEARCH_DATA_ORDER for each rerun and nanochat/dataloader "
+            "reads it: restore train.py's data loading (leave that variable and the dataloader alone).")
 
 
 def store_noise(core: LoopCore, values: list[float], spent: int, device: str | None = None) -> NoiseEstimate:
-    """The estimate, also kept per GPU model: a result is judged against its own model's noise."""
+    """The estimate, also kept per GPU model: a result is judged against its own model's noise.
+    Refused (the repeats counted as extra runs, their rows kept) where the kept code's values repeat
+    on different data orders: that is no noise, and 0 would make every later gain beyond it."""
     estimate = noise.estimate(values)
     with core.state.transaction() as state:
-        state["noise"] = estimate.model_dump()
         state["extra_runs"] = state.get("extra_runs", 0) + spent
-        if device:
-            state.setdefault("noise_by_device", {})[device] = estimate.model_dump()
+        kept = state.get("kept_commit", "")
+        blind = _order_blind(core, state, kept, _kept_values(state, kept), "The kept commit's train.py")
+        if not blind:
+            state["noise"] = estimate.model_dump()
+            if device:
+                state.setdefault("noise_by_device", {})[device] = estimate.model_dump()
+    if blind:
+        raise Refusal(f"{blind} Run and keep that, then measure_noise() again. No noise estimate was stored; "
+                      "the repeats stay in the ledger as discard rows.")
     return estimate
