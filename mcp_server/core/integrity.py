@@ -28,7 +28,7 @@ import gitdb.exc
 from mcp_server.core import ledger
 from mcp_server.core.models import Refusal
 from mcp_server.scripts.harness_eval import evaluation_inputs, evaluator_command, hidden_from_runs, sha256_of
-from mcp_server.core.workspace import EDITABLE, cache_dir, prepared_info
+from mcp_server.core.workspace import EDITABLE, cache_dir, prepared_info, read_prepared
 
 HARNESS_DIR = "research-loop/harness"  # inside .git: the pristine harness the evaluation runs from
 EXPORTS_DIR = ".research-loop/exports"
@@ -241,13 +241,19 @@ def worker_args(ws, root: Path, run: int, commit: str, timeout: float, harness: 
 def cache_fingerprint() -> str | None:
     """The prepared record, the tokenizer's files and the data shards' names and sizes: a change
     moves the budget, the tokenizer or what the runs see as data."""
+    return fingerprint_of(read_prepared())
+
+
+def fingerprint_of(record: bytes | None) -> str | None:
+    """cache_fingerprint with the prepared record's bytes as read (workspace.read_prepared): a check and
+    what is taken from the record after it must be one read, or the agent's process could put another
+    record there between the two (review 48: a budget ten times the research run's)."""
     cache = cache_dir()
     if not cache.is_dir():
         return None
     digest = hashlib.sha256()
     # read as plain files without blocking (ledger.read_plain): a FIFO the agent put in the cache hung
     # run_experiment under the state lock, a link to /dev/zero read without end
-    record = ledger.read_plain(cache / "prepared.json")
     digest.update(b"(no record)" if record is None else record)
     for folder in ("tokenizer", "data"):
         for path in sorted((cache / folder).glob("*")) if (cache / folder).is_dir() else ():
