@@ -17,8 +17,8 @@ from mcp_server.core import envpin, history, integrity, ledger, limits
 from mcp_server.phases.dispatch import dispatch, require_owner, run_command
 from mcp_server.core.models import Refusal, SetupResult
 from mcp_server.phases.runs import RUNS_DIR, UNDECIDED, LoopCore, run_name
-from mcp_server.core.workspace import (BRANCH_PREFIX, EDITABLE, RUN_REF_PREFIX, budget_of, cache_dir, parse_prepared,
-                                       prepared_info, read_prepared, time_budget, validate_tag)
+from mcp_server.core.workspace import (BRANCH_PREFIX, EDITABLE, RUN_REF_PREFIX, budget_of, cache_dir, prepared_info,
+                                       time_budget, validate_tag)
 
 TIMEOUT_FACTOR = 3.0
 # A budget counts training time only: start-up, a cold compile and evaluation come on top (on a
@@ -208,7 +208,7 @@ def submit(core: LoopCore, description: str, timeout_seconds: float | None = Non
         elif novel:
             tried = novelty.check(core, state, source, False)
         core.check_branch_holds_best(state)
-        record = _checked_record(state)
+        record = integrity.checked_record(state)
         watched = _check_environment(core, state)
         if tried.answer:
             return {"answered": tried.answer.model_dump()}
@@ -251,18 +251,6 @@ def _decide_first(core: LoopCore, undecided: list[dict]) -> str:
     runs = ", ".join(str(e["run"]) for e in undecided)
     return (f"{len(undecided)} results are not decided yet (runs {runs}), as many as there are slots: "
             "keep(run=N) or discard(run=N) first.")
-
-
-def _checked_record(state: dict) -> dict:
-    """The prepared record, from the one read whose cache matches setup's fingerprint: the run is judged by
-    what was checked, never by a second read the agent's process could time (review 48)."""
-    data = read_prepared()
-    recorded = state.get("cache_fingerprint")
-    if recorded and integrity.fingerprint_of(data) != recorded:
-        raise Refusal(f"The prepared data, tokenizer or their record in {cache_dir()} changed since setup "
-                      "(prepared.json edited, a shard added or removed?): every run of a research run must see "
-                      "the same harness. Restore the cache, or prepare it again and call setup(tag) for a new run.")
-    return parse_prepared(data) or {}
 
 
 def _check_environment(core: LoopCore, state: dict) -> dict:
