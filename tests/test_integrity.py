@@ -4,8 +4,11 @@ bend it, played by the fake trainer, is refused or marked with the reason in the
 The export, the separate evaluation and the causality check need the real train.py: they are in
 test_server_e2e.py."""
 import contextlib
+import ctypes
 import json
 import os
+import select
+import threading
 from pathlib import Path
 
 import pytest
@@ -63,6 +66,66 @@ def test_a_run_that_trains_past_its_budget_and_says_it_did_not_is_no_result(fake
         run = answer(lab.call("wait"))["results"][0]
         (cache / "prepared.json").write_text(record)
         assert run["status"] == "crash" and "over the 1s budget" in run["tail"], run
+    finally:
+        lab.loop.shutdown()
+
+
+class RecordSwapper(threading.Thread):
+    """The agent's process beside the server: it watches the cache folder (inotify) and, as soon as the
+    server has read prepared.json once (its check against setup's fingerprint), puts an edited record in its
+    place, then the original back after the server's next read: each check sees the record as set up."""
+
+    def __init__(self, cache: Path, edited: dict):
+        super().__init__(daemon=True)
+        self.path, self.reads = cache / "prepared.json", 0
+        self.original = self.path.read_bytes()
+        for name, data in (("edited", json.dumps(edited).encode()), ("original", self.original)):
+            (cache / f".{name}").write_bytes(data)
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = libc.inotify_init1(os.O_NONBLOCK)
+        assert self.fd >= 0 and libc.inotify_add_watch(self.fd, bytes(cache), 0x10) >= 0  # IN_CLOSE_NOWRITE
+        self.done = threading.Event()
+
+    def run(self):
+        from mcp_server.scripts import inotify_events
+        while not self.done.is_set():
+            if not select.select([self.fd], [], [], 0.05)[0]:
+                continue
+            for _, _, name in inotify_events.queued(self.fd):
+                if name == "prepared.json" and self.reads < 2:
+                    self.reads += 1
+                    os.link(self.path.parent / (".edited" if self.reads == 1 else ".original"), f"{self.path}.new")
+                    os.replace(f"{self.path}.new", self.path)
+
+    def stop(self):
+        self.done.set()
+        self.join()
+        os.close(self.fd)
+
+
+def test_a_budget_swapped_in_the_record_between_its_check_and_its_read_is_not_the_runs(fake_env, bubblewrap,
+                                                                                        monkeypatch):
+    """Review 48: submit checked the prepared record against setup's fingerprint, then read it again for the
+    budget a quarter of a second later (the environment's check and the commit came between). The agent's
+    process put a ten times longer budget there after the check and the original back after the read: a run
+    that trained eight times its budget was ok, with its budget and the wall it may take ten times the
+    research run's. The budget (and the flops clock's rate) now come from the very bytes that were checked."""
+    from mcp_server.phases import submit
+    monkeypatch.setattr(submit, "MIN_TIMEOUT_MARGIN_S", 2.0)  # the server's timeout for a 1 s budget: 3 s
+    cache = make_cache(fake_env, budget=1.0)
+    lab = Lab(make_workspace(fake_env))
+    try:
+        answer(lab.call("setup", tag="integrity"))
+        set_knobs(lab.ws, SLEEP=8, STEPS=8)  # honest about its time: 8 s of training
+        swapper = RecordSwapper(cache, dict(json.loads((cache / "prepared.json").read_text()), time_budget=10.0))
+        swapper.start()
+        try:
+            run = answer(lab.call("run_experiment", description="ten budgets", timeout_seconds=60))
+        finally:
+            swapper.stop()
+        assert swapper.reads == 2 and (cache / "prepared.json").read_bytes() == swapper.original
+        # judged by the budget checked (or, where the swap comes before the run starts, not started)
+        assert run["status"] == "crash" and ("more than the 3s" in run["tail"] or "changed since setup" in run["tail"]), run
     finally:
         lab.loop.shutdown()
 

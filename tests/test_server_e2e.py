@@ -8,7 +8,9 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import anyio
@@ -248,3 +250,94 @@ def test_without_a_sandbox_a_token_table_swapped_during_the_run_changes_nothing(
     assert run["unsandboxed"] and run["status"] == "ok", run.get("tail")
     honest = float(re.search(r"^honest val_bpb: ([\d.]+)", log, re.M).group(1))
     assert run["verified"] and abs(run["val_bpb"] - honest) < 1e-3, (run["val_bpb"], honest)
+
+
+def test_a_queued_runs_evaluation_is_the_research_runs_whatever_the_record_says_when_it_starts(
+        tmp_path, repo_root, prepared_env, monkeypatch):
+    """Review 48: a run waits in the queue while the slot trains another, and the server built its evaluation
+    (the profile's shapes, the number of tokens scored, the validation shard, what the sandbox hides) from the
+    prepared record when the run started, never checking it: the agent edited `eval_tokens` in the record
+    while the run waited and put it back once it had started, so the run was scored on the validation's first
+    batch alone, a number of the agent's choosing, verified. The record a run starts with must be setup's."""
+    ws = harness_workspace(tmp_path, repo_root, prepared_env, monkeypatch)
+    cache = tmp_path / "cache"
+    shutil.copytree(prepared_env["AUTORESEARCH_CACHE"], cache, ignore=shutil.ignore_patterns("compile"))
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))
+    monkeypatch.delenv("AUTORESEARCH_EVAL_TOKENS")  # the evaluation's size is the record's, as outside the tests
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    record = (cache / "prepared.json").read_text()
+    eval_tokens = json.loads(record)["eval_tokens"]
+    loop = ResearchLoop(ws, [sys.executable, "train.py"], slots=1)
+    source = (ws / "train.py").read_text()
+
+    async def go():
+        async with Client(build_server(loop)) as client:
+            answer(await client.call_tool("setup", {"tag": "queued"}))
+            runs = []
+            for description in ("first", "queued"):
+                (ws / "train.py").write_text(source + f"# {description}\n")
+                runs.append(answer(await client.call_tool("run_experiment", {
+                    "description": description, "wait": False, "timeout_seconds": RUN_TIMEOUT_S})))
+            assert [r["status"] for r in runs] == ["running", "queued"]
+            (cache / "prepared.json").write_text(json.dumps(dict(json.loads(record), eval_tokens=4096)))
+            while loop.entry(runs[1]["run"])["status"] == "queued":
+                await anyio.sleep(0.05)
+            (cache / "prepared.json").write_text(record)
+            return answer(await client.call_tool("wait", {"all": True}))["results"]
+    try:
+        first, queued = anyio.run(go)
+    finally:
+        loop.shutdown()
+    assert first["status"] == "ok" and first["verified"], first
+    report = ws / f"runs/0002-{queued['commit']}.report.json"
+    scored = (json.loads(report.read_text()).get("evaluation") or {}).get("eval_tokens") if report.exists() else None
+    assert scored is None, f"the queued run was scored on {scored} tokens, not the research run's {eval_tokens}"
+    assert queued["status"] == "crash" and "changed since setup" in queued["tail"], queued
+
+
+def test_a_program_the_agent_puts_in_a_runs_export_folder_is_never_the_runs(tmp_path, repo_root, prepared_env,
+                                                                         monkeypatch):
+    """Review 48: the run's export folder (`.research-loop/exports/...`) is the workspace's, which the agent
+    writes outside the sandbox: it trained a model by hand for ten budgets (`train.py` with a longer budget and
+    RESEARCH_LOOP_EXPORT set), and while an honest run of the research run trained, it put that program and its
+    note in the run's export folder. The harness took the first program it found there, and the run's verified
+    val_bpb was the hand-trained model's; train.py and its diff held nothing of it. A bubblewrap run now exports
+    into its sandbox's private /tmp, which the harness reads through the run's own processes."""
+    ws = harness_workspace(tmp_path, repo_root, prepared_env, monkeypatch)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    by_hand = tmp_path / "by-hand"
+    by_hand.mkdir()
+    env = dict(os.environ, AUTORESEARCH_TIME_BUDGET=str(10 * float(prepared_env["AUTORESEARCH_TIME_BUDGET"])),
+               RESEARCH_LOOP_EXPORT=str(by_hand / "model.pt2"))
+    trained = subprocess.run([sys.executable, "train.py"], cwd=ws, env=env, capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-2000:]
+    hand_bpb = float(re.search(r"^val_bpb:\s+([\d.]+)", trained.stdout, re.M).group(1))
+    loop = ResearchLoop(ws, [sys.executable, "train.py"], slots=1)
+    exports = ws / ".research-loop" / "exports"
+
+    def plant():  # into every export folder of a run in flight, as soon as there is one
+        planted = set()
+        while not planted:
+            for folder in exports.glob("*/") if exports.is_dir() else ():
+                if not (folder / "model.pt2").exists():
+                    shutil.copy(by_hand / "model.pt2", folder / "model.pt2")
+                    shutil.copy(by_hand / "model.pt2.json", folder / "model.pt2.json")
+                    planted.add(folder)
+            time.sleep(0.05)
+        return planted
+
+    async def go():
+        async with Client(build_server(loop)) as client:
+            answer(await client.call_tool("setup", {"tag": "planted"}))
+            answer(await client.call_tool("run_experiment", {"description": "honest, one budget", "wait": False,
+                                                             "timeout_seconds": RUN_TIMEOUT_S}))
+            planted = await anyio.to_thread.run_sync(plant)
+            return planted, answer(await client.call_tool("wait", {"all": True}))["results"][0]
+    try:
+        planted, run = anyio.run(go)
+    finally:
+        loop.shutdown()
+    assert planted and run["status"] == "ok" and run["verified"], run
+    printed = float(re.search(r"^val_bpb:\s+([\d.]+)", (ws / run["log"]).read_text(), re.M).group(1))
+    assert abs(run["val_bpb"] - printed) < 1e-4, (run["val_bpb"], printed, hand_bpb)  # its own model's number
+    assert abs(run["val_bpb"] - hand_bpb) > 1e-3, (run["val_bpb"], hand_bpb)

@@ -26,7 +26,7 @@ from mcp import Client
 
 from conftest import TEST_EVAL_TOKENS
 from mcp_server.executors import cluster, executor
-from mcp_server.scripts import harness_copy, harness_eval
+from mcp_server.scripts import harness_copy, harness_eval, sandbox
 from nanochat.profiles import PROFILES
 from mcp_server.core.integrity import site_packages
 from mcp_server.loop import ResearchLoop
@@ -293,8 +293,9 @@ def test_on_the_warm_path_the_sandbox_holds_and_a_hanging_run_is_killed_whole(tm
     assert report["sandbox"] and report["warm_start"] and report["evaluation"]["evaluator"] == "warm", report
     report, log = report_of(ws, hung), (ws / hung["log"]).read_text()
     assert hung["status"] == "timeout" and report["warm_start"], (hung, report)
-    # the run's own environment at import (its number and export path are set only at the hand-over)
-    assert f"AT IMPORT run {hung['run']} export {ws / '.research-loop' / 'exports'}" in log, log[:2000]
+    # the run's own environment at import (its number and export path are set only at the hand-over); it exports
+    # into its private /tmp (review 48: the workspace's export folder is the agent's to write)
+    assert f"AT IMPORT run {hung['run']} export {sandbox.RUN_EXPORT}" in log, log[:2000]
     assert "torch already True" in log, log[:2000]
     # the timeout counts from the hand-over, not from the worker's start HANG_DELAY_S earlier
     assert hung_seconds >= HANG_TIMEOUT_S and report["wall_seconds"] >= HANG_TIMEOUT_S, (hung_seconds, report)

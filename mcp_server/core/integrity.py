@@ -28,7 +28,7 @@ import gitdb.exc
 from mcp_server.core import ledger
 from mcp_server.core.models import Refusal
 from mcp_server.scripts.harness_eval import evaluation_inputs, evaluator_command, hidden_from_runs, sha256_of
-from mcp_server.core.workspace import EDITABLE, cache_dir, prepared_info
+from mcp_server.core.workspace import EDITABLE, cache_dir, parse_prepared, prepared_info, read_prepared
 
 HARNESS_DIR = "research-loop/harness"  # inside .git: the pristine harness the evaluation runs from
 EXPORTS_DIR = ".research-loop/exports"
@@ -100,13 +100,31 @@ def commit_sources(ws, commit: str | None) -> dict:
     return {path: digest for path, (_, digest, _size) in commit_files(ws, commit).items() if path.endswith(".py")}
 
 
-def eval_tokens() -> int:
-    """The evaluation's size: the prepared record's, or the server's own AUTORESEARCH_EVAL_TOKENS
-    (tests shorten it): never what the training process sets."""
+def eval_tokens(record: dict | None = None) -> int:
+    """The evaluation's size: the prepared record's (record: as checked, checked_record; else read now), or the
+    server's own AUTORESEARCH_EVAL_TOKENS (tests shorten it): never what the training process sets."""
     override = os.environ.get("AUTORESEARCH_EVAL_TOKENS")
     if override:
         return int(float(override))
-    return int((prepared_info() or {}).get("eval_tokens") or 40 * 524288)
+    return int(_or_read(record).get("eval_tokens") or 40 * 524288)
+
+
+def _or_read(record: dict | None) -> dict:
+    return (prepared_info() or {}) if record is None else record
+
+
+def checked_record(state: dict) -> dict:
+    """The prepared record, from the one read whose cache matches setup's fingerprint (Refusal where it does not):
+    what a run is judged and scored by is what was checked, never a second read the agent's process could time,
+    nor a read when a queued run starts, unchecked (review 48: a budget ten times the research run's, and a
+    queued run scored on the validation's first batch)."""
+    data = read_prepared()
+    recorded = state.get("cache_fingerprint")
+    if recorded and fingerprint_of(data) != recorded:
+        raise Refusal(f"The prepared data, tokenizer or their record in {cache_dir()} changed since setup "
+                      "(prepared.json edited, a shard added or removed?): every run of a research run must see "
+                      "the same harness. Restore the cache, or prepare it again and call setup(tag) for a new run.")
+    return parse_prepared(data) or {}
 
 
 def site_packages() -> list[str]:
@@ -139,10 +157,10 @@ def check_pins(pins: dict | None) -> None:
                           "`uv run prepare.py` and call setup(tag) for a new research run.")
 
 
-def pinned_inputs(pins: dict | None) -> dict:
+def pinned_inputs(pins: dict | None, record: dict | None = None) -> dict:
     """The evaluation's inputs with the hashes setup pinned; without pins (a state from before
     them), hashed now."""
-    inputs = evaluation_inputs(cache_dir(), val_shard(), prepared_info())
+    inputs = evaluation_inputs(cache_dir(), val_shard(record), _or_read(record))
     if not pins:
         return inputs
     if "tokenizer" in inputs and "tokenizer" in pins:
@@ -153,7 +171,8 @@ def pinned_inputs(pins: dict | None) -> dict:
     return inputs
 
 
-def evaluation_spec(harness: Path, harness_commit: str, timeout: float, pins: dict | None = None) -> dict:
+def evaluation_spec(harness: Path, harness_commit: str, timeout: float, pins: dict | None = None,
+                    record: dict | None = None) -> dict:
     """The worker's --evaluate: this interpreter, isolated (harness_eval.ISOLATED: no PYTHON* variables,
     no user site, no script folder on the path, no .pth file or sitecustomize, and no bytecode read or
     written: the harness copy stays exactly its commit, which the worker checks after the evaluation,
@@ -169,11 +188,11 @@ def evaluation_spec(harness: Path, harness_commit: str, timeout: float, pins: di
                     "AUTORESEARCH_DEVICE", "AUTORESEARCH_CACHE")}
     env["AUTORESEARCH_CACHE"] = str(cache_dir())
     argv = [*evaluator_command(sys.executable, harness / EVALUATOR),
-            "--profile", str((prepared_info() or {}).get("profile")),
-            "--eval-tokens", str(eval_tokens()), "--site-packages", *site_packages()]
+            "--profile", str(_or_read(record).get("profile")),
+            "--eval-tokens", str(eval_tokens(record)), "--site-packages", *site_packages()]
     return {"argv": argv, "env": env, "harness": str(harness), "harness_commit": harness_commit,
             "timeout": evaluation_timeout(timeout),
-            "inputs": pinned_inputs(pins)}
+            "inputs": pinned_inputs(pins, record)}
 
 
 def evaluation_allowance(entry: dict) -> float:
@@ -188,7 +207,7 @@ def evaluation_timeout(run_timeout: float) -> float:
     return max(EVAL_TIMEOUT_MIN_S, EVAL_TIMEOUT_FACTOR * run_timeout)
 
 
-def sandbox_spec(root: Path, export_dir: Path, harness_files: list[str]) -> dict:
+def sandbox_spec(root: Path, export_dir: Path, harness_files: list[str], record: dict | None = None) -> dict:
     """Read-only: the workspace, the prepared cache, this plugin and its interpreter's environment.
     Writable again: the run's worktree (".": paths relative to it), its export folder and the
     machine's caches (compiled graphs, peak FLOP/s). Read-only once more: the harness files inside
@@ -198,7 +217,7 @@ def sandbox_spec(root: Path, export_dir: Path, harness_files: list[str]) -> dict
     readonly = [str(root), str(cache), str(Path(__file__).resolve().parents[2]), sys.prefix]
     writable = [".", str(export_dir), str(cache / COMPILE_CACHE)]
     return {"readonly": readonly, "writable": writable, "readonly_inside": harness_files,
-            "hidden": hidden_from_runs(cache, prepared_info())}
+            "hidden": hidden_from_runs(cache, _or_read(record))}
 
 
 def harness_files(ws, commit: str) -> list[str]:
@@ -208,10 +227,10 @@ def harness_files(ws, commit: str) -> list[str]:
     return sorted([".git", *(item.name for item in ws.repo.commit(commit).tree if item.name != EDITABLE)])
 
 
-def val_shard() -> Path | None:
+def val_shard(record: dict | None = None) -> Path | None:
     """The validation shard as prepare pinned it, else the last one in sorted order (upstream's rule)."""
     data = cache_dir() / "data"
-    pinned = ((prepared_info() or {}).get("val_shard") or {}).get("name")
+    pinned = (_or_read(record).get("val_shard") or {}).get("name")
     if pinned and (data / pinned).exists():
         return data / pinned
     shards = sorted(data.glob("shard_*.parquet")) if data.is_dir() else []
@@ -219,20 +238,23 @@ def val_shard() -> Path | None:
 
 
 def worker_args(ws, root: Path, run: int, commit: str, timeout: float, harness: Path | None,
-                harness_commit: str, slots: int, data_order: int = 0, pins: dict | None = None) -> list[str]:
+                harness_commit: str, slots: int, data_order: int = 0, pins: dict | None = None,
+                record: dict | None = None) -> list[str]:
     """The worker's options for one run: the sandbox, the data order of a rerun, and where the
     harness verifies, the export, the watched validation shard and the separate evaluation.
-    pins: setup's input_pins (a Refusal where the cache no longer holds them)."""
+    pins: setup's input_pins (a Refusal where the cache no longer holds them); record: the prepared
+    record as checked (checked_record)."""
     check_pins(pins)
     export_dir = root / EXPORTS_DIR / str(run)
     export_dir.mkdir(parents=True, exist_ok=True)
-    sandbox = sandbox_spec(root, export_dir, harness_files(ws, commit))
+    sandbox = sandbox_spec(root, export_dir, harness_files(ws, commit), record)
     args = ["--sandbox", json.dumps(sandbox)] + (["--data-order", str(data_order)] if data_order else [])
     if harness is None:
         return args
     program = export_dir / EXPORT_NAME
-    args += ["--export", str(program), "--evaluate", json.dumps(evaluation_spec(harness, harness_commit, timeout, pins))]
-    shard = val_shard()
+    args += ["--export", str(program),
+             "--evaluate", json.dumps(evaluation_spec(harness, harness_commit, timeout, pins, record))]
+    shard = val_shard(record)
     if shard is not None:
         args += ["--val-shard", str(shard)] + (["--val-shared"] if slots > 1 else [])
     return args
@@ -241,13 +263,19 @@ def worker_args(ws, root: Path, run: int, commit: str, timeout: float, harness: 
 def cache_fingerprint() -> str | None:
     """The prepared record, the tokenizer's files and the data shards' names and sizes: a change
     moves the budget, the tokenizer or what the runs see as data."""
+    return fingerprint_of(read_prepared())
+
+
+def fingerprint_of(record: bytes | None) -> str | None:
+    """cache_fingerprint with the prepared record's bytes as read (workspace.read_prepared): a check and
+    what is taken from the record after it must be one read, or the agent's process could put another
+    record there between the two (review 48: a budget ten times the research run's)."""
     cache = cache_dir()
     if not cache.is_dir():
         return None
     digest = hashlib.sha256()
     # read as plain files without blocking (ledger.read_plain): a FIFO the agent put in the cache hung
     # run_experiment under the state lock, a link to /dev/zero read without end
-    record = ledger.read_plain(cache / "prepared.json")
     digest.update(b"(no record)" if record is None else record)
     for folder in ("tokenizer", "data"):
         for path in sorted((cache / folder).glob("*")) if (cache / folder).is_dir() else ():

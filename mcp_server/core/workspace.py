@@ -72,24 +72,36 @@ def cache_dir() -> Path:
 
 def prepared_info() -> dict | None:
     """What prepare.py recorded, or {} for an upstream cache (tokenizer files only), or None."""
-    cache = cache_dir()
-    data = ledger.read_plain(cache / "prepared.json")  # the agent's to write: a FIFO there blocked a plain open
+    return parse_prepared(read_prepared())
+
+
+def read_prepared() -> bytes | None:
+    """The prepared record's bytes, or None where there is none."""
+    return ledger.read_plain(cache_dir() / "prepared.json")  # the agent's to write: a FIFO there blocked a plain open
+
+
+def parse_prepared(data: bytes | None) -> dict | None:
+    """prepared_info of the record's bytes as read (read_prepared): one read serves a check and what follows it."""
     if data is not None:
         try:
             record = json.loads(data)
         except (ValueError, RecursionError):
             return {}
         return record if isinstance(record, dict) else {}
-    tokenizer = cache / "tokenizer"
+    tokenizer = cache_dir() / "tokenizer"
     return {} if tokenizer.is_dir() and any(tokenizer.iterdir()) else None
 
 
 def time_budget(root: Path) -> float:
     """Training budget in seconds: the env override, else what prepare recorded, else upstream's."""
+    return budget_of(root, prepared_info() or {})
+
+
+def budget_of(root: Path, info: dict) -> float:
+    """time_budget with the prepared record `info` (parse_prepared)."""
     override = os.environ.get("AUTORESEARCH_TIME_BUDGET")
     if override:
         return float(override)
-    info = prepared_info() or {}
     if isinstance(info.get("time_budget"), (int, float)):
         return float(info["time_budget"])
     from_profile = profile_budget(root / PROFILES_FILE, info.get("profile"))

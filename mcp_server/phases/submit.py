@@ -17,8 +17,8 @@ from mcp_server.core import envpin, history, integrity, ledger, limits
 from mcp_server.phases.dispatch import dispatch, require_owner, run_command
 from mcp_server.core.models import Refusal, SetupResult
 from mcp_server.phases.runs import RUNS_DIR, UNDECIDED, LoopCore, run_name
-from mcp_server.core.workspace import (BRANCH_PREFIX, EDITABLE, RUN_REF_PREFIX, cache_dir, prepared_info, time_budget,
-                                  timeout_for, validate_tag)
+from mcp_server.core.workspace import (BRANCH_PREFIX, EDITABLE, RUN_REF_PREFIX, budget_of, cache_dir, prepared_info,
+                                       time_budget, timeout_for, validate_tag)
 
 MAX_TIMEOUT_S = 86400.0
 MAX_COMMIT_ATTEMPTS = 20  # candidates whose 7-character hash collides with a logged one are re-made
@@ -199,7 +199,7 @@ def submit(core: LoopCore, description: str, timeout_seconds: float | None = Non
         elif novel:
             tried = novelty.check(core, state, source, False)
         core.check_branch_holds_best(state)
-        _check_prepared_cache(state)
+        record = integrity.checked_record(state)
         watched = _check_environment(core, state)
         if tried.answer:
             return {"answered": tried.answer.model_dump()}
@@ -208,13 +208,13 @@ def submit(core: LoopCore, description: str, timeout_seconds: float | None = Non
         # the run is judged by the budget checked now (the prepared record is the agent's to edit while it
         # trains), and its training time is train.py's word: only the wall bounds it, by the server's own
         # timeout for that budget, whatever timeout was asked (results._measured)
-        budget = time_budget(core.root)
+        budget = budget_of(core.root, record)
         most_seconds = timeout_for(budget)
         entry = {"run": n, "commit": commit, "parent": kept, "description": description, "status": "queued",
                  "verifies": integrity.supports_export(core.ws, commit),
                  "timeout": float(timeout_seconds or most_seconds), "submitted_at": time.time(),
                  "budget": budget, "most_seconds": most_seconds,
-                 "flops_rate": (prepared_info() or {}).get("flops_per_budget_second"),
+                 "flops_rate": record.get("flops_per_budget_second"),
                  "log": f"{RUNS_DIR}/{run_name(n, commit)}.log",
                  "report": f"{RUNS_DIR}/{run_name(n, commit)}.report.json"}
         if rerun_of is not None:
@@ -242,14 +242,6 @@ def _decide_first(core: LoopCore, undecided: list[dict]) -> str:
     runs = ", ".join(str(e["run"]) for e in undecided)
     return (f"{len(undecided)} results are not decided yet (runs {runs}), as many as there are slots: "
             "keep(run=N) or discard(run=N) first.")
-
-
-def _check_prepared_cache(state: dict) -> None:
-    recorded = state.get("cache_fingerprint")
-    if recorded and integrity.cache_fingerprint() != recorded:
-        raise Refusal(f"The prepared data, tokenizer or their record in {cache_dir()} changed since setup "
-                      "(prepared.json edited, a shard added or removed?): every run of a research run must see "
-                      "the same harness. Restore the cache, or prepare it again and call setup(tag) for a new run.")
 
 
 def _check_environment(core: LoopCore, state: dict) -> dict:

@@ -226,8 +226,9 @@ class HarnessEvaluation:
     evaluator), the same descriptors go over the socket once the program is copied."""
 
     def __init__(self, spec: dict, log_path: Path, export: Path, answer_path: Path,
-                 warm: socket.socket | None = None):
+                 warm: socket.socket | None = None, private: bool = False):
         self.spec, self.log_path, self.export, self.answer_path = spec, log_path, export, answer_path
+        self.located = not private  # a sandbox's private export is found once its sandbox has a root (inside)
         self.result: dict | None = None
         self.started_at: float | None = None
         self.finished_at: float | None = None
@@ -284,10 +285,20 @@ class HarnessEvaluation:
             return 0.0
         return (self.finished_at or time.monotonic()) - self.started_at
 
+    def inside(self, root: str | None) -> None:
+        """The export and the answer at the same paths inside the sandbox whose root the machine sees at root
+        (sandbox.private_root): the run exports into its private /tmp, out of the agent's reach (review 48: a
+        program the agent put in the workspace's export folder was evaluated as the run's)."""
+        if root is not None:
+            self.export, self.answer_path = (Path(root + str(p)) for p in (self.export, self.answer_path))
+            self.located = True
+
     def start_if_exported(self, watch) -> None:
         """Once export.py has put the program and its notes in place: the harness copies the program
         now, and what it copied is what it evaluates; opens of the validation data until now count
         as before the export, whatever the run put at the export path earlier."""
+        if not self.located:
+            return
         if self.thread is None and self.export.exists() and Path(str(self.export) + ".json").exists():
             self.started_at = time.monotonic()
             self.thread = threading.Thread(target=self._evaluate, args=(watch,), daemon=True,

@@ -45,6 +45,9 @@ BYTECODE_PREFIX = "/tmp/bytecode"
 # where a run's interpreter copies its commit's files and runs train.py (checkout_copy.py): in its private /tmp,
 # which no process outside the sandbox sees, unlike the slot's worktree, which the agent can rewrite
 RUN_COPY = "/tmp/commit"
+# where a run exports its model for the harness (nanochat/export.py): in its private /tmp too, which the harness
+# reads through the sandbox's own process (private_root); the workspace's export folder is the agent's to write
+RUN_EXPORT = "/tmp/export/model.pt2"
 # a node's prepare gets the server's offline seed here (nanochat/datasets.py), and the jobs pass AUTORESEARCH_*
 # on: with it a run could draw the validation files from the library it reads
 SECRET_ENV = ("AUTORESEARCH_OFFLINE_SEED",)
@@ -126,7 +129,7 @@ def bwrap_argv(bwrap: str, command: list[str], spec: dict, cwd: str, private: di
     # what hides and guards (the data sets' sources, the read-only workspace)
     argv = [bwrap, "--cap-drop", "ALL", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--ro-bind", "/", "/",
             "--dev-bind", "/dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
-            "--dir", SANDBOX_HOME, "--setenv", "HOME", SANDBOX_HOME,
+            "--dir", SANDBOX_HOME, "--dir", os.path.dirname(RUN_EXPORT), "--setenv", "HOME", SANDBOX_HOME,
             "--setenv", "PYTHONPYCACHEPREFIX", BYTECODE_PREFIX, *(a for n in SECRET_ENV for a in ("--unsetenv", n))]
     if os.path.isdir("/dev/shm"):  # the machine's is shared by every run and outlives them: a way to carry weights
         argv += ["--tmpfs", "/dev/shm"]
@@ -142,6 +145,17 @@ def bwrap_argv(bwrap: str, command: list[str], spec: dict, cwd: str, private: di
     for path, copy in (private or {}).items():
         argv += ["--ro-bind", str(copy), str(path)]
     return [*argv, *hide(last), "--die-with-parent", "--chdir", cwd, "--", *command]
+
+
+def private_root(bwrap_pid: int) -> str | None:
+    """Where the machine sees a bubblewrap sandbox's own root (its private /tmp in it): through its pid 1,
+    bubblewrap's one child; None until it has one. Any process of the user can open it too (docs/trust.md)."""
+    try:
+        with open(f"/proc/{bwrap_pid}/task/{bwrap_pid}/children") as f:
+            children = f.read().split()
+    except OSError:
+        return None
+    return f"/proc/{children[0]}/root" if children else None
 
 
 def hide(paths: list[str]) -> list[str]:

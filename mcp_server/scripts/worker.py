@@ -392,7 +392,7 @@ def hand_over(warm: subprocess.Popen, channel: int, command: list[str], env: dic
     return True, warm.imported.digests
 
 
-def received_files(args, from_server, in_sandbox: bool) -> tuple[dict | None, str | None]:
+def received_files(args, from_server, bubblewrap: bool) -> tuple[dict | None, str | None]:
     """With --files-on-stdin, (the run's commit's files, the server's line after the options; where its interpreter
     copies them: the sandbox's private /tmp under bubblewrap, else a folder of this worker's), else (None, None)."""
     try:
@@ -401,7 +401,6 @@ def received_files(args, from_server, in_sandbox: bool) -> tuple[dict | None, st
         files = None
     if not isinstance(files, dict):
         return None, None
-    bubblewrap = in_sandbox and sandbox.usable()[0] == sandbox.BUBBLEWRAP
     return files, sandbox.RUN_COPY if bubblewrap else tempfile.mkdtemp(prefix="research-loop-commit-")
 
 
@@ -470,17 +469,20 @@ def main(argv=None) -> int:
             return 0 if not line else 2
         args, env = handed
         started_at, t0 = time.time(), time.monotonic()  # the run starts now, not when its interpreter did
-    files, into = received_files(args, from_server, in_sandbox)
+    # a bubblewrap run copies its commit into, and exports from, its private /tmp, which the agent cannot write
+    bubblewrap = in_sandbox and sandbox.usable()[0] == sandbox.BUBBLEWRAP
+    files, into = received_files(args, from_server, bubblewrap)
     if args.data_order:
         env[DATA_ORDER_ENV] = str(args.data_order)
     if args.export:
-        env[EXPORT_ENV] = str(args.export)
         args.export.parent.mkdir(parents=True, exist_ok=True)
+        export = Path(sandbox.RUN_EXPORT) if bubblewrap else args.export
+        env[EXPORT_ENV] = str(export)
         if args.evaluate:
-            answer = args.export.with_name(args.export.name + ".answer.json")
+            answer = export.with_name(export.name + ".answer.json")
             warm = socket.socket(fileno=args.warm_evaluator_fd) if args.warm_evaluator_fd is not None else None
-            evaluation = HarnessEvaluation(on_this_device(args.evaluate, os.environ), args.log, args.export, answer,
-                                           warm)
+            evaluation = HarnessEvaluation(on_this_device(args.evaluate, os.environ), args.log, export, answer,
+                                           warm, private=bubblewrap)
             env[ANSWER_ENV] = str(answer)
     if watch_val and not val_copy and not args.val_shared:
         val_watch = start_watch(args.val_shard)
@@ -535,6 +537,8 @@ def main(argv=None) -> int:
         if stop_reason:
             break
         if evaluation is not None:
+            if not evaluation.located:
+                evaluation.inside(sandbox.private_root(child.pid))
             evaluation.start_if_exported(val_watch)
             if evaluation.started_at is not None and not evaluating:  # the pool may start the slot's next worker
                 evaluating = True
@@ -579,7 +583,7 @@ def main(argv=None) -> int:
         "subreaper": subreaper, "sandbox": in_sandbox, "warm_start": warm_start,
     }
     if args.export:
-        report["exported"] = args.export.exists()
+        report["exported"] = args.export.exists() or bool(evaluation and evaluation.started_at is not None)
         report["val_watched"] = val_watch is not None
         report["val_opened_before_export"] = val_watch.opened_before_export if val_watch else None
     if evaluated is not None and report["exit_code"] == 0 and not (timed_out or stop_reason):
