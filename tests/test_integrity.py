@@ -110,8 +110,8 @@ def test_a_budget_swapped_in_the_record_between_its_check_and_its_read_is_not_th
     process put a ten times longer budget there after the check and the original back after the read: a run
     that trained eight times its budget was ok, with its budget and the wall it may take ten times the
     research run's. The budget (and the flops clock's rate) now come from the very bytes that were checked."""
-    from mcp_server.phases import submit
-    monkeypatch.setattr(submit, "MIN_TIMEOUT_MARGIN_S", 2.0)  # the server's timeout for a 1 s budget: 3 s
+    from mcp_server.core import workspace
+    monkeypatch.setattr(workspace, "MIN_TIMEOUT_MARGIN_S", 2.0)  # the server's timeout for a 1 s budget: 3 s
     cache = make_cache(fake_env, budget=1.0)
     lab = Lab(make_workspace(fake_env))
     try:

@@ -476,7 +476,7 @@ def main(argv=None) -> int:
         env[DATA_ORDER_ENV] = str(args.data_order)
     if args.export:
         args.export.parent.mkdir(parents=True, exist_ok=True)
-        export = Path(sandbox.RUN_EXPORT) if bubblewrap else args.export
+        export = Path(sandbox.RUN_EXPORT) if bubblewrap and args.evaluate else args.export  # what the harness scores
         env[EXPORT_ENV] = str(export)
         if args.evaluate:
             answer = export.with_name(export.name + ".answer.json")
