@@ -109,9 +109,10 @@ def _order_blind(core: LoopCore, state: dict, commit: str, own: list[tuple[int, 
     seen = ", ".join(f"{v:.6f} on order {order}" for order, v in measured)
     return (f"{whose} does not train on the data order the harness gives it: its val_bpb repeats within "
             f"{noise.ORDER_TOLERANCE:g} on different stretches of the training data ({seen}), which other tokens "
-            "cannot do (a train.py that reads the order lands two values this close about once in 160 by chance; "
-            "one more rerun tells). The server sets AUTORESEARCH_DATA_ORDER for each rerun and nanochat/dataloader "
-            "reads it: restore train.py's data loading (leave that variable and the dataloader alone).")
+            "cannot do (a train.py that reads the order lands two values this close about once in 50 by chance: "
+            "a rerun on one more order tells, confirm with pairs=2 or measure_noise with more repeats). The server "
+            "sets AUTORESEARCH_DATA_ORDER for each rerun and nanochat/dataloader reads it: restore train.py's data "
+            "loading (leave that variable and the dataloader alone).")
 
 
 def store_noise(core: LoopCore, values: list[float], spent: int, device: str | None = None) -> NoiseEstimate:
