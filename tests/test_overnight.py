@@ -434,6 +434,18 @@ def sessions_of(calls: Path) -> list[dict]:
     return [json.loads(line) for line in calls.read_text().splitlines()]
 
 
+def ended_within(runner, seconds: float) -> list:
+    """runner.run() in a thread: [its exit code] if it ended within `seconds`, else [] (its session stopped)."""
+    import threading
+    done = []
+    thread = threading.Thread(target=lambda: done.append(runner.run()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if not done:
+        runner.stop_session()
+    return done
+
+
 def test_quick_failures_back_off_and_five_in_a_row_give_up(fake_claude, fake_env, monkeypatch, capsys):
     """Sessions that end at once with nothing decided: each waits longer before the next (the last
     delay repeats), a session that decided a run resets the count, and five in a row give up with
@@ -490,7 +502,6 @@ def test_a_run_whose_timeout_the_agent_raised_keeps_no_session_past_the_deadline
     agent chooses (up to a day): a run started just before the deadline with timeout_seconds=86400 kept the
     session, and its spending, going a day past the night. The wait is at most the server's own timeout for the
     run's budget, past which the run would be no result anyway."""
-    import threading
     from mcp_server.overnight import overnight
     ws = make_workspace(fake_env)
     monkeypatch.setenv("FAKE_CLAUDE_PLAN", "hang")
@@ -498,14 +509,7 @@ def test_a_run_whose_timeout_the_agent_raised_keeps_no_session_past_the_deadline
     monkeypatch.setenv("FAKE_CLAUDE_RUN_MOST", "2")
     runner = overnight.Runner(runner_args(ws, "--hours", str(1.5 / 3600)), overnight.preflight(ws, None),
                               backoff_s=(0.1,), grace_s=1.0, poll_s=0.05)
-    done = []
-    thread = threading.Thread(target=lambda: done.append(runner.run()), daemon=True)
-    thread.start()
-    thread.join(30)
-    try:
-        assert done == [0], "the session was kept past the deadline for the run's own timeout"
-    finally:
-        runner.stop_session()
+    assert ended_within(runner, 30) == [0], "the session was kept past the deadline for the run's own timeout"
 
 
 def test_past_the_deadline_a_verifying_run_keeps_its_evaluations_time(fake_claude, fake_env):
@@ -535,7 +539,6 @@ def test_a_run_planted_in_the_state_keeps_no_session_past_the_deadline(fake_clau
     the runner reads, which the agent's session can write between the server's transactions: a running run planted
     with both infinite (or NaN: no comparison holds) kept the session going for good. The wait is at most the
     server's own timeout for the budget, which the runner takes before any session."""
-    import threading
     from mcp_server.overnight import overnight
     ws = make_workspace(fake_env)
     monkeypatch.setenv("FAKE_CLAUDE_PLAN", "hang")
@@ -545,14 +548,7 @@ def test_a_run_planted_in_the_state_keeps_no_session_past_the_deadline(fake_clau
                               backoff_s=(0.1,), grace_s=1.0, poll_s=0.05)
     assert runner.most_seconds == 360  # the cache's 60 s budget: the server's default timeout
     runner.most_seconds = 2  # shortened for the test
-    done = []
-    thread = threading.Thread(target=lambda: done.append(runner.run()), daemon=True)
-    thread.start()
-    thread.join(30)
-    try:
-        assert done == [0], "the planted run kept the session past the deadline"
-    finally:
-        runner.stop_session()
+    assert ended_within(runner, 30) == [0], "the planted run kept the session past the deadline"
 
 
 def test_what_a_session_writes_of_the_spending_moves_no_max_cost(fake_claude, fake_env, monkeypatch, capsys):
