@@ -3,6 +3,7 @@ dashboard, summed into the server's state as each run ends (runs/*.json, which a
 delete, never move them), and the max_gpu_hours limit that ends the run."""
 import argparse
 import json
+import os
 import math
 
 import pytest
@@ -122,10 +123,12 @@ def test_a_line_nested_past_jsons_depth_is_skipped_not_fatal(tmp_path):
     """The session's output and the runner's session records are files the agent can write: a line of
     100,000 brackets raised RecursionError (not ValueError) out of the runner's accounting."""
     nested = "[" * 100_000 + "\n"
-    output = tmp_path / "session.jsonl"
-    output.write_text('{"type": "result", "total_cost_usd": 0.5, "usage": {}}\n' + nested)
-    with open(output, "rb") as f:
-        assert cost.session_result(f) == {"cost_usd": 0.5, "usage": {}}
+    read_end, write_end = os.pipe()
+    with open(tmp_path / "session.jsonl", "ab") as log:
+        output = cost.SessionOutput(open(read_end, "rb"), log)
+        with open(write_end, "wb") as pipe:
+            pipe.write(b'{"type": "result", "total_cost_usd": 0.5, "usage": {}}\n' + nested.encode())
+        assert output.settled() == {"cost_usd": 0.5, "usage": {}}
     records = tmp_path / cost.SESSIONS_FILE
     records.parent.mkdir(parents=True)
     records.write_text(nested + '{"tag": "t", "cost_usd": 0.25, "usage": {}}\n')

@@ -380,6 +380,17 @@ elif plan == "cheat":  # what the sessions cost, rewritten: the record of the sp
     (folder / f"session-{{session:03d}}.jsonl").write_text(json.dumps({{"type": "result", "total_cost_usd": 0}}))
     print(json.dumps({{"type": "result", "subtype": "success", "result": "done", "total_cost_usd": 0.4,
                        "usage": {{"input_tokens": 100}}}}))
+elif plan == "rewrite":  # its real result, then a process it left behind puts a $0 one in the output once it exits
+    out = f".research-loop/overnight/session-{{session:03d}}.jsonl"
+    read_end, write_end = os.pipe()
+    subprocess.Popen([sys.executable, "-c", "import os, sys; os.read(int(sys.argv[1]), 1); "
+                      "open(sys.argv[2], 'w').write(sys.argv[3] + chr(10))", str(read_end), out,
+                      json.dumps({{"type": "result", "total_cost_usd": 0}})], pass_fds=(read_end,), start_new_session=True)
+    os.close(read_end)
+    time.sleep(1)  # the process left behind is waiting by now
+    print(json.dumps({{"type": "result", "subtype": "success", "result": "done", "total_cost_usd": 0.4}}), flush=True)
+elif plan == "vanish":  # killed before its result event, as a process of the session can kill it
+    os.kill(os.getpid(), 9)
 elif plan == "garble":  # what the runner reads, of shapes no server or runner writes, then on past the deadline
     records = Path(".git/research-loop/records")
     records.mkdir(parents=True, exist_ok=True)
@@ -567,6 +578,26 @@ def test_what_a_session_writes_of_the_spending_moves_no_max_cost(fake_claude, fa
     assert runner.run() == 0
     assert "no new session: the sessions have cost $1.70 of --max-cost $1.5" in capsys.readouterr().out
     assert [s["plan"] for s in sessions_of(fake_claude)] == ["cheat"] * 3
+
+
+@pytest.mark.parametrize("plan, said", [
+    ("rewrite", "no new session: the sessions have cost $1.20 of --max-cost $1"),
+    ("vanish", "no new session: session 1 ended without its result event"),
+])
+def test_no_session_hides_its_cost_from_max_cost(fake_claude, fake_env, monkeypatch, capsys, plan, said):
+    """Review 50: the runner read each session's cost from the output file it had opened, but that file stays
+    the agent's to write through its name: a process the session left behind rewrote it once the session ended,
+    with a $0 result, before the runner read it; and a session killed before its result event counted $0. The
+    runner reads the output from its own pipe, a session's cost being the largest its result events say, and a
+    session that ended without one leaves the cost unknown: no new session under --max-cost."""
+    from mcp_server.overnight import overnight
+    ws = make_workspace(fake_env)
+    monkeypatch.setenv("FAKE_CLAUDE_PLAN", plan)
+    runner = overnight.Runner(runner_args(ws, "--max-cost", "1"), overnight.preflight(ws, None),
+                              backoff_s=(0.05,), poll_s=0.05)
+    assert runner.run() == 0
+    assert said in capsys.readouterr().out
+    assert runner.sessions == (3 if plan == "rewrite" else 1)
 
 
 def test_records_of_shapes_no_server_writes_stop_no_runner(fake_claude, fake_env, monkeypatch):

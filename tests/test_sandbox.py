@@ -421,3 +421,28 @@ def test_a_sandboxed_run_reaches_no_process_and_no_network_of_the_machine(tmp_pa
     assert json.loads(report.read_text())["sandbox"] is True
     text = log.read_text()
     assert "net: unreachable" in text and "pid: unseen" in text and "signal: no such process" in text, text
+
+
+def test_a_sandbox_root_is_its_own_only_once_bubblewrap_has_made_it(tmp_path, bubblewrap):
+    """Review 50: private_root took bubblewrap's child as soon as it existed, but that child sets up the sandbox
+    (mounts, then pivot_root) after it is made, and until then /proc/CHILD/root is the machine's own root: the
+    worker's poll in that window (a process of the agent's can stop the child there) took the machine's
+    /tmp/export, which the agent writes, for the run's private export. A root whose /tmp is the machine's is no
+    sandbox's yet."""
+    import signal
+    import time
+    # a stand-in caught before its sandbox is made: a process whose one child still has the machine's root
+    unmade = subprocess.Popen(["sh", "-c", "sleep 30 & wait"], start_new_session=True)
+    made = subprocess.Popen(sandbox.bwrap_argv(bubblewrap, ["sleep", "30"], {"readonly": [], "writable": []}, "/"))
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and sandbox.private_root(made.pid) is None:
+            time.sleep(0.02)
+        root = sandbox.private_root(made.pid)
+        assert root is not None and os.path.isdir(root + os.path.dirname(sandbox.RUN_EXPORT))
+        assert sandbox.private_root(unmade.pid) is None
+    finally:
+        os.killpg(unmade.pid, signal.SIGKILL)
+        made.kill()
+        for proc in (unmade, made):
+            proc.wait()

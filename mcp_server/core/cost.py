@@ -14,14 +14,18 @@ token `usage` and `total_cost_usd`; the runner stores them per session in sessio
 """
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
+import threading
 from pathlib import Path
 
 from mcp_server.core import limits, logparse
 
 SESSIONS_FILE = ".research-loop/overnight/sessions.jsonl"
+TAIL_LINES = 64  # of a session's output, kept for the runner's note when it gives up
+SETTLE_S = 5.0  # the longest the runner waits for the rest of an exited session's output
 TOKEN_KINDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 
 
@@ -73,32 +77,60 @@ def read_tail(path: Path, limit: int = limits.MAX_RECORD_BYTES) -> str:
     if f is None:
         raise OSError(f"{path} is not a plain file")
     with f:
-        return tail_of(f, limit)
+        size = os.fstat(f.fileno()).st_size
+        return os.pread(f.fileno(), min(size, limit), max(0, size - limit)).decode(errors="replace")
 
 
-def tail_of(f, limit: int = limits.MAX_RECORD_BYTES) -> str:
-    """The end of an open file (at most limit bytes), read where the file is now, whatever lies at its name."""
-    size = os.fstat(f.fileno()).st_size
-    return os.pread(f.fileno(), min(size, limit), max(0, size - limit)).decode(errors="replace")
+class SessionOutput:
+    """A session's stream-json output as the runner reads it: from its own pipe, each line copied to the
+    session's log file as it comes. The log file stays the agent's to write through its name (a process the
+    session left behind rewrote it with a $0 result once the session ended, before the runner read it); the
+    pipe only takes lines: one a process of the session writes adds a result event, never takes the session's
+    own away, so the session's cost is the largest any of its result events says."""
+
+    def __init__(self, pipe, log):
+        self.log, self.result = log, {}
+        self.last = collections.deque(maxlen=TAIL_LINES)
+        self.thread = threading.Thread(target=self._copy, args=(pipe,), daemon=True, name="session-output")
+        self.thread.start()
+
+    def _copy(self, pipe) -> None:
+        with pipe, self.log:
+            while line := pipe.readline(limits.MAX_RECORD_BYTES):
+                try:
+                    self.log.write(line)
+                    self.log.flush()
+                except (OSError, ValueError):  # the log gone, or closed for the next session: the pipe still counts
+                    pass
+                self.last.append(line.decode(errors="replace"))
+                found = result_of(line)
+                if found is not None and _dollars(found) >= _dollars(self.result):
+                    self.result = found
+
+    def settled(self, seconds: float = SETTLE_S) -> dict:
+        """{"cost_usd", "usage"} of the session that has exited, once the pipe is read to its end (or for
+        `seconds` at most: a process the session left behind may hold it open), or {} where it wrote none."""
+        self.thread.join(seconds)
+        return dict(self.result)
 
 
-def session_result(output) -> dict:
-    """{"cost_usd", "usage"} from a session's stream-json output (its last `result` event), or {}
-    where it wrote none (killed, or crashed before the end). output: the runner's own descriptor of it,
-    open for reading: a file the session put at its name (the real one renamed) is not read."""
-    lines = tail_of(output).splitlines()
-    for line in reversed(lines):
-        try:
-            event = json.loads(line)
-        except (ValueError, RecursionError):  # a line nested past json's depth is no record
-            continue
-        if isinstance(event, dict) and event.get("type") == "result":
-            usage = event.get("usage") if isinstance(event.get("usage"), dict) else {}
-            tokens = {k: usage[k] for k in TOKEN_KINDS if isinstance(usage.get(k), int)}
-            spent = event.get("total_cost_usd")
-            return {"cost_usd": float(spent) if isinstance(spent, (int, float)) and math.isfinite(spent) else None,
-                    "usage": tokens}
-    return {}
+def _dollars(result: dict) -> float:
+    return result["cost_usd"] if result and result.get("cost_usd") is not None else -1.0
+
+
+def result_of(line) -> dict | None:
+    """{"cost_usd", "usage"} of a stream-json line that is a `result` event, else None."""
+    try:
+        event = json.loads(line)
+    except (ValueError, RecursionError):  # a line nested past json's depth is no record
+        return None
+    if not isinstance(event, dict) or event.get("type") != "result":
+        return None
+    usage = event.get("usage") if isinstance(event.get("usage"), dict) else {}
+    tokens = {k: usage[k] for k in TOKEN_KINDS if isinstance(usage.get(k), int)}
+    spent = event.get("total_cost_usd")
+    ok = isinstance(spent, (int, float)) and not isinstance(spent, bool) and 0 <= spent < math.inf
+    return {"cost_usd": float(spent) if ok else None, "usage": tokens}
 
 
 def sessions_spent(root: Path, tag: str | None) -> dict:

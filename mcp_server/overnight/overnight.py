@@ -168,7 +168,7 @@ class Runner:
         # believed only below it (a planted run with an infinite or NaN timeout kept its session past --hours for good)
         self.most_seconds = timeout_for(time_budget(self.workspace))
         self.session: subprocess.Popen | None = None
-        self.output = None  # the runner's descriptor of the session's output
+        self.output: cost.SessionOutput | None = None  # the session's output, read from the runner's own pipe
         # what the sessions cost: sessions.jsonl as earlier runs of the command left it, then this runner's own
         # records, kept here: the file is the agent's to write during a session (a line deleted, or one of a
         # huge or negative cost, moved --max-cost either way)
@@ -240,6 +240,10 @@ class Runner:
         return total
 
     def out_of_money(self) -> str | None:
+        unknown = [r for r in self.recorded if "cost_usd" not in r or r["exit_code"] < 0]
+        if self.args.max_cost is not None and unknown:  # any process of the session can kill it before its result
+            return (f"session {unknown[0]['session']} ended without its result event or by a signal (exit code "
+                    f"{unknown[0]['exit_code']}): what it cost is unknown, so --max-cost cannot be kept")
         spent = self.spent()["cost_usd"]
         if self.args.max_cost is not None and spent >= self.args.max_cost:
             return f"the sessions have cost ${spent:.2f} of --max-cost ${self.args.max_cost:g}"
@@ -268,11 +272,10 @@ class Runner:
             env.update({notify.NOTIFY_ENV: self.args.notify, notify.FORMAT_ENV: self.args.notify_format})
         env.update(tracking.server_env(self.args))  # and its tracking
         env.setdefault("MCP_TIMEOUT", "120000")  # the first start of the server may sync its environment
-        if self.output is not None:
-            self.output.close()
-        self.output = appended(self.logs / f"session-{self.sessions:03d}.jsonl")
         self.session = subprocess.Popen(command, cwd=self.workspace, env=env, stdin=subprocess.DEVNULL,
-                                        stdout=self.output, stderr=subprocess.STDOUT, start_new_session=True)
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        log = appended(self.logs / f"session-{self.sessions:03d}.jsonl")
+        self.output = cost.SessionOutput(self.session.stdout, log)
         self.say(f"session {self.sessions} started: {' '.join(command[:3])} ... (log {LOG_DIR}/session-"
                  f"{self.sessions:03d}.jsonl)")
 
@@ -318,7 +321,7 @@ class Runner:
             self.say(f"session {self.sessions} ended after {lasted:.0f} s (exit code {self.session.returncode})")
             self.recorded.append({"session": self.sessions, "tag": self.args.tag, "started_at": began,
                                   "ended_at": time.time(), "exit_code": self.session.returncode,
-                                  "runs_decided": len(self.rows()) - rows_before} | cost.session_result(self.output))
+                                  "runs_decided": len(self.rows()) - rows_before} | self.output.settled())
             with appended(self.workspace / cost.SESSIONS_FILE) as record:
                 record.write(json.dumps(self.recorded[-1]).encode() + b"\n")
             if self.over():
@@ -349,14 +352,16 @@ class Runner:
         return training + (integrity.evaluation_timeout(training) if entry.get("verifies") is True else 0.0)
 
     def session_tail(self, lines: int = 8) -> str:
-        text = cost.tail_of(self.output, 1 << 20)
         shown = []
-        for line in text.splitlines()[-lines:]:
+        for line in list(self.output.last)[-lines:] if self.output else []:
             try:
                 event = json.loads(line)
+            except (ValueError, RecursionError):
+                event = None
+            if isinstance(event, dict):  # a line of another shape is shown as it is (a list's .get raised)
                 shown.append(str(event.get("result") or event.get("subtype") or event.get("type"))[:200])
-            except ValueError:
-                shown.append(line[:200])
+            else:
+                shown.append(line.rstrip("\n")[:200])
         return "\n".join(shown)
 
     def summary(self) -> None:

@@ -149,13 +149,16 @@ def bwrap_argv(bwrap: str, command: list[str], spec: dict, cwd: str, private: di
 
 def private_root(bwrap_pid: int) -> str | None:
     """Where the machine sees a bubblewrap sandbox's own root (its private /tmp in it): through its pid 1,
-    bubblewrap's one child; None until it has one. Any process of the user can open it too (docs/trust.md)."""
+    bubblewrap's one child; None until it has one whose /tmp is not the machine's: the child mounts the
+    sandbox and moves into it after it is made, and until then its root is the machine's, whose /tmp/export
+    the agent writes. Any process of the user can open it too (docs/trust.md)."""
     try:
         with open(f"/proc/{bwrap_pid}/task/{bwrap_pid}/children") as f:
             children = f.read().split()
+        root = f"/proc/{children[0]}/root" if children else None
+        return root if root and not os.path.samestat(os.stat(root + "/tmp"), os.stat("/tmp")) else None
     except OSError:
         return None
-    return f"/proc/{children[0]}/root" if children else None
 
 
 def hide(paths: list[str]) -> list[str]:
