@@ -391,6 +391,8 @@ elif plan == "rewrite":  # its real result, then a process it left behind puts a
     print(json.dumps({{"type": "result", "subtype": "success", "result": "done", "total_cost_usd": 0.4}}), flush=True)
 elif plan == "vanish":  # killed before its result event, as a process of the session can kill it
     os.kill(os.getpid(), 9)
+elif plan == "costless":  # a result event of no cost that a process of the session wrote, and none of its own
+    print(json.dumps({{"type": "result", "subtype": "success", "result": "done"}}), flush=True)
 elif plan == "garble":  # what the runner reads, of shapes no server or runner writes, then on past the deadline
     records = Path(".git/research-loop/records")
     records.mkdir(parents=True, exist_ok=True)
@@ -583,6 +585,7 @@ def test_what_a_session_writes_of_the_spending_moves_no_max_cost(fake_claude, fa
 @pytest.mark.parametrize("plan, said", [
     ("rewrite", "no new session: the sessions have cost $1.20 of --max-cost $1"),
     ("vanish", "no new session: session 1 ended without its result event"),
+    ("costless", "no new session: session 1 ended without its result event"),
 ])
 def test_no_session_hides_its_cost_from_max_cost(fake_claude, fake_env, monkeypatch, capsys, plan, said):
     """Review 50: the runner read each session's cost from the output file it had opened, but that file stays

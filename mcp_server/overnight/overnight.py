@@ -240,8 +240,9 @@ class Runner:
         return total
 
     def out_of_money(self) -> str | None:
-        unknown = [r for r in self.recorded if "cost_usd" not in r or r["exit_code"] < 0]
-        if self.args.max_cost is not None and unknown:  # any process of the session can kill it before its result
+        # any process of the session can kill it before its result, or write a result line of no cost into its pipe
+        unknown = [r for r in self.recorded if r.get("cost_usd") is None or r["exit_code"] < 0]
+        if self.args.max_cost is not None and unknown:
             return (f"session {unknown[0]['session']} ended without its result event or by a signal (exit code "
                     f"{unknown[0]['exit_code']}): what it cost is unknown, so --max-cost cannot be kept")
         spent = self.spent()["cost_usd"]
