@@ -564,11 +564,10 @@ def test_corrupt_state_and_unexpected_errors_do_not_kill_the_server(lab):
         async with Client(build_server(lab.loop)) as client:
             corrupt = await client.call_tool("status", {})
             state.write_text(good)
-            (lab.ws / "results.tsv").rename(lab.ws / "results.bak")
-            (lab.ws / "results.tsv").mkdir()
+            # a bug's stand-in (a folder at a record's name no longer is one: it is moved aside, review 49)
+            lab.loop.status = lambda: lab.ws.read_text()
             unexpected = await client.call_tool("status", {})
-            (lab.ws / "results.tsv").rmdir()
-            (lab.ws / "results.bak").rename(lab.ws / "results.tsv")
+            del lab.loop.status
             return corrupt, unexpected, await client.call_tool("status", {})
     corrupt, unexpected, recovered = anyio.run(go)
     assert "not valid JSON" in error(corrupt) and "setup(tag)" in error(corrupt)
