@@ -70,8 +70,7 @@ def appended(path: Path):
     there, which unlink cannot remove, raised out of the runner)."""
     for _ in range(2):
         try:
-            # readable too: a session's output is read through it, never at its name
-            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW, 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW, 0o644)
         except OSError:  # ENXIO: a FIFO nobody reads; ELOOP: a symbolic link; EISDIR: a folder
             _remove(path)
             continue
