@@ -169,6 +169,29 @@ def test_a_gain_that_does_not_hold_needs_an_explicit_override(fake_env):
         lab.loop.shutdown()
 
 
+def test_a_gain_that_lost_its_confirmation_is_not_confirmed_by_confirming_again(fake_env):
+    """Found by review 51: each confirm overwrote the last, so a candidate that lost its pair was confirmed
+    again until a pair was lucky, and keep called the gain confirmed (won each pair, the loss gone)."""
+    lab = noisy_lab(fake_env, 0.002)
+    try:
+        baseline_and_noise(lab)  # threshold 0.004
+        set_knobs(lab.ws, VAL_BPB=0.999, NOISE=-0.006)  # a gain of 0.001, within the noise
+        answer(lab.call("run_experiment", description="luck"))  # run 4: 0.999
+        lost = answer(lab.call("confirm"))  # run 5: the best, 1.002; run 6: the idea, 1.005
+        assert not lost["confirmed"] and lost["paired_deltas"] == [0.003]
+        again = answer(lab.call("confirm"))  # run 7: the best, 1.0; run 8: the idea, 0.993 (a lucky pair)
+        assert again["paired_deltas"] == [-0.007] and not again["confirmed"]
+        assert again["next"] == ("Run 4's gain did not hold in an earlier confirmation (it lost by +0.003000), and a "
+                                 "pair won since does not undo a pair lost. The gain is not confirmed: discard(run=4)")
+        refused = lab.call("keep")
+        assert refused.is_error and "Paired deltas +0.003000, -0.007000" in refused.content[0].text
+        kept = answer(lab.call("keep", unconfirmed=True))
+        assert kept["evidence"].startswith("kept unconfirmed on request, though its confirmation failed "
+                                           "(+0.003000, -0.007000; Run 4's gain did not hold")
+    finally:
+        lab.loop.shutdown()
+
+
 def test_on_the_flops_clock_a_rerun_of_the_best_stands_as_the_control(fake_env, monkeypatch):
     """A run on the flops clock depends on its code and data order only: the best's noise repeat on
     data order 1 is the control of the first confirmation's first pair, the confirmed candidate's

@@ -13,17 +13,25 @@ from mcp_server.core.workspace import budget_clock
 
 
 def record_confirmation(core: LoopCore, run: int, confirmation: dict, spent: int) -> tuple[int, str | None]:
-    """Stores the verdict on the candidate's entry, failed where the candidate's or the control's code
+    """Stores the verdict on the candidate's entry, beside the pairs of its earlier confirmations: failed
+    where the candidate lost a pair in any of them (confirming again until one pair is lucky undid the
+    lost one, and keep called the gain confirmed), or where the candidate's or the control's code
     repeated its number on different data orders; returns the research run's extra runs so far and
     that reason (None when there is none)."""
     with core.state.transaction() as state:
         entry = (state.get("runs") or {}).get(str(run))
         reason = None
         if entry is not None:
+            earlier = entry.get("confirmation") or {}
+            lost = [d for d in earlier.get("paired_deltas") or [] if d >= 0]
+            confirmation |= {key: (earlier.get(key) or []) + confirmation[key] for key in ("paired_deltas", "runs")}
             own = [(entry.get("data_order", 0), entry["result"]["val_bpb"])]
             reason = (_order_blind(core, state, entry["commit"], own, f"Run {run}'s train.py")
                       or _order_blind(core, state, entry["parent"], _kept_values(state, entry["parent"]),
-                                      "The best's train.py"))
+                                      "The best's train.py")
+                      or (f"Run {run}'s gain did not hold in an earlier confirmation (it lost by "
+                          f"{', '.join(f'{d:+.6f}' for d in lost)}), and a pair won since does not undo a pair "
+                          "lost." if lost else None))
             if reason:
                 confirmation |= {"confirmed": False, "reason": reason}
             entry["confirmation"] = confirmation
