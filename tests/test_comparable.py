@@ -6,8 +6,11 @@ import re
 import subprocess
 import sys
 
+import anyio
 import pytest
+from mcp import Client
 
+from mcp_server.server import build_server
 from server_support import answer, set_knobs
 
 
@@ -188,6 +191,40 @@ def test_a_gain_that_lost_its_confirmation_is_not_confirmed_by_confirming_again(
         kept = answer(lab.call("keep", unconfirmed=True))
         assert kept["evidence"].startswith("kept unconfirmed on request, though its confirmation failed "
                                            "(+0.003000, -0.007000; Run 4's gain did not hold")
+    finally:
+        lab.loop.shutdown()
+
+
+def test_a_noise_repeat_on_a_lucky_data_order_cannot_be_kept_while_measure_noise_waits(fake_env, monkeypatch):
+    """Found by review 51: a parallel keep(run) of measure_noise's first repeat, pending while the second
+    trained, made the kept code on a lucky stretch of data the best (0.998 against 1.0, nothing changed),
+    and measure_noise failed ("already decided"), its second repeat left undecided and no noise stored."""
+    lab = noisy_lab(fake_env, -0.002)  # run 2: 0.998, run 3: 1.002
+    try:
+        answer(lab.call("setup", tag="luck"))
+        answer(lab.call("run_experiment", description="baseline"))  # run 1: 1.0
+        answer(lab.call("keep"))
+        monkeypatch.setenv("FAKE_SLEEP", "3")  # run 2 waits for a decision while run 3 trains
+        calls = {}
+
+        async def both():
+            async with Client(build_server(lab.loop)) as client:
+                async def measure():
+                    calls["noise"] = await client.call_tool("measure_noise", {"repeats": 2})
+
+                async def agent():
+                    while not answer(await client.call_tool("status", {})).get("undecided"):
+                        await anyio.sleep(0.2)
+                    calls["keep"] = await client.call_tool("keep", {"run": 2})
+                async with anyio.create_task_group() as tasks:
+                    tasks.start_soon(measure)
+                    tasks.start_soon(agent)
+        anyio.run(both)
+        assert calls["keep"].is_error and "Run 2 is a rerun that measure_noise or confirm made on data order 1" \
+            in calls["keep"].content[0].text
+        assert answer(calls["noise"])["noise"]["values"] == [1.0, 0.998, 1.002]
+        status = answer(lab.call("status"))
+        assert status["best_val_bpb"] == 1.0 and not status.get("undecided") and status["extra_runs"] == 2
     finally:
         lab.loop.shutdown()
 

@@ -63,6 +63,10 @@ def keep(core: LoopCore, note: str | None = None, run: int | None = None, unveri
         if entry["status"] == "interrupted":
             raise Refusal(f"{core.interrupted_note(entry)}; it has no result to keep.")
         result = entry["result"]
+        if entry.get("data_order") or entry.get("rerun_of") is not None:  # kept beside measure_noise, it was the best
+            raise Refusal(f"Run {entry['run']} is a rerun that measure_noise or confirm made on data order "
+                          f"{entry.get('data_order')} ({entry['description']}): that tool logs it as a discard; its "
+                          "val_bpb is that stretch of data's luck, never a result to keep.")
         if result["status"] != "ok":
             raise Refusal(f"Run {entry['run']} ended with {result['status']}, so it cannot be kept: "
                           "discard() logs it as a crash; fix train.py and rerun.")
