@@ -229,6 +229,24 @@ def test_a_noise_repeat_on_a_lucky_data_order_cannot_be_kept_while_measure_noise
         lab.loop.shutdown()
 
 
+def test_measure_noise_called_until_two_values_agree_counts_every_repeat(fake_env):
+    """Found by review 51: on the wall clock each measure_noise counted the kept value and its own repeats
+    only, so calling it with repeats=1 until a repeat matched the kept value stored a threshold of 0, and a
+    gain of 0.001 against a noise of 0.01 was kept as "beyond the noise", unconfirmed."""
+    lab = noisy_lab(fake_env, 0.01)
+    try:
+        answer(lab.call("setup", tag="shop"))
+        answer(lab.call("run_experiment", description="baseline"))  # run 1: 1.0
+        answer(lab.call("keep"))
+        noise = [answer(lab.call("measure_noise", repeats=1))["noise"] for _ in range(3)]  # runs 2-4: 1.01, 0.99, 1.0
+        assert noise[-1]["values"] == [1.0, 1.01, 0.99, 1.0] and noise[-1]["threshold"] == 0.02
+        set_knobs(lab.ws, VAL_BPB=0.999, NOISE=0)
+        assert answer(lab.call("run_experiment", description="a gain inside the noise"))["confirm_first"]
+        assert "needs confirming" in lab.refused("keep")
+    finally:
+        lab.loop.shutdown()
+
+
 def test_on_the_flops_clock_a_rerun_of_the_best_stands_as_the_control(fake_env, monkeypatch):
     """A run on the flops clock depends on its code and data order only: the best's noise repeat on
     data order 1 is the control of the first confirmation's first pair, the confirmed candidate's

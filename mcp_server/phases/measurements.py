@@ -54,12 +54,17 @@ def _measurement_shelf(core: LoopCore, state: dict, commit: str) -> str:
 
 def file_measurement(core: LoopCore, state: dict, entry: dict, result: RunResult) -> None:
     """Files a rerun on another data order (noise repeats, controls, confirmations) for the
-    confirmations that need the same code on the same data again."""
+    confirmations that need the same code on the same data again; where reruns do not repeat, for
+    the noise estimates alone (each of them counts every rerun of the kept code, not only its own
+    call's: calling measure_noise until two values agreed stored a threshold of 0)."""
     order = entry.get("data_order", 0)
-    if not order or result.status != "ok" or result.budget_clock != "flops" or not _repeatable(core):
+    if not order or result.status != "ok":
         return
-    shelf = state.setdefault("measured", {}).setdefault(_measurement_shelf(core, state, entry["commit"]), {})
-    shelf[str(order)] = {"val_bpb": result.val_bpb, "run": entry["run"]}
+    filed = {"val_bpb": result.val_bpb, "run": entry["run"]}
+    repeatable = result.budget_clock == "flops" and _repeatable(core)
+    shelves = state.setdefault("measured" if repeatable else "reruns", {})
+    shelf = shelves.setdefault(_measurement_shelf(core, state, entry["commit"]), {})
+    shelf[str(order)] = filed if repeatable else filed | {"device": result.device}
 
 
 def _measurements_of(core: LoopCore, state: dict, commit: str) -> dict[int, dict]:
@@ -102,10 +107,17 @@ def _by_order(core: LoopCore, state: dict, commit: str, own: list[tuple[int, flo
 
 
 def noise_values_from_kept(core: LoopCore) -> list[float]:
-    """The kept commit's own value and its reruns on other data orders so far."""
+    """The kept commit's own value and its reruns on other data orders so far (where they do not
+    repeat, those on the kept value's GPU model)."""
     state = core.state.load()
     kept = state.get("kept_commit", "")
-    return [v for _, v in _by_order(core, state, kept, _kept_values(state, kept))] if kept else []
+    if not kept:
+        return []
+    device = core.device_of(kept)
+    reruns = (state.get("reruns") or {}).get(_measurement_shelf(core, state, kept)) or {}
+    return ([v for _, v in _by_order(core, state, kept, _kept_values(state, kept))]
+            + [m["val_bpb"] for _, m in sorted(reruns.items(), key=lambda item: int(item[0]))
+               if m.get("device") == device])
 
 
 def _order_blind(core: LoopCore, state: dict, commit: str, own: list[tuple[int, float]], whose: str) -> str | None:
