@@ -109,13 +109,16 @@ def test_what_a_run_charges_the_flops_clock_is_checked_by_the_harness():
     from mcp_server.core.models import Summary
     rate, budget = 1e9, 10.0  # 1e10 FLOPs to spend
     honest = Summary(val_bpb=2.0, budget_clock="flops", flops_per_token=1e6, total_tokens_M=0.011, num_steps=11)
-    assert flops_problem(honest, {"matmul_flops_per_token": 9e5}, rate, budget) is None
-    assert "alone take 1.1e+06" in flops_problem(honest, {"matmul_flops_per_token": 1.1e6}, rate, budget)
+    assert flops_problem(honest, {"matmul_flops_per_token": 9e5}, rate, budget, "flops") is None
+    assert "alone take 1.1e+06" in flops_problem(honest, {"matmul_flops_per_token": 1.1e6}, rate, budget, "flops")
     greedy = honest.model_copy(update={"total_tokens_M": 0.02, "num_steps": 20})  # 2e10 FLOPs trained
-    assert "over the budget's 1e+10" in flops_problem(greedy, {"matmul_flops_per_token": 9e5}, rate, budget)
+    assert "over the budget's 1e+10" in flops_problem(greedy, {"matmul_flops_per_token": 9e5}, rate, budget, "flops")
     silent = honest.model_copy(update={"flops_per_token": None})
-    assert "lacks flops_per_token" in flops_problem(silent, {}, rate, budget)
-    assert flops_problem(honest.model_copy(update={"budget_clock": "wall"}), {}, None, budget) is None
+    assert "lacks flops_per_token" in flops_problem(silent, {}, rate, budget, "flops")
+    assert flops_problem(honest, {}, None, budget, "wall") is None
+    # the clock is the harness's: a train.py that says it spent on the wall clock is checked all the same
+    said_wall = greedy.model_copy(update={"budget_clock": "wall"})
+    assert "over the budget's" in flops_problem(said_wall, {"matmul_flops_per_token": 9e5}, rate, budget, "flops")
 
 
 def noisy_lab(fake_env, noise: float):

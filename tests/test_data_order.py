@@ -99,3 +99,14 @@ def test_an_honest_candidate_is_confirmed_on_its_data_orders(flops):
         ("confirm", {}, None)])
     confirmation = answer(confirmation)
     assert confirmation["confirmed"] and confirmation["paired_deltas"] == [-0.01]
+
+
+
+def test_a_train_py_that_names_no_flops_clock_is_still_checked_on_the_harnesss(flops, monkeypatch):
+    """Review 52: a run was judged by the clock its summary named, so a train.py on the flops clock that
+    printed no `budget_clock: flops` (or `wall`) had its reruns filed where the data-order check never
+    looked: measure_noise stored a threshold of 0 from three equal values."""
+    monkeypatch.delenv("FAKE_FLOPS_CLOCK")  # the fake then names no clock
+    ws, cache = flops(0)
+    *_, refused = play(ws, cache, BASELINE + [("measure_noise", {"repeats": 2}, None)])
+    assert "does not train on the data order" in error(refused)

@@ -120,9 +120,11 @@ def timeout_for(budget: float) -> float:
     return max(TIMEOUT_FACTOR * budget, budget + MIN_TIMEOUT_MARGIN_S)
 
 
-def budget_clock() -> str:
-    """The clock a training budget is spent on (prepare.py records it; the env overrides it)."""
-    return os.environ.get("AUTORESEARCH_BUDGET_CLOCK") or (prepared_info() or {}).get("budget_clock") or "wall"
+def budget_clock(info: dict | None = None) -> str:
+    """The clock a training budget is spent on (prepare.py records it, info: the record as checked, else read
+    now; the env overrides it)."""
+    record = (prepared_info() or {}) if info is None else info
+    return os.environ.get("AUTORESEARCH_BUDGET_CLOCK") or record.get("budget_clock") or "wall"
 
 
 def profile_budget(profiles: Path, profile: str | None) -> float | None:

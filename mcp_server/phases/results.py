@@ -17,7 +17,7 @@ from mcp_server.core import integrity, ledger, logparse, noise
 from mcp_server.scripts import sandbox
 from mcp_server.core.models import Refusal, RunResult
 from mcp_server.phases.runs import LOG_TAIL_BYTES, RUN_LOG, LoopCore
-from mcp_server.core.workspace import prepared_info, time_budget
+from mcp_server.core.workspace import budget_clock, prepared_info, time_budget
 
 # MFU of a run against its best's run: beyond this share apart, the machine's speed may explain the
 # delta (on a 2-core CPU, one busy process beside a wall-clock run cost it 35% of its steps)
@@ -73,8 +73,13 @@ def _result(core: LoopCore, entry: dict, text: str, report: dict | None, slot: s
                        timeout_seconds=entry["timeout"], next="")
     if summary is not None:
         for key in ("training_seconds", "timed_seconds", "total_seconds", "eval_seconds", "num_steps",
-                    "compile_seconds", "compile_cache", "recompiles", "budget_clock", "mfu_percent"):
+                    "compile_seconds", "compile_cache", "recompiles", "mfu_percent"):
             setattr(result, key, getattr(summary, key))
+        # the clock the run is judged by is the harness's, fixed at submission, never the one its summary names
+        # (review 52: a train.py on the flops clock that said `wall` had its reruns filed where the data-order
+        # check never looked, and skipped the flops check); a run submitted before entries kept it: the
+        # harness's as read now
+        result.budget_clock = entry.get("clock") or budget_clock()
     report = report or {}
     result.exit_code = report.get("exit_code")
     result.wall_seconds = report.get("wall_seconds")
@@ -170,8 +175,8 @@ def _measured(core: LoopCore, entry: dict, summary, report: dict, result: RunRes
     problem, value, note = integrity.evaluation_verdict(report)
     rate = report.get("flops_per_budget_second") or (
         entry["flops_rate"] if "flops_rate" in entry else (prepared_info() or {}).get("flops_per_budget_second"))
-    problem = problem or integrity.flops_problem(summary, report.get("evaluation") or {}, rate,
-                                                 budget)  # a cluster node's rate is its own
+    problem = problem or integrity.flops_problem(summary, report.get("evaluation") or {}, rate, budget,
+                                                 result.budget_clock)  # a cluster node's rate is its own
     result.integrity = note
     if problem:
         return f"not a result: {problem}", None
@@ -194,11 +199,11 @@ def _compare_throughput(core: LoopCore, result: RunResult, summary, best_commit:
     if not isinstance(best, dict) or not best.get("mfu_percent") or not summary.mfu_percent:
         return
     result.best_num_steps, result.best_mfu_percent = best.get("num_steps"), best["mfu_percent"]
-    if best.get("budget_clock") != summary.budget_clock:
+    if (best.get("budget_clock") or "wall") != (result.budget_clock or "wall"):
         result.comparable = False
-        why = (f"this run's budget was on the {summary.budget_clock or 'wall'} clock, the best's on the "
+        why = (f"this run's budget was on the {result.budget_clock or 'wall'} clock, the best's on the "
                f"{best.get('budget_clock') or 'wall'} clock")
-    elif summary.budget_clock == "flops":
+    elif result.budget_clock == "flops":
         result.comparable = True  # the same FLOPs whatever the machine's speed: MFU is the code's business
     else:
         change = summary.mfu_percent / best["mfu_percent"] - 1

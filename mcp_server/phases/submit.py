@@ -17,8 +17,8 @@ from mcp_server.core import envpin, history, integrity, ledger, limits
 from mcp_server.phases.dispatch import dispatch, require_owner, run_command
 from mcp_server.core.models import Refusal, SetupResult
 from mcp_server.phases.runs import RUNS_DIR, UNDECIDED, LoopCore, run_name
-from mcp_server.core.workspace import (BRANCH_PREFIX, EDITABLE, RUN_REF_PREFIX, budget_of, cache_dir, prepared_info,
-                                       time_budget, timeout_for, validate_tag)
+from mcp_server.core.workspace import (BRANCH_PREFIX, EDITABLE, RUN_REF_PREFIX, budget_clock, budget_of, cache_dir,
+                                       prepared_info, time_budget, timeout_for, validate_tag)
 
 MAX_TIMEOUT_S = 86400.0
 MAX_COMMIT_ATTEMPTS = 20  # candidates whose 7-character hash collides with a logged one are re-made
@@ -214,7 +214,7 @@ def submit(core: LoopCore, description: str, timeout_seconds: float | None = Non
                  "verifies": integrity.supports_export(core.ws, commit),
                  "timeout": float(timeout_seconds or most_seconds), "submitted_at": time.time(),
                  "budget": budget, "most_seconds": most_seconds,
-                 "flops_rate": record.get("flops_per_budget_second"),
+                 "flops_rate": record.get("flops_per_budget_second"), "clock": budget_clock(record),
                  "log": f"{RUNS_DIR}/{run_name(n, commit)}.log",
                  "report": f"{RUNS_DIR}/{run_name(n, commit)}.report.json"}
         if rerun_of is not None:
