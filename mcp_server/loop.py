@@ -58,6 +58,7 @@ class ResearchLoop(LoopCore):
     confirmation_orders = measurements.confirmation_orders
     fresh_data_order = measurements.fresh_data_order
     noise_values_from_kept = measurements.noise_values_from_kept
+    rerun_value = staticmethod(measurements.rerun_value)
     store_noise = measurements.store_noise
     record_confirmation = measurements.record_confirmation
 

@@ -466,9 +466,10 @@ def register_measurements(srv: MCPServer, loop: ResearchLoop) -> None:
         for n in runs:
             result = loop.answer_for(n)
             await threaded(loop.discard, None, n)
-            (ok if result.status == "ok" else failed).append(result.commit)
-            if result.status == "ok":
-                repeated.append(result.val_bpb)
+            value = loop.rerun_value(result)  # an unverified one is train.py's word
+            (ok if value is not None else failed).append(result.commit)
+            if value is not None:
+                repeated.append(value)
                 devices.add(result.device)
         device = devices.pop() if len(devices) == 1 else None  # repeats on several models: no per-model estimate
         kept_device = loop.device_of(kept)
@@ -477,8 +478,8 @@ def register_measurements(srv: MCPServer, loop: ResearchLoop) -> None:
         values += repeated
         if len(values) < 2:
             where = f" on {device} (the kept value is from {kept_device})" if device and kept_device != device else ""
-            raise Refusal(f"Too few successful repeats ({len(ok)}){where}: fix any crash (see read_metrics) "
-                          "and measure again with repeats=2 or more.")
+            raise Refusal(f"Too few successful repeats ({len(ok)}){where}: fix any crash or unverified repeat (see "
+                          "read_metrics) and measure again with repeats=2 or more.")
         return compact(NoiseResult(noise=loop.store_noise(values, len(runs), device), runs=ok, failed=failed))
 
     @register(WRITES)
@@ -518,8 +519,8 @@ def register_measurements(srv: MCPServer, loop: ResearchLoop) -> None:
         for m in runs:
             result = loop.answer_for(m)
             await threaded(loop.discard, None, m)
-            measured[m] = result.val_bpb if result.status == "ok" else None
-            if result.status != "ok":
+            measured[m] = loop.rerun_value(result)  # an unverified one is train.py's word
+            if measured[m] is None:
                 failed.append(result.commit)
         pairs_done = [tuple(value if kind == "value" else measured[value] for kind, value in pair) for pair in sides]
         pairs_done = [(ctrl, cand) for ctrl, cand in pairs_done if ctrl is not None and cand is not None]
@@ -534,7 +535,7 @@ def register_measurements(srv: MCPServer, loop: ResearchLoop) -> None:
             extra_runs=len(runs), extra_runs_total=total,
             next=(f"keep(run={n})" if confirmed else f"{blind} The gain is not confirmed: discard(run={n})" if blind
                   else f"the gain did not hold: discard(run={n})")
-            + ("" if not failed else "; some reruns failed: read their logs")))
+            + ("" if not failed else "; some reruns failed, or exported no model for the harness: read their logs")))
 
 
 def register_search(srv: MCPServer, loop: ResearchLoop) -> None:

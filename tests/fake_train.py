@@ -16,6 +16,9 @@ result, as it does for real), else a default:
   ORDER_EFFECT (0: val_bpb moves by this much per data order, AUTORESEARCH_DATA_ORDER)
   FLOPS_CLOCK (0: say the budget was spent on the flops clock, as the CPU profile's train.py does)
   LAG (0: added to every step's training loss, so the run's curve lags a run without it)
+  EXPORT (0: export nothing; 1: export a "model" holding the val_bpb it prints to RESEARCH_LOOP_EXPORT, which
+          EVALUATOR in server_support scores as it holds; 2: that on the usual data order only, so that a rerun on
+          another order is unverified, its val_bpb the one printed)
   IMPORTS (none: comma-separated modules imported first, as train.py imports torch; read from the
           environment only)
   READ (none: comma-separated files to read, printing what each holds or why it could not, a pattern
@@ -36,7 +39,7 @@ import time
 DEFAULTS = {"VAL_BPB": 1.0, "MEMORY_MB": 2048.0, "STEPS": 5, "SLEEP": 0.0, "CRASH": 0, "NAN": 0,
             "NO_SUMMARY": 0, "NOISE": 0.0, "SPAWN": 0, "ESCAPE": 0.0, "SPAM_MB": 0.0, "IGNORE_TERM": 0,
             "CLAIM_SECONDS": 0.0, "TAMPER": 0, "MFU": 40.0, "FLOPS_CLOCK": 0,
-            "ORDER_EFFECT": 0.0, "LAG": 0.0}
+            "ORDER_EFFECT": 0.0, "LAG": 0.0, "EXPORT": 0}
 ESCAPED = """
 import os, sys, time
 if os.fork():
@@ -149,6 +152,15 @@ def main() -> int:
     elapsed = time.time() - t0
     val_bpb = k["VAL_BPB"] + k["NOISE"] * (int(os.environ.get("RESEARCH_LOOP_RUN", "1")) % 3 - 1) \
         + k["ORDER_EFFECT"] * int(os.environ.get("AUTORESEARCH_DATA_ORDER", "0"))
+    if k["EXPORT"] == 1 or (k["EXPORT"] == 2 and not int(os.environ.get("AUTORESEARCH_DATA_ORDER", "0"))):
+        export = os.environ["RESEARCH_LOOP_EXPORT"]
+        with open(export, "w") as f:
+            f.write(f"{val_bpb:.6f}")
+        with open(export + ".json", "w") as f:  # the note comes last: the harness evaluates once it is there
+            f.write("{}")
+        deadline = time.time() + 30  # as prepare.evaluate_bpb, waits for the harness's answer
+        while not os.path.exists(os.environ["RESEARCH_LOOP_ANSWER"]) and time.time() < deadline:
+            time.sleep(0.05)
     print("---")
     print(f"val_bpb:          {val_bpb:.6f}")
     print(f"training_seconds: {k['CLAIM_SECONDS'] or elapsed:.1f}")

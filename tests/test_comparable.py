@@ -390,3 +390,46 @@ def test_the_demos_search_discards_a_gain_inside_the_noise_and_confirms_a_margin
         assert answer(lab.call("status"))["extra_runs"] == 4  # two noise repeats, one confirmation pair
     finally:
         lab.loop.shutdown()
+
+
+# The harness's evaluator for a trainer that exports (the fake's EXPORT knob): it scores the "model" as the
+# number it holds, by the worker's protocol (a line on stdin says go; the result goes to --out-fd)
+EVALUATOR = """import json, os, sys
+if not sys.stdin.readline():
+    sys.exit(0)  # nothing exported
+with open(f"/dev/fd/{sys.argv[sys.argv.index('--program-fd') + 1]}") as f:
+    value = float(f.read())
+os.write(int(sys.argv[sys.argv.index("--out-fd") + 1]), json.dumps({"val_bpb": value, "causal": True}).encode())
+"""
+
+
+def test_a_rerun_the_harness_did_not_evaluate_confirms_nothing_and_measures_no_noise(fake_env):
+    """Review 52: where the harness evaluates exports, a rerun whose train.py exported nothing is unverified, its
+    val_bpb train.py's own, and confirm and measure_noise took it as a measurement. A train.py that exports only on
+    the usual data order (a rerun is told its order) had a gain at half the best's speed confirmed by the numbers
+    it printed on its reruns (0.79 beside the best's 1.003), and could pick its own noise."""
+    from server_support import Lab, git, make_workspace
+    ws = make_workspace(fake_env, "VAL_BPB = 1.0\nEXPORT = 1\nORDER_EFFECT = 0.003\n")
+    (ws / "nanochat" / "evaluate_export.py").write_text(EVALUATOR)
+    (ws / "nanochat" / "export.py").write_text("# harness stand-in\n")
+    git(ws, "add", ".")
+    git(ws, "commit", "-q", "-m", "a harness that evaluates exports")
+    # trained by a venv without torch: a harness run's interpreter imports torch before its run (warm_train.py)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(fake_env / "venv")], check=True)
+    lab = Lab(ws, train_command=[str(fake_env / "venv" / "bin" / "python"), "fake_train.py"])
+    try:
+        answer(lab.call("setup", tag="t"))
+        base = answer(lab.call("run_experiment", description="baseline"))
+        assert base["verified"], base
+        answer(lab.call("keep"))
+        set_knobs(ws, VAL_BPB=0.99, MFU=20.0, EXPORT=2, ORDER_EFFECT=-0.2)
+        assert answer(lab.call("run_experiment", description="an idea at half the speed"))["verified"]
+        confirmation = answer(lab.call("confirm"))
+        assert not confirmation["confirmed"] and confirmation["paired_deltas"] == [], confirmation
+        assert len(confirmation["failed"]) == 1 and "exported no model" in confirmation["next"]
+        assert "confirm" in lab.refused("keep")
+        answer(lab.call("keep", unconfirmed=True))
+        refused = lab.refused("measure_noise", repeats=2)
+        assert "Too few successful repeats (0)" in refused and "unverified repeat" in refused, refused
+    finally:
+        lab.loop.shutdown()

@@ -52,13 +52,20 @@ def _measurement_shelf(core: LoopCore, state: dict, commit: str) -> str:
     return f"{core.ws.train_blob(commit)} {state.get('fingerprint', '')} {core.slots}"
 
 
+def rerun_value(result: RunResult) -> float | None:
+    """A rerun's val_bpb as a measurement (a noise repeat, a control, a confirmation): None where it failed, or
+    where the harness evaluates exports and did not evaluate this one (review 52: a train.py that exported only on
+    the usual data order, which a rerun is told, confirmed its gain with the numbers it printed on its reruns)."""
+    return result.val_bpb if result.status == "ok" and result.verified is not False else None
+
+
 def file_measurement(core: LoopCore, state: dict, entry: dict, result: RunResult) -> None:
     """Files a rerun on another data order (noise repeats, controls, confirmations) for the
     confirmations that need the same code on the same data again; where reruns do not repeat, for
     the noise estimates alone (each of them counts every rerun of the kept code, not only its own
     call's: calling measure_noise until two values agreed stored a threshold of 0)."""
     order = entry.get("data_order", 0)
-    if not order or result.status != "ok":
+    if not order or rerun_value(result) is None:
         return
     filed = {"val_bpb": result.val_bpb, "run": entry["run"]}
     repeatable = result.budget_clock == "flops" and _repeatable(core)
