@@ -321,9 +321,10 @@ def time_problem(summary, report: dict, budget: float, last_step_s: float | None
 
 def flops_problem(summary, evaluation: dict, flops_per_budget_second: float | None, budget: float,
                   clock: str | None) -> str | None:
-    """On the flops budget clock (clock: the harness's, whatever train.py says it spent), why the FLOPs a run trained cannot stand: train.py charged each
-    token less than its exported model's weights take (the harness's floor), or its tokens at that
-    charge are more than the budget (one step over for the loop's stop, one untimed step)."""
+    """On the flops budget clock (clock: the harness's, whatever train.py says it spent), why the FLOPs a
+    run trained cannot stand: train.py charged each token less than its exported model's weights take (the
+    harness's floor), or its tokens at that charge are more than the budget (one step over for the loop's
+    stop, one untimed step)."""
     if clock != "flops":
         return None
     claimed, floor = summary.flops_per_token, evaluation.get("matmul_flops_per_token")
