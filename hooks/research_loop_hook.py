@@ -210,15 +210,15 @@ def ledger_rows(root: Path) -> list[list[str]]:
 
 
 def best_kept(rows: list[list[str]]) -> list[str] | None:
-    kept = []
-    for row in rows:
+    """The last kept row: what the research branch holds (a worse keep moves it too), as status() says."""
+    for row in reversed(rows):
         try:
             value = float(row[1])
         except ValueError:
             continue
         if row[3] == "keep" and value > 0:
-            kept.append((value, row))
-    return min(kept)[1] if kept else None
+            return row
+    return None
 
 
 def server_state(root: Path) -> dict:

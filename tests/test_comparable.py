@@ -232,6 +232,40 @@ def test_a_noise_repeat_on_a_lucky_data_order_cannot_be_kept_while_measure_noise
         lab.loop.shutdown()
 
 
+def test_a_confirmation_rerun_falling_behind_cannot_be_cancelled_to_confirm_again(fake_env, monkeypatch):
+    """Found by review 53: cancel(run) of confirm's candidate rerun while it trained (its curve behind the
+    control's) logged it as a crash, confirm failed ("already decided") with nothing recorded, not even its
+    extra runs, and the next confirm drew new luck: round 51's lost pairs never counted."""
+    lab = noisy_lab(fake_env, 0.002)
+    try:
+        baseline_and_noise(lab)  # threshold 0.004
+        set_knobs(lab.ws, VAL_BPB=0.999, NOISE=-0.006)
+        answer(lab.call("run_experiment", description="luck"))  # run 4: 0.999
+        monkeypatch.setenv("FAKE_SLEEP", "3")  # run 6 (the idea again, 1.005) trains long enough to cancel
+        calls = {}
+
+        async def both():
+            async with Client(build_server(lab.loop)) as client:
+                async def confirm():
+                    calls["confirm"] = await client.call_tool("confirm", {"run": 4})
+
+                async def agent():
+                    while "run 6 " not in (answer(await client.call_tool("status", {})).get("running") or ""):
+                        await anyio.sleep(0.2)
+                    calls["cancel"] = await client.call_tool("cancel", {"run": 6})
+                async with anyio.create_task_group() as tasks:
+                    tasks.start_soon(confirm)
+                    tasks.start_soon(agent)
+        anyio.run(both)
+        assert calls["cancel"].is_error and "Run 6 is a rerun that measure_noise or confirm made" \
+            in calls["cancel"].content[0].text
+        lost = answer(calls["confirm"])  # run 5: the best, 1.002; run 6: the idea, 1.005
+        assert lost["paired_deltas"] == [0.003] and not lost["confirmed"]
+        assert answer(lab.call("status"))["extra_runs"] == 4
+    finally:
+        lab.loop.shutdown()
+
+
 def test_measure_noise_called_until_two_values_agree_counts_every_repeat(fake_env):
     """Found by review 51: on the wall clock each measure_noise counted the kept value and its own repeats
     only, so calling it with repeats=1 until a repeat matched the kept value stored a threshold of 0, and a

@@ -3,6 +3,8 @@ content, the pull request's branch in the real git repository, the names it refu
 edited by hand that the report does not believe."""
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -10,6 +12,8 @@ from mcp_server import cli
 from mcp_server.core import cost, history
 from mcp_server.phases import morning
 from mcp_server.core import plot
+from mcp_server.dashboard import dashboard
+from plugin_support import REPO
 from server_support import Lab, answer, git, make_workspace, set_knobs
 
 TRAIN = "VAL_BPB = {val}\nNOISE = 0.002\n{crash}\n\ndef attention(x):\n    return x{scale}\n"
@@ -239,3 +243,30 @@ def test_a_record_edited_for_a_better_story_is_not_believed_by_the_report(night)
     assert section(text, "Noise") == section(honest, "Noise")
     assert any(record.name in notice for notice in night.ok("status")["records_changed"])
     assert "confirmed 5 times" not in json.dumps(night.ok("history"))
+
+
+def test_the_best_the_report_hook_and_dashboard_show_is_what_the_branch_holds(lab):
+    """A worse result kept on purpose, then a keep row logged by hand with the agent's own number: the
+    report's headline took the lowest keep row ever (0.9, which the branch no longer held, then the
+    agent's 0.05 unmarked, "gain +0.95 (95%)"); the Stop hook and the dashboard did the same."""
+    lab.ok("setup", tag="t")
+    for val in (1.0, 0.9, 0.95):  # baseline, a gain, a worse one kept on request
+        (lab.ws / "train.py").write_text(f"VAL_BPB = {val}\n")
+        lab.ok("run_experiment", description=f"at {val}")
+        lab.ok("keep")
+    (lab.ws / "train.py").write_text("VAL_BPB = 0.93\n")
+    assert lab.ok("run_experiment", description="behind the best")["delta"] == pytest.approx(-0.02)
+    lab.ok("discard")
+    assert answer(lab.call("status"))["best_val_bpb"] == 0.95
+    summary = section((lab.ws / lab.ok("report")["path"]).read_text(), "Summary")
+    assert "best val_bpb | 0.950000" in summary, summary
+    hook = subprocess.run([sys.executable, str(REPO / "hooks" / "research_loop_hook.py"), "session-start"],
+                          input=json.dumps({"cwd": str(lab.ws)}), capture_output=True, text=True, timeout=30)
+    assert "best val_bpb: 0.950000" in hook.stdout, hook.stdout
+    assert [r["delta"] for r in dashboard.ledger_view(lab.ws)["rows"]] == [None, -0.1, 0.05, -0.02]
+
+    (lab.ws / "train.py").write_text("VAL_BPB = 0.97\n")
+    git(lab.ws, "commit", "-qam", "tuned by hand")
+    lab.ok("log_result", commit=lab.head(), val_bpb=0.05, memory_gb=1.0, status="keep", description="by hand")
+    summary = section((lab.ws / lab.ok("report")["path"]).read_text(), "Summary")
+    assert "0.050000 (`" in summary and "the agent's, logged by hand, not measured by the harness)" in summary, summary

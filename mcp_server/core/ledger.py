@@ -322,5 +322,6 @@ def _ends_with_newline(path: Path) -> bool:
 
 
 def best_kept(rows: list[Row]) -> Row | None:
-    kept = [r for r in rows if r.status == "keep"]
-    return min(kept, key=lambda r: r.val_bpb) if kept else None
+    """The best: the last kept row, what the research branch holds and status() names. Not the lowest
+    keep: a keep moves the best, a worse one too, and a lower row may be the agent's own number."""
+    return next((r for r in reversed(rows) if r.status == "keep"), None)

@@ -79,11 +79,14 @@ def failures_in_row(rows: list[tuple]) -> int:
     return count
 
 
+def measured(description: str) -> bool:
+    """Whether a kept row's number is the harness's: a row log_result wrote holds the agent's number,
+    an unverified one train.py's."""
+    return not description.endswith(LOGGED_BY_HAND) and UNVERIFIED not in description
+
+
 def measured_keeps(rows: list[tuple]) -> list[float]:
-    """The val_bpb of each kept row the harness measured: a row log_result wrote holds the agent's number,
-    an unverified one train.py's. Rows are (status, val_bpb[, description])."""
-    def measured(description: str) -> bool:
-        return not description.endswith(LOGGED_BY_HAND) and UNVERIFIED not in description
+    """The val_bpb of each kept row the harness measured. Rows are (status, val_bpb[, description])."""
     return [row[1] for row in rows if row[0] == "keep" and measured(str(row[2] if len(row) > 2 else ""))]
 
 

@@ -93,7 +93,7 @@ def ledger_lines(path: Path) -> list[tuple[int, ledger.Row | None, str]]:
 
 
 def ledger_view(root: Path) -> dict:
-    """Every ledger line oldest first (a malformed one as such), each with its delta against the best
+    """Every ledger line oldest first (a malformed one as such), each with its delta against the last row
     kept before it and, for the server's runs, the run number and what it changed in train.py."""
     state, problem = read_state(root)
     records = history.records_by_commit(root / RUNS_DIR, state)
@@ -115,8 +115,8 @@ def ledger_view(root: Path) -> dict:
             "rerun": history.rerun_kind(record),  # a noise repeat, confirmation or control: not an idea
             "changes": history.change_text(changes) if changes else None,
             "delta": round(row.val_bpb - best, 6) if best is not None and row.status != "crash" else None})
-        if row.status == "keep":
-            best = row.val_bpb if best is None else min(best, row.val_bpb)
+        if row.status == "keep":  # the best is what the branch holds, as the server compares: a worse keep moves it
+            best = row.val_bpb
     branch = git(root, "symbolic-ref", "--short", "-q", "HEAD")
     return {"workspace": str(root), "branch": branch.strip() if branch else None, "tag": state.get("tag"),
             "set_up": bool(state.get("branch")), "rows": rows, "noise": state.get("noise"),

@@ -220,10 +220,11 @@ def _described(description: str, note: str | None, marker: str = "") -> str:
     return ledger.fit_description(description, marker)
 
 
-def cancel(core: LoopCore, run: int, stopped: dict | None = None) -> CancelResult:
+def cancel(core: LoopCore, run: int, stopped: dict | None = None, ending: bool = False) -> CancelResult:
     """A queued run leaves the queue (no row: it never ran); a running one is stopped and logged
     as a crash. Its code stays under its ref either way. stopped: the early stop's verdict
-    (early_stop.py), which the row, the record and the run's answer give."""
+    (early_stop.py), which the row, the record and the run's answer give. ending: stop(now=True)'s,
+    the one caller that may cancel the reruns of measure_noise and confirm."""
     if isinstance(run, bool) or not isinstance(run, int):
         raise Refusal(f"run must be a run number (status() lists them), got {run!r}.")
     require_owner(core)
@@ -232,6 +233,12 @@ def cancel(core: LoopCore, run: int, stopped: dict | None = None) -> CancelResul
         if entry is None or entry["status"] not in IN_FLIGHT:
             what = "has a result: keep or discard it" if entry else "is not queued or running (status() lists them)"
             raise Refusal(f"Run {run} {what}.")
+        if (entry.get("rerun_of") is not None or entry.get("data_order")) and not ending:
+            # review 53: a confirmation rerun cut short as its curve fell behind left its pair unjudged (and the
+            # call an error), so confirming again drew new luck; a noise repeat likewise left the estimate out
+            raise Refusal(f"Run {run} is a rerun that measure_noise or confirm made ({entry['description']}): that "
+                          "tool decides it when it ends, and a rerun cut short would leave its measurement unjudged. "
+                          "stop(reason, now=True) ends the research run's runs, reruns included.")
         was = entry["status"]
         row = None
         if was == "running":
@@ -268,7 +275,7 @@ def stop(core: LoopCore, reason: str, now: bool = False) -> StopResult:
             raise Refusal("No research run is set up, so there is nothing to stop.")
         state["stopped"] = {"reason": reason, "at": time.time()}
         in_flight = [e["run"] for e in core.runs_of(state, *IN_FLIGHT)]
-    cancelled = [cancel(core, run).run for run in in_flight] if now else []
+    cancelled = [cancel(core, run, ending=True).run for run in in_flight] if now else []
     core.notifier.check(core)
     status = overview.status(core)
     return StopResult(stopped=reason, cancelled=cancelled or None, running=status.running,

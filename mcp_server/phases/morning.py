@@ -305,7 +305,7 @@ def summary(night: Night, times: dict, made: dict | None) -> list[str]:
         lines.append(f"| harness | {cell(night.state['harness_changed'])} |")
     if best and first:
         gain = first.val_bpb - best.val_bpb
-        lines.append(f"| best val_bpb | {best.val_bpb:.6f} (`{best.commit}`), against {first.val_bpb:.6f} for the "
+        lines.append(f"| best val_bpb | {best.val_bpb:.6f} (`{best.commit}`{unmeasured(best)}), against {first.val_bpb:.6f} for the "
                      f"first kept result: gain {gain:+.6f}" + (f" ({100 * gain / first.val_bpb:.2f}%)" if first.val_bpb
                                                                else "") + " |")
     lines.append(f"| runs | {len(night.rows)} logged: {len(ideas)} ideas ({counts['keep']} kept, {counts['discard']} "
@@ -322,6 +322,14 @@ def summary(night: Night, times: dict, made: dict | None) -> list[str]:
     if undecided:
         lines.append(f"| not in this report | runs {', '.join(map(str, undecided))}: in flight or not decided yet |")
     return lines + [""]
+
+
+def unmeasured(row: Row) -> str:
+    """What the best's number is where the harness did not measure it (the row's marker says which)."""
+    if limits.measured(row.description):
+        return ""
+    whose = "the agent's, logged by hand" if row.description.endswith(limits.LOGGED_BY_HAND) else "train.py's own"
+    return f": {whose}, not measured by the harness"
 
 
 def hours(value: float | None) -> str:

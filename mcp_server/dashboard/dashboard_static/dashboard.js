@@ -74,7 +74,7 @@ function renderSummary(data, rows) {
   const counts = { keep: 0, discard: 0, crash: 0, malformed: data.rows.length - rows.length };
   for (const row of rows) counts[row.status] += 1;
   const kept = rows.filter((r) => r.status === "keep");
-  const best = kept.reduce((a, b) => (a && a.val_bpb <= b.val_bpb ? a : b), null);
+  const best = kept.length ? kept[kept.length - 1] : null;  // what the branch holds, as status() says
   const parts = [el("span", { class: "big", text: best ? num(best.val_bpb) : "no kept run yet" })];
   if (best) parts.push(el("span", { text: ` best val_bpb, ${best.commit} “${short(best.description, 60)}”` }));
   const reruns = rows.filter((r) => r.rerun).length;
