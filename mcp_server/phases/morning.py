@@ -305,9 +305,9 @@ def summary(night: Night, times: dict, made: dict | None) -> list[str]:
         lines.append(f"| harness | {cell(night.state['harness_changed'])} |")
     if best and first:
         gain = first.val_bpb - best.val_bpb
-        lines.append(f"| best val_bpb | {best.val_bpb:.6f} (`{best.commit}`{unmeasured(best)}), against {first.val_bpb:.6f} for the "
-                     f"first kept result: gain {gain:+.6f}" + (f" ({100 * gain / first.val_bpb:.2f}%)" if first.val_bpb
-                                                               else "") + " |")
+        share = f" ({100 * gain / first.val_bpb:.2f}%)" if first.val_bpb else ""
+        lines.append(f"| best val_bpb | {best.val_bpb:.6f} (`{best.commit}`{unmeasured(best)}), against "
+                     f"{first.val_bpb:.6f} for the first kept result: gain {gain:+.6f}{share} |")
     lines.append(f"| runs | {len(night.rows)} logged: {len(ideas)} ideas ({counts['keep']} kept, {counts['discard']} "
                  f"discarded, {counts['crash']} crashed) and {len(night.reruns)} extra "
                  f"run{'' if len(night.reruns) == 1 else 's'} |")
