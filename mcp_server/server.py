@@ -527,7 +527,8 @@ def register_measurements(srv: MCPServer, loop: ResearchLoop) -> None:
         deltas = [round(cand - ctrl, 6) for ctrl, cand in pairs_done]
         confirmed = bool(deltas) and len(deltas) == pairs and all(d < 0 for d in deltas)
         total, blind = await threaded(loop.record_confirmation, n,
-                                      {"confirmed": confirmed, "paired_deltas": deltas, "runs": runs}, len(runs))
+                                      {"confirmed": confirmed, "paired_deltas": deltas, "runs": runs}, len(runs),
+                                      [order for order, _, _ in plan])
         confirmed = confirmed and not blind
         return compact(ConfirmResult(
             run=n, confirmed=confirmed, paired_deltas=deltas, control_val_bpb=[c for c, _ in pairs_done],

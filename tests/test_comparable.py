@@ -198,6 +198,29 @@ def test_a_gain_that_lost_its_confirmation_is_not_confirmed_by_confirming_again(
         lab.loop.shutdown()
 
 
+def test_a_lost_pair_is_not_undone_by_confirming_the_same_code_as_a_new_run(fake_env):
+    """Found by review 54: the lost pair was the run's, so the same train.py submitted again with rerun=true
+    (a new run, no pairs) was confirmed on fresh luck and kept as 'the candidate won each pair'."""
+    lab = noisy_lab(fake_env, 0.002)
+    try:
+        baseline_and_noise(lab)  # threshold 0.004
+        set_knobs(lab.ws, VAL_BPB=0.997, NOISE=-0.006)
+        answer(lab.call("run_experiment", description="luck"))  # run 4: 0.997
+        assert answer(lab.call("confirm"))["paired_deltas"] == [0.001]  # run 5: the best, 1.002; run 6: 1.003
+        answer(lab.call("discard", run=4))
+        set_knobs(lab.ws, VAL_BPB=1.1)
+        answer(lab.call("run_experiment", description="another idea"))  # run 7
+        answer(lab.call("discard"))
+        set_knobs(lab.ws, VAL_BPB=0.997, NOISE=-0.006)
+        answer(lab.call("run_experiment", description="luck again", rerun=True))  # run 8: 0.991
+        again = answer(lab.call("confirm"))  # run 9: the best, 0.998; run 10: the same code, 0.997 (a lucky pair)
+        assert again["paired_deltas"] == [-0.001] and not again["confirmed"]
+        assert again["next"].startswith("Run 8's gain did not hold in an earlier confirmation (it lost by +0.001000)")
+        assert "did not hold" in lab.refused("keep")
+    finally:
+        lab.loop.shutdown()
+
+
 def test_a_noise_repeat_on_a_lucky_data_order_cannot_be_kept_while_measure_noise_waits(fake_env, monkeypatch):
     """Found by review 51: a parallel keep(run) of measure_noise's first repeat, pending while the second
     trained, made the kept code on a lucky stretch of data the best (0.998 against 1.0, nothing changed),

@@ -12,18 +12,20 @@ from mcp_server.phases.runs import LoopCore
 from mcp_server.core.workspace import budget_clock
 
 
-def record_confirmation(core: LoopCore, run: int, confirmation: dict, spent: int) -> tuple[int, str | None]:
+def record_confirmation(core: LoopCore, run: int, confirmation: dict, spent: int,
+                        orders: list[int]) -> tuple[int, str | None]:
     """Stores the verdict on the candidate's entry, beside the pairs of its earlier confirmations: failed
-    where the candidate lost a pair in any of them (confirming again until one pair is lucky undid the
-    lost one, and keep called the gain confirmed), or where the candidate's or the control's code
-    repeated its number on different data orders; returns the research run's extra runs so far and
-    that reason (None when there is none)."""
+    where its train.py lost a pair against the best's on another data order than this call's (confirming
+    again until one pair is lucky undid the lost one, and keep called the gain confirmed), or where the
+    candidate's or the control's code repeated its number on different data orders; returns the research
+    run's extra runs so far and that reason (None when there is none)."""
     with core.state.transaction() as state:
         entry = (state.get("runs") or {}).get(str(run))
         reason = None
         if entry is not None:
             earlier = entry.get("confirmation") or {}
-            lost = [d for d in earlier.get("paired_deltas") or [] if d >= 0]
+            lost = (_lost_pairs(core, state, entry, orders)  # its own earlier pairs too: a state from before shelves
+                    or [d for d in earlier.get("paired_deltas") or [] if d >= 0])
             confirmation |= {key: (earlier.get(key) or []) + confirmation[key] for key in ("paired_deltas", "runs")}
             own = [(entry.get("data_order", 0), entry["result"]["val_bpb"])]
             reason = (_order_blind(core, state, entry["commit"], own, f"Run {run}'s train.py")
@@ -37,6 +39,22 @@ def record_confirmation(core: LoopCore, run: int, confirmation: dict, spent: int
             entry["confirmation"] = confirmation
         state["extra_runs"] = state.get("extra_runs", 0) + spent
         return state["extra_runs"], reason
+
+
+def _lost_pairs(core: LoopCore, state: dict, entry: dict, orders: list[int]) -> list[float]:
+    """The pairs the run's train.py lost so far against its best's, outside `orders`: every data order both
+    codes were rerun on, whichever run or call made them (review 54: a lost pair kept on the run's entry was gone
+    with it, so the same train.py submitted again with rerun=true was confirmed on fresh luck and kept)."""
+    control, candidate = (_filed(core, state, commit) for commit in (entry["parent"], entry["commit"]))
+    return [round(candidate[o] - control[o], 6) for o in sorted(control.keys() & candidate.keys(), key=int)
+            if int(o) not in orders and candidate[o] >= control[o]]
+
+
+def _filed(core: LoopCore, state: dict, commit: str) -> dict[str, float]:
+    """{data order: val_bpb} of every rerun of the commit's train.py the harness verified, on any clock."""
+    shelf = _measurement_shelf(core, state, commit)
+    return {order: m["val_bpb"] for kind in ("measured", "reruns")
+            for order, m in ((state.get(kind) or {}).get(shelf) or {}).items()}
 
 
 def _repeatable(core: LoopCore) -> bool:
