@@ -221,6 +221,27 @@ def test_a_lost_pair_is_not_undone_by_confirming_the_same_code_as_a_new_run(fake
         lab.loop.shutdown()
 
 
+def racing(lab, call: tuple[str, dict], when, then: tuple[str, dict]) -> dict:
+    """The agent's race: one client makes `call` and, as soon as status() answers `when`, makes `then`
+    while the first waits; {tool: its answer} for both."""
+    calls = {}
+
+    async def both():
+        async with Client(build_server(lab.loop)) as client:
+            async def first():
+                calls[call[0]] = await client.call_tool(*call)
+
+            async def agent():
+                while not when(answer(await client.call_tool("status", {}))):
+                    await anyio.sleep(0.2)
+                calls[then[0]] = await client.call_tool(*then)
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(first)
+                tasks.start_soon(agent)
+    anyio.run(both)
+    return calls
+
+
 def test_a_noise_repeat_on_a_lucky_data_order_cannot_be_kept_while_measure_noise_waits(fake_env, monkeypatch):
     """Found by review 51: a parallel keep(run) of measure_noise's first repeat, pending while the second
     trained, made the kept code on a lucky stretch of data the best (0.998 against 1.0, nothing changed),
@@ -231,24 +252,11 @@ def test_a_noise_repeat_on_a_lucky_data_order_cannot_be_kept_while_measure_noise
         answer(lab.call("run_experiment", description="baseline"))  # run 1: 1.0
         answer(lab.call("keep"))
         monkeypatch.setenv("FAKE_SLEEP", "3")  # run 2 waits for a decision while run 3 trains
-        calls = {}
-
-        async def both():
-            async with Client(build_server(lab.loop)) as client:
-                async def measure():
-                    calls["noise"] = await client.call_tool("measure_noise", {"repeats": 2})
-
-                async def agent():
-                    while not answer(await client.call_tool("status", {})).get("undecided"):
-                        await anyio.sleep(0.2)
-                    calls["keep"] = await client.call_tool("keep", {"run": 2})
-                async with anyio.create_task_group() as tasks:
-                    tasks.start_soon(measure)
-                    tasks.start_soon(agent)
-        anyio.run(both)
+        calls = racing(lab, ("measure_noise", {"repeats": 2}), lambda status: status.get("undecided"),
+                       ("keep", {"run": 2}))
         assert calls["keep"].is_error and "Run 2 is a rerun that measure_noise or confirm made on data order 1" \
             in calls["keep"].content[0].text
-        assert answer(calls["noise"])["noise"]["values"] == [1.0, 0.998, 1.002]
+        assert answer(calls["measure_noise"])["noise"]["values"] == [1.0, 0.998, 1.002]
         status = answer(lab.call("status"))
         assert status["best_val_bpb"] == 1.0 and not status.get("undecided") and status["extra_runs"] == 2
     finally:
@@ -265,21 +273,8 @@ def test_a_confirmation_rerun_falling_behind_cannot_be_cancelled_to_confirm_agai
         set_knobs(lab.ws, VAL_BPB=0.999, NOISE=-0.006)
         answer(lab.call("run_experiment", description="luck"))  # run 4: 0.999
         monkeypatch.setenv("FAKE_SLEEP", "3")  # run 6 (the idea again, 1.005) trains long enough to cancel
-        calls = {}
-
-        async def both():
-            async with Client(build_server(lab.loop)) as client:
-                async def confirm():
-                    calls["confirm"] = await client.call_tool("confirm", {"run": 4})
-
-                async def agent():
-                    while "run 6 " not in (answer(await client.call_tool("status", {})).get("running") or ""):
-                        await anyio.sleep(0.2)
-                    calls["cancel"] = await client.call_tool("cancel", {"run": 6})
-                async with anyio.create_task_group() as tasks:
-                    tasks.start_soon(confirm)
-                    tasks.start_soon(agent)
-        anyio.run(both)
+        calls = racing(lab, ("confirm", {"run": 4}), lambda status: "run 6 " in (status.get("running") or ""),
+                       ("cancel", {"run": 6}))
         assert calls["cancel"].is_error and "Run 6 is a rerun that measure_noise or confirm made" \
             in calls["cancel"].content[0].text
         lost = answer(calls["confirm"])  # run 5: the best, 1.002; run 6: the idea, 1.005
