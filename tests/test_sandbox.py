@@ -365,6 +365,33 @@ def test_a_runs_dev_is_its_own_with_the_accelerators_nodes(bubblewrap, tmp_path)
     assert not Path("/dev/shm/mine").exists()
 
 
+# A key in the user's keyring, through libc's syscall: add_key("user", name, data, KEY_SPEC_USER_KEYRING = -4), then
+# readable by the user (KEYCTL_SETPERM, 5), then KEYCTL_SEARCH (10) of that keyring; a key outlives its process, held by the keyring
+USER_KEY = """import ctypes, sys
+libc = ctypes.CDLL(None, use_errno=True)
+name, action = sys.argv[1].encode(), sys.argv[2]
+if action == "leave":
+    added = libc.syscall(248, b"user", name, b"weights", 7, -4)
+    print("added:", added > 0 and libc.syscall(250, 5, added, 0x3f3f0000) == 0)  # KEYCTL_SETPERM: the user's
+    sys.exit(0)
+key = libc.syscall(250, 10, -4, b"user", name, 0)
+print("key:", "found" if key > 0 else "none")
+"""
+
+
+def test_a_key_a_run_leaves_in_the_users_keyring_is_gone_with_its_sandbox(bubblewrap, tmp_path):
+    """As root, bubblewrap made no user namespace, and root's user keyring is the machine's: a run added a key
+    (up to 25 MB of them) that the next run read. Each sandbox has its own user namespace, and its own keyrings."""
+    name = f"research-loop-test-{os.getpid()}"
+    spec = {"readonly": [str(tmp_path), sys.prefix]}
+    argv = lambda action: sandbox.wrap([sys.executable, "-c", USER_KEY, name, action], spec, str(tmp_path))[0]
+    left = subprocess.run(argv("leave"), capture_output=True, text=True, check=True).stdout
+    found = subprocess.run(argv("read"), capture_output=True, text=True, check=True).stdout
+    outside = subprocess.run([sys.executable, "-c", USER_KEY, name, "read"], capture_output=True, text=True).stdout
+    assert left == "added: True\n", left  # the run could make one, inside
+    assert found == "key: none\n" and outside == "key: none\n", (found, outside)
+
+
 def test_the_accelerators_nodes_are_bound_one_by_one(tmp_path):
     """What a run's private /dev shows of the machine's: its accelerators' character devices, each bound alone, at
     the top and in their folders; nothing else, and no folder (as root a run could write into one)."""

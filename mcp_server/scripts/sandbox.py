@@ -136,7 +136,9 @@ def bwrap_argv(bwrap: str, command: list[str], spec: dict, cwd: str, private: di
     # what hides and guards (the data sets' sources, the read-only workspace)
     # a private /dev (its own /dev/shm too: the machine's is shared by every run and outlives them), with the
     # accelerators' nodes of the machine's
-    argv = [bwrap, "--cap-drop", "ALL", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--ro-bind", "/", "/",
+    # its own user namespace even as root (bubblewrap makes one only for other users): root's keyrings are the
+    # machine's, and a key a run added (25 MB of them) was there for the next run
+    argv = [bwrap, "--unshare-user", "--cap-drop", "ALL", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--ro-bind", "/", "/",
             "--dev", "/dev", *accelerator_binds(), "--proc", "/proc", "--tmpfs", "/tmp",
             "--dir", SANDBOX_HOME, "--dir", os.path.dirname(RUN_EXPORT), "--setenv", "HOME", SANDBOX_HOME,
             "--setenv", "PYTHONPYCACHEPREFIX", BYTECODE_PREFIX, *(a for n in SECRET_ENV for a in ("--unsetenv", n))]
