@@ -9,6 +9,7 @@ as text and command line here: these tests run on Linux.
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -338,6 +339,74 @@ def test_system_v_shared_memory_a_run_leaves_is_gone_with_its_sandbox(bubblewrap
         subprocess.run(["ipcrm", "-M", str(key)], capture_output=True)  # what a sandbox without its own left
     assert left == "segment: weights\n", left  # the run could make one, inside
     assert found == "segment: none\n" and outside == "segment: none\n", (found, outside)
+
+
+def test_a_runs_dev_is_its_own_with_the_accelerators_nodes(bubblewrap, tmp_path):
+    """The machine's /dev outlives every run: as root (a GPU container's user) a run wrote a file there for the
+    next run to train on, and could open the disks; on any uid it showed the machine's POSIX message
+    queues (/dev/mqueue). A run's /dev is its own, gone when it ends, with the basic nodes and the
+    accelerators' (each node alone, none of their folders)."""
+    code = ("import os\n"
+            "print('found:', os.path.exists('/dev/left-by-the-run'))\n"
+            "open('/dev/null', 'w').write('x'); open('/dev/shm/mine', 'w').write('x')\n"
+            "open('/dev/left-by-the-run', 'w').write('weights')\n"  # as root: the machine's /dev took it
+            "print('seen:', sorted(set(os.listdir('/dev')) & {'kmsg', 'loop0', 'vda', 'sda', 'mqueue', 'cpu'}))\n")
+    spec = {"readonly": [str(tmp_path), sys.prefix]}
+    argv = sandbox.wrap([sys.executable, "-c", code], spec, str(tmp_path))[0]
+    try:
+        first = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+        second = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    finally:
+        left = Path("/dev/left-by-the-run")
+        if left.exists():
+            left.unlink()
+    assert "seen: []" in first and "found: False" in second and not left.exists(), (first, second)
+    assert "seen: []" in second
+    assert not Path("/dev/shm/mine").exists()
+
+
+# A key in the user's keyring, through libc's syscall: add_key("user", name, data, KEY_SPEC_USER_KEYRING = -4), then
+# readable by the user (KEYCTL_SETPERM, 5), then KEYCTL_SEARCH (10) of that keyring; a key outlives its process, held by the keyring
+USER_KEY = """import ctypes, sys
+libc = ctypes.CDLL(None, use_errno=True)
+name, action = sys.argv[1].encode(), sys.argv[2]
+if action == "leave":
+    added = libc.syscall(248, b"user", name, b"weights", 7, -4)
+    print("added:", added > 0 and libc.syscall(250, 5, added, 0x3f3f0000) == 0)  # KEYCTL_SETPERM: the user's
+    sys.exit(0)
+key = libc.syscall(250, 10, -4, b"user", name, 0)
+print("key:", "found" if key > 0 else "none")
+"""
+
+
+def test_a_key_a_run_leaves_in_the_users_keyring_is_gone_with_its_sandbox(bubblewrap, tmp_path):
+    """As root, bubblewrap made no user namespace, and root's user keyring is the machine's: a run added a key
+    (up to 25 MB of them) that the next run read. Each sandbox has its own user namespace, and its own keyrings."""
+    name = f"research-loop-test-{os.getpid()}"
+    spec = {"readonly": [str(tmp_path), sys.prefix]}
+    argv = lambda action: sandbox.wrap([sys.executable, "-c", USER_KEY, name, action], spec, str(tmp_path))[0]
+    left = subprocess.run(argv("leave"), capture_output=True, text=True, check=True).stdout
+    found = subprocess.run(argv("read"), capture_output=True, text=True, check=True).stdout
+    outside = subprocess.run([sys.executable, "-c", USER_KEY, name, "read"], capture_output=True, text=True).stdout
+    assert left == "added: True\n", left  # the run could make one, inside
+    assert found == "key: none\n" and outside == "key: none\n", (found, outside)
+
+
+def test_the_accelerators_nodes_are_bound_one_by_one(tmp_path):
+    """What a run's private /dev shows of the machine's: its accelerators' character devices, each bound alone, at
+    the top and in their folders; nothing else, and no folder (as root a run could write into one)."""
+    dev = tmp_path / "dev"
+    (dev / "dri" / "by-path").mkdir(parents=True)
+    (dev / "nvidia-caps").mkdir()
+    null = os.stat("/dev/null").st_rdev
+    for node in ("nvidia0", "nvidiactl", "dri/renderD128", "nvidia-caps/nvidia-cap1", "kmsg", "vda"):
+        os.mknod(dev / node, 0o600 | stat.S_IFCHR, null)
+    (dev / "dri" / "by-path" / "pci-render").symlink_to("../renderD128")
+    (dev / "nvidia-plain-file").write_text("x")
+    binds = sandbox.accelerator_binds(str(dev))
+    shown = [binds[i + 1] for i in range(0, len(binds), 3)]
+    assert binds[::3] == ["--dev-bind"] * len(shown) and shown == binds[2::3]
+    assert shown == [str(dev / n) for n in ("dri/renderD128", "nvidia-caps/nvidia-cap1", "nvidia0", "nvidiactl")]
 
 
 def test_a_hidden_folder_that_holds_the_run_shows_the_run_and_what_it_reads_but_nothing_else(bubblewrap, outside_tmp):

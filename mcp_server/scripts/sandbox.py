@@ -18,6 +18,7 @@ from __future__ import annotations  # a node's Python may be older than 3.10
 import functools
 import os
 import shutil
+import stat
 import subprocess
 import sys
 
@@ -52,6 +53,11 @@ RUN_EXPORT = "/tmp/export/model.pt2"
 # on: with it a run could draw the validation files from the library it reads
 SECRET_ENV = ("AUTORESEARCH_OFFLINE_SEED",)
 UVM_DEVICE = "/dev/nvidia-uvm"  # CUDA's unified memory node, made by nvidia-modprobe at the first CUDA use
+# The machine's device nodes a run gets in its private /dev: the accelerators' (NVIDIA's, and the render nodes and
+# kfd of AMD's and Intel's), what container runtimes give a GPU job. The machine's /dev itself is no run's: as root,
+# a run could write files there for the next run (or replace /dev/null), open the disks, and on any uid reach the
+# machine's POSIX message queues (/dev/mqueue)
+ACCELERATORS = ("nvidia", "dri", "kfd")
 
 
 def opted_in() -> bool:
@@ -108,6 +114,7 @@ def wrap(command: list[str], spec: dict, cwd: str, private: dict | None = None) 
     usable. private: {path: copy}, each copy shown read-only in place of its path (bubblewrap only)."""
     kind, found, _ = usable()
     if kind == BUBBLEWRAP:
+        cuda_ready_outside_the_sandbox()  # before the device nodes are listed
         return bwrap_argv(found, command, spec, cwd, private), kind
     if kind == SANDBOX_EXEC:
         return seatbelt_argv(found, command, spec, cwd), kind
@@ -127,12 +134,14 @@ def bwrap_argv(bwrap: str, command: list[str], spec: dict, cwd: str, private: di
     between processes (POSIX shared memory in /dev/shm, sockets); not yet run on a GPU."""
     # run as root, bubblewrap keeps root's capabilities unless told: the run could unmount or remount
     # what hides and guards (the data sets' sources, the read-only workspace)
-    argv = [bwrap, "--cap-drop", "ALL", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--ro-bind", "/", "/",
-            "--dev-bind", "/dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
+    # a private /dev (its own /dev/shm too: the machine's is shared by every run and outlives them), with the
+    # accelerators' nodes of the machine's
+    # its own user namespace even as root (bubblewrap makes one only for other users): root's keyrings are the
+    # machine's, and a key a run added (25 MB of them) was there for the next run
+    argv = [bwrap, "--unshare-user", "--cap-drop", "ALL", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--ro-bind", "/", "/",
+            "--dev", "/dev", *accelerator_binds(), "--proc", "/proc", "--tmpfs", "/tmp",
             "--dir", SANDBOX_HOME, "--dir", os.path.dirname(RUN_EXPORT), "--setenv", "HOME", SANDBOX_HOME,
             "--setenv", "PYTHONPYCACHEPREFIX", BYTECODE_PREFIX, *(a for n in SECRET_ENV for a in ("--unsetenv", n))]
-    if os.path.isdir("/dev/shm"):  # the machine's is shared by every run and outlives them: a way to carry weights
-        argv += ["--tmpfs", "/dev/shm"]
     first, last = hidden(spec, cwd)
     argv += [*hide(first), *(["--ro-bind", cwd, cwd] if first else [])]  # the run's folder, at least, shown again
     for path in interpreter_folders(command[0], first):  # the command's own environment, wherever it lives
@@ -145,6 +154,18 @@ def bwrap_argv(bwrap: str, command: list[str], spec: dict, cwd: str, private: di
     for path, copy in (private or {}).items():
         argv += ["--ro-bind", str(copy), str(path)]
     return [*argv, *hide(last), "--die-with-parent", "--chdir", cwd, "--", *command]
+
+
+def accelerator_binds(dev: str = "/dev") -> list[str]:
+    """bubblewrap's options that show the machine's accelerator device nodes (ACCELERATORS) in a run's private
+    /dev, each node alone: a folder of them bound whole (/dev/dri) could be written into as root."""
+    found = []
+    for name in sorted(os.listdir(dev)) if os.path.isdir(dev) else []:
+        if name.startswith(ACCELERATORS):
+            path = os.path.join(dev, name)
+            walked = os.walk(path) if os.path.isdir(path) and not os.path.islink(path) else [(dev, [], [name])]
+            found += [os.path.join(folder, f) for folder, _, files in walked for f in sorted(files)]
+    return [a for node in found if stat.S_ISCHR(os.lstat(node).st_mode) for a in ("--dev-bind", node, node)]
 
 
 def private_root(bwrap_pid: int) -> str | None:

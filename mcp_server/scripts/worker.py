@@ -445,8 +445,6 @@ def main(argv=None) -> int:
             return 126
         return not_started(args, f"refused to run {args.command[0]!r}: {sandbox.missing()}", 126, started_at,
                            subreaper)
-    if in_sandbox:
-        sandbox.cuda_ready_outside_the_sandbox()
     env = dict(os.environ)
     # A private copy is the run's alone (the harness copies the shared shard): watched from before any
     # interpreter starts, as a warm one's imports come before its run. The shared shard is watched
