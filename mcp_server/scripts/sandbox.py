@@ -134,12 +134,12 @@ def bwrap_argv(bwrap: str, command: list[str], spec: dict, cwd: str, private: di
     between processes (POSIX shared memory in /dev/shm, sockets); not yet run on a GPU."""
     # run as root, bubblewrap keeps root's capabilities unless told: the run could unmount or remount
     # what hides and guards (the data sets' sources, the read-only workspace)
-    # a private /dev (its own /dev/shm too: the machine's is shared by every run and outlives them), with the
-    # accelerators' nodes of the machine's
     # its own user namespace even as root (bubblewrap makes one only for other users): root's keyrings are the
-    # machine's, and a key a run added (25 MB of them) was there for the next run
-    argv = [bwrap, "--unshare-user", "--cap-drop", "ALL", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--ro-bind", "/", "/",
-            "--dev", "/dev", *accelerator_binds(), "--proc", "/proc", "--tmpfs", "/tmp",
+    # machine's, and a key a run added (25 MB of them) was there for the next run. A private /dev, with the
+    # machine's accelerator nodes in it, and its own /dev/shm (the machine's is shared by every run and outlives
+    # them)
+    argv = [bwrap, "--unshare-user", "--cap-drop", "ALL", "--unshare-pid", "--unshare-net", "--unshare-ipc",
+            "--ro-bind", "/", "/", "--dev", "/dev", *accelerator_binds(), "--proc", "/proc", "--tmpfs", "/tmp",
             "--dir", SANDBOX_HOME, "--dir", os.path.dirname(RUN_EXPORT), "--setenv", "HOME", SANDBOX_HOME,
             "--setenv", "PYTHONPYCACHEPREFIX", BYTECODE_PREFIX, *(a for n in SECRET_ENV for a in ("--unsetenv", n))]
     first, last = hidden(spec, cwd)
