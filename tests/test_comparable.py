@@ -221,6 +221,15 @@ def test_a_lost_pair_is_not_undone_by_confirming_the_same_code_as_a_new_run(fake
         lab.loop.shutdown()
 
 
+def sleeping(lab, monkeypatch, seconds: float) -> None:
+    """The server restarted with its runs training for `seconds` each: a run's environment is the server's as it
+    started, so a knob set in the environment later reaches no run (the races below were won by the time the
+    server took to see a run's end, which a loaded machine lost)."""
+    monkeypatch.setenv("FAKE_SLEEP", str(seconds))
+    lab.loop.shutdown()
+    lab.loop = lab.new_loop()
+
+
 def racing(lab, call: tuple[str, dict], when, then: tuple[str, dict]) -> dict:
     """The agent's race: one client makes `call` and, as soon as status() answers `when`, makes `then`
     while the first waits; {tool: its answer} for both."""
@@ -251,7 +260,7 @@ def test_a_noise_repeat_on_a_lucky_data_order_cannot_be_kept_while_measure_noise
         answer(lab.call("setup", tag="luck"))
         answer(lab.call("run_experiment", description="baseline"))  # run 1: 1.0
         answer(lab.call("keep"))
-        monkeypatch.setenv("FAKE_SLEEP", "3")  # run 2 waits for a decision while run 3 trains
+        sleeping(lab, monkeypatch, 3)  # run 2 waits for a decision while run 3 trains
         calls = racing(lab, ("measure_noise", {"repeats": 2}), lambda status: status.get("undecided"),
                        ("keep", {"run": 2}))
         assert calls["keep"].is_error and "Run 2 is a rerun that measure_noise or confirm made on data order 1" \
@@ -272,7 +281,7 @@ def test_a_confirmation_rerun_falling_behind_cannot_be_cancelled_to_confirm_agai
         baseline_and_noise(lab)  # threshold 0.004
         set_knobs(lab.ws, VAL_BPB=0.999, NOISE=-0.006)
         answer(lab.call("run_experiment", description="luck"))  # run 4: 0.999
-        monkeypatch.setenv("FAKE_SLEEP", "3")  # run 6 (the idea again, 1.005) trains long enough to cancel
+        sleeping(lab, monkeypatch, 3)  # run 6 (the idea again, 1.005) trains long enough to cancel
         calls = racing(lab, ("confirm", {"run": 4}), lambda status: "run 6 " in (status.get("running") or ""),
                        ("cancel", {"run": 6}))
         assert calls["cancel"].is_error and "Run 6 is a rerun that measure_noise or confirm made" \
