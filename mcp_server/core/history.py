@@ -196,6 +196,12 @@ def rerun_commits(runs_dir: Path, state: dict, commits) -> dict[str, str]:
 RERUN_KINDS = ("noise repeat", "confirmation", "control")
 
 
+def is_rerun(run: dict) -> bool:
+    """Whether the server queued the run to measure again (measure_noise's repeats, confirm's pairs): a rerun
+    is that tool's to decide, never an idea to keep, cancel or stop early."""
+    return run.get("rerun_of") is not None or bool(run.get("data_order"))
+
+
 def rerun_kind(record: dict | None) -> str | None:
     """What a rerun re-measured, from the fields the server set when it queued the run (an idea's
     description is the agent's, so an idea named "noise repeat" stays an idea): a noise repeat of

@@ -9,7 +9,7 @@ Imports the core (runs) and every phase above it (results, dispatch, submit, ove
 import time
 
 from mcp_server.phases import early_stop
-from mcp_server.core import cost, ledger, limits
+from mcp_server.core import cost, history, ledger, limits
 from mcp_server.scripts import sandbox
 from mcp_server.phases.dispatch import dispatch, require_owner
 from mcp_server.executors.executor import read_report
@@ -63,7 +63,7 @@ def keep(core: LoopCore, note: str | None = None, run: int | None = None, unveri
         if entry["status"] == "interrupted":
             raise Refusal(f"{core.interrupted_note(entry)}; it has no result to keep.")
         result = entry["result"]
-        if entry.get("data_order") or entry.get("rerun_of") is not None:  # kept beside measure_noise, it was the best
+        if history.is_rerun(entry):  # kept beside measure_noise, it was the best
             raise Refusal(f"Run {entry['run']} is a rerun that measure_noise or confirm made on data order "
                           f"{entry.get('data_order')} ({entry['description']}): that tool logs it as a discard; its "
                           "val_bpb is that stretch of data's luck, never a result to keep.")
@@ -233,7 +233,7 @@ def cancel(core: LoopCore, run: int, stopped: dict | None = None, ending: bool =
         if entry is None or entry["status"] not in IN_FLIGHT:
             what = "has a result: keep or discard it" if entry else "is not queued or running (status() lists them)"
             raise Refusal(f"Run {run} {what}.")
-        if (entry.get("rerun_of") is not None or entry.get("data_order")) and not ending:
+        if history.is_rerun(entry) and not ending:
             # review 53: a confirmation rerun cut short as its curve fell behind left its pair unjudged (and the
             # call an error), so confirming again drew new luck; a noise repeat likewise left the estimate out
             raise Refusal(f"Run {run} is a rerun that measure_noise or confirm made ({entry['description']}): that "

@@ -166,7 +166,7 @@ class Watcher:
             return []
         stopped = []
         for entry in loop.runs_of(state, "running"):
-            if entry.get("rerun_of") is not None or entry.get("data_order"):
+            if history.is_rerun(entry):
                 continue
             stop = self._judge(state, entry)
             if stop is None:

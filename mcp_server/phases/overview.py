@@ -161,7 +161,7 @@ def _next_step(core: LoopCore, state: dict, s: StatusResult) -> str:
     for e in undecided:
         if e["result"]["status"] != "ok":
             return f"discard({which(e)})"
-        if e.get("data_order") or e.get("rerun_of") is not None:
+        if run_history.is_rerun(e):
             return f"discard({which(e)}): a rerun of measure_noise or confirm, which keep refuses"
         if e["parent"] != state["kept_commit"]:
             if core.ws.merged_train(e["parent"], e["commit"], state["kept_commit"]) is None:
