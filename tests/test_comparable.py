@@ -261,8 +261,10 @@ def test_a_noise_repeat_on_a_lucky_data_order_cannot_be_kept_while_measure_noise
         answer(lab.call("run_experiment", description="baseline"))  # run 1: 1.0
         answer(lab.call("keep"))
         sleeping(lab, monkeypatch, 3)  # run 2 waits for a decision while run 3 trains
-        calls = racing(lab, ("measure_noise", {"repeats": 2}), lambda status: status.get("undecided"),
-                       ("keep", {"run": 2}))
+        seen = []  # status() as the agent polls it: the pending repeat is to be discarded, never kept
+        calls = racing(lab, ("measure_noise", {"repeats": 2}), lambda status: seen.append(status) or
+                       status.get("undecided"), ("keep", {"run": 2}))
+        assert "a rerun of measure_noise or confirm, which keep refuses" in seen[-1]["next"], seen[-1]
         assert calls["keep"].is_error and "Run 2 is a rerun that measure_noise or confirm made on data order 1" \
             in calls["keep"].content[0].text
         assert answer(calls["measure_noise"])["noise"]["values"] == [1.0, 0.998, 1.002]
