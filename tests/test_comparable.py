@@ -274,6 +274,22 @@ def test_a_noise_repeat_on_a_lucky_data_order_cannot_be_kept_while_measure_noise
         lab.loop.shutdown()
 
 
+def test_stop_now_still_ends_the_reruns_that_cancel_refuses(fake_env, monkeypatch):
+    """stop(now=True) is the one way to end a research run's reruns in flight: cancel refuses them (review 53)."""
+    lab = noisy_lab(fake_env, -0.002)
+    try:
+        answer(lab.call("setup", tag="stop"))
+        answer(lab.call("run_experiment", description="baseline"))
+        answer(lab.call("keep"))
+        sleeping(lab, monkeypatch, 3)
+        calls = racing(lab, ("measure_noise", {"repeats": 2}),
+                       lambda status: "run 3 " in (status.get("running") or ""), ("stop", {"reason": "morning", "now": True}))
+        assert answer(calls["stop"])["cancelled"] == [3], calls["stop"]
+        assert not answer(lab.call("status")).get("running")
+    finally:
+        lab.loop.shutdown()
+
+
 def test_a_confirmation_rerun_falling_behind_cannot_be_cancelled_to_confirm_again(fake_env, monkeypatch):
     """Found by review 53: cancel(run) of confirm's candidate rerun while it trained (its curve behind the
     control's) logged it as a crash, confirm failed ("already decided") with nothing recorded, not even its
