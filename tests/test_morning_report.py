@@ -270,3 +270,31 @@ def test_the_best_the_report_hook_and_dashboard_show_is_what_the_branch_holds(la
     lab.ok("log_result", commit=lab.head(), val_bpb=0.05, memory_gb=1.0, status="keep", description="by hand")
     summary = section((lab.ws / lab.ok("report")["path"]).read_text(), "Summary")
     assert "0.050000 (`" in summary and "the agent's, logged by hand, not measured by the harness)" in summary, summary
+
+
+def test_the_overnight_summary_and_status_line_show_the_best_the_branch_holds(lab, capsys):
+    """Review 57: review 53 mended the report, the hook and the dashboard, not the runner. A worse result
+    kept, then a keep row logged by hand with the agent's number: the runner's summary and its status line
+    took the lowest keep row ever, 0.9 (which the branch no longer held), then the agent's 0.05, unmarked."""
+    import argparse
+    from mcp_server.overnight import overnight
+    lab.ok("setup", tag="t")
+    for val in (1.0, 0.9, 0.95):  # baseline, a gain, a worse one kept on request
+        (lab.ws / "train.py").write_text(f"VAL_BPB = {val}\n")
+        lab.ok("run_experiment", description=f"at {val}")
+        lab.ok("keep")
+    parser = argparse.ArgumentParser()
+    overnight.add_arguments(parser)
+    runner = overnight.Runner(parser.parse_args(["--tag", "t", "--workspace", str(lab.ws)]), "claude")
+    runner.summary()
+    out = capsys.readouterr().out
+    assert "best val_bpb 0.950000 at" in out and "at 0.95" in out, out
+    assert "best 0.950000" in runner.status_line()
+
+    (lab.ws / "train.py").write_text("VAL_BPB = 0.97\n")
+    git(lab.ws, "commit", "-qam", "tuned by hand")
+    lab.ok("log_result", commit=lab.head(), val_bpb=0.05, memory_gb=1.0, status="keep", description="by hand")
+    runner.summary()
+    out = capsys.readouterr().out
+    assert "best val_bpb 0.050000 (the agent's, logged by hand, not measured by the harness)" in out, out
+    assert "best 0.050000 (not the harness's)" in runner.status_line()

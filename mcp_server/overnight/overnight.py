@@ -30,6 +30,7 @@ from pathlib import Path
 from mcp_server.core import cost, integrity, ledger, limits, logparse, notify, tracking
 from mcp_server.scripts import sandbox
 from mcp_server.core.models import Refusal, Row
+from mcp_server.phases import morning
 from mcp_server.core.workspace import HarnessGit, prepared_info, time_budget, timeout_for, validate_tag
 
 PLUGIN_ROOT = Path(__file__).resolve().parents[2]
@@ -203,11 +204,11 @@ class Runner:
 
     def status_line(self) -> str:
         rows = self.rows()
-        kept = [r for r in rows if r.status == "keep"]
+        best = ledger.best_kept(rows)
         parts = [f"session {self.sessions}", f"{limits.experiments_done([r.status for r in rows])} experiments",
-                 f"{len(kept)} kept"]
-        if kept:
-            parts.append(f"best {min(r.val_bpb for r in kept):.6f}")
+                 f"{sum(r.status == 'keep' for r in rows)} kept"]
+        if best:
+            parts.append(f"best {best.val_bpb:.6f}" + ("" if limits.measured(best.description) else " (not the harness's)"))
         spent = self.spent()
         if spent["sessions"]:
             parts.append(f"${spent['cost_usd']:.2f}")
@@ -367,13 +368,14 @@ class Runner:
     def summary(self) -> None:
         rows = self.rows()
         counts = {s: sum(r.status == s for r in rows) for s in ledger.STATUSES}
-        kept = [r for r in rows if r.status == "keep"]
+        best = ledger.best_kept(rows)  # what the branch holds, as the report says: not the lowest keep row
         print()
         print(f"{len(rows)} runs in {ledger.LEDGER_NAME}: {counts['keep']} kept, {counts['discard']} discarded, "
               f"{counts['crash']} crashed; {self.sessions} session(s) in {(time.time() - self.started) / 3600:.2f} h")
-        if kept:
-            best = min(kept, key=lambda r: r.val_bpb)
-            print(f"best val_bpb {best.val_bpb:.6f} at {best.commit}: {best.description}")
+        if best:
+            whose = morning.unmeasured(best)
+            print(f"best val_bpb {best.val_bpb:.6f}" + (f" ({whose[2:]})" if whose else "")
+                  + f" at {best.commit}: {best.description}")
             from mcp_server.core import history, plot
             from mcp_server.core.workspace import RUNS_DIR
             path = self.workspace / plot.PLOT_NAME
