@@ -352,7 +352,10 @@ calls = Path(os.environ["FAKE_CLAUDE_CALLS"])
 plans = os.environ["FAKE_CLAUDE_PLAN"].split(",")
 session = len(calls.read_text().splitlines()) + 1 if calls.exists() else 1
 plan = plans[min(session, len(plans)) - 1]
+plugin = sys.argv[sys.argv.index("--plugin-dir") + 1] if "--plugin-dir" in sys.argv else None
+hook = Path(plugin, "hooks", "research_loop_hook.py") if plugin else None
 record = {{"argv": sys.argv[1:], "cwd": os.getcwd(), "at": time.time(), "plan": plan,
+          "hook": hook.read_text() if hook and hook.exists() else None,
           "track": [os.environ.get(k) for k in ("RESEARCH_LOOP_TRACK", "RESEARCH_LOOP_MLFLOW_URI")]}}
 if plan == "fail":  # an API error at once, as a headless session reports it
     print(json.dumps({{"type": "result", "subtype": "error_during_execution",
@@ -389,6 +392,9 @@ elif plan == "rewrite":  # its real result, then a process it left behind puts a
     os.close(read_end)
     time.sleep(1)  # the process left behind is waiting by now
     print(json.dumps({{"type": "result", "subtype": "success", "result": "done", "total_cost_usd": 0.4}}), flush=True)
+elif plan == "commit-hook":  # a Stop hook of its own, committed on the branch the session is on
+    Path("hooks/research_loop_hook.py").write_text("HOOK = 'planted'\\n")
+    subprocess.run(["git", "commit", "-qam", "a hook of mine"], check=True)
 elif plan == "vanish":  # killed before its result event, as a process of the session can kill it
     os.kill(os.getpid(), 9)
 elif plan == "costless":  # a result event of no cost that a process of the session wrote, and none of its own
@@ -740,3 +746,27 @@ def test_max_cost_stops_starting_sessions_once_spent_and_the_summary_shows_it(fa
         assert "service_tier" not in records[0]["usage"]
     finally:
         hook.close()
+
+
+def test_a_plugin_edit_the_agent_commits_on_the_research_branch_is_not_the_next_sessions(fake_claude, fake_env,
+                                                                                          monkeypatch):
+    """Review 57: where the workspace is this checkout, each session loads a copy of the plugin rebuilt from
+    HEAD, and HEAD is the research branch, where the agent may commit (git is among its tools): a Stop hook
+    (or a server) of its own, committed there, was what the next session loaded. The copy is of the commit
+    the runner started on."""
+    from mcp_server.overnight import overnight
+    ws = make_workspace(fake_env)
+    (ws / "pyproject.toml").write_text('[project]\nname = "p"\nversion = "0"\nrequires-python = ">=3.10"\n'
+                                       'dependencies = []\n')
+    (ws / "skills" / "autoresearch").mkdir(parents=True)
+    shutil.copy(REPO / "skills" / "autoresearch" / "SKILL.md", ws / "skills" / "autoresearch" / "SKILL.md")
+    (ws / "hooks").mkdir()
+    (ws / "hooks" / "research_loop_hook.py").write_text("HOOK = 'real'\n")
+    git(ws, "add", ".")
+    git(ws, "commit", "-qm", "the plugin")
+    monkeypatch.setattr(overnight, "PLUGIN_ROOT", ws.resolve())  # the workspace is the plugin's checkout
+    monkeypatch.setenv("FAKE_CLAUDE_PLAN", "commit-hook,fail")
+    runner = overnight.Runner(runner_args(ws), overnight.preflight(ws, None), backoff_s=(0.05,), poll_s=0.05)
+    assert ended_within(runner, 120) == [1]  # five quick sessions: it gives up
+    assert git(ws, "show", "HEAD:hooks/research_loop_hook.py") == "HOOK = 'planted'\n"
+    assert [s["hook"] for s in sessions_of(fake_claude)] == ["HOOK = 'real'\n"] * 5

@@ -126,22 +126,22 @@ def preflight(workspace: Path, claude: str | None, unsandboxed: bool = False, tr
     return found
 
 
-def plugin_dir(workspace: Path, track: str | None = None) -> Path:
+def plugin_dir(workspace: Path, track: str | None = None, commit: str = "HEAD") -> Path:
     """Where the session loads the plugin from. Claude Code treats a --plugin-dir folder's files as
     sensitive (each edit would need approval), so a workspace that is this checkout itself gets a
-    copy of the plugin (plugin_copy), made afresh for each session."""
+    copy of the plugin (plugin_copy) of `commit`, made afresh for each session."""
     if workspace.resolve() != PLUGIN_ROOT:
         return PLUGIN_ROOT
-    return plugin_copy(workspace, track)
+    return plugin_copy(workspace, track, commit)
 
 
-def plugin_copy(workspace: Path, track: str | None = None) -> Path:
-    """A worktree of HEAD inside .git with its environment synced, rebuilt from nothing: whatever was
+def plugin_copy(workspace: Path, track: str | None = None, commit: str = "HEAD") -> Path:
+    """A worktree of `commit` inside .git with its environment synced, rebuilt from nothing: whatever was
     planted in the last one (a changed or symlinked file, a .pth or sitecustomize in its .venv, its
     .git file pointed at another repository) is gone before the session's server loads it."""
     copy = workspace / ".git" / "research-loop" / "plugin"
     repo = HarnessGit(str(workspace))  # no hook, filter or other program of the agent's runs here
-    head = repo.rev_parse("HEAD")
+    head = repo.rev_parse("--verify", f"{commit}^{{commit}}")
     if copy.is_symlink() or copy.is_file():
         copy.unlink()
     elif copy.exists():
@@ -162,6 +162,11 @@ class Runner:
         self.workspace = Path(args.workspace).resolve()
         self.logs = self.workspace / LOG_DIR
         self.logs.mkdir(parents=True, exist_ok=True)
+        # the plugin every session loads where the workspace is this checkout: the commit the user started the
+        # runner on. HEAD moves with the research branch, where the agent may commit (git is among its tools): an
+        # edit of the server or the hooks committed there was the next session's server and Stop hook
+        self.plugin_commit = HarnessGit(str(self.workspace)).rev_parse("HEAD") if self.workspace == PLUGIN_ROOT \
+            else "HEAD"
         self.started = time.time()
         self.deadline = self.started + args.hours * 3600 if args.hours else None
         # the server's own timeout for a run, taken before any session: the state's, which the agent can write, is
@@ -311,7 +316,7 @@ class Runner:
                 self.notifier.send(f"the overnight runner stopped starting sessions: {broke} [{self.workspace.name}]")
                 return 0
             began, rows_before = time.time(), len(self.rows())
-            self.start_session(plugin_dir(self.workspace, self.args.track))
+            self.start_session(plugin_dir(self.workspace, self.args.track, self.plugin_commit))
             while self.session.poll() is None:
                 self.show()
                 time.sleep(self.poll_s)
