@@ -26,6 +26,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -43,6 +44,10 @@ DASHBOARD_FILE = ".research-loop/dashboard.json"  # the address the MCP server s
 RECENT_ROWS = 5
 LOG_TAIL_BYTES = 4096
 GIT_TIMEOUT_S = 5
+# hooks.json gives each hook 10 s, and Claude Code lets the action through when a hook runs past it: the
+# edit guard makes up to three git calls, so their waits share this (Python's start and the answer take the rest)
+HOOK_BUDGET_S = 8.0
+STARTED = time.monotonic()
 SKILL = "/research-loop:autoresearch"
 STOP_HOOK_STATE = ".research-loop/stop-hook.json"
 # Stops in a row with no tool call between that the hook still sends back: after these the agent
@@ -81,14 +86,18 @@ class GitStuck(RuntimeError):
 
 
 def git(root: Path, *args: str) -> str | None:
-    """git's output, or None where it fails (or is not installed); GitStuck where it does not answer."""
+    """git's output, or None where it fails (or is not installed); GitStuck where it does not answer within
+    GIT_TIMEOUT_S or what is left of the hook's HOOK_BUDGET_S."""
+    timeout = min(GIT_TIMEOUT_S, HOOK_BUDGET_S - (time.monotonic() - STARTED))
+    within = f"{GIT_TIMEOUT_S}s" if timeout == GIT_TIMEOUT_S else f"the {HOOK_BUDGET_S:g}s the hook gives git in all"
     try:
-        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
-                              timeout=GIT_TIMEOUT_S)
+        if timeout <= 0:
+            raise subprocess.TimeoutExpired("git", 0)
+        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=timeout)
     except OSError:
         return None
     except subprocess.TimeoutExpired:
-        raise GitStuck(f"`git {' '.join(args)}` did not answer within {GIT_TIMEOUT_S}s in {root}") from None
+        raise GitStuck(f"`git {' '.join(args)}` did not answer within {within} in {root}") from None
     return done.stdout.strip() if done.returncode == 0 else None
 
 

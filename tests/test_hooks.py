@@ -7,6 +7,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -431,3 +432,20 @@ def test_a_planted_state_file_neither_exhausts_the_hooks_nor_stands(repo, prepar
     context = json.loads(done.stdout)["hookSpecificOutput"]["additionalContext"]
     assert "branch: autoresearch/t1" in context and "best val_bpb: 0.990000" in context, context
     assert stop(repo, None, preexec_fn=capped)["decision"] == "block"
+
+
+def test_an_edit_is_refused_within_the_hooks_timeout_when_each_git_call_is_slow(repo, tmp_path):
+    """Review 57: a git that answers each call in 4.5 s, under the 5 s the guard gives one (a config or an
+    exclude file made huge): three calls took 13.5 s, past the 10 s hooks.json gives the hook, and Claude
+    Code lets a timed-out hook's edit through. The calls share one budget: refused in time."""
+    slow = tmp_path / "slow-bin"
+    slow.mkdir()
+    (slow / "git").write_text(f"#!/bin/sh\nsleep 4.5\nexec {shutil.which('git')} \"$@\"\n")
+    (slow / "git").chmod(0o755)
+    limit = json.loads((REPO / "hooks" / "hooks.json").read_text())["hooks"]["PreToolUse"][0]["hooks"][0]["timeout"]
+    began = time.monotonic()
+    done = run_hook("PreToolUse", {"tool_name": "Edit", "tool_input": {"file_path": "prepare.py"}}, repo,
+                    matcher=EDIT_MATCHER, PATH=f"{slow}{os.pathsep}{os.environ['PATH']}")
+    took = time.monotonic() - began
+    assert took < limit, f"the hook answered after {took:.1f} s, past its {limit} s"
+    assert done.returncode == 2 and "the 8s the hook gives git in all" in done.stderr, done.stderr
