@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mcp_server.core import notify, tracking
 from mcp_server.scripts import sandbox
-from mcp_server.dashboard.auth import http_token
+from mcp_server.dashboard.auth import http_token, port_number
 
 DEFAULT_PORT = 8765
 EXECUTORS = ("local", "ray", "slurm")
@@ -51,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--slurm-account", default=os.environ.get("RESEARCH_LOOP_SLURM_ACCOUNT"),
                         help="sbatch --account (default: env RESEARCH_LOOP_SLURM_ACCOUNT)")
     parser.add_argument("--http", action="store_true", help="serve streamable HTTP on 127.0.0.1")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"HTTP port (default {DEFAULT_PORT})")
+    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT, help=f"HTTP port (default {DEFAULT_PORT})")
     parser.add_argument("--token-file", type=Path,
                         help="file holding the bearer token every HTTP request (MCP and dashboard) must carry "
                              "(default: env RESEARCH_LOOP_TOKEN; none: any local client is accepted)")
@@ -71,13 +71,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     problem = tracking.arguments_problem(args)
     if problem:
         parser.error(problem)
+    try:  # the server split it as it started, and an unclosed quote raised out of it
+        args.train_command = shlex.split(args.train_command) if args.train_command else None
+    except ValueError as exc:
+        parser.error(f"--train-command (or env RESEARCH_LOOP_TRAIN_COMMAND) {args.train_command!r}: {exc}; "
+                     "quote it as a shell would")
     return args
-
-
-def port_number(text: str) -> int:
-    if not text.isdigit() or int(text) > 65535:
-        raise argparse.ArgumentTypeError(f"a port is a number from 0 to 65535, got {text!r}")
-    return int(text)
 
 
 def require_bearer(app, token: str):
@@ -189,9 +188,8 @@ def main(argv=None) -> None:
     from mcp_server.phases.runs import DEFAULT_TRAIN_COMMAND
     from mcp_server.server import build_server, serve_stdio
 
-    command = shlex.split(args.train_command) if args.train_command else None
-    slots, executor = choose_executor(args, command or DEFAULT_TRAIN_COMMAND)
-    loop = ResearchLoop(Path(args.workspace), command, slots, executor, unsandboxed=args.unsandboxed)
+    slots, executor = choose_executor(args, args.train_command or DEFAULT_TRAIN_COMMAND)
+    loop = ResearchLoop(Path(args.workspace), args.train_command, slots, executor, unsandboxed=args.unsandboxed)
     loop.notifier = notify.Notifier(args.notify, args.notify_format)
     srv = build_server(loop)
     tracker = start_tracking(args, loop)

@@ -458,3 +458,18 @@ def test_http_without_a_token_says_so_loudly(ws_cache):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["-m", "mcp_server", "--http", "--port", "99999"], "argument --port: a port is a number from 0 to 65535"),
+    (["-m", "mcp_server.cli", "dashboard", "--port", "99999"], "argument --port: a port is a number from 0 to 65535"),
+    (["-m", "mcp_server", "--train-command", "uv run 'train.py"], "--train-command (or env RESEARCH_LOOP_TRAIN_COMMAND)"),
+])
+def test_a_port_or_train_command_no_server_can_use_is_refused_before_it_starts(tmp_path, argv, said):
+    """Review 57: a --port past 65535 raised OverflowError from the socket's bind once the server (or the
+    dashboard) had started, and a --train-command with an unclosed quote raised ValueError from shlex: a
+    traceback each. Now argparse's usage error, naming the flag and what it takes, and nothing started."""
+    done = subprocess.run([sys.executable, *argv, "--workspace", str(tmp_path)], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert said in done.stderr, done.stderr

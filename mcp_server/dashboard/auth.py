@@ -1,8 +1,10 @@
-"""The token that guards what the server serves over HTTP: the MCP transport (--http) and the dashboard.
+"""The token that guards what the server serves over HTTP: the MCP transport (--http) and the dashboard,
+and the port each listens on.
 
 Shared by mcp_server.__main__ and mcp_server.dashboard.dashboard_http (the `research-loop dashboard`
 command); standard library only.
 """
+import argparse
 import os
 import sys
 
@@ -20,3 +22,10 @@ def http_token(args) -> str | None:
             sys.exit(f"research-loop-mcp: --token-file {args.token_file} is empty")
         return token
     return os.environ.get(TOKEN_ENV) or None
+
+
+def port_number(text: str) -> int:
+    """A --port as argparse reads it: one out of range raised from the socket's bind, after the server started."""
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number from 0 to 65535, got {text!r}")
+    return int(text)

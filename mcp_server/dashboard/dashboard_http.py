@@ -29,7 +29,7 @@ from pathlib import Path
 
 from mcp_server.core import ledger
 from mcp_server.dashboard import dashboard
-from mcp_server.dashboard.auth import http_token
+from mcp_server.dashboard.auth import http_token, port_number
 from mcp_server.core.state import STATE_DIR, STATE_FILE, process_alive
 
 LOOPBACK = "127.0.0.1"
@@ -262,7 +262,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--workspace", type=Path,
                         default=os.environ.get("RESEARCH_LOOP_WORKSPACE") or os.getcwd(),
                         help="the research workspace (default: env RESEARCH_LOOP_WORKSPACE, else the current directory)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT,
                         help=f"port on 127.0.0.1 (default {DEFAULT_PORT}; 0 picks a free one)")
     parser.add_argument("--token-file", type=Path,
                         help="file holding the token the page must be opened with (default: env RESEARCH_LOOP_TOKEN; "
