@@ -770,3 +770,24 @@ def test_a_plugin_edit_the_agent_commits_on_the_research_branch_is_not_the_next_
     assert ended_within(runner, 120) == [1]  # five quick sessions: it gives up
     assert git(ws, "show", "HEAD:hooks/research_loop_hook.py") == "HOOK = 'planted'\n"
     assert [s["hook"] for s in sessions_of(fake_claude)] == ["HOOK = 'real'\n"] * 5
+
+
+def test_a_plugin_copy_that_cannot_be_made_ends_the_runner_with_what_to_fix(fake_claude, fake_env, monkeypatch, capsys):
+    """Review 57: where the workspace is this checkout, each session's plugin copy runs `uv sync`; when it failed
+    (a pyproject.toml uv cannot read, no network for a new dependency, a full disk) CalledProcessError came out
+    of the runner: a traceback, no summary and no ping, at whatever hour. Now it says what failed and stops."""
+    from mcp_server.overnight import overnight
+    ws = make_workspace(fake_env)
+    (ws / "pyproject.toml").write_text("[project\nname = \n")  # no TOML uv can read
+    (ws / "skills" / "autoresearch").mkdir(parents=True)
+    shutil.copy(REPO / "skills" / "autoresearch" / "SKILL.md", ws / "skills" / "autoresearch" / "SKILL.md")
+    git(ws, "add", ".")
+    git(ws, "commit", "-qm", "the plugin")
+    monkeypatch.setattr(overnight, "PLUGIN_ROOT", ws.resolve())  # the workspace is the plugin's checkout
+    monkeypatch.setenv("FAKE_CLAUDE_PLAN", "decide")
+    runner = overnight.Runner(runner_args(ws), overnight.preflight(ws, None), backoff_s=(0.05,), poll_s=0.05)
+    assert ended_within(runner, 60) == [1]
+    out = capsys.readouterr().out
+    assert "no new session: the plugin's copy for the next session could not be made" in out, out
+    assert "run the same command to resume" in out and not fake_claude.exists()
+    runner.summary()

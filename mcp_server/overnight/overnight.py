@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from git import GitCommandError
+
 from mcp_server.core import cost, integrity, ledger, limits, logparse, notify, tracking
 from mcp_server.scripts import sandbox
 from mcp_server.core.models import Refusal, Row
@@ -315,8 +317,16 @@ class Runner:
                 self.say(f"no new session: {broke}")
                 self.notifier.send(f"the overnight runner stopped starting sessions: {broke} [{self.workspace.name}]")
                 return 0
+            try:
+                plugin = plugin_dir(self.workspace, self.args.track, self.plugin_commit)
+            except (OSError, subprocess.CalledProcessError, GitCommandError) as exc:  # raised out of the runner
+                problem = f"the plugin's copy for the next session could not be made ({str(exc).strip()[:300]})"
+                self.say(f"no new session: {problem}. Fix that (uv's or git's error is above), then run the same "
+                         "command to resume.")
+                self.notifier.send(f"the overnight runner stopped starting sessions: {problem} [{self.workspace.name}]")
+                return 1
             began, rows_before = time.time(), len(self.rows())
-            self.start_session(plugin_dir(self.workspace, self.args.track, self.plugin_commit))
+            self.start_session(plugin)
             while self.session.poll() is None:
                 self.show()
                 time.sleep(self.poll_s)
