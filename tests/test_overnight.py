@@ -791,3 +791,15 @@ def test_a_plugin_copy_that_cannot_be_made_ends_the_runner_with_what_to_fix(fake
     assert "no new session: the plugin's copy for the next session could not be made" in out, out
     assert "run the same command to resume" in out and not fake_claude.exists()
     runner.summary()
+
+
+def test_a_back_off_ends_at_the_deadline(fake_claude, fake_env, monkeypatch):
+    """Review 57: after quick failures the runner slept its whole back-off (up to two minutes) even where
+    --hours ended sooner, then stopped past it. The wait ends at the deadline."""
+    from mcp_server.overnight import overnight
+    ws = make_workspace(fake_env)
+    monkeypatch.setenv("FAKE_CLAUDE_PLAN", "fail")
+    runner = overnight.Runner(runner_args(ws, "--hours", str(3 / 3600)), overnight.preflight(ws, None),
+                              backoff_s=(60,), poll_s=0.05)
+    assert ended_within(runner, 20) == [0], "the runner slept its back-off past --hours"
+    assert len(sessions_of(fake_claude)) == 1

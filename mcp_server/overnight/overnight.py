@@ -352,6 +352,8 @@ class Runner:
                 return 1
             if quick:
                 pause = self.backoff_s[min(quick - 1, len(self.backoff_s) - 1)]
+                if self.deadline:  # a back-off of up to two minutes outlasted --hours
+                    pause = max(0.0, min(pause, self.deadline - time.time()))
                 self.say(f"the session ended early: a new one in {pause:g} s")
                 time.sleep(pause)
 
