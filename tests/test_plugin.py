@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -210,6 +211,22 @@ def test_claude_code_blocks_a_harness_edit_and_allows_train_py(claude, plugin_cl
     answers = tool_results(model.requests[-1])
     assert "prepare.py is part of the evaluation harness" in answers["toolu_0001"]
     assert "updated successfully" in answers["toolu_0003"]
+
+
+def test_an_edit_guard_that_cannot_run_blocks_the_edit(claude, plugin_clone, env, workspace, tmp_path):
+    """Claude Code lets the action through when a hook fails (no Python, a crash, a timeout), unless
+    hooks.json says onFailure block: a guard that cannot run must refuse the harness edit."""
+    plugin = tmp_path / "plugin"
+    shutil.copytree(plugin_clone, plugin, ignore=shutil.ignore_patterns(".venv"))
+    (plugin / "hooks" / "research_loop_hook.py").write_text("raise SystemExit(1)  # a guard that fails\n")
+    calls = [("Read", {"file_path": str(workspace / "prepare.py")}),
+             ("Edit", {"file_path": str(workspace / "prepare.py"), "old_string": "stand-in", "new_string": "HACK"})]
+    with ScriptedModel(calls) as model:
+        done = run_cli(claude, "--plugin-dir", str(plugin), "-p", "try an edit", "--permission-mode",
+                       "acceptEdits", cwd=workspace, env=model.env(env))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (workspace / "prepare.py").read_text() == "# harness stand-in\n"
+    assert "updated successfully" not in tool_results(model.requests[-1])["toolu_0001"]
 
 
 def test_compaction_keeps_the_loop_state(claude, plugin_clone, env, workspace):
