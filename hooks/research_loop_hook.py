@@ -132,9 +132,12 @@ def edited_path(event: dict) -> Path:
     tool_input = event.get("tool_input")
     if not isinstance(tool_input, dict):
         raise Unreadable(f"tool_input is {type(tool_input).__name__}, not an object")
-    raw = text_field(tool_input, "file_path") or text_field(tool_input, "notebook_path")
-    if not raw:
+    named = {text_field(tool_input, key) for key in ("file_path", "notebook_path")} - {None}
+    if len(named) > 1:  # which one the tool would edit is the tool's choice: judge neither
+        raise Unreadable("tool_input names two different files (file_path and notebook_path)")
+    if not named:
         raise Unreadable("tool_input names no file_path")
+    raw = named.pop()
     path = Path(raw)
     if not path.is_absolute():
         path = Path(text_field(event, "cwd") or os.getcwd()) / path

@@ -75,6 +75,14 @@ def test_harness_edit_is_blocked_on_a_research_branch(repo, tool, path):
     assert done.returncode == 2, done.stderr  # exit 2: Claude Code refuses the call, stderr goes to Claude
     assert path in done.stderr and "autoresearch/t1" in done.stderr and "Only train.py may change" in done.stderr
 
+def test_an_edit_naming_two_files_is_refused(repo):
+    """Only one of file_path and notebook_path was checked: train.py in one and prepare.py in the
+    other passed, whichever the tool then edits."""
+    done = run_hook("PreToolUse", {"tool_name": "NotebookEdit", "tool_input": {
+        "file_path": str(repo / "train.py"), "notebook_path": str(repo / "prepare.py")}}, repo,
+        matcher="Edit|Write|MultiEdit|NotebookEdit")
+    assert done.returncode == 2 and "names two different files" in done.stderr, done.stderr
+
 
 @pytest.mark.parametrize("path", ["train.py", "results.tsv", "run.log"])
 def test_train_py_and_records_are_editable(repo, path):
