@@ -95,6 +95,29 @@ def test_a_keep_logged_by_hand_is_marked_and_reaches_no_target(lab):
     assert "target val_bpb 0.6 is reached (0.550000)" in lab.ok("status")["ended"]
 
 
+def test_a_gain_over_a_number_logged_by_hand_is_confirmed_before_keep(lab):
+    """Review 58: a keep row logged by hand with a number of the agent's own (99.0) became the base of the next
+    run's delta: code worse than the harness's measured best (1.04 against 1.0) was kept as a gain of 97.96,
+    "beyond the noise", with no warning. A gain over a number the harness did not measure is now confirmed
+    first, against a rerun of the best's code, and the number is no value of the noise either (it counted in the
+    estimate as the kept commit's own)."""
+    lab.baseline()
+    set_knobs(lab.ws, val_bpb=1.05)
+    git(lab.ws, "commit", "-q", "-am", "my idea, measured by hand")
+    lab.ok("log_result", commit=lab.head(), val_bpb=99.0, memory_gb=1.0, status="keep", description="my idea")
+    assert "Two values are needed" in lab.refused("measure_noise", repeats=1)  # 99.0 is no value of the noise
+    assert 99.0 not in lab.ok("measure_noise", repeats=2)["noise"]["values"]  # a keep beyond it needs no confirm
+    set_knobs(lab.ws, val_bpb=1.04)
+    result = lab.ok("run_experiment", description="worse than the measured best")
+    assert result["delta"] == pytest.approx(-97.96)
+    assert "logged by hand" in result["confirm_first"] and result["next"].startswith(f"confirm(run={result['run']})")
+    refused = lab.refused("keep")
+    assert "needs confirming before keep" in refused and "logged by hand" in refused
+    confirmation = lab.ok("confirm", run=result["run"])  # a rerun of the hand-logged code (1.05) beside it
+    assert confirmation["confirmed"] and confirmation["control_val_bpb"] == [pytest.approx(1.05)]
+    assert lab.ok("keep", run=result["run"])["evidence"].startswith("confirmed")
+
+
 def test_an_unverified_keep_reaches_no_target(fake_env):
     """Review 46: keep(unverified=true) keeps a run whose val_bpb is train.py's own (it exported no model for
     the harness to evaluate), marked " (unverified)"; review 43 kept hand-logged numbers off the target, but
