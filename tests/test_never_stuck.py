@@ -74,6 +74,44 @@ def test_a_keep_logged_by_hand_must_be_the_branch_tip_and_becomes_the_kept_commi
     assert result["best_commit"] == tip[:7] and result["delta"] == pytest.approx(-0.1)
 
 
+def test_status_next_never_says_keep_for_a_result_keep_refuses(fake_env):
+    """Review 58: status().next said "keep() or discard()" for a gain within the noise, which keep refuses until
+    confirmed, and again once its confirmation failed; it now names confirm, then discard."""
+    lab = Lab(make_workspace(fake_env, "VAL_BPB = 1.0\nORDER_EFFECT = 0.01\n"))  # each data order 0.01 worse
+    try:
+        lab.baseline()
+        assert lab.ok("measure_noise", repeats=2)["noise"]["threshold"] == pytest.approx(0.02)
+        set_knobs(lab.ws, val_bpb=0.99, order_effect=0.02)  # a gain on order 0 only
+        n = lab.ok("run_experiment", description="a gain within the noise")["run"]
+        assert lab.ok("status")["next"] == f"confirm(run={n}), then keep(run={n}) if the gain holds; or discard(run={n})"
+        assert "needs confirming" in lab.refused("keep")
+        assert not lab.ok("confirm", run=n)["confirmed"]  # on order 3: the candidate 1.05, the best 1.03
+        assert lab.ok("status")["next"].startswith(f"discard(run={n}): its confirmation failed")
+        assert "did not hold" in lab.refused("keep", run=n)
+        assert lab.ok("discard", run=n)["row"]["status"] == "discard"
+    finally:
+        lab.loop.shutdown()
+
+
+def test_status_next_asks_for_unverified_where_keep_does(fake_env):
+    """Review 58: a result whose val_bpb is train.py's own (no export for the harness to score) got "keep() or
+    discard()" from status().next, and keep() refused it without unverified=true."""
+    ws = make_workspace(fake_env)
+    for name in ("evaluate_export.py", "export.py"):  # a harness that evaluates exports: the fake trainer exports none
+        (ws / "nanochat" / name).write_text("# harness stand-in\n")
+    git(ws, "add", ".")
+    git(ws, "commit", "-q", "-m", "an exporting harness")
+    lab = Lab(ws)
+    try:
+        lab.ok("setup", tag="t")
+        n = lab.ok("run_experiment", description="baseline")["run"]
+        assert lab.ok("status")["next"].startswith(f"keep(run={n}, unverified=true) or discard(run={n})")
+        assert "unverified=true" in lab.refused("keep")
+        assert lab.ok("keep", run=n, unverified=True)["row"]["status"] == "keep"
+    finally:
+        lab.loop.shutdown()
+
+
 def test_a_keep_logged_by_hand_is_marked_and_reaches_no_target(lab):
     """log_result's keep row holds the agent's own number, which no harness measured: it was written
     unmarked (results.tsv, status, the dashboard read it as any kept result), and a number below the
