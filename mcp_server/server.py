@@ -465,7 +465,7 @@ def register_measurements(srv: MCPServer, loop: ResearchLoop) -> None:
         ok, failed, devices, repeated = [], [], set(), []
         for n in runs:
             result = loop.answer_for(n)
-            await threaded(loop.discard, None, n)
+            await settle(loop, n)
             value = loop.rerun_value(result)  # an unverified one is train.py's word
             (ok if value is not None else failed).append(result.commit)
             if value is not None:
@@ -518,7 +518,7 @@ def register_measurements(srv: MCPServer, loop: ResearchLoop) -> None:
         measured, failed = {}, []
         for m in runs:
             result = loop.answer_for(m)
-            await threaded(loop.discard, None, m)
+            await settle(loop, m)
             measured[m] = loop.rerun_value(result)  # an unverified one is train.py's word
             if measured[m] is None:
                 failed.append(result.commit)
@@ -583,6 +583,15 @@ def describe_live(run, named: bool, slotted: bool) -> tuple[str, str]:
         return f"{prefix}training done at step {p.step}, evaluating ({run.elapsed_s}s)", f"{prefix}evaluating"
     text = f"{prefix}step {p.step} ({p.percent:.1f}%) loss {p.loss:.4f} remaining {p.remaining_s}s"
     return text, text
+
+
+async def settle(loop: ResearchLoop, run: int) -> None:
+    """A rerun logged as a discard, unless the agent's discard came first (review 58: the tool failed, nothing stored)."""
+    try:
+        await threaded(loop.discard, None, run)
+    except Refusal:
+        if loop.entry(run) is not None:
+            raise
 
 
 async def threaded(fn, *args):

@@ -11,7 +11,7 @@ import pytest
 from mcp import Client
 
 from mcp_server.server import build_server
-from server_support import answer, set_knobs
+from server_support import answer, ledger_lines, set_knobs
 
 
 def test_a_result_that_trained_much_slower_than_the_best_is_flagged(lab):
@@ -249,6 +249,27 @@ def racing(lab, call: tuple[str, dict], when, then: tuple[str, dict]) -> dict:
                 tasks.start_soon(agent)
     anyio.run(both)
     return calls
+
+
+def test_a_noise_repeat_discarded_while_measure_noise_waits_fails_no_measurement(fake_env, monkeypatch):
+    """Review 58: discard(run) of measure_noise's first repeat, pending while the second trained, made
+    measure_noise fail "Run 2 is already decided", its second repeat left undecided, no noise stored and the
+    repeats not counted as extra runs. The tool now takes a repeat the agent decided as it is."""
+    lab = noisy_lab(fake_env, -0.002)  # run 2: 0.998, run 3: 1.002
+    try:
+        answer(lab.call("setup", tag="luck"))
+        answer(lab.call("run_experiment", description="baseline"))  # run 1: 1.0
+        answer(lab.call("keep"))
+        sleeping(lab, monkeypatch, 3)  # run 2 waits for a decision while run 3 trains
+        calls = racing(lab, ("measure_noise", {"repeats": 2}), lambda status: status.get("undecided"),
+                       ("discard", {"run": 2}))
+        assert answer(calls["discard"])["row"]["status"] == "discard"
+        assert answer(calls["measure_noise"])["noise"]["values"] == [1.0, 0.998, 1.002]
+        status = answer(lab.call("status"))
+        assert status["undecided"] is None and status["extra_runs"] == 2
+        assert [line.split("\t")[3] for line in ledger_lines(lab.ws)[1:]] == ["keep", "discard", "discard"]
+    finally:
+        lab.loop.shutdown()
 
 
 def test_a_noise_repeat_on_a_lucky_data_order_cannot_be_kept_while_measure_noise_waits(fake_env, monkeypatch):

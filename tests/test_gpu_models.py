@@ -61,3 +61,28 @@ def test_noise_is_estimated_per_gpu_model(gpu_lab):
     gpu_lab.gpu("NVIDIA L4")
     refused = gpu_lab.refused("measure_noise", repeats=1)  # one L4 value, and the kept one is the H100's
     assert "on NVIDIA L4 (the kept value is from NVIDIA H100 80GB HBM3)" in refused
+
+
+def test_keep_judges_a_gain_against_its_own_gpu_models_noise(gpu_lab, monkeypatch):
+    """Review 58: keep judged a gain against the noise measured last, whatever GPU model: an L4's narrow
+    noise, measured after the H100's, let an H100 gain of 0.01 within the H100's noise (threshold 0.04) be
+    kept "beyond the noise", unconfirmed, though the run's own answer asked for a confirmation."""
+    gpu_lab.baseline()
+    monkeypatch.setenv("FAKE_ORDER_EFFECT", "0.02")  # the H100's repeats: 1.02, 1.04 beside the kept 1.0
+    gpu_lab.restart()  # a server's pool keeps the environment it started with
+    wide = gpu_lab.ok("measure_noise", repeats=2)["noise"]
+    assert wide["threshold"] == pytest.approx(0.04)
+    gpu_lab.gpu("NVIDIA L4")
+    monkeypatch.setenv("FAKE_ORDER_EFFECT", "0.0005")  # the L4's: two values 0.0005 apart
+    gpu_lab.restart()
+    assert gpu_lab.ok("measure_noise", repeats=2)["noise"]["threshold"] < 0.001
+    gpu_lab.gpu("NVIDIA H100 80GB HBM3")
+    monkeypatch.delenv("FAKE_ORDER_EFFECT")
+    gpu_lab.restart()
+    set_knobs(gpu_lab.ws, val_bpb=0.99)
+    result = gpu_lab.ok("run_experiment", description="a gain within the H100's noise")
+    assert result["delta"] == pytest.approx(-0.01) and "within noise (threshold 0.040000)" in result["noise"]
+    assert result["confirm_first"] and result["next"].startswith(f"confirm(run={result['run']})")
+    refused = gpu_lab.refused("keep")
+    assert "needs confirming before keep" in refused and "0.120000" in refused
+    assert gpu_lab.loop.state.load()["kept_commit"][:7] != result["commit"]

@@ -74,6 +74,44 @@ def test_a_keep_logged_by_hand_must_be_the_branch_tip_and_becomes_the_kept_commi
     assert result["best_commit"] == tip[:7] and result["delta"] == pytest.approx(-0.1)
 
 
+def test_status_next_never_says_keep_for_a_result_keep_refuses(fake_env):
+    """Review 58: status().next said "keep() or discard()" for a gain within the noise, which keep refuses until
+    confirmed, and again once its confirmation failed; it now names confirm, then discard."""
+    lab = Lab(make_workspace(fake_env, "VAL_BPB = 1.0\nORDER_EFFECT = 0.01\n"))  # each data order 0.01 worse
+    try:
+        lab.baseline()
+        assert lab.ok("measure_noise", repeats=2)["noise"]["threshold"] == pytest.approx(0.02)
+        set_knobs(lab.ws, val_bpb=0.99, order_effect=0.02)  # a gain on order 0 only
+        n = lab.ok("run_experiment", description="a gain within the noise")["run"]
+        assert lab.ok("status")["next"] == f"confirm(run={n}), then keep(run={n}) if the gain holds; or discard(run={n})"
+        assert "needs confirming" in lab.refused("keep")
+        assert not lab.ok("confirm", run=n)["confirmed"]  # on order 3: the candidate 1.05, the best 1.03
+        assert lab.ok("status")["next"].startswith(f"discard(run={n}): its confirmation failed")
+        assert "did not hold" in lab.refused("keep", run=n)
+        assert lab.ok("discard", run=n)["row"]["status"] == "discard"
+    finally:
+        lab.loop.shutdown()
+
+
+def test_status_next_asks_for_unverified_where_keep_does(fake_env):
+    """Review 58: a result whose val_bpb is train.py's own (no export for the harness to score) got "keep() or
+    discard()" from status().next, and keep() refused it without unverified=true."""
+    ws = make_workspace(fake_env)
+    for name in ("evaluate_export.py", "export.py"):  # a harness that evaluates exports: the fake trainer exports none
+        (ws / "nanochat" / name).write_text("# harness stand-in\n")
+    git(ws, "add", ".")
+    git(ws, "commit", "-q", "-m", "an exporting harness")
+    lab = Lab(ws)
+    try:
+        lab.ok("setup", tag="t")
+        n = lab.ok("run_experiment", description="baseline")["run"]
+        assert lab.ok("status")["next"].startswith(f"keep(run={n}, unverified=true) or discard(run={n})")
+        assert "unverified=true" in lab.refused("keep")
+        assert lab.ok("keep", run=n, unverified=True)["row"]["status"] == "keep"
+    finally:
+        lab.loop.shutdown()
+
+
 def test_a_keep_logged_by_hand_is_marked_and_reaches_no_target(lab):
     """log_result's keep row holds the agent's own number, which no harness measured: it was written
     unmarked (results.tsv, status, the dashboard read it as any kept result), and a number below the
@@ -93,6 +131,29 @@ def test_a_keep_logged_by_hand_is_marked_and_reaches_no_target(lab):
     lab.ok("run_experiment", description="measured below the target")
     lab.ok("keep")
     assert "target val_bpb 0.6 is reached (0.550000)" in lab.ok("status")["ended"]
+
+
+def test_a_gain_over_a_number_logged_by_hand_is_confirmed_before_keep(lab):
+    """Review 58: a keep row logged by hand with a number of the agent's own (99.0) became the base of the next
+    run's delta: code worse than the harness's measured best (1.04 against 1.0) was kept as a gain of 97.96,
+    "beyond the noise", with no warning. A gain over a number the harness did not measure is now confirmed
+    first, against a rerun of the best's code, and the number is no value of the noise either (it counted in the
+    estimate as the kept commit's own)."""
+    lab.baseline()
+    set_knobs(lab.ws, val_bpb=1.05)
+    git(lab.ws, "commit", "-q", "-am", "my idea, measured by hand")
+    lab.ok("log_result", commit=lab.head(), val_bpb=99.0, memory_gb=1.0, status="keep", description="my idea")
+    assert "Two values are needed" in lab.refused("measure_noise", repeats=1)  # 99.0 is no value of the noise
+    assert 99.0 not in lab.ok("measure_noise", repeats=2)["noise"]["values"]  # a keep beyond it needs no confirm
+    set_knobs(lab.ws, val_bpb=1.04)
+    result = lab.ok("run_experiment", description="worse than the measured best")
+    assert result["delta"] == pytest.approx(-97.96)
+    assert "logged by hand" in result["confirm_first"] and result["next"].startswith(f"confirm(run={result['run']})")
+    refused = lab.refused("keep")
+    assert "needs confirming before keep" in refused and "logged by hand" in refused
+    confirmation = lab.ok("confirm", run=result["run"])  # a rerun of the hand-logged code (1.05) beside it
+    assert confirmation["confirmed"] and confirmation["control_val_bpb"] == [pytest.approx(1.05)]
+    assert lab.ok("keep", run=result["run"])["evidence"].startswith("confirmed")
 
 
 def test_an_unverified_keep_reaches_no_target(fake_env):

@@ -6,7 +6,7 @@ measurements as controls. The noise estimate itself is noise.estimate's; this mo
 
 Imports the core (runs) only.
 """
-from mcp_server.core import ledger, noise
+from mcp_server.core import ledger, limits, noise
 from mcp_server.core.models import NoiseEstimate, Refusal, RunResult
 from mcp_server.phases.runs import LoopCore
 from mcp_server.core.workspace import budget_clock
@@ -121,8 +121,10 @@ def fresh_data_order(core: LoopCore) -> int:
 
 
 def _kept_values(state: dict, commit: str) -> list[tuple[int, float]]:
-    """(0, val_bpb) of each keep row of a commit: its own runs trained on the usual data order."""
-    return [(0, r.val_bpb) for r in ledger.rows_of(state) if r.commit == commit[:7] and r.status == "keep"]
+    """(0, val_bpb) of each keep row of a commit the harness measured: its own runs trained on the usual data
+    order (a number logged by hand, or train.py's own, is no measurement: review 58)."""
+    return [(0, r.val_bpb) for r in ledger.rows_of(state)
+            if r.commit == commit[:7] and r.status == "keep" and limits.measured(r.description)]
 
 
 def _by_order(core: LoopCore, state: dict, commit: str, own: list[tuple[int, float]]) -> list[tuple[int, float]]:

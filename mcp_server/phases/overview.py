@@ -10,9 +10,10 @@ import time
 from pathlib import Path
 
 from mcp_server.core import history as run_history
-from mcp_server.core import cost, ledger, limits, logparse
+from mcp_server.core import cost, ledger, limits, logparse, noise
 from mcp_server.scripts import sandbox
 from mcp_server.phases.dispatch import take_over
+from mcp_server.phases.results import confirmation_needed
 from mcp_server.core.models import HistoryResult, LiveRun, Metrics, NoiseEstimate, Refusal, StatusResult
 from mcp_server.phases.runs import IN_FLIGHT, LOG_TAIL_BYTES, RUN_LOG, RUNS_DIR, UNDECIDED, LoopCore, unsandboxed_marker
 
@@ -168,6 +169,9 @@ def _next_step(core: LoopCore, state: dict, s: StatusResult) -> str:
                 return (f"discard(run={e['run']}): its change conflicts with what was kept since "
                         "(apply it by hand afterwards if it still matters)")
             return f"reapply(run={e['run']}) or discard(run={e['run']})"
+        asked = _what_keep_asks(core, state, e)
+        if asked:
+            return asked
     if undecided:
         return "keep() or discard()" if single else \
             f"keep(run={undecided[0]['run']}) or discard(run={undecided[0]['run']})"
@@ -181,6 +185,22 @@ def _next_step(core: LoopCore, state: dict, s: StatusResult) -> str:
     if in_flight:
         return f"edit train.py, then run_experiment(description, wait=False) ({core.slots - len(in_flight)} slot(s) free), or wait()"
     return "edit train.py, then run_experiment(description)"
+
+
+def _what_keep_asks(core: LoopCore, state: dict, e: dict) -> str | None:
+    """The next step for a result that a plain keep refuses (review 58: next said keep() for a gain keep
+    refused until confirmed, for a failed confirmation, for train.py's own number), or None."""
+    result, n = e["result"], e["run"]
+    confirmation = e.get("confirmation")
+    if confirmation and not confirmation.get("confirmed"):
+        return f"discard(run={n}): its confirmation failed (keep(run={n}, unconfirmed=true) keeps it against that)"
+    estimate = noise.for_device(state, result.get("device"))
+    if not confirmation and confirmation_needed(result, estimate, core.kept_row(e["parent"])):
+        return f"confirm(run={n}), then keep(run={n}) if the gain holds; or discard(run={n})"
+    if result.get("verified") is False:
+        return (f"keep(run={n}, unverified=true) or discard(run={n}): its val_bpb is train.py's own, "
+                "not the harness's")
+    return None
 
 
 def history(core: LoopCore, constant: str | None = None, status: str | None = None, limit: int = 30) -> HistoryResult:

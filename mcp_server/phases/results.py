@@ -13,9 +13,9 @@ import math
 import shutil
 from pathlib import Path
 
-from mcp_server.core import integrity, ledger, logparse, noise
+from mcp_server.core import integrity, ledger, limits, logparse, noise
 from mcp_server.scripts import sandbox
-from mcp_server.core.models import Refusal, RunResult
+from mcp_server.core.models import Refusal, Row, RunResult
 from mcp_server.phases.runs import LOG_TAIL_BYTES, RUN_LOG, LoopCore
 from mcp_server.core.workspace import budget_clock, prepared_info, time_budget
 
@@ -144,7 +144,7 @@ def _result(core: LoopCore, entry: dict, text: str, report: dict | None, slot: s
         result.next = (f"not comparable with the best: rerun it on {base_device} (reapply), or keep() or "
                        "discard() on your own judgement")
         return result
-    result.confirm_first = confirmation_needed(result.model_dump(), estimate)
+    result.confirm_first = confirmation_needed(result.model_dump(), estimate, base)
     if result.confirm_first:
         result.next = (f"confirm(run={entry['run']}) before keep ({result.confirm_first}); "
                        "or discard() if the gain does not matter")
@@ -256,11 +256,17 @@ def result_of(core: LoopCore, state: dict, entry: dict) -> RunResult:
                      next="wait() for its result (read_metrics() shows progress); then keep() or discard()")
 
 
-def confirmation_needed(result: dict, noise: dict | None) -> str | None:
-    """Why a gain must be re-measured beside the best before it is kept, or None."""
+def confirmation_needed(result: dict, noise: dict | None, base: Row | None = None) -> str | None:
+    """Why a gain must be re-measured beside the best (its kept row: base) before it is kept, or None."""
     delta = result.get("delta")
     if delta is None or delta >= 0:
         return None
+    if base and not limits.measured(base.description) and result.get("verified") is not False:
+        # review 58: a number logged by hand (99.0) made code worse than the measured best a gain "beyond the noise"
+        # (a result that is train.py's word too is kept only with unverified=true, which says so already)
+        whose = "the agent's, logged by hand" if base.description.endswith(limits.LOGGED_BY_HAND) else "train.py's own"
+        return (f"the best's val_bpb {base.val_bpb:.6f} is {whose}, not measured by the harness, so the gain "
+                "over it is no measurement")
     if result.get("comparable") is False:
         return "it trained at a different speed than the best's run, so the machine may explain the gain"
     if noise and -delta <= CONFIRM_WIDTHS * noise["threshold"]:
