@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from server_support import Lab, make_workspace, set_knobs
+from server_support import Lab, git, make_workspace, set_knobs
 
 FAKE_NVIDIA_SMI = """#!/bin/sh
 # the GPU model this machine has, as the test's file says; no GPU list (-L), so the pool pins nothing
@@ -61,3 +61,23 @@ def test_noise_is_estimated_per_gpu_model(gpu_lab):
     gpu_lab.gpu("NVIDIA L4")
     refused = gpu_lab.refused("measure_noise", repeats=1)  # one L4 value, and the kept one is the H100's
     assert "on NVIDIA L4 (the kept value is from NVIDIA H100 80GB HBM3)" in refused
+
+
+def test_keep_judges_a_gain_by_the_noise_of_its_own_gpu_model(gpu_lab):
+    """Found by review 56: keep asked for a confirmation from the last estimate stored (another model's), while
+    the result used its own model's: an H100 gain inside the H100's noise was kept unconfirmed, once a quieter
+    L4 had been measured last."""
+    set_knobs(gpu_lab.ws, val_bpb=1.0, noise=0.01)
+    git(gpu_lab.ws, "commit", "-qam", "noisy")
+    gpu_lab.baseline()  # run 1 on the H100: 1.0
+    h100 = gpu_lab.ok("measure_noise", repeats=2)["noise"]  # runs 2, 3: 1.01, 0.99
+    assert h100["threshold"] == 0.02
+    gpu_lab.gpu("NVIDIA L4")
+    l4 = gpu_lab.ok("measure_noise", repeats=2)["noise"]  # runs 4, 5 on the L4: 1.0, 1.01
+    assert l4["threshold"] == 0.014142 and gpu_lab.loop.state.load()["noise"] == l4  # the last one stored
+    gpu_lab.gpu("NVIDIA H100 80GB HBM3")
+    set_knobs(gpu_lab.ws, val_bpb=0.955, noise=0.01)
+    result = gpu_lab.ok("run_experiment", description="a gain inside the H100's noise")  # run 6: 0.945
+    assert result["delta"] == -0.055 and "within 3 noise thresholds (0.060000)" in result["confirm_first"]
+    refused = gpu_lab.refused("keep")
+    assert "needs confirming before keep: its gain 0.055000 is within 3 noise thresholds (0.060000)" in refused

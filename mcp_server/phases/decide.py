@@ -9,7 +9,7 @@ Imports the core (runs) and every phase above it (results, dispatch, submit, ove
 import time
 
 from mcp_server.phases import early_stop
-from mcp_server.core import cost, history, ledger, limits
+from mcp_server.core import cost, history, ledger, limits, noise
 from mcp_server.scripts import sandbox
 from mcp_server.phases.dispatch import dispatch, require_owner
 from mcp_server.executors.executor import read_report
@@ -73,7 +73,9 @@ def keep(core: LoopCore, note: str | None = None, run: int | None = None, unveri
         if result.get("verified") is False and not unverified:
             raise Refusal(f"Run {entry['run']}'s val_bpb is train.py's own, not the harness's ({result.get('integrity')}): "
                           f"keep(run={entry['run']}, unverified=true) keeps it anyway; or discard it.")
-        evidence = _keep_evidence(entry, state.get("noise"), unconfirmed)
+        # the noise of the result's own GPU model, as its answer judged it (review 56: the last estimate stored,
+        # a quieter model's, let a gain inside this model's noise through unconfirmed)
+        evidence = _keep_evidence(entry, noise.for_device(state, result.get("device")), unconfirmed)
         kept = state["kept_commit"]
         if entry["parent"] != kept:
             raise Refusal(f"Run {entry['run']} was measured on {entry['parent'][:7]}, but {kept[:7]} has been kept "
@@ -116,7 +118,7 @@ def _worse_warning(entry: dict) -> str | None:
             "code); to go back, restore the better train.py from git and run it again.")
 
 
-def _keep_evidence(entry: dict, noise: dict | None, unconfirmed: bool) -> str:
+def _keep_evidence(entry: dict, estimate: dict | None, unconfirmed: bool) -> str:
     result, n = entry["result"], entry["run"]
     confirmation = entry.get("confirmation")
     if confirmation:
@@ -129,7 +131,7 @@ def _keep_evidence(entry: dict, noise: dict | None, unconfirmed: bool) -> str:
                           "against that evidence.")
         ignored = f"; {confirmation['reason'].split(':')[0]}" if confirmation.get("reason") else ""
         return f"kept unconfirmed on request, though its confirmation failed ({deltas}{ignored})"
-    need = confirmation_needed(result, noise)
+    need = confirmation_needed(result, estimate)
     if need and not unconfirmed:
         raise Refusal(f"Run {n} needs confirming before keep: {need}. confirm(run={n}) reruns the best and the "
                       f"candidate, interleaved (2 runs), and keep() then accepts it if the gain holds; "
@@ -138,7 +140,7 @@ def _keep_evidence(entry: dict, noise: dict | None, unconfirmed: bool) -> str:
         return f"kept unconfirmed on request: {need}"
     if result.get("delta") is None:
         return "the first result of the research run"
-    if not noise:
+    if not estimate:
         return "noise not measured: measure_noise() tells whether gains like this are real"
     return "beyond the noise" if result["delta"] < 0 else "not better than the best: kept on request"
 
