@@ -57,9 +57,10 @@ class ResearchLoop(LoopCore):
 
     confirmation_orders = measurements.confirmation_orders
     fresh_data_order = measurements.fresh_data_order
-    noise_values_from_kept = measurements.noise_values_from_kept
+    noise_values = measurements.noise_values
     rerun_value = staticmethod(measurements.rerun_value)
     store_noise = measurements.store_noise
+    store_measured_noise = measurements.store_measured_noise
     record_confirmation = measurements.record_confirmation
 
     status = overview.status

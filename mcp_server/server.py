@@ -451,8 +451,7 @@ def register_measurements(srv: MCPServer, loop: ResearchLoop) -> None:
         if EDITABLE in loop.ws.changed_since(kept):
             raise Refusal(f"train.py differs from the last kept commit {kept[:7]}: noise is measured on "
                           "the kept code. Save your edit elsewhere, git checkout train.py, and retry.")
-        values = loop.noise_values_from_kept()
-        if len(values) + repeats < 2:
+        if len(loop.noise_values(state)[0]) + repeats < 2:
             raise Refusal("Two values are needed: keep a baseline first, or pass repeats=2 or more.")
         source = loop.ws.train_at(kept)
         runs = []
@@ -462,25 +461,17 @@ def register_measurements(srv: MCPServer, loop: ResearchLoop) -> None:
                                                        f"{order}", None, source, data_order=order))
             runs.append(entry["run"])
         await follow(loop, runs, ctx, until_all=True)
-        ok, failed, devices, repeated = [], [], set(), []
+        ok, failed, devices = [], [], set()
         for n in runs:
             result = loop.answer_for(n)
             await threaded(loop.discard, None, n)
             value = loop.rerun_value(result)  # an unverified one is train.py's word
             (ok if value is not None else failed).append(result.commit)
             if value is not None:
-                repeated.append(value)
                 devices.add(result.device)
         device = devices.pop() if len(devices) == 1 else None  # repeats on several models: no per-model estimate
-        kept_device = loop.device_of(kept)
-        if device and kept_device and kept_device != device:
-            values = []  # the kept value was measured on another GPU model: not the same distribution
-        values += repeated
-        if len(values) < 2:
-            where = f" on {device} (the kept value is from {kept_device})" if device and kept_device != device else ""
-            raise Refusal(f"Too few successful repeats ({len(ok)}){where}: fix any crash or unverified repeat (see "
-                          "read_metrics) and measure again with repeats=2 or more.")
-        return compact(NoiseResult(noise=loop.store_noise(values, len(runs), device), runs=ok, failed=failed))
+        estimate = await threaded(loop.store_measured_noise, len(runs), len(ok), device)
+        return compact(NoiseResult(noise=estimate, runs=ok, failed=failed))
 
     @register(WRITES)
     async def confirm(ctx: Context, run: int | None = None, pairs: int = 1) -> ConfirmResult:

@@ -311,6 +311,24 @@ def test_a_confirmation_rerun_falling_behind_cannot_be_cancelled_to_confirm_agai
         lab.loop.shutdown()
 
 
+def test_two_measure_noise_calls_at_once_store_an_estimate_of_every_repeat(fake_env, monkeypatch):
+    """Found by review 56: each measure_noise read the values on the shelf as it began, so of two calls at once the
+    last to end stored the kept value and its own repeat only ([1.0, 0.99]: 0.014142), the other's 1.01 left out."""
+    lab = noisy_lab(fake_env, 0.01)
+    try:
+        answer(lab.call("setup", tag="twice"))
+        answer(lab.call("run_experiment", description="baseline"))  # run 1: 1.0
+        answer(lab.call("keep"))
+        sleeping(lab, monkeypatch, 2)
+        calls = racing(lab, ("measure_noise", {"repeats": 1}), lambda status: "run 2 " in (status.get("running") or ""),
+                       ("measure_noise", {"repeats": 1}))  # run 2: 1.01; run 3 (the second call's): 0.99
+        assert answer(calls["measure_noise"])["noise"]["values"] == [1.0, 1.01, 0.99]  # the second call, last to end
+        stored = lab.loop.state.load()["noise"]
+        assert stored["values"] == [1.0, 1.01, 0.99] and stored["threshold"] == 0.02
+    finally:
+        lab.loop.shutdown()
+
+
 def test_measure_noise_called_until_two_values_agree_counts_every_repeat(fake_env):
     """Found by review 51: on the wall clock each measure_noise counted the kept value and its own repeats
     only, so calling it with repeats=1 until a repeat matched the kept value stored a threshold of 0, and a

@@ -131,18 +131,19 @@ def _by_order(core: LoopCore, state: dict, commit: str, own: list[tuple[int, flo
     return own + [(order, m["val_bpb"]) for order, m in sorted(_measurements_of(core, state, commit).items())]
 
 
-def noise_values_from_kept(core: LoopCore) -> list[float]:
-    """The kept commit's own value and its reruns on other data orders so far (where they do not
-    repeat, those on the kept value's GPU model)."""
-    state = core.state.load()
+def noise_values(core: LoopCore, state: dict, device: str | None = None) -> tuple[list[float], str | None]:
+    """(the values of the kept code measured on `device` (default: the kept value's GPU model), the kept value's
+    model): its own value where it was measured there and its reruns on other data orders so far (where they do not
+    repeat, those on that model)."""
     kept = state.get("kept_commit", "")
     if not kept:
-        return []
-    device = core.device_of(kept)
+        return [], None
+    kept_device = core.device_of(kept, state)
+    own = [] if device and kept_device and device != kept_device else _kept_values(state, kept)
     reruns = (state.get("reruns") or {}).get(_measurement_shelf(core, state, kept)) or {}
-    return ([v for _, v in _by_order(core, state, kept, _kept_values(state, kept))]
+    return ([v for _, v in _by_order(core, state, kept, own)]
             + [m["val_bpb"] for _, m in sorted(reruns.items(), key=lambda item: int(item[0]))
-               if m.get("device") == device])
+               if m.get("device") == (device or kept_device)]), kept_device
 
 
 def _order_blind(core: LoopCore, state: dict, commit: str, own: list[tuple[int, float]], whose: str) -> str | None:
@@ -158,6 +159,19 @@ def _order_blind(core: LoopCore, state: dict, commit: str, own: list[tuple[int, 
             "a rerun on one more order tells, confirm with pairs=2 or measure_noise with more repeats). The server "
             "sets AUTORESEARCH_DATA_ORDER for each rerun and nanochat/dataloader reads it: restore train.py's data "
             "loading (leave that variable and the dataloader alone).")
+
+
+def store_measured_noise(core: LoopCore, spent: int, ok: int, device: str | None) -> NoiseEstimate:
+    """The estimate of every value on the shelf as measure_noise ends, read and stored in one transaction (review
+    56: each call read the shelf as it began, so of two calls at once the last to end stored the kept value and its
+    own repeats only); refused where fewer than two values are there."""
+    with core.state.transaction() as state:
+        values, kept_device = noise_values(core, state, device)
+        if len(values) < 2:
+            where = f" on {device} (the kept value is from {kept_device})" if device and kept_device != device else ""
+            raise Refusal(f"Too few successful repeats ({ok}){where}: fix any crash or unverified repeat (see "
+                          "read_metrics) and measure again with repeats=2 or more.")
+        return store_noise(core, values, spent, device)  # its transaction nests in this one
 
 
 def store_noise(core: LoopCore, values: list[float], spent: int, device: str | None = None) -> NoiseEstimate:
