@@ -73,5 +73,6 @@ class ResearchLoop(LoopCore):
     discard = decide.discard
     cancel = decide.cancel
     stop = decide.stop
+    settle_reruns = decide.settle_reruns
     reapply = decide.reapply
     log_result = decide.log_result

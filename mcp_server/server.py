@@ -462,9 +462,9 @@ def register_measurements(srv: MCPServer, loop: ResearchLoop) -> None:
             runs.append(entry["run"])
         await follow(loop, runs, ctx, until_all=True)
         ok, failed, devices = [], [], set()
-        for n in runs:
-            result = loop.answer_for(n)
-            await threaded(loop.discard, None, n)
+        for result in await threaded(loop.settle_reruns, runs, "measure_noise", "the noise was not measured",
+                                     "No noise estimate was stored; the repeats that finished are logged as discard "
+                                     "rows and count in the next measure_noise."):
             value = loop.rerun_value(result)  # an unverified one is train.py's word
             (ok if value is not None else failed).append(result.commit)
             if value is not None:
@@ -507,9 +507,9 @@ def register_measurements(srv: MCPServer, loop: ResearchLoop) -> None:
             sides.append(pair)
         await follow(loop, runs, ctx, until_all=True)
         measured, failed = {}, []
-        for m in runs:
-            result = loop.answer_for(m)
-            await threaded(loop.discard, None, m)
+        settled = await threaded(loop.settle_reruns, runs, "confirm", "the confirmation was not completed",
+                                 f"Run {n} stays pending: keep(run={n}, unconfirmed=true) or discard(run={n}).")
+        for m, result in zip(runs, settled):
             measured[m] = loop.rerun_value(result)  # an unverified one is train.py's word
             if measured[m] is None:
                 failed.append(result.commit)

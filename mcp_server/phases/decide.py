@@ -267,6 +267,31 @@ def cancel(core: LoopCore, run: int, stopped: dict | None = None, ending: bool =
                         note=f"its code stays in commit {entry['commit'][:7]} ({RUN_REF_PREFIX}{run})")
 
 
+def settle_reruns(core: LoopCore, runs: list[int], tool: str, what: str, then: str) -> list[RunResult]:
+    """The results of measure_noise's or confirm's reruns once they ended, each logged as a discard (a crash row if
+    it failed) unless another call decided it meanwhile (its record holds its result). Refused, the others logged
+    and all that ran counted as extra runs, where stop(now=True) cancelled some while the tool waited (review 56:
+    the tool failed on "already decided"): `what` was not completed, `then` says what to do."""
+    results, cancelled = [], []
+    for n in runs:
+        state = core.state.load()
+        if str(n) in (state.get("runs") or {}):
+            results.append(result_of(core, state, state["runs"][str(n)]))
+            discard(core, None, n)
+            continue
+        record = core.read_record(n)
+        if record is None or record["result"].get("status") in IN_FLIGHT:
+            cancelled.append(n)
+        results.append(RunResult(**record["result"]) if record else None)
+    if cancelled:
+        with core.state.transaction() as state:
+            state["extra_runs"] = state.get("extra_runs", 0) + sum(r is not None for r in results)
+            why = core.ended(state) or "a run of the research run was cancelled"
+        raise Refusal(f"The research run was stopped while {tool} waited ({why}): stop(now=True) cancelled rerun(s) "
+                      f"{', '.join(map(str, cancelled))}, so {what}. {then}")
+    return results
+
+
 def stop(core: LoopCore, reason: str, now: bool = False) -> StopResult:
     """Ends the research run on purpose: no new runs start. Runs in flight finish and wait for a
     decision, or with now=True are cancelled (running ones are logged as crashes)."""
