@@ -488,7 +488,8 @@ def register_measurements(srv: MCPServer, loop: ResearchLoop) -> None:
             raise Refusal(f"pairs must be between 1 and {MAX_CONFIRM_PAIRS}.")
         entry, control, candidate = await threaded(loop.confirmation_plan, run)
         n, best = entry["run"], entry["parent"][:7]
-        plan = await threaded(loop.confirmation_orders, entry, pairs)
+        plan, resumed = await threaded(loop.confirmation_orders, entry, pairs)
+        pairs = len(plan)  # every order an earlier confirmation began and never judged, beside fresh ones
         sides, runs, reused = [], [], []  # per pair (control, candidate): a rerun's number, or a value reused
         for k, (order, known_control, known_candidate) in enumerate(plan):
             pair = []
@@ -524,10 +525,14 @@ def register_measurements(srv: MCPServer, loop: ResearchLoop) -> None:
         return compact(ConfirmResult(
             run=n, confirmed=confirmed, paired_deltas=deltas, control_val_bpb=[c for c, _ in pairs_done],
             candidate_val_bpb=[c for _, c in pairs_done], failed=failed, reused=reused or None,
+            resumed=(f"data order(s) {', '.join(map(str, resumed))} again: an earlier confirmation of this train.py "
+                     "against this best began them and never judged them (its server stopped, a rerun failed or was "
+                     "cancelled); they are measured before any fresh order") if resumed else None,
             extra_runs=len(runs), extra_runs_total=total,
             next=(f"keep(run={n})" if confirmed else f"{blind} The gain is not confirmed: discard(run={n})" if blind
                   else f"the gain did not hold: discard(run={n})")
-            + ("" if not failed else "; some reruns failed, or exported no model for the harness: read their logs")))
+            + ("" if not failed else "; some reruns failed, or exported no model for the harness: read their logs "
+               "(a confirm again measures their data orders first)")))
 
 
 def register_search(srv: MCPServer, loop: ResearchLoop) -> None:

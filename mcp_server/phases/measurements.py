@@ -11,6 +11,8 @@ from mcp_server.core.models import NoiseEstimate, Refusal, RunResult
 from mcp_server.phases.runs import LoopCore
 from mcp_server.core.workspace import budget_clock
 
+BEGUN = "begun_pairs"  # the state's {_pair_key: data orders a confirmation began}: see confirmation_orders
+
 
 def record_confirmation(core: LoopCore, run: int, confirmation: dict, spent: int,
                         orders: list[int]) -> tuple[int, str | None]:
@@ -37,6 +39,10 @@ def record_confirmation(core: LoopCore, run: int, confirmation: dict, spent: int
             if reason:
                 confirmation |= {"confirmed": False, "reason": reason}
             entry["confirmation"] = confirmation
+            begun, key = state.setdefault(BEGUN, {}), _pair_key(core, entry)
+            begun[key] = _unjudged(core, state, entry)  # a failed rerun's order is measured again, never a fresh one
+            if not begun[key]:
+                del begun[key]
         state["extra_runs"] = state.get("extra_runs", 0) + spent
         return state["extra_runs"], reason
 
@@ -101,16 +107,37 @@ def _measurements_of(core: LoopCore, state: dict, commit: str) -> dict[int, dict
     return {int(order): m for order, m in shelf.items()}
 
 
-def confirmation_orders(core: LoopCore, entry: dict, pairs: int) -> list[tuple[int, dict | None, dict | None]]:
-    """(data order, the best's measurement on it, the candidate's) per pair: first the orders
-    the best was already measured on, whose values stand as controls (one run instead of two),
-    then fresh ones."""
-    state = core.state.load()
-    control = _measurements_of(core, state, entry["parent"])
-    candidate = _measurements_of(core, state, entry["commit"])
-    orders = sorted(control, reverse=True)[:pairs]
-    orders += [fresh_data_order(core) for _ in range(pairs - len(orders))]
-    return [(order, control.get(order), candidate.get(order)) for order in orders]
+def confirmation_orders(core: LoopCore, entry: dict, pairs: int) -> tuple[list[tuple[int, dict | None, dict | None]],
+                                                                          list[int]]:
+    """(data order, the best's measurement on it, the candidate's) per pair, and the orders resumed: first the
+    orders an earlier confirmation of the same two codes began and never judged, all of them, then the orders the
+    best was already measured on, whose values stand as controls (one run instead of two), then fresh ones. The
+    orders are noted as begun before any run starts (review 56: a server killed while the candidate's rerun
+    trained left its pair unjudged, and the next confirm drew new luck)."""
+    with core.state.transaction() as state:
+        resumed = _unjudged(core, state, entry)
+        control = _measurements_of(core, state, entry["parent"])
+        candidate = _measurements_of(core, state, entry["commit"])
+        orders = resumed + [o for o in sorted(control, reverse=True) if o not in resumed][:max(0, pairs - len(resumed))]
+        for _ in range(pairs - len(orders)):
+            state["data_orders"] = state.get("data_orders", 0) + 1
+            orders.append(state["data_orders"])
+        state.setdefault(BEGUN, {})[_pair_key(core, entry)] = sorted(orders)
+    return [(order, control.get(order), candidate.get(order)) for order in orders], resumed
+
+
+def _pair_key(core: LoopCore, entry: dict) -> str:
+    """A confirmation's two codes, the candidate's train.py and the best's: whichever run holds them."""
+    return f"{core.ws.train_blob(entry['commit'])} {core.ws.train_blob(entry['parent'])}"
+
+
+def _unjudged(core: LoopCore, state: dict, entry: dict) -> list[int]:
+    """The data orders a confirmation of the run's code against its best began and never judged: a rerun of the
+    pair never ended (its server was killed, stop(now=True) cancelled it) or failed. An order with both codes'
+    values filed is a pair judged (_lost_pairs counts it) whether or not its call lived to compare them."""
+    control, candidate = (_filed(core, state, commit) for commit in (entry["parent"], entry["commit"]))
+    begun = (state.get(BEGUN) or {}).get(_pair_key(core, entry)) or []
+    return [order for order in begun if not (str(order) in control and str(order) in candidate)]
 
 
 def fresh_data_order(core: LoopCore) -> int:
