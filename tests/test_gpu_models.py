@@ -41,7 +41,7 @@ def test_a_result_on_another_gpu_model_is_not_compared_with_the_best(gpu_lab):
     other = gpu_lab.ok("run_experiment", description="on an A100")
     assert other["device"] == "NVIDIA A100-SXM4-40GB" and other["val_bpb"] == 0.9
     assert other["delta"] is None and other["best_val_bpb"] == 1.0  # the best is shown, not compared with
-    assert "rerun it on NVIDIA H100 80GB HBM3" in other["next"]
+    assert "run it again on NVIDIA H100 80GB HBM3" in other["next"]
     assert other["noise"].startswith("not compared: measured on NVIDIA A100-SXM4-40GB, the best")
     assert "on NVIDIA H100 80GB HBM3" in other["noise"]
     assert any("different GPU models are not comparable" in w for w in other["warnings"])
@@ -81,3 +81,18 @@ def test_keep_judges_a_gain_by_the_noise_of_its_own_gpu_model(gpu_lab):
     assert result["delta"] == -0.055 and "within 3 noise thresholds (0.060000)" in result["confirm_first"]
     refused = gpu_lab.refused("keep")
     assert "needs confirming before keep: its gain 0.055000 is within 3 noise thresholds (0.060000)" in refused
+
+
+def test_a_result_on_a_faster_gpu_model_is_not_kept_as_a_gain_unasked(gpu_lab):
+    """Found by review 56: keep took a result that was not compared with the best (another GPU model, which can
+    give a lower val_bpb for the same code) without a word, as "the first result of the research run"."""
+    gpu_lab.baseline()  # on the H100: 1.0
+    gpu_lab.gpu("NVIDIA B200")
+    set_knobs(gpu_lab.ws, val_bpb=0.9)  # the same code trains further on a faster model
+    result = gpu_lab.ok("run_experiment", description="the same idea, on a faster GPU")
+    assert result["delta"] is None and "discard(run=2)" in result["next"] and "rerun=true" in result["next"]
+    refused = gpu_lab.refused("keep")
+    assert "Run 2 was not compared: measured on NVIDIA B200, the best" in refused
+    assert "keep(run=2, unconfirmed=true)" in refused
+    kept = gpu_lab.ok("keep", unconfirmed=True)
+    assert kept["evidence"].startswith("kept on request, not compared with the best: measured on NVIDIA B200")

@@ -131,6 +131,13 @@ def _keep_evidence(entry: dict, estimate: dict | None, unconfirmed: bool) -> str
                           "against that evidence.")
         ignored = f"; {confirmation['reason'].split(':')[0]}" if confirmation.get("reason") else ""
         return f"kept unconfirmed on request, though its confirmation failed ({deltas}{ignored})"
+    if result.get("delta") is None and result.get("best_val_bpb") is not None:
+        # review 56: kept unasked as "the first result", though another model's number can be lower for the same code
+        if not unconfirmed:
+            raise Refusal(f"Run {n} was {result.get('noise')}: its val_bpb says nothing about its change against the "
+                          f"best's. discard(run={n}) and run it again where the best ran (run_experiment(..., "
+                          f"rerun=true)), or keep(run={n}, unconfirmed=true) on your own judgement.")
+        return f"kept on request, not compared with the best: {result.get('noise', '').removeprefix('not compared: ')}"
     need = confirmation_needed(result, estimate)
     if need and not unconfirmed:
         raise Refusal(f"Run {n} needs confirming before keep: {need}. confirm(run={n}) reruns the best and the "
