@@ -56,7 +56,7 @@ class ResearchLoop(LoopCore):
     answer_for = results.answer_for
 
     confirmation_orders = measurements.confirmation_orders
-    fresh_data_order = measurements.fresh_data_order
+    noise_orders = measurements.noise_orders
     noise_values = measurements.noise_values
     rerun_value = staticmethod(measurements.rerun_value)
     store_noise = measurements.store_noise

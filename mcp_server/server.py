@@ -454,11 +454,10 @@ def register_measurements(srv: MCPServer, loop: ResearchLoop) -> None:
         if len(loop.noise_values(state)[0]) + repeats < 2:
             raise Refusal("Two values are needed: keep a baseline first, or pass repeats=2 or more.")
         source = loop.ws.train_at(kept)
-        runs = []
-        for k in range(repeats):
-            order = await threaded(loop.fresh_data_order)
-            entry = await threaded(lambda: loop.submit(f"noise repeat {k + 1}/{repeats} of {kept[:7]}, data order "
-                                                       f"{order}", None, source, data_order=order))
+        runs, orders = [], await threaded(loop.noise_orders, kept, repeats)  # an unfinished call's orders first
+        for k, order in enumerate(orders):
+            entry = await threaded(lambda: loop.submit(f"noise repeat {k + 1}/{len(orders)} of {kept[:7]}, data "
+                                                       f"order {order}", None, source, data_order=order))
             runs.append(entry["run"])
         await follow(loop, runs, ctx, until_all=True)
         ok, failed, devices = [], [], set()

@@ -614,3 +614,39 @@ def test_killing_the_server_while_the_candidate_reruns_draws_no_new_luck(fake_en
     assert again["resumed"].startswith("data order(s) 3 again: an earlier confirmation of this train.py"), again
     assert "did not hold" in refused, refused
     assert (ws / "results.tsv").read_text().count("confirmation 1/1 of run 4, data order 3") == 2  # none on order 4
+
+
+
+def test_killing_the_server_while_a_noise_repeat_trains_draws_no_new_luck(fake_env):
+    """Found by review 56, as the confirmation's kill: SIGKILL of the server while measure_noise's repeat on data
+    order 2 trained (its curve far from the kept value) cut it out, and the next call drew order 3 in its place.
+    Now the next call measures order 2 first, and order 3 is never drawn."""
+    from server_support import make_workspace, stdio_client_for
+    # the kept code: 1.0 on the usual data, 0.005 more per data order
+    ws, cache = make_workspace(fake_env, "VAL_BPB = 1.0\nORDER_EFFECT = 0.005\nSLEEP = 2\n"), fake_env / "cache"
+    killers = []
+
+    async def until_the_kill():
+        async with stdio_client_for(ws, cache) as client:
+            call = client.call_tool
+            answer(await call("setup", {"tag": "kill"}))
+            answer(await call("run_experiment", {"description": "baseline"}))  # run 1
+            answer(await call("keep", {}))
+            killers.append(killing_the_server_when_run_trains(ws, 3))  # run 2 on order 1; run 3 on order 2
+            with anyio.fail_after(120):
+                await call("measure_noise", {"repeats": 2})
+    with pytest.raises(BaseException):  # the transport breaks with the server
+        anyio.run(until_the_kill)
+    killers[0].join()
+
+    async def after_the_restart():
+        async with stdio_client_for(ws, cache) as client:
+            call = client.call_tool
+            for rerun in (2, 3):
+                answer(await call("discard", {"run": rerun}))
+            return answer(await call("measure_noise", {"repeats": 1}))  # run 4
+    noise = anyio.run(after_the_restart)["noise"]
+    assert noise["values"] == [1.0, 1.005, 1.01], noise  # order 3 would give 1.015
+    assert "noise repeat 1/1 of" in (ws / "results.tsv").read_text().splitlines()[-1]
+    assert (ws / "results.tsv").read_text().count(", data order 2") == 2 and ", data order 3" not in \
+        (ws / "results.tsv").read_text()

@@ -8,10 +8,10 @@ Imports the core (runs) only.
 """
 from mcp_server.core import ledger, noise
 from mcp_server.core.models import NoiseEstimate, Refusal, RunResult
-from mcp_server.phases.runs import LoopCore
+from mcp_server.phases.runs import IN_FLIGHT, LoopCore
 from mcp_server.core.workspace import budget_clock
 
-BEGUN = "begun_pairs"  # the state's {_pair_key: data orders a confirmation began}: see confirmation_orders
+BEGUN = "begun_pairs"  # the state's {_pair_key or "noise <blob>": data orders begun}: confirmation_orders, noise_orders
 
 
 def record_confirmation(core: LoopCore, run: int, confirmation: dict, spent: int,
@@ -115,14 +115,15 @@ def confirmation_orders(core: LoopCore, entry: dict, pairs: int) -> tuple[list[t
     orders are noted as begun before any run starts (review 56: a server killed while the candidate's rerun
     trained left its pair unjudged, and the next confirm drew new luck)."""
     with core.state.transaction() as state:
-        resumed = _unjudged(core, state, entry)
+        unjudged = _unjudged(core, state, entry)
+        resumed = [order for order in unjudged if order not in _in_flight(core, state)]  # not a call's beside this
         control = _measurements_of(core, state, entry["parent"])
         candidate = _measurements_of(core, state, entry["commit"])
         orders = resumed + [o for o in sorted(control, reverse=True) if o not in resumed][:max(0, pairs - len(resumed))]
         for _ in range(pairs - len(orders)):
             state["data_orders"] = state.get("data_orders", 0) + 1
             orders.append(state["data_orders"])
-        state.setdefault(BEGUN, {})[_pair_key(core, entry)] = sorted(orders)
+        state.setdefault(BEGUN, {})[_pair_key(core, entry)] = sorted(set(unjudged) | set(orders))
     return [(order, control.get(order), candidate.get(order)) for order in orders], resumed
 
 
@@ -133,18 +134,32 @@ def _pair_key(core: LoopCore, entry: dict) -> str:
 
 def _unjudged(core: LoopCore, state: dict, entry: dict) -> list[int]:
     """The data orders a confirmation of the run's code against its best began and never judged: a rerun of the
-    pair never ended (its server was killed, stop(now=True) cancelled it) or failed. An order with both codes'
+    pair never ended (its server was killed, stop(now=True) cancelled it), failed, or trains now. An order with both codes'
     values filed is a pair judged (_lost_pairs counts it) whether or not its call lived to compare them."""
     control, candidate = (_filed(core, state, commit) for commit in (entry["parent"], entry["commit"]))
     begun = (state.get(BEGUN) or {}).get(_pair_key(core, entry)) or []
     return [order for order in begun if not (str(order) in control and str(order) in candidate)]
 
 
-def fresh_data_order(core: LoopCore) -> int:
-    """A data order no rerun of this research run has used: each rerun sees new luck."""
+def _in_flight(core: LoopCore, state: dict) -> set[int]:
+    """The data orders of the reruns queued or running: a call beside this one measures them still."""
+    return {entry.get("data_order") for entry in core.runs_of(state, *IN_FLIGHT)}
+
+
+def noise_orders(core: LoopCore, kept: str, repeats: int) -> list[int]:
+    """The data orders of measure_noise's repeats: first every order an earlier call began and never filed a value
+    on (its server killed while the repeat trained, the repeat cancelled or failed), then fresh ones, noted as
+    begun before any repeat starts (review 56: a repeat whose curve strayed from the kept value was cut out of the
+    estimate by killing the server, and the next call drew new luck in its place)."""
     with core.state.transaction() as state:
-        state["data_orders"] = state.get("data_orders", 0) + 1
-        return state["data_orders"]
+        key, filed = f"noise {core.ws.train_blob(kept)}", _filed(core, state, kept)
+        unfiled = [order for order in (state.get(BEGUN) or {}).get(key) or [] if str(order) not in filed]
+        orders = [order for order in unfiled if order not in _in_flight(core, state)]
+        for _ in range(repeats - len(orders)):
+            state["data_orders"] = state.get("data_orders", 0) + 1
+            orders.append(state["data_orders"])
+        state.setdefault(BEGUN, {})[key] = sorted(set(unfiled) | set(orders))  # a call beside this one's too
+        return orders
 
 
 def _kept_values(state: dict, commit: str) -> list[tuple[int, float]]:
