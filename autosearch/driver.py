@@ -138,7 +138,8 @@ class Search:
         best = best_kept_bpb(read_ledger(self.plan.workspace))
         run = {"run": result["run"]} if "run" in result else {}
         improved = result.get("status") == "ok" and result.get("val_bpb") is not None and (
-            best is None or result["val_bpb"] < best)
+            best is None or result["val_bpb"] < best) and not (  # another GPU model's number: never compared
+            result.get("delta") is None and result.get("best_val_bpb") is not None)
         stale = result.get("parent") is not None and result.get("best_commit") is not None and \
             result["parent"] != self.kept_commit()
         if improved and stale:

@@ -56,10 +56,11 @@ class ResearchLoop(LoopCore):
     answer_for = results.answer_for
 
     confirmation_orders = measurements.confirmation_orders
-    fresh_data_order = measurements.fresh_data_order
-    noise_values_from_kept = measurements.noise_values_from_kept
+    noise_orders = measurements.noise_orders
+    noise_values = measurements.noise_values
     rerun_value = staticmethod(measurements.rerun_value)
     store_noise = measurements.store_noise
+    store_measured_noise = measurements.store_measured_noise
     record_confirmation = measurements.record_confirmation
 
     status = overview.status
@@ -72,5 +73,6 @@ class ResearchLoop(LoopCore):
     discard = decide.discard
     cancel = decide.cancel
     stop = decide.stop
+    settle_reruns = decide.settle_reruns
     reapply = decide.reapply
     log_result = decide.log_result

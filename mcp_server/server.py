@@ -451,36 +451,26 @@ def register_measurements(srv: MCPServer, loop: ResearchLoop) -> None:
         if EDITABLE in loop.ws.changed_since(kept):
             raise Refusal(f"train.py differs from the last kept commit {kept[:7]}: noise is measured on "
                           "the kept code. Save your edit elsewhere, git checkout train.py, and retry.")
-        values = loop.noise_values_from_kept()
-        if len(values) + repeats < 2:
+        if len(loop.noise_values(state)[0]) + repeats < 2:
             raise Refusal("Two values are needed: keep a baseline first, or pass repeats=2 or more.")
         source = loop.ws.train_at(kept)
-        runs = []
-        for k in range(repeats):
-            order = await threaded(loop.fresh_data_order)
-            entry = await threaded(lambda: loop.submit(f"noise repeat {k + 1}/{repeats} of {kept[:7]}, data order "
-                                                       f"{order}", None, source, data_order=order))
+        runs, orders = [], await threaded(loop.noise_orders, kept, repeats)  # an unfinished call's orders first
+        for k, order in enumerate(orders):
+            entry = await threaded(lambda: loop.submit(f"noise repeat {k + 1}/{len(orders)} of {kept[:7]}, data "
+                                                       f"order {order}", None, source, data_order=order))
             runs.append(entry["run"])
         await follow(loop, runs, ctx, until_all=True)
-        ok, failed, devices, repeated = [], [], set(), []
-        for n in runs:
-            result = loop.answer_for(n)
-            await settle(loop, n)
+        ok, failed, devices = [], [], set()
+        for result in await threaded(loop.settle_reruns, runs, "measure_noise", "the noise was not measured",
+                                     "No noise estimate was stored; the repeats that finished are logged as discard "
+                                     "rows and count in the next measure_noise."):
             value = loop.rerun_value(result)  # an unverified one is train.py's word
             (ok if value is not None else failed).append(result.commit)
             if value is not None:
-                repeated.append(value)
                 devices.add(result.device)
         device = devices.pop() if len(devices) == 1 else None  # repeats on several models: no per-model estimate
-        kept_device = loop.device_of(kept)
-        if device and kept_device and kept_device != device:
-            values = []  # the kept value was measured on another GPU model: not the same distribution
-        values += repeated
-        if len(values) < 2:
-            where = f" on {device} (the kept value is from {kept_device})" if device and kept_device != device else ""
-            raise Refusal(f"Too few successful repeats ({len(ok)}){where}: fix any crash or unverified repeat (see "
-                          "read_metrics) and measure again with repeats=2 or more.")
-        return compact(NoiseResult(noise=loop.store_noise(values, len(runs), device), runs=ok, failed=failed))
+        estimate = await threaded(loop.store_measured_noise, len(runs), len(ok), device)
+        return compact(NoiseResult(noise=estimate, runs=ok, failed=failed))
 
     @register(WRITES)
     async def confirm(ctx: Context, run: int | None = None, pairs: int = 1) -> ConfirmResult:
@@ -497,7 +487,8 @@ def register_measurements(srv: MCPServer, loop: ResearchLoop) -> None:
             raise Refusal(f"pairs must be between 1 and {MAX_CONFIRM_PAIRS}.")
         entry, control, candidate = await threaded(loop.confirmation_plan, run)
         n, best = entry["run"], entry["parent"][:7]
-        plan = await threaded(loop.confirmation_orders, entry, pairs)
+        plan, resumed = await threaded(loop.confirmation_orders, entry, pairs)
+        pairs = len(plan)  # every order an earlier confirmation began and never judged, beside fresh ones
         sides, runs, reused = [], [], []  # per pair (control, candidate): a rerun's number, or a value reused
         for k, (order, known_control, known_candidate) in enumerate(plan):
             pair = []
@@ -516,9 +507,9 @@ def register_measurements(srv: MCPServer, loop: ResearchLoop) -> None:
             sides.append(pair)
         await follow(loop, runs, ctx, until_all=True)
         measured, failed = {}, []
-        for m in runs:
-            result = loop.answer_for(m)
-            await settle(loop, m)
+        settled = await threaded(loop.settle_reruns, runs, "confirm", "the confirmation was not completed",
+                                 f"Run {n} stays pending: keep(run={n}, unconfirmed=true) or discard(run={n}).")
+        for m, result in zip(runs, settled):
             measured[m] = loop.rerun_value(result)  # an unverified one is train.py's word
             if measured[m] is None:
                 failed.append(result.commit)
@@ -533,10 +524,14 @@ def register_measurements(srv: MCPServer, loop: ResearchLoop) -> None:
         return compact(ConfirmResult(
             run=n, confirmed=confirmed, paired_deltas=deltas, control_val_bpb=[c for c, _ in pairs_done],
             candidate_val_bpb=[c for _, c in pairs_done], failed=failed, reused=reused or None,
+            resumed=(f"data order(s) {', '.join(map(str, resumed))} again: an earlier confirmation of this train.py "
+                     "against this best began them and never judged them (its server stopped, a rerun failed or was "
+                     "cancelled); they are measured before any fresh order") if resumed else None,
             extra_runs=len(runs), extra_runs_total=total,
             next=(f"keep(run={n})" if confirmed else f"{blind} The gain is not confirmed: discard(run={n})" if blind
                   else f"the gain did not hold: discard(run={n})")
-            + ("" if not failed else "; some reruns failed, or exported no model for the harness: read their logs")))
+            + ("" if not failed else "; some reruns failed, or exported no model for the harness: read their logs "
+               "(a confirm again measures their data orders first)")))
 
 
 def register_search(srv: MCPServer, loop: ResearchLoop) -> None:
@@ -583,15 +578,6 @@ def describe_live(run, named: bool, slotted: bool) -> tuple[str, str]:
         return f"{prefix}training done at step {p.step}, evaluating ({run.elapsed_s}s)", f"{prefix}evaluating"
     text = f"{prefix}step {p.step} ({p.percent:.1f}%) loss {p.loss:.4f} remaining {p.remaining_s}s"
     return text, text
-
-
-async def settle(loop: ResearchLoop, run: int) -> None:
-    """A rerun logged as a discard, unless the agent's discard came first (review 58: the tool failed, nothing stored)."""
-    try:
-        await threaded(loop.discard, None, run)
-    except Refusal:
-        if loop.entry(run) is not None:
-            raise
 
 
 async def threaded(fn, *args):

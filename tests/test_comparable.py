@@ -11,7 +11,7 @@ import pytest
 from mcp import Client
 
 from mcp_server.server import build_server
-from server_support import answer, ledger_lines, set_knobs
+from server_support import answer, error, ledger_lines, set_knobs
 
 
 def test_a_result_that_trained_much_slower_than_the_best_is_flagged(lab):
@@ -307,6 +307,31 @@ def test_stop_now_still_ends_the_reruns_that_cancel_refuses(fake_env, monkeypatc
                        lambda status: "run 3 " in (status.get("running") or ""), ("stop", {"reason": "morning", "now": True}))
         assert answer(calls["stop"])["cancelled"] == [3], calls["stop"]
         assert not answer(lab.call("status")).get("running")
+        stopped = error(calls["measure_noise"])  # review 56: it said "Run 3 is already decided"
+        assert ("The research run was stopped while measure_noise waited (stopped: morning): "
+                "stop(now=True) cancelled rerun(s) 3, so the noise was not measured") in stopped, stopped
+        assert "No noise estimate was stored" in stopped and not answer(lab.call("status")).get("undecided")
+    finally:
+        lab.loop.shutdown()
+
+
+def test_stop_now_while_confirm_waits_says_the_confirmation_was_not_completed(fake_env, monkeypatch):
+    """Found by review 56: confirm failed with "Run 6 is already decided" once stop(now=True) cancelled its rerun."""
+    lab = noisy_lab(fake_env, 0.002)
+    try:
+        baseline_and_noise(lab)
+        set_knobs(lab.ws, VAL_BPB=0.999, NOISE=-0.006)
+        answer(lab.call("run_experiment", description="luck"))  # run 4
+        sleeping(lab, monkeypatch, 3)
+        calls = racing(lab, ("confirm", {"run": 4}), lambda status: "run 6 " in (status.get("running") or ""),
+                       ("stop", {"reason": "morning", "now": True}))
+        assert answer(calls["stop"])["cancelled"] == [6], calls["stop"]
+        stopped = error(calls["confirm"])
+        assert ("The research run was stopped while confirm waited (stopped: morning): "
+                "stop(now=True) cancelled rerun(s) 6, so the confirmation was not completed") in stopped, stopped
+        assert "Run 4 stays pending: keep(run=4, unconfirmed=true) or discard(run=4)" in stopped
+        status = answer(lab.call("status"))
+        assert status["undecided"] == [4] and status["extra_runs"] == 4  # run 5 logged, both counted
     finally:
         lab.loop.shutdown()
 
@@ -328,6 +353,24 @@ def test_a_confirmation_rerun_falling_behind_cannot_be_cancelled_to_confirm_agai
         lost = answer(calls["confirm"])  # run 5: the best, 1.002; run 6: the idea, 1.005
         assert lost["paired_deltas"] == [0.003] and not lost["confirmed"]
         assert answer(lab.call("status"))["extra_runs"] == 4
+    finally:
+        lab.loop.shutdown()
+
+
+def test_two_measure_noise_calls_at_once_store_an_estimate_of_every_repeat(fake_env, monkeypatch):
+    """Found by review 56: each measure_noise read the values on the shelf as it began, so of two calls at once the
+    last to end stored the kept value and its own repeat only ([1.0, 0.99]: 0.014142), the other's 1.01 left out."""
+    lab = noisy_lab(fake_env, 0.01)
+    try:
+        answer(lab.call("setup", tag="twice"))
+        answer(lab.call("run_experiment", description="baseline"))  # run 1: 1.0
+        answer(lab.call("keep"))
+        sleeping(lab, monkeypatch, 2)
+        calls = racing(lab, ("measure_noise", {"repeats": 1}), lambda status: "run 2 " in (status.get("running") or ""),
+                       ("measure_noise", {"repeats": 1}))  # run 2: 1.01; run 3 (the second call's): 0.99
+        assert answer(calls["measure_noise"])["noise"]["values"] == [1.0, 1.01, 0.99]  # the second call, last to end
+        stored = lab.loop.state.load()["noise"]
+        assert stored["values"] == [1.0, 1.01, 0.99] and stored["threshold"] == 0.02
     finally:
         lab.loop.shutdown()
 

@@ -149,6 +149,7 @@ class ConfirmResult(BaseModel):
     candidate_val_bpb: list[float]
     failed: list[str]  # commits of reruns that did not finish ok
     reused: list[str] | None = None  # earlier reruns on the same data that stood in for a run (flops clock)
+    resumed: str | None = None  # data orders an earlier confirmation began and never judged, measured again
     extra_runs: int  # runs this confirmation spent
     extra_runs_total: int  # spent on controls, confirmations and noise in this research run
     next: str

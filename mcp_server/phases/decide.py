@@ -73,8 +73,8 @@ def keep(core: LoopCore, note: str | None = None, run: int | None = None, unveri
         if result.get("verified") is False and not unverified:
             raise Refusal(f"Run {entry['run']}'s val_bpb is train.py's own, not the harness's ({result.get('integrity')}): "
                           f"keep(run={entry['run']}, unverified=true) keeps it anyway; or discard it.")
-        # the noise of the run's own GPU model, as its answer judged it (review 58: the estimate measured last,
-        # another model's, let a gain within this model's noise be kept "beyond the noise")
+        # the noise of the result's own GPU model, as its answer judged it (reviews 56 and 58: the last estimate stored,
+        # a quieter model's, let a gain inside this model's noise through unconfirmed)
         evidence = _keep_evidence(entry, noise.for_device(state, result.get("device")), unconfirmed,
                                   core.kept_row(entry["parent"]))
         kept = state["kept_commit"]
@@ -119,7 +119,7 @@ def _worse_warning(entry: dict) -> str | None:
             "code); to go back, restore the better train.py from git and run it again.")
 
 
-def _keep_evidence(entry: dict, noise: dict | None, unconfirmed: bool, base: Row | None) -> str:
+def _keep_evidence(entry: dict, estimate: dict | None, unconfirmed: bool, base: Row | None) -> str:
     result, n = entry["result"], entry["run"]
     confirmation = entry.get("confirmation")
     if confirmation:
@@ -132,7 +132,14 @@ def _keep_evidence(entry: dict, noise: dict | None, unconfirmed: bool, base: Row
                           "against that evidence.")
         ignored = f"; {confirmation['reason'].split(':')[0]}" if confirmation.get("reason") else ""
         return f"kept unconfirmed on request, though its confirmation failed ({deltas}{ignored})"
-    need = confirmation_needed(result, noise, base)
+    if result.get("delta") is None and result.get("best_val_bpb") is not None:
+        # review 56: kept unasked as "the first result", though another model's number can be lower for the same code
+        if not unconfirmed:
+            raise Refusal(f"Run {n} was {result.get('noise')}: its val_bpb says nothing about its change against the "
+                          f"best's. discard(run={n}) and run it again where the best ran (run_experiment(..., "
+                          f"rerun=true)), or keep(run={n}, unconfirmed=true) on your own judgement.")
+        return f"kept on request, not compared with the best: {result.get('noise', '').removeprefix('not compared: ')}"
+    need = confirmation_needed(result, estimate, base)
     if need and not unconfirmed:
         raise Refusal(f"Run {n} needs confirming before keep: {need}. confirm(run={n}) reruns the best and the "
                       f"candidate, interleaved (2 runs), and keep() then accepts it if the gain holds; "
@@ -141,7 +148,7 @@ def _keep_evidence(entry: dict, noise: dict | None, unconfirmed: bool, base: Row
         return f"kept unconfirmed on request: {need}"
     if result.get("delta") is None:
         return "the first result of the research run"
-    if not noise:
+    if not estimate:
         return "noise not measured: measure_noise() tells whether gains like this are real"
     return "beyond the noise" if result["delta"] < 0 else "not better than the best: kept on request"
 
@@ -266,6 +273,31 @@ def cancel(core: LoopCore, run: int, stopped: dict | None = None, ending: bool =
     core.notifier.check(core)  # a crash row can complete a limit: its ping
     return CancelResult(run=run, was=was, row=row,
                         note=f"its code stays in commit {entry['commit'][:7]} ({RUN_REF_PREFIX}{run})")
+
+
+def settle_reruns(core: LoopCore, runs: list[int], tool: str, what: str, then: str) -> list[RunResult]:
+    """The results of measure_noise's or confirm's reruns once they ended, each logged as a discard (a crash row if
+    it failed) unless another call decided it meanwhile (its record holds its result). Refused, the others logged
+    and all that ran counted as extra runs, where stop(now=True) cancelled some while the tool waited (review 56:
+    the tool failed on "already decided"): `what` was not completed, `then` says what to do."""
+    results, cancelled = [], []
+    for n in runs:
+        state = core.state.load()
+        if str(n) in (state.get("runs") or {}):
+            results.append(result_of(core, state, state["runs"][str(n)]))
+            discard(core, None, n)
+            continue
+        record = core.read_record(n)
+        if record is None or record["result"].get("status") in IN_FLIGHT:
+            cancelled.append(n)
+        results.append(RunResult(**record["result"]) if record else None)
+    if cancelled:
+        with core.state.transaction() as state:
+            state["extra_runs"] = state.get("extra_runs", 0) + sum(r is not None for r in results)
+            why = core.ended(state) or "a run of the research run was cancelled"
+        raise Refusal(f"The research run was stopped while {tool} waited ({why}): stop(now=True) cancelled rerun(s) "
+                      f"{', '.join(map(str, cancelled))}, so {what}. {then}")
+    return results
 
 
 def stop(core: LoopCore, reason: str, now: bool = False) -> StopResult:

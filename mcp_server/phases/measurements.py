@@ -8,8 +8,10 @@ Imports the core (runs) only.
 """
 from mcp_server.core import ledger, limits, noise
 from mcp_server.core.models import NoiseEstimate, Refusal, RunResult
-from mcp_server.phases.runs import LoopCore
+from mcp_server.phases.runs import IN_FLIGHT, LoopCore
 from mcp_server.core.workspace import budget_clock
+
+BEGUN = "begun_pairs"  # the state's {_pair_key or "noise <blob>": data orders begun}: confirmation_orders, noise_orders
 
 
 def record_confirmation(core: LoopCore, run: int, confirmation: dict, spent: int,
@@ -37,6 +39,10 @@ def record_confirmation(core: LoopCore, run: int, confirmation: dict, spent: int
             if reason:
                 confirmation |= {"confirmed": False, "reason": reason}
             entry["confirmation"] = confirmation
+            begun, key = state.setdefault(BEGUN, {}), _pair_key(core, entry)
+            begun[key] = _unjudged(core, state, entry)  # a failed rerun's order is measured again, never a fresh one
+            if not begun[key]:
+                del begun[key]
         state["extra_runs"] = state.get("extra_runs", 0) + spent
         return state["extra_runs"], reason
 
@@ -101,23 +107,59 @@ def _measurements_of(core: LoopCore, state: dict, commit: str) -> dict[int, dict
     return {int(order): m for order, m in shelf.items()}
 
 
-def confirmation_orders(core: LoopCore, entry: dict, pairs: int) -> list[tuple[int, dict | None, dict | None]]:
-    """(data order, the best's measurement on it, the candidate's) per pair: first the orders
-    the best was already measured on, whose values stand as controls (one run instead of two),
-    then fresh ones."""
-    state = core.state.load()
-    control = _measurements_of(core, state, entry["parent"])
-    candidate = _measurements_of(core, state, entry["commit"])
-    orders = sorted(control, reverse=True)[:pairs]
-    orders += [fresh_data_order(core) for _ in range(pairs - len(orders))]
-    return [(order, control.get(order), candidate.get(order)) for order in orders]
-
-
-def fresh_data_order(core: LoopCore) -> int:
-    """A data order no rerun of this research run has used: each rerun sees new luck."""
+def confirmation_orders(core: LoopCore, entry: dict, pairs: int) -> tuple[list[tuple[int, dict | None, dict | None]],
+                                                                          list[int]]:
+    """(data order, the best's measurement on it, the candidate's) per pair, and the orders resumed: first the
+    orders an earlier confirmation of the same two codes began and never judged, all of them, then the orders the
+    best was already measured on, whose values stand as controls (one run instead of two), then fresh ones. The
+    orders are noted as begun before any run starts (review 56: a server killed while the candidate's rerun
+    trained left its pair unjudged, and the next confirm drew new luck)."""
     with core.state.transaction() as state:
-        state["data_orders"] = state.get("data_orders", 0) + 1
-        return state["data_orders"]
+        unjudged = _unjudged(core, state, entry)
+        resumed = [order for order in unjudged if order not in _in_flight(core, state)]  # not a call's beside this
+        control = _measurements_of(core, state, entry["parent"])
+        candidate = _measurements_of(core, state, entry["commit"])
+        orders = resumed + [o for o in sorted(control, reverse=True) if o not in resumed][:max(0, pairs - len(resumed))]
+        for _ in range(pairs - len(orders)):
+            state["data_orders"] = state.get("data_orders", 0) + 1
+            orders.append(state["data_orders"])
+        state.setdefault(BEGUN, {})[_pair_key(core, entry)] = sorted(set(unjudged) | set(orders))
+    return [(order, control.get(order), candidate.get(order)) for order in orders], resumed
+
+
+def _pair_key(core: LoopCore, entry: dict) -> str:
+    """A confirmation's two codes, the candidate's train.py and the best's: whichever run holds them."""
+    return f"{core.ws.train_blob(entry['commit'])} {core.ws.train_blob(entry['parent'])}"
+
+
+def _unjudged(core: LoopCore, state: dict, entry: dict) -> list[int]:
+    """The data orders a confirmation of the run's code against its best began and never judged: a rerun of the
+    pair never ended (its server was killed, stop(now=True) cancelled it), failed, or trains now. An order with both codes'
+    values filed is a pair judged (_lost_pairs counts it) whether or not its call lived to compare them."""
+    control, candidate = (_filed(core, state, commit) for commit in (entry["parent"], entry["commit"]))
+    begun = (state.get(BEGUN) or {}).get(_pair_key(core, entry)) or []
+    return [order for order in begun if not (str(order) in control and str(order) in candidate)]
+
+
+def _in_flight(core: LoopCore, state: dict) -> set[int]:
+    """The data orders of the reruns queued or running: a call beside this one measures them still."""
+    return {entry.get("data_order") for entry in core.runs_of(state, *IN_FLIGHT)}
+
+
+def noise_orders(core: LoopCore, kept: str, repeats: int) -> list[int]:
+    """The data orders of measure_noise's repeats: first every order an earlier call began and never filed a value
+    on (its server killed while the repeat trained, the repeat cancelled or failed), then fresh ones, noted as
+    begun before any repeat starts (review 56: a repeat whose curve strayed from the kept value was cut out of the
+    estimate by killing the server, and the next call drew new luck in its place)."""
+    with core.state.transaction() as state:
+        key, filed = f"noise {core.ws.train_blob(kept)}", _filed(core, state, kept)
+        unfiled = [order for order in (state.get(BEGUN) or {}).get(key) or [] if str(order) not in filed]
+        orders = [order for order in unfiled if order not in _in_flight(core, state)]
+        for _ in range(repeats - len(orders)):
+            state["data_orders"] = state.get("data_orders", 0) + 1
+            orders.append(state["data_orders"])
+        state.setdefault(BEGUN, {})[key] = sorted(set(unfiled) | set(orders))  # a call beside this one's too
+        return orders
 
 
 def _kept_values(state: dict, commit: str) -> list[tuple[int, float]]:
@@ -133,18 +175,19 @@ def _by_order(core: LoopCore, state: dict, commit: str, own: list[tuple[int, flo
     return own + [(order, m["val_bpb"]) for order, m in sorted(_measurements_of(core, state, commit).items())]
 
 
-def noise_values_from_kept(core: LoopCore) -> list[float]:
-    """The kept commit's own value and its reruns on other data orders so far (where they do not
-    repeat, those on the kept value's GPU model)."""
-    state = core.state.load()
+def noise_values(core: LoopCore, state: dict, device: str | None = None) -> tuple[list[float], str | None]:
+    """(the values of the kept code measured on `device` (default: the kept value's GPU model), the kept value's
+    model): its own value where it was measured there and its reruns on other data orders so far (where they do not
+    repeat, those on that model)."""
     kept = state.get("kept_commit", "")
     if not kept:
-        return []
-    device = core.device_of(kept)
+        return [], None
+    kept_device = core.device_of(kept, state)
+    own = [] if device and kept_device and device != kept_device else _kept_values(state, kept)
     reruns = (state.get("reruns") or {}).get(_measurement_shelf(core, state, kept)) or {}
-    return ([v for _, v in _by_order(core, state, kept, _kept_values(state, kept))]
+    return ([v for _, v in _by_order(core, state, kept, own)]
             + [m["val_bpb"] for _, m in sorted(reruns.items(), key=lambda item: int(item[0]))
-               if m.get("device") == device])
+               if m.get("device") == (device or kept_device)]), kept_device
 
 
 def _order_blind(core: LoopCore, state: dict, commit: str, own: list[tuple[int, float]], whose: str) -> str | None:
@@ -160,6 +203,19 @@ def _order_blind(core: LoopCore, state: dict, commit: str, own: list[tuple[int, 
             "a rerun on one more order tells, confirm with pairs=2 or measure_noise with more repeats). The server "
             "sets AUTORESEARCH_DATA_ORDER for each rerun and nanochat/dataloader reads it: restore train.py's data "
             "loading (leave that variable and the dataloader alone).")
+
+
+def store_measured_noise(core: LoopCore, spent: int, ok: int, device: str | None) -> NoiseEstimate:
+    """The estimate of every value on the shelf as measure_noise ends, read and stored in one transaction (review
+    56: each call read the shelf as it began, so of two calls at once the last to end stored the kept value and its
+    own repeats only); refused where fewer than two values are there."""
+    with core.state.transaction() as state:
+        values, kept_device = noise_values(core, state, device)
+        if len(values) < 2:
+            where = f" on {device} (the kept value is from {kept_device})" if device and kept_device != device else ""
+            raise Refusal(f"Too few successful repeats ({ok}){where}: fix any crash or unverified repeat (see "
+                          "read_metrics) and measure again with repeats=2 or more.")
+        return store_noise(core, values, spent, device)  # its transaction nests in this one
 
 
 def store_noise(core: LoopCore, values: list[float], spent: int, device: str | None = None) -> NoiseEstimate:

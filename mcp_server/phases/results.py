@@ -141,8 +141,9 @@ def _result(core: LoopCore, entry: dict, text: str, report: dict | None, slot: s
         result.noise = noise.verdict(result.delta, estimate, result.device if state.get("noise_by_device") else None)
     result.next = "keep() if it is better beyond noise, else discard()"
     if result.delta is None and base and result.noise.startswith("not compared"):
-        result.next = (f"not comparable with the best: rerun it on {base_device} (reapply), or keep() or "
-                       "discard() on your own judgement")
+        result.next = (f"not comparable with the best: discard(run={entry['run']}) and run it again on {base_device} "
+                       f"(run_experiment(..., rerun=true)), or keep(run={entry['run']}, unconfirmed=true) on your "
+                       "own judgement")
         return result
     result.confirm_first = confirmation_needed(result.model_dump(), estimate, base)
     if result.confirm_first:

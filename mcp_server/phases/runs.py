@@ -210,9 +210,9 @@ class LoopCore:
         return next((r for r in reversed(self.records(state, decided=False))
                      if str(r["run"].get("commit", "")).startswith(commit[:7])), {})
 
-    def device_of(self, commit: str) -> str | None:
+    def device_of(self, commit: str, state: dict | None = None) -> str | None:
         """The GPU model (or CPU) that measured a commit, from its run's record."""
-        run = self.record_of(commit).get("run")
+        run = self.record_of(commit, state).get("run")
         return run.get("device") if isinstance(run, dict) else None
 
     def kept_row(self, commit: str) -> Row | None:

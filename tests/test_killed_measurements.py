@@ -1,0 +1,100 @@
+"""Killing the server while measure_noise or confirm trains a rerun (a real SIGKILL of the stdio server) draws no
+new luck: the next call measures the data orders the killed one began before any fresh one."""
+import json
+import os
+import signal
+import threading
+
+import anyio
+import pytest
+
+from server_support import answer, error, make_workspace, set_knobs, stdio_client_for, wait_until
+
+
+def killing_the_server_when_run_trains(ws, run: int) -> threading.Thread:
+    """The agent's kill: SIGKILL of the whole server (its process group) once `run` trains, from another thread."""
+    def running():
+        entry = (json.loads((ws / ".research-loop" / "state.json").read_text()).get("runs") or {}).get(str(run))
+        return entry if entry and entry["status"] == "running" and (ws / entry["report"]).exists() else None
+
+    def kill():
+        if wait_until(running, 60):
+            os.killpg(running()["server_pid"], signal.SIGKILL)  # stdio's server leads its own session
+    killer = threading.Thread(target=kill)
+    killer.start()
+    return killer
+
+
+def test_killing_the_server_while_the_candidate_reruns_draws_no_new_luck(fake_env):
+    """Review 53's open item, closed in review 56: SIGKILL of the server while confirm's candidate rerun trained
+    (its curve behind) left the pair unjudged, an interrupted crash, and the next confirm drew a fresh data order:
+    a gain lost on order 3 (+0.0005) won on order 4 (-0.0005) and was kept as confirmed. Now the next confirm
+    measures order 3 again, and the pair is lost there."""
+    ws, cache = make_workspace(fake_env, "VAL_BPB = 1.0\nNOISE = 0.002\n"), fake_env / "cache"
+    killers = []
+
+    async def until_the_kill():
+        async with stdio_client_for(ws, cache) as client:
+            call = client.call_tool
+            answer(await call("setup", {"tag": "kill"}))
+            answer(await call("run_experiment", {"description": "baseline"}))  # run 1: 1.0
+            answer(await call("keep", {}))
+            assert answer(await call("measure_noise", {"repeats": 2}))["noise"]["threshold"] == 0.004  # orders 1, 2
+            # 0.001 better per data order, and luck by run number: run 8 gives 1.0005 on order 3, 0.9995 on order 4
+            set_knobs(ws, VAL_BPB=0.998, ORDER_EFFECT=-0.001, NOISE=0.0055, SLEEP=3)
+            assert answer(await call("run_experiment", {"description": "luck"}))["confirm_first"]  # run 4: 0.998
+            killers.append(killing_the_server_when_run_trains(ws, 6))  # run 5: the best on order 3; 6: the idea
+            with anyio.fail_after(120):
+                await call("confirm", {"run": 4})
+    with pytest.raises(BaseException):  # the transport breaks with the server
+        anyio.run(until_the_kill)
+    killers[0].join()
+
+    async def after_the_restart():
+        async with stdio_client_for(ws, cache) as client:
+            call = client.call_tool
+            assert answer(await call("status", {}))["undecided"] == [4, 5, 6]
+            for rerun in (5, 6):
+                answer(await call("discard", {"run": rerun}))
+            again = answer(await call("confirm", {"run": 4}))  # run 7: the best on order 3, 1.0; run 8: the idea
+            return again, error(await call("keep", {"run": 4}))
+    again, refused = anyio.run(after_the_restart)
+    assert again["paired_deltas"] == [0.0005] and not again["confirmed"], again
+    assert again["resumed"].startswith("data order(s) 3 again: an earlier confirmation of this train.py"), again
+    assert "did not hold" in refused, refused
+    assert (ws / "results.tsv").read_text().count("confirmation 1/1 of run 4, data order 3") == 2  # none on order 4
+
+
+
+def test_killing_the_server_while_a_noise_repeat_trains_draws_no_new_luck(fake_env):
+    """Found by review 56, as the confirmation's kill: SIGKILL of the server while measure_noise's repeat on data
+    order 2 trained (its curve far from the kept value) cut it out, and the next call drew order 3 in its place.
+    Now the next call measures order 2 first, and order 3 is never drawn."""
+    # the kept code: 1.0 on the usual data, 0.005 more per data order
+    ws, cache = make_workspace(fake_env, "VAL_BPB = 1.0\nORDER_EFFECT = 0.005\nSLEEP = 2\n"), fake_env / "cache"
+    killers = []
+
+    async def until_the_kill():
+        async with stdio_client_for(ws, cache) as client:
+            call = client.call_tool
+            answer(await call("setup", {"tag": "kill"}))
+            answer(await call("run_experiment", {"description": "baseline"}))  # run 1
+            answer(await call("keep", {}))
+            killers.append(killing_the_server_when_run_trains(ws, 3))  # run 2 on order 1; run 3 on order 2
+            with anyio.fail_after(120):
+                await call("measure_noise", {"repeats": 2})
+    with pytest.raises(BaseException):  # the transport breaks with the server
+        anyio.run(until_the_kill)
+    killers[0].join()
+
+    async def after_the_restart():
+        async with stdio_client_for(ws, cache) as client:
+            call = client.call_tool
+            for rerun in (2, 3):
+                answer(await call("discard", {"run": rerun}))
+            return answer(await call("measure_noise", {"repeats": 1}))  # run 4
+    noise = anyio.run(after_the_restart)["noise"]
+    assert noise["values"] == [1.0, 1.005, 1.01], noise  # order 3 would give 1.015
+    assert "noise repeat 1/1 of" in (ws / "results.tsv").read_text().splitlines()[-1]
+    assert (ws / "results.tsv").read_text().count(", data order 2") == 2 and ", data order 3" not in \
+        (ws / "results.tsv").read_text()
