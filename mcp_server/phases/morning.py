@@ -326,10 +326,8 @@ def summary(night: Night, times: dict, made: dict | None) -> list[str]:
 
 def unmeasured(row: Row) -> str:
     """What the best's number is where the harness did not measure it (the row's marker says which)."""
-    if limits.measured(row.description):
-        return ""
-    whose = "the agent's, logged by hand" if row.description.endswith(limits.LOGGED_BY_HAND) else "train.py's own"
-    return f": {whose}, not measured by the harness"
+    said = limits.not_measured(row.description)
+    return f": {said}" if said else ""
 
 
 def hours(value: float | None) -> str:
