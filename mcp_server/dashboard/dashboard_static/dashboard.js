@@ -77,6 +77,7 @@ function renderSummary(data, rows) {
   const best = kept.length ? kept[kept.length - 1] : null;  // what the branch holds, as status() says
   const parts = [el("span", { class: "big", text: best ? num(best.val_bpb) : "no kept run yet" })];
   if (best) parts.push(el("span", { text: ` best val_bpb, ${best.commit} “${short(best.description, 60)}”` }));
+  if (best && best.not_measured) parts.push(el("div", { class: "warn", text: `this best is ${best.not_measured}` }));
   const reruns = rows.filter((r) => r.rerun).length;
   const tally = `${rows.length} runs: ${counts.keep} kept, ${counts.discard} discarded`
     + (reruns ? ` (${reruns} of them reruns)` : "") + `, ${counts.crash} crashed`
@@ -349,7 +350,8 @@ function runCard(run) {
     card.append(el("div", { class: "quiet", text: "its server stopped mid-run: discard() logs it as a crash" }));
   } else if (run.result) {
     const r = run.result;
-    const text = r.status === "ok" ? `val_bpb ${num(r.val_bpb)} ${signed(r.delta)}${r.noise ? " · " + r.noise : ""}` : r.status;
+    const text = r.status === "ok" ? `val_bpb ${num(r.val_bpb)} ${signed(r.delta)}${r.noise ? " · " + r.noise : ""}`
+      + (r.verified === false ? " · train.py's own, not measured by the harness" : "") : r.status;
     card.append(el("div", { class: "mono", text: `${text} · waits for keep or discard` }));
   }
   return card;
