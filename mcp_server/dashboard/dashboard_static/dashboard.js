@@ -155,12 +155,13 @@ function drawLegend(chart) {
   chart.append(legend);
 }
 
+// the best the branch held after each row: the last keep's value, a worse one too (as the summary says)
 function runningBest(rows) {
   const points = [];
-  let best = Infinity;
+  let best = null;
   for (const row of rows) {
-    if (row.status === "keep" && row.val_bpb > 0 && row.val_bpb < best) best = row.val_bpb;
-    if (best < Infinity) points.push({ x: row.x, y: best });
+    if (row.status === "keep" && row.val_bpb > 0) best = row.val_bpb;
+    if (best !== null) points.push({ x: row.x, y: best });
   }
   return points;
 }
