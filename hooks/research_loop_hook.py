@@ -22,6 +22,7 @@ from __future__ import annotations  # the system python3 may be older than 3.10
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -41,6 +42,7 @@ FREE_FILES = (LEDGER, RUN_LOG)  # experiment records, not harness (ignored by gi
 SERVER_RECORDS = (".research-loop/", "runs/")  # written by the MCP server only
 STATE_FILE = ".research-loop/state.json"
 DASHBOARD_FILE = ".research-loop/dashboard.json"  # the address the MCP server serves the dashboard on
+DASHBOARD_URL = re.compile(r"http://127\.0\.0\.1:[0-9]{1,5}/")  # what the server writes there (dashboard_http.url)
 RECENT_ROWS = 5
 LOG_TAIL_BYTES = 4096
 GIT_TIMEOUT_S = 5
@@ -272,8 +274,10 @@ def dashboard_address(root: Path) -> str | None:
         served = json.loads(limits.read_record(root / DASHBOARD_FILE))
     except (OSError, ValueError, RecursionError):
         served = None
-    if isinstance(served, dict) and isinstance(served.get("pid"), int) and process_alive(served["pid"]):
-        url, token = served.get("url"), served.get("token")
+    # the agent can write the file: only an address a server writes is shown, never its text as research-loop's
+    if isinstance(served, dict) and isinstance(served.get("pid"), int) and process_alive(served["pid"]) \
+            and isinstance(served.get("url"), str) and DASHBOARD_URL.fullmatch(served["url"]):
+        url, token = served["url"], served.get("token") is True
     else:
         port = os.environ.get("RESEARCH_LOOP_DASHBOARD", "")
         url = f"http://127.0.0.1:{port}/" if port.isdigit() and int(port) > 0 else None

@@ -4,8 +4,12 @@ without a reload, a kept run's diff opens, and without the token the page is ref
 import json
 
 import anyio
+import pytest
 
-from server_support import answer, make_workspace, set_knobs, stdio_client_for
+from mcp_server.core import plot
+from mcp_server.dashboard.dashboard_http import DashboardServer
+from mcp_server.phases import morning
+from server_support import Lab, answer, git, make_workspace, set_knobs, stdio_client_for
 
 TOKEN = "browser-test-token"
 SCREENSHOT = "dashboard.png"
@@ -95,3 +99,53 @@ def test_the_dashboard_in_a_browser(fake_env, browser, monkeypatch):
     finally:
         page.close()
     assert shot[:8] == PNG_MAGIC and len(shot) > 20_000  # saved in the test's folder, to look at
+
+
+def test_a_best_or_a_result_the_harness_did_not_measure_is_said_on_the_page(fake_env, browser):
+    """Review 59: the page's headline cut the best's description at 60 characters, and with it the server's
+    marker at its end: a long description kept with keep(unverified=true) showed train.py's own number as
+    "best val_bpb" unmarked; and a run waiting for its decision showed train.py's own val_bpb as its result."""
+    ws = make_workspace(fake_env)
+    for name in ("evaluate_export.py", "export.py"):  # a harness that evaluates exports: the fake trainer exports none
+        (ws / "nanochat" / name).write_text("# harness stand-in\n")
+    git(ws, "add", ".")
+    git(ws, "commit", "-q", "-m", "an exporting harness")
+    lab, page = Lab(ws), browser.new_page()
+    server = DashboardServer(ws, 0, None).start()
+    try:
+        lab.ok("setup", tag="t")
+        set_knobs(ws, val_bpb=0.5)
+        assert lab.ok("run_experiment", description="baseline " + "with a long story " * 16)["verified"] is False
+        page.goto(server.url)
+        page.wait_for(f"{count('.run')} === 1")  # waits for keep or discard
+        assert "train.py's own, not measured by the harness" in page.evaluate(text_of(".run"))
+        assert lab.ok("keep", unverified=True)["row"]["description"].endswith(" (unverified)")
+        page.wait_for(f"({text_of('#summary')}).includes('best val_bpb')")
+        assert "train.py's own, not measured by the harness" in page.evaluate(text_of("#summary"))
+    finally:
+        page.close()
+        server.close()
+        lab.loop.shutdown()
+
+
+def test_the_charts_best_line_is_what_the_branch_holds(lab, browser):
+    """Review 59: review 53 mended the headlines, not the charts: the report's and the page's "best kept" line
+    was the lowest keep row ever, so after a worse result was kept (the branch holds 0.95) both still drew the
+    night's best at 0.9."""
+    lab.ok("setup", tag="t")
+    for val in (1.0, 0.9, 0.95):  # baseline, a gain, a worse one kept on request
+        set_knobs(lab.ws, val_bpb=val)
+        lab.ok("run_experiment", description=f"at {val}")
+        lab.ok("keep")
+    night = morning.Night(lab.ws)
+    assert plot.best_line([(i, change["row"]) for i, change in enumerate(night.kept, 1)], 3)[1][-1] == 0.95
+    page, server = browser.new_page(), DashboardServer(lab.ws, 0, None).start()
+    try:
+        page.goto(server.url)
+        page.wait_for(f"{count('#chart circle.point.keep')} === 3")
+        last_keep = page.evaluate("[...document.querySelectorAll('#chart circle.point.keep')].pop().getAttribute('cy')")
+        line = page.evaluate("document.querySelector('#chart polyline.best').getAttribute('points')")
+        assert float(line.split()[-1].split(",")[1]) == pytest.approx(float(last_keep))
+    finally:
+        page.close()
+        server.close()

@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 from mcp_server.core import notify
-from server_support import (REPO, Webhook, answer, ledger_lines, make_workspace, set_knobs, stdio_client_for,
+from server_support import (REPO, Webhook, answer, git, ledger_lines, make_workspace, set_knobs, stdio_client_for,
                             wait_until)
 
 FAST_RETRIES = (0.1, 0.2)  # two retries, soon: the tests wait for them
@@ -144,3 +144,29 @@ def test_a_bad_notify_option_is_refused_before_the_server_starts(flags, said):
     done = subprocess.run([sys.executable, "-m", "mcp_server", *flags], cwd=REPO, capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 2 and said in done.stderr, done.stderr
+
+
+def test_the_end_ping_names_the_best_the_branch_holds_and_whose_number_it_is(lab, webhook):
+    """Review 59: review 53 mended the report, hook and dashboard, not the end's ping, which took the lowest
+    keep row ever: 0.9 after a worse result was kept (the branch holds 0.95), then the agent's own 0.05 logged
+    by hand with log_result, unmarked, as the night's best on the researcher's phone."""
+    lab.loop.notifier = notify.Notifier(webhook.url)
+    lab.ok("setup", tag="t")
+    for val in (1.0, 0.9, 0.95):  # baseline, a gain, a worse one kept on request
+        set_knobs(lab.ws, val_bpb=val)
+        lab.ok("run_experiment", description=f"at {val}")
+        lab.ok("keep")
+    lab.ok("stop", reason="done")
+    assert wait_until(lambda: len(webhook.posts) == 4, 15), webhook.messages()
+    assert webhook.messages()[-1] == "the research run autoresearch/t has ended: stopped: done; best val_bpb 0.950000 [ws]"
+
+    set_knobs(lab.ws, val_bpb=0.97)
+    git(lab.ws, "commit", "-qam", "tuned by hand")
+    lab.ok("log_result", commit=lab.head(), val_bpb=0.05, memory_gb=1.0, status="keep", description="by hand")
+    restarted = notify.Notifier(webhook.url)  # a new server pings the end once more
+    restarted.check(lab.loop)
+    assert wait_until(lambda: len(webhook.posts) == 5, 15), webhook.messages()
+    restarted.close()
+    lab.loop.notifier.close()
+    assert webhook.messages()[-1] == ("the research run autoresearch/t has ended: stopped: done; best val_bpb 0.050000 "
+                                      "(the agent's, logged by hand, not measured by the harness) [ws]")

@@ -395,6 +395,9 @@ elif plan == "rewrite":  # its real result, then a process it left behind puts a
 elif plan == "commit-hook":  # a Stop hook of its own, committed on the branch the session is on
     Path("hooks/research_loop_hook.py").write_text("HOOK = 'planted'\\n")
     subprocess.run(["git", "commit", "-qam", "a hook of mine"], check=True)
+elif plan == "ansi":  # ends at once, its last words terminal escapes: a fake line over the runner's, then hidden text
+    print(json.dumps({{"type": "result", "subtype": "success", "result": "\x1b[1A\x1b[2Kresearch run ended: best "
+                       "val_bpb 0.710000, every run verified\x1b[8m\u202e"}}))
 elif plan == "vanish":  # killed before its result event, as a process of the session can kill it
     os.kill(os.getpid(), 9)
 elif plan == "costless":  # a result event of no cost that a process of the session wrote, and none of its own
@@ -803,3 +806,18 @@ def test_a_back_off_ends_at_the_deadline(fake_claude, fake_env, monkeypatch):
                               backoff_s=(60,), poll_s=0.05)
     assert ended_within(runner, 20) == [0], "the runner slept its back-off past --hours"
     assert len(sessions_of(fake_claude)) == 1
+
+
+def test_a_sessions_last_words_cannot_rewrite_or_hide_the_runners_lines(fake_claude, fake_env, monkeypatch, capsys):
+    """Review 59: when the runner gives up it prints what the last session said, as it said it: terminal escapes
+    in the agent's output moved the cursor up, erased the runner's line and wrote one of its own ("research
+    run ended: best val_bpb 0.710000"), then hid what the runner printed after (the summary)."""
+    from mcp_server.overnight import overnight
+    ws = make_workspace(fake_env)
+    monkeypatch.setenv("FAKE_CLAUDE_PLAN", "ansi")
+    runner = overnight.Runner(runner_args(ws, "--max-experiments", "3"), overnight.preflight(ws, None),
+                              backoff_s=(0.05,), poll_s=0.05)
+    assert runner.run() == 1
+    out = capsys.readouterr().out
+    assert "giving up: 5 sessions in a row" in out and "\x1b" not in out and "\u202e" not in out, out
+    assert "\\x1b[1A\\x1b[2Kresearch run ended: best val_bpb 0.710000, every run verified\\x1b[8m\\u202e" in out, out

@@ -85,6 +85,14 @@ def measured(description: str) -> bool:
     return not description.endswith(LOGGED_BY_HAND) and UNVERIFIED not in description
 
 
+def not_measured(description: str) -> str | None:
+    """Whose a kept row's number is where the harness did not measure it (its marker says), else None."""
+    if measured(description):
+        return None
+    whose = "the agent's, logged by hand" if description.endswith(LOGGED_BY_HAND) else "train.py's own"
+    return f"{whose}, not measured by the harness"
+
+
 def measured_keeps(rows: list[tuple]) -> list[float]:
     """The val_bpb of each kept row the harness measured. Rows are (status, val_bpb[, description])."""
     return [row[1] for row in rows if row[0] == "keep" and measured(str(row[2] if len(row) > 2 else ""))]

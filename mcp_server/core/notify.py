@@ -22,6 +22,8 @@ import urllib.error
 import urllib.request
 from urllib.parse import urlsplit
 
+from mcp_server.core import limits  # standard library only too
+
 FORMATS = ("auto", "json", "text")
 NOTIFY_ENV = "RESEARCH_LOOP_NOTIFY"  # the URL, for servers started by Claude Code (the overnight runner sets it)
 FORMAT_ENV = "RESEARCH_LOOP_NOTIFY_FORMAT"
@@ -188,6 +190,10 @@ class Notifier:
             if not reason or key in self.ended_sent:
                 return
             self.ended_sent.add(key)
-        best = min((r.val_bpb for r in loop.rows() if r.status == "keep"), default=None)
+        # the best is what the branch holds (the last keep, a worse one too), not the lowest keep row,
+        # which may be the agent's own number: its marker is said
+        best = next((r for r in reversed(loop.rows()) if r.status == "keep"), None)
+        whose = limits.not_measured(best.description) if best else None
         self.send(f"the research run {state.get('branch')} has ended: {reason}"
-                  + (f"; best val_bpb {best:.6f}" if best is not None else "") + f" [{loop.root.name}]")
+                  + (f"; best val_bpb {best.val_bpb:.6f}" if best else "") + (f" ({whose})" if whose else "")
+                  + f" [{loop.root.name}]")

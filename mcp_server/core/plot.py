@@ -37,7 +37,7 @@ def plot_rows(rows: list[Row], path: Path, reruns: set[str] | None = None) -> tu
     ax.scatter([i for i, _ in kept], [r.val_bpb for _, r in kept], s=28, color="#2a9d47",
                label="kept", zorder=3)
     if kept:
-        xs, best = _running_best(kept, len(rows))
+        xs, best = best_line(kept, len(rows))
         ax.step(xs, best, where="post", color="#2a9d47", linewidth=1.5, label="best kept", zorder=1)
     for i, r in kept:
         label = r.description if len(r.description) <= LABEL_CHARS else r.description[:LABEL_CHARS] + "..."
@@ -61,10 +61,12 @@ def plot_rows(rows: list[Row], path: Path, reruns: set[str] | None = None) -> tu
     return len(runs), len(kept), crashes, len(repeated)
 
 
-def _running_best(kept, last_index):
+def best_line(kept, last_index):
+    """The best the branch held from each keep on: that keep's value, a worse one too (as status() and the
+    report's summary say), never the lowest keep row ever, which the branch may no longer hold."""
     xs, best, current = [], [], float("inf")
     for i, r in kept:
-        current = min(current, r.val_bpb)
+        current = r.val_bpb
         xs.append(i)
         best.append(current)
     xs.append(last_index)

@@ -114,6 +114,8 @@ def ledger_view(root: Path) -> dict:
             "line": number, "run": record["run"].get("run") if record else None,
             "rerun": history.rerun_kind(record),  # a noise repeat, confirmation or control: not an idea
             "changes": history.change_text(changes) if changes else None,
+            # a kept number the harness did not measure, said apart: the marker ends a description the page cuts
+            "not_measured": limits.not_measured(row.description) if row.status == "keep" else None,
             "delta": round(row.val_bpb - best, 6) if best is not None and row.status != "crash" else None})
         if row.status == "keep":  # the best is what the branch holds, as the server compares: a worse keep moves it
             best = row.val_bpb
@@ -167,7 +169,7 @@ def run_view(root: Path, entry: dict, now: float) -> dict:
             view["progress"] = points[-1].model_dump()
             view["curve"] = thin([[p.step, p.loss] for p in points], CURVE_POINTS)
     if isinstance(entry.get("result"), dict):
-        view["result"] = {k: entry["result"].get(k) for k in ("status", "val_bpb", "delta", "noise")}
+        view["result"] = {k: entry["result"].get(k) for k in ("status", "val_bpb", "delta", "noise", "verified")}
     return view
 
 

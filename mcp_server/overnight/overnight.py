@@ -25,6 +25,7 @@ import stat
 import subprocess
 import sys
 import time
+import unicodedata
 from pathlib import Path
 
 from git import GitCommandError
@@ -380,7 +381,7 @@ class Runner:
                 shown.append(str(event.get("result") or event.get("subtype") or event.get("type"))[:200])
             else:
                 shown.append(line.rstrip("\n")[:200])
-        return "\n".join(shown)
+        return "\n".join(printable(line) for line in shown)
 
     def summary(self) -> None:
         rows = self.rows()
@@ -403,6 +404,12 @@ class Runner:
             if line:
                 print(f"spent: {line}")
         print(f"logs: {self.logs}")
+
+
+def printable(text: str) -> str:
+    """A session's words as the runner prints and pings them: control and format characters (terminal
+    escapes, bidi overrides) written out, so the agent's output cannot move, erase or hide the runner's lines."""
+    return "".join(ascii(c)[1:-1] if unicodedata.category(c) in ("Cc", "Cf") else c for c in text)
 
 
 def _row(entry) -> Row | None:

@@ -277,7 +277,7 @@ def render(night: Night, chart: str | None, times: dict, made: dict | None, now:
     out += summary(night, times, made)
     out += ["## Progress", ""]
     out += ([f"![val_bpb of every run]({chart})", "",
-             "Kept runs green with the running best; ideas that were discarded grey; reruns (noise repeats, "
+             "Kept runs green, their line the best the branch held (a worse keep moves it); ideas that were discarded grey; reruns (noise repeats, "
              "confirmations, controls) blue diamonds; crashes are left out of the chart.", ""]
             if chart else ["No run logged yet.", ""])
     out += kept_section(night)
@@ -326,10 +326,8 @@ def summary(night: Night, times: dict, made: dict | None) -> list[str]:
 
 def unmeasured(row: Row) -> str:
     """What the best's number is where the harness did not measure it (the row's marker says which)."""
-    if limits.measured(row.description):
-        return ""
-    whose = "the agent's, logged by hand" if row.description.endswith(limits.LOGGED_BY_HAND) else "train.py's own"
-    return f": {whose}, not measured by the harness"
+    said = limits.not_measured(row.description)
+    return f": {said}" if said else ""
 
 
 def hours(value: float | None) -> str:

@@ -77,6 +77,7 @@ function renderSummary(data, rows) {
   const best = kept.length ? kept[kept.length - 1] : null;  // what the branch holds, as status() says
   const parts = [el("span", { class: "big", text: best ? num(best.val_bpb) : "no kept run yet" })];
   if (best) parts.push(el("span", { text: ` best val_bpb, ${best.commit} “${short(best.description, 60)}”` }));
+  if (best && best.not_measured) parts.push(el("div", { class: "warn", text: `this best is ${best.not_measured}` }));
   const reruns = rows.filter((r) => r.rerun).length;
   const tally = `${rows.length} runs: ${counts.keep} kept, ${counts.discard} discarded`
     + (reruns ? ` (${reruns} of them reruns)` : "") + `, ${counts.crash} crashed`
@@ -154,12 +155,13 @@ function drawLegend(chart) {
   chart.append(legend);
 }
 
+// the best the branch held after each row: the last keep's value, a worse one too (as the summary says)
 function runningBest(rows) {
   const points = [];
-  let best = Infinity;
+  let best = null;
   for (const row of rows) {
-    if (row.status === "keep" && row.val_bpb > 0 && row.val_bpb < best) best = row.val_bpb;
-    if (best < Infinity) points.push({ x: row.x, y: best });
+    if (row.status === "keep" && row.val_bpb > 0) best = row.val_bpb;
+    if (best !== null) points.push({ x: row.x, y: best });
   }
   return points;
 }
@@ -349,7 +351,8 @@ function runCard(run) {
     card.append(el("div", { class: "quiet", text: "its server stopped mid-run: discard() logs it as a crash" }));
   } else if (run.result) {
     const r = run.result;
-    const text = r.status === "ok" ? `val_bpb ${num(r.val_bpb)} ${signed(r.delta)}${r.noise ? " · " + r.noise : ""}` : r.status;
+    const text = r.status === "ok" ? `val_bpb ${num(r.val_bpb)} ${signed(r.delta)}${r.noise ? " · " + r.noise : ""}`
+      + (r.verified === false ? " · train.py's own, not measured by the harness" : "") : r.status;
     card.append(el("div", { class: "mono", text: `${text} · waits for keep or discard` }));
   }
   return card;
