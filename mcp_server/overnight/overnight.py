@@ -33,7 +33,6 @@ from git import GitCommandError
 from mcp_server.core import cost, integrity, ledger, limits, logparse, notify, tracking
 from mcp_server.scripts import sandbox
 from mcp_server.core.models import Refusal, Row
-from mcp_server.phases import morning
 from mcp_server.core.workspace import HarnessGit, prepared_info, time_budget, timeout_for, validate_tag
 
 PLUGIN_ROOT = Path(__file__).resolve().parents[2]
@@ -391,8 +390,8 @@ class Runner:
         print(f"{len(rows)} runs in {ledger.LEDGER_NAME}: {counts['keep']} kept, {counts['discard']} discarded, "
               f"{counts['crash']} crashed; {self.sessions} session(s) in {(time.time() - self.started) / 3600:.2f} h")
         if best:
-            whose = morning.unmeasured(best)
-            print(f"best val_bpb {best.val_bpb:.6f}" + (f" ({whose[2:]})" if whose else "")
+            whose = limits.not_measured(best.description)
+            print(f"best val_bpb {best.val_bpb:.6f}" + (f" ({whose})" if whose else "")
                   + f" at {best.commit}: {best.description}")
             from mcp_server.core import history, plot
             from mcp_server.core.workspace import RUNS_DIR
