@@ -4,8 +4,10 @@ The workspace has the autoresearch layout with stand-ins: prepare.py (a comment)
 nanochat/ file (more harness), and train.py holding knobs that tests/fake_train.py reads,
 which is the training command. The cache holds a prepared.json so setup's check passes.
 """
+import html
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -250,12 +252,14 @@ class Webhook:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def messages(self) -> list[str]:
-        """Each JSON post's message (Slack's `text`, which must equal Discord's `content`)."""
+        """Each JSON post's message: Slack's `text` read as Slack shows it, which must be what Discord shows of
+        its `content` (with no mention allowed to ping)."""
         found = []
         for post in list(self.posts):
             body = json.loads(post["body"])
-            assert body["text"] == body["content"], body
-            found.append(body["text"])
+            shown = html.unescape(body["text"])
+            assert shown == re.sub(r"\\(.)", r"\1", body["content"]) and body["allowed_mentions"] == {"parse": []}, body
+            found.append(shown)
         return found
 
     def release(self) -> None:

@@ -63,7 +63,7 @@ def test_the_stop_tool_is_pinged_in_plain_text_for_ntfy(lab, webhook):
     # auto: plain text for ntfy's hosts, JSON for the rest
     assert notify.request_for("https://ntfy.sh/night", "auto", "x").data == b"x"
     assert json.loads(notify.request_for("https://hooks.slack.com/services/x", "auto", "x").data) == \
-        {"text": "x", "content": "x"}
+        {"text": "x", "content": "x", "allowed_mentions": {"parse": []}}
 
 
 def refused_url() -> str:
@@ -170,3 +170,21 @@ def test_the_end_ping_names_the_best_the_branch_holds_and_whose_number_it_is(lab
     lab.loop.notifier.close()
     assert webhook.messages()[-1] == ("the research run autoresearch/t has ended: stopped: done; best val_bpb 0.050000 "
                                       "(the agent's, logged by hand, not measured by the harness) [ws]")
+
+
+def test_a_description_with_each_services_markup_pings_as_written_text(lab, webhook):
+    """Review 59: a description went into the ping as it was, where Slack reads `<!channel>` and `<url|text>`
+    and Discord `@everyone` and `[text](url)`: the agent's mention and a link text of its choosing, in a message
+    from research-loop."""
+    lab.loop.notifier = notify.Notifier(webhook.url)
+    lab.ok("setup", tag="t")
+    described = "baseline <!channel> <https://evil.example|the harness verified this> [logs](https://evil.example) @everyone"
+    lab.ok("run_experiment", description=described)
+    lab.ok("keep")
+    assert wait_until(lambda: len(webhook.posts) >= 1, 15)
+    lab.loop.notifier.close()
+    body = json.loads(webhook.posts[0]["body"])
+    assert "<" not in body["text"] and "&lt;!channel&gt; &lt;https://evil.example|the harness" in body["text"]
+    assert "\\[logs\\]\\(https://evil.example\\)" in body["content"] and "\\<!channel\\>" in body["content"]
+    assert body["allowed_mentions"] == {"parse": []}  # Discord: @everyone is text, not a ping
+    assert described in webhook.messages()[0]  # what each service shows is the description as written

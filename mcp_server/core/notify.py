@@ -3,7 +3,7 @@ ends (a limit met, or the stop tool), after a few failed runs in a row, and when
 runner gives up or stops on its own.
 
 The body is JSON carrying the message under both `text` (what Slack reads) and `content` (what
-Discord reads), or the message as plain text for ntfy: chosen by the URL (a host that begins with
+Discord reads), each with that service's markup escaped and Discord's mentions turned off, or the message as plain text for ntfy: chosen by the URL (a host that begins with
 `ntfy`) unless --notify-format says json or text. Messages wait in a bounded queue for one
 background thread that posts them, retrying a failure a few times with backoff; a webhook that
 fails, hangs or refuses connections is logged on stderr and never slows a tool call. Standard
@@ -36,6 +36,7 @@ RETRY_DELAYS_S = (2.0, 8.0, 30.0)  # after the 1st, 2nd and 3rd failed attempt; 
 MAX_CHARS = 1900  # Discord refuses content over 2000 characters
 CLOSE_WAIT_S = 5.0  # on exit, for the last messages (the stop, the runner's give-up) to go out
 TITLE = "research-loop"
+DISCORD_MARKUP = set("\\*_~`|<>[]()#")
 
 
 def check_url(url: str) -> str:
@@ -75,8 +76,22 @@ def request_for(url: str, fmt: str, message: str) -> urllib.request.Request:
     if plain_text(url, fmt):
         return urllib.request.Request(url, data=message.encode(), method="POST",
                                       headers={"Content-Type": "text/plain; charset=utf-8", "Title": TITLE})
-    body = json.dumps({"text": message, "content": message}).encode()
+    body = json.dumps({"text": slack_text(message), "content": discord_text(message),
+                       "allowed_mentions": {"parse": []}}).encode()  # Discord: no @everyone, role or user pings
     return urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+
+
+# A message carries the agent's words (descriptions, train.py's last log line): each service's markup in them
+# is written out, so no mention, link or hidden text of the agent's reads as research-loop's (review 59).
+def slack_text(message: str) -> str:
+    """Slack's escaping: `<...>` is its markup for mentions (`<!channel>`) and links (`<url|text>`)."""
+    return message.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def discord_text(message: str) -> str:
+    """Discord's markdown escaped with backslashes: masked links `[text](url)`, mentions `<@id>`, spoilers."""
+    escaped = "".join("\\" + ch if ch in DISCORD_MARKUP else ch for ch in message)
+    return escaped if len(escaped) <= MAX_CHARS else escaped[:MAX_CHARS - 3].rstrip("\\") + "..."
 
 
 def log(message: str) -> None:
