@@ -1,7 +1,8 @@
 """Experiment tracking (the `mlflow` extra): each run of the research run becomes an MLflow run, in one
 experiment per research branch, so `mlflow ui` (or a team's server) shows the night.
 
-A tracked run holds the train.py constants the run changed (params), its loss curve, val_bpb, steps,
+A tracked run holds the train.py constants the run changed (params), its loss curve, val_bpb (named
+val_bpb_unverified where the harness did not evaluate it: train.py's own), steps,
 MFU, memory and times (metrics), its status, decision, evidence and ledger row (tags), and the
 train.py diff, the log and the run's record (artifacts).
 
@@ -50,6 +51,7 @@ QUIET = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 METRICS = ("val_bpb", "memory_gb", "num_steps", "mfu_percent", "tokens_per_second", "training_seconds",
            "timed_seconds", "total_seconds", "eval_seconds", "compile_seconds", "recompiles", "wall_seconds",
            "delta", "best_val_bpb")
+UNVERIFIED = "_unverified"  # the suffix of val_bpb and delta where the number is train.py's own
 RESULT_TAGS = ("status", "slot", "device", "noise", "integrity", "verified", "comparable", "confirm_first",
                "unsandboxed", "best_commit")
 BATCH = 1000  # metrics per log_batch: MLflow's limit
@@ -262,6 +264,9 @@ class Tracker:
             tags["rerun_of"] = str(entry["rerun_of"])
         metrics = {k: result[k] for k in METRICS if isinstance(result.get(k), (int, float))
                    and not isinstance(result.get(k), bool)}
+        if result.get("verified") is False:  # train.py's own number, never under the harness's metric, where a
+            # sort by val_bpb ranks it first (review 59)
+            metrics = {f"{k}{UNVERIFIED}" if k in ("val_bpb", "delta") else k: v for k, v in metrics.items()}
         if stage != "pending":
             metrics["kept"] = float(stage == "keep")
         return {"name": f"{run['run']:04d} {result['description'][:60]}", "description": result["description"],
