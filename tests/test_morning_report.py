@@ -298,3 +298,17 @@ def test_the_overnight_summary_and_status_line_show_the_best_the_branch_holds(la
     out = capsys.readouterr().out
     assert "best val_bpb 0.050000 (the agent's, logged by hand, not measured by the harness)" in out, out
     assert "best 0.050000 (not the harness's)" in runner.status_line()
+
+
+def test_a_kept_diff_with_a_right_to_left_override_is_shown_as_it_runs(lab):
+    """Review 59: a bidi override inside train.py reached the report's diff as it was, where the line reads
+    otherwise than it runs ("trojan source"): descriptions refuse such characters, train.py cannot."""
+    lab.ok("setup", tag="t")
+    lab.ok("run_experiment", description="baseline")
+    lab.ok("keep")
+    (lab.ws / "train.py").write_text((lab.ws / "train.py").read_text() + "WARMUP = 0  # \u202e 1 = PUMRAW\n")
+    lab.ok("run_experiment", description="a commented constant")
+    lab.ok("keep")
+    kept = section((lab.ws / lab.ok("report")["path"]).read_text(), "Kept changes")
+    assert "\u202e" not in kept and "# <U+202E> 1 = PUMRAW" in kept, kept
+    assert "holds invisible characters** (U+202E RIGHT-TO-LEFT OVERRIDE)" in kept, kept

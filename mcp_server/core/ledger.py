@@ -54,6 +54,15 @@ def _hides_text(char: str) -> bool:
     return unicodedata.category(char) in ("Cf", "Cs")
 
 
+def written_out(text: str) -> tuple[str, list[str]]:
+    """The text with each invisible character (above) and control character other than a tab or a line break
+    written as <U+XXXX>, and their names: code shown to a person must read as it runs ("trojan source")."""
+    hidden = sorted({c for c in text if _hides_text(c) or (_breaks_a_row(c) and c not in "\t\n\r")})
+    for char in hidden:
+        text = text.replace(char, f"<U+{ord(char):04X}>")
+    return text, [f"U+{ord(c):04X} {unicodedata.name(c, '(unnamed)')}" for c in hidden]
+
+
 def validate_description(text: str, what: str = "description") -> str:
     if not isinstance(text, str):
         raise Refusal(f"The {what} must be text.")

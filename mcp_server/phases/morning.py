@@ -346,7 +346,10 @@ def kept_section(night: Night) -> list[str]:
                   f"{gain_text(change)}.", "",
                   f"Evidence: {cell(evidence_text(change))}.", "",
                   f"Changed: {code(history.change_text((record.get('decision') or {}).get('changes')))}.", ""]
-        diff = night.diff(change["parent"], change["commit"])
+        diff, hidden = ledger.written_out(night.diff(change["parent"], change["commit"]))
+        if hidden:  # a right-to-left override can make a line read otherwise than it runs
+            lines += [f"**This diff holds invisible characters** ({', '.join(hidden)}), each written below as "
+                      "<U+XXXX>: the code runs as written there, not as an editor may show it.", ""]
         lines += ([fenced(diff, "diff"), ""] if diff.strip() else ["train.py unchanged (the baseline).", ""])
     return lines
 
