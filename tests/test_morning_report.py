@@ -312,3 +312,5 @@ def test_a_kept_diff_with_a_right_to_left_override_is_shown_as_it_runs(lab):
     kept = section((lab.ws / lab.ok("report")["path"]).read_text(), "Kept changes")
     assert "\u202e" not in kept and "# <U+202E> 1 = PUMRAW" in kept, kept
     assert "holds invisible characters** (U+202E RIGHT-TO-LEFT OVERRIDE)" in kept, kept
+    shown = dashboard.kept_change(lab.ws, lab.ok("status")["best_commit"])["diff"]  # the dashboard's diff too
+    assert "\u202e" not in shown and "# <U+202E> 1 = PUMRAW" in shown, shown

@@ -206,6 +206,7 @@ def kept_change(root: Path, commit: str) -> dict:
     diff = git(root, "diff", "--no-color", "--no-ext-diff", "--no-textconv", parent, full, "--", "train.py")
     if diff is None:
         raise LookupError(f"git could not diff {commit} against its parent {parent[:7]}")
+    diff = ledger.written_out(diff)[0]  # a right-to-left override shown as <U+202E>: the code as it runs
     return {"commit": commit, "parent": parent[:7], "diff": diff[:MAX_DIFF_CHARS],
             "truncated": len(diff) > MAX_DIFF_CHARS}
 
