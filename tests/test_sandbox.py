@@ -532,14 +532,18 @@ print("asked:", conn.recv(100).decode(), flush=True)
 """
 
 
-def test_a_run_reaches_no_service_in_the_users_runtime_folder(bubblewrap, tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["runtime folder", "machine's socket"])
+def test_a_run_reaches_no_service_in_the_users_runtime_folder(bubblewrap, tmp_path, monkeypatch, where):
     """systemd's user manager, the session bus and rootless docker listen on Unix sockets in the user's
     runtime folder ($XDG_RUNTIME_DIR, /run/user/UID), and a socket is opened through a read-only mount too:
     a run that asked one (`systemd-run --user`) got a process outside its sandbox, which outlived its timeout
-    and its cancel. The runtime folders are hidden from every run."""
+    and its cancel; as root, so did the machine's (systemd's, docker's). They are hidden from every run."""
     runtime = tmp_path / "run-user"  # inside a folder the run is shown, as a home or a workspace would be
     runtime.mkdir(mode=0o700)
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    if where == "runtime folder":
+        monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    else:  # in place of /run/docker.sock, which a test cannot make
+        monkeypatch.setattr(sandbox, "SERVICE_SOCKETS", (*sandbox.SERVICE_SOCKETS, str(runtime / "bus")))
     service = subprocess.Popen([sys.executable, "-c", SERVICE, str(runtime / "bus")], stdout=subprocess.PIPE, text=True)
     try:
         assert service.stdout.readline() == "listening\n"
@@ -554,4 +558,4 @@ def test_a_run_reaches_no_service_in_the_users_runtime_folder(bubblewrap, tmp_pa
         service.kill()
         asked = service.communicate()[0]
     assert ran.stdout.startswith("refused:") and "asked:" not in asked, (ran.stdout, ran.stderr, asked)
-    assert "/run/user" in sandbox.runtime_folders()
+    assert {"/run/user", "/run/docker.sock"} <= set(sandbox.runtime_folders())

@@ -63,6 +63,10 @@ ACCELERATORS = ("nvidia", "dri", "kfd")
 # mount too, so a run that reached one could start a process outside its sandbox, which outlives its timeout and
 # its cancel; the network namespace hides only the abstract ones and 127.0.0.1
 RUNTIME_FOLDERS = ("/run/user",)
+# The machine's services that start processes on request, which a run as root (a GPU container's user) may ask:
+# systemd's manager (`systemd-run` over its socket or the system bus) and the container engines
+SERVICE_SOCKETS = ("/run/systemd/private", "/run/dbus/system_bus_socket", "/run/docker.sock",
+                   "/run/containerd/containerd.sock", "/run/podman/podman.sock")
 
 
 def opted_in() -> bool:
@@ -164,10 +168,10 @@ def bwrap_argv(bwrap: str, command: list[str], spec: dict, cwd: str, private: di
 
 
 def runtime_folders() -> list[str]:
-    """The runtime folders a run must not reach (RUNTIME_FOLDERS), with this user's wherever it lies
-    ($XDG_RUNTIME_DIR)."""
+    """The runtime folders and service sockets a run must not reach (RUNTIME_FOLDERS, SERVICE_SOCKETS), with this
+    user's runtime folder wherever it lies ($XDG_RUNTIME_DIR)."""
     found = os.environ.get("XDG_RUNTIME_DIR", "").strip()
-    return [*RUNTIME_FOLDERS, *([found] if os.path.isabs(found) and found not in (*RUNTIME_FOLDERS, "/") else [])]
+    return [*RUNTIME_FOLDERS, *SERVICE_SOCKETS, *([found] if os.path.isabs(found) and found not in (*RUNTIME_FOLDERS, "/") else [])]
 
 
 def accelerator_binds(dev: str = "/dev") -> list[str]:
