@@ -515,3 +515,47 @@ def test_a_sandbox_root_is_its_own_only_once_bubblewrap_has_made_it(tmp_path, bu
         made.kill()
         for proc in (unmade, made):
             proc.wait()
+
+
+SERVICE = """
+import os, socket, sys
+server = socket.socket(socket.AF_UNIX)
+server.bind(sys.argv[1])
+server.listen(1)
+print("listening", flush=True)
+server.settimeout(30)
+try:
+    conn, _ = server.accept()
+except socket.timeout:
+    sys.exit(0)
+print("asked:", conn.recv(100).decode(), flush=True)
+"""
+
+
+@pytest.mark.parametrize("where", ["runtime folder", "machine's socket"])
+def test_a_run_reaches_no_service_in_the_users_runtime_folder(bubblewrap, tmp_path, monkeypatch, where):
+    """systemd's user manager, the session bus and rootless docker listen on Unix sockets in the user's
+    runtime folder ($XDG_RUNTIME_DIR, /run/user/UID), and a socket is opened through a read-only mount too:
+    a run that asked one (`systemd-run --user`) got a process outside its sandbox, which outlived its timeout
+    and its cancel; as root, so did the machine's (systemd's, docker's). They are hidden from every run."""
+    runtime = tmp_path / "run-user"  # inside a folder the run is shown, as a home or a workspace would be
+    runtime.mkdir(mode=0o700)
+    if where == "runtime folder":
+        monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    else:  # in place of /run/docker.sock, which a test cannot make
+        monkeypatch.setattr(sandbox, "SERVICE_SOCKETS", (*sandbox.SERVICE_SOCKETS, str(runtime / "bus")))
+    service = subprocess.Popen([sys.executable, "-c", SERVICE, str(runtime / "bus")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert service.stdout.readline() == "listening\n"
+        code = ("import socket, sys\n"
+                "s = socket.socket(socket.AF_UNIX)\n"
+                "try:\n    s.connect(sys.argv[1]); s.sendall(b'start a trainer outside'); print('reached')\n"
+                "except OSError as exc:\n    print('refused:', exc.strerror)\n")
+        argv = sandbox.wrap([sys.executable, "-c", code, str(runtime / "bus")],
+                            {"readonly": [str(tmp_path), sys.prefix]}, str(tmp_path))[0]
+        ran = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    finally:
+        service.kill()
+        asked = service.communicate()[0]
+    assert ran.stdout.startswith("refused:") and "asked:" not in asked, (ran.stdout, ran.stderr, asked)
+    assert {"/run/user", "/run/docker.sock"} <= set(sandbox.runtime_folders())

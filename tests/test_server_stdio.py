@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -255,6 +256,24 @@ def test_sigkilled_server_leaves_no_training_and_next_start_recovers(ws_cache):
     assert ledger_lines(ws)[-1] == f"{commit[:7]}\t0.000000\t0.0\tcrash\tdoomed (interrupted)"
     assert git(ws, "rev-parse", "HEAD").strip() == state["kept_commit"]
     assert git(ws, "rev-parse", "refs/research-loop/runs/1").strip() == commit  # its code is kept
+
+
+def test_a_run_whose_server_was_killed_counts_its_slot_time(ws_cache):
+    """max_gpu_hours counts each run's slot time as it ends, and a cancelled run's too; a run whose server was
+    SIGKILLed mid-run was settled as interrupted with none: killing the server before each run's end (and
+    discarding the interrupted run) trained on the GPU for nothing on the budget. The time it may have trained
+    counts, bounded by its own limits, from the server's state alone."""
+    ws, cache = ws_cache
+    state, entry = sigkill_server_mid_run(ws, cache)
+    ran = time.time() - entry["started_at"]
+    assert state.get("slot_hours", 0) == 0
+
+    async def recover():
+        async with stdio_client_for(ws, cache) as client:
+            answer(await client.call_tool("status", {}))
+    anyio.run(recover)
+    spent = state_of(ws).get("slot_hours", 0) * 3600
+    assert ran <= spent <= ran + 60 and state_of(ws).get("slot_runs") == 1, (ran, spent)
 
 
 def test_client_closing_stdio_mid_run_kills_the_training(ws_cache):

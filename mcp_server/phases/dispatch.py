@@ -15,7 +15,7 @@ import git
 
 from mcp_server.core import cost, history, integrity
 from mcp_server.executors.bytecode import compile_bytecode
-from mcp_server.executors.executor import RunSpec, kill_session, training_env
+from mcp_server.executors.executor import WORKER_GRACE_SECONDS, RunSpec, kill_session, read_report, training_env
 from mcp_server.core.models import Refusal
 from mcp_server.phases.results import record, unrecordable
 from mcp_server.phases.measurements import file_measurement
@@ -58,11 +58,24 @@ def require_owner(core: LoopCore) -> None:
 def _settle_orphan(core: LoopCore, state: dict, entry: dict) -> None:
     """A run whose server died is interrupted. Its worker's report and log, whatever they say now,
     were last written while no server watched (and an agent can kill the server, then write
-    both), so neither is taken as a result: the run's commit stays, and a rerun measures it."""
+    both), so neither is taken as a result: the run's commit stays, and a rerun measures it. Its slot time
+    counts all the same (max_gpu_hours), as a cancelled run's does: else killing the server before each run's
+    end trained for nothing on the budget."""
     worker = entry.get("worker_pid")
     if worker and process_alive(worker, entry.get("worker_start")):
         kill_session(worker)  # its server is gone: the pipe will end it, this makes sure
     entry["status"] = "interrupted"
+    if isinstance(entry.get("started_at"), (int, float)):
+        entry["wall_seconds"] = round(orphan_seconds(entry), 2)
+        cost.add_slot_time(state, entry["wall_seconds"], (read_report(core.root / entry["report"]) or {}).get("device"))
+
+
+def orphan_seconds(entry: dict) -> float:
+    """How long a run whose server died may have trained, at most: until now (its worker ends with its
+    server), and no longer than its worker's own limits. No file of the run's is asked (the agent could
+    write one: a report's or log's time)."""
+    limit = (entry.get("timeout") or 0) + integrity.evaluation_allowance(entry) + WORKER_GRACE_SECONDS
+    return max(0.0, min(time.time() - entry["started_at"], limit))
 
 
 def dispatch(core: LoopCore) -> None:

@@ -58,6 +58,15 @@ UVM_DEVICE = "/dev/nvidia-uvm"  # CUDA's unified memory node, made by nvidia-mod
 # a run could write files there for the next run (or replace /dev/null), open the disks, and on any uid reach the
 # machine's POSIX message queues (/dev/mqueue)
 ACCELERATORS = ("nvidia", "dri", "kfd")
+# The users' runtime folders, where the services that start processes on request listen: systemd's user manager
+# (`systemd-run --user`), the session bus, rootless docker and podman. A Unix socket is opened through a read-only
+# mount too, so a run that reached one could start a process outside its sandbox, which outlives its timeout and
+# its cancel; the network namespace hides only the abstract ones and 127.0.0.1
+RUNTIME_FOLDERS = ("/run/user",)
+# The machine's services that start processes on request, which a run as root (a GPU container's user) may ask:
+# systemd's manager (`systemd-run` over its socket or the system bus) and the container engines
+SERVICE_SOCKETS = ("/run/systemd/private", "/run/dbus/system_bus_socket", "/run/docker.sock",
+                   "/run/containerd/containerd.sock", "/run/podman/podman.sock")
 
 
 def opted_in() -> bool:
@@ -129,7 +138,8 @@ def bwrap_argv(bwrap: str, command: list[str], spec: dict, cwd: str, private: di
     Its own process, network and IPC namespaces: a run sees no process but its own (no signal to its
     worker or evaluator, no /proc/PID/environ of the server), has no network but its own loopback
     (no call to the server's HTTP transport or dashboard on 127.0.0.1; training and its harness
-    read only prepared files), and its System V shared memory ends with it (no weights left for the next
+    read only prepared files) nor the users' runtime folders (no Unix socket of a service that starts a
+    process outside the sandbox: RUNTIME_FOLDERS), and its System V shared memory ends with it (no weights left for the next
     run). A run's own processes share the one sandbox, and with it what NCCL and torch's workers share
     between processes (POSIX shared memory in /dev/shm, sockets); not yet run on a GPU."""
     # run as root, bubblewrap keeps root's capabilities unless told: the run could unmount or remount
@@ -138,6 +148,7 @@ def bwrap_argv(bwrap: str, command: list[str], spec: dict, cwd: str, private: di
     # machine's, and a key a run added (25 MB of them) was there for the next run. A private /dev, with the
     # machine's accelerator nodes in it, and its own /dev/shm (the machine's is shared by every run and outlives
     # them)
+    spec = dict(spec, hidden=[*spec.get("hidden", []), *runtime_folders()])
     argv = [bwrap, "--unshare-user", "--cap-drop", "ALL", "--unshare-pid", "--unshare-net", "--unshare-ipc",
             "--ro-bind", "/", "/", "--dev", "/dev", *accelerator_binds(), "--proc", "/proc", "--tmpfs", "/tmp",
             "--dir", SANDBOX_HOME, "--dir", os.path.dirname(RUN_EXPORT), "--setenv", "HOME", SANDBOX_HOME,
@@ -154,6 +165,13 @@ def bwrap_argv(bwrap: str, command: list[str], spec: dict, cwd: str, private: di
     for path, copy in (private or {}).items():
         argv += ["--ro-bind", str(copy), str(path)]
     return [*argv, *hide(last), "--die-with-parent", "--chdir", cwd, "--", *command]
+
+
+def runtime_folders() -> list[str]:
+    """The runtime folders and service sockets a run must not reach (RUNTIME_FOLDERS, SERVICE_SOCKETS), with this
+    user's runtime folder wherever it lies ($XDG_RUNTIME_DIR)."""
+    found = os.environ.get("XDG_RUNTIME_DIR", "").strip()
+    return [*RUNTIME_FOLDERS, *SERVICE_SOCKETS, *([found] if os.path.isabs(found) and found not in (*RUNTIME_FOLDERS, "/") else [])]
 
 
 def accelerator_binds(dev: str = "/dev") -> list[str]:
