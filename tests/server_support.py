@@ -52,6 +52,17 @@ def make_workspace(tmp_path: Path, train_source: str = "VAL_BPB = 1.0\n") -> Pat
     return ws
 
 
+def exporting_workspace(tmp_path: Path) -> Path:
+    """A workspace whose harness evaluates exports, where the fake trainer exports none: every result is
+    train.py's own number (verified false)."""
+    ws = make_workspace(tmp_path)
+    for name in ("evaluate_export.py", "export.py"):
+        (ws / "nanochat" / name).write_text("# harness stand-in\n")
+    git(ws, "add", ".")
+    git(ws, "commit", "-q", "-m", "an exporting harness")
+    return ws
+
+
 def make_cache(tmp_path: Path, budget: float = 60.0) -> Path:
     cache = tmp_path / "cache"
     cache.mkdir(exist_ok=True)

@@ -9,7 +9,7 @@ import pytest
 from mcp_server.core import plot
 from mcp_server.dashboard.dashboard_http import DashboardServer
 from mcp_server.phases import morning
-from server_support import Lab, answer, git, make_workspace, set_knobs, stdio_client_for
+from server_support import Lab, answer, exporting_workspace, make_workspace, set_knobs, stdio_client_for
 
 TOKEN = "browser-test-token"
 SCREENSHOT = "dashboard.png"
@@ -105,11 +105,7 @@ def test_a_best_or_a_result_the_harness_did_not_measure_is_said_on_the_page(fake
     """Review 59: the page's headline cut the best's description at 60 characters, and with it the server's
     marker at its end: a long description kept with keep(unverified=true) showed train.py's own number as
     "best val_bpb" unmarked; and a run waiting for its decision showed train.py's own val_bpb as its result."""
-    ws = make_workspace(fake_env)
-    for name in ("evaluate_export.py", "export.py"):  # a harness that evaluates exports: the fake trainer exports none
-        (ws / "nanochat" / name).write_text("# harness stand-in\n")
-    git(ws, "add", ".")
-    git(ws, "commit", "-q", "-m", "an exporting harness")
+    ws = exporting_workspace(fake_env)
     lab, page = Lab(ws), browser.new_page()
     server = DashboardServer(ws, 0, None).start()
     try:

@@ -8,7 +8,7 @@ import pytest
 
 from mcp_server.core.ledger import MAX_DESCRIPTION
 from server_support import (
-    Lab, git, ledger_lines, make_workspace, processes_in, set_knobs, slot_dir, wait_until,
+    Lab, exporting_workspace, git, ledger_lines, make_workspace, processes_in, set_knobs, slot_dir, wait_until,
 )
 
 
@@ -96,11 +96,7 @@ def test_status_next_never_says_keep_for_a_result_keep_refuses(fake_env):
 def test_status_next_asks_for_unverified_where_keep_does(fake_env):
     """Review 58: a result whose val_bpb is train.py's own (no export for the harness to score) got "keep() or
     discard()" from status().next, and keep() refused it without unverified=true."""
-    ws = make_workspace(fake_env)
-    for name in ("evaluate_export.py", "export.py"):  # a harness that evaluates exports: the fake trainer exports none
-        (ws / "nanochat" / name).write_text("# harness stand-in\n")
-    git(ws, "add", ".")
-    git(ws, "commit", "-q", "-m", "an exporting harness")
+    ws = exporting_workspace(fake_env)
     lab = Lab(ws)
     try:
         lab.ok("setup", tag="t")
@@ -161,11 +157,7 @@ def test_an_unverified_keep_reaches_no_target(fake_env):
     the harness to evaluate), marked " (unverified)"; review 43 kept hand-logged numbers off the target, but
     this one still counted: a train.py that printed val_bpb 0.01 ended the research run as "the target is
     reached"."""
-    ws = make_workspace(fake_env)
-    for name in ("evaluate_export.py", "export.py"):  # a harness that evaluates exports: the fake trainer exports none
-        (ws / "nanochat" / name).write_text("# harness stand-in\n")
-    git(ws, "add", ".")
-    git(ws, "commit", "-q", "-m", "an exporting harness")
+    ws = exporting_workspace(fake_env)
     lab = Lab(ws)
     try:
         lab.ok("setup", tag="t", target_val_bpb=0.6)

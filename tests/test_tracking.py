@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 
 from mcp_server.core import tracking
 from mcp_server.__main__ import parse_args
-from server_support import Lab, answer, git, make_cache, make_workspace, set_knobs, stdio_client_for, wait_until
+from server_support import Lab, answer, exporting_workspace, make_cache, make_workspace, set_knobs, stdio_client_for, wait_until
 
 SERVER_START_S = 300  # `mlflow server` imports for a minute on a loaded 2-core machine
 SYNC_S = 120
@@ -289,11 +289,7 @@ def test_a_tracker_that_is_gone_costs_nothing_and_its_runs_appear_once_it_is_bac
 def test_train_pys_own_number_is_not_tracked_as_the_harnesss_val_bpb(fake_env, mlflow_server):
     """Review 59: a run the harness did not evaluate (it exported no model) was tracked under the same val_bpb
     metric as the harness's numbers, marked only in tags: sorted by val_bpb, train.py's 0.5 came first."""
-    ws = make_workspace(fake_env)
-    for name in ("evaluate_export.py", "export.py"):  # a harness that evaluates exports: the fake trainer exports none
-        (ws / "nanochat" / name).write_text("# harness stand-in\n")
-    git(ws, "add", ".")
-    git(ws, "commit", "-q", "-m", "an exporting harness")
+    ws = exporting_workspace(fake_env)
     lab = Lab(ws)
     try:
         lab.ok("setup", tag="t")
