@@ -116,7 +116,8 @@ def confirmation_orders(core: LoopCore, entry: dict, pairs: int) -> tuple[list[t
     trained left its pair unjudged, and the next confirm drew new luck)."""
     with core.state.transaction() as state:
         unjudged = _unjudged(core, state, entry)
-        resumed = [order for order in unjudged if order not in _in_flight(core, state)]  # not a call's beside this
+        beside = _in_flight(core, state, {entry["parent"], entry["commit"]})  # a call beside this one measures them
+        resumed = [order for order in unjudged if order not in beside]
         control = _measurements_of(core, state, entry["parent"])
         candidate = _measurements_of(core, state, entry["commit"])
         orders = resumed + [o for o in sorted(control, reverse=True) if o not in resumed][:max(0, pairs - len(resumed))]
@@ -141,9 +142,13 @@ def _unjudged(core: LoopCore, state: dict, entry: dict) -> list[int]:
     return [order for order in begun if not (str(order) in control and str(order) in candidate)]
 
 
-def _in_flight(core: LoopCore, state: dict) -> set[int]:
-    """The data orders of the reruns queued or running: a call beside this one measures them still."""
-    return {entry.get("data_order") for entry in core.runs_of(state, *IN_FLIGHT)}
+def _in_flight(core: LoopCore, state: dict, codes: set[str]) -> set[int]:
+    """The data orders of the reruns of these commits' train.py queued or running: a call beside this one measures
+    them still. Only the same code's (review 60: another candidate's confirmation, reusing the best's value on an
+    order this pair left unjudged, ran there, and the order was skipped for a fresh one the agent liked better)."""
+    blobs = {core.ws.train_blob(commit) for commit in codes}
+    return {entry.get("data_order") for entry in core.runs_of(state, *IN_FLIGHT)
+            if core.ws.train_blob(entry["commit"]) in blobs}
 
 
 def noise_orders(core: LoopCore, kept: str, repeats: int) -> list[int]:
@@ -154,7 +159,7 @@ def noise_orders(core: LoopCore, kept: str, repeats: int) -> list[int]:
     with core.state.transaction() as state:
         key, filed = f"noise {core.ws.train_blob(kept)}", _filed(core, state, kept)
         unfiled = [order for order in (state.get(BEGUN) or {}).get(key) or [] if str(order) not in filed]
-        orders = [order for order in unfiled if order not in _in_flight(core, state)]
+        orders = [order for order in unfiled if order not in _in_flight(core, state, {kept})]
         for _ in range(repeats - len(orders)):
             state["data_orders"] = state.get("data_orders", 0) + 1
             orders.append(state["data_orders"])
