@@ -157,14 +157,20 @@ def noise_orders(core: LoopCore, kept: str, repeats: int) -> list[int]:
     begun before any repeat starts (review 56: a repeat whose curve strayed from the kept value was cut out of the
     estimate by killing the server, and the next call drew new luck in its place)."""
     with core.state.transaction() as state:
-        key, filed = f"noise {core.ws.train_blob(kept)}", _filed(core, state, kept)
-        unfiled = [order for order in (state.get(BEGUN) or {}).get(key) or [] if str(order) not in filed]
+        unfiled = _unfiled(core, state, kept)
         orders = [order for order in unfiled if order not in _in_flight(core, state, {kept})]
         for _ in range(repeats - len(orders)):
             state["data_orders"] = state.get("data_orders", 0) + 1
             orders.append(state["data_orders"])
-        state.setdefault(BEGUN, {})[key] = sorted(set(unfiled) | set(orders))  # a call beside this one's too
-        return orders
+        state.setdefault(BEGUN, {})[f"noise {core.ws.train_blob(kept)}"] = sorted(set(unfiled) | set(orders))
+        return orders  # a call beside this one's too
+
+
+def _unfiled(core: LoopCore, state: dict, kept: str) -> list[int]:
+    """The data orders measure_noise began on the kept code and filed no value on."""
+    filed = _filed(core, state, kept)
+    return [order for order in (state.get(BEGUN) or {}).get(f"noise {core.ws.train_blob(kept)}") or []
+            if str(order) not in filed]
 
 
 def _kept_values(state: dict, commit: str) -> list[tuple[int, float]]:
@@ -216,11 +222,16 @@ def store_measured_noise(core: LoopCore, spent: int, ok: int, device: str | None
     own repeats only); refused where fewer than two values are there."""
     with core.state.transaction() as state:
         values, kept_device = noise_values(core, state, device)
-        if len(values) < 2:
-            where = f" on {device} (the kept value is from {kept_device})" if device and kept_device != device else ""
-            raise Refusal(f"Too few successful repeats ({ok}){where}: fix any crash or unverified repeat (see "
-                          "read_metrics) and measure again with repeats=2 or more.")
-        return store_noise(core, values, spent, device)  # its transaction nests in this one
+        if len(values) >= 2:
+            return store_noise(core, values, spent, device)  # its transaction nests in this one
+        state["extra_runs"] = state.get("extra_runs", 0) + spent  # the repeats ran, stored or not
+        again = _unfiled(core, state, state.get("kept_commit", ""))
+    where = f" on {device} (the kept value is from {kept_device})" if device and kept_device != device else ""
+    # review 60: the next call reruns these orders first, so repeats=2 after two failed repeats drew no fresh order
+    fresh = (f" The next call measures data order(s) {', '.join(map(str, again))} again before any fresh one: "
+             f"repeats={len(again) + 1} or more also draws a fresh order.") if again else ""
+    raise Refusal(f"Too few successful repeats ({ok}){where}: fix any crash or unverified repeat (see read_metrics) "
+                  f"and measure again with repeats=2 or more.{fresh}")
 
 
 def store_noise(core: LoopCore, values: list[float], spent: int, device: str | None = None) -> NoiseEstimate:
