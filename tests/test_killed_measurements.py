@@ -98,3 +98,54 @@ def test_killing_the_server_while_a_noise_repeat_trains_draws_no_new_luck(fake_e
     assert "noise repeat 1/1 of" in (ws / "results.tsv").read_text().splitlines()[-1]
     assert (ws / "results.tsv").read_text().count(", data order 2") == 2 and ", data order 3" not in \
         (ws / "results.tsv").read_text()
+
+
+def test_another_ideas_confirmation_on_an_unjudged_order_does_not_skip_it(fake_env, monkeypatch):
+    """Found by review 60: the orders a confirmation left unjudged were skipped while any rerun trained on them, so
+    the agent confirmed another idea that reused the best's value there, and the idea whose pair was cut short by the
+    kill was confirmed on an order of its choosing (order 2) instead. Only a rerun of the same two codes is left to
+    the call beside it now: the idea is measured on order 1 again."""
+    monkeypatch.setenv("AUTORESEARCH_BUDGET_CLOCK", "flops")  # the best's reruns stand as controls
+    monkeypatch.setenv("FAKE_FLOPS_CLOCK", "1")
+    best = "VAL_BPB = 1.0\nORDER_EFFECT = 0.001\n"
+    ws, cache = make_workspace(fake_env, best), fake_env / "cache"  # two slots: two ideas pending
+    killers = []
+
+    async def until_the_kill():
+        async with stdio_client_for(ws, cache, "--slots", "2") as client:
+            call = client.call_tool
+            answer(await call("setup", {"tag": "pick"}))
+            answer(await call("run_experiment", {"description": "baseline"}))  # run 1
+            answer(await call("keep", {}))
+            answer(await call("measure_noise", {"repeats": 1}))  # run 2: the best on order 1
+            set_knobs(ws, VAL_BPB=0.9995, ORDER_EFFECT=0.001, SLEEP=3)
+            assert answer(await call("run_experiment", {"description": "luck"}))["confirm_first"]  # run 3
+            killers.append(killing_the_server_when_run_trains(ws, 4))  # run 4: run 3's code on order 1
+            with anyio.fail_after(120):
+                await call("confirm", {"run": 3})
+    with pytest.raises(BaseException):  # the transport breaks with the server
+        anyio.run(until_the_kill)
+    killers[0].join()
+
+    async def after_the_restart():
+        async with stdio_client_for(ws, cache, "--slots", "2") as client:
+            call = client.call_tool
+            answer(await call("discard", {"run": 4}))
+            (ws / "train.py").write_text(best)
+            answer(await call("measure_noise", {"repeats": 1}))  # run 5: the best on order 2
+            set_knobs(ws, VAL_BPB=0.9996, ORDER_EFFECT=0.001, SLEEP=3)
+            answer(await call("run_experiment", {"description": "another idea"}))  # run 6
+            answers = {}
+
+            async def other():  # runs 7 and 8: run 6's code on orders 2 and 1, the best's values reused
+                answers[6] = answer(await call("confirm", {"run": 6, "pairs": 2}))
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(other)
+                while "run 7" not in (answer(await call("status", {})).get("running") or ""):
+                    await anyio.sleep(0.2)
+                answers[3] = answer(await call("confirm", {"run": 3}))  # run 9
+            return answers
+    answers = anyio.run(after_the_restart)
+    assert answers[3]["resumed"].startswith("data order(s) 1 again"), answers
+    rows = (ws / "results.tsv").read_text()
+    assert rows.count("confirmation 1/1 of run 3, data order 1") == 2 and "of run 3, data order 2" not in rows, rows

@@ -345,3 +345,26 @@ def test_odd_run_ids_get_a_clear_refusal(lab, run):
     lab.baseline()
     message = lab.refused("read_metrics", run=run)
     assert "not a run number or a commit hash" in message and "Internal error" not in message
+
+
+def test_noise_repeats_that_fail_again_are_counted_and_the_refusal_says_how_to_draw_a_fresh_order(fake_env,
+                                                                                                   monkeypatch):
+    """Found by review 60: the next measure_noise reruns every order an earlier one failed on first, so after two
+    failed repeats repeats=2 (what the refusal asked for) measured the same two orders again, and failed again on a
+    code that fails there every time; the failed repeats were not counted as extra runs either."""
+    lab = Lab(make_workspace(fake_env), slots=3)  # a repeat that ends before the next is queued blocks it on 1 slot
+    try:
+        lab.baseline()
+        monkeypatch.setenv("FAKE_CRASH", "1")  # every rerun fails now (the runs take the server's environment)
+        lab.restart()
+        assert "Too few successful repeats (0)" in lab.refused("measure_noise", repeats=2)  # orders 1, 2
+        again = lab.refused("measure_noise", repeats=2)
+        assert "data order(s) 1, 2 again before any fresh one: repeats=3 or more also draws a fresh order" in again
+        assert lab.loop.state.load()["extra_runs"] == 4
+        monkeypatch.delenv("FAKE_CRASH")
+        lab.restart()
+        for run in lab.loop.runs_of(lab.loop.state.load(), "pending"):
+            lab.ok("discard", run=run["run"])
+        assert len(lab.ok("measure_noise", repeats=3)["noise"]["values"]) == 4  # orders 1, 2 and a fresh 3
+    finally:
+        lab.loop.shutdown()

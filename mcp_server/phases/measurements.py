@@ -116,7 +116,8 @@ def confirmation_orders(core: LoopCore, entry: dict, pairs: int) -> tuple[list[t
     trained left its pair unjudged, and the next confirm drew new luck)."""
     with core.state.transaction() as state:
         unjudged = _unjudged(core, state, entry)
-        resumed = [order for order in unjudged if order not in _in_flight(core, state)]  # not a call's beside this
+        beside = _in_flight(core, state, {entry["parent"], entry["commit"]})  # a call beside this one measures them
+        resumed = [order for order in unjudged if order not in beside]
         control = _measurements_of(core, state, entry["parent"])
         candidate = _measurements_of(core, state, entry["commit"])
         orders = resumed + [o for o in sorted(control, reverse=True) if o not in resumed][:max(0, pairs - len(resumed))]
@@ -141,9 +142,13 @@ def _unjudged(core: LoopCore, state: dict, entry: dict) -> list[int]:
     return [order for order in begun if not (str(order) in control and str(order) in candidate)]
 
 
-def _in_flight(core: LoopCore, state: dict) -> set[int]:
-    """The data orders of the reruns queued or running: a call beside this one measures them still."""
-    return {entry.get("data_order") for entry in core.runs_of(state, *IN_FLIGHT)}
+def _in_flight(core: LoopCore, state: dict, codes: set[str]) -> set[int]:
+    """The data orders of the reruns of these commits' train.py queued or running: a call beside this one measures
+    them still. Only the same code's (review 60: another candidate's confirmation, reusing the best's value on an
+    order this pair left unjudged, ran there, and the order was skipped for a fresh one the agent liked better)."""
+    blobs = {core.ws.train_blob(commit) for commit in codes}
+    return {entry.get("data_order") for entry in core.runs_of(state, *IN_FLIGHT)
+            if core.ws.train_blob(entry["commit"]) in blobs}
 
 
 def noise_orders(core: LoopCore, kept: str, repeats: int) -> list[int]:
@@ -152,14 +157,20 @@ def noise_orders(core: LoopCore, kept: str, repeats: int) -> list[int]:
     begun before any repeat starts (review 56: a repeat whose curve strayed from the kept value was cut out of the
     estimate by killing the server, and the next call drew new luck in its place)."""
     with core.state.transaction() as state:
-        key, filed = f"noise {core.ws.train_blob(kept)}", _filed(core, state, kept)
-        unfiled = [order for order in (state.get(BEGUN) or {}).get(key) or [] if str(order) not in filed]
-        orders = [order for order in unfiled if order not in _in_flight(core, state)]
+        unfiled = _unfiled(core, state, kept)
+        orders = [order for order in unfiled if order not in _in_flight(core, state, {kept})]
         for _ in range(repeats - len(orders)):
             state["data_orders"] = state.get("data_orders", 0) + 1
             orders.append(state["data_orders"])
-        state.setdefault(BEGUN, {})[key] = sorted(set(unfiled) | set(orders))  # a call beside this one's too
-        return orders
+        state.setdefault(BEGUN, {})[f"noise {core.ws.train_blob(kept)}"] = sorted(set(unfiled) | set(orders))
+        return orders  # a call beside this one's too
+
+
+def _unfiled(core: LoopCore, state: dict, kept: str) -> list[int]:
+    """The data orders measure_noise began on the kept code and filed no value on."""
+    filed = _filed(core, state, kept)
+    return [order for order in (state.get(BEGUN) or {}).get(f"noise {core.ws.train_blob(kept)}") or []
+            if str(order) not in filed]
 
 
 def _kept_values(state: dict, commit: str) -> list[tuple[int, float]]:
@@ -211,11 +222,16 @@ def store_measured_noise(core: LoopCore, spent: int, ok: int, device: str | None
     own repeats only); refused where fewer than two values are there."""
     with core.state.transaction() as state:
         values, kept_device = noise_values(core, state, device)
-        if len(values) < 2:
-            where = f" on {device} (the kept value is from {kept_device})" if device and kept_device != device else ""
-            raise Refusal(f"Too few successful repeats ({ok}){where}: fix any crash or unverified repeat (see "
-                          "read_metrics) and measure again with repeats=2 or more.")
-        return store_noise(core, values, spent, device)  # its transaction nests in this one
+        if len(values) >= 2:
+            return store_noise(core, values, spent, device)  # its transaction nests in this one
+        state["extra_runs"] = state.get("extra_runs", 0) + spent  # the repeats ran, stored or not
+        again = _unfiled(core, state, state.get("kept_commit", ""))
+    where = f" on {device} (the kept value is from {kept_device})" if device and kept_device != device else ""
+    # review 60: the next call reruns these orders first, so repeats=2 after two failed repeats drew no fresh order
+    fresh = (f" The next call measures data order(s) {', '.join(map(str, again))} again before any fresh one: "
+             f"repeats={len(again) + 1} or more also draws a fresh order.") if again else ""
+    raise Refusal(f"Too few successful repeats ({ok}){where}: fix any crash or unverified repeat (see read_metrics) "
+                  f"and measure again with repeats=2 or more.{fresh}")
 
 
 def store_noise(core: LoopCore, values: list[float], spent: int, device: str | None = None) -> NoiseEstimate:
