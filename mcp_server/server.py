@@ -457,7 +457,8 @@ def register_measurements(srv: MCPServer, loop: ResearchLoop) -> None:
         runs, orders = [], await threaded(loop.noise_orders, kept, repeats)  # an unfinished call's orders first
         for k, order in enumerate(orders):
             entry = await threaded(lambda: loop.submit(f"noise repeat {k + 1}/{len(orders)} of {kept[:7]}, data "
-                                                       f"order {order}", None, source, data_order=order))
+                                                       f"order {order}", None, source, data_order=order,
+                                                       siblings=tuple(runs)))
             runs.append(entry["run"])
         await follow(loop, runs, ctx, until_all=True)
         ok, failed, devices = [], [], set()

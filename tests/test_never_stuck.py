@@ -352,7 +352,7 @@ def test_noise_repeats_that_fail_again_are_counted_and_the_refusal_says_how_to_d
     """Found by review 60: the next measure_noise reruns every order an earlier one failed on first, so after two
     failed repeats repeats=2 (what the refusal asked for) measured the same two orders again, and failed again on a
     code that fails there every time; the failed repeats were not counted as extra runs either."""
-    lab = Lab(make_workspace(fake_env), slots=3)  # a repeat that ends before the next is queued blocks it on 1 slot
+    lab = Lab(make_workspace(fake_env))  # one slot: a repeat that failed before the next was queued blocked it
     try:
         lab.baseline()
         monkeypatch.setenv("FAKE_CRASH", "1")  # every rerun fails now (the runs take the server's environment)

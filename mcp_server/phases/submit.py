@@ -158,13 +158,14 @@ def default_timeout(core: LoopCore) -> float:
 
 def submit(core: LoopCore, description: str, timeout_seconds: float | None = None, source: bytes | None = None,
            parent_note: str = "", replacing: int | None = None, rerun_of: int | None = None,
-           data_order: int = 0, rerun: bool = False, novel: bool = False) -> dict:
+           data_order: int = 0, rerun: bool = False, novel: bool = False, siblings: tuple[int, ...] = ()) -> dict:
     """Queues a candidate: train.py from the working tree (or `source`) on top of the kept
     commit. Returns its state entry; it starts as soon as a slot is free. `replacing`: an
     undecided run that this one supersedes (not counted against the slots). `rerun_of`: an
     undecided run this one re-measures (a control or a confirmation): not counted either, and
     its discard never touches train.py. `data_order`: another stretch of the training data
-    (a rerun's; 0 is the usual one; local slots only). train.py from the working tree that was
+    (a rerun's; 0 is the usual one; local slots only). `siblings`: the runs the same call queued before this one
+    (measure_noise's repeats), which it decides itself: not counted either. train.py from the working tree that was
     tried already is refused or answered from its earlier run ({"answered": result}; novelty.py)
     unless `rerun`; so is a given `source` where `novel` (a sweep's trial: an ordinary candidate)."""
     replacing = rerun_of if rerun_of is not None else replacing
@@ -186,8 +187,9 @@ def submit(core: LoopCore, description: str, timeout_seconds: float | None = Non
         if over:
             raise Refusal(f"The research run has ended ({over}): no new runs. Decide any result still pending "
                           "(status()), then stop; setup(tag) starts a new research run.")
-        # a rerun's siblings (the other reruns of the same run, which their tool discards) do not count
-        undecided = [e for e in core.runs_of(state, *UNDECIDED) if e["run"] != replacing
+        # a rerun's siblings (the other reruns of the same run or call, which their tool discards) do not count:
+        # on one slot a repeat that failed fast would otherwise block the next one of the same call (review 60)
+        undecided = [e for e in core.runs_of(state, *UNDECIDED) if e["run"] != replacing and e["run"] not in siblings
                      and (rerun_of is None or e.get("rerun_of") != rerun_of)]
         if len(undecided) >= core.slots:
             raise Refusal(_decide_first(core, undecided))
