@@ -232,7 +232,7 @@ def sleeping(lab, monkeypatch, seconds: float) -> None:
 
 def racing(lab, call: tuple[str, dict], when, then: tuple[str, dict]) -> dict:
     """The agent's race: one client makes `call` and, as soon as status() answers `when`, makes `then`
-    while the first waits; {tool: its answer} for both."""
+    while the first waits; {tool: its answer} for both (the second "<tool> again" where both are one tool)."""
     calls = {}
 
     async def both():
@@ -243,7 +243,7 @@ def racing(lab, call: tuple[str, dict], when, then: tuple[str, dict]) -> dict:
             async def agent():
                 while not when(answer(await client.call_tool("status", {}))):
                     await anyio.sleep(0.2)
-                calls[then[0]] = await client.call_tool(*then)
+                calls[then[0] + (" again" if then[0] == call[0] else "")] = await client.call_tool(*then)
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(first)
                 tasks.start_soon(agent)
@@ -357,9 +357,11 @@ def test_a_confirmation_rerun_falling_behind_cannot_be_cancelled_to_confirm_agai
         lab.loop.shutdown()
 
 
-def test_two_measure_noise_calls_at_once_store_an_estimate_of_every_repeat(fake_env, monkeypatch):
+def test_a_second_measure_noise_while_one_measures_is_refused(fake_env, monkeypatch):
     """Found by review 56: each measure_noise read the values on the shelf as it began, so of two calls at once the
-    last to end stored the kept value and its own repeat only ([1.0, 0.99]: 0.014142), the other's 1.01 left out."""
+    last to end stored the kept value and its own repeat only ([1.0, 0.99]: 0.014142), the other's 1.01 left out;
+    the estimate is now read from every value as a call ends, and (review 60) a second call while one measures is
+    refused, so the first to end cannot store an estimate without a repeat still running."""
     lab = noisy_lab(fake_env, 0.01)
     try:
         answer(lab.call("setup", tag="twice"))
@@ -367,10 +369,30 @@ def test_two_measure_noise_calls_at_once_store_an_estimate_of_every_repeat(fake_
         answer(lab.call("keep"))
         sleeping(lab, monkeypatch, 2)
         calls = racing(lab, ("measure_noise", {"repeats": 1}), lambda status: "run 2 " in (status.get("running") or ""),
-                       ("measure_noise", {"repeats": 1}))  # run 2: 1.01; run 3 (the second call's): 0.99
-        assert answer(calls["measure_noise"])["noise"]["values"] == [1.0, 1.01, 0.99]  # the second call, last to end
+                       ("measure_noise", {"repeats": 1}))  # run 2: 1.01
+        assert "is being measured now (rerun(s) 2): wait for that call's answer" in error(calls["measure_noise again"])
+        assert answer(calls["measure_noise"])["noise"]["values"] == [1.0, 1.01]
+        assert answer(lab.call("measure_noise", repeats=1))["noise"]["values"] == [1.0, 1.01, 0.99]  # run 3, after
         stored = lab.loop.state.load()["noise"]
         assert stored["values"] == [1.0, 1.01, 0.99] and stored["threshold"] == 0.02
+    finally:
+        lab.loop.shutdown()
+
+
+def test_a_second_confirm_of_the_same_pair_while_one_measures_is_refused(fake_env, monkeypatch):
+    """Review 60: two confirms of one pair at once on two slots, the later ending first while the earlier's
+    rerun still trained, recorded a confirmation the agent could keep on before the earlier recorded its lost
+    pair. One call at a time measures a pair."""
+    lab = noisy_lab(fake_env, 0.002)
+    try:
+        baseline_and_noise(lab)
+        set_knobs(lab.ws, VAL_BPB=0.99, NOISE=0.002)
+        n = answer(lab.call("run_experiment", description="a marginal idea"))["run"]  # run 4
+        sleeping(lab, monkeypatch, 2)
+        calls = racing(lab, ("confirm", {"run": n}), lambda status: status.get("running"), ("confirm", {"run": n}))
+        assert "A confirmation of run 4's train.py against this best is being measured now" in \
+            error(calls["confirm again"])
+        assert answer(calls["confirm"])["confirmed"]
     finally:
         lab.loop.shutdown()
 

@@ -115,6 +115,8 @@ def confirmation_orders(core: LoopCore, entry: dict, pairs: int) -> tuple[list[t
     orders are noted as begun before any run starts (review 56: a server killed while the candidate's rerun
     trained left its pair unjudged, and the next confirm drew new luck)."""
     with core.state.transaction() as state:
+        key = _pair_key(core, entry)
+        _refuse_a_second_call(core, state, key, f"A confirmation of run {entry['run']}'s train.py against this best")
         unjudged = _unjudged(core, state, entry)
         beside = _in_flight(core, state, {entry["parent"], entry["commit"]})  # a call beside this one measures them
         resumed = [order for order in unjudged if order not in beside]
@@ -124,8 +126,25 @@ def confirmation_orders(core: LoopCore, entry: dict, pairs: int) -> tuple[list[t
         for _ in range(pairs - len(orders)):
             state["data_orders"] = state.get("data_orders", 0) + 1
             orders.append(state["data_orders"])
-        state.setdefault(BEGUN, {})[_pair_key(core, entry)] = sorted(set(unjudged) | set(orders))
+        state.setdefault(BEGUN, {})[key] = sorted(set(unjudged) | set(orders))
     return [(order, control.get(order), candidate.get(order)) for order in orders], resumed
+
+
+def _refuse_a_second_call(core: LoopCore, state: dict, key: str, what: str) -> None:
+    """One call at a time measures a pair (or a code's noise): of two at once, the one that ended first judged
+    without the other's reruns still running, and its answer could be kept on before the other's lost pair was
+    recorded (review 60)."""
+    runs = state.get("runs") or {}
+
+    def measures(e: dict) -> str | None:
+        if e.get("rerun_of") is not None:
+            candidate = runs.get(str(e["rerun_of"]))
+            return _pair_key(core, candidate) if candidate else None
+        return f"noise {core.ws.train_blob(e['commit'])}" if e.get("data_order") else None
+    busy = [e["run"] for e in core.runs_of(state, *IN_FLIGHT) if measures(e) == key]
+    if busy:
+        raise Refusal(f"{what} is being measured now (rerun(s) {', '.join(map(str, busy))}): wait for that call's "
+                      "answer, then call again if you still need to.")
 
 
 def _pair_key(core: LoopCore, entry: dict) -> str:
@@ -157,6 +176,7 @@ def noise_orders(core: LoopCore, kept: str, repeats: int) -> list[int]:
     begun before any repeat starts (review 56: a repeat whose curve strayed from the kept value was cut out of the
     estimate by killing the server, and the next call drew new luck in its place)."""
     with core.state.transaction() as state:
+        _refuse_a_second_call(core, state, f"noise {core.ws.train_blob(kept)}", f"The noise of {kept[:7]}")
         unfiled = _unfiled(core, state, kept)
         orders = [order for order in unfiled if order not in _in_flight(core, state, {kept})]
         for _ in range(repeats - len(orders)):
