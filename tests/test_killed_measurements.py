@@ -25,30 +25,38 @@ def killing_the_server_when_run_trains(ws, run: int) -> threading.Thread:
     return killer
 
 
+def killed_while(ws, cache, begin, *server_args: str) -> None:
+    """`begin(call, arm)` against a server of its own over stdio; arm(run) has the server SIGKILLed once that run
+    trains, and the call `begin` then waits in breaks with the transport."""
+    killers = []
+
+    async def until_the_kill():
+        async with stdio_client_for(ws, cache, *server_args) as client:
+            await begin(client.call_tool, lambda run: killers.append(killing_the_server_when_run_trains(ws, run)))
+    with pytest.raises(BaseException):  # the transport breaks with the server
+        anyio.run(until_the_kill)
+    killers[0].join()
+
+
 def test_killing_the_server_while_the_candidate_reruns_draws_no_new_luck(fake_env):
     """Review 53's open item, closed in review 56: SIGKILL of the server while confirm's candidate rerun trained
     (its curve behind) left the pair unjudged, an interrupted crash, and the next confirm drew a fresh data order:
     a gain lost on order 3 (+0.0005) won on order 4 (-0.0005) and was kept as confirmed. Now the next confirm
     measures order 3 again, and the pair is lost there."""
     ws, cache = make_workspace(fake_env, "VAL_BPB = 1.0\nNOISE = 0.002\n"), fake_env / "cache"
-    killers = []
 
-    async def until_the_kill():
-        async with stdio_client_for(ws, cache) as client:
-            call = client.call_tool
-            answer(await call("setup", {"tag": "kill"}))
-            answer(await call("run_experiment", {"description": "baseline"}))  # run 1: 1.0
-            answer(await call("keep", {}))
-            assert answer(await call("measure_noise", {"repeats": 2}))["noise"]["threshold"] == 0.004  # orders 1, 2
-            # 0.001 better per data order, and luck by run number: run 8 gives 1.0005 on order 3, 0.9995 on order 4
-            set_knobs(ws, VAL_BPB=0.998, ORDER_EFFECT=-0.001, NOISE=0.0055, SLEEP=3)
-            assert answer(await call("run_experiment", {"description": "luck"}))["confirm_first"]  # run 4: 0.998
-            killers.append(killing_the_server_when_run_trains(ws, 6))  # run 5: the best on order 3; 6: the idea
-            with anyio.fail_after(120):
-                await call("confirm", {"run": 4})
-    with pytest.raises(BaseException):  # the transport breaks with the server
-        anyio.run(until_the_kill)
-    killers[0].join()
+    async def begin(call, arm):
+        answer(await call("setup", {"tag": "kill"}))
+        answer(await call("run_experiment", {"description": "baseline"}))  # run 1: 1.0
+        answer(await call("keep", {}))
+        assert answer(await call("measure_noise", {"repeats": 2}))["noise"]["threshold"] == 0.004  # orders 1, 2
+        # 0.001 better per data order, and luck by run number: run 8 gives 1.0005 on order 3, 0.9995 on order 4
+        set_knobs(ws, VAL_BPB=0.998, ORDER_EFFECT=-0.001, NOISE=0.0055, SLEEP=3)
+        assert answer(await call("run_experiment", {"description": "luck"}))["confirm_first"]  # run 4: 0.998
+        arm(6)  # run 5: the best on order 3; 6: the idea
+        with anyio.fail_after(120):
+            await call("confirm", {"run": 4})
+    killed_while(ws, cache, begin)
 
     async def after_the_restart():
         async with stdio_client_for(ws, cache) as client:
@@ -72,20 +80,15 @@ def test_killing_the_server_while_a_noise_repeat_trains_draws_no_new_luck(fake_e
     Now the next call measures order 2 first, and order 3 is never drawn."""
     # the kept code: 1.0 on the usual data, 0.005 more per data order
     ws, cache = make_workspace(fake_env, "VAL_BPB = 1.0\nORDER_EFFECT = 0.005\nSLEEP = 2\n"), fake_env / "cache"
-    killers = []
 
-    async def until_the_kill():
-        async with stdio_client_for(ws, cache) as client:
-            call = client.call_tool
-            answer(await call("setup", {"tag": "kill"}))
-            answer(await call("run_experiment", {"description": "baseline"}))  # run 1
-            answer(await call("keep", {}))
-            killers.append(killing_the_server_when_run_trains(ws, 3))  # run 2 on order 1; run 3 on order 2
-            with anyio.fail_after(120):
-                await call("measure_noise", {"repeats": 2})
-    with pytest.raises(BaseException):  # the transport breaks with the server
-        anyio.run(until_the_kill)
-    killers[0].join()
+    async def begin(call, arm):
+        answer(await call("setup", {"tag": "kill"}))
+        answer(await call("run_experiment", {"description": "baseline"}))  # run 1
+        answer(await call("keep", {}))
+        arm(3)  # run 2 on order 1; run 3 on order 2
+        with anyio.fail_after(120):
+            await call("measure_noise", {"repeats": 2})
+    killed_while(ws, cache, begin)
 
     async def after_the_restart():
         async with stdio_client_for(ws, cache) as client:
@@ -109,23 +112,18 @@ def test_another_ideas_confirmation_on_an_unjudged_order_does_not_skip_it(fake_e
     monkeypatch.setenv("FAKE_FLOPS_CLOCK", "1")
     best = "VAL_BPB = 1.0\nORDER_EFFECT = 0.001\n"
     ws, cache = make_workspace(fake_env, best), fake_env / "cache"  # two slots: two ideas pending
-    killers = []
 
-    async def until_the_kill():
-        async with stdio_client_for(ws, cache, "--slots", "2") as client:
-            call = client.call_tool
-            answer(await call("setup", {"tag": "pick"}))
-            answer(await call("run_experiment", {"description": "baseline"}))  # run 1
-            answer(await call("keep", {}))
-            answer(await call("measure_noise", {"repeats": 1}))  # run 2: the best on order 1
-            set_knobs(ws, VAL_BPB=0.9995, ORDER_EFFECT=0.001, SLEEP=3)
-            assert answer(await call("run_experiment", {"description": "luck"}))["confirm_first"]  # run 3
-            killers.append(killing_the_server_when_run_trains(ws, 4))  # run 4: run 3's code on order 1
-            with anyio.fail_after(120):
-                await call("confirm", {"run": 3})
-    with pytest.raises(BaseException):  # the transport breaks with the server
-        anyio.run(until_the_kill)
-    killers[0].join()
+    async def begin(call, arm):
+        answer(await call("setup", {"tag": "pick"}))
+        answer(await call("run_experiment", {"description": "baseline"}))  # run 1
+        answer(await call("keep", {}))
+        answer(await call("measure_noise", {"repeats": 1}))  # run 2: the best on order 1
+        set_knobs(ws, VAL_BPB=0.9995, ORDER_EFFECT=0.001, SLEEP=3)
+        assert answer(await call("run_experiment", {"description": "luck"}))["confirm_first"]  # run 3
+        arm(4)  # run 4: run 3's code on order 1
+        with anyio.fail_after(120):
+            await call("confirm", {"run": 3})
+    killed_while(ws, cache, begin, "--slots", "2")
 
     async def after_the_restart():
         async with stdio_client_for(ws, cache, "--slots", "2") as client:
