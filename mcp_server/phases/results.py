@@ -262,12 +262,11 @@ def confirmation_needed(result: dict, noise: dict | None, base: Row | None = Non
     delta = result.get("delta")
     if delta is None or delta >= 0:
         return None
-    if base and not limits.measured(base.description) and result.get("verified") is not False:
+    whose = limits.not_measured(base.description) if base else None
+    if whose and result.get("verified") is not False:
         # review 58: a number logged by hand (99.0) made code worse than the measured best a gain "beyond the noise"
         # (a result that is train.py's word too is kept only with unverified=true, which says so already)
-        whose = "the agent's, logged by hand" if base.description.endswith(limits.LOGGED_BY_HAND) else "train.py's own"
-        return (f"the best's val_bpb {base.val_bpb:.6f} is {whose}, not measured by the harness, so the gain "
-                "over it is no measurement")
+        return f"the best's val_bpb {base.val_bpb:.6f} is {whose}, so the gain over it is no measurement"
     if result.get("comparable") is False:
         return "it trained at a different speed than the best's run, so the machine may explain the gain"
     if noise and -delta <= CONFIRM_WIDTHS * noise["threshold"]:
