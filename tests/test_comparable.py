@@ -128,9 +128,7 @@ def noisy_lab(fake_env, noise: float):
 
 
 def baseline_and_noise(lab):
-    answer(lab.call("setup", tag="confirm"))
-    answer(lab.call("run_experiment", description="baseline"))  # run 1: 1.0
-    answer(lab.call("keep"))
+    lab.baseline()  # run 1: 1.0
     return answer(lab.call("measure_noise", repeats=2))["noise"]  # runs 2, 3: 1.0 + noise, 1.0 - noise
 
 
@@ -257,9 +255,7 @@ def test_a_noise_repeat_discarded_while_measure_noise_waits_fails_no_measurement
     repeats not counted as extra runs. The tool now takes a repeat the agent decided as it is."""
     lab = noisy_lab(fake_env, -0.002)  # run 2: 0.998, run 3: 1.002
     try:
-        answer(lab.call("setup", tag="luck"))
-        answer(lab.call("run_experiment", description="baseline"))  # run 1: 1.0
-        answer(lab.call("keep"))
+        lab.baseline()  # run 1: 1.0
         sleeping(lab, monkeypatch, 3)  # run 2 waits for a decision while run 3 trains
         calls = racing(lab, ("measure_noise", {"repeats": 2}), lambda status: status.get("undecided"),
                        ("discard", {"run": 2}))
@@ -278,9 +274,7 @@ def test_a_noise_repeat_on_a_lucky_data_order_cannot_be_kept_while_measure_noise
     and measure_noise failed ("already decided"), its second repeat left undecided and no noise stored."""
     lab = noisy_lab(fake_env, -0.002)  # run 2: 0.998, run 3: 1.002
     try:
-        answer(lab.call("setup", tag="luck"))
-        answer(lab.call("run_experiment", description="baseline"))  # run 1: 1.0
-        answer(lab.call("keep"))
+        lab.baseline()  # run 1: 1.0
         sleeping(lab, monkeypatch, 3)  # run 2 waits for a decision while run 3 trains
         seen = []  # status() as the agent polls it: the pending repeat is to be discarded, never kept
         calls = racing(lab, ("measure_noise", {"repeats": 2}), lambda status: seen.append(status) or
@@ -299,9 +293,7 @@ def test_stop_now_still_ends_the_reruns_that_cancel_refuses(fake_env, monkeypatc
     """stop(now=True) is the one way to end a research run's reruns in flight: cancel refuses them (review 53)."""
     lab = noisy_lab(fake_env, -0.002)
     try:
-        answer(lab.call("setup", tag="stop"))
-        answer(lab.call("run_experiment", description="baseline"))
-        answer(lab.call("keep"))
+        lab.baseline()
         sleeping(lab, monkeypatch, 3)
         calls = racing(lab, ("measure_noise", {"repeats": 2}),
                        lambda status: "run 3 " in (status.get("running") or ""), ("stop", {"reason": "morning", "now": True}))
@@ -364,9 +356,7 @@ def test_a_second_measure_noise_while_one_measures_is_refused(fake_env, monkeypa
     refused, so the first to end cannot store an estimate without a repeat still running."""
     lab = noisy_lab(fake_env, 0.01)
     try:
-        answer(lab.call("setup", tag="twice"))
-        answer(lab.call("run_experiment", description="baseline"))  # run 1: 1.0
-        answer(lab.call("keep"))
+        lab.baseline()  # run 1: 1.0
         sleeping(lab, monkeypatch, 2)
         calls = racing(lab, ("measure_noise", {"repeats": 1}), lambda status: "run 2 " in (status.get("running") or ""),
                        ("measure_noise", {"repeats": 1}))  # run 2: 1.01
@@ -403,9 +393,7 @@ def test_measure_noise_called_until_two_values_agree_counts_every_repeat(fake_en
     gain of 0.001 against a noise of 0.01 was kept as "beyond the noise", unconfirmed."""
     lab = noisy_lab(fake_env, 0.01)
     try:
-        answer(lab.call("setup", tag="shop"))
-        answer(lab.call("run_experiment", description="baseline"))  # run 1: 1.0
-        answer(lab.call("keep"))
+        lab.baseline()  # run 1: 1.0
         noise = [answer(lab.call("measure_noise", repeats=1))["noise"] for _ in range(3)]  # runs 2-4: 1.01, 0.99, 1.0
         assert noise[-1]["values"] == [1.0, 1.01, 0.99, 1.0] and noise[-1]["threshold"] == 0.02
         set_knobs(lab.ws, VAL_BPB=0.999, NOISE=0)
@@ -425,9 +413,7 @@ def test_on_the_flops_clock_a_rerun_of_the_best_stands_as_the_control(fake_env, 
     monkeypatch.setenv("FAKE_ORDER_EFFECT", "0.001")
     lab = noisy_lab(fake_env, 0.0)
     try:
-        answer(lab.call("setup", tag="flops"))
-        answer(lab.call("run_experiment", description="baseline"))  # run 1
-        answer(lab.call("keep"))
+        lab.baseline()  # run 1
         noise = answer(lab.call("measure_noise", repeats=1))  # run 2: order 1
         assert noise["noise"]["values"] == [1.0, 1.001]
         set_knobs(lab.ws, VAL_BPB=0.99)
@@ -473,9 +459,7 @@ def test_on_the_wall_clock_every_confirmation_reruns_the_best(fake_env, monkeypa
 
 
 def test_a_gain_measured_at_another_speed_needs_confirming_even_without_noise(lab):
-    answer(lab.call("setup", tag="speed"))
-    answer(lab.call("run_experiment", description="baseline"))
-    answer(lab.call("keep"))
+    lab.baseline()
     set_knobs(lab.ws, VAL_BPB=0.9, MFU=20.0)
     answer(lab.call("run_experiment", description="big gain, half the speed"))
     refused = lab.call("keep")
