@@ -14,6 +14,8 @@ result, as it does for real), else a default:
   CLAIM_SECONDS (0: print this as training_seconds instead of the time it took)
   MFU (40.0: the mfu_percent printed, the run's throughput)
   ORDER_EFFECT (0: val_bpb moves by this much per data order, AUTORESEARCH_DATA_ORDER)
+  ORDER_LUCK (0: val_bpb moves by ORDER_LUCK x (-1, 0 or 1, drawn from VAL_BPB's value and the data order): the
+              luck of one code on one data order, repeated by a rerun and by an edit of a comment only)
   FLOPS_CLOCK (0: say the budget was spent on the flops clock, as the CPU profile's train.py does)
   LAG (0: added to every step's training loss, so the run's curve lags a run without it)
   EXPORT (0: export nothing; 1: export a "model" holding the val_bpb it prints to RESEARCH_LOOP_EXPORT, which
@@ -35,11 +37,12 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 
 DEFAULTS = {"VAL_BPB": 1.0, "MEMORY_MB": 2048.0, "STEPS": 5, "SLEEP": 0.0, "CRASH": 0, "NAN": 0,
             "NO_SUMMARY": 0, "NOISE": 0.0, "SPAWN": 0, "ESCAPE": 0.0, "SPAM_MB": 0.0, "IGNORE_TERM": 0,
             "CLAIM_SECONDS": 0.0, "TAMPER": 0, "MFU": 40.0, "FLOPS_CLOCK": 0,
-            "ORDER_EFFECT": 0.0, "LAG": 0.0, "EXPORT": 0}
+            "ORDER_EFFECT": 0.0, "ORDER_LUCK": 0.0, "LAG": 0.0, "EXPORT": 0}
 ESCAPED = """
 import os, sys, time
 if os.fork():
@@ -63,6 +66,10 @@ def knobs() -> dict:
         raw = os.environ.get(f"FAKE_{name}") or (match.group(1) if match else None)
         values[name] = type(default)(float(raw)) if raw is not None else default
     return values
+
+
+def order_luck(k: dict) -> int:
+    return zlib.crc32(f"{k['VAL_BPB']} {os.environ.get('AUTORESEARCH_DATA_ORDER', '0')}".encode()) % 3 - 1
 
 
 def tamper() -> None:
@@ -151,7 +158,7 @@ def main() -> int:
         return 0
     elapsed = time.time() - t0
     val_bpb = k["VAL_BPB"] + k["NOISE"] * (int(os.environ.get("RESEARCH_LOOP_RUN", "1")) % 3 - 1) \
-        + k["ORDER_EFFECT"] * int(os.environ.get("AUTORESEARCH_DATA_ORDER", "0"))
+        + k["ORDER_EFFECT"] * int(os.environ.get("AUTORESEARCH_DATA_ORDER", "0")) + k["ORDER_LUCK"] * order_luck(k)
     if k["EXPORT"] == 1 or (k["EXPORT"] == 2 and not int(os.environ.get("AUTORESEARCH_DATA_ORDER", "0"))):
         export = os.environ["RESEARCH_LOOP_EXPORT"]
         with open(export, "w") as f:

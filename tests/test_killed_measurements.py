@@ -107,7 +107,8 @@ def test_another_ideas_confirmation_on_an_unjudged_order_does_not_skip_it(fake_e
     """Found by review 60: the orders a confirmation left unjudged were skipped while any rerun trained on them, so
     the agent confirmed another idea that reused the best's value there, and the idea whose pair was cut short by the
     kill was confirmed on an order of its choosing (order 2) instead. Only a rerun of the same two codes is left to
-    the call beside it now: the idea is measured on order 1 again."""
+    the call beside it now: the idea is measured on order 1 again (and on order 2, which the other idea's confirmation
+    against the same best began)."""
     monkeypatch.setenv("AUTORESEARCH_BUDGET_CLOCK", "flops")  # the best's reruns stand as controls
     monkeypatch.setenv("FAKE_FLOPS_CLOCK", "1")
     best = "VAL_BPB = 1.0\nORDER_EFFECT = 0.001\n"
@@ -145,5 +146,7 @@ def test_another_ideas_confirmation_on_an_unjudged_order_does_not_skip_it(fake_e
             return answers
     answers = anyio.run(after_the_restart)
     assert answers[3]["resumed"].startswith("data order(s) 1 again"), answers
+    assert answers[3]["held_to"].startswith("data order(s) 2: every data order a confirmation against"), answers
     rows = (ws / "results.tsv").read_text()
-    assert rows.count("confirmation 1/1 of run 3, data order 1") == 2 and "of run 3, data order 2" not in rows, rows
+    assert "confirmation 1/1 of run 3, data order 1 (interrupted)" in rows, rows
+    assert "confirmation 1/2 of run 3, data order 1\n" in rows and "confirmation 2/2 of run 3, data order 2\n" in rows

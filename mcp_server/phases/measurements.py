@@ -12,6 +12,7 @@ from mcp_server.phases.runs import IN_FLIGHT, LoopCore
 from mcp_server.core.workspace import budget_clock
 
 BEGUN = "begun_pairs"  # the state's {_pair_key or "noise <blob>": data orders begun}: confirmation_orders, noise_orders
+HELD_TO = "confirmed_on"  # the state's {a best's train.py blob: every data order a confirmation against it began}
 
 
 def record_confirmation(core: LoopCore, run: int, confirmation: dict, spent: int,
@@ -108,26 +109,33 @@ def _measurements_of(core: LoopCore, state: dict, commit: str) -> dict[int, dict
 
 
 def confirmation_orders(core: LoopCore, entry: dict, pairs: int) -> tuple[list[tuple[int, dict | None, dict | None]],
-                                                                          list[int]]:
-    """(data order, the best's measurement on it, the candidate's) per pair, and the orders resumed: first the
-    orders an earlier confirmation of the same two codes began and never judged, all of them, then the orders the
-    best was already measured on, whose values stand as controls (one run instead of two), then fresh ones. The
-    orders are noted as begun before any run starts (review 56: a server killed while the candidate's rerun
-    trained left its pair unjudged, and the next confirm drew new luck)."""
+                                                                          list[int], list[int]]:
+    """(data order, the best's measurement on it, the candidate's) per pair, the orders resumed and the orders held
+    to: first the orders an earlier confirmation of the same two codes began and never judged, then every order
+    any confirmation against this best began (review 56 left it open: the same train.py with a comment edited was
+    new code, so drawing fresh orders until a pair was lucky confirmed it), then the orders the best was already
+    measured on, whose values stand as controls (one run instead of two), then fresh ones. The orders are noted as
+    begun before any run starts (review 56: a server killed while the candidate's rerun trained left its pair
+    unjudged, and the next confirm drew new luck)."""
     with core.state.transaction() as state:
         key = _pair_key(core, entry)
         _refuse_a_second_call(core, state, key, f"A confirmation of run {entry['run']}'s train.py against this best")
         unjudged = _unjudged(core, state, entry)
         beside = _in_flight(core, state, {entry["parent"], entry["commit"]})  # a call beside this one measures them
         resumed = [order for order in unjudged if order not in beside]
+        held_to = state.setdefault(HELD_TO, {}).setdefault(core.ws.train_blob(entry["parent"]), [])
+        judged = _judged(core, state, entry)  # the same two codes' pairs stand (_lost_pairs), measured or not again
+        earlier = [o for o in held_to if o not in resumed and o not in judged]
         control = _measurements_of(core, state, entry["parent"])
         candidate = _measurements_of(core, state, entry["commit"])
-        orders = resumed + [o for o in sorted(control, reverse=True) if o not in resumed][:max(0, pairs - len(resumed))]
+        orders = resumed + earlier
+        orders += [o for o in sorted(control) if o not in orders and o not in judged][:max(0, pairs - len(orders))]
         for _ in range(pairs - len(orders)):
             state["data_orders"] = state.get("data_orders", 0) + 1
             orders.append(state["data_orders"])
         state.setdefault(BEGUN, {})[key] = sorted(set(unjudged) | set(orders))
-    return [(order, control.get(order), candidate.get(order)) for order in orders], resumed
+        held_to[:] = sorted(set(held_to) | set(orders))
+    return [(order, control.get(order), candidate.get(order)) for order in orders], resumed, earlier
 
 
 def _refuse_a_second_call(core: LoopCore, state: dict, key: str, what: str) -> None:
@@ -152,13 +160,18 @@ def _pair_key(core: LoopCore, entry: dict) -> str:
     return f"{core.ws.train_blob(entry['commit'])} {core.ws.train_blob(entry['parent'])}"
 
 
+def _judged(core: LoopCore, state: dict, entry: dict) -> set[int]:
+    """The data orders both the run's train.py and its best's have a verified rerun on: pairs judged."""
+    control, candidate = (_filed(core, state, commit) for commit in (entry["parent"], entry["commit"]))
+    return {int(order) for order in control.keys() & candidate.keys()}
+
+
 def _unjudged(core: LoopCore, state: dict, entry: dict) -> list[int]:
     """The data orders a confirmation of the run's code against its best began and never judged: a rerun of the
     pair never ended (its server was killed, stop(now=True) cancelled it), failed, or trains now. An order with both codes'
     values filed is a pair judged (_lost_pairs counts it) whether or not its call lived to compare them."""
-    control, candidate = (_filed(core, state, commit) for commit in (entry["parent"], entry["commit"]))
-    begun = (state.get(BEGUN) or {}).get(_pair_key(core, entry)) or []
-    return [order for order in begun if not (str(order) in control and str(order) in candidate)]
+    begun, judged = (state.get(BEGUN) or {}).get(_pair_key(core, entry)) or [], _judged(core, state, entry)
+    return [order for order in begun if order not in judged]
 
 
 def _in_flight(core: LoopCore, state: dict, codes: set[str]) -> set[int]:
