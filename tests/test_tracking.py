@@ -303,6 +303,23 @@ def test_train_pys_own_number_is_not_tracked_as_the_harnesss_val_bpb(fake_env, m
         lab.loop.shutdown()
 
 
+def test_a_right_to_left_override_in_train_py_is_tracked_written_out(lab, mlflow_server, tmp_path):
+    """Review 59 left it open: the report and the dashboard write hidden characters out, but MLflow's params,
+    tags and diff carried train.py's U+202E as it is, so the code read in the tracker's UI was not the code that
+    ran ("trojan source")."""
+    lab.baseline()
+    (lab.ws / "train.py").write_text("VAL_BPB = 0.9\nNAME = 'a\u202eb'\n# look \u202e here\n")
+    lab.ok("run_experiment", description="hidden")
+    lab.ok("discard")
+    assert tracking.Tracker(lab.ws, mlflow_server.url).sync() == 2
+    client = MlflowClient(mlflow_server.url)
+    run = tracked(client, lab.ws)["hidden"]
+    assert run.data.params["NAME"] == "'a<U+202E>b'", run.data.params
+    assert not any("\u202e" in v for v in [*run.data.params.values(), *run.data.tags.values()]), run.data.tags
+    diff = Path(client.download_artifacts(run.info.run_id, "train.py.diff", str(tmp_path))).read_text()
+    assert "+# look <U+202E> here" in diff and "\u202e" not in diff, diff
+
+
 def test_tracking_is_idempotent_and_a_half_done_run_is_redone(lab, mlflow_server):
     night(lab)
     first = tracking.Tracker(lab.ws, mlflow_server.url)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import git
 
-from mcp_server.core import history, limits, logparse
+from mcp_server.core import history, ledger, limits, logparse
 from mcp_server.core.state import STATE_DIR, STATE_FILE, records_dir
 from mcp_server.core.workspace import HarnessGit
 
@@ -272,11 +272,12 @@ class Tracker:
         return {"name": f"{run['run']:04d} {result['description'][:60]}", "description": result["description"],
                 "start_ms": int(started * 1000),
                 "end_ms": int(ended * 1000), "failed": result["status"] != "ok",
-                "params": {name: "(removed)" if value is None else value
+                "params": {name: "(removed)" if value is None else shown(value)
                            for name, (_, value) in changes.get("constants", {}).items()}
                 | {"other_lines": str(changes.get("other_lines", 0))},
-                "metrics": metrics, "curve": curve, "tags": {k: str(v) for k, v in tags.items() if v is not None},
-                "diff": self._diff(run["parent"], run["commit"]), "record": record,
+                "metrics": metrics, "curve": curve,
+                "tags": {k: shown(v) for k, v in tags.items() if v is not None},
+                "diff": shown(self._diff(run["parent"], run["commit"])), "record": record,
                 "log": (Path(result["log"]).name, log) if log else None}
 
     def _train_at(self, commit: str) -> str | None:
@@ -323,6 +324,12 @@ def in_flight(state: dict, key: str) -> bool:
 
 def ledger_row(state: dict, commit7: str, status: str | None) -> list | None:
     return next((row for row in state.get("rows") or [] if row[0] == commit7 and row[3] == status), None)
+
+
+def shown(value) -> str:
+    """A value from train.py as text that reads as it runs: a right-to-left override or another hidden character
+    written as <U+XXXX>, as the report and the dashboard write them (ledger.written_out)."""
+    return ledger.written_out(str(value))[0]
 
 
 def artifacts(what: dict) -> dict:
