@@ -477,8 +477,8 @@ def register_measurements(srv: MCPServer, loop: ResearchLoop) -> None:
     async def confirm(ctx: Context, run: int | None = None, pairs: int = 1) -> ConfirmResult:
         """Re-measure a pending gain beside a contemporaneous control: the best's code and the
         candidate's are rerun, interleaved, `pairs` times, each pair on another stretch of the
-        training data (each rerun logged as a discard row; every confirmation against one best
-        also takes every stretch an earlier one against it took), and the gain counts as confirmed when
+        training data (each rerun logged as a discard row; every confirmation also takes every
+        stretch an earlier one of the research run took), and the gain counts as confirmed when
         the candidate beats the control in every pair (and neither code repeats its number on
         different data orders, as one that ignores the order does). On the flops clock a run
         depends only on its code and data (to ~1e-5), so the best's earlier rerun on a stretch (a noise repeat, its own
@@ -490,7 +490,7 @@ def register_measurements(srv: MCPServer, loop: ResearchLoop) -> None:
         entry, control, candidate = await threaded(loop.confirmation_plan, run)
         n, best = entry["run"], entry["parent"][:7]
         plan, resumed, held_to = await threaded(loop.confirmation_orders, entry, pairs)
-        pairs = len(plan)  # every order an earlier confirmation against this best began, beside fresh ones
+        pairs = len(plan)  # every order an earlier confirmation began, beside fresh ones
         sides, runs, reused = [], [], []  # per pair (control, candidate): a rerun's number, or a value reused
         for k, (order, known_control, known_candidate) in enumerate(plan):
             pair = []
@@ -529,8 +529,8 @@ def register_measurements(srv: MCPServer, loop: ResearchLoop) -> None:
             resumed=(f"data order(s) {', '.join(map(str, resumed))} again: an earlier confirmation of this train.py "
                      "against this best began them and never judged them (its server stopped, a rerun failed or was "
                      "cancelled); they are measured before any fresh order") if resumed else None,
-            held_to=(f"data order(s) {', '.join(map(str, held_to))}: every data order a confirmation against this best "
-                     "was measured on, so that no gain is confirmed on orders chosen to miss the pairs another lost"
+            held_to=(f"data order(s) {', '.join(map(str, held_to))}: every data order a confirmation of this research "
+                     "run was measured on, so that no gain is confirmed on orders chosen to miss the pairs another lost"
                      ) if held_to else None,
             extra_runs=len(runs), extra_runs_total=total,
             next=(f"keep(run={n})" if confirmed else f"{blind} The gain is not confirmed: discard(run={n})" if blind

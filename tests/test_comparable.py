@@ -406,8 +406,8 @@ def test_measure_noise_called_until_two_values_agree_counts_every_repeat(fake_en
 def test_on_the_flops_clock_a_rerun_of_the_best_stands_as_the_control(fake_env, monkeypatch):
     """A run on the flops clock depends on its code and data order only: the best's noise repeat on
     data order 1 is the control of the first confirmation's first pair, the confirmed candidate's
-    rerun on order 1 the control of the next confirmation (a best's measured orders are taken lowest
-    first); measure_noise counts the reruns it already has.
+    reruns on orders 1 and 2 the controls of the next confirmation (which takes every order an earlier
+    one took); measure_noise counts the reruns it already has.
     Each data order moves val_bpb by 0.001 (a train.py that ignored it would be refused: tests/test_data_order.py)."""
     monkeypatch.setenv("AUTORESEARCH_BUDGET_CLOCK", "flops")
     monkeypatch.setenv("FAKE_FLOPS_CLOCK", "1")
@@ -431,45 +431,61 @@ def test_on_the_flops_clock_a_rerun_of_the_best_stands_as_the_control(fake_env, 
 
         set_knobs(lab.ws, VAL_BPB=0.985)
         answer(lab.call("run_experiment", description="the next idea"))  # run 7
-        confirmation = answer(lab.call("confirm"))  # the best's own confirmation on order 1 (run 4) stands
-        assert confirmation["reused"] == ["control 1/1: run 4's 0.991000 on data order 1 "
-                                          "(on the flops clock a rerun repeats it to ~1e-5)"]
-        assert confirmation["paired_deltas"] == [-0.005] and confirmation["extra_runs"] == 1
+        # the research run's confirmations were on orders 1 and 2, where the best's own confirmation (runs 4, 6) stands
+        confirmation = answer(lab.call("confirm"))
+        assert confirmation["reused"] == [f"control {k}/2: run {run}'s {value} on data order {k} (on the flops clock "
+                                          "a rerun repeats it to ~1e-5)" for k, run, value in ((1, 4, "0.991000"),
+                                                                                                (2, 6, "0.992000"))]
+        assert confirmation["paired_deltas"] == [-0.005, -0.005] and confirmation["extra_runs"] == 2
+        assert confirmation["held_to"].startswith("data order(s) 1, 2: ")
         answer(lab.call("keep"))
         assert "data order=1\n" in next((lab.ws / "runs").glob("0008-*.log")).read_text()
-        # the kept code's reruns (run 8 on order 1) count as noise values: one repeat more (order 3) makes three
+        # the kept code's reruns (runs 8, 9 on orders 1, 2) count as noise values: one repeat more (order 3) makes four
         noise = answer(lab.call("measure_noise", repeats=1))["noise"]
-        assert noise["values"] == [0.985, 0.986, 0.988]
-        assert answer(lab.call("status"))["extra_runs"] == 6
+        assert noise["values"] == [0.985, 0.986, 0.987, 0.988]
+        assert answer(lab.call("status"))["extra_runs"] == 7
     finally:
         lab.loop.shutdown()
 
 
 def test_a_lost_pair_is_met_again_by_the_same_code_with_a_comment_edited(fake_env, monkeypatch):
     """Review 56 left it open: lost pairs are the candidate's code's, so its train.py with one comment edited was new
-    code, and drawing fresh orders (a noise repeat of the best) until a pair was lucky confirmed it. Every
-    confirmation against a best is now measured on every data order an earlier one against it began. The fake's
-    luck per code and data order (ORDER_LUCK, ORDER_EFFECT apart) is the flops clock's: a rerun repeats it."""
+    code, and drawing fresh orders (a noise repeat of the best) until a pair was lucky confirmed it; so did keeping
+    the best's own train.py with a comment edited (an equal result) as a new best. Every confirmation of a research
+    run is now measured on every data order an earlier one began. The fake's luck per code and data order
+    (ORDER_LUCK, ORDER_EFFECT apart) is the flops clock's: a rerun repeats it."""
     monkeypatch.setenv("AUTORESEARCH_BUDGET_CLOCK", "flops")
     monkeypatch.setenv("FAKE_FLOPS_CLOCK", "1")
     from server_support import Lab, make_workspace
-    lab = Lab(make_workspace(fake_env, "VAL_BPB = 1.0\nORDER_EFFECT = 0.0001\nORDER_LUCK = 0.002\n"))
+    best = "VAL_BPB = 1.0\nORDER_EFFECT = 0.0001\nORDER_LUCK = 0.002\n"
+    lab = Lab(make_workspace(fake_env, best))
     try:
         lab.baseline()  # run 1: 0.998
         answer(lab.call("measure_noise", repeats=1))  # run 2: data order 1
-        idea = dict(VAL_BPB=0.999, ORDER_EFFECT=0.0001, ORDER_LUCK=0.002)  # 0.997: loses on data order 3 only
-        set_knobs(lab.ws, **idea)
+        idea = "VAL_BPB = 0.999\nORDER_EFFECT = 0.0001\nORDER_LUCK = 0.002\n"  # 0.997: loses on data order 3 only
+        (lab.ws / "train.py").write_text(idea)
         answer(lab.call("run_experiment", description="an idea"))  # run 3
         lost = answer(lab.call("confirm", run=3, pairs=3))
         assert not lost["confirmed"] and [d > 0 for d in lost["paired_deltas"]] == [False, False, True]
         answer(lab.call("discard", run=3))
         answer(lab.call("measure_noise", repeats=1))  # a fresh data order, 4, where the idea wins
-        set_knobs(lab.ws, **idea)
-        (lab.ws / "train.py").write_text((lab.ws / "train.py").read_text() + "# the same idea, reworded\n")
+        (lab.ws / "train.py").write_text(idea + "# the same idea, reworded\n")
         answer(lab.call("run_experiment", description="the same idea"))
         again = answer(lab.call("confirm", pairs=1))
         assert not again["confirmed"] and len(again["paired_deltas"]) == 3 and again["paired_deltas"][2] > 0, again
-        assert again["held_to"].startswith("data order(s) 1, 2, 3: every data order a confirmation against"), again
+        assert again["held_to"].startswith("data order(s) 1, 2, 3: every data order a confirmation of this"), again
+        answer(lab.call("discard"))
+
+        for n in range(2):  # a new best that never met the idea, until a fresh order is lucky (order 6 would be)
+            (lab.ws / "train.py").write_text(best + f"# the best, reworded {n}\n")
+            assert answer(lab.call("run_experiment", description=f"the best again {n}"))["delta"] == 0
+            answer(lab.call("keep"))
+            (lab.ws / "train.py").write_text(idea + f"# the same idea, reworded {n}\n")
+            answer(lab.call("run_experiment", description=f"the same idea again {n}"))
+            third = answer(lab.call("confirm", pairs=1))
+            assert not third["confirmed"], third
+            answer(lab.call("discard"))
+        assert third["paired_deltas"][2] > 0 and third["held_to"].startswith("data order(s) 1, 2, 3:"), third
     finally:
         lab.loop.shutdown()
 

@@ -146,7 +146,7 @@ def test_another_ideas_confirmation_on_an_unjudged_order_does_not_skip_it(fake_e
             return answers
     answers = anyio.run(after_the_restart)
     assert answers[3]["resumed"].startswith("data order(s) 1 again"), answers
-    assert answers[3]["held_to"].startswith("data order(s) 2: every data order a confirmation against"), answers
+    assert answers[3]["held_to"].startswith("data order(s) 2: every data order a confirmation of this"), answers
     rows = (ws / "results.tsv").read_text()
     assert "confirmation 1/1 of run 3, data order 1 (interrupted)" in rows, rows
     assert "confirmation 1/2 of run 3, data order 1\n" in rows and "confirmation 2/2 of run 3, data order 2\n" in rows

@@ -12,7 +12,7 @@ from mcp_server.phases.runs import IN_FLIGHT, LoopCore
 from mcp_server.core.workspace import budget_clock
 
 BEGUN = "begun_pairs"  # the state's {_pair_key or "noise <blob>": data orders begun}: confirmation_orders, noise_orders
-HELD_TO = "confirmed_on"  # the state's {a best's train.py blob: every data order a confirmation against it began}
+HELD_TO = "held_orders"  # the state's list: every data order a confirmation in this research run began
 
 
 def record_confirmation(core: LoopCore, run: int, confirmation: dict, spent: int,
@@ -112,8 +112,9 @@ def confirmation_orders(core: LoopCore, entry: dict, pairs: int) -> tuple[list[t
                                                                           list[int], list[int]]:
     """(data order, the best's measurement on it, the candidate's) per pair, the orders resumed and the orders held
     to: first the orders an earlier confirmation of the same two codes began and never judged, then every order
-    any confirmation against this best began (review 56 left it open: the same train.py with a comment edited was
-    new code, so drawing fresh orders until a pair was lucky confirmed it), then the orders the best was already
+    any confirmation of the research run began (review 56 left it open: the same train.py with a comment edited was
+    new code, so drawing fresh orders until a pair was lucky confirmed it; the best's own with a comment edited and
+    kept as an equal result was a new best), then the orders the best was already
     measured on, whose values stand as controls (one run instead of two), then fresh ones. The orders are noted as
     begun before any run starts (review 56: a server killed while the candidate's rerun trained left its pair
     unjudged, and the next confirm drew new luck)."""
@@ -123,7 +124,7 @@ def confirmation_orders(core: LoopCore, entry: dict, pairs: int) -> tuple[list[t
         unjudged = _unjudged(core, state, entry)
         beside = _in_flight(core, state, {entry["parent"], entry["commit"]})  # a call beside this one measures them
         resumed = [order for order in unjudged if order not in beside]
-        held_to = state.setdefault(HELD_TO, {}).setdefault(core.ws.train_blob(entry["parent"]), [])
+        held_to = state.setdefault(HELD_TO, [])
         judged = _judged(core, state, entry)  # the same two codes' pairs stand (_lost_pairs), measured or not again
         earlier = [o for o in held_to if o not in resumed and o not in judged]
         control = _measurements_of(core, state, entry["parent"])
