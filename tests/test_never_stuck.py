@@ -368,3 +368,42 @@ def test_noise_repeats_that_fail_again_are_counted_and_the_refusal_says_how_to_d
         assert len(lab.ok("measure_noise", repeats=3)["noise"]["values"]) == 4  # orders 1, 2 and a fresh 3
     finally:
         lab.loop.shutdown()
+
+
+def test_a_process_holding_the_state_lock_gets_a_refusal_not_a_hang(lab, monkeypatch):
+    """Found at stop 45: a command of the agent's holding the state's lock (`flock .research-loop/state.lock sleep
+    1d`) hung every tool call that records something, until the client gave up. A tool call now waits at most
+    LOCK_WAIT_S, is refused with the way out and changes nothing; a run that ends meanwhile is recorded once the
+    lock is free (the server's own threads wait as long as it takes)."""
+    import fcntl
+    import os
+    import subprocess
+
+    from mcp_server.core import state
+    monkeypatch.setattr(state, "LOCK_WAIT_S", 2.0)
+    lab.baseline()
+    set_knobs(lab.ws, val_bpb=0.9, sleep=2)
+    assert lab.ok("run_experiment", description="ends while the lock is held", wait=False)["run"] == 2
+    lock = lab.ws / ".research-loop" / "state.lock"
+    holder = subprocess.Popen(["flock", str(lock), "sleep", "60"], start_new_session=True)
+    try:
+        def held() -> bool:
+            fd = os.open(lock, os.O_RDWR)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return False
+            except BlockingIOError:
+                return True
+            finally:
+                os.close(fd)
+        assert wait_until(held, 10)
+        refused = lab.refused("stop", reason="a night's end")
+        assert f"The server's state is locked: {lock} was not free for 2 s" in refused and \
+            f"fuser -v {lock}" in refused and "Nothing was changed" in refused, refused
+        assert wait_until(lambda: not processes_in(slot_dir(lab.ws, 0)), 20)  # the run ended; its record waits
+    finally:
+        os.killpg(holder.pid, 9)  # flock and its sleep, which holds the lock too
+        holder.wait()
+    assert lab.ok("wait")["results"][0]["val_bpb"] == 0.9
+    status = lab.ok("status")
+    assert status["undecided"] == [2] and status["ended"] is None, status  # the stop changed nothing

@@ -28,11 +28,23 @@ from mcp_server.core.models import Refusal
 STATE_DIR = ".research-loop"
 STATE_FILE = "state.json"
 STATE_LOCK = "state.lock"
+LOCK_WAIT_S = 30.0  # a tool call's longest wait for the state's locks: a server's own transactions take milliseconds
+ANSWERING = threading.local()  # .call set on a thread while it answers a tool call (answering())
 OWNER_LOCK = "owner.lock"
 ARCHIVE_DIR = "archive"
 RECORDS_DIR = "research-loop/records"  # in the git directory: out of the working tree and of every run's reach
 LEDGER_DIGEST = "results.sha256"
 MAX_FOUND = 10  # changes found that status keeps listing
+
+
+@contextlib.contextmanager
+def answering(call: str):
+    """Marks the thread as answering a tool call while inside: its waits for the state's locks are bounded."""
+    before, ANSWERING.call = getattr(ANSWERING, "call", None), call
+    try:
+        yield
+    finally:
+        ANSWERING.call = before
 
 
 def records_dir(workspace: Path) -> Path:
@@ -222,13 +234,13 @@ class State:
     def transaction(self):
         """Exclusive across threads and processes; yields the state, saved on exit if changed.
         A refusal raised inside leaves the file as it was."""
-        with self.mutex:
+        with self._held_mutex():
             self._depth += 1
             try:
                 if self._depth == 1:
                     ledger.make_folder(self.dir)
                     self._lock_fd = os.open(self.dir / STATE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-                    fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+                    self._flock(self._lock_fd)
                 # before each decision: what the owner reads is what it wrote, ledger included
                 data = self._checked(check_ledger=self._depth == 1) if self.owned else self.load()
                 before = json.dumps(data, sort_keys=True)
@@ -240,6 +252,40 @@ class State:
                 if self._depth == 0 and self._lock_fd is not None:
                     os.close(self._lock_fd)  # closing drops the flock
                     self._lock_fd = None
+
+    @contextlib.contextmanager
+    def _held_mutex(self):
+        if not self.mutex.acquire(timeout=LOCK_WAIT_S if getattr(ANSWERING, "call", None) else -1):
+            raise self._locked("another of this server's calls holds it")
+        try:
+            yield
+        finally:
+            self.mutex.release()
+
+    def _flock(self, fd: int) -> None:
+        """The state lock, waited for as long as it takes by the server's own threads (a run's end is recorded
+        whenever the lock comes), at most LOCK_WAIT_S by a tool call, which a process holding the lock would
+        otherwise hang (found at stop 45: an agent's `flock state.lock sleep 1d`)."""
+        if not getattr(ANSWERING, "call", None):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            return
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    self._lock_fd = None
+                    raise self._locked("another process holds it") from None
+                time.sleep(0.05)
+
+    def _locked(self, why: str) -> Refusal:
+        lock = self.dir / STATE_LOCK
+        return Refusal(f"The server's state is locked: {lock} was not free for {LOCK_WAIT_S:g} s ({why}: a command "
+                       "that took it, such as flock, or a second server stuck in a transaction). Nothing was changed. "
+                       f"`fuser -v {lock}` names the process: end it, then call again.")
 
     def update(self, **changes) -> dict:
         with self.transaction() as data:
