@@ -341,3 +341,62 @@ def test_a_program_the_agent_puts_in_a_runs_export_folder_is_never_the_runs(tmp_
     printed = float(re.search(r"^val_bpb:\s+([\d.]+)", (ws / run["log"]).read_text(), re.M).group(1))
     assert abs(run["val_bpb"] - printed) < 1e-4, (run["val_bpb"], printed, hand_bpb)  # its own model's number
     assert abs(run["val_bpb"] - hand_bpb) > 1e-3, (run["val_bpb"], hand_bpb)
+
+
+# The harness's evaluator as far as this attack goes: it scores what the program it was handed holds.
+SCORES_ITS_PROGRAM = """import json, os, sys
+if not sys.stdin.readline():
+    sys.exit(0)
+with open(f"/dev/fd/{sys.argv[sys.argv.index('--program-fd') + 1]}") as f:
+    value = float(f.read())
+os.write(int(sys.argv[sys.argv.index('--out-fd') + 1]), json.dumps({"val_bpb": value, "causal": True}).encode())
+"""
+# In its sandbox: its export folder (/tmp/export) replaced by a link to where the agent left its program
+LINKS_ITS_EXPORT_FOLDER = """import os, shutil, time
+export = os.environ["RESEARCH_LOOP_EXPORT"]
+if {planted!r}:
+    shutil.rmtree(os.path.dirname(export))
+    os.symlink({planted!r}, os.path.dirname(export))
+else:
+    open(export, "w").write("2.5")
+    open(export + ".json", "w").write("{{}}")
+deadline = time.time() + 5
+while not os.path.exists(os.environ["RESEARCH_LOOP_ANSWER"]) and time.time() < deadline:
+    time.sleep(0.05)
+print("val_bpb: 2.5")
+"""
+
+
+def test_a_link_in_place_of_the_sandboxs_export_folder_is_never_followed_out_of_it(tmp_path, bubblewrap):
+    """Review 64: review 48 moved a bubblewrap run's export into its private /tmp, which the harness reads through
+    the sandbox's root (/proc/PID/root). But an absolute link met on a path through /proc/PID/root resolves against
+    the machine's root: a train.py that replaced /tmp/export with a link to a folder on the machine (where the agent
+    left a model it trained by hand, here one the stand-in evaluator scores 0.25) had that model evaluated as its own,
+    verified 0.25 with its own model's 2.5 never exported, and the harness wrote its answer into that folder, outside
+    the sandbox. The harness now reaches the folder through no link: the run is no result, saying why, and nothing
+    is written outside; an honest run in the same sandbox is scored as before."""
+    from mcp_server.core.integrity import evaluation_verdict
+    from test_server_units import WORKER, clean_harness, fake_evaluation
+    by_hand = tmp_path / "by-hand"
+    by_hand.mkdir()
+    (by_hand / "model.pt2").write_text("0.25")
+    (by_hand / "model.pt2.json").write_text("{}")
+    evaluate = json.dumps(fake_evaluation(clean_harness(tmp_path), SCORES_ITS_PROGRAM))
+    verdicts = {}
+    for name, planted in (("honest", ""), ("linked", str(by_hand))):
+        folder = tmp_path / name
+        (folder / "exports").mkdir(parents=True)
+        sandbox = json.dumps({"readonly": [str(tmp_path)], "writable": [str(folder / "exports")]})
+        report = folder / "report.json"
+        subprocess.run([sys.executable, str(WORKER), "--log", str(folder / "run.log"), "--report", str(report),
+                        "--timeout", "30", "--sandbox", sandbox, "--export", str(folder / "exports" / "model.pt2"),
+                        "--evaluate", evaluate, "--", sys.executable, "-c",
+                        LINKS_ITS_EXPORT_FOLDER.format(planted=planted)], cwd=folder, check=True, timeout=60)
+        result = json.loads(report.read_text())
+        assert result["sandbox"], result
+        verdicts[name] = evaluation_verdict(result)[:2]
+    assert verdicts["honest"] == (None, 2.5), verdicts
+    problem, number = verdicts["linked"]
+    assert number is None and "/tmp/export in the run's sandbox is not the folder the sandbox made" in str(problem), \
+        verdicts
+    assert sorted(p.name for p in by_hand.iterdir()) == ["model.pt2", "model.pt2.json"]  # no answer written there
