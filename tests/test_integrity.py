@@ -8,11 +8,14 @@ import ctypes
 import json
 import os
 import select
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 
+from conftest import ensure_debian_package
 from server_support import Lab, answer, error, git, ledger_lines, make_cache, make_workspace, set_knobs
 
 
@@ -267,3 +270,41 @@ def test_a_git_call_that_hangs_is_stopped_with_a_clear_error(lab, monkeypatch):
     assert run["status"] == "ok", run
     lab.ok("discard")
     assert [line.split("\t")[3] for line in ledger_lines(lab.ws)] == ["status", "keep", "discard"]
+
+
+# In its sandbox: it reads the validation shard (its private copy), then exports; the evaluator stand-in scores 1.5
+READS_THE_VALIDATION_DATA = """import os, time
+print("read", len(open("val.parquet", "rb").read()), "bytes of validation data", flush=True)
+export = os.environ["RESEARCH_LOOP_EXPORT"]
+open(export, "w").write("model")
+open(export + ".json", "w").write("{}")
+deadline = time.time() + 5
+while not os.path.exists(os.environ["RESEARCH_LOOP_ANSWER"]) and time.time() < deadline:
+    time.sleep(0.05)
+"""
+# The user's inotify instances used up, as a process of the agent's holding them all (128 by default) would: here
+# the limit is 0 in a user namespace of the worker's own, which takes none of the machine's
+INOTIFY_USED_UP = ["--user", "--map-root-user", "sh", "-c", 'echo 0 > /proc/sys/user/max_inotify_instances && exec "$@"',
+                   "sh"]
+
+
+def test_a_run_whose_validation_data_cannot_be_watched_does_not_start(tmp_path, bubblewrap):
+    """Review 64: the worker's watch of the validation shard (inotify) is what tells a run that read it before its
+    export. Where it could not be made (the user's inotify instances or watches used up, which any process of the
+    agent's can do on purpose), the worker went on unwatched and nothing read its report's `val_watched`: a run that
+    read the validation data was verified (1.5 here). Now a worker on Linux that cannot watch does not start the
+    run, and says why and what to do."""
+    from mcp_server.core.integrity import evaluation_verdict
+    from test_server_units import WORKER, clean_harness, fake_evaluation
+    exports, val, report, log = tmp_path / "exports", tmp_path / "val.parquet", tmp_path / "report.json", tmp_path / "run.log"
+    exports.mkdir()
+    val.write_bytes(b"validation")
+    sandbox = json.dumps({"readonly": [str(tmp_path)], "writable": [str(exports)]})
+    subprocess.run([ensure_debian_package("unshare", "util-linux"), *INOTIFY_USED_UP, sys.executable, str(WORKER),
+                    "--log", str(log), "--report", str(report), "--timeout", "30", "--sandbox", sandbox,
+                    "--export", str(exports / "model.pt2"), "--val-shard", str(val),
+                    "--evaluate", json.dumps(fake_evaluation(clean_harness(tmp_path))),
+                    "--", sys.executable, "-c", READS_THE_VALIDATION_DATA], cwd=tmp_path, timeout=60)
+    result = json.loads(report.read_text())
+    assert result["exit_code"] == 126 and evaluation_verdict(result)[1] is None, result
+    assert "the validation data cannot be watched here" in log.read_text() and "read 10 bytes" not in log.read_text()
