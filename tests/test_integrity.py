@@ -194,6 +194,32 @@ def test_an_edited_prepared_record_or_an_added_shard_is_refused(sandboxed_lab, f
     assert answer(sandboxed_lab.call("run_experiment", description="as prepared"))["status"] == "ok"
 
 
+def test_a_train_shard_rewritten_at_its_size_is_refused_and_one_rewritten_during_a_run_makes_it_no_result(
+        sandboxed_lab, fake_env):
+    """Review 64: the cache's fingerprint holds the data shards' names and sizes only. A train shard rewritten at
+    its size (the validation text in it, here its bytes) changed what every later run trained on, with train.py
+    and its diff as they were. Now setup pins the shards' content: a rewritten shard is refused until it is put
+    back, and one rewritten once a run's check passed, put back before its end, makes that run no result."""
+    data = fake_env / "cache" / "data"
+    data.mkdir()
+    train, val = data / "shard_00000.parquet", data / "shard_00001.parquet"
+    train.write_bytes(b"the train text")
+    val.write_bytes(b"the validation")
+    answer(sandboxed_lab.call("setup", tag="shards"))
+    train.write_bytes(val.read_bytes())
+    refused = error(sandboxed_lab.call("run_experiment", description="trained on the validation text"))
+    assert "shard_00000.parquet" in refused and "content changed since setup" in refused, refused
+    train.write_bytes(b"the train text")  # its content is setup's again, whatever its stat says
+    assert answer(sandboxed_lab.call("run_experiment", description="as prepared"))["status"] == "ok"
+    answer(sandboxed_lab.call("discard"))
+    set_knobs(sandboxed_lab.ws, SLEEP=2)
+    answer(sandboxed_lab.call("run_experiment", description="the shard swapped while it trains", wait=False))
+    train.write_bytes(val.read_bytes())
+    train.write_bytes(b"the train text")
+    result = answer(sandboxed_lab.call("wait"))["results"][0]
+    assert result["status"] == "crash" and str(train) in result["tail"], result
+
+
 def test_changes_hidden_from_git_by_index_flags_are_refused(sandboxed_lab):
     ws = sandboxed_lab.ws
     answer(sandboxed_lab.call("setup", tag="hidden"))
