@@ -373,8 +373,9 @@ def test_a_link_in_place_of_the_sandboxs_export_folder_is_never_followed_out_of_
     the machine's root: a train.py that replaced /tmp/export with a link to a folder on the machine (where the agent
     left a model it trained by hand, here one the stand-in evaluator scores 0.25) had that model evaluated as its own,
     verified 0.25 with its own model's 2.5 never exported, and the harness wrote its answer into that folder, outside
-    the sandbox. The harness now reaches the folder through no link: the run is no result, saying why, and nothing
-    is written outside; an honest run in the same sandbox is scored as before."""
+    the sandbox. The harness now reaches the folder through no link and holds it from the run's first moments: the
+    run is no result or unverified, and nothing is written outside; an honest run in the same sandbox is scored as
+    before."""
     from mcp_server.core.integrity import evaluation_verdict
     from test_server_units import WORKER, clean_harness, fake_evaluation
     by_hand = tmp_path / "by-hand"
@@ -396,7 +397,28 @@ def test_a_link_in_place_of_the_sandboxs_export_folder_is_never_followed_out_of_
         assert result["sandbox"], result
         verdicts[name] = evaluation_verdict(result)[:2]
     assert verdicts["honest"] == (None, 2.5), verdicts
-    problem, number = verdicts["linked"]
-    assert number is None and "/tmp/export in the run's sandbox is not the folder the sandbox made" in str(problem), \
-        verdicts
+    problem, number = verdicts["linked"]  # the link made before the harness held the folder, or after (unverified)
+    assert number is None and (problem is None or "/tmp/export in the run's sandbox is not the folder the sandbox "
+                                                  "made" in problem), verdicts
     assert sorted(p.name for p in by_hand.iterdir()) == ["model.pt2", "model.pt2.json"]  # no answer written there
+
+
+def test_the_sandboxs_root_is_held_from_the_run_so_its_last_look_names_no_other_process(tmp_path, bubblewrap):
+    """Review 64: the harness found a bubblewrap run's export through /proc/PID/root of the sandbox's first process,
+    by its pid at every look, and its last look comes after the run has ended (an export made in the run's last
+    moments): that pid was free by then, and one the agent's process took (pids wrap at 32,768 here) would have
+    named the machine's root, where /tmp/export is the agent's to write. The root is now held as a descriptor from
+    the run's first moments: the last look reads the run's own folder, and finds its own last-moment export."""
+    from mcp_server.core.integrity import evaluation_verdict
+    from test_server_units import WORKER, clean_harness, fake_evaluation
+    (tmp_path / "exports").mkdir()
+    sandbox = json.dumps({"readonly": [str(tmp_path)], "writable": [str(tmp_path / "exports")]})
+    exports_then_exits = ("import os, time\ntime.sleep(1)\nexport = os.environ['RESEARCH_LOOP_EXPORT']\n"
+                          "open(export, 'w').write('2.5')\nopen(export + '.json', 'w').write('{}')\n")
+    report = tmp_path / "report.json"
+    subprocess.run([sys.executable, str(WORKER), "--log", str(tmp_path / "run.log"), "--report", str(report),
+                    "--timeout", "30", "--sandbox", sandbox, "--export", str(tmp_path / "exports" / "model.pt2"),
+                    "--evaluate", json.dumps(fake_evaluation(clean_harness(tmp_path), SCORES_ITS_PROGRAM)), "--",
+                    sys.executable, "-c", exports_then_exits], cwd=tmp_path, check=True, timeout=60)
+    result = json.loads(report.read_text())
+    assert result["sandbox"] and evaluation_verdict(result)[:2] == (None, 2.5), result

@@ -6,7 +6,8 @@ A bubblewrap run exports into its sandbox's private /tmp (sandbox.RUN_EXPORT), w
 the sandbox's own root (/proc/PID/root: sandbox.private_root). Every path there is the run's to make: a link at
 /tmp/export pointing at an absolute path resolves, through /proc/PID/root, against the machine's root, so the harness
 read the program the link named (one the agent trained by hand for ten budgets and left anywhere on the machine) as
-the run's, verified, and wrote its answer there. The folder is reached one component at a time, through no link.
+the run's, verified, and wrote its answer there. The folder is reached one component at a time, through no link,
+and held from the run's first moments on (harness_eval.HarnessEvaluation.inside).
 """
 from __future__ import annotations  # a node's Python may be older than 3.10
 
@@ -95,14 +96,14 @@ def export_seconds(folder: int, export: str) -> float | None:
     return seconds if isinstance(seconds, (int, float)) else None
 
 
-def export_folder(path: Path, root: str | None = None) -> int:
-    """A descriptor of the folder of path (the export, or the answer beside it). With root (a bubblewrap sandbox's,
-    as the machine sees it), of that folder inside the sandbox, each component opened without following a link; a
-    link or a file in place of one is an OSError that says so."""
+def export_folder(path: Path, root: int | None = None) -> int:
+    """A descriptor of the folder of path (the export, or the answer beside it). With root (a descriptor of a
+    bubblewrap sandbox's root, as the machine sees it), of that folder inside the sandbox, each component opened
+    without following a link; a link or a file in place of one is an OSError that says so."""
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK  # O_DIRECTORY: a FIFO there fails at once, unopened
     if root is None:
         return os.open(path.parent, flags)
-    fd = os.open(root, flags)  # the magic link itself: the sandbox's root
+    fd = os.open(".", flags, dir_fd=root)
     try:
         for part in path.parent.relative_to(path.anchor).parts:
             inner = os.open(part, flags | os.O_NOFOLLOW, dir_fd=fd)

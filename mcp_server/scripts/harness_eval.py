@@ -164,7 +164,8 @@ class HarnessEvaluation:
                  warm: socket.socket | None = None, private: bool = False):
         self.spec, self.log_path, self.export, self.answer_path = spec, log_path, export, answer_path
         self.located = not private  # a sandbox's private export is found once its sandbox has a root (inside)
-        self.root: str | None = None  # that root, as the machine sees it: the export and answer paths are in it
+        self.folder: int | None = None  # then a descriptor of the export's folder in it, held (inside)
+        self.folder_problem: OSError | None = None  # or why that folder could not be held
         self.result: dict | None = None
         self.started_at: float | None = None
         self.finished_at: float | None = None
@@ -224,17 +225,40 @@ class HarnessEvaluation:
     def inside(self, root: str | None) -> None:
         """The export and the answer at the same paths inside the sandbox whose root the machine sees at root
         (sandbox.private_root): the run exports into its private /tmp, out of the agent's reach (review 48: a
-        program the agent put in the workspace's export folder was evaluated as the run's)."""
-        if root is not None:
-            self.root, self.located = root, True
+        program the agent put in the workspace's export folder was evaluated as the run's). Its folder is held open
+        from now on, reached through no link (export_folder): a look by the pid of the sandbox's first process once
+        the run has ended (an export in its last moments) named a pid free by then, which the agent's process may
+        have taken (its root is the machine's, whose /tmp/export the agent writes)."""
+        if root is None:
+            return
+        try:
+            held = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:  # gone before it was held: looked for again at the next poll
+            return
+        try:
+            self.folder = export_folder(self.export, held)
+        except OSError as exc:
+            self.folder_problem = exc
+        finally:
+            os.close(held)
+        self.located = True
+
+    def _folder(self, path: Path) -> int:
+        """A descriptor of the folder of the export or the answer (beside it): a sandbox's, held (inside); else by
+        path."""
+        if self.folder is not None:
+            return os.dup(self.folder)
+        if self.folder_problem is not None:
+            raise self.folder_problem
+        return export_folder(path)
 
     def _exported(self) -> bool:
         """Whether the program and its note are in place; where a link or a file took the sandbox's export folder's
         place, True: the copy then refuses it, saying why."""
         try:
-            folder = export_folder(self.export, self.root)
+            folder = self._folder(self.export)
         except OSError as exc:
-            return exc.errno in (errno.ELOOP, errno.ENOTDIR) and self.root is not None
+            return exc.errno in (errno.ELOOP, errno.ENOTDIR) and exc is self.folder_problem
         try:
             return exported(folder, self.export.name)
         finally:
@@ -279,7 +303,7 @@ class HarnessEvaluation:
         """The copy, the evaluation and the answer for train.py; the harness check follows it whatever happens here."""
         seconds = None
         try:
-            folder = export_folder(self.export, self.root)
+            folder = self._folder(self.export)
             try:
                 copy_regular_file(self.export.name, self.program, folder)
                 seconds = export_seconds(folder, self.export.name)
@@ -320,12 +344,12 @@ class HarnessEvaluation:
     def _hand_back(self, answer: dict) -> None:
         """The answer for train.py, in the run's own (writable) export folder: written to a new file
         that no link planted by the run can redirect, then renamed into place (over a planted link,
-        not through it), in the folder reached through no link (export_folder). Where the run made that impossible, it
+        not through it), in the folder reached through no link (_folder). Where the run made that impossible, it
         waits until its timeout."""
         name = self.answer_path.name
         tmp = f".{name}.{os.getpid()}.{os.urandom(4).hex()}"
         try:
-            folder = export_folder(self.answer_path, self.root)
+            folder = self._folder(self.answer_path)
         except OSError:
             return
         try:
@@ -421,9 +445,12 @@ class HarnessEvaluation:
         """The evaluation's result once it has ended; None where nothing was exported."""
         if self.thread is not None:
             self.thread.join()
-            return self.result
-        self.finish_unused(grace)
-        return None
+        else:
+            self.finish_unused(grace)
+        if self.folder is not None:
+            os.close(self.folder)
+            self.folder = None
+        return self.result if self.thread is not None else None
 
     def finish_unused(self, grace: float) -> None:
         """End of file on stdin: a cold evaluator exits without evaluating; a warm one is never asked."""
