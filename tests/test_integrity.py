@@ -8,11 +8,14 @@ import ctypes
 import json
 import os
 import select
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 
+from conftest import ensure_debian_package
 from server_support import Lab, answer, error, git, ledger_lines, make_cache, make_workspace, set_knobs
 
 
@@ -191,6 +194,32 @@ def test_an_edited_prepared_record_or_an_added_shard_is_refused(sandboxed_lab, f
     assert answer(sandboxed_lab.call("run_experiment", description="as prepared"))["status"] == "ok"
 
 
+def test_a_train_shard_rewritten_at_its_size_is_refused_and_one_rewritten_during_a_run_makes_it_no_result(
+        sandboxed_lab, fake_env):
+    """Review 64: the cache's fingerprint holds the data shards' names and sizes only. A train shard rewritten at
+    its size (the validation text in it, here its bytes) changed what every later run trained on, with train.py
+    and its diff as they were. Now setup pins the shards' content: a rewritten shard is refused until it is put
+    back, and one rewritten once a run's check passed, put back before its end, makes that run no result."""
+    data = fake_env / "cache" / "data"
+    data.mkdir()
+    train, val = data / "shard_00000.parquet", data / "shard_00001.parquet"
+    train.write_bytes(b"the train text")
+    val.write_bytes(b"the validation")
+    answer(sandboxed_lab.call("setup", tag="shards"))
+    train.write_bytes(val.read_bytes())
+    refused = error(sandboxed_lab.call("run_experiment", description="trained on the validation text"))
+    assert "shard_00000.parquet" in refused and "content changed since setup" in refused, refused
+    train.write_bytes(b"the train text")  # its content is setup's again, whatever its stat says
+    assert answer(sandboxed_lab.call("run_experiment", description="as prepared"))["status"] == "ok"
+    answer(sandboxed_lab.call("discard"))
+    set_knobs(sandboxed_lab.ws, SLEEP=2)
+    answer(sandboxed_lab.call("run_experiment", description="the shard swapped while it trains", wait=False))
+    train.write_bytes(val.read_bytes())
+    train.write_bytes(b"the train text")
+    result = answer(sandboxed_lab.call("wait"))["results"][0]
+    assert result["status"] == "crash" and str(train) in result["tail"], result
+
+
 def test_changes_hidden_from_git_by_index_flags_are_refused(sandboxed_lab):
     ws = sandboxed_lab.ws
     answer(sandboxed_lab.call("setup", tag="hidden"))
@@ -267,3 +296,41 @@ def test_a_git_call_that_hangs_is_stopped_with_a_clear_error(lab, monkeypatch):
     assert run["status"] == "ok", run
     lab.ok("discard")
     assert [line.split("\t")[3] for line in ledger_lines(lab.ws)] == ["status", "keep", "discard"]
+
+
+# In its sandbox: it reads the validation shard (its private copy), then exports; the evaluator stand-in scores 1.5
+READS_THE_VALIDATION_DATA = """import os, time
+print("read", len(open("val.parquet", "rb").read()), "bytes of validation data", flush=True)
+export = os.environ["RESEARCH_LOOP_EXPORT"]
+open(export, "w").write("model")
+open(export + ".json", "w").write("{}")
+deadline = time.time() + 5
+while not os.path.exists(os.environ["RESEARCH_LOOP_ANSWER"]) and time.time() < deadline:
+    time.sleep(0.05)
+"""
+# The user's inotify instances used up, as a process of the agent's holding them all (128 by default) would: here
+# the limit is 0 in a user namespace of the worker's own, which takes none of the machine's
+INOTIFY_USED_UP = ["--user", "--map-root-user", "sh", "-c", 'echo 0 > /proc/sys/user/max_inotify_instances && exec "$@"',
+                   "sh"]
+
+
+def test_a_run_whose_validation_data_cannot_be_watched_does_not_start(tmp_path, bubblewrap):
+    """Review 64: the worker's watch of the validation shard (inotify) is what tells a run that read it before its
+    export. Where it could not be made (the user's inotify instances or watches used up, which any process of the
+    agent's can do on purpose), the worker went on unwatched and nothing read its report's `val_watched`: a run that
+    read the validation data was verified (1.5 here). Now a worker on Linux that cannot watch does not start the
+    run, and says why and what to do."""
+    from mcp_server.core.integrity import evaluation_verdict
+    from test_server_units import WORKER, clean_harness, fake_evaluation
+    exports, val, report, log = tmp_path / "exports", tmp_path / "val.parquet", tmp_path / "report.json", tmp_path / "run.log"
+    exports.mkdir()
+    val.write_bytes(b"validation")
+    sandbox = json.dumps({"readonly": [str(tmp_path)], "writable": [str(exports)]})
+    subprocess.run([ensure_debian_package("unshare", "util-linux"), *INOTIFY_USED_UP, sys.executable, str(WORKER),
+                    "--log", str(log), "--report", str(report), "--timeout", "30", "--sandbox", sandbox,
+                    "--export", str(exports / "model.pt2"), "--val-shard", str(val),
+                    "--evaluate", json.dumps(fake_evaluation(clean_harness(tmp_path))),
+                    "--", sys.executable, "-c", READS_THE_VALIDATION_DATA], cwd=tmp_path, timeout=60)
+    result = json.loads(report.read_text())
+    assert result["exit_code"] == 126 and evaluation_verdict(result)[1] is None, result
+    assert "the validation data cannot be watched here" in log.read_text() and "read 10 bytes" not in log.read_text()

@@ -341,3 +341,84 @@ def test_a_program_the_agent_puts_in_a_runs_export_folder_is_never_the_runs(tmp_
     printed = float(re.search(r"^val_bpb:\s+([\d.]+)", (ws / run["log"]).read_text(), re.M).group(1))
     assert abs(run["val_bpb"] - printed) < 1e-4, (run["val_bpb"], printed, hand_bpb)  # its own model's number
     assert abs(run["val_bpb"] - hand_bpb) > 1e-3, (run["val_bpb"], hand_bpb)
+
+
+# The harness's evaluator as far as this attack goes: it scores what the program it was handed holds.
+SCORES_ITS_PROGRAM = """import json, os, sys
+if not sys.stdin.readline():
+    sys.exit(0)
+with open(f"/dev/fd/{sys.argv[sys.argv.index('--program-fd') + 1]}") as f:
+    value = float(f.read())
+os.write(int(sys.argv[sys.argv.index('--out-fd') + 1]), json.dumps({"val_bpb": value, "causal": True}).encode())
+"""
+# In its sandbox: its export folder (/tmp/export) replaced by a link to where the agent left its program
+LINKS_ITS_EXPORT_FOLDER = """import os, shutil, time
+export = os.environ["RESEARCH_LOOP_EXPORT"]
+if {planted!r}:
+    shutil.rmtree(os.path.dirname(export))
+    os.symlink({planted!r}, os.path.dirname(export))
+else:
+    open(export, "w").write("2.5")
+    open(export + ".json", "w").write("{{}}")
+deadline = time.time() + 5
+while not os.path.exists(os.environ["RESEARCH_LOOP_ANSWER"]) and time.time() < deadline:
+    time.sleep(0.05)
+print("val_bpb: 2.5")
+"""
+
+
+def test_a_link_in_place_of_the_sandboxs_export_folder_is_never_followed_out_of_it(tmp_path, bubblewrap):
+    """Review 64: review 48 moved a bubblewrap run's export into its private /tmp, which the harness reads through
+    the sandbox's root (/proc/PID/root). But an absolute link met on a path through /proc/PID/root resolves against
+    the machine's root: a train.py that replaced /tmp/export with a link to a folder on the machine (where the agent
+    left a model it trained by hand, here one the stand-in evaluator scores 0.25) had that model evaluated as its own,
+    verified 0.25 with its own model's 2.5 never exported, and the harness wrote its answer into that folder, outside
+    the sandbox. The harness now reaches the folder through no link and holds it from the run's first moments: the
+    run is no result or unverified, and nothing is written outside; an honest run in the same sandbox is scored as
+    before."""
+    from mcp_server.core.integrity import evaluation_verdict
+    from test_server_units import WORKER, clean_harness, fake_evaluation
+    by_hand = tmp_path / "by-hand"
+    by_hand.mkdir()
+    (by_hand / "model.pt2").write_text("0.25")
+    (by_hand / "model.pt2.json").write_text("{}")
+    evaluate = json.dumps(fake_evaluation(clean_harness(tmp_path), SCORES_ITS_PROGRAM))
+    verdicts = {}
+    for name, planted in (("honest", ""), ("linked", str(by_hand))):
+        folder = tmp_path / name
+        (folder / "exports").mkdir(parents=True)
+        sandbox = json.dumps({"readonly": [str(tmp_path)], "writable": [str(folder / "exports")]})
+        report = folder / "report.json"
+        subprocess.run([sys.executable, str(WORKER), "--log", str(folder / "run.log"), "--report", str(report),
+                        "--timeout", "30", "--sandbox", sandbox, "--export", str(folder / "exports" / "model.pt2"),
+                        "--evaluate", evaluate, "--", sys.executable, "-c",
+                        LINKS_ITS_EXPORT_FOLDER.format(planted=planted)], cwd=folder, check=True, timeout=60)
+        result = json.loads(report.read_text())
+        assert result["sandbox"], result
+        verdicts[name] = evaluation_verdict(result)[:2]
+    assert verdicts["honest"] == (None, 2.5), verdicts
+    problem, number = verdicts["linked"]  # the link made before the harness held the folder, or after (unverified)
+    assert number is None and (problem is None or "/tmp/export in the run's sandbox is not the folder the sandbox "
+                                                  "made" in problem), verdicts
+    assert sorted(p.name for p in by_hand.iterdir()) == ["model.pt2", "model.pt2.json"]  # no answer written there
+
+
+def test_the_sandboxs_root_is_held_from_the_run_so_its_last_look_names_no_other_process(tmp_path, bubblewrap):
+    """Review 64: the harness found a bubblewrap run's export through /proc/PID/root of the sandbox's first process,
+    by its pid at every look, and its last look comes after the run has ended (an export made in the run's last
+    moments): that pid was free by then, and one the agent's process took (pids wrap at 32,768 here) would have
+    named the machine's root, where /tmp/export is the agent's to write. The root is now held as a descriptor from
+    the run's first moments: the last look reads the run's own folder, and finds its own last-moment export."""
+    from mcp_server.core.integrity import evaluation_verdict
+    from test_server_units import WORKER, clean_harness, fake_evaluation
+    (tmp_path / "exports").mkdir()
+    sandbox = json.dumps({"readonly": [str(tmp_path)], "writable": [str(tmp_path / "exports")]})
+    exports_then_exits = ("import os, time\ntime.sleep(1)\nexport = os.environ['RESEARCH_LOOP_EXPORT']\n"
+                          "open(export, 'w').write('2.5')\nopen(export + '.json', 'w').write('{}')\n")
+    report = tmp_path / "report.json"
+    subprocess.run([sys.executable, str(WORKER), "--log", str(tmp_path / "run.log"), "--report", str(report),
+                    "--timeout", "30", "--sandbox", sandbox, "--export", str(tmp_path / "exports" / "model.pt2"),
+                    "--evaluate", json.dumps(fake_evaluation(clean_harness(tmp_path), SCORES_ITS_PROGRAM)), "--",
+                    sys.executable, "-c", exports_then_exits], cwd=tmp_path, check=True, timeout=60)
+    result = json.loads(report.read_text())
+    assert result["sandbox"] and evaluation_verdict(result)[:2] == (None, 2.5), result

@@ -143,18 +143,61 @@ def input_pins() -> dict:
         recorded = (prepared_info() or {}).get("val_shard") or {}
         same = recorded.get("name") == shard.name and recorded.get("sha256")
         pins["val"] = {"name": shard.name, "sha256": recorded["sha256"] if same else sha256_of(shard)}
-    return pins
+    data = data_pin()
+    return dict(pins, data=data) if data["stat"] else pins
 
 
 def check_pins(pins: dict | None) -> None:
     """At each run's start: the tokenizer and its byte table are still what setup pinned (the worker
-    checks its copies of the tokenizer and the validation shard by content again)."""
+    checks its copies of the tokenizer and the validation shard by content again), and the data shards
+    are (check_data)."""
     for name, rel in PINNED_FILES.items():
         path = cache_dir() / rel
         if name in (pins or {}) and (not path.is_file() or sha256_of(path) != pins[name]):
             raise Refusal(f"{path} is not the file this research run was set up with (its content changed since "
                           "setup): every run must be scored with the same harness inputs. Restore it, or re-run "
                           "`uv run prepare.py` and call setup(tag) for a new research run.")
+    if (pins or {}).get("data"):
+        check_data(pins["data"])
+
+
+def data_stat() -> dict:
+    """{file: [inode, size, mtime, ctime]} of the prepared cache's data folder: a write into a shard, however made
+    (undone, through a hard link or a mapping, its mtime put back), moves its change time, which no process can set."""
+    folder = cache_dir() / "data"
+    stats = {path.name: path.stat() for path in sorted(folder.glob("*"))} if folder.is_dir() else {}
+    return {name: [s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns] for name, s in stats.items()}
+
+
+def data_pin() -> dict:
+    """At setup: the data shards' stat and content. The fingerprint holds their names and sizes only, and a train
+    shard rewritten at its size (the validation text in it, a curated set) changed every later run's number, with
+    train.py and its diff as they were."""
+    stat = data_stat()
+    return {"stat": stat, "sha256": {name: sha256_of(cache_dir() / "data" / name) for name in stat}}
+
+
+def check_data(pin: dict) -> None:
+    """The data shards are setup's, by their stat or else by content (then their stat as read before the content
+    becomes the pin's: a run's end is compared with it, data_changes); a Refusal naming those that differ."""
+    stat = data_stat()
+    moved = [name for name in stat if stat[name] != pin["stat"].get(name)]
+    changed = [name for name in moved if sha256_of(cache_dir() / "data" / name) != pin["sha256"].get(name)]
+    if changed or set(stat) != set(pin["stat"]):
+        raise Refusal(f"The prepared data shards {', '.join(changed) or '(their list)'} in {cache_dir() / 'data'} "
+                      "are not what this research run was set up with (their content changed since setup): every run "
+                      "of a research run trains on the same data. Restore them, or prepare again (`uv run prepare.py "
+                      "--force`) and call setup(tag) for a new research run.")
+    pin["stat"] = stat
+
+
+def data_changes(stat: dict | None) -> list[str]:
+    """The data shards whose stat moved since a run's check (stat: the pin's then), each a path: the run may have
+    trained on what setup did not pin, however the shard looks now."""
+    if not stat:
+        return []
+    now = data_stat()
+    return [str(cache_dir() / "data" / name) for name in sorted(set(stat) | set(now)) if stat.get(name) != now.get(name)]
 
 
 def pinned_inputs(pins: dict | None, record: dict | None = None) -> dict:

@@ -98,6 +98,7 @@ def dispatch(core: LoopCore) -> None:
                                                    core.ws.worktree_head(harness) if harness else "",
                                                    core.pool.capacity, entry.get("data_order", 0),
                                                    state.get("input_pins"), integrity.checked_record(state))
+                    entry["data_stat"] = ((state.get("input_pins") or {}).get("data") or {}).get("stat")  # checked
                 spec = RunSpec(run=entry["run"], commit=entry["commit"], command=run_command(core),
                                timeout=entry["timeout"], log=core.root / entry["log"],
                                report=core.root / entry["report"], worker_args=extras,

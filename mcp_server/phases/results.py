@@ -100,8 +100,8 @@ def _result(core: LoopCore, entry: dict, text: str, report: dict | None, slot: s
         problem = f"killed after the {entry['timeout']:.0f}s timeout"
     elif report.get("stopped"):
         problem = f"stopped: {report['stopped']}"
-    elif report.get("environment_changed"):
-        problem = environment_problem(report["environment_changed"])
+    elif changed := report.get("environment_changed") or integrity.data_changes(entry.get("data_stat")):
+        problem = environment_problem(changed)
     elif report.get("exit_code") != 0:
         problem = None  # the log's tail says why
     elif logparse.failed(text):
@@ -155,9 +155,9 @@ def _result(core: LoopCore, entry: dict, text: str, report: dict | None, slot: s
 def environment_problem(changed: list) -> str:
     named = ", ".join(map(str, changed[:SHOWN_CHANGES])) + (" ..." if len(changed) > SHOWN_CHANGES else "")
     return (f"not a result: what this run's training or evaluation loads (an environment, the Python standard "
-            f"library, the harness copy) changed between its check and its end ({named}), so it may have loaded "
-            "what its commit does not hold. Restore what changed (the next run names what differs from setup's "
-            "pin), then rerun it")
+            f"library, the harness copy, the prepared data) changed between its check and its end ({named}), so it "
+            "may have loaded what its commit does not hold. Restore what changed (the next run names what differs "
+            "from setup's pin), then rerun it")
 
 
 def _measured(core: LoopCore, entry: dict, summary, report: dict, result: RunResult,

@@ -202,6 +202,7 @@ def submit(core: LoopCore, description: str, timeout_seconds: float | None = Non
             tried = novelty.check(core, state, source, False)
         core.check_branch_holds_best(state)
         record = integrity.checked_record(state)
+        integrity.check_pins(state.get("input_pins"))  # before anything is committed; dispatch checks again
         watched = _check_environment(core, state)
         if tried.answer:
             return {"answered": tried.answer.model_dump()}

@@ -25,7 +25,6 @@ import os
 import select
 import signal
 import socket
-import stat
 import subprocess
 import tempfile
 import threading
@@ -33,9 +32,11 @@ import time
 from pathlib import Path
 
 try:
+    from mcp_server.scripts.export_copy import copy_regular_file, export_folder, export_seconds, exported
     from mcp_server.scripts.harness_copy import harness_problem, manifest_problem
     from mcp_server.scripts.trusted_import import DIGESTS_ENV, follow
 except ImportError:  # on a node: beside this file
+    from export_copy import copy_regular_file, export_folder, export_seconds, exported
     from harness_copy import harness_problem, manifest_problem
     from trusted_import import DIGESTS_ENV, follow
 
@@ -44,16 +45,8 @@ EXIT_GRACE_S = 5.0  # for the evaluator's interpreter to exit once it answered
 WARM_ENV = "RESEARCH_LOOP_WARM_EVALUATOR"  # "0": every run starts its own evaluator (bench/bench_startup.py)
 WARM_FDS = ("val", "tokenizer")  # the inputs a warm request carries (nanochat/evaluate_export.py REQUEST_FDS)
 MAX_REPLY_BYTES = 4096
-COPY_CHUNK = 1 << 20
 # a sealed copy can be neither written, resized nor unsealed (Linux; elsewhere the names are missing)
 COPY_SEALS = sum(getattr(fcntl, name, 0) for name in ("F_SEAL_WRITE", "F_SEAL_SHRINK", "F_SEAL_GROW", "F_SEAL_SEAL"))
-# The largest exported program the harness copies: 16 GiB of fp32 weights is 4e9 parameters, 80 times
-# the h100 profile's model and more than one GPU can train in a run (weights, gradients and Adam's
-# moments alone take 64 GB); anything larger is padding (a sparse file would fill this disk).
-MAX_EXPORT_BYTES = 16 * 2**30
-# ...and it copies it into memory (a sealed memfd): an export with more than this in holes (a sparse
-# file, which takes the run no disk) is refused before the copy, which would cost the worker as much RAM
-SPARSE_SLACK_BYTES = 64 * 2**20
 # The evaluator's interpreter: isolated (-I: no PYTHON* variables, no user site, no script folder on the
 # path), without site (-S: no .pth file or sitecustomize runs), writing no bytecode (-B) and reading none
 # either: its bytecode folder is under a device, where nothing can be created, so it compiles every module
@@ -157,64 +150,6 @@ def socket_channel() -> tuple[int, int]:
     return ours.detach(), theirs.detach()
 
 
-def copy_regular_file(path: Path, into) -> None:
-    """path's bytes into the open file `into` (from its start): only a plain file, opened without
-    following a link and without waiting (a FIFO planted there would block), at most
-    MAX_EXPORT_BYTES, not sparse (the copy is the worker's memory, a hole is no disk of the run's),
-    and no more than it held when checked."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    with os.fdopen(fd, "rb") as f:
-        found = os.fstat(fd)
-        if not stat.S_ISREG(found.st_mode):
-            raise OSError(f"{path} is not a plain file")
-        if found.st_size > MAX_EXPORT_BYTES:
-            raise OSError(f"{path} is over {MAX_EXPORT_BYTES >> 30} GiB, more than a real export of the "
-                          "model can be: that is padding, not a model")
-        holes = hole_bytes(fd, found)
-        if holes > SPARSE_SLACK_BYTES:
-            raise OSError(f"{path} is a sparse file (at least {holes >> 20} MiB of its {found.st_size >> 20} MiB are holes, "
-                          "on no disk): the harness copies the export into memory, and a model's export is written "
-                          "whole (torch.export.save); export the model as export.py does")
-        into.seek(0)
-        into.truncate()
-        while True:  # bounded while it copies too: a file that grows after the checks is refused
-            chunk = f.read(COPY_CHUNK)
-            if into.tell() + len(chunk) > found.st_size:
-                raise OSError(f"{path} grew while the harness copied it: the export is complete before its "
-                              "note (.json) is written, and is not written to afterwards")
-            if not chunk:
-                break
-            into.write(chunk)
-        into.flush()
-        into.seek(0)
-
-
-def hole_bytes(fd: int, found: os.stat_result) -> int:
-    """How many of a file's bytes are holes (none stored on disk), counted only as far as needed to
-    tell more than SPARSE_SLACK_BYTES: where its blocks cover it, none; else by SEEK_DATA/SEEK_HOLE
-    (a filesystem that has not yet allocated what was just written, ZFS, reports it as data); where
-    those are missing, what its blocks leave uncovered."""
-    uncovered = found.st_size - found.st_blocks * 512
-    if uncovered <= SPARSE_SLACK_BYTES:
-        return 0
-    holes, offset = 0, 0
-    try:
-        while offset < found.st_size and holes <= SPARSE_SLACK_BYTES:
-            try:
-                data = os.lseek(fd, offset, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno != errno.ENXIO:
-                    raise
-                return holes + found.st_size - offset  # holes to its end
-            holes += data - offset
-            offset = os.lseek(fd, data, os.SEEK_HOLE)
-    except (OSError, AttributeError):  # no SEEK_DATA here: the blocks say it
-        return uncovered
-    finally:
-        os.lseek(fd, 0, os.SEEK_SET)
-    return holes
-
-
 class HarnessEvaluation:
     """The harness's separate evaluation of the exported model. It evaluates as soon as the model is
     exported, while train.py waits in prepare.evaluate_bpb for the answer (written to answer_path),
@@ -229,6 +164,8 @@ class HarnessEvaluation:
                  warm: socket.socket | None = None, private: bool = False):
         self.spec, self.log_path, self.export, self.answer_path = spec, log_path, export, answer_path
         self.located = not private  # a sandbox's private export is found once its sandbox has a root (inside)
+        self.folder: int | None = None  # then a descriptor of the export's folder in it, held (inside)
+        self.folder_problem: OSError | None = None  # or why that folder could not be held
         self.result: dict | None = None
         self.started_at: float | None = None
         self.finished_at: float | None = None
@@ -288,10 +225,44 @@ class HarnessEvaluation:
     def inside(self, root: str | None) -> None:
         """The export and the answer at the same paths inside the sandbox whose root the machine sees at root
         (sandbox.private_root): the run exports into its private /tmp, out of the agent's reach (review 48: a
-        program the agent put in the workspace's export folder was evaluated as the run's)."""
-        if root is not None:
-            self.export, self.answer_path = (Path(root + str(p)) for p in (self.export, self.answer_path))
-            self.located = True
+        program the agent put in the workspace's export folder was evaluated as the run's). Its folder is held open
+        from now on, reached through no link (export_folder): a look by the pid of the sandbox's first process once
+        the run has ended (an export in its last moments) named a pid free by then, which the agent's process may
+        have taken (its root is the machine's, whose /tmp/export the agent writes)."""
+        if root is None:
+            return
+        try:
+            held = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:  # gone before it was held: looked for again at the next poll
+            return
+        try:
+            self.folder = export_folder(self.export, held)
+        except OSError as exc:
+            self.folder_problem = exc
+        finally:
+            os.close(held)
+        self.located = True
+
+    def _folder(self, path: Path) -> int:
+        """A descriptor of the folder of the export or the answer (beside it): a sandbox's, held (inside); else by
+        path."""
+        if self.folder is not None:
+            return os.dup(self.folder)
+        if self.folder_problem is not None:
+            raise self.folder_problem
+        return export_folder(path)
+
+    def _exported(self) -> bool:
+        """Whether the program and its note are in place; where a link or a file took the sandbox's export folder's
+        place, True: the copy then refuses it, saying why."""
+        try:
+            folder = self._folder(self.export)
+        except OSError as exc:
+            return exc.errno in (errno.ELOOP, errno.ENOTDIR) and exc is self.folder_problem
+        try:
+            return exported(folder, self.export.name)
+        finally:
+            os.close(folder)
 
     def start_if_exported(self, watch) -> None:
         """Once export.py has put the program and its notes in place: the harness copies the program
@@ -299,7 +270,7 @@ class HarnessEvaluation:
         as before the export, whatever the run put at the export path earlier."""
         if not self.located:
             return
-        if self.thread is None and self.export.exists() and Path(str(self.export) + ".json").exists():
+        if self.thread is None and self._exported():
             self.started_at = time.monotonic()
             self.thread = threading.Thread(target=self._evaluate, args=(watch,), daemon=True,
                                            name="harness-evaluation")
@@ -330,8 +301,14 @@ class HarnessEvaluation:
 
     def _evaluate_export(self, watch) -> None:
         """The copy, the evaluation and the answer for train.py; the harness check follows it whatever happens here."""
+        seconds = None
         try:
-            copy_regular_file(self.export, self.program)
+            folder = self._folder(self.export)
+            try:
+                copy_regular_file(self.export.name, self.program, folder)
+                seconds = export_seconds(folder, self.export.name)
+            finally:
+                os.close(folder)
             seal(self.program)
         except OSError as exc:
             self.result = {"problem": f"the exported model could not be read: {exc}"}
@@ -339,7 +316,7 @@ class HarnessEvaluation:
             watch.mark_exported()
         self.result = self._outcome()
         self.result["wall_seconds"] = round(time.monotonic() - self.started_at, 2)
-        self.result.setdefault("export_seconds", export_seconds(self.export))
+        self.result.setdefault("export_seconds", seconds)
         self._hand_back({k: self.result[k] for k in ("val_bpb", "error", "problem") if k in self.result})
 
     def _copy_problem(self) -> str | None:
@@ -367,15 +344,23 @@ class HarnessEvaluation:
     def _hand_back(self, answer: dict) -> None:
         """The answer for train.py, in the run's own (writable) export folder: written to a new file
         that no link planted by the run can redirect, then renamed into place (over a planted link,
-        not through it). Where the run made that impossible, it waits until its timeout."""
-        tmp = self.answer_path.with_name(f".{self.answer_path.name}.{os.getpid()}.{os.urandom(4).hex()}")
+        not through it), in the folder reached through no link (_folder). Where the run made that impossible, it
+        waits until its timeout."""
+        name = self.answer_path.name
+        tmp = f".{name}.{os.getpid()}.{os.urandom(4).hex()}"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            folder = self._folder(self.answer_path)
+        except OSError:
+            return
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=folder)
             with os.fdopen(fd, "w") as f:
                 f.write(json.dumps(answer))
-            os.replace(tmp, self.answer_path)
+            os.replace(tmp, name, src_dir_fd=folder, dst_dir_fd=folder)
         except OSError:
             pass
+        finally:
+            os.close(folder)
 
     def _outcome(self) -> dict:
         if self.result is not None:  # nothing it could evaluate
@@ -460,9 +445,12 @@ class HarnessEvaluation:
         """The evaluation's result once it has ended; None where nothing was exported."""
         if self.thread is not None:
             self.thread.join()
-            return self.result
-        self.finish_unused(grace)
-        return None
+        else:
+            self.finish_unused(grace)
+        if self.folder is not None:
+            os.close(self.folder)
+            self.folder = None
+        return self.result if self.thread is not None else None
 
     def finish_unused(self, grace: float) -> None:
         """End of file on stdin: a cold evaluator exits without evaluating; a warm one is never asked."""
@@ -538,16 +526,6 @@ def on_this_device(spec: dict, env: dict) -> dict:
     training (or run out of its memory) and be slowed by it."""
     device = {name: env[name] for name in DEVICE_ENV if name in env}
     return dict(spec, env=dict(spec["env"], **device))
-
-
-def export_seconds(export: Path) -> float | None:
-    """How long export.py took, as it noted beside the program (for the answer's note only)."""
-    try:  # the run wrote it: not a FIFO's wait, and json nested past the parser's depth is no note either
-        with os.fdopen(os.open(str(export) + ".json", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb") as f:
-            seconds = json.loads(f.read(4096)).get("export_seconds")
-    except (OSError, ValueError, AttributeError, RecursionError):
-        return None
-    return seconds if isinstance(seconds, (int, float)) else None
 
 
 def evaluation_inputs(cache: Path, val_shard: Path | None, record: dict | None) -> dict:

@@ -45,11 +45,9 @@ from __future__ import annotations  # a node's Python may be older than 3.10
 
 import argparse
 import collections
-import ctypes
 import hashlib
 import json
 import os
-import select
 import shutil
 import signal
 import socket
@@ -83,7 +81,6 @@ DATA_ORDER_ENV = "AUTORESEARCH_DATA_ORDER"  # which stretch of the data a rerun 
 # before the SHA-256 of the final report, on the server's socket (final_report; executors/executor.py reads it)
 REPORT_DIGEST_MARK = b"report-sha256 "
 WARM_STUB = Path(__file__).resolve().parent / "warm_train.py"  # the interpreter a --warm worker starts ahead
-IN_OPEN = 0x20
 # The worker's stdin as it was started: the server's socket (the hand-over line, the end of file of a
 # server gone, and the final report's digest back), moved by server_channel() to a descriptor that no
 # child inherits
@@ -140,60 +137,6 @@ class LogPump(threading.Thread):
 
     def last_text(self, size: int) -> str:
         return b"".join(self.last)[-size:].decode("utf-8", errors="replace")
-
-
-class ValidationWatch(threading.Thread):
-    """Counts opens of the validation shard before the harness takes its own copy of the exported
-    model (Linux inotify). The boundary is the worker's own act, not a file the run can create: the
-    kernel queues an open's event before the open returns, so the events read when the copy is taken
-    are every open that came before it."""
-
-    def __init__(self, val_shard: Path):
-        super().__init__(daemon=True, name="val-watch")
-        self.opened_before_export = 0
-        self.exported = False
-        self.lock = threading.Lock()  # the events are read by this thread, and once by mark_exported
-        libc = ctypes.CDLL(None, use_errno=True)
-        self.fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-        if self.fd < 0:
-            raise OSError(ctypes.get_errno(), "inotify_init1")
-        if libc.inotify_add_watch(self.fd, bytes(val_shard), IN_OPEN) < 0:
-            raise OSError(ctypes.get_errno(), "inotify_add_watch")
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        while not self.done.is_set():
-            if select.select([self.fd], [], [], 0.2)[0]:
-                with self.lock:
-                    self._read_queued()
-
-    def mark_exported(self) -> None:
-        """The harness has its copy of the program: opens from now on cannot have trained it."""
-        with self.lock:
-            self._read_queued()
-            self.exported = True
-
-    def _read_queued(self) -> None:
-        for _, mask, _ in inotify_events.queued(self.fd):
-            if mask & IN_OPEN and not self.exported:
-                self.opened_before_export += 1
-
-    def stop(self) -> None:
-        self.done.set()
-        self.join(timeout=2)
-        if self.is_alive():
-            return
-        self._read_queued()  # what is still queued
-        os.close(self.fd)
-
-
-def start_watch(path: Path) -> ValidationWatch | None:
-    try:
-        watch = ValidationWatch(path)
-    except OSError:
-        return None  # not Linux: the server notes that validation reads are unwatched
-    watch.start()
-    return watch
 
 
 def sandboxed(command: list[str], spec: dict, cwd: str, private: dict | None = None) -> tuple[list[str], bool]:
@@ -450,7 +393,13 @@ def main(argv=None) -> int:
     # interpreter starts, as a warm one's imports come before its run. The shared shard is watched
     # only once the harness has its copies, below.
     if watch_val and val_copy:
-        val_watch = start_watch(val_copy)
+        try:
+            val_watch = inotify_events.start_watch(val_copy)
+        except OSError as exc:
+            os.close(write_end)
+            shutil.rmtree(val_copy.parent, ignore_errors=True)
+            return 126 if args.warm else not_started(args, f"refused to run {args.command[0]!r}: {exc}", 126,
+                                                     started_at, subreaper)
     started_warm = args.warm  # the hand-over's options below are the run's own, without --warm
     if args.warm:
         stub, stub_pipe = start_warm(args.command, args.sandbox, private, write_end, in_child, args.bytecode_fd)
@@ -482,10 +431,10 @@ def main(argv=None) -> int:
             evaluation = HarnessEvaluation(on_this_device(args.evaluate, os.environ), args.log, export, answer,
                                            warm, private=bubblewrap)
             env[ANSWER_ENV] = str(answer)
-    if watch_val and not val_copy and not args.val_shared:
-        val_watch = start_watch(args.val_shard)
     warm_start, handed, imported, why = False, None, None, None
     try:
+        if watch_val and not val_copy and not args.val_shared:
+            val_watch = inotify_events.start_watch(args.val_shard)
         # A harness run's interpreter says what it compiled before it is handed the run; one that does not (exited,
         # killed, hung) is never replaced by a plain one, which compiles an edit unseen: a lost warm one by a fresh one
         if args.files_on_stdin and files is None:
