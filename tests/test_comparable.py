@@ -289,6 +289,26 @@ def test_a_noise_repeat_on_a_lucky_data_order_cannot_be_kept_while_measure_noise
         lab.loop.shutdown()
 
 
+def test_a_noise_repeat_cannot_be_confirmed_while_measure_noise_waits(fake_env, monkeypatch):
+    """Review 63: a parallel confirm(run) of measure_noise's first repeat, pending while the second trained, reran the
+    kept code beside itself (two extra runs) and, the repeat winning its pair by luck (-0.002), answered
+    "confirmed", next keep(run=2): a run measure_noise had discarded meanwhile, and one keep refuses anyway."""
+    lab = noisy_lab(fake_env, -0.002)  # run 2: 0.998, run 3: 1.002
+    try:
+        lab.baseline()  # run 1: 1.0
+        sleeping(lab, monkeypatch, 3)  # run 2 waits for a decision while run 3 trains
+        calls = racing(lab, ("measure_noise", {"repeats": 2}), lambda status: status.get("undecided"),
+                       ("confirm", {"run": 2}))
+        assert calls["confirm"].is_error, calls["confirm"].content[0].text
+        assert "Run 2 is a rerun" in calls["confirm"].content[0].text and "discard(run=2)" in calls["confirm"].content[0].text
+        assert answer(calls["measure_noise"])["noise"]["values"] == [1.0, 0.998, 1.002]
+        status = answer(lab.call("status"))
+        assert not status.get("undecided") and status["extra_runs"] == 2
+        assert [line.split("\t")[3] for line in ledger_lines(lab.ws)[1:]] == ["keep", "discard", "discard"]
+    finally:
+        lab.loop.shutdown()
+
+
 def test_stop_now_still_ends_the_reruns_that_cancel_refuses(fake_env, monkeypatch):
     """stop(now=True) is the one way to end a research run's reruns in flight: cancel refuses them (review 53)."""
     lab = noisy_lab(fake_env, -0.002)

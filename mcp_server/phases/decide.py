@@ -158,6 +158,10 @@ def confirmation_plan(core: LoopCore, run: int | None) -> tuple[dict, bytes, byt
     state = core.state.load()
     core.research_state(state)
     entry = _undecided(core, state, run, "confirm")
+    if history.is_rerun(entry):  # review 63: its code reran beside the best's, and the answer said keep(run)
+        raise Refusal(f"Run {entry['run']} is a rerun that measure_noise or confirm made ({entry['description']}): it "
+                      "is no candidate, so there is no gain to confirm, and keep refuses it. discard(run="
+                      f"{entry['run']}) logs it (its value is filed already: measure_noise and confirm count it).")
     result = entry.get("result") or {}
     if result.get("status") != "ok":
         raise Refusal(f"Run {entry['run']} has no result to confirm ({result.get('status') or entry['status']}).")
