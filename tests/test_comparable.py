@@ -309,6 +309,29 @@ def test_a_noise_repeat_cannot_be_confirmed_while_measure_noise_waits(fake_env, 
         lab.loop.shutdown()
 
 
+@pytest.mark.parametrize("decision", [("discard", {"run": 4}), ("keep", {"run": 4, "unconfirmed": True})])
+def test_a_candidate_decided_while_confirm_waits_gets_no_verdict_to_act_on(fake_env, monkeypatch, decision):
+    """Review 63: discard(run=4) (or keep(run=4, unconfirmed=true)) by a parallel call while confirm reran run 4
+    beside the best: confirm still answered its verdict, next keep(run=4) or discard(run=4), for a run already
+    logged; the verdict was stored nowhere. Now the confirmation is refused, its reruns logged and counted."""
+    lab = noisy_lab(fake_env, 0.002)
+    try:
+        baseline_and_noise(lab)  # runs 1-3
+        set_knobs(lab.ws, VAL_BPB=0.99, NOISE=0.002)
+        lab.ok("run_experiment", description="a marginal idea")  # run 4: 0.99
+        sleeping(lab, monkeypatch, 3)
+        calls = racing(lab, ("confirm", {}), lambda status: "run 5 " in (status.get("running") or ""), decision)
+        assert answer(calls[decision[0]])["row"]["status"] == decision[0]
+        refused = calls["confirm"]
+        assert refused.is_error and f"Run 4 was decided by another call while confirm measured it ({decision[0]} row" \
+            in refused.content[0].text, refused.content[0].text
+        status = answer(lab.call("status"))
+        assert not status.get("undecided") and status["extra_runs"] == 4
+        assert [line.split("\t")[3] for line in ledger_lines(lab.ws)[4:]] == [decision[0], "discard", "discard"]
+    finally:
+        lab.loop.shutdown()
+
+
 def test_stop_now_still_ends_the_reruns_that_cancel_refuses(fake_env, monkeypatch):
     """stop(now=True) is the one way to end a research run's reruns in flight: cancel refuses them (review 53)."""
     lab = noisy_lab(fake_env, -0.002)

@@ -20,7 +20,9 @@ def record_confirmation(core: LoopCore, run: int, confirmation: dict, spent: int
     where its train.py lost a pair against the best's on another data order than this call's (confirming
     again until one pair is lucky undid the lost one, and keep called the gain confirmed), or where the
     candidate's or the control's code repeated its number on different data orders; returns the research
-    run's extra runs so far and that reason (None when there is none)."""
+    run's extra runs so far and that reason (None when there is none). Refused, the reruns counted, where another
+    call decided the run while its reruns trained (review 63: the answer said keep(run) or discard(run) of a run
+    already logged)."""
     with core.state.transaction() as state:
         entry = (state.get("runs") or {}).get(str(run))
         reason = None
@@ -44,7 +46,15 @@ def record_confirmation(core: LoopCore, run: int, confirmation: dict, spent: int
             if not begun[key]:
                 del begun[key]
         state["extra_runs"] = state.get("extra_runs", 0) + spent
-        return state["extra_runs"], reason
+        total = state["extra_runs"]
+    if entry is None:
+        decision = ((core.read_record(run) or {}).get("decision") or {}).get("status", "a")
+        deltas = ", ".join(f"{d:+.6f}" for d in confirmation["paired_deltas"]) or "none finished"
+        raise Refusal(f"Run {run} was decided by another call while confirm measured it ({decision} row in "
+                      f"{ledger.LEDGER_NAME}), so this confirmation (paired deltas {deltas}) was not recorded and is "
+                      f"nothing to keep or discard on; its reruns are logged as discard rows and counted ({total} extra "
+                      "runs so far). status() says the next step.")
+    return total, reason
 
 
 def _lost_pairs(core: LoopCore, state: dict, entry: dict, orders: list[int]) -> list[float]:
