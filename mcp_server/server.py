@@ -470,7 +470,7 @@ def register_measurements(srv: MCPServer, loop: ResearchLoop) -> None:
             if value is not None:
                 devices.add(result.device)
         device = devices.pop() if len(devices) == 1 else None  # repeats on several models: no per-model estimate
-        estimate = await threaded(loop.store_measured_noise, len(runs), len(ok), device)
+        estimate = await threaded(loop.store_measured_noise, len(runs), len(ok), device, kept)
         return compact(NoiseResult(noise=estimate, runs=ok, failed=failed))
 
     @register(WRITES)

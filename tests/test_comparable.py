@@ -309,6 +309,32 @@ def test_a_noise_repeat_cannot_be_confirmed_while_measure_noise_waits(fake_env, 
         lab.loop.shutdown()
 
 
+def test_a_keep_while_measure_noise_waits_stores_no_estimate_of_another_code(fake_env, monkeypatch):
+    """Review 63: on two slots, keep(run=2) of a pending idea while measure_noise reran the best before it: the
+    estimate was read from the new best's values (one), so the answer blamed the repeats ("Too few successful
+    repeats (2): fix any crash"); with reruns of the new best on file it would store their estimate, the repeats
+    left out (by reading)."""
+    from server_support import Lab, git, make_workspace
+    lab = Lab(make_workspace(fake_env, "VAL_BPB = 1.0\nNOISE = -0.002\n"), slots=2)
+    try:
+        lab.baseline()  # run 1: 1.0
+        set_knobs(lab.ws, VAL_BPB=0.9, NOISE=-0.002)
+        lab.ok("run_experiment", description="a clear gain")  # run 2: 0.898, pending
+        git(lab.ws, "checkout", "--", "train.py")  # noise is measured on the kept code
+        sleeping(lab, monkeypatch, 3)
+        calls = racing(lab, ("measure_noise", {"repeats": 2}), lambda status: "run 3 " in (status.get("running") or ""),
+                       ("keep", {"run": 2}))
+        assert answer(calls["keep"])["best_val_bpb"] == 0.898
+        refused = calls["measure_noise"]
+        assert refused.is_error and "The best changed while measure_noise reran" in refused.content[0].text, \
+            refused.content[0].text
+        status = answer(lab.call("status"))
+        assert not status.get("noise") and not status.get("undecided") and status["extra_runs"] == 2
+        assert [line.split("\t")[3] for line in ledger_lines(lab.ws)[1:]] == ["keep", "keep", "discard", "discard"]
+    finally:
+        lab.loop.shutdown()
+
+
 @pytest.mark.parametrize("decision", [("discard", {"run": 4}), ("keep", {"run": 4, "unconfirmed": True})])
 def test_a_candidate_decided_while_confirm_waits_gets_no_verdict_to_act_on(fake_env, monkeypatch, decision):
     """Review 63: discard(run=4) (or keep(run=4, unconfirmed=true)) by a parallel call while confirm reran run 4

@@ -246,16 +246,22 @@ def _order_blind(core: LoopCore, state: dict, commit: str, own: list[tuple[int, 
             "loading (leave that variable and the dataloader alone).")
 
 
-def store_measured_noise(core: LoopCore, spent: int, ok: int, device: str | None) -> NoiseEstimate:
+def store_measured_noise(core: LoopCore, spent: int, ok: int, device: str | None, measured: str) -> NoiseEstimate:
     """The estimate of every value on the shelf as measure_noise ends, read and stored in one transaction (review
     56: each call read the shelf as it began, so of two calls at once the last to end stored the kept value and its
-    own repeats only); refused where fewer than two values are there."""
+    own repeats only); refused where fewer than two values are there, or where another call kept a result while
+    the repeats of `measured` trained (review 63: the estimate was the new best's values, without the repeats)."""
     with core.state.transaction() as state:
-        values, kept_device = noise_values(core, state, device)
+        now = str(state.get("kept_commit") or "")
+        values, kept_device = noise_values(core, state, device) if now == measured else ([], None)
         if len(values) >= 2:
             return store_noise(core, values, spent, device)  # its transaction nests in this one
         state["extra_runs"] = state.get("extra_runs", 0) + spent  # the repeats ran, stored or not
-        again = _unfiled(core, state, state.get("kept_commit", ""))
+        again = _unfiled(core, state, now)
+    if now != measured:
+        raise Refusal(f"The best changed while measure_noise reran {measured[:7]} (now {now[:7]}, kept by another "
+                      "call): no estimate was stored. The repeats are logged as discard rows and count in any later "
+                      f"estimate of {measured[:7]}'s code; measure_noise() again measures the new best.")
     where = f" on {device} (the kept value is from {kept_device})" if device and kept_device != device else ""
     # review 60: the next call reruns these orders first, so repeats=2 after two failed repeats drew no fresh order
     fresh = (f" The next call measures data order(s) {', '.join(map(str, again))} again before any fresh one: "
