@@ -314,11 +314,23 @@ def stop(core: LoopCore, reason: str, now: bool = False) -> StopResult:
             raise Refusal("No research run is set up, so there is nothing to stop.")
         state["stopped"] = {"reason": reason, "at": time.time()}
         in_flight = [e["run"] for e in core.runs_of(state, *IN_FLIGHT)]
-    cancelled = [cancel(core, run, ending=True).run for run in in_flight] if now else []
+    cancelled = [run for run in in_flight if now and _cancelled_unless_ended(core, run)]
     core.notifier.check(core)
     status = overview.status(core)
     return StopResult(stopped=reason, cancelled=cancelled or None, running=status.running,
                       undecided=status.undecided, next=status.next)
+
+
+def _cancelled_unless_ended(core: LoopCore, run: int) -> bool:
+    """stop(now=True)'s cancel of a run it listed in flight; False where the run left the flight meanwhile (it
+    ended, or another call cancelled it: review 63, the stop answered that refusal though the research run was
+    stopped and the runs after it were left training). The answer's `undecided` lists one that waits."""
+    try:
+        return bool(cancel(core, run, ending=True))
+    except Refusal:
+        if (core.entry(run) or {}).get("status") in IN_FLIGHT:
+            raise
+        return False
 
 
 def reapply(core: LoopCore, run: int) -> dict:
