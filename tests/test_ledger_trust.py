@@ -351,6 +351,34 @@ def test_a_fifo_planted_where_the_server_reads_or_writes_does_not_hang_a_tool(la
             pass
 
 
+def test_a_fifo_or_folder_at_a_charts_name_fails_no_report_and_no_runner_summary(lab, capsys):
+    """Review 63: the charts were written where they lie (matplotlib opens progress.png, and the report's
+    <tag>-<date>.png, in place): a FIFO there made plot_progress and report answer an internal error ("not
+    seekable"), a folder likewise, and the overnight runner's end-of-night summary raised, so the runner ended on
+    a traceback without its spending lines and without waiting for its queued pings. Charts are written like
+    records now: a new file renamed over whatever lies there."""
+    import argparse
+    from mcp_server.overnight import overnight
+    from mcp_server.phases.morning import REPORTS_DIR
+    lab.baseline()
+    chart = lab.ws / REPORTS_DIR / f"t-{time.strftime('%Y-%m-%d', time.gmtime())}.png"
+    chart.parent.mkdir(parents=True, exist_ok=True)
+    for planted in (os.mkfifo, os.mkdir):
+        for path in (lab.ws / "progress.png", chart):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            planted(path)
+        assert lab.ok("plot_progress")["runs_plotted"] == 1
+        assert lab.ok("report")["path"].endswith(".md") and chart.read_bytes().startswith(b"\x89PNG")
+        (lab.ws / "progress.png").unlink()
+        planted(lab.ws / "progress.png")
+        parser = argparse.ArgumentParser()
+        overnight.add_arguments(parser)
+        overnight.Runner(parser.parse_args(["--tag", "t", "--workspace", str(lab.ws)]), "claude").summary()
+        out = capsys.readouterr().out
+        assert "progress chart: " in out and "spent: " in out and "logs: " in out
+        assert (lab.ws / "progress.png").read_bytes().startswith(b"\x89PNG")
+
+
 def test_a_fifo_in_place_of_train_py_does_not_hang_keep(lab):
     """keep compares the working train.py with the kept code (a note): a FIFO there blocked the open."""
     lab.baseline()
