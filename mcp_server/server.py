@@ -26,7 +26,7 @@ from mcp.types import (
 
 from mcp_server import stdio_lines
 from mcp_server.phases import morning
-from mcp_server.core import plot
+from mcp_server.core import ledger, plot
 from mcp_server.phases import sweep as sweeping
 from mcp_server.loop import ResearchLoop
 from mcp_server.core.models import (
@@ -414,7 +414,7 @@ def register_reports(srv: MCPServer, loop: ResearchLoop) -> None:
         reruns = set(rerun_commits(loop.root / RUNS_DIR, loop.state.load(), [r.commit for r in rows]))
         plotted, kept, crashes, apart = await anyio.to_thread.run_sync(plot.plot_rows, rows, path, reruns)
         result = PlotResult(path=str(path), runs_plotted=plotted, kept=kept, crashes_excluded=crashes, reruns=apart)
-        image = base64.b64encode(path.read_bytes()).decode()
+        image = base64.b64encode(ledger.read_plain(path) or b"").decode()  # a FIFO swapped in since: no wait
         return CallToolResult(content=[TextContent(type="text", text=result.model_dump_json()),
                                        ImageContent(type="image", data=image, mime_type="image/png")],
                               structured_content=result.model_dump(mode="json"))
@@ -472,7 +472,7 @@ def register_measurements(srv: MCPServer, loop: ResearchLoop) -> None:
             if value is not None:
                 devices.add(result.device)
         device = devices.pop() if len(devices) == 1 else None  # repeats on several models: no per-model estimate
-        estimate = await threaded(loop.store_measured_noise, len(runs), len(ok), device)
+        estimate = await threaded(loop.store_measured_noise, len(runs), len(ok), device, kept)
         return compact(NoiseResult(noise=estimate, runs=ok, failed=failed))
 
     @register(WRITES)

@@ -289,6 +289,75 @@ def test_a_noise_repeat_on_a_lucky_data_order_cannot_be_kept_while_measure_noise
         lab.loop.shutdown()
 
 
+def test_a_noise_repeat_cannot_be_confirmed_while_measure_noise_waits(fake_env, monkeypatch):
+    """Review 63: a parallel confirm(run) of measure_noise's first repeat, pending while the second trained, reran the
+    kept code beside itself (two extra runs) and, the repeat winning its pair by luck (-0.002), answered
+    "confirmed", next keep(run=2): a run measure_noise had discarded meanwhile, and one keep refuses anyway."""
+    lab = noisy_lab(fake_env, -0.002)  # run 2: 0.998, run 3: 1.002
+    try:
+        lab.baseline()  # run 1: 1.0
+        sleeping(lab, monkeypatch, 3)  # run 2 waits for a decision while run 3 trains
+        calls = racing(lab, ("measure_noise", {"repeats": 2}), lambda status: status.get("undecided"),
+                       ("confirm", {"run": 2}))
+        assert calls["confirm"].is_error, calls["confirm"].content[0].text
+        assert "Run 2 is a rerun" in calls["confirm"].content[0].text and "discard(run=2)" in calls["confirm"].content[0].text
+        assert answer(calls["measure_noise"])["noise"]["values"] == [1.0, 0.998, 1.002]
+        status = answer(lab.call("status"))
+        assert not status.get("undecided") and status["extra_runs"] == 2
+        assert [line.split("\t")[3] for line in ledger_lines(lab.ws)[1:]] == ["keep", "discard", "discard"]
+    finally:
+        lab.loop.shutdown()
+
+
+def test_a_keep_while_measure_noise_waits_stores_no_estimate_of_another_code(fake_env, monkeypatch):
+    """Review 63: on two slots, keep(run=2) of a pending idea while measure_noise reran the best before it: the
+    estimate was read from the new best's values (one), so the answer blamed the repeats ("Too few successful
+    repeats (2): fix any crash"); with reruns of the new best on file it would store their estimate, the repeats
+    left out (by reading)."""
+    from server_support import Lab, git, make_workspace
+    lab = Lab(make_workspace(fake_env, "VAL_BPB = 1.0\nNOISE = -0.002\n"), slots=2)
+    try:
+        lab.baseline()  # run 1: 1.0
+        set_knobs(lab.ws, VAL_BPB=0.9, NOISE=-0.002)
+        lab.ok("run_experiment", description="a clear gain")  # run 2: 0.898, pending
+        git(lab.ws, "checkout", "--", "train.py")  # noise is measured on the kept code
+        sleeping(lab, monkeypatch, 3)
+        calls = racing(lab, ("measure_noise", {"repeats": 2}), lambda status: "run 3 " in (status.get("running") or ""),
+                       ("keep", {"run": 2}))
+        assert answer(calls["keep"])["best_val_bpb"] == 0.898
+        refused = calls["measure_noise"]
+        assert refused.is_error and "The best changed while measure_noise reran" in refused.content[0].text, \
+            refused.content[0].text
+        status = answer(lab.call("status"))
+        assert not status.get("noise") and not status.get("undecided") and status["extra_runs"] == 2
+        assert [line.split("\t")[3] for line in ledger_lines(lab.ws)[1:]] == ["keep", "keep", "discard", "discard"]
+    finally:
+        lab.loop.shutdown()
+
+
+@pytest.mark.parametrize("decision", [("discard", {"run": 4}), ("keep", {"run": 4, "unconfirmed": True})])
+def test_a_candidate_decided_while_confirm_waits_gets_no_verdict_to_act_on(fake_env, monkeypatch, decision):
+    """Review 63: discard(run=4) (or keep(run=4, unconfirmed=true)) by a parallel call while confirm reran run 4
+    beside the best: confirm still answered its verdict, next keep(run=4) or discard(run=4), for a run already
+    logged; the verdict was stored nowhere. Now the confirmation is refused, its reruns logged and counted."""
+    lab = noisy_lab(fake_env, 0.002)
+    try:
+        baseline_and_noise(lab)  # runs 1-3
+        set_knobs(lab.ws, VAL_BPB=0.99, NOISE=0.002)
+        lab.ok("run_experiment", description="a marginal idea")  # run 4: 0.99
+        sleeping(lab, monkeypatch, 3)
+        calls = racing(lab, ("confirm", {}), lambda status: "run 5 " in (status.get("running") or ""), decision)
+        assert answer(calls[decision[0]])["row"]["status"] == decision[0]
+        refused = calls["confirm"]
+        assert refused.is_error and f"Run 4 was decided by another call while confirm measured it ({decision[0]} row" \
+            in refused.content[0].text, refused.content[0].text
+        status = answer(lab.call("status"))
+        assert not status.get("undecided") and status["extra_runs"] == 4
+        assert [line.split("\t")[3] for line in ledger_lines(lab.ws)[4:]] == [decision[0], "discard", "discard"]
+    finally:
+        lab.loop.shutdown()
+
+
 def test_stop_now_still_ends_the_reruns_that_cancel_refuses(fake_env, monkeypatch):
     """stop(now=True) is the one way to end a research run's reruns in flight: cancel refuses them (review 53)."""
     lab = noisy_lab(fake_env, -0.002)

@@ -351,6 +351,34 @@ def test_a_fifo_planted_where_the_server_reads_or_writes_does_not_hang_a_tool(la
             pass
 
 
+def test_a_fifo_or_folder_at_a_charts_name_fails_no_report_and_no_runner_summary(lab, capsys):
+    """Review 63: the charts were written where they lie (matplotlib opens progress.png, and the report's
+    <tag>-<date>.png, in place): a FIFO there made plot_progress and report answer an internal error ("not
+    seekable"), a folder likewise, and the overnight runner's end-of-night summary raised, so the runner ended on
+    a traceback without its spending lines and without waiting for its queued pings. Charts are written like
+    records now: a new file renamed over whatever lies there."""
+    import argparse
+    from mcp_server.overnight import overnight
+    from mcp_server.phases.morning import REPORTS_DIR
+    lab.baseline()
+    chart = lab.ws / REPORTS_DIR / f"t-{time.strftime('%Y-%m-%d', time.gmtime())}.png"
+    chart.parent.mkdir(parents=True, exist_ok=True)
+    for planted in (os.mkfifo, os.mkdir):
+        for path in (lab.ws / "progress.png", chart):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            planted(path)
+        assert lab.ok("plot_progress")["runs_plotted"] == 1
+        assert lab.ok("report")["path"].endswith(".md") and chart.read_bytes().startswith(b"\x89PNG")
+        (lab.ws / "progress.png").unlink()
+        planted(lab.ws / "progress.png")
+        parser = argparse.ArgumentParser()
+        overnight.add_arguments(parser)
+        overnight.Runner(parser.parse_args(["--tag", "t", "--workspace", str(lab.ws)]), "claude").summary()
+        out = capsys.readouterr().out
+        assert "progress chart: " in out and "spent: " in out and "logs: " in out
+        assert (lab.ws / "progress.png").read_bytes().startswith(b"\x89PNG")
+
+
 def test_a_fifo_in_place_of_train_py_does_not_hang_keep(lab):
     """keep compares the working train.py with the kept code (a note): a FIFO there blocked the open."""
     lab.baseline()
@@ -675,3 +703,35 @@ def test_a_folder_or_file_where_the_server_writes_fails_no_tool(lab, plant):
     assert [line.split("\t")[1] for line in ledger_lines(lab.ws)[1:]] == ["1.000000", "0.900000"]
     moved = [p for p in [*lab.ws.glob(".*.moved"), *(lab.ws / ".research-loop").glob(".*.moved")]]
     assert len(moved) == 1 and next(moved[0].iterdir()).exists()  # kept as it was
+
+
+def test_a_planted_or_edited_run_log_gives_read_metrics_and_the_dashboard_no_number(lab):
+    """Review 63: read_metrics(run) found a run's log by its file name and read whatever it held. A log planted
+    as runs/0002-0000000.log (sorted before the real one) answered crashed run 2 as ok at 0.5, one planted for a
+    run number that never existed was a result, an edited log of run 1 gave 0.5 for a recorded 1.0, and the
+    dashboard's tail of a kept run showed the edited text. Only the log the server recorded is read now."""
+    from mcp_server.dashboard import dashboard
+    baseline = lab.baseline()["row"]
+    set_knobs(lab.ws, crash=1)
+    lab.ok("run_experiment", description="broken")
+    lab.ok("discard")
+    forged = "step 00100 (100.0%) | loss: 0.500000\n---\nval_bpb:          0.500000\npeak_vram_mb:     1.0\n"
+    (lab.ws / "runs" / "0002-0000000.log").write_text(forged)
+    (lab.ws / "runs" / "0099-0000000.log").write_text(forged)
+    own = lab.ws / "runs" / f"0001-{baseline['commit']}.log"
+    own.write_text(own.read_text().replace("val_bpb:          1.000000", "val_bpb:          0.500000")
+                   + "the harness verified val_bpb 0.5\n")
+
+    second = lab.ok("read_metrics", run="2")
+    assert second["status"] == "crash" and not second.get("summary") and "RuntimeError" in second["tail"], second
+    assert "No run '99' in this research run's records" in lab.refused("read_metrics", run="99")
+    first = lab.ok("read_metrics", run="1")
+    assert first["status"] == "ok" and not first.get("summary"), first
+    assert "not the log the server recorded" in first["note"]
+    assert lab.ok("read_metrics", run=baseline["commit"]) == first
+    tail = dashboard.run_tail(lab.ws, baseline["commit"])["tail"]
+    assert "0.5" not in tail and "not the log the server recorded" in tail
+    own.unlink()
+    (lab.ws / "run.log").write_text(forged)  # run.log itself: a run by hand, never a recorded result
+    by_hand = lab.ok("read_metrics")
+    assert by_hand["summary"]["val_bpb"] == 0.5 and "no log of a run the server recorded" in by_hand["note"]

@@ -241,7 +241,6 @@ def test_a_new_setup_on_an_edited_harness_is_refused_while_the_research_run_is_a
     assert "| harness | the harness differs" in report and "nanochat/common.py" in report, report
 
 
-
 def test_a_second_stop_then_setup_on_the_same_edited_harness_still_says_it_changed(lab):
     """Review 47: the note compared the harness with the research run just before only, so a second stop and
     setup on the agent's edited harness (now the same as the one before's) dropped it: the night's last
@@ -407,3 +406,32 @@ def test_a_process_holding_the_state_lock_gets_a_refusal_not_a_hang(lab, monkeyp
     assert lab.ok("wait")["results"][0]["val_bpb"] == 0.9
     status = lab.ok("status")
     assert status["undecided"] == [2] and status["ended"] is None, status  # the stop changed nothing
+
+
+def test_two_stop_now_calls_at_once_both_answer_the_stop_and_leave_nothing_in_flight(lab):
+    """Review 63: stop(now=True) lists the runs in flight, then cancels each; a run that left the flight in between
+    (another stop or cancel got there first, or it ended) made the call answer "Run N is not queued or running"
+    though the research run was stopped, and the runs after it in its list were left training."""
+    import anyio
+    from mcp import Client
+    from mcp_server.server import build_server
+    from server_support import answer
+    lab.baseline()
+    set_knobs(lab.ws, VAL_BPB=0.9, SLEEP=60)
+    runs = [lab.ok("run_experiment", description=f"idea {k}", wait=False, rerun=True)["run"] for k in range(6)]
+    answers = []
+
+    async def both():
+        async with Client(build_server(lab.loop)) as client:
+            async def one():
+                answers.append(await client.call_tool("stop", {"reason": "morning", "now": True}))
+            async with anyio.create_task_group() as calls:
+                calls.start_soon(one)
+                calls.start_soon(one)
+    anyio.run(both)
+    assert not any(a.is_error for a in answers), [a.content[0].text for a in answers]
+    stops = [answer(a) for a in answers]
+    cancelled = sorted(n for s in stops for n in s.get("cancelled") or [])
+    assert cancelled == runs and all(s["stopped"] == "morning" for s in stops), stops
+    status = lab.ok("status")
+    assert not status.get("running") and not status.get("queued") and not status.get("undecided"), status

@@ -445,7 +445,7 @@ def test_read_metrics_on_missing_empty_crashed_and_past_runs(lab):
     assert lab.ok("read_metrics", run="1")["summary"]["val_bpb"] == 1.0
     assert lab.ok("read_metrics", run=first)["status"] == "ok"
     assert lab.ok("read_metrics", run="2")["status"] == "crash"
-    assert "No log for run" in lab.refused("read_metrics", run="99")
+    assert "No run '99' in this research run" in lab.refused("read_metrics", run="99")
     assert "not a run number" in lab.refused("read_metrics", run="../state")
 
 

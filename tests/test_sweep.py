@@ -4,6 +4,8 @@ real train.py: tests/test_demo.py's end to end, whose --strategy tpe runs its tr
 import sqlite3
 
 import anyio
+import pytest
+from mcp import Client
 
 from server_support import Lab, answer, git, ledger_lines, make_workspace, stdio_client_for
 
@@ -265,3 +267,49 @@ def test_a_trial_of_code_measured_on_this_best_is_answered_from_that_run(fake_en
     row = result["table"][0]
     assert result["trials_run"] == 0 and result["pending_run"] is None
     assert (row["status"], row["run"], row["val_bpb"]) == ("repeat", idea["run"], 0.9) and "no run" in row["note"]
+
+
+@pytest.mark.parametrize("decision", ["discard", "keep"])
+def test_a_held_trial_another_call_decides_is_let_go_never_named_or_discarded_again(fake_env, decision):
+    """Review 63: the sweep held trial 1 (a gain) and trained trial 2 while another call discarded (or kept) trial 1.
+    When trial 2 ended, the sweep discarded it as beaten by trial 1, and answered pending_run trial 1, keep(run)
+    (a discarded run; or one kept already), or it failed on "already decided" discarding trial 1 again. Now a held
+    run another call decided is let go: after a discard the next gain is held; after a keep the best moved, so the
+    sweep stops and its trial measured on the old best is discarded, saying why."""
+    lab = sweep_lab(fake_env, slots=1, train=FAKE_TRAIN.replace("SLEEP = 0.6", "SLEEP = 2"))
+    answers, decided = [], []
+
+    async def race():
+        async with Client(lab.server()) as client:
+            async def sweep():
+                answers.append(await client.call_tool("sweep", {"space": {"VAL_BPB": {"low": 0.8, "high": 0.99}},
+                                                                "trials": 2, "seed": 0}))
+
+            async def decide_the_held():
+                with anyio.fail_after(60):
+                    while True:
+                        runs = (lab.loop.state.load().get("runs") or {}).values()
+                        held = [e["run"] for e in runs if e["status"] == "pending"]
+                        if held and any(e["status"] == "running" for e in runs):
+                            decided.append(answer(await client.call_tool(decision, {"run": held[0]})))
+                            return held[0]
+                        await anyio.sleep(0.05)
+            async with anyio.create_task_group() as calls:
+                calls.start_soon(sweep)
+                calls.start_soon(decide_the_held)
+    try:
+        anyio.run(race)
+        status = lab.ok("status")
+    finally:
+        lab.loop.shutdown()
+    assert not answers[0].is_error, answers[0].content[0].text
+    result, first = answer(answers[0]), decided[0]["row"]["commit"]
+    second = next(row for row in result["table"] if row["commit"] != first)
+    assert [r[3] for r in trial_rows(lab.ws) if r[0] == first] == [decision]  # logged once, by the other call
+    if decision == "discard":
+        assert result["pending_run"] == second["run"] and status["undecided"] == [second["run"]], result
+        assert f"keep(run={second['run']})" in result["next"] or f"confirm(run={second['run']})" in result["next"]
+    else:
+        assert result["pending_run"] is None and not status.get("undecided"), result
+        assert "the best changed while the sweep ran" in result["stopped"] and "sweep again" in result["next"]
+        assert [r[4] for r in trial_rows(lab.ws) if r[0] == second["commit"]][0].endswith("no longer the best)")

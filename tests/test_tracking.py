@@ -382,6 +382,24 @@ def test_a_log_replaced_by_a_symbolic_link_uploads_nothing_it_points_to(lab, mlf
     assert "SECRET" not in json.dumps(run.to_dictionary())
 
 
+def test_a_log_edited_after_its_run_was_recorded_is_not_uploaded_nor_drawn(lab, mlflow_server):
+    """Review 63: tracking read the run's log when it tracked the run, after the agent could edit it: a log whose
+    loss lines and summary were rewritten was uploaded as the run's log and drawn as its loss curve. Only the
+    bytes the server digested when it recorded the run are tracked; otherwise a tag says why not."""
+    lab.baseline()
+    log = next((lab.ws / "runs").glob("0001-*.log"))
+    honest = log.read_text()
+    log.write_text(honest.replace("loss: ", "loss: 0.0").replace("val_bpb:          1.000000",
+                                                                "val_bpb:          0.500000") + "verified 0.5\n")
+    assert tracking.Tracker(lab.ws, mlflow_server.url).sync() == 1
+    client = MlflowClient(mlflow_server.url)
+    run = tracked(client, lab.ws)["baseline"]
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"train.py.diff", "record.json"}
+    assert run.data.tags["log_note"] == (f"runs/{log.name} was not uploaded: it is not the log the server recorded "
+                                         "for the run (changed since, or never recorded)")
+    assert client.get_metric_history(run.info.run_id, "train_loss") == [] and run.data.metrics["val_bpb"] == 1.0
+
+
 def test_only_the_owning_server_tracks(lab, mlflow_server):
     night(lab)
     assert tracking.Tracker(lab.ws, mlflow_server.url, owned=lambda: False).sync() == 0

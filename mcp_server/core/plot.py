@@ -4,8 +4,10 @@ reruns (noise repeats, confirmations, controls) drawn apart from the ideas.
 matplotlib is imported here, lazily, so the server starts fast and never pays for it
 unless a chart is asked for.
 """
+import io
 from pathlib import Path
 
+from mcp_server.core import ledger
 from mcp_server.core.models import Row
 
 PLOT_NAME = "progress.png"
@@ -56,8 +58,12 @@ def plot_rows(rows: list[Row], path: Path, reruns: set[str] | None = None) -> tu
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
+    # never opened where it lies (review 63: a FIFO the agent put at progress.png hung plot_progress, the report and the
+    # overnight runner's summary, which then never exited or pinged)
+    ledger.replace_bytes(path, png.getvalue())
     return len(runs), len(kept), crashes, len(repeated)
 
 

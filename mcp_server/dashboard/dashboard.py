@@ -219,12 +219,13 @@ def run_tail(root: Path, commit: str) -> dict:
     if not any(r.commit == commit for r in server_rows(root, state)):
         raise LookupError(f"{commit} is not in results.tsv")
     record = history.records_by_commit(root / RUNS_DIR, state).get(commit)
-    runs = root / RUNS_DIR
-    log = next(iter(sorted(runs.glob(f"[0-9][0-9][0-9][0-9]-{commit}.log"))), None) if runs.is_dir() else None
+    name = (record or {}).get("result", {}).get("log")
     tail = (record or {}).get("result", {}).get("tail")
-    if tail is None and log is not None:
-        tail = logparse.tail(logparse.read_tail_bytes(log, LOG_TAIL_BYTES))
-    return {"commit": commit, "log": f"{RUNS_DIR}/{log.name}" if log else None,
+    if tail is None and isinstance(name, str):  # the log as the server recorded it, never one changed since
+        text = history.checked_log(root, state, name)
+        tail = logparse.tail(text[-LOG_TAIL_BYTES:]) if text is not None else (
+            f"{name} is not the log the server recorded for this run (changed or deleted since): not shown")
+    return {"commit": commit, "log": name if isinstance(name, str) else None,
             "tail": tail if tail is not None else "no log was kept for this run (logged with log_result?)"}
 
 

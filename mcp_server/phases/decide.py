@@ -158,6 +158,10 @@ def confirmation_plan(core: LoopCore, run: int | None) -> tuple[dict, bytes, byt
     state = core.state.load()
     core.research_state(state)
     entry = _undecided(core, state, run, "confirm")
+    if history.is_rerun(entry):  # review 63: its code reran beside the best's, and the answer said keep(run)
+        raise Refusal(f"Run {entry['run']} is a rerun that measure_noise or confirm made ({entry['description']}): it "
+                      "is no candidate, so there is no gain to confirm, and keep refuses it. discard(run="
+                      f"{entry['run']}) logs it (its value is filed already: measure_noise and confirm count it).")
     result = entry.get("result") or {}
     if result.get("status") != "ok":
         raise Refusal(f"Run {entry['run']} has no result to confirm ({result.get('status') or entry['status']}).")
@@ -310,11 +314,23 @@ def stop(core: LoopCore, reason: str, now: bool = False) -> StopResult:
             raise Refusal("No research run is set up, so there is nothing to stop.")
         state["stopped"] = {"reason": reason, "at": time.time()}
         in_flight = [e["run"] for e in core.runs_of(state, *IN_FLIGHT)]
-    cancelled = [cancel(core, run, ending=True).run for run in in_flight] if now else []
+    cancelled = [run for run in in_flight if now and _cancelled_unless_ended(core, run)]
     core.notifier.check(core)
     status = overview.status(core)
     return StopResult(stopped=reason, cancelled=cancelled or None, running=status.running,
                       undecided=status.undecided, next=status.next)
+
+
+def _cancelled_unless_ended(core: LoopCore, run: int) -> bool:
+    """stop(now=True)'s cancel of a run it listed in flight; False where the run left the flight meanwhile (it
+    ended, or another call cancelled it: review 63, the stop answered that refusal though the research run was
+    stopped and the runs after it were left training). The answer's `undecided` lists one that waits."""
+    try:
+        return bool(cancel(core, run, ending=True))
+    except Refusal:
+        if (core.entry(run) or {}).get("status") in IN_FLIGHT:
+            raise
+        return False
 
 
 def reapply(core: LoopCore, run: int) -> dict:

@@ -21,7 +21,9 @@ def record_confirmation(core: LoopCore, run: int, confirmation: dict, spent: int
     where its train.py lost a pair against the best's on another data order than this call's (confirming
     again until one pair is lucky undid the lost one, and keep called the gain confirmed), or where the
     candidate's or the control's code repeated its number on different data orders; returns the research
-    run's extra runs so far and that reason (None when there is none)."""
+    run's extra runs so far and that reason (None when there is none). Refused, the reruns counted, where another
+    call decided the run while its reruns trained (review 63: the answer said keep(run) or discard(run) of a run
+    already logged)."""
     with core.state.transaction() as state:
         entry = (state.get("runs") or {}).get(str(run))
         reason = None
@@ -45,7 +47,15 @@ def record_confirmation(core: LoopCore, run: int, confirmation: dict, spent: int
             if not begun[key]:
                 del begun[key]
         state["extra_runs"] = state.get("extra_runs", 0) + spent
-        return state["extra_runs"], reason
+        total = state["extra_runs"]
+    if entry is None:
+        decision = ((core.read_record(run) or {}).get("decision") or {}).get("status", "a")
+        deltas = ", ".join(f"{d:+.6f}" for d in confirmation["paired_deltas"]) or "none finished"
+        raise Refusal(f"Run {run} was decided by another call while confirm measured it ({decision} row in "
+                      f"{ledger.LEDGER_NAME}), so this confirmation (paired deltas {deltas}) was not recorded and is "
+                      f"nothing to keep or discard on; its reruns are logged as discard rows and counted ({total} extra "
+                      "runs so far). status() says the next step.")
+    return total, reason
 
 
 def _lost_pairs(core: LoopCore, state: dict, entry: dict, orders: list[int]) -> list[float]:
@@ -250,16 +260,22 @@ def _order_blind(core: LoopCore, state: dict, commit: str, own: list[tuple[int, 
             "loading (leave that variable and the dataloader alone).")
 
 
-def store_measured_noise(core: LoopCore, spent: int, ok: int, device: str | None) -> NoiseEstimate:
+def store_measured_noise(core: LoopCore, spent: int, ok: int, device: str | None, measured: str) -> NoiseEstimate:
     """The estimate of every value on the shelf as measure_noise ends, read and stored in one transaction (review
     56: each call read the shelf as it began, so of two calls at once the last to end stored the kept value and its
-    own repeats only); refused where fewer than two values are there."""
+    own repeats only); refused where fewer than two values are there, or where another call kept a result while
+    the repeats of `measured` trained (review 63: the estimate was the new best's values, without the repeats)."""
     with core.state.transaction() as state:
-        values, kept_device = noise_values(core, state, device)
+        now = str(state.get("kept_commit") or "")
+        values, kept_device = noise_values(core, state, device) if now == measured else ([], None)
         if len(values) >= 2:
             return store_noise(core, values, spent, device)  # its transaction nests in this one
         state["extra_runs"] = state.get("extra_runs", 0) + spent  # the repeats ran, stored or not
-        again = _unfiled(core, state, state.get("kept_commit", ""))
+        again = _unfiled(core, state, now)
+    if now != measured:
+        raise Refusal(f"The best changed while measure_noise reran {measured[:7]} (now {now[:7]}, kept by another "
+                      "call): no estimate was stored. The repeats are logged as discard rows and count in any later "
+                      f"estimate of {measured[:7]}'s code; measure_noise() again measures the new best.")
     where = f" on {device} (the kept value is from {kept_device})" if device and kept_device != device else ""
     # review 60: the next call reruns these orders first, so repeats=2 after two failed repeats drew no fresh order
     fresh = (f" The next call measures data order(s) {', '.join(map(str, again))} again before any fresh one: "

@@ -15,22 +15,25 @@ from mcp_server.scripts import sandbox
 from mcp_server.phases.dispatch import take_over
 from mcp_server.phases.results import confirmation_needed
 from mcp_server.core.models import HistoryResult, LiveRun, Metrics, NoiseEstimate, Refusal, StatusResult
-from mcp_server.phases.runs import IN_FLIGHT, LOG_TAIL_BYTES, RUN_LOG, RUNS_DIR, UNDECIDED, LoopCore, unsandboxed_marker
+from mcp_server.phases.runs import IN_FLIGHT, RUN_LOG, UNDECIDED, LoopCore, unsandboxed_marker
 
 RECENT_ROWS = 5
 RUN_ARG_RE = re.compile(r"[0-9]{1,9}|[0-9a-fA-F]{7,40}")
 
 
 def read_metrics(core: LoopCore, run: str | None = None) -> Metrics:
+    state = core.state.load()
     if run is None:
-        state = core.state.load()
         in_flight = core.runs_of(state, *IN_FLIGHT)
         if in_flight:
             return _live_metrics(core, in_flight)
-        return _metrics_of(core, core.root / RUN_LOG, RUN_LOG, _result_of_run_log(core, state))
-    path = _find_run_log(core, run)
-    meta = core.vouched().get(path.with_suffix(".json").name, {}).get("result")
-    return _metrics_of(core, path, f"{RUNS_DIR}/{path.name}", meta)
+        return _run_log_metrics(core, state)
+    entry, record = _find_run(core, state, run)
+    if entry is not None and entry["status"] in IN_FLIGHT:
+        return _live_metrics(core, [entry])
+    meta = (entry or {}).get("result") or (record or {}).get("result")
+    name = (entry or {}).get("log") or (record or {}).get("result", {}).get("log") or ""
+    return _metrics_of(core, state, name, meta)
 
 
 def live(core: LoopCore, entry: dict) -> LiveRun:
@@ -55,50 +58,91 @@ def _live_metrics(core: LoopCore, in_flight: list[dict]) -> Metrics:
                    unsandboxed=sandbox.RUN_NOTE if any(map(unsandboxed_marker, in_flight)) else None)
 
 
-def _metrics_of(core: LoopCore, path: Path, source: str, meta: dict | None) -> Metrics:
-    if not path.exists():
-        return Metrics(source=source, status="missing", note=core.interrupted_summary() or
-                       "no run log yet: call run_experiment(description)")
-    text = logparse.read_tail_bytes(path, LOG_TAIL_BYTES)
-    if not text.strip():
-        return Metrics(source=source, status="empty", note="the log is empty: the run printed nothing")
-    summary = logparse.parse_summary(text)
-    status = meta["status"] if meta else ("ok" if summary and not logparse.failed(text) else "crash")
-    metrics = Metrics(source=source, status=status, summary=summary,
-                      progress=logparse.last_progress(text[-logparse.TAIL_BYTES_FOR_PROGRESS:]),
-                      note=core.interrupted_summary(), unsandboxed=(meta or {}).get("unsandboxed"))
+def _metrics_of(core: LoopCore, state: dict, name: str, meta: dict | None, text: str | None = None) -> Metrics:
+    """A recorded run's metrics from its log as the server recorded it (`text`, where the caller checked it); a log
+    changed since (or never recorded: an interrupted run's) is not read: its numbers would be whoever wrote it."""
+    if text is None and name:
+        text = run_history.checked_log(core.root, state, name)
+    status = meta["status"] if meta else "crash"
+    metrics = Metrics(source=name, status=status, note=core.interrupted_summary(state),
+                      unsandboxed=(meta or {}).get("unsandboxed"))
+    if text is None:
+        metrics.note = (f"{name or 'its log'} is not the log the server recorded for this run (changed, replaced "
+                        "or deleted since, or never recorded), so none of its text is believed: the status and "
+                        "tail are the run's record" + (f"; {metrics.note}" if metrics.note else ""))
+    else:
+        _read_log_into(metrics, text, meta)
     if status != "ok":
-        metrics.tail = (meta or {}).get("tail") or logparse.tail(text)
+        metrics.tail = (meta or {}).get("tail") or (logparse.tail(text) if text else None)
     return metrics
 
 
-def _result_of_run_log(core: LoopCore, state: dict) -> dict | None:
-    """The recorded result of the run whose log run.log is a copy of, if it still is."""
-    runs = core.root / RUNS_DIR
-    run_log = core.root / RUN_LOG
-    if not runs.is_dir() or not run_log.exists():
-        return None
-    size = run_log.stat().st_size
-    for log in sorted(runs.glob("*.log"), reverse=True)[:50]:
-        if log.stat().st_size == size and _same_bytes(log, run_log):
-            return core.vouched(state).get(log.with_suffix(".json").name, {}).get("result")
-    return None
+def _read_log_into(metrics: Metrics, text: str, meta: dict | None) -> None:
+    """The summary and progress of a log; a summary's val_bpb is train.py's print, so a recorded
+    result's val_bpb (the harness's where it verified) stands in its place."""
+    metrics.summary = logparse.parse_summary(text)
+    metrics.progress = logparse.last_progress(text[-logparse.TAIL_BYTES_FOR_PROGRESS:])
+    recorded = (meta or {}).get("val_bpb")
+    if metrics.summary and recorded is not None and metrics.summary.val_bpb != recorded:
+        printed, metrics.summary.val_bpb = metrics.summary.val_bpb, recorded
+        said = f"train.py printed val_bpb {printed}; the recorded val_bpb is {recorded:.6f}"
+        metrics.note = f"{said}; {metrics.note}" if metrics.note else said
 
 
-def _find_run_log(core: LoopCore, run: str) -> Path:
+def _run_log_metrics(core: LoopCore, state: dict) -> Metrics:
+    """run.log: the copy of the last recorded run's log, or what a run by hand wrote there (judged by
+    its own text, and said to be no run of the server's)."""
+    path = core.root / RUN_LOG
+    if not path.exists():
+        return Metrics(source=RUN_LOG, status="missing", note=core.interrupted_summary(state) or
+                       "no run log yet: call run_experiment(description)")
+    raw = logparse.read_bytes(path)
+    text = raw.decode("utf-8", errors="replace")
+    if not text.strip():
+        return Metrics(source=RUN_LOG, status="empty", note="the log is empty: the run printed nothing")
+    name = _recorded_log_named(state, raw)
+    if name:
+        record = core.vouched(state).get(Path(name).with_suffix(".json").name, {})
+        metrics = _metrics_of(core, state, name, record.get("result"), text)
+        metrics.source = RUN_LOG
+        return metrics
+    summary = logparse.parse_summary(text)
+    status = "ok" if summary and not logparse.failed(text) else "crash"
+    metrics = Metrics(source=RUN_LOG, status=status, summary=summary,
+                      progress=logparse.last_progress(text[-logparse.TAIL_BYTES_FOR_PROGRESS:]),
+                      note=core.interrupted_summary(state))
+    if summary:  # a run by hand (uv run train.py > run.log), or an edit: train.py's print, not a result
+        said = f"{RUN_LOG} is no log of a run the server recorded: its numbers are not the harness's"
+        metrics.note = f"{said}; {metrics.note}" if metrics.note else said
+    if status != "ok":
+        metrics.tail = logparse.tail(text)
+    return metrics
+
+
+def _recorded_log_named(state: dict, raw: bytes) -> str | None:
+    """The run log whose bytes, as the server recorded them, these are (run.log is a copy of it)."""
+    digests = state.get(run_history.LOG_DIGESTS)
+    found = run_history.digest(raw)
+    return next((name for name, d in (digests if isinstance(digests, dict) else {}).items() if d == found), None)
+
+
+def _find_run(core: LoopCore, state: dict, run: str) -> tuple[dict | None, dict | None]:
+    """(the state's entry, the vouched record) of a run of this research run, by its number or commit:
+    the server's records, never a log's file name (a planted runs/0099-0000000.log named no run)."""
     run = run.strip() if isinstance(run, str) else str(run)
     if not RUN_ARG_RE.fullmatch(run):
         raise Refusal(f"Run {run!r} is not a run number or a commit hash (see status()).")
-    runs = core.root / RUNS_DIR
-    logs = sorted(runs.glob("*.log")) if runs.is_dir() else []
-    for log in logs:
-        seq, _, commit = log.stem.partition("-")
-        if len(run) < 7 and seq.isdigit() and int(seq) == int(run):
-            return log
-        if len(run) >= 7 and commit.startswith(run[:7].lower()):
-            return log
-    raise Refusal(f"No log for run {run!r} in {RUNS_DIR}/: pass a run number or a 7+ character "
-                  "commit from status() or results.tsv.")
+    number = int(run) if len(run) < 7 else None
+
+    def named(n, commit) -> bool:
+        return n == number if number is not None else str(commit or "").lower().startswith(run.lower())
+    entry = next((e for e in core.runs_of(state) if named(e["run"], e["commit"])), None)
+    record = next((r for r in reversed(core.records(state, decided=False))
+                   if named(r["run"].get("run"), r["run"].get("commit"))), None)
+    if entry is None and record is None:
+        raise Refusal(f"No run {run!r} in this research run's records: pass a run number or a 7+ character "
+                      "commit from status() or history() (runs of earlier research runs are not among them).")
+    return entry, record
 
 
 def status(core: LoopCore) -> StatusResult:
@@ -224,13 +268,3 @@ def history(core: LoopCore, constant: str | None = None, status: str | None = No
         lines.append(f"run {run['run']} {result['commit']} {decision['status']} {value}{delta} "
                      f"{run_history.change_text(changes)} | {result['description']}")
     return HistoryResult(total=len(lines), lines=lines[-limit:])
-
-
-def _same_bytes(a: Path, b: Path) -> bool:
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        while True:
-            x, y = fa.read(1 << 16), fb.read(1 << 16)
-            if x != y:
-                return False
-            if not x:
-                return True

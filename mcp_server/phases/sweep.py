@@ -195,6 +195,7 @@ class Sweep:
     key: str
     base: str  # the kept train.py
     best_val_bpb: float
+    kept: str  # the kept commit the trials rewrite
     asked: int = 0
     ran: int = 0
     repeated: int = 0
@@ -213,6 +214,9 @@ class Sweep:
         """Asks the study for a trial and submits its train.py; a repeat of a finished trial is
         answered from it, without a run."""
         from optuna.trial import TrialState
+        self.stopped = self.best_moved()
+        if self.stopped:
+            return
         over = self.ended_with_held()
         if over:
             self.stopped = f"the research run has ended ({over}), counting the best trial held for a decision"
@@ -264,6 +268,31 @@ class Sweep:
         trial.set_user_attr("run", entry["run"])
         trial.set_user_attr("commit", entry["commit"][:7])
         self.in_flight[entry["run"]] = trial
+
+    def best_moved(self) -> str | None:
+        """Why no more trials: another call kept a result while the sweep ran (its held trial, or a run of
+        its own), so the trials, the old best's code with the swept values, are measured on a best that is
+        gone and compared with a value that is no longer the best's (review 63)."""
+        kept = self.loop.state.load().get("kept_commit") or ""
+        if kept == self.kept:
+            return None
+        return (f"the best changed while the sweep ran ({self.kept[:7]} -> {kept[:7]}, kept by another call), so "
+                f"no more trials were asked: they are {self.kept[:7]}'s code with the swept values")
+
+    def still_held(self) -> None:
+        """Lets go of a held result another call decided meanwhile (keep or discard): it is no longer this
+        sweep's to hold, to name in its answer or to discard (review 63: a trial that beat the best was then
+        discarded as beaten by a run already discarded, and the answer said to keep that run)."""
+        if self.held is not None and self.loop.entry(self.held) is None:
+            self.held = self.held_value = self.held_trial = None
+
+    def discard(self, reason: str | None, run: int) -> None:
+        """A trial discarded, unless another call decided it first (each run is logged once)."""
+        try:
+            self.loop.discard(reason, run)
+        except Refusal:
+            if self.loop.entry(run) is not None:
+                raise
 
     def kept_values(self, params: dict) -> bool:
         """The trial's values are the kept train.py's own: its code is the best unchanged."""
@@ -322,13 +351,19 @@ class Sweep:
             self.study.tell(trial, state=TrialState.FAIL)
         if decided:
             return
+        self.still_held()
+        moved = self.best_moved()
+        if moved:
+            self.stopped = self.stopped or moved
+            self.discard(f"a sweep trial measured on {self.kept[:7]}, no longer the best", run)
+            return
         if ok and result.val_bpb < self.best_val_bpb and (self.held_value is None or result.val_bpb < self.held_value):
             if self.held is not None:
-                self.loop.discard(f"a sweep trial, beaten by trial {trial.number}", self.held)
+                self.discard(f"a sweep trial, beaten by trial {trial.number}", self.held)
             self.held, self.held_value, self.held_trial = run, result.val_bpb, trial.number
             return
-        self.loop.discard(None if not ok else f"a sweep trial, not better than the best {self.best_val_bpb:.6f}"
-                          if self.held is None else f"a sweep trial, trial {self.held_trial} did better", run)
+        self.discard(None if not ok else f"a sweep trial, not better than the best {self.best_val_bpb:.6f}"
+                     if self.held is None else f"a sweep trial, trial {self.held_trial} did better", run)
 
     def cancel_in_flight(self) -> None:
         """The call was cancelled: its trials in flight are cancelled too (a running one is logged as a
@@ -341,7 +376,7 @@ class Sweep:
                 pass  # it ended meanwhile
             entry = self.loop.entry(run)
             if entry and entry["status"] in UNDECIDED:
-                self.loop.discard("a sweep trial, its sweep cancelled", run)
+                self.discard("a sweep trial, its sweep cancelled", run)
             trial.set_user_attr("status", "cancelled")
             self.study.tell(trial, state=TrialState.FAIL)
             del self.in_flight[run]
@@ -351,6 +386,7 @@ class Sweep:
         trials = self.study.get_trials(deepcopy=False)
         complete = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
         rest = [t for t in trials if t.state != TrialState.COMPLETE]
+        self.still_held()
         mine = set(self.numbers)  # this call's trials are always listed
         table = [table_row(t) for i, t in enumerate(complete + rest) if i < MAX_TABLE_ROWS or t.number in mine]
         noise = self.loop.state.load().get("noise")
@@ -359,12 +395,17 @@ class Sweep:
             trials_repeated=self.repeated, trials_in_study=len(trials), best=table[0] if complete else None,
             pending_run=self.held, best_val_bpb=self.best_val_bpb, noise=NoiseEstimate(**noise) if noise else None,
             table=table, stopped=self.stopped, next="")
-        if self.held is not None:
+        if self.held is not None and self.best_moved():
+            result.next = (f"reapply(run={self.held}) measures trial {self.held_trial} on the new best, or "
+                           f"discard(run={self.held})")
+        elif self.held is not None:
             held = self.loop.answer_for(self.held)
             result.beats_noise = held.noise
             result.next = (f"confirm(run={self.held}) ({held.confirm_first}), then keep(run={self.held})"
                            if held.confirm_first else f"keep(run={self.held}) makes trial {self.held_trial} the best")
             result.next += "; or discard it. The study continues with the next sweep of the same space"
+        elif self.best_moved():
+            result.next = "sweep again to search the new best's constants"
         else:
             result.next = (f"no trial beat the best ({self.best_val_bpb:.6f}): sweep more trials (the study "
                            "continues), another range, or edit the code")
@@ -416,7 +457,7 @@ def start(loop, space, trials: int, sampler: str, seed: int | None) -> Sweep:
     name, key = study_name(state["branch"], dims, source)
     study = open_study(loop.root, name, sampler, seed)
     settle_stale(loop, study)
-    return Sweep(loop, dims, trials, sampler, study, key, source, best)
+    return Sweep(loop, dims, trials, sampler, study, key, source, best, kept)
 
 
 def open_study(root, name: str, sampler: str, seed: int | None):
