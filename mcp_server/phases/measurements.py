@@ -167,10 +167,16 @@ def _refuse_a_second_call(core: LoopCore, state: dict, key: str, what: str) -> N
     without the other's reruns still running, and its answer could be kept on before the other's lost pair was
     recorded (review 60)."""
     runs = state.get("runs") or {}
+    records = None
 
     def measures(e: dict) -> str | None:
+        nonlocal records
         if e.get("rerun_of") is not None:
-            candidate = runs.get(str(e["rerun_of"]))
+            # the candidate's record where it was decided meanwhile (review 62: discarded while its confirmation
+            # trained, the same train.py run again was confirmed beside it on an order of its own)
+            if str(e["rerun_of"]) not in runs and records is None:
+                records = {r["run"].get("run"): r["run"] for r in core.records(state, decided=False)}
+            candidate = runs.get(str(e["rerun_of"])) or (records or {}).get(e["rerun_of"])
             return _pair_key(core, candidate) if candidate else None
         return f"noise {core.ws.train_blob(e['commit'])}" if e.get("data_order") else None
     busy = [e["run"] for e in core.runs_of(state, *IN_FLIGHT) if measures(e) == key]
