@@ -290,6 +290,11 @@ def test_a_gain_over_a_best_logged_by_hand_is_not_said_measured_in_the_report_or
     assert said in kept, kept
     assert "1.000000 -> 99.000000 (gain -98.000000, -9800.00%; not a measured gain: this val_bpb is the agent's" in kept
     assert said in git(lab.ws, "log", "-1", "--format=%B", "pr/night")
+    # the dashboard's ledger: no delta to or from the number logged by hand (98.0, then -97.95, -97.96, -97.96)
+    rows = dashboard.ledger_view(lab.ws)["rows"]
+    assert [r["description"][:16] for r in rows] == ["baseline", "my idea (logged ", "control 1/1 for ",
+                                                     "confirmation 1/1", "worse than the m"]
+    assert [r["delta"] for r in rows] == [None] * 5
 
 
 def test_the_overnight_summary_and_status_line_show_the_best_the_branch_holds(lab, capsys):
