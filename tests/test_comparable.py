@@ -420,6 +420,27 @@ def test_a_confirmation_cannot_run_beside_one_of_the_same_code_whose_run_was_dis
         lab.loop.shutdown()
 
 
+def test_a_description_or_note_cannot_pass_a_measured_keep_off_as_unmeasured(fake_env):
+    """Found by review 62: a keep row whose description held " (unverified)" (or a note "unverified", written in
+    parentheses) was taken for train.py's own number: its value, lucky as a kept value tends to be, was left out of
+    the noise estimate (review 58), which the repeats alone then set narrower, so later gains inside the real noise
+    were kept unconfirmed. The agent's words may not hold the server's markers."""
+    lab = noisy_lab(fake_env, 0.01)
+    try:
+        lab.ok("setup", tag="t")
+        assert "(unverified) in the ledger" in lab.refused("run_experiment", description="baseline (unverified)")
+        answer(lab.call("run_experiment", description="baseline"))  # run 1: 1.0
+        assert "(unverified) in the ledger" in lab.refused("keep", note="unverified")
+        assert "(logged by hand) in the ledger" in lab.refused("discard", reason="logged by hand")
+        assert "(logged by hand) in the ledger" in lab.refused(
+            "log_result", commit=lab.head(), val_bpb=0.5, memory_gb=1.0, status="discard",
+            description="mine (logged by hand)")
+        lab.ok("keep", note="held")
+        assert answer(lab.call("measure_noise", repeats=1))["noise"]["values"] == [1.0, 1.01]  # the kept value counts
+    finally:
+        lab.loop.shutdown()
+
+
 def test_measure_noise_called_until_two_values_agree_counts_every_repeat(fake_env):
     """Found by review 51: on the wall clock each measure_noise counted the kept value and its own repeats
     only, so calling it with repeats=1 until a repeat matched the kept value stored a threshold of 0, and a
