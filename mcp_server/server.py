@@ -500,30 +500,27 @@ def register_measurements(srv: MCPServer, loop: ResearchLoop) -> None:
                     (f"control {k + 1}/{pairs}", f" for run {n}: the best {best} again", control, known_control),
                     (f"confirmation {k + 1}/{pairs}", f" of run {n}", candidate, known_candidate)):
                 if known:
-                    pair.append(("value", known["val_bpb"]))
+                    pair.append(known)
                     reused.append(f"{name}: run {known['run']}'s {known['val_bpb']:.6f} on data order {order} "
                                   "(on the flops clock a rerun repeats it to ~1e-5)")
                     continue
                 queued = await threaded(lambda: loop.submit(f"{name}{what}, data order {order}", None, source,
                                                             rerun_of=n, data_order=order))
                 runs.append(queued["run"])
-                pair.append(("run", queued["run"]))
-            sides.append(pair)
+                pair.append(queued["run"])
+            sides.append((order, pair))
         await follow(loop, runs, ctx, until_all=True)
-        measured, failed = {}, []
-        settled = await threaded(loop.settle_reruns, runs, "confirm", "the confirmation was not completed",
-                                 f"Run {n} stays pending: keep(run={n}, unconfirmed=true) or discard(run={n}).")
-        for m, result in zip(runs, settled):
-            measured[m] = loop.rerun_value(result)  # an unverified one is train.py's word
-            if measured[m] is None:
-                failed.append(result.commit)
-        pairs_done = [tuple(value if kind == "value" else measured[value] for kind, value in pair) for pair in sides]
-        pairs_done = [(ctrl, cand) for ctrl, cand in pairs_done if ctrl is not None and cand is not None]
+        settled = dict(zip(runs, await threaded(
+            loop.settle_reruns, runs, "confirm", "the confirmation was not completed",
+            f"Run {n} stays pending: keep(run={n}, unconfirmed=true) or discard(run={n}).")))
+        failed = [result.commit for result in settled.values() if loop.rerun_value(result) is None]
+        pairs_done, across = loop.judge_pairs(sides, settled)  # a pair on two GPU models is none
+        across = across and (f"Pair(s) ran on two GPU models ({'; '.join(across)}), which compares the machines: "
+                             f"confirm(run={n}) again measures those data orders first, or discard(run={n}).")
         deltas = [round(cand - ctrl, 6) for ctrl, cand in pairs_done]
         confirmed = bool(deltas) and len(deltas) == pairs and all(d < 0 for d in deltas)
-        total, blind = await threaded(loop.record_confirmation, n,
-                                      {"confirmed": confirmed, "paired_deltas": deltas, "runs": runs}, len(runs),
-                                      [order for order, _, _ in plan])
+        verdict = {"confirmed": confirmed, "paired_deltas": deltas, "runs": runs} | ({"reason": across} if across else {})
+        total, blind = await threaded(loop.record_confirmation, n, verdict, len(runs), [order for order, _, _ in plan])
         confirmed = confirmed and not blind
         return compact(ConfirmResult(
             run=n, confirmed=confirmed, paired_deltas=deltas, control_val_bpb=[c for c, _ in pairs_done],
@@ -536,7 +533,7 @@ def register_measurements(srv: MCPServer, loop: ResearchLoop) -> None:
                      ) if held_to else None,
             extra_runs=len(runs), extra_runs_total=total,
             next=(f"keep(run={n})" if confirmed else f"{blind} The gain is not confirmed: discard(run={n})" if blind
-                  else f"the gain did not hold: discard(run={n})")
+                  else across or f"the gain did not hold: discard(run={n})")
             + ("" if not failed else "; some reruns failed, or exported no model for the harness: read their logs "
                "(a confirm again measures their data orders first)")))
 

@@ -456,6 +456,60 @@ def test_a_second_confirm_of_the_same_pair_while_one_measures_is_refused(fake_en
         lab.loop.shutdown()
 
 
+def test_a_confirmation_cannot_run_beside_one_of_the_same_code_whose_run_was_discarded(fake_env):
+    """Found by review 62: one call at a time measures a pair (review 60), but the rule found the pair through the
+    candidate's entry. The agent discarded the candidate while its confirmation trained and confirmed the same
+    train.py, run again, beside it: a second call on an order of its own (order 1 was skipped, a rerun of the
+    same code was on it), whose win could be kept before the first pair was judged."""
+    from server_support import Lab, make_workspace
+    lab = Lab(make_workspace(fake_env), slots=2)
+    try:
+        lab.baseline()  # run 1: 1.0
+        set_knobs(lab.ws, VAL_BPB=0.99, SLEEP=2)
+        answer(lab.call("run_experiment", description="an idea"))  # run 2
+        answer(lab.call("run_experiment", description="the idea again", rerun=True))  # run 3: the same train.py
+        calls = {}
+
+        async def race():
+            async with Client(build_server(lab.loop)) as client:
+                async def first():
+                    calls["confirm"] = await client.call_tool("confirm", {"run": 2})  # runs 4, 5 on order 1
+                async with anyio.create_task_group() as tasks:
+                    tasks.start_soon(first)
+                    while "run 5" not in (answer(await client.call_tool("status", {})).get("running") or ""):
+                        await anyio.sleep(0.1)
+                    answer(await client.call_tool("discard", {"run": 2}))
+                    calls["again"] = await client.call_tool("confirm", {"run": 3})
+        anyio.run(race)
+        assert "A confirmation of run 3's train.py against this best is being measured now (rerun(s) 5)" in \
+            error(calls["again"]), calls["again"]
+        again = answer(lab.call("confirm", run=3))  # once the first call has ended: a fresh order (1 is judged)
+        assert again["confirmed"] and again["paired_deltas"] == [-0.01] and not again.get("resumed"), again
+    finally:
+        lab.loop.shutdown()
+
+
+def test_a_description_or_note_cannot_pass_a_measured_keep_off_as_unmeasured(fake_env):
+    """Found by review 62: a keep row whose description held " (unverified)" (or a note "unverified", written in
+    parentheses) was taken for train.py's own number: its value, lucky as a kept value tends to be, was left out of
+    the noise estimate (review 58), which the repeats alone then set narrower, so later gains inside the real noise
+    were kept unconfirmed. The agent's words may not hold the server's markers."""
+    lab = noisy_lab(fake_env, 0.01)
+    try:
+        lab.ok("setup", tag="t")
+        assert "(unverified) in the ledger" in lab.refused("run_experiment", description="baseline (unverified)")
+        answer(lab.call("run_experiment", description="baseline"))  # run 1: 1.0
+        assert "(unverified) in the ledger" in lab.refused("keep", note="unverified")
+        assert "(logged by hand) in the ledger" in lab.refused("discard", reason="logged by hand")
+        assert "(logged by hand) in the ledger" in lab.refused(
+            "log_result", commit=lab.head(), val_bpb=0.5, memory_gb=1.0, status="discard",
+            description="mine (logged by hand)")
+        lab.ok("keep", note="held")
+        assert answer(lab.call("measure_noise", repeats=1))["noise"]["values"] == [1.0, 1.01]  # the kept value counts
+    finally:
+        lab.loop.shutdown()
+
+
 def test_measure_noise_called_until_two_values_agree_counts_every_repeat(fake_env):
     """Found by review 51: on the wall clock each measure_noise counted the kept value and its own repeats
     only, so calling it with repeats=1 until a repeat matched the kept value stored a threshold of 0, and a

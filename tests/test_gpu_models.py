@@ -1,12 +1,14 @@
 """A run records the GPU model it ran on, and results from different models are never compared
 silently. The GPU is a stand-in `nvidia-smi` on PATH that names the model the test chooses (the
 worker asks nvidia-smi, as on a real GPU machine); the runs are real, on the local pool."""
+import json
 import os
 import stat
+import threading
 
 import pytest
 
-from server_support import Lab, git, make_workspace, set_knobs
+from server_support import Lab, git, make_workspace, set_knobs, wait_until
 
 FAKE_NVIDIA_SMI = """#!/bin/sh
 # the GPU model this machine has, as the test's file says; no GPU list (-L), so the pool pins nothing
@@ -96,3 +98,36 @@ def test_a_result_on_a_faster_gpu_model_is_not_kept_as_a_gain_unasked(gpu_lab):
     assert "keep(run=2, unconfirmed=true)" in refused
     kept = gpu_lab.ok("keep", unconfirmed=True)
     assert kept["evidence"].startswith("kept on request, not compared with the best: measured on NVIDIA B200")
+
+
+def test_a_confirmation_pair_on_two_gpu_models_confirms_nothing(gpu_lab):
+    """Found by review 62: confirm paired the best's rerun and the candidate's whatever models they ran on, so a
+    result measured on a faster model than the best's (which keep refuses unasked, review 56) was confirmed by its
+    rerun on that model beating the best's rerun on the H100, and kept as "confirmed". A pair across two models is
+    no pair: its order is measured again, on one model."""
+    gpu_lab.baseline()  # run 1 on the H100: 1.0
+    gpu_lab.gpu("NVIDIA B200")
+    set_knobs(gpu_lab.ws, val_bpb=0.9, sleep=2)  # the faster model's number: not compared
+    assert gpu_lab.ok("run_experiment", description="on a faster GPU")["delta"] is None  # run 2
+    gpu_lab.gpu("NVIDIA H100 80GB HBM3")
+    state = gpu_lab.ws / ".research-loop" / "state.json"
+
+    def running(n: int) -> bool:
+        try:
+            return (json.loads(state.read_text())["runs"].get(str(n)) or {}).get("status") == "running"
+        except (OSError, ValueError, KeyError):  # read while the server replaced it
+            return False
+
+    def candidate_on_the_b200():  # the best's rerun (run 3) ends on the H100, the candidate's (run 4) on the B200
+        assert wait_until(lambda: running(4), timeout=60, interval=0.02)
+        gpu_lab.gpu("NVIDIA B200")
+    switch = threading.Thread(target=candidate_on_the_b200)
+    switch.start()
+    first = gpu_lab.ok("confirm", run=2)
+    switch.join()
+    assert not first["confirmed"] and first["paired_deltas"] == [], first
+    assert "data order 1: the best on NVIDIA H100 80GB HBM3, the candidate on NVIDIA B200" in first["next"]
+    assert "Pair(s) ran on two GPU models" in gpu_lab.refused("keep", run=2)
+    again = gpu_lab.ok("confirm", run=2)  # runs 5, 6, both on the B200
+    assert again["resumed"].startswith("data order(s) 1 again") and again["paired_deltas"] == [-0.1], again
+    assert gpu_lab.ok("keep", run=2)["evidence"].startswith("confirmed")

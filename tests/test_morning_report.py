@@ -272,6 +272,31 @@ def test_the_best_the_report_hook_and_dashboard_show_is_what_the_branch_holds(la
     assert "0.050000 (`" in summary and "the agent's, logged by hand, not measured by the harness)" in summary, summary
 
 
+def test_a_gain_over_a_best_logged_by_hand_is_not_said_measured_in_the_report_or_the_pull_request(lab):
+    """Found by review 62: after log_result(keep) of the agent's own 99.0, a run at 1.04 (worse than the harness's
+    1.0), confirmed against a rerun of the hand-logged code and kept, read "99.000000 -> 1.040000 (gain +97.960000,
+    98.95%)" in the report's kept changes and in its pull request's commit message, with "Evidence: confirmed"."""
+    lab.baseline()
+    set_knobs(lab.ws, val_bpb=1.05)
+    git(lab.ws, "commit", "-q", "-am", "my idea, measured by hand")
+    lab.ok("log_result", commit=lab.head(), val_bpb=99.0, memory_gb=1.0, status="keep", description="my idea")
+    set_knobs(lab.ws, val_bpb=1.04)
+    run = lab.ok("run_experiment", description="worse than the measured best")["run"]
+    assert lab.ok("confirm", run=run)["confirmed"]
+    lab.ok("keep", run=run)
+    kept = section((lab.ws / lab.ok("report", branch="pr/night")["path"]).read_text(), "Kept changes")
+    said = ("99.000000 -> 1.040000 (gain +97.960000, 98.95%; not a measured gain: the val_bpb before is the agent's, "
+            "logged by hand, not measured by the harness)")
+    assert said in kept, kept
+    assert "1.000000 -> 99.000000 (gain -98.000000, -9800.00%; not a measured gain: this val_bpb is the agent's" in kept
+    assert said in git(lab.ws, "log", "-1", "--format=%B", "pr/night")
+    # the dashboard's ledger: no delta to or from the number logged by hand (98.0, then -97.95, -97.96, -97.96)
+    rows = dashboard.ledger_view(lab.ws)["rows"]
+    assert [r["description"][:16] for r in rows] == ["baseline", "my idea (logged ", "control 1/1 for ",
+                                                     "confirmation 1/1", "worse than the m"]
+    assert [r["delta"] for r in rows] == [None] * 5
+
+
 def test_the_overnight_summary_and_status_line_show_the_best_the_branch_holds(lab, capsys):
     """Review 57: review 53 mended the report, the hook and the dashboard, not the runner. A worse result
     kept, then a keep row logged by hand with the agent's number: the runner's summary and its status line

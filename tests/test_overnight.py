@@ -775,6 +775,40 @@ def test_a_plugin_edit_the_agent_commits_on_the_research_branch_is_not_the_next_
     assert [s["hook"] for s in sessions_of(fake_claude)] == ["HOOK = 'real'\n"] * 5
 
 
+def test_a_runner_resumed_on_the_research_branch_loads_no_plugin_the_agent_committed(fake_claude, fake_env,
+                                                                                      monkeypatch, capsys):
+    """Found by review 62: the runner took its plugin commit from HEAD as it started, and run again "to resume" (as
+    it says after an interruption or a failed plugin copy) it started on the research branch's tip, where the agent
+    had committed a Stop hook of its own: every session loaded it. Resuming a research run whose harness HEAD no
+    longer holds, the plugin comes from the run's best, whose harness it was set up with."""
+    from server_support import Lab
+    from mcp_server.overnight import overnight
+    ws = make_workspace(fake_env)
+    (ws / "pyproject.toml").write_text('[project]\nname = "p"\nversion = "0"\nrequires-python = ">=3.10"\n'
+                                       'dependencies = []\n')
+    (ws / "skills" / "autoresearch").mkdir(parents=True)
+    shutil.copy(REPO / "skills" / "autoresearch" / "SKILL.md", ws / "skills" / "autoresearch" / "SKILL.md")
+    (ws / "hooks").mkdir()
+    (ws / "hooks" / "research_loop_hook.py").write_text("HOOK = 'real'\n")
+    git(ws, "add", ".")
+    git(ws, "commit", "-qm", "the plugin")
+    lab = Lab(ws)
+    try:
+        lab.ok("setup", tag="night")  # the research run the runner resumes, set up on the plugin's commit
+        lab.ok("run_experiment", description="baseline")
+        best = lab.ok("keep")["kept_commit"]
+    finally:
+        lab.loop.shutdown()
+    (ws / "hooks" / "research_loop_hook.py").write_text("HOOK = 'planted'\n")  # the agent's, in a session
+    git(ws, "commit", "-qam", "a hook of mine")
+    monkeypatch.setattr(overnight, "PLUGIN_ROOT", ws.resolve())  # the workspace is the plugin's checkout
+    monkeypatch.setenv("FAKE_CLAUDE_PLAN", "fail")
+    runner = overnight.Runner(runner_args(ws), overnight.preflight(ws, None), backoff_s=(0.05,), poll_s=0.05)
+    assert ended_within(runner, 120) == [1]  # the same command, run again: five quick sessions, then it gives up
+    assert [s["hook"] for s in sessions_of(fake_claude)] == ["HOOK = 'real'\n"] * 5
+    assert f"the plugin comes from {best}, research run night's best" in capsys.readouterr().out
+
+
 def test_a_plugin_copy_that_cannot_be_made_ends_the_runner_with_what_to_fix(fake_claude, fake_env, monkeypatch, capsys):
     """Review 57: where the workspace is this checkout, each session's plugin copy runs `uv sync`; when it failed
     (a pyproject.toml uv cannot read, no network for a new dependency, a full disk) CalledProcessError came out

@@ -559,3 +559,17 @@ def test_a_run_reaches_no_service_in_the_users_runtime_folder(bubblewrap, tmp_pa
         asked = service.communicate()[0]
     assert ran.stdout.startswith("refused:") and "asked:" not in asked, (ran.stdout, ran.stderr, asked)
     assert {"/run/user", "/run/docker.sock"} <= set(sandbox.runtime_folders())
+
+
+def test_a_runtime_folder_in_tmp_leaves_the_runs_home_and_export_folder(bubblewrap, tmp_path, monkeypatch):
+    """Found by review 62: XDG_RUNTIME_DIR=/tmp (a usual fix for Qt's and others' "XDG_RUNTIME_DIR not set" in a
+    container) was hidden like any runtime folder: an empty folder over the run's own /tmp took its home and its
+    export folder: no run had a home to write, nor a folder to export its model into for the harness. A run's /tmp
+    is its own already: nothing of the machine's /tmp is there to hide."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/tmp")
+    code = "import os, sys; print(os.path.isdir(os.environ['HOME']), os.path.isdir(os.path.dirname(sys.argv[1])))"
+    argv = sandbox.wrap([sys.executable, "-c", code, sandbox.RUN_EXPORT],
+                        {"readonly": [str(tmp_path), sys.prefix]}, str(tmp_path))[0]  # tmp_path: under /tmp
+    ran = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert ran.stdout == "True True\n", (ran.stdout, ran.stderr)
+    assert "/tmp" not in sandbox.runtime_folders()

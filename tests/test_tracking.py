@@ -17,7 +17,8 @@ from mlflow import MlflowClient
 
 from mcp_server.core import tracking
 from mcp_server.__main__ import parse_args
-from server_support import Lab, answer, exporting_workspace, make_cache, make_workspace, set_knobs, stdio_client_for, wait_until
+from server_support import (Lab, answer, exporting_workspace, git, make_cache, make_workspace, set_knobs, stdio_client_for,
+                            wait_until)
 
 SERVER_START_S = 300  # `mlflow server` imports for a minute on a loaded 2-core machine
 SYNC_S = 120
@@ -318,6 +319,27 @@ def test_a_right_to_left_override_in_train_py_is_tracked_written_out(lab, mlflow
     assert not any("\u202e" in v for v in [*run.data.params.values(), *run.data.tags.values()]), run.data.tags
     diff = Path(client.download_artifacts(run.info.run_id, "train.py.diff", str(tmp_path))).read_text()
     assert "+# look <U+202E> here" in diff and "\u202e" not in diff, diff
+
+
+def test_a_delta_over_a_best_logged_by_hand_is_not_tracked_as_the_harnesss(fake_env, mlflow_server):
+    """Found by review 62: after log_result(keep) of the agent's own 99.0, the next run (1.04, worse than the
+    harness's 1.0) was tracked with delta -97.96 and best_val_bpb 99.0 under the harness's metrics: sorted by
+    delta it was the night's great gain. Numbers from a best the harness did not measure carry the suffix too."""
+    lab = Lab(make_workspace(fake_env))
+    try:
+        lab.baseline()
+        set_knobs(lab.ws, val_bpb=1.05)
+        git(lab.ws, "commit", "-q", "-am", "my idea, measured by hand")
+        lab.ok("log_result", commit=lab.head(), val_bpb=99.0, memory_gb=1.0, status="keep", description="my idea")
+        set_knobs(lab.ws, val_bpb=1.04)
+        lab.ok("run_experiment", description="worse than the measured best")
+        lab.ok("discard")
+        assert tracking.Tracker(lab.ws, mlflow_server.url).sync() == 2
+        metrics = tracked(MlflowClient(mlflow_server.url), lab.ws)["worse than the measured best"].data.metrics
+        assert metrics["val_bpb"] == 1.04 and "delta" not in metrics and "best_val_bpb" not in metrics, metrics
+        assert metrics["delta_unverified"] == -97.96 and metrics["best_val_bpb_unverified"] == 99.0
+    finally:
+        lab.loop.shutdown()
 
 
 def test_tracking_is_idempotent_and_a_half_done_run_is_redone(lab, mlflow_server):

@@ -18,6 +18,7 @@ import time
 import unicodedata
 from pathlib import Path
 
+from mcp_server.core import limits
 from mcp_server.core.models import Refusal, Row
 
 LEDGER_NAME = "results.tsv"
@@ -81,6 +82,18 @@ def validate_description(text: str, what: str = "description") -> str:
                       "follows it); use plain visible text.")
     if len(text) > MAX_DESCRIPTION:
         raise Refusal(f"The {what} is {len(text)} characters; keep it under {MAX_DESCRIPTION}.")
+    return text
+
+
+def refuse_markers(text: str, what: str = "description", wrapped: bool = False) -> str:
+    """The agent's words, refused where they hold a marker of a number the harness did not measure as the row will
+    read them (a note is written in parentheses: "unverified" would be one). Review 62: a measured keep row whose
+    description held " (unverified)" was taken for train.py's own number and left out of the noise estimate."""
+    shown = f" ({text})" if wrapped else f" {text}"
+    marker = next((m for m in (limits.UNVERIFIED, limits.LOGGED_BY_HAND) if m in shown), None)
+    if marker:
+        raise Refusal(f"The {what} would read{marker} in the ledger, the server's own marker of a number the harness "
+                      "did not measure (it adds it where that applies): reword it.")
     return text
 
 

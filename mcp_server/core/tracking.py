@@ -51,7 +51,7 @@ QUIET = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 METRICS = ("val_bpb", "memory_gb", "num_steps", "mfu_percent", "tokens_per_second", "training_seconds",
            "timed_seconds", "total_seconds", "eval_seconds", "compile_seconds", "recompiles", "wall_seconds",
            "delta", "best_val_bpb")
-UNVERIFIED = "_unverified"  # the suffix of val_bpb and delta where the number is train.py's own
+UNVERIFIED = "_unverified"  # the suffix of a number the harness did not measure: train.py's own, or a best logged by hand
 RESULT_TAGS = ("status", "slot", "device", "noise", "integrity", "verified", "comparable", "confirm_first",
                "unsandboxed", "best_commit")
 BATCH = 1000  # metrics per log_batch: MLflow's limit
@@ -267,9 +267,13 @@ class Tracker:
             tags["rerun_of"] = str(entry["rerun_of"])
         metrics = {k: result[k] for k in METRICS if isinstance(result.get(k), (int, float))
                    and not isinstance(result.get(k), bool)}
-        if result.get("verified") is False:  # train.py's own number, never under the harness's metric, where a
-            # sort by val_bpb ranks it first (review 59)
-            metrics = {f"{k}{UNVERIFIED}" if k in ("val_bpb", "delta") else k: v for k, v in metrics.items()}
+        # train.py's own number, never under the harness's metric, where a sort by val_bpb ranks it first (review
+        # 59); nor a best the harness did not measure (a number logged by hand: review 62), nor a delta from either
+        unmeasured = {"val_bpb", "delta"} if result.get("verified") is False else set()
+        best = ledger_row(state, str(result.get("best_commit") or "")[:7], "keep")
+        if best and not limits.measured(str(best[4])):
+            unmeasured |= {"best_val_bpb", "delta"}
+        metrics = {f"{k}{UNVERIFIED}" if k in unmeasured else k: v for k, v in metrics.items()}
         if stage != "pending":
             metrics["kept"] = float(stage == "keep")
         return {"name": f"{run['run']:04d} {result['description'][:60]}", "description": result["description"],

@@ -97,7 +97,7 @@ def ledger_view(root: Path) -> dict:
     kept before it and, for the server's runs, the run number and what it changed in train.py."""
     state, problem = read_state(root)
     records = history.records_by_commit(root / RUNS_DIR, state)
-    rows, best = [], None
+    rows, best = [], None  # best: the last kept row's val_bpb, None where the harness did not measure it
     if limits.recorded_rows(state) is None:  # before the server kept rows, results.tsv is the record
         lines = ledger_lines(root / ledger.LEDGER_NAME)
     else:
@@ -116,9 +116,12 @@ def ledger_view(root: Path) -> dict:
             "changes": history.change_text(changes) if changes else None,
             # a kept number the harness did not measure, said apart: the marker ends a description the page cuts
             "not_measured": limits.not_measured(row.description) if row.status == "keep" else None,
-            "delta": round(row.val_bpb - best, 6) if best is not None and row.status != "crash" else None})
+            # no delta from or to a number the harness did not measure (review 62: after the agent's own 99.0 was
+            # logged by hand, a worse run read as a gain of 97.96)
+            "delta": round(row.val_bpb - best, 6) if best is not None and row.status != "crash"
+            and limits.measured(row.description) else None})
         if row.status == "keep":  # the best is what the branch holds, as the server compares: a worse keep moves it
-            best = row.val_bpb
+            best = row.val_bpb if limits.measured(row.description) else None
     branch = git(root, "symbolic-ref", "--short", "-q", "HEAD")
     return {"workspace": str(root), "branch": branch.strip() if branch else None, "tag": state.get("tag"),
             "set_up": bool(state.get("branch")), "rows": rows, "noise": state.get("noise"),

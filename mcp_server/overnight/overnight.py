@@ -33,7 +33,7 @@ from git import GitCommandError
 from mcp_server.core import cost, integrity, ledger, limits, logparse, notify, tracking
 from mcp_server.scripts import sandbox
 from mcp_server.core.models import Refusal, Row
-from mcp_server.core.workspace import HarnessGit, prepared_info, time_budget, timeout_for, validate_tag
+from mcp_server.core.workspace import EDITABLE, HarnessGit, Workspace, prepared_info, time_budget, timeout_for, validate_tag
 
 PLUGIN_ROOT = Path(__file__).resolve().parents[2]
 SKILL = "/research-loop:autoresearch"
@@ -155,6 +155,34 @@ def plugin_copy(workspace: Path, track: str | None = None, commit: str = "HEAD")
     return copy
 
 
+def plugin_commit(workspace: Path, tag: str) -> tuple[str, str | None]:
+    """The commit every session's plugin copy is made from, where the workspace is this checkout, and a note where
+    it is not HEAD. HEAD moves with the research branch, where the agent may commit (git is among its tools), so it
+    is the commit the runner starts on (review 57), unless the runner resumes research run `tag` and HEAD's harness
+    (every tracked file but train.py) is not the one that run was set up with: then the run's kept commit, whose
+    harness is (review 62: run again "to resume", the runner started on the research branch's tip, an edit of the
+    server or the Stop hook the agent had committed there, and every session loaded it)."""
+    ws = Workspace(workspace)
+    head = ws.repo.git.rev_parse("--verify", "HEAD^{commit}")
+    state = limits.recorded_state(workspace)
+    pinned = state.get("fingerprint")
+    if state.get("tag") != tag or not isinstance(pinned, str) or ws.fingerprint(head) == pinned:
+        return head, None
+    try:  # the state is read as the server last wrote it, but checked all the same
+        kept = ws.resolve_commit(str(state.get("kept_commit"))) if state.get("kept_commit") else None
+    except Refusal:
+        kept = None
+    if kept and ws.fingerprint(kept) == pinned:
+        changed = [p for p in ws.repo.git.diff("--name-only", "-z", "--no-renames", kept, head, "--").split("\0")
+                   if p and p != EDITABLE]
+        return kept, (f"the plugin comes from {kept[:7]}, research run {tag}'s best: HEAD {head[:7]} holds another "
+                      f"harness than the run was set up with ({', '.join(changed[:5]) or 'file modes'}), which no "
+                      "session loads")
+    raise RunnerError(f"HEAD {head[:7]} holds another harness than research run {tag} was set up with, and no "
+                      "commit of that harness is known: check out the plugin commit you mean the sessions to load "
+                      "(git log shows who changed what), then run the same command")
+
+
 class Runner:
     def __init__(self, args, claude: str, backoff_s: tuple = BACKOFF_S, grace_s: float = RUN_GRACE_S,
                  poll_s: float = STATUS_EVERY_S):
@@ -164,11 +192,7 @@ class Runner:
         self.workspace = Path(args.workspace).resolve()
         self.logs = self.workspace / LOG_DIR
         self.logs.mkdir(parents=True, exist_ok=True)
-        # the plugin every session loads where the workspace is this checkout: the commit the user started the
-        # runner on. HEAD moves with the research branch, where the agent may commit (git is among its tools): an
-        # edit of the server or the hooks committed there was the next session's server and Stop hook
-        self.plugin_commit = HarnessGit(str(self.workspace)).rev_parse("HEAD") if self.workspace == PLUGIN_ROOT \
-            else "HEAD"
+        self.plugin_commit = "HEAD"  # where the workspace is this checkout: run() takes the commit (plugin_commit)
         self.started = time.time()
         self.deadline = self.started + args.hours * 3600 if args.hours else None
         # the server's own timeout for a run, taken before any session: the state's, which the agent can write, is
@@ -303,6 +327,16 @@ class Runner:
     def run(self) -> int:
         self.say(f"overnight run of {SKILL} {self.args.tag} in {self.workspace}"
                  + (f", for {self.args.hours} h" if self.args.hours else ""))
+        if self.workspace == PLUGIN_ROOT:
+            try:
+                self.plugin_commit, note = plugin_commit(self.workspace, self.args.tag)
+            except (RunnerError, GitCommandError) as exc:
+                self.say(f"no session: {str(exc).strip()[:500]}")
+                self.notifier.send(f"the overnight runner started no session: {str(exc).strip()[:300]} "
+                                   f"[{self.workspace.name}]")
+                return 1
+            if note:
+                self.say(note)
         quick = 0
         while True:
             over = self.over()

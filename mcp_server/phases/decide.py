@@ -223,7 +223,7 @@ def _append_once(state: dict, row: Row) -> list[Row]:
 def _checked_note(note: str | None, what: str) -> str | None:
     if note is None or (isinstance(note, str) and not note.strip()):
         return None
-    return ledger.validate_description(note, what)
+    return ledger.refuse_markers(ledger.validate_description(note, what), what, wrapped=True)
 
 
 def _described(description: str, note: str | None, marker: str = "") -> str:
@@ -362,6 +362,7 @@ def log_result(core: LoopCore, commit: str, val_bpb: float, memory_gb: float, st
                description: str) -> LoggedRow:
     commit = validate_commit_arg(commit)
     row = ledger.make_row(commit[:7], val_bpb, memory_gb, status, description)
+    ledger.refuse_markers(row.description)
     if status == "keep":  # the agent's number, not the harness's: the row says so, wherever it is shown
         row.description = ledger.fit_description(row.description, limits.LOGGED_BY_HAND)
     full = core.ws.resolve_commit(commit)

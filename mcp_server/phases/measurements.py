@@ -15,6 +15,26 @@ BEGUN = "begun_pairs"  # the state's {_pair_key or "noise <blob>": data orders b
 HELD_TO = "held_orders"  # the state's list: every data order a confirmation in this research run began
 
 
+def judge_pairs(sides: list[tuple[int, list]], settled: dict[int, RunResult]) -> tuple[list[tuple[float, float]],
+                                                                                       list[str]]:
+    """(the best's val_bpb, the candidate's) of each of confirm's pairs measured on both sides on one GPU model, and
+    each pair whose sides ran on two models, named (review 62: the best rerun on an H100, the candidate on a faster
+    model, made a result measured on another model than the best's a confirmed gain, kept unasked). A side is a
+    filed measurement reused ({val_bpb, device}) or the run that measured it now."""
+    done, across = [], []
+    for order, pair in sides:
+        (control, control_on), (candidate, candidate_on) = (
+            (side["val_bpb"], side.get("device")) if isinstance(side, dict)
+            else (rerun_value(settled[side]), settled[side].device) for side in pair)
+        if control is None or candidate is None:
+            continue
+        if one_model(control_on, candidate_on):
+            done.append((control, candidate))
+        else:
+            across.append(f"data order {order}: the best on {control_on}, the candidate on {candidate_on}")
+    return done, across
+
+
 def record_confirmation(core: LoopCore, run: int, confirmation: dict, spent: int,
                         orders: list[int]) -> tuple[int, str | None]:
     """Stores the verdict on the candidate's entry, beside the pairs of its earlier confirmations: failed
@@ -62,16 +82,29 @@ def _lost_pairs(core: LoopCore, state: dict, entry: dict, orders: list[int]) -> 
     """The pairs the run's train.py lost so far against its best's, outside `orders`: every data order both
     codes were rerun on, whichever run or call made them (review 54: a lost pair kept on the run's entry was gone
     with it, so the same train.py submitted again with rerun=true was confirmed on fresh luck and kept)."""
-    control, candidate = (_filed(core, state, commit) for commit in (entry["parent"], entry["commit"]))
-    return [round(candidate[o] - control[o], 6) for o in sorted(control.keys() & candidate.keys(), key=int)
-            if int(o) not in orders and candidate[o] >= control[o]]
+    paired = _filed_pairs(core, state, entry)
+    return [round(cand - ctrl, 6) for o, (ctrl, cand) in sorted(paired.items(), key=lambda item: int(item[0]))
+            if int(o) not in orders and cand >= ctrl]
 
 
-def _filed(core: LoopCore, state: dict, commit: str) -> dict[str, float]:
-    """{data order: val_bpb} of every rerun of the commit's train.py the harness verified, on any clock."""
+def _filed(core: LoopCore, state: dict, commit: str) -> dict[str, dict]:
+    """{data order: {val_bpb, run, device}} of every rerun of the commit's train.py the harness verified, on any
+    clock."""
     shelf = _measurement_shelf(core, state, commit)
-    return {order: m["val_bpb"] for kind in ("measured", "reruns")
-            for order, m in ((state.get(kind) or {}).get(shelf) or {}).items()}
+    return {order: m for kind in ("measured", "reruns") for order, m in ((state.get(kind) or {}).get(shelf) or {}).items()}
+
+
+def _filed_pairs(core: LoopCore, state: dict, entry: dict) -> dict[str, tuple[float, float]]:
+    """{data order: (the best's val_bpb, the run's)} where both codes were rerun on that order on one GPU model: a
+    pair across two models compares the machines as much as the codes (review 62), so it is no pair."""
+    control, candidate = (_filed(core, state, commit) for commit in (entry["parent"], entry["commit"]))
+    return {o: (control[o]["val_bpb"], candidate[o]["val_bpb"]) for o in control.keys() & candidate.keys()
+            if one_model(control[o].get("device"), candidate[o].get("device"))}
+
+
+def one_model(*devices: str | None) -> bool:
+    """Whether these measurements were taken on one GPU model, as far as they say (an old record names none)."""
+    return len({d for d in devices if d}) <= 1
 
 
 def _repeatable(core: LoopCore) -> bool:
@@ -102,11 +135,10 @@ def file_measurement(core: LoopCore, state: dict, entry: dict, result: RunResult
     order = entry.get("data_order", 0)
     if not order or rerun_value(result) is None:
         return
-    filed = {"val_bpb": result.val_bpb, "run": entry["run"]}
     repeatable = result.budget_clock == "flops" and _repeatable(core)
     shelves = state.setdefault("measured" if repeatable else "reruns", {})
     shelf = shelves.setdefault(_measurement_shelf(core, state, entry["commit"]), {})
-    shelf[str(order)] = filed if repeatable else filed | {"device": result.device}
+    shelf[str(order)] = {"val_bpb": result.val_bpb, "run": entry["run"], "device": result.device}
 
 
 def _measurements_of(core: LoopCore, state: dict, commit: str) -> dict[int, dict]:
@@ -154,10 +186,16 @@ def _refuse_a_second_call(core: LoopCore, state: dict, key: str, what: str) -> N
     without the other's reruns still running, and its answer could be kept on before the other's lost pair was
     recorded (review 60)."""
     runs = state.get("runs") or {}
+    records = None
 
     def measures(e: dict) -> str | None:
+        nonlocal records
         if e.get("rerun_of") is not None:
-            candidate = runs.get(str(e["rerun_of"]))
+            # the candidate's record where it was decided meanwhile (review 62: discarded while its confirmation
+            # trained, the same train.py run again was confirmed beside it on an order of its own)
+            if str(e["rerun_of"]) not in runs and records is None:
+                records = {r["run"].get("run"): r["run"] for r in core.records(state, decided=False)}
+            candidate = runs.get(str(e["rerun_of"])) or (records or {}).get(e["rerun_of"])
             return _pair_key(core, candidate) if candidate else None
         return f"noise {core.ws.train_blob(e['commit'])}" if e.get("data_order") else None
     busy = [e["run"] for e in core.runs_of(state, *IN_FLIGHT) if measures(e) == key]
@@ -172,15 +210,16 @@ def _pair_key(core: LoopCore, entry: dict) -> str:
 
 
 def _judged(core: LoopCore, state: dict, entry: dict) -> set[int]:
-    """The data orders both the run's train.py and its best's have a verified rerun on: pairs judged."""
-    control, candidate = (_filed(core, state, commit) for commit in (entry["parent"], entry["commit"]))
-    return {int(order) for order in control.keys() & candidate.keys()}
+    """The data orders both the run's train.py and its best's have a verified rerun on, on one GPU model: pairs
+    judged."""
+    return {int(order) for order in _filed_pairs(core, state, entry)}
 
 
 def _unjudged(core: LoopCore, state: dict, entry: dict) -> list[int]:
     """The data orders a confirmation of the run's code against its best began and never judged: a rerun of the
-    pair never ended (its server was killed, stop(now=True) cancelled it), failed, or trains now. An order with both codes'
-    values filed is a pair judged (_lost_pairs counts it) whether or not its call lived to compare them."""
+    pair never ended (its server was killed, stop(now=True) cancelled it), failed, ran on two GPU models, or trains
+    now. An order with both codes' values filed on one model is a pair judged (_lost_pairs counts it) whether or not
+    its call lived to compare them."""
     begun, judged = (state.get(BEGUN) or {}).get(_pair_key(core, entry)) or [], _judged(core, state, entry)
     return [order for order in begun if order not in judged]
 

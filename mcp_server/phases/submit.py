@@ -169,7 +169,7 @@ def submit(core: LoopCore, description: str, timeout_seconds: float | None = Non
     tried already is refused or answered from its earlier run ({"answered": result}; novelty.py)
     unless `rerun`; so is a given `source` where `novel` (a sweep's trial: an ordinary candidate)."""
     replacing = rerun_of if rerun_of is not None else replacing
-    description = ledger.validate_description(description)
+    description = ledger.refuse_markers(ledger.validate_description(description))
     if timeout_seconds is not None and not (isinstance(timeout_seconds, (int, float))
                                             and 0 < timeout_seconds <= MAX_TIMEOUT_S):
         raise Refusal(f"timeout_seconds must be between 0 and {MAX_TIMEOUT_S:.0f} (one day).")

@@ -169,9 +169,12 @@ def bwrap_argv(bwrap: str, command: list[str], spec: dict, cwd: str, private: di
 
 def runtime_folders() -> list[str]:
     """The runtime folders and service sockets a run must not reach (RUNTIME_FOLDERS, SERVICE_SOCKETS), with this
-    user's runtime folder wherever it lies ($XDG_RUNTIME_DIR)."""
-    found = os.environ.get("XDG_RUNTIME_DIR", "").strip()
-    return [*RUNTIME_FOLDERS, *SERVICE_SOCKETS, *([found] if os.path.isabs(found) and found not in (*RUNTIME_FOLDERS, "/") else [])]
+    user's runtime folder wherever it lies ($XDG_RUNTIME_DIR), unless it is / or /tmp: a run's /tmp is its own
+    already, and /tmp (a usual fix for "XDG_RUNTIME_DIR not set" in containers) hidden over it took the run's home and
+    export folder away (review 62)."""
+    found = os.path.normpath(os.environ.get("XDG_RUNTIME_DIR", "").strip() or ".")
+    mine = os.path.isabs(found) and found not in (*RUNTIME_FOLDERS, "/", "/tmp")
+    return [*RUNTIME_FOLDERS, *SERVICE_SOCKETS, *([found] if mine else [])]
 
 
 def accelerator_binds(dev: str = "/dev") -> list[str]:
