@@ -751,13 +751,8 @@ def test_max_cost_stops_starting_sessions_once_spent_and_the_summary_shows_it(fa
         hook.close()
 
 
-def test_a_plugin_edit_the_agent_commits_on_the_research_branch_is_not_the_next_sessions(fake_claude, fake_env,
-                                                                                          monkeypatch):
-    """Review 57: where the workspace is this checkout, each session loads a copy of the plugin rebuilt from
-    HEAD, and HEAD is the research branch, where the agent may commit (git is among its tools): a Stop hook
-    (or a server) of its own, committed there, was what the next session loaded. The copy is of the commit
-    the runner started on."""
-    from mcp_server.overnight import overnight
+def plugin_checkout(fake_env: Path) -> Path:
+    """A workspace that is also the plugin's checkout (a pyproject, the skill, a hook), committed."""
     ws = make_workspace(fake_env)
     (ws / "pyproject.toml").write_text('[project]\nname = "p"\nversion = "0"\nrequires-python = ">=3.10"\n'
                                        'dependencies = []\n')
@@ -767,6 +762,17 @@ def test_a_plugin_edit_the_agent_commits_on_the_research_branch_is_not_the_next_
     (ws / "hooks" / "research_loop_hook.py").write_text("HOOK = 'real'\n")
     git(ws, "add", ".")
     git(ws, "commit", "-qm", "the plugin")
+    return ws
+
+
+def test_a_plugin_edit_the_agent_commits_on_the_research_branch_is_not_the_next_sessions(fake_claude, fake_env,
+                                                                                          monkeypatch):
+    """Review 57: where the workspace is this checkout, each session loads a copy of the plugin rebuilt from
+    HEAD, and HEAD is the research branch, where the agent may commit (git is among its tools): a Stop hook
+    (or a server) of its own, committed there, was what the next session loaded. The copy is of the commit
+    the runner started on."""
+    from mcp_server.overnight import overnight
+    ws = plugin_checkout(fake_env)
     monkeypatch.setattr(overnight, "PLUGIN_ROOT", ws.resolve())  # the workspace is the plugin's checkout
     monkeypatch.setenv("FAKE_CLAUDE_PLAN", "commit-hook,fail")
     runner = overnight.Runner(runner_args(ws), overnight.preflight(ws, None), backoff_s=(0.05,), poll_s=0.05)
@@ -783,15 +789,7 @@ def test_a_runner_resumed_on_the_research_branch_loads_no_plugin_the_agent_commi
     longer holds, the plugin comes from the run's best, whose harness it was set up with."""
     from server_support import Lab
     from mcp_server.overnight import overnight
-    ws = make_workspace(fake_env)
-    (ws / "pyproject.toml").write_text('[project]\nname = "p"\nversion = "0"\nrequires-python = ">=3.10"\n'
-                                       'dependencies = []\n')
-    (ws / "skills" / "autoresearch").mkdir(parents=True)
-    shutil.copy(REPO / "skills" / "autoresearch" / "SKILL.md", ws / "skills" / "autoresearch" / "SKILL.md")
-    (ws / "hooks").mkdir()
-    (ws / "hooks" / "research_loop_hook.py").write_text("HOOK = 'real'\n")
-    git(ws, "add", ".")
-    git(ws, "commit", "-qm", "the plugin")
+    ws = plugin_checkout(fake_env)
     lab = Lab(ws)
     try:
         lab.ok("setup", tag="night")  # the research run the runner resumes, set up on the plugin's commit
