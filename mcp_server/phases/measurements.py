@@ -201,7 +201,8 @@ def _refuse_a_second_call(core: LoopCore, state: dict, key: str, what: str) -> N
     busy = [e["run"] for e in core.runs_of(state, *IN_FLIGHT) if measures(e) == key]
     if busy:
         raise Refusal(f"{what} is being measured now (rerun(s) {', '.join(map(str, busy))}): wait for that call's "
-                      "answer, then call again if you still need to.")
+                      "answer (where that call was cancelled, for its reruns to end: wait(all=true)), then call again "
+                      "if you still need to.")
 
 
 def _pair_key(core: LoopCore, entry: dict) -> str:
