@@ -34,7 +34,7 @@ from mcp_server.core.models import (
     ReportResult, RunResult, SetupResult, StatusResult, StopResult, SweepRange, SweepResult, WaitResult,
 )
 from mcp_server.core.history import rerun_commits
-from mcp_server.core.state import ANSWERING, answering
+from mcp_server.core.state import answering
 from mcp_server.core.workspace import EDITABLE, RUNS_DIR
 
 SERVER_NAME = "autoresearch"
@@ -78,10 +78,10 @@ def refusals_as_tool_errors(fn):
 
     @functools.wraps(fn)
     async def wrapper(*args, **kwargs):
-        ANSWERING.call = fn.__name__  # the event loop's thread answers tool calls only: bounded lock waits
         try:
             check_text(kwargs)
-            return await fn(*args, **kwargs)
+            with answering(fn.__name__):  # its bookkeeping threads (threaded()) get a copy of this context
+                return await fn(*args, **kwargs)
         except ToolError:
             raise
         except Exception as exc:
@@ -586,7 +586,4 @@ def describe_live(run, named: bool, slotted: bool) -> tuple[str, str]:
 
 async def threaded(fn, *args):
     """Bookkeeping (git, fsync, flock) off the event loop, so progress of other calls keeps flowing."""
-    def answer():
-        with answering(getattr(fn, "__name__", "a tool call")):
-            return fn(*args)
-    return await anyio.to_thread.run_sync(answer)
+    return await anyio.to_thread.run_sync(lambda: fn(*args))

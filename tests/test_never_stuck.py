@@ -406,6 +406,23 @@ def test_a_process_holding_the_state_lock_gets_a_refusal_not_a_hang(lab, monkeyp
     assert lab.ok("wait")["results"][0]["val_bpb"] == 0.9
     status = lab.ok("status")
     assert status["undecided"] == [2] and status["ended"] is None, status  # the stop changed nothing
+    # the server's own thread lock, held longer than a call waits: busy, not a process to end (review 65)
+    import threading
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with lab.loop.state.mutex:
+            held.set()
+            release.wait(10)
+    holder_thread = threading.Thread(target=hold)
+    holder_thread.start()
+    try:
+        held.wait(5)
+        busy = lab.refused("stop", reason="a night's end")
+        assert "The server is busy" in busy and "Nothing was changed" in busy and "fuser" not in busy, busy
+    finally:
+        release.set()
+        holder_thread.join()
 
 
 def test_two_stop_now_calls_at_once_both_answer_the_stop_and_leave_nothing_in_flight(lab):

@@ -15,6 +15,7 @@
   owner is gone and takes over its runs.
 """
 import contextlib
+import contextvars
 import fcntl
 import json
 import os
@@ -29,7 +30,9 @@ STATE_DIR = ".research-loop"
 STATE_FILE = "state.json"
 STATE_LOCK = "state.lock"
 LOCK_WAIT_S = 30.0  # a tool call's longest wait for the state's locks: a server's own transactions take milliseconds
-ANSWERING = threading.local()  # .call set on a thread while it answers a tool call (answering())
+# the tool call being answered ({"saved": whether it saved the state yet}), set by answering(); anyio's worker threads
+# get a copy of the caller's context, a thread the server starts (a run's end, the early stop) none
+CALL: contextvars.ContextVar[dict | None] = contextvars.ContextVar("research_loop_call", default=None)
 OWNER_LOCK = "owner.lock"
 ARCHIVE_DIR = "archive"
 RECORDS_DIR = "research-loop/records"  # in the git directory: out of the working tree and of every run's reach
@@ -39,12 +42,18 @@ MAX_FOUND = 10  # changes found that status keeps listing
 
 @contextlib.contextmanager
 def answering(call: str):
-    """Marks the thread as answering a tool call while inside: its waits for the state's locks are bounded."""
-    before, ANSWERING.call = getattr(ANSWERING, "call", None), call
+    """Marks what runs inside as answering a tool call: until it saves the state, its waits for the state's locks
+    are bounded, so that it is refused having changed nothing; once it saved, it waits to finish what it began."""
+    token = CALL.set({"call": call, "saved": False})
     try:
         yield
     finally:
-        ANSWERING.call = before
+        CALL.reset(token)
+
+
+def _bounded() -> bool:
+    call = CALL.get()
+    return call is not None and not call["saved"]
 
 
 def records_dir(workspace: Path) -> Path:
@@ -247,6 +256,8 @@ class State:
                 yield data
                 if json.dumps(data, sort_keys=True) != before:
                     self.save(data)
+                    if CALL.get() is not None:
+                        CALL.get()["saved"] = True
             finally:
                 self._depth -= 1
                 if self._depth == 0 and self._lock_fd is not None:
@@ -255,8 +266,9 @@ class State:
 
     @contextlib.contextmanager
     def _held_mutex(self):
-        if not self.mutex.acquire(timeout=LOCK_WAIT_S if getattr(ANSWERING, "call", None) else -1):
-            raise self._locked("another of this server's calls holds it")
+        if not self.mutex.acquire(timeout=LOCK_WAIT_S if _bounded() else -1):
+            raise Refusal(f"The server is busy: another of its calls has held its state for {LOCK_WAIT_S:g} s. "
+                          "Nothing was changed: call again shortly (status() shows what runs).")
         try:
             yield
         finally:
@@ -264,9 +276,9 @@ class State:
 
     def _flock(self, fd: int) -> None:
         """The state lock, waited for as long as it takes by the server's own threads (a run's end is recorded
-        whenever the lock comes), at most LOCK_WAIT_S by a tool call, which a process holding the lock would
-        otherwise hang (found at stop 45: an agent's `flock state.lock sleep 1d`)."""
-        if not getattr(ANSWERING, "call", None):
+        whenever the lock comes) and by a tool call that saved already, at most LOCK_WAIT_S by one that has not,
+        which a process holding the lock would otherwise hang (found at stop 45: `flock state.lock sleep 1d`)."""
+        if not _bounded():
             fcntl.flock(fd, fcntl.LOCK_EX)
             return
         deadline = time.monotonic() + LOCK_WAIT_S
@@ -278,14 +290,14 @@ class State:
                 if time.monotonic() > deadline:
                     os.close(fd)
                     self._lock_fd = None
-                    raise self._locked("another process holds it") from None
+                    raise self._locked() from None
                 time.sleep(0.05)
 
-    def _locked(self, why: str) -> Refusal:
+    def _locked(self) -> Refusal:
         lock = self.dir / STATE_LOCK
-        return Refusal(f"The server's state is locked: {lock} was not free for {LOCK_WAIT_S:g} s ({why}: a command "
-                       "that took it, such as flock, or a second server stuck in a transaction). Nothing was changed. "
-                       f"`fuser -v {lock}` names the process: end it, then call again.")
+        return Refusal(f"The server's state is locked: {lock} was not free for {LOCK_WAIT_S:g} s (another process "
+                       "holds it: a command that took it, such as flock, or a second server stuck in a transaction). "
+                       f"Nothing was changed. `fuser -v {lock}` names the process: end it, then call again.")
 
     def update(self, **changes) -> dict:
         with self.transaction() as data:
