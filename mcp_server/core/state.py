@@ -4,6 +4,8 @@
   state.lock, so two servers on one workspace (two sessions, stdio plus HTTP) never interleave a
   load-modify-save, and each write goes through a temporary file of its own (pid and thread in
   its name), fsync and rename: a server killed at any moment leaves the old state or the new one.
+  A tool call that has saved nothing yet waits at most LOCK_WAIT_S for the locks, then is refused
+  (a process holding state.lock would otherwise hang it); the server's own threads wait for good.
 - state.json and results.tsv are checked, by the server that owns the workspace, against what it
   last wrote (kept in its memory, and in records/ under the git directory for its successor)
   before each use: a change it did not make (a run without a sandbox, an agent's edit) is never
