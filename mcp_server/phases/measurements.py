@@ -156,10 +156,10 @@ def confirmation_orders(core: LoopCore, entry: dict, pairs: int) -> tuple[list[t
     to: first the orders an earlier confirmation of the same two codes began and never judged, then every order
     any confirmation of the research run began (review 56 left it open: the same train.py with a comment edited was
     new code, so drawing fresh orders until a pair was lucky confirmed it; the best's own with a comment edited and
-    kept as an equal result was a new best), then the orders the best was already
-    measured on, whose values stand as controls (one run instead of two), then fresh ones. The orders are noted as
-    begun before any run starts (review 56: a server killed while the candidate's rerun trained left its pair
-    unjudged, and the next confirm drew new luck)."""
+    kept as an equal result was a new best), then the orders the best was already measured on, lowest first, whose
+    values stand as controls (one run instead of two), then fresh ones. The orders are noted as begun before any
+    run starts (review 56: a server killed while the candidate's rerun trained left its pair unjudged, and the next
+    confirm drew new luck)."""
     with core.state.transaction() as state:
         key = _pair_key(core, entry)
         _refuse_a_second_call(core, state, key, f"A confirmation of run {entry['run']}'s train.py against this best")
