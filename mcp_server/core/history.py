@@ -143,17 +143,28 @@ def adopt_logs(root: Path, state: dict, records: list[dict]) -> None:
             vouch_log(state, root, name)
 
 
+def log_digests(state: dict) -> dict[str, str]:
+    """{run log name: the digest the server took of it when it recorded the run}."""
+    digests = state.get(LOG_DIGESTS)
+    return digests if isinstance(digests, dict) else {}
+
+
+def is_recorded_log(state: dict, name: str, raw: bytes) -> bool:
+    """Whether these bytes are the run log `name` as the server recorded it."""
+    recorded = log_digests(state).get(name)
+    return recorded is not None and digest(raw) == recorded
+
+
 def checked_log(root: Path, state: dict, name: str) -> str | None:
     """The run log's text where its bytes are those the server digested; None where it never did,
     or the file is not what it was (edited, replaced, deleted, not a plain file)."""
-    digests = state.get(LOG_DIGESTS) if isinstance(state.get(LOG_DIGESTS), dict) else {}
-    if name not in digests:
+    if name not in log_digests(state):
         return None
     try:
         raw = logparse.read_bytes(root / name)
     except OSError:
         return None
-    return raw.decode("utf-8", errors="replace") if digest(raw) == digests[name] else None
+    return raw.decode("utf-8", errors="replace") if is_recorded_log(state, name, raw) else None
 
 
 def checked(runs_dir: Path, state: dict, fresh: dict | None = None) -> tuple[dict[str, dict], list[str]]:

@@ -244,8 +244,7 @@ class Tracker:
         # the log's bytes, read once: what is parsed for the curve is what is uploaded, never a file
         # that a symbolic link planted in its place points to
         log, why_not = logparse.read_for_upload(self.root / result["log"]) if result.get("log") else (None, None)
-        digests = state.get(history.LOG_DIGESTS) if isinstance(state.get(history.LOG_DIGESTS), dict) else {}
-        if log is not None and history.digest(log) != digests.get(result["log"]):  # review 63: edited since recorded
+        if log is not None and not history.is_recorded_log(state, result["log"], log):  # review 63: edited since
             log, why_not = None, "it is not the log the server recorded for the run (changed since, or never recorded)"
         text = (log or b"").decode("utf-8", errors="replace")
         curve = [(p.step, p.loss, int(1000 * (started + (ended - started) * p.percent / 100)))

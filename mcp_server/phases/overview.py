@@ -121,9 +121,8 @@ def _run_log_metrics(core: LoopCore, state: dict) -> Metrics:
 
 def _recorded_log_named(state: dict, raw: bytes) -> str | None:
     """The run log whose bytes, as the server recorded them, these are (run.log is a copy of it)."""
-    digests = state.get(run_history.LOG_DIGESTS)
     found = run_history.digest(raw)
-    return next((name for name, d in (digests if isinstance(digests, dict) else {}).items() if d == found), None)
+    return next((name for name, d in run_history.log_digests(state).items() if d == found), None)
 
 
 def _find_run(core: LoopCore, state: dict, run: str) -> tuple[dict | None, dict | None]:
