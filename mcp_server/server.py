@@ -324,10 +324,10 @@ def register_runs(srv: MCPServer, loop: ResearchLoop) -> None:
         return compact(WaitResult(results=results, running=running, queued=queued, next=loop.status().next))
 
     @register(READ_ONLY)
-    async def read_metrics(run: str | None = None) -> Metrics:
+    async def read_metrics(run: int | str | None = None) -> Metrics:
         """The live progress of the runs in flight; else the summary of run.log (or of a past run: its
         number or commit). A missing, empty or crashed log gives a status and the log tail."""
-        return compact(loop.read_metrics(run))
+        return compact(loop.read_metrics(None if run is None else str(run)))
 
 
 def register_decisions(srv: MCPServer, loop: ResearchLoop) -> None:

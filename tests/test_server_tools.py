@@ -443,6 +443,7 @@ def test_read_metrics_on_missing_empty_crashed_and_past_runs(lab):
     set_knobs(lab.ws, crash=1)
     lab.ok("run_experiment", description="broken")
     assert lab.ok("read_metrics", run="1")["summary"]["val_bpb"] == 1.0
+    assert lab.ok("read_metrics", run=1) == lab.ok("read_metrics", run="1")  # the number as the other tools take it
     assert lab.ok("read_metrics", run=first)["status"] == "ok"
     assert lab.ok("read_metrics", run="2")["status"] == "crash"
     assert "No run '99' in this research run" in lab.refused("read_metrics", run="99")
