@@ -281,7 +281,13 @@ def test_a_gain_over_a_best_logged_by_hand_is_not_said_measured_in_the_report_or
     git(lab.ws, "commit", "-q", "-am", "my idea, measured by hand")
     lab.ok("log_result", commit=lab.head(), val_bpb=99.0, memory_gb=1.0, status="keep", description="my idea")
     set_knobs(lab.ws, val_bpb=1.04)
-    run = lab.ok("run_experiment", description="worse than the measured best")["run"]
+    answer = lab.ok("run_experiment", description="worse than the measured best")
+    run = answer["run"]
+    # the run's own answer (and the dashboard's card, which shows it) judges no gain over that number either
+    assert answer["noise"] == ("better by 97.960000 than the best's val_bpb 99.000000, which is the agent's, logged by "
+                               "hand, not measured by the harness: not compared with the noise"), answer["noise"]
+    (card,) = [r for r in dashboard.live_view(lab.ws)["runs"] if r["run"] == run]
+    assert card["result"]["noise"] == answer["noise"]
     assert lab.ok("confirm", run=run)["confirmed"]
     lab.ok("keep", run=run)
     kept = section((lab.ws / lab.ok("report", branch="pr/night")["path"]).read_text(), "Kept changes")
