@@ -220,6 +220,54 @@ def test_a_train_shard_rewritten_at_its_size_is_refused_and_one_rewritten_during
     assert result["status"] == "crash" and str(train) in result["tail"], result
 
 
+def test_a_shard_swapped_through_a_link_added_or_its_folder_swapped_during_a_run_makes_it_no_result(
+        sandboxed_lab, fake_env):
+    """Review 67: the data pin's stat followed links and looked at the shards only. A train shard made a link to a
+    copy of itself passed the check (same content), and its target swapped for the validation text while the run
+    trained, put back before its end, moved no stat the pin held; nor did a shard added for the run to list and
+    removed before its end, or the data folder swapped for another and put back. A shard that is not a plain file
+    is now refused, and the folder's own stat counts: each of these runs is no result."""
+    data = fake_env / "cache" / "data"
+    data.mkdir()
+    train, val = data / "shard_00000.parquet", data / "shard_00001.parquet"
+    train.write_bytes(b"the train text")
+    val.write_bytes(b"the validation")
+    answer(sandboxed_lab.call("setup", tag="links"))
+    same, other = fake_env / "same.parquet", fake_env / "other.parquet"
+    same.write_bytes(train.read_bytes())
+    other.write_bytes(val.read_bytes())
+    train.unlink()
+    train.symlink_to(same)
+    refused = error(sandboxed_lab.call("run_experiment", description="trained through a link"))
+    assert "shard_00000.parquet" in refused and "not a plain file" in refused, refused
+    train.unlink()
+    train.write_bytes(same.read_bytes())
+    assert answer(sandboxed_lab.call("run_experiment", description="as prepared"))["status"] == "ok"
+    answer(sandboxed_lab.call("discard"))
+    set_knobs(sandboxed_lab.ws, SLEEP=2)
+    added = data / "shard_00000a.parquet"
+
+    def add_and_remove():
+        added.write_bytes(val.read_bytes())
+        added.unlink()
+
+    def swap_the_folder():
+        (fake_env / "tampered").mkdir()
+        (fake_env / "tampered" / train.name).write_bytes(val.read_bytes())
+        (fake_env / "tampered" / val.name).write_bytes(val.read_bytes())
+        data.rename(fake_env / "kept")
+        (fake_env / "tampered").rename(data)
+        data.rename(fake_env / "tampered")
+        (fake_env / "kept").rename(data)
+
+    for n, tamper in enumerate((add_and_remove, swap_the_folder)):
+        answer(sandboxed_lab.call("run_experiment", description=f"tampered {n}", wait=False, rerun=n > 0))
+        tamper()
+        result = answer(sandboxed_lab.call("wait"))["results"][0]
+        assert result["status"] == "crash" and str(data) in result["tail"], result
+        answer(sandboxed_lab.call("discard"))
+
+
 def test_changes_hidden_from_git_by_index_flags_are_refused(sandboxed_lab):
     ws = sandboxed_lab.ws
     answer(sandboxed_lab.call("setup", tag="hidden"))
