@@ -8,6 +8,7 @@ import ctypes
 import json
 import os
 import select
+import shutil
 import subprocess
 import sys
 import threading
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ensure_debian_package
-from server_support import Lab, answer, error, git, ledger_lines, make_cache, make_workspace, set_knobs
+from server_support import Lab, answer, error, git, ledger_lines, make_cache, make_workspace, set_knobs, wait_until
 
 
 @pytest.fixture
@@ -266,6 +267,39 @@ def test_a_shard_swapped_through_a_link_added_or_its_folder_swapped_during_a_run
         result = answer(sandboxed_lab.call("wait"))["results"][0]
         assert result["status"] == "crash" and str(data) in result["tail"], result
         answer(sandboxed_lab.call("discard"))
+
+
+def test_a_cache_swapped_as_its_run_starts_and_put_back_makes_the_run_no_result(sandboxed_lab, fake_env, monkeypatch):
+    """Review 67: the sandbox binds the prepared cache as it finds it when the run starts, a moment after the
+    dispatch's check of the data. The cache swapped in that moment for a copy whose train shard holds the validation
+    text, and put back once the run read it, left the checked folder untouched at the path the run's end looks at:
+    the run trained on the copy and was a result. The worker now compares the data folder the sandbox shows with the
+    one the check looked at: the run is no result."""
+    from mcp_server.core import integrity
+    cache = fake_env / "cache"
+    (cache / "data").mkdir()
+    train = cache / "data" / "shard_00000.parquet"
+    train.write_bytes(b"the train text")
+    (cache / "data" / "shard_00001.parquet").write_bytes(b"the validation")
+    answer(sandboxed_lab.call("setup", tag="swapped"))
+    checked = integrity.worker_args
+
+    def then_swapped(*args, **kwargs):  # the agent's process, as soon as the check passed
+        found = checked(*args, **kwargs)
+        shutil.copytree(cache, fake_env / "copy")
+        (fake_env / "copy" / "data" / train.name).write_bytes(b"the validation")
+        cache.rename(fake_env / "kept")
+        (fake_env / "copy").rename(cache)
+        return found
+    monkeypatch.setattr(integrity, "worker_args", then_swapped)
+    monkeypatch.setenv("FAKE_READ", str(train))
+    set_knobs(sandboxed_lab.ws, SLEEP=2)
+    log = sandboxed_lab.ws / answer(sandboxed_lab.call("run_experiment", description="swapped", wait=False))["log"]
+    assert wait_until(lambda: "the validation" in log.read_text(errors="replace"), 30), log.read_text()
+    cache.rename(fake_env / "copy")
+    (fake_env / "kept").rename(cache)  # put back: the run's end finds the checked folder as it was
+    result = answer(sandboxed_lab.call("wait"))["results"][0]
+    assert result["status"] == "crash" and "not the one the server checked" in result["tail"], result
 
 
 def test_changes_hidden_from_git_by_index_flags_are_refused(sandboxed_lab):

@@ -315,11 +315,14 @@ def worker_args(ws, root: Path, run: int, commit: str, timeout: float, harness: 
     harness verifies, the export, the watched validation shard and the separate evaluation.
     pins: setup's input_pins (a Refusal where the cache no longer holds them); record: the prepared
     record as checked (checked_record)."""
+    data = data_folder_id()  # taken before the check: a folder swapped in between is the one checked, and refused
     check_pins(pins)
     export_dir = root / EXPORTS_DIR / str(run)
     export_dir.mkdir(parents=True, exist_ok=True)
     sandbox = sandbox_spec(root, export_dir, harness_files(ws, commit), record)
     args = ["--sandbox", json.dumps(sandbox)] + (["--data-order", str(data_order)] if data_order else [])
+    if data and (pins or {}).get("data"):
+        args += ["--data-folder", data]
     if harness is None:
         return args
     program = export_dir / EXPORT_NAME
@@ -329,6 +332,19 @@ def worker_args(ws, root: Path, run: int, commit: str, timeout: float, harness: 
     if shard is not None:
         args += ["--val-shard", str(shard)] + (["--val-shared"] if slots > 1 else [])
     return args
+
+
+def data_folder_id() -> str | None:
+    """The data folder the check looks at, as worker.py --data-folder takes it (`device:inode:path`), or None. The
+    sandbox binds the cache as it finds it when the run starts, a moment after the check: the cache (or a folder
+    above it) swapped for another in between and put back once the run trained (review 67) moved nothing at the
+    path the check and the run's end look at; the worker compares the folder the sandbox shows with this one."""
+    folder = cache_dir() / "data"
+    try:
+        found = folder.stat()
+    except OSError:
+        return None
+    return f"{found.st_dev}:{found.st_ino}:{folder}"
 
 
 def cache_fingerprint() -> str | None:
