@@ -269,6 +269,39 @@ def test_a_shard_swapped_through_a_link_added_or_its_folder_swapped_during_a_run
         answer(sandboxed_lab.call("discard"))
 
 
+def test_a_data_folder_made_a_chain_of_links_is_refused(sandboxed_lab, fake_env, monkeypatch):
+    """Review 67: the data folder made a link to a link to itself between runs passed the check (the same shards);
+    the middle link pointed at a copy whose train shard holds the validation text while a run read it, and back
+    before its end, moved neither the first link's stat nor the folder's nor the shards', and the worker's one look
+    at the data folder its sandbox shows comes in the run's first moments (a real train.py lists its shards seconds
+    later). A data folder that is a link is refused, saying how to keep it on another disk."""
+    data = fake_env / "cache" / "data"
+    data.mkdir()
+    train = data / "shard_00000.parquet"
+    train.write_bytes(b"the train text")
+    (data / "shard_00001.parquet").write_bytes(b"the validation")
+    answer(sandboxed_lab.call("setup", tag="chained"))
+    # in the cache: the sandbox shows it (links elsewhere in the machine's /tmp would lead nowhere in its own /tmp)
+    real, middle, copy = (fake_env / "cache" / name for name in ("real-data", "middle", "copy"))
+    data.rename(real)
+    middle.symlink_to(real)
+    data.symlink_to(middle)
+    shutil.copytree(real, copy)
+    (copy / train.name).write_bytes(b"the validation")
+    monkeypatch.setenv("FAKE_READ", str(train))
+    set_knobs(sandboxed_lab.ws, SLEEP=2)
+    started = sandboxed_lab.call("run_experiment", description="through the chain", wait=False)
+    if not started.is_error:  # the agent's part, where the check let it through
+        middle.unlink()
+        middle.symlink_to(copy)
+        log = sandboxed_lab.ws / answer(started)["log"]
+        wait_until(lambda: "read " in log.read_text(errors="replace"), 30)
+        middle.unlink()
+        middle.symlink_to(real)
+        pytest.fail(f"{log.read_text()}\n{answer(sandboxed_lab.call('wait'))['results'][0]}")
+    assert "is a link" in error(started) and "AUTORESEARCH_CACHE" in error(started)
+
+
 def test_a_cache_swapped_as_its_run_starts_and_put_back_makes_the_run_no_result(sandboxed_lab, fake_env, monkeypatch):
     """Review 67: the sandbox binds the prepared cache as it finds it when the run starts, a moment after the
     dispatch's check of the data. The cache swapped in that moment for a copy whose train shard holds the validation

@@ -21,7 +21,7 @@ import os
 import sys
 import sysconfig
 from pathlib import Path
-from stat import S_IFMT, S_IFREG
+from stat import S_IFDIR, S_IFMT, S_IFREG
 
 import git
 import gitdb.exc
@@ -174,8 +174,6 @@ def data_stat() -> dict:
         return {}
     stats = {path.name: path.lstat() for path in sorted(folder.glob("*"))}
     stats[FOLDER] = folder.lstat()
-    if os.path.islink(folder):  # a data folder kept on another disk: the link and the folder it names
-        stats[FOLDER + "/"] = folder.stat()
     return {name: [s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns, S_IFMT(s.st_mode)]
             for name, s in stats.items()}
 
@@ -191,17 +189,22 @@ def data_pin() -> dict:
 
 
 def _shards(stat: dict) -> list[str]:
-    return [name for name in stat if name not in (FOLDER, FOLDER + "/")]
+    return [name for name in stat if name != FOLDER]
 
 
 def _refuse_links(stat: dict) -> None:
-    """A Refusal where a shard is not a plain file (a link, a FIFO): prepare writes plain files, and a link's target
-    can be swapped and put back unseen by any stat of the link."""
+    """A Refusal where a shard is not a plain file (a link, a FIFO), or the data folder is a link: prepare writes
+    plain files in a folder, and a link's target, or a link in the chain it names, can be swapped and put back
+    unseen by any stat of the link."""
     odd = [name for name in _shards(stat) if stat[name][4] != S_IFREG]
     if odd:
         raise Refusal(f"The prepared data folder {cache_dir() / 'data'} holds {', '.join(odd)}, which is not a plain "
                       "file (a link?): prepare.py writes its shards as plain files, and the harness pins them by their "
                       "own stat. Put the files themselves there (a copy, not a link), then run again.")
+    if FOLDER in stat and stat[FOLDER][4] != S_IFDIR:
+        raise Refusal(f"The prepared data folder {cache_dir() / 'data'} is a link: the harness pins the folder by its own "
+                      "stat, and a link it names could be swapped during a run and put back unseen. Move the folder "
+                      "there itself (or point AUTORESEARCH_CACHE at a cache on the disk that holds it), then run again.")
 
 
 def check_data(pin: dict) -> None:
