@@ -628,3 +628,23 @@ def test_a_package_linked_into_the_environment_and_removed_between_two_checks_ma
     assert outcome.report["exit_code"] == 0 and "a planted module" in lab.log(1), outcome.report
     assert outcome.report.get("environment_changed") == \
         [f"{link / '__init__.py'} (not among the files its check found)"], outcome.report
+
+
+def test_a_folder_moved_into_a_watched_environment_is_watched_too(tmp_path):
+    """Review 67: the watch added the folders made in a site folder, not those moved in. A copy of a package moved
+    into the place of the original (`cp -a` keeps every size and mtime, so the pins pass) was unwatched for the
+    rest of the server's life: an edit of its compiled libraries made and undone between two checks went unseen."""
+    from mcp_server.core import envpin, envwatch
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = str(venv / "bin" / "python")
+    watch = envwatch.EnvironmentWatch(python)
+    try:
+        site = Path(envpin.folders(python)[0][0])
+        (tmp_path / "pkg" / "lib").mkdir(parents=True)
+        (tmp_path / "pkg").rename(site / "pkg")
+        moved_in = watch.generation()
+        (site / "pkg" / "lib" / "kernels.so").write_bytes(b"edited")
+        assert watch.generation() > moved_in and str(site / "pkg" / "lib" / "kernels.so") in watch.since(moved_in)
+    finally:
+        os.close(watch.fd)

@@ -8,6 +8,7 @@ import ctypes
 import json
 import os
 import select
+import shutil
 import subprocess
 import sys
 import threading
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ensure_debian_package
-from server_support import Lab, answer, error, git, ledger_lines, make_cache, make_workspace, set_knobs
+from server_support import Lab, answer, error, git, ledger_lines, make_cache, make_workspace, set_knobs, wait_until
 
 
 @pytest.fixture
@@ -218,6 +219,120 @@ def test_a_train_shard_rewritten_at_its_size_is_refused_and_one_rewritten_during
     train.write_bytes(b"the train text")
     result = answer(sandboxed_lab.call("wait"))["results"][0]
     assert result["status"] == "crash" and str(train) in result["tail"], result
+
+
+def test_a_shard_swapped_through_a_link_added_or_its_folder_swapped_during_a_run_makes_it_no_result(
+        sandboxed_lab, fake_env):
+    """Review 67: the data pin's stat followed links and looked at the shards only. A train shard made a link to a
+    copy of itself passed the check (same content), and its target swapped for the validation text while the run
+    trained, put back before its end, moved no stat the pin held; nor did a shard added for the run to list and
+    removed before its end, or the data folder swapped for another and put back. A shard that is not a plain file
+    is now refused, and the folder's own stat counts: each of these runs is no result."""
+    data = fake_env / "cache" / "data"
+    data.mkdir()
+    train, val = data / "shard_00000.parquet", data / "shard_00001.parquet"
+    train.write_bytes(b"the train text")
+    val.write_bytes(b"the validation")
+    answer(sandboxed_lab.call("setup", tag="links"))
+    same, other = fake_env / "same.parquet", fake_env / "other.parquet"
+    same.write_bytes(train.read_bytes())
+    other.write_bytes(val.read_bytes())
+    train.unlink()
+    train.symlink_to(same)
+    refused = error(sandboxed_lab.call("run_experiment", description="trained through a link"))
+    assert "shard_00000.parquet" in refused and "not a plain file" in refused, refused
+    train.unlink()
+    train.write_bytes(same.read_bytes())
+    assert answer(sandboxed_lab.call("run_experiment", description="as prepared"))["status"] == "ok"
+    answer(sandboxed_lab.call("discard"))
+    set_knobs(sandboxed_lab.ws, SLEEP=2)
+    added = data / "shard_00000a.parquet"
+
+    def add_and_remove():
+        added.write_bytes(val.read_bytes())
+        added.unlink()
+
+    def swap_the_folder():
+        (fake_env / "tampered").mkdir()
+        (fake_env / "tampered" / train.name).write_bytes(val.read_bytes())
+        (fake_env / "tampered" / val.name).write_bytes(val.read_bytes())
+        data.rename(fake_env / "kept")
+        (fake_env / "tampered").rename(data)
+        data.rename(fake_env / "tampered")
+        (fake_env / "kept").rename(data)
+
+    for n, tamper in enumerate((add_and_remove, swap_the_folder)):
+        answer(sandboxed_lab.call("run_experiment", description=f"tampered {n}", wait=False, rerun=n > 0))
+        tamper()
+        result = answer(sandboxed_lab.call("wait"))["results"][0]
+        assert result["status"] == "crash" and str(data) in result["tail"], result
+        answer(sandboxed_lab.call("discard"))
+
+
+def test_a_data_folder_made_a_chain_of_links_is_refused(sandboxed_lab, fake_env, monkeypatch):
+    """Review 67: the data folder made a link to a link to itself between runs passed the check (the same shards);
+    the middle link pointed at a copy whose train shard holds the validation text while a run read it, and back
+    before its end, moved neither the first link's stat nor the folder's nor the shards', and the worker's one look
+    at the data folder its sandbox shows comes in the run's first moments (a real train.py lists its shards seconds
+    later). A data folder that is a link is refused, saying how to keep it on another disk."""
+    data = fake_env / "cache" / "data"
+    data.mkdir()
+    train = data / "shard_00000.parquet"
+    train.write_bytes(b"the train text")
+    (data / "shard_00001.parquet").write_bytes(b"the validation")
+    answer(sandboxed_lab.call("setup", tag="chained"))
+    # in the cache: the sandbox shows it (links elsewhere in the machine's /tmp would lead nowhere in its own /tmp)
+    real, middle, copy = (fake_env / "cache" / name for name in ("real-data", "middle", "copy"))
+    data.rename(real)
+    middle.symlink_to(real)
+    data.symlink_to(middle)
+    shutil.copytree(real, copy)
+    (copy / train.name).write_bytes(b"the validation")
+    monkeypatch.setenv("FAKE_READ", str(train))
+    set_knobs(sandboxed_lab.ws, SLEEP=2)
+    started = sandboxed_lab.call("run_experiment", description="through the chain", wait=False)
+    if not started.is_error:  # the agent's part, where the check let it through
+        middle.unlink()
+        middle.symlink_to(copy)
+        log = sandboxed_lab.ws / answer(started)["log"]
+        wait_until(lambda: "read " in log.read_text(errors="replace"), 30)
+        middle.unlink()
+        middle.symlink_to(real)
+        pytest.fail(f"{log.read_text()}\n{answer(sandboxed_lab.call('wait'))['results'][0]}")
+    assert "is a link" in error(started) and "AUTORESEARCH_CACHE" in error(started)
+
+
+def test_a_cache_swapped_as_its_run_starts_and_put_back_makes_the_run_no_result(sandboxed_lab, fake_env, monkeypatch):
+    """Review 67: the sandbox binds the prepared cache as it finds it when the run starts, a moment after the
+    dispatch's check of the data. The cache swapped in that moment for a copy whose train shard holds the validation
+    text, and put back once the run read it, left the checked folder untouched at the path the run's end looks at:
+    the run trained on the copy and was a result. The worker now compares the data folder the sandbox shows with the
+    one the check looked at: the run is no result."""
+    from mcp_server.core import integrity
+    cache = fake_env / "cache"
+    (cache / "data").mkdir()
+    train = cache / "data" / "shard_00000.parquet"
+    train.write_bytes(b"the train text")
+    (cache / "data" / "shard_00001.parquet").write_bytes(b"the validation")
+    answer(sandboxed_lab.call("setup", tag="swapped"))
+    checked = integrity.worker_args
+
+    def then_swapped(*args, **kwargs):  # the agent's process, as soon as the check passed
+        found = checked(*args, **kwargs)
+        shutil.copytree(cache, fake_env / "copy")
+        (fake_env / "copy" / "data" / train.name).write_bytes(b"the validation")
+        cache.rename(fake_env / "kept")
+        (fake_env / "copy").rename(cache)
+        return found
+    monkeypatch.setattr(integrity, "worker_args", then_swapped)
+    monkeypatch.setenv("FAKE_READ", str(train))
+    set_knobs(sandboxed_lab.ws, SLEEP=2)
+    log = sandboxed_lab.ws / answer(sandboxed_lab.call("run_experiment", description="swapped", wait=False))["log"]
+    assert wait_until(lambda: "the validation" in log.read_text(errors="replace"), 30), log.read_text()
+    cache.rename(fake_env / "copy")
+    (fake_env / "kept").rename(cache)  # put back: the run's end finds the checked folder as it was
+    result = answer(sandboxed_lab.call("wait"))["results"][0]
+    assert result["status"] == "crash" and "not the one the server checked" in result["tail"], result
 
 
 def test_changes_hidden_from_git_by_index_flags_are_refused(sandboxed_lab):

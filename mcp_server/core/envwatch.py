@@ -108,9 +108,11 @@ class EnvironmentWatch:
         if name in skipped or (names is not None and name not in names):  # bytecode: any import outside writes it
             return
         path = os.path.join(folder, name)
-        if mask & IN_CREATE and mask & IN_ISDIR and names is None:
+        # a new package, made there or moved in (a copy of torch put in its place left its files unwatched for the
+        # server's life: review 67): its files are watched too
+        if mask & (IN_CREATE | IN_MOVED_TO) and mask & IN_ISDIR and names is None:
             try:
-                self._add_tree(path, skipped)  # a new package: its files are watched too
+                self._add_tree(path, skipped)
             except OSError:
                 pass
         self._changed(path)

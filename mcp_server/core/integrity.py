@@ -21,6 +21,7 @@ import os
 import sys
 import sysconfig
 from pathlib import Path
+from stat import S_IFDIR, S_IFMT, S_IFREG
 
 import git
 import gitdb.exc
@@ -35,6 +36,7 @@ EXPORTS_DIR = ".research-loop/exports"
 EXPORT_NAME = "model.pt2"
 EVALUATOR = "nanochat/evaluate_export.py"
 EXPORTER = "nanochat/export.py"
+FOLDER = "."  # data_stat's name for the data folder itself
 COMPILE_CACHE = "compile"  # inside the prepared cache: compiled graphs and the measured peak FLOP/s, so writable
 # What the harness scores with, in the prepared cache (nanochat/cache.py): pinned by content at setup
 PINNED_FILES = {"tokenizer": "tokenizer/tokenizer.pkl", "token_bytes": "tokenizer/token_bytes.pt"}
@@ -162,28 +164,57 @@ def check_pins(pins: dict | None) -> None:
 
 
 def data_stat() -> dict:
-    """{file: [inode, size, mtime, ctime]} of the prepared cache's data folder: a write into a shard, however made
-    (undone, through a hard link or a mapping, its mtime put back), moves its change time, which no process can set."""
+    """{file: [inode, size, mtime, ctime, type]} of the prepared cache's data folder, and of the folder itself (FOLDER): a
+    write into a shard, however made (undone, through a hard link or a mapping, its mtime put back), moves its change
+    time, which no process can set. Each name is looked at as itself (lstat): a link's target swapped for another
+    file and back during a run moved nothing the stat of what it names shows (review 67); and a shard added for the
+    run to list, or the folder swapped for another, and put back before the run's end, moves only the folder's."""
     folder = cache_dir() / "data"
-    stats = {path.name: path.stat() for path in sorted(folder.glob("*"))} if folder.is_dir() else {}
-    return {name: [s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns] for name, s in stats.items()}
+    if not folder.is_dir():
+        return {}
+    stats = {path.name: path.lstat() for path in sorted(folder.glob("*"))}
+    stats[FOLDER] = folder.lstat()
+    return {name: [s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns, S_IFMT(s.st_mode)]
+            for name, s in stats.items()}
 
 
 def data_pin() -> dict:
     """At setup: the data shards' stat and content. The fingerprint holds their names and sizes only, and a train
     shard rewritten at its size (the validation text in it, a curated set) changed every later run's number, with
     train.py and its diff as they were."""
-    stat = data_stat()
-    return {"stat": stat, "sha256": {name: sha256_of(cache_dir() / "data" / name) for name in stat}}
+    stat = data_stat()  # a link is refused at each run's check (check_data), setup's branch made already; a FIFO
+    # is not read (it would hang setup under the state's lock)
+    data = cache_dir() / "data"
+    return {"stat": stat, "sha256": {name: sha256_of(data / name) for name in _shards(stat) if (data / name).is_file()}}
+
+
+def _shards(stat: dict) -> list[str]:
+    return [name for name in stat if name != FOLDER]
+
+
+def _refuse_links(stat: dict) -> None:
+    """A Refusal where a shard is not a plain file (a link, a FIFO), or the data folder is a link: prepare writes
+    plain files in a folder, and a link's target, or a link in the chain it names, can be swapped and put back
+    unseen by any stat of the link."""
+    odd = [name for name in _shards(stat) if stat[name][4] != S_IFREG]
+    if odd:
+        raise Refusal(f"The prepared data folder {cache_dir() / 'data'} holds {', '.join(odd)}, which is not a plain "
+                      "file (a link?): prepare.py writes its shards as plain files, and the harness pins them by their "
+                      "own stat. Put the files themselves there (a copy, not a link), then run again.")
+    if FOLDER in stat and stat[FOLDER][4] != S_IFDIR:
+        raise Refusal(f"The prepared data folder {cache_dir() / 'data'} is a link: the harness pins the folder by its own "
+                      "stat, and a link it names could be swapped during a run and put back unseen. Move the folder "
+                      "there itself (or point AUTORESEARCH_CACHE at a cache on the disk that holds it), then run again.")
 
 
 def check_data(pin: dict) -> None:
     """The data shards are setup's, by their stat or else by content (then their stat as read before the content
     becomes the pin's: a run's end is compared with it, data_changes); a Refusal naming those that differ."""
     stat = data_stat()
-    moved = [name for name in stat if stat[name] != pin["stat"].get(name)]
+    _refuse_links(stat)
+    moved = [name for name in _shards(stat) if stat[name] != pin["stat"].get(name)]
     changed = [name for name in moved if sha256_of(cache_dir() / "data" / name) != pin["sha256"].get(name)]
-    if changed or set(stat) != set(pin["stat"]):
+    if changed or set(_shards(stat)) != set(_shards(pin["stat"])):
         raise Refusal(f"The prepared data shards {', '.join(changed) or '(their list)'} in {cache_dir() / 'data'} "
                       "are not what this research run was set up with (their content changed since setup): every run "
                       "of a research run trains on the same data. Restore them, or prepare again (`uv run prepare.py "
@@ -287,11 +318,14 @@ def worker_args(ws, root: Path, run: int, commit: str, timeout: float, harness: 
     harness verifies, the export, the watched validation shard and the separate evaluation.
     pins: setup's input_pins (a Refusal where the cache no longer holds them); record: the prepared
     record as checked (checked_record)."""
+    data = data_folder_id()  # taken before the check: a folder swapped in between is the one checked, and refused
     check_pins(pins)
     export_dir = root / EXPORTS_DIR / str(run)
     export_dir.mkdir(parents=True, exist_ok=True)
     sandbox = sandbox_spec(root, export_dir, harness_files(ws, commit), record)
     args = ["--sandbox", json.dumps(sandbox)] + (["--data-order", str(data_order)] if data_order else [])
+    if data and (pins or {}).get("data"):
+        args += ["--data-folder", data]
     if harness is None:
         return args
     program = export_dir / EXPORT_NAME
@@ -301,6 +335,19 @@ def worker_args(ws, root: Path, run: int, commit: str, timeout: float, harness: 
     if shard is not None:
         args += ["--val-shard", str(shard)] + (["--val-shared"] if slots > 1 else [])
     return args
+
+
+def data_folder_id() -> str | None:
+    """The data folder the check looks at, as worker.py --data-folder takes it (`device:inode:path`), or None. The
+    sandbox binds the cache as it finds it when the run starts, a moment after the check: the cache (or a folder
+    above it) swapped for another in between and put back once the run trained (review 67) moved nothing at the
+    path the check and the run's end look at; the worker compares the folder the sandbox shows with this one."""
+    folder = cache_dir() / "data"
+    try:
+        found = folder.stat()
+    except OSError:
+        return None
+    return f"{found.st_dev}:{found.st_ino}:{folder}"
 
 
 def cache_fingerprint() -> str | None:

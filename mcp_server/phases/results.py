@@ -100,6 +100,8 @@ def _result(core: LoopCore, entry: dict, text: str, report: dict | None, slot: s
         problem = f"killed after the {entry['timeout']:.0f}s timeout"
     elif report.get("stopped"):
         problem = f"stopped: {report['stopped']}"
+    elif report.get("data_folder_problem"):
+        problem = f"not a result: {report['data_folder_problem']}"
     elif changed := report.get("environment_changed") or integrity.data_changes(entry.get("data_stat")):
         problem = environment_problem(changed)
     elif report.get("exit_code") != 0:

@@ -160,6 +160,23 @@ def private_val_copy(val_shard: Path, report: Path) -> Path | None:
     return copy
 
 
+def data_folder_problem(root: str | None, checked: str) -> str | None:
+    """Why the data folder a sandbox (its root as the machine sees it: sandbox.private_root) shows is not the one the
+    server checked (checked: device:inode:path, integrity.data_folder_id), or None; "" until there is a root."""
+    if root is None:
+        return ""
+    device, inode, path = checked.split(":", 2)
+    try:
+        seen = os.stat(root + path)
+    except OSError as exc:
+        seen = exc
+    if isinstance(seen, OSError) or (seen.st_dev, seen.st_ino) != (int(device), int(inode)):
+        return (f"the prepared data folder the run's sandbox showed at {path} is not the one the server checked as the "
+                "run started (the cache, or a folder above it, swapped for another), so it may have trained on data "
+                "setup did not pin; put the prepared cache back in its place, then rerun it")
+    return None
+
+
 def device_name(env: dict) -> str:
     """The accelerator this run sees, for the run's record: a GPU's name, else the CPU's."""
     visible = env.get("CUDA_VISIBLE_DEVICES")
@@ -247,6 +264,8 @@ def parse_args(argv):
     p.add_argument("--warm-evaluator-fd", type=int,
                    help="a socket to the slot's warm evaluator, which evaluates the export instead of a cold one")
     p.add_argument("--report-tail", type=int, default=0, help="bytes of the output's end to put in the report")
+    p.add_argument("--data-folder", help="device:inode:path of the prepared data folder the server checked: the "
+                                         "folder a bubblewrap sandbox shows at that path must be that one")
     p.add_argument("--data-order", type=int, default=0,
                    help="train on another stretch of the data (a rerun: nanochat/dataloader.py)")
     p.add_argument("--warm", action="store_true",
@@ -465,7 +484,7 @@ def main(argv=None) -> int:
     # the command's group, for whoever finds this run without its worker (a server restart)
     running = {"running": True, "pid": child.pid, "worker_pid": os.getpid(), "started_at": started_at}
     write_report(args.report, running)
-    evaluating = False
+    evaluating, data_problem = False, ""
     pump = LogPump(read_end, args.log, args.max_log_bytes)
     pump.start()
     if args.watch_stdin:
@@ -490,6 +509,9 @@ def main(argv=None) -> int:
             if evaluation.started_at is not None and not evaluating:  # the pool may start the slot's next worker
                 evaluating = True
                 write_report(args.report, running | {"evaluating": True})
+        # one look, while its pid is still the sandbox's (not reaped): the sandbox's binds are fixed for its life
+        if args.data_folder and bubblewrap and data_problem == "" and child.returncode is None:
+            data_problem = data_folder_problem(sandbox.private_root(child.pid), args.data_folder)
         if time.monotonic() - t0 - (evaluation.seconds() if evaluation else 0.0) > args.timeout:
             timed_out = True
             break
@@ -533,6 +555,8 @@ def main(argv=None) -> int:
         report["exported"] = args.export.exists() or bool(evaluation and evaluation.started_at is not None)
         report["val_watched"] = val_watch is not None
         report["val_opened_before_export"] = val_watch.opened_before_export if val_watch else None
+    if data_problem:
+        report["data_folder_problem"] = data_problem
     if evaluated is not None and report["exit_code"] == 0 and not (timed_out or stop_reason):
         report["evaluation"] = evaluated
     # what the interpreters compiled (trusted_import.py), which the server checks against its pins
