@@ -529,8 +529,8 @@ def register_measurements(srv: MCPServer, loop: ResearchLoop) -> None:
                      "against this best began them and never judged them (its server stopped, a rerun failed or was "
                      "cancelled); they are measured before any fresh order") if resumed else None,
             held_to=(f"data order(s) {', '.join(map(str, held_to))}: every data order a confirmation of this research "
-                     "run was measured on, so that no gain is confirmed on orders chosen to miss the pairs another lost"
-                     ) if held_to else None,
+                     "run (or of one before it on this harness) began and this pair has not judged yet, so that no "
+                     "gain is confirmed on orders chosen to miss the pairs another lost") if held_to else None,
             extra_runs=len(runs), extra_runs_total=total,
             next=(f"keep(run={n})" if confirmed else f"{blind} The gain is not confirmed: discard(run={n})" if blind
                   else across or f"the gain did not hold: discard(run={n})")

@@ -12,7 +12,11 @@ from mcp_server.phases.runs import IN_FLIGHT, LoopCore
 from mcp_server.core.workspace import budget_clock
 
 BEGUN = "begun_pairs"  # the state's {_pair_key or "noise <blob>": data orders begun}: confirmation_orders, noise_orders
-HELD_TO = "held_orders"  # the state's list: every data order a confirmation in this research run began
+HELD_TO = "held_orders"  # the state's list: every data order a confirmation began (this research run's, carried)
+# what a setup on the same harness carries into the new research run: measurements of code on a harness stand whichever
+# run took them (review 66: a setup of a new tag mid-night forgot a lost pair and the held orders, and the data order
+# counter began again at 1, so an idea that lost on order 3 was confirmed on order 1)
+CARRIED = ("measured", "reruns", BEGUN, HELD_TO, "data_orders")
 
 
 def judge_pairs(sides: list[tuple[int, list]], settled: dict[int, RunResult]) -> tuple[list[tuple[float, float]],
