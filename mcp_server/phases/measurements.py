@@ -12,19 +12,22 @@ from mcp_server.phases.runs import IN_FLIGHT, LoopCore
 from mcp_server.core.workspace import budget_clock
 
 BEGUN = "begun_pairs"  # the state's {_pair_key or "noise <blob>": data orders begun}: confirmation_orders, noise_orders
+# the state's {_pair_key: {data order: [the best's val_bpb, the candidate's]}}: the pairs confirmations measured side
+# by side, the only pairs where reruns do not repeat
+PAIRS = "judged_pairs"
 HELD_TO = "held_orders"  # the state's list: every data order a confirmation began (this research run's, carried)
 # what a setup on the same harness carries into the new research run: measurements of code on a harness stand whichever
 # run took them (review 66: a setup of a new tag mid-night forgot a lost pair and the held orders, and the data order
 # counter began again at 1, so an idea that lost on order 3 was confirmed on order 1)
-CARRIED = ("measured", "reruns", BEGUN, HELD_TO, "data_orders")
+CARRIED = ("measured", "reruns", BEGUN, HELD_TO, PAIRS, "data_orders")
 
 
-def judge_pairs(sides: list[tuple[int, list]], settled: dict[int, RunResult]) -> tuple[list[tuple[float, float]],
+def judge_pairs(sides: list[tuple[int, list]], settled: dict[int, RunResult]) -> tuple[list[tuple[int, float, float]],
                                                                                        list[str]]:
-    """(the best's val_bpb, the candidate's) of each of confirm's pairs measured on both sides on one GPU model, and
-    each pair whose sides ran on two models, named (review 62: the best rerun on an H100, the candidate on a faster
-    model, made a result measured on another model than the best's a confirmed gain, kept unasked). A side is a
-    filed measurement reused ({val_bpb, device}) or the run that measured it now."""
+    """(data order, the best's val_bpb, the candidate's) of each of confirm's pairs measured on both sides on one GPU
+    model, and each pair whose sides ran on two models, named (review 62: the best rerun on an H100, the candidate on
+    a faster model, made a result measured on another model than the best's a confirmed gain, kept unasked). A side
+    is a filed measurement reused ({val_bpb, device}) or the run that measured it now."""
     done, across = [], []
     for order, pair in sides:
         (control, control_on), (candidate, candidate_on) = (
@@ -33,13 +36,13 @@ def judge_pairs(sides: list[tuple[int, list]], settled: dict[int, RunResult]) ->
         if control is None or candidate is None:
             continue
         if one_model(control_on, candidate_on):
-            done.append((control, candidate))
+            done.append((order, control, candidate))
         else:
             across.append(f"data order {order}: the best on {control_on}, the candidate on {candidate_on}")
     return done, across
 
 
-def record_confirmation(core: LoopCore, run: int, confirmation: dict, spent: int,
+def record_confirmation(core: LoopCore, candidate: dict, confirmation: dict, spent: int,
                         orders: list[int]) -> tuple[int, str | None]:
     """Stores the verdict on the candidate's entry, beside the pairs of its earlier confirmations: failed
     where its train.py lost a pair against the best's on another data order than this call's (confirming
@@ -47,8 +50,11 @@ def record_confirmation(core: LoopCore, run: int, confirmation: dict, spent: int
     candidate's or the control's code repeated its number on different data orders; returns the research
     run's extra runs so far and that reason (None when there is none). Refused, the reruns counted, where another
     call decided the run while its reruns trained (review 63: the answer said keep(run) or discard(run) of a run
-    already logged)."""
+    already logged). `candidate` is the run's entry as confirm planned it; the pairs in `confirmation` are recorded
+    as judged whatever became of the run."""
+    run, judged = candidate["run"], confirmation.pop("pairs")
     with core.state.transaction() as state:
+        state.setdefault(PAIRS, {}).setdefault(_pair_key(core, candidate), {}).update(judged)
         entry = (state.get("runs") or {}).get(str(run))
         reason = None
         if entry is not None:
@@ -99,11 +105,18 @@ def _filed(core: LoopCore, state: dict, commit: str) -> dict[str, dict]:
 
 
 def _filed_pairs(core: LoopCore, state: dict, entry: dict) -> dict[str, tuple[float, float]]:
-    """{data order: (the best's val_bpb, the run's)} where both codes were rerun on that order on one GPU model: a
-    pair across two models compares the machines as much as the codes (review 62), so it is no pair."""
+    """{data order: (the best's val_bpb, the run's)} of the pairs of the two codes: those a confirmation measured side
+    by side and, where reruns repeat, every order both codes were rerun on on one GPU model (a pair across two models
+    compares the machines as much as the codes: review 62). Where they do not repeat, two values filed at different
+    times are no pair (review 66: on the wall clock each later confirmation reran the best on a held order and filed
+    its value in place of the one the idea had lost against; once a control came out unlucky, the lost pair read as
+    won, was skipped as judged, and the same train.py was confirmed on one fresh order)."""
+    recorded = {o: tuple(p) for o, p in ((state.get(PAIRS) or {}).get(_pair_key(core, entry)) or {}).items()}
+    if not _repeatable(core):
+        return recorded
     control, candidate = (_filed(core, state, commit) for commit in (entry["parent"], entry["commit"]))
-    return {o: (control[o]["val_bpb"], candidate[o]["val_bpb"]) for o in control.keys() & candidate.keys()
-            if one_model(control[o].get("device"), candidate[o].get("device"))}
+    return recorded | {o: (control[o]["val_bpb"], candidate[o]["val_bpb"]) for o in control.keys() & candidate.keys()
+                       if one_model(control[o].get("device"), candidate[o].get("device"))}
 
 
 def one_model(*devices: str | None) -> bool:
