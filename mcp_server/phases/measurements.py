@@ -174,9 +174,11 @@ def confirmation_orders(core: LoopCore, entry: dict, pairs: int) -> tuple[list[t
     any confirmation of the research run began (review 56 left it open: the same train.py with a comment edited was
     new code, so drawing fresh orders until a pair was lucky confirmed it; the best's own with a comment edited and
     kept as an equal result was a new best), then the orders the best was already measured on, lowest first, whose
-    values stand as controls (one run instead of two), then fresh ones. The orders are noted as begun before any
-    run starts (review 56: a server killed while the candidate's rerun trained left its pair unjudged, and the next
-    confirm drew new luck)."""
+    values stand as controls (one run instead of two), with those a noise repeat of it began and never filed (review
+    66: the agent killed the server while the best's repeat on an order went well for the best, and that order was
+    left out of every confirmation), then fresh ones. The orders are noted as begun before any run starts (review
+    56: a server killed while the candidate's rerun trained left its pair unjudged, and the next confirm drew new
+    luck)."""
     with core.state.transaction() as state:
         key = _pair_key(core, entry)
         _refuse_a_second_call(core, state, key, f"A confirmation of run {entry['run']}'s train.py against this best")
@@ -189,7 +191,10 @@ def confirmation_orders(core: LoopCore, entry: dict, pairs: int) -> tuple[list[t
         control = _measurements_of(core, state, entry["parent"])
         candidate = _measurements_of(core, state, entry["commit"])
         orders = resumed + earlier
-        orders += [o for o in sorted(control) if o not in orders and o not in judged][:max(0, pairs - len(orders))]
+        # left to the call beside while it trains there: this plan is fixed before that rerun's curve is seen
+        unfiled = [o for o in _unfiled(core, state, entry["parent"]) if o not in beside] if _repeatable(core) else []
+        orders += [o for o in sorted(set(control) | set(unfiled))
+                   if o not in orders and o not in judged][:max(0, pairs - len(orders))]
         for _ in range(pairs - len(orders)):
             state["data_orders"] = state.get("data_orders", 0) + 1
             orders.append(state["data_orders"])
