@@ -517,20 +517,23 @@ def register_measurements(srv: MCPServer, loop: ResearchLoop) -> None:
         pairs_done, across = loop.judge_pairs(sides, settled)  # a pair on two GPU models is none
         across = across and (f"Pair(s) ran on two GPU models ({'; '.join(across)}), which compares the machines: "
                              f"confirm(run={n}) again measures those data orders first, or discard(run={n}).")
-        deltas = [round(cand - ctrl, 6) for ctrl, cand in pairs_done]
+        deltas = [round(cand - ctrl, 6) for _, ctrl, cand in pairs_done]
         confirmed = bool(deltas) and len(deltas) == pairs and all(d < 0 for d in deltas)
-        verdict = {"confirmed": confirmed, "paired_deltas": deltas, "runs": runs} | ({"reason": across} if across else {})
-        total, blind = await threaded(loop.record_confirmation, n, verdict, len(runs), [order for order, _, _ in plan])
+        verdict = {"confirmed": confirmed, "paired_deltas": deltas, "runs": runs,
+                   "pairs": {str(order): [ctrl, cand] for order, ctrl, cand in pairs_done}} | (
+                      {"reason": across} if across else {})
+        total, blind = await threaded(loop.record_confirmation, entry, verdict, len(runs),
+                                      [order for order, _, _ in plan])
         confirmed = confirmed and not blind
         return compact(ConfirmResult(
-            run=n, confirmed=confirmed, paired_deltas=deltas, control_val_bpb=[c for c, _ in pairs_done],
-            candidate_val_bpb=[c for _, c in pairs_done], failed=failed, reused=reused or None,
+            run=n, confirmed=confirmed, paired_deltas=deltas, control_val_bpb=[c for _, c, _ in pairs_done],
+            candidate_val_bpb=[c for _, _, c in pairs_done], failed=failed, reused=reused or None,
             resumed=(f"data order(s) {', '.join(map(str, resumed))} again: an earlier confirmation of this train.py "
                      "against this best began them and never judged them (its server stopped, a rerun failed or was "
                      "cancelled); they are measured before any fresh order") if resumed else None,
             held_to=(f"data order(s) {', '.join(map(str, held_to))}: every data order a confirmation of this research "
-                     "run was measured on, so that no gain is confirmed on orders chosen to miss the pairs another lost"
-                     ) if held_to else None,
+                     "run (or of one before it on this harness) began and this pair has not judged yet, so that no "
+                     "gain is confirmed on orders chosen to miss the pairs another lost") if held_to else None,
             extra_runs=len(runs), extra_runs_total=total,
             next=(f"keep(run={n})" if confirmed else f"{blind} The gain is not confirmed: discard(run={n})" if blind
                   else across or f"the gain did not hold: discard(run={n})")

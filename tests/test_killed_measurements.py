@@ -150,3 +150,36 @@ def test_another_ideas_confirmation_on_an_unjudged_order_does_not_skip_it(fake_e
     rows = (ws / "results.tsv").read_text()
     assert "confirmation 1/1 of run 3, data order 1 (interrupted)" in rows, rows
     assert "confirmation 1/2 of run 3, data order 1\n" in rows and "confirmation 2/2 of run 3, data order 2\n" in rows
+
+
+def test_a_noise_repeat_killed_on_an_order_the_best_is_lucky_on_is_met_by_the_next_confirmation(fake_env, monkeypatch):
+    """Found by review 66: confirm takes the best's measured data orders lowest first, then fresh ones, and a noise
+    repeat the server was killed in never filed its value. So the agent, seeing the best's repeat on order 3 go well
+    for the best, SIGKILLed the server there: order 3 was left out of every confirmation (the noise's next call would
+    measure it, and the agent never made one), and an idea that loses only on order 3 was confirmed on orders 1, 2
+    and a fresh 4. The orders a noise repeat of the best began and never filed now come with its measured ones."""
+    monkeypatch.setenv("AUTORESEARCH_BUDGET_CLOCK", "flops")
+    monkeypatch.setenv("FAKE_FLOPS_CLOCK", "1")
+    luck = "ORDER_EFFECT = 0.0001\nORDER_LUCK = 0.002\n"  # the luck of a code on an order (fake_train.order_luck)
+    ws, cache = make_workspace(fake_env, f"VAL_BPB = 1.0\n{luck}SLEEP = 3\n"), fake_env / "cache"
+
+    async def begin(call, arm):
+        answer(await call("setup", {"tag": "pick"}))
+        answer(await call("run_experiment", {"description": "baseline"}))  # run 1
+        answer(await call("keep", {}))
+        arm(4)  # runs 2, 3, 4: the best on orders 1, 2, 3
+        with anyio.fail_after(120):
+            await call("measure_noise", {"repeats": 3})
+    killed_while(ws, cache, begin)
+
+    async def after_the_restart():
+        async with stdio_client_for(ws, cache) as client:
+            call = client.call_tool
+            for rerun in (2, 3, 4):
+                answer(await call("discard", {"run": rerun}))
+            (ws / "train.py").write_text(f"VAL_BPB = 0.999\n{luck}")  # wins on orders 1, 2 and 4, loses on 3
+            answer(await call("run_experiment", {"description": "an idea"}))  # run 5
+            return answer(await call("confirm", {"run": 5, "pairs": 3}))
+    confirmation = anyio.run(after_the_restart)
+    assert not confirmation["confirmed"] and confirmation["paired_deltas"][2] > 0, confirmation
+    assert "data order 4" not in (ws / "results.tsv").read_text()

@@ -150,7 +150,7 @@ class ConfirmResult(BaseModel):
     failed: list[str]  # commits of reruns that did not finish ok
     reused: list[str] | None = None  # earlier reruns on the same data that stood in for a run (flops clock)
     resumed: str | None = None  # data orders an earlier confirmation began and never judged, measured again
-    held_to: str | None = None  # data orders every confirmation of the research run is measured on
+    held_to: str | None = None  # orders every confirmation is measured on (carried by a setup on one harness)
     extra_runs: int  # runs this confirmation spent
     extra_runs_total: int  # spent on controls, confirmations and noise in this research run
     next: str

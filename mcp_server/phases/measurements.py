@@ -12,15 +12,22 @@ from mcp_server.phases.runs import IN_FLIGHT, LoopCore
 from mcp_server.core.workspace import budget_clock
 
 BEGUN = "begun_pairs"  # the state's {_pair_key or "noise <blob>": data orders begun}: confirmation_orders, noise_orders
-HELD_TO = "held_orders"  # the state's list: every data order a confirmation in this research run began
+# the state's {_pair_key: {data order: [the best's val_bpb, the candidate's]}}: the pairs confirmations measured side
+# by side, the only pairs where reruns do not repeat
+PAIRS = "judged_pairs"
+HELD_TO = "held_orders"  # the state's list: every data order a confirmation began (this research run's, carried)
+# what a setup on the same harness carries into the new research run: measurements of code on a harness stand whichever
+# run took them (review 66: a setup of a new tag mid-night forgot a lost pair and the held orders, and the data order
+# counter began again at 1, so an idea that lost on order 3 was confirmed on order 1)
+CARRIED = ("measured", "reruns", BEGUN, HELD_TO, PAIRS, "data_orders")
 
 
-def judge_pairs(sides: list[tuple[int, list]], settled: dict[int, RunResult]) -> tuple[list[tuple[float, float]],
+def judge_pairs(sides: list[tuple[int, list]], settled: dict[int, RunResult]) -> tuple[list[tuple[int, float, float]],
                                                                                        list[str]]:
-    """(the best's val_bpb, the candidate's) of each of confirm's pairs measured on both sides on one GPU model, and
-    each pair whose sides ran on two models, named (review 62: the best rerun on an H100, the candidate on a faster
-    model, made a result measured on another model than the best's a confirmed gain, kept unasked). A side is a
-    filed measurement reused ({val_bpb, device}) or the run that measured it now."""
+    """(data order, the best's val_bpb, the candidate's) of each of confirm's pairs measured on both sides on one GPU
+    model, and each pair whose sides ran on two models, named (review 62: the best rerun on an H100, the candidate on
+    a faster model, made a result measured on another model than the best's a confirmed gain, kept unasked). A side
+    is a filed measurement reused ({val_bpb, device}) or the run that measured it now."""
     done, across = [], []
     for order, pair in sides:
         (control, control_on), (candidate, candidate_on) = (
@@ -29,13 +36,13 @@ def judge_pairs(sides: list[tuple[int, list]], settled: dict[int, RunResult]) ->
         if control is None or candidate is None:
             continue
         if one_model(control_on, candidate_on):
-            done.append((control, candidate))
+            done.append((order, control, candidate))
         else:
             across.append(f"data order {order}: the best on {control_on}, the candidate on {candidate_on}")
     return done, across
 
 
-def record_confirmation(core: LoopCore, run: int, confirmation: dict, spent: int,
+def record_confirmation(core: LoopCore, candidate: dict, confirmation: dict, spent: int,
                         orders: list[int]) -> tuple[int, str | None]:
     """Stores the verdict on the candidate's entry, beside the pairs of its earlier confirmations: failed
     where its train.py lost a pair against the best's on another data order than this call's (confirming
@@ -43,8 +50,11 @@ def record_confirmation(core: LoopCore, run: int, confirmation: dict, spent: int
     candidate's or the control's code repeated its number on different data orders; returns the research
     run's extra runs so far and that reason (None when there is none). Refused, the reruns counted, where another
     call decided the run while its reruns trained (review 63: the answer said keep(run) or discard(run) of a run
-    already logged)."""
+    already logged). `candidate` is the run's entry as confirm planned it; the pairs in `confirmation` are recorded
+    as judged whatever became of the run."""
+    run, judged = candidate["run"], confirmation.pop("pairs")
     with core.state.transaction() as state:
+        state.setdefault(PAIRS, {}).setdefault(_pair_key(core, candidate), {}).update(judged)
         entry = (state.get("runs") or {}).get(str(run))
         reason = None
         if entry is not None:
@@ -95,11 +105,18 @@ def _filed(core: LoopCore, state: dict, commit: str) -> dict[str, dict]:
 
 
 def _filed_pairs(core: LoopCore, state: dict, entry: dict) -> dict[str, tuple[float, float]]:
-    """{data order: (the best's val_bpb, the run's)} where both codes were rerun on that order on one GPU model: a
-    pair across two models compares the machines as much as the codes (review 62), so it is no pair."""
+    """{data order: (the best's val_bpb, the run's)} of the pairs of the two codes: those a confirmation measured side
+    by side and, where reruns repeat, every order both codes were rerun on on one GPU model (a pair across two models
+    compares the machines as much as the codes: review 62). Where they do not repeat, two values filed at different
+    times are no pair (review 66: on the wall clock each later confirmation reran the best on a held order and filed
+    its value in place of the one the idea had lost against; once a control came out unlucky, the lost pair read as
+    won, was skipped as judged, and the same train.py was confirmed on one fresh order)."""
+    recorded = {o: tuple(p) for o, p in ((state.get(PAIRS) or {}).get(_pair_key(core, entry)) or {}).items()}
+    if not _repeatable(core):
+        return recorded
     control, candidate = (_filed(core, state, commit) for commit in (entry["parent"], entry["commit"]))
-    return {o: (control[o]["val_bpb"], candidate[o]["val_bpb"]) for o in control.keys() & candidate.keys()
-            if one_model(control[o].get("device"), candidate[o].get("device"))}
+    return recorded | {o: (control[o]["val_bpb"], candidate[o]["val_bpb"]) for o in control.keys() & candidate.keys()
+                       if one_model(control[o].get("device"), candidate[o].get("device"))}
 
 
 def one_model(*devices: str | None) -> bool:
@@ -157,9 +174,11 @@ def confirmation_orders(core: LoopCore, entry: dict, pairs: int) -> tuple[list[t
     any confirmation of the research run began (review 56 left it open: the same train.py with a comment edited was
     new code, so drawing fresh orders until a pair was lucky confirmed it; the best's own with a comment edited and
     kept as an equal result was a new best), then the orders the best was already measured on, lowest first, whose
-    values stand as controls (one run instead of two), then fresh ones. The orders are noted as begun before any
-    run starts (review 56: a server killed while the candidate's rerun trained left its pair unjudged, and the next
-    confirm drew new luck)."""
+    values stand as controls (one run instead of two), with those a noise repeat of it began and never filed (review
+    66: the agent killed the server while the best's repeat on an order went well for the best, and that order was
+    left out of every confirmation), then fresh ones. The orders are noted as begun before any run starts (review
+    56: a server killed while the candidate's rerun trained left its pair unjudged, and the next confirm drew new
+    luck)."""
     with core.state.transaction() as state:
         key = _pair_key(core, entry)
         _refuse_a_second_call(core, state, key, f"A confirmation of run {entry['run']}'s train.py against this best")
@@ -172,7 +191,10 @@ def confirmation_orders(core: LoopCore, entry: dict, pairs: int) -> tuple[list[t
         control = _measurements_of(core, state, entry["parent"])
         candidate = _measurements_of(core, state, entry["commit"])
         orders = resumed + earlier
-        orders += [o for o in sorted(control) if o not in orders and o not in judged][:max(0, pairs - len(orders))]
+        # left to the call beside while it trains there: this plan is fixed before that rerun's curve is seen
+        unfiled = [o for o in _unfiled(core, state, entry["parent"]) if o not in beside] if _repeatable(core) else []
+        orders += [o for o in sorted(set(control) | set(unfiled))
+                   if o not in orders and o not in judged][:max(0, pairs - len(orders))]
         for _ in range(pairs - len(orders)):
             state["data_orders"] = state.get("data_orders", 0) + 1
             orders.append(state["data_orders"])

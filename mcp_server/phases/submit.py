@@ -5,14 +5,14 @@ changes (the run's description and timeout, the owner, only train.py changed, th
 prepared data as at setup, a free slot for an undecided result), makes the candidate commit under
 its own ref and queues it; dispatch starts it.
 
-Imports the core (runs) and dispatch.
+Imports the core (runs), dispatch and measurements (what a new research run carries).
 """
 import os
 import subprocess
 import sys
 import time
 
-from mcp_server.phases import early_stop, novelty
+from mcp_server.phases import early_stop, measurements, novelty
 from mcp_server.core import envpin, history, integrity, ledger, limits
 from mcp_server.phases.dispatch import dispatch, require_owner, run_command
 from mcp_server.core.models import Refusal, SetupResult
@@ -81,6 +81,8 @@ def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments:
         source_pin = envpin.pin_sources(pythons, walk) if pythons else None
         seq = state.get("seq", 0) or _last_run_number(core)
         harness_changed = harness_change(core, state, fingerprint)
+        carried = {k: state[k] for k in measurements.CARRIED if k in state} if state.get("fingerprint") == fingerprint \
+            else {}  # another harness's measurements are of other arithmetic
         state.clear()
         core.fresh_records.clear()  # the earlier research run's records vouch for nothing here
         state.update({"tag": tag, "branch": branch, "kept_commit": ws.head(), "fingerprint": fingerprint,
@@ -91,7 +93,8 @@ def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments:
                       "startup_pin": startup_pin,
                       "source_pin": source_pin,
                       "harness_changed": harness_changed,
-                      history.DIGESTS: {}, history.LOG_DIGESTS: {}})  # none yet: never a state from before digests (dispatch.take_over)
+                      history.DIGESTS: {}, history.LOG_DIGESTS: {}}  # none yet: never a state from before digests (dispatch.take_over)
+                     | carried)
     return SetupResult(branch=branch, base_commit=ws.head()[:7], ledger=ledger.LEDGER_NAME,
                        fingerprint=fingerprint, archived_ledger=archived,
                        limits=limits.left({"limits": chosen}, []), early_stop=early_stop.describe(state),

@@ -1,0 +1,79 @@
+"""Review 66: the data orders every confirmation is held to, and the pairs it must not forget, attacked by an agent
+that wants a lucky idea kept as confirmed. The fake's ORDER_LUCK is the luck of one code on one data order, which a
+rerun repeats on the flops clock."""
+from server_support import Lab, answer, make_workspace
+
+BEST = "VAL_BPB = 1.0\nORDER_EFFECT = 0.0001\nORDER_LUCK = 0.002\n"  # 0.998 on the usual order
+IDEA = "VAL_BPB = 0.999\nORDER_EFFECT = 0.0001\nORDER_LUCK = 0.002\n"  # 0.997: wins on data orders 1 and 2, loses on 3
+
+
+def flops_lab(fake_env, monkeypatch) -> Lab:
+    monkeypatch.setenv("AUTORESEARCH_BUDGET_CLOCK", "flops")
+    monkeypatch.setenv("FAKE_FLOPS_CLOCK", "1")
+    return Lab(make_workspace(fake_env, BEST))
+
+
+def test_a_new_setup_on_the_same_harness_forgets_no_lost_pair_and_no_held_order(fake_env, monkeypatch):
+    """The idea lost its pair on data order 3; the agent discarded it, set up a new tag from the best (allowed at any
+    time on the same harness) and ran the same train.py again: the state began afresh, lost pairs, held orders and
+    the data order counter with it, so confirm(pairs=1) drew order 1, where the idea wins, and it was kept as
+    confirmed. A setup on the same harness now carries the measurements, the held orders and the counter."""
+    lab = flops_lab(fake_env, monkeypatch)
+    try:
+        lab.baseline()  # run 1
+        (lab.ws / "train.py").write_text(IDEA)
+        answer(lab.call("run_experiment", description="an idea"))  # run 2
+        lost = answer(lab.call("confirm", pairs=3))  # orders 1, 2, 3
+        assert [d > 0 for d in lost["paired_deltas"]] == [False, False, True], lost
+        answer(lab.call("discard"))
+
+        answer(lab.call("setup", tag="again"))  # from the best: the branch's tip
+        answer(lab.call("run_experiment", description="baseline"))
+        answer(lab.call("keep"))
+        (lab.ws / "train.py").write_text(IDEA)
+        answer(lab.call("run_experiment", description="the same idea", rerun=True))
+        again = answer(lab.call("confirm", pairs=1))
+        assert not again["confirmed"], again  # confirmed on data order 1 alone without the fix
+        assert "did not hold in an earlier confirmation (it lost by +0.001000)" in again["next"], again
+        (lab.ws / "train.py").write_text(IDEA + "# the same idea, reworded\n")  # new code: the held orders meet it
+        answer(lab.call("discard"))
+        answer(lab.call("run_experiment", description="the same idea, reworded"))
+        reworded = answer(lab.call("confirm", pairs=1))
+        assert not reworded["confirmed"] and reworded["paired_deltas"][2] > 0, reworded
+        assert reworded["held_to"].startswith("data order(s) 1, 2, 3, 4: every data order a confirmation of this")
+    finally:
+        lab.loop.shutdown()
+
+
+def test_on_the_wall_clock_a_lost_pair_is_not_rewritten_by_later_controls(fake_env):
+    """Wall clock (every rerun its own luck; the fake's NOISE by run number): the idea lost its pair on data order 1
+    (+0.0005). Lost pairs were read from the values filed per code and order, and each later confirmation of another
+    idea reran the best on that held order and filed its new value in place of the old: once a control came out
+    unlucky (1.001), the idea's lost pair read as won, was skipped as judged, and the same train.py sent again was
+    confirmed on one fresh order. Where reruns do not repeat, the pairs are those a confirmation measured side by
+    side, recorded as judged."""
+    lab = Lab(make_workspace(fake_env, "VAL_BPB = 1.0\nNOISE = 0.001\n"))  # run k: VAL_BPB + 0.001 (k % 3 - 1)
+    idea, other = "VAL_BPB = 0.9995\nNOISE = 0.001\n", "VAL_BPB = 0.9\nNOISE = 0.001\n"
+    try:
+        lab.baseline()  # run 1: 1.0
+        filler = "VAL_BPB = 1.1\nNOISE = 0.001\n"  # a run to discard: the agent times its runs by their numbers
+
+        def run(source, description, **args):
+            (lab.ws / "train.py").write_text(source)
+            return answer(lab.call("run_experiment", description=description, **args))
+        run(filler, "filler")  # run 2
+        answer(lab.call("discard"))
+        assert run(idea, "an idea")["delta"] == -0.0015  # run 3
+        lost = answer(lab.call("confirm", pairs=1))  # order 1: the best 1.0 (run 4), the idea 1.0005 (run 5)
+        assert lost["paired_deltas"] == [0.0005] and not lost["confirmed"], lost
+        answer(lab.call("discard"))
+        run(filler + "# again\n", "filler again")  # run 6
+        answer(lab.call("discard"))
+        run(other, "another idea")  # run 7
+        assert answer(lab.call("confirm", pairs=1))["control_val_bpb"] == [1.001]  # order 1 held: run 8, 1.001
+        answer(lab.call("discard"))
+        run(idea, "the idea again", rerun=True)  # run 10
+        again = answer(lab.call("confirm", pairs=1))  # a fresh order 2: 1.001 (run 11) against 0.9985 (run 12)
+        assert not again["confirmed"] and "did not hold in an earlier confirmation" in again["next"], again
+    finally:
+        lab.loop.shutdown()
