@@ -360,7 +360,7 @@ def test_a_hand_over_line_that_changes_the_sandbox_or_command_is_refused():
 
 # The stand-ins of test_no_process_but_the_server_writes_a_workers_hand_over_or_an_evaluations_result: a
 # train.py held at its start while a flag file exists, then exporting; an evaluator that says go was
-# read (its pid in a file) and, a moment later, answers the value it was started with.
+# read (its pid in a file) and, the seconds it was given later, answers the value it was started with.
 HELD_TRAIN = """import os, time
 while os.path.exists({hold!r}):
     time.sleep(0.05)
@@ -370,7 +370,7 @@ open(export, "w").write("model")
 print("val_bpb: 1.5")
 """
 ANSWERING_EVALUATOR = ("import json, os, sys, time; sys.stdin.readline(); open(sys.argv[2], 'w').write(str(os.getpid())); "
-                       "time.sleep(4); os.write(int(sys.argv[sys.argv.index('--out-fd') + 1]), "
+                       "time.sleep(float(sys.argv[3])); os.write(int(sys.argv[sys.argv.index('--out-fd') + 1]), "
                        "json.dumps({'val_bpb': float(sys.argv[1])}).encode())")
 
 
@@ -400,7 +400,7 @@ def test_no_process_but_the_server_writes_a_workers_hand_over_or_an_evaluations_
     git(ws, "worktree", "add", "-q", "--detach", str(harness))
 
     def evaluation(value: float) -> str:
-        return json.dumps({"argv": [sys.executable, "-c", ANSWERING_EVALUATOR, str(value), str(said_go)],
+        return json.dumps({"argv": [sys.executable, "-c", ANSWERING_EVALUATOR, str(value), str(said_go), "4"],
                            "env": dict(os.environ), "timeout": 60, "harness": str(harness), "harness_commit": None})
 
     def spec(run: int, value: float = 1.5) -> executor.RunSpec:
