@@ -35,7 +35,7 @@ from mcp_server.core.workspace import Workspace
 from server_support import answer, git, make_workspace, pid_alive, processes_in, wait_until
 from test_server_e2e import RUN_TIMEOUT_S, harness_workspace
 
-HANG_TIMEOUT_S = 12
+HANG_TIMEOUT_S = 8
 HANG_DELAY_S = 4  # between the run before the hanging one and its submission: its worker waits, started ahead (a timeout counted from its start would end the run ~4 s short of HANG_TIMEOUT_S)
 
 
