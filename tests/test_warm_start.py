@@ -302,11 +302,17 @@ def test_on_the_warm_path_the_sandbox_holds_and_a_hanging_run_is_killed_whole(tm
     assert "daemon started" in log  # the daemon started (its pid is the sandbox's own: PID namespace)
 
 
+# The three runs compared train this many budget seconds (the flops clock: the same steps however busy the
+# machine), not the session's 4: equal numbers need the same training, not a long one
+SCORED_BUDGET = "1"
+
+
 def test_a_warm_run_scores_as_a_cold_one_and_the_switch_gives_the_cold_path(tmp_path, repo_root, prepared_env,
                                                                               monkeypatch):
     """The real train.py three times, the same code and seed: cold (the slot's first run), warm, then
     with RESEARCH_LOOP_WARM_START=0 cold again, and nothing started ahead after it."""
     ws = harness_workspace(tmp_path, repo_root, prepared_env, monkeypatch)
+    monkeypatch.setenv("AUTORESEARCH_TIME_BUDGET", SCORED_BUDGET)
     monkeypatch.delenv(executor.WARM_START_ENV, raising=False)
     loop = ResearchLoop(ws, [sys.executable, "train.py"], slots=1)
 
