@@ -44,13 +44,16 @@ class StandInTorch:
         git(self.ws, "worktree", "add", "-q", "--detach", str(self.harness))
         self.pool = executor.LocalPool(Workspace(self.ws), 1, env=dict(os.environ))
 
-    def spec(self, run: int, sandboxed: bool, environment: dict | None = None, evaluator: list | None = None):
+    def spec(self, run: int, sandboxed: bool, environment: dict | None = None, evaluator: list | None = None,
+             evaluation_seconds: float = 4):
+        """The run's spec; its evaluator, unless given, answers 1.5 evaluation_seconds after its go."""
         from mcp_server.executors import executor
         from server_support import git
         from test_warm_start import ANSWERING_EVALUATOR
         export = self.ws / ".research-loop" / "exports" / str(run) / "model.pt2"
         export.parent.mkdir(parents=True, exist_ok=True)  # as integrity.worker_args makes it: the sandbox binds it
-        evaluator = evaluator or [sys.executable, "-c", ANSWERING_EVALUATOR, "1.5", str(self.folder / "go")]
+        evaluator = evaluator or [sys.executable, "-c", ANSWERING_EVALUATOR, "1.5", str(self.folder / "go"),
+                                  str(evaluation_seconds)]
         evaluate = {"argv": evaluator,
                     "env": dict(os.environ), "timeout": 60, "harness": str(self.harness), "harness_commit": None}
         # the checkout too (warm_train.py): CI's clone may live under /tmp, which the sandbox replaces

@@ -341,6 +341,11 @@ def read_at_start_up(lab, target: str) -> tuple[Path, str]:
         "print('edited through a link', file=sys.stderr)"
 
 
+# The stand-in evaluation's length: long enough for the pool to start the slot's next interpreter while it
+# evaluates (it looks every 0.5 s), the one a run that is no result must not hand the next run
+EVALUATION_S = 1
+
+
 @pytest.mark.parametrize("target", ["torch", "pth", "pth_import"])
 def test_an_edit_through_a_hard_link_undone_after_the_runs_imports_makes_it_no_result(stand_in_torch, target):
     """An edit of torch (or of a .pth file, or of the module its import line imports) made through a
@@ -359,7 +364,8 @@ def test_an_edit_through_a_hard_link_undone_after_the_runs_imports_makes_it_no_r
     outcomes = queue.Queue()
 
     def run(n: int):
-        lab.pool.start(lab.spec(n, False, lab.pool.environment_position([lab.python])), lambda r, o: outcomes.put(o))
+        spec = lab.spec(n, False, lab.pool.environment_position([lab.python]), evaluation_seconds=EVALUATION_S)
+        lab.pool.start(spec, lambda r, o: outcomes.put(o))
         return n
 
     def edited_while(start, then=lambda: None):

@@ -35,7 +35,7 @@ from mcp_server.core.workspace import Workspace
 from server_support import answer, git, make_workspace, pid_alive, processes_in, wait_until
 from test_server_e2e import RUN_TIMEOUT_S, harness_workspace
 
-HANG_TIMEOUT_S = 12
+HANG_TIMEOUT_S = 8
 HANG_DELAY_S = 4  # between the run before the hanging one and its submission: its worker waits, started ahead (a timeout counted from its start would end the run ~4 s short of HANG_TIMEOUT_S)
 
 
@@ -302,11 +302,17 @@ def test_on_the_warm_path_the_sandbox_holds_and_a_hanging_run_is_killed_whole(tm
     assert "daemon started" in log  # the daemon started (its pid is the sandbox's own: PID namespace)
 
 
+# The three runs compared train this many budget seconds (the flops clock: the same steps however busy the
+# machine), not the session's 4: equal numbers need the same training, not a long one
+SCORED_BUDGET = "1"
+
+
 def test_a_warm_run_scores_as_a_cold_one_and_the_switch_gives_the_cold_path(tmp_path, repo_root, prepared_env,
                                                                               monkeypatch):
     """The real train.py three times, the same code and seed: cold (the slot's first run), warm, then
     with RESEARCH_LOOP_WARM_START=0 cold again, and nothing started ahead after it."""
     ws = harness_workspace(tmp_path, repo_root, prepared_env, monkeypatch)
+    monkeypatch.setenv("AUTORESEARCH_TIME_BUDGET", SCORED_BUDGET)
     monkeypatch.delenv(executor.WARM_START_ENV, raising=False)
     loop = ResearchLoop(ws, [sys.executable, "train.py"], slots=1)
 
@@ -360,7 +366,7 @@ def test_a_hand_over_line_that_changes_the_sandbox_or_command_is_refused():
 
 # The stand-ins of test_no_process_but_the_server_writes_a_workers_hand_over_or_an_evaluations_result: a
 # train.py held at its start while a flag file exists, then exporting; an evaluator that says go was
-# read (its pid in a file) and, a moment later, answers the value it was started with.
+# read (its pid in a file) and, the seconds it was given later, answers the value it was started with.
 HELD_TRAIN = """import os, time
 while os.path.exists({hold!r}):
     time.sleep(0.05)
@@ -370,7 +376,7 @@ open(export, "w").write("model")
 print("val_bpb: 1.5")
 """
 ANSWERING_EVALUATOR = ("import json, os, sys, time; sys.stdin.readline(); open(sys.argv[2], 'w').write(str(os.getpid())); "
-                       "time.sleep(4); os.write(int(sys.argv[sys.argv.index('--out-fd') + 1]), "
+                       "time.sleep(float(sys.argv[3])); os.write(int(sys.argv[sys.argv.index('--out-fd') + 1]), "
                        "json.dumps({'val_bpb': float(sys.argv[1])}).encode())")
 
 
@@ -400,7 +406,7 @@ def test_no_process_but_the_server_writes_a_workers_hand_over_or_an_evaluations_
     git(ws, "worktree", "add", "-q", "--detach", str(harness))
 
     def evaluation(value: float) -> str:
-        return json.dumps({"argv": [sys.executable, "-c", ANSWERING_EVALUATOR, str(value), str(said_go)],
+        return json.dumps({"argv": [sys.executable, "-c", ANSWERING_EVALUATOR, str(value), str(said_go), "4"],
                            "env": dict(os.environ), "timeout": 60, "harness": str(harness), "harness_commit": None})
 
     def spec(run: int, value: float = 1.5) -> executor.RunSpec:
