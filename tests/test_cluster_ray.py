@@ -12,7 +12,7 @@ from cluster_support import free_port
 from mcp_server.executors import ray_executor
 from server_support import (TRAIN_COMMAND, Lab, answer, git, ledger_lines, make_cache, make_workspace, set_knobs,
                             stdio_client_for, wait_until)
-from test_server_e2e import RUN_TIMEOUT_S, harness_workspace
+from test_server_e2e import RUN_TIMEOUT_S, SHORT_BUDGET, harness_workspace
 
 pytest.importorskip("ray", reason="the ray extra is not installed: uv sync --extra ray")
 
@@ -120,7 +120,7 @@ def test_an_unreachable_cluster_is_a_crash_row_with_the_reason(fake_env):
 
 
 def test_real_train_py_through_ray(tmp_path, repo_root, prepared_env, monkeypatch, ray_head):
-    ws = harness_workspace(tmp_path, repo_root, prepared_env, monkeypatch)
+    ws = harness_workspace(tmp_path, repo_root, prepared_env, monkeypatch, SHORT_BUDGET)
     command = [sys.executable, "train.py"]
     lab = Lab(ws, executor=on_ray(ray_head, 1, command), train_command=command)
     try:

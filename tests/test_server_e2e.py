@@ -2,7 +2,8 @@
 runs at once in two CPU slots.
 
 The workspace is a temp git repository holding this project's harness (prepare.py,
-nanochat/) and train.py; the cache is the session's prepared CPU harness (4 s budget).
+nanochat/) and train.py; the cache is the session's prepared CPU harness, its runs on a 1 s
+budget (SHORT_BUDGET).
 """
 import json
 import os
@@ -23,9 +24,12 @@ from server_support import answer, git, ledger_lines
 
 HARNESS = ("prepare.py", "train.py", "nanochat")
 RUN_TIMEOUT_S = 400  # start-up and evaluation on a shared 2-core CPU come on top of the budget
+# seconds of training where the run only has to train, export and be evaluated (on the CPU profile's flops clock
+# 2-4 steps): what these tests check is what the harness does around the training, not how much it trained
+SHORT_BUDGET = "1"
 
 
-def harness_workspace(tmp_path, repo_root, prepared_env, monkeypatch):
+def harness_workspace(tmp_path, repo_root, prepared_env, monkeypatch, budget=None):
     ws = tmp_path / "ws"
     ws.mkdir()
     for name in HARNESS:
@@ -41,12 +45,14 @@ def harness_workspace(tmp_path, repo_root, prepared_env, monkeypatch):
     git(ws, "commit", "-q", "-m", "harness and train.py")
     for key in ("AUTORESEARCH_CACHE", "AUTORESEARCH_TIME_BUDGET", "AUTORESEARCH_EVAL_TOKENS", "AUTORESEARCH_COMPILE"):
         monkeypatch.setenv(key, prepared_env[key])
+    if budget:
+        monkeypatch.setenv("AUTORESEARCH_TIME_BUDGET", budget)
     return ws
 
 
 def test_real_training_run_then_discard(tmp_path, repo_root, prepared_env, monkeypatch):
     """With the default command, `uv run train.py`: it runs as the workspace environment's python."""
-    ws = harness_workspace(tmp_path, repo_root, prepared_env, monkeypatch)
+    ws = harness_workspace(tmp_path, repo_root, prepared_env, monkeypatch, SHORT_BUDGET)
     for name in ("pyproject.toml", "uv.lock"):
         shutil.copy(repo_root / name, ws / name)
     git(ws, "add", ".")
@@ -123,7 +129,7 @@ def test_train_py_cannot_bend_its_number(tmp_path, repo_root, prepared_env, monk
     server for all six: each server's first run in a slot starts cold.) These are also the real runs
     two at once in two CPU slots: the first two start together, each result says the slots share the
     CPUs."""
-    ws = harness_workspace(tmp_path, repo_root, prepared_env, monkeypatch)
+    ws = harness_workspace(tmp_path, repo_root, prepared_env, monkeypatch, SHORT_BUDGET)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     loop = ResearchLoop(ws, [sys.executable, "train.py"], slots=2)
     source = (ws / "train.py").read_text()
@@ -223,7 +229,7 @@ def test_without_a_sandbox_a_token_table_swapped_during_the_run_changes_nothing(
     the model's honest one. The cache is the test's own: unsandboxed, the watch on the validation
     shard counts every process's opens (another test's run reading the session's cache would make
     this one a crash), and the swapped table is never seen by another test."""
-    ws = harness_workspace(tmp_path, repo_root, prepared_env, monkeypatch)
+    ws = harness_workspace(tmp_path, repo_root, prepared_env, monkeypatch, SHORT_BUDGET)
     cache = tmp_path / "cache"
     shutil.copytree(prepared_env["AUTORESEARCH_CACHE"], cache, ignore=shutil.ignore_patterns("compile"))
     monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))
@@ -259,13 +265,15 @@ def test_a_queued_runs_evaluation_is_the_research_runs_whatever_the_record_says_
     prepared record when the run started, never checking it: the agent edited `eval_tokens` in the record
     while the run waited and put it back once it had started, so the run was scored on the validation's first
     batch alone, a number of the agent's choosing, verified. The record a run starts with must be setup's."""
-    ws = harness_workspace(tmp_path, repo_root, prepared_env, monkeypatch)
+    ws = harness_workspace(tmp_path, repo_root, prepared_env, monkeypatch, SHORT_BUDGET)
     cache = tmp_path / "cache"
     shutil.copytree(prepared_env["AUTORESEARCH_CACHE"], cache, ignore=shutil.ignore_patterns("compile"))
     monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))
     monkeypatch.delenv("AUTORESEARCH_EVAL_TOKENS")  # the evaluation's size is the record's, as outside the tests
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    record = (cache / "prepared.json").read_text()
+    # the record set up with: the profile's, scoring the tests' number of tokens (not the profile's 4x as many)
+    record = json.dumps(dict(json.loads((cache / "prepared.json").read_text()), eval_tokens=int(TEST_EVAL_TOKENS)))
+    (cache / "prepared.json").write_text(record)
     eval_tokens = json.loads(record)["eval_tokens"]
     loop = ResearchLoop(ws, [sys.executable, "train.py"], slots=1)
     source = (ws / "train.py").read_text()
@@ -303,11 +311,11 @@ def test_a_program_the_agent_puts_in_a_runs_export_folder_is_never_the_runs(tmp_
     research run trained, it put that program and its note in the run's export folder. The harness took the first program it found there, and the run's verified
     val_bpb was the hand-trained model's; train.py and its diff held nothing of it. A bubblewrap run now exports
     into its sandbox's private /tmp, which the harness reads through the run's own processes."""
-    ws = harness_workspace(tmp_path, repo_root, prepared_env, monkeypatch)
+    ws = harness_workspace(tmp_path, repo_root, prepared_env, monkeypatch, SHORT_BUDGET)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     by_hand = tmp_path / "by-hand"
     by_hand.mkdir()
-    env = dict(os.environ, AUTORESEARCH_TIME_BUDGET=str(2 * float(prepared_env["AUTORESEARCH_TIME_BUDGET"])),
+    env = dict(os.environ, AUTORESEARCH_TIME_BUDGET=str(2 * int(SHORT_BUDGET)),
                RESEARCH_LOOP_EXPORT=str(by_hand / "model.pt2"))
     trained = subprocess.run([sys.executable, "train.py"], cwd=ws, env=env, capture_output=True, text=True, timeout=600)
     assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-2000:]

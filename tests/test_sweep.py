@@ -198,6 +198,14 @@ def test_values_already_tried_are_answered_from_the_study_without_a_run(fake_env
     assert len(trial_rows(lab.ws)) + (1 if result["pending_run"] else 0) == len(ran)
 
 
+async def until(client, holds, within: float = 60) -> dict:
+    """status() once it holds, polled (within seconds, else the test fails)."""
+    with anyio.fail_after(within):
+        while not holds(status := answer(await client.call_tool("status", {}))):
+            await anyio.sleep(0.1)
+    return status
+
+
 def test_a_cancelled_sweep_cancels_its_trial_in_flight_and_the_study_marks_it(fake_env):
     """A client that gives up on a sweep (its timeout): the trial training is stopped and logged as
     a crash, nothing is left to block the slots, and the study records the trial as cancelled."""
@@ -210,10 +218,12 @@ def test_a_cancelled_sweep_cancels_its_trial_in_flight_and_the_study_marks_it(fa
             answer(await client.call_tool("run_experiment", {"description": "baseline"}))
             answer(await client.call_tool("keep", {}))
             answer(await client.call_tool("measure_noise", {"repeats": 1}))
-            with anyio.move_on_after(6):
-                await client.call_tool("sweep", {"space": {"SLEEP": {"low": 60, "high": 90}}, "trials": 3})
-            await anyio.sleep(3)
-            return answer(await client.call_tool("status", {}))
+            async with anyio.create_task_group() as sweeping:
+                sweeping.start_soon(client.call_tool, "sweep", {"space": {"SLEEP": {"low": 60, "high": 90}}, "trials": 3})
+                await until(client, lambda status: status.get("running"))  # its first trial trains
+                sweeping.cancel_scope.cancel()  # the client gives up on the sweep
+            return await until(client, lambda status: not (status.get("running") or status.get("undecided")
+                                                           or status.get("queued")))
     status = anyio.run(session)
     assert not status.get("running") and not status.get("undecided") and not status.get("queued"), status
     crash = ledger_lines(ws)[-1].split("\t")
