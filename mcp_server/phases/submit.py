@@ -69,6 +69,7 @@ def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments:
                           f"git rm --cached {ledger.LEDGER_NAME} and commit, then setup again.")
         fingerprint = ws.fingerprint()
         _check_same_harness(core, state, fingerprint)
+        integrity.refuse_linked_data()  # before the branch: runs would all be refused
         ws.create_branch(branch)
         archived = _archive_ledger(core)
         ledger.ensure_ledger(core.ledger_path)
