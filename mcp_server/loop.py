@@ -62,6 +62,7 @@ class ResearchLoop(LoopCore):
     store_noise = measurements.store_noise
     store_measured_noise = measurements.store_measured_noise
     record_confirmation = measurements.record_confirmation
+    note_pair = measurements.note_pair
     judge_pairs = staticmethod(measurements.judge_pairs)
 
     status = overview.status

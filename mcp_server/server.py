@@ -508,6 +508,8 @@ def register_measurements(srv: MCPServer, loop: ResearchLoop) -> None:
                                                             rerun_of=n, data_order=order))
                 runs.append(queued["run"])
                 pair.append(queued["run"])
+            if all(isinstance(side, int) for side in pair):  # judged once both are filed, whatever becomes of this call
+                await threaded(loop.note_pair, entry, order, *pair)
             sides.append((order, pair))
         await follow(loop, runs, ctx, until_all=True)
         settled = dict(zip(runs, await threaded(

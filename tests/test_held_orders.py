@@ -1,7 +1,10 @@
 """Review 66: the data orders every confirmation is held to, and the pairs it must not forget, attacked by an agent
 that wants a lucky idea kept as confirmed. The fake's ORDER_LUCK is the luck of one code on one data order, which a
 rerun repeats on the flops clock."""
-from server_support import Lab, answer, make_workspace
+import os
+from pathlib import Path
+
+from server_support import Lab, answer, git, make_workspace
 
 BEST = "VAL_BPB = 1.0\nORDER_EFFECT = 0.0001\nORDER_LUCK = 0.002\n"  # 0.998 on the usual order
 IDEA = "VAL_BPB = 0.999\nORDER_EFFECT = 0.0001\nORDER_LUCK = 0.002\n"  # 0.997: wins on data orders 1 and 2, loses on 3
@@ -75,5 +78,61 @@ def test_on_the_wall_clock_a_lost_pair_is_not_rewritten_by_later_controls(fake_e
         run(idea, "the idea again", rerun=True)  # run 10
         again = answer(lab.call("confirm", pairs=1))  # a fresh order 2: 1.001 (run 11) against 0.9985 (run 12)
         assert not again["confirmed"] and "did not hold in an earlier confirmation" in again["next"], again
+    finally:
+        lab.loop.shutdown()
+
+
+def test_a_harness_edit_set_up_and_undone_forgets_no_lost_pair(fake_env, monkeypatch):
+    """Review 68: the idea lost its pair on data order 3; the agent stopped, committed a harness edit (a note), set up
+    on it, stopped, took the note back out and set up again on the first harness. A setup carried the measurements of
+    the research run before it only, which the edited harness's had none of: the lost pair, the held orders and the
+    counter were gone, and the same train.py was confirmed on data order 1. They are shelved per harness now."""
+    lab = flops_lab(fake_env, monkeypatch)
+    try:
+        lab.baseline()  # run 1
+        (lab.ws / "train.py").write_text(IDEA)
+        answer(lab.call("run_experiment", description="an idea"))  # run 2
+        lost = answer(lab.call("confirm", pairs=3))  # orders 1, 2, 3
+        assert [d > 0 for d in lost["paired_deltas"]] == [False, False, True], lost
+        answer(lab.call("discard"))
+        for tag, change in (("noted", "add"), ("again", "rm")):
+            answer(lab.call("stop", reason="a harness note"))
+            if change == "add":
+                (lab.ws / "NOTES.md").write_text("a note\n")
+            git(lab.ws, change, "NOTES.md")
+            git(lab.ws, "commit", "-q", "-m", f"{change} a note")
+            answer(lab.call("setup", tag=tag))
+        answer(lab.call("run_experiment", description="baseline"))
+        answer(lab.call("keep"))
+        (lab.ws / "train.py").write_text(IDEA)
+        answer(lab.call("run_experiment", description="the same idea", rerun=True))
+        again = answer(lab.call("confirm", pairs=1))
+        assert not again["confirmed"], again  # confirmed on data order 1 alone without the fix
+        assert "did not hold in an earlier confirmation (it lost by +0.001000)" in again["next"], again
+    finally:
+        lab.loop.shutdown()
+
+
+def test_measurements_on_other_prepared_data_are_no_controls(fake_env, monkeypatch):
+    """Review 68: a setup on the same harness carried the best's reruns, filed by harness and code alone, onto a cache
+    prepared again with other data: the best's value on data order 1 from the old data stood as the control of the
+    idea's rerun on the new, with no run of it. Measurements are carried by harness and prepared data."""
+    lab = flops_lab(fake_env, monkeypatch)
+    try:
+        lab.baseline()  # run 1
+        (lab.ws / "train.py").write_text(IDEA)
+        answer(lab.call("run_experiment", description="an idea"))  # run 2
+        answer(lab.call("confirm", pairs=1))  # order 1: the best rerun (run 3)
+        answer(lab.call("discard"))
+        cache = Path(os.environ["AUTORESEARCH_CACHE"])
+        (cache / "data").mkdir()
+        (cache / "data" / "shard_00000.parquet").write_bytes(b"other data")  # prepared again
+        answer(lab.call("setup", tag="other-data"))
+        answer(lab.call("run_experiment", description="baseline"))
+        answer(lab.call("keep"))
+        (lab.ws / "train.py").write_text(IDEA + "# reworded\n")  # a pair not judged yet: held to order 1
+        answer(lab.call("run_experiment", description="the idea, reworded"))
+        again = answer(lab.call("confirm", pairs=1))
+        assert not again.get("reused") and again["extra_runs"] == 2, again  # the old control reused without the fix  # the old control reused without the fix
     finally:
         lab.loop.shutdown()

@@ -449,3 +449,19 @@ def test_a_run_whose_validation_data_cannot_be_watched_does_not_start(tmp_path, 
     result = json.loads(report.read_text())
     assert result["exit_code"] == 126 and evaluation_verdict(result)[1] is None, result
     assert "the validation data cannot be watched here" in log.read_text() and "read 10 bytes" not in log.read_text()
+
+
+def test_a_data_folder_that_is_a_link_is_refused_at_setup_not_at_every_run(lab, fake_env):
+    """Review 68: an honest cache whose data folder links to a bigger disk was set up (its branch made, the night
+    begun) and every run was then refused. setup now says so before anything is made, and takes the same tag once
+    the folder itself is there."""
+    big = fake_env / "bigdisk"
+    big.mkdir()
+    (big / "shard_00000.parquet").write_bytes(b"the train text")
+    (fake_env / "cache" / "data").symlink_to(big)
+    refused = error(lab.call("setup", tag="linked"))
+    assert "is a link" in refused and "Move the folder there itself" in refused, refused  # setup passed without the fix
+    assert "autoresearch/linked" not in git(lab.ws, "branch")
+    (fake_env / "cache" / "data").unlink()
+    big.rename(fake_env / "cache" / "data")
+    answer(lab.call("setup", tag="linked"))

@@ -183,3 +183,37 @@ def test_a_noise_repeat_killed_on_an_order_the_best_is_lucky_on_is_met_by_the_ne
     confirmation = anyio.run(after_the_restart)
     assert not confirmation["confirmed"] and confirmation["paired_deltas"][2] > 0, confirmation
     assert "data order 4" not in (ws / "results.tsv").read_text()
+
+
+def test_on_the_wall_clock_a_pair_lost_before_the_kill_stays_lost(fake_env):
+    """Review 68: on the wall clock a pair is two reruns one confirmation measured side by side, and it was recorded
+    only once the call returned. The idea lost its first pair (order 1: +0.0005); the agent, reading it, SIGKILLed the
+    server while the second pair trained, and the finished, filed pair was no pair: the next confirm measured order 1
+    again on new luck. A pair is judged as soon as both its reruns are filed."""
+    best, idea = "VAL_BPB = 1.0\nNOISE = 0.001\nSLEEP = 2\n", "VAL_BPB = 0.9995\nNOISE = 0.001\nSLEEP = 2\n"
+    ws, cache = make_workspace(fake_env, best), fake_env / "cache"  # run k: VAL_BPB + 0.001 (k % 3 - 1)
+
+    async def begin(call, arm):
+        answer(await call("setup", {"tag": "kill"}))
+        answer(await call("run_experiment", {"description": "baseline"}))  # run 1: 1.0
+        answer(await call("keep", {}))
+        set_knobs(ws, VAL_BPB=1.1)
+        answer(await call("run_experiment", {"description": "filler"}))  # run 2
+        answer(await call("discard", {}))
+        (ws / "train.py").write_text(idea)
+        assert answer(await call("run_experiment", {"description": "an idea"}))["delta"] == -0.0015  # run 3
+        arm(6)  # run 4: the best on order 1, 1.0; run 5: the idea, 1.0005; run 6: the best on order 2
+        with anyio.fail_after(120):
+            await call("confirm", {"run": 3, "pairs": 2})
+    killed_while(ws, cache, begin)
+
+    async def after_the_restart():
+        async with stdio_client_for(ws, cache) as client:
+            call = client.call_tool
+            answer(await call("wait", {"all": True}))  # run 7, the idea on order 2, queued by the killed call
+            for rerun in (4, 5, 6, 7):
+                answer(await call("discard", {"run": rerun}))
+            return answer(await call("confirm", {"run": 3}))
+    again = anyio.run(after_the_restart)
+    assert again["resumed"].startswith("data order(s) 2 again"), again  # orders 1 and 2 without the fix
+    assert "did not hold in an earlier confirmation (it lost by +0.000500)" in again["next"], again

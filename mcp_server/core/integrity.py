@@ -182,14 +182,21 @@ def data_pin() -> dict:
     """At setup: the data shards' stat and content. The fingerprint holds their names and sizes only, and a train
     shard rewritten at its size (the validation text in it, a curated set) changed every later run's number, with
     train.py and its diff as they were."""
-    stat = data_stat()  # a link is refused at each run's check (check_data), setup's branch made already; a FIFO
-    # is not read (it would hang setup under the state's lock)
+    stat = data_stat()  # a link is refused at setup (refuse_linked_data) and at each run's check (check_data); a
+    # FIFO is not read (it would hang setup under the state's lock)
     data = cache_dir() / "data"
     return {"stat": stat, "sha256": {name: sha256_of(data / name) for name in _shards(stat) if (data / name).is_file()}}
 
 
 def _shards(stat: dict) -> list[str]:
     return [name for name in stat if name != FOLDER]
+
+
+def refuse_linked_data() -> None:
+    """At setup, before its branch: the Refusal every run's check would give a data folder that is or holds a link
+    (review 68: an honest cache whose data folder links to a bigger disk was set up, and every run of the night
+    refused)."""
+    _refuse_links(data_stat())
 
 
 def _refuse_links(stat: dict) -> None:

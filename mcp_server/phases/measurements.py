@@ -15,11 +15,31 @@ BEGUN = "begun_pairs"  # the state's {_pair_key or "noise <blob>": data orders b
 # the state's {_pair_key: {data order: [the best's val_bpb, the candidate's]}}: the pairs confirmations measured side
 # by side, the only pairs where reruns do not repeat
 PAIRS = "judged_pairs"
+# the state's {control's run: [_pair_key, data order, candidate's run]}: a pair confirm started side by side, judged
+# (PAIRS) as soon as both its reruns are filed, not only once the call returns (review 68: its server killed while the
+# next pair trained, a lost pair finished and filed was no pair on the wall clock, and was measured again on new luck)
+SIDE_BY_SIDE = "pairs_started"
 HELD_TO = "held_orders"  # the state's list: every data order a confirmation began (this research run's, carried)
 # what a setup on the same harness carries into the new research run: measurements of code on a harness stand whichever
 # run took them (review 66: a setup of a new tag mid-night forgot a lost pair and the held orders, and the data order
 # counter began again at 1, so an idea that lost on order 3 was confirmed on order 1)
 CARRIED = ("measured", "reruns", BEGUN, HELD_TO, PAIRS, "data_orders")
+# the state's {harness and prepared data: CARRIED as the last research run on them left it}: review 68, a harness
+# edit set up and undone, or the cache prepared again and back, dropped every lost pair and held order and began the
+# counter at 1 again
+SHELVED = "shelved_measurements"
+
+
+def carried(state: dict, fingerprint: str, cache_fingerprint: str | None) -> dict:
+    """What a setup on this harness and prepared data carries from the research runs before it: the measurements of
+    the last one on both (a value measured on other data, its shelf keyed by the harness alone, would stand as a
+    control against one measured on these: review 68), the others' shelved until a setup is on theirs again."""
+    shelved = dict(state.get(SHELVED) or {})
+    if state.get("fingerprint"):
+        shelved[f"{state['fingerprint']} {state.get('cache_fingerprint')}"] = {k: state[k] for k in CARRIED
+                                                                                if k in state}
+    own = shelved.pop(f"{fingerprint} {cache_fingerprint}", {})
+    return own | ({SHELVED: shelved} if shelved else {})
 
 
 def judge_pairs(sides: list[tuple[int, list]], settled: dict[int, RunResult]) -> tuple[list[tuple[int, float, float]],
@@ -55,6 +75,8 @@ def record_confirmation(core: LoopCore, candidate: dict, confirmation: dict, spe
     run, judged = candidate["run"], confirmation.pop("pairs")
     with core.state.transaction() as state:
         state.setdefault(PAIRS, {}).setdefault(_pair_key(core, candidate), {}).update(judged)
+        for rerun in confirmation["runs"]:  # judged here, or failed: no longer started
+            (state.get(SIDE_BY_SIDE) or {}).pop(str(rerun), None)
         entry = (state.get("runs") or {}).get(str(run))
         reason = None
         if entry is not None:
@@ -156,6 +178,27 @@ def file_measurement(core: LoopCore, state: dict, entry: dict, result: RunResult
     shelves = state.setdefault("measured" if repeatable else "reruns", {})
     shelf = shelves.setdefault(_measurement_shelf(core, state, entry["commit"]), {})
     shelf[str(order)] = {"val_bpb": result.val_bpb, "run": entry["run"], "device": result.device}
+    _judge_started(state)
+
+
+def note_pair(core: LoopCore, entry: dict, order: int, control: int, candidate: int) -> None:
+    """Notes the two reruns confirm started side by side on a data order (SIDE_BY_SIDE), before either can end."""
+    with core.state.transaction() as state:
+        state.setdefault(SIDE_BY_SIDE, {})[str(control)] = [_pair_key(core, entry), order, candidate]
+        _judge_started(state)
+
+
+def _judge_started(state: dict) -> None:
+    """Records each started pair whose two reruns are both filed, on one GPU model, as judged (PAIRS)."""
+    filed = {m["run"]: m for kind in ("measured", "reruns") for shelf in (state.get(kind) or {}).values()
+             for m in shelf.values()}
+    started = state.get(SIDE_BY_SIDE) or {}
+    for control, (key, order, candidate) in list(started.items()):
+        sides = filed.get(int(control)), filed.get(candidate)
+        if None not in sides:
+            del started[control]
+            if one_model(*(side.get("device") for side in sides)):
+                state.setdefault(PAIRS, {}).setdefault(key, {})[str(order)] = [side["val_bpb"] for side in sides]
 
 
 def _measurements_of(core: LoopCore, state: dict, commit: str) -> dict[int, dict]:

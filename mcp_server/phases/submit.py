@@ -69,6 +69,7 @@ def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments:
                           f"git rm --cached {ledger.LEDGER_NAME} and commit, then setup again.")
         fingerprint = ws.fingerprint()
         _check_same_harness(core, state, fingerprint)
+        integrity.refuse_linked_data()  # before the branch: runs would all be refused
         ws.create_branch(branch)
         archived = _archive_ledger(core)
         ledger.ensure_ledger(core.ledger_path)
@@ -81,12 +82,12 @@ def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments:
         source_pin = envpin.pin_sources(pythons, walk) if pythons else None
         seq = state.get("seq", 0) or _last_run_number(core)
         harness_changed = harness_change(core, state, fingerprint)
-        carried = {k: state[k] for k in measurements.CARRIED if k in state} if state.get("fingerprint") == fingerprint \
-            else {}  # another harness's measurements are of other arithmetic
+        cache_fingerprint = integrity.cache_fingerprint()
+        carried = measurements.carried(state, fingerprint, cache_fingerprint)  # other arithmetic or data: shelved
         state.clear()
         core.fresh_records.clear()  # the earlier research run's records vouch for nothing here
         state.update({"tag": tag, "branch": branch, "kept_commit": ws.head(), "fingerprint": fingerprint,
-                      "cache_fingerprint": integrity.cache_fingerprint(), "seq": seq, "runs": {}, "rows": [], "noise": None,
+                      "cache_fingerprint": cache_fingerprint, "seq": seq, "runs": {}, "rows": [], "noise": None,
                       "limits": chosen, "started_at": time.time(), "early_stop": early_stop_runs,
                       "input_pins": integrity.input_pins(), "environment_pin": environment_pin,
                       "evaluator_pin": evaluator_pin,
