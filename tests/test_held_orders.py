@@ -16,6 +16,16 @@ def flops_lab(fake_env, monkeypatch) -> Lab:
     return Lab(make_workspace(fake_env, BEST))
 
 
+def lose_on_order_3(lab):
+    """The baseline (run 1), then the idea (run 2), confirmed on data orders 1 to 3: it loses order 3; discarded."""
+    lab.baseline()
+    (lab.ws / "train.py").write_text(IDEA)
+    answer(lab.call("run_experiment", description="an idea"))
+    lost = answer(lab.call("confirm", pairs=3))
+    assert [d > 0 for d in lost["paired_deltas"]] == [False, False, True], lost
+    answer(lab.call("discard"))
+
+
 def test_a_new_setup_on_the_same_harness_forgets_no_lost_pair_and_no_held_order(fake_env, monkeypatch):
     """The idea lost its pair on data order 3; the agent discarded it, set up a new tag from the best (allowed at any
     time on the same harness) and ran the same train.py again: the state began afresh, lost pairs, held orders and
@@ -23,12 +33,7 @@ def test_a_new_setup_on_the_same_harness_forgets_no_lost_pair_and_no_held_order(
     confirmed. A setup on the same harness now carries the measurements, the held orders and the counter."""
     lab = flops_lab(fake_env, monkeypatch)
     try:
-        lab.baseline()  # run 1
-        (lab.ws / "train.py").write_text(IDEA)
-        answer(lab.call("run_experiment", description="an idea"))  # run 2
-        lost = answer(lab.call("confirm", pairs=3))  # orders 1, 2, 3
-        assert [d > 0 for d in lost["paired_deltas"]] == [False, False, True], lost
-        answer(lab.call("discard"))
+        lose_on_order_3(lab)
 
         answer(lab.call("setup", tag="again"))  # from the best: the branch's tip
         answer(lab.call("run_experiment", description="baseline"))
@@ -89,12 +94,7 @@ def test_a_harness_edit_set_up_and_undone_forgets_no_lost_pair(fake_env, monkeyp
     counter were gone, and the same train.py was confirmed on data order 1. They are shelved per harness now."""
     lab = flops_lab(fake_env, monkeypatch)
     try:
-        lab.baseline()  # run 1
-        (lab.ws / "train.py").write_text(IDEA)
-        answer(lab.call("run_experiment", description="an idea"))  # run 2
-        lost = answer(lab.call("confirm", pairs=3))  # orders 1, 2, 3
-        assert [d > 0 for d in lost["paired_deltas"]] == [False, False, True], lost
-        answer(lab.call("discard"))
+        lose_on_order_3(lab)
         for tag, change in (("noted", "add"), ("again", "rm")):
             answer(lab.call("stop", reason="a harness note"))
             if change == "add":
