@@ -508,8 +508,12 @@ def register_measurements(srv: MCPServer, loop: ResearchLoop) -> None:
                                                             rerun_of=n, data_order=order))
                 runs.append(queued["run"])
                 pair.append(queued["run"])
-            if all(isinstance(side, int) for side in pair):  # judged once both are filed, whatever becomes of this call
-                await threaded(loop.note_pair, entry, order, *pair)
+            # judged once both are filed, whatever becomes of this call; a side reused by its filed rerun's number
+            # (review 69: a pair against a reused control was read from the flops clock's values on this slot count
+            # until the call returned, and a server killed and started on another clock measured it again)
+            if any(isinstance(side, int) for side in pair):
+                await threaded(loop.note_pair, entry, order, *(side if isinstance(side, int) else side["run"]
+                                                                 for side in pair))
             sides.append((order, pair))
         await follow(loop, runs, ctx, until_all=True)
         settled = dict(zip(runs, await threaded(

@@ -53,36 +53,65 @@ def test_a_new_setup_on_the_same_harness_forgets_no_lost_pair_and_no_held_order(
         lab.loop.shutdown()
 
 
-def test_on_the_wall_clock_a_lost_pair_is_not_rewritten_by_later_controls(fake_env):
-    """Wall clock (every rerun its own luck; the fake's NOISE by run number): the idea lost its pair on data order 1
-    (+0.0005). Lost pairs were read from the values filed per code and order, and each later confirmation of another
-    idea reran the best on that held order and filed its new value in place of the old: once a control came out
-    unlucky (1.001), the idea's lost pair read as won, was skipped as judged, and the same train.py sent again was
-    confirmed on one fresh order. Where reruns do not repeat, the pairs are those a confirmation measured side by
-    side, recorded as judged."""
-    lab = Lab(make_workspace(fake_env, "VAL_BPB = 1.0\nNOISE = 0.001\n"))  # run k: VAL_BPB + 0.001 (k % 3 - 1)
-    idea, other = "VAL_BPB = 0.9995\nNOISE = 0.001\n", "VAL_BPB = 0.9\nNOISE = 0.001\n"
-    try:
-        lab.baseline()  # run 1: 1.0
-        filler = "VAL_BPB = 1.1\nNOISE = 0.001\n"  # a run to discard: the agent times its runs by their numbers
+WALL_IDEA = "VAL_BPB = 0.9995\nNOISE = 0.001\n"
 
-        def run(source, description, **args):
-            (lab.ws / "train.py").write_text(source)
-            return answer(lab.call("run_experiment", description=description, **args))
-        run(filler, "filler")  # run 2
-        answer(lab.call("discard"))
-        assert run(idea, "an idea")["delta"] == -0.0015  # run 3
-        lost = answer(lab.call("confirm", pairs=1))  # order 1: the best 1.0 (run 4), the idea 1.0005 (run 5)
-        assert lost["paired_deltas"] == [0.0005] and not lost["confirmed"], lost
-        answer(lab.call("discard"))
-        run(filler + "# again\n", "filler again")  # run 6
-        answer(lab.call("discard"))
-        run(other, "another idea")  # run 7
-        assert answer(lab.call("confirm", pairs=1))["control_val_bpb"] == [1.001]  # order 1 held: run 8, 1.001
-        answer(lab.call("discard"))
-        run(idea, "the idea again", rerun=True)  # run 10
+
+def lose_on_order_1_and_rerun_its_control_unluckily(lab, run):
+    """Wall clock (every rerun its own luck; the fake's NOISE by run number): the idea (run 3) loses its pair on data
+    order 1 (+0.0005: the best 1.0, run 4; the idea 1.0005, run 5), then another idea's confirmation reruns the best
+    there unluckily (1.001, run 8). `run(source, description, **args)` runs a train.py."""
+    lab.baseline()  # run 1: 1.0
+    filler = "VAL_BPB = 1.1\nNOISE = 0.001\n"  # a run to discard: the agent times its runs by their numbers
+    run(filler, "filler")  # run 2
+    answer(lab.call("discard"))
+    assert run(WALL_IDEA, "an idea")["delta"] == -0.0015  # run 3
+    lost = answer(lab.call("confirm", pairs=1))  # order 1: the best 1.0 (run 4), the idea 1.0005 (run 5)
+    assert lost["paired_deltas"] == [0.0005] and not lost["confirmed"], lost
+    answer(lab.call("discard"))
+    run(filler + "# again\n", "filler again")  # run 6
+    answer(lab.call("discard"))
+    run("VAL_BPB = 0.9\nNOISE = 0.001\n", "another idea")  # run 7
+    assert answer(lab.call("confirm", pairs=1))["control_val_bpb"] == [1.001]  # order 1 held: run 8, 1.001
+    answer(lab.call("discard"))
+
+
+def runner(lab):
+    def run(source, description, **args):
+        (lab.ws / "train.py").write_text(source)
+        return answer(lab.call("run_experiment", description=description, **args))
+    return run
+
+
+def test_on_the_wall_clock_a_lost_pair_is_not_rewritten_by_later_controls(fake_env):
+    """Lost pairs were read from the values filed per code and order, and each later confirmation of another idea
+    reran the best on that held order and filed its new value in place of the old: once a control came out unlucky
+    (1.001), the idea's lost pair read as won, was skipped as judged, and the same train.py sent again was confirmed
+    on one fresh order. Where reruns do not repeat, the pairs are those a confirmation measured side by side,
+    recorded as judged."""
+    lab = Lab(make_workspace(fake_env, "VAL_BPB = 1.0\nNOISE = 0.001\n"))  # run k: VAL_BPB + 0.001 (k % 3 - 1)
+    try:
+        lose_on_order_1_and_rerun_its_control_unluckily(lab, run := runner(lab))
+        run(WALL_IDEA, "the idea again", rerun=True)  # run 10
         again = answer(lab.call("confirm", pairs=1))  # a fresh order 2: 1.001 (run 11) against 0.9985 (run 12)
         assert not again["confirmed"] and "did not hold in an earlier confirmation" in again["next"], again
+    finally:
+        lab.loop.shutdown()
+
+
+def test_a_lost_pair_on_the_wall_clock_stays_lost_on_the_flops_clock(fake_env, monkeypatch):
+    """Review 69: the same, then the agent started the server again on the flops clock (AUTORESEARCH_BUDGET_CLOCK,
+    which no fingerprint covers): pairs were read again from the values filed per code and order, the wall clock's
+    among them and over the recorded ones, so the best's unlucky 1.001 made the lost pair won and the same train.py
+    was confirmed on one fresh order. Only the flops clock's values make a pair, and a recorded pair stands."""
+    lab = Lab(make_workspace(fake_env, "VAL_BPB = 1.0\nNOISE = 0.001\n"))
+    try:
+        lose_on_order_1_and_rerun_its_control_unluckily(lab, run := runner(lab))
+        monkeypatch.setenv("AUTORESEARCH_BUDGET_CLOCK", "flops")
+        monkeypatch.setenv("FAKE_FLOPS_CLOCK", "1")
+        lab.restart()
+        run(WALL_IDEA, "the idea again", rerun=True)  # run 10
+        again = answer(lab.call("confirm", pairs=1))
+        assert "did not hold in an earlier confirmation (it lost by +0.000500)" in again["next"], again
     finally:
         lab.loop.shutdown()
 

@@ -217,3 +217,42 @@ def test_on_the_wall_clock_a_pair_lost_before_the_kill_stays_lost(fake_env):
     again = anyio.run(after_the_restart)
     assert again["resumed"].startswith("data order(s) 2 again"), again  # orders 1 and 2 without the fix
     assert "did not hold in an earlier confirmation (it lost by +0.000500)" in again["next"], again
+
+
+def test_a_lost_pair_against_a_reused_control_stays_lost_on_another_clock(fake_env, monkeypatch):
+    """Review 69: on the flops clock the best's noise repeats stood as controls (one run a pair), and such a pair was
+    recorded as judged only once confirm returned; until then it was read from the values filed for the flops clock
+    on this slot count. The idea lost order 3 against a reused control; the agent SIGKILLed the server while order 4
+    trained and started it again on the wall clock (AUTORESEARCH_BUDGET_CLOCK, which no fingerprint covers): the
+    flops values were no longer read, orders 1 to 3 were unjudged, and the next confirm measured the lost pair again
+    on the wall clock's new luck. A pair with a reused side is noted as started too, and judged as its rerun is
+    filed."""
+    monkeypatch.setenv("AUTORESEARCH_BUDGET_CLOCK", "flops")
+    monkeypatch.setenv("FAKE_FLOPS_CLOCK", "1")
+    luck = "ORDER_EFFECT = 0.0001\nORDER_LUCK = 0.002\nSLEEP = 1\n"  # the idea wins orders 1 and 2, loses 3
+    ws, cache = make_workspace(fake_env, "VAL_BPB = 1.0\n" + luck), fake_env / "cache"
+
+    async def begin(call, arm):
+        answer(await call("setup", {"tag": "clock"}))
+        answer(await call("run_experiment", {"description": "baseline"}))  # run 1
+        answer(await call("keep", {}))
+        answer(await call("measure_noise", {"repeats": 3}))  # runs 2 to 4: the best on orders 1 to 3
+        (ws / "train.py").write_text("VAL_BPB = 0.999\n" + luck)
+        answer(await call("run_experiment", {"description": "an idea"}))  # run 5
+        arm(9)  # runs 6 to 8: the idea on orders 1 to 3 (controls reused); 9: the best on order 4, 10: the idea
+        with anyio.fail_after(120):
+            await call("confirm", {"run": 5, "pairs": 4})
+    killed_while(ws, cache, begin)
+    monkeypatch.setenv("AUTORESEARCH_BUDGET_CLOCK", "wall")
+    monkeypatch.delenv("FAKE_FLOPS_CLOCK")
+
+    async def after_the_restart():
+        async with stdio_client_for(ws, cache) as client:
+            call = client.call_tool
+            answer(await call("wait", {"all": True}))  # run 10, queued by the killed call
+            for rerun in range(6, 11):
+                answer(await call("discard", {"run": rerun}))
+            return answer(await call("confirm", {"run": 5}))
+    again = anyio.run(after_the_restart)
+    assert again["resumed"].startswith("data order(s) 4 again"), again  # orders 1 to 4 without the fix
+    assert "did not hold in an earlier confirmation (it lost by +0.001000)" in again["next"], again

@@ -132,13 +132,14 @@ def _filed_pairs(core: LoopCore, state: dict, entry: dict) -> dict[str, tuple[fl
     compares the machines as much as the codes: review 62). Where they do not repeat, two values filed at different
     times are no pair (review 66: on the wall clock each later confirmation reran the best on a held order and filed
     its value in place of the one the idea had lost against; once a control came out unlucky, the lost pair read as
-    won, was skipped as judged, and the same train.py was confirmed on one fresh order)."""
+    won, was skipped as judged, and the same train.py was confirmed on one fresh order). Only values that repeat
+    (the flops clock's) make a pair, and a pair recorded stands over them (review 69: the wall clock's values, filed
+    at different times, made a pair once the server was started again on the flops clock, and a later unlucky control
+    turned a recorded lost pair into a won one)."""
     recorded = {o: tuple(p) for o, p in ((state.get(PAIRS) or {}).get(_pair_key(core, entry)) or {}).items()}
-    if not _repeatable(core):
-        return recorded
-    control, candidate = (_filed(core, state, commit) for commit in (entry["parent"], entry["commit"]))
-    return recorded | {o: (control[o]["val_bpb"], candidate[o]["val_bpb"]) for o in control.keys() & candidate.keys()
-                       if one_model(control[o].get("device"), candidate[o].get("device"))}
+    control, candidate = (_measurements_of(core, state, commit) for commit in (entry["parent"], entry["commit"]))
+    return {str(o): (control[o]["val_bpb"], candidate[o]["val_bpb"]) for o in control.keys() & candidate.keys()
+            if one_model(control[o].get("device"), candidate[o].get("device"))} | recorded
 
 
 def one_model(*devices: str | None) -> bool:
