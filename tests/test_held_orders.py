@@ -165,3 +165,32 @@ def test_measurements_on_other_prepared_data_are_no_controls(fake_env, monkeypat
         assert not again.get("reused") and again["extra_runs"] == 2, again  # the old control reused without the fix  # the old control reused without the fix
     finally:
         lab.loop.shutdown()
+
+
+def test_a_started_pair_keeps_its_values_when_a_confirmation_beside_it_reruns_the_best_on_its_order(fake_env):
+    """Review 69, by reading (to play through the tools: three slots, a timed interleaving and a SIGKILL; played here on
+    the server's own records): on the wall clock a confirmation's control on held order 1 (run 101) is filed, then
+    another confirmation beside it files its rerun of the best on the same order (run 201) in the same place, then the
+    first pair's candidate (run 102). The started pair was judged from the filed values, found its control's gone and
+    stayed unjudged until its call returned: a server killed before then left a lost pair to be measured again on new
+    luck. A started pair keeps its own values as they are filed."""
+    from mcp_server.core.models import RunResult
+    from mcp_server.phases.measurements import PAIRS, _pair_key, file_measurement
+    lab = Lab(make_workspace(fake_env, "VAL_BPB = 1.0\nNOISE = 0.001\n"))
+    try:
+        lab.baseline()
+        (lab.ws / "train.py").write_text(WALL_IDEA)
+        entry = lab.loop.entry(answer(lab.call("run_experiment", description="an idea"))["run"])
+        lab.loop.note_pair(entry, 1, 101, 102)
+
+        def filed(run: int, commit: str, value: float):
+            result = RunResult(run=run, commit=commit, description="a rerun", status="ok", val_bpb=value,
+                               budget_clock="wall", log=f"runs/{run}.log", next="")
+            with lab.loop.state.transaction() as state:
+                file_measurement(lab.loop, state, {"run": run, "commit": commit, "data_order": 1}, result)
+        filed(101, entry["parent"], 1.0)
+        filed(201, entry["parent"], 1.001)  # another confirmation's control, beside this one, on the same order
+        filed(102, entry["commit"], 1.0005)
+        assert lab.loop.state.load()[PAIRS][_pair_key(lab.loop, entry)] == {"1": [1.0, 1.0005]}  # lost, and judged
+    finally:
+        lab.loop.shutdown()

@@ -15,9 +15,10 @@ BEGUN = "begun_pairs"  # the state's {_pair_key or "noise <blob>": data orders b
 # the state's {_pair_key: {data order: [the best's val_bpb, the candidate's]}}: the pairs confirmations measured side
 # by side, the only pairs where reruns do not repeat
 PAIRS = "judged_pairs"
-# the state's {control's run: [_pair_key, data order, candidate's run]}: a pair confirm started side by side, judged
-# (PAIRS) as soon as both its reruns are filed, not only once the call returns (review 68: its server killed while the
-# next pair trained, a lost pair finished and filed was no pair on the wall clock, and was measured again on new luck)
+# the state's {control's run: [_pair_key, data order, candidate's run, the control's value, the candidate's]}: a pair
+# confirm started side by side, with its values as they are filed, judged (PAIRS) as soon as both are, not only once
+# the call returns (review 68: its server killed while the next pair trained, a lost pair finished and filed was no
+# pair on the wall clock, and was measured again on new luck)
 SIDE_BY_SIDE = "pairs_started"
 HELD_TO = "held_orders"  # the state's list: every data order a confirmation began (this research run's, carried)
 # what a setup on the same harness carries into the new research run: measurements of code on a harness stand whichever
@@ -179,23 +180,27 @@ def file_measurement(core: LoopCore, state: dict, entry: dict, result: RunResult
     shelves = state.setdefault("measured" if repeatable else "reruns", {})
     shelf = shelves.setdefault(_measurement_shelf(core, state, entry["commit"]), {})
     shelf[str(order)] = {"val_bpb": result.val_bpb, "run": entry["run"], "device": result.device}
-    _judge_started(state)
+    _judge_started(state, entry["run"], shelf[str(order)])
 
 
 def note_pair(core: LoopCore, entry: dict, order: int, control: int, candidate: int) -> None:
     """Notes the two reruns confirm started side by side on a data order (SIDE_BY_SIDE), before either can end."""
     with core.state.transaction() as state:
-        state.setdefault(SIDE_BY_SIDE, {})[str(control)] = [_pair_key(core, entry), order, candidate]
+        filed = {m["run"]: m for kind in ("measured", "reruns") for shelf in (state.get(kind) or {}).values()
+                 for m in shelf.values()}  # a reused control's value is filed already
+        state.setdefault(SIDE_BY_SIDE, {})[str(control)] = [_pair_key(core, entry), order, candidate,
+                                                            filed.get(control), filed.get(candidate)]
         _judge_started(state)
 
 
-def _judge_started(state: dict) -> None:
-    """Records each started pair whose two reruns are both filed, on one GPU model, as judged (PAIRS)."""
-    filed = {m["run"]: m for kind in ("measured", "reruns") for shelf in (state.get(kind) or {}).values()
-             for m in shelf.values()}
+def _judge_started(state: dict, run: int | None = None, measured: dict | None = None) -> None:
+    """Gives each started pair the value of its rerun `run` as it is filed, and records each pair with both values, on
+    one GPU model, as judged (PAIRS). A pair keeps its own values: a confirmation beside it that reruns the best on
+    the same order files its value in place of the pair's control (review 69)."""
     started = state.get(SIDE_BY_SIDE) or {}
-    for control, (key, order, candidate) in list(started.items()):
-        sides = filed.get(int(control)), filed.get(candidate)
+    for control, (key, order, candidate, *values) in list(started.items()):
+        sides = [measured if side == run else value for side, value in zip((int(control), candidate), values)]
+        started[control] = [key, order, candidate, *sides]
         if None not in sides:
             del started[control]
             if one_model(*(side.get("device") for side in sides)):
