@@ -26,6 +26,18 @@ def lose_on_order_3(lab):
     answer(lab.call("discard"))
 
 
+def the_same_idea_is_not_confirmed_again(lab):
+    """In a new research run: its baseline kept, the idea that lost order 3 run again and confirmed with pairs=1
+    (data order 1 alone without the carried measurements, where it wins) is refused as having lost before."""
+    answer(lab.call("run_experiment", description="baseline"))
+    answer(lab.call("keep"))
+    (lab.ws / "train.py").write_text(IDEA)
+    answer(lab.call("run_experiment", description="the same idea", rerun=True))
+    again = answer(lab.call("confirm", pairs=1))
+    assert not again["confirmed"], again
+    assert "did not hold in an earlier confirmation (it lost by +0.001000)" in again["next"], again
+
+
 def test_a_new_setup_on_the_same_harness_forgets_no_lost_pair_and_no_held_order(fake_env, monkeypatch):
     """The idea lost its pair on data order 3; the agent discarded it, set up a new tag from the best (allowed at any
     time on the same harness) and ran the same train.py again: the state began afresh, lost pairs, held orders and
@@ -36,13 +48,7 @@ def test_a_new_setup_on_the_same_harness_forgets_no_lost_pair_and_no_held_order(
         lose_on_order_3(lab)
 
         answer(lab.call("setup", tag="again"))  # from the best: the branch's tip
-        answer(lab.call("run_experiment", description="baseline"))
-        answer(lab.call("keep"))
-        (lab.ws / "train.py").write_text(IDEA)
-        answer(lab.call("run_experiment", description="the same idea", rerun=True))
-        again = answer(lab.call("confirm", pairs=1))
-        assert not again["confirmed"], again  # confirmed on data order 1 alone without the fix
-        assert "did not hold in an earlier confirmation (it lost by +0.001000)" in again["next"], again
+        the_same_idea_is_not_confirmed_again(lab)
         (lab.ws / "train.py").write_text(IDEA + "# the same idea, reworded\n")  # new code: the held orders meet it
         answer(lab.call("discard"))
         answer(lab.call("run_experiment", description="the same idea, reworded"))
@@ -131,13 +137,7 @@ def test_a_harness_edit_set_up_and_undone_forgets_no_lost_pair(fake_env, monkeyp
             git(lab.ws, change, "NOTES.md")
             git(lab.ws, "commit", "-q", "-m", f"{change} a note")
             answer(lab.call("setup", tag=tag))
-        answer(lab.call("run_experiment", description="baseline"))
-        answer(lab.call("keep"))
-        (lab.ws / "train.py").write_text(IDEA)
-        answer(lab.call("run_experiment", description="the same idea", rerun=True))
-        again = answer(lab.call("confirm", pairs=1))
-        assert not again["confirmed"], again  # confirmed on data order 1 alone without the fix
-        assert "did not hold in an earlier confirmation (it lost by +0.001000)" in again["next"], again
+        the_same_idea_is_not_confirmed_again(lab)
     finally:
         lab.loop.shutdown()
 
@@ -183,14 +183,26 @@ def test_a_started_pair_keeps_its_values_when_a_confirmation_beside_it_reruns_th
         entry = lab.loop.entry(answer(lab.call("run_experiment", description="an idea"))["run"])
         lab.loop.note_pair(entry, 1, 101, 102)
 
-        def filed(run: int, commit: str, value: float):
+        def filed(run: int, commit: str, value: float, order: int = 1):
             result = RunResult(run=run, commit=commit, description="a rerun", status="ok", val_bpb=value,
                                budget_clock="wall", log=f"runs/{run}.log", next="")
             with lab.loop.state.transaction() as state:
-                file_measurement(lab.loop, state, {"run": run, "commit": commit, "data_order": 1}, result)
+                file_measurement(lab.loop, state, {"run": run, "commit": commit, "data_order": order}, result)
         filed(101, entry["parent"], 1.0)
         filed(201, entry["parent"], 1.001)  # another confirmation's control, beside this one, on the same order
         filed(102, entry["commit"], 1.0005)
         assert lab.loop.state.load()[PAIRS][_pair_key(lab.loop, entry)] == {"1": [1.0, 1.0005]}  # lost, and judged
+
+        # review 70: two confirmations of two candidates at once reusing one filed control (run 301) noted their pairs
+        # under its run alone, so the second replaced the first's, which was then judged only when its call returned
+        other = dict(entry, commit=entry["parent"], parent=entry["commit"])  # another pair of codes
+        filed(301, entry["parent"], 1.0, order=2)
+        lab.loop.note_pair(entry, 2, 301, 302)
+        lab.loop.note_pair(other, 2, 301, 402)
+        filed(302, entry["commit"], 1.0005, order=2)
+        filed(402, other["commit"], 0.99, order=2)
+        judged = lab.loop.state.load()[PAIRS]
+        assert judged[_pair_key(lab.loop, entry)]["2"] == [1.0, 1.0005], judged
+        assert judged[_pair_key(lab.loop, other)]["2"] == [1.0, 0.99], judged
     finally:
         lab.loop.shutdown()

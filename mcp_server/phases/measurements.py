@@ -15,9 +15,9 @@ BEGUN = "begun_pairs"  # the state's {_pair_key or "noise <blob>": data orders b
 # the state's {_pair_key: {data order: [the best's val_bpb, the candidate's]}}: the pairs confirmations measured side
 # by side, the only pairs where reruns do not repeat
 PAIRS = "judged_pairs"
-# the state's {control's run: [_pair_key, data order, candidate's run, the control's value, the candidate's]}: a pair
-# confirm started side by side, with its values as they are filed, judged (PAIRS) as soon as both are, not only once
-# the call returns (review 68: its server killed while the next pair trained, a lost pair finished and filed was no
+# the state's {"<_pair_key> <data order>": [_pair_key, data order, control's run, candidate's run, the control's value,
+# the candidate's]}: a pair confirm started side by side (one call at a time per pair: _refuse_a_second_call), with
+# its values as they are filed, judged (PAIRS) as soon as both are, not only once the call returns (review 68: its server killed while the next pair trained, a lost pair finished and filed was no
 # pair on the wall clock, and was measured again on new luck)
 SIDE_BY_SIDE = "pairs_started"
 HELD_TO = "held_orders"  # the state's list: every data order a confirmation began (this research run's, carried)
@@ -76,8 +76,8 @@ def record_confirmation(core: LoopCore, candidate: dict, confirmation: dict, spe
     run, judged = candidate["run"], confirmation.pop("pairs")
     with core.state.transaction() as state:
         state.setdefault(PAIRS, {}).setdefault(_pair_key(core, candidate), {}).update(judged)
-        for rerun in confirmation["runs"]:  # judged here, or failed: no longer started
-            (state.get(SIDE_BY_SIDE) or {}).pop(str(rerun), None)
+        for order in orders:  # judged here, or failed: no longer started (only this call's: review 70)
+            (state.get(SIDE_BY_SIDE) or {}).pop(f"{_pair_key(core, candidate)} {order}", None)
         entry = (state.get("runs") or {}).get(str(run))
         reason = None
         if entry is not None:
@@ -188,8 +188,9 @@ def note_pair(core: LoopCore, entry: dict, order: int, control: int, candidate: 
     with core.state.transaction() as state:
         filed = {m["run"]: m for kind in ("measured", "reruns") for shelf in (state.get(kind) or {}).values()
                  for m in shelf.values()}  # a reused control's value is filed already
-        state.setdefault(SIDE_BY_SIDE, {})[str(control)] = [_pair_key(core, entry), order, candidate,
-                                                            filed.get(control), filed.get(candidate)]
+        key = _pair_key(core, entry)  # review 70: keyed by the control's run, another pair reusing it replaced this
+        state.setdefault(SIDE_BY_SIDE, {})[f"{key} {order}"] = [key, order, control, candidate, filed.get(control),
+                                                               filed.get(candidate)]
         _judge_started(state)
 
 
@@ -198,11 +199,11 @@ def _judge_started(state: dict, run: int | None = None, measured: dict | None = 
     one GPU model, as judged (PAIRS). A pair keeps its own values: a confirmation beside it that reruns the best on
     the same order files its value in place of the pair's control (review 69)."""
     started = state.get(SIDE_BY_SIDE) or {}
-    for control, (key, order, candidate, *values) in list(started.items()):
-        sides = [measured if side == run else value for side, value in zip((int(control), candidate), values)]
-        started[control] = [key, order, candidate, *sides]
+    for name, (key, order, control, candidate, *values) in list(started.items()):
+        sides = [measured if side == run else value for side, value in zip((control, candidate), values)]
+        started[name] = [key, order, control, candidate, *sides]
         if None not in sides:
-            del started[control]
+            del started[name]
             if one_model(*(side.get("device") for side in sides)):
                 state.setdefault(PAIRS, {}).setdefault(key, {})[str(order)] = [side["val_bpb"] for side in sides]
 
