@@ -63,6 +63,7 @@ class ResearchLoop(LoopCore):
     store_measured_noise = measurements.store_measured_noise
     record_confirmation = measurements.record_confirmation
     note_pair = measurements.note_pair
+    one_call = measurements.one_call
     judge_pairs = staticmethod(measurements.judge_pairs)
 
     status = overview.status

@@ -25,9 +25,8 @@ from mcp.types import (
 )
 
 from mcp_server import stdio_lines
-from mcp_server.phases import morning
+from mcp_server.phases import morning, sweep as sweeping
 from mcp_server.core import ledger, plot
-from mcp_server.phases import sweep as sweeping
 from mcp_server.loop import ResearchLoop
 from mcp_server.core.models import (
     CancelResult, ConfirmResult, DecisionResult, HistoryResult, LoggedRow, Metrics, NoiseResult, PlotResult, Refusal,
@@ -456,24 +455,25 @@ def register_measurements(srv: MCPServer, loop: ResearchLoop) -> None:
         if len(loop.noise_values(state)[0]) + repeats < 2:
             raise Refusal("Two values are needed: keep a baseline first, or pass repeats=2 or more.")
         source = loop.ws.train_at(kept)
-        runs, orders = [], await threaded(loop.noise_orders, kept, repeats)  # an unfinished call's orders first
-        for k, order in enumerate(orders):
-            entry = await threaded(lambda: loop.submit(f"noise repeat {k + 1}/{len(orders)} of {kept[:7]}, data "
-                                                       f"order {order}", None, source, data_order=order,
-                                                       siblings=tuple(runs)))
-            runs.append(entry["run"])
-        await follow(loop, runs, ctx, until_all=True)
-        ok, failed, devices = [], [], set()
-        for result in await threaded(loop.settle_reruns, runs, "measure_noise", "the noise was not measured",
-                                     "No noise estimate was stored; the repeats that finished are logged as discard "
-                                     "rows and count in the next measure_noise."):
-            value = loop.rerun_value(result)  # an unverified one is train.py's word
-            (ok if value is not None else failed).append(result.commit)
-            if value is not None:
-                devices.add(result.device)
-        device = devices.pop() if len(devices) == 1 else None  # repeats on several models: no per-model estimate
-        estimate = await threaded(loop.store_measured_noise, len(runs), len(ok), device, kept)
-        return compact(NoiseResult(noise=estimate, runs=ok, failed=failed))
+        with loop.one_call((source,), f"The noise of {kept[:7]}") as runs:  # one call at a time (review 71)
+            orders = await threaded(loop.noise_orders, kept, repeats)  # an unfinished call's orders first
+            for k, order in enumerate(orders):
+                entry = await threaded(lambda: loop.submit(f"noise repeat {k + 1}/{len(orders)} of {kept[:7]}, data "
+                                                           f"order {order}", None, source, data_order=order,
+                                                           siblings=tuple(runs)))
+                runs.append(entry["run"])
+            await follow(loop, runs, ctx, until_all=True)
+            ok, failed, devices = [], [], set()
+            for result in await threaded(loop.settle_reruns, runs, "measure_noise", "the noise was not measured",
+                                         "No noise estimate was stored; the repeats that finished are logged as discard "
+                                         "rows and count in the next measure_noise."):
+                value = loop.rerun_value(result)  # an unverified one is train.py's word
+                (ok if value is not None else failed).append(result.commit)
+                if value is not None:
+                    devices.add(result.device)
+            device = devices.pop() if len(devices) == 1 else None  # repeats on several models: no per-model estimate
+            estimate = await threaded(loop.store_measured_noise, len(runs), len(ok), device, kept)
+            return compact(NoiseResult(noise=estimate, runs=ok, failed=failed))
 
     @register(WRITES)
     async def confirm(ctx: Context, run: int | None = None, pairs: int = 1) -> ConfirmResult:
@@ -491,60 +491,61 @@ def register_measurements(srv: MCPServer, loop: ResearchLoop) -> None:
             raise Refusal(f"pairs must be between 1 and {MAX_CONFIRM_PAIRS}.")
         entry, control, candidate = await threaded(loop.confirmation_plan, run)
         n, best = entry["run"], entry["parent"][:7]
-        plan, resumed, held_to = await threaded(loop.confirmation_orders, entry, pairs)
-        pairs = len(plan)  # every order an earlier confirmation began, beside fresh ones
-        sides, runs, reused = [], [], []  # per pair (control, candidate): a rerun's number, or a value reused
-        for k, (order, known_control, known_candidate) in enumerate(plan):
-            pair = []
-            for name, what, source, known in (
-                    (f"control {k + 1}/{pairs}", f" for run {n}: the best {best} again", control, known_control),
-                    (f"confirmation {k + 1}/{pairs}", f" of run {n}", candidate, known_candidate)):
-                if known:
-                    pair.append(known)
-                    reused.append(f"{name}: run {known['run']}'s {known['val_bpb']:.6f} on data order {order} "
-                                  "(on the flops clock a rerun repeats it to ~1e-5)")
-                    continue
-                queued = await threaded(lambda: loop.submit(f"{name}{what}, data order {order}", None, source,
-                                                            rerun_of=n, data_order=order))
-                runs.append(queued["run"])
-                pair.append(queued["run"])
-            # judged once both are filed, whatever becomes of this call; a side reused by its filed rerun's number
-            # (review 69: a pair against a reused control was read from the flops clock's values on this slot count
-            # until the call returned, and a server killed and started on another clock measured it again)
-            if any(isinstance(side, int) for side in pair):
-                await threaded(loop.note_pair, entry, order, *(side if isinstance(side, int) else side["run"]
-                                                                 for side in pair))
-            sides.append((order, pair))
-        await follow(loop, runs, ctx, until_all=True)
-        settled = dict(zip(runs, await threaded(
-            loop.settle_reruns, runs, "confirm", "the confirmation was not completed",
-            f"Run {n} stays pending: keep(run={n}, unconfirmed=true) or discard(run={n}).")))
-        failed = [result.commit for result in settled.values() if loop.rerun_value(result) is None]
-        pairs_done, across = loop.judge_pairs(sides, settled)  # a pair on two GPU models is none
-        across = across and (f"Pair(s) ran on two GPU models ({'; '.join(across)}), which compares the machines: "
-                             f"confirm(run={n}) again measures those data orders first, or discard(run={n}).")
-        deltas = [round(cand - ctrl, 6) for _, ctrl, cand in pairs_done]
-        confirmed = bool(deltas) and len(deltas) == pairs and all(d < 0 for d in deltas)
-        verdict = {"confirmed": confirmed, "paired_deltas": deltas, "runs": runs,
-                   "pairs": {str(order): [ctrl, cand] for order, ctrl, cand in pairs_done}} | (
-                      {"reason": across} if across else {})
-        total, blind = await threaded(loop.record_confirmation, entry, verdict, len(runs),
-                                      [order for order, _, _ in plan])
-        confirmed = confirmed and not blind
-        return compact(ConfirmResult(
-            run=n, confirmed=confirmed, paired_deltas=deltas, control_val_bpb=[c for _, c, _ in pairs_done],
-            candidate_val_bpb=[c for _, _, c in pairs_done], failed=failed, reused=reused or None,
-            resumed=(f"data order(s) {', '.join(map(str, resumed))} again: an earlier confirmation of this train.py "
-                     "against this best began them and never judged them (its server stopped, a rerun failed or was "
-                     "cancelled); they are measured before any fresh order") if resumed else None,
-            held_to=(f"data order(s) {', '.join(map(str, held_to))}: every data order a confirmation of this research "
-                     "run (or of one before it on this harness) began and this pair has not judged yet, so that no "
-                     "gain is confirmed on orders chosen to miss the pairs another lost") if held_to else None,
-            extra_runs=len(runs), extra_runs_total=total,
-            next=(f"keep(run={n})" if confirmed else f"{blind} The gain is not confirmed: discard(run={n})" if blind
-                  else across or f"the gain did not hold: discard(run={n})")
-            + ("" if not failed else "; some reruns failed, or exported no model for the harness: read their logs "
-               "(a confirm again measures their data orders first)")))
+        with loop.one_call((candidate, control), f"A confirmation of run {n}'s train.py against this best") as runs:
+            plan, resumed, held_to = await threaded(loop.confirmation_orders, entry, pairs)
+            pairs = len(plan)  # every order an earlier confirmation began, beside fresh ones
+            sides, reused = [], []  # per pair (control, candidate): a rerun's number, or a value reused
+            for k, (order, known_control, known_candidate) in enumerate(plan):
+                pair = []
+                for name, what, source, known in (
+                        (f"control {k + 1}/{pairs}", f" for run {n}: the best {best} again", control, known_control),
+                        (f"confirmation {k + 1}/{pairs}", f" of run {n}", candidate, known_candidate)):
+                    if known:
+                        pair.append(known)
+                        reused.append(f"{name}: run {known['run']}'s {known['val_bpb']:.6f} on data order {order} "
+                                      "(on the flops clock a rerun repeats it to ~1e-5)")
+                        continue
+                    queued = await threaded(lambda: loop.submit(f"{name}{what}, data order {order}", None, source,
+                                                                rerun_of=n, data_order=order))
+                    runs.append(queued["run"])
+                    pair.append(queued["run"])
+                # judged once both are filed, whatever becomes of this call; a side reused by its filed rerun's number
+                # (review 69: a pair against a reused control was read from the flops clock's values on this slot count
+                # until the call returned, and a server killed and started on another clock measured it again)
+                if any(isinstance(side, int) for side in pair):
+                    await threaded(loop.note_pair, entry, order, *(side if isinstance(side, int) else side["run"]
+                                                                     for side in pair))
+                sides.append((order, pair))
+            await follow(loop, runs, ctx, until_all=True)
+            settled = dict(zip(runs, await threaded(
+                loop.settle_reruns, runs, "confirm", "the confirmation was not completed",
+                f"Run {n} stays pending: keep(run={n}, unconfirmed=true) or discard(run={n}).")))
+            failed = [result.commit for result in settled.values() if loop.rerun_value(result) is None]
+            pairs_done, across = loop.judge_pairs(sides, settled)  # a pair on two GPU models is none
+            across = across and (f"Pair(s) ran on two GPU models ({'; '.join(across)}), which compares the machines: "
+                                 f"confirm(run={n}) again measures those data orders first, or discard(run={n}).")
+            deltas = [round(cand - ctrl, 6) for _, ctrl, cand in pairs_done]
+            confirmed = bool(deltas) and len(deltas) == pairs and all(d < 0 for d in deltas)
+            verdict = {"confirmed": confirmed, "paired_deltas": deltas, "runs": runs,
+                       "pairs": {str(order): [ctrl, cand] for order, ctrl, cand in pairs_done}} | (
+                          {"reason": across} if across else {})
+            total, blind = await threaded(loop.record_confirmation, entry, verdict, len(runs),
+                                          [order for order, _, _ in plan])
+            confirmed = confirmed and not blind
+            return compact(ConfirmResult(
+                run=n, confirmed=confirmed, paired_deltas=deltas, control_val_bpb=[c for _, c, _ in pairs_done],
+                candidate_val_bpb=[c for _, _, c in pairs_done], failed=failed, reused=reused or None,
+                resumed=(f"data order(s) {', '.join(map(str, resumed))} again: an earlier confirmation of this train.py "
+                         "against this best began them and never judged them (its server stopped, a rerun failed or was "
+                         "cancelled); they are measured before any fresh order") if resumed else None,
+                held_to=(f"data order(s) {', '.join(map(str, held_to))}: every data order a confirmation of this research "
+                         "run (or of one before it on this harness) began and this pair has not judged yet, so that no "
+                         "gain is confirmed on orders chosen to miss the pairs another lost") if held_to else None,
+                extra_runs=len(runs), extra_runs_total=total,
+                next=(f"keep(run={n})" if confirmed else f"{blind} The gain is not confirmed: discard(run={n})" if blind
+                      else across or f"the gain did not hold: discard(run={n})")
+                + ("" if not failed else "; some reruns failed, or exported no model for the harness: read their logs "
+                   "(a confirm again measures their data orders first)")))
 
 
 def register_search(srv: MCPServer, loop: ResearchLoop) -> None:

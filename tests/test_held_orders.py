@@ -4,7 +4,7 @@ rerun repeats on the flops clock."""
 import os
 from pathlib import Path
 
-from server_support import Lab, answer, git, make_workspace
+from server_support import Lab, answer, git, make_workspace, text
 
 BEST = "VAL_BPB = 1.0\nORDER_EFFECT = 0.0001\nORDER_LUCK = 0.002\n"  # 0.998 on the usual order
 IDEA = "VAL_BPB = 0.999\nORDER_EFFECT = 0.0001\nORDER_LUCK = 0.002\n"  # 0.997: wins on data orders 1 and 2, loses on 3
@@ -204,5 +204,39 @@ def test_a_started_pair_keeps_its_values_when_a_confirmation_beside_it_reruns_th
         judged = lab.loop.state.load()[PAIRS]
         assert judged[_pair_key(lab.loop, entry)]["2"] == [1.0, 1.0005], judged
         assert judged[_pair_key(lab.loop, other)]["2"] == [1.0, 0.99], judged
+    finally:
+        lab.loop.shutdown()
+
+
+def test_two_confirmations_of_one_run_at_once_measure_it_once(fake_env):
+    """Review 71: one call at a time measures a pair, told by the reruns in flight; two confirm calls at once both
+    planned before either had queued one, so both measured data order 1. The idea lost the one pair and won the other,
+    the later pair recorded replaced the lost one, and the same train.py sent again was confirmed on a fresh order.
+    The second call is refused from before its plan."""
+    import anyio
+    from mcp import Client
+    lab = Lab(make_workspace(fake_env, "VAL_BPB = 1.0\nNOISE = 0.001\n"))
+    try:
+        lab.baseline()  # run 1
+        run = runner(lab)
+        run("VAL_BPB = 1.1\nNOISE = 0.001\n", "filler")  # run 2
+        answer(lab.call("discard"))
+        assert run(WALL_IDEA, "an idea")["delta"] == -0.0015  # run 3
+        answers = []
+
+        async def both():
+            async def confirm():
+                answers.append(await client.call_tool("confirm", {"run": 3}))
+            async with Client(lab.server()) as client, anyio.create_task_group() as tasks:
+                tasks.start_soon(confirm)
+                tasks.start_soon(confirm)
+        anyio.run(both)
+        refused, lost = sorted(answers, key=lambda result: not result.is_error)
+        assert "run 3's train.py against this best is being measured now" in text(refused), text(refused)
+        assert answer(lost)["paired_deltas"] == [0.0005], answer(lost)  # order 1: runs 4 and 5, as one call alone
+        answer(lab.call("discard"))
+        run(WALL_IDEA, "the idea again", rerun=True)  # run 6
+        again = answer(lab.call("confirm"))
+        assert "did not hold in an earlier confirmation (it lost by +0.000500)" in again["next"], again
     finally:
         lab.loop.shutdown()

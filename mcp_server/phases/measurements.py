@@ -6,6 +6,8 @@ measurements as controls. The noise estimate itself is noise.estimate's; this mo
 
 Imports the core (runs) only.
 """
+import contextlib
+
 from mcp_server.core import ledger, limits, noise
 from mcp_server.core.models import NoiseEstimate, Refusal, RunResult
 from mcp_server.phases.runs import IN_FLIGHT, LoopCore
@@ -251,6 +253,25 @@ def confirmation_orders(core: LoopCore, entry: dict, pairs: int) -> tuple[list[t
         state.setdefault(BEGUN, {})[key] = sorted(set(unjudged) | set(orders))
         held_to[:] = sorted(set(held_to) | set(orders))
     return [(order, control.get(order), candidate.get(order)) for order in orders], resumed, earlier
+
+
+@contextlib.contextmanager
+def one_call(core: LoopCore, codes: tuple, what: str):
+    """Holds `codes` (the candidate's and the best's train.py sources, or the kept one's alone for its noise) as
+    measured by this call of the server from before its plan to its answer, and yields the list the call puts its
+    reruns in: the reruns in flight (_refuse_a_second_call) show a call only once it has queued one, so two calls at
+    once both planned first (review 71: two confirms of one run at once measured one data order twice, and the pair
+    recorded later replaced the lost one). Entered on the event loop, where nothing runs between the look and the
+    claim."""
+    if codes in core.measuring:
+        busy = ", ".join(str(n) for n in core.measuring[codes] if (core.entry(n) or {}).get("status") in IN_FLIGHT)
+        raise Refusal(f"{what} is being measured now ({f'rerun(s) {busy}' if busy else 'by another call'}): wait for "
+                      "that call's answer, then call again if you still need to.")
+    core.measuring[codes] = runs = []
+    try:
+        yield runs
+    finally:
+        del core.measuring[codes]
 
 
 def _refuse_a_second_call(core: LoopCore, state: dict, key: str, what: str) -> None:

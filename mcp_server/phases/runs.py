@@ -55,6 +55,7 @@ class LoopCore:
         self.done: dict[int, threading.Event] = {}  # set when a run of this server has a result
         self.finished = threading.Condition()  # notified whenever one of them is set
         self.closing = False  # set on server exit: unfinished runs are left to the next owner
+        self.measuring: dict[tuple, list[int]] = {}  # the codes a call of confirm or measure_noise measures: its reruns
         self.dashboard: str | None = None  # the dashboard's address, when this server serves it
         self.notifier = notify.Notifier()  # silent unless --notify gives a webhook
         self._ws: Workspace | None = None
