@@ -529,6 +529,29 @@ def test_measure_noise_called_until_two_values_agree_counts_every_repeat(fake_en
         lab.loop.shutdown()
 
 
+def test_a_control_rerun_on_an_order_the_best_was_rerun_on_adds_a_noise_value_not_replaces_one(fake_env):
+    """Review 71: on the wall clock the best's reruns were filed one per data order, and every confirmation reruns the
+    best on the held orders, so each control replaced the one before it on its order: the noise estimate counted the
+    latest rerun per order only, and the agent, confirming throwaway ideas until the latest values sat close together,
+    chose which of the best's reruns made its noise (a narrow threshold keeps later gains unconfirmed). Every rerun of
+    the kept code counts."""
+    lab = noisy_lab(fake_env, 0.01)  # run k: 1.0 + 0.01 (k % 3 - 1)
+    try:
+        lab.baseline()  # run 1: 1.0
+        for k, confirmed in enumerate((True, False, True, False)):  # ideas: runs 2, 5 and 6, 9
+            (lab.ws / "train.py").write_text(f"VAL_BPB = 0.9{k}\n")
+            answer(lab.call("run_experiment", description=f"idea {k}"))
+            if confirmed:  # order 1: the best 0.99 (run 3), then 1.0 (run 7)
+                answer(lab.call("confirm"))
+            answer(lab.call("discard"))
+        noise = answer(lab.call("measure_noise", repeats=1))["noise"]  # order 2: the best 1.0 (run 10)
+        assert sorted(noise["values"]) == [0.99, 1.0, 1.0, 1.0], noise  # [1.0, 1.0, 1.0] without the fix: 0
+        set_knobs(lab.ws, VAL_BPB=0.999, NOISE=0)
+        assert answer(lab.call("run_experiment", description="a gain inside the noise"))["confirm_first"]
+    finally:
+        lab.loop.shutdown()
+
+
 def test_on_the_flops_clock_a_rerun_of_the_best_stands_as_the_control(fake_env, monkeypatch):
     """A run on the flops clock depends on its code and data order only: the best's noise repeat on
     data order 1 is the control of the first confirmation's first pair, the confirmed candidate's

@@ -181,15 +181,20 @@ def file_measurement(core: LoopCore, state: dict, entry: dict, result: RunResult
     repeatable = result.budget_clock == "flops" and _repeatable(core)
     shelves = state.setdefault("measured" if repeatable else "reruns", {})
     shelf = shelves.setdefault(_measurement_shelf(core, state, entry["commit"]), {})
-    shelf[str(order)] = {"val_bpb": result.val_bpb, "run": entry["run"], "device": result.device}
-    _judge_started(state, entry["run"], shelf[str(order)])
+    measured, before = {"val_bpb": result.val_bpb, "run": entry["run"], "device": result.device}, shelf.get(str(order))
+    # where reruns do not repeat, another value on the order, not a correction (review 71: each confirmation reruns the
+    # best on the held orders, and the noise counted the latest rerun per order only, so the agent chose which made it)
+    another = before and not repeatable and before["run"] != entry["run"]
+    earlier = _every(before) if another else (before or {}).get("earlier")
+    shelf[str(order)] = measured | ({"earlier": earlier} if earlier else {})
+    _judge_started(state, entry["run"], measured)
 
 
 def note_pair(core: LoopCore, entry: dict, order: int, control: int, candidate: int) -> None:
     """Notes the two reruns confirm started side by side on a data order (SIDE_BY_SIDE), before either can end."""
     with core.state.transaction() as state:
         filed = {m["run"]: m for kind in ("measured", "reruns") for shelf in (state.get(kind) or {}).values()
-                 for m in shelf.values()}  # a reused control's value is filed already
+                 for latest in shelf.values() for m in _every(latest)}  # a reused control's value is filed already
         key = _pair_key(core, entry)  # review 70: keyed by the control's run, another pair reusing it replaced this
         state.setdefault(SIDE_BY_SIDE, {})[f"{key} {order}"] = [key, order, control, candidate, filed.get(control),
                                                                filed.get(candidate)]
@@ -208,6 +213,11 @@ def _judge_started(state: dict, run: int | None = None, measured: dict | None = 
             del started[name]
             if one_model(*(side.get("device") for side in sides)):
                 state.setdefault(PAIRS, {}).setdefault(key, {})[str(order)] = [side["val_bpb"] for side in sides]
+
+
+def _every(latest: dict) -> list[dict]:
+    """Each rerun filed on a data order of a shelf: the earlier ones where reruns do not repeat, then the latest."""
+    return [{k: v for k, v in m.items() if k != "earlier"} for m in [*latest.get("earlier", []), latest]]
 
 
 def _measurements_of(core: LoopCore, state: dict, commit: str) -> dict[int, dict]:
@@ -366,7 +376,7 @@ def _by_order(core: LoopCore, state: dict, commit: str, own: list[tuple[int, flo
 def noise_values(core: LoopCore, state: dict, device: str | None = None) -> tuple[list[float], str | None]:
     """(the values of the kept code measured on `device` (default: the kept value's GPU model), the kept value's
     model): its own value where it was measured there and its reruns on other data orders so far (where they do not
-    repeat, those on that model)."""
+    repeat, every one on that model, several on one order too)."""
     kept = state.get("kept_commit", "")
     if not kept:
         return [], None
@@ -374,8 +384,8 @@ def noise_values(core: LoopCore, state: dict, device: str | None = None) -> tupl
     own = [] if device and kept_device and device != kept_device else _kept_values(state, kept)
     reruns = (state.get("reruns") or {}).get(_measurement_shelf(core, state, kept)) or {}
     return ([v for _, v in _by_order(core, state, kept, own)]
-            + [m["val_bpb"] for _, m in sorted(reruns.items(), key=lambda item: int(item[0]))
-               if m.get("device") == (device or kept_device)]), kept_device
+            + [m["val_bpb"] for _, latest in sorted(reruns.items(), key=lambda item: int(item[0]))
+               for m in _every(latest) if m.get("device") == (device or kept_device)]), kept_device
 
 
 def _order_blind(core: LoopCore, state: dict, commit: str, own: list[tuple[int, float]], whose: str) -> str | None:
