@@ -142,6 +142,23 @@ def test_a_harness_edit_set_up_and_undone_forgets_no_lost_pair(fake_env, monkeyp
         lab.loop.shutdown()
 
 
+def test_a_prepared_record_edited_to_no_effect_forgets_no_lost_pair(fake_env, monkeypatch):
+    """Review 71: the idea lost its pair on data order 3; the agent appended a newline to the cache's prepared.json
+    (the same data and budget: no stop needed, the harness unchanged) and set up a new tag. Measurements were carried
+    by harness and prepared data (review 68), the record's bytes in the data's fingerprint, so none were: the lost
+    pair, the held orders and the counter were gone, and the same train.py was confirmed on data order 1. Only the
+    values stay with their data; the pairs, the orders and the counter go with the harness."""
+    lab = flops_lab(fake_env, monkeypatch)
+    try:
+        lose_on_order_3(lab)
+        record = Path(os.environ["AUTORESEARCH_CACHE"]) / "prepared.json"
+        record.write_text(record.read_text() + "\n")
+        answer(lab.call("setup", tag="respaced"))
+        the_same_idea_is_not_confirmed_again(lab)
+    finally:
+        lab.loop.shutdown()
+
+
 def test_measurements_on_other_prepared_data_are_no_controls(fake_env, monkeypatch):
     """Review 68: a setup on the same harness carried the best's reruns, filed by harness and code alone, onto a cache
     prepared again with other data: the best's value on data order 1 from the old data stood as the control of the

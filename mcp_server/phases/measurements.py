@@ -27,22 +27,31 @@ HELD_TO = "held_orders"  # the state's list: every data order a confirmation beg
 # run took them (review 66: a setup of a new tag mid-night forgot a lost pair and the held orders, and the data order
 # counter began again at 1, so an idea that lost on order 3 was confirmed on order 1)
 CARRIED = ("measured", "reruns", BEGUN, HELD_TO, PAIRS, "data_orders")
-# the state's {harness and prepared data: CARRIED as the last research run on them left it}: review 68, a harness
-# edit set up and undone, or the cache prepared again and back, dropped every lost pair and held order and began the
-# counter at 1 again
+VALUES = ("measured", "reruns")  # of CARRIED, the values themselves: controls only on the prepared data they came from
+# the state's {"<harness> <prepared data>": VALUES, and "<harness>": the rest of CARRIED, as the last research run on
+# them left them}: review 68, a harness edit set up and undone, or the cache prepared again and back, dropped every lost
+# pair and held order and began the counter at 1 again
 SHELVED = "shelved_measurements"
 
 
 def carried(state: dict, fingerprint: str, cache_fingerprint: str | None) -> dict:
-    """What a setup on this harness and prepared data carries from the research runs before it: the measurements of
-    the last one on both (a value measured on other data, its shelf keyed by the harness alone, would stand as a
-    control against one measured on these: review 68), the others' shelved until a setup is on theirs again."""
+    """What a setup on this harness and prepared data carries from the research runs before it: the values measured
+    by the last one on both (a value measured on other data, its shelf keyed by the harness alone, would stand as a
+    control against one measured on these: review 68), and the pairs judged, the orders begun and held and the
+    counter of the last one on this harness, whatever its data (review 71: a newline appended to the cache's
+    prepared.json made the same data another fingerprint, and a setup on it forgot a lost pair); the others shelved
+    until a setup is on theirs again."""
     shelved = dict(state.get(SHELVED) or {})
     if state.get("fingerprint"):
-        shelved[f"{state['fingerprint']} {state.get('cache_fingerprint')}"] = {k: state[k] for k in CARRIED
-                                                                                if k in state}
-    own = shelved.pop(f"{fingerprint} {cache_fingerprint}", {})
+        shelved[f"{state['fingerprint']} {state.get('cache_fingerprint')}"] = _of(state, VALUES)
+        shelved[state["fingerprint"]] = _of(state, [k for k in CARRIED if k not in VALUES])
+    values, rest = shelved.pop(f"{fingerprint} {cache_fingerprint}", {}), shelved.pop(fingerprint, None)
+    own = values if rest is None else _of(values, VALUES) | rest  # a shelf from before review 71 holds both
     return own | ({SHELVED: shelved} if shelved else {})
+
+
+def _of(record: dict, keys) -> dict:
+    return {k: record[k] for k in keys if k in record}
 
 
 def judge_pairs(sides: list[tuple[int, list]], settled: dict[int, RunResult]) -> tuple[list[tuple[int, float, float]],
