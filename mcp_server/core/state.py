@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from mcp_server.core import ledger
+from mcp_server.core.limits import records_dir
 from mcp_server.core.models import Refusal
 
 STATE_DIR = ".research-loop"
@@ -37,7 +38,6 @@ LOCK_WAIT_S = 30.0  # a tool call's longest wait for the state's locks: a server
 CALL: contextvars.ContextVar[dict | None] = contextvars.ContextVar("research_loop_call", default=None)
 OWNER_LOCK = "owner.lock"
 ARCHIVE_DIR = "archive"
-RECORDS_DIR = "research-loop/records"  # in the git directory: out of the working tree and of every run's reach
 LEDGER_DIGEST = "results.sha256"
 MAX_FOUND = 10  # changes found that status keeps listing
 
@@ -56,16 +56,6 @@ def answering(call: str):
 def _bounded() -> bool:
     call = CALL.get()
     return call is not None and not call["saved"]
-
-
-def records_dir(workspace: Path) -> Path:
-    """Where the server keeps its copy of what it last wrote: the git directory (a linked
-    worktree's own), else beside state.json."""
-    dot_git = workspace / ".git"
-    if dot_git.is_file():
-        text = dot_git.read_text().strip()
-        dot_git = (workspace / text.removeprefix("gitdir:").strip()) if text.startswith("gitdir:") else dot_git
-    return dot_git / RECORDS_DIR if dot_git.is_dir() else workspace / STATE_DIR / "records"
 
 
 def _read(path: Path) -> bytes | None:
