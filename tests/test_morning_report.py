@@ -303,6 +303,23 @@ def test_a_gain_over_a_best_logged_by_hand_is_not_said_measured_in_the_report_or
     assert [r["delta"] for r in rows] == [None] * 5
 
 
+def test_a_first_kept_result_logged_by_hand_makes_no_measured_gain_in_the_summary(lab):
+    """Review 72: the agent logs its first commit by hand at 99.0 as the first keep, then a run the harness
+    measures at 1.04 is confirmed and kept: the report's summary read "against 99.000000 for the first kept result:
+    gain +97.960000 (98.95%)" unmarked (review 62 mended the kept changes' lines, not the summary's)."""
+    lab.ok("setup", tag="t")
+    set_knobs(lab.ws, val_bpb=1.05)
+    git(lab.ws, "commit", "-q", "-am", "my start, measured by hand")
+    lab.ok("log_result", commit=lab.head(), val_bpb=99.0, memory_gb=1.0, status="keep", description="my start")
+    set_knobs(lab.ws, val_bpb=1.04)
+    run = lab.ok("run_experiment", description="measured at last")["run"]
+    assert lab.ok("confirm", run=run)["confirmed"]
+    lab.ok("keep", run=run)
+    summary = section((lab.ws / lab.ok("report")["path"]).read_text(), "Summary")
+    assert ("against 99.000000 for the first kept result: gain +97.960000 (98.95%; not a measured gain: the first "
+            "kept val_bpb is the agent's, logged by hand, not measured by the harness)") in summary, summary
+
+
 def test_the_overnight_summary_and_status_line_show_the_best_the_branch_holds(lab, capsys):
     """Review 57: review 53 mended the report, the hook and the dashboard, not the runner. A worse result
     kept, then a keep row logged by hand with the agent's number: the runner's summary and its status line

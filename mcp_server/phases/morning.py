@@ -312,7 +312,11 @@ def summary(night: Night, times: dict, made: dict | None) -> list[str]:
         lines.append(f"| harness | {cell(night.state['harness_changed'])} |")
     if best and first:
         gain = first.val_bpb - best.val_bpb
-        share = f" ({100 * gain / first.val_bpb:.2f}%)" if first.val_bpb else ""
+        # review 72: a first keep logged by hand (or train.py's own number) made an unmarked gain here
+        said = limits.not_measured(first.description) if first is not best else None
+        notes = ([f"{100 * gain / first.val_bpb:.2f}%"] if first.val_bpb else []) + \
+            ([f"not a measured gain: the first kept val_bpb is {said}"] if said else [])
+        share = f" ({'; '.join(notes)})" if notes else ""
         lines.append(f"| best val_bpb | {best.val_bpb:.6f} (`{best.commit}`{unmeasured(best)}), against "
                      f"{first.val_bpb:.6f} for the first kept result: gain {gain:+.6f}{share} |")
     lines.append(f"| runs | {len(night.rows)} logged: {len(ideas)} ideas ({counts['keep']} kept, {counts['discard']} "
