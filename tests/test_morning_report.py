@@ -320,6 +320,22 @@ def test_a_first_kept_result_logged_by_hand_makes_no_measured_gain_in_the_summar
             "kept val_bpb is the agent's, logged by hand, not measured by the harness)") in summary, summary
 
 
+def test_status_says_whose_the_best_is_once_its_row_left_the_recent_ones(lab):
+    """Review 72: status gave the best as a bare number. A keep logged by hand at 0.5 was marked in its row, but once
+    five more runs were decided that row left status's recent rows, and status read "best_val_bpb 0.5" alone."""
+    lab.baseline()
+    set_knobs(lab.ws, val_bpb=1.05)
+    git(lab.ws, "commit", "-q", "-am", "tuned by hand")
+    lab.ok("log_result", commit=lab.head(), val_bpb=0.5, memory_gb=1.0, status="keep", description="by hand")
+    for k in range(5):
+        set_knobs(lab.ws, val_bpb=1.1 + k / 100)
+        lab.ok("run_experiment", description=f"idea {k}")
+        lab.ok("discard")
+    status = lab.ok("status")
+    assert status["best_val_bpb"] == 0.5 and all("by hand" not in r["description"] for r in status["recent"])
+    assert status["best_note"] == "the agent's, logged by hand, not measured by the harness", status
+
+
 def test_the_overnight_summary_and_status_line_show_the_best_the_branch_holds(lab, capsys):
     """Review 57: review 53 mended the report, the hook and the dashboard, not the runner. A worse result
     kept, then a keep row logged by hand with the agent's number: the runner's summary and its status line
