@@ -336,8 +336,8 @@ def summary(night: Night, times: dict, made: dict | None) -> list[str]:
 
 
 def unmeasured(row: Row) -> str:
-    """What the best's number is where the harness did not measure it (the row's marker says which)."""
-    said = limits.not_measured(row.description)
+    """What the best's number is where the harness did not measure it or no sandbox ran it (the row's marker says)."""
+    said = ledger.caveat(row)
     return f": {said}" if said else ""
 
 

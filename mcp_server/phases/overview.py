@@ -14,7 +14,7 @@ from mcp_server.core import cost, ledger, limits, logparse, noise
 from mcp_server.scripts import sandbox
 from mcp_server.phases.dispatch import take_over
 from mcp_server.phases.results import confirmation_needed
-from mcp_server.core.models import HistoryResult, LiveRun, Metrics, NoiseEstimate, Refusal, Row, StatusResult
+from mcp_server.core.models import HistoryResult, LiveRun, Metrics, NoiseEstimate, Refusal, StatusResult
 from mcp_server.phases.runs import IN_FLIGHT, RUN_LOG, UNDECIDED, LoopCore, unsandboxed_marker
 
 RECENT_ROWS = 5
@@ -153,7 +153,7 @@ def status(core: LoopCore) -> StatusResult:
     best = core.kept_row(kept) if kept else None
     result = StatusResult(workspace=str(core.root), branch=core.ws.branch(), set_up=bool(state.get("branch")),
                           best_val_bpb=best.val_bpb if best else None, best_commit=best.commit if best else None,
-                          best_note=best_note(best) if best else None,
+                          best_note=ledger.caveat(best) if best else None,
                           kept_commit=kept[:7] or None, counts=counts, slots=core.slots,
                           recent=rows[-RECENT_ROWS:], malformed_ledger_lines=bad,
                           interrupted=core.interrupted_summary(state), extra_runs=state.get("extra_runs", 0),
@@ -190,15 +190,6 @@ def status(core: LoopCore) -> StatusResult:
     result.compute = cost.hours_text(cost.run_hours(state))
     result.next = _next_step(core, state, result)
     return result
-
-
-def best_note(best: Row) -> str | None:
-    """What status says beside the best's number where its row's marker does (review 72: once the row left the recent
-    ones, a best logged by hand read as a bare number)."""
-    said = [limits.not_measured(best.description)]
-    if sandbox.MARKER in best.description:
-        said.append(f"its run had no sandbox: {sandbox.RISK}")
-    return "; ".join(filter(None, said)) or None
 
 
 def _next_step(core: LoopCore, state: dict, s: StatusResult) -> str:
