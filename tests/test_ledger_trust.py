@@ -756,3 +756,27 @@ def test_a_second_server_reads_the_owners_copy_not_a_forged_state_file(lab):
     finally:
         second.loop.shutdown()
     assert_told(lab.ok("status"), "state.json")  # the owner sets it right at its next call, and says so
+
+
+def test_a_forged_copy_read_by_the_report_does_not_stay_in_the_servers_rows(lab):
+    """Review 72: the rows made from a state were kept by their count and their first and last entries, and a longer
+    list that held the last one where it ended was taken to have grown from them. The report reads the server's copy
+    of the state as it is (a copy forged in place is the one-uid limit): a copy cut to its first three rows, the best's
+    0.95 forged to 1.5, made the report's rows, and the server's own four rows were taken to have grown from them, for
+    good: status's best read 1.5, and a run at 1.0 was "better by 0.5"."""
+    lab.baseline()
+    for value, decide in ((0.95, "keep"), (1.1, "discard"), (1.2, "discard")):
+        set_knobs(lab.ws, val_bpb=value)
+        lab.ok("run_experiment", description=f"at {value}")
+        lab.ok(decide)
+    copy = records_dir(lab.ws) / "state.json"
+    own = copy.read_bytes()
+    forged = json.loads(own)
+    forged["rows"] = forged["rows"][:3]
+    forged["rows"][1][1] = 1.5
+    copy.write_text(json.dumps(forged))
+    lab.ok("report")
+    copy.write_bytes(own)  # put back: only what the server wrote is left to read
+    assert lab.ok("status")["best_val_bpb"] == 0.95
+    set_knobs(lab.ws, val_bpb=1.0)
+    assert lab.ok("run_experiment", description="worse than the best")["delta"] == pytest.approx(0.05)
