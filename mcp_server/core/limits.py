@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 STOPPED_EARLY = " (stopped early: "  # the crash row's marker of a run the early stop ended
-# a keep row log_result wrote: its number is the agent's word, never the harness's, so it reaches no target
+# a row with a number log_result wrote: the agent's word, never the harness's, so a keep reaches no target
 LOGGED_BY_HAND = " (logged by hand)"
 # a kept row whose number is train.py's own (keep(unverified=true)): it reaches no target either. The agent's
 # note may follow it in the row, so it is looked for anywhere (a description that holds it only misses a target)

@@ -363,7 +363,8 @@ def log_result(core: LoopCore, commit: str, val_bpb: float, memory_gb: float, st
     commit = validate_commit_arg(commit)
     row = ledger.make_row(commit[:7], val_bpb, memory_gb, status, description)
     ledger.refuse_markers(row.description)
-    if status == "keep":  # the agent's number, not the harness's: the row says so, wherever it is shown
+    if status != "crash":  # the agent's number, not the harness's: the row says so, wherever it is shown (review 72:
+        # a discard row unmarked read on the dashboard as an idea better than the best by what the agent logged)
         row.description = ledger.fit_description(row.description, limits.LOGGED_BY_HAND)
     full = core.ws.resolve_commit(commit)
     if full is None:
