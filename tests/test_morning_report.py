@@ -336,6 +336,19 @@ def test_status_says_whose_the_best_is_once_its_row_left_the_recent_ones(lab):
     assert status["best_note"] == "the agent's, logged by hand, not measured by the harness", status
 
 
+def test_the_chart_draws_a_keep_logged_by_hand_apart_and_keeps_its_marker(lab):
+    """Review 72: the chart drew a keep logged by hand like a measured one, green and on the best's line, its label cut
+    at 40 characters before its marker: the agent's 0.05 read as a measured gain in plot_progress and the report."""
+    lab.baseline()
+    set_knobs(lab.ws, val_bpb=1.05)
+    git(lab.ws, "commit", "-q", "-am", "tuned by hand")
+    lab.ok("log_result", commit=lab.head(), val_bpb=0.05, memory_gb=1.0, status="keep",
+           description="a long account of what was tuned by hand and why it should help")
+    assert lab.ok("plot_progress")["not_measured"] == 1
+    (row,) = [r for r in lab.loop.rows() if r.val_bpb == 0.05]
+    assert plot.label(row) == "a long account of what... (logged by hand)"
+
+
 def test_the_overnight_summary_and_status_line_show_the_best_the_branch_holds(lab, capsys):
     """Review 57: review 53 mended the report, the hook and the dashboard, not the runner. A worse result
     kept, then a keep row logged by hand with the agent's number: the runner's summary and its status line

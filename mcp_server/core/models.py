@@ -211,6 +211,7 @@ class PlotResult(BaseModel):
     kept: int
     crashes_excluded: int
     reruns: int = 0  # noise repeats, confirmations and controls, drawn apart from the ideas
+    not_measured: int = 0  # kept runs whose number the harness did not measure (logged by hand, unverified): hollow
 
 
 class WaitResult(BaseModel):
