@@ -111,6 +111,27 @@ def test_the_reports_summary_and_status_say_the_best_ran_unsandboxed(no_sandbox)
         lab.loop.shutdown()
 
 
+def test_the_end_ping_says_the_best_ran_unsandboxed(no_sandbox):
+    """Review 72: the ping that a research run ended named the best's number, and whose it is where the harness did
+    not measure it, but not that no sandbox ran it."""
+    from mcp_server.core import notify
+    from server_support import Webhook, wait_until
+    webhook = Webhook()
+    lab = Lab(make_workspace(no_sandbox), unsandboxed=True)
+    lab.loop.notifier = notify.Notifier(webhook.url)
+    try:
+        lab.ok("setup", tag="optin")
+        lab.ok("run_experiment", description="baseline")
+        lab.ok("keep")
+        lab.ok("stop", reason="done")
+        assert wait_until(lambda: any("has ended" in m for m in webhook.messages()), 15), webhook.messages()
+        assert f"best val_bpb 1.000000 (its run had no sandbox: {sandbox.RISK})" in webhook.messages()[-1]
+    finally:
+        lab.loop.notifier.close()
+        lab.loop.shutdown()
+        webhook.close()
+
+
 def test_a_record_that_forgets_the_missing_sandbox_does_not_clean_the_row(no_sandbox):
     """What an unsandboxed run (or a process it left) could do: erase its mark from the state."""
     lab = Lab(make_workspace(no_sandbox), unsandboxed=True)

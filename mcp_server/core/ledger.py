@@ -20,7 +20,6 @@ from pathlib import Path
 
 from mcp_server.core import limits
 from mcp_server.core.models import Refusal, Row
-from mcp_server.scripts import sandbox
 
 LEDGER_NAME = "results.tsv"
 HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
@@ -348,13 +347,3 @@ def best_kept(rows: list[Row]) -> Row | None:
     """The best: the last kept row, what the research branch holds and status() names. Not the lowest
     keep: a keep moves the best, a worse one too, and a lower row may be the agent's own number."""
     return next((r for r in reversed(rows) if r.status == "keep"), None)
-
-
-def caveat(row: Row) -> str | None:
-    """What is said beside a kept row's number wherever it stands apart from its row (status's best, the report's
-    summary) where its marker says so: whose it is where the harness did not measure it, and that its run had no
-    sandbox (review 72: both read as a bare number there)."""
-    said = [limits.not_measured(row.description)]
-    if sandbox.MARKER in row.description:
-        said.append(f"its run had no sandbox: {sandbox.RISK}")
-    return "; ".join(filter(None, said)) or None

@@ -16,6 +16,8 @@ import stat
 import time
 from pathlib import Path
 
+from mcp_server.scripts import sandbox  # standard library only too
+
 STOPPED_EARLY = " (stopped early: "  # the crash row's marker of a run the early stop ended
 # a row with a number log_result wrote: the agent's word, never the harness's, so a keep reaches no target
 LOGGED_BY_HAND = " (logged by hand)"
@@ -106,6 +108,16 @@ def not_measured(description: str) -> str | None:
         return None
     whose = "the agent's, logged by hand" if description.endswith(LOGGED_BY_HAND) else "train.py's own"
     return f"{whose}, not measured by the harness"
+
+
+def caveat(description: str) -> str | None:
+    """What is said beside a kept row's number wherever it stands apart from its row (status's best, the report's
+    summary, the end's ping), where the row's marker says so: whose it is where the harness did not measure it, and
+    that its run had no sandbox (review 72: both read as a bare number there)."""
+    said = [not_measured(description)]
+    if sandbox.MARKER in description:
+        said.append(f"its run had no sandbox: {sandbox.RISK}")
+    return "; ".join(filter(None, said)) or None
 
 
 def measured_keeps(rows: list[tuple]) -> list[float]:

@@ -337,7 +337,7 @@ def summary(night: Night, times: dict, made: dict | None) -> list[str]:
 
 def unmeasured(row: Row) -> str:
     """What the best's number is where the harness did not measure it or no sandbox ran it (the row's marker says)."""
-    said = ledger.caveat(row)
+    said = limits.caveat(row.description)
     return f": {said}" if said else ""
 
 

@@ -153,7 +153,7 @@ def status(core: LoopCore) -> StatusResult:
     best = core.kept_row(kept) if kept else None
     result = StatusResult(workspace=str(core.root), branch=core.ws.branch(), set_up=bool(state.get("branch")),
                           best_val_bpb=best.val_bpb if best else None, best_commit=best.commit if best else None,
-                          best_note=ledger.caveat(best) if best else None,
+                          best_note=limits.caveat(best.description) if best else None,
                           kept_commit=kept[:7] or None, counts=counts, slots=core.slots,
                           recent=rows[-RECENT_ROWS:], malformed_ledger_lines=bad,
                           interrupted=core.interrupted_summary(state), extra_runs=state.get("extra_runs", 0),
