@@ -349,6 +349,23 @@ def test_the_chart_draws_a_keep_logged_by_hand_apart_and_keeps_its_marker(lab):
     assert plot.label(row) == "a long account of what... (logged by hand)"
 
 
+def test_what_was_tried_and_history_show_no_delta_over_a_number_logged_by_hand(lab):
+    """Review 72: review 62 took the delta over a best logged by hand out of the kept changes' lines, the run's answer
+    and the dashboard, but the report's "What was tried" table and the history tool gave the run's recorded delta:
+    a run at 1.04 after the agent's own 99.0 read "-97.960000" in both."""
+    lab.baseline()
+    set_knobs(lab.ws, val_bpb=1.05)
+    git(lab.ws, "commit", "-q", "-am", "my idea, measured by hand")
+    lab.ok("log_result", commit=lab.head(), val_bpb=99.0, memory_gb=1.0, status="keep", description="my idea")
+    set_knobs(lab.ws, val_bpb=1.04)
+    run = lab.ok("run_experiment", description="worse than the measured best")["run"]
+    lab.ok("discard", run=run)
+    tried = section((lab.ws / lab.ok("report")["path"]).read_text(), "What was tried")
+    assert "worse than the measured best" in tried and "97.96" not in tried, tried
+    (line,) = [x for x in lab.ok("history")["lines"] if x.startswith(f"run {run} ")]
+    assert "1.040000 " in line and "97.96" not in line, line
+
+
 def test_the_overnight_summary_and_status_line_show_the_best_the_branch_holds(lab, capsys):
     """Review 57: review 53 mended the report, the hook and the dashboard, not the runner. A worse result
     kept, then a keep row logged by hand with the agent's number: the runner's summary and its status line

@@ -378,8 +378,7 @@ def tried_section(night: Night) -> list[str]:
         lines += [f"### {cell(key)}: {len(entries)} tried, {kept} kept", "",
                   "| run | commit | decision | val_bpb | delta | change | description |", "|---|---|---|---|---|---|---|"]
         for row, record in entries:
-            result = (record or {}).get("result") or {}
-            delta = result.get("delta") if row.status != "crash" else None
+            delta = history.shown_delta(record, night.rows) if record and row.status != "crash" else None
             change = history.change_text((record or {}).get("decision", {}).get("changes")) if record else "?"
             lines.append(f"| {(record or {}).get('run', {}).get('run', '')} | `{row.commit}` | {row.status} | "
                          f"{value(row)} | {'' if delta is None else f'{delta:+.6f}'} | {code(change)} | "

@@ -255,7 +255,7 @@ def history(core: LoopCore, constant: str | None = None, status: str | None = No
         raise Refusal("limit must be between 1 and 500.")
     if constant is not None and not run_history.CONSTANT_NAME.match(constant):
         raise Refusal(f"constant must be an upper-case train.py constant such as MATRIX_LR, got {constant!r}.")
-    lines = []
+    lines, rows = [], core.rows()
     for record in core.records():
         decision, result, run = record["decision"], record["result"], record["run"]
         changes = decision.get("changes") or {}
@@ -264,7 +264,8 @@ def history(core: LoopCore, constant: str | None = None, status: str | None = No
         if status and decision.get("status") != status:
             continue
         value = f"{result['val_bpb']:.6f}" if result.get("val_bpb") and decision["status"] != "crash" else "-"
-        delta = f" ({result['delta']:+.6f})" if result.get("delta") is not None and value != "-" else ""
+        shown = run_history.shown_delta(record, rows)
+        delta = f" ({shown:+.6f})" if shown is not None and value != "-" else ""
         lines.append(f"run {run['run']} {result['commit']} {decision['status']} {value}{delta} "
                      f"{run_history.change_text(changes)} | {result['description']}")
     return HistoryResult(total=len(lines), lines=lines[-limit:])
