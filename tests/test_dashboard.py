@@ -76,6 +76,24 @@ def test_a_discard_row_logged_by_hand_shows_no_gain(lab):
     assert shown["val_bpb"] == 0.3 and shown["delta"] is None, shown
 
 
+def test_a_discarded_result_that_is_train_pys_own_number_is_marked(fake_env):
+    """Review 72: a result the harness could not verify (no export: train.py's own number) was marked in its row only
+    when kept: discarded, train.py's 0.3 was a plain row of the ledger, a measured number wherever rows are shown."""
+    from server_support import exporting_workspace
+    lab = Lab(exporting_workspace(fake_env))
+    try:
+        lab.ok("setup", tag="t")
+        lab.ok("run_experiment", description="baseline")
+        lab.ok("keep", unverified=True)
+        set_knobs(lab.ws, val_bpb=0.3)
+        lab.ok("run_experiment", description="printed low")
+        assert lab.ok("discard")["row"]["description"] == "printed low (unverified)"
+        shown = dashboard.ledger_view(lab.ws)["rows"][-1]
+        assert shown["val_bpb"] == 0.3 and shown["delta"] is None, shown
+    finally:
+        lab.loop.shutdown()
+
+
 def test_a_hand_edited_ledger_shows_nothing_false(lab):
     """The agent rewrites results.tsv: the best's value lowered, a planted keep row under the target,
     then the file deleted. The dashboard shows the server's rows and says the file was edited; the
