@@ -411,8 +411,9 @@ def register_reports(srv: MCPServer, loop: ResearchLoop) -> None:
             raise Refusal("results.tsv has no rows yet: run and keep a baseline first.")
         path = loop.root / plot.PLOT_NAME
         reruns = set(rerun_commits(loop.root / RUNS_DIR, loop.state.load(), [r.commit for r in rows]))
-        plotted, kept, crashes, apart = await anyio.to_thread.run_sync(plot.plot_rows, rows, path, reruns)
-        result = PlotResult(path=str(path), runs_plotted=plotted, kept=kept, crashes_excluded=crashes, reruns=apart)
+        plotted, kept, crashes, apart, unmeasured = await anyio.to_thread.run_sync(plot.plot_rows, rows, path, reruns)
+        result = PlotResult(path=str(path), runs_plotted=plotted, kept=kept, crashes_excluded=crashes, reruns=apart,
+                            not_measured=unmeasured)
         image = base64.b64encode(ledger.read_plain(path) or b"").decode()  # a FIFO swapped in since: no wait
         return CallToolResult(content=[TextContent(type="text", text=result.model_dump_json()),
                                        ImageContent(type="image", data=image, mime_type="image/png")],

@@ -65,6 +65,35 @@ def test_the_ledger_view_has_every_row_its_delta_run_and_change_and_says_the_han
     assert view["branch"] == "autoresearch/t" and view["set_up"] and view["first_step"] is None
 
 
+def test_a_discard_row_logged_by_hand_shows_no_gain(lab):
+    """Review 72: log_result marked only keep rows as the agent's number: a discard row logged by hand at 0.3 beside a
+    measured best of 1.0 read on the dashboard as an idea 0.7 better than the best, which nothing measured."""
+    lab.baseline()
+    outside = git(lab.ws, "commit-tree", "HEAD^{tree}", "-m", "trained elsewhere").strip()
+    row = lab.ok("log_result", commit=outside, val_bpb=0.3, memory_gb=1.0, status="discard", description="elsewhere")
+    assert row["row"]["description"] == "elsewhere (logged by hand)"
+    shown = dashboard.ledger_view(lab.ws)["rows"][-1]
+    assert shown["val_bpb"] == 0.3 and shown["delta"] is None, shown
+
+
+def test_a_discarded_result_that_is_train_pys_own_number_is_marked(fake_env):
+    """Review 72: a result the harness could not verify (no export: train.py's own number) was marked in its row only
+    when kept: discarded, train.py's 0.3 was a plain row of the ledger, a measured number wherever rows are shown."""
+    from server_support import exporting_workspace
+    lab = Lab(exporting_workspace(fake_env))
+    try:
+        lab.ok("setup", tag="t")
+        lab.ok("run_experiment", description="baseline")
+        lab.ok("keep", unverified=True)
+        set_knobs(lab.ws, val_bpb=0.3)
+        lab.ok("run_experiment", description="printed low")
+        assert lab.ok("discard")["row"]["description"] == "printed low (unverified)"
+        shown = dashboard.ledger_view(lab.ws)["rows"][-1]
+        assert shown["val_bpb"] == 0.3 and shown["delta"] is None, shown
+    finally:
+        lab.loop.shutdown()
+
+
 def test_a_hand_edited_ledger_shows_nothing_false(lab):
     """The agent rewrites results.tsv: the best's value lowered, a planted keep row under the target,
     then the file deleted. The dashboard shows the server's rows and says the file was edited; the

@@ -457,3 +457,37 @@ def test_an_edit_is_refused_within_the_hooks_timeout_when_each_git_call_is_slow(
     took = time.monotonic() - began
     assert took < limit, f"the hook answered after {took:.1f} s, past its {limit} s"
     assert done.returncode == 2 and "the 8s the hook gives git in all" in done.stderr, done.stderr
+
+
+def test_in_a_linked_worktree_a_forged_state_file_ends_no_night(fake_env, tmp_path):
+    """Review 72: a workspace that is a linked worktree (`git worktree add`) has a `.git` file, and the server keeps its
+    copy of the state in that worktree's own git directory; the hooks, the overnight runner and the early stop read
+    `.git/research-loop/records/` (no such folder there), so they fell back to state.json, which the agent can write
+    while the server runs: a keep row below the target planted there let Claude stop, and the runner ended the night
+    and named the planted best."""
+    from mcp_server.overnight.overnight import Runner
+    from mcp_server.overnight.overnight import add_arguments as overnight_arguments
+    from server_support import Lab, make_workspace
+    main = make_workspace(fake_env)
+    linked = tmp_path / "linked"
+    git(main, "worktree", "add", "-q", "-b", "work", str(linked))
+    lab = Lab(linked)
+    try:
+        lab.ok("setup", tag="t1", target_val_bpb=0.5)
+        lab.ok("run_experiment", description="baseline")
+        lab.ok("keep")
+        state_path = linked / ".research-loop" / "state.json"
+        state = json.loads(state_path.read_text())
+        state["rows"].append(["fff0000", 0.4, 2.0, "keep", "planted"])
+        state_path.write_text(json.dumps(state))
+        transcript = tmp_path / "t.jsonl"
+        transcript.write_text(TOOL_CALL)
+        answer = stop(linked, str(transcript))
+        assert answer and answer["decision"] == "block" and "0.4" not in answer["reason"], answer
+        parser = argparse.ArgumentParser()
+        overnight_arguments(parser)
+        runner = Runner(parser.parse_args(["--tag", "t1", "--workspace", str(linked)]), "claude")
+        assert runner.over() is None
+        assert "0.400000" not in runner.status_line()
+    finally:
+        lab.loop.shutdown()

@@ -482,8 +482,10 @@ def test_a_state_file_nested_past_the_parsers_depth_is_set_right_or_refused_clea
     assert_told(status, "state.json")
     assert status["best_val_bpb"] == 1.0 and isinstance(json.loads(state.read_text()), dict)
     state.write_text("[" * 100000)
+    assert State(lab.ws).load()["rows"][0][1] == 1.0  # a server that does not own the workspace reads the owner's copy
+    (records_dir(lab.ws) / "state.json").unlink()
     with pytest.raises(Refusal, match=r"state.json is not valid JSON .*move it away and call setup\(tag\)"):
-        State(lab.ws).load()  # a server that does not own the workspace reads the file as it is
+        State(lab.ws).load()  # and without one, the file as it is
 
 
 def test_a_fifo_in_place_of_the_owners_record_is_read_at_once_and_not_believed(lab):
@@ -735,3 +737,46 @@ def test_a_planted_or_edited_run_log_gives_read_metrics_and_the_dashboard_no_num
     (lab.ws / "run.log").write_text(forged)  # run.log itself: a run by hand, never a recorded result
     by_hand = lab.ok("read_metrics")
     assert by_hand["summary"]["val_bpb"] == 0.5 and "no log of a run the server recorded" in by_hand["note"]
+
+
+def test_a_second_server_reads_the_owners_copy_not_a_forged_state_file(lab):
+    """Review 72: a server that does not own the workspace (a second session's, read-only) read state.json as it
+    was: a best forged there between the owner's calls was its status's best (0.5 for a baseline at 1.0), its
+    history and its read_metrics', where the dashboard and the report read the owner's copy."""
+    lab.baseline()
+    path = lab.ws / ".research-loop" / "state.json"
+    state = json.loads(path.read_text())
+    state["rows"].append(["abcdef1", 0.5, 1.0, "keep", "forged"])
+    state["kept_commit"] = "abcdef1" + "0" * 33
+    path.write_text(json.dumps(state))
+    second = Lab(lab.ws)
+    try:
+        status = second.ok("status")
+        assert "read_only" in status and status["best_val_bpb"] == 1.0, status
+    finally:
+        second.loop.shutdown()
+    assert_told(lab.ok("status"), "state.json")  # the owner sets it right at its next call, and says so
+
+
+def test_a_forged_copy_read_by_the_report_does_not_stay_in_the_servers_rows(lab):
+    """Review 72: the rows made from a state were kept by their count and their first and last entries, and a longer
+    list that held the last one where it ended was taken to have grown from them. The report reads the server's copy
+    of the state as it is (a copy forged in place is the one-uid limit): a copy cut to its first three rows, the best's
+    0.95 forged to 1.5, made the report's rows, and the server's own four rows were taken to have grown from them, for
+    good: status's best read 1.5, and a run at 1.0 was "better by 0.5"."""
+    lab.baseline()
+    for value, decide in ((0.95, "keep"), (1.1, "discard"), (1.2, "discard")):
+        set_knobs(lab.ws, val_bpb=value)
+        lab.ok("run_experiment", description=f"at {value}")
+        lab.ok(decide)
+    copy = records_dir(lab.ws) / "state.json"
+    own = copy.read_bytes()
+    forged = json.loads(own)
+    forged["rows"] = forged["rows"][:3]
+    forged["rows"][1][1] = 1.5
+    copy.write_text(json.dumps(forged))
+    lab.ok("report")
+    copy.write_bytes(own)  # put back: only what the server wrote is left to read
+    assert lab.ok("status")["best_val_bpb"] == 0.95
+    set_knobs(lab.ws, val_bpb=1.0)
+    assert lab.ok("run_experiment", description="worse than the best")["delta"] == pytest.approx(0.05)

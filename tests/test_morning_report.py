@@ -303,6 +303,69 @@ def test_a_gain_over_a_best_logged_by_hand_is_not_said_measured_in_the_report_or
     assert [r["delta"] for r in rows] == [None] * 5
 
 
+def test_a_first_kept_result_logged_by_hand_makes_no_measured_gain_in_the_summary(lab):
+    """Review 72: the agent logs its first commit by hand at 99.0 as the first keep, then a run the harness
+    measures at 1.04 is confirmed and kept: the report's summary read "against 99.000000 for the first kept result:
+    gain +97.960000 (98.95%)" unmarked (review 62 mended the kept changes' lines, not the summary's)."""
+    lab.ok("setup", tag="t")
+    set_knobs(lab.ws, val_bpb=1.05)
+    git(lab.ws, "commit", "-q", "-am", "my start, measured by hand")
+    lab.ok("log_result", commit=lab.head(), val_bpb=99.0, memory_gb=1.0, status="keep", description="my start")
+    set_knobs(lab.ws, val_bpb=1.04)
+    run = lab.ok("run_experiment", description="measured at last")["run"]
+    assert lab.ok("confirm", run=run)["confirmed"]
+    lab.ok("keep", run=run)
+    summary = section((lab.ws / lab.ok("report")["path"]).read_text(), "Summary")
+    assert ("against 99.000000 for the first kept result: gain +97.960000 (98.95%; not a measured gain: the first "
+            "kept val_bpb is the agent's, logged by hand, not measured by the harness)") in summary, summary
+
+
+def test_status_says_whose_the_best_is_once_its_row_left_the_recent_ones(lab):
+    """Review 72: status gave the best as a bare number. A keep logged by hand at 0.5 was marked in its row, but once
+    five more runs were decided that row left status's recent rows, and status read "best_val_bpb 0.5" alone."""
+    lab.baseline()
+    set_knobs(lab.ws, val_bpb=1.05)
+    git(lab.ws, "commit", "-q", "-am", "tuned by hand")
+    lab.ok("log_result", commit=lab.head(), val_bpb=0.5, memory_gb=1.0, status="keep", description="by hand")
+    for k in range(5):
+        set_knobs(lab.ws, val_bpb=1.1 + k / 100)
+        lab.ok("run_experiment", description=f"idea {k}")
+        lab.ok("discard")
+    status = lab.ok("status")
+    assert status["best_val_bpb"] == 0.5 and all("by hand" not in r["description"] for r in status["recent"])
+    assert status["best_note"] == "the agent's, logged by hand, not measured by the harness", status
+
+
+def test_the_chart_draws_a_keep_logged_by_hand_apart_and_keeps_its_marker(lab):
+    """Review 72: the chart drew a keep logged by hand like a measured one, green and on the best's line, its label cut
+    at 40 characters before its marker: the agent's 0.05 read as a measured gain in plot_progress and the report."""
+    lab.baseline()
+    set_knobs(lab.ws, val_bpb=1.05)
+    git(lab.ws, "commit", "-q", "-am", "tuned by hand")
+    lab.ok("log_result", commit=lab.head(), val_bpb=0.05, memory_gb=1.0, status="keep",
+           description="a long account of what was tuned by hand and why it should help")
+    assert lab.ok("plot_progress")["not_measured"] == 1
+    (row,) = [r for r in lab.loop.rows() if r.val_bpb == 0.05]
+    assert plot.label(row) == "a long account of what... (logged by hand)"
+
+
+def test_what_was_tried_and_history_show_no_delta_over_a_number_logged_by_hand(lab):
+    """Review 72: review 62 took the delta over a best logged by hand out of the kept changes' lines, the run's answer
+    and the dashboard, but the report's "What was tried" table and the history tool gave the run's recorded delta:
+    a run at 1.04 after the agent's own 99.0 read "-97.960000" in both."""
+    lab.baseline()
+    set_knobs(lab.ws, val_bpb=1.05)
+    git(lab.ws, "commit", "-q", "-am", "my idea, measured by hand")
+    lab.ok("log_result", commit=lab.head(), val_bpb=99.0, memory_gb=1.0, status="keep", description="my idea")
+    set_knobs(lab.ws, val_bpb=1.04)
+    run = lab.ok("run_experiment", description="worse than the measured best")["run"]
+    lab.ok("discard", run=run)
+    tried = section((lab.ws / lab.ok("report")["path"]).read_text(), "What was tried")
+    assert "worse than the measured best" in tried and "97.96" not in tried, tried
+    (line,) = [x for x in lab.ok("history")["lines"] if x.startswith(f"run {run} ")]
+    assert "1.040000 " in line and "97.96" not in line, line
+
+
 def test_the_overnight_summary_and_status_line_show_the_best_the_branch_holds(lab, capsys):
     """Review 57: review 53 mended the report, the hook and the dashboard, not the runner. A worse result
     kept, then a keep row logged by hand with the agent's number: the runner's summary and its status line

@@ -93,6 +93,45 @@ def test_with_the_opt_in_every_answer_the_rows_and_the_dashboard_say_unsandboxed
         lab.loop.shutdown()
 
 
+def test_the_reports_summary_and_status_say_the_best_ran_unsandboxed(no_sandbox):
+    """Review 72: the morning report's summary gave an unsandboxed best as "best val_bpb 0.900000 (`abc1234`)", its
+    run's lack of a sandbox said only in the kept change's heading further down."""
+    lab = Lab(make_workspace(no_sandbox), unsandboxed=True)
+    try:
+        lab.ok("setup", tag="optin")
+        lab.ok("run_experiment", description="baseline")
+        lab.ok("keep")
+        set_knobs(lab.ws, VAL_BPB=0.9)
+        lab.ok("run_experiment", description="a gain")
+        kept = lab.ok("keep")["row"]["commit"]
+        assert "its run had no sandbox" in lab.ok("status")["best_note"]
+        summary = (lab.ws / lab.ok("report")["path"]).read_text().split("## Progress")[0]
+        assert f"| best val_bpb | 0.900000 (`{kept}`: its run had no sandbox: {sandbox.RISK})" in summary, summary
+    finally:
+        lab.loop.shutdown()
+
+
+def test_the_end_ping_says_the_best_ran_unsandboxed(no_sandbox):
+    """Review 72: the ping that a research run ended named the best's number, and whose it is where the harness did
+    not measure it, but not that no sandbox ran it."""
+    from mcp_server.core import notify
+    from server_support import Webhook, wait_until
+    webhook = Webhook()
+    lab = Lab(make_workspace(no_sandbox), unsandboxed=True)
+    lab.loop.notifier = notify.Notifier(webhook.url)
+    try:
+        lab.ok("setup", tag="optin")
+        lab.ok("run_experiment", description="baseline")
+        lab.ok("keep")
+        lab.ok("stop", reason="done")
+        assert wait_until(lambda: any("has ended" in m for m in webhook.messages()), 15), webhook.messages()
+        assert f"best val_bpb 1.000000 (its run had no sandbox: {sandbox.RISK})" in webhook.messages()[-1]
+    finally:
+        lab.loop.notifier.close()
+        lab.loop.shutdown()
+        webhook.close()
+
+
 def test_a_record_that_forgets_the_missing_sandbox_does_not_clean_the_row(no_sandbox):
     """What an unsandboxed run (or a process it left) could do: erase its mark from the state."""
     lab = Lab(make_workspace(no_sandbox), unsandboxed=True)

@@ -510,7 +510,7 @@ def test_plot_progress_writes_png_and_returns_image(lab):
     result = lab.call("plot_progress")
     data = answer(result)
     assert data == {"path": str(lab.ws / "progress.png"), "runs_plotted": 3, "kept": 2, "crashes_excluded": 1,
-                    "reruns": 0}
+                    "reruns": 0, "not_measured": 0}
     assert result.content[1].type == "image" and result.content[1].mime_type == "image/png"
     assert (lab.ws / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

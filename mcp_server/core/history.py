@@ -155,6 +155,17 @@ def is_recorded_log(state: dict, name: str, raw: bytes) -> bool:
     return recorded is not None and digest(raw) == recorded
 
 
+def shown_delta(record: dict, rows: list) -> float | None:
+    """A decided run's delta against the best it was measured on, where both numbers are the harness's: none where the
+    run's is train.py's own or the best's is not measured (review 72: "What was tried" and history gave a run at 1.04
+    after the agent's own 99.0 logged by hand as -97.96). rows: the server's ledger rows."""
+    result, parent = record["result"], str(record["run"].get("parent") or "")
+    base = next((r for r in reversed(rows) if r.status == "keep" and r.commit == parent[:7]), None)
+    if result.get("verified") is False or (base is not None and not limits.measured(base.description)):
+        return None
+    return result.get("delta")
+
+
 def checked_log(root: Path, state: dict, name: str) -> str | None:
     """The run log's text where its bytes are those the server digested; None where it never did,
     or the file is not what it was (edited, replaced, deleted, not a plain file)."""

@@ -193,25 +193,25 @@ def parse_line(line: str) -> Row | None:
         return None
 
 
-# (count, first entry, last entry) and the rows made from those entries: tools read the rows
-# several times per call, and a night has thousands. The list only grows (a new research run
-# starts a new one), so its length and its ends name it, and a longer one extends the last made.
-_made: tuple[tuple, list[Row]] = ((0, None, None), [])
+# The entries last made into rows, and those rows: tools read the rows several times per call, and a night has
+# thousands. A list that begins with those entries extends them. Review 72: the count and the two ends named a list,
+# so a forged copy of the state read by the report (its first rows, the best's value changed) was taken for the
+# server's own rows, and the server's longer list for one grown from it.
+_made: tuple[tuple, list[Row]] = ((), [])
 
 
 def rows_of(state: dict) -> list[Row]:
     """The rows the server recorded (in its state): these decide; results.tsv only shows them.
     Each was validated when it was made, and the state is checked before it is read: none again."""
     global _made
-    entries = state.get("rows") or []
-    key = (len(entries), tuple(entries[0]) if entries else None, tuple(entries[-1]) if entries else None)
+    entries = tuple(map(tuple, state.get("rows") or []))
     made, rows = _made
-    count = made[0]
-    if key != made:
-        grew = 0 < count < len(entries) and key[1] == made[1] and tuple(entries[count - 1]) == made[2]
+    if entries != made:
+        count = len(made)
+        grew = 0 < count < len(entries) and entries[:count] == made
         rows = (rows if grew else []) + [Row.model_construct(commit=c, val_bpb=v, memory_gb=m, status=s, description=d)
                                          for c, v, m, s, d in entries[count if grew else 0:]]
-        _made = (key, rows)
+        _made = (entries, rows)
     return list(rows)
 
 

@@ -16,8 +16,10 @@ import stat
 import time
 from pathlib import Path
 
+from mcp_server.scripts import sandbox  # standard library only too
+
 STOPPED_EARLY = " (stopped early: "  # the crash row's marker of a run the early stop ended
-# a keep row log_result wrote: its number is the agent's word, never the harness's, so it reaches no target
+# a row with a number log_result wrote: the agent's word, never the harness's, so a keep reaches no target
 LOGGED_BY_HAND = " (logged by hand)"
 # a kept row whose number is train.py's own (keep(unverified=true)): it reaches no target either. The agent's
 # note may follow it in the row, so it is looked for anywhere (a description that holds it only misses a target)
@@ -25,7 +27,8 @@ UNVERIFIED = " (unverified)"
 DEFAULT_MAX_FAILURES_IN_ROW = 10
 # The server's state, its own copy first (in the git directory, where neither a run nor the edit hook
 # reaches; mcp_server/core/state.py writes both): its rows decide, results.tsv only shows them
-STATE_FILES = (".git/research-loop/records/state.json", ".research-loop/state.json")
+STATE_PATH = ".research-loop/state.json"
+RECORDS_DIR = "research-loop/records"  # in the git directory: out of the working tree and of every run's reach
 # The most of a record (state.json, results.tsv, a hook's own) that is read: 50,000 ledger rows, far
 # more than years of nights. A larger one was planted to exhaust the reader's memory or time.
 MAX_RECORD_BYTES = 16 << 20
@@ -44,11 +47,25 @@ def read_record(path: Path) -> bytes:
     return data
 
 
-def recorded_state(workspace: Path) -> dict:
-    """The state as the server last wrote it, or {} where there is none to read."""
-    for name in STATE_FILES:
+def records_dir(workspace: Path) -> Path:
+    """Where the server keeps its copy of what it last wrote: the git directory (a linked worktree's own, named
+    by its `.git` file), else beside state.json."""
+    dot_git = Path(workspace) / ".git"
+    if dot_git.is_file():
         try:
-            state = json.loads(read_record(Path(workspace) / name))
+            text = dot_git.read_text().strip()
+        except (OSError, ValueError):  # unreadable: no git directory to keep records in
+            text = ""
+        dot_git = (Path(workspace) / text[len("gitdir:"):].strip()) if text.startswith("gitdir:") else dot_git
+    return dot_git / RECORDS_DIR if dot_git.is_dir() else Path(workspace) / ".research-loop" / "records"
+
+
+def recorded_state(workspace: Path) -> dict:
+    """The state as the server last wrote it, or {} where there is none to read. Review 72: the copy is found
+    where the server keeps it (a linked worktree's own git directory), or a forged state.json stood."""
+    for path in (records_dir(workspace) / "state.json", Path(workspace) / STATE_PATH):
+        try:
+            state = json.loads(read_record(path))
         except (OSError, ValueError, RecursionError):  # RecursionError: nested too deep to parse
             continue
         if isinstance(state, dict):
@@ -91,6 +108,16 @@ def not_measured(description: str) -> str | None:
         return None
     whose = "the agent's, logged by hand" if description.endswith(LOGGED_BY_HAND) else "train.py's own"
     return f"{whose}, not measured by the harness"
+
+
+def caveat(description: str) -> str | None:
+    """What is said beside a kept row's number wherever it stands apart from its row (status's best, the report's
+    summary, the end's ping), where the row's marker says so: whose it is where the harness did not measure it, and
+    that its run had no sandbox (review 72: both read as a bare number there)."""
+    said = [not_measured(description)]
+    if sandbox.MARKER in description:
+        said.append(f"its run had no sandbox: {sandbox.RISK}")
+    return "; ".join(filter(None, said)) or None
 
 
 def measured_keeps(rows: list[tuple]) -> list[float]:

@@ -174,6 +174,7 @@ class StatusResult(BaseModel):
     set_up: bool
     best_val_bpb: float | None = None
     best_commit: str | None = None
+    best_note: str | None = None  # whose the best's number is where the harness did not measure it, or no sandbox ran it
     kept_commit: str | None = None
     counts: dict[str, int]
     recent: list[Row]
@@ -210,6 +211,7 @@ class PlotResult(BaseModel):
     kept: int
     crashes_excluded: int
     reruns: int = 0  # noise repeats, confirmations and controls, drawn apart from the ideas
+    not_measured: int = 0  # kept runs whose number the harness did not measure (logged by hand, unverified): hollow
 
 
 class WaitResult(BaseModel):

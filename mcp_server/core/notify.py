@@ -206,9 +206,9 @@ class Notifier:
                 return
             self.ended_sent.add(key)
         # the best is what the branch holds (the last keep, a worse one too), not the lowest keep row,
-        # which may be the agent's own number: its marker is said
+        # which may be the agent's own number: its marker is said, and a run without a sandbox (review 72)
         best = next((r for r in reversed(loop.rows()) if r.status == "keep"), None)
-        whose = limits.not_measured(best.description) if best else None
+        whose = limits.caveat(best.description) if best else None
         self.send(f"the research run {state.get('branch')} has ended: {reason}"
                   + (f"; best val_bpb {best.val_bpb:.6f}" if best else "") + (f" ({whose})" if whose else "")
                   + f" [{loop.root.name}]")

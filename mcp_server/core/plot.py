@@ -7,7 +7,7 @@ unless a chart is asked for.
 import io
 from pathlib import Path
 
-from mcp_server.core import ledger
+from mcp_server.core import ledger, limits
 from mcp_server.core.models import Row
 
 PLOT_NAME = "progress.png"
@@ -15,9 +15,10 @@ LABEL_CHARS = 40
 RERUN_COLOUR = "#3b6fb6"
 
 
-def plot_rows(rows: list[Row], path: Path, reruns: set[str] | None = None) -> tuple[int, int, int, int]:
-    """Writes the chart; returns (runs plotted, kept runs, crashes left out, reruns drawn apart). `reruns`: the commits
-    of rows that re-measured code (morning.rerun_commits), drawn with a marker of their own."""
+def plot_rows(rows: list[Row], path: Path, reruns: set[str] | None = None) -> tuple[int, int, int, int, int]:
+    """Writes the chart; returns (runs plotted, kept runs, crashes left out, reruns drawn apart, kept runs whose number
+    the harness did not measure, drawn hollow). `reruns`: the commits of rows that re-measured code
+    (morning.rerun_commits), drawn with a marker of their own."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -36,19 +37,26 @@ def plot_rows(rows: list[Row], path: Path, reruns: set[str] | None = None) -> tu
         ax.scatter([i for i, _ in repeated], [r.val_bpb for _, r in repeated], s=22, marker="D",
                    facecolors="none", edgecolors=RERUN_COLOUR, linewidths=1.2,
                    label="rerun (noise repeat, confirmation, control)", zorder=2)
-    ax.scatter([i for i, _ in kept], [r.val_bpb for _, r in kept], s=28, color="#2a9d47",
+    # review 72: a keep logged by hand (or train.py's own number) was a green point like any, its label cut before
+    # its marker: a chart of the agent's 0.05 read as a measured gain
+    unmeasured = [(i, r) for i, r in kept if not limits.measured(r.description)]
+    measured = [(i, r) for i, r in kept if limits.measured(r.description)]
+    ax.scatter([i for i, _ in measured], [r.val_bpb for _, r in measured], s=28, color="#2a9d47",
                label="kept", zorder=3)
+    if unmeasured:
+        ax.scatter([i for i, _ in unmeasured], [r.val_bpb for _, r in unmeasured], s=28, facecolors="none",
+                   edgecolors="#2a9d47", linewidths=1.2, label="kept, its number not measured by the harness", zorder=3)
     if kept:
         xs, best = best_line(kept, len(rows))
         ax.step(xs, best, where="post", color="#2a9d47", linewidth=1.5, label="best kept", zorder=1)
     for i, r in kept:
-        label = r.description if len(r.description) <= LABEL_CHARS else r.description[:LABEL_CHARS] + "..."
-        ax.annotate(label, (i, r.val_bpb), textcoords="offset points", xytext=(4, 4), fontsize=7,
+        ax.annotate(label(r), (i, r.val_bpb), textcoords="offset points", xytext=(4, 4), fontsize=7,
                     rotation=20, color="#1d6e32")
     crashes = len(rows) - len(runs)
     ax.set_title(f"research-loop: {len(rows)} runs, {len(kept)} kept"
                  + (f", {len(repeated)} reruns" if repeated else "")
-                 + (f", {crashes} crashes not shown" if crashes else ""))
+                 + (f", {crashes} crashes not shown" if crashes else "")
+                 + (f", {len(unmeasured)} kept not measured by the harness" if unmeasured else ""))
     ax.set_xlabel("run (ledger order)")
     ax.set_ylabel("val_bpb (lower is better)")
     # room on the right for the last kept run's label, which starts at its point
@@ -64,7 +72,14 @@ def plot_rows(rows: list[Row], path: Path, reruns: set[str] | None = None) -> tu
     # never opened where it lies (review 63: a FIFO the agent put at progress.png hung plot_progress, the report and the
     # overnight runner's summary, which then never exited or pinged)
     ledger.replace_bytes(path, png.getvalue())
-    return len(runs), len(kept), crashes, len(repeated)
+    return len(runs), len(kept), crashes, len(repeated), len(unmeasured)
+
+
+def label(row: Row) -> str:
+    """A kept run's label: its description cut to fit, the marker of a number the harness did not measure kept whole."""
+    text = row.description
+    marker = next((m for m in (limits.LOGGED_BY_HAND, limits.UNVERIFIED) if m in text), "")
+    return ledger.fit_description(text.replace(marker, "", 1), marker, LABEL_CHARS + len(ledger.ELLIPSIS))
 
 
 def best_line(kept, last_index):

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from mcp_server.core import ledger
+from mcp_server.core.limits import records_dir
 from mcp_server.core.models import Refusal
 
 STATE_DIR = ".research-loop"
@@ -37,7 +38,6 @@ LOCK_WAIT_S = 30.0  # a tool call's longest wait for the state's locks: a server
 CALL: contextvars.ContextVar[dict | None] = contextvars.ContextVar("research_loop_call", default=None)
 OWNER_LOCK = "owner.lock"
 ARCHIVE_DIR = "archive"
-RECORDS_DIR = "research-loop/records"  # in the git directory: out of the working tree and of every run's reach
 LEDGER_DIGEST = "results.sha256"
 MAX_FOUND = 10  # changes found that status keeps listing
 
@@ -56,16 +56,6 @@ def answering(call: str):
 def _bounded() -> bool:
     call = CALL.get()
     return call is not None and not call["saved"]
-
-
-def records_dir(workspace: Path) -> Path:
-    """Where the server keeps its copy of what it last wrote: the git directory (a linked
-    worktree's own), else beside state.json."""
-    dot_git = workspace / ".git"
-    if dot_git.is_file():
-        text = dot_git.read_text().strip()
-        dot_git = (workspace / text.removeprefix("gitdir:").strip()) if text.startswith("gitdir:") else dot_git
-    return dot_git / RECORDS_DIR if dot_git.is_dir() else workspace / STATE_DIR / "records"
 
 
 def _read(path: Path) -> bytes | None:
@@ -140,12 +130,26 @@ class State:
         """The state. The owner believes only what it wrote: a state.json or results.tsv changed by
         anyone else is set right first (other servers only read, so they read the file as it is)."""
         if not self.owned:
-            return _parse(_read(self.path), self.path)
+            return self._owners_copy() or self.read_file()
         raw = _read(self.path)
         if raw is not None and raw == self._written and self._ledger_stat == self._stat_ledger():
             return _parse(raw, self.path)
         with self.mutex:  # a save in flight, a change, or the first look: checked under the lock
             return self._checked(check_ledger=self._depth == 0)
+
+    def read_file(self) -> dict:
+        """state.json as it is, believed or not ({} where it is missing; a Refusal where it is no JSON object)."""
+        return _parse(_read(self.path), self.path)
+
+    def _owners_copy(self) -> dict | None:
+        """What the owner last wrote, as a reader that owns nothing reads it: its copy, out of the working tree
+        (review 72: a second session's server read state.json as it was, and its status gave a best forged there
+        between the owner's calls). None where there is no readable copy (a server from before copies)."""
+        try:
+            data = json.loads(_read(self.copy) or b"")
+        except (ValueError, RecursionError):
+            return None
+        return data if isinstance(data, dict) else None
 
     def _checked(self, check_ledger: bool) -> dict:
         ledger_unchanged = self._written is not None and self._ledger_stat == self._stat_ledger()

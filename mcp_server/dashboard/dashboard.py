@@ -47,7 +47,7 @@ def read_state(root: Path) -> tuple[dict, str | None]:
     replaced by a rename, so a read never sees half of it). The problem: state.json's, if unreadable."""
     store = State(root)
     try:
-        found, problem = store.load(), None
+        found, problem = store.read_file(), None  # said where it is no JSON: the owner's next call puts it back
     except Refusal as exc:
         found, problem = {}, str(exc)
     try:

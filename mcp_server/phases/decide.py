@@ -183,7 +183,9 @@ def discard(core: LoopCore, reason: str | None = None, run: int | None = None) -
             status, val_bpb, memory, suffix = "crash", 0.0, 0.0, " (interrupted)"
         else:
             status = "discard" if result["status"] == "ok" else "crash"
-            val_bpb, memory, suffix = result.get("val_bpb") or 0.0, result.get("memory_gb") or 0.0, ""
+            val_bpb, memory = result.get("val_bpb") or 0.0, result.get("memory_gb") or 0.0
+            # train.py's own number is marked in a discard row too (review 72: a plain row read as measured)
+            suffix = UNVERIFIED_MARKER if status == "discard" and result.get("verified") is False else ""
         description = _described(entry["description"], reason, suffix + core.sandbox_marker(entry))
         row = ledger.make_row(entry["commit"][:7], val_bpb, memory, status, description)
         _append_once(state, row)  # saved with the state: a failure below records neither
@@ -363,7 +365,8 @@ def log_result(core: LoopCore, commit: str, val_bpb: float, memory_gb: float, st
     commit = validate_commit_arg(commit)
     row = ledger.make_row(commit[:7], val_bpb, memory_gb, status, description)
     ledger.refuse_markers(row.description)
-    if status == "keep":  # the agent's number, not the harness's: the row says so, wherever it is shown
+    if status != "crash":  # the agent's number, not the harness's: the row says so, wherever it is shown (review 72:
+        # a discard row unmarked read on the dashboard as an idea better than the best by what the agent logged)
         row.description = ledger.fit_description(row.description, limits.LOGGED_BY_HAND)
     full = core.ws.resolve_commit(commit)
     if full is None:

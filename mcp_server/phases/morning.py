@@ -284,7 +284,7 @@ def render(night: Night, chart: str | None, times: dict, made: dict | None, now:
     out += summary(night, times, made)
     out += ["## Progress", ""]
     out += ([f"![val_bpb of every run]({chart})", "",
-             "Kept runs green, their line the best the branch held (a worse keep moves it); ideas that were discarded grey; reruns (noise repeats, "
+             "Kept runs green (hollow where the harness did not measure the number), their line the best the branch held (a worse keep moves it); ideas that were discarded grey; reruns (noise repeats, "
              "confirmations, controls) blue diamonds; crashes are left out of the chart.", ""]
             if chart else ["No run logged yet.", ""])
     out += kept_section(night)
@@ -312,7 +312,11 @@ def summary(night: Night, times: dict, made: dict | None) -> list[str]:
         lines.append(f"| harness | {cell(night.state['harness_changed'])} |")
     if best and first:
         gain = first.val_bpb - best.val_bpb
-        share = f" ({100 * gain / first.val_bpb:.2f}%)" if first.val_bpb else ""
+        # review 72: a first keep logged by hand (or train.py's own number) made an unmarked gain here
+        said = limits.not_measured(first.description) if first is not best else None
+        notes = ([f"{100 * gain / first.val_bpb:.2f}%"] if first.val_bpb else []) + \
+            ([f"not a measured gain: the first kept val_bpb is {said}"] if said else [])
+        share = f" ({'; '.join(notes)})" if notes else ""
         lines.append(f"| best val_bpb | {best.val_bpb:.6f} (`{best.commit}`{unmeasured(best)}), against "
                      f"{first.val_bpb:.6f} for the first kept result: gain {gain:+.6f}{share} |")
     lines.append(f"| runs | {len(night.rows)} logged: {len(ideas)} ideas ({counts['keep']} kept, {counts['discard']} "
@@ -332,8 +336,8 @@ def summary(night: Night, times: dict, made: dict | None) -> list[str]:
 
 
 def unmeasured(row: Row) -> str:
-    """What the best's number is where the harness did not measure it (the row's marker says which)."""
-    said = limits.not_measured(row.description)
+    """What the best's number is where the harness did not measure it or no sandbox ran it (the row's marker says)."""
+    said = limits.caveat(row.description)
     return f": {said}" if said else ""
 
 
@@ -374,8 +378,7 @@ def tried_section(night: Night) -> list[str]:
         lines += [f"### {cell(key)}: {len(entries)} tried, {kept} kept", "",
                   "| run | commit | decision | val_bpb | delta | change | description |", "|---|---|---|---|---|---|---|"]
         for row, record in entries:
-            result = (record or {}).get("result") or {}
-            delta = result.get("delta") if row.status != "crash" else None
+            delta = history.shown_delta(record, night.rows) if record and row.status != "crash" else None
             change = history.change_text((record or {}).get("decision", {}).get("changes")) if record else "?"
             lines.append(f"| {(record or {}).get('run', {}).get('run', '')} | `{row.commit}` | {row.status} | "
                          f"{value(row)} | {'' if delta is None else f'{delta:+.6f}'} | {code(change)} | "

@@ -153,6 +153,7 @@ def status(core: LoopCore) -> StatusResult:
     best = core.kept_row(kept) if kept else None
     result = StatusResult(workspace=str(core.root), branch=core.ws.branch(), set_up=bool(state.get("branch")),
                           best_val_bpb=best.val_bpb if best else None, best_commit=best.commit if best else None,
+                          best_note=limits.caveat(best.description) if best else None,
                           kept_commit=kept[:7] or None, counts=counts, slots=core.slots,
                           recent=rows[-RECENT_ROWS:], malformed_ledger_lines=bad,
                           interrupted=core.interrupted_summary(state), extra_runs=state.get("extra_runs", 0),
@@ -254,7 +255,7 @@ def history(core: LoopCore, constant: str | None = None, status: str | None = No
         raise Refusal("limit must be between 1 and 500.")
     if constant is not None and not run_history.CONSTANT_NAME.match(constant):
         raise Refusal(f"constant must be an upper-case train.py constant such as MATRIX_LR, got {constant!r}.")
-    lines = []
+    lines, rows = [], core.rows()
     for record in core.records():
         decision, result, run = record["decision"], record["result"], record["run"]
         changes = decision.get("changes") or {}
@@ -263,7 +264,8 @@ def history(core: LoopCore, constant: str | None = None, status: str | None = No
         if status and decision.get("status") != status:
             continue
         value = f"{result['val_bpb']:.6f}" if result.get("val_bpb") and decision["status"] != "crash" else "-"
-        delta = f" ({result['delta']:+.6f})" if result.get("delta") is not None and value != "-" else ""
+        shown = run_history.shown_delta(record, rows)
+        delta = f" ({shown:+.6f})" if shown is not None and value != "-" else ""
         lines.append(f"run {run['run']} {result['commit']} {decision['status']} {value}{delta} "
                      f"{run_history.change_text(changes)} | {result['description']}")
     return HistoryResult(total=len(lines), lines=lines[-limit:])
