@@ -177,11 +177,12 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05):
+    """The predicate's first true value within the timeout, else its last (false) one."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if predicate():
-            return True
+        if found := predicate():
+            return found
         time.sleep(interval)
     return predicate()
 

@@ -18,8 +18,8 @@ def killing_the_server_when_run_trains(ws, run: int) -> threading.Thread:
         return entry if entry and entry["status"] == "running" and (ws / entry["report"]).exists() else None
 
     def kill():
-        if wait_until(running, 60):
-            os.killpg(running()["server_pid"], signal.SIGKILL)  # stdio's server leads its own session
+        if entry := wait_until(running, 60):  # the entry seen running: read again, the run may have ended since
+            os.killpg(entry["server_pid"], signal.SIGKILL)  # stdio's server leads its own session
     killer = threading.Thread(target=kill)
     killer.start()
     return killer
@@ -140,8 +140,9 @@ def test_another_ideas_confirmation_on_an_unjudged_order_does_not_skip_it(fake_e
                 answers[6] = answer(await call("confirm", {"run": 6, "pairs": 2}))
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(other)
-                while "run 7" not in (answer(await call("status", {})).get("running") or ""):
-                    await anyio.sleep(0.2)
+                with anyio.fail_after(120):  # a failure, not a hang, where run 7 ended unseen
+                    while "run 7" not in (answer(await call("status", {})).get("running") or ""):
+                        await anyio.sleep(0.2)
                 answers[3] = answer(await call("confirm", {"run": 3}))  # run 9
             return answers
     answers = anyio.run(after_the_restart)
