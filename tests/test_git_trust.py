@@ -6,6 +6,7 @@ program would touch a marker; the marker never appears and what the server check
 archives is byte for byte the commit's blob."""
 import os
 import shutil
+from pathlib import Path
 
 from mcp_server.core.workspace import NEUTRAL_ATTRIBUTES, Workspace
 from mcp_server.executors import cluster
@@ -108,6 +109,24 @@ def test_the_overnight_plugin_copy_is_rebuilt_so_nothing_planted_in_it_loads(tmp
     assert not (copy / "tool.py").is_symlink() and (copy / "tool.py").read_bytes() == blob(ws, "HEAD", "tool.py")
     assert not (copy / "sitecustomize.py").exists() and not list(copy.rglob("evil.pth"))
     assert not marker.exists(), "the agent's hook ran"
+
+
+def test_the_overnight_plugin_copy_is_made_in_a_linked_worktrees_own_git_folder(tmp_path):
+    """A workspace that is a linked worktree (`git worktree add`: its .git is a file): the copy is made in its
+    own git folder, not under a `.git/` that cannot hold one (review 72)."""
+    from mcp_server.overnight.overnight import plugin_copy
+    main, linked = tmp_path / "main", tmp_path / "linked"
+    main.mkdir()
+    (main / "pyproject.toml").write_text('[project]\nname = "p"\nversion = "0"\nrequires-python = ">=3.10"\n'
+                                         'dependencies = []\n')
+    git(main, "init", "-q", "-b", "main")
+    git(main, "add", ".")
+    git(main, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "plugin")
+    git(main, "worktree", "add", "-q", "-b", "night", str(linked))
+    copy = plugin_copy(linked)
+    assert copy == Path(git(linked, "rev-parse", "--absolute-git-dir").strip()) / "research-loop" / "plugin"
+    assert (copy / "pyproject.toml").read_bytes() == blob(linked, "HEAD", "pyproject.toml")
+    assert (copy / ".venv").is_dir()
 
 
 def test_the_cluster_code_folder_is_made_afresh_whatever_was_left_at_its_path(lab, tmp_path):

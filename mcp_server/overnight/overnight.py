@@ -141,8 +141,9 @@ def plugin_copy(workspace: Path, track: str | None = None, commit: str = "HEAD")
     """A worktree of `commit` inside .git with its environment synced, rebuilt from nothing: whatever was
     planted in the last one (a changed or symlinked file, a .pth or sitecustomize in its .venv, its
     .git file pointed at another repository) is gone before the session's server loads it."""
-    copy = workspace / ".git" / "research-loop" / "plugin"
     repo = HarnessGit(str(workspace))  # no hook, filter or other program of the agent's runs here
+    # the workspace's own git directory: a linked worktree's .git is a file naming it
+    copy = Path(repo.rev_parse("--absolute-git-dir")) / "research-loop" / "plugin"
     head = repo.rev_parse("--verify", f"{commit}^{{commit}}")
     if copy.is_symlink() or copy.is_file():
         copy.unlink()
