@@ -747,11 +747,9 @@ os.write(int(sys.argv[sys.argv.index("--out-fd") + 1]), json.dumps({"val_bpb": v
 """
 
 
-def test_a_rerun_the_harness_did_not_evaluate_confirms_nothing_and_measures_no_noise(fake_env):
-    """Review 52: where the harness evaluates exports, a rerun whose train.py exported nothing is unverified, its
-    val_bpb train.py's own, and confirm and measure_noise took it as a measurement. A train.py that exports only on
-    the usual data order (a rerun is told its order) had a gain at half the best's speed confirmed by the numbers
-    it printed on its reruns (0.79 beside the best's 1.003), and could pick its own noise."""
+def evaluating_lab(fake_env):
+    """A fake-trainer workspace whose harness evaluates exports (EVALUATOR): a run that exports (EXPORT = 1) is
+    measured, one that exports nothing is train.py's own number (verified false)."""
     from server_support import Lab, git, make_workspace
     ws = make_workspace(fake_env, "VAL_BPB = 1.0\nEXPORT = 1\nORDER_EFFECT = 0.003\n")
     (ws / "nanochat" / "evaluate_export.py").write_text(EVALUATOR)
@@ -760,7 +758,16 @@ def test_a_rerun_the_harness_did_not_evaluate_confirms_nothing_and_measures_no_n
     git(ws, "commit", "-q", "-m", "a harness that evaluates exports")
     # trained by a venv without torch: a harness run's interpreter imports torch before its run (warm_train.py)
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(fake_env / "venv")], check=True)
-    lab = Lab(ws, train_command=[str(fake_env / "venv" / "bin" / "python"), "fake_train.py"])
+    return Lab(ws, train_command=[str(fake_env / "venv" / "bin" / "python"), "fake_train.py"])
+
+
+def test_a_rerun_the_harness_did_not_evaluate_confirms_nothing_and_measures_no_noise(fake_env):
+    """Review 52: where the harness evaluates exports, a rerun whose train.py exported nothing is unverified, its
+    val_bpb train.py's own, and confirm and measure_noise took it as a measurement. A train.py that exports only on
+    the usual data order (a rerun is told its order) had a gain at half the best's speed confirmed by the numbers
+    it printed on its reruns (0.79 beside the best's 1.003), and could pick its own noise."""
+    lab = evaluating_lab(fake_env)
+    ws = lab.ws
     try:
         answer(lab.call("setup", tag="t"))
         base = answer(lab.call("run_experiment", description="baseline"))
@@ -775,5 +782,25 @@ def test_a_rerun_the_harness_did_not_evaluate_confirms_nothing_and_measures_no_n
         answer(lab.call("keep", unconfirmed=True))
         refused = lab.refused("measure_noise", repeats=2)
         assert "Too few successful repeats (0)" in refused and "unverified repeat" in refused, refused
+    finally:
+        lab.loop.shutdown()
+
+
+def test_train_pys_own_number_is_not_judged_against_the_noise_nor_kept_as_beyond_it(fake_env):
+    """Review 74: with the best measured and the noise known, a train.py that exports nothing printed 0.5: its answer
+    read "better by 0.500000, beyond noise", and keep(unverified=true) recorded "beyond the noise" as its evidence (the
+    ping, the report and the pull request's commit said it), a measured verdict on a number nothing measured."""
+    lab = evaluating_lab(fake_env)
+    try:
+        answer(lab.call("setup", tag="t"))
+        assert answer(lab.call("run_experiment", description="baseline"))["verified"]
+        answer(lab.call("keep"))
+        assert answer(lab.call("measure_noise", repeats=2))["noise"]["threshold"] > 0
+        set_knobs(lab.ws, VAL_BPB=0.5, EXPORT=0)
+        result = answer(lab.call("run_experiment", description="exports nothing"))
+        assert result["verified"] is False and "beyond" not in result["noise"], result
+        assert "not measured by the harness" in result["noise"], result
+        kept = answer(lab.call("keep", unverified=True))
+        assert "beyond" not in kept["evidence"] and "train.py's own" in kept["evidence"], kept
     finally:
         lab.loop.shutdown()

@@ -9,7 +9,7 @@ import pytest
 from mcp_server.core import plot
 from mcp_server.dashboard.dashboard_http import DashboardServer
 from mcp_server.phases import morning
-from server_support import Lab, answer, exporting_workspace, make_workspace, set_knobs, stdio_client_for
+from server_support import Lab, answer, exporting_workspace, git, make_workspace, set_knobs, stdio_client_for
 
 TOKEN = "browser-test-token"
 SCREENSHOT = "dashboard.png"
@@ -142,6 +142,27 @@ def test_the_charts_best_line_is_what_the_branch_holds(lab, browser):
         last_keep = page.evaluate("[...document.querySelectorAll('#chart circle.point.keep')].pop().getAttribute('cy')")
         line = page.evaluate("document.querySelector('#chart polyline.best').getAttribute('points')")
         assert float(line.split()[-1].split(",")[1]) == pytest.approx(float(last_keep))
+    finally:
+        page.close()
+        server.close()
+
+
+def test_the_pages_chart_draws_a_keep_logged_by_hand_apart_and_keeps_its_marker(lab, browser):
+    """Review 74: review 72 drew a keep logged by hand hollow in the report's chart, not on the page's: there the
+    agent's 0.05 was a filled green point like a measured keep, its label cut at 34 characters before its marker."""
+    lab.baseline()
+    set_knobs(lab.ws, val_bpb=1.05)
+    git(lab.ws, "commit", "-q", "-am", "tuned by hand")
+    lab.ok("log_result", commit=lab.head(), val_bpb=0.05, memory_gb=1.0, status="keep",
+           description="a long account of what was tuned by hand and why it should help")
+    page, server = browser.new_page(), DashboardServer(lab.ws, 0, None).start()
+    try:
+        page.goto(server.url)
+        page.wait_for(f"{count('#chart circle.point.keep')} === 2")
+        assert page.evaluate(count("#chart circle.point.keep.unmeasured")) == 1
+        labels = page.evaluate("[...document.querySelectorAll('#chart text.label')].map((t) => t.textContent)")
+        assert labels[-1].endswith(" (logged by hand)"), labels
+        assert page.evaluate(f"({text_of('#chart')}).includes('kept, not measured by the harness')")
     finally:
         page.close()
         server.close()

@@ -320,6 +320,19 @@ def test_a_first_kept_result_logged_by_hand_makes_no_measured_gain_in_the_summar
             "kept val_bpb is the agent's, logged by hand, not measured by the harness)") in summary, summary
 
 
+def test_a_best_logged_by_hand_makes_no_measured_gain_in_the_summary(lab):
+    """Review 74: review 72 marked the summary's gain where the first kept result was logged by hand, not where the
+    best was: after a measured baseline at 1.0, the agent's keep logged by hand at 0.05 read "gain +0.950000 (95.00%)"
+    as a bare number (the best's marker said only beside the best)."""
+    lab.baseline()
+    set_knobs(lab.ws, val_bpb=1.05)
+    git(lab.ws, "commit", "-q", "-am", "tuned by hand")
+    lab.ok("log_result", commit=lab.head(), val_bpb=0.05, memory_gb=1.0, status="keep", description="tuned")
+    summary = section((lab.ws / lab.ok("report")["path"]).read_text(), "Summary")
+    assert ("gain +0.950000 (95.00%; not a measured gain: the best val_bpb is the agent's, logged by hand, not "
+            "measured by the harness)") in summary, summary
+
+
 def test_status_says_whose_the_best_is_once_its_row_left_the_recent_ones(lab):
     """Review 72: status gave the best as a bare number. A keep logged by hand at 0.5 was marked in its row, but once
     five more runs were decided that row left status's recent rows, and status read "best_val_bpb 0.5" alone."""

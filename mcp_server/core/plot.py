@@ -75,11 +75,12 @@ def plot_rows(rows: list[Row], path: Path, reruns: set[str] | None = None) -> tu
     return len(runs), len(kept), crashes, len(repeated), len(unmeasured)
 
 
-def label(row: Row) -> str:
-    """A kept run's label: its description cut to fit, the marker of a number the harness did not measure kept whole."""
+def label(row: Row, chars: int = LABEL_CHARS) -> str:
+    """A kept run's label: its description cut to fit, the marker of a number the harness did not measure kept whole
+    (the dashboard's chart too, with its own width)."""
     text = row.description
     marker = next((m for m in (limits.LOGGED_BY_HAND, limits.UNVERIFIED) if m in text), "")
-    return ledger.fit_description(text.replace(marker, "", 1), marker, LABEL_CHARS + len(ledger.ELLIPSIS))
+    return ledger.fit_description(text.replace(marker, "", 1), marker, chars + len(ledger.ELLIPSIS))
 
 
 def best_line(kept, last_index):

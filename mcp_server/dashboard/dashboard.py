@@ -16,7 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from mcp_server.core import cost, history, ledger, limits, logparse
+from mcp_server.core import cost, history, ledger, limits, logparse, plot
 from mcp_server.phases.runs import LOG_TAIL_BYTES, RUNS_DIR, unsandboxed_marker
 from mcp_server.core.models import Refusal
 from mcp_server.core.state import State, process_alive
@@ -25,6 +25,7 @@ from mcp_server.core.workspace import GIT_ENV, NO_AGENT_CODE
 CURVE_POINTS = 240  # of a loss curve sent to the page: enough for its width
 LOG_CURVE_BYTES = 4 << 20  # of a log read for its curve (an H100 run's progress lines take ~150 kB)
 MALFORMED_CHARS = 200  # of a malformed ledger line shown as it is
+LABEL_CHARS = 34  # of a kept run's label on the chart, its marker aside
 MAX_DIFF_CHARS = 200_000
 GIT_TIMEOUT_S = 10
 FULL_COMMIT = re.compile(r"[0-9a-f]{40,64}")
@@ -116,6 +117,8 @@ def ledger_view(root: Path) -> dict:
             "changes": history.change_text(changes) if changes else None,
             # a kept number the harness did not measure, said apart: the marker ends a description the page cuts
             "not_measured": limits.not_measured(row.description) if row.status == "keep" else None,
+            # the chart's label: cut before its marker, never through it (review 74: the page cut at 34 characters)
+            "label": plot.label(row, LABEL_CHARS) if row.status == "keep" else None,
             # no delta from or to a number the harness did not measure (review 62: after the agent's own 99.0 was
             # logged by hand, a worse run read as a gain of 97.96)
             "delta": round(row.val_bpb - best, 6) if best is not None and row.status != "crash"

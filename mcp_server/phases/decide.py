@@ -148,6 +148,9 @@ def _keep_evidence(entry: dict, estimate: dict | None, unconfirmed: bool, base: 
         return f"kept unconfirmed on request: {need}"
     if result.get("delta") is None:
         return "the first result of the research run"
+    if result.get("verified") is False:  # review 74: "beyond the noise" was said of train.py's own number
+        return ("kept unverified on request: its val_bpb is train.py's own, not measured by the harness, so no noise "
+                "judged it")
     if not estimate:
         return "noise not measured: measure_noise() tells whether gains like this are real"
     return "beyond the noise" if result["delta"] < 0 else "not better than the best: kept on request"

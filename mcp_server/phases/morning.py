@@ -312,10 +312,12 @@ def summary(night: Night, times: dict, made: dict | None) -> list[str]:
         lines.append(f"| harness | {cell(night.state['harness_changed'])} |")
     if best and first:
         gain = first.val_bpb - best.val_bpb
-        # review 72: a first keep logged by hand (or train.py's own number) made an unmarked gain here
-        said = limits.not_measured(first.description) if first is not best else None
+        # review 72: a first keep logged by hand (or train.py's own number) made an unmarked gain here; review 74: so
+        # did a best logged by hand, its marker said beside the best but the gain to it a bare number
+        whose = [f"the {which} val_bpb is {said}" for which, row in (("first kept", first), ("best", best))
+                 if first is not best and (said := limits.not_measured(row.description))]
         notes = ([f"{100 * gain / first.val_bpb:.2f}%"] if first.val_bpb else []) + \
-            ([f"not a measured gain: the first kept val_bpb is {said}"] if said else [])
+            ([f"not a measured gain: {'; '.join(whose)}"] if whose else [])
         share = f" ({'; '.join(notes)})" if notes else ""
         lines.append(f"| best val_bpb | {best.val_bpb:.6f} (`{best.commit}`{unmeasured(best)}), against "
                      f"{first.val_bpb:.6f} for the first kept result: gain {gain:+.6f}{share} |")

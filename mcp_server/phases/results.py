@@ -146,6 +146,12 @@ def _result(core: LoopCore, entry: dict, text: str, report: dict | None, slot: s
         result.noise = (f"{'better' if result.delta < 0 else 'worse' if result.delta > 0 else 'equal'} by "
                         f"{abs(result.delta):.6f} than the best's val_bpb {base.val_bpb:.6f}, which is {whose}: "
                         "not compared with the noise")
+    elif result.verified is False and result.delta is not None:
+        # review 74: train.py's own number (no export to evaluate) read "better by 0.5, beyond noise" in the answer, on
+        # the dashboard's card and, once kept, as its evidence in the ping, the report and the pull request's commit
+        result.noise = (f"{'better' if result.delta < 0 else 'worse' if result.delta > 0 else 'equal'} by "
+                        f"{abs(result.delta):.6f} by train.py's own number, not measured by the harness: "
+                        "not compared with the noise")
     if result.noise is None:  # naming the model only matters once estimates are kept per model
         result.noise = noise.verdict(result.delta, estimate, result.device if state.get("noise_by_device") else None)
     result.next = "keep() if it is better beyond noise, else discard()"

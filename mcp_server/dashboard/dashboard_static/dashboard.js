@@ -4,7 +4,6 @@
 
 const SVG_NS = "http://www.w3.org/2000/svg";
 const CHART = { width: 960, height: 380, left: 70, right: 20, top: 20, bottom: 40 };
-const LABEL_CHARS = 34;
 const SPARK = { width: 320, height: 70 };
 
 const state = { ledger: null, filter: "all", openDiffs: new Set(), openTails: new Set(), fetched: new Map() };
@@ -123,7 +122,8 @@ function renderChart(rows, noise) {
       ? svg("path", { d: cross(X(row.x), CHART.height - CHART.bottom - 6), class: "point crash" })
       : row.rerun && row.status === "discard"  // a measurement, not an idea that failed: a marker of its own
         ? svg("path", { d: diamond(X(row.x), Y(row.val_bpb)), class: "point rerun" })
-        : svg("circle", { cx: X(row.x), cy: Y(row.val_bpb), r: row.status === "keep" ? 5 : 3.5, class: `point ${row.status}` });
+        : svg("circle", { cx: X(row.x), cy: Y(row.val_bpb), r: row.status === "keep" ? 5 : 3.5,
+          class: `point ${row.status}${row.not_measured ? " unmeasured" : ""}` });  // hollow: no measured gain
     point.dataset.commit = row.commit;
     point.addEventListener("mouseenter", () => showTip(point, row));
     point.addEventListener("mouseleave", () => { $("tip").hidden = true; });
@@ -131,25 +131,27 @@ function renderChart(rows, noise) {
     if (row.status === "keep" && valued.includes(row)) {
       const x = X(row.x) + 7, y = Y(row.val_bpb) - 7;
       chart.append(svg("text", { x, y, class: "label", transform: `rotate(-18 ${x} ${y})` },
-        short(row.description, LABEL_CHARS)));
+        row.label));  // cut by the server, a marker of a number the harness did not measure kept whole
     }
   }
-  drawLegend(chart);
+  drawLegend(chart, measured.some((r) => r.not_measured));
 }
 
 const LEGEND = [["keep", "kept"], ["discard", "discarded idea"], ["rerun", "rerun (noise, confirmation, control)"],
   ["crash", "crash"], ["best", "best kept"]];
 
-function drawLegend(chart) {
+function drawLegend(chart, unmeasured) {
   const x = CHART.width - CHART.right - 236, top = CHART.top + 4;
+  const entries = unmeasured ? [LEGEND[0], ["keep unmeasured", "kept, not measured by the harness"], ...LEGEND.slice(1)]
+    : LEGEND;
   const legend = svg("g", { class: "legend" });
-  legend.append(svg("rect", { x: x - 8, y: top - 2, width: 244, height: LEGEND.length * 16 + 6, class: "legend-box" }));
-  LEGEND.forEach(([kind, text], i) => {
+  legend.append(svg("rect", { x: x - 8, y: top - 2, width: 244, height: entries.length * 16 + 6, class: "legend-box" }));
+  entries.forEach(([kind, text], i) => {
     const cx = x + 6, cy = top + 10 + i * 16;
     const mark = kind === "best" ? svg("line", { x1: cx - 6, y1: cy, x2: cx + 6, y2: cy, class: "mark best" })
       : kind === "crash" ? svg("path", { d: cross(cx, cy), class: "mark crash" })
         : kind === "rerun" ? svg("path", { d: diamond(cx, cy), class: "mark rerun" })
-          : svg("circle", { cx, cy, r: kind === "keep" ? 5 : 3.5, class: `mark ${kind}` });
+          : svg("circle", { cx, cy, r: kind.startsWith("keep") ? 5 : 3.5, class: `mark ${kind}` });
     legend.append(mark, svg("text", { x: x + 18, y: cy + 4, class: "legend-text", "data-kind": kind }, text));
   });
   chart.append(legend);
