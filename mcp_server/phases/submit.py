@@ -82,14 +82,14 @@ def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments:
         source_pin = envpin.pin_sources(pythons, walk) if pythons else None
         seq = state.get("seq", 0) or _last_run_number(core)
         harness_changed = harness_change(core, state, fingerprint)
-        cache_fingerprint = integrity.cache_fingerprint()
-        carried = measurements.carried(state, fingerprint, cache_fingerprint)  # other arithmetic or data: shelved
+        cache_fingerprint, pins = integrity.cache_fingerprint(), integrity.input_pins()
+        carried = measurements.carried(state, fingerprint, cache_fingerprint, pins)  # other arithmetic or data: shelved
         state.clear()
         core.fresh_records.clear()  # the earlier research run's records vouch for nothing here
         state.update({"tag": tag, "branch": branch, "kept_commit": ws.head(), "fingerprint": fingerprint,
                       "cache_fingerprint": cache_fingerprint, "seq": seq, "runs": {}, "rows": [], "noise": None,
                       "limits": chosen, "started_at": time.time(), "early_stop": early_stop_runs,
-                      "input_pins": integrity.input_pins(), "environment_pin": environment_pin,
+                      "input_pins": pins, "environment_pin": environment_pin,
                       "evaluator_pin": evaluator_pin,
                       "startup_pin": startup_pin,
                       "source_pin": source_pin,
