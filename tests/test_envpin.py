@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from envpin_support import edit_through_a_link
-from server_support import Lab, make_workspace
+from server_support import Lab, git, make_workspace
 
 
 @pytest.fixture
@@ -654,3 +654,35 @@ def test_a_folder_moved_into_a_watched_environment_is_watched_too(tmp_path):
         assert watch.generation() > moved_in and str(site / "pkg" / "lib" / "kernels.so") in watch.since(moved_in)
     finally:
         os.close(watch.fd)
+
+
+def test_measurements_in_an_environment_set_up_again_are_no_controls(venv_lab, monkeypatch):
+    """Review 73: the values a setup carries went with the harness and the prepared data alone. The agent edited an
+    installed module of the training environment (every later number moves), which refuses every run until a setup
+    (`uv sync --reinstall` and a new setup, the refusal says), and set up a new tag on it: the best's value on data
+    order 1 from the old environment stood as the control of the idea's rerun in the new one, with no run of it.
+    Values go with the environments setup pinned too; a setup on the same environment keeps them."""
+    monkeypatch.setenv("AUTORESEARCH_BUDGET_CLOCK", "flops")
+    monkeypatch.setenv("FAKE_FLOPS_CLOCK", "1")
+    lab, site = venv_lab
+    luck = "ORDER_EFFECT = 0.0001\nORDER_LUCK = 0.002\n"
+    (lab.ws / "train.py").write_text("VAL_BPB = 1.0\n" + luck)
+    git(lab.ws, "commit", "-qam", "the best")
+    lab.baseline()
+    (lab.ws / "train.py").write_text("VAL_BPB = 0.999\n" + luck)
+    lab.ok("run_experiment", description="an idea")
+    lab.ok("confirm", pairs=1)  # order 1: the best rerun
+    lab.ok("discard")
+    for tag, change in (("same-environment", None), ("edited-environment", edit_module)):
+        if change:
+            change(site)
+        lab.ok("setup", tag=tag)
+        lab.ok("run_experiment", description="baseline")
+        lab.ok("keep")
+        (lab.ws / "train.py").write_text("VAL_BPB = 0.999\n" + luck + f"# reworded for {tag}\n")  # held to order 1
+        lab.ok("run_experiment", description="the idea, reworded")
+        again = lab.ok("confirm", pairs=1)
+        lab.ok("discard")
+        if not change:
+            assert again.get("reused") and again["extra_runs"] == 1, again  # the same environment: the value stands
+    assert not again.get("reused") and again["extra_runs"] == 2, again  # the old environment's control without the fix

@@ -257,3 +257,36 @@ def test_two_confirmations_of_one_run_at_once_measure_it_once(fake_env):
         assert "did not hold in an earlier confirmation (it lost by +0.000500)" in again["next"], again
     finally:
         lab.loop.shutdown()
+
+
+def test_measurements_on_a_shard_rewritten_at_its_size_are_no_controls(fake_env, monkeypatch):
+    """Review 73: the values a setup carries went with the harness and the prepared data's fingerprint, which holds the
+    shards' names and sizes only. The agent rewrote a train shard at its size (other text: every run's number moves),
+    which stops every run until a setup, and set up a new tag: the best's value on data order 1 from the old text
+    stood as the control of the idea's rerun on the new, with no run of it. Values go with the shards' content too;
+    a shard written again with the same bytes (prepare run again) keeps them."""
+    cache = Path(os.environ["AUTORESEARCH_CACHE"])
+    (cache / "data").mkdir()
+    shard = cache / "data" / "shard_00000.parquet"
+    shard.write_bytes(b"first text")
+    lab = flops_lab(fake_env, monkeypatch)
+    try:
+        lab.baseline()  # run 1
+        (lab.ws / "train.py").write_text(IDEA)
+        answer(lab.call("run_experiment", description="an idea"))  # run 2
+        answer(lab.call("confirm", pairs=1))  # order 1: the best rerun (run 3)
+        answer(lab.call("discard"))
+        for tag, data in (("same-text", b"first text"), ("other-text", b"other text")):
+            shard.write_bytes(data)  # the same size: the fingerprint as it was
+            answer(lab.call("setup", tag=tag))
+            answer(lab.call("run_experiment", description="baseline"))
+            answer(lab.call("keep"))
+            (lab.ws / "train.py").write_text(IDEA + f"# reworded for {tag}\n")  # a pair not judged yet: order 1
+            answer(lab.call("run_experiment", description="the idea, reworded"))
+            again = answer(lab.call("confirm", pairs=1))
+            answer(lab.call("discard"))
+            if tag == "same-text":
+                assert again.get("reused") and again["extra_runs"] == 1, again  # the same text: the value stands
+        assert not again.get("reused") and again["extra_runs"] == 2, again  # the old text's control without the fix
+    finally:
+        lab.loop.shutdown()

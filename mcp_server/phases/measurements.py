@@ -7,6 +7,8 @@ measurements as controls. The noise estimate itself is noise.estimate's; this mo
 Imports the core (runs) only.
 """
 import contextlib
+import hashlib
+import json
 
 from mcp_server.core import ledger, limits, noise
 from mcp_server.core.models import NoiseEstimate, Refusal, RunResult
@@ -32,22 +34,37 @@ VALUES = ("measured", "reruns")  # of CARRIED, the values themselves: controls o
 # them left them}: review 68, a harness edit set up and undone, or the cache prepared again and back, dropped every lost
 # pair and held order and began the counter at 1 again
 SHELVED = "shelved_measurements"
+# what setup records that values measured depend on beside the harness: the data and the environments runs and the
+# evaluator import from
+MEASURED_WITH = ("cache_fingerprint", "input_pins", "environment_pin", "evaluator_pin", "startup_pin", "source_pin")
 
 
-def carried(state: dict, fingerprint: str, cache_fingerprint: str | None) -> dict:
+def carried(state: dict, fingerprint: str, setup: dict) -> dict:
     """What a setup on this harness and prepared data carries from the research runs before it: the values measured
     by the last one on both (a value measured on other data, its shelf keyed by the harness alone, would stand as a
     control against one measured on these: review 68), and the pairs judged, the orders begun and held and the
     counter of the last one on this harness, whatever its data (review 71: a newline appended to the cache's
     prepared.json made the same data another fingerprint, and a setup on it forgot a lost pair); the others shelved
-    until a setup is on theirs again."""
+    until a setup is on theirs again. `setup`: the new state's MEASURED_WITH."""
     shelved = dict(state.get(SHELVED) or {})
     if state.get("fingerprint"):
-        shelved[f"{state['fingerprint']} {state.get('cache_fingerprint')}"] = _of(state, VALUES)
+        shelved[_measured_with(state["fingerprint"], state)] = _of(state, VALUES)
         shelved[state["fingerprint"]] = _of(state, [k for k in CARRIED if k not in VALUES])
-    values, rest = shelved.pop(f"{fingerprint} {cache_fingerprint}", {}), shelved.pop(fingerprint, None)
+    values, rest = shelved.pop(_measured_with(fingerprint, setup), {}), shelved.pop(fingerprint, None)
     own = values if rest is None else _of(values, VALUES) | rest  # a shelf from before review 71 holds both
     return own | ({SHELVED: shelved} if shelved else {})
+
+
+def _measured_with(fingerprint: str, record: dict) -> str:
+    """A values shelf's key: the harness, the prepared data's fingerprint and what setup pinned of the data's content
+    and of the environments (review 73: the fingerprint holds the shards' names and sizes only, so a train shard
+    rewritten at its size, or an installed module edited, each refusing every run until a setup, carried the best's
+    values as controls onto the runs that read the new), not the data's stat, which a prepare run again moves."""
+    pins = record.get("input_pins") or {}
+    content = _of(record, MEASURED_WITH) | {"input_pins": {k: v for k, v in pins.items() if k != "data"}
+                                            | {"data": (pins.get("data") or {}).get("sha256")}}
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+    return f"{fingerprint} {digest}"
 
 
 def _of(record: dict, keys) -> dict:

@@ -82,20 +82,18 @@ def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments:
         source_pin = envpin.pin_sources(pythons, walk) if pythons else None
         seq = state.get("seq", 0) or _last_run_number(core)
         harness_changed = harness_change(core, state, fingerprint)
-        cache_fingerprint = integrity.cache_fingerprint()
-        carried = measurements.carried(state, fingerprint, cache_fingerprint)  # other arithmetic or data: shelved
+        measured_with = {"cache_fingerprint": integrity.cache_fingerprint(), "input_pins": integrity.input_pins(),
+                         "environment_pin": environment_pin, "evaluator_pin": evaluator_pin,
+                         "startup_pin": startup_pin, "source_pin": source_pin}
+        carried = measurements.carried(state, fingerprint, measured_with)  # other arithmetic, data or environment
         state.clear()
         core.fresh_records.clear()  # the earlier research run's records vouch for nothing here
         state.update({"tag": tag, "branch": branch, "kept_commit": ws.head(), "fingerprint": fingerprint,
-                      "cache_fingerprint": cache_fingerprint, "seq": seq, "runs": {}, "rows": [], "noise": None,
+                      "seq": seq, "runs": {}, "rows": [], "noise": None,
                       "limits": chosen, "started_at": time.time(), "early_stop": early_stop_runs,
-                      "input_pins": integrity.input_pins(), "environment_pin": environment_pin,
-                      "evaluator_pin": evaluator_pin,
-                      "startup_pin": startup_pin,
-                      "source_pin": source_pin,
                       "harness_changed": harness_changed,
                       history.DIGESTS: {}, history.LOG_DIGESTS: {}}  # none yet: never a state from before digests (dispatch.take_over)
-                     | carried)
+                     | measured_with | carried)
     return SetupResult(branch=branch, base_commit=ws.head()[:7], ledger=ledger.LEDGER_NAME,
                        fingerprint=fingerprint, archived_ledger=archived,
                        limits=limits.left({"limits": chosen}, []), early_stop=early_stop.describe(state),
