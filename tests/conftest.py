@@ -32,12 +32,13 @@ signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # The test files that take 10 s or more, slowest first (CI's junit times at stop 45 on 2 cores: test_comparable.py
 # 381 s ... test_cost.py 13 s; test_loop_properties.py early, as its random nights took 72 s in one run and 333 s in
-# another). They are handed to the two workers in this order (pyproject's --no-loadscope-reorder keeps it), so that
-# the suite never ends on a long file running alone while the other worker has nothing left; the quick files left
-# out follow in the alphabet's order.
+# another; test_confirmations.py, split out of test_comparable.py at stop 47, holds most of that file's time). They
+# are handed to the two workers in this order (pyproject's --no-loadscope-reorder keeps it), so that the suite never
+# ends on a long file running alone while the other worker has nothing left; the quick files left out follow in the
+# alphabet's order.
 SLOWEST_FIRST = (
-    "test_comparable.py", "test_warm_start.py", "test_compile.py", "test_server_e2e.py", "test_demo.py",
-    "test_loop_properties.py", "test_envpin.py", "test_cluster_ray.py", "test_overnight.py", "test_tracking.py",
+    "test_comparable.py", "test_warm_start.py", "test_compile.py", "test_confirmations.py", "test_server_e2e.py",
+    "test_demo.py", "test_loop_properties.py", "test_envpin.py", "test_cluster_ray.py", "test_overnight.py", "test_tracking.py",
     "test_prepare.py", "test_device_check.py", "test_slot_copy.py", "test_sweep.py", "test_never_stuck.py",
     "test_server_tools.py", "test_wandb_tracking.py", "test_ledger_trust.py", "test_slots.py", "test_trusted_import.py",
     "test_cluster_slurm.py", "test_morning_report.py", "test_server_stdio.py", "test_killed_measurements.py",
