@@ -159,17 +159,23 @@ def test_a_prepared_record_edited_to_no_effect_forgets_no_lost_pair(fake_env, mo
         lab.loop.shutdown()
 
 
+def the_best_rerun_beside_a_discarded_idea(lab) -> None:
+    """The baseline (run 1), an idea (run 2) confirmed on data order 1 beside the best's rerun (run 3), discarded:
+    the best's value on order 1 is filed for a later confirmation to reuse."""
+    lab.baseline()
+    (lab.ws / "train.py").write_text(IDEA)
+    answer(lab.call("run_experiment", description="an idea"))
+    answer(lab.call("confirm", pairs=1))
+    answer(lab.call("discard"))
+
+
 def test_measurements_on_other_prepared_data_are_no_controls(fake_env, monkeypatch):
     """Review 68: a setup on the same harness carried the best's reruns, filed by harness and code alone, onto a cache
     prepared again with other data: the best's value on data order 1 from the old data stood as the control of the
     idea's rerun on the new, with no run of it. Measurements are carried by harness and prepared data."""
     lab = flops_lab(fake_env, monkeypatch)
     try:
-        lab.baseline()  # run 1
-        (lab.ws / "train.py").write_text(IDEA)
-        answer(lab.call("run_experiment", description="an idea"))  # run 2
-        answer(lab.call("confirm", pairs=1))  # order 1: the best rerun (run 3)
-        answer(lab.call("discard"))
+        the_best_rerun_beside_a_discarded_idea(lab)
         cache = Path(os.environ["AUTORESEARCH_CACHE"])
         (cache / "data").mkdir()
         (cache / "data" / "shard_00000.parquet").write_bytes(b"other data")  # prepared again
@@ -271,11 +277,7 @@ def test_measurements_on_a_shard_rewritten_at_its_size_are_no_controls(fake_env,
     shard.write_bytes(b"first text")
     lab = flops_lab(fake_env, monkeypatch)
     try:
-        lab.baseline()  # run 1
-        (lab.ws / "train.py").write_text(IDEA)
-        answer(lab.call("run_experiment", description="an idea"))  # run 2
-        answer(lab.call("confirm", pairs=1))  # order 1: the best rerun (run 3)
-        answer(lab.call("discard"))
+        the_best_rerun_beside_a_discarded_idea(lab)
         for tag, data in (("same-text", b"first text"), ("other-text", b"other text")):
             shard.write_bytes(data)  # the same size: the fingerprint as it was
             answer(lab.call("setup", tag=tag))
