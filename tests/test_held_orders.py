@@ -227,6 +227,14 @@ def test_a_started_pair_keeps_its_values_when_a_confirmation_beside_it_reruns_th
         judged = lab.loop.state.load()[PAIRS]
         assert judged[_pair_key(lab.loop, entry)]["2"] == [1.0, 1.0005], judged
         assert judged[_pair_key(lab.loop, other)]["2"] == [1.0, 0.99], judged
+
+        # review 75: a pair noted by stop 46's server (keyed by its control's run, five items), its sides filed after an
+        # upgrade, was read in the new shape and recorded with one value, and every later confirm of the pair failed
+        with lab.loop.state.transaction() as state:
+            state["pairs_started"]["501"] = [_pair_key(lab.loop, entry), 3, 502, None, None]
+        filed(501, entry["parent"], 1.0, order=3)
+        filed(502, entry["commit"], 1.0005, order=3)
+        assert lab.loop.state.load()[PAIRS][_pair_key(lab.loop, entry)]["3"] == [1.0, 1.0005]
     finally:
         lab.loop.shutdown()
 
@@ -292,3 +300,16 @@ def test_measurements_on_a_shard_rewritten_at_its_size_are_no_controls(fake_env,
         assert not again.get("reused") and again["extra_runs"] == 2, again  # the old text's control without the fix
     finally:
         lab.loop.shutdown()
+
+
+def test_a_shelf_filed_by_the_last_version_gives_back_its_pairs_orders_and_counter_not_its_values():
+    """Review 75: stop 46's server shelved a research run under "<harness> <cache fingerprint>", both parts together;
+    the new key never matched it, so a setup after an upgrade forgot its lost pair, held orders and counter."""
+    from mcp_server.phases.measurements import carried
+    before = {"judged_pairs": {"k": {"3": [1.0, 1.0005]}}, "held_orders": [1, 2, 3], "data_orders": 3,
+              "measured": {"code": {"1": {"val_bpb": 1.0, "run": 2}}}}
+    state = {"fingerprint": "B", "shelved_measurements": {"A cacheA": before}}
+    back = carried(state, "A", {"cache_fingerprint": "cacheA"})
+    assert (back["judged_pairs"], back["held_orders"], back["data_orders"]) == (before["judged_pairs"], [1, 2, 3], 3), back
+    assert "measured" not in back and "A cacheA" not in back.get("shelved_measurements", {}), back
+

@@ -51,8 +51,10 @@ def carried(state: dict, fingerprint: str, setup: dict) -> dict:
         shelved[_measured_with(state["fingerprint"], state)] = _of(state, VALUES)
         shelved[state["fingerprint"]] = _of(state, [k for k in CARRIED if k not in VALUES])
     values, rest = shelved.pop(_measured_with(fingerprint, setup), {}), shelved.pop(fingerprint, None)
-    own = values if rest is None else _of(values, VALUES) | rest  # a shelf from before review 71 holds both
-    return own | ({SHELVED: shelved} if shelved else {})
+    before = shelved.pop(f"{fingerprint} {setup.get('cache_fingerprint')}", None)  # stop 46's shelf: both parts
+    if rest is None and before is not None:  # its pairs, orders and counter; not its values (measured with what?)
+        rest = _of(before, [k for k in CARRIED if k not in VALUES])
+    return _of(values, VALUES) | (rest or {}) | ({SHELVED: shelved} if shelved else {})
 
 
 def _measured_with(fingerprint: str, record: dict) -> str:
@@ -165,7 +167,8 @@ def _filed_pairs(core: LoopCore, state: dict, entry: dict) -> dict[str, tuple[fl
     (the flops clock's) make a pair, and a pair recorded stands over them (review 69: the wall clock's values, filed
     at different times, made a pair once the server was started again on the flops clock, and a later unlucky control
     turned a recorded lost pair into a won one)."""
-    recorded = {o: tuple(p) for o, p in ((state.get(PAIRS) or {}).get(_pair_key(core, entry)) or {}).items()}
+    recorded = {o: tuple(p) for o, p in ((state.get(PAIRS) or {}).get(_pair_key(core, entry)) or {}).items()
+                if len(p) == 2}
     control, candidate = (_measurements_of(core, state, commit) for commit in (entry["parent"], entry["commit"]))
     return {str(o): (control[o]["val_bpb"], candidate[o]["val_bpb"]) for o in control.keys() & candidate.keys()
             if one_model(control[o].get("device"), candidate[o].get("device"))} | recorded
@@ -232,7 +235,11 @@ def _judge_started(state: dict, run: int | None = None, measured: dict | None = 
     one GPU model, as judged (PAIRS). A pair keeps its own values: a confirmation beside it that reruns the best on
     the same order files its value in place of the pair's control (review 69)."""
     started = state.get(SIDE_BY_SIDE) or {}
-    for name, (key, order, control, candidate, *values) in list(started.items()):
+    for name, noted in list(started.items()):
+        if len(noted) == 5:  # noted by stop 46's server: {the control's run: [key, order, candidate, its two values]}
+            del started[name]
+            noted, name = [noted[0], noted[1], int(name), *noted[2:]], f"{noted[0]} {noted[1]}"
+        key, order, control, candidate, *values = noted
         sides = [measured if side == run else value for side, value in zip((control, candidate), values)]
         started[name] = [key, order, control, candidate, *sides]
         if None not in sides:
