@@ -682,3 +682,30 @@ def test_train_pys_own_number_is_not_judged_against_the_noise_nor_kept_as_beyond
         assert "beyond" not in kept["evidence"] and "train.py's own" in kept["evidence"], kept
     finally:
         lab.loop.shutdown()
+
+
+def test_train_pys_own_small_gain_is_not_sent_to_confirm_nor_kept_as_within_the_noise(fake_env):
+    """Review 75: a small gain of train.py's own number (it exported nothing) was sent to confirm, whose reruns export
+    nothing either, so no pair could ever be judged: keep(unverified=true) was refused as "needs confirming", and with
+    unconfirmed=true its evidence named the noise thresholds, a measured verdict on a number nothing measured."""
+    lab = evaluating_lab(fake_env)
+    try:
+        answer(lab.call("setup", tag="t"))
+        assert answer(lab.call("run_experiment", description="baseline"))["verified"]
+        answer(lab.call("keep"))
+        threshold = answer(lab.call("measure_noise", repeats=2))["noise"]["threshold"]
+        set_knobs(lab.ws, VAL_BPB=1.0 - threshold / 2, EXPORT=0)  # well within 3 thresholds
+        result = answer(lab.call("run_experiment", description="a small gain, exported nothing"))
+        n = result["run"]
+        assert result["verified"] is False and result["confirm_first"] is None, result
+        assert result["next"].startswith(f"keep(run={n}, unverified=true)") and "confirm" not in result["next"], result
+        assert answer(lab.call("status"))["next"].startswith(f"keep(run={n}, unverified=true)")
+        kept = answer(lab.call("keep", unverified=True))
+        assert kept["evidence"].startswith("kept unverified on request"), kept
+        set_knobs(lab.ws, VAL_BPB=1.0 - threshold, EXPORT=0)
+        assert answer(lab.call("run_experiment", description="a smaller one"))["confirm_first"] is None
+        kept = answer(lab.call("keep", unverified=True, unconfirmed=True))
+        assert "threshold" not in kept["evidence"] and "noise" in kept["evidence"], kept  # "no noise judged it"
+        assert "beyond" not in kept["evidence"], kept
+    finally:
+        lab.loop.shutdown()

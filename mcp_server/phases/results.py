@@ -155,6 +155,9 @@ def _result(core: LoopCore, entry: dict, text: str, report: dict | None, slot: s
     if result.noise is None:  # naming the model only matters once estimates are kept per model
         result.noise = noise.verdict(result.delta, estimate, result.device if state.get("noise_by_device") else None)
     result.next = "keep() if it is better beyond noise, else discard()"
+    if result.verified is False:  # keep refuses it without the flag, and no noise judges it (review 75)
+        result.next = (f"keep(run={entry['run']}, unverified=true) if train.py's own number is good enough for you "
+                       f"(the harness did not measure it, so no noise judges it), else discard(run={entry['run']})")
     if result.delta is None and base and result.noise.startswith("not compared"):
         result.next = (f"not comparable with the best: discard(run={entry['run']}) and run it again on {base_device} "
                        f"(run_experiment(..., rerun=true)), or keep(run={entry['run']}, unconfirmed=true) on your "
@@ -275,12 +278,13 @@ def result_of(core: LoopCore, state: dict, entry: dict) -> RunResult:
 def confirmation_needed(result: dict, noise: dict | None, base: Row | None = None) -> str | None:
     """Why a gain must be re-measured beside the best (its kept row: base) before it is kept, or None."""
     delta = result.get("delta")
-    if delta is None or delta >= 0:
+    # review 75: train.py's own number is kept only with unverified=true, which says so already; confirm could not
+    # measure it either (its reruns export nothing, so no pair is judged)
+    if delta is None or delta >= 0 or result.get("verified") is False:
         return None
     whose = limits.not_measured(base.description) if base else None
-    if whose and result.get("verified") is not False:
+    if whose:
         # review 58: a number logged by hand (99.0) made code worse than the measured best a gain "beyond the noise"
-        # (a result that is train.py's word too is kept only with unverified=true, which says so already)
         return f"the best's val_bpb {base.val_bpb:.6f} is {whose}, so the gain over it is no measurement"
     if result.get("comparable") is False:
         return "it trained at a different speed than the best's run, so the machine may explain the gain"
