@@ -13,8 +13,8 @@ from mcp import Client
 from mcp_server.server import build_server
 from mcp_server.core.state import records_dir
 from server_support import (
-    TOOL_NAMES, Lab, answer, error, git, ledger_lines, make_workspace, processes_in, set_knobs,
-    slot_dir, text, wait_until,
+    TOOL_NAMES, Lab, answer, error, exporting_workspace, git, ledger_lines, make_workspace, processes_in,
+    set_knobs, slot_dir, text, wait_until,
 )
 
 MAX_ANSWER_BYTES = 1500
@@ -448,6 +448,22 @@ def test_read_metrics_on_missing_empty_crashed_and_past_runs(lab):
     assert lab.ok("read_metrics", run="2")["status"] == "crash"
     assert "No run '99' in this research run" in lab.refused("read_metrics", run="99")
     assert "not a run number" in lab.refused("read_metrics", run="../state")
+    assert lab.ok("read_metrics", run="1")["unverified"] is None  # the harness's number: nothing to say
+
+
+def test_read_metrics_says_a_result_is_train_pys_own_number(fake_env):
+    """Review 72: read_metrics gave train.py's own number (no export for the harness to evaluate) as a bare val_bpb,
+    where run_experiment, keep, the ledger and the dashboard say whose it is."""
+    lab = Lab(exporting_workspace(fake_env))
+    try:
+        lab.ok("setup", tag="t")
+        assert lab.ok("run_experiment", description="baseline")["verified"] is False
+        for metrics in (lab.ok("read_metrics"), lab.ok("read_metrics", run="1")):  # run.log, and the run by number
+            assert metrics["summary"]["val_bpb"] == 1.0, metrics
+            assert metrics["unverified"].startswith("val_bpb is train.py's own number, not measured by the harness")
+            assert "did not export its model" in metrics["unverified"], metrics
+    finally:
+        lab.loop.shutdown()
 
 
 def test_read_metrics_judges_a_rewritten_run_log_by_its_own_text(lab):

@@ -115,6 +115,7 @@ class Metrics(BaseModel):
     tail: str | None = None
     note: str | None = None
     unsandboxed: str | None = None  # the run (or a run in flight) has no sandbox
+    unverified: str | None = None  # the recorded val_bpb is train.py's own, and why (review 72)
 
 
 class SetupResult(BaseModel):

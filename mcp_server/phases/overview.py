@@ -66,6 +66,9 @@ def _metrics_of(core: LoopCore, state: dict, name: str, meta: dict | None, text:
     status = meta["status"] if meta else "crash"
     metrics = Metrics(source=name, status=status, note=core.interrupted_summary(state),
                       unsandboxed=(meta or {}).get("unsandboxed"))
+    if (meta or {}).get("verified") is False:  # review 72: a bare number here read as the harness's
+        metrics.unverified = (f"val_bpb is train.py's own number, not measured by the harness "
+                              f"({meta.get('integrity') or 'no harness evaluation'})")
     if text is None:
         metrics.note = (f"{name or 'its log'} is not the log the server recorded for this run (changed, replaced "
                         "or deleted since, or never recorded), so none of its text is believed: the status and "
