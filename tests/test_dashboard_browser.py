@@ -6,7 +6,8 @@ import json
 import anyio
 import pytest
 
-from mcp_server.core import plot
+from mcp_server.core import limits, plot
+from mcp_server.core.models import Row
 from mcp_server.dashboard.dashboard_http import DashboardServer
 from mcp_server.phases import morning
 from server_support import Lab, answer, exporting_workspace, git, make_workspace, set_knobs, stdio_client_for
@@ -166,3 +167,38 @@ def test_the_pages_chart_draws_a_keep_logged_by_hand_apart_and_keeps_its_marker(
     finally:
         page.close()
         server.close()
+
+
+def test_the_charts_best_line_and_noise_band_follow_only_measured_keeps(fake_env, browser):
+    """Review 75: review 72 drew a keep the harness did not measure hollow, but the "best kept" line of both charts,
+    and the page's noise band around it, still stepped down to its number: the agent's 0.05 logged by hand (or
+    train.py's own, kept with unverified=true) read as the night's best. The line stays at the measured best."""
+    rows = [Row(commit=c, val_bpb=v, memory_gb=1.0, status=s, description=d) for c, v, s, d in (
+        ("aaaaaaa", 1.0, "keep", "baseline"), ("bbbbbbb", 0.98, "discard", "idea"),
+        ("ccccccc", 0.5, "keep", "printed low" + limits.UNVERIFIED),
+        ("ddddddd", 0.05, "keep", "x" + limits.LOGGED_BY_HAND), ("eeeeeee", 0.97, "keep", "measured gain"))]
+    kept = [(i, r) for i, r in enumerate(rows, 1) if r.status == "keep"]
+    assert plot.best_line(kept, 6) == ([1, 5, 6], [1.0, 0.97, 0.97])  # what progress.png's step line draws
+    assert plot.best_line(kept[1:3], 6) == ([], [])  # no measured keep: no line
+    lab = Lab(make_workspace(fake_env, "VAL_BPB = 1.0\nNOISE = 0.004\n"))
+    page, server = browser.new_page(), DashboardServer(lab.ws, 0, None).start()
+    try:
+        lab.baseline()
+        lab.ok("measure_noise", repeats=2)
+        set_knobs(lab.ws, val_bpb=1.05)
+        git(lab.ws, "commit", "-q", "-am", "tuned by hand")
+        lab.ok("log_result", commit=lab.head(), val_bpb=0.05, memory_gb=1.0, status="keep", description="by hand")
+        page.goto(server.url)
+        page.wait_for(f"{count('#chart circle.point.keep.unmeasured')} === 1")  # the hollow point stays drawn
+        baseline_y = float(page.evaluate("document.querySelector('#chart circle.point.keep').getAttribute('cy')"))
+
+        def ys(selector: str) -> set[float]:
+            points = page.evaluate(f"document.querySelector({json.dumps(selector)}).getAttribute('points')")
+            return {round(float(p.split(",")[1]), 3) for p in points.split()}
+        assert ys("#chart polyline.best") == {round(baseline_y, 3)}  # flat at the measured baseline
+        upper, lower = sorted(ys("#chart polygon.band"))  # one band around it, not a step down to 0.05
+        assert upper + lower == pytest.approx(2 * baseline_y, abs=0.01)
+    finally:
+        page.close()
+        server.close()
+        lab.loop.shutdown()

@@ -46,8 +46,8 @@ def plot_rows(rows: list[Row], path: Path, reruns: set[str] | None = None) -> tu
     if unmeasured:
         ax.scatter([i for i, _ in unmeasured], [r.val_bpb for _, r in unmeasured], s=28, facecolors="none",
                    edgecolors="#2a9d47", linewidths=1.2, label="kept, its number not measured by the harness", zorder=3)
-    if kept:
-        xs, best = best_line(kept, len(rows))
+    xs, best = best_line(kept, len(rows))
+    if xs:
         ax.step(xs, best, where="post", color="#2a9d47", linewidth=1.5, label="best kept", zorder=1)
     for i, r in kept:
         ax.annotate(label(r), (i, r.val_bpb), textcoords="offset points", xytext=(4, 4), fontsize=7,
@@ -84,13 +84,13 @@ def label(row: Row, chars: int = LABEL_CHARS) -> str:
 
 
 def best_line(kept, last_index):
-    """The best the branch held from each keep on: that keep's value, a worse one too (as status() and the
-    report's summary say), never the lowest keep row ever, which the branch may no longer hold."""
-    xs, best, current = [], [], float("inf")
+    """The best the branch held from each measured keep on: that keep's value, a worse one too (as status() and the
+    report's summary say), never the lowest keep row ever, which the branch may no longer hold. A keep whose number
+    the harness did not measure (logged by hand, train.py's own) moves it nowhere (review 75: the line stepped down
+    to the agent's number); its point is drawn hollow. No measured keep: no line ([], [])."""
+    xs, best = [], []
     for i, r in kept:
-        current = r.val_bpb
-        xs.append(i)
-        best.append(current)
-    xs.append(last_index)
-    best.append(current)
-    return xs, best
+        if limits.measured(r.description):
+            xs.append(i)
+            best.append(r.val_bpb)
+    return (xs + [last_index], best + [best[-1]]) if xs else ([], [])

@@ -284,7 +284,7 @@ def render(night: Night, chart: str | None, times: dict, made: dict | None, now:
     out += summary(night, times, made)
     out += ["## Progress", ""]
     out += ([f"![val_bpb of every run]({chart})", "",
-             "Kept runs green (hollow where the harness did not measure the number), their line the best the branch held (a worse keep moves it); ideas that were discarded grey; reruns (noise repeats, "
+             "Kept runs green (hollow where the harness did not measure the number), their line the best the branch held as the harness measured it (a worse keep moves it, a hollow one does not); ideas that were discarded grey; reruns (noise repeats, "
              "confirmations, controls) blue diamonds; crashes are left out of the chart.", ""]
             if chart else ["No run logged yet.", ""])
     out += kept_section(night)

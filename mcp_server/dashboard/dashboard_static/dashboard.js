@@ -157,12 +157,13 @@ function drawLegend(chart, unmeasured) {
   chart.append(legend);
 }
 
-// the best the branch held after each row: the last keep's value, a worse one too (as the summary says)
+// the best the branch held after each row: the last measured keep's value, a worse one too (as the summary says);
+// a keep the harness did not measure moves neither the line nor the noise band (its point is hollow)
 function runningBest(rows) {
   const points = [];
   let best = null;
   for (const row of rows) {
-    if (row.status === "keep" && row.val_bpb > 0) best = row.val_bpb;
+    if (row.status === "keep" && row.val_bpb > 0 && !row.not_measured) best = row.val_bpb;
     if (best !== null) points.push({ x: row.x, y: best });
   }
   return points;
