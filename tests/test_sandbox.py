@@ -111,6 +111,27 @@ def test_the_reports_summary_and_status_say_the_best_ran_unsandboxed(no_sandbox)
         lab.loop.shutdown()
 
 
+def test_the_pages_headline_cuts_the_bests_description_not_its_unsandboxed_marker(browser, no_sandbox):
+    """Review 75: the page's headline cut the best's description at 60 characters, and with it the "(unsandboxed)" at
+    its end: an unsandboxed best with a long description (here a note after the marker too) read as any best."""
+    from mcp_server.dashboard.dashboard_http import DashboardServer
+    lab = Lab(make_workspace(no_sandbox), unsandboxed=True)  # browser first: launched with the usual PATH
+    page, server = browser.new_page(), DashboardServer(lab.ws, 0, None).start()
+    try:
+        lab.ok("setup", tag="optin")
+        lab.ok("run_experiment", description="baseline " + "with a long story " * 5)
+        assert lab.ok("keep", note="as it was")["row"]["description"].endswith(" (unsandboxed) (as it was)")
+        page.goto(server.url)
+        page.wait_for("document.querySelector('#summary .big') !== null")
+        headline = page.evaluate("document.querySelector('#summary .big').nextSibling.textContent")
+        # the description is cut before the marker, never through it
+        assert headline.startswith(" best val_bpb") and headline.endswith("... (unsandboxed)”"), headline
+    finally:
+        page.close()
+        server.close()
+        lab.loop.shutdown()
+
+
 def test_the_end_ping_says_the_best_ran_unsandboxed(no_sandbox):
     """Review 72: the ping that a research run ended named the best's number, and whose it is where the harness did
     not measure it, but not that no sandbox ran it."""

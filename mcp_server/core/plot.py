@@ -9,10 +9,13 @@ from pathlib import Path
 
 from mcp_server.core import ledger, limits
 from mcp_server.core.models import Row
+from mcp_server.scripts import sandbox
 
 PLOT_NAME = "progress.png"
 LABEL_CHARS = 40
 RERUN_COLOUR = "#3b6fb6"
+UNMEASURED = (limits.UNVERIFIED, limits.LOGGED_BY_HAND)  # a chart's labels keep these whole
+EVERY_MARKER = (sandbox.MARKER, *UNMEASURED)  # a headline's: the order a row's description holds them in
 
 
 def plot_rows(rows: list[Row], path: Path, reruns: set[str] | None = None) -> tuple[int, int, int, int, int]:
@@ -75,12 +78,13 @@ def plot_rows(rows: list[Row], path: Path, reruns: set[str] | None = None) -> tu
     return len(runs), len(kept), crashes, len(repeated), len(unmeasured)
 
 
-def label(row: Row, chars: int = LABEL_CHARS) -> str:
-    """A kept run's label: its description cut to fit, the marker of a number the harness did not measure kept whole
-    (the dashboard's chart too, with its own width)."""
-    text = row.description
-    marker = next((m for m in (limits.LOGGED_BY_HAND, limits.UNVERIFIED) if m in text), "")
-    return ledger.fit_description(text.replace(marker, "", 1), marker, chars + len(ledger.ELLIPSIS))
+def label(row: Row, chars: int = LABEL_CHARS, markers: tuple[str, ...] = UNMEASURED) -> str:
+    """A kept run's label: its description cut to fit, the markers it holds (of a number the harness did not
+    measure; the dashboard's headline: of a run without a sandbox too) kept whole, after it."""
+    text, kept = row.description, ""
+    for marker in filter(row.description.__contains__, markers):
+        text, kept = text.replace(marker, "", 1), kept + marker
+    return ledger.fit_description(text, kept, chars + len(ledger.ELLIPSIS))
 
 
 def best_line(kept, last_index):

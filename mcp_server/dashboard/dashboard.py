@@ -26,6 +26,7 @@ CURVE_POINTS = 240  # of a loss curve sent to the page: enough for its width
 LOG_CURVE_BYTES = 4 << 20  # of a log read for its curve (an H100 run's progress lines take ~150 kB)
 MALFORMED_CHARS = 200  # of a malformed ledger line shown as it is
 LABEL_CHARS = 34  # of a kept run's label on the chart, its marker aside
+HEADLINE_CHARS = 60  # of the best's description in the page's headline, its markers aside
 MAX_DIFF_CHARS = 200_000
 GIT_TIMEOUT_S = 10
 FULL_COMMIT = re.compile(r"[0-9a-f]{40,64}")
@@ -119,6 +120,8 @@ def ledger_view(root: Path) -> dict:
             "not_measured": limits.not_measured(row.description) if row.status == "keep" else None,
             # the chart's label: cut before its marker, never through it (review 74: the page cut at 34 characters)
             "label": plot.label(row, LABEL_CHARS) if row.status == "keep" else None,
+            # the headline's, cut before "(unsandboxed)" too (review 75: the page cut it at 60 characters)
+            "headline": plot.label(row, HEADLINE_CHARS, plot.EVERY_MARKER) if row.status == "keep" else None,
             # no delta from or to a number the harness did not measure (review 62: after the agent's own 99.0 was
             # logged by hand, a worse run read as a gain of 97.96)
             "delta": round(row.val_bpb - best, 6) if best is not None and row.status != "crash"

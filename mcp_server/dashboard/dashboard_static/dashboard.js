@@ -30,7 +30,6 @@ function svg(tag, attrs = {}, text) {
 
 function num(value, digits = 6) { return value == null ? "–" : value.toFixed(digits); }
 function signed(value) { return value == null ? "" : (value > 0 ? "+" : "") + value.toFixed(6); }
-function short(text, most) { return text.length > most ? text.slice(0, most - 1) + "…" : text; }
 function seconds(s) { return s == null ? "?" : s >= 90 ? `${Math.floor(s / 60)} min ${s % 60} s` : `${s} s`; }
 
 // --- the stream ---------------------------------------------------------------------------
@@ -75,7 +74,8 @@ function renderSummary(data, rows) {
   const kept = rows.filter((r) => r.status === "keep");
   const best = kept.length ? kept[kept.length - 1] : null;  // what the branch holds, as status() says
   const parts = [el("span", { class: "big", text: best ? num(best.val_bpb) : "no kept run yet" })];
-  if (best) parts.push(el("span", { text: ` best val_bpb, ${best.commit} “${short(best.description, 60)}”` }));
+  // cut by the server, its markers ("(unsandboxed)", "(unverified)") kept whole
+  if (best) parts.push(el("span", { text: ` best val_bpb, ${best.commit} “${best.headline}”` }));
   if (best && best.not_measured) parts.push(el("div", { class: "warn", text: `this best is ${best.not_measured}` }));
   const reruns = rows.filter((r) => r.rerun).length;
   const tally = `${rows.length} runs: ${counts.keep} kept, ${counts.discard} discarded`
