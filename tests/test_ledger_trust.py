@@ -758,6 +758,33 @@ def test_a_second_server_reads_the_owners_copy_not_a_forged_state_file(lab):
     assert_told(lab.ok("status"), "state.json")  # the owner sets it right at its next call, and says so
 
 
+def test_a_second_server_refuses_a_copy_of_the_state_with_wrong_types_and_says_so(lab):
+    """Review 74: a forged copy of the state whose row's description was a number (not a string) made a second
+    server's status fail with an internal error, and its report too: a refusal of service. A copy of another shape
+    than the server writes is now not believed in any part (state.json, which the owner keeps, is read), and said."""
+    lab.baseline()
+    copy, path = records_dir(lab.ws) / "state.json", lab.ws / ".research-loop" / "state.json"
+    forged = json.loads(copy.read_text())
+    forged["rows"][0][1], forged["rows"][0][4] = 0.5, 5
+    copy.write_text(json.dumps(forged))
+    second = Lab(lab.ws)
+    try:
+        status = second.ok("status")
+        assert status["best_val_bpb"] == 1.0, status
+        assert "no state the server writes (row 1 is not [commit, val_bpb" in " ".join(status["records_changed"])
+        assert second.ok("report")["kept"] == 1
+        state = json.loads(path.read_text())
+        state["runs"] = ["not", "a", "map"]
+        path.write_text(json.dumps(state))  # state.json malformed too: refused, with what to do
+        refused = second.refused("status")
+        assert "is no state the server writes (runs is list), nor is its copy" in refused, refused
+        assert "none of it is believed" in second.refused("report")
+    finally:
+        second.loop.shutdown()
+    assert_told(lab.ok("status"), "state.json")  # the owner sets both right at its next call
+    assert json.loads(copy.read_text())["rows"][0][4] == "baseline"
+
+
 def test_a_forged_copy_read_by_the_report_does_not_stay_in_the_servers_rows(lab):
     """Review 72: the rows made from a state were kept by their count and their first and last entries, and a longer
     list that held the last one where it ended was taken to have grown from them. The report reads the server's copy

@@ -73,6 +73,48 @@ def recorded_state(workspace: Path) -> dict:
     return {}
 
 
+NUMBER = (int, float)
+# What the readers of a state take its keys to be (review 74: a forged copy whose row's description was no string
+# made a reading server's status fail); null stands for a missing key, and keys not named here are not looked at
+STATE_TYPES = {"rows": list, "runs": dict, "noise": dict, "noise_by_device": dict, "limits": dict, "stopped": dict,
+               "tag": str, "branch": str, "kept_commit": str, "kept_log": str, "fingerprint": str,
+               "harness_changed": str, "seq": int, "extra_runs": int, "data_orders": int, "started_at": NUMBER,
+               "slot_hours": NUMBER, "gpu_hours": NUMBER, "early_stop": bool}
+ROW_TYPES = (str, NUMBER, NUMBER, str, str)  # commit, val_bpb, memory_gb, status, description
+RUN_TYPES = {"run": int, "commit": str, "parent": str, "description": str, "status": str, "log": str, "result": dict}
+ESTIMATE_TYPES = {"values": list, "std": NUMBER, "spread": NUMBER, "threshold": NUMBER}
+
+
+def _is(value, kind) -> bool:
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))  # json's true is no number
+
+
+def _odd(entry, types: dict) -> str | None:
+    """What of a record's keys is of another type than its types say (null: as missing), or None."""
+    if not isinstance(entry, dict):
+        return f"it is {type(entry).__name__}"
+    return next((f"{key} is {type(entry[key]).__name__}" for key, kind in types.items()
+                 if entry.get(key) is not None and not _is(entry[key], kind)), None)
+
+
+def malformed(state: dict) -> str | None:
+    """What in a state read from a file is of another type than the server writes, or None: such a state is no
+    record of the server's (a forgery, or a file broken otherwise), and is believed in no part."""
+    if odd := _odd(state, STATE_TYPES):
+        return odd
+    for i, row in enumerate(state.get("rows") or [], 1):
+        if not isinstance(row, list) or len(row) != len(ROW_TYPES) or not all(map(_is, row, ROW_TYPES)):
+            return f"row {i} is not [commit, val_bpb, memory_gb, status, description]"
+    for key, entry in (state.get("runs") or {}).items():
+        if odd := _odd(entry, RUN_TYPES):
+            return f"run {key}: {odd}"
+    for estimate in filter(None, [state.get("noise"), *(state.get("noise_by_device") or {}).values()]):
+        odd = _odd(estimate, ESTIMATE_TYPES)
+        if odd or not all(_is(value, NUMBER) for value in estimate.get("values") or []):
+            return f"a noise estimate: {odd or 'a value is no number'}"
+    return None
+
+
 def recorded_rows(state: dict) -> list | None:
     """The ledger's rows in the server's state ([commit, val_bpb, memory_gb, status, description]
     each), or None for a state from before the server kept them (results.tsv is then the record)."""

@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from mcp_server.core import ledger
+from mcp_server.core import ledger, limits
 from mcp_server.core.limits import records_dir
 from mcp_server.core.models import Refusal
 
@@ -130,7 +130,7 @@ class State:
         """The state. The owner believes only what it wrote: a state.json or results.tsv changed by
         anyone else is set right first (other servers only read, so they read the file as it is)."""
         if not self.owned:
-            return self._owners_copy() or self.read_file()
+            return self._owners_copy() or self._file_as_read()
         raw = _read(self.path)
         if raw is not None and raw == self._written and self._ledger_stat == self._stat_ledger():
             return _parse(raw, self.path)
@@ -149,7 +149,26 @@ class State:
             data = json.loads(_read(self.copy) or b"")
         except (ValueError, RecursionError):
             return None
-        return data if isinstance(data, dict) else None
+        if not isinstance(data, dict):
+            return None
+        problem = limits.malformed(data)  # review 74: a forged copy with a number for a description failed status
+        if problem:
+            notice = (f"the owner's copy of {STATE_FILE} ({self.copy}) is no state the server writes ({problem}): "
+                      f"none of it was believed; {STATE_DIR}/{STATE_FILE} was read instead")
+            if notice not in self.notices:  # once per answer, though a call reads the state several times
+                self.tell(notice)
+            return None
+        return data
+
+    def _file_as_read(self) -> dict:
+        """state.json as a reader that owns nothing reads it: refused where it is malformed too."""
+        data = self.read_file()
+        problem = limits.malformed(data)
+        if problem:
+            raise Refusal(f"{self.path} is no state the server writes ({problem}), nor is its copy: none of it is "
+                          "believed. The server that owns the workspace writes both again at its next call; call "
+                          "again then.")
+        return data
 
     def _checked(self, check_ledger: bool) -> dict:
         ledger_unchanged = self._written is not None and self._ledger_stat == self._stat_ledger()

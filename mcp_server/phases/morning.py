@@ -29,7 +29,7 @@ UNTRUSTED = "its record under runs/ is not what the server wrote (changed by han
 def recorded_state(root: Path) -> dict:
     """The state as the server last wrote it: its copy under the git directory (which a run or an
     agent cannot reach), else state.json for a workspace set up before the server kept one."""
-    state = State(root)
+    state, problem = State(root), None
     for path in (state.copy, state.path):
         try:
             data = json.loads(limits.read_record(path))  # bounded: a planted giant or FIFO stalls nothing
@@ -38,8 +38,15 @@ def recorded_state(root: Path) -> dict:
         except (OSError, ValueError, RecursionError) as exc:
             raise Refusal(f"{path} is no readable JSON record ({exc}): the report needs the server's records; "
                           "start the server once (it puts its own copy back), then retry.") from None
-        if isinstance(data, dict):
+        if not isinstance(data, dict):
+            continue
+        odd = limits.malformed(data)
+        if not odd:
             return data
+        problem = problem or f"{path}: {odd}"  # a malformed copy: state.json is read instead
+    if problem:  # review 74: a forged copy with a number for a description failed the report, not refused it
+        raise Refusal(f"The server's records of {root} are no state the server writes ({problem}): none of it is "
+                      "believed. The server that owns the workspace writes them again at its next call; retry then.")
     raise Refusal(f"No research run recorded in {root}: setup(tag) starts one; the report follows its runs.")
 
 
