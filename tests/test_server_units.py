@@ -701,3 +701,22 @@ def test_a_rewritten_record_keeps_the_users_umask(tmp_path, umask, mode):
     assert path.read_bytes() == b"rewritten"
     assert oct(path.stat().st_mode & 0o777) == oct(mode)
     assert oct(path.with_suffix(".new").stat().st_mode & 0o777) == oct(mode)
+
+
+def test_shown_delta_takes_each_runs_base_from_the_last_keep_row_of_its_parent():
+    """Review 75: shown_delta scanned the ledger's rows for each record (history and the report: quadratic in a
+    night's length); the bases are now looked up in one map of the last keep row per commit, with the same answers:
+    no delta over a best the harness did not measure, nor for train.py's own number."""
+    from mcp_server.core import history, limits
+    from mcp_server.core.models import Row
+
+    def row(commit, status, description="idea"):
+        return Row(commit=commit * 7, val_bpb=1.0, memory_gb=1.0, status=status, description=description)
+
+    def delta(parent, **result):
+        record = {"result": {"delta": -0.1, **result}, "run": {"parent": parent and parent * 40}}
+        return history.shown_delta(record, kept)
+    kept = history.last_keeps([row("a", "keep"), row("b", "keep", "mine" + limits.LOGGED_BY_HAND), row("a", "discard"),
+                               row("c", "keep"), row("c", "keep", "printed" + limits.UNVERIFIED), row("d", "crash")])
+    assert [delta(p) for p in ("a", "b", "c", "d", None)] == [-0.1, None, None, -0.1, -0.1]
+    assert delta("a", verified=False) is None and delta("a", verified=True) == -0.1

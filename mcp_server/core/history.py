@@ -155,12 +155,18 @@ def is_recorded_log(state: dict, name: str, raw: bytes) -> bool:
     return recorded is not None and digest(raw) == recorded
 
 
-def shown_delta(record: dict, rows: list) -> float | None:
+def last_keeps(rows: list) -> dict:
+    """{commit: its last keep row} of the server's ledger rows, made in one pass: the bases shown_delta looks up
+    (review 75: a scan of the rows for each record made history and the report quadratic in a night's length)."""
+    return {r.commit: r for r in rows if r.status == "keep"}
+
+
+def shown_delta(record: dict, kept: dict) -> float | None:
     """A decided run's delta against the best it was measured on, where both numbers are the harness's: none where the
     run's is train.py's own or the best's is not measured (review 72: "What was tried" and history gave a run at 1.04
-    after the agent's own 99.0 logged by hand as -97.96). rows: the server's ledger rows."""
+    after the agent's own 99.0 logged by hand as -97.96). kept: last_keeps of the server's ledger rows."""
     result, parent = record["result"], str(record["run"].get("parent") or "")
-    base = next((r for r in reversed(rows) if r.status == "keep" and r.commit == parent[:7]), None)
+    base = kept.get(parent[:7])
     if result.get("verified") is False or (base is not None and not limits.measured(base.description)):
         return None
     return result.get("delta")

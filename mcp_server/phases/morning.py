@@ -379,7 +379,7 @@ def tried_section(night: Night) -> list[str]:
              "Every idea (reruns aside) under each train.py constant it changed and each part of the code it "
              "touched beyond its constants; an idea that touched several is under each. Delta: against the best "
              "it was built on.", ""]
-    groups = night.tried()
+    groups, bases = night.tried(), history.last_keeps(night.rows)
     if not groups:
         return lines + ["No idea logged yet.", ""]
     for key, entries in groups.items():
@@ -387,7 +387,7 @@ def tried_section(night: Night) -> list[str]:
         lines += [f"### {cell(key)}: {len(entries)} tried, {kept} kept", "",
                   "| run | commit | decision | val_bpb | delta | change | description |", "|---|---|---|---|---|---|---|"]
         for row, record in entries:
-            delta = history.shown_delta(record, night.rows) if record and row.status != "crash" else None
+            delta = history.shown_delta(record, bases) if record and row.status != "crash" else None
             change = history.change_text((record or {}).get("decision", {}).get("changes")) if record else "?"
             lines.append(f"| {(record or {}).get('run', {}).get('run', '')} | `{row.commit}` | {row.status} | "
                          f"{value(row)} | {'' if delta is None else f'{delta:+.6f}'} | {code(change)} | "

@@ -258,7 +258,7 @@ def history(core: LoopCore, constant: str | None = None, status: str | None = No
         raise Refusal("limit must be between 1 and 500.")
     if constant is not None and not run_history.CONSTANT_NAME.match(constant):
         raise Refusal(f"constant must be an upper-case train.py constant such as MATRIX_LR, got {constant!r}.")
-    lines, rows = [], core.rows()
+    lines, kept = [], run_history.last_keeps(core.rows())
     for record in core.records():
         decision, result, run = record["decision"], record["result"], record["run"]
         changes = decision.get("changes") or {}
@@ -267,7 +267,7 @@ def history(core: LoopCore, constant: str | None = None, status: str | None = No
         if status and decision.get("status") != status:
             continue
         value = f"{result['val_bpb']:.6f}" if result.get("val_bpb") and decision["status"] != "crash" else "-"
-        shown = run_history.shown_delta(record, rows)
+        shown = run_history.shown_delta(record, kept)
         delta = f" ({shown:+.6f})" if shown is not None and value != "-" else ""
         lines.append(f"run {run['run']} {result['commit']} {decision['status']} {value}{delta} "
                      f"{run_history.change_text(changes)} | {result['description']}")
