@@ -1,6 +1,7 @@
 """Gains within the noise: a marginal gain is kept only once it holds beside a control (confirm), the noise
 is measured by repeats of the best (measure_noise), and neither can be bent by racing decisions against the
 call that measures, by deciding its reruns, or by sending the same code again."""
+import contextlib
 import subprocess
 import sys
 
@@ -140,64 +141,57 @@ def racing(lab, call: tuple[str, dict], when, then: tuple[str, dict]) -> dict:
     return calls
 
 
-def test_a_noise_repeat_discarded_while_measure_noise_waits_fails_no_measurement(fake_env, monkeypatch):
-    """Review 58: discard(run) of measure_noise's first repeat, pending while the second trained, made
-    measure_noise fail "Run 2 is already decided", its second repeat left undecided, no noise stored and the
-    repeats not counted as extra runs. The tool now takes a repeat the agent decided as it is."""
+@contextlib.contextmanager
+def deciding_a_noise_repeat(fake_env, monkeypatch, tool: str, when=lambda status: status.get("undecided")):
+    """A baseline at 1.0, then measure_noise(repeats=2) raced by `tool`(run=2) as soon as status() answers `when`: the
+    first repeat (run 2, 0.998) pending while the second (run 3, 1.002) trains. Yields the lab and the calls' answers."""
     lab = noisy_lab(fake_env, -0.002)  # run 2: 0.998, run 3: 1.002
     try:
         lab.baseline()  # run 1: 1.0
         sleeping(lab, monkeypatch, 3)  # run 2 waits for a decision while run 3 trains
-        calls = racing(lab, ("measure_noise", {"repeats": 2}), lambda status: status.get("undecided"),
-                       ("discard", {"run": 2}))
+        yield lab, racing(lab, ("measure_noise", {"repeats": 2}), when, (tool, {"run": 2}))
+    finally:
+        lab.loop.shutdown()
+
+
+def test_a_noise_repeat_discarded_while_measure_noise_waits_fails_no_measurement(fake_env, monkeypatch):
+    """Review 58: discard(run) of measure_noise's first repeat, pending while the second trained, made
+    measure_noise fail "Run 2 is already decided", its second repeat left undecided, no noise stored and the
+    repeats not counted as extra runs. The tool now takes a repeat the agent decided as it is."""
+    with deciding_a_noise_repeat(fake_env, monkeypatch, "discard") as (lab, calls):
         assert answer(calls["discard"])["row"]["status"] == "discard"
         assert answer(calls["measure_noise"])["noise"]["values"] == [1.0, 0.998, 1.002]
         status = answer(lab.call("status"))
         assert status["undecided"] is None and status["extra_runs"] == 2
         assert [line.split("\t")[3] for line in ledger_lines(lab.ws)[1:]] == ["keep", "discard", "discard"]
-    finally:
-        lab.loop.shutdown()
 
 
 def test_a_noise_repeat_on_a_lucky_data_order_cannot_be_kept_while_measure_noise_waits(fake_env, monkeypatch):
     """Found by review 51: a parallel keep(run) of measure_noise's first repeat, pending while the second
     trained, made the kept code on a lucky stretch of data the best (0.998 against 1.0, nothing changed),
     and measure_noise failed ("already decided"), its second repeat left undecided and no noise stored."""
-    lab = noisy_lab(fake_env, -0.002)  # run 2: 0.998, run 3: 1.002
-    try:
-        lab.baseline()  # run 1: 1.0
-        sleeping(lab, monkeypatch, 3)  # run 2 waits for a decision while run 3 trains
-        seen = []  # status() as the agent polls it: the pending repeat is to be discarded, never kept
-        calls = racing(lab, ("measure_noise", {"repeats": 2}), lambda status: seen.append(status) or
-                       status.get("undecided"), ("keep", {"run": 2}))
+    seen = []  # status() as the agent polls it: the pending repeat is to be discarded, never kept
+    with deciding_a_noise_repeat(fake_env, monkeypatch, "keep",
+                                 lambda status: seen.append(status) or status.get("undecided")) as (lab, calls):
         assert "a rerun of measure_noise or confirm, which keep refuses" in seen[-1]["next"], seen[-1]
         assert calls["keep"].is_error and "Run 2 is a rerun that measure_noise or confirm made on data order 1" \
             in calls["keep"].content[0].text
         assert answer(calls["measure_noise"])["noise"]["values"] == [1.0, 0.998, 1.002]
         status = answer(lab.call("status"))
         assert status["best_val_bpb"] == 1.0 and not status.get("undecided") and status["extra_runs"] == 2
-    finally:
-        lab.loop.shutdown()
 
 
 def test_a_noise_repeat_cannot_be_confirmed_while_measure_noise_waits(fake_env, monkeypatch):
     """Review 63: a parallel confirm(run) of measure_noise's first repeat, pending while the second trained, reran the
     kept code beside itself (two extra runs) and, the repeat winning its pair by luck (-0.002), answered
     "confirmed", next keep(run=2): a run measure_noise had discarded meanwhile, and one keep refuses anyway."""
-    lab = noisy_lab(fake_env, -0.002)  # run 2: 0.998, run 3: 1.002
-    try:
-        lab.baseline()  # run 1: 1.0
-        sleeping(lab, monkeypatch, 3)  # run 2 waits for a decision while run 3 trains
-        calls = racing(lab, ("measure_noise", {"repeats": 2}), lambda status: status.get("undecided"),
-                       ("confirm", {"run": 2}))
+    with deciding_a_noise_repeat(fake_env, monkeypatch, "confirm") as (lab, calls):
         assert calls["confirm"].is_error, calls["confirm"].content[0].text
         assert "Run 2 is a rerun" in calls["confirm"].content[0].text and "discard(run=2)" in calls["confirm"].content[0].text
         assert answer(calls["measure_noise"])["noise"]["values"] == [1.0, 0.998, 1.002]
         status = answer(lab.call("status"))
         assert not status.get("undecided") and status["extra_runs"] == 2
         assert [line.split("\t")[3] for line in ledger_lines(lab.ws)[1:]] == ["keep", "discard", "discard"]
-    finally:
-        lab.loop.shutdown()
 
 
 def test_a_keep_while_measure_noise_waits_stores_no_estimate_of_another_code(fake_env, monkeypatch):
