@@ -785,6 +785,34 @@ def test_a_second_server_refuses_a_copy_of_the_state_with_wrong_types_and_says_s
     assert json.loads(copy.read_text())["rows"][0][4] == "baseline"
 
 
+def test_an_owner_started_on_a_copy_of_the_state_with_wrong_types_reads_state_json_and_says_so(lab):
+    """Review 75's leftover: an owner that started on a copy forged with wrong types while no server ran took it as its
+    own, wrote it over state.json, and every tool then failed with an internal error. A copy of another shape is now
+    no record: the owner takes state.json where that is of the server's shape (the copy is written again from it, the
+    forgery archived), and refuses with what to do where neither is."""
+    lab.baseline()
+    copy, path = records_dir(lab.ws) / "state.json", lab.ws / ".research-loop" / "state.json"
+    forged = json.loads(copy.read_text())
+    forged["rows"][0][4] = 5
+    lab.loop.shutdown()
+    copy.write_text(json.dumps(forged))
+    lab.loop = lab.new_loop()
+    status = lab.ok("status")
+    assert status["best_val_bpb"] == 1.0, status
+    assert "no state the server writes (row 1 is not [commit, val_bpb" in " ".join(status["records_changed"])
+    assert json.loads(copy.read_text())["rows"][0][4] == "baseline"
+    archived = list((lab.ws / ".research-loop" / "archive").glob("state-copy-malformed-*.json"))
+    assert [json.loads(a.read_text())["rows"][0][4] for a in archived] == [5]
+    lab.loop.shutdown()
+    copy.write_text(json.dumps(forged))
+    path.write_text(json.dumps(forged))  # both of another shape: nothing to believe
+    lab.loop = lab.new_loop()
+    refused = lab.refused("status")
+    assert "is a state the server writes (row 1 is not [commit, val_bpb" in refused, refused
+    assert "call setup(tag)" in refused and "results.tsv is untouched" in refused, refused
+    assert json.loads(path.read_text())["rows"][0][4] == 5  # refused, nothing changed: the user decides
+
+
 def test_a_forged_copy_read_by_the_report_does_not_stay_in_the_servers_rows(lab):
     """Review 72: the rows made from a state were kept by their count and their first and last entries, and a longer
     list that held the last one where it ended was taken to have grown from them. The report reads the server's copy

@@ -75,6 +75,15 @@ def _parse(raw: bytes | None, path: Path) -> dict:
     return data
 
 
+def _shape_problem(raw: bytes) -> str | None:
+    """What makes bytes read as a state no state the server writes, or None."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        return "not valid JSON"
+    return limits.malformed(data) if isinstance(data, dict) else "not a JSON object"
+
+
 def _changed_keys(found: bytes | None, own: bytes) -> str:
     try:
         before, after = json.loads(own), json.loads(found or b"{}")
@@ -173,7 +182,7 @@ class State:
     def _checked(self, check_ledger: bool) -> dict:
         ledger_unchanged = self._written is not None and self._ledger_stat == self._stat_ledger()
         raw = _read(self.path)
-        own = self._written if self._written is not None else _read(self.copy)
+        own = self._written if self._written is not None else self._first_copy(raw)
         if own is None:  # nothing written by a server that keeps a copy: the file is the record
             data = _parse(raw, self.path)
             if raw is not None:
@@ -188,16 +197,37 @@ class State:
             self._check_ledger(data)
         return data
 
+    def _first_copy(self, raw: bytes | None) -> bytes | None:
+        """The copy a starting owner believes, or None where state.json is the record. A copy of another shape than
+        the server writes (forged while no server ran: a description that is a number) is no record; it made every
+        tool fail once believed. state.json is then the record where it is of the server's shape."""
+        copy = _read(self.copy)
+        problem = copy is not None and _shape_problem(copy)
+        if not problem:
+            return copy
+        if raw is None or _shape_problem(raw):
+            raise Refusal(f"neither {self.path} nor the server's copy of it ({self.copy}) is a state the server "
+                          f"writes ({problem}): none of it is believed. Put back a state the server wrote, or move "
+                          "both away and call setup(tag) for a new research branch; results.tsv is untouched.")
+        self._archive(copy, "state-copy-malformed")
+        self.tell(f"the server's copy of {STATE_FILE} ({self.copy}) is no state the server writes ({problem}): none "
+                  f"of it was believed; {STATE_DIR}/{STATE_FILE} was taken as the record and the copy written again "
+                  f"(the copy found is kept in {STATE_DIR}/{ARCHIVE_DIR}).")
+        return None
+
+    def _archive(self, found: bytes, kind: str) -> str:
+        archive = self.dir / ARCHIVE_DIR
+        ledger.make_folder(archive)
+        target = archive / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6}.json"
+        target.write_bytes(found)
+        return target.name
+
     def _restore(self, found: bytes | None, own: bytes) -> None:
         """state.json as the server wrote it, back in place; the file found, archived."""
         what = "deleted" if found is None else _changed_keys(found, own)
         where = ""
         if found is not None:
-            archive = self.dir / ARCHIVE_DIR
-            ledger.make_folder(archive)
-            target = archive / f"state-edited-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6}.json"
-            target.write_bytes(found)
-            where = f"; the file found is kept at {STATE_DIR}/{ARCHIVE_DIR}/{target.name}"
+            where = f"; the file found is kept at {STATE_DIR}/{ARCHIVE_DIR}/{self._archive(found, 'state-edited')}"
         ledger.replace_bytes(self.path, own)
         self.tell(f"{STATE_DIR}/{STATE_FILE} was changed outside the server ({what}): none of it was believed; "
                   f"the server's own copy is back in place{where}.")
