@@ -102,7 +102,8 @@ def test_a_state_from_before_the_budget_settings_takes_the_environments_at_the_f
         monkeypatch.delenv("AUTORESEARCH_TIME_BUDGET")
         lab.restart()
         said = answer(lab.call("status"))["budget_settings"]
-        assert "AUTORESEARCH_TIME_BUDGET gives 60 s, the research run recorded 30 s" in said, said
+        assert "the prepared record (AUTORESEARCH_TIME_BUDGET unset) gives 60 s, the research run recorded 30 s" \
+            in said, said
         answer(lab.call("run_experiment", description="the idea again", rerun=True))
         assert budget_line(lab, 3) == "budget: BUDGET_CLOCK=flops TIME_BUDGET=30 EVAL_TOKENS=-"
     finally:

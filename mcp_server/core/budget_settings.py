@@ -23,6 +23,7 @@ from mcp_server.core.workspace import budget_clock, budget_of
 SETTINGS = "budget_settings"  # the state's {"budget_clock", "time_budget", "eval_tokens"}, recorded at setup
 ENV = {"budget_clock": "AUTORESEARCH_BUDGET_CLOCK", "time_budget": "AUTORESEARCH_TIME_BUDGET",
        "eval_tokens": "AUTORESEARCH_EVAL_TOKENS"}
+NAMES = {"budget_clock": "budget clock", "time_budget": "time budget", "eval_tokens": "evaluation tokens"}
 CLOCKS = ("wall", "cpu", "flops")  # prepare.py's BUDGET_CLOCKS
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def differences(state: dict, root: Path, record: dict) -> str | None:
     if pinned is None:
         return None
     now = of_environment(root, record)
-    differ = [f"{ENV[k]} gives {_shown(k, now[k])}, the research run recorded {_shown(k, pinned[k])}"
+    differ = [f"{_source(k)} gives {_shown(k, now[k])}, the research run recorded {_shown(k, pinned[k])}"
               for k in ENV if now[k] != pinned[k]]
     if not differ:
         return None
@@ -86,8 +87,13 @@ def differences(state: dict, root: Path, record: dict) -> str | None:
             "settings, and carries no measured value across")
 
 
+def _source(key: str) -> str:
+    """Where a setup now would take the value from: the variable where it is set, else the prepared record."""
+    return ENV[key] if os.environ.get(ENV[key]) else f"the prepared record ({ENV[key]} unset)"
+
+
 def describe(settings: dict) -> str:
-    return ", ".join(f"{k.replace('_', ' ')} {_shown(k, settings[k])}" for k in ENV)
+    return ", ".join(f"{NAMES[k]} {_shown(k, settings[k])}" for k in ENV)
 
 
 def _shown(key: str, value) -> str:
