@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from mcp_server.core.limits import records_dir
-from server_support import Lab, answer, make_workspace
+from server_support import Lab, answer, git, make_workspace
 
 BEST = "VAL_BPB = 1.0\nORDER_EFFECT = 0.0001\nORDER_LUCK = 0.002\n"
 IDEA = "VAL_BPB = 0.999\nORDER_EFFECT = 0.0001\nORDER_LUCK = 0.002\n"
@@ -108,3 +108,16 @@ def test_a_state_from_before_the_budget_settings_takes_the_environments_at_the_f
         assert budget_line(lab, 3) == "budget: BUDGET_CLOCK=flops TIME_BUDGET=30 EVAL_TOKENS=-"
     finally:
         lab.loop.shutdown()
+
+
+@pytest.mark.parametrize("variable, value", [("AUTORESEARCH_BUDGET_CLOCK", "sundial"),
+                                             ("AUTORESEARCH_TIME_BUDGET", "0"), ("AUTORESEARCH_EVAL_TOKENS", "many")])
+def test_a_setup_refuses_budget_settings_no_run_can_train_at(lab, monkeypatch, variable, value):
+    """A research run is set up at its budget settings for good: one no run can train at (prepare.py stops each run on
+    it, and an evaluation size that is no number stopped each dispatch) is refused before anything is set up."""
+    for name in BUDGET_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, value)
+    refused = lab.refused("setup", tag="t")
+    assert f"{variable}={value!r}" in refused and "Nothing was set up" in refused, refused
+    assert git(lab.ws, "branch", "--show-current").strip() == "main"

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from mcp_server.core.integrity import eval_tokens
+from mcp_server.core.models import Refusal
 from mcp_server.core.workspace import budget_clock, budget_of
 
 SETTINGS = "budget_settings"  # the state's {"budget_clock", "time_budget", "eval_tokens"}, recorded at setup
@@ -34,6 +35,23 @@ def of_environment(root: Path, record: dict, environ=os.environ) -> dict:
     record's own)."""
     return {"budget_clock": budget_clock(record, environ), "time_budget": budget_of(root, record, environ),
             "eval_tokens": eval_tokens(record, environ)}
+
+
+def checked_environment(root: Path, record: dict) -> dict:
+    """of_environment for a setup: a Refusal naming the variable where a value is not one a run can train at (prepare.py
+    would stop every run of the research run on it)."""
+    try:
+        settings = of_environment(root, record)
+    except ValueError:
+        settings = None
+    well_formed = settings is not None and recorded({SETTINGS: settings}) is not None
+    if not well_formed:
+        shown = ", ".join(f"{name}={os.environ[name]!r}" for name in ENV.values() if name in os.environ)
+        raise Refusal(f"The budget settings this server's environment gives are not ones a run can train at "
+                      f"({shown or 'the prepared record'}): the clock is one of {', '.join(CLOCKS)}, the budget and "
+                      "the evaluation's tokens positive numbers. Set them right where the server is started (or unset "
+                      "them for the prepared record's), then call setup again. Nothing was set up.")
+    return settings
 
 
 def recorded(state: dict) -> dict | None:

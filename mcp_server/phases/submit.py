@@ -44,6 +44,7 @@ def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments:
     if prepared_info() is None:
         raise Refusal(f"No prepared data or tokenizer in {cache_dir()}: run `uv run prepare.py` "
                       "in the workspace first (it downloads or builds the data and trains the tokenizer).")
+    settings = budget_settings.checked_environment(core.root, prepared_info() or {})  # every run trains at them
     start = core.kept_row(ws.head()) if core.ledger_path.exists() else None
     try:
         chosen = limits.make_limits(hours, max_experiments, target_val_bpb, max_failures_in_row,
@@ -84,9 +85,7 @@ def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments:
         harness_changed = harness_change(core, state, fingerprint)
         measured_with = {"cache_fingerprint": integrity.cache_fingerprint(), "input_pins": integrity.input_pins(),
                          "environment_pin": environment_pin, "evaluator_pin": evaluator_pin,
-                         "startup_pin": startup_pin, "source_pin": source_pin,
-                         # the environment's now: every run of the new research run trains at them
-                         budget_settings.SETTINGS: budget_settings.of_environment(core.root, prepared_info() or {})}
+                         "startup_pin": startup_pin, "source_pin": source_pin, budget_settings.SETTINGS: settings}
         carried = measurements.carried(state, fingerprint, measured_with)  # other arithmetic, data or environment
         state.clear()
         core.fresh_records.clear()  # the earlier research run's records vouch for nothing here
