@@ -23,6 +23,14 @@ def budget_line(lab: Lab, run: int) -> str:
     return next(line for line in log.splitlines() if line.startswith("budget: "))
 
 
+def written_before_the_settings(lab: Lab) -> None:
+    """The stopped server's state as the version before budget settings wrote it (its copy in the records too)."""
+    for path in (lab.ws / ".research-loop" / "state.json", records_dir(lab.ws) / "state.json"):
+        state = json.loads(path.read_text())
+        del state["budget_settings"]
+        path.write_text(json.dumps(state))
+
+
 def flops_lab(fake_env, monkeypatch) -> Lab:
     for name in BUDGET_VARIABLES:
         monkeypatch.delenv(name, raising=False)
@@ -86,10 +94,7 @@ def test_a_state_from_before_the_budget_settings_takes_the_environments_at_the_f
     try:
         lab.baseline()
         lab.loop.shutdown()
-        for path in (lab.ws / ".research-loop" / "state.json", records_dir(lab.ws) / "state.json"):
-            state = json.loads(path.read_text())
-            del state["budget_settings"]
-            path.write_text(json.dumps(state))
+        written_before_the_settings(lab)
         monkeypatch.setenv("AUTORESEARCH_TIME_BUDGET", "30")
         lab.loop = lab.new_loop()
         status = answer(lab.call("status"))  # the first answer after the start says what was recorded
@@ -119,5 +124,28 @@ def test_a_setup_refuses_budget_settings_no_run_can_train_at(lab, monkeypatch, v
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv(variable, value)
     refused = lab.refused("setup", tag="t")
-    assert f"{variable}={value!r}" in refused and "Nothing was set up" in refused, refused
+    assert f"{variable}={value!r}" in refused and "nothing was set up" in refused, refused
     assert git(lab.ws, "branch", "--show-current").strip() == "main"
+
+
+def test_a_server_started_with_budget_settings_no_run_can_train_at_keeps_the_research_runs(fake_env, monkeypatch):
+    """AUTORESEARCH_EVAL_TOKENS=many where the server is started again: the research run's runs train at its recorded
+    settings, and status says what the environment gives. On a state from before the settings the server starts all
+    the same, and each run is refused naming the variable until it is set right."""
+    lab = flops_lab(fake_env, monkeypatch)
+    try:
+        lab.baseline()
+        monkeypatch.setenv("AUTORESEARCH_EVAL_TOKENS", "many")
+        lab.restart()
+        said = answer(lab.call("status"))["budget_settings"]
+        assert "AUTORESEARCH_EVAL_TOKENS gives many, the research run recorded 20971520" in said, said
+        (lab.ws / "train.py").write_text(IDEA)
+        assert answer(lab.call("run_experiment", description="an idea"))["status"] == "ok"
+        answer(lab.call("discard"))
+        lab.loop.shutdown()
+        written_before_the_settings(lab)
+        lab.loop = lab.new_loop()
+        refused = lab.refused("run_experiment", description="the idea again", rerun=True)
+        assert "AUTORESEARCH_EVAL_TOKENS='many'" in refused and "nothing was set up or run" in refused, refused
+    finally:
+        lab.loop.shutdown()

@@ -40,18 +40,26 @@ def of_environment(root: Path, record: dict, environ=os.environ) -> dict:
 def checked_environment(root: Path, record: dict) -> dict:
     """of_environment for a setup: a Refusal naming the variable where a value is not one a run can train at (prepare.py
     would stop every run of the research run on it)."""
-    try:
-        settings = of_environment(root, record)
-    except ValueError:
-        settings = None
-    well_formed = settings is not None and recorded({SETTINGS: settings}) is not None
-    if not well_formed:
+    settings = _now(root, record)
+    if recorded({SETTINGS: settings}) is None:
         shown = ", ".join(f"{name}={os.environ[name]!r}" for name in ENV.values() if name in os.environ)
         raise Refusal(f"The budget settings this server's environment gives are not ones a run can train at "
                       f"({shown or 'the prepared record'}): the clock is one of {', '.join(CLOCKS)}, the budget and "
                       "the evaluation's tokens positive numbers. Set them right where the server is started (or unset "
-                      "them for the prepared record's), then call setup again. Nothing was set up.")
+                      "them for the prepared record's), then call again: nothing was set up or run.")
     return settings
+
+
+def _now(root: Path, record: dict) -> dict:
+    """of_environment, a value that is no number as the variable's text (which no check passes)."""
+    found = {}
+    for key, take in (("budget_clock", lambda: budget_clock(record)), ("time_budget", lambda: budget_of(root, record)),
+                      ("eval_tokens", lambda: eval_tokens(record))):
+        try:
+            found[key] = take()
+        except ValueError:
+            found[key] = os.environ.get(ENV[key])
+    return found
 
 
 def recorded(state: dict) -> dict | None:
@@ -68,7 +76,7 @@ def recorded(state: dict) -> dict | None:
 def governing(state: dict, root: Path, record: dict) -> dict:
     """The settings a run of this research run trains and is evaluated at: the recorded ones, else the
     environment's (no research run yet)."""
-    return recorded(state) or of_environment(root, record)
+    return recorded(state) or checked_environment(root, record)
 
 
 def clock_of(state: dict) -> str:
@@ -81,7 +89,11 @@ def adopt(state: dict, root: Path, record: dict) -> str | None:
     recorded now; returns what is told (the log, the next answer), or None where nothing was missing."""
     if not state.get("branch") or recorded(state) is not None:
         return None
-    state[SETTINGS] = of_environment(root, record)
+    try:
+        state[SETTINGS] = checked_environment(root, record)
+    except Refusal as exc:  # the server starts all the same: each run is refused, saying why
+        log.warning(str(exc))
+        return None
     note = (f"research run {state['branch']} was set up before its budget settings were recorded: they are recorded "
             f"now, as this server's environment gives them ({describe(state[SETTINGS])}), and govern its runs from "
             "here on")
@@ -94,7 +106,7 @@ def differences(state: dict, root: Path, record: dict) -> str | None:
     pinned = recorded(state)
     if pinned is None:
         return None
-    now = of_environment(root, record)
+    now = _now(root, record)
     differ = [f"{_source(k)} gives {_shown(k, now[k])}, the research run recorded {_shown(k, pinned[k])}"
               for k in ENV if now[k] != pinned[k]]
     if not differ:
@@ -115,7 +127,7 @@ def describe(settings: dict) -> str:
 
 
 def _shown(key: str, value) -> str:
-    return f"{value:g} s" if key == "time_budget" else str(value)
+    return f"{value:g} s" if key == "time_budget" and not isinstance(value, str) else str(value)
 
 
 def run_env(settings: dict, root: Path, record: dict) -> dict:
