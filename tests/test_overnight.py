@@ -869,7 +869,7 @@ def test_a_runner_resumed_with_other_budget_settings_goes_on_at_the_research_run
     monkeypatch.setenv("AUTORESEARCH_TIME_BUDGET", "10")
     monkeypatch.setenv("FAKE_CLAUDE_PLAN", "fail")
     runner = overnight.Runner(runner_args(lab.ws, "--hours", str(1 / 3600)), overnight.preflight(lab.ws, None),
-                              backoff_s=(0.1,), poll_s=0.05)
+                              backoff_s=(60,), poll_s=0.05)  # one session, then the back-off ends at the deadline
     assert runner.most_seconds == 360  # the research run's 60 s budget (the environment's 10 s gives 310)
     assert ended_within(runner, 30) == [0]
     said = capsys.readouterr().out
