@@ -105,7 +105,7 @@ def commit_sources(ws, commit: str | None) -> dict:
 def eval_tokens(record: dict | None = None, environ=os.environ) -> int:
     """The evaluation's size: the prepared record's (record: as checked, checked_record; else read now), or the
     server's own AUTORESEARCH_EVAL_TOKENS (tests shorten it; environ: {} for the record's own): never what the
-    training process sets. A research run's runs are evaluated at the size its setup recorded (core/settings.py)."""
+    training process sets. A research run's runs are evaluated at the size its setup recorded (core/budget_settings.py)."""
     override = environ.get("AUTORESEARCH_EVAL_TOKENS")
     if override:
         return int(float(override))
@@ -265,7 +265,7 @@ def evaluation_spec(harness: Path, harness_commit: str, timeout: float, pins: di
     the worker copies and checks before the training starts. The worker adds --out-fd (the result
     comes back through a pipe that the training process cannot reach), the descriptors of its private
     copies of the inputs and the exported program, and its slot's GPU. tokens: the research run's evaluation
-    size (core/settings.py), else the server's now."""
+    size (core/budget_settings.py), else the server's now."""
     env = {k: v for k, v in os.environ.items()
            if k in ("PATH", "HOME", "LANG", "LC_ALL", "CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH",
                     "AUTORESEARCH_DEVICE", "AUTORESEARCH_CACHE")}

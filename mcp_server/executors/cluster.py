@@ -105,7 +105,8 @@ def node_args(spec: RunSpec) -> list[str]:
             prepare["offline_seed"] = seed
         args += ["--prepare", json.dumps(prepare)]
     if spec.after_seconds:  # the harness exports the model: the node evaluates it as a slot here does
-        verify = {"evaluator": integrity.EVALUATOR, "editable": EDITABLE, "eval_tokens": spec.eval_tokens or integrity.eval_tokens(),
+        verify = {"evaluator": integrity.EVALUATOR, "editable": EDITABLE,
+                  "eval_tokens": spec.eval_tokens or integrity.eval_tokens(),  # the research run's (budget_settings)
                   "profile": (info or {}).get("profile"), "timeout": spec.after_seconds}
         args += ["--verify", json.dumps(verify)]
     return [*args, "--", *spec.command]

@@ -196,8 +196,9 @@ class Runner:
         self.plugin_commit = "HEAD"  # where the workspace is this checkout: run() takes the commit (plugin_commit)
         self.started = time.time()
         self.deadline = self.started + args.hours * 3600 if args.hours else None
-        # the server's own timeout for a run, taken before any session: the state's, which the agent can write, is
-        # believed only below it (a planted run with an infinite or NaN timeout kept its session past --hours for good)
+        # the server's own timeout for a run of the research run's budget, taken before any session: the runs' own
+        # timeouts in the state, which the agent can write, are believed only below it (a planted run with an infinite
+        # or NaN timeout kept its session past --hours for good)
         self.most_seconds = timeout_for(self.research_budget())
         self.session: subprocess.Popen | None = None
         self.output: cost.SessionOutput | None = None  # the session's output, read from the runner's own pipe

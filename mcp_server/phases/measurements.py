@@ -33,11 +33,11 @@ VALUES = ("measured", "reruns")  # of CARRIED, the values themselves: controls o
 # them left them}: review 68, a harness edit set up and undone, or the cache prepared again and back, dropped every lost
 # pair and held order and began the counter at 1 again
 SHELVED = "shelved_measurements"
-# what setup records that values measured depend on beside the harness: the data and the environments runs and the
-# evaluator import from
+# what setup records that values measured depend on beside the harness: the data, the environments runs and the
+# evaluator import from, and the budget settings (a value measured at another clock, budget or evaluation size is no
+# control)
 MEASURED_WITH = ("cache_fingerprint", "input_pins", "environment_pin", "evaluator_pin", "startup_pin", "source_pin",
-                 budget_settings.SETTINGS)  # and the budget: a value measured at another clock, budget or evaluation size
-# is no control
+                 budget_settings.SETTINGS)
 
 
 def carried(state: dict, fingerprint: str, setup: dict) -> dict:
@@ -288,7 +288,8 @@ def confirmation_orders(core: LoopCore, entry: dict, pairs: int) -> tuple[list[t
         candidate = _measurements_of(core, state, entry["commit"])
         orders = resumed + earlier
         # left to the call beside while it trains there: this plan is fixed before that rerun's curve is seen
-        unfiled = [o for o in _unfiled(core, state, entry["parent"]) if o not in beside] if _repeatable(core, state) else []
+        unfiled = [o for o in _unfiled(core, state, entry["parent"]) if o not in beside] \
+            if _repeatable(core, state) else []
         orders += [o for o in sorted(set(control) | set(unfiled))
                    if o not in orders and o not in judged][:max(0, pairs - len(orders))]
         for _ in range(pairs - len(orders)):
