@@ -141,6 +141,8 @@ def main() -> int:
     print(f"visible: CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')} "
           f"cpus={','.join(map(str, sorted(os.sched_getaffinity(0))))} "
           f"data order={os.environ.get('AUTORESEARCH_DATA_ORDER', '0')}", flush=True)
+    print("budget: " + " ".join(f"{name}={os.environ.get(f'AUTORESEARCH_{name}', '-')}"  # what the harness told it
+                                for name in ("BUDGET_CLOCK", "TIME_BUDGET", "EVAL_TOKENS")), flush=True)
     for step in range(k["STEPS"]):
         loss = float("nan") if k["NAN"] and step == k["STEPS"] - 1 else 9.0 - step * 0.5 + k["LAG"]
         if loss != loss:

@@ -104,18 +104,25 @@ def test_on_the_wall_clock_a_lost_pair_is_not_rewritten_by_later_controls(fake_e
         lab.loop.shutdown()
 
 
-def test_a_lost_pair_on_the_wall_clock_stays_lost_on_the_flops_clock(fake_env, monkeypatch):
-    """Review 69: the same, then the agent started the server again on the flops clock (AUTORESEARCH_BUDGET_CLOCK,
-    which no fingerprint covers): pairs were read again from the values filed per code and order, the wall clock's
-    among them and over the recorded ones, so the best's unlucky 1.001 made the lost pair won and the same train.py
-    was confirmed on one fresh order. Only the flops clock's values make a pair, and a recorded pair stands."""
+def test_a_lost_pair_on_the_wall_clock_stays_lost_on_a_server_started_on_the_flops_clock(fake_env, monkeypatch):
+    """Review 69: the same, then the agent started the server again on the flops clock (AUTORESEARCH_BUDGET_CLOCK):
+    the queued and later runs trained on the flops clock, and pairs were read again from the values filed per code
+    and order, the wall clock's among them and over the recorded ones, so the best's unlucky 1.001 made the lost pair
+    won and the same train.py was confirmed on one fresh order. The research run stays on the wall clock it was set
+    up on (core/budget_settings.py), its runs train there and are labelled so, and the answer says why; and a
+    recorded pair stands over one rebuilt from filed values."""
+    monkeypatch.delenv("AUTORESEARCH_BUDGET_CLOCK", raising=False)
     lab = Lab(make_workspace(fake_env, "VAL_BPB = 1.0\nNOISE = 0.001\n"))
     try:
         lose_on_order_1_and_rerun_its_control_unluckily(lab, run := runner(lab))
         monkeypatch.setenv("AUTORESEARCH_BUDGET_CLOCK", "flops")
         monkeypatch.setenv("FAKE_FLOPS_CLOCK", "1")
         lab.restart()
-        run(WALL_IDEA, "the idea again", rerun=True)  # run 10
+        ran = run(WALL_IDEA, "the idea again", rerun=True)  # run 10
+        assert ran["budget_clock"] == "wall" and "AUTORESEARCH_BUDGET_CLOCK gives flops, the research run recorded " \
+            "wall" in " ".join(ran["records_changed"]), ran
+        log = next((lab.ws / "runs").glob("0010-*.log")).read_text()
+        assert "budget: BUDGET_CLOCK=- " in log  # trained on the prepared record's clock, wall: not told flops
         again = answer(lab.call("confirm", pairs=1))
         assert "did not hold in an earlier confirmation (it lost by +0.000500)" in again["next"], again
     finally:

@@ -220,14 +220,15 @@ def test_on_the_wall_clock_a_pair_lost_before_the_kill_stays_lost(fake_env):
     assert "did not hold in an earlier confirmation (it lost by +0.000500)" in again["next"], again
 
 
-def test_a_lost_pair_against_a_reused_control_stays_lost_on_another_clock(fake_env, monkeypatch):
+def test_a_lost_pair_against_a_reused_control_stays_lost_on_a_server_started_on_another_clock(fake_env, monkeypatch):
     """Review 69: on the flops clock the best's noise repeats stood as controls (one run a pair), and such a pair was
     recorded as judged only once confirm returned; until then it was read from the values filed for the flops clock
     on this slot count. The idea lost order 3 against a reused control; the agent SIGKILLed the server while order 4
-    trained and started it again on the wall clock (AUTORESEARCH_BUDGET_CLOCK, which no fingerprint covers): the
-    flops values were no longer read, orders 1 to 3 were unjudged, and the next confirm measured the lost pair again
-    on the wall clock's new luck. A pair with a reused side is noted as started too, and judged as its rerun is
-    filed."""
+    trained and started it again on the wall clock (AUTORESEARCH_BUDGET_CLOCK): the flops values were no longer read,
+    orders 1 to 3 were unjudged, and the next confirm measured the lost pair again on the wall clock's new luck; the
+    run the killed call queued trained on the wall clock, labelled flops. A pair with a reused side is noted as
+    started too, and judged as its rerun is filed; and the research run stays on the flops clock it was set up on
+    (core/budget_settings.py): the queued run trains there, as its label says."""
     monkeypatch.setenv("AUTORESEARCH_BUDGET_CLOCK", "flops")
     monkeypatch.setenv("FAKE_FLOPS_CLOCK", "1")
     luck = "ORDER_EFFECT = 0.0001\nORDER_LUCK = 0.002\nSLEEP = 1\n"  # the idea wins orders 1 and 2, loses 3
@@ -250,7 +251,9 @@ def test_a_lost_pair_against_a_reused_control_stays_lost_on_another_clock(fake_e
     async def after_the_restart():
         async with stdio_client_for(ws, cache) as client:
             call = client.call_tool
-            answer(await call("wait", {"all": True}))  # run 10, queued by the killed call
+            waited = answer(await call("wait", {"all": True}))  # run 10, queued by the killed call
+            assert [r["budget_clock"] for r in waited["results"] if r["run"] == 10] == ["flops"], waited
+            assert "budget: BUDGET_CLOCK=flops " in next((ws / "runs").glob("0010-*.log")).read_text()
             for rerun in range(6, 11):
                 answer(await call("discard", {"run": rerun}))
             return answer(await call("confirm", {"run": 5}))

@@ -853,3 +853,26 @@ def test_a_sessions_last_words_cannot_rewrite_or_hide_the_runners_lines(fake_cla
     out = capsys.readouterr().out
     assert "giving up: 5 sessions in a row" in out and "\x1b" not in out and "\u202e" not in out, out
     assert "\\x1b[1A\\x1b[2Kresearch run ended: best val_bpb 0.710000, every run verified\\x1b[8m\\u202e" in out, out
+
+
+def test_a_runner_resumed_with_other_budget_settings_goes_on_at_the_research_runs(lab, fake_claude, monkeypatch,
+                                                                                  capsys):
+    """The user changes the clock and the budget between two runs of the runner on research run `night`, set up on
+    the flops clock at the cache's 60 s budget. Its sessions' servers keep the research run's settings
+    (tests/test_budget_settings.py), and so does the runner: it says the night goes on at them, and its wait for a
+    run in flight past --hours is the server's timeout for the research run's budget, not the environment's."""
+    from mcp_server.overnight import overnight
+    monkeypatch.setenv("AUTORESEARCH_BUDGET_CLOCK", "flops")
+    lab.ok("setup", tag="night")
+    lab.loop.shutdown()  # the night's earlier session has ended
+    monkeypatch.setenv("AUTORESEARCH_BUDGET_CLOCK", "wall")
+    monkeypatch.setenv("AUTORESEARCH_TIME_BUDGET", "10")
+    monkeypatch.setenv("FAKE_CLAUDE_PLAN", "fail")
+    runner = overnight.Runner(runner_args(lab.ws, "--hours", str(1 / 3600)), overnight.preflight(lab.ws, None),
+                              backoff_s=(60,), poll_s=0.05)  # one session, then the back-off ends at the deadline
+    assert runner.most_seconds == 360  # the research run's 60 s budget (the environment's 10 s gives 310)
+    assert ended_within(runner, 30) == [0]
+    said = capsys.readouterr().out
+    assert "AUTORESEARCH_BUDGET_CLOCK gives wall, the research run recorded flops" in said, said
+    assert "AUTORESEARCH_TIME_BUDGET gives 10 s, the research run recorded 60 s" in said, said
+    assert "the night goes on at research run night's settings" in said, said

@@ -342,14 +342,13 @@ def test_timeout_kills_the_whole_group(lab):
 
 
 def test_default_timeout_is_three_times_the_budget_with_a_floor(lab, monkeypatch):
-    lab.baseline()
-    monkeypatch.setenv("AUTORESEARCH_TIME_BUDGET", "300")
-    assert lab.ok("run_experiment", description="a", wait=False, rerun=True)["timeout_seconds"] == 900
-    assert wait_until(lambda: lab.ok("status")["running"] is None, 10)
-    lab.ok("discard")
-    monkeypatch.setenv("AUTORESEARCH_TIME_BUDGET", "10")
-    assert lab.ok("run_experiment", description="b", wait=False, rerun=True)["timeout_seconds"] == 310
-    assert wait_until(lambda: lab.ok("status")["running"] is None, 10)
+    """Of the research run's budget, which its setup recorded (core/budget_settings.py)."""
+    for budget, timeout in (("300", 900), ("10", 310)):
+        monkeypatch.setenv("AUTORESEARCH_TIME_BUDGET", budget)
+        lab.ok("setup", tag=f"budget{budget}")
+        assert lab.ok("run_experiment", description="baseline", wait=False)["timeout_seconds"] == timeout
+        assert wait_until(lambda: lab.ok("status")["running"] is None, 10)
+        lab.ok("discard")
 
 
 def test_progress_notifications_are_sent(lab):

@@ -261,8 +261,9 @@ def test_training_does_not_inherit_the_servers_virtual_env(tmp_path, monkeypatch
     and every slot shares the workspace's one environment."""
     monkeypatch.setenv("VIRTUAL_ENV", "/plugin/.venv")
     monkeypatch.delenv("UV_PROJECT_ENVIRONMENT", raising=False)
+    monkeypatch.setenv("AUTORESEARCH_TIME_BUDGET", "4")  # a run gets its research run's (RunSpec.env), never this
     env = training_env(tmp_path)
-    assert "VIRTUAL_ENV" not in env and env["PYTHONUNBUFFERED"] == "1"
+    assert "VIRTUAL_ENV" not in env and "AUTORESEARCH_TIME_BUDGET" not in env and env["PYTHONUNBUFFERED"] == "1"
     assert env["UV_PROJECT_ENVIRONMENT"] == str(tmp_path / ".venv")
 
 

@@ -102,10 +102,11 @@ def commit_sources(ws, commit: str | None) -> dict:
     return {path: digest for path, (_, digest, _size) in commit_files(ws, commit).items() if path.endswith(".py")}
 
 
-def eval_tokens(record: dict | None = None) -> int:
+def eval_tokens(record: dict | None = None, environ=os.environ) -> int:
     """The evaluation's size: the prepared record's (record: as checked, checked_record; else read now), or the
-    server's own AUTORESEARCH_EVAL_TOKENS (tests shorten it): never what the training process sets."""
-    override = os.environ.get("AUTORESEARCH_EVAL_TOKENS")
+    server's own AUTORESEARCH_EVAL_TOKENS (tests shorten it; environ: {} for the record's own): never what the
+    training process sets. A research run's runs are evaluated at the size its setup recorded (core/budget_settings.py)."""
+    override = environ.get("AUTORESEARCH_EVAL_TOKENS")
     if override:
         return int(float(override))
     return int(_or_read(record).get("eval_tokens") or 40 * 524288)
@@ -253,7 +254,7 @@ def pinned_inputs(pins: dict | None, record: dict | None = None) -> dict:
 
 
 def evaluation_spec(harness: Path, harness_commit: str, timeout: float, pins: dict | None = None,
-                    record: dict | None = None) -> dict:
+                    record: dict | None = None, tokens: int | None = None) -> dict:
     """The worker's --evaluate: this interpreter, isolated (harness_eval.ISOLATED: no PYTHON* variables,
     no user site, no script folder on the path, no .pth file or sitecustomize, and no bytecode read or
     written: the harness copy stays exactly its commit, which the worker checks after the evaluation,
@@ -263,14 +264,15 @@ def evaluation_spec(harness: Path, harness_commit: str, timeout: float, pins: di
     profile's, its size the server's, and its inputs the pinned validation shard and tokenizer, which
     the worker copies and checks before the training starts. The worker adds --out-fd (the result
     comes back through a pipe that the training process cannot reach), the descriptors of its private
-    copies of the inputs and the exported program, and its slot's GPU."""
+    copies of the inputs and the exported program, and its slot's GPU. tokens: the research run's evaluation
+    size (core/budget_settings.py), else the server's now."""
     env = {k: v for k, v in os.environ.items()
            if k in ("PATH", "HOME", "LANG", "LC_ALL", "CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH",
                     "AUTORESEARCH_DEVICE", "AUTORESEARCH_CACHE")}
     env["AUTORESEARCH_CACHE"] = str(cache_dir())
     argv = [*evaluator_command(sys.executable, harness / EVALUATOR),
             "--profile", str(_or_read(record).get("profile")),
-            "--eval-tokens", str(eval_tokens(record)), "--site-packages", *site_packages()]
+            "--eval-tokens", str(tokens or eval_tokens(record)), "--site-packages", *site_packages()]
     return {"argv": argv, "env": env, "harness": str(harness), "harness_commit": harness_commit,
             "timeout": evaluation_timeout(timeout),
             "inputs": pinned_inputs(pins, record)}
@@ -320,11 +322,11 @@ def val_shard(record: dict | None = None) -> Path | None:
 
 def worker_args(ws, root: Path, run: int, commit: str, timeout: float, harness: Path | None,
                 harness_commit: str, slots: int, data_order: int = 0, pins: dict | None = None,
-                record: dict | None = None) -> list[str]:
+                record: dict | None = None, tokens: int | None = None) -> list[str]:
     """The worker's options for one run: the sandbox, the data order of a rerun, and where the
     harness verifies, the export, the watched validation shard and the separate evaluation.
     pins: setup's input_pins (a Refusal where the cache no longer holds them); record: the prepared
-    record as checked (checked_record)."""
+    record as checked (checked_record); tokens: the evaluation's size the run was submitted with."""
     data = data_folder_id()  # taken before the check: a folder swapped in between is the one checked, and refused
     check_pins(pins)
     export_dir = root / EXPORTS_DIR / str(run)
@@ -337,7 +339,7 @@ def worker_args(ws, root: Path, run: int, commit: str, timeout: float, harness: 
         return args
     program = export_dir / EXPORT_NAME
     args += ["--export", str(program),
-             "--evaluate", json.dumps(evaluation_spec(harness, harness_commit, timeout, pins, record))]
+             "--evaluate", json.dumps(evaluation_spec(harness, harness_commit, timeout, pins, record, tokens))]
     shard = val_shard(record)
     if shard is not None:
         args += ["--val-shard", str(shard)] + (["--val-shared"] if slots > 1 else [])

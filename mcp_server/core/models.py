@@ -197,6 +197,8 @@ class StatusResult(BaseModel):
     unsandboxed: str | None = None  # this server's runs (or some undecided ones) have no sandbox
     records_changed: list[str] | None = None  # changes to state.json or results.tsv the server did not make
     harness_changed: str | None = None  # this research run's harness differs from the one before's
+    budget_settings: str | None = None  # the research run's clock, budget and evaluation size, and where the server's
+    # environment differs from them
     next: str
 
 

@@ -97,9 +97,9 @@ def time_budget(root: Path) -> float:
     return budget_of(root, prepared_info() or {})
 
 
-def budget_of(root: Path, info: dict) -> float:
-    """time_budget with the prepared record `info` (parse_prepared)."""
-    override = os.environ.get("AUTORESEARCH_TIME_BUDGET")
+def budget_of(root: Path, info: dict, environ=os.environ) -> float:
+    """time_budget with the prepared record `info` (parse_prepared); environ: {} for the record's own."""
+    override = environ.get("AUTORESEARCH_TIME_BUDGET")
     if override:
         return float(override)
     if isinstance(info.get("time_budget"), (int, float)):
@@ -120,11 +120,11 @@ def timeout_for(budget: float) -> float:
     return max(TIMEOUT_FACTOR * budget, budget + MIN_TIMEOUT_MARGIN_S)
 
 
-def budget_clock(info: dict | None = None) -> str:
+def budget_clock(info: dict | None = None, environ=os.environ) -> str:
     """The clock a training budget is spent on (prepare.py records it, info: the record as checked, else read
-    now; the env overrides it)."""
+    now; the env overrides it, environ: {} for the record's own)."""
     record = (prepared_info() or {}) if info is None else info
-    return os.environ.get("AUTORESEARCH_BUDGET_CLOCK") or record.get("budget_clock") or "wall"
+    return environ.get("AUTORESEARCH_BUDGET_CLOCK") or record.get("budget_clock") or "wall"
 
 
 def profile_budget(profiles: Path, profile: str | None) -> float | None:

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mcp_server.core import integrity
+from mcp_server.core import budget_settings, integrity
 from mcp_server.scripts import export_copy, harness_copy, harness_eval, inotify_events, node, process_tree, sandbox
 from mcp_server.executors.executor import WORKER, Outcome, RunSpec
 from mcp_server.core.models import Refusal
@@ -105,7 +105,8 @@ def node_args(spec: RunSpec) -> list[str]:
             prepare["offline_seed"] = seed
         args += ["--prepare", json.dumps(prepare)]
     if spec.after_seconds:  # the harness exports the model: the node evaluates it as a slot here does
-        verify = {"evaluator": integrity.EVALUATOR, "editable": EDITABLE, "eval_tokens": integrity.eval_tokens(),
+        verify = {"evaluator": integrity.EVALUATOR, "editable": EDITABLE,
+                  "eval_tokens": spec.eval_tokens or integrity.eval_tokens(),  # the research run's (budget_settings)
                   "profile": (info or {}).get("profile"), "timeout": spec.after_seconds}
         args += ["--verify", json.dumps(verify)]
     return [*args, "--", *spec.command]
@@ -120,7 +121,8 @@ def offline_seed() -> str | None:
 
 
 def job_env(spec: RunSpec) -> dict:
-    env = {k: v for k, v in os.environ.items() if k.startswith(PASSED_ENV_PREFIXES)}
+    env = {k: v for k, v in os.environ.items()  # the budget's variables: the research run's, in spec.env
+           if k.startswith(PASSED_ENV_PREFIXES) and k not in budget_settings.ENV.values()}
     return env | {"PYTHONUNBUFFERED": "1", "RESEARCH_LOOP_RUN": str(spec.run)} | spec.env
 
 

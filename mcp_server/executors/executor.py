@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mcp_server.core import envpin, envwatch, integrity
+from mcp_server.core import budget_settings, envpin, envwatch, integrity
 from mcp_server.core.integrity import EXPORTS_DIR
 from mcp_server.core.ledger import read_plain
 from mcp_server.executors import bytecode
@@ -74,6 +74,7 @@ class RunSpec:
     unsandboxed: bool = False  # the user accepts a run without a sandbox where none can run (mcp_server/scripts/sandbox.py)
     environment: dict | None = None  # where the environments' watches stood at the run's check (core/envwatch.py)
     files: dict | None = None  # the commit's files the run's interpreter copies and runs from (integrity.commit_files)
+    eval_tokens: int | None = None  # the harness evaluation's size the run was submitted with (a cluster node's)
 
 
 @dataclass
@@ -583,8 +584,11 @@ def training_env(workspace: Path) -> dict:
     """The training's environment: the server's, without its VIRTUAL_ENV (the plugin's own, which
     uv would ignore with a warning in every log), with every slot's `uv run` using the workspace's
     one environment instead of installing torch into each worktree, and the prepared cache named by
-    its path (the default, ~/.cache/autoresearch, is the server's home, not the sandboxed run's)."""
-    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"} | {"PYTHONUNBUFFERED": "1"}
+    its path (the default, ~/.cache/autoresearch, is the server's home, not the sandboxed run's); without
+    the budget's variables (core/budget_settings.py)."""
+    # the budget's variables come with each run (RunSpec.env): the research run's, never this server's own
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV" and k not in budget_settings.ENV.values()}
+    env = env | {"PYTHONUNBUFFERED": "1"}
     env.setdefault("UV_PROJECT_ENVIRONMENT", str(workspace / ".venv"))
     env["AUTORESEARCH_CACHE"] = str(cache_dir())  # the sandbox gives the run a home of its own: no ~/.cache there
     return env

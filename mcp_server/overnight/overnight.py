@@ -30,7 +30,7 @@ from pathlib import Path
 
 from git import GitCommandError
 
-from mcp_server.core import cost, integrity, ledger, limits, logparse, notify, tracking
+from mcp_server.core import budget_settings, cost, integrity, ledger, limits, logparse, notify, tracking
 from mcp_server.scripts import sandbox
 from mcp_server.core.models import Refusal, Row
 from mcp_server.core.workspace import EDITABLE, HarnessGit, Workspace, prepared_info, time_budget, timeout_for, validate_tag
@@ -196,9 +196,10 @@ class Runner:
         self.plugin_commit = "HEAD"  # where the workspace is this checkout: run() takes the commit (plugin_commit)
         self.started = time.time()
         self.deadline = self.started + args.hours * 3600 if args.hours else None
-        # the server's own timeout for a run, taken before any session: the state's, which the agent can write, is
-        # believed only below it (a planted run with an infinite or NaN timeout kept its session past --hours for good)
-        self.most_seconds = timeout_for(time_budget(self.workspace))
+        # the server's own timeout for a run of the research run's budget, taken before any session: the runs' own
+        # timeouts in the state, which the agent can write, are believed only below it (a planted run with an infinite
+        # or NaN timeout kept its session past --hours for good)
+        self.most_seconds = timeout_for(self.research_budget())
         self.session: subprocess.Popen | None = None
         self.output: cost.SessionOutput | None = None  # the session's output, read from the runner's own pipe
         # what the sessions cost: sessions.jsonl as earlier runs of the command left it, then this runner's own
@@ -214,6 +215,22 @@ class Runner:
     # --- the workspace, read like the hooks read it ---------------------------------------
     def state(self) -> dict:
         return limits.recorded_state(self.workspace)
+
+    def research_budget(self) -> float:
+        """The time budget the sessions' runs train at: the one research run `tag` recorded at its setup where the
+        runner resumes it (its servers keep it whatever this environment says), else the environment's."""
+        state = self.state()
+        pinned = budget_settings.recorded(state) if state.get("tag") == self.args.tag else None
+        return pinned["time_budget"] if pinned else time_budget(self.workspace)
+
+    def settings_note(self) -> str | None:
+        """Where this environment's budget settings differ from those research run `tag` recorded: the night goes
+        on at the research run's (core/budget_settings.py), which is said."""
+        state = self.state()
+        if state.get("tag") != self.args.tag:
+            return None
+        differ = budget_settings.differences(state, self.workspace, prepared_info() or {})
+        return differ and f"{differ}: the night goes on at research run {self.args.tag}'s settings"
 
     def rows(self) -> list:
         """The server's rows: a results.tsv edited by hand ends no night."""
@@ -338,6 +355,9 @@ class Runner:
                 return 1
             if note:
                 self.say(note)
+        settings = self.settings_note()
+        if settings:
+            self.say(settings)
         quick = 0
         while True:
             over = self.over()

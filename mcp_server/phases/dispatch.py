@@ -13,7 +13,7 @@ import time
 
 import git
 
-from mcp_server.core import cost, history, integrity
+from mcp_server.core import budget_settings, cost, history, integrity
 from mcp_server.executors.bytecode import compile_bytecode
 from mcp_server.executors.executor import WORKER_GRACE_SECONDS, RunSpec, kill_session, read_report, training_env
 from mcp_server.core.models import Refusal
@@ -21,7 +21,7 @@ from mcp_server.phases.results import record, unrecordable
 from mcp_server.phases.measurements import file_measurement
 from mcp_server.phases.runs import DEFAULT_TRAIN_COMMAND, MEASURED_ON, LoopCore
 from mcp_server.core.state import process_alive
-from mcp_server.core.workspace import EDITABLE, RUNS_DIR
+from mcp_server.core.workspace import EDITABLE, RUNS_DIR, prepared_info
 from mcp_server.scripts import sandbox
 
 ENV_SYNC_TIMEOUT_S = 900  # the first `uv run` of a workspace may install torch
@@ -36,6 +36,7 @@ def take_over(core: LoopCore) -> bool:
     if not core.state.try_own():
         return False
     with core.state.transaction() as state:
+        _settings_at_start(core, state)
         if history.DIGESTS not in state and state.get("rows"):  # a research run an older server began
             history.adopt(core.root / RUNS_DIR, state)
         if history.LOG_DIGESTS not in state and state.get("rows"):  # and before log digests
@@ -45,6 +46,18 @@ def take_over(core: LoopCore) -> bool:
                 _settle_orphan(core, state, entry)
     dispatch(core)
     return True
+
+
+def _settings_at_start(core: LoopCore, state: dict) -> None:
+    """The research run's budget settings, recorded now where an older server set it up without them; on the log,
+    where this server's environment would set others (the next call that trains says so too: submit)."""
+    record = prepared_info() or {}  # as found: no run starts on it (dispatch checks it against setup's)
+    adopted = budget_settings.adopt(state, core.root, record)
+    if adopted:
+        core.state.tell(adopted)
+    differ = budget_settings.differences(state, core.root, record)
+    if differ:
+        budget_settings.log.warning(differ)
 
 
 def require_owner(core: LoopCore) -> None:
@@ -89,7 +102,8 @@ def dispatch(core: LoopCore) -> None:
                 return
             entry = queued[0]
             try:
-                extras = []
+                extras, record = [], integrity.checked_record(state)
+                settings = submitted_settings(core, state, entry, record)
                 if core.make_executor is None:  # a cluster's node makes its own (mcp_server/scripts/node.py)
                     harness = integrity.harness_copy(core.ws, entry["parent"], state["fingerprint"]) \
                         if entry.get("verifies") else None
@@ -97,9 +111,11 @@ def dispatch(core: LoopCore) -> None:
                                                    entry["timeout"], harness,
                                                    core.ws.worktree_head(harness) if harness else "",
                                                    core.pool.capacity, entry.get("data_order", 0),
-                                                   state.get("input_pins"), integrity.checked_record(state))
+                                                   state.get("input_pins"), record, settings["eval_tokens"])
                     entry["data_stat"] = ((state.get("input_pins") or {}).get("data") or {}).get("stat")  # checked
                 spec = RunSpec(run=entry["run"], commit=entry["commit"], command=run_command(core),
+                               env=budget_settings.run_env(settings, core.root, record),
+                               eval_tokens=settings["eval_tokens"],
                                timeout=entry["timeout"], log=core.root / entry["log"],
                                report=core.root / entry["report"], worker_args=extras,
                                after_seconds=integrity.evaluation_allowance(entry),
@@ -115,6 +131,15 @@ def dispatch(core: LoopCore) -> None:
                          **core.pool.worker_record(entry["run"]))
             if core.runs_unsandboxed():
                 entry["unsandboxed"] = True  # for status and the dashboard while it runs
+
+
+def submitted_settings(core: LoopCore, state: dict, entry: dict, record: dict) -> dict:
+    """The budget settings a queued run trains and is evaluated at: those it was submitted with (the research
+    run's, core/budget_settings.py); a run queued by a server from before them, the research run's as recorded."""
+    settings = budget_settings.governing(state, core.root, record)
+    submitted = {"budget_clock": entry.get("clock"), "time_budget": entry.get("budget"),
+                 "eval_tokens": entry.get("eval_tokens")}
+    return settings | {k: v for k, v in submitted.items() if v is not None}
 
 
 def checkout_files(core: LoopCore, commit: str) -> dict | None:

@@ -10,10 +10,9 @@ import contextlib
 import hashlib
 import json
 
-from mcp_server.core import ledger, limits, noise
+from mcp_server.core import budget_settings, ledger, limits, noise
 from mcp_server.core.models import NoiseEstimate, Refusal, RunResult
 from mcp_server.phases.runs import IN_FLIGHT, LoopCore
-from mcp_server.core.workspace import budget_clock
 
 BEGUN = "begun_pairs"  # the state's {_pair_key or "noise <blob>": data orders begun}: confirmation_orders, noise_orders
 # the state's {_pair_key: {data order: [the best's val_bpb, the candidate's]}}: the pairs confirmations measured side
@@ -34,9 +33,11 @@ VALUES = ("measured", "reruns")  # of CARRIED, the values themselves: controls o
 # them left them}: review 68, a harness edit set up and undone, or the cache prepared again and back, dropped every lost
 # pair and held order and began the counter at 1 again
 SHELVED = "shelved_measurements"
-# what setup records that values measured depend on beside the harness: the data and the environments runs and the
-# evaluator import from
-MEASURED_WITH = ("cache_fingerprint", "input_pins", "environment_pin", "evaluator_pin", "startup_pin", "source_pin")
+# what setup records that values measured depend on beside the harness: the data, the environments runs and the
+# evaluator import from, and the budget settings (a value measured at another clock, budget or evaluation size is no
+# control)
+MEASURED_WITH = ("cache_fingerprint", "input_pins", "environment_pin", "evaluator_pin", "startup_pin", "source_pin",
+                 budget_settings.SETTINGS)
 
 
 def carried(state: dict, fingerprint: str, setup: dict) -> dict:
@@ -179,11 +180,11 @@ def one_model(*devices: str | None) -> bool:
     return len({d for d in devices if d}) <= 1
 
 
-def _repeatable(core: LoopCore) -> bool:
+def _repeatable(core: LoopCore, state: dict) -> bool:
     """Whether a run's val_bpb depends only on its code and data order, not on when it ran or
     what ran beside it: the flops clock on local slots (a cluster node's speed and data order are
     its own). There, a rerun of the best already measured on a data order stands in for a control."""
-    return core.make_executor is None and budget_clock() == "flops"
+    return core.make_executor is None and budget_settings.clock_of(state) == "flops"  # the research run's
 
 
 def _measurement_shelf(core: LoopCore, state: dict, commit: str) -> str:
@@ -207,7 +208,7 @@ def file_measurement(core: LoopCore, state: dict, entry: dict, result: RunResult
     order = entry.get("data_order", 0)
     if not order or rerun_value(result) is None:
         return
-    repeatable = result.budget_clock == "flops" and _repeatable(core)
+    repeatable = result.budget_clock == "flops" and _repeatable(core, state)
     shelves = state.setdefault("measured" if repeatable else "reruns", {})
     shelf = shelves.setdefault(_measurement_shelf(core, state, entry["commit"]), {})
     measured, before = {"val_bpb": result.val_bpb, "run": entry["run"], "device": result.device}, shelf.get(str(order))
@@ -256,7 +257,7 @@ def _every(latest: dict) -> list[dict]:
 def _measurements_of(core: LoopCore, state: dict, commit: str) -> dict[int, dict]:
     """{data order: {val_bpb, run}} of the reruns of this commit's code, where the clock makes
     them repeatable; {} elsewhere."""
-    if not _repeatable(core):
+    if not _repeatable(core, state):
         return {}
     shelf = (state.get("measured") or {}).get(_measurement_shelf(core, state, commit)) or {}
     return {int(order): m for order, m in shelf.items()}
@@ -287,7 +288,8 @@ def confirmation_orders(core: LoopCore, entry: dict, pairs: int) -> tuple[list[t
         candidate = _measurements_of(core, state, entry["commit"])
         orders = resumed + earlier
         # left to the call beside while it trains there: this plan is fixed before that rerun's curve is seen
-        unfiled = [o for o in _unfiled(core, state, entry["parent"]) if o not in beside] if _repeatable(core) else []
+        unfiled = [o for o in _unfiled(core, state, entry["parent"]) if o not in beside] \
+            if _repeatable(core, state) else []
         orders += [o for o in sorted(set(control) | set(unfiled))
                    if o not in orders and o not in judged][:max(0, pairs - len(orders))]
         for _ in range(pairs - len(orders)):

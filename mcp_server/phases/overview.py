@@ -10,12 +10,13 @@ import time
 from pathlib import Path
 
 from mcp_server.core import history as run_history
-from mcp_server.core import cost, ledger, limits, logparse, noise
+from mcp_server.core import budget_settings, cost, ledger, limits, logparse, noise
 from mcp_server.scripts import sandbox
 from mcp_server.phases.dispatch import take_over
 from mcp_server.phases.results import confirmation_needed
 from mcp_server.core.models import HistoryResult, LiveRun, Metrics, NoiseEstimate, Refusal, StatusResult
 from mcp_server.phases.runs import IN_FLIGHT, RUN_LOG, UNDECIDED, LoopCore, unsandboxed_marker
+from mcp_server.core.workspace import prepared_info
 
 RECENT_ROWS = 5
 RUN_ARG_RE = re.compile(r"[0-9]{1,9}|[0-9a-fA-F]{7,40}")
@@ -191,8 +192,19 @@ def status(core: LoopCore) -> StatusResult:
     result.limits = limits.left(state, [(r.status, r.val_bpb, r.description) for r in rows])
     result.ended = limits.ended(state, [(r.status, r.val_bpb, r.description) for r in rows])
     result.compute = cost.hours_text(cost.run_hours(state))
+    result.budget_settings = _settings_text(core, state)
     result.next = _next_step(core, state, result)
     return result
+
+
+def _settings_text(core: LoopCore, state: dict) -> str | None:
+    """The research run's budget settings as recorded at setup, and what the server's environment would set instead."""
+    pinned = budget_settings.recorded(state)
+    if pinned is None:
+        return None
+    differ = budget_settings.differences(state, core.root, prepared_info() or {})
+    return (f"{budget_settings.describe(pinned)}: recorded at setup, every run of this research run trains and is "
+            "evaluated at them" + (f"; {differ}" if differ else ""))
 
 
 def _next_step(core: LoopCore, state: dict, s: StatusResult) -> str:

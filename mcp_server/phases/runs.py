@@ -64,6 +64,7 @@ class LoopCore:
         self._refused: set[str] = set()  # records found changed, told once each
         self.python: str | None = None  # the workspace environment's interpreter, once found
         self.make_executor = executor
+        self.settings_told: set[str] = set()  # budget settings of the environment's, told as differing (submit)
 
     @property
     def ws(self) -> Workspace:

@@ -13,12 +13,12 @@ import sys
 import time
 
 from mcp_server.phases import early_stop, measurements, novelty
-from mcp_server.core import envpin, history, integrity, ledger, limits
+from mcp_server.core import budget_settings, envpin, history, integrity, ledger, limits
 from mcp_server.phases.dispatch import dispatch, require_owner, run_command
 from mcp_server.core.models import Refusal, SetupResult
 from mcp_server.phases.runs import RUNS_DIR, UNDECIDED, LoopCore, run_name
-from mcp_server.core.workspace import (BRANCH_PREFIX, EDITABLE, RUN_REF_PREFIX, budget_clock, budget_of, cache_dir,
-                                       prepared_info, time_budget, timeout_for, validate_tag)
+from mcp_server.core.workspace import (BRANCH_PREFIX, EDITABLE, RUN_REF_PREFIX, cache_dir, prepared_info, timeout_for,
+                                       validate_tag)
 
 MAX_TIMEOUT_S = 86400.0
 MAX_COMMIT_ATTEMPTS = 20  # candidates whose 7-character hash collides with a logged one are re-made
@@ -44,6 +44,7 @@ def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments:
     if prepared_info() is None:
         raise Refusal(f"No prepared data or tokenizer in {cache_dir()}: run `uv run prepare.py` "
                       "in the workspace first (it downloads or builds the data and trains the tokenizer).")
+    settings = budget_settings.checked_environment(core.root, prepared_info() or {})  # every run trains at them
     start = core.kept_row(ws.head()) if core.ledger_path.exists() else None
     try:
         chosen = limits.make_limits(hours, max_experiments, target_val_bpb, max_failures_in_row,
@@ -84,7 +85,7 @@ def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments:
         harness_changed = harness_change(core, state, fingerprint)
         measured_with = {"cache_fingerprint": integrity.cache_fingerprint(), "input_pins": integrity.input_pins(),
                          "environment_pin": environment_pin, "evaluator_pin": evaluator_pin,
-                         "startup_pin": startup_pin, "source_pin": source_pin}
+                         "startup_pin": startup_pin, "source_pin": source_pin, budget_settings.SETTINGS: settings}
         carried = measurements.carried(state, fingerprint, measured_with)  # other arithmetic, data or environment
         state.clear()
         core.fresh_records.clear()  # the earlier research run's records vouch for nothing here
@@ -155,7 +156,8 @@ def _archive_ledger(core: LoopCore) -> str | None:
 
 
 def default_timeout(core: LoopCore) -> float:
-    return timeout_for(time_budget(core.root))
+    state = core.state.load()
+    return timeout_for(budget_settings.governing(state, core.root, prepared_info() or {})["time_budget"])
 
 
 def submit(core: LoopCore, description: str, timeout_seconds: float | None = None, source: bytes | None = None,
@@ -213,13 +215,16 @@ def submit(core: LoopCore, description: str, timeout_seconds: float | None = Non
         # the run is judged by the budget checked now (the prepared record is the agent's to edit while it
         # trains), and its training time is train.py's word: only the wall bounds it, by the server's own
         # timeout for that budget, whatever timeout was asked (results._measured)
-        budget = budget_of(core.root, record)
+        settings = budget_settings.governing(state, core.root, record)  # the research run's, whatever the environment
+        _tell_settings(core, state, record)
+        budget = settings["time_budget"]
         most_seconds = timeout_for(budget)
         entry = {"run": n, "commit": commit, "parent": kept, "description": description, "status": "queued",
                  "verifies": integrity.supports_export(core.ws, commit),
                  "timeout": float(timeout_seconds or most_seconds), "submitted_at": time.time(),
                  "budget": budget, "most_seconds": most_seconds,
-                 "flops_rate": record.get("flops_per_budget_second"), "clock": budget_clock(record),
+                 "flops_rate": record.get("flops_per_budget_second"), "clock": settings["budget_clock"],
+                 "eval_tokens": settings["eval_tokens"],
                  "log": f"{RUNS_DIR}/{run_name(n, commit)}.log",
                  "report": f"{RUNS_DIR}/{run_name(n, commit)}.report.json"}
         if rerun_of is not None:
@@ -235,6 +240,15 @@ def submit(core: LoopCore, description: str, timeout_seconds: float | None = Non
         core.event(n)
     dispatch(core)
     return core.entry(n) or entry
+
+
+def _tell_settings(core: LoopCore, state: dict, record: dict) -> None:
+    """The answer of the first call that trains after this server found its environment's budget settings to
+    differ from the research run's says so (status says it while they differ; the server's log, at its start)."""
+    differ = budget_settings.differences(state, core.root, record)
+    if differ and differ not in core.settings_told:
+        core.settings_told.add(differ)
+        core.state.tell(differ)
 
 
 def _decide_first(core: LoopCore, undecided: list[dict]) -> str:
