@@ -323,3 +323,37 @@ def test_a_held_trial_another_call_decides_is_let_go_never_named_or_discarded_ag
         assert result["pending_run"] is None and not status.get("undecided"), result
         assert "the best changed while the sweep ran" in result["stopped"] and "sweep again" in result["next"]
         assert [r[4] for r in trial_rows(lab.ws) if r[0] == second["commit"]][0].endswith("no longer the best)")
+
+
+def test_train_pys_own_number_is_no_trials_value_and_beats_no_measured_gain(fake_env):
+    """Where the harness evaluates exports, a trial whose train.py exports nothing has train.py's own number, which
+    train.py can choose by the swept values. The sweep told it to the study and held it: trial 1 (EXPORT=0, printing
+    0.5) beat trial 0's measured 0.9, which was discarded as beaten by it; the answer's best, table and progress said
+    0.5 with status ok, and its next said keep(run), which keep refuses. Now such a trial is marked unverified, told
+    to the study as failed, discarded saying why, and the measured gain is held."""
+    from test_confirmations import evaluating_lab
+    lab = evaluating_lab(fake_env)
+    seen = []
+
+    async def on_progress(progress, total, message):
+        seen.append(message)
+    try:
+        lab.ok("setup", tag="t")
+        assert lab.ok("run_experiment", description="baseline")["verified"]
+        lab.ok("keep")
+        lab.loop.store_noise([1.0, 1.0002], 0)
+        # seed 7's first two draws: (EXPORT 1, VAL_BPB 0.9), measured; then (EXPORT 0, VAL_BPB 0.5), train.py's own
+        result = answer(lab.call("sweep", progress=on_progress, trials=2, seed=7,
+                                 space={"EXPORT": {"choices": [0, 1]}, "VAL_BPB": {"choices": [0.5, 0.9]}}))
+    finally:
+        lab.loop.shutdown()
+    measured, own = sorted(result["table"], key=lambda row: row["trial"])
+    assert measured["params"] == {"EXPORT": 1, "VAL_BPB": 0.9} and own["params"] == {"EXPORT": 0, "VAL_BPB": 0.5}
+    assert result["pending_run"] == measured["run"] and result["best"]["trial"] == measured["trial"], result
+    assert own["status"] == "unverified" and own["val_bpb"] is None and "train.py's own" in own["note"], own
+    assert f"keep(run={measured['run']})" in result["next"] or f"confirm(run={measured['run']})" in result["next"]
+    assert not any("0.500000" in message for message in seen if message), seen
+    with sqlite3.connect(lab.ws / ".research-loop" / "optuna.db") as db:
+        assert [v for (v,) in db.execute("SELECT value FROM trial_values")] == [0.9]
+    row = next(r for r in trial_rows(lab.ws) if r[0] == own["commit"])
+    assert row[3] == "discard" and "train.py's own" in row[4] and "unverified" in row[4], row

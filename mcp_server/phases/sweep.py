@@ -8,7 +8,8 @@ timeout, the research run's limits, the noise verdict. Optuna's samplers choose 
 CMA-ES); nothing here optimises.
 
 Decisions: each finished trial (its description "sweep trial N of study K: NAME=value ...") is
-discarded at once, with the reason (not better than the best, or beaten by another trial), except
+discarded at once, with the reason (not better than the best, beaten by another trial, or its val_bpb
+train.py's own where the harness evaluates exports and got none: never told to the study), except
 the best of this call that beats the kept best, which stays pending (a better trial later discards
 it). The agent keeps it with keep(), whose confirmation rule applies as to any run: a gain within a
 few noise widths is confirmed on fresh data orders first. While the sweep runs, that held result is
@@ -50,6 +51,7 @@ STUDY_KEY_CHARS = 10
 MAX_TABLE_ROWS = 40  # earlier calls' trials in the answer's table, best first; trials_in_study counts them all
 EXAMPLE = ('e.g. {"MATRIX_LR": {"low": 0.01, "high": 0.1, "log": true}, "DEPTH": {"low": 2, "high": 6}, '
            '"WINDOW_PATTERN": {"choices": ["L", "SSSL"]}}')
+UNVERIFIED = "unverified"  # a trial's status where its val_bpb is train.py's own (own_number)
 REPEATABLE_FAILURES = ("crash", "timeout")  # the same values would fail again: answered without a run
 UNKNOWN = object()  # a constant whose value is not a literal (e.g. TRAIN_DEFAULTS["depth"])
 
@@ -306,8 +308,9 @@ class Sweep:
         trial.set_user_attr("run", earlier.run)
         trial.set_user_attr("commit", earlier.commit)
         trial.set_user_attr("status", "repeat")
-        trial.set_user_attr("note", f"the same train.py as run {earlier.run} on this best: answered from it, no run")
-        if earlier.status == "ok" and earlier.val_bpb is not None:
+        trial.set_user_attr("note", f"the same train.py as run {earlier.run} on this best: answered from it, no run"
+                            + (f"; {own_number(earlier)}" if own_number(earlier) else ""))
+        if measured(earlier):
             self.study.tell(trial, earlier.val_bpb)
         else:
             self.study.tell(trial, state=TrialState.FAIL)
@@ -339,8 +342,10 @@ class Sweep:
         result = self.loop.answer_for(run)
         decided = self.loop.entry(run) is None  # the early stop ended it: its crash row is written
         self.ran += 1
-        ok = result.status == "ok" and result.val_bpb is not None
-        trial.set_user_attr("status", result.status)
+        ok = measured(result)
+        trial.set_user_attr("status", UNVERIFIED if own_number(result) else result.status)
+        if own_number(result):
+            trial.set_user_attr("note", own_number(result))
         if ok:
             trial.set_user_attr("val_bpb", result.val_bpb)
         if result.delta is not None:
@@ -362,8 +367,13 @@ class Sweep:
                 self.discard(f"a sweep trial, beaten by trial {trial.number}", self.held)
             self.held, self.held_value, self.held_trial = run, result.val_bpb, trial.number
             return
-        self.discard(None if not ok else f"a sweep trial, not better than the best {self.best_val_bpb:.6f}"
-                     if self.held is None else f"a sweep trial, trial {self.held_trial} did better", run)
+        if not ok:
+            reason = "a sweep trial whose val_bpb is train.py's own" if own_number(result) else None
+        elif self.held is None:
+            reason = f"a sweep trial, not better than the best {self.best_val_bpb:.6f}"
+        else:
+            reason = f"a sweep trial, trial {self.held_trial} did better"
+        self.discard(reason, run)
 
     def cancel_in_flight(self) -> None:
         """The call was cancelled: its trials in flight are cancelled too (a running one is logged as a
@@ -412,6 +422,22 @@ class Sweep:
         if self.stopped:
             result.next = f"{self.stopped}. {result.next}"
         return result
+
+
+def measured(result: RunResult) -> bool:
+    """A trial's value the study is told, and the sweep may hold: the harness's number (or, where the harness does not
+    export, train.py's as it always is), never train.py's own where the harness evaluates exports and got none."""
+    return result.status == "ok" and result.val_bpb is not None and result.verified is not False
+
+
+def own_number(result: RunResult) -> str | None:
+    """Why an ok trial's value is no measurement: an exporting harness evaluated nothing of it, so the number is the
+    one train.py printed (which it can choose by the swept values); told to the study, it steered the sampler, and
+    held as the sweep's best it discarded measured gains as beaten by it."""
+    if result.status != "ok" or result.verified is not False or result.val_bpb is None:
+        return None
+    return (f"val_bpb {result.val_bpb:.6f} is train.py's own, not measured by the harness (no model it could evaluate): "
+            "not told to the study, never held")
 
 
 def table_row(t) -> SweepTrial:
