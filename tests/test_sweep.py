@@ -357,3 +357,23 @@ def test_train_pys_own_number_is_no_trials_value_and_beats_no_measured_gain(fake
         assert [v for (v,) in db.execute("SELECT value FROM trial_values")] == [0.9]
     row = next(r for r in trial_rows(lab.ws) if r[0] == own["commit"])
     assert row[3] == "discard" and "train.py's own" in row[4] and "unverified" in row[4], row
+
+
+def test_a_seed_outside_the_samplers_range_is_refused_and_the_top_one_continues_its_study(fake_env):
+    """A seed below 0 or from 2**32 up (numpy's range, which the samplers take) failed with an internal error
+    ("Seed must be between 0 and 2**32 - 1") after the study was opened; and a seed that fits made the study's next
+    sweep fail the same way, its seed moved on by the trials already in the study. Now a seed out of range is
+    refused before anything runs, and the moved seed wraps round."""
+    lab = sweep_lab(fake_env, slots=1)
+    try:
+        for seed in (-1, 2 ** 32):
+            message = lab.refused("sweep", space=SPACE, trials=1, seed=seed)
+            assert "seed must be a whole number from 0 to 4294967295" in message and "Nothing ran" in message, message
+        assert not (lab.ws / ".research-loop" / "optuna.db").exists()
+        first = lab.ok("sweep", space=SPACE, trials=1, seed=2 ** 32 - 1)
+        if first["pending_run"] is not None:
+            lab.ok("discard", run=first["pending_run"])
+        again = lab.ok("sweep", space=SPACE, trials=1, seed=2 ** 32 - 1)
+    finally:
+        lab.loop.shutdown()
+    assert first["trials_in_study"] == 1 and again["trials_in_study"] == 2, again

@@ -46,6 +46,7 @@ from mcp_server.core.models import NoiseEstimate, Refusal, RunResult, SweepRange
 STORAGE = ".research-loop/optuna.db"
 SAMPLERS = ("tpe", "cmaes")
 MAX_TRIALS = 200
+SEEDS = 2 ** 32  # numpy's seeds, which Optuna's samplers take: 0 to 2**32 - 1
 TPE_STARTUP_TRIALS = 4  # random trials before TPE models the results (Optuna's 10 would be most of a short sweep)
 STUDY_KEY_CHARS = 10
 MAX_TABLE_ROWS = 40  # earlier calls' trials in the answer's table, best first; trials_in_study counts them all
@@ -455,6 +456,9 @@ def start(loop, space, trials: int, sampler: str, seed: int | None) -> Sweep:
         raise Refusal(f"trials must be a whole number from 1 to {MAX_TRIALS}.")
     if sampler not in SAMPLERS:
         raise Refusal(f"sampler must be one of {', '.join(SAMPLERS)} (Optuna's TPE or CMA-ES).")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEEDS):
+        raise Refusal(f"seed must be a whole number from 0 to {SEEDS - 1} (the samplers' range), or left out. "
+                      "Nothing ran.")
     state = loop.state.load()
     if not state.get("branch"):
         raise Refusal("This workspace is not set up for a research run: call setup(tag) first.")
@@ -493,8 +497,8 @@ def open_study(root, name: str, sampler: str, seed: int | None):
     path.parent.mkdir(exist_ok=True)
     storage = optuna.storages.RDBStorage(f"sqlite:///{path}")
     study = optuna.create_study(storage=storage, study_name=name, direction="minimize", load_if_exists=True)
-    # a resumed study with the same seed would draw its first trials again
-    study.sampler = make_sampler(sampler, None if seed is None else seed + len(study.trials))
+    # a resumed study with the same seed would draw its first trials again; past the samplers' range it wraps round
+    study.sampler = make_sampler(sampler, None if seed is None else (seed + len(study.trials)) % SEEDS)
     return study
 
 
