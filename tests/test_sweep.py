@@ -377,3 +377,23 @@ def test_a_seed_outside_the_samplers_range_is_refused_and_the_top_one_continues_
     finally:
         lab.loop.shutdown()
     assert first["trials_in_study"] == 1 and again["trials_in_study"] == 2, again
+
+
+@pytest.mark.parametrize("planted", ["bytes", "folder"])
+def test_a_study_store_optuna_cannot_open_is_refused_saying_what_to_do(fake_env, planted):
+    """.research-loop/optuna.db made unreadable (other bytes written there, a folder in its place): the sweep failed
+    with an internal error (sqlite's "file is not a database") that said nothing of the file or what to do. Now it is
+    refused before anything runs, naming the file and how to start afresh, and the file is left as it is."""
+    lab = sweep_lab(fake_env, slots=1)
+    store = lab.ws / ".research-loop" / "optuna.db"
+    try:
+        rows = ledger_lines(lab.ws)
+        store.mkdir() if planted == "folder" else store.write_bytes(b"not a database " * 100)
+        message = lab.refused("sweep", space=SPACE, trials=1)
+        assert ".research-loop/optuna.db is not a study store Optuna can open" in message, message
+        assert "Nothing ran" in message and "mv .research-loop/optuna.db .research-loop/optuna.db.bad" in message
+        status = lab.ok("status")
+        assert ledger_lines(lab.ws) == rows and status["running"] is None and not status["undecided"], status
+    finally:
+        lab.loop.shutdown()
+    assert store.is_dir() if planted == "folder" else store.read_bytes() == b"not a database " * 100

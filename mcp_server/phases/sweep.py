@@ -493,10 +493,16 @@ def start(loop, space, trials: int, sampler: str, seed: int | None) -> Sweep:
 def open_study(root, name: str, sampler: str, seed: int | None):
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    from sqlalchemy.exc import SQLAlchemyError
     path = root / STORAGE
     path.parent.mkdir(exist_ok=True)
-    storage = optuna.storages.RDBStorage(f"sqlite:///{path}")
-    study = optuna.create_study(storage=storage, study_name=name, direction="minimize", load_if_exists=True)
+    try:
+        storage = optuna.storages.RDBStorage(f"sqlite:///{path}")
+        study = optuna.create_study(storage=storage, study_name=name, direction="minimize", load_if_exists=True)
+    except (SQLAlchemyError, RuntimeError) as exc:  # RuntimeError: Optuna's word on a store of another schema
+        raise Refusal(f"{STORAGE} is not a study store Optuna can open ({str(exc).splitlines()[0][:200]}). Nothing "
+                      f"ran. Move it aside (`mv {STORAGE} {STORAGE}.bad`) and sweep again: the sweep starts a new "
+                      "study there; every trial's row stays in the ledger.") from None
     # a resumed study with the same seed would draw its first trials again; past the samplers' range it wraps round
     study.sampler = make_sampler(sampler, None if seed is None else (seed + len(study.trials)) % SEEDS)
     return study
