@@ -492,3 +492,25 @@ def test_a_port_or_train_command_no_server_can_use_is_refused_before_it_starts(t
                           text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert said in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("env, said", [
+    ({"RESEARCH_LOOP_SLOTS": "0"}, "the slots (--slots, or env RESEARCH_LOOP_SLOTS) are a whole number of 1 or more"),
+    ({"RESEARCH_LOOP_SLOTS": "two"}, "the slots (--slots, or env RESEARCH_LOOP_SLOTS) are a whole number of 1 or more"),
+    ({"RESEARCH_LOOP_EXECUTOR": "SLURM"}, "--executor (or env RESEARCH_LOOP_EXECUTOR) must be one of local, ray, slurm"),
+    ({"RESEARCH_LOOP_NOTIFY_FORMAT": "xml"}, "--notify-format (or env RESEARCH_LOOP_NOTIFY_FORMAT) must be one of"),
+])
+def test_a_setting_from_the_environment_no_server_can_use_is_refused_before_it_starts(tmp_path, env, said):
+    """The server's flags are checked by argparse, but a default taken from the environment is not: RESEARCH_LOOP_SLOTS=0
+    made a server whose every run_experiment was refused ("0 results are not decided yet (runs ), as many as there are
+    slots"), =two a traceback; RESEARCH_LOOP_EXECUTOR=SLURM ran every run on this machine, unsaid; and
+    RESEARCH_LOOP_NOTIFY_FORMAT=xml a traceback (the overnight runner's too). Now each is a usage error naming the
+    variable, and nothing started."""
+    for argv in (["-m", "mcp_server", "--workspace", str(tmp_path)], ["-m", "mcp_server.cli", "overnight", "--tag", "t",
+                                                                      "--workspace", str(tmp_path)]):
+        if "RESEARCH_LOOP_NOTIFY_FORMAT" not in env and argv[1] == "mcp_server.cli":
+            continue  # the runner hands the others to its sessions' servers as they are
+        done = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL, env=dict(os.environ, **env))
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert said in done.stderr, done.stderr

@@ -497,7 +497,7 @@ def main(args) -> int:
         except ValueError as exc:
             print(f"error: {flag}: {exc}; fix it and rerun", file=sys.stderr)
             return 2
-    problem = tracking.arguments_problem(args)
+    problem = tracking.arguments_problem(args) or notify.arguments_problem(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
