@@ -494,6 +494,21 @@ def test_a_port_or_train_command_no_server_can_use_is_refused_before_it_starts(t
     assert said in done.stderr, done.stderr
 
 
+@pytest.mark.parametrize("argv", [["-m", "mcp_server", "--http", "--port", "0"],
+                                  ["-m", "mcp_server.cli", "dashboard", "--port", "0"]])
+def test_a_token_file_that_is_a_fifo_or_a_folder_is_refused_at_once(tmp_path, argv):
+    """--token-file read with a plain open: a FIFO at that name (the agent can write where the user keeps it) blocked
+    the server's start, and the dashboard's, without a word. Now a token file that is not a plain file is refused,
+    saying what to give."""
+    (tmp_path / "ws").mkdir()
+    os.mkfifo(tmp_path / "token")
+    for planted in (tmp_path / "token", tmp_path / "ws"):
+        done = subprocess.run([sys.executable, *argv, "--workspace", str(tmp_path / "ws"), "--token-file", str(planted)],
+                              cwd=REPO, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert f"cannot read --token-file {planted}: not a plain file: give a plain file" in done.stderr, done.stderr
+
+
 @pytest.mark.parametrize("env, said", [
     ({"RESEARCH_LOOP_SLOTS": "0"}, "the slots (--slots, or env RESEARCH_LOOP_SLOTS) are a whole number of 1 or more"),
     ({"RESEARCH_LOOP_SLOTS": "two"}, "the slots (--slots, or env RESEARCH_LOOP_SLOTS) are a whole number of 1 or more"),
