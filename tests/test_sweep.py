@@ -397,3 +397,22 @@ def test_a_study_store_optuna_cannot_open_is_refused_saying_what_to_do(fake_env,
     finally:
         lab.loop.shutdown()
     assert store.is_dir() if planted == "folder" else store.read_bytes() == b"not a database " * 100
+
+
+def test_a_best_the_harness_did_not_measure_is_no_base_for_a_sweep(fake_env):
+    """After log_result(keep) of the agent's own 0.5 for code that trains to 1.05, the sweep compared its trials with
+    0.5: a trial at 0.95 (better than every number the harness measured) was discarded as "not better than the best
+    0.500000" with a delta of +0.45, and the answer gave best_val_bpb 0.5 unmarked. Now a sweep on such a best is
+    refused, saying how to measure it first, before anything runs."""
+    lab = sweep_lab(fake_env, slots=1)
+    try:
+        (lab.ws / "train.py").write_text(FAKE_TRAIN.replace("VAL_BPB = 1.0  #", "VAL_BPB = 1.05  #"))
+        git(lab.ws, "commit", "-q", "-am", "my idea, measured by hand")
+        lab.ok("log_result", commit=lab.head(), val_bpb=0.5, memory_gb=1.0, status="keep", description="my idea")
+        rows = ledger_lines(lab.ws)
+        message = lab.refused("sweep", space={"VAL_BPB": {"choices": [0.95, 0.97]}}, trials=2, seed=0)
+    finally:
+        lab.loop.shutdown()
+    assert "The best's val_bpb 0.500000 is the agent's, logged by hand, not measured by the harness" in message, message
+    assert "Measure the kept code first" in message and "Nothing ran" in message, message
+    assert ledger_lines(lab.ws) == rows and not (lab.ws / ".research-loop" / "optuna.db").exists()

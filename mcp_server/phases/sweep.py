@@ -482,6 +482,12 @@ def start(loop, space, trials: int, sampler: str, seed: int | None) -> Sweep:
     best = loop.status().best_val_bpb
     if best is None:
         raise Refusal("No kept result yet: run_experiment('baseline') and keep() it; trials are compared with it.")
+    row = loop.kept_row(kept)
+    whose = limits.not_measured(row.description) if row else None
+    if whose:  # every trial would be held or discarded against it, its delta a difference from it
+        raise Refusal(f"The best's val_bpb {best:.6f} is {whose}, and a sweep holds or discards each trial against it. "
+                      "Measure the kept code first: run_experiment(description, rerun=true) with train.py unchanged, "
+                      "then keep() it; then sweep. Nothing ran.")
     source = base.decode()
     dims = parse_space(space, source)
     name, key = study_name(state["branch"], dims, source)
