@@ -350,7 +350,8 @@ def test_train_pys_own_number_is_no_trials_value_and_beats_no_measured_gain(fake
     measured, own = sorted(result["table"], key=lambda row: row["trial"])
     assert measured["params"] == {"EXPORT": 1, "VAL_BPB": 0.9} and own["params"] == {"EXPORT": 0, "VAL_BPB": 0.5}
     assert result["pending_run"] == measured["run"] and result["best"]["trial"] == measured["trial"], result
-    assert own["status"] == "unverified" and own["val_bpb"] is None and "train.py's own" in own["note"], own
+    assert own["status"] == "unverified" and own["val_bpb"] is None and own["delta"] is None, own
+    assert "train.py's own" in own["note"], own
     assert f"keep(run={measured['run']})" in result["next"] or f"confirm(run={measured['run']})" in result["next"]
     assert not any("0.500000" in message for message in seen if message), seen
     with sqlite3.connect(lab.ws / ".research-loop" / "optuna.db") as db:

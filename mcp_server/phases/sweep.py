@@ -349,7 +349,7 @@ class Sweep:
             trial.set_user_attr("note", own_number(result))
         if ok:
             trial.set_user_attr("val_bpb", result.val_bpb)
-        if result.delta is not None:
+        if result.delta is not None and ok:  # a delta from train.py's own number is no measured gain
             trial.set_user_attr("delta", result.delta)
         if ok:
             self.study.tell(trial, result.val_bpb)
