@@ -27,6 +27,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -448,6 +449,19 @@ def rows_for_limits(root: Path) -> list[tuple[str, float, str]]:
     return rows
 
 
+def write_record(path: Path, text: str) -> None:
+    """The hook's record, written to a new file renamed over whatever lies at its name: the agent can write the
+    folder, and a FIFO put there blocked the hook's plain write until Claude Code killed it (a link was followed)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def allow(message: str | None = None) -> int:
     if message:
         print(json.dumps({"systemMessage": message}))
@@ -486,7 +500,7 @@ def stop(event: dict) -> int:
                      f"so it is let go, though the research run {branch} is still active. Continue it with "
                      f"{SKILL}, or end it with /research-loop:stop.")
     try:
-        record_path.write_text(json.dumps({"session": session, "mark": mark, "blocks": blocks}))
+        write_record(record_path, json.dumps({"session": session, "mark": mark, "blocks": blocks}))
     except OSError:
         return allow(f"research-loop: the research run {branch} is still active, but the Stop hook cannot record "
                      f"its count of stops in {STOP_HOOK_STATE}, so it lets Claude stop rather than risk sending it "

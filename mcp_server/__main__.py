@@ -20,10 +20,19 @@ from pathlib import Path
 from mcp_server.core import notify, tracking
 from mcp_server.scripts import sandbox
 from mcp_server.dashboard.auth import http_token, port_number
+from mcp_server.executors.executor import SLOTS_ENV
 
 DEFAULT_PORT = 8765
 EXECUTORS = ("local", "ray", "slurm")
 LOOPBACK = "127.0.0.1"
+
+
+def slot_count(text: str) -> int:
+    """--slots as argparse reads it, from the flag or the environment (where 0 made a server that could never run)."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"the slots (--slots, or env {SLOTS_ENV}) are a whole number of 1 or more, "
+                                         f"got {text!r}")
+    return int(text)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "RESEARCH_LOOP_WORKSPACE, else the current directory)")
     parser.add_argument("--train-command", default=os.environ.get("RESEARCH_LOOP_TRAIN_COMMAND"),
                         help="training command, run in the workspace (default: uv run train.py)")
-    parser.add_argument("--slots", type=int, default=None,
+    parser.add_argument("--slots", type=slot_count, default=os.environ.get(SLOTS_ENV) or None,
                         help="runs at once, one per slot (default: env RESEARCH_LOOP_SLOTS, else the number of "
                              "visible GPUs, 1 without a GPU; on a CPU, N > 1 splits the cores between slots)")
     parser.add_argument("--executor", choices=EXECUTORS, default=os.environ.get("RESEARCH_LOOP_EXECUTOR") or "local",
@@ -66,9 +75,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     notify.add_arguments(parser)
     tracking.add_arguments(parser)
     args = parser.parse_args(argv)
-    if args.slots is not None and args.slots < 1:
-        parser.error("--slots must be 1 or more")
-    problem = tracking.arguments_problem(args)
+    # argparse checks its choices on flags, not on a default taken from the environment: a typo there (SLURM) ran every
+    # run on this machine, unsaid
+    if args.executor not in EXECUTORS:
+        parser.error(f"--executor (or env RESEARCH_LOOP_EXECUTOR) must be one of {', '.join(EXECUTORS)}, "
+                     f"got {args.executor!r}")
+    problem = tracking.arguments_problem(args) or notify.arguments_problem(args)
     if problem:
         parser.error(problem)
     try:  # the server split it as it started, and an unclosed quote raised out of it

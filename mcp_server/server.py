@@ -565,7 +565,7 @@ def register_search(srv: MCPServer, loop: ResearchLoop) -> None:
             sampler: Annotated[Literal["tpe", "cmaes"], Field(description=(
                 "Optuna's sampler: tpe (any space, choices too) or cmaes (numeric ranges; best with "
                 "several of them and 20+ trials)"))] = "tpe",
-            seed: Annotated[int | None, Field(description="the sampler's seed, for a repeatable sweep")] = None,
+            seed: Annotated[int | None, Field(description="the sampler's seed (0 to 2**32 - 1), for a repeatable sweep")] = None,
     ) -> SweepResult:
         """Search train.py's constants with an Optuna study: each trial is the kept train.py with the
         space's constants set to the sampler's values, run as an ordinary candidate (its own commit,

@@ -313,7 +313,8 @@ def _folder_files(folder: Path) -> list:
 
 
 def _jsonl_texts(path: Path):
-    with open(path, encoding="utf-8") as f:
+    # bytes that are not UTF-8 read as U+FFFD, as in a .txt file: a strict read raised from the loop, naming no file
+    with open(path, encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -255,6 +255,14 @@ def test_the_cookie_is_signed_per_server_start_and_expires(night, served):
     assert get(served, "/api/snapshot", Cookie=short).status == 401
 
 
+def test_a_cookie_whose_expiry_is_too_long_a_number_is_refused_not_a_broken_request(served):
+    """A cookie of 5,000 digits before its dot: turning them into a number raised ValueError (Python's limit on the
+    digits of an int), so the request got no answer, its connection dropped, and a traceback went to the server's log
+    (the MCP client's, over stdio). Now it is refused, as any cookie this server did not sign."""
+    assert get(served, "/api/snapshot", Cookie=f"{served.cookie}={'9' * 5000}.{'0' * 64}").status == 401
+    assert get(served, "/api/snapshot", Cookie=signed_in_cookie(served)).status == 200
+
+
 def test_other_host_names_and_writes_are_refused(served):
     auth = {"Authorization": f"Bearer {TOKEN}"}
     assert get(served, "/", host=f"evil.example:{served.port}", **auth).status == 403  # DNS rebinding

@@ -491,3 +491,22 @@ def test_in_a_linked_worktree_a_forged_state_file_ends_no_night(fake_env, tmp_pa
         assert "0.400000" not in runner.status_line()
     finally:
         lab.loop.shutdown()
+
+
+@pytest.mark.parametrize("planted", ["fifo", "link"])
+def test_what_is_planted_at_the_stop_hooks_record_neither_hangs_it_nor_is_written_through(repo, tmp_path, planted):
+    """The Stop hook wrote its count of stops with a plain open of .research-loop/stop-hook.json, which the agent can
+    write: a FIFO there blocked the hook until Claude Code killed it at 10 s, and a killed Stop hook lets Claude stop;
+    a symbolic link there had the hook's JSON written over the file it points to. Now the record is a new file renamed
+    over what lies there: the hook answers at once and keeps counting, and the link's target is untouched."""
+    active_run(repo)
+    record = repo / ".research-loop" / "stop-hook.json"
+    target = tmp_path / "the users file"
+    target.write_text("the user's own text\n")
+    os.mkfifo(record) if planted == "fifo" else record.symlink_to(target)
+    started = time.monotonic()
+    assert decisions(repo, None, 3) == ["block", "block", "block"]
+    assert time.monotonic() - started < 10 and record.is_file() and not record.is_symlink()
+    assert decisions(repo, None, 1) == [None]  # counted: a stuck agent is let go at the fourth stop
+    assert target.read_text() == "the user's own text\n"
+    assert [p.name for p in record.parent.iterdir() if p.name.endswith(".tmp")] == []

@@ -2,7 +2,9 @@
 content, the pull request's branch in the real git repository, the names it refuses, and a ledger
 edited by hand that the report does not believe."""
 import json
+import os
 import re
+import stat
 import subprocess
 import sys
 
@@ -421,3 +423,24 @@ def test_a_kept_diff_with_a_right_to_left_override_is_shown_as_it_runs(lab):
     assert "holds invisible characters** (U+202E RIGHT-TO-LEFT OVERRIDE)" in kept, kept
     shown = dashboard.kept_change(lab.ws, lab.ok("status")["best_commit"])["diff"]  # the dashboard's diff too
     assert "\u202e" not in shown and "# <U+202E> 1 = PUMRAW" in shown, shown
+
+
+@pytest.mark.parametrize("planted", ["file", "fifo"])
+def test_something_else_at_the_reports_folder_is_refused_saying_how_to_move_it(lab, planted):
+    """A file (or a FIFO) the agent put at .research-loop/reports: the report tool answered an internal error and
+    `research-loop report` ended on a FileExistsError traceback, after making the pull request's branch it was asked
+    for. Now both refuse, saying how to move it aside, before any branch is made."""
+    lab.baseline()
+    set_knobs(lab.ws, val_bpb=0.9)
+    lab.ok("run_experiment", description="better")
+    lab.ok("keep", unconfirmed=True)
+    reports = lab.ws / ".research-loop" / "reports"
+    reports.write_text("planted\n") if planted == "file" else os.mkfifo(reports)
+    message = lab.refused("report", branch="pr/night")
+    assert ".research-loop/reports is not a folder" in message and "mv .research-loop/reports" in message, message
+    assert "pr/night" not in git(lab.ws, "branch", "--list", "pr/night")
+    done = subprocess.run([sys.executable, "-m", "mcp_server.cli", "report", "--workspace", str(lab.ws)],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert ".research-loop/reports is not a folder" in done.stderr, done.stderr
+    assert (reports.read_text() == "planted\n") if planted == "file" else stat.S_ISFIFO(os.lstat(reports).st_mode)

@@ -375,6 +375,10 @@ elif plan == "dirs":  # folders at the names the runner appends to, the next ses
     for name in ("sessions.jsonl", "runner.log", f"session-{{session + 1:03d}}.jsonl"):
         (folder / name).unlink(missing_ok=True)
         (folder / name / "inside").mkdir(parents=True)
+elif plan == "file":  # the runner's whole folder made a file (the session's output with it)
+    folder = Path(".research-loop/overnight")
+    subprocess.run(["rm", "-rf", str(folder)], check=True)
+    folder.write_text("planted")
 elif plan == "cheat":  # what the sessions cost, rewritten: the record of the spending gone, the output renamed
     folder = Path(".research-loop/overnight")
     (folder / "sessions.jsonl").unlink(missing_ok=True)
@@ -677,13 +681,14 @@ def test_the_sessions_server_gets_the_runners_tracking(fake_claude, fake_env, mo
     assert sessions_of(fake_claude)[0]["track"] == track
 
 
-@pytest.mark.parametrize("plan", ["fifos", "dirs"])
+@pytest.mark.parametrize("plan", ["fifos", "dirs", "file"])
 def test_what_a_session_plants_in_the_runners_folder_stops_no_runner(fake_claude, fake_env, monkeypatch, plan):
     """Review 46: the runner reads a session's output (its cost, its last words), sums sessions.jsonl and
     appends to it and to runner.log, all in .research-loop/overnight, which the agent's session can write:
     a FIFO at any of those names, or at the next session's output, blocked the runner for good after the
     session ended (no new session, no summary, no ping: the rest of the night lost). Review 47: what is no
-    plain file there is made again, but a folder could not be unlinked and raised out of the runner."""
+    plain file there is made again, but a folder could not be unlinked and raised out of the runner. A file put in
+    place of the whole folder raised out of it too (and out of the runner started again to resume)."""
     import threading
     from mcp_server.overnight import overnight
     ws = make_workspace(fake_env)
@@ -696,8 +701,11 @@ def test_what_a_session_plants_in_the_runners_folder_stops_no_runner(fake_claude
     try:
         assert done == [1], f"{plan} in the runner's folder stopped or hung the runner"  # gave up after 5 quick sessions
         assert len(sessions_of(fake_claude)) == 5
+        if plan == "file":  # left in place of the folder by the last session: the runner run again to resume starts
+            assert overnight.Runner(runner_args(ws), overnight.preflight(ws, None)).logs.is_dir()
     finally:
-        for path in (ws / ".research-loop" / "overnight").iterdir():
+        folder = ws / ".research-loop" / "overnight"
+        for path in folder.iterdir() if folder.is_dir() else []:
             if path.is_fifo():
                 os.close(os.open(path, os.O_RDWR | os.O_NONBLOCK))  # a hung open or read ends
 

@@ -292,6 +292,17 @@ def test_bad_jsonl_line_names_file_and_line(tmp_path):
         list(folder_documents(tmp_path, 1000))
 
 
+def test_a_jsonl_file_that_is_not_utf8_reads_as_a_txt_file_does_or_names_its_line(tmp_path):
+    """A byte that is not UTF-8 in a .jsonl file raised UnicodeDecodeError from the read of its lines, outside the
+    check of each line: prepare.py ended on "'utf-8' codec can't decode byte 0xff in position 15", naming no file.
+    Now such bytes read as U+FFFD, as in a .txt file, and a line that is then no JSON is named with its file."""
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9 au lait"}\n')
+    assert [doc.strip() for doc in folder_documents(tmp_path, 1000)] == ["caf\ufffd au lait"]
+    (tmp_path / "more.jsonl").write_bytes(b'{"text": "fine"}\n\xff\xfe binary\n')
+    with pytest.raises(ValueError, match=r"more.jsonl line 2: expected a JSON object with a string \"text\""):
+        list(folder_documents(tmp_path, 1000))
+
+
 def test_empty_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="No .txt, .jsonl or .parquet files"):
         list(folder_documents(tmp_path, 1000))

@@ -492,3 +492,40 @@ def test_a_port_or_train_command_no_server_can_use_is_refused_before_it_starts(t
                           text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert said in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("argv", [["-m", "mcp_server", "--http", "--port", "0"],
+                                  ["-m", "mcp_server.cli", "dashboard", "--port", "0"]])
+def test_a_token_file_that_is_a_fifo_or_a_folder_is_refused_at_once(tmp_path, argv):
+    """--token-file read with a plain open: a FIFO at that name (the agent can write where the user keeps it) blocked
+    the server's start, and the dashboard's, without a word. Now a token file that is not a plain file is refused,
+    saying what to give."""
+    (tmp_path / "ws").mkdir()
+    os.mkfifo(tmp_path / "token")
+    for planted in (tmp_path / "token", tmp_path / "ws"):
+        done = subprocess.run([sys.executable, *argv, "--workspace", str(tmp_path / "ws"), "--token-file", str(planted)],
+                              cwd=REPO, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert f"cannot read --token-file {planted}: not a plain file: give a plain file" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("env, said", [
+    ({"RESEARCH_LOOP_SLOTS": "0"}, "the slots (--slots, or env RESEARCH_LOOP_SLOTS) are a whole number of 1 or more"),
+    ({"RESEARCH_LOOP_SLOTS": "two"}, "the slots (--slots, or env RESEARCH_LOOP_SLOTS) are a whole number of 1 or more"),
+    ({"RESEARCH_LOOP_EXECUTOR": "SLURM"}, "--executor (or env RESEARCH_LOOP_EXECUTOR) must be one of local, ray, slurm"),
+    ({"RESEARCH_LOOP_NOTIFY_FORMAT": "xml"}, "--notify-format (or env RESEARCH_LOOP_NOTIFY_FORMAT) must be one of"),
+])
+def test_a_setting_from_the_environment_no_server_can_use_is_refused_before_it_starts(tmp_path, env, said):
+    """The server's flags are checked by argparse, but a default taken from the environment is not: RESEARCH_LOOP_SLOTS=0
+    made a server whose every run_experiment was refused ("0 results are not decided yet (runs ), as many as there are
+    slots"), =two a traceback; RESEARCH_LOOP_EXECUTOR=SLURM ran every run on this machine, unsaid; and
+    RESEARCH_LOOP_NOTIFY_FORMAT=xml a traceback (the overnight runner's too). Now each is a usage error naming the
+    variable, and nothing started."""
+    for argv in (["-m", "mcp_server", "--workspace", str(tmp_path)], ["-m", "mcp_server.cli", "overnight", "--tag", "t",
+                                                                      "--workspace", str(tmp_path)]):
+        if "RESEARCH_LOOP_NOTIFY_FORMAT" not in env and argv[1] == "mcp_server.cli":
+            continue  # the runner hands the others to its sessions' servers as they are
+        done = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL, env=dict(os.environ, **env))
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert said in done.stderr, done.stderr

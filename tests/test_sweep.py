@@ -323,3 +323,97 @@ def test_a_held_trial_another_call_decides_is_let_go_never_named_or_discarded_ag
         assert result["pending_run"] is None and not status.get("undecided"), result
         assert "the best changed while the sweep ran" in result["stopped"] and "sweep again" in result["next"]
         assert [r[4] for r in trial_rows(lab.ws) if r[0] == second["commit"]][0].endswith("no longer the best)")
+
+
+def test_train_pys_own_number_is_no_trials_value_and_beats_no_measured_gain(fake_env):
+    """Where the harness evaluates exports, a trial whose train.py exports nothing has train.py's own number, which
+    train.py can choose by the swept values. The sweep told it to the study and held it: trial 1 (EXPORT=0, printing
+    0.5) beat trial 0's measured 0.9, which was discarded as beaten by it; the answer's best, table and progress said
+    0.5 with status ok, and its next said keep(run), which keep refuses. Now such a trial is marked unverified, told
+    to the study as failed, discarded saying why, and the measured gain is held."""
+    from test_confirmations import evaluating_lab
+    lab = evaluating_lab(fake_env)
+    seen = []
+
+    async def on_progress(progress, total, message):
+        seen.append(message)
+    try:
+        lab.ok("setup", tag="t")
+        assert lab.ok("run_experiment", description="baseline")["verified"]
+        lab.ok("keep")
+        lab.loop.store_noise([1.0, 1.0002], 0)
+        # seed 7's first two draws: (EXPORT 1, VAL_BPB 0.9), measured; then (EXPORT 0, VAL_BPB 0.5), train.py's own
+        result = answer(lab.call("sweep", progress=on_progress, trials=2, seed=7,
+                                 space={"EXPORT": {"choices": [0, 1]}, "VAL_BPB": {"choices": [0.5, 0.9]}}))
+    finally:
+        lab.loop.shutdown()
+    measured, own = sorted(result["table"], key=lambda row: row["trial"])
+    assert measured["params"] == {"EXPORT": 1, "VAL_BPB": 0.9} and own["params"] == {"EXPORT": 0, "VAL_BPB": 0.5}
+    assert result["pending_run"] == measured["run"] and result["best"]["trial"] == measured["trial"], result
+    assert own["status"] == "unverified" and own["val_bpb"] is None and own["delta"] is None, own
+    assert "train.py's own" in own["note"], own
+    assert f"keep(run={measured['run']})" in result["next"] or f"confirm(run={measured['run']})" in result["next"]
+    assert not any("0.500000" in message for message in seen if message), seen
+    with sqlite3.connect(lab.ws / ".research-loop" / "optuna.db") as db:
+        assert [v for (v,) in db.execute("SELECT value FROM trial_values")] == [0.9]
+    row = next(r for r in trial_rows(lab.ws) if r[0] == own["commit"])
+    assert row[3] == "discard" and "train.py's own" in row[4] and "unverified" in row[4], row
+
+
+def test_a_seed_outside_the_samplers_range_is_refused_and_the_top_one_continues_its_study(fake_env):
+    """A seed below 0 or from 2**32 up (numpy's range, which the samplers take) failed with an internal error
+    ("Seed must be between 0 and 2**32 - 1") after the study was opened; and a seed that fits made the study's next
+    sweep fail the same way, its seed moved on by the trials already in the study. Now a seed out of range is
+    refused before anything runs, and the moved seed wraps round."""
+    lab = sweep_lab(fake_env, slots=1)
+    try:
+        for seed in (-1, 2 ** 32):
+            message = lab.refused("sweep", space=SPACE, trials=1, seed=seed)
+            assert "seed must be a whole number from 0 to 4294967295" in message and "Nothing ran" in message, message
+        assert not (lab.ws / ".research-loop" / "optuna.db").exists()
+        first = lab.ok("sweep", space=SPACE, trials=1, seed=2 ** 32 - 1)
+        if first["pending_run"] is not None:
+            lab.ok("discard", run=first["pending_run"])
+        again = lab.ok("sweep", space=SPACE, trials=1, seed=2 ** 32 - 1)
+    finally:
+        lab.loop.shutdown()
+    assert first["trials_in_study"] == 1 and again["trials_in_study"] == 2, again
+
+
+@pytest.mark.parametrize("planted", ["bytes", "folder"])
+def test_a_study_store_optuna_cannot_open_is_refused_saying_what_to_do(fake_env, planted):
+    """.research-loop/optuna.db made unreadable (other bytes written there, a folder in its place): the sweep failed
+    with an internal error (sqlite's "file is not a database") that said nothing of the file or what to do. Now it is
+    refused before anything runs, naming the file and how to start afresh, and the file is left as it is."""
+    lab = sweep_lab(fake_env, slots=1)
+    store = lab.ws / ".research-loop" / "optuna.db"
+    try:
+        rows = ledger_lines(lab.ws)
+        store.mkdir() if planted == "folder" else store.write_bytes(b"not a database " * 100)
+        message = lab.refused("sweep", space=SPACE, trials=1)
+        assert ".research-loop/optuna.db is not a study store Optuna can open" in message, message
+        assert "Nothing ran" in message and "mv .research-loop/optuna.db .research-loop/optuna.db.bad" in message
+        status = lab.ok("status")
+        assert ledger_lines(lab.ws) == rows and status["running"] is None and not status["undecided"], status
+    finally:
+        lab.loop.shutdown()
+    assert store.is_dir() if planted == "folder" else store.read_bytes() == b"not a database " * 100
+
+
+def test_a_best_the_harness_did_not_measure_is_no_base_for_a_sweep(fake_env):
+    """After log_result(keep) of the agent's own 0.5 for code that trains to 1.05, the sweep compared its trials with
+    0.5: a trial at 0.95 (better than every number the harness measured) was discarded as "not better than the best
+    0.500000" with a delta of +0.45, and the answer gave best_val_bpb 0.5 unmarked. Now a sweep on such a best is
+    refused, saying how to measure it first, before anything runs."""
+    lab = sweep_lab(fake_env, slots=1)
+    try:
+        (lab.ws / "train.py").write_text(FAKE_TRAIN.replace("VAL_BPB = 1.0  #", "VAL_BPB = 1.05  #"))
+        git(lab.ws, "commit", "-q", "-am", "my idea, measured by hand")
+        lab.ok("log_result", commit=lab.head(), val_bpb=0.5, memory_gb=1.0, status="keep", description="my idea")
+        rows = ledger_lines(lab.ws)
+        message = lab.refused("sweep", space={"VAL_BPB": {"choices": [0.95, 0.97]}}, trials=2, seed=0)
+    finally:
+        lab.loop.shutdown()
+    assert "The best's val_bpb 0.500000 is the agent's, logged by hand, not measured by the harness" in message, message
+    assert "Measure the kept code first" in message and "Nothing ran" in message, message
+    assert ledger_lines(lab.ws) == rows and not (lab.ws / ".research-loop" / "optuna.db").exists()

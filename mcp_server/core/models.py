@@ -257,7 +257,8 @@ class SweepRange(BaseModel):
 class SweepTrial(BaseModel):
     trial: int  # the study's trial number
     params: dict[str, int | float | str | bool]
-    status: str  # ok, crash, timeout, interrupted; repeat (answered from an earlier trial); not run; the start
+    status: str  # ok, crash, timeout, interrupted; unverified (train.py's own number: no value); repeat (answered from an
+    # earlier trial); not run; the start
     run: int | None = None
     commit: str | None = None
     val_bpb: float | None = None

@@ -58,6 +58,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "plain text (ntfy); auto (default): text for a host that begins with ntfy, else json")
 
 
+def arguments_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with --notify-format where the environment set it (argparse checks a flag's choices only)."""
+    if args.notify_format not in FORMATS:
+        return f"--notify-format (or env {FORMAT_ENV}) must be one of {', '.join(FORMATS)}, got {args.notify_format!r}"
+    return None
+
+
 def url_argument(text: str) -> str:
     try:
         return check_url(text)

@@ -6,22 +6,36 @@ command); standard library only.
 """
 import argparse
 import os
+import stat
 import sys
 
 TOKEN_ENV = "RESEARCH_LOOP_TOKEN"
+MAX_TOKEN_BYTES = 1 << 16  # a token is a line; a huge file (or /dev/zero's like) is read no further
 
 
 def http_token(args) -> str | None:
     """The token from --token-file, else from the environment; None when neither sets one."""
     if args.token_file:
         try:
-            token = args.token_file.read_text().strip()
-        except OSError as exc:
-            sys.exit(f"research-loop-mcp: cannot read --token-file {args.token_file}: {exc}")
+            token = read_token(args.token_file)
+        except (OSError, UnicodeDecodeError) as exc:
+            sys.exit(f"research-loop-mcp: cannot read --token-file {args.token_file}: {exc}: give a plain file that "
+                     "holds the token")
         if not token:
             sys.exit(f"research-loop-mcp: --token-file {args.token_file} is empty")
         return token
     return os.environ.get(TOKEN_ENV) or None
+
+
+def read_token(path) -> str:
+    """A token file's text, opened without blocking and read only where it is a plain file: a FIFO put at its name
+    blocked the server's (or the dashboard's) start, without a word."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError("not a plain file")
+    with os.fdopen(fd, "rb") as f:
+        return f.read(MAX_TOKEN_BYTES).decode().strip()
 
 
 def port_number(text: str) -> int:

@@ -37,6 +37,7 @@ DEFAULT_PORT = 8766
 POLL_SECONDS = 1.0
 HEARTBEAT_SECONDS = 15.0  # a comment line on a quiet stream, so a closed page is noticed
 RETRY_MS = 3000  # how long a page waits before it reconnects a broken stream
+EXPIRY_DIGITS = 20  # of a cookie's expiry: seconds since 1970 take 10 for centuries to come
 COOKIE_LIFETIME_S = 24 * 3600  # a night and the morning after; then the page is opened with the token again
 STATIC = Path(__file__).resolve().parent / "dashboard_static"
 PAGES = {"/": ("index.html", "text/html; charset=utf-8"),
@@ -169,7 +170,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def valid_cookie(self, value: str) -> bool:
         expires, _, _ = value.partition(".")
-        return (expires.isascii() and expires.isdigit() and int(expires) > time.time()
+        # an expiry is a time in seconds: thousands of digits would raise out of int() (Python's limit), unanswered
+        return (expires.isascii() and expires.isdigit() and len(expires) <= EXPIRY_DIGITS and int(expires) > time.time()
                 and hmac.compare_digest(value.encode(), self.cookie_value(int(expires)).encode()))
 
     def authorized(self, query_token: str) -> bool:

@@ -70,7 +70,8 @@ def skill_allowed_tools() -> list[str]:
 def appended(path: Path):
     """path opened to append bytes to, made anew where something else than a plain file lies there: the runner's
     folder is the agent's to write, and a FIFO put at a name the runner appends to blocked it for good (a folder
-    there, which unlink cannot remove, raised out of the runner)."""
+    there, which unlink cannot remove, raised out of the runner; so did a file put in place of the folder itself)."""
+    made_folder(path.parent)
     for _ in range(2):
         try:
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW, 0o644)
@@ -83,6 +84,14 @@ def appended(path: Path):
         os.close(fd)
         _remove(path)
     raise OSError(f"{path} is not a plain file the runner can append to")
+
+
+def made_folder(folder: Path) -> Path:
+    """The folder, made anew where something else lies at its name (a file a session put in place of the runner's)."""
+    if not folder.is_dir():
+        _remove(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def _remove(path: Path) -> None:
@@ -191,8 +200,7 @@ class Runner:
         self.args, self.claude = args, claude
         self.backoff_s, self.grace_s, self.poll_s = backoff_s, grace_s, poll_s
         self.workspace = Path(args.workspace).resolve()
-        self.logs = self.workspace / LOG_DIR
-        self.logs.mkdir(parents=True, exist_ok=True)
+        self.logs = made_folder(self.workspace / LOG_DIR)
         self.plugin_commit = "HEAD"  # where the workspace is this checkout: run() takes the commit (plugin_commit)
         self.started = time.time()
         self.deadline = self.started + args.hours * 3600 if args.hours else None
@@ -517,7 +525,7 @@ def main(args) -> int:
         except ValueError as exc:
             print(f"error: {flag}: {exc}; fix it and rerun", file=sys.stderr)
             return 2
-    problem = tracking.arguments_problem(args)
+    problem = tracking.arguments_problem(args) or notify.arguments_problem(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2

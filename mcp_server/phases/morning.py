@@ -10,6 +10,7 @@ harness guard sees no new file.
 import ast
 import difflib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -175,8 +176,8 @@ def write(root: Path, branch: str | None = None, now: float | None = None) -> Re
     """Writes the report (and first the pull request's branch when `branch` is given); returns where."""
     now = time.time() if now is None else now
     night = Night(root)
+    folder = reports_folder(night.root)  # before the branch: a report that cannot be written makes none
     made = make_branch(night, branch) if branch is not None else None
-    folder = night.root / REPORTS_DIR
     folder.mkdir(parents=True, exist_ok=True)
     stem = f"{night.state.get('tag') or 'research'}-{time.strftime('%Y-%m-%d', time.gmtime(now))}"
     chart = folder / f"{stem}.png"
@@ -192,6 +193,16 @@ def write(root: Path, branch: str | None = None, now: float | None = None) -> Re
                         branch=made["branch"] if made else None, commits=made["commits"] if made else None,
                         next=(f"open a pull request from {made['branch']} (base {night.start[:7]})" if made else
                               "read the report; report(branch='pr/<name>') also makes a branch of the kept changes"))
+
+
+def reports_folder(root: Path) -> Path:
+    """The reports' folder; something else at its name (the agent can write the server's folder) is refused, saying how
+    to move it aside: making the folder raised out of the report tool and the CLI."""
+    folder = root / REPORTS_DIR
+    if os.path.lexists(folder) and not folder.is_dir():
+        raise Refusal(f"{REPORTS_DIR} is not a folder (something else was put at its name): move it aside (`mv "
+                      f"{REPORTS_DIR} {REPORTS_DIR}.old`) and write the report again; nothing was written.")
+    return folder
 
 
 def make_branch(night: Night, name: str) -> dict:

@@ -8,7 +8,8 @@ timeout, the research run's limits, the noise verdict. Optuna's samplers choose 
 CMA-ES); nothing here optimises.
 
 Decisions: each finished trial (its description "sweep trial N of study K: NAME=value ...") is
-discarded at once, with the reason (not better than the best, or beaten by another trial), except
+discarded at once, with the reason (not better than the best, beaten by another trial, or its val_bpb
+train.py's own where the harness evaluates exports and got none: never told to the study), except
 the best of this call that beats the kept best, which stays pending (a better trial later discards
 it). The agent keeps it with keep(), whose confirmation rule applies as to any run: a gain within a
 few noise widths is confirmed on fresh data orders first. While the sweep runs, that held result is
@@ -45,11 +46,13 @@ from mcp_server.core.models import NoiseEstimate, Refusal, RunResult, SweepRange
 STORAGE = ".research-loop/optuna.db"
 SAMPLERS = ("tpe", "cmaes")
 MAX_TRIALS = 200
+SEEDS = 2 ** 32  # numpy's seeds, which Optuna's samplers take: 0 to 2**32 - 1
 TPE_STARTUP_TRIALS = 4  # random trials before TPE models the results (Optuna's 10 would be most of a short sweep)
 STUDY_KEY_CHARS = 10
 MAX_TABLE_ROWS = 40  # earlier calls' trials in the answer's table, best first; trials_in_study counts them all
 EXAMPLE = ('e.g. {"MATRIX_LR": {"low": 0.01, "high": 0.1, "log": true}, "DEPTH": {"low": 2, "high": 6}, '
            '"WINDOW_PATTERN": {"choices": ["L", "SSSL"]}}')
+UNVERIFIED = "unverified"  # a trial's status where its val_bpb is train.py's own (own_number)
 REPEATABLE_FAILURES = ("crash", "timeout")  # the same values would fail again: answered without a run
 UNKNOWN = object()  # a constant whose value is not a literal (e.g. TRAIN_DEFAULTS["depth"])
 
@@ -306,8 +309,9 @@ class Sweep:
         trial.set_user_attr("run", earlier.run)
         trial.set_user_attr("commit", earlier.commit)
         trial.set_user_attr("status", "repeat")
-        trial.set_user_attr("note", f"the same train.py as run {earlier.run} on this best: answered from it, no run")
-        if earlier.status == "ok" and earlier.val_bpb is not None:
+        trial.set_user_attr("note", f"the same train.py as run {earlier.run} on this best: answered from it, no run"
+                            + (f"; {own_number(earlier)}" if own_number(earlier) else ""))
+        if measured(earlier):
             self.study.tell(trial, earlier.val_bpb)
         else:
             self.study.tell(trial, state=TrialState.FAIL)
@@ -339,11 +343,13 @@ class Sweep:
         result = self.loop.answer_for(run)
         decided = self.loop.entry(run) is None  # the early stop ended it: its crash row is written
         self.ran += 1
-        ok = result.status == "ok" and result.val_bpb is not None
-        trial.set_user_attr("status", result.status)
+        ok = measured(result)
+        trial.set_user_attr("status", UNVERIFIED if own_number(result) else result.status)
+        if own_number(result):
+            trial.set_user_attr("note", own_number(result))
         if ok:
             trial.set_user_attr("val_bpb", result.val_bpb)
-        if result.delta is not None:
+        if result.delta is not None and ok:  # a delta from train.py's own number is no measured gain
             trial.set_user_attr("delta", result.delta)
         if ok:
             self.study.tell(trial, result.val_bpb)
@@ -362,8 +368,13 @@ class Sweep:
                 self.discard(f"a sweep trial, beaten by trial {trial.number}", self.held)
             self.held, self.held_value, self.held_trial = run, result.val_bpb, trial.number
             return
-        self.discard(None if not ok else f"a sweep trial, not better than the best {self.best_val_bpb:.6f}"
-                     if self.held is None else f"a sweep trial, trial {self.held_trial} did better", run)
+        if not ok:
+            reason = "a sweep trial whose val_bpb is train.py's own" if own_number(result) else None
+        elif self.held is None:
+            reason = f"a sweep trial, not better than the best {self.best_val_bpb:.6f}"
+        else:
+            reason = f"a sweep trial, trial {self.held_trial} did better"
+        self.discard(reason, run)
 
     def cancel_in_flight(self) -> None:
         """The call was cancelled: its trials in flight are cancelled too (a running one is logged as a
@@ -414,6 +425,22 @@ class Sweep:
         return result
 
 
+def measured(result: RunResult) -> bool:
+    """A trial's value the study is told, and the sweep may hold: the harness's number (or, where the harness does not
+    export, train.py's as it always is), never train.py's own where the harness evaluates exports and got none."""
+    return result.status == "ok" and result.val_bpb is not None and result.verified is not False
+
+
+def own_number(result: RunResult) -> str | None:
+    """Why an ok trial's value is no measurement: an exporting harness evaluated nothing of it, so the number is the
+    one train.py printed (which it can choose by the swept values); told to the study, it steered the sampler, and
+    held as the sweep's best it discarded measured gains as beaten by it."""
+    if result.status != "ok" or result.verified is not False or result.val_bpb is None:
+        return None
+    return (f"val_bpb {result.val_bpb:.6f} is train.py's own, not measured by the harness (no model it could evaluate): "
+            "not told to the study, never held")
+
+
 def table_row(t) -> SweepTrial:
     a = t.user_attrs
     status = a.get("status") or ("ok" if t.value is not None else "not finished")
@@ -429,6 +456,9 @@ def start(loop, space, trials: int, sampler: str, seed: int | None) -> Sweep:
         raise Refusal(f"trials must be a whole number from 1 to {MAX_TRIALS}.")
     if sampler not in SAMPLERS:
         raise Refusal(f"sampler must be one of {', '.join(SAMPLERS)} (Optuna's TPE or CMA-ES).")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEEDS):
+        raise Refusal(f"seed must be a whole number from 0 to {SEEDS - 1} (the samplers' range), or left out. "
+                      "Nothing ran.")
     state = loop.state.load()
     if not state.get("branch"):
         raise Refusal("This workspace is not set up for a research run: call setup(tag) first.")
@@ -452,6 +482,12 @@ def start(loop, space, trials: int, sampler: str, seed: int | None) -> Sweep:
     best = loop.status().best_val_bpb
     if best is None:
         raise Refusal("No kept result yet: run_experiment('baseline') and keep() it; trials are compared with it.")
+    row = loop.kept_row(kept)
+    whose = limits.not_measured(row.description) if row else None
+    if whose:  # every trial would be held or discarded against it, its delta a difference from it
+        raise Refusal(f"The best's val_bpb {best:.6f} is {whose}, and a sweep holds or discards each trial against it. "
+                      "Measure the kept code first: run_experiment(description, rerun=true) with train.py unchanged, "
+                      "then keep() it; then sweep. Nothing ran.")
     source = base.decode()
     dims = parse_space(space, source)
     name, key = study_name(state["branch"], dims, source)
@@ -463,12 +499,18 @@ def start(loop, space, trials: int, sampler: str, seed: int | None) -> Sweep:
 def open_study(root, name: str, sampler: str, seed: int | None):
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    from sqlalchemy.exc import SQLAlchemyError
     path = root / STORAGE
     path.parent.mkdir(exist_ok=True)
-    storage = optuna.storages.RDBStorage(f"sqlite:///{path}")
-    study = optuna.create_study(storage=storage, study_name=name, direction="minimize", load_if_exists=True)
-    # a resumed study with the same seed would draw its first trials again
-    study.sampler = make_sampler(sampler, None if seed is None else seed + len(study.trials))
+    try:
+        storage = optuna.storages.RDBStorage(f"sqlite:///{path}")
+        study = optuna.create_study(storage=storage, study_name=name, direction="minimize", load_if_exists=True)
+    except (SQLAlchemyError, RuntimeError) as exc:  # RuntimeError: Optuna's word on a store of another schema
+        raise Refusal(f"{STORAGE} is not a study store Optuna can open ({str(exc).splitlines()[0][:200]}). Nothing "
+                      f"ran. Move it aside (`mv {STORAGE} {STORAGE}.bad`) and sweep again: the sweep starts a new "
+                      "study there; every trial's row stays in the ledger.") from None
+    # a resumed study with the same seed would draw its first trials again; past the samplers' range it wraps round
+    study.sampler = make_sampler(sampler, None if seed is None else (seed + len(study.trials)) % SEEDS)
     return study
 
 
