@@ -2,13 +2,14 @@
 bent, and bad input gets a clear refusal. Each test plays an odd, unlucky or hostile agent against
 the real server (in-process MCP client, real git, the fake trainer)."""
 import json
+import threading
 from pathlib import Path
 
 import pytest
 
 from mcp_server.core.ledger import MAX_DESCRIPTION
 from server_support import (
-    Lab, exporting_workspace, git, ledger_lines, make_workspace, processes_in, set_knobs, slot_dir, wait_until,
+    Lab, answer, exporting_workspace, git, ledger_lines, make_workspace, processes_in, set_knobs, slot_dir, wait_until,
 )
 
 
@@ -452,3 +453,34 @@ def test_two_stop_now_calls_at_once_both_answer_the_stop_and_leave_nothing_in_fl
     assert cancelled == runs and all(s["stopped"] == "morning" for s in stops), stops
     status = lab.ok("status")
     assert not status.get("running") and not status.get("queued") and not status.get("undecided"), status
+
+
+def test_a_read_only_servers_wait_answers_when_the_owners_run_ends_or_the_owner_dies(lab):
+    """Stop 48: wait() on a second server (read-only: another session's, while the first server lives) followed the
+    owner's run in flight through events that only the owner's threads set, so it was never answered, neither once
+    the run ended nor once the owner died. It reads the state now, and takes over from an owner that has gone."""
+    import anyio
+    from mcp import Client
+
+    lab.baseline()
+    second = Lab(lab.ws)
+
+    def wait_on_second() -> dict:
+        async def go():
+            with anyio.fail_after(30):  # never answered: fails here instead of hanging the suite
+                async with Client(second.server()) as client:
+                    return await client.call_tool("wait", {})
+        return answer(anyio.run(go))
+    try:
+        set_knobs(lab.ws, val_bpb=0.9, sleep=1)
+        assert lab.ok("run_experiment", description="the owner's run", wait=False)["run"] == 2
+        assert [r["val_bpb"] for r in wait_on_second()["results"]] == [0.9]
+        assert lab.ok("discard")["row"]["status"] == "discard"
+        set_knobs(lab.ws, val_bpb=0.8, sleep=60, steps=60)
+        assert lab.ok("run_experiment", description="dies with its owner", wait=False)["run"] == 3
+        threading.Timer(2, lab.loop.shutdown).start()  # the owner's session ends while the second one waits
+        waited = wait_on_second()
+        assert waited["results"] == [] and waited["next"] == "discard() to log the interrupted run", waited
+        assert second.loop.state.owned
+    finally:
+        second.loop.shutdown()
