@@ -153,6 +153,28 @@ def test_a_gain_over_a_number_logged_by_hand_is_confirmed_before_keep(lab):
     assert lab.ok("keep", run=result["run"])["evidence"].startswith("confirmed")
 
 
+def test_the_bests_own_program_run_again_is_no_change_to_keep_or_confirm(lab, monkeypatch):
+    """Stop 48: run_experiment(rerun=true) of the best unchanged (the refusal of a plain one names it) was an ordinary
+    candidate: the agent ran it until its luck went its way, and keep made the lucky number the best ("noise not
+    measured" as its evidence; beside a noise estimate, confirm's one pair was a coin flip), the morning report reading
+    "gain +0.010000" beside "no change". The same program with a comment added is no change either."""
+    monkeypatch.setenv("FAKE_NOISE", "0.01")  # runs 1, 2, 3 measure 1.0, 1.01, 0.99, then again
+    lab.baseline()  # the first result of the research run: the same code as its start, kept
+    worse = lab.ok("run_experiment", description="the best again", rerun=True)
+    assert worse["val_bpb"] == 1.01 and worse["next"].startswith("run 2's train.py is the program of the best")
+    assert lab.ok("status")["next"].startswith("discard(run=2): run 2's train.py is the program of the best")
+    lab.ok("discard")
+    (lab.ws / "train.py").write_text("VAL_BPB = 1.0  # the best, with a comment\n")
+    lucky = lab.ok("run_experiment", description="the best, commented")
+    assert lucky["val_bpb"] == 0.99 and lucky["delta"] == pytest.approx(-0.01)
+    before = (ledger_lines(lab.ws), lab.head(), lab.loop.state.load().get("kept_commit"))
+    for refused in (lab.refused("keep"), lab.refused("keep", unconfirmed=True), lab.refused("confirm")):
+        assert "the luck of two runs of one program, no change to keep or confirm. discard(run=3)" in refused, refused
+    assert (ledger_lines(lab.ws), lab.head(), lab.loop.state.load().get("kept_commit")) == before
+    assert lab.ok("discard")["row"]["status"] == "discard"
+    assert lab.ok("status")["best_val_bpb"] == 1.0
+
+
 def test_an_unverified_keep_reaches_no_target(fake_env):
     """Review 46: keep(unverified=true) keeps a run whose val_bpb is train.py's own (it exported no model for
     the harness to evaluate), marked " (unverified)"; review 43 kept hand-logged numbers off the target, but

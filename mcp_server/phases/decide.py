@@ -15,7 +15,7 @@ from mcp_server.phases.dispatch import dispatch, require_owner
 from mcp_server.executors.executor import read_report
 from mcp_server.core.models import CancelResult, DecisionResult, LoggedRow, Refusal, Row, RunResult, StopResult
 from mcp_server.phases import overview
-from mcp_server.phases.results import confirmation_needed, result_of
+from mcp_server.phases.results import confirmation_needed, no_change, result_of
 from mcp_server.phases.runs import IN_FLIGHT, UNDECIDED, LoopCore
 from mcp_server.phases.submit import submit
 from mcp_server.core.workspace import EDITABLE, PROTECTED_BRANCHES, RUN_REF_PREFIX, validate_commit_arg
@@ -70,6 +70,8 @@ def keep(core: LoopCore, note: str | None = None, run: int | None = None, unveri
         if result["status"] != "ok":
             raise Refusal(f"Run {entry['run']} ended with {result['status']}, so it cannot be kept: "
                           "discard() logs it as a crash; fix train.py and rerun.")
+        if unchanged := no_change(core, entry):
+            raise Refusal(unchanged[0].upper() + unchanged[1:] + ".")
         if result.get("verified") is False and not unverified:
             raise Refusal(f"Run {entry['run']}'s val_bpb is train.py's own, not the harness's ({result.get('integrity')}): "
                           f"keep(run={entry['run']}, unverified=true) keeps it anyway; or discard it.")
@@ -171,6 +173,8 @@ def confirmation_plan(core: LoopCore, run: int | None) -> tuple[dict, bytes, byt
     if entry["parent"] != state["kept_commit"]:
         raise Refusal(f"Run {entry['run']} was measured on {entry['parent'][:7]}, no longer the best: "
                       f"reapply(run={entry['run']}) first.")
+    if unchanged := no_change(core, entry):
+        raise Refusal(unchanged[0].upper() + unchanged[1:] + ".")
     return entry, core.ws.train_at(state["kept_commit"]), core.ws.train_at(entry["commit"])
 
 
