@@ -175,6 +175,29 @@ def test_the_bests_own_program_run_again_is_no_change_to_keep_or_confirm(lab, mo
     assert lab.ok("status")["best_val_bpb"] == 1.0
 
 
+def test_the_early_stops_marker_in_the_agents_words_does_not_hide_a_failure(lab):
+    """Stop 48: a crash row counts toward max_failures_in_row unless it holds the early stop's marker " (stopped early: ",
+    which the agent could write itself: discard(reason="stopped early: ...") of each crash, or a description or
+    log_result row holding it, kept the failures in a row at 0, so a night of crashes never ended on the limit. The
+    marker is the server's own now, like " (unverified)" and " (logged by hand)"."""
+    lab.ok("setup", tag="t", max_failures_in_row=2)
+    lab.ok("run_experiment", description="baseline")
+    lab.ok("keep")
+    set_knobs(lab.ws, crash=1)
+    lab.ok("run_experiment", description="broken")
+    assert "(stopped early: ...) in the ledger" in lab.refused("discard", reason="stopped early: behind the best")
+    lab.ok("discard", reason="a typo")
+    commit = lab.loop.state.load()["kept_commit"]
+    for refused in (lab.refused("run_experiment", description="x (stopped early: at 50%)", rerun=True),
+                    lab.refused("log_result", commit=commit, val_bpb=0.0, memory_gb=0.0, status="crash",
+                                description="by hand (stopped early: at 50%)")):
+        assert "reword it" in refused, refused
+    set_knobs(lab.ws, crash=1)
+    lab.ok("run_experiment", description="broken again", rerun=True)  # the same broken code
+    lab.ok("discard")
+    assert "2 failures in a row" in lab.ok("status")["ended"]
+
+
 def test_an_unverified_keep_reaches_no_target(fake_env):
     """Review 46: keep(unverified=true) keeps a run whose val_bpb is train.py's own (it exported no model for
     the harness to evaluate), marked " (unverified)"; review 43 kept hand-logged numbers off the target, but
