@@ -48,6 +48,7 @@ class ResearchLoop(LoopCore):
 
     take_over = dispatch.take_over
     run_command = dispatch.run_command
+    wait_ended = dispatch.wait_ended
 
     setup = submitting.setup
     default_timeout = submitting.default_timeout

@@ -247,7 +247,7 @@ async def follow(loop: ResearchLoop, runs: list[int], ctx: Context, until_all: b
     new training step and at least every PROGRESS_HEARTBEAT_SECONDS through start-up,
     compilation and evaluation, so a client never sees a silent call."""
     last_value, last_sent, last_message = -1.0, 0.0, None
-    while not await anyio.to_thread.run_sync(loop.wait_for, runs, until_all, PROGRESS_POLL_SECONDS):
+    while not await anyio.to_thread.run_sync(loop.wait_ended, runs, until_all, PROGRESS_POLL_SECONDS):
         live = [loop.live(e) for n in runs if (e := loop.entry(n)) and e["status"] in ("queued", "running")]
         if not live:
             continue

@@ -507,8 +507,12 @@ def test_a_lost_pair_is_met_again_by_the_same_code_with_a_comment_edited(fake_en
         assert again["held_to"].startswith("data order(s) 1, 2, 3: every data order a confirmation of this"), again
         answer(lab.call("discard"))
 
-        for n in range(2):  # a new best that never met the idea, until a fresh order is lucky (order 6 would be)
-            (lab.ws / "train.py").write_text(best + f"# the best, reworded {n}\n")
+        (lab.ws / "train.py").write_text(best + "# the best, reworded\n")  # stop 48: the same program is no new best
+        answer(lab.call("run_experiment", description="the best reworded"))
+        assert "no change to keep or confirm" in error(lab.call("keep"))
+        answer(lab.call("discard"))
+        for n in range(2):  # a new best (an equal result of another program) that never met the idea, until a fresh
+            (lab.ws / "train.py").write_text(best + f"UNUSED_{n} = 0\n")  # order is lucky (order 6 would be)
             assert answer(lab.call("run_experiment", description=f"the best again {n}"))["delta"] == 0
             answer(lab.call("keep"))
             (lab.ws / "train.py").write_text(idea + f"# the same idea, reworded {n}\n")

@@ -2,13 +2,14 @@
 bent, and bad input gets a clear refusal. Each test plays an odd, unlucky or hostile agent against
 the real server (in-process MCP client, real git, the fake trainer)."""
 import json
+import threading
 from pathlib import Path
 
 import pytest
 
 from mcp_server.core.ledger import MAX_DESCRIPTION
 from server_support import (
-    Lab, exporting_workspace, git, ledger_lines, make_workspace, processes_in, set_knobs, slot_dir, wait_until,
+    Lab, answer, exporting_workspace, git, ledger_lines, make_workspace, processes_in, set_knobs, slot_dir, wait_until,
 )
 
 
@@ -150,6 +151,51 @@ def test_a_gain_over_a_number_logged_by_hand_is_confirmed_before_keep(lab):
     confirmation = lab.ok("confirm", run=result["run"])  # a rerun of the hand-logged code (1.05) beside it
     assert confirmation["confirmed"] and confirmation["control_val_bpb"] == [pytest.approx(1.05)]
     assert lab.ok("keep", run=result["run"])["evidence"].startswith("confirmed")
+
+
+def test_the_bests_own_program_run_again_is_no_change_to_keep_or_confirm(lab, monkeypatch):
+    """Stop 48: run_experiment(rerun=true) of the best unchanged (the refusal of a plain one names it) was an ordinary
+    candidate: the agent ran it until its luck went its way, and keep made the lucky number the best ("noise not
+    measured" as its evidence; beside a noise estimate, confirm's one pair was a coin flip), the morning report reading
+    "gain +0.010000" beside "no change". The same program with a comment added is no change either."""
+    monkeypatch.setenv("FAKE_NOISE", "0.01")  # runs 1, 2, 3 measure 1.0, 1.01, 0.99, then again
+    lab.baseline()  # the first result of the research run: the same code as its start, kept
+    worse = lab.ok("run_experiment", description="the best again", rerun=True)
+    assert worse["val_bpb"] == 1.01 and worse["next"].startswith("run 2's train.py is the program of the best")
+    assert lab.ok("status")["next"].startswith("discard(run=2): run 2's train.py is the program of the best")
+    lab.ok("discard")
+    (lab.ws / "train.py").write_text("VAL_BPB = 1.0  # the best, with a comment\n")
+    lucky = lab.ok("run_experiment", description="the best, commented")
+    assert lucky["val_bpb"] == 0.99 and lucky["delta"] == pytest.approx(-0.01)
+    before = (ledger_lines(lab.ws), lab.head(), lab.loop.state.load().get("kept_commit"))
+    for refused in (lab.refused("keep"), lab.refused("keep", unconfirmed=True), lab.refused("confirm")):
+        assert "the luck of two runs of one program, no change to keep or confirm. discard(run=3)" in refused, refused
+    assert (ledger_lines(lab.ws), lab.head(), lab.loop.state.load().get("kept_commit")) == before
+    assert lab.ok("discard")["row"]["status"] == "discard"
+    assert lab.ok("status")["best_val_bpb"] == 1.0
+
+
+def test_the_early_stops_marker_in_the_agents_words_does_not_hide_a_failure(lab):
+    """Stop 48: a crash row counts toward max_failures_in_row unless it holds the early stop's marker " (stopped early: ",
+    which the agent could write itself: discard(reason="stopped early: ...") of each crash, or a description or
+    log_result row holding it, kept the failures in a row at 0, so a night of crashes never ended on the limit. The
+    marker is the server's own now, like " (unverified)" and " (logged by hand)"."""
+    lab.ok("setup", tag="t", max_failures_in_row=2)
+    lab.ok("run_experiment", description="baseline")
+    lab.ok("keep")
+    set_knobs(lab.ws, crash=1)
+    lab.ok("run_experiment", description="broken")
+    assert "(stopped early: ...) in the ledger" in lab.refused("discard", reason="stopped early: behind the best")
+    lab.ok("discard", reason="a typo")
+    commit = lab.loop.state.load()["kept_commit"]
+    for refused in (lab.refused("run_experiment", description="x (stopped early: at 50%)", rerun=True),
+                    lab.refused("log_result", commit=commit, val_bpb=0.0, memory_gb=0.0, status="crash",
+                                description="by hand (stopped early: at 50%)")):
+        assert "reword it" in refused, refused
+    set_knobs(lab.ws, crash=1)
+    lab.ok("run_experiment", description="broken again", rerun=True)  # the same broken code
+    lab.ok("discard")
+    assert "2 failures in a row" in lab.ok("status")["ended"]
 
 
 def test_an_unverified_keep_reaches_no_target(fake_env):
@@ -452,3 +498,34 @@ def test_two_stop_now_calls_at_once_both_answer_the_stop_and_leave_nothing_in_fl
     assert cancelled == runs and all(s["stopped"] == "morning" for s in stops), stops
     status = lab.ok("status")
     assert not status.get("running") and not status.get("queued") and not status.get("undecided"), status
+
+
+def test_a_read_only_servers_wait_answers_when_the_owners_run_ends_or_the_owner_dies(lab):
+    """Stop 48: wait() on a second server (read-only: another session's, while the first server lives) followed the
+    owner's run in flight through events that only the owner's threads set, so it was never answered, neither once
+    the run ended nor once the owner died. It reads the state now, and takes over from an owner that has gone."""
+    import anyio
+    from mcp import Client
+
+    lab.baseline()
+    second = Lab(lab.ws)
+
+    def wait_on_second() -> dict:
+        async def go():
+            with anyio.fail_after(30):  # never answered: fails here instead of hanging the suite
+                async with Client(second.server()) as client:
+                    return await client.call_tool("wait", {})
+        return answer(anyio.run(go))
+    try:
+        set_knobs(lab.ws, val_bpb=0.9, sleep=1)
+        assert lab.ok("run_experiment", description="the owner's run", wait=False)["run"] == 2
+        assert [r["val_bpb"] for r in wait_on_second()["results"]] == [0.9]
+        assert lab.ok("discard")["row"]["status"] == "discard"
+        set_knobs(lab.ws, val_bpb=0.8, sleep=60, steps=60)
+        assert lab.ok("run_experiment", description="dies with its owner", wait=False)["run"] == 3
+        threading.Timer(2, lab.loop.shutdown).start()  # the owner's session ends while the second one waits
+        waited = wait_on_second()
+        assert waited["results"] == [] and waited["next"] == "discard() to log the interrupted run", waited
+        assert second.loop.state.owned
+    finally:
+        second.loop.shutdown()

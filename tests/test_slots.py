@@ -151,6 +151,35 @@ def test_two_reapplies_of_one_run_at_once_make_one_new_run_and_the_refused_one_c
     duo.ok("discard")
 
 
+def test_a_reapply_whose_train_py_git_cannot_restore_makes_one_run_and_decides_the_stale_one(duo):
+    """Stop 48: reapply's discard of the stale run restored train.py (which held the stale code) inside the call's
+    transaction, after the new run was submitted, whose nested transaction had saved it; a git index lock (a git
+    command of the agent's, or one killed) failed the restore, and the call answered "git failed ... retry" with the
+    new run training and the stale one still undecided, so the retry trained the same code a second time."""
+    base = "VAL_BPB = 1.0\nMEMORY_MB = 2048\nA = 1\nB = 2\nSTEPS = 5\n"
+    (duo.ws / "train.py").write_text(base)
+    git(duo.ws, "commit", "-q", "-am", "a train.py with several constants")
+    duo.baseline()
+    stale = base.replace("STEPS = 5", "STEPS = 6")
+    (duo.ws / "train.py").write_text(stale)
+    a = duo.ok("run_experiment", description="steps", wait=False)
+    (duo.ws / "train.py").write_text(base.replace("1.0", "0.9"))
+    b = duo.ok("run_experiment", description="better", wait=False)
+    duo.ok("wait", all=True)
+    duo.ok("keep", run=b["run"])
+    (duo.ws / "train.py").write_text(stale)  # the working file holds the stale run's code: discard restores it
+    (duo.ws / ".git" / "index.lock").write_text("")
+    made = duo.ok("reapply", run=a["run"])
+    assert f"Run {a['run']} is already decided" in duo.refused("reapply", run=a["run"])
+    state = json.loads((duo.ws / ".research-loop" / "state.json").read_text())
+    assert sorted(state["runs"]) == [str(made["run"])] and state["seq"] == made["run"], state["runs"]
+    assert ledger_lines(duo.ws)[-1].split("\t")[3:] == ["discard", f"steps (stale: re-applied as run {made['run']})"]
+    assert (duo.ws / "train.py").read_text() == stale  # left as it was: git could not write it
+    (duo.ws / ".git" / "index.lock").unlink()
+    duo.ok("wait")
+    duo.ok("discard")
+
+
 def test_cancel_and_timeout_leave_no_process_behind(duo):
     duo.baseline()
     set_knobs(duo.ws, sleep=60, steps=60, spawn=1)

@@ -88,12 +88,15 @@ def validate_description(text: str, what: str = "description") -> str:
 def refuse_markers(text: str, what: str = "description", wrapped: bool = False) -> str:
     """The agent's words, refused where they hold a marker of a number the harness did not measure as the row will
     read them (a note is written in parentheses: "unverified" would be one). Review 62: a measured keep row whose
-    description held " (unverified)" was taken for train.py's own number and left out of the noise estimate."""
+    description held " (unverified)" was taken for train.py's own number and left out of the noise estimate. Stop 48:
+    a crash row holding the early stop's marker is no failure, so a discard reason "stopped early: ..." kept a night of
+    crashes off max_failures_in_row."""
     shown = f" ({text})" if wrapped else f" {text}"
-    marker = next((m for m in (limits.UNVERIFIED, limits.LOGGED_BY_HAND) if m in shown), None)
+    marker = next((m for m in (limits.UNVERIFIED, limits.LOGGED_BY_HAND, limits.STOPPED_EARLY) if m in shown), None)
     if marker:
-        raise Refusal(f"The {what} would read{marker} in the ledger, the server's own marker of a number the harness "
-                      "did not measure (it adds it where that applies): reword it.")
+        shown = marker if marker.endswith(")") else f"{marker}...)"
+        raise Refusal(f"The {what} would read{shown} in the ledger, the server's own marker of a number the harness "
+                      "did not measure or of a run its early stop ended (it adds it where that applies): reword it.")
     return text
 
 

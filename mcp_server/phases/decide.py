@@ -8,6 +8,8 @@ Imports the core (runs) and every phase above it (results, dispatch, submit, ove
 """
 import time
 
+import git
+
 from mcp_server.phases import early_stop
 from mcp_server.core import cost, history, ledger, limits, noise
 from mcp_server.scripts import sandbox
@@ -15,7 +17,7 @@ from mcp_server.phases.dispatch import dispatch, require_owner
 from mcp_server.executors.executor import read_report
 from mcp_server.core.models import CancelResult, DecisionResult, LoggedRow, Refusal, Row, RunResult, StopResult
 from mcp_server.phases import overview
-from mcp_server.phases.results import confirmation_needed, result_of
+from mcp_server.phases.results import confirmation_needed, no_change, result_of
 from mcp_server.phases.runs import IN_FLIGHT, UNDECIDED, LoopCore
 from mcp_server.phases.submit import submit
 from mcp_server.core.workspace import EDITABLE, PROTECTED_BRANCHES, RUN_REF_PREFIX, validate_commit_arg
@@ -70,6 +72,8 @@ def keep(core: LoopCore, note: str | None = None, run: int | None = None, unveri
         if result["status"] != "ok":
             raise Refusal(f"Run {entry['run']} ended with {result['status']}, so it cannot be kept: "
                           "discard() logs it as a crash; fix train.py and rerun.")
+        if unchanged := no_change(core, entry):
+            raise Refusal(unchanged[0].upper() + unchanged[1:] + ".")
         if result.get("verified") is False and not unverified:
             raise Refusal(f"Run {entry['run']}'s val_bpb is train.py's own, not the harness's ({result.get('integrity')}): "
                           f"keep(run={entry['run']}, unverified=true) keeps it anyway; or discard it.")
@@ -171,10 +175,13 @@ def confirmation_plan(core: LoopCore, run: int | None) -> tuple[dict, bytes, byt
     if entry["parent"] != state["kept_commit"]:
         raise Refusal(f"Run {entry['run']} was measured on {entry['parent'][:7]}, no longer the best: "
                       f"reapply(run={entry['run']}) first.")
+    if unchanged := no_change(core, entry):
+        raise Refusal(unchanged[0].upper() + unchanged[1:] + ".")
     return entry, core.ws.train_at(state["kept_commit"]), core.ws.train_at(entry["commit"])
 
 
-def discard(core: LoopCore, reason: str | None = None, run: int | None = None) -> DecisionResult:
+def discard(core: LoopCore, reason: str | None = None, run: int | None = None, restore: bool = True) -> DecisionResult:
+    """restore=False: train.py is left as it is (reapply restores it once its records are saved)."""
     reason = _checked_note(reason, "reason")
     require_owner(core)
     with core.state.transaction() as state:
@@ -192,7 +199,7 @@ def discard(core: LoopCore, reason: str | None = None, run: int | None = None) -
         description = _described(entry["description"], reason, suffix + core.sandbox_marker(entry))
         row = ledger.make_row(entry["commit"][:7], val_bpb, memory, status, description)
         _append_once(state, row)  # saved with the state: a failure below records neither
-        note = _restore_train(core, state, entry)
+        note = _restore_train(core, state, entry) if restore else None
         del state["runs"][str(entry["run"])]
         core.write_record(state, entry, result_of(core, state, entry), {"status": status, "at": time.time()})
     core.notifier.check(core)
@@ -342,7 +349,10 @@ def reapply(core: LoopCore, run: int) -> dict:
     """A stale candidate's change re-applied onto the current best, as a new run; the stale one
     is logged as a discard that names its successor. Check, submit and discard happen in one
     transaction (they nest), so of two calls at once the second finds the run decided and
-    changes nothing."""
+    changes nothing. A nested transaction saves as it ends, so nothing that can fail comes after the submit:
+    train.py goes back to the kept code after, where git lets it (stop 48: a git index lock failed the discard's
+    restore, and the call answered "git failed ... retry" with the new run saved and training and the stale one
+    undecided, so the retry trained the same code again)."""
     require_owner(core)
     with core.state.transaction() as state:
         core.research_state(state)
@@ -359,7 +369,11 @@ def reapply(core: LoopCore, run: int) -> dict:
         description = ledger.fit_description(entry["description"], f" (re-applied on {kept[:7]})")
         new = submit(core, description, entry["timeout"], source=merged, replacing=run,
                      parent_note=f"Re-applies run {run} ({entry['commit'][:7]}).\n")
-        discard(core, f"stale: re-applied as run {new['run']}", run=run)
+        discard(core, f"stale: re-applied as run {new['run']}", run=run, restore=False)
+    try:
+        _restore_train(core, core.state.load(), entry)
+    except (git.GitCommandError, OSError):
+        pass  # the stale code stays in train.py, and in its commit: the runs are recorded either way
     return new
 
 

@@ -19,7 +19,7 @@ from mcp_server.executors.executor import WORKER_GRACE_SECONDS, RunSpec, kill_se
 from mcp_server.core.models import Refusal
 from mcp_server.phases.results import record, unrecordable
 from mcp_server.phases.measurements import file_measurement
-from mcp_server.phases.runs import DEFAULT_TRAIN_COMMAND, MEASURED_ON, LoopCore
+from mcp_server.phases.runs import DEFAULT_TRAIN_COMMAND, IN_FLIGHT, MEASURED_ON, LoopCore
 from mcp_server.core.state import process_alive
 from mcp_server.core.workspace import EDITABLE, RUNS_DIR, prepared_info
 from mcp_server.scripts import sandbox
@@ -58,6 +58,19 @@ def _settings_at_start(core: LoopCore, state: dict) -> None:
     differ = budget_settings.differences(state, core.root, record)
     if differ:
         budget_settings.log.warning(differ)
+
+
+def wait_ended(core: LoopCore, runs: list[int], until_all: bool, timeout: float) -> bool:
+    """Blocks until one of the runs (or all) has left the flight, or the timeout; True if they have. A server that
+    does not own the workspace hears of no run's end (the owner's threads end its runs), so the state says where they
+    are, and once the owner has gone this server takes over (its runs then stand interrupted): stop 48, a read-only
+    server's wait() never answered, after the owner's run ended or the owner died."""
+    if core.wait_for(runs, until_all, timeout):
+        return True
+    if not core.state.owned:
+        take_over(core)
+    entries = core.state.load().get("runs") or {}
+    return (all if until_all else any)((entries.get(str(n)) or {}).get("status") not in IN_FLIGHT for n in runs)
 
 
 def require_owner(core: LoopCore) -> None:

@@ -13,7 +13,7 @@ from mcp_server.core import history as run_history
 from mcp_server.core import budget_settings, cost, ledger, limits, logparse, noise
 from mcp_server.scripts import sandbox
 from mcp_server.phases.dispatch import take_over
-from mcp_server.phases.results import confirmation_needed
+from mcp_server.phases.results import confirmation_needed, no_change
 from mcp_server.core.models import HistoryResult, LiveRun, Metrics, NoiseEstimate, Refusal, StatusResult
 from mcp_server.phases.runs import IN_FLIGHT, RUN_LOG, UNDECIDED, LoopCore, unsandboxed_marker
 from mcp_server.core.workspace import prepared_info
@@ -251,6 +251,8 @@ def _what_keep_asks(core: LoopCore, state: dict, e: dict) -> str | None:
     refused until confirmed, for a failed confirmation, for train.py's own number), or None."""
     result, n = e["result"], e["run"]
     confirmation = e.get("confirmation")
+    if unchanged := no_change(core, e):
+        return f"discard(run={n}): {unchanged.split(': ', 1)[0]}"
     if confirmation and not confirmation.get("confirmed"):
         return f"discard(run={n}): its confirmation failed (keep(run={n}, unconfirmed=true) keeps it against that)"
     estimate = noise.for_device(state, result.get("device"))

@@ -8,6 +8,7 @@ run_experiment answers about a run at any point of its life.
 
 Imports the core (runs) only.
 """
+import ast
 import io
 import math
 import shutil
@@ -163,6 +164,10 @@ def _result(core: LoopCore, entry: dict, text: str, report: dict | None, slot: s
                        f"(run_experiment(..., rerun=true)), or keep(run={entry['run']}, unconfirmed=true) on your "
                        "own judgement")
         return result
+    unchanged = no_change(core, entry)
+    if unchanged:
+        result.next = unchanged
+        return result
     result.confirm_first = confirmation_needed(result.model_dump(), estimate, base)
     if result.confirm_first:
         result.next = (f"confirm(run={entry['run']}) before keep ({result.confirm_first}); "
@@ -292,6 +297,31 @@ def confirmation_needed(result: dict, noise: dict | None, base: Row | None = Non
         return (f"its gain {-delta:.6f} is within {CONFIRM_WIDTHS:g} noise thresholds "
                 f"({CONFIRM_WIDTHS * noise['threshold']:.6f})")
     return None
+
+
+def no_change(core: LoopCore, entry: dict) -> str | None:
+    """Why a candidate is nothing to keep or confirm: its train.py is the program of the best it was measured on (byte
+    for byte, or but for comments and layout), whose number the harness measured, so its delta is two runs' luck (stop
+    48: run_experiment(rerun=true) of the best unchanged, kept once its luck went its way, read "gain +0.010000" beside
+    "no change" in the morning report). None where the program differs, or where the best's number is no measurement
+    (the baseline after a setup, a best logged by hand or train.py's own), which a run of the same code gives it."""
+    base = core.kept_row(entry["parent"])
+    if base is None or not limits.measured(base.description) or \
+            not same_program(core.ws.train_at(entry["parent"]), core.ws.train_at(entry["commit"])):
+        return None
+    return (f"run {entry['run']}'s train.py is the program of the best {entry['parent'][:7]} it was measured on (but for "
+            "comments and layout, if any): its val_bpb against the best's is the luck of two runs of one program, no "
+            f"change to keep or confirm. discard(run={entry['run']}); measure_noise() measures that luck")
+
+
+def same_program(a: bytes, b: bytes) -> bool:
+    """Whether two train.py sources are one program: the same bytes, or the same syntax tree."""
+    if a == b:
+        return True
+    try:
+        return ast.dump(ast.parse(a)) == ast.dump(ast.parse(b))
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return False
 
 
 def worker_warnings(report: dict) -> list[str]:
