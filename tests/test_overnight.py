@@ -308,8 +308,11 @@ def test_the_runner_refuses_limits_that_set_none_and_reserved_tags_before_any_se
 
 def test_the_runner_starts_new_sessions_until_the_limit(claude, session_env, fake_env, tmp_path):
     ws = make_workspace(fake_env)
+    # each session sets up (refused after the first), runs the kept code again and keeps it (the baseline, in the
+    # first) or discards it (after: the best's own program is no change to keep); then the agent is stuck: the hook
+    # lets it go, the runner starts another session
     steps = [call("status"), call("setup", tag="night", max_experiments=2), call("run_experiment", description="x", rerun=True),
-             call("keep")]  # then the agent is stuck: the hook lets it go, the runner starts another session
+             call("keep"), call("discard")]
     with ScriptedAgent(steps) as agent:
         env = agent.env(session_env) | {"PYTHONUNBUFFERED": "1"}
         proc = runner(claude, ws, env, "--tag", "night", "--max-experiments", "2")
@@ -406,6 +409,11 @@ elif plan == "vanish":  # killed before its result event, as a process of the se
     os.kill(os.getpid(), 9)
 elif plan == "costless":  # a result event of no cost that a process of the session wrote, and none of its own
     print(json.dumps({{"type": "result", "subtype": "success", "result": "done"}}), flush=True)
+elif plan in ("set-up", "set-up-other"):  # the server's copy of the state as a setup of the tag leaves it
+    tag = "night" if plan == "set-up" else "other"
+    records = Path(".git/research-loop/records")
+    records.mkdir(parents=True, exist_ok=True)
+    (records / "state.json").write_text(json.dumps({{"tag": tag, "branch": f"autoresearch/{{tag}}", "rows": []}}))
 elif plan == "garble":  # what the runner reads, of shapes no server or runner writes, then on past the deadline
     records = Path(".git/research-loop/records")
     records.mkdir(parents=True, exist_ok=True)
@@ -614,6 +622,22 @@ def test_no_session_hides_its_cost_from_max_cost(fake_claude, fake_env, monkeypa
     assert runner.run() == 0
     assert said in capsys.readouterr().out
     assert runner.sessions == (3 if plan == "rewrite" else 1)
+
+
+def test_a_session_that_sets_up_another_research_run_ends_the_night(fake_claude, fake_env, monkeypatch, capsys):
+    """Stop 48's review: once the night's research run had ended (max_gpu_hours, max_experiments, stop), a session's
+    setup of another tag began a research run with fresh limits, and the runner, which judged only its own tag's,
+    started sessions on it until --hours. A research run other than the runner's, after the runner's own was set up,
+    ends the night."""
+    from mcp_server.overnight import overnight
+    ws = make_workspace(fake_env)
+    monkeypatch.setenv("FAKE_CLAUDE_PLAN", "set-up,set-up-other")
+    runner = overnight.Runner(runner_args(ws, "--hours", str(30 / 3600)), overnight.preflight(ws, None),
+                              backoff_s=(0.05,), poll_s=0.05)
+    assert runner.run() == 0
+    out = capsys.readouterr().out
+    assert "a session set up another research run (other) after night" in out, out
+    assert [s["plan"] for s in sessions_of(fake_claude)] == ["set-up", "set-up-other"]
 
 
 def test_records_of_shapes_no_server_writes_stop_no_runner(fake_claude, fake_env, monkeypatch):

@@ -216,6 +216,7 @@ class Runner:
         self.spent_before = cost.sessions_spent(self.workspace, args.tag)
         self.recorded: list[dict] = []
         self.sessions = 0
+        self.set_up = False  # whether the runner's research run has been seen set up (see over)
         self.tty = sys.stdout.isatty()
         self.last_line = 0.0
         self.notifier = notify.Notifier(args.notify, args.notify_format)
@@ -255,9 +256,14 @@ class Runner:
 
     def over(self) -> str | None:
         state = self.state()
-        if state.get("tag") != self.args.tag:
-            return None  # not set up yet (or another run): the session sets it up
-        return limits.ended(state, [(r.status, r.val_bpb, r.description) for r in self.rows()])
+        tag = state.get("tag")
+        if tag == self.args.tag:
+            self.set_up = True
+            return limits.ended(state, [(r.status, r.val_bpb, r.description) for r in self.rows()])
+        if self.set_up and isinstance(tag, str):  # a setup of another tag begins fresh limits: the user's night was the runner's research run
+            return (f"a session set up another research run ({tag}) after {self.args.tag}; the runner ends with its "
+                    f"own research run. To go on with {tag}, run the runner with --tag {tag}.")
+        return None  # not set up yet: the session sets it up
 
     def status_line(self) -> str:
         rows = self.rows()
