@@ -149,3 +149,20 @@ def test_a_server_started_with_budget_settings_no_run_can_train_at_keeps_the_res
         assert "AUTORESEARCH_EVAL_TOKENS='many'" in refused and "nothing was set up or run" in refused, refused
     finally:
         lab.loop.shutdown()
+
+
+@pytest.mark.parametrize("planted", ["1e999", "[4096]"])
+def test_an_evaluation_size_of_another_type_in_the_record_fails_no_call(lab, fake_env, planted):
+    """The agent writes an evaluation size of 1e999 (json's infinity) or a list into the cache's prepared.json, which
+    is its to edit: status compared the record's settings with the research run's and failed with an internal error
+    (OverflowError, TypeError), and so did every call of a server started on it. Status answers, saying what the
+    record gives; a run is refused as the record changed since setup, and a setup names the prepared record."""
+    lab.baseline()
+    record = fake_env / "cache" / "prepared.json"
+    record.write_text(f'{{"profile": "cpu", "time_budget": 60, "eval_tokens": {planted}}}')
+    said = lab.ok("status")["budget_settings"]
+    assert "the prepared record (AUTORESEARCH_EVAL_TOKENS unset) gives" in said, said
+    lab.restart()
+    assert "the research run recorded 20971520" in lab.ok("status")["budget_settings"]
+    assert "changed since setup" in lab.refused("run_experiment", description="an idea", rerun=True)
+    assert "the prepared record" in lab.refused("setup", tag="new")

@@ -51,14 +51,16 @@ def checked_environment(root: Path, record: dict) -> dict:
 
 
 def _now(root: Path, record: dict) -> dict:
-    """of_environment, a value that is no number as the variable's text (which no check passes)."""
+    """of_environment, a value that is no number as its text (the variable's, else the record's), which no check
+    passes. The record is the agent's to edit: one of another type (an evaluation size of 1e999, a list) made status
+    and every call of a server starting fail with an internal error, where runs are refused as changed since setup."""
     found = {}
     for key, take in (("budget_clock", lambda: budget_clock(record)), ("time_budget", lambda: budget_of(root, record)),
                       ("eval_tokens", lambda: eval_tokens(record))):
         try:
             found[key] = take()
-        except ValueError:
-            found[key] = os.environ.get(ENV[key])
+        except (ValueError, TypeError, OverflowError):
+            found[key] = os.environ.get(ENV[key]) or str(record.get(key))
     return found
 
 
