@@ -166,3 +166,21 @@ def test_an_evaluation_size_of_another_type_in_the_record_fails_no_call(lab, fak
     assert "the research run recorded 20971520" in lab.ok("status")["budget_settings"]
     assert "changed since setup" in lab.refused("run_experiment", description="an idea", rerun=True)
     assert "the prepared record" in lab.refused("setup", tag="new")
+
+
+def test_a_setup_on_a_budget_the_agent_raised_in_the_record_says_so_for_the_whole_research_run(lab, fake_env):
+    """The agent raises the budget in the cache's prepared.json, which is its to edit, from 60 s to 600 s and sets up a
+    new tag: the research run trained every run at ten times the user's budget, and nothing said its settings
+    differed from the research run before's. setup's answer, status for the whole research run and the report's
+    summary say so, and a later setup at the same settings keeps saying it."""
+    lab.baseline()
+    record = fake_env / "cache" / "prepared.json"
+    record.write_text(json.dumps(json.loads(record.read_text()) | {"time_budget": 600}))
+    said = "the budget settings differ from those autoresearch/t was measured at (time budget 600 s, 60 s there)"
+    assert said in lab.ok("setup", tag="bigger")["settings_changed"]
+    lab.ok("run_experiment", description="baseline")
+    lab.ok("keep")
+    assert said in lab.ok("status")["budget_settings"]
+    report = (lab.ws / lab.ok("report")["path"]).read_text()
+    assert f"| budget settings | {said}" in report, report[:2000]
+    assert said in lab.ok("setup", tag="again")["settings_changed"]  # carried while the settings stay these

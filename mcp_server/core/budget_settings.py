@@ -22,6 +22,7 @@ from mcp_server.core.models import Refusal
 from mcp_server.core.workspace import budget_clock, budget_of
 
 SETTINGS = "budget_settings"  # the state's {"budget_clock", "time_budget", "eval_tokens"}, recorded at setup
+CHANGED = "settings_changed"  # the state's note: they differ from the research run's before (change_note)
 ENV = {"budget_clock": "AUTORESEARCH_BUDGET_CLOCK", "time_budget": "AUTORESEARCH_TIME_BUDGET",
        "eval_tokens": "AUTORESEARCH_EVAL_TOKENS"}
 NAMES = {"budget_clock": "budget clock", "time_budget": "time budget", "eval_tokens": "evaluation tokens"}
@@ -117,6 +118,22 @@ def differences(state: dict, root: Path, record: dict) -> str | None:
             f"{'; '.join(differ)}. Its runs (submits, reruns, confirmations, noise repeats) train and are evaluated "
             f"at the recorded settings ({describe(pinned)}); setup(tag) begins a new research run with the new "
             "settings, and carries no measured value across")
+
+
+def change_note(state: dict, settings: dict) -> str | None:
+    """What setup's answer, status and the report say for the whole research run when its settings differ from those
+    the research run before it recorded (`state`: that run's; settings: the new ones): a prepared record edited to a
+    budget ten times the user's, then setup(tag), began a research run at it that nothing said differed. Carried while
+    the settings stay the ones the note named, as the harness's note is (submit.harness_change)."""
+    before = recorded(state)
+    if not state.get("branch") or before is None:
+        return None
+    if before == settings:
+        return state.get(CHANGED)
+    differ = "; ".join(f"{NAMES[k]} {_shown(k, settings[k])}, {_shown(k, before[k])} there" for k in ENV
+                       if before[k] != settings[k])
+    return (f"the budget settings differ from those {state['branch']} was measured at ({differ}): this research "
+            "run's numbers are not comparable with that run's")
 
 
 def _source(key: str) -> str:

@@ -203,8 +203,9 @@ def _settings_text(core: LoopCore, state: dict) -> str | None:
     if pinned is None:
         return None
     differ = budget_settings.differences(state, core.root, prepared_info() or {})
+    changed = state.get(budget_settings.CHANGED)
     return (f"{budget_settings.describe(pinned)}: recorded at setup, every run of this research run trains and is "
-            "evaluated at them" + (f"; {differ}" if differ else ""))
+            "evaluated at them" + (f"; {changed}" if changed else "") + (f"; {differ}" if differ else ""))
 
 
 def _next_step(core: LoopCore, state: dict, s: StatusResult) -> str:
