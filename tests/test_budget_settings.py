@@ -184,3 +184,18 @@ def test_a_setup_on_a_budget_the_agent_raised_in_the_record_says_so_for_the_whol
     report = (lab.ws / lab.ok("report")["path"]).read_text()
     assert f"| budget settings | {said}" in report, report[:2000]
     assert said in lab.ok("setup", tag="again")["settings_changed"]  # carried while the settings stay these
+
+
+def test_a_profiles_file_the_parser_cannot_read_fails_no_status(lab, fake_env):
+    """The agent takes the budget out of the cache's prepared.json, which is its to edit, and writes a nanochat/
+    profiles.py of one expression nested 200,000 deep: status, which compares the budget settings the record gives
+    with the research run's, read the budget from that file, and the parser's MemoryError failed it with an internal
+    error (every call of a server started on it too). The file reads as naming no budget; runs are refused as the
+    record changed since setup."""
+    lab.baseline()
+    (fake_env / "cache" / "prepared.json").write_text(json.dumps({"profile": "cpu"}))
+    (lab.ws / "nanochat" / "profiles.py").write_text("x = " + "-" * 200_000 + "1\n")
+    assert "the research run recorded 60 s" in lab.ok("status")["budget_settings"]
+    lab.restart()
+    assert "the research run recorded 60 s" in lab.ok("status")["budget_settings"]
+    assert "changed since setup" in lab.refused("run_experiment", description="an idea", rerun=True)
