@@ -116,10 +116,12 @@ def test_a_state_from_before_the_budget_settings_takes_the_environments_at_the_f
 
 
 @pytest.mark.parametrize("variable, value", [("AUTORESEARCH_BUDGET_CLOCK", "sundial"),
-                                             ("AUTORESEARCH_TIME_BUDGET", "0"), ("AUTORESEARCH_EVAL_TOKENS", "many")])
+                                             ("AUTORESEARCH_TIME_BUDGET", "0"), ("AUTORESEARCH_EVAL_TOKENS", "many"),
+                                             ("AUTORESEARCH_TIME_BUDGET", "0.5")])
 def test_a_setup_refuses_budget_settings_no_run_can_train_at(lab, monkeypatch, variable, value):
     """A research run is set up at its budget settings for good: one no run can train at (prepare.py stops each run on
-    it, and an evaluation size that is no number stopped each dispatch) is refused before anything is set up."""
+    it, and an evaluation size that is no number stopped each dispatch) is refused before anything is set up. A budget
+    of 0.5 s from the variable was taken, and prepare.py, which reads it as whole seconds (0), stopped every run."""
     for name in BUDGET_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv(variable, value)

@@ -42,11 +42,14 @@ def checked_environment(root: Path, record: dict) -> dict:
     """of_environment for a setup: a Refusal naming the variable where a value is not one a run can train at (prepare.py
     would stop every run of the research run on it)."""
     settings = _now(root, record)
-    if recorded({SETTINGS: settings}) is None:
+    # prepare.py reads the variable's budget as whole seconds: 0.5 from it is 0, which stops every run
+    truncated = os.environ.get(ENV["time_budget"]) and recorded({SETTINGS: settings}) and settings["time_budget"] < 1
+    if recorded({SETTINGS: settings}) is None or truncated:
         shown = ", ".join(f"{name}={os.environ[name]!r}" for name in ENV.values() if name in os.environ)
         raise Refusal(f"The budget settings this server's environment gives are not ones a run can train at "
                       f"({shown or 'the prepared record'}): the clock is one of {', '.join(CLOCKS)}, the budget and "
-                      "the evaluation's tokens positive numbers. Set them right where the server is started (or unset "
+                      "the evaluation's tokens positive numbers (the variable's budget at least 1 s: prepare.py reads it "
+                      "in whole seconds). Set them right where the server is started (or unset "
                       "them for the prepared record's), then call again: nothing was set up or run.")
     return settings
 
