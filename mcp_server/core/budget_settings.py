@@ -48,8 +48,8 @@ def checked_environment(root: Path, record: dict) -> dict:
         shown = ", ".join(f"{name}={os.environ[name]!r}" for name in ENV.values() if name in os.environ)
         raise Refusal(f"The budget settings this server's environment gives are not ones a run can train at "
                       f"({shown or 'the prepared record'}): the clock is one of {', '.join(CLOCKS)}, the budget and "
-                      "the evaluation's tokens positive numbers (the variable's budget at least 1 s: prepare.py reads it "
-                      "in whole seconds). Set them right where the server is started (or unset "
+                      "the evaluation's tokens positive numbers (the variable's budget at least 1 s: prepare.py "
+                      "reads it in whole seconds). Set them right where the server is started (or unset "
                       "them for the prepared record's), then call again: nothing was set up or run.")
     return settings
 
