@@ -116,10 +116,12 @@ def test_a_state_from_before_the_budget_settings_takes_the_environments_at_the_f
 
 
 @pytest.mark.parametrize("variable, value", [("AUTORESEARCH_BUDGET_CLOCK", "sundial"),
-                                             ("AUTORESEARCH_TIME_BUDGET", "0"), ("AUTORESEARCH_EVAL_TOKENS", "many")])
+                                             ("AUTORESEARCH_TIME_BUDGET", "0"), ("AUTORESEARCH_EVAL_TOKENS", "many"),
+                                             ("AUTORESEARCH_TIME_BUDGET", "0.5")])
 def test_a_setup_refuses_budget_settings_no_run_can_train_at(lab, monkeypatch, variable, value):
     """A research run is set up at its budget settings for good: one no run can train at (prepare.py stops each run on
-    it, and an evaluation size that is no number stopped each dispatch) is refused before anything is set up."""
+    it, and an evaluation size that is no number stopped each dispatch) is refused before anything is set up. A budget
+    of 0.5 s from the variable was taken, and prepare.py, which reads it as whole seconds (0), stopped every run."""
     for name in BUDGET_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv(variable, value)
@@ -149,3 +151,53 @@ def test_a_server_started_with_budget_settings_no_run_can_train_at_keeps_the_res
         assert "AUTORESEARCH_EVAL_TOKENS='many'" in refused and "nothing was set up or run" in refused, refused
     finally:
         lab.loop.shutdown()
+
+
+@pytest.mark.parametrize("planted", ["1e999", "[4096]"])
+def test_an_evaluation_size_of_another_type_in_the_record_fails_no_call(lab, fake_env, planted):
+    """The agent writes an evaluation size of 1e999 (json's infinity) or a list into the cache's prepared.json, which
+    is its to edit: status compared the record's settings with the research run's and failed with an internal error
+    (OverflowError, TypeError), and so did every call of a server started on it. Status answers, saying what the
+    record gives; a run is refused as the record changed since setup, and a setup names the prepared record."""
+    lab.baseline()
+    record = fake_env / "cache" / "prepared.json"
+    record.write_text(f'{{"profile": "cpu", "time_budget": 60, "eval_tokens": {planted}}}')
+    said = lab.ok("status")["budget_settings"]
+    assert "the prepared record (AUTORESEARCH_EVAL_TOKENS unset) gives" in said, said
+    lab.restart()
+    assert "the research run recorded 20971520" in lab.ok("status")["budget_settings"]
+    assert "changed since setup" in lab.refused("run_experiment", description="an idea", rerun=True)
+    assert "the prepared record" in lab.refused("setup", tag="new")
+
+
+def test_a_setup_on_a_budget_the_agent_raised_in_the_record_says_so_for_the_whole_research_run(lab, fake_env):
+    """The agent raises the budget in the cache's prepared.json, which is its to edit, from 60 s to 600 s and sets up a
+    new tag: the research run trained every run at ten times the user's budget, and nothing said its settings
+    differed from the research run before's. setup's answer, status for the whole research run and the report's
+    summary say so, and a later setup at the same settings keeps saying it."""
+    lab.baseline()
+    record = fake_env / "cache" / "prepared.json"
+    record.write_text(json.dumps(json.loads(record.read_text()) | {"time_budget": 600}))
+    said = "the budget settings differ from those autoresearch/t was measured at (time budget 600 s, 60 s there)"
+    assert said in lab.ok("setup", tag="bigger")["settings_changed"]
+    lab.ok("run_experiment", description="baseline")
+    lab.ok("keep")
+    assert said in lab.ok("status")["budget_settings"]
+    report = (lab.ws / lab.ok("report")["path"]).read_text()
+    assert f"| budget settings | {said}" in report, report[:2000]
+    assert said in lab.ok("setup", tag="again")["settings_changed"]  # carried while the settings stay these
+
+
+def test_a_profiles_file_the_parser_cannot_read_fails_no_status(lab, fake_env):
+    """The agent takes the budget out of the cache's prepared.json, which is its to edit, and writes a nanochat/
+    profiles.py of one expression nested 200,000 deep: status, which compares the budget settings the record gives
+    with the research run's, read the budget from that file, and the parser's MemoryError failed it with an internal
+    error (every call of a server started on it too). The file reads as naming no budget; runs are refused as the
+    record changed since setup."""
+    lab.baseline()
+    (fake_env / "cache" / "prepared.json").write_text(json.dumps({"profile": "cpu"}))
+    (lab.ws / "nanochat" / "profiles.py").write_text("x = " + "-" * 200_000 + "1\n")
+    assert "the research run recorded 60 s" in lab.ok("status")["budget_settings"]
+    lab.restart()
+    assert "the research run recorded 60 s" in lab.ok("status")["budget_settings"]
+    assert "changed since setup" in lab.refused("run_experiment", description="an idea", rerun=True)

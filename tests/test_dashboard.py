@@ -65,6 +65,25 @@ def test_the_ledger_view_has_every_row_its_delta_run_and_change_and_says_the_han
     assert view["branch"] == "autoresearch/t" and view["set_up"] and view["first_step"] is None
 
 
+def test_a_copy_of_the_state_with_wrong_types_fails_no_page(lab):
+    """While the owner runs, the agent writes the server's copy of the state with a row's description a number: the
+    owner's status is right (it believes what it wrote), but the page read the copy and failed (AttributeError in the
+    ledger view), for as long as state.json was not changed. The page reads state.json instead, as the server's
+    readers do, and where neither is of the server's shape it shows results.tsv's rows and says why."""
+    from mcp_server.core.limits import records_dir
+    lab.baseline()
+    copy, path = records_dir(lab.ws) / "state.json", lab.ws / ".research-loop" / "state.json"
+    forged = json.loads(copy.read_text())
+    forged["rows"][0][4] = 5
+    copy.write_text(json.dumps(forged))
+    assert lab.ok("status")["best_val_bpb"] == 1.0
+    assert [row["description"] for row in dashboard.ledger_view(lab.ws)["rows"]] == ["baseline"]
+    path.write_text(json.dumps(forged))
+    view = dashboard.ledger_view(lab.ws)  # results.tsv's rows, as for a state from before the server kept them
+    assert [row["description"] for row in view["rows"]] == ["baseline"], view
+    assert "nor the server's copy of it is a state the server writes" in view["problem"], view
+
+
 def test_a_discard_row_logged_by_hand_shows_no_gain(lab):
     """Review 72: log_result marked only keep rows as the agent's number: a discard row logged by hand at 0.3 beside a
     measured best of 1.0 read on the dashboard as an idea 0.7 better than the best, which nothing measured."""

@@ -131,3 +131,36 @@ def test_a_confirmation_pair_on_two_gpu_models_confirms_nothing(gpu_lab):
     again = gpu_lab.ok("confirm", run=2)  # runs 5, 6, both on the B200
     assert again["resumed"].startswith("data order(s) 1 again") and again["paired_deltas"] == [-0.1], again
     assert gpu_lab.ok("keep", run=2)["evidence"].startswith("confirmed")
+
+
+def test_train_pys_own_number_on_another_gpu_model_is_told_the_keep_that_goes_through(fake_env, monkeypatch):
+    """A harness that evaluates exports, the best measured on an H100; train.py's own number (it exported nothing) on
+    an A100: the answer's next said keep(run=N, unconfirmed=true) and status's keep(run=N, unverified=true), each of
+    which keep refuses (the number is train.py's own, and not compared with the best's). Both name the keep that goes
+    through, which does."""
+    from test_confirmations import evaluating_lab
+    bin_dir = fake_env / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text(FAKE_NVIDIA_SMI)
+    smi.chmod(smi.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setenv("FAKE_GPU_FILE", str(fake_env / "gpu"))
+    (fake_env / "gpu").write_text("NVIDIA H100 80GB HBM3\n")
+    lab = evaluating_lab(fake_env)
+    try:
+        lab.ok("setup", tag="t")
+        assert lab.ok("run_experiment", description="baseline")["verified"]
+        lab.ok("keep")
+        (fake_env / "gpu").write_text("NVIDIA A100-SXM4-40GB\n")
+        set_knobs(lab.ws, VAL_BPB=0.9, EXPORT=0)
+        other = lab.ok("run_experiment", description="on an A100, exported nothing")
+        n = other["run"]
+        assert other["verified"] is False and other["delta"] is None, other
+        asked = f"keep(run={n}, unverified=true, unconfirmed=true)"
+        assert asked in other["next"], other["next"]
+        assert asked in lab.ok("status")["next"]
+        assert lab.ok("keep", run=n, unverified=True, unconfirmed=True)["evidence"].startswith("kept on request")
+    finally:
+        lab.loop.shutdown()

@@ -813,6 +813,25 @@ def test_an_owner_started_on_a_copy_of_the_state_with_wrong_types_reads_state_js
     assert json.loads(path.read_text())["rows"][0][4] == 5  # refused, nothing changed: the user decides
 
 
+def test_an_owner_started_on_a_state_file_with_wrong_types_and_no_copy_refuses_and_says_so(lab):
+    """The copy deleted while no server ran, and state.json forged with wrong types (a row's description a number):
+    the owner that started took the file as the record (as for a state from before copies), wrote it as its copy,
+    and status failed with an internal error. With no copy, a state.json of another shape is no record: each call
+    is refused with what to do, and nothing is written over it."""
+    lab.baseline()
+    copy, path = records_dir(lab.ws) / "state.json", lab.ws / ".research-loop" / "state.json"
+    forged = json.loads(copy.read_text())
+    forged["rows"][0][4] = 5
+    lab.loop.shutdown()
+    copy.unlink()
+    path.write_text(json.dumps(forged))
+    lab.loop = lab.new_loop()
+    refused = lab.refused("status")
+    assert "no state the server writes (row 1 is not [commit, val_bpb" in refused, refused
+    assert "copy of it" in refused and "is missing" in refused and "call setup(tag)" in refused, refused
+    assert json.loads(path.read_text())["rows"][0][4] == 5 and not copy.exists()  # nothing written: the user decides
+
+
 def test_a_forged_copy_read_by_the_report_does_not_stay_in_the_servers_rows(lab):
     """Review 72: the rows made from a state were kept by their count and their first and last entries, and a longer
     list that held the last one where it ended was taken to have grown from them. The report reads the server's copy

@@ -22,6 +22,7 @@ from mcp_server.core.models import Refusal
 from mcp_server.core.workspace import budget_clock, budget_of
 
 SETTINGS = "budget_settings"  # the state's {"budget_clock", "time_budget", "eval_tokens"}, recorded at setup
+CHANGED = "settings_changed"  # the state's note: they differ from the research run's before (change_note)
 ENV = {"budget_clock": "AUTORESEARCH_BUDGET_CLOCK", "time_budget": "AUTORESEARCH_TIME_BUDGET",
        "eval_tokens": "AUTORESEARCH_EVAL_TOKENS"}
 NAMES = {"budget_clock": "budget clock", "time_budget": "time budget", "eval_tokens": "evaluation tokens"}
@@ -41,24 +42,29 @@ def checked_environment(root: Path, record: dict) -> dict:
     """of_environment for a setup: a Refusal naming the variable where a value is not one a run can train at (prepare.py
     would stop every run of the research run on it)."""
     settings = _now(root, record)
-    if recorded({SETTINGS: settings}) is None:
+    # prepare.py reads the variable's budget as whole seconds: 0.5 from it is 0, which stops every run
+    truncated = os.environ.get(ENV["time_budget"]) and recorded({SETTINGS: settings}) and settings["time_budget"] < 1
+    if recorded({SETTINGS: settings}) is None or truncated:
         shown = ", ".join(f"{name}={os.environ[name]!r}" for name in ENV.values() if name in os.environ)
         raise Refusal(f"The budget settings this server's environment gives are not ones a run can train at "
                       f"({shown or 'the prepared record'}): the clock is one of {', '.join(CLOCKS)}, the budget and "
-                      "the evaluation's tokens positive numbers. Set them right where the server is started (or unset "
+                      "the evaluation's tokens positive numbers (the variable's budget at least 1 s: prepare.py "
+                      "reads it in whole seconds). Set them right where the server is started (or unset "
                       "them for the prepared record's), then call again: nothing was set up or run.")
     return settings
 
 
 def _now(root: Path, record: dict) -> dict:
-    """of_environment, a value that is no number as the variable's text (which no check passes)."""
+    """of_environment, a value that is no number as its text (the variable's, else the record's), which no check
+    passes. The record is the agent's to edit: one of another type (an evaluation size of 1e999, a list) made status
+    and every call of a server starting fail with an internal error, where runs are refused as changed since setup."""
     found = {}
     for key, take in (("budget_clock", lambda: budget_clock(record)), ("time_budget", lambda: budget_of(root, record)),
                       ("eval_tokens", lambda: eval_tokens(record))):
         try:
             found[key] = take()
-        except ValueError:
-            found[key] = os.environ.get(ENV[key])
+        except (ValueError, TypeError, OverflowError):
+            found[key] = os.environ.get(ENV[key]) or str(record.get(key))
     return found
 
 
@@ -115,6 +121,22 @@ def differences(state: dict, root: Path, record: dict) -> str | None:
             f"{'; '.join(differ)}. Its runs (submits, reruns, confirmations, noise repeats) train and are evaluated "
             f"at the recorded settings ({describe(pinned)}); setup(tag) begins a new research run with the new "
             "settings, and carries no measured value across")
+
+
+def change_note(state: dict, settings: dict) -> str | None:
+    """What setup's answer, status and the report say for the whole research run when its settings differ from those
+    the research run before it recorded (`state`: that run's; settings: the new ones): a prepared record edited to a
+    budget ten times the user's, then setup(tag), began a research run at it that nothing said differed. Carried while
+    the settings stay the ones the note named, as the harness's note is (submit.harness_change)."""
+    before = recorded(state)
+    if not state.get("branch") or before is None:
+        return None
+    if before == settings:
+        return state.get(CHANGED)
+    differ = "; ".join(f"{NAMES[k]} {_shown(k, settings[k])}, {_shown(k, before[k])} there" for k in ENV
+                       if before[k] != settings[k])
+    return (f"the budget settings differ from those {state['branch']} was measured at ({differ}): this research "
+            "run's numbers are not comparable with that run's")
 
 
 def _source(key: str) -> str:

@@ -78,8 +78,8 @@ NUMBER = (int, float)
 # made a reading server's status fail); null stands for a missing key, and keys not named here are not looked at
 STATE_TYPES = {"rows": list, "runs": dict, "noise": dict, "noise_by_device": dict, "limits": dict, "stopped": dict,
                "tag": str, "branch": str, "kept_commit": str, "kept_log": str, "fingerprint": str,
-               "harness_changed": str, "seq": int, "extra_runs": int, "data_orders": int, "started_at": NUMBER,
-               "slot_hours": NUMBER, "gpu_hours": NUMBER, "early_stop": bool}
+               "harness_changed": str, "settings_changed": str, "seq": int, "extra_runs": int, "data_orders": int,
+               "started_at": NUMBER, "slot_hours": NUMBER, "gpu_hours": NUMBER, "early_stop": bool}
 ROW_TYPES = (str, NUMBER, NUMBER, str, str)  # commit, val_bpb, memory_gb, status, description
 RUN_TYPES = {"run": int, "commit": str, "parent": str, "description": str, "status": str, "log": str, "result": dict}
 ESTIMATE_TYPES = {"values": list, "std": NUMBER, "spread": NUMBER, "threshold": NUMBER}

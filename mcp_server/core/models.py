@@ -127,6 +127,7 @@ class SetupResult(BaseModel):
     limits: str | None = None
     early_stop: str | None = None  # the early stop rule, when setup turned it on
     harness_changed: str | None = None  # the harness differs from the research run's before (submit.harness_change)
+    settings_changed: str | None = None  # so do the budget settings (budget_settings.change_note)
     next: str
 
 

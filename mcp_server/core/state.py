@@ -75,13 +75,16 @@ def _parse(raw: bytes | None, path: Path) -> dict:
     return data
 
 
-def _shape_problem(raw: bytes) -> str | None:
-    """What makes bytes read as a state no state the server writes, or None."""
+def _shape_problem(raw: bytes, lenient: bool = False) -> str | None:
+    """What makes bytes read as a state no state the server writes, or None. lenient: None where they are no JSON
+    object at all (_parse refuses those itself, saying so)."""
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError):
-        return "not valid JSON"
-    return limits.malformed(data) if isinstance(data, dict) else "not a JSON object"
+        return None if lenient else "not valid JSON"
+    if not isinstance(data, dict):
+        return None if lenient else "not a JSON object"
+    return limits.malformed(data)
 
 
 def _changed_keys(found: bytes | None, own: bytes) -> str:
@@ -203,6 +206,13 @@ class State:
         tool fail once believed. state.json is then the record where it is of the server's shape."""
         copy = _read(self.copy)
         problem = copy is not None and _shape_problem(copy)
+        if copy is None and raw is not None:  # the copy deleted beside a state.json of another shape: no record
+            problem = _shape_problem(raw, lenient=True)
+            if problem:
+                raise Refusal(f"{self.path} is no state the server writes ({problem}), and the server's copy of it "
+                              f"({self.copy}) is missing: none of it is believed. Put back a state the server "
+                              "wrote, or move it away and call setup(tag) for a new research branch; results.tsv "
+                              "is untouched.")
         if not problem:
             return copy
         if raw is None or _shape_problem(raw):

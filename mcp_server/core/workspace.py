@@ -127,14 +127,22 @@ def budget_clock(info: dict | None = None, environ=os.environ) -> str:
     return environ.get("AUTORESEARCH_BUDGET_CLOCK") or record.get("budget_clock") or "wall"
 
 
+PROFILES_MAX_BYTES = 1 << 20  # nanochat/profiles.py is a few kB: one larger is none of the harness's
+
+
 def profile_budget(profiles: Path, profile: str | None) -> float | None:
     """time_budget of a profile in this project's nanochat/profiles.py, read with ast (never run:
     the server imports nothing from the workspace)."""
     if not profile or not profiles.is_file():
         return None
+    # read bounded, and parsed where the parser can: status reads it where the record names no budget (a record the
+    # agent edited), and a giant file or a deeply nested expression (MemoryError in the parser) failed every status
+    source = ledger.read_plain(profiles, PROFILES_MAX_BYTES) or b""
+    if len(source) > PROFILES_MAX_BYTES:
+        return None
     try:
-        tree = ast.parse(profiles.read_text())
-    except SyntaxError:
+        tree = ast.parse(source.decode())
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
         return None
     for node in ast.walk(tree):
         if not isinstance(node, ast.Dict):

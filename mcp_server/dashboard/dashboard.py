@@ -56,7 +56,14 @@ def read_state(root: Path) -> tuple[dict, str | None]:
         own = json.loads(limits.read_record(store.copy))
     except (OSError, ValueError, RecursionError):
         own = None
-    return (own if isinstance(own, dict) else found), problem
+    # a copy of another shape than the server writes (a row's description a number, written while the owner ran)
+    # is believed in no part, as the server's readers do (core/state.py): its rows made the page fail
+    if isinstance(own, dict) and not limits.malformed(own):
+        return own, problem
+    if limits.malformed(found):
+        return {}, problem or (f"neither {store.path} nor the server's copy of it is a state the server writes: the "
+                               "server that owns the workspace writes both again at its next call")
+    return found, problem
 
 
 def server_rows(root: Path, state: dict) -> list[ledger.Row]:

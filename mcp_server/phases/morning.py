@@ -16,7 +16,7 @@ from pathlib import Path
 
 import git
 
-from mcp_server.core import cost, history, ledger, limits, plot
+from mcp_server.core import budget_settings, cost, history, ledger, limits, plot
 from mcp_server.core.models import Refusal, ReportResult, Row
 from mcp_server.core.state import STATE_DIR, State
 from mcp_server.core.workspace import EDITABLE, RUNS_DIR, Workspace, validate_new_branch
@@ -328,6 +328,8 @@ def summary(night: Night, times: dict, made: dict | None) -> list[str]:
              f"| research branch | `{night.state['branch']}`, started from `{night.start[:7]}` |"]
     if night.state.get("harness_changed"):
         lines.append(f"| harness | {cell(night.state['harness_changed'])} |")
+    if night.state.get(budget_settings.CHANGED):
+        lines.append(f"| budget settings | {cell(night.state[budget_settings.CHANGED])} |")
     if best and first:
         gain = first.val_bpb - best.val_bpb
         # review 72: a first keep logged by hand (or train.py's own number) made an unmarked gain here; review 74: so

@@ -203,8 +203,9 @@ def _settings_text(core: LoopCore, state: dict) -> str | None:
     if pinned is None:
         return None
     differ = budget_settings.differences(state, core.root, prepared_info() or {})
+    changed = state.get(budget_settings.CHANGED)
     return (f"{budget_settings.describe(pinned)}: recorded at setup, every run of this research run trains and is "
-            "evaluated at them" + (f"; {differ}" if differ else ""))
+            "evaluated at them" + (f"; {changed}" if changed else "") + (f"; {differ}" if differ else ""))
 
 
 def _next_step(core: LoopCore, state: dict, s: StatusResult) -> str:
@@ -259,7 +260,10 @@ def _what_keep_asks(core: LoopCore, state: dict, e: dict) -> str | None:
     if not confirmation and confirmation_needed(result, estimate, core.kept_row(e["parent"])):
         return f"confirm(run={n}), then keep(run={n}) if the gain holds; or discard(run={n})"
     if result.get("verified") is False:
-        return (f"keep(run={n}, unverified=true) or discard(run={n}): its val_bpb is train.py's own, "
+        # not compared with the best (another GPU model): keep asks unconfirmed=true too
+        uncompared = ", unconfirmed=true" if result.get("delta") is None and result.get("best_val_bpb") is not None \
+            else ""
+        return (f"keep(run={n}, unverified=true{uncompared}) or discard(run={n}): its val_bpb is train.py's own, "
                 "not the harness's")
     return None
 

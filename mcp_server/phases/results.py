@@ -160,9 +160,10 @@ def _result(core: LoopCore, entry: dict, text: str, report: dict | None, slot: s
         result.next = (f"keep(run={entry['run']}, unverified=true) if train.py's own number is good enough for you "
                        f"(the harness did not measure it, so no noise judges it), else discard(run={entry['run']})")
     if result.delta is None and base and result.noise.startswith("not compared"):
+        own = "unverified=true, " if result.verified is False else ""  # keep refuses it without either flag
         result.next = (f"not comparable with the best: discard(run={entry['run']}) and run it again on {base_device} "
-                       f"(run_experiment(..., rerun=true)), or keep(run={entry['run']}, unconfirmed=true) on your "
-                       "own judgement")
+                       f"(run_experiment(..., rerun=true)), or keep(run={entry['run']}, {own}unconfirmed=true) on "
+                       "your own judgement")
         return result
     unchanged = no_change(core, entry)
     if unchanged:

@@ -83,6 +83,7 @@ def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments:
         source_pin = envpin.pin_sources(pythons, walk) if pythons else None
         seq = state.get("seq", 0) or _last_run_number(core)
         harness_changed = harness_change(core, state, fingerprint)
+        settings_changed = budget_settings.change_note(state, settings)
         measured_with = {"cache_fingerprint": integrity.cache_fingerprint(), "input_pins": integrity.input_pins(),
                          "environment_pin": environment_pin, "evaluator_pin": evaluator_pin,
                          "startup_pin": startup_pin, "source_pin": source_pin, budget_settings.SETTINGS: settings}
@@ -92,13 +93,13 @@ def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments:
         state.update({"tag": tag, "branch": branch, "kept_commit": ws.head(), "fingerprint": fingerprint,
                       "seq": seq, "runs": {}, "rows": [], "noise": None,
                       "limits": chosen, "started_at": time.time(), "early_stop": early_stop_runs,
-                      "harness_changed": harness_changed,
+                      "harness_changed": harness_changed, budget_settings.CHANGED: settings_changed,
                       history.DIGESTS: {}, history.LOG_DIGESTS: {}}  # none yet: never a state from before digests (dispatch.take_over)
                      | measured_with | carried)
     return SetupResult(branch=branch, base_commit=ws.head()[:7], ledger=ledger.LEDGER_NAME,
                        fingerprint=fingerprint, archived_ledger=archived,
                        limits=limits.left({"limits": chosen}, []), early_stop=early_stop.describe(state),
-                       harness_changed=harness_changed,
+                       harness_changed=harness_changed, settings_changed=settings_changed,
                        next="run_experiment('baseline') with train.py unchanged, then keep()")
 
 
