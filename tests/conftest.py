@@ -53,6 +53,14 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: rank.get(item.path.name, len(SLOWEST_FIRST)))  # stable: each file's own order kept
 
 
+@pytest.fixture(autouse=True)
+def lab_clients():
+    """The Labs' clients (server_support.Lab.client) closed as each test ends, after its own fixtures."""
+    yield
+    if "server_support" in sys.modules:
+        sys.modules["server_support"].close_clients()
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO

@@ -4,18 +4,22 @@ The workspace has the autoresearch layout with stand-ins: prepare.py (a comment)
 nanochat/ file (more harness), and train.py holding knobs that tests/fake_train.py reads,
 which is the training command. The cache holds a prepared.json so setup's check passes.
 """
+import functools
 import html
 import json
 import os
+import queue
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
+import anyio.from_thread
 from mcp import Client, StdioServerParameters
 
 from mcp_server.loop import ResearchLoop
@@ -133,16 +137,36 @@ class Lab:
 
     def server(self):
         """The loop's server, built once per loop (building one costs most of a quick call), as one
-        server process answers all of a session's calls; each call is still a client of its own."""
+        server process answers all of a session's calls."""
         if getattr(self, "served", None) is not self.loop:  # tests may swap in a new loop
             self.built, self.served = build_server(self.loop), self.loop
         return self.built
 
+    def client(self):
+        """One client of the loop's server for all of the test's calls, as a session of Claude Code's
+        has (a client of its own for each call listed the tools and compiled their output schemas
+        again: ~40 ms of CPU a call, thousands of calls in the suite); closed when the test ends
+        (close_clients, conftest)."""
+        with _CONNECTING:  # tests call from threads of their own too
+            server = self.server()
+            if getattr(self, "connected", (None,))[0] is not server:
+                self.disconnect()
+                opened = _portal().wrap_async_context_manager(Client(server))
+                self.connected = (server, opened, opened.__enter__())
+                _CONNECTED.append(self)
+            return self.connected[2]
+
+    def disconnect(self):
+        _, opened, _ = getattr(self, "connected", (None, None, None))
+        self.connected = (None, None, None)
+        if opened is not None:  # a call still in flight (a test's thread, a hung tool) holds the close: left to end
+            closing = threading.Thread(target=opened.__exit__, args=(None, None, None), daemon=True)
+            closing.start()
+            closing.join(CLOSE_WAIT_S)
+
     def call(self, name, progress=None, **args):
-        async def go():
-            async with Client(self.server()) as client:
-                return await client.call_tool(name, args, progress_callback=progress)
-        return anyio.run(go)
+        client = self.client()
+        return _portal().call(functools.partial(client.call_tool, name, args, progress_callback=progress))
 
     def ok(self, name, **args):
         return answer(self.call(name, **args))
@@ -162,6 +186,31 @@ class Lab:
         self.ok("setup", tag="t")
         self.ok("run_experiment", description="baseline")
         return self.ok("keep")
+
+
+_PORTAL: list = []  # the event loop the Labs' clients live in, on a thread of its own: its end is the process's
+_CONNECTED: list = []  # Labs whose client is open
+_CONNECTING = threading.RLock()
+CLOSE_WAIT_S = 10  # for a Lab's client to close as its test ends
+
+
+def _portal() -> anyio.from_thread.BlockingPortal:
+    if not _PORTAL:
+        ready = queue.Queue()
+
+        async def serve():
+            async with anyio.from_thread.BlockingPortal() as portal:
+                ready.put(portal)
+                await portal.sleep_until_stopped()
+        threading.Thread(target=anyio.run, args=(serve,), daemon=True, name="lab-clients").start()
+        _PORTAL.append(ready.get())
+    return _PORTAL[0]
+
+
+def close_clients() -> None:
+    """Every Lab's client closed (a test's end)."""
+    while _CONNECTED:
+        _CONNECTED.pop().disconnect()
 
 
 def pid_alive(pid: int) -> bool:

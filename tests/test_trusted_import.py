@@ -387,3 +387,67 @@ def test_the_server_passes_each_run_its_commits_sources(fake_env, monkeypatch, c
         assert set(files) == set(git(lab.ws, "ls-files").split())
     finally:
         lab.loop.shutdown()
+
+
+# The slot's warm harness evaluator on the stand-in torch's interpreter: it imports torch from the site folder (the
+# real one is given --site-packages), notes whether its importer holds the server's archive with torch's code, and
+# answers torch's word for each request (1.5 from the genuine source, 0.5 from planted code)
+ARCHIVE_EVALUATOR = """import json, os, signal, socket, sys
+sys.path.append({site!r})
+import torch
+open({held!r}, "w").write(str({source!r} in sys.modules["trusted_import"]._ARCHIVE))
+value = json.dumps({{"val_bpb": 1.5 if torch.SOURCE == "compiled from its source" else 0.5}}).encode()
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+server = socket.socket(fileno=int(sys.argv[sys.argv.index("--serve-fd") + 1]))
+while (request := socket.recv_fds(server, 4096, 5))[0]:
+    pid = os.fork()
+    if pid == 0:
+        os.write(request[1][0], value)
+        os._exit(0)
+    [os.close(fd) for fd in request[1]]
+    server.send(json.dumps({{"id": json.loads(request[0])["id"], "pid": pid}}).encode())
+"""
+
+
+def test_a_warm_evaluator_imports_the_servers_bytecode_never_a_crafted_pyc(stand_in_torch, bubblewrap, monkeypatch):
+    """The slot's warm evaluator imports torch with the server's archive of its interpreter, as the runs' do
+    (it compiled torch from source at each start: ~7 CPU-seconds of every new server's, the tests' many).
+    What it takes from it is what the runs' interpreters take: the agent planted a .pyc crafted with torch's
+    size and mtime beside it and kept its source edited while the server built the archive, then put it
+    back; the evaluator runs neither: it reads no .pyc from a __pycache__, and the archive's code of the
+    edited source no longer fits the source, so torch is compiled afresh."""
+    import hashlib
+    import json
+    import marshal
+    from mcp_server.executors import bytecode
+    from mcp_server.scripts import bytecode_archive, harness_eval
+    from server_support import wait_until
+    from test_envpin import crafted_bytecode
+    lab, source, held = stand_in_torch, stand_in_torch.source, stand_in_torch.folder / "archive-held"
+    crafted_bytecode(source, "print('PLANTED bytecode ran')\nSOURCE = 'planted'\n")
+    genuine, st = source.read_bytes(), source.stat()
+    source.write_bytes(b"print('PLANTED source ran'); SOURCE = 'planted'  #".ljust(len(genuine) - 1, b"#") + b"\n")
+    os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns))
+    bytecode.build_once(lab.python, dict(os.environ))  # as the slot's first run starts it
+    assert wait_until(lambda: bytecode.fileno(lab.python) is not None, 120)
+    assert b"PLANTED source ran" in marshal.loads(bytecode_archive.read(bytecode.fileno(lab.python)))[str(source)]
+    source.write_bytes(genuine)  # put back before any run
+    os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns))
+    monkeypatch.setenv(harness_eval.WARM_ENV, "1")
+    monkeypatch.setenv("RESEARCH_LOOP_WARM_START", "0")  # only the evaluator is warm
+    script = lab.folder / "evaluator.py"
+    script.write_text(ARCHIVE_EVALUATOR.format(site=str(lab.site), held=str(held), source=str(source)))
+    spec = lab.spec(1, False, None, harness_eval.evaluator_command(lab.python, script))
+    inputs = {}  # a warm evaluator is asked only for an evaluation with both inputs
+    for name in harness_eval.WARM_FDS:
+        (lab.folder / name).write_text(name)
+        inputs[name] = {"path": str(lab.folder / name), "sha256": hashlib.sha256(name.encode()).hexdigest()}
+    at = spec.worker_args.index("--evaluate") + 1
+    spec.worker_args[at] = json.dumps(dict(json.loads(spec.worker_args[at]), inputs=inputs))
+    outcomes = queue.Queue()
+    lab.hold.unlink()
+    lab.pool.start(spec, lambda r, o: outcomes.put(o))
+    outcome = outcomes.get(timeout=120)
+    assert held.read_text() == "True"  # the evaluator's importer holds the server's archive
+    assert outcome.report["evaluation"]["evaluator"] == "warm" and outcome.report["evaluation"]["val_bpb"] == 1.5, \
+        outcome.report  # the genuine torch, neither the crafted .pyc nor the archive's code of the edit
