@@ -51,7 +51,6 @@ class ResearchLoop(LoopCore):
     wait_ended = dispatch.wait_ended
 
     setup = submitting.setup
-    default_timeout = submitting.default_timeout
     submit = submitting.submit
 
     answer_for = results.answer_for

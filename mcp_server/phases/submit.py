@@ -156,11 +156,6 @@ def _archive_ledger(core: LoopCore) -> str | None:
     raise Refusal(f"Too many ledger archives named results-{stamp}*.tsv in {archive}.")
 
 
-def default_timeout(core: LoopCore) -> float:
-    state = core.state.load()
-    return timeout_for(budget_settings.governing(state, core.root, prepared_info() or {})["time_budget"])
-
-
 def submit(core: LoopCore, description: str, timeout_seconds: float | None = None, source: bytes | None = None,
            parent_note: str = "", replacing: int | None = None, rerun_of: int | None = None,
            data_order: int = 0, rerun: bool = False, novel: bool = False, siblings: tuple[int, ...] = ()) -> dict:
