@@ -55,9 +55,11 @@ def test_a_result_on_another_gpu_model_is_not_compared_with_the_best(gpu_lab):
 
 
 def test_noise_is_estimated_per_gpu_model(gpu_lab):
-    gpu_lab.baseline()
-    noise = gpu_lab.ok("measure_noise", repeats=1)["noise"]  # the kept H100 value and one repeat
-    assert noise["std"] == 0.0
+    set_knobs(gpu_lab.ws, val_bpb=1.0, noise=0.01)  # repeats differ, as on other data orders (test_data_order)
+    git(gpu_lab.ws, "commit", "-qam", "noisy")
+    gpu_lab.baseline()  # run 1 on the H100: 1.0
+    noise = gpu_lab.ok("measure_noise", repeats=1)["noise"]  # the kept H100 value and one repeat, run 2: 1.01
+    assert noise["values"] == [1.0, 1.01] and noise["std"] == 0.007071
     state = gpu_lab.loop.state.load()
     assert list(state["noise_by_device"]) == ["NVIDIA H100 80GB HBM3"]
     gpu_lab.gpu("NVIDIA L4")

@@ -423,6 +423,15 @@ def noise_values(core: LoopCore, state: dict, device: str | None = None) -> tupl
                for m in _every(latest) if m.get("device") == (device or kept_device)]), kept_device
 
 
+def _unrepeated(core: LoopCore, state: dict, commit: str) -> list[tuple[int, float]]:
+    """(data order, val_bpb) of every rerun of a commit's code where reruns do not repeat (the wall clock): the noise
+    is no noise where they agree across orders there too (stop 48: a train.py that trains a fixed number of steps and
+    ignores its data order repeats its number on the wall clock as well, so measure_noise stored a threshold of 0, and
+    every later gain, an edit's fresh luck included, was called beyond the noise and kept unconfirmed)."""
+    reruns = (state.get("reruns") or {}).get(_measurement_shelf(core, state, commit)) or {}
+    return [(int(order), m["val_bpb"]) for order, latest in reruns.items() for m in _every(latest)]
+
+
 def _order_blind(core: LoopCore, state: dict, commit: str, own: list[tuple[int, float]], whose: str) -> str | None:
     """Why a code's values cannot be noise: on different data orders they repeat one number; None
     when they do not."""
@@ -470,7 +479,8 @@ def store_noise(core: LoopCore, values: list[float], spent: int, device: str | N
     with core.state.transaction() as state:
         state["extra_runs"] = state.get("extra_runs", 0) + spent
         kept = state.get("kept_commit", "")
-        blind = _order_blind(core, state, kept, _kept_values(state, kept), "The kept commit's train.py")
+        blind = _order_blind(core, state, kept, _kept_values(state, kept) + _unrepeated(core, state, kept),
+                             "The kept commit's train.py")
         if not blind:
             state["noise"] = estimate.model_dump()
             if device:
