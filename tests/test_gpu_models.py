@@ -67,6 +67,21 @@ def test_noise_is_estimated_per_gpu_model(gpu_lab):
     assert "on NVIDIA L4 (the kept value is from NVIDIA H100 80GB HBM3)" in refused
 
 
+def test_a_train_py_that_repeats_its_number_on_one_gpu_model_stores_no_noise_there(gpu_lab, monkeypatch):
+    """Stop 48: the check for values repeating across data orders took the kept value and every rerun, whatever model
+    measured them: on an L4 the same code lands elsewhere than on the H100 (here 1.02 against 1.0), so the L4's
+    repeats of one number passed as noise beside the H100's value, and the L4 stored a threshold of 0. Only the values
+    of the model whose noise is stored are checked."""
+    gpu_lab.baseline()  # run 1 on the H100: 1.0
+    gpu_lab.gpu("NVIDIA L4")
+    monkeypatch.setenv("FAKE_VAL_BPB", "1.02")  # the L4's number for the same code (the runs take the server's env)
+    gpu_lab.restart()
+    refused = gpu_lab.refused("measure_noise", repeats=2)  # runs 2, 3 on the L4: 1.02 on orders 1 and 2
+    assert "does not train on the data order" in refused and "1.020000 on order 1, 1.020000 on order 2" in refused
+    assert "No noise estimate was stored" in refused and "1.000000" not in refused
+    assert "NVIDIA L4" not in (gpu_lab.loop.state.load().get("noise_by_device") or {})
+
+
 def test_keep_judges_a_gain_by_the_noise_of_its_own_gpu_model(gpu_lab):
     """Found by review 56: keep asked for a confirmation from the last estimate stored (another model's), while
     the result used its own model's: an H100 gain inside the H100's noise was kept unconfirmed, once a quieter
