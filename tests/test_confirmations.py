@@ -528,11 +528,11 @@ def test_a_lost_pair_is_met_again_by_the_same_code_with_a_comment_edited(fake_en
 def test_on_the_wall_clock_every_confirmation_reruns_the_best(fake_env, monkeypatch):
     """Nothing stands in for a control where the machine's speed sets the step count."""
     monkeypatch.setenv("FAKE_FLOPS_CLOCK", "1")  # train.py's word alone: the prepared clock is wall
-    lab = noisy_lab(fake_env, 0.0)
+    lab = noisy_lab(fake_env, 0.002)  # repeats that did not differ would store no noise (test_data_order)
     try:
-        baseline_and_noise(lab)
-        set_knobs(lab.ws, VAL_BPB=0.99)
-        answer(lab.call("run_experiment", description="an idea"))
+        assert baseline_and_noise(lab)["threshold"] == 0.004
+        set_knobs(lab.ws, VAL_BPB=0.99, NOISE=0.002)
+        answer(lab.call("run_experiment", description="an idea"))  # run 4: 0.99, within 3 thresholds
         confirmation = answer(lab.call("confirm"))
         assert confirmation["extra_runs"] == 2 and not confirmation.get("reused")
     finally:

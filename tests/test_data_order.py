@@ -110,3 +110,17 @@ def test_a_train_py_that_names_no_flops_clock_is_still_checked_on_the_harnesss(f
     ws, cache = flops(0)
     *_, refused = play(ws, cache, BASELINE + [("measure_noise", {"repeats": 2}, None)])
     assert "does not train on the data order" in error(refused)
+
+
+def test_on_the_wall_clock_a_train_py_that_repeats_its_number_stores_no_noise_either(fake_env):
+    """Stop 48: the check above looked at the flops clock's values only, and on the wall clock a train.py that trains a
+    fixed number of steps and ignores its data order repeats its number as well (the fake plays it): measure_noise
+    stored a threshold of 0, and every later gain, however small (an edit's fresh luck), was "beyond noise", kept
+    unconfirmed. Its values on other data orders are checked there too."""
+    ws, cache = make_workspace(fake_env, "VAL_BPB = 1.0\n"), make_cache(fake_env)
+    *_, refused, gain = play(ws, cache, BASELINE + [("measure_noise", {"repeats": 2}, None),
+                                                    ("run_experiment", {"description": "a sliver"}, {"VAL_BPB": 0.99999})])
+    message = error(refused)
+    assert "does not train on the data order" in message and "No noise estimate was stored" in message, message
+    assert "1.000000 on order 0, 1.000000 on order 1, 1.000000 on order 2" in message
+    assert "beyond noise" not in answer(gain)["noise"], answer(gain)

@@ -55,14 +55,31 @@ def test_a_result_on_another_gpu_model_is_not_compared_with_the_best(gpu_lab):
 
 
 def test_noise_is_estimated_per_gpu_model(gpu_lab):
-    gpu_lab.baseline()
-    noise = gpu_lab.ok("measure_noise", repeats=1)["noise"]  # the kept H100 value and one repeat
-    assert noise["std"] == 0.0
+    set_knobs(gpu_lab.ws, val_bpb=1.0, noise=0.01)  # repeats differ, as on other data orders (test_data_order)
+    git(gpu_lab.ws, "commit", "-qam", "noisy")
+    gpu_lab.baseline()  # run 1 on the H100: 1.0
+    noise = gpu_lab.ok("measure_noise", repeats=1)["noise"]  # the kept H100 value and one repeat, run 2: 1.01
+    assert noise["values"] == [1.0, 1.01] and noise["std"] == 0.007071
     state = gpu_lab.loop.state.load()
     assert list(state["noise_by_device"]) == ["NVIDIA H100 80GB HBM3"]
     gpu_lab.gpu("NVIDIA L4")
     refused = gpu_lab.refused("measure_noise", repeats=1)  # one L4 value, and the kept one is the H100's
     assert "on NVIDIA L4 (the kept value is from NVIDIA H100 80GB HBM3)" in refused
+
+
+def test_a_train_py_that_repeats_its_number_on_one_gpu_model_stores_no_noise_there(gpu_lab, monkeypatch):
+    """Stop 48: the check for values repeating across data orders took the kept value and every rerun, whatever model
+    measured them: on an L4 the same code lands elsewhere than on the H100 (here 1.02 against 1.0), so the L4's
+    repeats of one number passed as noise beside the H100's value, and the L4 stored a threshold of 0. Only the values
+    of the model whose noise is stored are checked."""
+    gpu_lab.baseline()  # run 1 on the H100: 1.0
+    gpu_lab.gpu("NVIDIA L4")
+    monkeypatch.setenv("FAKE_VAL_BPB", "1.02")  # the L4's number for the same code (the runs take the server's env)
+    gpu_lab.restart()
+    refused = gpu_lab.refused("measure_noise", repeats=2)  # runs 2, 3 on the L4: 1.02 on orders 1 and 2
+    assert "does not train on the data order" in refused and "1.020000 on order 1, 1.020000 on order 2" in refused
+    assert "No noise estimate was stored" in refused and "1.000000" not in refused
+    assert "NVIDIA L4" not in (gpu_lab.loop.state.load().get("noise_by_device") or {})
 
 
 def test_keep_judges_a_gain_by_the_noise_of_its_own_gpu_model(gpu_lab):

@@ -189,13 +189,14 @@ def text_of(result) -> str:
     return result.content[0].text
 
 
-def test_records_planted_to_hang_or_exhaust_the_server_are_refused_and_told(lab, tmp_path):
+def test_records_planted_to_hang_or_exhaust_the_server_are_refused_and_told(lab, tmp_path, monkeypatch):
     """runs/ is the agent's: the baseline's record becomes a FIFO (an open would block), the noise
     repeat's a link to /dev/zero (endless), an idea's a 2 GB file, and a giant is planted beside
     them. Every answer that reads the records comes back at once, from the server's own records,
     and each of the three is told as changed; the planted giant is never read."""
     import os
     import threading
+    monkeypatch.setenv("FAKE_NOISE", "0.001")  # the noise repeat measures 1.001 (the idea's runs: 0.989, 0.99)
     lab.baseline()
     lab.ok("measure_noise", repeats=1)
     set_knobs(lab.ws, val_bpb=0.99)

@@ -137,7 +137,7 @@ def test_a_gain_over_a_number_logged_by_hand_is_confirmed_before_keep(lab):
     first, against a rerun of the best's code, and the number is no value of the noise either (it counted in the
     estimate as the kept commit's own)."""
     lab.baseline()
-    set_knobs(lab.ws, val_bpb=1.05)
+    set_knobs(lab.ws, val_bpb=1.05, noise=0.001)  # its repeats differ, as on other data orders (test_data_order)
     git(lab.ws, "commit", "-q", "-am", "my idea, measured by hand")
     lab.ok("log_result", commit=lab.head(), val_bpb=99.0, memory_gb=1.0, status="keep", description="my idea")
     assert "Two values are needed" in lab.refused("measure_noise", repeats=1)  # 99.0 is no value of the noise
@@ -148,8 +148,8 @@ def test_a_gain_over_a_number_logged_by_hand_is_confirmed_before_keep(lab):
     assert "logged by hand" in result["confirm_first"] and result["next"].startswith(f"confirm(run={result['run']})")
     refused = lab.refused("keep")
     assert "needs confirming before keep" in refused and "logged by hand" in refused
-    confirmation = lab.ok("confirm", run=result["run"])  # a rerun of the hand-logged code (1.05) beside it
-    assert confirmation["confirmed"] and confirmation["control_val_bpb"] == [pytest.approx(1.05)]
+    confirmation = lab.ok("confirm", run=result["run"])  # a rerun of the hand-logged code (run 5: 1.051) beside it
+    assert confirmation["confirmed"] and confirmation["control_val_bpb"] == [pytest.approx(1.051)]
     assert lab.ok("keep", run=result["run"])["evidence"].startswith("confirmed")
 
 
@@ -397,7 +397,8 @@ def test_noise_repeats_that_fail_again_are_counted_and_the_refusal_says_how_to_d
     """Found by review 60: the next measure_noise reruns every order an earlier one failed on first, so after two
     failed repeats repeats=2 (what the refusal asked for) measured the same two orders again, and failed again on a
     code that fails there every time; the failed repeats were not counted as extra runs either."""
-    lab = Lab(make_workspace(fake_env))  # one slot: a repeat that failed before the next was queued blocked it
+    # one slot: a repeat that failed before the next was queued blocked it; NOISE: the repeats differ
+    lab = Lab(make_workspace(fake_env, "VAL_BPB = 1.0\nNOISE = 0.001\n"))
     try:
         lab.baseline()
         monkeypatch.setenv("FAKE_CRASH", "1")  # every rerun fails now (the runs take the server's environment)

@@ -142,7 +142,8 @@ def test_a_research_runs_limit_stops_the_sweep_with_the_reason(fake_env):
 
 
 def test_a_new_server_process_continues_the_study(fake_env):
-    ws = make_workspace(fake_env, FAKE_TRAIN.replace("SLEEP = 0.6", "SLEEP = 0"))
+    # NOISE: the noise repeat measures 1.0002 (one that repeats the baseline's number stores no estimate)
+    ws = make_workspace(fake_env, FAKE_TRAIN.replace("SLEEP = 0.6", "SLEEP = 0") + "NOISE = 0.0002\n")
     cache = fake_env / "cache"
 
     async def session(first: bool):
@@ -210,7 +211,7 @@ def test_a_cancelled_sweep_cancels_its_trial_in_flight_and_the_study_marks_it(fa
     """A client that gives up on a sweep (its timeout): the trial training is stopped and logged as
     a crash, nothing is left to block the slots, and the study records the trial as cancelled."""
     import optuna
-    ws = make_workspace(fake_env, "VAL_BPB = 1.0\nSLEEP = 0\n")
+    ws = make_workspace(fake_env, "VAL_BPB = 1.0\nSLEEP = 0\nNOISE = 0.0002\n")  # a noise repeat of 1.0002
 
     async def session():
         async with stdio_client_for(ws, fake_env / "cache") as client:

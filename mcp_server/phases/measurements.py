@@ -416,11 +416,27 @@ def noise_values(core: LoopCore, state: dict, device: str | None = None) -> tupl
     if not kept:
         return [], None
     kept_device = core.device_of(kept, state)
-    own = [] if device and kept_device and device != kept_device else _kept_values(state, kept)
+    own = _kept_on(state, kept, device, kept_device)
     reruns = (state.get("reruns") or {}).get(_measurement_shelf(core, state, kept)) or {}
     return ([v for _, v in _by_order(core, state, kept, own)]
             + [m["val_bpb"] for _, latest in sorted(reruns.items(), key=lambda item: int(item[0]))
                for m in _every(latest) if m.get("device") == (device or kept_device)]), kept_device
+
+
+def _kept_on(state: dict, kept: str, device: str | None, kept_device: str | None) -> list[tuple[int, float]]:
+    """The kept commit's own values where they were measured on `device` (none where another model measured them)."""
+    return [] if device and kept_device and device != kept_device else _kept_values(state, kept)
+
+
+def _unrepeated(core: LoopCore, state: dict, commit: str, device: str | None) -> list[tuple[int, float]]:
+    """(data order, val_bpb) of every rerun of a commit's code on `device` where reruns do not repeat (the wall clock):
+    the noise is no noise where they agree across orders there too (stop 48: a train.py that trains a fixed number of
+    steps and ignores its data order repeats its number on the wall clock as well, so measure_noise stored a threshold
+    of 0, and every later gain, an edit's fresh luck included, was called beyond the noise and kept unconfirmed). One
+    model's values only: another's land elsewhere for the same code, and passed one number's repeats as noise."""
+    reruns = (state.get("reruns") or {}).get(_measurement_shelf(core, state, commit)) or {}
+    return [(int(order), m["val_bpb"]) for order, latest in reruns.items() for m in _every(latest)
+            if m.get("device") == device]
 
 
 def _order_blind(core: LoopCore, state: dict, commit: str, own: list[tuple[int, float]], whose: str) -> str | None:
@@ -470,7 +486,9 @@ def store_noise(core: LoopCore, values: list[float], spent: int, device: str | N
     with core.state.transaction() as state:
         state["extra_runs"] = state.get("extra_runs", 0) + spent
         kept = state.get("kept_commit", "")
-        blind = _order_blind(core, state, kept, _kept_values(state, kept), "The kept commit's train.py")
+        kept_device = core.device_of(kept, state)
+        here = _kept_on(state, kept, device, kept_device) + _unrepeated(core, state, kept, device or kept_device)
+        blind = _order_blind(core, state, kept, here, "The kept commit's train.py")
         if not blind:
             state["noise"] = estimate.model_dump()
             if device:
