@@ -302,9 +302,7 @@ class LocalPool:
     def _warm_evaluator(self, slot: int, worker_args: list, env: dict) -> WarmEvaluator | None:
         """The slot's warm evaluator for this run's evaluation spec (--evaluate, with the slot's device),
         started again where the spec changed or it died; None where the harness does not evaluate or
-        RESEARCH_LOOP_WARM_EVALUATOR=0. One that cannot start leaves the run a cold evaluator. It imports with
-        the server's bytecode archive of its interpreter where one is built (a server's first evaluator
-        starts as the archive's build does; in one process, later servers' find it: the tests')."""
+        RESEARCH_LOOP_WARM_EVALUATOR=0. One that cannot start leaves the run a cold evaluator."""
         if "--evaluate" not in worker_args or os.environ.get(WARM_ENV, "1") == "0":
             return None
         spec = on_this_device(json.loads(worker_args[worker_args.index("--evaluate") + 1]), env)
@@ -315,7 +313,7 @@ class LocalPool:
             warm.close()
         try:
             self.evaluators_since[slot] = envwatch.since([spec["argv"][0]])
-            warm = self.evaluators[slot] = WarmEvaluator(spec, bytecode.fileno(spec["argv"][0]))
+            warm = self.evaluators[slot] = WarmEvaluator(spec)
         except OSError:
             self.evaluators.pop(slot, None)
             return None

@@ -34,11 +34,11 @@ from pathlib import Path
 try:
     from mcp_server.scripts.export_copy import copy_regular_file, export_folder, export_seconds, exported
     from mcp_server.scripts.harness_copy import harness_problem, manifest_problem
-    from mcp_server.scripts.trusted_import import BYTECODE_ENV, DIGESTS_ENV, follow
+    from mcp_server.scripts.trusted_import import DIGESTS_ENV, follow
 except ImportError:  # on a node: beside this file
     from export_copy import copy_regular_file, export_folder, export_seconds, exported
     from harness_copy import harness_problem, manifest_problem
-    from trusted_import import BYTECODE_ENV, DIGESTS_ENV, follow
+    from trusted_import import DIGESTS_ENV, follow
 
 MARK = "[research-loop]"  # prefix of the lines the worker adds to the log
 EXIT_GRACE_S = 5.0  # for the evaluator's interpreter to exit once it answered
@@ -473,23 +473,19 @@ class WarmEvaluator:
     clean environment, outside every run's sandbox) started once with --serve-fd; each run's worker
     gets the pool's end of the socket (fileno()). key: what it was started with; another spec (a new
     harness commit, evaluation size or device) needs another one. imported: the digests of what it and
-    its children compiled, streamed as they compile it (trusted_import.py). archive: the descriptor of
-    the server's sealed bytecode archive for the evaluator's interpreter (executors/bytecode.py), whose
-    code its importer takes where the checked hash fits the source, as a run's interpreter does: torch's
-    imports cost ~3 CPU-seconds instead of ~7 compiled from source."""
+    its children compiled, streamed as they compile it (trusted_import.py)."""
 
-    def __init__(self, spec: dict, archive: int | None = None):
+    def __init__(self, spec: dict):
         self.key = WarmEvaluator.key_of(spec)
         self.socket, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         digests, their_digests = socket_channel()
-        env, fds = dict(spec["env"], **{DIGESTS_ENV: str(their_digests)}), [theirs.fileno(), their_digests]
-        if archive is not None:
-            env[BYTECODE_ENV], fds = str(archive), fds + [archive]
         try:
             # its own session, as a cold evaluator's; its output is its children's only (the runs' logs)
-            self.proc = subprocess.Popen([*spec["argv"], "--serve-fd", str(theirs.fileno())], env=env,
+            self.proc = subprocess.Popen([*spec["argv"], "--serve-fd", str(theirs.fileno())],
+                                         env=dict(spec["env"], **{DIGESTS_ENV: str(their_digests)}),
                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.DEVNULL, pass_fds=fds, start_new_session=True)
+                                         stderr=subprocess.DEVNULL, pass_fds=(theirs.fileno(), their_digests),
+                                         start_new_session=True)
         except OSError:
             self.socket.close()
             os.close(digests)

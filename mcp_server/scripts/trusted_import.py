@@ -18,8 +18,7 @@ knows whether its last check found them.
 
 runs SCRIPT as __main__ with this importer installed (the evaluator's command line), streaming the
 digests to the descriptor RESEARCH_LOOP_DIGESTS_FD names, where it does (the worker's cold evaluator,
-the pool's warm one, read by follow()), and taking the code of the archive RESEARCH_LOOP_BYTECODE_FD names,
-where it does (the pool's warm evaluator); a script imports it as `trusted_import`. Standard library only, and before install() only
+the pool's warm one, read by follow()); a script imports it as `trusted_import`. Standard library only, and before install() only
 what is frozen or built in (no `from __future__` either: `__future__` is a source), so that nothing
 but the interpreter's own start-up (its `encodings`) is compiled before the importer.
 """
@@ -51,8 +50,6 @@ _CHECKOUTS: dict = {}
 END = b"\n"  # the stream's last line
 LOADED = "loaded"  # a line's digest for a module loaded from a file that is no source (never hashed)
 DIGESTS_ENV = "RESEARCH_LOOP_DIGESTS_FD"  # the runner's stream (the evaluator's): a descriptor it inherits
-# the server's bytecode archive (the warm evaluator's): a descriptor of the sealed memory file it inherits
-BYTECODE_ENV = "RESEARCH_LOOP_BYTECODE_FD"
 
 
 class TrustedSourceLoader(bootstrap.SourceFileLoader):
@@ -340,30 +337,10 @@ def main() -> int:
         print(f"usage: {sys.argv[0]} SCRIPT [ARG ...]", file=sys.stderr)
         return 2
     stream = posix.environ.get(DIGESTS_ENV.encode())
-    archive = posix.environ.get(BYTECODE_ENV.encode())
-    install(read_archive(int(archive)) if archive else None, int(stream) if stream else None)
+    install(stream=int(stream) if stream else None)
     sys.argv = sys.argv[1:]
     run_script(sys.argv[0])
     return 0
-
-
-def read_archive(fd: int) -> dict:
-    """The server's archive ({source path: checked .pyc}, bytecode_archive.py) from its descriptor, which is
-    closed then (the evaluator's children need it no more); {} where it cannot be read. Builtins only: it is
-    read before install()."""
-    try:
-        size, offset, chunks = posix.fstat(fd).st_size, 0, []
-        while offset < size:
-            chunk = posix.pread(fd, min(1 << 20, size - offset), offset)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            offset += len(chunk)
-        archive = marshal.loads(b"".join(chunks))
-        posix.close(fd)
-    except (OSError, ValueError, EOFError, TypeError):
-        return {}
-    return archive if isinstance(archive, dict) else {}
 
 
 def run_script(path: str) -> None:
