@@ -175,6 +175,25 @@ def test_the_bests_own_program_run_again_is_no_change_to_keep_or_confirm(lab, mo
     assert lab.ok("status")["best_val_bpb"] == 1.0
 
 
+def test_the_bests_own_program_logged_by_hand_over_it_gives_no_second_draw(lab, monkeypatch):
+    """Review 79: a rerun of a best logged by hand still keeps (its number is no measurement), so the agent made the
+    measured best one logged by hand: the best's train.py with a comment, committed on the branch and kept with
+    log_result at the best's number. Its rerun, the same program, was then an ordinary candidate again, kept once its
+    luck went its way. The last best the harness measured is that program, so it is no change."""
+    monkeypatch.setenv("FAKE_NOISE", "0.01")  # runs 1, 2, 3 measure 1.0, 1.01, 0.99
+    lab.baseline()
+    (lab.ws / "train.py").write_text("VAL_BPB = 1.0  # the best, noted by hand\n")
+    git(lab.ws, "commit", "-qam", "the best, noted by hand")
+    lab.ok("log_result", commit=lab.head(), val_bpb=1.0, memory_gb=0.0, status="keep", description="noted by hand")
+    lab.ok("discard", run=lab.ok("run_experiment", description="the best again", rerun=True)["run"])
+    lucky = lab.ok("run_experiment", description="the best again", rerun=True)
+    assert lucky["val_bpb"] == 0.99 and lucky["next"].startswith("run 3's train.py is the program of the best"), lucky
+    before = (ledger_lines(lab.ws), lab.loop.state.load().get("kept_commit"))
+    for refused in (lab.refused("keep"), lab.refused("keep", unconfirmed=True), lab.refused("confirm")):
+        assert "is that program" in refused and "no change to keep or confirm. discard(run=3)" in refused, refused
+    assert (ledger_lines(lab.ws), lab.loop.state.load().get("kept_commit")) == before
+
+
 def test_the_early_stops_marker_in_the_agents_words_does_not_hide_a_failure(lab):
     """Stop 48: a crash row counts toward max_failures_in_row unless it holds the early stop's marker " (stopped early: ",
     which the agent could write itself: discard(reason="stopped early: ...") of each crash, or a description or

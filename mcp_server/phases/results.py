@@ -305,14 +305,26 @@ def no_change(core: LoopCore, entry: dict) -> str | None:
     for byte, or but for comments and layout), whose number the harness measured, so its delta is two runs' luck (stop
     48: run_experiment(rerun=true) of the best unchanged, kept once its luck went its way, read "gain +0.010000" beside
     "no change" in the morning report). None where the program differs, or where the best's number is no measurement
-    (the baseline after a setup, a best logged by hand or train.py's own), which a run of the same code gives it."""
-    base = core.kept_row(entry["parent"])
-    if base is None or not limits.measured(base.description) or \
-            not same_program(core.ws.train_at(entry["parent"]), core.ws.train_at(entry["commit"])):
+    (the baseline after a setup, a best logged by hand or train.py's own), which a run of the same code gives it, unless
+    the last best the harness measured before it is that program too (review 79: log_result(keep) of the best's own
+    program, a comment added, made the best one logged by hand, and its rerun was a lucky draw to keep again)."""
+    program, measured = core.ws.train_at(entry["commit"]), _measured_best(core, entry["parent"])
+    if measured is None or not same_program(core.ws.train_at(entry["parent"]), program) or \
+            not same_program(core.ws.train_at(measured.commit), program):
         return None
+    whose = "" if measured.commit == entry["parent"][:7] else \
+        f" (its number is not the harness's; {measured.commit}, the best the harness measured before it, is that program)"
     return (f"run {entry['run']}'s train.py is the program of the best {entry['parent'][:7]} it was measured on (but for "
-            "comments and layout, if any): its val_bpb against the best's is the luck of two runs of one program, no "
-            f"change to keep or confirm. discard(run={entry['run']}); measure_noise() measures that luck")
+            f"comments and layout, if any){whose}: its val_bpb against the best's is the luck of two runs of one program, "
+            f"no change to keep or confirm. discard(run={entry['run']}); measure_noise() measures that luck")
+
+
+def _measured_best(core: LoopCore, parent: str) -> Row | None:
+    """The keep row of the best `parent` where the harness measured its number; where it did not (logged by hand,
+    train.py's own), the last keep row before it that the harness measured; None where there is none."""
+    kept = [r for r in core.rows() if r.status == "keep"]
+    at = max((i for i, r in enumerate(kept) if r.commit == parent[:7]), default=None)
+    return None if at is None else next((r for r in reversed(kept[:at + 1]) if limits.measured(r.description)), None)
 
 
 def same_program(a: bytes, b: bytes) -> bool:
