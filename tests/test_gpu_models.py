@@ -16,8 +16,8 @@ case "$*" in *--query-gpu=name*) cat "$FAKE_GPU_FILE" ;; esac
 """
 
 
-@pytest.fixture
-def gpu_lab(fake_env, monkeypatch):
+def fake_gpus(fake_env, monkeypatch):
+    """nvidia-smi first on PATH, naming the GPU model the returned function sets."""
     bin_dir = fake_env / "bin"
     bin_dir.mkdir()
     smi = bin_dir / "nvidia-smi"
@@ -26,8 +26,14 @@ def gpu_lab(fake_env, monkeypatch):
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     monkeypatch.setenv("FAKE_GPU_FILE", str(fake_env / "gpu"))
+    return lambda name: (fake_env / "gpu").write_text(name + "\n")
+
+
+@pytest.fixture
+def gpu_lab(fake_env, monkeypatch):
+    gpu = fake_gpus(fake_env, monkeypatch)
     lab = Lab(make_workspace(fake_env))
-    lab.gpu = lambda name: (fake_env / "gpu").write_text(name + "\n")
+    lab.gpu = gpu
     lab.gpu("NVIDIA H100 80GB HBM3")
     yield lab
     lab.loop.shutdown()
@@ -156,21 +162,14 @@ def test_train_pys_own_number_on_another_gpu_model_is_told_the_keep_that_goes_th
     which keep refuses (the number is train.py's own, and not compared with the best's). Both name the keep that goes
     through, which does."""
     from test_confirmations import evaluating_lab
-    bin_dir = fake_env / "bin"
-    bin_dir.mkdir()
-    smi = bin_dir / "nvidia-smi"
-    smi.write_text(FAKE_NVIDIA_SMI)
-    smi.chmod(smi.stat().st_mode | stat.S_IXUSR)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    monkeypatch.setenv("FAKE_GPU_FILE", str(fake_env / "gpu"))
-    (fake_env / "gpu").write_text("NVIDIA H100 80GB HBM3\n")
+    gpu = fake_gpus(fake_env, monkeypatch)
+    gpu("NVIDIA H100 80GB HBM3")
     lab = evaluating_lab(fake_env)
     try:
         lab.ok("setup", tag="t")
         assert lab.ok("run_experiment", description="baseline")["verified"]
         lab.ok("keep")
-        (fake_env / "gpu").write_text("NVIDIA A100-SXM4-40GB\n")
+        gpu("NVIDIA A100-SXM4-40GB")
         set_knobs(lab.ws, VAL_BPB=0.9, EXPORT=0)
         other = lab.ok("run_experiment", description="on an A100, exported nothing")
         n = other["run"]
