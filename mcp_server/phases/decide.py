@@ -72,8 +72,7 @@ def keep(core: LoopCore, note: str | None = None, run: int | None = None, unveri
         if result["status"] != "ok":
             raise Refusal(f"Run {entry['run']} ended with {result['status']}, so it cannot be kept: "
                           "discard() logs it as a crash; fix train.py and rerun.")
-        if unchanged := no_change(core, entry):
-            raise Refusal(unchanged[0].upper() + unchanged[1:] + ".")
+        _refuse_no_change(core, entry)
         if result.get("verified") is False and not unverified:
             raise Refusal(f"Run {entry['run']}'s val_bpb is train.py's own, not the harness's ({result.get('integrity')}): "
                           f"keep(run={entry['run']}, unverified=true) keeps it anyway; or discard it.")
@@ -175,9 +174,14 @@ def confirmation_plan(core: LoopCore, run: int | None) -> tuple[dict, bytes, byt
     if entry["parent"] != state["kept_commit"]:
         raise Refusal(f"Run {entry['run']} was measured on {entry['parent'][:7]}, no longer the best: "
                       f"reapply(run={entry['run']}) first.")
+    _refuse_no_change(core, entry)
+    return entry, core.ws.train_at(state["kept_commit"]), core.ws.train_at(entry["commit"])
+
+
+def _refuse_no_change(core: LoopCore, entry: dict) -> None:
+    """keep and confirm refuse the best's own program run again (results.no_change)."""
     if unchanged := no_change(core, entry):
         raise Refusal(unchanged[0].upper() + unchanged[1:] + ".")
-    return entry, core.ws.train_at(state["kept_commit"]), core.ws.train_at(entry["commit"])
 
 
 def discard(core: LoopCore, reason: str | None = None, run: int | None = None, restore: bool = True) -> DecisionResult:

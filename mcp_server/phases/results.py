@@ -308,11 +308,14 @@ def no_change(core: LoopCore, entry: dict) -> str | None:
     (the baseline after a setup, a best logged by hand or train.py's own), which a run of the same code gives it, unless
     the last best the harness measured before it is that program too (review 79: log_result(keep) of the best's own
     program, a comment added, made the best one logged by hand, and its rerun was a lucky draw to keep again)."""
-    program, measured = core.ws.train_at(entry["commit"]), _measured_best(core, entry["parent"])
-    if measured is None or not same_program(core.ws.train_at(entry["parent"]), program) or \
-            not same_program(core.ws.train_at(measured.commit), program):
+    measured = _measured_best(core, entry["parent"])
+    if measured is None:
         return None
-    whose = "" if measured.commit == entry["parent"][:7] else \
+    program, own = core.ws.train_at(entry["commit"]), measured.commit == entry["parent"][:7]
+    if not same_program(core.ws.train_at(entry["parent"]), program) or \
+            not (own or same_program(core.ws.train_at(measured.commit), program)):
+        return None
+    whose = "" if own else \
         f" (its number is not the harness's; {measured.commit}, the best the harness measured before it, is that program)"
     return (f"run {entry['run']}'s train.py is the program of the best {entry['parent'][:7]} it was measured on (but for "
             f"comments and layout, if any){whose}: its val_bpb against the best's is the luck of two runs of one program, "
