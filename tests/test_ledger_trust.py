@@ -855,3 +855,48 @@ def test_a_forged_copy_read_by_the_report_does_not_stay_in_the_servers_rows(lab)
     assert lab.ok("status")["best_val_bpb"] == 0.95
     set_knobs(lab.ws, val_bpb=1.0)
     assert lab.ok("run_experiment", description="worse than the best")["delta"] == pytest.approx(0.05)
+
+
+def test_a_number_that_is_not_finite_in_the_states_copy_or_an_old_ledger_fails_no_answer(lab):
+    """Review 76's leftover: Python's json reads NaN and Infinity, so a copy of the state planted with a NaN val_bpb
+    passed the shape check, and status's answer failed the client's output-schema check (JSON has no NaN; it went out
+    as null where the schema says number); an owner started on it took it as its record. A results.tsv from before
+    the server kept rows may hold `nan`, and the owner adopted it as a row. Neither is a result: the copy is of no
+    shape the server writes (state.json is read, said), and such a line is malformed (kept in the archive)."""
+    lab.baseline()
+    copy, path = records_dir(lab.ws) / "state.json", lab.ws / ".research-loop" / "state.json"
+    own = json.loads(copy.read_text())
+    second = Lab(lab.ws)
+    try:
+        nan_row = [own["rows"][0][0], float("nan"), 0.0, "keep", "baseline"]
+        for forged, said in ((dict(own, rows=[nan_row]), "(row 1 is not [commit, val_bpb"),
+                             (dict(own, slot_hours=float("inf")), "(slot_hours is inf)")):
+            copy.write_text(json.dumps(forged))
+            status = second.ok("status")  # through the client: its answer passes the output-schema check
+            assert status["best_val_bpb"] == 1.0, status
+            assert f"no state the server writes {said}" in " ".join(status["records_changed"]), status
+            assert second.ok("history")["total"] == 1 and second.ok("report")["kept"] == 1
+    finally:
+        second.loop.shutdown()
+    lab.loop.shutdown()
+    copy.write_text(json.dumps(dict(own, noise={"values": [1.0, float("nan")], "std": 0.01, "spread": 0.01,
+                                                "threshold": 0.02})))
+    lab.loop = lab.new_loop()  # an owner started on such a copy: state.json is its record
+    status = lab.ok("status")
+    assert status["best_val_bpb"] == 1.0 and status["noise"] is None, status
+    assert "(a noise estimate: a value is no finite number)" in " ".join(status["records_changed"]), status
+    assert "NaN" not in copy.read_text()
+    lab.loop.shutdown()
+    base = own["rows"][0][0]
+    for record in (copy, path):  # a state from before the server kept rows: results.tsv is the record
+        record.write_text(json.dumps({k: v for k, v in own.items() if k != "rows"}))
+    (lab.ws / "results.tsv").write_text(f"{HEADER}\n{base}\t1.000000\t2.0\tkeep\tbaseline\n"
+                                        "bbbbbbb\tnan\t0.0\tdiscard\tdiverged\ncccccc1\t0.9\tinf\tkeep\tplanted\n")
+    lab.loop = lab.new_loop()
+    status = lab.ok("status")
+    assert status["best_val_bpb"] == 1.0 and status["counts"].get("discard", 0) == 0, status
+    assert "2 line(s) the server never wrote" in " ".join(status["records_changed"]), status
+    assert lab.ok("history")["total"] == 1 and lab.ok("report")["kept"] == 1
+    assert ledger_lines(lab.ws)[1:] == [f"{base}\t1.000000\t2.0\tkeep\tbaseline"]
+    found = lab.ws / ".research-loop" / "archive" / archived(lab, "results-edited-")[0]
+    assert "bbbbbbb\tnan\t" in found.read_text()  # kept, not lost

@@ -328,6 +328,35 @@ def test_nan_fail_and_missing_summary_are_crashes(lab):
     lab.ok("discard")
 
 
+NAN_PROGRESS = """import time
+print("step 00000 (50.0%) | loss: nan | lrm: 1.00 | dt: 10ms | remaining: 9s", end="", flush=True)
+time.sleep(float(open("train.py").read().split()[-1]))
+print("\\nFAIL")
+raise SystemExit(1)
+"""
+
+
+def test_a_progress_line_whose_loss_is_nan_fails_no_answer(fake_env):
+    """A train.py of the agent's that prints its diverged loss as `nan` in a progress line: the progress went out in
+    status's and read_metrics' answers with a NaN loss, which JSON has not (null where the schema says number), so
+    the client refused each answer until the run ended. The loss is a number or null."""
+    ws = make_workspace(fake_env, "# SLEEP 1\n")
+    (ws / "nan_progress.py").write_text(NAN_PROGRESS)
+    git(ws, "add", ".")
+    git(ws, "commit", "-q", "-m", "a trainer that prints a nan loss")
+    lab = Lab(ws, train_command=[sys.executable, "nan_progress.py"])
+    try:
+        lab.ok("setup", tag="t")
+        (ws / "train.py").write_text("# SLEEP 20\n")
+        run = lab.ok("run_experiment", description="diverges", wait=False)["run"]
+        assert wait_until(lambda: lab.ok("status")["progress"] is not None, 15)
+        assert lab.ok("status")["progress"]["loss"] is None
+        assert lab.ok("read_metrics")["progress"]["loss"] is None
+        lab.ok("cancel", run=run)
+    finally:
+        lab.loop.shutdown()
+
+
 def test_timeout_kills_the_whole_group(lab):
     lab.baseline()
     set_knobs(lab.ws, sleep=120, steps=60, spawn=1, ignore_term=1)

@@ -190,10 +190,12 @@ def parse_line(line: str) -> Row | None:
     if len(fields) != 5 or fields[3] not in STATUSES or not COMMIT_RE.match(fields[0]):
         return None
     try:
-        return Row(commit=fields[0], val_bpb=float(fields[1]), memory_gb=float(fields[2]),
-                   status=fields[3], description=fields[4])
+        val_bpb, memory_gb = float(fields[1]), float(fields[2])
     except ValueError:
         return None
+    if not (math.isfinite(val_bpb) and math.isfinite(memory_gb)):  # nan from a ledger older than the server's rows:
+        return None  # no result, and a tool's answer cannot carry it (its schema's number has no NaN)
+    return Row(commit=fields[0], val_bpb=val_bpb, memory_gb=memory_gb, status=fields[3], description=fields[4])
 
 
 # The entries last made into rows, and those rows: tools read the rows several times per call, and a night has

@@ -11,6 +11,7 @@ state as `slot_hours` as each run ends: mcp_server/core/cost.py). A run is also 
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 import time
@@ -86,14 +87,20 @@ ESTIMATE_TYPES = {"values": list, "std": NUMBER, "spread": NUMBER, "threshold": 
 
 
 def _is(value, kind) -> bool:
+    if isinstance(value, float) and not math.isfinite(value):  # Python's json reads NaN, Infinity and 1e999; the
+        return False  # server writes none, and a tool's answer cannot carry one (its schema's number has none)
     return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))  # json's true is no number
+
+
+def _kind(value) -> str:
+    return str(value) if isinstance(value, float) and not math.isfinite(value) else type(value).__name__
 
 
 def _odd(entry, types: dict) -> str | None:
     """What of a record's keys is of another type than its types say (null: as missing), or None."""
     if not isinstance(entry, dict):
-        return f"it is {type(entry).__name__}"
-    return next((f"{key} is {type(entry[key]).__name__}" for key, kind in types.items()
+        return f"it is {_kind(entry)}"
+    return next((f"{key} is {_kind(entry[key])}" for key, kind in types.items()
                  if entry.get(key) is not None and not _is(entry[key], kind)), None)
 
 
@@ -104,14 +111,15 @@ def malformed(state: dict) -> str | None:
         return odd
     for i, row in enumerate(state.get("rows") or [], 1):
         if not isinstance(row, list) or len(row) != len(ROW_TYPES) or not all(map(_is, row, ROW_TYPES)):
-            return f"row {i} is not [commit, val_bpb, memory_gb, status, description]"
+            return f"row {i} is not [commit, val_bpb, memory_gb, status, description] (a string, two finite numbers, " \
+                   "two strings)"
     for key, entry in (state.get("runs") or {}).items():
         if odd := _odd(entry, RUN_TYPES):
             return f"run {key}: {odd}"
     for estimate in filter(None, [state.get("noise"), *(state.get("noise_by_device") or {}).values()]):
         odd = _odd(estimate, ESTIMATE_TYPES)
         if odd or not all(_is(value, NUMBER) for value in estimate.get("values") or []):
-            return f"a noise estimate: {odd or 'a value is no number'}"
+            return f"a noise estimate: {odd or 'a value is no finite number'}"
     return None
 
 

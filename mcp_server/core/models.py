@@ -26,7 +26,7 @@ class Row(BaseModel):
 class Progress(BaseModel):
     step: int
     percent: float
-    loss: float
+    loss: float | None  # nan where the line's loss is no number (a diverged run): null in an answer (no NaN in JSON)
     remaining_s: int | None = None
     dt_ms: int | None = None  # the step's duration
 
