@@ -418,3 +418,47 @@ def test_a_best_the_harness_did_not_measure_is_no_base_for_a_sweep(fake_env):
     assert "The best's val_bpb 0.500000 is the agent's, logged by hand, not measured by the harness" in message, message
     assert "Measure the kept code first" in message and "Nothing ran" in message, message
     assert ledger_lines(lab.ws) == rows and not (lab.ws / ".research-loop" / "optuna.db").exists()
+
+
+def test_a_study_store_that_breaks_in_the_middle_of_a_sweep_leaves_no_run_unexplained(fake_env):
+    """Review 78's leftover: .research-loop/optuna.db overwritten with other bytes while two trials trained. The first
+    trial's end could not be told to the study, which stopped the clean-up halfway: that trial was neither discarded
+    nor held, the other one trained on and stayed pending, and the call ended on an internal error. Now the sweep
+    asks no more trials, follows the one in flight to its end, decides every run it started (or holds the one that
+    beats the best, named), and ends with a tool error that says what broke and how to start a new study."""
+    lab = sweep_lab(fake_env, train=FAKE_TRAIN.replace("SLEEP = 0.6", "SLEEP = 3"))
+    store = lab.ws / ".research-loop" / "optuna.db"
+    answers = []
+
+    async def race():
+        async with Client(lab.server()) as client:
+            async def sweep():
+                answers.append(await client.call_tool("sweep", {"space": {"VAL_BPB": {"low": 0.8, "high": 0.99}},
+                                                                "trials": 4, "seed": 0}))
+
+            async def break_the_store():
+                with anyio.fail_after(60):
+                    while sum(e["status"] == "running" for e in (lab.loop.state.load().get("runs") or {}).values()) < 2:
+                        await anyio.sleep(0.05)
+                with open(store, "r+b") as f:  # in place: the sweep's open connection reads these bytes
+                    f.write(b"not a database " * (store.stat().st_size // 15 + 1))
+            async with anyio.create_task_group() as calls:
+                calls.start_soon(sweep)
+                calls.start_soon(break_the_store)
+    try:
+        anyio.run(race)
+        status = lab.ok("status")
+    finally:
+        lab.loop.shutdown()
+    assert answers[0].is_error, answers[0].content[0].text
+    message = answers[0].content[0].text
+    assert ".research-loop/optuna.db broke during the sweep" in message, message
+    assert "mv .research-loop/optuna.db .research-loop/optuna.db.bad" in message and "sweep again" in message, message
+    assert not status["running"] and not status["queued"], status
+    pending = [e for e in lab.loop.state.load()["runs"].values() if e["status"] == "pending"]
+    assert [e["run"] for e in pending] == status["undecided"], status  # the one held, named with what to do
+    assert all(f"keep(run={e['run']}) or discard(run={e['run']})" in message for e in pending), message
+    trials = sorted([r[4].split(" of study")[0] for r in trial_rows(lab.ws)] +
+                    [e["description"].split(" of study")[0] for e in pending])
+    assert trials == ["sweep trial 0", "sweep trial 1"], trials  # both runs it started: decided, or held and named
+    assert "Nothing was lost" in message, message

@@ -27,6 +27,7 @@ research branch, the space and the rest of train.py (the code apart from the swe
 server process continues it, and the same space on changed code starts another study, since its
 values would not be comparable.
 """
+import contextlib
 import hashlib
 import json
 import warnings
@@ -96,6 +97,8 @@ class Sweep:
     held_value: float | None = None
     held_trial: int | None = None
     stopped: str | None = None
+    broken: str | None = None  # what the study's store said when it broke during this call (store_kept)
+    started: list = field(default_factory=list)  # the runs this call submitted
 
     @property
     def done(self) -> int:
@@ -103,7 +106,11 @@ class Sweep:
 
     def next_trial(self) -> None:
         """Asks the study for a trial and submits its train.py; a repeat of a finished trial is
-        answered from it, without a run."""
+        answered from it, without a run. A store that breaks meanwhile asks no more (store_kept)."""
+        with self.store_kept():
+            self.ask_trial()
+
+    def ask_trial(self) -> None:
         from optuna.trial import TrialState
         self.stopped = self.best_moved()
         if self.stopped:
@@ -156,9 +163,10 @@ class Sweep:
         if "answered" in entry:  # this train.py was measured on this best already: its result, no run
             self.answered_by(trial, RunResult(**entry["answered"]))
             return
+        self.in_flight[entry["run"]] = trial  # before the store is written: a store that fails then loses no run
+        self.started.append(entry["run"])
         trial.set_user_attr("run", entry["run"])
         trial.set_user_attr("commit", entry["commit"][:7])
-        self.in_flight[entry["run"]] = trial
 
     def best_moved(self) -> str | None:
         """Why no more trials: another call kept a result while the sweep ran (its held trial, or a run of
@@ -232,17 +240,18 @@ class Sweep:
         decided = self.loop.entry(run) is None  # the early stop ended it: its crash row is written
         self.ran += 1
         ok = measured(result)
-        trial.set_user_attr("status", UNVERIFIED if own_number(result) else result.status)
-        if own_number(result):
-            trial.set_user_attr("note", own_number(result))
-        if ok:
-            trial.set_user_attr("val_bpb", result.val_bpb)
-        if result.delta is not None and ok:  # a delta from train.py's own number is no measured gain
-            trial.set_user_attr("delta", result.delta)
-        if ok:
-            self.study.tell(trial, result.val_bpb)
-        else:
-            self.study.tell(trial, state=TrialState.FAIL)
+        with self.store_kept():  # the run is decided below whatever the store does
+            trial.set_user_attr("status", UNVERIFIED if own_number(result) else result.status)
+            if own_number(result):
+                trial.set_user_attr("note", own_number(result))
+            if ok:
+                trial.set_user_attr("val_bpb", result.val_bpb)
+            if result.delta is not None and ok:  # a delta from train.py's own number is no measured gain
+                trial.set_user_attr("delta", result.delta)
+            if ok:
+                self.study.tell(trial, result.val_bpb)
+            else:
+                self.study.tell(trial, state=TrialState.FAIL)
         if decided:
             return
         self.still_held()
@@ -276,11 +285,47 @@ class Sweep:
             entry = self.loop.entry(run)
             if entry and entry["status"] in UNDECIDED:
                 self.discard("a sweep trial, its sweep cancelled", run)
-            trial.set_user_attr("status", "cancelled")
-            self.study.tell(trial, state=TrialState.FAIL)
             del self.in_flight[run]
+            with self.store_kept():
+                trial.set_user_attr("status", "cancelled")
+                self.study.tell(trial, state=TrialState.FAIL)
+
+    @contextlib.contextmanager
+    def store_kept(self):
+        """Optuna's calls on the study's store. One that fails (the store overwritten or made unwritable mid-sweep)
+        ends the study's part: no more trials are asked, but the runs in flight are still followed and decided as
+        they end, and the call then ends with broken_store() (review 78: the clean-up stopped at the first failure,
+        its trials in flight left pending, and the call ended on an internal error)."""
+        from optuna.exceptions import StorageInternalError
+        from sqlalchemy.exc import SQLAlchemyError
+        try:
+            yield
+        except (StorageInternalError, SQLAlchemyError) as exc:
+            while exc.__cause__ is not None:  # Optuna's words are generic; sqlite's name what broke
+                exc = exc.__cause__
+            self.broken = self.broken or (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+
+    def broken_store(self) -> str:
+        """What broke, what became of each run this call started, and what to do."""
+        self.still_held()
+        n = self.held
+        ended = ", ".join(str(run) for run in self.started if run != n)
+        said = f"{STORAGE} broke during the sweep ({self.broken}): no more trials were asked. Nothing was lost: "
+        said += f"the runs it started ({ended}) are decided in {ledger.LEDGER_NAME}" if ended else "no other run began"
+        if n is not None:
+            keep = f"keep(run={n})"
+            keep = f"confirm(run={n}), then {keep}" if self.loop.answer_for(n).confirm_first else keep
+            said += (f"; run {n} (trial {self.held_trial}, val_bpb {self.held_value:.6f}) beats the best and waits "
+                     f"for {keep} or discard(run={n})")
+        return said + f". Move the store aside (`mv {STORAGE} {STORAGE}.bad`) and sweep again: a new study begins."
 
     def answer(self) -> SweepResult:
+        if not self.broken:
+            with self.store_kept():
+                return self.table_answer()
+        raise Refusal(self.broken_store())
+
+    def table_answer(self) -> SweepResult:
         from optuna.trial import TrialState
         trials = self.study.get_trials(deepcopy=False)
         complete = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
@@ -442,7 +487,8 @@ async def run(sweep: Sweep, follow, ctx) -> SweepResult:
     loop = sweep.loop
     try:
         while True:
-            while not sweep.stopped and sweep.asked < sweep.trials and len(sweep.in_flight) < loop.slots:
+            while not (sweep.stopped or sweep.broken) and sweep.asked < sweep.trials \
+                    and len(sweep.in_flight) < loop.slots:
                 await anyio.to_thread.run_sync(sweep.next_trial)
             if not sweep.in_flight:
                 break
