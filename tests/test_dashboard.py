@@ -95,6 +95,25 @@ def test_a_discard_row_logged_by_hand_shows_no_gain(lab):
     assert shown["val_bpb"] == 0.3 and shown["delta"] is None, shown
 
 
+def test_the_tail_of_a_run_whose_record_was_replaced_says_so_not_that_it_was_logged_by_hand(lab):
+    """Review 78: with the run records' folder replaced (or a record edited), the tail of a run the server ran said
+    "no log was kept for this run (logged with log_result?)", which is what a row logged by hand has. It now says the
+    server's record is missing or not what it wrote, and a row logged by hand still says it was logged by hand."""
+    run = lab.baseline()["row"]["commit"]
+    outside = git(lab.ws, "commit-tree", "HEAD^{tree}", "-m", "trained elsewhere").strip()
+    lab.ok("log_result", commit=outside, val_bpb=0.9, memory_gb=1.0, status="discard", description="elsewhere")
+    runs = lab.ws / "runs"
+    runs.rename(lab.ws / "runs.old")
+    runs.mkdir()
+    tail = dashboard.run_tail(lab.ws, run)["tail"]
+    assert "logged with log_result" not in tail, tail
+    assert f"runs/0001-{run}.json" in tail and "missing or not what the server wrote" in tail, tail
+    assert "logged with log_result" in dashboard.run_tail(lab.ws, outside[:7])["tail"]
+    runs.rmdir()
+    (lab.ws / "runs.old").rename(runs)
+    assert "val_bpb:" in dashboard.run_tail(lab.ws, run)["tail"]  # the folder put back: the log is shown again
+
+
 def test_a_discarded_result_that_is_train_pys_own_number_is_marked(fake_env):
     """Review 72: a result the harness could not verify (no export: train.py's own number) was marked in its row only
     when kept: discarded, train.py's 0.3 was a plain row of the ledger, a measured number wherever rows are shown."""

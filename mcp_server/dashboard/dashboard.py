@@ -242,7 +242,19 @@ def run_tail(root: Path, commit: str) -> dict:
         tail = logparse.tail(text[-LOG_TAIL_BYTES:]) if text is not None else (
             f"{name} is not the log the server recorded for this run (changed or deleted since): not shown")
     return {"commit": commit, "log": name if isinstance(name, str) else None,
-            "tail": tail if tail is not None else "no log was kept for this run (logged with log_result?)"}
+            "tail": tail if tail is not None else missing_record(state, commit)}
+
+
+def missing_record(state: dict, commit: str) -> str:
+    """Why a logged row has no tail: the server's record of its run is gone or not what it wrote (review 78: the
+    records' folder replaced read as a row logged by hand), else no run of the server's made it."""
+    digests = state.get(history.DIGESTS)
+    names = sorted(n for n in (digests if isinstance(digests, dict) else {}) if n.endswith(f"-{commit}.json"))
+    if not names:
+        return "no log was kept for this run (logged with log_result?)"
+    return (f"the server's record of this run ({RUNS_DIR}/{names[-1]}) is missing or not what the server wrote (the "
+            f"{RUNS_DIR}/ folder replaced, or the file edited or deleted since): its log is not shown. Put back the "
+            f"{RUNS_DIR}/ folder the server wrote to see it.")
 
 
 def plain(value):
