@@ -168,12 +168,24 @@ def test_a_workspace_with_no_research_run_says_what_to_do_first(lab, tmp_path):
     assert dashboard.live_view(elsewhere)["runs"] == []
 
 
-def test_a_corrupt_state_file_is_shown_not_fatal(lab):
+def test_a_corrupt_state_file_is_shown_not_fatal_with_the_advice_that_fits(lab):
+    """Review 78: the page's advice on a state.json that is no JSON was the server's "move it away and call setup",
+    though the owner puts it back from its copy at its next call: it says so where there is a copy of the server's
+    to show, and gives the server's advice only where there is none."""
+    from mcp_server.core.limits import records_dir
     lab.baseline()
-    (lab.ws / ".research-loop" / "state.json").write_text("{oops")
+    path = lab.ws / ".research-loop" / "state.json"
+    path.write_text("{oops")
     view = dashboard.ledger_view(lab.ws)
     assert "not valid JSON" in view["problem"] and [r["description"] for r in view["rows"]] == ["baseline"]
     assert "not valid JSON" in dashboard.live_view(lab.ws)["problem"]
+    assert "call setup" not in view["problem"] and "puts it back from that copy" in view["problem"], view
+    lab.ok("status")  # as the page said
+    assert json.loads(path.read_text())["rows"][0][4] == "baseline"
+    lab.loop.shutdown()
+    records_dir(lab.ws).joinpath("state.json").unlink()
+    path.write_text("{oops")  # no copy to put back: the server's own advice
+    assert "move it away and call setup(tag)" in dashboard.ledger_view(lab.ws)["problem"]
 
 
 def test_the_live_view_follows_a_run_in_flight_then_its_pending_result(lab):
