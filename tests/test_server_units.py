@@ -363,6 +363,24 @@ def sandboxed_run(tmp_path, code: str, *options: str):
     return worker, report, log
 
 
+def test_a_sandboxed_run_is_not_said_to_leave_the_processes_its_sandbox_ends(tmp_path, bubblewrap):
+    """Seen once under load: tests/test_server_tools.py::test_nan_fail_and_missing_summary_are_crashes found the
+    note "1 process(es) started by the run were still running when it ended; killed" after its FAIL. bubblewrap's
+    outer process exits with the run's code as soon as its namespace's init reports it, and that init (bubblewrap's
+    own, killed as the outer one exits: --die-with-parent) ends after it, once every process of the namespace has;
+    the worker (their subreaper) looked at once and counted what was still ending. Played here with a run whose
+    child holds memory, which takes a while to free: the window a busy machine opened by chance. What the sandbox
+    ends by itself is not the run's leftover: the tree is given a moment to end before what is left is counted."""
+    code = ("import os, sys, time\nif os.fork() == 0:\n    held = b'x' * (1 << 30)\n    open('held', 'w').close()\n"
+            "    time.sleep(300)\nwhile not os.path.exists('held'):\n    time.sleep(0.05)\nprint('FAIL')\nsys.exit(1)\n")
+    exports = tmp_path / "exports"
+    worker, report, log = sandboxed_run(tmp_path, code.replace("'held'", repr(str(exports / "held"))))
+    assert worker.wait(timeout=60) == 0
+    result = json.loads(report.read_text())
+    assert result["sandbox"] and result["exit_code"] == 1, result
+    assert result["stray_processes"] == 0 and "still running when it ended" not in log.read_text(), log.read_text()
+
+
 def test_cuda_is_made_ready_outside_the_sandbox(tmp_path, bubblewrap, monkeypatch):
     """No new privileges inside bubblewrap: the setuid nvidia-modprobe that makes /dev/nvidia-uvm at
     the first CUDA use after a boot must run before, outside (a stand-in records that it did)."""

@@ -12,6 +12,7 @@ import time
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 REAP_ROUNDS = 50  # kill-and-reap passes over the descendants, 0.1 s apart
+SETTLE_S = 2.0  # for a run's tree to end by itself once the run ended, before what is left is counted (left_behind)
 
 
 def prctl(option: int, value: int) -> bool:
@@ -44,6 +45,20 @@ def descendants(root: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
+
+
+def left_behind(run: int) -> list[int]:
+    """The processes below this one, the run's own (ended and reaped) aside, that are still there SETTLE_S after it
+    ended. bubblewrap's outer process exits with the run's code as soon as its namespace's init reports it, and that
+    init (--die-with-parent) and whatever is left in its namespace end just after: looked at once, a busy machine's
+    ordinary end of a sandbox read as a run that left processes running."""
+    deadline = time.monotonic() + SETTLE_S
+    while True:
+        left = [pid for pid in descendants(os.getpid()) if pid != run]
+        if not left or time.monotonic() >= deadline:
+            return left
+        reap()
+        time.sleep(0.02)
 
 
 def reap() -> None:

@@ -59,14 +59,14 @@ from pathlib import Path
 
 try:
     from mcp_server.scripts import inotify_events, sandbox
-    from mcp_server.scripts.process_tree import PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, descendants, \
-        kill_everything, prctl, signal_tree
+    from mcp_server.scripts.process_tree import PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, kill_everything, \
+        left_behind, prctl, signal_tree
     from mcp_server.scripts.harness_eval import MARK, HarnessEvaluation, on_this_device, open_log, socket_channel
     from mcp_server.scripts.trusted_import import read_in_background
 except ImportError:  # run as a script, or on a node: sandbox.py, harness_eval.py... are beside this file
     import inotify_events
     import sandbox
-    from process_tree import PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, descendants, kill_everything, prctl, \
+    from process_tree import PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, kill_everything, left_behind, prctl, \
         signal_tree
     from harness_eval import MARK, HarnessEvaluation, on_this_device, open_log, socket_channel
     from trusted_import import read_in_background
@@ -525,7 +525,7 @@ def main(argv=None) -> int:
         if not (timed_out or stop_reason):
             evaluation.start_if_exported(val_watch)
         evaluated = evaluation.finish(args.grace)
-    strays = [p for p in descendants(os.getpid()) if p != child.pid]
+    strays = [] if (timed_out or stop_reason) else left_behind(child.pid)  # the run ended: child is reaped
     unkillable = kill_everything(child.pid)
     exit_code = child.wait()
     wall = time.monotonic() - t0
