@@ -194,6 +194,28 @@ def test_the_bests_own_program_logged_by_hand_over_it_gives_no_second_draw(lab, 
     assert (ledger_lines(lab.ws), lab.loop.state.load().get("kept_commit")) == before
 
 
+def test_the_program_of_an_older_measured_best_logged_by_hand_gives_no_second_draw(lab, monkeypatch):
+    """Review 80: review 79's rule looked only at the last best the harness measured before a best logged by hand. The
+    agent kept a worse idea first (measured), then committed the baseline's train.py with a comment and logged it as a
+    keep by hand: the last measured best was the worse idea's program, so a rerun of the hand-logged best, the
+    baseline's program measured before, was a candidate again, sent to confirm's one pair of one program (a coin
+    flip). Any keep the harness measured of that program makes its rerun no change."""
+    monkeypatch.setenv("FAKE_NOISE", "0.01")  # runs 1, 2, 3 measure their VAL_BPB +0, +0.01, -0.01
+    lab.baseline()  # 1.0, measured
+    set_knobs(lab.ws, val_bpb=1.0, steps=6)  # another program, no better
+    lab.ok("run_experiment", description="six steps")
+    assert lab.ok("keep")["warning"]  # 1.01, measured: the last measured best is this program
+    (lab.ws / "train.py").write_text("VAL_BPB = 1.0  # the baseline, noted by hand\n")
+    git(lab.ws, "commit", "-qam", "the baseline, noted by hand")
+    lab.ok("log_result", commit=lab.head(), val_bpb=1.0, memory_gb=0.0, status="keep", description="noted by hand")
+    lucky = lab.ok("run_experiment", description="the best again", rerun=True)
+    assert lucky["val_bpb"] == 0.99 and lucky["next"].startswith("run 3's train.py is the program of the best"), lucky
+    before = (ledger_lines(lab.ws), lab.loop.state.load().get("kept_commit"))
+    for refused in (lab.refused("keep"), lab.refused("keep", unconfirmed=True), lab.refused("confirm")):
+        assert "no change to keep or confirm. discard(run=3)" in refused, refused
+    assert (ledger_lines(lab.ws), lab.loop.state.load().get("kept_commit")) == before
+
+
 def test_the_early_stops_marker_in_the_agents_words_does_not_hide_a_failure(lab):
     """Stop 48: a crash row counts toward max_failures_in_row unless it holds the early stop's marker " (stopped early: ",
     which the agent could write itself: discard(reason="stopped early: ...") of each crash, or a description or
