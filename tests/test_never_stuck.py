@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from mcp_server.core.ledger import MAX_DESCRIPTION
+from mcp_server.core.limits import STOPPED_EARLY
 from server_support import (
     Lab, answer, exporting_workspace, git, ledger_lines, make_workspace, processes_in, set_knobs, slot_dir, wait_until,
 )
@@ -236,6 +237,28 @@ def test_the_early_stops_marker_in_the_agents_words_does_not_hide_a_failure(lab)
     set_knobs(lab.ws, crash=1)
     lab.ok("run_experiment", description="broken again", rerun=True)  # the same broken code
     lab.ok("discard")
+    assert "2 failures in a row" in lab.ok("status")["ended"]
+
+
+def test_the_early_stops_marker_split_between_a_description_and_a_reason_does_not_hide_a_failure(lab):
+    """Review 80: stop 48 refused the early stop's marker " (stopped early: " in the agent's description and in its
+    reason, each alone; but a row's description is the run's, then " (reason)". A description ending "(stopped early:"
+    (no space after: no marker) and any reason made the crash row read "broken (stopped early: (a typo)", the marker
+    whole, so no crash counted toward max_failures_in_row and a night of crashes never ended. Such a description is
+    refused as the marker is; the row of a log_result too, which the server follows with " (logged by hand)"."""
+    lab.ok("setup", tag="t", max_failures_in_row=2)
+    lab.ok("run_experiment", description="baseline")
+    lab.ok("keep")
+    commit = lab.loop.state.load()["kept_commit"]
+    set_knobs(lab.ws, crash=1)
+    for refused in (lab.refused("run_experiment", description="broken (stopped early:"),
+                    lab.refused("log_result", commit=commit, val_bpb=0.0, memory_gb=0.0, status="crash",
+                                description="by hand (stopped early:")):
+        assert "(stopped early: ...) in the ledger" in refused and "reword it" in refused, refused
+    for n in range(2):
+        set_knobs(lab.ws, crash=1, steps=5 + n)
+        lab.ok("run_experiment", description=f"broken {n} (stopped early")
+        assert STOPPED_EARLY not in lab.ok("discard", reason="a typo")["row"]["description"]
     assert "2 failures in a row" in lab.ok("status")["ended"]
 
 
