@@ -159,15 +159,15 @@ def _result(core: LoopCore, entry: dict, text: str, report: dict | None, slot: s
     if result.verified is False:  # keep refuses it without the flag, and no noise judges it (review 75)
         result.next = (f"keep(run={entry['run']}, unverified=true) if train.py's own number is good enough for you "
                        f"(the harness did not measure it, so no noise judges it), else discard(run={entry['run']})")
+    unchanged = no_change(core, entry)  # before the other model's advice: keep refuses it all the same (review 80)
+    if unchanged:
+        result.next = unchanged
+        return result
     if result.delta is None and base and result.noise.startswith("not compared"):
         own = "unverified=true, " if result.verified is False else ""  # keep refuses it without either flag
         result.next = (f"not comparable with the best: discard(run={entry['run']}) and run it again on {base_device} "
                        f"(run_experiment(..., rerun=true)), or keep(run={entry['run']}, {own}unconfirmed=true) on "
                        "your own judgement")
-        return result
-    unchanged = no_change(core, entry)
-    if unchanged:
-        result.next = unchanged
         return result
     result.confirm_first = confirmation_needed(result.model_dump(), estimate, base)
     if result.confirm_first:
