@@ -415,6 +415,7 @@ elif plan in ("set-up", "set-up-other", "set-up-again"):  # the server's copy of
     records.mkdir(parents=True, exist_ok=True)
     (records / "state.json").write_text(json.dumps({{"tag": tag, "branch": f"autoresearch/{{tag}}", "rows": [],
                                                     "started_at": time.time()}}))
+    subprocess.run(["git", "branch", "-f", f"autoresearch/{{tag}}"], check=True, capture_output=True)
 elif plan == "garble":  # what the runner reads, of shapes no server or runner writes, then on past the deadline
     records = Path(".git/research-loop/records")
     records.mkdir(parents=True, exist_ok=True)
@@ -655,6 +656,14 @@ def test_a_session_that_sets_up_the_runners_own_tag_again_ends_the_night(fake_cl
     out = capsys.readouterr().out
     assert "a session set up research run night again" in out, out
     assert [s["plan"] for s in sessions_of(fake_claude)] == ["set-up", "set-up-again"]
+    (limits.records_dir(ws) / "state.json").write_text(json.dumps({"tag": "night", "branch": "autoresearch/gone",
+                                                                  "rows": [], "started_at": 1.0}))
+    fake_claude.unlink()  # the user's own: a research run of the tag whose branch they deleted, begun anew
+    monkeypatch.setenv("FAKE_CLAUDE_PLAN", "set-up,decide")
+    runner = overnight.Runner(runner_args(ws, "--hours", str(2 / 3600)), overnight.preflight(ws, None),
+                              backoff_s=(0.05,), poll_s=0.05)
+    runner.run()
+    assert "again" not in capsys.readouterr().out and len(sessions_of(fake_claude)) >= 2
 
 
 def test_records_of_shapes_no_server_writes_stop_no_runner(fake_claude, fake_env, monkeypatch):

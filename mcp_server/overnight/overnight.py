@@ -259,6 +259,8 @@ class Runner:
         tag = state.get("tag")
         if tag == self.args.tag:
             began = (state.get("started_at"),)
+            if self.set_up is None and not self.branch_exists(state.get("branch")):
+                return None  # a research run whose branch is gone (the user's, to begin the tag anew): not the night's
             self.set_up = self.set_up or began
             if began != self.set_up:  # review 80: its branch renamed away, the same tag set up anew, fresh limits
                 return (f"a session set up research run {tag} again (a new branch of that name, fresh limits) after the "
@@ -268,6 +270,13 @@ class Runner:
             return (f"a session set up another research run ({tag}) after {self.args.tag}; the runner ends with its "
                     f"own research run. To go on with {tag}, run the runner with --tag {tag}.")
         return None  # not set up yet: the session sets it up
+
+    def branch_exists(self, branch) -> bool:
+        try:
+            HarnessGit(str(self.workspace)).rev_parse("--verify", "--quiet", f"refs/heads/{branch}")
+        except GitCommandError:
+            return False
+        return True
 
     def status_line(self) -> str:
         rows = self.rows()
