@@ -201,3 +201,15 @@ def test_a_profiles_file_the_parser_cannot_read_fails_no_status(lab, fake_env):
     lab.restart()
     assert "the research run recorded 60 s" in lab.ok("status")["budget_settings"]
     assert "changed since setup" in lab.refused("run_experiment", description="an idea", rerun=True)
+
+
+def test_a_prepared_record_moved_away_gives_no_budget_of_its_own(lab, fake_env):
+    """Review 80: with the cache's prepared.json moved away after setup, status said "the prepared record
+    (AUTORESEARCH_TIME_BUDGET unset) gives 300 s, the research run recorded 60 s": there was no record, and 300 s is
+    upstream's default, which nothing would train at (a run is refused for the missing data). Status says nothing
+    differs where there is no record to differ."""
+    lab.baseline()
+    record = fake_env / "cache" / "prepared.json"
+    record.rename(record.with_name("prepared.json.away"))
+    said = lab.ok("status")["budget_settings"]
+    assert said.startswith("budget clock wall, time budget 60 s") and "gives" not in said, said

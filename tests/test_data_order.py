@@ -124,3 +124,22 @@ def test_on_the_wall_clock_a_train_py_that_repeats_its_number_stores_no_noise_ei
     assert "does not train on the data order" in message and "No noise estimate was stored" in message, message
     assert "1.000000 on order 0, 1.000000 on order 1, 1.000000 on order 2" in message
     assert "beyond noise" not in answer(gain)["noise"], answer(gain)
+
+
+def test_a_data_order_in_the_servers_environment_reaches_no_run(fake_env, monkeypatch):
+    """Review 80: the worker set AUTORESEARCH_DATA_ORDER for a rerun on another order, and left it as the server's
+    environment had it for every other run. A server started with AUTORESEARCH_DATA_ORDER=1 (a later session's server,
+    whose environment the agent's project settings can give) trained the baseline on order 1, recorded as the usual
+    order, so the noise repeat on order 1 counted that one stretch of data twice: a smaller noise estimate, and with
+    one repeat "does not train on the data order" of a train.py that does. Every run but a rerun is on the usual order."""
+    from server_support import Lab
+    monkeypatch.setenv("AUTORESEARCH_DATA_ORDER", "1")
+    lab = Lab(make_workspace(fake_env, "VAL_BPB = 1.0\nORDER_EFFECT = 0.01\n"))
+    try:
+        lab.ok("setup", tag="t")
+        baseline = lab.ok("run_experiment", description="baseline")
+        assert baseline["val_bpb"] == 1.0, baseline  # the usual order's, 1.01 on order 1
+        lab.ok("keep")
+        assert lab.ok("measure_noise", repeats=2)["noise"]["values"] == [1.0, 1.01, 1.02]
+    finally:
+        lab.loop.shutdown()

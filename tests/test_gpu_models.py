@@ -156,6 +156,22 @@ def test_a_confirmation_pair_on_two_gpu_models_confirms_nothing(gpu_lab):
     assert gpu_lab.ok("keep", run=2)["evidence"].startswith("confirmed")
 
 
+def test_the_bests_own_program_on_another_gpu_model_is_told_no_change_not_a_keep(gpu_lab):
+    """Review 80: a rerun of the best on another GPU model is not compared with the best, and its answer's next said
+    "discard ... or keep(run=N, unconfirmed=true) on your own judgement", which keep refuses: the program is the best's
+    own, no change (stop 48). The answer says so, as status does."""
+    gpu_lab.ok("setup", tag="t")
+    gpu_lab.ok("run_experiment", description="baseline")
+    gpu_lab.ok("keep")
+    gpu_lab.gpu("NVIDIA A100-SXM4-40GB")
+    again = gpu_lab.ok("run_experiment", description="the best on an A100", rerun=True)
+    n = again["run"]
+    assert again["delta"] is None and "no change to keep or confirm" in again["next"], again["next"]
+    assert "unconfirmed=true" not in again["next"]
+    assert gpu_lab.ok("status")["next"].startswith(f"discard(run={n})")
+    assert "no change to keep or confirm" in gpu_lab.refused("keep", run=n, unconfirmed=True)
+
+
 def test_train_pys_own_number_on_another_gpu_model_is_told_the_keep_that_goes_through(fake_env, monkeypatch):
     """A harness that evaluates exports, the best measured on an H100; train.py's own number (it exported nothing) on
     an A100: the answer's next said keep(run=N, unconfirmed=true) and status's keep(run=N, unverified=true), each of

@@ -814,6 +814,47 @@ def test_an_owner_started_on_a_copy_of_the_state_with_wrong_types_reads_state_js
     assert json.loads(path.read_text())["rows"][0][4] == 5  # refused, nothing changed: the user decides
 
 
+FORGED_DEEPER = {  # review 80: what the shape check of stop 48 did not look at
+    "a result's val_bpb of text": lambda run: run["result"].__setitem__("val_bpb", "x"),
+    "a result missing its fields": lambda run: run.__setitem__("result", {"status": "ok"}),
+    "a confirmation that is a number": lambda run: run.__setitem__("confirmation", 5),
+    "a kept commit that is no commit id": lambda run: None,
+}
+
+
+@pytest.mark.parametrize("forgery", list(FORGED_DEEPER))
+def test_a_copy_forged_below_its_keys_fails_no_call(lab, forgery):
+    """Review 80: the shape check that makes a forged copy of the state no record (stop 48) looked at the keys' types
+    and the rows, not inside a run's entry nor at the commits: a pending run's result with a val_bpb of "x" or missing
+    its fields, a confirmation that is a number, or a kept_commit of "zzzz", in the copy, made a second server's status
+    and wait fail with an internal error; written in both files while no server ran, every call of the owner. They are
+    of another shape now, with what that means: the copy is not believed, and where neither file is, calls are
+    refused saying what to do."""
+    lab.baseline()
+    set_knobs(lab.ws, val_bpb=0.9)
+    lab.ok("run_experiment", description="an idea")  # pending: its entry holds its result
+    copy, path = records_dir(lab.ws) / "state.json", lab.ws / ".research-loop" / "state.json"
+    forged = json.loads(copy.read_text())
+    FORGED_DEEPER[forgery](forged["runs"]["2"])
+    if forgery.startswith("a kept commit"):
+        forged["kept_commit"] = "zzzz"
+    copy.write_text(json.dumps(forged))
+    second = Lab(lab.ws)
+    try:
+        for tool in ("status", "wait", "history", "report"):
+            answer(second.call(tool))  # no error: state.json, which the owner keeps, is read instead
+        assert second.ok("status")["pending"].startswith("run 2 ")
+    finally:
+        second.loop.shutdown()
+    lab.loop.shutdown()
+    copy.write_text(json.dumps(forged))
+    path.write_text(json.dumps(forged))
+    lab.loop = lab.new_loop()
+    for tool in ("status", "wait", "keep"):
+        refused = lab.refused(tool)
+        assert "is a state the server writes" in refused and "call setup(tag)" in refused, refused
+
+
 def test_an_owner_started_on_a_state_file_with_wrong_types_and_no_copy_refuses_and_says_so(lab):
     """The copy deleted while no server ran, and state.json forged with wrong types (a row's description a number):
     the owner that started took the file as the record (as for a state from before copies), wrote it as its copy,

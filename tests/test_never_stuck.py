@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from mcp_server.core.ledger import MAX_DESCRIPTION
+from mcp_server.core.limits import STOPPED_EARLY
 from server_support import (
     Lab, answer, exporting_workspace, git, ledger_lines, make_workspace, processes_in, set_knobs, slot_dir, wait_until,
 )
@@ -194,6 +195,28 @@ def test_the_bests_own_program_logged_by_hand_over_it_gives_no_second_draw(lab, 
     assert (ledger_lines(lab.ws), lab.loop.state.load().get("kept_commit")) == before
 
 
+def test_the_program_of_an_older_measured_best_logged_by_hand_gives_no_second_draw(lab, monkeypatch):
+    """Review 80: review 79's rule looked only at the last best the harness measured before a best logged by hand. The
+    agent kept a worse idea first (measured), then committed the baseline's train.py with a comment and logged it as a
+    keep by hand: the last measured best was the worse idea's program, so a rerun of the hand-logged best, the
+    baseline's program measured before, was a candidate again, sent to confirm's one pair of one program (a coin
+    flip). Any keep the harness measured of that program makes its rerun no change."""
+    monkeypatch.setenv("FAKE_NOISE", "0.01")  # runs 1, 2, 3 measure their VAL_BPB +0, +0.01, -0.01
+    lab.baseline()  # 1.0, measured
+    set_knobs(lab.ws, val_bpb=1.0, steps=6)  # another program, no better
+    lab.ok("run_experiment", description="six steps")
+    assert lab.ok("keep")["warning"]  # 1.01, measured: the last measured best is this program
+    (lab.ws / "train.py").write_text("VAL_BPB = 1.0  # the baseline, noted by hand\n")
+    git(lab.ws, "commit", "-qam", "the baseline, noted by hand")
+    lab.ok("log_result", commit=lab.head(), val_bpb=1.0, memory_gb=0.0, status="keep", description="noted by hand")
+    lucky = lab.ok("run_experiment", description="the best again", rerun=True)
+    assert lucky["val_bpb"] == 0.99 and lucky["next"].startswith("run 3's train.py is the program of the best"), lucky
+    before = (ledger_lines(lab.ws), lab.loop.state.load().get("kept_commit"))
+    for refused in (lab.refused("keep"), lab.refused("keep", unconfirmed=True), lab.refused("confirm")):
+        assert "no change to keep or confirm. discard(run=3)" in refused, refused
+    assert (ledger_lines(lab.ws), lab.loop.state.load().get("kept_commit")) == before
+
+
 def test_the_early_stops_marker_in_the_agents_words_does_not_hide_a_failure(lab):
     """Stop 48: a crash row counts toward max_failures_in_row unless it holds the early stop's marker " (stopped early: ",
     which the agent could write itself: discard(reason="stopped early: ...") of each crash, or a description or
@@ -214,6 +237,28 @@ def test_the_early_stops_marker_in_the_agents_words_does_not_hide_a_failure(lab)
     set_knobs(lab.ws, crash=1)
     lab.ok("run_experiment", description="broken again", rerun=True)  # the same broken code
     lab.ok("discard")
+    assert "2 failures in a row" in lab.ok("status")["ended"]
+
+
+def test_the_early_stops_marker_split_between_a_description_and_a_reason_does_not_hide_a_failure(lab):
+    """Review 80: stop 48 refused the early stop's marker " (stopped early: " in the agent's description and in its
+    reason, each alone; but a row's description is the run's, then " (reason)". A description ending "(stopped early:"
+    (no space after: no marker) and any reason made the crash row read "broken (stopped early: (a typo)", the marker
+    whole, so no crash counted toward max_failures_in_row and a night of crashes never ended. Such a description is
+    refused as the marker is; the row of a log_result too, which the server follows with " (logged by hand)"."""
+    lab.ok("setup", tag="t", max_failures_in_row=2)
+    lab.ok("run_experiment", description="baseline")
+    lab.ok("keep")
+    commit = lab.loop.state.load()["kept_commit"]
+    set_knobs(lab.ws, crash=1)
+    for refused in (lab.refused("run_experiment", description="broken (stopped early:"),
+                    lab.refused("log_result", commit=commit, val_bpb=0.0, memory_gb=0.0, status="crash",
+                                description="by hand (stopped early:")):
+        assert "(stopped early: ...) in the ledger" in refused and "reword it" in refused, refused
+    for n in range(2):
+        set_knobs(lab.ws, crash=1, steps=5 + n)
+        lab.ok("run_experiment", description=f"broken {n} (stopped early")
+        assert STOPPED_EARLY not in lab.ok("discard", reason="a typo")["row"]["description"]
     assert "2 failures in a row" in lab.ok("status")["ended"]
 
 

@@ -409,11 +409,13 @@ elif plan == "vanish":  # killed before its result event, as a process of the se
     os.kill(os.getpid(), 9)
 elif plan == "costless":  # a result event of no cost that a process of the session wrote, and none of its own
     print(json.dumps({{"type": "result", "subtype": "success", "result": "done"}}), flush=True)
-elif plan in ("set-up", "set-up-other"):  # the server's copy of the state as a setup of the tag leaves it
-    tag = "night" if plan == "set-up" else "other"
+elif plan in ("set-up", "set-up-other", "set-up-again"):  # the server's copy of the state as a setup of the tag leaves it
+    tag = "other" if plan == "set-up-other" else "night"  # again: the branch renamed away, the same tag set up anew
     records = Path(".git/research-loop/records")
     records.mkdir(parents=True, exist_ok=True)
-    (records / "state.json").write_text(json.dumps({{"tag": tag, "branch": f"autoresearch/{{tag}}", "rows": []}}))
+    (records / "state.json").write_text(json.dumps({{"tag": tag, "branch": f"autoresearch/{{tag}}", "rows": [],
+                                                    "started_at": time.time()}}))
+    subprocess.run(["git", "branch", "-f", f"autoresearch/{{tag}}"], check=True, capture_output=True)
 elif plan == "garble":  # what the runner reads, of shapes no server or runner writes, then on past the deadline
     records = Path(".git/research-loop/records")
     records.mkdir(parents=True, exist_ok=True)
@@ -638,6 +640,30 @@ def test_a_session_that_sets_up_another_research_run_ends_the_night(fake_claude,
     out = capsys.readouterr().out
     assert "a session set up another research run (other) after night" in out, out
     assert [s["plan"] for s in sessions_of(fake_claude)] == ["set-up", "set-up-other"]
+
+
+def test_a_session_that_sets_up_the_runners_own_tag_again_ends_the_night(fake_claude, fake_env, monkeypatch, capsys):
+    """Review 80: the runner ended on a setup of another tag, but not of its own: once the night's research run had
+    ended on its limits, a session renamed the branch away (`git branch -m`) and called setup of the same tag, a
+    research run with fresh limits that the runner, judging its tag alone, went on with until --hours. A research run
+    of the runner's tag set up after the one it saw ends the night too."""
+    from mcp_server.overnight import overnight
+    ws = make_workspace(fake_env)
+    monkeypatch.setenv("FAKE_CLAUDE_PLAN", "set-up,set-up-again,set-up-again")
+    runner = overnight.Runner(runner_args(ws, "--hours", str(30 / 3600)), overnight.preflight(ws, None),
+                              backoff_s=(0.05,), poll_s=0.05)
+    assert runner.run() == 0
+    out = capsys.readouterr().out
+    assert "a session set up research run night again" in out, out
+    assert [s["plan"] for s in sessions_of(fake_claude)] == ["set-up", "set-up-again"]
+    (limits.records_dir(ws) / "state.json").write_text(json.dumps({"tag": "night", "branch": "autoresearch/gone",
+                                                                  "rows": [], "started_at": 1.0}))
+    fake_claude.unlink()  # the user's own: a research run of the tag whose branch they deleted, begun anew
+    monkeypatch.setenv("FAKE_CLAUDE_PLAN", "set-up,decide")
+    runner = overnight.Runner(runner_args(ws, "--hours", str(2 / 3600)), overnight.preflight(ws, None),
+                              backoff_s=(0.05,), poll_s=0.05)
+    runner.run()
+    assert "again" not in capsys.readouterr().out and len(sessions_of(fake_claude)) >= 2
 
 
 def test_records_of_shapes_no_server_writes_stop_no_runner(fake_claude, fake_env, monkeypatch):

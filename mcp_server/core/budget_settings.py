@@ -108,9 +108,10 @@ def adopt(state: dict, root: Path, record: dict) -> str | None:
 
 
 def differences(state: dict, root: Path, record: dict) -> str | None:
-    """What the server's environment would set otherwise than the research run recorded, said plainly, or None."""
+    """What the server's environment would set otherwise than the research run recorded, said plainly, or None (also
+    where there is no prepared record: review 80, upstream's default budget was said to be the missing record's)."""
     pinned = recorded(state)
-    if pinned is None:
+    if pinned is None or not record:
         return None
     now = _now(root, record)
     differ = [f"{_source(k)} gives {_shown(k, now[k])}, the research run recorded {_shown(k, pinned[k])}"

@@ -91,7 +91,9 @@ def refuse_markers(text: str, what: str = "description", wrapped: bool = False) 
     description held " (unverified)" was taken for train.py's own number and left out of the noise estimate. Stop 48:
     a crash row holding the early stop's marker is no failure, so a discard reason "stopped early: ..." kept a night of
     crashes off max_failures_in_row."""
-    shown = f" ({text})" if wrapped else f" {text}"
+    # review 80: a row's description is followed by " (" where the server adds a marker or the agent's note, so a
+    # description ending "(stopped early:" made the marker whole with either
+    shown = f" ({text})" if wrapped else f" {text} ("
     marker = next((m for m in (limits.UNVERIFIED, limits.LOGGED_BY_HAND, limits.STOPPED_EARLY) if m in shown), None)
     if marker:
         shown = marker if marker.endswith(")") else f"{marker}...)"

@@ -82,7 +82,11 @@ STATE_TYPES = {"rows": list, "runs": dict, "noise": dict, "noise_by_device": dic
                "harness_changed": str, "settings_changed": str, "seq": int, "extra_runs": int, "data_orders": int,
                "started_at": NUMBER, "slot_hours": NUMBER, "gpu_hours": NUMBER, "early_stop": bool}
 ROW_TYPES = (str, NUMBER, NUMBER, str, str)  # commit, val_bpb, memory_gb, status, description
-RUN_TYPES = {"run": int, "commit": str, "parent": str, "description": str, "status": str, "log": str, "result": dict}
+RUN_TYPES = {"run": int, "commit": str, "parent": str, "description": str, "status": str, "log": str, "result": dict,
+             "confirmation": dict}
+CONFIRMATION_TYPES = {"confirmed": bool, "paired_deltas": list, "runs": list, "reason": str}
+COMMIT_KEYS = ("kept_commit", "commit", "parent")  # full git object ids where the server writes them
+ID_LENGTHS = (40, 64)  # SHA-1's and SHA-256's, in hex
 ESTIMATE_TYPES = {"values": list, "std": NUMBER, "spread": NUMBER, "threshold": NUMBER}
 
 
@@ -104,18 +108,28 @@ def _odd(entry, types: dict) -> str | None:
                  if entry.get(key) is not None and not _is(entry[key], kind)), None)
 
 
+def _not_an_id(entry: dict) -> str | None:
+    """Which of an entry's commits is no full git object id (review 80: a kept_commit of "zzzz" failed every call)."""
+    return next((f"{key} is no commit id" for key in COMMIT_KEYS if isinstance(entry.get(key), str)
+                 and (len(entry[key]) not in ID_LENGTHS or entry[key].strip("0123456789abcdef"))), None)
+
+
 def malformed(state: dict) -> str | None:
     """What in a state read from a file is of another type than the server writes, or None: such a state is no
-    record of the server's (a forgery, or a file broken otherwise), and is believed in no part."""
-    if odd := _odd(state, STATE_TYPES):
+    record of the server's (a forgery, or a file broken otherwise), and is believed in no part. A run's result is
+    checked against its model where the server reads states (state.malformed): this module is the hook's too."""
+    if odd := _odd(state, STATE_TYPES) or _not_an_id(state):
         return odd
     for i, row in enumerate(state.get("rows") or [], 1):
         if not isinstance(row, list) or len(row) != len(ROW_TYPES) or not all(map(_is, row, ROW_TYPES)):
             return f"row {i} is not [commit, val_bpb, memory_gb, status, description] (a string, two finite numbers, " \
                    "two strings)"
     for key, entry in (state.get("runs") or {}).items():
-        if odd := _odd(entry, RUN_TYPES):
+        if odd := _odd(entry, RUN_TYPES) or _not_an_id(entry) or _odd(entry.get("confirmation") or {},
+                                                                       CONFIRMATION_TYPES):
             return f"run {key}: {odd}"
+        if not all(_is(d, NUMBER) for d in (entry.get("confirmation") or {}).get("paired_deltas") or []):
+            return f"run {key}: a paired delta of its confirmation is no number"
     for estimate in filter(None, [state.get("noise"), *(state.get("noise_by_device") or {}).values()]):
         odd = _odd(estimate, ESTIMATE_TYPES)
         if odd or not all(_is(value, NUMBER) for value in estimate.get("values") or []):

@@ -25,9 +25,11 @@ import threading
 import time
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from mcp_server.core import ledger, limits
 from mcp_server.core.limits import records_dir
-from mcp_server.core.models import Refusal
+from mcp_server.core.models import Refusal, RunResult
 
 STATE_DIR = ".research-loop"
 STATE_FILE = "state.json"
@@ -75,6 +77,20 @@ def _parse(raw: bytes | None, path: Path) -> dict:
     return data
 
 
+def malformed(data: dict) -> str | None:
+    """limits.malformed, and each run's result one the server's model of a result takes (review 80: a forged result's
+    val_bpb of "x", or one missing its fields, failed status and wait with an internal error, the owner's too)."""
+    if problem := limits.malformed(data):
+        return problem
+    for key, entry in (data.get("runs") or {}).items():
+        try:
+            if entry.get("result") is not None:
+                RunResult.model_validate(entry["result"])
+        except ValidationError as exc:
+            return f"run {key}: its result is none the server writes ({', '.join(map(str, exc.errors()[0]['loc']))})"
+    return None
+
+
 def _shape_problem(raw: bytes, lenient: bool = False) -> str | None:
     """What makes bytes read as a state no state the server writes, or None. lenient: None where they are no JSON
     object at all (_parse refuses those itself, saying so)."""
@@ -84,7 +100,7 @@ def _shape_problem(raw: bytes, lenient: bool = False) -> str | None:
         return None if lenient else "not valid JSON"
     if not isinstance(data, dict):
         return None if lenient else "not a JSON object"
-    return limits.malformed(data)
+    return malformed(data)
 
 
 def _changed_keys(found: bytes | None, own: bytes) -> str:
@@ -163,7 +179,7 @@ class State:
             return None
         if not isinstance(data, dict):
             return None
-        problem = limits.malformed(data)  # review 74: a forged copy with a number for a description failed status
+        problem = malformed(data)  # review 74: a forged copy with a number for a description failed status
         if problem:
             notice = (f"the owner's copy of {STATE_FILE} ({self.copy}) is no state the server writes ({problem}): "
                       f"none of it was believed; {STATE_DIR}/{STATE_FILE} was read instead")
@@ -175,7 +191,7 @@ class State:
     def _file_as_read(self) -> dict:
         """state.json as a reader that owns nothing reads it: refused where it is malformed too."""
         data = self.read_file()
-        problem = limits.malformed(data)
+        problem = malformed(data)
         if problem:
             raise Refusal(f"{self.path} is no state the server writes ({problem}), nor is its copy: none of it is "
                           "believed. The server that owns the workspace writes both again at its next call; call "

@@ -19,7 +19,7 @@ from pathlib import Path
 from mcp_server.core import cost, history, ledger, limits, logparse, plot
 from mcp_server.phases.runs import LOG_TAIL_BYTES, RUNS_DIR, unsandboxed_marker
 from mcp_server.core.models import Refusal
-from mcp_server.core.state import ARCHIVE_DIR, STATE_DIR, State, process_alive
+from mcp_server.core.state import ARCHIVE_DIR, STATE_DIR, State, malformed, process_alive
 from mcp_server.core.workspace import GIT_ENV, NO_AGENT_CODE
 
 CURVE_POINTS = 240  # of a loss curve sent to the page: enough for its width
@@ -58,13 +58,13 @@ def read_state(root: Path) -> tuple[dict, str | None]:
         own = None
     # a copy of another shape than the server writes (a row's description a number, written while the owner ran)
     # is believed in no part, as the server's readers do (core/state.py): its rows made the page fail
-    if isinstance(own, dict) and not limits.malformed(own):
+    if isinstance(own, dict) and not malformed(own):
         if problem:  # review 78: the server's advice (move it away, set up anew) is for a state with no copy
             problem = (f"{store.path} is not valid JSON (edited outside the server?): shown here is the server's own "
                        "copy of it, and the server that owns the workspace puts it back from that copy at its next "
                        f"tool call (the file found is kept in {STATE_DIR}/{ARCHIVE_DIR}/). Nothing to do.")
         return own, problem
-    if limits.malformed(found):
+    if malformed(found):
         return {}, problem or (f"neither {store.path} nor the server's copy of it is a state the server writes: the "
                                "server that owns the workspace writes both again at its next call")
     return found, problem

@@ -216,7 +216,7 @@ class Runner:
         self.spent_before = cost.sessions_spent(self.workspace, args.tag)
         self.recorded: list[dict] = []
         self.sessions = 0
-        self.set_up = False  # whether the runner's research run has been seen set up (see over)
+        self.set_up: tuple | None = None  # the runner's research run as first seen set up: (its start,) (see over)
         self.tty = sys.stdout.isatty()
         self.last_line = 0.0
         self.notifier = notify.Notifier(args.notify, args.notify_format)
@@ -258,12 +258,25 @@ class Runner:
         state = self.state()
         tag = state.get("tag")
         if tag == self.args.tag:
-            self.set_up = True
+            began = (state.get("started_at"),)
+            if self.set_up is None and not self.branch_exists(state.get("branch")):
+                return None  # a research run whose branch is gone (the user's, to begin the tag anew): not the night's
+            self.set_up = self.set_up or began
+            if began != self.set_up:  # review 80: its branch renamed away, the same tag set up anew, fresh limits
+                return (f"a session set up research run {tag} again (a new branch of that name, fresh limits) after the "
+                        "one the runner saw; the runner ends with the research run it began with.")
             return limits.ended(state, [(r.status, r.val_bpb, r.description) for r in self.rows()])
         if self.set_up and isinstance(tag, str):  # a setup of another tag begins fresh limits: the user's night was the runner's research run
             return (f"a session set up another research run ({tag}) after {self.args.tag}; the runner ends with its "
                     f"own research run. To go on with {tag}, run the runner with --tag {tag}.")
         return None  # not set up yet: the session sets it up
+
+    def branch_exists(self, branch) -> bool:
+        try:
+            HarnessGit(str(self.workspace)).rev_parse("--verify", "--quiet", f"refs/heads/{branch}")
+        except GitCommandError:
+            return False
+        return True
 
     def status_line(self) -> str:
         rows = self.rows()

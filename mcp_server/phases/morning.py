@@ -18,7 +18,7 @@ import git
 
 from mcp_server.core import budget_settings, cost, history, ledger, limits, plot
 from mcp_server.core.models import Refusal, ReportResult, Row
-from mcp_server.core.state import STATE_DIR, State
+from mcp_server.core.state import STATE_DIR, State, malformed
 from mcp_server.core.workspace import EDITABLE, RUNS_DIR, Workspace, validate_new_branch
 
 REPORTS_DIR = f"{STATE_DIR}/reports"
@@ -41,7 +41,7 @@ def recorded_state(root: Path) -> dict:
                           "start the server once (it puts its own copy back), then retry.") from None
         if not isinstance(data, dict):
             continue
-        odd = limits.malformed(data)
+        odd = malformed(data)
         if not odd:
             return data
         problem = problem or f"{path}: {odd}"  # a malformed copy: state.json is read instead

@@ -159,15 +159,15 @@ def _result(core: LoopCore, entry: dict, text: str, report: dict | None, slot: s
     if result.verified is False:  # keep refuses it without the flag, and no noise judges it (review 75)
         result.next = (f"keep(run={entry['run']}, unverified=true) if train.py's own number is good enough for you "
                        f"(the harness did not measure it, so no noise judges it), else discard(run={entry['run']})")
+    unchanged = no_change(core, entry)  # before the other model's advice: keep refuses it all the same (review 80)
+    if unchanged:
+        result.next = unchanged
+        return result
     if result.delta is None and base and result.noise.startswith("not compared"):
         own = "unverified=true, " if result.verified is False else ""  # keep refuses it without either flag
         result.next = (f"not comparable with the best: discard(run={entry['run']}) and run it again on {base_device} "
                        f"(run_experiment(..., rerun=true)), or keep(run={entry['run']}, {own}unconfirmed=true) on "
                        "your own judgement")
-        return result
-    unchanged = no_change(core, entry)
-    if unchanged:
-        result.next = unchanged
         return result
     result.confirm_first = confirmation_needed(result.model_dump(), estimate, base)
     if result.confirm_first:
@@ -306,28 +306,31 @@ def no_change(core: LoopCore, entry: dict) -> str | None:
     48: run_experiment(rerun=true) of the best unchanged, kept once its luck went its way, read "gain +0.010000" beside
     "no change" in the morning report). None where the program differs, or where the best's number is no measurement
     (the baseline after a setup, a best logged by hand or train.py's own), which a run of the same code gives it, unless
-    the last best the harness measured before it is that program too (review 79: log_result(keep) of the best's own
-    program, a comment added, made the best one logged by hand, and its rerun was a lucky draw to keep again)."""
-    measured = _measured_best(core, entry["parent"])
-    if measured is None:
+    a best the harness measured before it is that program too (review 79: log_result(keep) of the best's own program,
+    a comment added, made the best one logged by hand, and its rerun was a lucky draw to keep again; review 80: so was
+    it where a worse idea was kept, measured, between the two)."""
+    measured = _measured_keeps(core, entry["parent"])
+    program = core.ws.train_at(entry["commit"])
+    if not measured or not same_program(core.ws.train_at(entry["parent"]), program):
         return None
-    program, own = core.ws.train_at(entry["commit"]), measured.commit == entry["parent"][:7]
-    if not same_program(core.ws.train_at(entry["parent"]), program) or \
-            not (own or same_program(core.ws.train_at(measured.commit), program)):
-        return None
-    whose = "" if own else \
-        f" (its number is not the harness's; {measured.commit}, the best the harness measured before it, is that program)"
+    whose = ""
+    if measured[0].commit != entry["parent"][:7]:
+        same = next((r for r in measured if same_program(core.ws.train_at(r.commit), program)), None)
+        if same is None:
+            return None
+        whose = (f" (its number is not the harness's; {same.commit}, a best the harness measured before it, is that "
+                 "program)")
     return (f"run {entry['run']}'s train.py is the program of the best {entry['parent'][:7]} it was measured on (but for "
             f"comments and layout, if any){whose}: its val_bpb against the best's is the luck of two runs of one program, "
             f"no change to keep or confirm. discard(run={entry['run']}); measure_noise() measures that luck")
 
 
-def _measured_best(core: LoopCore, parent: str) -> Row | None:
-    """The keep row of the best `parent` where the harness measured its number; where it did not (logged by hand,
-    train.py's own), the last keep row before it that the harness measured; None where there is none."""
+def _measured_keeps(core: LoopCore, parent: str) -> list[Row]:
+    """The keep rows the harness measured up to the best `parent`'s own, latest first (the first is the best's own
+    where the harness measured its number); none where the best has no keep row."""
     kept = [r for r in core.rows() if r.status == "keep"]
     at = max((i for i, r in enumerate(kept) if r.commit == parent[:7]), default=None)
-    return None if at is None else next((r for r in reversed(kept[:at + 1]) if limits.measured(r.description)), None)
+    return [] if at is None else [r for r in reversed(kept[:at + 1]) if limits.measured(r.description)]
 
 
 def same_program(a: bytes, b: bytes) -> bool:

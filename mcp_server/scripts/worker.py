@@ -440,6 +440,8 @@ def main(argv=None) -> int:
     files, into = received_files(args, from_server, bubblewrap)
     if args.data_order:
         env[DATA_ORDER_ENV] = str(args.data_order)
+    else:  # the usual order, whatever the server's environment named (review 80: a run recorded on it trained on 1)
+        env.pop(DATA_ORDER_ENV, None)
     if args.export:
         args.export.parent.mkdir(parents=True, exist_ok=True)
         export = Path(sandbox.RUN_EXPORT) if bubblewrap and args.evaluate else args.export  # what the harness scores
