@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from envpin_support import edit_through_a_link
-from server_support import Lab, git, make_workspace
+from server_support import Lab, answer, git, make_workspace
 
 
 @pytest.fixture
@@ -239,17 +239,39 @@ def test_an_edit_to_the_evaluators_environment_refuses_runs(venv_lab, monkeypatc
     edited loss there would bend every verified number. Setup pins it beside the training's; an edit
     refuses the next run, naming it, until restored."""
     lab, _ = venv_lab
+    for name in ("evaluate_export.py", "export.py"):  # a harness that evaluates exports, as this project's
+        (lab.ws / "nanochat" / name).write_text("# harness stand-in\n")
+    git(lab.ws, "add", ".")
+    git(lab.ws, "commit", "-q", "-m", "an exporting harness")
     evaluator = lab.ws.parent / "evaluator-venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(evaluator)], check=True)
     (site,) = evaluator.glob("lib/python*/site-packages")
     (site / "lossmod.py").write_text("SCALE = 1.0\n")
     monkeypatch.setattr(sys, "executable", str(evaluator / "bin" / "python"))  # the server's interpreter
-    lab.baseline()
+    lab.ok("setup", tag="t")
+    lab.ok("run_experiment", description="baseline")
+    lab.ok("keep", unverified=True)  # the fake trainer exports nothing
     restore = edit_module_file(site / "lossmod.py")
     refusal = lab.refused("run_experiment", description="same train.py", rerun=True)
     assert "harness evaluator's environment" in refusal and str(site / "lossmod.py") in refusal, refusal
     restore()
     lab.ok("run_experiment", description="same train.py", rerun=True)
+
+
+def test_with_upstreams_harness_nothing_runs_from_the_servers_packages(venv_lab, monkeypatch):
+    """Upstream's harness evaluates nothing outside train.py, so nothing the server runs for it imports the
+    server's own packages: a worker runs without site (a .pth planted there runs nowhere), and the runs'
+    checks do not walk them (with torch there, 0.4 s a run)."""
+    lab, _ = venv_lab
+    server = lab.ws.parent / "server-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(server)], check=True)
+    (site,) = server.glob("lib/python*/site-packages")
+    marker = lab.ws.parent / "pth-ran"
+    monkeypatch.setattr(sys, "executable", str(server / "bin" / "python"))  # the server's interpreter
+    lab.baseline()
+    (site / "planted.pth").write_text(f"import pathlib; pathlib.Path({str(marker)!r}).write_text('ran')\n")
+    assert answer(lab.call("run_experiment", description="same train.py", rerun=True))["status"] == "ok"
+    assert not marker.exists(), "a .pth of the server's environment ran in the run's worker"
 
 
 @pytest.fixture

@@ -160,14 +160,15 @@ def take_startup(pythons, walk: Walk | None = None) -> dict:
     return pin
 
 
-def take_sources(pythons, walk: Walk | None = None) -> dict:
+def take_sources(pythons, walk: Walk | None = None, packages=None) -> dict:
     """{folder entry: SHA-256 of its Python sources' contents} for each top-level entry of the
     interpreters' site folders and standard library folders: the stat walk above cannot see an edit
     that keeps a file's size and puts its mtime back (os.utime), nor one written through a memory
     mapping or a hard link, which inotify misses too. Hashing torch's 300 MB of sources takes 0.6 s;
-    after the first time, only the files whose stat moved are read again."""
+    after the first time, only the files whose stat moved are read again. packages: the interpreters
+    whose site folders count (None: all), see source_folders."""
     walk, pin = walk or Walk(), {}
-    for folder in dict.fromkeys(f for python in pythons for f in sum(folders(python), ())):
+    for folder in dict.fromkeys(f for python in pythons for f in source_folders(python, packages)):
         if not os.path.isdir(folder):
             continue
         with os.scandir(folder) as entries:
@@ -234,27 +235,36 @@ CHANGED = "(compiled from other contents than its check found)"
 READ_CHANGED = "(read from other contents than its check found)"  # a .pth file: read, never compiled
 
 
-def pin_sources(pythons, walk: Walk | None = None) -> dict:
+def source_folders(python: str, packages=None) -> tuple[str, ...]:
+    """The folders of an interpreter whose sources the pin covers: its standard library's, and its site
+    folders where packages (the interpreters whose packages are imported by what the server runs) is None
+    or holds it. The server's own packages are imported only by the harness's evaluator: a worker runs
+    without site (executors/executor.py WORKER_FLAGS)."""
+    site, path = folders(python)
+    return (site if packages is None or python in packages else ()) + path
+
+
+def pin_sources(pythons, walk: Walk | None = None, packages=None) -> dict:
     """take_sources, for a new pin: what it found is what the runs' imports are checked against."""
     walk = walk or Walk()
-    pin = take_sources(pythons, walk)
-    _verified(pythons, walk)
+    pin = take_sources(pythons, walk, packages)
+    _verified(pythons, walk, packages)
     return pin
 
 
-def check_sources(pinned: dict, pythons, walk: Walk | None = None) -> None:
+def check_sources(pinned: dict, pythons, walk: Walk | None = None, packages=None) -> None:
     walk = walk or Walk()
-    _refuse_changes(pinned, take_sources(pythons, walk), "The Python sources the runs and the evaluator import",
-                    "reinstall what changed")
-    _verified(pythons, walk)
+    _refuse_changes(pinned, take_sources(pythons, walk, packages), "The Python sources the runs and the evaluator "
+                    "import", "reinstall what changed")
+    _verified(pythons, walk, packages)
 
 
-def _verified(pythons, walk: Walk) -> None:
+def _verified(pythons, walk: Walk, packages=None) -> None:
     """walk's sources as the last passed check's, under their real paths too (an interpreter names a
     source through the spelling of its path entry: a venv's folder may be reached through a link)."""
     for python in dict.fromkeys(pythons):
-        site, path = folders(python)
-        for folder in dict.fromkeys(site + path):
+        site = folders(python)[0]
+        for folder in dict.fromkeys(source_folders(python, packages)):
             if not os.path.isdir(folder):
                 continue
             real = os.path.realpath(folder)

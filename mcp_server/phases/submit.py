@@ -77,10 +77,11 @@ def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments:
         ws.add_excludes()
         walk = envpin.Walk()  # one walk of the environments for the four pins
         environment_pin = _environment_pin(core, walk)
-        evaluator_pin = _evaluator_pin(run_command(core)[0], walk) if environment_pin is not None else None
-        pythons = [run_command(core)[0], sys.executable] if environment_pin is not None else None
+        python, evaluates = run_command(core)[0], integrity.supports_export(ws, ws.head())
+        evaluator_pin = _evaluator_pin(python, evaluates, walk) if environment_pin is not None else None
+        pythons = [python, sys.executable] if environment_pin is not None else None
         startup_pin = envpin.take_startup(pythons, walk) if pythons else None
-        source_pin = envpin.pin_sources(pythons, walk) if pythons else None
+        source_pin = envpin.pin_sources(pythons, walk, _packages(python, evaluates)) if pythons else None
         seq = state.get("seq", 0) or _last_run_number(core)
         harness_changed = harness_change(core, state, fingerprint)
         settings_changed = budget_settings.change_note(state, settings)
@@ -267,17 +268,19 @@ def _check_environment(core: LoopCore, state: dict) -> dict:
     python = run_command(core)[0]
     position = core.pool.environment_position([python, sys.executable])  # sys.executable: the evaluator's
     pythons = [python, sys.executable]
+    evaluates = integrity.supports_export(core.ws, state["kept_commit"])
+    packages = _packages(python, evaluates, state.get("source_pin"))
     evaluator = ("The harness evaluator's environment (this server's)", "reinstall the plugin's environment")
     walk = envpin.Walk()  # each file stat'ed once for the four pins
     for key, take, check in (
             ("environment_pin", lambda: envpin.take(python, walk) or {},
              lambda pin: envpin.check(pin, python, walk=walk)),
-            ("evaluator_pin", lambda: _evaluator_pin(python, walk),
+            ("evaluator_pin", lambda: _evaluator_pin(python, evaluates, walk),
              lambda pin: envpin.check(pin, sys.executable, *evaluator, walk=walk)),
             ("startup_pin", lambda: envpin.take_startup(pythons, walk),
              lambda pin: envpin.check_startup(pin, pythons, walk)),
-            ("source_pin", lambda: envpin.pin_sources(pythons, walk),
-             lambda pin: envpin.check_sources(pin, pythons, walk))):
+            ("source_pin", lambda: envpin.pin_sources(pythons, walk, packages),
+             lambda pin: envpin.check_sources(pin, pythons, walk, packages))):
         if state.get(key) is None:  # a state from before this pin: pinned now
             state[key] = take()
         elif state[key]:
@@ -285,13 +288,23 @@ def _check_environment(core: LoopCore, state: dict) -> dict:
     return position
 
 
-def _evaluator_pin(training_python: str, walk: envpin.Walk | None = None) -> dict:
+def _evaluator_pin(training_python: str, evaluates: bool, walk: envpin.Walk | None = None) -> dict:
     """The environment the harness's evaluator imports torch from (this server's interpreter's, which
-    the evaluation spec names), where it is not the training's: an edited loss there bends every
-    verified number."""
-    if envpin.folders(sys.executable)[0] == envpin.folders(training_python)[0]:
+    the evaluation spec names), where it is not the training's and the harness evaluates exports: an
+    edited loss there bends every verified number. Upstream's harness evaluates nothing outside train.py,
+    and nothing else the server runs imports its packages (a worker runs without site), so walking them
+    for each run (0.4 s with torch's) would guard nothing."""
+    if not evaluates or envpin.folders(sys.executable)[0] == envpin.folders(training_python)[0]:
         return {}
     return envpin.take(sys.executable, walk) or {}
+
+
+def _packages(training_python: str, evaluates: bool, pinned: dict | None = None) -> tuple[str, ...]:
+    """The interpreters whose packages the source pin covers: the training's, and the server's where the
+    harness's evaluator imports from it (or a pin taken before this rule holds them)."""
+    server_site = tuple(folder + os.sep for folder in envpin.folders(sys.executable)[0])
+    held = any(path.startswith(server_site) for path in pinned or ())
+    return (training_python, sys.executable) if evaluates or held else (training_python,)
 
 
 def _environment_pin(core: LoopCore, walk: envpin.Walk | None = None) -> dict | None:
