@@ -10,7 +10,7 @@ import pytest
 from mcp import Client
 
 from mcp_server.server import build_server
-from server_support import answer, error, ledger_lines, set_knobs
+from server_support import FAKE_PYTHON, answer, error, ledger_lines, set_knobs
 
 
 def noisy_lab(fake_env, noise: float):
@@ -361,7 +361,9 @@ def test_a_confirmation_cannot_run_beside_one_of_the_same_code_whose_run_was_dis
                     calls["confirm"] = await client.call_tool("confirm", {"run": 2})  # runs 4, 5 on order 1
                 async with anyio.create_task_group() as tasks:
                     tasks.start_soon(first)
-                    while "run 5" not in (answer(await client.call_tool("status", {})).get("running") or ""):
+                    def measuring(running: str) -> bool:  # the control (run 4) has ended, the candidate's trains
+                        return "run 5" in running and "run 4" not in running
+                    while not measuring(answer(await client.call_tool("status", {})).get("running") or ""):
                         await anyio.sleep(0.1)
                     answer(await client.call_tool("discard", {"run": 2}))
                     calls["again"] = await client.call_tool("confirm", {"run": 3})
@@ -552,7 +554,7 @@ def test_the_replay_benchmark_finds_a_false_keep(tmp_path, repo_root):
     rows = "".join(f"{c}\t{v:.6f}\t2.0\tkeep\tkept {v}\n" for c, v in chain)
     (ws / "results.tsv").write_text("commit\tval_bpb\tmemory_gb\tstatus\tdescription\n" + rows)
     done = subprocess.run([sys.executable, str(repo_root / "bench" / "bench_replay.py"), str(ws), "--pairs", "2",
-                           "--command", f"{sys.executable} fake_train.py", "--plot", str(tmp_path / "replay.png")],
+                           "--command", f"{FAKE_PYTHON} fake_train.py", "--plot", str(tmp_path / "replay.png")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
@@ -562,12 +564,12 @@ def test_the_replay_benchmark_finds_a_false_keep(tmp_path, repo_root):
     assert (tmp_path / "replay.png").read_bytes()[:4] == b"\x89PNG"
     # on data orders 3 and 4 (the flops clock's way to replay on unseen data) it holds: 0.86, 0.83 vs 0.9
     done = subprocess.run([sys.executable, str(repo_root / "bench" / "bench_replay.py"), str(ws), "--pairs", "2",
-                           "--data-order", "3", "--command", f"{sys.executable} fake_train.py", "--plot",
+                           "--data-order", "3", "--command", f"{FAKE_PYTHON} fake_train.py", "--plot",
                            str(tmp_path / "replay.png")], capture_output=True, text=True, timeout=300)
     assert "false keeps: 0 of 2" in done.stdout and "-0.0400, -0.0700" in done.stdout, done.stdout + done.stderr
     # orders 1 to 3: 0.92, 0.89, 0.86 against 0.9: one pair lost, but better on average
     done = subprocess.run([sys.executable, str(repo_root / "bench" / "bench_replay.py"), str(ws), "--pairs", "3",
-                           "--data-order", "1", "--command", f"{sys.executable} fake_train.py", "--plot",
+                           "--data-order", "1", "--command", f"{FAKE_PYTHON} fake_train.py", "--plot",
                            str(tmp_path / "replay.png")], capture_output=True, text=True, timeout=300)
     last = next(line for line in done.stdout.splitlines() if line.startswith(chain[2][0]))
     assert "+0.0200, -0.0100, -0.0400" in last and " 2/3 " in last and "-0.0100" in last.split("/3")[1], last

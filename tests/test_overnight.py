@@ -19,7 +19,7 @@ from mcp import Client
 from mcp_server.core import limits
 from mcp_server.server import build_server
 from plugin_support import (REPO, TOOL_PREFIX, ScriptedAgent, claude_env, install_claude_cli, uv_link_mode)
-from server_support import (Webhook, git, ledger_lines, make_workspace, pid_alive, processes_in, set_knobs,
+from server_support import (FAKE_PYTHON, Webhook, git, ledger_lines, make_workspace, pid_alive, processes_in, set_knobs,
                             wait_until)
 
 HOOK = REPO / "hooks" / "research_loop_hook.py"
@@ -209,7 +209,7 @@ def plugin_clone(tmp_path_factory) -> Path:
 def session_env(tmp_path, plugin_clone, fake_env):
     env = claude_env(tmp_path / "claude-home") | uv_link_mode(plugin_clone)
     return env | {"AUTORESEARCH_CACHE": str(fake_env / "cache"),
-                  "RESEARCH_LOOP_TRAIN_COMMAND": f"{sys.executable} fake_train.py"}
+                  "RESEARCH_LOOP_TRAIN_COMMAND": f"{FAKE_PYTHON} fake_train.py"}
 
 
 def session(claude, plugin, workspace, env, prompt, steps) -> tuple[ScriptedAgent, subprocess.CompletedProcess]:
