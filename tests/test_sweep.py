@@ -65,8 +65,8 @@ def test_a_sweep_runs_its_trials_as_candidates_side_by_side_and_holds_the_best(f
     assert all(r[3] == "discard" and r[4].startswith("sweep trial ") and f" of study {key}: STEPS=" in r[4]
                and ("(a sweep trial, not better than the best 1.000000)" in r[4] or "did better)" in r[4]) for r in rows)
     assert (lab.ws / ".research-loop" / "optuna.db").is_file()
-    # progress notifications all along, growing, naming the sweep
-    assert len(seen) >= 5 and all(b[0] > a[0] for a, b in zip(seen, seen[1:])), seen
+    # progress notifications all along, growing, naming the sweep (two trials that end together are told as one)
+    assert len(seen) >= 3 and seen[-1][0] == 100.0 and all(b[0] > a[0] for a, b in zip(seen, seen[1:])), seen
     assert all(message.startswith("sweep: ") for _, message in seen) and seen[-1][0] <= 100.0
 
     # the held best goes through the ordinary keep (no noise measured: kept as it is)
