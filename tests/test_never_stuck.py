@@ -9,6 +9,7 @@ import pytest
 
 from mcp_server.core.ledger import MAX_DESCRIPTION
 from mcp_server.core.limits import STOPPED_EARLY
+from mcp_server.phases.results import MAX_PROGRAM_BYTES
 from server_support import (
     Lab, answer, exporting_workspace, git, ledger_lines, make_workspace, processes_in, set_knobs, slot_dir, wait_until,
 )
@@ -42,6 +43,17 @@ def test_long_descriptions_notes_and_markers_always_fit_the_ledger(lab):
     row = lab.ok("discard")["row"]
     assert row["description"].endswith("... (interrupted)") and len(row["description"]) == MAX_DESCRIPTION
     assert all(len(line.split("\t")) == 5 for line in ledger_lines(lab.ws))
+
+
+def test_a_train_py_too_big_to_compare_at_every_answer_is_refused_before_it_runs(lab):
+    """Found by review 80: every answer compares the undecided runs' train.py with their best's as programs, 17 s a
+    call for a 6 MB one. A train.py over MAX_PROGRAM_BYTES is refused with the fix, and nothing is queued."""
+    lab.baseline()
+    head = lab.head()
+    (lab.ws / "train.py").write_text("VAL_BPB = 0.5\n# " + "x" * MAX_PROGRAM_BYTES + "\n")
+    refusal = lab.refused("run_experiment", description="a table in train.py")
+    assert "more than the 1 MiB a run takes" in refusal and f"git checkout {head[:7]} -- train.py" in refusal, refusal
+    assert lab.head() == head and len(ledger_lines(lab.ws)) == 2 and not lab.ok("status").get("running")
 
 
 # --- the ledger and the branch always agree ---------------------------------------------------

@@ -20,6 +20,10 @@ from mcp_server.core.models import Refusal, Row, RunResult
 from mcp_server.phases.runs import LOG_TAIL_BYTES, RUN_LOG, LoopCore
 from mcp_server.core.workspace import budget_clock, prepared_info, time_budget
 
+# the most train.py a run takes (upstream's is about 25 kB): each answer parses the undecided runs' train.py and
+# their best's to compare them as programs (same_program), 17 s a call for a 6 MB one (review 80)
+MAX_PROGRAM_BYTES = 1 << 20
+
 # MFU of a run against its best's run: beyond this share apart, the machine's speed may explain the
 # delta (on a 2-core CPU, one busy process beside a wall-clock run cost it 35% of its steps)
 THROUGHPUT_TOLERANCE = 0.15
@@ -334,9 +338,12 @@ def _measured_keeps(core: LoopCore, parent: str) -> list[Row]:
 
 
 def same_program(a: bytes, b: bytes) -> bool:
-    """Whether two train.py sources are one program: the same bytes, or the same syntax tree."""
+    """Whether two train.py sources are one program: the same bytes, or the same syntax tree (compared only
+    up to MAX_PROGRAM_BYTES: every answer compares the undecided runs' with their best's)."""
     if a == b:
         return True
+    if max(len(a), len(b)) > MAX_PROGRAM_BYTES:
+        return False
     try:
         return ast.dump(ast.parse(a)) == ast.dump(ast.parse(b))
     except (SyntaxError, ValueError, RecursionError, MemoryError):
