@@ -56,6 +56,25 @@ def test_a_train_py_too_big_to_compare_at_every_answer_is_refused_before_it_runs
     assert lab.head() == head and len(ledger_lines(lab.ws)) == 2 and not lab.ok("status").get("running")
 
 
+@pytest.mark.parametrize("padding", [b"# " + b"x" * MAX_PROGRAM_BYTES + b"\n", b"# \x00\n"],
+                         ids=["over-1-MiB", "a-null-byte"])
+def test_a_best_the_program_comparison_cannot_read_is_not_logged_by_hand(lab, padding):
+    """Review 81: review 79's rule (a rerun of the best's own program is no change, however its best was logged) reads
+    both train.py as programs, and a best it cannot read escaped it. The baseline's train.py with a comment of over
+    1 MiB (the comparison's cap since review 80), or with a null byte in a comment (no Python, never run),
+    committed and logged as a keep by hand, was a best same_program could not read: the baseline's program run again
+    (rerun=true) was no "no change" but a candidate against the number logged by hand, a second draw of one program
+    sent to confirm's one pair (a coin flip). A keep logged by hand must be a train.py the comparison reads."""
+    lab.baseline()
+    kept, lines = lab.loop.state.load()["kept_commit"], ledger_lines(lab.ws)
+    (lab.ws / "train.py").write_bytes(b"VAL_BPB = 1.0\n" + padding)
+    git(lab.ws, "commit", "-qam", "the baseline, noted by hand")
+    refused = lab.refused("log_result", commit=lab.head(), val_bpb=1.0, memory_gb=0.0, status="keep",
+                          description="noted by hand")
+    assert "could not be told from a change to it" in refused and "Log it as a discard" in refused, refused
+    assert (ledger_lines(lab.ws), lab.loop.state.load()["kept_commit"]) == (lines, kept)
+
+
 # --- the ledger and the branch always agree ---------------------------------------------------
 def test_log_result_cannot_plant_rows_for_the_servers_runs_the_branch_or_main(lab):
     lab.baseline()

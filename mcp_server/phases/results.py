@@ -350,6 +350,18 @@ def same_program(a: bytes, b: bytes) -> bool:
         return False
 
 
+def unreadable_program(source: bytes) -> str | None:
+    """Why same_program cannot read a train.py as a program, or None. A best it cannot read makes a rerun of the
+    best's own program a candidate again (review 81: logged as a keep by hand with a comment over the cap)."""
+    if len(source) > MAX_PROGRAM_BYTES:
+        return f"is {len(source) / 2**20:.1f} MiB, more than the {MAX_PROGRAM_BYTES >> 20} MiB a run takes"
+    try:
+        ast.parse(source)
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
+        return f"is no Python ({type(exc).__name__}: {str(exc)[:120]})"
+    return None
+
+
 def worker_warnings(report: dict) -> list[str]:
     warnings = []
     if report.get("stray_processes"):
