@@ -12,6 +12,7 @@ import ast
 import io
 import math
 import shutil
+import sys
 from pathlib import Path
 
 from mcp_server.core import integrity, ledger, limits, logparse, noise
@@ -358,7 +359,8 @@ def unreadable_program(source: bytes) -> str | None:
     try:
         ast.parse(source)
     except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
-        return f"is no Python ({type(exc).__name__}: {str(exc)[:120]})"
+        version = f"{sys.version_info[0]}.{sys.version_info[1]}"  # the server's: a newer syntax is no program to it
+        return f"does not parse as Python {version} ({type(exc).__name__}: {str(exc)[:120]})"
     return None
 
 
