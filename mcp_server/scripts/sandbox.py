@@ -91,7 +91,8 @@ def usable() -> tuple[str | None, str | None, str]:
     if not found:
         return None, None, "bubblewrap (bwrap) is not installed"
     # the interpreter's environment shown again: it may live under /tmp, which the sandbox replaces
-    problem = _probe(tuple(bwrap_argv(found, [sys.executable, *PROBE_FLAGS, "-c", ""], {"readonly": [sys.prefix]}, "/")))
+    probe = [sys.executable, *PROBE_FLAGS, "-c", ""]
+    problem = _probe(tuple(bwrap_argv(found, probe, {"readonly": [sys.prefix]}, "/")))
     if problem is None:
         return BUBBLEWRAP, found, ""
     return None, None, (f"bubblewrap ({found}) is installed but cannot run here ({problem}): it needs unprivileged "
