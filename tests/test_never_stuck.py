@@ -9,6 +9,7 @@ import pytest
 
 from mcp_server.core.ledger import MAX_DESCRIPTION
 from mcp_server.core.limits import STOPPED_EARLY
+from mcp_server.phases.results import MAX_PROGRAM_BYTES
 from server_support import (
     Lab, answer, exporting_workspace, git, ledger_lines, make_workspace, processes_in, set_knobs, slot_dir, wait_until,
 )
@@ -42,6 +43,36 @@ def test_long_descriptions_notes_and_markers_always_fit_the_ledger(lab):
     row = lab.ok("discard")["row"]
     assert row["description"].endswith("... (interrupted)") and len(row["description"]) == MAX_DESCRIPTION
     assert all(len(line.split("\t")) == 5 for line in ledger_lines(lab.ws))
+
+
+def test_a_train_py_too_big_to_compare_at_every_answer_is_refused_before_it_runs(lab):
+    """Found by review 80: every answer compares the undecided runs' train.py with their best's as programs, 17 s a
+    call for a 6 MB one. A train.py over MAX_PROGRAM_BYTES is refused with the fix, and nothing is queued."""
+    lab.baseline()
+    head = lab.head()
+    (lab.ws / "train.py").write_text("VAL_BPB = 0.5\n# " + "x" * MAX_PROGRAM_BYTES + "\n")
+    refusal = lab.refused("run_experiment", description="a table in train.py")
+    assert "more than the 1 MiB a run takes" in refusal and f"git checkout {head[:7]} -- train.py" in refusal, refusal
+    assert lab.head() == head and len(ledger_lines(lab.ws)) == 2 and not lab.ok("status").get("running")
+
+
+@pytest.mark.parametrize("padding", [b"# " + b"x" * MAX_PROGRAM_BYTES + b"\n", b"# \x00\n"],
+                         ids=["over-1-MiB", "a-null-byte"])
+def test_a_best_the_program_comparison_cannot_read_is_not_logged_by_hand(lab, padding):
+    """Review 81: review 79's rule (a rerun of the best's own program is no change, however its best was logged) reads
+    both train.py as programs, and a best it cannot read escaped it. The baseline's train.py with a comment of over
+    1 MiB (the comparison's cap since review 80), or with a null byte in a comment (no Python, never run),
+    committed and logged as a keep by hand, was a best same_program could not read: the baseline's program run again
+    (rerun=true) was no "no change" but a candidate against the number logged by hand, a second draw of one program
+    sent to confirm's one pair (a coin flip). A keep logged by hand must be a train.py the comparison reads."""
+    lab.baseline()
+    kept, lines = lab.loop.state.load()["kept_commit"], ledger_lines(lab.ws)
+    (lab.ws / "train.py").write_bytes(b"VAL_BPB = 1.0\n" + padding)
+    git(lab.ws, "commit", "-qam", "the baseline, noted by hand")
+    refused = lab.refused("log_result", commit=lab.head(), val_bpb=1.0, memory_gb=0.0, status="keep",
+                          description="noted by hand")
+    assert "could not be told from a change to it" in refused and "Log it as a discard" in refused, refused
+    assert (ledger_lines(lab.ws), lab.loop.state.load()["kept_commit"]) == (lines, kept)
 
 
 # --- the ledger and the branch always agree ---------------------------------------------------

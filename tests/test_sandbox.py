@@ -12,6 +12,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -633,3 +634,26 @@ def test_a_runtime_folder_in_tmp_leaves_the_runs_home_and_export_folder(bubblewr
     ran = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert ran.stdout == "True True\n", (ran.stdout, ran.stderr)
     assert "/tmp" not in sandbox.runtime_folders()
+
+
+def test_a_pth_planted_in_the_servers_environment_unsandboxes_no_run(fake_env, bubblewrap, monkeypatch):
+    """Review 81: stop 49 pins the server's own packages only where the harness evaluates exports, since a run's worker
+    runs without site (-S: "a .pth planted there runs nowhere"). But the worker's check that bubblewrap runs
+    (sandbox.usable) started the server's interpreter in it with site, so a .pth planted in the server's site-packages
+    (pinned by nothing with upstream's harness, and planted before the run's window) ran in every worker. One that
+    failed that check made the worker find no sandbox: with the user's opt-in (runs without a sandbox where none can
+    run), every run then trained unsandboxed on a machine that has one, where the validation data and the records
+    are not hidden from it. The check starts the interpreter without site now."""
+    assert sandbox.usable()[0] == sandbox.BUBBLEWRAP  # this process's own answer, found before the plant
+    planted = Path(sysconfig.get_paths()["purelib"]) / "zz-review81.pth"
+    monkeypatch.setenv("REVIEW81_PLANTED", "1")  # the plant acts in this test's processes only
+    lab = Lab(make_workspace(fake_env))  # the opt-in, as in the tests' servers
+    try:
+        lab.ok("setup", tag="planted")
+        planted.write_text('import os; os.environ.get("REVIEW81_PLANTED") and os.getpid() < 5 and os._exit(7)\n')
+        set_knobs(lab.ws, VAL_BPB=0.5)
+        result = lab.ok("run_experiment", description="an idea")
+    finally:
+        planted.unlink(missing_ok=True)
+        lab.loop.shutdown()
+    assert result["val_bpb"] == 0.5 and not result.get("unsandboxed"), result

@@ -659,3 +659,16 @@ def test_a_run_the_server_cannot_record_is_still_a_discardable_crash(lab):
     (lab.ws / "runs").unlink()
     assert lab.ok("discard")["row"]["status"] == "crash"
     assert lab.ok("run_experiment", description="recorded again", rerun=True)["status"] == "ok"
+
+
+def test_a_summary_whose_whole_numbers_are_fractions_fails_no_answer(lab):
+    """Review 81: a summary's value that is no number is left out (it is train.py's print, or anyone's in run.log), but
+    one of a whole-number field printed as a fraction (`num_steps: 2.5`, `depth: 1e999`) failed the model of a
+    summary, and with it read_metrics: an internal error for run.log written by hand, and for a recorded run's log
+    for good (its result said only that the server could not record the run). Such a field is left out too."""
+    lab.baseline()
+    (lab.ws / "run.log").write_text("---\nval_bpb:          0.900000\nnum_steps:        2.5\ndepth:            1e999\n"
+                                    "training_seconds: 1.0\n")
+    summary = lab.ok("read_metrics")["summary"]
+    assert summary["val_bpb"] == 0.9 and summary["training_seconds"] == 1.0, summary
+    assert summary.get("num_steps") is None and summary.get("depth") is None, summary

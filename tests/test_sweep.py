@@ -420,12 +420,9 @@ def test_a_best_the_harness_did_not_measure_is_no_base_for_a_sweep(fake_env):
     assert ledger_lines(lab.ws) == rows and not (lab.ws / ".research-loop" / "optuna.db").exists()
 
 
-def test_a_study_store_that_breaks_in_the_middle_of_a_sweep_leaves_no_run_unexplained(fake_env):
-    """Review 78's leftover: .research-loop/optuna.db overwritten with other bytes while two trials trained. The first
-    trial's end could not be told to the study, which stopped the clean-up halfway: that trial was neither discarded
-    nor held, the other one trained on and stayed pending, and the call ended on an internal error. Now the sweep
-    asks no more trials, follows the one in flight to its end, decides every run it started (or holds the one that
-    beats the best, named), and ends with a tool error that says what broke and how to start a new study."""
+def break_the_store_mid_sweep(fake_env, overwrite) -> str:
+    """A sweep of two trials side by side whose store is overwritten in place (overwrite(file)) once both train; the
+    call's error message, once every run it started is checked decided or held and named."""
     lab = sweep_lab(fake_env, train=FAKE_TRAIN.replace("SLEEP = 0.6", "SLEEP = 3"))
     store = lab.ws / ".research-loop" / "optuna.db"
     answers = []
@@ -441,7 +438,7 @@ def test_a_study_store_that_breaks_in_the_middle_of_a_sweep_leaves_no_run_unexpl
                     while sum(e["status"] == "running" for e in (lab.loop.state.load().get("runs") or {}).values()) < 2:
                         await anyio.sleep(0.05)
                 with open(store, "r+b") as f:  # in place: the sweep's open connection reads these bytes
-                    f.write(b"not a database " * (store.stat().st_size // 15 + 1))
+                    overwrite(f, store.stat().st_size)
             async with anyio.create_task_group() as calls:
                 calls.start_soon(sweep)
                 calls.start_soon(break_the_store)
@@ -462,3 +459,28 @@ def test_a_study_store_that_breaks_in_the_middle_of_a_sweep_leaves_no_run_unexpl
                     [e["description"].split(" of study")[0] for e in pending])
     assert trials == ["sweep trial 0", "sweep trial 1"], trials  # both runs it started: decided, or held and named
     assert "Nothing was lost" in message, message
+    return message
+
+
+def test_a_study_store_that_breaks_in_the_middle_of_a_sweep_leaves_no_run_unexplained(fake_env):
+    """Review 78's leftover: .research-loop/optuna.db overwritten with other bytes while two trials trained. The first
+    trial's end could not be told to the study, which stopped the clean-up halfway: that trial was neither discarded
+    nor held, the other one trained on and stayed pending, and the call ended on an internal error. Now the sweep
+    asks no more trials, follows the one in flight to its end, decides every run it started (or holds the one that
+    beats the best, named), and ends with a tool error that says what broke and how to start a new study."""
+    break_the_store_mid_sweep(fake_env, lambda f, size: f.write(b"not a database " * (size // 15 + 1)))
+
+
+def test_a_study_store_swapped_for_another_study_in_the_middle_of_a_sweep_leaves_no_run_unexplained(fake_env, tmp_path):
+    """Review 81: review 78's mend caught what a store of other bytes raises (sqlite's errors), but the agent may
+    overwrite it with another Optuna store (a copy from before this sweep, or another study's): a database Optuna
+    reads, which holds no record of the trials in flight. Optuna raised KeyError ("Record does not exist"), which
+    stopped the clean-up halfway as before: a trial left pending, unnamed, and the call an internal error."""
+    import optuna
+    other = tmp_path / "another.db"
+    optuna.create_study(storage=f"sqlite:///{other}", study_name="another")
+
+    def overwrite(f, size):
+        f.write(other.read_bytes())
+        f.truncate()
+    assert "Record does not exist" in break_the_store_mid_sweep(fake_env, overwrite)

@@ -9,6 +9,8 @@ import os
 import re
 import stat
 
+from pydantic import ValidationError
+
 from mcp_server.core.models import Progress, Summary
 
 PROGRESS_RE = re.compile(
@@ -34,7 +36,12 @@ def parse_summary(text: str) -> Summary | None:
             values[key.strip()] = value.strip() if key.strip() in TEXT_FIELDS else _number(value.strip())
     if "val_bpb" not in values:
         return None
-    return Summary(**{k: v for k, v in values.items() if v is not None})
+    values = {k: v for k, v in values.items() if v is not None}
+    try:
+        return Summary(**values)
+    except ValidationError as exc:  # a whole number printed as a fraction (num_steps: 2.5): left out, as text is
+        refused = {error["loc"][0] for error in exc.errors()}
+        return Summary(**{k: v for k, v in values.items() if k not in refused})
 
 
 def _number(text: str) -> float | int | None:

@@ -17,7 +17,7 @@ from mcp_server.phases.dispatch import dispatch, require_owner
 from mcp_server.executors.executor import read_report
 from mcp_server.core.models import CancelResult, DecisionResult, LoggedRow, Refusal, Row, RunResult, StopResult
 from mcp_server.phases import overview
-from mcp_server.phases.results import confirmation_needed, no_change, result_of
+from mcp_server.phases.results import confirmation_needed, no_change, result_of, unreadable_program
 from mcp_server.phases.runs import IN_FLIGHT, UNDECIDED, LoopCore
 from mcp_server.phases.submit import submit
 from mcp_server.core.workspace import EDITABLE, PROTECTED_BRANCHES, RUN_REF_PREFIX, validate_commit_arg
@@ -431,3 +431,11 @@ def _check_external_keep(core: LoopCore, state: dict, full: str, tip: str | None
     changed = [p for p in core.ws.repo.git.diff("--name-only", kept, full).splitlines() if p != EDITABLE]
     if changed:
         raise Refusal(f"Commit {full[:7]} changes {', '.join(changed)}, not only train.py: it cannot be kept.")
+    try:
+        problem = unreadable_program(core.ws.train_at(full))
+    except KeyError:  # no train.py: refused or failed further on, as before
+        problem = None
+    if problem:
+        raise Refusal(f"Commit {full[:7]}'s train.py {problem}: as the best, a rerun of its program could not be told "
+                      "from a change to it (a second draw of one program). Log it as a discard, or commit a train.py a "
+                      "run takes.")

@@ -12,6 +12,7 @@ import ast
 import io
 import math
 import shutil
+import sys
 from pathlib import Path
 
 from mcp_server.core import integrity, ledger, limits, logparse, noise
@@ -19,6 +20,10 @@ from mcp_server.scripts import sandbox
 from mcp_server.core.models import Refusal, Row, RunResult
 from mcp_server.phases.runs import LOG_TAIL_BYTES, RUN_LOG, LoopCore
 from mcp_server.core.workspace import budget_clock, prepared_info, time_budget
+
+# the most train.py a run takes (upstream's is about 25 kB): each answer parses the undecided runs' train.py and
+# their best's to compare them as programs (same_program), 17 s a call for a 6 MB one (review 80)
+MAX_PROGRAM_BYTES = 1 << 20
 
 # MFU of a run against its best's run: beyond this share apart, the machine's speed may explain the
 # delta (on a 2-core CPU, one busy process beside a wall-clock run cost it 35% of its steps)
@@ -334,13 +339,29 @@ def _measured_keeps(core: LoopCore, parent: str) -> list[Row]:
 
 
 def same_program(a: bytes, b: bytes) -> bool:
-    """Whether two train.py sources are one program: the same bytes, or the same syntax tree."""
+    """Whether two train.py sources are one program: the same bytes, or the same syntax tree (compared only
+    up to MAX_PROGRAM_BYTES: every answer compares the undecided runs' with their best's)."""
     if a == b:
         return True
+    if max(len(a), len(b)) > MAX_PROGRAM_BYTES:
+        return False
     try:
         return ast.dump(ast.parse(a)) == ast.dump(ast.parse(b))
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return False
+
+
+def unreadable_program(source: bytes) -> str | None:
+    """Why same_program cannot read a train.py as a program, or None. A best it cannot read makes a rerun of the
+    best's own program a candidate again (review 81: logged as a keep by hand with a comment over the cap)."""
+    if len(source) > MAX_PROGRAM_BYTES:
+        return f"is {len(source) / 2**20:.1f} MiB, more than the {MAX_PROGRAM_BYTES >> 20} MiB a run takes"
+    try:
+        ast.parse(source)
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
+        version = f"{sys.version_info[0]}.{sys.version_info[1]}"  # the server's: a newer syntax is no program to it
+        return f"does not parse as Python {version} ({type(exc).__name__}: {str(exc)[:120]})"
+    return None
 
 
 def worker_warnings(report: dict) -> list[str]:

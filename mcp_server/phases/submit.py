@@ -16,6 +16,7 @@ from mcp_server.phases import early_stop, measurements, novelty
 from mcp_server.core import budget_settings, envpin, history, integrity, ledger, limits
 from mcp_server.phases.dispatch import dispatch, require_owner, run_command
 from mcp_server.core.models import Refusal, SetupResult
+from mcp_server.phases.results import MAX_PROGRAM_BYTES
 from mcp_server.phases.runs import RUNS_DIR, UNDECIDED, LoopCore, run_name
 from mcp_server.core.workspace import (BRANCH_PREFIX, EDITABLE, RUN_REF_PREFIX, cache_dir, prepared_info, timeout_for,
                                        validate_tag)
@@ -333,7 +334,12 @@ def _checked_working_train(core: LoopCore, state: dict) -> bytes:
     if not core.ws.train_is_regular_file():
         raise Refusal("train.py is not a regular file (a symlink or missing): write the code into "
                       f"train.py itself (git checkout {kept[:7]} -- train.py restores it).")
-    return core.ws.working_train()
+    source = core.ws.working_train()
+    if len(source) > MAX_PROGRAM_BYTES:
+        raise Refusal(f"train.py is {len(source) / 2**20:.1f} MiB, more than the {MAX_PROGRAM_BYTES >> 20} MiB a run "
+                      "takes (upstream's is about 25 kB): keep large tables and weights out of the one file the loop "
+                      f"diffs and compares, or `git checkout {kept[:7]} -- train.py`. No run was queued.")
+    return source
 
 
 def _new_candidate(core: LoopCore, n: int, parent: str, source: bytes, description: str, parent_note: str) -> str:

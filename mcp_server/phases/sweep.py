@@ -300,7 +300,9 @@ class Sweep:
         from sqlalchemy.exc import SQLAlchemyError
         try:
             yield
-        except (StorageInternalError, SQLAlchemyError) as exc:
+        except Exception as exc:  # review 81: another Optuna store raised KeyError, this module's errors go on
+            if not (isinstance(exc, (StorageInternalError, SQLAlchemyError)) or raised_in_optuna(exc)):
+                raise
             while exc.__cause__ is not None:  # Optuna's words are generic; sqlite's name what broke
                 exc = exc.__cause__
             self.broken = self.broken or (str(exc).splitlines() or [type(exc).__name__])[0][:200]
@@ -479,6 +481,16 @@ class Progress:
         text = f"sweep: {s.done}/{s.trials} trials done{best}" + (f" | {message}" if message else "")
         await self.ctx.report_progress(value, 100.0, text)
         self.last = value
+
+
+def raised_in_optuna(exc: BaseException) -> bool:
+    """Whether Optuna's own code raised exc: its storage's KeyError or ValueError for a record the store does not hold,
+    its UpdateFinishedTrialError for a trial the store holds finished (a store overwritten with another study's or an
+    older copy), as opposed to an error of the sweep's own code (a refusal of a trial's run)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_globals.get("__name__", "").startswith("optuna")
 
 
 async def run(sweep: Sweep, follow, ctx) -> SweepResult:
