@@ -197,11 +197,14 @@ def submit(core: LoopCore, description: str, timeout_seconds: float | None = Non
             raise Refusal(_decide_first(core, undecided))
         kept = state["kept_commit"]
         tried = novelty.Found(None, None)
-        if source is None:
-            source = _checked_working_train(core, state)
-            tried = novelty.check(core, state, source, rerun)
-        elif novel:
-            tried = novelty.check(core, state, source, False)
+        from_tree = source is None
+        source = _checked_working_train(core, state) if from_tree else source
+        if len(source) > MAX_PROGRAM_BYTES:  # the working tree's, a sweep trial's or a reapply's
+            raise Refusal(f"train.py is {len(source) / 2**20:.1f} MiB, more than the {MAX_PROGRAM_BYTES >> 20} MiB a "
+                          "run takes (upstream's is about 25 kB): keep large tables and weights out of the one file "
+                          f"the loop diffs and compares, or `git checkout {kept[:7]} -- train.py`. No run was queued.")
+        if from_tree or novel:  # a sweep's trial is an ordinary candidate
+            tried = novelty.check(core, state, source, rerun if from_tree else False)
         core.check_branch_holds_best(state)
         record = integrity.checked_record(state)
         integrity.check_pins(state.get("input_pins"))  # before anything is committed; dispatch checks again
@@ -334,12 +337,7 @@ def _checked_working_train(core: LoopCore, state: dict) -> bytes:
     if not core.ws.train_is_regular_file():
         raise Refusal("train.py is not a regular file (a symlink or missing): write the code into "
                       f"train.py itself (git checkout {kept[:7]} -- train.py restores it).")
-    source = core.ws.working_train()
-    if len(source) > MAX_PROGRAM_BYTES:
-        raise Refusal(f"train.py is {len(source) / 2**20:.1f} MiB, more than the {MAX_PROGRAM_BYTES >> 20} MiB a run "
-                      "takes (upstream's is about 25 kB): keep large tables and weights out of the one file the loop "
-                      f"diffs and compares, or `git checkout {kept[:7]} -- train.py`. No run was queued.")
-    return source
+    return core.ws.working_train()
 
 
 def _new_candidate(core: LoopCore, n: int, parent: str, source: bytes, description: str, parent_note: str) -> str:
