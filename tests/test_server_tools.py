@@ -196,7 +196,9 @@ def test_second_run_while_one_runs_queues_and_live_metrics_show_progress(lab):
     status = lab.ok("status")
     assert status["running"] and "another" in status["queued"]
     first = lab.ok("wait")
-    assert [r["val_bpb"] for r in first["results"]] == [0.95] and first["running"] == 1
+    # the queued run takes the slot as the first one's result is recorded: a wait that reads the state in between
+    # finds it still queued (seen once in CI)
+    assert [r["val_bpb"] for r in first["results"]] == [0.95] and first["running"] + first["queued"] == 1
     assert lab.ok("keep", run=started["run"])["row"]["val_bpb"] == 0.95
     second = lab.ok("wait")
     assert [r["val_bpb"] for r in second["results"]] == [0.97]
