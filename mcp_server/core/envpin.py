@@ -239,7 +239,7 @@ def source_folders(python: str, packages=None) -> tuple[str, ...]:
     """The folders of an interpreter whose sources the pin covers: its standard library's, and its site
     folders where packages (the interpreters whose packages are imported by what the server runs) is None
     or holds it. The server's own packages are imported only by the harness's evaluator: a worker runs
-    without site (executors/executor.py WORKER_FLAGS)."""
+    without site (scripts/sandbox.py NO_SITE)."""
     site, path = folders(python)
     return (site if packages is None or python in packages else ()) + path
 

@@ -45,12 +45,10 @@ from mcp_server.executors import bytecode
 from mcp_server.core.workspace import EDITABLE, cache_dir
 from mcp_server.core.state import process_start_time
 from mcp_server.scripts.harness_eval import WARM_ENV, WarmEvaluator, on_this_device
+from mcp_server.scripts import sandbox
 from mcp_server.scripts.worker import REPORT_DIGEST_MARK, write_report
 
 WORKER = Path(__file__).resolve().parent.parent / "scripts" / "worker.py"
-# the worker (standard library only) runs without site: no .pth or sitecustomize of the server's environment
-# runs in it, so that environment is pinned only where the harness's evaluator imports from it (phases/submit.py)
-WORKER_FLAGS = ("-S",)
 WORKER_GRACE_SECONDS = 30  # beyond the worker's own timeout and grace: the server's safety net
 SLOTS_ENV = "RESEARCH_LOOP_SLOTS"
 WARM_START_ENV = "RESEARCH_LOOP_WARM_START"  # "0": every run's interpreter starts cold (bench/bench_startup.py)
@@ -206,7 +204,7 @@ class LocalPool:
             args += ["--trusted-import"] + (["--bytecode-fd", str(archive)] if archive is not None else [])
             fds += [archive] if archive is not None else []
         with open(spec.log, "ab") as log:
-            proc = with_socket_stdin([sys.executable, *WORKER_FLAGS, str(WORKER), *args, "--", *spec.command], cwd=cwd, env=env,
+            proc = with_socket_stdin([*worker_argv(), *args, "--", *spec.command], cwd=cwd, env=env,
                                      stdout=subprocess.DEVNULL, stderr=log, start_new_session=True, pass_fds=fds)
         send_files(proc, spec)
         return proc
@@ -262,7 +260,7 @@ class LocalPool:
         archived = ["--bytecode-fd", str(archive)] if archive is not None else []
         fds = [f for f in (warm.fileno() if warm is not None else None, archive) if f is not None]
         try:
-            proc = with_socket_stdin([sys.executable, *WORKER_FLAGS, str(WORKER), "--warm", *options, *archived, "--", *spec.command],
+            proc = with_socket_stdin([*worker_argv(), "--warm", *options, *archived, "--", *spec.command],
                                      cwd=cwd, env={k: v for k, v in env.items() if k not in PER_RUN_ENV},
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True, pass_fds=fds)
@@ -581,6 +579,11 @@ def read_report(path: Path) -> dict | None:
     except (OSError, ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         return None
     return report if isinstance(report, dict) else None
+
+
+def worker_argv() -> list[str]:
+    """The worker (standard library only) on the server's interpreter, without site (sandbox.NO_SITE)."""
+    return [sys.executable, *sandbox.NO_SITE, str(WORKER)]
 
 
 def training_env(workspace: Path) -> dict:

@@ -351,11 +351,18 @@ def same_program(a: bytes, b: bytes) -> bool:
         return False
 
 
+def oversized(source: bytes) -> str | None:
+    """Why a train.py is too big for a run (over MAX_PROGRAM_BYTES), or None."""
+    if len(source) > MAX_PROGRAM_BYTES:
+        return f"is {len(source) / 2**20:.1f} MiB, more than the {MAX_PROGRAM_BYTES >> 20} MiB a run takes"
+    return None
+
+
 def unreadable_program(source: bytes) -> str | None:
     """Why same_program cannot read a train.py as a program, or None. A best it cannot read makes a rerun of the
     best's own program a candidate again (review 81: logged as a keep by hand with a comment over the cap)."""
-    if len(source) > MAX_PROGRAM_BYTES:
-        return f"is {len(source) / 2**20:.1f} MiB, more than the {MAX_PROGRAM_BYTES >> 20} MiB a run takes"
+    if too_big := oversized(source):
+        return too_big
     try:
         ast.parse(source)
     except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:

@@ -16,7 +16,7 @@ from mcp_server.phases import early_stop, measurements, novelty
 from mcp_server.core import budget_settings, envpin, history, integrity, ledger, limits
 from mcp_server.phases.dispatch import dispatch, require_owner, run_command
 from mcp_server.core.models import Refusal, SetupResult
-from mcp_server.phases.results import MAX_PROGRAM_BYTES
+from mcp_server.phases.results import oversized
 from mcp_server.phases.runs import RUNS_DIR, UNDECIDED, LoopCore, run_name
 from mcp_server.core.workspace import (BRANCH_PREFIX, EDITABLE, RUN_REF_PREFIX, cache_dir, prepared_info, timeout_for,
                                        validate_tag)
@@ -199,10 +199,10 @@ def submit(core: LoopCore, description: str, timeout_seconds: float | None = Non
         tried = novelty.Found(None, None)
         from_tree = source is None
         source = _checked_working_train(core, state) if from_tree else source
-        if len(source) > MAX_PROGRAM_BYTES:  # the working tree's, a sweep trial's or a reapply's
-            raise Refusal(f"train.py is {len(source) / 2**20:.1f} MiB, more than the {MAX_PROGRAM_BYTES >> 20} MiB a "
-                          "run takes (upstream's is about 25 kB): keep large tables and weights out of the one file "
-                          f"the loop diffs and compares, or `git checkout {kept[:7]} -- train.py`. No run was queued.")
+        if too_big := oversized(source):  # the working tree's, a sweep trial's or a reapply's
+            raise Refusal(f"train.py {too_big} (upstream's is about 25 kB): keep large tables and weights out of the "
+                          f"one file the loop diffs and compares, or `git checkout {kept[:7]} -- train.py`. No run was "
+                          "queued.")
         if from_tree or novel:  # a sweep's trial is an ordinary candidate
             tried = novelty.check(core, state, source, rerun if from_tree else False)
         core.check_branch_holds_best(state)

@@ -28,9 +28,9 @@ UNSANDBOXED_ENV = "RESEARCH_LOOP_UNSANDBOXED"
 HIDE_ENV = "RESEARCH_LOOP_HIDE"
 BUBBLEWRAP, SANDBOX_EXEC = "bubblewrap", "sandbox-exec"
 PROBE_TIMEOUT_S = 30
-# the probe's interpreter (the server's, started in every run's worker) without site, as the worker itself runs: a .pth
-# planted in the server's packages, which only a harness that evaluates exports pins, runs in no worker (review 81)
-PROBE_FLAGS = ("-S",)
+# the server's interpreter as a run's worker and this module's probe start it: without site, so a .pth planted in the
+# server's packages, which only a harness that evaluates exports pins (phases/submit.py), runs in neither (review 81)
+NO_SITE = ("-S",)
 MARKER = " (unsandboxed)"  # in the description of a ledger row whose run had no sandbox
 RISK = ("a run could write the ledger, the server's state, the harness and the prepared data, so its number "
         "deserves less trust than a sandboxed run's")
@@ -83,7 +83,7 @@ def usable() -> tuple[str | None, str | None, str]:
         found = shutil.which("sandbox-exec")
         if not found:
             return None, None, "sandbox-exec is not on PATH"
-        problem = _probe(tuple(seatbelt_argv(found, [sys.executable, *PROBE_FLAGS, "-c", ""], {}, "/")))
+        problem = _probe(tuple(seatbelt_argv(found, [sys.executable, *NO_SITE, "-c", ""], {}, "/")))
         if problem is None:
             return SANDBOX_EXEC, found, ""
         return None, None, f"sandbox-exec cannot run here: {problem}"
@@ -91,7 +91,7 @@ def usable() -> tuple[str | None, str | None, str]:
     if not found:
         return None, None, "bubblewrap (bwrap) is not installed"
     # the interpreter's environment shown again: it may live under /tmp, which the sandbox replaces
-    probe = [sys.executable, *PROBE_FLAGS, "-c", ""]
+    probe = [sys.executable, *NO_SITE, "-c", ""]
     problem = _probe(tuple(bwrap_argv(found, probe, {"readonly": [sys.prefix]}, "/")))
     if problem is None:
         return BUBBLEWRAP, found, ""
