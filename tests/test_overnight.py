@@ -459,6 +459,14 @@ def fake_claude(fake_env, tmp_path, monkeypatch):
     return calls
 
 
+def quick_night(ws: Path, monkeypatch, plan: str, seconds: float = 30) -> int:
+    """The runner's exit code over a short night whose fake Claude sessions follow plan (FAKE_CLAUDE_PLAN)."""
+    from mcp_server.overnight import overnight
+    monkeypatch.setenv("FAKE_CLAUDE_PLAN", plan)
+    return overnight.Runner(runner_args(ws, "--hours", str(seconds / 3600)), overnight.preflight(ws, None),
+                            backoff_s=(0.05,), poll_s=0.05).run()
+
+
 def runner_args(ws: Path, *flags: str):
     from mcp_server.overnight import overnight
     parser = argparse.ArgumentParser()
@@ -631,12 +639,8 @@ def test_a_session_that_sets_up_another_research_run_ends_the_night(fake_claude,
     setup of another tag began a research run with fresh limits, and the runner, which judged only its own tag's,
     started sessions on it until --hours. A research run other than the runner's, after the runner's own was set up,
     ends the night."""
-    from mcp_server.overnight import overnight
     ws = make_workspace(fake_env)
-    monkeypatch.setenv("FAKE_CLAUDE_PLAN", "set-up,set-up-other")
-    runner = overnight.Runner(runner_args(ws, "--hours", str(30 / 3600)), overnight.preflight(ws, None),
-                              backoff_s=(0.05,), poll_s=0.05)
-    assert runner.run() == 0
+    assert quick_night(ws, monkeypatch, "set-up,set-up-other") == 0
     out = capsys.readouterr().out
     assert "a session set up another research run (other) after night" in out, out
     assert [s["plan"] for s in sessions_of(fake_claude)] == ["set-up", "set-up-other"]
@@ -647,22 +651,15 @@ def test_a_session_that_sets_up_the_runners_own_tag_again_ends_the_night(fake_cl
     ended on its limits, a session renamed the branch away (`git branch -m`) and called setup of the same tag, a
     research run with fresh limits that the runner, judging its tag alone, went on with until --hours. A research run
     of the runner's tag set up after the one it saw ends the night too."""
-    from mcp_server.overnight import overnight
     ws = make_workspace(fake_env)
-    monkeypatch.setenv("FAKE_CLAUDE_PLAN", "set-up,set-up-again,set-up-again")
-    runner = overnight.Runner(runner_args(ws, "--hours", str(30 / 3600)), overnight.preflight(ws, None),
-                              backoff_s=(0.05,), poll_s=0.05)
-    assert runner.run() == 0
+    assert quick_night(ws, monkeypatch, "set-up,set-up-again,set-up-again") == 0
     out = capsys.readouterr().out
     assert "a session set up research run night again" in out, out
     assert [s["plan"] for s in sessions_of(fake_claude)] == ["set-up", "set-up-again"]
     (limits.records_dir(ws) / "state.json").write_text(json.dumps({"tag": "night", "branch": "autoresearch/gone",
                                                                   "rows": [], "started_at": 1.0}))
     fake_claude.unlink()  # the user's own: a research run of the tag whose branch they deleted, begun anew
-    monkeypatch.setenv("FAKE_CLAUDE_PLAN", "set-up,decide")
-    runner = overnight.Runner(runner_args(ws, "--hours", str(2 / 3600)), overnight.preflight(ws, None),
-                              backoff_s=(0.05,), poll_s=0.05)
-    runner.run()
+    quick_night(ws, monkeypatch, "set-up,decide", seconds=2)
     assert "again" not in capsys.readouterr().out and len(sessions_of(fake_claude)) >= 2
 
 
