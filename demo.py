@@ -171,6 +171,17 @@ def final_report(plan: SearchPlan) -> None:
           f"read it in a browser: uv run research-loop dashboard --workspace {plan.workspace})")
 
 
+def catch_up_tracking(plan: SearchPlan) -> None:
+    """What the server's tracker had not written when the session closed it (its last decisions, on a
+    busy machine), written now: the tracked runs the report names are the night's."""
+    if not plan.tracking:
+        return
+    uri = plan.tracking[-1] if "--mlflow-uri" in plan.tracking else None
+    written = tracking.catch_up(plan.workspace, plan.tracking[1], uri)
+    if written:
+        say(f"tracking: wrote the {written} run(s) the server had not written when it exited")
+
+
 def tracking_options(args) -> tuple:
     if not args.track:
         return ()
@@ -204,6 +215,7 @@ def main(argv=None) -> int:
                           space=space, env=env, harness=harness, tracking=tracking_options(args))
         say(f"{plan.strategy} search over {', '.join(dim.name for dim in space)}")
         asyncio.run(run_search(plan, REPO, say))
+        catch_up_tracking(plan)
     except KeyboardInterrupt:
         where = f" --workspace {workspace}" if workspace else ""
         print(f"\ninterrupted: any training run was stopped and the ledger is intact; "

@@ -186,11 +186,7 @@ def start_tracking(args, loop):
     missing = tracking.missing_extra(args.track)
     if missing:
         sys.exit(f"research-loop-mcp: {missing}")
-    if args.track == "wandb":
-        from mcp_server.core import wandb_tracking
-        return wandb_tracking.tracker(loop.root, owned=lambda: loop.state.owned).start()
-    uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
-    return tracking.Tracker(loop.root, uri, owned=lambda: loop.state.owned).start()
+    return tracking.tracker(loop.root, args.track, args.mlflow_uri, owned=lambda: loop.state.owned).start()
 
 
 def main(argv=None) -> None:

@@ -120,6 +120,24 @@ def test_a_restarted_server_writes_no_run_twice_and_redoes_a_run_cut_short(lab, 
     assert by_stage(lab.ws) == NIGHT_STAGES
 
 
+def test_the_catch_up_after_a_server_was_ended_mid_write_leaves_every_run_whole(lab, offline):
+    """The MCP client gives a server 2 s to exit, then ends it: on a busy machine its tracker's last pass
+    was cut inside W&B, which left a run's folder with no run file (CI at stop 49: the demo's report
+    named a night with a broken run, and its last run missing). The demo's catch-up, once the server
+    is gone, writes what is left and replaces the broken folder."""
+    night(lab)
+    first = wandb_tracking.tracker(lab.ws)
+    assert first.sync() == 4
+    crash = offline_runs(runs_dir(lab.ws))["crashes"]
+    for item in crash.folder.iterdir():  # what the cut left: W&B's folder, without its run file or note
+        if item.is_file():
+            item.unlink()
+    assert tracking.catch_up(lab.ws, "wandb") == 1
+    assert tracking.catch_up(lab.ws, "wandb") == 0
+    assert len(list(runs_dir(lab.ws).glob("offline-run-*"))) == 4
+    assert by_stage(lab.ws) == NIGHT_STAGES and offline_runs(runs_dir(lab.ws))["crashes"].exited
+
+
 def test_a_list_of_written_runs_or_notes_the_agent_plants_keep_no_run_out_of_wandb(lab, offline):
     """The agent notes every run of the night as written at its last stage before the tracker starts:
     in the list an older tracker kept (.research-loop/wandb-tracked.json), and as W&B folders of its
