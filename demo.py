@@ -31,7 +31,7 @@ from autosearch.driver import (
 from autosearch.report import best_kept, diff_against_baseline, ledger_table, read_ledger, timing_table
 from autosearch.space import DEFAULT_SPACE, load_space
 from autosearch.strategies import STRATEGIES
-from mcp_server.core import notify, tracking, wandb_tracking
+from mcp_server.core import notify, trackers, tracking, wandb_tracking
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_EXPERIMENTS = 5  # baseline + 5 runs of the CPU profile's 60 s budget fit in 10 minutes
@@ -177,7 +177,7 @@ def catch_up_tracking(plan: SearchPlan) -> None:
     if not plan.tracking:
         return
     uri = plan.tracking[-1] if "--mlflow-uri" in plan.tracking else None
-    written = tracking.catch_up(plan.workspace, plan.tracking[1], uri)
+    written = trackers.catch_up(plan.workspace, plan.tracking[1], uri)
     if written:
         say(f"tracking: wrote the {written} run(s) the server had not written when it exited")
 

@@ -17,7 +17,7 @@ import signal
 import sys
 from pathlib import Path
 
-from mcp_server.core import notify, tracking
+from mcp_server.core import notify, trackers, tracking
 from mcp_server.scripts import sandbox
 from mcp_server.dashboard.auth import http_token, port_number
 from mcp_server.executors.executor import SLOTS_ENV
@@ -186,7 +186,7 @@ def start_tracking(args, loop):
     missing = tracking.missing_extra(args.track)
     if missing:
         sys.exit(f"research-loop-mcp: {missing}")
-    return tracking.tracker(loop.root, args.track, args.mlflow_uri, owned=lambda: loop.state.owned).start()
+    return trackers.tracker(loop.root, args.track, args.mlflow_uri, owned=lambda: loop.state.owned).start()
 
 
 def main(argv=None) -> None:

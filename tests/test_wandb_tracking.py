@@ -11,7 +11,7 @@ import pytest
 from google.protobuf.message import DecodeError
 
 from mcp_server.__main__ import parse_args
-from mcp_server.core import tracking, wandb_tracking
+from mcp_server.core import trackers, tracking, wandb_tracking
 from server_support import (answer, make_cache, make_workspace, processes_running, set_knobs, stdio_client_for,
                             wait_until)
 from test_tracking import NIGHT_STAGES, Relay, night
@@ -132,8 +132,8 @@ def test_the_catch_up_after_a_server_was_ended_mid_write_leaves_every_run_whole(
     for item in crash.folder.iterdir():  # what the cut left: W&B's folder, without its run file or note
         if item.is_file():
             item.unlink()
-    assert tracking.catch_up(lab.ws, "wandb") == 1
-    assert tracking.catch_up(lab.ws, "wandb") == 0
+    assert trackers.catch_up(lab.ws, "wandb") == 1
+    assert trackers.catch_up(lab.ws, "wandb") == 0
     assert len(list(runs_dir(lab.ws).glob("offline-run-*"))) == 4
     assert by_stage(lab.ws) == NIGHT_STAGES and offline_runs(runs_dir(lab.ws))["crashes"].exited
 

@@ -107,22 +107,6 @@ def missing_extra(tracker: str) -> str | None:
     return MISSING.format(tracker) if importlib.util.find_spec(tracker) is None else None
 
 
-def tracker(root: Path, track: str, mlflow_uri: str | None = None, owned=lambda: True) -> "Tracker":
-    """The tracker the user asked for (not started): W&B's, or MLflow's at mlflow_uri, else at
-    MLFLOW_TRACKING_URI, else in the workspace's own store."""
-    if track == "wandb":
-        from mcp_server.core import wandb_tracking
-        return wandb_tracking.tracker(root, owned=owned)
-    return Tracker(root, mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or None, owned=owned)
-
-
-def catch_up(root: Path, track: str, mlflow_uri: str | None = None) -> int:
-    """One pass, here and now, once the workspace's server has exited: the runs its tracker had not
-    written yet (an MCP client gives a server 2 s to exit before it ends it, often too short for the
-    night's last decision). Returns how many runs it wrote."""
-    return tracker(root, track, mlflow_uri).sync()
-
-
 def say(message: str) -> None:
     print(f"research-loop-mcp: tracking: {message}", file=sys.stderr, flush=True)
 
