@@ -24,6 +24,28 @@ def baseline_and_noise(lab):
     return answer(lab.call("measure_noise", repeats=2))["noise"]  # runs 2, 3: 1.0 + noise, 1.0 - noise
 
 
+def test_with_the_noise_not_measured_a_no_op_edits_lucky_draw_is_not_kept_on_its_luck(fake_env):
+    """Review 80: the best plus an unused name is another syntax tree, so a candidate; its draw landed at 0.99 and a
+    plain keep() kept it, "noise not measured". Every gain waits for the noise or a pair until the agent says otherwise."""
+    lab = noisy_lab(fake_env, -0.01)
+    try:
+        lab.baseline()  # run 1: 1.0
+        with open(lab.ws / "train.py", "a") as source:
+            source.write("_unused = 0\n")
+        result = answer(lab.call("run_experiment", description="an unused name"))  # run 2: 0.99, the luck of the run
+        assert result["val_bpb"] == 0.99 and result["confirm_first"].startswith("the noise is not measured yet")
+        assert result["next"].startswith("confirm(run=2) before keep")
+        assert answer(lab.call("status"))["next"] == "confirm(run=2), then keep(run=2) if the gain holds; or discard(run=2)"
+        refused = lab.call("keep")
+        assert refused.is_error and "the noise is not measured yet, so its gain 0.010000 may be one run's luck" in \
+            refused.content[0].text and "measure_noise()" in refused.content[0].text
+        assert [line.split("\t")[3] for line in ledger_lines(lab.ws)[1:]] == ["keep"]  # the refusal logged nothing
+        kept = answer(lab.call("keep", unconfirmed=True))
+        assert kept["evidence"].startswith("kept unconfirmed on request: the noise is not measured yet"), kept
+    finally:
+        lab.loop.shutdown()
+
+
 def test_a_marginal_gain_is_kept_only_once_it_holds_beside_a_control(fake_env):
     lab = noisy_lab(fake_env, 0.002)
     try:
@@ -208,7 +230,7 @@ def test_a_keep_while_measure_noise_waits_stores_no_estimate_of_another_code(fak
         git(lab.ws, "checkout", "--", "train.py")  # noise is measured on the kept code
         sleeping(lab, monkeypatch, 3)
         calls = racing(lab, ("measure_noise", {"repeats": 2}), lambda status: "run 3 " in (status.get("running") or ""),
-                       ("keep", {"run": 2}))
+                       ("keep", {"run": 2, "unconfirmed": True}))
         assert answer(calls["keep"])["best_val_bpb"] == 0.898
         refused = calls["measure_noise"]
         assert refused.is_error and "The best changed while measure_noise reran" in refused.content[0].text, \

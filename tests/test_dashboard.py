@@ -40,7 +40,7 @@ class Night:
                                           ("worse", {"val_bpb": 0.95}, "discard"), ("crashy", {"crash": 1}, "discard")):
                 set_knobs(lab.ws, **knobs)
                 self.runs[name] = lab.ok("run_experiment", description=name)
-                lab.ok(decision)
+                lab.ok(decision, **({"unconfirmed": True} if decision == "keep" else {}))  # no noise measured
             lab.loop.shutdown()
         with open(lab.ws / "results.tsv", "a") as ledger:
             ledger.write(MALFORMED + "\n")

@@ -133,7 +133,7 @@ def test_the_charts_best_line_is_what_the_branch_holds(lab, browser):
     for val in (1.0, 0.9, 0.95):  # baseline, a gain, a worse one kept on request
         set_knobs(lab.ws, val_bpb=val)
         lab.ok("run_experiment", description=f"at {val}")
-        lab.ok("keep")
+        lab.ok("keep", unconfirmed=True)
     night = morning.Night(lab.ws)
     assert plot.best_line([(i, change["row"]) for i, change in enumerate(night.kept, 1)], 3)[1][-1] == 0.95
     page, server = browser.new_page(), DashboardServer(lab.ws, 0, None).start()

@@ -51,7 +51,7 @@ def test_programs_and_conversions_the_agent_plants_never_touch_the_servers_check
     assert run["status"] == "ok", run
     commit = git(ws, "rev-parse", f"{run['commit']}^{{commit}}").strip()
     assert (slot_dir(ws) / "train.py").read_bytes() == blob(ws, commit) == b"VAL_BPB = 0.9\n# $Id$\n"
-    lab.ok("keep")
+    lab.ok("keep", unconfirmed=True)
     set_knobs(ws, VAL_BPB=0.95)
     lab.ok("run_experiment", description="worse")
     lab.ok("discard")  # restores train.py in the workspace: a checkout there

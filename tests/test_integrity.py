@@ -390,7 +390,7 @@ def test_hooks_the_agent_plants_in_the_repository_never_run_in_the_servers_git(l
     assert lab.loop.state.load()["input_pins"] == {}  # pinned at setup (this fake cache holds no tokenizer)
     set_knobs(lab.ws, VAL_BPB=0.9)
     assert lab.ok("run_experiment", description="after the hooks")["status"] == "ok"
-    lab.ok("keep")
+    lab.ok("keep", unconfirmed=True)
     set_knobs(lab.ws, VAL_BPB=0.95)
     lab.ok("run_experiment", description="worse")
     lab.ok("discard")

@@ -99,7 +99,7 @@ def test_a_planted_discard_row_does_not_block_keeping_a_good_result(lab):
     lab.baseline()
     good = regression_against(lab, 0.8)
     edited(lab, lambda text: text + f"{good['commit']}\t0.800000\t2.0\tdiscard\tplanted\n")
-    kept = lab.ok("keep")
+    kept = lab.ok("keep", unconfirmed=True)
     assert kept["row"]["status"] == "keep" and kept["best_val_bpb"] == 0.8, kept
     assert_told(kept, "results.tsv")
     assert [line.split("\t")[3] for line in ledger_lines(lab.ws)[1:]] == ["keep", "keep"]
@@ -564,8 +564,8 @@ def test_fifos_planted_at_the_servers_temporary_names_hang_no_tool(lab):
     for path in planted:
         os.mkfifo(path)
     try:
-        for tool in ("keep", "status", "report"):
-            alive, box = call_within(lab, 20, tool)
+        for tool, args in (("keep", {"unconfirmed": True}), ("status", {}), ("report", {})):
+            alive, box = call_within(lab, 20, tool, **args)
             assert not alive, f"{tool} hung on a FIFO at a temporary name"
             answer(box["answer"])
         assert lab.ok("status")["best_val_bpb"] == 0.9
@@ -702,7 +702,7 @@ def test_a_folder_or_file_where_the_server_writes_fails_no_tool(lab, plant):
     assert status["best_val_bpb"] == 1.0 and status["records_changed"]
     set_knobs(lab.ws, VAL_BPB=0.9)
     assert lab.ok("run_experiment", description="better")["val_bpb"] == 0.9
-    assert lab.ok("keep")["row"]["val_bpb"] == 0.9
+    assert lab.ok("keep", unconfirmed=True)["row"]["val_bpb"] == 0.9
     assert [line.split("\t")[1] for line in ledger_lines(lab.ws)[1:]] == ["1.000000", "0.900000"]
     moved = [p for p in [*lab.ws.glob(".*.moved"), *(lab.ws / ".research-loop").glob(".*.moved")]]
     assert len(moved) == 1 and next(moved[0].iterdir()).exists()  # kept as it was
@@ -884,7 +884,7 @@ def test_a_forged_copy_read_by_the_report_does_not_stay_in_the_servers_rows(lab)
     for value, decide in ((0.95, "keep"), (1.1, "discard"), (1.2, "discard")):
         set_knobs(lab.ws, val_bpb=value)
         lab.ok("run_experiment", description=f"at {value}")
-        lab.ok(decide)
+        lab.ok(decide, **({"unconfirmed": True} if decide == "keep" else {}))
     copy = records_dir(lab.ws) / "state.json"
     own = copy.read_bytes()
     forged = json.loads(own)

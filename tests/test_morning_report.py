@@ -255,7 +255,7 @@ def test_the_best_the_report_hook_and_dashboard_show_is_what_the_branch_holds(la
     for val in (1.0, 0.9, 0.95):  # baseline, a gain, a worse one kept on request
         (lab.ws / "train.py").write_text(f"VAL_BPB = {val}\n")
         lab.ok("run_experiment", description=f"at {val}")
-        lab.ok("keep")
+        lab.ok("keep", unconfirmed=True)
     (lab.ws / "train.py").write_text("VAL_BPB = 0.93\n")
     assert lab.ok("run_experiment", description="behind the best")["delta"] == pytest.approx(-0.02)
     lab.ok("discard")
@@ -391,7 +391,7 @@ def test_the_overnight_summary_and_status_line_show_the_best_the_branch_holds(la
     for val in (1.0, 0.9, 0.95):  # baseline, a gain, a worse one kept on request
         (lab.ws / "train.py").write_text(f"VAL_BPB = {val}\n")
         lab.ok("run_experiment", description=f"at {val}")
-        lab.ok("keep")
+        lab.ok("keep", unconfirmed=True)
     parser = argparse.ArgumentParser()
     overnight.add_arguments(parser)
     runner = overnight.Runner(parser.parse_args(["--tag", "t", "--workspace", str(lab.ws)]), "claude")

@@ -32,7 +32,7 @@ def test_long_descriptions_notes_and_markers_always_fit_the_ledger(lab):
     long = "x" * MAX_DESCRIPTION
     set_knobs(lab.ws, val_bpb=0.9)
     lab.ok("run_experiment", description=long)
-    kept = lab.ok("keep", note="n" * MAX_DESCRIPTION)["row"]["description"]
+    kept = lab.ok("keep", unconfirmed=True, note="n" * MAX_DESCRIPTION)["row"]["description"]
     assert len(kept) <= MAX_DESCRIPTION and kept.startswith("xxx") and kept.endswith("...)")
     set_knobs(lab.ws, val_bpb=0.95)
     lab.ok("run_experiment", description=long)
@@ -319,14 +319,14 @@ def test_keep_refuses_when_the_branch_lost_the_kept_commit(lab):
     lab.baseline()
     set_knobs(lab.ws, val_bpb=0.9)
     lab.ok("run_experiment", description="better")
-    kept = lab.ok("keep")["row"]["commit"]
+    kept = lab.ok("keep", unconfirmed=True)["row"]["commit"]
     set_knobs(lab.ws, val_bpb=0.8)
     lab.ok("run_experiment", description="better still")
     git(lab.ws, "reset", "-q", "--hard", "HEAD~1")  # the agent rewinds the branch by hand
-    message = lab.refused("keep")
+    message = lab.refused("keep", unconfirmed=True)
     assert f"no longer contains the kept commit {kept}" in message and f"git reset --hard {kept}" in message
     git(lab.ws, "reset", "-q", "--hard", kept)
-    assert lab.ok("keep")["row"]["val_bpb"] == 0.8
+    assert lab.ok("keep", unconfirmed=True)["row"]["val_bpb"] == 0.8
     rows = [line.split("\t") for line in ledger_lines(lab.ws)[1:]]
     on_branch = git(lab.ws, "rev-list", "--abbrev=7", "--abbrev-commit", "main..HEAD").split()
     assert sorted(r[0] for r in rows if r[3] == "keep") == sorted(on_branch)
@@ -351,7 +351,7 @@ def test_setup_of_a_new_tag_never_drops_an_undecided_result(lab):
     git(lab.ws, "checkout", "-q", "-f", "main")
     assert "not decided yet" in lab.refused("setup", tag="other")
     git(lab.ws, "checkout", "-q", "autoresearch/t")
-    assert "differs from the new best" in lab.ok("keep")["note"]  # the forced checkout reverted train.py
+    assert "differs from the new best" in lab.ok("keep", unconfirmed=True)["note"]  # the forced checkout reverted train.py
     git(lab.ws, "checkout", "-q", "-f", "main")
     assert lab.ok("setup", tag="other")["archived_ledger"]
 

@@ -34,7 +34,7 @@ def a_night_with_failures(lab) -> None:
         lab.ok("discard")
     set_knobs(lab.ws, val_bpb=0.9)
     lab.ok("run_experiment", description="better")
-    lab.ok("keep")
+    lab.ok("keep", unconfirmed=True)
 
 
 def test_a_keep_failures_in_a_row_and_the_end_are_pinged_once_each(lab, webhook):
@@ -155,7 +155,7 @@ def test_the_end_ping_names_the_best_the_branch_holds_and_whose_number_it_is(lab
     for val in (1.0, 0.9, 0.95):  # baseline, a gain, a worse one kept on request
         set_knobs(lab.ws, val_bpb=val)
         lab.ok("run_experiment", description=f"at {val}")
-        lab.ok("keep")
+        lab.ok("keep", unconfirmed=True)
     lab.ok("stop", reason="done")
     assert wait_until(lambda: len(webhook.posts) == 4, 15), webhook.messages()
     assert webhook.messages()[-1] == "the research run autoresearch/t has ended: stopped: done; best val_bpb 0.950000 [ws]"

@@ -71,7 +71,7 @@ def test_a_deadline_passing_mid_run_lets_that_run_finish_and_be_decided(lab):
     assert wait_until(lambda: (lab.ok("status")["ended"] or "").startswith("the deadline passed"), 30)
     assert "has ended" in lab.refused("run_experiment", description="too late")
     result = lab.ok("wait")["results"][0]
-    assert result["status"] == "ok" and lab.ok("keep")["row"]["val_bpb"] == 0.9
+    assert result["status"] == "ok" and lab.ok("keep", unconfirmed=True)["row"]["val_bpb"] == 0.9
 
 
 def test_failures_in_a_row_end_the_run(lab):
@@ -91,7 +91,7 @@ def test_the_target_ends_the_run(lab):
     lab.ok("keep")
     set_knobs(lab.ws, val_bpb=0.94)
     lab.ok("run_experiment", description="reaches it")
-    lab.ok("keep")
+    lab.ok("keep", unconfirmed=True)
     assert "target val_bpb 0.95 is reached" in lab.ok("status")["ended"]
 
 
@@ -103,7 +103,7 @@ def test_stop_lets_a_run_finish_or_cancels_it_now(lab):
     assert stopped["running"] and stopped["stopped"] == "enough for tonight"
     assert "stopped: enough for tonight" in lab.refused("run_experiment", description="more")
     assert lab.ok("wait")["results"][0]["val_bpb"] == 0.9
-    lab.ok("keep")
+    lab.ok("keep", unconfirmed=True)
     assert lab.ok("status")["next"].startswith("nothing")
 
     git(lab.ws, "checkout", "-q", "-b", "again")
@@ -189,7 +189,7 @@ def test_a_run_outlives_the_call_that_started_it_and_its_result_is_kept(lab):
     status = anyio.run(cut_off)
     assert "outlives its call" in status["running"]  # the client gave up, the run goes on
     result = lab.ok("wait")["results"][0]
-    assert result["val_bpb"] == 0.9 and lab.ok("keep")["row"]["description"] == "outlives its call"
+    assert result["val_bpb"] == 0.9 and lab.ok("keep", unconfirmed=True)["row"]["description"] == "outlives its call"
 
 
 # --- real Claude Code sessions, the model scripted -------------------------------------------------

@@ -104,7 +104,7 @@ def test_the_reports_summary_and_status_say_the_best_ran_unsandboxed(no_sandbox)
         lab.ok("keep")
         set_knobs(lab.ws, VAL_BPB=0.9)
         lab.ok("run_experiment", description="a gain")
-        kept = lab.ok("keep")["row"]["commit"]
+        kept = lab.ok("keep", unconfirmed=True)["row"]["commit"]
         assert "its run had no sandbox" in lab.ok("status")["best_note"]
         summary = (lab.ws / lab.ok("report")["path"]).read_text().split("## Progress")[0]
         assert f"| best val_bpb | 0.900000 (`{kept}`: its run had no sandbox: {sandbox.RISK})" in summary, summary

@@ -199,10 +199,10 @@ def test_second_run_while_one_runs_queues_and_live_metrics_show_progress(lab):
     # the queued run takes the slot as the first one's result is recorded: a wait that reads the state in between
     # finds it still queued (seen once in CI)
     assert [r["val_bpb"] for r in first["results"]] == [0.95] and first["running"] + first["queued"] == 1
-    assert lab.ok("keep", run=started["run"])["row"]["val_bpb"] == 0.95
+    assert lab.ok("keep", unconfirmed=True, run=started["run"])["row"]["val_bpb"] == 0.95
     second = lab.ok("wait")
     assert [r["val_bpb"] for r in second["results"]] == [0.97]
-    assert "reapply(run=3)" in lab.refused("keep")  # measured on the baseline, not on the new best
+    assert "reapply(run=3)" in lab.refused("keep", unconfirmed=True)  # measured on the baseline, not on the new best
     assert lab.ok("discard")["row"]["status"] == "discard"
 
 
@@ -245,7 +245,7 @@ def test_full_cycle_keep_then_discard(lab):
     better = answer(better)
     assert better["status"] == "ok" and better["delta"] == pytest.approx(-0.1)
     assert "noise not measured: run measure_noise" in better["noise"]
-    assert lab.ok("keep", note="clear win")["row"]["description"] == "lower val_bpb (clear win)"
+    assert lab.ok("keep", unconfirmed=True, note="clear win")["row"]["description"] == "lower val_bpb (clear win)"
     improved_commit = better["commit"]
     assert lab.head()[:7] == improved_commit
 
@@ -279,7 +279,7 @@ def test_keep_of_a_worse_result_is_accepted_with_a_warning(lab):
     assert "worse than the best it replaced (1.000000, +0.200000)" in kept["warning"]
     set_knobs(lab.ws, val_bpb=1.1)
     lab.ok("run_experiment", description="better again")
-    assert lab.ok("keep")["warning"] is None
+    assert lab.ok("keep", unconfirmed=True)["warning"] is None
 
 
 def test_a_negative_peak_memory_is_not_a_result(lab):
@@ -517,7 +517,8 @@ def test_status_reports_counts_best_pending_and_next_step(lab):
     status = answer(status)
     assert status["counts"] == {"keep": 1, "discard": 0, "crash": 0}
     assert status["best_val_bpb"] == 1.0 and "0.800000" in status["pending"]
-    assert status["next"] == "keep() or discard()"
+    # no noise measured: a gain is confirmed (or kept on request) first
+    assert status["next"] == "confirm(run=2), then keep(run=2) if the gain holds; or discard(run=2)"
 
 
 def test_measure_noise_logs_repeats_and_is_used_in_later_results(lab, monkeypatch):
@@ -556,7 +557,7 @@ def test_plot_progress_writes_png_and_returns_image(lab):
     for value, decision in ((0.9, "keep"), (0.95, "discard")):
         set_knobs(lab.ws, val_bpb=value)
         lab.ok("run_experiment", description=f"try {value}")
-        lab.ok(decision)
+        lab.ok(decision, **({"unconfirmed": True} if decision == "keep" else {}))
     set_knobs(lab.ws, crash=1)
     lab.ok("run_experiment", description="crash")
     lab.ok("discard")
@@ -598,7 +599,7 @@ def test_pending_result_survives_a_server_restart(lab):
     pending = lab.ok("run_experiment", description="before restart")
     lab.restart()
     assert lab.ok("status")["pending"].startswith(f"run 2 ({pending['commit']}) ok")
-    assert lab.ok("keep")["row"]["commit"] == pending["commit"]
+    assert lab.ok("keep", unconfirmed=True)["row"]["commit"] == pending["commit"]
 
 
 def test_corrupt_state_and_unexpected_errors_do_not_kill_the_server(lab):

@@ -68,9 +68,10 @@ def test_next_names_the_run_while_another_can_finish_before_the_call(duo):
     duo.ok("wait")
     set_knobs(duo.ws, val_bpb=0.95, sleep=3, steps=6)
     slow = duo.ok("run_experiment", description="slow", wait=False)
-    assert duo.ok("status")["next"] == f"keep(run={done['run']}) or discard(run={done['run']})"
+    n = done["run"]  # no noise measured: its gain is confirmed first
+    assert duo.ok("status")["next"] == f"confirm(run={n}), then keep(run={n}) if the gain holds; or discard(run={n})"
     duo.ok("wait", all=True)  # the slow one ends: two results wait, and the named call still works
-    assert duo.ok("keep", run=done["run"])["kept_commit"] == done["commit"]
+    assert duo.ok("keep", unconfirmed=True, run=done["run"])["kept_commit"] == done["commit"]
     duo.ok("discard", run=slow["run"])
 
 
@@ -84,8 +85,8 @@ def test_a_stale_candidate_is_refused_then_reapplied_onto_the_new_best(duo):
     (duo.ws / "train.py").write_text(base.replace("1.0", "0.9").replace("DEPTH = 4", "DEPTH = 6"))
     b = duo.ok("run_experiment", description="depth", wait=False)
     duo.ok("wait", all=True)
-    duo.ok("keep", run=b["run"])
-    message = duo.refused("keep", run=a["run"])
+    duo.ok("keep", unconfirmed=True, run=b["run"])
+    message = duo.refused("keep", unconfirmed=True, run=a["run"])
     assert duo.ok("status")["next"] == f"reapply(run={a['run']}) or discard(run={a['run']})"
     assert "untested combination never becomes the best" in message and f"reapply(run={a['run']})" in message
     new = duo.ok("reapply", run=a["run"], wait=True)
@@ -94,7 +95,7 @@ def test_a_stale_candidate_is_refused_then_reapplied_onto_the_new_best(duo):
     assert "MATRIX_LR = 0.05" in merged and "DEPTH = 6" in merged and "VAL_BPB = 0.9" in merged
     rows = [line.split("\t") for line in ledger_lines(duo.ws)[1:]]
     assert rows[-1][0] == a["commit"] and rows[-1][3] == "discard" and f"run {new['run']}" in rows[-1][4]
-    assert duo.ok("keep")["kept_commit"] == new["commit"]
+    assert duo.ok("keep", unconfirmed=True)["kept_commit"] == new["commit"]
 
 
 def test_a_conflicting_reapply_is_a_clear_error_and_changes_nothing(duo):
@@ -104,7 +105,7 @@ def test_a_conflicting_reapply_is_a_clear_error_and_changes_nothing(duo):
     set_knobs(duo.ws, val_bpb=0.9)
     b = duo.ok("run_experiment", description="b", wait=False)
     duo.ok("wait", all=True)
-    duo.ok("keep", run=b["run"])
+    duo.ok("keep", unconfirmed=True, run=b["run"])
     rows = ledger_lines(duo.ws)
     assert "conflicts" in duo.refused("reapply", run=a["run"])
     status = duo.ok("status")
@@ -126,7 +127,7 @@ def test_two_reapplies_of_one_run_at_once_make_one_new_run_and_the_refused_one_c
     (duo.ws / "train.py").write_text(base.replace("1.0", "0.9").replace("DEPTH = 4", "DEPTH = 6"))
     b = duo.ok("run_experiment", description="depth", wait=False)
     duo.ok("wait", all=True)
-    duo.ok("keep", run=b["run"])
+    duo.ok("keep", unconfirmed=True, run=b["run"])
     answers = []
 
     async def both():
@@ -166,7 +167,7 @@ def test_a_reapply_whose_train_py_git_cannot_restore_makes_one_run_and_decides_t
     (duo.ws / "train.py").write_text(base.replace("1.0", "0.9"))
     b = duo.ok("run_experiment", description="better", wait=False)
     duo.ok("wait", all=True)
-    duo.ok("keep", run=b["run"])
+    duo.ok("keep", unconfirmed=True, run=b["run"])
     (duo.ws / "train.py").write_text(stale)  # the working file holds the stale run's code: discard restores it
     (duo.ws / ".git" / "index.lock").write_text("")
     made = duo.ok("reapply", run=a["run"])
@@ -212,7 +213,7 @@ def test_history_lists_what_was_tried_and_filters_by_constant(lab):
                            (base.replace("1.0", "0.9") + "DEPTH = 6\nprint('x')\n", "discard")):
         (lab.ws / "train.py").write_text(text)
         lab.ok("run_experiment", description=f"try {decision}")
-        lab.ok(decision)
+        lab.ok(decision, **({"unconfirmed": True} if decision == "keep" else {}))
     everything = lab.ok("history")
     assert everything["total"] == 4 and everything["lines"][0].startswith("run 1 ")
     assert "MATRIX_LR (new)->0.08" in everything["lines"][1] and "| try discard" in everything["lines"][1]
@@ -233,7 +234,7 @@ def test_sigkill_with_two_runs_in_flight_loses_no_row_and_no_commit(fake_env, tw
             async with stdio_client_for(ws, cache, "--slots", "2") as client:
                 answer(await client.call_tool("setup", {"tag": "kill"}))
                 answer(await client.call_tool("run_experiment", {"description": "baseline"}))
-                answer(await client.call_tool("keep", {}))
+                answer(await client.call_tool("keep", {"unconfirmed": True}))
                 set_knobs(ws, val_bpb=0.9)
                 answer(await client.call_tool("run_experiment", {"description": "fast", "wait": False}))
                 set_knobs(ws, sleep=120, steps=120)
@@ -254,7 +255,7 @@ def test_sigkill_with_two_runs_in_flight_loses_no_row_and_no_commit(fake_env, tw
     async def after():
         async with stdio_client_for(ws, cache, "--slots", "2") as client:
             status = answer(await client.call_tool("status", {}))
-            kept = answer(await client.call_tool("keep", {"run": 2}))
+            kept = answer(await client.call_tool("keep", {"run": 2, "unconfirmed": True}))
             discarded = answer(await client.call_tool("discard", {"run": 3}))
             return status, kept, discarded
     status, kept, discarded = anyio.run(after)

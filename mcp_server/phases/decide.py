@@ -154,8 +154,6 @@ def _keep_evidence(entry: dict, estimate: dict | None, unconfirmed: bool, base: 
     if result.get("verified") is False:  # review 74: "beyond the noise" was said of train.py's own number
         return ("kept unverified on request: its val_bpb is train.py's own, not measured by the harness, so no noise "
                 "judged it")
-    if not estimate:
-        return "noise not measured: measure_noise() tells whether gains like this are real"
     return "beyond the noise" if result["delta"] < 0 else "not better than the best: kept on request"
 
 

@@ -299,7 +299,11 @@ def confirmation_needed(result: dict, noise: dict | None, base: Row | None = Non
         return f"the best's val_bpb {base.val_bpb:.6f} is {whose}, so the gain over it is no measurement"
     if result.get("comparable") is False:
         return "it trained at a different speed than the best's run, so the machine may explain the gain"
-    if noise and -delta <= CONFIRM_WIDTHS * noise["threshold"]:
+    if not noise:
+        # review 80: with no estimate, a no-op edit of the best (`_unused = 0`) was a second draw, kept on its luck
+        return (f"the noise is not measured yet, so its gain {-delta:.6f} may be one run's luck (measure_noise() "
+                "measures it; a gain beyond it is then kept without a pair)")
+    if -delta <= CONFIRM_WIDTHS * noise["threshold"]:
         return (f"its gain {-delta:.6f} is within {CONFIRM_WIDTHS:g} noise thresholds "
                 f"({CONFIRM_WIDTHS * noise['threshold']:.6f})")
     return None
