@@ -158,17 +158,56 @@ def bwrap_argv(bwrap: str, command: list[str], spec: dict, cwd: str, private: di
             "--dir", SANDBOX_HOME, "--dir", os.path.dirname(RUN_EXPORT), "--setenv", "HOME", SANDBOX_HOME,
             "--setenv", "PYTHONPYCACHEPREFIX", BYTECODE_PREFIX, *(a for n in SECRET_ENV for a in ("--unsetenv", n))]
     first, last = hidden(spec, cwd)
-    argv += [*hide(first), *(["--ro-bind", cwd, cwd] if first else [])]  # the run's folder, at least, shown again
-    for path in interpreter_folders(command[0], first):  # the command's own environment, wherever it lives
-        argv += ["--ro-bind", path, path]
+    binds = [("--ro-bind", cwd)] if first else []  # the run's folder, at least, shown again
+    # the command's own environment, wherever it lives
+    binds += [("--ro-bind", path) for path in interpreter_folders(command[0], first)]
     for option, key in (("--ro-bind", "readonly"), ("--bind", "writable"), ("--ro-bind", "readonly_inside")):
         for path in spec.get(key, []):
             path = os.path.join(cwd, path)  # relative: inside the run's worktree
-            if os.path.exists(path):
-                argv += [option, path, path]
+            if os.path.exists(path) and (key == "readonly" or not leaves(path, cwd)):
+                binds.append((option, path))
+    argv += [*hide(first), *resolved_binds(binds, ["/tmp", *first])]
     for path, copy in (private or {}).items():
-        argv += ["--ro-bind", str(copy), str(path)]
+        argv += ["--ro-bind", str(copy), os.path.realpath(path)]
     return [*argv, *hide(last), "--die-with-parent", "--chdir", cwd, "--", *command]
+
+
+def resolved_binds(binds: list[tuple[str, str]], emptied: list[str]) -> list[str]:
+    """bubblewrap's options for binds, each at its resolved path: bubblewrap mounts onto a symbolic link by
+    following it from the machine's root, not the sandbox's, so a path through an absolute link (a .venv linked to
+    another environment, a workspace or cache in a linked folder) stopped every run at its start ("Can't bind
+    mount"). Where a link on a path lies in a folder the sandbox empties (its /tmp, a hidden folder: emptied) and no
+    bind before shows it, the link is made there, to its resolved target, so the path as named still leads to it."""
+    argv, shown, made = [], [], set()
+    for option, path in binds:
+        real = os.path.realpath(path)
+        argv += [option, real, real]
+        shown.append(real)
+        for link, target in links_on(path):
+            if link not in made and any(_holds(f, link) for f in emptied) and not any(_holds(s, link) for s in shown):
+                argv += ["--symlink", target, link]
+                made.add(link)
+    return argv
+
+
+def links_on(path: str) -> list[tuple[str, str]]:
+    """The symbolic links a path goes through, each as (where it lies, with its folder resolved; what it resolves to)."""
+    found, walked = [], "/"
+    for part in os.path.abspath(path).split(os.sep)[1:]:
+        walked = os.path.join(walked, part)
+        place = os.path.join(os.path.realpath(os.path.dirname(walked)), part)
+        if os.path.islink(place):
+            found.append((place, os.path.realpath(place)))
+    return found
+
+
+def leaves(path: str, cwd: str) -> bool:
+    """Whether a writable path or a harness file is a link out of the run's folder (one planted in place of the
+    workspace's export folder, say). Binds follow links, so such a link is left unfollowed: followed, it made its
+    target writable in the run (bubblewrap followed relative links before), or shown; its target stays as the
+    sandbox has it, read-only or hidden."""
+    real, top = os.path.realpath(path), os.path.realpath(cwd)
+    return os.path.islink(path) and not _holds(top, real)
 
 
 def runtime_folders() -> list[str]:
@@ -250,8 +289,10 @@ def interpreter_folders(program: str, hidden_first: list[str]) -> list[str]:
         return []
     roots = {os.path.dirname(os.path.dirname(os.path.abspath(found))),
              os.path.dirname(os.path.dirname(os.path.realpath(found)))}
-    return sorted(root for root in roots
-                  if root.startswith("/tmp/") or any(_holds(folder, root) for folder in hidden_first))
+    # as named and as resolved: a link outside /tmp to an environment in it (or the other way round) is hidden too
+    return sorted(root for root in roots if any(
+        place.startswith("/tmp/") or any(_holds(folder, place) for folder in hidden_first)
+        for place in (root, os.path.realpath(root))))
 
 
 def seatbelt_argv(sandbox_exec: str, command: list[str], spec: dict, cwd: str) -> list[str]:
