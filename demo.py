@@ -31,7 +31,7 @@ from autosearch.driver import (
 from autosearch.report import best_kept, diff_against_baseline, ledger_table, read_ledger, timing_table
 from autosearch.space import DEFAULT_SPACE, load_space
 from autosearch.strategies import STRATEGIES
-from mcp_server.core import notify, trackers, tracking, wandb_tracking
+from mcp_server.core import notify, tracking, wandb_tracking
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_EXPERIMENTS = 5  # baseline + 5 runs of the CPU profile's 60 s budget fit in 10 minutes
@@ -171,17 +171,6 @@ def final_report(plan: SearchPlan) -> None:
           f"read it in a browser: uv run research-loop dashboard --workspace {plan.workspace})")
 
 
-def catch_up_tracking(plan: SearchPlan) -> None:
-    """What the server's tracker had not written when the session closed it (its last decisions, on a
-    busy machine), written now: the tracked runs the report names are the night's."""
-    if not plan.tracking:
-        return
-    uri = plan.tracking[-1] if "--mlflow-uri" in plan.tracking else None
-    written = trackers.catch_up(plan.workspace, plan.tracking[1], uri)
-    if written:
-        say(f"tracking: wrote the {written} run(s) the server had not written when it exited")
-
-
 def tracking_options(args) -> tuple:
     if not args.track:
         return ()
@@ -215,7 +204,6 @@ def main(argv=None) -> int:
                           space=space, env=env, harness=harness, tracking=tracking_options(args))
         say(f"{plan.strategy} search over {', '.join(dim.name for dim in space)}")
         asyncio.run(run_search(plan, REPO, say))
-        catch_up_tracking(plan)
     except KeyboardInterrupt:
         where = f" --workspace {workspace}" if workspace else ""
         print(f"\ninterrupted: any training run was stopped and the ledger is intact; "

@@ -23,6 +23,7 @@ from autosearch.constants import ConstantError, evaluate_constants, rewrite_cons
 from autosearch.report import read_ledger
 from autosearch.space import SpaceError, applicable, sweep_space, validate_space
 from autosearch.strategies import SWEEPS, describe, make_strategy
+from mcp_server.core import trackers
 from mcp_server.core.history import find_constants
 
 BASELINE_DESCRIPTION = "baseline"
@@ -411,6 +412,29 @@ async def session_until_interrupted(plan: SearchPlan, repo: Path, say) -> bool:
 
 
 async def search_session(plan: SearchPlan, repo: Path, say) -> None:
+    """The session with the server, then what its tracker left."""
+    await serve_session(plan, repo, say)
+    await anyio.to_thread.run_sync(catch_up_tracking, plan, say)  # the server has exited: its tracker with it
+
+
+def catch_up_tracking(plan: SearchPlan, say) -> None:
+    """The runs the server's tracker had not written when the session ended it (the MCP client gives a server 2 s
+    to exit: on a busy machine, the night's last decisions), written here: the tracked runs the report names are
+    the night's. The tracker's own failure costs the night nothing: its records stay in runs/."""
+    if not plan.tracking:
+        return
+    uri = plan.tracking[-1] if "--mlflow-uri" in plan.tracking else None
+    try:
+        written = trackers.catch_up(plan.workspace, plan.tracking[1], uri)
+    except Exception as exc:  # noqa: BLE001 - any failure of MLflow's or W&B's is told, never the night's end
+        say(f"tracking failed ({type(exc).__name__}: {str(exc)[:200]}): the runs are kept in runs/, and a server "
+            f"started on this workspace with {' '.join(plan.tracking)} tracks them")
+        return
+    if written:
+        say(f"tracking: wrote the {written} run(s) the server had not written when it exited")
+
+
+async def serve_session(plan: SearchPlan, repo: Path, say) -> None:
     async with stdio_client(server_parameters(plan, repo)) as (read, write):
         async with ClientSession(read, write) as session:
             await session.initialize()

@@ -15,6 +15,7 @@ import anyio
 import pytest
 from mlflow import MlflowClient
 
+from autosearch.driver import SearchPlan, catch_up_tracking
 from mcp_server.core import tracking
 from mcp_server.__main__ import parse_args
 from server_support import (Lab, answer, exporting_workspace, git, make_cache, make_workspace, set_knobs, stdio_client_for,
@@ -359,6 +360,25 @@ def test_tracking_is_idempotent_and_a_half_done_run_is_redone(lab, mlflow_server
     redone = tracked(client, lab.ws)["worse"]
     assert redone.info.run_id != worse.info.run_id and redone.data.tags["decision"] == "discard"
     assert redone.data.metrics == worse.data.metrics
+
+
+def test_the_demos_catch_up_writes_what_the_server_left_and_a_tracker_down_costs_it_nothing(lab, mlflow_server):
+    """The MCP client ends a server 2 s after the session closes: its tracker's last pass (the night's last
+    decisions) can be cut (CI at stop 49). The demo writes what is left once the server is gone; a tracker that
+    does not answer then is told, and the night ends as it would."""
+    night(lab)  # the server's tracker wrote none of it
+    said = []
+    plan = SearchPlan(workspace=lab.ws, tag="t", strategy="greedy", experiments=0, hours=None, seed=0, space=(),
+                      env={}, harness={}, tracking=("--track", "mlflow", "--mlflow-uri", mlflow_server.url))
+    catch_up_tracking(plan, said.append)
+    assert synced(MlflowClient(mlflow_server.url), lab.ws, NIGHT_STAGES)
+    assert said == ["tracking: wrote the 4 run(s) the server had not written when it exited"]
+    catch_up_tracking(plan, said.append)
+    assert len(said) == 1  # nothing left: nothing said
+    down = f"http://127.0.0.1:{free_port()}"
+    plan.tracking = ("--track", "mlflow", "--mlflow-uri", down)
+    catch_up_tracking(plan, said.append)
+    assert said[-1].startswith("tracking failed (") and said[-1].endswith(f"--mlflow-uri {down} tracks them"), said
 
 
 def test_records_the_server_did_not_write_are_not_tracked(lab, mlflow_server):
