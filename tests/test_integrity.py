@@ -465,3 +465,28 @@ def test_a_data_folder_that_is_a_link_is_refused_at_setup_not_at_every_run(lab, 
     (fake_env / "cache" / "data").unlink()
     big.rename(fake_env / "cache" / "data")
     answer(lab.call("setup", tag="linked"))
+
+
+def test_an_exports_folder_linked_into_the_downloads_leaves_them_hidden_from_the_run(fake_env, bubblewrap, monkeypatch):
+    """Review 82: the workspace's .research-loop/exports replaced by a link into the cache's downloads (the agent
+    writes the workspace) put the run's export folder, a path the sandbox shows writable, inside them: the downloads
+    then held a shown path inside the cache shown, were left readable, and the run read the validation's source.
+    They stay hidden."""
+    cache = fake_env / "cache"
+    source = cache / "downloads" / "TinyStoriesV2-GPT4-valid.txt"
+    source.parent.mkdir()
+    source.write_text("SECRET-DOWNLOAD")
+    monkeypatch.setenv("FAKE_READ", str(source))
+    lab = Lab(make_workspace(fake_env), unsandboxed=False)
+    try:
+        answer(start(lab, VAL_BPB=0.9))
+        lab.ok("discard")
+        exports = lab.ws / ".research-loop" / "exports"
+        shutil.rmtree(exports)
+        exports.symlink_to(source.parent)
+        set_knobs(lab.ws, VAL_BPB=0.8)
+        run = answer(lab.call("run_experiment", description="the planted link"))
+    finally:
+        lab.loop.shutdown()
+    log = (lab.ws / run["log"]).read_text()
+    assert run["status"] == "ok" and f"read {source}" in log and "SECRET" not in log, log

@@ -53,6 +53,25 @@ def test_the_bests_program_in_newer_syntax_with_a_comment_edited_is_no_change(fa
         lab.loop.shutdown()
 
 
+def test_a_line_after_a_lone_carriage_return_is_code_not_part_of_the_comment_before_it(fake_env):
+    """Review 82: Python reads a lone carriage return as a line end (its source's newlines translated first), so in
+    `# knob\rVAL_BPB = 0.9` the assignment is code; the server's tokenize, reading lines split at \n only, took it for
+    the rest of the comment and dropped it. A best in newer syntax and a real edit of that line were "the same
+    program", and the edit (a gain of 0.1) was refused as no change."""
+    best = "# the knob\rVAL_BPB = 1.0\n" + newer_best()
+    lab = Lab(make_workspace(fake_env, best))
+    try:
+        lab.baseline()
+        (lab.ws / "train.py").write_bytes(best.replace("VAL_BPB = 1.0\n", "VAL_BPB = 0.9\n", 1).encode())
+        changed = lab.ok("run_experiment", description="the knob tuned")
+        assert changed["val_bpb"] == 0.9 and "is the program of the best" not in changed["next"], changed
+        assert lab.ok("keep", unconfirmed=True)["kept_commit"] == changed["commit"]
+    finally:
+        lab.loop.shutdown()
+    assert not same_program(b"type X = int\n# k\rLR = 1\n", b"type X = int\n# k\rLR = 2\n")
+    assert same_program(b"type X = int\r\nLR = 1\r\n", b"type X = int\nLR = 1\n")
+
+
 # pairs the syntax tree takes for one program, on every Python: comments and layout, and how a literal is spelled
 SAME = [("x = 1  # one\n", "x = 1\n\n# a comment of its own\n"),
         ("if x:\n  y = 1\n", "if x:\n        y = 1\n"),

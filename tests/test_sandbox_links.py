@@ -100,3 +100,27 @@ def test_a_private_copy_replaces_a_file_named_through_a_linked_cache(bubblewrap,
                            {"readonly": [str(shard.parent.parent)]}, str(outside_tmp), {shard: tmp_path / "copy"})
     done = subprocess.run(argv, capture_output=True, text=True)
     assert done.stdout.strip() == "the private copy", done.stderr
+
+
+@pytest.mark.parametrize("planted", ["harness file", "export folder"])
+def test_a_link_planted_into_the_hidden_downloads_leaves_them_hidden(bubblewrap, outside_tmp, planted):
+    """Review 82: a harness file of the slot's worktree replaced by a link into the cache's downloads (the data sets'
+    sources, hidden from runs), or the workspace's exports folder linked there (the run's export folder then inside
+    them), made the downloads "hold a path the spec shows" while they lie inside the cache it shows read-only: left
+    readable, as neither order could hide one and show the other, so the run read the text the validation is cut
+    from. Only the run's folder and the server's read-only paths order a hidden one first now."""
+    cache, run, ws = outside_tmp / "cache", outside_tmp / "run", outside_tmp / "ws"
+    (cache / "downloads").mkdir(parents=True), run.mkdir(), (ws / ".research-loop").mkdir(parents=True)
+    (cache / "downloads" / "val.txt").write_text("the validation's source")
+    if planted == "harness file":
+        (run / "README.md").symlink_to(cache / "downloads" / "val.txt")
+        export = ws / ".research-loop" / "exports" / "3"
+    else:
+        (ws / ".research-loop" / "exports").symlink_to(cache / "downloads")
+        export = ws / ".research-loop" / "exports" / "3"
+        export.mkdir()  # as the server makes it, through the link
+    spec = {"readonly": [str(ws), str(cache)], "writable": [".", str(export)], "readonly_inside": ["README.md"],
+            "hidden": [str(cache / "downloads")]}
+    argv, _ = sandbox.wrap(["cat", str(cache / "downloads" / "val.txt")], spec, str(run))
+    done = subprocess.run(argv, capture_output=True, text=True)
+    assert done.returncode != 0 and "the validation's source" not in done.stdout, (done.stdout, done.stderr)

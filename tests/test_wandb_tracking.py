@@ -132,10 +132,23 @@ def test_the_catch_up_after_a_server_was_ended_mid_write_leaves_every_run_whole(
     for item in crash.folder.iterdir():  # what the cut left: W&B's folder, without its run file or note
         if item.is_file():
             item.unlink()
+    lab.loop.shutdown()  # the server gone, as the demo's is once its session closed
     assert trackers.catch_up(lab.ws, "wandb") == 1
     assert trackers.catch_up(lab.ws, "wandb") == 0
     assert len(list(runs_dir(lab.ws).glob("offline-run-*"))) == 4
     assert by_stage(lab.ws) == NIGHT_STAGES and offline_runs(runs_dir(lab.ws))["crashes"].exited
+
+
+def test_the_catch_up_writes_nothing_while_a_server_owns_the_workspace(lab, offline):
+    """Review 82: the catch-up tracked with no owner check, so where the demo's server had not exited yet (its own
+    last pass under way) or another server had taken the workspace, both wrote the same runs. It writes only once
+    it can take the owner lock itself, as a server's tracker writes only while its server holds it."""
+    night(lab)  # lab's in-process server owns the workspace
+    assert trackers.catch_up(lab.ws, "wandb") == 0
+    assert not runs_dir(lab.ws).exists() or not list(runs_dir(lab.ws).glob("offline-run-*"))
+    lab.loop.shutdown()  # the owner gone: its lock with it
+    assert trackers.catch_up(lab.ws, "wandb") == 4
+    assert by_stage(lab.ws) == NIGHT_STAGES
 
 
 def test_a_list_of_written_runs_or_notes_the_agent_plants_keep_no_run_out_of_wandb(lab, offline):

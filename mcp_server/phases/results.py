@@ -380,6 +380,9 @@ def program_tokens(source: bytes) -> tuple | None:
     know such as 3.14's t"", a token it does not know) or reads none of it: such a source is compared by its bytes."""
     if b"\0" in source:  # no Python at all (a null byte in a comment ends the tokenizer's line early)
         return None
+    # review 82: Python ends a line at a lone \r too (it translates a source's newlines first); tokenize's readline here
+    # splits at \n only, so `# knob\rLR = 0.02` was one comment, dropped, and a real edit of LR was "the same program"
+    source = source.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
     kept: list[tuple] = []
     previous = None
     try:

@@ -257,12 +257,17 @@ def hidden(spec: dict, cwd: str) -> tuple[list[str], list[str]]:
     or a path the spec shows (a cluster's shared folder, a folder data set around the workspace),
     hidden before the spec's paths, which are then shown again inside them. Last: the rest (the
     downloads inside the cache), hidden over the spec's paths that hold them. One that both lies
-    inside a shown path and holds one is left readable: no order hides it and shows the other."""
+    inside a shown path and holds one is left readable: no order hides it and shows the other. Only the run's folder
+    and the read-only paths (the server's) make one first: a harness file or writable path is the agent's to link
+    (review 82: a worktree's README.md linked to the cache's downloads, or the exports folder linked into them, made
+    the downloads hold a shown path inside the cache shown, so they were left readable to the run); the paths of
+    theirs it holds stay hidden with it."""
     # resolved, as the kernel mounts and matches them: a folder named through a link still sorts right
     shown = [os.path.realpath(os.path.join(cwd, p)) for p in [".", *shown_paths(spec)]]
+    ordering = [os.path.realpath(os.path.join(cwd, p)) for p in [".", *spec.get("readonly", [])]]
     first, last = [], []
     for path in map(os.path.realpath, filter(os.path.exists, spec.get("hidden", []))):
-        holds = any(_holds(path, other) for other in shown)
+        holds = any(_holds(path, other) for other in ordering)
         inside = any(_holds(other, path) for other in shown)
         if holds and not inside:
             first.append(path)
