@@ -367,6 +367,7 @@ def test_the_demos_catch_up_writes_what_the_server_left_and_a_tracker_down_costs
     decisions) can be cut (CI at stop 49). The demo writes what is left once the server is gone; a tracker that
     does not answer then is told, and the night ends as it would."""
     night(lab)  # the server's tracker wrote none of it
+    lab.loop.shutdown()  # the demo's catch-up comes once its server has gone
     said = []
     plan = SearchPlan(workspace=lab.ws, tag="t", strategy="greedy", experiments=0, hours=None, seed=0, space=(),
                       env={}, harness={}, tracking=("--track", "mlflow", "--mlflow-uri", mlflow_server.url))
