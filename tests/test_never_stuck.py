@@ -9,7 +9,7 @@ import pytest
 
 from mcp_server.core.ledger import MAX_DESCRIPTION
 from mcp_server.core.limits import STOPPED_EARLY
-from mcp_server.phases.results import MAX_PROGRAM_BYTES
+from mcp_server.core.programs import MAX_PROGRAM_BYTES
 from server_support import (
     Lab, answer, exporting_workspace, git, ledger_lines, make_workspace, processes_in, set_knobs, slot_dir, wait_until,
 )

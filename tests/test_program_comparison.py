@@ -1,4 +1,4 @@
-"""Whether two train.py are one program "but for comments and layout" (results.same_program), where the server's
+"""Whether two train.py are one program "but for comments and layout" (programs.same_program), where the server's
 Python cannot parse them: a best written in newer syntax than the server's interpreter is compared by its tokens,
 not byte for byte. Played through the real server (the fake trainer reads its knobs and ignores the rest), and at the
 unit level against the syntax trees where the server can parse both."""
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mcp_server.phases.results import MAX_PROGRAM_BYTES, program_tokens, same_program, unreadable_program
+from mcp_server.core.programs import MAX_PROGRAM_BYTES, program_tokens, same_program, unreadable_program
 from server_support import Lab, ledger_lines, make_workspace
 
 # a syntax of each newer Python than the oldest server (3.11): a best in it cannot be parsed by an older server

@@ -17,7 +17,8 @@ from mcp_server.phases.dispatch import dispatch, require_owner
 from mcp_server.executors.executor import read_report
 from mcp_server.core.models import CancelResult, DecisionResult, LoggedRow, Refusal, Row, RunResult, StopResult
 from mcp_server.phases import overview
-from mcp_server.phases.results import confirmation_needed, no_change, result_of, unreadable_program
+from mcp_server.core.programs import unreadable_program
+from mcp_server.phases.results import confirmation_needed, no_change, result_of
 from mcp_server.phases.runs import IN_FLIGHT, UNDECIDED, LoopCore
 from mcp_server.phases.submit import submit
 from mcp_server.core.workspace import EDITABLE, PROTECTED_BRANCHES, RUN_REF_PREFIX, validate_commit_arg

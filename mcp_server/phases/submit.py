@@ -16,7 +16,7 @@ from mcp_server.phases import early_stop, measurements, novelty
 from mcp_server.core import budget_settings, envpin, history, integrity, ledger, limits
 from mcp_server.phases.dispatch import dispatch, require_owner, run_command
 from mcp_server.core.models import Refusal, SetupResult
-from mcp_server.phases.results import oversized
+from mcp_server.core.programs import oversized
 from mcp_server.phases.runs import RUNS_DIR, UNDECIDED, LoopCore, run_name
 from mcp_server.core.workspace import (BRANCH_PREFIX, EDITABLE, RUN_REF_PREFIX, cache_dir, prepared_info, timeout_for,
                                        validate_tag)
