@@ -6,6 +6,7 @@ unreadable to compare.
 Pure functions over bytes: results.no_change asks them of a run's train.py and its best's.
 """
 import ast
+import functools
 import io
 import keyword
 import sys
@@ -16,6 +17,9 @@ import warnings
 # the most train.py a run takes (upstream's is about 25 kB): each answer parses the undecided runs' train.py and
 # their best's to compare them as programs (same_program), 17 s a call for a 6 MB one (review 80)
 MAX_PROGRAM_BYTES = 1 << 20
+# sources whose tree and tokens are kept: every answer compares the same few again (the undecided runs' and their
+# best's), and a 1 MiB newer-syntax best took 5.8 s to tokenize (review 82)
+CACHED_SOURCES = 16
 
 
 def same_program(a: bytes, b: bytes) -> bool:
@@ -26,10 +30,9 @@ def same_program(a: bytes, b: bytes) -> bool:
         return True
     if max(len(a), len(b)) > MAX_PROGRAM_BYTES:
         return False
-    try:
-        return _tree(a) == _tree(b)
-    except _UNREADABLE:
-        pass
+    trees = _tree(a), _tree(b)
+    if None not in trees:
+        return trees[0] == trees[1]
     tokens = program_tokens(a)
     return tokens is not None and tokens == program_tokens(b)
 
@@ -37,12 +40,22 @@ def same_program(a: bytes, b: bytes) -> bool:
 _UNREADABLE = (SyntaxError, ValueError, RecursionError, MemoryError)
 
 
-def _tree(source: bytes) -> str:
+@functools.lru_cache(maxsize=CACHED_SOURCES)
+def _tree(source: bytes) -> str | None:
+    """Its syntax tree, written out; None where the server's Python cannot parse it."""
+    try:
+        return ast.dump(_parsed(source))
+    except _UNREADABLE:
+        return None
+
+
+def _parsed(source: bytes) -> ast.Module:
     with warnings.catch_warnings():  # an invalid escape in a string warns (3.12: SyntaxWarning on stderr)
         warnings.simplefilter("ignore")
-        return ast.dump(ast.parse(source))
+        return ast.parse(source)
 
 
+@functools.lru_cache(maxsize=CACHED_SOURCES)
 def program_tokens(source: bytes) -> tuple | None:
     """A train.py's tokens as its program reads them, for one in syntax newer than the server's Python: what its syntax
     tree leaves out is left out here too (comments, blank lines, spaces, line breaks inside brackets, backslashes that
@@ -133,12 +146,12 @@ def unreadable_program(source: bytes) -> str | None:
     newer syntax than the server's Python it reads by its tokens."""
     if too_big := oversized(source):
         return too_big
+    if _tree(source) is not None or program_tokens(source) is not None:
+        return None
+    why = ""
     try:
-        _tree(source)
+        _parsed(source)  # again, for the parser's words
     except _UNREADABLE as exc:
-        if program_tokens(source) is not None:
-            return None
-        version = f"{sys.version_info[0]}.{sys.version_info[1]}"  # the server's
-        return (f"does not parse as Python {version}, nor do its tokens read as a newer Python's "
-                f"({type(exc).__name__}: {str(exc)[:120]})")
-    return None
+        why = f" ({type(exc).__name__}: {str(exc)[:120]})"
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"  # the server's
+    return f"does not parse as Python {version}, nor do its tokens read as a newer Python's{why}"
