@@ -102,6 +102,21 @@ def test_the_flops_clocks_rate_calibrated_beside_a_busy_process_is_about_the_rat
     assert beside > 0.85 * alone, (alone, beside)
 
 
+def test_on_the_flops_clock_a_step_over_the_budget_is_counted_in_budget_seconds():
+    """CI of stop 50: the real train.py on the flops clock stops after the step that crosses the budget, and its
+    first step is untimed; three timed steps of 1.47 budget seconds charged 4.4 s on a 3 s budget. Its last step's
+    wall time (1.16 s, a quicker machine than the clock's calibration) was taken for a step, so it was "over the
+    budget": a crash. The wall clock keeps its one step over."""
+    from mcp_server.core.integrity import time_problem
+    from mcp_server.core.models import Summary
+    run = Summary(val_bpb=3.3, training_seconds=4.4, timed_seconds=3.7, total_seconds=11.6, num_steps=4)
+    report = {"wall_seconds": 12.0}
+    assert time_problem(run, report, 3.0, 1.158, clock="flops") is None
+    assert "over the 3s budget" in time_problem(run, report, 3.0, 1.158, clock="wall")
+    greedy = run.model_copy(update={"training_seconds": 8.0})  # more than one step over and one untimed
+    assert "trained for 8.0s, over the 3s budget" in time_problem(greedy, report, 3.0, 1.158, clock="flops")
+
+
 def test_what_a_run_charges_the_flops_clock_is_checked_by_the_harness():
     """The FLOPs per token train.py charges against the floor the harness counts in its exported
     model, and the tokens it trained at that charge against the prepared budget."""

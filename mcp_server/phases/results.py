@@ -192,7 +192,7 @@ def _measured(core: LoopCore, entry: dict, summary, report: dict, result: RunRes
     last = logparse.last_progress(text)
     budget = entry.get("budget") or time_budget(core.root)  # as submitted (a state from before: as it is now)
     problem = integrity.time_problem(summary, report, budget, last.dt_ms / 1000 if last and last.dt_ms else None,
-                                     entry.get("most_seconds"))
+                                     entry.get("most_seconds"), result.budget_clock)
     if problem:
         return problem, None
     if not entry.get("verifies"):
