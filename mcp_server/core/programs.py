@@ -7,6 +7,7 @@ Pure functions over bytes: results.no_change asks them of a run's train.py and i
 """
 import ast
 import functools
+import hashlib
 import io
 import keyword
 import sys
@@ -17,8 +18,9 @@ import warnings
 # the most train.py a run takes (upstream's is about 25 kB): each answer parses the undecided runs' train.py and
 # their best's to compare them as programs (same_program), 17 s a call for a 6 MB one (review 80)
 MAX_PROGRAM_BYTES = 1 << 20
-# sources whose tree and tokens are kept: every answer compares the same few again (the undecided runs' and their
-# best's), and a 1 MiB newer-syntax best took 5.8 s to tokenize (review 82)
+# sources whose tree and tokens are kept, as digests (a 1 MiB source's tokens take tens of MB): every answer compares
+# the same few again (the undecided runs' and their best's), and a 1 MiB newer-syntax best took 5.8 s to tokenize
+# (review 82)
 CACHED_SOURCES = 16
 
 
@@ -33,20 +35,27 @@ def same_program(a: bytes, b: bytes) -> bool:
     trees = _tree(a), _tree(b)
     if None not in trees:
         return trees[0] == trees[1]
-    tokens = program_tokens(a)
-    return tokens is not None and tokens == program_tokens(b)
+    tokens = _tokens(a)
+    return tokens is not None and tokens == _tokens(b)
 
 
 _UNREADABLE = (SyntaxError, ValueError, RecursionError, MemoryError)
 
 
 @functools.lru_cache(maxsize=CACHED_SOURCES)
-def _tree(source: bytes) -> str | None:
-    """Its syntax tree, written out; None where the server's Python cannot parse it."""
+def _tree(source: bytes) -> bytes | None:
+    """Its syntax tree's digest; None where the server's Python cannot parse it."""
     try:
-        return ast.dump(_parsed(source))
+        return hashlib.sha256(ast.dump(_parsed(source)).encode()).digest()
     except _UNREADABLE:
         return None
+
+
+@functools.lru_cache(maxsize=CACHED_SOURCES)
+def _tokens(source: bytes) -> bytes | None:
+    """Its program_tokens' digest (their repr: each a type and a value, written back unambiguously); None as they."""
+    tokens = program_tokens(source)
+    return None if tokens is None else hashlib.sha256(repr(tokens).encode()).digest()
 
 
 def _parsed(source: bytes) -> ast.Module:
@@ -55,7 +64,6 @@ def _parsed(source: bytes) -> ast.Module:
         return ast.parse(source)
 
 
-@functools.lru_cache(maxsize=CACHED_SOURCES)
 def program_tokens(source: bytes) -> tuple | None:
     """A train.py's tokens as its program reads them, for one in syntax newer than the server's Python: what its syntax
     tree leaves out is left out here too (comments, blank lines, spaces, line breaks inside brackets, backslashes that
@@ -146,7 +154,7 @@ def unreadable_program(source: bytes) -> str | None:
     newer syntax than the server's Python it reads by its tokens."""
     if too_big := oversized(source):
         return too_big
-    if _tree(source) is not None or program_tokens(source) is not None:
+    if _tree(source) is not None or _tokens(source) is not None:
         return None
     why = ""
     try:
