@@ -199,7 +199,8 @@ class Lab:
 
     def baseline(self):
         self.ok("setup", tag="t")
-        self.ok("run_experiment", description="baseline")
+        run = self.ok("run_experiment", description="baseline")
+        assert run["status"] == "ok", run  # the baseline's crash, with its log's tail, not keep's refusal of it
         return self.ok("keep")
 
 

@@ -12,6 +12,9 @@ Most nights run the server in process (a restart is an orderly shutdown and a ne
 one in four runs it as Claude Code does, `python -m mcp_server` over stdio, and there a restart is
 a SIGKILL of the server's process with a run in flight. Starting that process costs seconds, so
 not every night pays it.
+
+In CI (the CI variable set, as .ci/run and most CI services set it) hypothesis's "ci" profile draws the same nights
+on every run, so a build fails on a change, not on a new draw; elsewhere each run draws new nights.
 """
 import json
 import os
@@ -150,8 +153,10 @@ class NightMachine(RuleBasedStateMachine):
         in between); refused again, status contradicts the tools."""
         next_step = self.lab.call("status").structured_content["next"]
         promised = [(n, a) for n, a in promised_calls(next_step) if n == name and (n == "run_experiment" or a == args)]
-        if next_step.startswith("edit train.py") and "train.py is identical to run" in refusal:
-            promised = []  # next promises a run of new code; the same code again is refused by design
+        if next_step.startswith("edit train.py") and ("train.py is identical to run" in refusal or
+                                                       re.search(r"train\.py is the kept code \w+ unchanged", refusal)):
+            promised = []  # next promises a run of new code; the same code again is refused by design (CI of stop 51:
+            # a kept "worse" night, whose next "worse" writes the kept train.py again)
         if promised:
             again = self.lab.call(name, **args)
             assert not again.is_error, f"status().next said {next_step!r}, and {name}{args} was refused twice: " \
