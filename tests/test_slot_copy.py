@@ -22,7 +22,6 @@ print("train.py started", flush=True)
 while os.path.exists({hold!r}):
     time.sleep(0.05)
 {read}
-print("helper:", VALUE, flush=True)
 export = os.environ["RESEARCH_LOOP_EXPORT"]
 open(export + ".json", "w").write("{{}}")
 open(export, "w").write("model")
@@ -63,30 +62,40 @@ def run(lab, n: int, files: dict, sandboxed: bool, during=None):
 
 
 @pytest.mark.parametrize("sandboxed", [True, False], ids=["bubblewrap", "unsandboxed"])
-@pytest.mark.parametrize("read", READS)
-def test_a_file_the_run_reads_as_text_or_data_is_the_commits_whatever_the_slot_holds(stand_in_torch, read, sandboxed):
-    """The agent rewrites a file of the commit in the slot after checkout: one train.py runs as text
-    (`exec(open(...).read())`), runs with runpy, or reads as a config. The run read it from the slot
-    (only imports were checked) and trained the agent's content as the commit's. Now the run copies the
-    commit's files, each checked, and runs from its copy: written before the copy, the file stops the run
-    (it names it); written while train.py runs, the run reads the commit's."""
-    lab, (code, name, genuine, swapped) = stand_in_torch, READS[read]
-    files = commit(lab, TRAIN.format(hold=str(lab.folder / "ws" / "hold"), read=code), {name: genuine})
+def test_a_file_the_run_reads_as_text_or_data_is_the_commits_whatever_the_slot_holds(stand_in_torch, sandboxed):
+    """The agent rewrites files of the commit in the slot after checkout: the train.py runs one as text
+    (`exec(open(...).read())`), runs one with runpy, and reads one as a config. The run read them from the
+    slot (only imports were checked) and trained the agent's content as the commit's. Now the run copies the
+    commit's files, each checked, and runs from its copy: written before the copy, a file stops the run (it
+    names it); written while train.py runs, the run reads the commit's. (One train.py reads all three ways: a
+    run of its own for each way cost 40 s of the suite, and the copy is the same for each.)"""
+    lab = stand_in_torch
+    reads = "".join(f"{code}\nprint({name!r}, VALUE, flush=True)\n" for code, name, _, _ in READS.values())
+    files = commit(lab, TRAIN.format(hold=str(lab.folder / "ws" / "hold"), read=reads),
+                   {name: genuine for _, name, genuine, _ in READS.values()})
     slot = lab.pool.ws.slot_path(0)
     checkout = lab.pool.ws.checkout_slot
 
-    def checkout_then_swap(k, commit):  # the agent's write, timed after the server's checkout
+    def swap_all(folder):  # the agent's writes
+        for _, name, _, swapped in READS.values():
+            (folder / name).write_text(swapped)
+
+    def checkout_then_swap(k, commit):  # timed after the server's checkout
         path = checkout(k, commit)
-        (path / name).write_text(swapped)
+        swap_all(path)
         return path
     lab.pool.ws.checkout_slot = checkout_then_swap
     outcome = run(lab, 1, files, sandboxed)
     lab.pool.ws.checkout_slot = checkout
-    assert "helper:" not in lab.log(1) and outcome.report["exit_code"] != 0, lab.log(1)
-    assert f"{name} is not the run's commit's (other contents than the commit holds" in lab.log(1), lab.log(1)
+    assert "SWAPPED" not in lab.log(1) and outcome.report["exit_code"] != 0, lab.log(1)
+    named = [name for _, name, _, _ in READS.values()
+             if f"{name} is not the run's commit's (other contents than the commit holds" in lab.log(1)]
+    assert named, lab.log(1)
     for n in (2, 3):  # the second is handed to a warm interpreter, where the first one was not started
-        outcome = run(lab, n, files, sandboxed, during=lambda: (slot / name).write_text(swapped))
-        assert outcome.report["exit_code"] == 0 and "helper: the commit" in lab.log(n), lab.log(n)
+        outcome = run(lab, n, files, sandboxed, during=lambda: swap_all(slot))
+        assert outcome.report["exit_code"] == 0 and "SWAPPED" not in lab.log(n), lab.log(n)
+        for _, name, _, _ in READS.values():
+            assert f"{name} the commit" in lab.log(n), lab.log(n)
     assert outcome.report["warm_start"], lab.log(3)
     if not sandboxed:  # the worker's folder for the copy is gone with the run
         assert not [p for p in Path("/tmp").glob("research-loop-commit-*") if p.stat().st_uid == os.getuid()
@@ -99,7 +108,7 @@ def test_a_commit_of_more_sources_than_one_argument_holds_is_checked(stand_in_to
     so a module swapped in the slot after checkout stops the run, and the honest run trains the commit's."""
     lab = stand_in_torch
     vendored = {f"vendor/module_{i:04d}.py": f"X = 'the commit {i}'\n" for i in range(2000)}
-    read = "import sys; sys.path.insert(0, 'vendor'); import module_1999; VALUE = module_1999.X"
+    read = "import sys; sys.path.insert(0, 'vendor'); import module_1999; print('helper:', module_1999.X, flush=True)"
     files = commit(lab, TRAIN.format(hold=str(lab.folder / "ws" / "hold"), read=read), vendored)
     assert len(files) > 2000
     slot = lab.pool.ws.slot_path(0)
