@@ -363,18 +363,25 @@ def test_a_second_confirm_of_the_same_pair_while_one_measures_is_refused(fake_en
         lab.loop.shutdown()
 
 
-def test_a_confirmation_cannot_run_beside_one_of_the_same_code_whose_run_was_discarded(fake_env):
+def test_a_confirmation_cannot_run_beside_one_of_the_same_code_whose_run_was_discarded(fake_env, outside_tmp,
+                                                                                        monkeypatch):
     """Found by review 62: one call at a time measures a pair (review 60), but the rule found the pair through the
     candidate's entry. The agent discarded the candidate while its confirmation trained and confirmed the same
     train.py, run again, beside it: a second call on an order of its own (order 1 was skipped, a rerun of the
     same code was on it), whose win could be kept before the first pair was judged."""
     from server_support import Lab, make_workspace
+    # the candidate's rerun trains until the agent's two calls are made (it trained 2 s: a loaded machine's calls
+    # came after it had ended, when the first confirm had answered and the second one rightly ran)
+    release = outside_tmp / "release"
+    monkeypatch.setenv("FAKE_RELEASE", str(release))
+    release.touch()
     lab = Lab(make_workspace(fake_env), slots=2)
     try:
         lab.baseline()  # run 1: 1.0
-        set_knobs(lab.ws, VAL_BPB=0.99, SLEEP=2)
+        set_knobs(lab.ws, VAL_BPB=0.99, HOLD=1)
         answer(lab.call("run_experiment", description="an idea"))  # run 2
         answer(lab.call("run_experiment", description="the idea again", rerun=True))  # run 3: the same train.py
+        release.unlink()
         calls = {}
 
         async def race():
@@ -389,6 +396,7 @@ def test_a_confirmation_cannot_run_beside_one_of_the_same_code_whose_run_was_dis
                         await anyio.sleep(0.1)
                     answer(await client.call_tool("discard", {"run": 2}))
                     calls["again"] = await client.call_tool("confirm", {"run": 3})
+                    release.touch()
         anyio.run(race)
         assert "A confirmation of run 3's train.py against this best is being measured now (rerun(s) 5)" in \
             error(calls["again"]), calls["again"]
