@@ -25,9 +25,10 @@ result, as it does for real), else a default:
           environment only)
   READ (none: comma-separated files to read, printing what each holds or why it could not, a pattern
         with * standing for what it matches (printed); read from the environment only)
-  HOLD (0: 1 = once its steps are done, wait until the file named by FAKE_RELEASE exists, for at most 120 s: a
-        test holds a run in flight for as long as it needs, whatever the machine's speed; FAKE_RELEASE is read from the
-        environment only, and outside /tmp, as the sandbox's /tmp is its own)
+  HOLD (0: a run number; that run (RESEARCH_LOOP_RUN), once its steps are done, waits until the file named by
+        FAKE_RELEASE exists, for at most 120 s: a test's race made while the run is in flight, however slow the
+        machine; FAKE_RELEASE is read from the environment only, and lies outside /tmp, the sandbox's own; conftest's
+        hold fixture sets both)
   TAMPER (0: try to append a planted best row to the workspace's results.tsv, to rewrite the
           server's state, to write the user's home and the worktree's .git link, and report what happened)
 """
@@ -165,7 +166,7 @@ def main() -> int:
         if k["CRASH"] and step == k["STEPS"] // 2:
             raise RuntimeError("CUDA out of memory (fake crash)")
     print()
-    if k["HOLD"]:
+    if k["HOLD"] and k["HOLD"] == int(os.environ.get("RESEARCH_LOOP_RUN", "0")):
         hold()
     if k["NO_SUMMARY"]:
         return 0
