@@ -298,7 +298,9 @@ def test_the_cookie_is_signed_per_server_start_and_expires(night, served):
         later.close()
     expires, mac = value.split(".")
     assert get(served, "/", Cookie=f"{served.cookie}={int(expires) + 10**6}.{mac}").status == 401  # extended
-    served.cookie_lifetime = 1
+    # the signed expiry is a whole second, int(now + lifetime): a cookie lasts between lifetime - 1 and lifetime s, and
+    # one of 1 s signed late in a second (0.96) was refused 0.05 s later, on its first use
+    served.cookie_lifetime = 2
     short = signed_in_cookie(served)
     assert get(served, "/api/snapshot", Cookie=short).status == 200
     time.sleep(2.1)
