@@ -162,6 +162,32 @@ def outside_tmp():
     shutil.rmtree(folder)
 
 
+class Hold:
+    """One run of the fake trainer held in flight until release() (fake_train.py's HOLD): a test's call made "while
+    the run trains" is made then on any machine (a run that trained a few seconds had ended under load, and the call
+    met another state)."""
+
+    def __init__(self, monkeypatch, folder: Path):
+        self.monkeypatch, self.file = monkeypatch, folder / "release"
+
+    def __call__(self, run: int) -> None:
+        """Holds `run` of a server started after this call (a run's environment is its server's as it started)."""
+        self.file.unlink(missing_ok=True)
+        self.monkeypatch.setenv("FAKE_HOLD", str(run))
+        self.monkeypatch.setenv("FAKE_RELEASE", str(self.file))
+
+    def release(self) -> None:
+        self.file.touch()
+
+
+@pytest.fixture
+def hold(fake_env, monkeypatch, outside_tmp):
+    """hold(run): that run waits, its steps done, until hold.release(); released as the test ends."""
+    held = Hold(monkeypatch, outside_tmp)
+    yield held
+    held.release()
+
+
 @pytest.fixture(scope="session")
 def browser():
     """One headless Chromium for the session (Debian's package, installed if missing and allowed)."""

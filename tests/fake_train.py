@@ -25,6 +25,10 @@ result, as it does for real), else a default:
           environment only)
   READ (none: comma-separated files to read, printing what each holds or why it could not, a pattern
         with * standing for what it matches (printed); read from the environment only)
+  HOLD (0: a run number; that run (RESEARCH_LOOP_RUN), once its steps are done, waits until the file named by
+        FAKE_RELEASE exists, for at most 120 s: a test's race made while the run is in flight, however slow the
+        machine; FAKE_RELEASE is read from the environment only, and lies outside /tmp, the sandbox's own; conftest's
+        hold fixture sets both)
   TAMPER (0: try to append a planted best row to the workspace's results.tsv, to rewrite the
           server's state, to write the user's home and the worktree's .git link, and report what happened)
 """
@@ -42,7 +46,7 @@ import zlib
 DEFAULTS = {"VAL_BPB": 1.0, "MEMORY_MB": 2048.0, "STEPS": 5, "SLEEP": 0.0, "CRASH": 0, "NAN": 0,
             "NO_SUMMARY": 0, "NOISE": 0.0, "SPAWN": 0, "ESCAPE": 0.0, "SPAM_MB": 0.0, "IGNORE_TERM": 0,
             "CLAIM_SECONDS": 0.0, "TAMPER": 0, "MFU": 40.0, "FLOPS_CLOCK": 0,
-            "ORDER_EFFECT": 0.0, "ORDER_LUCK": 0.0, "LAG": 0.0, "EXPORT": 0}
+            "ORDER_EFFECT": 0.0, "ORDER_LUCK": 0.0, "LAG": 0.0, "EXPORT": 0, "HOLD": 0}
 ESCAPED = """
 import os, sys, time
 if os.fork():
@@ -97,6 +101,12 @@ def tamper() -> None:
                 os.unlink(path)
         except OSError as exc:
             print(f"tamper: refused {name}: {exc}")
+
+
+def hold() -> None:
+    release, deadline = os.environ.get("FAKE_RELEASE", ""), time.time() + 120
+    while not (release and os.path.exists(release)) and time.time() < deadline:
+        time.sleep(0.05)
 
 
 def read_paths(listed: str) -> list[str]:
@@ -156,6 +166,8 @@ def main() -> int:
         if k["CRASH"] and step == k["STEPS"] // 2:
             raise RuntimeError("CUDA out of memory (fake crash)")
     print()
+    if k["HOLD"] and k["HOLD"] == int(os.environ.get("RESEARCH_LOOP_RUN", "0")):
+        hold()
     if k["NO_SUMMARY"]:
         return 0
     elapsed = time.time() - t0

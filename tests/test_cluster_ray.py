@@ -69,8 +69,11 @@ def test_cancel_and_timeout_kill_the_jobs_whole_process_tree(ray_lab, ray_head):
     ray_lab.baseline()
     set_knobs(ray_lab.ws, sleep=120, steps=120, spawn=1, escape=1)
     cancelled = ray_lab.ok("run_experiment", description="to cancel", wait=False)
+    # each job: the trainer, its grandchild, and a daemon that left its session. The timed job is sent once the first
+    # one's are there: sent together, the two jobs' trees showed 5.4 s after (load 4.4), and a loaded machine that
+    # starts one job more than ~7 s after the other saw the timed one end at its 8 s before the other's were there
+    assert wait_until(lambda: len(trainers(ray_head)) >= 3, 90), trainers(ray_head)
     timed = ray_lab.ok("run_experiment", description="to time out", wait=False, timeout_seconds=8, rerun=True)
-    # each job: the trainer, its grandchild, and a daemon that left its session
     assert wait_until(lambda: len(trainers(ray_head)) >= 6, 90), trainers(ray_head)
     row = ray_lab.ok("cancel", run=cancelled["run"])["row"]
     assert row["status"] == "crash" and row["description"] == "to cancel (cancelled)"

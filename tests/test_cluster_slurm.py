@@ -75,8 +75,11 @@ def test_cancel_and_timeout_kill_the_jobs_whole_process_tree(slurm_lab):
     slurm_lab.baseline()
     set_knobs(slurm_lab.ws, sleep=120, steps=120, spawn=1, escape=1)
     cancelled = slurm_lab.ok("run_experiment", description="to cancel", wait=False)
+    # each job: the trainer, its grandchild, and a daemon that left its session. The timed job is sent once the first
+    # one's are there: sent together, all six showed 2.2 s after (load 3.6), and the timed job ends 6 s after its own
+    # start, so a start of one job ~5 s after the other's would never show all six
+    assert wait_until(lambda: len(cluster.trainers(slurm_lab.folder)) >= 3, 60), cluster.trainers(slurm_lab.folder)
     timed = slurm_lab.ok("run_experiment", description="to time out", wait=False, timeout_seconds=6, rerun=True)
-    # each job: the trainer, its grandchild, and a daemon that left its session
     assert wait_until(lambda: len(cluster.trainers(slurm_lab.folder)) >= 6, 60), cluster.trainers(slurm_lab.folder)
     row = slurm_lab.ok("cancel", run=cancelled["run"])["row"]
     assert row["status"] == "crash" and row["description"] == "to cancel (cancelled)"

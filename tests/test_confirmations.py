@@ -133,18 +133,20 @@ def test_a_lost_pair_is_not_undone_by_confirming_the_same_code_as_a_new_run(fake
         lab.loop.shutdown()
 
 
-def sleeping(lab, monkeypatch, seconds: float) -> None:
-    """The server restarted with its runs training for `seconds` each: a run's environment is the server's as it
-    started, so a knob set in the environment later reaches no run (the races below were won by the time the
-    server took to see a run's end, which a loaded machine lost)."""
-    monkeypatch.setenv("FAKE_SLEEP", str(seconds))
+def holding(lab, hold, run: int) -> None:
+    """The server restarted with `run` held in flight until racing() has made its second call: a run's environment is
+    the server's as it started, so a knob set in the environment later reaches no run. (The races below were won by
+    the time the server took to see a run's end, which a loaded machine lost; then by runs that trained 2 or 3 s,
+    which a loaded machine's second call came after, when the first call had answered.)"""
+    hold(run)
     lab.loop.shutdown()
     lab.loop = lab.new_loop()
 
 
-def racing(lab, call: tuple[str, dict], when, then: tuple[str, dict]) -> dict:
+def racing(lab, call: tuple[str, dict], when, then: tuple[str, dict], hold) -> dict:
     """The agent's race: one client makes `call` and, as soon as status() answers `when`, makes `then`
-    while the first waits; {tool: its answer} for both (the second "<tool> again" where both are one tool)."""
+    while the first waits (its held run released once `then` has answered); {tool: its answer} for both (the second
+    "<tool> again" where both are one tool)."""
     calls = {}
 
     async def both():
@@ -153,9 +155,13 @@ def racing(lab, call: tuple[str, dict], when, then: tuple[str, dict]) -> dict:
                 calls[call[0]] = await client.call_tool(*call)
 
             async def agent():
-                while not when(answer(await client.call_tool("status", {}))):
-                    await anyio.sleep(0.2)
-                calls[then[0] + (" again" if then[0] == call[0] else "")] = await client.call_tool(*then)
+                try:
+                    with anyio.fail_after(120):  # a failure, not a hang, where the held run was never seen
+                        while not when(answer(await client.call_tool("status", {}))):
+                            await anyio.sleep(0.2)
+                    calls[then[0] + (" again" if then[0] == call[0] else "")] = await client.call_tool(*then)
+                finally:
+                    hold.release()
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(first)
                 tasks.start_soon(agent)
@@ -164,23 +170,23 @@ def racing(lab, call: tuple[str, dict], when, then: tuple[str, dict]) -> dict:
 
 
 @contextlib.contextmanager
-def deciding_a_noise_repeat(fake_env, monkeypatch, tool: str, when=lambda status: status.get("undecided")):
+def deciding_a_noise_repeat(fake_env, hold, tool: str, when=lambda status: status.get("undecided")):
     """A baseline at 1.0, then measure_noise(repeats=2) raced by `tool`(run=2) as soon as status() answers `when`: the
     first repeat (run 2, 0.998) pending while the second (run 3, 1.002) trains. Yields the lab and the calls' answers."""
     lab = noisy_lab(fake_env, -0.002)  # run 2: 0.998, run 3: 1.002
     try:
         lab.baseline()  # run 1: 1.0
-        sleeping(lab, monkeypatch, 3)  # run 2 waits for a decision while run 3 trains
-        yield lab, racing(lab, ("measure_noise", {"repeats": 2}), when, (tool, {"run": 2}))
+        holding(lab, hold, 3)  # run 2 waits for a decision while run 3 trains
+        yield lab, racing(lab, ("measure_noise", {"repeats": 2}), when, (tool, {"run": 2}), hold)
     finally:
         lab.loop.shutdown()
 
 
-def test_a_noise_repeat_discarded_while_measure_noise_waits_fails_no_measurement(fake_env, monkeypatch):
+def test_a_noise_repeat_discarded_while_measure_noise_waits_fails_no_measurement(fake_env, hold):
     """Review 58: discard(run) of measure_noise's first repeat, pending while the second trained, made
     measure_noise fail "Run 2 is already decided", its second repeat left undecided, no noise stored and the
     repeats not counted as extra runs. The tool now takes a repeat the agent decided as it is."""
-    with deciding_a_noise_repeat(fake_env, monkeypatch, "discard") as (lab, calls):
+    with deciding_a_noise_repeat(fake_env, hold, "discard") as (lab, calls):
         assert answer(calls["discard"])["row"]["status"] == "discard"
         assert answer(calls["measure_noise"])["noise"]["values"] == [1.0, 0.998, 1.002]
         status = answer(lab.call("status"))
@@ -188,12 +194,12 @@ def test_a_noise_repeat_discarded_while_measure_noise_waits_fails_no_measurement
         assert [line.split("\t")[3] for line in ledger_lines(lab.ws)[1:]] == ["keep", "discard", "discard"]
 
 
-def test_a_noise_repeat_on_a_lucky_data_order_cannot_be_kept_while_measure_noise_waits(fake_env, monkeypatch):
+def test_a_noise_repeat_on_a_lucky_data_order_cannot_be_kept_while_measure_noise_waits(fake_env, hold):
     """Found by review 51: a parallel keep(run) of measure_noise's first repeat, pending while the second
     trained, made the kept code on a lucky stretch of data the best (0.998 against 1.0, nothing changed),
     and measure_noise failed ("already decided"), its second repeat left undecided and no noise stored."""
     seen = []  # status() as the agent polls it: the pending repeat is to be discarded, never kept
-    with deciding_a_noise_repeat(fake_env, monkeypatch, "keep",
+    with deciding_a_noise_repeat(fake_env, hold, "keep",
                                  lambda status: seen.append(status) or status.get("undecided")) as (lab, calls):
         assert "a rerun of measure_noise or confirm, which keep refuses" in seen[-1]["next"], seen[-1]
         assert calls["keep"].is_error and "Run 2 is a rerun that measure_noise or confirm made on data order 1" \
@@ -203,11 +209,11 @@ def test_a_noise_repeat_on_a_lucky_data_order_cannot_be_kept_while_measure_noise
         assert status["best_val_bpb"] == 1.0 and not status.get("undecided") and status["extra_runs"] == 2
 
 
-def test_a_noise_repeat_cannot_be_confirmed_while_measure_noise_waits(fake_env, monkeypatch):
+def test_a_noise_repeat_cannot_be_confirmed_while_measure_noise_waits(fake_env, hold):
     """Review 63: a parallel confirm(run) of measure_noise's first repeat, pending while the second trained, reran the
     kept code beside itself (two extra runs) and, the repeat winning its pair by luck (-0.002), answered
     "confirmed", next keep(run=2): a run measure_noise had discarded meanwhile, and one keep refuses anyway."""
-    with deciding_a_noise_repeat(fake_env, monkeypatch, "confirm") as (lab, calls):
+    with deciding_a_noise_repeat(fake_env, hold, "confirm") as (lab, calls):
         assert calls["confirm"].is_error, calls["confirm"].content[0].text
         assert "Run 2 is a rerun" in calls["confirm"].content[0].text and "discard(run=2)" in calls["confirm"].content[0].text
         assert answer(calls["measure_noise"])["noise"]["values"] == [1.0, 0.998, 1.002]
@@ -216,7 +222,7 @@ def test_a_noise_repeat_cannot_be_confirmed_while_measure_noise_waits(fake_env, 
         assert [line.split("\t")[3] for line in ledger_lines(lab.ws)[1:]] == ["keep", "discard", "discard"]
 
 
-def test_a_keep_while_measure_noise_waits_stores_no_estimate_of_another_code(fake_env, monkeypatch):
+def test_a_keep_while_measure_noise_waits_stores_no_estimate_of_another_code(fake_env, hold):
     """Review 63: on two slots, keep(run=2) of a pending idea while measure_noise reran the best before it: the
     estimate was read from the new best's values (one), so the answer blamed the repeats ("Too few successful
     repeats (2): fix any crash"); with reruns of the new best on file it would store their estimate, the repeats
@@ -228,9 +234,9 @@ def test_a_keep_while_measure_noise_waits_stores_no_estimate_of_another_code(fak
         set_knobs(lab.ws, VAL_BPB=0.9, NOISE=-0.002)
         lab.ok("run_experiment", description="a clear gain")  # run 2: 0.898, pending
         git(lab.ws, "checkout", "--", "train.py")  # noise is measured on the kept code
-        sleeping(lab, monkeypatch, 3)
+        holding(lab, hold, 3)
         calls = racing(lab, ("measure_noise", {"repeats": 2}), lambda status: "run 3 " in (status.get("running") or ""),
-                       ("keep", {"run": 2, "unconfirmed": True}))
+                       ("keep", {"run": 2, "unconfirmed": True}), hold)
         assert answer(calls["keep"])["best_val_bpb"] == 0.898
         refused = calls["measure_noise"]
         assert refused.is_error and "The best changed while measure_noise reran" in refused.content[0].text, \
@@ -243,7 +249,7 @@ def test_a_keep_while_measure_noise_waits_stores_no_estimate_of_another_code(fak
 
 
 @pytest.mark.parametrize("decision", [("discard", {"run": 4}), ("keep", {"run": 4, "unconfirmed": True})])
-def test_a_candidate_decided_while_confirm_waits_gets_no_verdict_to_act_on(fake_env, monkeypatch, decision):
+def test_a_candidate_decided_while_confirm_waits_gets_no_verdict_to_act_on(fake_env, hold, decision):
     """Review 63: discard(run=4) (or keep(run=4, unconfirmed=true)) by a parallel call while confirm reran run 4
     beside the best: confirm still answered its verdict, next keep(run=4) or discard(run=4), for a run already
     logged; the verdict was stored nowhere. Now the confirmation is refused, its reruns logged and counted."""
@@ -252,8 +258,8 @@ def test_a_candidate_decided_while_confirm_waits_gets_no_verdict_to_act_on(fake_
         baseline_and_noise(lab)  # runs 1-3
         set_knobs(lab.ws, VAL_BPB=0.99, NOISE=0.002)
         lab.ok("run_experiment", description="a marginal idea")  # run 4: 0.99
-        sleeping(lab, monkeypatch, 3)
-        calls = racing(lab, ("confirm", {}), lambda status: "run 5 " in (status.get("running") or ""), decision)
+        holding(lab, hold, 5)
+        calls = racing(lab, ("confirm", {}), lambda status: "run 5 " in (status.get("running") or ""), decision, hold)
         assert answer(calls[decision[0]])["row"]["status"] == decision[0]
         refused = calls["confirm"]
         assert refused.is_error and f"Run 4 was decided by another call while confirm measured it ({decision[0]} row" \
@@ -265,14 +271,15 @@ def test_a_candidate_decided_while_confirm_waits_gets_no_verdict_to_act_on(fake_
         lab.loop.shutdown()
 
 
-def test_stop_now_still_ends_the_reruns_that_cancel_refuses(fake_env, monkeypatch):
+def test_stop_now_still_ends_the_reruns_that_cancel_refuses(fake_env, hold):
     """stop(now=True) is the one way to end a research run's reruns in flight: cancel refuses them (review 53)."""
     lab = noisy_lab(fake_env, -0.002)
     try:
         lab.baseline()
-        sleeping(lab, monkeypatch, 3)
+        holding(lab, hold, 3)
         calls = racing(lab, ("measure_noise", {"repeats": 2}),
-                       lambda status: "run 3 " in (status.get("running") or ""), ("stop", {"reason": "morning", "now": True}))
+                       lambda status: "run 3 " in (status.get("running") or ""),
+                       ("stop", {"reason": "morning", "now": True}), hold)
         assert answer(calls["stop"])["cancelled"] == [3], calls["stop"]
         assert not answer(lab.call("status")).get("running")
         stopped = error(calls["measure_noise"])  # review 56: it said "Run 3 is already decided"
@@ -283,16 +290,16 @@ def test_stop_now_still_ends_the_reruns_that_cancel_refuses(fake_env, monkeypatc
         lab.loop.shutdown()
 
 
-def test_stop_now_while_confirm_waits_says_the_confirmation_was_not_completed(fake_env, monkeypatch):
+def test_stop_now_while_confirm_waits_says_the_confirmation_was_not_completed(fake_env, hold):
     """Found by review 56: confirm failed with "Run 6 is already decided" once stop(now=True) cancelled its rerun."""
     lab = noisy_lab(fake_env, 0.002)
     try:
         baseline_and_noise(lab)
         set_knobs(lab.ws, VAL_BPB=0.999, NOISE=-0.006)
         answer(lab.call("run_experiment", description="luck"))  # run 4
-        sleeping(lab, monkeypatch, 3)
+        holding(lab, hold, 6)
         calls = racing(lab, ("confirm", {"run": 4}), lambda status: "run 6 " in (status.get("running") or ""),
-                       ("stop", {"reason": "morning", "now": True}))
+                       ("stop", {"reason": "morning", "now": True}), hold)
         assert answer(calls["stop"])["cancelled"] == [6], calls["stop"]
         stopped = error(calls["confirm"])
         assert ("The research run was stopped while confirm waited (stopped: morning): "
@@ -304,7 +311,7 @@ def test_stop_now_while_confirm_waits_says_the_confirmation_was_not_completed(fa
         lab.loop.shutdown()
 
 
-def test_a_confirmation_rerun_falling_behind_cannot_be_cancelled_to_confirm_again(fake_env, monkeypatch):
+def test_a_confirmation_rerun_falling_behind_cannot_be_cancelled_to_confirm_again(fake_env, hold):
     """Found by review 53: cancel(run) of confirm's candidate rerun while it trained (its curve behind the
     control's) logged it as a crash, confirm failed ("already decided") with nothing recorded, not even its
     extra runs, and the next confirm drew new luck: round 51's lost pairs never counted."""
@@ -313,9 +320,9 @@ def test_a_confirmation_rerun_falling_behind_cannot_be_cancelled_to_confirm_agai
         baseline_and_noise(lab)  # threshold 0.004
         set_knobs(lab.ws, VAL_BPB=0.999, NOISE=-0.006)
         answer(lab.call("run_experiment", description="luck"))  # run 4: 0.999
-        sleeping(lab, monkeypatch, 3)  # run 6 (the idea again, 1.005) trains long enough to cancel
+        holding(lab, hold, 6)  # run 6 (the idea again, 1.005) held in flight, to cancel
         calls = racing(lab, ("confirm", {"run": 4}), lambda status: "run 6 " in (status.get("running") or ""),
-                       ("cancel", {"run": 6}))
+                       ("cancel", {"run": 6}), hold)
         assert calls["cancel"].is_error and "Run 6 is a rerun that measure_noise or confirm made" \
             in calls["cancel"].content[0].text
         lost = answer(calls["confirm"])  # run 5: the best, 1.002; run 6: the idea, 1.005
@@ -325,7 +332,7 @@ def test_a_confirmation_rerun_falling_behind_cannot_be_cancelled_to_confirm_agai
         lab.loop.shutdown()
 
 
-def test_a_second_measure_noise_while_one_measures_is_refused(fake_env, monkeypatch):
+def test_a_second_measure_noise_while_one_measures_is_refused(fake_env, hold):
     """Found by review 56: each measure_noise read the values on the shelf as it began, so of two calls at once the
     last to end stored the kept value and its own repeat only ([1.0, 0.99]: 0.014142), the other's 1.01 left out;
     the estimate is now read from every value as a call ends, and (review 60) a second call while one measures is
@@ -333,9 +340,9 @@ def test_a_second_measure_noise_while_one_measures_is_refused(fake_env, monkeypa
     lab = noisy_lab(fake_env, 0.01)
     try:
         lab.baseline()  # run 1: 1.0
-        sleeping(lab, monkeypatch, 2)
+        holding(lab, hold, 2)
         calls = racing(lab, ("measure_noise", {"repeats": 1}), lambda status: "run 2 " in (status.get("running") or ""),
-                       ("measure_noise", {"repeats": 1}))  # run 2: 1.01
+                       ("measure_noise", {"repeats": 1}), hold)  # run 2: 1.01
         assert "is being measured now (rerun(s) 2): wait for that call's answer" in error(calls["measure_noise again"])
         assert answer(calls["measure_noise"])["noise"]["values"] == [1.0, 1.01]
         assert answer(lab.call("measure_noise", repeats=1))["noise"]["values"] == [1.0, 1.01, 0.99]  # run 3, after
@@ -345,7 +352,7 @@ def test_a_second_measure_noise_while_one_measures_is_refused(fake_env, monkeypa
         lab.loop.shutdown()
 
 
-def test_a_second_confirm_of_the_same_pair_while_one_measures_is_refused(fake_env, monkeypatch):
+def test_a_second_confirm_of_the_same_pair_while_one_measures_is_refused(fake_env, hold):
     """Review 60: two confirms of one pair at once on two slots, the later ending first while the earlier's
     rerun still trained, recorded a confirmation the agent could keep on before the earlier recorded its lost
     pair. One call at a time measures a pair."""
@@ -354,8 +361,9 @@ def test_a_second_confirm_of_the_same_pair_while_one_measures_is_refused(fake_en
         baseline_and_noise(lab)
         set_knobs(lab.ws, VAL_BPB=0.99, NOISE=0.002)
         n = answer(lab.call("run_experiment", description="a marginal idea"))["run"]  # run 4
-        sleeping(lab, monkeypatch, 2)
-        calls = racing(lab, ("confirm", {"run": n}), lambda status: status.get("running"), ("confirm", {"run": n}))
+        holding(lab, hold, 5)
+        calls = racing(lab, ("confirm", {"run": n}), lambda status: status.get("running"), ("confirm", {"run": n}),
+                       hold)
         assert "A confirmation of run 4's train.py against this best is being measured now" in \
             error(calls["confirm again"])
         assert answer(calls["confirm"])["confirmed"]
@@ -363,16 +371,19 @@ def test_a_second_confirm_of_the_same_pair_while_one_measures_is_refused(fake_en
         lab.loop.shutdown()
 
 
-def test_a_confirmation_cannot_run_beside_one_of_the_same_code_whose_run_was_discarded(fake_env):
+def test_a_confirmation_cannot_run_beside_one_of_the_same_code_whose_run_was_discarded(fake_env, hold):
     """Found by review 62: one call at a time measures a pair (review 60), but the rule found the pair through the
     candidate's entry. The agent discarded the candidate while its confirmation trained and confirmed the same
     train.py, run again, beside it: a second call on an order of its own (order 1 was skipped, a rerun of the
     same code was on it), whose win could be kept before the first pair was judged."""
     from server_support import Lab, make_workspace
+    # the candidate's rerun trains until the agent's two calls are made (it trained 2 s: a loaded machine's calls
+    # came after it had ended, when the first confirm had answered and the second one rightly ran)
+    hold(5)
     lab = Lab(make_workspace(fake_env), slots=2)
     try:
         lab.baseline()  # run 1: 1.0
-        set_knobs(lab.ws, VAL_BPB=0.99, SLEEP=2)
+        set_knobs(lab.ws, VAL_BPB=0.99)
         answer(lab.call("run_experiment", description="an idea"))  # run 2
         answer(lab.call("run_experiment", description="the idea again", rerun=True))  # run 3: the same train.py
         calls = {}
@@ -389,6 +400,7 @@ def test_a_confirmation_cannot_run_beside_one_of_the_same_code_whose_run_was_dis
                         await anyio.sleep(0.1)
                     answer(await client.call_tool("discard", {"run": 2}))
                     calls["again"] = await client.call_tool("confirm", {"run": 3})
+                    hold.release()
         anyio.run(race)
         assert "A confirmation of run 3's train.py against this best is being measured now (rerun(s) 5)" in \
             error(calls["again"]), calls["again"]

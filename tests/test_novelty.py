@@ -70,14 +70,17 @@ def test_the_kept_code_unchanged_is_a_noise_repeat(lab):
     assert lab.ok("run_experiment", description="same code again", rerun=True)["val_bpb"] == 1.0
 
 
-def test_identical_to_a_run_in_flight_or_pending_is_refused_with_its_number(fake_env):
+def test_identical_to_a_run_in_flight_or_pending_is_refused_with_its_number(fake_env, hold):
+    hold(2)  # in flight until the call beside it is answered (it trained 2 s, which a loaded machine's call came after)
     lab = Lab(make_workspace(fake_env), slots=2)
     try:
         lab.baseline()
-        set_knobs(lab.ws, val_bpb=0.97, sleep=2, steps=4)
+        set_knobs(lab.ws, val_bpb=0.97, steps=4)
         running = lab.ok("run_experiment", description="slow idea", wait=False)
+        assert running["run"] == 2
         refused = lab.refused("run_experiment", description="slow idea again")
         assert f"identical to run {running['run']}" in refused and "wait()" in refused
+        hold.release()
         lab.ok("wait")
         refused = lab.refused("run_experiment", description="slow idea again")
         assert f"keep(run={running['run']})" in refused and "pending" in refused

@@ -95,13 +95,16 @@ def test_the_target_ends_the_run(lab):
     assert "target val_bpb 0.95 is reached" in lab.ok("status")["ended"]
 
 
-def test_stop_lets_a_run_finish_or_cancels_it_now(lab):
+def test_stop_lets_a_run_finish_or_cancels_it_now(lab, hold):
+    hold(2)  # in flight until stop has answered (it trained 2 s, which a loaded machine's stop could come after)
+    lab.restart()
     lab.baseline()
-    set_knobs(lab.ws, val_bpb=0.9, sleep=2, steps=4)
-    lab.ok("run_experiment", description="finishes after stop", wait=False)
+    set_knobs(lab.ws, val_bpb=0.9, steps=4)
+    assert lab.ok("run_experiment", description="finishes after stop", wait=False)["run"] == 2
     stopped = lab.ok("stop", reason="enough for tonight")
     assert stopped["running"] and stopped["stopped"] == "enough for tonight"
     assert "stopped: enough for tonight" in lab.refused("run_experiment", description="more")
+    hold.release()
     assert lab.ok("wait")["results"][0]["val_bpb"] == 0.9
     lab.ok("keep", unconfirmed=True)
     assert lab.ok("status")["next"].startswith("nothing")
@@ -177,16 +180,25 @@ def test_stop_hook_lets_claude_stop_once_a_limit_is_met_or_the_run_was_stopped(l
 
 
 # --- a long tool call that its client gives up on ----------------------------------------------
-def test_a_run_outlives_the_call_that_started_it_and_its_result_is_kept(lab):
+def test_a_run_outlives_the_call_that_started_it_and_its_result_is_kept(lab, hold):
+    # the client gives up once the run trains, and the run trains until status has answered: given up after 1 s, a
+    # loaded machine's call could be cut before it had started the run, and a 3 s run could end before status
+    hold(2)
+    lab.restart()
     lab.baseline()
-    set_knobs(lab.ws, val_bpb=0.9, sleep=3, steps=3)
+    set_knobs(lab.ws, val_bpb=0.9, steps=3)
 
     async def cut_off():
         async with Client(build_server(lab.loop)) as client:
-            with anyio.move_on_after(1):
-                await client.call_tool("run_experiment", {"description": "outlives its call"})
+            async with anyio.create_task_group() as calling:
+                calling.start_soon(client.call_tool, "run_experiment", {"description": "outlives its call"})
+                with anyio.fail_after(60):
+                    while not any(e["status"] == "running" for e in (lab.loop.state.load().get("runs") or {}).values()):
+                        await anyio.sleep(0.05)
+                calling.cancel_scope.cancel()  # the client gives up on the call
             return (await client.call_tool("status", {})).structured_content
     status = anyio.run(cut_off)
+    hold.release()
     assert "outlives its call" in status["running"]  # the client gave up, the run goes on
     result = lab.ok("wait")["results"][0]
     assert result["val_bpb"] == 0.9 and lab.ok("keep", unconfirmed=True)["row"]["description"] == "outlives its call"

@@ -185,17 +185,21 @@ def test_cancel_and_timeout_leave_no_process_behind(duo):
     duo.baseline()
     set_knobs(duo.ws, sleep=60, steps=60, spawn=1)
     running = duo.ok("run_experiment", description="to cancel", wait=False)
-    timed = duo.ok("run_experiment", description="to time out", wait=False, timeout_seconds=2, rerun=True)
+    # the timed run queues behind a second long run, and starts once that is cancelled: started at once, its 2 s
+    # had passed on a loaded machine before the queued run was cancelled, which had started in the slot it freed
+    blocker = duo.ok("run_experiment", description="holds the other slot", wait=False, rerun=True)
     queued = duo.ok("run_experiment", description="queued, then cancelled", wait=False, rerun=True)
-    assert queued["status"] == "queued"
+    timed = duo.ok("run_experiment", description="to time out", wait=False, timeout_seconds=2, rerun=True)
+    assert queued["status"] == timed["status"] == "queued"
     assert wait_until(lambda: len(training_processes(duo.ws)) >= 4, 10)  # two trainers, two sleepers
     assert duo.ok("cancel", run=queued["run"])["row"] is None
+    assert duo.ok("cancel", run=blocker["run"])["row"]["description"] == "holds the other slot (cancelled)"
     cancelled = duo.ok("cancel", run=running["run"])
     assert cancelled["row"]["status"] == "crash" and cancelled["row"]["description"] == "to cancel (cancelled)"
     assert duo.ok("wait")["results"][0]["status"] == "timeout"
     assert wait_until(lambda: not training_processes(duo.ws), 15), training_processes(duo.ws)
     duo.ok("discard")
-    for n in (running["run"], timed["run"], queued["run"]):
+    for n in (running["run"], blocker["run"], timed["run"], queued["run"]):
         assert git(duo.ws, "cat-file", "-t", f"refs/research-loop/runs/{n}").strip() == "commit"
 
 

@@ -288,13 +288,15 @@ def test_a_trial_of_code_measured_on_this_best_is_answered_from_that_run(fake_en
 
 
 @pytest.mark.parametrize("decision", ["discard", "keep"])
-def test_a_held_trial_another_call_decides_is_let_go_never_named_or_discarded_again(fake_env, decision):
+def test_a_held_trial_another_call_decides_is_let_go_never_named_or_discarded_again(fake_env, hold, decision):
     """Review 63: the sweep held trial 1 (a gain) and trained trial 2 while another call discarded (or kept) trial 1.
     When trial 2 ended, the sweep discarded it as beaten by trial 1, and answered pending_run trial 1, keep(run)
     (a discarded run; or one kept already), or it failed on "already decided" discarding trial 1 again. Now a held
     run another call decided is let go: after a discard the next gain is held; after a keep the best moved, so the
     sweep stops and its trial measured on the old best is discarded, saying why."""
-    lab = sweep_lab(fake_env, slots=1, train=FAKE_TRAIN.replace("SLEEP = 0.6", "SLEEP = 2"))
+    hold(3)  # trial 2 (run 3) trains until the other call has decided trial 1 (it trained 2 s: under load, the call
+    # came after it had ended, and the sweep had decided trial 1 itself)
+    lab = sweep_lab(fake_env, slots=1)
     answers, decided = [], []
 
     async def race():
@@ -309,7 +311,10 @@ def test_a_held_trial_another_call_decides_is_let_go_never_named_or_discarded_ag
                         runs = (lab.loop.state.load().get("runs") or {}).values()
                         held = [e["run"] for e in runs if e["status"] == "pending"]
                         if held and any(e["status"] == "running" for e in runs):
-                            decided.append(answer(await client.call_tool(decision, {"run": held[0]})))
+                            try:
+                                decided.append(answer(await client.call_tool(decision, {"run": held[0]})))
+                            finally:
+                                hold.release()
                             return held[0]
                         await anyio.sleep(0.05)
             async with anyio.create_task_group() as calls:

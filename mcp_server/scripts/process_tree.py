@@ -47,12 +47,14 @@ def descendants(root: int) -> list[int]:
     return found
 
 
-def left_behind(run: int) -> list[int]:
+def left_behind(run: int, settle: bool) -> list[int]:
     """The processes below this one, the run's own (ended and reaped) aside, that are still there SETTLE_S after it
-    ended. bubblewrap's outer process exits with the run's code as soon as its namespace's init reports it, and that
-    init (--die-with-parent) and whatever is left in its namespace end just after: looked at once, a busy machine's
-    ordinary end of a sandbox read as a run that left processes running."""
-    deadline = time.monotonic() + SETTLE_S
+    ended (settle: a bubblewrap run's), else at once. bubblewrap's outer process exits with the run's code as soon as
+    its namespace's init reports it, and that init (--die-with-parent) and whatever is left in its namespace end just
+    after: looked at once, a busy machine's ordinary end of a sandbox read as a run that left processes running.
+    Without that sandbox what is left is the run's own, which the wait let go on writing into the run's output: a
+    daemon that escaped the run printed a summary there 1.5 s after its end, and its number was taken for the run's."""
+    deadline = time.monotonic() + (SETTLE_S if settle else 0.0)
     while True:
         left = [pid for pid in descendants(os.getpid()) if pid != run]
         if not left or time.monotonic() >= deadline:

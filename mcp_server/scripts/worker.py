@@ -527,7 +527,7 @@ def main(argv=None) -> int:
         if not (timed_out or stop_reason):
             evaluation.start_if_exported(val_watch)
         evaluated = evaluation.finish(args.grace)
-    strays = [] if (timed_out or stop_reason) else left_behind(child.pid)  # the run ended: child is reaped
+    strays = [] if (timed_out or stop_reason) else left_behind(child.pid, bubblewrap)  # the run ended: child is reaped
     unkillable = kill_everything(child.pid)
     exit_code = child.wait()
     wall = time.monotonic() - t0
