@@ -56,6 +56,27 @@ def test_a_train_py_too_big_to_compare_at_every_answer_is_refused_before_it_runs
     assert lab.head() == head and len(ledger_lines(lab.ws)) == 2 and not lab.ok("status").get("running")
 
 
+
+def test_a_train_py_nested_too_deep_for_the_parser_is_tried_and_discarded(lab):
+    """Review 83: what each run changed in train.py (history.describe_change, at every decision, and at run_experiment
+    once a decided run set a constant) parsed it catching SyntaxError only: nested 5,000 deep, the parser raises
+    RecursionError (a crash of the run, as Python cannot compile it either), so run_experiment and then every discard
+    of that run failed with an internal error, and the undecided run held the research run for good; once discarded,
+    the morning report, which names the parts of train.py each idea touched, failed the same way."""
+    lab.baseline()
+    for attribute in ("a", "b"):  # the second once a decided run changed a constant, which run_experiment names
+        (lab.ws / "train.py").write_text(f"VAL_BPB = 0.9\nX = y{('.' + attribute) * 5000}\n")
+        deep = lab.ok("run_experiment", description="nested deep")
+        assert lab.ok("discard", run=deep["run"])["row"]["status"] in ("discard", "crash")
+        assert not lab.ok("status").get("undecided")
+        if attribute == "a":
+            set_knobs(lab.ws, val_bpb=0.95)
+            lab.ok("discard", run=lab.ok("run_experiment", description="a constant changed")["run"])
+    report = Path(lab.ok("report")["path"]).read_text()  # the report names the parts each idea touched
+    assert "nested deep" in report and "does not parse" in report, report
+
+
+
 @pytest.mark.parametrize("padding", [b"# " + b"x" * MAX_PROGRAM_BYTES + b"\n", b"# \x00\n"],
                          ids=["over-1-MiB", "a-null-byte"])
 def test_a_best_the_program_comparison_cannot_read_is_not_logged_by_hand(lab, padding):

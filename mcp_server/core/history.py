@@ -71,7 +71,8 @@ def describe_change(old: str, new: str) -> dict:
     try:
         before, before_lines = _values(old)
         after, after_lines = _values(new)
-    except SyntaxError:
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # nested too deep for the parser: no constants
+        # (review 83: RecursionError failed every discard of such a run, which then held the research run for good)
         before, before_lines, after, after_lines = {}, set(), {}, set()
     constants = {name: [before.get(name), after.get(name)] for name in sorted(before.keys() | after.keys())
                  if before.get(name) != after.get(name)}

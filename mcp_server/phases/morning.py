@@ -67,7 +67,7 @@ def touched_parts(old: str, new: str) -> list[str]:
     methods holding its changed lines, or the module level."""
     try:
         old_spans, new_spans = _spans(old), _spans(new)
-    except SyntaxError:
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # review 83: nested too deep failed the report
         return ["train.py (does not parse)"]
     old_lines, new_lines = old.splitlines(), new.splitlines()
     parts = set()
