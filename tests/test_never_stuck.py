@@ -76,7 +76,6 @@ def test_a_train_py_nested_too_deep_for_the_parser_is_tried_and_discarded(lab):
     assert "nested deep" in report and "does not parse" in report, report
 
 
-
 @pytest.mark.parametrize("padding", [b"# " + b"x" * MAX_PROGRAM_BYTES + b"\n", b"# \x00\n"],
                          ids=["over-1-MiB", "a-null-byte"])
 def test_a_best_the_program_comparison_cannot_read_is_not_logged_by_hand(lab, padding):

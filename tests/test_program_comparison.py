@@ -165,7 +165,8 @@ def test_a_string_an_older_tokenizer_would_misread_is_never_the_same_program(a, 
 
 
 @pytest.mark.parametrize("source", [b"x = 1  # \0\n", b"x = '''never closed\n", b"x = (1,\n",
-                                    b"if x:\n    y()\n  z()\n"])
+                                    b"if x:\n    y()\n  z()\n",
+                                    b"# coding: rot13\nx = 1\n"])  # review 83: no text encoding, LookupError
 def test_a_source_no_tokenizer_reads_is_compared_by_its_bytes(source):
     assert program_tokens(source) is None
     assert not same_program(source, source + b"# a comment\n")

@@ -87,7 +87,7 @@ def program_tokens(source: bytes) -> tuple | None:
                     return None
                 _keep(kept, token)
                 previous = token
-    except (tokenize.TokenError, *_UNREADABLE):
+    except (tokenize.TokenError, LookupError, *_UNREADABLE):  # LookupError: a cookie of no text encoding (rot13)
         return None
     return tuple(kept)
 
