@@ -268,6 +268,30 @@ def test_the_program_of_an_older_measured_best_logged_by_hand_gives_no_second_dr
     assert (ledger_lines(lab.ws), lab.loop.state.load().get("kept_commit")) == before
 
 
+
+def test_the_program_of_a_best_logged_by_hand_is_never_confirmed_against_itself(lab, monkeypatch):
+    """Review 83: a best logged by hand whose program the harness never measured: its rerun keeps (the program's first
+    measurement), but its answer and status said confirm first (a gain over a number logged by hand), and confirm
+    reran that one program beside itself: a coin flip, whose win made the rerun's draw (the luckiest of as many as the
+    agent cared to discard) a keep whose evidence read "confirmed". Confirm refuses it, and the answers say keep with
+    unconfirmed=true, the evidence naming it for what it is."""
+    monkeypatch.setenv("FAKE_NOISE", "0.01")  # run n measures its VAL_BPB + 0.01 x (n mod 3 - 1)
+    lab.baseline()  # run 1
+    for value in (0.97, 0.98):  # runs 2, 3: ideas tried and dropped
+        set_knobs(lab.ws, val_bpb=value)
+        lab.ok("discard", run=lab.ok("run_experiment", description=f"idea {value}")["run"])
+    (lab.ws / "train.py").write_text("VAL_BPB = 1.0\nWIDTH = 2\n")  # a program the harness never measured
+    git(lab.ws, "commit", "-qam", "my idea, measured by hand")
+    lab.ok("log_result", commit=lab.head(), val_bpb=1.02, memory_gb=0.0, status="keep", description="by hand")
+    first = lab.ok("run_experiment", description="my idea, measured", rerun=True)  # run 4: 1.0
+    assert first["val_bpb"] == 1.0 and first["next"].startswith("keep(run=4, unconfirmed=true)"), first
+    assert lab.ok("status")["next"].startswith("keep(run=4, unconfirmed=true)")
+    refused = lab.refused("confirm", run=4)  # it would rerun the program on both sides: runs 5 (1.01) and 6 (0.99)
+    assert "coin flip" in refused and "keep(run=4, unconfirmed=true)" in refused, refused
+    assert not lab.ok("status").get("running")  # nothing was queued
+    assert "needs confirming" in lab.refused("keep", run=4)
+    assert lab.ok("keep", run=4, unconfirmed=True)["evidence"].startswith("kept unconfirmed on request")
+
 def test_the_early_stops_marker_in_the_agents_words_does_not_hide_a_failure(lab):
     """Stop 48: a crash row counts toward max_failures_in_row unless it holds the early stop's marker " (stopped early: ",
     which the agent could write itself: discard(reason="stopped early: ...") of each crash, or a description or
