@@ -276,7 +276,10 @@ def test_the_program_of_a_best_logged_by_hand_is_never_confirmed_against_itself(
     agent cared to discard) a keep whose evidence read "confirmed". Confirm refuses it, and the answers say keep with
     unconfirmed=true, the evidence naming it for what it is."""
     monkeypatch.setenv("FAKE_NOISE", "0.01")  # run n measures its VAL_BPB + 0.01 x (n mod 3 - 1)
-    lab.baseline()  # run 1
+    lab.ok("setup", tag="t")
+    lab.ok("run_experiment", description="baseline")  # run 1: the research run's start, no number to confirm against
+    assert "keep(run=1) keeps it as the first result" in lab.refused("confirm", run=1)
+    lab.ok("keep")
     for value in (0.97, 0.98):  # runs 2, 3: ideas tried and dropped
         set_knobs(lab.ws, val_bpb=value)
         lab.ok("discard", run=lab.ok("run_experiment", description=f"idea {value}")["run"])

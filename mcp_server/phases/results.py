@@ -333,15 +333,17 @@ def no_change(core: LoopCore, entry: dict) -> str | None:
 
 def one_program_pair(core: LoopCore, entry: dict) -> str | None:
     """Why confirm has nothing to measure for a candidate whose train.py is its best's own program where no_change lets
-    it keep (the best's number is not the harness's: logged by hand, or train.py's own), and what to do; else None.
-    Confirm would rerun that one program beside itself, a coin flip (review 83: its win read "confirmed" on the draw
-    the agent chose)."""
-    n = entry["run"]
+    it keep (the best's number is not the harness's: logged by hand, or train.py's own; or the research run's start,
+    which has none), and what to do; else None. Confirm would rerun that one program beside itself, a coin flip
+    (review 83: its win read "confirmed" on the draw the agent chose)."""
+    n, best = entry["run"], entry["parent"][:7]
     if not same_program(core.ws.train_at(entry["parent"]), core.ws.train_at(entry["commit"])):
         return None
-    return (f"keep(run={n}, unconfirmed=true) keeps its val_bpb as the first measurement of the best {entry['parent'][:7]}'s "
-            f"own program (its train.py is that program, but for comments and layout, if any; the best's number is not "
-            f"the harness's), or discard(run={n}): confirm would rerun that one program beside itself, a coin flip")
+    first = (f"keep(run={n}) keeps it as the first result of the research run" if core.kept_row(entry["parent"]) is None
+             else f"keep(run={n}, unconfirmed=true) keeps its val_bpb as the first measurement of the best {best}'s own "
+                  "program (the best's number is not the harness's)")
+    return (f"{first}, or discard(run={n}): its train.py is the program of {best} (but for comments and layout, if any), "
+            "so confirm would rerun that one program beside itself, a coin flip")
 
 
 def _measured_keeps(core: LoopCore, parent: str) -> list[Row]:
