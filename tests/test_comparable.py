@@ -130,6 +130,9 @@ def test_what_a_run_charges_the_flops_clock_is_checked_by_the_harness():
     assert "over the budget's 1e+10" in flops_problem(greedy, {"matmul_flops_per_token": 9e5}, rate, budget, "flops")
     silent = honest.model_copy(update={"flops_per_token": None})
     assert "lacks flops_per_token" in flops_problem(silent, {}, rate, budget, "flops")
+    for field in ("flops_per_token", "total_tokens_M"):  # review 83: nan passed the floor and the budget, unequal to all
+        unsaid = greedy.model_copy(update={field: float("nan")})
+        assert "lacks flops_per_token" in flops_problem(unsaid, {"matmul_flops_per_token": 9e5}, rate, budget, "flops")
     assert flops_problem(honest, {}, None, budget, "wall") is None
     # the clock is the harness's: a train.py that says it spent on the wall clock is checked all the same
     said_wall = greedy.model_copy(update={"budget_clock": "wall"})

@@ -3,6 +3,7 @@ bent, and bad input gets a clear refusal. Each test plays an odd, unlucky or hos
 the real server (in-process MCP client, real git, the fake trainer)."""
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,51 @@ def test_a_train_py_too_big_to_compare_at_every_answer_is_refused_before_it_runs
     assert "more than the 1 MiB a run takes" in refusal and f"git checkout {head[:7]} -- train.py" in refusal, refusal
     assert lab.head() == head and len(ledger_lines(lab.ws)) == 2 and not lab.ok("status").get("running")
 
+
+
+def test_a_train_py_nested_too_deep_for_the_parser_is_tried_and_discarded(lab):
+    """Review 83: what each run changed in train.py (history.describe_change, at every decision, and at run_experiment
+    once a decided run set a constant) parsed it catching SyntaxError only: nested 5,000 deep, the parser raises
+    RecursionError (a crash of the run, as Python cannot compile it either), so run_experiment and then every discard
+    of that run failed with an internal error, and the undecided run held the research run for good; once discarded,
+    the morning report, which names the parts of train.py each idea touched, failed the same way."""
+    lab.baseline()
+    for attribute in ("a", "b"):  # the second once a decided run changed a constant, which run_experiment names
+        (lab.ws / "train.py").write_text(f"VAL_BPB = 0.9\nX = y{('.' + attribute) * 5000}\n")
+        deep = lab.ok("run_experiment", description="nested deep")
+        assert lab.ok("discard", run=deep["run"])["row"]["status"] in ("discard", "crash")
+        assert not lab.ok("status").get("undecided")
+        if attribute == "a":
+            set_knobs(lab.ws, val_bpb=0.95)
+            lab.ok("discard", run=lab.ok("run_experiment", description="a constant changed")["run"])
+    report = Path(lab.ok("report")["path"]).read_text()  # the report names the parts each idea touched
+    assert "nested deep" in report and "does not parse" in report, report
+
+
+
+def test_a_train_py_rewritten_line_by_line_is_tried_decided_and_reported_in_moments(fake_env):
+    """Review 83: what a run changed beyond its constants was counted with difflib.ndiff, whose pairing of similar lines
+    within a replaced block is quadratic and more: 2,000 lines rewritten (27 kB, the size of upstream's train.py) took
+    58 s, inside the transaction of each discard and keep (and of run_experiment, once a decided run had set a
+    constant), holding the state's lock: every other call was refused as busy, and a run's end waited to be recorded.
+    The report's parts of train.py each idea touched matched lines without autojunk: 2,000 lines of one text against
+    the same alternating with another took 81 s, for each such idea. A rewrite of 2,000 lines is decided and reported
+    at once."""
+    lines = 2000
+    base = "VAL_BPB = 1.0\n" + "x = 1\n" * lines
+    lab = Lab(make_workspace(fake_env, base))
+    try:
+        lab.baseline()
+        (lab.ws / "train.py").write_text(base.replace("VAL_BPB = 1.0", "VAL_BPB = 0.95"))
+        lab.ok("discard", run=lab.ok("run_experiment", description="a constant changed")["run"])
+        (lab.ws / "train.py").write_text("VAL_BPB = 0.9\n" + "x = 1\ny = 1\n" * (lines // 2))
+        started = time.monotonic()
+        lab.ok("discard", run=lab.ok("run_experiment", description="every other line rewritten")["run"])
+        assert "other line(s)" in lab.ok("history")["lines"][-1]
+        assert "code: module level" in Path(lab.ok("report")["path"]).read_text()
+        assert time.monotonic() - started < 30
+    finally:
+        lab.loop.shutdown()
 
 @pytest.mark.parametrize("padding", [b"# " + b"x" * MAX_PROGRAM_BYTES + b"\n", b"# \x00\n"],
                          ids=["over-1-MiB", "a-null-byte"])
@@ -247,6 +293,33 @@ def test_the_program_of_an_older_measured_best_logged_by_hand_gives_no_second_dr
         assert "no change to keep or confirm. discard(run=3)" in refused, refused
     assert (ledger_lines(lab.ws), lab.loop.state.load().get("kept_commit")) == before
 
+
+
+def test_the_program_of_a_best_logged_by_hand_is_never_confirmed_against_itself(lab, monkeypatch):
+    """Review 83: a best logged by hand whose program the harness never measured: its rerun keeps (the program's first
+    measurement), but its answer and status said confirm first (a gain over a number logged by hand), and confirm
+    reran that one program beside itself: a coin flip, whose win made the rerun's draw (the luckiest of as many as the
+    agent cared to discard) a keep whose evidence read "confirmed". Confirm refuses it, and the answers say keep with
+    unconfirmed=true, the evidence naming it for what it is."""
+    monkeypatch.setenv("FAKE_NOISE", "0.01")  # run n measures its VAL_BPB + 0.01 x (n mod 3 - 1)
+    lab.ok("setup", tag="t")
+    lab.ok("run_experiment", description="baseline")  # run 1: the research run's start, no number to confirm against
+    assert "keep(run=1) keeps it as the first result" in lab.refused("confirm", run=1)
+    lab.ok("keep")
+    for value in (0.97, 0.98):  # runs 2, 3: ideas tried and dropped
+        set_knobs(lab.ws, val_bpb=value)
+        lab.ok("discard", run=lab.ok("run_experiment", description=f"idea {value}")["run"])
+    (lab.ws / "train.py").write_text("VAL_BPB = 1.0\nWIDTH = 2\n")  # a program the harness never measured
+    git(lab.ws, "commit", "-qam", "my idea, measured by hand")
+    lab.ok("log_result", commit=lab.head(), val_bpb=1.02, memory_gb=0.0, status="keep", description="by hand")
+    first = lab.ok("run_experiment", description="my idea, measured", rerun=True)  # run 4: 1.0
+    assert first["val_bpb"] == 1.0 and first["next"].startswith("keep(run=4, unconfirmed=true)"), first
+    assert lab.ok("status")["next"].startswith("keep(run=4, unconfirmed=true)")
+    refused = lab.refused("confirm", run=4)  # it would rerun the program on both sides: runs 5 (1.01) and 6 (0.99)
+    assert "coin flip" in refused and "keep(run=4, unconfirmed=true)" in refused, refused
+    assert not lab.ok("status").get("running")  # nothing was queued
+    assert "needs confirming" in lab.refused("keep", run=4)
+    assert lab.ok("keep", run=4, unconfirmed=True)["evidence"].startswith("kept unconfirmed on request")
 
 def test_the_early_stops_marker_in_the_agents_words_does_not_hide_a_failure(lab):
     """Stop 48: a crash row counts toward max_failures_in_row unless it holds the early stop's marker " (stopped early: ",

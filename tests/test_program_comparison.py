@@ -165,8 +165,28 @@ def test_a_string_an_older_tokenizer_would_misread_is_never_the_same_program(a, 
 
 
 @pytest.mark.parametrize("source", [b"x = 1  # \0\n", b"x = '''never closed\n", b"x = (1,\n",
-                                    b"if x:\n    y()\n  z()\n"])
+                                    b"if x:\n    y()\n  z()\n",
+                                    b"# coding: rot13\nx = 1\n"])  # review 83: no text encoding, LookupError
 def test_a_source_no_tokenizer_reads_is_compared_by_its_bytes(source):
     assert program_tokens(source) is None
     assert not same_program(source, source + b"# a comment\n")
     assert "nor do its tokens read" in unreadable_program(source)
+
+
+def test_a_whole_number_too_long_to_write_in_decimal_fails_no_answer(lab):
+    """Review 83: Python writes no int of over 4,300 decimal digits (int_max_str_digits), and both the syntax tree's
+    dump and the tokens' digest wrote each number in decimal: a train.py holding `TABLE = 0xfff...` (4 kB of hex, a
+    program Python runs) raised ValueError out of the comparison. Its run was recorded as "the server could not record
+    this run", status failed while it was pending, and a best holding one made every later run such a crash."""
+    big = "TABLE = 0x" + "f" * 4000 + "\n"
+    lab.baseline()
+    (lab.ws / "train.py").write_text("VAL_BPB = 0.9\n" + big)
+    table = lab.ok("run_experiment", description="a table in hex")
+    assert table["status"] == "ok" and table["val_bpb"] == 0.9, table
+    assert lab.ok("status")["next"].startswith("confirm(run=2)")
+    lab.ok("keep", unconfirmed=True)
+    (lab.ws / "train.py").write_text("VAL_BPB = 0.9  # the best again\n" + big)
+    again = lab.ok("run_experiment", description="the best, commented")
+    assert again["status"] == "ok" and again["next"].startswith("run 3's train.py is the program of the best"), again
+    assert same_program(big.encode(), big.encode() + b"# c\n") and unreadable_program(big.encode()) is None
+    assert not same_program(big.encode(), big.replace("f", "e", 1).encode())

@@ -18,7 +18,7 @@ from mcp_server.executors.executor import read_report
 from mcp_server.core.models import CancelResult, DecisionResult, LoggedRow, Refusal, Row, RunResult, StopResult
 from mcp_server.phases import overview
 from mcp_server.core.programs import unreadable_program
-from mcp_server.phases.results import confirmation_needed, no_change, result_of
+from mcp_server.phases.results import confirmation_needed, no_change, one_program_pair, result_of
 from mcp_server.phases.runs import IN_FLIGHT, UNDECIDED, LoopCore
 from mcp_server.phases.submit import submit
 from mcp_server.core.workspace import EDITABLE, PROTECTED_BRANCHES, RUN_REF_PREFIX, validate_commit_arg
@@ -174,6 +174,8 @@ def confirmation_plan(core: LoopCore, run: int | None) -> tuple[dict, bytes, byt
         raise Refusal(f"Run {entry['run']} was measured on {entry['parent'][:7]}, no longer the best: "
                       f"reapply(run={entry['run']}) first.")
     _refuse_no_change(core, entry)
+    if alone := one_program_pair(core, entry):  # review 83: one program beside itself "confirmed" a chosen draw
+        raise Refusal(f"Run {entry['run']} has no gain to confirm: {alone}.")
     return entry, core.ws.train_at(state["kept_commit"]), core.ws.train_at(entry["commit"])
 
 

@@ -13,7 +13,7 @@ from mcp_server.core import history as run_history
 from mcp_server.core import budget_settings, cost, ledger, limits, logparse, noise
 from mcp_server.scripts import sandbox
 from mcp_server.phases.dispatch import take_over
-from mcp_server.phases.results import confirmation_needed, no_change
+from mcp_server.phases.results import confirmation_needed, no_change, one_program_pair
 from mcp_server.core.models import HistoryResult, LiveRun, Metrics, NoiseEstimate, Refusal, StatusResult
 from mcp_server.phases.runs import IN_FLIGHT, RUN_LOG, UNDECIDED, LoopCore, unsandboxed_marker
 from mcp_server.core.workspace import prepared_info
@@ -258,7 +258,7 @@ def _what_keep_asks(core: LoopCore, state: dict, e: dict) -> str | None:
         return f"discard(run={n}): its confirmation failed (keep(run={n}, unconfirmed=true) keeps it against that)"
     estimate = noise.for_device(state, result.get("device"))
     if not confirmation and confirmation_needed(result, estimate, core.kept_row(e["parent"])):
-        return f"confirm(run={n}), then keep(run={n}) if the gain holds; or discard(run={n})"
+        return one_program_pair(core, e) or f"confirm(run={n}), then keep(run={n}) if the gain holds; or discard(run={n})"
     if result.get("verified") is False:
         # not compared with the best (another GPU model): keep asks unconfirmed=true too
         uncompared = ", unconfirmed=true" if result.get("delta") is None and result.get("best_val_bpb") is not None \

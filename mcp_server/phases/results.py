@@ -172,8 +172,9 @@ def _result(core: LoopCore, entry: dict, text: str, report: dict | None, slot: s
         return result
     result.confirm_first = confirmation_needed(result.model_dump(), estimate, base)
     if result.confirm_first:
-        result.next = (f"confirm(run={entry['run']}) before keep ({result.confirm_first}); "
-                       "or discard() if the gain does not matter")
+        result.next = one_program_pair(core, entry) or (f"confirm(run={entry['run']}) before keep "
+                                                         f"({result.confirm_first}); or discard() if the gain does "
+                                                         "not matter")
     return result
 
 
@@ -328,6 +329,21 @@ def no_change(core: LoopCore, entry: dict) -> str | None:
     return (f"run {entry['run']}'s train.py is the program of the best {entry['parent'][:7]} it was measured on (but for "
             f"comments and layout, if any){whose}: its val_bpb against the best's is the luck of two runs of one program, "
             f"no change to keep or confirm. discard(run={entry['run']}); measure_noise() measures that luck")
+
+
+def one_program_pair(core: LoopCore, entry: dict) -> str | None:
+    """Why confirm has nothing to measure for a candidate whose train.py is its best's own program where no_change lets
+    it keep (the best's number is not the harness's: logged by hand, or train.py's own; or the research run's start,
+    which has none), and what to do; else None. Confirm would rerun that one program beside itself, a coin flip
+    (review 83: its win read "confirmed" on the draw the agent chose)."""
+    n, best = entry["run"], entry["parent"][:7]
+    if not same_program(core.ws.train_at(entry["parent"]), core.ws.train_at(entry["commit"])):
+        return None
+    first = (f"keep(run={n}) keeps it as the first result of the research run" if core.kept_row(entry["parent"]) is None
+             else f"keep(run={n}, unconfirmed=true) keeps its val_bpb as the first measurement of the best {best}'s own "
+                  "program (the best's number is not the harness's)")
+    return (f"{first}, or discard(run={n}): its train.py is the program of {best} (but for comments and layout, if any), "
+            "so confirm would rerun that one program beside itself, a coin flip")
 
 
 def _measured_keeps(core: LoopCore, parent: str) -> list[Row]:
