@@ -99,12 +99,16 @@ def unmatched(old: list[str], new: list[str]) -> tuple[list[int], list[int]]:
     beyond those the other side holds (a moved line left out)."""
     if len(old) * len(new) > MATCHED_LINES:
         return _beyond(old, new), _beyond(new, old)
+    # the longer text second: autojunk sets aside the second's popular lines only, and only in one of 200 lines or
+    # more (review 84: 20,000 lines of the best against 199 took 12 s, the lines of the long one never set aside)
+    swapped = len(old) > len(new)
+    first, second = (new, old) if swapped else (old, new)
     removed, added = [], []
-    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, old, new).get_opcodes():
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, first, second).get_opcodes():
         if tag != "equal":
             removed += range(i1, i2)
             added += range(j1, j2)
-    return removed, added
+    return (added, removed) if swapped else (removed, added)
 
 
 def _beyond(side: list[str], other: list[str]) -> list[int]:
