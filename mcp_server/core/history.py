@@ -29,6 +29,7 @@ from collections import Counter
 from pathlib import Path
 
 from mcp_server.core import limits, logparse
+from mcp_server.core.programs import UNPARSABLE
 
 CONSTANT_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
 MAX_VALUE_CHARS = 24  # of a constant's right-hand side in a summary
@@ -75,7 +76,7 @@ def describe_change(old: str, new: str) -> dict:
     try:
         before, before_lines = _values(old)
         after, after_lines = _values(new)
-    except (SyntaxError, ValueError, RecursionError, MemoryError):  # nested too deep for the parser: no constants
+    except UNPARSABLE:  # nested too deep for the parser: no constants
         # (review 83: RecursionError failed every discard of such a run, which then held the research run for good)
         before, before_lines, after, after_lines = {}, set(), {}, set()
     constants = {name: [before.get(name), after.get(name)] for name in sorted(before.keys() | after.keys())

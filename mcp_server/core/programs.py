@@ -39,7 +39,8 @@ def same_program(a: bytes, b: bytes) -> bool:
     return tokens is not None and tokens == _tokens(b)
 
 
-_UNREADABLE = (SyntaxError, ValueError, RecursionError, MemoryError)
+# what ast.parse raises on a source it cannot read: a syntax error, a null byte, nesting too deep for the parser
+UNPARSABLE = (SyntaxError, ValueError, RecursionError, MemoryError)
 
 
 @functools.lru_cache(maxsize=CACHED_SOURCES)
@@ -48,7 +49,7 @@ def _tree(source: bytes) -> bytes | None:
     4,300 decimal digits: ValueError), where the tokens compare it."""
     try:
         return hashlib.sha256(ast.dump(_parsed(source)).encode()).digest()
-    except _UNREADABLE:
+    except UNPARSABLE:
         return None
 
 
@@ -87,7 +88,7 @@ def program_tokens(source: bytes) -> tuple | None:
                     return None
                 _keep(kept, token)
                 previous = token
-    except (tokenize.TokenError, LookupError, *_UNREADABLE):  # LookupError: a cookie of no text encoding (rot13)
+    except (tokenize.TokenError, LookupError, *UNPARSABLE):  # LookupError: a cookie of no text encoding (rot13)
         return None
     return tuple(kept)
 
@@ -162,7 +163,7 @@ def unreadable_program(source: bytes) -> str | None:
     why = ""
     try:
         _parsed(source)  # again, for the parser's words
-    except _UNREADABLE as exc:
+    except UNPARSABLE as exc:
         why = f" ({type(exc).__name__}: {str(exc)[:120]})"
     version = f"{sys.version_info[0]}.{sys.version_info[1]}"  # the server's
     return f"does not parse as Python {version}, nor do its tokens read as a newer Python's{why}"

@@ -17,6 +17,7 @@ import git
 
 from mcp_server.core import budget_settings, cost, history, ledger, limits, plot
 from mcp_server.core.models import Refusal, ReportResult, Row
+from mcp_server.core.programs import UNPARSABLE
 from mcp_server.core.state import STATE_DIR, State, malformed
 from mcp_server.core.workspace import EDITABLE, RUNS_DIR, Workspace, validate_new_branch
 
@@ -66,7 +67,7 @@ def touched_parts(old: str, new: str) -> list[str]:
     methods holding its changed lines, or the module level."""
     try:
         old_spans, new_spans = _spans(old), _spans(new)
-    except (SyntaxError, ValueError, RecursionError, MemoryError):  # review 83: nested too deep failed the report
+    except UNPARSABLE:  # review 83: nested too deep failed the report
         return ["train.py (does not parse)"]
     old_lines, new_lines = old.splitlines(), new.splitlines()
     parts = set()
