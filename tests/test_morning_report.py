@@ -444,3 +444,34 @@ def test_something_else_at_the_reports_folder_is_refused_saying_how_to_move_it(l
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert ".research-loop/reports is not a folder" in done.stderr, done.stderr
     assert (reports.read_text() == "planted\n") if planted == "file" else stat.S_ISFIFO(os.lstat(reports).st_mode)
+
+
+def test_a_first_keep_logged_by_hand_sets_neither_the_start_nor_the_pull_requests_tree(lab):
+    """Review 85: the report took the research run's starting point from the first kept commit's parent. A first keep
+    logged by hand may sit on commits of the agent's own: one that edits the harness (and train.py), then one that puts
+    the harness back. The keep row passes (the kept commit and the tip differ in train.py only), and the report said
+    the run "started from" the agent's middle commit, showed the first kept diff against it (the middle commit's
+    train.py edit hidden), and built the pull request's branch on its tree: the harness edit went into the branch the
+    user pushes, in none of the report's diffs."""
+    lab.ok("setup", tag="night")
+    start = lab.head()
+    (lab.ws / "nanochat" / "common.py").write_text("# harness stand-in\nSMUGGLED = True\n")
+    set_knobs(lab.ws, val_bpb=1.0, steps=7)
+    git(lab.ws, "commit", "-q", "-am", "a harness edit and a train.py rewrite")
+    git(lab.ws, "checkout", start, "--", "nanochat/common.py")
+    set_knobs(lab.ws, val_bpb=1.0, steps=8)
+    git(lab.ws, "commit", "-q", "-am", "the harness put back, one constant changed")
+    mine = lab.head()
+    lab.ok("log_result", commit=mine, val_bpb=1.0, memory_gb=1.0, status="keep", description="my start")
+    set_knobs(lab.ws, val_bpb=0.9, steps=8)
+    lab.ok("run_experiment", description="measured")
+    lab.ok("keep", unconfirmed=True)
+    made = lab.ok("report", branch="pr/night")
+    assert git(lab.ws, "diff", "--name-only", start, "pr/night").split() == ["train.py"]
+    assert git(lab.ws, "rev-parse", f"{made['commits'][0]}^").strip() == start
+    text = (lab.ws / made["path"]).read_text()
+    assert f"started from `{start[:7]}`" in section(text, "Summary")
+    first = section(text, "Kept changes").split("### 2.")[0]
+    assert "-STEPS" not in first and "+STEPS = 8" in first  # the whole change from the start: STEPS was not there
+    shown = dashboard.kept_change(lab.ws, mine[:7])  # the dashboard's diff of that keep: against the start too
+    assert shown["parent"] == start[:7] and "-STEPS" not in shown["diff"] and "+STEPS = 8" in shown["diff"]

@@ -78,14 +78,15 @@ NUMBER = (int, float)
 # What the readers of a state take its keys to be (review 74: a forged copy whose row's description was no string
 # made a reading server's status fail); null stands for a missing key, and keys not named here are not looked at
 STATE_TYPES = {"rows": list, "runs": dict, "noise": dict, "noise_by_device": dict, "limits": dict, "stopped": dict,
-               "tag": str, "branch": str, "kept_commit": str, "kept_log": str, "fingerprint": str,
+               "tag": str, "branch": str, "kept_commit": str, "start_commit": str, "kept_log": str,
+               "fingerprint": str,
                "harness_changed": str, "settings_changed": str, "seq": int, "extra_runs": int, "data_orders": int,
                "started_at": NUMBER, "slot_hours": NUMBER, "gpu_hours": NUMBER, "early_stop": bool}
 ROW_TYPES = (str, NUMBER, NUMBER, str, str)  # commit, val_bpb, memory_gb, status, description
 RUN_TYPES = {"run": int, "commit": str, "parent": str, "description": str, "status": str, "log": str, "result": dict,
              "confirmation": dict}
 CONFIRMATION_TYPES = {"confirmed": bool, "paired_deltas": list, "runs": list, "reason": str}
-COMMIT_KEYS = ("kept_commit", "commit", "parent")  # full git object ids where the server writes them
+COMMIT_KEYS = ("kept_commit", "start_commit", "commit", "parent")  # full git object ids where the server writes them
 ID_LENGTHS = (40, 64)  # SHA-1's and SHA-256's, in hex
 ESTIMATE_TYPES = {"values": list, "std": NUMBER, "spread": NUMBER, "threshold": NUMBER}
 

@@ -218,9 +218,11 @@ def kept_change(root: Path, commit: str) -> dict:
     record = history.records_by_commit(root / RUNS_DIR, state).get(commit)
     if record:
         full, parent = record["run"].get("commit"), record["run"].get("parent")
-    else:  # logged by log_result: on the research branch, its parent is the best before it
+    else:  # logged by log_result: against the best before it (review 85: not its commit's parent, which may be a
+        # commit of the agent's own between the two, its train.py edit then left out of the diff shown)
         full = (git(root, "rev-parse", "--verify", "-q", f"{commit}^{{commit}}") or "").strip()
-        parent = (git(root, "rev-parse", "--verify", "-q", f"{full}^") or "").strip() if full else ""
+        parent = best_before(root, state, rows, commit) or (
+            (git(root, "rev-parse", "--verify", "-q", f"{full}^") or "").strip() if full else "")
     if not all(isinstance(c, str) and FULL_COMMIT.fullmatch(c) for c in (full, parent)):
         raise LookupError(f"{commit} or its parent is not in this repository")
     diff = git(root, "diff", "--no-color", "--no-ext-diff", "--no-textconv", parent, full, "--", "train.py")
@@ -229,6 +231,18 @@ def kept_change(root: Path, commit: str) -> dict:
     diff = ledger.written_out(diff)[0]  # a right-to-left override shown as <U+202E>: the code as it runs
     return {"commit": commit, "parent": parent[:7], "diff": diff[:MAX_DIFF_CHARS],
             "truncated": len(diff) > MAX_DIFF_CHARS}
+
+
+def best_before(root: Path, state: dict, rows: list[ledger.Row], commit: str) -> str | None:
+    """The full commit of the best a kept row replaced: the kept row before it, else the research run's start (None
+    for a state from before setup recorded it)."""
+    at = max(i for i, r in enumerate(rows) if r.commit == commit and r.status == "keep")
+    before = next((r.commit for r in reversed(rows[:at]) if r.status == "keep"), None)
+    if before is None:
+        return state.get("start_commit")
+    record = history.records_by_commit(root / RUNS_DIR, state).get(before)
+    return (record["run"].get("commit") if record else
+            (git(root, "rev-parse", "--verify", "-q", f"{before}^{{commit}}") or "").strip() or None)
 
 
 def run_tail(root: Path, commit: str) -> dict:

@@ -128,7 +128,9 @@ class Night:
             if full is None:
                 raise Refusal(f"Kept commit {row.commit} is not in this repository: the report reads its diff from "
                               "git; fetch the research branch, then retry.")
-            parent = previous or self.ws.repo.git.rev_parse(f"{full}^")
+            # the start as setup recorded it, never the first kept commit's parent, which may be a commit of the agent's
+            # own under a keep logged by hand (a state from before start_commit: that parent, as before)
+            parent = previous or self.state.get("start_commit") or self.ws.repo.git.rev_parse(f"{full}^")
             chain.append({"row": row, "commit": full, "parent": parent, "parent_val_bpb": value, "parent_row": before,
                           "record": self.records.get(row.commit), "untrusted": row.commit in self.untrusted})
             previous, value, before = full, row.val_bpb, row
@@ -136,7 +138,7 @@ class Night:
 
     @property
     def start(self) -> str:
-        return self.kept[0]["parent"] if self.kept else self.state["kept_commit"]
+        return self.kept[0]["parent"] if self.kept else self.state.get("start_commit") or self.state["kept_commit"]
 
     def train_at(self, commit: str) -> str:
         return self.ws.train_at(commit).decode(errors="replace")

@@ -92,7 +92,10 @@ def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments:
         carried = measurements.carried(state, fingerprint, measured_with)  # other arithmetic, data or environment
         state.clear()
         core.fresh_records.clear()  # the earlier research run's records vouch for nothing here
-        state.update({"tag": tag, "branch": branch, "kept_commit": ws.head(), "fingerprint": fingerprint,
+        # start_commit: the report's starting point (review 85: a first keep logged by hand on commits of the agent's
+        # own made the parent of its commit the start, and the pull request's branch was built on that commit's tree)
+        state.update({"tag": tag, "branch": branch, "kept_commit": ws.head(), "start_commit": ws.head(),
+                      "fingerprint": fingerprint,
                       "seq": seq, "runs": {}, "rows": [], "noise": None,
                       "limits": chosen, "started_at": time.time(), "early_stop": early_stop_runs,
                       "harness_changed": harness_changed, budget_settings.CHANGED: settings_changed,
