@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 from mcp_server.core.workspace import NEUTRAL_ATTRIBUTES, Workspace
+from mcp_server.dashboard import dashboard
 from mcp_server.executors import cluster
 from server_support import git, set_knobs, slot_dir
 
@@ -229,3 +230,44 @@ def test_the_workers_git_has_the_servers_overrides():
     # the server's options that concern what ls-tree runs (the rest concern commits it does not make)
     assert set(harness_copy.NO_AGENT_GIT[1::2]) == set(workspace.NO_AGENT_CODE[1::2]) - {
         "commit.gpgSign=false", "core.autocrlf=false"}
+
+
+def test_a_ref_named_like_a_kept_commit_does_not_stand_in_for_it(lab):
+    """Review 85: the ledger's rows name commits by 7 hex digits, and git resolves a name to a branch or tag of that
+    name before it reads it as an abbreviated hash. The agent tagged a commit of its own (train.py never measured)
+    with the name of a kept run's commit: the morning report showed that commit's diff as the kept change, with the
+    run's number and evidence, and `report(branch=...)` put its train.py on the pull request's branch."""
+    lab.baseline()
+    set_knobs(lab.ws, val_bpb=0.9)
+    kept = lab.ok("run_experiment", description="measured")["commit"]
+    lab.ok("keep", unconfirmed=True)
+    set_knobs(lab.ws, val_bpb=0.9, unmeasured=1)
+    git(lab.ws, "commit", "-q", "-am", "never measured")
+    mine = lab.head()
+    git(lab.ws, "reset", "-q", "--hard", "HEAD^")
+    git(lab.ws, "tag", kept, mine)
+    made = lab.ok("report", branch="pr/night")
+    assert "UNMEASURED" not in git(lab.ws, "show", "pr/night:train.py")
+    assert "UNMEASURED" not in (lab.ws / made["path"]).read_text()
+
+
+def test_a_ref_named_like_a_run_does_not_log_a_row_for_another_commit(lab):
+    """Review 85: log_result took the agent's 7 hex digits as the row's commit and git's reading of them (a tag of that
+    name first) as the commit it checked: a tag named like a pending run's commit, on a commit of the agent's own at
+    the branch's tip, logged a keep row for the run's commit while the best became the agent's commit."""
+    lab.baseline()
+    set_knobs(lab.ws, val_bpb=0.9)
+    pending = lab.ok("run_experiment", description="waits for a decision")["commit"]
+    set_knobs(lab.ws, val_bpb=1.4)
+    git(lab.ws, "commit", "-q", "-am", "mine")
+    git(lab.ws, "tag", pending, lab.head())
+    said = lab.refused("log_result", commit=pending, val_bpb=0.5, memory_gb=1.0, status="keep", description="mine")
+    assert "run 2 of this server" in said, said
+    assert [row["commit"] for row in lab.ok("status")["recent"]] == [lab.loop.rows()[0].commit]
+    logged = lab.ok("log_result", commit=lab.head(), val_bpb=1.05, memory_gb=1.0, status="keep", description="mine")
+    assert logged["row"]["commit"] == lab.head()[:7]
+    # a keep logged by hand, its name then taken by a tag of another commit: the dashboard shows the logged one
+    set_knobs(lab.ws, val_bpb=1.4, unmeasured=1)
+    git(lab.ws, "commit", "-q", "-am", "never logged")
+    git(lab.ws, "tag", logged["row"]["commit"], lab.head())
+    assert "UNMEASURED" not in dashboard.kept_change(lab.ws, logged["row"]["commit"])["diff"]

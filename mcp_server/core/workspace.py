@@ -184,6 +184,9 @@ def validate_new_branch(repo: git.Repo, name: str) -> str:
     return name
 
 
+MAX_SAME_PREFIX = 16  # objects sharing a commit's abbreviation that are looked at (more are made on purpose only)
+
+
 def validate_commit_arg(commit: str) -> str:
     if not isinstance(commit, str) or not COMMIT_ARG_RE.fullmatch(commit):
         raise Refusal(f"Commit {commit!r} is not a hex hash of 7 to 40 characters.")
@@ -335,11 +338,18 @@ class Workspace:
         return digest.hexdigest()[:16]
 
     def resolve_commit(self, commit: str) -> str | None:
+        """The one commit whose hash begins with `commit` (hex), else None. Never a branch or tag of that name, which
+        git reads before a hash (review 85: a tag named like a kept run's commit stood in for it in the report, and a
+        tag named like a pending run's made log_result check one commit and log another's row)."""
         commit = validate_commit_arg(commit)
         try:
-            return self.repo.git.rev_parse("--verify", "--quiet", f"{commit}^{{commit}}")
+            found = self.repo.git.rev_parse(f"--disambiguate={commit}").split()
+            if len(found) > MAX_SAME_PREFIX:
+                return None
+            commits = [oid for oid in found if self.repo.git.cat_file("-t", oid) == "commit"]
         except git.GitCommandError:
             return None
+        return commits[0] if len(commits) == 1 else None
 
     def branch_tip(self, branch: str) -> str | None:
         try:

@@ -220,7 +220,7 @@ def kept_change(root: Path, commit: str) -> dict:
         full, parent = record["run"].get("commit"), record["run"].get("parent")
     else:  # logged by log_result: against the best before it (review 85: not its commit's parent, which may be a
         # commit of the agent's own between the two, its train.py edit then left out of the diff shown)
-        full = (git(root, "rev-parse", "--verify", "-q", f"{commit}^{{commit}}") or "").strip()
+        full = full_commit(root, commit)
         parent = best_before(root, state, rows, commit) or (
             (git(root, "rev-parse", "--verify", "-q", f"{full}^") or "").strip() if full else "")
     if not all(isinstance(c, str) and FULL_COMMIT.fullmatch(c) for c in (full, parent)):
@@ -241,8 +241,15 @@ def best_before(root: Path, state: dict, rows: list[ledger.Row], commit: str) ->
     if before is None:
         return state.get("start_commit")
     record = history.records_by_commit(root / RUNS_DIR, state).get(before)
-    return (record["run"].get("commit") if record else
-            (git(root, "rev-parse", "--verify", "-q", f"{before}^{{commit}}") or "").strip() or None)
+    return record["run"].get("commit") if record else full_commit(root, before)
+
+
+def full_commit(root: Path, short: str) -> str:
+    """The one commit whose hash begins with `short`, else "": never a branch or tag of that name, which git reads
+    first (review 85: a tag named like a kept commit showed another commit's diff as the kept change)."""
+    found = (git(root, "rev-parse", f"--disambiguate={short}") or "").split()
+    commits = [oid for oid in found[:17] if (git(root, "cat-file", "-t", oid) or "").strip() == "commit"]
+    return commits[0] if len(commits) == 1 and len(found) <= 16 else ""
 
 
 def run_tail(root: Path, commit: str) -> dict:
