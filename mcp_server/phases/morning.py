@@ -124,10 +124,16 @@ class Night:
         for row in self.rows:
             if row.status != "keep":
                 continue
-            full = self.ws.resolve_commit(row.commit)
+            # the full commit the server recorded for its run (7 hex digits may be shared by a commit made to match)
+            recorded = ((self.records.get(row.commit) or {}).get("run") or {}).get("commit")
+            try:
+                full = self.ws.resolve_commit(recorded if isinstance(recorded, str) else row.commit)
+            except Refusal:  # a SHA-256 repository's ids are beyond the tools' 40 hex digits: its 7 are looked up
+                full = self.ws.resolve_commit(row.commit)
             if full is None:
-                raise Refusal(f"Kept commit {row.commit} is not in this repository: the report reads its diff from "
-                              "git; fetch the research branch, then retry.")
+                raise Refusal(f"Kept commit {row.commit} is not in this repository, or more than one commit's hash "
+                              "begins with it: the report reads its diff from git; fetch the research branch, then "
+                              "retry.")
             # the start as setup recorded it, never the first kept commit's parent, which may be a commit of the agent's
             # own under a keep logged by hand (a state from before start_commit: that parent, as before)
             parent = previous or self.state.get("start_commit") or self.ws.repo.git.rev_parse(f"{full}^")
