@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 
+import git
+
 from mcp_server.phases import early_stop, measurements, novelty
 from mcp_server.core import budget_settings, envpin, history, integrity, ledger, limits
 from mcp_server.phases.dispatch import dispatch, require_owner, run_command
@@ -132,8 +134,19 @@ def harness_change(core: LoopCore, state: dict, fingerprint: str) -> str | None:
     files = [p for p in names.split("\0") if p and p != EDITABLE]
     shown = ", ".join(files[:HARNESS_FILES_SHOWN]) + (f" and {len(files) - HARNESS_FILES_SHOWN} more"
                                                      if len(files) > HARNESS_FILES_SHOWN else "")
+    # review 85: a harness without the evaluator and exporter leaves every number to train.py, which no row marks
+    unmeasured = ("; and it does not evaluate exported models: every val_bpb of this research run is the one train.py "
+                  "prints, not the harness's" if _exported(core, state["kept_commit"])
+                  and not _exported(core, core.ws.head()) else "")
     return (f"the harness differs from the one {state['branch']} was measured with ({shown or 'file modes'}): "
-            "this research run's numbers are not comparable with that run's")
+            f"this research run's numbers are not comparable with that run's{unmeasured}")
+
+
+def _exported(core: LoopCore, commit: str) -> bool:
+    try:
+        return integrity.supports_export(core.ws, commit)
+    except (ValueError, git.BadName):  # the earlier run's kept commit gone from git: nothing to say about it
+        return False
 
 
 def _last_run_number(core: LoopCore) -> int:
