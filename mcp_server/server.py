@@ -428,8 +428,8 @@ def register_reports(srv: MCPServer, loop: ResearchLoop) -> None:
         makes that new branch (never main, master or an existing one) with one commit per kept change
         on the research run's starting point, ready for a pull request; the research branch and
         train.py do not move."""
-        loop.state.load()  # the owner puts back a state.json or results.tsv someone else changed
-        return compact(await threaded(morning.write, loop.root, branch))
+        # the owner puts back a state.json, results.tsv or copy someone else changed, and reports from what it wrote
+        return compact(await threaded(morning.write, loop.root, branch, None, loop.state.load_with_copy()))
 
 
 def register_measurements(srv: MCPServer, loop: ResearchLoop) -> None:

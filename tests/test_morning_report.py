@@ -12,6 +12,7 @@ import pytest
 
 from mcp_server import cli
 from mcp_server.core import cost, history
+from mcp_server.core.state import records_dir
 from mcp_server.phases import morning
 from mcp_server.core import plot
 from mcp_server.dashboard import dashboard
@@ -499,3 +500,20 @@ def test_a_harness_that_no_longer_evaluates_exports_says_whose_the_numbers_are(f
         assert said in section((lab.ws / lab.ok("report")["path"]).read_text(), "Summary")
     finally:
         lab.loop.shutdown()
+
+
+def test_the_report_tool_of_the_owner_believes_its_own_records_not_a_copy_forged_since(lab):
+    """Review 85: the report tool read the server's copy of the state as it lay under the git directory, and the owner
+    puts the copy right only in a transaction: a copy forged between two calls (the kept idea's 0.95 made 0.5, its
+    evidence a gain of 0.5) was the report the owner wrote, though the owner's status said 0.95."""
+    lab.baseline()
+    set_knobs(lab.ws, val_bpb=0.95)
+    lab.ok("run_experiment", description="an idea")
+    lab.ok("keep", unconfirmed=True)
+    copy = records_dir(lab.ws) / "state.json"
+    forged = json.loads(copy.read_text())
+    forged["rows"][1][1] = 0.5
+    copy.write_text(json.dumps(forged))
+    text = (lab.ws / lab.ok("report")["path"]).read_text()
+    assert "0.500000" not in text and "1.000000 -> 0.950000" in text, section(text, "Kept changes")
+    assert json.loads(copy.read_text())["rows"][1][1] == 0.95  # and the copy is the owner's again

@@ -266,6 +266,15 @@ class State:
             self.tell(f"the server's copy of {STATE_FILE} (in {self.records}) was changed outside the server: "
                       "none of it was believed; it was written again.")
 
+    def load_with_copy(self) -> dict:
+        """load(), and the owner's copy put back where it is not what the owner wrote (between transactions only a
+        reader of the copy sees it: the report, the runner, the hooks), said in the next answer."""
+        data = self.load()
+        with self.mutex:
+            if self.owned and self._written is not None:
+                self._keep_copy(self._written)
+        return data
+
     def _check_ledger(self, data: dict) -> None:
         if "rows" not in data:
             if not self.ledger.exists():

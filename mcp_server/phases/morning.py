@@ -100,10 +100,11 @@ def _spans(source: str) -> tuple[list[tuple[int, int, str]], set[int]]:
 class Night:
     """One research run read from the records: its rows, runs, kept chain and reruns."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, state: dict | None = None):
+        """state: the records as the server that owns the workspace holds them (the report tool's), else read here."""
         self.root = Path(root).resolve()
         self.ws = Workspace(self.root)
-        self.state = recorded_state(self.root)
+        self.state = recorded_state(self.root) if state is None else state
         if not self.state.get("branch"):
             raise Refusal(f"No research run is set up in {self.root}: setup(tag) starts one.")
         self.rows = ledger.rows_of(self.state)
@@ -179,10 +180,11 @@ class Night:
         return keys or [NO_CHANGE]
 
 
-def write(root: Path, branch: str | None = None, now: float | None = None) -> ReportResult:
-    """Writes the report (and first the pull request's branch when `branch` is given); returns where."""
+def write(root: Path, branch: str | None = None, now: float | None = None, state: dict | None = None) -> ReportResult:
+    """Writes the report (and first the pull request's branch when `branch` is given); returns where. state: the
+    server's records as a server read them (review 85: the owner's report read a copy forged since its last call)."""
     now = time.time() if now is None else now
-    night = Night(root)
+    night = Night(root, state)
     folder = reports_folder(night.root)  # before the branch: a report that cannot be written makes none
     made = make_branch(night, branch) if branch is not None else None
     folder.mkdir(parents=True, exist_ok=True)
