@@ -15,7 +15,7 @@ import time
 import git
 
 from mcp_server.phases import early_stop, measurements, novelty
-from mcp_server.core import budget_settings, envpin, history, integrity, ledger, limits
+from mcp_server.core import budget_settings, envpin, history, integrity, ledger, limits, plot
 from mcp_server.phases.dispatch import dispatch, require_owner, run_command
 from mcp_server.core.models import Refusal, SetupResult
 from mcp_server.core.programs import oversized
@@ -64,7 +64,8 @@ def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments:
         if ws.branch_exists(branch):
             raise Refusal(f"Branch {branch} already exists: pick a new tag (e.g. {tag}-2), or "
                           f"git checkout {branch} to continue that run.")
-        dirty = ws.dirty_tracked_files()
+        # the server's own chart, where git tracks one (upstream's autoresearch does), enters no commit of a run
+        dirty = [path for path in ws.dirty_tracked_files() if path != plot.PLOT_NAME]
         if dirty:
             raise Refusal(f"Uncommitted changes to tracked files: {', '.join(dirty)}. Commit or "
                           "revert them first, so the baseline is a known commit.")
@@ -343,7 +344,7 @@ def _checked_working_train(core: LoopCore, state: dict) -> bytes:
         raise Refusal(f"git is told not to look at changes to {', '.join(hidden[:5])} (assume-unchanged or "
                       "skip-worktree), so a diff would not show them: `git update-index --no-assume-unchanged "
                       "--no-skip-worktree <file>`, then retry.")
-    offenders = [p for p in core.ws.changed_since(kept) if p != EDITABLE]
+    offenders = [p for p in core.ws.changed_since(kept) if p not in (EDITABLE, plot.PLOT_NAME)]  # the chart: ours
     if offenders:
         raise Refusal(f"Only train.py may change, but these differ from the last kept commit "
                       f"{kept[:7]}: {', '.join(offenders)}. Revert them (git checkout {kept[:7]} -- <file>).")
