@@ -18,16 +18,11 @@ from pathlib import Path
 
 import requests
 
-from server_support import processes_in, wait_until
+from server_support import free_port, processes_in, wait_until
 
 RAY_START_TIMEOUT_S = 180  # a loaded 2-core machine needs most of a minute
 SLURM_START_TIMEOUT_S = 30
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def kill_all(pids: list[int]) -> None:

@@ -7,11 +7,13 @@ which is the training command. The cache holds a prepared.json so setup's check 
 import atexit
 import functools
 import html
+import itertools
 import json
 import os
 import queue
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +34,30 @@ REPO = HERE.parent
 FAKE_TRAIN = HERE / "fake_train.py"
 TOOL_NAMES = {"setup", "run_experiment", "wait", "read_metrics", "keep", "discard", "cancel", "reapply", "history", "sweep",
               "stop", "log_result", "status", "plot_progress", "measure_noise", "confirm", "report"}
+
+
+# The ports of the servers the tests start (MLflow, Ray, SLURM, the dashboard): each pytest process picks in a
+# block of its own, below the kernel's ephemeral range (32768 up) and above Ray's worker ports (10002-19999),
+# so no other test's server, and no port the kernel hands out, takes one between its pick and its bind
+PORT_BLOCK = 3000
+PORT_BLOCKS_FROM = 20000  # the main process's, then gw0's, gw1's, gw2's
+_PORTS_TRIED = itertools.count()
+
+
+def free_port() -> int:
+    """A port of this pytest process's block that nothing listens on now."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    index = int(worker[2:]) + 1 if worker.startswith("gw") else 0
+    first = PORT_BLOCKS_FROM + index % 4 * PORT_BLOCK
+    for _ in range(PORT_BLOCK):
+        port = first + next(_PORTS_TRIED) % PORT_BLOCK
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"every port from {first} to {first + PORT_BLOCK - 1} is taken")
 
 
 def _bare_python() -> str:

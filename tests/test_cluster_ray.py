@@ -8,9 +8,8 @@ import anyio
 import pytest
 
 import cluster_support as cluster
-from cluster_support import free_port
 from mcp_server.executors import ray_executor
-from server_support import (TRAIN_COMMAND, Lab, answer, git, ledger_lines, make_cache, make_workspace, set_knobs,
+from server_support import (TRAIN_COMMAND, Lab, answer, free_port, git, ledger_lines, make_cache, make_workspace, set_knobs,
                             stdio_client_for, wait_until)
 from test_server_e2e import RUN_TIMEOUT_S, SHORT_BUDGET, harness_workspace
 

@@ -133,6 +133,9 @@ def test_what_a_run_charges_the_flops_clock_is_checked_by_the_harness():
     for field in ("flops_per_token", "total_tokens_M"):  # review 83: nan passed the floor and the budget, unequal to all
         unsaid = greedy.model_copy(update={field: float("nan")})
         assert "lacks flops_per_token" in flops_problem(unsaid, {"matmul_flops_per_token": 9e5}, rate, budget, "flops")
+    for field in ("total_tokens_M", "num_steps"):  # a count below zero made the tokens trained "under" any budget
+        negative = greedy.model_copy(update={field: -greedy.model_dump()[field]})
+        assert "no positive number" in flops_problem(negative, {"matmul_flops_per_token": 9e5}, rate, budget, "flops")
     assert flops_problem(honest, {}, None, budget, "wall") is None
     # the clock is the harness's: a train.py that says it spent on the wall clock is checked all the same
     said_wall = greedy.model_copy(update={"budget_clock": "wall"})

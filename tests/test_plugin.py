@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from mcp import Client, StdioServerParameters
 
-from server_support import TOOL_NAMES
+from server_support import TOOL_NAMES, free_port
 from plugin_support import (CLAUDE_CODE_VERSION, REPO, SERVER_NAME, TOOL_PREFIX, ScriptedModel, claude_env,
                             git, install_claude_cli, make_research_repo, uv_link_mode)
 
@@ -250,11 +250,6 @@ def docs_blocks(language: str, doc: str = "docs/other-agents.md") -> list[str]:
     text = (REPO / doc).read_text()
     return re.findall(rf"```{language}\n(.*?)```", text, re.S)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_port(port: int, server: subprocess.Popen, timeout_s: float = 60) -> None:

@@ -19,7 +19,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from mcp_server.core.state import State
 from server_support import (
-    REPO, answer, error, git, ledger_lines, make_cache, make_workspace, pid_alive, processes_in, processes_running,
+    REPO, answer, error, free_port, git, ledger_lines, make_cache, make_workspace, pid_alive, processes_in, processes_running,
     set_knobs, slot_dir, stdio_client_for, stdio_params, wait_until,
 )
 
@@ -390,11 +390,6 @@ def test_two_servers_one_workspace_the_second_takes_over_when_the_first_dies(ws_
     assert f"pid {first.pid}" in status["read_only"]
     assert setup["branch"] == "autoresearch/two" and run["status"] == "ok"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def listening_addresses(port: int) -> set[str]:

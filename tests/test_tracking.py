@@ -18,17 +18,12 @@ from mlflow import MlflowClient
 from autosearch.driver import SearchPlan, catch_up_tracking
 from mcp_server.core import tracking
 from mcp_server.__main__ import parse_args
-from server_support import (Lab, answer, exporting_workspace, git, make_cache, make_workspace, set_knobs, stdio_client_for,
+from server_support import (Lab, answer, exporting_workspace, free_port, git, make_cache, make_workspace, set_knobs, stdio_client_for,
                             wait_until)
 
 SERVER_START_S = 300  # `mlflow server` imports for a minute on a loaded 2-core machine
 SYNC_S = 120
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MlflowServer:

@@ -432,11 +432,12 @@ def flops_problem(summary, evaluation: dict, flops_per_budget_second: float | No
     if clock != "flops":
         return None
     claimed, floor = summary.flops_per_token, evaluation.get("matmul_flops_per_token")
-    # a nan is unequal to everything: printed, it passed the floor and the budget below (review 83)
-    if not all(value and math.isfinite(value) for value in (claimed, summary.total_tokens_M)) \
-            or not flops_per_budget_second or not summary.num_steps:
+    # a nan is unequal to everything, and a count below zero is under any budget: printed, either passed the
+    # floor and the budget below (reviews 83 and 84)
+    if not all(value is not None and math.isfinite(value) and value > 0
+               for value in (claimed, summary.total_tokens_M, summary.num_steps)) or not flops_per_budget_second:
         return ("train.py spent its budget on the flops clock but its summary lacks flops_per_token, total_tokens_M "
-                "or num_steps, or prints one that is no finite number (or prepared.json lacks its "
+                "or num_steps, or prints one that is no positive number (or prepared.json lacks its "
                 "flops_per_budget_second): the harness cannot check the FLOPs")
     if floor and claimed < floor:
         return (f"train.py charged {claimed:.4g} FLOPs per token to the budget, but its exported model's weight "
