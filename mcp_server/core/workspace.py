@@ -187,6 +187,18 @@ def validate_new_branch(repo: git.Repo, name: str) -> str:
 MAX_SAME_PREFIX = 16  # objects sharing a commit's abbreviation that are looked at (more are made on purpose only)
 
 
+def commit_named(run_git, prefix: str) -> str | None:
+    """The one commit whose hash begins with prefix (hex), else None. Never a branch or tag of that name, which git
+    reads before a hash (review 85: a tag named like a kept run's commit stood in for it in the report and the
+    dashboard, and a tag named like a pending run's made log_result check one commit and log another's row).
+    run_git(*args): git's output, or None where it failed."""
+    found = (run_git("rev-parse", f"--disambiguate={prefix}") or "").split()
+    if len(found) > MAX_SAME_PREFIX:
+        return None
+    commits = [oid for oid in found if (run_git("cat-file", "-t", oid) or "").strip() == "commit"]
+    return commits[0] if len(commits) == 1 else None
+
+
 def validate_commit_arg(commit: str) -> str:
     if not isinstance(commit, str) or not COMMIT_ARG_RE.fullmatch(commit):
         raise Refusal(f"Commit {commit!r} is not a hex hash of 7 to 40 characters.")
@@ -338,18 +350,14 @@ class Workspace:
         return digest.hexdigest()[:16]
 
     def resolve_commit(self, commit: str) -> str | None:
-        """The one commit whose hash begins with `commit` (hex), else None. Never a branch or tag of that name, which
-        git reads before a hash (review 85: a tag named like a kept run's commit stood in for it in the report, and a
-        tag named like a pending run's made log_result check one commit and log another's row)."""
-        commit = validate_commit_arg(commit)
-        try:
-            found = self.repo.git.rev_parse(f"--disambiguate={commit}").split()
-            if len(found) > MAX_SAME_PREFIX:
-                return None
-            commits = [oid for oid in found if self.repo.git.cat_file("-t", oid) == "commit"]
+        """The one commit whose hash begins with `commit` (hex, checked), else None: commit_named."""
+        return commit_named(self._git_or_none, validate_commit_arg(commit))
+
+    def _git_or_none(self, command: str, *args: str) -> str | None:
+        try:  # through the named method, which adds the options that run none of the agent's code (HarnessGit)
+            return getattr(self.repo.git, command.replace("-", "_"))(*args)
         except git.GitCommandError:
             return None
-        return commits[0] if len(commits) == 1 else None
 
     def branch_tip(self, branch: str) -> str | None:
         try:

@@ -20,7 +20,7 @@ from mcp_server.core import cost, history, ledger, limits, logparse, plot
 from mcp_server.phases.runs import LOG_TAIL_BYTES, RUNS_DIR, unsandboxed_marker
 from mcp_server.core.models import Refusal
 from mcp_server.core.state import ARCHIVE_DIR, STATE_DIR, State, malformed, process_alive
-from mcp_server.core.workspace import GIT_ENV, NO_AGENT_CODE
+from mcp_server.core.workspace import GIT_ENV, NO_AGENT_CODE, commit_named
 
 CURVE_POINTS = 240  # of a loss curve sent to the page: enough for its width
 LOG_CURVE_BYTES = 4 << 20  # of a log read for its curve (an H100 run's progress lines take ~150 kB)
@@ -245,11 +245,8 @@ def best_before(root: Path, state: dict, rows: list[ledger.Row], commit: str) ->
 
 
 def full_commit(root: Path, short: str) -> str:
-    """The one commit whose hash begins with `short`, else "": never a branch or tag of that name, which git reads
-    first (review 85: a tag named like a kept commit showed another commit's diff as the kept change)."""
-    found = (git(root, "rev-parse", f"--disambiguate={short}") or "").split()
-    commits = [oid for oid in found[:17] if (git(root, "cat-file", "-t", oid) or "").strip() == "commit"]
-    return commits[0] if len(commits) == 1 and len(found) <= 16 else ""
+    """The one commit whose hash begins with `short`, else "" (workspace.commit_named: never a ref of that name)."""
+    return commit_named(lambda *args: git(root, *args), short) or ""
 
 
 def run_tail(root: Path, commit: str) -> dict:
