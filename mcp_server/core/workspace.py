@@ -351,9 +351,9 @@ class Workspace:
 
     def resolve_commit(self, commit: str) -> str | None:
         """The one commit whose hash begins with `commit` (hex, checked), else None: commit_named."""
-        return commit_named(self._git_or_none, validate_commit_arg(commit))
+        return commit_named(self.git_or_none, validate_commit_arg(commit))
 
-    def _git_or_none(self, command: str, *args: str) -> str | None:
+    def git_or_none(self, command: str, *args: str) -> str | None:
         try:  # through the named method, which adds the options that run none of the agent's code (HarnessGit)
             return getattr(self.repo.git, command.replace("-", "_"))(*args)
         except git.GitCommandError:

@@ -19,7 +19,7 @@ from mcp_server.core import budget_settings, cost, history, ledger, limits, plot
 from mcp_server.core.models import Refusal, ReportResult, Row
 from mcp_server.core.programs import UNPARSABLE
 from mcp_server.core.state import STATE_DIR, State, malformed
-from mcp_server.core.workspace import EDITABLE, RUNS_DIR, Workspace, validate_new_branch
+from mcp_server.core.workspace import EDITABLE, RUNS_DIR, Workspace, commit_named, validate_new_branch
 
 REPORTS_DIR = f"{STATE_DIR}/reports"
 NO_CHANGE = "no change to train.py"
@@ -116,7 +116,23 @@ class Night:
                         if r.get("decision") and r["result"].get("commit") in logged}
         self.untrusted = {name.removesuffix(".json").partition("-")[2] for name in self.refused} - set(self.records)
         self.reruns = {c: k for c, r in self.records.items() if (k := history.rerun_kind(r))}
+        self.start_commit = self._recorded_start()
         self.kept = self._kept_chain()
+
+    def _recorded_start(self) -> str | None:
+        """setup's start_commit, where the state has one: a commit with the research run's harness, below its best
+        (review 86: one forged in the copy a reader believes failed the report as a tree, or gave the pull request's
+        branch the tree of a commit of the agent's own)."""
+        start, kept = self.state.get("start_commit"), self.state.get("kept_commit")
+        if start is None:
+            return None  # a state from before setup recorded it: the first kept commit's parent, as before
+        if commit_named(self.ws.git_or_none, start) != start or not (kept and self.ws.is_ancestor(start, kept)) \
+                or self.state.get("fingerprint") not in (None, self.ws.fingerprint(start)):
+            raise Refusal(f"The server's records name start_commit {start[:12]} as the start of "
+                          f"{self.state['branch']}, but it is no commit with that run's harness below its best: the "
+                          "records were changed outside the server. Call report() from the server that owns the "
+                          "workspace (it writes its records again).")
+        return start
 
     def _kept_chain(self) -> list[dict]:
         """The kept rows in order, each with its full commit, its parent (the best before it) and
@@ -137,7 +153,7 @@ class Night:
                               "retry.")
             # the start as setup recorded it, never the first kept commit's parent, which may be a commit of the agent's
             # own under a keep logged by hand (a state from before start_commit: that parent, as before)
-            parent = previous or self.state.get("start_commit") or self.ws.repo.git.rev_parse(f"{full}^")
+            parent = previous or self.start_commit or self.ws.repo.git.rev_parse(f"{full}^")
             chain.append({"row": row, "commit": full, "parent": parent, "parent_val_bpb": value, "parent_row": before,
                           "record": self.records.get(row.commit), "untrusted": row.commit in self.untrusted})
             previous, value, before = full, row.val_bpb, row
@@ -145,7 +161,7 @@ class Night:
 
     @property
     def start(self) -> str:
-        return self.kept[0]["parent"] if self.kept else self.state.get("start_commit") or self.state["kept_commit"]
+        return self.kept[0]["parent"] if self.kept else self.start_commit or self.state["kept_commit"]
 
     def train_at(self, commit: str) -> str:
         return self.ws.train_at(commit).decode(errors="replace")

@@ -135,12 +135,16 @@ def harness_change(core: LoopCore, state: dict, fingerprint: str) -> str | None:
     files = [p for p in names.split("\0") if p and p != EDITABLE]
     shown = ", ".join(files[:HARNESS_FILES_SHOWN]) + (f" and {len(files) - HARNESS_FILES_SHOWN} more"
                                                      if len(files) > HARNESS_FILES_SHOWN else "")
-    # review 85: a harness without the evaluator and exporter leaves every number to train.py, which no row marks
-    unmeasured = ("; and it does not evaluate exported models: every val_bpb of this research run is the one train.py "
-                  "prints, not the harness's" if _exported(core, state["kept_commit"])
-                  and not _exported(core, core.ws.head()) else "")
+    # review 85: a harness without the evaluator and exporter leaves every number to train.py, which no row marks;
+    # said again while the harness still exports nothing (review 86: a second change, a comment, dropped the note)
+    dropped = _exported(core, state["kept_commit"]) or UNMEASURED_NOTE in (state.get("harness_changed") or "")
+    unmeasured = f"; and it {UNMEASURED_NOTE}" if dropped and not _exported(core, core.ws.head()) else ""
     return (f"the harness differs from the one {state['branch']} was measured with ({shown or 'file modes'}): "
             f"this research run's numbers are not comparable with that run's{unmeasured}")
+
+
+UNMEASURED_NOTE = ("does not evaluate exported models: every val_bpb of this research run is the one train.py prints, "
+                   "not the harness's")
 
 
 def _exported(core: LoopCore, commit: str) -> bool:
