@@ -26,6 +26,9 @@ from mcp_server.core.workspace import (BRANCH_PREFIX, EDITABLE, RUN_REF_PREFIX, 
 MAX_TIMEOUT_S = 86400.0
 MAX_COMMIT_ATTEMPTS = 20  # candidates whose 7-character hash collides with a logged one are re-made
 HARNESS_FILES_SHOWN = 10  # in the note that a research run's harness differs from the one before's
+# ... and where that harness no longer evaluates exports (review 85)
+UNMEASURED_NOTE = ("does not evaluate exported models: every val_bpb of this research run is the one train.py prints, "
+                   "not the harness's")
 
 
 def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments: int | None = None,
@@ -141,10 +144,6 @@ def harness_change(core: LoopCore, state: dict, fingerprint: str) -> str | None:
     unmeasured = f"; and it {UNMEASURED_NOTE}" if dropped and not _exported(core, core.ws.head()) else ""
     return (f"the harness differs from the one {state['branch']} was measured with ({shown or 'file modes'}): "
             f"this research run's numbers are not comparable with that run's{unmeasured}")
-
-
-UNMEASURED_NOTE = ("does not evaluate exported models: every val_bpb of this research run is the one train.py prints, "
-                   "not the harness's")
 
 
 def _exported(core: LoopCore, commit: str) -> bool:
