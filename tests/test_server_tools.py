@@ -100,6 +100,14 @@ def test_setup_refusals_name_the_fix(fake_env, monkeypatch):
     git(empty, "init", "-q")
     assert "no commit yet" in Lab(empty).refused("setup", tag="x")
 
+    # review 86: a repository of SHA-256 ids, which GitPython cannot read, was told it had no commit
+    sha256 = fake_env / "sha256"
+    git(fake_env, "init", "-q", "--object-format=sha256", str(sha256))
+    (sha256 / "train.py").write_text("x = 1\n")
+    git(sha256, "add", "train.py")
+    git(sha256, "commit", "-q", "-m", "the baseline")
+    assert "SHA-256 object ids" in Lab(sha256).refused("setup", tag="x")
+
     ws = make_workspace(fake_env)
     git(ws, "rm", "-q", "train.py")
     git(ws, "commit", "-q", "-m", "no train")

@@ -41,6 +41,11 @@ def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments:
     ws = core.ws
     branch = BRANCH_PREFIX + tag
     if not ws.repo.head.is_valid():
+        if (ws.git_or_none("rev-parse", "--show-object-format") or "").strip() not in ("", "sha1"):
+            raise Refusal(f"{core.root} is a git repository of SHA-256 object ids, which the server's git library "
+                          "(GitPython) cannot read: make the workspace a repository of the default format (git init "
+                          "in a new folder, then commit prepare.py, train.py and the harness there), then call "
+                          "setup again.")
         raise Refusal(f"{core.root} has no commit yet: commit prepare.py and train.py (the baseline) "
                       "first, then call setup again.")
     missing = ws.missing_files()
