@@ -6,8 +6,37 @@ import sys
 
 from mcp_server.core.state import records_dir
 from server_support import Lab, exporting_workspace, git, set_knobs
+from test_morning_report import section
 
 SAID = "does not evaluate exported models: every val_bpb of this research run is the one train.py prints"
+
+
+def drop_the_evaluator(lab) -> None:
+    """A research run on the harness that evaluates exported models, stopped; then that harness committed without its
+    evaluator and exporter."""
+    lab.ok("setup", tag="first")
+    lab.ok("run_experiment", description="baseline")
+    lab.ok("keep", unverified=True)
+    lab.ok("stop", reason="a new harness")
+    git(lab.ws, "rm", "-q", "nanochat/evaluate_export.py", "nanochat/export.py")
+    git(lab.ws, "commit", "-q", "-m", "a lighter harness")
+
+
+def test_a_harness_that_no_longer_evaluates_exports_says_whose_the_numbers_are(fake_env):
+    """Review 85: with the harness that evaluates exported models, the agent stopped the research run, committed the
+    harness without its evaluator and exporter, and set up a new tag: every number of the new research run was the one
+    train.py printed, kept with no marker and no unverified=true, and setup, status and the report said only that the
+    harness differed and its numbers were not comparable."""
+    lab = Lab(exporting_workspace(fake_env))
+    try:
+        drop_the_evaluator(lab)
+        assert SAID in lab.ok("setup", tag="second")["harness_changed"]
+        assert SAID in lab.ok("status")["harness_changed"]
+        lab.ok("run_experiment", description="baseline")
+        lab.ok("keep")
+        assert SAID in section((lab.ws / lab.ok("report")["path"]).read_text(), "Summary")
+    finally:
+        lab.loop.shutdown()
 
 
 def test_a_second_harness_change_without_the_evaluator_keeps_saying_whose_the_numbers_are(fake_env):
@@ -16,12 +45,7 @@ def test_a_second_harness_change_without_the_evaluator_keeps_saying_whose_the_nu
     had no evaluator either, and said only that the harness differed; every number was still train.py's own."""
     lab = Lab(exporting_workspace(fake_env))
     try:
-        lab.ok("setup", tag="first")
-        lab.ok("run_experiment", description="baseline")
-        lab.ok("keep", unverified=True)
-        lab.ok("stop", reason="a new harness")
-        git(lab.ws, "rm", "-q", "nanochat/evaluate_export.py", "nanochat/export.py")
-        git(lab.ws, "commit", "-q", "-m", "a lighter harness")
+        drop_the_evaluator(lab)
         assert SAID in lab.ok("setup", tag="second")["harness_changed"]
         lab.ok("run_experiment", description="baseline")
         lab.ok("keep")
