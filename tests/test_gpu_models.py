@@ -121,6 +121,11 @@ def test_a_result_on_a_faster_gpu_model_is_not_kept_as_a_gain_unasked(gpu_lab):
     assert "keep(run=2, unconfirmed=true)" in refused
     kept = gpu_lab.ok("keep", unconfirmed=True)
     assert kept["evidence"].startswith("kept on request, not compared with the best: measured on NVIDIA B200")
+    # review 85: the report printed 1.0 -> 0.9 as a gain of the idea, in its kept changes and its summary
+    report = (gpu_lab.ws / gpu_lab.ok("report")["path"]).read_text()
+    said = "not a measured gain: not compared: measured on NVIDIA B200, the best"
+    assert "(gain +0.100000, 10.00%; " + said in report, report
+    assert "(10.00%; not a measured gain: a kept run not compared: measured on NVIDIA B200" in report, report
 
 
 def test_a_confirmation_pair_on_two_gpu_models_confirms_nothing(gpu_lab):

@@ -20,6 +20,7 @@ from mcp_server.core.models import Refusal, ReportResult, Row
 from mcp_server.core.programs import UNPARSABLE
 from mcp_server.core.state import STATE_DIR, State, malformed
 from mcp_server.core.workspace import EDITABLE, RUNS_DIR, Workspace, commit_named, validate_new_branch
+from mcp_server.phases.results import NOT_COMPARED
 
 REPORTS_DIR = f"{STATE_DIR}/reports"
 NO_CHANGE = "no change to train.py"
@@ -256,13 +257,20 @@ def gain_text(change: dict) -> str:
     before, after = change["parent_val_bpb"], change["row"].val_bpb
     whose = [f"{which} is {said}" for which, row in (("the val_bpb before", change.get("parent_row")),
                                                      ("this val_bpb", change["row"]))
-             if row and (said := limits.not_measured(row.description))]
+             if row and (said := limits.not_measured(row.description))] + across_models(change)
     unmeasured = f"; not a measured gain: {'; '.join(whose)}" if whose else ""
     if before is None:
         return f"val_bpb {after:.6f} (the first kept result{unmeasured})"
     gain = before - after
     percent = f", {100 * gain / before:.2f}%" if before else ""
     return f"val_bpb {before:.6f} -> {after:.6f} (gain {gain:+.6f}{percent}{unmeasured})"
+
+
+def across_models(change: dict) -> list[str]:
+    """Where the kept run was measured on another GPU model than the best before it (kept unconfirmed, review 85: its
+    val_bpb against the best's read as a gain), that."""
+    noise = ((change["record"] or {}).get("result") or {}).get("noise")
+    return [noise] if isinstance(noise, str) and noise.startswith(NOT_COMPARED) else []
 
 
 def evidence_text(change: dict) -> str:
@@ -360,7 +368,8 @@ def summary(night: Night, times: dict, made: dict | None) -> list[str]:
         # review 72: a first keep logged by hand (or train.py's own number) made an unmarked gain here; review 74: so
         # did a best logged by hand, its marker said beside the best but the gain to it a bare number
         whose = [f"the {which} val_bpb is {said}" for which, row in (("first kept", first), ("best", best))
-                 if first is not best and (said := limits.not_measured(row.description))]
+                 if first is not best and (said := limits.not_measured(row.description))] + \
+            [f"a kept run {each}" for change in night.kept[1:] for each in across_models(change)]
         notes = ([f"{100 * gain / first.val_bpb:.2f}%"] if first.val_bpb else []) + \
             ([f"not a measured gain: {'; '.join(whose)}"] if whose else [])
         share = f" ({'; '.join(notes)})" if notes else ""

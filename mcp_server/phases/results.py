@@ -26,6 +26,7 @@ from mcp_server.core.workspace import budget_clock, prepared_info, time_budget
 THROUGHPUT_TOLERANCE = 0.15
 CONFIRM_WIDTHS = 3.0  # a gain within this many noise thresholds is confirmed before keep accepts it
 SHOWN_CHANGES = 5  # changed paths of the environment named in a run's answer
+NOT_COMPARED = "not compared: measured on"  # a result of another GPU model than its best's (the report reads it)
 
 
 def unrecordable(entry: dict, why: str) -> RunResult:
@@ -132,7 +133,7 @@ def _result(core: LoopCore, entry: dict, text: str, report: dict | None, slot: s
         base_device = core.device_of(entry["parent"])
         if result.device and base_device and base_device != result.device:
             # another GPU model gives another val_bpb for the same code: no silent delta
-            result.noise = f"not compared: measured on {result.device}, the best {base.commit} on {base_device}"
+            result.noise = f"{NOT_COMPARED} {result.device}, the best {base.commit} on {base_device}"
             result.warnings = (result.warnings or []) + [
                 f"{result.noise}; results on different GPU models are not comparable: keep the research run "
                 "on one GPU model (a SLURM --constraint, a Ray node label), or judge this one by hand"]
