@@ -144,10 +144,7 @@ class Night:
                 continue
             # the full commit the server recorded for its run (7 hex digits may be shared by a commit made to match)
             recorded = ((self.records.get(row.commit) or {}).get("run") or {}).get("commit")
-            try:
-                full = self.ws.resolve_commit(recorded if isinstance(recorded, str) else row.commit)
-            except Refusal:  # a SHA-256 repository's ids are beyond the tools' 40 hex digits: its 7 are looked up
-                full = self.ws.resolve_commit(row.commit)
+            full = self.ws.resolve_commit(recorded if isinstance(recorded, str) else row.commit)
             if full is None:
                 raise Refusal(f"Kept commit {row.commit} is not in this repository, or more than one commit's hash "
                               "begins with it: the report reads its diff from git; fetch the research branch, then "
