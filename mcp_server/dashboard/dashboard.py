@@ -215,13 +215,14 @@ def kept_change(root: Path, commit: str) -> dict:
     rows = server_rows(root, state)
     if not any(r.commit == commit and r.status == "keep" for r in rows):
         raise LookupError(f"{commit} is not a kept run in results.tsv")
-    record = history.records_by_commit(root / RUNS_DIR, state).get(commit)
+    records = history.records_by_commit(root / RUNS_DIR, state)
+    record = records.get(commit)
     if record:
         full, parent = record["run"].get("commit"), record["run"].get("parent")
     else:  # logged by log_result: against the best before it (review 85: not its commit's parent, which may be a
         # commit of the agent's own between the two, its train.py edit then left out of the diff shown)
         full = full_commit(root, commit)
-        parent = best_before(root, state, rows, commit) or (
+        parent = best_before(root, state, rows, records, commit) or (
             (git(root, "rev-parse", "--verify", "-q", f"{full}^") or "").strip() if full else "")
     if not all(isinstance(c, str) and FULL_COMMIT.fullmatch(c) for c in (full, parent)):
         raise LookupError(f"{commit} or its parent is not in this repository")
@@ -233,14 +234,14 @@ def kept_change(root: Path, commit: str) -> dict:
             "truncated": len(diff) > MAX_DIFF_CHARS}
 
 
-def best_before(root: Path, state: dict, rows: list[ledger.Row], commit: str) -> str | None:
-    """The full commit of the best a kept row replaced: the kept row before it, else the research run's start (None
-    for a state from before setup recorded it)."""
+def best_before(root: Path, state: dict, rows: list[ledger.Row], records: dict, commit: str) -> str | None:
+    """The full commit of the best a kept row replaced (records: the runs' records by commit): the kept row before it,
+    else the research run's start (None for a state from before setup recorded it)."""
     at = max(i for i, r in enumerate(rows) if r.commit == commit and r.status == "keep")
     before = next((r.commit for r in reversed(rows[:at]) if r.status == "keep"), None)
     if before is None:
         return state.get("start_commit")
-    record = history.records_by_commit(root / RUNS_DIR, state).get(before)
+    record = records.get(before)
     return record["run"].get("commit") if record else full_commit(root, before)
 
 

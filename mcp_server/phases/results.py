@@ -165,7 +165,7 @@ def _result(core: LoopCore, entry: dict, text: str, report: dict | None, slot: s
     if unchanged:
         result.next = unchanged
         return result
-    if result.delta is None and base and result.noise.startswith("not compared"):
+    if result.delta is None and base and result.noise.startswith(NOT_COMPARED):
         own = "unverified=true, " if result.verified is False else ""  # keep refuses it without either flag
         result.next = (f"not comparable with the best: discard(run={entry['run']}) and run it again on {base_device} "
                        f"(run_experiment(..., rerun=true)), or keep(run={entry['run']}, {own}unconfirmed=true) on "
