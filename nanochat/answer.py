@@ -14,6 +14,8 @@ ANSWER_ENV = "RESEARCH_LOOP_ANSWER"
 # Set to 1, prepare.evaluate_bpb evaluates in-process too and returns that number (train.py prints
 # it): to check on a new platform that the exported program scores what the model does.
 CROSSCHECK_ENV = "AUTORESEARCH_EVAL_CROSSCHECK"
+# Set by the worker where the run's sandbox hides the validation data: the harness's number is the only one
+VAL_HIDDEN_ENV = "RESEARCH_LOOP_VAL_HIDDEN"
 POLL_S = 0.05
 
 

@@ -62,7 +62,8 @@ def gpu_rows_per_call(batch_size: int, seq_len: int, vocab_size: int, free_bytes
 def export_for_evaluation(model, batch_size: int, seq_len: int, eval_batch_size: int,
                           vocab_size: int | None = None) -> str | None:
     """Writes the program for RESEARCH_LOOP_EXPORT, if set; returns its path, or None. A model that
-    cannot be exported is reported in the log: the run's result is then unverified. The harness
+    cannot be exported is reported in the log: the run then has no number where its sandbox hides the
+    validation data (the worker's), else train.py's own, unverified. The harness
     evaluates batches of eval_batch_size rows of seq_len tokens (nanochat/profiles.py): a program
     exported for other shapes is no result. vocab_size sizes a GPU's calls to its free memory."""
     path = os.environ.get(EXPORT_ENV)
@@ -93,8 +94,7 @@ def export_for_evaluation(model, batch_size: int, seq_len: int, eval_batch_size:
         os.replace(meta_path(tmp), meta_path(path))
         os.unlink(tmp)
     except Exception as exc:  # an unusual custom kernel, a shape that cannot be traced...
-        print(f"export for the harness's evaluation failed ({type(exc).__name__}: {str(exc)[:300]}): "
-              "this run's result will be unverified", flush=True)
+        print(f"export for the harness's evaluation failed ({type(exc).__name__}: {str(exc)[:300]})", flush=True)
         return None
     finally:
         module.train(was_training)

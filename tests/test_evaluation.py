@@ -156,6 +156,26 @@ def test_prepare_wrapper_uses_the_profile_constants(prepared_env, repo_root):
     assert done.stdout.strip() == "True"
 
 
+def test_a_run_the_harness_cannot_score_says_why_it_has_no_number_where_the_validation_data_is_hidden(
+        prepared_env, repo_root, tmp_path):
+    """Where the run's sandbox hides the validation data (review 87), a model the harness cannot export has no
+    number: prepare.evaluate_bpb says so, and why, instead of failing on the hidden shard."""
+    script = ("import prepare, torch\n"
+              "class Unexportable(torch.nn.Module):\n"
+              "    def __init__(self):\n"
+              "        super().__init__()\n"
+              "        self.w = torch.nn.Parameter(torch.zeros(1))\n"
+              "    def forward(self, idx, targets=None, reduction='mean'):\n"
+              "        raise ValueError('a model the tracer cannot follow')\n"
+              "prepare.evaluate_bpb(Unexportable(), prepare.Tokenizer.from_directory(), 2)\n")
+    env = dict(prepared_env, RESEARCH_LOOP_EXPORT=str(tmp_path / "model.pt2"), RESEARCH_LOOP_VAL_HIDDEN="1")
+    done = subprocess.run([sys.executable, "-c", script], cwd=repo_root, env=env, capture_output=True, text=True)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "export for the harness's evaluation failed (ValueError: a model the tracer cannot follow)" in done.stdout
+    assert ("RuntimeError: the harness did not score this run (the model was not exported, as the log says above), "
+            "and under the research loop a run cannot evaluate itself") in done.stderr, done.stderr
+
+
 def evaluation_args(program: str, batch: int, tokens: int) -> argparse.Namespace:
     """The harness evaluation's options: the program, the validation shard, its size and shapes."""
     return argparse.Namespace(program=program, val=split_paths("val")[0], eval_tokens=tokens, batch_size=batch,

@@ -429,12 +429,14 @@ INOTIFY_USED_UP = ["--user", "--map-root-user", "sh", "-c", 'echo 0 > /proc/sys/
                    "sh"]
 
 
-def test_a_run_whose_validation_data_cannot_be_watched_does_not_start(tmp_path, bubblewrap):
+def test_a_run_whose_validation_data_cannot_be_watched_does_not_start(tmp_path, bubblewrap, monkeypatch):
     """Review 64: the worker's watch of the validation shard (inotify) is what tells a run that read it before its
     export. Where it could not be made (the user's inotify instances or watches used up, which any process of the
     agent's can do on purpose), the worker went on unwatched and nothing read its report's `val_watched`: a run that
     read the validation data was verified (1.5 here). Now a worker on Linux that cannot watch does not start the
-    run, and says why and what to do."""
+    run, and says why and what to do. (Watched where the run sees the shard: here the cross-check's setting, as
+    without a sandbox; otherwise the sandbox hides it, below.)"""
+    monkeypatch.setenv("AUTORESEARCH_EVAL_CROSSCHECK", "1")
     from mcp_server.core.integrity import evaluation_verdict
     from test_server_units import WORKER, clean_harness, fake_evaluation
     exports, val, report, log = tmp_path / "exports", tmp_path / "val.parquet", tmp_path / "report.json", tmp_path / "run.log"
@@ -449,6 +451,55 @@ def test_a_run_whose_validation_data_cannot_be_watched_does_not_start(tmp_path, 
     result = json.loads(report.read_text())
     assert result["exit_code"] == 126 and evaluation_verdict(result)[1] is None, result
     assert "the validation data cannot be watched here" in log.read_text() and "read 10 bytes" not in log.read_text()
+
+
+# Review 87's stash: it exports, takes the harness's number, then copies the validation shard into a folder every
+# later run can read (the compile cache, here a writable folder of its own)
+STASHES_THE_VALIDATION_DATA = """import os, time
+export = os.environ["RESEARCH_LOOP_EXPORT"]
+open(export, "w").write("model")
+open(export + ".json", "w").write("{}")
+while not os.path.exists(os.environ["RESEARCH_LOOP_ANSWER"]):
+    time.sleep(0.05)
+try:
+    text = open("val.parquet", "rb").read()
+except OSError as exc:
+    print("refused:", exc, flush=True)
+else:
+    open("compile/stash", "wb").write(text)
+"""
+
+
+@pytest.mark.parametrize("crosscheck", [False, True], ids=["hidden", "shown for the cross-check"])
+def test_a_run_the_harness_scores_cannot_read_the_validation_data_to_leave_for_later_runs(tmp_path, bubblewrap,
+                                                                                          monkeypatch, crosscheck):
+    """Review 87: a run's watched copy of the validation shard stayed readable once it had exported (train.py's own
+    evaluation read it where the harness gave no number), so a run took its verified number, then copied the shard
+    into the compile cache, which every later run reads and no watch covers: any later run could train on the
+    validation text and be verified. Now the sandbox of a run the harness scores hides the shard altogether; only
+    AUTORESEARCH_EVAL_CROSSCHECK=1 in the server's environment (a platform's check) shows it, watched."""
+    from mcp_server.core.integrity import evaluation_verdict
+    from test_server_units import WORKER, clean_harness, fake_evaluation
+    if crosscheck:
+        monkeypatch.setenv("AUTORESEARCH_EVAL_CROSSCHECK", "1")
+    exports, compiled, val = tmp_path / "exports", tmp_path / "compile", tmp_path / "val.parquet"
+    exports.mkdir()
+    compiled.mkdir()
+    val.write_bytes(b"validation")
+    report, log = tmp_path / "report.json", tmp_path / "run.log"
+    sandbox = json.dumps({"readonly": [str(tmp_path)], "writable": [str(exports), str(compiled)]})
+    subprocess.run([sys.executable, str(WORKER), "--log", str(log), "--report", str(report), "--timeout", "30",
+                    "--sandbox", sandbox, "--export", str(exports / "model.pt2"), "--val-shard", str(val),
+                    "--evaluate", json.dumps(fake_evaluation(clean_harness(tmp_path))),
+                    "--", sys.executable, "-c", STASHES_THE_VALIDATION_DATA], cwd=tmp_path, timeout=60, check=True)
+    result = json.loads(report.read_text())
+    assert result["sandbox"] and evaluation_verdict(result)[:2] == (None, 1.5), (result, log.read_text())
+    if crosscheck:
+        assert (compiled / "stash").read_bytes() == b"validation", log.read_text()
+        assert result["val_watched"] and not result["val_hidden"], result
+    else:
+        assert not (compiled / "stash").exists() and "refused: [Errno 13] Permission denied" in log.read_text()
+        assert result["val_hidden"] and not result["val_watched"], result
 
 
 def test_a_data_folder_that_is_a_link_is_refused_at_setup_not_at_every_run(lab, fake_env):

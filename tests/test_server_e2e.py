@@ -103,7 +103,8 @@ OWN_EVALUATION = ("\nfrom nanochat.compile import Compiler\n",
 
 # Before its training, the placeholder cheater puts an empty file at the export path (the worker
 # used to take the export's appearance as the moment validation reads stop counting), reads the
-# whole validation shard, and takes the placeholder away: its real export comes at the end.
+# whole validation shard, and takes the placeholder away: its real export comes at the end. (The
+# shard is hidden from a run the harness scores now, so its read fails.)
 PLACEHOLDER = ("import torch\n", """import torch
 from nanochat.datasets import split_paths as _split_paths
 _placeholder = os.environ["RESEARCH_LOOP_EXPORT"]
@@ -125,7 +126,7 @@ def test_train_py_cannot_bend_its_number(tmp_path, repo_root, prepared_env, monk
     The ledger gets the harness's number, an unverified result needs an explicit flag, and the
     peeking and undercounting models are no result. Two more bend what the worker takes as the export
     and the evaluation's shapes: one plants a placeholder at the export path and reads the validation
-    data while it is there, one shortens the rows the evaluation scores; both are no result. (One
+    data while it is there (hidden from it now), one shortens the rows the evaluation scores; both are no result. (One
     server for all six: each server's first run in a slot starts cold.) These are also the real runs
     two at once in two CPU slots: the first two start together, each result says the slots share the
     CPUs."""
@@ -165,7 +166,7 @@ def test_train_py_cannot_bend_its_number(tmp_path, repo_root, prepared_env, monk
     slots = {r["slot"].split(" (")[0] for r in done["results"]}
     assert slots == {"slot 0", "slot 1"} and all(" (CPU" in r["slot"] for r in done["results"]), done["results"]
     cpus = [next(line for line in (ws / r["log"]).read_text().splitlines() if line.startswith("device:"))
-            for r in done["results"]]
+            for r in done["results"] if r["description"] != "placeholder export"]  # which ends before it trains
     assert all("device: cpu" in line for line in cpus)
     results = {r["description"]: r for r in done["results"]}
     extra = results["extra summary line"]
@@ -181,7 +182,8 @@ def test_train_py_cannot_bend_its_number(tmp_path, repo_root, prepared_env, monk
     assert cheap["status"] == "crash" and "weight matrices alone take" in cheap["tail"], cheap
     verdicts = {r["description"]: (r["status"], r.get("tail") or r.get("integrity")) for r in done["results"]}
     placeholder, short = verdicts["placeholder export"], verdicts["short context"]
-    assert placeholder[0] == "crash" and "opened the validation data" in placeholder[1], verdicts
+    # the sandbox of a run the harness scores hides the validation shard (review 87): the read fails
+    assert placeholder[0] == "crash" and "Permission denied" in placeholder[1], verdicts
     assert short[0] == "crash" and "batches of 16 rows of 256 tokens" in short[1], verdicts
 
 

@@ -396,9 +396,11 @@ def test_cuda_is_made_ready_outside_the_sandbox(tmp_path, bubblewrap, monkeypatc
     assert "calls before: True" in (tmp_path / "run.log").read_text()
 
 
-def test_another_runs_validation_reads_are_not_this_runs(tmp_path, bubblewrap):
+def test_another_runs_validation_reads_are_not_this_runs(tmp_path, bubblewrap, monkeypatch):
     """Several slots: one run's harness evaluation reads the shared validation shard while another
-    run trains. inotify sees every process's opens, so each run is watched on a private copy."""
+    run trains. inotify sees every process's opens, so each run is watched on a private copy (where the run
+    sees the shard: with the cross-check's setting; otherwise its sandbox hides it, test_integrity.py)."""
+    monkeypatch.setenv("AUTORESEARCH_EVAL_CROSSCHECK", "1")
     code = WAIT_FOR_GO + "open(os.environ['RESEARCH_LOOP_EXPORT'], 'w').write('model')\nprint('val_bpb: 1.0')"
     worker, report, _ = sandboxed_run(tmp_path, code, "--val-shared")
     assert wait_for(lambda: (tmp_path / "report.json").exists())
@@ -412,7 +414,9 @@ def test_another_runs_validation_reads_are_not_this_runs(tmp_path, bubblewrap):
     assert not list(tmp_path.glob("*.val-shard"))  # the private copy is gone with the run
 
 
-def test_a_run_that_reads_validation_data_before_exporting_is_caught_and_cannot_touch_records(tmp_path, bubblewrap):
+def test_a_run_that_reads_validation_data_before_exporting_is_caught_and_cannot_touch_records(tmp_path, bubblewrap,
+                                                                                           monkeypatch):
+    monkeypatch.setenv("AUTORESEARCH_EVAL_CROSSCHECK", "1")  # the shard shown, watched (else hidden: test_integrity.py)
     code = ("import os\nopen('val.parquet', 'rb').read()\n"
             "try:\n    open('results.tsv', 'a').write('planted\\t0.1\\n')\nexcept OSError as exc:\n    print('refused:', exc)\n"
             "open(os.environ['RESEARCH_LOOP_EXPORT'], 'w').write('model')\n")
@@ -434,10 +438,12 @@ def test_an_unsandboxed_runs_validation_read_names_the_other_processes_that_read
     assert unsandboxed.startswith(sandboxed) and "AUTORESEARCH_CACHE" in unsandboxed and "second research run" in unsandboxed
 
 
-def test_a_placeholder_at_the_export_path_does_not_end_the_validation_watch(tmp_path, bubblewrap):
+def test_a_placeholder_at_the_export_path_does_not_end_the_validation_watch(tmp_path, bubblewrap, monkeypatch):
     """The watch stopped counting when a file appeared at the export path: a run planted an empty
     one, read the validation shard, took it away and exported at the end. The end of the watch is
-    the worker's own copy of the exported program now, so here (no evaluation) it never ends."""
+    the worker's own copy of the exported program now, so here (no evaluation) it never ends. (The
+    shard is shown, watched, with the cross-check's setting only.)"""
+    monkeypatch.setenv("AUTORESEARCH_EVAL_CROSSCHECK", "1")
     code = ("import os\npath = os.environ['RESEARCH_LOOP_EXPORT']\nopen(path, 'w').close()\n"
             "open('val.parquet', 'rb').read()\nos.remove(path)\nopen(path, 'w').write('model')\n")
     worker, report, _ = sandboxed_run(tmp_path, code)

@@ -453,13 +453,16 @@ def test_no_process_but_the_server_writes_a_workers_hand_over_or_an_evaluations_
     assert not hand_over_forged and not cold_writable
 
 
-def test_a_warm_interpreter_that_reads_the_validation_data_before_its_hand_over_is_caught(tmp_path, bubblewrap):
+def test_a_warm_interpreter_that_reads_the_validation_data_before_its_hand_over_is_caught(tmp_path, bubblewrap,
+                                                                                         monkeypatch):
     """The stand-in for a planted import in the training environment (a .pth, a patched module) that
     reads the validation data as the warm interpreter starts, before any run is handed to it: its
     interpreter (command[0]) reads the shard, then runs Python. With a private copy of the shard (the
     sandbox shows it in place of the shared one) the watch starts before the interpreter does: the
     run is a crash for reading the validation data. The same warm run with the plain interpreter is
-    evaluated: the harness's own copy of the inputs (from the shared shard) is not counted."""
+    evaluated: the harness's own copy of the inputs (from the shared shard) is not counted. (The shard is
+    shown, watched, with the cross-check's setting only; otherwise the sandbox hides it: test_integrity.py.)"""
+    monkeypatch.setenv("AUTORESEARCH_EVAL_CROSSCHECK", "1")
     from mcp_server.core.integrity import evaluation_verdict
     from test_server_units import EXPORT_THEN_WAIT, FAKE_EVALUATOR, REPO, clean_harness
     planted = tmp_path / "python3-planted"

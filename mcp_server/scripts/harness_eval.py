@@ -549,7 +549,7 @@ def hidden_from_runs(cache: Path, record: dict | None) -> list[str]:
     """What a run must not read at all: where the data sets' text comes from (the downloads, a folder
     data set, the secret that picks the offline corpus's files; nanochat/cache.py's layout). The
     validation text is cut from there, and a run that could read it could train on it; the shards
-    stay readable (the validation shard only as a watched copy)."""
+    stay readable (the worker hides the validation shard from a run the harness scores)."""
     hidden = [str(cache / DOWNLOADS), str(cache / OFFLINE_SEED_FILE)]
     dataset = (record or {}).get("dataset")
     if isinstance(dataset, str) and os.path.isabs(dataset):  # a folder data set, as prepare resolved it

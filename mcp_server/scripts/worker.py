@@ -25,8 +25,9 @@ runs (this machine's slots, a Ray or SLURM node). It
 - copies what the harness's evaluation reads (the validation shard, the tokenizer) before the
   training starts, checking each against the content the server pinned, and hands the copies to
   the evaluator as open files that have no name: nothing the run does later can change them;
-- watches the validation shard (inotify): an open before the harness took its own copy of the
-  exported model means the model may have seen the validation data;
+- hides the validation shard from a run the harness scores (validation_hidden), or, where nothing
+  can hide it, watches it (inotify): an open before the harness took its own copy of the exported
+  model means the model may have seen the validation data;
 - runs the harness's separate evaluation of its copy of the exported model (--evaluate), with its
   own timeout, as soon as the model is exported (train.py waits for its number);
 - measures the wall time itself, and writes one JSON report, atomically, with what it saw.
@@ -77,6 +78,8 @@ TAIL_BYTES = 1 * 2**20  # and its tail, kept in memory once the head is full
 READ_CHUNK = 65536
 EXPORT_ENV = "RESEARCH_LOOP_EXPORT"  # where the harness writes the trained model (nanochat/export.py)
 ANSWER_ENV = "RESEARCH_LOOP_ANSWER"  # where this worker writes the harness's number for train.py to print
+# set for a run whose sandbox hides the validation shard (validation_hidden); the server's own setting shows it
+VAL_HIDDEN_ENV, CROSSCHECK_ENV = "RESEARCH_LOOP_VAL_HIDDEN", "AUTORESEARCH_EVAL_CROSSCHECK"
 DATA_ORDER_ENV = "AUTORESEARCH_DATA_ORDER"  # which stretch of the data a rerun trains on (nanochat/dataloader.py)
 # before the SHA-256 of the final report, on the server's socket (final_report; executors/executor.py reads it)
 REPORT_DIGEST_MARK = b"report-sha256 "
@@ -146,6 +149,21 @@ def sandboxed(command: list[str], spec: dict, cwd: str, private: dict | None = N
         return command, False
     command, kind = sandbox.wrap(command, spec, cwd, private)
     return command, kind is not None
+
+
+def validation_hidden(args: argparse.Namespace) -> tuple[dict, bool]:
+    """(the sandbox's spec for this run, whether it hides the validation shard). Where the harness scores the
+    run's export, a sandbox hides the shard from the run altogether: a run that read it, even after its export,
+    could leave its text where later runs read (the compile cache, its log, its slot's folder) for them to train
+    on, verified (review 87). Only AUTORESEARCH_EVAL_CROSSCHECK=1 in the server's environment (a platform's
+    check: train.py evaluates in-process too) shows it, as a watched copy. Without a usable sandbox nothing
+    hides it: the shard is watched instead."""
+    spec = args.sandbox or {}
+    # --val-shard comes only where the harness scores the export (--evaluate is given at a warm worker's hand-over)
+    scored = bool(args.export and args.val_shard and args.val_shard.exists())
+    if not (scored and spec and sandbox.usable()[0]) or os.environ.get(CROSSCHECK_ENV) == "1":
+        return args.sandbox, False
+    return dict(spec, hidden=[*spec.get("hidden", []), str(args.val_shard)]), True
 
 
 def private_val_copy(val_shard: Path, report: Path) -> Path | None:
@@ -396,11 +414,12 @@ def main(argv=None) -> int:
             os.sched_setaffinity(0, cpus)
 
     val_watch = val_copy = evaluation = evaluated = stub = None
-    watch_val = bool(args.export and args.val_shard and args.val_shard.exists())
+    spec, hide_val = validation_hidden(args)
+    watch_val = bool(args.export and args.val_shard and args.val_shard.exists()) and not hide_val
     if watch_val and args.sandbox:
         val_copy = private_val_copy(args.val_shard, args.report)
     private = {args.val_shard: val_copy} if val_copy else None
-    command, in_sandbox = sandboxed(args.command, args.sandbox, os.getcwd(), private)
+    command, in_sandbox = sandboxed(args.command, spec, os.getcwd(), private)
     if args.sandbox and not in_sandbox and not args.unsandboxed:  # never without a sandbox unasked
         os.close(write_end)
         if args.warm:  # the pool starts this run's worker cold, which says why in the run's log
@@ -421,7 +440,7 @@ def main(argv=None) -> int:
                                                      started_at, subreaper)
     started_warm = args.warm  # the hand-over's options below are the run's own, without --warm
     if args.warm:
-        stub, stub_pipe = start_warm(args.command, args.sandbox, private, write_end, in_child, args.bytecode_fd)
+        stub, stub_pipe = start_warm(args.command, spec, private, write_end, in_child, args.bytecode_fd)
         line = from_server.readline() if from_server is not None else b""
         handed = handed_args(line, args)
         if handed is None:  # never used (the server threw it away or is gone), or not the server's line
@@ -438,6 +457,8 @@ def main(argv=None) -> int:
     # a bubblewrap run copies its commit into, and exports from, its private /tmp, which the agent cannot write
     bubblewrap = in_sandbox and sandbox.usable()[0] == sandbox.BUBBLEWRAP
     files, into = received_files(args, from_server, bubblewrap)
+    if hide_val:  # prepare.evaluate_bpb then says why a run the harness could not score has no number
+        env[VAL_HIDDEN_ENV] = "1"
     if args.data_order:
         env[DATA_ORDER_ENV] = str(args.data_order)
     else:  # the usual order, whatever the server's environment named (review 80: a run recorded on it trained on 1)
@@ -462,7 +483,7 @@ def main(argv=None) -> int:
             raise OSError("the server never sent the run's commit's files")
         for attempt in range(2 if started_warm else 1 if args.trusted_import else 0):
             if stub is None:
-                stub, stub_pipe = start_warm(args.command, args.sandbox, private, write_end, in_child, args.bytecode_fd)
+                stub, stub_pipe = start_warm(args.command, spec, private, write_end, in_child, args.bytecode_fd)
             handed, imported = hand_over(stub, stub_pipe, args.command, env, args.timeout - (time.monotonic() - t0),
                                          files, into)
             if handed:
@@ -555,6 +576,7 @@ def main(argv=None) -> int:
     }
     if args.export:
         report["exported"] = args.export.exists() or bool(evaluation and evaluation.started_at is not None)
+        report["val_hidden"] = hide_val
         report["val_watched"] = val_watch is not None
         report["val_opened_before_export"] = val_watch.opened_before_export if val_watch else None
     if data_problem:
