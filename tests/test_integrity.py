@@ -502,6 +502,40 @@ def test_a_run_the_harness_scores_cannot_read_the_validation_data_to_leave_for_l
         assert result["val_hidden"] and not result["val_watched"], result
 
 
+# Review 88: train.py that never exports and prints a number of its own (its evaluate_bpb replaced, or prepare's
+# RuntimeError caught)
+PRINTS_ITS_OWN_NUMBER = "print('val_bpb:          0.500000')"
+
+
+@pytest.mark.parametrize("crosscheck", [False, True], ids=["hidden", "shown for the cross-check"])
+def test_a_number_train_py_printed_itself_is_no_result_where_its_sandbox_hid_the_validation_data(
+        tmp_path, bubblewrap, monkeypatch, crosscheck):
+    """Review 88: with the validation shard hidden from a run the harness scores, a number train.py prints itself
+    cannot be one of the validation set, yet a run that never exported was still recorded with it, `unverified`, and
+    kept with keep(unverified=true) (test_server_e2e's "own evaluation": a made-up 0.5). It is no result now; only
+    where the run saw the shard (the cross-check's setting, or no sandbox) is its own number unverified."""
+    from mcp_server.core.integrity import evaluation_verdict
+    from test_server_units import WORKER, clean_harness, fake_evaluation
+    if crosscheck:
+        monkeypatch.setenv("AUTORESEARCH_EVAL_CROSSCHECK", "1")
+    exports, val = tmp_path / "exports", tmp_path / "val.parquet"
+    exports.mkdir()
+    val.write_bytes(b"validation")
+    report, log = tmp_path / "report.json", tmp_path / "run.log"
+    sandbox = json.dumps({"readonly": [str(tmp_path)], "writable": [str(exports)]})
+    subprocess.run([sys.executable, str(WORKER), "--log", str(log), "--report", str(report), "--timeout", "30",
+                    "--sandbox", sandbox, "--export", str(exports / "model.pt2"), "--val-shard", str(val),
+                    "--evaluate", json.dumps(fake_evaluation(clean_harness(tmp_path))),
+                    "--", sys.executable, "-c", PRINTS_ITS_OWN_NUMBER], cwd=tmp_path, timeout=60, check=True)
+    result = json.loads(report.read_text())
+    problem, value, note = evaluation_verdict(result)
+    assert result["exit_code"] == 0 and result["exported"] is False and value is None, (result, log.read_text())
+    if crosscheck:
+        assert problem is None and note.startswith("unverified"), (problem, note)
+    else:  # was (None, None, "unverified: train.py did not export its model ...")
+        assert problem and "hid the validation data" in problem and "did not export" in problem, (problem, note)
+
+
 def test_a_data_folder_that_is_a_link_is_refused_at_setup_not_at_every_run(lab, fake_env):
     """Review 68: an honest cache whose data folder links to a bigger disk was set up (its branch made, the night
     begun) and every run was then refused. setup now says so before anything is made, and takes the same tag once

@@ -123,8 +123,8 @@ def test_train_py_cannot_bend_its_number(tmp_path, repo_root, prepared_env, monk
     """Six train.py that want a lower number, in two slots: one shortens the evaluation and prints a
     better val_bpb after its summary, one brings its own evaluation (so nothing is exported), one
     lets attention see the next token, one charges the flops budget clock less than its model takes.
-    The ledger gets the harness's number, an unverified result needs an explicit flag, and the
-    peeking and undercounting models are no result. Two more bend what the worker takes as the export
+    The ledger gets the harness's number; a number of train.py's own (its sandbox hid the validation
+    data), the peeking and the undercounting models are no result. Two more bend what the worker takes as the export
     and the evaluation's shapes: one plants a placeholder at the export path and reads the validation
     data while it is there (hidden from it now), one shortens the rows the evaluation scores; both are no result. (One
     server for all six: each server's first run in a slot starts cold.) These are also the real runs
@@ -155,7 +155,7 @@ def test_train_py_cannot_bend_its_number(tmp_path, repo_root, prepared_env, monk
             (ws / "train.py").write_text(source)
             done = answer(await client.call_tool("wait", {"all": True}))
             refused = await client.call_tool("keep", {"run": 2})
-            kept = answer(await client.call_tool("keep", {"run": 2, "unverified": True}))
+            kept = await client.call_tool("keep", {"run": 2, "unverified": True})
             return submitted, done, refused, kept
     try:
         submitted, done, refused, kept = anyio.run(go)
@@ -172,10 +172,10 @@ def test_train_py_cannot_bend_its_number(tmp_path, repo_root, prepared_env, monk
     extra = results["extra summary line"]
     assert extra["status"] == "ok" and extra["verified"], extra
     assert extra["val_bpb"] > 1.0 and any("the harness measured" in w for w in extra["warnings"])
+    # its sandbox hid the validation data: the 0.5 train.py printed was kept, unverified, before review 88
     own = results["own evaluation"]
-    assert own["status"] == "ok" and own["verified"] is False and "did not export" in own["integrity"]
-    assert refused.is_error and "unverified=true" in refused.content[0].text
-    assert kept["row"]["description"] == "own evaluation (unverified)"  # train.py's own number, marked so
+    assert own["status"] == "crash" and "hid the validation data" in str(own), own
+    assert refused.is_error and kept.is_error, (refused.content[0].text, kept.content[0].text)
     peek = results["peeks ahead"]
     assert peek["status"] == "crash" and "causal" in peek["tail"], peek
     cheap = results["undercounts its flops"]

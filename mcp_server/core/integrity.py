@@ -466,6 +466,12 @@ def evaluation_verdict(report: dict) -> tuple[str | None, float | None, str]:
         note = (f"harness evaluation: val_bpb {evaluation['val_bpb']:.6f} from the exported model "
                 f"(export {evaluation.get('export_seconds')}s, evaluation {evaluation.get('wall_seconds')}s)")
         return None, evaluation["val_bpb"], note
+    if report.get("val_hidden"):  # train.py could not read the validation data: a number of its own is made up
+        why = evaluation.get("error") or ("train.py did not export its model" if report.get("exported") is False
+                                          else "no harness evaluation")
+        return (f"the harness did not score this run ({why}), and its sandbox hid the validation data from "
+                "train.py, so a number train.py printed itself is not one of the validation set: make the model one "
+                "the harness can export and evaluate (keep calling prepare.evaluate_bpb)", None, "")
     if evaluation.get("error"):
         return None, None, f"unverified: {evaluation['error']}"
     if report.get("exported") is False:

@@ -1,0 +1,47 @@
+"""Review 88: the validation shard hidden from a run the harness scores (worker.py validation_hidden), played where
+the run's interpreter starts before the run is handed to it: a slot's next worker, started ahead (--warm)."""
+import json
+import os
+import sys
+
+from mcp_server.core.integrity import evaluation_verdict
+from mcp_server.executors import executor
+from mcp_server.scripts import harness_eval
+from server_support import wait_until
+from test_server_units import EXPORT_THEN_WAIT, FAKE_EVALUATOR, REPO, clean_harness
+
+
+def test_a_warm_interpreter_cannot_read_the_validation_data_before_its_hand_over(tmp_path, bubblewrap):
+    """The stand-in for a planted import in the training environment that copies the validation shard into a folder
+    the run writes as the warm interpreter starts, long before any run is handed to it: the warm worker's sandbox
+    hides the shard too (start_warm gets the spec validation_hidden made), so the copy is empty and the run is scored
+    as any other. (With the cross-check's setting the shard is shown and watched: test_warm_start.py.)"""
+    exports, val = tmp_path / "exports", tmp_path / "val.parquet"
+    exports.mkdir()
+    val.write_bytes(b"validation")
+    (tmp_path / "train.py").write_text(EXPORT_THEN_WAIT.format(repo=str(REPO), before_answer=""))
+    planted = tmp_path / "python3-planted"
+    planted.write_text(f"#!/bin/sh\ncat {val} > {exports / 'stash'} 2>/dev/null\ntouch {exports / 'started'}\n"
+                       f"exec {sys.executable} \"$@\"\n")
+    planted.chmod(0o755)
+    evaluate = {"argv": [sys.executable, "-c", FAKE_EVALUATOR], "env": dict(os.environ), "timeout": 60,
+                "harness": str(clean_harness(tmp_path)), "harness_commit": None,
+                "inputs": {"val": {"path": str(val), "sha256": harness_eval.sha256_of(val)}}}
+    spec = {"readonly": [str(tmp_path), str(REPO)], "writable": [str(exports)]}
+    started = ["--watch-stdin", "--sandbox", json.dumps(spec), "--export", str(exports / "model.pt2"),
+               "--val-shard", str(val)]
+    env = {k: v for k, v in os.environ.items() if k != "AUTORESEARCH_EVAL_CROSSCHECK"}
+    worker = executor.with_socket_stdin([sys.executable, str(executor.WORKER), "--warm", *started, "--",
+                                         str(planted), "train.py"], cwd=tmp_path, env=env)
+    assert wait_until((exports / "started").exists, 60)  # it read before the hand-over
+    report = tmp_path / "report.json"
+    run = ["--log", str(tmp_path / "run.log"), "--report", str(report), "--timeout", "60",
+           "--evaluate", json.dumps(evaluate), *started, "--", str(planted), "train.py"]
+    worker.stdin.write(json.dumps({"argv": run, "env": env}).encode() + b"\n")
+    worker.stdin.flush()
+    assert worker.wait(timeout=120) == 0
+    worker.stdin.close()
+    result = json.loads(report.read_text())
+    assert result["warm_start"] and result["sandbox"] and result["val_hidden"], result
+    assert (exports / "stash").read_bytes() == b"", "the warm interpreter read the validation shard"
+    assert evaluation_verdict(result)[:2] == (None, 1.5), result
