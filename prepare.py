@@ -179,7 +179,8 @@ def evaluate_bpb(model, tokenizer, batch_size):
     if handed and "val_bpb" in handed and os.environ.get(answer.CROSSCHECK_ENV) != "1":
         return handed["val_bpb"]
     if os.environ.get(answer.VAL_HIDDEN_ENV) == "1":
-        why = (handed or {}).get("error") or "the model was not exported, as the log says above"
+        why = ((handed or {}).get("problem") or (handed or {}).get("error")
+               or "the model was not exported, as the log says above")
         raise RuntimeError(f"the harness did not score this run ({why}), and under the research loop a run cannot "
                            "evaluate itself: the validation data is the harness's alone. Make the model one the "
                            "harness can export and evaluate, then run again")

@@ -1,5 +1,6 @@
 """Review 88: the validation shard hidden from a run the harness scores (worker.py validation_hidden), played where
-the run's interpreter starts before the run is handed to it: a slot's next worker, started ahead (--warm)."""
+the run's interpreter starts before the run is handed to it: a slot's next worker, started ahead (--warm); and what
+else could carry validation text to a run: the harness's reasons, and the runs' logs."""
 import json
 import os
 import sys
@@ -7,8 +8,8 @@ import sys
 from mcp_server.core.integrity import evaluation_verdict
 from mcp_server.executors import executor
 from mcp_server.scripts import harness_eval
-from server_support import wait_until
-from test_server_units import EXPORT_THEN_WAIT, FAKE_EVALUATOR, REPO, clean_harness
+from server_support import Lab, answer, make_workspace, set_knobs, wait_until
+from test_server_units import EXPORT_THEN_WAIT, FAKE_EVALUATOR, REPO, clean_harness, fake_evaluation, run_worker
 
 
 def test_a_warm_interpreter_cannot_read_the_validation_data_before_its_hand_over(tmp_path, bubblewrap):
@@ -45,3 +46,38 @@ def test_a_warm_interpreter_cannot_read_the_validation_data_before_its_hand_over
     assert result["warm_start"] and result["sandbox"] and result["val_hidden"], result
     assert (exports / "stash").read_bytes() == b"", "the warm interpreter read the validation shard"
     assert evaluation_verdict(result)[:2] == (None, 1.5), result
+
+
+def test_train_py_is_told_no_reason_an_evaluation_of_validation_batches_gave(tmp_path, monkeypatch):
+    """Review 88: an error raised while the program ran on validation batches can name a value computed from them
+    (torch's "index 4321 is out of bounds"), and the harness's answer handed train.py its text, for the run to print or
+    keep where later runs read. train.py is told only that there is no number; the run's result keeps the reason."""
+    monkeypatch.chdir(tmp_path)
+    evaluator = FAKE_EVALUATOR.replace("json.dumps({'val_bpb': 1.5, 'causal': True})",
+                                       "json.dumps({'problem': 'index 4321 is out of bounds'})")
+    code = EXPORT_THEN_WAIT.format(repo=str(REPO), before_answer="").replace("handed['val_bpb']", "handed")
+    report, log = run_worker(tmp_path, code, "--timeout", "30", "--export", str(tmp_path / "model.pt2"),
+                             "--evaluate", json.dumps(fake_evaluation(clean_harness(tmp_path), evaluator)))
+    assert "4321" not in log and "the run's result says why" in log, log  # train.py printed what it was told
+    assert evaluation_verdict(report)[0] == "index 4321 is out of bounds", report
+
+
+def test_a_run_reads_no_earlier_runs_log(fake_env, bubblewrap, monkeypatch):
+    """A run's log holds what it printed and the notes the worker adds, the harness's reasons among them: the runs'
+    logs and records (the workspace's runs/ folder) are hidden from every run."""
+    ws = make_workspace(fake_env)
+    logs = str(ws / "runs" / "*")
+    monkeypatch.setenv("FAKE_READ", logs)
+    lab = Lab(ws, unsandboxed=False)
+    try:
+        answer(lab.call("setup", tag="logs"))
+        first = answer(lab.call("run_experiment", description="base"))
+        lab.ok("keep")
+        set_knobs(lab.ws, VAL_BPB=0.8)
+        second = answer(lab.call("run_experiment", description="reads the earlier logs"))
+    finally:
+        lab.loop.shutdown()
+    for run in (first, second):
+        log = (ws / run["log"]).read_text()
+        assert run["status"] == "ok" and f"glob {logs}: []" in log, log
+    assert len(list((ws / "runs").glob("*.log"))) == 2

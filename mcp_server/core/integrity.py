@@ -30,7 +30,7 @@ import gitdb.exc
 from mcp_server.core import ledger
 from mcp_server.core.models import Refusal
 from mcp_server.scripts.harness_eval import evaluation_inputs, evaluator_command, hidden_from_runs, sha256_of
-from mcp_server.core.workspace import EDITABLE, cache_dir, parse_prepared, prepared_info, read_prepared
+from mcp_server.core.workspace import EDITABLE, RUNS_DIR, cache_dir, parse_prepared, prepared_info, read_prepared
 
 HARNESS_DIR = "research-loop/harness"  # inside .git: the pristine harness the evaluation runs from
 EXPORTS_DIR = ".research-loop/exports"
@@ -300,8 +300,10 @@ def sandbox_spec(root: Path, export_dir: Path, harness_files: list[str], record:
     (cache / COMPILE_CACHE).mkdir(parents=True, exist_ok=True)
     readonly = [str(root), str(cache), str(Path(__file__).resolve().parents[2]), sys.prefix]
     writable = [".", str(export_dir), str(cache / COMPILE_CACHE)]
+    # the runs' logs and records too: a run's log holds what it printed and the reasons the harness gave, which a
+    # later run could read (review 88: an error can name a value computed from validation batches)
     return {"readonly": readonly, "writable": writable, "readonly_inside": harness_files,
-            "hidden": hidden_from_runs(cache, _or_read(record))}
+            "hidden": [*hidden_from_runs(cache, _or_read(record)), str(root / RUNS_DIR)]}
 
 
 def harness_files(ws, commit: str) -> list[str]:

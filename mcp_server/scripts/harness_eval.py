@@ -150,6 +150,16 @@ def socket_channel() -> tuple[int, int]:
     return ours.detach(), theirs.detach()
 
 
+def for_train_py(result: dict) -> dict:
+    """What train.py is told of its evaluation: the number, or that there is none. Never why: an error raised while
+    the program ran on validation batches can name a value computed from them (an index out of bounds), which the
+    run could keep where later runs read (review 88); the run's result gives the agent the reason."""
+    if "val_bpb" in result:
+        return {"val_bpb": result["val_bpb"]}
+    kind = "problem" if "problem" in result else "error"
+    return {kind: "the harness did not score the exported model: the run's result says why"}
+
+
 class HarnessEvaluation:
     """The harness's separate evaluation of the exported model. It evaluates as soon as the model is
     exported, while train.py waits in prepare.evaluate_bpb for the answer (written to answer_path),
@@ -317,7 +327,7 @@ class HarnessEvaluation:
         self.result = self._outcome()
         self.result["wall_seconds"] = round(time.monotonic() - self.started_at, 2)
         self.result.setdefault("export_seconds", seconds)
-        self._hand_back({k: self.result[k] for k in ("val_bpb", "error", "problem") if k in self.result})
+        self._hand_back(for_train_py(self.result))
 
     def _copy_problem(self) -> str | None:
         """Why the harness copy is not what it was made from (its commit, or on a node its manifest), or
