@@ -34,12 +34,14 @@ def compile_cache_dir_now():
 
 
 def headers_dir() -> Path:
-    """Inductor's precompiled C++ headers for this environment's torch. A clone at another path
-    shares the cache but not the venv: headers built against the other venv's torch do not serve
-    this one, and with one folder for all, prepare.py found them and left the build to the first
-    run's start-up."""
+    """Inductor's precompiled C++ headers for this environment's torch: prepare.py's, in the harness's compile
+    cache (read-only to a run under the research loop, which compiles in a folder of its own), else this
+    process's compile folder's. A clone at another path shares the cache but not the venv: headers built
+    against the other venv's torch do not serve this one, and with one folder for all, prepare.py found
+    them and left the build to the first run's start-up."""
     environment = hashlib.sha256(f"{torch.__file__}|{torch.__version__}".encode()).hexdigest()[:12]
-    return compile_cache_dir_now() / "precompiled_headers" / environment
+    prepared = compile_cache_dir() / "precompiled_headers" / environment
+    return prepared if prepared.is_dir() else compile_cache_dir_now() / "precompiled_headers" / environment
 
 
 # Read by Inductor when it first compiles, so setting it at import is in time; Triton's cache (CUDA)
@@ -77,7 +79,7 @@ def configure_inductor():
     # beside the rest they survive a reboot, and a fresh cache dir is truly cold
     if hasattr(torch._inductor.codecache, "_HEADER_DIR"):
         torch._inductor.codecache._HEADER_DIR = str(headers_dir())
-        torch._inductor.codecache._HEADER_LOCK_DIR = str(headers_dir() / "locks")
+        torch._inductor.codecache._HEADER_LOCK_DIR = str(compile_cache_dir_now() / "locks" / "headers")  # writable
 
 
 def describe(error: Exception) -> str:

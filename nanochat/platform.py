@@ -323,8 +323,9 @@ def device_name() -> str:
 
 
 def _peak_cache_path() -> Path:
-    # beside the compiled graphs: the one folder of the cache that a sandboxed run may write
-    return _cache_dir() / "compile" / "cpu_peak_flops.json"
+    # beside the compiled graphs (TORCHINDUCTOR_CACHE_DIR: a run's own folder under the research loop, kept for its
+    # program), the one folder a sandboxed run may write
+    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or _cache_dir() / "compile") / "cpu_peak_flops.json"
 
 
 def _peak_cache_key(dtype) -> str:
@@ -369,7 +370,7 @@ def gpu_peak_flops(name: str) -> float | None:
 
 def peak_flops(dtype=COMPUTE_DTYPE) -> float:
     """Peak FLOP/s for MFU: the datasheet figure for known GPUs, else a matmul peak measured once
-    per (device, threads, dtype) and cached in $AUTORESEARCH_CACHE/compile/cpu_peak_flops.json, so only the
+    per (device, threads, dtype) and cached in the compile folder's cpu_peak_flops.json, so only the
     first run pays the few seconds of measuring."""
     if DEVICE.type == "cuda":
         flops = gpu_peak_flops(device_name())

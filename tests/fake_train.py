@@ -31,6 +31,10 @@ result, as it does for real), else a default:
         hold fixture sets both)
   TAMPER (0: try to append a planted best row to the workspace's results.tsv, to rewrite the
           server's state, to write the user's home and the worktree's .git link, and report what happened)
+  COMPILE (0: as a compiling train.py does, print each file of its compile folder (TORCHINDUCTOR_CACHE_DIR) as
+           `cache <name>: <text>`, then write graph.py there where missing)
+  POISON (0: with COMPILE, append POISON to each file of the compile folder, as a run that wants the next run of
+          another program (the best's rerun, a control) to load its code would)
 """
 import glob
 import importlib
@@ -46,7 +50,7 @@ import zlib
 DEFAULTS = {"VAL_BPB": 1.0, "MEMORY_MB": 2048.0, "STEPS": 5, "SLEEP": 0.0, "CRASH": 0, "NAN": 0,
             "NO_SUMMARY": 0, "NOISE": 0.0, "SPAWN": 0, "ESCAPE": 0.0, "SPAM_MB": 0.0, "IGNORE_TERM": 0,
             "CLAIM_SECONDS": 0.0, "TAMPER": 0, "MFU": 40.0, "FLOPS_CLOCK": 0,
-            "ORDER_EFFECT": 0.0, "ORDER_LUCK": 0.0, "LAG": 0.0, "EXPORT": 0, "HOLD": 0}
+            "ORDER_EFFECT": 0.0, "ORDER_LUCK": 0.0, "LAG": 0.0, "EXPORT": 0, "HOLD": 0, "COMPILE": 0, "POISON": 0}
 ESCAPED = """
 import os, sys, time
 if os.fork():
@@ -74,6 +78,24 @@ def knobs() -> dict:
 
 def order_luck(k: dict) -> int:
     return zlib.crc32(f"{k['VAL_BPB']} {os.environ.get('AUTORESEARCH_DATA_ORDER', '0')}".encode()) % 3 - 1
+
+
+def compile_folder(poison: bool) -> None:
+    """What a compiling train.py reads and writes in its compile folder, and what a poisoning one adds."""
+    folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(os.environ["AUTORESEARCH_CACHE"], "compile")
+    os.makedirs(folder, exist_ok=True)
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                print(f"cache {name}: {f.read()!r}")
+            if poison:
+                with open(path, "a") as f:
+                    f.write(" POISON")
+    graph = os.path.join(folder, "graph.py")
+    if not os.path.exists(graph):
+        with open(graph, "w") as f:
+            f.write(f"compiled by run {os.environ.get('RESEARCH_LOOP_RUN')}")
 
 
 def tamper() -> None:
@@ -134,6 +156,8 @@ def main() -> int:
     k = knobs()
     if k["TAMPER"]:
         tamper()
+    if k["COMPILE"]:
+        compile_folder(bool(k["POISON"]))
     t0 = time.time()
     if k["IGNORE_TERM"]:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

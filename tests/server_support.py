@@ -160,7 +160,7 @@ async def stdio_client_for(ws: Path, cache: Path, *extra: str):
 
 FAKE_KNOBS = ("VAL_BPB", "MEMORY_MB", "STEPS", "SLEEP", "CRASH", "NAN", "NO_SUMMARY", "NOISE", "SPAWN", "ESCAPE",
               "SPAM_MB", "IGNORE_TERM", "CLAIM_SECONDS", "TAMPER", "MFU", "FLOPS_CLOCK",
-              "ORDER_EFFECT", "LAG", "EXPORT", "IMPORTS", "READ", "HOLD", "RELEASE")
+              "ORDER_EFFECT", "LAG", "EXPORT", "IMPORTS", "READ", "HOLD", "RELEASE", "COMPILE", "POISON")
 
 
 class Lab:

@@ -293,13 +293,13 @@ def evaluation_timeout(run_timeout: float) -> float:
 
 def sandbox_spec(root: Path, export_dir: Path, harness_files: list[str], record: dict | None = None) -> dict:
     """Read-only: the workspace, the prepared cache, this plugin and its interpreter's environment.
-    Writable again: the run's worktree (".": paths relative to it), its export folder and the
-    machine's caches (compiled graphs, peak FLOP/s). Read-only once more: the harness files inside
-    the worktree."""
+    Writable again: the run's worktree (".": paths relative to it) and its export folder; the worker adds
+    the run's own compile folder (worker.py compile_folder, `--compile-cache`). Read-only once more: the
+    harness files inside the worktree."""
     cache = cache_dir()
     (cache / COMPILE_CACHE).mkdir(parents=True, exist_ok=True)
     readonly = [str(root), str(cache), str(Path(__file__).resolve().parents[2]), sys.prefix]
-    writable = [".", str(export_dir), str(cache / COMPILE_CACHE)]
+    writable = [".", str(export_dir)]
     # the runs' logs and records too: a run's log holds what it printed and the reasons the harness gave, which a
     # later run could read (review 88: an error can name a value computed from validation batches)
     return {"readonly": readonly, "writable": writable, "readonly_inside": harness_files,
@@ -325,9 +325,10 @@ def val_shard(record: dict | None = None) -> Path | None:
 
 def worker_args(ws, root: Path, run: int, commit: str, timeout: float, harness: Path | None,
                 harness_commit: str, slots: int, data_order: int = 0, pins: dict | None = None,
-                record: dict | None = None, tokens: int | None = None) -> list[str]:
-    """The worker's options for one run: the sandbox, the data order of a rerun, and where the
-    harness verifies, the export, the watched validation shard and the separate evaluation.
+                record: dict | None = None, tokens: int | None = None, parent: str | None = None) -> list[str]:
+    """The worker's options for one run: the sandbox, the compile cache's program (its train.py's, starting
+    from its best's, parent), the data order of a rerun, and where the harness verifies, the export, the
+    validation shard and the separate evaluation.
     pins: setup's input_pins (a Refusal where the cache no longer holds them); record: the prepared
     record as checked (checked_record); tokens: the evaluation's size the run was submitted with."""
     data = data_folder_id()  # taken before the check: a folder swapped in between is the one checked, and refused
@@ -335,7 +336,9 @@ def worker_args(ws, root: Path, run: int, commit: str, timeout: float, harness: 
     export_dir = root / EXPORTS_DIR / str(run)
     export_dir.mkdir(parents=True, exist_ok=True)
     sandbox = sandbox_spec(root, export_dir, harness_files(ws, commit), record)
-    args = ["--sandbox", json.dumps(sandbox)] + (["--data-order", str(data_order)] if data_order else [])
+    args = ["--sandbox", json.dumps(sandbox), "--compile-cache", str(cache_dir() / COMPILE_CACHE),
+            "--compile-program", ws.train_blob(commit)] + (["--compile-seed", ws.train_blob(parent)] if parent else [])
+    args += ["--data-order", str(data_order)] if data_order else []
     if data and (pins or {}).get("data"):
         args += ["--data-folder", data]
     if harness is None:

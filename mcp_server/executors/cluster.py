@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mcp_server.core import budget_settings, integrity
-from mcp_server.scripts import export_copy, harness_copy, harness_eval, inotify_events, node, process_tree, sandbox
+from mcp_server.scripts import compile_programs, export_copy, harness_copy, harness_eval, inotify_events, node, \
+    process_tree, sandbox
 from mcp_server.executors.executor import WORKER, Outcome, RunSpec
 from mcp_server.core.models import Refusal
 from mcp_server.scripts.worker import write_report
@@ -83,7 +84,8 @@ def package(ws, commit: str, dest: Path, token: str) -> None:
 def ship_node_scripts(folder: Path) -> None:
     """node.py and what it runs, standard library only, into a code folder's node folder."""
     folder.mkdir(exist_ok=True)
-    for module in (node, sandbox, harness_eval, export_copy, harness_copy, inotify_events, process_tree):
+    for module in (node, sandbox, harness_eval, export_copy, harness_copy, inotify_events, process_tree,
+                   compile_programs):
         shutil.copy(module.__file__, folder / Path(module.__file__).name)
     shutil.copy(WORKER, folder / "worker.py")
     shutil.copy(harness_eval.TRUSTED_IMPORT, folder / "trusted_import.py")  # the node's evaluator imports through it

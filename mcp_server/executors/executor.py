@@ -53,7 +53,8 @@ WORKER_GRACE_SECONDS = 30  # beyond the worker's own timeout and grace: the serv
 SLOTS_ENV = "RESEARCH_LOOP_SLOTS"
 WARM_START_ENV = "RESEARCH_LOOP_WARM_START"  # "0": every run's interpreter starts cold (bench/bench_startup.py)
 PER_RUN_ENV = ("RESEARCH_LOOP_RUN",)  # the only variables in which a slot's runs' environments differ
-PER_RUN_OPTIONS = ("--log", "--report", "--timeout", "--evaluate", "--data-order")  # worker options given at hand-over
+# worker options given at hand-over
+PER_RUN_OPTIONS = ("--log", "--report", "--timeout", "--evaluate", "--data-order", "--compile-program", "--compile-seed")
 POLL_S = 0.5  # how often a run's waiting thread looks whether the run has trained (to start the next worker)
 DISCARD_WAIT_S = 10  # for a pre-started worker to end its sandbox once its stdin closed
 TOLD_WAIT_S = 5  # for the rest of what an ended worker said on its socket (all of it is there: its end closed)

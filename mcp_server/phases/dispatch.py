@@ -124,7 +124,8 @@ def dispatch(core: LoopCore) -> None:
                                                    entry["timeout"], harness,
                                                    core.ws.worktree_head(harness) if harness else "",
                                                    core.pool.capacity, entry.get("data_order", 0),
-                                                   state.get("input_pins"), record, settings["eval_tokens"])
+                                                   state.get("input_pins"), record, settings["eval_tokens"],
+                                                   entry["parent"])
                     entry["data_stat"] = ((state.get("input_pins") or {}).get("data") or {}).get("stat")  # checked
                 spec = RunSpec(run=entry["run"], commit=entry["commit"], command=run_command(core),
                                env=budget_settings.run_env(settings, core.root, record),

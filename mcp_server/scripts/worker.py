@@ -59,12 +59,13 @@ import time
 from pathlib import Path
 
 try:
-    from mcp_server.scripts import inotify_events, sandbox
+    from mcp_server.scripts import compile_programs as programs, inotify_events, sandbox
     from mcp_server.scripts.process_tree import PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, kill_everything, \
         left_behind, prctl, signal_tree
     from mcp_server.scripts.harness_eval import MARK, HarnessEvaluation, on_this_device, open_log, socket_channel
     from mcp_server.scripts.trusted_import import read_in_background
 except ImportError:  # run as a script, or on a node: sandbox.py, harness_eval.py... are beside this file
+    import compile_programs as programs
     import inotify_events
     import sandbox
     from process_tree import PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, kill_everything, left_behind, prctl, \
@@ -80,6 +81,7 @@ EXPORT_ENV = "RESEARCH_LOOP_EXPORT"  # where the harness writes the trained mode
 ANSWER_ENV = "RESEARCH_LOOP_ANSWER"  # where this worker writes the harness's number for train.py to print
 # set for a run whose sandbox hides the validation shard (validation_hidden); the server's own setting shows it
 VAL_HIDDEN_ENV, CROSSCHECK_ENV = "RESEARCH_LOOP_VAL_HIDDEN", "AUTORESEARCH_EVAL_CROSSCHECK"
+COMPILE_ENV = "TORCHINDUCTOR_CACHE_DIR"  # where a run compiles (nanochat/compile.py): its own folder (compile_folder)
 DATA_ORDER_ENV = "AUTORESEARCH_DATA_ORDER"  # which stretch of the data a rerun trains on (nanochat/dataloader.py)
 # before the SHA-256 of the final report, on the server's socket (final_report; executors/executor.py reads it)
 REPORT_DIGEST_MARK = b"report-sha256 "
@@ -164,6 +166,25 @@ def validation_hidden(args: argparse.Namespace) -> tuple[dict, bool]:
     if not (scored and spec and sandbox.usable()[0]) or os.environ.get(CROSSCHECK_ENV) == "1":
         return args.sandbox, False
     return dict(spec, hidden=[*spec.get("hidden", []), str(args.val_shard)]), True
+
+
+def compile_folder(args: argparse.Namespace, spec: dict) -> tuple[dict, Path | None]:
+    """(the sandbox's spec, the run's own compile folder or None). The compile cache is shared by every run and read
+    by the next: a run that could write it could put code into what a run of another program loads (a cached graph's
+    module runs as it lies: the best's rerun as a control, trained worse, review 64), or leave weights. Under
+    bubblewrap a run compiles in a folder of its own, filled from its program's folder (a new program's from its
+    best's, so a constants-only edit starts warm) and saved back to its program's alone; the best's folder is written
+    by the best's own runs only. macOS's profile writes the shared cache as before, and so do a cluster's nodes,
+    whose specs name no --compile-cache (docs/trust.md, What is still open)."""
+    if not (args.compile_cache and spec):
+        return spec, None
+    writable = spec.get("writable", [])
+    if sandbox.usable()[0] != sandbox.BUBBLEWRAP:
+        return dict(spec, writable=[*writable, str(args.compile_cache)]), None
+    folder = args.compile_cache / programs.WORK
+    folder.mkdir(parents=True, exist_ok=True)
+    own = Path(tempfile.mkdtemp(prefix="run-", dir=folder))
+    return dict(spec, writable=[*writable, str(own)]), own
 
 
 def private_val_copy(val_shard: Path, report: Path) -> Path | None:
@@ -279,6 +300,11 @@ def parse_args(argv):
     p.add_argument("--val-shared", action="store_true",
                    help="other runs read the validation shard too: watch only a private copy (needs bubblewrap)")
     p.add_argument("--evaluate", type=json.loads, help="JSON: the harness evaluation to run after training")
+    p.add_argument("--compile-cache", type=Path,
+                   help="the shared compile cache, read-only to runs: under bubblewrap a run compiles in a folder of "
+                        "its own, filled from its program's folder in there and saved back to it (compile_folder)")
+    p.add_argument("--compile-program", help="the run's program: its train.py's git blob id")
+    p.add_argument("--compile-seed", help="the program whose folder a new program's starts from: its best's")
     p.add_argument("--warm-evaluator-fd", type=int,
                    help="a socket to the slot's warm evaluator, which evaluates the export instead of a cold one")
     p.add_argument("--report-tail", type=int, default=0, help="bytes of the output's end to put in the report")
@@ -348,7 +374,7 @@ def handed_args(line: bytes, started: argparse.Namespace) -> tuple[argparse.Name
         env = handed["env"]
     except (ValueError, KeyError, TypeError, SystemExit):
         return None
-    fixed = ("command", "sandbox", "unsandboxed", "val_shard", "val_shared", "cpus", "files_on_stdin")
+    fixed = ("command", "sandbox", "unsandboxed", "val_shard", "val_shared", "cpus", "files_on_stdin", "compile_cache")
     if not isinstance(env, dict) or any(getattr(args, k, None) != getattr(started, k, None) for k in fixed):
         return None
     return args, env
@@ -415,6 +441,9 @@ def main(argv=None) -> int:
 
     val_watch = val_copy = evaluation = evaluated = stub = None
     spec, hide_val = validation_hidden(args)
+    spec, compiling = compile_folder(args, spec)
+    if compiling is not None:  # inherited by the interpreter started now, warm or cold
+        os.environ[COMPILE_ENV] = str(compiling)
     watch_val = bool(args.export and args.val_shard and args.val_shard.exists()) and not hide_val
     if watch_val and args.sandbox:
         val_copy = private_val_copy(args.val_shard, args.report)
@@ -451,6 +480,8 @@ def main(argv=None) -> int:
                 val_watch.stop()
             if val_copy is not None:
                 shutil.rmtree(val_copy.parent, ignore_errors=True)
+            if compiling is not None:
+                shutil.rmtree(compiling, ignore_errors=True)
             return 0 if not line else 2
         args, env = handed
         started_at, t0 = time.time(), time.monotonic()  # the run starts now, not when its interpreter did
@@ -459,6 +490,9 @@ def main(argv=None) -> int:
     files, into = received_files(args, from_server, bubblewrap)
     if hide_val:  # prepare.evaluate_bpb then says why a run the harness could not score has no number
         env[VAL_HIDDEN_ENV] = "1"
+    if compiling is not None:  # filled now, when the run's program is known (a warm worker started before)
+        env[COMPILE_ENV] = str(compiling)
+        programs.fill(compiling, args.compile_cache / programs.FOLDER, args.compile_program, args.compile_seed)
     if args.data_order:
         env[DATA_ORDER_ENV] = str(args.data_order)
     else:  # the usual order, whatever the server's environment named (review 80: a run recorded on it trained on 1)
@@ -564,6 +598,8 @@ def main(argv=None) -> int:
         val_watch.stop()
     if val_copy is not None:
         shutil.rmtree(val_copy.parent, ignore_errors=True)
+    if compiling is not None:  # every process of the run is gone: what it compiled is its program's alone
+        programs.save(compiling, args.compile_cache / programs.FOLDER, args.compile_program)
     if into is not None and into != sandbox.RUN_COPY:
         shutil.rmtree(into, ignore_errors=True)
     tail = {"log_tail": pump.last_text(args.report_tail)} if args.report_tail else {}
