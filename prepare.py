@@ -348,7 +348,10 @@ def compiler_sandbox(command: list[str], compile_cache: Path) -> tuple[list[str]
     hidden = [str(cache), *json.loads(os.environ.get(sandbox.HIDE_ENV) or "[]")]
     hidden += [path for path in harness_eval.hidden_from_runs(cache, read_record())
                if not Path(path).resolve().is_relative_to(cache)]
-    spec = {"readonly": [str(REPO), sys.prefix], "writable": [str(compile_cache)], "hidden": hidden}
+    # the compile cache named read-only too: a hidden folder that holds none of the paths a sandbox shows is hidden
+    # last, over them (mcp_server/scripts/sandbox.py hidden), which took the writable compile cache inside the
+    # prepared one away: the warm-up built the headers into the sandbox's own memory, and every first run again
+    spec = {"readonly": [str(REPO), sys.prefix, str(compile_cache)], "writable": [str(compile_cache)], "hidden": hidden}
     wrapped, kind = sandbox.wrap(command, spec, str(REPO))
     if kind is None:
         return None, sandbox.usable()[2], sandbox.opted_in()

@@ -122,6 +122,24 @@ def test_prepare_builds_once_what_every_model_would_compile_again(runs):
     assert not cold_builds & runs["built_by_prepare"]  # not one thing built twice
 
 
+def test_the_warm_up_writes_a_compile_cache_inside_the_prepared_cache(prepared_env, repo_root, tmp_path, bubblewrap):
+    """The usual layout, `<cache>/compile`: prepare's sandbox hides the prepared cache and shows its compile cache
+    again, writable. The cache was hidden over the writable compile cache (a hidden folder that holds no read-only
+    path is hidden last), so the warm-up built the precompiled headers into the sandbox's own memory, and every
+    first run built them again."""
+    cache = tmp_path / "cache"
+    shutil.copytree(prepared_env["AUTORESEARCH_CACHE"], cache, ignore=shutil.ignore_patterns("compile"))
+    marker = cache / "compile" / "built-by-the-warm-up"
+    write = f"open({str(marker)!r}, 'w')"
+    script = ("import subprocess, sys, prepare\n"
+              f"command, why, _ = prepare.compiler_sandbox([sys.executable, '-c', {write!r}], "
+              f"prepare.Path({str(cache / 'compile')!r}))\n"
+              "assert command, why\nsubprocess.run(command, check=True, cwd=prepare.REPO)\n")
+    subprocess.run([sys.executable, "-c", script], cwd=repo_root, env=dict(prepared_env, AUTORESEARCH_CACHE=str(cache)),
+                   check=True, timeout=120)
+    assert marker.exists()
+
+
 class Planted:
     """What a run may leave in the compile cache it writes: an entry Inductor unpickles, which runs a
     shell command as whoever loads it. The command notes that it ran (in the compile cache, which a

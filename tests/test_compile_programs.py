@@ -1,5 +1,7 @@
 """The compile cache kept per program (scripts/compile_programs.py): no run writes what a run of another program
 loads, while a new program starts from its best's graphs."""
+import os
+
 from mcp_server.scripts import compile_programs
 from server_support import Lab, answer, make_workspace, set_knobs
 
@@ -29,3 +31,23 @@ def test_a_run_cannot_put_code_into_what_the_bests_rerun_loads(fake_env, bubblew
     saved = sorted((folder / "graph.py").read_text() for folder in programs.iterdir())
     assert saved == ["compiled by run 1", "compiled by run 1 POISON"], saved  # the candidate's in its own folder
     assert not list((fake_env / "cache" / "compile" / compile_programs.WORK).iterdir())  # each run's removed
+
+
+def test_what_a_run_left_is_kept_as_plain_files_without_headers(tmp_path):
+    """A run's folder may hold anything the run made: its program's folder gets the plain files and folders only
+    (a link would be followed by whoever reads the folder next; a FIFO would hang the copy), and no precompiled
+    headers (prepare's are shared; 300 MB per program is not kept)."""
+    own, programs, program = tmp_path / "own", tmp_path / "programs", "a" * 40
+    (own / "fx").mkdir(parents=True)
+    (own / "fx" / "graph.py").write_text("graph")
+    (own / compile_programs.HEADERS / "env").mkdir(parents=True)
+    (own / compile_programs.HEADERS / "env" / "h.gch").write_text("header")
+    (own / "link").symlink_to("/etc/passwd")
+    (own / "linked-folder").symlink_to(tmp_path)
+    os.mkfifo(own / "fifo")
+    compile_programs.save(own, programs, program)
+    kept = sorted(str(p.relative_to(programs / program)) for p in (programs / program).rglob("*"))
+    assert kept == ["fx", "fx/graph.py"] and not own.exists(), kept
+    into = tmp_path / "next"
+    compile_programs.fill(into, programs, "b" * 40, program)  # a new program starts from its best's
+    assert (into / "fx" / "graph.py").read_text() == "graph"

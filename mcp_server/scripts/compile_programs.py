@@ -23,6 +23,9 @@ from pathlib import Path
 FOLDER = "programs"  # inside the compile cache: one folder per program
 WORK = "work"  # inside the compile cache: each run's own folder while it runs
 KEEP = 64  # program folders kept (a CPU program's graphs are ~10 MB; the best's is used at every control)
+# Inductor's precompiled C++ headers (300 MB on the CPU): prepare.py's, shared read-only (nanochat/compile.py
+# headers_dir); ones a run had to build itself are not kept per program
+HEADERS = "precompiled_headers"
 PROGRAM = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?")  # a git blob id, SHA-1 or SHA-256
 
 
@@ -52,7 +55,8 @@ def save(own: Path, programs: Path, program: str | None) -> None:
 
 
 def copy_plain(source: Path, target: Path) -> None:
-    """The plain files and folders under source, copied into target (made where missing); nothing else."""
+    """The plain files and folders under source, copied into target (made where missing); nothing else, and no
+    precompiled headers."""
     for folder, folders, files in os.walk(source):  # never into a linked folder
         into = target / os.path.relpath(folder, source)
         into.mkdir(parents=True, exist_ok=True)
@@ -60,7 +64,8 @@ def copy_plain(source: Path, target: Path) -> None:
             path = os.path.join(folder, name)
             if stat.S_ISREG(os.lstat(path).st_mode):
                 shutil.copyfile(path, into / name, follow_symlinks=False)
-        folders[:] = [name for name in folders if stat.S_ISDIR(os.lstat(os.path.join(folder, name)).st_mode)]
+        folders[:] = [name for name in folders if stat.S_ISDIR(os.lstat(os.path.join(folder, name)).st_mode)
+                      and not (folder == str(source) and name == HEADERS)]
 
 
 def replace_folder(staged: Path, folder: Path) -> None:
