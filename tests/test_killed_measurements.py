@@ -186,13 +186,14 @@ def test_a_noise_repeat_killed_on_an_order_the_best_is_lucky_on_is_met_by_the_ne
     assert "data order 4" not in (ws / "results.tsv").read_text()
 
 
-def test_on_the_wall_clock_a_pair_lost_before_the_kill_stays_lost(fake_env):
+def test_on_the_wall_clock_a_pair_lost_before_the_kill_stays_lost(fake_env, hold):
     """Review 68: on the wall clock a pair is two reruns one confirmation measured side by side, and it was recorded
     only once the call returned. The idea lost its first pair (order 1: +0.0005); the agent, reading it, SIGKILLed the
     server while the second pair trained, and the finished, filed pair was no pair: the next confirm measured order 1
     again on new luck. A pair is judged as soon as both its reruns are filed."""
-    best, idea = "VAL_BPB = 1.0\nNOISE = 0.001\nSLEEP = 2\n", "VAL_BPB = 0.9995\nNOISE = 0.001\nSLEEP = 2\n"
+    best, idea = "VAL_BPB = 1.0\nNOISE = 0.001\n", "VAL_BPB = 0.9995\nNOISE = 0.001\n"
     ws, cache = make_workspace(fake_env, best), fake_env / "cache"  # run k: VAL_BPB + 0.001 (k % 3 - 1)
+    hold(6)  # run 6 trains until the kill (the runs before and after it have nothing to wait for)
 
     async def begin(call, arm):
         answer(await call("setup", {"tag": "kill"}))
