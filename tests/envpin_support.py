@@ -45,8 +45,9 @@ class StandInTorch:
         self.pool = executor.LocalPool(Workspace(self.ws), 1, env=dict(os.environ))
 
     def spec(self, run: int, sandboxed: bool, environment: dict | None = None, evaluator: list | None = None,
-             evaluation_seconds: float = 4):
-        """The run's spec; its evaluator, unless given, answers 1.5 evaluation_seconds after its go."""
+             evaluation_seconds: float = 1):
+        """The run's spec; its evaluator, unless given, answers 1.5 evaluation_seconds after its go (1 s: long
+        enough for the pool to start the slot's next interpreter while it evaluates, as it looks every 0.5 s)."""
         from mcp_server.executors import executor
         from server_support import git
         from test_warm_start import ANSWERING_EVALUATOR

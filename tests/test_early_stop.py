@@ -16,6 +16,9 @@ BASE = "VAL_BPB = 1.0\nSTEPS = 10\n"
 @pytest.fixture
 def es_lab(fake_env, monkeypatch):
     monkeypatch.setenv("FAKE_NOISE", "0.005")  # repeats of one code differ: measure_noise has a spread
+    # the watcher looks every 0.5 s, not 2 s: a lagging run is stopped sooner, and a run that must not be stopped is
+    # looked at more often past MIN_PROGRESS in its 3 s than in the 4 s it trained at the default
+    monkeypatch.setattr(early_stop, "POLL_SECONDS", 0.5)
     lab = Lab(make_workspace(fake_env, BASE))
     yield lab
     lab.loop.shutdown()
@@ -69,7 +72,7 @@ def test_a_lagging_run_is_stopped_early_and_logged(es_lab):
                          ids=["no noise estimate", "not asked for", "not lagging"])
 def test_runs_are_not_stopped(es_lab, early, noise, lag):
     start(es_lab, early=early, noise=noise)
-    result = lagging(es_lab, lag=lag, sleep=4.0)
+    result = lagging(es_lab, lag=lag, sleep=3.0)
     assert result["status"] == "ok" and result["val_bpb"] == pytest.approx(0.9, abs=0.01)
     assert not stopped_before_its_end(es_lab, result)
 
@@ -160,7 +163,7 @@ def test_a_reference_curve_the_agent_planted_stops_no_good_run(es_lab):
     forged = json.loads(repeat.read_text())
     forged["run"]["data_order"] = None
     repeat.write_text(json.dumps(forged))
-    result = lagging(es_lab, lag=0.0, sleep=4.0)
+    result = lagging(es_lab, lag=0.0, sleep=3.0)
     assert result["status"] == "ok" and result["val_bpb"] == pytest.approx(0.9, abs=0.01)
 
 
@@ -179,6 +182,6 @@ def test_an_edited_best_log_is_not_the_reference(es_lab):
     for number in (1, 2):
         record = json.loads(next((es_lab.ws / "runs").glob(f"000{number}-*[0-9a-f].json")).read_text())
         scale_log(es_lab.ws / record["result"]["log"], 0.01)
-    result = lagging(es_lab, lag=0.0, sleep=4.0)
+    result = lagging(es_lab, lag=0.0, sleep=3.0)
     assert result["status"] == "ok" and result["val_bpb"] == pytest.approx(0.9, abs=0.01), result
     assert any("early stop does not read it" in notice for notice in es_lab.ok("status")["records_changed"])

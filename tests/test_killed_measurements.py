@@ -38,12 +38,13 @@ def killed_while(ws, cache, begin, *server_args: str) -> None:
     killers[0].join()
 
 
-def test_killing_the_server_while_the_candidate_reruns_draws_no_new_luck(fake_env):
+def test_killing_the_server_while_the_candidate_reruns_draws_no_new_luck(fake_env, hold):
     """Review 53's open item, closed in review 56: SIGKILL of the server while confirm's candidate rerun trained
     (its curve behind) left the pair unjudged, an interrupted crash, and the next confirm drew a fresh data order:
     a gain lost on order 3 (+0.0005) won on order 4 (-0.0005) and was kept as confirmed. Now the next confirm
     measures order 3 again, and the pair is lost there."""
     ws, cache = make_workspace(fake_env, "VAL_BPB = 1.0\nNOISE = 0.002\n"), fake_env / "cache"
+    hold(6)  # run 6 trains until the kill (no other run has anything to wait for)
 
     async def begin(call, arm):
         answer(await call("setup", {"tag": "kill"}))
@@ -51,7 +52,7 @@ def test_killing_the_server_while_the_candidate_reruns_draws_no_new_luck(fake_en
         answer(await call("keep", {}))
         assert answer(await call("measure_noise", {"repeats": 2}))["noise"]["threshold"] == 0.004  # orders 1, 2
         # 0.001 better per data order, and luck by run number: run 8 gives 1.0005 on order 3, 0.9995 on order 4
-        set_knobs(ws, VAL_BPB=0.998, ORDER_EFFECT=-0.001, NOISE=0.0055, SLEEP=3)
+        set_knobs(ws, VAL_BPB=0.998, ORDER_EFFECT=-0.001, NOISE=0.0055)
         assert answer(await call("run_experiment", {"description": "luck"}))["confirm_first"]  # run 4: 0.998
         arm(6)  # run 5: the best on order 3; 6: the idea
         with anyio.fail_after(120):
@@ -74,12 +75,13 @@ def test_killing_the_server_while_the_candidate_reruns_draws_no_new_luck(fake_en
 
 
 
-def test_killing_the_server_while_a_noise_repeat_trains_draws_no_new_luck(fake_env):
+def test_killing_the_server_while_a_noise_repeat_trains_draws_no_new_luck(fake_env, hold):
     """Found by review 56, as the confirmation's kill: SIGKILL of the server while measure_noise's repeat on data
     order 2 trained (its curve far from the kept value) cut it out, and the next call drew order 3 in its place.
     Now the next call measures order 2 first, and order 3 is never drawn."""
     # the kept code: 1.0 on the usual data, 0.005 more per data order
-    ws, cache = make_workspace(fake_env, "VAL_BPB = 1.0\nORDER_EFFECT = 0.005\nSLEEP = 2\n"), fake_env / "cache"
+    ws, cache = make_workspace(fake_env, "VAL_BPB = 1.0\nORDER_EFFECT = 0.005\n"), fake_env / "cache"
+    hold(3)  # run 3 trains until the kill
 
     async def begin(call, arm):
         answer(await call("setup", {"tag": "kill"}))
@@ -103,7 +105,7 @@ def test_killing_the_server_while_a_noise_repeat_trains_draws_no_new_luck(fake_e
         (ws / "results.tsv").read_text()
 
 
-def test_another_ideas_confirmation_on_an_unjudged_order_does_not_skip_it(fake_env, monkeypatch):
+def test_another_ideas_confirmation_on_an_unjudged_order_does_not_skip_it(fake_env, monkeypatch, hold):
     """Found by review 60: the orders a confirmation left unjudged were skipped while any rerun trained on them, so
     the agent confirmed another idea that reused the best's value there, and the idea whose pair was cut short by the
     kill was confirmed on an order of its choosing (order 2) instead. Only a rerun of the same two codes is left to
@@ -113,13 +115,14 @@ def test_another_ideas_confirmation_on_an_unjudged_order_does_not_skip_it(fake_e
     monkeypatch.setenv("FAKE_FLOPS_CLOCK", "1")
     best = "VAL_BPB = 1.0\nORDER_EFFECT = 0.001\n"
     ws, cache = make_workspace(fake_env, best), fake_env / "cache"  # two slots: two ideas pending
+    hold(4)  # the first server's run 4 trains until the kill
 
     async def begin(call, arm):
         answer(await call("setup", {"tag": "pick"}))
         answer(await call("run_experiment", {"description": "baseline"}))  # run 1
         answer(await call("keep", {}))
         answer(await call("measure_noise", {"repeats": 1}))  # run 2: the best on order 1
-        set_knobs(ws, VAL_BPB=0.9995, ORDER_EFFECT=0.001, SLEEP=3)
+        set_knobs(ws, VAL_BPB=0.9995, ORDER_EFFECT=0.001)
         assert answer(await call("run_experiment", {"description": "luck"}))["confirm_first"]  # run 3
         arm(4)  # run 4: run 3's code on order 1
         with anyio.fail_after(120):
@@ -153,7 +156,8 @@ def test_another_ideas_confirmation_on_an_unjudged_order_does_not_skip_it(fake_e
     assert "confirmation 1/2 of run 3, data order 1\n" in rows and "confirmation 2/2 of run 3, data order 2\n" in rows
 
 
-def test_a_noise_repeat_killed_on_an_order_the_best_is_lucky_on_is_met_by_the_next_confirmation(fake_env, monkeypatch):
+def test_a_noise_repeat_killed_on_an_order_the_best_is_lucky_on_is_met_by_the_next_confirmation(fake_env, monkeypatch,
+                                                                                                  hold):
     """Found by review 66: confirm takes the best's measured data orders lowest first, then fresh ones, and a noise
     repeat the server was killed in never filed its value. So the agent, seeing the best's repeat on order 3 go well
     for the best, SIGKILLed the server there: order 3 was left out of every confirmation (the noise's next call would
@@ -162,7 +166,8 @@ def test_a_noise_repeat_killed_on_an_order_the_best_is_lucky_on_is_met_by_the_ne
     monkeypatch.setenv("AUTORESEARCH_BUDGET_CLOCK", "flops")
     monkeypatch.setenv("FAKE_FLOPS_CLOCK", "1")
     luck = "ORDER_EFFECT = 0.0001\nORDER_LUCK = 0.002\n"  # the luck of a code on an order (fake_train.order_luck)
-    ws, cache = make_workspace(fake_env, f"VAL_BPB = 1.0\n{luck}SLEEP = 3\n"), fake_env / "cache"
+    ws, cache = make_workspace(fake_env, f"VAL_BPB = 1.0\n{luck}"), fake_env / "cache"
+    hold(4)  # run 4 trains until the kill
 
     async def begin(call, arm):
         answer(await call("setup", {"tag": "pick"}))
@@ -186,13 +191,14 @@ def test_a_noise_repeat_killed_on_an_order_the_best_is_lucky_on_is_met_by_the_ne
     assert "data order 4" not in (ws / "results.tsv").read_text()
 
 
-def test_on_the_wall_clock_a_pair_lost_before_the_kill_stays_lost(fake_env):
+def test_on_the_wall_clock_a_pair_lost_before_the_kill_stays_lost(fake_env, hold):
     """Review 68: on the wall clock a pair is two reruns one confirmation measured side by side, and it was recorded
     only once the call returned. The idea lost its first pair (order 1: +0.0005); the agent, reading it, SIGKILLed the
     server while the second pair trained, and the finished, filed pair was no pair: the next confirm measured order 1
     again on new luck. A pair is judged as soon as both its reruns are filed."""
-    best, idea = "VAL_BPB = 1.0\nNOISE = 0.001\nSLEEP = 2\n", "VAL_BPB = 0.9995\nNOISE = 0.001\nSLEEP = 2\n"
+    best, idea = "VAL_BPB = 1.0\nNOISE = 0.001\n", "VAL_BPB = 0.9995\nNOISE = 0.001\n"
     ws, cache = make_workspace(fake_env, best), fake_env / "cache"  # run k: VAL_BPB + 0.001 (k % 3 - 1)
+    hold(6)  # run 6 trains until the kill (the runs before and after it have nothing to wait for)
 
     async def begin(call, arm):
         answer(await call("setup", {"tag": "kill"}))
@@ -220,7 +226,8 @@ def test_on_the_wall_clock_a_pair_lost_before_the_kill_stays_lost(fake_env):
     assert "did not hold in an earlier confirmation (it lost by +0.000500)" in again["next"], again
 
 
-def test_a_lost_pair_against_a_reused_control_stays_lost_on_a_server_started_on_another_clock(fake_env, monkeypatch):
+def test_a_lost_pair_against_a_reused_control_stays_lost_on_a_server_started_on_another_clock(fake_env, monkeypatch,
+                                                                                               hold):
     """Review 69: on the flops clock the best's noise repeats stood as controls (one run a pair), and such a pair was
     recorded as judged only once confirm returned; until then it was read from the values filed for the flops clock
     on this slot count. The idea lost order 3 against a reused control; the agent SIGKILLed the server while order 4
@@ -231,8 +238,9 @@ def test_a_lost_pair_against_a_reused_control_stays_lost_on_a_server_started_on_
     (core/budget_settings.py): the queued run trains there, as its label says."""
     monkeypatch.setenv("AUTORESEARCH_BUDGET_CLOCK", "flops")
     monkeypatch.setenv("FAKE_FLOPS_CLOCK", "1")
-    luck = "ORDER_EFFECT = 0.0001\nORDER_LUCK = 0.002\nSLEEP = 1\n"  # the idea wins orders 1 and 2, loses 3
+    luck = "ORDER_EFFECT = 0.0001\nORDER_LUCK = 0.002\n"  # the idea wins orders 1 and 2, loses 3
     ws, cache = make_workspace(fake_env, "VAL_BPB = 1.0\n" + luck), fake_env / "cache"
+    hold(9)  # run 9 trains until the kill
 
     async def begin(call, arm):
         answer(await call("setup", {"tag": "clock"}))

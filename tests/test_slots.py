@@ -41,8 +41,9 @@ def test_two_slots_overlap_on_their_own_gpus_and_a_third_run_queues(duo):
     duo.baseline()
     ids = []
     for k, value in enumerate((0.91, 0.92, 0.93)):
-        # long enough that the third call comes while both still run, on a loaded machine too
-        set_knobs(duo.ws, val_bpb=value, sleep=8, steps=4)
+        # the first two long enough that the third call comes while both still run, on a loaded machine too;
+        # the third, queued behind them, has nothing to prove by training long
+        set_knobs(duo.ws, val_bpb=value, sleep=8 if k < 2 else 0, steps=4)
         ids.append(duo.ok("run_experiment", description=f"idea {k}", wait=False))
     assert [r["status"] for r in ids] == ["running", "running", "queued"] and ids[2]["queue_position"] == 1
     assert (duo.ws / "train.py").read_text().startswith("VAL_BPB = 0.93")  # the agent's tree is its own
