@@ -1,10 +1,15 @@
 """The compile cache kept per program (scripts/compile_programs.py): no run writes what a run of another program
 loads, while a new program starts from its best's graphs."""
+import json
 import os
 import subprocess
+import sys
+from pathlib import Path
 
 from mcp_server.scripts import compile_programs
 from server_support import Lab, answer, make_workspace, set_knobs
+
+WORKER = Path(__file__).resolve().parent.parent / "mcp_server" / "scripts" / "worker.py"
 
 
 def test_a_run_cannot_put_code_into_what_the_bests_rerun_loads(fake_env, bubblewrap, monkeypatch):
@@ -106,3 +111,20 @@ def test_a_fill_that_fails_starts_the_run_cold(tmp_path):
     (own / "b.py").mkdir(parents=True)
     compile_programs.fill(own, programs, program, None)
     assert own.is_dir() and not list(own.iterdir()), list(own.iterdir())
+
+
+def test_a_run_that_never_starts_leaves_no_copy_of_its_programs_folder(tmp_path, bubblewrap):
+    """Review 89: the worker filled the run's folder with a copy of its program's (hundreds of MB on a GPU) and then,
+    where the run's command never started (here: the server never sent its commit's files), returned without saving
+    or removing it: one copy left in `work/` per such run, for good."""
+    cache, program = tmp_path / "compile", "a" * 40
+    (cache / compile_programs.FOLDER / program).mkdir(parents=True)
+    (cache / compile_programs.FOLDER / program / "graph.py").write_text("graph")
+    spec = json.dumps({"readonly": [str(tmp_path)], "writable": ["."]})
+    log, report = tmp_path / "run.log", tmp_path / "report.json"
+    (tmp_path / "worktree").mkdir()
+    subprocess.run([sys.executable, str(WORKER), "--log", str(log), "--report", str(report), "--timeout", "30",
+                    "--sandbox", spec, "--compile-cache", str(cache), "--compile-program", program, "--files-on-stdin",
+                    "--", sys.executable, "-c", "pass"], cwd=tmp_path / "worktree", stdin=subprocess.DEVNULL, timeout=60)
+    assert "never sent the run's commit's files" in log.read_text(), log.read_text()
+    assert not list((cache / compile_programs.WORK).iterdir())
