@@ -1,9 +1,15 @@
 """The compile cache kept per program (scripts/compile_programs.py): no run writes what a run of another program
 loads, while a new program starts from its best's graphs."""
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 from mcp_server.scripts import compile_programs
 from server_support import Lab, answer, make_workspace, set_knobs
+
+WORKER = Path(__file__).resolve().parent.parent / "mcp_server" / "scripts" / "worker.py"
 
 
 def test_a_run_cannot_put_code_into_what_the_bests_rerun_loads(fake_env, bubblewrap, monkeypatch):
@@ -51,3 +57,74 @@ def test_what_a_run_left_is_kept_as_plain_files_without_headers(tmp_path):
     into = tmp_path / "next"
     compile_programs.fill(into, programs, "b" * 40, program)  # a new program starts from its best's
     assert (into / "fx" / "graph.py").read_text() == "graph"
+
+
+def deep_tree(folder, depth: int) -> None:
+    """depth folders one inside the next, made relative to each other (as a run can: no path grows past PATH_MAX)."""
+    fd = os.open(folder, os.O_RDONLY)
+    for _ in range(depth):
+        os.mkdir("d", dir_fd=fd)
+        inner = os.open("d", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = inner
+    os.close(fd)
+
+
+def test_a_sparse_file_a_run_left_is_not_made_dense(tmp_path):
+    """Review 89: a file a run truncates to terabytes costs it nothing (sparse), but the save copied every byte of it
+    outside the sandbox, after the run's time (3 GiB: 8 s and 3 GiB of disk here; 16 TiB fills any disk, and then
+    the server's own writes fail), and again into each later run of the program. A folder past the limits is not
+    kept: its program compiles again."""
+    own, programs, program = tmp_path / "own", tmp_path / "programs", "a" * 40
+    (own / "fx").mkdir(parents=True)
+    (own / "fx" / "graph.py").write_text("graph")
+    with open(own / "fx" / "sparse", "wb") as f:
+        f.truncate(compile_programs.MAX_BYTES + (1 << 20))
+    compile_programs.save(own, programs, program)
+    assert not own.exists() and not list(programs.iterdir()), list(programs.iterdir())  # no .saving- left either
+
+
+def test_a_deep_tree_a_run_left_neither_ends_the_worker_nor_stays(tmp_path):
+    """Review 89: Python 3.11's os.walk and shutil.rmtree recurse, so 1100 nested folders a run made raised
+    RecursionError from the save, in the worker before it wrote the run's report, and left the run's folder and a
+    .saving- copy on disk."""
+    own, programs, program = tmp_path / "own", tmp_path / "programs", "a" * 40
+    (own / "fx").mkdir(parents=True)
+    deep_tree(own / "fx", 1100)
+    try:
+        compile_programs.save(own, programs, program)
+        assert not own.exists() and not list(programs.iterdir()), list(programs.iterdir())
+    finally:  # pytest's own removal of old temporary folders recurses too
+        subprocess.run(["rm", "-rf", "--", str(tmp_path)], check=True)
+
+
+def test_a_fill_that_fails_starts_the_run_cold(tmp_path):
+    """Review 89: two runs of one program at once (the best's reruns in two slots): one's save renames the program's
+    folder away and removes it while the other's fill copies it, and the fill raised FileNotFoundError in the worker
+    before its run started (played with threads: 2 fills of 200 raised). Here a copy that fails for certain stands for
+    it: a file of the program's where the run's folder holds a folder of that name. A fill that fails leaves the
+    run's folder empty, and the run compiles again."""
+    programs, program, own = tmp_path / "programs", "a" * 40, tmp_path / "own"
+    (programs / program).mkdir(parents=True)
+    (programs / program / "a.py").write_text("graph")
+    (programs / program / "b.py").write_text("graph")
+    (own / "b.py").mkdir(parents=True)
+    compile_programs.fill(own, programs, program, None)
+    assert own.is_dir() and not list(own.iterdir()), list(own.iterdir())
+
+
+def test_a_run_that_never_starts_leaves_no_copy_of_its_programs_folder(tmp_path, bubblewrap):
+    """Review 89: the worker filled the run's folder with a copy of its program's (hundreds of MB on a GPU) and then,
+    where the run's command never started (here: the server never sent its commit's files), returned without saving
+    or removing it: one copy left in `work/` per such run, for good."""
+    cache, program = tmp_path / "compile", "a" * 40
+    (cache / compile_programs.FOLDER / program).mkdir(parents=True)
+    (cache / compile_programs.FOLDER / program / "graph.py").write_text("graph")
+    spec = json.dumps({"readonly": [str(tmp_path)], "writable": ["."]})
+    log, report = tmp_path / "run.log", tmp_path / "report.json"
+    (tmp_path / "worktree").mkdir()
+    subprocess.run([sys.executable, str(WORKER), "--log", str(log), "--report", str(report), "--timeout", "30",
+                    "--sandbox", spec, "--compile-cache", str(cache), "--compile-program", program, "--files-on-stdin",
+                    "--", sys.executable, "-c", "pass"], cwd=tmp_path / "worktree", stdin=subprocess.DEVNULL, timeout=60)
+    assert "never sent the run's commit's files" in log.read_text(), log.read_text()
+    assert not list((cache / compile_programs.WORK).iterdir())

@@ -8,8 +8,9 @@ program's folder once every process of the run is gone. So no run writes what a 
 program loads: a cached graph's module runs as it lies (review 64, played at stop 53), and the best's
 folder is written by the best's own runs alone.
 
-Only plain files and folders are copied either way (never a link, a FIFO or a socket a run left), and
-the folders of programs not used for the longest are removed past KEEP.
+Only plain files and folders are copied either way (never a link, a FIFO or a socket a run left), a run's
+folder past the limits below is not kept (a sparse file costs a run nothing and its copy every byte: review 89),
+and the folders of programs not used for the longest are removed past KEEP.
 """
 from __future__ import annotations  # a node's Python may be older than 3.10
 
@@ -17,6 +18,7 @@ import os
 import re
 import shutil
 import stat
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -26,21 +28,30 @@ KEEP = 64  # program folders kept (a CPU program's graphs are ~10 MB; the best's
 # Inductor's precompiled C++ headers (300 MB on the CPU): prepare.py's, shared read-only (nanochat/compile.py
 # headers_dir); ones a run had to build itself are not kept per program
 HEADERS = "precompiled_headers"
+# what one program's folder may hold, headers aside: a CPU program's graphs are ~10 MB, a GPU program's kernels
+# ~100s of MB, in a few hundred files, Inductor's deepest path a few folders down. Past them nothing is kept.
+MAX_BYTES, MAX_ENTRIES, MAX_DEPTH = 2 << 30, 100_000, 32
 PROGRAM = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?")  # a git blob id, SHA-1 or SHA-256
 
 
 def fill(own: Path, programs: Path, program: str | None, seed: str | None) -> None:
-    """The run's folder, holding a copy of its program's folder, else of the seed's, else nothing."""
+    """The run's folder, holding a copy of its program's folder, else of the seed's, else nothing (where the copy
+    fails: a folder another run's save or prune removed meanwhile, a full disk)."""
     for name in (program, seed):
         if name and PROGRAM.fullmatch(name) and (programs / name).is_dir():
-            copy_plain(programs / name, own)
-            os.utime(programs / name)  # used: the last to be removed
+            try:
+                copy_plain(programs / name, own)
+                os.utime(programs / name)  # used: the last to be removed
+            except OSError:
+                remove(own)
+                own.mkdir()
             return
 
 
 def save(own: Path, programs: Path, program: str | None) -> None:
     """The run's folder as its program's (a copy of what the run left, replacing the folder before), then the
     run's folder removed. Runs of one program at once each save theirs; the last stands."""
+    staged = None
     try:
         if program and PROGRAM.fullmatch(program):
             programs.mkdir(parents=True, exist_ok=True)
@@ -48,24 +59,49 @@ def save(own: Path, programs: Path, program: str | None) -> None:
             copy_plain(own, staged)
             replace_folder(staged, programs / program)
             prune(programs)
-    except OSError:
-        pass  # a full disk: the next run of this program compiles again
+    except OSError:  # past the limits, a full disk: the next run of this program compiles again
+        if staged is not None:
+            remove(staged)
     finally:
-        shutil.rmtree(own, ignore_errors=True)
+        remove(own)
+
+
+class PastLimits(OSError):
+    """A run's folder holds more than a program's folder keeps (MAX_BYTES, MAX_ENTRIES, MAX_DEPTH)."""
 
 
 def copy_plain(source: Path, target: Path) -> None:
     """The plain files and folders under source, copied into target (made where missing); nothing else, and no
-    precompiled headers."""
-    for folder, folders, files in os.walk(source):  # never into a linked folder
-        into = target / os.path.relpath(folder, source)
-        into.mkdir(parents=True, exist_ok=True)
-        for name in files:
-            path = os.path.join(folder, name)
-            if stat.S_ISREG(os.lstat(path).st_mode):
+    precompiled headers. PastLimits where source holds more than is kept. Walked without recursion (Python 3.11's
+    os.walk recurses: a run's 1100 nested folders raised RecursionError)."""
+    count = size = 0
+    pending = [(str(source), target, 0)]
+    while pending:
+        folder, into, depth = pending.pop()
+        into.mkdir(exist_ok=True)
+        with os.scandir(folder) as listing:
+            entries = [(entry.name, entry.path, entry.stat(follow_symlinks=False)) for entry in listing]
+        count += len(entries)
+        if count > MAX_ENTRIES:
+            raise PastLimits(f"more than {MAX_ENTRIES} files and folders")
+        for name, path, info in entries:
+            if stat.S_ISDIR(info.st_mode) and not (depth == 0 and name == HEADERS):
+                if depth + 1 > MAX_DEPTH:
+                    raise PastLimits(f"folders more than {MAX_DEPTH} deep")
+                pending.append((path, into / name, depth + 1))
+            elif stat.S_ISREG(info.st_mode):
+                size += info.st_size  # what the copy writes: a sparse file's holes too
+                if size > MAX_BYTES:
+                    raise PastLimits(f"more than {MAX_BYTES} bytes")
                 shutil.copyfile(path, into / name, follow_symlinks=False)
-        folders[:] = [name for name in folders if stat.S_ISDIR(os.lstat(os.path.join(folder, name)).st_mode)
-                      and not (folder == str(source) and name == HEADERS)]
+
+
+def remove(folder: Path) -> None:
+    """folder and all it holds, however deep (Python 3.11's rmtree recurses, and raises RecursionError)."""
+    try:
+        shutil.rmtree(folder, ignore_errors=True)
+    except RecursionError:
+        subprocess.run(["rm", "-rf", "--", str(folder)], stdin=subprocess.DEVNULL, check=False)
 
 
 def replace_folder(staged: Path, folder: Path) -> None:
@@ -78,13 +114,13 @@ def replace_folder(staged: Path, folder: Path) -> None:
     try:
         os.rename(staged, folder)
     except OSError:  # another run of the program saved at the same moment: its copy stands
-        shutil.rmtree(staged, ignore_errors=True)
+        remove(staged)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        remove(old)
 
 
 def prune(programs: Path) -> None:
     """The program folders past KEEP, the least recently used first."""
     folders = [p for p in programs.iterdir() if PROGRAM.fullmatch(p.name) and p.is_dir()]
     for folder in sorted(folders, key=lambda p: p.stat().st_mtime)[:max(0, len(folders) - KEEP)]:
-        shutil.rmtree(folder, ignore_errors=True)
+        remove(folder)

@@ -536,6 +536,8 @@ def main(argv=None) -> int:
         os.close(write_end)
         if evaluation is not None:
             evaluation.finish(args.grace)
+        if compiling is not None:  # filled above, and nothing ran to save: a copy of the program's folder
+            programs.remove(compiling)
         return not_started(args, f"could not start {args.command[0]!r}: {exc}", 127, started_at, subreaper)
     os.close(write_end)
     # the command's group, for whoever finds this run without its worker (a server restart)
