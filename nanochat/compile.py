@@ -35,13 +35,15 @@ def compile_cache_dir_now():
 
 def headers_dir() -> Path:
     """Inductor's precompiled C++ headers for this environment's torch: prepare.py's, in the harness's compile
-    cache (read-only to a run under the research loop, which compiles in a folder of its own), else this
-    process's compile folder's. A clone at another path shares the cache but not the venv: headers built
+    cache (read-only to a run under the research loop, which compiles in a folder of its own inside it), else
+    this process's compile folder's. A clone at another path shares the cache but not the venv: headers built
     against the other venv's torch do not serve this one, and with one folder for all, prepare.py found
     them and left the build to the first run's start-up."""
     environment = hashlib.sha256(f"{torch.__file__}|{torch.__version__}".encode()).hexdigest()[:12]
     prepared = compile_cache_dir() / "precompiled_headers" / environment
-    return prepared if prepared.is_dir() else compile_cache_dir_now() / "precompiled_headers" / environment
+    # a run's own folder lies inside the harness's cache; a folder elsewhere (a benchmark's fresh one) is truly cold
+    inside = compile_cache_dir_now().resolve().is_relative_to(compile_cache_dir().resolve())
+    return prepared if inside and prepared.is_dir() else compile_cache_dir_now() / "precompiled_headers" / environment
 
 
 # Read by Inductor when it first compiles, so setting it at import is in time; Triton's cache (CUDA)

@@ -128,3 +128,21 @@ def test_a_run_that_never_starts_leaves_no_copy_of_its_programs_folder(tmp_path,
                     "--", sys.executable, "-c", "pass"], cwd=tmp_path / "worktree", stdin=subprocess.DEVNULL, timeout=60)
     assert "never sent the run's commit's files" in log.read_text(), log.read_text()
     assert not list((cache / compile_programs.WORK).iterdir())
+
+
+def test_a_runs_folder_reads_prepares_headers_and_a_folder_elsewhere_is_cold(tmp_path, repo_root):
+    """Inside the harness's compile cache (a run's own folder under the loop, where it may write nothing else) the
+    precompiled headers are prepare's; a compile folder elsewhere (a benchmark's fresh one) is truly cold, or
+    prepare.py into it would find the cache's headers and build nothing."""
+    cache = tmp_path / "cache"
+    script = ("from nanochat.compile import compile_cache_dir, headers_dir\n"  # prepare's headers, then where a run looks
+              "(compile_cache_dir() / 'precompiled_headers' / headers_dir().name).mkdir(parents=True, exist_ok=True)\n"
+              "print(headers_dir())\n")
+    seen = {}
+    for name, folder in (("run's", cache / "compile" / compile_programs.WORK / "run-x"), ("elsewhere", tmp_path / "fresh")):
+        env = dict(os.environ, AUTORESEARCH_CACHE=str(cache), TORCHINDUCTOR_CACHE_DIR=str(folder))
+        done = subprocess.run([sys.executable, "-c", script], cwd=repo_root, env=env, capture_output=True, text=True,
+                              check=True)
+        seen[name] = done.stdout.strip()
+    assert seen["run's"].startswith(str(cache / "compile" / "precompiled_headers")), seen
+    assert seen["elsewhere"].startswith(str(tmp_path / "fresh")), seen
