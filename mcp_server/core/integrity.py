@@ -294,7 +294,7 @@ def evaluation_timeout(run_timeout: float) -> float:
 def sandbox_spec(root: Path, export_dir: Path, harness_files: list[str], record: dict | None = None) -> dict:
     """Read-only: the workspace, the prepared cache, this plugin and its interpreter's environment.
     Writable again: the run's worktree (".": paths relative to it) and its export folder; the worker adds
-    the run's own compile folder (worker.py compile_folder, `--compile-cache`). Read-only once more: the
+    the run's own compile folder (`--compile-cache`: scripts/compile_programs.py). Read-only once more: the
     harness files inside the worktree."""
     cache = cache_dir()
     (cache / COMPILE_CACHE).mkdir(parents=True, exist_ok=True)

@@ -52,8 +52,7 @@ WORKER = Path(__file__).resolve().parent.parent / "scripts" / "worker.py"
 WORKER_GRACE_SECONDS = 30  # beyond the worker's own timeout and grace: the server's safety net
 SLOTS_ENV = "RESEARCH_LOOP_SLOTS"
 WARM_START_ENV = "RESEARCH_LOOP_WARM_START"  # "0": every run's interpreter starts cold (bench/bench_startup.py)
-PER_RUN_ENV = ("RESEARCH_LOOP_RUN",)  # the only variables in which a slot's runs' environments differ
-# worker options given at hand-over
+PER_RUN_ENV = ("RESEARCH_LOOP_RUN",)  # what differs between a slot's runs: these variables, and the options below
 PER_RUN_OPTIONS = ("--log", "--report", "--timeout", "--evaluate", "--data-order", "--compile-program", "--compile-seed")
 POLL_S = 0.5  # how often a run's waiting thread looks whether the run has trained (to start the next worker)
 DISCARD_WAIT_S = 10  # for a pre-started worker to end its sandbox once its stdin closed

@@ -1,7 +1,7 @@
 """The compile cache kept per program: what a run compiled, saved for its own program's later runs only.
 
 Standard library only: worker.py uses it beside itself, on this machine and on a cluster's nodes. A run
-compiles in a folder of its own (worker.py compile_folder), filled before the run from its program's
+compiles in a folder of its own (run_folder, for worker.py), filled before the run from its program's
 folder here (`<cache>/compile/programs/<train.py's blob id>`), or, for a program not run yet, from the
 program it was made from (its best's, so a constants-only edit starts warm), and saved back to its
 program's folder once every process of the run is gone. So no run writes what a run of another
@@ -32,6 +32,22 @@ HEADERS = "precompiled_headers"
 # ~100s of MB, in a few hundred files, Inductor's deepest path a few folders down. Past them nothing is kept.
 MAX_BYTES, MAX_ENTRIES, MAX_DEPTH = 2 << 30, 100_000, 32
 PROGRAM = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?")  # a git blob id, SHA-1 or SHA-256
+
+
+def run_folder(cache: Path | None, spec: dict, bubblewrap: bool) -> tuple[dict, Path | None]:
+    """(the run's sandbox spec, its own compile folder or None), for worker.py. The compile cache (cache) is shared
+    by every run and read by the next: a run that could write it could put code into what a run of another program
+    loads, or leave weights. Under bubblewrap a run compiles in a folder of its own (made here, in WORK), which the
+    worker fills and saves; macOS's profile writes the shared cache as before, and so do a cluster's nodes, whose
+    specs name no --compile-cache (docs/trust.md, What is still open)."""
+    if not (cache and spec):
+        return spec, None
+    writable = spec.get("writable", [])
+    if not bubblewrap:
+        return dict(spec, writable=[*writable, str(cache)]), None
+    (cache / WORK).mkdir(parents=True, exist_ok=True)
+    own = Path(tempfile.mkdtemp(prefix="run-", dir=cache / WORK))
+    return dict(spec, writable=[*writable, str(own)]), own
 
 
 def fill(own: Path, programs: Path, program: str | None, seed: str | None) -> None:

@@ -220,6 +220,23 @@ def runtime_folders() -> list[str]:
     return [*RUNTIME_FOLDERS, *SERVICE_SOCKETS, *([found] if mine else [])]
 
 
+def data_folder_problem(root: str | None, checked: str) -> str | None:
+    """Why the data folder a sandbox (its root as the machine sees it: private_root) shows is not the one the
+    server checked (checked: device:inode:path, integrity.data_folder_id), or None; "" until there is a root."""
+    if root is None:
+        return ""
+    device, inode, path = checked.split(":", 2)
+    try:
+        seen = os.stat(root + path)
+    except OSError as exc:
+        seen = exc
+    if isinstance(seen, OSError) or (seen.st_dev, seen.st_ino) != (int(device), int(inode)):
+        return (f"the prepared data folder the run's sandbox showed at {path} is not the one the server checked as the "
+                "run started (the cache, or a folder above it, swapped for another), so it may have trained on data "
+                "setup did not pin; put the prepared cache back in its place, then rerun it")
+    return None
+
+
 def accelerator_binds(dev: str = "/dev") -> list[str]:
     """bubblewrap's options that show the machine's accelerator device nodes (ACCELERATORS) in a run's private
     /dev, each node alone: a folder of them bound whole (/dev/dri) could be written into as root."""

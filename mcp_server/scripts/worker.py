@@ -81,7 +81,7 @@ EXPORT_ENV = "RESEARCH_LOOP_EXPORT"  # where the harness writes the trained mode
 ANSWER_ENV = "RESEARCH_LOOP_ANSWER"  # where this worker writes the harness's number for train.py to print
 # set for a run whose sandbox hides the validation shard (validation_hidden); the server's own setting shows it
 VAL_HIDDEN_ENV, CROSSCHECK_ENV = "RESEARCH_LOOP_VAL_HIDDEN", "AUTORESEARCH_EVAL_CROSSCHECK"
-COMPILE_ENV = "TORCHINDUCTOR_CACHE_DIR"  # where a run compiles (nanochat/compile.py): its own folder (compile_folder)
+COMPILE_ENV = "TORCHINDUCTOR_CACHE_DIR"  # where a run compiles (nanochat/compile.py): its own (compile_programs)
 DATA_ORDER_ENV = "AUTORESEARCH_DATA_ORDER"  # which stretch of the data a rerun trains on (nanochat/dataloader.py)
 # before the SHA-256 of the final report, on the server's socket (final_report; executors/executor.py reads it)
 REPORT_DIGEST_MARK = b"report-sha256 "
@@ -168,25 +168,6 @@ def validation_hidden(args: argparse.Namespace) -> tuple[dict, bool]:
     return dict(spec, hidden=[*spec.get("hidden", []), str(args.val_shard)]), True
 
 
-def compile_folder(args: argparse.Namespace, spec: dict) -> tuple[dict, Path | None]:
-    """(the sandbox's spec, the run's own compile folder or None). The compile cache is shared by every run and read
-    by the next: a run that could write it could put code into what a run of another program loads (a cached graph's
-    module runs as it lies: the best's rerun as a control, trained worse, review 64), or leave weights. Under
-    bubblewrap a run compiles in a folder of its own, filled from its program's folder (a new program's from its
-    best's, so a constants-only edit starts warm) and saved back to its program's alone; the best's folder is written
-    by the best's own runs only. macOS's profile writes the shared cache as before, and so do a cluster's nodes,
-    whose specs name no --compile-cache (docs/trust.md, What is still open)."""
-    if not (args.compile_cache and spec):
-        return spec, None
-    writable = spec.get("writable", [])
-    if sandbox.usable()[0] != sandbox.BUBBLEWRAP:
-        return dict(spec, writable=[*writable, str(args.compile_cache)]), None
-    folder = args.compile_cache / programs.WORK
-    folder.mkdir(parents=True, exist_ok=True)
-    own = Path(tempfile.mkdtemp(prefix="run-", dir=folder))
-    return dict(spec, writable=[*writable, str(own)]), own
-
-
 def private_val_copy(val_shard: Path, report: Path) -> Path | None:
     """A copy of the validation shard for this run alone, where bubblewrap can show it in place of
     the shared one: inotify reports every process's opens of a file, so with several slots a watch
@@ -197,23 +178,6 @@ def private_val_copy(val_shard: Path, report: Path) -> Path | None:
     copy = Path(tempfile.mkdtemp(prefix="research-loop-val-", dir="/tmp")) / val_shard.name
     shutil.copyfile(val_shard, copy)
     return copy
-
-
-def data_folder_problem(root: str | None, checked: str) -> str | None:
-    """Why the data folder a sandbox (its root as the machine sees it: sandbox.private_root) shows is not the one the
-    server checked (checked: device:inode:path, integrity.data_folder_id), or None; "" until there is a root."""
-    if root is None:
-        return ""
-    device, inode, path = checked.split(":", 2)
-    try:
-        seen = os.stat(root + path)
-    except OSError as exc:
-        seen = exc
-    if isinstance(seen, OSError) or (seen.st_dev, seen.st_ino) != (int(device), int(inode)):
-        return (f"the prepared data folder the run's sandbox showed at {path} is not the one the server checked as the "
-                "run started (the cache, or a folder above it, swapped for another), so it may have trained on data "
-                "setup did not pin; put the prepared cache back in its place, then rerun it")
-    return None
 
 
 def device_name(env: dict) -> str:
@@ -302,7 +266,7 @@ def parse_args(argv):
     p.add_argument("--evaluate", type=json.loads, help="JSON: the harness evaluation to run after training")
     p.add_argument("--compile-cache", type=Path,
                    help="the shared compile cache, read-only to runs: under bubblewrap a run compiles in a folder of "
-                        "its own, filled from its program's folder in there and saved back to it (compile_folder)")
+                        "its own, filled from its program's folder in there and saved back to it (compile_programs.py)")
     p.add_argument("--compile-program", help="the run's program: its train.py's git blob id")
     p.add_argument("--compile-seed", help="the program whose folder a new program's starts from: its best's")
     p.add_argument("--warm-evaluator-fd", type=int,
@@ -441,7 +405,7 @@ def main(argv=None) -> int:
 
     val_watch = val_copy = evaluation = evaluated = stub = None
     spec, hide_val = validation_hidden(args)
-    spec, compiling = compile_folder(args, spec)
+    spec, compiling = programs.run_folder(args.compile_cache, spec, sandbox.usable()[0] == sandbox.BUBBLEWRAP)
     if compiling is not None:  # inherited by the interpreter started now, warm or cold
         os.environ[COMPILE_ENV] = str(compiling)
     watch_val = bool(args.export and args.val_shard and args.val_shard.exists()) and not hide_val
@@ -570,7 +534,7 @@ def main(argv=None) -> int:
                 write_report(args.report, running | {"evaluating": True})
         # one look, while its pid is still the sandbox's (not reaped): the sandbox's binds are fixed for its life
         if args.data_folder and bubblewrap and data_problem == "" and child.returncode is None:
-            data_problem = data_folder_problem(sandbox.private_root(child.pid), args.data_folder)
+            data_problem = sandbox.data_folder_problem(sandbox.private_root(child.pid), args.data_folder)
         if time.monotonic() - t0 - (evaluation.seconds() if evaluation else 0.0) > args.timeout:
             timed_out = True
             break
