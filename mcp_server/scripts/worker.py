@@ -405,7 +405,9 @@ def main(argv=None) -> int:
 
     val_watch = val_copy = evaluation = evaluated = stub = None
     spec, hide_val = validation_hidden(args)
-    spec, compiling = programs.run_folder(args.compile_cache, spec, sandbox.usable()[0] == sandbox.BUBBLEWRAP)
+    # no probe of the sandbox where none is asked for: its namespace's last process is reparented here, a zombie
+    spec, compiling = programs.run_folder(args.compile_cache, spec,
+                                          bool(spec) and sandbox.usable()[0] == sandbox.BUBBLEWRAP)
     if compiling is not None:  # inherited by the interpreter started now, warm or cold
         os.environ[COMPILE_ENV] = str(compiling)
     watch_val = bool(args.export and args.val_shard and args.val_shard.exists()) and not hide_val
