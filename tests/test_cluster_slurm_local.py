@@ -67,3 +67,23 @@ def test_the_sbatch_script_asks_for_one_gpu_the_time_partition_and_account(fake_
     for line in ("--gpus=1", "--time=25", "--partition=gpu", "--account=lab42", "--nodes=1"):
         assert f"#SBATCH {line}\n" in script, script  # 600 s of training plus 900 s for the node: 25 min
     assert "#SBATCH --job-name=research-loop-" in script and "-3-abcdef1\n" in script
+
+
+def test_a_jobs_run_cannot_put_code_into_what_the_bests_rerun_loads(fake_env, outside_tmp, bubblewrap, monkeypatch):
+    """Stop 53's compile folder per program, on a cluster's node: the server names each run's program and its best's
+    to the node, whose runs compile in folders of their own. A candidate that appends to what it compiled reaches no
+    rerun of the best."""
+    monkeypatch.setenv("FAKE_COMPILE", "1")
+    lab = Lab(make_workspace(fake_env), executor=lambda ws: slurm_executor.SlurmExecutor(
+        ws, TRAIN_COMMAND, 1, outside_tmp / "shared", cluster="local"))
+    try:
+        lab.baseline()
+        set_knobs(lab.ws, val_bpb=0.9, poison=1)
+        candidate = lab.ok("run_experiment", description="poisons what it compiled")
+        lab.ok("discard")
+        control = lab.ok("run_experiment", description="the best again", rerun=True)
+    finally:
+        lab.loop.shutdown()
+    logs = [(lab.ws / run["log"]).read_text() for run in (candidate, control)]
+    assert "cache graph.py: 'compiled by run 1'" in logs[0], logs[0]  # warm from the best's graph
+    assert "cache graph.py: 'compiled by run 1'" in logs[1] and "POISON" not in logs[1], logs[1]

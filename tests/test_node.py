@@ -228,3 +228,49 @@ def test_a_node_makes_the_projects_environment_once_with_its_bytecode(tmp_path, 
     env_dir = Path(os.environ["UV_PROJECT_ENVIRONMENT"])
     assert env_dir.parent == tmp_path / "node" / "envs" and (env_dir / ".synced").is_file()
     assert list(env_dir.glob("lib/python*/site-packages/idna/__pycache__/*.pyc")), "no bytecode in the environment"
+
+
+# A stand-in train.py that compiles: prints what its compile folder held, adds a line of its own, and tries to write
+# the node's shared compile cache, as a run that plants code for the next program's run would
+COMPILING_TRAIN = """import os, sys
+shared = os.path.join(os.environ["AUTORESEARCH_CACHE"], "compile")
+folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR", shared)
+graph = os.path.join(folder, "graph.py")
+print("held:", open(graph).read() if os.path.exists(graph) else "nothing")
+with open(graph, "a") as f:
+    f.write(sys.argv[1] + ";")
+try:
+    open(os.path.join(shared, "planted.py"), "w").write("x")
+    print("planted")
+except OSError as exc:
+    print("refused", type(exc).__name__)
+"""
+
+
+def test_a_nodes_run_compiles_in_its_programs_folder_not_the_shared_cache(tmp_path, bubblewrap):
+    """A cluster node's runs wrote the node's shared compile cache, which every later run there loads (what stop 53
+    mended on the server's machine only): a candidate's run could put code into the best's rerun on that node. A
+    node's run now compiles in a folder of its own, filled from its program's (a new program's from its best's) and
+    saved to its program's alone; the shared cache is read-only to it."""
+    cache = tmp_path / "cache"
+    env = {"PATH": "/usr/bin:/bin", "AUTORESEARCH_CACHE": str(cache), "HOME": str(tmp_path)}
+    code = code_folder(tmp_path, "job", "t")
+    (code / "train.py").write_text(COMPILING_TRAIN)
+    best, candidate = "a" * 40, "b" * 40
+
+    def job(line: str, *programs: str) -> str:
+        (code / node.NODE_DIR / node.TOKEN_FILE).write_text("t")
+        out = subprocess.run([sys.executable, f"{node.NODE_DIR}/node.py", "--timeout", "30", *programs,
+                              "--", sys.executable, "train.py", line],
+                             cwd=code, env=env, capture_output=True, text=True, timeout=60).stdout
+        assert result_of(out)["exit_code"] == 0, out
+        return out
+
+    assert "held: nothing" in job("best", "--compile-program", best)
+    out = job("POISON", "--compile-program", candidate, "--compile-seed", best)
+    assert "held: best;" in out and "refused" in out, out  # warm from the best's graphs; the shared cache not its
+    rerun = job("best again", "--compile-program", best)
+    assert "held: best;\n" in rerun, rerun  # the candidate's line reached no run of the best
+    programs = cache / "compile" / "programs"
+    assert (programs / candidate / "graph.py").read_text() == "best;POISON;"
+    assert not (cache / "compile" / "planted.py").exists() and not list((cache / "compile" / "work").iterdir())

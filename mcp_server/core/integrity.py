@@ -337,7 +337,7 @@ def worker_args(ws, root: Path, run: int, commit: str, timeout: float, harness: 
     export_dir.mkdir(parents=True, exist_ok=True)
     sandbox = sandbox_spec(root, export_dir, harness_files(ws, commit), record)
     args = ["--sandbox", json.dumps(sandbox), "--compile-cache", str(cache_dir() / COMPILE_CACHE),
-            "--compile-program", ws.train_blob(commit)] + (["--compile-seed", ws.train_blob(parent)] if parent else [])
+            *compile_programs(ws, commit, parent)]
     args += ["--data-order", str(data_order)] if data_order else []
     if data and (pins or {}).get("data"):
         args += ["--data-folder", data]
@@ -350,6 +350,12 @@ def worker_args(ws, root: Path, run: int, commit: str, timeout: float, harness: 
     if shard is not None:
         args += ["--val-shard", str(shard)] + (["--val-shared"] if slots > 1 else [])
     return args
+
+
+def compile_programs(ws, commit: str, parent: str | None) -> list[str]:
+    """The worker's (and a cluster node's) options naming the run's program, its train.py's blob id, whose compile
+    folder it fills and saves, and its best's (parent), whose folder a new program's starts from."""
+    return ["--compile-program", ws.train_blob(commit)] + (["--compile-seed", ws.train_blob(parent)] if parent else [])
 
 
 def data_folder_id() -> str | None:

@@ -111,7 +111,7 @@ def node_args(spec: RunSpec) -> list[str]:
                   "eval_tokens": spec.eval_tokens or integrity.eval_tokens(),  # the research run's (budget_settings)
                   "profile": (info or {}).get("profile"), "timeout": spec.after_seconds}
         args += ["--verify", json.dumps(verify)]
-    return [*args, "--", *spec.command]
+    return [*args, *spec.worker_args, "--", *spec.command]  # the compile cache's programs (dispatch.py)
 
 
 def offline_seed() -> str | None:

@@ -117,7 +117,9 @@ def dispatch(core: LoopCore) -> None:
             try:
                 extras, record = [], integrity.checked_record(state)
                 settings = submitted_settings(core, state, entry, record)
-                if core.make_executor is None:  # a cluster's node makes its own (mcp_server/scripts/node.py)
+                if core.make_executor is not None:  # a cluster's node makes its own sandbox (scripts/node.py)
+                    extras = integrity.compile_programs(core.ws, entry["commit"], entry["parent"])
+                else:
                     harness = integrity.harness_copy(core.ws, entry["parent"], state["fingerprint"]) \
                         if entry.get("verifies") else None
                     extras = integrity.worker_args(core.ws, core.root, entry["run"], entry["commit"],

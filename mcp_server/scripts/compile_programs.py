@@ -38,8 +38,8 @@ def run_folder(cache: Path | None, spec: dict, bubblewrap: bool) -> tuple[dict, 
     """(the run's sandbox spec, its own compile folder or None), for worker.py. The compile cache (cache) is shared
     by every run and read by the next: a run that could write it could put code into what a run of another program
     loads, or leave weights. Under bubblewrap a run compiles in a folder of its own (made here, in WORK), which the
-    worker fills and saves; macOS's profile writes the shared cache as before, and so do a cluster's nodes, whose
-    specs name no --compile-cache (docs/trust.md, What is still open)."""
+    worker fills and saves (on a cluster's node too, node.py); macOS's profile writes the shared cache as before
+    (docs/trust.md, What is still open)."""
     if not (cache and spec):
         return spec, None
     writable = spec.get("writable", [])

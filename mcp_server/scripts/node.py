@@ -210,10 +210,7 @@ def verification(verify: dict, command: list[str], scratch: Path, hide: list[str
                 "env": env, "harness": str(harness), "harness_manifest": harness_copy.file_manifest(str(harness)),
                 "timeout": verify["timeout"],
                 "inputs": harness_eval.evaluation_inputs(cache_dir(), val_shard(), prepared_record())}
-    compiled = cache_dir() / "compile"
-    compiled.mkdir(parents=True, exist_ok=True)
-    sandbox = {"readonly": [str(scratch), str(cache_dir()), env_prefix],
-               "writable": [".", str(export.parent), str(compiled)],
+    sandbox = {"readonly": [str(scratch), str(cache_dir()), env_prefix], "writable": [".", str(export.parent)],
                # and the node's scripts: the evaluator runs trusted_import.py from there
                "readonly_inside": sorted([*os.listdir(harness), NODE_DIR]),
                "hidden": harness_eval.hidden_from_runs(cache_dir(), prepared_record()) + hide}
@@ -224,10 +221,8 @@ def verification(verify: dict, command: list[str], scratch: Path, hide: list[str
 
 def plain_sandbox(hide: list[str]) -> list[str]:
     """worker.py's sandbox for a run the harness does not evaluate: the prepared cache and the
-    harness files read-only, the rest of the code folder and the compile cache writable."""
-    compiled = cache_dir() / "compile"
-    compiled.mkdir(parents=True, exist_ok=True)
-    sandbox = {"readonly": [str(cache_dir())], "writable": [".", str(compiled)],
+    harness files read-only, the rest of the code folder writable."""
+    sandbox = {"readonly": [str(cache_dir())], "writable": ["."],
                "readonly_inside": sorted(n for n in os.listdir(".") if n != EDITABLE),
                "hidden": harness_eval.hidden_from_runs(cache_dir(), prepared_record()) + hide}
     return ["--sandbox", json.dumps(sandbox)]
@@ -252,8 +247,18 @@ def val_bpb(text: str) -> float | None:
         return None
 
 
+def compiling(program: str | None, seed: str | None) -> list[str]:
+    """worker.py's options for the compile cache, read-only to runs: under bubblewrap a run compiles in a folder of
+    its own, filled from its program's folder (a new program's from its best's, seed) and saved to its program's
+    alone (compile_programs.py), as on the server's machine."""
+    compiled = cache_dir() / "compile"
+    compiled.mkdir(parents=True, exist_ok=True)
+    return ["--compile-cache", str(compiled), *(["--compile-program", program] if program else []),
+            *(["--compile-seed", seed] if seed else [])]
+
+
 def train(timeout: float, grace: float, command: list[str], verify: dict | None, unsandboxed: bool,
-          hide: list[str]) -> dict:
+          hide: list[str], programs: list[str]) -> dict:
     with tempfile.TemporaryDirectory(prefix="research-loop-") as tmp:
         extras = []
         if verify:
@@ -261,7 +266,7 @@ def train(timeout: float, grace: float, command: list[str], verify: dict | None,
                 extras = verification(verify, command, Path(tmp), hide)
             except (NodeProblem, OSError) as exc:  # the run goes on; its result is marked unverified
                 say(f"no harness evaluation on this node: {exc}")
-        extras = (extras or plain_sandbox(hide)) + (["--unsandboxed"] if unsandboxed else [])
+        extras = (extras or plain_sandbox(hide)) + programs + (["--unsandboxed"] if unsandboxed else [])
         report_path = Path(tmp) / "report.json"
         say(f"training on {socket.gethostname()} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')})")
         worker.main(["--log", "-", "--report", str(report_path), "--timeout", str(timeout), "--grace", str(grace),
@@ -286,6 +291,8 @@ def parse_args(argv):
     p.add_argument("--verify", type=json.loads,
                    help='{"evaluator": PATH, "editable": NAME, "profile": NAME, "eval_tokens": N, "timeout": S}: '
                         'the harness evaluates')
+    p.add_argument("--compile-program", help="the run's program (its train.py's git blob id): its compile folder")
+    p.add_argument("--compile-seed", help="the program whose compile folder a new program's starts from: its best's")
     return worker.parse_with_command(p, argv)
 
 
@@ -306,7 +313,8 @@ def main(argv=None) -> int:
                   "device": worker.device_name(dict(os.environ))}
     else:
         prepared = round(time.time() - started, 3)
-        report = train(args.timeout, args.grace, args.command, args.verify, args.unsandboxed, args.hide) \
+        report = train(args.timeout, args.grace, args.command, args.verify, args.unsandboxed, args.hide,
+                       compiling(args.compile_program, args.compile_seed)) \
             | {"prepare_seconds": prepared}
         # the flops clock's rate is this node's (measured on its CPU at prepare): the server checks
         # the FLOPs a run charged against it, not against its own machine's
