@@ -36,7 +36,7 @@ def test_a_run_cannot_put_code_into_what_the_bests_rerun_loads(fake_env, bubblew
     programs = fake_env / "cache" / "compile" / compile_programs.FOLDER
     saved = sorted((folder / "graph.py").read_text() for folder in programs.iterdir())
     assert saved == ["compiled by run 1", "compiled by run 1 POISON"], saved  # the candidate's in its own folder
-    assert not list((fake_env / "cache" / "compile" / compile_programs.WORK).iterdir())  # each run's removed
+    assert not list((fake_env / "cache" / "compile" / compile_programs.WORK).glob("run-*"))  # each run's removed
 
 
 def test_what_a_run_left_is_kept_as_plain_files_without_headers(tmp_path):
@@ -127,7 +127,7 @@ def test_a_run_that_never_starts_leaves_no_copy_of_its_programs_folder(tmp_path,
                     "--sandbox", spec, "--compile-cache", str(cache), "--compile-program", program, "--files-on-stdin",
                     "--", sys.executable, "-c", "pass"], cwd=tmp_path / "worktree", stdin=subprocess.DEVNULL, timeout=60)
     assert "never sent the run's commit's files" in log.read_text(), log.read_text()
-    assert not list((cache / compile_programs.WORK).iterdir())
+    assert not list((cache / compile_programs.WORK).glob("run-*"))
 
 
 def test_a_runs_folder_reads_prepares_headers_and_a_folder_elsewhere_is_cold(tmp_path, repo_root):
@@ -146,3 +146,48 @@ def test_a_runs_folder_reads_prepares_headers_and_a_folder_elsewhere_is_cold(tmp
         seen[name] = done.stdout.strip()
     assert seen["run's"].startswith(str(cache / "compile" / "precompiled_headers")), seen
     assert seen["elsewhere"].startswith(str(tmp_path / "fresh")), seen
+
+
+# a worker's part in the compile cache, in a process of its own: makes its run's folder, starts a save, then dies
+# outright (SIGKILL: no save ends, no folder is removed) or lives on
+HOLDER = """import os, signal, sys, time
+from pathlib import Path
+from mcp_server.scripts import compile_programs as programs
+cache = Path(sys.argv[1])
+own = programs.make_own(cache)
+(own / "graph.py").write_text("compiled")
+(cache / programs.FOLDER / (programs.SAVING + own.name)).mkdir(parents=True)
+(cache / programs.FOLDER / (programs.OLD + own.name)).mkdir()
+print(own, flush=True)
+if sys.argv[2] == "killed":
+    os.kill(os.getpid(), signal.SIGKILL)
+time.sleep(120)
+"""
+
+
+def test_what_a_worker_killed_outright_left_is_removed_by_the_next_run(tmp_path, repo_root):
+    """Review 89: a worker killed outright (SIGKILL, the machine's OOM killer, a node lost) left its run's folder in
+    `work/` (a copy of its program's: hundreds of MB on a GPU) and a save's `.saving-` and `.old-` copies, for good.
+    Each worker holds a lock on its folder while it lives; the next run's worker removes the folders no live worker
+    holds, and leaves a live one's."""
+    cache = tmp_path / "compile"
+
+    def holder(fate: str) -> tuple[subprocess.Popen, Path]:
+        proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(cache), fate], cwd=repo_root,
+                                stdout=subprocess.PIPE, text=True)
+        return proc, Path(proc.stdout.readline().strip())
+
+    killed, killed_own = holder("killed")
+    assert killed.wait(timeout=30) == -9 and (killed_own / "graph.py").exists()
+    live, live_own = holder("live")  # its own start removed the killed worker's
+    try:
+        left = sorted(p.name for folder in (cache / compile_programs.WORK, cache / compile_programs.FOLDER)
+                      for p in folder.iterdir() if killed_own.name in p.name)
+        assert not left, left
+        own = compile_programs.make_own(cache)  # the live worker's is kept
+        assert (live_own / "graph.py").exists() and (cache / compile_programs.FOLDER / (compile_programs.SAVING + live_own.name)).exists()
+        compile_programs.release(own)
+        assert not own.exists() and not list((cache / compile_programs.WORK).glob(f"{own.name}*"))
+    finally:
+        live.kill()
+        live.wait()

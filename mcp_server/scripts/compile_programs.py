@@ -8,12 +8,17 @@ program's folder once every process of the run is gone. So no run writes what a 
 program loads: a cached graph's module runs as it lies (review 64, played at stop 53), and the best's
 folder is written by the best's own runs alone.
 
+A worker killed outright (SIGKILL, a node lost) neither saves nor removes its run's folder: each worker holds a lock
+on its folder while it lives, and the next run's worker removes the folders (and their saves' copies) no live worker
+holds.
+
 Only plain files and folders are copied either way (never a link, a FIFO or a socket a run left), a run's
 folder past the limits below is not kept (a sparse file costs a run nothing and its copy every byte: review 89),
 and the folders of programs not used for the longest are removed past KEEP.
 """
 from __future__ import annotations  # a node's Python may be older than 3.10
 
+import fcntl
 import os
 import re
 import shutil
@@ -32,6 +37,11 @@ HEADERS = "precompiled_headers"
 # ~100s of MB, in a few hundred files, Inductor's deepest path a few folders down. Past them nothing is kept.
 MAX_BYTES, MAX_ENTRIES, MAX_DEPTH = 2 << 30, 100_000, 32
 PROGRAM = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?")  # a git blob id, SHA-1 or SHA-256
+HELD = ".held"  # beside each run's folder in WORK: locked by its worker while the worker lives
+LOCK = ".lock"  # in WORK: held while a run's folder is made or the folders of workers gone are removed
+SAVING, OLD = ".saving-", ".old-"  # in FOLDER, with a run folder's name: a save's copy, and the folder it replaces
+
+_held: dict[Path, int] = {}  # this worker's run folder and the descriptor of its lock
 
 
 def run_folder(cache: Path | None, spec: dict, bubblewrap: bool) -> tuple[dict, Path | None]:
@@ -45,9 +55,55 @@ def run_folder(cache: Path | None, spec: dict, bubblewrap: bool) -> tuple[dict, 
     writable = spec.get("writable", [])
     if not bubblewrap:
         return dict(spec, writable=[*writable, str(cache)]), None
-    (cache / WORK).mkdir(parents=True, exist_ok=True)
-    own = Path(tempfile.mkdtemp(prefix="run-", dir=cache / WORK))
+    own = make_own(cache)
     return dict(spec, writable=[*writable, str(own)]), own
+
+
+def make_own(cache: Path) -> Path:
+    """A run's folder in WORK, locked by this process until released; first the folders no live worker holds are
+    removed, with what their saves left in FOLDER."""
+    work = cache / WORK
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / LOCK, "a") as lock:  # no sweep between a folder's making and its lock
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks (some network ones): no folder there is held, nor removed
+            return Path(tempfile.mkdtemp(prefix="run-", dir=work))
+        sweep(work, cache / FOLDER)
+        own = Path(tempfile.mkdtemp(prefix="run-", dir=work))
+        held = os.open(f"{own}{HELD}", os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+        fcntl.flock(held, fcntl.LOCK_EX)
+        _held[own] = held
+    return own
+
+
+def sweep(work: Path, programs: Path) -> None:
+    """The run folders whose lock no worker holds (killed outright before it saved or removed them), and their saves'
+    copies."""
+    for held in work.glob(f"run-*{HELD}"):
+        try:
+            fd = os.open(held, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:  # released meanwhile
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # its worker lives
+            continue
+        finally:
+            os.close(fd)
+        name = held.name[:-len(HELD)]
+        for folder in (work / name, programs / f"{SAVING}{name}", programs / f"{OLD}{name}"):
+            remove(folder)
+        held.unlink(missing_ok=True)
+
+
+def release(own: Path) -> None:
+    """The run's folder removed, and its lock let go."""
+    remove(own)
+    Path(f"{own}{HELD}").unlink(missing_ok=True)
+    fd = _held.pop(own, None)
+    if fd is not None:
+        os.close(fd)
 
 
 def fill(own: Path, programs: Path, program: str | None, seed: str | None) -> None:
@@ -67,19 +123,17 @@ def fill(own: Path, programs: Path, program: str | None, seed: str | None) -> No
 def save(own: Path, programs: Path, program: str | None) -> None:
     """The run's folder as its program's (a copy of what the run left, replacing the folder before), then the
     run's folder removed. Runs of one program at once each save theirs; the last stands."""
-    staged = None
+    staged = programs / f"{SAVING}{own.name}"
     try:
         if program and PROGRAM.fullmatch(program):
             programs.mkdir(parents=True, exist_ok=True)
-            staged = Path(tempfile.mkdtemp(prefix=".saving-", dir=programs))
             copy_plain(own, staged)
-            replace_folder(staged, programs / program)
+            replace_folder(staged, programs / program, programs / f"{OLD}{own.name}")
             prune(programs)
     except OSError:  # past the limits, a full disk: the next run of this program compiles again
-        if staged is not None:
-            remove(staged)
+        remove(staged)
     finally:
-        remove(own)
+        release(own)
 
 
 class PastLimits(OSError):
@@ -120,9 +174,8 @@ def remove(folder: Path) -> None:
         subprocess.run(["rm", "-rf", "--", str(folder)], stdin=subprocess.DEVNULL, check=False)
 
 
-def replace_folder(staged: Path, folder: Path) -> None:
-    """staged in folder's place, the folder before removed."""
-    old = folder.with_name(f".old-{folder.name}-{os.getpid()}")
+def replace_folder(staged: Path, folder: Path, old: Path) -> None:
+    """staged in folder's place, the folder before (renamed to old) removed."""
     try:
         os.rename(folder, old)
     except FileNotFoundError:

@@ -447,7 +447,7 @@ def main(argv=None) -> int:
             if val_copy is not None:
                 shutil.rmtree(val_copy.parent, ignore_errors=True)
             if compiling is not None:
-                shutil.rmtree(compiling, ignore_errors=True)
+                programs.release(compiling)
             return 0 if not line else 2
         args, env = handed
         started_at, t0 = time.time(), time.monotonic()  # the run starts now, not when its interpreter did
@@ -503,7 +503,7 @@ def main(argv=None) -> int:
         if evaluation is not None:
             evaluation.finish(args.grace)
         if compiling is not None:  # filled above, and nothing ran to save: a copy of the program's folder
-            programs.remove(compiling)
+            programs.release(compiling)
         return not_started(args, f"could not start {args.command[0]!r}: {exc}", 127, started_at, subreaper)
     os.close(write_end)
     # the command's group, for whoever finds this run without its worker (a server restart)
