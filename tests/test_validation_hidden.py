@@ -4,6 +4,7 @@ else could carry validation text to a run: the harness's reasons, and the runs' 
 import json
 import os
 import sys
+import time
 
 from mcp_server.core.integrity import evaluation_verdict
 from mcp_server.executors import executor
@@ -81,3 +82,31 @@ def test_a_run_reads_no_earlier_runs_log(fake_env, bubblewrap, monkeypatch):
         log = (ws / run["log"]).read_text()
         assert run["status"] == "ok" and f"glob {logs}: []" in log, log
     assert len(list((ws / "runs").glob("*.log"))) == 2
+
+
+def test_a_shard_put_back_after_a_warm_interpreter_started_is_not_read_by_its_run(tmp_path, bubblewrap):
+    """Review 88's note: the warm worker's sandbox hides the shard only if it exists when the interpreter starts. The
+    agent's shell moves it away while the slot's next worker starts and puts it back before the hand-over: the run's
+    sandbox then showed it, unhidden and unwatched. The worker refuses such a run, saying why."""
+    exports, val = tmp_path / "exports", tmp_path / "val.parquet"
+    exports.mkdir()
+    (tmp_path / "train.py").write_text(f"import shutil\nshutil.copyfile({str(val)!r}, {str(exports / 'stash')!r})\n")
+    evaluate = {"argv": [sys.executable, "-c", FAKE_EVALUATOR], "env": dict(os.environ), "timeout": 60,
+                "harness": str(clean_harness(tmp_path)), "harness_commit": None, "inputs": {}}
+    spec = {"readonly": [str(tmp_path), str(REPO)], "writable": [str(exports)]}
+    started = ["--watch-stdin", "--sandbox", json.dumps(spec), "--export", str(exports / "model.pt2"),
+               "--val-shard", str(val)]
+    env = {k: v for k, v in os.environ.items() if k != "AUTORESEARCH_EVAL_CROSSCHECK"}
+    worker = executor.with_socket_stdin([sys.executable, str(executor.WORKER), "--warm", *started, "--",
+                                         sys.executable, "train.py"], cwd=tmp_path, env=env)
+    report, log = tmp_path / "report.json", tmp_path / "run.log"
+    run = ["--log", str(log), "--report", str(report), "--timeout", "60", "--evaluate", json.dumps(evaluate),
+           *started, "--", sys.executable, "train.py"]
+    time.sleep(2)  # its interpreter is starting, the shard away
+    val.write_bytes(b"validation")
+    worker.stdin.write(json.dumps({"argv": run, "env": env}).encode() + b"\n")
+    worker.stdin.flush()
+    worker.wait(timeout=120)
+    worker.stdin.close()
+    assert not (exports / "stash").exists(), "the run read the validation shard"
+    assert json.loads(report.read_text())["exit_code"] != 0 and "validation shard" in log.read_text(), log.read_text()

@@ -32,15 +32,13 @@ runs (this machine's slots, a Ray or SLURM node). It
   own timeout, as soon as the model is exported (train.py waits for its number);
 - measures the wall time itself, and writes one JSON report, atomically, with what it saw.
 
---warm (the server's pool starts the slot's next worker ahead, issue 27): the sandbox and, inside
-it, the command's interpreter on warm_train.py (started without site, which warm_train.py then does
-through the server's importer), which imports torch and waits; then one JSON line on stdin, {"argv":
-this script's options for the run, "env": the run's environment} (then, with --files-on-stdin, a second line:
-the commit's files, which the interpreter copies, checked, and runs from: checkout_copy.py; a cold worker with
---files-on-stdin reads that line alone), and the run
-goes on as above with that interpreter running the script (the timeout and the wall time count from then).
-A lost warm interpreter is replaced by a fresh one; end of file instead of the line: it was never used, and
-it ends with everything it started.
+--warm (the server's pool starts the slot's next worker ahead, issue 27): the sandbox and, inside it, the command's
+interpreter on warm_train.py (started without site, which warm_train.py then does through the server's importer),
+which imports torch and waits; then one JSON line on stdin, {"argv": this script's options for the run, "env": the
+run's environment} (with --files-on-stdin, a second line: the commit's files, which the interpreter copies, checked,
+and runs from: checkout_copy.py; a cold worker reads that line alone), and the run goes on as above with that
+interpreter running the script (the timeout and the wall time count from then). A lost warm interpreter is replaced
+by a fresh one; end of file instead of the line: it was never used, and it ends with everything it started.
 """
 from __future__ import annotations  # a node's Python may be older than 3.10
 
@@ -451,6 +449,10 @@ def main(argv=None) -> int:
             return 0 if not line else 2
         args, env = handed
         started_at, t0 = time.time(), time.monotonic()  # the run starts now, not when its interpreter did
+        if validation_hidden(args)[1] and not hide_val:  # put back since: its interpreter's sandbox shows the shard
+            kill_everything(stub.pid)
+            return not_started(args, "refused: the validation shard came back after this run's interpreter started "
+                               "without it, so its sandbox does not hide it; run it again", 126, started_at, subreaper)
     # a bubblewrap run copies its commit into, and exports from, its private /tmp, which the agent cannot write
     bubblewrap = in_sandbox and sandbox.usable()[0] == sandbox.BUBBLEWRAP
     files, into = received_files(args, from_server, bubblewrap)
