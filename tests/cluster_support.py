@@ -81,8 +81,9 @@ class RayHead:
 
     def wait_ready(self) -> None:
         if not wait_until(lambda: self.proc.poll() is None and self.ready(), RAY_START_TIMEOUT_S, 1.0):
+            log = (self.folder / "ray-start.log").read_text()[-3000:]  # stop() removes the folder
             self.stop()
-            raise RuntimeError(f"the Ray head did not start: {(self.folder / 'ray-start.log').read_text()[-3000:]}")
+            raise RuntimeError(f"the Ray head did not start: {log}")
 
     def processes(self) -> list[int]:
         return processes_in(self.folder)
