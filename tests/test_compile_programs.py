@@ -169,7 +169,8 @@ def test_what_a_worker_killed_outright_left_is_removed_by_the_next_run(tmp_path,
     """Review 89: a worker killed outright (SIGKILL, the machine's OOM killer, a node lost) left its run's folder in
     `work/` (a copy of its program's: hundreds of MB on a GPU) and a save's `.saving-` and `.old-` copies, for good.
     Each worker holds a lock on its folder while it lives; the next run's worker removes the folders no live worker
-    holds, and leaves a live one's."""
+    holds on its machine, and leaves a live one's and another machine's (a cache on NFS shared by a cluster's nodes,
+    whose locks may not reach across)."""
     cache = tmp_path / "compile"
 
     def holder(fate: str) -> tuple[subprocess.Popen, Path]:
@@ -179,11 +180,14 @@ def test_what_a_worker_killed_outright_left_is_removed_by_the_next_run(tmp_path,
 
     killed, killed_own = holder("killed")
     assert killed.wait(timeout=30) == -9 and (killed_own / "graph.py").exists()
+    elsewhere = cache / compile_programs.WORK / "run-node7+x1"  # another node's, whose lock this one may not see
+    elsewhere.mkdir()
+    elsewhere.with_name(elsewhere.name + compile_programs.HELD).touch()
     live, live_own = holder("live")  # its own start removed the killed worker's
     try:
         left = sorted(p.name for folder in (cache / compile_programs.WORK, cache / compile_programs.FOLDER)
                       for p in folder.iterdir() if killed_own.name in p.name)
-        assert not left, left
+        assert not left and elsewhere.exists(), left
         own = compile_programs.make_own(cache)  # the live worker's is kept
         assert (live_own / "graph.py").exists() and (cache / compile_programs.FOLDER / (compile_programs.SAVING + live_own.name)).exists()
         compile_programs.release(own)

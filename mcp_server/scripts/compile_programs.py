@@ -9,8 +9,8 @@ program loads: a cached graph's module runs as it lies (review 64, played at sto
 folder is written by the best's own runs alone.
 
 A worker killed outright (SIGKILL, a node lost) neither saves nor removes its run's folder: each worker holds a lock
-on its folder while it lives, and the next run's worker removes the folders (and their saves' copies) no live worker
-holds.
+on its folder while it lives, and the next run's worker on that machine removes the folders (and their saves' copies)
+no live worker holds.
 
 Only plain files and folders are copied either way (never a link, a FIFO or a socket a run left), a run's
 folder past the limits below is not kept (a sparse file costs a run nothing and its copy every byte: review 89),
@@ -22,6 +22,7 @@ import fcntl
 import os
 import re
 import shutil
+import socket
 import stat
 import subprocess
 import tempfile
@@ -68,9 +69,9 @@ def make_own(cache: Path) -> Path:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
         except OSError:  # a file system without locks (some network ones): no folder there is held, nor removed
-            return Path(tempfile.mkdtemp(prefix="run-", dir=work))
+            return Path(tempfile.mkdtemp(prefix=run_prefix(), dir=work))
         sweep(work, cache / FOLDER)
-        own = Path(tempfile.mkdtemp(prefix="run-", dir=work))
+        own = Path(tempfile.mkdtemp(prefix=run_prefix(), dir=work))
         held = os.open(f"{own}{HELD}", os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600)
         fcntl.flock(held, fcntl.LOCK_EX)
         _held[own] = held
@@ -80,7 +81,7 @@ def make_own(cache: Path) -> Path:
 def sweep(work: Path, programs: Path) -> None:
     """The run folders whose lock no worker holds (killed outright before it saved or removed them), and their saves'
     copies."""
-    for held in work.glob(f"run-*{HELD}"):
+    for held in work.glob(f"{run_prefix()}*{HELD}"):
         try:
             fd = os.open(held, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:  # released meanwhile
@@ -95,6 +96,12 @@ def sweep(work: Path, programs: Path) -> None:
         for folder in (work / name, programs / f"{SAVING}{name}", programs / f"{OLD}{name}"):
             remove(folder)
         held.unlink(missing_ok=True)
+
+
+def run_prefix() -> str:
+    """The start of this machine's run folders' names: a cache on a network file system is shared by a cluster's
+    nodes, whose locks another node may not see (NFS mounted without locking), so each removes only its own."""
+    return f"run-{re.sub(r'[^A-Za-z0-9.-]', '_', socket.gethostname())}+"
 
 
 def release(own: Path) -> None:
