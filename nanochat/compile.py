@@ -21,6 +21,9 @@ from pathlib import Path
 from nanochat.cache import cache_dir
 
 SWITCH = "AUTORESEARCH_COMPILE"  # "0": train eager
+# in the headers' key: built since runs compile in folders of their own (stop 53). Before, any run could write the
+# shared cache's headers, which every later compile includes: an upgraded cache builds them again at prepare
+HEADERS_SINCE = "runs-read-only"
 COMPILING_FAILS = 3  # prepare_compiler_here's exit status where compiling does not work
 
 
@@ -39,7 +42,7 @@ def headers_dir() -> Path:
     this process's compile folder's. A clone at another path shares the cache but not the venv: headers built
     against the other venv's torch do not serve this one, and with one folder for all, prepare.py found
     them and left the build to the first run's start-up."""
-    environment = hashlib.sha256(f"{torch.__file__}|{torch.__version__}".encode()).hexdigest()[:12]
+    environment = hashlib.sha256(f"{torch.__file__}|{torch.__version__}|{HEADERS_SINCE}".encode()).hexdigest()[:12]
     prepared = compile_cache_dir() / "precompiled_headers" / environment
     # a run's own folder lies inside the harness's cache; a folder elsewhere (a benchmark's fresh one) is truly cold
     inside = compile_cache_dir_now().resolve().is_relative_to(compile_cache_dir().resolve())

@@ -303,6 +303,25 @@ def test_compile_cache_defaults_to_the_harness_cache(prepared_env, repo_root):
     assert Path(json.loads(found)) == Path(prepared_env["AUTORESEARCH_CACHE"]) / "compile"
 
 
+def test_headers_any_run_could_write_before_are_not_read_after_an_upgrade(prepared_env, repo_root, tmp_path):
+    """Before stop 53 every run could write the shared compile cache, its precompiled C++ headers among it, which
+    every later compile includes (a planted header is code); an upgraded cache kept them, and prepare, finding them,
+    built none. Headers are now kept under a key of their own: the old ones are never read, and prepare builds
+    again."""
+    cache = tmp_path / "cache"
+    script = ("import hashlib, json, torch, nanochat.compile as c\n"
+              "old = hashlib.sha256(f'{torch.__file__}|{torch.__version__}'.encode()).hexdigest()[:12]\n"
+              "planted = c.compile_cache_dir() / 'precompiled_headers' / old\n"
+              "planted.mkdir(parents=True)\n"
+              "(planted / 'planted.h.gch').write_bytes(b'planted')\n"
+              "print(json.dumps([str(planted), str(c.headers_dir()), c.compiler_needs_preparing()]))\n")
+    env = {k: v for k, v in prepared_env.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "AUTORESEARCH_COMPILE")}
+    out = subprocess.run([sys.executable, "-c", script], cwd=repo_root, env=dict(env, AUTORESEARCH_CACHE=str(cache)),
+                         capture_output=True, text=True, check=True, timeout=120).stdout
+    planted, read, needs_preparing = json.loads(out.splitlines()[-1])
+    assert read != planted and needs_preparing, (planted, read)
+
+
 def test_compile_failure_trains_eager(prepared_env, repo_root, small_train, tmp_path):
     """No working C++ compiler: the first compiled call fails, the run says so once and trains eager."""
     env = compiled_env(prepared_env, tmp_path / "compile-cache", CXX=str(tmp_path / "no-such-compiler"),
