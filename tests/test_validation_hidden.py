@@ -3,13 +3,14 @@ the run's interpreter starts before the run is handed to it: a slot's next worke
 else could carry validation text to a run: the harness's reasons, and the runs' logs."""
 import json
 import os
+import subprocess
 import sys
 import time
 
 from mcp_server.core.integrity import evaluation_verdict
 from mcp_server.executors import executor
 from mcp_server.scripts import harness_eval
-from server_support import Lab, answer, make_workspace, set_knobs, wait_until
+from server_support import Lab, answer, git, make_workspace, set_knobs, wait_until
 from test_server_units import EXPORT_THEN_WAIT, FAKE_EVALUATOR, REPO, clean_harness, fake_evaluation, run_worker
 
 
@@ -110,3 +111,58 @@ def test_a_shard_put_back_after_a_warm_interpreter_started_is_not_read_by_its_ru
     worker.stdin.close()
     assert not (exports / "stash").exists(), "the run read the validation shard"
     assert json.loads(report.read_text())["exit_code"] != 0 and "validation shard" in log.read_text(), log.read_text()
+
+
+# The harness's evaluator (the worker's protocol) for the fake trainer's "model", the number it holds: past 5 it fails
+# with a reason naming a value, as an exported program's out-of-bounds index into the validation batch would
+NAMING_EVALUATOR = """import json, os, sys
+if not sys.stdin.readline():
+    sys.exit(0)
+with open(f"/dev/fd/{sys.argv[sys.argv.index('--program-fd') + 1]}") as f:
+    value = float(f.read())
+out = {"val_bpb": value, "causal": True} if value < 5 else {"problem": "index " + "4321" * 2 + " is out of bounds"}
+os.write(int(sys.argv[sys.argv.index("--out-fd") + 1]), json.dumps(out).encode())
+"""
+# the training command: names every file under the workspace (and its .git) holding the reason, then trains
+SEEKER = """import os, runpy, sys
+for folder, _, files in os.walk(sys.argv[1]):
+    for name in files:
+        try:
+            with open(os.path.join(folder, name), "rb") as f:
+                if b"4321" * 2 in f.read():
+                    print("found the reason in", os.path.join(folder, name))
+        except OSError:
+            pass
+sys.argv = ["fake_train.py"]
+runpy.run_path("fake_train.py", run_name="__main__")
+"""
+
+
+def test_a_run_reads_no_reason_of_an_undecided_run_in_the_state(fake_env, bubblewrap):
+    """Review 90: with runs/ hidden (review 88), the state (`.research-loop/state.json`) and the server's copy of it
+    (in `.git/research-loop/records`) still held each undecided run's result, its log's tail and the harness's reason
+    among it, readable by every run: a run started while a crash stood undecided (a second slot) read the value the
+    reason named. Both folders are hidden from runs; the export folders inside `.research-loop` stay writable."""
+    ws = make_workspace(fake_env, "VAL_BPB = 1.0\nEXPORT = 1\n")
+    (ws / "nanochat" / "evaluate_export.py").write_text(NAMING_EVALUATOR)
+    (ws / "nanochat" / "export.py").write_text("# harness stand-in\n")
+    (ws / "seeker.py").write_text(SEEKER)
+    git(ws, "add", ".")
+    git(ws, "commit", "-q", "-m", "a harness that evaluates exports")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(fake_env / "venv")], check=True)
+    lab = Lab(ws, slots=2, unsandboxed=False, train_command=[str(fake_env / "venv" / "bin" / "python"), "seeker.py",
+                                                             str(ws)])
+    try:
+        answer(lab.call("setup", tag="reasons"))
+        assert answer(lab.call("run_experiment", description="base", wait=True))["verified"]
+        answer(lab.call("keep"))
+        set_knobs(ws, VAL_BPB=9.0, EXPORT=1)
+        crash = answer(lab.call("run_experiment", description="names a value", wait=True))
+        assert crash["status"] == "crash" and "4321" * 2 in crash["tail"], crash  # the agent is told
+        set_knobs(ws, VAL_BPB=0.99, EXPORT=1)
+        later = answer(lab.call("run_experiment", description="reads the state", wait=True))
+    finally:
+        lab.loop.shutdown()
+    log = (ws / later["log"]).read_text()
+    assert later["status"] == "ok" and later["verified"], later  # its export still reached the harness
+    assert "found the reason in" not in log, log

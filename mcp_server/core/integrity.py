@@ -28,6 +28,7 @@ import git
 import gitdb.exc
 
 from mcp_server.core import ledger
+from mcp_server.core.limits import STATE_PATH, records_dir
 from mcp_server.core.models import Refusal
 from mcp_server.scripts.harness_eval import evaluation_inputs, evaluator_command, hidden_from_runs, sha256_of
 from mcp_server.core.workspace import EDITABLE, RUNS_DIR, cache_dir, parse_prepared, prepared_info, read_prepared
@@ -301,9 +302,11 @@ def sandbox_spec(root: Path, export_dir: Path, harness_files: list[str], record:
     readonly = [str(root), str(cache), str(Path(__file__).resolve().parents[2]), sys.prefix]
     writable = [".", str(export_dir)]
     # the runs' logs and records too: a run's log holds what it printed and the reasons the harness gave, which a
-    # later run could read (review 88: an error can name a value computed from validation batches)
+    # later run could read (review 88: an error can name a value computed from validation batches); and the state
+    # and its copy, which hold each undecided run's result with its log's tail and that reason (review 90)
+    state = [str(root / Path(STATE_PATH).parent), str(records_dir(root))]
     return {"readonly": readonly, "writable": writable, "readonly_inside": harness_files,
-            "hidden": [*hidden_from_runs(cache, _or_read(record)), str(root / RUNS_DIR)]}
+            "hidden": [*hidden_from_runs(cache, _or_read(record)), str(root / RUNS_DIR), *state]}
 
 
 def harness_files(ws, commit: str) -> list[str]:

@@ -157,11 +157,13 @@ def bwrap_argv(bwrap: str, command: list[str], spec: dict, cwd: str, private: di
             "--ro-bind", "/", "/", "--dev", "/dev", *accelerator_binds(), "--proc", "/proc", "--tmpfs", "/tmp",
             "--dir", SANDBOX_HOME, "--dir", os.path.dirname(RUN_EXPORT), "--setenv", "HOME", SANDBOX_HOME,
             "--setenv", "PYTHONPYCACHEPREFIX", BYTECODE_PREFIX, *(a for n in SECRET_ENV for a in ("--unsetenv", n))]
-    first, last = hidden(spec, cwd)
+    first, between, last = hidden(spec, cwd)
     binds = [("--ro-bind", cwd)] if first else []  # the run's folder, at least, shown again
     # the command's own environment, wherever it lives
     binds += [("--ro-bind", path) for path in interpreter_folders(command[0], first)]
     for option, key in (("--ro-bind", "readonly"), ("--bind", "writable"), ("--ro-bind", "readonly_inside")):
+        if key == "writable":  # hidden over the read-only paths that hold them, under the writable paths they hold
+            binds += [("hide", path) for path in between]
         for path in spec.get(key, []):
             path = os.path.join(cwd, path)  # relative: inside the run's worktree
             if os.path.exists(path) and (key == "readonly" or not leaves(path, cwd)):
@@ -177,9 +179,14 @@ def resolved_binds(binds: list[tuple[str, str]], emptied: list[str]) -> list[str
     following it from the machine's root, not the sandbox's, so a path through an absolute link (a .venv linked to
     another environment, a workspace or cache in a linked folder) stopped every run at its start ("Can't bind
     mount"). Where a link on a path lies in a folder the sandbox empties (its /tmp, a hidden folder: emptied) and no
-    bind before shows it, the link is made there, to its resolved target, so the path as named still leads to it."""
-    argv, shown, made = [], [], set()
+    bind before shows it, the link is made there, to its resolved target, so the path as named still leads to it.
+    An entry ("hide", folder) hides the folder at that point of the order."""
+    argv, shown, made, emptied = [], [], set(), list(emptied)
     for option, path in binds:
+        if option == "hide":  # a folder hidden here (hidden's between), emptied from now on
+            argv += hide([path])
+            emptied.append(path)
+            continue
         real = os.path.realpath(path)
         argv += [option, real, real]
         shown.append(real)
@@ -269,28 +276,36 @@ def hide(paths: list[str]) -> list[str]:
     return [a for path in paths for a in (["--tmpfs", path] if os.path.isdir(path) else ["--ro-bind", "/dev/null", path])]
 
 
-def hidden(spec: dict, cwd: str) -> tuple[list[str], list[str]]:
-    """The spec's hidden paths that exist, as (first, last). First: those that hold the run's folder
+def hidden(spec: dict, cwd: str) -> tuple[list[str], list[str], list[str]]:
+    """The spec's hidden paths that exist, as (first, between, last). First: those that hold the run's folder
     or a path the spec shows (a cluster's shared folder, a folder data set around the workspace),
-    hidden before the spec's paths, which are then shown again inside them. Last: the rest (the
-    downloads inside the cache), hidden over the spec's paths that hold them. One that both lies
-    inside a shown path and holds one is left readable: no order hides it and shows the other. Only the run's folder
-    and the read-only paths (the server's) make one first: a harness file or writable path is the agent's to link
-    (review 82: a worktree's README.md linked to the cache's downloads, or the exports folder linked into them, made
-    the downloads hold a shown path inside the cache shown, so they were left readable to the run); the paths of
-    theirs it holds stay hidden with it."""
+    hidden before the spec's paths, which are then shown again inside them. Between: those inside a read-only
+    path that hold writable paths and no harness file (the workspace's `.research-loop`, its state beside the export
+    folders), hidden after the read-only paths and before the writable ones, shown again inside them. Last: the rest
+    (the downloads inside the cache), hidden over the spec's paths that hold them. One that both lies
+    inside a shown path and holds the run's folder or a read-only path is left readable: no order hides it and shows
+    the other. Only the run's folder and the read-only paths (the server's) make one first: a harness file or writable
+    path is the agent's to link (review 82: a worktree's README.md linked to the cache's downloads, or the exports
+    folder linked into them, made the downloads hold a shown path inside the cache shown, so they were left readable
+    to the run); the harness files it holds stay hidden with it, and a writable folder linked into it is all of it a
+    run sees."""
     # resolved, as the kernel mounts and matches them: a folder named through a link still sorts right
     shown = [os.path.realpath(os.path.join(cwd, p)) for p in [".", *shown_paths(spec)]]
     ordering = [os.path.realpath(os.path.join(cwd, p)) for p in [".", *spec.get("readonly", [])]]
-    first, last = [], []
+    writable = [os.path.realpath(os.path.join(cwd, p)) for p in spec.get("writable", []) if p != "."]
+    harness = [os.path.realpath(os.path.join(cwd, p)) for p in spec.get("readonly_inside", [])]
+    first, between, last = [], [], []
     for path in map(os.path.realpath, filter(os.path.exists, spec.get("hidden", []))):
         holds = any(_holds(path, other) for other in ordering)
         inside = any(_holds(other, path) for other in shown)
         if holds and not inside:
             first.append(path)
+        elif not holds and os.path.isdir(path) and any(_holds(path, other) for other in writable) and \
+                not any(_holds(path, other) for other in harness):
+            between.append(path)
         elif not holds:
             last.append(path)
-    return first, last
+    return first, between, last
 
 
 def shown_paths(spec: dict) -> list[str]:
@@ -334,12 +349,15 @@ def seatbelt_profile(spec: dict, cwd: str, program: str | None = None) -> str:
 
     tmp = os.environ.get("TMPDIR")
     scratch = [*SEATBELT_SCRATCH, *([tmp] if tmp else [])]
-    first, last = hidden(spec, cwd)
+    first, between, last = hidden(spec, cwd)
     shown_inside = [p for p in [".", *shown_paths(spec), *(interpreter_folders(program, first) if program else [])]
                     if any(_holds(folder, os.path.realpath(os.path.join(cwd, p))) for folder in first)]
+    writable_inside = [p for p in spec.get("writable", [])
+                       if any(_holds(folder, os.path.realpath(os.path.join(cwd, p))) for folder in between)]
     return "\n".join(["(version 1)", "(allow default)", "(deny file-write*)", *rule("allow", scratch),
                       *rule("deny", first, "file-read*"), *rule("allow", shown_inside, "file-read*"),
-                      *rule("deny", spec.get("readonly", [])), *rule("allow", spec.get("writable", [])),
+                      *rule("deny", spec.get("readonly", [])), *rule("deny", between, "file-read*"),
+                      *rule("allow", writable_inside, "file-read*"), *rule("allow", spec.get("writable", [])),
                       *rule("deny", spec.get("readonly_inside", [])),
                       *rule("deny", last, "file-read*")]) + "\n"
 
