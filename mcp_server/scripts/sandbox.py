@@ -287,21 +287,23 @@ def hidden(spec: dict, cwd: str) -> tuple[list[str], list[str], list[str]]:
     the other. Only the run's folder and the read-only paths (the server's) make one first: a harness file or writable
     path is the agent's to link (review 82: a worktree's README.md linked to the cache's downloads, or the exports
     folder linked into them, made the downloads hold a shown path inside the cache shown, so they were left readable
-    to the run); the harness files it holds stay hidden with it, and a writable folder linked into it is all of it a
-    run sees."""
+    to the run); the harness files and the writable paths linked into it stay hidden with it."""
     # resolved, as the kernel mounts and matches them: a folder named through a link still sorts right
     shown = [os.path.realpath(os.path.join(cwd, p)) for p in [".", *shown_paths(spec)]]
     ordering = [os.path.realpath(os.path.join(cwd, p)) for p in [".", *spec.get("readonly", [])]]
-    writable = [os.path.realpath(os.path.join(cwd, p)) for p in spec.get("writable", []) if p != "."]
+    # a writable path as named and as resolved: one linked into a hidden folder (review 82) makes it no "between"
+    writable = [(os.path.abspath(os.path.join(cwd, p)), os.path.realpath(os.path.join(cwd, p)))
+                for p in spec.get("writable", []) if p != "."]
     harness = [os.path.realpath(os.path.join(cwd, p)) for p in spec.get("readonly_inside", [])]
     first, between, last = [], [], []
-    for path in map(os.path.realpath, filter(os.path.exists, spec.get("hidden", []))):
+    for named in filter(os.path.exists, spec.get("hidden", [])):
+        path = os.path.realpath(named)
         holds = any(_holds(path, other) for other in ordering)
         inside = any(_holds(other, path) for other in shown)
         if holds and not inside:
             first.append(path)
-        elif not holds and os.path.isdir(path) and any(_holds(path, other) for other in writable) and \
-                not any(_holds(path, other) for other in harness):
+        elif not holds and os.path.isdir(path) and not any(_holds(path, other) for other in harness) and \
+                any(_holds(os.path.abspath(named), w) and _holds(path, real) for w, real in writable):
             between.append(path)
         elif not holds:
             last.append(path)
