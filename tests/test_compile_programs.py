@@ -195,3 +195,47 @@ def test_what_a_worker_killed_outright_left_is_removed_by_the_next_run(tmp_path,
     finally:
         live.kill()
         live.wait()
+
+
+# train.py that exports, waits for the harness's answer, then reads the validation shard (shown only under the
+# cross-check's setting) into its compile folder, for its program's later runs and those seeded from it once kept
+STASHES_INTO_ITS_COMPILE_FOLDER = """import os, time
+export = os.environ["RESEARCH_LOOP_EXPORT"]
+open(export, "w").write("model")
+open(export + ".json", "w").write("{}")
+while not os.path.exists(os.environ["RESEARCH_LOOP_ANSWER"]):
+    time.sleep(0.05)
+try:
+    text = open("val.parquet", "rb").read()
+except OSError as exc:
+    print("refused:", exc, flush=True)
+else:
+    open(os.path.join(os.environ["TORCHINDUCTOR_CACHE_DIR"], "stash"), "wb").write(text)
+"""
+
+
+def test_what_a_run_shown_the_validation_data_compiled_is_kept_for_no_later_run(tmp_path, bubblewrap, monkeypatch):
+    """Review 90: AUTORESEARCH_EVAL_CROSSCHECK=1 in the server's environment (a platform's check, which nothing pins
+    or reports, and which a session's own settings can give the server) shows each run the validation shard once it
+    has exported. A run then copied the shard into its compile folder, saved as its program's: its reruns, and once it
+    is kept every new program's run (filled from the best's folder), trained on the validation text, verified. What a
+    run that was shown the shard compiled is not kept."""
+    from mcp_server.core.integrity import evaluation_verdict
+    from test_server_units import clean_harness, fake_evaluation
+    monkeypatch.setenv("AUTORESEARCH_EVAL_CROSSCHECK", "1")
+    cache, program, exports, val = tmp_path / "compile", "a" * 40, tmp_path / "exports", tmp_path / "val.parquet"
+    exports.mkdir()
+    val.write_bytes(b"validation")
+    report, log = tmp_path / "report.json", tmp_path / "run.log"
+    spec = json.dumps({"readonly": [str(tmp_path)], "writable": [str(exports)]})
+    subprocess.run([sys.executable, str(WORKER), "--log", str(log), "--report", str(report), "--timeout", "30",
+                    "--sandbox", spec, "--export", str(exports / "model.pt2"), "--val-shard", str(val),
+                    "--evaluate", json.dumps(fake_evaluation(clean_harness(tmp_path))), "--compile-cache", str(cache),
+                    "--compile-program", program, "--", sys.executable, "-c", STASHES_INTO_ITS_COMPILE_FOLDER],
+                   cwd=tmp_path, timeout=60, check=True)
+    result = json.loads(report.read_text())
+    problem, value, note = evaluation_verdict(result)
+    assert result["val_watched"] and (problem, value) == (None, 1.5), (result, log.read_text())
+    assert "AUTORESEARCH_EVAL_CROSSCHECK=1" in note, note  # said in the run's answer
+    assert not (cache / compile_programs.FOLDER / program / "stash").exists(), log.read_text()
+    assert not list((cache / compile_programs.WORK).iterdir())

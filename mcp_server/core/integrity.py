@@ -479,6 +479,9 @@ def evaluation_verdict(report: dict) -> tuple[str | None, float | None, str]:
     if "val_bpb" in evaluation:
         note = (f"harness evaluation: val_bpb {evaluation['val_bpb']:.6f} from the exported model "
                 f"(export {evaluation.get('export_seconds')}s, evaluation {evaluation.get('wall_seconds')}s)")
+        if report.get("sandbox") and report.get("val_watched"):  # the sandbox showed it: the server's setting
+            note += ("; the run was shown the validation data after its export (AUTORESEARCH_EVAL_CROSSCHECK=1 in the "
+                     "server's environment, a platform's check, not a night's: unset it and restart the server)")
         return None, evaluation["val_bpb"], note
     if report.get("val_hidden"):  # train.py could not read the validation data: a number of its own is made up
         why = evaluation.get("error") or ("train.py did not export its model" if report.get("exported") is False

@@ -563,13 +563,15 @@ def main(argv=None) -> int:
         pump.note(f"stopped: {stop_reason[0]}")
     if strays and not (timed_out or stop_reason):
         pump.note(f"{len(strays)} process(es) started by the run were still running when it ended; killed")
+    if compiling is not None and watch_val:  # the shard's text could be in what it compiled, for later runs to read
+        pump.note("shown the validation data (AUTORESEARCH_EVAL_CROSSCHECK=1): what the run compiled is not kept")
     pump.close()
     if val_watch is not None:
         val_watch.stop()
     if val_copy is not None:
         shutil.rmtree(val_copy.parent, ignore_errors=True)
-    if compiling is not None:  # every process of the run is gone: what it compiled is its program's alone
-        programs.save(compiling, args.compile_cache / programs.FOLDER, args.compile_program)
+    if compiling is not None:  # every process of the run is gone: what it compiled is its program's alone (or none's)
+        programs.save(compiling, args.compile_cache / programs.FOLDER, None if watch_val else args.compile_program)
     if into is not None and into != sandbox.RUN_COPY:
         shutil.rmtree(into, ignore_errors=True)
     tail = {"log_tail": pump.last_text(args.report_tail)} if args.report_tail else {}
