@@ -5,7 +5,7 @@ import pytest
 
 import cluster_support as cluster
 from mcp_server.executors import slurm_executor
-from server_support import TRAIN_COMMAND, Lab, make_workspace, set_knobs, wait_until
+from server_support import TRAIN_COMMAND, Lab, answer, make_workspace, set_knobs, wait_until
 
 submitit = pytest.importorskip("submitit", reason="the slurm extra is not installed: uv sync --extra slurm")
 
@@ -48,6 +48,29 @@ def test_a_jobs_training_reads_nothing_of_the_shared_folder_but_its_code(fake_en
     assert len(list(folder.glob("*/*/submitit/*_submitted.pkl"))) == 2  # there, outside the sandbox
     assert f"glob {folder}/**/*_submitted.pkl: []" in log, log
     assert f"read {folder}/planted.txt: refused" in log and "read train.py: 'VAL_BPB = 0.9" in log, log
+
+
+def test_a_job_reads_no_earlier_runs_log_nor_the_state_where_the_node_sees_the_workspace(fake_env, outside_tmp,
+                                                                                          bubblewrap, monkeypatch):
+    """Review 90: the runs' logs (review 88) and the state (review 90) are hidden from a run on the server's machine,
+    but a node's sandbox, built by node.py, hid neither: on a shared file system (a home on NFS, as SLURM clusters
+    have) a job read every earlier run's log and the state, the harness's reasons in them. The server names them
+    to the node to hide (--hide)."""
+    ws = make_workspace(outside_tmp / "home")  # outside /tmp, as a shared file system is: the sandbox's /tmp is its own
+    lab = Lab(ws, unsandboxed=False, executor=lambda w: slurm_executor.SlurmExecutor(
+        w, TRAIN_COMMAND, 1, outside_tmp / "shared", cluster="local"))
+    try:
+        answer(lab.call("setup", tag="logs"))
+        answer(lab.call("run_experiment", description="baseline"))
+        lab.ok("keep")
+        monkeypatch.setenv("FAKE_READ", f"{ws}/runs/*.log,{ws}/.research-loop/state.json")
+        set_knobs(ws, VAL_BPB=0.9)
+        run = answer(lab.call("run_experiment", description="reads the logs and the state"))
+    finally:
+        lab.loop.shutdown()
+    log = (ws / run["log"]).read_text()
+    assert run["status"] == "ok" and f"glob {ws}/runs/*.log: []" in log, log
+    assert f"read {ws}/.research-loop/state.json: refused" in log, log
 
 
 def test_the_sbatch_script_asks_for_one_gpu_the_time_partition_and_account(fake_env):

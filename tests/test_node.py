@@ -108,7 +108,7 @@ def test_a_node_draws_the_servers_offline_files_and_its_training_cannot_read_the
     (server_cache / "offline_seed").write_text("server-seed\n")
     spec = RunSpec(run=1, commit="c" * 40, command=["python", "train.py"], timeout=60, log=tmp_path / "l",
                    report=tmp_path / "r")
-    args = cluster.node_args(spec)
+    args = cluster.node_args(spec, tmp_path / "ws")
     prepare = json.loads(args[args.index("--prepare") + 1])
     assert prepare["offline_seed"] == "server-seed" and prepare["dataset"] == "offline"
 

@@ -235,9 +235,9 @@ def test_a_node_without_a_sandbox_refuses_unless_the_server_passes_the_opt_in(tm
 def test_the_server_passes_the_opt_in_to_its_workers_and_nodes(tmp_path):
     spec = RunSpec(run=1, commit="c" * 40, command=["python", "train.py"], timeout=60, log=tmp_path / "l",
                    report=tmp_path / "r", unsandboxed=True)
-    assert "--unsandboxed" in cluster.node_args(spec)
+    assert "--unsandboxed" in cluster.node_args(spec, tmp_path / "ws")
     spec.unsandboxed = False
-    assert "--unsandboxed" not in cluster.node_args(spec)
+    assert "--unsandboxed" not in cluster.node_args(spec, tmp_path / "ws")
 
 
 def test_the_opt_in_is_a_flag_or_a_setting(monkeypatch):

@@ -301,12 +301,16 @@ def sandbox_spec(root: Path, export_dir: Path, harness_files: list[str], record:
     (cache / COMPILE_CACHE).mkdir(parents=True, exist_ok=True)
     readonly = [str(root), str(cache), str(Path(__file__).resolve().parents[2]), sys.prefix]
     writable = [".", str(export_dir)]
-    # the runs' logs and records too: a run's log holds what it printed and the reasons the harness gave, which a
-    # later run could read (review 88: an error can name a value computed from validation batches); and the state
-    # and its copy, which hold each undecided run's result with its log's tail and that reason (review 90)
-    state = [str(root / Path(STATE_PATH).parent), str(records_dir(root))]
     return {"readonly": readonly, "writable": writable, "readonly_inside": harness_files,
-            "hidden": [*hidden_from_runs(cache, _or_read(record)), str(root / RUNS_DIR), *state]}
+            "hidden": [*hidden_from_runs(cache, _or_read(record)), *workspace_hidden(root)]}
+
+
+def workspace_hidden(root: Path) -> list[str]:
+    """The workspace's folders no run may read (a cluster node's too, where it sees the workspace): the runs' logs and
+    records, which hold what runs printed and the reasons the harness gave (review 88: an error can name a value
+    computed from validation batches), and the state and its copy, which hold each undecided run's result with its
+    log's tail and that reason, beside the trackers' stores and the overnight sessions' logs (review 90)."""
+    return [str(root / RUNS_DIR), str(root / Path(STATE_PATH).parent), str(records_dir(root))]
 
 
 def harness_files(ws, commit: str) -> list[str]:

@@ -91,11 +91,12 @@ def ship_node_scripts(folder: Path) -> None:
     shutil.copy(harness_eval.TRUSTED_IMPORT, folder / "trusted_import.py")  # the node's evaluator imports through it
 
 
-def node_args(spec: RunSpec) -> list[str]:
-    """node.py's arguments: the timeout, the user's opt-in to runs without a sandbox, an environment
-    sync for uv commands, the data preparation with the profile and data set this workspace was
-    prepared with, and the harness's evaluation."""
+def node_args(spec: RunSpec, root: Path) -> list[str]:
+    """node.py's arguments: the timeout, the user's opt-in to runs without a sandbox, the workspace's folders its
+    sandbox hides (a node on a shared file system sees the workspace), an environment sync for uv commands, the data
+    preparation with the profile and data set this workspace was prepared with, and the harness's evaluation."""
     args = ["--timeout", str(spec.timeout)] + (["--unsandboxed"] if spec.unsandboxed else [])
+    args += [a for path in integrity.workspace_hidden(root) for a in ("--hide", path)]
     if spec.command[:1] == ["uv"]:
         args.append("--sync")
     info = prepared_info()

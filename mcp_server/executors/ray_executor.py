@@ -92,7 +92,7 @@ class RayExecutor(ClusterExecutor):
 
     def submit(self, job: Job, code: Path) -> None:
         job.id = self.job_name(job.spec)
-        entrypoint = shlex.join([NODE_PYTHON, f"{NODE_DIR}/node.py", *node_args(job.spec)])
+        entrypoint = shlex.join([NODE_PYTHON, f"{NODE_DIR}/node.py", *node_args(job.spec, self.ws.root)])
         try:
             self.client.submit_job(entrypoint=entrypoint, submission_id=job.id, **self.resources,
                                    runtime_env={"working_dir": str(code), "env_vars": job_env(job.spec)},

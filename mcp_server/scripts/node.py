@@ -287,7 +287,8 @@ def parse_args(argv):
                    help="the user accepts training without a sandbox where this node can run none")
     p.add_argument("--hide", action="append", default=[], metavar="PATH",
                    help="a folder the training must not read but for the code folder inside it (SLURM's shared "
-                        "folder: submitit's job files there hold these arguments, the offline seed among them)")
+                        "folder: submitit's job files there hold these arguments, the offline seed among them; the "
+                        "workspace's runs and state, where a shared file system shows them)")
     p.add_argument("--verify", type=json.loads,
                    help='{"evaluator": PATH, "editable": NAME, "profile": NAME, "eval_tokens": N, "timeout": S}: '
                         'the harness evaluates')
