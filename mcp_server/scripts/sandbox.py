@@ -169,6 +169,7 @@ def bwrap_argv(bwrap: str, command: list[str], spec: dict, cwd: str, private: di
             if os.path.exists(path) and (key == "readonly" or not leaves(path, cwd)):
                 binds.append((option, path))
     argv += [*hide(first), *resolved_binds(binds, ["/tmp", *first])]
+    argv += [a for path in between for a in ("--remount-ro", path)]  # its empty folder, the binds inside it made
     for path, copy in (private or {}).items():
         argv += ["--ro-bind", str(copy), os.path.realpath(path)]
     return [*argv, *hide(last), "--die-with-parent", "--chdir", cwd, "--", *command]
