@@ -557,11 +557,9 @@ def main(argv=None) -> int:
     exit_code = child.wait()
     wall = time.monotonic() - t0
     pump.join(timeout=10)  # the pipe is closed once every writer is dead
-    if timed_out:
-        pump.note(f"killed after the {args.timeout:.0f}s timeout")
-    elif stop_reason:
-        pump.note(f"stopped: {stop_reason[0]}")
-    if strays and not (timed_out or stop_reason):
+    if timed_out or stop_reason:
+        pump.note(f"killed after the {args.timeout:.0f}s timeout" if timed_out else f"stopped: {stop_reason[0]}")
+    elif strays:
         pump.note(f"{len(strays)} process(es) started by the run were still running when it ended; killed")
     if compiling is not None and watch_val:  # the shard's text could be in what it compiled, for later runs to read
         pump.note("shown the validation data (AUTORESEARCH_EVAL_CROSSCHECK=1): what the run compiled is not kept")
