@@ -2,10 +2,14 @@
 loads, while a new program starts from its best's graphs."""
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+import pytest
 
 from mcp_server.scripts import compile_programs
 from server_support import Lab, answer, make_workspace, set_knobs
@@ -271,3 +275,29 @@ def test_what_the_agent_plants_in_work_neither_hangs_nor_ends_the_next_worker(tm
         work / f"{compile_programs.run_prefix()}fifo{compile_programs.HELD}")
     made = make_own_elsewhere(cache, repo_root)
     assert made.returncode == 0 and Path(made.stdout.strip()).is_dir(), made.stderr
+
+
+def test_a_folder_a_run_made_read_only_does_not_keep_its_folder(tmp_path):
+    """Review 91, played as another uid than root (root's removal ignores modes): a run made a folder in its compile
+    folder read-only (or unlistable) after writing in it; rmtree could not empty it, so the run's folder stayed in
+    `work/`, its lock let go and never swept: any size the run wrote, for good, at every run."""
+    script = ("import os, sys\nsys.path.insert(0, sys.argv[2])\nimport compile_programs as programs\n"
+              "from pathlib import Path\nown = programs.make_own(Path(sys.argv[1]))\n"
+              "for mode in (0o500, 0o000):\n    (own / str(mode) / 'sub').mkdir(parents=True)\n"
+              "    (own / str(mode) / 'sub' / 'big').write_bytes(b'x' * 1000)\n    os.chmod(own / str(mode), mode)\n"
+              "programs.release(own)\nprint(sorted(p.name for p in Path(sys.argv[1], 'work').iterdir()))\n")
+    argv, folder = [sys.executable], tmp_path
+    if os.geteuid() == 0:  # as nobody, with the system's interpreter, in a folder of its own
+        if not (shutil.which("setpriv") and Path("/usr/bin/python3").exists()):
+            pytest.skip("root removes whatever the modes say; no setpriv here to play it as another uid")
+        folder = Path(tempfile.mkdtemp(prefix="review91-"))
+        shutil.chown(folder, "nobody")
+        argv = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "/usr/bin/python3"]
+    shutil.copy(Path(compile_programs.__file__), folder / "compile_programs.py")
+    try:
+        done = subprocess.run([*argv, "-c", script, str(folder / "compile"), str(folder)], capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0 and done.stdout.strip() == "[]", (done.stdout, done.stderr)
+    finally:
+        if folder != tmp_path:
+            subprocess.run(["rm", "-rf", "--", str(folder)], check=False)
