@@ -2,9 +2,14 @@
 loads, while a new program starts from its best's graphs."""
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
+
+import pytest
 
 from mcp_server.scripts import compile_programs
 from server_support import Lab, answer, make_workspace, set_knobs
@@ -239,3 +244,104 @@ def test_what_a_run_shown_the_validation_data_compiled_is_kept_for_no_later_run(
     assert "AUTORESEARCH_EVAL_CROSSCHECK=1" in note, note  # said in the run's answer
     assert not (cache / compile_programs.FOLDER / program / "stash").exists(), log.read_text()
     assert not list((cache / compile_programs.WORK).glob("run-*"))
+
+
+# a run that holds every lock it can take in the compile cache's `work/`: read-only to it, but flock needs no write
+# (before review 91 `work/.lock` among them, which every worker took to make its run's folder)
+LOCKER = """import fcntl, os, sys, time
+work = sys.argv[1]
+held = []
+for name in [os.path.join(work, name) for name in os.listdir(work)]:
+    try:
+        fd = os.open(name, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        held.append(name)
+    except OSError:
+        pass
+print("holding", held, flush=True)
+time.sleep(60)
+"""
+MAKER = """import sys
+from pathlib import Path
+from mcp_server.scripts import compile_programs as programs
+own = programs.make_own(Path(sys.argv[1]))
+print(own, flush=True)
+"""
+
+
+def make_own_elsewhere(cache: Path, repo_root: Path) -> subprocess.CompletedProcess:
+    """Another slot's worker making its run's folder, in a process of its own (bounded: it may hang)."""
+    return subprocess.run([sys.executable, "-c", MAKER, str(cache)], cwd=repo_root, capture_output=True, text=True,
+                          timeout=20)
+
+
+def test_a_run_that_holds_the_caches_lock_stalls_no_other_slots_start(tmp_path, repo_root, bubblewrap):
+    """Review 91, played: `work/.lock` is read-only to runs, but flock works on a file opened read-only. A run that
+    took it (a shared lock, held for its whole run) stalled every other worker's make_own on that machine (the other
+    slot's next run, cold or warm) until the run ended: a cold worker's timeout counts from before it, so the other
+    slot's run lost its time. Nothing in `work/` is held while a folder is made now, and a sweep a lock stops is
+    left to the next run."""
+    cache = tmp_path / "compile"
+    live = compile_programs.make_own(cache)  # this run's own folder, made by its worker (and `.lock` with it)
+    spec = json.dumps({"readonly": [str(tmp_path)], "writable": ["."]})
+    (tmp_path / "worktree").mkdir()
+    (tmp_path / "locker.py").write_text(LOCKER)
+    log, report = tmp_path / "run.log", tmp_path / "report.json"
+    run = subprocess.Popen([sys.executable, str(WORKER), "--log", str(log), "--report", str(report), "--timeout", "60",
+                            "--sandbox", spec, "--compile-cache", str(cache), "--",
+                            sys.executable, str(tmp_path / "locker.py"), str(cache / compile_programs.WORK)],
+                           cwd=tmp_path / "worktree", stdin=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            if "holding" in (log.read_text() if log.exists() else ""):
+                break
+            time.sleep(0.1)
+        assert "holding" in log.read_text(), log.read_text()  # the sandboxed run holds what it could take
+        made = make_own_elsewhere(cache, repo_root)  # hung here before, until the run ended
+        assert made.returncode == 0 and Path(made.stdout.strip()).is_dir(), made.stderr
+        assert live.is_dir()  # the live worker's folder is never taken for a dead one's
+    finally:
+        run.kill()
+        run.wait()
+        compile_programs.release(live)
+
+
+def test_what_the_agent_plants_in_work_neither_hangs_nor_ends_the_next_worker(tmp_path, repo_root):
+    """Review 91, played as the agent's shell between runs: a FIFO named like a run's lock (`run-<host>+x.held`)
+    hung the sweep's open (no writer comes) in every later worker on the machine, and a folder so named ended it
+    (IsADirectoryError) before its run started. The sweep opens only plain files, without waiting."""
+    cache = tmp_path / "compile"
+    work = cache / compile_programs.WORK
+    work.mkdir(parents=True)
+    os.mkfifo(work / f"{compile_programs.run_prefix()}fifo{compile_programs.HELD}")
+    (work / f"{compile_programs.run_prefix()}dir{compile_programs.HELD}").mkdir()
+    (work / f"{compile_programs.run_prefix()}link{compile_programs.HELD}").symlink_to(
+        work / f"{compile_programs.run_prefix()}fifo{compile_programs.HELD}")
+    made = make_own_elsewhere(cache, repo_root)
+    assert made.returncode == 0 and Path(made.stdout.strip()).is_dir(), made.stderr
+
+
+def test_a_folder_a_run_made_read_only_does_not_keep_its_folder(tmp_path):
+    """Review 91, played as another uid than root (root's removal ignores modes): a run made a folder in its compile
+    folder read-only (or unlistable) after writing in it; rmtree could not empty it, so the run's folder stayed in
+    `work/`, its lock let go and never swept: any size the run wrote, for good, at every run."""
+    script = ("import os, sys\nsys.path.insert(0, sys.argv[2])\nimport compile_programs as programs\n"
+              "from pathlib import Path\nown = programs.make_own(Path(sys.argv[1]))\n"
+              "for mode in (0o500, 0o000):\n    (own / str(mode) / 'sub').mkdir(parents=True)\n"
+              "    (own / str(mode) / 'sub' / 'big').write_bytes(b'x' * 1000)\n    os.chmod(own / str(mode), mode)\n"
+              "programs.release(own)\nprint(sorted(p.name for p in Path(sys.argv[1], 'work').iterdir()))\n")
+    argv, folder = [sys.executable], tmp_path
+    if os.geteuid() == 0:  # as nobody, with the system's interpreter, in a folder of its own
+        if not (shutil.which("setpriv") and Path("/usr/bin/python3").exists()):
+            pytest.skip("root removes whatever the modes say; no setpriv here to play it as another uid")
+        folder = Path(tempfile.mkdtemp(prefix="review91-"))
+        shutil.chown(folder, "nobody")
+        argv = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "/usr/bin/python3"]
+    shutil.copy(Path(compile_programs.__file__), folder / "compile_programs.py")
+    try:
+        done = subprocess.run([*argv, "-c", script, str(folder / "compile"), str(folder)], capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0 and done.stdout.strip() == "[]", (done.stdout, done.stderr)
+    finally:
+        if folder != tmp_path:
+            subprocess.run(["rm", "-rf", "--", str(folder)], check=False)

@@ -166,3 +166,71 @@ def test_a_run_reads_no_reason_of_an_undecided_run_in_the_state(fake_env, bubble
     log = (ws / later["log"]).read_text()
     assert later["status"] == "ok" and later["verified"], later  # its export still reached the harness
     assert "found the reason in" not in log, log
+
+
+def replace_shard(val) -> None:
+    """The agent's shell: a copy of the shard renamed over it, a new file at the path the sandbox hid."""
+    copy = val.with_name("copy.parquet")
+    copy.write_bytes(val.read_bytes())
+    os.replace(copy, val)
+
+
+def test_a_shard_replaced_before_a_warm_hand_over_is_not_read_by_its_run(tmp_path, bubblewrap):
+    """Review 91, played: the hand-over's look (above) asked only whether the shard was hidden when the interpreter
+    started. The agent's shell renamed a copy over it (or put a link there) instead: the kernel undoes the sandbox's
+    bind over a file renamed over from outside, so the run read the copy, validation text, at the hidden path."""
+    exports, val = tmp_path / "exports", tmp_path / "val.parquet"
+    exports.mkdir()
+    val.write_bytes(b"validation")
+    (tmp_path / "train.py").write_text(f"import shutil\nshutil.copyfile({str(val)!r}, {str(exports / 'stash')!r})\n")
+    evaluate = {"argv": [sys.executable, "-c", FAKE_EVALUATOR], "env": dict(os.environ), "timeout": 60,
+                "harness": str(clean_harness(tmp_path)), "harness_commit": None, "inputs": {}}
+    spec = {"readonly": [str(tmp_path), str(REPO)], "writable": [str(exports)]}
+    started = ["--watch-stdin", "--sandbox", json.dumps(spec), "--export", str(exports / "model.pt2"),
+               "--val-shard", str(val)]
+    env = {k: v for k, v in os.environ.items() if k != "AUTORESEARCH_EVAL_CROSSCHECK"}
+    worker = executor.with_socket_stdin([sys.executable, str(executor.WORKER), "--warm", *started, "--",
+                                         sys.executable, "train.py"], cwd=tmp_path, env=env)
+    report, log = tmp_path / "report.json", tmp_path / "run.log"
+    run = ["--log", str(log), "--report", str(report), "--timeout", "60", "--evaluate", json.dumps(evaluate),
+           *started, "--", sys.executable, "train.py"]
+    time.sleep(2)  # its interpreter is starting, the shard hidden
+    replace_shard(val)
+    worker.stdin.write(json.dumps({"argv": run, "env": env}).encode() + b"\n")
+    worker.stdin.flush()
+    worker.wait(timeout=120)
+    worker.stdin.close()
+    assert not (exports / "stash").exists(), "the run read the validation shard"
+    assert json.loads(report.read_text())["exit_code"] != 0 and "replaced" in log.read_text(), log.read_text()
+
+
+def test_a_shard_replaced_while_a_run_lives_leaves_it_no_number(tmp_path, bubblewrap):
+    """Review 91, played: the same rename while a run lives (any worker, warm or cold): the run, waiting on the
+    hidden path, read the validation text once its sandbox's bind was undone, and its exported model was scored as
+    any other. Such a run is no result now."""
+    exports, val = tmp_path / "exports", tmp_path / "val.parquet"
+    exports.mkdir()
+    val.write_bytes(b"validation")
+    stash = exports / "stash"
+    waits = (f"import shutil\nopen({str(exports / 'exported')!r}, 'w')\n"  # hidden: unreadable until replaced
+             f"for _ in range(600):\n    try:\n"
+             f"        shutil.copyfile({str(val)!r}, {str(stash)!r})\n        break\n"
+             f"    except OSError:\n        time.sleep(0.05)\n")
+    (tmp_path / "train.py").write_text(EXPORT_THEN_WAIT.format(repo=str(REPO), before_answer=waits))
+    evaluate = {"argv": [sys.executable, "-c", FAKE_EVALUATOR], "env": dict(os.environ), "timeout": 60,
+                "harness": str(clean_harness(tmp_path)), "harness_commit": None, "inputs": {}}
+    spec = {"readonly": [str(tmp_path), str(REPO)], "writable": [str(exports)]}
+    report = tmp_path / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "AUTORESEARCH_EVAL_CROSSCHECK"}
+    worker = executor.with_socket_stdin([sys.executable, str(executor.WORKER), "--log", str(tmp_path / "run.log"),
+                                         "--report", str(report), "--timeout", "60", "--watch-stdin", "--evaluate",
+                                         json.dumps(evaluate), "--sandbox", json.dumps(spec), "--export",
+                                         str(exports / "model.pt2"), "--val-shard", str(val), "--",
+                                         sys.executable, "train.py"], cwd=tmp_path, env=env)
+    assert wait_until((exports / "exported").exists, 60)
+    replace_shard(val)
+    assert worker.wait(timeout=120) == 0
+    worker.stdin.close()
+    result = json.loads(report.read_text())
+    assert stash.read_bytes() == b"validation", "the run never read it: the play did not happen"
+    assert "replaced" in (evaluation_verdict(result)[0] or ""), result

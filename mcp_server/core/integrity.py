@@ -478,6 +478,10 @@ def evaluation_verdict(report: dict) -> tuple[str | None, float | None, str]:
                   "AUTORESEARCH_CACHE, or run sandboxed)") if report.get("sandbox") is False else ""
         return ("the training opened the validation data before its model was exported: it may have "
                 f"trained on it{shared}", None, "")
+    if report.get("val_replaced"):  # the sandbox's bind over the shard undone: the run could read it
+        return ("the validation shard was replaced (or renamed away and back) while the run's sandbox hid it, which "
+                "undoes the hiding: the run could read it. Leave the prepared cache as prepare.py made it, and run it "
+                "again", None, "")
     if evaluation.get("causal") is False or evaluation.get("problem"):
         return evaluation.get("problem") or "the exported model failed the causality check", None, ""
     if "val_bpb" in evaluation:

@@ -39,7 +39,6 @@ HEADERS = "precompiled_headers"
 MAX_BYTES, MAX_ENTRIES, MAX_DEPTH = 2 << 30, 100_000, 32
 PROGRAM = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?")  # a git blob id, SHA-1 or SHA-256
 HELD = ".held"  # beside each run's folder in WORK: locked by its worker while the worker lives
-LOCK = ".lock"  # in WORK: held while a run's folder is made or the folders of workers gone are removed
 SAVING, OLD = ".saving-", ".old-"  # in FOLDER, with a run folder's name: a save's copy, and the folder it replaces
 
 _held: dict[Path, int] = {}  # this worker's run folder and the descriptor of its lock
@@ -62,31 +61,37 @@ def run_folder(cache: Path | None, spec: dict, bubblewrap: bool) -> tuple[dict, 
 
 def make_own(cache: Path) -> Path:
     """A run's folder in WORK, locked by this process until released; first the folders no live worker holds are
-    removed, with what their saves left in FOLDER."""
+    removed, with what their saves left in FOLDER. Nothing here waits on a lock: `work/` is read-only to runs, but a
+    run can flock a file it only reads, and a lock for all (review 91: `work/.lock`) stalled every other slot's start
+    for as long as a run held it."""
     work = cache / WORK
     work.mkdir(parents=True, exist_ok=True)
-    with open(work / LOCK, "a") as lock:  # no sweep between a folder's making and its lock
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        except OSError:  # a file system without locks (some network ones): no folder there is held, nor removed
-            return Path(tempfile.mkdtemp(prefix=run_prefix(), dir=work))
-        sweep(work, cache / FOLDER)
-        own = Path(tempfile.mkdtemp(prefix=run_prefix(), dir=work))
-        held = os.open(f"{own}{HELD}", os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600)
-        fcntl.flock(held, fcntl.LOCK_EX)
-        _held[own] = held
+    sweep(work, cache / FOLDER)
+    own = Path(tempfile.mkdtemp(prefix=run_prefix(), dir=work))
+    fd, path = tempfile.mkstemp(prefix=".holding-", dir=work)  # a name no sweep looks at, until locked
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # a file system without locks, or a run took it first: this folder is neither held nor removed
+        os.close(fd)
+        os.unlink(path)
+        return own
+    os.rename(path, f"{own}{HELD}")  # named once locked: no sweep takes a live worker's folder for a dead one's
+    _held[own] = fd
     return own
 
 
 def sweep(work: Path, programs: Path) -> None:
     """The run folders whose lock no worker holds (killed outright before it saved or removed them), and their saves'
-    copies."""
+    copies. Only a plain file is a lock, opened without waiting (the agent's shell can put a FIFO, a folder or a link
+    under such a name: review 91)."""
     for held in work.glob(f"{run_prefix()}*{HELD}"):
         try:
-            fd = os.open(held, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:  # released meanwhile
+            fd = os.open(held, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:  # released meanwhile, or a link
             continue
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                continue
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:  # its worker lives
             continue
@@ -174,11 +179,16 @@ def copy_plain(source: Path, target: Path) -> None:
 
 
 def remove(folder: Path) -> None:
-    """folder and all it holds, however deep (Python 3.11's rmtree recurses, and raises RecursionError)."""
+    """folder and all it holds, however deep (Python 3.11's rmtree recurses, and raises RecursionError), and however
+    a run left its modes: a folder it made read-only or unlistable kept what it holds from rmtree, and the run's folder
+    stayed in WORK for good, unlocked and never swept (review 91: any size, at every run)."""
     try:
         shutil.rmtree(folder, ignore_errors=True)
     except RecursionError:
-        subprocess.run(["rm", "-rf", "--", str(folder)], stdin=subprocess.DEVNULL, check=False)
+        pass
+    if folder.exists() and not folder.is_symlink():  # chmod -R follows no link inside
+        for argv in (["chmod", "-R", "u+rwx", "--", str(folder)], ["rm", "-rf", "--", str(folder)]):
+            subprocess.run(argv, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
 
 
 def replace_folder(staged: Path, folder: Path, old: Path) -> None:

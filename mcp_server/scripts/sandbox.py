@@ -277,6 +277,19 @@ def hide(paths: list[str]) -> list[str]:
     return [a for path in paths for a in (["--tmpfs", path] if os.path.isdir(path) else ["--ro-bind", "/dev/null", path])]
 
 
+def identity(path) -> tuple | None:
+    """What a hidden file is (its resolved path, device, inode and change time), to compare with what it was when a
+    sandbox hid it: the kernel undoes a bind whose point is renamed over or removed from another mount namespace, so
+    a copy the agent's shell renames over the shard (or a link put in its place) is the file the run then reads, and
+    renaming the first back changes its change time (review 91)."""
+    try:
+        real = os.path.realpath(path)
+        info = os.stat(real)
+    except (OSError, TypeError):
+        return None
+    return real, info.st_dev, info.st_ino, info.st_ctime_ns
+
+
 def hidden(spec: dict, cwd: str) -> tuple[list[str], list[str], list[str]]:
     """The spec's hidden paths that exist, as (first, between, last). First: those that hold the run's folder
     or a path the spec shows (a cluster's shared folder, a folder data set around the workspace),

@@ -4,11 +4,9 @@
         [--sandbox JSON [--unsandboxed]] [--export FILE --val-shard FILE --evaluate JSON] -- COMMAND...
     python worker.py --warm --watch-stdin [--cpus ...] [--sandbox JSON ...] -- PYTHON SCRIPT.py
 
---log - writes the output to this process's own stdout instead (a cluster job, whose engine keeps
-its stdout as the job's log).
-
-A plain script with the standard library only: it starts fast and runs wherever the training
-runs (this machine's slots, a Ray or SLURM node). It
+--log - writes the output to this process's own stdout instead (a cluster job, whose engine keeps its stdout as the
+job's log). A plain script with the standard library only: it starts fast and runs wherever the training runs (this
+machine's slots, a Ray or SLURM node). It
 
 - makes itself the child subreaper (Linux), so a descendant that double-forks or starts a new
   session is re-parented here instead of escaping, and kills every descendant when the command
@@ -403,6 +401,7 @@ def main(argv=None) -> int:
 
     val_watch = val_copy = evaluation = evaluated = stub = None
     spec, hide_val = validation_hidden(args)
+    hid = sandbox.identity(args.val_shard) if hide_val else None  # what the sandbox made now hides
     # no probe of the sandbox where none is asked for: its namespace's last process is reparented here, a zombie
     spec, compiling = programs.run_folder(args.compile_cache, spec,
                                           bool(spec) and sandbox.usable()[0] == sandbox.BUBBLEWRAP)
@@ -449,10 +448,11 @@ def main(argv=None) -> int:
             return 0 if not line else 2
         args, env = handed
         started_at, t0 = time.time(), time.monotonic()  # the run starts now, not when its interpreter did
-        if validation_hidden(args)[1] and not hide_val:  # put back since: its interpreter's sandbox shows the shard
+        if validation_hidden(args)[1] and sandbox.identity(args.val_shard) != hid:  # its sandbox does not hide it
             kill_everything(stub.pid)
-            return not_started(args, "refused: the validation shard came back after this run's interpreter started "
-                               "without it, so its sandbox does not hide it; run it again", 126, started_at, subreaper)
+            return not_started(args, "refused: the validation shard came back or was replaced after this run's "
+                               "interpreter started, which its sandbox then shows; run it again", 126, started_at,
+                               subreaper)
     # a bubblewrap run copies its commit into, and exports from, its private /tmp, which the agent cannot write
     bubblewrap = in_sandbox and sandbox.usable()[0] == sandbox.BUBBLEWRAP
     files, into = received_files(args, from_server, bubblewrap)
@@ -582,7 +582,7 @@ def main(argv=None) -> int:
     }
     if args.export:
         report["exported"] = args.export.exists() or bool(evaluation and evaluation.started_at is not None)
-        report["val_hidden"] = hide_val
+        report["val_hidden"], report["val_replaced"] = hide_val, hide_val and sandbox.identity(args.val_shard) != hid
         report["val_watched"] = val_watch is not None
         report["val_opened_before_export"] = val_watch.opened_before_export if val_watch else None
     if data_problem:
