@@ -38,7 +38,7 @@ from test_server_e2e import RUN_TIMEOUT_S, SHORT_BUDGET, harness_workspace
 # the hanging run's timeout: long enough for its warm interpreter (torch imported) to say what it saw and start its
 # daemon after the hand-over. A timeout counted from the worker's start instead ends it at least HANG_DELAY_S (and
 # the run before's evaluation) short of it, whatever its length: the margin that catches that is HANG_DELAY_S's
-HANG_TIMEOUT_S = 4
+HANG_TIMEOUT_S = 5
 HANG_DELAY_S = 4  # between the run before the hanging one and its submission: its worker waits, started ahead (a timeout counted from its start would end the run ~4 s short of HANG_TIMEOUT_S)
 
 
