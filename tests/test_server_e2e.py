@@ -308,8 +308,8 @@ def test_a_queued_runs_evaluation_is_the_research_runs_whatever_the_record_says_
 def test_a_program_the_agent_puts_in_a_runs_export_folder_is_never_the_runs(tmp_path, repo_root, prepared_env,
                                                                          monkeypatch):
     """Review 48: the run's export folder (`.research-loop/exports/...`) is the workspace's, which the agent
-    writes outside the sandbox: it trained a model by hand for ten budgets (here two, since a model of its own is
-    all it takes; `train.py` with a longer budget and RESEARCH_LOOP_EXPORT set), and while an honest run of the
+    writes outside the sandbox: it trained a model by hand for ten budgets (here one, of train.py with another
+    learning rate, since a model of its own is all it takes; RESEARCH_LOOP_EXPORT set), and while an honest run of the
     research run trained, it put that program and its note in the run's export folder. The harness took the first program it found there, and the run's verified
     val_bpb was the hand-trained model's; train.py and its diff held nothing of it. A bubblewrap run now exports
     into its sandbox's private /tmp, which the harness reads through the run's own processes."""
@@ -317,9 +317,13 @@ def test_a_program_the_agent_puts_in_a_runs_export_folder_is_never_the_runs(tmp_
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     by_hand = tmp_path / "by-hand"
     by_hand.mkdir()
-    env = dict(os.environ, AUTORESEARCH_TIME_BUDGET=str(2 * int(SHORT_BUDGET)),
-               RESEARCH_LOOP_EXPORT=str(by_hand / "model.pt2"))
-    trained = subprocess.run([sys.executable, "train.py"], cwd=ws, env=env, capture_output=True, text=True, timeout=600)
+    # a model of its own: train.py with another learning rate, for the same budget (it imports the workspace's harness)
+    source = (ws / "train.py").read_text()
+    assert source.count("\nMATRIX_LR = 0.04") == 1
+    (by_hand / "train.py").write_text(source.replace("\nMATRIX_LR = 0.04", "\nMATRIX_LR = 0.08"))
+    env = dict(os.environ, RESEARCH_LOOP_EXPORT=str(by_hand / "model.pt2"), PYTHONPATH=str(ws))
+    trained = subprocess.run([sys.executable, "train.py"], cwd=by_hand, env=env, capture_output=True, text=True,
+                             timeout=600)
     assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-2000:]
     hand_bpb = float(re.search(r"^val_bpb:\s+([\d.]+)", trained.stdout, re.M).group(1))
     loop = ResearchLoop(ws, [sys.executable, "train.py"], slots=1)

@@ -33,9 +33,12 @@ from mcp_server.loop import ResearchLoop
 from mcp_server.server import build_server
 from mcp_server.core.workspace import Workspace
 from server_support import answer, git, make_workspace, pid_alive, processes_in, wait_until
-from test_server_e2e import RUN_TIMEOUT_S, harness_workspace
+from test_server_e2e import RUN_TIMEOUT_S, SHORT_BUDGET, harness_workspace
 
-HANG_TIMEOUT_S = 8
+# the hanging run's timeout: long enough for its warm interpreter (torch imported) to say what it saw and start its
+# daemon after the hand-over. A timeout counted from the worker's start instead ends it at least HANG_DELAY_S (and
+# the run before's evaluation) short of it, whatever its length: the margin that catches that is HANG_DELAY_S's
+HANG_TIMEOUT_S = 5
 HANG_DELAY_S = 4  # between the run before the hanging one and its submission: its worker waits, started ahead (a timeout counted from its start would end the run ~4 s short of HANG_TIMEOUT_S)
 
 
@@ -49,8 +52,9 @@ def exported(tmp_path_factory, prepared_env, repo_root):
     shutil.copytree(repo_root / "nanochat", harness / "nanochat", ignore=shutil.ignore_patterns("__pycache__"))
     export = folder / "export" / "model.pt2"
     export.parent.mkdir()
+    # one budget second (a few steps on the flops clock): these tests need an export of the real model, not a trained one
     subprocess.run([sys.executable, "train.py"], cwd=repo_root, check=True, capture_output=True,
-                   env=dict(prepared_env, RESEARCH_LOOP_EXPORT=str(export)))
+                   env=dict(prepared_env, RESEARCH_LOOP_EXPORT=str(export), AUTORESEARCH_TIME_BUDGET=SHORT_BUDGET))
     assert export.is_file() and Path(f"{export}.json").is_file()
     return harness, export
 
@@ -245,7 +249,7 @@ def report_of(ws: Path, result: dict) -> dict:
 
 def test_on_the_warm_path_the_sandbox_holds_and_a_hanging_run_is_killed_whole(tmp_path, repo_root, prepared_env,
                                                                                  monkeypatch):
-    ws = harness_workspace(tmp_path, repo_root, prepared_env, monkeypatch)
+    ws = harness_workspace(tmp_path, repo_root, prepared_env, monkeypatch, SHORT_BUDGET)  # the real run only has to run
     monkeypatch.delenv(harness_eval.WARM_ENV, raising=False)
     monkeypatch.delenv(executor.WARM_START_ENV, raising=False)
     loop = ResearchLoop(ws, [sys.executable, "train.py"], slots=1)
