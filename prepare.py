@@ -332,6 +332,18 @@ def prepare_compiler_once() -> bool:
     return True
 
 
+def measure_peak_once() -> bool:
+    """The machine's matmul peak for MFU (nanochat/platform.py), measured here once into the compile cache, which runs
+    read but cannot write (a run compiles in a folder of its own: without it every new program's first run measured
+    again, a few seconds each); True if it measured. A known GPU's is its datasheet's."""
+    from nanochat import platform
+    if platform.peak_known():
+        return False
+    print("Measuring the matmul peak for MFU (once per machine)...", flush=True)
+    print(f"  {platform.peak_flops() / 1e9:.1f} GFLOP/s", flush=True)
+    return True
+
+
 def compiler_sandbox(command: list[str], compile_cache: Path) -> tuple[list[str] | None, str, bool]:
     """(the command in the runs' sandbox, or None; why none; whether the user opted in to running
     without one). The sandbox is mcp_server/scripts/sandbox.py's, as a run gets it but narrower: the
@@ -433,7 +445,8 @@ def prepare(profile_name: str, dataset_request: str, num_shards: int, force: boo
                    or data_problem() or tokenizer_problem(profile["vocab_size"]))
         more_shards = dataset == "climbmix" and num_shards > len(datasets.split_paths("train"))
         if problem is None and not more_shards:
-            if not prepare_compiler_once():
+            built = prepare_compiler_once()
+            if not (measure_peak_once() or built):
                 print("Already prepared with these choices: nothing to do.")
             return 0
         if problem:
@@ -457,6 +470,7 @@ def prepare(profile_name: str, dataset_request: str, num_shards: int, force: boo
     _write_record(dict(wanted, num_train_shards=len(datasets.split_paths("train")), val_shard=datasets.pin(),
                        python=sys.version.split()[0], prepared_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
     prepare_compiler_once()
+    measure_peak_once()
     print(f"Done in {time.time() - started:.1f}s. Next: `uv run train.py`.")
     return 0
 

@@ -50,6 +50,7 @@ BF16_CAPABILITY = (8, 0)  # CUDA compute capability from which bf16 runs on the 
 MIG_SLICES = 7  # compute slices of an A100/H100/H200: a MIG instance "3g.40gb" has 3 of them
 PEAK_MATMUL_SIZE = 2048  # square matmul used to measure a peak: large enough to saturate the cores
 PEAK_MEASURE_SECONDS = 1.0  # per repetition; the best of PEAK_REPEATS is the peak
+PEAK_FILE = "cpu_peak_flops.json"  # the measured peaks, in a compile folder
 PEAK_REPEATS = 3
 
 
@@ -325,7 +326,13 @@ def device_name() -> str:
 def _peak_cache_path() -> Path:
     # beside the compiled graphs (TORCHINDUCTOR_CACHE_DIR: a run's own folder under the research loop, kept for its
     # program), the one folder a sandboxed run may write
-    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or _cache_dir() / "compile") / "cpu_peak_flops.json"
+    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or _cache_dir() / "compile") / PEAK_FILE
+
+
+def _shared_peak_path() -> Path:
+    # the harness's compile cache, where prepare.py measures once (read-only to runs: each new program's first run,
+    # whose compile folder starts empty, measured again)
+    return _cache_dir() / "compile" / PEAK_FILE
 
 
 def _peak_cache_key(dtype) -> str:
@@ -335,10 +342,14 @@ def _peak_cache_key(dtype) -> str:
 
 
 def _read_peak_cache() -> dict:
-    try:
-        return json.loads(_peak_cache_path().read_text())
-    except (OSError, ValueError):  # none yet, or unreadable: measure again
-        return {}
+    """The peaks measured: prepare's, then this process's compile folder's over them."""
+    table = {}
+    for path in dict.fromkeys((_shared_peak_path(), _peak_cache_path())):
+        try:
+            table |= json.loads(path.read_text())
+        except (OSError, ValueError, TypeError):  # none yet, or unreadable: measure again
+            pass
+    return table
 
 
 def save_peak_flops(flops: float, dtype=COMPUTE_DTYPE) -> bool:
@@ -366,6 +377,11 @@ def gpu_peak_flops(name: str) -> float | None:
     flops = next((flops for key, flops in GPU_PEAK_FLOPS if key in name), None)
     mig = re.search(r"MIG (\d+)g\.", name)
     return flops * int(mig.group(1)) / MIG_SLICES if flops and mig else flops
+
+
+def peak_known(dtype=COMPUTE_DTYPE) -> bool:
+    """Whether peak_flops needs no measuring: a known GPU's datasheet, or a peak measured before."""
+    return bool((DEVICE.type == "cuda" and gpu_peak_flops(device_name())) or _read_peak_cache().get(_peak_cache_key(dtype)))
 
 
 def peak_flops(dtype=COMPUTE_DTYPE) -> float:

@@ -5,6 +5,7 @@ import math
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,6 +152,19 @@ def test_peak_flops_with_a_read_only_cache(monkeypatch):
     monkeypatch.setattr(platform, "PEAK_MEASURE_SECONDS", 0.05)
     assert platform.save_peak_flops(1e9) is False
     assert platform.peak_flops() > 0
+
+
+def test_a_new_programs_first_run_reads_the_peak_prepare_measured(prepared_env, repo_root, tmp_path):
+    """A run compiles in a folder of its own (its program's, under the research loop), so every new program's first
+    run measured the matmul peak for MFU again (a few seconds; the shared compile cache is read-only to runs).
+    prepare.py measures it once into the shared cache, and a run with an empty compile folder reads it there."""
+    shared = Path(prepared_env["AUTORESEARCH_CACHE"]) / "compile" / "cpu_peak_flops.json"
+    own = tmp_path / "own"
+    script = "from nanochat import platform; print(platform.peak_flops())"
+    out = subprocess.run([sys.executable, "-c", script], cwd=repo_root, env=dict(prepared_env, TORCHINDUCTOR_CACHE_DIR=str(own)),
+                         capture_output=True, text=True, check=True, timeout=120).stdout
+    flops = float(out.splitlines()[-1])
+    assert flops in json.loads(shared.read_text()).values() and not own.exists(), flops  # not measured again
 
 
 def test_the_summary_names_the_attention_path():
