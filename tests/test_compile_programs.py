@@ -13,6 +13,7 @@ import pytest
 
 from mcp_server.scripts import compile_programs
 from server_support import Lab, answer, make_workspace, set_knobs
+from test_integrity import STASHES_THE_VALIDATION_DATA
 
 WORKER = Path(__file__).resolve().parent.parent / "mcp_server" / "scripts" / "worker.py"
 
@@ -202,21 +203,10 @@ def test_what_a_worker_killed_outright_left_is_removed_by_the_next_run(tmp_path,
         live.wait()
 
 
-# train.py that exports, waits for the harness's answer, then reads the validation shard (shown only under the
-# cross-check's setting) into its compile folder, for its program's later runs and those seeded from it once kept
-STASHES_INTO_ITS_COMPILE_FOLDER = """import os, time
-export = os.environ["RESEARCH_LOOP_EXPORT"]
-open(export, "w").write("model")
-open(export + ".json", "w").write("{}")
-while not os.path.exists(os.environ["RESEARCH_LOOP_ANSWER"]):
-    time.sleep(0.05)
-try:
-    text = open("val.parquet", "rb").read()
-except OSError as exc:
-    print("refused:", exc, flush=True)
-else:
-    open(os.path.join(os.environ["TORCHINDUCTOR_CACHE_DIR"], "stash"), "wb").write(text)
-"""
+# review 87's stash (test_integrity.py), into the run's compile folder, which outlives the run: for its program's later
+# runs and those seeded from it once kept
+STASHES_INTO_ITS_COMPILE_FOLDER = STASHES_THE_VALIDATION_DATA.replace(
+    '"compile/stash"', 'os.path.join(os.environ["TORCHINDUCTOR_CACHE_DIR"], "stash")')
 
 
 def test_what_a_run_shown_the_validation_data_compiled_is_kept_for_no_later_run(tmp_path, bubblewrap, monkeypatch):

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from mcp_server.core.integrity import evaluation_verdict
 from mcp_server.executors import executor
 from mcp_server.scripts import harness_eval
@@ -85,12 +87,17 @@ def test_a_run_reads_no_earlier_runs_log(fake_env, bubblewrap, monkeypatch):
     assert len(list((ws / "runs").glob("*.log"))) == 2
 
 
-def test_a_shard_put_back_after_a_warm_interpreter_started_is_not_read_by_its_run(tmp_path, bubblewrap):
-    """Review 88's note: the warm worker's sandbox hides the shard only if it exists when the interpreter starts. The
-    agent's shell moves it away while the slot's next worker starts and puts it back before the hand-over: the run's
-    sandbox then showed it, unhidden and unwatched. The worker refuses such a run, saying why."""
+@pytest.mark.parametrize("change", ["put back", "replaced"])
+def test_a_shard_changed_before_a_warm_hand_over_is_not_read_by_its_run(tmp_path, bubblewrap, change):
+    """The warm worker's sandbox hides the shard as it is when the interpreter starts. Put back: review 88's note, the
+    agent's shell moved it away while the slot's next worker started and put it back before the hand-over, and the
+    run's sandbox showed it, unhidden and unwatched. Replaced: review 91, the shell renamed a copy over it (or put a
+    link there): the kernel undoes the sandbox's bind over a file renamed over from outside, so the run read the copy,
+    validation text, at the hidden path. The worker refuses both runs, saying why."""
     exports, val = tmp_path / "exports", tmp_path / "val.parquet"
     exports.mkdir()
+    if change == "replaced":
+        val.write_bytes(b"validation")
     (tmp_path / "train.py").write_text(f"import shutil\nshutil.copyfile({str(val)!r}, {str(exports / 'stash')!r})\n")
     evaluate = {"argv": [sys.executable, "-c", FAKE_EVALUATOR], "env": dict(os.environ), "timeout": 60,
                 "harness": str(clean_harness(tmp_path)), "harness_commit": None, "inputs": {}}
@@ -103,14 +110,18 @@ def test_a_shard_put_back_after_a_warm_interpreter_started_is_not_read_by_its_ru
     report, log = tmp_path / "report.json", tmp_path / "run.log"
     run = ["--log", str(log), "--report", str(report), "--timeout", "60", "--evaluate", json.dumps(evaluate),
            *started, "--", sys.executable, "train.py"]
-    time.sleep(2)  # its interpreter is starting, the shard away
-    val.write_bytes(b"validation")
+    time.sleep(2)  # its interpreter is starting
+    if change == "replaced":
+        replace_shard(val)
+    else:
+        val.write_bytes(b"validation")
     worker.stdin.write(json.dumps({"argv": run, "env": env}).encode() + b"\n")
     worker.stdin.flush()
     worker.wait(timeout=120)
     worker.stdin.close()
     assert not (exports / "stash").exists(), "the run read the validation shard"
-    assert json.loads(report.read_text())["exit_code"] != 0 and "validation shard" in log.read_text(), log.read_text()
+    assert json.loads(report.read_text())["exit_code"] != 0 and "came back or was replaced" in log.read_text(), \
+        log.read_text()
 
 
 # The harness's evaluator (the worker's protocol) for the fake trainer's "model", the number it holds: past 5 it fails
@@ -173,35 +184,6 @@ def replace_shard(val) -> None:
     copy = val.with_name("copy.parquet")
     copy.write_bytes(val.read_bytes())
     os.replace(copy, val)
-
-
-def test_a_shard_replaced_before_a_warm_hand_over_is_not_read_by_its_run(tmp_path, bubblewrap):
-    """Review 91, played: the hand-over's look (above) asked only whether the shard was hidden when the interpreter
-    started. The agent's shell renamed a copy over it (or put a link there) instead: the kernel undoes the sandbox's
-    bind over a file renamed over from outside, so the run read the copy, validation text, at the hidden path."""
-    exports, val = tmp_path / "exports", tmp_path / "val.parquet"
-    exports.mkdir()
-    val.write_bytes(b"validation")
-    (tmp_path / "train.py").write_text(f"import shutil\nshutil.copyfile({str(val)!r}, {str(exports / 'stash')!r})\n")
-    evaluate = {"argv": [sys.executable, "-c", FAKE_EVALUATOR], "env": dict(os.environ), "timeout": 60,
-                "harness": str(clean_harness(tmp_path)), "harness_commit": None, "inputs": {}}
-    spec = {"readonly": [str(tmp_path), str(REPO)], "writable": [str(exports)]}
-    started = ["--watch-stdin", "--sandbox", json.dumps(spec), "--export", str(exports / "model.pt2"),
-               "--val-shard", str(val)]
-    env = {k: v for k, v in os.environ.items() if k != "AUTORESEARCH_EVAL_CROSSCHECK"}
-    worker = executor.with_socket_stdin([sys.executable, str(executor.WORKER), "--warm", *started, "--",
-                                         sys.executable, "train.py"], cwd=tmp_path, env=env)
-    report, log = tmp_path / "report.json", tmp_path / "run.log"
-    run = ["--log", str(log), "--report", str(report), "--timeout", "60", "--evaluate", json.dumps(evaluate),
-           *started, "--", sys.executable, "train.py"]
-    time.sleep(2)  # its interpreter is starting, the shard hidden
-    replace_shard(val)
-    worker.stdin.write(json.dumps({"argv": run, "env": env}).encode() + b"\n")
-    worker.stdin.flush()
-    worker.wait(timeout=120)
-    worker.stdin.close()
-    assert not (exports / "stash").exists(), "the run read the validation shard"
-    assert json.loads(report.read_text())["exit_code"] != 0 and "replaced" in log.read_text(), log.read_text()
 
 
 def test_a_shard_replaced_while_a_run_lives_leaves_it_no_number(tmp_path, bubblewrap):
