@@ -337,7 +337,7 @@ def measure_peak_once() -> bool:
     read but cannot write (a run compiles in a folder of its own: without it every new program's first run measured
     again, a few seconds each); True if it measured. A known GPU's is its datasheet's."""
     from nanochat import platform
-    if platform.peak_known():
+    if platform.known_peak():
         return False
     print("Measuring the matmul peak for MFU (once per machine)...", flush=True)
     print(f"  {platform.peak_flops() / 1e9:.1f} GFLOP/s", flush=True)
@@ -360,10 +360,9 @@ def compiler_sandbox(command: list[str], compile_cache: Path) -> tuple[list[str]
     hidden = [str(cache), *json.loads(os.environ.get(sandbox.HIDE_ENV) or "[]")]
     hidden += [path for path in harness_eval.hidden_from_runs(cache, read_record())
                if not Path(path).resolve().is_relative_to(cache)]
-    # the compile cache named read-only too: a hidden folder that holds none of the paths a sandbox shows is hidden
-    # last, over them (mcp_server/scripts/sandbox.py hidden), which took the writable compile cache inside the
-    # prepared one away: the warm-up built the headers into the sandbox's own memory, and every first run again
-    spec = {"readonly": [str(REPO), sys.prefix, str(compile_cache)], "writable": [str(compile_cache)], "hidden": hidden}
+    # the prepared cache holds the writable compile cache: sandbox.hidden hides it between the read-only and the
+    # writable binds, so the warm-up writes the compile cache itself, not the sandbox's memory
+    spec = {"readonly": [str(REPO), sys.prefix], "writable": [str(compile_cache.resolve())], "hidden": hidden}
     wrapped, kind = sandbox.wrap(command, spec, str(REPO))
     if kind is None:
         return None, sandbox.usable()[2], sandbox.opted_in()

@@ -379,22 +379,20 @@ def gpu_peak_flops(name: str) -> float | None:
     return flops * int(mig.group(1)) / MIG_SLICES if flops and mig else flops
 
 
-def peak_known(dtype=COMPUTE_DTYPE) -> bool:
-    """Whether peak_flops needs no measuring: a known GPU's datasheet, or a peak measured before."""
-    return bool((DEVICE.type == "cuda" and gpu_peak_flops(device_name())) or _read_peak_cache().get(_peak_cache_key(dtype)))
+def known_peak(dtype=COMPUTE_DTYPE) -> float | None:
+    """The peak FLOP/s with no measuring: a known GPU's datasheet figure, or a peak measured before; else None."""
+    if DEVICE.type == "cuda" and (flops := gpu_peak_flops(device_name())):
+        return flops
+    return _read_peak_cache().get(_peak_cache_key(dtype))
 
 
 def peak_flops(dtype=COMPUTE_DTYPE) -> float:
     """Peak FLOP/s for MFU: the datasheet figure for known GPUs, else a matmul peak measured once
-    per (device, threads, dtype) and cached in the compile folder's cpu_peak_flops.json, so only the
-    first run pays the few seconds of measuring."""
-    if DEVICE.type == "cuda":
-        flops = gpu_peak_flops(device_name())
-        if flops:
-            return flops
-    cached = _read_peak_cache().get(_peak_cache_key(dtype))
-    if cached:
-        return cached
+    per (device, threads, dtype) and cached in cpu_peak_flops.json (prepare.py's, in the harness's compile cache, or
+    the compile folder's), so only the first run pays the few seconds of measuring."""
+    known = known_peak(dtype)
+    if known:
+        return known
     flops = measure_matmul_flops(dtype)
     save_peak_flops(flops, dtype)
     return flops

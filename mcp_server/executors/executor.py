@@ -70,7 +70,7 @@ class RunSpec:
     log: Path  # the run's own log file (absolute)
     report: Path  # where the worker writes how the run ended (absolute)
     env: dict = field(default_factory=dict)
-    worker_args: list = field(default_factory=list)  # sandbox, export and evaluation (mcp_server/core/integrity.py)
+    worker_args: list = field(default_factory=list)  # sandbox, export, evaluation (core/integrity.py); a cluster's: programs
     after_seconds: float = 0.0  # what the worker may spend once training ended (the harness's evaluation)
     unsandboxed: bool = False  # the user accepts a run without a sandbox where none can run (mcp_server/scripts/sandbox.py)
     environment: dict | None = None  # where the environments' watches stood at the run's check (core/envwatch.py)

@@ -95,7 +95,8 @@ class SlurmExecutor(ClusterExecutor):
         executor.update_parameters(**self.parameters(job))
         try:
             # the job's arguments are pickled into the shared folder, which the training then must not read
-            job.handle = executor.submit(node.run_job, str(code), ["--hide", str(self.folder), *node_args(job.spec, self.ws.root)],
+            job.handle = executor.submit(node.run_job, str(code),
+                                         ["--hide", str(self.folder), *node_args(job.spec, self.ws.root)],
                                          job_env(job.spec))
         except Exception as exc:  # submitit raises FailedJobError, or sbatch's own error
             raise Refusal(f"SLURM did not take the job: {exc}") from None

@@ -536,7 +536,7 @@ def main(argv=None) -> int:
             if evaluation.started_at is not None and not evaluating:  # the pool may start the slot's next worker
                 evaluating = True
                 write_report(args.report, running | {"evaluating": True})
-        # one look, while its pid is still the sandbox's (not reaped): the sandbox's binds are fixed for its life
+        # one look, while its pid is still the sandbox's (not reaped): the binds as they stand then (docs/trust.md)
         if args.data_folder and bubblewrap and data_problem == "" and child.returncode is None:
             data_problem = sandbox.data_folder_problem(sandbox.private_root(child.pid), args.data_folder)
         if time.monotonic() - t0 - (evaluation.seconds() if evaluation else 0.0) > args.timeout:
