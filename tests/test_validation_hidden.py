@@ -3,9 +3,12 @@ the run's interpreter starts before the run is handed to it: a slot's next worke
 else could carry validation text to a run: the harness's reasons, and the runs' logs."""
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -216,3 +219,59 @@ def test_a_shard_replaced_while_a_run_lives_leaves_it_no_number(tmp_path, bubble
     result = json.loads(report.read_text())
     assert stash.read_bytes() == b"validation", "the run never read it: the play did not happen"
     assert "replaced" in (evaluation_verdict(result)[0] or ""), result
+
+
+# the training command: names each file under the folders it is given (the workspace, the agent's records) that holds
+# the reason, then trains
+READER = SEEKER.replace("for folder, _, files in os.walk(sys.argv[1]):",
+                        "for folder, _, files in (w for top in sys.argv[1:] for w in os.walk(top)):")
+
+
+@pytest.fixture
+def outside_tmp():
+    folder = Path(tempfile.mkdtemp(prefix="review92-", dir="/var/tmp"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.parametrize("where", ["CLAUDE_CONFIG_DIR", "home"])
+def test_a_run_reads_no_reason_in_the_agents_own_transcript(fake_env, bubblewrap, monkeypatch, where, outside_tmp):
+    """Review 92: reviews 88 and 90 hid every file of the workspace that holds the harness's reasons (a reason can name
+    a value computed from validation batches), but the agent is told each one in its tool's answer, and Claude Code
+    keeps every answer in the session's transcript (`~/.claude/projects/<workspace>/<session>.jsonl`, under
+    $CLAUDE_CONFIG_DIR where that is set), which bubblewrap showed every run read-only: a later run found the value
+    there. Claude Code's folders are hidden from runs."""
+    home = outside_tmp / "home"  # not under /tmp, which every sandbox replaces with its own
+    config = outside_tmp / "claude-config" if where == "CLAUDE_CONFIG_DIR" else home / ".claude"
+    monkeypatch.setenv("HOME", str(home))  # the server's home: where Claude Code's records are
+    if where == "CLAUDE_CONFIG_DIR":
+        monkeypatch.setenv("CLAUDE_CONFIG_DIR", str(config))
+    else:
+        monkeypatch.delenv("CLAUDE_CONFIG_DIR", raising=False)
+    transcript = config / "projects" / "-workspace" / "session.jsonl"
+    transcript.parent.mkdir(parents=True)
+    ws = make_workspace(fake_env, "VAL_BPB = 1.0\nEXPORT = 1\n")
+    (ws / "nanochat" / "evaluate_export.py").write_text(NAMING_EVALUATOR)
+    (ws / "nanochat" / "export.py").write_text("# harness stand-in\n")
+    (ws / "seeker.py").write_text(READER)
+    git(ws, "add", ".")
+    git(ws, "commit", "-q", "-m", "a harness that evaluates exports")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(fake_env / "venv")], check=True)
+    lab = Lab(ws, unsandboxed=False, train_command=[str(fake_env / "venv" / "bin" / "python"), "seeker.py",
+                                                    str(config)])
+    try:
+        answer(lab.call("setup", tag="transcript"))
+        assert answer(lab.call("run_experiment", description="base", wait=True))["verified"]
+        answer(lab.call("keep"))
+        set_knobs(ws, VAL_BPB=9.0, EXPORT=1)
+        crash = answer(lab.call("run_experiment", description="names a value", wait=True))
+        assert crash["status"] == "crash" and "4321" * 2 in crash["tail"], crash  # the agent is told
+        transcript.write_text(json.dumps({"type": "user", "toolUseResult": crash}) + "\n")  # as Claude Code keeps it
+        answer(lab.call("discard"))
+        set_knobs(ws, VAL_BPB=0.99, EXPORT=1)
+        later = answer(lab.call("run_experiment", description="reads the transcript", wait=True))
+    finally:
+        lab.loop.shutdown()
+    log = (ws / later["log"]).read_text()
+    assert later["status"] == "ok" and later["verified"], later  # its export still reached the harness
+    assert "found the reason in" not in log, log

@@ -309,8 +309,22 @@ def workspace_hidden(root: Path) -> list[str]:
     """The workspace's folders no run may read (a cluster node's too, where it sees the workspace): the runs' logs and
     records, which hold what runs printed and the reasons the harness gave (review 88: an error can name a value
     computed from validation batches), and the state and its copy, which hold each undecided run's result with its
-    log's tail and that reason, beside the trackers' stores and the overnight sessions' logs (review 90)."""
-    return [str(root / RUNS_DIR), str(root / Path(STATE_PATH).parent), str(records_dir(root))]
+    log's tail and that reason, beside the trackers' stores and the overnight sessions' logs (review 90); and the
+    agent's own records of its answers (agent_records)."""
+    return [str(root / RUNS_DIR), str(root / Path(STATE_PATH).parent), str(records_dir(root)), *agent_records()]
+
+
+def agent_records() -> list[str]:
+    """Claude Code's own folders on this machine: its config folder (`$CLAUDE_CONFIG_DIR`, else `~/.claude`) keeps each
+    session's transcript, every tool answer in it, with the harness's reason for a run that is no result (review 92:
+    a later run read a value computed from validation batches there, as reviews 88 and 90 had it from runs/ and the
+    state), and its cache keeps its MCP servers' logs. No run needs either; both are named where the server's home has
+    them (a folder that does not exist is hidden by no sandbox)."""
+    home = Path.home()
+    config = os.environ.get("CLAUDE_CONFIG_DIR", "").strip()
+    cache = os.environ.get("XDG_CACHE_HOME", "").strip() or str(home / ".cache")
+    found = [home / ".claude", *([Path(config).expanduser()] if config else []), Path(cache) / "claude-cli-nodejs"]
+    return [str(path.absolute()) for path in found]
 
 
 def harness_files(ws, commit: str) -> list[str]:
