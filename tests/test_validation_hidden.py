@@ -234,15 +234,15 @@ def outside_tmp():
     shutil.rmtree(folder, ignore_errors=True)
 
 
-@pytest.mark.parametrize("where", ["CLAUDE_CONFIG_DIR", "home"])
+@pytest.mark.parametrize("where", ["CLAUDE_CONFIG_DIR", "home", "codex"])
 def test_a_run_reads_no_reason_in_the_agents_own_transcript(fake_env, bubblewrap, monkeypatch, where, outside_tmp):
     """Review 92: reviews 88 and 90 hid every file of the workspace that holds the harness's reasons (a reason can name
     a value computed from validation batches), but the agent is told each one in its tool's answer, and Claude Code
     keeps every answer in the session's transcript (`~/.claude/projects/<workspace>/<session>.jsonl`, under
     $CLAUDE_CONFIG_DIR where that is set), which bubblewrap showed every run read-only: a later run found the value
-    there. Claude Code's folders are hidden from runs."""
+    there (Codex keeps its sessions in `~/.codex/sessions`). The clients' folders are hidden from runs."""
     home = outside_tmp / "home"  # not under /tmp, which every sandbox replaces with its own
-    config = outside_tmp / "claude-config" if where == "CLAUDE_CONFIG_DIR" else home / ".claude"
+    config = {"CLAUDE_CONFIG_DIR": outside_tmp / "claude-config", "codex": home / ".codex"}.get(where, home / ".claude")
     monkeypatch.setenv("HOME", str(home))  # the server's home: where Claude Code's records are
     if where == "CLAUDE_CONFIG_DIR":
         monkeypatch.setenv("CLAUDE_CONFIG_DIR", str(config))

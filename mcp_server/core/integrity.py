@@ -39,6 +39,7 @@ EXPORT_NAME = "model.pt2"
 EVALUATOR = "nanochat/evaluate_export.py"
 EXPORTER = "nanochat/export.py"
 FOLDER = "."  # data_stat's name for the data folder itself
+AGENT_HOMES = ("CLAUDE_CONFIG_DIR", "CODEX_HOME")  # where a client keeps its sessions when told (agent_records)
 COMPILE_CACHE = "compile"  # inside the prepared cache: compiled graphs and the measured peak FLOP/s, so writable
 # What the harness scores with, in the prepared cache (nanochat/cache.py): pinned by content at setup
 PINNED_FILES = {"tokenizer": "tokenizer/tokenizer.pkl", "token_bytes": "tokenizer/token_bytes.pt"}
@@ -315,15 +316,19 @@ def workspace_hidden(root: Path) -> list[str]:
 
 
 def agent_records() -> list[str]:
-    """Claude Code's own folders on this machine: its config folder (`$CLAUDE_CONFIG_DIR`, else `~/.claude`) keeps each
-    session's transcript, every tool answer in it, with the harness's reason for a run that is no result (review 92:
-    a later run read a value computed from validation batches there, as reviews 88 and 90 had it from runs/ and the
-    state), and its cache keeps its MCP servers' logs. No run needs either; both are named where the server's home has
-    them (a folder that does not exist is hidden by no sandbox)."""
-    home = Path.home()
-    config = os.environ.get("CLAUDE_CONFIG_DIR", "").strip()
-    cache = os.environ.get("XDG_CACHE_HOME", "").strip() or str(home / ".cache")
-    found = [home / ".claude", *([Path(config).expanduser()] if config else []), Path(cache) / "claude-cli-nodejs"]
+    """Where the agents that drive the server keep their sessions on this machine, each tool answer in them, the
+    harness's reason for a run that is no result among them (review 92: a later run read a value computed from
+    validation batches in Claude Code's transcript, as reviews 88 and 90 had it from runs/ and the state): Claude Code's
+    config folder (`$CLAUDE_CONFIG_DIR`, else `~/.claude`: its transcripts) and cache (its MCP servers' logs), and those
+    of the other clients docs/other-agents.md names (Codex's `$CODEX_HOME`, else `~/.codex`; Claude Desktop's and
+    Cursor's). No run needs any of them; a folder that does not exist is hidden by no sandbox."""
+    home, env = Path.home(), os.environ
+    config = Path(env.get("XDG_CONFIG_HOME", "").strip() or home / ".config")
+    cache = Path(env.get("XDG_CACHE_HOME", "").strip() or home / ".cache")
+    support = home / "Library" / "Application Support"  # macOS
+    found = [home / ".claude", cache / "claude-cli-nodejs", home / ".codex", home / ".cursor",
+             *(folder / app for folder in (config, support) for app in ("Claude", "Cursor")),
+             *(Path(env[name].strip()).expanduser() for name in AGENT_HOMES if env.get(name, "").strip())]
     return [str(path.absolute()) for path in found]
 
 
