@@ -275,3 +275,41 @@ def test_a_run_reads_no_reason_in_the_agents_own_transcript(fake_env, bubblewrap
     log = (ws / later["log"]).read_text()
     assert later["status"] == "ok" and later["verified"], later  # its export still reached the harness
     assert "found the reason in" not in log, log
+
+
+def test_a_run_reads_no_reason_in_a_tracker_store_the_user_named(fake_env, bubblewrap, monkeypatch):
+    """Review 92: the workspace's own MLflow store is in the hidden .research-loop (review 90), but a store the user
+    names (`MLFLOW_TRACKING_URI=sqlite:///mlflow.db`, MLflow's quick start) is a database in the server's folder, the
+    workspace, with MLflow's artifacts beside it in `./mlruns`: each run's record and log, the harness's reason among
+    them, and its tags. A later run read the value there. The store's paths are hidden from runs."""
+    pytest.importorskip("mlflow")
+    from mcp_server.core import trackers
+    ws = make_workspace(fake_env, "VAL_BPB = 1.0\nEXPORT = 1\n")
+    (ws / "nanochat" / "evaluate_export.py").write_text(NAMING_EVALUATOR)
+    (ws / "nanochat" / "export.py").write_text("# harness stand-in\n")
+    (ws / "seeker.py").write_text(SEEKER)
+    git(ws, "add", ".")
+    git(ws, "commit", "-q", "-m", "a harness that evaluates exports")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(fake_env / "venv")], check=True)
+    monkeypatch.chdir(ws)  # where Claude Code starts the server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    lab = Lab(ws, unsandboxed=False, train_command=[str(fake_env / "venv" / "bin" / "python"), "seeker.py", str(ws)])
+    tracker = trackers.tracker(ws, "mlflow")  # as the server with --track mlflow makes it
+    try:
+        answer(lab.call("setup", tag="tracked"))
+        assert answer(lab.call("run_experiment", description="base", wait=True))["verified"]
+        answer(lab.call("keep"))
+        set_knobs(ws, VAL_BPB=9.0, EXPORT=1)
+        crash = answer(lab.call("run_experiment", description="names a value", wait=True))
+        assert crash["status"] == "crash" and "4321" * 2 in crash["tail"], crash
+        answer(lab.call("discard"))
+        assert tracker.sync() >= 2
+        set_knobs(ws, VAL_BPB=0.99, EXPORT=1)
+        later = answer(lab.call("run_experiment", description="reads the tracker's store", wait=True))
+    finally:
+        lab.loop.shutdown()
+    stored = [p for p in [ws / "mlflow.db", *(ws / "mlruns").rglob("*")] if p.is_file() and b"4321" * 2 in p.read_bytes()]
+    assert stored, "the tracker kept no reason: the play did not happen"
+    log = (ws / later["log"]).read_text()
+    assert later["status"] == "ok" and later["verified"], later
+    assert "found the reason in" not in log, log

@@ -312,7 +312,29 @@ def workspace_hidden(root: Path) -> list[str]:
     computed from validation batches), and the state and its copy, which hold each undecided run's result with its
     log's tail and that reason, beside the trackers' stores and the overnight sessions' logs (review 90); and the
     agent's own records of its answers (agent_records)."""
-    return [str(root / RUNS_DIR), str(root / Path(STATE_PATH).parent), str(records_dir(root)), *agent_records()]
+    return [str(root / RUNS_DIR), str(root / Path(STATE_PATH).parent), str(records_dir(root)), *agent_records(),
+            *TRACKER_STORES.get(str(Path(root).resolve()), [])]
+
+
+# {workspace, resolved: the paths on this machine where its MLflow tracker, at a store the user named, writes the runs'
+# records and logs (tracking.local_paths)}: hidden from its runs as the workspace's own store is (review 92)
+TRACKER_STORES: dict[str, list[str]] = {}
+
+
+def hide_tracker_store(root: Path, paths: list[tuple[Path, bool]]) -> None:
+    """Names a tracker's local store (tracking.local_paths: each path, whether a folder) to the workspace's runs'
+    sandboxes; made now where it is not there yet (a sandbox hides only what exists, and a run can live while the
+    tracker first writes): folders, and the database file where its folder is there (an empty file is an empty SQLite
+    database)."""
+    for path, folder in paths:
+        try:
+            if folder:
+                path.mkdir(parents=True, exist_ok=True)
+            elif path.parent.is_dir():
+                path.touch()
+        except OSError:
+            pass
+    TRACKER_STORES[str(Path(root).resolve())] = [str(path) for path, _ in paths]
 
 
 def agent_records() -> list[str]:

@@ -25,10 +25,11 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import git
 
-from mcp_server.core import history, ledger, limits, logparse
+from mcp_server.core import history, integrity, ledger, limits, logparse
 from mcp_server.core.state import STATE_DIR, STATE_FILE, records_dir
 from mcp_server.core.workspace import HarnessGit
 
@@ -63,6 +64,28 @@ MISSING = ("--track {0} needs the `{0}` extra: `uv sync --extra {0}` in this pro
 def default_uri(root: Path) -> str:
     """MLflow's local store in the workspace: `mlflow ui --backend-store-uri <this>` shows the night."""
     return f"sqlite:///{root / STATE_DIR / LOCAL_DB}"
+
+
+def local_paths(uri: str, root: Path) -> list[tuple[Path, bool]]:
+    """Where an MLflow store the user named (not the workspace's own, in its hidden .research-loop) keeps the runs'
+    records, logs and tags on this machine, each (path, whether a folder): a SQLite database and MLflow's default
+    artifact folder for it (`./mlruns`, against the server's folder: the workspace, where Claude Code starts it), or a
+    file store's folder. A run's log and record hold the harness's reason for a run that is no result (a value computed
+    from validation batches, review 88), so runs must not read them (review 92: MLflow's own quick start's
+    `sqlite:///mlflow.db` put both in the workspace). A tracking server's are on its own machine: none that this
+    server knows (`databricks` and the like name no path)."""
+    if uri == default_uri(root):
+        return []
+    scheme, _, rest = uri.partition(":")
+    if not rest or len(scheme) == 1:  # a bare path (a Windows drive letter is no scheme), or a name like databricks
+        return [(Path(os.path.abspath(uri)), True)] if os.sep in uri else []
+    if scheme == "file":
+        return [(Path(os.path.abspath(urlsplit(uri).path)), True)]
+    if scheme == "sqlite" and rest.startswith("///"):
+        db = rest[3:].split("?", 1)[0]
+        return ([(Path(os.path.abspath(db)), False)] if db and db != ":memory:" else []) + \
+            [(Path(os.path.abspath("mlruns")), True)]
+    return []
 
 
 def experiment_name(root: Path, branch: str) -> str:
@@ -124,6 +147,8 @@ class Tracker:
         self.root = Path(root).resolve()
         self.uri = uri or default_uri(self.root)
         self.make_sink = sink or (lambda: MlflowSink(self.root, self.uri))
+        if sink is None:  # where MLflow writes on this machine, hidden from the runs
+            integrity.hide_tracker_store(self.root, local_paths(self.uri, self.root))
         self.owned, self.poll_s, self.retry_s = owned, poll_s, retry_s
         self.stopping = threading.Event()
         self.problem: str | None = None  # why the last pass failed, while it did
