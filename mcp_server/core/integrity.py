@@ -344,7 +344,9 @@ def agent_records() -> list[str]:
     config folder (`$CLAUDE_CONFIG_DIR`, else `~/.claude`: its transcripts) and cache (its MCP servers' logs), and those
     of the other clients docs/other-agents.md names (Codex's `$CODEX_HOME`, else `~/.codex`; Claude Desktop's and
     Cursor's). No run needs any of them; a folder that does not exist is hidden by no sandbox."""
-    home, env = Path.home(), os.environ
+    env, home = os.environ, Path(os.path.expanduser("~"))
+    if not home.is_absolute():  # no home to be found (no HOME, no passwd entry): the variables' folders alone
+        return [str(Path(env[name].strip()).expanduser().absolute()) for name in AGENT_HOMES if env.get(name, "").strip()]
     config = Path(env.get("XDG_CONFIG_HOME", "").strip() or home / ".config")
     cache = Path(env.get("XDG_CACHE_HOME", "").strip() or home / ".cache")
     support = home / "Library" / "Application Support"  # macOS
