@@ -3,12 +3,9 @@ the run's interpreter starts before the run is handed to it: a slot's next worke
 else could carry validation text to a run: the harness's reasons, and the runs' logs."""
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
@@ -225,13 +222,6 @@ def test_a_shard_replaced_while_a_run_lives_leaves_it_no_number(tmp_path, bubble
 # the reason, then trains
 READER = SEEKER.replace("for folder, _, files in os.walk(sys.argv[1]):",
                         "for folder, _, files in (w for top in sys.argv[1:] for w in os.walk(top)):")
-
-
-@pytest.fixture
-def outside_tmp():
-    folder = Path(tempfile.mkdtemp(prefix="review92-", dir="/var/tmp"))
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.mark.parametrize("where", ["CLAUDE_CONFIG_DIR", "home", "codex"])
