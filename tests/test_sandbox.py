@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from mcp_server.core import integrity
 from mcp_server.dashboard import dashboard
 from mcp_server.executors import cluster
 from mcp_server.overnight import overnight
@@ -496,25 +495,6 @@ def test_a_hidden_folder_that_holds_the_run_shows_the_run_and_what_it_reads_but_
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     assert "shared: ['env', 'venv', 'ws'] ['0002-abc'] ['code']" in out and "venv: the environment own: this run" in out, out
     assert (code / "written").read_text() == "x" and (job_files / "7_submitted.pkl").read_text() == "the seed"
-
-
-def test_a_plugin_installed_in_the_agents_folder_is_shown_and_its_transcripts_hidden(bubblewrap, outside_tmp,
-                                                                                         monkeypatch):
-    """Review 92 hides the agents' session folders (~/.claude: Claude Code's transcripts hold the harness's reasons),
-    where Claude Code also installs plugins, this one and its environment among them: what the spec shows inside the
-    hidden folder (the plugin, read-only) is shown again, the rest of it is not."""
-    monkeypatch.setenv("HOME", str(outside_tmp))
-    monkeypatch.delenv("CLAUDE_CONFIG_DIR", raising=False)
-    plugin, transcript = outside_tmp / ".claude" / "plugins" / "research-loop", outside_tmp / ".claude" / "projects"
-    for folder in (plugin, transcript, outside_tmp / "ws"):
-        folder.mkdir(parents=True)
-    (plugin / "worker.py").write_text("the plugin\n")
-    (transcript / "session.jsonl").write_text("an answer")
-    spec = {"readonly": [str(plugin)], "writable": ["."], "hidden": integrity.agent_records()}
-    argv, _ = sandbox.wrap(["sh", "-c", f"cat {plugin / 'worker.py'}; ls -A {outside_tmp / '.claude'}; "
-                                        f"cat {transcript / 'session.jsonl'}"], spec, str(outside_tmp / "ws"))
-    done = subprocess.run(argv, capture_output=True, text=True)
-    assert done.stdout.split() == ["the", "plugin", "plugins"] and "No such file" in done.stderr, done
 
 
 def test_a_run_cannot_unmount_what_hides_the_data_sources(bubblewrap, tmp_path):

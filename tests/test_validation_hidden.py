@@ -9,9 +9,10 @@ import time
 
 import pytest
 
+from mcp_server.core import integrity
 from mcp_server.core.integrity import evaluation_verdict
 from mcp_server.executors import executor
-from mcp_server.scripts import harness_eval
+from mcp_server.scripts import harness_eval, sandbox
 from server_support import Lab, answer, git, make_workspace, set_knobs, wait_until
 from test_server_units import EXPORT_THEN_WAIT, FAKE_EVALUATOR, REPO, clean_harness, fake_evaluation, run_worker
 
@@ -303,3 +304,22 @@ def test_a_run_reads_no_reason_in_a_tracker_store_the_user_named(fake_env, bubbl
     log = (ws / later["log"]).read_text()
     assert later["status"] == "ok" and later["verified"], later
     assert "found the reason in" not in log, log
+
+
+def test_a_plugin_installed_in_the_agents_folder_is_shown_and_its_transcripts_hidden(bubblewrap, outside_tmp,
+                                                                                         monkeypatch):
+    """Review 92 hides the agents' session folders (~/.claude: Claude Code's transcripts hold the harness's reasons),
+    where Claude Code also installs plugins, this one and its environment among them: what the spec shows inside the
+    hidden folder (the plugin, read-only) is shown again, the rest of it is not."""
+    monkeypatch.setenv("HOME", str(outside_tmp))
+    monkeypatch.delenv("CLAUDE_CONFIG_DIR", raising=False)
+    plugin, transcript = outside_tmp / ".claude" / "plugins" / "research-loop", outside_tmp / ".claude" / "projects"
+    for folder in (plugin, transcript, outside_tmp / "ws"):
+        folder.mkdir(parents=True)
+    (plugin / "worker.py").write_text("the plugin\n")
+    (transcript / "session.jsonl").write_text("an answer")
+    spec = {"readonly": [str(plugin)], "writable": ["."], "hidden": integrity.agent_records()}
+    argv, _ = sandbox.wrap(["sh", "-c", f"cat {plugin / 'worker.py'}; ls -A {outside_tmp / '.claude'}; "
+                                        f"cat {transcript / 'session.jsonl'}"], spec, str(outside_tmp / "ws"))
+    done = subprocess.run(argv, capture_output=True, text=True)
+    assert done.stdout.split() == ["the", "plugin", "plugins"] and "No such file" in done.stderr, done
