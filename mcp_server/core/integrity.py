@@ -340,19 +340,21 @@ def hide_tracker_store(root: Path, paths: list[tuple[Path, bool]]) -> None:
 def agent_records() -> list[str]:
     """Where the agents that drive the server keep their sessions on this machine, each tool answer in them, the
     harness's reason for a run that is no result among them (review 92: a later run read a value computed from
-    validation batches in Claude Code's transcript, as reviews 88 and 90 had it from runs/ and the state): Claude Code's
-    config folder (`$CLAUDE_CONFIG_DIR`, else `~/.claude`, or its XDG one: its transcripts) and cache (its MCP servers' logs), and those
-    of the other clients docs/other-agents.md names (Codex's `$CODEX_HOME`, else `~/.codex`; Claude Desktop's and
-    Cursor's). No run needs any of them; a folder that does not exist is hidden by no sandbox."""
+    validation batches in Claude Code's transcript, as reviews 88 and 90 had it from runs/ and the state): Claude
+    Code's config folder (`$CLAUDE_CONFIG_DIR`, else `~/.claude`, or its XDG one: its transcripts) and cache (its MCP
+    servers' logs), and those of the other clients docs/other-agents.md names (Codex's `$CODEX_HOME`, else
+    `~/.codex`; Claude Desktop's and Cursor's). No run needs any of them; a folder that does not exist is hidden by
+    no sandbox."""
     env, home = os.environ, Path(os.path.expanduser("~"))
+    named = [Path(env[name].strip()).expanduser() for name in AGENT_HOMES if env.get(name, "").strip()]
     if not home.is_absolute():  # no home to be found (no HOME, no passwd entry): the variables' folders alone
-        return [str(Path(env[name].strip()).expanduser().absolute()) for name in AGENT_HOMES if env.get(name, "").strip()]
+        return [str(path.absolute()) for path in named]
     config = Path(env.get("XDG_CONFIG_HOME", "").strip() or home / ".config")
     cache = Path(env.get("XDG_CACHE_HOME", "").strip() or home / ".cache")
     support = home / "Library" / "Application Support"  # macOS
     found = [home / ".claude", config / "claude", cache / "claude-cli-nodejs", home / ".codex", home / ".cursor",
              *(folder / app for folder in (config, support) for app in ("Claude", "Cursor")),
-             *(Path(env[name].strip()).expanduser() for name in AGENT_HOMES if env.get(name, "").strip())]
+             *named]
     return [str(path.absolute()) for path in found]
 
 
