@@ -519,10 +519,11 @@ HANDLERS = {"pre-edit": pre_edit, "session-start": session_start, "pre-compact":
 
 
 def read_event() -> dict | None:
-    """The event on stdin, or None when it is not a JSON object (empty, cut short, not UTF-8)."""
+    """The event on stdin, or None when it is not a JSON object (empty, cut short, not UTF-8, nested deeper than
+    Python's parser goes)."""
     try:
         event = json.loads(sys.stdin.buffer.read())
-    except ValueError:  # UnicodeDecodeError included
+    except (ValueError, RecursionError):  # UnicodeDecodeError included; RecursionError is no ValueError
         return None
     return event if isinstance(event, dict) else None
 

@@ -273,6 +273,9 @@ UNREADABLE_EDITS = {
     "no file_path": json.dumps({"tool_name": "Edit", "tool_input": {"old_string": "a", "new_string": "b"}}),
     "a NUL in file_path": json.dumps({"tool_name": "Edit", "tool_input": {"file_path": "prepare.py\u0000.txt"}}),
     "a lone surrogate in file_path": '{"tool_name": "Edit", "tool_input": {"file_path": "prepare\\ud800.py"}}',
+    # valid JSON that Python's parser gives up on (RecursionError, no ValueError): a traceback, exit 1 (review 93)
+    "nested too deep to parse": '{"tool_name": "Edit", "tool_input": {"file_path": "prepare.py", "x": '
+                                + "[" * 100_000 + "]" * 100_000 + "}}",
 }
 
 
@@ -293,6 +296,7 @@ MALFORMED_EVENTS = {
     "cwd a number": json.dumps({"cwd": 5}),
     "everything of the wrong type": json.dumps({"cwd": ["/"], "session_id": {}, "transcript_path": 7,
                                                 "stop_hook_active": "yes"}),
+    "nested too deep to parse": '{"cwd": ' + "[" * 100_000 + "]" * 100_000 + "}",  # review 93
 }
 
 
