@@ -139,11 +139,16 @@ REFUSED_NAMES = [
     ("main", "never main, master"), ("master", "never main, master"), ("HEAD", "not a valid git branch name"),
     ("autoresearch/night", "research run's autoresearch/<tag>"), ("autoresearch/other", "autoresearch/<tag>"),
     ("pr/taken", "already exists"), ("bad..name", "not a valid git branch name"), ("-x", "not usable"),
-    ("pr/lock.lock", "not a valid git branch name"), ("", "not usable"), (" pr/x", "not usable")]
+    ("pr/lock.lock", "not a valid git branch name"), ("", "not usable"), (" pr/x", "not usable"),
+    # review 93: names git reads as another ref (made refs/heads/refs/heads/main, which the report then said to push
+    # as `git push origin refs/heads/main`: main), or cannot make beside one (git's own failure, after the report)
+    ("refs/heads/main", "already names"), ("v1", "already names"), ("pr/taken/more", "beside the branch pr/taken"),
+    ("pr/" + "x" * 300, "too long")]
 
 
 def test_bad_branch_names_are_refused_and_nothing_moves(night):
     git(night.ws, "branch", "pr/taken", night.start)
+    git(night.ws, "tag", "v1", night.start)
     before = git(night.ws, "for-each-ref", "refs/heads")
     reports = night.ws / ".research-loop" / "reports"
     for name, says in REFUSED_NAMES:

@@ -181,6 +181,29 @@ def validate_new_branch(repo: git.Repo, name: str) -> str:
     if name in repo.heads:
         raise Refusal(f"Branch {name!r} already exists and is left as it is: name a new branch (e.g. '{name}-2'), "
                       f"or delete that one first (git branch -D {name}).")
+    return name_git_can_make(repo, name)
+
+
+MAX_REF_PART_BYTES = 200  # a loose ref is a file: one part of its name over the file system's 255 bytes cannot be made
+
+
+def name_git_can_make(repo: git.Repo, name: str) -> str:
+    """A new branch name git reads as that branch only and can create (review 93): `refs/heads/main` or a tag's name
+    made an ambiguous branch that git, and the report's `git push origin <name>`, read as the other ref; a name under
+    or above an existing branch, or too long, failed in git after the report was written."""
+    if name.startswith("refs/") or repo.git.rev_parse("--verify", "-q", name, with_exceptions=False):
+        raise Refusal(f"Branch name {name!r} already names another ref in this repository (a branch, tag or remote's "
+                      "branch), which git would read in its place, `git push` too: name a new branch such as 'pr/nov25'.")
+    parts = name.split("/")
+    above = ["/".join(parts[:i]) for i in range(1, len(parts)) if "/".join(parts[:i]) in repo.heads]
+    below = repo.git.for_each_ref("--count=1", "--format=%(refname:short)", f"refs/heads/{name}/").strip()
+    if above or below:
+        raise Refusal(f"Branch name {name!r} cannot be made beside the branch {(above or [below])[0]} (git keeps a "
+                      "branch's name as a file, and one name cannot be a file and a folder): name a new branch such "
+                      "as 'pr/nov25'.")
+    if any(len(part.encode()) > MAX_REF_PART_BYTES for part in parts):
+        raise Refusal(f"Branch name {name[:40]!r}... is too long for git (over {MAX_REF_PART_BYTES} bytes between two "
+                      "'/'): name a new branch such as 'pr/nov25'.")
     return name
 
 
