@@ -8,7 +8,6 @@ import base64
 import functools
 import json
 import logging
-import re
 import time
 from typing import Annotated, Literal
 
@@ -25,6 +24,7 @@ from mcp.types import (
 )
 
 from mcp_server import stdio_lines
+from mcp_server.stdio_lines import SURROGATE, check_text, not_unicode
 from mcp_server.phases import morning, sweep as sweeping
 from mcp_server.core import ledger, plot
 from mcp_server.loop import ResearchLoop
@@ -47,7 +47,6 @@ MAX_NOISE_REPEATS = 10
 MAX_CONFIRM_PAIRS = 5
 PROGRESS_POLL_SECONDS = 1.0
 PROGRESS_HEARTBEAT_SECONDS = 10.0  # a notification at least this often, even when no step is new
-SURROGATE = re.compile("[\ud800-\udfff]")  # what json.loads leaves of an unpaired \\uD800-\\uDFFF escape
 
 READ_ONLY = ToolAnnotations(readOnlyHint=True, destructiveHint=False, idempotentHint=True, openWorldHint=False)
 WRITES = ToolAnnotations(readOnlyHint=False, destructiveHint=False, idempotentHint=False, openWorldHint=False)
@@ -109,21 +108,6 @@ def telling_records_changes(loop: ResearchLoop, fn):
             result.content[0] = TextContent(type="text", text=json.dumps(body, separators=(",", ":")))
         return result
     return wrapper
-
-
-def not_unicode(text: str) -> str:
-    """A text's first unpaired surrogate, as the escape that sent it (the text itself cannot be
-    written back: it is not encodable as UTF-8)."""
-    return f"\\u{ord(SURROGATE.search(text)[0]):04x}"
-
-
-def check_text(arguments: dict) -> None:
-    """Every string argument must be valid Unicode: an unpaired surrogate would be refused by the
-    ledger's, git's and the answer's UTF-8 encoders halfway through a tool, and no answer could echo it."""
-    for name, value in arguments.items():
-        if isinstance(value, str) and SURROGATE.search(value):
-            raise Refusal(f"{name} holds an unpaired surrogate ({not_unicode(value)}), which is not valid "
-                          "Unicode text: send it as plain UTF-8 text, without that character, and retry.")
 
 
 class AnswersUnreadable:

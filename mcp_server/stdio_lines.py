@@ -9,13 +9,17 @@ are answered by server.AnswersUnreadable.
 import json
 import logging
 import os
+import re
 
 import anyio
 from mcp.shared.message import SessionMessage
 from mcp.types import INVALID_REQUEST, ErrorData, JSONRPCError
 
+from mcp_server.core.models import Refusal
+
 log = logging.getLogger(__name__)
 SHOWN_ID_CHARS = 80  # of a wrong id echoed in the error
+SURROGATE = re.compile("[\ud800-\udfff]")  # what json.loads leaves of an unpaired \\uD800-\\uDFFF escape
 
 
 def unreadable_id(line: str) -> str | None:
@@ -70,3 +74,31 @@ class CheckedLines:
             await self.answers.send(SessionMessage(JSONRPCError(
                 jsonrpc="2.0", id=None, error=ErrorData(code=INVALID_REQUEST, message=message))))
             log.warning("answered a request with an unreadable id %s", wrong)
+
+
+# --- the arguments' text, once the SDK has read them (server.refusals_as_tool_errors) ---
+
+def not_unicode(text: str) -> str:
+    """A text's first unpaired surrogate, as the escape that sent it (the text itself cannot be
+    written back: it is not encodable as UTF-8)."""
+    return f"\\u{ord(SURROGATE.search(text)[0]):04x}"
+
+
+def check_text(arguments: dict) -> None:
+    """Every string argument must be valid Unicode: an unpaired surrogate would be refused by the
+    ledger's, git's and the answer's UTF-8 encoders halfway through a tool, and no answer could echo it.
+    Strings inside an argument too (review 93: a sweep's choice trained a trial, then failed its answer)."""
+    for name, value in arguments.items():
+        if found := unpaired(value):
+            raise Refusal(f"{name} holds an unpaired surrogate ({not_unicode(found)}), which is not valid "
+                          "Unicode text: send it as plain UTF-8 text, without that character, and retry.")
+
+
+def unpaired(value) -> str | None:
+    """The first string in value (a key or an item at any depth, our models' fields: the SDK's Context is none of
+    the arguments) holding an unpaired surrogate."""
+    if isinstance(value, str):
+        return value if SURROGATE.search(value) else None
+    value = value.model_dump() if type(value).__module__.startswith("mcp_server.") else value
+    items = [*value.keys(), *value.values()] if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return next((found for item in items if (found := unpaired(item))), None)
