@@ -101,6 +101,8 @@ def test_stop_lets_a_run_finish_or_cancels_it_now(lab, hold):
     lab.baseline()
     set_knobs(lab.ws, val_bpb=0.9, steps=4)
     assert lab.ok("run_experiment", description="finishes after stop", wait=False)["run"] == 2
+    said = lab.refused("stop", reason=" ")  # review 93: it asked for "what this run changes"
+    assert "why the research run ends" in said and "this run changes" not in said, said
     stopped = lab.ok("stop", reason="enough for tonight")
     assert stopped["running"] and stopped["stopped"] == "enough for tonight"
     assert "stopped: enough for tonight" in lab.refused("run_experiment", description="more")

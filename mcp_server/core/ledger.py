@@ -69,7 +69,9 @@ def validate_description(text: str, what: str = "description") -> str:
         raise Refusal(f"The {what} must be text.")
     text = text.strip()
     if not text:
-        raise Refusal(f"The {what} is empty: say in a few words what this run changes.")
+        # review 93: stop's reason was asked for "what this run changes"
+        raise Refusal(f"The {what} is empty: say in a few words "
+                      + ("why the research run ends." if what == "reason" else "what this run changes."))
     bad = sorted({c for c in text if _breaks_a_row(c)})
     if bad:
         raise Refusal(f"The {what} contains a tab, a line break or another control character "
