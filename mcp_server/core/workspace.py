@@ -192,8 +192,8 @@ def name_git_can_make(repo: git.Repo, name: str) -> str:
     made an ambiguous branch that git, and the report's `git push origin <name>`, read as the other ref; a name under
     or above an existing branch, or too long, failed in git after the report was written."""
     if name.startswith("refs/") or repo.git.rev_parse("--verify", "-q", name, with_exceptions=False):
-        raise Refusal(f"Branch name {name!r} already names another ref in this repository (a branch, tag or remote's "
-                      "branch), which git would read in its place, `git push` too: name a new branch such as 'pr/nov25'.")
+        raise Refusal(f"Branch name {name!r} already names something else in this repository (a branch, tag, remote's "
+                      "branch or commit), which git would read in its place, `git push` too: name a new branch such as 'pr/nov25'.")
     parts = name.split("/")
     above = ["/".join(parts[:i]) for i in range(1, len(parts)) if "/".join(parts[:i]) in repo.heads]
     below = repo.git.for_each_ref("--count=1", "--format=%(refname:short)", f"refs/heads/{name}/").strip()
