@@ -546,6 +546,49 @@ def test_a_program_that_writes_its_state_or_that_the_harness_cannot_run_is_no_re
 
 
 
+class NamesAValidationToken(LogitsBigram):
+    """Looks up a row out of bounds by the first token it is asked plus the vocabulary's size (review 88's attack):
+    torch's error names that index, so its message names a value of the validation data."""
+
+    def forward(self, idx, targets=None, reduction="mean"):
+        if targets is None:
+            return torch.gather(self.logits, 0, (idx[:1, :1] + self.logits.size(0)).expand(1, self.logits.size(1)))
+        return super().forward(idx, targets, reduction)
+
+
+class FailsOnValidationOnly(LogitsBigram):
+    """Out of bounds only where the batch's first token is one the validation data begins with."""
+
+    def __init__(self, vocab_size: int, first: int):
+        super().__init__(vocab_size)
+        self.first = first
+
+    def forward(self, idx, targets=None, reduction="mean"):
+        if targets is None:
+            index = idx[:1, :1] + torch.where(idx[:1, :1] == self.first, self.logits.size(0), 0)
+            return torch.gather(self.logits, 0, index.expand(1, self.logits.size(1)))[:, None].expand(
+                *idx.shape, -1).float()
+        return super().forward(idx, targets, reduction)
+
+
+def test_an_error_the_program_raises_on_validation_batches_names_no_value_of_them(tokenizer, tmp_path, monkeypatch):
+    """The reason reaches the agent's answers and wherever they are kept (review 92 hid the places it knew): the
+    message shown is the one the program raises on random tokens, or none, the error's type named."""
+    from nanochat import evaluate_export, export
+    batch, vocab = 4, tokenizer.get_vocab_size()
+    first = int(next(make_dataloader(tokenizer, batch, SEQ_LEN, "val", device="cpu"))[0][0, 0])
+    for name, model in {"names": NamesAValidationToken(vocab), "only": FailsOnValidationOnly(vocab, first)}.items():
+        monkeypatch.setenv(export.EXPORT_ENV, str(tmp_path / f"{name}.pt2"))
+        program = export.export_for_evaluation(model, batch, SEQ_LEN, batch)
+        problem = evaluate_export.evaluate(evaluation_args(program, batch, 2 * batch * SEQ_LEN), tokenizer)["problem"]
+        assert f"index {first + vocab} " not in problem, (name, problem)
+        assert "could not evaluate the exported model" in problem, (name, problem)
+        if name == "names":  # the same error on random tokens: its message is shown, as the agent needs it
+            assert "is out of bounds for dimension 0" in problem, problem
+        else:
+            assert "RuntimeError on the validation batches and none on random tokens" in problem, problem
+
+
 def test_a_gpus_calls_are_sized_to_its_free_memory():
     """The h100 profile's batch (128 x 2048, vocabulary 8192): 160 MiB of logits per row."""
     from nanochat.export import GPU_LOGITS_MEMORY_SHARE, LOGIT_BYTES, gpu_rows_per_call
