@@ -268,12 +268,18 @@ def test_a_run_reads_no_reason_in_the_agents_own_transcript(fake_env, bubblewrap
     assert "found the reason in" not in log, log
 
 
-def test_a_run_reads_no_reason_in_a_tracker_store_the_user_named(fake_env, bubblewrap, monkeypatch):
+# MLflow's quick start; a database elsewhere (`postgresql://`, `mysql://`: review 94 played it with SQLite's in-memory
+# one, through the same MLflow code), whose artifacts MLflow still keeps in `./mlruns`; a file store named bare
+@pytest.mark.parametrize("uri", ["sqlite:///mlflow.db", "sqlite://", "mlruns"])
+def test_a_run_reads_no_reason_in_a_tracker_store_the_user_named(fake_env, bubblewrap, monkeypatch, uri):
     """Review 92: the workspace's own MLflow store is in the hidden .research-loop (review 90), but a store the user
     names (`MLFLOW_TRACKING_URI=sqlite:///mlflow.db`, MLflow's quick start) is a database in the server's folder, the
     workspace, with MLflow's artifacts beside it in `./mlruns`: each run's record and log, the harness's reason among
-    them, and its tags. A later run read the value there. The store's paths are hidden from runs."""
+    them, and its tags. A later run read the value there. The store's paths are hidden from runs. Review 94: so are
+    those of a database elsewhere (MLflow keeps its artifacts in `./mlruns` for every database store) and of a file
+    store named by a bare folder name (`mlruns`), which review 92 took for a name like `databricks`."""
     pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 refuses a file store unless told
     from mcp_server.core import trackers
     ws = make_workspace(fake_env, "VAL_BPB = 1.0\nEXPORT = 1\n")
     (ws / "nanochat" / "evaluate_export.py").write_text(NAMING_EVALUATOR)
@@ -283,7 +289,7 @@ def test_a_run_reads_no_reason_in_a_tracker_store_the_user_named(fake_env, bubbl
     git(ws, "commit", "-q", "-m", "a harness that evaluates exports")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(fake_env / "venv")], check=True)
     monkeypatch.chdir(ws)  # where Claude Code starts the server
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     lab = Lab(ws, unsandboxed=False, train_command=[str(fake_env / "venv" / "bin" / "python"), "seeker.py", str(ws)])
     tracker = trackers.tracker(ws, "mlflow")  # as the server with --track mlflow makes it
     try:
