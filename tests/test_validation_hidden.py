@@ -329,3 +329,72 @@ def test_a_plugin_installed_in_the_agents_folder_is_shown_and_its_transcripts_hi
                                         f"cat {transcript / 'session.jsonl'}"], spec, str(outside_tmp / "ws"))
     done = subprocess.run(argv, capture_output=True, text=True)
     assert done.stdout.split() == ["the", "plugin", "plugins"] and "No such file" in done.stderr, done
+
+
+# the training command: names each file under the server's temporary folder that holds the reason while it is there
+# (until the test makes the file named second), then trains
+POLLER = """import os, runpy, sys, time
+print("polling", flush=True)
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline and not os.path.exists(sys.argv[2]):
+    for folder, _, files in os.walk(sys.argv[1]):
+        for name in files:
+            try:
+                with open(os.path.join(folder, name), "rb") as f:
+                    if b"4321" * 2 in f.read():
+                        print("found the reason in", os.path.join(folder, name), flush=True)
+                        deadline = 0
+            except OSError:
+                pass
+sys.argv = ["fake_train.py"]
+runpy.run_path("fake_train.py", run_name="__main__")
+"""
+
+
+def test_a_run_reads_no_reason_in_the_files_the_tracker_writes_for_mlflow(fake_env, bubblewrap, monkeypatch,
+                                                                         outside_tmp):
+    """Review 94: the MLflow tracker wrote each run's artifacts (its record and log, the harness's reason in both) to
+    files of the server's temporary folder for MLflow to copy, `$TMPDIR` (a cluster's scratch, macOS's
+    `/var/folders/...`), which runs read where it is not /tmp: a run living while the tracker wrote a crash's record
+    read the value there. The tracker writes them in the workspace's hidden `.research-loop`."""
+    pytest.importorskip("mlflow")
+    import tempfile
+    scratch = outside_tmp / "tmpdir"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # the server's process: tempfile read TMPDIR before
+    from mcp_server.core import trackers
+    ws = make_workspace(fake_env, "VAL_BPB = 1.0\nEXPORT = 1\n")
+    (ws / "nanochat" / "evaluate_export.py").write_text(NAMING_EVALUATOR)
+    (ws / "nanochat" / "export.py").write_text("# harness stand-in\n")
+    (ws / "poller.py").write_text(POLLER)
+    git(ws, "add", ".")
+    git(ws, "commit", "-q", "-m", "a harness that evaluates exports")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(fake_env / "venv")], check=True)
+    done = outside_tmp / "done"  # seen by the run as it changes
+    lab = Lab(ws, unsandboxed=False, train_command=[str(fake_env / "venv" / "bin" / "python"), "poller.py",
+                                                    str(scratch), str(done)])
+    tracker = trackers.tracker(ws, "mlflow")  # the workspace's own store, as the server with --track mlflow has it
+    try:
+        done.write_text("")
+        answer(lab.call("setup", tag="scratch"))
+        assert answer(lab.call("run_experiment", description="base", wait=True))["verified"]
+        answer(lab.call("keep"))
+        set_knobs(ws, VAL_BPB=9.0, EXPORT=1)
+        crash = answer(lab.call("run_experiment", description="names a value", wait=True))
+        assert crash["status"] == "crash" and "4321" * 2 in crash["tail"], crash
+        answer(lab.call("discard"))
+        done.unlink()
+        set_knobs(ws, VAL_BPB=0.99, EXPORT=1)
+        started = answer(lab.call("run_experiment", description="reads the tracker's files", wait=False))
+        log = ws / started["log"]
+        assert wait_until(lambda: log.is_file() and "polling" in log.read_text(), timeout=60), "the run never polled"
+        assert tracker.sync() >= 2  # the crash's record among them, while the run lives
+        done.write_text("")
+        later = answer(lab.call("wait"))
+    finally:
+        lab.loop.shutdown()
+    later = later.get("results", [later])[0] if isinstance(later, dict) else later
+    text = log.read_text()
+    assert later["status"] == "ok" and later["verified"], later
+    assert "found the reason in" not in text, text

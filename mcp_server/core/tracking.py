@@ -460,8 +460,11 @@ class MlflowSink:
         return run_id
 
     def _artifacts(self, run_id: str, files: dict) -> None:
-        """{name: bytes} (artifacts) logged as the run's artifacts, through files written afresh."""
-        with tempfile.TemporaryDirectory() as tmp:
+        """{name: bytes} (artifacts) logged as the run's artifacts, through files written afresh in the workspace's
+        .research-loop, which runs cannot read: a record and a log hold the harness's reason, and the temporary folder
+        (`$TMPDIR`, where it is not /tmp) was one runs read (review 94)."""
+        (self.root / STATE_DIR).mkdir(exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.root / STATE_DIR, prefix="artifacts-") as tmp:
             for name, data in files.items():
                 (Path(tmp) / name).write_bytes(data)
                 self.client.log_artifact(run_id, str(Path(tmp) / name))
