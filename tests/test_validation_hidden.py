@@ -225,22 +225,37 @@ READER = SEEKER.replace("for folder, _, files in os.walk(sys.argv[1]):",
                         "for folder, _, files in (w for top in sys.argv[1:] for w in os.walk(top)):")
 
 
-@pytest.mark.parametrize("where", ["CLAUDE_CONFIG_DIR", "home", "codex"])
+# {case: (the client's folder the run searches, where it keeps the session, under the home), relative to the home}
+CLIENTS = {"home": (".claude", ".claude/projects/-workspace/session.jsonl"),
+           "codex": (".codex", ".codex/sessions/2026/12/07/rollout.jsonl"),
+           "linked": ("elsewhere", "elsewhere/-workspace/session.jsonl"),  # ~/.claude/projects links here
+           "gemini": (".gemini", ".gemini/tmp/0123abcd/chats/session.json"),
+           "vscode": (".config/Code", ".config/Code/User/workspaceStorage/0123abcd/chatSessions/session.json"),
+           "opencode": (".local/share/opencode", ".local/share/opencode/storage/part/msg_1/prt_1.json")}
+
+
+@pytest.mark.parametrize("where", ["CLAUDE_CONFIG_DIR", *CLIENTS])
 def test_a_run_reads_no_reason_in_the_agents_own_transcript(fake_env, bubblewrap, monkeypatch, where, outside_tmp):
     """Review 92: reviews 88 and 90 hid every file of the workspace that holds the harness's reasons (a reason can name
     a value computed from validation batches), but the agent is told each one in its tool's answer, and Claude Code
     keeps every answer in the session's transcript (`~/.claude/projects/<workspace>/<session>.jsonl`, under
     $CLAUDE_CONFIG_DIR where that is set), which bubblewrap showed every run read-only: a later run found the value
-    there (Codex keeps its sessions in `~/.codex/sessions`). The clients' folders are hidden from runs."""
+    there (Codex keeps its sessions in `~/.codex/sessions`). The clients' folders are hidden from runs. Review 94: so
+    is a folder a link inside them leads to (`~/.claude/projects` kept on another disk), and the session folders of
+    the other MCP clients `most clients` in docs/other-agents.md takes in (Gemini CLI, VS Code, opencode)."""
     home = outside_tmp / "home"  # not under /tmp, which every sandbox replaces with its own
-    config = {"CLAUDE_CONFIG_DIR": outside_tmp / "claude-config", "codex": home / ".codex"}.get(where, home / ".claude")
     monkeypatch.setenv("HOME", str(home))  # the server's home: where Claude Code's records are
+    for name in ("CLAUDE_CONFIG_DIR", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
     if where == "CLAUDE_CONFIG_DIR":
+        config, transcript = outside_tmp / "claude-config", outside_tmp / "claude-config" / "projects" / "s.jsonl"
         monkeypatch.setenv("CLAUDE_CONFIG_DIR", str(config))
     else:
-        monkeypatch.delenv("CLAUDE_CONFIG_DIR", raising=False)
-    transcript = config / "projects" / "-workspace" / "session.jsonl"
+        config, transcript = (home / part for part in CLIENTS[where])
     transcript.parent.mkdir(parents=True)
+    if where == "linked":
+        (home / ".claude").mkdir()
+        (home / ".claude" / "projects").symlink_to(config)
     ws = make_workspace(fake_env, "VAL_BPB = 1.0\nEXPORT = 1\n")
     (ws / "nanochat" / "evaluate_export.py").write_text(NAMING_EVALUATOR)
     (ws / "nanochat" / "export.py").write_text("# harness stand-in\n")
@@ -324,11 +339,15 @@ def test_a_plugin_installed_in_the_agents_folder_is_shown_and_its_transcripts_hi
         folder.mkdir(parents=True)
     (plugin / "worker.py").write_text("the plugin\n")
     (transcript / "session.jsonl").write_text("an answer")
+    (outside_tmp / "python").mkdir()  # review 94: the plugin's environment links to its interpreter's folder
+    (outside_tmp / "python" / "lib.py").write_text("interpreter\n")
+    (plugin / "base").symlink_to(outside_tmp / "python")
     spec = {"readonly": [str(plugin)], "writable": ["."], "hidden": integrity.agent_records()}
-    argv, _ = sandbox.wrap(["sh", "-c", f"cat {plugin / 'worker.py'}; ls -A {outside_tmp / '.claude'}; "
-                                        f"cat {transcript / 'session.jsonl'}"], spec, str(outside_tmp / "ws"))
+    argv, _ = sandbox.wrap(["sh", "-c", f"cat {plugin / 'worker.py'} {outside_tmp / 'python' / 'lib.py'}; "
+                                        f"ls -A {outside_tmp / '.claude'}; cat {transcript / 'session.jsonl'}"],
+                           spec, str(outside_tmp / "ws"))
     done = subprocess.run(argv, capture_output=True, text=True)
-    assert done.stdout.split() == ["the", "plugin", "plugins"] and "No such file" in done.stderr, done
+    assert done.stdout.split() == ["the", "plugin", "interpreter", "plugins"] and "No such file" in done.stderr, done
 
 
 # the training command: names each file under the server's temporary folder that holds the reason while it is there
