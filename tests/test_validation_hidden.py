@@ -231,7 +231,9 @@ CLIENTS = {"home": (".claude", ".claude/projects/-workspace/session.jsonl"),
            "linked": ("elsewhere", "elsewhere/-workspace/session.jsonl"),  # ~/.claude/projects links here
            "gemini": (".gemini", ".gemini/tmp/0123abcd/chats/session.json"),
            "vscode": (".config/Code", ".config/Code/User/workspaceStorage/0123abcd/chatSessions/session.json"),
-           "opencode": (".local/share/opencode", ".local/share/opencode/storage/part/msg_1/prt_1.json")}
+           "opencode": (".local/share/opencode", ".local/share/opencode/storage/part/msg_1/prt_1.json"),
+           # $TMPDIR outside /tmp (below): where a client keeps its shell's output (the agent's `cat` of a log)
+           "TMPDIR": ("scratch", "scratch/claude/-workspace/tasks/shell.output")}
 
 
 @pytest.mark.parametrize("where", ["CLAUDE_CONFIG_DIR", *CLIENTS])
@@ -253,6 +255,8 @@ def test_a_run_reads_no_reason_in_the_agents_own_transcript(fake_env, bubblewrap
     else:
         config, transcript = (home / part for part in CLIENTS[where])
     transcript.parent.mkdir(parents=True)
+    if where == "TMPDIR":
+        monkeypatch.setenv("TMPDIR", str(config))
     if where == "linked":
         (home / ".claude").mkdir()
         (home / ".claude" / "projects").symlink_to(config)
