@@ -236,7 +236,7 @@ CLIENTS = {"home": (".claude", ".claude/projects/-workspace/session.jsonl"),
            "TMPDIR": ("scratch", "scratch/claude/-workspace/tasks/shell.output")}
 
 
-@pytest.mark.parametrize("where", ["CLAUDE_CONFIG_DIR", *CLIENTS])
+@pytest.mark.parametrize("where", ["CLAUDE_CONFIG_DIR", "CLAUDE_CODE_TMPDIR", *CLIENTS])
 def test_a_run_reads_no_reason_in_the_agents_own_transcript(fake_env, bubblewrap, monkeypatch, where, outside_tmp):
     """Review 92: reviews 88 and 90 hid every file of the workspace that holds the harness's reasons (a reason can name
     a value computed from validation batches), but the agent is told each one in its tool's answer, and Claude Code
@@ -247,11 +247,12 @@ def test_a_run_reads_no_reason_in_the_agents_own_transcript(fake_env, bubblewrap
     the other MCP clients `most clients` in docs/other-agents.md takes in (Gemini CLI, VS Code, opencode)."""
     home = outside_tmp / "home"  # not under /tmp, which every sandbox replaces with its own
     monkeypatch.setenv("HOME", str(home))  # the server's home: where Claude Code's records are
-    for name in ("CLAUDE_CONFIG_DIR", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME"):
+    for name in ("CLAUDE_CONFIG_DIR", "CLAUDE_CODE_TMPDIR", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME"):
         monkeypatch.delenv(name, raising=False)
-    if where == "CLAUDE_CONFIG_DIR":
-        config, transcript = outside_tmp / "claude-config", outside_tmp / "claude-config" / "projects" / "s.jsonl"
-        monkeypatch.setenv("CLAUDE_CONFIG_DIR", str(config))
+    if where.startswith("CLAUDE_"):  # the config folder, or where Claude Code keeps its shell's output
+        config = outside_tmp / where.lower()
+        transcript = config / ("projects/s.jsonl" if where == "CLAUDE_CONFIG_DIR" else "claude/-ws/tasks/b1.output")
+        monkeypatch.setenv(where, str(config))
     else:
         config, transcript = (home / part for part in CLIENTS[where])
     transcript.parent.mkdir(parents=True)

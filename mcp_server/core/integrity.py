@@ -39,7 +39,8 @@ EXPORT_NAME = "model.pt2"
 EVALUATOR = "nanochat/evaluate_export.py"
 EXPORTER = "nanochat/export.py"
 FOLDER = "."  # data_stat's name for the data folder itself
-AGENT_HOMES = ("CLAUDE_CONFIG_DIR", "CODEX_HOME")  # where a client keeps its sessions when told (agent_records)
+# where a client keeps its sessions when told (agent_records), and Claude Code its shell's output (review 94)
+AGENT_HOMES = ("CLAUDE_CONFIG_DIR", "CODEX_HOME", "CLAUDE_CODE_TMPDIR")
 # in ~/.config (Linux) and ~/Library/Application Support (macOS): the desktop clients' folders (agent_records)
 DESKTOP_CLIENTS = ("Claude", "Cursor", "Code", "Code - Insiders", "VSCodium", "Windsurf", "Zed")
 COMPILE_CACHE = "compile"  # inside the prepared cache: compiled graphs and the measured peak FLOP/s, so writable
@@ -350,6 +351,7 @@ def agent_records() -> list[str]:
     needs any of them; a folder that does not exist is hidden by no sandbox."""
     env, home = os.environ, Path(os.path.expanduser("~"))
     named = [Path(env[name].strip()).expanduser() for name in AGENT_HOMES if env.get(name, "").strip()]
+    named = [path for path in named if os.path.normpath(path.absolute()) not in ("/", "/tmp")]  # the run's own /tmp
     if not home.is_absolute():  # no home to be found (no HOME, no passwd entry): the variables' folders alone
         return linked_from([str(path.absolute()) for path in named])
     config, cache, data = (Path(env.get(f"XDG_{name}_HOME", "").strip() or home / default) for name, default in
