@@ -225,22 +225,42 @@ READER = SEEKER.replace("for folder, _, files in os.walk(sys.argv[1]):",
                         "for folder, _, files in (w for top in sys.argv[1:] for w in os.walk(top)):")
 
 
-@pytest.mark.parametrize("where", ["CLAUDE_CONFIG_DIR", "home", "codex"])
+# {case: (the client's folder the run searches, where it keeps the session, under the home), relative to the home}
+CLIENTS = {"home": (".claude", ".claude/projects/-workspace/session.jsonl"),
+           "codex": (".codex", ".codex/sessions/2026/12/07/rollout.jsonl"),
+           "linked": ("elsewhere", "elsewhere/-workspace/session.jsonl"),  # ~/.claude/projects links here
+           "gemini": (".gemini", ".gemini/tmp/0123abcd/chats/session.json"),
+           "vscode": (".config/Code", ".config/Code/User/workspaceStorage/0123abcd/chatSessions/session.json"),
+           "opencode": (".local/share/opencode", ".local/share/opencode/storage/part/msg_1/prt_1.json"),
+           # $TMPDIR outside /tmp (below): where a client keeps its shell's output (the agent's `cat` of a log)
+           "TMPDIR": ("scratch", "scratch/claude/-workspace/tasks/shell.output")}
+
+
+@pytest.mark.parametrize("where", ["CLAUDE_CONFIG_DIR", "CLAUDE_CODE_TMPDIR", *CLIENTS])
 def test_a_run_reads_no_reason_in_the_agents_own_transcript(fake_env, bubblewrap, monkeypatch, where, outside_tmp):
     """Review 92: reviews 88 and 90 hid every file of the workspace that holds the harness's reasons (a reason can name
     a value computed from validation batches), but the agent is told each one in its tool's answer, and Claude Code
     keeps every answer in the session's transcript (`~/.claude/projects/<workspace>/<session>.jsonl`, under
     $CLAUDE_CONFIG_DIR where that is set), which bubblewrap showed every run read-only: a later run found the value
-    there (Codex keeps its sessions in `~/.codex/sessions`). The clients' folders are hidden from runs."""
+    there (Codex keeps its sessions in `~/.codex/sessions`). The clients' folders are hidden from runs. Review 94: so
+    is a folder a link inside them leads to (`~/.claude/projects` kept on another disk), and the session folders of
+    the other MCP clients `most clients` in docs/other-agents.md takes in (Gemini CLI, VS Code, opencode)."""
     home = outside_tmp / "home"  # not under /tmp, which every sandbox replaces with its own
-    config = {"CLAUDE_CONFIG_DIR": outside_tmp / "claude-config", "codex": home / ".codex"}.get(where, home / ".claude")
     monkeypatch.setenv("HOME", str(home))  # the server's home: where Claude Code's records are
-    if where == "CLAUDE_CONFIG_DIR":
-        monkeypatch.setenv("CLAUDE_CONFIG_DIR", str(config))
+    for name in ("CLAUDE_CONFIG_DIR", "CLAUDE_CODE_TMPDIR", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    if where.startswith("CLAUDE_"):  # the config folder, or where Claude Code keeps its shell's output
+        config = outside_tmp / where.lower()
+        transcript = config / ("projects/s.jsonl" if where == "CLAUDE_CONFIG_DIR" else "claude/-ws/tasks/b1.output")
+        monkeypatch.setenv(where, str(config))
     else:
-        monkeypatch.delenv("CLAUDE_CONFIG_DIR", raising=False)
-    transcript = config / "projects" / "-workspace" / "session.jsonl"
+        config, transcript = (home / part for part in CLIENTS[where])
     transcript.parent.mkdir(parents=True)
+    if where == "TMPDIR":
+        monkeypatch.setenv("TMPDIR", str(config))
+    if where == "linked":
+        (home / ".claude").mkdir()
+        (home / ".claude" / "projects").symlink_to(config)
     ws = make_workspace(fake_env, "VAL_BPB = 1.0\nEXPORT = 1\n")
     (ws / "nanochat" / "evaluate_export.py").write_text(NAMING_EVALUATOR)
     (ws / "nanochat" / "export.py").write_text("# harness stand-in\n")
@@ -268,12 +288,18 @@ def test_a_run_reads_no_reason_in_the_agents_own_transcript(fake_env, bubblewrap
     assert "found the reason in" not in log, log
 
 
-def test_a_run_reads_no_reason_in_a_tracker_store_the_user_named(fake_env, bubblewrap, monkeypatch):
+# MLflow's quick start; a database elsewhere (`postgresql://`, `mysql://`: review 94 played it with SQLite's in-memory
+# one, through the same MLflow code), whose artifacts MLflow still keeps in `./mlruns`; a file store named bare
+@pytest.mark.parametrize("uri", ["sqlite:///mlflow.db", "sqlite://", "mlruns"])
+def test_a_run_reads_no_reason_in_a_tracker_store_the_user_named(fake_env, bubblewrap, monkeypatch, uri):
     """Review 92: the workspace's own MLflow store is in the hidden .research-loop (review 90), but a store the user
     names (`MLFLOW_TRACKING_URI=sqlite:///mlflow.db`, MLflow's quick start) is a database in the server's folder, the
     workspace, with MLflow's artifacts beside it in `./mlruns`: each run's record and log, the harness's reason among
-    them, and its tags. A later run read the value there. The store's paths are hidden from runs."""
+    them, and its tags. A later run read the value there. The store's paths are hidden from runs. Review 94: so are
+    those of a database elsewhere (MLflow keeps its artifacts in `./mlruns` for every database store) and of a file
+    store named by a bare folder name (`mlruns`), which review 92 took for a name like `databricks`."""
     pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 refuses a file store unless told
     from mcp_server.core import trackers
     ws = make_workspace(fake_env, "VAL_BPB = 1.0\nEXPORT = 1\n")
     (ws / "nanochat" / "evaluate_export.py").write_text(NAMING_EVALUATOR)
@@ -283,7 +309,7 @@ def test_a_run_reads_no_reason_in_a_tracker_store_the_user_named(fake_env, bubbl
     git(ws, "commit", "-q", "-m", "a harness that evaluates exports")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(fake_env / "venv")], check=True)
     monkeypatch.chdir(ws)  # where Claude Code starts the server
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     lab = Lab(ws, unsandboxed=False, train_command=[str(fake_env / "venv" / "bin" / "python"), "seeker.py", str(ws)])
     tracker = trackers.tracker(ws, "mlflow")  # as the server with --track mlflow makes it
     try:
@@ -318,8 +344,81 @@ def test_a_plugin_installed_in_the_agents_folder_is_shown_and_its_transcripts_hi
         folder.mkdir(parents=True)
     (plugin / "worker.py").write_text("the plugin\n")
     (transcript / "session.jsonl").write_text("an answer")
+    (outside_tmp / "python").mkdir()  # review 94: the plugin's environment links to its interpreter's folder
+    (outside_tmp / "python" / "lib.py").write_text("interpreter\n")
+    (plugin / "base").symlink_to(outside_tmp / "python")
     spec = {"readonly": [str(plugin)], "writable": ["."], "hidden": integrity.agent_records()}
-    argv, _ = sandbox.wrap(["sh", "-c", f"cat {plugin / 'worker.py'}; ls -A {outside_tmp / '.claude'}; "
-                                        f"cat {transcript / 'session.jsonl'}"], spec, str(outside_tmp / "ws"))
+    argv, _ = sandbox.wrap(["sh", "-c", f"cat {plugin / 'worker.py'} {outside_tmp / 'python' / 'lib.py'}; "
+                                        f"ls -A {outside_tmp / '.claude'}; cat {transcript / 'session.jsonl'}"],
+                           spec, str(outside_tmp / "ws"))
     done = subprocess.run(argv, capture_output=True, text=True)
-    assert done.stdout.split() == ["the", "plugin", "plugins"] and "No such file" in done.stderr, done
+    assert done.stdout.split() == ["the", "plugin", "interpreter", "plugins"] and "No such file" in done.stderr, done
+
+
+# the training command: names each file under the server's temporary folder that holds the reason while it is there
+# (until the test makes the file named second), then trains
+POLLER = """import os, runpy, sys, time
+print("polling", flush=True)
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline and not os.path.exists(sys.argv[2]):
+    for folder, _, files in os.walk(sys.argv[1]):
+        for name in files:
+            try:
+                with open(os.path.join(folder, name), "rb") as f:
+                    if b"4321" * 2 in f.read():
+                        print("found the reason in", os.path.join(folder, name), flush=True)
+                        deadline = 0
+            except OSError:
+                pass
+sys.argv = ["fake_train.py"]
+runpy.run_path("fake_train.py", run_name="__main__")
+"""
+
+
+def test_a_run_reads_no_reason_in_the_files_the_tracker_writes_for_mlflow(fake_env, bubblewrap, monkeypatch,
+                                                                         outside_tmp):
+    """Review 94: the MLflow tracker wrote each run's artifacts (its record and log, the harness's reason in both) to
+    files of the server's temporary folder for MLflow to copy, `$TMPDIR` (a cluster's scratch, macOS's
+    `/var/folders/...`), which runs read where it is not /tmp: a run living while the tracker wrote a crash's record
+    read the value there. The tracker writes them in the workspace's hidden `.research-loop`."""
+    pytest.importorskip("mlflow")
+    import tempfile
+    scratch = outside_tmp / "tmpdir"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # the server's process: tempfile read TMPDIR before
+    from mcp_server.core import trackers
+    ws = make_workspace(fake_env, "VAL_BPB = 1.0\nEXPORT = 1\n")
+    (ws / "nanochat" / "evaluate_export.py").write_text(NAMING_EVALUATOR)
+    (ws / "nanochat" / "export.py").write_text("# harness stand-in\n")
+    (ws / "poller.py").write_text(POLLER)
+    git(ws, "add", ".")
+    git(ws, "commit", "-q", "-m", "a harness that evaluates exports")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(fake_env / "venv")], check=True)
+    done = outside_tmp / "done"  # seen by the run as it changes
+    lab = Lab(ws, unsandboxed=False, train_command=[str(fake_env / "venv" / "bin" / "python"), "poller.py",
+                                                    str(scratch), str(done)])
+    tracker = trackers.tracker(ws, "mlflow")  # the workspace's own store, as the server with --track mlflow has it
+    try:
+        done.write_text("")
+        answer(lab.call("setup", tag="scratch"))
+        assert answer(lab.call("run_experiment", description="base", wait=True))["verified"]
+        answer(lab.call("keep"))
+        set_knobs(ws, VAL_BPB=9.0, EXPORT=1)
+        crash = answer(lab.call("run_experiment", description="names a value", wait=True))
+        assert crash["status"] == "crash" and "4321" * 2 in crash["tail"], crash
+        answer(lab.call("discard"))
+        done.unlink()
+        set_knobs(ws, VAL_BPB=0.99, EXPORT=1)
+        started = answer(lab.call("run_experiment", description="reads the tracker's files", wait=False))
+        log = ws / started["log"]
+        assert wait_until(lambda: log.is_file() and "polling" in log.read_text(), timeout=60), "the run never polled"
+        assert tracker.sync() >= 2  # the crash's record among them, while the run lives
+        done.write_text("")
+        later = answer(lab.call("wait"))
+    finally:
+        lab.loop.shutdown()
+    later = later.get("results", [later])[0] if isinstance(later, dict) else later
+    text = log.read_text()
+    assert later["status"] == "ok" and later["verified"], later
+    assert "found the reason in" not in text, text

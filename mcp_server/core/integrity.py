@@ -39,7 +39,10 @@ EXPORT_NAME = "model.pt2"
 EVALUATOR = "nanochat/evaluate_export.py"
 EXPORTER = "nanochat/export.py"
 FOLDER = "."  # data_stat's name for the data folder itself
-AGENT_HOMES = ("CLAUDE_CONFIG_DIR", "CODEX_HOME")  # where a client keeps its sessions when told (agent_records)
+# where a client keeps its sessions when told (agent_records), and Claude Code its shell's output (review 94)
+AGENT_HOMES = ("CLAUDE_CONFIG_DIR", "CODEX_HOME", "CLAUDE_CODE_TMPDIR")
+# in ~/.config (Linux) and ~/Library/Application Support (macOS): the desktop clients' folders (agent_records)
+DESKTOP_CLIENTS = ("Claude", "Cursor", "Code", "Code - Insiders", "VSCodium", "Windsurf", "Zed")
 COMPILE_CACHE = "compile"  # inside the prepared cache: compiled graphs and the measured peak FLOP/s, so writable
 # What the harness scores with, in the prepared cache (nanochat/cache.py): pinned by content at setup
 PINNED_FILES = {"tokenizer": "tokenizer/tokenizer.pkl", "token_bytes": "tokenizer/token_bytes.pt"}
@@ -343,19 +346,44 @@ def agent_records() -> list[str]:
     validation batches in Claude Code's transcript, as reviews 88 and 90 had it from runs/ and the state): Claude
     Code's config folder (`$CLAUDE_CONFIG_DIR`, else `~/.claude`, or its XDG one: its transcripts) and cache (its MCP
     servers' logs), and those of the other clients docs/other-agents.md names (Codex's `$CODEX_HOME`, else
-    `~/.codex`; Claude Desktop's and Cursor's). No run needs any of them; a folder that does not exist is hidden by
-    no sandbox."""
+    `~/.codex`; Claude Desktop's and Cursor's) or takes in as "most clients" (review 94: Gemini CLI's, VS Code's and
+    its kin's, opencode's, Goose's, Zed's, Continue's), and what links inside them lead to (linked_from). No run
+    needs any of them; a folder that does not exist is hidden by no sandbox."""
     env, home = os.environ, Path(os.path.expanduser("~"))
     named = [Path(env[name].strip()).expanduser() for name in AGENT_HOMES if env.get(name, "").strip()]
+    named = [path for path in named if os.path.normpath(path.absolute()) not in ("/", "/tmp")]  # the run's own /tmp
     if not home.is_absolute():  # no home to be found (no HOME, no passwd entry): the variables' folders alone
-        return [str(path.absolute()) for path in named]
-    config = Path(env.get("XDG_CONFIG_HOME", "").strip() or home / ".config")
-    cache = Path(env.get("XDG_CACHE_HOME", "").strip() or home / ".cache")
-    support = home / "Library" / "Application Support"  # macOS
-    found = [home / ".claude", config / "claude", cache / "claude-cli-nodejs", home / ".codex", home / ".cursor",
-             *(folder / app for folder in (config, support) for app in ("Claude", "Cursor")),
-             *named]
-    return [str(path.absolute()) for path in found]
+        return linked_from([str(path.absolute()) for path in named])
+    config, cache, data = (Path(env.get(f"XDG_{name}_HOME", "").strip() or home / default) for name, default in
+                           (("CONFIG", ".config"), ("CACHE", ".cache"), ("DATA", ".local/share")))
+    library = home / "Library"  # macOS
+    found = [home / ".claude", config / "claude", cache / "claude-cli-nodejs", library / "Caches" / "claude-cli-nodejs",
+             *(home / name for name in (".codex", ".cursor", ".gemini", ".codeium", ".continue")),
+             *(folder / app for folder in (config, library / "Application Support") for app in DESKTOP_CLIENTS),
+             *(data / app for app in ("opencode", "goose", "zed")), *named]
+    return linked_from([str(path.absolute()) for path in found])
+
+
+def linked_from(folders: list[str], most: int = 100_000) -> list[str]:
+    """The folders, and the folders each symbolic link inside them leads to outside them (review 94:
+    `~/.claude/projects` linked to another disk left the transcripts readable there, the link alone hidden). Installed
+    code is not looked in (`plugins`: this plugin, its environment, whose links lead to the interpreters runs use), nor
+    is a link to a file (an interpreter) followed, or one to a folder that holds the home. `most` entries at most."""
+    home, found, seen = os.path.realpath(os.path.expanduser("~")), list(folders), 0
+    for top in filter(os.path.isdir, folders):
+        for folder, dirs, _ in os.walk(top):
+            dirs[:] = [name for name in dirs if name not in ("plugins", "node_modules", "extensions")]
+            for name in dirs:
+                seen += 1
+                path = os.path.join(folder, name)
+                if os.path.islink(path):  # os.walk lists a link to a folder among the folders, and enters none
+                    target = os.path.realpath(path)
+                    if os.path.commonpath([os.path.realpath(top), target]) != os.path.realpath(top) and \
+                            os.path.commonpath([target, home]) != target:
+                        found.append(target)
+            if seen > most:
+                return found
+    return found
 
 
 def harness_files(ws, commit: str) -> list[str]:

@@ -66,26 +66,31 @@ def default_uri(root: Path) -> str:
     return f"sqlite:///{root / STATE_DIR / LOCAL_DB}"
 
 
+DATABASES = ("postgresql", "mysql", "sqlite", "mssql")  # MLflow's database engines, whose stores keep artifacts here
+
+
 def local_paths(uri: str, root: Path) -> list[tuple[Path, bool]]:
     """Where an MLflow store the user named (not the workspace's own, in its hidden .research-loop) keeps the runs'
     records, logs and tags on this machine, each (path, whether a folder): a SQLite database and MLflow's default
     artifact folder for it (`./mlruns`, against the server's folder: the workspace, where Claude Code starts it), or a
     file store's folder. A run's log and record hold the harness's reason for a run that is no result (a value computed
     from validation batches, review 88), so runs must not read them (review 92: MLflow's own quick start's
-    `sqlite:///mlflow.db` put both in the workspace). A tracking server's are on its own machine: none that this
-    server knows (`databricks` and the like name no path)."""
+    `sqlite:///mlflow.db` put both in the workspace). Every database store (`postgresql://`, `mysql+pymysql://`: MLflow
+    matches the scheme's start) keeps its artifacts in `./mlruns` here, wherever the database is, and a path with no
+    scheme (`mlruns`) is a file store, `databricks` alone excepted (review 94). A tracking server's are on its own
+    machine: none that this server knows."""
     if uri == default_uri(root):
         return []
     scheme, _, rest = uri.partition(":")
-    if not rest or len(scheme) == 1:  # a bare path (a Windows drive letter is no scheme), or a name like databricks
-        return [(Path(os.path.abspath(uri)), True)] if os.sep in uri else []
+    if not rest or len(scheme) == 1:  # a bare path (a Windows drive letter is no scheme)
+        return [] if uri.strip() == "databricks" else [(Path(os.path.abspath(uri)), True)]
     if scheme == "file":
         return [(Path(os.path.abspath(urlsplit(uri).path)), True)]
-    if scheme == "sqlite" and rest.startswith("///"):
-        db = rest[3:].split("?", 1)[0]
-        return ([(Path(os.path.abspath(db)), False)] if db and db != ":memory:" else []) + \
-            [(Path(os.path.abspath("mlruns")), True)]
-    return []
+    if not scheme.lower().startswith(DATABASES):
+        return []
+    db = rest[3:].split("?", 1)[0] if scheme == "sqlite" and rest.startswith("///") else ""
+    return ([(Path(os.path.abspath(db)), False)] if db and db != ":memory:" else []) + \
+        [(Path(os.path.abspath("mlruns")), True)]
 
 
 def experiment_name(root: Path, branch: str) -> str:
@@ -455,8 +460,11 @@ class MlflowSink:
         return run_id
 
     def _artifacts(self, run_id: str, files: dict) -> None:
-        """{name: bytes} (artifacts) logged as the run's artifacts, through files written afresh."""
-        with tempfile.TemporaryDirectory() as tmp:
+        """{name: bytes} (artifacts) logged as the run's artifacts, through files written afresh in the workspace's
+        .research-loop, which runs cannot read: a record and a log hold the harness's reason, and the temporary folder
+        (`$TMPDIR`, where it is not /tmp) was one runs read (review 94)."""
+        (self.root / STATE_DIR).mkdir(exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.root / STATE_DIR, prefix="artifacts-") as tmp:
             for name, data in files.items():
                 (Path(tmp) / name).write_bytes(data)
                 self.client.log_artifact(run_id, str(Path(tmp) / name))

@@ -152,7 +152,7 @@ def bwrap_argv(bwrap: str, command: list[str], spec: dict, cwd: str, private: di
     # machine's, and a key a run added (25 MB of them) was there for the next run. A private /dev, with the
     # machine's accelerator nodes in it, and its own /dev/shm (the machine's is shared by every run and outlives
     # them)
-    spec = dict(spec, hidden=[*spec.get("hidden", []), *runtime_folders()])
+    spec = dict(spec, hidden=[*spec.get("hidden", []), *runtime_folders(), *temporary_folder()])
     argv = [bwrap, "--unshare-user", "--cap-drop", "ALL", "--unshare-pid", "--unshare-net", "--unshare-ipc",
             "--ro-bind", "/", "/", "--dev", "/dev", *accelerator_binds(), "--proc", "/proc", "--tmpfs", "/tmp",
             "--dir", SANDBOX_HOME, "--dir", os.path.dirname(RUN_EXPORT), "--setenv", "HOME", SANDBOX_HOME,
@@ -226,6 +226,18 @@ def runtime_folders() -> list[str]:
     found = os.path.normpath(os.environ.get("XDG_RUNTIME_DIR", "").strip() or ".")
     mine = os.path.isabs(found) and found not in (*RUNTIME_FOLDERS, "/", "/tmp")
     return [*RUNTIME_FOLDERS, *SERVICE_SOCKETS, *([found] if mine else [])]
+
+
+def temporary_folder() -> list[str]:
+    """This user's temporary folder where it is not /tmp ($TMPDIR: a cluster's scratch, a container's setting), hidden
+    as /tmp is (a run gets an empty one of its own): the agent's client keeps its shell's output there, and the
+    server and a node their files, the harness's reasons among them (review 94). Not one that holds the home, which
+    holds the runs' interpreters, nor / or /tmp (a run's is its own already)."""
+    found = os.path.normpath(os.environ.get("TMPDIR", "").strip() or ".")
+    home = os.path.realpath(os.path.expanduser("~"))
+    if not os.path.isabs(found) or found in ("/", "/tmp") or _holds(os.path.realpath(found), home):
+        return []
+    return [found]
 
 
 def data_folder_problem(root: str | None, checked: str) -> str | None:
