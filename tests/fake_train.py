@@ -85,7 +85,7 @@ def knob_in(source: str, name: str) -> str | None:
                 while i < len(source) and source[i].isspace():
                     i += 1
                 end = i
-                while end < len(source) and (source[end].isdigit() or source[end] in "-.e"):
+                while end < len(source) and (source[end].isdecimal() or source[end] in "-.e"):
                     end += 1
                 if end > i:
                     return source[i:end]
