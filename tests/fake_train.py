@@ -36,16 +36,12 @@ result, as it does for real), else a default:
   POISON (0: with COMPILE, append POISON to each file of the compile folder, as a run that wants the next run of
           another program (the best's rerun, a control) to load its code would)
 """
-import glob
-import importlib
+# Only what every run needs is imported here: a run's sandbox hides the standard library's bytecode, so each
+# import compiles from source at every run (re, subprocess, glob and signal took 0.1 CPU-s of a run's 0.12, over
+# the suite's thousands of runs); what a knob needs is imported where it is used.
 import os
-import pwd
-import re
-import signal
-import subprocess
 import sys
 import time
-import zlib
 
 DEFAULTS = {"VAL_BPB": 1.0, "MEMORY_MB": 2048.0, "STEPS": 5, "SLEEP": 0.0, "CRASH": 0, "NAN": 0,
             "NO_SUMMARY": 0, "NOISE": 0.0, "SPAWN": 0, "ESCAPE": 0.0, "SPAM_MB": 0.0, "IGNORE_TERM": 0,
@@ -70,13 +66,38 @@ def knobs() -> dict:
         source = ""
     values = {}
     for name, default in DEFAULTS.items():
-        match = re.search(rf"^{name}\s*=\s*([-\d.e]+)", source, re.M)
-        raw = os.environ.get(f"FAKE_{name}") or (match.group(1) if match else None)
+        raw = os.environ.get(f"FAKE_{name}") or knob_in(source, name)
         values[name] = type(default)(float(raw)) if raw is not None else default
     return values
 
 
+def knob_in(source: str, name: str) -> str | None:
+    """The value of the first line `NAME = number` (re's `^NAME\\s*=\\s*([-\\d.e]+)`, multiline), without
+    importing re."""
+    start = 0
+    while start <= len(source):
+        if source.startswith(name, start):
+            i = start + len(name)
+            while i < len(source) and source[i].isspace():
+                i += 1
+            if i < len(source) and source[i] == "=":
+                i += 1
+                while i < len(source) and source[i].isspace():
+                    i += 1
+                end = i
+                while end < len(source) and (source[end].isdecimal() or source[end] in "-.e"):
+                    end += 1
+                if end > i:
+                    return source[i:end]
+        newline = source.find("\n", start)
+        if newline < 0:
+            return None
+        start = newline + 1
+    return None
+
+
 def order_luck(k: dict) -> int:
+    import zlib
     return zlib.crc32(f"{k['VAL_BPB']} {os.environ.get('AUTORESEARCH_DATA_ORDER', '0')}".encode()) % 3 - 1
 
 
@@ -101,6 +122,8 @@ def compile_folder(poison: bool) -> None:
 def tamper() -> None:
     """What a train.py that wants a better record would try: the workspace is where git keeps its
     common directory (a run's worktree lives inside it)."""
+    import pwd
+    import subprocess
     common = subprocess.run(["git", "rev-parse", "--path-format=absolute", "--git-common-dir"],
                             capture_output=True, text=True).stdout.strip()
     root = os.path.dirname(common)
@@ -136,6 +159,7 @@ def read_paths(listed: str) -> list[str]:
     paths = []
     for entry in filter(None, listed.split(",")):
         if "*" in entry:
+            import glob
             found = sorted(glob.glob(entry, recursive=True))
             print(f"glob {entry}: {found}")
             paths += found
@@ -146,7 +170,7 @@ def read_paths(listed: str) -> list[str]:
 
 def main() -> int:
     for name in filter(None, os.environ.get("FAKE_IMPORTS", "").split(",")):
-        importlib.import_module(name)
+        __import__(name)
     for path in read_paths(os.environ.get("FAKE_READ", "")):
         try:
             with open(path) as f:
@@ -160,14 +184,17 @@ def main() -> int:
         compile_folder(bool(k["POISON"]))
     t0 = time.time()
     if k["IGNORE_TERM"]:
+        import signal
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if k["ESCAPE"]:
+        import subprocess
         subprocess.Popen([sys.executable, "-c", ESCAPED, str(k["ESCAPE"])]).wait()
     if k["SPAM_MB"]:
         line = "x" * 1023 + "\n"
         for _ in range(int(k["SPAM_MB"] * 1024)):
             sys.stdout.write(line)
     if k["SPAWN"]:
+        import subprocess
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         with open("spawned.pid", "w") as f:
             f.write(str(child.pid))

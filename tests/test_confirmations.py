@@ -649,13 +649,15 @@ def test_the_demos_search_discards_a_gain_inside_the_noise_and_confirms_a_margin
 
 
 # The harness's evaluator for a trainer that exports (the fake's EXPORT knob): it scores the "model" as the
-# number it holds, by the worker's protocol (a line on stdin says go; the result goes to --out-fd)
-EVALUATOR = """import json, os, sys
+# number it holds, by the worker's protocol (a line on stdin says go; the result goes to --out-fd). Its JSON is
+# written by hand: the harness's evaluator compiles every import from source, and json (with re) took 0.05 of
+# its 0.07 CPU-seconds, at each evaluation of these files' hundreds
+EVALUATOR = """import os, sys
 if not sys.stdin.readline():
     sys.exit(0)  # nothing exported
 with open(f"/dev/fd/{sys.argv[sys.argv.index('--program-fd') + 1]}") as f:
     value = float(f.read())
-os.write(int(sys.argv[sys.argv.index("--out-fd") + 1]), json.dumps({"val_bpb": value, "causal": True}).encode())
+os.write(int(sys.argv[sys.argv.index("--out-fd") + 1]), f'{{"val_bpb": {value!r}, "causal": true}}'.encode())
 """
 
 
