@@ -150,26 +150,38 @@ runpy.run_path("fake_train.py", run_name="__main__")
 """
 
 
+def naming_workspace(fake_env, script: str, source: str):
+    """A workspace whose harness's evaluator names a value in its reason (NAMING_EVALUATOR, as an exported program's
+    out-of-bounds index did: review 88), with `script` (source) for the runs to start, and a plain environment."""
+    ws = make_workspace(fake_env, "VAL_BPB = 1.0\nEXPORT = 1\n")
+    (ws / "nanochat" / "evaluate_export.py").write_text(NAMING_EVALUATOR)
+    (ws / "nanochat" / "export.py").write_text("# harness stand-in\n")
+    (ws / script).write_text(source)
+    git(ws, "add", ".")
+    git(ws, "commit", "-q", "-m", "a harness that evaluates exports")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(fake_env / "venv")], check=True)
+    return ws
+
+
+def crash_naming_a_value(lab: Lab, ws, tag: str) -> dict:
+    """setup, a verified baseline kept, then a run whose reason names the value: its answer (the agent is told)."""
+    answer(lab.call("setup", tag=tag))
+    assert answer(lab.call("run_experiment", description="base", wait=True))["verified"]
+    answer(lab.call("keep"))
+    set_knobs(ws, VAL_BPB=9.0, EXPORT=1)
+    return answer(lab.call("run_experiment", description="names a value", wait=True))
+
+
 def test_a_run_reads_no_reason_of_an_undecided_run_in_the_state(fake_env, bubblewrap):
     """Review 90: with runs/ hidden (review 88), the state (`.research-loop/state.json`) and the server's copy of it
     (in `.git/research-loop/records`) still held each undecided run's result, its log's tail and the harness's reason
     among it, readable by every run: a run started while a crash stood undecided (a second slot) read the value the
     reason named. Both folders are hidden from runs; the export folders inside `.research-loop` stay writable."""
-    ws = make_workspace(fake_env, "VAL_BPB = 1.0\nEXPORT = 1\n")
-    (ws / "nanochat" / "evaluate_export.py").write_text(NAMING_EVALUATOR)
-    (ws / "nanochat" / "export.py").write_text("# harness stand-in\n")
-    (ws / "seeker.py").write_text(SEEKER)
-    git(ws, "add", ".")
-    git(ws, "commit", "-q", "-m", "a harness that evaluates exports")
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(fake_env / "venv")], check=True)
+    ws = naming_workspace(fake_env, "seeker.py", SEEKER)
     lab = Lab(ws, slots=2, unsandboxed=False, train_command=[str(fake_env / "venv" / "bin" / "python"), "seeker.py",
                                                              str(ws)])
     try:
-        answer(lab.call("setup", tag="reasons"))
-        assert answer(lab.call("run_experiment", description="base", wait=True))["verified"]
-        answer(lab.call("keep"))
-        set_knobs(ws, VAL_BPB=9.0, EXPORT=1)
-        crash = answer(lab.call("run_experiment", description="names a value", wait=True))
+        crash = crash_naming_a_value(lab, ws, "reasons")
         assert crash["status"] == "crash" and "4321" * 2 in crash["tail"], crash  # the agent is told
         set_knobs(ws, VAL_BPB=0.99, EXPORT=1)
         later = answer(lab.call("run_experiment", description="reads the state", wait=True))
@@ -261,21 +273,11 @@ def test_a_run_reads_no_reason_in_the_agents_own_transcript(fake_env, bubblewrap
     if where == "linked":
         (home / ".claude").mkdir()
         (home / ".claude" / "projects").symlink_to(config)
-    ws = make_workspace(fake_env, "VAL_BPB = 1.0\nEXPORT = 1\n")
-    (ws / "nanochat" / "evaluate_export.py").write_text(NAMING_EVALUATOR)
-    (ws / "nanochat" / "export.py").write_text("# harness stand-in\n")
-    (ws / "seeker.py").write_text(READER)
-    git(ws, "add", ".")
-    git(ws, "commit", "-q", "-m", "a harness that evaluates exports")
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(fake_env / "venv")], check=True)
+    ws = naming_workspace(fake_env, "seeker.py", READER)
     lab = Lab(ws, unsandboxed=False, train_command=[str(fake_env / "venv" / "bin" / "python"), "seeker.py",
                                                     str(config)])
     try:
-        answer(lab.call("setup", tag="transcript"))
-        assert answer(lab.call("run_experiment", description="base", wait=True))["verified"]
-        answer(lab.call("keep"))
-        set_knobs(ws, VAL_BPB=9.0, EXPORT=1)
-        crash = answer(lab.call("run_experiment", description="names a value", wait=True))
+        crash = crash_naming_a_value(lab, ws, "transcript")
         assert crash["status"] == "crash" and "4321" * 2 in crash["tail"], crash  # the agent is told
         transcript.write_text(json.dumps({"type": "user", "toolUseResult": crash}) + "\n")  # as Claude Code keeps it
         answer(lab.call("discard"))
@@ -301,23 +303,13 @@ def test_a_run_reads_no_reason_in_a_tracker_store_the_user_named(fake_env, bubbl
     pytest.importorskip("mlflow")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 refuses a file store unless told
     from mcp_server.core import trackers
-    ws = make_workspace(fake_env, "VAL_BPB = 1.0\nEXPORT = 1\n")
-    (ws / "nanochat" / "evaluate_export.py").write_text(NAMING_EVALUATOR)
-    (ws / "nanochat" / "export.py").write_text("# harness stand-in\n")
-    (ws / "seeker.py").write_text(SEEKER)
-    git(ws, "add", ".")
-    git(ws, "commit", "-q", "-m", "a harness that evaluates exports")
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(fake_env / "venv")], check=True)
+    ws = naming_workspace(fake_env, "seeker.py", SEEKER)
     monkeypatch.chdir(ws)  # where Claude Code starts the server
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     lab = Lab(ws, unsandboxed=False, train_command=[str(fake_env / "venv" / "bin" / "python"), "seeker.py", str(ws)])
     tracker = trackers.tracker(ws, "mlflow")  # as the server with --track mlflow makes it
     try:
-        answer(lab.call("setup", tag="tracked"))
-        assert answer(lab.call("run_experiment", description="base", wait=True))["verified"]
-        answer(lab.call("keep"))
-        set_knobs(ws, VAL_BPB=9.0, EXPORT=1)
-        crash = answer(lab.call("run_experiment", description="names a value", wait=True))
+        crash = crash_naming_a_value(lab, ws, "tracked")
         assert crash["status"] == "crash" and "4321" * 2 in crash["tail"], crash
         answer(lab.call("discard"))
         assert tracker.sync() >= 2
@@ -388,24 +380,14 @@ def test_a_run_reads_no_reason_in_the_files_the_tracker_writes_for_mlflow(fake_e
     monkeypatch.setenv("TMPDIR", str(scratch))
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # the server's process: tempfile read TMPDIR before
     from mcp_server.core import trackers
-    ws = make_workspace(fake_env, "VAL_BPB = 1.0\nEXPORT = 1\n")
-    (ws / "nanochat" / "evaluate_export.py").write_text(NAMING_EVALUATOR)
-    (ws / "nanochat" / "export.py").write_text("# harness stand-in\n")
-    (ws / "poller.py").write_text(POLLER)
-    git(ws, "add", ".")
-    git(ws, "commit", "-q", "-m", "a harness that evaluates exports")
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(fake_env / "venv")], check=True)
+    ws = naming_workspace(fake_env, "poller.py", POLLER)
     done = outside_tmp / "done"  # seen by the run as it changes
     lab = Lab(ws, unsandboxed=False, train_command=[str(fake_env / "venv" / "bin" / "python"), "poller.py",
                                                     str(scratch), str(done)])
     tracker = trackers.tracker(ws, "mlflow")  # the workspace's own store, as the server with --track mlflow has it
     try:
         done.write_text("")
-        answer(lab.call("setup", tag="scratch"))
-        assert answer(lab.call("run_experiment", description="base", wait=True))["verified"]
-        answer(lab.call("keep"))
-        set_knobs(ws, VAL_BPB=9.0, EXPORT=1)
-        crash = answer(lab.call("run_experiment", description="names a value", wait=True))
+        crash = crash_naming_a_value(lab, ws, "scratch")
         assert crash["status"] == "crash" and "4321" * 2 in crash["tail"], crash
         answer(lab.call("discard"))
         done.unlink()
