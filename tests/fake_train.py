@@ -149,7 +149,9 @@ def tamper() -> None:
 
 
 def hold() -> None:
-    release, deadline = os.environ.get("FAKE_RELEASE", ""), time.time() + 120
+    # the hold fixture releases it as its test ends; the deadline only bounds a hold left behind (a loaded machine's
+    # race took past 120 s, and the held run ended before the call it was held for)
+    release, deadline = os.environ.get("FAKE_RELEASE", ""), time.time() + 600
     while not (release and os.path.exists(release)) and time.time() < deadline:
         time.sleep(0.05)
 
