@@ -43,6 +43,9 @@ FOLDER = "."  # data_stat's name for the data folder itself
 AGENT_HOMES = ("CLAUDE_CONFIG_DIR", "CODEX_HOME", "CLAUDE_CODE_TMPDIR")
 # in ~/.config (Linux) and ~/Library/Application Support (macOS): the desktop clients' folders (agent_records)
 DESKTOP_CLIENTS = ("Claude", "Cursor", "Code", "Code - Insiders", "VSCodium", "Windsurf", "Zed")
+# how deep links in the clients' folders are looked for (`~/.claude/projects` is 1, `~/.config/Code/User/*` 2): a walk
+# of all of them cost 0.6 s a run where VS Code's workspace storage held 5,000 folders, and they grow with use
+LINK_DEPTH = 2
 COMPILE_CACHE = "compile"  # inside the prepared cache: compiled graphs and the measured peak FLOP/s, so writable
 # What the harness scores with, in the prepared cache (nanochat/cache.py): pinned by content at setup
 PINNED_FILES = {"tokenizer": "tokenizer/tokenizer.pkl", "token_bytes": "tokenizer/token_bytes.pt"}
@@ -364,26 +367,36 @@ def agent_records() -> list[str]:
     return linked_from([str(path.absolute()) for path in found])
 
 
-def linked_from(folders: list[str], most: int = 100_000) -> list[str]:
-    """The folders, and the folders each symbolic link inside them leads to outside them (review 94:
-    `~/.claude/projects` linked to another disk left the transcripts readable there, the link alone hidden). Installed
-    code is not looked in (`plugins`: this plugin, its environment, whose links lead to the interpreters runs use), nor
-    is a link to a file (an interpreter) followed, or one to a folder that holds the home. `most` entries at most."""
-    home, found, seen = os.path.realpath(os.path.expanduser("~")), list(folders), 0
+def linked_from(folders: list[str], depth: int = LINK_DEPTH) -> list[str]:
+    """The folders, and the folders each symbolic link inside them, `depth` levels down at most, leads to outside
+    them (review 94: `~/.claude/projects` linked to another disk left the transcripts readable there, the link alone
+    hidden). Installed code is not looked in (`plugins`: this plugin, its environment, whose links lead to the
+    interpreters runs use), nor is a link to a file (an interpreter) followed, or one to a folder that holds the
+    home."""
+    home, found = os.path.realpath(os.path.expanduser("~")), list(folders)
     for top in filter(os.path.isdir, folders):
-        for folder, dirs, _ in os.walk(top):
-            dirs[:] = [name for name in dirs if name not in ("plugins", "node_modules", "extensions")]
-            for name in dirs:
-                seen += 1
-                path = os.path.join(folder, name)
-                if os.path.islink(path):  # os.walk lists a link to a folder among the folders, and enters none
-                    target = os.path.realpath(path)
-                    if os.path.commonpath([os.path.realpath(top), target]) != os.path.realpath(top) and \
+        real, level = os.path.realpath(top), [top]
+        for _ in range(depth):
+            below = []
+            for folder in level:
+                for path in _folders_in(folder):
+                    if not os.path.islink(path):
+                        below.append(path)
+                    elif os.path.commonpath([real, target := os.path.realpath(path)]) != real and \
                             os.path.commonpath([target, home]) != target:
                         found.append(target)
-            if seen > most:
-                return found
+            level = below
     return found
+
+
+def _folders_in(folder: str) -> list[str]:
+    """The folders (and links to folders) in a folder, but installed code's; none where it cannot be read."""
+    try:
+        with os.scandir(folder) as entries:
+            return [entry.path for entry in entries if entry.name not in ("plugins", "node_modules", "extensions")
+                    and entry.is_dir()]
+    except OSError:
+        return []
 
 
 def harness_files(ws, commit: str) -> list[str]:
