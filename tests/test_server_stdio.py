@@ -219,6 +219,32 @@ def test_setup_limits_sent_as_nan_or_infinity_are_refused(ws_cache):
     assert git(ws_cache[0], "branch", "--list", "autoresearch/*") == ""
 
 
+def test_setup_refuses_a_branch_name_git_already_reads_as_another_ref_and_makes_nothing(ws_cache):
+    """Found by review 93: setup(tag) made autoresearch/<tag> beside a tag of that name, which every later git command
+    read as the tag (git reads tags before branches), and a remote's branch of that name the same; beside a branch
+    autoresearch/<tag>/x it failed in git ("Fix the repository"). Each is refused naming the clash, nothing made."""
+    ws, cache = ws_cache
+    git(ws, "tag", "autoresearch/night")
+    git(ws, "update-ref", "refs/remotes/autoresearch/far", "HEAD")
+    git(ws, "branch", "autoresearch/deep/x")
+    refs = git(ws, "for-each-ref")
+
+    async def play() -> tuple[list, str, str]:
+        async with stdio_client_for(ws, cache) as client:
+            refused = [await client.call_tool("setup", {"tag": tag}) for tag in ("night", "far", "deep")]
+            after = git(ws, "for-each-ref") + git(ws, "branch", "--show-current")
+            return refused, after, await client.call_tool("setup", {"tag": "fine"})
+    refused, after, fine = anyio.run(play)
+    for result, clash, tag in zip(refused, ("already names the tag autoresearch/night",
+                                            "already names the remote's branch autoresearch/far",
+                                            "cannot be made beside the branch autoresearch/deep/x"),
+                                  ("night", "far", "deep")):
+        said = error(result)
+        assert clash in said and f"pick another tag (e.g. {tag}-2). Nothing was set up" in said, said
+    assert after == refs + "main\n"
+    assert answer(fine)["branch"] == "autoresearch/fine"  # a name of its own is set up
+
+
 def sigkill_server_mid_run(ws, cache) -> tuple[dict, dict]:
     """Starts a slow run over stdio, SIGKILLs the server; returns the state and the run entry."""
     killed = {}
