@@ -520,19 +520,24 @@ def test_a_port_or_train_command_no_server_can_use_is_refused_before_it_starts(t
     assert said in done.stderr, done.stderr
 
 
-@pytest.mark.parametrize("argv", [["-m", "mcp_server", "--http", "--port", "0"],
-                                  ["-m", "mcp_server.cli", "dashboard", "--port", "0"]])
-def test_a_token_file_that_is_a_fifo_or_a_folder_is_refused_at_once(tmp_path, argv):
+@pytest.mark.parametrize("argv, program", [(["-m", "mcp_server", "--http", "--port", "0"], "research-loop-mcp"),
+                                           (["-m", "mcp_server.cli", "dashboard", "--port", "0"], "research-loop dashboard")])
+def test_a_token_file_that_is_a_fifo_or_a_folder_is_refused_at_once(tmp_path, argv, program):
     """--token-file read with a plain open: a FIFO at that name (the agent can write where the user keeps it) blocked
     the server's start, and the dashboard's, without a word. Now a token file that is not a plain file is refused,
-    saying what to give."""
+    saying what to give. Review 93: the dashboard's refusals began "research-loop-mcp:", the server's name, where its
+    other errors say "research-loop dashboard:", and an empty file's said nothing of what to do."""
     (tmp_path / "ws").mkdir()
     os.mkfifo(tmp_path / "token")
-    for planted in (tmp_path / "token", tmp_path / "ws"):
+    (tmp_path / "empty").write_text("\n")
+    for planted in (tmp_path / "token", tmp_path / "ws", tmp_path / "empty"):
         done = subprocess.run([sys.executable, *argv, "--workspace", str(tmp_path / "ws"), "--token-file", str(planted)],
                               cwd=REPO, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
         assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
-        assert f"cannot read --token-file {planted}: not a plain file: give a plain file" in done.stderr, done.stderr
+        said = (f"--token-file {planted} is empty: write the token in it, or leave --token-file out to take the token "
+                "from RESEARCH_LOOP_TOKEN") if planted.name == "empty" else \
+            f"cannot read --token-file {planted}: not a plain file: give a plain file"
+        assert done.stderr.startswith(f"{program}: {said}"), done.stderr
 
 
 @pytest.mark.parametrize("env, said", [
