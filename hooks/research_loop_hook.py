@@ -482,17 +482,12 @@ def stop(event: dict) -> int:
     if over:
         return allow(f"research-loop: the research run {branch} has ended ({over}).")
     record_path = root / STOP_HOOK_STATE
-    try:
-        record = json.loads(limits.read_record(record_path))
-    except (OSError, ValueError, RecursionError):
-        record = {}
-    if not isinstance(record, dict):
-        record = {}
+    record, malformed = stop_record(record_path)
     session = event.get("session_id") if isinstance(event.get("session_id"), str) else None
     # Progress between stops: a new tool call, or without a readable transcript, a change to the server's records
     mark = last_tool_call(event.get("transcript_path")) or records_mark(root)
     idle = record.get("session") == session and record.get("mark") == mark
-    blocks = record.get("blocks", 0) + 1 if idle and isinstance(record.get("blocks"), int) else 1
+    blocks = record.get("blocks", 0) + 1 if idle else 1
     if blocks > MAX_IDLE_BLOCKS:
         record_path.unlink(missing_ok=True)
         return allow(f"research-loop: Claude tried to stop {MAX_IDLE_BLOCKS + 1} times with no progress in between "
@@ -511,8 +506,32 @@ def stop(event: dict) -> int:
               + (f" ({left})" if left else " and has no limit: it runs until stopped")
               + ". Do not stop and do not ask: carry on with the loop. Next: " + " ".join(steps)
               + " To end the run on purpose, call the stop tool (/research-loop:stop).")
-    print(json.dumps({"decision": "block", "reason": reason}))
+    answer = {"decision": "block", "reason": reason}
+    if malformed:  # Claude and the user both hear of it
+        answer.update(reason=f"{reason} {malformed}", systemMessage=f"research-loop: {malformed}")
+    print(json.dumps(answer))
     return 0
+
+
+def stop_record(path: Path) -> tuple[dict, str | None]:
+    """The Stop hook's record of idle stops, and what to say of one that is there but is none the hook writes (its
+    count no whole number from 0 to MAX_IDLE_BLOCKS): it is set aside, and the count starts again. Review 93: a
+    count of -1000000 written there (the agent can write the folder) was counted up from, so the hook never let a
+    stuck agent go."""
+    try:
+        record = json.loads(limits.read_record(path))
+    except OSError:
+        return {}, None  # none yet (or no plain file, which the hook's write replaces)
+    except (ValueError, RecursionError):
+        record = None
+    if not isinstance(record, dict):
+        found = "no JSON object the hook can read"
+    elif type(record.get("blocks", 0)) is int and 0 <= record.get("blocks", 0) <= MAX_IDLE_BLOCKS:
+        return record, None
+    else:
+        found = f"its count of stops is {json.dumps(record['blocks'])[:40]}, not a whole number from 0 to {MAX_IDLE_BLOCKS}"
+    return {}, (f"The Stop hook's record {STOP_HOOK_STATE} is not one it writes ({found}): its count starts again from "
+                "this stop. Leave that file to the hook.")
 
 
 HANDLERS = {"pre-edit": pre_edit, "session-start": session_start, "pre-compact": pre_compact, "stop": stop}

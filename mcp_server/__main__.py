@@ -201,7 +201,8 @@ def main(argv=None) -> None:
     loop.notifier = notify.Notifier(args.notify, args.notify_format)
     srv = build_server(loop)
     tracker = start_tracking(args, loop)
-    page = start_dashboard(loop, args.dashboard, http_token(args)) if args.dashboard is not None else None
+    page = (start_dashboard(loop, args.dashboard, http_token(args, "research-loop-mcp")) if args.dashboard is not None
+            else None)
 
     def on_term(signum, frame):
         loop.shutdown()
@@ -213,7 +214,7 @@ def main(argv=None) -> None:
     try:
         try:
             if args.http:
-                serve_http(srv, args.port, http_token(args))
+                serve_http(srv, args.port, http_token(args, "research-loop-mcp"))
             else:
                 anyio.run(serve_stdio, srv)
         except* BrokenPipeError:  # the client left (Ctrl-C in the demo) before its answer: no one to tell

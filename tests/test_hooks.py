@@ -387,6 +387,23 @@ def test_the_stop_hook_lets_go_when_it_cannot_count_the_stops(repo):
     assert "decision" not in answer and "cannot record its count of stops" in answer["systemMessage"]
 
 
+@pytest.mark.parametrize("count", [-1000000, True, 2.5, "1", 10 ** 6])
+def test_a_count_of_stops_the_hook_never_wrote_is_set_aside_and_the_agent_still_let_go(repo, count):
+    """Found by review 93: the agent can write .research-loop/stop-hook.json, and a count of -1000000 there (its
+    session and mark kept) was counted up from, so a stuck agent was sent back a million times. A count that is no
+    whole number from 0 to 3 starts again, saying so, and the fourth idle stop lets the agent go."""
+    active_run(repo)
+    assert decisions(repo, None, 1) == ["block"]
+    record = repo / ".research-loop" / "stop-hook.json"
+    record.write_text(json.dumps(json.loads(record.read_text()) | {"blocks": count}))
+    answers = [stop(repo, None) or {} for _ in range(4)]
+    assert [a.get("decision") for a in answers] == ["block", "block", "block", None], answers
+    said = "The Stop hook's record .research-loop/stop-hook.json is not one it writes"
+    assert said in answers[0]["reason"] and said in answers[0]["systemMessage"], answers[0]
+    assert f"its count of stops is {json.dumps(count)}" in answers[0]["reason"], answers[0]
+    assert said not in answers[1]["reason"]
+
+
 TOOL_CALL = '{"type":"assistant","message":{"content":[{"type":"tool_use","name":"x"}]}}\n'
 
 

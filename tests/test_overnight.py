@@ -19,8 +19,8 @@ from mcp import Client
 from mcp_server.core import limits
 from mcp_server.server import build_server
 from plugin_support import (REPO, TOOL_PREFIX, ScriptedAgent, claude_env, install_claude_cli, uv_link_mode)
-from server_support import (FAKE_PYTHON, Webhook, git, ledger_lines, make_workspace, pid_alive, processes_in, set_knobs,
-                            wait_until)
+from server_support import (FAKE_PYTHON, Webhook, answer, git, ledger_lines, make_cache, make_workspace, pid_alive,
+                            processes_in, set_knobs, stdio_client_for, wait_until)
 
 HOOK = REPO / "hooks" / "research_loop_hook.py"
 
@@ -118,6 +118,35 @@ def test_stop_lets_a_run_finish_or_cancels_it_now(lab, hold):
     stopped = lab.ok("stop", reason="now", now=True)
     assert stopped["cancelled"] == [running["run"]]
     assert ledger_lines(lab.ws)[-1].endswith("crash\tcancelled by stop (cancelled)")
+
+
+def test_a_run_waited_on_that_stop_now_cancels_answers_that_it_ended(fake_env):
+    """Found by review 93: run_experiment(wait=true) whose run stop(now=True) cancelled while it waited answered
+    "running" (with "wait() for its result"), though the run was logged as a crash and had left the flight."""
+    ws, cache = make_workspace(fake_env), make_cache(fake_env)
+
+    async def play() -> dict:
+        answers = {}
+        async with stdio_client_for(ws, cache) as client:
+            for name, args in (("setup", {"tag": "t"}), ("run_experiment", {"description": "baseline"}), ("keep", {})):
+                answer(await client.call_tool(name, args))
+            set_knobs(ws, val_bpb=0.9, sleep=60, steps=60)
+
+            async def waited():
+                answers["run"] = await client.call_tool("run_experiment", {"description": "cancelled while waited on"})
+            with anyio.fail_after(120):
+                async with anyio.create_task_group() as calls:
+                    calls.start_soon(waited)
+                    while "run 2" not in (answer(await client.call_tool("status", {})).get("running") or ""):
+                        await anyio.sleep(0.2)
+                    answers["stop"] = await client.call_tool("stop", {"reason": "morning", "now": True})
+        return answers
+    answers = anyio.run(play)
+    assert answer(answers["stop"])["cancelled"] == [2]
+    ran = answer(answers["run"])
+    assert ran["status"] == "crash" and "wait()" not in ran["next"], ran
+    assert "cancelled" in ran["tail"] and ran["next"].startswith("nothing to decide"), ran
+    assert ledger_lines(ws)[-1].endswith("crash\tcancelled while waited on (cancelled)")
 
 
 def test_limits_are_judged_the_same_way_by_the_hook_and_the_server():

@@ -219,6 +219,32 @@ def test_setup_limits_sent_as_nan_or_infinity_are_refused(ws_cache):
     assert git(ws_cache[0], "branch", "--list", "autoresearch/*") == ""
 
 
+def test_setup_refuses_a_branch_name_git_already_reads_as_another_ref_and_makes_nothing(ws_cache):
+    """Found by review 93: setup(tag) made autoresearch/<tag> beside a tag of that name, which every later git command
+    read as the tag (git reads tags before branches), and a remote's branch of that name the same; beside a branch
+    autoresearch/<tag>/x it failed in git ("Fix the repository"). Each is refused naming the clash, nothing made."""
+    ws, cache = ws_cache
+    git(ws, "tag", "autoresearch/night")
+    git(ws, "update-ref", "refs/remotes/autoresearch/far", "HEAD")
+    git(ws, "branch", "autoresearch/deep/x")
+    refs = git(ws, "for-each-ref")
+
+    async def play() -> tuple[list, str, str]:
+        async with stdio_client_for(ws, cache) as client:
+            refused = [await client.call_tool("setup", {"tag": tag}) for tag in ("night", "far", "deep")]
+            after = git(ws, "for-each-ref") + git(ws, "branch", "--show-current")
+            return refused, after, await client.call_tool("setup", {"tag": "fine"})
+    refused, after, fine = anyio.run(play)
+    for result, clash, tag in zip(refused, ("already names the tag autoresearch/night",
+                                            "already names the remote's branch autoresearch/far",
+                                            "cannot be made beside the branch autoresearch/deep/x"),
+                                  ("night", "far", "deep")):
+        said = error(result)
+        assert clash in said and f"pick another tag (e.g. {tag}-2). Nothing was set up" in said, said
+    assert after == refs + "main\n"
+    assert answer(fine)["branch"] == "autoresearch/fine"  # a name of its own is set up
+
+
 def sigkill_server_mid_run(ws, cache) -> tuple[dict, dict]:
     """Starts a slow run over stdio, SIGKILLs the server; returns the state and the run entry."""
     killed = {}
@@ -494,19 +520,24 @@ def test_a_port_or_train_command_no_server_can_use_is_refused_before_it_starts(t
     assert said in done.stderr, done.stderr
 
 
-@pytest.mark.parametrize("argv", [["-m", "mcp_server", "--http", "--port", "0"],
-                                  ["-m", "mcp_server.cli", "dashboard", "--port", "0"]])
-def test_a_token_file_that_is_a_fifo_or_a_folder_is_refused_at_once(tmp_path, argv):
+@pytest.mark.parametrize("argv, program", [(["-m", "mcp_server", "--http", "--port", "0"], "research-loop-mcp"),
+                                           (["-m", "mcp_server.cli", "dashboard", "--port", "0"], "research-loop dashboard")])
+def test_a_token_file_that_is_a_fifo_or_a_folder_is_refused_at_once(tmp_path, argv, program):
     """--token-file read with a plain open: a FIFO at that name (the agent can write where the user keeps it) blocked
     the server's start, and the dashboard's, without a word. Now a token file that is not a plain file is refused,
-    saying what to give."""
+    saying what to give. Review 93: the dashboard's refusals began "research-loop-mcp:", the server's name, where its
+    other errors say "research-loop dashboard:", and an empty file's said nothing of what to do."""
     (tmp_path / "ws").mkdir()
     os.mkfifo(tmp_path / "token")
-    for planted in (tmp_path / "token", tmp_path / "ws"):
+    (tmp_path / "empty").write_text("\n")
+    for planted in (tmp_path / "token", tmp_path / "ws", tmp_path / "empty"):
         done = subprocess.run([sys.executable, *argv, "--workspace", str(tmp_path / "ws"), "--token-file", str(planted)],
                               cwd=REPO, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
         assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
-        assert f"cannot read --token-file {planted}: not a plain file: give a plain file" in done.stderr, done.stderr
+        said = (f"--token-file {planted} is empty: write the token in it, or leave --token-file out to take the token "
+                "from RESEARCH_LOOP_TOKEN") if planted.name == "empty" else \
+            f"cannot read --token-file {planted}: not a plain file: give a plain file"
+        assert done.stderr.startswith(f"{program}: {said}"), done.stderr
 
 
 @pytest.mark.parametrize("env, said", [

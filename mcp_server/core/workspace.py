@@ -187,24 +187,40 @@ def validate_new_branch(repo: git.Repo, name: str) -> str:
 MAX_REF_PART_BYTES = 200  # a loose ref is a file: one part of its name over the file system's 255 bytes cannot be made
 
 
-def name_git_can_make(repo: git.Repo, name: str) -> str:
+NEW_BRANCH = "name a new branch such as 'pr/nov25'"
+READ_AS = ("{}", "refs/{}", "refs/tags/{}", "refs/heads/{}", "refs/remotes/{}", "refs/remotes/{}/HEAD")  # git's order
+REF_KINDS = {"refs/tags/": "the tag", "refs/heads/": "the branch", "refs/remotes/": "the remote's branch"}
+
+
+def name_git_can_make(repo: git.Repo, name: str, instead: str = NEW_BRANCH) -> str:
     """A new branch name git reads as that branch only and can create (review 93): `refs/heads/main` or a tag's name
     made an ambiguous branch that git, and the report's `git push origin <name>`, read as the other ref; a name under
-    or above an existing branch, or too long, failed in git after the report was written."""
+    or above an existing branch, or too long, failed in git after the report was written. instead: what to do in
+    its place (setup's: another tag)."""
     if name.startswith("refs/") or repo.git.rev_parse("--verify", "-q", name, with_exceptions=False):
-        raise Refusal(f"Branch name {name!r} already names something else in this repository (a branch, tag, remote's "
-                      "branch or commit), which git would read in its place, `git push` too: name a new branch such as 'pr/nov25'.")
+        raise Refusal(f"Branch name {name!r} already names {what_git_reads(repo, name)} in this repository, which git "
+                      f"would read in its place (`git push` too): {instead}.")
     parts = name.split("/")
     above = ["/".join(parts[:i]) for i in range(1, len(parts)) if "/".join(parts[:i]) in repo.heads]
     below = repo.git.for_each_ref("--count=1", "--format=%(refname:short)", f"refs/heads/{name}/").strip()
     if above or below:
         raise Refusal(f"Branch name {name!r} cannot be made beside the branch {(above or [below])[0]} (git keeps a "
-                      "branch's name as a file, and one name cannot be a file and a folder): name a new branch such "
-                      "as 'pr/nov25'.")
+                      f"branch's name as a file, and one name cannot be a file and a folder): {instead}.")
     if any(len(part.encode()) > MAX_REF_PART_BYTES for part in parts):
         raise Refusal(f"Branch name {name[:40]!r}... is too long for git (over {MAX_REF_PART_BYTES} bytes between two "
-                      "'/'): name a new branch such as 'pr/nov25'.")
+                      f"'/'): {instead}.")
     return name
+
+
+def what_git_reads(repo: git.Repo, name: str) -> str:
+    """The ref git reads a name as, first in git's order, in words; a name no ref has is a commit's or git's own."""
+    refs = [form.format(name) for form in READ_AS]
+    found = set(repo.git.for_each_ref("--format=%(refname)", *refs, with_exceptions=False).split())
+    ref = next((r for r in refs if r in found), None)
+    if ref is None:
+        return "a commit or a name of git's own"
+    kind = next((k for k in REF_KINDS if ref.startswith(k)), None)
+    return f"{REF_KINDS[kind]} {ref.removeprefix(kind)}" if kind else f"the ref {ref}"
 
 
 MAX_SAME_PREFIX = 16  # objects sharing a commit's abbreviation that are looked at (more are made on purpose only)

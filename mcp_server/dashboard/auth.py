@@ -13,16 +13,18 @@ TOKEN_ENV = "RESEARCH_LOOP_TOKEN"
 MAX_TOKEN_BYTES = 1 << 16  # a token is a line; a huge file (or /dev/zero's like) is read no further
 
 
-def http_token(args) -> str | None:
-    """The token from --token-file, else from the environment; None when neither sets one."""
+def http_token(args, program: str) -> str | None:
+    """The token from --token-file, else from the environment; None when neither sets one. program: the command's
+    name its errors begin with (review 93: the dashboard's said "research-loop-mcp:", the server's name)."""
     if args.token_file:
         try:
             token = read_token(args.token_file)
         except (OSError, UnicodeDecodeError) as exc:
-            sys.exit(f"research-loop-mcp: cannot read --token-file {args.token_file}: {exc}: give a plain file that "
-                     "holds the token")
+            sys.exit(f"{program}: cannot read --token-file {args.token_file}: {exc}: give a plain file that holds the "
+                     "token")
         if not token:
-            sys.exit(f"research-loop-mcp: --token-file {args.token_file} is empty")
+            sys.exit(f"{program}: --token-file {args.token_file} is empty: write the token in it, or leave "
+                     f"--token-file out to take the token from {TOKEN_ENV}")
         return token
     return os.environ.get(TOKEN_ENV) or None
 

@@ -276,7 +276,7 @@ def main(args) -> int:
     if not root.is_dir():
         print(f"research-loop dashboard: {root} is not a folder: pass the workspace with --workspace", file=sys.stderr)
         return 1
-    token = http_token(args)
+    token = http_token(args, "research-loop dashboard")
     try:
         server = DashboardServer(root, args.port, token)
     except OSError as exc:

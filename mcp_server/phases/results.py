@@ -17,7 +17,7 @@ from mcp_server.core import integrity, ledger, limits, logparse, noise
 from mcp_server.core.programs import same_program
 from mcp_server.scripts import sandbox
 from mcp_server.core.models import Refusal, Row, RunResult
-from mcp_server.phases.runs import LOG_TAIL_BYTES, RUN_LOG, LoopCore
+from mcp_server.phases.runs import IN_FLIGHT, LOG_TAIL_BYTES, RUN_LOG, LoopCore
 from mcp_server.core.workspace import budget_clock, prepared_info, time_budget
 
 
@@ -263,9 +263,22 @@ def answer_for(core: LoopCore, run: int) -> RunResult:
     if entry is None:
         record = core.read_record(run)
         if record:
-            return RunResult(**record["result"])
+            return recorded_answer(record)
         raise Refusal(f"Run {run} is not known here (status() lists the runs in flight).")
     return result_of(core, state, entry)
+
+
+def recorded_answer(record: dict) -> RunResult:
+    """A decided run's answer, from its record. A run cancelled while it ran (cancel, stop(now=True)) is recorded with
+    the result it had then, still in flight; its decision says how it ended (review 93: run_experiment(wait=true)
+    answered "running", and "wait() for its result", for a run stop(now=True) had logged as a crash)."""
+    result = RunResult(**record["result"])
+    decided = (record.get("decision") or {}).get("status")
+    if result.status in IN_FLIGHT and decided:
+        result.status, result.queue_position = decided, None
+        result.tail = "[cancelled while it ran (cancel or stop(now=True)): logged as a crash row]"
+        result.next = "nothing to decide: it was cancelled and logged as a crash row; status() says what comes next"
+    return result
 
 
 def result_of(core: LoopCore, state: dict, entry: dict) -> RunResult:

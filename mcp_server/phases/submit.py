@@ -20,8 +20,8 @@ from mcp_server.phases.dispatch import dispatch, require_owner, run_command
 from mcp_server.core.models import Refusal, SetupResult
 from mcp_server.core.programs import oversized
 from mcp_server.phases.runs import RUNS_DIR, UNDECIDED, LoopCore, run_name
-from mcp_server.core.workspace import (BRANCH_PREFIX, EDITABLE, RUN_REF_PREFIX, cache_dir, prepared_info, timeout_for,
-                                       validate_tag)
+from mcp_server.core.workspace import (BRANCH_PREFIX, EDITABLE, RUN_REF_PREFIX, cache_dir, name_git_can_make,
+                                       prepared_info, timeout_for, validate_tag)
 
 MAX_TIMEOUT_S = 86400.0
 MAX_COMMIT_ATTEMPTS = 20  # candidates whose 7-character hash collides with a logged one are re-made
@@ -72,6 +72,8 @@ def setup(core: LoopCore, tag: str, hours: float | None = None, max_experiments:
         if ws.branch_exists(branch):
             raise Refusal(f"Branch {branch} already exists: pick a new tag (e.g. {tag}-2), or "
                           f"git checkout {branch} to continue that run.")
+        # review 93: a tag (or a remote's branch) of that name made the branch ambiguous to every later git command
+        name_git_can_make(ws.repo, branch, f"pick another tag (e.g. {tag}-2). Nothing was set up")
         # the server's own chart, where git tracks one (upstream's autoresearch does), enters no commit of a run
         dirty = [path for path in ws.dirty_tracked_files() if path != plot.PLOT_NAME]
         if dirty:
