@@ -460,8 +460,8 @@ def test_the_accelerators_nodes_are_bound_one_by_one(tmp_path):
     (dev / "dri" / "by-path").mkdir(parents=True)
     (dev / "nvidia-caps").mkdir()
     null = os.stat("/dev/null").st_rdev
-    for node in ("nvidia0", "nvidiactl", "dri/renderD128", "nvidia-caps/nvidia-cap1", "kmsg", "vda"):
-        os.mknod(dev / node, 0o600 | stat.S_IFCHR, null)
+    for device in ("nvidia0", "nvidiactl", "dri/renderD128", "nvidia-caps/nvidia-cap1", "kmsg", "vda"):
+        os.mknod(dev / device, 0o600 | stat.S_IFCHR, null)
     (dev / "dri" / "by-path" / "pci-render").symlink_to("../renderD128")
     (dev / "nvidia-plain-file").write_text("x")
     binds = sandbox.accelerator_binds(str(dev))
