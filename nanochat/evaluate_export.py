@@ -114,7 +114,8 @@ def error_shown(exc: Exception, per_token_loss, args, vocab_size: int, device) -
     """What the reason says of an error the program raised on validation batches. Its message can name a value
     computed from them (an index out of bounds: review 88), and the reason reaches every place the agent's answers
     are kept (review 92 hid the ones it knew), so the message shown is the one the program raises on a batch of random
-    tokens; where it raises none there, only the error's type is named."""
+    tokens, called on a copy no validation batch has reached (review 95); where it raises none there, only the error's
+    type is named."""
     import torch
     x, y = (torch.randint(0, vocab_size, (args.batch_size, args.seq_len), device=device) for _ in range(2))
     try:
@@ -207,9 +208,11 @@ def evaluate(args, tokenizer) -> dict:
                        or causality_problems(functools.partial(per_token_loss, pristine), checked,
                                              tokenizer.get_vocab_size()))
     except Exception as exc:  # noqa: BLE001  (a program the harness cannot run is no result, not an unverified one)
+        # on the program loaded again: the causality check's reruns wrote into the copy it kept (a buffer the graph
+        # writes), and a program that kept a value of a validation batch there named it on the random tokens
         with torch.inference_mode(), autocast():
-            error = error_shown(exc, lambda x, y: per_token_loss(pristine, x, y), args, tokenizer.get_vocab_size(),
-                                DEVICE)
+            error = error_shown(exc, lambda x, y: per_token_loss(checked_module(load_program(args.program)), x, y),
+                                args, tokenizer.get_vocab_size(), DEVICE)
         return {"problem": f"the harness could not evaluate the exported model ({error}): a model the harness "
                            "cannot score is no result"}
     result = {"eval_tokens": args.eval_tokens, "matmul_flops_per_token": floor,

@@ -599,3 +599,45 @@ def test_a_gpus_calls_are_sized_to_its_free_memory():
     assert gpu_rows_per_call(128, 2048, 8192, int(64 * row / GPU_LOGITS_MEMORY_SHARE) - 1) == 32
     assert gpu_rows_per_call(96, 2048, 8192, 2**30) == 3  # a divisor of the batch, not a power of two
     assert gpu_rows_per_call(128, 2048, 8192, 0) == 1  # nothing free: one row, and an out-of-memory to see
+
+
+
+class RemembersThenNames(LogitsBigram):
+    """Causal bigram logits. The first call holding a token that text never holds (`unheard`: the causality check's
+    random tails) keeps its first row's second token (the first is BOS), a validation one
+    unless that row's cut is its first position, in a buffer, and every later call looks a row up
+    out of bounds by it: the check's reruns and the error's message on random tokens ran on one copy."""
+
+    def __init__(self, vocab_size: int, unheard):
+        super().__init__(vocab_size)
+        self.register_buffer("unheard", unheard)
+        self.register_buffer("kept", torch.zeros(1, 1, dtype=torch.long))
+
+    def forward(self, idx, targets=None, reduction="mean"):
+        if targets is None:
+            vocab = self.logits.size(0)
+            index = torch.where(self.kept > 0, self.kept - 1 + vocab, 0)
+            probe = torch.gather(self.logits, 0, index.expand(1, vocab)).sum() * 0
+            random_tail = self.unheard[idx].any()
+            self.kept.copy_(torch.where(random_tail & (self.kept == 0), idx[:1, 1:2] + 1, self.kept))
+            return self.logits[idx].float() + probe
+        return super().forward(idx, targets, reduction)
+
+
+def test_an_error_raised_after_the_check_reruns_names_no_value_they_were_asked(tokenizer, tmp_path):
+    """The message shown is the one the program raises on random tokens (stop 55), but those ran on the copy the
+    causality check had just called with validation batches: a program that kept a value of them named it there."""
+    from nanochat import evaluate_export, export
+    batch, vocab, steps = 4, tokenizer.get_vocab_size(), 8
+    batches = [b[0] for b, _ in zip(make_dataloader(tokenizer, batch, SEQ_LEN, "val", device="cpu"), range(steps))]
+    # the tokens these batches never hold (an agent would take those its training text never holds)
+    unheard = torch.bincount(torch.cat(batches).flatten(), minlength=vocab) == 0
+    program = str(tmp_path / "model.pt2")
+    with torch.no_grad():  # functional: the buffer's write is an output of the graph, applied after it runs
+        exported = torch.export.export(export.LogitsOnly(RemembersThenNames(vocab, unheard)), (torch.zeros_like(batches[0]),),
+                                       strict=False).run_decompositions({})
+    torch.export.save(exported, program)
+    problem = evaluate_export.evaluate(evaluation_args(program, batch, steps * batch * SEQ_LEN), tokenizer)["problem"]
+    firsts = {int(x[0, 1]) + vocab for x in batches}
+    assert not any(f"index {value} " in problem for value in firsts), problem
+    assert "could not evaluate the exported model (RuntimeError" in problem, problem
