@@ -601,12 +601,10 @@ def test_a_gpus_calls_are_sized_to_its_free_memory():
     assert gpu_rows_per_call(128, 2048, 8192, 0) == 1  # nothing free: one row, and an out-of-memory to see
 
 
-
 class RemembersThenNames(LogitsBigram):
     """Causal bigram logits. The first call holding a token that text never holds (`unheard`: the causality check's
-    random tails) keeps its first row's second token (the first is BOS), a validation one
-    unless that row's cut is its first position, in a buffer, and every later call looks a row up
-    out of bounds by it: the check's reruns and the error's message on random tokens ran on one copy."""
+    random tails) keeps its first row's second token in a buffer (the first is BOS; the second is a validation token
+    unless that row's cut is its first position), and every later call looks a row up out of bounds by it."""
 
     def __init__(self, vocab_size: int, unheard):
         super().__init__(vocab_size)
@@ -633,11 +631,11 @@ def test_an_error_raised_after_the_check_reruns_names_no_value_they_were_asked(t
     # the tokens these batches never hold (an agent would take those its training text never holds)
     unheard = torch.bincount(torch.cat(batches).flatten(), minlength=vocab) == 0
     program = str(tmp_path / "model.pt2")
+    model, example = export.LogitsOnly(RemembersThenNames(vocab, unheard)), torch.zeros_like(batches[0])
     with torch.no_grad():  # functional: the buffer's write is an output of the graph, applied after it runs
-        exported = torch.export.export(export.LogitsOnly(RemembersThenNames(vocab, unheard)), (torch.zeros_like(batches[0]),),
-                                       strict=False).run_decompositions({})
+        exported = torch.export.export(model, (example,), strict=False).run_decompositions({})
     torch.export.save(exported, program)
     problem = evaluate_export.evaluate(evaluation_args(program, batch, steps * batch * SEQ_LEN), tokenizer)["problem"]
-    firsts = {int(x[0, 1]) + vocab for x in batches}
-    assert not any(f"index {value} " in problem for value in firsts), problem
+    named = {int(x[0, 1]) + vocab for x in batches}
+    assert not any(f"index {value} " in problem for value in named), problem
     assert "could not evaluate the exported model (RuntimeError" in problem, problem
