@@ -210,6 +210,7 @@ def evaluate(args, tokenizer) -> dict:
     except Exception as exc:  # noqa: BLE001  (a program the harness cannot run is no result, not an unverified one)
         # on the program loaded again: the causality check's reruns wrote into the copy it kept (a buffer the graph
         # writes), and a program that kept a value of a validation batch there named it on the random tokens
+        program = pristine = None  # their memory, for the copy loaded again (a GPU's)
         with torch.inference_mode(), autocast():
             error = error_shown(exc, lambda x, y: per_token_loss(checked_module(load_program(args.program)), x, y),
                                 args, tokenizer.get_vocab_size(), DEVICE)
