@@ -477,6 +477,16 @@ class Workspace:
         if self.branch() == branch:
             self.repo.git.reset("-q", new, "--", EDITABLE)
 
+    def retreat_branch(self, branch: str, new: str, old: str) -> None:
+        """advance_branch undone, where the branch is still at `new`. A failure here is left unsaid: the
+        caller's own error is the one to tell, and the branch is then where git left it."""
+        try:
+            self.repo.git.update_ref(f"refs/heads/{branch}", old, new)
+            if self.branch() == branch:
+                self.repo.git.reset("-q", old, "--", EDITABLE)
+        except git.GitCommandError:
+            pass
+
     def restore_train(self, commit: str) -> None:
         """train.py (file and index) as in `commit`; nothing else is touched."""
         self.repo.git.checkout(commit, "--", EDITABLE)
