@@ -176,6 +176,15 @@ def test_a_deleted_state_file_is_put_back_not_read_as_a_fresh_workspace(lab):
     assert_told(run, "state.json was changed outside the server (deleted)")
 
 
+def test_a_state_file_whose_bytes_alone_changed_is_told_as_such(lab):
+    """Review 96, played: a byte-order mark put before state.json (or its spacing changed) was set right and told as
+    "changed outside the server (changed: ): ...", naming no change."""
+    lab.baseline()
+    path = lab.ws / ".research-loop" / "state.json"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert_told(lab.ok("status"), "state.json was changed outside the server (its bytes changed, none of its values)")
+
+
 def test_changes_are_told_once_in_answers_and_listed_in_status(lab):
     lab.baseline()
     edited(lab, lambda text: text + "planted\n")
