@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from mcp_server.core.ledger import HEADER
 from mcp_server.core.state import records_dir
 from server_support import Lab, answer, error, git, ledger_lines, make_workspace, set_knobs, wait_until
 
@@ -357,6 +358,25 @@ def test_a_fifo_planted_where_the_server_reads_or_writes_does_not_hang_a_tool(la
         try:
             fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
             os.close(fd)
+        except OSError:
+            pass
+
+
+@pytest.mark.parametrize("endless", [False, True], ids=["fifo", "dev-zero"])
+def test_a_fifo_at_the_ledger_before_the_first_setup_hangs_no_setup(lab, endless):
+    """Review 96, played: results.tsv made a FIFO before the first setup (no rows to archive it with): setup made the
+    branch, then its write of the ledger's header blocked for ever under the state lock, and status with it. The
+    header is written as every record is (a new file renamed over whatever lies there)."""
+    path = lab.ws / "results.tsv"
+    plant_blocker(path, endless)
+    try:
+        alive, box = call_within(lab, 20, "setup", tag="t")
+        assert not alive, "a FIFO at results.tsv hung setup"
+        assert answer(box["answer"])["branch"] == "autoresearch/t"
+        assert path.is_file() and not path.is_symlink() and ledger_lines(lab.ws) == [HEADER.strip()]
+    finally:
+        try:  # unblock a hung thread: open the other end
+            os.close(os.open(path, os.O_RDWR | os.O_NONBLOCK))
         except OSError:
             pass
 
