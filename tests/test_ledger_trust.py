@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from mcp_server.core.ledger import HEADER
 from mcp_server.core.state import records_dir
 from server_support import Lab, answer, error, git, ledger_lines, make_workspace, set_knobs, wait_until
 
@@ -373,7 +372,7 @@ def test_a_fifo_at_the_ledger_before_the_first_setup_hangs_no_setup(lab, endless
         alive, box = call_within(lab, 20, "setup", tag="t")
         assert not alive, "a FIFO at results.tsv hung setup"
         assert answer(box["answer"])["branch"] == "autoresearch/t"
-        assert path.is_file() and not path.is_symlink() and ledger_lines(lab.ws) == [HEADER.strip()]
+        assert path.is_file() and not path.is_symlink() and ledger_lines(lab.ws) == [HEADER]
     finally:
         try:  # unblock a hung thread: open the other end
             os.close(os.open(path, os.O_RDWR | os.O_NONBLOCK))
