@@ -11,7 +11,7 @@ from pathlib import Path
 from mcp_server.core.workspace import NEUTRAL_ATTRIBUTES, Workspace
 from mcp_server.dashboard import dashboard
 from mcp_server.executors import cluster
-from server_support import git, set_knobs, slot_dir
+from server_support import answer, git, set_knobs, slot_dir
 
 ATTRIBUTES = "train.py filter=evil diff=evil merge=evil ident text eol=crlf crlf working-tree-encoding=UTF-16\n"  # crlf: text's old name
 
@@ -174,6 +174,38 @@ def test_a_fifo_at_the_attributes_file_hangs_no_git_call_of_the_server(lab):
             pass
     assert box["run"]["status"] == "ok"
     assert path.is_file() and path.read_text().splitlines()[-1] == NEUTRAL_ATTRIBUTES
+
+
+def test_a_fifo_or_device_at_the_exclude_file_hangs_no_git_call_and_no_setup(lab):
+    """Review 96, played: git reads $GIT_DIR/info/exclude in the server's calls (run_experiment's diff against the
+    working tree), through a link. A FIFO there held each run_experiment for the 60 s git timeout, then refused it
+    naming a stuck git or a .lock file; a link to /dev/zero made setup's own read of the file never end. What lies
+    there but a plain file is moved aside (kept) before each git call of the server."""
+    import threading
+    lab.baseline()
+    path = lab.ws / ".git" / "info" / "exclude"
+    path.unlink()
+    os.mkfifo(path)
+    box = {}
+    set_knobs(lab.ws, VAL_BPB=0.9)
+    caller = threading.Thread(target=lambda: box.update(run=lab.call("run_experiment", description="after the fifo")),
+                              daemon=True)
+    caller.start()
+    caller.join(30)
+    try:
+        assert not caller.is_alive(), "a FIFO at .git/info/exclude held the server's git"
+    finally:
+        try:  # unblock a hung reader: open the other end
+            os.close(os.open(path, os.O_RDWR | os.O_NONBLOCK))
+        except OSError:
+            pass
+    assert answer(box["run"])["status"] == "ok"
+    assert not path.exists() and list(path.parent.glob(".exclude.*.moved/exclude"))
+    lab.ok("discard")
+    lab.ok("stop", reason="a new research run")
+    path.symlink_to("/dev/zero")
+    assert lab.ok("setup", tag="u")["branch"] == "autoresearch/u"
+    assert "runs/" in path.read_text().splitlines()
 
 
 def test_an_attributes_file_the_server_cannot_write_is_a_clear_refusal(lab):

@@ -176,6 +176,15 @@ def test_a_deleted_state_file_is_put_back_not_read_as_a_fresh_workspace(lab):
     assert_told(run, "state.json was changed outside the server (deleted)")
 
 
+def test_a_state_file_whose_bytes_alone_changed_is_told_as_such(lab):
+    """Review 96, played: a byte-order mark put before state.json (or its spacing changed) was set right and told as
+    "changed outside the server (changed: ): ...", naming no change."""
+    lab.baseline()
+    path = lab.ws / ".research-loop" / "state.json"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert_told(lab.ok("status"), "state.json was changed outside the server (its bytes changed, none of its values)")
+
+
 def test_changes_are_told_once_in_answers_and_listed_in_status(lab):
     lab.baseline()
     edited(lab, lambda text: text + "planted\n")
@@ -348,6 +357,25 @@ def test_a_fifo_planted_where_the_server_reads_or_writes_does_not_hang_a_tool(la
         try:
             fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
             os.close(fd)
+        except OSError:
+            pass
+
+
+@pytest.mark.parametrize("endless", [False, True], ids=["fifo", "dev-zero"])
+def test_a_fifo_at_the_ledger_before_the_first_setup_hangs_no_setup(lab, endless):
+    """Review 96, played: results.tsv made a FIFO before the first setup (no rows to archive it with): setup made the
+    branch, then its write of the ledger's header blocked for ever under the state lock, and status with it. The
+    header is written as every record is (a new file renamed over whatever lies there)."""
+    path = lab.ws / "results.tsv"
+    plant_blocker(path, endless)
+    try:
+        alive, box = call_within(lab, 20, "setup", tag="t")
+        assert not alive, "a FIFO at results.tsv hung setup"
+        assert answer(box["answer"])["branch"] == "autoresearch/t"
+        assert path.is_file() and not path.is_symlink() and ledger_lines(lab.ws) == [HEADER]
+    finally:
+        try:  # unblock a hung thread: open the other end
+            os.close(os.open(path, os.O_RDWR | os.O_NONBLOCK))
         except OSError:
             pass
 

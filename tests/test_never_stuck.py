@@ -366,6 +366,31 @@ def test_the_early_stops_marker_split_between_a_description_and_a_reason_does_no
     assert "2 failures in a row" in lab.ok("status")["ended"]
 
 
+def test_rows_logged_by_hand_between_crashes_do_not_reset_the_failures_in_a_row(lab):
+    """Review 96, played: a discard row of log_result for a commit made by hand (`git commit-tree`) after each crash
+    broke the crashes' streak, so a night of crashes never ended on max_failures_in_row; one logged after the limit
+    was reached even ended the end (status said 0 failures and run_experiment ran again). A row logged by hand is
+    no run of the server's: it neither counts as a failure nor ends the streak."""
+    lab.ok("setup", tag="t", max_failures_in_row=2)
+    lab.ok("run_experiment", description="baseline")
+    lab.ok("keep")
+    tree = git(lab.ws, "rev-parse", "HEAD^{tree}").strip()
+
+    def by_hand(n):
+        commit = git(lab.ws, "commit-tree", tree, "-m", f"outside {n}").strip()
+        lab.ok("log_result", commit=commit, val_bpb=1.5, memory_gb=1.0, status="discard", description=f"outside {n}")
+
+    for n in range(2):
+        set_knobs(lab.ws, crash=1, steps=5 + n)
+        lab.ok("run_experiment", description=f"broken {n}")
+        lab.ok("discard")
+        by_hand(n)
+    assert "2 failures in a row" in lab.ok("status")["ended"]
+    by_hand(2)
+    assert "2 failures in a row" in lab.ok("status")["ended"]
+    assert "has ended" in lab.refused("run_experiment", description="broken again")
+
+
 def test_an_unverified_keep_reaches_no_target(fake_env):
     """Review 46: keep(unverified=true) keeps a run whose val_bpb is train.py's own (it exported no model for
     the harness to evaluate), marked " (unverified)"; review 43 kept hand-logged numbers off the target, but

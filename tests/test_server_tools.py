@@ -661,6 +661,32 @@ def test_discard_retried_after_a_git_failure_logs_once(lab):
     assert len(ledger_lines(lab.ws)) == 3 and lab.head() == kept
 
 
+def test_a_keep_refused_by_a_git_failure_leaves_the_branch_on_the_best(lab):
+    """Review 96, played: keep with a stale .git/index.lock (a git killed mid-command, or the agent's own git at that
+    moment) moved the branch to the run, then failed on train.py's index entry: refused, nothing kept in the state,
+    but the branch held the run. Discarding it then left a discarded idea as the branch's tip, and the next
+    run_experiment blamed the agent ("commits ... that no run measured"). A refused keep moves nothing now."""
+    lab.baseline()
+    kept = lab.head()
+    set_knobs(lab.ws, val_bpb=0.9)
+    lab.ok("run_experiment", description="better")
+    lock = lab.ws / ".git" / "index.lock"
+    lock.write_text("")
+    message = lab.refused("keep", unconfirmed=True)
+    assert "git failed" in message and "index.lock" in message
+    assert git(lab.ws, "rev-parse", "autoresearch/t").strip() == kept
+    lock.unlink()
+    assert lab.ok("discard")["row"]["status"] == "discard"
+    assert git(lab.ws, "rev-parse", "autoresearch/t").strip() == kept
+    set_knobs(lab.ws, val_bpb=0.8)
+    assert lab.ok("run_experiment", description="next")["parent"] == kept[:7]
+    lock.write_text("")
+    assert "index.lock" in lab.refused("keep", unconfirmed=True)
+    lock.unlink()
+    run = lab.ok("keep", unconfirmed=True)  # retried once the lock is gone: kept, the branch with it
+    assert git(lab.ws, "rev-parse", "autoresearch/t").strip().startswith(run["kept_commit"])
+
+
 def test_a_run_the_server_cannot_record_is_still_a_discardable_crash(lab):
     lab.baseline()
     (lab.ws / "runs").rename(lab.ws / "runs.bak")

@@ -140,8 +140,10 @@ def format_row(row: Row) -> str:
 
 
 def ensure_ledger(path: Path) -> None:
-    if not path.exists() or path.stat().st_size == 0:
-        _append_bytes(path, HEADER.encode())
+    """results.tsv with its header where it is missing or empty. Review 96: a FIFO there (empty to stat) before the
+    first setup blocked the append's open for ever, under the state lock; what is no plain file is replaced whole."""
+    if not read_plain(path):
+        replace_bytes(path, HEADER.encode())
 
 
 # path -> (size, mtime_ns, rows, malformed): tools read the ledger on every call, and a

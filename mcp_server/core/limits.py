@@ -152,10 +152,15 @@ def experiments_done(statuses: list[str]) -> int:
 
 def failures_in_row(rows: list[tuple]) -> int:
     """Crash rows at the end of the ledger. A run the early stop ended is a crash row in upstream's
-    format, but no failure: it ran and was behind, as most ideas are late in a night."""
+    format, but no failure: it ran and was behind, as most ideas are late in a night. A discard or keep row
+    log_result wrote is no run of the server's and ends no streak (review 96: one for a commit made by hand after
+    each crash, or after the limit was reached, kept a night of crashes going)."""
     count = 0
     for row in reversed(rows):
-        if row[0] != "crash" or STOPPED_EARLY in (row[2] if len(row) > 2 else ""):
+        description = str(row[2] if len(row) > 2 else "")
+        if row[0] != "crash" and description.endswith(LOGGED_BY_HAND):
+            continue
+        if row[0] != "crash" or STOPPED_EARLY in description:
             break
         count += 1
     return count

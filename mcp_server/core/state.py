@@ -111,6 +111,8 @@ def _changed_keys(found: bytes | None, own: bytes) -> str:
     if not isinstance(after, dict):
         return "not a JSON object"
     keys = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    if not keys:  # review 96: a byte-order mark or spacing added read "(changed: )"
+        return "its bytes changed, none of its values"
     return "changed: " + ", ".join(keys[:6]) + (" ..." if len(keys) > 6 else "")
 
 

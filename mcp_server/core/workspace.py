@@ -279,6 +279,19 @@ def neutralize_attributes(common_dir: Path) -> None:
                       "file (or remove it), then retry.") from None
 
 
+def clear_exclude(common_dir: Path) -> None:
+    """Review 96: git reads info/exclude in most calls (a diff against the working tree too), through a link; a FIFO
+    there, or a link to /dev/zero, held every run_experiment until the git timeout, and setup's own read never ended.
+    Anything there but a plain file or a folder (which git refuses, naming it) is moved aside, kept as it was."""
+    path = Path(common_dir) / "info" / "exclude"
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # none, or a dangling link: git reads nothing there
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        ledger.move_aside(path)
+
+
 class HarnessGit(git.Git):
     """git as the server runs it: without the repository's hooks, fsmonitor, drivers or content
     conversions (NO_AGENT_CODE, GIT_ENV, NEUTRAL_ATTRIBUTES), killed (with its children) after
@@ -306,6 +319,7 @@ class HarnessGit(git.Git):
         common = self.common_dir()
         if common is not None:
             neutralize_attributes(common)
+            clear_exclude(common)
         try:
             return super().execute(command, *args, **kwargs)
         except git.GitCommandError as exc:
@@ -476,6 +490,16 @@ class Workspace:
         self.repo.git.update_ref(f"refs/heads/{branch}", new, old)
         if self.branch() == branch:
             self.repo.git.reset("-q", new, "--", EDITABLE)
+
+    def retreat_branch(self, branch: str, new: str, old: str) -> None:
+        """advance_branch undone, where the branch is still at `new`. A failure here is left unsaid: the
+        caller's own error is the one to tell, and the branch is then where git left it."""
+        try:
+            self.repo.git.update_ref(f"refs/heads/{branch}", old, new)
+            if self.branch() == branch:
+                self.repo.git.reset("-q", old, "--", EDITABLE)
+        except git.GitCommandError:
+            pass
 
     def restore_train(self, commit: str) -> None:
         """train.py (file and index) as in `commit`; nothing else is touched."""

@@ -94,12 +94,21 @@ def keep(core: LoopCore, note: str | None = None, run: int | None = None, unveri
                               _described(entry["description"], note, core.sandbox_marker(entry) +
                                          (UNVERIFIED_MARKER if result.get("verified") is False else "")))
         _append_once(state, row)
-        if tip != entry["commit"]:
-            core.ws.advance_branch(state["branch"], entry["commit"], kept)
-        state["kept_commit"] = entry["commit"]
-        state["kept_log"] = entry["log"]  # the best's curve for the early stop: the server's, not a record's
-        del state["runs"][str(entry["run"])]
-        core.write_record(state, entry, RunResult(**result), {"status": "keep", "at": time.time(), "evidence": evidence})
+        moved = tip != entry["commit"]
+        try:
+            if moved:
+                core.ws.advance_branch(state["branch"], entry["commit"], kept)
+            state["kept_commit"] = entry["commit"]
+            state["kept_log"] = entry["log"]  # the best's curve for the early stop: the server's, not a record's
+            del state["runs"][str(entry["run"])]
+            core.write_record(state, entry, RunResult(**result), {"status": "keep", "at": time.time(),
+                                                                  "evidence": evidence})
+        except BaseException:
+            # review 96: a keep that failed past the branch's move (a stale .git/index.lock) kept nothing in the
+            # state but left the branch on the run; a discard then left a discarded idea as the branch's tip
+            if moved:
+                core.ws.retreat_branch(state["branch"], entry["commit"], kept)
+            raise
     note_out = None
     if core.ws.branch() == state["branch"] and core.ws.working_train() != core.ws.train_at(entry["commit"]):
         note_out = (f"your train.py differs from the new best {entry['commit'][:7]} (`git diff` shows how): "
