@@ -130,6 +130,18 @@ def train(env: dict, budget: float, **extra) -> dict:
     return {"summary": summary, "wall": time.time() - t0, "out": out}
 
 
+def eager_run(env: dict, kind: str, budget: float, eval_tokens: int, main_run: dict) -> dict:
+    """A few steps with AUTORESEARCH_COMPILE=0. Where the main run already trained so (a dry run in an environment
+    that trains eager, as the test suite's), at the same budget on the same tokens, it is that run: another would
+    repeat it step for step."""
+    tokens = EXPERIMENT_EVAL_TOKENS[kind]
+    if env.get("AUTORESEARCH_COMPILE") == "0" and budget == EAGER_BUDGET_S[kind] and eval_tokens == tokens:
+        print("eager: the main run trained eager already", flush=True)
+        return main_run
+    print("eager, a few steps ...", flush=True)
+    return train(dict(env, AUTORESEARCH_EVAL_TOKENS=str(tokens)), EAGER_BUDGET_S[kind], AUTORESEARCH_COMPILE="0")
+
+
 def harness_evaluation(program: Path, eval_tokens: int, env: dict, gpu: bool) -> dict:
     """nanochat/evaluate_export.py on the exported program, isolated as the worker starts it: the
     server's spec (shapes from the prepared profile, inputs checked by content), and the worker's
@@ -281,9 +293,7 @@ def main(argv=None) -> int:
         print("the harness's evaluation of its export ...", flush=True)
         eval_tokens = int(env.get("AUTORESEARCH_EVAL_TOKENS") or json.loads((cache / "prepared.json").read_text())["eval_tokens"])
         evaluation = harness_evaluation(program, eval_tokens, env, gpu=machine["device"] == "cuda")
-        print("eager, a few steps ...", flush=True)
-        eager = train(dict(env, AUTORESEARCH_EVAL_TOKENS=str(EXPERIMENT_EVAL_TOKENS[kind])), EAGER_BUDGET_S[kind],
-                      AUTORESEARCH_COMPILE="0")
+        eager = eager_run(env, kind, budget, eval_tokens, main_run)
         print("two experiments through the MCP server ...", flush=True)
         runs = experiments(env, folder / "lab", EXPERIMENT_BUDGET_S[kind], EXPERIMENT_EVAL_TOKENS[kind])
     finally:

@@ -19,3 +19,5 @@ def test_the_device_check_runs_dry_on_the_cpu(prepared_env, repo_root):
     rows = dict((line.split("|")[1].strip(), line.split("|")[2].strip()) for line in table)
     assert rows["server: baseline"].startswith("ok,") and "verified True" in rows["server: baseline"], rows
     assert "against train.py's" in rows["val_bpb (harness's)"] and "PROBLEM" not in done.stdout
+    # the suite's environment trains eager (AUTORESEARCH_COMPILE=0), so the main run is the eager row's run too
+    assert "cache off (AUTORESEARCH_COMPILE=0)" in rows["compile"] and "eager: the main run trained eager" in done.stdout

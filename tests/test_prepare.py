@@ -26,6 +26,8 @@ from nanochat.datasets import (
 from conftest import TEST_EVAL_TOKENS, TEST_TIME_BUDGET
 from nanochat.profiles import PROFILES
 
+PEAK_FILE = "cpu_peak_flops.json"  # nanochat.platform's (which imports torch)
+
 
 def run(args, env, repo_root, **extra_env):
     return subprocess.run([sys.executable, *args], cwd=repo_root, env={**env, **extra_env},
@@ -36,9 +38,23 @@ def random_text(rng, words, count) -> str:
     return " ".join(rng.choices(words, k=count)) + "\n"
 
 
+def with_the_peak(prepared_env, cache: Path) -> Path:
+    """The cache, given the matmul peak for MFU the session's cache measured: measured once per machine (seconds of
+    both cores), which no test here is about, where each new cache's prepare would measure it again."""
+    (cache / "compile").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(Path(prepared_env["AUTORESEARCH_CACHE"]) / "compile" / PEAK_FILE, cache / "compile" / PEAK_FILE)
+    return cache
+
+
+def copied_cache(prepared_env, cache: Path) -> Path:
+    """A copy of the session's prepared cache, without its compile cache but for the peak."""
+    shutil.copytree(prepared_env["AUTORESEARCH_CACHE"], cache, ignore=shutil.ignore_patterns("compile"))
+    return with_the_peak(prepared_env, cache)
+
+
 @pytest.fixture
 def empty_env(prepared_env, tmp_path):
-    return {**prepared_env, "AUTORESEARCH_CACHE": str(tmp_path / "cache")}
+    return {**prepared_env, "AUTORESEARCH_CACHE": str(with_the_peak(prepared_env, tmp_path / "cache"))}
 
 
 def fake_nvidia_smi(folder, name="NVIDIA H100 80GB HBM3", driver="535.104.05") -> str:
@@ -166,7 +182,7 @@ def test_the_offline_validation_files_are_the_caches_secret_kept_through_repairs
     repair draws the same files; a cache prepared when the selection was public is drawn again; a
     cluster node given the server's seed draws the server's files."""
     cache = tmp_path / "cache"
-    shutil.copytree(prepared_env["AUTORESEARCH_CACHE"], cache, ignore=shutil.ignore_patterns("compile"))
+    copied_cache(prepared_env, cache)
     env = {**prepared_env, "AUTORESEARCH_CACHE": str(cache)}
     record_path, seed_path = cache / "prepared.json", cache / "offline_seed"
     seed, record = seed_path.read_text().strip(), json.loads(record_path.read_text())
@@ -188,7 +204,7 @@ def test_the_offline_validation_files_are_the_caches_secret_kept_through_repairs
     assert redrawn["offline_selection"] == selection_digest(seed_path.read_text().strip()) != record["offline_selection"]
     assert redrawn["val_shard"]["sha256"] != record["val_shard"]["sha256"] and "tokenizer ready" in done.stdout
 
-    node_cache = tmp_path / "node-cache"
+    node_cache = with_the_peak(prepared_env, tmp_path / "node-cache")
     done = run(["prepare.py", "--profile", "cpu", "--dataset", "offline"], {**env, "AUTORESEARCH_CACHE": str(node_cache)},
                repo_root, AUTORESEARCH_OFFLINE_SEED=seed)
     assert done.returncode == 0, done.stderr
@@ -199,7 +215,7 @@ def test_a_cache_on_the_cpu_clock_keeps_it_until_forced(prepared_env, repo_root,
     """The CPU profile's clock became "flops"; a research branch set up on a cache that recorded
     "cpu" goes on with "cpu", so its results stay comparable, and --force switches."""
     cache = tmp_path / "cache"
-    shutil.copytree(prepared_env["AUTORESEARCH_CACHE"], cache, ignore=shutil.ignore_patterns("compile"))
+    copied_cache(prepared_env, cache)
     env = {**prepared_env, "AUTORESEARCH_CACHE": str(cache)}
     record_path = cache / "prepared.json"
     flops = json.loads(record_path.read_text())
