@@ -18,7 +18,6 @@ import anyio
 from mcp import Client
 
 from conftest import TEST_EVAL_TOKENS
-from mcp_server.executors.executor import WARM_START_ENV
 from mcp_server.loop import ResearchLoop
 from mcp_server.server import build_server
 from server_support import answer, git, ledger_lines
@@ -60,8 +59,6 @@ def test_real_training_run_then_discard(tmp_path, repo_root, prepared_env, monke
     git(ws, "commit", "-q", "-m", "the project's environment")
     monkeypatch.setenv("UV_PROJECT_ENVIRONMENT", str(repo_root / ".venv"))  # this one, as it is: no sync
     monkeypatch.setenv("AUTORESEARCH_EVAL_CROSSCHECK", "1")  # train.py evaluates in-process too, and prints that
-    # the server's only run is the slot's first, cold: no next worker started ahead (torch preloaded, never used)
-    monkeypatch.setenv(WARM_START_ENV, "0")
     loop = ResearchLoop(ws, None, slots=1)
     assert loop.run_command() == [str(repo_root / ".venv" / "bin" / "python"), "train.py"]
 
@@ -240,7 +237,6 @@ def test_without_a_sandbox_a_token_table_swapped_during_the_run_changes_nothing(
     monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setenv("PATH", path_without_bubblewrap(tmp_path))
-    monkeypatch.setenv(WARM_START_ENV, "0")  # its one run is the slot's first: no next worker started ahead
     loop = ResearchLoop(ws, [sys.executable, "train.py"], slots=1, unsandboxed=True)  # the user's opt-in
     source = (ws / "train.py").read_text()
     attack = source
