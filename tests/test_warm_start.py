@@ -32,7 +32,7 @@ from mcp_server.core.integrity import site_packages
 from mcp_server.loop import ResearchLoop
 from mcp_server.server import build_server
 from mcp_server.core.workspace import Workspace
-from server_support import answer, git, make_workspace, pid_alive, processes_in, wait_until
+from server_support import FAKE_PYTHON, answer, git, make_workspace, pid_alive, processes_in, wait_until
 from test_server_e2e import RUN_TIMEOUT_S, SHORT_BUDGET, harness_workspace
 
 # the hanging run's timeout: long enough for its warm interpreter (torch imported) to say what it saw and start its
@@ -191,8 +191,17 @@ def rewritten(export: Path, dest: Path, how: str) -> Path:
     return dest
 
 
+@pytest.fixture(scope="module")
+def warm_evaluator(exported, prepared_env):
+    """One warm evaluator for the cases below (its start imports torch from source, ~9 CPU-s): each
+    evaluation is a child of its own, forked from it, so a case's export never reaches the next."""
+    warm = harness_eval.WarmEvaluator(evaluation_spec(exported[0], prepared_env))
+    yield warm
+    warm.close()
+
+
 @pytest.mark.parametrize("how", ["pickled weight", "sympy expression"])
-def test_an_export_whose_loading_runs_code_is_no_result(exported, prepared_env, tmp_path, how):
+def test_an_export_whose_loading_runs_code_is_no_result(exported, warm_evaluator, prepared_env, tmp_path, how):
     """torch.export.load runs what a pickled weight or constant holds (torch.load without weights_only)
     and evaluates a symbolic size's text (sympy.sympify): an export written so runs train.py's code in
     the harness's evaluator, outside the sandbox, which can write any result. Cold and warm, the
@@ -201,11 +210,8 @@ def test_an_export_whose_loading_runs_code_is_no_result(exported, prepared_env, 
     spec = evaluation_spec(harness, prepared_env)
     evil = rewritten(export, tmp_path / "model.pt2", how)
     cold = evaluate(spec, evil, tmp_path / "cold.log")
-    warm = harness_eval.WarmEvaluator(spec)
-    try:
-        warm_result = evaluate(spec, evil, tmp_path / "warm.log", warm)
-    finally:
-        warm.close()
+    warm_result = evaluate(spec, evil, tmp_path / "warm.log", warm_evaluator)
+    assert warm_result["evaluator"] == "warm", warm_result  # the shared one answered, not a cold one in its place
     for result in (cold, warm_result):
         assert result.get("val_bpb") != 0.125, result  # without the check: the forged number, "causal"
         assert "val_bpb" not in result and "could not be loaded" in result["problem"], result
@@ -416,7 +422,7 @@ def test_no_process_but_the_server_writes_a_workers_hand_over_or_an_evaluations_
     def spec(run: int, value: float = 1.5) -> executor.RunSpec:
         export = ws / ".research-loop" / "exports" / str(run) / "model.pt2"
         return executor.RunSpec(run=run, commit=git(ws, "rev-parse", "HEAD").strip(),
-                                command=[sys.executable, "train.py"], timeout=120, log=fake_env / f"{run}.log",
+                                command=[FAKE_PYTHON, "train.py"], timeout=120, log=fake_env / f"{run}.log",
                                 report=fake_env / f"{run}.report.json", after_seconds=60,
                                 worker_args=["--export", str(export), "--evaluate", evaluation(value)])
     pool = executor.LocalPool(Workspace(ws), 1, env=dict(os.environ))
@@ -471,7 +477,8 @@ def test_a_warm_interpreter_that_reads_the_validation_data_before_its_hand_over_
     from test_server_units import EXPORT_THEN_WAIT, FAKE_EVALUATOR, REPO, clean_harness
     planted = tmp_path / "python3-planted"
     reports = {}
-    for name, interpreter in (("honest", sys.executable), ("planted", str(planted))):
+    # the bare venv (no torch to preload: the warm interpreter's start is not what is watched here, its reads are)
+    for name, interpreter in (("honest", FAKE_PYTHON), ("planted", str(planted))):
         folder = tmp_path / name
         exports = folder / "exports"
         exports.mkdir(parents=True)
@@ -479,15 +486,16 @@ def test_a_warm_interpreter_that_reads_the_validation_data_before_its_hand_over_
         val.write_bytes(b"validation")
         (folder / "train.py").write_text(EXPORT_THEN_WAIT.format(repo=str(REPO), before_answer=""))
         planted.write_text(f"#!/bin/sh\ncat {val} > /dev/null\ntouch {exports / 'started'}\n"
-                           f"exec {sys.executable} \"$@\"\n")
+                           f"exec {FAKE_PYTHON} \"$@\"\n")
         planted.chmod(0o755)
         if name == "honest":  # the interpreter says it started all the same
             (exports / "started").touch()
         evaluate = {"argv": [sys.executable, "-c", FAKE_EVALUATOR], "env": dict(os.environ), "timeout": 60,
                     "harness": str(clean_harness(folder)), "harness_commit": None,
                     "inputs": {"val": {"path": str(val), "sha256": harness_eval.sha256_of(val)}}}
-        # the checkout too: its venv's interpreter, and a checkout under /tmp (CI's), which the sandbox replaces
-        sandbox_spec = {"readonly": [str(tmp_path), str(REPO)], "writable": [str(exports)]}
+        # the checkout (under /tmp in CI) and the bare venv (under /tmp), which the sandbox replaces
+        sandbox_spec = {"readonly": [str(tmp_path), str(REPO), str(Path(FAKE_PYTHON).parent.parent)],
+                        "writable": [str(exports)]}
         started = ["--watch-stdin", "--sandbox", json.dumps(sandbox_spec),
                    "--export", str(exports / "model.pt2"), "--val-shard", str(val)]
         report = folder / "report.json"
