@@ -150,29 +150,35 @@ def test_the_cluster_code_folder_is_made_afresh_whatever_was_left_at_its_path(la
     assert (planted / "sitecustomize.py").exists() and not (planted / "train.py").exists()
 
 
-def test_a_fifo_at_the_attributes_file_hangs_no_git_call_of_the_server(lab):
-    """Review 39b: the server reads $GIT_DIR/info/attributes before each of its git calls (to keep its
-    neutral line last); a FIFO the agent planted there blocked that read, and every tool with it. It is
-    read without waiting (a FIFO holds no lines) and replaced by the plain file with the neutral line."""
+def run_beside_a_fifo(lab, path, seconds: float):
+    """run_experiment's answer after the baseline, with a FIFO planted at `path`; fails where the call is not
+    answered within `seconds` (the FIFO's other end is opened then, so a hung reader lets go)."""
     import threading
     lab.baseline()
-    path = lab.ws / ".git" / "info" / "attributes"
     path.unlink()
     os.mkfifo(path)
     box = {}
     set_knobs(lab.ws, VAL_BPB=0.9)
-    caller = threading.Thread(target=lambda: box.update(run=lab.ok("run_experiment", description="after the fifo")),
+    caller = threading.Thread(target=lambda: box.update(run=lab.call("run_experiment", description="after the fifo")),
                               daemon=True)
     caller.start()
-    caller.join(60)
+    caller.join(seconds)
     try:
-        assert not caller.is_alive(), "a FIFO at .git/info/attributes hung the server's git"
+        assert not caller.is_alive(), f"a FIFO at {path} held the server's git"
     finally:
         try:  # unblock a hung reader: open the other end
             os.close(os.open(path, os.O_RDWR | os.O_NONBLOCK))
         except OSError:
             pass
-    assert box["run"]["status"] == "ok"
+    return box["run"]
+
+
+def test_a_fifo_at_the_attributes_file_hangs_no_git_call_of_the_server(lab):
+    """Review 39b: the server reads $GIT_DIR/info/attributes before each of its git calls (to keep its
+    neutral line last); a FIFO the agent planted there blocked that read, and every tool with it. It is
+    read without waiting (a FIFO holds no lines) and replaced by the plain file with the neutral line."""
+    path = lab.ws / ".git" / "info" / "attributes"
+    assert answer(run_beside_a_fifo(lab, path, 60))["status"] == "ok"
     assert path.is_file() and path.read_text().splitlines()[-1] == NEUTRAL_ATTRIBUTES
 
 
@@ -181,25 +187,8 @@ def test_a_fifo_or_device_at_the_exclude_file_hangs_no_git_call_and_no_setup(lab
     working tree), through a link. A FIFO there held each run_experiment for the 60 s git timeout, then refused it
     naming a stuck git or a .lock file; a link to /dev/zero made setup's own read of the file never end. What lies
     there but a plain file is moved aside (kept) before each git call of the server."""
-    import threading
-    lab.baseline()
     path = lab.ws / ".git" / "info" / "exclude"
-    path.unlink()
-    os.mkfifo(path)
-    box = {}
-    set_knobs(lab.ws, VAL_BPB=0.9)
-    caller = threading.Thread(target=lambda: box.update(run=lab.call("run_experiment", description="after the fifo")),
-                              daemon=True)
-    caller.start()
-    caller.join(30)
-    try:
-        assert not caller.is_alive(), "a FIFO at .git/info/exclude held the server's git"
-    finally:
-        try:  # unblock a hung reader: open the other end
-            os.close(os.open(path, os.O_RDWR | os.O_NONBLOCK))
-        except OSError:
-            pass
-    assert answer(box["run"])["status"] == "ok"
+    assert answer(run_beside_a_fifo(lab, path, 30))["status"] == "ok"
     assert not path.exists() and list(path.parent.glob(".exclude.*.moved/exclude"))
     lab.ok("discard")
     lab.ok("stop", reason="a new research run")
