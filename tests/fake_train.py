@@ -75,24 +75,16 @@ def knob_in(source: str, name: str) -> str | None:
     """The value of the first line `NAME = number` (re's `^NAME\\s*=\\s*([-\\d.e]+)`, multiline), without
     importing re."""
     start = 0
-    while start <= len(source):
+    while start >= 0:
         if source.startswith(name, start):
-            i = start + len(name)
-            while i < len(source) and source[i].isspace():
-                i += 1
-            if i < len(source) and source[i] == "=":
-                i += 1
-                while i < len(source) and source[i].isspace():
-                    i += 1
-                end = i
-                while end < len(source) and (source[end].isdecimal() or source[end] in "-.e"):
-                    end += 1
-                if end > i:
-                    return source[i:end]
-        newline = source.find("\n", start)
-        if newline < 0:
-            return None
-        start = newline + 1
+            rest = source[start + len(name):].lstrip()
+            if rest.startswith("="):
+                rest = rest[1:].lstrip()
+                end = next((i for i, c in enumerate(rest) if not (c.isdecimal() or c in "-.e")), len(rest))
+                if end:
+                    return rest[:end]
+        start = source.find("\n", start)
+        start = start + 1 if start >= 0 else -1
     return None
 
 
