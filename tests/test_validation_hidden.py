@@ -324,6 +324,23 @@ def test_a_run_reads_no_reason_in_a_tracker_store_the_user_named(fake_env, bubbl
     assert "found the reason in" not in log, log
 
 
+def test_links_one_and_two_levels_into_a_clients_folder_lead_to_hidden_folders(tmp_path, monkeypatch):
+    """The folders links in the clients' folders lead to are hidden as the folders are (review 94), looked for two
+    levels down (stop 56: a walk of every level cost 0.6 s a run on a home with 14,000 folders): Claude Code's
+    `projects` kept on another disk (level 1), VS Code's `User/workspaceStorage`, where its chats are (level 2)."""
+    home, disk = tmp_path / "home", tmp_path / "disk"
+    for name in ("CLAUDE_CONFIG_DIR", "CODEX_HOME", "CLAUDE_CODE_TMPDIR", "XDG_CONFIG_HOME", "XDG_DATA_HOME",
+                 "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(home))
+    for link, target in ((".claude/projects", "projects"), (".config/Code/User/workspaceStorage", "storage")):
+        (home / link).parent.mkdir(parents=True)
+        (disk / target).mkdir(parents=True)
+        (home / link).symlink_to(disk / target)
+    hidden = integrity.agent_records()
+    assert str(disk / "projects") in hidden and str(disk / "storage") in hidden, hidden
+
+
 def test_a_plugin_installed_in_the_agents_folder_is_shown_and_its_transcripts_hidden(bubblewrap, outside_tmp,
                                                                                          monkeypatch):
     """Review 92 hides the agents' session folders (~/.claude: Claude Code's transcripts hold the harness's reasons),
