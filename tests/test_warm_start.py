@@ -422,7 +422,7 @@ def test_no_process_but_the_server_writes_a_workers_hand_over_or_an_evaluations_
     def spec(run: int, value: float = 1.5) -> executor.RunSpec:
         export = ws / ".research-loop" / "exports" / str(run) / "model.pt2"
         return executor.RunSpec(run=run, commit=git(ws, "rev-parse", "HEAD").strip(),
-                                command=[FAKE_PYTHON, "train.py"], timeout=120, log=fake_env / f"{run}.log",
+                                command=[sys.executable, "train.py"], timeout=120, log=fake_env / f"{run}.log",
                                 report=fake_env / f"{run}.report.json", after_seconds=60,
                                 worker_args=["--export", str(export), "--evaluate", evaluation(value)])
     pool = executor.LocalPool(Workspace(ws), 1, env=dict(os.environ))
